@@ -1,0 +1,190 @@
+// The only file that includes pybind11: unpacks Python arguments into param structs and pointer
+// lists, releases the GIL, and calls the C++ entry points. Validation that names arguments happens
+// in python/fastdl/ops/*.py first; FASTDL_CHECK in C++ is the second line of defence.
+// Pointers arrive as Python ints (torch: tensor.data_ptr()) or as numpy arrays (read here, which is
+// cheaper than numpy's __array_interface__ in Python: 0.05 us vs 1.1 us per array).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cpu_features.h"
+#include "cuda_runtime_info.h"
+#include "machine.h"
+#include "optim.h"
+#include "parallel.h"
+
+namespace py = pybind11;
+using namespace fastdl;
+
+#ifndef FASTDL_WITH_CUDA
+namespace fastdl {
+bool cuda_compiled() { return false; }
+int cuda_device_count() { return 0; }
+std::string cuda_device_name(int) { throw std::runtime_error("fastdl was built without CUDA"); }
+void cuda_synchronize(int) { throw std::runtime_error("fastdl was built without CUDA"); }
+}  // namespace fastdl
+#define FASTDL_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+// ---- argument unpacking ----------------------------------------------------------------------
+
+void* pointer_of(py::handle h) {
+  if (PyLong_Check(h.ptr())) return PyLong_AsVoidPtr(h.ptr());
+  if (py::isinstance<py::array>(h)) return py::detail::array_proxy(h.ptr())->data;
+  throw py::type_error("fastdl internal: expected a data pointer (int) or a numpy array");
+}
+
+std::vector<void*> pointers_of(const py::handle& seq) {
+  std::vector<void*> out;
+  if (seq.is_none()) return out;
+  py::sequence s = py::reinterpret_borrow<py::sequence>(seq);
+  out.reserve(s.size());
+  for (py::handle h : s) out.push_back(pointer_of(h));
+  return out;
+}
+
+DType dtype_of(int code) {
+  FASTDL_CHECK(code >= 0 && code <= 4, "fastdl internal: unknown dtype code ", code);
+  return static_cast<DType>(code);
+}
+
+// Holds the pointer vectors an OptimTensors view refers to.
+struct OptimArgs {
+  std::vector<int64_t> numel;
+  std::vector<void*> param, grad, state[3], step;
+  std::vector<uint8_t> first;
+  OptimTensors view;
+
+  OptimArgs(const py::handle& params, const py::handle& grads, const py::handle& s0,
+            const py::handle& s1, const py::handle& s2, const py::handle& steps,
+            std::vector<int64_t> numel_, int param_dtype, int state_dtype)
+      : numel(std::move(numel_)) {
+    param = pointers_of(params);
+    grad = pointers_of(grads);
+    state[0] = pointers_of(s0);
+    state[1] = pointers_of(s1);
+    state[2] = pointers_of(s2);
+    step = pointers_of(steps);
+    const size_t n = numel.size();
+    FASTDL_CHECK(param.size() == n && grad.size() == n, "fastdl internal: list lengths differ");
+    for (auto* v : {&state[0], &state[1], &state[2], &step})
+      FASTDL_CHECK(v->empty() || v->size() == n, "fastdl internal: state list length differs");
+    view.count = static_cast<int64_t>(n);
+    view.numel = numel.data();
+    view.param = param.data();
+    view.grad = const_cast<const void* const*>(grad.data());
+    for (int k = 0; k < 3; ++k) view.state[k] = state[k].empty() ? nullptr : state[k].data();
+    view.step = step.empty() ? nullptr : reinterpret_cast<float* const*>(step.data());
+    view.param_dtype = dtype_of(param_dtype);
+    view.state_dtype = dtype_of(state_dtype);
+  }
+};
+
+CudaLaunch cuda_launch(int device, uintptr_t stream) {
+  return CudaLaunch{device, reinterpret_cast<void*>(stream)};
+}
+
+// device < 0: CPU; otherwise the CUDA device index.
+template <class P, class CpuFn, class CudaFn>
+void run_step(const P& prm, OptimArgs& a, int device, uintptr_t stream, CpuFn cpu, CudaFn cuda) {
+  py::gil_scoped_release release;
+  if (device < 0) {
+    cpu(prm, a.view);
+  } else {
+#ifdef FASTDL_WITH_CUDA
+    cuda(prm, a.view, cuda_launch(device, stream));
+#else
+    (void)cuda;
+    (void)stream;
+    throw std::runtime_error("fastdl was built without CUDA");
+#endif
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastdl native kernels (see python/fastdl for the public API)";
+
+  // ---- build and runtime information --------------------------------------------------------
+  m.def("version", []() { return std::string(FASTDL_VERSION); });
+  m.def("cpu_capability", []() { return std::string(cpu_capability_name()); });
+  m.def("cpu_supports_avx2", &cpu_supports_avx2);
+  m.def("set_cpu_capability", [](const std::string& s) { set_cpu_capability(s.c_str()); });
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_num_threads", &set_num_threads);
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_arch_list", []() { return std::string(FASTDL_CUDA_ARCHS); });
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_device_name", &cuda_device_name);
+  m.def("cuda_synchronize", &cuda_synchronize, py::call_guard<py::gil_scoped_release>());
+
+  m.def("measure_triad_bandwidth", &measure_triad_bandwidth, py::arg("n"), py::arg("reps"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("measure_peak_gflops", &measure_peak_gflops, py::arg("reps"),
+        py::call_guard<py::gil_scoped_release>());
+
+  // ---- optimizer steps (csrc/optim.h) --------------------------------------------------------
+  // Lists hold one entry per tensor; state lists may be None when the variant does not use them.
+  m.def(
+      "sgd_step",
+      [](py::handle params, py::handle grads, py::handle bufs, std::vector<uint8_t> first,
+         std::vector<int64_t> numel, int dtype, int device, uintptr_t stream, double lr,
+         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
+        OptimArgs a(params, grads, bufs, py::none(), py::none(), py::none(), std::move(numel),
+                    dtype, dtype);
+        a.first = std::move(first);
+        FASTDL_CHECK(a.first.empty() || a.first.size() == a.numel.size(),
+                     "fastdl internal: first-step list length differs");
+        a.view.first_step = a.first.empty() ? nullptr : a.first.data();
+        SgdParams p{lr, momentum, dampening, weight_decay, nesterov, maximize};
+        run_step(p, a, device, stream, sgd_step_cpu, [](auto&&... x) {
+#ifdef FASTDL_WITH_CUDA
+          sgd_step_cuda(x...);
+#endif
+        });
+      });
+  m.def(
+      "adam_step",
+      [](py::handle params, py::handle grads, py::handle exp_avg, py::handle exp_avg_sq,
+         py::handle max_exp_avg_sq, py::handle steps, std::vector<int64_t> numel, int param_dtype,
+         int state_dtype, int device, uintptr_t stream, double lr, double beta1, double beta2,
+         double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled) {
+        OptimArgs a(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, std::move(numel),
+                    param_dtype, state_dtype);
+        FASTDL_CHECK(a.view.state[0] && a.view.state[1] && a.view.step,
+                     "fastdl internal: adam needs exp_avg, exp_avg_sq and steps");
+        FASTDL_CHECK(!amsgrad || a.view.state[2], "fastdl internal: amsgrad needs max_exp_avg_sq");
+        AdamParams p{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled};
+        run_step(p, a, device, stream, adam_step_cpu, [](auto&&... x) {
+#ifdef FASTDL_WITH_CUDA
+          adam_step_cuda(x...);
+#endif
+        });
+      });
+  m.def(
+      "rmsprop_step",
+      [](py::handle params, py::handle grads, py::handle square_avg, py::handle momentum_buffer,
+         py::handle grad_avg, py::handle steps, std::vector<int64_t> numel, int param_dtype,
+         int state_dtype, int device, uintptr_t stream, double lr, double alpha, double eps,
+         double weight_decay, double momentum, bool centered, bool maximize) {
+        OptimArgs a(params, grads, square_avg, momentum_buffer, grad_avg, steps, std::move(numel),
+                    param_dtype, state_dtype);
+        FASTDL_CHECK(a.view.state[0] && a.view.step,
+                     "fastdl internal: rmsprop needs square_avg and steps");
+        FASTDL_CHECK(momentum <= 0 || a.view.state[1], "fastdl internal: momentum needs a buffer");
+        FASTDL_CHECK(!centered || a.view.state[2], "fastdl internal: centered needs grad_avg");
+        RmspropParams p{lr, alpha, eps, weight_decay, momentum, centered, maximize};
+        run_step(p, a, device, stream, rmsprop_step_cpu, [](auto&&... x) {
+#ifdef FASTDL_WITH_CUDA
+          rmsprop_step_cuda(x...);
+#endif
+        });
+      });
+}

@@ -1,0 +1,74 @@
+// Shared definitions for every fastdl kernel: dtypes, error checks, host/device markers.
+// Nothing here includes pybind11 or torch; kernels see raw pointers, sizes and these enums.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#if defined(__CUDACC__)
+#define FASTDL_HD __host__ __device__ __forceinline__
+#else
+#define FASTDL_HD inline
+#endif
+
+namespace fastdl {
+
+// Element types. The numeric codes are part of the binding ABI (python/fastdl/_tensor.py).
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int64 = 4 };
+
+inline size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::Float32: return 4;
+    case DType::Float64: return 8;
+    case DType::Float16: return 2;
+    case DType::BFloat16: return 2;
+    case DType::Int64: return 8;
+  }
+  return 0;
+}
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::Float32: return "float32";
+    case DType::Float64: return "float64";
+    case DType::Float16: return "float16";
+    case DType::BFloat16: return "bfloat16";
+    case DType::Int64: return "int64";
+  }
+  return "unknown";
+}
+
+// Where a CUDA kernel runs: the device index and the caller's stream (a cudaStream_t; torch's
+// current stream for torch tensors). Entry points set the device for the call and restore it.
+struct CudaLaunch {
+  int device = 0;
+  void* stream = nullptr;
+};
+
+namespace detail {
+inline void stream_all(std::ostringstream&) {}
+template <class T, class... R>
+void stream_all(std::ostringstream& os, const T& v, const R&... rest) {
+  os << v;
+  stream_all(os, rest...);
+}
+template <class... A>
+[[noreturn]] void throw_invalid(const char* file, int line, const char* cond, const A&... msg) {
+  std::ostringstream os;
+  stream_all(os, msg...);
+  if (sizeof...(msg) == 0) os << "check failed: " << cond;
+  os << " [" << file << ":" << line << "]";
+  throw std::invalid_argument(os.str());
+}
+}  // namespace detail
+
+}  // namespace fastdl
+
+// Second line of defence behind the Python front end's validation: throws std::invalid_argument
+// (ValueError in Python). Never used for conditions that depend on data, only on shapes and types.
+#define FASTDL_CHECK(cond, ...)                                                        \
+  do {                                                                                 \
+    if (!(cond)) ::fastdl::detail::throw_invalid(__FILE__, __LINE__, #cond, ##__VA_ARGS__); \
+  } while (0)

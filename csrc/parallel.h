@@ -1,0 +1,37 @@
+// The library's one thread-count setting and the parallel loop every CPU kernel uses.
+// OpenMP regions are opened with an explicit num_threads(...) clause, so fastdl.set_num_threads never
+// changes the OpenMP default that torch (which shares libgomp in the same process) relies on.
+#pragma once
+#include <cstdint>
+#include <algorithm>
+#include <omp.h>
+
+namespace fastdl {
+
+int get_num_threads();
+void set_num_threads(int n);
+
+// Calls f(begin, end) on disjoint chunks covering [0, n). Runs inline when n <= grain or only one
+// thread is allowed, so tiny calls pay no thread wake-up. Chunks are contiguous and equal-sized.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  int nt = get_num_threads();
+  int64_t max_by_grain = grain > 0 ? (n + grain - 1) / grain : n;
+  int64_t t = std::min<int64_t>(nt, max_by_grain);
+  if (t <= 1 || omp_in_parallel()) {
+    f(int64_t(0), n);
+    return;
+  }
+#pragma omp parallel num_threads(static_cast<int>(t))
+  {
+    int64_t tid = omp_get_thread_num();
+    int64_t nthr = omp_get_num_threads();
+    int64_t chunk = (n + nthr - 1) / nthr;
+    int64_t b = tid * chunk;
+    int64_t e = std::min<int64_t>(n, b + chunk);
+    if (b < e) f(b, e);
+  }
+}
+
+}  // namespace fastdl

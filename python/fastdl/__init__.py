@@ -1,0 +1,59 @@
+"""fastdl: hand-written C++/CUDA kernels for deep-learning training with a PyTorch-compatible API.
+
+>>> import fastdl
+>>> fastdl.build_info()["cpu_capability"]     # 'avx2' on an AVX2+FMA CPU, else 'default'
+'avx2'
+
+Submodules: ``fastdl.ops`` (framework-agnostic kernels on numpy arrays or torch tensors),
+``fastdl.optim`` (drop-in torch optimizers), ``fastdl.cuda``. numpy users never import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+from . import _C, cuda, ops
+
+__version__ = _C.version()
+__all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn"]
+
+
+def get_num_threads() -> int:
+    """Threads every fastdl CPU kernel uses (default: OpenMP's default, normally the core count)."""
+    return int(_C.get_num_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the threads fastdl's CPU kernels use. Does not change torch's or OpenMP's defaults.
+
+    >>> fastdl.set_num_threads(1)
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: expected n to be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads: expected n >= 1, got {n}")
+    _C.set_num_threads(n)
+
+
+def build_info() -> dict:
+    """What this build of fastdl contains and uses: version, CPU path, CUDA and thread count.
+
+    >>> fastdl.build_info()["cuda_compiled"]
+    False
+    """
+    archs = _C.cuda_arch_list()
+    return {
+        "version": __version__,
+        "cpu_capability": _C.cpu_capability(),
+        "cpu_supports_avx2": bool(_C.cpu_supports_avx2()),
+        "cuda_compiled": bool(_C.cuda_compiled()),
+        "cuda_architectures": [a for a in archs.split(";") if a],
+        "cuda_device_count": cuda.device_count(),
+        "num_threads": get_num_threads(),
+    }
+
+
+def __getattr__(name):
+    # torch-based submodules load on first use, so numpy-only users never import torch.
+    if name in ("optim", "nn"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'fastdl' has no attribute {name!r}")

@@ -1,0 +1,73 @@
+"""Shared test helpers: random inputs that catch bugs, the tolerance table, and parity checks
+against torch (outputs and every gradient)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Relative tolerances, each with its reason. Comparisons use
+#   |actual - expected| <= atol + rtol * |expected|   elementwise (torch.testing semantics).
+TOLERANCES = {
+    # float64: both sides compute in double; differences are rounding of different orderings.
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    # float32, short reductions / elementwise: a few ulps (2^-23 = 1.2e-7) of reordering.
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    # half types on CUDA: one rounding of the result (2^-11, 2^-8 relative).
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+}
+
+
+def tol(dtype, reduction: int = 1) -> dict:
+    """Tolerance for `dtype` after a reduction of length `reduction` (error grows ~ sqrt(n))."""
+    t = dict(TOLERANCES[dtype])
+    scale = max(1.0, float(np.sqrt(reduction)))
+    return {"rtol": t["rtol"] * scale, "atol": t["atol"] * scale}
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", requires_grad=False, low=-1.0, high=1.0):
+    """Fresh uniform random data in [low, high) (never zeros or ones)."""
+    x = torch.empty(shape, dtype=dtype, device=device).uniform_(low, high)
+    return x.requires_grad_(requires_grad)
+
+
+def poison_like(x):
+    """A tensor of NaN shaped like x, for outputs that must be fully written."""
+    return torch.full_like(x, float("nan"))
+
+
+def assert_close(actual, expected, *, dtype=None, reduction=1, what=""):
+    actual = torch.as_tensor(actual)
+    expected = torch.as_tensor(expected)
+    t = tol(dtype or expected.dtype, reduction)
+    torch.testing.assert_close(actual.to(expected.dtype).cpu(), expected.cpu(), equal_nan=True,
+                               msg=lambda m: f"{what}: {m}", **t)
+
+
+def check_op(fast_fn, torch_fn, inputs, *, reduction=1, grad=True, **kwargs):
+    """Runs fast_fn and torch_fn on clones of the same inputs and compares the output(s) and, when
+    grad is True, the gradient of every floating input under a random upstream gradient."""
+    a_in = [x.detach().clone().requires_grad_(grad and x.is_floating_point()) for x in inputs]
+    b_in = [x.detach().clone().requires_grad_(grad and x.is_floating_point()) for x in inputs]
+    out_a = fast_fn(*a_in, **kwargs)
+    out_b = torch_fn(*b_in, **kwargs)
+    outs_a = out_a if isinstance(out_a, (tuple, list)) else (out_a,)
+    outs_b = out_b if isinstance(out_b, (tuple, list)) else (out_b,)
+    assert len(outs_a) == len(outs_b)
+    for i, (x, y) in enumerate(zip(outs_a, outs_b)):
+        assert x.shape == y.shape, f"output {i}: shape {tuple(x.shape)} != {tuple(y.shape)}"
+        if x.is_floating_point():
+            assert_close(x, y, reduction=reduction, what=f"output {i}")
+        else:
+            assert torch.equal(x.cpu(), y.cpu()), f"output {i} differs"
+    if grad:
+        diff_a = [o for o in outs_a if o.is_floating_point() and o.requires_grad]
+        diff_b = [o for o in outs_b if o.is_floating_point() and o.requires_grad]
+        gouts = [torch.randn_like(o) for o in diff_b]
+        torch.autograd.backward(diff_a, gouts)
+        torch.autograd.backward(diff_b, gouts)
+        for i, (x, y) in enumerate(zip(a_in, b_in)):
+            if y.grad is not None:
+                assert x.grad is not None, f"input {i}: fastdl gave no gradient"
+                assert_close(x.grad, y.grad, reduction=reduction, what=f"grad of input {i}")
+    return outs_a
