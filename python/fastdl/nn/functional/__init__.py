@@ -1,0 +1,2 @@
+"""torch.nn.functional's signatures and autograd, computed by fastdl kernels.
+One module per op family (pool.py, linear.py, ...), re-exported here."""
