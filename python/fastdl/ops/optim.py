@@ -90,8 +90,9 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
     bufs = lists.get("momentum_buffers")
     code, _ = _check_dtypes(fn, device, params, [("grads", grads)],
                             [("momentum_buffers", bufs)] if bufs else [])
-    launch_sgd(params, grads, bufs, [1 if first_step else 0] * len(params), code, device,
-               lr, momentum, dampening, weight_decay, nesterov, maximize)
+    launch_sgd(_ptrs(params), _ptrs(grads), _ptrs(bufs), [1 if first_step else 0] * len(params),
+               _numels(params), code, device, lr, momentum, dampening, weight_decay, nesterov,
+               maximize)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3,
@@ -122,8 +123,9 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
     code, state_code = _check_dtypes(fn, device, params, [("grads", lists["grads"])],
                                      [(k, v) for k, v in lists.items() if k not in ("params", "grads")])
     counters, step_ptrs = _step_counters(fn, step, len(params))
-    launch_adam(params, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-                lists.get("max_exp_avg_sqs"), step_ptrs, code, state_code, device,
+    launch_adam(_ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["exp_avgs"]),
+                _ptrs(lists["exp_avg_sqs"]), _ptrs(lists.get("max_exp_avg_sqs")), step_ptrs,
+                _numels(params), code, state_code, device,
                 lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
     del counters  # kept alive until the kernel has read it
 
@@ -157,38 +159,41 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=No
     code, state_code = _check_dtypes(fn, device, params, [("grads", lists["grads"])],
                                      [(k, v) for k, v in lists.items() if k not in ("params", "grads")])
     counters, step_ptrs = _step_counters(fn, 1, len(params))
-    launch_rmsprop(params, lists["grads"], lists["square_avgs"], lists.get("momentum_buffers"),
-                   lists.get("grad_avgs"), step_ptrs, code, state_code, device,
+    launch_rmsprop(_ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["square_avgs"]),
+                   _ptrs(lists.get("momentum_buffers")), _ptrs(lists.get("grad_avgs")), step_ptrs,
+                   _numels(params), code, state_code, device,
                    lr, alpha, eps, weight_decay, momentum, centered, maximize)
     del counters
 
 
-# ---- unchecked launchers: the caller has validated (fastdl.optim calls these directly) ----------
+# ---- unchecked launchers: pointer lists (ints or numpy arrays) of validated tensors ------------
+# fastdl.optim calls these directly with pointers it has gathered.
 
 def _ptrs(lst):
     return None if lst is None else [_tensor.pointer(x) for x in lst]
 
 
-def launch_sgd(params, grads, bufs, first, code, device, lr, momentum, dampening, weight_decay,
-               nesterov, maximize):
-    _C.sgd_step(_ptrs(params), _ptrs(grads), _ptrs(bufs), first, [_numel(p) for p in params],
-                code, device, _tensor.current_stream(device), lr, momentum, dampening,
-                weight_decay, bool(nesterov), bool(maximize))
+def _numels(lst):
+    return [_numel(x) for x in lst]
 
 
-def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, code,
+def launch_sgd(params, grads, bufs, first, numel, code, device, lr, momentum, dampening,
+               weight_decay, nesterov, maximize):
+    _C.sgd_step(params, grads, bufs, first, numel, code, device, _tensor.current_stream(device),
+                lr, momentum, dampening, weight_decay, bool(nesterov), bool(maximize))
+
+
+def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, numel, code,
                 state_code, device, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                 decoupled):
-    _C.adam_step(_ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
-                 _ptrs(max_exp_avg_sqs), step_ptrs, [_numel(p) for p in params], code,
+    _C.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, numel, code,
                  state_code, device, _tensor.current_stream(device), lr, beta1, beta2, eps,
                  weight_decay, bool(amsgrad), bool(maximize), bool(decoupled))
 
 
-def launch_rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, step_ptrs, code,
-                   state_code, device, lr, alpha, eps, weight_decay, momentum, centered,
+def launch_rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, step_ptrs, numel,
+                   code, state_code, device, lr, alpha, eps, weight_decay, momentum, centered,
                    maximize):
-    _C.rmsprop_step(_ptrs(params), _ptrs(grads), _ptrs(square_avgs), _ptrs(momentum_buffers),
-                    _ptrs(grad_avgs), step_ptrs, [_numel(p) for p in params], code, state_code,
-                    device, _tensor.current_stream(device), lr, alpha, eps, weight_decay,
-                    momentum, bool(centered), bool(maximize))
+    _C.rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, step_ptrs, numel,
+                    code, state_code, device, _tensor.current_stream(device), lr, alpha, eps,
+                    weight_decay, momentum, bool(centered), bool(maximize))

@@ -1,0 +1,435 @@
+"""fastdl.optim and fastdl.ops optimizer steps against torch.optim (foreach=False), on fresh random
+inputs: 20-step trajectories with state, state_dict interchange, LR schedulers, bad input."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fastdl
+import fastdl.optim as fo
+from helpers import assert_close, assert_close_or_better
+
+SHAPES = [(), (1,), (7, 13), (3, 1, 5), (1031,), (64, 33)]
+
+CONFIGS = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.9)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.3, weight_decay=0.1)),
+    ("SGD", dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.01)),
+    ("SGD", dict(lr=0.05, momentum=0.9, maximize=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.02, betas=(0.3, 0.7), eps=1e-6, maximize=True)),  # lerp's other branch
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.5, amsgrad=True, maximize=True)),
+    ("Adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.9, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.01, centered=True, alpha=0.3)),          # lerp's other branch
+    ("RMSprop", dict(lr=0.005, centered=True, momentum=0.5, maximize=True, eps=1e-4)),
+]
+IDS = [f"{n}-" + ",".join(f"{k}={v}" for k, v in kw.items()) for n, kw in CONFIGS]
+
+
+def make_params(dtype, device, shapes=SHAPES):
+    return [torch.randn(s, dtype=dtype, device=device, requires_grad=True) for s in shapes]
+
+
+def clone_params(ps):
+    return [p.detach().clone().requires_grad_() for p in ps]
+
+
+def set_grads(*param_lists):
+    """The same fresh random gradient on the matching params of each list."""
+    for group in zip(*param_lists):
+        g = torch.randn_like(group[0])
+        for p in group:
+            p.grad = g.clone()
+
+
+def assert_same_trajectory_state(fast, ref, fast_ps, ref_ps, what="", ref64=None, ref64_ps=None):
+    """Params and every state tensor of two optimizers agree. With a float64 run of torch
+    (ref64), elements where float32 is ill-conditioned may instead be as close to float64."""
+    for i, (a, b) in enumerate(zip(fast_ps, ref_ps)):
+        c = ref64_ps[i] if ref64 is not None else None
+        check = (lambda x, y, z, w: assert_close_or_better(x, y, z, what=w)) if c is not None \
+            else (lambda x, y, z, w: assert_close(x, y, what=w, scale_atol=True))
+        check(a.detach(), b.detach(), None if c is None else c.detach(), f"{what} param {i}")
+        sa, sb = fast.state[a], ref.state[b]
+        assert set(sa) == set(sb), f"{what} param {i}: state keys {set(sa)} != {set(sb)}"
+        for k in sb:
+            if k == "step":
+                assert float(sa[k]) == float(sb[k]), f"{what} param {i}: step"
+            else:
+                check(sa[k], sb[k], None if c is None else ref64.state[c][k],
+                      f"{what} param {i} state[{k}]")
+
+
+def run_both(name, kw, fast_ps, ref_ps, steps=20, groups=False, ref64_ps=None):
+    """Steps fastdl and torch (foreach=False) on the same fresh grads; optionally also torch in
+    float64 from the same start (returned third, else None)."""
+    def build(mod, ps):
+        if groups:  # two groups, the second with its own lr and weight decay
+            half = len(ps) // 2
+            return getattr(mod, name)([{"params": ps[:half]},
+                                       {"params": ps[half:], "lr": kw["lr"] * 0.5,
+                                        "weight_decay": 0.05}], **kw)
+        return getattr(mod, name)(ps, **kw)
+    fast = build(fo, fast_ps)
+    ref = build(torch.optim, ref_ps)
+    ref64 = build(torch.optim, ref64_ps) if ref64_ps is not None else None
+    for o in (ref, ref64):
+        for g in (o.param_groups if o is not None else []):
+            g["foreach"] = False
+    for _ in range(steps):
+        set_grads(fast_ps, ref_ps)
+        fast.step()
+        ref.step()
+        if ref64 is not None:
+            for p, q in zip(ref64_ps, ref_ps):
+                p.grad = q.grad.double().clone()
+            ref64.step()
+    return fast, ref, ref64
+
+
+def f64(ps):
+    return [p.detach().cpu().double().clone().requires_grad_() for p in ps]
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trajectory_matches_torch(device, name, kw, dtype):
+    ps = make_params(dtype, device)
+    ref_ps, ps64 = clone_params(ps), f64(ps)
+    fast, ref, ref64 = run_both(name, kw, ps, ref_ps, ref64_ps=ps64)
+    assert_same_trajectory_state(fast, ref, ps, ref_ps, name, ref64, ps64)
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS[::2], ids=IDS[::2])
+def test_trajectory_both_cpu_paths(cpu_path, name, kw):
+    ps = make_params(torch.float32, "cpu", SHAPES + [(40000,), (3, 33333)])  # threaded sizes
+    ref_ps, ps64 = clone_params(ps), f64(ps)
+    fast, ref, ref64 = run_both(name, kw, ps, ref_ps, steps=8, ref64_ps=ps64)
+    assert_same_trajectory_state(fast, ref, ps, ref_ps, f"{name} [{cpu_path}]", ref64, ps64)
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS[1::3], ids=IDS[1::3])
+def test_param_groups(device, name, kw):
+    ps = make_params(torch.float32, device)
+    ref_ps, ps64 = clone_params(ps), f64(ps)
+    fast, ref, ref64 = run_both(name, kw, ps, ref_ps, steps=10, groups=True, ref64_ps=ps64)
+    assert_same_trajectory_state(fast, ref, ps, ref_ps, name, ref64, ps64)
+
+
+def test_params_without_grad_are_skipped(device):
+    ps = make_params(torch.float32, device)
+    ref_ps = clone_params(ps)
+    fast = fo.Adam(ps, lr=0.01)
+    ref = torch.optim.Adam(ref_ps, lr=0.01, foreach=False)
+    for step in range(6):
+        set_grads(ps, ref_ps)
+        # param 1 never has a grad, param 2 only on even steps
+        ps[1].grad = ref_ps[1].grad = None
+        if step % 2:
+            ps[2].grad = ref_ps[2].grad = None
+        fast.step()
+        ref.step()
+    assert len(fast.state[ps[1]]) == 0
+    assert_same_trajectory_state(fast, ref, ps, ref_ps, "skip")
+
+
+def test_non_contiguous_param():
+    base = torch.randn(9, 14)
+    p = base.t().detach().requires_grad_()   # a transposed (non-contiguous) leaf
+    q = p.detach().clone().requires_grad_()
+    fast = fo.Adam([p], lr=0.05, amsgrad=True)
+    ref = torch.optim.Adam([q], lr=0.05, amsgrad=True, foreach=False)
+    for _ in range(5):
+        g = torch.randn(14, 9)
+        p.grad, q.grad = g.t().contiguous().t(), g.clone()  # non-contiguous grad too
+        fast.step()
+        ref.step()
+    assert_same_trajectory_state(fast, ref, [p], [q], "non-contiguous")
+
+
+@pytest.mark.parametrize("name,kw", [CONFIGS[1], CONFIGS[6], CONFIGS[9], CONFIGS[14]],
+                         ids=[IDS[1], IDS[6], IDS[9], IDS[14]])
+def test_state_dict_round_trip(name, kw):
+    """fastdl -> torch -> fastdl: each leg continues the other's trajectory exactly."""
+    ps = make_params(torch.float32, "cpu")
+    ref_ps = clone_params(ps)
+    fast, ref, _ = run_both(name, kw, ps, ref_ps, steps=5)
+    # fastdl's checkpoint into a fresh torch optimizer over a copy of the params
+    ps2 = clone_params(ps)
+    tor2 = getattr(torch.optim, name)(ps2, **kw)
+    tor2.load_state_dict(copy.deepcopy(fast.state_dict()))  # torch aliases loaded tensors
+    # ... and torch's back into a fresh fastdl optimizer
+    ps3 = clone_params(ps)
+    fast3 = getattr(fo, name)(ps3, **kw)
+    fast3.load_state_dict(copy.deepcopy(tor2.state_dict()))
+    for _ in range(5):
+        set_grads(ps, ref_ps, ps2, ps3)
+        for o in (fast, ref, tor2, fast3):
+            o.step()
+    assert_same_trajectory_state(fast, ref, ps, ref_ps, "original")
+    assert_same_trajectory_state(fast3, ref, ps3, ref_ps, "fastdl->torch->fastdl")
+    for a, b in zip(ps2, ref_ps):
+        assert_close(a.detach(), b.detach(), what="fastdl->torch")
+
+
+def test_state_dict_keys_match_torch():
+    for name, kw in CONFIGS:
+        ps = make_params(torch.float32, "cpu", [(3, 4)])
+        ref_ps = clone_params(ps)
+        fast, ref, _ = run_both(name, kw, ps, ref_ps, steps=1)
+        a, b = fast.state_dict(), ref.state_dict()
+        assert a["state"].keys() == b["state"].keys()
+        for i in b["state"]:
+            assert a["state"][i].keys() == b["state"][i].keys(), name
+            for k, v in b["state"][i].items():
+                assert a["state"][i][k].shape == v.shape and a["state"][i][k].dtype == v.dtype
+        assert set(a["param_groups"][0]) == set(b["param_groups"][0]), name
+
+
+@pytest.mark.parametrize("sched", ["StepLR", "CosineAnnealingLR"])
+def test_lr_scheduler_drives_fastdl_like_torch(sched):
+    ps = make_params(torch.float32, "cpu")
+    ref_ps = clone_params(ps)
+    fast = fo.SGD(ps, lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD(ref_ps, lr=0.1, momentum=0.9, foreach=False)
+    make = {"StepLR": lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+            "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=7)}
+    s_fast, s_ref = make[sched](fast), make[sched](ref)
+    for _ in range(12):
+        set_grads(ps, ref_ps)
+        fast.step()
+        ref.step()
+        s_fast.step()
+        s_ref.step()
+        assert fast.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+    assert_same_trajectory_state(fast, ref, ps, ref_ps, sched)
+
+
+def test_closure_and_hooks():
+    p = torch.randn(5, requires_grad=True)
+    opt = fo.SGD([p], lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p ** 2).sum()
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and calls == ["pre", "post"]
+
+
+# ---- bad input: torch's exception class, a message naming the argument, nothing changed ---------
+
+@pytest.mark.parametrize("name,kw,match", [
+    ("SGD", dict(lr=-0.1), "learning rate"),
+    ("SGD", dict(lr=0.1, weight_decay=-1), "weight_decay"),
+    ("SGD", dict(lr=0.1, momentum=-0.5), "momentum"),
+    ("SGD", dict(lr=0.1, nesterov=True), "Nesterov"),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), "Nesterov"),
+    ("Adam", dict(lr=-1e-3), "learning rate"),
+    ("Adam", dict(eps=-1e-8), "epsilon"),
+    ("Adam", dict(weight_decay=-0.1), "weight_decay"),
+    ("Adam", dict(betas=(1.0, 0.9)), "index 0"),
+    ("Adam", dict(betas=(0.9, -0.1)), "index 1"),
+    ("AdamW", dict(betas=(0.9, 1.0)), "index 1"),
+    ("RMSprop", dict(alpha=-0.1), "alpha"),
+    ("RMSprop", dict(eps=-1.0), "epsilon"),
+    ("RMSprop", dict(momentum=-1.0), "momentum"),
+])
+def test_bad_hyperparameters_like_torch(name, kw, match):
+    for mod in (torch.optim, fo):
+        with pytest.raises(ValueError, match=match):
+            getattr(mod, name)([torch.randn(2, requires_grad=True)], **kw)
+
+
+def test_params_not_iterable_like_torch():
+    for mod in (torch.optim, fo):
+        with pytest.raises(TypeError):
+            mod.Adam(torch.randn(3, requires_grad=True))
+
+
+def test_sparse_grad_raises_and_changes_nothing():
+    p = torch.randn(4, requires_grad=True)
+    before = p.detach().clone()
+    p.grad = torch.randn(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        fo.Adam([p]).step()
+    with pytest.raises(RuntimeError, match="sparse"):
+        fo.SGD([p], lr=0.1).step()
+    assert torch.equal(p.detach(), before)
+
+
+def test_failing_group_changes_nothing():
+    """A later group's bad param stops the whole step before any param moves."""
+    good = torch.randn(10, requires_grad=True)
+    bad = torch.randn(3, dtype=torch.float16, requires_grad=True)   # no float16 on CPU
+    good.grad, bad.grad = torch.randn(10), torch.randn(3, dtype=torch.float16)
+    before = good.detach().clone()
+    opt = fo.Adam([{"params": [good]}, {"params": [bad]}], lr=0.1)
+    with pytest.raises(NotImplementedError, match="float16"):
+        opt.step()
+    assert torch.equal(good.detach(), before)
+
+
+def test_mismatched_state_raises_instead_of_corrupting():
+    p = torch.randn(6, requires_grad=True)
+    p.grad = torch.randn(6)
+    opt = fo.Adam([p])
+    opt.step()
+    good = opt.state[p]["exp_avg"]
+    opt.state[p]["exp_avg"] = torch.zeros(2)   # wrong size behind the optimizer's back
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        opt.step()
+    opt.state[p]["exp_avg"] = good
+    sd = fo.Adam([p]).state_dict()
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["exp_avg_sq"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        fo.Adam([p]).load_state_dict(bad)
+    assert sd["state"] == {}
+
+
+def test_param_data_swapped_behind_optimizer():
+    """p.data reassigned to another size: state no longer matches, so the step raises."""
+    p = torch.randn(6, requires_grad=True)
+    p.grad = torch.randn(6)
+    opt = fo.Adam([p])
+    opt.step()
+    p.data = torch.randn(100)
+    p.grad = torch.randn(100)
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        opt.step()
+
+
+def test_unsupported_options():
+    with pytest.raises(ValueError, match="capturable"):
+        fo.Adam([torch.randn(2, requires_grad=True)], capturable=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        fo.SGD([torch.randn(2, requires_grad=True)], differentiable=True)
+
+
+# ---- fastdl.ops on numpy and torch ------------------------------------------------------------
+
+def np_rand(*shape, dtype=np.float32):
+    return np.random.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ops_adam_numpy_matches_torch(dtype):
+    shapes = [(5,), (3, 7), (1,)]
+    ps = [np_rand(*s, dtype=dtype) for s in shapes]
+    ms = [np.zeros_like(p) for p in ps]
+    vs = [np.zeros_like(p) for p in ps]
+    vmax = [np.zeros_like(p) for p in ps]
+    tps = [torch.tensor(p, requires_grad=True) for p in ps]
+    ref = torch.optim.Adam(tps, lr=0.01, weight_decay=0.1, amsgrad=True, foreach=False)
+    for step in range(1, 8):
+        gs = [np_rand(*s, dtype=dtype) for s in shapes]
+        for tp, g in zip(tps, gs):
+            tp.grad = torch.tensor(g)
+        fastdl.ops.adam_step(ps, gs, ms, vs, vmax, step=step, lr=0.01, weight_decay=0.1,
+                             amsgrad=True)
+        ref.step()
+    for p, m, tp in zip(ps, ms, tps):
+        assert isinstance(p, np.ndarray) and p.dtype == dtype
+        assert_close(torch.from_numpy(p), tp.detach(), what="param")
+        assert_close(torch.from_numpy(m), ref.state[tp]["exp_avg"], what="exp_avg")
+
+
+def test_ops_sgd_and_rmsprop_numpy():
+    p = np_rand(11)
+    g = np_rand(11)
+    buf = np.full_like(p, np.nan)      # contents ignored on the first step
+    tp = torch.tensor(p, requires_grad=True)
+    tp.grad = torch.tensor(g)
+    fastdl.ops.sgd_step(p, g, buf, lr=0.1, momentum=0.9, first_step=True)
+    torch.optim.SGD([tp], lr=0.1, momentum=0.9, foreach=False).step()
+    assert_close(torch.from_numpy(p), tp.detach(), what="sgd")
+    assert not np.isnan(buf).any()
+
+    p = np_rand(9, dtype=np.float64)
+    g = np_rand(9, dtype=np.float64)
+    sq, ga, mb = np.zeros_like(p), np.zeros_like(p), np.zeros_like(p)
+    tp = torch.tensor(p, requires_grad=True)
+    tp.grad = torch.tensor(g)
+    fastdl.ops.rmsprop_step(p, g, sq, mb, ga, lr=0.01, momentum=0.5, centered=True)
+    torch.optim.RMSprop([tp], lr=0.01, momentum=0.5, centered=True, foreach=False).step()
+    assert_close(torch.from_numpy(p), tp.detach(), what="rmsprop")
+
+
+def test_ops_torch_tensors_in_place():
+    p, g = torch.randn(20), torch.randn(20)
+    m, v = torch.zeros(20), torch.zeros(20)
+    q = p.clone().requires_grad_()
+    q.grad = g.clone()
+    fastdl.ops.adam_step(p, g, m, v, step=1, lr=0.1)
+    torch.optim.Adam([q], lr=0.1, foreach=False).step()
+    assert_close(p, q.detach(), what="param")
+
+
+def test_ops_bad_input_changes_nothing():
+    p = np_rand(5)
+    before = p.copy()
+    g64 = np_rand(5, dtype=np.float64)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    with pytest.raises(RuntimeError, match=r"grads\[0\].*float32"):
+        fastdl.ops.adam_step(p, g64, m, v, step=1)
+    with pytest.raises(RuntimeError, match="shape"):
+        fastdl.ops.adam_step(p, np_rand(4), m, v, step=1)
+    with pytest.raises(TypeError, match="numpy"):
+        fastdl.ops.adam_step(p, torch.randn(5), m, v, step=1)
+    with pytest.raises(NotImplementedError, match="int64"):
+        q = np.arange(5)
+        fastdl.ops.sgd_step(q, q, lr=0.1)
+    with pytest.raises(ValueError, match="beta1"):
+        fastdl.ops.adam_step(p, np_rand(5), m, v, step=1, beta1=1.0)
+    with pytest.raises(ValueError, match="lr"):
+        fastdl.ops.sgd_step(p, np_rand(5), lr=-1)
+    with pytest.raises(ValueError, match="step"):
+        fastdl.ops.adam_step(p, np_rand(5), m, v, step=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        big = np_rand(10)
+        fastdl.ops.sgd_step(big[::2], np_rand(5), lr=0.1)
+    with pytest.raises(ValueError, match="read-only"):
+        ro = np_rand(5)
+        ro.flags.writeable = False
+        fastdl.ops.sgd_step(ro, np_rand(5), lr=0.1)
+    with pytest.raises(RuntimeError, match="meta"):
+        fastdl.ops.sgd_step(torch.randn(3), torch.randn(3, device="meta"), lr=0.1)
+    with pytest.raises(TypeError, match="params"):
+        fastdl.ops.sgd_step("not an array", np_rand(5), lr=0.1)
+    assert np.array_equal(p, before)
+
+
+# ---- CUDA: half-precision params keep float32 state ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_params_float32_state(cuda_device, dtype):
+    """Reference: torch's step on float32 copies, rounding the param to `dtype` after each step
+    (what a half param with float32 state computes)."""
+    ps = make_params(dtype, "cuda")
+    ref_ps = [p.detach().float().requires_grad_() for p in ps]
+    fast = fo.Adam(ps, lr=0.01)
+    ref = torch.optim.Adam(ref_ps, lr=0.01, foreach=False)
+    for _ in range(10):
+        for p, q in zip(ps, ref_ps):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.float()
+        fast.step()
+        ref.step()
+        with torch.no_grad():
+            for q in ref_ps:
+                q.copy_(q.to(dtype).float())
+    torch.cuda.synchronize()
+    for p, q in zip(ps, ref_ps):
+        assert fast.state[p]["exp_avg"].dtype == torch.float32
+        assert_close(p.detach(), q.detach().to(dtype), what="param")
