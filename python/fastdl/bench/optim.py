@@ -82,4 +82,22 @@ def cases(device="cpu", quick=False):
                 baselines[f"torch {v}"] = tor.step
             out.append(Case("optim", f"{opt_name} {set_name}", fast.step, baselines,
                             bytes=_BYTES_PER_PARAM[opt_name] * numel, device=device))
-    return out
+    return out + overhead_cases(device)
+
+
+def overhead_cases(device="cpu"):
+    """Per-call overhead: an in-place fastdl op on a 1-element tensor against torch.relu on one
+    (issue #2: within 2x of torch's). Both sides do next to no arithmetic, so this times the
+    Python front end, argument unpacking, the GIL release and the dispatch."""
+    import torch
+
+    import fastdl
+    from .harness import Case
+
+    p = torch.randn(1, device=device)
+    g = torch.randn(1, device=device)
+    x = torch.randn(1, device=device)
+    return [Case("optim", "overhead: ops.sgd_step, 1 element",
+                 lambda: fastdl.ops.sgd_step(p, g, lr=1e-3),
+                 {"torch.relu": lambda: torch.relu(x)}, device=device,
+                 note="per-call overhead, not bandwidth")]

@@ -1,0 +1,123 @@
+"""The build and runtime surface: import without a GPU, build_info, CPU path selection, threads,
+and that numpy users never import torch."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastdl
+from fastdl import _C
+
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+
+def run_py(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**ENV, **env}, timeout=120)
+
+
+def test_build_info_fields():
+    info = fastdl.build_info()
+    assert set(info) >= {"version", "cpu_capability", "cuda_compiled", "cuda_architectures",
+                         "num_threads"}
+    assert info["version"] == fastdl.__version__
+    assert info["cpu_capability"] in ("default", "avx2")
+    assert info["num_threads"] == fastdl.get_num_threads() >= 1
+    if info["cuda_compiled"]:
+        assert info["cuda_architectures"], "a CUDA build lists its architectures"
+
+
+def test_cuda_reports_consistently():
+    avail = fastdl.cuda.is_available()
+    assert avail == (fastdl.cuda.device_count() > 0)
+    if not fastdl.cuda.is_compiled():
+        assert not avail
+    if not avail:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            fastdl.cuda.get_device_name()
+
+
+@pytest.mark.parametrize("path", ["default", "avx2"])
+def test_env_var_forces_cpu_path(path):
+    if path == "avx2" and not _C.cpu_supports_avx2():
+        pytest.skip("this CPU or build has no AVX2+FMA path")
+    r = run_py("import fastdl; print(fastdl.build_info()['cpu_capability'])",
+               FASTDL_CPU_CAPABILITY=path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == path
+
+
+def test_env_var_rejects_unknown_path():
+    r = run_py("import fastdl, numpy as np; fastdl.ops.sgd_step(np.ones(3, np.float32), "
+               "np.ones(3, np.float32), lr=0.1)", FASTDL_CPU_CAPABILITY="avx512")
+    assert r.returncode != 0
+    assert "FASTDL_CPU_CAPABILITY" in r.stderr and "Segmentation" not in r.stderr
+
+
+def test_numpy_users_never_import_torch():
+    r = run_py("import sys, numpy as np, fastdl\n"
+               "p = np.random.rand(8).astype(np.float32); g = np.random.rand(8).astype(np.float32)\n"
+               "m, v = np.zeros_like(p), np.zeros_like(p)\n"
+               "fastdl.ops.adam_step(p, g, m, v, step=1)\n"
+               "assert 'torch' not in sys.modules, 'torch was imported'\n"
+               "print('ok')")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_set_num_threads_validates_and_applies():
+    before = fastdl.get_num_threads()
+    try:
+        fastdl.set_num_threads(1)
+        assert fastdl.get_num_threads() == 1
+        p = np.random.rand(100000).astype(np.float32)
+        q = p.copy()
+        g = np.random.rand(100000).astype(np.float32)
+        fastdl.ops.sgd_step(p, g, lr=0.5)
+        fastdl.set_num_threads(2)
+        fastdl.ops.sgd_step(q, g, lr=0.5)
+        assert np.array_equal(p, q), "result must not depend on the thread count"
+    finally:
+        fastdl.set_num_threads(before)
+    with pytest.raises(ValueError, match="n >= 1"):
+        fastdl.set_num_threads(0)
+    with pytest.raises(TypeError, match="int"):
+        fastdl.set_num_threads(1.5)
+
+
+def test_set_num_threads_leaves_torch_alone():
+    import torch
+    before_t, before_f = torch.get_num_threads(), fastdl.get_num_threads()
+    try:
+        fastdl.set_num_threads(1)
+        assert torch.get_num_threads() == before_t
+    finally:
+        fastdl.set_num_threads(before_f)
+
+
+def test_kernels_release_the_gil():
+    """A Python thread keeps running while a long kernel runs in another thread."""
+    import threading
+    import time
+    p = np.random.rand(20_000_000).astype(np.float32)
+    g = np.random.rand(20_000_000).astype(np.float32)
+    ticks = []
+    done = threading.Event()
+
+    def counter():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=counter)
+    t.start()
+    time.sleep(0.01)
+    start = time.perf_counter()
+    for _ in range(5):
+        fastdl.ops.sgd_step(p, g, lr=0.1)
+    end = time.perf_counter()
+    done.set()
+    t.join()
+    during = [x for x in ticks if start < x < end]
+    assert len(during) >= 3, f"only {len(during)} ticks while kernels ran for {end - start:.3f}s"
