@@ -40,12 +40,32 @@ void* pointer_of(py::handle h) {
   throw py::type_error("fastdl internal: expected a data pointer (int) or a numpy array");
 }
 
+// A list of pointers, or one pointer (an int or an array) for the single-tensor fast path.
 std::vector<void*> pointers_of(const py::handle& seq) {
   std::vector<void*> out;
   if (seq.is_none()) return out;
+  if (PyLong_Check(seq.ptr()) || py::isinstance<py::array>(seq)) {
+    out.push_back(pointer_of(seq));
+    return out;
+  }
   py::sequence s = py::reinterpret_borrow<py::sequence>(seq);
   out.reserve(s.size());
   for (py::handle h : s) out.push_back(pointer_of(h));
+  return out;
+}
+
+// A list of ints, or one int.
+template <class T>
+std::vector<T> ints_of(const py::handle& h) {
+  std::vector<T> out;
+  if (h.is_none()) return out;
+  if (PyLong_Check(h.ptr())) {
+    out.push_back(static_cast<T>(PyLong_AsLongLong(h.ptr())));
+    return out;
+  }
+  py::sequence s = py::reinterpret_borrow<py::sequence>(h);
+  out.reserve(s.size());
+  for (py::handle x : s) out.push_back(static_cast<T>(py::cast<long long>(x)));
   return out;
 }
 
@@ -59,22 +79,38 @@ struct OptimArgs {
   std::vector<int64_t> numel;
   std::vector<void*> param, grad, state[3], step;
   std::vector<uint8_t> first;
+  std::vector<float> step_storage;  // when the caller gives the step number instead of counters
   OptimTensors view;
 
+  // steps: a list of pointers to float32 counters (incremented in place), or a Python float, the
+  // number of this step for every tensor (counters live here). numel: a list, or one int.
   OptimArgs(const py::handle& params, const py::handle& grads, const py::handle& s0,
             const py::handle& s1, const py::handle& s2, const py::handle& steps,
-            std::vector<int64_t> numel_, int param_dtype, int state_dtype)
-      : numel(std::move(numel_)) {
+            const py::handle& numel_, int param_dtype, int state_dtype)
+      : numel(ints_of<int64_t>(numel_)) {
     param = pointers_of(params);
     grad = pointers_of(grads);
     state[0] = pointers_of(s0);
     state[1] = pointers_of(s1);
     state[2] = pointers_of(s2);
-    step = pointers_of(steps);
     const size_t n = numel.size();
+    if (PyFloat_Check(steps.ptr())) {
+      step_storage.assign(n, static_cast<float>(PyFloat_AsDouble(steps.ptr()) - 1.0));
+      for (auto& v : step_storage) step.push_back(&v);
+    } else {
+      step = pointers_of(steps);
+    }
     FASTDL_CHECK(param.size() == n && grad.size() == n, "fastdl internal: list lengths differ");
     for (auto* v : {&state[0], &state[1], &state[2], &step})
       FASTDL_CHECK(v->empty() || v->size() == n, "fastdl internal: state list length differs");
+    // A null pointer (a meta tensor's data_ptr, say) must never reach a kernel.
+    for (size_t i = 0; i < n; ++i) {
+      if (numel[i] == 0) continue;
+      FASTDL_CHECK(param[i] && grad[i], "fastdl: tensor ", i, " has no data (null pointer)");
+      for (auto* v : {&state[0], &state[1], &state[2], &step})
+        FASTDL_CHECK(v->empty() || (*v)[i], "fastdl: state of tensor ", i,
+                     " has no data (null pointer)");
+    }
     view.count = static_cast<int64_t>(n);
     view.numel = numel.data();
     view.param = param.data();
@@ -131,15 +167,15 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
 
   // ---- optimizer steps (csrc/optim.h) --------------------------------------------------------
-  // Lists hold one entry per tensor; state lists may be None when the variant does not use them.
+  // Lists hold one entry per tensor (or a single pointer/int for one tensor); state lists may be
+  // None when the variant does not use them.
   m.def(
       "sgd_step",
-      [](py::handle params, py::handle grads, py::handle bufs, std::vector<uint8_t> first,
-         std::vector<int64_t> numel, int dtype, int device, uintptr_t stream, double lr,
+      [](py::handle params, py::handle grads, py::handle bufs, py::handle first,
+         py::handle numel, int dtype, int device, uintptr_t stream, double lr,
          double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
-        OptimArgs a(params, grads, bufs, py::none(), py::none(), py::none(), std::move(numel),
-                    dtype, dtype);
-        a.first = std::move(first);
+        OptimArgs a(params, grads, bufs, py::none(), py::none(), py::none(), numel, dtype, dtype);
+        a.first = ints_of<uint8_t>(first);
         FASTDL_CHECK(a.first.empty() || a.first.size() == a.numel.size(),
                      "fastdl internal: first-step list length differs");
         a.view.first_step = a.first.empty() ? nullptr : a.first.data();
@@ -153,10 +189,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "adam_step",
       [](py::handle params, py::handle grads, py::handle exp_avg, py::handle exp_avg_sq,
-         py::handle max_exp_avg_sq, py::handle steps, std::vector<int64_t> numel, int param_dtype,
+         py::handle max_exp_avg_sq, py::handle steps, py::handle numel, int param_dtype,
          int state_dtype, int device, uintptr_t stream, double lr, double beta1, double beta2,
          double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled) {
-        OptimArgs a(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, std::move(numel),
+        OptimArgs a(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, numel,
                     param_dtype, state_dtype);
         FASTDL_CHECK(a.view.state[0] && a.view.state[1] && a.view.step,
                      "fastdl internal: adam needs exp_avg, exp_avg_sq and steps");
@@ -171,10 +207,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "rmsprop_step",
       [](py::handle params, py::handle grads, py::handle square_avg, py::handle momentum_buffer,
-         py::handle grad_avg, py::handle steps, std::vector<int64_t> numel, int param_dtype,
+         py::handle grad_avg, py::handle steps, py::handle numel, int param_dtype,
          int state_dtype, int device, uintptr_t stream, double lr, double alpha, double eps,
          double weight_decay, double momentum, bool centered, bool maximize) {
-        OptimArgs a(params, grads, square_avg, momentum_buffer, grad_avg, steps, std::move(numel),
+        OptimArgs a(params, grads, square_avg, momentum_buffer, grad_avg, steps, numel,
                     param_dtype, state_dtype);
         FASTDL_CHECK(a.view.state[0] && a.view.step,
                      "fastdl internal: rmsprop needs square_avg and steps");

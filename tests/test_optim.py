@@ -433,3 +433,14 @@ def test_cuda_half_params_float32_state(cuda_device, dtype):
     for p, q in zip(ps, ref_ps):
         assert fast.state[p]["exp_avg"].dtype == torch.float32
         assert_close(p.detach(), q.detach().to(dtype), what="param")
+
+
+def test_meta_tensors_never_reach_a_kernel():
+    """meta tensors have no data (data_ptr 0): every path must raise, never crash."""
+    m = torch.randn(3, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        fastdl.ops.sgd_step(m, m, lr=0.1)
+    p = torch.randn(3, device="meta", requires_grad=True)
+    p.grad = torch.randn(3, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        fo.Adam([p]).step()

@@ -120,7 +120,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                        for k in keys]
             n = p.numel()
             dtype = p.dtype
-            dev = p.get_device()
+            # -1 cpu, k cuda:k, -2 anything else (meta, ...), which _verify rejects
+            dev = -1 if p.is_cpu else (p.get_device() if p.is_cuda else -2)
             v = verified.get(id(p))
             if (v is None or v[0] is not p or v[1] is not state or v[3] != n or v[4] is not dtype
                     or v[5] != dev or len(v[2]) != len(sts)

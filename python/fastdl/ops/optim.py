@@ -22,6 +22,71 @@ _CPU_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT64)
 _CUDA_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT16, _tensor.BFLOAT16)
 
 
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_NP_CODES = {_F32: _tensor.FLOAT32, _F64: _tensor.FLOAT64}
+_torch_fast = None  # (Tensor, Parameter, float32, float64, is_grad_enabled) once torch is loaded
+
+
+def _fast_intake(first, others):
+    """The common call, checked in one short pass: single arrays or tensors of one exact type
+    (ndarray, or torch Tensor/Parameter), same dtype (float32/float64), device, shape, all
+    contiguous and writable (the grad, others[0], may be read-only). Returns (dtype code, device,
+    pointers) or None, in which case the caller runs the full validation, which raises the precise
+    error or accepts what this pass was too strict for. Keeps a 1-element call near 2 us."""
+    global _torch_fast
+    t = type(first)
+    if t is np.ndarray:
+        dt = first.dtype
+        code = _NP_CODES.get(dt)
+        shape = first.shape
+        if code is None or not first.flags.c_contiguous or not first.flags.writeable:
+            return None
+        for i, x in enumerate(others):
+            if type(x) is not np.ndarray or x.dtype is not dt or x.shape != shape:
+                return None
+            f = x.flags
+            if not f.c_contiguous or (i > 0 and not f.writeable):
+                return None
+        return code, -1, [first] + list(others)
+    if _torch_fast is None:
+        torch = _tensor.torch_module()
+        if torch is None:
+            return None
+        _torch_fast = (torch.Tensor, torch.nn.Parameter, torch.float32, torch.float64,
+                       torch.is_grad_enabled)
+    T, P, f32, f64, grad_enabled = _torch_fast
+    if t is not T and t is not P:
+        return None
+    try:  # non-strided layouts report non-contiguous (sparse COO) or raise (others)
+        dt = first.dtype
+        if (dt is not f32 and dt is not f64) or not first.is_cpu or not first.is_contiguous():
+            return None
+        shape = first.shape
+        ptrs = [first.data_ptr()]
+        for x in others:
+            tx = type(x)
+            if (tx is not T and tx is not P) or x.dtype is not dt or not x.is_cpu \
+                    or x.shape != shape or not x.is_contiguous():
+                return None
+            ptrs.append(x.data_ptr())
+    except RuntimeError:
+        return None
+    if first.requires_grad and grad_enabled():
+        return None
+    if len(others) > 1 and grad_enabled() and any(x.requires_grad for x in others[1:]):
+        return None
+    return (_tensor.FLOAT32 if dt is f32 else _tensor.FLOAT64), -1, ptrs
+
+
+def _fast_num(*xs) -> bool:
+    """Plain non-negative floats/ints (not bools, not NaN): the common case, checked cheaply."""
+    for x in xs:
+        tx = type(x)
+        if (tx is not float and tx is not int) or not x >= 0:
+            return False
+    return True
+
+
 def _numel(x) -> int:
     return x.size if isinstance(x, np.ndarray) else x.numel()
 
@@ -72,6 +137,14 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
 
     >>> fastdl.ops.sgd_step(p, g, buf, lr=0.1, momentum=0.9, first_step=True)
     """
+    if (momentum == 0 and type(params) is not list and type(params) is not tuple
+            and _fast_num(lr, weight_decay) and dampening == 0 and not nesterov):
+        fast = _fast_intake(params, (grads,))
+        if fast is not None:
+            code, device, ptrs = fast
+            _C.sgd_step(ptrs[0], ptrs[1], None, 0, _numel(params), code, -1, 0,
+                        float(lr), 0.0, 0.0, float(weight_decay), False, bool(maximize))
+            return
     fn = "sgd_step"
     lr = check_number(fn, "lr", lr, low=0.0)
     momentum = check_number(fn, "momentum", momentum, low=0.0)
@@ -104,6 +177,17 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
 
     >>> fastdl.ops.adam_step(p, g, m, v, step=1, lr=1e-3)
     """
+    if (not amsgrad and type(params) is not list and type(params) is not tuple
+            and _fast_num(lr, eps, weight_decay, step) and step >= 1
+            and type(beta1) is float and type(beta2) is float
+            and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        fast = _fast_intake(params, (grads, exp_avgs, exp_avg_sqs))
+        if fast is not None:
+            code, device, p = fast
+            _C.adam_step(p[0], p[1], p[2], p[3], None, float(step), _numel(params), code, code,
+                         -1, 0, float(lr), beta1, beta2, float(eps), float(weight_decay), False,
+                         bool(maximize), bool(decoupled_weight_decay))
+            return
     fn = "adamw_step" if decoupled_weight_decay else "adam_step"
     lr = check_number(fn, "lr", lr, low=0.0)
     beta1 = check_number(fn, "beta1", beta1, low=0.0, high=1.0, high_open=True)
