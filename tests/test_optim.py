@@ -444,3 +444,53 @@ def test_meta_tensors_never_reach_a_kernel():
     p.grad = torch.randn(3, device="meta")
     with pytest.raises(RuntimeError, match="meta"):
         fo.Adam([p]).step()
+
+
+def test_planned_steps_follow_every_change_like_torch():
+    """After the first step fastdl reuses a per-group plan; each change a user can make between
+    steps must be seen exactly as torch sees it."""
+    ps = make_params(torch.float32, "cpu")
+    ref_ps = clone_params(ps)
+    fast = fo.Adam(ps, lr=0.01, amsgrad=True)
+    ref = torch.optim.Adam(ref_ps, lr=0.01, amsgrad=True, foreach=False)
+
+    def step():
+        fast.step()
+        ref.step()
+        assert_same_trajectory_state(fast, ref, ps, ref_ps, "planned")
+
+    set_grads(ps, ref_ps)
+    step()
+    set_grads(ps, ref_ps)
+    step()                                                   # from the plan
+    set_grads(ps, ref_ps)
+    ps[3].grad = ps[3].grad.clone().transpose(0, 2).contiguous().transpose(0, 2)  # strided grad
+    step()
+    set_grads(ps, ref_ps)
+    for o, p in ((fast, ps[2]), (ref, ref_ps[2])):          # state replaced by a user
+        o.state[p]["exp_avg"] = torch.full_like(p, 0.25)
+    step()
+    set_grads(ps, ref_ps)
+    ps[4].grad = ref_ps[4].grad = None                       # a grad disappears
+    step()
+    extra = make_params(torch.float32, "cpu", [(5, 3)])[0]
+    extra_ref = extra.detach().clone().requires_grad_()
+    fast.add_param_group({"params": [extra]})
+    ref.add_param_group({"params": [extra_ref]})
+    ps.append(extra)
+    ref_ps.append(extra_ref)
+    set_grads(ps, ref_ps)
+    step()
+    sd = copy.deepcopy(ref.state_dict())                     # checkpoint loaded mid-run
+    fast.load_state_dict(copy.deepcopy(sd))
+    ref.load_state_dict(sd)
+    set_grads(ps, ref_ps)
+    step()
+    with torch.no_grad():                                    # in-place edits of params and state
+        for p, q in zip(ps, ref_ps):
+            p.mul_(0.5)
+            q.mul_(0.5)
+        fast.state[ps[0]]["exp_avg_sq"].add_(1.0)
+        ref.state[ref_ps[0]]["exp_avg_sq"].add_(1.0)
+    set_grads(ps, ref_ps)
+    step()

@@ -30,8 +30,8 @@ _torch_fast = None  # (Tensor, Parameter, float32, float64, is_grad_enabled) onc
 def _fast_intake(first, others):
     """The common call, checked in one short pass: single arrays or tensors of one exact type
     (ndarray, or torch Tensor/Parameter), same dtype (float32/float64), device, shape, all
-    contiguous and writable (the grad, others[0], may be read-only). Returns (dtype code, device,
-    pointers) or None, in which case the caller runs the full validation, which raises the precise
+    contiguous and writable (the grad, others[0], may be read-only), on the CPU. Returns (dtype
+    code, numel, pointers) or None, in which case the caller runs the full validation, which raises the precise
     error or accepts what this pass was too strict for. Keeps a 1-element call near 2 us."""
     global _torch_fast
     t = type(first)
@@ -47,7 +47,7 @@ def _fast_intake(first, others):
             f = x.flags
             if not f.c_contiguous or (i > 0 and not f.writeable):
                 return None
-        return code, -1, [first] + list(others)
+        return code, first.size, [first] + list(others)
     if _torch_fast is None:
         torch = _tensor.torch_module()
         if torch is None:
@@ -75,7 +75,7 @@ def _fast_intake(first, others):
         return None
     if len(others) > 1 and grad_enabled() and any(x.requires_grad for x in others[1:]):
         return None
-    return (_tensor.FLOAT32 if dt is f32 else _tensor.FLOAT64), -1, ptrs
+    return (_tensor.FLOAT32 if dt is f32 else _tensor.FLOAT64), first.numel(), ptrs
 
 
 def _fast_num(*xs) -> bool:
@@ -137,13 +137,12 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
 
     >>> fastdl.ops.sgd_step(p, g, buf, lr=0.1, momentum=0.9, first_step=True)
     """
-    if (momentum == 0 and type(params) is not list and type(params) is not tuple
-            and _fast_num(lr, weight_decay) and dampening == 0 and not nesterov):
+    if momentum == 0 and type(lr) is float and lr >= 0 and not weight_decay and not nesterov:
         fast = _fast_intake(params, (grads,))
         if fast is not None:
-            code, device, ptrs = fast
-            _C.sgd_step(ptrs[0], ptrs[1], None, 0, _numel(params), code, -1, 0,
-                        float(lr), 0.0, 0.0, float(weight_decay), False, bool(maximize))
+            code, n, ptrs = fast
+            _C.sgd_step(ptrs[0], ptrs[1], None, 0, n, code, -1, 0, lr, 0.0, 0.0, 0.0, False,
+                        bool(maximize))
             return
     fn = "sgd_step"
     lr = check_number(fn, "lr", lr, low=0.0)
@@ -183,8 +182,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
             and 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         fast = _fast_intake(params, (grads, exp_avgs, exp_avg_sqs))
         if fast is not None:
-            code, device, p = fast
-            _C.adam_step(p[0], p[1], p[2], p[3], None, float(step), _numel(params), code, code,
+            code, n, p = fast
+            _C.adam_step(p[0], p[1], p[2], p[3], None, float(step), n, code, code,
                          -1, 0, float(lr), beta1, beta2, float(eps), float(weight_decay), False,
                          bool(maximize), bool(decoupled_weight_decay))
             return
