@@ -14,6 +14,7 @@
 #include "cpu_features.h"
 #include "cuda_runtime_info.h"
 #include "machine.h"
+#include "multi_tensor_pack.h"
 #include "optim.h"
 #include "parallel.h"
 
@@ -165,6 +166,16 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("measure_peak_gflops", &measure_peak_gflops, py::arg("reps"),
         py::call_guard<py::gil_scoped_release>());
+
+  // How the CUDA optimizer kernels cover a tensor list (exposed so CPU tests can check it).
+  m.def("_multi_tensor_pack", [](std::vector<int64_t> numel, int max_tensors, int max_blocks,
+                                 int64_t chunk) {
+    py::list out;
+    for (const PackedLaunch& pl : pack_multi_tensor(numel.data(), static_cast<int64_t>(numel.size()),
+                                                    max_tensors, max_blocks, chunk))
+      out.append(py::make_tuple(pl.slot_tensor, pl.block_slot, pl.block_chunk));
+    return out;
+  });
 
   // ---- optimizer steps (csrc/optim.h) --------------------------------------------------------
   // Lists hold one entry per tensor (or a single pointer/int for one tensor); state lists may be

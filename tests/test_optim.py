@@ -494,3 +494,25 @@ def test_planned_steps_follow_every_change_like_torch():
         ref.state[ref_ps[0]]["exp_avg_sq"].add_(1.0)
     set_grads(ps, ref_ps)
     step()
+
+
+@pytest.mark.parametrize("numel", [
+    [1], [0, 5, 0], [65536, 65537, 1], [3] * 100, [65536 * 400 + 3],
+    [10, 65536 * 330, 7, 65536 * 2 + 1] + [1000] * 40,
+])
+@pytest.mark.parametrize("limits", [(36, 320, 65536), (2, 3, 65536), (1, 1, 65536)])
+def test_cuda_launch_packing_covers_every_element_once(numel, limits):
+    """The CUDA optimizer kernels' launch plan (host code, so testable here): within each launch a
+    slot names one tensor, every block one chunk; over all launches each chunk of each tensor
+    appears exactly once and the limits hold."""
+    max_t, max_b, chunk = limits
+    seen = {}
+    for slots, block_slot, block_chunk in fastdl._C._multi_tensor_pack(numel, max_t, max_b, chunk):
+        assert 0 < len(slots) <= max_t and 0 < len(block_slot) <= max_b
+        assert len(block_slot) == len(block_chunk)
+        for s, c in zip(block_slot, block_chunk):
+            key = (slots[s], c)
+            assert key not in seen, f"chunk {key} launched twice"
+            seen[key] = True
+    want = {(i, c) for i, n in enumerate(numel) for c in range((n + chunk - 1) // chunk)}
+    assert set(seen) == want

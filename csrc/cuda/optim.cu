@@ -11,6 +11,7 @@
 
 #include <vector>
 
+#include "../multi_tensor_pack.h"
 #include "../optim_math.h"
 #include "cuda_check.cuh"
 
@@ -83,58 +84,32 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_step(StepMeta meta, Op 
   }
 }
 
-// Packs the tensors into launches of at most kMaxTensors tensors / kMaxBlocks chunks.
-// fill(meta, slot, i) adds per-tensor scalars for tensor i in metadata slot `slot`.
+// Launches the kernel over every tensor, packed by pack_multi_tensor (multi_tensor_pack.h).
+// fill(meta, slot, i) adds the per-tensor scalars of tensor i in metadata slot `slot`.
 template <class P, bool USE0, bool USE1, bool USE2, class Op, class Fill>
 void launch_all(const OptimTensors& t, const CudaLaunch& launch, const Op& op, const Fill& fill) {
   CudaDeviceGuard guard(launch.device);
   cudaStream_t stream = as_stream(launch.stream);
-  StepMeta meta{};
-  int n_tensors = 0, n_blocks = 0;
-  auto flush = [&]() {
-    if (n_blocks > 0) {
-      multi_tensor_step<P, Op, USE0, USE1, USE2><<<n_blocks, kThreads, 0, stream>>>(meta, op);
-      FASTDL_CUDA_CHECK_LAUNCH();
+  for (const PackedLaunch& pl : pack_multi_tensor(t.numel, t.count, kMaxTensors, kMaxBlocks, kChunk)) {
+    StepMeta meta{};
+    for (size_t slot = 0; slot < pl.slot_tensor.size(); ++slot) {
+      const int64_t i = pl.slot_tensor[slot];
+      meta.param[slot] = t.param[i];
+      meta.grad[slot] = t.grad[i];
+      for (int k = 0; k < 3; ++k)
+        meta.state[k][slot] = t.state[k] ? static_cast<float*>(t.state[k][i]) : nullptr;
+      meta.numel[slot] = t.numel[i];
+      meta.first[slot] = t.first_step ? t.first_step[i] : 0;
+      fill(meta, static_cast<int>(slot), i);
     }
-    n_blocks = 0;
-  };
-  for (int64_t i = 0; i < t.count; ++i) {
-    if (t.numel[i] == 0) continue;
-    if (n_tensors == kMaxTensors) {
-      flush();
-      n_tensors = 0;
+    for (size_t b = 0; b < pl.block_slot.size(); ++b) {
+      meta.block_tensor[b] = static_cast<unsigned char>(pl.block_slot[b]);
+      meta.block_chunk[b] = static_cast<int>(pl.block_chunk[b]);
     }
-    int slot = n_tensors++;
-    meta.param[slot] = t.param[i];
-    meta.grad[slot] = t.grad[i];
-    for (int k = 0; k < 3; ++k) meta.state[k][slot] = t.state[k] ? static_cast<float*>(t.state[k][i]) : nullptr;
-    meta.numel[slot] = t.numel[i];
-    meta.first[slot] = t.first_step ? t.first_step[i] : 0;
-    fill(meta, slot, i);
-    const int64_t chunks = (t.numel[i] + kChunk - 1) / kChunk;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_tensor[n_blocks] = static_cast<unsigned char>(slot);
-      meta.block_chunk[n_blocks] = static_cast<int>(c);
-      if (++n_blocks == kMaxBlocks) {
-        flush();
-        // The tensor in progress stays in its slot; only earlier slots could be recycled.
-        if (c + 1 < chunks) {
-          meta.param[0] = meta.param[slot];
-          meta.grad[0] = meta.grad[slot];
-          for (int k = 0; k < 3; ++k) meta.state[k][0] = meta.state[k][slot];
-          meta.numel[0] = meta.numel[slot];
-          meta.first[0] = meta.first[slot];
-          meta.coef[0][0] = meta.coef[0][slot];
-          meta.coef[1][0] = meta.coef[1][slot];
-          slot = 0;
-          n_tensors = 1;
-        } else {
-          n_tensors = 0;
-        }
-      }
-    }
+    const int blocks = static_cast<int>(pl.block_slot.size());
+    multi_tensor_step<P, Op, USE0, USE1, USE2><<<blocks, kThreads, 0, stream>>>(meta, op);
+    FASTDL_CUDA_CHECK_LAUNCH();
   }
-  flush();
 }
 
 // Ops index the metadata by slot (a tensor's place in this launch), never by its index in the list.
