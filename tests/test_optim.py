@@ -516,3 +516,23 @@ def test_cuda_launch_packing_covers_every_element_once(numel, limits):
             seen[key] = True
     want = {(i, c) for i, n in enumerate(numel) for c in range((n + chunk - 1) // chunk)}
     assert set(seen) == want
+
+
+def test_pickle_and_deepcopy_like_torch():
+    import pickle
+    ps = make_params(torch.float32, "cpu", [(4, 5), (3,)])
+    opt = fo.RMSprop(ps, lr=0.01, momentum=0.9, centered=True)
+    set_grads(ps)
+    opt.step()
+    for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        assert type(clone) is fo.RMSprop
+        cps = clone.param_groups[0]["params"]
+        ref = torch.optim.RMSprop(cps, lr=0.01, momentum=0.9, centered=True, foreach=False)
+        ref.load_state_dict(copy.deepcopy(clone.state_dict()))
+        ref_ps = [p.detach().clone().requires_grad_() for p in cps]
+        ref2 = torch.optim.RMSprop(ref_ps, lr=0.01, momentum=0.9, centered=True, foreach=False)
+        ref2.load_state_dict(copy.deepcopy(clone.state_dict()))
+        set_grads(cps, ref_ps)
+        clone.step()
+        ref2.step()
+        assert_same_trajectory_state(clone, ref2, cps, ref_ps, "unpickled")

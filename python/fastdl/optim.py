@@ -139,6 +139,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     _state_keys: tuple = ()   # in the kernel's order, e.g. ("exp_avg", "exp_avg_sq", ...)
     _has_step = True
+    _setstate_defaults: dict = {}  # group keys an older checkpoint may lack (torch's __setstate__)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._verified, self._plans = {}, {}   # caches are not pickled (torch's __getstate__)
+        for group in self.param_groups:
+            for k, v in self._setstate_defaults.items():
+                group.setdefault(k, v)
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
@@ -338,6 +346,8 @@ class SGD(_FusedOptimizer):
     >>> opt.step()
     """
     _has_step = False
+    _setstate_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False,
+                              fused=None)
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None):
@@ -356,15 +366,6 @@ class SGD(_FusedOptimizer):
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("nesterov", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
 
     def _active_keys(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -393,6 +394,8 @@ class Adam(_FusedOptimizer):
     >>> opt.step()
     """
     _decoupled_default = False
+    _setstate_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                              differentiable=False, fused=None, decoupled_weight_decay=False)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -417,17 +420,6 @@ class Adam(_FusedOptimizer):
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("capturable", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", self._decoupled_default)
 
     def _active_keys(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else \
@@ -456,6 +448,7 @@ class AdamW(Adam):
     >>> opt = fastdl.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
     """
     _decoupled_default = True
+    _setstate_defaults = dict(Adam._setstate_defaults, decoupled_weight_decay=True)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
@@ -471,6 +464,8 @@ class RMSprop(_FusedOptimizer):
 
     >>> opt = fastdl.optim.RMSprop(model.parameters(), lr=1e-2, momentum=0.9)
     """
+    _setstate_defaults = dict(momentum=0, centered=False, foreach=None, maximize=False,
+                              differentiable=False, capturable=False)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
@@ -492,16 +487,6 @@ class RMSprop(_FusedOptimizer):
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("momentum", 0)
-            group.setdefault("centered", False)
-            group.setdefault("foreach", None)
-            group.setdefault("maximize", False)
-            group.setdefault("differentiable", False)
-            group.setdefault("capturable", False)
 
     def _active_keys(self, group):
         keys = ["square_avg"]
