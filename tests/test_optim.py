@@ -527,8 +527,6 @@ def test_pickle_and_deepcopy_like_torch():
     for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
         assert type(clone) is fo.RMSprop
         cps = clone.param_groups[0]["params"]
-        ref = torch.optim.RMSprop(cps, lr=0.01, momentum=0.9, centered=True, foreach=False)
-        ref.load_state_dict(copy.deepcopy(clone.state_dict()))
         ref_ps = [p.detach().clone().requires_grad_() for p in cps]
         ref2 = torch.optim.RMSprop(ref_ps, lr=0.01, momentum=0.9, centered=True, foreach=False)
         ref2.load_state_dict(copy.deepcopy(clone.state_dict()))
