@@ -142,6 +142,12 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
   const Phases ph = make_phases(p);
   const int64_t W = p.in_w, OW = p.out_w, L = ph.phase_len, S = ph.stride;
   const int64_t taps = p.kw;
+  std::vector<int64_t> col_lo(OW), empty_cols;
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    const AxisTaps c = cols_of(p, ow);
+    col_lo[ow] = c.lo;
+    if (c.lo >= c.hi) empty_cols.push_back(ow);
+  }
   parallel_for(p.planes * ts.blocks, ts.grain, [&](int64_t t0, int64_t t1) {
     // Row buffer (value, index) with sentinels, and its phase split.
     std::vector<T> bm(ph.len, -std::numeric_limits<T>::infinity()), pm(ph.len);
@@ -156,10 +162,10 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
         T* __restrict yr = y + (plane * p.out_h + oh) * OW;
         int64_t* __restrict ir = IDX ? yidx + (plane * p.out_h + oh) * OW : nullptr;
         const AxisTaps rows = rows_of(p, oh);
-        if (rows.lo >= rows.hi) {  // no valid row (cannot happen with torch's shape rules)
+        if (rows.lo >= rows.hi) {  // a window wholly in the padding (possible with dilation)
           for (int64_t ow = 0; ow < OW; ++ow) {
             yr[ow] = -std::numeric_limits<T>::infinity();
-            if (IDX) ir[ow] = 0;
+            if (IDX) ir[ow] = rows.lo * W + col_lo[ow];
           }
           continue;
         }
@@ -221,6 +227,11 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
           }
 #pragma omp simd
           for (int64_t ow = 0; ow < OW; ++ow) ir[ow] = cur[ow];
+        }
+        // Windows whose columns all lie in the padding: torch's -inf at its first-tap index.
+        for (int64_t ow : empty_cols) {
+          yr[ow] = -std::numeric_limits<T>::infinity();
+          if (IDX) ir[ow] = rows.lo * W + col_lo[ow];
         }
       }
     }
