@@ -371,3 +371,15 @@ def test_unsupported_dtype_is_not_implemented():
         F.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
     with pytest.raises(NotImplementedError, match="float32 or float64"):
         F.avg_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.float16), 2)
+
+
+def test_large_outputs(cpu_path):
+    """Outputs of 8 MB and more go through the streamed-store path; compare them too."""
+    x = rand(16, 32, 64, 66)
+    check_op(F.max_pool2d, TF.max_pool2d, [x], kernel_size=1)  # 8.6 MB out, then grad_input
+    check_op(F.avg_pool2d, TF.avg_pool2d, [x], reduction=4, kernel_size=2, stride=1)
+    y, idx = F.max_pool2d(x, 2, return_indices=True)
+    yt, it = TF.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(idx, it) and torch.equal(y, yt)
+    check_op(lambda a: F.max_unpool2d(a, idx, 2), lambda a: TF.max_unpool2d(a, it, 2), [y])
+    check_op(F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d, [x], reduction=64 * 66, output_size=1)

@@ -33,6 +33,7 @@
 #include "../cpu_features.h"
 #include "../parallel.h"
 #include "../pool_math.h"
+#include "memory.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -41,10 +42,39 @@ namespace {
 
 constexpr int32_t kNoIndex = std::numeric_limits<int32_t>::max();  // padding sentinel's index
 
+// Runs f(begin, end) over tasks [0, n) in chunks of `chunk` tasks that fastdl's threads take from a
+// shared counter (fastdl::parallel_for opens the region, one range per thread). On a shared machine
+// a thread the OS preempts then delays only the chunk it holds, not a fixed half of the work.
+// Inline when everything fits in one chunk.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, const F& f) {
+  if (n <= 0) return;
+  chunk = std::max<int64_t>(chunk, 1);
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  const int64_t nt = std::min<int64_t>(get_num_threads(), nchunks);
+  if (nt <= 1) {
+    f(int64_t(0), n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  parallel_for(nt, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
+      f(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
+
+// Tasks of ~kChunkElems input elements per chunk: big enough to amortise the counter and the
+// scratch set-up, small enough (128 KB of float32) that the slowest thread finishes soon after.
+constexpr int64_t kChunkElems = 32768;
+
+inline int64_t chunk_for(int64_t elems_per_task) {
+  return std::max<int64_t>(1, kChunkElems / std::max<int64_t>(1, elems_per_task));
+}
+
 // Tasks for the forward: each plane's output rows are cut into `blocks` blocks when there are too
-// few planes to keep every thread busy. grain: tasks per chunk so a chunk reads >= ~32K elements.
+// few planes to keep every thread busy.
 struct TaskSplit {
-  int64_t blocks, rows_per_block, grain;
+  int64_t blocks, rows_per_block, chunk;
 };
 
 TaskSplit split_rows(const Pool2dParams& p) {
@@ -54,8 +84,7 @@ TaskSplit split_rows(const Pool2dParams& p) {
   blocks = std::max<int64_t>(blocks, 1);
   const int64_t rows = (p.out_h + blocks - 1) / blocks;
   blocks = (p.out_h + rows - 1) / rows;
-  const int64_t per_task = std::max<int64_t>(1, p.in_h * p.in_w / blocks);
-  return {blocks, rows, std::max<int64_t>(1, 32768 / per_task)};
+  return {blocks, rows, chunk_for(p.in_h * p.in_w / blocks)};
 }
 
 // The width-axis layout shared by the horizontal stages of regular pooling: row buffer position
@@ -148,7 +177,7 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
     col_lo[ow] = c.lo;
     if (c.lo >= c.hi) empty_cols.push_back(ow);
   }
-  parallel_for(p.planes * ts.blocks, ts.grain, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
     // Row buffer (value, index) with sentinels, and its phase split.
     std::vector<T> bm(ph.len, -std::numeric_limits<T>::infinity()), pm(ph.len);
     std::vector<int32_t> bi(IDX ? ph.len : 0, kNoIndex), pi(IDX ? ph.len : 0);
@@ -157,8 +186,9 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t plane = t / ts.blocks, blk = t % ts.blocks;
       const T* xp = x + plane * p.in_h * W;
-      const int64_t oh1 = std::min(p.out_h, (blk + 1) * ts.rows_per_block);
-      for (int64_t oh = blk * ts.rows_per_block; oh < oh1; ++oh) {
+      const int64_t oh0 = blk * ts.rows_per_block;
+      const int64_t oh1 = std::min(p.out_h, oh0 + ts.rows_per_block);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
         T* __restrict yr = y + (plane * p.out_h + oh) * OW;
         int64_t* __restrict ir = IDX ? yidx + (plane * p.out_h + oh) * OW : nullptr;
         const AxisTaps rows = rows_of(p, oh);
@@ -249,7 +279,7 @@ void max_forward_adaptive(const Pool2dParams& p, const T* x, T* y, int64_t* yidx
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
   }
-  parallel_for(p.planes * ts.blocks, ts.grain, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
     std::vector<T> vm(W);
     std::vector<int32_t> vi(IDX ? W : 0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -346,13 +376,14 @@ void avg_forward_regular(const Pool2dParams& p, const T* x, T* y) {
   const Phases ph = make_phases(p);
   const int64_t W = p.in_w, OW = p.out_w, L = ph.phase_len, S = ph.stride;
   const AvgDivisors<T> divs(p);
-  parallel_for(p.planes * ts.blocks, ts.grain, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
     std::vector<T> bs(ph.len, T(0)), ps(ph.len), div(OW);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t plane = t / ts.blocks, blk = t % ts.blocks;
       const T* xp = x + plane * p.in_h * W;
-      const int64_t oh1 = std::min(p.out_h, (blk + 1) * ts.rows_per_block);
-      for (int64_t oh = blk * ts.rows_per_block; oh < oh1; ++oh) {
+      const int64_t oh0 = blk * ts.rows_per_block;
+      const int64_t oh1 = std::min(p.out_h, oh0 + ts.rows_per_block);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
         T* __restrict yr = y + (plane * p.out_h + oh) * OW;
         sum_vertical(xp, W, rows_of(p, oh), bs.data() + p.pw);
         const T* s_ph = bs.data();
@@ -385,8 +416,7 @@ void avg_forward_adaptive(const Pool2dParams& p, const T* x, T* y) {
   if (OW == 1) {
     // Windows span whole rows: each output is the sum of a contiguous run of the plane.
     const int64_t per_plane = p.in_h * W;
-    parallel_for(p.planes, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_plane)),
-                 [&](int64_t t0, int64_t t1) {
+    parallel_chunks(p.planes, chunk_for(per_plane), [&](int64_t t0, int64_t t1) {
       for (int64_t plane = t0; plane < t1; ++plane) {
         const T* xp = x + plane * per_plane;
         for (int64_t oh = 0; oh < p.out_h; ++oh) {
@@ -409,7 +439,7 @@ void avg_forward_adaptive(const Pool2dParams& p, const T* x, T* y) {
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
   }
-  parallel_for(p.planes * ts.blocks, ts.grain, [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
     std::vector<T> vs(W);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t plane = t / ts.blocks, blk = t % ts.blocks;
@@ -452,10 +482,10 @@ template <class T>
 void max_backward_typed(const Pool2dParams& p, const T* gy, const int64_t* idx, T* gx) {
   const int64_t in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   BadIndex bad;
-  parallel_for(p.planes, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in_plane)),
-               [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
+    T* const out = gx;
     for (int64_t plane = t0; plane < t1; ++plane) {
-      T* __restrict g = gx + plane * in_plane;
+      T* __restrict g = out + plane * in_plane;
       const T* __restrict go = gy + plane * out_plane;
       const int64_t* __restrict io = idx + plane * out_plane;
       std::memset(static_cast<void*>(g), 0, sizeof(T) * in_plane);
@@ -475,11 +505,11 @@ void avg_backward_regular(const Pool2dParams& p, const T* gy, T* gx) {
   const int64_t W = p.in_w, OW = p.out_w, L = ph.phase_len, S = ph.stride;
   const int64_t in_plane = p.in_h * W;
   const AvgDivisors<T> divs(p);
-  parallel_for(p.planes, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in_plane)),
-               [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
+    T* const out = gx;
     std::vector<T> bc(ph.len), pc(ph.len), gd(OW), div(OW);
     for (int64_t plane = t0; plane < t1; ++plane) {
-      T* __restrict g = gx + plane * in_plane;
+      T* __restrict g = out + plane * in_plane;
       std::memset(static_cast<void*>(g), 0, sizeof(T) * in_plane);
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
         const AxisTaps rows = rows_of(p, oh);
@@ -518,11 +548,11 @@ void avg_backward_adaptive(const Pool2dParams& p, const T* gy, T* gx) {
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
   }
-  parallel_for(p.planes, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in_plane)),
-               [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
+    T* const out = gx;
     std::vector<T> row(W);
     for (int64_t plane = t0; plane < t1; ++plane) {
-      T* __restrict g = gx + plane * in_plane;
+      T* __restrict g = out + plane * in_plane;
       const T* go = gy + plane * p.out_h * OW;
       if (OW == 1 && p.out_h == 1) {  // one window covers the plane: a broadcast
         const T v = go[0] / T(in_plane);
@@ -556,10 +586,10 @@ template <class T>
 void unpool_forward_typed(const Pool2dParams& p, const T* x, const int64_t* idx, T* y) {
   const int64_t in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   BadIndex bad;
-  parallel_for(p.planes, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, out_plane)),
-               [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes, chunk_for(out_plane), [&](int64_t t0, int64_t t1) {
+    T* const out = y;
     for (int64_t plane = t0; plane < t1; ++plane) {
-      T* __restrict yo = y + plane * out_plane;
+      T* __restrict yo = out + plane * out_plane;
       const T* __restrict xi = x + plane * in_plane;
       const int64_t* __restrict ii = idx + plane * in_plane;
       std::memset(static_cast<void*>(yo), 0, sizeof(T) * out_plane);
@@ -577,11 +607,11 @@ template <class T>
 void unpool_backward_typed(const Pool2dParams& p, const T* gy, const int64_t* idx, T* gx) {
   const int64_t in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   BadIndex bad;
-  parallel_for(p.planes, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in_plane)),
-               [&](int64_t t0, int64_t t1) {
+  parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
+    T* const out = gx;
     for (int64_t plane = t0; plane < t1; ++plane) {
       const T* __restrict go = gy + plane * out_plane;
-      T* __restrict gi = gx + plane * in_plane;
+      T* __restrict gi = out + plane * in_plane;
       const int64_t* __restrict ii = idx + plane * in_plane;
       for (int64_t i = 0; i < in_plane; ++i) {
         const int64_t o = ii[i];
@@ -623,6 +653,8 @@ void max_pool2d_forward(const Pool2dParams& p, const void* x, void* y, int64_t* 
   FASTDL_CHECK(p.in_h > 0 && p.in_w > 0, "max_pool2d: empty input plane");
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    advise_huge_pages(y, sizeof(T) * p.planes * p.out_h * p.out_w);
+    advise_huge_pages(idx, sizeof(int64_t) * p.planes * p.out_h * p.out_w);
     max_forward_typed<T>(p, static_cast<const T*>(x), static_cast<T*>(y), idx);
   });
 }
@@ -632,6 +664,7 @@ void max_pool2d_backward(const Pool2dParams& p, const void* gy, const int64_t* i
   if (p.planes * p.in_h * p.in_w == 0) return;
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    advise_huge_pages(gx, sizeof(T) * p.planes * p.in_h * p.in_w);
     max_backward_typed<T>(p, static_cast<const T*>(gy), idx, static_cast<T*>(gx));
   });
 }
@@ -642,6 +675,7 @@ void avg_pool2d_forward(const Pool2dParams& p, const void* x, void* y) {
   FASTDL_CHECK(p.in_h > 0 && p.in_w > 0, "avg_pool2d: empty input plane");
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    advise_huge_pages(y, sizeof(T) * p.planes * p.out_h * p.out_w);
     if (p.adaptive) avg_forward_adaptive<T>(p, static_cast<const T*>(x), static_cast<T*>(y));
     else avg_forward_regular<T>(p, static_cast<const T*>(x), static_cast<T*>(y));
   });
@@ -656,6 +690,7 @@ void avg_pool2d_backward(const Pool2dParams& p, const void* gy, void* gx) {
   }
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    advise_huge_pages(gx, sizeof(T) * p.planes * p.in_h * p.in_w);
     if (p.adaptive) avg_backward_adaptive<T>(p, static_cast<const T*>(gy), static_cast<T*>(gx));
     else avg_backward_regular<T>(p, static_cast<const T*>(gy), static_cast<T*>(gx));
   });
@@ -666,6 +701,7 @@ void max_unpool2d_forward(const Pool2dParams& p, const void* x, const int64_t* i
   if (p.planes * p.out_h * p.out_w == 0) return;
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    advise_huge_pages(y, sizeof(T) * p.planes * p.out_h * p.out_w);
     unpool_forward_typed<T>(p, static_cast<const T*>(x), idx, static_cast<T*>(y));
   });
 }
@@ -675,6 +711,7 @@ void max_unpool2d_backward(const Pool2dParams& p, const void* gy, const int64_t*
   if (p.planes * p.in_h * p.in_w == 0) return;
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    advise_huge_pages(gx, sizeof(T) * p.planes * p.in_h * p.in_w);
     unpool_backward_typed<T>(p, static_cast<const T*>(gy), idx, static_cast<T*>(gx));
   });
 }
