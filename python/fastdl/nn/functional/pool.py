@@ -37,6 +37,7 @@ class _MaxPoolFn(torch.autograd.Function):
         idx = torch.empty(out_shape, dtype=torch.int64, device=x.device)
         _ops.launch(_MAX, False, x, y, idx, geom, code, device)
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # no zero-filled int64 "gradient" for the indices
         ctx.save_for_backward(idx)
         ctx.in_shape = x.shape
         ctx.geom, ctx.code, ctx.device = geom, code, device
@@ -46,6 +47,8 @@ class _MaxPoolFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, _gidx):
         (idx,) = ctx.saved_tensors
+        if gy is None:
+            return None, None, None, None, None
         gy = gy.contiguous()
         gx = torch.empty(ctx.in_shape, dtype=gy.dtype, device=gy.device)
         _ops.launch(_MAX, True, gy, gx, idx, ctx.geom, ctx.code, ctx.device)
