@@ -68,16 +68,35 @@ FASTDL_HD int64_t avg_cols_count(const Pool2dParams& p, int64_t ow) {
   return avg_axis_count(ow, p.in_w, p.kw, p.sw, p.pw, p.count_include_pad);
 }
 
-// The divisor of output (oh, ow); 0 when the window holds no input element (torch then outputs 0
-// whatever the divisor, and the window passes no gradient back).
+// avg_pool2d's divisor factors per axis: 0 when that axis' window holds no input element (torch
+// then outputs 0 whatever the divisor, and the window passes no gradient back), else the count.
+FASTDL_HD int64_t avg_row_factor(const Pool2dParams& p, int64_t oh) {
+  if (!p.adaptive) {
+    const AxisTaps r = rows_of(p, oh);
+    if (r.lo >= r.hi) return 0;
+  }
+  return avg_rows_count(p, oh);
+}
+FASTDL_HD int64_t avg_col_factor(const Pool2dParams& p, int64_t ow) {
+  if (!p.adaptive) {
+    const AxisTaps c = cols_of(p, ow);
+    if (c.lo >= c.hi) return 0;
+  }
+  return avg_cols_count(p, ow);
+}
+
+// The divisor of an output from its axis factors: 0 for an empty window, else divisor_override
+// (regular pooling) or the product.
+template <class T>
+FASTDL_HD T avg_divisor_from(const Pool2dParams& p, int64_t fh, int64_t fw) {
+  if (fh == 0 || fw == 0) return T(0);
+  if (!p.adaptive && p.divisor_override != 0) return T(p.divisor_override);
+  return T(fh * fw);
+}
+
 template <class T>
 FASTDL_HD T avg_divisor(const Pool2dParams& p, int64_t oh, int64_t ow) {
-  if (!p.adaptive) {
-    const AxisTaps r = rows_of(p, oh), c = cols_of(p, ow);
-    if (r.lo >= r.hi || c.lo >= c.hi) return T(0);
-    if (p.divisor_override != 0) return T(p.divisor_override);
-  }
-  return T(avg_rows_count(p, oh) * avg_cols_count(p, ow));
+  return avg_divisor_from<T>(p, avg_row_factor(p, oh), avg_col_factor(p, ow));
 }
 
 // Inverse maps for gathers: the outputs [first, last] whose windows may contain input i along an

@@ -346,31 +346,18 @@ inline void sum_vertical(const T* __restrict xp, int64_t W, const AxisTaps& rows
   }
 }
 
-// Divisors of regular avg pooling, factored by axis (pool_math.h's avg_divisor, precomputed):
-// an axis factor is 0 when that axis' window holds no input element (the output is then 0).
+// Divisors of regular avg pooling, per output row (pool_math.h's factors, precomputed per axis).
 template <class T>
 struct AvgDivisors {
-  std::vector<T> fh, fw;
-  T override_ = T(0);
-  explicit AvgDivisors(const Pool2dParams& p) : fh(p.out_h), fw(p.out_w) {
-    for (int64_t oh = 0; oh < p.out_h; ++oh) {
-      const AxisTaps r = rows_of(p, oh);
-      fh[oh] = r.lo < r.hi ? T(avg_rows_count(p, oh)) : T(0);
-    }
-    for (int64_t ow = 0; ow < p.out_w; ++ow) {
-      const AxisTaps c = cols_of(p, ow);
-      fw[ow] = c.lo < c.hi ? T(avg_cols_count(p, ow)) : T(0);
-    }
-    override_ = T(p.divisor_override);
+  const Pool2dParams& p;
+  std::vector<int64_t> fh, fw;
+  explicit AvgDivisors(const Pool2dParams& prm) : p(prm), fh(prm.out_h), fw(prm.out_w) {
+    for (int64_t oh = 0; oh < p.out_h; ++oh) fh[oh] = avg_row_factor(p, oh);
+    for (int64_t ow = 0; ow < p.out_w; ++ow) fw[ow] = avg_col_factor(p, ow);
   }
   // div[ow] for output row oh
   void row(int64_t oh, T* __restrict div) const {
-    const T h = fh[oh], o = override_;
-    const T* __restrict w = fw.data();
-    const int64_t n = static_cast<int64_t>(fw.size());
-#pragma omp simd
-    for (int64_t ow = 0; ow < n; ++ow)
-      div[ow] = (h == T(0) || w[ow] == T(0)) ? T(0) : (o != T(0) ? o : h * w[ow]);
+    for (int64_t ow = 0; ow < p.out_w; ++ow) div[ow] = avg_divisor_from<T>(p, fh[oh], fw[ow]);
   }
 };
 

@@ -109,11 +109,13 @@ __global__ void __launch_bounds__(kThreads)
     outputs_touching(iw, p.in_w, p.out_w, p.kw, p.sw, p.pw, 1, p.adaptive, ow0, ow1);
     const float* g = gy + plane * p.out_h * p.out_w;
     float s = 0.f;
-    for (int64_t oh = oh0; oh <= oh1; ++oh)
+    for (int64_t oh = oh0; oh <= oh1; ++oh) {
+      const int64_t fh = avg_row_factor(p, oh);
       for (int64_t ow = ow0; ow <= ow1; ++ow) {
-        const float div = avg_divisor<float>(p, oh, ow);
+        const float div = avg_divisor_from<float>(p, fh, avg_col_factor(p, ow));
         if (div != 0.f) s += __ldg(g + oh * p.out_w + ow) / div;
       }
+    }
     gx[i] = s;
   }
 }
