@@ -229,31 +229,30 @@ def test_numpy_in_out(cpu_path, dtype):
 def test_every_element_written(where):
     """The kernels write every output element: outputs start as NaN, inputs hold no NaN."""
     x = rand(2, 3, 13, 10, device=where)
-    code, dev = 0, ops_pool._tensor.device_index(x)
     for kind, prep, args in [
             (ops_pool._MAX, ops_pool.max_pool2d_prepare, (3, 2, 1, 2, True)),
             (ops_pool._AVG, ops_pool.avg_pool2d_prepare, (3, 2, 1, True, False)),
             (ops_pool._AVG, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_avg_pool2d", x, s), ((4, 6),)),
             (ops_pool._MAX, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_max_pool2d", x, s), ((4, 6),))]:
-        xc, out_shape, geom, code, dev = prep(x, *args)
+        xc, out_shape, geom, dev = prep(x, *args)
         y = torch.full(out_shape, float("nan"), device=where)
         idx = torch.full(out_shape, -7, dtype=torch.int64, device=where) if kind == ops_pool._MAX else None
-        ops_pool.launch(kind, False, xc, y, idx, geom, code, dev)
+        ops_pool.launch(kind, False, xc, y, idx, geom, dev)
         assert not torch.isnan(y).any()
         if idx is not None:
             assert (idx >= 0).all()
         gx = poison_like(x)
         gy = torch.randn(out_shape, device=where)
-        ops_pool.launch(kind, True, gy, gx, idx, geom, code, dev)
+        ops_pool.launch(kind, True, gy, gx, idx, geom, dev)
         assert not torch.isnan(gx).any()
     y, idx = TF.max_pool2d(x, 2, return_indices=True)
-    _, i2, out_shape, geom, code, dev = ops_pool.max_unpool2d_prepare(y, idx, 2)
+    _, i2, out_shape, geom, dev = ops_pool.max_unpool2d_prepare(y, idx, 2)
     up = torch.full(out_shape, float("nan"), device=where)
-    ops_pool.launch(ops_pool._UNPOOL, False, y, up, i2, geom, code, dev)
+    ops_pool.launch(ops_pool._UNPOOL, False, y, up, i2, geom, dev)
     assert not torch.isnan(up).any()
     gy = poison_like(y)
     ops_pool.launch(ops_pool._UNPOOL, True, torch.randn(out_shape, device=where), gy, i2, geom,
-                    code, dev)
+                    dev)
     assert not torch.isnan(gy).any()
 
 

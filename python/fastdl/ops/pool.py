@@ -92,8 +92,10 @@ def _check_input(fn, x, *, ndim_error=RuntimeError, allow_empty_channels=False,
 def _empty(x, shape, index=False):
     if isinstance(x, np.ndarray):
         return np.empty(shape, dtype=np.int64 if index else x.dtype)
-    import torch
-    return torch.empty(shape, dtype=torch.int64 if index else x.dtype, device=x.device)
+    if index:
+        import torch
+        return x.new_empty(shape, dtype=torch.int64)
+    return x.new_empty(shape)
 
 
 def _zeros(x, shape):
@@ -142,16 +144,58 @@ def _planes(shape):
     return shape[0] * shape[1] if len(shape) == 4 else shape[0]
 
 
-def _geometry(in_shape, oh, ow, window, flags, divisor):
-    """The integer tuple the binding takes after (kind, backward, a, b, idx)."""
-    return (_planes(in_shape), in_shape[-2], in_shape[-1], oh, ow) + window + (flags, divisor)
+def _geometry(in_shape, oh, ow, window, flags, divisor, code):
+    """The kernels' Pool2dParams (csrc/pool.h) for this geometry and dtype."""
+    return _C.Pool2dParams(_planes(in_shape), in_shape[-2], in_shape[-1], oh, ow, *window, flags,
+                           divisor, code)
 
 
-def launch(kind, backward, a, b, idx, geom, code, device):
+def launch(kind, backward, a, b, idx, params, device):
     """Unchecked call into the kernels: the caller has validated everything (fastdl.nn uses it)."""
-    _C.pool2d(kind, backward, _tensor.pointer(a), _tensor.pointer(b),
-              None if idx is None else _tensor.pointer(idx), *geom, code, device,
-              _tensor.current_stream(device) if device >= 0 else 0)
+    _C.pool2d(kind, backward, a if type(a) is np.ndarray else a.data_ptr(),
+              b if type(b) is np.ndarray else b.data_ptr(),
+              None if idx is None else (idx if type(idx) is np.ndarray else idx.data_ptr()),
+              params, device, _tensor.current_stream(device) if device >= 0 else 0)
+
+
+# ---- validated-geometry cache -----------------------------------------------------------------
+# Validation and output-size arithmetic cost ~4 us per call in Python, more than torch's whole call
+# on a small input. Their result (output shape, Pool2dParams, dtype code, device) depends only on
+# the input's type, shape, dtype and device and on the arguments, so it is kept per key. Only plain
+# ints/None/bools and tuples of ints enter keys (2.0 == 2 must not pass for a valid kernel_size).
+_CACHE: dict = {}
+_CACHE_MAX = 512
+
+
+def _arg_key(v):
+    t = type(v)
+    if t is int or v is None or t is bool:
+        return v
+    if t is tuple and all(type(e) is int for e in v):
+        return v
+    raise TypeError
+
+
+def _cache_key(op, x, args):
+    try:
+        return (op, type(x), x.shape, x.dtype, getattr(x, "device", None)) + tuple(
+            _arg_key(a) for a in args)
+    except TypeError:
+        return None
+
+
+def _cache_put(key, value):
+    if key is not None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = value
+    return value
+
+
+def _contiguous(x):
+    if type(x) is np.ndarray:
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 _NO_WINDOW = (1, 1, 1, 1, 0, 0, 1, 1)
@@ -160,12 +204,17 @@ _NO_WINDOW = (1, 1, 1, 1, 0, 0, 1, 1)
 # ---- max_pool2d -------------------------------------------------------------------------------
 
 def max_pool2d_prepare(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """Validates and returns (contiguous input, output shape, geometry, dtype code, device)."""
+    """Validates and returns (contiguous input, output shape, Pool2dParams, device)."""
+    key = _cache_key("max", input, (kernel_size, stride, padding, dilation, ceil_mode))
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is not None:
+        return (_contiguous(input),) + hit
     fn = "max_pool2d"
     x, code, device = _check_input(fn, input)
     oh, ow, window = _regular_geometry(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
     shape = tuple(x.shape)
-    return x, shape[:-2] + (oh, ow), _geometry(shape, oh, ow, window, 0, 0), code, device
+    return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
+                                   _geometry(shape, oh, ow, window, 0, 0, code), device))
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -175,11 +224,11 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y = fastdl.ops.max_pool2d(np.random.rand(1, 3, 9, 9).astype(np.float32), 3, stride=2)
     >>> y, idx = fastdl.ops.max_pool2d(x, 2, return_indices=True)
     """
-    x, out_shape, geom, code, device = max_pool2d_prepare(input, kernel_size, stride, padding,
-                                                          dilation, ceil_mode)
+    x, out_shape, params, device = max_pool2d_prepare(input, kernel_size, stride, padding,
+                                                      dilation, ceil_mode)
     y = _empty(x, out_shape)
     idx = _empty(x, out_shape, index=True) if return_indices else None
-    launch(_MAX, False, x, y, idx, geom, code, device)
+    launch(_MAX, False, x, y, idx, params, device)
     return (y, idx) if return_indices else y
 
 
@@ -239,8 +288,8 @@ def max_pool2d_backward(grad_output, indices, input_shape):
     g, idx, code, device = _check_grad(fn, grad_output, indices)
     shape = _input_shape(fn, input_shape, g)
     gx = _empty(g, shape)
-    geom = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, 0, 0)
-    launch(_MAX, True, g, gx, idx, geom, code, device)
+    params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, 0, 0, code)
+    launch(_MAX, True, g, gx, idx, params, device)
     return gx
 
 
@@ -262,6 +311,12 @@ def _avg_flags_divisor(fn, count_include_pad, divisor_override):
 
 def avg_pool2d_prepare(input, kernel_size, stride=None, padding=0, ceil_mode=False,
                        count_include_pad=True, divisor_override=None):
+    """Validates and returns (contiguous input, output shape, Pool2dParams, device)."""
+    key = _cache_key("avg", input, (kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                    divisor_override))
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is not None:
+        return (_contiguous(input),) + hit
     fn = "avg_pool2d"
     if (isinstance(input, np.ndarray) or _tensor.is_torch(input)) and input.ndim < 3:
         # torch indexes dim -3 before checking the rank, hence IndexError
@@ -271,7 +326,8 @@ def avg_pool2d_prepare(input, kernel_size, stride=None, padding=0, ceil_mode=Fal
     flags, div = _avg_flags_divisor(fn, count_include_pad, divisor_override)
     oh, ow, window = _regular_geometry(fn, x, kernel_size, stride, padding, 1, ceil_mode)
     shape = tuple(x.shape)
-    return x, shape[:-2] + (oh, ow), _geometry(shape, oh, ow, window, flags, div), code, device
+    return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
+                                   _geometry(shape, oh, ow, window, flags, div, code), device))
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -280,11 +336,11 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 
     >>> y = fastdl.ops.avg_pool2d(np.random.rand(1, 3, 9, 9), 3, stride=2, padding=1)
     """
-    x, out_shape, geom, code, device = avg_pool2d_prepare(input, kernel_size, stride, padding,
-                                                          ceil_mode, count_include_pad,
-                                                          divisor_override)
+    x, out_shape, params, device = avg_pool2d_prepare(input, kernel_size, stride, padding,
+                                                      ceil_mode, count_include_pad,
+                                                      divisor_override)
     y = _empty(x, out_shape)
-    launch(_AVG, False, x, y, None, geom, code, device)
+    launch(_AVG, False, x, y, None, params, device)
     return y
 
 
@@ -305,7 +361,7 @@ def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padd
         raise RuntimeError(f"{fn}: grad_output has spatial shape {tuple(g.shape[-2:])}, but the "
                            f"forward of input_shape {shape} gives ({oh}, {ow})")
     gx = _empty(g, shape)
-    launch(_AVG, True, g, gx, None, _geometry(shape, oh, ow, window, flags, div), code, device)
+    launch(_AVG, True, g, gx, None, _geometry(shape, oh, ow, window, flags, div, code), device)
     return gx
 
 
@@ -333,11 +389,17 @@ def _adaptive_size(fn, x, output_size):
 
 
 def adaptive_pool2d_prepare(fn, input, output_size):
+    """Validates and returns (contiguous input, output shape, Pool2dParams, device)."""
+    key = _cache_key(fn, input, (output_size,))
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is not None:
+        return (_contiguous(input),) + hit
     x, code, device = _check_input(fn, input, empty_check="hw" if "avg" in fn else "all")
     oh, ow = _adaptive_size(fn, x, output_size)
     shape = tuple(x.shape)
-    return (x, shape[:-2] + (oh, ow), _geometry(shape, oh, ow, _NO_WINDOW, _ADAPTIVE, 0), code,
-            device)
+    return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
+                                   _geometry(shape, oh, ow, _NO_WINDOW, _ADAPTIVE, 0, code),
+                                   device))
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -345,10 +407,10 @@ def adaptive_avg_pool2d(input, output_size):
 
     >>> y = fastdl.ops.adaptive_avg_pool2d(np.random.rand(8, 512, 7, 7), 1)   # global pooling
     """
-    x, out_shape, geom, code, device = adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
-                                                               output_size)
+    x, out_shape, params, device = adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
+                                                           output_size)
     y = _empty(x, out_shape)
-    launch(_AVG, False, x, y, None, geom, code, device)
+    launch(_AVG, False, x, y, None, params, device)
     return y
 
 
@@ -361,8 +423,8 @@ def adaptive_avg_pool2d_backward(grad_output, input_shape):
     g, code, device = _check_grad_tensor(fn, grad_output)
     shape = _input_shape(fn, input_shape, g)
     gx = _empty(g, shape)
-    geom = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, _ADAPTIVE, 0)
-    launch(_AVG, True, g, gx, None, geom, code, device)
+    params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, _ADAPTIVE, 0, code)
+    launch(_AVG, True, g, gx, None, params, device)
     return gx
 
 
@@ -371,11 +433,11 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
 
     >>> y, idx = fastdl.ops.adaptive_max_pool2d(x, (5, None), return_indices=True)
     """
-    x, out_shape, geom, code, device = adaptive_pool2d_prepare("adaptive_max_pool2d", input,
-                                                               output_size)
+    x, out_shape, params, device = adaptive_pool2d_prepare("adaptive_max_pool2d", input,
+                                                           output_size)
     y = _empty(x, out_shape)
     idx = _empty(x, out_shape, index=True) if return_indices else None
-    launch(_MAX, False, x, y, idx, geom, code, device)
+    launch(_MAX, False, x, y, idx, params, device)
     return (y, idx) if return_indices else y
 
 
@@ -439,8 +501,8 @@ def max_unpool2d_prepare(input, indices, kernel_size, stride=None, padding=0, ou
     oh, ow = unpool_output_size(fn, x.shape, kernel, st, pad, output_size)
     shape = tuple(x.shape)
     # The kernel sees the pooled tensor as "in" and the unpooled one as "out".
-    geom = _geometry(shape, oh, ow, _NO_WINDOW, 0, 0)
-    return x, indices, shape[:-2] + (oh, ow), geom, code, device
+    params = _geometry(shape, oh, ow, _NO_WINDOW, 0, 0, code)
+    return x, indices, shape[:-2] + (oh, ow), params, device
 
 
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
@@ -450,10 +512,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     >>> y, idx = fastdl.ops.max_pool2d(x, 2, return_indices=True)
     >>> x2 = fastdl.ops.max_unpool2d(y, idx, 2)
     """
-    x, idx, out_shape, geom, code, device = max_unpool2d_prepare(input, indices, kernel_size,
-                                                                 stride, padding, output_size)
+    x, idx, out_shape, params, device = max_unpool2d_prepare(input, indices, kernel_size,
+                                                             stride, padding, output_size)
     y = _empty(x, out_shape)
-    launch(_UNPOOL, False, x, y, idx, geom, code, device)
+    launch(_UNPOOL, False, x, y, idx, params, device)
     return y
 
 
@@ -475,6 +537,6 @@ def max_unpool2d_backward(grad_output, indices):
                    else indices.contiguous())
     shape = tuple(indices.shape)
     gx = _empty(g, shape)
-    geom = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, 0, 0)
-    launch(_UNPOOL, True, g, gx, indices, geom, code, device)
+    params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, 0, 0, code)
+    launch(_UNPOOL, True, g, gx, indices, params, device)
     return gx

@@ -32,15 +32,15 @@ class _MaxPoolFn(torch.autograd.Function):
     """max_pool2d and adaptive_max_pool2d: backward scatters through the saved indices."""
 
     @staticmethod
-    def forward(ctx, x, out_shape, geom, code, device):
-        y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-        idx = torch.empty(out_shape, dtype=torch.int64, device=x.device)
-        _ops.launch(_MAX, False, x, y, idx, geom, code, device)
+    def forward(ctx, x, out_shape, params, device):
+        y = x.new_empty(out_shape)
+        idx = x.new_empty(out_shape, dtype=torch.int64)
+        _ops.launch(_MAX, False, x, y, idx, params, device)
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)  # no zero-filled int64 "gradient" for the indices
         ctx.save_for_backward(idx)
         ctx.in_shape = x.shape
-        ctx.geom, ctx.code, ctx.device = geom, code, device
+        ctx.params, ctx.device = params, device
         return y, idx
 
     @staticmethod
@@ -48,22 +48,22 @@ class _MaxPoolFn(torch.autograd.Function):
     def backward(ctx, gy, _gidx):
         (idx,) = ctx.saved_tensors
         if gy is None:
-            return None, None, None, None, None
+            return None, None, None, None
         gy = gy.contiguous()
         gx = torch.empty(ctx.in_shape, dtype=gy.dtype, device=gy.device)
-        _ops.launch(_MAX, True, gy, gx, idx, ctx.geom, ctx.code, ctx.device)
-        return gx, None, None, None, None
+        _ops.launch(_MAX, True, gy, gx, idx, ctx.params, ctx.device)
+        return gx, None, None, None
 
 
 class _AvgPoolFn(torch.autograd.Function):
     """avg_pool2d and adaptive_avg_pool2d: backward divides exactly as the forward did."""
 
     @staticmethod
-    def forward(ctx, x, out_shape, geom, code, device):
-        y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-        _ops.launch(_AVG, False, x, y, None, geom, code, device)
+    def forward(ctx, x, out_shape, params, device):
+        y = x.new_empty(out_shape)
+        _ops.launch(_AVG, False, x, y, None, params, device)
         ctx.in_shape = x.shape
-        ctx.geom, ctx.code, ctx.device = geom, code, device
+        ctx.params, ctx.device = params, device
         return y
 
     @staticmethod
@@ -71,19 +71,19 @@ class _AvgPoolFn(torch.autograd.Function):
     def backward(ctx, gy):
         gy = gy.contiguous()
         gx = torch.empty(ctx.in_shape, dtype=gy.dtype, device=gy.device)
-        _ops.launch(_AVG, True, gy, gx, None, ctx.geom, ctx.code, ctx.device)
-        return gx, None, None, None, None
+        _ops.launch(_AVG, True, gy, gx, None, ctx.params, ctx.device)
+        return gx, None, None, None
 
 
 class _MaxUnpoolFn(torch.autograd.Function):
     """max_unpool2d: backward gathers grad_output at the indices."""
 
     @staticmethod
-    def forward(ctx, x, idx, out_shape, geom, code, device):
-        y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-        _ops.launch(_UNPOOL, False, x, y, idx, geom, code, device)
+    def forward(ctx, x, idx, out_shape, params, device):
+        y = x.new_empty(out_shape)
+        _ops.launch(_UNPOOL, False, x, y, idx, params, device)
         ctx.save_for_backward(idx)
-        ctx.geom, ctx.code, ctx.device = geom, code, device
+        ctx.params, ctx.device = params, device
         return y
 
     @staticmethod
@@ -92,25 +92,25 @@ class _MaxUnpoolFn(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         gy = gy.contiguous()
         gx = torch.empty(idx.shape, dtype=gy.dtype, device=gy.device)
-        _ops.launch(_UNPOOL, True, gy, gx, idx, ctx.geom, ctx.code, ctx.device)
-        return gx, None, None, None, None, None
+        _ops.launch(_UNPOOL, True, gy, gx, idx, ctx.params, ctx.device)
+        return gx, None, None, None, None
 
 
-def _max(x, out_shape, geom, code, device, return_indices):
+def _max(x, out_shape, params, device, return_indices):
     if _needs_grad(x):
-        y, idx = _MaxPoolFn.apply(x, out_shape, geom, code, device)
+        y, idx = _MaxPoolFn.apply(x, out_shape, params, device)
         return (y, idx) if return_indices else y
-    y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    idx = torch.empty(out_shape, dtype=torch.int64, device=x.device) if return_indices else None
-    _ops.launch(_MAX, False, x, y, idx, geom, code, device)
+    y = x.new_empty(out_shape)
+    idx = x.new_empty(out_shape, dtype=torch.int64) if return_indices else None
+    _ops.launch(_MAX, False, x, y, idx, params, device)
     return (y, idx) if return_indices else y
 
 
-def _avg(x, out_shape, geom, code, device):
+def _avg(x, out_shape, params, device):
     if _needs_grad(x):
-        return _AvgPoolFn.apply(x, out_shape, geom, code, device)
-    y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    _ops.launch(_AVG, False, x, y, None, geom, code, device)
+        return _AvgPoolFn.apply(x, out_shape, params, device)
+    y = x.new_empty(out_shape)
+    _ops.launch(_AVG, False, x, y, None, params, device)
     return y
 
 
@@ -122,9 +122,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y, idx = fastdl.nn.functional.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
     """
     _check_torch("max_pool2d", input)
-    x, out_shape, geom, code, device = _ops.max_pool2d_prepare(input, kernel_size, stride,
+    x, out_shape, params, device = _ops.max_pool2d_prepare(input, kernel_size, stride,
                                                                padding, dilation, ceil_mode)
-    return _max(x, out_shape, geom, code, device, return_indices)
+    return _max(x, out_shape, params, device, return_indices)
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -134,9 +134,9 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     >>> y = fastdl.nn.functional.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
     """
     _check_torch("avg_pool2d", input)
-    x, out_shape, geom, code, device = _ops.avg_pool2d_prepare(
+    x, out_shape, params, device = _ops.avg_pool2d_prepare(
         input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
-    return _avg(x, out_shape, geom, code, device)
+    return _avg(x, out_shape, params, device)
 
 
 def adaptive_max_pool2d(input, output_size, return_indices=False):
@@ -145,9 +145,9 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     >>> y = fastdl.nn.functional.adaptive_max_pool2d(x, (7, None))
     """
     _check_torch("adaptive_max_pool2d", input)
-    x, out_shape, geom, code, device = _ops.adaptive_pool2d_prepare("adaptive_max_pool2d", input,
+    x, out_shape, params, device = _ops.adaptive_pool2d_prepare("adaptive_max_pool2d", input,
                                                                     output_size)
-    return _max(x, out_shape, geom, code, device, return_indices)
+    return _max(x, out_shape, params, device, return_indices)
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -156,9 +156,9 @@ def adaptive_avg_pool2d(input, output_size):
     >>> y = fastdl.nn.functional.adaptive_avg_pool2d(x, 1)      # global average pooling
     """
     _check_torch("adaptive_avg_pool2d", input)
-    x, out_shape, geom, code, device = _ops.adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
+    x, out_shape, params, device = _ops.adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
                                                                     output_size)
-    return _avg(x, out_shape, geom, code, device)
+    return _avg(x, out_shape, params, device)
 
 
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
@@ -168,10 +168,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     >>> x2 = fastdl.nn.functional.max_unpool2d(y, idx, 2)
     """
     _check_torch("max_unpool2d", input)
-    x, idx, out_shape, geom, code, device = _ops.max_unpool2d_prepare(
+    x, idx, out_shape, params, device = _ops.max_unpool2d_prepare(
         input, indices, kernel_size, stride, padding, output_size)
     if _needs_grad(x):
-        return _MaxUnpoolFn.apply(x, idx, out_shape, geom, code, device)
-    y = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    _ops.launch(_UNPOOL, False, x, y, idx, geom, code, device)
+        return _MaxUnpoolFn.apply(x, idx, out_shape, params, device)
+    y = x.new_empty(out_shape)
+    _ops.launch(_UNPOOL, False, x, y, idx, params, device)
     return y
