@@ -346,18 +346,25 @@ inline void sum_vertical(const T* __restrict xp, int64_t W, const AxisTaps& rows
   }
 }
 
-// Divisors of regular avg pooling, per output row (pool_math.h's factors, precomputed per axis).
+// Divisors of regular avg pooling, per output row: pool_math.h's avg_divisor_from over factors
+// precomputed per axis (0 marks an empty window), evaluated branch-free in the vector loop.
 template <class T>
 struct AvgDivisors {
-  const Pool2dParams& p;
-  std::vector<int64_t> fh, fw;
-  explicit AvgDivisors(const Pool2dParams& prm) : p(prm), fh(prm.out_h), fw(prm.out_w) {
-    for (int64_t oh = 0; oh < p.out_h; ++oh) fh[oh] = avg_row_factor(p, oh);
-    for (int64_t ow = 0; ow < p.out_w; ++ow) fw[ow] = avg_col_factor(p, ow);
+  std::vector<T> fh, fw;
+  T override_ = T(0);
+  explicit AvgDivisors(const Pool2dParams& p) : fh(p.out_h), fw(p.out_w) {
+    for (int64_t oh = 0; oh < p.out_h; ++oh) fh[oh] = T(avg_row_factor(p, oh));
+    for (int64_t ow = 0; ow < p.out_w; ++ow) fw[ow] = T(avg_col_factor(p, ow));
+    override_ = T(p.adaptive ? 0 : p.divisor_override);
   }
-  // div[ow] for output row oh
+  // div[ow] for output row oh (same values as avg_divisor_from<T>)
   void row(int64_t oh, T* __restrict div) const {
-    for (int64_t ow = 0; ow < p.out_w; ++ow) div[ow] = avg_divisor_from<T>(p, fh[oh], fw[ow]);
+    const T h = fh[oh], o = override_;
+    const T* __restrict w = fw.data();
+    const int64_t n = static_cast<int64_t>(fw.size());
+#pragma omp simd
+    for (int64_t ow = 0; ow < n; ++ow)
+      div[ow] = (h == T(0) || w[ow] == T(0)) ? T(0) : (o != T(0) ? o : h * w[ow]);
   }
 };
 
@@ -522,9 +529,8 @@ void max_backward_typed(const Pool2dParams& p, const T* gy, const int64_t* idx, 
   const int64_t in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   BadIndex bad;
   parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
-    T* const out = gx;
     for (int64_t plane = t0; plane < t1; ++plane) {
-      T* __restrict g = out + plane * in_plane;
+      T* __restrict g = gx + plane * in_plane;
       const T* __restrict go = gy + plane * out_plane;
       const int64_t* __restrict io = idx + plane * out_plane;
       std::memset(static_cast<void*>(g), 0, sizeof(T) * in_plane);
