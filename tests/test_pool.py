@@ -232,6 +232,7 @@ def test_every_element_written(where):
     for kind, prep, args in [
             (ops_pool._MAX, ops_pool.max_pool2d_prepare, (3, 2, 1, 2, True)),
             (ops_pool._AVG, ops_pool.avg_pool2d_prepare, (3, 2, 1, True, False)),
+            (ops_pool._AVG, ops_pool.avg_pool2d_prepare, ((1, 2), 3, 0, True, False)),  # gaps
             (ops_pool._AVG, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_avg_pool2d", x, s), ((4, 6),)),
             (ops_pool._MAX, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_max_pool2d", x, s), ((4, 6),))]:
         xc, out_shape, geom, dev = prep(x, *args)

@@ -551,14 +551,20 @@ void avg_backward_regular(const Pool2dParams& p, const T* gy, T* gx) {
   const int64_t in_plane = p.in_h * W;
   const AvgDivisors<T> divs(p);
   parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
-    T* const out = gx;
     std::vector<T> bc(ph.len), pc(ph.len), gd(OW), div(OW);
     for (int64_t plane = t0; plane < t1; ++plane) {
-      T* __restrict g = out + plane * in_plane;
-      std::memset(static_cast<void*>(g), 0, sizeof(T) * in_plane);
+      T* __restrict g = gx + plane * in_plane;
+      // Rows below `done` have been written; window rows (contiguous, rising with oh) at or past
+      // it are assigned, earlier ones (overlapping windows) accumulated, gaps zeroed: every
+      // element is written once without a memset of the plane first.
+      int64_t done = 0;
       for (int64_t oh = 0; oh < p.out_h; ++oh) {
         const AxisTaps rows = rows_of(p, oh);
         if (rows.lo >= rows.hi) continue;
+        if (rows.lo > done) {
+          std::memset(static_cast<void*>(g + done * W), 0, sizeof(T) * (rows.lo - done) * W);
+          done = rows.lo;
+        }
         const T* __restrict go = gy + (plane * p.out_h + oh) * OW;
         divs.row(oh, div.data());
         T* __restrict gdp = gd.data();
@@ -575,12 +581,20 @@ void avg_backward_regular(const Pool2dParams& p, const T* gy, T* gx) {
         }
         if (S > 1) interleave(pc.data(), bc.data(), S, L);
         const T* __restrict row = bc.data() + p.pw;
-        for (int64_t ih = rows.lo; ih < rows.hi; ih += rows.step) {
+        for (int64_t ih = rows.lo; ih < rows.hi; ++ih) {
           T* __restrict gr = g + ih * W;
+          if (ih < done) {
 #pragma omp simd
-          for (int64_t c = 0; c < W; ++c) gr[c] += row[c];
+            for (int64_t c = 0; c < W; ++c) gr[c] += row[c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < W; ++c) gr[c] = row[c];
+          }
         }
+        done = std::max(done, rows.hi);
       }
+      if (done < p.in_h)
+        std::memset(static_cast<void*>(g + done * W), 0, sizeof(T) * (p.in_h - done) * W);
     }
   });
 }
