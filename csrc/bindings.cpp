@@ -224,7 +224,7 @@ PYBIND11_MODULE(_C, m) {
   // Backward: a = grad_output, b = grad_input, idx = saved indices (max, unpool) or None (avg).
   // Shapes are the pooling geometry of Pool2dParams; device < 0 is the CPU.
   // Pool2dParams is built once per geometry (python/fastdl/ops/pool.py caches it), so a call
-  // passes 8 arguments instead of 23 (1.1 us -> 0.4 us per call).
+  // passes 8 arguments instead of 23 (1.1 us -> 0.5 us per call, 2-core Zen3).
   py::class_<Pool2dParams>(m, "Pool2dParams")
       .def(py::init(&pool_params), py::arg("planes"), py::arg("in_h"), py::arg("in_w"),
            py::arg("out_h"), py::arg("out_w"), py::arg("kh"), py::arg("kw"), py::arg("sh"),

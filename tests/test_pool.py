@@ -384,3 +384,61 @@ def test_large_outputs(cpu_path):
     assert torch.equal(idx, it) and torch.equal(y, yt)
     check_op(lambda a: F.max_unpool2d(a, idx, 2), lambda a: TF.max_unpool2d(a, it, 2), [y])
     check_op(F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d, [x], reduction=64 * 66, output_size=1)
+
+
+# ---- PyTorch's own OpInfo database as a peer suite -----------------------------------------------
+
+OPDB_NAMES = ["nn.functional.max_pool2d", "nn.functional.avg_pool2d",
+              "nn.functional.adaptive_max_pool2d", "nn.functional.adaptive_avg_pool2d",
+              "nn.functional.max_unpool2d"]
+
+
+def _opinfo(name):
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_methods_invocations import op_db
+    for op in op_db:
+        if op.name == name and op.variant_test_name == "":
+            return op
+    pytest.skip(f"{name} not in this torch's op_db")
+
+
+@pytest.mark.parametrize("name", OPDB_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_op_db_samples(cpu_path, name, dtype):
+    """Every sample input torch's OpInfo has for the op: same outputs (and indices) and grads."""
+    op = _opinfo(name)
+    ours = getattr(F, name.split(".")[-1])
+    n = 0
+    for sample in op.sample_inputs("cpu", dtype, requires_grad=True):
+        args, kwargs = sample.args, dict(sample.kwargs)
+        a = sample.input.detach().clone().requires_grad_()
+        b = sample.input.detach().clone().requires_grad_()
+        oa, ob = ours(a, *args, **kwargs), op.op(b, *args, **kwargs)
+        oa = oa if isinstance(oa, tuple) else (oa,)
+        ob = ob if isinstance(ob, tuple) else (ob,)
+        what = f"{name} sample input {tuple(sample.input.shape)} args={args} kwargs={kwargs}"
+        assert_close(oa[0], ob[0], reduction=64, what=what)
+        for x, y in zip(oa[1:], ob[1:]):
+            assert torch.equal(x, y), f"indices differ: {what}"
+        if ob[0].numel():
+            g = torch.randn_like(ob[0])
+            oa[0].backward(g)
+            ob[0].backward(g)
+            assert_close(a.grad, b.grad, reduction=64, what=f"grad: {what}")
+        n += 1
+    assert n > 0
+
+
+@pytest.mark.parametrize("name", OPDB_NAMES)
+def test_torch_op_db_errors(name):
+    """Every error input torch's OpInfo lists raises the same exception class in fastdl."""
+    op = _opinfo(name)
+    ours = getattr(F, name.split(".")[-1])
+    for err in op.error_inputs("cpu"):
+        s = err.sample_input
+        with pytest.raises(Exception) as exc:
+            ours(s.input, *s.args, **s.kwargs)
+        assert isinstance(exc.value, err.error_type), (
+            f"{name}{tuple(s.input.shape)} args={s.args} kwargs={s.kwargs}: torch raises "
+            f"{err.error_type.__name__} ({err.error_regex}), fastdl raised "
+            f"{type(exc.value).__name__}: {exc.value}")

@@ -394,6 +394,11 @@ def adaptive_pool2d_prepare(fn, input, output_size):
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None:
         return (_contiguous(input),) + hit
+    if (isinstance(output_size, (tuple, list)) and hasattr(input, "ndim")
+            and input.ndim <= len(output_size)):
+        # torch.nn.functional checks this first, in Python, with ValueError
+        raise ValueError(f"{fn}: input dimension should be at least {len(output_size) + 1}, got "
+                         f"input of shape {tuple(input.shape)} for output_size {output_size}")
     x, code, device = _check_input(fn, input, empty_check="hw" if "avg" in fn else "all")
     oh, ow = _adaptive_size(fn, x, output_size)
     shape = tuple(x.shape)
