@@ -442,3 +442,24 @@ def test_torch_op_db_errors(name):
             f"{name}{tuple(s.input.shape)} args={s.args} kwargs={s.kwargs}: torch raises "
             f"{err.error_type.__name__} ({err.error_regex}), fastdl raised "
             f"{type(exc.value).__name__}: {exc.value}")
+
+
+@pytest.mark.parametrize("cls", ["MaxPool2d", "AvgPool2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d"])
+def test_torch_module_db(cls):
+    """torch's ModuleInfo constructor/forward inputs: same outputs, indices and input grads."""
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_modules import module_db
+    infos = [m for m in module_db if m.module_cls is getattr(torch.nn, cls)]
+    if not infos:
+        pytest.skip(f"nn.{cls} not in this torch's module_db")
+    info = infos[0]
+    for dtype in DTYPES:
+        for mi in info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True,
+                                          training=True):
+            if mi.forward_input is None:
+                continue
+            c = mi.constructor_input
+            ours, theirs = getattr(fnn, cls)(*c.args, **c.kwargs), info.module_cls(*c.args, **c.kwargs)
+            assert repr(ours) == repr(theirs)
+            x = mi.forward_input.args[0]
+            check_op(ours, theirs, [x], reduction=64, *(), **mi.forward_input.kwargs)
