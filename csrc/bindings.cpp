@@ -111,7 +111,7 @@ void run_step(const P& prm, OptimArgs& a, int device, uintptr_t stream, CpuFn cp
 // ---- pooling argument unpacking (csrc/pool.h) ------------------------------------------------
 
 // kind: 0 max_pool2d / adaptive_max_pool2d, 1 avg_pool2d / adaptive_avg_pool2d, 2 max_unpool2d.
-// flags: bit 0 adaptive, bit 1 count_include_pad.
+// flags: bit 0 adaptive, bit 1 count_include_pad, bit 2 int32 indices (CPU max pooling).
 Pool2dParams pool_params(int64_t planes, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                          int64_t dh, int64_t dw, int flags, int64_t divisor_override, int dtype) {
@@ -131,6 +131,7 @@ Pool2dParams pool_params(int64_t planes, int64_t in_h, int64_t in_w, int64_t out
   p.dw = dw;
   p.adaptive = (flags & 1) != 0;
   p.count_include_pad = (flags & 2) != 0;
+  p.index32 = (flags & 4) != 0;
   p.divisor_override = divisor_override;
   p.dtype = dtype_of(dtype);
   return p;
@@ -232,12 +233,13 @@ PYBIND11_MODULE(_C, m) {
            py::arg("flags"), py::arg("divisor_override"), py::arg("dtype"))
       .def_readonly("planes", &Pool2dParams::planes)
       .def_readonly("out_h", &Pool2dParams::out_h)
-      .def_readonly("out_w", &Pool2dParams::out_w);
+      .def_readonly("out_w", &Pool2dParams::out_w)
+      .def_readonly("index32", &Pool2dParams::index32);
   m.def("pool2d", [](int kind, bool backward, py::handle a, py::handle b, py::handle idx,
                      const Pool2dParams& p, int device, uintptr_t stream) {
     void* pa = pointer_of(a);
     void* pb = pointer_of(b);
-    int64_t* pi = static_cast<int64_t*>(optional_pointer(idx));
+    void* pi = optional_pointer(idx);
     FASTDL_CHECK(kind >= 0 && kind <= 2, "fastdl internal: unknown pooling kind ", kind);
     FASTDL_CHECK(kind == 1 || backward == false || pi != nullptr,
                  "fastdl internal: max backward needs indices");
@@ -248,18 +250,20 @@ PYBIND11_MODULE(_C, m) {
       else if (kind == 0) max_pool2d_backward_cpu(p, pa, pi, pb);
       else if (kind == 1 && !backward) avg_pool2d_forward_cpu(p, pa, pb);
       else if (kind == 1) avg_pool2d_backward_cpu(p, pa, pb);
-      else if (!backward) max_unpool2d_forward_cpu(p, pa, pi, pb);
-      else max_unpool2d_backward_cpu(p, pa, pi, pb);
+      else if (!backward) max_unpool2d_forward_cpu(p, pa, static_cast<int64_t*>(pi), pb);
+      else max_unpool2d_backward_cpu(p, pa, static_cast<int64_t*>(pi), pb);
       return;
     }
 #ifdef FASTDL_WITH_CUDA
     const CudaLaunch l = cuda_launch(device, stream);
-    if (kind == 0 && !backward) max_pool2d_forward_cuda(p, pa, pb, pi, l);
-    else if (kind == 0) max_pool2d_backward_cuda(p, pa, pi, pb, l);
+    FASTDL_CHECK(!p.index32, "fastdl internal: int32 pooling indices are CPU-only");
+    int64_t* pi64 = static_cast<int64_t*>(pi);
+    if (kind == 0 && !backward) max_pool2d_forward_cuda(p, pa, pb, pi64, l);
+    else if (kind == 0) max_pool2d_backward_cuda(p, pa, pi64, pb, l);
     else if (kind == 1 && !backward) avg_pool2d_forward_cuda(p, pa, pb, l);
     else if (kind == 1) avg_pool2d_backward_cuda(p, pa, pb, l);
-    else if (!backward) max_unpool2d_forward_cuda(p, pa, pi, pb, l);
-    else max_unpool2d_backward_cuda(p, pa, pi, pb, l);
+    else if (!backward) max_unpool2d_forward_cuda(p, pa, pi64, pb, l);
+    else max_unpool2d_backward_cuda(p, pa, pi64, pb, l);
 #else
     (void)stream;
     throw std::runtime_error("fastdl was built without CUDA");

@@ -20,13 +20,18 @@ struct Pool2dParams {
   bool count_include_pad = true;  // avg only
   int64_t divisor_override = 0;   // avg only
   DType dtype = DType::Float32;
+  // max pooling: idx holds int32 instead of int64 (CPU only). fastdl.nn saves indices this way
+  // for its own backward when the caller did not ask for them: half the index bytes to write and
+  // read back (planes are < 2^31 elements).
+  bool index32 = false;
 };
 
-// max_pool2d / adaptive_max_pool2d: y = window maxima (first maximum wins, NaN wins); idx gets the
-// flat input index of each maximum, or is skipped when idx == nullptr (forward without autograd).
-void max_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y, int64_t* idx);
+// max_pool2d / adaptive_max_pool2d: y = window maxima (first maximum wins, NaN wins); idx (int64,
+// or int32 with p.index32) gets the flat input index of each maximum, or is skipped when
+// idx == nullptr (forward without autograd).
+void max_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y, void* idx);
 // gx (shape of the input, fully written) = sum of gy scattered through idx. Both max poolings.
-void max_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, const int64_t* idx, void* gx);
+void max_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, const void* idx, void* gx);
 // avg_pool2d / adaptive_avg_pool2d.
 void avg_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y);
 void avg_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, void* gx);

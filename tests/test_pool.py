@@ -83,6 +83,10 @@ def run_max_case(device, dtype, shape, cfg, mode, seed):
     ya.backward(gy)
     yb.backward(gy)
     assert_close(xa.grad, xb.grad, reduction=4, what=f"grad: {case}")
+    # without return_indices the CPU saves int32 indices internally: same gradient
+    xc = x.clone().requires_grad_()
+    F.max_pool2d(xc, **cfg).backward(gy)
+    assert_close(xc.grad, xb.grad, reduction=4, what=f"grad (internal indices): {case}")
 
 
 @pytest.mark.parametrize("chunk", range(4))
@@ -235,7 +239,7 @@ def test_every_element_written(where):
             (ops_pool._AVG, ops_pool.avg_pool2d_prepare, ((1, 2), 3, 0, True, False)),  # gaps
             (ops_pool._AVG, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_avg_pool2d", x, s), ((4, 6),)),
             (ops_pool._MAX, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_max_pool2d", x, s), ((4, 6),))]:
-        xc, out_shape, geom, dev = prep(x, *args)
+        xc, out_shape, geom, dev, *_ = prep(x, *args)
         y = torch.full(out_shape, float("nan"), device=where)
         idx = torch.full(out_shape, -7, dtype=torch.int64, device=where) if kind == ops_pool._MAX else None
         ops_pool.launch(kind, False, xc, y, idx, geom, dev)

@@ -28,6 +28,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu_features.h"
@@ -169,8 +170,8 @@ inline void max_vertical(const T* __restrict xp, int64_t W, const AxisTaps& rows
   }
 }
 
-template <class T, bool IDX>
-void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx) {
+template <class T, bool IDX, class I>
+void max_forward_regular(const Pool2dParams& p, const T* x, T* y, I* yidx) {
   const TaskSplit ts = split_rows(p);
   const Phases ph = make_phases(p);
   const int64_t W = p.in_w, OW = p.out_w, L = ph.phase_len, S = ph.stride;
@@ -194,12 +195,12 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
       const int64_t oh1 = std::min(p.out_h, oh0 + ts.rows_per_block);
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         T* __restrict yr = y + (plane * p.out_h + oh) * OW;
-        int64_t* __restrict ir = IDX ? yidx + (plane * p.out_h + oh) * OW : nullptr;
+        I* __restrict ir = IDX ? yidx + (plane * p.out_h + oh) * OW : nullptr;
         const AxisTaps rows = rows_of(p, oh);
         if (rows.lo >= rows.hi) {  // a window wholly in the padding (possible with dilation)
           for (int64_t ow = 0; ow < OW; ++ow) {
             yr[ow] = -std::numeric_limits<T>::infinity();
-            if (IDX) ir[ow] = rows.lo * W + col_lo[ow];
+            if (IDX) ir[ow] = static_cast<I>(rows.lo * W + col_lo[ow]);
           }
           continue;
         }
@@ -235,11 +236,14 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
             }
           }
         } else if (taps > 1) {
-          // Keep the running index in int32 lanes while reducing, widen once at the end.
+          // Keep the running index in int32 lanes while reducing (in the output itself when it is
+          // int32), widen once at the end otherwise.
           int32_t ibuf_stack[256];
           std::vector<int32_t> ibuf_heap;
           int32_t* cur = ibuf_stack;
-          if (OW > 256) {
+          if (std::is_same<I, int32_t>::value) {
+            cur = reinterpret_cast<int32_t*>(ir);
+          } else if (OW > 256) {
             ibuf_heap.resize(OW);
             cur = ibuf_heap.data();
           }
@@ -259,13 +263,15 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
               cur[ow] = take ? i : mi;
             }
           }
+          if (!std::is_same<I, int32_t>::value) {
 #pragma omp simd
-          for (int64_t ow = 0; ow < OW; ++ow) ir[ow] = cur[ow];
+            for (int64_t ow = 0; ow < OW; ++ow) ir[ow] = cur[ow];
+          }
         }
         // Windows whose columns all lie in the padding: torch's -inf at its first-tap index.
         for (int64_t ow : empty_cols) {
           yr[ow] = -std::numeric_limits<T>::infinity();
-          if (IDX) ir[ow] = rows.lo * W + col_lo[ow];
+          if (IDX) ir[ow] = static_cast<I>(rows.lo * W + col_lo[ow]);
         }
       }
     }
@@ -274,8 +280,8 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, int64_t* yidx)
 
 // Adaptive max: vertical stage as above (no padding), then each output's [ws, we) scanned in
 // column order with the (value, index) rule.
-template <class T, bool IDX>
-void max_forward_adaptive(const Pool2dParams& p, const T* x, T* y, int64_t* yidx) {
+template <class T, bool IDX, class I>
+void max_forward_adaptive(const Pool2dParams& p, const T* x, T* y, I* yidx) {
   const TaskSplit ts = split_rows(p);
   const int64_t W = p.in_w, OW = p.out_w;
   std::vector<int64_t> ws(OW), we(OW);
@@ -310,21 +316,21 @@ void max_forward_adaptive(const Pool2dParams& p, const T* x, T* y, int64_t* yidx
             }
           }
           y[o + ow] = m;
-          if (IDX) yidx[o + ow] = mi;
+          if (IDX) yidx[o + ow] = static_cast<I>(mi);
         }
       }
     }
   });
 }
 
-template <class T>
-void max_forward_typed(const Pool2dParams& p, const T* x, T* y, int64_t* idx) {
+template <class T, class I>
+void max_forward_typed(const Pool2dParams& p, const T* x, T* y, I* idx) {
   if (p.adaptive) {
-    if (idx) max_forward_adaptive<T, true>(p, x, y, idx);
-    else max_forward_adaptive<T, false>(p, x, y, nullptr);
+    if (idx) max_forward_adaptive<T, true, I>(p, x, y, idx);
+    else max_forward_adaptive<T, false, I>(p, x, y, nullptr);
   } else {
-    if (idx) max_forward_regular<T, true>(p, x, y, idx);
-    else max_forward_regular<T, false>(p, x, y, nullptr);
+    if (idx) max_forward_regular<T, true, I>(p, x, y, idx);
+    else max_forward_regular<T, false, I>(p, x, y, nullptr);
   }
 }
 
@@ -524,15 +530,15 @@ struct BadIndex {
   }
 };
 
-template <class T>
-void max_backward_typed(const Pool2dParams& p, const T* gy, const int64_t* idx, T* gx) {
+template <class T, class I>
+void max_backward_typed(const Pool2dParams& p, const T* gy, const I* idx, T* gx) {
   const int64_t in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
   BadIndex bad;
   parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
     for (int64_t plane = t0; plane < t1; ++plane) {
       T* __restrict g = gx + plane * in_plane;
       const T* __restrict go = gy + plane * out_plane;
-      const int64_t* __restrict io = idx + plane * out_plane;
+      const I* __restrict io = idx + plane * out_plane;
       std::memset(static_cast<void*>(g), 0, sizeof(T) * in_plane);
       for (int64_t o = 0; o < out_plane; ++o) {
         const int64_t i = io[o];
@@ -706,25 +712,35 @@ void by_dtype(DType d, const F& f) {
 
 }  // namespace
 
-void max_pool2d_forward(const Pool2dParams& p, const void* x, void* y, int64_t* idx) {
+void max_pool2d_forward(const Pool2dParams& p, const void* x, void* y, void* idx) {
   check_params(p, "max_pool2d");
   if (p.planes * p.out_h * p.out_w == 0) return;
   FASTDL_CHECK(p.in_h > 0 && p.in_w > 0, "max_pool2d: empty input plane");
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     advise_huge_pages(y, sizeof(T) * p.planes * p.out_h * p.out_w);
-    advise_huge_pages(idx, sizeof(int64_t) * p.planes * p.out_h * p.out_w);
-    max_forward_typed<T>(p, static_cast<const T*>(x), static_cast<T*>(y), idx);
+    advise_huge_pages(idx, (p.index32 ? 4 : 8) * p.planes * p.out_h * p.out_w);
+    if (p.index32)
+      max_forward_typed<T>(p, static_cast<const T*>(x), static_cast<T*>(y),
+                           static_cast<int32_t*>(idx));
+    else
+      max_forward_typed<T>(p, static_cast<const T*>(x), static_cast<T*>(y),
+                           static_cast<int64_t*>(idx));
   });
 }
 
-void max_pool2d_backward(const Pool2dParams& p, const void* gy, const int64_t* idx, void* gx) {
+void max_pool2d_backward(const Pool2dParams& p, const void* gy, const void* idx, void* gx) {
   check_params(p, "max_pool2d_backward");
   if (p.planes * p.in_h * p.in_w == 0) return;
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     advise_huge_pages(gx, sizeof(T) * p.planes * p.in_h * p.in_w);
-    max_backward_typed<T>(p, static_cast<const T*>(gy), idx, static_cast<T*>(gx));
+    if (p.index32)
+      max_backward_typed<T>(p, static_cast<const T*>(gy), static_cast<const int32_t*>(idx),
+                            static_cast<T*>(gx));
+    else
+      max_backward_typed<T>(p, static_cast<const T*>(gy), static_cast<const int64_t*>(idx),
+                            static_cast<T*>(gx));
   });
 }
 
@@ -780,18 +796,18 @@ void max_unpool2d_backward(const Pool2dParams& p, const void* gy, const int64_t*
 #if defined(FASTDL_ISA_DEFAULT)
 #if FASTDL_HAVE_AVX2_BUILD_KERNELS
 namespace isa_avx2 {
-void max_pool2d_forward(const Pool2dParams&, const void*, void*, int64_t*);
-void max_pool2d_backward(const Pool2dParams&, const void*, const int64_t*, void*);
+void max_pool2d_forward(const Pool2dParams&, const void*, void*, void*);
+void max_pool2d_backward(const Pool2dParams&, const void*, const void*, void*);
 void avg_pool2d_forward(const Pool2dParams&, const void*, void*);
 void avg_pool2d_backward(const Pool2dParams&, const void*, void*);
 void max_unpool2d_forward(const Pool2dParams&, const void*, const int64_t*, void*);
 void max_unpool2d_backward(const Pool2dParams&, const void*, const int64_t*, void*);
 }  // namespace isa_avx2
 #endif
-void max_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y, int64_t* idx) {
+void max_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y, void* idx) {
   FASTDL_CPU_DISPATCH(max_pool2d_forward, p, x, y, idx);
 }
-void max_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, const int64_t* idx, void* gx) {
+void max_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, const void* idx, void* gx) {
   FASTDL_CPU_DISPATCH(max_pool2d_backward, p, gy, idx, gx);
 }
 void avg_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y) {

@@ -24,7 +24,7 @@ __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backwa
            "adaptive_avg_pool2d_backward", "max_unpool2d", "max_unpool2d_backward"]
 
 _MAX, _AVG, _UNPOOL = 0, 1, 2
-_ADAPTIVE, _INCLUDE_PAD = 1, 2
+_ADAPTIVE, _INCLUDE_PAD, _INDEX32 = 1, 2, 4
 
 
 # ---- argument parsing --------------------------------------------------------------------------
@@ -204,7 +204,9 @@ _NO_WINDOW = (1, 1, 1, 1, 0, 0, 1, 1)
 # ---- max_pool2d -------------------------------------------------------------------------------
 
 def max_pool2d_prepare(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """Validates and returns (contiguous input, output shape, Pool2dParams, device)."""
+    """Validates and returns (contiguous input, output shape, Pool2dParams, device,
+    Pool2dParams for int32 indices or None). fastdl.nn saves int32 indices on the CPU when the
+    caller did not ask for them (half the index bytes); returned indices are always int64."""
     key = _cache_key("max", input, (kernel_size, stride, padding, dilation, ceil_mode))
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None:
@@ -214,7 +216,9 @@ def max_pool2d_prepare(input, kernel_size, stride=None, padding=0, dilation=1, c
     oh, ow, window = _regular_geometry(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
     shape = tuple(x.shape)
     return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
-                                   _geometry(shape, oh, ow, window, 0, 0, code), device))
+                                   _geometry(shape, oh, ow, window, 0, 0, code), device,
+                                   _geometry(shape, oh, ow, window, _INDEX32, 0, code)
+                                   if device < 0 else None))
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
@@ -224,8 +228,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y = fastdl.ops.max_pool2d(np.random.rand(1, 3, 9, 9).astype(np.float32), 3, stride=2)
     >>> y, idx = fastdl.ops.max_pool2d(x, 2, return_indices=True)
     """
-    x, out_shape, params, device = max_pool2d_prepare(input, kernel_size, stride, padding,
-                                                      dilation, ceil_mode)
+    x, out_shape, params, device, _ = max_pool2d_prepare(input, kernel_size, stride, padding,
+                                                         dilation, ceil_mode)
     y = _empty(x, out_shape)
     idx = _empty(x, out_shape, index=True) if return_indices else None
     launch(_MAX, False, x, y, idx, params, device)
@@ -389,7 +393,8 @@ def _adaptive_size(fn, x, output_size):
 
 
 def adaptive_pool2d_prepare(fn, input, output_size):
-    """Validates and returns (contiguous input, output shape, Pool2dParams, device)."""
+    """Validates and returns (contiguous input, output shape, Pool2dParams, device, int32-index
+    Pool2dParams or None) as max_pool2d_prepare does."""
     key = _cache_key(fn, input, (output_size,))
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None:
@@ -404,7 +409,9 @@ def adaptive_pool2d_prepare(fn, input, output_size):
     shape = tuple(x.shape)
     return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
                                    _geometry(shape, oh, ow, _NO_WINDOW, _ADAPTIVE, 0, code),
-                                   device))
+                                   device,
+                                   _geometry(shape, oh, ow, _NO_WINDOW, _ADAPTIVE | _INDEX32, 0,
+                                             code) if device < 0 and "max" in fn else None))
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -412,8 +419,8 @@ def adaptive_avg_pool2d(input, output_size):
 
     >>> y = fastdl.ops.adaptive_avg_pool2d(np.random.rand(8, 512, 7, 7), 1)   # global pooling
     """
-    x, out_shape, params, device = adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
-                                                           output_size)
+    x, out_shape, params, device, _ = adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
+                                                              output_size)
     y = _empty(x, out_shape)
     launch(_AVG, False, x, y, None, params, device)
     return y
@@ -438,8 +445,8 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
 
     >>> y, idx = fastdl.ops.adaptive_max_pool2d(x, (5, None), return_indices=True)
     """
-    x, out_shape, params, device = adaptive_pool2d_prepare("adaptive_max_pool2d", input,
-                                                           output_size)
+    x, out_shape, params, device, _ = adaptive_pool2d_prepare("adaptive_max_pool2d", input,
+                                                              output_size)
     y = _empty(x, out_shape)
     idx = _empty(x, out_shape, index=True) if return_indices else None
     launch(_MAX, False, x, y, idx, params, device)

@@ -34,7 +34,7 @@ class _MaxPoolFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_shape, params, device):
         y = x.new_empty(out_shape)
-        idx = x.new_empty(out_shape, dtype=torch.int64)
+        idx = x.new_empty(out_shape, dtype=torch.int32 if params.index32 else torch.int64)
         _ops.launch(_MAX, False, x, y, idx, params, device)
         ctx.mark_non_differentiable(idx)
         ctx.set_materialize_grads(False)  # no zero-filled int64 "gradient" for the indices
@@ -96,10 +96,12 @@ class _MaxUnpoolFn(torch.autograd.Function):
         return gx, None, None, None, None
 
 
-def _max(x, out_shape, params, device, return_indices):
+def _max(x, out_shape, params, device, params32, return_indices):
     if _needs_grad(x):
-        y, idx = _MaxPoolFn.apply(x, out_shape, params, device)
-        return (y, idx) if return_indices else y
+        if return_indices or params32 is None:
+            y, idx = _MaxPoolFn.apply(x, out_shape, params, device)
+            return (y, idx) if return_indices else y
+        return _MaxPoolFn.apply(x, out_shape, params32, device)[0]  # int32 indices, kept inside
     y = x.new_empty(out_shape)
     idx = x.new_empty(out_shape, dtype=torch.int64) if return_indices else None
     _ops.launch(_MAX, False, x, y, idx, params, device)
@@ -122,9 +124,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y, idx = fastdl.nn.functional.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
     """
     _check_torch("max_pool2d", input)
-    x, out_shape, params, device = _ops.max_pool2d_prepare(input, kernel_size, stride,
-                                                               padding, dilation, ceil_mode)
-    return _max(x, out_shape, params, device, return_indices)
+    x, out_shape, params, device, params32 = _ops.max_pool2d_prepare(
+        input, kernel_size, stride, padding, dilation, ceil_mode)
+    return _max(x, out_shape, params, device, params32, return_indices)
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -145,9 +147,9 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     >>> y = fastdl.nn.functional.adaptive_max_pool2d(x, (7, None))
     """
     _check_torch("adaptive_max_pool2d", input)
-    x, out_shape, params, device = _ops.adaptive_pool2d_prepare("adaptive_max_pool2d", input,
-                                                                    output_size)
-    return _max(x, out_shape, params, device, return_indices)
+    x, out_shape, params, device, params32 = _ops.adaptive_pool2d_prepare(
+        "adaptive_max_pool2d", input, output_size)
+    return _max(x, out_shape, params, device, params32, return_indices)
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -156,8 +158,8 @@ def adaptive_avg_pool2d(input, output_size):
     >>> y = fastdl.nn.functional.adaptive_avg_pool2d(x, 1)      # global average pooling
     """
     _check_torch("adaptive_avg_pool2d", input)
-    x, out_shape, params, device = _ops.adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
-                                                                    output_size)
+    x, out_shape, params, device, _ = _ops.adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
+                                                                       output_size)
     return _avg(x, out_shape, params, device)
 
 
