@@ -4,8 +4,9 @@ Cases (issue #4): 64x64x56x56 float32 input with max k2 s2, max k3 s2 p1 and avg
 and forward+backward; global average pooling (adaptive_avg_pool2d to 1x1) on 64x512x7x7, forward
 and forward+backward. Bytes on paper (the fewest each call must move, 4 B per float):
   forward: read x, write y (max pooling without autograd writes no indices).
-  forward+backward: forward with autograd (max also writes its int64 indices, 8 B per output),
-  then backward: read grad_output (max: and the indices), write grad_input.
+  forward+backward: forward with autograd (max also writes indices: fastdl saves int32 ones
+  internally, 4 B per output; torch int64), then backward: read grad_output (max: and the
+  indices), write grad_input. Counted with fastdl's 4 B indices.
 fwd+bwd cases reset x.grad each call so both sides write a fresh gradient (no accumulation pass).
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def cases(device="cpu", quick=False):
         out.append(Case("pool", f"{label} fwd {shape}", lambda f=fast: f(x),
                         {"torch": lambda f=ref: f(x)}, bytes=4 * (n_in + n_out), device=device))
         gy = torch.randn(y.shape, generator=g).to(device)
-        idx_bytes = 16 * n_out if name == "max_pool2d" else 0  # int64 written, then read
+        idx_bytes = 8 * n_out if name == "max_pool2d" else 0  # int32 written, then read
         out.append(Case("pool", f"{label} fwd+bwd {shape}", _fwd_bwd(fast, xg, gy),
                         {"torch": _fwd_bwd(ref, xg, gy)},
                         bytes=4 * (2 * n_in + 2 * n_out) + idx_bytes, device=device))
