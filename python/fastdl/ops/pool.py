@@ -167,20 +167,17 @@ _CACHE: dict = {}
 _CACHE_MAX = 512
 
 
-def _arg_key(v):
-    t = type(v)
-    if t is int or v is None or t is bool:
-        return v
-    if t is tuple and all(type(e) is int for e in v):
-        return v
-    raise TypeError
-
-
 def _cache_key(op, x, args):
+    for a in args:
+        t = type(a)
+        if t is int or a is None or t is bool:
+            continue
+        if t is tuple and all(type(e) is int for e in a):
+            continue
+        return None
     try:
-        return (op, type(x), x.shape, x.dtype, getattr(x, "device", None)) + tuple(
-            _arg_key(a) for a in args)
-    except TypeError:
+        return (op, type(x), x.shape, x.dtype, getattr(x, "device", None)) + args
+    except AttributeError:
         return None
 
 

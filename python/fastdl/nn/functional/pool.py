@@ -50,8 +50,29 @@ class _MaxPoolFn(torch.autograd.Function):
         if gy is None:
             return None, None, None, None
         gy = gy.contiguous()
-        gx = torch.empty(ctx.in_shape, dtype=gy.dtype, device=gy.device)
+        gx = gy.new_empty(ctx.in_shape)
         _ops.launch(_MAX, True, gy, gx, idx, ctx.params, ctx.device)
+        return gx, None, None, None
+
+
+class _MaxPoolValuesFn(torch.autograd.Function):
+    """max pooling whose caller did not ask for indices: one output, and the indices stay private
+    to this node (int32 on the CPU), which also spares autograd the second output's bookkeeping."""
+
+    @staticmethod
+    def forward(ctx, x, out_shape, params, device):
+        y = x.new_empty(out_shape)
+        idx = x.new_empty(out_shape, dtype=torch.int32 if params.index32 else torch.int64)
+        _ops.launch(_MAX, False, x, y, idx, params, device)
+        ctx.idx, ctx.in_shape, ctx.params, ctx.device = idx, x.shape, params, device
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        gy = gy.contiguous()
+        gx = gy.new_empty(ctx.in_shape)
+        _ops.launch(_MAX, True, gy, gx, ctx.idx, ctx.params, ctx.device)
         return gx, None, None, None
 
 
@@ -70,7 +91,7 @@ class _AvgPoolFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         gy = gy.contiguous()
-        gx = torch.empty(ctx.in_shape, dtype=gy.dtype, device=gy.device)
+        gx = gy.new_empty(ctx.in_shape)
         _ops.launch(_AVG, True, gy, gx, None, ctx.params, ctx.device)
         return gx, None, None, None
 
@@ -98,10 +119,10 @@ class _MaxUnpoolFn(torch.autograd.Function):
 
 def _max(x, out_shape, params, device, params32, return_indices):
     if _needs_grad(x):
-        if return_indices or params32 is None:
-            y, idx = _MaxPoolFn.apply(x, out_shape, params, device)
-            return (y, idx) if return_indices else y
-        return _MaxPoolFn.apply(x, out_shape, params32, device)[0]  # int32 indices, kept inside
+        if return_indices:
+            return _MaxPoolFn.apply(x, out_shape, params, device)
+        return _MaxPoolValuesFn.apply(x, out_shape, params if params32 is None else params32,
+                                      device)
     y = x.new_empty(out_shape)
     idx = x.new_empty(out_shape, dtype=torch.int64) if return_indices else None
     _ops.launch(_MAX, False, x, y, idx, params, device)
