@@ -23,6 +23,8 @@
 // fastdl::parallel_for (a preempted thread on a shared machine holds up one chunk, not half the
 // work); inputs under one chunk run inline. Outputs of 32 MB and more get huge-page advice
 // (memory.h): a fresh 51 MB grad_input then costs ~5 ms to fault in instead of 16-50 ms.
+// Outputs are written with ordinary stores: non-temporal stores staged per chunk were measured
+// slower on this machine (avg forward 5.2 vs 4.1 ms, max backward no change; one thread).
 // Tested by tests/test_pool.py (both kernel builds); timed by benchmarks/bench_pool.py.
 // Measured on 64x64x56x56 float32 (2-core Zen3, shared with two other busy processes; medians):
 //   forward, 2 threads: max k2s2 3.0 ms, max k3s2p1 3.0 ms, avg k2s2 2.8 ms = 20-23 GB/s, 64-70%
