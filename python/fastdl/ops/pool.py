@@ -6,7 +6,8 @@ numpy, torch on the input's device for torch). float32 and float64 on the CPU, f
 Indices are int64, flat ``h * W + w`` within each input plane, equal to torch's (first maximum
 wins, NaN wins). A non-contiguous input is copied to a contiguous one first (the kernels read
 contiguous NCHW planes); outputs are always contiguous. Bad arguments raise the exception class
-torch raises for them.
+torch raises for them. Validated geometries are cached per (input type, shape, dtype, device,
+arguments), so repeated calls skip the Python checks (tiny inputs: ~4 us per call, torch ~3 us).
 
 >>> x = np.random.rand(2, 3, 8, 8).astype(np.float32)
 >>> y, idx = fastdl.ops.max_pool2d(x, 2, return_indices=True)   # torch.nn.functional.max_pool2d
