@@ -5,5 +5,11 @@
 >>> fastdl.ops.sgd_step(p, g, lr=0.1)            # in place, like torch.optim.SGD
 """
 from .optim import adam_step, rmsprop_step, sgd_step
+from .pool import (adaptive_avg_pool2d, adaptive_avg_pool2d_backward, adaptive_max_pool2d,
+                   adaptive_max_pool2d_backward, avg_pool2d, avg_pool2d_backward, max_pool2d,
+                   max_pool2d_backward, max_unpool2d, max_unpool2d_backward)
 
-__all__ = ["sgd_step", "adam_step", "rmsprop_step"]
+__all__ = ["sgd_step", "adam_step", "rmsprop_step",
+           "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+           "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "adaptive_avg_pool2d",
+           "adaptive_avg_pool2d_backward", "max_unpool2d", "max_unpool2d_backward"]

@@ -1,0 +1,31 @@
+// Memory advice for large kernel outputs on the CPU.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace fastdl {
+
+// Asks Linux to back a large output that the kernel is about to overwrite completely with
+// transparent huge pages (THP in "madvise" mode, the common default). Outputs of 32 MB and more
+// are fresh mmap()s from glibc's malloc (its mmap threshold never rises above 32 MB), so every call
+// would otherwise fault in 4 KB pages one at a time: measured on 2-core Zen3 (VM), first-touching a
+// fresh 51 MB torch.empty costs 16-50 ms with 4 KB pages and 10 ms after this advice, against
+// 0.7 ms for writing mapped memory. Only advice: it changes no data, errors are ignored, and it
+// lapses when the allocation is unmapped.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kMinBytes = size_t(32) << 20, kHuge = size_t(2) << 20;
+  if (p == nullptr || bytes < kMinBytes) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~uintptr_t(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~uintptr_t(kHuge - 1);
+  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+}  // namespace fastdl

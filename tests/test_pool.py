@@ -1,0 +1,469 @@
+"""Pooling (max, avg, adaptive, unpool) against torch: outputs, indices and gradients over a seeded
+sweep of geometries, inputs with ties and NaN, gradcheck, numpy in/out, every element written,
+exception parity. CPU tests run under both kernel builds (cpu_path); CUDA via the device fixture."""
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastdl
+import fastdl.nn as fnn
+import fastdl.nn.functional as F
+from fastdl.ops import pool as ops_pool
+from helpers import assert_close, check_op, poison_like, rand
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture
+def where(device, cpu_path):
+    """(device) for each CPU kernel build, and once for CUDA."""
+    if device == "cuda" and cpu_path != "default":
+        pytest.skip("CUDA runs once (the CPU path does not apply)")
+    return device
+
+
+def dtypes_for(device):
+    return DTYPES if device == "cpu" else [torch.float32]
+
+
+def make_input(shape, dtype, device, mode, gen):
+    """Random input; mode 'ties' rounds to 4 levels, 'nan' sprinkles NaN (and -inf)."""
+    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    if mode == "ties":
+        x = torch.round(x * 2) / 2
+    elif mode == "nan":
+        m = torch.rand(shape, generator=gen)
+        x[m < 0.08] = float("nan")
+        x[(m > 0.08) & (m < 0.12)] = float("-inf")
+    return x.to(device)
+
+
+def max_configs(n, seed):
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        kh, kw = rng.randint(1, 5), rng.randint(1, 5)
+        cfg = dict(kernel_size=(kh, kw), stride=(rng.randint(1, 3), rng.randint(1, 3)),
+                   padding=(rng.randint(0, kh // 2), rng.randint(0, kw // 2)),
+                   dilation=(rng.randint(1, 3), rng.randint(1, 3)), ceil_mode=rng.random() < 0.5)
+        if rng.random() < 0.3:  # the plain square forms too
+            cfg = dict(kernel_size=kh, stride=rng.choice([None, 1, 2, 3]), padding=rng.randint(0, kh // 2),
+                       dilation=rng.randint(1, 2), ceil_mode=rng.random() < 0.5)
+        shape = (rng.randint(1, 3), rng.randint(1, 4), rng.choice([1, 2, 5, 7, 9, 13, 17]),
+                 rng.choice([1, 3, 6, 11, 15, 19]))
+        if rng.random() < 0.2:
+            shape = shape[1:]  # unbatched
+        try:
+            TF.max_pool2d(torch.zeros(shape), **cfg)
+        except RuntimeError:
+            continue
+        out.append((shape, cfg, rng.choice(["rand", "ties", "nan"])))
+    return out
+
+
+def run_max_case(device, dtype, shape, cfg, mode, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input(shape, dtype, device, mode, gen)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    ya, ia = F.max_pool2d(xa, return_indices=True, **cfg)
+    yb, ib = TF.max_pool2d(xb, return_indices=True, **cfg)
+    case = f"max_pool2d shape={shape} {cfg} input={mode} dtype={dtype} seed={seed}"
+    assert ya.shape == yb.shape, case
+    assert torch.equal(ia.cpu(), ib.cpu()), f"indices differ: {case}"
+    torch.testing.assert_close(ya.cpu(), yb.cpu(), equal_nan=True, rtol=0, atol=0, msg=case)
+    # Without autograd and without indices (the index-free kernel) the values are the same.
+    with torch.no_grad():
+        torch.testing.assert_close(F.max_pool2d(x, **cfg).cpu(), yb.detach().cpu(),
+                                   equal_nan=True, rtol=0, atol=0, msg=case)
+    gy = torch.randn(yb.shape, generator=gen, dtype=dtype).to(device)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert_close(xa.grad, xb.grad, reduction=4, what=f"grad: {case}")
+    # without return_indices the CPU saves int32 indices internally: same gradient
+    xc = x.clone().requires_grad_()
+    F.max_pool2d(xc, **cfg).backward(gy)
+    assert_close(xc.grad, xb.grad, reduction=4, what=f"grad (internal indices): {case}")
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_max_pool2d_sweep(where, chunk):
+    for dtype in dtypes_for(where):
+        for i, (shape, cfg, mode) in enumerate(max_configs(24, seed=100 + chunk)):
+            run_max_case(where, dtype, shape, cfg, mode, seed=1000 * chunk + i)
+
+
+def avg_configs(n, seed):
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        kh, kw = rng.randint(1, 5), rng.randint(1, 5)
+        cfg = dict(kernel_size=(kh, kw), stride=(rng.randint(1, 3), rng.randint(1, 3)),
+                   padding=(rng.randint(0, kh // 2), rng.randint(0, kw // 2)),
+                   ceil_mode=rng.random() < 0.5, count_include_pad=rng.random() < 0.5,
+                   divisor_override=rng.choice([None, None, None, 3, -2]))
+        shape = (rng.randint(1, 3), rng.randint(1, 4), rng.choice([1, 2, 5, 7, 9, 13, 17]),
+                 rng.choice([1, 3, 6, 11, 15, 19]))
+        if rng.random() < 0.2:
+            shape = shape[1:]
+        try:
+            TF.avg_pool2d(torch.zeros(shape), **cfg)
+        except RuntimeError:
+            continue
+        out.append((shape, cfg))
+    return out
+
+
+@pytest.mark.parametrize("chunk", range(3))
+def test_avg_pool2d_sweep(where, chunk):
+    for dtype in dtypes_for(where):
+        for i, (shape, cfg) in enumerate(avg_configs(24, seed=200 + chunk)):
+            x = rand(*shape, dtype=dtype, device=where)
+            try:
+                check_op(F.avg_pool2d, TF.avg_pool2d, [x], reduction=25, **cfg)
+            except AssertionError as e:
+                raise AssertionError(f"avg_pool2d shape={shape} {cfg} dtype={dtype}: {e}") from e
+
+
+ADAPTIVE_CASES = [((2, 3, 7, 7), 1), ((2, 3, 13, 11), (5, None)), ((3, 9, 10), (4, 3)),
+                  ((2, 2, 5, 6), (7, 9)), ((1, 4, 17, 15), (None, 4)), ((2, 3, 8, 8), (8, 1)),
+                  ((2, 3, 9, 5), (2, 5)), ((1, 1, 1, 1), 3), ((2, 3, 6, 14), (3, 1)),
+                  ((3, 13, 7, 7), 1), ((2, 9, 5, 3), (1, 1))]  # global: 8 planes at a time
+
+
+@pytest.mark.parametrize("shape,size", ADAPTIVE_CASES)
+def test_adaptive_avg_pool2d(where, shape, size):
+    for dtype in dtypes_for(where):
+        check_op(F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d,
+                 [rand(*shape, dtype=dtype, device=where)], reduction=64, output_size=size)
+
+
+@pytest.mark.parametrize("shape,size", ADAPTIVE_CASES)
+@pytest.mark.parametrize("mode", ["rand", "ties", "nan"])
+def test_adaptive_max_pool2d(where, shape, size, mode):
+    gen = torch.Generator().manual_seed(7)
+    for dtype in dtypes_for(where):
+        x = make_input(shape, dtype, where, mode, gen)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, ia = F.adaptive_max_pool2d(xa, size, return_indices=True)
+        yb, ib = TF.adaptive_max_pool2d(xb, size, return_indices=True)
+        assert torch.equal(ia.cpu(), ib.cpu()), f"indices differ: {shape} {size} {mode}"
+        torch.testing.assert_close(ya.cpu(), yb.cpu(), equal_nan=True, rtol=0, atol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(F.adaptive_max_pool2d(x, size).cpu(), yb.detach().cpu(),
+                                       equal_nan=True, rtol=0, atol=0)
+        gy = torch.randn_like(yb)
+        ya.backward(gy)
+        yb.backward(gy)
+        assert_close(xa.grad, xb.grad, reduction=16, what="grad")
+
+
+@pytest.mark.parametrize("shape,k,s,p,out", [((2, 3, 8, 8), 2, None, 0, None),
+                                             ((2, 3, 9, 11), 3, 2, 1, None),
+                                             ((3, 7, 7), 2, 2, 0, (7, 7)),
+                                             ((1, 2, 10, 6), (3, 2), (3, 2), 0, [1, 2, 10, 6])])
+def test_max_unpool2d(where, shape, k, s, p, out):
+    for dtype in dtypes_for(where):
+        x = rand(*shape, dtype=dtype, device=where)
+        y, idx = TF.max_pool2d(x, k, s, p, return_indices=True)
+        check_op(lambda a: F.max_unpool2d(a, idx, k, s, p, out),
+                 lambda a: TF.max_unpool2d(a, idx, k, s, p, out), [y])
+
+
+def test_max_unpool2d_invalid_index(where):
+    y, idx = TF.max_pool2d(rand(1, 2, 8, 8, device=where), 2, return_indices=True)
+    if where == "cuda":
+        pytest.skip("CUDA skips out-of-range indices instead of raising (no device sync)")
+    with pytest.raises(RuntimeError, match="invalid max index"):
+        F.max_unpool2d(y, idx + 100, 2)
+
+
+def test_gradcheck(cpu_path):
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 7, 6, **d)
+    assert torch.autograd.gradcheck(lambda a: F.max_pool2d(a, 3, 2, 1, ceil_mode=True), [x])
+    assert torch.autograd.gradcheck(lambda a: F.max_pool2d(a, (2, 3), 1, 1, dilation=2), [x])
+    assert torch.autograd.gradcheck(
+        lambda a: F.avg_pool2d(a, 3, 2, 1, ceil_mode=True, count_include_pad=False), [x])
+    assert torch.autograd.gradcheck(lambda a: F.avg_pool2d(a, 2, 1, divisor_override=3), [x])
+    assert torch.autograd.gradcheck(lambda a: F.adaptive_avg_pool2d(a, (4, 5)), [x])
+    assert torch.autograd.gradcheck(lambda a: F.adaptive_max_pool2d(a, (3, 4)), [x])
+    y, idx = TF.max_pool2d(x.detach(), 2, return_indices=True)
+    assert torch.autograd.gradcheck(lambda a: F.max_unpool2d(a, idx, 2),
+                                    [y.clone().requires_grad_()])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_in_out(cpu_path, dtype):
+    x = np.random.default_rng(0).standard_normal((2, 3, 11, 9)).astype(dtype)
+    t = torch.from_numpy(x)
+    y, idx = fastdl.ops.max_pool2d(x, 3, 2, 1, return_indices=True)
+    yt, it = TF.max_pool2d(t, 3, 2, 1, return_indices=True)
+    assert isinstance(y, np.ndarray) and y.dtype == dtype and idx.dtype == np.int64
+    np.testing.assert_array_equal(y, yt.numpy())
+    np.testing.assert_array_equal(idx, it.numpy())
+    gy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
+    tt = t.clone().requires_grad_()
+    TF.max_pool2d(tt, 3, 2, 1).backward(torch.from_numpy(gy))
+    np.testing.assert_allclose(fastdl.ops.max_pool2d_backward(gy, idx, x.shape), tt.grad.numpy(),
+                               rtol=1e-6)
+    kw = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
+    ya = fastdl.ops.avg_pool2d(x, **kw)
+    assert isinstance(ya, np.ndarray) and ya.dtype == dtype
+    np.testing.assert_allclose(ya, TF.avg_pool2d(t, **kw).numpy(), rtol=1e-5)
+    tt = t.clone().requires_grad_()
+    TF.avg_pool2d(tt, **kw).backward(torch.from_numpy(gy))
+    np.testing.assert_allclose(fastdl.ops.avg_pool2d_backward(gy, x.shape, **kw), tt.grad.numpy(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fastdl.ops.adaptive_avg_pool2d(x, (4, None)),
+                               TF.adaptive_avg_pool2d(t, (4, None)).numpy(), rtol=1e-5)
+    ym, im = fastdl.ops.adaptive_max_pool2d(x, 4, return_indices=True)
+    np.testing.assert_array_equal(im, TF.adaptive_max_pool2d(t, 4, return_indices=True)[1].numpy())
+    up = fastdl.ops.max_unpool2d(y, idx, 3, 2, 1, output_size=x.shape)
+    np.testing.assert_array_equal(up, TF.max_unpool2d(yt, it, 3, 2, 1, output_size=x.shape).numpy())
+    # non-contiguous numpy input is copied to a contiguous one first
+    xt = np.swapaxes(x, 2, 3)
+    np.testing.assert_array_equal(fastdl.ops.max_pool2d(xt, 2),
+                                  TF.max_pool2d(torch.from_numpy(np.ascontiguousarray(xt)), 2).numpy())
+
+
+def test_every_element_written(where):
+    """The kernels write every output element: outputs start as NaN, inputs hold no NaN."""
+    x = rand(2, 3, 13, 10, device=where)
+    for kind, prep, args in [
+            (ops_pool._MAX, ops_pool.max_pool2d_prepare, (3, 2, 1, 2, True)),
+            (ops_pool._AVG, ops_pool.avg_pool2d_prepare, (3, 2, 1, True, False)),
+            (ops_pool._AVG, ops_pool.avg_pool2d_prepare, ((1, 2), 3, 0, True, False)),  # gaps
+            (ops_pool._AVG, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_avg_pool2d", x, s), ((4, 6),)),
+            (ops_pool._MAX, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_max_pool2d", x, s), ((4, 6),))]:
+        xc, out_shape, geom, dev, *_ = prep(x, *args)
+        y = torch.full(out_shape, float("nan"), device=where)
+        idx = torch.full(out_shape, -7, dtype=torch.int64, device=where) if kind == ops_pool._MAX else None
+        ops_pool.launch(kind, False, xc, y, idx, geom, dev)
+        assert not torch.isnan(y).any()
+        if idx is not None:
+            assert (idx >= 0).all()
+        gx = poison_like(x)
+        gy = torch.randn(out_shape, device=where)
+        ops_pool.launch(kind, True, gy, gx, idx, geom, dev)
+        assert not torch.isnan(gx).any()
+    y, idx = TF.max_pool2d(x, 2, return_indices=True)
+    _, i2, out_shape, geom, dev = ops_pool.max_unpool2d_prepare(y, idx, 2)
+    up = torch.full(out_shape, float("nan"), device=where)
+    ops_pool.launch(ops_pool._UNPOOL, False, y, up, i2, geom, dev)
+    assert not torch.isnan(up).any()
+    gy = poison_like(y)
+    ops_pool.launch(ops_pool._UNPOOL, True, torch.randn(out_shape, device=where), gy, i2, geom,
+                    dev)
+    assert not torch.isnan(gy).any()
+
+
+def test_noncontiguous_and_empty_batch(where):
+    x = rand(2, 11, 9, 3, device=where).permute(0, 3, 1, 2)  # channels-last strides
+    check_op(F.max_pool2d, TF.max_pool2d, [x], kernel_size=3, stride=2, padding=1)
+    check_op(F.avg_pool2d, TF.avg_pool2d, [x], reduction=9, kernel_size=3, stride=2, padding=1)
+    check_op(F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d, [x], reduction=9, output_size=1)
+    e = rand(0, 3, 8, 8, device=where)
+    assert F.max_pool2d(e, 2).shape == TF.max_pool2d(e, 2).shape
+    assert F.avg_pool2d(e, 2).shape == (0, 3, 4, 4)
+    assert F.adaptive_max_pool2d(e, 3).shape == (0, 3, 3, 3)
+    assert F.adaptive_avg_pool2d(rand(2, 3, 8, 8, device=where), 0).shape == (2, 3, 0, 0)
+
+
+def test_threads_agree(cpu_path):
+    x = rand(4, 8, 30, 30)
+    before = fastdl.get_num_threads()
+    try:
+        fastdl.set_num_threads(1)
+        a = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+        b = F.avg_pool2d(x, 3, 2, 1)
+        fastdl.set_num_threads(2)
+        c = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+        d = F.avg_pool2d(x, 3, 2, 1)
+    finally:
+        fastdl.set_num_threads(before)
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1]) and torch.equal(b, d)
+
+
+def test_modules(where):
+    x = rand(2, 4, 12, 10, device=where)
+    pairs = [(fnn.MaxPool2d(3, 2, 1, return_indices=True, ceil_mode=True),
+              torch.nn.MaxPool2d(3, 2, 1, return_indices=True, ceil_mode=True)),
+             (fnn.AvgPool2d(3, 2, 1, count_include_pad=False), torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
+             (fnn.AdaptiveAvgPool2d((None, 3)), torch.nn.AdaptiveAvgPool2d((None, 3))),
+             (fnn.AdaptiveMaxPool2d(5), torch.nn.AdaptiveMaxPool2d(5))]
+    for a, b in pairs:
+        assert repr(a) == repr(b) and isinstance(a, type(b)) and isinstance(a, torch.nn.Module)
+        check_op(a, b, [x], reduction=9)
+        assert a.state_dict() == {}
+    y, idx = TF.max_pool2d(x, 2, return_indices=True)
+    a, b = fnn.MaxUnpool2d(2), torch.nn.MaxUnpool2d(2)
+    assert repr(a) == repr(b)
+    assert torch.equal(a(y, idx, output_size=x.shape), b(y, idx, output_size=x.shape))
+
+
+# ---- exception parity ----------------------------------------------------------------------------
+
+X = torch.randn(2, 3, 8, 8)
+Y, I = TF.max_pool2d(X, 2, return_indices=True)
+BAD_CALLS = [
+    ("max_pool2d", (X, 3), dict(padding=2)),
+    ("avg_pool2d", (X, 3), dict(padding=2)),
+    ("max_pool2d", (torch.randn(1, 1, 2, 2), 3), {}),
+    ("avg_pool2d", (torch.randn(1, 1, 2, 2), 3), {}),
+    ("max_pool2d", (torch.randn(8, 8), 2), {}),
+    ("max_pool2d", (torch.randn(1, 1, 1, 8, 8), 2), {}),
+    ("avg_pool2d", (torch.randn(8, 8), 2), {}),
+    ("avg_pool2d", (torch.randn(1, 1, 1, 8, 8), 2), {}),
+    ("max_pool2d", (X, 0), {}),
+    ("max_pool2d", (X, -1), {}),
+    ("max_pool2d", (X, 2), dict(stride=0)),
+    ("max_pool2d", (X, 2), dict(stride=-1)),
+    ("max_pool2d", (X, 2), dict(dilation=0)),
+    ("max_pool2d", (X, 2), dict(padding=-1)),
+    ("max_pool2d", (X, (2, 2, 2)), {}),
+    ("max_pool2d", (X, 2.0), {}),
+    ("avg_pool2d", (X, 0), {}),
+    ("avg_pool2d", (X, 2), dict(stride=0)),
+    ("avg_pool2d", (X, 2), dict(divisor_override=0)),
+    ("avg_pool2d", (X, (2, 2, 2)), {}),
+    ("max_pool2d", (torch.randn(2, 0, 8, 8), 2), {}),
+    ("avg_pool2d", (torch.randn(2, 3, 0, 8), 2), {}),
+    ("max_pool2d", ([1.0, 2.0], 2), {}),
+    ("adaptive_avg_pool2d", (torch.randn(8, 8), 2), {}),
+    ("adaptive_avg_pool2d", (torch.randn(2, 3, 0, 8), 2), {}),
+    ("adaptive_avg_pool2d", (X, -1), {}),
+    ("adaptive_avg_pool2d", (X, (1, 2, 3)), {}),
+    ("adaptive_avg_pool2d", (torch.ones(1, 1, 4, 4, dtype=torch.int64), 2), {}),
+    ("adaptive_max_pool2d", (torch.randn(8, 8), 2), {}),
+    ("adaptive_max_pool2d", (torch.randn(2, 0, 8, 8), 2), {}),
+    ("adaptive_max_pool2d", (X, (-1, 2)), {}),
+    ("adaptive_max_pool2d", (torch.ones(1, 1, 4, 4, dtype=torch.int64), 2), {}),
+    ("max_unpool2d", (Y, I + 100, 2), {}),
+    ("max_unpool2d", (Y, I - 100, 2), {}),
+    ("max_unpool2d", (Y, I[:, :, :2], 2), {}),
+    ("max_unpool2d", (Y, I.float(), 2), {}),
+    ("max_unpool2d", (Y, I.int(), 2), {}),
+    ("max_unpool2d", (Y, I, 2), dict(output_size=(3, 3))),
+    ("max_unpool2d", (Y, I, 2), dict(output_size=(100, 8))),
+    ("max_unpool2d", (Y[0, 0], I[0, 0], 2), {}),
+    ("max_unpool2d", (Y.long(), I, 2), {}),
+]
+
+
+@pytest.mark.parametrize("name,args,kwargs", BAD_CALLS,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(BAD_CALLS)])
+def test_exception_parity(name, args, kwargs):
+    with pytest.raises(Exception) as theirs:
+        getattr(TF, name)(*args, **kwargs)
+    before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
+    with pytest.raises(Exception) as ours:
+        getattr(F, name)(*args, **kwargs)
+    assert type(ours.value) is type(theirs.value), (
+        f"torch raised {type(theirs.value).__name__}: {theirs.value}; fastdl raised "
+        f"{type(ours.value).__name__}: {ours.value}")
+    assert name in str(ours.value) or "invalid max index" in str(ours.value)
+    after = [a for a in args if isinstance(a, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_unsupported_dtype_is_not_implemented():
+    # torch pools integers and halves on the CPU; fastdl says plainly that it does not.
+    with pytest.raises(NotImplementedError, match="float32 or float64"):
+        F.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
+    with pytest.raises(NotImplementedError, match="float32 or float64"):
+        F.avg_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.float16), 2)
+
+
+def test_large_outputs(cpu_path):
+    """Outputs of 8 MB and more go through the streamed-store path; compare them too."""
+    x = rand(16, 32, 64, 66)
+    check_op(F.max_pool2d, TF.max_pool2d, [x], kernel_size=1)  # 8.6 MB out, then grad_input
+    check_op(F.avg_pool2d, TF.avg_pool2d, [x], reduction=4, kernel_size=2, stride=1)
+    y, idx = F.max_pool2d(x, 2, return_indices=True)
+    yt, it = TF.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(idx, it) and torch.equal(y, yt)
+    check_op(lambda a: F.max_unpool2d(a, idx, 2), lambda a: TF.max_unpool2d(a, it, 2), [y])
+    check_op(F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d, [x], reduction=64 * 66, output_size=1)
+
+
+# ---- PyTorch's own OpInfo database as a peer suite -----------------------------------------------
+
+OPDB_NAMES = ["nn.functional.max_pool2d", "nn.functional.avg_pool2d",
+              "nn.functional.adaptive_max_pool2d", "nn.functional.adaptive_avg_pool2d",
+              "nn.functional.max_unpool2d"]
+
+
+def _opinfo(name):
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_methods_invocations import op_db
+    for op in op_db:
+        if op.name == name and op.variant_test_name == "":
+            return op
+    pytest.skip(f"{name} not in this torch's op_db")
+
+
+@pytest.mark.parametrize("name", OPDB_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_op_db_samples(cpu_path, name, dtype):
+    """Every sample input torch's OpInfo has for the op: same outputs (and indices) and grads."""
+    op = _opinfo(name)
+    ours = getattr(F, name.split(".")[-1])
+    n = 0
+    for sample in op.sample_inputs("cpu", dtype, requires_grad=True):
+        args, kwargs = sample.args, dict(sample.kwargs)
+        a = sample.input.detach().clone().requires_grad_()
+        b = sample.input.detach().clone().requires_grad_()
+        oa, ob = ours(a, *args, **kwargs), op.op(b, *args, **kwargs)
+        oa = oa if isinstance(oa, tuple) else (oa,)
+        ob = ob if isinstance(ob, tuple) else (ob,)
+        what = f"{name} sample input {tuple(sample.input.shape)} args={args} kwargs={kwargs}"
+        assert_close(oa[0], ob[0], reduction=64, what=what)
+        for x, y in zip(oa[1:], ob[1:]):
+            assert torch.equal(x, y), f"indices differ: {what}"
+        if ob[0].numel():
+            g = torch.randn_like(ob[0])
+            oa[0].backward(g)
+            ob[0].backward(g)
+            assert_close(a.grad, b.grad, reduction=64, what=f"grad: {what}")
+        n += 1
+    assert n > 0
+
+
+@pytest.mark.parametrize("name", OPDB_NAMES)
+def test_torch_op_db_errors(name):
+    """Every error input torch's OpInfo lists raises the same exception class in fastdl."""
+    op = _opinfo(name)
+    ours = getattr(F, name.split(".")[-1])
+    for err in op.error_inputs("cpu"):
+        s = err.sample_input
+        with pytest.raises(Exception) as exc:
+            ours(s.input, *s.args, **s.kwargs)
+        assert isinstance(exc.value, err.error_type), (
+            f"{name}{tuple(s.input.shape)} args={s.args} kwargs={s.kwargs}: torch raises "
+            f"{err.error_type.__name__} ({err.error_regex}), fastdl raised "
+            f"{type(exc.value).__name__}: {exc.value}")
+
+
+@pytest.mark.parametrize("cls", ["MaxPool2d", "AvgPool2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d"])
+def test_torch_module_db(cls):
+    """torch's ModuleInfo constructor/forward inputs: same outputs, indices and input grads."""
+    pytest.importorskip("expecttest")
+    from torch.testing._internal.common_modules import module_db
+    infos = [m for m in module_db if m.module_cls is getattr(torch.nn, cls)]
+    if not infos:
+        pytest.skip(f"nn.{cls} not in this torch's module_db")
+    info = infos[0]
+    for dtype in DTYPES:
+        for mi in info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True,
+                                          training=True):
+            if mi.forward_input is None:
+                continue
+            c = mi.constructor_input
+            ours, theirs = getattr(fnn, cls)(*c.args, **c.kwargs), info.module_cls(*c.args, **c.kwargs)
+            assert repr(ours) == repr(theirs)
+            x = mi.forward_input.args[0]
+            check_op(ours, theirs, [x], reduction=64, *(), **mi.forward_input.kwargs)
