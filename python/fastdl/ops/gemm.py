@@ -106,6 +106,8 @@ def launch(a, b, c, *, alpha, beta, code, device):
     stride. Used by the ops front ends (matmul, gemm, linear)."""
     m, k = a.shape
     n = b.shape[1]
+    if m == 0 or n == 0:
+        return c
     a_buf, ta, lda = operand(a)
     b_buf, tb, ldb = operand(b)
     s0 = _elem_strides(c)[0]
