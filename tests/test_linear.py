@@ -178,3 +178,25 @@ def test_linear_errors():
 def test_linear_errors_devices(cuda_device):
     with pytest.raises(RuntimeError, match="same device"):
         F.linear(torch.ones(2, 3), torch.ones(4, 3, device="cuda"))
+
+
+# ---- PyTorch's own OpInfo samples for nn.functional.linear --------------------------------------
+
+def _op_db_linear():
+    try:
+        from torch.testing._internal.common_methods_invocations import op_db
+    except Exception as e:  # expecttest missing, or torch internals moved
+        pytest.skip(f"torch op_db unavailable: {e}")
+    return next(o for o in op_db if o.name == "nn.functional.linear")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_op_db_samples(dtype):
+    op = _op_db_linear()
+    n = 0
+    for s in op.sample_inputs("cpu", dtype, requires_grad=True):
+        inputs = [s.input] + list(s.args)
+        check_op(F.linear, torch.nn.functional.linear, inputs,
+                 reduction=max(8, s.input.shape[-1]), **s.kwargs)
+        n += 1
+    assert n > 0
