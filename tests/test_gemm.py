@@ -136,6 +136,26 @@ def test_gemm_threads_agree(cpu_path, _fresh_seed, dtype):
     np.testing.assert_array_equal(one, three)
 
 
+@pytest.mark.parametrize("case", range(40))
+def test_gemm_random_sweep(cpu_path, case):
+    """Seeded sweep over sizes, transposes, paddings, alpha and beta; the id names the case."""
+    rng = _rng(1000 + case)
+    m, n, k = (int(x) for x in rng.integers(1, 160, 3))
+    if case % 5 == 0:
+        k = int(rng.integers(257, 700))      # crosses a KC slice
+    dtype = np.float32 if case % 2 else np.float64
+    ta, tb = bool(rng.integers(2)), bool(rng.integers(2))
+    alpha, beta = float(rng.uniform(-2, 2)), float(rng.choice([0.0, 1.0, rng.uniform(-1, 1)]))
+    a = _stored(rng, m, k, dtype, ta, bool(rng.integers(2)))
+    b = _stored(rng, k, n, dtype, tb, bool(rng.integers(2)))
+    c = rng.uniform(-1, 1, (m, n)).astype(dtype)
+    if beta == 0:
+        c[...] = np.nan
+    c0 = c.copy()
+    ops.gemm(a, b, c, alpha=alpha, beta=beta, trans_a=ta, trans_b=tb)
+    _check(c, a, b, c0, alpha, beta, ta, tb, dtype, k)
+
+
 def test_matmul_noncontiguous_numpy(_fresh_seed):
     rng = _rng(_fresh_seed)
     base = rng.uniform(-1, 1, (40, 60))

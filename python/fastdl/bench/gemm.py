@@ -8,8 +8,9 @@ Shapes (m x k times k x n):
   conv 3x3 on 64 channels at 56x56        C = W (64 x 576) @ im2col columns (576 x 3136)
 Every call allocates its output, on all sides alike.
 On the CPU the cases use the harness's settle/block mode: OpenBLAS worker threads spin-wait up to
-2^28 cycles (~70 ms) after a numpy call, and on a 2 core machine that spin overlapped the next timed
-call (fastdl 2048^3 measured 127 GFLOP/s right after numpy, 191 after a 0.1 s pause, 2-core Zen4).
+2^28 cycles (0.1 s at 2.6 GHz) after a numpy call, and on a 2-core machine that spin overlapped the
+next timed call (fastdl 2048^3 measured 127 GFLOP/s right after numpy, 191 after a 0.1 s pause; with
+0.1 s, calls after numpy still showed 8 ms scheduler stalls, so the pause is 0.3 s; 2-core Zen4).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def cases(device="cpu", quick=False):
                                       torch.matmul(a, b.t() if tb else b))}
         if device == "cpu":
             baselines["numpy"] = (lambda a=a, b=b, tb=tb: np.matmul(a, b.T if tb else b))
-        quiet = dict(settle_s=0.1, block=3) if device == "cpu" else {}
+        quiet = dict(settle_s=0.3, block=3) if device == "cpu" else {}
         out.append(Case("gemm", label, fast, baselines, flops=2.0 * m * n * k, device=device,
                         **quiet))
     return out
