@@ -239,6 +239,12 @@ def test_gemm_errors():
         ops.gemm(a32, np.ones((3, 4), np.float32), ro)
     with pytest.raises(ValueError, match="row-major"):
         ops.gemm(a32, np.ones((3, 4), np.float32), np.zeros((4, 2), np.float32).T)
+    sq = np.ones((3, 3), np.float32)
+    with pytest.raises(ValueError, match="overlaps a"):
+        ops.gemm(sq, np.ones((3, 3), np.float32), sq, beta=1.0)
+    leaf = torch.zeros(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        ops.gemm(torch.ones(2, 3), torch.ones(3, 4), leaf)
     with pytest.raises(TypeError, match="alpha"):
         ops.gemm(a32, a32, alpha="2", trans_b=True)
 

@@ -118,6 +118,13 @@ def launch(a, b, c, *, alpha, beta, code, device):
     return c
 
 
+def _overlaps(c, x) -> bool:
+    """Conservative aliasing test: numpy by address bounds, torch by shared storage."""
+    if isinstance(c, np.ndarray):
+        return bool(np.may_share_memory(c, x))
+    return c.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
 def _check_matrix(fn, name, x):
     if x.ndim != 2:
         raise RuntimeError(f"{fn}: expected {name} to be a matrix (2 dims), got "
@@ -186,6 +193,15 @@ def gemm(a, b, c=None, *, alpha=1.0, beta=0.0, trans_a=False, trans_b=False):
         raise RuntimeError(f"{fn}: expected c of shape ({m}, {n}), got {_tensor.describe(c)}")
     if isinstance(c, np.ndarray) and not c.flags.writeable:
         raise ValueError(f"{fn}: c is read-only, but it is updated in place")
+    if _tensor.is_torch(c) and c.requires_grad and c.is_leaf:
+        import torch
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{fn}: c is a leaf tensor that requires grad and is updated in "
+                               "place; call gemm under torch.no_grad()")
+    for name, x in (("a", a), ("b", b)):
+        if _overlaps(c, x):
+            raise ValueError(f"{fn}: c overlaps {name} in memory; the output must not alias an "
+                             "input (pass a separate c)")
     s0, s1 = _elem_strides(c)
     if not ((s1 == 1 or n <= 1) and (m <= 1 or (s0 is not None and s0 >= max(n, 1)))):
         raise ValueError(f"{fn}: expected c to be row-major with unit inner stride (it is "
