@@ -13,6 +13,7 @@
 #include "common.h"
 #include "cpu_features.h"
 #include "cuda_runtime_info.h"
+#include "gemm.h"
 #include "machine.h"
 #include "multi_tensor_pack.h"
 #include "optim.h"
@@ -316,4 +317,45 @@ PYBIND11_MODULE(_C, m) {
     throw std::runtime_error("fastdl was built without CUDA");
 #endif
   });
+
+  // ---- gemm / linear (csrc/gemm.h) ------------------------------------------------------------
+  // C = alpha * op(A) * op(B) + beta * C on raw row-major buffers; python/fastdl/ops/gemm.py has
+  // already checked shapes, dtypes, devices and leading dimensions.
+  m.def(
+      "gemm",
+      [](py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b, int64_t m_,
+         int64_t n, int64_t k, double alpha, double beta, int64_t lda, int64_t ldb, int64_t ldc,
+         int dtype, int device, uintptr_t stream, bool allow_tf32) {
+        GemmParams p;
+        p.trans_a = trans_a;
+        p.trans_b = trans_b;
+        p.m = m_;
+        p.n = n;
+        p.k = k;
+        p.alpha = alpha;
+        p.beta = beta;
+        p.lda = lda;
+        p.ldb = ldb;
+        p.ldc = ldc;
+        p.dtype = dtype_of(dtype);
+        const void* pa = pointer_of(a);
+        const void* pb = pointer_of(b);
+        void* pc = pointer_of(c);
+        py::gil_scoped_release release;
+        if (device < 0) {
+          gemm_cpu(p, pa, pb, pc);
+        } else {
+#ifdef FASTDL_WITH_CUDA
+          gemm_cuda(p, pa, pb, pc, cuda_launch(device, stream), allow_tf32);
+#else
+          (void)stream;
+          (void)allow_tf32;
+          throw std::runtime_error("fastdl was built without CUDA");
+#endif
+        }
+      },
+      py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a"), py::arg("trans_b"),
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("alpha"), py::arg("beta"), py::arg("lda"),
+      py::arg("ldb"), py::arg("ldc"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+      py::arg("allow_tf32"));
 }

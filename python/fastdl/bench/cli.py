@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 # Suite name -> module in fastdl.bench. Later kernel families add their suites here.
-SUITES = ["optim", "pool"]
+SUITES = ["optim", "gemm", "pool"]
 
 
 def _commit() -> str:

@@ -24,6 +24,13 @@ class Case:
     flops: float | None = None   # floating-point operations of one call (for GFLOP/s)
     device: str = "cpu"
     note: str = ""
+    # Opt-in for libraries whose worker threads spin after a call (OpenBLAS spins up to 2^28
+    # cycles, ~70 ms, which on a 2-core machine steals the cores from whatever runs next): before
+    # each callable's turn the harness sleeps settle_s and makes one untimed call, then times
+    # `block` consecutive calls. Each library is then timed in its own steady state, still
+    # interleaved round by round. Default: plain round-robin, one call per turn.
+    settle_s: float = 0.0
+    block: int = 1
     results: dict = field(default_factory=dict)  # filled by run_cases: name -> [seconds...]
 
 
@@ -71,11 +78,17 @@ def run_cases(cases: list, *, min_reps: int = 7, max_reps: int = 200, budget_s: 
             fn()
             fn()
         t_round = sum(time_once(fn) for fn in fns.values())
-        reps = int(min(max_reps, max(min_reps, budget_s / max(t_round, 1e-9))))
+        calls = case.block + (1 if case.settle_s > 0 else 0)
+        t_rep = t_round * calls + case.settle_s * len(fns)
+        reps = int(min(max_reps, max(min_reps, budget_s / max(t_rep, 1e-9))))
         times = {n: [] for n in fns}
         for _ in range(reps):
             for n, fn in fns.items():
-                times[n].append(time_once(fn))
+                if case.settle_s > 0:
+                    time.sleep(case.settle_s)
+                    fn()
+                for _ in range(case.block):
+                    times[n].append(time_once(fn))
         case.results = times
     if progress:
         _progress(len(cases), len(cases), "done")

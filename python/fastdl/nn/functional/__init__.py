@@ -1,4 +1,5 @@
 """torch.nn.functional's signatures and autograd, computed by fastdl kernels.
 One module per op family (pool.py, linear.py, ...), re-exported here."""
+from .linear import linear  # noqa: F401
 from .pool import (adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d,  # noqa: F401
                    max_unpool2d)

@@ -1,0 +1,339 @@
+// CUDA GEMM, float32: C = alpha * op(A) * op(B) + beta * C, row-major with leading dimensions and
+// either operand transposed (csrc/gemm.h; matches torch.mm / torch.addmm).
+// Two kernels, both 128 x 128 output tiles per 256-thread block, tiles in a 1-D grid:
+//  * SIMT (default, exact float32): k in slices of 8, two shared-memory buffers (one barrier per
+//    slice) fed through registers so the next slice's global loads overlap the FMAs; each thread
+//    holds an 8 x 8 register tile (two 4-wide strips per side, read from shared as float4).
+//  * TF32 tensor cores (opt-in via torch.backends.cuda.matmul.allow_tf32, sm_80+): k in slices of
+//    16, wmma m16n16k8; 8 warps in a 2 x 4 grid, each a 64 x 32 sub-tile of 4 x 2 fragments;
+//    results staged through a per-warp 16 x 16 shared tile so edges are written with bounds checks.
+// Global loads: 16-byte float4 along the operand's contiguous dimension when the base pointer is
+// 16-byte aligned and the leading dimension a multiple of 4, else scalar; out-of-range elements
+// load as zero, so any m, n, k works. beta == 0 never reads C; alpha == 0 or k == 0 only scales C.
+// Tested by tests/test_gemm.py and tests/test_linear.py (CUDA cases); timed by
+// benchmarks/bench_gemm.py --device cuda. Not yet measured on a GPU (no device in this session).
+// ptxas (sm_90): SIMT 126-138 registers, 16 KB smem, no spills (2 blocks/SM); TF32 186-188
+// registers, 26.3 KB smem, no spills (1 block/SM).
+#include <mma.h>
+
+#include <cstdint>
+
+#include "../gemm.h"
+#include "cuda_check.cuh"
+
+namespace fastdl {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTile = 128;  // BM = BN
+
+struct GemmArgs {
+  const float* a;
+  const float* b;
+  float* c;
+  int m, n, k;
+  long long lda, ldb, ldc;
+  float alpha, beta;
+  bool vec_a, vec_b, vec_c;
+  int tiles_n;
+};
+
+// A tile of an operand seen as R x K: op(A) (m x k) or op(B)^T (n x k). KCONTIG: element (r, p)
+// at x[r * ld + p] (contiguous along k); otherwise at x[p * ld + r] (contiguous along r). Each
+// thread moves groups of 4 consecutive elements along the contiguous dimension.
+template <bool KCONTIG, int TR, int TK>
+struct TileLoader {
+  static constexpr int kGroups = TR * TK / 4;
+  static constexpr int kPerThread = kGroups / kThreads;
+  static_assert(kPerThread >= 1 && kGroups % kThreads == 0, "tile must split evenly");
+  float v[kPerThread][4];
+
+  __device__ __forceinline__ static void coords(int idx, int& rr, int& kk) {
+    if (KCONTIG) {
+      rr = idx / (TK / 4);
+      kk = (idx % (TK / 4)) * 4;
+    } else {
+      kk = idx / (TR / 4);
+      rr = (idx % (TR / 4)) * 4;
+    }
+  }
+
+  __device__ __forceinline__ void load(const float* __restrict__ x, long long ld, int R, int K,
+                                       int r0, int k0, bool vec) {
+#pragma unroll
+    for (int s = 0; s < kPerThread; ++s) {
+      int rr, kk;
+      coords(threadIdx.x + s * kThreads, rr, kk);
+      const int r = r0 + rr, p = k0 + kk;
+      if (KCONTIG) {
+        if (vec && r < R && p + 3 < K) {
+          const float4 t = __ldg(reinterpret_cast<const float4*>(x + r * ld + p));
+          v[s][0] = t.x; v[s][1] = t.y; v[s][2] = t.z; v[s][3] = t.w;
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) v[s][q] = (r < R && p + q < K) ? __ldg(x + r * ld + p + q) : 0.f;
+        }
+      } else {
+        if (vec && p < K && r + 3 < R) {
+          const float4 t = __ldg(reinterpret_cast<const float4*>(x + p * ld + r));
+          v[s][0] = t.x; v[s][1] = t.y; v[s][2] = t.z; v[s][3] = t.w;
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) v[s][q] = (p < K && r + q < R) ? __ldg(x + p * ld + r + q) : 0.f;
+        }
+      }
+    }
+  }
+
+  // Writes the tile to shared memory at S[r * rs + k * ks].
+  __device__ __forceinline__ void store(float* S, int rs, int ks) const {
+#pragma unroll
+    for (int s = 0; s < kPerThread; ++s) {
+      int rr, kk;
+      coords(threadIdx.x + s * kThreads, rr, kk);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (KCONTIG) S[rr * rs + (kk + q) * ks] = v[s][q];
+        else S[(rr + q) * rs + kk * ks] = v[s][q];
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ float epilogue(float acc, const float* c, float alpha, float beta) {
+  return beta == 0.f ? alpha * acc : alpha * acc + beta * *c;
+}
+
+// ---- SIMT kernel ------------------------------------------------------------------------------
+
+template <bool TA, bool TB>
+__global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
+  constexpr int BK = 8;
+  __shared__ __align__(16) float As[2][BK][kTile];
+  __shared__ __align__(16) float Bs[2][BK][kTile];
+  const int m0 = (blockIdx.x / g.tiles_n) * kTile, n0 = (blockIdx.x % g.tiles_n) * kTile;
+  TileLoader<!TA, kTile, BK> la;  // A stored m x k (contiguous along k) unless transposed
+  TileLoader<TB, kTile, BK> lb;   // B^T as n x k: contiguous along k only when B is transposed
+  la.load(g.a, g.lda, g.m, g.k, m0, 0, g.vec_a);
+  lb.load(g.b, g.ldb, g.n, g.k, n0, 0, g.vec_b);
+  la.store(&As[0][0][0], 1, kTile);
+  lb.store(&Bs[0][0][0], 1, kTile);
+  __syncthreads();
+
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float acc[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+
+  const int nk = (g.k + BK - 1) / BK;
+  for (int kt = 0; kt < nk; ++kt) {
+    const int cur = kt & 1;
+    const bool more = kt + 1 < nk;
+    if (more) {
+      la.load(g.a, g.lda, g.m, g.k, m0, (kt + 1) * BK, g.vec_a);
+      lb.load(g.b, g.ldb, g.n, g.k, n0, (kt + 1) * BK, g.vec_b);
+    }
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
+      const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
+      const float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
+      const float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
+      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+    if (more) {
+      la.store(&As[cur ^ 1][0][0], 1, kTile);
+      lb.store(&Bs[cur ^ 1][0][0], 1, kTile);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int row = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+    if (row >= g.m) continue;
+    float* crow = g.c + row * g.ldc;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int col = n0 + h * 64 + tx * 4;
+      const float* r = acc[i] + h * 4;
+      if (g.vec_c && col + 3 < g.n) {
+        float4* dst = reinterpret_cast<float4*>(crow + col);
+        float4 o = make_float4(g.alpha * r[0], g.alpha * r[1], g.alpha * r[2], g.alpha * r[3]);
+        if (g.beta != 0.f) {
+          const float4 old = *dst;
+          o.x += g.beta * old.x; o.y += g.beta * old.y; o.z += g.beta * old.z; o.w += g.beta * old.w;
+        }
+        *dst = o;
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          if (col + q < g.n) crow[col + q] = epilogue(r[q], crow + col + q, g.alpha, g.beta);
+      }
+    }
+  }
+}
+
+// ---- TF32 tensor-core kernel ------------------------------------------------------------------
+
+template <bool TA, bool TB>
+__global__ void __launch_bounds__(kThreads) sgemm_tf32(GemmArgs g) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr int BK = 16, LDA_S = BK + 4, LDB_S = kTile + 4;  // pads: fewer bank conflicts
+  __shared__ __align__(32) float As[kTile * LDA_S];           // As[i * LDA_S + k]
+  __shared__ __align__(32) float Bs[BK * LDB_S];              // Bs[k * LDB_S + j]
+  __shared__ __align__(32) float stage[kThreads / 32][16 * 16];
+  const int m0 = (blockIdx.x / g.tiles_n) * kTile, n0 = (blockIdx.x % g.tiles_n) * kTile;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / 4, wn = warp % 4;  // warp sub-tile: rows wm*64.., cols wn*32..
+  TileLoader<!TA, kTile, BK> la;
+  TileLoader<TB, kTile, BK> lb;
+  la.load(g.a, g.lda, g.m, g.k, m0, 0, g.vec_a);
+  lb.load(g.b, g.ldb, g.n, g.k, n0, 0, g.vec_b);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  const int nk = (g.k + BK - 1) / BK;
+  for (int kt = 0; kt < nk; ++kt) {
+    la.store(As, LDA_S, 1);
+    lb.store(Bs, 1, LDB_S);
+    __syncthreads();
+    if (kt + 1 < nk) {
+      la.load(g.a, g.lda, g.m, g.k, m0, (kt + 1) * BK, g.vec_a);
+      lb.load(g.b, g.ldb, g.n, g.k, n0, (kt + 1) * BK, g.vec_b);
+    }
+#pragma unroll
+    for (int ks = 0; ks < BK; ks += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        wmma::load_matrix_sync(fa[i], As + (wm * 64 + i * 16) * LDA_S + ks, LDA_S);
+#pragma unroll
+        for (int t = 0; t < fa[i].num_elements; ++t) fa[i].x[t] = wmma::__float_to_tf32(fa[i].x[t]);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(fb[j], Bs + ks * LDB_S + wn * 32 + j * 16, LDB_S);
+#pragma unroll
+        for (int t = 0; t < fb[j].num_elements; ++t) fb[j].x[t] = wmma::__float_to_tf32(fb[j].x[t]);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+  float* st = stage[warp];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(st, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int row = m0 + wm * 64 + i * 16 + e / 16, col = n0 + wn * 32 + j * 16 + e % 16;
+        if (row < g.m && col < g.n) {
+          float* dst = g.c + row * g.ldc + col;
+          *dst = epilogue(st[e], dst, g.alpha, g.beta);
+        }
+      }
+      __syncwarp();
+    }
+  }
+#else
+  (void)g;  // host fallback keeps sm_75 builds on the SIMT kernel (see gemm_cuda)
+#endif
+}
+
+// C = beta * C over m x n (alpha == 0 or k == 0); beta == 0 writes zeros without reading.
+__global__ void scale_c(float* c, int m, int n, long long ldc, float beta) {
+  const long long total = static_cast<long long>(m) * n;
+  for (long long e = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<long long>(gridDim.x) * blockDim.x) {
+    float* p = c + (e / n) * ldc + e % n;
+    *p = beta == 0.f ? 0.f : beta * *p;
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int compute_major(int device) {
+  static int cached[64] = {0};
+  if (device >= 0 && device < 64 && cached[device]) return cached[device];
+  int major = 0;
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (device >= 0 && device < 64) cached[device] = major;
+  return major;
+}
+
+template <bool TA, bool TB>
+void launch_typed(const GemmArgs& g, int blocks, bool tf32, cudaStream_t stream) {
+  if (tf32) sgemm_tf32<TA, TB><<<blocks, kThreads, 0, stream>>>(g);
+  else sgemm_simt<TA, TB><<<blocks, kThreads, 0, stream>>>(g);
+}
+
+}  // namespace
+
+void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const CudaLaunch& launch,
+               bool allow_tf32) {
+  check_gemm_params(p);
+  FASTDL_CHECK(p.dtype == DType::Float32, "gemm: CUDA supports float32, got ", dtype_name(p.dtype));
+  FASTDL_CHECK(p.m < (int64_t(1) << 31) && p.n < (int64_t(1) << 31) && p.k < (int64_t(1) << 31),
+               "gemm: CUDA sizes must be below 2^31");
+  if (p.m == 0 || p.n == 0) return;
+  CudaDeviceGuard guard(launch.device);
+  cudaStream_t stream = as_stream(launch.stream);
+  if (p.k == 0 || p.alpha == 0.0) {
+    const long long total = p.m * p.n;
+    const int blocks = static_cast<int>(std::min<long long>((total + 255) / 256, 65535));
+    scale_c<<<blocks, 256, 0, stream>>>(static_cast<float*>(c), static_cast<int>(p.m),
+                                        static_cast<int>(p.n), p.ldc, static_cast<float>(p.beta));
+    FASTDL_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  GemmArgs g;
+  g.a = static_cast<const float*>(a);
+  g.b = static_cast<const float*>(b);
+  g.c = static_cast<float*>(c);
+  g.m = static_cast<int>(p.m);
+  g.n = static_cast<int>(p.n);
+  g.k = static_cast<int>(p.k);
+  g.lda = p.lda;
+  g.ldb = p.ldb;
+  g.ldc = p.ldc;
+  g.alpha = static_cast<float>(p.alpha);
+  g.beta = static_cast<float>(p.beta);
+  g.vec_a = aligned16(a) && p.lda % 4 == 0;
+  g.vec_b = aligned16(b) && p.ldb % 4 == 0;
+  g.vec_c = aligned16(c) && p.ldc % 4 == 0;
+  g.tiles_n = static_cast<int>((p.n + kTile - 1) / kTile);
+  const long long tiles = static_cast<long long>((p.m + kTile - 1) / kTile) * g.tiles_n;
+  FASTDL_CHECK(tiles < (1LL << 31), "gemm: too many CUDA tiles");
+  const bool tf32 = allow_tf32 && compute_major(launch.device) >= 8;
+  const int blocks = static_cast<int>(tiles);
+  if (p.trans_a) {
+    if (p.trans_b) launch_typed<true, true>(g, blocks, tf32, stream);
+    else launch_typed<true, false>(g, blocks, tf32, stream);
+  } else {
+    if (p.trans_b) launch_typed<false, true>(g, blocks, tf32, stream);
+    else launch_typed<false, false>(g, blocks, tf32, stream);
+  }
+  FASTDL_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace fastdl

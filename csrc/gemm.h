@@ -1,0 +1,41 @@
+// General matrix multiply, the building block behind Linear, convolution (im2col) and the RNNs:
+//   C = alpha * op(A) * op(B) + beta * C,   op(X) = X or X^T,
+// row-major like numpy and torch: element (i, j) of a matrix with leading dimension ld is x[i*ld + j].
+// op(A) is m x k, op(B) is k x n, C is m x n. A is stored m x k (lda >= k) or, with trans_a, k x m
+// (lda >= m); B is stored k x n (ldb >= n) or, with trans_b, n x k (ldb >= k); ldc >= n.
+// beta == 0 never reads C (it may hold NaN); alpha == 0 or k == 0 never reads A or B (BLAS rules).
+// Both back ends share this struct and these signatures so they cannot drift apart.
+#pragma once
+#include <algorithm>
+
+#include "common.h"
+
+namespace fastdl {
+
+struct GemmParams {
+  bool trans_a = false, trans_b = false;
+  int64_t m = 0, n = 0, k = 0;
+  double alpha = 1.0, beta = 0.0;
+  int64_t lda = 0, ldb = 0, ldc = 0;
+  DType dtype = DType::Float32;
+};
+
+// Checks the sizes and leading dimensions (FASTDL_CHECK); shared by both back ends.
+inline void check_gemm_params(const GemmParams& p) {
+  FASTDL_CHECK(p.m >= 0 && p.n >= 0 && p.k >= 0, "gemm: negative size m=", p.m, " n=", p.n,
+               " k=", p.k);
+  const int64_t a_cols = p.trans_a ? p.m : p.k, b_cols = p.trans_b ? p.k : p.n;
+  FASTDL_CHECK(p.lda >= std::max<int64_t>(1, a_cols), "gemm: lda=", p.lda, " < ", a_cols);
+  FASTDL_CHECK(p.ldb >= std::max<int64_t>(1, b_cols), "gemm: ldb=", p.ldb, " < ", b_cols);
+  FASTDL_CHECK(p.ldc >= std::max<int64_t>(1, p.n), "gemm: ldc=", p.ldc, " < ", p.n);
+}
+
+// CPU: float32 and float64; runs on fastdl's thread count (csrc/cpu/gemm.cpp).
+void gemm_cpu(const GemmParams& p, const void* a, const void* b, void* c);
+
+// CUDA: float32; asynchronous on launch.stream. allow_tf32 picks the tensor-core path (TF32
+// inputs, float32 accumulation), as torch.backends.cuda.matmul.allow_tf32 does (csrc/cuda/gemm.cu).
+void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const CudaLaunch& launch,
+               bool allow_tf32);
+
+}  // namespace fastdl

@@ -1,0 +1,43 @@
+"""torch.nn.functional.linear with fastdl's GEMM (fastdl.ops.linear) and autograd.
+
+>>> y = fastdl.nn.functional.linear(torch.randn(8, 3), torch.randn(4, 3), torch.randn(4))
+>>> y.shape                                   # torch.Size([8, 4]), as torch.nn.functional.linear
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ... import ops
+
+__all__ = ["linear"]
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return ops.linear(input, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        return ops.linear_backward(grad_output, input, weight,
+                                   needs=(need_x, need_w, need_b and ctx.has_bias))
+
+
+def linear(input, weight, bias=None):
+    """y = input @ weight.T + bias, differentiable in all three; torch.nn.functional.linear's
+    signature. input (..., in_features), weight (out_features, in_features), bias (out_features,).
+
+    >>> fastdl.nn.functional.linear(torch.randn(2, 5, 3), torch.randn(4, 3)).shape   # (2, 5, 4)
+    """
+    for name, x in (("input", input), ("weight", weight)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"linear(): argument '{name}' must be Tensor, not {type(x).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
+    return _Linear.apply(input, weight, bias)

@@ -1,0 +1,114 @@
+"""Linear layer forward and backward on numpy arrays or torch tensors, by fastdl's GEMM.
+
+    output      = input @ weight.T + bias                 (..., out) from (..., in)
+    grad_input  = grad_output @ weight                    (..., in)
+    grad_weight = grad_output_2d.T @ input_2d             (out, in)
+    grad_bias   = grad_output summed over leading dims    (out,)
+Matches torch.nn.functional.linear and its gradients. Leading dimensions are flattened into one
+(a view when the layout allows, else a copy); weight.T and grad_output.T go to the GEMM as
+transposed views, never copied. The bias is written into the output first and the GEMM adds onto
+it (beta = 1).
+
+>>> x, w = np.random.rand(8, 3).astype(np.float32), np.random.rand(4, 3).astype(np.float32)
+>>> fastdl.ops.linear(x, w).shape            # (8, 4), like torch.nn.functional.linear
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _tensor
+from .gemm import _plain, check_operands, launch
+
+__all__ = ["linear", "linear_backward"]
+
+
+def _check_weight(fn, input, weight):
+    if input.ndim < 1:
+        raise RuntimeError(f"{fn}: expected input with at least 1 dim (..., in_features), got "
+                           f"{_tensor.describe(input)}")
+    if weight.ndim != 2:
+        raise RuntimeError(f"{fn}: expected weight with 2 dims (out_features, in_features), got "
+                           f"{_tensor.describe(weight)}")
+    if input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"{fn}: input and weight shapes cannot be multiplied: input has "
+                           f"{input.shape[-1]} features in its last dim (shape "
+                           f"{tuple(input.shape)}), weight expects in_features = "
+                           f"{weight.shape[1]} (shape {tuple(weight.shape)})")
+
+
+def _rows(x, cols):
+    """x (..., cols) as a 2-D (rows, cols) view or copy."""
+    rows = math.prod(x.shape[:-1])
+    return x.reshape(rows, cols)
+
+
+def _empty(like, shape):
+    if isinstance(like, np.ndarray):
+        return np.empty(shape, dtype=like.dtype)
+    import torch
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def linear(input, weight, bias=None):
+    """input @ weight.T + bias for numpy arrays or torch tensors of one dtype and device.
+    input (..., in_features), weight (out_features, in_features), bias (out_features,) or None.
+    Matches torch.nn.functional.linear (no autograd here; see fastdl.nn.functional.linear).
+
+    >>> y = fastdl.ops.linear(np.ones((2, 3)), np.ones((4, 3)), np.zeros(4))   # shape (2, 4)
+    """
+    fn = "linear"
+    named = {"input": input, "weight": weight}
+    if bias is not None:
+        named["bias"] = bias
+    code, device = check_operands(fn, named)
+    _check_weight(fn, input, weight)
+    out_f, in_f = weight.shape
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise RuntimeError(f"{fn}: expected bias of shape ({out_f},) to match weight "
+                           f"{tuple(weight.shape)}, got {_tensor.describe(bias)}")
+    input, weight = _plain(input), _plain(weight)
+    x = _rows(input, in_f)
+    out = _empty(input, (x.shape[0], out_f))
+    beta = 0.0
+    if bias is not None and x.shape[0] > 0:
+        out[...] = _plain(bias)
+        beta = 1.0
+    launch(x, weight.T, out, alpha=1.0, beta=beta, code=code, device=device)
+    return out.reshape(tuple(input.shape[:-1]) + (out_f,))
+
+
+def linear_backward(grad_output, input, weight, needs=(True, True, True)):
+    """Gradients of linear with respect to (input, weight, bias), as a tuple; an entry is None
+    where `needs` says it is not wanted. Matches the gradients torch.nn.functional.linear's
+    autograd computes.
+
+    >>> gi, gw, gb = fastdl.ops.linear_backward(np.ones((2, 4)), np.ones((2, 3)), np.ones((4, 3)))
+    """
+    fn = "linear_backward"
+    code, device = check_operands(fn, {"grad_output": grad_output, "input": input,
+                                       "weight": weight})
+    _check_weight(fn, input, weight)
+    out_f, in_f = weight.shape
+    want = tuple(input.shape[:-1]) + (out_f,)
+    if tuple(grad_output.shape) != want:
+        raise RuntimeError(f"{fn}: expected grad_output of shape {want} (input's leading dims "
+                           f"and out_features), got {_tensor.describe(grad_output)}")
+    if len(needs) != 3:
+        raise ValueError(f"{fn}: expected needs to hold 3 flags (input, weight, bias), got "
+                         f"{len(needs)}")
+    grad_output, input, weight = _plain(grad_output), _plain(input), _plain(weight)
+    go = _rows(grad_output, out_f)
+    grad_input = grad_weight = grad_bias = None
+    if needs[0]:
+        gi = _empty(input, (go.shape[0], in_f))
+        launch(go, weight, gi, alpha=1.0, beta=0.0, code=code, device=device)
+        grad_input = gi.reshape(tuple(input.shape))
+    if needs[1]:
+        x = _rows(input, in_f)
+        grad_weight = _empty(weight, (out_f, in_f))
+        launch(go.T, x, grad_weight, alpha=1.0, beta=0.0, code=code, device=device)
+    if needs[2]:
+        grad_bias = go.sum(axis=0) if isinstance(go, np.ndarray) else go.sum(dim=0)
+    return grad_input, grad_weight, grad_bias
