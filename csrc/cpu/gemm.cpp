@@ -141,7 +141,8 @@ void pack_a(const T* a, int64_t lda, bool trans, int64_t i0, int64_t p0, int64_t
 #if defined(FASTDL_GEMM_AVX2)
         if constexpr (std::is_same<T, float>::value) {
           // 6 real rows + 2 repeats; lanes 6, 7 spill into the next p and are overwritten.
-          const float* r8[8] = {rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[5], rows[5]};
+          const float* r8[8] = {rows[0], rows[1], rows[2], rows[3],
+                                rows[4], rows[5], rows[5], rows[5]};
           p0v = gather8(r8, kc, d, MR);
         }
 #endif
@@ -171,7 +172,8 @@ void pack_b(const T* b, int64_t ldb, bool trans, int64_t p0, int64_t j0, int64_t
   constexpr int NR = Blocking<T>::NR;
   if (!trans) {
     // Rows of B are contiguous along n: stream each row once (sequential reads) and scatter
-    // NR-wide pieces to the panels (conv 64x576x3136, 1 thread: 0.87x -> 1.0x OpenBLAS, 2-core Zen4).
+    // NR-wide pieces to the panels (conv 64x576x3136, 1 thread: 0.87x -> 1.0x OpenBLAS,
+    // 2-core Zen4).
     const int64_t full = nc / NR * NR;
     for (int64_t p = 0; p < kc; ++p) {
       const T* src = b + (p0 + p) * ldb + j0;
@@ -339,7 +341,7 @@ void edge_tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int mr, in
   }
 }
 
-// Splits [0, n) into `parts` nearly equal blocks and returns block `idx`'s size-`step` aligned bounds.
+// Splits [0, n) into `parts` nearly equal blocks; returns block `idx`'s bounds, aligned to `step`.
 inline void split_range(int64_t n, int64_t step, int parts, int idx, int64_t& lo, int64_t& hi) {
   const int64_t units = (n + step - 1) / step;
   lo = std::min(n, units * idx / parts * step);

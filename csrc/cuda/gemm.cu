@@ -71,7 +71,8 @@ struct TileLoader {
           v[s][0] = t.x; v[s][1] = t.y; v[s][2] = t.z; v[s][3] = t.w;
         } else {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) v[s][q] = (r < R && p + q < K) ? __ldg(x + r * ld + p + q) : 0.f;
+          for (int q = 0; q < 4; ++q)
+            v[s][q] = (r < R && p + q < K) ? __ldg(x + r * ld + p + q) : 0.f;
         }
       } else {
         if (vec && p < K && r + 3 < R) {
@@ -79,7 +80,8 @@ struct TileLoader {
           v[s][0] = t.x; v[s][1] = t.y; v[s][2] = t.z; v[s][3] = t.w;
         } else {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) v[s][q] = (p < K && r + q < R) ? __ldg(x + p * ld + r + q) : 0.f;
+          for (int q = 0; q < 4; ++q)
+            v[s][q] = (p < K && r + q < R) ? __ldg(x + p * ld + r + q) : 0.f;
         }
       }
     }
@@ -169,7 +171,10 @@ __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
         float4 o = make_float4(g.alpha * r[0], g.alpha * r[1], g.alpha * r[2], g.alpha * r[3]);
         if (g.beta != 0.f) {
           const float4 old = *dst;
-          o.x += g.beta * old.x; o.y += g.beta * old.y; o.z += g.beta * old.z; o.w += g.beta * old.w;
+          o.x += g.beta * old.x;
+          o.y += g.beta * old.y;
+          o.z += g.beta * old.z;
+          o.w += g.beta * old.w;
         }
         *dst = o;
       } else {
