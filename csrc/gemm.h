@@ -1,6 +1,7 @@
 // General matrix multiply, the building block behind Linear, convolution (im2col) and the RNNs:
 //   C = alpha * op(A) * op(B) + beta * C,   op(X) = X or X^T,
-// row-major like numpy and torch: element (i, j) of a matrix with leading dimension ld is x[i*ld + j].
+// row-major like numpy and torch: element (i, j) of a matrix with leading dimension ld is
+// x[i*ld + j].
 // op(A) is m x k, op(B) is k x n, C is m x n. A is stored m x k (lda >= k) or, with trans_a, k x m
 // (lda >= m); B is stored k x n (ldb >= n) or, with trans_b, n x k (ldb >= k); ldc >= n.
 // beta == 0 never reads C (it may hold NaN); alpha == 0 or k == 0 never reads A or B (BLAS rules).

@@ -196,6 +196,18 @@ def test_gemm_cuda_alpha_beta(cuda_device):
                                **t)
 
 
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True),
+                                             (True, True)])
+def test_gemm_cuda_large_grid(cuda_device, trans_a, trans_b):
+    """Enough tiles for the 128 x 128 SIMT kernel (small grids use 64 x 64 tiles)."""
+    m, n, k = 2200, 2100, 37
+    a = torch.rand((k, m) if trans_a else (m, k), device="cuda") - 0.5
+    b = torch.rand((n, k) if trans_b else (k, n), device="cuda") - 0.5
+    got = ops.gemm(a, b, trans_a=trans_a, trans_b=trans_b)
+    ref = (a.double().t() if trans_a else a.double()) @ (b.double().t() if trans_b else b.double())
+    torch.testing.assert_close(got.double(), ref, **tol(torch.float32, reduction=k))
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (128, 128, 64), (257, 129, 513), (1, 300, 7)])
 def test_gemm_cuda_tf32(cuda_device, m, n, k):
     a = torch.rand(m, k, device="cuda") - 0.5

@@ -16,6 +16,12 @@
 // float32 2048^3 204 GFLOP/s = 90% of the measured 227 GFLOP/s FMA peak, 1.20x torch.matmul (MKL),
 // 1.05x numpy (OpenBLAS); 1024^3 179 GFLOP/s (79%), 1.16x / 0.96x. One thread: 97-107 GFLOP per
 // CPU-second at 1024^3, 1.0-1.06x OpenBLAS; float64 1024^3 at parity (51.0 vs 50.8).
+// Packing is cheap: skipping A's (or B's) packing in an experiment saved 1.5-3% each at 1024^3,
+// one thread, so threads pack their own blocks rather than share packed panels behind barriers.
+// Small M is the weak spot: one thread, 64x576x3136 (conv im2col) runs at 87 GFLOP per CPU-second
+// against 99 at M = 132 (each B micro-panel brought into L1 feeds only M/6 tiles); reading B in
+// place instead of packing it, sizing B blocks to L2, and packing B just before its first use were
+// each tried and measured no better, so none is kept. Two threads there: ~0.9x OpenBLAS.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -141,7 +147,8 @@ void pack_a(const T* a, int64_t lda, bool trans, int64_t i0, int64_t p0, int64_t
 #if defined(FASTDL_GEMM_AVX2)
         if constexpr (std::is_same<T, float>::value) {
           // 6 real rows + 2 repeats; lanes 6, 7 spill into the next p and are overwritten.
-          const float* r8[8] = {rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[5], rows[5]};
+          const float* r8[8] = {rows[0], rows[1], rows[2], rows[3],
+                                rows[4], rows[5], rows[5], rows[5]};
           p0v = gather8(r8, kc, d, MR);
         }
 #endif
@@ -171,7 +178,8 @@ void pack_b(const T* b, int64_t ldb, bool trans, int64_t p0, int64_t j0, int64_t
   constexpr int NR = Blocking<T>::NR;
   if (!trans) {
     // Rows of B are contiguous along n: stream each row once (sequential reads) and scatter
-    // NR-wide pieces to the panels (conv 64x576x3136, 1 thread: 0.87x -> 1.0x OpenBLAS, 2-core Zen4).
+    // NR-wide pieces to the panels (conv 64x576x3136, 1 thread: 0.87x -> 1.0x OpenBLAS,
+    // 2-core Zen4).
     const int64_t full = nc / NR * NR;
     for (int64_t p = 0; p < kc; ++p) {
       const T* src = b + (p0 + p) * ldb + j0;
@@ -339,7 +347,7 @@ void edge_tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int mr, in
   }
 }
 
-// Splits [0, n) into `parts` nearly equal blocks and returns block `idx`'s size-`step` aligned bounds.
+// Splits [0, n) into `parts` nearly equal blocks; returns block `idx`'s bounds, aligned to `step`.
 inline void split_range(int64_t n, int64_t step, int parts, int idx, int64_t& lo, int64_t& hi) {
   const int64_t units = (n + step - 1) / step;
   lo = std::min(n, units * idx / parts * step);

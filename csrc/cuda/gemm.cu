@@ -1,9 +1,11 @@
 // CUDA GEMM, float32: C = alpha * op(A) * op(B) + beta * C, row-major with leading dimensions and
 // either operand transposed (csrc/gemm.h; matches torch.mm / torch.addmm).
-// Two kernels, both 128 x 128 output tiles per 256-thread block, tiles in a 1-D grid:
-//  * SIMT (default, exact float32): k in slices of 8, two shared-memory buffers (one barrier per
-//    slice) fed through registers so the next slice's global loads overlap the FMAs; each thread
-//    holds an 8 x 8 register tile (two 4-wide strips per side, read from shared as float4).
+// Two kernels, 256-thread blocks, output tiles in a 1-D grid:
+//  * SIMT (default, exact float32): 128 x 128 tiles, k in slices of 8, two shared-memory buffers
+//    (one barrier per slice) fed through registers so the next slice's global loads overlap the
+//    FMAs; each thread holds an 8 x 8 register tile (two 4-wide strips per side, read from shared
+//    as float4). When fewer than 2 tiles per SM would exist (RNN shapes), 64 x 64 tiles with k
+//    slices of 16 and 4 x 4 per thread instead, so the grid fills the GPU.
 //  * TF32 tensor cores (opt-in via torch.backends.cuda.matmul.allow_tf32, sm_80+): k in slices of
 //    16, wmma m16n16k8; 8 warps in a 2 x 4 grid, each a 64 x 32 sub-tile of 4 x 2 fragments;
 //    results staged through a per-warp 16 x 16 shared tile so edges are written with bounds checks.
@@ -12,8 +14,8 @@
 // load as zero, so any m, n, k works. beta == 0 never reads C; alpha == 0 or k == 0 only scales C.
 // Tested by tests/test_gemm.py and tests/test_linear.py (CUDA cases); timed by
 // benchmarks/bench_gemm.py --device cuda. Not yet measured on a GPU (no device in this session).
-// ptxas (sm_90): SIMT 126-138 registers, 16 KB smem, no spills (2 blocks/SM); TF32 186-188
-// registers, 26.3 KB smem, no spills (1 block/SM).
+// ptxas (sm_90): SIMT 128-tile 127-141 registers, 64-tile 63, TF32 186-188 (26.3 KB smem); no
+// spills.
 #include <mma.h>
 
 #include <cstdint>
@@ -71,7 +73,8 @@ struct TileLoader {
           v[s][0] = t.x; v[s][1] = t.y; v[s][2] = t.z; v[s][3] = t.w;
         } else {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) v[s][q] = (r < R && p + q < K) ? __ldg(x + r * ld + p + q) : 0.f;
+          for (int q = 0; q < 4; ++q)
+            v[s][q] = (r < R && p + q < K) ? __ldg(x + r * ld + p + q) : 0.f;
         }
       } else {
         if (vec && p < K && r + 3 < R) {
@@ -79,7 +82,8 @@ struct TileLoader {
           v[s][0] = t.x; v[s][1] = t.y; v[s][2] = t.z; v[s][3] = t.w;
         } else {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) v[s][q] = (p < K && r + q < R) ? __ldg(x + p * ld + r + q) : 0.f;
+          for (int q = 0; q < 4; ++q)
+            v[s][q] = (p < K && r + q < R) ? __ldg(x + p * ld + r + q) : 0.f;
         }
       }
     }
@@ -106,26 +110,32 @@ __device__ __forceinline__ float epilogue(float acc, const float* c, float alpha
 
 // ---- SIMT kernel ------------------------------------------------------------------------------
 
-template <bool TA, bool TB>
+// BM x BM output tile per block (BM = 128: k slices of 8, 8 x 8 per thread; BM = 64: k slices of
+// 16, 4 x 4 per thread, for grids too small to fill the GPU). A thread's S = T/4 strips of 4 rows
+// (and columns) sit BM/S apart, so shared reads are float4 and a warp reads 16 distinct float4s.
+template <bool TA, bool TB, int BM>
 __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
-  constexpr int BK = 8;
-  __shared__ __align__(16) float As[2][BK][kTile];
-  __shared__ __align__(16) float Bs[2][BK][kTile];
-  const int m0 = (blockIdx.x / g.tiles_n) * kTile, n0 = (blockIdx.x % g.tiles_n) * kTile;
-  TileLoader<!TA, kTile, BK> la;  // A stored m x k (contiguous along k) unless transposed
-  TileLoader<TB, kTile, BK> lb;   // B^T as n x k: contiguous along k only when B is transposed
+  constexpr int BK = BM == 128 ? 8 : 16;
+  constexpr int T = BM / 16;       // per-thread tile T x T on a 16 x 16 thread grid
+  constexpr int S = T / 4;         // strips of 4
+  constexpr int STRIDE = BM / S;   // distance between a thread's strips
+  __shared__ __align__(16) float As[2][BK][BM];
+  __shared__ __align__(16) float Bs[2][BK][BM];
+  const int m0 = (blockIdx.x / g.tiles_n) * BM, n0 = (blockIdx.x % g.tiles_n) * BM;
+  TileLoader<!TA, BM, BK> la;  // A stored m x k (contiguous along k) unless transposed
+  TileLoader<TB, BM, BK> lb;   // B^T as n x k: contiguous along k only when B is transposed
   la.load(g.a, g.lda, g.m, g.k, m0, 0, g.vec_a);
   lb.load(g.b, g.ldb, g.n, g.k, n0, 0, g.vec_b);
-  la.store(&As[0][0][0], 1, kTile);
-  lb.store(&Bs[0][0][0], 1, kTile);
+  la.store(&As[0][0][0], 1, BM);
+  lb.store(&Bs[0][0][0], 1, BM);
   __syncthreads();
 
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  float acc[8][8];
+  float acc[T][T];
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < T; ++i)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+    for (int j = 0; j < T; ++j) acc[i][j] = 0.f;
 
   const int nk = (g.k + BK - 1) / BK;
   for (int kt = 0; kt < nk; ++kt) {
@@ -137,39 +147,44 @@ __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
     }
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
-      const float4 a0 = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
-      const float4 a1 = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
-      const float4 b0 = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
-      const float4 b1 = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
-      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+      float av[T], bv[T];
 #pragma unroll
-      for (int i = 0; i < 8; ++i)
+      for (int s = 0; s < S; ++s) {
+        const float4 a4 = *reinterpret_cast<const float4*>(&As[cur][kk][s * STRIDE + ty * 4]);
+        const float4 b4 = *reinterpret_cast<const float4*>(&Bs[cur][kk][s * STRIDE + tx * 4]);
+        av[s * 4 + 0] = a4.x; av[s * 4 + 1] = a4.y; av[s * 4 + 2] = a4.z; av[s * 4 + 3] = a4.w;
+        bv[s * 4 + 0] = b4.x; bv[s * 4 + 1] = b4.y; bv[s * 4 + 2] = b4.z; bv[s * 4 + 3] = b4.w;
+      }
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      for (int i = 0; i < T; ++i)
+#pragma unroll
+        for (int j = 0; j < T; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
     }
     if (more) {
-      la.store(&As[cur ^ 1][0][0], 1, kTile);
-      lb.store(&Bs[cur ^ 1][0][0], 1, kTile);
+      la.store(&As[cur ^ 1][0][0], 1, BM);
+      lb.store(&Bs[cur ^ 1][0][0], 1, BM);
     }
     __syncthreads();
   }
 
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int row = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + i - 4);
+  for (int i = 0; i < T; ++i) {
+    const int row = m0 + (i / 4) * STRIDE + ty * 4 + i % 4;
     if (row >= g.m) continue;
     float* crow = g.c + row * g.ldc;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int col = n0 + h * 64 + tx * 4;
+    for (int h = 0; h < S; ++h) {
+      const int col = n0 + h * STRIDE + tx * 4;
       const float* r = acc[i] + h * 4;
       if (g.vec_c && col + 3 < g.n) {
         float4* dst = reinterpret_cast<float4*>(crow + col);
         float4 o = make_float4(g.alpha * r[0], g.alpha * r[1], g.alpha * r[2], g.alpha * r[3]);
         if (g.beta != 0.f) {
           const float4 old = *dst;
-          o.x += g.beta * old.x; o.y += g.beta * old.y; o.z += g.beta * old.z; o.w += g.beta * old.w;
+          o.x += g.beta * old.x;
+          o.y += g.beta * old.y;
+          o.z += g.beta * old.z;
+          o.w += g.beta * old.w;
         }
         *dst = o;
       } else {
@@ -282,9 +297,19 @@ int compute_major(int device) {
 }
 
 template <bool TA, bool TB>
-void launch_typed(const GemmArgs& g, int blocks, bool tf32, cudaStream_t stream) {
+void launch_typed(const GemmArgs& g, int blocks, bool tf32, bool small, cudaStream_t stream) {
   if (tf32) sgemm_tf32<TA, TB><<<blocks, kThreads, 0, stream>>>(g);
-  else sgemm_simt<TA, TB><<<blocks, kThreads, 0, stream>>>(g);
+  else if (small) sgemm_simt<TA, TB, 64><<<blocks, kThreads, 0, stream>>>(g);
+  else sgemm_simt<TA, TB, 128><<<blocks, kThreads, 0, stream>>>(g);
+}
+
+int sm_count(int device) {
+  static int cached[64] = {0};
+  if (device >= 0 && device < 64 && cached[device]) return cached[device];
+  int n = 0;
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cached[device] = n;
+  return n;
 }
 
 }  // namespace
@@ -321,17 +346,21 @@ void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const
   g.vec_a = aligned16(a) && p.lda % 4 == 0;
   g.vec_b = aligned16(b) && p.ldb % 4 == 0;
   g.vec_c = aligned16(c) && p.ldc % 4 == 0;
-  g.tiles_n = static_cast<int>((p.n + kTile - 1) / kTile);
-  const long long tiles = static_cast<long long>((p.m + kTile - 1) / kTile) * g.tiles_n;
-  FASTDL_CHECK(tiles < (1LL << 31), "gemm: too many CUDA tiles");
   const bool tf32 = allow_tf32 && compute_major(launch.device) >= 8;
+  // 64 x 64 tiles when 128 x 128 ones would leave most SMs idle (RNN shapes: m = batch).
+  const long long big_tiles = ((p.m + kTile - 1) / kTile) * ((p.n + kTile - 1) / kTile);
+  const bool small = !tf32 && big_tiles < 2LL * sm_count(launch.device);
+  const int tile = small ? 64 : kTile;
+  g.tiles_n = static_cast<int>((p.n + tile - 1) / tile);
+  const long long tiles = static_cast<long long>((p.m + tile - 1) / tile) * g.tiles_n;
+  FASTDL_CHECK(tiles < (1LL << 31), "gemm: too many CUDA tiles");
   const int blocks = static_cast<int>(tiles);
   if (p.trans_a) {
-    if (p.trans_b) launch_typed<true, true>(g, blocks, tf32, stream);
-    else launch_typed<true, false>(g, blocks, tf32, stream);
+    if (p.trans_b) launch_typed<true, true>(g, blocks, tf32, small, stream);
+    else launch_typed<true, false>(g, blocks, tf32, small, stream);
   } else {
-    if (p.trans_b) launch_typed<false, true>(g, blocks, tf32, stream);
-    else launch_typed<false, false>(g, blocks, tf32, stream);
+    if (p.trans_b) launch_typed<false, true>(g, blocks, tf32, small, stream);
+    else launch_typed<false, false>(g, blocks, tf32, small, stream);
   }
   FASTDL_CUDA_CHECK_LAUNCH();
 }

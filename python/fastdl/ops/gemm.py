@@ -29,43 +29,46 @@ def _where(device: int) -> str:
 
 def check_operands(fn: str, named: dict):
     """Checks that the named arrays/tensors share kind, device and a supported dtype.
-    Returns (dtype code, device index). Raises torch's exception classes."""
+    Returns (dtype code, device index). Raises torch's exception classes.
+    (One pass with few attribute reads: this runs on every small RNN-sized call.)"""
     first_name, first = next(iter(named.items()))
     kind = _tensor.kind(first)
     if kind not in ("numpy", "torch"):
         raise TypeError(f"{fn}: expected {first_name} to be a numpy array or a torch tensor, "
                         f"got {kind}")
-    device = _tensor.device_index(first)
-    code = _tensor.dtype_code(first)
+    cls = np.ndarray
+    if kind == "torch":
+        import torch
+        cls = torch.Tensor
+        dev = first.device
+        if dev.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"{fn}: {first_name} is on {dev}; fastdl supports cpu and cuda")
+        if dev.type == "cuda":
+            from .. import cuda
+            if not cuda.is_compiled():
+                raise RuntimeError(f"{fn}: {first_name} is on {dev}, but this fastdl build "
+                                   "has no CUDA kernels (rebuild with nvcc present)")
+    dtype = first.dtype
     for name, x in named.items():
-        k = _tensor.kind(x)
-        if k != kind:
+        if not isinstance(x, cls):
             raise TypeError(f"{fn}: expected {name} to be a {kind} "
                             f"{'array' if kind == 'numpy' else 'tensor'} like {first_name}, "
                             f"got {_tensor.describe(x)}")
         if kind == "torch":
-            import torch
             if x.layout != torch.strided:
                 raise RuntimeError(f"{fn}: {name} is sparse; fastdl needs dense tensors")
-            if x.device.type not in ("cpu", "cuda"):
-                raise RuntimeError(f"{fn}: {name} is on {x.device}; fastdl supports cpu and cuda")
-            if x.device.type == "cuda":
-                from .. import cuda
-                if not cuda.is_compiled():
-                    raise RuntimeError(f"{fn}: {name} is on {x.device}, but this fastdl build "
-                                       "has no CUDA kernels (rebuild with nvcc present)")
-        if _tensor.device_index(x) != device:
-            raise RuntimeError(f"{fn}: expected all tensors to be on the same device, but "
-                               f"{name} is on {_where(_tensor.device_index(x))} and "
-                               f"{first_name} on {_where(device)}")
+            if x.device != dev:
+                raise RuntimeError(f"{fn}: expected all tensors to be on the same device, but "
+                                   f"{name} is on {x.device} and {first_name} on {dev}")
+    device = _tensor.device_index(first)
+    code = _tensor.dtype_code(first)
     allowed = (_tensor.FLOAT32, _tensor.FLOAT64) if device < 0 else (_tensor.FLOAT32,)
     if code not in allowed:
         raise NotImplementedError(
             f"{fn}: {first_name} is a {_tensor.describe(first)}; supported dtypes on "
             f"{_where(device).split(':')[0]} are {', '.join(_NAMES[c] for c in allowed)}")
     for name, x in named.items():
-        c = _tensor.dtype_code(x)
-        if c != code:
+        if x.dtype != dtype:
             raise RuntimeError(f"{fn}: expected {name} to have the same dtype as {first_name} "
                                f"({_NAMES[code]}), got {_tensor.describe(x)}")
     return code, device
@@ -140,7 +143,7 @@ def _empty(like, m, n):
 
 def _plain(x):
     """A torch tensor without autograd history (the kernels do not record a graph)."""
-    return x.detach() if _tensor.is_torch(x) else x
+    return x.detach() if not isinstance(x, np.ndarray) and x.requires_grad else x
 
 
 def matmul(a, b):

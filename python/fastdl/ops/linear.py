@@ -40,8 +40,9 @@ def _check_weight(fn, input, weight):
 
 def _rows(x, cols):
     """x (..., cols) as a 2-D (rows, cols) view or copy."""
-    rows = math.prod(x.shape[:-1])
-    return x.reshape(rows, cols)
+    if x.ndim == 2:
+        return x
+    return x.reshape(math.prod(x.shape[:-1]), cols)
 
 
 def _empty(like, shape):
@@ -73,10 +74,14 @@ def linear(input, weight, bias=None):
     out = _empty(input, (x.shape[0], out_f))
     beta = 0.0
     if bias is not None and x.shape[0] > 0:
-        out[...] = _plain(bias)
+        # (torch's out[...] = bias costs ~10 us in indexing machinery; copy_ of a view ~1 us)
+        if isinstance(out, np.ndarray):
+            np.copyto(out, bias)
+        else:
+            out.copy_(_plain(bias).expand(out.shape))
         beta = 1.0
     launch(x, weight.T, out, alpha=1.0, beta=beta, code=code, device=device)
-    return out.reshape(tuple(input.shape[:-1]) + (out_f,))
+    return out if input.ndim == 2 else out.reshape(tuple(input.shape[:-1]) + (out_f,))
 
 
 def linear_backward(grad_output, input, weight, needs=(True, True, True)):
