@@ -197,6 +197,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("measure_triad_bandwidth", &measure_triad_bandwidth, py::arg("n"), py::arg("reps"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("measure_update_bandwidth", &measure_update_bandwidth, py::arg("n"), py::arg("reps"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("measure_peak_gflops", &measure_peak_gflops, py::arg("reps"),
         py::call_guard<py::gil_scoped_release>());
 

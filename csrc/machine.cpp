@@ -44,6 +44,28 @@ double measure_triad_bandwidth(int64_t n, int reps) {
   return 12.0 * static_cast<double>(n) / best * 1e-9;
 }
 
+double measure_update_bandwidth(int64_t n, int reps) {
+  std::unique_ptr<float[]> a(new float[n]), b(new float[n]);
+  const int nt = get_num_threads();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = 0.f;
+    b[i] = 1.f + (i & 7);
+  }
+  double best = 1e30;
+  float* pa = a.get();
+  const float* pb = b.get();
+  for (int r = 0; r < reps; ++r) {
+    const double t0 = now();
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; ++i) pa[i] = pa[i] + 1e-3f * pb[i];
+    best = std::min(best, now() - t0);
+  }
+  volatile float sink = pa[n / 2];
+  (void)sink;
+  return 12.0 * static_cast<double>(n) / best * 1e-9;
+}
+
 double measure_peak_gflops(int reps) {
   const int nt = get_num_threads();
   const bool avx2 = cpu_capability() == CpuCapability::AVX2;

@@ -132,7 +132,11 @@ def format_table(rows: list, limits: dict) -> str:
     lines = []
     lim = []
     if limits.get("bandwidth_GBps"):
-        lim.append(f"{limits['bandwidth_name']} {limits['bandwidth_GBps']:.1f} GB/s")
+        parts = f"{limits['bandwidth_name']} {limits['bandwidth_GBps']:.1f} GB/s"
+        if "triad_GBps" in limits:
+            parts += (f" (best of triad {limits['triad_GBps']:.1f}, "
+                      f"in-place update {limits['update_GBps']:.1f})")
+        lim.append(parts)
     if limits.get("peak_GFLOPs"):
         lim.append(f"peak FMA {limits['peak_GFLOPs']:.0f} GFLOP/s")
     if lim:
