@@ -11,7 +11,9 @@ between fastdl and torch in both directions.
 What differs from torch: every step is fused (``foreach`` and ``fused`` are accepted and ignored);
 ``capturable=True`` and ``differentiable=True`` are not supported; sparse gradients raise
 RuntimeError. On CUDA, float16/bfloat16 params keep their state in float32. ``state['step']`` is a
-float32 CPU tensor, as in torch's default (non-fused) step.
+float32 CPU tensor, as in torch's default (non-fused) step. After a group's first steps its state
+tensors become views of one buffer per state key (see _Plan); they keep their shapes, values and
+state_dict layout, and replacing one in ``opt.state`` works as in torch.
 """
 from __future__ import annotations
 
