@@ -140,7 +140,11 @@ def format_table(rows: list, limits: dict) -> str:
     if limits.get("peak_GFLOPs"):
         lim.append(f"peak FMA {limits['peak_GFLOPs']:.0f} GFLOP/s")
     if lim:
-        lines.append("machine limits (measured now): " + ", ".join(lim))
+        when = "measured now"
+        if "bandwidth_GBps_start_end" in limits:
+            a, b = limits["bandwidth_GBps_start_end"]
+            when = f"best of start {a:.1f} and end {b:.1f} GB/s"
+        lines.append(f"machine limits ({when}): " + ", ".join(lim))
     hdr = f"{'suite':<8} {'case':<34} {'fastdl ms':>10} {'±':>5}  {'vs torch (speedup)':<44} {'rate':>16}"
     lines.append(hdr)
     lines.append("-" * len(hdr))
