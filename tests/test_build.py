@@ -121,3 +121,25 @@ def test_kernels_release_the_gil():
     t.join()
     during = [x for x in ticks if start < x < end]
     assert len(during) >= 3, f"only {len(during)} ticks while kernels ran for {end - start:.3f}s"
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: fastdl.ops.matmul(m(3, 3), m(3, 3)),
+    lambda m: fastdl.ops.linear(m(2, 3), m(4, 3)),
+    lambda m: fastdl.nn.functional.max_pool2d(m(1, 2, 4, 4), 2),
+    lambda m: fastdl.nn.functional.avg_pool2d(m(1, 2, 4, 4), 2),
+    lambda m: fastdl.nn.functional.adaptive_avg_pool2d(m(1, 2, 4, 4), 1),
+    lambda m: fastdl.nn.functional.adaptive_max_pool2d(m(1, 2, 4, 4), 1),
+    lambda m: fastdl.ops.sgd_step(m(3), m(3), lr=0.1),
+    lambda m: fastdl.ops.adam_step(m(3), m(3), m(3), m(3), step=1),
+], ids=["matmul", "linear", "max_pool2d", "avg_pool2d", "adaptive_avg", "adaptive_max", "sgd",
+        "adam"])
+def test_meta_tensors_raise_everywhere(call):
+    """Tensors on a device fastdl has no kernels for (meta: data_ptr 0) raise, never crash."""
+    import torch
+    import fastdl.nn  # noqa: F401
+
+    def meta(*shape):
+        return torch.randn(*shape, device="meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        call(meta)

@@ -52,10 +52,14 @@ def pointer(x):
 
 
 def device_index(x) -> int:
-    """-1 for CPU memory (numpy, or a CPU tensor), else the CUDA device index."""
-    if isinstance(x, np.ndarray) or not x.is_cuda:
+    """-1 for CPU memory (numpy, or a CPU tensor), else the CUDA device index. Tensors on any other
+    device (meta, mps, ...) raise RuntimeError: their data_ptr is not host or CUDA memory (a meta
+    tensor's is 0), so no kernel may ever see it."""
+    if isinstance(x, np.ndarray) or x.is_cpu:
         return -1
-    return x.get_device()
+    if x.is_cuda:
+        return x.get_device()
+    raise RuntimeError(f"fastdl supports cpu and cuda tensors, got a tensor on {x.device}")
 
 
 def current_stream(device: int) -> int:
