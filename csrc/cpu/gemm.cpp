@@ -27,9 +27,8 @@
 // (215 GFLOP/s, 92% of 234), mean slower thread 11.7 ms, mean of the two 11.4 ms, so the static
 // split's imbalance costs ~2.3% on average and the rest of the gap is both cores running slower
 // (host contention: one thread alone read 70.7 GFLOP/s in one such minute, against the 97-107
-// recorded above). Back-to-back
-// calls reach 192-211 GFLOP/s (82-90%); the harness's settle-then-block mode read 150-184 (64-79%)
-// in the same hour with torch and numpy moving alike. Allocating the 4 MB output costs 0.14 ms
+// recorded above). Back-to-back calls reach 192-211 GFLOP/s (82-90%); the harness's
+// settle-then-block mode read 150-184 (64-79%) in the same hour, torch and numpy moving alike. Allocating the 4 MB output costs 0.14 ms
 // (1%). Tried, interleaved in one process, medians of 30-60 calls, none kept:
 //  - 2x1 instead of 1x2 thread grid: within +-1% at 1024, 512 and 2048 (noise); 1x2 kept (2x1 is
 //    15-25% slower on the conv and RNN shapes, which the cost rule already avoids).
