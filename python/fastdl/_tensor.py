@@ -85,6 +85,13 @@ def is_contiguous(x) -> bool:
     return x.is_contiguous()
 
 
+def contiguous(x):
+    """x itself when C-contiguous, else a contiguous copy made by its own library."""
+    if type(x) is np.ndarray:
+        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def describe(x) -> str:
     """'float32 tensor of shape (3, 4) on cpu' style text for error messages."""
     if isinstance(x, np.ndarray):

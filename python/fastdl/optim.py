@@ -64,7 +64,7 @@ class _Bucket:
         self.dtype = dtype
         self.code = _CODES.get(dtype)
         self.state_code = _tensor.FLOAT32 if dtype in _HALF else self.code
-        self.writeback = []  # (original, contiguous copy) for non-contiguous params/state
+        self.writeback = []  # (param, contiguous copy) for non-contiguous params
         self.keep = []       # temporaries whose pointers the launch uses
 
 
@@ -108,7 +108,7 @@ class _Plan:
     training loop: 240 us per gather re-reading every pointer, 110 us with owned buffers."""
     __slots__ = ("group", "params_obj", "n", "keys", "state_obj", "params", "states", "tensors",
                  "steps", "param_ptrs", "numel", "dev", "dtype", "has_step", "flats",
-                 "flat_ptrs", "state_ptrs", "step_ptrs")
+                 "flat_ptrs", "state_ptrs", "step_ptrs", "first")
 
     @classmethod
     def record(cls, group, keys, state_all, buckets, has_step):
@@ -141,6 +141,7 @@ class _Plan:
         plan.flat_ptrs = [f.data_ptr() for f in plan.flats]
         plan.param_ptrs = list(b.params)
         plan.numel, plan.dev, plan.dtype = list(b.numel), b.device, b.dtype
+        plan.first = [0] * len(params)   # a planned step is never a first step
         return plan
 
     def bucket(self, group, keys, state_all):
@@ -167,21 +168,14 @@ class _Plan:
         b = _Bucket(self.dev, self.dtype, len(keys))
         b.params, b.grads, b.numel = self.param_ptrs, gptrs, self.numel
         b.states, b.steps = self.state_ptrs, self.step_ptrs
-        b.first = _Zeros(len(gptrs))
+        b.first = self.first
         return b
-
-
-class _Zeros(list):
-    """n zeros, for the first-step flags of a planned step."""
-    def __init__(self, n):
-        super().__init__([0] * n)
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
     """Shared machinery: gathering each group's tensors into per-(device, dtype) buckets, state
     creation, state_dict compatibility. Subclasses name their state keys and launch the kernel."""
 
-    _state_keys: tuple = ()   # in the kernel's order, e.g. ("exp_avg", "exp_avg_sq", ...)
     _has_step = True
     _setstate_defaults: dict = {}  # group keys an older checkpoint may lack (torch's __setstate__)
 
@@ -197,14 +191,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._verified = {}  # id(param) -> what _verify last checked (see _gather_checked)
         self._plans = {}     # id(group) -> _Plan
 
+    # Each optimizer defines these three hooks.
     def _active_keys(self, group) -> tuple:
-        return self._state_keys
+        """The state keys the group's options use, in the kernel's order."""
+        raise NotImplementedError(f"{type(self).__name__} must define _active_keys")
+
+    def _init_state(self, p, group, state):
+        """Creates a param's state on its first step."""
+        raise NotImplementedError(f"{type(self).__name__} must define _init_state")
+
+    def _launch(self, group, b):
+        """Runs the fused kernel over one bucket of pointers."""
+        raise NotImplementedError(f"{type(self).__name__} must define _launch")
 
     def _needs_init(self, state, group) -> bool:
         return len(state) == 0
-
-    def _init_state(self, p, group, state):
-        raise NotImplementedError
 
     @staticmethod
     def _state_dtype(p):
@@ -284,12 +285,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                        "sparse gradients")
                 g = g.contiguous()
                 b.keep.append(g)
-            if not p.is_contiguous():
+            if not p.is_contiguous():   # state is contiguous (_verify): only p needs a copy
                 pc = p.contiguous()
-                stc = [x.contiguous() for x in sts]
                 b.writeback.append((p, pc))
-                b.writeback.extend(zip(sts, stc))
-                p, sts = pc, stc
+                p = pc
             b.params.append(p.data_ptr())
             b.grads.append(g.data_ptr())
             for lst, x in zip(b.states, sts):
@@ -382,9 +381,6 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                              f"shape {tuple(p.shape)}")
                         state[k] = v.to(device=p.device, dtype=self._state_dtype(p),
                                         memory_format=torch.contiguous_format)
-
-    def _launch(self, group, b):
-        raise NotImplementedError
 
 
 def _zeros_state(p, dtype):

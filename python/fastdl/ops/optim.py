@@ -117,15 +117,17 @@ def _dtype_name(code):
     return {0: "float32", 1: "float64", 2: "float16", 3: "bfloat16", 4: "int64"}[code]
 
 
-def _step_counters(fn, step, n):
-    """Per-tensor float32 counters holding step - 1; the kernel increments them to `step`."""
-    steps = as_list(fn, "step", step) if isinstance(step, (list, tuple)) else [step] * n
-    if len(steps) != n:
-        raise ValueError(f"{fn}: expected step to be a number or {n} numbers, got {len(steps)}")
-    vals = [check_number(fn, "step", s, low=1) for s in steps]
-    counters = np.array(vals, dtype=np.float32) - np.float32(1)
+def _step_arg(fn, step, n):
+    """The binding's steps argument: the step number as a float when every tensor shares it, else
+    (per-tensor numbers) float32 counters holding step - 1 that the kernel increments. Returns
+    (argument, storage to keep alive for the call)."""
+    if not isinstance(step, (list, tuple)):
+        return check_number(fn, "step", step, low=1), None
+    if len(step) != n:
+        raise ValueError(f"{fn}: expected step to be a number or {n} numbers, got {len(step)}")
+    counters = np.array([check_number(fn, "step", s, low=1) for s in step], dtype=np.float32) - 1
     base = counters.__array_interface__["data"][0]
-    return counters, [base + 4 * i for i in range(n)]
+    return [base + 4 * i for i in range(n)], counters
 
 
 def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampening=0.0,
@@ -205,12 +207,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
                                                         "max_exp_avg_sqs"))
     code, state_code = _check_dtypes(fn, device, params, [("grads", lists["grads"])],
                                      [(k, v) for k, v in lists.items() if k not in ("params", "grads")])
-    counters, step_ptrs = _step_counters(fn, step, len(params))
+    step_arg, keep = _step_arg(fn, step, len(params))
     launch_adam(_ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["exp_avgs"]),
-                _ptrs(lists["exp_avg_sqs"]), _ptrs(lists.get("max_exp_avg_sqs")), step_ptrs,
+                _ptrs(lists["exp_avg_sqs"]), _ptrs(lists.get("max_exp_avg_sqs")), step_arg,
                 _numels(params), code, state_code, device,
                 lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
-    del counters  # kept alive until the kernel has read it
+    del keep  # the counters outlive the call
 
 
 def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=None, *, lr=1e-2,
@@ -241,16 +243,15 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=No
                                                         "momentum_buffers", "grad_avgs"))
     code, state_code = _check_dtypes(fn, device, params, [("grads", lists["grads"])],
                                      [(k, v) for k, v in lists.items() if k not in ("params", "grads")])
-    counters, step_ptrs = _step_counters(fn, 1, len(params))
     launch_rmsprop(_ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["square_avgs"]),
-                   _ptrs(lists.get("momentum_buffers")), _ptrs(lists.get("grad_avgs")), step_ptrs,
+                   _ptrs(lists.get("momentum_buffers")), _ptrs(lists.get("grad_avgs")), 1.0,
                    _numels(params), code, state_code, device,
                    lr, alpha, eps, weight_decay, momentum, centered, maximize)
-    del counters
 
 
 # ---- unchecked launchers: pointer lists (ints or numpy arrays) of validated tensors ------------
-# fastdl.optim calls these directly with pointers it has gathered.
+# fastdl.optim calls these directly with pointers it has gathered. steps: pointers to float32
+# counters (incremented in place) or one float, the step number shared by every tensor.
 
 def _ptrs(lst):
     return None if lst is None else [_tensor.pointer(x) for x in lst]
@@ -266,17 +267,17 @@ def launch_sgd(params, grads, bufs, first, numel, code, device, lr, momentum, da
                 lr, momentum, dampening, weight_decay, bool(nesterov), bool(maximize))
 
 
-def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, numel, code,
+def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numel, code,
                 state_code, device, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                 decoupled):
-    _C.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, numel, code,
+    _C.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numel, code,
                  state_code, device, _tensor.current_stream(device), lr, beta1, beta2, eps,
                  weight_decay, bool(amsgrad), bool(maximize), bool(decoupled))
 
 
-def launch_rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, step_ptrs, numel,
+def launch_rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, numel,
                    code, state_code, device, lr, alpha, eps, weight_decay, momentum, centered,
                    maximize):
-    _C.rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, step_ptrs, numel,
+    _C.rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, numel,
                     code, state_code, device, _tensor.current_stream(device), lr, alpha, eps,
                     weight_decay, momentum, bool(centered), bool(maximize))

@@ -85,9 +85,7 @@ def _check_input(fn, x, *, ndim_error=RuntimeError, allow_empty_channels=False,
         if not cuda.is_compiled():
             raise RuntimeError(f"{fn}: input is on {x.device}, but this fastdl build has no CUDA "
                                "kernels (rebuild with nvcc present)")
-    if not _tensor.is_contiguous(x):
-        x = np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x.contiguous()
-    return x, code, device
+    return _tensor.contiguous(x), code, device
 
 
 def _empty(x, shape, index=False):
@@ -190,10 +188,7 @@ def _cache_put(key, value):
     return value
 
 
-def _contiguous(x):
-    if type(x) is np.ndarray:
-        return x if x.flags.c_contiguous else np.ascontiguousarray(x)
-    return x if x.is_contiguous() else x.contiguous()
+_contiguous = _tensor.contiguous
 
 
 _NO_WINDOW = (1, 1, 1, 1, 0, 0, 1, 1)
@@ -237,21 +232,25 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 def _check_grad(fn, grad_output, indices, out_shape_expected=None):
     g, code, device = _check_grad_tensor(fn, grad_output)
     if indices is not None:
-        if _tensor.kind(indices) != _tensor.kind(g):
-            raise TypeError(f"{fn}: expected indices to be a {_tensor.kind(g)} array/tensor like "
-                            f"grad_output, got {_tensor.describe(indices)}")
-        if _tensor.dtype_code(indices) != _tensor.INT64:
-            raise RuntimeError(f"{fn}: expected indices of dtype int64, got "
-                               f"{_tensor.describe(indices)}")
-        if tuple(indices.shape) != tuple(g.shape):
-            raise RuntimeError(f"{fn}: expected indices of shape {tuple(g.shape)} like "
-                               f"grad_output, got {tuple(indices.shape)}")
-        if _tensor.device_index(indices) != device:
-            raise RuntimeError(f"{fn}: indices and grad_output are on different devices")
-        if not _tensor.is_contiguous(indices):
-            indices = (np.ascontiguousarray(indices) if isinstance(indices, np.ndarray)
-                       else indices.contiguous())
+        indices = _check_indices(fn, indices, g, "grad_output", device)
     return g, indices, code, device
+
+
+def _check_indices(fn, indices, like, like_name, device):
+    """Indices that go with `like` (a grad_output or an unpool input): same kind, int64, same
+    shape, same device; returned contiguous."""
+    if _tensor.kind(indices) != _tensor.kind(like):
+        raise TypeError(f"{fn}: expected indices to be a {_tensor.kind(like)} array/tensor like "
+                        f"{like_name}, got {_tensor.describe(indices)}")
+    if _tensor.dtype_code(indices) != _tensor.INT64:
+        raise RuntimeError(f"{fn}: expected indices of dtype int64, got "
+                           f"{_tensor.describe(indices)}")
+    if tuple(indices.shape) != tuple(like.shape):
+        raise RuntimeError(f"{fn}: expected indices of shape {tuple(like.shape)} like "
+                           f"{like_name}, got {tuple(indices.shape)}")
+    if _tensor.device_index(indices) != device:
+        raise RuntimeError(f"{fn}: indices and {like_name} are on different devices")
+    return _tensor.contiguous(indices)
 
 
 def _check_grad_tensor(fn, grad_output):
@@ -266,10 +265,7 @@ def _check_grad_tensor(fn, grad_output):
     allowed = (_tensor.FLOAT32, _tensor.FLOAT64) if device < 0 else (_tensor.FLOAT32,)
     if code not in allowed:
         raise NotImplementedError(f"{fn}: unsupported grad_output {_tensor.describe(grad_output)}")
-    if not _tensor.is_contiguous(grad_output):
-        grad_output = (np.ascontiguousarray(grad_output) if isinstance(grad_output, np.ndarray)
-                       else grad_output.contiguous())
-    return grad_output, code, device
+    return _tensor.contiguous(grad_output), code, device
 
 
 def _input_shape(fn, input_shape, g):
@@ -491,20 +487,7 @@ def max_unpool2d_prepare(input, indices, kernel_size, stride=None, padding=0, ou
         raise RuntimeError(f"{fn}: expected input with 3 or 4 dims, got a tensor with "
                            f"{input.ndim} dimensions")
     x, code, device = _check_input(fn, input, empty_check="none")
-    if _tensor.kind(indices) != _tensor.kind(x):
-        raise TypeError(f"{fn}: expected indices to be a {_tensor.kind(x)} array/tensor like "
-                        f"input, got {_tensor.describe(indices)}")
-    if _tensor.dtype_code(indices) != _tensor.INT64:
-        raise RuntimeError(f"{fn}: expected indices of dtype int64, got "
-                           f"{_tensor.describe(indices)}")
-    if tuple(indices.shape) != tuple(x.shape):
-        raise RuntimeError(f"{fn}: expected indices of the input's shape {tuple(x.shape)}, got "
-                           f"{tuple(indices.shape)}")
-    if _tensor.device_index(indices) != device:
-        raise RuntimeError(f"{fn}: indices and input are on different devices")
-    if not _tensor.is_contiguous(indices):
-        indices = (np.ascontiguousarray(indices) if isinstance(indices, np.ndarray)
-                   else indices.contiguous())
+    indices = _check_indices(fn, indices, x, "input", device)
     kernel = _ints(fn, "kernel_size", kernel_size)
     st = _ints(fn, "stride", stride, default=kernel)
     pad = _ints(fn, "padding", padding)
@@ -542,9 +525,7 @@ def max_unpool2d_backward(grad_output, indices):
     if indices.ndim != g.ndim or tuple(indices.shape[:-2]) != tuple(g.shape[:-2]):
         raise RuntimeError(f"{fn}: indices of shape {tuple(indices.shape)} do not match "
                            f"grad_output of shape {tuple(g.shape)}")
-    if not _tensor.is_contiguous(indices):
-        indices = (np.ascontiguousarray(indices) if isinstance(indices, np.ndarray)
-                   else indices.contiguous())
+    indices = _tensor.contiguous(indices)
     shape = tuple(indices.shape)
     gx = _empty(g, shape)
     params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, 0, 0, code)
