@@ -138,9 +138,10 @@ class EarlyStopping(Callback):
     def _better(self, value, reference):
         if reference is None:
             return True
+        # An improvement beats the reference by more than min_delta.
         if self.mode == "min":
-            return value - self.min_delta < reference
-        return value + self.min_delta > reference
+            return value + self.min_delta < reference
+        return value - self.min_delta > reference
 
     def on_train_begin(self, logs=None):
         self.wait, self.stopped_epoch, self.best_epoch = 0, 0, 0
