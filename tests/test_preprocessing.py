@@ -1,6 +1,6 @@
 """fastdl.preprocessing against scikit-learn on random data: the same fitted attributes, outputs
 and warnings, numpy and torch inputs (a tensor's output stays on its device, in its dtype), with
-edge cases (constant columns, all-NaN columns, NaN scattered, empty input, streaming partial_fit)."""
+edge cases (constant columns, all-NaN columns, scattered NaN, empty input, partial_fit)."""
 import warnings
 
 import numpy as np

@@ -77,10 +77,3 @@ def as_float_matrix(x, fn: str, what: str = "X"):
 def lib(x):
     """numpy for arrays, torch for tensors."""
     return torch_module() if is_tensor(x) else np
-
-
-def to_like(value, like):
-    """A numpy array as the library and device of `like` (for fitted statistics)."""
-    if is_tensor(like):
-        return torch_module().as_tensor(value, dtype=like.dtype, device=like.device)
-    return np.asarray(value, dtype=like.dtype)

@@ -140,10 +140,11 @@ class Metric:
 
     def result(self):
         out, y = torch.cat(self.outs), torch.cat(self.targets)
-        if self.classes:
-            binary = self.fn is not _metrics.accuracy_score
+        if self.fn is _metrics.accuracy_score:
+            value = self.fn(y, out)
+        elif self.classes:   # precision, recall, F1: binary for 0/1 labels, else macro-averaged
             average = "binary" if self._binary_task(y, out) else "macro"
-            value = self.fn(y, out, average=average, zero_division=0) if binary else self.fn(y, out)
+            value = self.fn(y, out, average=average, zero_division=0)
         elif self.fn in _REG_METRICS.values():
             value = self.fn(y.reshape(y.shape[0], -1), out.reshape(out.shape[0], -1))
         else:

@@ -531,5 +531,3 @@ class Sequential(_Workflow, torch.nn.Sequential):
     @property
     def module(self):
         return self
-
-    compile = _Workflow.compile

@@ -2,8 +2,8 @@
 tensor is transformed by torch on its own device and its fitted statistics live there too.
 numpy users never import torch.
 
->>> sc = fastdl.preprocessing.StandardScaler().fit(x_train)   # sklearn.preprocessing.StandardScaler
->>> x_test = sc.transform(x_test)                              # numpy in, numpy out; tensor in, tensor out
+>>> sc = fastdl.preprocessing.StandardScaler().fit(x_train)  # sklearn.preprocessing's class
+>>> x_test = sc.transform(x_test)        # numpy in, numpy out; tensor in, tensor out
 
 Classes (fit, transform, fit_transform, inverse_transform where it exists, partial_fit for the
 scalers): StandardScaler, MinMaxScaler, SimpleImputer, OneHotEncoder. Functions:
@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 
-from ._arrays import as_float_matrix, is_tensor, lib, to_like, torch_module
+from ._arrays import as_float_matrix, is_tensor, lib, torch_module
 
 __all__ = ["StandardScaler", "MinMaxScaler", "SimpleImputer", "OneHotEncoder",
            "train_test_split", "drop_duplicate_rows", "clip_outliers"]

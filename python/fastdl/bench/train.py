@@ -90,6 +90,6 @@ def cases(device="cpu", quick=False):
                  if len(mine) < len(used) else "") + f"; {n} samples, batches of 64")
         missing = [n for n in used if n not in own]
         label = name + (f" (torch {'+'.join(missing)})" if missing else "")
-        out.append(Case("train", label, _epoch(m_fast, x, y, 64), {"torch": _epoch(m_ref, x, y, 64)},
-                        device=device, note=note))
+        out.append(Case("train", label, _epoch(m_fast, x, y, 64),
+                        {"torch": _epoch(m_ref, x, y, 64)}, device=device, note=note))
     return out
