@@ -72,7 +72,7 @@ class _Progress:
         self.verbose, self.bar, self._last = verbose, None, 0.0
         self.prefix = f"Epoch {epoch + 1}/{epochs}"
         if verbose == 1:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
             self.bar = tqdm(total=steps or None, desc=self.prefix, unit="batch", leave=True,
                             dynamic_ncols=True, file=sys.stderr)
 
