@@ -215,3 +215,16 @@ def test_history_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_p
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"fastdl\[report\]"):
         h.plot(tmp_path / "x.png")
+
+
+def test_callback_argument_errors():
+    with pytest.raises(ValueError, match="weights only"):
+        C.ModelCheckpoint("x.pt", save_weights_only=False)
+    model = fastdl.Sequential(fastdl.nn.Linear(3, 2))
+    model.compile("sgd", "mse")
+    with pytest.raises(ValueError, match="finite float"):
+        model.fit(torch.randn(4, 3), torch.randn(4, 2), verbose=0,
+                  callbacks=[C.LearningRateScheduler(lambda epoch, lr: "fast")])
+    with pytest.raises(ValueError, match="cannot fill"):
+        model.fit(torch.randn(4, 3), torch.randn(4, 2), verbose=0,
+                  callbacks=[C.ModelCheckpoint("m-{val_loss}.pt")])

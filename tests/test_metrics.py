@@ -165,3 +165,11 @@ def test_r2_edge_cases(case):
 def test_regression_nan_raises():
     with pytest.raises(ValueError, match="NaN"):
         M.mean_squared_error([1.0, float("nan")], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION)
+@pytest.mark.parametrize("average", ["micro", "macro", "weighted", None])
+def test_prf_labels_subset(name, average):
+    y_true, y_pred = np.random.randint(0, 5, 40), np.random.randint(0, 5, 40)
+    _same(getattr(M, name), getattr(sklearn_metrics, name), y_true, y_pred, labels=[3, 0, 1],
+          average=average)

@@ -281,3 +281,19 @@ def test_fit_on_device_argument_moves_model(device):
     model.fit(np.random.randn(16, 5), np.random.randn(16, 3), epochs=1, verbose=0, device=device)
     assert next(model.parameters()).device.type == device
     assert model.predict(torch.randn(4, 5)).device.type == device
+
+
+def test_evaluate_and_predict_forms():
+    x, y = torch.randn(21, 5), torch.randint(0, 3, (21,))
+    model = fastdl.Sequential(*_net(4))
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    d = model.evaluate(x, y, batch_size=4, return_dict=True)
+    assert list(d) == ["loss", "accuracy"]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    assert model.evaluate(loader) == pytest.approx(list(d.values()), rel=1e-6)
+    ref = model.predict(x, batch_size=5)
+    assert torch.allclose(model.predict(loader), ref)
+    assert torch.allclose(model.predict(torch.utils.data.TensorDataset(x)), ref)
+    np.testing.assert_allclose(model.predict(x.numpy()), ref.numpy(), rtol=1e-6)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    assert isinstance(model.evaluate(x, y), float)        # no metric: the loss alone
