@@ -253,3 +253,18 @@ def test_numpy_users_never_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("cls", ["StandardScaler", "MinMaxScaler", "SimpleImputer",
+                                 "OneHotEncoder"])
+def test_fit_on_tensor_transform_numpy_and_back(cls):
+    x = np.round(_data(n=30, nan=cls != "OneHotEncoder", all_nan=cls == "SimpleImputer"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = getattr(P, cls)().fit(torch.as_tensor(x))
+        b = getattr(P, cls)().fit(x)
+    for fitted in (a, b):
+        _close(fitted.transform(x), b.transform(x))
+        got = fitted.transform(torch.as_tensor(x))
+        assert isinstance(got, torch.Tensor)
+        _close(got, b.transform(x))

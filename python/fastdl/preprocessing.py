@@ -320,10 +320,9 @@ class SimpleImputer(_Fitted):
             empty_value = math.nan
         stats = xp.where(empty, xp.full_like(stats, empty_value), stats)
         self.statistics_ = stats
-        self._empty = empty
+        self._empty = empty.cpu().numpy() if is_tensor(empty) else empty   # numpy bool mask
         if bool(empty.any()) and not self.keep_empty_features:
-            cols = [int(i) for i in (empty.nonzero().flatten().tolist() if is_tensor(empty)
-                                     else empty.nonzero()[0])]
+            cols = [int(i) for i in self._empty.nonzero()[0]]
             warnings.warn(f"SimpleImputer: skipping features without any observed values: "
                           f"{cols}. At least one non-missing value is needed for imputation "
                           f"with strategy={self.strategy!r}.", UserWarning, stacklevel=2)
@@ -342,8 +341,8 @@ class SimpleImputer(_Fitted):
                        .expand(x64.shape) if is_tensor(x64) else
                        np.broadcast_to(stats, x64.shape), x64)
         if not self.keep_empty_features:
-            keep = ~(self._empty if not is_tensor(x) else
-                     torch_module().as_tensor(self._empty, device=x.device))
+            keep = ~(torch_module().as_tensor(self._empty, device=x.device) if is_tensor(x)
+                     else self._empty)
             out = out[:, keep]
         return _cast_like(out, x)
 
@@ -431,6 +430,8 @@ class OneHotEncoder(_Fitted):
                 i = torch.where(nan, finite.numel(), i)
                 hit |= nan
             return torch.where(hit, i, torch.full_like(i, -1))
+        if is_tensor(cats):                 # fitted on a tensor, transforming numpy
+            cats = cats.cpu().numpy()
         if col.dtype.kind == "O" or cats.dtype.kind == "O":
             lut = {v: k for k, v in enumerate(cats.tolist())}
             return np.array([lut.get(v, -1) for v in col.tolist()], dtype=np.int64)
