@@ -37,6 +37,9 @@ def test_bandwidth_tier_is_the_largest_footprint_not_above_the_working_set():
     assert machine.bandwidth_limit(lim, 10 << 10) == (300.0, "mem@1M")   # below every tier
     assert machine.bandwidth_limit(lim, 100 << 20) == (80.0, "mem@64M")
     assert machine.bandwidth_limit(lim, 3 << 30) == (40.0, "dram")
+    lim["llc_bytes"] = 32 << 20                      # tiers inside the LLC are cache-hot
+    assert machine.bandwidth_limit(lim, 10 << 20) == (300.0, "cache@1M")
+    assert machine.bandwidth_limit(lim, 100 << 20) == (80.0, "mem@64M")
 
 
 def test_tiers_are_made_monotone():

@@ -9,7 +9,7 @@ slows all of them alike, and reports the median and the interquartile spread.
 Honesty rules (issue #12): a case whose spread on any side is above SPREAD_LIMIT is measured
 again and, if still above, marked unreliable; a side above 100% of its limit is flagged as a
 measuring error and its fraction is not printed; a row whose working set fits below the DRAM tier
-is held against the cache tier it fits (see machine.bandwidth_limit) and labelled with it.
+is held against the footprint tier it fits (see machine.bandwidth_limit) and labelled with it.
 """
 from __future__ import annotations
 
@@ -221,6 +221,7 @@ def format_table(rows: list, limits: dict) -> str:
         notes.append("above 100% of the limit (the limit was measured too low; not a result): "
                      + "; ".join(errs))
     if any(r.get("limit", {}).get("tier", "dram") not in ("dram", "fma") for r in rows):
-        notes.append("mem@<size>: working set below the DRAM tier, held against the bandwidth "
-                     "measured at that footprint (cache-resident)")
+        notes.append("cache@<size> / mem@<size>: working set below the DRAM tier, held against "
+                     "the bandwidth measured at that footprint (cache@: inside the last-level "
+                     "cache, cache-hot)")
     return "\n".join(lines + notes)

@@ -7,7 +7,8 @@ footprints: cache-sized ones and one well beyond the last-level cache (at least 
 largest LLC size the OS reports: sysconf and sysfs disagree on some VMs, and a cache larger than
 the one believed makes "memory" bandwidth too high). A benchmark row is held against the tier of
 the largest footprint not above its own working set: a smaller footprint can only be faster, so
-that tier is a ceiling for the row; rows below the DRAM tier are labelled as cache-resident.
+that tier is a ceiling for the row, and its label says which: cache@<size> (inside the largest
+reported LLC: cache-hot), mem@<size> (past it, below the DRAM tier) or dram.
 CPU compute: the peak float32 FMA rate of independent register chains.
 CUDA: device-to-device copy of a 1 GiB buffer (bytes read + written), timed with CUDA events.
 """
@@ -20,9 +21,12 @@ import os
 from .. import _C
 
 KERNELS = ("read", "write", "copy", "triad", "update")
-# Cache-sized footprints (bytes) below the DRAM tier: per-core L2 halves, LLC fractions, and a few
-# sizes past a 32 MB LLC where a VM's host cache may still serve part of the traffic.
-_CACHE_TIERS = [256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 128 << 20, 256 << 20]
+# Footprints (bytes) below the DRAM tier: inside the per-core L2, inside the LLC, then doublings
+# past a 32 MB LLC, where a VM's host cache may still serve part of the traffic. Doublings keep
+# each row's ceiling within 2x of its working set (a 51 MB pooling row held against a 16 MB tier
+# read as ~10% of a cache limit while being DRAM-bound).
+_CACHE_TIERS = [256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20, 256 << 20,
+                512 << 20]
 
 
 def _size(text: str) -> int:
@@ -144,7 +148,9 @@ def bandwidth_limit(limits: dict, working_set: float | None):
             chosen = t
     if chosen.get("dram"):
         return chosen["GBps"], "dram"
-    return chosen["GBps"], f"mem@{_mib(chosen['footprint_bytes'])}"
+    # Inside the largest reported LLC: the row is cache-hot, and so is its ceiling.
+    where = "cache" if chosen["footprint_bytes"] < limits.get("llc_bytes", 0) else "mem"
+    return chosen["GBps"], f"{where}@{_mib(chosen['footprint_bytes'])}"
 
 
 def _mib(b: int) -> str:

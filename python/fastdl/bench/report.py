@@ -120,10 +120,10 @@ def markdown(doc: dict, charts: dict) -> str:
                      f"{100 * r['spread']:.0f}% | {sp} | {rate} | {pct} | "
                      f"{r.get('limit', {}).get('tier', '')} | {'; '.join(flags)} |")
     lines.append("")
-    lines.append("Tiers: `dram` = best of read/write/copy/triad/update on a footprint well beyond "
-                 "the last-level cache; `mem@<size>` = the same kernels at that footprint (the row's "
-                 "working set is smaller than the DRAM tier, so it is held against a cache-level "
-                 "ceiling); `fma` = peak FMA rate.")
+    lines.append("Limits: `dram` = best of read/write/copy/triad/update on a footprint well "
+                 "beyond the last-level cache; `cache@<size>` / `mem@<size>` = the same kernels at "
+                 "that footprint, the largest not above the row's working set (`cache@`: inside "
+                 "the last-level cache, a cache-hot row); `fma` = peak FMA rate.")
     lines.append("")
     for suite, path in charts.items():
         lines += [f"## {suite}", "", f"![{suite}]({os.path.basename(path)})", ""]
