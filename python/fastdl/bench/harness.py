@@ -213,8 +213,8 @@ def format_table(rows: list, limits: dict) -> str:
                      f"{100 * r['spread']:>4.0f}%{mark} {sp:<44} {_rate(r):>28}")
     notes = []
     if any(r.get("unreliable") for r in rows):
-        notes.append(f"?: spread above {100 * SPREAD_LIMIT:.0f}% after a re-measurement "
-                     "(unreliable)")
+        notes.append(f"?: spread above {100 * SPREAD_LIMIT:.0f}% on some side (unreliable; "
+                     "full runs measure such a case twice and keep the steadier)")
     errs = [f"{r['suite']}/{r['case']} ({', '.join(r['limit_error'])})" for r in rows
             if r.get("limit_error")]
     if errs:

@@ -62,16 +62,17 @@ def chart(suite: str, rows: list, meta: dict, path: str):
     ys = list(range(n))
     h = 0.8 / max(1, len(variants))
     for j, v in enumerate(variants):
-        vals = [r["speedup"].get(v, 0.0) for r in rows]
-        ax1.barh([y - 0.4 + h * (j + 0.5) for y in ys], vals, height=h, label=v,
-                 color=f"C{j + 1}")
+        vals = [r["speedup"].get(v, 1.0) for r in rows]
+        # Bars start at 1x: right of the line fastdl is faster, left of it slower.
+        ax1.barh([y - 0.4 + h * (j + 0.5) for y in ys], [x - 1.0 for x in vals], left=1.0,
+                 height=h, label=v, color=f"C{j + 1}")
     ax1.axvline(1.0, color="black", lw=0.8)
     ax1.set_xscale("log")
     ax1.set_xlabel("speedup of fastdl over torch (x, log scale; >1: fastdl faster)")
     ax1.set_yticks(ys)
     ax1.set_yticklabels([_label(r) for r in rows], fontsize=8)
     ax1.invert_yaxis()
-    ax1.legend(fontsize=7, loc="lower right")
+    ax1.legend(fontsize=7, loc="best")
     h2 = 0.8 / len(sides)
     for j, s in enumerate(sides):
         vals = []
@@ -87,7 +88,7 @@ def chart(suite: str, rows: list, meta: dict, path: str):
     ax2.axvline(100, color="black", lw=0.8)
     ax2.set_xlim(0, 130)
     ax2.set_xlabel("% of the machine's limit (bandwidth tier or FMA peak)")
-    ax2.legend(fontsize=7, loc="lower right")
+    ax2.legend(fontsize=7, loc="best")
     fig.suptitle(f"fastdl-bench: {suite}", fontsize=11)
     fig.text(0.01, 0.005, caption(meta), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
