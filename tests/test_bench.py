@@ -180,3 +180,24 @@ def test_a_noisy_case_is_measured_again_and_the_steadier_run_kept(monkeypatch):
     harness.run_cases([quick], progress=False, quick=True)   # quick: marked, not re-measured
     assert not quick.remeasured
     assert harness.summarize(quick, {})["unreliable"]
+
+
+def test_cuda_limits_have_an_l2_tier_and_a_dram_tier(monkeypatch):
+    """The structure of the CUDA limits (the copies themselves run only on a GPU)."""
+    class Props:
+        L2_cache_size = 50 << 20
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    rates = {25 << 20: 9000.0, 2 << 30: 4000.0}
+    monkeypatch.setattr(machine, "_cuda_copy_GBps", lambda fp, reps: rates[fp])
+    machine.cuda_limits.cache_clear()
+    try:
+        lim = machine.cuda_limits()
+    finally:
+        machine.cuda_limits.cache_clear()
+    assert [t["footprint_bytes"] for t in lim["tiers"]] == [25 << 20, 2 << 30]
+    assert lim["bandwidth_GBps"] == 4000.0
+    assert machine.bandwidth_limit(lim, 4 << 20) == (9000.0, "cache@25M")
+    assert machine.bandwidth_limit(lim, 100 << 20) == (9000.0, "mem@25M")
+    assert machine.bandwidth_limit(lim, 3 << 30) == (4000.0, "dram")

@@ -222,6 +222,6 @@ def format_table(rows: list, limits: dict) -> str:
                      + "; ".join(errs))
     if any(r.get("limit", {}).get("tier", "dram") not in ("dram", "fma") for r in rows):
         notes.append("cache@<size> / mem@<size>: working set below the DRAM tier, held against "
-                     "the bandwidth measured at that footprint (cache@: inside the last-level "
-                     "cache, cache-hot)")
+                     "the bandwidth measured at that footprint (cache@: the working set fits in "
+                     "the last-level cache, a cache-hot row)")
     return "\n".join(lines + notes)

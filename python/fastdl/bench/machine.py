@@ -7,10 +7,11 @@ footprints: cache-sized ones and one well beyond the last-level cache (at least 
 largest LLC size the OS reports: sysconf and sysfs disagree on some VMs, and a cache larger than
 the one believed makes "memory" bandwidth too high). A benchmark row is held against the tier of
 the largest footprint not above its own working set: a smaller footprint can only be faster, so
-that tier is a ceiling for the row, and its label says which: cache@<size> (inside the largest
-reported LLC: cache-hot), mem@<size> (past it, below the DRAM tier) or dram.
+that tier is a ceiling for the row. Labels: cache@<tier> (the row fits in the largest reported
+LLC: cache-hot), mem@<tier> (it does not, but is below the DRAM tier) or dram.
 CPU compute: the peak float32 FMA rate of independent register chains.
-CUDA: device-to-device copy of a 1 GiB buffer (bytes read + written), timed with CUDA events.
+CUDA: device-to-device copy (bytes read + written), timed with CUDA events, on 2 GiB (dram) and
+on half the L2 (the ceiling for L2-resident rows). No GPU peak FLOP rate is measured yet.
 """
 from __future__ import annotations
 
@@ -85,26 +86,48 @@ def cpu_limits(quick: bool = False) -> dict:
             "peak_GFLOPs": _C.measure_peak_gflops(3 if quick else 5)}
 
 
-@functools.lru_cache(maxsize=None)
-def cuda_limits(quick: bool = False) -> dict:
+def _cuda_copy_GBps(footprint: int, reps: int) -> float:
+    """Best device-to-device copy rate (bytes read + written) over two float32 buffers of
+    footprint/2 bytes each; small footprints repeat the copy so a timing spans >= 256 MB."""
     import torch
-    n = 1 << 28  # 1 GiB of float32
+    n = footprint // 8
     a = torch.empty(n, device="cuda")
     b = torch.empty_like(a)
     a.normal_()
+    inner = max(1, (256 << 20) // (8 * n))
+    b.copy_(a)
     best = 1e30
-    for _ in range(10):
+    for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        b.copy_(a)
+        for _ in range(inner):
+            b.copy_(a)
         e.record()
         e.synchronize()
-        best = min(best, s.elapsed_time(e) * 1e-3)
+        best = min(best, s.elapsed_time(e) * 1e-3 / inner)
     del a, b
-    bw = 2 * 4 * n / best * 1e-9
-    return {"bandwidth_name": "dram (copy)", "bandwidth_GBps": bw,
-            "tiers": [{"footprint_bytes": 2 * 4 * n, "GBps": bw, "kernel": "copy", "dram": True}],
-            "peak_GFLOPs": None, "device_name": torch.cuda.get_device_name()}
+    return 8 * n / best * 1e-9
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_limits(quick: bool = False) -> dict:
+    """Copy bandwidth at half the L2 (the ceiling for L2-resident rows) and on 2 GiB, at least
+    4x the L2 (dram)."""
+    import torch
+    reps = 5 if quick else 10
+    l2 = int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
+                     "L2_cache_size", 0) or 0)
+    tiers = []
+    if l2 >= (1 << 20):
+        fp = l2 // 2
+        tiers.append({"footprint_bytes": fp, "GBps": _cuda_copy_GBps(fp, reps), "kernel": "copy"})
+    dram = max(2 << 30, 4 * l2)
+    tiers.append({"footprint_bytes": dram, "GBps": _cuda_copy_GBps(dram, reps), "kernel": "copy",
+                  "dram": True})
+    _monotone(tiers)
+    return {"bandwidth_name": "dram (copy)", "bandwidth_GBps": tiers[-1]["GBps"],
+            "tiers": tiers, "llc_bytes": l2, "peak_GFLOPs": None,
+            "device_name": torch.cuda.get_device_name()}
 
 
 def limits(device: str, quick: bool = False) -> dict:
@@ -148,8 +171,8 @@ def bandwidth_limit(limits: dict, working_set: float | None):
             chosen = t
     if chosen.get("dram"):
         return chosen["GBps"], "dram"
-    # Inside the largest reported LLC: the row is cache-hot, and so is its ceiling.
-    where = "cache" if chosen["footprint_bytes"] < limits.get("llc_bytes", 0) else "mem"
+    # A row whose working set fits in the largest reported LLC is cache-hot.
+    where = "cache" if (working_set or 0) < limits.get("llc_bytes", 0) else "mem"
     return chosen["GBps"], f"{where}@{_mib(chosen['footprint_bytes'])}"
 
 

@@ -123,8 +123,9 @@ def markdown(doc: dict, charts: dict) -> str:
     lines.append("")
     lines.append("Limits: `dram` = best of read/write/copy/triad/update on a footprint well "
                  "beyond the last-level cache; `cache@<size>` / `mem@<size>` = the same kernels at "
-                 "that footprint, the largest not above the row's working set (`cache@`: inside "
-                 "the last-level cache, a cache-hot row); `fma` = peak FMA rate.")
+                 "that footprint, the largest not above the row's working set (`cache@`: the "
+                 "working set fits in the last-level cache, a cache-hot row); `fma` = peak FMA "
+                 "rate.")
     lines.append("")
     for suite, path in charts.items():
         lines += [f"## {suite}", "", f"![{suite}]({os.path.basename(path)})", ""]
