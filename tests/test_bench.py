@@ -201,3 +201,15 @@ def test_cuda_limits_have_an_l2_tier_and_a_dram_tier(monkeypatch):
     assert machine.bandwidth_limit(lim, 4 << 20) == (9000.0, "cache@25M")
     assert machine.bandwidth_limit(lim, 100 << 20) == (9000.0, "mem@25M")
     assert machine.bandwidth_limit(lim, 3 << 30) == (4000.0, "dram")
+
+
+def test_compare_reports_unreadable_files_clearly(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for a in (str(tmp_path / "missing.json"), str(bad)):
+        with pytest.raises(SystemExit, match="cannot read"):
+            cli.main(["--compare", a, a])
+    other = tmp_path / "other.json"
+    other.write_text("[]")
+    with pytest.raises(SystemExit, match="not a fastdl-bench JSON"):
+        cli.main(["--compare", str(other), str(other)])

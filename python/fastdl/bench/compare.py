@@ -13,9 +13,12 @@ import math
 
 
 def load(path: str) -> dict:
-    with open(path) as f:
-        doc = json.load(f)
-    if "rows" not in doc:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"fastdl-bench --compare: cannot read {path}: {e}")
+    if not isinstance(doc, dict) or "rows" not in doc:
         raise SystemExit(f"fastdl-bench --compare: {path} has no 'rows' (not a fastdl-bench JSON)")
     return doc
 
