@@ -416,7 +416,7 @@ def test_ops_bad_input_changes_nothing():
 def test_cuda_half_params_float32_state(cuda_device, dtype):
     """Reference: torch's step on float32 copies, rounding the param to `dtype` after each step
     (what a half param with float32 state computes)."""
-    ps = make_params(dtype, "cuda")
+    ps = make_params(dtype, cuda_device)
     ref_ps = [p.detach().float().requires_grad_() for p in ps]
     fast = fo.Adam(ps, lr=0.01)
     ref = torch.optim.Adam(ref_ps, lr=0.01, foreach=False)
@@ -429,7 +429,7 @@ def test_cuda_half_params_float32_state(cuda_device, dtype):
         with torch.no_grad():
             for q in ref_ps:
                 q.copy_(q.to(dtype).float())
-    torch.cuda.synchronize()
+    fastdl.cuda.synchronize(0)
     for p, q in zip(ps, ref_ps):
         assert fast.state[p]["exp_avg"].dtype == torch.float32
         assert_close(p.detach(), q.detach().to(dtype), what="param")

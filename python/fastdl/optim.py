@@ -255,7 +255,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             n = p.numel()
             dtype = p.dtype
             # -1 cpu, k cuda:k, -2 anything else (meta, ...), which _verify rejects
-            dev = -1 if p.is_cpu else (p.get_device() if p.is_cuda else -2)
+            dev = _tensor.CPU_DEVICE if p.is_cpu else (p.get_device() if p.is_cuda else -2)
             v = verified.get(id(p))
             ok = (v is not None and v[0] is p and v[1] is state and v[3] == n and v[4] is dtype
                   and v[5] == dev and len(v[2]) == nkeys
