@@ -100,6 +100,8 @@ def f64(ps):
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_trajectory_matches_torch(device, name, kw, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA optimizer steps take float32, float16 and bfloat16 params")
     ps = make_params(dtype, device)
     ref_ps, ps64 = clone_params(ps), f64(ps)
     fast, ref, ref64 = run_both(name, kw, ps, ref_ps, ref64_ps=ps64)

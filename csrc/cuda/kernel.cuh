@@ -27,7 +27,9 @@
 #define FASTDL_SHARED(align, type, name, dims) __shared__ __align__(align) type name dims
 #define FASTDL_DYNAMIC_SHARED(align, type, name) extern __shared__ __align__(align) type name[]
 // torch's CUDA_KERNEL_ASSERT does the same: __assert_fail stays in release builds (assert does
-// not) and leaves the sticky cudaErrorAssert.
+// not) and leaves the sticky cudaErrorAssert. Declared here: <assert.h> hides it under NDEBUG.
+extern "C" __host__ __device__ void __assert_fail(const char*, const char*, unsigned int,
+                                                  const char*) noexcept;
 #define FASTDL_DEVICE_ASSERT(cond, msg)                                                       \
   do {                                                                                        \
     if (!(cond)) __assert_fail(#cond " (" msg ")", __FILE__, static_cast<unsigned>(__LINE__), \

@@ -92,13 +92,52 @@ __global__ void __launch_bounds__(kThreads)
     outputs_touching(iw, p.in_w, p.out_w, p.kw, p.sw, p.pw, p.dw, p.adaptive, ow0, ow1);
     const int64_t base = plane * p.out_h * p.out_w;
     float g = 0.f;
-    for (int64_t oh = oh0; oh <= oh1; ++oh)
+    for (int64_t oh = oh0; oh <= oh1; ++oh) {
+      const AxisTaps r = rows_of(p, oh);
       for (int64_t ow = ow0; ow <= ow1; ++ow) {
+        const AxisTaps c = cols_of(p, ow);
+        if (r.lo >= r.hi || c.lo >= c.hi) continue;  // an empty window: empty_window_backward
         const int64_t o = base + oh * p.out_w + ow;
         if (__ldg(idx + o) == pos) g += __ldg(gy + o);
       }
+    }
     gx[i] = g;
   }
+}
+
+// A window with no valid tap (padding and dilation can make one) saves torch's index for it,
+// r.lo * in_w + c.lo, which may lie outside the window and even in another row of the plane, so
+// the gather above cannot find it. After the gather: one thread per plane adds those outputs'
+// gradients in order (deterministic, no atomics). Launched only when such windows exist.
+__global__ void __launch_bounds__(kThreads)
+    empty_window_backward_kernel(Pool2dParams p, const float* __restrict__ gy,
+                                 const int64_t* __restrict__ idx, float* __restrict__ gx) {
+  const int64_t plane = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (plane >= p.planes) return;
+  const int64_t in_plane = p.in_h * p.in_w, base = plane * p.out_h * p.out_w;
+  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+    const AxisTaps r = rows_of(p, oh);
+    for (int64_t ow = 0; ow < p.out_w; ++ow) {
+      const AxisTaps c = cols_of(p, ow);
+      if (r.lo < r.hi && c.lo < c.hi) continue;
+      const int64_t o = base + oh * p.out_w + ow, at = __ldg(idx + o);
+      if (at >= 0 && at < in_plane) gx[plane * in_plane + at] += __ldg(gy + o);
+    }
+  }
+}
+
+// Whether any output window has no valid tap (host side, O(out_h + out_w)).
+bool has_empty_window(const Pool2dParams& p) {
+  if (p.adaptive) return false;
+  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+    const AxisTaps r = rows_of(p, oh);
+    if (r.lo >= r.hi) return true;
+  }
+  for (int64_t ow = 0; ow < p.out_w; ++ow) {
+    const AxisTaps c = cols_of(p, ow);
+    if (c.lo >= c.hi) return true;
+  }
+  return false;
 }
 
 // grad_input[i] = sum over the windows containing i of grad_output / divisor.
@@ -194,6 +233,10 @@ void max_pool2d_backward_cuda(const Pool2dParams& p, const void* gy, const int64
   pool_launch("max_pool2d_backward", p, launch, empty ? 0 : in_total, gx, empty ? in_total : 0,
               max_backward_kernel, p, static_cast<const float*>(gy), idx, static_cast<float*>(gx),
               in_total);
+  if (!empty && in_total > 0 && has_empty_window(p))
+    pool_launch("max_pool2d_backward", p, launch, p.planes, nullptr, 0,
+                empty_window_backward_kernel, p, static_cast<const float*>(gy), idx,
+                static_cast<float*>(gx));
 }
 
 void avg_pool2d_forward_cuda(const Pool2dParams& p, const void* x, void* y,

@@ -304,7 +304,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         if torch.is_complex(p):
             raise NotImplementedError(f"fastdl.optim.{name}: complex parameters are not supported")
-        if p.dtype not in _CODES or (p.device.type == "cpu" and p.dtype in _HALF):
+        host = p.device.type == "cpu" and _tensor.CPU_DEVICE < 0  # not routed to CUDA (emulation)
+        if p.dtype not in _CODES or (host and p.dtype in _HALF):
             raise NotImplementedError(
                 f"fastdl.optim.{name}: {p.dtype} parameters on {p.device.type} are not "
                 "supported (float32/float64 on cpu; float32/float16/bfloat16 on cuda)")
