@@ -113,6 +113,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Every CUDA test carries the cuda mark (-m cuda selects them): the device fixture's 'cuda'
+    # cases have it from their param; tests that take cuda_device get it here.
+    for item in items:
+        if "cuda_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
     if _CUDA_MODE == "gpu":
         return
     skip = pytest.mark.skip(reason="gpu_only: too large to run through the CUDA emulation or the "

@@ -18,3 +18,15 @@ def cuda_test_mode(fastdl_emulated: bool, fastdl_available: bool, fastdl_reason:
     if fastdl_available:
         return "skip", "no CUDA device for torch (CPU-only torch): the CUDA tests need torch CUDA tensors"
     return "skip", f"no CUDA device: {fastdl_reason}"
+
+
+# The emulated device's SM count (csrc/cuda/emulation/emu_runtime.cpp, kSmCount): GEMM picks its
+# 64 x 64 tiles below 2 x SMs tiles of 128 x 128, so tests size their shapes by it.
+EMULATED_SM_COUNT = 4
+
+
+def sm_count(emulated: bool) -> int:
+    if emulated:
+        return EMULATED_SM_COUNT
+    import torch
+    return torch.cuda.get_device_properties(0).multi_processor_count

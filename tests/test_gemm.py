@@ -2,11 +2,14 @@
 alpha/beta (beta = 0 on a NaN-poisoned C), odd, prime, size-1 and skinny shapes, views with
 leading dimensions wider than the matrix, both CPU kernel paths, thread splits, torch tensors
 (CPU and CUDA) and bad input."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import fastdl
+from cuda_mode import sm_count
 from fastdl import ops
 from helpers import tol
 
@@ -199,8 +202,10 @@ def test_gemm_cuda_alpha_beta(cuda_device):
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True),
                                              (True, True)])
 def test_gemm_cuda_large_grid(cuda_device, trans_a, trans_b):
-    """Enough tiles for the 128 x 128 SIMT kernel (small grids use 64 x 64 tiles)."""
-    m, n, k = 2200, 2100, 37
+    """Enough tiles for the 128 x 128 SIMT kernel (below 2 x SMs tiles it uses 64 x 64 tiles):
+    2200 x 2176 on a 132-SM GPU, 408 x 384 on the emulated 4-SM device."""
+    side = 128 * math.ceil(math.sqrt(2 * sm_count(fastdl.cuda.is_emulated()))) + 24
+    m, n, k = side + 24, side, 37
     a = torch.rand((k, m) if trans_a else (m, k), device=cuda_device) - 0.5
     b = torch.rand((n, k) if trans_b else (k, n), device=cuda_device) - 0.5
     got = ops.gemm(a, b, trans_a=trans_a, trans_b=trans_b)
