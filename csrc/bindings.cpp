@@ -205,6 +205,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_emulation_launch_count", &cuda_emulation_launch_count);
   m.def("cuda_emulation_stream_create", &cuda_emulation_stream_create);
   m.def("cuda_emulation_stream_destroy", &cuda_emulation_stream_destroy);
+  m.def("cuda_emulation_selftest", &cuda_emulation_selftest);
 #endif
 
   m.def("measure_triad_bandwidth", &measure_triad_bandwidth, py::arg("n"), py::arg("reps"),

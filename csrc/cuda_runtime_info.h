@@ -26,5 +26,7 @@ void cuda_emulation_missing_kernel_image(bool missing);
 long long cuda_emulation_launch_count();
 uintptr_t cuda_emulation_stream_create();
 void cuda_emulation_stream_destroy(uintptr_t stream);
+// Runs one of the emulation's self-test kernels (csrc/cuda/emulation/selftest.cu); its output.
+std::vector<double> cuda_emulation_selftest(const std::string& name);
 
 }  // namespace fastdl
