@@ -26,7 +26,9 @@ using namespace fastdl;
 #ifndef FASTDL_WITH_CUDA
 namespace fastdl {
 bool cuda_compiled() { return false; }
+bool cuda_emulated() { return false; }
 int cuda_device_count() { return 0; }
+std::vector<int> cuda_probe() { return {0, 0, 0, 0}; }
 std::string cuda_device_name(int) { throw std::runtime_error("fastdl was built without CUDA"); }
 void cuda_synchronize(int) { throw std::runtime_error("fastdl was built without CUDA"); }
 }  // namespace fastdl
@@ -194,6 +196,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_device_name", &cuda_device_name);
   m.def("cuda_synchronize", &cuda_synchronize, py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_emulated", &cuda_emulated);
+  m.def("cuda_probe", &cuda_probe);
+#ifdef FASTDL_CUDA_EMULATION
+  // Test hooks of the emulated CUDA back end (csrc/cuda/emulation/cuda_runtime.h).
+  m.def("cuda_emulation_reset", &cuda_emulation_reset);
+  m.def("cuda_emulation_missing_kernel_image", &cuda_emulation_missing_kernel_image);
+  m.def("cuda_emulation_launch_count", &cuda_emulation_launch_count);
+  m.def("cuda_emulation_stream_create", &cuda_emulation_stream_create);
+  m.def("cuda_emulation_stream_destroy", &cuda_emulation_stream_destroy);
+  m.def("cuda_emulation_selftest", &cuda_emulation_selftest);
+#endif
 
   m.def("measure_stream_bandwidth", &measure_stream_bandwidth, py::arg("kernel"),
         py::arg("footprint_bytes"), py::arg("reps"), py::arg("min_seconds") = 0.0,

@@ -61,6 +61,7 @@ def build_info() -> dict:
         "cpu_capability": _C.cpu_capability(),
         "cpu_supports_avx2": bool(_C.cpu_supports_avx2()),
         "cuda_compiled": bool(_C.cuda_compiled()),
+        "cuda_emulation": bool(_C.cuda_emulated()),
         "cuda_architectures": [a for a in archs.split(",") if a],
         "cuda_device_count": cuda.device_count(),
         "num_threads": get_num_threads(),
