@@ -1,0 +1,145 @@
+// conv2d by direct loops on the CPU (csrc/conv.h), float32/float64: the algorithm for depthwise
+// convolution (one input channel per group, any channel multiplier) and for few input channels per
+// group (the first layer of an image model), where GEMM's reduction (cg*kh*kw) would be too short.
+// Each kernel tap is an axpy along an output row (contiguous, vectorised, when the stride is 1):
+//   forward          y[n,k,oh,:]  += w[k,cc,i,j] * x[n,c,ih,shifted :]   one task per (n, k) plane
+//   input gradient   gx[n,c,ih,shifted :] += w[k,cc,i,j] * gy[n,k,oh,:]  one task per (n, c) plane
+//   weight gradient  gw[k,cc,i,j] = sum of row dot products              one task per k (no races,
+//                                                                        fixed order)
+// Rows stay in L1 across the taps that reuse them (rows outer, taps inner).
+// Tested by tests/test_conv.py (forced algorithm "direct"); timed by benchmarks/bench_conv.py.
+#include <vector>
+
+#include "conv_impl.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+template <class T>
+void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
+  parallel_for_catch(p.n * p.k, 1, [&](int64_t lo_t, int64_t hi_t) {
+    for (int64_t t = lo_t; t < hi_t; ++t) {
+      const int64_t n = t / p.k, k = t % p.k, g = k / kg;
+      const T bv = b ? b[k] : T(0);
+      for (int64_t oh = 0; oh < p.oh; ++oh) {
+        T* yr = y + (t * p.oh + oh) * p.ow;
+        for (int64_t o = 0; o < p.ow; ++o) yr[o] = bv;
+        for (int64_t cc = 0; cc < cg; ++cc) {
+          const T* xp = x + (n * p.c + g * cg + cc) * p.h * p.w;
+          const T* wp = w + (k * cg + cc) * taps;
+          for (int64_t i = 0; i < p.kh; ++i) {
+            const int64_t ih = oh * p.sh - p.ph + i * p.dh;
+            if (ih < 0 || ih >= p.h) continue;
+            const T* xr = xp + ih * p.w;
+            for (int64_t j = 0; j < p.kw; ++j) {
+              const T wv = wp[i * p.kw + j];
+              const int64_t off = j * p.dw - p.pw;
+              int64_t lo, hi;
+              valid_range(p.ow, p.w, p.sw, p.pw, j * p.dw, lo, hi);
+              if (p.sw == 1) {
+#pragma omp simd
+                for (int64_t o = lo; o < hi; ++o) yr[o] += wv * xr[o + off];
+              } else {
+                for (int64_t o = lo; o < hi; ++o) yr[o] += wv * xr[o * p.sw + off];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
+  parallel_for_catch(p.n * p.c, 1, [&](int64_t lo_t, int64_t hi_t) {
+    for (int64_t t = lo_t; t < hi_t; ++t) {
+      const int64_t n = t / p.c, c = t % p.c, g = c / cg, cc = c % cg;
+      T* gxp = gx + t * p.h * p.w;
+      std::fill(gxp, gxp + p.h * p.w, T(0));
+      for (int64_t oh = 0; oh < p.oh; ++oh) {
+        for (int64_t kk = 0; kk < kg; ++kk) {
+          const int64_t k = g * kg + kk;
+          const T* gr = gy + ((n * p.k + k) * p.oh + oh) * p.ow;
+          const T* wp = w + (k * cg + cc) * taps;
+          for (int64_t i = 0; i < p.kh; ++i) {
+            const int64_t ih = oh * p.sh - p.ph + i * p.dh;
+            if (ih < 0 || ih >= p.h) continue;
+            T* gxr = gxp + ih * p.w;
+            for (int64_t j = 0; j < p.kw; ++j) {
+              const T wv = wp[i * p.kw + j];
+              const int64_t off = j * p.dw - p.pw;
+              int64_t lo, hi;
+              valid_range(p.ow, p.w, p.sw, p.pw, j * p.dw, lo, hi);
+              if (p.sw == 1) {
+#pragma omp simd
+                for (int64_t o = lo; o < hi; ++o) gxr[o + off] += wv * gr[o];
+              } else {
+                for (int64_t o = lo; o < hi; ++o) gxr[o * p.sw + off] += wv * gr[o];
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
+  parallel_for_catch(p.k, 1, [&](int64_t lo_t, int64_t hi_t) {
+    // One row's dot product in T (vectorised), rows summed in double.
+    std::vector<double> acc(static_cast<size_t>(cg * taps));
+    for (int64_t k = lo_t; k < hi_t; ++k) {
+      const int64_t g = k / kg;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t n = 0; n < p.n; ++n) {
+        for (int64_t cc = 0; cc < cg; ++cc) {
+          const T* xp = x + (n * p.c + g * cg + cc) * p.h * p.w;
+          double* a = acc.data() + cc * taps;
+          for (int64_t oh = 0; oh < p.oh; ++oh) {
+            const T* gr = gy + ((n * p.k + k) * p.oh + oh) * p.ow;
+            for (int64_t i = 0; i < p.kh; ++i) {
+              const int64_t ih = oh * p.sh - p.ph + i * p.dh;
+              if (ih < 0 || ih >= p.h) continue;
+              const T* xr = xp + ih * p.w;
+              for (int64_t j = 0; j < p.kw; ++j) {
+                const int64_t off = j * p.dw - p.pw;
+                int64_t lo, hi;
+                valid_range(p.ow, p.w, p.sw, p.pw, j * p.dw, lo, hi);
+                T s = T(0);
+                if (p.sw == 1) {
+#pragma omp simd reduction(+ : s)
+                  for (int64_t o = lo; o < hi; ++o) s += gr[o] * xr[o + off];
+                } else {
+                  for (int64_t o = lo; o < hi; ++o) s += gr[o] * xr[o * p.sw + off];
+                }
+                a[i * p.kw + j] += double(s);
+              }
+            }
+          }
+        }
+      }
+      for (int64_t q = 0; q < cg * taps; ++q) gw[k * cg * taps + q] = static_cast<T>(acc[q]);
+    }
+  });
+}
+
+template void conv_direct_forward<float>(const Conv2dParams&, const float*, const float*,
+                                         const float*, float*);
+template void conv_direct_forward<double>(const Conv2dParams&, const double*, const double*,
+                                          const double*, double*);
+template void conv_direct_backward_input<float>(const Conv2dParams&, const float*, const float*,
+                                                float*);
+template void conv_direct_backward_input<double>(const Conv2dParams&, const double*,
+                                                 const double*, double*);
+template void conv_direct_backward_weight<float>(const Conv2dParams&, const float*, const float*,
+                                                 float*);
+template void conv_direct_backward_weight<double>(const Conv2dParams&, const double*,
+                                                  const double*, double*);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl

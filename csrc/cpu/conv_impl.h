@@ -1,0 +1,68 @@
+// Internal to the CPU convolution files (csrc/cpu/conv*.cpp), compiled once per ISA inside
+// fastdl::FASTDL_ISA_NS: the per-algorithm kernels that csrc/cpu/conv.cpp dispatches to, and the
+// small helpers they share. Pointers are typed; params are already checked.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include <exception>
+
+#include "../conv.h"
+#include "../gemm.h"
+#include "../parallel.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+// fastdl's GEMM of this ISA (csrc/cpu/gemm.cpp). Inside an OpenMP region it runs single-threaded.
+void gemm(const GemmParams& p, const void* a, const void* b, void* c);
+
+// parallel_for whose body may throw (a scratch allocation): the first exception is carried out of
+// the OpenMP region and rethrown on the calling thread (one escaping a region ends the process).
+template <class F>
+void parallel_for_catch(int64_t n, int64_t grain, const F& f) {
+  std::exception_ptr error;
+  parallel_for(n, grain, [&](int64_t lo, int64_t hi) {
+    try {
+      f(lo, hi);
+    } catch (...) {
+#pragma omp critical(fastdl_conv_error)
+      if (!error) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
+// Output columns ow in [lo, hi) whose input column ow*s - pad + off lies in [0, in).
+inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t off, int64_t& lo,
+                        int64_t& hi) {
+  const int64_t shift = off - pad;  // input column = ow*s + shift
+  lo = shift >= 0 ? 0 : (-shift + s - 1) / s;
+  hi = in - 1 - shift < 0 ? 0 : (in - 1 - shift) / s + 1;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
+}
+
+template <class T>
+void conv_reference_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_reference_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_reference_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+
+template <class T>
+void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+
+template <class T>
+void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
