@@ -19,7 +19,7 @@ namespace FASTDL_ISA_NS {
 template <class T>
 void conv_reference_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  parallel_for_catch(p.n * p.k, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(p.n * p.k, grain_for(p.oh * p.ow * cg * p.kh * p.kw), [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / p.k, k = t % p.k, g = k / kg;
       T* yp = y + t * p.oh * p.ow;
@@ -48,7 +48,7 @@ void conv_reference_forward(const Conv2dParams& p, const T* x, const T* w, const
 template <class T>
 void conv_reference_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  parallel_for_catch(p.n * p.c, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(p.n * p.c, grain_for(p.h * p.w * kg * p.kh * p.kw), [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / p.c, c = t % p.c, g = c / cg, cc = c % cg;
       for (int64_t ih = 0; ih < p.h; ++ih)
@@ -76,7 +76,7 @@ void conv_reference_backward_input(const Conv2dParams& p, const T* gy, const T* 
 template <class T>
 void conv_reference_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  parallel_for_catch(p.k, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(p.k, grain_for(p.n * p.oh * p.ow * cg * p.kh * p.kw), [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t g = k / kg;
       for (int64_t cc = 0; cc < cg; ++cc)
@@ -108,7 +108,7 @@ namespace {
 template <class T>
 void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
   const int64_t plane = p.oh * p.ow;
-  parallel_for_catch(p.k, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(p.k, grain_for(p.n * plane), [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       double acc = 0.0;
       for (int64_t n = 0; n < p.n; ++n) {

@@ -18,7 +18,7 @@ namespace FASTDL_ISA_NS {
 template <class T>
 void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
-  parallel_for_catch(p.n * p.k, 1, [&](int64_t lo_t, int64_t hi_t) {
+  parallel_for_catch(p.n * p.k, grain_for(p.oh * p.ow * cg * taps), [&](int64_t lo_t, int64_t hi_t) {
     for (int64_t t = lo_t; t < hi_t; ++t) {
       const int64_t n = t / p.k, k = t % p.k, g = k / kg;
       const T bv = b ? b[k] : T(0);
@@ -54,7 +54,7 @@ void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T*
 template <class T>
 void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
-  parallel_for_catch(p.n * p.c, 1, [&](int64_t lo_t, int64_t hi_t) {
+  parallel_for_catch(p.n * p.c, grain_for(p.oh * p.ow * kg * taps), [&](int64_t lo_t, int64_t hi_t) {
     for (int64_t t = lo_t; t < hi_t; ++t) {
       const int64_t n = t / p.c, c = t % p.c, g = c / cg, cc = c % cg;
       T* gxp = gx + t * p.h * p.w;
@@ -90,7 +90,7 @@ void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, 
 template <class T>
 void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
-  parallel_for_catch(p.k, 1, [&](int64_t lo_t, int64_t hi_t) {
+  parallel_for_catch(p.k, grain_for(p.n * p.oh * p.ow * cg * taps), [&](int64_t lo_t, int64_t hi_t) {
     // One row's dot product in T (vectorised), rows summed in double.
     std::vector<double> acc(static_cast<size_t>(cg * taps));
     for (int64_t k = lo_t; k < hi_t; ++k) {

@@ -164,7 +164,7 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const bool one = pointwise(p);
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
-  parallel_for_catch(p.n * G * chunks, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(p.n * G * chunks, grain_for(sc * kg * ckk), [&](int64_t lo, int64_t hi) {
     T* cols = one ? nullptr : tl_cols.get<T>(ckk * sc);
     T* cbuf = tl_out.get<T>(sc * kg);
     for (int64_t t = lo; t < hi; ++t) {
@@ -191,7 +191,7 @@ void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T*
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
   if (pointwise(p)) {  // gx chunk (cg x len, ld HW) = W_g^T (cg x kg) * gy chunk (kg x len, ld S)
-    parallel_for_catch(p.n * G * chunks, 1, [&](int64_t lo, int64_t hi) {
+    parallel_for_catch(p.n * G * chunks, grain_for(sc * kg * cg), [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n = t / (G * chunks), g = (t / chunks) % G, s0 = (t % chunks) * sc;
         const int64_t len = std::min(sc, S - s0);
@@ -201,7 +201,7 @@ void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T*
     });
     return;
   }
-  parallel_for_catch(p.n * G, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(p.n * G, grain_for(S * ckk * kg), [&](int64_t lo, int64_t hi) {
     T* cols = tl_cols.get<T>(ckk * sc);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / G, g = t % G;
@@ -225,7 +225,8 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   const bool one = pointwise(p);
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
   const int64_t items = p.n * G * chunks, wsz = G * ckk * kg;
-  int nt = static_cast<int>(std::min<int64_t>(get_num_threads(), items));
+  const int64_t by_work = std::max<int64_t>(1, S * p.n * G * ckk * kg / kMinWork);
+  int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
   if (omp_in_parallel()) nt = 1;
   // Per-thread partial sums P_t (G blocks of ckk x kg), reduced in a fixed order: the result does
   // not depend on timing, only on the thread count.
@@ -264,7 +265,7 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
     if (error) std::rethrow_exception(error);
   }
   // gw[g*kg + kk][r] = sum over threads of P_t[g][r][kk]
-  parallel_for(G * kg, 1, [&](int64_t lo, int64_t hi) {
+  parallel_for(G * kg, grain_for(ckk * nt), [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q) {
       const int64_t g = q / kg, kk = q % kg;
       T* dst = gw + q * ckk;

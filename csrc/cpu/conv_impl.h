@@ -33,6 +33,14 @@ void parallel_for_catch(int64_t n, int64_t grain, const F& f) {
   if (error) std::rethrow_exception(error);
 }
 
+// Items per thread so that each thread gets at least kMinWork multiply-adds: waking a second
+// thread for less costs more than it saves (a 2x6x6x5 conv: 40 us on one thread, 0.4-13 ms on
+// two on a loaded 2-core machine).
+constexpr int64_t kMinWork = int64_t(1) << 16;
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
 // Output columns ow in [lo, hi) whose input column ow*s - pad + off lies in [0, in).
 inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t off, int64_t& lo,
                         int64_t& hi) {

@@ -145,6 +145,8 @@ def _format_out(y, channels_last):
 
 
 def _launch(pass_, a, b, c, d, params, device):
+    if pass_ != _BACKWARD_WEIGHT and (d.size if isinstance(d, np.ndarray) else d.numel()) == 0:
+        return  # nothing to write (an empty tensor's data pointer is null)
     p = _tensor.pointer
     _C.conv2d(pass_, p(a), p(b), None if c is None else p(c), None if d is None else p(d),
               params, _current_algo(), device, 0)
