@@ -3,8 +3,7 @@
 // patches are unrolled into cols (cg*kh*kw rows x sc columns, im2col) in a per-thread buffer of
 // bounded size (kColsBudget elements, whatever the batch), and fastdl's GEMM (csrc/gemm.h) runs on
 // that:
-//   forward          C (sc x kg)   = cols^T * W_g^T     M = pixels (the large side), then C is
-//                                                       transposed into y's kg rows, adding bias
+//   forward          y chunk (kg x sc) = W_g * cols      written in place (ld = OH*OW), + bias
 //   input gradient   cols (ckk x sc) = W_g^T * gy_chunk  then col2im adds cols into gx
 //   weight gradient  P (ckk x kg) += cols * gy_chunk^T   per-thread partial sums, reduced once
 // A 1x1 kernel with stride 1 and no padding needs no im2col: x (and gx) are read (written) in
@@ -45,7 +44,7 @@ struct ConvScratch {
     return static_cast<T*>(ptr);
   }
 };
-thread_local ConvScratch tl_cols, tl_out;
+thread_local ConvScratch tl_cols;
 
 // cols holds at most this many elements per thread (1 MB of float32): ~L2-sized.
 constexpr int64_t kColsBudget = 1 << 18;
@@ -166,7 +165,6 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
   parallel_for_catch(p.n * G * chunks, grain_for(sc * kg * ckk), [&](int64_t lo, int64_t hi) {
     T* cols = one ? nullptr : tl_cols.get<T>(ckk * sc);
-    T* cbuf = tl_out.get<T>(sc * kg);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / (G * chunks), g = (t / chunks) % G, s0 = (t % chunks) * sc;
       const int64_t len = std::min(sc, S - s0);
@@ -174,13 +172,18 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
       const T* a = one ? xg + s0 : cols;
       const int64_t lda = one ? HW : len;
       if (!one) im2col(p, xg, cg, s0, len, cols, len);
-      // C (len x kg) = op(A) (len x ckk) * op(W_g) (ckk x kg); A stored ckk x len, W_g kg x ckk.
-      gemm(gemm_params<T>(true, true, len, kg, ckk, lda, ckk, kg, 0.0), a, w + g * kg * ckk, cbuf);
-      for (int64_t kk = 0; kk < kg; ++kk) {
-        T* yr = y + (n * p.k + g * kg + kk) * S + s0;
-        const T bv = b ? b[g * kg + kk] : T(0);
-        for (int64_t s = 0; s < len; ++s) yr[s] = cbuf[s * kg + kk] + bv;
-      }
+      // y chunk (kg x len, ld S) = W_g (kg x ckk) * cols (ckk x len), written in place. (M = kg:
+      // computing C = cols^T W_g^T with M = pixels and transposing C into y measured slower,
+      // 2.35 vs 1.95 ms on 8x32x26x26 -> 64 3x3, one thread, 2-core Zen, as the transpose
+      // costs more than the GEMM loses at M = 64.)
+      T* yg = y + (n * p.k + g * kg) * S + s0;
+      gemm(gemm_params<T>(false, false, kg, len, ckk, ckk, lda, S, 0.0), w + g * kg * ckk, a, yg);
+      if (b)
+        for (int64_t kk = 0; kk < kg; ++kk) {
+          T* yr = yg + kk * S;
+          const T bv = b[g * kg + kk];
+          for (int64_t s = 0; s < len; ++s) yr[s] += bv;
+        }
     }
   });
 }
