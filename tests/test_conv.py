@@ -18,7 +18,7 @@ import fastdl.nn.functional as F
 from fastdl.ops import conv as ops_conv
 from helpers import assert_close
 
-ALGOS = ["auto", "gemm", "direct", "reference"]
+ALGOS = ["auto", "gemm", "direct", "winograd", "reference"]
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -220,7 +220,7 @@ def test_conv1d(cpu_path, kw):
     assert_close(F.conv1d(x[0], w, b, **kw), TF.conv1d(x[0], w, b, **kw), reduction=24)
 
 
-@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct"])
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd"])
 def test_gradcheck(cpu_path, algo_name):
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm(algo_name)
@@ -279,7 +279,7 @@ def test_numpy_without_torch():
     assert float(out.stdout) == 3 * 9 * 18.0
 
 
-@pytest.mark.parametrize("algo_name", ["reference", "gemm", "direct"])
+@pytest.mark.parametrize("algo_name", ["reference", "gemm", "direct", "winograd"])
 def test_every_element_written(cpu_path, algo_name):
     """Outputs filled with NaN before each kernel pass come back free of NaN."""
     for shape, wshape, kw in SERVED + [((2, 4, 7, 6), (6, 2, 3, 2),

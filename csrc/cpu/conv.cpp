@@ -2,8 +2,9 @@
 // gradient. Matches torch.nn.functional.conv2d (NCHW, float32/float64, groups, dilation, any
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
-// (conv_direct.cpp), Winograd (conv_winograd.cpp). Reference: one task per output plane (forward),
-// input plane (input gradient) or output channel (weight gradient), double accumulators.
+// (conv_direct.cpp), Winograd (conv_winograd.cpp, only when forced). Reference: one task per
+// output plane (forward), input plane (input gradient) or output channel (weight gradient),
+// double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
 #include <cstring>
 #include <vector>
@@ -123,24 +124,26 @@ void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
   });
 }
 
-bool winograd_serves(const Conv2dParams& p) {
-  return p.kh == 3 && p.kw == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1;
-}
-
 // The automatic choice, and the forced algorithm where it serves the shape.
 ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
-  (void)pass;
+  const bool wino = winograd_serves(p) && pass != ConvPass::BackwardWeight;
   switch (p.algo) {
     case ConvAlgo::Reference:
     case ConvAlgo::Gemm:
     case ConvAlgo::Direct:
       return p.algo;
+    case ConvAlgo::Winograd:
+      if (wino) return p.algo;
+      break;
     default:
       break;
   }
   const int64_t cg = p.c / p.groups;
   // Depthwise and few input channels per group: GEMM's k = cg*kh*kw would be tiny.
   if (cg == 1 || cg * p.kh * p.kw <= 27) return ConvAlgo::Direct;
+  // Winograd is not chosen automatically: its scalar tile transforms cost more than the 2.25x
+  // fewer multiplies save (4x64x56x56 -> 64 3x3 p1, one thread, 2-core Zen under load: forward
+  // 35-40 ms against 23-29 ms for GEMM; input gradient alike).
   return ConvAlgo::Gemm;
 }
 
@@ -150,6 +153,7 @@ void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T*
   switch (conv_choose(p, ConvPass::Forward)) {
     case ConvAlgo::Reference: return conv_reference_forward(p, x, w, b, y);
     case ConvAlgo::Direct: return conv_direct_forward(p, x, w, b, y);
+    case ConvAlgo::Winograd: return conv_winograd_forward(p, x, w, b, y);
     default: return conv_gemm_forward(p, x, w, b, y);
   }
 }
@@ -164,6 +168,7 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
   switch (conv_choose(p, ConvPass::BackwardInput)) {
     case ConvAlgo::Reference: return conv_reference_backward_input(p, gy, w, gx);
     case ConvAlgo::Direct: return conv_direct_backward_input(p, gy, w, gx);
+    case ConvAlgo::Winograd: return conv_winograd_backward_input(p, gy, w, gx);
     default: return conv_gemm_backward_input(p, gy, w, gx);
   }
 }

@@ -72,5 +72,12 @@ void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, 
 template <class T>
 void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
+// Winograd F(2x2, 3x3): 3x3 kernels, stride 1, dilation 1 (conv_winograd.cpp).
+bool winograd_serves(const Conv2dParams& p);
+template <class T>
+void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
