@@ -4,6 +4,7 @@
 // Each kernel tap is an axpy along an output row (contiguous, vectorised, when the stride is 1):
 //   forward          y[n,k,oh,:]  += w[k,cc,i,j] * x[n,c,ih,shifted :]   one task per (n, k) plane
 //   input gradient   gx[n,c,ih,shifted :] += w[k,cc,i,j] * gy[n,k,oh,:]  one task per (n, c) plane
+//                    (stride 1: the forward over gy with the kernel flipped, conv_impl.h)
 //   weight gradient  gw[k,cc,i,j] = sum of row dot products              one task per k (no races,
 //                                                                        fixed order)
 // Rows stay in L1 across the taps that reuse them (rows outer, taps inner).
@@ -138,6 +139,13 @@ void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T*
 template <class T>
 void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
+  if (p.sh == 1 && p.sw == 1) {  // the forward's register-blocked rows, over gy
+    std::vector<T> wf(static_cast<size_t>(p.c * kg * taps));
+    flip_weights(p, w, wf.data());
+    conv_direct_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr),
+                        gx);
+    return;
+  }
   const ColumnRanges cr(p);
   parallel_for_catch(p.n * p.c, grain_for(p.oh * p.ow * kg * taps), [&](int64_t lo_t, int64_t hi_t) {
     for (int64_t t = lo_t; t < hi_t; ++t) {

@@ -72,6 +72,33 @@ void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, 
 template <class T>
 void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
+// The input gradient of a stride-1 convolution is a stride-1 convolution of gy: in and out
+// channels swapped, the kernel flipped, padding d*(k-1) - p (possibly negative: every kernel's
+// loads are bound-checked), output size H x W. These build its params and weight
+// wf (C, K/groups, kh, kw): wf[g*cg + cc][kk] = w[g*kg + kk][cc] rotated by 180 degrees.
+inline Conv2dParams input_grad_as_forward(const Conv2dParams& p) {
+  Conv2dParams q = p;
+  q.c = p.k;
+  q.h = p.oh;
+  q.w = p.ow;
+  q.k = p.c;
+  q.oh = p.h;
+  q.ow = p.w;
+  q.ph = p.dh * (p.kh - 1) - p.ph;
+  q.pw = p.dw * (p.kw - 1) - p.pw;
+  return q;
+}
+
+template <class T>
+void flip_weights(const Conv2dParams& p, const T* w, T* wf) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t cc = 0; cc < cg; ++cc)
+      for (int64_t kk = 0; kk < kg; ++kk)
+        for (int64_t e = 0; e < taps; ++e)
+          wf[((g * cg + cc) * kg + kk) * taps + e] = w[((g * kg + kk) * cg + cc) * taps + (taps - 1 - e)];
+}
+
 // Winograd F(2x2, 3x3): 3x3 kernels, stride 1, dilation 1 (conv_winograd.cpp).
 bool winograd_serves(const Conv2dParams& p);
 template <class T>

@@ -177,24 +177,10 @@ void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const 
 
 template <class T>
 void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
-  // gx = conv(gy, w') with w'[g*cg + cc][kk] = w[g*kg + kk][cc] flipped, padding 2 - p.
-  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
-  std::vector<T> wf(static_cast<size_t>(p.c * kg * 9));
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t cc = 0; cc < cg; ++cc)
-      for (int64_t kk = 0; kk < kg; ++kk)
-        for (int e = 0; e < 9; ++e)
-          wf[((g * cg + cc) * kg + kk) * 9 + e] = w[((g * kg + kk) * cg + cc) * 9 + (8 - e)];
-  Conv2dParams q = p;
-  q.c = p.k;
-  q.h = p.oh;
-  q.w = p.ow;
-  q.k = p.c;
-  q.oh = p.h;
-  q.ow = p.w;
-  q.ph = 2 - p.ph;  // may be negative: the tile loads bound-check every element
-  q.pw = 2 - p.pw;
-  conv_winograd_forward(q, gy, wf.data(), static_cast<const T*>(nullptr), gx);
+  std::vector<T> wf(static_cast<size_t>(p.c * (p.k / p.groups) * 9));
+  flip_weights(p, w, wf.data());
+  conv_winograd_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr),
+                        gx);
 }
 
 template void conv_winograd_forward<float>(const Conv2dParams&, const float*, const float*,
