@@ -37,7 +37,8 @@ m = d["meta"]
 print(f"{m.get('gpu')}  copy bandwidth {m['limits']['bandwidth_GBps']:.0f} GB/s  commit {m['commit']}")
 for r in d["rows"]:
     best = max(r["speedup"].items(), key=lambda kv: -kv[1]) if r["speedup"] else ("", 0)
-    frac = f"{100 * r['frac_bandwidth']:.0f}% bw" if "frac_bandwidth" in r else ""
+    f = r.get("frac", {}).get("fastdl")
+    frac = "" if f is None else ("LIMIT ERROR" if r.get("limit_error") else f"{100 * f:.0f}% {r['limit']['tier']}")
     sp = " ".join(f"{k.replace('torch ', '')}={v:.2f}x" for k, v in r["speedup"].items())
     print(f"{r['suite']:<6} {r['case']:<36} {r['fastdl_ms']:>9.3f} ms  {sp:<48} {frac}")
 PY

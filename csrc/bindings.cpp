@@ -223,9 +223,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_name", &cuda_device_name);
   m.def("cuda_synchronize", &cuda_synchronize, py::call_guard<py::gil_scoped_release>());
 
-  m.def("measure_triad_bandwidth", &measure_triad_bandwidth, py::arg("n"), py::arg("reps"),
-        py::call_guard<py::gil_scoped_release>());
-  m.def("measure_update_bandwidth", &measure_update_bandwidth, py::arg("n"), py::arg("reps"),
+  m.def("measure_stream_bandwidth", &measure_stream_bandwidth, py::arg("kernel"),
+        py::arg("footprint_bytes"), py::arg("reps"), py::arg("min_seconds") = 0.0,
         py::call_guard<py::gil_scoped_release>());
   m.def("measure_peak_gflops", &measure_peak_gflops, py::arg("reps"),
         py::call_guard<py::gil_scoped_release>());
