@@ -560,3 +560,21 @@ def test_ops_single_tensor_fast_path_matches_torch(kind, dtype):
                                      weight_decay=kw.get("weight_decay", 0.0),
                                      decoupled_weight_decay=name == "AdamW")
         assert_close(torch.as_tensor(p), ref_p.detach(), what=f"{name} {kw} {kind}")
+
+
+def test_ops_numpy_subclasses(tmp_path):
+    """np.memmap params, grads and state are updated in place like plain arrays."""
+    p0, g = np_rand(37), np_rand(37)
+    p = np.memmap(tmp_path / "p.bin", dtype=np.float32, mode="w+", shape=(37,))
+    m = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(37,))
+    v = np.memmap(tmp_path / "v.bin", dtype=np.float32, mode="w+", shape=(37,))
+    p[:], m[:], v[:] = p0, 0, 0
+    fastdl.ops.adam_step(p, g, m, v, step=1, lr=0.1)
+    fastdl.ops.adam_step([p], [g.view(np.memmap)], [m], [v], step=2, lr=0.1)
+    q = torch.tensor(p0, requires_grad=True)
+    opt = torch.optim.Adam([q], lr=0.1, foreach=False)
+    for _ in range(2):
+        q.grad = torch.from_numpy(g)
+        opt.step()
+    assert_close(torch.from_numpy(np.array(p)), q.detach(), what="param")
+    assert_close(torch.from_numpy(np.array(m)), opt.state[q]["exp_avg"], what="exp_avg")

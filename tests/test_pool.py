@@ -208,8 +208,8 @@ def test_numpy_in_out(cpu_path, dtype):
     gy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
     tt = t.clone().requires_grad_()
     TF.max_pool2d(tt, 3, 2, 1).backward(torch.from_numpy(gy))
-    np.testing.assert_allclose(fastdl.ops.max_pool2d_backward(gy, idx, x.shape), tt.grad.numpy(),
-                               rtol=1e-6)
+    assert_close(torch.from_numpy(fastdl.ops.max_pool2d_backward(gy, idx, x.shape)), tt.grad,
+                 reduction=9, what="max_pool2d_backward")
     kw = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
     ya = fastdl.ops.avg_pool2d(x, **kw)
     assert isinstance(ya, np.ndarray) and ya.dtype == dtype
@@ -467,3 +467,25 @@ def test_torch_module_db(cls):
             assert repr(ours) == repr(theirs)
             x = mi.forward_input.args[0]
             check_op(ours, theirs, [x], reduction=64, *(), **mi.forward_input.kwargs)
+
+
+def test_numpy_subclasses(tmp_path):
+    """np.memmap (an ndarray subclass) goes through every pooling op like a plain array."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    mm = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    t = torch.from_numpy(x)
+    y, idx = fastdl.ops.max_pool2d(mm, 3, 2, 1, return_indices=True)
+    yt, it = TF.max_pool2d(t, 3, 2, 1, return_indices=True)
+    np.testing.assert_array_equal(np.asarray(y), yt.numpy())
+    np.testing.assert_array_equal(np.asarray(idx), it.numpy())
+    assert_close(torch.from_numpy(fastdl.ops.avg_pool2d(mm, 2)), TF.avg_pool2d(t, 2), reduction=4,
+                 what="avg_pool2d")
+    assert_close(torch.from_numpy(fastdl.ops.adaptive_avg_pool2d(mm[:, :, ::2], 3)),
+                 TF.adaptive_avg_pool2d(t[:, :, ::2], 3), reduction=4, what="adaptive_avg_pool2d")
+    gy = np.memmap(tmp_path / "gy.bin", dtype=np.float32, mode="w+", shape=y.shape)
+    gy[:] = np.random.default_rng(3).standard_normal(y.shape)
+    tt = t.clone().requires_grad_()
+    TF.max_pool2d(tt, 3, 2, 1).backward(torch.from_numpy(np.array(gy)))
+    assert_close(torch.from_numpy(fastdl.ops.max_pool2d_backward(gy, idx, x.shape)), tt.grad,
+                 reduction=9, what="max_pool2d_backward")

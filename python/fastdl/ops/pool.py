@@ -151,9 +151,8 @@ def _geometry(in_shape, oh, ow, window, flags, divisor, code):
 
 def launch(kind, backward, a, b, idx, params, device):
     """Unchecked call into the kernels: the caller has validated everything (fastdl.nn uses it)."""
-    _C.pool2d(kind, backward, a if type(a) is np.ndarray else a.data_ptr(),
-              b if type(b) is np.ndarray else b.data_ptr(),
-              None if idx is None else (idx if type(idx) is np.ndarray else idx.data_ptr()),
+    _C.pool2d(kind, backward, _tensor.pointer(a), _tensor.pointer(b),
+              None if idx is None else _tensor.pointer(idx),
               params, device, _tensor.current_stream(device) if device >= 0 else 0)
 
 
