@@ -1,9 +1,13 @@
 // The library's one thread-count setting and the parallel loop every CPU kernel uses.
 // OpenMP regions are opened with an explicit num_threads(...) clause, so fastdl.set_num_threads never
 // changes the OpenMP default that torch (which shares libgomp in the same process) relies on.
+// parallel_for is the only place a kernel opens a region (tests/test_parallel.py checks the
+// sources), so its catch-and-rethrow covers every kernel: an exception escaping an OpenMP region
+// (a std::bad_alloc from a thread's scratch, say) would otherwise call std::terminate.
 #pragma once
 #include <cstdint>
 #include <algorithm>
+#include <exception>
 #include <omp.h>
 
 namespace fastdl {
@@ -13,6 +17,8 @@ void set_num_threads(int n);
 
 // Calls f(begin, end) on disjoint chunks covering [0, n). Runs inline when n <= grain or only one
 // thread is allowed, so tiny calls pay no thread wake-up. Chunks are contiguous and equal-sized.
+// If f throws on any thread, the other threads finish their chunks and the first exception is
+// rethrown here, on the calling thread, after the region.
 template <class F>
 void parallel_for(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
@@ -23,6 +29,7 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
     f(int64_t(0), n);
     return;
   }
+  std::exception_ptr error;
 #pragma omp parallel num_threads(static_cast<int>(t))
   {
     int64_t tid = omp_get_thread_num();
@@ -30,8 +37,14 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
     int64_t chunk = (n + nthr - 1) / nthr;
     int64_t b = tid * chunk;
     int64_t e = std::min<int64_t>(n, b + chunk);
-    if (b < e) f(b, e);
+    try {
+      if (b < e) f(b, e);
+    } catch (...) {
+#pragma omp critical(fastdl_parallel_for_error)
+      if (!error) error = std::current_exception();
+    }
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace fastdl

@@ -44,7 +44,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <new>
 #include <type_traits>
 
@@ -461,21 +460,15 @@ void gemm_typed(const GemmParams& p, const T* a, const T* b, T* c) {
     }
     if (best >= 0) break;
   }
-  std::exception_ptr error;
+  // A packing buffer that cannot be allocated throws; parallel_for rethrows it after the region.
   parallel_for(int64_t(tm) * tn, 1, [&](int64_t lo, int64_t hi) {
-    try {
-      for (int64_t t = lo; t < hi; ++t) {
-        int64_t m0, m1, n0, n1;
-        split_range(p.m, B::MR, tm, static_cast<int>(t / tn), m0, m1);
-        split_range(p.n, B::NR, tn, static_cast<int>(t % tn), n0, n1);
-        if (m0 < m1 && n0 < n1) gemm_block<T>(p, a, b, c, m0, m1, n0, n1);
-      }
-    } catch (...) {
-#pragma omp critical(fastdl_gemm_error)
-      if (!error) error = std::current_exception();
+    for (int64_t t = lo; t < hi; ++t) {
+      int64_t m0, m1, n0, n1;
+      split_range(p.m, B::MR, tm, static_cast<int>(t / tn), m0, m1);
+      split_range(p.n, B::NR, tn, static_cast<int>(t % tn), n0, n1);
+      if (m0 < m1 && n0 < n1) gemm_block<T>(p, a, b, c, m0, m1, n0, n1);
     }
   });
-  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace
