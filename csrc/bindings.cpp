@@ -181,6 +181,7 @@ void* optional_pointer(py::handle h) { return h.is_none() ? nullptr : pointer_of
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdl native kernels (see python/fastdl for the public API)";
+  install_fork_handler();  // a forked child (DataLoader worker) starts single-threaded
 
   // ---- build and runtime information --------------------------------------------------------
   m.def("version", []() { return std::string(FASTDL_VERSION); });

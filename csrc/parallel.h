@@ -8,12 +8,23 @@
 #include <cstdint>
 #include <algorithm>
 #include <exception>
+#include <functional>
 #include <omp.h>
 
 namespace fastdl {
 
 int get_num_threads();
 void set_num_threads(int n);
+
+// Registers the fork handler (parallel.cpp): a forked child starts at one thread, and regions it
+// opens later run from a fresh thread (GNU OpenMP's pool does not survive fork). Called once at
+// module import.
+void install_fork_handler();
+
+namespace detail {
+bool region_needs_fresh_thread();  // this thread forked this process after using OpenMP
+void run_on_fresh_thread(const std::function<void()>& region);  // rethrows what region throws
+}  // namespace detail
 
 // Calls f(begin, end) on disjoint chunks covering [0, n). Runs inline when n <= grain or only one
 // thread is allowed, so tiny calls pay no thread wake-up. Chunks are contiguous and equal-sized.
@@ -29,22 +40,26 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
     f(int64_t(0), n);
     return;
   }
-  std::exception_ptr error;
+  auto region = [&] {
+    std::exception_ptr error;
 #pragma omp parallel num_threads(static_cast<int>(t))
-  {
-    int64_t tid = omp_get_thread_num();
-    int64_t nthr = omp_get_num_threads();
-    int64_t chunk = (n + nthr - 1) / nthr;
-    int64_t b = tid * chunk;
-    int64_t e = std::min<int64_t>(n, b + chunk);
-    try {
-      if (b < e) f(b, e);
-    } catch (...) {
+    {
+      int64_t tid = omp_get_thread_num();
+      int64_t nthr = omp_get_num_threads();
+      int64_t chunk = (n + nthr - 1) / nthr;
+      int64_t b = tid * chunk;
+      int64_t e = std::min<int64_t>(n, b + chunk);
+      try {
+        if (b < e) f(b, e);
+      } catch (...) {
 #pragma omp critical(fastdl_parallel_for_error)
-      if (!error) error = std::current_exception();
+        if (!error) error = std::current_exception();
+      }
     }
-  }
-  if (error) std::rethrow_exception(error);
+    if (error) std::rethrow_exception(error);
+  };
+  if (detail::region_needs_fresh_thread()) detail::run_on_fresh_thread(region);
+  else region();
 }
 
 }  // namespace fastdl

@@ -21,9 +21,9 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
-def run_py(code, timeout=120):
+def run_py(code, timeout=120, **env):
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=ENV, timeout=timeout)
+                          text=True, env={**ENV, **env}, timeout=timeout)
 
 
 # ---- an exception inside a parallel region --------------------------------------------------------
@@ -61,7 +61,11 @@ _ALLOC_FAILURE = """
 def test_allocation_failure_in_parallel_region_raises(op, args):
     if sys.platform != "linux":
         pytest.skip("needs Linux's RLIMIT_AS and /proc/self/status to make the allocation fail")
-    r = run_py(_ALLOC_FAILURE.format(op=op, args=args))
+    # Under AddressSanitizer (.ci/asan.sh) a failed allocation must return null (operator new then
+    # throws std::bad_alloc) instead of ASan's default report-and-abort.
+    asan = os.environ.get("ASAN_OPTIONS", "")
+    r = run_py(_ALLOC_FAILURE.format(op=op, args=args),
+               ASAN_OPTIONS=(asan + ":" if asan else "") + "allocator_may_return_null=1")
     assert r.returncode == 0, f"process ended with {r.returncode}: {r.stderr[-2000:]}"
     lines = r.stdout.splitlines()
     assert lines[0].startswith("MemoryError"), r.stdout + r.stderr
@@ -87,3 +91,91 @@ def test_every_parallel_region_goes_through_parallel_for():
             if re.match(r"\s*#\s*pragma\s+omp\s+(parallel|for|task|sections)", line):
                 offenders.append(f"{f.relative_to(CSRC)}:{n}: {line.strip()}")
     assert not offenders, "OpenMP regions outside parallel.h:\n" + "\n".join(offenders)
+
+
+# ---- fork ------------------------------------------------------------------------------------------
+
+def _run_parallel_kernels_here():
+    """Makes sure this process' OpenMP pool exists: a kernel call that opens a 2-thread region."""
+    before = fastdl.get_num_threads()
+    fastdl.set_num_threads(2)
+    try:
+        fastdl.ops.max_pool2d(np.random.rand(4, 16, 64, 64).astype(np.float32), 2)
+    finally:
+        fastdl.set_num_threads(before)
+
+
+def _wait(pid, timeout):
+    """The child's exit status, or None after killing it when it outlives `timeout` seconds."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_bare_fork_child_runs_kernels():
+    """After the parent ran a multi-threaded kernel, a forked child runs kernels on one thread by
+    default, and on two after fastdl.set_num_threads(2), with the parent's results."""
+    _run_parallel_kernels_here()
+    x = np.random.rand(4, 16, 64, 64).astype(np.float32)
+    want = fastdl.ops.max_pool2d(x, 3, 2, 1)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            os.close(r)
+            out = [str(fastdl.get_num_threads())]
+            out.append(str(np.array_equal(fastdl.ops.max_pool2d(x, 3, 2, 1), want)))
+            fastdl.set_num_threads(2)
+            out.append(str(fastdl.get_num_threads()))
+            out.append(str(np.array_equal(fastdl.ops.max_pool2d(x, 3, 2, 1), want)))
+            os.write(w, " ".join(out).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    status = _wait(pid, timeout=30)
+    with os.fdopen(r) as f:
+        report = f.read()
+    assert status is not None, f"the forked child hung (reported so far: {report!r})"
+    assert status == 0 and report == "1 True 2 True", (status, report)
+
+
+_DATALOADER = """
+    import numpy as np, torch, fastdl
+    class Pooled(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            x = torch.rand(16, 64, 64, generator=g)
+            return fastdl.ops.max_pool2d(x, 3, 2, 1), torch.nn.functional.max_pool2d(x, 3, 2, 1)
+    fastdl.set_num_threads(2)
+    fastdl.ops.max_pool2d(torch.rand(4, 16, 64, 64), 2)  # the parent's OpenMP pool exists
+    loader = torch.utils.data.DataLoader(Pooled(), batch_size=2, num_workers=2, timeout=30,
+                                         multiprocessing_context="fork")
+    n = 0
+    for fast, ref in loader:
+        assert torch.equal(fast, ref)
+        n += fast.shape[0]
+    print("items", n, "parent threads", fastdl.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_dataloader_workers_run_kernels():
+    """A torch DataLoader (num_workers=2, fork) whose Dataset calls fastdl.ops.max_pool2d."""
+    try:
+        r = run_py(_DATALOADER, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the DataLoader hung")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "items 8 parent threads 2", r.stdout + r.stderr[-2000:]
