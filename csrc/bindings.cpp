@@ -191,36 +191,24 @@ void run_step(const P& prm, OptimArgs& a, int device, uintptr_t stream, CpuFn cp
   }
 }
 
-// ---- pooling argument unpacking (csrc/pool.h) ------------------------------------------------
-
-// kind: 0 max_pool2d / adaptive_max_pool2d, 1 avg_pool2d / adaptive_avg_pool2d, 2 max_unpool2d.
-// flags: bit 0 adaptive, bit 1 count_include_pad, bit 2 int32 indices (CPU max pooling).
-Pool2dParams pool_params(int64_t planes, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
-                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                         int64_t dh, int64_t dw, int flags, int64_t divisor_override, int dtype) {
-  Pool2dParams p;
-  p.planes = planes;
-  p.in_h = in_h;
-  p.in_w = in_w;
-  p.out_h = out_h;
-  p.out_w = out_w;
-  p.kh = kh;
-  p.kw = kw;
-  p.sh = sh;
-  p.sw = sw;
-  p.ph = ph;
-  p.pw = pw;
-  p.dh = dh;
-  p.dw = dw;
-  p.adaptive = (flags & 1) != 0;
-  p.count_include_pad = (flags & 2) != 0;
-  p.index32 = (flags & 4) != 0;
-  p.divisor_override = divisor_override;
-  p.dtype = dtype_of(dtype);
-  return p;
-}
-
 void* optional_pointer(py::handle h) { return h.is_none() ? nullptr : pointer_of(h); }
+
+// Runs a pooling entry point on the CPU (device < 0) or on CUDA device `device`, GIL released.
+template <class CpuCall, class CudaCall>
+void run_pool(int device, uintptr_t stream, const CpuCall& cpu, const CudaCall& cuda) {
+  py::gil_scoped_release release;
+  if (device < 0) {
+    cpu();
+    return;
+  }
+#ifdef FASTDL_WITH_CUDA
+  cuda(cuda_launch(device, stream));
+#else
+  (void)cuda;
+  (void)stream;
+  throw std::runtime_error("fastdl was built without CUDA");
+#endif
+}
 
 }  // namespace
 
@@ -380,54 +368,145 @@ PYBIND11_MODULE(_C, m) {
       py::arg("param_dtype"), py::arg("state_dtype"), py::arg("device"), py::arg("stream"));
 
   // ---- pooling (csrc/pool.h) ------------------------------------------------------------------
-  // Forward: a = input, b = output, idx = indices (max: None skips them; unpool: read).
-  // Backward: a = grad_output, b = grad_input, idx = saved indices (max, unpool) or None (avg).
-  // Shapes are the pooling geometry of Pool2dParams; device < 0 is the CPU.
-  // Pool2dParams is built once per geometry (python/fastdl/ops/pool.py caches it), so a call
-  // passes 8 arguments instead of 23 (1.1 us -> 0.5 us per call, 2-core Zen3).
+  // One entry point per kernel, each taking the geometry (Pool2dParams, built with keywords once
+  // per geometry: python/fastdl/ops/pool.py caches it), the arrays, and where to run (device < 0:
+  // the CPU; else the CUDA device and its stream).
   py::class_<Pool2dParams>(m, "Pool2dParams")
-      .def(py::init(&pool_params), py::arg("planes"), py::arg("in_h"), py::arg("in_w"),
-           py::arg("out_h"), py::arg("out_w"), py::arg("kh"), py::arg("kw"), py::arg("sh"),
-           py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
-           py::arg("flags"), py::arg("divisor_override"), py::arg("dtype"))
+      .def(py::init([](int64_t planes, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                       int64_t dh, int64_t dw, bool adaptive, bool count_include_pad,
+                       int64_t divisor_override, bool index32, int dtype) {
+             Pool2dParams p;
+             p.planes = planes;
+             p.in_h = in_h;
+             p.in_w = in_w;
+             p.out_h = out_h;
+             p.out_w = out_w;
+             p.kh = kh;
+             p.kw = kw;
+             p.sh = sh;
+             p.sw = sw;
+             p.ph = ph;
+             p.pw = pw;
+             p.dh = dh;
+             p.dw = dw;
+             p.adaptive = adaptive;
+             p.count_include_pad = count_include_pad;
+             p.divisor_override = divisor_override;
+             p.index32 = index32;
+             p.dtype = dtype_of(dtype);
+             return p;
+           }),
+           py::kw_only(), py::arg("planes"), py::arg("in_h"), py::arg("in_w"), py::arg("out_h"),
+           py::arg("out_w"), py::arg("kh") = 1, py::arg("kw") = 1, py::arg("sh") = 1,
+           py::arg("sw") = 1, py::arg("ph") = 0, py::arg("pw") = 0, py::arg("dh") = 1,
+           py::arg("dw") = 1, py::arg("adaptive") = false, py::arg("count_include_pad") = true,
+           py::arg("divisor_override") = 0, py::arg("index32") = false, py::arg("dtype"))
       .def_readonly("planes", &Pool2dParams::planes)
+      .def_readonly("in_h", &Pool2dParams::in_h)
+      .def_readonly("in_w", &Pool2dParams::in_w)
       .def_readonly("out_h", &Pool2dParams::out_h)
       .def_readonly("out_w", &Pool2dParams::out_w)
+      .def_readonly("adaptive", &Pool2dParams::adaptive)
       .def_readonly("index32", &Pool2dParams::index32);
-  m.def("pool2d", [](int kind, bool backward, py::handle a, py::handle b, py::handle idx,
-                     const Pool2dParams& p, int device, uintptr_t stream) {
-    void* pa = pointer_of(a);
-    void* pb = pointer_of(b);
-    void* pi = optional_pointer(idx);
-    FASTDL_CHECK(kind >= 0 && kind <= 2, "fastdl internal: unknown pooling kind ", kind);
-    FASTDL_CHECK(kind == 1 || backward == false || pi != nullptr,
-                 "fastdl internal: max backward needs indices");
-    FASTDL_CHECK(kind != 2 || pi != nullptr, "fastdl internal: max_unpool2d needs indices");
-    py::gil_scoped_release release;
-    if (device < 0) {
-      if (kind == 0 && !backward) max_pool2d_forward_cpu(p, pa, pb, pi);
-      else if (kind == 0) max_pool2d_backward_cpu(p, pa, pi, pb);
-      else if (kind == 1 && !backward) avg_pool2d_forward_cpu(p, pa, pb);
-      else if (kind == 1) avg_pool2d_backward_cpu(p, pa, pb);
-      else if (!backward) max_unpool2d_forward_cpu(p, pa, static_cast<int64_t*>(pi), pb);
-      else max_unpool2d_backward_cpu(p, pa, static_cast<int64_t*>(pi), pb);
-      return;
-    }
+  // max_pool2d and adaptive_max_pool2d: indices None skips writing them.
+  m.def(
+      "max_pool2d_forward",
+      [](const Pool2dParams& p, py::handle input, py::handle output, py::handle indices,
+         int device, uintptr_t stream) {
+        const void* x = pointer_of(input);
+        void* y = pointer_of(output);
+        void* idx = optional_pointer(indices);
+        FASTDL_CHECK(device < 0 || !p.index32, "fastdl internal: int32 indices are CPU-only");
+        run_pool(device, stream, [&] { max_pool2d_forward_cpu(p, x, y, idx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
 #ifdef FASTDL_WITH_CUDA
-    const CudaLaunch l = cuda_launch(device, stream);
-    FASTDL_CHECK(!p.index32, "fastdl internal: int32 pooling indices are CPU-only");
-    int64_t* pi64 = static_cast<int64_t*>(pi);
-    if (kind == 0 && !backward) max_pool2d_forward_cuda(p, pa, pb, pi64, l);
-    else if (kind == 0) max_pool2d_backward_cuda(p, pa, pi64, pb, l);
-    else if (kind == 1 && !backward) avg_pool2d_forward_cuda(p, pa, pb, l);
-    else if (kind == 1) avg_pool2d_backward_cuda(p, pa, pb, l);
-    else if (!backward) max_unpool2d_forward_cuda(p, pa, pi64, pb, l);
-    else max_unpool2d_backward_cuda(p, pa, pi64, pb, l);
-#else
-    (void)stream;
-    throw std::runtime_error("fastdl was built without CUDA");
+                   max_pool2d_forward_cuda(p, x, y, static_cast<int64_t*>(idx), l);
 #endif
-  });
+                 });
+      },
+      py::arg("p"), py::arg("input"), py::arg("output"), py::arg("indices"), py::arg("device"),
+      py::arg("stream"));
+  m.def(
+      "max_pool2d_backward",
+      [](const Pool2dParams& p, py::handle grad_output, py::handle indices,
+         py::handle grad_input, int device, uintptr_t stream) {
+        const void* gy = pointer_of(grad_output);
+        const void* idx = pointer_of(indices);
+        void* gx = pointer_of(grad_input);
+        FASTDL_CHECK(device < 0 || !p.index32, "fastdl internal: int32 indices are CPU-only");
+        run_pool(device, stream, [&] { max_pool2d_backward_cpu(p, gy, idx, gx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   max_pool2d_backward_cuda(p, gy, static_cast<const int64_t*>(idx), gx, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("grad_output"), py::arg("indices"), py::arg("grad_input"),
+      py::arg("device"), py::arg("stream"));
+  // avg_pool2d and adaptive_avg_pool2d.
+  m.def(
+      "avg_pool2d_forward",
+      [](const Pool2dParams& p, py::handle input, py::handle output, int device,
+         uintptr_t stream) {
+        const void* x = pointer_of(input);
+        void* y = pointer_of(output);
+        run_pool(device, stream, [&] { avg_pool2d_forward_cpu(p, x, y); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   avg_pool2d_forward_cuda(p, x, y, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("input"), py::arg("output"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "avg_pool2d_backward",
+      [](const Pool2dParams& p, py::handle grad_output, py::handle grad_input, int device,
+         uintptr_t stream) {
+        const void* gy = pointer_of(grad_output);
+        void* gx = pointer_of(grad_input);
+        run_pool(device, stream, [&] { avg_pool2d_backward_cpu(p, gy, gx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   avg_pool2d_backward_cuda(p, gy, gx, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("grad_output"), py::arg("grad_input"), py::arg("device"),
+      py::arg("stream"));
+  // max_unpool2d: p.in_* is the pooled tensor, p.out_* the unpooled one.
+  m.def(
+      "max_unpool2d_forward",
+      [](const Pool2dParams& p, py::handle input, py::handle indices, py::handle output,
+         int device, uintptr_t stream) {
+        const void* x = pointer_of(input);
+        const int64_t* idx = static_cast<const int64_t*>(pointer_of(indices));
+        void* y = pointer_of(output);
+        run_pool(device, stream, [&] { max_unpool2d_forward_cpu(p, x, idx, y); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   max_unpool2d_forward_cuda(p, x, idx, y, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("input"), py::arg("indices"), py::arg("output"), py::arg("device"),
+      py::arg("stream"));
+  m.def(
+      "max_unpool2d_backward",
+      [](const Pool2dParams& p, py::handle grad_output, py::handle indices,
+         py::handle grad_input, int device, uintptr_t stream) {
+        const void* gy = pointer_of(grad_output);
+        const int64_t* idx = static_cast<const int64_t*>(pointer_of(indices));
+        void* gx = pointer_of(grad_input);
+        run_pool(device, stream, [&] { max_unpool2d_backward_cpu(p, gy, idx, gx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   max_unpool2d_backward_cuda(p, gy, idx, gx, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("grad_output"), py::arg("indices"), py::arg("grad_input"),
+      py::arg("device"), py::arg("stream"));
 
   // ---- gemm / linear (csrc/gemm.h) ------------------------------------------------------------
   // C = alpha * op(A) * op(B) + beta * C on raw row-major buffers; python/fastdl/ops/gemm.py has
