@@ -5,7 +5,9 @@
 'avx2'
 
 Submodules: ``fastdl.ops`` (framework-agnostic kernels on numpy arrays or torch tensors),
-``fastdl.optim`` (drop-in torch optimizers), ``fastdl.cuda``. numpy users never import torch.
+``fastdl.optim`` (drop-in torch optimizers), ``fastdl.nn``, ``fastdl.cuda``; the Keras-style
+workflow: ``fastdl.Sequential`` / ``fastdl.Model``, ``fastdl.callbacks``, ``fastdl.metrics``,
+``fastdl.preprocessing``. numpy users of ops, metrics and preprocessing never import torch.
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import importlib
 from . import _C, cuda, ops
 
 __version__ = _C.version()
-__all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn"]
+__all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn",
+           "metrics", "preprocessing", "callbacks", "Model", "Sequential"]
+
+_LAZY_MODULES = ("optim", "nn", "metrics", "preprocessing", "callbacks")
 
 
 def get_num_threads() -> int:
@@ -53,7 +58,10 @@ def build_info() -> dict:
 
 
 def __getattr__(name):
-    # torch-based submodules load on first use, so numpy-only users never import torch.
-    if name in ("optim", "nn"):
+    # Submodules load on first use, so `import fastdl` stays light and numpy-only users never
+    # import torch (metrics and preprocessing import it only when given a tensor).
+    if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in ("Model", "Sequential"):
+        return getattr(importlib.import_module(".model", __name__), name)
     raise AttributeError(f"module 'fastdl' has no attribute {name!r}")
