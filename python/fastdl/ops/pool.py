@@ -249,7 +249,10 @@ def _cache_key(op, x, args, y=None):
             continue
         return None
     try:
-        key = (op, type(x), x.shape, x.dtype, getattr(x, "device", None)) + args
+        # CPU_DEVICE: host memory's device index, which CUDA-emulation tests switch to 0, so a
+        # geometry cached for host memory on the CPU path is not reused on the CUDA path
+        key = (op, getattr(_tensor, "CPU_DEVICE", -1), type(x), x.shape, x.dtype,
+               getattr(x, "device", None)) + args
         if y is not None:
             key += (type(y), y.shape, y.dtype, getattr(y, "device", None))
     except AttributeError:
