@@ -131,7 +131,8 @@ struct OptimArgs {
   void check_aliasing(const char* fn, const char* const (&state_names)[3]) const {
     const size_t n = numel.size();
     if (n == 1 && state[0].empty()) {  // the common sgd_step(p, g): one comparison
-      const uintptr_t p = reinterpret_cast<uintptr_t>(param[0]), g = reinterpret_cast<uintptr_t>(grad[0]);
+      const uintptr_t p = reinterpret_cast<uintptr_t>(param[0]);
+      const uintptr_t g = reinterpret_cast<uintptr_t>(grad[0]);
       const uintptr_t bytes = numel[0] * dtype_size(view.param_dtype);
       FASTDL_CHECK(numel[0] == 0 || p + bytes <= g || g + bytes <= p, fn,
                    ": params[0] and grads[0] overlap in memory; arguments updated in place must "
@@ -333,7 +334,8 @@ PYBIND11_MODULE(_C, m) {
         OptimArgs a(fn, params, grads, states, names, steps, numel, param_dtype, state_dtype);
         FASTDL_CHECK(a.view.state[0] && a.view.state[1] && a.view.step,
                      "fastdl internal: adam needs exp_avg, exp_avg_sq and steps");
-        FASTDL_CHECK(!hp.amsgrad || a.view.state[2], "fastdl internal: amsgrad needs max_exp_avg_sq");
+        FASTDL_CHECK(!hp.amsgrad || a.view.state[2],
+                     "fastdl internal: amsgrad needs max_exp_avg_sq");
         run_step(hp, a, device, stream, adam_step_cpu, [](auto&&... x) {
 #ifdef FASTDL_WITH_CUDA
           adam_step_cuda(x...);

@@ -48,7 +48,8 @@ static void on_fork_child() {
 }
 
 bool region_needs_fresh_thread() {
-  return g_forked.load(std::memory_order_acquire) && pthread_equal(pthread_self(), g_forking_thread);
+  return g_forked.load(std::memory_order_acquire) &&
+         pthread_equal(pthread_self(), g_forking_thread);
 }
 #else
 bool region_needs_fresh_thread() { return false; }

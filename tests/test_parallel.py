@@ -26,7 +26,7 @@ def run_py(code, timeout=120, **env):
                           text=True, env={**ENV, **env}, timeout=timeout)
 
 
-# ---- an exception inside a parallel region --------------------------------------------------------
+# ---- an exception inside a parallel region --------------------------------------------------
 
 # Two planes of one row each: two tasks, so two threads run the region, and each task's row buffers
 # (O(W) per thread, allocated inside the region) need more address space than RLIMIT_AS leaves.
@@ -36,7 +36,8 @@ _ALLOC_FAILURE = """
     import resource, sys
     import numpy as np, fastdl
     fastdl.set_num_threads(2)
-    fastdl.ops.{op}(np.random.rand(2, 1, 1, 1 << 16).astype(np.float32), {args})  # warm-up, 2 threads
+    # warm-up: a 2-thread region, so the threads and their malloc arenas exist before the limit
+    fastdl.ops.{op}(np.random.rand(2, 1, 1, 1 << 16).astype(np.float32), {args})
     W = 1 << 23
     x = np.random.rand(2, 1, 1, W).astype(np.float32)
     def vm_bytes():
@@ -100,7 +101,7 @@ def test_every_parallel_region_goes_through_parallel_for():
     assert not offenders, "OpenMP regions outside parallel.h:\n" + "\n".join(offenders)
 
 
-# ---- fork ------------------------------------------------------------------------------------------
+# ---- fork ----------------------------------------------------------------------------------
 
 def _run_parallel_kernels_here():
     """Makes sure this process' OpenMP pool exists: a kernel call that opens a 2-thread region."""
