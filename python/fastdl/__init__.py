@@ -13,7 +13,17 @@ from __future__ import annotations
 
 import importlib
 
-from . import _C, cuda, ops
+from . import _openmp
+
+_openmp.load()   # libgomp.so.1 shared with torch, never a private copy (see _openmp.py)
+try:
+    from . import _C
+except ImportError as e:
+    if "libgomp" not in str(e):
+        raise
+    raise ImportError(f"{e}: fastdl needs GNU OpenMP (libgomp.so.1), which torch's CPU wheel "
+                      "ships and most Linux systems provide (e.g. apt install libgomp1)") from e
+from . import cuda, ops  # noqa: E402
 
 __version__ = _C.version()
 __all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn",
@@ -51,6 +61,7 @@ def build_info() -> dict:
         "cpu_capability": _C.cpu_capability(),
         "cpu_supports_avx2": bool(_C.cpu_supports_avx2()),
         "cuda_compiled": bool(_C.cuda_compiled()),
+        "cuda_emulation": bool(_C.cuda_emulated()),
         "cuda_architectures": [a for a in archs.split(",") if a],
         "cuda_device_count": cuda.device_count(),
         "num_threads": get_num_threads(),
