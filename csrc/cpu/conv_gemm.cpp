@@ -253,19 +253,12 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   if (nt <= 1) {
     run(0, 0, items);
   } else {
-    std::exception_ptr error;
-#pragma omp parallel num_threads(nt)
-    {
-      const int tid = omp_get_thread_num(), nthr = omp_get_num_threads();
-      const int64_t lo = items * tid / nthr, hi = items * (tid + 1) / nthr;
-      try {
-        run(tid, lo, hi);
-      } catch (...) {
-#pragma omp critical(fastdl_conv_error)
-        if (!error) error = std::current_exception();
-      }
-    }
-    if (error) std::rethrow_exception(error);
+    // One partial per index t < nt, whatever team OpenMP grants (parallel_for also rethrows an
+    // exception after the region and runs safely in a forked child).
+    parallel_for(nt, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t)
+        run(static_cast<int>(t), items * t / nt, items * (t + 1) / nt);
+    });
   }
   // gw[g*kg + kk][r] = sum over threads of P_t[g][r][kk]
   parallel_for(G * kg, grain_for(ckk * nt), [&](int64_t lo, int64_t hi) {
