@@ -52,6 +52,11 @@ def _contig(x):
     return None if x is None else _tensor.contiguous(_plain(x))
 
 
+def _pointers(values):
+    """Data pointers for the binding (None stays None); the caller keeps `values` alive."""
+    return [None if v is None else _tensor.pointer(v) for v in values]
+
+
 def _batch_sizes(fn, batch_sizes, steps_hint):
     """batch_sizes as a contiguous CPU int64 array/tensor and its values (a list)."""
     if batch_sizes is None:
@@ -160,11 +165,10 @@ def recurrent_layer_forward(mode, input, hx, weight_ih, weight_hh, bias_ih=None,
     if training:
         ws_n, _ = _C.rnn_buffer_sizes(geometry)
         ws = _empty(x, (ws_n,))
-    p = _tensor.pointer
-    opt = lambda v: None if v is None else p(v)  # noqa: E731
-    _C.rnn_forward(geometry, p(x), p(_contig(weight_ih)), p(_contig(weight_hh)),
-                   opt(_contig(bias_ih)), opt(_contig(bias_hh)), opt(_contig(weight_hr)),
-                   p(_contig(hx)), opt(_contig(cx)), p(y), p(hn), opt(cn), opt(ws), device)
+    # Contiguous operands stay referenced here until the call returns (a torch pointer is an int).
+    args = [x] + [_contig(v) for v in (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx)]
+    args += [y, hn, cn, ws]
+    _C.rnn_forward(geometry, *_pointers(args), device)
     return y, hn, cn, ws
 
 
@@ -203,12 +207,10 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
     db_hh = _empty(x, (weight_ih.shape[0],)) if dw and has_bias else None
     dw_hr = _empty(x, tuple(weight_hr.shape)) if dw and weight_hr is not None else None
     scratch = _empty(x, (sc_n,))
-    p = _tensor.pointer
-    opt = lambda v: None if v is None else p(v)  # noqa: E731
-    _C.rnn_backward(geometry, p(x), p(_contig(weight_ih)), p(_contig(weight_hh)),
-                    opt(_contig(weight_hr)), opt(_contig(grad_output)), opt(_contig(grad_hn)),
-                    opt(_contig(grad_cn)), p(_contig(workspace)), p(scratch), opt(dx), p(dh0),
-                    opt(dc0), opt(dw_ih), opt(dw_hh), opt(db_ih), opt(db_hh), opt(dw_hr), device)
+    args = [x] + [_contig(v) for v in (weight_ih, weight_hh, weight_hr, grad_output, grad_hn,
+                                       grad_cn, workspace)]
+    args += [scratch, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
+    _C.rnn_backward(geometry, *_pointers(args), device)
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
 
 
