@@ -14,9 +14,51 @@
 
 namespace fastdl {
 
-FASTDL_HD float rnn_exp(float x) { return expf(x); }
+// float32 on the host: branch-free exp and tanh (Cephes-style polynomials, within ~2 ulp of libm;
+// tanh within ~1e-7 absolute) that the compiler vectorises inside the gate loops; libm's scalar
+// calls made the gate pass the larger part of a step (LSTM 64-128-32-50 forward, one thread:
+// 41 ms with expf/tanhf). float64 and the device keep the library functions.
+FASTDL_HD float rnn_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);  // 2^n stays a normal float
+  const float fx = xc * 1.44269504088896341f + 0.5f;
+  int32_t n = static_cast<int32_t>(fx);
+  n -= static_cast<float>(n) > fx ? 1 : 0;  // floor
+  const float fn = static_cast<float>(n);
+  const float r = (xc - fn * 0.693359375f) - fn * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return x != x ? x : y * scale;  // NaN stays NaN
+#endif
+}
 FASTDL_HD double rnn_exp(double x) { return exp(x); }
-FASTDL_HD float rnn_tanh(float x) { return tanhf(x); }
+FASTDL_HD float rnn_tanh(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  const float ax = x < 0.0f ? -x : x;
+  const float z = ax * ax;
+  float small = -5.70498872745e-3f;  // |x| < 0.625: odd polynomial (no cancellation near 0)
+  small = small * z + 2.06390887954e-2f;
+  small = small * z - 5.37397155531e-2f;
+  small = small * z + 1.33314422036e-1f;
+  small = small * z - 3.33332819422e-1f;
+  small = small * z * ax + ax;
+  const float big = 1.0f - 2.0f / (rnn_exp(2.0f * ax) + 1.0f);
+  const float t = ax < 0.625f ? small : big;
+  return x < 0.0f ? -t : t;
+#endif
+}
 FASTDL_HD double rnn_tanh(double x) { return tanh(x); }
 
 template <class T>

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu_features.h"
@@ -27,6 +28,12 @@
 #include "../parallel.h"
 #include "../rnn.h"
 #include "../rnn_math.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include "vec_math.h"
+#define FASTDL_RNN_AVX2 1
+#endif
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -53,7 +60,7 @@ struct RnnScratchBuf {
     return ptr;
   }
 };
-thread_local RnnScratchBuf tl_xg, tl_hh, tl_hpre;
+thread_local RnnScratchBuf tl_xg, tl_hh;
 
 // c (m x n, ldc) = alpha * op(a) op(b) + beta * c, on fastdl's GEMM.
 template <class T>
@@ -101,81 +108,295 @@ std::vector<int64_t> step_offsets(const RnnParams& p) {
 
 // ---- forward -----------------------------------------------------------------------------------
 
-// One step's gate pass over rows [0, bs): xg (ld_xg) holds W_ih x for those rows; hh (bs, G*H)
-// holds W_hh h. Updates hs (B, R) / cs (B, H) in place (no projection) or writes hpre (bs, H);
-// writes y rows (no projection); in training saves activations into act (ld act_cols, which may
-// alias xg: each unit reads its own xg entries before writing the same positions).
+// Hidden units per packed block of W_hh: one 8-float vector per gate.
+constexpr int64_t kW = 8;
+
+// W_hh (G*H, R) -> one panel per block of kW units: panel jb holds, for each k < R, the G*kW
+// values W_hh[q*H + jb*kW + u][k] at [k][q*kW + u] (units past H are zero). Packed once per call,
+// so each step streams a contiguous, aligned panel per block (the recurrent product then has
+// every gate of a unit in one register tile, and the gate math follows without a round trip).
 template <class T>
-void gate_forward(const RnnParams& p, const RnnWeights& w, int64_t bs, const T* xg, int64_t ld_xg,
-                  const T* hh, T* hs, T* cs, T* y, T* hpre, T* act, int64_t act_cols, T* c_save,
-                  T* cprev_save) {
-  const int64_t H = p.hidden_size, R = p.out_size(), GH = p.gates() * H;
-  const T* bi = static_cast<const T*>(w.b_ih);
-  const T* bh = static_cast<const T*>(w.b_hh);
+void pack_recurrent(const T* w_hh, int64_t G, int64_t H, int64_t R, T* dst) {
+  const int64_t blocks = (H + kW - 1) / kW, C = G * kW;
+  parallel_for(blocks, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t jb = lo; jb < hi; ++jb) {
+      T* d = dst + jb * R * C;
+      for (int64_t q = 0; q < G; ++q)
+        for (int64_t u = 0; u < kW; ++u) {
+          const int64_t j = jb * kW + u;
+          const T* src = j < H ? w_hh + (q * H + j) * R : nullptr;
+          for (int64_t k = 0; k < R; ++k) d[k * C + q * kW + u] = src ? src[k] : T(0);
+        }
+    }
+  });
+}
+
+// out[i][c] = sum_k h[i][k] * panel[k][c], i < MB rows (hr: row pointers), c < G*kW.
+template <class T, int G, int MB>
+inline void recurrent_tile(int64_t R, const T* __restrict panel, const T* const* hr,
+                           T* __restrict out) {
+  constexpr int C = G * kW;
+  T acc[MB][C] = {};
+  for (int64_t k = 0; k < R; ++k) {
+    const T* pk = panel + k * C;
+    for (int i = 0; i < MB; ++i) {
+      const T hv = hr[i][k];
+#pragma omp simd
+      for (int c = 0; c < C; ++c) acc[i][c] += hv * pk[c];
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int c = 0; c < C; ++c) out[i * C + c] = acc[i][c];
+}
+
+#if defined(FASTDL_RNN_AVX2)
+// float32: MB x G ymm accumulators, per k G aligned panel loads and MB broadcasts.
+template <int G, int MB>
+inline void recurrent_tile_f32(int64_t R, const float* __restrict panel, const float* const* hr,
+                               float* __restrict out) {
+  __m256 acc[MB][G];
+  for (int i = 0; i < MB; ++i)
+    for (int q = 0; q < G; ++q) acc[i][q] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    __m256 hv[MB];
+    for (int i = 0; i < MB; ++i) hv[i] = _mm256_broadcast_ss(hr[i] + k);
+    for (int q = 0; q < G; ++q) {
+      const __m256 wq = _mm256_load_ps(panel + k * G * 8 + q * 8);
+      for (int i = 0; i < MB; ++i) acc[i][q] = _mm256_fmadd_ps(hv[i], wq, acc[i][q]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int q = 0; q < G; ++q) _mm256_storeu_ps(out + (i * G + q) * 8, acc[i][q]);
+}
+template <>
+inline void recurrent_tile<float, 4, 2>(int64_t R, const float* __restrict panel,
+                                        const float* const* hr, float* __restrict out) {
+  recurrent_tile_f32<4, 2>(R, panel, hr, out);
+}
+template <>
+inline void recurrent_tile<float, 3, 3>(int64_t R, const float* __restrict panel,
+                                        const float* const* hr, float* __restrict out) {
+  recurrent_tile_f32<3, 3>(R, panel, hr, out);
+}
+template <>
+inline void recurrent_tile<float, 1, 6>(int64_t R, const float* __restrict panel,
+                                        const float* const* hr, float* __restrict out) {
+  recurrent_tile_f32<1, 6>(R, panel, hr, out);
+}
+#endif
+
+// Rows per register tile: G*MB accumulators + MB broadcasts + 1 panel vector <= 16 ymm.
+template <int G> struct TileRows { static constexpr int value = G == 1 ? 6 : G == 3 ? 3 : 2; };
+
+// Where one step's gate pass reads and writes, all for the step's rows (row b at b * ld).
+template <class T>
+struct StepIo {
+  T* xa;            // (bs, ld_xa): W_ih x in; the activations out (training: saved)
+  int64_t ld_xa;
+  const T* bias;    // (G*H) b_ih + b_hh (GRU n gate: b_in only); zeros without bias
+  const T* bhn;     // (H) GRU: b_hn
+  const T* h_old;   // (bs, R) state before the step
+  T* h_out;         // (bs, ld_h) new state (no projection) or hpre (projection)
+  int64_t ld_h;
+  T* y;             // (bs, R) output rows, or nullptr (projection: written after W_hr)
+  T* c;             // (bs, H) LSTM cell state, updated in place
+  T* c_save;        // (bs, H) training: c after the step; nullptr in inference
+  T* cprev_save;    // (bs, H) training: c before it
+  bool save;        // training: keep the activations (in xa) and the cell states
+};
+
+// Gate math for units [j0, j0 + w) of row b; hh: the tile row (gate q at q*kW).
+template <class T, bool SAVE>
+inline void lstm_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
+                       const T* __restrict hh) {
+  T* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const T* __restrict bias = io.bias + j0;
+  T* __restrict c = io.c + b * H + j0;
+  T* __restrict ho = io.h_out + b * io.ld_h + j0;
+  T* __restrict y = io.y ? io.y + b * H + j0 : nullptr;
+  T* __restrict cs = SAVE ? io.c_save + b * H + j0 : nullptr;
+  T* __restrict cp = SAVE ? io.cprev_save + b * H + j0 : nullptr;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == kW) {  // one vector per gate
+      __m256 a[4];
+      for (int q = 0; q < 4; ++q)
+        a[q] = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xa + q * H), _mm256_loadu_ps(hh + q * kW)),
+                             _mm256_loadu_ps(bias + q * H));
+      const __m256 i = sigmoid8(a[0]), f = sigmoid8(a[1]), g = tanh8(a[2]), o = sigmoid8(a[3]);
+      const __m256 c_old = _mm256_loadu_ps(c);
+      const __m256 c_new = _mm256_fmadd_ps(f, c_old, _mm256_mul_ps(i, g));
+      const __m256 h_new = _mm256_mul_ps(o, tanh8(c_new));
+      _mm256_storeu_ps(c, c_new);
+      _mm256_storeu_ps(ho, h_new);
+      if (y) _mm256_storeu_ps(y, h_new);
+      if (SAVE) {
+        _mm256_storeu_ps(xa, i);
+        _mm256_storeu_ps(xa + H, f);
+        _mm256_storeu_ps(xa + 2 * H, g);
+        _mm256_storeu_ps(xa + 3 * H, o);
+        _mm256_storeu_ps(cs, c_new);
+        _mm256_storeu_ps(cp, c_old);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t u = 0; u < w; ++u) {
+    T i, f, g, o, c_new, h_new;
+    const T c_old = c[u];
+    lstm_unit_forward(xa[u] + hh[u] + bias[u], xa[H + u] + hh[kW + u] + bias[H + u],
+                      xa[2 * H + u] + hh[2 * kW + u] + bias[2 * H + u],
+                      xa[3 * H + u] + hh[3 * kW + u] + bias[3 * H + u], c_old, i, f, g, o, c_new,
+                      h_new);
+    c[u] = c_new;
+    ho[u] = h_new;
+    if (SAVE) {
+      xa[u] = i;
+      xa[H + u] = f;
+      xa[2 * H + u] = g;
+      xa[3 * H + u] = o;
+      cs[u] = c_new;
+      cp[u] = c_old;
+    }
+  }
+  if (y)
+    for (int64_t u = 0; u < w; ++u) y[u] = ho[u];
+}
+
+template <class T, bool SAVE>
+inline void gru_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
+                      const T* __restrict hh) {
+  T* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const T* __restrict bias = io.bias + j0;
+  const T* __restrict bhn = io.bhn + j0;
+  const T* __restrict h = io.h_old + b * H + j0;
+  T* __restrict ho = io.h_out + b * io.ld_h + j0;
+  T* __restrict y = io.y + b * H + j0;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == kW) {
+      const __m256 r = sigmoid8(_mm256_add_ps(
+          _mm256_add_ps(_mm256_loadu_ps(xa), _mm256_loadu_ps(bias)), _mm256_loadu_ps(hh)));
+      const __m256 z = sigmoid8(_mm256_add_ps(
+          _mm256_add_ps(_mm256_loadu_ps(xa + H), _mm256_loadu_ps(bias + H)),
+          _mm256_loadu_ps(hh + kW)));
+      const __m256 hn = _mm256_add_ps(_mm256_loadu_ps(hh + 2 * kW), _mm256_loadu_ps(bhn));
+      const __m256 n = tanh8(_mm256_fmadd_ps(
+          r, hn, _mm256_add_ps(_mm256_loadu_ps(xa + 2 * H), _mm256_loadu_ps(bias + 2 * H))));
+      const __m256 h_new = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(h), n), z, n);
+      _mm256_storeu_ps(ho, h_new);
+      _mm256_storeu_ps(y, h_new);
+      if (SAVE) {
+        _mm256_storeu_ps(xa, r);
+        _mm256_storeu_ps(xa + H, z);
+        _mm256_storeu_ps(xa + 2 * H, n);
+        _mm256_storeu_ps(xa + 3 * H, hn);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t u = 0; u < w; ++u) {
+    T r, z, n, h_new;
+    const T hn = hh[2 * kW + u] + bhn[u];
+    gru_unit_forward(xa[u] + bias[u], xa[H + u] + bias[H + u], xa[2 * H + u] + bias[2 * H + u],
+                     hh[u], hh[kW + u], hn, h[u], r, z, n, h_new);
+    ho[u] = h_new;
+    y[u] = h_new;
+    if (SAVE) {
+      xa[u] = r;
+      xa[H + u] = z;
+      xa[2 * H + u] = n;
+      xa[3 * H + u] = hn;
+    }
+  }
+}
+
+template <class T, bool SAVE>
+inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
+                        const T* __restrict hh, bool relu) {
+  T* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const T* __restrict bias = io.bias + j0;
+  T* __restrict ho = io.h_out + b * io.ld_h + j0;
+  T* __restrict y = io.y + b * H + j0;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == kW) {
+      const __m256 a = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xa), _mm256_loadu_ps(hh)),
+                                     _mm256_loadu_ps(bias));
+      // relu: max(a, 0) would turn NaN into 0; keep torch's NaN (a < 0 ? 0 : a)
+      const __m256 h_new = relu ? _mm256_blendv_ps(a, _mm256_setzero_ps(),
+                                                   _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LT_OQ))
+                                : tanh8(a);
+      _mm256_storeu_ps(ho, h_new);
+      _mm256_storeu_ps(y, h_new);
+      if (SAVE) _mm256_storeu_ps(xa, h_new);
+      return;
+    }
+  }
+#endif
+  for (int64_t u = 0; u < w; ++u) {
+    const T h_new = rnn_unit_forward(xa[u] + hh[u] + bias[u], relu);
+    ho[u] = h_new;
+    y[u] = h_new;
+    if (SAVE) xa[u] = h_new;
+  }
+}
+
+// One step over rows [0, bs): recurrent product from the packed panels, then the gate math, per
+// block of kW units; blocks are split over the threads (the same blocks every step, so each
+// thread's panels stay in its cache).
+template <class T, int G, bool SAVE>
+void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io) {
+  constexpr int MB = TileRows<G>::value;
+  constexpr int C = G * kW;
+  const int64_t H = p.hidden_size, R = p.out_size();
+  const int64_t blocks = (H + kW - 1) / kW;
+  // Threads only when a block's work is worth a wake-up (~64K flops per thread and step).
+  const int64_t flops_per_block = 2 * bs * R * C;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
   const bool relu = p.mode == RnnMode::Relu;
-  for_units(bs, H, [&](int64_t b, int64_t u0, int64_t u1) {
-    const T* xr = xg + b * ld_xg;
-    const T* hr = hh + b * GH;
-    T* ar = act ? act + b * act_cols : nullptr;
-    if (p.mode == RnnMode::Lstm) {
-      for (int64_t j = u0; j < u1; ++j) {
-        T a[4];
-        for (int q = 0; q < 4; ++q)
-          a[q] = xr[q * H + j] + bias_at(bi, q * H + j) + hr[q * H + j] + bias_at(bh, q * H + j);
-        const T c = cs[b * H + j];
-        T i, f, g, o, c_new, h_new;
-        lstm_unit_forward(a[0], a[1], a[2], a[3], c, i, f, g, o, c_new, h_new);
-        cs[b * H + j] = c_new;
-        if (hpre) hpre[b * H + j] = h_new;
-        else hs[b * R + j] = y[b * R + j] = h_new;
-        if (ar) {
-          ar[j] = i;
-          ar[H + j] = f;
-          ar[2 * H + j] = g;
-          ar[3 * H + j] = o;
-          c_save[b * H + j] = c_new;
-          cprev_save[b * H + j] = c;
+  parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
+    alignas(64) T tile[MB * C];
+    const T* hr[MB];
+    for (int64_t jb = lo; jb < hi; ++jb) {
+      const T* panel = panels + jb * R * C;
+      const int64_t j0 = jb * kW, w = std::min<int64_t>(kW, H - j0);
+      for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+        const int mb = static_cast<int>(std::min<int64_t>(MB, bs - b0));
+        for (int i = 0; i < MB; ++i) hr[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
+        recurrent_tile<T, G, MB>(R, panel, hr, tile);
+        for (int i = 0; i < mb; ++i) {
+          if (G == 4) lstm_units<T, SAVE>(io, H, b0 + i, j0, w, tile + i * C);
+          else if (G == 3) gru_units<T, SAVE>(io, H, b0 + i, j0, w, tile + i * C);
+          else elman_units<T, SAVE>(io, H, b0 + i, j0, w, tile + i * C, relu);
         }
-      }
-    } else if (p.mode == RnnMode::Gru) {
-      for (int64_t j = u0; j < u1; ++j) {
-        const T xr_ = xr[j] + bias_at(bi, j), xz = xr[H + j] + bias_at(bi, H + j);
-        const T xn = xr[2 * H + j] + bias_at(bi, 2 * H + j);
-        const T hr_ = hr[j] + bias_at(bh, j), hz = hr[H + j] + bias_at(bh, H + j);
-        const T hn = hr[2 * H + j] + bias_at(bh, 2 * H + j);
-        T r, z, n, h_new;
-        gru_unit_forward(xr_, xz, xn, hr_, hz, hn, hs[b * R + j], r, z, n, h_new);
-        hs[b * R + j] = y[b * R + j] = h_new;
-        if (ar) {
-          ar[j] = r;
-          ar[H + j] = z;
-          ar[2 * H + j] = n;
-          ar[3 * H + j] = hn;
-        }
-      }
-    } else {
-      for (int64_t j = u0; j < u1; ++j) {
-        const T h_new = rnn_unit_forward(xr[j] + bias_at(bi, j) + hr[j] + bias_at(bh, j), relu);
-        hs[b * R + j] = y[b * R + j] = h_new;
-        if (ar) ar[j] = h_new;
       }
     }
   });
 }
 
+template <class T, int G>
+void fused_step_any(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io) {
+  if (io.save)
+    fused_step<T, G, true>(p, panels, bs, io);
+  else
+    fused_step<T, G, false>(p, panels, bs, io);
+}
+
 template <class T>
 void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
-  const int64_t GH = p.gates() * H, N = p.total_rows();
+  const int64_t G = p.gates(), GH = G * H, N = p.total_rows();
   const bool lstm = p.mode == RnnMode::Lstm, proj = p.proj_size > 0;
   const T* x = static_cast<const T*>(a.x);
   const T* w_ih = static_cast<const T*>(w.w_ih);
-  const T* w_hh = static_cast<const T*>(w.w_hh);
   const T* w_hr = static_cast<const T*>(w.w_hr);
   T* y = static_cast<T*>(a.y);
-  T* hs = static_cast<T*>(a.hn);
+  T* hn = static_cast<T*>(a.hn);
   T* cs = lstm ? static_cast<T*>(a.cn) : nullptr;
-  std::memcpy(hs, a.h0, sizeof(T) * B * R);
+  std::memcpy(hn, a.h0, sizeof(T) * B * R);
   if (lstm) std::memcpy(cs, a.c0, sizeof(T) * B * H);
   if (p.steps == 0 || B == 0) return;
 
@@ -184,8 +405,23 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
   T* ws = static_cast<T*>(a.workspace);
   T* act = ws ? ws + L.act : nullptr;
   T* hprev = ws ? ws + L.hprev : nullptr;
-  T* hh = static_cast<T*>(tl_hh.get(sizeof(T) * B * GH));
-  T* hpre_tmp = proj && !ws ? static_cast<T*>(tl_hpre.get(sizeof(T) * B * H)) : nullptr;
+
+  // Reused scratch: packed W_hh, combined biases, the second state buffer, hpre (inference).
+  const int64_t blocks = (H + kW - 1) / kW;
+  T* panels = static_cast<T*>(tl_hh.get(sizeof(T) * (blocks * R * G * kW + GH + H + B * R +
+                                                      (proj ? B * H : 0))));
+  T* bias = panels + blocks * R * G * kW;
+  T* bhn = bias + GH;
+  T* h_other = bhn + H;
+  T* hpre_tmp = proj ? h_other + B * R : nullptr;
+  pack_recurrent(static_cast<const T*>(w.w_hh), G, H, R, panels);
+  const T* bi = static_cast<const T*>(w.b_ih);
+  const T* bh = static_cast<const T*>(w.b_hh);
+  for (int64_t i = 0; i < GH; ++i) {
+    const bool gru_n = p.mode == RnnMode::Gru && i >= 2 * H;
+    bias[i] = bias_at(bi, i) + (gru_n ? T(0) : bias_at(bh, i));
+  }
+  for (int64_t j = 0; j < H; ++j) bhn[j] = p.mode == RnnMode::Gru ? bias_at(bh, 2 * H + j) : T(0);
 
   // Training: the input projection of all N rows at once, into the activation buffer.
   // Inference: blocks of steps with at least kXgRows rows, into a reused scratch.
@@ -197,14 +433,16 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     mm<T>(false, true, N, GH, I, x, I, w_ih, I, act, ld_xg, 0.0);
   }
 
+  T* h_cur = hn;
+  T* h_next = h_other;
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t bs = p.rows_at(t), row0 = off[t];
-    const T* xg_rows;
+    T* xg_rows;
     if (ws) {
       xg_rows = act + row0 * ld_xg;
     } else {
-      if (t < xg_t0 || t >= xg_t1) {  // compute the next block of steps in visiting order
+      if (t < xg_t0 || t >= xg_t1) {  // the next block of steps in visiting order
         int64_t lo = t, hi = t + 1;
         if (!p.reverse) while (hi < p.steps && off[hi] - off[lo] < kXgRows) ++hi;
         else while (lo > 0 && off[hi] - off[lo] < kXgRows) --lo;
@@ -215,18 +453,23 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
       }
       xg_rows = xg + (row0 - off[xg_t0]) * GH;
     }
-    if (hprev) std::memcpy(hprev + row0 * R, hs, sizeof(T) * bs * R);
-    mm<T>(false, true, bs, GH, R, hs, R, w_hh, R, hh, GH, 0.0);
+    if (hprev) std::memcpy(hprev + row0 * R, h_cur, sizeof(T) * bs * R);
+    if (bs < B) std::memcpy(h_next + bs * R, h_cur + bs * R, sizeof(T) * (B - bs) * R);
     T* hpre = proj ? (ws ? ws + L.hpre + row0 * H : hpre_tmp) : nullptr;
-    gate_forward<T>(p, w, bs, xg_rows, ld_xg, hh, hs, cs, y + row0 * R, hpre,
-                    act ? act + row0 * L.act_cols : nullptr, L.act_cols,
-                    ws && lstm ? ws + L.c + row0 * H : nullptr,
-                    ws && lstm ? ws + L.cprev + row0 * H : nullptr);
+    StepIo<T> io{xg_rows, ld_xg, bias, bhn, h_cur, proj ? hpre : h_next, proj ? H : R,
+                 proj ? nullptr : y + row0 * R, cs,
+                 ws && lstm ? ws + L.c + row0 * H : nullptr,
+                 ws && lstm ? ws + L.cprev + row0 * H : nullptr, ws != nullptr};
+    if (G == 4) fused_step_any<T, 4>(p, panels, bs, io);
+    else if (G == 3) fused_step_any<T, 3>(p, panels, bs, io);
+    else fused_step_any<T, 1>(p, panels, bs, io);
     if (proj) {
-      mm<T>(false, true, bs, R, H, hpre, H, w_hr, H, hs, R, 0.0);
-      std::memcpy(y + row0 * R, hs, sizeof(T) * bs * R);
+      mm<T>(false, true, bs, R, H, hpre, H, w_hr, H, h_next, R, 0.0);
+      std::memcpy(y + row0 * R, h_next, sizeof(T) * bs * R);
     }
+    std::swap(h_cur, h_next);
   }
+  if (h_cur != hn) std::memcpy(hn, h_cur, sizeof(T) * B * R);
 }
 
 // ---- backward ----------------------------------------------------------------------------------

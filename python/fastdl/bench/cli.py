@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 # Suite name -> module in fastdl.bench. Later kernel families add their suites here.
-SUITES = ["optim", "gemm", "pool"]
+SUITES = ["optim", "gemm", "pool", "rnn"]
 
 
 def _commit() -> str:
