@@ -486,6 +486,162 @@ void column_sums(const T* g, int64_t n, int64_t cols, T* out) {
   });
 }
 
+// dh[b][k] = sum_n dg[b][n] * w[n][k] (+ dh when accumulate) for rows [0, bs), k < R: the
+// recurrent product of the backward step, reading W_hh (GH x R) in place, 16 columns at a time
+// per register tile of up to 6 rows (the GEMM's 6x16 tile without packing: W_hh is walked in
+// rows of 16 contiguous values, the same every step, so it stays in cache).
+template <class T>
+void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, T* dh,
+                bool accumulate) {
+  constexpr int64_t KB = 16;
+  constexpr int MB = 6;
+  const int64_t chunks = (R + KB - 1) / KB;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 2 * bs * GH * KB));
+  parallel_for(chunks, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t kc = lo; kc < hi; ++kc) {
+      const int64_t k0 = kc * KB, kw = std::min(KB, R - k0);
+      for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+        const int64_t mb = std::min<int64_t>(MB, bs - b0);
+#if defined(FASTDL_RNN_AVX2)
+        if constexpr (std::is_same<T, float>::value) {
+          if (kw == KB) {
+            __m256 acc[MB][2];
+            for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+            const float* rows[MB];
+            for (int i = 0; i < MB; ++i) rows[i] = dg + (b0 + std::min<int64_t>(i, mb - 1)) * GH;
+            const float* wk = w + k0;
+            for (int64_t n = 0; n < GH; ++n) {
+              const __m256 w0 = _mm256_loadu_ps(wk + n * R), w1 = _mm256_loadu_ps(wk + n * R + 8);
+              for (int i = 0; i < MB; ++i) {
+                const __m256 g = _mm256_broadcast_ss(rows[i] + n);
+                acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(g, w1, acc[i][1]);
+              }
+            }
+            // constant bounds (unrolled): a runtime index would keep acc in memory, not registers
+            for (int i = 0; i < MB; ++i) {
+              if (i >= mb) break;
+              float* d = dh + (b0 + i) * R + k0;
+              if (accumulate) {
+                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(d));
+                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(d + 8));
+              }
+              _mm256_storeu_ps(d, acc[i][0]);
+              _mm256_storeu_ps(d + 8, acc[i][1]);
+            }
+            continue;
+          }
+        }
+#endif
+        T acc[MB][KB] = {};
+        for (int64_t n = 0; n < GH; ++n) {
+          const T* wn = w + n * R + k0;
+          for (int64_t i = 0; i < mb; ++i) {
+            const T g = dg[(b0 + i) * GH + n];
+            for (int64_t k = 0; k < kw; ++k) acc[i][k] += g * wn[k];
+          }
+        }
+        for (int64_t i = 0; i < mb; ++i) {
+          T* d = dh + (b0 + i) * R + k0;
+          for (int64_t k = 0; k < kw; ++k) d[k] = accumulate ? d[k] + acc[i][k] : acc[i][k];
+        }
+      }
+    }
+  });
+}
+
+// One backward step's gate pass for row b, units [u0, u1): from the saved activations and the
+// gradient into the new state (dh_state + dy, or dhpre with a projection) to the gate gradients
+// (dgx; GRU also dgh) and the carried terms (LSTM dc in place; GRU the direct dh term into dhs).
+template <class T>
+struct BackIo {
+  const T* act;                 // (bs, act_cols)
+  int64_t act_cols;
+  const T* c_new;               // LSTM (bs, H)
+  const T* c_prev;              // LSTM (bs, H)
+  const T* h_prev;              // GRU (bs, R)
+  const T* dh_in;               // (bs, ld_dh_in): dh_state or dhpre
+  int64_t ld_dh_in;
+  const T* dy;                  // (bs, R) or nullptr (projection: already in dh_in)
+  T* dgx;                       // (bs, G*H)
+  T* dgh;                       // GRU (bs, G*H)
+  T* dc;                        // LSTM (bs, H), in place
+  T* dh_direct;                 // GRU (bs, R): written
+};
+
+template <class T>
+void lstm_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int64_t u1) {
+  const T* __restrict ar = io.act + b * io.act_cols;
+  const T* __restrict cn = io.c_new + b * H;
+  const T* __restrict cp = io.c_prev + b * H;
+  const T* __restrict dhi = io.dh_in + b * io.ld_dh_in;
+  const T* __restrict dy = io.dy ? io.dy + b * H : nullptr;
+  T* __restrict g = io.dgx + b * 4 * H;
+  T* __restrict dc = io.dc + b * H;
+  int64_t j = u0;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= u1; j += 8) {
+      const __m256 i = _mm256_loadu_ps(ar + j), f = _mm256_loadu_ps(ar + H + j);
+      const __m256 gg = _mm256_loadu_ps(ar + 2 * H + j), o = _mm256_loadu_ps(ar + 3 * H + j);
+      __m256 dh = _mm256_loadu_ps(dhi + j);
+      if (dy) dh = _mm256_add_ps(dh, _mm256_loadu_ps(dy + j));
+      const __m256 tc = tanh8(_mm256_loadu_ps(cn + j));
+      const __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dh, o), _mm256_fnmadd_ps(tc, tc, one),
+                                         _mm256_loadu_ps(dc + j));
+      const __m256 do_ = _mm256_mul_ps(_mm256_mul_ps(dh, tc), _mm256_mul_ps(o, _mm256_sub_ps(one, o)));
+      const __m256 di = _mm256_mul_ps(_mm256_mul_ps(dct, gg), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
+      const __m256 df = _mm256_mul_ps(_mm256_mul_ps(dct, _mm256_loadu_ps(cp + j)),
+                                      _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
+      const __m256 dg = _mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_fnmadd_ps(gg, gg, one));
+      _mm256_storeu_ps(g + j, di);
+      _mm256_storeu_ps(g + H + j, df);
+      _mm256_storeu_ps(g + 2 * H + j, dg);
+      _mm256_storeu_ps(g + 3 * H + j, do_);
+      _mm256_storeu_ps(dc + j, _mm256_mul_ps(dct, f));
+    }
+  }
+#endif
+  for (; j < u1; ++j) {
+    const T dh = dhi[j] + (dy ? dy[j] : T(0));
+    lstm_unit_backward(ar[j], ar[H + j], ar[2 * H + j], ar[3 * H + j], cp[j], cn[j], dh, dc[j],
+                       g[j], g[H + j], g[2 * H + j], g[3 * H + j], dc[j]);
+  }
+}
+
+template <class T>
+void gru_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int64_t u1) {
+  const T* __restrict ar = io.act + b * io.act_cols;
+  const T* __restrict h = io.h_prev + b * H;
+  const T* __restrict dhi = io.dh_in + b * io.ld_dh_in;
+  const T* __restrict dy = io.dy ? io.dy + b * H : nullptr;
+  T* __restrict gx = io.dgx + b * 3 * H;
+  T* __restrict gh = io.dgh + b * 3 * H;
+  T* __restrict direct = io.dh_direct + b * H;
+  for (int64_t j = u0; j < u1; ++j) {
+    const T dh = dhi[j] + (dy ? dy[j] : T(0));
+    T dh_n, dir;
+    gru_unit_backward(ar[j], ar[H + j], ar[2 * H + j], ar[3 * H + j], h[j], dh, gx[j], gx[H + j],
+                      gx[2 * H + j], dh_n, dir);
+    gh[j] = gx[j];
+    gh[H + j] = gx[H + j];
+    gh[2 * H + j] = dh_n;
+    direct[j] = dir;
+  }
+}
+
+template <class T>
+void elman_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int64_t u1,
+                      bool relu) {
+  const T* __restrict ar = io.act + b * io.act_cols;
+  const T* __restrict dhi = io.dh_in + b * io.ld_dh_in;
+  const T* __restrict dy = io.dy ? io.dy + b * H : nullptr;
+  T* __restrict g = io.dgx + b * H;
+  for (int64_t j = u0; j < u1; ++j)
+    g[j] = rnn_unit_backward(ar[j], dhi[j] + (dy ? dy[j] : T(0)), relu);
+}
+
 template <class T>
 void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
@@ -512,6 +668,8 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     else std::fill(dcs, dcs + B * H, T(0));
   }
   const std::vector<int64_t> off = step_offsets(p);
+  // GRU's direct term dh * z goes to a second buffer: dhs is still being read by other units.
+  T* direct = gru ? static_cast<T*>(tl_xg.get(sizeof(T) * B * R)) : nullptr;
 
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? s : p.steps - 1 - s;
@@ -522,36 +680,18 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
       for (int64_t i = 0; i < bs * R; ++i) d[i] = dhs[i] + (dyr ? dyr[i] : T(0));
       mm<T>(false, false, bs, H, R, d, R, w_hr, H, dhpre, H, 0.0);
     }
-    const T* act = ws + L.act + row0 * L.act_cols;
-    T* gx = dgx + row0 * GH;
-    T* gh = dgh + row0 * GH;
+    BackIo<T> io{ws + L.act + row0 * L.act_cols, L.act_cols,
+                 lstm ? ws + L.c + row0 * H : nullptr, lstm ? ws + L.cprev + row0 * H : nullptr,
+                 ws + L.hprev + row0 * R, proj ? dhpre : dhs, proj ? H : R,
+                 proj ? nullptr : dyr, dgx + row0 * GH, dgh + row0 * GH, dcs, direct};
     for_units(bs, H, [&](int64_t b, int64_t u0, int64_t u1) {
-      const T* ar = act + b * L.act_cols;
-      T* gxr = gx + b * GH;
-      for (int64_t j = u0; j < u1; ++j) {
-        const T dh = proj ? dhpre[b * H + j] : dhs[b * R + j] + (dyr ? dyr[b * R + j] : T(0));
-        if (lstm) {
-          const T c_new = ws[L.c + (row0 + b) * H + j], c_prev = ws[L.cprev + (row0 + b) * H + j];
-          lstm_unit_backward(ar[j], ar[H + j], ar[2 * H + j], ar[3 * H + j], c_prev, c_new, dh,
-                             dcs[b * H + j], gxr[j], gxr[H + j], gxr[2 * H + j], gxr[3 * H + j],
-                             dcs[b * H + j]);
-        } else if (gru) {
-          T* ghr = gh + b * GH;
-          const T h = ws[L.hprev + (row0 + b) * R + j];
-          T dh_n, direct;
-          gru_unit_backward(ar[j], ar[H + j], ar[2 * H + j], ar[3 * H + j], h, dh, gxr[j],
-                            gxr[H + j], gxr[2 * H + j], dh_n, direct);
-          ghr[j] = gxr[j];
-          ghr[H + j] = gxr[H + j];
-          ghr[2 * H + j] = dh_n;
-          dhs[b * R + j] = direct;
-        } else {
-          gxr[j] = rnn_unit_backward(ar[j], dh, relu);
-        }
-      }
+      if (lstm) lstm_back_units(io, H, b, u0, u1);
+      else if (gru) gru_back_units(io, H, b, u0, u1);
+      else elman_back_units(io, H, b, u0, u1, relu);
     });
-    // dh_prev = dg_h @ W_hh (+ GRU's direct term already in dhs)
-    mm<T>(false, false, bs, R, GH, gh, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0);
+    // dh_prev = dg_h @ W_hh (+ GRU's direct term)
+    if (gru) std::memcpy(dhs, direct, sizeof(T) * bs * R);
+    dh_product<T>(bs, GH, R, dgh + row0 * GH, w_hh, dhs, gru);
   }
 
   const T* x = static_cast<const T*>(a.x);
