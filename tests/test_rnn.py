@@ -130,6 +130,15 @@ def test_every_feature(cpu_path, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_hidden(cpu_path, kind, dtype):
+    """Hidden sizes past the kernel's k slice (128) and unit block (8), odd batch: the sliced
+    recurrent product with partial row groups, and the vector/scalar unit tails."""
+    run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3, 7, 5,
+             263, True, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_packed_unsorted(device, kind, bidirectional):
     B, I, H = 6, 4, 7

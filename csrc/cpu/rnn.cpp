@@ -132,9 +132,10 @@ void pack_recurrent(const T* w_hh, int64_t G, int64_t H, int64_t R, T* dst) {
 }
 
 // out[i][c] = sum_k h[i][k] * panel[k][c], i < MB rows (hr: row pointers), c < G*kW.
+// out += (or =, when !accumulate) the product over k in [0, R) of this k slice.
 template <class T, int G, int MB>
 inline void recurrent_tile(int64_t R, const T* __restrict panel, const T* const* hr,
-                           T* __restrict out) {
+                           T* __restrict out, bool accumulate) {
   constexpr int C = G * kW;
   T acc[MB][C] = {};
   for (int64_t k = 0; k < R; ++k) {
@@ -146,14 +147,14 @@ inline void recurrent_tile(int64_t R, const T* __restrict panel, const T* const*
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int c = 0; c < C; ++c) out[i * C + c] = acc[i][c];
+    for (int c = 0; c < C; ++c) out[i * C + c] = accumulate ? out[i * C + c] + acc[i][c] : acc[i][c];
 }
 
 #if defined(FASTDL_RNN_AVX2)
 // float32: MB x G ymm accumulators, per k G aligned panel loads and MB broadcasts.
 template <int G, int MB>
 inline void recurrent_tile_f32(int64_t R, const float* __restrict panel, const float* const* hr,
-                               float* __restrict out) {
+                               float* __restrict out, bool accumulate) {
   __m256 acc[MB][G];
   for (int i = 0; i < MB; ++i)
     for (int q = 0; q < G; ++q) acc[i][q] = _mm256_setzero_ps();
@@ -166,22 +167,28 @@ inline void recurrent_tile_f32(int64_t R, const float* __restrict panel, const f
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int q = 0; q < G; ++q) _mm256_storeu_ps(out + (i * G + q) * 8, acc[i][q]);
+    for (int q = 0; q < G; ++q) {
+      float* o = out + (i * G + q) * 8;
+      _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), acc[i][q]) : acc[i][q]);
+    }
 }
 template <>
 inline void recurrent_tile<float, 4, 2>(int64_t R, const float* __restrict panel,
-                                        const float* const* hr, float* __restrict out) {
-  recurrent_tile_f32<4, 2>(R, panel, hr, out);
+                                        const float* const* hr, float* __restrict out,
+                                        bool accumulate) {
+  recurrent_tile_f32<4, 2>(R, panel, hr, out, accumulate);
 }
 template <>
 inline void recurrent_tile<float, 3, 3>(int64_t R, const float* __restrict panel,
-                                        const float* const* hr, float* __restrict out) {
-  recurrent_tile_f32<3, 3>(R, panel, hr, out);
+                                        const float* const* hr, float* __restrict out,
+                                        bool accumulate) {
+  recurrent_tile_f32<3, 3>(R, panel, hr, out, accumulate);
 }
 template <>
 inline void recurrent_tile<float, 1, 6>(int64_t R, const float* __restrict panel,
-                                        const float* const* hr, float* __restrict out) {
-  recurrent_tile_f32<1, 6>(R, panel, hr, out);
+                                        const float* const* hr, float* __restrict out,
+                                        bool accumulate) {
+  recurrent_tile_f32<1, 6>(R, panel, hr, out, accumulate);
 }
 #endif
 
@@ -344,11 +351,18 @@ inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, i
   }
 }
 
+// k slice of the recurrent product when R is large: a slice of a panel (kKc x G*kW) stays in L1
+// while every row group of the step reuses it (partial sums in a per-thread (bs, G*kW) buffer).
+// LSTM 256-512-64-100 forward, one thread: the whole-R panel (64 KB) streamed from L2 per row
+// group ran at 55 GFLOP/s.
+constexpr int64_t kKc = 128;
+
 // One step over rows [0, bs): recurrent product from the packed panels, then the gate math, per
 // block of kW units; blocks are split over the threads (the same blocks every step, so each
 // thread's panels stay in its cache).
 template <class T, int G, bool SAVE>
-void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io) {
+void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io,
+                T* partials) {
   constexpr int MB = TileRows<G>::value;
   constexpr int C = G * kW;
   const int64_t H = p.hidden_size, R = p.out_size();
@@ -357,32 +371,52 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   const int64_t flops_per_block = 2 * bs * R * C;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
   const bool relu = p.mode == RnnMode::Relu;
+  auto gates = [&](int64_t b, int64_t j0, int64_t w, const T* hh) {
+    if (G == 4) lstm_units<T, SAVE>(io, H, b, j0, w, hh);
+    else if (G == 3) gru_units<T, SAVE>(io, H, b, j0, w, hh);
+    else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
+  };
   parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
     alignas(64) T tile[MB * C];
     const T* hr[MB];
+    T* part = partials + int64_t(omp_get_thread_num()) * p.batch * C;
     for (int64_t jb = lo; jb < hi; ++jb) {
       const T* panel = panels + jb * R * C;
       const int64_t j0 = jb * kW, w = std::min<int64_t>(kW, H - j0);
-      for (int64_t b0 = 0; b0 < bs; b0 += MB) {
-        const int mb = static_cast<int>(std::min<int64_t>(MB, bs - b0));
-        for (int i = 0; i < MB; ++i) hr[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
-        recurrent_tile<T, G, MB>(R, panel, hr, tile);
-        for (int i = 0; i < mb; ++i) {
-          if (G == 4) lstm_units<T, SAVE>(io, H, b0 + i, j0, w, tile + i * C);
-          else if (G == 3) gru_units<T, SAVE>(io, H, b0 + i, j0, w, tile + i * C);
-          else elman_units<T, SAVE>(io, H, b0 + i, j0, w, tile + i * C, relu);
+      if (R <= kKc) {  // one k slice: tile in registers, then straight into the gate math
+        for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+          const int mb = static_cast<int>(std::min<int64_t>(MB, bs - b0));
+          for (int i = 0; i < MB; ++i) hr[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
+          recurrent_tile<T, G, MB>(R, panel, hr, tile, false);
+          for (int i = 0; i < mb; ++i) gates(b0 + i, j0, w, tile + i * C);
+        }
+        continue;
+      }
+      for (int64_t k0 = 0; k0 < R; k0 += kKc) {
+        const int64_t kc = std::min(kKc, R - k0);
+        for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+          const int mb = static_cast<int>(std::min<int64_t>(MB, bs - b0));
+          for (int i = 0; i < MB; ++i) hr[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R + k0;
+          T* out = mb == MB ? part + b0 * C : tile;
+          recurrent_tile<T, G, MB>(kc, panel + k0 * C, hr, out, mb == MB && k0 > 0);
+          if (mb < MB)  // a partial row group went through the stack tile
+            for (int i = 0; i < mb; ++i)
+              for (int c = 0; c < C; ++c)
+                part[(b0 + i) * C + c] = (k0 > 0 ? part[(b0 + i) * C + c] : T(0)) + tile[i * C + c];
         }
       }
+      for (int64_t b = 0; b < bs; ++b) gates(b, j0, w, part + b * C);
     }
   });
 }
 
 template <class T, int G>
-void fused_step_any(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io) {
+void fused_step_any(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io,
+                    T* partials) {
   if (io.save)
-    fused_step<T, G, true>(p, panels, bs, io);
+    fused_step<T, G, true>(p, panels, bs, io, partials);
   else
-    fused_step<T, G, false>(p, panels, bs, io);
+    fused_step<T, G, false>(p, panels, bs, io, partials);
 }
 
 template <class T>
@@ -408,12 +442,14 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
 
   // Reused scratch: packed W_hh, combined biases, the second state buffer, hpre (inference).
   const int64_t blocks = (H + kW - 1) / kW;
+  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * B * G * kW : 0;
   T* panels = static_cast<T*>(tl_hh.get(sizeof(T) * (blocks * R * G * kW + GH + H + B * R +
-                                                      (proj ? B * H : 0))));
+                                                      (proj ? B * H : 0) + part_n)));
   T* bias = panels + blocks * R * G * kW;
   T* bhn = bias + GH;
   T* h_other = bhn + H;
   T* hpre_tmp = proj ? h_other + B * R : nullptr;
+  T* partials = h_other + B * R + (proj ? B * H : 0);  // per-thread (B, G*kW) partial sums
   pack_recurrent(static_cast<const T*>(w.w_hh), G, H, R, panels);
   const T* bi = static_cast<const T*>(w.b_ih);
   const T* bh = static_cast<const T*>(w.b_hh);
@@ -460,9 +496,9 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
                  proj ? nullptr : y + row0 * R, cs,
                  ws && lstm ? ws + L.c + row0 * H : nullptr,
                  ws && lstm ? ws + L.cprev + row0 * H : nullptr, ws != nullptr};
-    if (G == 4) fused_step_any<T, 4>(p, panels, bs, io);
-    else if (G == 3) fused_step_any<T, 3>(p, panels, bs, io);
-    else fused_step_any<T, 1>(p, panels, bs, io);
+    if (G == 4) fused_step_any<T, 4>(p, panels, bs, io, partials);
+    else if (G == 3) fused_step_any<T, 3>(p, panels, bs, io, partials);
+    else fused_step_any<T, 1>(p, panels, bs, io, partials);
     if (proj) {
       mm<T>(false, true, bs, R, H, hpre, H, w_hr, H, h_next, R, 0.0);
       std::memcpy(y + row0 * R, h_next, sizeof(T) * bs * R);
