@@ -4,16 +4,26 @@
 // Forward:
 //   1. xg = x @ W_ih^T for many steps at once: one large GEMM (training: all N rows, straight into
 //      the saved activation buffer, which the gate pass then overwrites row by row; inference:
-//      blocks of steps into a reused scratch, so nothing of size N is kept).
-//   2. per step: hh = h @ W_hh^T (recurrent GEMM over the step's rows), then one fused pass over
-//      (row, unit) applying rnn_math.h's gate math and both biases, updating the state in hn/cn
-//      in place and writing y (LSTM with projection: then h = hpre @ W_hr^T, a second GEMM).
-// Backward (reverse visiting order): per step one fused pass turning the output gradient and the
-// carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh (GEMM).
-// After the loop the weight gradients are large GEMMs over all N rows: dW_ih = dg^T x,
-// dW_hh = dg_h^T hprev, dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
-// Work split: the GEMMs run on fastdl's GEMM (csrc/cpu/gemm.cpp, threaded by size); the gate
-// passes are parallel over (row, unit) pairs.
+//      blocks of >= 512 rows into a reused scratch, so nothing of size N is kept).
+//   2. W_hh is packed once per call into panels of 8 hidden units x all G gates (k-major), so one
+//      register tile (rows x G*8) of the recurrent product holds every gate of 8 units; the gate
+//      math (rnn_math.h; AVX2 exp/sigmoid/tanh from vec_math.h) runs on the tile straight away and
+//      writes the new state (ping-pong buffers), the output row and, in training, the activations.
+//      For R > 128 the product is sliced in k (partial sums per thread) so a panel slice stays in
+//      L1 across the step's row groups. LSTM projection: one GEMM per step after the gate pass.
+// Backward (reverse visiting order): per step a fused pass turns the output gradient and the
+// carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
+// register-tiled product reading W_hh in place (no per-step packing). After the loop the weight
+// gradients are large GEMMs over all N rows: dW_ih = dg^T x, dW_hh = dg_h^T hprev,
+// dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
+// Work split: the forward step splits unit blocks over the threads (the same blocks every step,
+// so each thread's panels stay in its cache; one thread while a step is under ~64K flops per
+// thread, e.g. batch 1, hidden 64); the dh product splits 16-column chunks; big GEMMs are
+// threaded by csrc/cpu/gemm.cpp.
+// Measured (one thread, CPU time, 2-core Zen4 VM shared with other jobs; LSTM 64-128-32-50
+// float32): forward 41 ms with libm expf/tanhf in a scalar gate loop -> 15 ms with AVX2 gate math
+// -> 8.8 ms with 2-row LSTM tiles (3 rows spilled 4 accumulators); backward 12.7 -> 8.2 ms once
+// the dh product kept its accumulators in registers.
 // Tested by tests/test_rnn.py and tests/test_rnn_db.py (both kernel builds); timed by
 // benchmarks/bench_rnn.py.
 #include <algorithm>
