@@ -386,10 +386,13 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
     else if (G == 3) gru_units<T, SAVE>(io, H, b, j0, w, hh);
     else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
   };
+  // parallel_for runs inline inside an enclosing OpenMP region (whose thread numbers may exceed
+  // the slots allocated for fastdl's thread count): slot 0 then.
+  const bool nested = omp_in_parallel() != 0;
   parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
     alignas(64) T tile[MB * C];
     const T* hr[MB];
-    T* part = partials + int64_t(omp_get_thread_num()) * p.batch * C;
+    T* part = partials + (nested ? 0 : int64_t(omp_get_thread_num())) * p.batch * C;
     for (int64_t jb = lo; jb < hi; ++jb) {
       const T* panel = panels + jb * R * C;
       const int64_t j0 = jb * kW, w = std::min<int64_t>(kW, H - j0);
