@@ -57,7 +57,7 @@ def _pointers(values):
     return [None if v is None else _tensor.pointer(v) for v in values]
 
 
-def _batch_sizes(fn, batch_sizes, steps_hint):
+def _batch_sizes(fn, batch_sizes):
     """batch_sizes as a contiguous CPU int64 array/tensor and its values (a list)."""
     if batch_sizes is None:
         return None, None
@@ -118,7 +118,7 @@ def _geometry(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
         if b is not None and tuple(b.shape) != (G * H,):
             raise RuntimeError(f"{fn}: expected {name} of shape ({G * H},), got "
                                f"{_tensor.describe(b)}")
-    bs, values = _batch_sizes(fn, batch_sizes, None)
+    bs, values = _batch_sizes(fn, batch_sizes)
     if bs is None:
         if input.ndim != 3:
             raise RuntimeError(f"{fn}: expected input with 3 dims (steps, batch, input_size), got "
