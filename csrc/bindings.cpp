@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common.h"
+#include "conv.h"
 #include "cpu_features.h"
 #include "cuda_runtime_info.h"
 #include "gemm.h"
@@ -27,7 +28,9 @@ using namespace fastdl;
 #ifndef FASTDL_WITH_CUDA
 namespace fastdl {
 bool cuda_compiled() { return false; }
+bool cuda_emulated() { return false; }
 int cuda_device_count() { return 0; }
+std::vector<int> cuda_probe() { return {0, 0, 0, 0}; }
 std::string cuda_device_name(int) { throw std::runtime_error("fastdl was built without CUDA"); }
 void cuda_synchronize(int) { throw std::runtime_error("fastdl was built without CUDA"); }
 }  // namespace fastdl
@@ -213,6 +216,33 @@ RnnWeights rnn_weights(py::handle w_ih, py::handle w_hh, py::handle b_ih, py::ha
   return w;
 }
 
+// ---- convolution argument unpacking (csrc/conv.h) ----------------------------------------------
+
+Conv2dParams conv_params(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t oh,
+                         int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                         int64_t pw, int64_t dh, int64_t dw, int64_t groups, int dtype) {
+  Conv2dParams p;
+  p.n = n;
+  p.c = c;
+  p.h = h;
+  p.w = w;
+  p.k = k;
+  p.oh = oh;
+  p.ow = ow;
+  p.kh = kh;
+  p.kw = kw;
+  p.sh = sh;
+  p.sw = sw;
+  p.ph = ph;
+  p.pw = pw;
+  p.dh = dh;
+  p.dw = dw;
+  p.groups = groups;
+  p.dtype = dtype_of(dtype);
+  check_conv2d_params(p);
+  return p;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -230,10 +260,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_device_name", &cuda_device_name);
   m.def("cuda_synchronize", &cuda_synchronize, py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_emulated", &cuda_emulated);
+  m.def("cuda_probe", &cuda_probe);
+#ifdef FASTDL_CUDA_EMULATION
+  // Test hooks of the emulated CUDA back end (csrc/cuda/emulation/cuda_runtime.h).
+  m.def("cuda_emulation_reset", &cuda_emulation_reset);
+  m.def("cuda_emulation_missing_kernel_image", &cuda_emulation_missing_kernel_image);
+  m.def("cuda_emulation_launch_count", &cuda_emulation_launch_count);
+  m.def("cuda_emulation_stream_create", &cuda_emulation_stream_create);
+  m.def("cuda_emulation_stream_destroy", &cuda_emulation_stream_destroy);
+  m.def("cuda_emulation_selftest", &cuda_emulation_selftest);
+#endif
 
-  m.def("measure_triad_bandwidth", &measure_triad_bandwidth, py::arg("n"), py::arg("reps"),
-        py::call_guard<py::gil_scoped_release>());
-  m.def("measure_update_bandwidth", &measure_update_bandwidth, py::arg("n"), py::arg("reps"),
+  m.def("measure_stream_bandwidth", &measure_stream_bandwidth, py::arg("kernel"),
+        py::arg("footprint_bytes"), py::arg("reps"), py::arg("min_seconds") = 0.0,
         py::call_guard<py::gil_scoped_release>());
   m.def("measure_peak_gflops", &measure_peak_gflops, py::arg("reps"),
         py::call_guard<py::gil_scoped_release>());
@@ -354,6 +394,46 @@ PYBIND11_MODULE(_C, m) {
     (void)stream;
     throw std::runtime_error("fastdl was built without CUDA");
 #endif
+  });
+
+  // ---- convolution (csrc/conv.h) -------------------------------------------------------------
+  // pass 0 forward:          a = x, b = w, c = bias or None, d = y
+  // pass 1 input gradient:   a = gy, b = w, d = gx (c unused)
+  // pass 2 weight gradient:  a = x, b = gy, c = gw or None, d = gb or None
+  // algo: ConvAlgo (0 auto); python/fastdl/ops/conv.py has validated everything and caches the
+  // Conv2dParams per geometry.
+  py::class_<Conv2dParams>(m, "Conv2dParams")
+      .def(py::init(&conv_params), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
+           py::arg("k"), py::arg("oh"), py::arg("ow"), py::arg("kh"), py::arg("kw"),
+           py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"),
+           py::arg("dw"), py::arg("groups"), py::arg("dtype"));
+  m.def("conv2d", [](int pass, py::handle a, py::handle b, py::handle c, py::handle d,
+                     const Conv2dParams& prm, int algo, int device, uintptr_t stream) {
+    FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
+    FASTDL_CHECK(algo >= 0 && algo <= 4, "fastdl internal: unknown convolution algorithm ", algo);
+    Conv2dParams p = prm;
+    p.algo = static_cast<ConvAlgo>(algo);
+    const void* pa = pointer_of(a);
+    const void* pb = pointer_of(b);
+    void* pc = optional_pointer(c);
+    void* pd = optional_pointer(d);
+    FASTDL_CHECK(pass == 2 || pd != nullptr, "fastdl internal: convolution needs an output");
+    py::gil_scoped_release release;
+    if (device < 0) {
+      if (pass == 0) conv2d_forward_cpu(p, pa, pb, pc, pd);
+      else if (pass == 1) conv2d_backward_input_cpu(p, pa, pb, pd);
+      else conv2d_backward_weight_cpu(p, pa, pb, pc, pd);
+      return;
+    }
+    (void)stream;
+    throw std::runtime_error("fastdl: convolution has no CUDA kernels yet (CPU only)");
+  });
+  m.def("conv2d_algorithm", [](const Conv2dParams& prm, int pass, int algo) {
+    FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
+    FASTDL_CHECK(algo >= 0 && algo <= 4, "fastdl internal: unknown convolution algorithm ", algo);
+    Conv2dParams p = prm;
+    p.algo = static_cast<ConvAlgo>(algo);
+    return static_cast<int>(conv2d_algorithm_cpu(p, static_cast<ConvPass>(pass)));
   });
 
   // ---- gemm / linear (csrc/gemm.h) ------------------------------------------------------------

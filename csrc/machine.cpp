@@ -5,8 +5,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
-#include <vector>
+#include <new>
+#include <stdexcept>
+#include <string>
 
 #include "cpu_features.h"
 #include "parallel.h"
@@ -19,51 +22,85 @@ double now() {
 }
 }  // namespace
 
-double measure_triad_bandwidth(int64_t n, int reps) {
-  std::unique_ptr<float[]> a(new float[n]), b(new float[n]), c(new float[n]);
-  const int nt = get_num_threads();
-  // First touch by the threads that later stream each range.
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    a[i] = 0.f;
-    b[i] = 1.f + (i & 7);
-    c[i] = 2.f;
-  }
-  double best = 1e30;
-  float* pa = a.get();
-  const float* pb = b.get();
-  const float* pc = c.get();
-  for (int r = 0; r < reps; ++r) {
-    const double t0 = now();
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < n; ++i) pa[i] = pb[i] + 3.f * pc[i];
-    best = std::min(best, now() - t0);
-  }
-  volatile float sink = pa[n / 2];
-  (void)sink;
-  return 12.0 * static_cast<double>(n) / best * 1e-9;
-}
+namespace {
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
 
-double measure_update_bandwidth(int64_t n, int reps) {
-  std::unique_ptr<float[]> a(new float[n]), b(new float[n]);
+StreamKernel parse_kernel(const std::string& name, int* arrays, double* bytes_per_elem) {
+  if (name == "read") { *arrays = 1; *bytes_per_elem = 4; return StreamKernel::Read; }
+  if (name == "write") { *arrays = 1; *bytes_per_elem = 4; return StreamKernel::Write; }
+  if (name == "copy") { *arrays = 2; *bytes_per_elem = 8; return StreamKernel::Copy; }
+  if (name == "triad") { *arrays = 3; *bytes_per_elem = 12; return StreamKernel::Triad; }
+  if (name == "update") { *arrays = 2; *bytes_per_elem = 12; return StreamKernel::Update; }
+  throw std::invalid_argument("measure_stream_bandwidth: expected kernel read, write, copy, triad "
+                              "or update, got '" + name + "'");
+}
+}  // namespace
+
+double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_bytes, int reps,
+                                double min_seconds) {
+  int arrays = 0;
+  double bytes_per_elem = 0;
+  const StreamKernel k = parse_kernel(kernel, &arrays, &bytes_per_elem);
+  if (footprint_bytes < (int64_t(1) << 14))
+    throw std::invalid_argument(
+        "measure_stream_bandwidth: expected footprint_bytes >= 16384, got " +
+        std::to_string(footprint_bytes));
+  if (reps < 1)
+    throw std::invalid_argument("measure_stream_bandwidth: expected reps >= 1, got " +
+                                std::to_string(reps));
+  // One 64-byte-aligned buffer split into `arrays` arrays of n floats (n a multiple of 16, so
+  // every array and every thread's range starts on a cache line).
+  const int64_t n = (footprint_bytes / 4 / arrays) / 16 * 16;
+  const size_t total = static_cast<size_t>(n) * arrays * sizeof(float);
+  std::unique_ptr<float, FreeDeleter> buf(static_cast<float*>(std::aligned_alloc(64, total)));
+  if (!buf) throw std::bad_alloc();
+  float* a = buf.get();
+  float* b = arrays > 1 ? a + n : a;
+  float* c = arrays > 2 ? a + 2 * n : b;
   const int nt = get_num_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    a[i] = 0.f;
-    b[i] = 1.f + (i & 7);
+  const int64_t chunk = ((n + nt - 1) / nt + 15) / 16 * 16;
+  // At least ~64 MB of counted traffic per timed region, so thread wake-up is noise.
+  const double pass_bytes = bytes_per_elem * static_cast<double>(n);
+  const int64_t passes = std::max<int64_t>(1, static_cast<int64_t>((64 << 20) / pass_bytes));
+  const bool avx2 = cpu_capability() == CpuCapability::AVX2;
+  auto run = [&](int64_t lo, int64_t hi, int64_t p) -> float {
+#if FASTDL_HAVE_AVX2_BUILD
+    return avx2 ? isa_avx2::stream_pass(k, a, b, c, lo, hi, p)
+                : isa_default::stream_pass(k, a, b, c, lo, hi, p);
+#else
+    (void)avx2;
+    return isa_default::stream_pass(k, a, b, c, lo, hi, p);
+#endif
+  };
+  // First touch by the thread that later streams each range (pages land near it).
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t lo = std::min<int64_t>(n, omp_get_thread_num() * chunk);
+    const int64_t hi = std::min<int64_t>(n, lo + chunk);
+    for (int j = 0; j < arrays; ++j)
+      for (int64_t i = lo; i < hi; ++i) a[j * n + i] = 1.f + static_cast<float>(i & 7);
   }
   double best = 1e30;
-  float* pa = a.get();
-  const float* pb = b.get();
-  for (int r = 0; r < reps; ++r) {
+  float sink = 0.f;
+  // At least `reps` timings and at least min_seconds of them: on a shared machine a timed region
+  // waits for a descheduled thread (one ~8 ms time slice), and a burst of short reps can all fall
+  // inside one such window.
+  const double t_start = now();
+  for (int r = 0; r < reps || now() - t_start < min_seconds; ++r) {
     const double t0 = now();
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < n; ++i) pa[i] = pa[i] + 1e-3f * pb[i];
+#pragma omp parallel num_threads(nt) reduction(+ : sink)
+    {
+      const int64_t lo = std::min<int64_t>(n, omp_get_thread_num() * chunk);
+      const int64_t hi = std::min<int64_t>(n, lo + chunk);
+      sink += run(lo, hi, passes);
+    }
     best = std::min(best, now() - t0);
   }
-  volatile float sink = pa[n / 2];
-  (void)sink;
-  return 12.0 * static_cast<double>(n) / best * 1e-9;
+  volatile float keep = sink;
+  (void)keep;
+  return pass_bytes * static_cast<double>(passes) / best * 1e-9;
 }
 
 double measure_peak_gflops(int reps) {

@@ -1,21 +1,33 @@
 // This machine's own limits, measured on demand by fastdl-bench so every benchmark can report its
-// fraction of them: memory bandwidth with a STREAM-style triad and the peak FMA rate.
+// fraction of them: memory (or cache) bandwidth with STREAM-style kernels and the peak FMA rate.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace fastdl {
 
-// a[i] = b[i] + s * c[i] over float32 arrays of n elements, `reps` times, on get_num_threads()
-// threads. Returns the best GB/s counting 12 bytes per element (STREAM's convention, which does
-// not count the read that allocates a's lines before they are written).
-double measure_triad_bandwidth(int64_t n, int reps);
-// a[i] = a[i] + s * b[i] (in place: every written line was read, as in an optimizer step or a
-// backward accumulation). Best GB/s counting 12 bytes per element.
-double measure_update_bandwidth(int64_t n, int reps);
+enum class StreamKernel { Read, Write, Copy, Triad, Update };
+
+// Best GB/s of one STREAM-style kernel ("read", "write", "copy", "triad", "update"; see
+// csrc/cpu/machine_stream.cpp) over float32 arrays whose combined size is `footprint_bytes`, on
+// get_num_threads() threads. Each thread streams the same static range every pass (first touched
+// by that thread), so a footprint inside the caches measures the caches. Small footprints run
+// several passes per timed region so one timing covers at least ~64 MB of traffic. Times at least
+// `reps` regions and keeps going until `min_seconds` have passed; returns the best.
+double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_bytes, int reps,
+                                double min_seconds);
 // Independent FMA chains in registers on every thread; returns the best float32 GFLOP/s.
 double measure_peak_gflops(int reps);
 
-namespace isa_default { double fma_chains(int64_t iters); }
-namespace isa_avx2 { double fma_chains(int64_t iters); }
+namespace isa_default {
+double fma_chains(int64_t iters);
+float stream_pass(StreamKernel k, float* a, float* b, float* c, int64_t begin, int64_t end,
+                  int64_t passes);
+}  // namespace isa_default
+namespace isa_avx2 {
+double fma_chains(int64_t iters);
+float stream_pass(StreamKernel k, float* a, float* b, float* c, int64_t begin, int64_t end,
+                  int64_t passes);
+}  // namespace isa_avx2
 
 }  // namespace fastdl

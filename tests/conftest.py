@@ -13,29 +13,70 @@ sys.path.insert(0, os.path.dirname(__file__))
 import fastdl  # noqa: E402
 from fastdl import _C  # noqa: E402
 
-_CUDA_OK = fastdl.cuda.is_available() and torch.cuda.is_available()
-_CUDA_REASON = ("no CUDA device: fastdl.cuda.is_available()="
-                f"{fastdl.cuda.is_available()} (compiled={fastdl.cuda.is_compiled()}), "
-                f"torch.cuda.is_available()={torch.cuda.is_available()}")
+from cuda_mode import cuda_test_mode  # noqa: E402
+from fastdl import _tensor  # noqa: E402
+
+_CUDA_MODE, _CUDA_REASON = cuda_test_mode(fastdl.cuda.is_emulated(), fastdl.cuda.is_available(),
+                                          fastdl.cuda.unavailable_reason(),
+                                          torch.cuda.is_available())
+
+
+class EmulatedCuda(str):
+    """The 'cuda' case in an emulation build: equal to "cuda" (so tests take their CUDA branches)
+    while torch reads it as "cpu" (tensors live in host memory, which the emulated kernels read).
+    While a test holds it, fastdl routes host memory through the CUDA path (_tensor)."""
+
+    def __new__(cls):
+        return super().__new__(cls, "cpu")
+
+    def __eq__(self, other):
+        return other == "cuda" or other is self
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+    def __repr__(self):
+        return "'cuda' (emulated on the CPU)"
+
+
+def _cuda_case():
+    """Yields the device for a CUDA case, per _CUDA_MODE."""
+    if _CUDA_MODE == "fail":
+        pytest.fail(_CUDA_REASON)
+    if _CUDA_MODE == "skip":
+        pytest.skip(_CUDA_REASON)
+    if _CUDA_MODE == "gpu":
+        yield "cuda"
+        return
+    _tensor.route_cpu_to_cuda(True)
+    try:
+        yield EmulatedCuda()
+    finally:
+        _tensor.route_cpu_to_cuda(False)
+        _C.cuda_emulation_reset()
 
 
 def pytest_report_header(config):
-    return [f"fastdl build: {fastdl.build_info()}", f"FASTDL_TEST_SEED={_BASE_SEED}"]
+    return [f"fastdl build: {fastdl.build_info()}", f"FASTDL_TEST_SEED={_BASE_SEED}",
+            f"CUDA cases: {_CUDA_MODE} {_CUDA_REASON}".rstrip()]
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
-    """Runs a test on the CPU and, where a GPU answers, on CUDA (skipped with the reason elsewhere)."""
-    if request.param == "cuda" and not _CUDA_OK:
-        pytest.skip(_CUDA_REASON)
-    return request.param
+    """Runs a test on the CPU and on CUDA: a GPU where fastdl and torch see one, the emulated back
+    end in an emulation build; skipped with the reason elsewhere; failed where torch sees a GPU
+    that fastdl cannot use."""
+    if request.param == "cpu":
+        yield "cpu"
+    else:
+        yield from _cuda_case()
 
 
 @pytest.fixture
 def cuda_device():
-    if not _CUDA_OK:
-        pytest.skip(_CUDA_REASON)
-    return "cuda"
+    yield from _cuda_case()
 
 
 _PATHS = ["default"] + (["avx2"] if _C.cpu_supports_avx2() else [])
@@ -68,3 +109,19 @@ def _fresh_seed(request):
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA device")
     config.addinivalue_line("markers", "slow: longer randomized sweeps")
+    config.addinivalue_line("markers", "gpu_only: too large for the emulated back end; GPU only")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every CUDA test carries the cuda mark (-m cuda selects them): the device fixture's 'cuda'
+    # cases have it from their param; tests that take cuda_device get it here.
+    for item in items:
+        if "cuda_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cuda)
+    if _CUDA_MODE == "gpu":
+        return
+    skip = pytest.mark.skip(reason="gpu_only: too large to run through the CUDA emulation or the "
+                                   "CPU; runs in benchmarks/gpu_check.sh on a GPU")
+    for item in items:
+        if "gpu_only" in item.keywords:
+            item.add_marker(skip)

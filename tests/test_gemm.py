@@ -2,11 +2,14 @@
 alpha/beta (beta = 0 on a NaN-poisoned C), odd, prime, size-1 and skinny shapes, views with
 leading dimensions wider than the matrix, both CPU kernel paths, thread splits, torch tensors
 (CPU and CUDA) and bad input."""
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import fastdl
+from cuda_mode import sm_count
 from fastdl import ops
 from helpers import tol
 
@@ -183,13 +186,13 @@ def test_matmul_torch(device, dtype):
 
 
 def test_gemm_cuda_alpha_beta(cuda_device):
-    a = torch.rand(130, 67, device="cuda") - 0.5
-    b = torch.rand(91, 67, device="cuda") - 0.5
-    c = torch.full((130, 91), float("nan"), device="cuda")
+    a = torch.rand(130, 67, device=cuda_device) - 0.5
+    b = torch.rand(91, 67, device=cuda_device) - 0.5
+    c = torch.full((130, 91), float("nan"), device=cuda_device)
     ops.gemm(a, b, c, alpha=2.0, beta=0.0, trans_b=True)
     t = tol(torch.float32, reduction=67)
     torch.testing.assert_close(c.double(), 2 * a.double() @ b.double().t(), **t)
-    c0 = torch.rand(91, 130, device="cuda")
+    c0 = torch.rand(91, 130, device=cuda_device)
     c = c0.clone()
     ops.gemm(b, a, c, alpha=-1.0, beta=0.5, trans_b=True)
     torch.testing.assert_close(c.double(), -(b.double() @ a.double().t()) + 0.5 * c0.double(),
@@ -199,10 +202,12 @@ def test_gemm_cuda_alpha_beta(cuda_device):
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True),
                                              (True, True)])
 def test_gemm_cuda_large_grid(cuda_device, trans_a, trans_b):
-    """Enough tiles for the 128 x 128 SIMT kernel (small grids use 64 x 64 tiles)."""
-    m, n, k = 2200, 2100, 37
-    a = torch.rand((k, m) if trans_a else (m, k), device="cuda") - 0.5
-    b = torch.rand((n, k) if trans_b else (k, n), device="cuda") - 0.5
+    """Enough tiles for the 128 x 128 SIMT kernel (below 2 x SMs tiles it uses 64 x 64 tiles):
+    2200 x 2176 on a 132-SM GPU, 408 x 384 on the emulated 4-SM device."""
+    side = 128 * math.ceil(math.sqrt(2 * sm_count(fastdl.cuda.is_emulated()))) + 24
+    m, n, k = side + 24, side, 37
+    a = torch.rand((k, m) if trans_a else (m, k), device=cuda_device) - 0.5
+    b = torch.rand((n, k) if trans_b else (k, n), device=cuda_device) - 0.5
     got = ops.gemm(a, b, trans_a=trans_a, trans_b=trans_b)
     ref = (a.double().t() if trans_a else a.double()) @ (b.double().t() if trans_b else b.double())
     torch.testing.assert_close(got.double(), ref, **tol(torch.float32, reduction=k))
@@ -210,8 +215,10 @@ def test_gemm_cuda_large_grid(cuda_device, trans_a, trans_b):
 
 @pytest.mark.parametrize("m,n,k", [(1, 1, 1), (128, 128, 64), (257, 129, 513), (1, 300, 7)])
 def test_gemm_cuda_tf32(cuda_device, m, n, k):
-    a = torch.rand(m, k, device="cuda") - 0.5
-    b = torch.rand(k, n, device="cuda") - 0.5
+    """On a GPU from sm_80 the tensor-core kernel; in an emulation build its SIMT twin (same
+    128 x 128 tiles and edge handling: wmma is not emulated), so the bound holds there too."""
+    a = torch.rand(m, k, device=cuda_device) - 0.5
+    b = torch.rand(k, n, device=cuda_device) - 0.5
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -262,8 +269,10 @@ def test_gemm_errors():
 
 
 def test_gemm_errors_devices(cuda_device):
+    if fastdl.cuda.is_emulated():
+        pytest.skip("emulation keeps every tensor in host memory: there is no second device to mix")
     with pytest.raises(RuntimeError, match="same device"):
         ops.matmul(torch.ones(2, 3), torch.ones(3, 4, device="cuda"))
     with pytest.raises(NotImplementedError, match="supported dtypes"):
-        ops.matmul(torch.ones(2, 3, dtype=torch.float64, device="cuda"),
-                   torch.ones(3, 4, dtype=torch.float64, device="cuda"))
+        ops.matmul(torch.ones(2, 3, dtype=torch.float64, device=cuda_device),
+                   torch.ones(3, 4, dtype=torch.float64, device=cuda_device))

@@ -100,6 +100,8 @@ def f64(ps):
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_trajectory_matches_torch(device, name, kw, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA optimizer steps take float32, float16 and bfloat16 params")
     ps = make_params(dtype, device)
     ref_ps, ps64 = clone_params(ps), f64(ps)
     fast, ref, ref64 = run_both(name, kw, ps, ref_ps, ref64_ps=ps64)
@@ -416,7 +418,7 @@ def test_ops_bad_input_changes_nothing():
 def test_cuda_half_params_float32_state(cuda_device, dtype):
     """Reference: torch's step on float32 copies, rounding the param to `dtype` after each step
     (what a half param with float32 state computes)."""
-    ps = make_params(dtype, "cuda")
+    ps = make_params(dtype, cuda_device)
     ref_ps = [p.detach().float().requires_grad_() for p in ps]
     fast = fo.Adam(ps, lr=0.01)
     ref = torch.optim.Adam(ref_ps, lr=0.01, foreach=False)
@@ -429,7 +431,7 @@ def test_cuda_half_params_float32_state(cuda_device, dtype):
         with torch.no_grad():
             for q in ref_ps:
                 q.copy_(q.to(dtype).float())
-    torch.cuda.synchronize()
+    fastdl.cuda.synchronize(0)
     for p, q in zip(ps, ref_ps):
         assert fast.state[p]["exp_avg"].dtype == torch.float32
         assert_close(p.detach(), q.detach().to(dtype), what="param")

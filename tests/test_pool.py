@@ -2,6 +2,8 @@
 sweep of geometries, inputs with ties and NaN, gradcheck, numpy in/out, every element written,
 exception parity. CPU tests run under both kernel builds (cpu_path); CUDA via the device fixture."""
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -176,7 +178,20 @@ def test_max_unpool2d(where, shape, k, s, p, out):
 def test_max_unpool2d_invalid_index(where):
     y, idx = TF.max_pool2d(rand(1, 2, 8, 8, device=where), 2, return_indices=True)
     if where == "cuda":
-        pytest.skip("CUDA skips out-of-range indices instead of raising (no device sync)")
+        # As torch's CUDA kernel: a device-side assertion, sticky, seen at the next sync. On a GPU
+        # it spoils the CUDA context, so it runs in a child process there.
+        if fastdl.cuda.is_emulated():
+            with pytest.raises(RuntimeError, match="device-side assert triggered"):
+                F.max_unpool2d(y, idx + 100, 2)
+                fastdl.cuda.synchronize(0)
+            return
+        code = ("import torch, fastdl, fastdl.nn.functional as F\n"
+                "y, i = torch.nn.functional.max_pool2d(torch.rand(1, 2, 8, 8, device='cuda'), 2,"
+                " return_indices=True)\n"
+                "F.max_unpool2d(y, i + 100, 2)\nfastdl.cuda.synchronize(0)\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "device-side assert" in r.stderr, r.stderr[-2000:]
+        return
     with pytest.raises(RuntimeError, match="invalid max index"):
         F.max_unpool2d(y, idx + 100, 2)
 

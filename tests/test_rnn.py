@@ -111,7 +111,7 @@ def test_sweep(device, chunk, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FASTDL_SLOW_TESTS") != "1",
+@pytest.mark.skipif(not os.environ.get("FASTDL_SLOW_TESTS"),
                     reason="larger sweep: set FASTDL_SLOW_TESTS=1 to run it")
 @pytest.mark.parametrize("chunk", range(8))
 def test_sweep_slow(chunk):

@@ -1,5 +1,7 @@
 // Error checks and the device guard used by every CUDA entry point. A failing CUDA call becomes a
 // std::runtime_error (RuntimeError in Python) carrying cudaGetErrorString; nothing exits or asserts.
+// The check also clears the (non-sticky) error it reports, so the next call's check does not
+// report it a second time (found by the emulated back end: a failed step failed the next one).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -12,6 +14,7 @@
   do {                                                                                       \
     cudaError_t err_ = (expr);                                                               \
     if (err_ != cudaSuccess) {                                                               \
+      cudaGetLastError();                                                                    \
       throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(err_) +      \
                                " (" #expr ") [" __FILE__ ":" + std::to_string(__LINE__) + "]"); \
     }                                                                                        \

@@ -21,7 +21,7 @@
 #include <cstdint>
 
 #include "../gemm.h"
-#include "cuda_check.cuh"
+#include "kernel.cuh"
 
 namespace fastdl {
 namespace {
@@ -119,8 +119,8 @@ __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
   constexpr int T = BM / 16;       // per-thread tile T x T on a 16 x 16 thread grid
   constexpr int S = T / 4;         // strips of 4
   constexpr int STRIDE = BM / S;   // distance between a thread's strips
-  __shared__ __align__(16) float As[2][BK][BM];
-  __shared__ __align__(16) float Bs[2][BK][BM];
+  FASTDL_SHARED(16, float, As, [2][BK][BM]);
+  FASTDL_SHARED(16, float, Bs, [2][BK][BM]);
   const int m0 = (blockIdx.x / g.tiles_n) * BM, n0 = (blockIdx.x % g.tiles_n) * BM;
   TileLoader<!TA, BM, BK> la;  // A stored m x k (contiguous along k) unless transposed
   TileLoader<TB, BM, BK> lb;   // B^T as n x k: contiguous along k only when B is transposed
@@ -197,15 +197,21 @@ __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
 }
 
 // ---- TF32 tensor-core kernel ------------------------------------------------------------------
+// Not emulated (the emulation has no tensor cores, and TF32 rounding is not what it checks): an
+// emulation build runs sgemm_simt<TA, TB, 128> where a GPU would run this, the same 128 x 128
+// output tiles, TileLoader and bounds-checked edges (k slices of 8 instead of 16); see
+// tf32_kernel_usable. Its body exists only when compiled for sm_80 or newer; compiled for an
+// older architecture (or JIT-compiled from such PTX on a newer GPU) it traps, and the host never
+// picks it there.
 
 template <bool TA, bool TB>
 __global__ void __launch_bounds__(kThreads) sgemm_tf32(GemmArgs g) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   constexpr int BK = 16, LDA_S = BK + 4, LDB_S = kTile + 4;  // pads: fewer bank conflicts
-  __shared__ __align__(32) float As[kTile * LDA_S];           // As[i * LDA_S + k]
-  __shared__ __align__(32) float Bs[BK * LDB_S];              // Bs[k * LDB_S + j]
-  __shared__ __align__(32) float stage[kThreads / 32][16 * 16];
+  FASTDL_SHARED(32, float, As, [kTile * LDA_S]);            // As[i * LDA_S + k]
+  FASTDL_SHARED(32, float, Bs, [BK * LDB_S]);               // Bs[k * LDB_S + j]
+  FASTDL_SHARED(32, float, stage, [kThreads / 32][16 * 16]);
   const int m0 = (blockIdx.x / g.tiles_n) * kTile, n0 = (blockIdx.x % g.tiles_n) * kTile;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / 4, wn = warp % 4;  // warp sub-tile: rows wm*64.., cols wn*32..
@@ -270,8 +276,11 @@ __global__ void __launch_bounds__(kThreads) sgemm_tf32(GemmArgs g) {
       __syncwarp();
     }
   }
+#elif defined(__CUDA_ARCH__)
+  (void)g;
+  __trap();  // unreachable: tf32_kernel_usable keeps the host off this build of the kernel
 #else
-  (void)g;  // host fallback keeps sm_75 builds on the SIMT kernel (see gemm_cuda)
+  (void)g;
 #endif
 }
 
@@ -287,20 +296,29 @@ __global__ void scale_c(float* c, int m, int n, long long ldc, float beta) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-int compute_major(int device) {
-  static int cached[64] = {0};
-  if (device >= 0 && device < 64 && cached[device]) return cached[device];
-  int major = 0;
-  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (device >= 0 && device < 64) cached[device] = major;
-  return major;
-}
-
 template <bool TA, bool TB>
 void launch_typed(const GemmArgs& g, int blocks, bool tf32, bool small, cudaStream_t stream) {
-  if (tf32) sgemm_tf32<TA, TB><<<blocks, kThreads, 0, stream>>>(g);
-  else if (small) sgemm_simt<TA, TB, 64><<<blocks, kThreads, 0, stream>>>(g);
-  else sgemm_simt<TA, TB, 128><<<blocks, kThreads, 0, stream>>>(g);
+  if (tf32) FASTDL_LAUNCH(blocks, kThreads, 0, stream, sgemm_tf32<TA, TB>)(g);
+  else if (small) FASTDL_LAUNCH(blocks, kThreads, 0, stream, sgemm_simt<TA, TB, 64>)(g);
+  else FASTDL_LAUNCH(blocks, kThreads, 0, stream, sgemm_simt<TA, TB, 128>)(g);
+}
+
+// Whether the TF32 kernel that would run on `device` has its tensor-core body: decided by the
+// architecture it was compiled for (binaryVersion; ptxVersion for PTX JIT-compiled on a newer
+// GPU), not by the device's compute capability. Never in an emulation build (see sgemm_tf32).
+bool tf32_kernel_usable(int device) {
+#ifdef FASTDL_CUDA_EMULATION
+  (void)device;
+  return false;
+#else
+  static int cached[64] = {0};  // 0 unknown, 1 usable, 2 not
+  if (device >= 0 && device < 64 && cached[device]) return cached[device] == 1;
+  cudaFuncAttributes attr;
+  FASTDL_CUDA_CHECK(cudaFuncGetAttributes(&attr, sgemm_tf32<false, false>));
+  const bool ok = attr.binaryVersion >= 80 && attr.ptxVersion >= 80;
+  if (device >= 0 && device < 64) cached[device] = ok ? 1 : 2;
+  return ok;
+#endif
 }
 
 int sm_count(int device) {
@@ -326,8 +344,9 @@ void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const
   if (p.k == 0 || p.alpha == 0.0) {
     const long long total = p.m * p.n;
     const int blocks = static_cast<int>(std::min<long long>((total + 255) / 256, 65535));
-    scale_c<<<blocks, 256, 0, stream>>>(static_cast<float*>(c), static_cast<int>(p.m),
-                                        static_cast<int>(p.n), p.ldc, static_cast<float>(p.beta));
+    FASTDL_LAUNCH(blocks, 256, 0, stream, scale_c)(static_cast<float*>(c), static_cast<int>(p.m),
+                                                    static_cast<int>(p.n), p.ldc,
+                                                    static_cast<float>(p.beta));
     FASTDL_CUDA_CHECK_LAUNCH();
     return;
   }
@@ -346,7 +365,7 @@ void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const
   g.vec_a = aligned16(a) && p.lda % 4 == 0;
   g.vec_b = aligned16(b) && p.ldb % 4 == 0;
   g.vec_c = aligned16(c) && p.ldc % 4 == 0;
-  const bool tf32 = allow_tf32 && compute_major(launch.device) >= 8;
+  const bool tf32 = allow_tf32 && tf32_kernel_usable(launch.device);
   // 64 x 64 tiles when 128 x 128 ones would leave most SMs idle (RNN shapes: m = batch).
   const long long big_tiles = ((p.m + kTile - 1) / kTile) * ((p.n + kTile - 1) / kTile);
   const bool small = !tf32 && big_tiles < 2LL * sm_count(launch.device);

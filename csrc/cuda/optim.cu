@@ -5,6 +5,10 @@
 // updates one chunk, each thread 4 elements per iteration with all loads issued before the math.
 // The arithmetic is optim_math.h, shared with the CPU kernels, so CPU tests vouch for it; the
 // steps' counters stay in host memory and the host folds them into per-tensor coefficients.
+// All or nothing: everything that can fail (a pending CUDA error, no kernel image for the device)
+// is checked before the first launch, and the step counters advance only after every launch was
+// accepted, so a step that raises changes nothing. The launches' geometry is fixed at compile
+// time, so a configuration error after that first check cannot occur.
 // Tested by tests/test_optim.py (CUDA cases) and timed by benchmarks/bench_optim.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,7 +17,7 @@
 
 #include "../multi_tensor_pack.h"
 #include "../optim_math.h"
-#include "cuda_check.cuh"
+#include "kernel.cuh"
 
 namespace fastdl {
 namespace {
@@ -90,6 +94,10 @@ template <class P, bool USE0, bool USE1, bool USE2, class Op, class Fill>
 void launch_all(const OptimTensors& t, const CudaLaunch& launch, const Op& op, const Fill& fill) {
   CudaDeviceGuard guard(launch.device);
   cudaStream_t stream = as_stream(launch.stream);
+  auto kernel = multi_tensor_step<P, Op, USE0, USE1, USE2>;
+  FASTDL_CUDA_CHECK(cudaGetLastError());  // a fault left by earlier work: raise before any update
+  cudaFuncAttributes attr;
+  FASTDL_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));  // no kernel image for this device
   for (const PackedLaunch& pl : pack_multi_tensor(t.numel, t.count, kMaxTensors, kMaxBlocks, kChunk)) {
     StepMeta meta{};
     for (size_t slot = 0; slot < pl.slot_tensor.size(); ++slot) {
@@ -107,7 +115,7 @@ void launch_all(const OptimTensors& t, const CudaLaunch& launch, const Op& op, c
       meta.block_chunk[b] = static_cast<int>(pl.block_chunk[b]);
     }
     const int blocks = static_cast<int>(pl.block_slot.size());
-    multi_tensor_step<P, Op, USE0, USE1, USE2><<<blocks, kThreads, 0, stream>>>(meta, op);
+    FASTDL_LAUNCH(blocks, kThreads, 0, stream, kernel)(meta, op);
     FASTDL_CUDA_CHECK_LAUNCH();
   }
 }
@@ -198,6 +206,11 @@ void check_state(const OptimTensors& t, const char* name) {
                dtype_name(t.state_dtype));
 }
 
+// After every launch was accepted: the counters move (the kernels used step + 1 already).
+void advance_steps(const OptimTensors& t) {
+  for (int64_t i = 0; i < t.count; ++i) *t.step[i] += 1.0f;
+}
+
 }  // namespace
 
 void sgd_step_cuda(const SgdParams& prm, const OptimTensors& t, const CudaLaunch& launch) {
@@ -216,8 +229,7 @@ void adam_step_cuda(const AdamParams& prm, const OptimTensors& t, const CudaLaun
   check_state(t, prm.decoupled_weight_decay ? "adamw" : "adam");
   std::vector<float> neg_step(t.count), inv_bc2(t.count);
   for (int64_t i = 0; i < t.count; ++i) {
-    *t.step[i] += 1.0f;
-    const AdamCoeffs<float> c = adam_coeffs<float>(prm, static_cast<double>(*t.step[i]));
+    const AdamCoeffs<float> c = adam_coeffs<float>(prm, static_cast<double>(*t.step[i] + 1.0f));
     neg_step[i] = c.neg_step_size;
     inv_bc2[i] = c.inv_bc2_sqrt;
   }
@@ -232,11 +244,11 @@ void adam_step_cuda(const AdamParams& prm, const OptimTensors& t, const CudaLaun
     if (prm.amsgrad) launch_all<P, true, true, true>(t, launch, op, fill);
     else launch_all<P, true, true, false>(t, launch, op, fill);
   });
+  advance_steps(t);
 }
 
 void rmsprop_step_cuda(const RmspropParams& prm, const OptimTensors& t, const CudaLaunch& launch) {
   check_state(t, "rmsprop");
-  for (int64_t i = 0; i < t.count; ++i) *t.step[i] += 1.0f;
   const bool mom = prm.momentum > 0;
   RmspropOp op{rmsprop_coeffs<float>(prm), prm.weight_decay != 0, prm.centered, mom};
   auto fill = [](StepMeta&, int, int64_t) {};
@@ -247,6 +259,7 @@ void rmsprop_step_cuda(const RmspropParams& prm, const OptimTensors& t, const Cu
     else if (prm.centered) launch_all<P, true, false, true>(t, launch, op, fill);
     else launch_all<P, true, false, false>(t, launch, op, fill);
   });
+  advance_steps(t);
 }
 
 }  // namespace fastdl

@@ -9,15 +9,18 @@
 // where the saved index equals its position). Every grad_input element is written exactly once, so
 // no memset and no atomics are needed, overlapping windows or not, and the result is
 // deterministic. max_unpool2d: memset + scatter forward (indices are distinct for pooled inputs),
-// gather backward; an index outside the output plane is skipped (no device-side error).
-// Tested by tests/test_pool.py (CUDA cases, when a GPU answers); timed by benchmarks/bench_pool.py
-// (--device cuda). Not yet run on a GPU: built for sm_90 with nvcc 13 on the CPU machine (ptxas,
+// gather backward; an index outside the output plane is a device-side assertion, as in torch's
+// CUDA kernel (the CPU raises ValueError): the launch returns, and the sticky "device-side assert
+// triggered" error surfaces at the next synchronisation and leaves the CUDA context unusable.
+// Checking on the host instead would cost a device-to-host sync on every call.
+// Tested by tests/test_pool.py (CUDA cases: on a GPU, or emulated in CI); timed by
+// benchmarks/bench_pool.py (--device cuda). Not yet run on a GPU: built for sm_90 with nvcc 13 (ptxas,
 // -Xptxas -v: forward kernels 32-40 registers; avg backward 48 registers with a 24-byte spill from
 // its 64-bit index arithmetic; no other spills).
 #include <cstdint>
 
 #include "../pool_math.h"
-#include "cuda_check.cuh"
+#include "kernel.cuh"
 
 namespace fastdl {
 namespace {
@@ -89,13 +92,52 @@ __global__ void __launch_bounds__(kThreads)
     outputs_touching(iw, p.in_w, p.out_w, p.kw, p.sw, p.pw, p.dw, p.adaptive, ow0, ow1);
     const int64_t base = plane * p.out_h * p.out_w;
     float g = 0.f;
-    for (int64_t oh = oh0; oh <= oh1; ++oh)
+    for (int64_t oh = oh0; oh <= oh1; ++oh) {
+      const AxisTaps r = rows_of(p, oh);
       for (int64_t ow = ow0; ow <= ow1; ++ow) {
+        const AxisTaps c = cols_of(p, ow);
+        if (r.lo >= r.hi || c.lo >= c.hi) continue;  // an empty window: empty_window_backward
         const int64_t o = base + oh * p.out_w + ow;
         if (__ldg(idx + o) == pos) g += __ldg(gy + o);
       }
+    }
     gx[i] = g;
   }
+}
+
+// A window with no valid tap (padding and dilation can make one) saves torch's index for it,
+// r.lo * in_w + c.lo, which may lie outside the window and even in another row of the plane, so
+// the gather above cannot find it. After the gather: one thread per plane adds those outputs'
+// gradients in order (deterministic, no atomics). Launched only when such windows exist.
+__global__ void __launch_bounds__(kThreads)
+    empty_window_backward_kernel(Pool2dParams p, const float* __restrict__ gy,
+                                 const int64_t* __restrict__ idx, float* __restrict__ gx) {
+  const int64_t plane = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (plane >= p.planes) return;
+  const int64_t in_plane = p.in_h * p.in_w, base = plane * p.out_h * p.out_w;
+  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+    const AxisTaps r = rows_of(p, oh);
+    for (int64_t ow = 0; ow < p.out_w; ++ow) {
+      const AxisTaps c = cols_of(p, ow);
+      if (r.lo < r.hi && c.lo < c.hi) continue;
+      const int64_t o = base + oh * p.out_w + ow, at = __ldg(idx + o);
+      if (at >= 0 && at < in_plane) gx[plane * in_plane + at] += __ldg(gy + o);
+    }
+  }
+}
+
+// Whether any output window has no valid tap (host side, O(out_h + out_w)).
+bool has_empty_window(const Pool2dParams& p) {
+  if (p.adaptive) return false;
+  for (int64_t oh = 0; oh < p.out_h; ++oh) {
+    const AxisTaps r = rows_of(p, oh);
+    if (r.lo >= r.hi) return true;
+  }
+  for (int64_t ow = 0; ow < p.out_w; ++ow) {
+    const AxisTaps c = cols_of(p, ow);
+    if (c.lo >= c.hi) return true;
+  }
+  return false;
 }
 
 // grad_input[i] = sum over the windows containing i of grad_output / divisor.
@@ -131,7 +173,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t o = __ldg(idx + i);
-    if (o >= 0 && o < out_plane) y[(i / in_plane) * out_plane + o] = __ldg(x + i);
+    FASTDL_DEVICE_ASSERT(o >= 0 && o < out_plane, "max_unpool2d: index outside the output plane");
+    y[(i / in_plane) * out_plane + o] = __ldg(x + i);
   }
 }
 
@@ -142,7 +185,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t o = __ldg(idx + i);
-    gx[i] = (o >= 0 && o < out_plane) ? __ldg(gy + (i / in_plane) * out_plane + o) : 0.f;
+    FASTDL_DEVICE_ASSERT(o >= 0 && o < out_plane, "max_unpool2d_backward: index outside the plane");
+    gx[i] = __ldg(gy + (i / in_plane) * out_plane + o);
   }
 }
 
@@ -154,89 +198,77 @@ void check_cuda_params(const Pool2dParams& p, const char* name) {
                name, ": kernel, stride and dilation must be positive and padding non-negative");
 }
 
+// The part every entry point shares: check the params, make the device current, zero
+// `zero_elems` floats at `zero` first (outputs a kernel does not cover), then launch `kernel` over
+// `total` elements (one thread each, grid-stride) on the caller's stream and check the launch.
+template <class... KP, class... A>
+void pool_launch(const char* name, const Pool2dParams& p, const CudaLaunch& l, int64_t total,
+                 void* zero, int64_t zero_elems, void (*kernel)(KP...), A... args) {
+  check_cuda_params(p, name);
+  if (total == 0 && zero_elems == 0) return;
+  CudaDeviceGuard guard(l.device);
+  const cudaStream_t s = as_stream(l.stream);
+  if (zero_elems > 0) FASTDL_CUDA_CHECK(cudaMemsetAsync(zero, 0, sizeof(float) * zero_elems, s));
+  if (total == 0) return;
+  FASTDL_LAUNCH(blocks_for(total), kThreads, 0, s, kernel)(args...);
+  FASTDL_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void max_pool2d_forward_cuda(const Pool2dParams& p, const void* x, void* y, int64_t* idx,
                              const CudaLaunch& launch) {
-  check_cuda_params(p, "max_pool2d");
   const int64_t total = p.planes * p.out_h * p.out_w;
-  if (total == 0) return;
-  CudaDeviceGuard guard(launch.device);
-  const cudaStream_t s = as_stream(launch.stream);
   const float* xf = static_cast<const float*>(x);
   float* yf = static_cast<float*>(y);
-  if (idx) max_forward_kernel<true><<<blocks_for(total), kThreads, 0, s>>>(p, xf, yf, idx, total);
-  else max_forward_kernel<false><<<blocks_for(total), kThreads, 0, s>>>(p, xf, yf, idx, total);
-  FASTDL_CUDA_CHECK_LAUNCH();
+  if (idx) pool_launch("max_pool2d", p, launch, total, nullptr, 0, max_forward_kernel<true>, p, xf, yf, idx, total);
+  else pool_launch("max_pool2d", p, launch, total, nullptr, 0, max_forward_kernel<false>, p, xf, yf, idx, total);
 }
 
+// An empty output plane (out_h * out_w == 0) leaves nothing to gather: grad_input is zero.
 void max_pool2d_backward_cuda(const Pool2dParams& p, const void* gy, const int64_t* idx, void* gx,
                               const CudaLaunch& launch) {
-  check_cuda_params(p, "max_pool2d_backward");
-  const int64_t total = p.planes * p.in_h * p.in_w;
-  if (total == 0) return;
-  CudaDeviceGuard guard(launch.device);
-  const cudaStream_t s = as_stream(launch.stream);
-  if (p.out_h * p.out_w == 0) {
-    FASTDL_CUDA_CHECK(cudaMemsetAsync(gx, 0, sizeof(float) * total, s));
-    return;
-  }
-  max_backward_kernel<<<blocks_for(total), kThreads, 0, s>>>(
-      p, static_cast<const float*>(gy), idx, static_cast<float*>(gx), total);
-  FASTDL_CUDA_CHECK_LAUNCH();
+  const int64_t in_total = p.planes * p.in_h * p.in_w;
+  const bool empty = p.out_h * p.out_w == 0;
+  pool_launch("max_pool2d_backward", p, launch, empty ? 0 : in_total, gx, empty ? in_total : 0,
+              max_backward_kernel, p, static_cast<const float*>(gy), idx, static_cast<float*>(gx),
+              in_total);
+  if (!empty && in_total > 0 && has_empty_window(p))
+    pool_launch("max_pool2d_backward", p, launch, p.planes, nullptr, 0,
+                empty_window_backward_kernel, p, static_cast<const float*>(gy), idx,
+                static_cast<float*>(gx));
 }
 
 void avg_pool2d_forward_cuda(const Pool2dParams& p, const void* x, void* y,
                              const CudaLaunch& launch) {
-  check_cuda_params(p, "avg_pool2d");
   const int64_t total = p.planes * p.out_h * p.out_w;
-  if (total == 0) return;
-  CudaDeviceGuard guard(launch.device);
-  avg_forward_kernel<<<blocks_for(total), kThreads, 0, as_stream(launch.stream)>>>(
-      p, static_cast<const float*>(x), static_cast<float*>(y), total);
-  FASTDL_CUDA_CHECK_LAUNCH();
+  pool_launch("avg_pool2d", p, launch, total, nullptr, 0, avg_forward_kernel, p,
+              static_cast<const float*>(x), static_cast<float*>(y), total);
 }
 
 void avg_pool2d_backward_cuda(const Pool2dParams& p, const void* gy, void* gx,
                               const CudaLaunch& launch) {
-  check_cuda_params(p, "avg_pool2d_backward");
-  const int64_t total = p.planes * p.in_h * p.in_w;
-  if (total == 0) return;
-  CudaDeviceGuard guard(launch.device);
-  const cudaStream_t s = as_stream(launch.stream);
-  if (p.out_h * p.out_w == 0) {
-    FASTDL_CUDA_CHECK(cudaMemsetAsync(gx, 0, sizeof(float) * total, s));
-    return;
-  }
-  avg_backward_kernel<<<blocks_for(total), kThreads, 0, s>>>(
-      p, static_cast<const float*>(gy), static_cast<float*>(gx), total);
-  FASTDL_CUDA_CHECK_LAUNCH();
+  const int64_t in_total = p.planes * p.in_h * p.in_w;
+  const bool empty = p.out_h * p.out_w == 0;
+  pool_launch("avg_pool2d_backward", p, launch, empty ? 0 : in_total, gx, empty ? in_total : 0,
+              avg_backward_kernel, p, static_cast<const float*>(gy), static_cast<float*>(gx),
+              in_total);
 }
 
+// Forward: zero the whole output, then scatter the pooled values.
 void max_unpool2d_forward_cuda(const Pool2dParams& p, const void* x, const int64_t* idx, void* y,
                                const CudaLaunch& launch) {
-  check_cuda_params(p, "max_unpool2d");
   const int64_t out_total = p.planes * p.out_h * p.out_w;
-  if (out_total == 0) return;
-  CudaDeviceGuard guard(launch.device);
-  const cudaStream_t s = as_stream(launch.stream);
-  FASTDL_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * out_total, s));
-  const int64_t total = p.planes * p.in_h * p.in_w;
-  if (total == 0) return;
-  unpool_forward_kernel<<<blocks_for(total), kThreads, 0, s>>>(
-      p, static_cast<const float*>(x), idx, static_cast<float*>(y), total);
-  FASTDL_CUDA_CHECK_LAUNCH();
+  const int64_t total = out_total == 0 ? 0 : p.planes * p.in_h * p.in_w;
+  pool_launch("max_unpool2d", p, launch, total, y, out_total, unpool_forward_kernel, p,
+              static_cast<const float*>(x), idx, static_cast<float*>(y), total);
 }
 
 void max_unpool2d_backward_cuda(const Pool2dParams& p, const void* gy, const int64_t* idx, void* gx,
                                 const CudaLaunch& launch) {
-  check_cuda_params(p, "max_unpool2d_backward");
   const int64_t total = p.planes * p.in_h * p.in_w;
-  if (total == 0) return;
-  CudaDeviceGuard guard(launch.device);
-  unpool_backward_kernel<<<blocks_for(total), kThreads, 0, as_stream(launch.stream)>>>(
-      p, static_cast<const float*>(gy), idx, static_cast<float*>(gx), total);
-  FASTDL_CUDA_CHECK_LAUNCH();
+  pool_launch("max_unpool2d_backward", p, launch, total, nullptr, 0, unpool_backward_kernel, p,
+              static_cast<const float*>(gy), idx, static_cast<float*>(gx), total);
 }
 
 }  // namespace fastdl

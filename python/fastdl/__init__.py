@@ -5,16 +5,31 @@
 'avx2'
 
 Submodules: ``fastdl.ops`` (framework-agnostic kernels on numpy arrays or torch tensors),
-``fastdl.optim`` (drop-in torch optimizers), ``fastdl.cuda``. numpy users never import torch.
+``fastdl.optim`` (drop-in torch optimizers), ``fastdl.nn``, ``fastdl.cuda``; the Keras-style
+workflow: ``fastdl.Sequential`` / ``fastdl.Model``, ``fastdl.callbacks``, ``fastdl.metrics``,
+``fastdl.preprocessing``. numpy users of ops, metrics and preprocessing never import torch.
 """
 from __future__ import annotations
 
 import importlib
 
-from . import _C, cuda, ops
+from . import _openmp
+
+_openmp.load()   # libgomp.so.1 shared with torch, never a private copy (see _openmp.py)
+try:
+    from . import _C
+except ImportError as e:
+    if "libgomp" not in str(e):
+        raise
+    raise ImportError(f"{e}: fastdl needs GNU OpenMP (libgomp.so.1), which torch's CPU wheel "
+                      "ships and most Linux systems provide (e.g. apt install libgomp1)") from e
+from . import cuda, ops  # noqa: E402
 
 __version__ = _C.version()
-__all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn"]
+__all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn",
+           "metrics", "preprocessing", "callbacks", "Model", "Sequential"]
+
+_LAZY_MODULES = ("optim", "nn", "metrics", "preprocessing", "callbacks")
 
 
 def get_num_threads() -> int:
@@ -46,6 +61,7 @@ def build_info() -> dict:
         "cpu_capability": _C.cpu_capability(),
         "cpu_supports_avx2": bool(_C.cpu_supports_avx2()),
         "cuda_compiled": bool(_C.cuda_compiled()),
+        "cuda_emulation": bool(_C.cuda_emulated()),
         "cuda_architectures": [a for a in archs.split(",") if a],
         "cuda_device_count": cuda.device_count(),
         "num_threads": get_num_threads(),
@@ -53,7 +69,10 @@ def build_info() -> dict:
 
 
 def __getattr__(name):
-    # torch-based submodules load on first use, so numpy-only users never import torch.
-    if name in ("optim", "nn"):
+    # Submodules load on first use, so `import fastdl` stays light and numpy-only users never
+    # import torch (metrics and preprocessing import it only when given a tensor).
+    if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name in ("Model", "Sequential"):
+        return getattr(importlib.import_module(".model", __name__), name)
     raise AttributeError(f"module 'fastdl' has no attribute {name!r}")

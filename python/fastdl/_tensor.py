@@ -5,6 +5,11 @@ A torch tensor's pointer comes from ``tensor.data_ptr()`` (0.08 us); a numpy arr
 the binding as the array itself, which reads the pointer in C++ (numpy's own
 ``__array_interface__`` costs 1.1 us per array in Python, measured on 2-core Zen3).
 CUDA kernels launch on torch's current stream of the tensor's device.
+
+In a CUDA emulation build (``fastdl.build_info()['cuda_emulation']``) the tests switch on
+``route_cpu_to_cuda``: CPU tensors and numpy arrays are then treated as memory on CUDA device 0
+with the emulated stream ``emulated_stream`` (0 unless a test picks another), so they travel the
+CUDA path (Python front end, binding, kernel) and the emulated kernels read host memory.
 """
 from __future__ import annotations
 
@@ -51,12 +56,28 @@ def pointer(x):
     return x if isinstance(x, np.ndarray) else x.data_ptr()
 
 
+# The device index of host memory: -1, or 0 while route_cpu_to_cuda is on (emulation tests only).
+CPU_DEVICE = -1
+emulated_stream = 0
+
+
+def route_cpu_to_cuda(on: bool, stream: int = 0) -> None:
+    """Emulation builds only: treat host memory as CUDA device 0 on `stream` (an emulated stream
+    handle; 0 is the default stream), or stop doing so."""
+    global CPU_DEVICE, emulated_stream
+    from . import _C
+    if on and not _C.cuda_emulated():
+        raise RuntimeError("route_cpu_to_cuda: this fastdl build has no emulated CUDA back end")
+    CPU_DEVICE = 0 if on else -1
+    emulated_stream = int(stream) if on else 0
+
+
 def device_index(x) -> int:
     """-1 for CPU memory (numpy, or a CPU tensor), else the CUDA device index. Tensors on any other
     device (meta, mps, ...) raise RuntimeError: their data_ptr is not host or CUDA memory (a meta
     tensor's is 0), so no kernel may ever see it."""
     if isinstance(x, np.ndarray) or x.is_cpu:
-        return -1
+        return CPU_DEVICE
     if x.is_cuda:
         return x.get_device()
     raise RuntimeError(f"fastdl supports cpu and cuda tensors, got a tensor on {x.device}")
@@ -66,6 +87,8 @@ def current_stream(device: int) -> int:
     """torch's current CUDA stream on `device` as an integer handle (0 for CPU)."""
     if device < 0:
         return 0
+    if CPU_DEVICE == 0:
+        return emulated_stream
     import torch
     return torch.cuda.current_stream(device).cuda_stream
 

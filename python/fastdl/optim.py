@@ -255,7 +255,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             n = p.numel()
             dtype = p.dtype
             # -1 cpu, k cuda:k, -2 anything else (meta, ...), which _verify rejects
-            dev = -1 if p.is_cpu else (p.get_device() if p.is_cuda else -2)
+            dev = _tensor.CPU_DEVICE if p.is_cpu else (p.get_device() if p.is_cuda else -2)
             v = verified.get(id(p))
             ok = (v is not None and v[0] is p and v[1] is state and v[3] == n and v[4] is dtype
                   and v[5] == dev and len(v[2]) == nkeys
@@ -304,7 +304,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         if torch.is_complex(p):
             raise NotImplementedError(f"fastdl.optim.{name}: complex parameters are not supported")
-        if p.dtype not in _CODES or (p.device.type == "cpu" and p.dtype in _HALF):
+        host = p.device.type == "cpu" and _tensor.CPU_DEVICE < 0  # not routed to CUDA (emulation)
+        if p.dtype not in _CODES or (host and p.dtype in _HALF):
             raise NotImplementedError(
                 f"fastdl.optim.{name}: {p.dtype} parameters on {p.device.type} are not "
                 "supported (float32/float64 on cpu; float32/float16/bfloat16 on cuda)")

@@ -1,8 +1,11 @@
 """fastdl-bench: every benchmark suite on one device against torch, one table at the end.
 
-    fastdl-bench                      # all suites on the CPU (about 5 minutes on 2 cores)
-    fastdl-bench --device cuda        # the same on the GPU
-    fastdl-bench --suite optim --json results.json
+    fastdl-bench                          # all suites on the CPU
+    fastdl-bench --quick                  # smaller, shorter cases (under 2 minutes on 2 cores)
+    fastdl-bench --device cuda            # the same on the GPU
+    fastdl-bench --suite optim,pool --json results.json
+    fastdl-bench --report DIR             # JSON, Markdown table, PNG charts (fastdl[report])
+    fastdl-bench --compare A.json B.json  # per-op change between two runs; exit 1 on a regression
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import platform
 import subprocess
 import sys
 
-# Suite name -> module in fastdl.bench. Later kernel families add their suites here.
-SUITES = ["optim", "gemm", "pool", "rnn"]
+# Suite name -> module fastdl.bench.<name> exposing cases(device, quick). A new kernel family
+# adds its name here; the table, the JSON, the report and --compare pick it up unchanged.
+SUITES = ["optim", "gemm", "pool", "conv", "rnn", "train"]
 
 
 def _commit() -> str:
@@ -26,24 +30,113 @@ def _commit() -> str:
         return "unknown"
 
 
+def _suites(ap: argparse.ArgumentParser, values) -> list:
+    """--suite a,b --suite c -> [a, b, c] in SUITES order; an unknown name is a usage error."""
+    if not values:
+        return list(SUITES)
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        ap.error(f"unknown suite {', '.join(repr(n) for n in unknown)} "
+                 f"(known: {', '.join(SUITES)})")
+    return [s for s in SUITES if s in names]
+
+
+def run(device: str, suites: list, *, quick=False, budget=None, min_reps=7, progress=True):
+    """Measures the limits, runs the suites with torch on fastdl's thread count, re-measures the
+    limits, and returns {"meta": ..., "rows": [...]}, the document --json and --report write."""
+    import numpy
+    import torch
+
+    import fastdl
+    from . import harness, machine
+
+    budget = budget if budget is not None else (1.0 if device == "cuda" else 2.0)
+    if quick:
+        budget = min(budget, 0.3)
+        min_reps = min(min_reps, 5)
+    threads = fastdl.get_num_threads()
+    torch_threads = torch.get_num_threads()
+    # Same threads on both sides. torch shares libgomp with fastdl, but fastdl opens its regions
+    # with its own count, so setting torch's does not change fastdl's.
+    torch.set_num_threads(threads)
+    torch_threads_during = torch.get_num_threads()
+    try:
+        print(f"fastdl {fastdl.__version__} ({_commit()}), torch {torch.__version__}, numpy "
+              f"{numpy.__version__}, device {device}, cpu path "
+              f"{fastdl.build_info()['cpu_capability']}, threads fastdl {threads} / torch "
+              f"{torch.get_num_threads()} (was {torch_threads})", flush=True)
+        limits = machine.limits(device, quick)
+        cases = []
+        for name in suites:
+            mod = importlib.import_module(f".{name}", __package__)
+            cases += mod.cases(device=device, quick=quick)
+        harness.run_cases(cases, budget_s=budget, min_reps=min_reps, progress=progress,
+                          quick=quick)
+        if device == "cpu":
+            # This machine's bandwidth moves with its neighbours: measure again after the cases
+            # and keep the better reading, so a fraction never flatters a run by a low limit.
+            machine.cpu_limits.cache_clear()
+            limits = machine.merge(limits, machine.limits(device, quick))
+        rows = [harness.summarize(c, limits) for c in cases]
+    finally:
+        torch.set_num_threads(torch_threads)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _commit(), "fastdl": fastdl.__version__, "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(),
+            "machine": _cpu_name(), "device": device, "threads": threads, "quick": quick,
+            "torch_threads": {"before": torch_threads, "during": torch_threads_during},
+            "suites": suites, "build_info": fastdl.build_info(), "limits": limits}
+    if device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+    return {"meta": meta, "rows": rows}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fastdl-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="device to benchmark (default: cpu)")
-    ap.add_argument("--suite", action="append", choices=SUITES,
-                    help="run only these suites (repeatable; default: all)")
+    ap.add_argument("--suite", action="append", metavar="A,B",
+                    help=f"run only these suites, comma-separated ({', '.join(SUITES)}; "
+                         "default: all)")
     ap.add_argument("--json", metavar="PATH", help="also write the raw figures to PATH")
+    ap.add_argument("--report", metavar="DIR",
+                    help="write results.json, report.md and one PNG chart per suite to DIR")
+    ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                    help="print the per-op change from run A to run B (no benchmarking)")
+    ap.add_argument("--threshold", type=float, default=0.25,
+                    help="--compare: relative change counted as a regression (default 0.25)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of measurement per case (default 2 on cpu, 1 on cuda)")
+    ap.add_argument("--min-reps", type=int, default=7, help="fewest repetitions per case")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter cases (a smoke run)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
+    if args.compare:
+        from . import compare
+        return compare.main(*args.compare, threshold=args.threshold)
+    suites = _suites(ap, args.suite)
+    if args.report:
+        from . import report
+        report.check_available()   # before minutes of measuring, not after
+
     import torch
 
     import fastdl
-    from . import harness, machine
+    from . import harness
 
     device = args.device or "cpu"
     if device == "cuda" and not (fastdl.cuda.is_available() and torch.cuda.is_available()):
@@ -51,38 +144,13 @@ def main(argv=None) -> int:
               f"(fastdl.cuda.is_available()={fastdl.cuda.is_available()}, "
               f"torch.cuda.is_available()={torch.cuda.is_available()})", file=sys.stderr)
         return 2
-    budget = args.budget if args.budget is not None else (1.0 if device == "cuda" else 2.0)
-    if args.quick:
-        budget = min(budget, 0.3)
-
-    print(f"fastdl {fastdl.__version__} ({_commit()}), torch {torch.__version__}, "
-          f"numpy {importlib.import_module('numpy').__version__}, device {device}, "
-          f"cpu path {fastdl.build_info()['cpu_capability']}, threads fastdl "
-          f"{fastdl.get_num_threads()} / torch {torch.get_num_threads()}", flush=True)
-    limits = machine.limits(device)
-    limits_start = dict(limits)
-    cases = []
-    for name in args.suite or SUITES:
-        mod = importlib.import_module(f".{name}", __package__)
-        cases += mod.cases(device=device, quick=args.quick)
-    harness.run_cases(cases, budget_s=budget, progress=not args.no_progress)
-    if device == "cpu":
-        # This machine's bandwidth moves with its neighbours: measure again after the cases and
-        # keep the better reading, so a fraction never flatters a run by a low limit.
-        machine.cpu_limits.cache_clear()
-        after = machine.limits(device)
-        limits = {k: (max(v, after[k]) if isinstance(v, float) else v) for k, v in limits.items()}
-        limits["bandwidth_GBps_start_end"] = (limits_start["bandwidth_GBps"],
-                                              after["bandwidth_GBps"])
-    rows = [harness.summarize(c, limits) for c in cases]
-    print(harness.format_table(rows, limits))
+    doc = run(device, suites, quick=args.quick, budget=args.budget, min_reps=args.min_reps,
+              progress=not args.no_progress)
+    print(harness.format_table(doc["rows"], doc["meta"]["limits"]))
     if args.json:
-        meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                "commit": _commit(), "fastdl": fastdl.__version__, "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(), "device": device,
-                "build_info": fastdl.build_info(), "limits": limits}
-        if device == "cuda":
-            meta["gpu"] = torch.cuda.get_device_name()
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump(doc, f, indent=1)
+    if args.report:
+        for path in report.write(doc, args.report):
+            print(f"wrote {path}")
     return 0

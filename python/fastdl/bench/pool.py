@@ -1,9 +1,13 @@
 """Benchmark suite 'pool': pooling forward and forward+backward, fastdl against torch.nn.functional.
 
 Cases (issue #4): 64x64x56x56 float32 input with max k2 s2, max k3 s2 p1 and avg k2 s2, forward
-and forward+backward; global average pooling (adaptive_avg_pool2d to 1x1) on 64x512x7x7, forward
-and forward+backward. Bytes on paper (the fewest each call must move, 4 B per float):
-  forward: read x, write y (max pooling without autograd writes no indices).
+and forward+backward; max pooling's forward twice, like for like (issue #12): "infer" on an input
+without grad (no indices on either side) and "train" on one that requires grad (both sides keep
+the indices for the backward: fastdl int32, torch int64); global average pooling
+(adaptive_avg_pool2d to 1x1) on 64x512x7x7, forward and forward+backward.
+Bytes on paper (the fewest each call must move, 4 B per float):
+  forward: read x, write y (max pooling without autograd writes no indices; the training
+  forward also writes fastdl's 4 B indices).
   forward+backward: forward with autograd (max also writes indices: fastdl saves int32 ones
   internally, 4 B per output; torch int64), then backward: read grad_output (max: and the
   indices), write grad_input. Counted with fastdl's 4 B indices.
@@ -40,8 +44,17 @@ def cases(device="cpu", quick=False):
         ref = lambda t, f=getattr(TF, name), kw=kw: f(t, **kw)  # noqa: E731
         y = ref(x)
         n_in, n_out = x.numel(), y.numel()
-        out.append(Case("pool", f"{label} fwd {shape}", lambda f=fast: f(x),
-                        {"torch": lambda f=ref: f(x)}, bytes=4 * (n_in + n_out), device=device))
+        if name == "max_pool2d":
+            out.append(Case("pool", f"{label} fwd infer {shape}", lambda f=fast: f(x),
+                            {"torch": lambda f=ref: f(x)}, bytes=4 * (n_in + n_out),
+                            device=device))
+            out.append(Case("pool", f"{label} fwd train {shape}", lambda f=fast: f(xg),
+                            {"torch": lambda f=ref: f(xg)}, bytes=4 * (n_in + 2 * n_out),
+                            device=device))
+        else:
+            out.append(Case("pool", f"{label} fwd {shape}", lambda f=fast: f(x),
+                            {"torch": lambda f=ref: f(x)}, bytes=4 * (n_in + n_out),
+                            device=device))
         gy = torch.randn(y.shape, generator=g).to(device)
         idx_bytes = 8 * n_out if name == "max_pool2d" else 0  # int32 written, then read
         out.append(Case("pool", f"{label} fwd+bwd {shape}", _fwd_bwd(fast, xg, gy),

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds fastdl with the emulated CUDA back end (FASTDL_CUDA_EMULATION=ON: csrc/cuda/*.cu compiled by
+# the host compiler against csrc/cuda/emulation/) and runs the test suite against it. Every CUDA
+# test then runs: the 'cuda' cases of the device fixture and the cuda_device tests pass CPU tensors
+# through the CUDA path (Python front end, binding, emulated kernel) and compare with torch.
+# Usage: .ci/emulation.sh [asan] [pytest args...]
+#   asan: build with AddressSanitizer (CPU kernels and emulated CUDA kernels alike); torch is not
+#   instrumented, so libasan and libstdc++ are preloaded (exceptions thrown inside torch then pass
+#   ASan's __cxa_throw interceptor). One test is deselected there: it checks a subprocess's stderr,
+#   which the preloaded runtime changes.
+# Run by .ci/run inside its venv; the work directory is FASTDL_CI_DIR (default /tmp/fastdl-ci).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+asan=0
+if [[ "${1:-}" == asan ]]; then asan=1; shift; fi
+work="${FASTDL_CI_DIR:-/tmp/fastdl-ci}/emulation$([[ $asan == 1 ]] && echo -asan || true)"
+rm -rf "$work" && mkdir -p "$work/pkg"
+pip install -q cmake ninja pybind11
+flags=(-DFASTDL_CUDA=OFF -DFASTDL_CUDA_EMULATION=ON
+       -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')")
+env=(FASTDL_TEST_SEED="${FASTDL_TEST_SEED:-0}")
+extra=()
+if [[ $asan == 1 ]]; then
+  flags+=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer"
+          -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address")
+  env+=(LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
+        ASAN_OPTIONS=detect_leaks=0)
+  extra+=(--deselect tests/test_build.py::test_env_var_rejects_unknown_path)
+fi
+cmake -S . -B "$work/build" -G Ninja "${flags[@]}" >/dev/null
+cmake --build "$work/build" >/dev/null
+cp -r python/fastdl "$work/pkg/" && rm -f "$work"/pkg/fastdl/_C*.so && cp "$work"/build/_C*.so "$work/pkg/fastdl/"
+env "${env[@]}" PYTHONPATH="$work/pkg" python -c \
+  "import fastdl, sys; i = fastdl.build_info(); print('build_info:', i); sys.exit(0 if i['cuda_emulation'] else 'not an emulation build')"
+env "${env[@]}" PYTHONPATH="$work/pkg" python -m pytest -q -p no:cacheprovider tests "${extra[@]}" "$@"

@@ -1,0 +1,571 @@
+// The emulated CUDA runtime and block scheduler (see emu_core.h for what it provides and what it
+// cannot show). Compiled only in FASTDL_CUDA_EMULATION builds.
+// A launch checks its configuration like the driver (sticky-free cudaErrorInvalidConfiguration
+// for more than 1024 threads per block or a zero dimension; cudaErrorInvalidValue for more
+// dynamic shared memory than the device has), then runs blocks in order; each block's threads
+// are fibers with mmap'd stacks (guard page below each), resumed in thread order until each
+// reaches a barrier or exits. A device assertion abandons the launch and leaves a sticky
+// cudaErrorAssert, as on a GPU, until fastdl_emu::reset().
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <set>
+#include <stdexcept>
+#include <vector>
+
+#include "cuda_runtime.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define FASTDL_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FASTDL_EMU_ASAN 1
+#endif
+#endif
+#ifdef FASTDL_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
+struct fastdl_emu_stream {
+  unsigned int flags;
+};
+struct fastdl_emu_event {
+  std::chrono::steady_clock::time_point when;
+  bool recorded;
+};
+
+namespace fastdl_emu {
+
+thread_local ThreadCoords coords;
+
+namespace {
+
+// The emulated device: Hopper-like limits, few SMs so GEMM's small-grid path is reached by
+// small test shapes.
+constexpr int kSmCount = 4;
+constexpr size_t kSharedPerBlock = 48 * 1024;        // without opt-in, as the static limit
+constexpr size_t kSharedOptin = 227 * 1024;          // H100's opt-in maximum
+constexpr size_t kArenaBytes = kSharedOptin + 64 * 1024;
+#ifdef FASTDL_EMU_ASAN
+constexpr size_t kStackBytes = 512 * 1024;  // ASan frames are several times larger
+#else
+constexpr size_t kStackBytes = 128 * 1024;
+#endif
+constexpr size_t kRedzone = 64;
+
+std::atomic<int> g_sticky{cudaSuccess};
+std::atomic<bool> g_missing_image{false};
+std::atomic<long long> g_launches{0};
+thread_local cudaError_t t_last = cudaSuccess;
+thread_local int t_device = 0;
+std::mutex g_streams_mu;
+std::set<cudaStream_t> g_streams;
+
+cudaError_t record(cudaError_t e) {
+  if (e != cudaSuccess) t_last = e;
+  return e;
+}
+
+cudaError_t sticky() { return static_cast<cudaError_t>(g_sticky.load()); }
+
+enum class State : unsigned char { Ready, AtBlockBarrier, AtWarpBarrier, Done };
+
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;  // usable part, above the guard page
+  State state = State::Ready;
+  unsigned exchanges = 0;  // warp operations done (selects the exchange buffer)
+#ifdef FASTDL_EMU_ASAN
+  void* fake_stack = nullptr;
+#endif
+};
+
+struct SharedSite {
+  const void* site;
+  void* ptr;
+};
+
+// Per host thread: the fibers and shared arena of the launch it is running.
+struct Block {
+  std::vector<Fiber> fibers;
+  char* arena = nullptr;
+  size_t arena_used = 0;
+  size_t static_bytes = 0;
+  void* dynamic = nullptr;
+  std::vector<SharedSite> sites;
+  // Per thread of the block, two rounds deep: the value a warp operation deposited and the round
+  // number it belongs to (a lane that has exited keeps an old round, so it does not vote).
+  std::vector<uint64_t> exchange[2];
+  std::vector<unsigned> round[2];
+  ucontext_t sched;
+  int current = -1;
+  bool trapped = false;
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  int nthreads = 0;
+  dim3 bdim;
+#ifdef FASTDL_EMU_ASAN
+  const void* sched_bottom = nullptr;
+  size_t sched_size = 0;
+#endif
+  ~Block() {
+    for (Fiber& f : fibers)
+      if (f.stack) munmap(f.stack - getpagesize(), kStackBytes + getpagesize());
+    if (arena) munmap(arena, kArenaBytes);
+  }
+};
+thread_local Block* t_block = nullptr;
+
+Block& block_state() {
+  static thread_local Block b;
+  return b;
+}
+
+void poison(void* p, size_t n) {
+#ifdef FASTDL_EMU_ASAN
+  ASAN_POISON_MEMORY_REGION(p, n);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+void unpoison(void* p, size_t n) {
+#ifdef FASTDL_EMU_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(p, n);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+// Switches from the running fiber back to the scheduler.
+void to_scheduler(bool finished) {
+  Block& b = *t_block;
+  Fiber& f = b.fibers[b.current];
+#ifdef FASTDL_EMU_ASAN
+  __sanitizer_start_switch_fiber(finished ? nullptr : &f.fake_stack, b.sched_bottom, b.sched_size);
+#else
+  (void)finished;
+#endif
+  swapcontext(&f.ctx, &b.sched);
+#ifdef FASTDL_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.fake_stack, &b.sched_bottom, &b.sched_size);
+#endif
+}
+
+void fiber_entry() {
+  Block& b = *t_block;
+#ifdef FASTDL_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b.sched_bottom, &b.sched_size);
+#endif
+  b.body(b.ctx);
+  b.fibers[b.current].state = State::Done;
+  to_scheduler(true);
+  std::abort();  // a finished fiber is never resumed
+}
+
+void set_coords(Block& b, int t) {
+  const unsigned x = t % b.bdim.x, y = (t / b.bdim.x) % b.bdim.y, z = t / (b.bdim.x * b.bdim.y);
+  coords.thread = uint3{x, y, z};
+}
+
+void resume(Block& b, int t) {
+  b.current = t;
+  set_coords(b, t);
+  Fiber& f = b.fibers[t];
+#ifdef FASTDL_EMU_ASAN
+  void* save = nullptr;
+  __sanitizer_start_switch_fiber(&save, f.stack, kStackBytes);
+  swapcontext(&b.sched, &f.ctx);
+  __sanitizer_finish_switch_fiber(save, nullptr, nullptr);
+#else
+  swapcontext(&b.sched, &f.ctx);
+#endif
+}
+
+void ensure_fibers(Block& b, int n) {
+  const size_t page = getpagesize();
+  while (static_cast<int>(b.fibers.size()) < n) {
+    void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    mprotect(m, page, PROT_NONE);  // a stack overflow faults instead of corrupting a neighbour
+    b.fibers.emplace_back();
+    b.fibers.back().stack = static_cast<char*>(m) + page;
+  }
+  if (!b.arena) {
+    void* m = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    b.arena = static_cast<char*>(m);
+  }
+}
+
+// Runs one block; returns cudaSuccess, or the fault that ended it.
+cudaError_t run_block(Block& b, size_t dynamic_bytes) {
+  // Fresh shared memory: 0xFF everywhere (NaN / -1), the dynamic part first, fenced under ASan.
+  unpoison(b.arena, kArenaBytes);
+  std::memset(b.arena, 0xFF, kArenaBytes);
+  poison(b.arena, kArenaBytes);
+  b.sites.clear();
+  b.dynamic = b.arena;
+  unpoison(b.arena, dynamic_bytes);
+  b.arena_used = (dynamic_bytes + kRedzone + 255) / 256 * 256;
+  b.static_bytes = 0;
+  b.trapped = false;
+  for (int i = 0; i < 2; ++i) {
+    b.exchange[i].assign(b.nthreads, 0);
+    b.round[i].assign(b.nthreads, ~0u);
+  }
+  for (int t = 0; t < b.nthreads; ++t) {
+    Fiber& f = b.fibers[t];
+    f.state = State::Ready;
+    f.exchanges = 0;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  const int nwarps = (b.nthreads + kWarpSize - 1) / kWarpSize;
+  for (;;) {
+    bool ran = false;
+    for (int t = 0; t < b.nthreads; ++t) {
+      if (b.fibers[t].state != State::Ready) continue;
+      ran = true;
+      resume(b, t);
+      if (b.trapped) {
+        // Abandoned fibers leave ASan's marks on their stacks: clear them before reuse.
+        for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
+        return cudaErrorAssert;
+      }
+    }
+    // Release warps whose live lanes all wait at a warp operation.
+    bool released = false, all_done = true, all_at_block = true;
+    for (int w = 0; w < nwarps; ++w) {
+      const int lo = w * kWarpSize, hi = std::min(b.nthreads, lo + kWarpSize);
+      bool warp_all = true, any = false;
+      for (int t = lo; t < hi; ++t) {
+        const State s = b.fibers[t].state;
+        if (s == State::Done) continue;
+        all_done = false;
+        any = true;
+        if (s != State::AtWarpBarrier) warp_all = false;
+        if (s != State::AtBlockBarrier) all_at_block = false;
+      }
+      if (any && warp_all) {
+        for (int t = lo; t < hi; ++t)
+          if (b.fibers[t].state == State::AtWarpBarrier) b.fibers[t].state = State::Ready;
+        released = true;
+      }
+    }
+    if (all_done) return cudaSuccess;
+    if (!released && all_at_block) {
+      for (int t = 0; t < b.nthreads; ++t)
+        if (b.fibers[t].state == State::AtBlockBarrier) b.fibers[t].state = State::Ready;
+      released = true;
+    }
+    if (!released && !ran) {
+      std::fprintf(stderr, "fastdl CUDA emulation: block (%u,%u,%u): threads wait at different "
+                           "barriers (__syncthreads in divergent code?)\n",
+                   coords.block.x, coords.block.y, coords.block.z);
+      for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
+      return cudaErrorDeadlock;
+    }
+  }
+}
+
+void wait_at(State s) {
+  Block& b = *t_block;
+  b.fibers[b.current].state = s;
+  to_scheduler(false);
+}
+
+}  // namespace
+
+void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
+                 void (*body)(void*), void* ctx) {
+  ++g_launches;
+  if (sticky() != cudaSuccess) return void(record(sticky()));
+  if (g_missing_image.load()) return void(record(cudaErrorNoKernelImageForDevice));
+  if (!stream_valid(stream)) return void(record(cudaErrorInvalidResourceHandle));
+  const unsigned long long threads = 1ULL * block.x * block.y * block.z;
+  if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
+      grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
+      grid.z > 65535)
+    return void(record(cudaErrorInvalidConfiguration));
+  if (dynamic_shared > kSharedOptin) return void(record(cudaErrorInvalidValue));
+  if (t_block) {
+    std::fprintf(stderr, "fastdl CUDA emulation: a kernel launched another kernel\n");
+    std::abort();
+  }
+  Block& b = block_state();
+  b.nthreads = static_cast<int>(threads);
+  b.bdim = block;
+  b.body = body;
+  b.ctx = ctx;
+  ensure_fibers(b, b.nthreads);
+  t_block = &b;
+  const ThreadCoords saved = coords;
+  coords.block_dim = block;
+  coords.grid_dim = grid;
+  cudaError_t err = cudaSuccess;
+  for (unsigned z = 0; z < grid.z && err == cudaSuccess; ++z)
+    for (unsigned y = 0; y < grid.y && err == cudaSuccess; ++y)
+      for (unsigned x = 0; x < grid.x && err == cudaSuccess; ++x) {
+        coords.block = uint3{x, y, z};
+        err = run_block(b, dynamic_shared);
+      }
+  coords = saved;
+  t_block = nullptr;
+  if (err != cudaSuccess) {
+    int expected = cudaSuccess;
+    g_sticky.compare_exchange_strong(expected, err);
+    record(err);
+  }
+}
+
+void syncthreads() { wait_at(State::AtBlockBarrier); }
+void syncwarp() { wait_at(State::AtWarpBarrier); }
+
+namespace {
+// Deposits `value` for this lane's next warp round and waits for the warp; returns the round.
+unsigned deposit(uint64_t value, int& buf) {
+  Block& b = *t_block;
+  Fiber& f = b.fibers[b.current];
+  const unsigned k = f.exchanges++;
+  buf = k & 1;
+  b.exchange[buf][b.current] = value;
+  b.round[buf][b.current] = k;
+  wait_at(State::AtWarpBarrier);
+  return k;
+}
+}  // namespace
+
+uint64_t warp_exchange(uint64_t value, int src) {
+  int buf;
+  const unsigned k = deposit(value, buf);
+  Block& b = *t_block;
+  const int s = b.current - b.current % kWarpSize + src;
+  if (src < 0 || src >= kWarpSize || s >= b.nthreads || b.round[buf][s] != k) return value;
+  return b.exchange[buf][s];
+}
+
+unsigned int warp_ballot(bool pred) {
+  int buf;
+  const unsigned k = deposit(pred ? 1 : 0, buf);
+  Block& b = *t_block;
+  const int lo = b.current - b.current % kWarpSize, hi = std::min(b.nthreads, lo + kWarpSize);
+  unsigned bits = 0;
+  for (int l = lo; l < hi; ++l)
+    if (b.round[buf][l] == k && b.exchange[buf][l]) bits |= 1u << (l - lo);
+  return bits;
+}
+
+void* block_shared(const void* site, size_t bytes, size_t align) {
+  Block& b = *t_block;
+  for (const SharedSite& s : b.sites)
+    if (s.site == site) return s.ptr;
+  size_t off = (b.arena_used + align - 1) / align * align;
+  b.static_bytes += bytes;
+  if (b.static_bytes > kSharedPerBlock || off + bytes + kRedzone > kArenaBytes) {
+    std::fprintf(stderr, "fastdl CUDA emulation: static shared memory over %zu bytes per block\n",
+                 kSharedPerBlock);
+    device_assert_fail("static shared memory <= 48 KB", "too much static shared memory", "", 0);
+  }
+  void* p = b.arena + off;
+  unpoison(p, bytes);
+  b.arena_used = off + bytes + kRedzone;
+  b.sites.push_back({site, p});
+  return p;
+}
+
+void* dynamic_shared() { return t_block->dynamic; }
+
+void device_assert_fail(const char* cond, const char* msg, const char* file, int line) {
+  Block& b = *t_block;
+  std::fprintf(stderr, "%s:%d: block (%u,%u,%u), thread (%u,%u,%u): device-side assertion `%s` "
+                       "failed: %s\n", file, line, coords.block.x, coords.block.y, coords.block.z,
+               coords.thread.x, coords.thread.y, coords.thread.z, cond, msg);
+  b.trapped = true;
+  b.fibers[b.current].state = State::Done;
+  to_scheduler(true);
+  std::abort();  // an abandoned fiber is never resumed
+}
+
+cudaError_t func_attributes(cudaFuncAttributes* a) {
+  if (g_missing_image.load()) return record(cudaErrorNoKernelImageForDevice);
+  *a = cudaFuncAttributes{0, 1024, 32, 90, 90, int(kSharedPerBlock)};
+  return cudaSuccess;
+}
+
+void reset() {
+  g_sticky.store(cudaSuccess);
+  t_last = cudaSuccess;
+}
+void set_missing_kernel_image(bool missing) { g_missing_image.store(missing); }
+long long launch_count() { return g_launches.load(); }
+bool stream_valid(cudaStream_t s) {
+  if (s == nullptr) return true;
+  std::lock_guard<std::mutex> lock(g_streams_mu);
+  return g_streams.count(s) != 0;
+}
+
+}  // namespace fastdl_emu
+
+using fastdl_emu::record;
+using fastdl_emu::sticky;
+
+const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInitializationError: return "initialization error";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInsufficientDriver:
+      return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoKernelImageForDevice: return "no kernel image is available for execution on the device";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorAssert: return "device-side assert triggered";
+    case cudaErrorDeadlock:
+      return "threads of a block wait at different barriers (fastdl CUDA emulation)";
+  }
+  return "unknown error";
+}
+const char* cudaGetErrorName(cudaError_t e) { return cudaGetErrorString(e); }
+
+cudaError_t cudaGetLastError() {
+  if (sticky() != cudaSuccess) return sticky();
+  const cudaError_t e = fastdl_emu::t_last;
+  fastdl_emu::t_last = cudaSuccess;
+  return e;
+}
+cudaError_t cudaPeekAtLastError() {
+  return sticky() != cudaSuccess ? sticky() : fastdl_emu::t_last;
+}
+cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDevice(int* d) {
+  *d = fastdl_emu::t_device;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int d) {
+  if (d != 0) return record(cudaErrorInvalidDevice);
+  fastdl_emu::t_device = d;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+  if (d != 0) return record(cudaErrorInvalidDevice);
+  *p = cudaDeviceProp{};
+  std::snprintf(p->name, sizeof(p->name), "fastdl CUDA emulation (sm_90 limits, host CPU)");
+  p->major = 9;
+  p->minor = 0;
+  p->multiProcessorCount = fastdl_emu::kSmCount;
+  p->sharedMemPerBlock = fastdl_emu::kSharedPerBlock;
+  p->sharedMemPerBlockOptin = fastdl_emu::kSharedOptin;
+  p->maxThreadsPerBlock = 1024;
+  p->maxThreadsDim[0] = 1024; p->maxThreadsDim[1] = 1024; p->maxThreadsDim[2] = 64;
+  p->maxGridSize[0] = 2147483647; p->maxGridSize[1] = 65535; p->maxGridSize[2] = 65535;
+  p->warpSize = 32;
+  p->totalGlobalMem = size_t(1) << 34;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
+  cudaDeviceProp p;
+  if (cudaGetDeviceProperties(&p, d) != cudaSuccess) return cudaErrorInvalidDevice;
+  switch (a) {
+    case cudaDevAttrMaxThreadsPerBlock: *v = p.maxThreadsPerBlock; break;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *v = int(p.sharedMemPerBlock); break;
+    case cudaDevAttrWarpSize: *v = p.warpSize; break;
+    case cudaDevAttrMultiProcessorCount: *v = p.multiProcessorCount; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = p.major; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = p.minor; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(p.sharedMemPerBlockOptin); break;
+    default: return record(cudaErrorInvalidValue);
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int* v) {
+  *v = CUDART_VERSION;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* v) {
+  *v = CUDART_VERSION;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceSynchronize() { return record(sticky()); }
+cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags(s, 0); }
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned int flags) {
+  *s = new fastdl_emu_stream{flags};
+  std::lock_guard<std::mutex> lock(fastdl_emu::g_streams_mu);
+  fastdl_emu::g_streams.insert(*s);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t s) {
+  {
+    std::lock_guard<std::mutex> lock(fastdl_emu::g_streams_mu);
+    if (s == nullptr || !fastdl_emu::g_streams.erase(s)) return record(cudaErrorInvalidResourceHandle);
+  }
+  delete s;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  if (!fastdl_emu::stream_valid(s)) return record(cudaErrorInvalidResourceHandle);
+  return record(sticky());
+}
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t, unsigned int) {
+  if (!fastdl_emu::stream_valid(s)) return record(cudaErrorInvalidResourceHandle);
+  return record(sticky());
+}
+cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  *e = new fastdl_emu_event{{}, false};
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
+  if (!fastdl_emu::stream_valid(s)) return record(cudaErrorInvalidResourceHandle);
+  e->when = std::chrono::steady_clock::now();
+  e->recorded = true;
+  return record(sticky());
+}
+cudaError_t cudaEventSynchronize(cudaEvent_t) { return record(sticky()); }
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+  if (!a->recorded || !b->recorded) return record(cudaErrorInvalidResourceHandle);
+  *ms = std::chrono::duration<float, std::milli>(b->when - a->when).count();
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
+  if (sticky() != cudaSuccess) return record(sticky());
+  if (!fastdl_emu::stream_valid(s)) return record(cudaErrorInvalidResourceHandle);
+  if (bytes) std::memset(p, value, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind,
+                            cudaStream_t s) {
+  if (sticky() != cudaSuccess) return record(sticky());
+  if (!fastdl_emu::stream_valid(s)) return record(cudaErrorInvalidResourceHandle);
+  if (bytes) std::memmove(dst, src, bytes);
+  return cudaSuccess;
+}
+cudaError_t cudaMemset(void* p, int value, size_t bytes) { return cudaMemsetAsync(p, value, bytes); }
+cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind k) {
+  return cudaMemcpyAsync(dst, src, bytes, k);
+}

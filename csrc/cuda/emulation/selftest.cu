@@ -1,0 +1,99 @@
+// Kernels that check the emulation itself (emulation builds only; tests/test_cuda_emulation.py):
+// barriers order shared-memory traffic, a missing barrier or an unwritten shared element reads
+// the 0xFF poison (NaN), warp shuffles and votes, dynamic shared memory, and the launch and
+// barrier errors. Written by the rules in emu_core.h, so they also show them in use.
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../../cuda_runtime_info.h"
+#include "../kernel.cuh"
+
+namespace fastdl {
+namespace {
+
+template <bool BARRIER>
+__global__ void reverse_kernel(float* out, int n) {
+  FASTDL_SHARED(16, float, s, [128]);
+  const int t = threadIdx.x;
+  s[t] = float(t);
+  if (BARRIER) __syncthreads();
+  out[t] = s[n - 1 - t];
+}
+
+__global__ void unwritten_kernel(float* out) {
+  FASTDL_SHARED(16, float, s, [64]);
+  if (threadIdx.x % 2 == 0) s[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Per warp: sum of lane ids by shuffle-down tree, ballot of odd lanes, xor-swap, any/all.
+__global__ void warp_kernel(float* out) {
+  const int lane = threadIdx.x % 32;
+  float v = float(lane);
+  for (int d = 16; d > 0; d /= 2) v += __shfl_down_sync(0xffffffffu, v, d);
+  const unsigned odd = __ballot_sync(0xffffffffu, lane & 1);
+  const float swapped = __shfl_xor_sync(0xffffffffu, float(lane), 1);
+  const float bcast = __shfl_sync(0xffffffffu, float(lane * 10), 3);
+  const int any7 = __any_sync(0xffffffffu, lane == 7), all_small = __all_sync(0xffffffffu, lane < 16);
+  float* o = out + threadIdx.x * 6;
+  o[0] = lane == 0 ? v : -1.f;
+  o[1] = float(odd == 0xAAAAAAAAu);
+  o[2] = swapped;
+  o[3] = bcast;
+  o[4] = float(any7);
+  o[5] = float(all_small);
+}
+
+__global__ void dynamic_kernel(float* out, int n) {
+  FASTDL_DYNAMIC_SHARED(16, float, s);
+  const int t = threadIdx.x;
+  s[t] = float(2 * t);
+  __syncthreads();
+  out[t] = s[(t + 1) % n];
+}
+
+// Lane 0 waits at a warp barrier while lane 1 waits at the block barrier: never released.
+__global__ void divergent_kernel(float* out) {
+  if (threadIdx.x == 0) __syncwarp();
+  else if (threadIdx.x == 1) __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
+void check() { FASTDL_CUDA_CHECK_LAUNCH(); }
+
+}  // namespace
+
+std::vector<double> cuda_emulation_selftest(const std::string& name) {
+  std::vector<float> out(1024, -2.f);
+  float* o = out.data();
+  size_t n = 0;
+  if (name == "reverse" || name == "reverse_no_barrier") {
+    n = 100;
+    if (name == "reverse") FASTDL_LAUNCH(1, n, 0, nullptr, reverse_kernel<true>)(o, int(n));
+    else FASTDL_LAUNCH(1, n, 0, nullptr, reverse_kernel<false>)(o, int(n));
+  } else if (name == "unwritten") {
+    n = 64;
+    FASTDL_LAUNCH(1, n, 0, nullptr, unwritten_kernel)(o);
+  } else if (name == "warp") {
+    n = 64 * 6;
+    FASTDL_LAUNCH(1, 64, 0, nullptr, warp_kernel)(o);
+  } else if (name == "dynamic") {
+    n = 96;
+    FASTDL_LAUNCH(1, n, n * sizeof(float), nullptr, dynamic_kernel)(o, int(n));
+  } else if (name == "too_many_threads") {
+    FASTDL_LAUNCH(1, 1025, 0, nullptr, unwritten_kernel)(o);
+  } else if (name == "too_much_dynamic_shared") {
+    FASTDL_LAUNCH(1, 32, 1 << 20, nullptr, dynamic_kernel)(o, 32);
+  } else if (name == "divergent_barriers") {
+    n = 32;
+    FASTDL_LAUNCH(1, n, 0, nullptr, divergent_kernel)(o);
+  } else {
+    throw std::invalid_argument("cuda_emulation_selftest: unknown case " + name);
+  }
+  check();
+  return std::vector<double>(out.begin(), out.begin() + n);
+}
+
+}  // namespace fastdl

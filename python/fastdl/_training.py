@@ -1,0 +1,292 @@
+"""What fastdl.Model.compile and fit resolve before training: optimizers, losses and metrics by
+name, and the data (numpy arrays, tensors, a Dataset or a DataLoader) as batches of tensors.
+Every check here runs before the first training step, so bad input never half-trains a model.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from . import metrics as _metrics
+
+# Keras's default learning rates for the optimizers named in compile.
+_OPTIMIZERS = {"sgd": ("SGD", 0.01), "adam": ("Adam", 0.001), "adamw": ("AdamW", 0.001),
+               "rmsprop": ("RMSprop", 0.001)}
+
+
+def resolve_optimizer(optimizer, params):
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        key = optimizer.lower()
+        if key not in _OPTIMIZERS:
+            raise ValueError(f"compile: unknown optimizer {optimizer!r}; expected one of "
+                             f"{sorted(_OPTIMIZERS)} or a torch.optim.Optimizer")
+        if not params:
+            raise ValueError("compile: the model has no parameters to train")
+        from . import optim
+        cls, lr = _OPTIMIZERS[key]
+        return getattr(optim, cls)(params, lr=lr)
+    raise TypeError("compile: expected optimizer to be a name ('sgd', 'adam', 'adamw', "
+                    f"'rmsprop') or a torch.optim.Optimizer, got {type(optimizer).__name__}")
+
+
+class Loss:
+    """A loss and how its targets and outputs are read.
+    kind: 'regression' | 'binary_logits' | 'binary_probs' | 'categorical' (class-probability
+    targets) | 'sparse' (integer targets) | 'custom'."""
+
+    def __init__(self, fn, kind, name):
+        self.fn, self.kind, self.name = fn, kind, name
+
+    def target(self, y, out):
+        """y shaped like the loss wants it: an elementwise loss gets y viewed as the output."""
+        if self.kind in ("regression", "binary_logits", "binary_probs") and \
+                y.shape != out.shape and y.numel() == out.numel():
+            return y.reshape(out.shape)
+        return y
+
+    def __call__(self, out, y):
+        return self.fn(out, self.target(y, out))
+
+
+# Named losses. The cross-entropies take logits (torch's convention: no softmax or sigmoid at
+# the end of the model), where Keras's defaults take probabilities.
+_LOSSES = {
+    "mse": (torch.nn.MSELoss, "regression"), "mean_squared_error": (torch.nn.MSELoss, "regression"),
+    "mae": (torch.nn.L1Loss, "regression"), "mean_absolute_error": (torch.nn.L1Loss, "regression"),
+    "binary_crossentropy": (torch.nn.BCEWithLogitsLoss, "binary_logits"),
+    "categorical_crossentropy": (torch.nn.CrossEntropyLoss, "categorical"),
+    "sparse_categorical_crossentropy": (torch.nn.CrossEntropyLoss, "sparse"),
+}
+_LOSS_KINDS = [((torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.SmoothL1Loss, torch.nn.HuberLoss),
+                "regression"), (torch.nn.BCEWithLogitsLoss, "binary_logits"),
+               (torch.nn.BCELoss, "binary_probs"),
+               ((torch.nn.CrossEntropyLoss, torch.nn.NLLLoss), "sparse")]
+
+
+def resolve_loss(loss):
+    if isinstance(loss, str):
+        key = loss.lower()
+        if key not in _LOSSES:
+            raise ValueError(f"compile: unknown loss {loss!r}; expected one of "
+                             f"{sorted(_LOSSES)}, a torch loss module or a callable")
+        cls, kind = _LOSSES[key]
+        return Loss(cls(), kind, loss)
+    if isinstance(loss, torch.nn.Module):
+        for classes, kind in _LOSS_KINDS:
+            if isinstance(loss, classes):
+                return Loss(loss, kind, type(loss).__name__)
+        return Loss(loss, "custom", type(loss).__name__)
+    if callable(loss):
+        return Loss(loss, "custom", getattr(loss, "__name__", "loss"))
+    raise TypeError(f"compile: expected loss to be a name, a torch loss module or a callable, "
+                    f"got {type(loss).__name__}")
+
+
+_CLASS_METRICS = {"accuracy": _metrics.accuracy_score, "acc": _metrics.accuracy_score,
+                  "precision": _metrics.precision_score, "recall": _metrics.recall_score,
+                  "f1": _metrics.f1_score}
+_REG_METRICS = {"mse": _metrics.mean_squared_error, "mae": _metrics.mean_absolute_error,
+                "r2": _metrics.r2_score}
+
+
+class Metric:
+    """Collects one epoch's outputs (as class labels for the classification metrics) and scores
+    them at the end with fastdl.metrics: the value over the whole epoch, not a mean of batches."""
+
+    def __init__(self, spec, loss: Loss):
+        self.loss = loss
+        if isinstance(spec, str):
+            if spec not in _CLASS_METRICS and spec not in _REG_METRICS:
+                raise ValueError(f"compile: unknown metric {spec!r}; expected one of "
+                                 f"{sorted(_CLASS_METRICS) + sorted(_REG_METRICS)} or a "
+                                 "callable(y_true, y_pred)")
+            self.name, self.fn = spec, _CLASS_METRICS.get(spec) or _REG_METRICS[spec]
+            self.classes = spec in _CLASS_METRICS
+        elif callable(spec):
+            self.name, self.fn, self.classes = getattr(spec, "__name__", "metric"), spec, False
+        else:
+            raise TypeError(f"compile: a metric must be a name or a callable, got "
+                            f"{type(spec).__name__}")
+        self.reset()
+
+    def reset(self):
+        self.outs, self.targets = [], []
+
+    def _labels(self, out, y):
+        kind = self.loss.kind
+        binary = out.ndim == 1 or out.shape[-1] == 1
+        if binary:
+            threshold = 0.0 if kind == "binary_logits" else 0.5
+            pred = (out.reshape(-1) > threshold).long()
+            true = y.reshape(-1).long()
+        else:
+            pred = out.argmax(-1)
+            true = y.argmax(-1) if (y.is_floating_point() and y.shape == out.shape) else y.long()
+        return pred, true.reshape(pred.shape)
+
+    def update(self, out, y):
+        out, y = out.detach(), y.detach()
+        if self.classes:
+            out, y = self._labels(out, y)
+        else:
+            y = self.loss.target(y, out)
+        self.outs.append(out)
+        self.targets.append(y)
+
+    def result(self):
+        out, y = torch.cat(self.outs), torch.cat(self.targets)
+        if self.fn is _metrics.accuracy_score:
+            value = self.fn(y, out)
+        elif self.classes:   # precision, recall, F1: binary for 0/1 labels, else macro-averaged
+            average = "binary" if self._binary_task(y, out) else "macro"
+            value = self.fn(y, out, average=average, zero_division=0)
+        elif self.fn in _REG_METRICS.values():
+            value = self.fn(y.reshape(y.shape[0], -1), out.reshape(out.shape[0], -1))
+        else:
+            value = self.fn(y, out)
+        return float(value)
+
+    @staticmethod
+    def _binary_task(y, pred):
+        present = torch.unique(torch.cat([y, pred]))
+        return present.numel() <= 2 and bool(((present == 0) | (present == 1)).all())
+
+
+def resolve_metrics(specs, loss):
+    if specs is None:
+        return []
+    if isinstance(specs, (str, bytes)) or callable(specs):
+        specs = [specs]
+    ms = [Metric(s, loss) for s in specs]
+    names = [m.name for m in ms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compile: metric names repeat: {names}")
+    return ms
+
+
+# ---------------------------------------------------------------- data
+
+
+def _to_tensor(a, what, fn):
+    if isinstance(a, torch.Tensor):
+        t = a
+    else:
+        arr = np.asarray(a)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{fn}: expected {what} with a numeric dtype, got {arr.dtype}")
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+    if t.dtype.is_complex:
+        raise TypeError(f"{fn}: expected real {what}, got dtype {t.dtype}")
+    if t.ndim == 0:
+        raise ValueError(f"{fn}: expected {what} with a batch dimension, got a scalar")
+    return t
+
+
+def prepare_x(x, dtype, fn):
+    """x as a tensor: floating/int/bool data in the model's floating dtype."""
+    t = _to_tensor(x, "x", fn)
+    return t.to(dtype) if t.dtype != dtype else t
+
+
+def prepare_y(y, loss: Loss, dtype, fn):
+    """y as the loss wants it: int64 class labels for 'sparse', the model's dtype otherwise."""
+    t = _to_tensor(y, "y", fn)
+    if loss.kind == "sparse":
+        if t.is_floating_point():
+            if not bool((t == t.round()).all()):
+                raise TypeError(f"{fn}: {loss.name} expects integer class labels in y, got "
+                                f"non-integer {t.dtype} values")
+        elif t.dtype == torch.bool:
+            raise TypeError(f"{fn}: {loss.name} expects integer class labels in y, got bool")
+        if t.ndim == 2 and t.shape[1] == 1:
+            t = t.reshape(-1)
+        return t.long()
+    if loss.kind == "custom" and not t.is_floating_point():
+        return t
+    return t.to(dtype)
+
+
+def check_lengths(x, y, fn):
+    if y is not None and x.shape[0] != y.shape[0]:
+        raise ValueError(f"{fn}: x and y have different numbers of samples: {x.shape[0]} and "
+                         f"{y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{fn}: x has no samples")
+
+
+def check_batch_size(batch_size, fn):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or \
+            batch_size < 1:
+        raise ValueError(f"{fn}: batch_size must be a positive int, got {batch_size!r}")
+
+
+def check_validation_split(split, fn):
+    if isinstance(split, bool) or not isinstance(split, numbers.Real) or \
+            not (0.0 <= split < 1.0) or math.isnan(split):
+        raise ValueError(f"{fn}: validation_split must be a float in [0, 1), got {split!r}")
+
+
+def is_loader(x):
+    return isinstance(x, torch.utils.data.DataLoader)
+
+
+def is_dataset(x):
+    return isinstance(x, torch.utils.data.Dataset) and not isinstance(x, torch.Tensor)
+
+
+def split_batch(batch, fn):
+    """(x, y) from a DataLoader's batch: a (x, y) pair, or x alone (y None)."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if len(batch) == 1:
+            return batch[0], None
+        raise ValueError(f"{fn}: expected the data to yield (x, y) pairs, got {len(batch)} items")
+    return batch, None
+
+
+class TensorBatches:
+    """Batches of in-memory tensors. Shuffling draws torch.randperm(n) from torch's global
+    generator once per epoch (on the CPU), so a seeded hand-written loop sees the same order."""
+
+    def __init__(self, x, y, batch_size, shuffle):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.n = x.shape[0]
+
+    def __len__(self):
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            perm = torch.randperm(self.n)
+            if self.x.device.type != "cpu":
+                perm = perm.to(self.x.device)
+            for i in range(0, self.n, self.batch_size):
+                idx = perm[i:i + self.batch_size]
+                yield self.x[idx], (None if self.y is None else self.y[idx.to(self.y.device)])
+        else:
+            for i in range(0, self.n, self.batch_size):
+                yield self.x[i:i + self.batch_size], (None if self.y is None
+                                                      else self.y[i:i + self.batch_size])
+
+
+class LoaderBatches:
+    """Batches from a torch DataLoader, each converted as in-memory data would be."""
+
+    def __init__(self, loader, convert):
+        self.loader, self.convert = loader, convert
+
+    def __len__(self):
+        try:
+            return len(self.loader)
+        except TypeError:
+            return 0
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.convert(batch)

@@ -1,0 +1,533 @@
+"""Keras-style models on any torch.nn.Module: compile, fit, evaluate, predict, summary.
+
+>>> model = fastdl.Sequential(fastdl.nn.Linear(30, 16), torch.nn.ReLU(), fastdl.nn.Linear(16, 1))
+>>> model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+>>> history = model.fit(x_train, y_train, epochs=20, validation_split=0.2)
+>>> model.evaluate(x_test, y_test), model.predict(x_test)
+
+`fastdl.Sequential(...)` is a torch.nn.Sequential with these methods; `fastdl.Model(module)` adds
+them to any module (its state_dict is the module's own, unprefixed). Named optimizers map to
+fastdl.optim ('sgd', 'adam', 'adamw', 'rmsprop', Keras's default learning rates); named losses to
+torch's ('mse', 'mae', 'binary_crossentropy', 'categorical_crossentropy',
+'sparse_categorical_crossentropy'); the cross-entropies take logits, torch's convention (Keras's
+default is probabilities). x and y may be numpy arrays, tensors, a Dataset or a DataLoader.
+Differences from Keras: `compile` here shadows torch.nn.Module.compile (use torch.compile(model));
+evaluate and predict default to verbose=0; predict returns numpy for numpy input, else a tensor.
+
+Training order (what a hand-written loop must do to match it loss for loss): per epoch,
+`torch.randperm(n)` from torch's global generator when shuffle=True; per batch, forward,
+loss, `optimizer.zero_grad()`, `loss.backward()`, `optimizer.step()`. The epoch's 'loss' is the
+sample-weighted mean of the batch losses, taken before each step (as Keras).
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from . import _training as T
+from .callbacks import Callback, History, load_weights, save_weights
+
+__all__ = ["Model", "Sequential"]
+
+
+class _Compiled:
+    def __init__(self, optimizer, loss, metrics):
+        self.optimizer, self.loss, self.metrics = optimizer, loss, metrics
+
+
+class _Interrupt:
+    """While fit runs on the main thread, the first Ctrl-C asks training to stop after the
+    current step (so no parameter is left half-updated); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class _Progress:
+    """Per-epoch progress through tqdm (verbose=1), one line per epoch (verbose=2), or nothing."""
+
+    def __init__(self, verbose, epoch, epochs, steps):
+        self.verbose, self.bar, self._last = verbose, None, 0.0
+        self.prefix = f"Epoch {epoch + 1}/{epochs}"
+        if verbose == 1:
+            from tqdm import tqdm
+            self.bar = tqdm(total=steps or None, desc=self.prefix, unit="batch", leave=True,
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, logs):
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if now - self._last > 0.2:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+            self._last = now
+        self.bar.update(1)
+
+    def close(self, logs):
+        text = " - ".join(f"{k}: {v:.4g}" for k, v in logs.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+            self.bar.close()
+        elif self.verbose == 2:
+            print(f"{self.prefix} - {text}", flush=True)
+
+
+class _Workflow:
+    """compile / fit / evaluate / predict / summary over `self.module` (a torch.nn.Module)."""
+
+    stop_training = False
+
+    # ------------------------------------------------------------ set up
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None):
+        """Chooses the optimizer (a name or a torch.optim.Optimizer), the loss (a name, a torch
+        loss module or a callable(output, target)) and the metrics reported by fit and evaluate
+        ('accuracy', 'precision', 'recall', 'f1', 'mse', 'mae', 'r2' or callables(y_true,
+        y_pred)). Keras's Model.compile; validates everything now.
+
+        >>> model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        """
+        if loss is None:
+            raise ValueError("compile: a loss is required (a name, a torch loss module or a "
+                             "callable)")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("compile: the model has no trainable parameters")
+        lossobj = T.resolve_loss(loss)
+        opt = T.resolve_optimizer(optimizer, params)
+        self._cfg = _Compiled(opt, lossobj, T.resolve_metrics(metrics, lossobj))
+        return self
+
+    @property
+    def optimizer(self):
+        return self._compiled("optimizer").optimizer
+
+    @property
+    def loss(self):
+        return self._compiled("loss").loss.fn
+
+    def _compiled(self, fn):
+        cfg = self.__dict__.get("_cfg")
+        if cfg is None:
+            raise RuntimeError(f"{fn}: you must compile the model before training or "
+                               "evaluating it: model.compile(optimizer, loss, metrics)")
+        return cfg
+
+    def _device_dtype(self):
+        for p in self.module.parameters():
+            return p.device, p.dtype
+        return torch.device("cpu"), torch.get_default_dtype()
+
+    # ------------------------------------------------------------ weights
+
+    def get_weights(self):
+        """A copy of the module's state_dict (tensors cloned), for set_weights."""
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def set_weights(self, weights):
+        """Loads a get_weights() copy (or any matching state_dict) in place."""
+        self.module.load_state_dict(weights)
+
+    def save_weights(self, path):
+        """The module's state_dict to `path`, atomically (see fastdl.callbacks.save_weights)."""
+        save_weights(self.module, path)
+
+    def load_weights(self, path, strict=True):
+        """Loads a state_dict saved by save_weights or ModelCheckpoint (weights-only loading)."""
+        return load_weights(self.module, path, strict=strict)
+
+    # ------------------------------------------------------------ data
+
+    def _batches(self, x, y, batch_size, shuffle, fn, cfg, device, dtype):
+        """(batches, n) for x/y in any accepted form; everything validated here."""
+        T.check_batch_size(batch_size, fn)
+        if T.is_loader(x) or T.is_dataset(x):
+            if y is not None:
+                raise ValueError(f"{fn}: y must be None when x is a Dataset or DataLoader (it "
+                                 "yields (x, y) pairs)")
+            loader = x if T.is_loader(x) else torch.utils.data.DataLoader(
+                x, batch_size=batch_size, shuffle=shuffle)
+
+            def convert(batch):
+                xb, yb = T.split_batch(batch, fn)
+                xb = T.prepare_x(xb, dtype, fn).to(device, non_blocking=True)
+                if yb is not None and cfg is not None:
+                    yb = T.prepare_y(yb, cfg.loss, dtype, fn).to(device, non_blocking=True)
+                return xb, yb
+            try:
+                n = len(loader.dataset)
+            except TypeError:
+                n = None
+            return T.LoaderBatches(loader, convert), n
+        if x is None:
+            raise ValueError(f"{fn}: x is required")
+        xt = T.prepare_x(x, dtype, fn)
+        yt = None
+        if y is not None:
+            yt = T.prepare_y(y, cfg.loss, dtype, fn) if cfg is not None else T.prepare_x(
+                y, dtype, fn)
+        T.check_lengths(xt, yt, fn)
+        if xt.device != device:
+            xt = xt.to(device)
+        if yt is not None and yt.device != device:
+            yt = yt.to(device)
+        return T.TensorBatches(xt, yt, batch_size, shuffle), xt.shape[0]
+
+    def _dry_run(self, batches, cfg, fn, what):
+        """One forward and loss on the first batch, in eval mode without gradients and with
+        torch's RNG state restored, so shape and dtype mistakes surface before any step."""
+        was_training = self.module.training
+        with torch.random.fork_rng(devices=[]):
+            first = next(iter(batches), None)
+            if first is None:
+                raise ValueError(f"{fn}: {what} yields no batch")
+            xb, yb = first
+            if yb is None:
+                raise ValueError(f"{fn}: {what} has no targets: pass y, or data yielding "
+                                 "(x, y) pairs")
+            self.module.eval()
+            try:
+                with torch.no_grad():
+                    out = self.module(xb)
+                    value = cfg.loss(out, yb)
+                    if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+                        raise ValueError(f"the loss returned {type(value).__name__} "
+                                         f"{getattr(value, 'shape', '')}, not a scalar tensor")
+                    for m in cfg.metrics:
+                        m.update(out, yb)
+                        m.result()
+                        m.reset()
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                raise ValueError(f"{fn}: the model, loss or metrics cannot run on the first "
+                                 f"batch of {what} (x {tuple(xb.shape)} {xb.dtype}, y "
+                                 f"{tuple(yb.shape)} {yb.dtype}): {e}") from e
+            finally:
+                self.module.train(was_training)
+
+    # ------------------------------------------------------------ training
+
+    def fit(self, x=None, y=None, batch_size=32, epochs=1, verbose=1, callbacks=None,
+            validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
+            device=None):
+        """Trains for `epochs` epochs; returns a History whose `history` holds per-epoch 'loss',
+        each metric and, with validation data, 'val_loss' and 'val_<metric>'. validation_split
+        takes the last fraction of x/y (before shuffling), as Keras. Ctrl-C stops after the
+        current step; the History then holds the finished epochs. Keras's Model.fit.
+
+        >>> h = model.fit(x, y, batch_size=64, epochs=10, validation_split=0.1, verbose=0)
+        """
+        fn = "fit"
+        cfg = self._compiled(fn)
+        for name, v in (("epochs", epochs), ("initial_epoch", initial_epoch)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"fit: {name} must be a non-negative int, got {v!r}")
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"fit: verbose must be 0, 1 or 2, got {verbose!r}")
+        T.check_validation_split(validation_split, fn)
+        callbacks = list(callbacks or [])
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"fit: callbacks must be fastdl.callbacks.Callback instances, "
+                                f"got {type(cb).__name__}")
+        if device is not None:
+            self.module.to(device)
+        device, dtype = self._device_dtype()
+        if validation_split and validation_data is not None:
+            validation_split = 0.0   # Keras: validation_data wins
+        if validation_split:
+            if T.is_loader(x) or T.is_dataset(x):
+                raise ValueError("fit: validation_split needs in-memory x and y (numpy arrays "
+                                 "or tensors); pass validation_data for a Dataset or DataLoader")
+            if y is None:
+                raise ValueError("fit: y is required")
+            xt, yt = T.prepare_x(x, dtype, fn), T.prepare_y(y, cfg.loss, dtype, fn)
+            T.check_lengths(xt, yt, fn)
+            split = int(math.floor(xt.shape[0] * (1.0 - validation_split)))
+            if split == 0 or split == xt.shape[0]:
+                raise ValueError(f"fit: validation_split={validation_split} leaves "
+                                 f"{split} training and {xt.shape[0] - split} validation samples "
+                                 f"out of {xt.shape[0]}; both must be non-empty")
+            x, y, validation_data = xt[:split], yt[:split], (xt[split:], yt[split:])
+        elif y is None and not (T.is_loader(x) or T.is_dataset(x)):
+            raise ValueError("fit: y is required")
+        train, n = self._batches(x, y, batch_size, shuffle, fn, cfg, device, dtype)
+        val = None
+        if validation_data is not None:
+            vx, vy = self._validation_pair(validation_data)
+            val, _ = self._batches(vx, vy, batch_size, False, "fit (validation_data)", cfg,
+                                   device, dtype)
+        self._dry_run(train, cfg, fn, "x")
+        if val is not None:
+            self._dry_run(val, cfg, fn, "validation_data")
+
+        history = History()
+        cbs = callbacks + [history]
+        params = {"epochs": epochs, "steps": len(train), "verbose": verbose, "samples": n}
+        for cb in cbs:
+            cb.set_model(self)
+            cb.set_params(params)
+        self.history = history
+        self.stop_training = False
+        was_training = self.module.training
+        with _Interrupt() as interrupt:
+            try:
+                for cb in cbs:
+                    cb.on_train_begin({})
+                for epoch in range(initial_epoch, epochs):
+                    for cb in cbs:
+                        cb.on_epoch_begin(epoch, {})
+                    logs = self._train_epoch(train, cfg, cbs, epoch, epochs, verbose, interrupt)
+                    if logs is None:      # interrupted: the epoch did not finish
+                        break
+                    if val is not None:
+                        vlogs = self._evaluate_batches(val, cfg, cbs)
+                        logs.update({"val_" + k: v for k, v in vlogs.items()})
+                    for cb in cbs:
+                        cb.on_epoch_end(epoch, logs)
+                    if self._progress is not None:
+                        self._progress.close(logs)
+                    if self.stop_training or interrupt.requested:
+                        break
+                for cb in cbs:
+                    cb.on_train_end({})
+            finally:
+                self._progress = None
+                self.module.train(was_training)
+        if interrupt.requested and verbose:
+            print("fit: interrupted (Ctrl-C); stopped after the last complete step; the History "
+                  "holds the finished epochs", file=sys.stderr)
+        return history
+
+    _progress = None
+
+    @staticmethod
+    def _validation_pair(data):
+        if T.is_loader(data) or T.is_dataset(data):
+            return data, None
+        if isinstance(data, (tuple, list)) and len(data) == 2:
+            return data[0], data[1]
+        raise ValueError("fit: validation_data must be (x_val, y_val), a Dataset or a "
+                         f"DataLoader, got {type(data).__name__}")
+
+    def _train_epoch(self, batches, cfg, cbs, epoch, epochs, verbose, interrupt):
+        net, opt, lossfn = self.module, cfg.optimizer, cfg.loss
+        net.train()
+        for m in cfg.metrics:
+            m.reset()
+        self._progress = progress = _Progress(verbose, epoch, epochs, len(batches))
+        total, seen = 0.0, 0
+        for b, (xb, yb) in enumerate(batches):
+            for cb in cbs:
+                cb.on_train_batch_begin(b, {})
+            out = net(xb)
+            loss = lossfn(out, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bs = xb.shape[0]
+            total += float(loss.item()) * bs
+            seen += bs
+            for m in cfg.metrics:
+                m.update(out, yb)
+            running = {"loss": total / seen}
+            for cb in cbs:
+                cb.on_train_batch_end(b, running)
+            progress.step(running)
+            if interrupt.requested or self.stop_training:
+                if interrupt.requested:
+                    if progress.bar is not None:
+                        progress.bar.close()
+                    return None
+                break
+        logs = {"loss": total / max(seen, 1)}
+        for m in cfg.metrics:
+            logs[m.name] = m.result()
+        return logs
+
+    def _evaluate_batches(self, batches, cfg, cbs=()):
+        net = self.module
+        was_training = net.training
+        net.eval()
+        for m in cfg.metrics:
+            m.reset()
+        for cb in cbs:
+            cb.on_test_begin({})
+        total, seen = 0.0, 0
+        try:
+            with torch.no_grad():
+                for xb, yb in batches:
+                    if yb is None:
+                        raise ValueError("evaluate: the data has no targets")
+                    out = net(xb)
+                    total += float(cfg.loss(out, yb).item()) * xb.shape[0]
+                    seen += xb.shape[0]
+                    for m in cfg.metrics:
+                        m.update(out, yb)
+        finally:
+            net.train(was_training)
+        logs = {"loss": total / max(seen, 1)}
+        for m in cfg.metrics:
+            logs[m.name] = m.result()
+        for cb in cbs:
+            cb.on_test_end(logs)
+        return logs
+
+    def evaluate(self, x=None, y=None, batch_size=32, verbose=0, return_dict=False):
+        """The loss and metrics over x/y in eval mode without gradients: the loss alone when no
+        metric was compiled, else [loss, metric...] (or a dict with return_dict). Keras's
+        Model.evaluate.
+
+        >>> loss, acc = model.evaluate(x_test, y_test)
+        """
+        cfg = self._compiled("evaluate")
+        device, dtype = self._device_dtype()
+        batches, _ = self._batches(x, y, batch_size, False, "evaluate", cfg, device, dtype)
+        logs = self._evaluate_batches(batches, cfg)
+        if verbose:
+            print(" - ".join(f"{k}: {v:.4g}" for k, v in logs.items()))
+        if return_dict:
+            return logs
+        return logs["loss"] if len(logs) == 1 else list(logs.values())
+
+    def predict(self, x, batch_size=32, verbose=0):
+        """The model's outputs for x in eval mode without gradients, batch by batch: a numpy
+        array for numpy input, else a tensor on the model's device. Keras's Model.predict.
+
+        >>> probs = torch.sigmoid(model.predict(x_test_tensor))
+        """
+        device, dtype = self._device_dtype()
+        numpy_in = isinstance(x, np.ndarray) or isinstance(x, (list, tuple))
+        batches, _ = self._batches(x, None, batch_size, False, "predict", None, device, dtype)
+        net = self.module
+        was_training = net.training
+        net.eval()
+        outs = []
+        try:
+            with torch.no_grad():
+                for xb, _ in batches:
+                    outs.append(net(xb))
+        finally:
+            net.train(was_training)
+        if not outs:
+            raise ValueError("predict: x yields no batch")
+        out = torch.cat(outs)
+        return out.cpu().numpy() if numpy_in else out
+
+    # ------------------------------------------------------------ summary
+
+    def summary(self, input_shape=None, print_fn=print):
+        """A table of the layers (leaf modules, in call order when input_shape is given, e.g.
+        (1, 8, 8) without the batch), their output shapes and parameter counts, then the
+        totals. Prints it with print_fn and returns it. Keras's Model.summary.
+
+        >>> model.summary(input_shape=(30,))
+        """
+        net = self.module
+        leaves = [(name, m) for name, m in net.named_modules() if not list(m.children())]
+        if not leaves:
+            leaves = [(type(net).__name__, net)]
+        shapes, order = {}, []
+        if input_shape is not None:
+            device, dtype = self._device_dtype()
+            hooks = []
+            for name, m in leaves:
+                def hook(mod, inp, out, name=name):
+                    if name not in shapes:
+                        order.append(name)
+                    first = out[0] if isinstance(out, (tuple, list)) else out
+                    shapes[name] = ("(" + ", ".join(["N"] + [str(d) for d in first.shape[1:]])
+                                    + ")" if isinstance(first, torch.Tensor) else "?")
+                hooks.append(m.register_forward_hook(hook))
+            was_training = net.training
+            net.eval()
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                    net(torch.randn((2, *tuple(input_shape)), device=device, dtype=dtype))
+            finally:
+                for h in hooks:
+                    h.remove()
+                net.train(was_training)
+        by_name = dict(leaves)
+        names = order + [n for n, _ in leaves if n not in shapes]
+        rows = [("Layer (type)", "Output Shape", "Param #")]
+        for name in names:
+            m = by_name[name]
+            count = sum(p.numel() for p in m.parameters(recurse=False))
+            rows.append((f"{name} ({type(m).__name__})", str(shapes.get(name, "?")),
+                         f"{count:,}"))
+        widths = [max(len(r[i]) for r in rows) + 2 for i in range(3)]
+        line = "-" * sum(widths)
+        text = [line, "".join(c.ljust(w) for c, w in zip(rows[0], widths)), "=" * sum(widths)]
+        text += ["".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows[1:]]
+        total = sum(p.numel() for p in net.parameters())
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        text += ["=" * sum(widths), f"Total params: {total:,}",
+                 f"Trainable params: {trainable:,}",
+                 f"Non-trainable params: {total - trainable:,}", line]
+        out = "\n".join(text)
+        if print_fn is not None:
+            print_fn(out)
+        return out
+
+
+class Model(_Workflow):
+    """Keras's workflow on any torch.nn.Module. Calls, parameters, state_dict and attributes
+    pass through to the module, whose state_dict keys stay its own.
+
+    >>> model = fastdl.Model(MyNet())
+    >>> model.compile("adam", "mse"); model.fit(x, y, epochs=5)
+    """
+
+    def __init__(self, module):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"Model: expected a torch.nn.Module, got {type(module).__name__}")
+        self.__dict__["module"] = module
+        self.__dict__["_cfg"] = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):
+        # Only reached for names Model lacks: parameters, state_dict, to, train, eval, layers...
+        return getattr(self.__dict__["module"], name)
+
+    def __repr__(self):
+        return f"fastdl.Model({self.module!r})"
+
+
+class Sequential(_Workflow, torch.nn.Sequential):
+    """A torch.nn.Sequential with Keras's compile / fit / evaluate / predict / summary.
+
+    >>> model = fastdl.Sequential(fastdl.nn.Linear(1, 1))
+    >>> model.compile(optimizer="sgd", loss="mse"); model.fit(x, y, epochs=100, verbose=0)
+    """
+
+    def __init__(self, *args):
+        torch.nn.Sequential.__init__(self, *args)
+        self._cfg = None
+
+    @property
+    def module(self):
+        return self

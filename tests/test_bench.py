@@ -1,0 +1,215 @@
+"""fastdl-bench (issue #12): the machine limits are ceilings, the honesty flags, --report,
+--compare and --suite. The report test runs every suite in its quick form with a tiny budget."""
+import json
+import os
+
+import pytest
+import torch
+
+import fastdl
+from fastdl import _C
+from fastdl.bench import cli, compare, harness, machine
+
+
+@pytest.mark.parametrize("kernel", machine.KERNELS)
+def test_stream_kernels_measure(kernel):
+    gbps = _C.measure_stream_bandwidth(kernel, 1 << 20, 2)
+    assert 0.1 < gbps < 1e5
+
+
+@pytest.mark.parametrize("args,match", [(("triads", 1 << 20, 2), "triads"),
+                                        (("read", 100, 2), "footprint_bytes"),
+                                        (("read", 1 << 20, 0), "reps")])
+def test_stream_kernel_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        _C.measure_stream_bandwidth(*args)
+
+
+def _tiers(*pairs):
+    tiers = [{"footprint_bytes": fp, "GBps": bw, "kernel": "update"} for fp, bw in pairs]
+    tiers[-1]["dram"] = True
+    return {"bandwidth_name": "dram (update)", "bandwidth_GBps": tiers[-1]["GBps"],
+            "tiers": tiers, "peak_GFLOPs": 100.0}
+
+
+def test_bandwidth_tier_is_the_largest_footprint_not_above_the_working_set():
+    lim = _tiers((1 << 20, 300.0), (64 << 20, 80.0), (1 << 30, 40.0))
+    assert machine.bandwidth_limit(lim, 10 << 10) == (300.0, "mem@1M")   # below every tier
+    assert machine.bandwidth_limit(lim, 100 << 20) == (80.0, "mem@64M")
+    assert machine.bandwidth_limit(lim, 3 << 30) == (40.0, "dram")
+    lim["llc_bytes"] = 32 << 20                      # tiers inside the LLC are cache-hot
+    assert machine.bandwidth_limit(lim, 10 << 20) == (300.0, "cache@1M")
+    assert machine.bandwidth_limit(lim, 100 << 20) == (80.0, "mem@64M")
+
+
+def test_tiers_are_made_monotone():
+    tiers = _tiers((1 << 20, 30.0), (64 << 20, 80.0), (1 << 30, 40.0))["tiers"]
+    machine._monotone(tiers)
+    assert [t["GBps"] for t in tiers] == [80.0, 80.0, 40.0]
+
+
+def test_dram_tier_is_beyond_every_reported_llc():
+    assert machine.dram_footprint() >= max(1 << 30, 4 * machine.llc_bytes())
+    assert machine.llc_bytes() > 0
+
+
+def _case(fastdl_s, torch_s, **kw):
+    c = harness.Case("s", "c", lambda: None, {"torch": lambda: None}, **kw)
+    c.results = {"fastdl": [fastdl_s] * 5, "torch": [torch_s] * 5}
+    return c
+
+
+def test_limit_check_flags_a_row_above_100_percent():
+    lim = _tiers((1 << 20, 300.0), (1 << 30, 40.0))
+    # 80 GB in 1 s = 80 GB/s on a 1 GiB+ working set: twice the 40 GB/s DRAM limit.
+    row = harness.summarize(_case(1.0, 4.0, bytes=80e9, working_set=2 << 30), lim)
+    assert row["limit_error"] == ["fastdl"]            # torch's 20 GB/s is a result
+    assert row["frac"]["torch"] == pytest.approx(0.5)
+    table = harness.format_table([row], lim)
+    assert "measuring error" in table and "200%" not in table
+    ok = harness.summarize(_case(4.0, 8.0, bytes=80e9, working_set=2 << 30), lim)
+    assert ok["limit_error"] == [] and ok["frac"]["fastdl"] == pytest.approx(0.5)
+
+
+def test_spread_above_limit_is_marked_unreliable():
+    c = _case(1.0, 1.0, bytes=1e6)
+    c.results["fastdl"] = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+    row = harness.summarize(c, _tiers((1 << 30, 40.0)))
+    assert row["unreliable"] and "?" in harness.format_table([row], {})
+
+
+def _doc(rows, commit):
+    return {"meta": {"commit": commit, "date": "d", "device": "cpu"}, "rows": rows}
+
+
+def _row(case, ms, speedup):
+    return {"suite": "pool", "case": case, "fastdl_ms": ms, "speedup": {"torch": speedup}}
+
+
+def test_compare_flags_a_2x_slowdown(tmp_path, capsys):
+    a = [_row("fast", 1.0, 3.0), _row("slow", 2.0, 1.5)]
+    b = [_row("fast", 1.05, 2.9), _row("slow", 4.0, 0.75)]   # 'slow' became 2x slower
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(_doc(a, "aaa")))
+    pb.write_text(json.dumps(_doc(b, "bbb")))
+    assert cli.main(["--compare", str(pa), str(pb)]) == 1
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("pool") and " slow " in ln][0]
+    assert "REGRESSION" in line and "2.00x" in line
+    assert "REGRESSION" not in [ln for ln in out.splitlines() if " fast " in ln][0]
+    assert cli.main(["--compare", str(pa), str(pa)]) == 0
+    assert "no regressions" in capsys.readouterr().out
+
+
+def test_compare_without_baselines_uses_time():
+    e = compare.compare_rows([{"suite": "x", "case": "c", "fastdl_ms": 1.0, "speedup": {}}],
+                             [{"suite": "x", "case": "c", "fastdl_ms": 2.0, "speedup": {}}])
+    assert e[0]["verdict"] == "REGRESSION"
+
+
+def test_unknown_suite_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as ex:
+        cli.main(["--suite", "optim,nope"])
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown suite 'nope'" in err and "known: " + ", ".join(cli.SUITES) in err
+
+
+def test_suite_list_is_comma_separated_and_repeatable():
+    import argparse
+    ap = argparse.ArgumentParser()
+    assert cli._suites(ap, ["pool,optim"]) == ["optim", "pool"]
+    assert cli._suites(ap, ["pool", "gemm"]) == ["gemm", "pool"]
+    assert cli._suites(ap, None) == cli.SUITES
+
+
+def _png_has_data(path):
+    from matplotlib.image import imread
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0.05          # not a blank canvas
+
+
+def test_report_from_a_tiny_run(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib", reason="the report needs matplotlib (fastdl[report])")
+    # Limits on small footprints only: this test checks the report, not the machine.
+    monkeypatch.setattr(machine, "_CACHE_TIERS", [1 << 20])
+    monkeypatch.setattr(machine, "dram_footprint", lambda: 8 << 20)
+    machine.cpu_limits.cache_clear()
+    threads_before = torch.get_num_threads()
+    fd_before = fastdl.get_num_threads()
+    # One fastdl thread (a loaded 2-core machine makes 2-thread OpenMP barriers spin for whole
+    # time slices); torch starts on 2 and must run on 1, then get its 2 back.
+    torch.set_num_threads(2)
+    fastdl.set_num_threads(1)
+    try:
+        rc = cli.main(["--quick", "--budget", "0.001", "--min-reps", "2", "--no-progress",
+                       "--report", str(tmp_path)])
+        assert rc == 0
+        assert torch.get_num_threads() == 2            # restored after the run
+    finally:
+        torch.set_num_threads(threads_before)
+        fastdl.set_num_threads(fd_before)
+        machine.cpu_limits.cache_clear()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["meta"]["torch_threads"] == {"before": 2, "during": 1}
+    assert set(doc["families"]) == set(cli.SUITES)     # every built op family has an entry
+    for suite, fam in doc["families"].items():
+        assert fam["cases"], suite
+        assert {r["suite"] for r in doc["rows"]} >= {suite}
+        _png_has_data(tmp_path / fam["chart"])
+    md = (tmp_path / "report.md").read_text()
+    for suite in cli.SUITES:
+        assert f"![{suite}]({suite}.png)" in md
+    assert doc["meta"]["commit"] in md and torch.__version__ in md
+    assert os.path.getsize(tmp_path / "report.md") > 500
+
+
+def test_a_noisy_case_is_measured_again_and_the_steadier_run_kept(monkeypatch):
+    noisy = {"fastdl": [1.0, 1.0, 3.0, 3.0, 5.0], "torch": [1.0] * 5}
+    steady = {"fastdl": [2.0] * 5, "torch": [1.0] * 5}
+    runs = iter([noisy, steady])
+    monkeypatch.setattr(harness, "_measure", lambda *a: next(runs))
+    c = harness.Case("s", "c", lambda: None, {"torch": lambda: None})
+    harness.run_cases([c], progress=False)
+    assert c.remeasured and c.results is steady
+    quick = harness.Case("s", "c", lambda: None, {"torch": lambda: None})
+    monkeypatch.setattr(harness, "_measure", lambda *a: noisy)
+    harness.run_cases([quick], progress=False, quick=True)   # quick: marked, not re-measured
+    assert not quick.remeasured
+    assert harness.summarize(quick, {})["unreliable"]
+
+
+def test_cuda_limits_have_an_l2_tier_and_a_dram_tier(monkeypatch):
+    """The structure of the CUDA limits (the copies themselves run only on a GPU)."""
+    class Props:
+        L2_cache_size = 50 << 20
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    rates = {25 << 20: 9000.0, 2 << 30: 4000.0}
+    monkeypatch.setattr(machine, "_cuda_copy_GBps", lambda fp, reps: rates[fp])
+    machine.cuda_limits.cache_clear()
+    try:
+        lim = machine.cuda_limits()
+    finally:
+        machine.cuda_limits.cache_clear()
+    assert [t["footprint_bytes"] for t in lim["tiers"]] == [25 << 20, 2 << 30]
+    assert lim["bandwidth_GBps"] == 4000.0
+    assert machine.bandwidth_limit(lim, 4 << 20) == (9000.0, "cache@25M")
+    assert machine.bandwidth_limit(lim, 100 << 20) == (9000.0, "mem@25M")
+    assert machine.bandwidth_limit(lim, 3 << 30) == (4000.0, "dram")
+
+
+def test_compare_reports_unreadable_files_clearly(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for a in (str(tmp_path / "missing.json"), str(bad)):
+        with pytest.raises(SystemExit, match="cannot read"):
+            cli.main(["--compare", a, a])
+    other = tmp_path / "other.json"
+    other.write_text("[]")
+    with pytest.raises(SystemExit, match="not a fastdl-bench JSON"):
+        cli.main(["--compare", str(other), str(other)])

@@ -1,0 +1,55 @@
+"""The emulated CUDA back end itself (csrc/cuda/emulation/, self-test kernels in selftest.cu):
+barriers order shared memory, missing barriers and unwritten shared memory read the NaN poison,
+warp shuffles and votes, dynamic shared memory, and the errors a GPU would report."""
+import math
+
+import pytest
+
+import fastdl
+from fastdl import _C
+
+pytestmark = pytest.mark.skipif(not fastdl.cuda.is_emulated(),
+                                reason="needs the emulated CUDA back end (FASTDL_CUDA_EMULATION=ON)")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_runtime():
+    yield
+    _C.cuda_emulation_reset()  # a case that faults leaves a sticky error, as on a GPU
+
+
+def test_barrier_orders_shared_memory():
+    assert _C.cuda_emulation_selftest("reverse") == [float(99 - t) for t in range(100)]
+
+
+def test_missing_barrier_reads_poison():
+    out = _C.cuda_emulation_selftest("reverse_no_barrier")
+    assert all(math.isnan(v) for v in out[:50])  # read before the writer thread ran
+
+
+def test_unwritten_shared_memory_is_nan():
+    out = _C.cuda_emulation_selftest("unwritten")
+    assert out[0::2] == [1.0] * 32 and all(math.isnan(v) for v in out[1::2])
+
+
+def test_warp_shuffles_and_votes():
+    out = _C.cuda_emulation_selftest("warp")
+    rows = [out[6 * t: 6 * t + 6] for t in range(64)]
+    for t, (total, odd, swapped, bcast, any7, all_small) in enumerate(rows):
+        lane = t % 32
+        assert total == (496.0 if lane == 0 else -1.0)
+        assert (odd, swapped, bcast, any7, all_small) == (1.0, float(lane ^ 1), 30.0, 1.0, 0.0)
+
+
+def test_dynamic_shared_memory():
+    assert _C.cuda_emulation_selftest("dynamic") == [float(2 * ((t + 1) % 96)) for t in range(96)]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("too_many_threads", "invalid configuration argument"),
+    ("too_much_dynamic_shared", "invalid argument"),
+    ("divergent_barriers", "different barriers"),
+])
+def test_launch_errors(case, message):
+    with pytest.raises(RuntimeError, match=message):
+        _C.cuda_emulation_selftest(case)
