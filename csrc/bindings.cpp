@@ -21,6 +21,7 @@
 #include "overlap.h"
 #include "parallel.h"
 #include "pool.h"
+#include "rnn.h"
 
 namespace py = pybind11;
 using namespace fastdl;
@@ -212,6 +213,41 @@ void run_pool(int device, uintptr_t stream, const CpuCall& cpu, const CudaCall& 
   (void)stream;
   throw std::runtime_error("fastdl was built without CUDA");
 #endif
+}
+
+// ---- recurrent layer argument unpacking (csrc/rnn.h) -------------------------------------------
+
+// geometry = (mode, dtype, steps, batch, batch_sizes, input_size, hidden_size, proj_size,
+// reverse, has_bias); batch_sizes is None or a pointer to `steps` int64 values (a CPU tensor's
+// data_ptr or an int64 numpy array), which must outlive the call.
+RnnParams rnn_params(const py::tuple& g) {
+  FASTDL_CHECK(g.size() == 10, "fastdl internal: rnn geometry needs 10 fields, got ", g.size());
+  RnnParams p;
+  const int mode = g[0].cast<int>();
+  FASTDL_CHECK(mode >= 0 && mode <= 3, "fastdl internal: unknown rnn mode ", mode);
+  p.mode = static_cast<RnnMode>(mode);
+  p.dtype = dtype_of(g[1].cast<int>());
+  p.steps = g[2].cast<int64_t>();
+  p.batch = g[3].cast<int64_t>();
+  p.batch_sizes = static_cast<const int64_t*>(optional_pointer(g[4]));
+  p.input_size = g[5].cast<int64_t>();
+  p.hidden_size = g[6].cast<int64_t>();
+  p.proj_size = g[7].cast<int64_t>();
+  p.reverse = g[8].cast<bool>();
+  p.has_bias = g[9].cast<bool>();
+  check_rnn_params(p);
+  return p;
+}
+
+RnnWeights rnn_weights(py::handle w_ih, py::handle w_hh, py::handle b_ih, py::handle b_hh,
+                       py::handle w_hr) {
+  RnnWeights w;
+  w.w_ih = pointer_of(w_ih);
+  w.w_hh = pointer_of(w_hh);
+  w.b_ih = optional_pointer(b_ih);
+  w.b_hh = optional_pointer(b_hh);
+  w.w_hr = optional_pointer(w_hr);
+  return w;
 }
 
 // ---- convolution argument unpacking (csrc/conv.h) ----------------------------------------------
@@ -630,4 +666,62 @@ PYBIND11_MODULE(_C, m) {
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("alpha"), py::arg("beta"), py::arg("lda"),
       py::arg("ldb"), py::arg("ldc"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       py::arg("allow_tf32"));
+
+  // ---- recurrent layers (csrc/rnn.h) -----------------------------------------------------------
+  // One layer and direction per call; python/fastdl/ops/rnn.py has checked shapes, dtypes and
+  // devices and allocated every buffer (sizes from rnn_buffer_sizes).
+  m.def("rnn_buffer_sizes", [](const py::tuple& geometry) {
+    const RnnParams p = rnn_params(geometry);
+    return py::make_tuple(rnn_workspace_layout(p).total, rnn_scratch_layout(p).total);
+  });
+  m.def(
+      "rnn_forward",
+      [](const py::tuple& geometry, py::handle x, py::handle w_ih, py::handle w_hh,
+         py::handle b_ih, py::handle b_hh, py::handle w_hr, py::handle h0, py::handle c0,
+         py::handle y, py::handle hn, py::handle cn, py::handle workspace, int device) {
+        const RnnParams p = rnn_params(geometry);
+        const RnnWeights w = rnn_weights(w_ih, w_hh, b_ih, b_hh, w_hr);
+        RnnForwardArgs a;
+        a.x = pointer_of(x);
+        a.h0 = pointer_of(h0);
+        a.c0 = optional_pointer(c0);
+        a.y = pointer_of(y);
+        a.hn = pointer_of(hn);
+        a.cn = optional_pointer(cn);
+        a.workspace = optional_pointer(workspace);
+        FASTDL_CHECK(p.mode != RnnMode::Lstm || (a.c0 && a.cn), "fastdl internal: LSTM needs c0, cn");
+        FASTDL_CHECK(p.proj_size == 0 || w.w_hr, "fastdl internal: projection needs w_hr");
+        FASTDL_CHECK(device < 0, "fastdl: recurrent layers have no CUDA kernels yet");
+        py::gil_scoped_release release;
+        rnn_forward_cpu(p, w, a);
+      });
+  m.def(
+      "rnn_backward",
+      [](const py::tuple& geometry, py::handle x, py::handle w_ih, py::handle w_hh,
+         py::handle w_hr, py::handle dy, py::handle dhn, py::handle dcn, py::handle workspace,
+         py::handle scratch, py::handle dx, py::handle dh0, py::handle dc0, py::handle dw_ih,
+         py::handle dw_hh, py::handle db_ih, py::handle db_hh, py::handle dw_hr, int device) {
+        const RnnParams p = rnn_params(geometry);
+        const RnnWeights w = rnn_weights(w_ih, w_hh, py::none(), py::none(), w_hr);
+        RnnBackwardArgs a;
+        a.x = pointer_of(x);
+        a.dy = optional_pointer(dy);
+        a.dhn = optional_pointer(dhn);
+        a.dcn = optional_pointer(dcn);
+        a.workspace = pointer_of(workspace);
+        a.scratch = pointer_of(scratch);
+        a.dx = optional_pointer(dx);
+        a.dh0 = pointer_of(dh0);
+        a.dc0 = optional_pointer(dc0);
+        a.dw_ih = optional_pointer(dw_ih);
+        a.dw_hh = optional_pointer(dw_hh);
+        a.db_ih = optional_pointer(db_ih);
+        a.db_hh = optional_pointer(db_hh);
+        a.dw_hr = optional_pointer(dw_hr);
+        FASTDL_CHECK(p.mode != RnnMode::Lstm || a.dc0, "fastdl internal: LSTM needs dc0");
+        FASTDL_CHECK(p.proj_size == 0 || w.w_hr, "fastdl internal: projection needs w_hr");
+        FASTDL_CHECK(device < 0, "fastdl: recurrent layers have no CUDA kernels yet");
+        py::gil_scoped_release release;
+        rnn_backward_cpu(p, w, a);
+      });
 }

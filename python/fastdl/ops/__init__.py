@@ -13,10 +13,18 @@ from .optim import adam_step, rmsprop_step, sgd_step
 from .pool import (adaptive_avg_pool2d, adaptive_avg_pool2d_backward, adaptive_max_pool2d,
                    adaptive_max_pool2d_backward, avg_pool2d, avg_pool2d_backward, max_pool2d,
                    max_pool2d_backward, max_unpool2d, max_unpool2d_backward)
+from .rnn import (gru_cell_backward, gru_cell_forward, gru_layer_backward, gru_layer_forward,
+                  lstm_cell_backward, lstm_cell_forward, lstm_layer_backward, lstm_layer_forward,
+                  recurrent_layer_backward, recurrent_layer_forward, rnn_cell_backward,
+                  rnn_cell_forward, rnn_layer_backward, rnn_layer_forward)
 
 __all__ = ["sgd_step", "adam_step", "rmsprop_step", "matmul", "gemm", "linear", "linear_backward",
            "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
            "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "adaptive_avg_pool2d",
            "adaptive_avg_pool2d_backward", "max_unpool2d", "max_unpool2d_backward", "conv2d",
            "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
-           "set_conv_algorithm", "get_conv_algorithm"]
+           "set_conv_algorithm", "get_conv_algorithm",
+           "recurrent_layer_forward", "recurrent_layer_backward", "lstm_layer_forward",
+           "lstm_layer_backward", "gru_layer_forward", "gru_layer_backward", "rnn_layer_forward",
+           "rnn_layer_backward", "lstm_cell_forward", "lstm_cell_backward", "gru_cell_forward",
+           "gru_cell_backward", "rnn_cell_forward", "rnn_cell_backward"]

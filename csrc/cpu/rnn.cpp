@@ -1,0 +1,790 @@
+// Recurrent layers on the CPU: one layer and one direction of torch.nn.RNN (tanh, relu),
+// torch.nn.LSTM (with proj_size) and torch.nn.GRU per call, forward and backward through time,
+// float32 and float64, in the packed time-major layout of csrc/rnn.h (PackedSequence.data).
+// Forward:
+//   1. xg = x @ W_ih^T for many steps at once: one large GEMM (training: all N rows, straight into
+//      the saved activation buffer, which the gate pass then overwrites row by row; inference:
+//      blocks of >= 512 rows into a reused scratch, so nothing of size N is kept).
+//   2. W_hh is packed once per call into panels of 8 hidden units x all G gates (k-major), so one
+//      register tile (rows x G*8) of the recurrent product holds every gate of 8 units; the gate
+//      math (rnn_math.h; AVX2 exp/sigmoid/tanh from vec_math.h) runs on the tile straight away and
+//      writes the new state (ping-pong buffers), the output row and, in training, the activations.
+//      For R > 128 the product is sliced in k (partial sums per thread) so a panel slice stays in
+//      L1 across the step's row groups. LSTM projection: one GEMM per step after the gate pass.
+// Backward (reverse visiting order): per step a fused pass turns the output gradient and the
+// carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
+// register-tiled product reading W_hh in place (no per-step packing). After the loop the weight
+// gradients are large GEMMs over all N rows: dW_ih = dg^T x, dW_hh = dg_h^T hprev,
+// dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
+// Work split: the forward step splits unit blocks over the threads (the same blocks every step,
+// so each thread's panels stay in its cache; one thread while a step is under ~64K flops per
+// thread, e.g. batch 1, hidden 64); the dh product splits 16-column chunks; big GEMMs are
+// threaded by csrc/cpu/gemm.cpp.
+// Measured (one thread, CPU time, 2-core Zen4 VM shared with other jobs; LSTM 64-128-32-50
+// float32): forward 41 ms with libm expf/tanhf in a scalar gate loop -> 15 ms with AVX2 gate math
+// -> 8.8 ms with 2-row LSTM tiles (3 rows spilled 4 accumulators); backward 12.7 -> 8.2 ms once
+// the dh product kept its accumulators in registers.
+// Tested by tests/test_rnn.py and tests/test_rnn_db.py (both kernel builds); timed by
+// benchmarks/bench_rnn.py.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "../cpu_features.h"
+#include "../gemm.h"
+#include "../parallel.h"
+#include "../rnn.h"
+#include "../rnn_math.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include "vec_math.h"
+#define FASTDL_RNN_AVX2 1
+#endif
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+void gemm(const GemmParams& p, const void* a, const void* b, void* c);  // csrc/cpu/gemm.cpp
+
+namespace {
+
+// Grow-only scratch owned by the calling thread (the step loop runs on the caller's thread).
+struct RnnScratchBuf {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  ~RnnScratchBuf() { std::free(ptr); }
+  void* get(size_t n) {
+    if (n > bytes) {
+      std::free(ptr);
+      ptr = nullptr;
+      bytes = 0;
+      const size_t want = (n + 63) / 64 * 64;
+      ptr = std::aligned_alloc(64, want);
+      if (!ptr) throw std::bad_alloc();
+      bytes = want;
+    }
+    return ptr;
+  }
+};
+thread_local RnnScratchBuf tl_xg, tl_hh;
+
+// c (m x n, ldc) = alpha * op(a) op(b) + beta * c, on fastdl's GEMM.
+template <class T>
+void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+        int64_t ldb, T* c, int64_t ldc, double beta) {
+  GemmParams g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.alpha = 1.0;
+  g.beta = beta;
+  g.lda = std::max<int64_t>(lda, 1);
+  g.ldb = std::max<int64_t>(ldb, 1);
+  g.ldc = std::max<int64_t>(ldc, 1);
+  g.dtype = std::is_same<T, float>::value ? DType::Float32 : DType::Float64;
+  gemm(g, a, b, c);
+}
+
+// Pairs (row, unit) of a rows x units block, in chunks for the threads; f(row, u0, u1).
+template <class F>
+void for_units(int64_t rows, int64_t units, const F& f) {
+  const int64_t n = rows * units;
+  parallel_for(n, 8192, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo / units; b * units < hi; ++b) {
+      const int64_t u0 = std::max(lo - b * units, int64_t(0));
+      const int64_t u1 = std::min(hi - b * units, units);
+      f(b, u0, u1);
+    }
+  });
+}
+
+template <class T>
+T bias_at(const T* b, int64_t i) {
+  return b ? b[i] : T(0);
+}
+
+// Row offsets of every step: off[t] = bs[0] + ... + bs[t-1]; off[T] = N.
+std::vector<int64_t> step_offsets(const RnnParams& p) {
+  std::vector<int64_t> off(p.steps + 1, 0);
+  for (int64_t t = 0; t < p.steps; ++t) off[t + 1] = off[t] + p.rows_at(t);
+  return off;
+}
+
+// ---- forward -----------------------------------------------------------------------------------
+
+// Hidden units per packed block of W_hh: one 8-float vector per gate.
+constexpr int64_t kW = 8;
+
+// W_hh (G*H, R) -> one panel per block of kW units: panel jb holds, for each k < R, the G*kW
+// values W_hh[q*H + jb*kW + u][k] at [k][q*kW + u] (units past H are zero). Packed once per call,
+// so each step streams a contiguous, aligned panel per block (the recurrent product then has
+// every gate of a unit in one register tile, and the gate math follows without a round trip).
+template <class T>
+void pack_recurrent(const T* w_hh, int64_t G, int64_t H, int64_t R, T* dst) {
+  const int64_t blocks = (H + kW - 1) / kW, C = G * kW;
+  parallel_for(blocks, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t jb = lo; jb < hi; ++jb) {
+      T* d = dst + jb * R * C;
+      for (int64_t q = 0; q < G; ++q)
+        for (int64_t u = 0; u < kW; ++u) {
+          const int64_t j = jb * kW + u;
+          const T* src = j < H ? w_hh + (q * H + j) * R : nullptr;
+          for (int64_t k = 0; k < R; ++k) d[k * C + q * kW + u] = src ? src[k] : T(0);
+        }
+    }
+  });
+}
+
+// out[i][c] = sum_k h[i][k] * panel[k][c], i < MB rows (hr: row pointers), c < G*kW.
+// out += (or =, when !accumulate) the product over k in [0, R) of this k slice.
+template <class T, int G, int MB>
+inline void recurrent_tile(int64_t R, const T* __restrict panel, const T* const* hr,
+                           T* __restrict out, bool accumulate) {
+  constexpr int C = G * kW;
+  T acc[MB][C] = {};
+  for (int64_t k = 0; k < R; ++k) {
+    const T* pk = panel + k * C;
+    for (int i = 0; i < MB; ++i) {
+      const T hv = hr[i][k];
+#pragma omp simd
+      for (int c = 0; c < C; ++c) acc[i][c] += hv * pk[c];
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int c = 0; c < C; ++c) out[i * C + c] = accumulate ? out[i * C + c] + acc[i][c] : acc[i][c];
+}
+
+#if defined(FASTDL_RNN_AVX2)
+// float32: MB x G ymm accumulators, per k G aligned panel loads and MB broadcasts.
+template <int G, int MB>
+inline void recurrent_tile_f32(int64_t R, const float* __restrict panel, const float* const* hr,
+                               float* __restrict out, bool accumulate) {
+  __m256 acc[MB][G];
+  for (int i = 0; i < MB; ++i)
+    for (int q = 0; q < G; ++q) acc[i][q] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    __m256 hv[MB];
+    for (int i = 0; i < MB; ++i) hv[i] = _mm256_broadcast_ss(hr[i] + k);
+    for (int q = 0; q < G; ++q) {
+      const __m256 wq = _mm256_load_ps(panel + k * G * 8 + q * 8);
+      for (int i = 0; i < MB; ++i) acc[i][q] = _mm256_fmadd_ps(hv[i], wq, acc[i][q]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int q = 0; q < G; ++q) {
+      float* o = out + (i * G + q) * 8;
+      _mm256_storeu_ps(o, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o), acc[i][q]) : acc[i][q]);
+    }
+}
+template <>
+inline void recurrent_tile<float, 4, 2>(int64_t R, const float* __restrict panel,
+                                        const float* const* hr, float* __restrict out,
+                                        bool accumulate) {
+  recurrent_tile_f32<4, 2>(R, panel, hr, out, accumulate);
+}
+template <>
+inline void recurrent_tile<float, 3, 3>(int64_t R, const float* __restrict panel,
+                                        const float* const* hr, float* __restrict out,
+                                        bool accumulate) {
+  recurrent_tile_f32<3, 3>(R, panel, hr, out, accumulate);
+}
+template <>
+inline void recurrent_tile<float, 1, 6>(int64_t R, const float* __restrict panel,
+                                        const float* const* hr, float* __restrict out,
+                                        bool accumulate) {
+  recurrent_tile_f32<1, 6>(R, panel, hr, out, accumulate);
+}
+#endif
+
+// Rows per register tile: G*MB accumulators + MB broadcasts + 1 panel vector <= 16 ymm.
+template <int G> struct TileRows { static constexpr int value = G == 1 ? 6 : G == 3 ? 3 : 2; };
+
+// Where one step's gate pass reads and writes, all for the step's rows (row b at b * ld).
+template <class T>
+struct StepIo {
+  T* xa;            // (bs, ld_xa): W_ih x in; the activations out (training: saved)
+  int64_t ld_xa;
+  const T* bias;    // (G*H) b_ih + b_hh (GRU n gate: b_in only); zeros without bias
+  const T* bhn;     // (H) GRU: b_hn
+  const T* h_old;   // (bs, R) state before the step
+  T* h_out;         // (bs, ld_h) new state (no projection) or hpre (projection)
+  int64_t ld_h;
+  T* y;             // (bs, R) output rows, or nullptr (projection: written after W_hr)
+  T* c;             // (bs, H) LSTM cell state, updated in place
+  T* c_save;        // (bs, H) training: c after the step; nullptr in inference
+  T* cprev_save;    // (bs, H) training: c before it
+  bool save;        // training: keep the activations (in xa) and the cell states
+};
+
+// Gate math for units [j0, j0 + w) of row b; hh: the tile row (gate q at q*kW).
+template <class T, bool SAVE>
+inline void lstm_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
+                       const T* __restrict hh) {
+  T* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const T* __restrict bias = io.bias + j0;
+  T* __restrict c = io.c + b * H + j0;
+  T* __restrict ho = io.h_out + b * io.ld_h + j0;
+  T* __restrict y = io.y ? io.y + b * H + j0 : nullptr;
+  T* __restrict cs = SAVE ? io.c_save + b * H + j0 : nullptr;
+  T* __restrict cp = SAVE ? io.cprev_save + b * H + j0 : nullptr;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == kW) {  // one vector per gate
+      __m256 a[4];
+      for (int q = 0; q < 4; ++q)
+        a[q] = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xa + q * H), _mm256_loadu_ps(hh + q * kW)),
+                             _mm256_loadu_ps(bias + q * H));
+      const __m256 i = sigmoid8(a[0]), f = sigmoid8(a[1]), g = tanh8(a[2]), o = sigmoid8(a[3]);
+      const __m256 c_old = _mm256_loadu_ps(c);
+      const __m256 c_new = _mm256_fmadd_ps(f, c_old, _mm256_mul_ps(i, g));
+      const __m256 h_new = _mm256_mul_ps(o, tanh8(c_new));
+      _mm256_storeu_ps(c, c_new);
+      _mm256_storeu_ps(ho, h_new);
+      if (y) _mm256_storeu_ps(y, h_new);
+      if (SAVE) {
+        _mm256_storeu_ps(xa, i);
+        _mm256_storeu_ps(xa + H, f);
+        _mm256_storeu_ps(xa + 2 * H, g);
+        _mm256_storeu_ps(xa + 3 * H, o);
+        _mm256_storeu_ps(cs, c_new);
+        _mm256_storeu_ps(cp, c_old);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t u = 0; u < w; ++u) {
+    T i, f, g, o, c_new, h_new;
+    const T c_old = c[u];
+    lstm_unit_forward(xa[u] + hh[u] + bias[u], xa[H + u] + hh[kW + u] + bias[H + u],
+                      xa[2 * H + u] + hh[2 * kW + u] + bias[2 * H + u],
+                      xa[3 * H + u] + hh[3 * kW + u] + bias[3 * H + u], c_old, i, f, g, o, c_new,
+                      h_new);
+    c[u] = c_new;
+    ho[u] = h_new;
+    if (SAVE) {
+      xa[u] = i;
+      xa[H + u] = f;
+      xa[2 * H + u] = g;
+      xa[3 * H + u] = o;
+      cs[u] = c_new;
+      cp[u] = c_old;
+    }
+  }
+  if (y)
+    for (int64_t u = 0; u < w; ++u) y[u] = ho[u];
+}
+
+template <class T, bool SAVE>
+inline void gru_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
+                      const T* __restrict hh) {
+  T* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const T* __restrict bias = io.bias + j0;
+  const T* __restrict bhn = io.bhn + j0;
+  const T* __restrict h = io.h_old + b * H + j0;
+  T* __restrict ho = io.h_out + b * io.ld_h + j0;
+  T* __restrict y = io.y + b * H + j0;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == kW) {
+      const __m256 r = sigmoid8(_mm256_add_ps(
+          _mm256_add_ps(_mm256_loadu_ps(xa), _mm256_loadu_ps(bias)), _mm256_loadu_ps(hh)));
+      const __m256 z = sigmoid8(_mm256_add_ps(
+          _mm256_add_ps(_mm256_loadu_ps(xa + H), _mm256_loadu_ps(bias + H)),
+          _mm256_loadu_ps(hh + kW)));
+      const __m256 hn = _mm256_add_ps(_mm256_loadu_ps(hh + 2 * kW), _mm256_loadu_ps(bhn));
+      const __m256 n = tanh8(_mm256_fmadd_ps(
+          r, hn, _mm256_add_ps(_mm256_loadu_ps(xa + 2 * H), _mm256_loadu_ps(bias + 2 * H))));
+      const __m256 h_new = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(h), n), z, n);
+      _mm256_storeu_ps(ho, h_new);
+      _mm256_storeu_ps(y, h_new);
+      if (SAVE) {
+        _mm256_storeu_ps(xa, r);
+        _mm256_storeu_ps(xa + H, z);
+        _mm256_storeu_ps(xa + 2 * H, n);
+        _mm256_storeu_ps(xa + 3 * H, hn);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t u = 0; u < w; ++u) {
+    T r, z, n, h_new;
+    const T hn = hh[2 * kW + u] + bhn[u];
+    gru_unit_forward(xa[u] + bias[u], xa[H + u] + bias[H + u], xa[2 * H + u] + bias[2 * H + u],
+                     hh[u], hh[kW + u], hn, h[u], r, z, n, h_new);
+    ho[u] = h_new;
+    y[u] = h_new;
+    if (SAVE) {
+      xa[u] = r;
+      xa[H + u] = z;
+      xa[2 * H + u] = n;
+      xa[3 * H + u] = hn;
+    }
+  }
+}
+
+template <class T, bool SAVE>
+inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
+                        const T* __restrict hh, bool relu) {
+  T* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const T* __restrict bias = io.bias + j0;
+  T* __restrict ho = io.h_out + b * io.ld_h + j0;
+  T* __restrict y = io.y + b * H + j0;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    if (w == kW) {
+      const __m256 a = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(xa), _mm256_loadu_ps(hh)),
+                                     _mm256_loadu_ps(bias));
+      // relu: max(a, 0) would turn NaN into 0; keep torch's NaN (a < 0 ? 0 : a)
+      const __m256 h_new = relu ? _mm256_blendv_ps(a, _mm256_setzero_ps(),
+                                                   _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LT_OQ))
+                                : tanh8(a);
+      _mm256_storeu_ps(ho, h_new);
+      _mm256_storeu_ps(y, h_new);
+      if (SAVE) _mm256_storeu_ps(xa, h_new);
+      return;
+    }
+  }
+#endif
+  for (int64_t u = 0; u < w; ++u) {
+    const T h_new = rnn_unit_forward(xa[u] + hh[u] + bias[u], relu);
+    ho[u] = h_new;
+    y[u] = h_new;
+    if (SAVE) xa[u] = h_new;
+  }
+}
+
+// k slice of the recurrent product when R is large: a slice of a panel (kKc x G*kW) stays in L1
+// while every row group of the step reuses it (partial sums in a per-thread (bs, G*kW) buffer).
+// LSTM 256-512-64-100 forward, one thread: the whole-R panel (64 KB) streamed from L2 per row
+// group ran at 55 GFLOP/s.
+constexpr int64_t kKc = 128;
+
+// One step over rows [0, bs): recurrent product from the packed panels, then the gate math, per
+// block of kW units; blocks are split over the threads (the same blocks every step, so each
+// thread's panels stay in its cache).
+template <class T, int G, bool SAVE>
+void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io,
+                T* partials) {
+  constexpr int MB = TileRows<G>::value;
+  constexpr int C = G * kW;
+  const int64_t H = p.hidden_size, R = p.out_size();
+  const int64_t blocks = (H + kW - 1) / kW;
+  // Threads only when a block's work is worth a wake-up (~64K flops per thread and step).
+  const int64_t flops_per_block = 2 * bs * R * C;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
+  const bool relu = p.mode == RnnMode::Relu;
+  auto gates = [&](int64_t b, int64_t j0, int64_t w, const T* hh) {
+    if (G == 4) lstm_units<T, SAVE>(io, H, b, j0, w, hh);
+    else if (G == 3) gru_units<T, SAVE>(io, H, b, j0, w, hh);
+    else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
+  };
+  // parallel_for runs inline inside an enclosing OpenMP region (whose thread numbers may exceed
+  // the slots allocated for fastdl's thread count): slot 0 then.
+  const bool nested = omp_in_parallel() != 0;
+  parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
+    alignas(64) T tile[MB * C];
+    const T* hr[MB];
+    T* part = partials + (nested ? 0 : int64_t(omp_get_thread_num())) * p.batch * C;
+    for (int64_t jb = lo; jb < hi; ++jb) {
+      const T* panel = panels + jb * R * C;
+      const int64_t j0 = jb * kW, w = std::min<int64_t>(kW, H - j0);
+      if (R <= kKc) {  // one k slice: tile in registers, then straight into the gate math
+        for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+          const int mb = static_cast<int>(std::min<int64_t>(MB, bs - b0));
+          for (int i = 0; i < MB; ++i) hr[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
+          recurrent_tile<T, G, MB>(R, panel, hr, tile, false);
+          for (int i = 0; i < mb; ++i) gates(b0 + i, j0, w, tile + i * C);
+        }
+        continue;
+      }
+      for (int64_t k0 = 0; k0 < R; k0 += kKc) {
+        const int64_t kc = std::min(kKc, R - k0);
+        for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+          const int mb = static_cast<int>(std::min<int64_t>(MB, bs - b0));
+          for (int i = 0; i < MB; ++i) hr[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R + k0;
+          T* out = mb == MB ? part + b0 * C : tile;
+          recurrent_tile<T, G, MB>(kc, panel + k0 * C, hr, out, mb == MB && k0 > 0);
+          if (mb < MB)  // a partial row group went through the stack tile
+            for (int i = 0; i < mb; ++i)
+              for (int c = 0; c < C; ++c)
+                part[(b0 + i) * C + c] = (k0 > 0 ? part[(b0 + i) * C + c] : T(0)) + tile[i * C + c];
+        }
+      }
+      for (int64_t b = 0; b < bs; ++b) gates(b, j0, w, part + b * C);
+    }
+  });
+}
+
+template <class T, int G>
+void fused_step_any(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io,
+                    T* partials) {
+  if (io.save)
+    fused_step<T, G, true>(p, panels, bs, io, partials);
+  else
+    fused_step<T, G, false>(p, panels, bs, io, partials);
+}
+
+template <class T>
+void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
+  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
+  const int64_t G = p.gates(), GH = G * H, N = p.total_rows();
+  const bool lstm = p.mode == RnnMode::Lstm, proj = p.proj_size > 0;
+  const T* x = static_cast<const T*>(a.x);
+  const T* w_ih = static_cast<const T*>(w.w_ih);
+  const T* w_hr = static_cast<const T*>(w.w_hr);
+  T* y = static_cast<T*>(a.y);
+  T* hn = static_cast<T*>(a.hn);
+  T* cs = lstm ? static_cast<T*>(a.cn) : nullptr;
+  std::memcpy(hn, a.h0, sizeof(T) * B * R);
+  if (lstm) std::memcpy(cs, a.c0, sizeof(T) * B * H);
+  if (p.steps == 0 || B == 0) return;
+
+  const std::vector<int64_t> off = step_offsets(p);
+  const RnnWorkspace L = rnn_workspace_layout(p);
+  T* ws = static_cast<T*>(a.workspace);
+  T* act = ws ? ws + L.act : nullptr;
+  T* hprev = ws ? ws + L.hprev : nullptr;
+
+  // Reused scratch: packed W_hh, combined biases, the second state buffer, hpre (inference).
+  const int64_t blocks = (H + kW - 1) / kW;
+  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * B * G * kW : 0;
+  T* panels = static_cast<T*>(tl_hh.get(sizeof(T) * (blocks * R * G * kW + GH + H + B * R +
+                                                      (proj ? B * H : 0) + part_n)));
+  T* bias = panels + blocks * R * G * kW;
+  T* bhn = bias + GH;
+  T* h_other = bhn + H;
+  T* hpre_tmp = proj ? h_other + B * R : nullptr;
+  T* partials = h_other + B * R + (proj ? B * H : 0);  // per-thread (B, G*kW) partial sums
+  pack_recurrent(static_cast<const T*>(w.w_hh), G, H, R, panels);
+  const T* bi = static_cast<const T*>(w.b_ih);
+  const T* bh = static_cast<const T*>(w.b_hh);
+  for (int64_t i = 0; i < GH; ++i) {
+    const bool gru_n = p.mode == RnnMode::Gru && i >= 2 * H;
+    bias[i] = bias_at(bi, i) + (gru_n ? T(0) : bias_at(bh, i));
+  }
+  for (int64_t j = 0; j < H; ++j) bhn[j] = p.mode == RnnMode::Gru ? bias_at(bh, 2 * H + j) : T(0);
+
+  // Training: the input projection of all N rows at once, into the activation buffer.
+  // Inference: blocks of steps with at least kXgRows rows, into a reused scratch.
+  constexpr int64_t kXgRows = 512;
+  T* xg = nullptr;
+  int64_t ld_xg = GH, xg_t0 = 0, xg_t1 = 0;  // steps [xg_t0, xg_t1) are in xg (inference)
+  if (ws) {
+    ld_xg = L.act_cols;
+    mm<T>(false, true, N, GH, I, x, I, w_ih, I, act, ld_xg, 0.0);
+  }
+
+  T* h_cur = hn;
+  T* h_next = h_other;
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.reverse ? p.steps - 1 - s : s;
+    const int64_t bs = p.rows_at(t), row0 = off[t];
+    T* xg_rows;
+    if (ws) {
+      xg_rows = act + row0 * ld_xg;
+    } else {
+      if (t < xg_t0 || t >= xg_t1) {  // the next block of steps in visiting order
+        int64_t lo = t, hi = t + 1;
+        if (!p.reverse) while (hi < p.steps && off[hi] - off[lo] < kXgRows) ++hi;
+        else while (lo > 0 && off[hi] - off[lo] < kXgRows) --lo;
+        xg = static_cast<T*>(tl_xg.get(sizeof(T) * (off[hi] - off[lo]) * GH));
+        mm<T>(false, true, off[hi] - off[lo], GH, I, x + off[lo] * I, I, w_ih, I, xg, GH, 0.0);
+        xg_t0 = lo;
+        xg_t1 = hi;
+      }
+      xg_rows = xg + (row0 - off[xg_t0]) * GH;
+    }
+    if (hprev) std::memcpy(hprev + row0 * R, h_cur, sizeof(T) * bs * R);
+    if (bs < B) std::memcpy(h_next + bs * R, h_cur + bs * R, sizeof(T) * (B - bs) * R);
+    T* hpre = proj ? (ws ? ws + L.hpre + row0 * H : hpre_tmp) : nullptr;
+    StepIo<T> io{xg_rows, ld_xg, bias, bhn, h_cur, proj ? hpre : h_next, proj ? H : R,
+                 proj ? nullptr : y + row0 * R, cs,
+                 ws && lstm ? ws + L.c + row0 * H : nullptr,
+                 ws && lstm ? ws + L.cprev + row0 * H : nullptr, ws != nullptr};
+    if (G == 4) fused_step_any<T, 4>(p, panels, bs, io, partials);
+    else if (G == 3) fused_step_any<T, 3>(p, panels, bs, io, partials);
+    else fused_step_any<T, 1>(p, panels, bs, io, partials);
+    if (proj) {
+      mm<T>(false, true, bs, R, H, hpre, H, w_hr, H, h_next, R, 0.0);
+      std::memcpy(y + row0 * R, h_next, sizeof(T) * bs * R);
+    }
+    std::swap(h_cur, h_next);
+  }
+  if (h_cur != hn) std::memcpy(hn, h_cur, sizeof(T) * B * R);
+}
+
+// ---- backward ----------------------------------------------------------------------------------
+
+// Column sums of g (n x cols) into out (cols).
+template <class T>
+void column_sums(const T* g, int64_t n, int64_t cols, T* out) {
+  parallel_for(cols, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) out[c] = T(0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T* gi = g + i * cols;
+      for (int64_t c = c0; c < c1; ++c) out[c] += gi[c];
+    }
+  });
+}
+
+// dh[b][k] = sum_n dg[b][n] * w[n][k] (+ dh when accumulate) for rows [0, bs), k < R: the
+// recurrent product of the backward step, reading W_hh (GH x R) in place, 16 columns at a time
+// per register tile of up to 6 rows (the GEMM's 6x16 tile without packing: W_hh is walked in
+// rows of 16 contiguous values, the same every step, so it stays in cache).
+template <class T>
+void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, T* dh,
+                bool accumulate) {
+  constexpr int64_t KB = 16;
+  constexpr int MB = 6;
+  const int64_t chunks = (R + KB - 1) / KB;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 2 * bs * GH * KB));
+  parallel_for(chunks, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t kc = lo; kc < hi; ++kc) {
+      const int64_t k0 = kc * KB, kw = std::min(KB, R - k0);
+      for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+        const int64_t mb = std::min<int64_t>(MB, bs - b0);
+#if defined(FASTDL_RNN_AVX2)
+        if constexpr (std::is_same<T, float>::value) {
+          if (kw == KB) {
+            __m256 acc[MB][2];
+            for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+            const float* rows[MB];
+            for (int i = 0; i < MB; ++i) rows[i] = dg + (b0 + std::min<int64_t>(i, mb - 1)) * GH;
+            const float* wk = w + k0;
+            for (int64_t n = 0; n < GH; ++n) {
+              const __m256 w0 = _mm256_loadu_ps(wk + n * R), w1 = _mm256_loadu_ps(wk + n * R + 8);
+              for (int i = 0; i < MB; ++i) {
+                const __m256 g = _mm256_broadcast_ss(rows[i] + n);
+                acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(g, w1, acc[i][1]);
+              }
+            }
+            // constant bounds (unrolled): a runtime index would keep acc in memory, not registers
+            for (int i = 0; i < MB; ++i) {
+              if (i >= mb) break;
+              float* d = dh + (b0 + i) * R + k0;
+              if (accumulate) {
+                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(d));
+                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(d + 8));
+              }
+              _mm256_storeu_ps(d, acc[i][0]);
+              _mm256_storeu_ps(d + 8, acc[i][1]);
+            }
+            continue;
+          }
+        }
+#endif
+        T acc[MB][KB] = {};
+        for (int64_t n = 0; n < GH; ++n) {
+          const T* wn = w + n * R + k0;
+          for (int64_t i = 0; i < mb; ++i) {
+            const T g = dg[(b0 + i) * GH + n];
+            for (int64_t k = 0; k < kw; ++k) acc[i][k] += g * wn[k];
+          }
+        }
+        for (int64_t i = 0; i < mb; ++i) {
+          T* d = dh + (b0 + i) * R + k0;
+          for (int64_t k = 0; k < kw; ++k) d[k] = accumulate ? d[k] + acc[i][k] : acc[i][k];
+        }
+      }
+    }
+  });
+}
+
+// One backward step's gate pass for row b, units [u0, u1): from the saved activations and the
+// gradient into the new state (dh_state + dy, or dhpre with a projection) to the gate gradients
+// (dgx; GRU also dgh) and the carried terms (LSTM dc in place; GRU the direct dh term into dhs).
+template <class T>
+struct BackIo {
+  const T* act;                 // (bs, act_cols)
+  int64_t act_cols;
+  const T* c_new;               // LSTM (bs, H)
+  const T* c_prev;              // LSTM (bs, H)
+  const T* h_prev;              // GRU (bs, R)
+  const T* dh_in;               // (bs, ld_dh_in): dh_state or dhpre
+  int64_t ld_dh_in;
+  const T* dy;                  // (bs, R) or nullptr (projection: already in dh_in)
+  T* dgx;                       // (bs, G*H)
+  T* dgh;                       // GRU (bs, G*H)
+  T* dc;                        // LSTM (bs, H), in place
+  T* dh_direct;                 // GRU (bs, R): written
+};
+
+template <class T>
+void lstm_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int64_t u1) {
+  const T* __restrict ar = io.act + b * io.act_cols;
+  const T* __restrict cn = io.c_new + b * H;
+  const T* __restrict cp = io.c_prev + b * H;
+  const T* __restrict dhi = io.dh_in + b * io.ld_dh_in;
+  const T* __restrict dy = io.dy ? io.dy + b * H : nullptr;
+  T* __restrict g = io.dgx + b * 4 * H;
+  T* __restrict dc = io.dc + b * H;
+  int64_t j = u0;
+#if defined(FASTDL_RNN_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; j + 8 <= u1; j += 8) {
+      const __m256 i = _mm256_loadu_ps(ar + j), f = _mm256_loadu_ps(ar + H + j);
+      const __m256 gg = _mm256_loadu_ps(ar + 2 * H + j), o = _mm256_loadu_ps(ar + 3 * H + j);
+      __m256 dh = _mm256_loadu_ps(dhi + j);
+      if (dy) dh = _mm256_add_ps(dh, _mm256_loadu_ps(dy + j));
+      const __m256 tc = tanh8(_mm256_loadu_ps(cn + j));
+      const __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dh, o), _mm256_fnmadd_ps(tc, tc, one),
+                                         _mm256_loadu_ps(dc + j));
+      const __m256 do_ = _mm256_mul_ps(_mm256_mul_ps(dh, tc), _mm256_mul_ps(o, _mm256_sub_ps(one, o)));
+      const __m256 di = _mm256_mul_ps(_mm256_mul_ps(dct, gg), _mm256_mul_ps(i, _mm256_sub_ps(one, i)));
+      const __m256 df = _mm256_mul_ps(_mm256_mul_ps(dct, _mm256_loadu_ps(cp + j)),
+                                      _mm256_mul_ps(f, _mm256_sub_ps(one, f)));
+      const __m256 dg = _mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_fnmadd_ps(gg, gg, one));
+      _mm256_storeu_ps(g + j, di);
+      _mm256_storeu_ps(g + H + j, df);
+      _mm256_storeu_ps(g + 2 * H + j, dg);
+      _mm256_storeu_ps(g + 3 * H + j, do_);
+      _mm256_storeu_ps(dc + j, _mm256_mul_ps(dct, f));
+    }
+  }
+#endif
+  for (; j < u1; ++j) {
+    const T dh = dhi[j] + (dy ? dy[j] : T(0));
+    lstm_unit_backward(ar[j], ar[H + j], ar[2 * H + j], ar[3 * H + j], cp[j], cn[j], dh, dc[j],
+                       g[j], g[H + j], g[2 * H + j], g[3 * H + j], dc[j]);
+  }
+}
+
+template <class T>
+void gru_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int64_t u1) {
+  const T* __restrict ar = io.act + b * io.act_cols;
+  const T* __restrict h = io.h_prev + b * H;
+  const T* __restrict dhi = io.dh_in + b * io.ld_dh_in;
+  const T* __restrict dy = io.dy ? io.dy + b * H : nullptr;
+  T* __restrict gx = io.dgx + b * 3 * H;
+  T* __restrict gh = io.dgh + b * 3 * H;
+  T* __restrict direct = io.dh_direct + b * H;
+  for (int64_t j = u0; j < u1; ++j) {
+    const T dh = dhi[j] + (dy ? dy[j] : T(0));
+    T dh_n, dir;
+    gru_unit_backward(ar[j], ar[H + j], ar[2 * H + j], ar[3 * H + j], h[j], dh, gx[j], gx[H + j],
+                      gx[2 * H + j], dh_n, dir);
+    gh[j] = gx[j];
+    gh[H + j] = gx[H + j];
+    gh[2 * H + j] = dh_n;
+    direct[j] = dir;
+  }
+}
+
+template <class T>
+void elman_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int64_t u1,
+                      bool relu) {
+  const T* __restrict ar = io.act + b * io.act_cols;
+  const T* __restrict dhi = io.dh_in + b * io.ld_dh_in;
+  const T* __restrict dy = io.dy ? io.dy + b * H : nullptr;
+  T* __restrict g = io.dgx + b * H;
+  for (int64_t j = u0; j < u1; ++j)
+    g[j] = rnn_unit_backward(ar[j], dhi[j] + (dy ? dy[j] : T(0)), relu);
+}
+
+template <class T>
+void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
+  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
+  const int64_t GH = p.gates() * H, N = p.total_rows();
+  const bool lstm = p.mode == RnnMode::Lstm, gru = p.mode == RnnMode::Gru;
+  const bool proj = p.proj_size > 0, relu = p.mode == RnnMode::Relu;
+  const RnnWorkspace L = rnn_workspace_layout(p);
+  const RnnScratch S = rnn_scratch_layout(p);
+  const T* ws = static_cast<const T*>(a.workspace);
+  T* sc = static_cast<T*>(a.scratch);
+  const T* dy = static_cast<const T*>(a.dy);
+  const T* w_hh = static_cast<const T*>(w.w_hh);
+  const T* w_hr = static_cast<const T*>(w.w_hr);
+  T* dgx = sc + S.dgx;
+  T* dgh = gru ? sc + S.dgh : dgx;
+  T* dht = proj ? sc + S.dht : nullptr;
+  T* dhpre = proj ? sc + S.dhpre : nullptr;
+  T* dhs = static_cast<T*>(a.dh0);
+  T* dcs = lstm ? static_cast<T*>(a.dc0) : nullptr;
+  if (a.dhn) std::memcpy(dhs, a.dhn, sizeof(T) * B * R);
+  else std::fill(dhs, dhs + B * R, T(0));
+  if (lstm) {
+    if (a.dcn) std::memcpy(dcs, a.dcn, sizeof(T) * B * H);
+    else std::fill(dcs, dcs + B * H, T(0));
+  }
+  const std::vector<int64_t> off = step_offsets(p);
+  // GRU's direct term dh * z goes to a second buffer: dhs is still being read by other units.
+  T* direct = gru ? static_cast<T*>(tl_xg.get(sizeof(T) * B * R)) : nullptr;
+
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.reverse ? s : p.steps - 1 - s;
+    const int64_t bs = p.rows_at(t), row0 = off[t];
+    const T* dyr = dy ? dy + row0 * R : nullptr;
+    if (proj) {  // dht = dh_state + dy; the units' gradient is dht @ W_hr
+      T* d = dht + row0 * R;
+      for (int64_t i = 0; i < bs * R; ++i) d[i] = dhs[i] + (dyr ? dyr[i] : T(0));
+      mm<T>(false, false, bs, H, R, d, R, w_hr, H, dhpre, H, 0.0);
+    }
+    BackIo<T> io{ws + L.act + row0 * L.act_cols, L.act_cols,
+                 lstm ? ws + L.c + row0 * H : nullptr, lstm ? ws + L.cprev + row0 * H : nullptr,
+                 ws + L.hprev + row0 * R, proj ? dhpre : dhs, proj ? H : R,
+                 proj ? nullptr : dyr, dgx + row0 * GH, dgh + row0 * GH, dcs, direct};
+    for_units(bs, H, [&](int64_t b, int64_t u0, int64_t u1) {
+      if (lstm) lstm_back_units(io, H, b, u0, u1);
+      else if (gru) gru_back_units(io, H, b, u0, u1);
+      else elman_back_units(io, H, b, u0, u1, relu);
+    });
+    // dh_prev = dg_h @ W_hh (+ GRU's direct term)
+    if (gru) std::memcpy(dhs, direct, sizeof(T) * bs * R);
+    dh_product<T>(bs, GH, R, dgh + row0 * GH, w_hh, dhs, gru);
+  }
+
+  const T* x = static_cast<const T*>(a.x);
+  const T* w_ih = static_cast<const T*>(w.w_ih);
+  if (a.dx) mm<T>(false, false, N, I, GH, dgx, GH, w_ih, I, static_cast<T*>(a.dx), I, 0.0);
+  if (a.dw_ih) mm<T>(true, false, GH, I, N, dgx, GH, x, I, static_cast<T*>(a.dw_ih), I, 0.0);
+  if (a.dw_hh)
+    mm<T>(true, false, GH, R, N, dgh, GH, ws + L.hprev, R, static_cast<T*>(a.dw_hh), R, 0.0);
+  if (a.db_ih) column_sums(dgx, N, GH, static_cast<T*>(a.db_ih));
+  if (a.db_hh) column_sums(dgh, N, GH, static_cast<T*>(a.db_hh));
+  if (a.dw_hr && proj)
+    mm<T>(true, false, R, H, N, dht, R, ws + L.hpre, H, static_cast<T*>(a.dw_hr), H, 0.0);
+}
+
+}  // namespace
+
+void rnn_forward(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
+  check_rnn_params(p);
+  if (p.dtype == DType::Float32) forward_typed<float>(p, w, a);
+  else forward_typed<double>(p, w, a);
+}
+
+void rnn_backward(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
+  check_rnn_params(p);
+  FASTDL_CHECK(a.workspace && a.scratch, "rnn backward: needs the forward's workspace and scratch");
+  if (p.dtype == DType::Float32) backward_typed<float>(p, w, a);
+  else backward_typed<double>(p, w, a);
+}
+
+}  // namespace FASTDL_ISA_NS
+
+#if defined(FASTDL_ISA_DEFAULT)
+#if FASTDL_HAVE_AVX2_BUILD_KERNELS
+namespace isa_avx2 {
+void rnn_forward(const RnnParams&, const RnnWeights&, const RnnForwardArgs&);
+void rnn_backward(const RnnParams&, const RnnWeights&, const RnnBackwardArgs&);
+}  // namespace isa_avx2
+#endif
+void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
+  FASTDL_CPU_DISPATCH(rnn_forward, p, w, a);
+}
+void rnn_backward_cpu(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
+  FASTDL_CPU_DISPATCH(rnn_backward, p, w, a);
+}
+#endif
+
+}  // namespace fastdl

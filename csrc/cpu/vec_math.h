@@ -1,0 +1,53 @@
+// AVX2+FMA float32 exp, sigmoid and tanh on 8 lanes: the same Cephes-style polynomials and
+// clamping as the scalar rnn_exp / rnn_tanh in csrc/rnn_math.h (so both CPU paths agree to a few
+// ulp), written with intrinsics because GCC does not if-convert the scalar clamp and left the
+// gate loops scalar. NaN stays NaN. Included by AVX2 builds only.
+#pragma once
+#include <immintrin.h>
+
+namespace fastdl {
+
+inline __m256 exp8(__m256 x) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)),
+                                  _mm256_set1_ps(88.0f));
+  const __m256 fn = _mm256_floor_ps(
+      _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_cvttps_epi32(fn);
+  const __m256 scale =
+      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+  const __m256 res = _mm256_mul_ps(y, scale);
+  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+inline __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 z = _mm256_mul_ps(ax, ax);
+  __m256 s = _mm256_set1_ps(-5.70498872745e-3f);
+  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(2.06390887954e-2f));
+  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-5.37397155531e-2f));
+  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(1.33314422036e-1f));
+  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-3.33332819422e-1f));
+  s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), ax, ax);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp8(_mm256_add_ps(ax, ax));
+  const __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+  const __m256 t = _mm256_blendv_ps(big, s, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+  return _mm256_or_ps(t, _mm256_and_ps(x, sign));
+}
+
+}  // namespace fastdl

@@ -1,0 +1,140 @@
+// Recurrent layers (torch.nn.RNN tanh/relu, LSTM with optional projection, GRU): one layer and one
+// direction per call, forward and backward through time. Param struct, the saved-workspace layout
+// and the entry points of the back ends, declared once so they cannot drift apart.
+//
+// Layout: "packed time-major", torch's PackedSequence.data layout. Step t owns rows
+// [off[t], off[t] + bs[t]) of every per-row matrix, off[t] = bs[0] + ... + bs[t-1], with
+// batch_sizes bs non-increasing (bs[0] = batch). An ordinary (T, B, *) sequence is the case
+// bs[t] = B. Rows are contiguous. The reverse direction visits steps T-1 .. 0.
+// Weights in torch's layout and gate order: w_ih (G*H, I), w_hh (G*H, R), b_ih, b_hh (G*H),
+// w_hr (R, H) where G = 4 (LSTM i, f, g, o), 3 (GRU r, z, n) or 1, and R = proj_size or H.
+#pragma once
+#include "common.h"
+
+namespace fastdl {
+
+enum class RnnMode : int { Tanh = 0, Relu = 1, Lstm = 2, Gru = 3 };
+
+inline int64_t rnn_gate_count(RnnMode m) {
+  return m == RnnMode::Lstm ? 4 : m == RnnMode::Gru ? 3 : 1;
+}
+
+struct RnnParams {
+  RnnMode mode = RnnMode::Lstm;
+  DType dtype = DType::Float32;
+  int64_t steps = 0, batch = 0;          // T, and B = rows at the longest step
+  const int64_t* batch_sizes = nullptr;  // T entries (packed input), or nullptr: B at every step
+  int64_t input_size = 0, hidden_size = 0;
+  int64_t proj_size = 0;                 // LSTM only; 0 = no projection
+  bool reverse = false;
+  bool has_bias = true;
+
+  int64_t gates() const { return rnn_gate_count(mode); }
+  int64_t out_size() const { return proj_size > 0 ? proj_size : hidden_size; }
+  int64_t rows_at(int64_t t) const { return batch_sizes ? batch_sizes[t] : batch; }
+  int64_t total_rows() const {  // N = sum of bs[t]
+    if (!batch_sizes) return steps * batch;
+    int64_t n = 0;
+    for (int64_t t = 0; t < steps; ++t) n += batch_sizes[t];
+    return n;
+  }
+};
+
+// What the forward saves for the backward, as contiguous matrices of N rows in one buffer (the
+// caller allocates workspace_elements(p) elements of p.dtype; inference passes none):
+//   act    (N, A)  activations: LSTM i, f, g, o (A = 4H); GRU r, z, n, W_hn h + b_hn (A = 4H);
+//                  RNN the new hidden state (A = H)
+//   hprev  (N, R)  the state each step started from (the right operand of dW_hh)
+//   c      (N, H)  LSTM: cell state after the step;  cprev (N, H): before it
+//   hpre   (N, H)  LSTM with projection: o * tanh(c), before W_hr
+struct RnnWorkspace {
+  int64_t act = 0, hprev = 0, c = 0, cprev = 0, hpre = 0, total = 0;  // element offsets
+  int64_t act_cols = 0;
+};
+inline RnnWorkspace rnn_workspace_layout(const RnnParams& p) {
+  const int64_t n = p.total_rows(), h = p.hidden_size, r = p.out_size();
+  RnnWorkspace w;
+  w.act_cols = p.mode == RnnMode::Lstm || p.mode == RnnMode::Gru ? 4 * h : h;
+  w.act = 0;
+  w.hprev = w.act + n * w.act_cols;
+  w.c = w.cprev = w.hpre = w.total = w.hprev + n * r;
+  if (p.mode == RnnMode::Lstm) {
+    w.cprev = w.c + n * h;
+    w.hpre = w.total = w.cprev + n * h;
+    if (p.proj_size > 0) w.total = w.hpre + n * h;
+  }
+  return w;
+}
+
+// Scratch the backward needs (caller-allocated, scratch_elements): dgx (N, G*H) gate gradients
+// seen by the input side, dgh (N, G*H) by the hidden side (GRU only; else the same as dgx),
+// dht (N, R) total output gradient per step (projection only), dhpre (B, H) (projection only).
+struct RnnScratch {
+  int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, total = 0;
+};
+inline RnnScratch rnn_scratch_layout(const RnnParams& p) {
+  const int64_t n = p.total_rows(), gh = p.gates() * p.hidden_size;
+  RnnScratch s;
+  s.dgh = s.dht = s.dhpre = s.total = n * gh;
+  if (p.mode == RnnMode::Gru) s.dht = s.dhpre = s.total = s.dgh + n * gh;
+  if (p.proj_size > 0) {
+    s.dhpre = s.dht + n * p.proj_size;
+    s.total = s.dhpre + p.batch * p.hidden_size;
+  }
+  return s;
+}
+
+struct RnnWeights {
+  const void *w_ih = nullptr, *w_hh = nullptr, *b_ih = nullptr, *b_hh = nullptr,
+             *w_hr = nullptr;
+};
+
+// Forward. x (N, I); h0 (B, R); c0 (B, H) (LSTM). Writes y (N, R), hn (B, R), cn (B, H) (LSTM);
+// workspace may be nullptr (inference: nothing saved). Rows of a sequence that has ended keep
+// their last state in hn/cn (PackedSequence semantics).
+struct RnnForwardArgs {
+  const void *x = nullptr, *h0 = nullptr, *c0 = nullptr;
+  void *y = nullptr, *hn = nullptr, *cn = nullptr, *workspace = nullptr;
+};
+
+// Backward from the forward's workspace. dy (N, R) (nullptr = zeros), dhn (B, R), dcn (B, H)
+// (nullptr = zeros). Writes dx (N, I) (nullptr: not wanted), dh0 (B, R), dc0 (B, H) (LSTM),
+// dw_ih, dw_hh, db_ih, db_hh, dw_hr (nullptr: not wanted; the recurrence is run regardless).
+struct RnnBackwardArgs {
+  const void *x = nullptr, *dy = nullptr, *dhn = nullptr, *dcn = nullptr, *workspace = nullptr;
+  void* scratch = nullptr;
+  void *dx = nullptr, *dh0 = nullptr, *dc0 = nullptr;
+  void *dw_ih = nullptr, *dw_hh = nullptr, *db_ih = nullptr, *db_hh = nullptr, *dw_hr = nullptr;
+};
+
+// Checks sizes, batch_sizes and the mode/projection combination (FASTDL_CHECK).
+inline void check_rnn_params(const RnnParams& p) {
+  FASTDL_CHECK(p.mode == RnnMode::Tanh || p.mode == RnnMode::Relu || p.mode == RnnMode::Lstm ||
+                   p.mode == RnnMode::Gru,
+               "rnn: unknown mode ", static_cast<int>(p.mode));
+  FASTDL_CHECK(p.steps >= 0 && p.batch >= 0 && p.input_size >= 0 && p.hidden_size >= 0,
+               "rnn: negative size steps=", p.steps, " batch=", p.batch,
+               " input_size=", p.input_size, " hidden_size=", p.hidden_size);
+  FASTDL_CHECK(p.proj_size == 0 || (p.mode == RnnMode::Lstm && p.proj_size > 0 &&
+                                    p.proj_size < p.hidden_size),
+               "rnn: proj_size=", p.proj_size, " needs LSTM and 0 < proj_size < hidden_size=",
+               p.hidden_size);
+  FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float64,
+               "rnn: CPU supports float32 and float64, got ", dtype_name(p.dtype));
+  if (p.batch_sizes) {
+    for (int64_t t = 0; t < p.steps; ++t) {
+      const int64_t prev = t == 0 ? p.batch : p.batch_sizes[t - 1];
+      FASTDL_CHECK(p.batch_sizes[t] >= 1 && p.batch_sizes[t] <= prev,
+                   "rnn: batch_sizes must be non-increasing, between 1 and batch=", p.batch,
+                   "; got ", p.batch_sizes[t], " at step ", t);
+    }
+    FASTDL_CHECK(p.steps == 0 || p.batch_sizes[0] == p.batch, "rnn: batch_sizes[0]=",
+                 p.steps ? p.batch_sizes[0] : 0, " differs from batch=", p.batch);
+  }
+}
+
+// CPU: float32 and float64, on fastdl's thread count (csrc/cpu/rnn.cpp).
+void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a);
+void rnn_backward_cpu(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a);
+
+}  // namespace fastdl

@@ -1,0 +1,126 @@
+"""Autograd for fastdl's recurrent layers: one torch.autograd.Function per layer (all directions)
+over fastdl.ops.recurrent_layer_forward / _backward, and the multi-layer runner behind
+fastdl.nn.RNN / LSTM / GRU and the cells (the equivalent of torch's _VF.lstm / _VF.gru / ...).
+
+>>> y, hn, cn = run_layers(LSTM, x, h0, c0, weights, num_layers=2, bidirectional=True, ...)
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ...ops import rnn as _ops
+
+LSTM, GRU, TANH, RELU = _ops.LSTM, _ops.GRU, _ops.TANH, _ops.RELU
+
+
+def _split(weights, d, per_dir, has_bias, has_proj):
+    w = weights[d * per_dir:(d + 1) * per_dir]
+    b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+    return w[0], w[1], b_ih, b_hh, (w[-1] if has_proj else None)
+
+
+class _Layer(torch.autograd.Function):
+    """One layer, D directions. x (T, B, I) or packed (N, I); h0 (D, B, R); c0 (D, B, H) or None.
+    weights: per direction w_ih, w_hh[, b_ih, b_hh][, w_hr] (torch's _flat_weights order).
+    Returns y (..., D * R), h_n (D, B, R)[, c_n (D, B, H)]."""
+
+    @staticmethod
+    def forward(ctx, mode, batch_sizes, dirs, has_bias, has_proj, x, h0, c0, *weights):
+        per_dir = len(weights) // dirs
+        ys, hns, cns, wss = [], [], [], []
+        for d in range(dirs):
+            w_ih, w_hh, b_ih, b_hh, w_hr = _split(weights, d, per_dir, has_bias, has_proj)
+            y, hn, cn, ws = _ops.recurrent_layer_forward(
+                mode, x, h0[d], w_ih, w_hh, b_ih, b_hh, cx=None if c0 is None else c0[d],
+                weight_hr=w_hr, batch_sizes=batch_sizes, reverse=d == 1, training=True)
+            ys.append(y)
+            hns.append(hn)
+            cns.append(cn)
+            wss.append(ws)
+        ctx.cfg = (mode, batch_sizes, dirs, has_bias, has_proj, c0 is not None)
+        ctx.save_for_backward(x, h0, c0, *weights, *wss)
+        y = ys[0] if dirs == 1 else torch.cat(ys, -1)
+        hn = torch.stack(hns)
+        if mode == LSTM:
+            return y, hn, torch.stack(cns)
+        return y, hn
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, ghn, gcn=None):
+        mode, batch_sizes, dirs, has_bias, has_proj, has_c = ctx.cfg
+        saved = ctx.saved_tensors
+        x, h0, c0 = saved[:3]
+        rest = saved[3:]
+        weights, wss = rest[:len(rest) - dirs], rest[len(rest) - dirs:]
+        per_dir = len(weights) // dirs
+        need_x = ctx.needs_input_grad[5]
+        R = h0.shape[-1]
+        gx = None
+        gh0 = torch.empty_like(h0)
+        gc0 = torch.empty_like(c0) if has_c else None
+        gws = []
+        for d in range(dirs):
+            w_ih, w_hh, b_ih, b_hh, w_hr = _split(weights, d, per_dir, has_bias, has_proj)
+            gy_d = gy if dirs == 1 else gy[..., d * R:(d + 1) * R]
+            g = _ops.recurrent_layer_backward(
+                mode, gy_d, ghn[d], x, h0[d], w_ih, w_hh, wss[d],
+                grad_cn=None if gcn is None else gcn[d], cx=None if c0 is None else c0[d],
+                weight_hr=w_hr, has_bias=has_bias, batch_sizes=batch_sizes, reverse=d == 1,
+                needs_input_grad=need_x)
+            if need_x:
+                gx = g[0] if gx is None else gx.add_(g[0])
+            gh0[d] = g[1]
+            if has_c:
+                gc0[d] = g[2]
+            gws += [g[3], g[4]] + ([g[5], g[6]] if has_bias else []) + ([g[7]] if has_proj else [])
+        return (None, None, None, None, None, gx, gh0, gc0, *gws)
+
+
+def run_layer(mode, x, h0, c0, weights, *, dirs, has_bias, has_proj, batch_sizes):
+    """One layer: through autograd when anything needs a gradient, else straight to the kernels
+    with nothing saved (inference)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, h0, c0, *weights)):
+        return _Layer.apply(mode, batch_sizes, dirs, has_bias, has_proj, x, h0, c0, *weights)
+    per_dir = len(weights) // dirs
+    ys, hns, cns = [], [], []
+    for d in range(dirs):
+        w_ih, w_hh, b_ih, b_hh, w_hr = _split(weights, d, per_dir, has_bias, has_proj)
+        y, hn, cn, _ = _ops.recurrent_layer_forward(
+            mode, x, h0[d], w_ih, w_hh, b_ih, b_hh, cx=None if c0 is None else c0[d],
+            weight_hr=w_hr, batch_sizes=batch_sizes, reverse=d == 1, training=False)
+        ys.append(y)
+        hns.append(hn)
+        cns.append(cn)
+    y = ys[0] if dirs == 1 else torch.cat(ys, -1)
+    if mode == LSTM:
+        return y, torch.stack(hns), torch.stack(cns)
+    return y, torch.stack(hns)
+
+
+def run_layers(mode, x, h, c, flat_weights, *, num_layers, bidirectional, has_bias, has_proj,
+               dropout, training, batch_sizes):
+    """torch's _VF.lstm / gru / rnn_tanh / rnn_relu on time-major x (T, B, I) or packed data
+    (N, I) with batch_sizes: h (L*D, B, R), c (L*D, B, H) or None. Dropout (when training) on the
+    output of every layer but the last. Returns (output, h_n[, c_n])."""
+    dirs = 2 if bidirectional else 1
+    per_layer = len(flat_weights) // num_layers
+    hns, cns = [], []
+    for layer in range(num_layers):
+        w = flat_weights[layer * per_layer:(layer + 1) * per_layer]
+        h0 = h[layer * dirs:(layer + 1) * dirs]
+        c0 = None if c is None else c[layer * dirs:(layer + 1) * dirs]
+        out = run_layer(mode, x, h0, c0, w, dirs=dirs, has_bias=has_bias, has_proj=has_proj,
+                        batch_sizes=batch_sizes)
+        x = out[0]
+        hns.append(out[1])
+        if mode == LSTM:
+            cns.append(out[2])
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = torch.nn.functional.dropout(x, dropout, training=True)
+    hn = hns[0] if num_layers == 1 else torch.cat(hns, 0)
+    if mode == LSTM:
+        return x, hn, (cns[0] if num_layers == 1 else torch.cat(cns, 0))
+    return x, hn

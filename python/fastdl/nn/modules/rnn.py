@@ -1,0 +1,244 @@
+"""torch.nn.RNN, LSTM, GRU and RNNCell, LSTMCell, GRUCell computed by fastdl's recurrent kernels.
+
+Each class derives from its torch counterpart, so the constructor, parameter names
+(weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, weight_hr_l0, ..._reverse), shapes, gate
+order, initialisation, repr, state_dict layout and torch's own argument checks
+(check_forward_args, permute_hidden) are torch's; forward runs fastdl.ops.recurrent_layer_* through
+fastdl.nn.functional.rnn's autograd instead of torch's _VF kernels.
+
+>>> lstm = fastdl.nn.LSTM(10, 20, num_layers=2, batch_first=True)
+>>> lstm.load_state_dict(torch.nn.LSTM(10, 20, num_layers=2).state_dict())
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..functional import rnn as _f
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+def _check_kind(name, input, weight):
+    if not isinstance(input, (torch.Tensor, PackedSequence)):
+        raise TypeError(f"{name}: expected input to be a Tensor or PackedSequence, got "
+                        f"{type(input).__name__}")
+    data = input.data if isinstance(input, PackedSequence) else input
+    if data.device != weight.device:
+        raise RuntimeError(f"{name}: expected input and parameters on the same device, got input "
+                           f"on {data.device} and parameters on {weight.device}")
+
+
+class _RecurrentMixin:
+    """forward() shared by RNN, LSTM and GRU: torch's RNNBase.forward structure (unbatched input,
+    PackedSequence with sorted/unsorted indices, default zero states, batch_first) around
+    fastdl.nn.functional.rnn.run_layers."""
+
+    def _fastdl_mode(self):
+        raise NotImplementedError
+
+    def forward(self, input, hx=None):  # noqa: C901 (mirrors torch's branches one for one)
+        mode = self._fastdl_mode()
+        lstm = mode == _f.LSTM
+        name = type(self).__name__
+        weights = [getattr(self, n) for n in self._flat_weights_names]
+        _check_kind(name, input, weights[0])
+        dirs = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        orig_input = input
+        batch_sizes = sorted_indices = unsorted_indices = None
+        is_batched = True
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = orig_input
+            max_batch = int(batch_sizes[0]) if batch_sizes.numel() else 0
+        else:
+            if input.dim() not in (2, 3):
+                word = "tensor " if mode in (_f.TANH, _f.RELU) else ""
+                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D "
+                                 f"{word}instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch = input.size(0) if self.batch_first else input.size(1)
+        if hx is None:
+            zeros = lambda size: torch.zeros(self.num_layers * dirs, max_batch, size,  # noqa: E731
+                                             dtype=input.dtype, device=input.device)
+            hx = (zeros(real_hidden), zeros(self.hidden_size)) if lstm else zeros(real_hidden)
+            if batch_sizes is None:
+                self.check_forward_args(input, hx, batch_sizes)
+        else:
+            if lstm and not isinstance(hx, tuple):
+                raise TypeError(f"{name}: expected hx to be a tuple (h_0, c_0), got "
+                                f"{type(hx).__name__}")
+            if batch_sizes is None:
+                dims = [t.dim() for t in hx] if lstm else [hx.dim()]
+                want = 3 if is_batched else 2
+                if any(d != want for d in dims):
+                    if lstm:
+                        kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                        raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D "
+                                           f"but got ({dims[0]}-D, {dims[1]}-D) tensors")
+                    kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                    raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
+                                       f"{dims[0]}-D tensor")
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if lstm else hx.unsqueeze(1)
+            self.check_forward_args(input, hx, batch_sizes)
+            hx = self.permute_hidden(hx, sorted_indices)
+        h, c = (hx[0], hx[1]) if lstm else (hx, None)
+        for t_name, t in (("hx", h), ("cx", c)):
+            if t is not None and t.dtype != input.dtype:
+                raise RuntimeError(f"{name}: expected {t_name} with dtype {input.dtype} like the "
+                                   f"input, got {t.dtype}")
+        x = input
+        if batch_sizes is None and self.batch_first:
+            x = x.transpose(0, 1)
+        out = _f.run_layers(mode, x, h, c, weights, num_layers=self.num_layers,
+                            bidirectional=self.bidirectional, has_bias=self.bias,
+                            has_proj=self.proj_size > 0, dropout=float(self.dropout),
+                            training=self.training, batch_sizes=batch_sizes)
+        output = out[0]
+        hidden = (out[1], out[2]) if lstm else out[1]
+        if isinstance(orig_input, PackedSequence):
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if lstm else hidden.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+
+class RNN(_RecurrentMixin, nn.RNN):
+    """torch.nn.RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None) on fastdl's kernels.
+
+    >>> rnn = fastdl.nn.RNN(10, 20, 2)
+    >>> output, h_n = rnn(torch.randn(5, 3, 10), torch.randn(2, 3, 20))
+    """
+
+    def _fastdl_mode(self):
+        return _f.TANH if self.nonlinearity == "tanh" else _f.RELU
+
+
+class LSTM(_RecurrentMixin, nn.LSTM):
+    """torch.nn.LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None) on fastdl's kernels.
+
+    >>> lstm = fastdl.nn.LSTM(10, 20, 2)
+    >>> output, (h_n, c_n) = lstm(torch.randn(5, 3, 10))
+    """
+
+    def _fastdl_mode(self):
+        return _f.LSTM
+
+
+class GRU(_RecurrentMixin, nn.GRU):
+    """torch.nn.GRU(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, device=None, dtype=None) on fastdl's kernels.
+
+    >>> gru = fastdl.nn.GRU(10, 20, 2)
+    >>> output, h_n = gru(torch.randn(5, 3, 10))
+    """
+
+    def _fastdl_mode(self):
+        return _f.GRU
+
+
+# ---- cells ------------------------------------------------------------------------------------
+
+def _cell(module, mode, input, hx, cx):
+    """One step through the layer kernels: input (B, I) or (I,), hx/cx (B, H) or (H,) or None.
+    torch's checks and messages (torch.nn.*Cell.forward and ATen's check_rnn_cell_forward_*)."""
+    name = type(module).__name__
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}: expected input to be a Tensor, got {type(input).__name__}")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    for idx, v in enumerate([t for t in (hx, cx) if t is not None]):
+        if v.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected hx[{idx}] to be 1D or 2D, got {v.dim()}D instead"
+                             if mode == _f.LSTM else
+                             f"{name}: Expected hidden to be 1D or 2D, got {v.dim()}D instead")
+    is_batched = input.dim() == 2
+    if not is_batched:
+        input = input.unsqueeze(0)
+    H = module.hidden_size
+    if hx is None:
+        hx = torch.zeros(input.size(0), H, dtype=input.dtype, device=input.device)
+        if mode == _f.LSTM:
+            cx = hx
+    elif not is_batched:
+        hx = hx.unsqueeze(0)
+        cx = None if cx is None else cx.unsqueeze(0)
+    w = module.weight_ih
+    if input.device != w.device:
+        raise RuntimeError(f"{name}: expected input and parameters on the same device, got input "
+                           f"on {input.device} and parameters on {w.device}")
+    if input.dtype != w.dtype:
+        raise RuntimeError(f"{name}: expected input with dtype {w.dtype} like the parameters, got "
+                           f"{input.dtype}")
+    if input.size(1) != module.input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected "
+                           f"{module.input_size}")
+    for i, t in enumerate([t for t in (hx, cx) if t is not None]):
+        if t.size(0) != input.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch "
+                               f"size {t.size(0)}")
+        if t.size(1) != H:
+            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {t.size(1)}, "
+                               f"expected {H}")
+    weights = [module.weight_ih, module.weight_hh]
+    if module.bias:
+        weights += [module.bias_ih, module.bias_hh]
+    out = _f.run_layer(mode, input.unsqueeze(0), hx.unsqueeze(0),
+                       None if cx is None else cx.unsqueeze(0), weights, dirs=1,
+                       has_bias=module.bias, has_proj=False, batch_sizes=None)
+    h_new = out[1][0]
+    if mode == _f.LSTM:
+        c_new = out[2][0]
+        return (h_new, c_new) if is_batched else (h_new.squeeze(0), c_new.squeeze(0))
+    return h_new if is_batched else h_new.squeeze(0)
+
+
+class RNNCell(nn.RNNCell):
+    """torch.nn.RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None,
+    dtype=None) on fastdl's kernels.
+
+    >>> cell = fastdl.nn.RNNCell(10, 20)
+    >>> h = cell(torch.randn(3, 10), torch.randn(3, 20))
+    """
+
+    def forward(self, input, hx=None):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return _cell(self, _f.TANH if self.nonlinearity == "tanh" else _f.RELU, input, hx, None)
+
+
+class LSTMCell(nn.LSTMCell):
+    """torch.nn.LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None) on fastdl's
+    kernels.
+
+    >>> cell = fastdl.nn.LSTMCell(10, 20)
+    >>> h, c = cell(torch.randn(3, 10), (torch.randn(3, 20), torch.randn(3, 20)))
+    """
+
+    def forward(self, input, hx=None):
+        if hx is None:
+            return _cell(self, _f.LSTM, input, None, None)
+        return _cell(self, _f.LSTM, input, hx[0], hx[1])
+
+
+class GRUCell(nn.GRUCell):
+    """torch.nn.GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None) on fastdl's
+    kernels.
+
+    >>> cell = fastdl.nn.GRUCell(10, 20)
+    >>> h = cell(torch.randn(3, 10), torch.randn(3, 20))
+    """
+
+    def forward(self, input, hx=None):
+        return _cell(self, _f.GRU, input, hx, None)

@@ -1,0 +1,368 @@
+"""Recurrent layers on numpy arrays or torch tensors: one layer and one direction per call, forward
+and backward through time in native code (csrc/cpu/rnn.cpp), and the cells as one-step layers.
+
+    RNN:  h' = tanh|relu(W_ih x + b_ih + W_hh h + b_hh)
+    LSTM: i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh); c' = f c + i g; h' = o tanh(c')
+          (with proj_size: h' = W_hr (o tanh(c')))
+    GRU:  r, z, n: n = tanh(W_in x + b_in + r (W_hn h + b_hn)); h' = (1 - z) n + z h
+Matches torch.nn.RNN / LSTM / GRU (gate order i, f, g, o and r, z, n; weights in torch's layout).
+
+Sequences are time-major: input (T, B, I), output (T, B, R). A variable-length batch is given as
+torch's PackedSequence data (N, I) with its batch_sizes (T,), non-increasing (sorted by length).
+The forward returns a workspace (what the backward needs) when training=True, else None and
+nothing is saved.
+
+>>> x = np.random.rand(7, 2, 3).astype(np.float32)           # (T, B, I)
+>>> y, hn, cn, ws = fastdl.ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _C, _tensor
+from .gemm import _plain, check_operands
+
+__all__ = ["recurrent_layer_forward", "recurrent_layer_backward", "rnn_layer_forward",
+           "rnn_layer_backward", "lstm_layer_forward", "lstm_layer_backward",
+           "gru_layer_forward", "gru_layer_backward", "rnn_cell_forward", "rnn_cell_backward",
+           "lstm_cell_forward", "lstm_cell_backward", "gru_cell_forward", "gru_cell_backward"]
+
+# csrc/rnn.h RnnMode codes and gate counts.
+TANH, RELU, LSTM, GRU = 0, 1, 2, 3
+_GATES = {TANH: 1, RELU: 1, LSTM: 4, GRU: 3}
+_NAMES = {TANH: "rnn_tanh", RELU: "rnn_relu", LSTM: "lstm", GRU: "gru"}
+
+
+def _mode_of(nonlinearity):
+    if nonlinearity == "tanh":
+        return TANH
+    if nonlinearity == "relu":
+        return RELU
+    raise ValueError(f"rnn: unknown nonlinearity '{nonlinearity}' (expected 'tanh' or 'relu')")
+
+
+def _empty(like, shape):
+    if isinstance(like, np.ndarray):
+        return np.empty(shape, dtype=like.dtype)
+    import torch
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _contig(x):
+    return None if x is None else _tensor.contiguous(_plain(x))
+
+
+def _pointers(values):
+    """Data pointers for the binding (None stays None); the caller keeps `values` alive."""
+    return [None if v is None else _tensor.pointer(v) for v in values]
+
+
+def _batch_sizes(fn, batch_sizes):
+    """batch_sizes as a contiguous CPU int64 array/tensor and its values (a list)."""
+    if batch_sizes is None:
+        return None, None
+    if isinstance(batch_sizes, np.ndarray):
+        bs = np.ascontiguousarray(batch_sizes, dtype=np.int64)
+    else:
+        import torch
+        if not isinstance(batch_sizes, torch.Tensor):
+            raise TypeError(f"{fn}: expected batch_sizes to be an int64 array or tensor, got "
+                            f"{type(batch_sizes).__name__}")
+        if batch_sizes.device.type != "cpu":
+            raise RuntimeError(f"{fn}: batch_sizes must be on the CPU (as PackedSequence keeps "
+                               f"them), got a tensor on {batch_sizes.device}")
+        bs = batch_sizes.to(torch.int64).contiguous()
+    if bs.ndim != 1:
+        raise RuntimeError(f"{fn}: expected batch_sizes with 1 dim (steps,), got "
+                           f"{_tensor.describe(bs)}")
+    values = bs.tolist()
+    for t, v in enumerate(values):
+        if v < 1 or (t and v > values[t - 1]):
+            raise RuntimeError(f"{fn}: batch_sizes must be positive and non-increasing (sorted "
+                               f"sequences), got {values}")
+    return bs, values
+
+
+def _geometry(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    """Validates one layer's operands; returns (geometry tuple for _C, dtype code, device, shapes,
+    batch_sizes array/tensor that must stay alive during the call)."""
+    named = {"input": input, "hx": hx, "weight_ih": w_ih, "weight_hh": w_hh}
+    for name, x in (("cx", cx), ("bias_ih", b_ih), ("bias_hh", b_hh), ("weight_hr", w_hr)):
+        if x is not None:
+            named[name] = x
+    code, device = check_operands(fn, named)
+    if device >= 0:
+        raise NotImplementedError(f"{fn}: recurrent layers have CPU kernels only so far; input is "
+                                  f"on cuda:{device}")
+    G = _GATES[mode]
+    if w_ih.ndim != 2 or w_ih.shape[0] % G or w_ih.shape[0] == 0:
+        raise RuntimeError(f"{fn}: expected weight_ih with 2 dims ({G} * hidden_size, input_size),"
+                           f" got {_tensor.describe(w_ih)}")
+    H = w_ih.shape[0] // G
+    I = w_ih.shape[1]
+    P = 0
+    if w_hr is not None:
+        if mode != LSTM:
+            raise ValueError(f"{fn}: weight_hr (projection) exists only for LSTM")
+        if w_hr.ndim != 2 or w_hr.shape[1] != H or not 0 < w_hr.shape[0] < H:
+            raise ValueError(f"{fn}: expected weight_hr of shape (proj_size, {H}) with "
+                             f"proj_size < hidden_size={H}, got {_tensor.describe(w_hr)}")
+        P = w_hr.shape[0]
+    R = P or H
+    if tuple(w_hh.shape) != (G * H, R):
+        raise RuntimeError(f"{fn}: expected weight_hh of shape ({G * H}, {R}), got "
+                           f"{_tensor.describe(w_hh)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError(f"{fn}: pass both bias_ih and bias_hh, or neither")
+    for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if b is not None and tuple(b.shape) != (G * H,):
+            raise RuntimeError(f"{fn}: expected {name} of shape ({G * H},), got "
+                               f"{_tensor.describe(b)}")
+    bs, values = _batch_sizes(fn, batch_sizes)
+    if bs is None:
+        if input.ndim != 3:
+            raise RuntimeError(f"{fn}: expected input with 3 dims (steps, batch, input_size), got "
+                               f"{_tensor.describe(input)}")
+        T, B = input.shape[0], input.shape[1]
+        N = T * B
+    else:
+        if input.ndim != 2:
+            raise RuntimeError(f"{fn}: expected packed input with 2 dims (rows, input_size), got "
+                               f"{_tensor.describe(input)}")
+        T, B, N = len(values), (values[0] if values else 0), sum(values)
+        if input.shape[0] != N:
+            raise RuntimeError(f"{fn}: packed input has {input.shape[0]} rows but batch_sizes "
+                               f"sum to {N}")
+    if input.shape[-1] != I:
+        raise RuntimeError(f"{fn}: input.size(-1) must be equal to input_size. Expected {I}, got "
+                           f"{input.shape[-1]}")
+    if tuple(hx.shape) != (B, R):
+        raise RuntimeError(f"{fn}: Expected hidden size ({B}, {R}), got {list(hx.shape)}")
+    if mode == LSTM:
+        if cx is None:
+            raise ValueError(f"{fn}: LSTM needs cx")
+        if tuple(cx.shape) != (B, H):
+            raise RuntimeError(f"{fn}: Expected cell size ({B}, {H}), got {list(cx.shape)}")
+    geometry = (mode, code, T, B, None if bs is None else _tensor.pointer(bs), I, H, P,
+                bool(reverse), b_ih is not None)
+    return geometry, code, device, (T, B, N, I, H, R), bs
+
+
+def recurrent_layer_forward(mode, input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
+                      cx=None, weight_hr=None, batch_sizes=None, reverse=False, training=True):
+    """One layer and direction of mode TANH, RELU, LSTM or GRU (module constants).
+    Returns (output, h_n, c_n (LSTM, else None), workspace (training, else None)).
+    The typed wrappers (lstm_layer_forward, gru_..., rnn_...) are the friendlier entry points."""
+    fn = _NAMES[mode] + "_layer_forward"
+    geometry, code, device, (T, B, N, I, H, R), bs = _geometry(
+        fn, mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
+        reverse)
+    x = _contig(input)
+    y = _empty(x, tuple(input.shape[:-1]) + (R,))
+    hn = _empty(x, (B, R))
+    cn = _empty(x, (B, H)) if mode == LSTM else None
+    ws = None
+    if training:
+        ws_n, _ = _C.rnn_buffer_sizes(geometry)
+        ws = _empty(x, (ws_n,))
+    # Contiguous operands stay referenced here until the call returns (a torch pointer is an int).
+    args = [x] + [_contig(v) for v in (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx)]
+    args += [y, hn, cn, ws]
+    _C.rnn_forward(geometry, *_pointers(args), device)
+    return y, hn, cn, ws
+
+
+def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, weight_hh, workspace, *,
+                       grad_cn=None, cx=None, weight_hr=None, has_bias=True, batch_sizes=None,
+                       reverse=False, needs_input_grad=True, needs_weight_grad=True):
+    """Gradients of rnn_layer_forward from its workspace. grad_output (shape of the output),
+    grad_hn, grad_cn may be None (zeros). Returns (grad_input, grad_hx, grad_cx, grad_weight_ih,
+    grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr); entries not wanted (or without a
+    parameter) are None. hx and cx give the shapes only (the workspace holds the states)."""
+    fn = _NAMES[mode] + "_layer_backward"
+    geometry, code, device, (T, B, N, I, H, R), bs = _geometry(
+        fn, mode, input, hx, cx, weight_ih, weight_hh, None, None, weight_hr, batch_sizes, reverse)
+    geometry = geometry[:9] + (bool(has_bias),)
+    ws_n, sc_n = _C.rnn_buffer_sizes(geometry)
+    if workspace is None or tuple(workspace.shape) != (ws_n,):
+        raise RuntimeError(f"{fn}: expected the forward's workspace of {ws_n} elements (run the "
+                           f"forward with training=True), got "
+                           f"{'None' if workspace is None else _tensor.describe(workspace)}")
+    for name, g, shape in (("grad_output", grad_output, tuple(input.shape[:-1]) + (R,)),
+                           ("grad_hn", grad_hn, (B, R)), ("grad_cn", grad_cn, (B, H))):
+        if g is not None and tuple(g.shape) != shape:
+            raise RuntimeError(f"{fn}: expected {name} of shape {shape}, got "
+                               f"{_tensor.describe(g)}")
+    check_operands(fn, {"input": input, "workspace": workspace,
+                        **{k: v for k, v in (("grad_output", grad_output), ("grad_hn", grad_hn),
+                                             ("grad_cn", grad_cn)) if v is not None}})
+    x = _contig(input)
+    dx = _empty(x, tuple(input.shape)) if needs_input_grad else None
+    dh0 = _empty(x, (B, R))
+    dc0 = _empty(x, (B, H)) if mode == LSTM else None
+    dw = needs_weight_grad
+    dw_ih = _empty(x, tuple(weight_ih.shape)) if dw else None
+    dw_hh = _empty(x, tuple(weight_hh.shape)) if dw else None
+    db_ih = _empty(x, (weight_ih.shape[0],)) if dw and has_bias else None
+    db_hh = _empty(x, (weight_ih.shape[0],)) if dw and has_bias else None
+    dw_hr = _empty(x, tuple(weight_hr.shape)) if dw and weight_hr is not None else None
+    scratch = _empty(x, (sc_n,))
+    args = [x] + [_contig(v) for v in (weight_ih, weight_hh, weight_hr, grad_output, grad_hn,
+                                       grad_cn, workspace)]
+    args += [scratch, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
+    _C.rnn_backward(geometry, *_pointers(args), device)
+    return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+
+
+# ---- typed wrappers: sequences -------------------------------------------------------------------
+
+def lstm_layer_forward(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None,
+                       weight_hr=None, *, batch_sizes=None, reverse=False, training=True):
+    """One LSTM layer and direction (torch.nn.LSTM's per-layer math). input (T, B, I) or packed
+    (N, I) with batch_sizes; hx (B, R), cx (B, H). Returns (output, h_n, c_n, workspace).
+
+    >>> y, hn, cn, ws = fastdl.ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    """
+    return recurrent_layer_forward(LSTM, input, hx, weight_ih, weight_hh, bias_ih, bias_hh, cx=cx,
+                             weight_hr=weight_hr, batch_sizes=batch_sizes, reverse=reverse,
+                             training=training)
+
+
+def lstm_layer_backward(grad_output, grad_hn, grad_cn, input, hx, cx, weight_ih, weight_hh,
+                        workspace, weight_hr=None, *, has_bias=True, batch_sizes=None,
+                        reverse=False):
+    """Gradients of lstm_layer_forward: (grad_input, grad_hx, grad_cx, grad_weight_ih,
+    grad_weight_hh, grad_bias_ih, grad_bias_hh, grad_weight_hr).
+
+    >>> gx, gh, gc, gwi, gwh, gbi, gbh, _ = fastdl.ops.lstm_layer_backward(gy, None, None, x, h0,
+    ...     c0, w_ih, w_hh, ws)
+    """
+    return recurrent_layer_backward(LSTM, grad_output, grad_hn, input, hx, weight_ih, weight_hh,
+                              workspace, grad_cn=grad_cn, cx=cx, weight_hr=weight_hr,
+                              has_bias=has_bias, batch_sizes=batch_sizes, reverse=reverse)
+
+
+def gru_layer_forward(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
+                      batch_sizes=None, reverse=False, training=True):
+    """One GRU layer and direction (torch.nn.GRU's per-layer math). Returns (output, h_n,
+    workspace).
+
+    >>> y, hn, ws = fastdl.ops.gru_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    """
+    y, hn, _, ws = recurrent_layer_forward(GRU, input, hx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                     batch_sizes=batch_sizes, reverse=reverse, training=training)
+    return y, hn, ws
+
+
+def gru_layer_backward(grad_output, grad_hn, input, hx, weight_ih, weight_hh, workspace, *,
+                       has_bias=True, batch_sizes=None, reverse=False):
+    """Gradients of gru_layer_forward: (grad_input, grad_hx, grad_weight_ih, grad_weight_hh,
+    grad_bias_ih, grad_bias_hh).
+
+    >>> gx, gh, gwi, gwh, gbi, gbh = fastdl.ops.gru_layer_backward(gy, None, x, h0, w_ih, w_hh, ws)
+    """
+    g = recurrent_layer_backward(GRU, grad_output, grad_hn, input, hx, weight_ih, weight_hh, workspace,
+                           has_bias=has_bias, batch_sizes=batch_sizes, reverse=reverse)
+    return g[0], g[1], g[3], g[4], g[5], g[6]
+
+
+def rnn_layer_forward(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
+                        nonlinearity="tanh", batch_sizes=None, reverse=False, training=True):
+    """One Elman RNN layer and direction (torch.nn.RNN, 'tanh' or 'relu'). Returns (output, h_n,
+    workspace).
+
+    >>> y, hn, ws = fastdl.ops.rnn_layer_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    """
+    y, hn, _, ws = recurrent_layer_forward(_mode_of(nonlinearity), input, hx, weight_ih, weight_hh,
+                                     bias_ih, bias_hh, batch_sizes=batch_sizes, reverse=reverse,
+                                     training=training)
+    return y, hn, ws
+
+
+def rnn_layer_backward(grad_output, grad_hn, input, hx, weight_ih, weight_hh, workspace, *,
+                         nonlinearity="tanh", has_bias=True, batch_sizes=None, reverse=False):
+    """Gradients of rnn_layer_forward: (grad_input, grad_hx, grad_weight_ih, grad_weight_hh,
+    grad_bias_ih, grad_bias_hh).
+
+    >>> gx, gh, gwi, gwh, gbi, gbh = fastdl.ops.rnn_layer_backward(gy, None, x, h0, w_ih, w_hh,
+    ...     ws)
+    """
+    g = recurrent_layer_backward(_mode_of(nonlinearity), grad_output, grad_hn, input, hx, weight_ih,
+                           weight_hh, workspace, has_bias=has_bias, batch_sizes=batch_sizes,
+                           reverse=reverse)
+    return g[0], g[1], g[3], g[4], g[5], g[6]
+
+
+# ---- cells: one step of a layer --------------------------------------------------------------------
+
+def _step(x):
+    return x.reshape((1,) + tuple(x.shape))
+
+
+def lstm_cell_forward(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
+                      training=True):
+    """torch.nn.LSTMCell's step: input (B, I), hx (B, H), cx (B, H). Returns (h', c', workspace).
+
+    >>> h1, c1, ws = fastdl.ops.lstm_cell_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    """
+    y, hn, cn, ws = recurrent_layer_forward(LSTM, _step(input), hx, weight_ih, weight_hh, bias_ih,
+                                      bias_hh, cx=cx, training=training)
+    return hn, cn, ws
+
+
+def lstm_cell_backward(grad_h, grad_c, input, hx, cx, weight_ih, weight_hh, workspace, *,
+                       has_bias=True):
+    """Gradients of lstm_cell_forward (grad_h, grad_c may be None): (grad_input, grad_hx, grad_cx,
+    grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh).
+
+    >>> gx, gh, gc, gwi, gwh, gbi, gbh = fastdl.ops.lstm_cell_backward(gh1, gc1, x, h0, c0, w_ih,
+    ...     w_hh, ws)
+    """
+    g = recurrent_layer_backward(LSTM, None, grad_h, _step(input), hx, weight_ih, weight_hh, workspace,
+                           grad_cn=grad_c, cx=cx, has_bias=has_bias)
+    return (g[0].reshape(tuple(input.shape)),) + tuple(g[1:7])
+
+
+def gru_cell_forward(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
+                     training=True):
+    """torch.nn.GRUCell's step: input (B, I), hx (B, H). Returns (h', workspace).
+
+    >>> h1, ws = fastdl.ops.gru_cell_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    """
+    _, hn, _, ws = recurrent_layer_forward(GRU, _step(input), hx, weight_ih, weight_hh, bias_ih,
+                                     bias_hh, training=training)
+    return hn, ws
+
+
+def gru_cell_backward(grad_h, input, hx, weight_ih, weight_hh, workspace, *, has_bias=True):
+    """Gradients of gru_cell_forward: (grad_input, grad_hx, grad_weight_ih, grad_weight_hh,
+    grad_bias_ih, grad_bias_hh).
+
+    >>> gx, gh, gwi, gwh, gbi, gbh = fastdl.ops.gru_cell_backward(gh1, x, h0, w_ih, w_hh, ws)
+    """
+    g = recurrent_layer_backward(GRU, None, grad_h, _step(input), hx, weight_ih, weight_hh, workspace,
+                           has_bias=has_bias)
+    return g[0].reshape(tuple(input.shape)), g[1], g[3], g[4], g[5], g[6]
+
+
+def rnn_cell_forward(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
+                     nonlinearity="tanh", training=True):
+    """torch.nn.RNNCell's step ('tanh' or 'relu'). Returns (h', workspace).
+
+    >>> h1, ws = fastdl.ops.rnn_cell_forward(x, h0, w_ih, w_hh, b_ih, b_hh)
+    """
+    _, hn, _, ws = recurrent_layer_forward(_mode_of(nonlinearity), _step(input), hx, weight_ih,
+                                     weight_hh, bias_ih, bias_hh, training=training)
+    return hn, ws
+
+
+def rnn_cell_backward(grad_h, input, hx, weight_ih, weight_hh, workspace, *, nonlinearity="tanh",
+                      has_bias=True):
+    """Gradients of rnn_cell_forward: (grad_input, grad_hx, grad_weight_ih, grad_weight_hh,
+    grad_bias_ih, grad_bias_hh).
+
+    >>> gx, gh, gwi, gwh, gbi, gbh = fastdl.ops.rnn_cell_backward(gh1, x, h0, w_ih, w_hh, ws)
+    """
+    g = recurrent_layer_backward(_mode_of(nonlinearity), None, grad_h, _step(input), hx, weight_ih,
+                           weight_hh, workspace, has_bias=has_bias)
+    return g[0].reshape(tuple(input.shape)), g[1], g[3], g[4], g[5], g[6]

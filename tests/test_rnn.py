@@ -1,0 +1,518 @@
+"""fastdl.nn.RNN / LSTM / GRU, the cells, and fastdl.ops' recurrent layer functions against torch:
+outputs, final states and every gradient (input, initial states, all weights and biases) on a
+seeded sweep (modes, layers, directions, batch_first, bias, initial states, lengths 1-40, batch
+1-16), PackedSequence with unsorted lengths, unbatched input, dropout (eval equal, train equal
+under the same seed and with the right statistics), float64 gradcheck, poisoned outputs, numpy
+use, both CPU kernel builds, state_dict round trips, and bad input (torch's exception class)."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastdl
+from fastdl import ops
+from fastdl.ops import rnn as ops_rnn
+from helpers import assert_close, rand
+
+KINDS = ["RNN_TANH", "RNN_RELU", "LSTM", "LSTM_PROJ", "GRU"]
+
+
+def make_pair(kind, input_size, hidden_size, dtype=torch.float64, device="cpu", **kw):
+    """A fastdl module and a torch module of the same class holding the same parameters."""
+    cls = kind.split("_")[0]
+    if kind.startswith("RNN_"):
+        kw["nonlinearity"] = kind.split("_")[1].lower()
+    if kind == "LSTM_PROJ":
+        kw["proj_size"] = max(1, hidden_size // 2)
+    ours = getattr(fastdl.nn, cls)(input_size, hidden_size, dtype=dtype, device=device, **kw)
+    theirs = getattr(torch.nn, cls)(input_size, hidden_size, dtype=dtype, device=device, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def clone_all(xs):
+    if isinstance(xs, tuple):
+        return tuple(clone_all(x) for x in xs)
+    if xs is None:
+        return None
+    return xs.detach().clone().requires_grad_(xs.requires_grad)
+
+
+def flat(out):
+    """(output, h) or (output, (h, c)) as a flat list of tensors; PackedSequence as its data."""
+    y, h = out
+    y = y.data if isinstance(y, torch.nn.utils.rnn.PackedSequence) else y
+    return [y] + (list(h) if isinstance(h, tuple) else [h])
+
+
+def check_module(ours, theirs, x, hx=None, *, reduction, what):
+    """Same forward on both modules; compares every output and, under one random upstream
+    gradient per output, the gradients of x, hx and every parameter."""
+    xa, xb = clone_all(x), clone_all(x)
+    ha, hb = clone_all(hx), clone_all(hx)
+    fa = flat(ours(xa, ha) if hx is not None else ours(xa))
+    fb = flat(theirs(xb, hb) if hx is not None else theirs(xb))
+    dtype = fb[0].dtype
+    for i, (a, b) in enumerate(zip(fa, fb)):
+        assert a.shape == b.shape, f"{what}: output {i} shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert_close(a, b, dtype=dtype, reduction=reduction, what=f"{what}: output {i}")
+    gs = [torch.randn_like(b) for b in fb]
+    torch.autograd.backward(fa, gs)
+    torch.autograd.backward(fb, gs)
+    pairs = [("input", xa, xb)]
+    if hx is not None:
+        for j, (a, b) in enumerate(zip(ha if isinstance(ha, tuple) else (ha,),
+                                       hb if isinstance(hb, tuple) else (hb,))):
+            pairs.append((f"hx[{j}]", a, b))
+    pairs += [(n, p, q) for (n, p), q in zip(ours.named_parameters(), theirs.parameters())]
+    for name, a, b in pairs:
+        if isinstance(a, torch.nn.utils.rnn.PackedSequence) or not b.requires_grad:
+            continue
+        assert a.grad is not None, f"{what}: no gradient for {name}"
+        assert_close(a.grad, b.grad, dtype=dtype, reduction=reduction * 4,
+                     what=f"{what}: grad of {name}")
+
+
+def random_case(rng):
+    kind = rng.choice(KINDS)
+    cfg = dict(num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.5,
+               batch_first=rng.random() < 0.5, bias=rng.random() < 0.75)
+    T, B = rng.choice([1, 2, 5, 13, 40]), rng.choice([1, 2, 3, 7, 16])
+    I, H = rng.choice([1, 3, 8, 17]), rng.choice([2, 5, 11, 16])
+    return kind, cfg, T, B, I, H, rng.random() < 0.5
+
+
+def run_case(kind, cfg, T, B, I, H, with_state, dtype, device="cpu"):
+    ours, theirs = make_pair(kind, I, H, dtype=dtype, device=device, **cfg)
+    shape = (B, T, I) if cfg["batch_first"] else (T, B, I)
+    x = rand(*shape, dtype=dtype, device=device, requires_grad=True)
+    hx = None
+    if with_state:
+        D = 2 if cfg["bidirectional"] else 1
+        R = ours.proj_size or H
+        h0 = rand(cfg["num_layers"] * D, B, R, dtype=dtype, device=device, requires_grad=True)
+        hx = h0
+        if kind.startswith("LSTM"):
+            hx = (h0, rand(cfg["num_layers"] * D, B, H, dtype=dtype, device=device,
+                           requires_grad=True))
+    what = f"{kind} {cfg} T={T} B={B} I={I} H={H} state={with_state} {dtype}"
+    check_module(ours, theirs, x, hx, reduction=max(T, I, H) * cfg["num_layers"], what=what)
+
+
+@pytest.mark.parametrize("chunk", range(4))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sweep(device, chunk, dtype):
+    rng = random.Random(900 + chunk)
+    for _ in range(6):
+        run_case(*random_case(rng), dtype=dtype, device=device)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FASTDL_SLOW_TESTS"),
+                    reason="larger sweep: set FASTDL_SLOW_TESTS=1 to run it")
+@pytest.mark.parametrize("chunk", range(8))
+def test_sweep_slow(chunk):
+    rng = random.Random(5000 + chunk)
+    for _ in range(25):
+        run_case(*random_case(rng), dtype=rng.choice([torch.float32, torch.float64]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_feature(cpu_path, kind):
+    """Each mode with every option on, in float64, on both kernel builds."""
+    run_case(kind, dict(num_layers=3, bidirectional=True, batch_first=True, bias=True), 9, 5, 4,
+             6, True, torch.float64)
+    run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False, bias=False), 1, 1,
+             1, 2, False, torch.float64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_hidden(cpu_path, kind, dtype):
+    """Hidden sizes past the kernel's k slice (128) and unit block (8), odd batch: the sliced
+    recurrent product with partial row groups, and the vector/scalar unit tails."""
+    run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3, 7, 5,
+             263, True, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_unsorted(device, kind, bidirectional):
+    B, I, H = 6, 4, 7
+    lengths = torch.tensor([3, 9, 1, 9, 5, 2])
+    ours, theirs = make_pair(kind, I, H, device=device, num_layers=2, bidirectional=bidirectional)
+    padded = rand(9, B, I, dtype=torch.float64, device=device)
+    D = 2 if bidirectional else 1
+    h0 = rand(2 * D, B, ours.proj_size or H, dtype=torch.float64, device=device,
+              requires_grad=True)
+    hx = (h0, rand(2 * D, B, H, dtype=torch.float64, device=device, requires_grad=True)) \
+        if kind.startswith("LSTM") else h0
+    for state in (None, hx):
+        packed = pack_padded_sequence(padded, lengths, enforce_sorted=False)
+        pa, pb = clone_all(packed.data).requires_grad_(), clone_all(packed.data).requires_grad_()
+        mk = lambda d: torch.nn.utils.rnn.PackedSequence(  # noqa: E731
+            d, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        oa = ours(mk(pa), clone_all(state)) if state is not None else ours(mk(pa))
+        ob = theirs(mk(pb), clone_all(state)) if state is not None else theirs(mk(pb))
+        assert isinstance(oa[0], torch.nn.utils.rnn.PackedSequence)
+        assert torch.equal(oa[0].batch_sizes, ob[0].batch_sizes)
+        fa, fb = flat(oa), flat(ob)
+        for i, (a, b) in enumerate(zip(fa, fb)):
+            assert_close(a, b, reduction=9, what=f"packed {kind} output {i}")
+        gs = [torch.randn_like(b) for b in fb]
+        torch.autograd.backward(fa, gs)
+        torch.autograd.backward(fb, gs)
+        assert_close(pa.grad, pb.grad, reduction=36, what=f"packed {kind} grad input")
+        for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+            assert_close(p.grad, q.grad, reduction=36, what=f"packed {kind} grad {n}")
+        ya, _ = pad_packed_sequence(oa[0])
+        yb, _ = pad_packed_sequence(ob[0])
+        assert_close(ya, yb, reduction=9, what="padded output")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unbatched(device, kind):
+    ours, theirs = make_pair(kind, 3, 5, device=device, num_layers=2, bidirectional=True)
+    x = rand(6, 3, dtype=torch.float64, device=device, requires_grad=True)
+    R = ours.proj_size or 5
+    h0 = rand(4, R, dtype=torch.float64, device=device, requires_grad=True)
+    hx = (h0, rand(4, 5, dtype=torch.float64, device=device, requires_grad=True)) \
+        if kind.startswith("LSTM") else h0
+    check_module(ours, theirs, x, hx, reduction=8, what=f"unbatched {kind}")
+    check_module(ours, theirs, x, None, reduction=8, what=f"unbatched {kind} no state")
+
+
+@pytest.mark.parametrize("kind", ["RNN_TANH", "LSTM", "LSTM_PROJ", "GRU"])
+def test_dropout(kind):
+    ours, theirs = make_pair(kind, 5, 8, dtype=torch.float32, num_layers=3, dropout=0.4)
+    x = rand(7, 4, 5)
+    # eval: no dropout, equal to torch
+    ours.eval()
+    theirs.eval()
+    for a, b in zip(flat(ours(x)), flat(theirs(x))):
+        assert_close(a, b, reduction=8, what="eval")
+    # train: torch draws its masks with the same generator calls (at::dropout), so the same seed
+    # gives the same masks
+    ours.train()
+    theirs.train()
+    torch.manual_seed(11)
+    fa = flat(ours(x))
+    torch.manual_seed(11)
+    fb = flat(theirs(x))
+    for a, b in zip(fa, fb):
+        assert_close(a, b, dtype=torch.float32, reduction=8, what="train, same seed")
+
+
+def test_dropout_statistics():
+    """Layer 2 of a relu RNN set to the identity shows the mask applied to layer 1's output:
+    zeros with probability p, survivors scaled by 1 / (1 - p); and no mask on the last layer."""
+    p = 0.3
+    m = fastdl.nn.RNN(6, 64, num_layers=2, nonlinearity="relu", bias=False, dropout=p)
+    with torch.no_grad():
+        m.weight_ih_l1.copy_(torch.eye(64))
+        m.weight_hh_l1.zero_()
+    x = rand(50, 8, 6)
+    with torch.no_grad():
+        m.eval()
+        y1 = m(x)[0]          # layer 2 = identity of layer 1 (relu of non-negative values)
+        m.train()
+        y2 = m(x)[0]
+    live = y1 > 1e-6
+    dropped = (y2[live] == 0).float().mean().item()
+    kept = y2[live][y2[live] != 0] / y1[live][y2[live] != 0]
+    n = int(live.sum())
+    assert abs(dropped - p) < 4 * (p * (1 - p) / n) ** 0.5, (dropped, n)
+    assert_close(kept, torch.full_like(kept, 1 / (1 - p)), reduction=64, what="survivor scale")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(kind):
+    ours, _ = make_pair(kind, 3, 4, num_layers=2, bidirectional=True)
+    params = list(ours.parameters())
+    names = [n for n, _ in ours.named_parameters()]
+    lstm = kind.startswith("LSTM")
+    R = ours.proj_size or 4
+    x = rand(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = rand(4, 2, R, dtype=torch.float64, requires_grad=True)
+    c0 = rand(4, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, h0, c0, *ps):
+        for n, p in zip(names, ps):
+            setattr(ours, n, p)
+        out, h = ours(x, (h0, c0) if lstm else h0)
+        return (out,) + (tuple(h) if lstm else (h,))
+
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    for n in names:
+        delattr(ours, n)
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *ps))
+
+
+# ---- cells -------------------------------------------------------------------------------------
+
+CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="relu")),
+         ("LSTMCell", {}), ("GRUCell", {})]
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cells(device, name, kw, bias, dtype):
+    for B, I, H in [(1, 1, 1), (7, 13, 5), (16, 3, 32)]:
+        ours = getattr(fastdl.nn, name)(I, H, bias=bias, dtype=dtype, device=device, **kw)
+        theirs = getattr(torch.nn, name)(I, H, bias=bias, dtype=dtype, device=device, **kw)
+        theirs.load_state_dict(ours.state_dict())
+        x = rand(B, I, dtype=dtype, device=device, requires_grad=True)
+        h = rand(B, H, dtype=dtype, device=device, requires_grad=True)
+        hx = (h, rand(B, H, dtype=dtype, device=device, requires_grad=True)) \
+            if name == "LSTMCell" else h
+        for args in [(x, hx), (x,), (x[0], tuple(t[0] for t in hx) if isinstance(hx, tuple)
+                                     else hx[0])]:
+            a, b = clone_all(args), clone_all(args)
+            oa, ob = ours(*a), theirs(*b)
+            oa = oa if isinstance(oa, tuple) else (oa,)
+            ob = ob if isinstance(ob, tuple) else (ob,)
+            for u, v in zip(oa, ob):
+                assert u.shape == v.shape
+                assert_close(u, v, reduction=max(I, H), what=f"{name} output")
+            gs = [torch.randn_like(v) for v in ob]
+            torch.autograd.backward(oa, gs)
+            torch.autograd.backward(ob, gs)
+            leaves_a = [t for t in _leaves(a)]
+            leaves_b = [t for t in _leaves(b)]
+            for u, v in zip(leaves_a + list(ours.parameters()),
+                            leaves_b + list(theirs.parameters())):
+                if v.grad is not None:
+                    assert_close(u.grad, v.grad, reduction=max(I, H) * 2, what=f"{name} grad")
+            ours.zero_grad()
+            theirs.zero_grad()
+
+
+def _leaves(args):
+    for a in args:
+        if isinstance(a, tuple):
+            yield from _leaves(a)
+        elif a.is_leaf:
+            yield a
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+def test_cell_gradcheck(name, kw):
+    cell = getattr(fastdl.nn, name)(3, 4, dtype=torch.float64, **kw)
+    x = rand(2, 3, dtype=torch.float64, requires_grad=True)
+    h = rand(2, 4, dtype=torch.float64, requires_grad=True)
+    c = rand(2, 4, dtype=torch.float64, requires_grad=True)
+    if name == "LSTMCell":
+        assert torch.autograd.gradcheck(lambda x, h, c: cell(x, (h, c)), (x, h, c))
+    else:
+        assert torch.autograd.gradcheck(lambda x, h: cell(x, h), (x, h))
+
+
+# ---- fastdl.ops: numpy, no-grad, poisoned outputs ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ops_numpy_lstm(dtype):
+    T, B, I, H = 6, 3, 4, 5
+    m = torch.nn.LSTM(I, H, dtype=torch.float64)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (T, B, I)).astype(dtype)
+    h0, c0 = (rng.uniform(-1, 1, (B, H)).astype(dtype) for _ in range(2))
+    w = [p.detach().numpy().astype(dtype) for p in m.parameters()]
+    y, hn, cn, ws = ops.lstm_layer_forward(x, h0, c0, *w)
+    assert isinstance(y, np.ndarray) and y.dtype == dtype and y.shape == (T, B, H)
+    tx = torch.from_numpy(x).double().requires_grad_()
+    th, tc = (torch.from_numpy(v).double()[None].requires_grad_() for v in (h0, c0))
+    ty, (thn, tcn) = m(tx, (th, tc))
+    t = torch.float32 if dtype == np.float32 else torch.float64
+    for a, b in ((y, ty), (hn, thn[0]), (cn, tcn[0])):
+        assert_close(torch.from_numpy(a), b.detach().to(t), reduction=T, what="numpy forward")
+    gy = rng.uniform(-1, 1, y.shape).astype(dtype)
+    g = ops.lstm_layer_backward(gy, None, None, x, h0, c0, w[0], w[1], ws)
+    ty.backward(torch.from_numpy(gy).double())
+    ref = [tx.grad, th.grad[0], tc.grad[0]] + [p.grad for p in m.parameters()]
+    for a, b in zip(g, ref):
+        assert isinstance(a, np.ndarray)
+        assert_close(torch.from_numpy(a), b.to(t), reduction=T * 8, what="numpy backward")
+
+
+def test_ops_typed_wrappers_match_generic():
+    T, B, I, H = 4, 2, 3, 5
+    for fwd, bwd, m in [(ops.gru_layer_forward, ops.gru_layer_backward, torch.nn.GRU(I, H)),
+                        (ops.rnn_layer_forward, ops.rnn_layer_backward, torch.nn.RNN(I, H))]:
+        w = [p.detach() for p in m.parameters()]
+        x, h0 = rand(T, B, I), rand(B, H)
+        y, hn, ws = fwd(x, h0, *w)
+        ty, thn = m(x, h0[None])
+        assert_close(y, ty.detach(), reduction=T, what=fwd.__name__)
+        gx, gh, gwi, gwh, gbi, gbh = bwd(torch.ones_like(y), None, x, h0, w[0], w[1], ws)
+        ty.sum().backward()
+        assert_close(gwi, m.weight_ih_l0.grad, reduction=T * B, what=bwd.__name__)
+        assert_close(gbh, m.bias_hh_l0.grad, reduction=T * B, what=bwd.__name__)
+
+
+def test_ops_cells_numpy():
+    rng = np.random.default_rng(2)
+    B, I, H = 3, 4, 5
+    cell = torch.nn.GRUCell(I, H, dtype=torch.float64)
+    w = [p.detach().numpy() for p in cell.parameters()]
+    x, h = rng.uniform(-1, 1, (B, I)), rng.uniform(-1, 1, (B, H))
+    h1, ws = ops.gru_cell_forward(x, h, *w)
+    tx, th = torch.from_numpy(x).requires_grad_(), torch.from_numpy(h).requires_grad_()
+    t1 = cell(tx, th)
+    assert_close(torch.from_numpy(h1), t1.detach(), what="gru cell")
+    g1 = rng.uniform(-1, 1, (B, H))
+    gx, gh, gwi, gwh, gbi, gbh = ops.gru_cell_backward(g1, x, h, w[0], w[1], ws)
+    t1.backward(torch.from_numpy(g1))
+    for a, b in ((gx, tx.grad), (gh, th.grad), (gwi, cell.weight_ih.grad),
+                 (gbh, cell.bias_hh.grad)):
+        assert_close(torch.from_numpy(a), b, reduction=8, what="gru cell backward")
+
+
+def test_inference_saves_nothing():
+    m = fastdl.nn.LSTM(3, 4, num_layers=2)
+    x = rand(5, 2, 3, requires_grad=True)
+    with torch.no_grad():
+        y, (h, c) = m(x)
+    assert y.grad_fn is None and h.grad_fn is None
+    w = [p.detach() for p in m.parameters()][:4]
+    _, _, _, ws = ops.lstm_layer_forward(x.detach(), rand(2, 4), rand(2, 4), *w, training=False)
+    assert ws is None
+    with pytest.raises(RuntimeError, match="workspace"):
+        ops.lstm_layer_backward(rand(5, 2, 4), None, None, x.detach(), rand(2, 4), rand(2, 4),
+                                w[0], w[1], None)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer fastdl.ops.rnn allocates starts as NaN, so an unwritten element shows."""
+    real = ops_rnn._empty
+
+    def nan_empty(like, shape):
+        out = real(like, shape)
+        out[...] = np.nan
+        return out
+    monkeypatch.setattr(ops_rnn, "_empty", nan_empty)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_poisoned_outputs(poisoned, kind):
+    run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=False, bias=True), 5, 3, 4,
+             6, True, torch.float64)
+    test_packed_unsorted("cpu", kind, True)
+
+
+# ---- modules: state_dict, repr -----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip(kind):
+    ours, theirs = make_pair(kind, 3, 6, num_layers=2, bidirectional=True)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert repr(ours) == repr(theirs)
+    fresh_theirs = type(theirs)(3, 6, num_layers=2, bidirectional=True, dtype=torch.float64,
+                                **({"proj_size": 3} if kind == "LSTM_PROJ" else {}),
+                                **({"nonlinearity": "relu"} if kind == "RNN_RELU" else {}))
+    fresh_theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = rand(4, 2, 3, dtype=torch.float64)
+    for a, b in zip(flat(ours(x)), flat(fresh_theirs(x))):
+        assert_close(a, b, reduction=8, what="after round trip")
+
+
+def test_init_matches_torch_scheme():
+    torch.manual_seed(0)
+    a = fastdl.nn.GRU(7, 9, num_layers=2)
+    torch.manual_seed(0)
+    b = torch.nn.GRU(7, 9, num_layers=2)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+def same_error(fast_call, torch_call, match=None):
+    """fastdl raises the exception class torch raises (with a message naming the problem)."""
+    with pytest.raises(Exception) as te:
+        torch_call()
+    with pytest.raises(type(te.value), match=match) as fe:
+        fast_call()
+    return fe.value
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_input(kind):
+    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, num_layers=2)
+    R = ours.proj_size or 6
+    lstm = kind.startswith("LSTM")
+
+    def both(x, hx=None):
+        return (lambda: ours(x, hx) if hx is not None else ours(x),
+                lambda: theirs(x, hx) if hx is not None else theirs(x))
+
+    same_error(*both(rand(5, 3, 7)), match="input_size")              # input feature size
+    same_error(*both(rand(5, 3, 4, 2)), match="2D or 3D")              # rank
+    h_bad = rand(2, 3, R + 1)
+    same_error(*both(rand(5, 3, 4), (h_bad, rand(2, 3, 6)) if lstm else h_bad),
+               match="hidden")                                          # h0 shape
+    h_batch = rand(2, 4, R)
+    same_error(*both(rand(5, 3, 4), (h_batch, rand(2, 4, 6)) if lstm else h_batch),
+               match="hidden")                                          # batch mismatch
+    same_error(*both(rand(5, 3, 4, dtype=torch.float64)), match="type")  # dtype
+    if lstm:
+        same_error(*both(rand(5, 3, 4), (rand(2, 3, R), rand(2, 3, 7))), match="hidden")
+    x = torch.empty(5, 3, 4, device="meta")
+    with pytest.raises(RuntimeError, match="device"):
+        ours(x)
+
+
+def test_bad_constructor():
+    same_error(lambda: fastdl.nn.LSTM(4, 6, proj_size=6), lambda: torch.nn.LSTM(4, 6, proj_size=6),
+               match="proj_size")
+    same_error(lambda: fastdl.nn.GRU(4, 6, proj_size=2), lambda: torch.nn.GRU(4, 6, proj_size=2),
+               match="proj_size")
+    same_error(lambda: fastdl.nn.RNN(4, 6, nonlinearity="gelu"),
+               lambda: torch.nn.RNN(4, 6, nonlinearity="gelu"), match="nonlinearity")
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cell_bad_input(name):
+    ours, theirs = getattr(fastdl.nn, name)(4, 6), getattr(torch.nn, name)(4, 6)
+    lstm = name == "LSTMCell"
+
+    def hx(b, h):
+        return (rand(b, h), rand(b, h)) if lstm else rand(b, h)
+
+    same_error(lambda: ours(rand(3, 5), hx(3, 6)), lambda: theirs(rand(3, 5), hx(3, 6)),
+               match="input_size")
+    same_error(lambda: ours(rand(3, 4), hx(3, 7)), lambda: theirs(rand(3, 4), hx(3, 7)),
+               match="hidden_size")
+    same_error(lambda: ours(rand(3, 4), hx(2, 6)), lambda: theirs(rand(3, 4), hx(2, 6)),
+               match="batch size")
+    same_error(lambda: ours(rand(3, 4, 2)), lambda: theirs(rand(3, 4, 2)), match="1D or 2D")
+    same_error(lambda: ours(rand(3, 4, dtype=torch.float64)),
+               lambda: theirs(rand(3, 4, dtype=torch.float64)), match="dtype|type")
+
+
+def test_ops_bad_input():
+    w_ih, w_hh = np.ones((8, 3), np.float32), np.ones((8, 2), np.float32)
+    x, h, c = np.ones((4, 1, 3), np.float32), np.ones((1, 2), np.float32), np.ones((1, 2),
+                                                                                 np.float32)
+    with pytest.raises(RuntimeError, match="input_size"):
+        ops.lstm_layer_forward(np.ones((4, 1, 5), np.float32), h, c, w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="hidden"):
+        ops.lstm_layer_forward(x, np.ones((2, 2), np.float32), c, w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.lstm_layer_forward(x.astype(np.float64), h, c, w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="weight_hh"):
+        ops.lstm_layer_forward(x, h, c, w_ih, np.ones((8, 3), np.float32))
+    with pytest.raises(RuntimeError, match="batch_sizes"):
+        ops.lstm_layer_forward(np.ones((4, 3), np.float32), np.ones((2, 2), np.float32),
+                               np.ones((2, 2), np.float32), w_ih, w_hh,
+                               batch_sizes=np.array([1, 2, 1]))
+    with pytest.raises(ValueError, match="proj_size"):
+        ops.lstm_layer_forward(x, h, c, w_ih, w_hh, weight_hr=np.ones((2, 2), np.float32))
+    with pytest.raises(ValueError, match="nonlinearity"):
+        ops.rnn_layer_forward(x, h, np.ones((2, 3), np.float32), np.ones((2, 2), np.float32),
+                              nonlinearity="gelu")
