@@ -213,3 +213,21 @@ def test_compare_reports_unreadable_files_clearly(tmp_path):
     other.write_text("[]")
     with pytest.raises(SystemExit, match="not a fastdl-bench JSON"):
         cli.main(["--compare", str(other), str(other)])
+
+
+
+def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
+    """OMP_THREAD_LIMIT=1 gives one thread where fastdl asks for two: the limit must not count
+    the half a missing thread would have streamed (that reads as ~2x the one-thread rate)."""
+    import subprocess
+    import sys
+    code = ("import fastdl\nfrom fastdl import _C\n"
+            "def best(nt):\n"
+            "    fastdl.set_num_threads(nt)\n"
+            "    return max(_C.measure_stream_bandwidth('copy', 1 << 20, 5, 0.1) for _ in range(3))\n"
+            "print(best(2) / best(1))\n")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) < 1.5, r.stdout
