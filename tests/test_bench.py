@@ -48,9 +48,24 @@ def test_tiers_are_made_monotone():
     assert [t["GBps"] for t in tiers] == [80.0, 80.0, 40.0]
 
 
-def test_dram_tier_is_beyond_every_reported_llc():
-    assert machine.dram_footprint() >= max(1 << 30, 4 * machine.llc_bytes())
-    assert machine.llc_bytes() > 0
+def test_llc_is_the_largest_any_source_reports(monkeypatch):
+    monkeypatch.setattr(machine, "_sysfs_llc", lambda: 32 << 20)
+    monkeypatch.setattr(machine, "_sysconf_llc", lambda: 320 << 20)
+    assert machine.llc_bytes() == 320 << 20
+    assert machine.dram_footprint() == 1280 << 20          # 4x the largest LLC, above 1 GiB
+    monkeypatch.setattr(machine, "_sysconf_llc", lambda: 0)
+    assert machine.dram_footprint() == 1 << 30             # at least 1 GiB
+
+
+def test_sysconf_llc_is_what_getconf_prints():
+    import shutil
+    import subprocess
+    if not shutil.which("getconf"):
+        pytest.skip("getconf (glibc's libc-bin) is not installed")
+    out = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout
+    expected = int(out.strip() or 0) if out.strip().lstrip("-").isdigit() else 0
+    assert machine._sysconf_llc() == max(0, expected)
+    assert machine.llc_bytes() >= expected
 
 
 def _case(fastdl_s, torch_s, **kw):
@@ -213,7 +228,6 @@ def test_compare_reports_unreadable_files_clearly(tmp_path):
     other.write_text("[]")
     with pytest.raises(SystemExit, match="not a fastdl-bench JSON"):
         cli.main(["--compare", str(other), str(other)])
-
 
 
 def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():

@@ -36,13 +36,27 @@ def _size(text: str) -> int:
     return int(text.rstrip("KMG")) * mult
 
 
-def llc_bytes() -> int:
-    """The largest last-level cache size any source reports (sum over distinct sysfs instances)."""
-    sizes = [0]
+# glibc's _SC_LEVEL3_CACHE_SIZE (bits/confname.h; the same on every Linux architecture). CPython's
+# os.sysconf_names lacks it (3.11 has no SC_LEVEL*_CACHE_* names), so libc is asked directly.
+_SC_LEVEL3_CACHE_SIZE = 194
+
+
+def _sysconf_llc() -> int:
+    """glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) (what `getconf LEVEL3_CACHE_SIZE` prints); 0 if not
+    glibc or unknown."""
+    import ctypes
     try:
-        sizes.append(int(os.sysconf("SC_LEVEL3_CACHE_SIZE")))
-    except (ValueError, OSError):
-        pass
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version       # musl and others: no such name, other constants
+        libc.sysconf.restype = ctypes.c_long
+        libc.sysconf.argtypes = [ctypes.c_int]
+        return max(0, int(libc.sysconf(_SC_LEVEL3_CACHE_SIZE)))
+    except (OSError, AttributeError):
+        return 0
+
+
+def _sysfs_llc() -> int:
+    """The highest cache level's size in sysfs, summed over its distinct instances."""
     per_level: dict = {}
     for idx in glob.glob("/sys/devices/system/cpu/cpu*/cache/index*"):
         try:
@@ -55,9 +69,13 @@ def llc_bytes() -> int:
         except (OSError, ValueError):
             continue
         per_level.setdefault(level, {})[shared] = size
-    if per_level:
-        sizes.append(sum(per_level[max(per_level)].values()))
-    return max(sizes)
+    return sum(per_level[max(per_level)].values()) if per_level else 0
+
+
+def llc_bytes() -> int:
+    """The largest last-level cache size any source reports (sysconf and sysfs disagree on some
+    VMs: 320 MiB and 32 MiB on the development machine)."""
+    return max(_sysconf_llc(), _sysfs_llc())
 
 
 def dram_footprint() -> int:
