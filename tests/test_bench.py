@@ -230,6 +230,73 @@ def test_compare_reports_unreadable_files_clearly(tmp_path):
         cli.main(["--compare", str(other), str(other)])
 
 
+def _write(tmp_path, name, rows, **meta):
+    p = tmp_path / name
+    doc = _doc(rows, name)
+    doc["meta"].update(meta)
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
+def test_compare_unreliable_regression_is_reported_not_counted(tmp_path, capsys):
+    a = [_row("noisy", 1.0, 2.0)]
+    b = [dict(_row("noisy", 3.0, 0.5), unreliable=True)]          # 4x, but noisy in B
+    assert cli.main(["--compare", _write(tmp_path, "a", a), _write(tmp_path, "b", b)]) == 0
+    out = capsys.readouterr().out
+    assert "REGRESSION (unreliable)" in out and "1 more in unreliable rows" in out
+
+
+def test_compare_default_threshold_is_above_the_spread_limit():
+    assert compare.DEFAULT_THRESHOLD > harness.SPREAD_LIMIT
+    # A 30% change is within what two noisy-but-accepted runs can show: not a regression.
+    e = compare.compare_rows([_row("c", 1.0, 1.3)], [_row("c", 1.0, 1.0)])
+    assert e[0]["verdict"] == "same"
+
+
+def test_compare_fails_when_a_case_is_gone(tmp_path, capsys):
+    a = [_row("kept", 1.0, 2.0), _row("dropped", 1.0, 2.0)]
+    b = [_row("kept", 1.0, 2.0)]
+    assert cli.main(["--compare", _write(tmp_path, "a", a), _write(tmp_path, "b", b)]) == 1
+    assert "FAIL: 1 case(s) of A missing from B: pool/dropped" in capsys.readouterr().out
+
+
+def test_compare_warns_when_the_runs_differ_in_settings(tmp_path, capsys):
+    rows = [_row("c", 1.0, 2.0)]
+    pa = _write(tmp_path, "a", rows, threads=2, quick=False, machine="m")
+    pb = _write(tmp_path, "b", rows, threads=1, quick=True, machine="m")
+    assert cli.main(["--compare", pa, pb]) == 0
+    out = capsys.readouterr().out
+    assert "differ in threads (A 2, B 1)" in out and "differ in quick" in out
+    assert "differ in machine" not in out and "differ in device" not in out
+
+
+def test_numpy_blas_runs_on_the_given_thread_count():
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl not installed")
+    from fastdl.bench import gemm
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"}
+    if not blas_threads():
+        pytest.skip("numpy is linked to no BLAS that threadpoolctl can see")
+    before = blas_threads()
+    lim = gemm.limit_blas_threads(1)
+    try:
+        assert blas_threads() == {1}
+    finally:
+        lim.restore_original_limits()
+    assert blas_threads() == before
+    assert gemm.numpy_label() == "numpy"
+
+
+def test_numpy_row_is_labelled_without_threadpoolctl(monkeypatch):
+    import sys
+    from fastdl.bench import gemm
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)     # import fails
+    assert gemm.limit_blas_threads(1) is None
+    assert gemm.numpy_label() == "numpy (BLAS default threads)"
+
+
 def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
     """OMP_THREAD_LIMIT=1 gives one thread where fastdl asks for two: the limit must not count
     the half a missing thread would have streamed (that reads as ~2x the one-thread rate)."""
