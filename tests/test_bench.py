@@ -312,3 +312,35 @@ def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) < 1.5, r.stdout
+
+
+@pytest.mark.parametrize("reps", [2, 3])
+def test_too_few_timings_are_unreliable_not_steady(reps):
+    c = _case(1.0, 1.0, bytes=1e6)
+    c.results = {"fastdl": [1.0] * reps, "torch": [1.0] * 7}
+    row = harness.summarize(c, _tiers((1 << 30, 40.0)))
+    assert row["unreliable"] and row["too_few_timings"]
+    table = harness.format_table([row], {})
+    assert "n/a?" in table and f"fewer than {harness.MIN_SPREAD_SAMPLES} timings" in table
+    steady = harness.summarize(_case(1.0, 1.0, bytes=1e6), _tiers((1 << 30, 40.0)))
+    assert not steady["unreliable"] and not steady["too_few_timings"]
+
+
+def test_rows_below_the_l2_are_held_against_an_l1_sized_tier(monkeypatch):
+    measured = []
+
+    def tier(fp, quick=False):
+        measured.append(fp)
+        return {"footprint_bytes": fp, "GBps": 1e6 / fp, "kernel": "read", "kernels": {}}
+    monkeypatch.setattr(machine, "measure_tier", tier)
+    monkeypatch.setattr(machine, "dram_footprint", lambda: 8 << 20)
+    monkeypatch.setattr(_C, "measure_peak_gflops", lambda reps: 100.0)
+    machine.cpu_limits.cache_clear()
+    try:
+        lim = machine.cpu_limits(True)
+    finally:
+        machine.cpu_limits.cache_clear()
+    assert measured[0] <= 32 << 10                    # fits a core's L1 on one thread
+    rate, label = machine.bandwidth_limit(lim, 20 << 10)
+    assert label.endswith("@32K") and rate == lim["tiers"][0]["GBps"]
+    assert machine.bandwidth_limit(lim, 300 << 10)[1].endswith("@256K")

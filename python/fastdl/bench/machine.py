@@ -22,11 +22,13 @@ import os
 from .. import _C
 
 KERNELS = ("read", "write", "copy", "triad", "update")
-# Footprints (bytes) below the DRAM tier: inside the per-core L2, inside the LLC, then doublings
+# Footprints (bytes) below the DRAM tier: inside the L1 (32 KiB over the threads: at most 16 KiB
+# each on 2 threads, so a row smaller than every tier, which is held against the first one, cannot
+# beat it from a faster level), inside the per-core L2, inside the LLC, then doublings
 # past a 32 MB LLC, where a VM's host cache may still serve part of the traffic. Doublings keep
 # each row's ceiling within 2x of its working set (a 51 MB pooling row held against a 16 MB tier
 # read as ~10% of a cache limit while being DRAM-bound).
-_CACHE_TIERS = [256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20, 256 << 20,
+_CACHE_TIERS = [32 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20, 256 << 20,
                 512 << 20]
 
 
@@ -195,4 +197,4 @@ def bandwidth_limit(limits: dict, working_set: float | None):
 
 
 def _mib(b: int) -> str:
-    return f"{b / (1 << 20):g}M"
+    return f"{b >> 10}K" if b < (1 << 20) else f"{b / (1 << 20):g}M"
