@@ -344,3 +344,32 @@ def test_rows_below_the_l2_are_held_against_an_l1_sized_tier(monkeypatch):
     rate, label = machine.bandwidth_limit(lim, 20 << 10)
     assert label.endswith("@32K") and rate == lim["tiers"][0]["GBps"]
     assert machine.bandwidth_limit(lim, 300 << 10)[1].endswith("@256K")
+
+
+def _gpu_check_table_script():
+    """The Python that benchmarks/gpu_check.sh runs to print its benchmark table."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "benchmarks", "gpu_check.sh")).read()
+    body = text[text.index("== benchmark table =="):]
+    body = body[body.index("<<'PY'"):]
+    return body[body.index("\n") + 1:body.index("\nPY\n")]
+
+
+def test_gpu_check_table_blames_only_the_side_over_the_limit(tmp_path):
+    import subprocess
+    import sys
+    row = {"suite": "pool", "case": "c", "fastdl_ms": 1.0, "speedup": {"torch a": 2.0},
+           "frac": {"fastdl": 0.5, "torch a": 1.3}, "limit_error": ["torch a"],
+           "limit": {"tier": "dram"}}
+    bad = dict(row, case="d", frac={"fastdl": 1.2, "torch a": 0.5}, limit_error=["fastdl"])
+    doc = {"meta": {"gpu": "fake", "commit": "x", "limits": {"bandwidth_GBps": 1000.0}},
+           "rows": [row, bad]}
+    path = tmp_path / "bench_cuda.json"
+    path.write_text(json.dumps(doc))
+    r = subprocess.run([sys.executable, "-c", _gpu_check_table_script(), str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    ok = [ln for ln in lines if ln.startswith("pool") and " c " in ln][0]
+    assert "LIMIT ERROR" not in ok and "50% dram" in ok and "over the limit: torch a" in ok
+    assert "LIMIT ERROR" in [ln for ln in lines if " d " in ln][0]
