@@ -204,15 +204,17 @@ def test_cuda_limits_have_an_l2_tier_and_a_dram_tier(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
-    rates = {25 << 20: 9000.0, 2 << 30: 4000.0}
-    monkeypatch.setattr(machine, "_cuda_copy_GBps", lambda fp, reps: rates[fp])
+    # The better of copy and read is each tier's rate.
+    rates = {25 << 20: {"copy": 7000.0, "read": 9000.0}, 2 << 30: {"copy": 4000.0, "read": 3800.0}}
+    monkeypatch.setattr(machine, "_cuda_rates", lambda fp, reps: rates[fp])
     machine.cuda_limits.cache_clear()
     try:
         lim = machine.cuda_limits()
     finally:
         machine.cuda_limits.cache_clear()
     assert [t["footprint_bytes"] for t in lim["tiers"]] == [25 << 20, 2 << 30]
-    assert lim["bandwidth_GBps"] == 4000.0
+    assert lim["bandwidth_GBps"] == 4000.0 and lim["bandwidth_name"] == "dram (copy)"
+    assert [t["kernel"] for t in lim["tiers"]] == ["read", "copy"]
     assert machine.bandwidth_limit(lim, 4 << 20) == (9000.0, "cache@25M")
     assert machine.bandwidth_limit(lim, 100 << 20) == (9000.0, "mem@25M")
     assert machine.bandwidth_limit(lim, 3 << 30) == (4000.0, "dram")
@@ -305,7 +307,8 @@ def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
     code = ("import fastdl\nfrom fastdl import _C\n"
             "def best(nt):\n"
             "    fastdl.set_num_threads(nt)\n"
-            "    return max(_C.measure_stream_bandwidth('copy', 1 << 20, 5, 0.1) for _ in range(3))\n"
+            "    return max(_C.measure_stream_bandwidth('copy', 1 << 20, 5, 0.1)\n"
+            "               for _ in range(3))\n"
             "print(best(2) / best(1))\n")
     env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
