@@ -36,10 +36,6 @@ def _mapped() -> set:
         return set()
 
 
-def _loaded() -> bool:
-    return any(_SONAME_FILE.fullmatch(name) for name in _mapped())
-
-
 def _torch_lib_dirs() -> list:
     spec = importlib.util.find_spec("torch")
     return [os.path.join(loc, "lib") for loc in (spec.submodule_search_locations or [])] \

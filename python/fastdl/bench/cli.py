@@ -57,13 +57,13 @@ def run(device: str, suites: list, *, quick=False, budget=None, min_reps=7, prog
         min_reps = min(min_reps, 5)
     threads = fastdl.get_num_threads()
     torch_threads = torch.get_num_threads()
-    # Same threads on both sides. torch shares libgomp with fastdl, but fastdl opens its regions
-    # with its own count, so setting torch's does not change fastdl's.
-    # numpy's BLAS (the gemm suite's third side) on the same count; None: threadpoolctl missing,
+    # numpy's BLAS (the gemm suite's third side) on fastdl's count; None: threadpoolctl missing,
     # and the gemm rows say so. Its restore also resets the OpenMP count it saw when limiting, so
     # it is limited before torch's count is set and restored before torch's is.
     from .gemm import limit_blas_threads
     blas = limit_blas_threads(threads)
+    # Same threads on both sides. torch shares libgomp with fastdl, but fastdl opens its regions
+    # with its own count, so setting torch's does not change fastdl's.
     torch.set_num_threads(threads)
     torch_threads_during = torch.get_num_threads()
     try:
