@@ -87,7 +87,11 @@ m = d["meta"]
 print(f"{m.get('gpu')}  copy bandwidth {m['limits']['bandwidth_GBps']:.0f} GB/s  commit {m['commit']}")
 for r in d["rows"]:
     f = r.get("frac", {}).get("fastdl")
-    frac = "" if f is None else ("LIMIT ERROR" if r.get("limit_error") else f"{100 * f:.0f}% {r['limit']['tier']}")
+    err = r.get("limit_error", [])  # the sides above 100% of the limit: "fastdl" and/or torch variants
+    frac = "" if f is None else ("LIMIT ERROR" if "fastdl" in err else f"{100 * f:.0f}% {r['limit']['tier']}")
+    others = [s for s in err if s != "fastdl"]
+    if others:
+        frac += f" (over the limit: {', '.join(others)})"
     sp = " ".join(f"{k.replace('torch ', '')}={v:.2f}x" for k, v in r["speedup"].items())
     print(f"{r['suite']:<6} {r['case']:<36} {r['fastdl_ms']:>9.3f} ms  {sp:<48} {frac}")
 PY

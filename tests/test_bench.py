@@ -48,9 +48,24 @@ def test_tiers_are_made_monotone():
     assert [t["GBps"] for t in tiers] == [80.0, 80.0, 40.0]
 
 
-def test_dram_tier_is_beyond_every_reported_llc():
-    assert machine.dram_footprint() >= max(1 << 30, 4 * machine.llc_bytes())
-    assert machine.llc_bytes() > 0
+def test_llc_is_the_largest_any_source_reports(monkeypatch):
+    monkeypatch.setattr(machine, "_sysfs_llc", lambda: 32 << 20)
+    monkeypatch.setattr(machine, "_sysconf_llc", lambda: 320 << 20)
+    assert machine.llc_bytes() == 320 << 20
+    assert machine.dram_footprint() == 1280 << 20          # 4x the largest LLC, above 1 GiB
+    monkeypatch.setattr(machine, "_sysconf_llc", lambda: 0)
+    assert machine.dram_footprint() == 1 << 30             # at least 1 GiB
+
+
+def test_sysconf_llc_is_what_getconf_prints():
+    import shutil
+    import subprocess
+    if not shutil.which("getconf"):
+        pytest.skip("getconf (glibc's libc-bin) is not installed")
+    out = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout
+    expected = int(out.strip() or 0) if out.strip().lstrip("-").isdigit() else 0
+    assert machine._sysconf_llc() == max(0, expected)
+    assert machine.llc_bytes() >= expected
 
 
 def _case(fastdl_s, torch_s, **kw):
@@ -189,15 +204,17 @@ def test_cuda_limits_have_an_l2_tier_and_a_dram_tier(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props())
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake GPU")
-    rates = {25 << 20: 9000.0, 2 << 30: 4000.0}
-    monkeypatch.setattr(machine, "_cuda_copy_GBps", lambda fp, reps: rates[fp])
+    # The better of copy and read is each tier's rate.
+    rates = {25 << 20: {"copy": 7000.0, "read": 9000.0}, 2 << 30: {"copy": 4000.0, "read": 3800.0}}
+    monkeypatch.setattr(machine, "_cuda_rates", lambda fp, reps: rates[fp])
     machine.cuda_limits.cache_clear()
     try:
         lim = machine.cuda_limits()
     finally:
         machine.cuda_limits.cache_clear()
     assert [t["footprint_bytes"] for t in lim["tiers"]] == [25 << 20, 2 << 30]
-    assert lim["bandwidth_GBps"] == 4000.0
+    assert lim["bandwidth_GBps"] == 4000.0 and lim["bandwidth_name"] == "dram (copy)"
+    assert [t["kernel"] for t in lim["tiers"]] == ["read", "copy"]
     assert machine.bandwidth_limit(lim, 4 << 20) == (9000.0, "cache@25M")
     assert machine.bandwidth_limit(lim, 100 << 20) == (9000.0, "mem@25M")
     assert machine.bandwidth_limit(lim, 3 << 30) == (4000.0, "dram")
@@ -213,3 +230,149 @@ def test_compare_reports_unreadable_files_clearly(tmp_path):
     other.write_text("[]")
     with pytest.raises(SystemExit, match="not a fastdl-bench JSON"):
         cli.main(["--compare", str(other), str(other)])
+
+
+def _write(tmp_path, name, rows, **meta):
+    p = tmp_path / name
+    doc = _doc(rows, name)
+    doc["meta"].update(meta)
+    p.write_text(json.dumps(doc))
+    return str(p)
+
+
+def test_compare_unreliable_regression_is_reported_not_counted(tmp_path, capsys):
+    a = [_row("noisy", 1.0, 2.0)]
+    b = [dict(_row("noisy", 3.0, 0.5), unreliable=True)]          # 4x, but noisy in B
+    assert cli.main(["--compare", _write(tmp_path, "a", a), _write(tmp_path, "b", b)]) == 0
+    out = capsys.readouterr().out
+    assert "REGRESSION (unreliable)" in out and "1 more in unreliable rows" in out
+
+
+def test_compare_default_threshold_is_above_the_spread_limit():
+    assert compare.DEFAULT_THRESHOLD > harness.SPREAD_LIMIT
+    # A 30% change is within what two noisy-but-accepted runs can show: not a regression.
+    e = compare.compare_rows([_row("c", 1.0, 1.3)], [_row("c", 1.0, 1.0)])
+    assert e[0]["verdict"] == "same"
+
+
+def test_compare_fails_when_a_case_is_gone(tmp_path, capsys):
+    a = [_row("kept", 1.0, 2.0), _row("dropped", 1.0, 2.0)]
+    b = [_row("kept", 1.0, 2.0)]
+    assert cli.main(["--compare", _write(tmp_path, "a", a), _write(tmp_path, "b", b)]) == 1
+    assert "FAIL: 1 case(s) of A missing from B: pool/dropped" in capsys.readouterr().out
+
+
+def test_compare_warns_when_the_runs_differ_in_settings(tmp_path, capsys):
+    rows = [_row("c", 1.0, 2.0)]
+    pa = _write(tmp_path, "a", rows, threads=2, quick=False, machine="m")
+    pb = _write(tmp_path, "b", rows, threads=1, quick=True, machine="m")
+    assert cli.main(["--compare", pa, pb]) == 0
+    out = capsys.readouterr().out
+    assert "differ in threads (A 2, B 1)" in out and "differ in quick" in out
+    assert "differ in machine" not in out and "differ in device" not in out
+
+
+def test_numpy_blas_runs_on_the_given_thread_count():
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="threadpoolctl not installed")
+    from fastdl.bench import gemm
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"}
+    if not blas_threads():
+        pytest.skip("numpy is linked to no BLAS that threadpoolctl can see")
+    before = blas_threads()
+    lim = gemm.limit_blas_threads(1)
+    try:
+        assert blas_threads() == {1}
+    finally:
+        lim.restore_original_limits()
+    assert blas_threads() == before
+    assert gemm.numpy_label() == "numpy"
+
+
+def test_numpy_row_is_labelled_without_threadpoolctl(monkeypatch):
+    import sys
+    from fastdl.bench import gemm
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)     # import fails
+    assert gemm.limit_blas_threads(1) is None
+    assert gemm.numpy_label() == "numpy (BLAS default threads)"
+
+
+def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
+    """OMP_THREAD_LIMIT=1 gives one thread where fastdl asks for two: the limit must not count
+    the half a missing thread would have streamed (that reads as ~2x the one-thread rate)."""
+    import subprocess
+    import sys
+    code = ("import fastdl\nfrom fastdl import _C\n"
+            "def best(nt):\n"
+            "    fastdl.set_num_threads(nt)\n"
+            "    return max(_C.measure_stream_bandwidth('copy', 1 << 20, 5, 0.1)\n"
+            "               for _ in range(3))\n"
+            "print(best(2) / best(1))\n")
+    env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) < 1.5, r.stdout
+
+
+@pytest.mark.parametrize("reps", [2, 3])
+def test_too_few_timings_are_unreliable_not_steady(reps):
+    c = _case(1.0, 1.0, bytes=1e6)
+    c.results = {"fastdl": [1.0] * reps, "torch": [1.0] * 7}
+    row = harness.summarize(c, _tiers((1 << 30, 40.0)))
+    assert row["unreliable"] and row["too_few_timings"]
+    table = harness.format_table([row], {})
+    assert "n/a?" in table and f"fewer than {harness.MIN_SPREAD_SAMPLES} timings" in table
+    steady = harness.summarize(_case(1.0, 1.0, bytes=1e6), _tiers((1 << 30, 40.0)))
+    assert not steady["unreliable"] and not steady["too_few_timings"]
+
+
+def test_rows_below_the_l2_are_held_against_an_l1_sized_tier(monkeypatch):
+    measured = []
+
+    def tier(fp, quick=False):
+        measured.append(fp)
+        return {"footprint_bytes": fp, "GBps": 1e6 / fp, "kernel": "read", "kernels": {}}
+    monkeypatch.setattr(machine, "measure_tier", tier)
+    monkeypatch.setattr(machine, "dram_footprint", lambda: 8 << 20)
+    monkeypatch.setattr(_C, "measure_peak_gflops", lambda reps: 100.0)
+    machine.cpu_limits.cache_clear()
+    try:
+        lim = machine.cpu_limits(True)
+    finally:
+        machine.cpu_limits.cache_clear()
+    assert measured[0] <= 32 << 10                    # fits a core's L1 on one thread
+    rate, label = machine.bandwidth_limit(lim, 20 << 10)
+    assert label.endswith("@32K") and rate == lim["tiers"][0]["GBps"]
+    assert machine.bandwidth_limit(lim, 300 << 10)[1].endswith("@256K")
+
+
+def _gpu_check_table_script():
+    """The Python that benchmarks/gpu_check.sh runs to print its benchmark table."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "benchmarks", "gpu_check.sh")).read()
+    body = text[text.index("== benchmark table =="):]
+    body = body[body.index("<<'PY'"):]
+    return body[body.index("\n") + 1:body.index("\nPY\n")]
+
+
+def test_gpu_check_table_blames_only_the_side_over_the_limit(tmp_path):
+    import subprocess
+    import sys
+    row = {"suite": "pool", "case": "c", "fastdl_ms": 1.0, "speedup": {"torch a": 2.0},
+           "frac": {"fastdl": 0.5, "torch a": 1.3}, "limit_error": ["torch a"],
+           "limit": {"tier": "dram"}}
+    bad = dict(row, case="d", frac={"fastdl": 1.2, "torch a": 0.5}, limit_error=["fastdl"])
+    doc = {"meta": {"gpu": "fake", "commit": "x", "limits": {"bandwidth_GBps": 1000.0}},
+           "rows": [row, bad]}
+    path = tmp_path / "bench_cuda.json"
+    path.write_text(json.dumps(doc))
+    r = subprocess.run([sys.executable, "-c", _gpu_check_table_script(), str(path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    ok = [ln for ln in lines if ln.startswith("pool") and " c " in ln][0]
+    assert "LIMIT ERROR" not in ok and "50% dram" in ok and "over the limit: torch a" in ok
+    assert "LIMIT ERROR" in [ln for ln in lines if " d " in ln][0]

@@ -37,3 +37,59 @@ def test_falls_back_to_torchs_libgomp_without_importing_torch():
     imported_torch, maps = run_py(code)
     assert imported_torch == "False"
     assert "torch/lib/libgomp" in maps and maps.count("libgomp") == 1, maps
+
+
+def test_prefers_torchs_libgomp_over_the_systems_when_fastdl_comes_first():
+    # torch, imported later, then binds to the runtime its wheel ships, not an older system one.
+    (maps,) = run_py(f"import fastdl; print({MAPS})")
+    assert "torch/lib/libgomp.so.1" in maps and maps.count("libgomp") == 1, maps
+
+
+def _fake_torch_with_renamed_libgomp(tmp_path):
+    """A package `torch` whose lib/ holds only a renamed copy (libgomp-<hash>.so.1, own soname),
+    as torch wheels before libgomp.so.1 was shipped under its name did."""
+    import ctypes
+    lib = tmp_path / "torch" / "lib"
+    lib.mkdir(parents=True)
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    real = ctypes.CDLL("libgomp.so.1")
+    src = next(l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l)
+    del real
+    renamed = lib / "libgomp-a34b3233.so.1"
+    renamed.write_bytes(open(src, "rb").read())
+    subprocess.run(["patchelf", "--set-soname", renamed.name, str(renamed)], check=False,
+                   capture_output=True)
+    return renamed
+
+
+def _run_with(tmp_path, code):
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(tmp_path)] + sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()
+
+
+WARN = ("import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastdl\n"
+        "print([str(x.message) for x in w if issubclass(x.category, RuntimeWarning)])\n")
+
+
+def test_a_renamed_libgomp_already_loaded_is_not_taken_for_libgomp_so_1(tmp_path):
+    renamed = _fake_torch_with_renamed_libgomp(tmp_path)
+    # "torch imported first": only its renamed copy is in the process.
+    out = _run_with(tmp_path, f"import ctypes; ctypes.CDLL({str(renamed)!r})\n" + WARN)
+    assert "libgomp-a34b3233.so.1" in out[0] and "second thread pool" in out[0], out
+
+
+def test_a_renamed_libgomp_in_torch_lib_is_warned_about(tmp_path):
+    _fake_torch_with_renamed_libgomp(tmp_path)
+    out = _run_with(tmp_path, WARN + f"print({MAPS})")
+    assert "libgomp-a34b3233.so.1" in out[0], out
+    assert "libgomp.so.1" in out[1], out      # fastdl still loads (the system's copy)
+
+
+def test_no_warning_with_torchs_libgomp_so_1():
+    assert run_py(WARN) == ["[]"]

@@ -58,7 +58,9 @@ def _smoke(py, cwd):
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    _run(["bash", os.path.join(ROOT, "packaging", "build_wheel.sh"), "cpu", str(out)])
+    # The script builds with $PYTHON: the interpreter whose packages the fresh environments see.
+    _run(["bash", os.path.join(ROOT, "packaging", "build_wheel.sh"), "cpu", str(out)],
+         env=dict(_clean_env(), PYTHON=sys.executable))
     return out
 
 

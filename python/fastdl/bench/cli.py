@@ -57,6 +57,11 @@ def run(device: str, suites: list, *, quick=False, budget=None, min_reps=7, prog
         min_reps = min(min_reps, 5)
     threads = fastdl.get_num_threads()
     torch_threads = torch.get_num_threads()
+    # numpy's BLAS (the gemm suite's third side) on fastdl's count; None: threadpoolctl missing,
+    # and the gemm rows say so. Its restore also resets the OpenMP count it saw when limiting, so
+    # it is limited before torch's count is set and restored before torch's is.
+    from .gemm import limit_blas_threads
+    blas = limit_blas_threads(threads)
     # Same threads on both sides. torch shares libgomp with fastdl, but fastdl opens its regions
     # with its own count, so setting torch's does not change fastdl's.
     torch.set_num_threads(threads)
@@ -80,12 +85,15 @@ def run(device: str, suites: list, *, quick=False, budget=None, min_reps=7, prog
             limits = machine.merge(limits, machine.limits(device, quick))
         rows = [harness.summarize(c, limits) for c in cases]
     finally:
+        if blas is not None:
+            blas.restore_original_limits()
         torch.set_num_threads(torch_threads)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": _commit(), "fastdl": fastdl.__version__, "torch": torch.__version__,
             "numpy": numpy.__version__, "python": platform.python_version(),
             "machine": _cpu_name(), "device": device, "threads": threads, "quick": quick,
             "torch_threads": {"before": torch_threads, "during": torch_threads_during},
+            "numpy_blas_threads": threads if blas is not None else "BLAS default",
             "suites": suites, "build_info": fastdl.build_info(), "limits": limits}
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
@@ -116,8 +124,9 @@ def main(argv=None) -> int:
                     help="write results.json, report.md and one PNG chart per suite to DIR")
     ap.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                     help="print the per-op change from run A to run B (no benchmarking)")
-    ap.add_argument("--threshold", type=float, default=0.25,
-                    help="--compare: relative change counted as a regression (default 0.25)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="--compare: relative change counted as a regression (default: twice "
+                         "the spread limit, 0.5)")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of measurement per case (default 2 on cpu, 1 on cuda)")
     ap.add_argument("--min-reps", type=int, default=7, help="fewest repetitions per case")
@@ -127,7 +136,8 @@ def main(argv=None) -> int:
 
     if args.compare:
         from . import compare
-        return compare.main(*args.compare, threshold=args.threshold)
+        return compare.main(*args.compare, threshold=compare.DEFAULT_THRESHOLD
+                            if args.threshold is None else args.threshold)
     suites = _suites(ap, args.suite)
     if args.report:
         from . import report

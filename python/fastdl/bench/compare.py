@@ -4,12 +4,24 @@ Rows are matched by (suite, case). The judgement uses fastdl's speedup over the 
 (geometric mean over the variants both runs share), a ratio measured side by side in each run and
 so robust to a machine that is slower or busier as a whole; fastdl's own time change is printed
 beside it. A row without torch variants is judged on fastdl's time. A change beyond `threshold`
-(relative) is a regression or an improvement; rows either run marked unreliable are labelled.
+(relative) is a regression or an improvement; rows either run marked unreliable are labelled
+and reported, but do not fail the comparison (their change may be noise). The exit status is 1
+when a reliable row regressed or a case of A is missing from B ("gone": a suite or case that no
+longer runs must not pass silently). Runs that differ in device, threads, --quick or machine are
+compared with a warning: their ratios are not like for like.
 """
 from __future__ import annotations
 
 import json
 import math
+
+from .harness import SPREAD_LIMIT
+
+# Each run's rows may themselves vary by up to SPREAD_LIMIT (above it a row is unreliable), so a
+# threshold equal to it would flag noise: a change must exceed twice that to count.
+DEFAULT_THRESHOLD = 2 * SPREAD_LIMIT
+# Run settings whose difference makes the two runs' figures not like for like.
+_SETTINGS = ("device", "threads", "quick", "machine")
 
 
 def load(path: str) -> dict:
@@ -23,7 +35,7 @@ def load(path: str) -> dict:
     return doc
 
 
-def compare_rows(rows_a: list, rows_b: list, threshold: float = 0.25) -> list:
+def compare_rows(rows_a: list, rows_b: list, threshold: float = DEFAULT_THRESHOLD) -> list:
     """One entry per case in both runs: time ratio B/A, speedup ratio B/A, verdict."""
     a = {(r["suite"], r["case"]): r for r in rows_a}
     out = []
@@ -55,23 +67,43 @@ def compare_rows(rows_a: list, rows_b: list, threshold: float = 0.25) -> list:
     return out
 
 
+def setting_warnings(meta_a: dict, meta_b: dict) -> list:
+    """One line per run setting that differs between A and B."""
+    return [f"warning: the runs differ in {k} (A {meta_a.get(k, '?')}, B {meta_b.get(k, '?')}): "
+            "the ratios are not like for like" for k in _SETTINGS
+            if meta_a.get(k) != meta_b.get(k)]
+
+
+def failures(entries: list) -> tuple:
+    """(reliable regressions, unreliable regressions, gone cases)."""
+    reg = [e for e in entries if e["verdict"] == "REGRESSION"]
+    return ([e for e in reg if not e.get("unreliable")], [e for e in reg if e.get("unreliable")],
+            [e for e in entries if e["verdict"] == "gone"])
+
+
 def format_comparison(entries: list, meta_a: dict, meta_b: dict) -> str:
     def tag(m):
         return f"{m.get('commit', '?')} {m.get('date', '?')} {m.get('device', '?')}"
-    lines = [f"A: {tag(meta_a)}", f"B: {tag(meta_b)}",
-             f"{'suite':<8} {'case':<36} {'time B/A':>9} {'speedup B/A':>12}  verdict"]
+    lines = [f"A: {tag(meta_a)}", f"B: {tag(meta_b)}"] + setting_warnings(meta_a, meta_b)
+    lines.append(f"{'suite':<8} {'case':<36} {'time B/A':>9} {'speedup B/A':>12}  verdict")
     for e in entries:
         t = f"{e['time_ratio']:.2f}x" if "time_ratio" in e else "-"
         s = f"{e['speedup_ratio']:.2f}x" if e.get("speedup_ratio") else "-"
         v = e["verdict"] + (" (unreliable)" if e.get("unreliable") else "")
         lines.append(f"{e['suite']:<8} {e['case']:<36} {t:>9} {s:>12}  {v}")
-    n = sum(e["verdict"] == "REGRESSION" for e in entries)
-    lines.append(f"{n} regression(s)" if n else "no regressions")
+    reg, noisy, gone = failures(entries)
+    lines.append(f"{len(reg)} regression(s)" if reg else "no regressions")
+    if noisy:
+        lines.append(f"{len(noisy)} more in unreliable rows (reported, not counted)")
+    if gone:
+        lines.append(f"FAIL: {len(gone)} case(s) of A missing from B: "
+                     + ", ".join(f"{e['suite']}/{e['case']}" for e in gone))
     return "\n".join(lines)
 
 
-def main(path_a: str, path_b: str, threshold: float = 0.25) -> int:
+def main(path_a: str, path_b: str, threshold: float = DEFAULT_THRESHOLD) -> int:
     a, b = load(path_a), load(path_b)
     entries = compare_rows(a["rows"], b["rows"], threshold)
     print(format_comparison(entries, a.get("meta", {}), b.get("meta", {})))
-    return 1 if any(e["verdict"] == "REGRESSION" for e in entries) else 0
+    reg, _, gone = failures(entries)
+    return 1 if reg or gone else 0

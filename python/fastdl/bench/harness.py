@@ -22,6 +22,9 @@ from typing import Callable
 from . import machine
 
 SPREAD_LIMIT = 0.25
+# Fewest timings per side whose quartiles mean something: a case with fewer (--min-reps 2 or 3 on
+# a tight budget) has no measured spread and is marked unreliable, never shown as steady.
+MIN_SPREAD_SAMPLES = 4
 
 
 @dataclass
@@ -122,11 +125,16 @@ def median(xs):
 
 
 def spread(xs):
-    """Interquartile range relative to the median."""
-    if len(xs) < 4:
+    """Interquartile range relative to the median (0 below MIN_SPREAD_SAMPLES: unmeasured, see
+    too_few_timings)."""
+    if len(xs) < MIN_SPREAD_SAMPLES:
         return 0.0
     q = statistics.quantiles(xs, n=4)
     return (q[2] - q[0]) / statistics.median(xs)
+
+
+def too_few_timings(results: dict) -> bool:
+    return any(len(xs) < MIN_SPREAD_SAMPLES for xs in results.values())
 
 
 def summarize(case: Case, limits: dict) -> dict:
@@ -137,7 +145,8 @@ def summarize(case: Case, limits: dict) -> dict:
            "fastdl_ms": t * 1e3, "fastdl_spread": spread(case.results["fastdl"]),
            "spread": max_spread(case.results), "remeasured": case.remeasured,
            "reps": len(case.results["fastdl"]), "speedup": {}, "torch_ms": {}, "note": case.note}
-    row["unreliable"] = row["spread"] > SPREAD_LIMIT
+    row["too_few_timings"] = too_few_timings(case.results)
+    row["unreliable"] = row["spread"] > SPREAD_LIMIT or row["too_few_timings"]
     sides = {"fastdl": t}
     for name in case.baselines:
         tb = median(case.results[name])
@@ -209,12 +218,16 @@ def format_table(rows: list, limits: dict) -> str:
     for r in rows:
         sp = "  ".join(f"{n} {v:.2f}x" for n, v in r["speedup"].items())
         mark = "?" if r.get("unreliable") else " "
+        spread_txt = "  n/a" if r.get("too_few_timings") else f"{100 * r['spread']:>4.0f}%"
         lines.append(f"{r['suite']:<8} {r['case']:<36} {r['fastdl_ms']:>10.3f} "
-                     f"{100 * r['spread']:>4.0f}%{mark} {sp:<44} {_rate(r):>28}")
+                     f"{spread_txt}{mark} {sp:<44} {_rate(r):>28}")
     notes = []
-    if any(r.get("unreliable") for r in rows):
+    if any(r.get("unreliable") and not r.get("too_few_timings") for r in rows):
         notes.append(f"?: spread above {100 * SPREAD_LIMIT:.0f}% on some side (unreliable; "
                      "full runs measure such a case twice and keep the steadier)")
+    if any(r.get("too_few_timings") for r in rows):
+        notes.append(f"n/a?: fewer than {MIN_SPREAD_SAMPLES} timings on some side, so no "
+                     "spread was measured (unreliable; raise --min-reps or --budget)")
     errs = [f"{r['suite']}/{r['case']} ({', '.join(r['limit_error'])})" for r in rows
             if r.get("limit_error")]
     if errs:

@@ -10,8 +10,9 @@ the largest footprint not above its own working set: a smaller footprint can onl
 that tier is a ceiling for the row. Labels: cache@<tier> (the row fits in the largest reported
 LLC: cache-hot), mem@<tier> (it does not, but is below the DRAM tier) or dram.
 CPU compute: the peak float32 FMA rate of independent register chains.
-CUDA: device-to-device copy (bytes read + written), timed with CUDA events, on 2 GiB (dram) and
-on half the L2 (the ceiling for L2-resident rows). No GPU peak FLOP rate is measured yet.
+CUDA: device-to-device copy (bytes read + written) and a sum (bytes read), the better kept, timed
+with CUDA events over a CUDA graph of many launches, on 2 GiB (dram) and on half the L2 (the
+ceiling for L2-resident rows). No GPU peak FLOP rate is measured yet.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import os
 from .. import _C
 
 KERNELS = ("read", "write", "copy", "triad", "update")
-# Footprints (bytes) below the DRAM tier: inside the per-core L2, inside the LLC, then doublings
+# Footprints (bytes) below the DRAM tier: inside the L1 (32 KiB over the threads: at most 16 KiB
+# each on 2 threads, so a row smaller than every tier, which is held against the first one, cannot
+# beat it from a faster level), inside the per-core L2, inside the LLC, then doublings
 # past a 32 MB LLC, where a VM's host cache may still serve part of the traffic. Doublings keep
 # each row's ceiling within 2x of its working set (a 51 MB pooling row held against a 16 MB tier
 # read as ~10% of a cache limit while being DRAM-bound).
-_CACHE_TIERS = [256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20, 256 << 20,
-                512 << 20]
+_CACHE_TIERS = [32 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20, 64 << 20, 128 << 20,
+                256 << 20, 512 << 20]
 
 
 def _size(text: str) -> int:
@@ -36,13 +39,27 @@ def _size(text: str) -> int:
     return int(text.rstrip("KMG")) * mult
 
 
-def llc_bytes() -> int:
-    """The largest last-level cache size any source reports (sum over distinct sysfs instances)."""
-    sizes = [0]
+# glibc's _SC_LEVEL3_CACHE_SIZE (bits/confname.h; the same on every Linux architecture). CPython's
+# os.sysconf_names lacks it (3.11 has no SC_LEVEL*_CACHE_* names), so libc is asked directly.
+_SC_LEVEL3_CACHE_SIZE = 194
+
+
+def _sysconf_llc() -> int:
+    """glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) (what `getconf LEVEL3_CACHE_SIZE` prints); 0 if not
+    glibc or unknown."""
+    import ctypes
     try:
-        sizes.append(int(os.sysconf("SC_LEVEL3_CACHE_SIZE")))
-    except (ValueError, OSError):
-        pass
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version       # musl and others: no such name, other constants
+        libc.sysconf.restype = ctypes.c_long
+        libc.sysconf.argtypes = [ctypes.c_int]
+        return max(0, int(libc.sysconf(_SC_LEVEL3_CACHE_SIZE)))
+    except (OSError, AttributeError):
+        return 0
+
+
+def _sysfs_llc() -> int:
+    """The highest cache level's size in sysfs, summed over its distinct instances."""
     per_level: dict = {}
     for idx in glob.glob("/sys/devices/system/cpu/cpu*/cache/index*"):
         try:
@@ -55,9 +72,13 @@ def llc_bytes() -> int:
         except (OSError, ValueError):
             continue
         per_level.setdefault(level, {})[shared] = size
-    if per_level:
-        sizes.append(sum(per_level[max(per_level)].values()))
-    return max(sizes)
+    return sum(per_level[max(per_level)].values()) if per_level else 0
+
+
+def llc_bytes() -> int:
+    """The largest last-level cache size any source reports (sysconf and sysfs disagree on some
+    VMs: 320 MiB and 32 MiB on the development machine)."""
+    return max(_sysconf_llc(), _sysfs_llc())
 
 
 def dram_footprint() -> int:
@@ -86,46 +107,78 @@ def cpu_limits(quick: bool = False) -> dict:
             "peak_GFLOPs": _C.measure_peak_gflops(3 if quick else 5)}
 
 
-def _cuda_copy_GBps(footprint: int, reps: int) -> float:
-    """Best device-to-device copy rate (bytes read + written) over two float32 buffers of
-    footprint/2 bytes each; small footprints repeat the copy so a timing spans >= 256 MB."""
+def _cuda_rates(footprint: int, reps: int) -> dict:
+    """Best rates (GB/s) over `footprint` bytes of float32 device memory: "copy" (b.copy_(a), two
+    buffers of footprint/2, bytes read + written) and "read" (torch.sum of one buffer of
+    footprint, bytes read). Each timing spans >= 1 GiB of traffic, issued as one CUDA graph of
+    back-to-back launches where capture works: an L2-sized copy takes a few microseconds, about a
+    launch's own cost, so eagerly launched copies measured the launch rate, not the L2's."""
     import torch
     n = footprint // 8
-    a = torch.empty(n, device="cuda")
-    b = torch.empty_like(a)
+    a = torch.empty(2 * n, device="cuda")
     a.normal_()
-    inner = max(1, (256 << 20) // (8 * n))
-    b.copy_(a)
-    best = 1e30
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(inner):
-            b.copy_(a)
-        e.record()
-        e.synchronize()
-        best = min(best, s.elapsed_time(e) * 1e-3 / inner)
-    del a, b
-    return 8 * n / best * 1e-9
+    src, dst = a[:n], torch.empty(n, device="cuda")
+    total = torch.empty((), device="cuda")
+    work = {"copy": (lambda: dst.copy_(src), 8 * n),
+            "read": (lambda: torch.sum(a, out=total), 8 * n)}
+    rates = {}
+    for name, (op, nbytes) in work.items():
+        inner = max(1, (1 << 30) // nbytes)
+        run = _graph_of(op, inner) or (lambda op=op, inner=inner: [op() for _ in range(inner)])
+        run()
+        torch.cuda.synchronize()
+        best = 1e30
+        for _ in range(reps):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            run()
+            e.record()
+            e.synchronize()
+            best = min(best, s.elapsed_time(e) * 1e-3 / inner)
+        rates[name] = nbytes / best * 1e-9
+    del a, dst, total
+    return rates
+
+
+def _graph_of(op, times: int):
+    """op repeated `times` times captured into one CUDA graph; its replay, or None where capture
+    fails (then the caller launches eagerly)."""
+    import torch
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):          # warm-up outside capture, as torch requires
+            op()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(times):
+                op()
+    except RuntimeError:
+        return None
+    return graph.replay
+
+
+def _cuda_tier(footprint: int, reps: int) -> dict:
+    rates = _cuda_rates(footprint, reps)
+    best = max(rates, key=rates.get)
+    return {"footprint_bytes": footprint, "GBps": rates[best], "kernel": best, "kernels": rates}
 
 
 @functools.lru_cache(maxsize=None)
 def cuda_limits(quick: bool = False) -> dict:
-    """Copy bandwidth at half the L2 (the ceiling for L2-resident rows) and on 2 GiB, at least
-    4x the L2 (dram)."""
+    """Copy and read bandwidth, the better kept, at half the L2 (the ceiling for L2-resident rows)
+    and on 2 GiB, at least 4x the L2 (dram)."""
     import torch
     reps = 5 if quick else 10
     l2 = int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
                      "L2_cache_size", 0) or 0)
     tiers = []
     if l2 >= (1 << 20):
-        fp = l2 // 2
-        tiers.append({"footprint_bytes": fp, "GBps": _cuda_copy_GBps(fp, reps), "kernel": "copy"})
-    dram = max(2 << 30, 4 * l2)
-    tiers.append({"footprint_bytes": dram, "GBps": _cuda_copy_GBps(dram, reps), "kernel": "copy",
-                  "dram": True})
+        tiers.append(_cuda_tier(l2 // 2, reps))
+    tiers.append(dict(_cuda_tier(max(2 << 30, 4 * l2), reps), dram=True))
     _monotone(tiers)
-    return {"bandwidth_name": "dram (copy)", "bandwidth_GBps": tiers[-1]["GBps"],
+    return {"bandwidth_name": f"dram ({tiers[-1]['kernel']})", "bandwidth_GBps": tiers[-1]["GBps"],
             "tiers": tiers, "llc_bytes": l2, "peak_GFLOPs": None,
             "device_name": torch.cuda.get_device_name()}
 
@@ -177,4 +230,4 @@ def bandwidth_limit(limits: dict, working_set: float | None):
 
 
 def _mib(b: int) -> str:
-    return f"{b / (1 << 20):g}M"
+    return f"{b >> 10}K" if b < (1 << 20) else f"{b / (1 << 20):g}M"

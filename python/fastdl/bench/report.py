@@ -113,12 +113,16 @@ def markdown(doc: dict, charts: dict) -> str:
             tv = [f for s, f in fr.items() if s != "fastdl" and s not in err]
             pct = fd + (f" / {100 * max(tv):.0f}%" if tv else "")
         flags = []
-        if r.get("unreliable"):
+        few = r.get("too_few_timings")
+        if few:
+            flags.append(f"unreliable ({r.get('reps', '?')} timings: spread not measured)")
+        elif r.get("unreliable"):
             flags.append(f"unreliable (spread {100 * r['spread']:.0f}%)")
         if err:
             flags.append("above 100% of limit: " + ", ".join(err))
+        spread_txt = "n/a" if few else f"{100 * r['spread']:.0f}%"
         lines.append(f"| {r['suite']} | {r['case']} | {r['fastdl_ms']:.3f} | "
-                     f"{100 * r['spread']:.0f}% | {sp} | {rate} | {pct} | "
+                     f"{spread_txt} | {sp} | {rate} | {pct} | "
                      f"{r.get('limit', {}).get('tier', '')} | {'; '.join(flags)} |")
     lines.append("")
     lines.append("Limits: `dram` = best of read/write/copy/triad/update on a footprint well "
