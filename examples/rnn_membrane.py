@@ -21,7 +21,7 @@ import fastdl
 from fastdl import metrics
 from fastdl.callbacks import EarlyStopping
 
-LSTM = torch.nn.LSTM  # switch to fastdl.nn.LSTM when it lands
+LSTM = fastdl.nn.LSTM
 
 STRIDE, WINDOW, AHEAD = 2, 32, 6
 
