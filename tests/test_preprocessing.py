@@ -15,6 +15,15 @@ from sklearn.model_selection import train_test_split as sk_split  # noqa: E402
 import fastdl.preprocessing as P  # noqa: E402
 
 
+@pytest.fixture
+def device(device):
+    """conftest's device, less emulated CUDA: the workflow runs torch's own CUDA ops (tensors stay on
+    their device), which the emulated back end cannot run; a real GPU runs these cases."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device for torch: the emulated back end runs only fastdl's kernels")
+    return device
+
+
 def _data(n=37, f=5, nan=False, const=False, all_nan=False, dtype=np.float64):
     x = np.random.randn(n, f) * np.random.uniform(0.5, 4, f) + np.random.uniform(-3, 3, f)
     if nan:

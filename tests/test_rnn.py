@@ -17,6 +17,15 @@ from fastdl import ops
 from fastdl.ops import rnn as ops_rnn
 from helpers import assert_close, rand
 
+
+@pytest.fixture
+def device(device):
+    """conftest's device; the CUDA cases skip until the recurrent CUDA kernels exist (issue 9)."""
+    if device == "cuda":
+        pytest.skip("fastdl's recurrent layers have no CUDA kernels yet")
+    return device
+
+
 KINDS = ["RNN_TANH", "RNN_RELU", "LSTM", "LSTM_PROJ", "GRU"]
 
 
