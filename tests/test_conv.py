@@ -479,3 +479,24 @@ def test_unsupported_dtypes_and_messages():
         fnn.ConvTranspose2d(4, 6, 3, padding_mode="reflect")
     with pytest.raises(ValueError):
         fnn.Conv2d(4, 6, 3, padding="same", stride=2)
+
+
+def test_winograd_workspace_bounded_by_output_channels():
+    # One input channel, 64 outputs: the per-thread Winograd buffers are sized from
+    # max(in, out channels per group), so the forward adds no more than a few MB over the GEMM
+    # path's peak (before: a 64 MB M buffer, kept for the thread's life).
+    # VmHWM (this process image's peak), not ru_maxrss, which keeps the parent's peak over exec.
+    code = ("import numpy as np, fastdl; from fastdl.ops import conv;"
+            "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]);"
+            "fastdl.set_num_threads(1);"
+            "x = np.ones((1, 1, 256, 256), np.float32); w = np.ones((64, 1, 3, 3), np.float32);"
+            "conv.set_conv_algorithm('gemm'); conv.conv2d(x, w, padding=1);"
+            "a = hwm();"
+            "conv.set_conv_algorithm('winograd');"
+            "assert conv.conv2d_algorithm(x, w, padding=1) == 'winograd';"
+            "conv.conv2d(x, w, padding=1);"
+            "print(hwm() - a)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert int(out) < 16 * 1024, f"winograd forward grew peak RSS by {int(out)} kB"
