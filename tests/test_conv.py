@@ -244,6 +244,32 @@ def test_gradcheck(cpu_path, algo_name):
         fastdl.ops.set_conv_algorithm(before)
 
 
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd"])
+def test_gradgradcheck(cpu_path, algo_name):
+    # Grad-of-grad (create_graph=True) as torch: every backward pass is itself differentiable.
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm(algo_name)
+    try:
+        d = torch.float64
+        x = torch.randn(2, 4, 5, 5, dtype=d, requires_grad=True)
+        w = torch.randn(6, 2, 3, 3, dtype=d, requires_grad=True)
+        b = torch.randn(6, dtype=d, requires_grad=True)
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b: F.conv2d(x, w, b, padding=1, groups=2), (x, w, b))
+        assert torch.autograd.gradgradcheck(
+            lambda x, w: F.conv2d(x, w, stride=(2, 1), dilation=(1, 2), groups=2), (x, w))
+        wt = torch.randn(4, 3, 3, 3, dtype=d, requires_grad=True)
+        bt = torch.randn(3, dtype=d, requires_grad=True)
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
+            (x, wt, bt))
+        x1 = torch.randn(3, 7, dtype=d, requires_grad=True)  # unbatched
+        w1 = torch.randn(4, 3, 3, dtype=d, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda x, w: F.conv1d(x, w, padding="same"), (x1, w1))
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numpy_in_out(cpu_path, dtype):
     x = np.random.uniform(-1, 1, (2, 6, 11, 9)).astype(dtype)
