@@ -124,6 +124,53 @@ def test_conv2d_sweep_large(cpu_path, algo, chunk):
         run_conv_case(torch.float32, shape, wshape, bias, kw, seed=chunk * 1000 + i)
 
 
+def winograd_configs(seed):
+    """3x3 stride-1 geometries (the shapes Winograd serves): padding 0-4 and 'same', spatial
+    sizes 1-13 (those valid for the padding), groups and channel counts varied."""
+    rng = random.Random(seed)
+    out = []
+    for pad in [0, 1, 2, 3, 4, "same"]:
+        lo = 3 if pad == 0 else 1  # any padding >= 1 makes a 1x1 input valid for a 3x3 kernel
+        for _ in range(5):
+            g = rng.choice([1, 1, 2, 3])
+            cg, kg = rng.choice([1, 2, 5]), rng.choice([1, 3, 4])
+            h, w = rng.randint(lo, 13), rng.randint(lo, 13)
+            shape = (rng.choice([1, 2, 3]), cg * g, h, w)
+            out.append((shape, (kg * g, cg, 3, 3), rng.random() < 0.7,
+                        dict(stride=1, padding=pad, dilation=1, groups=g)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_sweep(cpu_path, dtype):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("winograd")
+    try:
+        for i, (shape, wshape, bias, kw) in enumerate(winograd_configs(seed=7)):
+            x, w = torch.zeros(shape, dtype=dtype), torch.zeros(wshape, dtype=dtype)
+            for pass_ in ("forward", "input"):  # the weight gradient stays on GEMM
+                got = ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw)
+                assert got == "winograd", f"{pass_} x={shape} w={wshape} {kw}: {got}"
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=i, what="algo=winograd")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+def test_winograd_gradcheck(cpu_path):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("winograd")
+    try:
+        d = torch.float64
+        x = torch.randn(2, 3, 5, 6, dtype=d, requires_grad=True)
+        w = torch.randn(4, 3, 3, 3, dtype=d, requires_grad=True)
+        b = torch.randn(4, dtype=d, requires_grad=True)
+        assert ops_conv.conv2d_algorithm(x, w, padding=1) == "winograd"
+        assert ops_conv.conv2d_algorithm(x, w, padding=1, pass_="input") == "winograd"
+        assert torch.autograd.gradcheck(lambda x, w, b: F.conv2d(x, w, b, padding=1), (x, w, b))
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 # Shapes each algorithm is chosen for, and the issue's benchmark shapes scaled down.
 SERVED = [((2, 1, 28, 28), (32, 1, 3, 3), {}),                                 # first layer
           ((2, 3, 17, 19), (8, 3, 5, 5), dict(stride=2, padding=2)),            # few channels
