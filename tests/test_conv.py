@@ -410,12 +410,38 @@ def test_empty_and_unbatched(cpu_path):
         ya.sum().backward()
         yb.sum().backward()
         assert_close(x.grad, xr.grad, reduction=45)
-    # No input channels (weight (K, 0, kh, kw)): fastdl returns the bias broadcast to
-    # (N, K, OH, OW), the value of an empty sum; torch 2.13 returns a (N, 0, OH, OW) tensor there.
+    # No input channels (weight (K, 0, kh, kw)): torch 2.13 returns an (N, 0, OH, OW) output,
+    # whatever the bias, with zero weight/bias gradients.
     x0, w0 = torch.randn(2, 0, 6, 6), torch.randn(4, 0, 3, 3)
-    y0 = F.conv2d(x0, w0, b[:4])
-    assert y0.shape == (2, 4, 4, 4)
-    assert torch.equal(y0, b[:4].reshape(1, 4, 1, 1).expand(2, 4, 4, 4))
+    for xx in (x0, x0[0]):
+        for args in ((xx, w0, b[:4]), (xx, w0)):
+            assert F.conv2d(*args).shape == TF.conv2d(*args).shape
+            assert fastdl.ops.conv2d(*args).shape == TF.conv2d(*args).shape
+    assert F.conv1d(x0[..., 0], w0[..., 0]).shape == TF.conv1d(x0[..., 0], w0[..., 0]).shape
+    leaves = [t.clone().requires_grad_() for t in (x0, w0, b[:4])]
+    ref = [t.clone().requires_grad_() for t in (x0, w0, b[:4])]
+    F.conv2d(*leaves, padding=1).sum().backward()
+    TF.conv2d(*ref, padding=1).sum().backward()
+    for u, v in zip(leaves, ref):
+        assert torch.equal(u.grad, v.grad)
+    gy = torch.randn(2, 0, 4, 4)
+    gx, gw, gb = fastdl.ops.conv2d_backward(gy, x0, w0)
+    assert gx.shape == x0.shape and gw.shape == w0.shape and torch.equal(gb, torch.zeros(4))
+    # An empty spatial dimension is accepted only with zero batch or zero channels.
+    for shape, wshape in (((2, 3, 0, 5), (4, 3, 1, 1)), ((3, 5, 0), (4, 3, 1, 1)),
+                          ((0, 3, 0, 5), (4, 3, 1, 1)), ((2, 0, 0, 5), (4, 0, 1, 1))):
+        x, ww = torch.randn(shape), torch.randn(wshape)
+        try:
+            want = TF.conv2d(x, ww, padding=1).shape
+        except RuntimeError as e:
+            assert "Only zero batch or zero channel" in str(e)
+            with pytest.raises(RuntimeError, match="Only zero batch or zero channel"):
+                F.conv2d(x, ww, padding=1)
+        else:
+            assert F.conv2d(x, ww, padding=1).shape == want
+    with pytest.raises(RuntimeError, match="Only zero batch or zero channel"):
+        F.conv_transpose2d(torch.randn(2, 3, 0, 5), torch.randn(3, 4, 1, 1))
+    assert F.conv_transpose2d(torch.randn(0, 3, 0, 5), torch.randn(3, 4, 3, 3)).shape == (0, 4, 2, 7)
 
 
 def test_threads_agree(cpu_path):

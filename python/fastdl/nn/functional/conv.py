@@ -85,6 +85,10 @@ def _backward(ctx, gy, pass_x):
     pass, gb by summing gy; each only where autograd asks, differentiable under create_graph."""
     x, w = ctx.saved_tensors
     geo = ctx.geo
+    if pass_x == _ops._BACKWARD_INPUT and geo.x_shape[1] == 0:  # conv2d without input channels:
+        # the (N, 0, OH, OW) output depends on nothing; torch gives an all-zero bias gradient
+        gb = w.new_zeros(w.shape[0]) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return torch.zeros_like(x), torch.zeros_like(w), gb, None
     g = _ops._batched(gy, geo.unbatched)
     xb = _ops._batched(x, geo.unbatched)
     gx = gw = gb = None
