@@ -525,6 +525,12 @@ def test_conv_transpose2d_output_size():
         assert_close(ours(x, output_size=size), theirs(x, output_size=size), reduction=4 * 9)
     with pytest.raises(ValueError):
         theirs(x, output_size=(16, 16))
+    # output_size has 2 elements or as many as the input has dimensions
+    for xx, size in ((x[0], [1, 3, 13, 13]), (x, [3, 13, 13]), (x, [13])):
+        for m in (ours, theirs):
+            with pytest.raises(ValueError, match="output_size must have 2 or"):
+                m(xx, output_size=size)
+    assert ours(x[0], output_size=[3, 13, 13]).shape == (3, 13, 13)
     with pytest.raises(ValueError):
         ours(x, output_size=(16, 16))
 
