@@ -500,7 +500,7 @@ def test_modules_state_dict_both_ways(cpu_path, cls, args, kw, xshape):
     w = theirs.weight
     red = w[0].numel() if cls != "ConvTranspose2d" else w.shape[0] // theirs.groups * w[0, 0].numel()
     theirs.load_state_dict(ours.state_dict())
-    assert torch.equal(ours(x), ours(x))
+    assert ours(x).shape == theirs(x).shape
     assert_close(ours(x), theirs(x), reduction=red)
     fresh = getattr(torch.nn, cls)(*args, **kw)
     ours.load_state_dict(fresh.state_dict())
@@ -539,36 +539,38 @@ def _x():
     return torch.randn(2, 4, 8, 8)
 
 
-BAD = [  # (name, callable args for both F modules)
-    ("ndim 2", lambda F: F.conv2d(torch.randn(8, 8), torch.randn(6, 4, 3, 3))),
-    ("ndim 5", lambda F: F.conv2d(torch.randn(1, 2, 4, 8, 8), torch.randn(6, 4, 3, 3))),
-    ("channels not divisible", lambda F: F.conv2d(_x(), torch.randn(6, 1, 3, 3), groups=3)),
-    ("out channels not divisible", lambda F: F.conv2d(_x(), torch.randn(5, 2, 3, 3), groups=2)),
-    ("channel mismatch", lambda F: F.conv2d(_x(), torch.randn(6, 3, 3, 3))),
-    ("kernel too large", lambda F: F.conv2d(_x(), torch.randn(6, 4, 9, 9))),
-    ("kernel too large with dilation", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), dilation=4)),
-    ("negative padding", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding=-1)),
-    ("zero stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=0)),
-    ("zero dilation", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), dilation=0)),
-    ("zero groups", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), groups=0)),
-    ("same with stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding="same", stride=2)),
-    ("bad padding string", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding="full")),
-    ("dtype mismatch", lambda F: F.conv2d(_x().double(), torch.randn(6, 4, 3, 3))),
-    ("bias dtype", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), torch.randn(6).double())),
-    ("bias shape", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), torch.randn(5))),
-    ("stride length", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=(1, 1, 1))),
-    ("float stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=1.5)),
-    ("not a tensor", lambda F: F.conv2d([1.0], torch.randn(6, 4, 3, 3))),
-    ("empty weight", lambda F: F.conv2d(_x(), torch.randn(0, 4, 3, 3))),
-    ("conv1d ndim", lambda F: F.conv1d(torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3))),
-    ("transpose output_padding", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), stride=2, output_padding=2)),
-    ("transpose groups", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), groups=3)),
-    ("transpose padding string", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), padding="same")),
+BAD = [  # (name, word the message must contain, call taking either F module)
+    ("ndim 2", "input", lambda F: F.conv2d(torch.randn(8, 8), torch.randn(6, 4, 3, 3))),
+    ("ndim 5", "input", lambda F: F.conv2d(torch.randn(1, 2, 4, 8, 8), torch.randn(6, 4, 3, 3))),
+    ("channels not divisible", "groups", lambda F: F.conv2d(_x(), torch.randn(6, 1, 3, 3), groups=3)),
+    ("out channels not divisible", "weight", lambda F: F.conv2d(_x(), torch.randn(5, 2, 3, 3), groups=2)),
+    ("channel mismatch", "channels", lambda F: F.conv2d(_x(), torch.randn(6, 3, 3, 3))),
+    ("kernel too large", "kernel size", lambda F: F.conv2d(_x(), torch.randn(6, 4, 9, 9))),
+    ("kernel too large with dilation", "kernel size", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), dilation=4)),
+    ("negative padding", "padding", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding=-1)),
+    ("zero stride", "stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=0)),
+    ("zero dilation", "dilation", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), dilation=0)),
+    ("zero groups", "groups", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), groups=0)),
+    ("same with stride", "same", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding="same", stride=2)),
+    ("bad padding string", "padding", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding="full")),
+    ("dtype mismatch", "weight", lambda F: F.conv2d(_x().double(), torch.randn(6, 4, 3, 3))),
+    ("bias dtype", "bias", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), torch.randn(6).double())),
+    ("bias shape", "bias", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), torch.randn(5))),
+    ("stride length", "stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=(1, 1, 1))),
+    ("float stride", "stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=1.5)),
+    ("not a tensor", "input", lambda F: F.conv2d([1.0], torch.randn(6, 4, 3, 3))),
+    ("empty weight", "weight", lambda F: F.conv2d(_x(), torch.randn(0, 4, 3, 3))),
+    ("conv1d ndim", "conv1d", lambda F: F.conv1d(torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3))),
+    ("transpose output_padding", "output padding", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), stride=2, output_padding=2)),
+    ("transpose groups", "groups", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), groups=3)),
+    ("conv1d zero stride", "conv1d", lambda F: F.conv1d(torch.randn(2, 4, 8), torch.randn(6, 4, 3), stride=0)),
+    ("conv1d channel mismatch", "conv1d", lambda F: F.conv1d(torch.randn(2, 4, 8), torch.randn(6, 3, 3))),
+    ("transpose padding string", "padding", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), padding="same")),
 ]
 
 
-@pytest.mark.parametrize("name,call", BAD, ids=[b[0] for b in BAD])
-def test_exception_parity(name, call):
+@pytest.mark.parametrize("name,word,call", BAD, ids=[b[0] for b in BAD])
+def test_exception_parity(name, word, call):
     with pytest.raises(Exception) as theirs:
         call(TF)
     with pytest.raises(Exception) as ours:
@@ -576,6 +578,7 @@ def test_exception_parity(name, call):
     assert isinstance(ours.value, type(theirs.value)), (
         f"{name}: torch raised {type(theirs.value).__name__}, fastdl {type(ours.value).__name__}: "
         f"{ours.value}")
+    assert word.lower() in str(ours.value).lower(), f"{name}: message lacks {word!r}: {ours.value}"
 
 
 def test_unsupported_dtypes_and_messages():

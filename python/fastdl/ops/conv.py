@@ -257,9 +257,11 @@ def _unbatch(y, unbatched):
 
 # ---- conv2d ------------------------------------------------------------------------------------
 
-def conv2d_prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Validates a conv2d call; returns its _Geometry (fastdl.nn keeps it for the backward)."""
-    return _conv_geometry("conv2d", input, weight, bias, stride, padding, dilation, groups)
+def conv2d_prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                   fn="conv2d"):
+    """Validates a conv2d call; returns its _Geometry (fastdl.nn keeps it for the backward).
+    fn names the caller in error messages (conv1d runs as conv2d)."""
+    return _conv_geometry(fn, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d_run(geo, input, weight, bias):

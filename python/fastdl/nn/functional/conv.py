@@ -137,7 +137,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     _check_torch("conv2d", "input", input, 1)
     _check_torch("conv2d", "weight", weight, 2)
-    geo = _ops.conv2d_prepare(input, weight, bias, stride, padding, dilation, groups)
+    return _conv2d("conv2d", input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv2d(fn, input, weight, bias, stride, padding, dilation, groups):
+    geo = _ops.conv2d_prepare(input, weight, bias, stride, padding, dilation, groups, fn=fn)
     if _needs_grad(input, weight, bias):
         return _Conv2dFn.apply(input, weight, bias, geo)
     return _ops.conv2d_run(geo, input, weight, bias)
@@ -181,5 +185,5 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     s, d = _single(fn, "stride", stride), _single(fn, "dilation", dilation)
     p = _single(fn, "padding", padding)
     p2 = p if isinstance(p, str) else (0, p)
-    y = conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d), groups)
+    y = _conv2d(fn, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d), groups)
     return y.squeeze(-2)
