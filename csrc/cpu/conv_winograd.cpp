@@ -40,6 +40,15 @@ struct WinoScratch {
     }
     return static_cast<T*>(ptr);
   }
+  // Frees a buffer above kKeepBytes so one large call does not pin memory for the thread's life.
+  void trim() {
+    if (bytes > kKeepBytes) {
+      std::free(ptr);
+      ptr = nullptr;
+      bytes = 0;
+    }
+  }
+  static constexpr size_t kKeepBytes = size_t(4) << 20;
 };
 thread_local WinoScratch tl_v, tl_m;
 
@@ -102,7 +111,9 @@ template <class T>
 void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const int64_t th = (p.oh + 1) / 2, tw = (p.ow + 1) / 2, tiles = th * tw;
-  const int64_t tc = std::min<int64_t>(tiles, std::max<int64_t>(16, kWinoBudget / (16 * std::max<int64_t>(1, cg))));
+  // Tiles per chunk: V is 16 x cg x tc and M is 16 x kg x tc, so bound by the larger of the two.
+  const int64_t tc = std::min<int64_t>(
+      tiles, std::max<int64_t>(16, kWinoBudget / (16 * std::max<int64_t>(1, std::max(cg, kg)))));
   const int64_t chunks = (tiles + tc - 1) / tc;
   parallel_for_catch(p.n * G * chunks, grain_for(tc * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
     T* v = tl_v.get<T>(16 * cg * tc);
@@ -159,6 +170,8 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
         }
       }
     }
+    tl_v.trim();
+    tl_m.trim();
   });
 }
 

@@ -158,6 +158,13 @@ class _Geometry:
                  "channels_last")
 
 
+def _check_spatial(fn, x_shape):
+    """torch accepts an empty input only through its batch or channel dimension."""
+    if (x_shape[2] == 0 or x_shape[3] == 0) and x_shape[0] != 0 and x_shape[1] != 0:
+        raise RuntimeError(f"{fn}: Only zero batch or zero channel inputs are supported, but got "
+                           f"input shape: {list(x_shape)}")
+
+
 def _conv_geometry(fn, input, weight, bias, stride, padding, dilation, groups):
     """Validates a conv2d call as torch does; returns a _Geometry (x_shape/y_shape batched)."""
     code, device = _check_array(fn, "input", input)
@@ -231,6 +238,7 @@ def _conv_geometry(fn, input, weight, bias, stride, padding, dilation, groups):
         raise RuntimeError(f"{fn}: calculated padded input size per channel: ({pad_h} x {pad_w}). "
                            f"Kernel size: ({dh * (kh - 1) + 1} x {dw * (kw - 1) + 1}). Kernel size "
                            "can't be greater than actual input size")
+    _check_spatial(fn, x_shape)
     geo = _Geometry()
     geo.params = _C.Conv2dParams(n, c, h, w, k, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, g, code)
     geo.x_shape, geo.y_shape, geo.w_shape = x_shape, (n, k, oh, ow), (k, cg, kh, kw)
@@ -249,14 +257,19 @@ def _unbatch(y, unbatched):
 
 # ---- conv2d ------------------------------------------------------------------------------------
 
-def conv2d_prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Validates a conv2d call; returns its _Geometry (fastdl.nn keeps it for the backward)."""
-    return _conv_geometry("conv2d", input, weight, bias, stride, padding, dilation, groups)
+def conv2d_prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                   fn="conv2d"):
+    """Validates a conv2d call; returns its _Geometry (fastdl.nn keeps it for the backward).
+    fn names the caller in error messages (conv1d runs as conv2d)."""
+    return _conv_geometry(fn, input, weight, bias, stride, padding, dilation, groups)
 
 
 def conv2d_run(geo, input, weight, bias):
     """Forward for a validated geometry: contiguous copies, output allocation, kernel call."""
     x = _tensor.contiguous(_batched(input, geo.unbatched))
+    if geo.x_shape[1] == 0:  # no input channels: torch returns (N, 0, OH, OW), bias unused
+        n, _, oh, ow = geo.y_shape
+        return _unbatch(_empty(x, (n, 0, oh, ow)), geo.unbatched)
     w = _tensor.contiguous(weight)
     b = None if bias is None else _tensor.contiguous(bias)
     y = _empty(x, geo.y_shape)
@@ -309,6 +322,12 @@ def conv2d_backward(grad_output, input, weight, stride=1, padding=0, dilation=1,
     """
     fn = "conv2d_backward"
     geo = _conv_geometry(fn, input, weight, None, stride, padding, dilation, groups)
+    if geo.x_shape[1] == 0:  # no input channels: the (N, 0, OH, OW) output depends on nothing
+        n, k, oh, ow = geo.y_shape
+        g = _check_grad_output(fn, grad_output, input, (n, 0, oh, ow), geo.unbatched)
+        zeros = (lambda shape: np.zeros(shape, g.dtype)) if isinstance(g, np.ndarray) else g.new_zeros
+        shapes = (tuple(input.shape), geo.w_shape, (k,))
+        return tuple(zeros(shape) if m else None for shape, m in zip(shapes, output_mask))
     g = _check_grad_output(fn, grad_output, input, geo.y_shape, geo.unbatched)
     return conv2d_backward_run(geo, g, input, weight, tuple(bool(m) for m in output_mask))
 
@@ -359,7 +378,10 @@ def _transpose_geometry(fn, input, weight, bias, stride, padding, output_padding
     y_shape = (1,) + tuple(input.shape) if unbatched else tuple(input.shape)
     n, cin, h, w = y_shape
     wc, coutg, kh, kw = (int(s) for s in weight.shape)
-    if wc == 0 or wc % g:
+    if wc == 0:
+        raise RuntimeError(f"{fn}: given groups={g}, expected weight to be at least 1 at "
+                           f"dimension 0, but got weight of size {list(weight.shape)} instead")
+    if wc % g:
         raise RuntimeError(f"{fn}: given groups={g}, expected weight to be divisible by {g} at "
                            f"dimension 0, but got weight of size {list(weight.shape)} instead")
     if cin != wc:
@@ -371,6 +393,7 @@ def _transpose_geometry(fn, input, weight, bias, stride, padding, output_padding
         raise RuntimeError(f"{fn}: given transposed=1, weight of size {list(weight.shape)}, "
                            f"expected bias to be 1-dimensional with {cout} elements, but got bias "
                            f"of size {list(bias.shape)} instead")
+    _check_spatial(fn, y_shape)
     oh = (h - 1) * sh - 2 * ph + dh * (kh - 1) + oph + 1
     ow = (w - 1) * sw - 2 * pw + dw * (kw - 1) + opw + 1
     if oh <= 0 or ow <= 0:

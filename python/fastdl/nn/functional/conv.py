@@ -25,8 +25,85 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
+# Both convolutions are bilinear maps over one underlying convolution (geo.params), built from
+# its three kernel passes on batched tensors:
+#   F(x, w) -> y (forward), I(gy, w) -> gx (input gradient), W(x, gy) -> gw (weight gradient).
+# conv2d is F (+ bias) and conv_transpose2d is I (+ bias). Each pass's own gradient is again one
+# of the three passes, so _Pass below is differentiable any number of times (create_graph=True):
+#   F: dx = I(G, w),  dw = W(x, G)      I: dgy = F(G, w), dw = W(G, gy)
+#   W: dx = I(gy, G), dgy = F(x, G)
+
+
+def _run_pass(kind, geo, a, b):
+    """One kernel pass on batched tensors a, b; returns the new (batched) output."""
+    shape = {_ops._FORWARD: geo.y_shape, _ops._BACKWARD_INPUT: geo.x_shape,
+             _ops._BACKWARD_WEIGHT: geo.w_shape}[kind]
+    a, b = a.contiguous(), b.contiguous()
+    out = _ops._empty(a, shape)
+    if kind == _ops._BACKWARD_WEIGHT:
+        _ops._launch(kind, a, b, out, None, geo.params, geo.device)
+    else:
+        _ops._launch(kind, a, b, None, out, geo.params, geo.device)
+    return out
+
+
+class _Pass(torch.autograd.Function):
+    """One of F, I, W (see above) with a backward made of the same passes."""
+
+    @staticmethod
+    def forward(ctx, a, b, kind, geo):
+        ctx.save_for_backward(a, b)
+        ctx.kind, ctx.geo = kind, geo
+        return _run_pass(kind, geo, a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        kind, geo = ctx.kind, ctx.geo
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        da = db = None
+        if kind == _ops._FORWARD:  # a = x, b = w
+            da = _apply(_ops._BACKWARD_INPUT, geo, g, b) if need_a else None
+            db = _apply(_ops._BACKWARD_WEIGHT, geo, a, g) if need_b else None
+        elif kind == _ops._BACKWARD_INPUT:  # a = gy, b = w
+            da = _apply(_ops._FORWARD, geo, g, b) if need_a else None
+            db = _apply(_ops._BACKWARD_WEIGHT, geo, g, a) if need_b else None
+        else:  # a = x, b = gy
+            da = _apply(_ops._BACKWARD_INPUT, geo, b, g) if need_a else None
+            db = _apply(_ops._FORWARD, geo, a, g) if need_b else None
+        return da, db, None, None
+
+
+def _apply(kind, geo, a, b):
+    if _needs_grad(a, b):
+        return _Pass.apply(a, b, kind, geo)
+    return _run_pass(kind, geo, a, b)
+
+
+def _backward(ctx, gy, pass_x):
+    """Shared backward of _Conv2dFn/_ConvTranspose2dFn: gx by pass_x(gy, w), gw by the weight
+    pass, gb by summing gy; each only where autograd asks, differentiable under create_graph."""
+    x, w = ctx.saved_tensors
+    geo = ctx.geo
+    if pass_x == _ops._BACKWARD_INPUT and geo.x_shape[1] == 0:  # conv2d without input channels:
+        # the (N, 0, OH, OW) output depends on nothing; torch gives an all-zero bias gradient
+        gb = w.new_zeros(w.shape[0]) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return torch.zeros_like(x), torch.zeros_like(w), gb, None
+    g = _ops._batched(gy, geo.unbatched)
+    xb = _ops._batched(x, geo.unbatched)
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = _ops._unbatch(_apply(pass_x, geo, g, w), geo.unbatched)
+    if ctx.needs_input_grad[1]:
+        gw = (_apply(_ops._BACKWARD_WEIGHT, geo, xb, g) if pass_x == _ops._BACKWARD_INPUT
+              else _apply(_ops._BACKWARD_WEIGHT, geo, g, xb))
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = g.sum(dim=(0, 2, 3))
+    return gx, gw, gb, None
+
+
 class _Conv2dFn(torch.autograd.Function):
-    """conv2d; backward computes only the gradients autograd asks for."""
+    """conv2d (pass F + bias); backward computes only the gradients autograd asks for."""
 
     @staticmethod
     def forward(ctx, x, w, b, geo):
@@ -35,19 +112,12 @@ class _Conv2dFn(torch.autograd.Function):
         return _ops.conv2d_run(geo, x, w, b)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        geo = ctx.geo
-        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2])
-        g = _ops._batched(gy, geo.unbatched).contiguous()
-        gx, gw, gb = _ops.conv2d_backward_run(geo, g, x, w, mask)
-        return gx, gw, gb, None
+        return _backward(ctx, gy, _ops._BACKWARD_INPUT)
 
 
 class _ConvTranspose2dFn(torch.autograd.Function):
-    """conv_transpose2d; backward computes only the gradients autograd asks for."""
+    """conv_transpose2d (pass I + bias); backward computes only the gradients autograd asks for."""
 
     @staticmethod
     def forward(ctx, x, w, b, geo):
@@ -56,15 +126,8 @@ class _ConvTranspose2dFn(torch.autograd.Function):
         return _ops.conv_transpose2d_run(geo, x, w, b)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        geo = ctx.geo
-        mask = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2])
-        g = _ops._batched(gy, geo.unbatched).contiguous()
-        gx, gw, gb = _ops.conv_transpose2d_backward_run(geo, g, x, w, mask)
-        return gx, gw, gb, None
+        return _backward(ctx, gy, _ops._FORWARD)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -74,7 +137,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     _check_torch("conv2d", "input", input, 1)
     _check_torch("conv2d", "weight", weight, 2)
-    geo = _ops.conv2d_prepare(input, weight, bias, stride, padding, dilation, groups)
+    return _conv2d("conv2d", input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv2d(fn, input, weight, bias, stride, padding, dilation, groups):
+    geo = _ops.conv2d_prepare(input, weight, bias, stride, padding, dilation, groups, fn=fn)
     if _needs_grad(input, weight, bias):
         return _Conv2dFn.apply(input, weight, bias, geo)
     return _ops.conv2d_run(geo, input, weight, bias)
@@ -118,5 +185,5 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     s, d = _single(fn, "stride", stride), _single(fn, "dilation", dilation)
     p = _single(fn, "padding", padding)
     p2 = p if isinstance(p, str) else (0, p)
-    y = conv2d(input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d), groups)
+    y = _conv2d(fn, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d), groups)
     return y.squeeze(-2)

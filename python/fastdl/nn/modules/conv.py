@@ -175,13 +175,11 @@ class ConvTranspose2d(_ConvNd):
     def _output_padding(self, input, output_size):
         if output_size is None:
             return self.output_padding
-        has_batch = input.dim() == 4
         size = list(output_size)
-        if len(size) in (3, 4):
-            size = size[-2:]
-        if len(size) != 2:
-            raise ValueError(f"ConvTranspose2d: output_size must have 2 or "
-                             f"{2 + int(has_batch)} elements (got {len(output_size)})")
+        if len(size) not in (2, input.dim()):  # (H, W), or the whole output shape
+            raise ValueError(f"ConvTranspose2d: for {input.dim()}D input, output_size must have "
+                             f"2 or {input.dim()} elements (got {len(size)})")
+        size = size[-2:]
         out = []
         for d in range(2):
             n = input.size(d + input.dim() - 2)
