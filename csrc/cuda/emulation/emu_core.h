@@ -20,13 +20,15 @@
 // host thread; the threads of a block are fibers (ucontext) switched at __syncthreads, __syncwarp
 // and warp operations, so barriers are real. Fibers, not OS threads: 5-6x faster per barrier
 // (1 us vs 5-6 us per thread, 256 threads, 2 loaded cores; benchmarks/RESULTS.md, "CUDA
-// emulation") and deterministic: threads run in index order from one barrier to the next.
+// emulation") and deterministic: threads run in index order from one barrier to the next, or in
+// reverse index order in every other block (and every other launch), so a read of shared memory
+// that another thread wrote without a barrier between them reads poison whichever thread wrote.
 // Shared memory is filled with 0xFF bytes (NaN for floats, -1 for integers) at every block start,
 // and under AddressSanitizer each shared array is fenced by poisoned bytes.
 //
 // What emulation cannot show (it is a net for logic and indexing, not a GPU): timing and
 // performance; races between blocks or between threads of a block that a barrier does not order
-// (threads run one at a time, each to its next barrier, in index order); the memory model (fences,
+// (threads run one at a time, each to its next barrier, in one of two orders); the memory model (fences,
 // visibility, atomics' contention); tensor-core numerics (TF32 rounding); register and occupancy
 // limits (__launch_bounds__ is ignored); asynchronous error reporting (a device fault surfaces at
 // the launch's own check here, at the next synchronisation on a GPU).

@@ -3,7 +3,8 @@
 // A launch checks its configuration like the driver (sticky-free cudaErrorInvalidConfiguration
 // for more than 1024 threads per block or a zero dimension; cudaErrorInvalidValue for more
 // dynamic shared memory than the device has), then runs blocks in order; each block's threads
-// are fibers with mmap'd stacks (guard page below each), resumed in thread order until each
+// are fibers with mmap'd stacks (guard page below each), resumed in thread order (reversed in
+// every other block) until each
 // reaches a barrier or exits. A device assertion abandons the launch and leaves a sticky
 // cudaErrorAssert, as on a GPU, until fastdl_emu::reset().
 #include <sys/mman.h>
@@ -208,8 +209,10 @@ void ensure_fibers(Block& b, int n) {
   }
 }
 
-// Runs one block; returns cudaSuccess, or the fault that ended it.
-cudaError_t run_block(Block& b, size_t dynamic_bytes) {
+// Runs one block; returns cudaSuccess, or the fault that ended it. `reverse` runs its threads from
+// the highest index down: a thread that reads shared memory another wrote without a barrier
+// between them reads the poison in one of the two orders, whichever index the writer has.
+cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
   // Fresh shared memory: 0xFF everywhere (NaN / -1), the dynamic part first, fenced under ASan.
   unpoison(b.arena, kArenaBytes);
   std::memset(b.arena, 0xFF, kArenaBytes);
@@ -237,7 +240,8 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes) {
   const int nwarps = (b.nthreads + kWarpSize - 1) / kWarpSize;
   for (;;) {
     bool ran = false;
-    for (int t = 0; t < b.nthreads; ++t) {
+    for (int i = 0; i < b.nthreads; ++i) {
+      const int t = reverse ? b.nthreads - 1 - i : i;
       if (b.fibers[t].state != State::Ready) continue;
       ran = true;
       resume(b, t);
@@ -292,7 +296,7 @@ void wait_at(State s) {
 
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
                  void (*body)(void*), void* ctx) {
-  ++g_launches;
+  const long long launch = g_launches++;
   if (sticky() != cudaSuccess) return void(record(sticky()));
   if (g_missing_image.load()) return void(record(cudaErrorNoKernelImageForDevice));
   if (!stream_valid(stream)) return void(record(cudaErrorInvalidResourceHandle));
@@ -321,7 +325,9 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
     for (unsigned y = 0; y < grid.y && err == cudaSuccess; ++y)
       for (unsigned x = 0; x < grid.x && err == cudaSuccess; ++x) {
         coords.block = uint3{x, y, z};
-        err = run_block(b, dynamic_shared);
+        // Thread order alternates from block to block and, for one-block grids, launch to launch.
+        const unsigned long long linear = (1ULL * z * grid.y + y) * grid.x + x;
+        err = run_block(b, dynamic_shared, ((linear + launch) & 1) != 0);
       }
   coords = saved;
   t_block = nullptr;

@@ -18,7 +18,7 @@ __global__ void reverse_kernel(float* out, int n) {
   const int t = threadIdx.x;
   s[t] = float(t);
   if (BARRIER) __syncthreads();
-  out[t] = s[n - 1 - t];
+  out[blockIdx.x * n + t] = s[n - 1 - t];  // two blocks: the scheduler runs them in both orders
 }
 
 __global__ void unwritten_kernel(float* out) {
@@ -71,8 +71,9 @@ std::vector<double> cuda_emulation_selftest(const std::string& name) {
   size_t n = 0;
   if (name == "reverse" || name == "reverse_no_barrier") {
     n = 100;
-    if (name == "reverse") FASTDL_LAUNCH(1, n, 0, nullptr, reverse_kernel<true>)(o, int(n));
-    else FASTDL_LAUNCH(1, n, 0, nullptr, reverse_kernel<false>)(o, int(n));
+    if (name == "reverse") FASTDL_LAUNCH(2, n, 0, nullptr, reverse_kernel<true>)(o, int(n));
+    else FASTDL_LAUNCH(2, n, 0, nullptr, reverse_kernel<false>)(o, int(n));
+    n *= 2;
   } else if (name == "unwritten") {
     n = 64;
     FASTDL_LAUNCH(1, n, 0, nullptr, unwritten_kernel)(o);
