@@ -47,9 +47,20 @@ def test_dynamic_shared_memory():
     assert _C.cuda_emulation_selftest("dynamic") == [float(2 * ((t + 1) % 96)) for t in range(96)]
 
 
+def test_dynamic_shared_memory_over_48k_with_opt_in():
+    assert _C.cuda_emulation_selftest("dynamic_over_48k_with_optin") == [
+        float(2 * ((t + 1) % 32)) for t in range(32)]
+
+
 @pytest.mark.parametrize("case,message", [
     ("too_many_threads", "invalid configuration argument"),
     ("too_much_dynamic_shared", "invalid argument"),
+    # As a GPU: over 48 KB of shared memory per block only after cudaFuncSetAttribute's opt-in,
+    # and only up to the opted-in size and the device's maximum.
+    ("dynamic_over_48k_without_optin", "invalid argument"),
+    ("dynamic_over_optin", "invalid argument"),
+    ("optin_over_device_max", "invalid argument"),
+    ("static_plus_dynamic_over_48k", "device-side assert"),
     ("divergent_barriers", "different barriers"),
 ])
 def test_launch_errors(case, message):

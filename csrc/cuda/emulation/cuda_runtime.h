@@ -105,12 +105,18 @@ cudaError_t cudaMemset(void* p, int value, size_t bytes);
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind k);
 
 namespace fastdl_emu {
-cudaError_t func_attributes(cudaFuncAttributes* a);
+cudaError_t func_attributes(cudaFuncAttributes* a, const void* kernel);
+cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 }
 template <class F>
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F*) { return fastdl_emu::func_attributes(a); }
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F* f) {
+  return fastdl_emu::func_attributes(a, reinterpret_cast<const void*>(f));
+}
+// Records a kernel's dynamic shared memory opt-in; launches above 48 KB without it fail, as on a GPU.
 template <class F>
-cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
+  return fastdl_emu::func_set_attribute(reinterpret_cast<const void*>(f), attr, value);
+}
 
 // Test hooks of the emulation (reached from Python through fastdl._C in emulation builds only).
 namespace fastdl_emu {

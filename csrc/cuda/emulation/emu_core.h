@@ -82,8 +82,9 @@ extern thread_local ThreadCoords coords;
 constexpr int kWarpSize = 32;
 
 // Scheduler entry points (emu_runtime.cpp).
+// `kernel` identifies the kernel (its address) for its cudaFuncSetAttribute opt-in.
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 void (*body)(void*), void* ctx);
+                 const void* kernel, void (*body)(void*), void* ctx);
 void syncthreads();
 void syncwarp();
 // Warp exchange: every live lane of the warp deposits `value`; returns lane `src`'s value
@@ -108,7 +109,7 @@ struct Launcher {
       Kernel k;
       std::tuple<Params...>* p;
     } ctx{kernel, &params};
-    launch_grid(grid, block, shared, stream,
+    launch_grid(grid, block, shared, stream, reinterpret_cast<const void*>(kernel),
                 [](void* c) {
                   Ctx* x = static_cast<Ctx*>(c);
                   std::apply(x->k, *x->p);

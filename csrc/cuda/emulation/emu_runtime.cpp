@@ -2,7 +2,7 @@
 // cannot show). Compiled only in FASTDL_CUDA_EMULATION builds.
 // A launch checks its configuration like the driver (sticky-free cudaErrorInvalidConfiguration
 // for more than 1024 threads per block or a zero dimension; cudaErrorInvalidValue for more
-// dynamic shared memory than the device has), then runs blocks in order; each block's threads
+// dynamic shared memory than 48 KB, or than the kernel's cudaFuncSetAttribute opt-in), then runs blocks in order; each block's threads
 // are fibers with mmap'd stacks (guard page below each), resumed in thread order (reversed in
 // every other block) until each
 // reaches a barrier or exits. A device assertion abandons the launch and leaves a sticky
@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <new>
 #include <set>
@@ -69,6 +70,16 @@ thread_local cudaError_t t_last = cudaSuccess;
 thread_local int t_device = 0;
 std::mutex g_streams_mu;
 std::set<cudaStream_t> g_streams;
+// Per kernel: its cudaFuncAttributeMaxDynamicSharedMemorySize opt-in (absent: none, 48 KB).
+std::mutex g_optin_mu;
+std::map<const void*, size_t> g_optin;
+
+// The most dynamic shared memory a launch of `kernel` may ask for.
+size_t dynamic_limit(const void* kernel) {
+  std::lock_guard<std::mutex> lock(g_optin_mu);
+  auto it = g_optin.find(kernel);
+  return it == g_optin.end() ? kSharedPerBlock : it->second;
+}
 
 cudaError_t record(cudaError_t e) {
   if (e != cudaSuccess) t_last = e;
@@ -100,6 +111,8 @@ struct Block {
   char* arena = nullptr;
   size_t arena_used = 0;
   size_t static_bytes = 0;
+  size_t dynamic_bytes = 0;
+  size_t shared_limit = 0;  // static + dynamic: 48 KB, or the opt-in maximum with an opt-in
   void* dynamic = nullptr;
   std::vector<SharedSite> sites;
   // Per thread of the block, two rounds deep: the value a warp operation deposited and the round
@@ -219,6 +232,7 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
   poison(b.arena, kArenaBytes);
   b.sites.clear();
   b.dynamic = b.arena;
+  b.dynamic_bytes = dynamic_bytes;
   unpoison(b.arena, dynamic_bytes);
   b.arena_used = (dynamic_bytes + kRedzone + 255) / 256 * 256;
   b.static_bytes = 0;
@@ -295,7 +309,7 @@ void wait_at(State s) {
 }  // namespace
 
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 void (*body)(void*), void* ctx) {
+                 const void* kernel, void (*body)(void*), void* ctx) {
   const long long launch = g_launches++;
   if (sticky() != cudaSuccess) return void(record(sticky()));
   if (g_missing_image.load()) return void(record(cudaErrorNoKernelImageForDevice));
@@ -305,12 +319,15 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
       grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
       grid.z > 65535)
     return void(record(cudaErrorInvalidConfiguration));
-  if (dynamic_shared > kSharedOptin) return void(record(cudaErrorInvalidValue));
+  // A GPU refuses more than 48 KB of dynamic shared memory unless the kernel opted in.
+  const size_t dyn_limit = dynamic_limit(kernel);
+  if (dynamic_shared > dyn_limit) return void(record(cudaErrorInvalidValue));
   if (t_block) {
     std::fprintf(stderr, "fastdl CUDA emulation: a kernel launched another kernel\n");
     std::abort();
   }
   Block& b = block_state();
+  b.shared_limit = dyn_limit > kSharedPerBlock ? kSharedOptin : kSharedPerBlock;
   b.nthreads = static_cast<int>(threads);
   b.bdim = block;
   b.body = body;
@@ -381,10 +398,14 @@ void* block_shared(const void* site, size_t bytes, size_t align) {
     if (s.site == site) return s.ptr;
   size_t off = (b.arena_used + align - 1) / align * align;
   b.static_bytes += bytes;
-  if (b.static_bytes > kSharedPerBlock || off + bytes + kRedzone > kArenaBytes) {
-    std::fprintf(stderr, "fastdl CUDA emulation: static shared memory over %zu bytes per block\n",
-                 kSharedPerBlock);
-    device_assert_fail("static shared memory <= 48 KB", "too much static shared memory", "", 0);
+  // Static alone over 48 KB does not compile; static + dynamic over the limit fails the launch on a
+  // GPU. Static sizes are known here only when a thread first reaches each array: a device assert.
+  if (b.static_bytes > kSharedPerBlock || b.static_bytes + b.dynamic_bytes > b.shared_limit ||
+      off + bytes + kRedzone > kArenaBytes) {
+    std::fprintf(stderr, "fastdl CUDA emulation: static (%zu) + dynamic (%zu) shared memory over "
+                         "%zu bytes per block\n", b.static_bytes, b.dynamic_bytes, b.shared_limit);
+    device_assert_fail("static <= 48 KB, static + dynamic <= the block's limit",
+                       "too much shared memory", "", 0);
   }
   void* p = b.arena + off;
   unpoison(p, bytes);
@@ -406,9 +427,19 @@ void device_assert_fail(const char* cond, const char* msg, const char* file, int
   std::abort();  // an abandoned fiber is never resumed
 }
 
-cudaError_t func_attributes(cudaFuncAttributes* a) {
+cudaError_t func_attributes(cudaFuncAttributes* a, const void* kernel) {
   if (g_missing_image.load()) return record(cudaErrorNoKernelImageForDevice);
-  *a = cudaFuncAttributes{0, 1024, 32, 90, 90, int(kSharedPerBlock)};
+  *a = cudaFuncAttributes{0, 1024, 32, 90, 90, int(dynamic_limit(kernel))};
+  return cudaSuccess;
+}
+
+cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (g_missing_image.load()) return record(cudaErrorNoKernelImageForDevice);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      size_t(value) > kSharedOptin)
+    return record(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> lock(g_optin_mu);
+  g_optin[kernel] = size_t(value);
   return cudaSuccess;
 }
 
