@@ -62,6 +62,7 @@ def test_dynamic_shared_memory_over_48k_with_opt_in():
     ("optin_over_device_max", "invalid argument"),
     ("static_plus_dynamic_over_48k", "device-side assert"),
     ("divergent_barriers", "different barriers"),
+    ("split_barriers", "different barriers"),  # two __syncthreads() calls, all threads arrive
 ])
 def test_launch_errors(case, message):
     with pytest.raises(RuntimeError, match=message):

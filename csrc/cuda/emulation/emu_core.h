@@ -85,7 +85,8 @@ constexpr int kWarpSize = 32;
 // `kernel` identifies the kernel (its address) for its cudaFuncSetAttribute opt-in.
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
                  const void* kernel, void (*body)(void*), void* ctx);
-void syncthreads();
+// `file`:`line` names the __syncthreads() call: threads of a block waiting at different ones fail.
+void syncthreads(const char* file, int line);
 void syncwarp();
 // Warp exchange: every live lane of the warp deposits `value`; returns lane `src`'s value
 // (its own when src is out of range or has exited).
@@ -154,7 +155,8 @@ inline uint64_t to_bits(T v) {
 #define gridDim (::fastdl_emu::coords.grid_dim)
 constexpr int warpSize = 32;
 
-inline void __syncthreads() { ::fastdl_emu::syncthreads(); }
+// A macro, so each call site is known (threads reaching different __syncthreads() are a bug).
+#define __syncthreads() ::fastdl_emu::syncthreads(__FILE__, __LINE__)
 inline void __syncwarp(unsigned int = 0xffffffffu) { ::fastdl_emu::syncwarp(); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

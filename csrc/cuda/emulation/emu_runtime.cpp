@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <new>
@@ -95,6 +96,8 @@ struct Fiber {
   char* stack = nullptr;  // usable part, above the guard page
   State state = State::Ready;
   unsigned exchanges = 0;  // warp operations done (selects the exchange buffer)
+  const char* barrier_file = nullptr;  // the __syncthreads() it waits at
+  int barrier_line = 0;
 #ifdef FASTDL_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -286,6 +289,22 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
     }
     if (all_done) return cudaSuccess;
     if (!released && all_at_block) {
+      // Every waiting thread must be at the same __syncthreads() (a GPU's behaviour is undefined
+      // otherwise; sm_70+ counts arrivals, older GPUs hang or mis-synchronise).
+      const Fiber* first = nullptr;
+      for (const Fiber& f : b.fibers) {
+        if (&f - b.fibers.data() >= b.nthreads) break;
+        if (f.state != State::AtBlockBarrier) continue;
+        if (!first) { first = &f; continue; }
+        if (f.barrier_line != first->barrier_line || std::strcmp(f.barrier_file, first->barrier_file)) {
+          std::fprintf(stderr, "fastdl CUDA emulation: block (%u,%u,%u): threads wait at different "
+                               "barriers: __syncthreads() at %s:%d and at %s:%d\n",
+                       coords.block.x, coords.block.y, coords.block.z, first->barrier_file,
+                       first->barrier_line, f.barrier_file, f.barrier_line);
+          for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
+          return cudaErrorDeadlock;
+        }
+      }
       for (int t = 0; t < b.nthreads; ++t)
         if (b.fibers[t].state == State::AtBlockBarrier) b.fibers[t].state = State::Ready;
       released = true;
@@ -355,7 +374,12 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
   }
 }
 
-void syncthreads() { wait_at(State::AtBlockBarrier); }
+void syncthreads(const char* file, int line) {
+  Fiber& f = t_block->fibers[t_block->current];
+  f.barrier_file = file;
+  f.barrier_line = line;
+  wait_at(State::AtBlockBarrier);
+}
 void syncwarp() { wait_at(State::AtWarpBarrier); }
 
 namespace {

@@ -70,6 +70,13 @@ __global__ void static_kernel(float* out) {
   out[threadIdx.x] = s[threadIdx.x];
 }
 
+// Even and odd threads reach different __syncthreads(): fails even though all threads arrive.
+__global__ void split_barrier_kernel(float* out) {
+  if (threadIdx.x % 2 == 0) __syncthreads();
+  else __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
 // Lane 0 waits at a warp barrier while lane 1 waits at the block barrier: never released.
 __global__ void divergent_kernel(float* out) {
   if (threadIdx.x == 0) __syncwarp();
@@ -119,6 +126,9 @@ std::vector<double> cuda_emulation_selftest(const std::string& name) {
                                            228 * 1024));
   } else if (name == "static_plus_dynamic_over_48k") {
     FASTDL_LAUNCH(1, 32, 40 * 1024, nullptr, static_kernel)(o);
+  } else if (name == "split_barriers") {
+    n = 64;
+    FASTDL_LAUNCH(1, n, 0, nullptr, split_barrier_kernel)(o);
   } else if (name == "divergent_barriers") {
     n = 32;
     FASTDL_LAUNCH(1, n, 0, nullptr, divergent_kernel)(o);
