@@ -11,12 +11,14 @@
 #include <vector>
 
 #include "common.h"
+#include "conv.h"
 #include "cpu_features.h"
 #include "cuda_runtime_info.h"
 #include "gemm.h"
 #include "machine.h"
 #include "multi_tensor_pack.h"
 #include "optim.h"
+#include "overlap.h"
 #include "parallel.h"
 #include "pool.h"
 
@@ -79,7 +81,8 @@ DType dtype_of(int code) {
   return static_cast<DType>(code);
 }
 
-// Holds the pointer vectors an OptimTensors view refers to.
+// Holds the pointer vectors an OptimTensors view refers to, and checks them: list lengths, no
+// null data, no argument updated in place overlapping another (check_no_overlap).
 struct OptimArgs {
   std::vector<int64_t> numel;
   std::vector<void*> param, grad, state[3], step;
@@ -87,17 +90,16 @@ struct OptimArgs {
   std::vector<float> step_storage;  // when the caller gives the step number instead of counters
   OptimTensors view;
 
-  // steps: a list of pointers to float32 counters (incremented in place), or a Python float, the
-  // number of this step for every tensor (counters live here). numel: a list, or one int.
-  OptimArgs(const py::handle& params, const py::handle& grads, const py::handle& s0,
-            const py::handle& s1, const py::handle& s2, const py::handle& steps,
-            const py::handle& numel_, int param_dtype, int state_dtype)
+  // state_names: the op's names for state lists 0..2 (error messages). steps: a list of pointers
+  // to float32 counters (incremented in place), or a Python float, the number of this step for
+  // every tensor (counters live here), or None (SGD). numel: a list, or one int.
+  OptimArgs(const char* fn, const py::handle& params, const py::handle& grads,
+            const py::handle (&states)[3], const char* const (&state_names)[3],
+            const py::handle& steps, const py::handle& numel_, int param_dtype, int state_dtype)
       : numel(ints_of<int64_t>(numel_)) {
     param = pointers_of(params);
     grad = pointers_of(grads);
-    state[0] = pointers_of(s0);
-    state[1] = pointers_of(s1);
-    state[2] = pointers_of(s2);
+    for (int k = 0; k < 3; ++k) state[k] = pointers_of(states[k]);
     const size_t n = numel.size();
     if (PyFloat_Check(steps.ptr())) {
       step_storage.assign(n, static_cast<float>(PyFloat_AsDouble(steps.ptr()) - 1.0));
@@ -124,6 +126,51 @@ struct OptimArgs {
     view.step = step.empty() ? nullptr : reinterpret_cast<float* const*>(step.data());
     view.param_dtype = dtype_of(param_dtype);
     view.state_dtype = dtype_of(state_dtype);
+    check_aliasing(fn, state_names);
+  }
+
+  // The kernels read every argument through restrict pointers and update params and state in
+  // place: `adam_step(p, g, m, m)` or a param listed twice would break that promise.
+  void check_aliasing(const char* fn, const char* const (&state_names)[3]) const {
+    const size_t n = numel.size();
+    if (n == 1 && state[0].empty()) {  // the common sgd_step(p, g): one comparison
+      const uintptr_t p = reinterpret_cast<uintptr_t>(param[0]);
+      const uintptr_t g = reinterpret_cast<uintptr_t>(grad[0]);
+      const uintptr_t bytes = numel[0] * dtype_size(view.param_dtype);
+      FASTDL_CHECK(numel[0] == 0 || p + bytes <= g || g + bytes <= p, fn,
+                   ": params[0] and grads[0] overlap in memory; arguments updated in place must "
+                   "not alias any other argument (pass separate tensors)");
+      return;
+    }
+    // An optimizer passes the same tensors every step: when this call's pointers, sizes and dtypes
+    // equal the last ones checked on this thread, the O(n log n) check is skipped (a 200-tensor
+    // Adam step: ~15% of its time otherwise).
+    const uintptr_t psize = dtype_size(view.param_dtype), ssize = dtype_size(view.state_dtype);
+    thread_local std::vector<uintptr_t> last_checked;
+    std::vector<uintptr_t> key;
+    key.reserve(3 + n * 6);
+    key.push_back(psize);
+    key.push_back(ssize);
+    key.push_back(reinterpret_cast<uintptr_t>(fn));
+    for (size_t i = 0; i < n; ++i) key.push_back(static_cast<uintptr_t>(numel[i]));
+    for (const auto* v : {&param, &grad, &state[0], &state[1], &state[2]}) {
+      key.push_back(v->size());
+      for (void* ptr : *v) key.push_back(reinterpret_cast<uintptr_t>(ptr));
+    }
+    if (key == last_checked) return;
+    std::vector<Span> spans;
+    spans.reserve(n * 5);
+    auto add = [&](const std::vector<void*>& v, const char* name, uintptr_t size, bool written) {
+      for (size_t i = 0; i < v.size(); ++i) {
+        const uintptr_t b = reinterpret_cast<uintptr_t>(v[i]);
+        spans.push_back({b, b + numel[i] * size, name, static_cast<int64_t>(i), written});
+      }
+    };
+    add(param, "params", psize, true);
+    add(grad, "grads", psize, false);
+    for (int k = 0; k < 3; ++k) add(state[k], state_names[k], ssize, true);
+    check_no_overlap(fn, std::move(spans));
+    last_checked = std::move(key);
   }
 };
 
@@ -148,19 +195,38 @@ void run_step(const P& prm, OptimArgs& a, int device, uintptr_t stream, CpuFn cp
   }
 }
 
-// ---- pooling argument unpacking (csrc/pool.h) ------------------------------------------------
+void* optional_pointer(py::handle h) { return h.is_none() ? nullptr : pointer_of(h); }
 
-// kind: 0 max_pool2d / adaptive_max_pool2d, 1 avg_pool2d / adaptive_avg_pool2d, 2 max_unpool2d.
-// flags: bit 0 adaptive, bit 1 count_include_pad, bit 2 int32 indices (CPU max pooling).
-Pool2dParams pool_params(int64_t planes, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
-                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                         int64_t dh, int64_t dw, int flags, int64_t divisor_override, int dtype) {
-  Pool2dParams p;
-  p.planes = planes;
-  p.in_h = in_h;
-  p.in_w = in_w;
-  p.out_h = out_h;
-  p.out_w = out_w;
+// Runs a pooling entry point on the CPU (device < 0) or on CUDA device `device`, GIL released.
+template <class CpuCall, class CudaCall>
+void run_pool(int device, uintptr_t stream, const CpuCall& cpu, const CudaCall& cuda) {
+  py::gil_scoped_release release;
+  if (device < 0) {
+    cpu();
+    return;
+  }
+#ifdef FASTDL_WITH_CUDA
+  cuda(cuda_launch(device, stream));
+#else
+  (void)cuda;
+  (void)stream;
+  throw std::runtime_error("fastdl was built without CUDA");
+#endif
+}
+
+// ---- convolution argument unpacking (csrc/conv.h) ----------------------------------------------
+
+Conv2dParams conv_params(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, int64_t oh,
+                         int64_t ow, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                         int64_t pw, int64_t dh, int64_t dw, int64_t groups, int dtype) {
+  Conv2dParams p;
+  p.n = n;
+  p.c = c;
+  p.h = h;
+  p.w = w;
+  p.k = k;
+  p.oh = oh;
+  p.ow = ow;
   p.kh = kh;
   p.kw = kw;
   p.sh = sh;
@@ -169,20 +235,17 @@ Pool2dParams pool_params(int64_t planes, int64_t in_h, int64_t in_w, int64_t out
   p.pw = pw;
   p.dh = dh;
   p.dw = dw;
-  p.adaptive = (flags & 1) != 0;
-  p.count_include_pad = (flags & 2) != 0;
-  p.index32 = (flags & 4) != 0;
-  p.divisor_override = divisor_override;
+  p.groups = groups;
   p.dtype = dtype_of(dtype);
+  check_conv2d_params(p);
   return p;
 }
-
-void* optional_pointer(py::handle h) { return h.is_none() ? nullptr : pointer_of(h); }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdl native kernels (see python/fastdl for the public API)";
+  install_fork_handler();  // a forked child (DataLoader worker) starts single-threaded
 
   // ---- build and runtime information --------------------------------------------------------
   m.def("version", []() { return std::string(FASTDL_VERSION); });
@@ -225,111 +288,306 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // ---- optimizer steps (csrc/optim.h) --------------------------------------------------------
-  // Lists hold one entry per tensor (or a single pointer/int for one tensor); state lists may be
-  // None when the variant does not use them.
+  // Hyperparameters travel in a param struct, built with keywords and read-only, so Python caches
+  // and shares instances (python/fastdl/ops/optim.py: building one costs 1-3 us, a cache hit
+  // 0.2 us). The tensors: named lists of pointers with one numel per tensor (or a single pointer
+  // or int for one tensor); state lists are None when the variant does not use them.
+  // param_dtype / state_dtype: csrc/common.h codes (state float32 for half params on CUDA).
+  py::class_<SgdParams>(m, "SgdParams")
+      .def(py::init([](double lr, double momentum, double dampening, double weight_decay,
+                       bool nesterov, bool maximize) {
+             return SgdParams{lr, momentum, dampening, weight_decay, nesterov, maximize};
+           }),
+           py::kw_only(), py::arg("lr"), py::arg("momentum") = 0.0, py::arg("dampening") = 0.0,
+           py::arg("weight_decay") = 0.0, py::arg("nesterov") = false, py::arg("maximize") = false)
+      .def_readonly("lr", &SgdParams::lr)
+      .def_readonly("momentum", &SgdParams::momentum)
+      .def_readonly("dampening", &SgdParams::dampening)
+      .def_readonly("weight_decay", &SgdParams::weight_decay)
+      .def_readonly("nesterov", &SgdParams::nesterov)
+      .def_readonly("maximize", &SgdParams::maximize);
+  py::class_<AdamParams>(m, "AdamParams")
+      .def(py::init([](double lr, double beta1, double beta2, double eps, double weight_decay,
+                       bool amsgrad, bool maximize, bool decoupled_weight_decay) {
+             return AdamParams{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                               decoupled_weight_decay};
+           }),
+           py::kw_only(), py::arg("lr"), py::arg("beta1") = 0.9, py::arg("beta2") = 0.999,
+           py::arg("eps") = 1e-8, py::arg("weight_decay") = 0.0, py::arg("amsgrad") = false,
+           py::arg("maximize") = false, py::arg("decoupled_weight_decay") = false)
+      .def_readonly("lr", &AdamParams::lr)
+      .def_readonly("beta1", &AdamParams::beta1)
+      .def_readonly("beta2", &AdamParams::beta2)
+      .def_readonly("eps", &AdamParams::eps)
+      .def_readonly("weight_decay", &AdamParams::weight_decay)
+      .def_readonly("amsgrad", &AdamParams::amsgrad)
+      .def_readonly("maximize", &AdamParams::maximize)
+      .def_readonly("decoupled_weight_decay", &AdamParams::decoupled_weight_decay);
+  py::class_<RmspropParams>(m, "RmspropParams")
+      .def(py::init([](double lr, double alpha, double eps, double weight_decay, double momentum,
+                       bool centered, bool maximize) {
+             return RmspropParams{lr, alpha, eps, weight_decay, momentum, centered, maximize};
+           }),
+           py::kw_only(), py::arg("lr"), py::arg("alpha") = 0.99, py::arg("eps") = 1e-8,
+           py::arg("weight_decay") = 0.0, py::arg("momentum") = 0.0, py::arg("centered") = false,
+           py::arg("maximize") = false)
+      .def_readonly("lr", &RmspropParams::lr)
+      .def_readonly("alpha", &RmspropParams::alpha)
+      .def_readonly("eps", &RmspropParams::eps)
+      .def_readonly("weight_decay", &RmspropParams::weight_decay)
+      .def_readonly("momentum", &RmspropParams::momentum)
+      .def_readonly("centered", &RmspropParams::centered)
+      .def_readonly("maximize", &RmspropParams::maximize);
+
   m.def(
       "sgd_step",
-      [](py::handle params, py::handle grads, py::handle bufs, py::handle first,
-         py::handle numel, int dtype, int device, uintptr_t stream, double lr,
-         double momentum, double dampening, double weight_decay, bool nesterov, bool maximize) {
-        OptimArgs a(params, grads, bufs, py::none(), py::none(), py::none(), numel, dtype, dtype);
-        a.first = ints_of<uint8_t>(first);
+      [](const SgdParams& hp, py::handle params, py::handle grads, py::handle momentum_buffers,
+         py::handle first_step, py::handle numel, int param_dtype, int state_dtype, int device,
+         uintptr_t stream) {
+        const py::handle states[3] = {momentum_buffers, py::none(), py::none()};
+        static const char* const names[3] = {"momentum_buffers", "", ""};
+        OptimArgs a("sgd_step", params, grads, states, names, py::none(), numel, param_dtype,
+                    state_dtype);
+        FASTDL_CHECK(hp.momentum == 0 || a.view.state[0],
+                     "fastdl internal: momentum needs momentum_buffers");
+        a.first = ints_of<uint8_t>(first_step);
         FASTDL_CHECK(a.first.empty() || a.first.size() == a.numel.size(),
                      "fastdl internal: first-step list length differs");
         a.view.first_step = a.first.empty() ? nullptr : a.first.data();
-        SgdParams p{lr, momentum, dampening, weight_decay, nesterov, maximize};
-        run_step(p, a, device, stream, sgd_step_cpu, [](auto&&... x) {
+        run_step(hp, a, device, stream, sgd_step_cpu, [](auto&&... x) {
 #ifdef FASTDL_WITH_CUDA
           sgd_step_cuda(x...);
 #endif
         });
-      });
+      },
+      py::arg("hp"), py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
+      py::arg("first_step"), py::arg("numel"), py::arg("param_dtype"), py::arg("state_dtype"),
+      py::arg("device"), py::arg("stream"));
   m.def(
       "adam_step",
-      [](py::handle params, py::handle grads, py::handle exp_avg, py::handle exp_avg_sq,
-         py::handle max_exp_avg_sq, py::handle steps, py::handle numel, int param_dtype,
-         int state_dtype, int device, uintptr_t stream, double lr, double beta1, double beta2,
-         double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled) {
-        OptimArgs a(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, steps, numel,
-                    param_dtype, state_dtype);
+      [](const AdamParams& hp, py::handle params, py::handle grads, py::handle exp_avgs,
+         py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps, py::handle numel,
+         int param_dtype, int state_dtype, int device, uintptr_t stream) {
+        const py::handle states[3] = {exp_avgs, exp_avg_sqs, max_exp_avg_sqs};
+        static const char* const names[3] = {"exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"};
+        const char* fn = hp.decoupled_weight_decay ? "adamw_step" : "adam_step";
+        OptimArgs a(fn, params, grads, states, names, steps, numel, param_dtype, state_dtype);
         FASTDL_CHECK(a.view.state[0] && a.view.state[1] && a.view.step,
                      "fastdl internal: adam needs exp_avg, exp_avg_sq and steps");
-        FASTDL_CHECK(!amsgrad || a.view.state[2], "fastdl internal: amsgrad needs max_exp_avg_sq");
-        AdamParams p{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled};
-        run_step(p, a, device, stream, adam_step_cpu, [](auto&&... x) {
+        FASTDL_CHECK(!hp.amsgrad || a.view.state[2],
+                     "fastdl internal: amsgrad needs max_exp_avg_sq");
+        run_step(hp, a, device, stream, adam_step_cpu, [](auto&&... x) {
 #ifdef FASTDL_WITH_CUDA
           adam_step_cuda(x...);
 #endif
         });
-      });
+      },
+      py::arg("hp"), py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+      py::arg("exp_avg_sqs"), py::arg("max_exp_avg_sqs"), py::arg("steps"), py::arg("numel"),
+      py::arg("param_dtype"), py::arg("state_dtype"), py::arg("device"), py::arg("stream"));
   m.def(
       "rmsprop_step",
-      [](py::handle params, py::handle grads, py::handle square_avg, py::handle momentum_buffer,
-         py::handle grad_avg, py::handle steps, py::handle numel, int param_dtype,
-         int state_dtype, int device, uintptr_t stream, double lr, double alpha, double eps,
-         double weight_decay, double momentum, bool centered, bool maximize) {
-        OptimArgs a(params, grads, square_avg, momentum_buffer, grad_avg, steps, numel,
-                    param_dtype, state_dtype);
+      [](const RmspropParams& hp, py::handle params, py::handle grads, py::handle square_avgs,
+         py::handle momentum_buffers, py::handle grad_avgs, py::handle steps, py::handle numel,
+         int param_dtype, int state_dtype, int device, uintptr_t stream) {
+        const py::handle states[3] = {square_avgs, momentum_buffers, grad_avgs};
+        static const char* const names[3] = {"square_avgs", "momentum_buffers", "grad_avgs"};
+        OptimArgs a("rmsprop_step", params, grads, states, names, steps, numel, param_dtype,
+                    state_dtype);
         FASTDL_CHECK(a.view.state[0] && a.view.step,
                      "fastdl internal: rmsprop needs square_avg and steps");
-        FASTDL_CHECK(momentum <= 0 || a.view.state[1], "fastdl internal: momentum needs a buffer");
-        FASTDL_CHECK(!centered || a.view.state[2], "fastdl internal: centered needs grad_avg");
-        RmspropParams p{lr, alpha, eps, weight_decay, momentum, centered, maximize};
-        run_step(p, a, device, stream, rmsprop_step_cpu, [](auto&&... x) {
+        FASTDL_CHECK(hp.momentum <= 0 || a.view.state[1],
+                     "fastdl internal: momentum needs a buffer");
+        FASTDL_CHECK(!hp.centered || a.view.state[2], "fastdl internal: centered needs grad_avg");
+        run_step(hp, a, device, stream, rmsprop_step_cpu, [](auto&&... x) {
 #ifdef FASTDL_WITH_CUDA
           rmsprop_step_cuda(x...);
 #endif
         });
-      });
+      },
+      py::arg("hp"), py::arg("params"), py::arg("grads"), py::arg("square_avgs"),
+      py::arg("momentum_buffers"), py::arg("grad_avgs"), py::arg("steps"), py::arg("numel"),
+      py::arg("param_dtype"), py::arg("state_dtype"), py::arg("device"), py::arg("stream"));
 
   // ---- pooling (csrc/pool.h) ------------------------------------------------------------------
-  // Forward: a = input, b = output, idx = indices (max: None skips them; unpool: read).
-  // Backward: a = grad_output, b = grad_input, idx = saved indices (max, unpool) or None (avg).
-  // Shapes are the pooling geometry of Pool2dParams; device < 0 is the CPU.
-  // Pool2dParams is built once per geometry (python/fastdl/ops/pool.py caches it), so a call
-  // passes 8 arguments instead of 23 (1.1 us -> 0.5 us per call, 2-core Zen3).
+  // One entry point per kernel, each taking the geometry (Pool2dParams, built with keywords once
+  // per geometry: python/fastdl/ops/pool.py caches it), the arrays, and where to run (device < 0:
+  // the CPU; else the CUDA device and its stream).
   py::class_<Pool2dParams>(m, "Pool2dParams")
-      .def(py::init(&pool_params), py::arg("planes"), py::arg("in_h"), py::arg("in_w"),
-           py::arg("out_h"), py::arg("out_w"), py::arg("kh"), py::arg("kw"), py::arg("sh"),
-           py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),
-           py::arg("flags"), py::arg("divisor_override"), py::arg("dtype"))
+      .def(py::init([](int64_t planes, int64_t in_h, int64_t in_w, int64_t out_h, int64_t out_w,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                       int64_t dh, int64_t dw, bool adaptive, bool count_include_pad,
+                       int64_t divisor_override, bool index32, int dtype) {
+             Pool2dParams p;
+             p.planes = planes;
+             p.in_h = in_h;
+             p.in_w = in_w;
+             p.out_h = out_h;
+             p.out_w = out_w;
+             p.kh = kh;
+             p.kw = kw;
+             p.sh = sh;
+             p.sw = sw;
+             p.ph = ph;
+             p.pw = pw;
+             p.dh = dh;
+             p.dw = dw;
+             p.adaptive = adaptive;
+             p.count_include_pad = count_include_pad;
+             p.divisor_override = divisor_override;
+             p.index32 = index32;
+             p.dtype = dtype_of(dtype);
+             return p;
+           }),
+           py::kw_only(), py::arg("planes"), py::arg("in_h"), py::arg("in_w"), py::arg("out_h"),
+           py::arg("out_w"), py::arg("kh") = 1, py::arg("kw") = 1, py::arg("sh") = 1,
+           py::arg("sw") = 1, py::arg("ph") = 0, py::arg("pw") = 0, py::arg("dh") = 1,
+           py::arg("dw") = 1, py::arg("adaptive") = false, py::arg("count_include_pad") = true,
+           py::arg("divisor_override") = 0, py::arg("index32") = false, py::arg("dtype"))
       .def_readonly("planes", &Pool2dParams::planes)
+      .def_readonly("in_h", &Pool2dParams::in_h)
+      .def_readonly("in_w", &Pool2dParams::in_w)
       .def_readonly("out_h", &Pool2dParams::out_h)
       .def_readonly("out_w", &Pool2dParams::out_w)
+      .def_readonly("adaptive", &Pool2dParams::adaptive)
       .def_readonly("index32", &Pool2dParams::index32);
-  m.def("pool2d", [](int kind, bool backward, py::handle a, py::handle b, py::handle idx,
-                     const Pool2dParams& p, int device, uintptr_t stream) {
-    void* pa = pointer_of(a);
-    void* pb = pointer_of(b);
-    void* pi = optional_pointer(idx);
-    FASTDL_CHECK(kind >= 0 && kind <= 2, "fastdl internal: unknown pooling kind ", kind);
-    FASTDL_CHECK(kind == 1 || backward == false || pi != nullptr,
-                 "fastdl internal: max backward needs indices");
-    FASTDL_CHECK(kind != 2 || pi != nullptr, "fastdl internal: max_unpool2d needs indices");
+  // max_pool2d and adaptive_max_pool2d: indices None skips writing them.
+  m.def(
+      "max_pool2d_forward",
+      [](const Pool2dParams& p, py::handle input, py::handle output, py::handle indices,
+         int device, uintptr_t stream) {
+        const void* x = pointer_of(input);
+        void* y = pointer_of(output);
+        void* idx = optional_pointer(indices);
+        FASTDL_CHECK(device < 0 || !p.index32, "fastdl internal: int32 indices are CPU-only");
+        run_pool(device, stream, [&] { max_pool2d_forward_cpu(p, x, y, idx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   max_pool2d_forward_cuda(p, x, y, static_cast<int64_t*>(idx), l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("input"), py::arg("output"), py::arg("indices"), py::arg("device"),
+      py::arg("stream"));
+  m.def(
+      "max_pool2d_backward",
+      [](const Pool2dParams& p, py::handle grad_output, py::handle indices,
+         py::handle grad_input, int device, uintptr_t stream) {
+        const void* gy = pointer_of(grad_output);
+        const void* idx = pointer_of(indices);
+        void* gx = pointer_of(grad_input);
+        FASTDL_CHECK(device < 0 || !p.index32, "fastdl internal: int32 indices are CPU-only");
+        run_pool(device, stream, [&] { max_pool2d_backward_cpu(p, gy, idx, gx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   max_pool2d_backward_cuda(p, gy, static_cast<const int64_t*>(idx), gx, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("grad_output"), py::arg("indices"), py::arg("grad_input"),
+      py::arg("device"), py::arg("stream"));
+  // avg_pool2d and adaptive_avg_pool2d.
+  m.def(
+      "avg_pool2d_forward",
+      [](const Pool2dParams& p, py::handle input, py::handle output, int device,
+         uintptr_t stream) {
+        const void* x = pointer_of(input);
+        void* y = pointer_of(output);
+        run_pool(device, stream, [&] { avg_pool2d_forward_cpu(p, x, y); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   avg_pool2d_forward_cuda(p, x, y, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("input"), py::arg("output"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "avg_pool2d_backward",
+      [](const Pool2dParams& p, py::handle grad_output, py::handle grad_input, int device,
+         uintptr_t stream) {
+        const void* gy = pointer_of(grad_output);
+        void* gx = pointer_of(grad_input);
+        run_pool(device, stream, [&] { avg_pool2d_backward_cpu(p, gy, gx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   avg_pool2d_backward_cuda(p, gy, gx, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("grad_output"), py::arg("grad_input"), py::arg("device"),
+      py::arg("stream"));
+  // max_unpool2d: p.in_* is the pooled tensor, p.out_* the unpooled one.
+  m.def(
+      "max_unpool2d_forward",
+      [](const Pool2dParams& p, py::handle input, py::handle indices, py::handle output,
+         int device, uintptr_t stream) {
+        const void* x = pointer_of(input);
+        const int64_t* idx = static_cast<const int64_t*>(pointer_of(indices));
+        void* y = pointer_of(output);
+        run_pool(device, stream, [&] { max_unpool2d_forward_cpu(p, x, idx, y); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   max_unpool2d_forward_cuda(p, x, idx, y, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("input"), py::arg("indices"), py::arg("output"), py::arg("device"),
+      py::arg("stream"));
+  m.def(
+      "max_unpool2d_backward",
+      [](const Pool2dParams& p, py::handle grad_output, py::handle indices,
+         py::handle grad_input, int device, uintptr_t stream) {
+        const void* gy = pointer_of(grad_output);
+        const int64_t* idx = static_cast<const int64_t*>(pointer_of(indices));
+        void* gx = pointer_of(grad_input);
+        run_pool(device, stream, [&] { max_unpool2d_backward_cpu(p, gy, idx, gx); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   max_unpool2d_backward_cuda(p, gy, idx, gx, l);
+#endif
+                 });
+      },
+      py::arg("p"), py::arg("grad_output"), py::arg("indices"), py::arg("grad_input"),
+      py::arg("device"), py::arg("stream"));
+
+  // ---- convolution (csrc/conv.h) -------------------------------------------------------------
+  // pass 0 forward:          a = x, b = w, c = bias or None, d = y
+  // pass 1 input gradient:   a = gy, b = w, d = gx (c unused)
+  // pass 2 weight gradient:  a = x, b = gy, c = gw or None, d = gb or None
+  // algo: ConvAlgo (0 auto); python/fastdl/ops/conv.py has validated everything and caches the
+  // Conv2dParams per geometry.
+  py::class_<Conv2dParams>(m, "Conv2dParams")
+      .def(py::init(&conv_params), py::arg("n"), py::arg("c"), py::arg("h"), py::arg("w"),
+           py::arg("k"), py::arg("oh"), py::arg("ow"), py::arg("kh"), py::arg("kw"),
+           py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"),
+           py::arg("dw"), py::arg("groups"), py::arg("dtype"));
+  m.def("conv2d", [](int pass, py::handle a, py::handle b, py::handle c, py::handle d,
+                     const Conv2dParams& prm, int algo, int device, uintptr_t stream) {
+    FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
+    FASTDL_CHECK(algo >= 0 && algo <= 4, "fastdl internal: unknown convolution algorithm ", algo);
+    Conv2dParams p = prm;
+    p.algo = static_cast<ConvAlgo>(algo);
+    const void* pa = pointer_of(a);
+    const void* pb = pointer_of(b);
+    void* pc = optional_pointer(c);
+    void* pd = optional_pointer(d);
+    FASTDL_CHECK(pass == 2 || pd != nullptr, "fastdl internal: convolution needs an output");
     py::gil_scoped_release release;
     if (device < 0) {
-      if (kind == 0 && !backward) max_pool2d_forward_cpu(p, pa, pb, pi);
-      else if (kind == 0) max_pool2d_backward_cpu(p, pa, pi, pb);
-      else if (kind == 1 && !backward) avg_pool2d_forward_cpu(p, pa, pb);
-      else if (kind == 1) avg_pool2d_backward_cpu(p, pa, pb);
-      else if (!backward) max_unpool2d_forward_cpu(p, pa, static_cast<int64_t*>(pi), pb);
-      else max_unpool2d_backward_cpu(p, pa, static_cast<int64_t*>(pi), pb);
+      if (pass == 0) conv2d_forward_cpu(p, pa, pb, pc, pd);
+      else if (pass == 1) conv2d_backward_input_cpu(p, pa, pb, pd);
+      else conv2d_backward_weight_cpu(p, pa, pb, pc, pd);
       return;
     }
-#ifdef FASTDL_WITH_CUDA
-    const CudaLaunch l = cuda_launch(device, stream);
-    FASTDL_CHECK(!p.index32, "fastdl internal: int32 pooling indices are CPU-only");
-    int64_t* pi64 = static_cast<int64_t*>(pi);
-    if (kind == 0 && !backward) max_pool2d_forward_cuda(p, pa, pb, pi64, l);
-    else if (kind == 0) max_pool2d_backward_cuda(p, pa, pi64, pb, l);
-    else if (kind == 1 && !backward) avg_pool2d_forward_cuda(p, pa, pb, l);
-    else if (kind == 1) avg_pool2d_backward_cuda(p, pa, pb, l);
-    else if (!backward) max_unpool2d_forward_cuda(p, pa, pi64, pb, l);
-    else max_unpool2d_backward_cuda(p, pa, pi64, pb, l);
-#else
     (void)stream;
-    throw std::runtime_error("fastdl was built without CUDA");
-#endif
+    throw std::runtime_error("fastdl: convolution has no CUDA kernels yet (CPU only)");
+  });
+  m.def("conv2d_algorithm", [](const Conv2dParams& prm, int pass, int algo) {
+    FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
+    FASTDL_CHECK(algo >= 0 && algo <= 4, "fastdl internal: unknown convolution algorithm ", algo);
+    Conv2dParams p = prm;
+    p.algo = static_cast<ConvAlgo>(algo);
+    return static_cast<int>(conv2d_algorithm_cpu(p, static_cast<ConvPass>(pass)));
   });
 
   // ---- gemm / linear (csrc/gemm.h) ------------------------------------------------------------

@@ -1,9 +1,14 @@
 // The library's one thread-count setting and the parallel loop every CPU kernel uses.
 // OpenMP regions are opened with an explicit num_threads(...) clause, so fastdl.set_num_threads never
 // changes the OpenMP default that torch (which shares libgomp in the same process) relies on.
+// parallel_for is the only place a kernel opens a region (tests/test_parallel.py checks the
+// sources), so its catch-and-rethrow covers every kernel: an exception escaping an OpenMP region
+// (a std::bad_alloc from a thread's scratch, say) would otherwise call std::terminate.
 #pragma once
 #include <cstdint>
 #include <algorithm>
+#include <exception>
+#include <functional>
 #include <omp.h>
 
 namespace fastdl {
@@ -11,8 +16,20 @@ namespace fastdl {
 int get_num_threads();
 void set_num_threads(int n);
 
+// Registers the fork handler (parallel.cpp): a forked child starts at one thread, and regions it
+// opens later run from a fresh thread (GNU OpenMP's pool does not survive fork). Called once at
+// module import.
+void install_fork_handler();
+
+namespace detail {
+bool region_needs_fresh_thread();  // this thread forked this process after using OpenMP
+void run_on_fresh_thread(const std::function<void()>& region);  // rethrows what region throws
+}  // namespace detail
+
 // Calls f(begin, end) on disjoint chunks covering [0, n). Runs inline when n <= grain or only one
 // thread is allowed, so tiny calls pay no thread wake-up. Chunks are contiguous and equal-sized.
+// If f throws on any thread, the other threads finish their chunks and the first exception is
+// rethrown here, on the calling thread, after the region.
 template <class F>
 void parallel_for(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
@@ -23,15 +40,26 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
     f(int64_t(0), n);
     return;
   }
+  auto region = [&] {
+    std::exception_ptr error;
 #pragma omp parallel num_threads(static_cast<int>(t))
-  {
-    int64_t tid = omp_get_thread_num();
-    int64_t nthr = omp_get_num_threads();
-    int64_t chunk = (n + nthr - 1) / nthr;
-    int64_t b = tid * chunk;
-    int64_t e = std::min<int64_t>(n, b + chunk);
-    if (b < e) f(b, e);
-  }
+    {
+      int64_t tid = omp_get_thread_num();
+      int64_t nthr = omp_get_num_threads();
+      int64_t chunk = (n + nthr - 1) / nthr;
+      int64_t b = tid * chunk;
+      int64_t e = std::min<int64_t>(n, b + chunk);
+      try {
+        if (b < e) f(b, e);
+      } catch (...) {
+#pragma omp critical(fastdl_parallel_for_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+  };
+  if (detail::region_needs_fresh_thread()) detail::run_on_fresh_thread(region);
+  else region();
 }
 
 }  // namespace fastdl

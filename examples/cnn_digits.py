@@ -21,7 +21,7 @@ from fastdl import metrics
 from fastdl.callbacks import EarlyStopping, ModelCheckpoint
 from fastdl.preprocessing import train_test_split
 
-Conv2d = torch.nn.Conv2d  # switch to fastdl.nn.Conv2d when it lands
+Conv2d = fastdl.nn.Conv2d
 
 
 def make_model():

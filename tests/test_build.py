@@ -22,11 +22,41 @@ def test_build_info_fields():
     info = fastdl.build_info()
     assert set(info) >= {"version", "cpu_capability", "cuda_compiled", "cuda_architectures",
                          "num_threads"}
-    assert info["version"] == fastdl.__version__
     assert info["cpu_capability"] in ("default", "avx2")
-    assert info["num_threads"] == fastdl.get_num_threads() >= 1
     if info["cuda_compiled"]:
         assert info["cuda_architectures"], "a CUDA build lists its architectures"
+    before = fastdl.get_num_threads()
+    try:
+        fastdl.set_num_threads(3)
+        assert fastdl.build_info()["num_threads"] == 3
+    finally:
+        fastdl.set_num_threads(before)
+
+
+def test_version_is_the_packages():
+    """The version compiled into the module (CMake's FASTDL_VERSION) is pyproject.toml's, and an
+    installed fastdl's metadata agrees with the module it installed."""
+    import importlib.metadata
+    import tomllib
+    from pathlib import Path
+    version = fastdl.build_info()["version"]
+    assert version == fastdl.__version__
+    checked = 0
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.is_file():
+        want = tomllib.loads(pyproject.read_text())["project"]["version"]
+        # CMake run by hand (the developer build) has no scikit-build-core version: "<v>.dev"
+        assert version in (want, want + ".dev"), (version, want)
+        checked += 1
+    try:
+        dist = importlib.metadata.distribution("fastdl")
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None and Path(str(dist.locate_file("fastdl"))) == Path(fastdl.__file__).parent:
+        assert version == dist.version, (version, dist.version)
+        checked += 1
+    if not checked:
+        pytest.skip("needs pyproject.toml (source tree) or an installed fastdl distribution")
 
 
 def test_cuda_reports_consistently():

@@ -228,3 +228,55 @@ def test_callback_argument_errors():
     with pytest.raises(ValueError, match="cannot fill"):
         model.fit(torch.randn(4, 3), torch.randn(4, 2), verbose=0,
                   callbacks=[C.ModelCheckpoint("m-{val_loss}.pt")])
+
+
+def test_learning_rate_scheduler_steps_torch_reduce_lr_on_plateau_with_the_monitor():
+    torch.manual_seed(0)
+    model = fastdl.Sequential(fastdl.nn.Linear(3, 2))
+    script = _Script([5.0, 4.0, 4.0, 4.0, 4.0, 4.0])
+    opt = fastdl.optim.SGD(model.parameters(), lr=1.0)
+    model.compile(opt, "mse", metrics=[script.metric()])
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=1)
+    h = model.fit(torch.randn(8, 3), torch.randn(8, 2), epochs=6, verbose=0,
+                  callbacks=[script, C.LearningRateScheduler(sched, monitor="scripted")])
+    # Best 4.0 at epoch 1; epochs 2 and 3 do not improve -> halved after epoch 3 (patience 1:
+    # the second bad epoch), again after epoch 5. Each epoch logs the rate it trained with.
+    assert h.history["learning_rate"] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5]
+    assert opt.param_groups[0]["lr"] == 0.25
+    with pytest.warns(RuntimeWarning, match="val_loss"):     # default monitor, absent here
+        model.fit(torch.randn(8, 3), torch.randn(8, 2), epochs=1, verbose=0,
+                  callbacks=[C.LearningRateScheduler(sched)])
+
+
+def test_history_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib", reason="History.plot needs matplotlib")
+    before = matplotlib.get_backend()
+    h = C.History()
+    h.on_epoch_end(0, {"loss": 1.0, "val_loss": 1.5})
+    h.on_epoch_end(1, {"loss": 0.5, "val_loss": 0.9})
+    try:
+        matplotlib.use("svg")
+        h.plot(tmp_path / "c.png")
+        assert matplotlib.get_backend().lower() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_checkpoint_mode_follows_umask_and_folder_is_synced(tmp_path, monkeypatch):
+    import stat
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+    monkeypatch.setattr(C.os, "fsync", fsync)
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.pt"
+        fastdl.Sequential(fastdl.nn.Linear(3, 2)).save_weights(path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644       # as open() would create it
+    assert synced == [False, True]                            # the file, then its folder

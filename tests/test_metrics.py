@@ -173,3 +173,15 @@ def test_prf_labels_subset(name, average):
     y_true, y_pred = np.random.randint(0, 5, 40), np.random.randint(0, 5, 40)
     _same(getattr(M, name), getattr(sklearn_metrics, name), y_true, y_pred, labels=[3, 0, 1],
           average=average)
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+@pytest.mark.parametrize("name", CLASSIFICATION)
+@pytest.mark.parametrize("zero_division", ["warn", 0.0, 1.0, np.nan])
+@pytest.mark.parametrize("y,pred,labels", [([2, 2], [3, 2], [1, 3]), ([2, 2], [2, 2], [1, 3]),
+                                           ([0, 0], [1, 1], [1]), ([0, 1], [1, 1], [2])])
+def test_weighted_average_when_selected_labels_have_no_true_sample(name, zero_division, y, pred,
+                                                                   labels, tensor):
+    # sklearn averages the scores unweighted when their weights (true counts) sum to zero.
+    _same(getattr(M, name), getattr(sklearn_metrics, name), np.array(y), np.array(pred),
+          tensor=tensor, labels=labels, average="weighted", zero_division=zero_division)

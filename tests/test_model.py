@@ -44,7 +44,7 @@ def test_fit_matches_hand_written_loop_loss_for_loss(device, opt):
     ref_batch, ref_epoch = [], []
     for _ in range(epochs):
         perm = torch.randperm(n).to(device)
-        total = 0.0
+        total, seen = 0.0, 0
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
             loss = lossfn(ref(x[idx]), y[idx])
@@ -52,7 +52,8 @@ def test_fit_matches_hand_written_loop_loss_for_loss(device, opt):
             loss.backward()
             ref_opt.step()
             total += loss.item() * len(idx)
-            ref_batch.append(total)
+            seen += len(idx)
+            ref_batch.append(total / seen)         # the running mean fit logs per batch
         ref_epoch.append(total / n)
 
     model = fastdl.Model(_net(1).to(device))
@@ -64,6 +65,7 @@ def test_fit_matches_hand_written_loop_loss_for_loss(device, opt):
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)
     assert len(log.logs) == epochs * 7
+    assert log.logs == ref_batch                       # batch for batch, exactly
 
 
 def test_history_keys_follow_keras():
@@ -297,3 +299,160 @@ def test_evaluate_and_predict_forms():
     np.testing.assert_allclose(model.predict(x.numpy()), ref.numpy(), rtol=1e-6)
     model.compile("sgd", "sparse_categorical_crossentropy")
     assert isinstance(model.evaluate(x, y), float)        # no metric: the loss alone
+
+
+class _Embed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(11, 4)
+        self.out = fastdl.nn.Linear(4, 3)
+
+    def forward(self, ids):                      # ids (N, T) int64
+        return self.out(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_integer_inputs_reach_the_model_unchanged(as_numpy):
+    ids = torch.randint(0, 11, (29, 6))
+    y = torch.randint(0, 3, (29,))
+    model = fastdl.Model(_Embed())
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = ids.numpy() if as_numpy else ids
+    h = model.fit(x, y.numpy() if as_numpy else y, epochs=2, batch_size=8, verbose=0,
+                  validation_split=0.2)
+    assert all(np.isfinite(v).all() for v in h.history.values())
+    assert model.predict(x).shape == (29, 3)
+    assert len(model.evaluate(x, y.numpy() if as_numpy else y)) == 2
+
+
+@pytest.mark.parametrize("case,match", [
+    ("late_label", r"class labels in \[0, 3\)"), ("negative", r"class labels in \[0, 3\)"),
+    ("val_label", r"class labels in \[0, 3\)"), ("bce_target", r"\[0, 1\]"),
+    ("loader_label", r"class labels in \[0, 3\)"),
+])
+def test_out_of_range_targets_raise_before_any_step(case, match):
+    model = fastdl.Sequential(*_net(0))
+    model.compile("sgd", "binary_crossentropy" if case == "bce_target"
+                  else "sparse_categorical_crossentropy")
+    x, y = torch.randn(60, 5), torch.randint(0, 3, (60,))
+    kw = {}
+    if case == "late_label":
+        y[40] = 7                                # not in the first batch of 32
+    elif case == "negative":
+        y[50] = -1
+    elif case == "val_label":
+        kw["validation_data"] = (torch.randn(9, 5), torch.tensor([0, 1, 2, 3, 0, 1, 2, 0, 1]))
+    elif case == "bce_target":
+        model = fastdl.Sequential(fastdl.nn.Linear(5, 1))
+        model.compile("sgd", "binary_crossentropy")
+        y = torch.rand(60)
+        y[45] = 2.0
+    elif case == "loader_label":
+        y[40] = 3
+        x = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+        y = None
+    before = _param_copy(model)
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, epochs=2, verbose=0, **kw)
+    if case != "loader_label":                   # a DataLoader's batches are checked one by one
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # ignore_index labels stay accepted
+    if case == "late_label":
+        model.compile("sgd", torch.nn.CrossEntropyLoss(ignore_index=-100))
+        y[40] = -100
+        model.fit(x, y, epochs=1, verbose=0)
+
+
+def test_wrapper_methods_that_return_the_module_return_the_wrapper():
+    model = fastdl.Model(_net(0))
+    assert model.to("cpu") is model and model.train() is model and model.eval() is model
+    assert model.float() is model and model.requires_grad_(True) is model
+    model.to(torch.float64).compile("sgd", "mse")
+    h = model.eval().fit(np.random.randn(8, 5), np.random.randn(8, 3), verbose=0)
+    assert h.history["loss"]
+    assert next(model.parameters()).dtype == torch.float64
+    assert model.state_dict is not None and callable(model.named_parameters)
+
+
+class _Script(Callback):
+    def __init__(self, kills_at):
+        super().__init__()
+        self.kills_at = kills_at
+
+    def on_train_batch_end(self, batch, logs=None):
+        if len(self.model.history.epoch) == 1 and batch == self.kills_at:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_second_ctrl_c_aborts_but_ends_callbacks_and_the_progress_bar(tmp_path, monkeypatch):
+    import tqdm
+    from fastdl.callbacks import CSVLogger, EarlyStopping
+    closed, real_close = [], tqdm.tqdm.close
+
+    def close(bar):
+        closed.append(bar.desc)
+        real_close(bar)
+    monkeypatch.setattr(tqdm.tqdm, "close", close)
+    x, y = torch.randn(64, 5), torch.randn(64, 3)
+    model = fastdl.Sequential(*_net(3))
+    model.compile("adam", "mse")
+    csv_log = CSVLogger(tmp_path / "log.csv")
+    stop = EarlyStopping(monitor="loss", restore_best_weights=True, patience=10)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, batch_size=8, epochs=5, verbose=1,
+                  callbacks=[_Script(kills_at=2), csv_log, stop])
+    assert csv_log._file is None                       # on_train_end ran: the file is closed
+    for a, b in zip(model.state_dict().values(), stop.best_weights.values()):
+        assert torch.equal(a, b)                       # EarlyStopping restored epoch 1's weights
+    assert model._progress is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "Epoch 2/5" in closed                       # the interrupted epoch's bar is closed
+
+
+class _InterruptingSGD(torch.optim.SGD):
+    """Two Ctrl-C in the middle of its third step."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.1)
+        self.calls = self.done = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        if self.calls == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        out = super().step(closure)
+        self.done += 1
+        return out
+
+
+def test_second_ctrl_c_never_splits_an_optimizer_step():
+    model = fastdl.Sequential(*_net(3))
+    opt = _InterruptingSGD(model.parameters())
+    model.compile(opt, "mse")
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(torch.randn(64, 5), torch.randn(64, 3), batch_size=8, epochs=2, verbose=0)
+    assert opt.calls == opt.done == 3                  # the interrupted step finished
+
+
+def test_compiled_precision_averages_by_output_width():
+    # 3 output columns: macro over the labels present even when only 0 and 1 occur.
+    model = fastdl.Sequential(*_net(0))
+    model.compile("sgd", "sparse_categorical_crossentropy", metrics=["precision", "recall"])
+    x, y = torch.randn(30, 5), torch.randint(0, 2, (30,))
+    pred = model.predict(x).argmax(1)
+    got = model.evaluate(x, y, return_dict=True)
+    for name in ("precision", "recall"):
+        fn = getattr(fastdl.metrics, name + "_score")
+        assert got[name] == pytest.approx(float(fn(y, pred, average="macro", zero_division=0)),
+                                          abs=1e-12)
+
+
+def test_accuracy_with_continuous_regression_targets_raises():
+    model = fastdl.Sequential(fastdl.nn.Linear(5, 1))
+    model.compile("sgd", "mse", metrics=["accuracy"])
+    with pytest.raises(ValueError, match="accuracy"):
+        model.fit(torch.randn(20, 5), torch.randn(20) * 3, verbose=0)
+    model.fit(torch.randn(20, 5), torch.randint(0, 2, (20,)).float(), verbose=0)   # 0/1: fine

@@ -562,3 +562,110 @@ def test_ops_single_tensor_fast_path_matches_torch(kind, dtype):
                                      weight_decay=kw.get("weight_decay", 0.0),
                                      decoupled_weight_decay=name == "AdamW")
         assert_close(torch.as_tensor(p), ref_p.detach(), what=f"{name} {kw} {kind}")
+
+
+def test_ops_numpy_subclasses(tmp_path):
+    """np.memmap params, grads and state are updated in place like plain arrays."""
+    p0, g = np_rand(37), np_rand(37)
+    p = np.memmap(tmp_path / "p.bin", dtype=np.float32, mode="w+", shape=(37,))
+    m = np.memmap(tmp_path / "m.bin", dtype=np.float32, mode="w+", shape=(37,))
+    v = np.memmap(tmp_path / "v.bin", dtype=np.float32, mode="w+", shape=(37,))
+    p[:], m[:], v[:] = p0, 0, 0
+    fastdl.ops.adam_step(p, g, m, v, step=1, lr=0.1)
+    fastdl.ops.adam_step([p], [g.view(np.memmap)], [m], [v], step=2, lr=0.1)
+    q = torch.tensor(p0, requires_grad=True)
+    opt = torch.optim.Adam([q], lr=0.1, foreach=False)
+    for _ in range(2):
+        q.grad = torch.from_numpy(g)
+        opt.step()
+    assert_close(torch.from_numpy(np.array(p)), q.detach(), what="param")
+    assert_close(torch.from_numpy(np.array(m)), opt.state[q]["exp_avg"], what="exp_avg")
+
+
+def test_ops_every_param_dtype_is_checked():
+    """One launch uses one element size: a list mixing float64 and float32 params was launched with
+    params[0]'s (out-of-bounds writes into the float32 tensor); now it raises, changing nothing."""
+    p = [np_rand(5, dtype=np.float64), np_rand(5)]
+    g = [np_rand(5, dtype=np.float64), np_rand(5, dtype=np.float64)]
+    before = [x.copy() for x in p]
+    with pytest.raises(RuntimeError, match=r"params\[1\].*float64"):
+        fastdl.ops.sgd_step(p, g, lr=0.1)
+    m = [np.zeros(5), np.zeros(5)]
+    v = [np.zeros(5), np.zeros(5)]
+    with pytest.raises(RuntimeError, match=r"params\[1\].*float64"):
+        fastdl.ops.adam_step(p, g, m, v, step=1)
+    with pytest.raises(RuntimeError, match=r"params\[1\].*float64"):
+        fastdl.ops.rmsprop_step(p, g, v)
+    tp = [torch.randn(4, dtype=torch.float64), torch.randn(4)]
+    with pytest.raises(RuntimeError, match=r"params\[1\].*float64"):
+        fastdl.ops.sgd_step(tp, [torch.randn(4, dtype=torch.float64)] * 2, lr=0.1)
+    for x, y in zip(p, before):
+        assert np.array_equal(x, y)
+    assert not any(np.any(x) for x in m + v)
+
+
+def test_ops_overlapping_arguments_raise():
+    """Arguments updated in place must not alias another argument (the kernels' no-alias
+    promise); read-only grads may share memory. A rejected call changes nothing."""
+    p, g = np_rand(6), np_rand(6)
+    m = np.zeros_like(p)
+    before = p.copy()
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] and exp_avg_sqs\[0\] overlap"):
+        fastdl.ops.adam_step(p, g, m, m, step=1)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] overlap"):
+        fastdl.ops.sgd_step([p, p], [g, np_rand(6)], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[0\] and grads\[0\] overlap"):
+        fastdl.ops.sgd_step(p, p, lr=0.1)
+    with pytest.raises(ValueError, match="overlap"):
+        fastdl.ops.sgd_step(p, g, p, lr=0.1, momentum=0.9)
+    base = torch.zeros(10)
+    with pytest.raises(ValueError, match="overlap"):  # partial overlap of two views
+        fastdl.ops.rmsprop_step(base[:6], torch.randn(6), base[4:])
+    with pytest.raises(ValueError, match="overlap"):
+        fastdl.ops.adam_step([torch.randn(3), base[2:5]], [torch.randn(3)] * 2,
+                             [base[:3], torch.zeros(3)], [torch.zeros(3), torch.zeros(3)], step=1)
+    assert np.array_equal(p, before) and not m.any() and not base.any()
+    # adjacent views do not overlap, and grads may share memory
+    q = torch.randn(12)
+    gs = torch.randn(6)
+    want = q.clone()
+    want[:6] -= 0.1 * gs
+    want[6:] -= 0.1 * gs
+    fastdl.ops.sgd_step([q[:6], q[6:]], [gs, gs], lr=0.1)
+    assert_close(q, want, what="params")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_cuda_sgd_half_params(cuda_device, dtype, momentum):
+    """SGD (fastdl.optim and ops.sgd_step) with float16/bfloat16 params and float32 momentum
+    buffers on CUDA: the binding passed the param dtype as the state dtype, so every call raised.
+    Reference: torch's SGD on float32 copies, rounding the param to `dtype` after each step."""
+    ps = make_params(dtype, cuda_device)
+    ref_ps = [p.detach().float().requires_grad_() for p in ps]
+    fast = fo.SGD(ps, lr=0.05, momentum=momentum, nesterov=momentum > 0)
+    ref = torch.optim.SGD(ref_ps, lr=0.05, momentum=momentum, nesterov=momentum > 0,
+                          foreach=False)
+    for _ in range(5):
+        for p, q in zip(ps, ref_ps):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g, g.float()
+        fast.step()
+        ref.step()
+        with torch.no_grad():
+            for q in ref_ps:
+                q.copy_(q.to(dtype).float())
+    fastdl.cuda.synchronize(0)
+    for p, q in zip(ps, ref_ps):
+        if momentum:
+            assert fast.state[p]["momentum_buffer"].dtype == torch.float32
+        assert_close(p.detach(), q.detach().to(dtype), what="param")
+    # ops.sgd_step: half params and grads, float32 buffers
+    p = torch.randn(37, device=cuda_device).to(dtype)
+    g = torch.randn(37, device=cuda_device).to(dtype)
+    buf = torch.empty(37, device=cuda_device)
+    want = (p.float() - 0.1 * g.float()).to(dtype)
+    fastdl.ops.sgd_step(p, g, buf, lr=0.1, momentum=momentum or 0.5, first_step=True)
+    fastdl.cuda.synchronize(0)
+    assert_close(p, want, what="ops.sgd_step param")
+    assert_close(buf, g.float(), what="ops.sgd_step momentum buffer")

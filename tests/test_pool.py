@@ -223,8 +223,8 @@ def test_numpy_in_out(cpu_path, dtype):
     gy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
     tt = t.clone().requires_grad_()
     TF.max_pool2d(tt, 3, 2, 1).backward(torch.from_numpy(gy))
-    np.testing.assert_allclose(fastdl.ops.max_pool2d_backward(gy, idx, x.shape), tt.grad.numpy(),
-                               rtol=1e-6)
+    assert_close(torch.from_numpy(fastdl.ops.max_pool2d_backward(gy, idx, x.shape)), tt.grad,
+                 reduction=9, what="max_pool2d_backward")
     kw = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)
     ya = fastdl.ops.avg_pool2d(x, **kw)
     assert isinstance(ya, np.ndarray) and ya.dtype == dtype
@@ -245,35 +245,132 @@ def test_numpy_in_out(cpu_path, dtype):
                                   TF.max_pool2d(torch.from_numpy(np.ascontiguousarray(xt)), 2).numpy())
 
 
+def _nan(shape, device, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
 def test_every_element_written(where):
-    """The kernels write every output element: outputs start as NaN, inputs hold no NaN."""
+    """The kernels write every output element: outputs passed as `out` start as NaN (indices as
+    -7), inputs hold no NaN. Also checks `out` is what comes back."""
     x = rand(2, 3, 13, 10, device=where)
-    for kind, prep, args in [
-            (ops_pool._MAX, ops_pool.max_pool2d_prepare, (3, 2, 1, 2, True)),
-            (ops_pool._AVG, ops_pool.avg_pool2d_prepare, (3, 2, 1, True, False)),
-            (ops_pool._AVG, ops_pool.avg_pool2d_prepare, ((1, 2), 3, 0, True, False)),  # gaps
-            (ops_pool._AVG, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_avg_pool2d", x, s), ((4, 6),)),
-            (ops_pool._MAX, lambda x, s: ops_pool.adaptive_pool2d_prepare("adaptive_max_pool2d", x, s), ((4, 6),))]:
-        xc, out_shape, geom, dev, *_ = prep(x, *args)
-        y = torch.full(out_shape, float("nan"), device=where)
-        idx = torch.full(out_shape, -7, dtype=torch.int64, device=where) if kind == ops_pool._MAX else None
-        ops_pool.launch(kind, False, xc, y, idx, geom, dev)
-        assert not torch.isnan(y).any()
-        if idx is not None:
-            assert (idx >= 0).all()
+    ops = fastdl.ops
+    for fwd, bwd, args in [
+            (ops.max_pool2d, ops.max_pool2d_backward, (3, 2, 1, 2, True)),
+            (ops.avg_pool2d, ops.avg_pool2d_backward, (3, 2, 1, True, False)),
+            (ops.avg_pool2d, ops.avg_pool2d_backward, ((1, 2), 3, 0, True, False)),  # gaps
+            (ops.adaptive_avg_pool2d, ops.adaptive_avg_pool2d_backward, ((4, 6),)),
+            (ops.adaptive_max_pool2d, ops.adaptive_max_pool2d_backward, ((4, 6),))]:
+        is_max = "max" in fwd.__name__
+        out_shape = fwd(x, *args).shape
+        y = _nan(out_shape, where)
+        if is_max:
+            idx = torch.full(out_shape, -7, dtype=torch.int64, device=where)
+            got = fwd(x, *args, return_indices=True, out=(y, idx))
+            assert got[0] is y and got[1] is idx and (idx >= 0).all()
+        else:
+            assert fwd(x, *args, out=y) is y
+        assert not torch.isnan(y).any(), fwd.__name__
         gx = poison_like(x)
         gy = torch.randn(out_shape, device=where)
-        ops_pool.launch(kind, True, gy, gx, idx, geom, dev)
-        assert not torch.isnan(gx).any()
+        if fwd is ops.max_pool2d:
+            got = bwd(gy, idx, x.shape, *args, out=gx)
+        elif is_max:
+            got = bwd(gy, idx, x.shape, out=gx)
+        elif fwd is ops.avg_pool2d:
+            got = bwd(gy, x.shape, *args, out=gx)
+        else:
+            got = bwd(gy, x.shape, out=gx)
+        assert got is gx and not torch.isnan(gx).any(), bwd.__name__
     y, idx = TF.max_pool2d(x, 2, return_indices=True)
-    _, i2, out_shape, geom, dev = ops_pool.max_unpool2d_prepare(y, idx, 2)
-    up = torch.full(out_shape, float("nan"), device=where)
-    ops_pool.launch(ops_pool._UNPOOL, False, y, up, i2, geom, dev)
-    assert not torch.isnan(up).any()
+    up = _nan(x.shape[:2] + (12, 10), where)
+    assert ops.max_unpool2d(y, idx, 2, out=up) is up and not torch.isnan(up).any()
     gy = poison_like(y)
-    ops_pool.launch(ops_pool._UNPOOL, True, torch.randn(out_shape, device=where), gy, i2, geom,
-                    dev)
+    assert ops.max_unpool2d_backward(torch.randn(up.shape, device=where), idx, out=gy) is gy
     assert not torch.isnan(gy).any()
+
+
+@pytest.mark.parametrize("k,s,p,d,ceil", [(2, 2, 0, 1, False), (3, 2, 1, 1, True),
+                                          (3, 1, 1, 2, False), ((2, 3), (1, 2), (1, 0), (2, 1), True),
+                                          (5, 3, 2, 1, True)])
+def test_ops_max_pool2d_backward(where, k, s, p, d, ceil):
+    """fastdl.ops' max-pool backward, regular and adaptive, against torch's gradient: on CUDA
+    the ops front end handed the gather kernel a 1x1 placeholder window (and no adaptive flag),
+    so nearly every geometry got wrong gradients. numpy arrays go the same way on the CPU."""
+    x = rand(2, 3, 11, 13, device=where)
+    xt = x.clone().requires_grad_()
+    yt = TF.max_pool2d(xt, k, s, p, d, ceil)
+    gy = torch.randn_like(yt)
+    yt.backward(gy)
+    y, idx = fastdl.ops.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    gx = fastdl.ops.max_pool2d_backward(gy, idx, x.shape, k, s, p, d, ceil)
+    assert_close(gx, xt.grad, reduction=9, what="max_pool2d_backward")
+    for size in [(4, 5), (3, None), 1, (11, 13), (7, 2)]:
+        xt.grad = None
+        yt = TF.adaptive_max_pool2d(xt, size)
+        gy = torch.randn_like(yt)
+        yt.backward(gy)
+        _, idx = fastdl.ops.adaptive_max_pool2d(x, size, return_indices=True)
+        gx = fastdl.ops.adaptive_max_pool2d_backward(gy, idx, x.shape)
+        assert_close(gx, xt.grad, reduction=16, what=f"adaptive_max_pool2d_backward {size}")
+
+
+def test_ops_max_pool2d_backward_needs_the_window_on_cuda(where):
+    x = rand(1, 2, 8, 8, device=where)
+    y, idx = fastdl.ops.max_pool2d(x, 3, 2, 1, return_indices=True)
+    gy = torch.randn_like(y)
+    if where == "cuda":
+        with pytest.raises(TypeError, match="kernel_size"):
+            fastdl.ops.max_pool2d_backward(gy, idx, x.shape)
+    else:  # the CPU scatters through the indices: the window is optional
+        want = fastdl.ops.max_pool2d_backward(gy, idx, x.shape, 3, 2, 1)
+        assert torch.equal(fastdl.ops.max_pool2d_backward(gy, idx, x.shape), want)
+    with pytest.raises(RuntimeError, match="forward of input_shape"):  # window and shapes disagree
+        fastdl.ops.max_pool2d_backward(gy, idx, x.shape, 2, 1)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_ops_int32_indices(cpu_path, kind):
+    """index_dtype=int32 (CPU): the same indices in half the bytes, accepted by the backward."""
+    x = np.random.default_rng(4).standard_normal((2, 3, 11, 9)).astype(np.float32)
+    x = x if kind == "numpy" else torch.from_numpy(x)
+    i32 = np.int32 if kind == "numpy" else torch.int32
+    for fwd, bwd, args, bargs in [(fastdl.ops.max_pool2d, fastdl.ops.max_pool2d_backward,
+                                   (3, 2, 1), (3, 2, 1)),
+                                  (fastdl.ops.adaptive_max_pool2d,
+                                   fastdl.ops.adaptive_max_pool2d_backward, ((4, 5),), ())]:
+        y, idx = fwd(x, *args, return_indices=True)
+        y32, idx32 = fwd(x, *args, return_indices=True, index_dtype=i32)
+        assert str(idx32.dtype).endswith("int32") and (idx32 == idx).all() and (y32 == y).all()
+        gy = y * 0 + 1.5
+        assert (bwd(gy, idx32, x.shape, *bargs) == bwd(gy, idx, x.shape, *bargs)).all()
+    with pytest.raises(TypeError, match="index_dtype"):
+        fastdl.ops.max_pool2d(x, 2, return_indices=True, index_dtype="float32")
+
+
+def test_ops_out_is_checked():
+    """A preallocated output of the wrong shape, dtype, kind or layout, or one overlapping the
+    input, raises (torch's classes for out= mistakes) and is left untouched."""
+    x = torch.randn(2, 3, 8, 8)
+    good = torch.empty(2, 3, 4, 4)
+    for out, exc, match in [(torch.empty(2, 3, 4, 5), RuntimeError, "shape"),
+                            (torch.empty(2, 3, 4, 4, dtype=torch.float64), RuntimeError, "dtype"),
+                            (np.empty((2, 3, 4, 4), np.float32), TypeError, "torch"),
+                            (torch.empty(2, 3, 4, 8)[..., ::2], ValueError, "contiguous")]:
+        out.fill(1.0) if isinstance(out, np.ndarray) else out.fill_(1.0)
+        with pytest.raises(exc, match=match):
+            fastdl.ops.avg_pool2d(x, 2, out=out)
+        assert (out == 1.0).all()
+    with pytest.raises(ValueError, match="overlaps"):
+        fastdl.ops.avg_pool2d(x, 2, out=x.view(-1)[:96].view(2, 3, 4, 4))
+    with pytest.raises(TypeError, match="pair"):
+        fastdl.ops.max_pool2d(x, 2, return_indices=True, out=good)
+    with pytest.raises(RuntimeError, match="int64"):
+        fastdl.ops.max_pool2d(x, 2, return_indices=True,
+                              out=(good, torch.empty(2, 3, 4, 4, dtype=torch.float32)))
+    ro = np.empty((2, 3, 4, 4), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fastdl.ops.avg_pool2d(x.numpy(), 2, out=ro)
 
 
 def test_noncontiguous_and_empty_batch(where):
@@ -482,3 +579,25 @@ def test_torch_module_db(cls):
             assert repr(ours) == repr(theirs)
             x = mi.forward_input.args[0]
             check_op(ours, theirs, [x], reduction=64, *(), **mi.forward_input.kwargs)
+
+
+def test_numpy_subclasses(tmp_path):
+    """np.memmap (an ndarray subclass) goes through every pooling op like a plain array."""
+    x = np.random.default_rng(2).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    mm = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=x.shape)
+    mm[:] = x
+    t = torch.from_numpy(x)
+    y, idx = fastdl.ops.max_pool2d(mm, 3, 2, 1, return_indices=True)
+    yt, it = TF.max_pool2d(t, 3, 2, 1, return_indices=True)
+    np.testing.assert_array_equal(np.asarray(y), yt.numpy())
+    np.testing.assert_array_equal(np.asarray(idx), it.numpy())
+    assert_close(torch.from_numpy(fastdl.ops.avg_pool2d(mm, 2)), TF.avg_pool2d(t, 2), reduction=4,
+                 what="avg_pool2d")
+    assert_close(torch.from_numpy(fastdl.ops.adaptive_avg_pool2d(mm[:, :, ::2], 3)),
+                 TF.adaptive_avg_pool2d(t[:, :, ::2], 3), reduction=4, what="adaptive_avg_pool2d")
+    gy = np.memmap(tmp_path / "gy.bin", dtype=np.float32, mode="w+", shape=y.shape)
+    gy[:] = np.random.default_rng(3).standard_normal(y.shape)
+    tt = t.clone().requires_grad_()
+    TF.max_pool2d(tt, 3, 2, 1).backward(torch.from_numpy(np.array(gy)))
+    assert_close(torch.from_numpy(fastdl.ops.max_pool2d_backward(gy, idx, x.shape)), tt.grad,
+                 reduction=9, what="max_pool2d_backward")

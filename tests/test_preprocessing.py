@@ -268,3 +268,51 @@ def test_fit_on_tensor_transform_numpy_and_back(cls):
         got = fitted.transform(torch.as_tensor(x))
         assert isinstance(got, torch.Tensor)
         _close(got, b.transform(x))
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+def test_one_hot_several_nans_make_one_category(tensor):
+    # torch.unique keeps every NaN apart; sklearn merges them into one category, last.
+    x = np.array([[1.0], [np.nan], [np.nan], [2.0], [np.nan]])
+    ref = sk_pre.OneHotEncoder(sparse_output=False).fit(x)
+    enc = P.OneHotEncoder().fit(torch.from_numpy(x) if tensor else x)
+    cats = enc.categories_[0]
+    cats = cats.cpu().numpy() if isinstance(cats, torch.Tensor) else cats
+    np.testing.assert_array_equal(cats, ref.categories_[0])
+    out = enc.transform(torch.from_numpy(x) if tensor else x)
+    out = out.cpu().numpy() if isinstance(out, torch.Tensor) else out
+    np.testing.assert_array_equal(out, ref.transform(x))
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+def test_one_hot_unsorted_categories_rejected_like_sklearn(tensor):
+    x = np.array([[1.0], [3.0], [2.0]])
+    with pytest.raises(ValueError, match="Unsorted categories"):
+        sk_pre.OneHotEncoder(categories=[[3.0, 1.0, 2.0]]).fit(x)
+    with pytest.raises(ValueError, match="Unsorted categories"):
+        P.OneHotEncoder(categories=[[3.0, 1.0, 2.0]]).fit(torch.from_numpy(x) if tensor else x)
+    # Sorted user categories with NaN last are accepted, as sklearn does.
+    P.OneHotEncoder(categories=[[1.0, 2.0, 3.0, np.nan]]).fit(x)
+
+
+def test_train_test_split_none_follows_numpy_global_seed():
+    x = np.arange(40).reshape(20, 2)
+    np.random.seed(123)
+    ref = sk_split(x, test_size=0.3)
+    np.random.seed(123)
+    got = P.train_test_split(x, test_size=0.3)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("tensor", [False, True])
+def test_min_max_scaler_near_constant_column_like_sklearn(tensor):
+    x = np.random.randn(11, 3)
+    x[:, 1] = 5.0
+    x[3, 1] = 5.0 + 1e-15     # range (one ulp) below 10 * eps: sklearn sees a constant column
+    ref = sk_pre.MinMaxScaler().fit(x)
+    got = P.MinMaxScaler().fit(torch.from_numpy(x) if tensor else x)
+    for a in ("scale_", "min_"):
+        v = getattr(got, a)
+        v = v.cpu().numpy() if isinstance(v, torch.Tensor) else v
+        np.testing.assert_allclose(v, getattr(ref, a), rtol=1e-12)

@@ -12,39 +12,15 @@
 // (tm * tn = threads, chosen to minimise repacking: A is packed tn times, B tm times); each thread
 // runs the blocked loops on its block with its own thread_local packing buffers, no barriers.
 // Tested by tests/test_gemm.py (both CPU paths) and timed by benchmarks/bench_gemm.py.
-// Measured (2-core AMD EPYC Zen4 VM, AVX2 build; benchmarks/RESULTS.md has the tables): 2 threads,
-// float32 2048^3 204 GFLOP/s = 90% of the measured 227 GFLOP/s FMA peak, 1.20x torch.matmul (MKL),
-// 1.05x numpy (OpenBLAS); 1024^3 179 GFLOP/s (79%), 1.16x / 0.96x. One thread: 97-107 GFLOP per
-// CPU-second at 1024^3, 1.0-1.06x OpenBLAS; float64 1024^3 at parity (51.0 vs 50.8).
-// Packing is cheap: skipping A's (or B's) packing in an experiment saved 1.5-3% each at 1024^3,
-// one thread, so threads pack their own blocks rather than share packed panels behind barriers.
-// Small M is the weak spot: one thread, 64x576x3136 (conv im2col) runs at 87 GFLOP per CPU-second
-// against 99 at M = 132 (each B micro-panel brought into L1 feeds only M/6 tiles); reading B in
-// place instead of packing it, sizing B blocks to L2, and packing B just before its first use were
-// each tried and measured no better, so none is kept. Two threads there: ~0.9x OpenBLAS.
-// Two threads at 1024^3 float32 (2026-11-26, same VM, whose host is shared and noisy): the kernel
-// itself is not the limit. Per-thread wall times logged inside the call: best call 10.0 ms
-// (215 GFLOP/s, 92% of 234), mean slower thread 11.7 ms, mean of the two 11.4 ms, so the static
-// split's imbalance costs ~2.3% on average and the rest of the gap is both cores running slower
-// (host contention: one thread alone read 70.7 GFLOP/s in one such minute, against the 97-107
-// recorded above). Back-to-back calls reach 192-211 GFLOP/s (82-90%); the harness's
-// settle-then-block mode read 150-184 (64-79%) in the same hour, torch and numpy moving alike. Allocating the 4 MB output costs 0.14 ms
-// (1%). Tried, interleaved in one process, medians of 30-60 calls, none kept:
-//  - 2x1 instead of 1x2 thread grid: within +-1% at 1024, 512 and 2048 (noise); 1x2 kept (2x1 is
-//    15-25% slower on the conv and RNN shapes, which the cost rule already avoids).
-//  - KC 384/512, MC 96/192 at 1024: all within noise (178-185 GFLOP/s vs 183 default).
-//  - Skipping packing (timing only): 1x2 grid, no A packing +3.3%, no B +2.6%, neither +7%; so
-//    sharing packed panels can win at most ~3%.
-//  - Shared B (threads pack the whole k extent of a column block together, barrier) with row x
-//    512-column work units handed out from an atomic counter (each A and B element packed once,
-//    imbalance absorbed): back-to-back 1024^3 201.5 vs 204.1 GFLOP/s, 2048^3 -6%, 512^3 -5..-9%;
-//    settle-then-block mode 1024^3 within noise (178-184 vs 182); under heavy host load -7..-12%.
-//    Units of one row block x 512 columns run ~1.2 ms, so the tail they leave is as long as the
-//    static split's average imbalance; smaller units (mc 54-90) measured no better.
+// Measured (2-core Zen4 VM, AVX2 build, 2 threads): float32 2048^3 at 90% of the FMA peak, 1.20x
+// torch.matmul, 1.05x numpy/OpenBLAS; benchmarks/RESULTS.md ("GEMM investigation notes") has the
+// figures, the two-thread analysis and the alternatives measured and not kept:
+// - threads pack their own blocks: sharing packed panels behind barriers could win at most ~3%;
+// - a static tm x tn split: work units from an atomic counter measured no better (-5..-9% small);
+// - B is always packed: reading it in place, L2-sized B blocks, packing just before use: no gain.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <new>
 #include <type_traits>
 
@@ -461,21 +437,15 @@ void gemm_typed(const GemmParams& p, const T* a, const T* b, T* c) {
     }
     if (best >= 0) break;
   }
-  std::exception_ptr error;
+  // A packing buffer that cannot be allocated throws; parallel_for rethrows it after the region.
   parallel_for(int64_t(tm) * tn, 1, [&](int64_t lo, int64_t hi) {
-    try {
-      for (int64_t t = lo; t < hi; ++t) {
-        int64_t m0, m1, n0, n1;
-        split_range(p.m, B::MR, tm, static_cast<int>(t / tn), m0, m1);
-        split_range(p.n, B::NR, tn, static_cast<int>(t % tn), n0, n1);
-        if (m0 < m1 && n0 < n1) gemm_block<T>(p, a, b, c, m0, m1, n0, n1);
-      }
-    } catch (...) {
-#pragma omp critical(fastdl_gemm_error)
-      if (!error) error = std::current_exception();
+    for (int64_t t = lo; t < hi; ++t) {
+      int64_t m0, m1, n0, n1;
+      split_range(p.m, B::MR, tm, static_cast<int>(t / tn), m0, m1);
+      split_range(p.n, B::NR, tn, static_cast<int>(t % tn), n0, n1);
+      if (m0 < m1 && n0 < n1) gemm_block<T>(p, a, b, c, m0, m1, n0, n1);
     }
   });
-  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace

@@ -109,8 +109,9 @@ def is_contiguous(x) -> bool:
 
 
 def contiguous(x):
-    """x itself when C-contiguous, else a contiguous copy made by its own library."""
-    if type(x) is np.ndarray:
+    """x itself when C-contiguous, else a contiguous copy made by its own library. ndarray
+    subclasses (np.memmap, ...) are numpy arrays here too."""
+    if isinstance(x, np.ndarray):
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
     return x if x.is_contiguous() else x.contiguous()
 

@@ -116,22 +116,37 @@ class Metric:
 
     def reset(self):
         self.outs, self.targets = [], []
+        self.binary = None
 
     def _labels(self, out, y):
         kind = self.loss.kind
-        binary = out.ndim == 1 or out.shape[-1] == 1
-        if binary:
+        if self.binary:
             threshold = 0.0 if kind == "binary_logits" else 0.5
             pred = (out.reshape(-1) > threshold).long()
-            true = y.reshape(-1).long()
+            true = y.reshape(-1)
+            if not bool(((true == 0) | (true == 1)).all()):
+                raise ValueError(f"metric {self.name!r}: a model with one output column needs "
+                                 f"0/1 targets, got values such as "
+                                 f"{true[(true != 0) & (true != 1)][:3].tolist()}; for "
+                                 "regression use 'mse', 'mae' or 'r2'")
         else:
             pred = out.argmax(-1)
-            true = y.argmax(-1) if (y.is_floating_point() and y.shape == out.shape) else y.long()
-        return pred, true.reshape(pred.shape)
+            if y.is_floating_point() and y.shape == out.shape:
+                true = y.argmax(-1)                      # one-hot or probability targets
+            else:
+                if y.is_floating_point() and not bool((y == y.round()).all()):
+                    raise ValueError(f"metric {self.name!r} needs integer class labels or "
+                                     "one-hot targets, got continuous values; for regression "
+                                     "use 'mse', 'mae' or 'r2'")
+                true = y
+        return pred, true.long().reshape(pred.shape)
 
     def update(self, out, y):
         out, y = out.detach(), y.detach()
         if self.classes:
+            # The task from the model's output width, never from the labels an epoch happens
+            # to hold: one column is binary, more are multiclass (macro-averaged).
+            self.binary = out.ndim == 1 or out.shape[-1] == 1
             out, y = self._labels(out, y)
         else:
             y = self.loss.target(y, out)
@@ -142,19 +157,14 @@ class Metric:
         out, y = torch.cat(self.outs), torch.cat(self.targets)
         if self.fn is _metrics.accuracy_score:
             value = self.fn(y, out)
-        elif self.classes:   # precision, recall, F1: binary for 0/1 labels, else macro-averaged
-            average = "binary" if self._binary_task(y, out) else "macro"
+        elif self.classes:   # precision, recall, F1: binary for one output column, else macro
+            average = "binary" if self.binary else "macro"
             value = self.fn(y, out, average=average, zero_division=0)
         elif self.fn in _REG_METRICS.values():
             value = self.fn(y.reshape(y.shape[0], -1), out.reshape(out.shape[0], -1))
         else:
             value = self.fn(y, out)
         return float(value)
-
-    @staticmethod
-    def _binary_task(y, pred):
-        present = torch.unique(torch.cat([y, pred]))
-        return present.numel() <= 2 and bool(((present == 0) | (present == 1)).all())
 
 
 def resolve_metrics(specs, loss):
@@ -188,9 +198,10 @@ def _to_tensor(a, what, fn):
 
 
 def prepare_x(x, dtype, fn):
-    """x as a tensor: floating/int/bool data in the model's floating dtype."""
+    """x as a tensor: floating data in the model's floating dtype; integer and bool data as
+    they are (token ids for an nn.Embedding, masks)."""
     t = _to_tensor(x, "x", fn)
-    return t.to(dtype) if t.dtype != dtype else t
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
 
 
 def prepare_y(y, loss: Loss, dtype, fn):
@@ -209,6 +220,27 @@ def prepare_y(y, loss: Loss, dtype, fn):
     if loss.kind == "custom" and not t.is_floating_point():
         return t
     return t.to(dtype)
+
+
+def check_targets(y, loss: Loss, out, fn, what="y"):
+    """Targets the loss can read for a model whose output looks like `out`: class labels in
+    [0, C) (or the loss's ignore_index) with C the output's class dimension; binary
+    cross-entropy targets in [0, 1]. Raises ValueError naming `what`, before any step runs on
+    them (an out-of-range label is a raw IndexError on the CPU, a device-side assert on CUDA)."""
+    if loss.kind == "sparse" and out.ndim >= 2:
+        classes = out.shape[1]
+        ignore = getattr(loss.fn, "ignore_index", -100)
+        bad = ~(((y >= 0) & (y < classes)) | (y == ignore))
+        if bool(bad.any()):
+            vals = sorted(set(y[bad].unique()[:5].tolist()))
+            raise ValueError(f"{fn}: {loss.name} expects class labels in [0, {classes}) in "
+                             f"{what} (the model outputs {classes} classes), got {vals}")
+    elif loss.kind in ("binary_logits", "binary_probs") and y.is_floating_point():
+        bad = ~((y >= 0) & (y <= 1))            # NaN is out of range too
+        if bool(bad.any()):
+            vals = y[bad][:5].tolist()
+            raise ValueError(f"{fn}: {loss.name} expects targets in [0, 1] in {what}, got "
+                             f"{vals}")
 
 
 def check_lengths(x, y, fn):

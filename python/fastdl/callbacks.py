@@ -74,9 +74,11 @@ class History(Callback):
         """Saves the loss and metric curves (training and validation) as a PNG at `path`; one
         panel per quantity. Needs matplotlib (pip install 'fastdl[report]')."""
         try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
+            # A Figure drawn by the Agg canvas directly: pyplot and the user's global backend
+            # stay untouched.
+            import matplotlib  # noqa: F401  (the package itself must be importable)
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
         except ImportError as e:
             raise ImportError("History.plot needs matplotlib, which is not installed: "
                               "pip install 'fastdl[report]' (or pip install matplotlib)") from e
@@ -84,7 +86,9 @@ class History(Callback):
             raise ValueError("History.plot: nothing to plot (no epoch has finished)")
         names = [k for k in self.history if not k.startswith("val_")]
         names += [k[4:] for k in self.history if k.startswith("val_") and k[4:] not in names]
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+        fig = Figure(figsize=(4.2 * len(names), 3.4))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, len(names), squeeze=False)
         epochs = [e + 1 for e in self.epoch]
         for ax, name in zip(axes[0], names):
             for key, style in ((name, "-"), ("val_" + name, "--")):
@@ -96,7 +100,6 @@ class History(Callback):
             ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=90)
-        plt.close(fig)
 
 
 def _mode_op(mode, monitor, who):
@@ -177,12 +180,17 @@ class EarlyStopping(Callback):
 
 def save_weights(module, path):
     """Writes module.state_dict() to `path` atomically: a temporary file in the same folder,
-    flushed and fsynced, then os.replace'd over `path`. A crash leaves the old file whole."""
+    flushed and fsynced, then os.replace'd over `path`, then the folder fsynced so the rename
+    itself is durable. A crash leaves the old file whole; a failed save removes its temporary
+    (a killed process can leave a '.tmp-<name>-*' file behind, never a damaged `path`). The file
+    gets the mode open() would give it (0666 less the umask), not mkstemp's 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             torch.save(module.state_dict(), f)
             f.flush()
             os.fsync(f.fileno())
@@ -193,6 +201,28 @@ def save_weights(module, path):
         except OSError:
             pass
         raise
+    _fsync_folder(folder)
+
+
+def _umask():
+    """The process's umask (read by setting and restoring it; os has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder):
+    """Makes a rename in `folder` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def load_weights(module, path, strict=True):
@@ -259,18 +289,23 @@ def _get_lr(optimizer):
 class LearningRateScheduler(Callback):
     """Sets the learning rate each epoch: `schedule` is a function of (epoch, lr) -> new lr (or
     of epoch alone), called before the epoch, as in Keras; or any torch LR scheduler on the
-    model's optimizer, stepped after each epoch. Logs 'learning_rate'.
+    model's optimizer, stepped after each epoch. torch's ReduceLROnPlateau is stepped with the
+    epoch's `monitor` value (fastdl's extra argument; default 'val_loss'). Logs 'learning_rate'.
 
     >>> LearningRateScheduler(lambda epoch, lr: lr * 0.9)
     >>> LearningRateScheduler(torch.optim.lr_scheduler.StepLR(model.optimizer, 10))
+    >>> LearningRateScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau(opt), monitor="loss")
     """
 
-    def __init__(self, schedule, verbose=0):
+    def __init__(self, schedule, verbose=0, monitor="val_loss"):
         super().__init__()
         if not callable(schedule) and not hasattr(schedule, "step"):
             raise TypeError("LearningRateScheduler: schedule must be a function of the epoch "
                             f"or a torch LR scheduler, got {type(schedule).__name__}")
-        self.schedule, self.verbose = schedule, verbose
+        if not isinstance(monitor, str):
+            raise TypeError(f"LearningRateScheduler: monitor must be a str, got "
+                            f"{type(monitor).__name__}")
+        self.schedule, self.verbose, self.monitor = schedule, verbose, monitor
 
     def _torch(self):
         return hasattr(self.schedule, "step") and hasattr(self.schedule, "optimizer")
@@ -295,7 +330,13 @@ class LearningRateScheduler(Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["learning_rate"] = _get_lr(self.model.optimizer)
-        if self._torch():
+        if not self._torch():
+            return
+        if isinstance(self.schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            current = _monitored(logs, self.monitor, "LearningRateScheduler")
+            if current is not None:        # (warned) no value: the plateau count is unchanged
+                self.schedule.step(current)
+        else:
             self.schedule.step()
 
 

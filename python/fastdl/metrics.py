@@ -202,11 +202,16 @@ def _prf(y_true, y_pred, labels, pos_label, average, zero_division, which, fn):
     if average is None:
         return score if is_tensor(score) else np.asarray(score)
     if average == "weighted":
+        # sklearn's _nanaverage: NaN scores dropped, then the true-count-weighted mean; when
+        # the kept labels have no true sample at all, the unweighted mean; all NaN: NaN.
         w = true_sum.double() if is_tensor(true_sum) else true_sum.astype(np.float64)
-        if float(w.sum()) == 0:
-            return _out(score.sum() * 0 + (0.0 if zero_division == "warn" else zero_division))
         keep = ~lib.isnan(score)
-        return _out((score[keep] * w[keep]).sum() / w[keep].sum())
+        if not bool(keep.any()):
+            return _out(score.sum())
+        score, w = score[keep], w[keep]
+        if float(w.sum()) == 0:
+            return _out(score.mean())
+        return _out((score * w).sum() / w.sum())
     return _out(lib.nanmean(score) if not bool(lib.isnan(score).all()) else score.sum())
 
 

@@ -21,11 +21,13 @@ sample-weighted mean of the batch losses, taken before each step (as Keras).
 """
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -43,10 +45,11 @@ class _Compiled:
 
 class _Interrupt:
     """While fit runs on the main thread, the first Ctrl-C asks training to stop after the
-    current step (so no parameter is left half-updated); a second one interrupts at once."""
+    current step (so no parameter is left half-updated); a second one aborts: KeyboardInterrupt
+    at once, except inside an optimizer step, where it waits for the step to finish."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.in_step = self.pending = False
         self._old = None
 
     def __enter__(self):
@@ -55,14 +58,31 @@ class _Interrupt:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if not self.requested:
+            self.requested = True
+        elif self.in_step:
+            self.pending = True
+        else:
             raise KeyboardInterrupt
-        self.requested = True
+
+    def step(self, opt):
+        """opt.step() that a second Ctrl-C never splits."""
+        self.in_step = True
+        try:
+            opt.step()
+        finally:
+            self.in_step = False
+        if self.pending:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
+
+
+class _TargetError(ValueError):
+    """A target out of range, found by the dry run (reported as is, not as a shape error)."""
 
 
 class _Progress:
@@ -84,6 +104,10 @@ class _Progress:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
             self._last = now
         self.bar.update(1)
+
+    def abort(self):
+        if self.bar is not None:
+            self.bar.close()
 
     def close(self, logs):
         text = " - ".join(f"{k}: {v:.4g}" for k, v in logs.items())
@@ -195,9 +219,11 @@ class _Workflow:
             yt = yt.to(device)
         return T.TensorBatches(xt, yt, batch_size, shuffle), xt.shape[0]
 
-    def _dry_run(self, batches, cfg, fn, what):
+    def _dry_run(self, batches, cfg, fn, what, target_what):
         """One forward and loss on the first batch, in eval mode without gradients and with
-        torch's RNG state restored, so shape and dtype mistakes surface before any step."""
+        torch's RNG state restored, so shape and dtype mistakes surface before any step. The
+        targets are range-checked against that output first: every in-memory target, or the
+        first batch of a DataLoader (later batches are checked as they come)."""
         was_training = self.module.training
         with torch.random.fork_rng(devices=[]):
             first = next(iter(batches), None)
@@ -211,6 +237,11 @@ class _Workflow:
             try:
                 with torch.no_grad():
                     out = self.module(xb)
+                    try:
+                        ys = batches.y if isinstance(batches, T.TensorBatches) else yb
+                        T.check_targets(ys, cfg.loss, out, fn, target_what)
+                    except ValueError as e:
+                        raise _TargetError(str(e)) from None
                     value = cfg.loss(out, yb)
                     if not (isinstance(value, torch.Tensor) and value.numel() == 1):
                         raise ValueError(f"the loss returned {type(value).__name__} "
@@ -219,6 +250,8 @@ class _Workflow:
                         m.update(out, yb)
                         m.result()
                         m.reset()
+            except _TargetError as e:
+                raise ValueError(str(e)) from None
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 raise ValueError(f"{fn}: the model, loss or metrics cannot run on the first "
                                  f"batch of {what} (x {tuple(xb.shape)} {xb.dtype}, y "
@@ -234,7 +267,12 @@ class _Workflow:
         """Trains for `epochs` epochs; returns a History whose `history` holds per-epoch 'loss',
         each metric and, with validation data, 'val_loss' and 'val_<metric>'. validation_split
         takes the last fraction of x/y (before shuffling), as Keras. Ctrl-C stops after the
-        current step; the History then holds the finished epochs. Keras's Model.fit.
+        current step; the History then holds the finished epochs. A second Ctrl-C aborts: fit
+        raises KeyboardInterrupt as soon as the current optimizer step has finished, after
+        closing the progress bar and running the callbacks' on_train_end (as on any error).
+        Class labels outside [0, C) and binary cross-entropy targets outside [0, 1] raise
+        ValueError before training (a DataLoader's: before the step of their batch).
+        Keras's Model.fit.
 
         >>> h = model.fit(x, y, batch_size=64, epochs=10, validation_split=0.1, verbose=0)
         """
@@ -278,9 +316,9 @@ class _Workflow:
             vx, vy = self._validation_pair(validation_data)
             val, _ = self._batches(vx, vy, batch_size, False, "fit (validation_data)", cfg,
                                    device, dtype)
-        self._dry_run(train, cfg, fn, "x")
+        self._dry_run(train, cfg, fn, "x", "y")
         if val is not None:
-            self._dry_run(val, cfg, fn, "validation_data")
+            self._dry_run(val, cfg, fn, "validation_data", "validation_data")
 
         history = History()
         cbs = callbacks + [history]
@@ -291,8 +329,10 @@ class _Workflow:
         self.history = history
         self.stop_training = False
         was_training = self.module.training
+        began = ended = False
         with _Interrupt() as interrupt:
             try:
+                began = True
                 for cb in cbs:
                     cb.on_train_begin({})
                 for epoch in range(initial_epoch, epochs):
@@ -310,17 +350,33 @@ class _Workflow:
                         self._progress.close(logs)
                     if self.stop_training or interrupt.requested:
                         break
+                ended = True
                 for cb in cbs:
                     cb.on_train_end({})
             finally:
+                if self._progress is not None:
+                    self._progress.abort()
                 self._progress = None
                 self.module.train(was_training)
+                if began and not ended:
+                    # An abort (second Ctrl-C) or an error: the callbacks still end, so
+                    # EarlyStopping restores its best weights and CSVLogger closes its file.
+                    self._end_callbacks(cbs)
         if interrupt.requested and verbose:
             print("fit: interrupted (Ctrl-C); stopped after the last complete step; the History "
                   "holds the finished epochs", file=sys.stderr)
         return history
 
     _progress = None
+
+    @staticmethod
+    def _end_callbacks(cbs):
+        for cb in cbs:
+            try:
+                cb.on_train_end({})
+            except Exception as e:      # the original exception propagates; this one warns
+                warnings.warn(f"fit: {type(cb).__name__}.on_train_end failed while training "
+                              f"stopped on an exception: {e!r}", RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _validation_pair(data):
@@ -337,15 +393,18 @@ class _Workflow:
         for m in cfg.metrics:
             m.reset()
         self._progress = progress = _Progress(verbose, epoch, epochs, len(batches))
+        checked = isinstance(batches, T.TensorBatches)     # checked whole before training
         total, seen = 0.0, 0
         for b, (xb, yb) in enumerate(batches):
             for cb in cbs:
                 cb.on_train_batch_begin(b, {})
             out = net(xb)
+            if not checked:
+                T.check_targets(yb, cfg.loss, out, "fit", f"batch {b} of epoch {epoch + 1}")
             loss = lossfn(out, yb)
             opt.zero_grad()
             loss.backward()
-            opt.step()
+            interrupt.step(opt)
             bs = xb.shape[0]
             total += float(loss.item()) * bs
             seen += bs
@@ -357,8 +416,7 @@ class _Workflow:
             progress.step(running)
             if interrupt.requested or self.stop_training:
                 if interrupt.requested:
-                    if progress.bar is not None:
-                        progress.bar.close()
+                    progress.abort()
                     return None
                 break
         logs = {"loss": total / max(seen, 1)}
@@ -381,6 +439,7 @@ class _Workflow:
                     if yb is None:
                         raise ValueError("evaluate: the data has no targets")
                     out = net(xb)
+                    T.check_targets(yb, cfg.loss, out, "evaluate", "y")
                     total += float(cfg.loss(out, yb).item()) * xb.shape[0]
                     seen += xb.shape[0]
                     for m in cfg.metrics:
@@ -511,7 +570,18 @@ class Model(_Workflow):
 
     def __getattr__(self, name):
         # Only reached for names Model lacks: parameters, state_dict, to, train, eval, layers...
-        return getattr(self.__dict__["module"], name)
+        # A module method that returns the module itself (to, cuda, cpu, train, eval, float,
+        # double, requires_grad_, apply...) returns this wrapper instead, so chains such as
+        # Model(net).to("cuda").compile(...) keep compile and fit.
+        module = self.__dict__["module"]
+        attr = getattr(module, name)
+        if callable(attr) and getattr(attr, "__self__", None) is module:
+            @functools.wraps(attr)
+            def chained(*args, **kwargs):
+                out = attr(*args, **kwargs)
+                return self if out is module else out
+            return chained
+        return attr
 
     def __repr__(self):
         return f"fastdl.Model({self.module!r})"

@@ -21,7 +21,7 @@ import operator
 
 import torch
 
-from . import _tensor
+from . import _C, _tensor
 from .ops import optim as _kernels
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop"]
@@ -429,10 +429,13 @@ class SGD(_FusedOptimizer):
                                                device=p.device)
 
     def _launch(self, group, b):
-        _kernels.launch_sgd(b.params, b.grads, b.states[0] if b.states else None, b.first,
-                            b.numel, b.code, b.device, _scalar(group["lr"]), float(group["momentum"]),
-                            float(group["dampening"]), float(group["weight_decay"]),
-                            group["nesterov"], group["maximize"])
+        hp = _kernels.hparams(_C.SgdParams, lr=_scalar(group["lr"]),
+                              momentum=float(group["momentum"]),
+                              dampening=float(group["dampening"]),
+                              weight_decay=float(group["weight_decay"]),
+                              nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
+        _kernels.launch_sgd(hp, b.params, b.grads, b.states[0] if b.states else None, b.first,
+                            b.numel, b.code, b.state_code, b.device)
 
 
 class Adam(_FusedOptimizer):
@@ -500,11 +503,14 @@ class Adam(_FusedOptimizer):
 
     def _launch(self, group, b):
         beta1, beta2 = group["betas"]
-        _kernels.launch_adam(b.params, b.grads, b.states[0], b.states[1],
+        hp = _kernels.hparams(_C.AdamParams, lr=_scalar(group["lr"]), beta1=_scalar(beta1),
+                              beta2=_scalar(beta2), eps=float(group["eps"]),
+                              weight_decay=float(group["weight_decay"]),
+                              amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]),
+                              decoupled_weight_decay=bool(group["decoupled_weight_decay"]))
+        _kernels.launch_adam(hp, b.params, b.grads, b.states[0], b.states[1],
                              b.states[2] if group["amsgrad"] else None, b.steps, b.numel, b.code,
-                             b.state_code, b.device, _scalar(group["lr"]), _scalar(beta1),
-                             _scalar(beta2), float(group["eps"]), float(group["weight_decay"]),
-                             group["amsgrad"], group["maximize"], group["decoupled_weight_decay"])
+                             b.state_code, b.device)
 
 
 class AdamW(Adam):
@@ -573,9 +579,11 @@ class RMSprop(_FusedOptimizer):
     def _launch(self, group, b):
         keys = self._active_keys(group)
         lst = dict(zip(keys, b.states))
-        _kernels.launch_rmsprop(b.params, b.grads, lst["square_avg"], lst.get("momentum_buffer"),
-                                lst.get("grad_avg"), b.steps, b.numel, b.code, b.state_code,
-                                b.device,
-                                _scalar(group["lr"]), float(group["alpha"]), float(group["eps"]),
-                                float(group["weight_decay"]), float(group["momentum"]),
-                                group["centered"], group["maximize"])
+        hp = _kernels.hparams(_C.RmspropParams, lr=_scalar(group["lr"]),
+                              alpha=float(group["alpha"]), eps=float(group["eps"]),
+                              weight_decay=float(group["weight_decay"]),
+                              momentum=float(group["momentum"]), centered=bool(group["centered"]),
+                              maximize=bool(group["maximize"]))
+        _kernels.launch_rmsprop(hp, b.params, b.grads, lst["square_avg"],
+                                lst.get("momentum_buffer"), lst.get("grad_avg"), b.steps, b.numel,
+                                b.code, b.state_code, b.device)

@@ -222,7 +222,9 @@ class MinMaxScaler(_Fitted):
         self.data_min_ = xp.where(none, nan_row, cmin)
         self.data_max_ = xp.where(none, nan_row, cmax)
         self.data_range_ = self.data_max_ - self.data_min_
-        rng = xp.where(self.data_range_ == 0, xp.ones_like(cmin), self.data_range_)
+        # As sklearn: a range below 10 eps of the input's dtype counts as a constant column.
+        eps = (torch_module().finfo(x.dtype).eps if is_tensor(x) else np.finfo(x.dtype).eps)
+        rng = xp.where(self.data_range_ < 10 * eps, xp.ones_like(cmin), self.data_range_)
         self.scale_ = (hi - lo) / rng
         self.min_ = lo - self.data_min_ * self.scale_
         return self
@@ -392,12 +394,37 @@ class OneHotEncoder(_Fitted):
             if len(self.categories) != x.shape[1]:
                 raise ValueError("OneHotEncoder: categories should have one list per column: "
                                  f"got {len(self.categories)} for {x.shape[1]} columns")
-            self.categories_ = [np.asarray(c) for c in self.categories]
+            self.categories_ = [self._user_categories(c) for c in self.categories]
         elif is_tensor(x):
-            self.categories_ = [torch_module().unique(x[:, j]) for j in range(x.shape[1])]
+            self.categories_ = [self._unique_tensor(x[:, j]) for j in range(x.shape[1])]
         else:
             self.categories_ = [self._unique(x[:, j]) for j in range(x.shape[1])]
         return self
+
+    @staticmethod
+    def _user_categories(c):
+        """User-given categories as an array; numerical ones must be sorted (NaN last), as
+        sklearn requires: the codes come from a binary search."""
+        c = np.asarray(c.cpu() if is_tensor(c) else c)
+        if c.dtype.kind in "biuf" and c.size:
+            srt = np.sort(c)            # np.sort puts NaN last
+            stop = -1 if c.dtype.kind == "f" and np.isnan(srt[-1]) else None
+            if np.any(srt[:stop] != c[:stop]):
+                raise ValueError("OneHotEncoder.fit: Unsorted categories are not supported "
+                                 f"for numerical categories; got {c.tolist()}")
+        return c
+
+    @staticmethod
+    def _unique_tensor(col):
+        """torch.unique keeps every NaN apart (NaN != NaN); sklearn and np.unique make them one
+        category, sorted last."""
+        torch = torch_module()
+        u = torch.unique(col)
+        if u.is_floating_point():
+            nan = torch.isnan(u)
+            if bool(nan.any()):
+                u = torch.cat([u[~nan], u[nan][:1]])
+        return u
 
     @staticmethod
     def _unique(col):
@@ -543,8 +570,13 @@ def train_test_split(*arrays, test_size=None, train_size=None, random_state=None
                          f"train_size={train_size}, the train set ({n_train}) or test set "
                          f"({n_test}) would be empty or too large")
     if shuffle:
-        rng = (random_state if isinstance(random_state, np.random.RandomState)
-               else np.random.RandomState(random_state))
+        # As sklearn's check_random_state: None is numpy's global RandomState (np.random.seed).
+        if random_state is None:
+            rng = np.random.mtrand._rand
+        elif isinstance(random_state, np.random.RandomState):
+            rng = random_state
+        else:
+            rng = np.random.RandomState(random_state)
         perm = rng.permutation(n)
         test_idx, train_idx = perm[:n_test], perm[n_test:n_test + n_train]
     else:

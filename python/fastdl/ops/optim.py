@@ -78,6 +78,25 @@ def _fast_intake(first, others):
     return (_tensor.FLOAT32 if dt is f32 else _tensor.FLOAT64), first.numel(), ptrs
 
 
+# Hyperparameter structs (_C.SgdParams, ...) by value: building one through pybind11's keywords
+# costs 1-3 us, more than a whole small step; a dict hit costs 0.2 us. Instances are read-only.
+_HP_CACHE: dict = {}
+_HP_CACHE_MAX = 256
+
+
+def hparams(cls, **values):
+    """A shared, read-only cls(**values) (cls: _C.SgdParams, _C.AdamParams, _C.RmspropParams).
+    Keyed by cls and the values in the order given: callers pass every field, in the struct's
+    order, so the fast paths can look the key up directly."""
+    key = (cls,) + tuple(values.values())
+    hp = _HP_CACHE.get(key)
+    if hp is None:
+        if len(_HP_CACHE) >= _HP_CACHE_MAX:
+            _HP_CACHE.clear()
+        hp = _HP_CACHE[key] = cls(**values)
+    return hp
+
+
 def _fast_num(*xs) -> bool:
     """Plain non-negative floats/ints (not bools, not NaN): the common case, checked cheaply."""
     for x in xs:
@@ -92,7 +111,9 @@ def _numel(x) -> int:
 
 
 def _check_dtypes(fn, device, params, lists_same, lists_state):
-    """params' dtype is supported; grads match it; state matches it (float32 for half on CUDA)."""
+    """params[0]'s dtype is supported; every other param and every grad has it; every state tensor
+    has the state dtype (float32 for half params on CUDA, else the params'). One launch uses one
+    element size, so a mixed list would be read and written out of bounds."""
     if not params:
         return _tensor.FLOAT32, _tensor.FLOAT32
     code = _tensor.dtype_code(params[0])
@@ -103,12 +124,12 @@ def _check_dtypes(fn, device, params, lists_same, lists_state):
             f"{fn}: params[0] is a {_tensor.describe(params[0])}; supported dtypes on "
             f"{'cpu' if device < 0 else 'cuda'} are {', '.join(names[c] for c in allowed)}")
     state_code = _tensor.FLOAT32 if code in (_tensor.FLOAT16, _tensor.BFLOAT16) else code
-    for name, lst, want in ([(n, l, code) for n, l in lists_same] +
+    for name, lst, want in ([("params", params, code)] + [(n, l, code) for n, l in lists_same] +
                             [(n, l, state_code) for n, l in lists_state]):
         for i, x in enumerate(lst):
             if _tensor.dtype_code(x) != want:
                 raise RuntimeError(f"{fn}: expected {name}[{i}] to have dtype "
-                                   f"{_dtype_name(want)} to go with params of dtype "
+                                   f"{_dtype_name(want)} to go with params[0] of dtype "
                                    f"{_dtype_name(code)}, got {_tensor.describe(x)}")
     return code, state_code
 
@@ -143,8 +164,12 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
         fast = _fast_intake(params, (grads,))
         if fast is not None:
             code, n, ptrs = fast
-            _C.sgd_step(ptrs[0], ptrs[1], None, 0, n, code, -1, 0, lr, 0.0, 0.0, 0.0, False,
-                        bool(maximize))
+            maximize = bool(maximize)
+            hp = _HP_CACHE.get((_C.SgdParams, lr, 0.0, 0.0, 0.0, False, maximize))
+            if hp is None:
+                hp = hparams(_C.SgdParams, lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                             nesterov=False, maximize=maximize)
+            _C.sgd_step(hp, ptrs[0], ptrs[1], None, 0, n, code, code, -1, 0)
             return
     fn = "sgd_step"
     lr = check_number(fn, "lr", lr, low=0.0)
@@ -162,11 +187,12 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr, momentum=0.0, dampenin
         lists["momentum_buffers"] = as_list(fn, "momentum_buffers", momentum_buffers)
     _, device = check_tensor_lists(fn, lists, writable=("params", "momentum_buffers"))
     bufs = lists.get("momentum_buffers")
-    code, _ = _check_dtypes(fn, device, params, [("grads", grads)],
-                            [("momentum_buffers", bufs)] if bufs else [])
-    launch_sgd(_ptrs(params), _ptrs(grads), _ptrs(bufs), [1 if first_step else 0] * len(params),
-               _numels(params), code, device, lr, momentum, dampening, weight_decay, nesterov,
-               maximize)
+    code, state_code = _check_dtypes(fn, device, params, [("grads", grads)],
+                                     [("momentum_buffers", bufs)] if bufs else [])
+    hp = hparams(_C.SgdParams, lr=lr, momentum=momentum, dampening=dampening,
+                 weight_decay=weight_decay, nesterov=bool(nesterov), maximize=bool(maximize))
+    launch_sgd(hp, _ptrs(params), _ptrs(grads), _ptrs(bufs),
+               [1 if first_step else 0] * len(params), _numels(params), code, state_code, device)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, step, lr=1e-3,
@@ -185,9 +211,14 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
         fast = _fast_intake(params, (grads, exp_avgs, exp_avg_sqs))
         if fast is not None:
             code, n, p = fast
-            _C.adam_step(p[0], p[1], p[2], p[3], None, float(step), n, code, code,
-                         -1, 0, float(lr), beta1, beta2, float(eps), float(weight_decay), False,
-                         bool(maximize), bool(decoupled_weight_decay))
+            maximize, decoupled = bool(maximize), bool(decoupled_weight_decay)
+            hp = _HP_CACHE.get((_C.AdamParams, lr, beta1, beta2, eps, weight_decay, False,
+                                maximize, decoupled))
+            if hp is None:
+                hp = hparams(_C.AdamParams, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                             weight_decay=weight_decay, amsgrad=False, maximize=maximize,
+                             decoupled_weight_decay=decoupled)
+            _C.adam_step(hp, p[0], p[1], p[2], p[3], None, float(step), n, code, code, -1, 0)
             return
     fn = "adamw_step" if decoupled_weight_decay else "adam_step"
     lr = check_number(fn, "lr", lr, low=0.0)
@@ -208,10 +239,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs=None, *, ste
     code, state_code = _check_dtypes(fn, device, params, [("grads", lists["grads"])],
                                      [(k, v) for k, v in lists.items() if k not in ("params", "grads")])
     step_arg, keep = _step_arg(fn, step, len(params))
-    launch_adam(_ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["exp_avgs"]),
+    hp = hparams(_C.AdamParams, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                 weight_decay=weight_decay, amsgrad=bool(amsgrad), maximize=bool(maximize),
+                 decoupled_weight_decay=bool(decoupled_weight_decay))
+    launch_adam(hp, _ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["exp_avgs"]),
                 _ptrs(lists["exp_avg_sqs"]), _ptrs(lists.get("max_exp_avg_sqs")), step_arg,
-                _numels(params), code, state_code, device,
-                lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay)
+                _numels(params), code, state_code, device)
     del keep  # the counters outlive the call
 
 
@@ -243,10 +276,11 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers=None, grad_avgs=No
                                                         "momentum_buffers", "grad_avgs"))
     code, state_code = _check_dtypes(fn, device, params, [("grads", lists["grads"])],
                                      [(k, v) for k, v in lists.items() if k not in ("params", "grads")])
-    launch_rmsprop(_ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["square_avgs"]),
+    hp = hparams(_C.RmspropParams, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                 momentum=momentum, centered=bool(centered), maximize=bool(maximize))
+    launch_rmsprop(hp, _ptrs(params), _ptrs(lists["grads"]), _ptrs(lists["square_avgs"]),
                    _ptrs(lists.get("momentum_buffers")), _ptrs(lists.get("grad_avgs")), 1.0,
-                   _numels(params), code, state_code, device,
-                   lr, alpha, eps, weight_decay, momentum, centered, maximize)
+                   _numels(params), code, state_code, device)
 
 
 # ---- unchecked launchers: pointer lists (ints or numpy arrays) of validated tensors ------------
@@ -261,23 +295,22 @@ def _numels(lst):
     return [_numel(x) for x in lst]
 
 
-def launch_sgd(params, grads, bufs, first, numel, code, device, lr, momentum, dampening,
-               weight_decay, nesterov, maximize):
-    _C.sgd_step(params, grads, bufs, first, numel, code, device, _tensor.current_stream(device),
-                lr, momentum, dampening, weight_decay, bool(nesterov), bool(maximize))
+def launch_sgd(hp, params, grads, bufs, first, numel, code, state_code, device):
+    """hp: _C.SgdParams. state_code: the momentum buffers' dtype code (float32 for half params on
+    CUDA, else the params')."""
+    _C.sgd_step(hp, params, grads, bufs, first, numel, code, state_code, device,
+                _tensor.current_stream(device))
 
 
-def launch_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numel, code,
-                state_code, device, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                decoupled):
-    _C.adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numel, code,
-                 state_code, device, _tensor.current_stream(device), lr, beta1, beta2, eps,
-                 weight_decay, bool(amsgrad), bool(maximize), bool(decoupled))
+def launch_adam(hp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numel, code,
+                state_code, device):
+    """hp: _C.AdamParams."""
+    _C.adam_step(hp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, numel, code,
+                 state_code, device, _tensor.current_stream(device))
 
 
-def launch_rmsprop(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, numel,
-                   code, state_code, device, lr, alpha, eps, weight_decay, momentum, centered,
-                   maximize):
-    _C.rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, steps, numel,
-                    code, state_code, device, _tensor.current_stream(device), lr, alpha, eps,
-                    weight_decay, momentum, bool(centered), bool(maximize))
+def launch_rmsprop(hp, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, numel,
+                   code, state_code, device):
+    """hp: _C.RmspropParams."""
+    _C.rmsprop_step(hp, params, grads, square_avgs, momentum_buffers, grad_avgs, steps, numel,
+                    code, state_code, device, _tensor.current_stream(device))

@@ -5,9 +5,10 @@ Inputs are (N, C, H, W) or (C, H, W); outputs are allocated with the input's own
 numpy, torch on the input's device for torch). float32 and float64 on the CPU, float32 on CUDA.
 Indices are int64, flat ``h * W + w`` within each input plane, equal to torch's (first maximum
 wins, NaN wins). A non-contiguous input is copied to a contiguous one first (the kernels read
-contiguous NCHW planes); outputs are always contiguous. Bad arguments raise the exception class
-torch raises for them. Validated geometries are cached per (input type, shape, dtype, device,
-arguments), so repeated calls skip the Python checks (tiny inputs: ~4 us per call, torch ~3 us).
+contiguous NCHW planes); outputs are always contiguous, allocated here or passed as `out`. Bad
+arguments raise the exception class torch raises for them. Validated geometries are cached per
+(array types, shapes, dtypes, devices, arguments), so repeated calls skip the Python checks
+(tiny inputs: ~2 us per forward call). fastdl.nn's pooling calls these same functions.
 
 >>> x = np.random.rand(2, 3, 8, 8).astype(np.float32)
 >>> y, idx = fastdl.ops.max_pool2d(x, 2, return_indices=True)   # torch.nn.functional.max_pool2d
@@ -23,9 +24,6 @@ from .. import _C, _tensor
 __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
            "adaptive_max_pool2d", "adaptive_max_pool2d_backward", "adaptive_avg_pool2d",
            "adaptive_avg_pool2d_backward", "max_unpool2d", "max_unpool2d_backward"]
-
-_MAX, _AVG, _UNPOOL = 0, 1, 2
-_ADAPTIVE, _INCLUDE_PAD, _INDEX32 = 1, 2, 4
 
 
 # ---- argument parsing --------------------------------------------------------------------------
@@ -88,20 +86,83 @@ def _check_input(fn, x, *, ndim_error=RuntimeError, allow_empty_channels=False,
     return _tensor.contiguous(x), code, device
 
 
-def _empty(x, shape, index=False):
+def _empty(x, shape, index=False, index32=False):
     if isinstance(x, np.ndarray):
-        return np.empty(shape, dtype=np.int64 if index else x.dtype)
+        return np.empty(shape, dtype=(np.int32 if index32 else np.int64) if index else x.dtype)
     if index:
         import torch
-        return x.new_empty(shape, dtype=torch.int64)
+        return x.new_empty(shape, dtype=torch.int32 if index32 else torch.int64)
     return x.new_empty(shape)
 
 
-def _zeros(x, shape):
-    if isinstance(x, np.ndarray):
-        return np.zeros(shape, dtype=x.dtype)
-    import torch
-    return torch.zeros(shape, dtype=x.dtype, device=x.device)
+def _dtype_name(dtype) -> str:
+    """'int32', 'float64', ... for a numpy dtype or scalar type, or a torch dtype."""
+    if isinstance(dtype, type) and issubclass(dtype, np.generic):
+        dtype = np.dtype(dtype)
+    return str(dtype).replace("torch.", "")
+
+
+_INDEX_DTYPE_NAMES: dict = {}
+
+
+def _index32(fn, index_dtype, device) -> bool:
+    """True for int32 indices (CPU only), False for int64 (torch's, the default)."""
+    name = _INDEX_DTYPE_NAMES.get(index_dtype)
+    if name is None:
+        name = _INDEX_DTYPE_NAMES[index_dtype] = _dtype_name(index_dtype)
+    if name not in ("int64", "int32"):
+        raise TypeError(f"{fn}: expected index_dtype int64 or int32, got {index_dtype!r}")
+    if name == "int32" and device >= 0:
+        raise NotImplementedError(f"{fn}: int32 indices are CPU-only; CUDA writes int64")
+    return name == "int32"
+
+
+def _overlaps(a, b) -> bool:
+    """Conservative aliasing test: numpy by address bounds, torch by shared storage."""
+    if isinstance(a, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _check_out(fn, name, out, like, shape, index=False, inputs=()):
+    """A preallocated output: the kind, device and (index: int64 or int32; else like's) dtype of
+    `like`, the given shape, contiguous, writable, sharing no memory with `inputs`. Returns
+    whether it holds int32 indices."""
+    if _tensor.kind(out) != _tensor.kind(like):
+        raise TypeError(f"{fn}: expected {name} to be a {_tensor.kind(like)} array/tensor like the "
+                        f"input, got {_tensor.describe(out)}")
+    if _tensor.device_index(out) != _tensor.device_index(like):
+        raise RuntimeError(f"{fn}: {name} is on a different device than the input")
+    if tuple(out.shape) != tuple(shape):
+        raise RuntimeError(f"{fn}: expected {name} of shape {tuple(shape)}, got "
+                           f"{tuple(out.shape)}")
+    index32 = False
+    if index:
+        index32 = _dtype_name(out.dtype) == "int32"
+        if _tensor.dtype_code(out) != _tensor.INT64 and not index32:
+            raise RuntimeError(f"{fn}: expected {name} of dtype int64 (or int32 on the CPU), got "
+                               f"{_tensor.describe(out)}")
+        if index32 and _tensor.device_index(out) >= 0:
+            raise NotImplementedError(f"{fn}: int32 indices are CPU-only")
+    elif out.dtype != like.dtype:
+        raise RuntimeError(f"{fn}: expected {name} of dtype {like.dtype} like the input, got "
+                           f"{_tensor.describe(out)}")
+    if not _tensor.is_contiguous(out):
+        raise ValueError(f"{fn}: expected {name} to be contiguous (it is written in place)")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{fn}: {name} is read-only")
+    for x in inputs:
+        if x is not None and _overlaps(out, x):
+            raise ValueError(f"{fn}: {name} overlaps an input in memory; pass a separate {name}")
+    return index32
+
+
+def _output(fn, x, shape, out, inputs):
+    """out checked, or a new array/tensor of shape like x."""
+    if out is None:
+        return _empty(x, shape)
+    _check_out(fn, "out", out, x, shape, inputs=inputs)
+    return out
 
 
 def pool_output_size(n, k, s, p, d, ceil_mode):
@@ -143,41 +204,60 @@ def _planes(shape):
     return shape[0] * shape[1] if len(shape) == 4 else shape[0]
 
 
-def _geometry(in_shape, oh, ow, window, flags, divisor, code):
+_NO_WINDOW = (1, 1, 1, 1, 0, 0, 1, 1)
+
+
+def _geometry(in_shape, oh, ow, window, code, *, adaptive=False, count_include_pad=True,
+              divisor=0, index32=False):
     """The kernels' Pool2dParams (csrc/pool.h) for this geometry and dtype."""
-    return _C.Pool2dParams(_planes(in_shape), in_shape[-2], in_shape[-1], oh, ow, *window, flags,
-                           divisor, code)
+    kh, kw, sh, sw, ph, pw, dh, dw = window
+    return _C.Pool2dParams(planes=_planes(in_shape), in_h=in_shape[-2], in_w=in_shape[-1],
+                           out_h=oh, out_w=ow, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh,
+                           dw=dw, adaptive=adaptive, count_include_pad=count_include_pad,
+                           divisor_override=divisor, index32=index32, dtype=code)
 
 
-def launch(kind, backward, a, b, idx, params, device):
-    """Unchecked call into the kernels: the caller has validated everything (fastdl.nn uses it)."""
-    _C.pool2d(kind, backward, a if type(a) is np.ndarray else a.data_ptr(),
-              b if type(b) is np.ndarray else b.data_ptr(),
-              None if idx is None else (idx if type(idx) is np.ndarray else idx.data_ptr()),
-              params, device, _tensor.current_stream(device) if device >= 0 else 0)
+def _stream(device):
+    return _tensor.current_stream(device) if device >= 0 else 0
+
+
+_ndarray = np.ndarray
+
+
+def _ptr(x):
+    """What the binding takes as a data pointer (_tensor.pointer, for the hot path)."""
+    return x if isinstance(x, _ndarray) else x.data_ptr()
 
 
 # ---- validated-geometry cache -----------------------------------------------------------------
 # Validation and output-size arithmetic cost ~4 us per call in Python, more than torch's whole call
-# on a small input. Their result (output shape, Pool2dParams, dtype code, device) depends only on
-# the input's type, shape, dtype and device and on the arguments, so it is kept per key. Only plain
-# ints/None/bools and tuples of ints enter keys (2.0 == 2 must not pass for a valid kernel_size).
+# on a small input. Their result (output shape, Pool2dParams, device) depends only on the types,
+# shapes, dtypes and devices of the arrays and on the other arguments, so it is kept per key. Only
+# plain ints/None/bools, tuples of ints and torch.Size enter keys (2.0 == 2 must not pass for a
+# valid kernel_size). fastdl.nn calls these same functions, so its calls hit the cache too.
 _CACHE: dict = {}
 _CACHE_MAX = 512
 
 
-def _cache_key(op, x, args):
+def _cache_key(op, x, args, y=None):
+    """The key of a call on array x (and y) with other arguments args, or None if uncacheable."""
     for a in args:
         t = type(a)
         if t is int or a is None or t is bool:
             continue
-        if t is tuple and all(type(e) is int for e in a):
+        if (t is tuple or t.__name__ == "Size") and all(type(e) is int for e in a):
             continue
         return None
     try:
-        return (op, type(x), x.shape, x.dtype, getattr(x, "device", None)) + args
+        # CPU_DEVICE: host memory's device index, which CUDA-emulation tests switch to 0, so a
+        # geometry cached for host memory on the CPU path is not reused on the CUDA path
+        key = (op, getattr(_tensor, "CPU_DEVICE", -1), type(x), x.shape, x.dtype,
+               getattr(x, "device", None)) + args
+        if y is not None:
+            key += (type(y), y.shape, y.dtype, getattr(y, "device", None))
     except AttributeError:
         return None
+    return key
 
 
 def _cache_put(key, value):
@@ -188,61 +268,70 @@ def _cache_put(key, value):
     return value
 
 
-_contiguous = _tensor.contiguous
-
-
-_NO_WINDOW = (1, 1, 1, 1, 0, 0, 1, 1)
-
-
 # ---- max_pool2d -------------------------------------------------------------------------------
 
-def max_pool2d_prepare(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
-    """Validates and returns (contiguous input, output shape, Pool2dParams, device,
-    Pool2dParams for int32 indices or None). fastdl.nn saves int32 indices on the CPU when the
-    caller did not ask for them (half the index bytes); returned indices are always int64."""
+def _max_geometry(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """(output shape, Pool2dParams for int64 indices, Pool2dParams for int32 indices or None,
+    device) of a validated max_pool2d call."""
     key = _cache_key("max", input, (kernel_size, stride, padding, dilation, ceil_mode))
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None:
-        return (_contiguous(input),) + hit
+        return hit
     fn = "max_pool2d"
     x, code, device = _check_input(fn, input)
     oh, ow, window = _regular_geometry(fn, x, kernel_size, stride, padding, dilation, ceil_mode)
     shape = tuple(x.shape)
-    return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
-                                   _geometry(shape, oh, ow, window, 0, 0, code), device,
-                                   _geometry(shape, oh, ow, window, _INDEX32, 0, code)
-                                   if device < 0 else None))
+    return _cache_put(key, (shape[:-2] + (oh, ow), _geometry(shape, oh, ow, window, code),
+                            _geometry(shape, oh, ow, window, code, index32=True)
+                            if device < 0 else None, device))
+
+
+def _max_forward(fn, x, out_shape, params, params32, device, return_indices, index_dtype, out):
+    """The forward of both max poolings: outputs allocated (or `out` checked), kernel called."""
+    index32 = _index32(fn, index_dtype, device) if index_dtype is not None else False
+    if out is None:
+        y = _empty(x, out_shape)
+        idx = _empty(x, out_shape, index=True, index32=index32) if return_indices else None
+    elif return_indices:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(f"{fn}: with return_indices=True, out must be a pair (output, "
+                            f"indices), got {type(out).__name__}")
+        y, idx = out
+        _check_out(fn, "out[0]", y, x, out_shape, inputs=(x,))
+        index32 = _check_out(fn, "out[1]", idx, x, out_shape, index=True, inputs=(x, y))
+    else:
+        y, idx = _output(fn, x, out_shape, out, (x,)), None
+    _C.max_pool2d_forward(params32 if index32 else params, _ptr(x),
+                          _ptr(y), None if idx is None else _ptr(idx),
+                          device, _stream(device))
+    return (y, idx) if return_indices else y
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
+               return_indices=False, *, index_dtype=None, out=None):
     """torch.nn.functional.max_pool2d on a numpy array or torch tensor (no autograd).
+
+    index_dtype: int64 (default, torch's indices) or int32 (CPU only: half the index bytes to
+    write and read back; max_pool2d_backward takes either). out: a preallocated output, or
+    (output, indices) with return_indices=True; returned instead of new arrays.
 
     >>> y = fastdl.ops.max_pool2d(np.random.rand(1, 3, 9, 9).astype(np.float32), 3, stride=2)
     >>> y, idx = fastdl.ops.max_pool2d(x, 2, return_indices=True)
     """
-    x, out_shape, params, device, _ = max_pool2d_prepare(input, kernel_size, stride, padding,
-                                                         dilation, ceil_mode)
-    y = _empty(x, out_shape)
-    idx = _empty(x, out_shape, index=True) if return_indices else None
-    launch(_MAX, False, x, y, idx, params, device)
-    return (y, idx) if return_indices else y
+    out_shape, params, params32, device = _max_geometry(input, kernel_size, stride, padding,
+                                                        dilation, ceil_mode)
+    return _max_forward("max_pool2d", _tensor.contiguous(input), out_shape, params, params32,
+                        device, return_indices, index_dtype, out)
 
 
-def _check_grad(fn, grad_output, indices, out_shape_expected=None):
-    g, code, device = _check_grad_tensor(fn, grad_output)
-    if indices is not None:
-        indices = _check_indices(fn, indices, g, "grad_output", device)
-    return g, indices, code, device
-
-
-def _check_indices(fn, indices, like, like_name, device):
-    """Indices that go with `like` (a grad_output or an unpool input): same kind, int64, same
-    shape, same device; returned contiguous."""
+def _check_indices(fn, indices, like, like_name, device, allow_int32=False):
+    """Indices that go with `like` (a grad_output or an unpool input): same kind, int64 (or
+    int32 on the CPU where allowed), same shape, same device; returned contiguous."""
     if _tensor.kind(indices) != _tensor.kind(like):
         raise TypeError(f"{fn}: expected indices to be a {_tensor.kind(like)} array/tensor like "
                         f"{like_name}, got {_tensor.describe(indices)}")
-    if _tensor.dtype_code(indices) != _tensor.INT64:
+    int32 = allow_int32 and device < 0 and _dtype_name(indices.dtype) == "int32"
+    if _tensor.dtype_code(indices) != _tensor.INT64 and not int32:
         raise RuntimeError(f"{fn}: expected indices of dtype int64, got "
                            f"{_tensor.describe(indices)}")
     if tuple(indices.shape) != tuple(like.shape):
@@ -276,25 +365,65 @@ def _input_shape(fn, input_shape, g):
     return shape
 
 
-def max_pool2d_backward(grad_output, indices, input_shape):
-    """Gradient of max_pool2d / adaptive_max_pool2d: grad_output scattered through indices into a
-    new array of input_shape (sums where windows share a maximum).
+def _check_forward_geometry(fn, g, shape, oh, ow):
+    if (oh, ow) != tuple(g.shape[-2:]):
+        raise RuntimeError(f"{fn}: grad_output has spatial shape {tuple(g.shape[-2:])}, but the "
+                           f"forward of input_shape {shape} gives ({oh}, {ow})")
 
-    >>> gx = fastdl.ops.max_pool2d_backward(gy, idx, x.shape)
-    """
-    fn = "max_pool2d_backward"
-    g, idx, code, device = _check_grad(fn, grad_output, indices)
+
+def _max_backward_geometry(fn, g, indices, input_shape, window_args, adaptive):
+    """(input shape, Pool2dParams for these indices' dtype, device) of a validated max pooling
+    backward. window_args: the forward's (kernel_size, stride, padding, dilation, ceil_mode), or
+    None (adaptive pooling, or a CPU call without them)."""
+    g, code, device = _check_grad_tensor(fn, g)
+    idx = _check_indices(fn, indices, g, "grad_output", device, allow_int32=True)
     shape = _input_shape(fn, input_shape, g)
-    gx = _empty(g, shape)
-    params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, 0, 0, code)
-    launch(_MAX, True, g, gx, idx, params, device)
+    oh, ow = g.shape[-2], g.shape[-1]
+    window = _NO_WINDOW
+    if window_args is not None:
+        dummy = np.empty(shape[-2:], dtype=np.float32)  # the geometry only needs the shape
+        foh, fow, window = _regular_geometry(fn, dummy, *window_args)
+        _check_forward_geometry(fn, g, shape, foh, fow)
+    elif not adaptive and device >= 0:
+        # The CUDA kernel gathers: each input position visits the windows that contain it.
+        raise TypeError(f"{fn}: on CUDA pass the forward's kernel_size (and its stride, padding, "
+                        "dilation and ceil_mode): the CUDA kernel needs the window geometry")
+    index32 = _dtype_name(idx.dtype) == "int32"
+    return shape, _geometry(shape, oh, ow, window, code, adaptive=adaptive, index32=index32), device
+
+
+def _max_backward(fn, grad_output, indices, input_shape, window_args, adaptive, out):
+    key = _cache_key(fn, grad_output, (input_shape,) + (window_args or ()), indices)
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is None:
+        hit = _cache_put(key, _max_backward_geometry(fn, grad_output, indices, input_shape,
+                                                     window_args, adaptive))
+    shape, params, device = hit
+    g = _tensor.contiguous(grad_output)
+    idx = _tensor.contiguous(indices)
+    gx = _empty(g, shape) if out is None else _output(fn, g, shape, out, (g, idx))
+    _C.max_pool2d_backward(params, _ptr(g), _ptr(idx), _ptr(gx), device, _stream(device))
     return gx
+
+
+def max_pool2d_backward(grad_output, indices, input_shape, kernel_size=None, stride=None,
+                        padding=0, dilation=1, ceil_mode=False, *, out=None):
+    """Gradient of max_pool2d: grad_output summed into a new array of input_shape at indices
+    (int64, or int32 from index_dtype=int32). kernel_size..ceil_mode are the forward's: required
+    on CUDA (its kernel gathers through the windows), optional on the CPU (which scatters through
+    the indices; given, they are checked against the shapes). out: a preallocated result.
+
+    >>> gx = fastdl.ops.max_pool2d_backward(gy, idx, x.shape, 3, stride=2, padding=1)
+    """
+    window_args = None if kernel_size is None else (kernel_size, stride, padding, dilation,
+                                                    ceil_mode)
+    return _max_backward("max_pool2d_backward", grad_output, indices, input_shape, window_args,
+                         False, out)
 
 
 # ---- avg_pool2d -------------------------------------------------------------------------------
 
 def _avg_flags_divisor(fn, count_include_pad, divisor_override):
-    flags = _INCLUDE_PAD if count_include_pad else 0
     div = 0
     if divisor_override is not None:
         try:
@@ -304,63 +433,84 @@ def _avg_flags_divisor(fn, count_include_pad, divisor_override):
                             f"{type(divisor_override).__name__}") from None
         if div == 0:
             raise RuntimeError(f"{fn}: divisor_override must be non-zero, got 0")
-    return flags, div
+    return bool(count_include_pad), div
 
 
-def avg_pool2d_prepare(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-                       count_include_pad=True, divisor_override=None):
-    """Validates and returns (contiguous input, output shape, Pool2dParams, device)."""
+def _avg_geometry(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                  divisor_override):
+    """(output shape, Pool2dParams, device) of a validated avg_pool2d call."""
     key = _cache_key("avg", input, (kernel_size, stride, padding, ceil_mode, count_include_pad,
                                     divisor_override))
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None:
-        return (_contiguous(input),) + hit
+        return hit
     fn = "avg_pool2d"
     if (isinstance(input, np.ndarray) or _tensor.is_torch(input)) and input.ndim < 3:
         # torch indexes dim -3 before checking the rank, hence IndexError
         raise IndexError(f"{fn}: expected input with 3 dims (C, H, W) or 4 dims (N, C, H, W), "
                          f"got shape {tuple(input.shape)}")
     x, code, device = _check_input(fn, input)
-    flags, div = _avg_flags_divisor(fn, count_include_pad, divisor_override)
+    include_pad, div = _avg_flags_divisor(fn, count_include_pad, divisor_override)
     oh, ow, window = _regular_geometry(fn, x, kernel_size, stride, padding, 1, ceil_mode)
     shape = tuple(x.shape)
-    return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
-                                   _geometry(shape, oh, ow, window, flags, div, code), device))
+    return _cache_put(key, (shape[:-2] + (oh, ow),
+                            _geometry(shape, oh, ow, window, code, count_include_pad=include_pad,
+                                      divisor=div), device))
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               divisor_override=None):
+               divisor_override=None, *, out=None):
     """torch.nn.functional.avg_pool2d on a numpy array or torch tensor (no autograd).
 
     >>> y = fastdl.ops.avg_pool2d(np.random.rand(1, 3, 9, 9), 3, stride=2, padding=1)
     """
-    x, out_shape, params, device = avg_pool2d_prepare(input, kernel_size, stride, padding,
-                                                      ceil_mode, count_include_pad,
-                                                      divisor_override)
-    y = _empty(x, out_shape)
-    launch(_AVG, False, x, y, None, params, device)
+    out_shape, params, device = _avg_geometry(input, kernel_size, stride, padding, ceil_mode,
+                                               count_include_pad, divisor_override)
+    x = _tensor.contiguous(input)
+    y = _output("avg_pool2d", x, out_shape, out, (x,))
+    _C.avg_pool2d_forward(params, _ptr(x), _ptr(y), device, _stream(device))
     return y
 
 
+def _avg_backward(fn, grad_output, input_shape, window_args, out):
+    """Both average poolings' backward; window_args: the forward's (kernel_size, stride, padding,
+    ceil_mode, count_include_pad, divisor_override), or None for adaptive pooling."""
+    key = _cache_key(fn, grad_output, (input_shape,) + (window_args or ()))
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is None:
+        g, code, device = _check_grad_tensor(fn, grad_output)
+        shape = _input_shape(fn, input_shape, g)
+        if window_args is None:
+            params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, code, adaptive=True)
+        else:
+            kernel_size, stride, padding, ceil_mode, count_include_pad, divisor = window_args
+            include_pad, div = _avg_flags_divisor(fn, count_include_pad, divisor)
+            dummy = np.empty(shape[-2:], dtype=np.float32)  # the geometry only needs the shape
+            oh, ow, window = _regular_geometry(fn, dummy, kernel_size, stride, padding, 1,
+                                               ceil_mode)
+            _check_forward_geometry(fn, g, shape, oh, ow)
+            params = _geometry(shape, oh, ow, window, code, count_include_pad=include_pad,
+                               divisor=div)
+        hit = _cache_put(key, (shape, params, device))
+    shape, params, device = hit
+    g = _tensor.contiguous(grad_output)
+    gx = _output(fn, g, shape, out, (g,))
+    _C.avg_pool2d_backward(params, _ptr(g), _ptr(gx), device,
+                           _stream(device))
+    return gx
+
+
 def avg_pool2d_backward(grad_output, input_shape, kernel_size, stride=None, padding=0,
-                        ceil_mode=False, count_include_pad=True, divisor_override=None):
+                        ceil_mode=False, count_include_pad=True, divisor_override=None, *,
+                        out=None):
     """Gradient of avg_pool2d with the same arguments: each output's gradient divided exactly as
-    the forward divided, spread over its window (a new array of input_shape).
+    the forward divided, spread over its window (a new array of input_shape, or `out`).
 
     >>> gx = fastdl.ops.avg_pool2d_backward(gy, x.shape, 3, stride=2, padding=1)
     """
-    fn = "avg_pool2d_backward"
-    g, code, device = _check_grad_tensor(fn, grad_output)
-    shape = _input_shape(fn, input_shape, g)
-    flags, div = _avg_flags_divisor(fn, count_include_pad, divisor_override)
-    dummy = np.empty(shape[-2:], dtype=np.float32)  # geometry only needs the shape
-    oh, ow, window = _regular_geometry(fn, dummy, kernel_size, stride, padding, 1, ceil_mode)
-    if (oh, ow) != tuple(g.shape[-2:]):
-        raise RuntimeError(f"{fn}: grad_output has spatial shape {tuple(g.shape[-2:])}, but the "
-                           f"forward of input_shape {shape} gives ({oh}, {ow})")
-    gx = _empty(g, shape)
-    launch(_AVG, True, g, gx, None, _geometry(shape, oh, ow, window, flags, div, code), device)
-    return gx
+    return _avg_backward("avg_pool2d_backward", grad_output, input_shape,
+                         (kernel_size, stride, padding, ceil_mode, count_include_pad,
+                          divisor_override), out)
 
 
 # ---- adaptive pooling -------------------------------------------------------------------------
@@ -386,13 +536,12 @@ def _adaptive_size(fn, x, output_size):
     return oh, ow
 
 
-def adaptive_pool2d_prepare(fn, input, output_size):
-    """Validates and returns (contiguous input, output shape, Pool2dParams, device, int32-index
-    Pool2dParams or None) as max_pool2d_prepare does."""
+def _adaptive_geometry(fn, input, output_size):
+    """(output shape, Pool2dParams, int32-index Pool2dParams or None, device) as _max_geometry."""
     key = _cache_key(fn, input, (output_size,))
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None:
-        return (_contiguous(input),) + hit
+        return hit
     if (isinstance(output_size, (tuple, list)) and hasattr(input, "ndim")
             and input.ndim <= len(output_size)):
         # torch.nn.functional checks this first, in Python, with ValueError
@@ -401,58 +550,54 @@ def adaptive_pool2d_prepare(fn, input, output_size):
     x, code, device = _check_input(fn, input, empty_check="hw" if "avg" in fn else "all")
     oh, ow = _adaptive_size(fn, x, output_size)
     shape = tuple(x.shape)
-    return (x,) + _cache_put(key, (shape[:-2] + (oh, ow),
-                                   _geometry(shape, oh, ow, _NO_WINDOW, _ADAPTIVE, 0, code),
-                                   device,
-                                   _geometry(shape, oh, ow, _NO_WINDOW, _ADAPTIVE | _INDEX32, 0,
-                                             code) if device < 0 and "max" in fn else None))
+    return _cache_put(key, (shape[:-2] + (oh, ow),
+                            _geometry(shape, oh, ow, _NO_WINDOW, code, adaptive=True),
+                            _geometry(shape, oh, ow, _NO_WINDOW, code, adaptive=True,
+                                      index32=True) if device < 0 and "max" in fn else None,
+                            device))
 
 
-def adaptive_avg_pool2d(input, output_size):
+def adaptive_avg_pool2d(input, output_size, *, out=None):
     """torch.nn.functional.adaptive_avg_pool2d (output_size: int, or pair with None entries).
 
     >>> y = fastdl.ops.adaptive_avg_pool2d(np.random.rand(8, 512, 7, 7), 1)   # global pooling
     """
-    x, out_shape, params, device, _ = adaptive_pool2d_prepare("adaptive_avg_pool2d", input,
-                                                              output_size)
-    y = _empty(x, out_shape)
-    launch(_AVG, False, x, y, None, params, device)
+    out_shape, params, _, device = _adaptive_geometry("adaptive_avg_pool2d", input, output_size)
+    x = _tensor.contiguous(input)
+    y = _output("adaptive_avg_pool2d", x, out_shape, out, (x,))
+    _C.avg_pool2d_forward(params, _ptr(x), _ptr(y), device, _stream(device))
     return y
 
 
-def adaptive_avg_pool2d_backward(grad_output, input_shape):
-    """Gradient of adaptive_avg_pool2d (a new array of input_shape).
+def adaptive_avg_pool2d_backward(grad_output, input_shape, *, out=None):
+    """Gradient of adaptive_avg_pool2d (a new array of input_shape, or `out`).
 
     >>> gx = fastdl.ops.adaptive_avg_pool2d_backward(gy, x.shape)
     """
-    fn = "adaptive_avg_pool2d_backward"
-    g, code, device = _check_grad_tensor(fn, grad_output)
-    shape = _input_shape(fn, input_shape, g)
-    gx = _empty(g, shape)
-    params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, _ADAPTIVE, 0, code)
-    launch(_AVG, True, g, gx, None, params, device)
-    return gx
+    return _avg_backward("adaptive_avg_pool2d_backward", grad_output, input_shape, None, out)
 
 
-def adaptive_max_pool2d(input, output_size, return_indices=False):
+def adaptive_max_pool2d(input, output_size, return_indices=False, *, index_dtype=None,
+                        out=None):
     """torch.nn.functional.adaptive_max_pool2d on a numpy array or torch tensor (no autograd).
+    index_dtype and out as for max_pool2d.
 
     >>> y, idx = fastdl.ops.adaptive_max_pool2d(x, (5, None), return_indices=True)
     """
-    x, out_shape, params, device, _ = adaptive_pool2d_prepare("adaptive_max_pool2d", input,
-                                                              output_size)
-    y = _empty(x, out_shape)
-    idx = _empty(x, out_shape, index=True) if return_indices else None
-    launch(_MAX, False, x, y, idx, params, device)
-    return (y, idx) if return_indices else y
+    fn = "adaptive_max_pool2d"
+    out_shape, params, params32, device = _adaptive_geometry(fn, input, output_size)
+    return _max_forward(fn, _tensor.contiguous(input), out_shape, params, params32, device,
+                        return_indices, index_dtype, out)
 
 
-def adaptive_max_pool2d_backward(grad_output, indices, input_shape):
-    """Gradient of adaptive_max_pool2d (same as max_pool2d_backward).
+def adaptive_max_pool2d_backward(grad_output, indices, input_shape, *, out=None):
+    """Gradient of adaptive_max_pool2d: grad_output summed into a new array of input_shape at
+    indices (int64, or int32 from index_dtype=int32), or into `out`.
 
     >>> gx = fastdl.ops.adaptive_max_pool2d_backward(gy, idx, x.shape)
     """
-    return max_pool2d_backward(grad_output, indices, input_shape)
+    return _max_backward("adaptive_max_pool2d_backward", grad_output, indices, input_shape, None,
+                         True, out)
 
 
 # ---- max_unpool2d -----------------------------------------------------------------------------
@@ -478,7 +623,12 @@ def unpool_output_size(fn, in_shape, kernel, stride, padding, output_size):
     return tuple(out)
 
 
-def max_unpool2d_prepare(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+def _unpool_geometry(input, indices, kernel_size, stride, padding, output_size):
+    """(output shape, Pool2dParams, device) of a validated max_unpool2d call."""
+    key = _cache_key("unpool", input, (kernel_size, stride, padding, output_size), indices)
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is not None:
+        return hit
     fn = "max_unpool2d"
     if not (isinstance(input, np.ndarray) or _tensor.is_torch(input)):
         raise TypeError(f"{fn}: expected input to be a numpy array or a torch tensor, got "
@@ -487,47 +637,60 @@ def max_unpool2d_prepare(input, indices, kernel_size, stride=None, padding=0, ou
         raise RuntimeError(f"{fn}: expected input with 3 or 4 dims, got a tensor with "
                            f"{input.ndim} dimensions")
     x, code, device = _check_input(fn, input, empty_check="none")
-    indices = _check_indices(fn, indices, x, "input", device)
+    _check_indices(fn, indices, x, "input", device)
     kernel = _ints(fn, "kernel_size", kernel_size)
     st = _ints(fn, "stride", stride, default=kernel)
     pad = _ints(fn, "padding", padding)
     oh, ow = unpool_output_size(fn, x.shape, kernel, st, pad, output_size)
     shape = tuple(x.shape)
     # The kernel sees the pooled tensor as "in" and the unpooled one as "out".
-    params = _geometry(shape, oh, ow, _NO_WINDOW, 0, 0, code)
-    return x, indices, shape[:-2] + (oh, ow), params, device
+    return _cache_put(key, (shape[:-2] + (oh, ow), _geometry(shape, oh, ow, _NO_WINDOW, code),
+                            device))
 
 
-def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None, *,
+                 out=None):
     """torch.nn.functional.max_unpool2d: zeros of the unpooled shape with input written at
     indices. An index outside the output plane raises RuntimeError.
 
     >>> y, idx = fastdl.ops.max_pool2d(x, 2, return_indices=True)
     >>> x2 = fastdl.ops.max_unpool2d(y, idx, 2)
     """
-    x, idx, out_shape, params, device = max_unpool2d_prepare(input, indices, kernel_size,
-                                                             stride, padding, output_size)
-    y = _empty(x, out_shape)
-    launch(_UNPOOL, False, x, y, idx, params, device)
+    out_shape, params, device = _unpool_geometry(input, indices, kernel_size, stride, padding,
+                                                 output_size)
+    x, idx = _tensor.contiguous(input), _tensor.contiguous(indices)
+    y = _output("max_unpool2d", x, out_shape, out, (x, idx))
+    _C.max_unpool2d_forward(params, _ptr(x), _ptr(idx), _ptr(y),
+                            device, _stream(device))
     return y
 
 
-def max_unpool2d_backward(grad_output, indices):
-    """Gradient of max_unpool2d with respect to its input: grad_output gathered at indices.
+def max_unpool2d_backward(grad_output, indices, *, out=None):
+    """Gradient of max_unpool2d with respect to its input: grad_output gathered at indices (a new
+    array of indices' shape, or `out`).
 
     >>> gx = fastdl.ops.max_unpool2d_backward(gy, idx)
     """
     fn = "max_unpool2d_backward"
-    g, code, device = _check_grad_tensor(fn, grad_output)
-    if _tensor.kind(indices) != _tensor.kind(g) or _tensor.dtype_code(indices) != _tensor.INT64:
-        raise RuntimeError(f"{fn}: expected int64 indices like grad_output, got "
-                           f"{_tensor.describe(indices)}")
-    if indices.ndim != g.ndim or tuple(indices.shape[:-2]) != tuple(g.shape[:-2]):
-        raise RuntimeError(f"{fn}: indices of shape {tuple(indices.shape)} do not match "
-                           f"grad_output of shape {tuple(g.shape)}")
-    indices = _tensor.contiguous(indices)
-    shape = tuple(indices.shape)
-    gx = _empty(g, shape)
-    params = _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW, 0, 0, code)
-    launch(_UNPOOL, True, g, gx, indices, params, device)
+    key = _cache_key(fn, grad_output, (), indices)
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is None:
+        g, code, device = _check_grad_tensor(fn, grad_output)
+        if (_tensor.kind(indices) != _tensor.kind(g)
+                or _tensor.dtype_code(indices) != _tensor.INT64):
+            raise RuntimeError(f"{fn}: expected int64 indices like grad_output, got "
+                               f"{_tensor.describe(indices)}")
+        if indices.ndim != g.ndim or tuple(indices.shape[:-2]) != tuple(g.shape[:-2]):
+            raise RuntimeError(f"{fn}: indices of shape {tuple(indices.shape)} do not match "
+                               f"grad_output of shape {tuple(g.shape)}")
+        if _tensor.device_index(indices) != device:
+            raise RuntimeError(f"{fn}: indices and grad_output are on different devices")
+        shape = tuple(indices.shape)
+        hit = _cache_put(key, (shape, _geometry(shape, g.shape[-2], g.shape[-1], _NO_WINDOW,
+                                                code), device))
+    shape, params, device = hit
+    g, idx = _tensor.contiguous(grad_output), _tensor.contiguous(indices)
+    gx = _output(fn, g, shape, out, (g, idx))
+    _C.max_unpool2d_backward(params, _ptr(g), _ptr(idx), _ptr(gx),
+                             device, _stream(device))
     return gx

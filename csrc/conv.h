@@ -1,0 +1,51 @@
+// 2-D convolution (torch.nn.functional.conv2d), forward and backward: the param struct and the
+// entry points of both back ends, declared once so they cannot drift apart.
+// Layout: contiguous NCHW input x (N, C, H, W), weight w (K, C/groups, kh, kw), bias (K,),
+// output y (N, K, OH, OW). Output (oh, ow) reads input rows oh*sh - ph + i*dh and columns
+// ow*sw - pw + j*dw (i < kh, j < kw); taps outside [0, H) x [0, W) read zero. OH and OW are given
+// by the caller, so asymmetric padding (padding='same' with an even kernel) is a larger OH/OW with
+// the same top/left padding. conv_transpose2d is the input gradient of a convolution, and conv1d
+// a convolution with H = 1.
+#pragma once
+#include "common.h"
+
+namespace fastdl {
+
+// Algorithms (fastdl.ops.set_conv_algorithm / FASTDL_CONV_ALGO). A forced algorithm that does not
+// serve a shape (Winograd on a 5x5 kernel) falls back to the automatic choice for that call.
+enum class ConvAlgo : int {
+  Auto = 0,
+  Reference = 1,  // plain loops, double accumulation: the yardstick for the tests
+  Gemm = 2,       // im2col in bounded spatial chunks + fastdl's GEMM; 1x1 stride 1 reads x in place
+  Direct = 3,     // row-vectorised direct loops: depthwise, and few input channels per group
+  Winograd = 4,   // F(2x2, 3x3) for 3x3, stride 1, dilation 1
+};
+
+struct Conv2dParams {
+  int64_t n = 0, c = 0, h = 0, w = 0;  // input
+  int64_t k = 0, oh = 0, ow = 0;       // output channels and size
+  int64_t kh = 1, kw = 1, sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t groups = 1;
+  DType dtype = DType::Float32;
+  ConvAlgo algo = ConvAlgo::Auto;
+};
+
+// Checks sizes for consistency (FASTDL_CHECK); shared by both back ends.
+void check_conv2d_params(const Conv2dParams& p);
+
+// Passes, for conv2d_algorithm_cpu.
+enum class ConvPass : int { Forward = 0, BackwardInput = 1, BackwardWeight = 2 };
+
+// CPU: float32 and float64, on fastdl's thread count (csrc/cpu/conv*.cpp).
+// y = conv(x, w) + bias (bias may be null); y fully written.
+void conv2d_forward_cpu(const Conv2dParams& p, const void* x, const void* w, const void* bias,
+                        void* y);
+// gx (N, C, H, W) = gradient of sum(gy * y) with respect to x; fully written.
+void conv2d_backward_input_cpu(const Conv2dParams& p, const void* gy, const void* w, void* gx);
+// gw (K, C/groups, kh, kw) and gb (K,) fully written; either may be null (not computed).
+void conv2d_backward_weight_cpu(const Conv2dParams& p, const void* x, const void* gy, void* gw,
+                                void* gb);
+// The algorithm the CPU runs for this pass (p.algo forced or automatic), for tests and benchmarks.
+ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass);
+
+}  // namespace fastdl

@@ -1,0 +1,110 @@
+// Internal to the CPU convolution files (csrc/cpu/conv*.cpp), compiled once per ISA inside
+// fastdl::FASTDL_ISA_NS: the per-algorithm kernels that csrc/cpu/conv.cpp dispatches to, and the
+// small helpers they share. Pointers are typed; params are already checked.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include <exception>
+
+#include "../conv.h"
+#include "../gemm.h"
+#include "../parallel.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+// fastdl's GEMM of this ISA (csrc/cpu/gemm.cpp). Inside an OpenMP region it runs single-threaded.
+void gemm(const GemmParams& p, const void* a, const void* b, void* c);
+
+// parallel_for whose body may throw (a scratch allocation): the first exception is carried out of
+// the OpenMP region and rethrown on the calling thread (one escaping a region ends the process).
+template <class F>
+void parallel_for_catch(int64_t n, int64_t grain, const F& f) {
+  std::exception_ptr error;
+  parallel_for(n, grain, [&](int64_t lo, int64_t hi) {
+    try {
+      f(lo, hi);
+    } catch (...) {
+#pragma omp critical(fastdl_conv_error)
+      if (!error) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
+// Items per thread so that each thread gets at least kMinWork multiply-adds: waking a second
+// thread for less costs more than it saves (a 2x6x6x5 conv: 40 us on one thread, 0.4-13 ms on
+// two on a loaded 2-core machine).
+constexpr int64_t kMinWork = int64_t(1) << 16;
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
+}
+
+// Output columns ow in [lo, hi) whose input column ow*s - pad + off lies in [0, in).
+inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t off, int64_t& lo,
+                        int64_t& hi) {
+  const int64_t shift = off - pad;  // input column = ow*s + shift
+  lo = shift >= 0 ? 0 : (-shift + s - 1) / s;
+  hi = in - 1 - shift < 0 ? 0 : (in - 1 - shift) / s + 1;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
+}
+
+template <class T>
+void conv_reference_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_reference_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_reference_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+
+template <class T>
+void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+
+template <class T>
+void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+
+// The input gradient of a stride-1 convolution is a stride-1 convolution of gy: in and out
+// channels swapped, the kernel flipped, padding d*(k-1) - p (possibly negative: every kernel's
+// loads are bound-checked), output size H x W. These build its params and weight
+// wf (C, K/groups, kh, kw): wf[g*cg + cc][kk] = w[g*kg + kk][cc] rotated by 180 degrees.
+inline Conv2dParams input_grad_as_forward(const Conv2dParams& p) {
+  Conv2dParams q = p;
+  q.c = p.k;
+  q.h = p.oh;
+  q.w = p.ow;
+  q.k = p.c;
+  q.oh = p.h;
+  q.ow = p.w;
+  q.ph = p.dh * (p.kh - 1) - p.ph;
+  q.pw = p.dw * (p.kw - 1) - p.pw;
+  return q;
+}
+
+template <class T>
+void flip_weights(const Conv2dParams& p, const T* w, T* wf) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t cc = 0; cc < cg; ++cc)
+      for (int64_t kk = 0; kk < kg; ++kk)
+        for (int64_t e = 0; e < taps; ++e)
+          wf[((g * cg + cc) * kg + kk) * taps + e] = w[((g * kg + kk) * cg + cc) * taps + (taps - 1 - e)];
+}
+
+// Winograd F(2x2, 3x3): 3x3 kernels, stride 1, dilation 1 (conv_winograd.cpp).
+bool winograd_serves(const Conv2dParams& p);
+template <class T>
+void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl

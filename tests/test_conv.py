@@ -1,0 +1,481 @@
+"""Convolution (conv2d, conv1d, conv_transpose2d; fastdl.ops, fastdl.nn.functional, fastdl.nn)
+against torch: a seeded random sweep of geometries under every algorithm and both CPU builds,
+outputs and every gradient; gradcheck; numpy in/out; every element written; channels_last and
+unbatched inputs; padding modes; state_dict round trips; exception parity."""
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastdl
+import fastdl.nn as fnn
+import fastdl.nn.functional as F
+from fastdl.ops import conv as ops_conv
+from helpers import assert_close
+
+ALGOS = ["auto", "gemm", "direct", "winograd", "reference"]
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.fixture
+def where(device, cpu_path):
+    if device == "cuda":
+        pytest.skip("fastdl's convolution has no CUDA kernels yet")
+    return device
+
+
+@pytest.fixture(params=ALGOS)
+def algo(request):
+    """Forces one algorithm for the test, restoring the choice after."""
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm(request.param)
+    yield request.param
+    fastdl.ops.set_conv_algorithm(before)
+
+
+def conv_configs(n, seed):
+    """Random valid conv2d geometries: batch 1-8, channels 1-64 with groups dividing them
+    (depthwise and channel multipliers included), kernels 1-7 (non-square), stride 1-3, padding
+    int/tuple/'same'/'valid', dilation 1-3, spatial sizes down to the smallest valid."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        g = rng.choice([1, 1, 1, 2, 3, 4])
+        cg, kg = rng.choice([1, 1, 2, 3, 5, 8]), rng.choice([1, 2, 3, 4])
+        if rng.random() < 0.2:  # depthwise with a multiplier
+            cg, g = 1, rng.choice([3, 7, 16])
+        kh, kw = rng.randint(1, 7), rng.randint(1, 7)
+        if rng.random() < 0.4:
+            kw = kh
+        s = (rng.randint(1, 3), rng.randint(1, 3))
+        d = (rng.randint(1, 3), rng.randint(1, 3)) if rng.random() < 0.4 else (1, 1)
+        r = rng.random()
+        if r < 0.15 and s == (1, 1):
+            pad = "same"
+        elif r < 0.25:
+            pad = "valid"
+        else:
+            pad = (rng.randint(0, kh), rng.randint(0, kw))
+        ext_h, ext_w = d[0] * (kh - 1) + 1, d[1] * (kw - 1) + 1
+        small = rng.random() < 0.3
+        h = ext_h if small else ext_h + rng.randint(0, 12)
+        w = ext_w if small else ext_w + rng.randint(0, 12)
+        nb = rng.choice([1, 1, 2, 3, 8])
+        shape = (nb, cg * g, h, w)
+        if rng.random() < 0.15:
+            shape = shape[1:]
+        kwargs = dict(stride=s, padding=pad, dilation=d, groups=g)
+        if rng.random() < 0.3 and pad not in ("same", "valid"):
+            kwargs = dict(stride=s[0], padding=pad[0], dilation=d[0], groups=g)
+            kw = kh
+        wshape = (kg * g, cg, kh, kw)
+        try:
+            TF.conv2d(torch.zeros(shape), torch.zeros(wshape), **kwargs)
+        except RuntimeError:
+            continue
+        out.append((shape, wshape, rng.random() < 0.7, kwargs))
+    return out
+
+
+def run_conv_case(dtype, shape, wshape, bias, kwargs, seed, what=""):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    w = torch.empty(wshape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    b = torch.empty(wshape[0], dtype=dtype).uniform_(-1, 1, generator=gen) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    a = [t.clone().requires_grad_() for t in leaves]
+    r = [t.clone().requires_grad_() for t in leaves]
+    ya = F.conv2d(a[0], a[1], a[2] if bias else None, **kwargs)
+    yb = TF.conv2d(r[0], r[1], r[2] if bias else None, **kwargs)
+    case = f"conv2d x={shape} w={wshape} bias={bias} {kwargs} {dtype} seed={seed} {what}"
+    assert ya.shape == yb.shape, case
+    taps = wshape[1] * wshape[2] * wshape[3]
+    assert_close(ya, yb, reduction=taps, what=case)
+    gy = torch.randn(yb.shape, generator=gen, dtype=dtype)
+    ya.backward(gy)
+    yb.backward(gy)
+    kg = wshape[0] // kwargs["groups"]
+    assert_close(a[0].grad, r[0].grad, reduction=kg * wshape[2] * wshape[3],
+                 what=f"grad_input: {case}")
+    per_pixel = yb.numel() // wshape[0]
+    assert_close(a[1].grad, r[1].grad, reduction=per_pixel, what=f"grad_weight: {case}")
+    if bias:
+        assert_close(a[2].grad, r[2].grad, reduction=per_pixel, what=f"grad_bias: {case}")
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_conv2d_sweep(where, cpu_path, algo, chunk):
+    for dtype in DTYPES:
+        for i, (shape, wshape, bias, kw) in enumerate(conv_configs(12, seed=10 + chunk)):
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=100 * chunk + i, what=f"algo={algo}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FASTDL_SLOW_TESTS"),
+                    reason="larger sweep (about a minute per algorithm): set FASTDL_SLOW_TESTS=1")
+@pytest.mark.parametrize("chunk", range(8))
+def test_conv2d_sweep_large(cpu_path, algo, chunk):
+    for i, (shape, wshape, bias, kw) in enumerate(conv_configs(40, seed=1000 + chunk)):
+        run_conv_case(torch.float32, shape, wshape, bias, kw, seed=chunk * 1000 + i)
+
+
+# Shapes each algorithm is chosen for, and the issue's benchmark shapes scaled down.
+SERVED = [((2, 1, 28, 28), (32, 1, 3, 3), {}),                                 # first layer
+          ((2, 3, 17, 19), (8, 3, 5, 5), dict(stride=2, padding=2)),            # few channels
+          ((2, 32, 13, 13), (64, 32, 3, 3), {}),                               # general 3x3
+          ((2, 16, 14, 14), (32, 16, 1, 1), {}),                               # 1x1 in place
+          ((3, 16, 9, 9), (8, 16, 1, 1), dict(stride=2)),                      # 1x1 strided
+          ((2, 24, 11, 11), (24, 1, 3, 3), dict(padding=1, groups=24)),        # depthwise
+          ((2, 8, 10, 10), (24, 1, 3, 3), dict(padding=1, groups=8)),          # multiplier 3
+          ((1, 64, 15, 15), (64, 64, 3, 3), dict(padding=1)),                  # one image
+          ((2, 16, 14, 14), (16, 16, 3, 3), dict(stride=2, padding=1))]        # strided
+
+
+@pytest.mark.parametrize("case", range(len(SERVED)))
+def test_conv2d_served_shapes(cpu_path, algo, case):
+    shape, wshape, kw = SERVED[case]
+    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
+    run_conv_case(torch.float32, shape, wshape, True, kw, seed=case, what=f"algo={algo}")
+
+
+def test_auto_choice():
+    x = np.zeros((2, 32, 12, 12), np.float32)
+    assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32) == "direct"
+    assert ops_conv.conv2d_algorithm(x[:, :1], np.zeros((32, 1, 3, 3), np.float32)) == "direct"
+    assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 3, 3), np.float32)) == "gemm"
+    assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 1, 1), np.float32)) == "gemm"
+
+
+def test_set_conv_algorithm_errors():
+    with pytest.raises(ValueError, match="set_conv_algorithm"):
+        fastdl.ops.set_conv_algorithm("fastest")
+    assert fastdl.ops.get_conv_algorithm() == "auto"
+
+
+def test_env_var_forces_algorithm():
+    code = ("import numpy as np, fastdl; from fastdl.ops import conv;"
+            "x = np.zeros((1, 32, 8, 8), np.float32); w = np.zeros((8, 32, 3, 3), np.float32);"
+            "print(fastdl.ops.get_conv_algorithm(), conv.conv2d_algorithm(x, w))")
+    env = dict(os.environ, FASTDL_CONV_ALGO="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["reference", "reference"]
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_conv_transpose2d_sweep(where, cpu_path, algo, chunk):
+    rng = random.Random(chunk)
+    done = 0
+    while done < 10:
+        g = rng.choice([1, 1, 2, 3])
+        cin, coutg = g * rng.randint(1, 4), rng.randint(1, 4)
+        kh, kw = rng.randint(1, 5), rng.randint(1, 5)
+        s, d = (rng.randint(1, 3), rng.randint(1, 3)), (rng.randint(1, 2), rng.randint(1, 2))
+        p = (rng.randint(0, 2), rng.randint(0, 2))
+        op = (rng.randint(0, max(s[0], d[0]) - 1), rng.randint(0, max(s[1], d[1]) - 1))
+        shape = (rng.randint(1, 3), cin, rng.randint(1, 9), rng.randint(1, 9))
+        if rng.random() < 0.2:
+            shape = shape[1:]
+        kwargs = dict(stride=s, padding=p, output_padding=op, groups=g, dilation=d)
+        x = torch.randn(shape, dtype=torch.float64)
+        w = torch.randn(cin, coutg, kh, kw, dtype=torch.float64)
+        b = torch.randn(coutg * g, dtype=torch.float64)
+        try:
+            yb = TF.conv_transpose2d(x, w, b, **kwargs)
+        except RuntimeError:
+            continue
+        xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        ya = F.conv_transpose2d(xa, wa, ba, **kwargs)
+        yb = TF.conv_transpose2d(xr, wr, br, **kwargs)
+        case = f"conv_transpose2d x={shape} w={tuple(w.shape)} {kwargs}"
+        assert_close(ya, yb, reduction=64, what=case)
+        gy = torch.randn_like(yb)
+        ya.backward(gy)
+        yb.backward(gy)
+        for name, u, v in (("input", xa, xr), ("weight", wa, wr), ("bias", ba, br)):
+            assert_close(u.grad, v.grad, reduction=yb.numel(), what=f"grad {name}: {case}")
+        done += 1
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2, padding=1), dict(padding="same", dilation=2),
+                                dict(groups=3, padding="valid"), dict(stride=(3,), dilation=(2,))])
+def test_conv1d(cpu_path, kw):
+    x, w = torch.randn(3, 6, 23), torch.randn(9, 6 // kw.get("groups", 1), 4)
+    b = torch.randn(9)
+    xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ya, yb = F.conv1d(xa, wa, ba, **kw), TF.conv1d(xr, wr, br, **kw)
+    assert_close(ya, yb, reduction=24)
+    gy = torch.randn_like(yb)
+    ya.backward(gy)
+    yb.backward(gy)
+    for u, v in ((xa, xr), (wa, wr), (ba, br)):
+        assert_close(u.grad, v.grad, reduction=yb.numel())
+    assert_close(F.conv1d(x[0], w, b, **kw), TF.conv1d(x[0], w, b, **kw), reduction=24)
+
+
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd"])
+def test_gradcheck(cpu_path, algo_name):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm(algo_name)
+    try:
+        d = torch.float64
+        x = torch.randn(2, 4, 6, 5, dtype=d, requires_grad=True)
+        w = torch.randn(6, 2, 3, 2, dtype=d, requires_grad=True)
+        b = torch.randn(6, dtype=d, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: F.conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                                     groups=2), (x, w, b))
+        wt = torch.randn(4, 3, 3, 3, dtype=d, requires_grad=True)
+        bt = torch.randn(3, dtype=d, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1),
+            (x, wt, bt))
+        x1 = torch.randn(2, 3, 9, dtype=d, requires_grad=True)
+        w1 = torch.randn(4, 3, 3, dtype=d, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w: F.conv1d(x, w, padding="same"), (x1, w1))
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_in_out(cpu_path, dtype):
+    x = np.random.uniform(-1, 1, (2, 6, 11, 9)).astype(dtype)
+    w = np.random.uniform(-1, 1, (4, 3, 3, 2)).astype(dtype)
+    b = np.random.uniform(-1, 1, 4).astype(dtype)
+    y = fastdl.ops.conv2d(x, w, b, stride=2, padding=1, groups=2)
+    assert isinstance(y, np.ndarray) and y.dtype == dtype
+    tx, tw, tb = (torch.from_numpy(a).requires_grad_() for a in (x, w, b))
+    ty = TF.conv2d(tx, tw, tb, stride=2, padding=1, groups=2)
+    assert_close(torch.from_numpy(y), ty, reduction=18)
+    gy = np.random.uniform(-1, 1, y.shape).astype(dtype)
+    gx, gw, gb = fastdl.ops.conv2d_backward(gy, x, w, stride=2, padding=1, groups=2)
+    ty.backward(torch.from_numpy(gy))
+    for u, v in ((gx, tx), (gw, tw), (gb, tb)):
+        assert isinstance(u, np.ndarray)
+        assert_close(torch.from_numpy(u), v.grad, reduction=y.size)
+    only_w = fastdl.ops.conv2d_backward(gy, x, w, stride=2, padding=1, groups=2,
+                                        output_mask=(False, True, False))
+    assert only_w[0] is None and only_w[2] is None
+    np.testing.assert_array_equal(only_w[1], gw)
+    wt = np.random.uniform(-1, 1, (6, 2, 3, 2)).astype(dtype)
+    yt = fastdl.ops.conv_transpose2d(x, wt, stride=2, groups=2)
+    assert isinstance(yt, np.ndarray)
+    assert_close(torch.from_numpy(yt), TF.conv_transpose2d(
+        torch.from_numpy(x), torch.from_numpy(wt), stride=2, groups=2), reduction=18)
+
+
+def test_numpy_without_torch():
+    code = ("import sys, numpy as np, fastdl;"
+            "y = fastdl.ops.conv2d(np.ones((1, 2, 5, 5), np.float32), np.ones((3, 2, 3, 3), np.float32));"
+            "assert 'torch' not in sys.modules; print(float(y.sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) == 3 * 9 * 18.0
+
+
+@pytest.mark.parametrize("algo_name", ["reference", "gemm", "direct", "winograd"])
+def test_every_element_written(cpu_path, algo_name):
+    """Outputs filled with NaN before each kernel pass come back free of NaN."""
+    for shape, wshape, kw in SERVED + [((2, 4, 7, 6), (6, 2, 3, 2),
+                                        dict(stride=(2, 3), padding=(2, 1), groups=2))]:
+        kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
+        x, w = np.random.rand(*shape).astype(np.float32), np.random.rand(*wshape).astype(np.float32)
+        b = np.random.rand(wshape[0]).astype(np.float32)
+        geo = ops_conv.conv2d_prepare(x, w, b, **kw)
+        code = ops_conv.ALGORITHMS[algo_name]
+        y = np.full(geo.y_shape, np.nan, np.float32)
+        fastdl._C.conv2d(0, x, w, b, y, geo.params, code, -1, 0)
+        gx = np.full(geo.x_shape, np.nan, np.float32)
+        fastdl._C.conv2d(1, y, w, None, gx, geo.params, code, -1, 0)
+        gw = np.full(geo.w_shape, np.nan, np.float32)
+        gb = np.full(wshape[0], np.nan, np.float32)
+        fastdl._C.conv2d(2, x, y, gw, gb, geo.params, code, -1, 0)
+        for name, a in (("y", y), ("gx", gx), ("gw", gw), ("gb", gb)):
+            assert not np.isnan(a).any(), f"{name} not fully written: {shape} {wshape} {kw}"
+
+
+def test_channels_last_and_noncontiguous(cpu_path):
+    x = torch.randn(2, 8, 10, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 8, 3, 3)
+    for xx, ww in ((x, w), (x.contiguous(), w.contiguous(memory_format=torch.channels_last))):
+        ya, yb = F.conv2d(xx, ww, padding=1), TF.conv2d(xx, ww, padding=1)
+        assert_close(ya, yb, reduction=72)
+        assert ya.is_contiguous(memory_format=torch.channels_last) == \
+            yb.is_contiguous(memory_format=torch.channels_last)
+        assert ya.stride() == yb.stride()
+    xs = torch.randn(2, 8, 20, 9)[:, :, ::2]  # strided view
+    assert_close(F.conv2d(xs, w), TF.conv2d(xs, w), reduction=72)
+    xt = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    wt = torch.randn(6, 4, 3, 3)
+    ya, yb = F.conv_transpose2d(xt, wt, stride=2), TF.conv_transpose2d(xt, wt, stride=2)
+    assert_close(ya, yb, reduction=54)
+    assert ya.stride() == yb.stride()
+
+
+def test_empty_and_unbatched(cpu_path):
+    w, b = torch.randn(5, 3, 3, 3), torch.randn(5)
+    for shape in [(0, 3, 8, 8), (3, 8, 8)]:
+        x = torch.randn(shape, requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        ya, yb = F.conv2d(x, w, b), TF.conv2d(xr, w, b)
+        assert ya.shape == yb.shape
+        assert_close(ya, yb, reduction=27)
+        ya.sum().backward()
+        yb.sum().backward()
+        assert_close(x.grad, xr.grad, reduction=45)
+    # No input channels (weight (K, 0, kh, kw)): fastdl returns the bias broadcast to
+    # (N, K, OH, OW), the value of an empty sum; torch 2.13 returns a (N, 0, OH, OW) tensor there.
+    x0, w0 = torch.randn(2, 0, 6, 6), torch.randn(4, 0, 3, 3)
+    y0 = F.conv2d(x0, w0, b[:4])
+    assert y0.shape == (2, 4, 4, 4)
+    assert torch.equal(y0, b[:4].reshape(1, 4, 1, 1).expand(2, 4, 4, 4))
+
+
+def test_threads_agree(cpu_path):
+    x, w = torch.randn(4, 16, 13, 13), torch.randn(24, 16, 3, 3)
+    gy = torch.randn(4, 24, 11, 11)
+    before = fastdl.get_num_threads()
+    try:
+        res = []
+        for t in (1, 2, 3):
+            fastdl.set_num_threads(t)
+            res.append((fastdl.ops.conv2d(x, w),) + fastdl.ops.conv2d_backward(gy, x, w))
+    finally:
+        fastdl.set_num_threads(before)
+    for r in res[1:]:
+        for u, v in zip(r, res[0]):
+            assert_close(u, v, reduction=4 * 121)
+
+
+PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
+
+
+@pytest.mark.parametrize("mode", PADDING_MODES)
+@pytest.mark.parametrize("padding", [1, (2, 1), "same", "valid"])
+def test_conv2d_module_padding_modes(cpu_path, mode, padding):
+    ours = fnn.Conv2d(4, 6, (3, 4), padding=padding, padding_mode=mode, dilation=(1, 2) if padding == "same" else 1)
+    theirs = torch.nn.Conv2d(4, 6, (3, 4), padding=padding, padding_mode=mode,
+                             dilation=(1, 2) if padding == "same" else 1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 9, 11)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert_close(ya, yb, reduction=48)
+    ya.backward(torch.ones_like(ya))
+    yb.backward(torch.ones_like(yb))
+    assert_close(xa.grad, xb.grad, reduction=48)
+    assert_close(ours.weight.grad, theirs.weight.grad, reduction=ya.numel())
+
+
+@pytest.mark.parametrize("cls,args,kw,xshape", [
+    ("Conv2d", (6, 9, 3), dict(stride=2, padding=1, groups=3), (2, 6, 11, 10)),
+    ("Conv2d", (4, 8, (1, 3)), dict(bias=False, dilation=2), (3, 4, 8, 9)),
+    ("Conv1d", (4, 6, 5), dict(padding="same", padding_mode="circular"), (2, 4, 17)),
+    ("ConvTranspose2d", (6, 4, 4), dict(stride=2, padding=1, groups=2), (2, 6, 7, 7)),
+    ("ConvTranspose2d", (3, 5, (2, 3)), dict(output_padding=(0, 1), stride=(1, 2), dilation=2), (1, 3, 5, 6)),
+])
+def test_modules_state_dict_both_ways(cpu_path, cls, args, kw, xshape):
+    ours = getattr(fnn, cls)(*args, **kw)
+    theirs = getattr(torch.nn, cls)(*args, **kw)
+    assert repr(ours) == repr(theirs)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in theirs.parameters()]
+    x = torch.randn(xshape)
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(ours(x), ours(x))
+    assert_close(ours(x), theirs(x), reduction=64)
+    fresh = getattr(torch.nn, cls)(*args, **kw)
+    ours.load_state_dict(fresh.state_dict())
+    assert_close(ours(x), fresh(x), reduction=64)
+    # torch's initialisation bounds: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+    m = getattr(fnn, cls)(*args, **kw)
+    fan_in = m.weight[0].numel()
+    assert float(m.weight.detach().abs().max()) <= 1 / fan_in ** 0.5 + 1e-7
+    assert m.weight.dtype == torch.float32
+    m64 = getattr(fnn, cls)(*args, dtype=torch.float64, **kw)
+    assert m64.weight.dtype == torch.float64
+    ref64 = getattr(torch.nn, cls)(*args, dtype=torch.float64, **kw)
+    ref64.load_state_dict(m64.state_dict())
+    assert_close(m64(x.double()), ref64(x.double()), reduction=64)
+
+
+def test_conv_transpose2d_output_size():
+    ours, theirs = fnn.ConvTranspose2d(4, 3, 3, stride=2), torch.nn.ConvTranspose2d(4, 3, 3, stride=2)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 4, 6, 6)
+    for size in [(13, 13), (14, 14), [1, 3, 14, 13]]:
+        assert_close(ours(x, output_size=size), theirs(x, output_size=size), reduction=36)
+    with pytest.raises(ValueError):
+        theirs(x, output_size=(16, 16))
+    with pytest.raises(ValueError):
+        ours(x, output_size=(16, 16))
+
+
+def _x():
+    return torch.randn(2, 4, 8, 8)
+
+
+BAD = [  # (name, callable args for both F modules)
+    ("ndim 2", lambda F: F.conv2d(torch.randn(8, 8), torch.randn(6, 4, 3, 3))),
+    ("ndim 5", lambda F: F.conv2d(torch.randn(1, 2, 4, 8, 8), torch.randn(6, 4, 3, 3))),
+    ("channels not divisible", lambda F: F.conv2d(_x(), torch.randn(6, 1, 3, 3), groups=3)),
+    ("out channels not divisible", lambda F: F.conv2d(_x(), torch.randn(5, 2, 3, 3), groups=2)),
+    ("channel mismatch", lambda F: F.conv2d(_x(), torch.randn(6, 3, 3, 3))),
+    ("kernel too large", lambda F: F.conv2d(_x(), torch.randn(6, 4, 9, 9))),
+    ("kernel too large with dilation", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), dilation=4)),
+    ("negative padding", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding=-1)),
+    ("zero stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=0)),
+    ("zero dilation", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), dilation=0)),
+    ("zero groups", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), groups=0)),
+    ("same with stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding="same", stride=2)),
+    ("bad padding string", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), padding="full")),
+    ("dtype mismatch", lambda F: F.conv2d(_x().double(), torch.randn(6, 4, 3, 3))),
+    ("bias dtype", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), torch.randn(6).double())),
+    ("bias shape", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), torch.randn(5))),
+    ("stride length", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=(1, 1, 1))),
+    ("float stride", lambda F: F.conv2d(_x(), torch.randn(6, 4, 3, 3), stride=1.5)),
+    ("not a tensor", lambda F: F.conv2d([1.0], torch.randn(6, 4, 3, 3))),
+    ("empty weight", lambda F: F.conv2d(_x(), torch.randn(0, 4, 3, 3))),
+    ("conv1d ndim", lambda F: F.conv1d(torch.randn(2, 4, 8, 8), torch.randn(6, 4, 3))),
+    ("transpose output_padding", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), stride=2, output_padding=2)),
+    ("transpose groups", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), groups=3)),
+    ("transpose padding string", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), padding="same")),
+]
+
+
+@pytest.mark.parametrize("name,call", BAD, ids=[b[0] for b in BAD])
+def test_exception_parity(name, call):
+    with pytest.raises(Exception) as theirs:
+        call(TF)
+    with pytest.raises(Exception) as ours:
+        call(F)
+    assert isinstance(ours.value, type(theirs.value)), (
+        f"{name}: torch raised {type(theirs.value).__name__}, fastdl {type(ours.value).__name__}: "
+        f"{ours.value}")
+
+
+def test_unsupported_dtypes_and_messages():
+    with pytest.raises(NotImplementedError, match="float32 or float64"):
+        fastdl.ops.conv2d(np.ones((1, 2, 4, 4), np.int64), np.ones((1, 2, 3, 3), np.int64))
+    with pytest.raises(RuntimeError, match="weight"):
+        fastdl.ops.conv2d(np.ones((1, 2, 4, 4), np.float32), np.ones((1, 2, 3), np.float32))
+    with pytest.raises(RuntimeError, match="grad_output"):
+        fastdl.ops.conv2d_backward(np.ones((1, 1, 3, 3), np.float32),
+                                   np.ones((1, 2, 4, 4), np.float32),
+                                   np.ones((1, 2, 3, 3), np.float32))
+    with pytest.raises(TypeError, match="weight"):
+        fastdl.ops.conv2d(np.ones((1, 2, 4, 4), np.float32), torch.ones(1, 2, 3, 3))
+    with pytest.raises(ValueError):
+        fnn.Conv2d(4, 6, 3, groups=4)
+    with pytest.raises(ValueError):
+        fnn.Conv2d(4, 6, 3, padding_mode="mirror")
+    with pytest.raises(ValueError):
+        fnn.ConvTranspose2d(4, 6, 3, padding_mode="reflect")
+    with pytest.raises(ValueError):
+        fnn.Conv2d(4, 6, 3, padding="same", stride=2)
