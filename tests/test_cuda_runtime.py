@@ -98,6 +98,36 @@ def test_failed_cuda_step_changes_nothing(cuda_device, name, count):
 
 
 @needs_emulation
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_failed_first_sgd_step_leaves_no_state(cuda_device, nesterov):
+    """A first momentum step that raises creates no momentum buffer (it would be torch.empty
+    memory that the next step takes for history) and no cached entry: the next step is a first
+    step, as torch's."""
+    kw = dict(lr=0.1, momentum=0.9, nesterov=nesterov, dampening=0.0 if nesterov else 0.5)
+    ps = [torch.randn(7, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    ref_ps = [p.detach().clone().requires_grad_() for p in ps]
+    opt, ref = fo.SGD(ps, **kw), torch.optim.SGD(ref_ps, **kw)
+    for p, q in zip(ps, ref_ps):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    saved = [p.detach().clone() for p in ps]
+    _C.cuda_emulation_missing_kernel_image(True)
+    try:
+        with pytest.raises(RuntimeError, match="no kernel image"):
+            opt.step()
+    finally:
+        _C.cuda_emulation_missing_kernel_image(False)
+    assert all(torch.equal(p.detach(), s) for p, s in zip(ps, saved))
+    assert all(len(opt.state[p]) == 0 for p in ps), "a step that raised created state"
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, ref_ps):
+        assert_close(p.detach(), q.detach(), what="param")
+        assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], what="buf")
+
+
+@needs_emulation
 def test_failed_op_step_changes_nothing(cuda_device):
     params = [torch.randn(5) for _ in range(40)]
     grads = [torch.randn(5) for _ in range(40)]
