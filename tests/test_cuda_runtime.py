@@ -128,6 +128,20 @@ def test_failed_first_sgd_step_leaves_no_state(cuda_device, nesterov):
 
 
 @needs_emulation
+def test_single_tensor_op_steps_launch_cuda_kernels(cuda_device):
+    """The single-tensor shortcuts of ops.sgd_step/adam_step must not bypass the CUDA path when
+    CPU tensors are routed to it (they did: no launch, and float64 was accepted)."""
+    p, g = torch.randn(11), torch.randn(11)
+    m, v = torch.zeros(11), torch.zeros(11)
+    before = _C.cuda_emulation_launch_count()
+    ops.sgd_step(p, g, lr=0.1)
+    ops.adam_step(p, g, m, v, step=1)
+    assert _C.cuda_emulation_launch_count() - before == 2
+    with pytest.raises(Exception, match="float64"):
+        ops.sgd_step(p.double(), g.double(), lr=0.1)
+
+
+@needs_emulation
 def test_failed_op_step_changes_nothing(cuda_device):
     params = [torch.randn(5) for _ in range(40)]
     grads = [torch.randn(5) for _ in range(40)]
