@@ -39,6 +39,16 @@ def test_decide_driver_too_old_names_what_is_needed():
     assert usable == [] and "12.8" in why
 
 
+def test_decide_minor_version_compatibility():
+    """A 13.0 driver runs code built with the 13.1 runtime (CUDA minor-version compatibility)."""
+    assert decide(True, False, probe(runtime=13010, driver=13000), ARCHS) == ([0], "")
+
+
+def test_decide_usable_indices_need_not_be_contiguous():
+    usable, why = decide(True, False, probe(caps=((7, 0), (9, 0))), ARCHS)
+    assert usable == [1] and why == ""
+
+
 def test_decide_gpu_older_than_oldest_arch():
     usable, why = decide(True, False, probe(caps=((7, 0),)), ARCHS)
     assert usable == [] and "sm_70" in why and "75-real" in why and "CMAKE_CUDA_ARCHITECTURES" in why
@@ -57,6 +67,7 @@ def test_decide_no_device_build_or_emulation():
 def test_is_available_agrees_with_the_decision():
     usable, why = fastdl.cuda._state()
     assert fastdl.cuda.is_available() == bool(usable)
+    assert fastdl.cuda.usable_devices() == usable and fastdl.cuda.device_count() == len(usable)
     assert (why == "") == fastdl.cuda.is_available()
     if fastdl.cuda.is_emulated():
         assert not fastdl.cuda.is_available() and fastdl.build_info()["cuda_emulation"]
