@@ -3,7 +3,7 @@
 // A launch checks its configuration like the driver (sticky-free cudaErrorInvalidConfiguration
 // for more than 1024 threads per block or a zero dimension; cudaErrorInvalidValue for more
 // dynamic shared memory than 48 KB, or than the kernel's cudaFuncSetAttribute opt-in), then runs blocks in order; each block's threads
-// are fibers with mmap'd stacks (guard page below each), resumed in thread order (reversed in
+// are fibers with mmap'd stacks (64 KB guard below each), resumed in thread order (reversed in
 // every other block) until each
 // reaches a barrier or exits. A device assertion abandons the launch and leaves a sticky
 // cudaErrorAssert, as on a GPU, until fastdl_emu::reset().
@@ -63,6 +63,9 @@ constexpr size_t kStackBytes = 512 * 1024;  // ASan frames are several times lar
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
 constexpr size_t kRedzone = 64;
+// Below each fiber stack: 64 KB, not one page, so a frame larger than 4 KB (built without
+// -fstack-clash-protection, a kernel's frame can skip a single page) still lands in the guard.
+constexpr size_t kGuardBytes = 64 * 1024;
 
 std::atomic<int> g_sticky{cudaSuccess};
 std::atomic<bool> g_missing_image{false};
@@ -93,7 +96,7 @@ enum class State : unsigned char { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 
 struct Fiber {
   ucontext_t ctx;
-  char* stack = nullptr;  // usable part, above the guard page
+  char* stack = nullptr;  // usable part, above the guard
   State state = State::Ready;
   unsigned exchanges = 0;  // warp operations done (selects the exchange buffer)
   const char* barrier_file = nullptr;  // the __syncthreads() it waits at
@@ -135,7 +138,7 @@ struct Block {
 #endif
   ~Block() {
     for (Fiber& f : fibers)
-      if (f.stack) munmap(f.stack - getpagesize(), kStackBytes + getpagesize());
+      if (f.stack) munmap(f.stack - kGuardBytes, kStackBytes + kGuardBytes);
     if (arena) munmap(arena, kArenaBytes);
   }
 };
@@ -209,14 +212,13 @@ void resume(Block& b, int t) {
 }
 
 void ensure_fibers(Block& b, int n) {
-  const size_t page = getpagesize();
   while (static_cast<int>(b.fibers.size()) < n) {
-    void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+    void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                    -1, 0);
     if (m == MAP_FAILED) throw std::bad_alloc();
-    mprotect(m, page, PROT_NONE);  // a stack overflow faults instead of corrupting a neighbour
+    mprotect(m, kGuardBytes, PROT_NONE);  // a stack overflow faults, not corrupts a neighbour
     b.fibers.emplace_back();
-    b.fibers.back().stack = static_cast<char*>(m) + page;
+    b.fibers.back().stack = static_cast<char*>(m) + kGuardBytes;
   }
   if (!b.arena) {
     void* m = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
