@@ -153,6 +153,32 @@ def test_single_tensor_op_steps_launch_cuda_kernels(cuda_device):
 
 
 @needs_emulation
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_step_failing_between_launches(cuda_device, name):
+    """40 tensors take two launches. Everything that can fail is checked before the first, so a
+    failure at the second is a device fault of the first surfacing there: sticky, the context is
+    lost (as a GPU's, where torch's work fails too). What is promised then: the step raises, the
+    step counters and first-step state are as before it, and the device stays unusable until a
+    reset (a new process); params the first launch updated are not restored."""
+    ps = [torch.randn(5, requires_grad=True) for _ in range(40)]
+    opt = getattr(fo, name)(ps, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+    for p in ps:
+        p.grad = torch.randn(5)
+    before = _C.cuda_emulation_launch_count()
+    _C.cuda_emulation_fail_launch(2)
+    with pytest.raises(RuntimeError, match="unspecified launch failure"):
+        opt.step()
+    assert _C.cuda_emulation_launch_count() - before == 2
+    assert all(len(opt.state[p]) == 0 for p in ps), "first-step state kept after a failure"
+    with pytest.raises(RuntimeError, match="unspecified launch failure"):  # sticky
+        opt.step()
+    _C.cuda_emulation_reset()
+    opt.step()   # after a reset: a first step again, counters from zero
+    if name == "Adam":
+        assert all(float(opt.state[p]["step"]) == 1.0 for p in ps)
+
+
+@needs_emulation
 def test_failed_op_step_changes_nothing(cuda_device):
     params = [torch.randn(5) for _ in range(40)]
     grads = [torch.randn(5) for _ in range(40)]

@@ -8,7 +8,10 @@
 // All or nothing: everything that can fail (a pending CUDA error, no kernel image for the device)
 // is checked before the first launch, and the step counters advance only after every launch was
 // accepted, so a step that raises changes nothing. The launches' geometry is fixed at compile
-// time, so a configuration error after that first check cannot occur.
+// time, so a configuration error after that first check cannot occur: a later launch can fail
+// only through a device fault (sticky; the context is lost, torch's work fails too). Then the
+// step raises with counters and first-step state unchanged, but params an earlier launch of the
+// step updated are not restored (tests/test_cuda_runtime.py, test_step_failing_between_launches).
 // Tested by tests/test_optim.py (CUDA cases) and timed by benchmarks/bench_optim.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -127,6 +127,9 @@ void reset();
 void set_missing_kernel_image(bool missing);
 // Number of kernel launches made so far (tests count launches).
 long long launch_count();
+// The n-th launch from now (n >= 1; 0 disarms) fails as a device fault would surface there: a
+// sticky cudaErrorLaunchFailure, without running (tests of a step that fails between launches).
+void fail_launch(long long n);
 // Whether `s` is 0 or a live stream made by cudaStreamCreate (unknown handles fail launches).
 bool stream_valid(cudaStream_t s);
 }  // namespace fastdl_emu

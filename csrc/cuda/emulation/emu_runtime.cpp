@@ -70,6 +70,7 @@ constexpr size_t kGuardBytes = 64 * 1024;
 std::atomic<int> g_sticky{cudaSuccess};
 std::atomic<bool> g_missing_image{false};
 std::atomic<long long> g_launches{0};
+std::atomic<long long> g_fail_at{-1};  // launch ordinal (g_launches) that fails; -1: none
 thread_local cudaError_t t_last = cudaSuccess;
 thread_local int t_device = 0;
 std::mutex g_streams_mu;
@@ -332,6 +333,11 @@ void wait_at(State s) {
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
                  const void* kernel, void (*body)(void*), void* ctx) {
   const long long launch = g_launches++;
+  if (launch == g_fail_at.load()) {
+    g_fail_at.store(-1);
+    int expected = cudaSuccess;
+    g_sticky.compare_exchange_strong(expected, cudaErrorLaunchFailure);
+  }
   if (sticky() != cudaSuccess) return void(record(sticky()));
   if (g_missing_image.load()) return void(record(cudaErrorNoKernelImageForDevice));
   if (!stream_valid(stream)) return void(record(cudaErrorInvalidResourceHandle));
@@ -471,9 +477,11 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 
 void reset() {
   g_sticky.store(cudaSuccess);
+  g_fail_at.store(-1);
   t_last = cudaSuccess;
 }
 void set_missing_kernel_image(bool missing) { g_missing_image.store(missing); }
+void fail_launch(long long n) { g_fail_at.store(n > 0 ? g_launches.load() + n - 1 : -1); }
 long long launch_count() { return g_launches.load(); }
 bool stream_valid(cudaStream_t s) {
   if (s == nullptr) return true;
