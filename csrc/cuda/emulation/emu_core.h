@@ -30,7 +30,8 @@
 // performance; races between blocks or between threads of a block that a barrier does not order
 // (threads run one at a time, each to its next barrier, in one of two orders); the memory model (fences,
 // visibility, atomics' contention); tensor-core numerics (TF32 rounding); register and occupancy
-// limits (__launch_bounds__ is ignored); asynchronous error reporting (a device fault surfaces at
+// limits (__launch_bounds__ is ignored); warp-operation masks (ignored: every live lane of the
+// warp takes part, and lanes pair by their count of warp operations, not by call site); asynchronous error reporting (a device fault surfaces at
 // the launch's own check here, at the next synchronisation on a GPU).
 #pragma once
 #include <cmath>
