@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One prepared command for a machine with an NVIDIA GPU and no network (Python, torch with CUDA,
 # nvcc with compute-sanitizer, pybind11, scikit-build-core, cmake and ninja installed). In order,
-# each stage under its own time limit (about 9.5 minutes in all, build included):
-#   1. build fastdl for the local GPU                                      (limit 180 s)
-#   2. the whole test suite on the GPU, no -k, no -x: every failure listed   (limit 150 s)
+# each stage under its own time limit:
+#   1. build fastdl for the local GPU                                      (limit 140 s)
+#   2. the whole test suite on the GPU, no -k, no -x: every failure listed   (limit 130 s)
 #      (includes tests/test_cuda_first_run.py and its gpu_only cases: a > 2^31-element GEMM
 #      operand, > 320 optimizer chunks)
 #   3. the CUDA tests on small shapes under compute-sanitizer memcheck, then initcheck
-#      (limits 90 s each; gpu_only and the large sweeps deselected)
-#   4. fastdl-bench --device cuda                                          (limit 90 s)
+#      (limits 70 s each; gpu_only and the large pool sweeps deselected; the GEMM sweep's
+#      misaligned and edge-tile cases kept: memcheck exists for them)
+#   4. fastdl-bench --device cuda --quick                                  (limit 50 s)
+# Limits: 460 s, plus 15 s of kill grace each at worst (535 s), which leaves >= 60 s of the
+# device tool's 600 s per command for nvidia-smi, imports and the summary. `timeout -s INT`
+# lets pytest print its -rfE list and write its junit XML when a stage runs out of time
+# (SIGTERM would kill it first); --quick makes the benchmark write its JSON within its limit.
 # Writes everything under ${OUT:-/tmp/fastdl-gpu}: logs, bench JSON, junit XML, and summary.txt
 # with every failure of every stage (printed last).
 set -uo pipefail
@@ -25,7 +30,7 @@ cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d
 
 echo "== 1. build for sm_${cap} =="
 export CMAKE_ARGS="-DFASTDL_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${cap}"
-if ! timeout 180 python -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
+if ! timeout -s INT -k 15 140 python -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   note "BUILD FAILED (see build.log)"
   cat "$summary"
@@ -39,39 +44,44 @@ python -c "import fastdl; print(fastdl.build_info()); print('unavailable:', fast
 pytest_stage() {
   local name=$1 limit=$2
   shift 2
-  timeout "$limit" python -m pytest -q -p no:cacheprovider -rfE --junitxml="$OUT/$name.xml" "$@" \
+  timeout -s INT -k 15 "$limit" python -m pytest -q -p no:cacheprovider -rfE --junitxml="$OUT/$name.xml" "$@" \
     >"$OUT/$name.log" 2>&1
   local rc=$?
   tail -5 "$OUT/$name.log"
-  if [[ $rc == 124 ]]; then note "$name: TIMED OUT after ${limit} s"; fi
+  if [[ $rc == 124 || $rc == 137 ]]; then note "$name: TIMED OUT after ${limit} s"; fi
   note "$name: rc=$rc $(grep -E '^[0-9]+ (passed|failed)|[0-9]+ (passed|failed).* in ' "$OUT/$name.log" | tail -1)"
   grep -E '^(FAILED|ERROR) ' "$OUT/$name.log" | sed "s/^/  $name: /" >>"$summary"
 }
 
 echo "== 2. whole test suite on the GPU =="
-pytest_stage tests 150 tests
+pytest_stage tests 130 tests
 
-small=(-m "cuda and not gpu_only" -k "not large_grid and not sweep and not trajectory" tests)
+# test_max_unpool2d_invalid_index[cuda] trips a device assert on purpose (in a child process):
+# deselected here, and --target-processes application-only keeps the sanitizer out of children.
+small=(-m "cuda and not gpu_only"
+       -k "not large_grid and not test_max_pool2d_sweep and not test_avg_pool2d_sweep and not trajectory"
+       --deselect "tests/test_pool.py::test_max_unpool2d_invalid_index[cuda]" tests)
 echo "== 3a. CUDA tests under compute-sanitizer memcheck =="
 # Sanitizer findings in this process's kernels (torch's included) make the run fail;
 # --error-exitcode marks them, and each report is kept in the log.
 pytest_stage_sanitized() {
   local tool=$1 limit=$2
-  timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+  timeout -s INT -k 15 "$limit" compute-sanitizer --tool "$tool" --target-processes application-only \
+    --error-exitcode 99 --print-limit 20 \
     python -m pytest -q -p no:cacheprovider -rfE "${small[@]}" >"$OUT/$tool.log" 2>&1
   local rc=$?
   tail -5 "$OUT/$tool.log"
-  if [[ $rc == 124 ]]; then note "$tool: TIMED OUT after ${limit} s"; fi
+  if [[ $rc == 124 || $rc == 137 ]]; then note "$tool: TIMED OUT after ${limit} s"; fi
   note "$tool: rc=$rc $(grep -E 'ERROR SUMMARY' "$OUT/$tool.log" | tail -1)"
   grep -E '^(FAILED|ERROR) |^========= (Invalid|Uninitialized|Program hit)' "$OUT/$tool.log" \
     | sort | uniq -c | head -40 | sed "s/^/  $tool: /" >>"$summary"
 }
-pytest_stage_sanitized memcheck 90
+pytest_stage_sanitized memcheck 70
 echo "== 3b. CUDA tests under compute-sanitizer initcheck =="
-pytest_stage_sanitized initcheck 90
+pytest_stage_sanitized initcheck 70
 
 echo "== 4. fastdl-bench --device cuda =="
-timeout 90 fastdl-bench --device cuda --no-progress --json "$OUT/bench_cuda.json" >"$OUT/bench.log" 2>&1
+timeout -s INT -k 15 50 fastdl-bench --device cuda --quick --no-progress --json "$OUT/bench_cuda.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
 tail -20 "$OUT/bench.log"
 note "bench: rc=$bench_rc"

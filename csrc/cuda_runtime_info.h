@@ -24,6 +24,7 @@ std::vector<int> cuda_probe();
 void cuda_emulation_reset();
 void cuda_emulation_missing_kernel_image(bool missing);
 long long cuda_emulation_launch_count();
+void cuda_emulation_fail_launch(long long n);
 uintptr_t cuda_emulation_stream_create();
 void cuda_emulation_stream_destroy(uintptr_t stream);
 // Runs one of the emulation's self-test kernels (csrc/cuda/emulation/selftest.cu); its output.

@@ -41,7 +41,13 @@ class EmulatedCuda(str):
         return "'cuda' (emulated on the CPU)"
 
 
-def _cuda_case():
+# Test files whose emulated 'cuda' cases must launch at least one kernel: a front end that quietly
+# takes a CPU shortcut for routed tensors would otherwise pass them on the CPU kernels. A case
+# that checks an error raised before any launch says so with @pytest.mark.no_launch.
+_LAUNCHING_FILES = {"test_optim.py", "test_pool.py", "test_gemm.py", "test_cuda_first_run.py"}
+
+
+def _cuda_case(request):
     """Yields the device for a CUDA case, per _CUDA_MODE."""
     if _CUDA_MODE == "fail":
         pytest.fail(_CUDA_REASON)
@@ -51,11 +57,26 @@ def _cuda_case():
         yield "cuda"
         return
     _tensor.route_cpu_to_cuda(True)
+    before = _C.cuda_emulation_launch_count()
     try:
         yield EmulatedCuda()
     finally:
         _tensor.route_cpu_to_cuda(False)
         _C.cuda_emulation_reset()
+    rep = getattr(request.node, "_fastdl_call_report", None)
+    if (rep is not None and rep.passed and request.node.path.name in _LAUNCHING_FILES
+            and request.node.get_closest_marker("no_launch") is None
+            and _C.cuda_emulation_launch_count() == before):
+        pytest.fail("an emulated CUDA case launched no kernel: a CPU shortcut took routed tensors "
+                    "(or mark the test no_launch, with the reason)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps the call phase's report on the item, for _cuda_case's launch check."""
+    outcome = yield
+    if call.when == "call":
+        item._fastdl_call_report = outcome.get_result()
 
 
 def pytest_report_header(config):
@@ -71,12 +92,12 @@ def device(request):
     if request.param == "cpu":
         yield "cpu"
     else:
-        yield from _cuda_case()
+        yield from _cuda_case(request)
 
 
 @pytest.fixture
-def cuda_device():
-    yield from _cuda_case()
+def cuda_device(request):
+    yield from _cuda_case(request)
 
 
 _PATHS = ["default"] + (["avx2"] if _C.cpu_supports_avx2() else [])
@@ -110,6 +131,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA device")
     config.addinivalue_line("markers", "slow: longer randomized sweeps")
     config.addinivalue_line("markers", "gpu_only: too large for the emulated back end; GPU only")
+    config.addinivalue_line("markers", "no_launch(reason): an emulated CUDA case that launches no "
+                                       "kernel on purpose (an error raised before any launch)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,12 +19,14 @@ def _fresh_runtime():
 
 
 def test_barrier_orders_shared_memory():
-    assert _C.cuda_emulation_selftest("reverse") == [float(99 - t) for t in range(100)]
+    assert _C.cuda_emulation_selftest("reverse") == [float(99 - t) for t in range(100)] * 2
 
 
 def test_missing_barrier_reads_poison():
+    # Two blocks, run in opposite thread orders: every thread reads before its writer ran in
+    # one of them, whether the writer has a higher or a lower index.
     out = _C.cuda_emulation_selftest("reverse_no_barrier")
-    assert all(math.isnan(v) for v in out[:50])  # read before the writer thread ran
+    assert all(math.isnan(a) or math.isnan(b) for a, b in zip(out[:100], out[100:]))
 
 
 def test_unwritten_shared_memory_is_nan():
@@ -45,10 +47,22 @@ def test_dynamic_shared_memory():
     assert _C.cuda_emulation_selftest("dynamic") == [float(2 * ((t + 1) % 96)) for t in range(96)]
 
 
+def test_dynamic_shared_memory_over_48k_with_opt_in():
+    assert _C.cuda_emulation_selftest("dynamic_over_48k_with_optin") == [
+        float(2 * ((t + 1) % 32)) for t in range(32)]
+
+
 @pytest.mark.parametrize("case,message", [
     ("too_many_threads", "invalid configuration argument"),
     ("too_much_dynamic_shared", "invalid argument"),
+    # As a GPU: over 48 KB of shared memory per block only after cudaFuncSetAttribute's opt-in,
+    # and only up to the opted-in size and the device's maximum.
+    ("dynamic_over_48k_without_optin", "invalid argument"),
+    ("dynamic_over_optin", "invalid argument"),
+    ("optin_over_device_max", "invalid argument"),
+    ("static_plus_dynamic_over_48k", "device-side assert"),
     ("divergent_barriers", "different barriers"),
+    ("split_barriers", "different barriers"),  # two __syncthreads() calls, all threads arrive
 ])
 def test_launch_errors(case, message):
     with pytest.raises(RuntimeError, match=message):

@@ -22,10 +22,7 @@ TF32_RTOL = 2.0 ** -10 * 4  # TF32 keeps 10 mantissa bits; a few roundings per p
 # ---- max-pool backward through fastdl.ops (defect 1: a 1x1 placeholder window) -----------------
 
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_ops_max_pool2d_backward(device, adaptive, request):
-    if device == "cuda":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "issue 7 defect 1 (fixed on branch fixes; remove this mark when merging it)")))
+def test_ops_max_pool2d_backward(device, adaptive):
     x = rand(2, 3, 11, 9, device=device, requires_grad=True)
     if adaptive:
         y, idx = TF.adaptive_max_pool2d(x, (4, 3), return_indices=True)
@@ -35,8 +32,10 @@ def test_ops_max_pool2d_backward(device, adaptive, request):
         y2, idx2 = ops.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)
     gy = torch.randn_like(y)
     y.backward(gy)
-    backward = ops.adaptive_max_pool2d_backward if adaptive else ops.max_pool2d_backward
-    gx = backward(gy, idx2, x.shape)
+    if adaptive:
+        gx = ops.adaptive_max_pool2d_backward(gy, idx2, x.shape)
+    else:  # the forward's geometry (required on CUDA, where the kernel gathers through windows)
+        gx = ops.max_pool2d_backward(gy, idx2, x.shape, 3, 2, 1)
     assert torch.equal(idx2, idx)
     assert_close(gx, x.grad, what="grad_input")
 
@@ -45,8 +44,6 @@ def test_ops_max_pool2d_backward(device, adaptive, request):
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.xfail(strict=True, reason="issue 7 defect 2 (fixed on branch fixes; remove this mark "
-                                       "when merging it)")
 def test_cuda_sgd_half(cuda_device, dtype, momentum):
     """Reference: torch's SGD on float32 copies, rounding the param to `dtype` after each step."""
     ps = [torch.randn(s, dtype=dtype, device=cuda_device, requires_grad=True) for s in [(7, 5), (13,)]]

@@ -39,6 +39,16 @@ def test_decide_driver_too_old_names_what_is_needed():
     assert usable == [] and "12.8" in why
 
 
+def test_decide_minor_version_compatibility():
+    """A 13.0 driver runs code built with the 13.1 runtime (CUDA minor-version compatibility)."""
+    assert decide(True, False, probe(runtime=13010, driver=13000), ARCHS) == ([0], "")
+
+
+def test_decide_usable_indices_need_not_be_contiguous():
+    usable, why = decide(True, False, probe(caps=((7, 0), (9, 0))), ARCHS)
+    assert usable == [1] and why == ""
+
+
 def test_decide_gpu_older_than_oldest_arch():
     usable, why = decide(True, False, probe(caps=((7, 0),)), ARCHS)
     assert usable == [] and "sm_70" in why and "75-real" in why and "CMAKE_CUDA_ARCHITECTURES" in why
@@ -57,6 +67,7 @@ def test_decide_no_device_build_or_emulation():
 def test_is_available_agrees_with_the_decision():
     usable, why = fastdl.cuda._state()
     assert fastdl.cuda.is_available() == bool(usable)
+    assert fastdl.cuda.usable_devices() == usable and fastdl.cuda.device_count() == len(usable)
     assert (why == "") == fastdl.cuda.is_available()
     if fastdl.cuda.is_emulated():
         assert not fastdl.cuda.is_available() and fastdl.build_info()["cuda_emulation"]
@@ -95,6 +106,76 @@ def test_failed_cuda_step_changes_nothing(cuda_device, name, count):
     assert all(torch.equal(p.detach(), s) for p, s in zip(ps, saved))
     opt.step()
     assert all(float(opt.state[p]["step"]) == 2.0 for p in ps)
+
+
+@needs_emulation
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_failed_first_sgd_step_leaves_no_state(cuda_device, nesterov):
+    """A first momentum step that raises creates no momentum buffer (it would be torch.empty
+    memory that the next step takes for history) and no cached entry: the next step is a first
+    step, as torch's."""
+    kw = dict(lr=0.1, momentum=0.9, nesterov=nesterov, dampening=0.0 if nesterov else 0.5)
+    ps = [torch.randn(7, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    ref_ps = [p.detach().clone().requires_grad_() for p in ps]
+    opt, ref = fo.SGD(ps, **kw), torch.optim.SGD(ref_ps, **kw)
+    for p, q in zip(ps, ref_ps):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    saved = [p.detach().clone() for p in ps]
+    _C.cuda_emulation_missing_kernel_image(True)
+    try:
+        with pytest.raises(RuntimeError, match="no kernel image"):
+            opt.step()
+    finally:
+        _C.cuda_emulation_missing_kernel_image(False)
+    assert all(torch.equal(p.detach(), s) for p, s in zip(ps, saved))
+    assert all(len(opt.state[p]) == 0 for p in ps), "a step that raised created state"
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, ref_ps):
+        assert_close(p.detach(), q.detach(), what="param")
+        assert_close(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"], what="buf")
+
+
+@needs_emulation
+def test_single_tensor_op_steps_launch_cuda_kernels(cuda_device):
+    """The single-tensor shortcuts of ops.sgd_step/adam_step must not bypass the CUDA path when
+    CPU tensors are routed to it (they did: no launch, and float64 was accepted)."""
+    p, g = torch.randn(11), torch.randn(11)
+    m, v = torch.zeros(11), torch.zeros(11)
+    before = _C.cuda_emulation_launch_count()
+    ops.sgd_step(p, g, lr=0.1)
+    ops.adam_step(p, g, m, v, step=1)
+    assert _C.cuda_emulation_launch_count() - before == 2
+    with pytest.raises(Exception, match="float64"):
+        ops.sgd_step(p.double(), g.double(), lr=0.1)
+
+
+@needs_emulation
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_step_failing_between_launches(cuda_device, name):
+    """40 tensors take two launches. Everything that can fail is checked before the first, so a
+    failure at the second is a device fault of the first surfacing there: sticky, the context is
+    lost (as a GPU's, where torch's work fails too). What is promised then: the step raises, the
+    step counters and first-step state are as before it, and the device stays unusable until a
+    reset (a new process); params the first launch updated are not restored."""
+    ps = [torch.randn(5, requires_grad=True) for _ in range(40)]
+    opt = getattr(fo, name)(ps, lr=0.1, **({"momentum": 0.9} if name == "SGD" else {}))
+    for p in ps:
+        p.grad = torch.randn(5)
+    before = _C.cuda_emulation_launch_count()
+    _C.cuda_emulation_fail_launch(2)
+    with pytest.raises(RuntimeError, match="unspecified launch failure"):
+        opt.step()
+    assert _C.cuda_emulation_launch_count() - before == 2
+    assert all(len(opt.state[p]) == 0 for p in ps), "first-step state kept after a failure"
+    with pytest.raises(RuntimeError, match="unspecified launch failure"):  # sticky
+        opt.step()
+    _C.cuda_emulation_reset()
+    opt.step()   # after a reset: a first step again, counters from zero
+    if name == "Adam":
+        assert all(float(opt.state[p]["step"]) == 1.0 for p in ps)
 
 
 @needs_emulation

@@ -104,7 +104,7 @@ def test_accuracy_and_confusion_matrix(device, tensor):
         if tensor else (y_true, y_pred)
     got = M.confusion_matrix(*args)
     if tensor:
-        assert got.device.type == device and got.dtype == torch.int64
+        assert got.device.type == torch.device(device).type and got.dtype == torch.int64
         got = got.cpu().numpy()
     np.testing.assert_array_equal(got, sklearn_metrics.confusion_matrix(y_true, y_pred))
     labels = [4, 0, 2]

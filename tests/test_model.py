@@ -290,8 +290,8 @@ def test_fit_on_device_argument_moves_model(device):
     model = fastdl.Sequential(*_net(0))
     model.compile("adam", "mse")
     model.fit(np.random.randn(16, 5), np.random.randn(16, 3), epochs=1, verbose=0, device=device)
-    assert next(model.parameters()).device.type == device
-    assert model.predict(torch.randn(4, 5)).device.type == device
+    assert next(model.parameters()).device.type == torch.device(device).type
+    assert model.predict(torch.randn(4, 5)).device.type == torch.device(device).type
 
 
 def test_evaluate_and_predict_forms():

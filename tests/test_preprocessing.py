@@ -62,7 +62,7 @@ def _inputs(x, tensor, device):
 
 def _check_output(out, x, tensor, device):
     if tensor:
-        assert isinstance(out, torch.Tensor) and out.device.type == device
+        assert isinstance(out, torch.Tensor) and out.device.type == torch.device(device).type
         assert out.dtype == torch.as_tensor(x).dtype
     else:
         assert isinstance(out, np.ndarray) and out.dtype == x.dtype

@@ -8,7 +8,10 @@
 // All or nothing: everything that can fail (a pending CUDA error, no kernel image for the device)
 // is checked before the first launch, and the step counters advance only after every launch was
 // accepted, so a step that raises changes nothing. The launches' geometry is fixed at compile
-// time, so a configuration error after that first check cannot occur.
+// time, so a configuration error after that first check cannot occur: a later launch can fail
+// only through a device fault (sticky; the context is lost, torch's work fails too). Then the
+// step raises with counters and first-step state unchanged, but params an earlier launch of the
+// step updated are not restored (tests/test_cuda_runtime.py, test_step_failing_between_launches).
 // Tested by tests/test_optim.py (CUDA cases) and timed by benchmarks/bench_optim.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -61,6 +64,9 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_step(StepMeta meta, Op 
   float* s0 = USE0 ? meta.state[0][t] + start : nullptr;
   float* s1 = USE1 ? meta.state[1][t] + start : nullptr;
   float* s2 = USE2 ? meta.state[2][t] + start : nullptr;
+  // On a first step state 0 (SGD's momentum buffer) is torch.empty memory the op overwrites:
+  // never read it (compute-sanitizer initcheck flags the load even though the value is unused).
+  const bool load0 = USE0 && !meta.first[t];
   for (int64_t base = 0; base < n; base += int64_t(kThreads) * kIlp) {
     float rp[kIlp], rg[kIlp], r0[kIlp], r1[kIlp], r2[kIlp];
 #pragma unroll
@@ -69,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_step(StepMeta meta, Op 
       const bool ok = j < n;
       rp[k] = ok ? to_f(p[j]) : 0.f;
       rg[k] = ok ? to_f(g[j]) : 0.f;
-      r0[k] = USE0 && ok ? s0[j] : 0.f;
+      r0[k] = load0 && ok ? s0[j] : 0.f;
       r1[k] = USE1 && ok ? s1[j] : 0.f;
       r2[k] = USE2 && ok ? s2[j] : 0.f;
     }

@@ -65,6 +65,7 @@ void cuda_emulation_missing_kernel_image(bool missing) {
   fastdl_emu::set_missing_kernel_image(missing);
 }
 long long cuda_emulation_launch_count() { return fastdl_emu::launch_count(); }
+void cuda_emulation_fail_launch(long long n) { fastdl_emu::fail_launch(n); }
 uintptr_t cuda_emulation_stream_create() {
   cudaStream_t s = nullptr;
   FASTDL_CUDA_CHECK(cudaStreamCreate(&s));

@@ -44,7 +44,10 @@ def decide(compiled: bool, emulated: bool, probe: list[int], archs: list[str]) -
     if emulated:
         return [], "this is a CUDA emulation build: the CUDA kernels run on the CPU, there is no GPU"
     runtime, driver, err, count = probe[:4]
-    if err == _INSUFFICIENT_DRIVER or (driver and runtime and driver < runtime):
+    # CUDA minor-version compatibility: a 13.0 driver runs a 13.x runtime's code, so only an older
+    # major version rules the driver out before cudaGetDeviceCount says so (error 35). PTX newer
+    # than the driver's JIT (error 222) surfaces at fastdl's kernel-image check, per launch.
+    if err == _INSUFFICIENT_DRIVER or (driver and runtime and driver // 1000 < runtime // 1000):
         return [], (f"the NVIDIA driver supports CUDA {_version(driver)}, but fastdl links the CUDA "
                     f"{_version(runtime)} runtime: install a driver for CUDA {_version(runtime)} "
                     "or newer")
@@ -85,8 +88,14 @@ def is_emulated() -> bool:
 
 def device_count() -> int:
     """Number of CUDA devices fastdl can use (0 without a driver, a device, code for the device's
-    architecture, or CUDA kernels)."""
+    architecture, or CUDA kernels). Their indices are usable_devices(): not always 0..n-1 (a
+    machine may mix GPUs fastdl has code for with older ones)."""
     return len(_state()[0])
+
+
+def usable_devices() -> list[int]:
+    """The CUDA device indices fastdl can use (see device_count)."""
+    return list(_state()[0])
 
 
 def is_available() -> bool:

@@ -182,6 +182,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._verified, self._plans = {}, {}   # caches are not pickled (torch's __getstate__)
+        self._created = []
         for group in self.param_groups:
             for k, v in self._setstate_defaults.items():
                 group.setdefault(k, v)
@@ -190,6 +191,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._verified = {}  # id(param) -> what _verify last checked (see _gather_checked)
         self._plans = {}     # id(group) -> _Plan
+        self._created = []   # during step(): the state its first steps created (undone on failure)
 
     # Each optimizer defines these three hooks.
     def _active_keys(self, group) -> tuple:
@@ -267,9 +269,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         ok = False
                         break
             first = 0
+            added = None
             if not ok:
                 if self._needs_init(state, group):
+                    before = set(state)
                     self._init_state(p, group, state)
+                    added = [k for k in state if k not in before]
                     first = 1
                 sts = tuple(state[k] if k in state else self._missing_state(p, group, state, k)
                             for k in keys)
@@ -279,6 +284,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             b = buckets.get((dev, dtype))
             if b is None:
                 b = buckets[(dev, dtype)] = _Bucket(dev, dtype, nkeys)
+            if added is not None:
+                self._created.append((b, state, added))
             if not g.is_contiguous():
                 if g.is_sparse:
                     raise RuntimeError(f"fastdl.optim.{type(self).__name__} does not support "
@@ -353,10 +360,28 @@ class _FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # Gather and check every group before launching any, so a step that raises changes nothing.
-        work = [(group, b) for group in self.param_groups for b in self._gather(group)]
-        for group, b in work:
-            self._launch(group, b)
-            self._finish(b)
+        # If a gather or a launch raises, the state created for this step's first steps is removed
+        # again (a momentum buffer is torch.empty memory until its kernel fills it) and the caches
+        # are dropped, so the next step is a first step, as torch's. A launch that fails after
+        # another bucket (other device or dtype) was updated leaves that bucket's step done: its
+        # params and state are consistent, the failed bucket's are unchanged.
+        self._created = []   # (bucket, state dict, keys added) of this step's first steps
+        done = set()
+        try:
+            work = [(group, b) for group in self.param_groups for b in self._gather(group)]
+            for group, b in work:
+                self._launch(group, b)
+                self._finish(b)
+                done.add(id(b))
+        except BaseException:
+            for b, state, added in self._created:
+                if id(b) not in done:
+                    for k in added:
+                        state.pop(k, None)
+            self._verified, self._plans = {}, {}
+            raise
+        finally:
+            self._created = []
         return loss
 
     def load_state_dict(self, state_dict):

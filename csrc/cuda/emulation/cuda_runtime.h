@@ -105,12 +105,18 @@ cudaError_t cudaMemset(void* p, int value, size_t bytes);
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind k);
 
 namespace fastdl_emu {
-cudaError_t func_attributes(cudaFuncAttributes* a);
+cudaError_t func_attributes(cudaFuncAttributes* a, const void* kernel);
+cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 }
 template <class F>
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F*) { return fastdl_emu::func_attributes(a); }
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F* f) {
+  return fastdl_emu::func_attributes(a, reinterpret_cast<const void*>(f));
+}
+// Records a kernel's dynamic shared memory opt-in; launches above 48 KB without it fail, as on a GPU.
 template <class F>
-cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
+  return fastdl_emu::func_set_attribute(reinterpret_cast<const void*>(f), attr, value);
+}
 
 // Test hooks of the emulation (reached from Python through fastdl._C in emulation builds only).
 namespace fastdl_emu {
@@ -121,6 +127,9 @@ void reset();
 void set_missing_kernel_image(bool missing);
 // Number of kernel launches made so far (tests count launches).
 long long launch_count();
+// The n-th launch from now (n >= 1; 0 disarms) fails as a device fault would surface there: a
+// sticky cudaErrorLaunchFailure, without running (tests of a step that fails between launches).
+void fail_launch(long long n);
 // Whether `s` is 0 or a live stream made by cudaStreamCreate (unknown handles fail launches).
 bool stream_valid(cudaStream_t s);
 }  // namespace fastdl_emu

@@ -20,15 +20,18 @@
 // host thread; the threads of a block are fibers (ucontext) switched at __syncthreads, __syncwarp
 // and warp operations, so barriers are real. Fibers, not OS threads: 5-6x faster per barrier
 // (1 us vs 5-6 us per thread, 256 threads, 2 loaded cores; benchmarks/RESULTS.md, "CUDA
-// emulation") and deterministic: threads run in index order from one barrier to the next.
+// emulation") and deterministic: threads run in index order from one barrier to the next, or in
+// reverse index order in every other block (and every other launch), so a read of shared memory
+// that another thread wrote without a barrier between them reads poison whichever thread wrote.
 // Shared memory is filled with 0xFF bytes (NaN for floats, -1 for integers) at every block start,
 // and under AddressSanitizer each shared array is fenced by poisoned bytes.
 //
 // What emulation cannot show (it is a net for logic and indexing, not a GPU): timing and
 // performance; races between blocks or between threads of a block that a barrier does not order
-// (threads run one at a time, each to its next barrier, in index order); the memory model (fences,
+// (threads run one at a time, each to its next barrier, in one of two orders); the memory model (fences,
 // visibility, atomics' contention); tensor-core numerics (TF32 rounding); register and occupancy
-// limits (__launch_bounds__ is ignored); asynchronous error reporting (a device fault surfaces at
+// limits (__launch_bounds__ is ignored); warp-operation masks (ignored: every live lane of the
+// warp takes part, and lanes pair by their count of warp operations, not by call site); asynchronous error reporting (a device fault surfaces at
 // the launch's own check here, at the next synchronisation on a GPU).
 #pragma once
 #include <cmath>
@@ -80,9 +83,11 @@ extern thread_local ThreadCoords coords;
 constexpr int kWarpSize = 32;
 
 // Scheduler entry points (emu_runtime.cpp).
+// `kernel` identifies the kernel (its address) for its cudaFuncSetAttribute opt-in.
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 void (*body)(void*), void* ctx);
-void syncthreads();
+                 const void* kernel, void (*body)(void*), void* ctx);
+// `file`:`line` names the __syncthreads() call: threads of a block waiting at different ones fail.
+void syncthreads(const char* file, int line);
 void syncwarp();
 // Warp exchange: every live lane of the warp deposits `value`; returns lane `src`'s value
 // (its own when src is out of range or has exited).
@@ -106,7 +111,7 @@ struct Launcher {
       Kernel k;
       std::tuple<Params...>* p;
     } ctx{kernel, &params};
-    launch_grid(grid, block, shared, stream,
+    launch_grid(grid, block, shared, stream, reinterpret_cast<const void*>(kernel),
                 [](void* c) {
                   Ctx* x = static_cast<Ctx*>(c);
                   std::apply(x->k, *x->p);
@@ -151,7 +156,8 @@ inline uint64_t to_bits(T v) {
 #define gridDim (::fastdl_emu::coords.grid_dim)
 constexpr int warpSize = 32;
 
-inline void __syncthreads() { ::fastdl_emu::syncthreads(); }
+// A macro, so each call site is known (threads reaching different __syncthreads() are a bug).
+#define __syncthreads() ::fastdl_emu::syncthreads(__FILE__, __LINE__)
 inline void __syncwarp(unsigned int = 0xffffffffu) { ::fastdl_emu::syncwarp(); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}

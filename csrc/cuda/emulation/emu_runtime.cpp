@@ -2,8 +2,9 @@
 // cannot show). Compiled only in FASTDL_CUDA_EMULATION builds.
 // A launch checks its configuration like the driver (sticky-free cudaErrorInvalidConfiguration
 // for more than 1024 threads per block or a zero dimension; cudaErrorInvalidValue for more
-// dynamic shared memory than the device has), then runs blocks in order; each block's threads
-// are fibers with mmap'd stacks (guard page below each), resumed in thread order until each
+// dynamic shared memory than 48 KB, or than the kernel's cudaFuncSetAttribute opt-in), then runs blocks in order; each block's threads
+// are fibers with mmap'd stacks (64 KB guard below each), resumed in thread order (reversed in
+// every other block) until each
 // reaches a barrier or exits. A device assertion abandons the launch and leaves a sticky
 // cudaErrorAssert, as on a GPU, until fastdl_emu::reset().
 #include <sys/mman.h>
@@ -14,6 +15,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <map>
 #include <mutex>
 #include <new>
 #include <set>
@@ -60,14 +63,28 @@ constexpr size_t kStackBytes = 512 * 1024;  // ASan frames are several times lar
 constexpr size_t kStackBytes = 128 * 1024;
 #endif
 constexpr size_t kRedzone = 64;
+// Below each fiber stack: 64 KB, not one page, so a frame larger than 4 KB (built without
+// -fstack-clash-protection, a kernel's frame can skip a single page) still lands in the guard.
+constexpr size_t kGuardBytes = 64 * 1024;
 
 std::atomic<int> g_sticky{cudaSuccess};
 std::atomic<bool> g_missing_image{false};
 std::atomic<long long> g_launches{0};
+std::atomic<long long> g_fail_at{-1};  // launch ordinal (g_launches) that fails; -1: none
 thread_local cudaError_t t_last = cudaSuccess;
 thread_local int t_device = 0;
 std::mutex g_streams_mu;
 std::set<cudaStream_t> g_streams;
+// Per kernel: its cudaFuncAttributeMaxDynamicSharedMemorySize opt-in (absent: none, 48 KB).
+std::mutex g_optin_mu;
+std::map<const void*, size_t> g_optin;
+
+// The most dynamic shared memory a launch of `kernel` may ask for.
+size_t dynamic_limit(const void* kernel) {
+  std::lock_guard<std::mutex> lock(g_optin_mu);
+  auto it = g_optin.find(kernel);
+  return it == g_optin.end() ? kSharedPerBlock : it->second;
+}
 
 cudaError_t record(cudaError_t e) {
   if (e != cudaSuccess) t_last = e;
@@ -80,9 +97,11 @@ enum class State : unsigned char { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 
 struct Fiber {
   ucontext_t ctx;
-  char* stack = nullptr;  // usable part, above the guard page
+  char* stack = nullptr;  // usable part, above the guard
   State state = State::Ready;
   unsigned exchanges = 0;  // warp operations done (selects the exchange buffer)
+  const char* barrier_file = nullptr;  // the __syncthreads() it waits at
+  int barrier_line = 0;
 #ifdef FASTDL_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -99,6 +118,8 @@ struct Block {
   char* arena = nullptr;
   size_t arena_used = 0;
   size_t static_bytes = 0;
+  size_t dynamic_bytes = 0;
+  size_t shared_limit = 0;  // static + dynamic: 48 KB, or the opt-in maximum with an opt-in
   void* dynamic = nullptr;
   std::vector<SharedSite> sites;
   // Per thread of the block, two rounds deep: the value a warp operation deposited and the round
@@ -118,7 +139,7 @@ struct Block {
 #endif
   ~Block() {
     for (Fiber& f : fibers)
-      if (f.stack) munmap(f.stack - getpagesize(), kStackBytes + getpagesize());
+      if (f.stack) munmap(f.stack - kGuardBytes, kStackBytes + kGuardBytes);
     if (arena) munmap(arena, kArenaBytes);
   }
 };
@@ -192,14 +213,13 @@ void resume(Block& b, int t) {
 }
 
 void ensure_fibers(Block& b, int n) {
-  const size_t page = getpagesize();
   while (static_cast<int>(b.fibers.size()) < n) {
-    void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+    void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                    -1, 0);
     if (m == MAP_FAILED) throw std::bad_alloc();
-    mprotect(m, page, PROT_NONE);  // a stack overflow faults instead of corrupting a neighbour
+    mprotect(m, kGuardBytes, PROT_NONE);  // a stack overflow faults, not corrupts a neighbour
     b.fibers.emplace_back();
-    b.fibers.back().stack = static_cast<char*>(m) + page;
+    b.fibers.back().stack = static_cast<char*>(m) + kGuardBytes;
   }
   if (!b.arena) {
     void* m = mmap(nullptr, kArenaBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -208,14 +228,17 @@ void ensure_fibers(Block& b, int n) {
   }
 }
 
-// Runs one block; returns cudaSuccess, or the fault that ended it.
-cudaError_t run_block(Block& b, size_t dynamic_bytes) {
+// Runs one block; returns cudaSuccess, or the fault that ended it. `reverse` runs its threads from
+// the highest index down: a thread that reads shared memory another wrote without a barrier
+// between them reads the poison in one of the two orders, whichever index the writer has.
+cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
   // Fresh shared memory: 0xFF everywhere (NaN / -1), the dynamic part first, fenced under ASan.
   unpoison(b.arena, kArenaBytes);
   std::memset(b.arena, 0xFF, kArenaBytes);
   poison(b.arena, kArenaBytes);
   b.sites.clear();
   b.dynamic = b.arena;
+  b.dynamic_bytes = dynamic_bytes;
   unpoison(b.arena, dynamic_bytes);
   b.arena_used = (dynamic_bytes + kRedzone + 255) / 256 * 256;
   b.static_bytes = 0;
@@ -237,7 +260,8 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes) {
   const int nwarps = (b.nthreads + kWarpSize - 1) / kWarpSize;
   for (;;) {
     bool ran = false;
-    for (int t = 0; t < b.nthreads; ++t) {
+    for (int i = 0; i < b.nthreads; ++i) {
+      const int t = reverse ? b.nthreads - 1 - i : i;
       if (b.fibers[t].state != State::Ready) continue;
       ran = true;
       resume(b, t);
@@ -268,6 +292,22 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes) {
     }
     if (all_done) return cudaSuccess;
     if (!released && all_at_block) {
+      // Every waiting thread must be at the same __syncthreads() (a GPU's behaviour is undefined
+      // otherwise; sm_70+ counts arrivals, older GPUs hang or mis-synchronise).
+      const Fiber* first = nullptr;
+      for (const Fiber& f : b.fibers) {
+        if (&f - b.fibers.data() >= b.nthreads) break;
+        if (f.state != State::AtBlockBarrier) continue;
+        if (!first) { first = &f; continue; }
+        if (f.barrier_line != first->barrier_line || std::strcmp(f.barrier_file, first->barrier_file)) {
+          std::fprintf(stderr, "fastdl CUDA emulation: block (%u,%u,%u): threads wait at different "
+                               "barriers: __syncthreads() at %s:%d and at %s:%d\n",
+                       coords.block.x, coords.block.y, coords.block.z, first->barrier_file,
+                       first->barrier_line, f.barrier_file, f.barrier_line);
+          for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
+          return cudaErrorDeadlock;
+        }
+      }
       for (int t = 0; t < b.nthreads; ++t)
         if (b.fibers[t].state == State::AtBlockBarrier) b.fibers[t].state = State::Ready;
       released = true;
@@ -291,8 +331,13 @@ void wait_at(State s) {
 }  // namespace
 
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 void (*body)(void*), void* ctx) {
-  ++g_launches;
+                 const void* kernel, void (*body)(void*), void* ctx) {
+  const long long launch = g_launches++;
+  if (launch == g_fail_at.load()) {
+    g_fail_at.store(-1);
+    int expected = cudaSuccess;
+    g_sticky.compare_exchange_strong(expected, cudaErrorLaunchFailure);
+  }
   if (sticky() != cudaSuccess) return void(record(sticky()));
   if (g_missing_image.load()) return void(record(cudaErrorNoKernelImageForDevice));
   if (!stream_valid(stream)) return void(record(cudaErrorInvalidResourceHandle));
@@ -301,12 +346,15 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
       grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
       grid.z > 65535)
     return void(record(cudaErrorInvalidConfiguration));
-  if (dynamic_shared > kSharedOptin) return void(record(cudaErrorInvalidValue));
+  // A GPU refuses more than 48 KB of dynamic shared memory unless the kernel opted in.
+  const size_t dyn_limit = dynamic_limit(kernel);
+  if (dynamic_shared > dyn_limit) return void(record(cudaErrorInvalidValue));
   if (t_block) {
     std::fprintf(stderr, "fastdl CUDA emulation: a kernel launched another kernel\n");
     std::abort();
   }
   Block& b = block_state();
+  b.shared_limit = dyn_limit > kSharedPerBlock ? kSharedOptin : kSharedPerBlock;
   b.nthreads = static_cast<int>(threads);
   b.bdim = block;
   b.body = body;
@@ -321,7 +369,9 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
     for (unsigned y = 0; y < grid.y && err == cudaSuccess; ++y)
       for (unsigned x = 0; x < grid.x && err == cudaSuccess; ++x) {
         coords.block = uint3{x, y, z};
-        err = run_block(b, dynamic_shared);
+        // Thread order alternates from block to block and, for one-block grids, launch to launch.
+        const unsigned long long linear = (1ULL * z * grid.y + y) * grid.x + x;
+        err = run_block(b, dynamic_shared, ((linear + launch) & 1) != 0);
       }
   coords = saved;
   t_block = nullptr;
@@ -332,7 +382,12 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
   }
 }
 
-void syncthreads() { wait_at(State::AtBlockBarrier); }
+void syncthreads(const char* file, int line) {
+  Fiber& f = t_block->fibers[t_block->current];
+  f.barrier_file = file;
+  f.barrier_line = line;
+  wait_at(State::AtBlockBarrier);
+}
 void syncwarp() { wait_at(State::AtWarpBarrier); }
 
 namespace {
@@ -375,10 +430,14 @@ void* block_shared(const void* site, size_t bytes, size_t align) {
     if (s.site == site) return s.ptr;
   size_t off = (b.arena_used + align - 1) / align * align;
   b.static_bytes += bytes;
-  if (b.static_bytes > kSharedPerBlock || off + bytes + kRedzone > kArenaBytes) {
-    std::fprintf(stderr, "fastdl CUDA emulation: static shared memory over %zu bytes per block\n",
-                 kSharedPerBlock);
-    device_assert_fail("static shared memory <= 48 KB", "too much static shared memory", "", 0);
+  // Static alone over 48 KB does not compile; static + dynamic over the limit fails the launch on a
+  // GPU. Static sizes are known here only when a thread first reaches each array: a device assert.
+  if (b.static_bytes > kSharedPerBlock || b.static_bytes + b.dynamic_bytes > b.shared_limit ||
+      off + bytes + kRedzone > kArenaBytes) {
+    std::fprintf(stderr, "fastdl CUDA emulation: static (%zu) + dynamic (%zu) shared memory over "
+                         "%zu bytes per block\n", b.static_bytes, b.dynamic_bytes, b.shared_limit);
+    device_assert_fail("static <= 48 KB, static + dynamic <= the block's limit",
+                       "too much shared memory", "", 0);
   }
   void* p = b.arena + off;
   unpoison(p, bytes);
@@ -400,17 +459,29 @@ void device_assert_fail(const char* cond, const char* msg, const char* file, int
   std::abort();  // an abandoned fiber is never resumed
 }
 
-cudaError_t func_attributes(cudaFuncAttributes* a) {
+cudaError_t func_attributes(cudaFuncAttributes* a, const void* kernel) {
   if (g_missing_image.load()) return record(cudaErrorNoKernelImageForDevice);
-  *a = cudaFuncAttributes{0, 1024, 32, 90, 90, int(kSharedPerBlock)};
+  *a = cudaFuncAttributes{0, 1024, 32, 90, 90, int(dynamic_limit(kernel))};
+  return cudaSuccess;
+}
+
+cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (g_missing_image.load()) return record(cudaErrorNoKernelImageForDevice);
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      size_t(value) > kSharedOptin)
+    return record(cudaErrorInvalidValue);
+  std::lock_guard<std::mutex> lock(g_optin_mu);
+  g_optin[kernel] = size_t(value);
   return cudaSuccess;
 }
 
 void reset() {
   g_sticky.store(cudaSuccess);
+  g_fail_at.store(-1);
   t_last = cudaSuccess;
 }
 void set_missing_kernel_image(bool missing) { g_missing_image.store(missing); }
+void fail_launch(long long n) { g_fail_at.store(n > 0 ? g_launches.load() + n - 1 : -1); }
 long long launch_count() { return g_launches.load(); }
 bool stream_valid(cudaStream_t s) {
   if (s == nullptr) return true;

@@ -18,7 +18,7 @@ __global__ void reverse_kernel(float* out, int n) {
   const int t = threadIdx.x;
   s[t] = float(t);
   if (BARRIER) __syncthreads();
-  out[t] = s[n - 1 - t];
+  out[blockIdx.x * n + t] = s[n - 1 - t];  // two blocks: the scheduler runs them in both orders
 }
 
 __global__ void unwritten_kernel(float* out) {
@@ -54,6 +54,29 @@ __global__ void dynamic_kernel(float* out, int n) {
   out[t] = s[(t + 1) % n];
 }
 
+// The same as dynamic_kernel, a separate kernel for the opt-in cases (an opt-in is per kernel).
+__global__ void optin_kernel(float* out, int n) {
+  FASTDL_DYNAMIC_SHARED(16, float, s);
+  const int t = threadIdx.x;
+  s[t] = float(2 * t);
+  __syncthreads();
+  out[t] = s[(t + 1) % n];
+}
+
+// 16 KB of static shared memory (launched with 40 KB dynamic: 56 KB, over 48 KB without opt-in).
+__global__ void static_kernel(float* out) {
+  FASTDL_SHARED(16, float, s, [4096]);
+  s[threadIdx.x] = 1.f;
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Even and odd threads reach different __syncthreads(): fails even though all threads arrive.
+__global__ void split_barrier_kernel(float* out) {
+  if (threadIdx.x % 2 == 0) __syncthreads();
+  else __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+
 // Lane 0 waits at a warp barrier while lane 1 waits at the block barrier: never released.
 __global__ void divergent_kernel(float* out) {
   if (threadIdx.x == 0) __syncwarp();
@@ -71,8 +94,9 @@ std::vector<double> cuda_emulation_selftest(const std::string& name) {
   size_t n = 0;
   if (name == "reverse" || name == "reverse_no_barrier") {
     n = 100;
-    if (name == "reverse") FASTDL_LAUNCH(1, n, 0, nullptr, reverse_kernel<true>)(o, int(n));
-    else FASTDL_LAUNCH(1, n, 0, nullptr, reverse_kernel<false>)(o, int(n));
+    if (name == "reverse") FASTDL_LAUNCH(2, n, 0, nullptr, reverse_kernel<true>)(o, int(n));
+    else FASTDL_LAUNCH(2, n, 0, nullptr, reverse_kernel<false>)(o, int(n));
+    n *= 2;
   } else if (name == "unwritten") {
     n = 64;
     FASTDL_LAUNCH(1, n, 0, nullptr, unwritten_kernel)(o);
@@ -86,6 +110,25 @@ std::vector<double> cuda_emulation_selftest(const std::string& name) {
     FASTDL_LAUNCH(1, 1025, 0, nullptr, unwritten_kernel)(o);
   } else if (name == "too_much_dynamic_shared") {
     FASTDL_LAUNCH(1, 32, 1 << 20, nullptr, dynamic_kernel)(o, 32);
+  } else if (name == "dynamic_over_48k_without_optin") {
+    FASTDL_LAUNCH(1, 32, 64 * 1024, nullptr, dynamic_kernel)(o, 32);
+  } else if (name == "dynamic_over_48k_with_optin") {
+    n = 32;
+    FASTDL_CUDA_CHECK(cudaFuncSetAttribute(optin_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           64 * 1024));
+    FASTDL_LAUNCH(1, n, 64 * 1024, nullptr, optin_kernel)(o, int(n));
+  } else if (name == "dynamic_over_optin") {
+    FASTDL_CUDA_CHECK(cudaFuncSetAttribute(optin_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           64 * 1024));
+    FASTDL_LAUNCH(1, 32, 64 * 1024 + 4, nullptr, optin_kernel)(o, 32);
+  } else if (name == "optin_over_device_max") {
+    FASTDL_CUDA_CHECK(cudaFuncSetAttribute(optin_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           228 * 1024));
+  } else if (name == "static_plus_dynamic_over_48k") {
+    FASTDL_LAUNCH(1, 32, 40 * 1024, nullptr, static_kernel)(o);
+  } else if (name == "split_barriers") {
+    n = 64;
+    FASTDL_LAUNCH(1, n, 0, nullptr, split_barrier_kernel)(o);
   } else if (name == "divergent_barriers") {
     n = 32;
     FASTDL_LAUNCH(1, n, 0, nullptr, divergent_kernel)(o);

@@ -34,6 +34,8 @@ def _fast_intake(first, others):
     code, numel, pointers) or None, in which case the caller runs the full validation, which raises the precise
     error or accepts what this pass was too strict for. Keeps a 1-element call near 2 us."""
     global _torch_fast
+    if _tensor.CPU_DEVICE >= 0:   # CPU memory routed to the emulated CUDA path: full validation
+        return None
     t = type(first)
     if t is np.ndarray:
         dt = first.dtype
