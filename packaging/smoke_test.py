@@ -156,9 +156,168 @@ def smoke_max_unpool2d_backward():
     close(ops.max_unpool2d_backward(gz, idx), gy)
 
 
+def _conv_case(transpose=False):
+    """x, w, b and torch's output and gradients for a strided, padded (transposed) convolution."""
+    x, b = rand(2, 3, 9, 11), rand(4)
+    w = rand(3, 4, 3, 3) if transpose else rand(4, 3, 3, 3)
+    kw = dict(stride=2, padding=1, output_padding=1) if transpose else dict(stride=2, padding=1)
+    args = [v.detach().clone().requires_grad_() for v in (x, w, b)]
+    y = (TF.conv_transpose2d if transpose else TF.conv2d)(*args, **kw)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    return (x, w, b), kw, y.detach(), gy, [a.grad for a in args]
+
+
+def smoke_conv2d():
+    (x, w, b), kw, y, _, _ = _conv_case()
+    close(ops.conv2d(x, w, b, **kw), y)
+
+
+def smoke_conv2d_backward():
+    (x, w, _), kw, _, gy, grads = _conv_case()
+    for got, want in zip(ops.conv2d_backward(gy, x, w, **kw), grads):
+        close(got, want)
+
+
+def smoke_conv_transpose2d():
+    (x, w, b), kw, y, _, _ = _conv_case(transpose=True)
+    close(ops.conv_transpose2d(x, w, b, **kw), y)
+
+
+def smoke_conv_transpose2d_backward():
+    (x, w, _), kw, _, gy, grads = _conv_case(transpose=True)
+    for got, want in zip(ops.conv_transpose2d_backward(gy, x, w, **kw), grads):
+        close(got, want)
+
+
+def smoke_set_conv_algorithm():
+    (x, w, b), kw, y, _, _ = _conv_case()
+    before = ops.get_conv_algorithm()
+    try:
+        ops.set_conv_algorithm("reference")
+        assert ops.get_conv_algorithm() == "reference"
+        close(ops.conv2d(x, w, b, **kw), y)
+    finally:
+        ops.set_conv_algorithm(before)
+
+
+def smoke_get_conv_algorithm():
+    assert ops.get_conv_algorithm() in ("auto", "reference", "gemm", "direct", "winograd")
+
+
+def _rnn_case(kind, cell=False, nonlinearity="tanh"):
+    """One torch layer (T=4, B=2, I=3, H=5) or cell: its weights, inputs, outputs, upstream
+    gradients and torch autograd's gradients (input, h0, c0 where LSTM, then the weights)."""
+    cls = getattr(torch.nn, {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[kind] + ("Cell" * cell))
+    ref = cls(3, 5, nonlinearity=nonlinearity) if kind == "rnn" else cls(3, 5)
+    sfx = "" if cell else "_l0"
+    w = [getattr(ref, f"{n}{sfx}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    x = rand(2, 3, grad=True) if cell else rand(4, 2, 3, grad=True)
+    h0, c0 = rand(2, 5, grad=True), rand(2, 5, grad=True)
+    if cell:
+        out = ref(x, (h0, c0)) if kind == "lstm" else (ref(x, h0),)
+    else:
+        y, hn = ref(x, (h0[None], c0[None]) if kind == "lstm" else h0[None])
+        out = (y,) + (tuple(t[0] for t in hn) if kind == "lstm" else (hn[0],))
+    ups = [torch.randn_like(o) for o in out]
+    torch.autograd.backward(out, ups)
+    grads = [x.grad, h0.grad] + ([c0.grad] if kind == "lstm" else []) + [p.grad for p in w]
+    det = [t.detach() for t in (x, h0, c0, *w)]
+    return det, [o.detach() for o in out], [u.detach() for u in ups], grads
+
+
+def _close_all(got, want):
+    for g, t in zip(got, want, strict=True):
+        close(g, t)
+
+
+def smoke_lstm_layer_forward():
+    (x, h0, c0, *w), out, _, _ = _rnn_case("lstm")
+    _close_all(ops.lstm_layer_forward(x, h0, c0, *w)[:3], out)
+
+
+def smoke_lstm_layer_backward():
+    (x, h0, c0, *w), _, (gy, gh, gc), grads = _rnn_case("lstm")
+    ws = ops.lstm_layer_forward(x, h0, c0, *w)[3]
+    _close_all(ops.lstm_layer_backward(gy, gh, gc, x, h0, c0, w[0], w[1], ws)[:7], grads)
+
+
+def smoke_gru_layer_forward():
+    (x, h0, _, *w), out, _, _ = _rnn_case("gru")
+    _close_all(ops.gru_layer_forward(x, h0, *w)[:2], out)
+
+
+def smoke_gru_layer_backward():
+    (x, h0, _, *w), _, (gy, gh), grads = _rnn_case("gru")
+    ws = ops.gru_layer_forward(x, h0, *w)[2]
+    _close_all(ops.gru_layer_backward(gy, gh, x, h0, w[0], w[1], ws), grads)
+
+
+def smoke_rnn_layer_forward():
+    (x, h0, _, *w), out, _, _ = _rnn_case("rnn", nonlinearity="relu")
+    _close_all(ops.rnn_layer_forward(x, h0, *w, nonlinearity="relu")[:2], out)
+
+
+def smoke_rnn_layer_backward():
+    (x, h0, _, *w), _, (gy, gh), grads = _rnn_case("rnn")
+    ws = ops.rnn_layer_forward(x, h0, *w)[2]
+    _close_all(ops.rnn_layer_backward(gy, gh, x, h0, w[0], w[1], ws), grads)
+
+
+def smoke_recurrent_layer_forward():
+    (x, h0, _, *w), out, _, _ = _rnn_case("gru")
+    y, hn, cn, _ = ops.recurrent_layer_forward(ops.rnn.GRU, x, h0, *w, training=False)
+    _close_all((y, hn), out)
+    assert cn is None
+
+
+def smoke_recurrent_layer_backward():
+    (x, h0, c0, *w), _, (gy, gh, gc), grads = _rnn_case("lstm")
+    ws = ops.recurrent_layer_forward(ops.rnn.LSTM, x, h0, *w, cx=c0)[3]
+    g = ops.recurrent_layer_backward(ops.rnn.LSTM, gy, gh, x, h0, w[0], w[1], ws, grad_cn=gc,
+                                     cx=c0)
+    _close_all(g[:7], grads)
+
+
+def smoke_lstm_cell_forward():
+    (x, h0, c0, *w), out, _, _ = _rnn_case("lstm", cell=True)
+    _close_all(ops.lstm_cell_forward(x, h0, c0, *w)[:2], out)
+
+
+def smoke_lstm_cell_backward():
+    (x, h0, c0, *w), _, (gh, gc), grads = _rnn_case("lstm", cell=True)
+    ws = ops.lstm_cell_forward(x, h0, c0, *w)[2]
+    _close_all(ops.lstm_cell_backward(gh, gc, x, h0, c0, w[0], w[1], ws), grads)
+
+
+def smoke_gru_cell_forward():
+    (x, h0, _, *w), out, _, _ = _rnn_case("gru", cell=True)
+    _close_all(ops.gru_cell_forward(x, h0, *w)[:1], out)
+
+
+def smoke_gru_cell_backward():
+    (x, h0, _, *w), _, (gh,), grads = _rnn_case("gru", cell=True)
+    ws = ops.gru_cell_forward(x, h0, *w)[1]
+    _close_all(ops.gru_cell_backward(gh, x, h0, w[0], w[1], ws), grads)
+
+
+def smoke_rnn_cell_forward():
+    (x, h0, _, *w), out, _, _ = _rnn_case("rnn", cell=True, nonlinearity="relu")
+    _close_all(ops.rnn_cell_forward(x, h0, *w, nonlinearity="relu")[:1], out)
+
+
+def smoke_rnn_cell_backward():
+    (x, h0, _, *w), _, (gh,), grads = _rnn_case("rnn", cell=True, nonlinearity="relu")
+    ws = ops.rnn_cell_forward(x, h0, *w, nonlinearity="relu")[1]
+    _close_all(ops.rnn_cell_backward(gh, x, h0, w[0], w[1], ws, nonlinearity="relu"), grads)
+
+
+_SHAPES = {"linear": (6, 7), "conv1d": (2, 3, 11)}   # input shapes; default (2, 3, 9, 11)
+
+
 def _functional(name, *args, **kw):
     def run():
-        x = rand(2, 3, 9, 11) if name != "linear" else rand(6, 7)
+        x = rand(*_SHAPES.get(name, (2, 3, 9, 11)))
         want_y, gy, want_gx = _grads(getattr(TF, name), x, *args, **kw)
         xg = x.detach().clone().requires_grad_()
         y = getattr(F, name)(xg, *args, **kw)
@@ -173,18 +332,29 @@ def smoke_functional_max_unpool2d():
     close(F.max_unpool2d(y, idx, 2), TF.max_unpool2d(y, idx, 2))
 
 
-def _module(name, *args):
+_MODULE_INPUTS = {"Linear": (6, 7), "Conv1d": (2, 3, 11), "RNN": (4, 2, 3), "LSTM": (4, 2, 3),
+                  "GRU": (4, 2, 3), "RNNCell": (2, 3), "LSTMCell": (2, 3), "GRUCell": (2, 3)}
+
+
+def _flat(out):
+    """A module's output as a flat tuple of tensors (recurrent modules return nested tuples)."""
+    if isinstance(out, (tuple, list)):
+        return tuple(t for o in out for t in _flat(o))
+    return (out,)
+
+
+def _module(name, *args, **kw):
     def run():
         torch.manual_seed(1)
-        ref = getattr(torch.nn, name)(*args)
-        mod = getattr(fastdl.nn, name)(*args)
+        ref = getattr(torch.nn, name)(*args, **kw)
+        mod = getattr(fastdl.nn, name)(*args, **kw)
         mod.load_state_dict(ref.state_dict())
-        x = rand(6, 7) if name == "Linear" else rand(2, 3, 9, 11)
+        x = rand(*_MODULE_INPUTS.get(name, (2, 3, 9, 11)))
         if name == "MaxUnpool2d":
             x, idx = TF.max_pool2d(rand(2, 3, 8, 10), 2, return_indices=True)
             close(mod(x, idx), ref(x, idx))
         else:
-            close(mod(x), ref(x))
+            _close_all(_flat(mod(x)), _flat(ref(x)))
     return run
 
 
@@ -212,12 +382,26 @@ SMOKE.update({
     "nn.functional.adaptive_max_pool2d": _functional("adaptive_max_pool2d", (4, 5)),
     "nn.functional.adaptive_avg_pool2d": _functional("adaptive_avg_pool2d", (4, 5)),
     "nn.functional.max_unpool2d": smoke_functional_max_unpool2d,
+    "nn.functional.conv1d": _functional("conv1d", torch.randn(4, 3, 3), torch.randn(4), padding=1),
+    "nn.functional.conv2d": _functional("conv2d", torch.randn(4, 3, 3, 3), torch.randn(4),
+                                        stride=2, padding=1),
+    "nn.functional.conv_transpose2d": _functional("conv_transpose2d", torch.randn(3, 4, 3, 3),
+                                                  torch.randn(4), stride=2, padding=1),
     "nn.Linear": _module("Linear", 7, 5),
     "nn.MaxPool2d": _module("MaxPool2d", 3, 2, 1),
     "nn.AvgPool2d": _module("AvgPool2d", 3, 2, 1),
     "nn.AdaptiveMaxPool2d": _module("AdaptiveMaxPool2d", (4, 5)),
     "nn.AdaptiveAvgPool2d": _module("AdaptiveAvgPool2d", (4, 5)),
     "nn.MaxUnpool2d": _module("MaxUnpool2d", 2),
+    "nn.Conv1d": _module("Conv1d", 3, 4, 3, padding=1),
+    "nn.Conv2d": _module("Conv2d", 3, 4, 3, stride=2, padding=1),
+    "nn.ConvTranspose2d": _module("ConvTranspose2d", 3, 4, 3, stride=2, padding=1),
+    "nn.RNN": _module("RNN", 3, 5, 2),
+    "nn.LSTM": _module("LSTM", 3, 5, bidirectional=True),
+    "nn.GRU": _module("GRU", 3, 5),
+    "nn.RNNCell": _module("RNNCell", 3, 5, nonlinearity="relu"),
+    "nn.LSTMCell": _module("LSTMCell", 3, 5),
+    "nn.GRUCell": _module("GRUCell", 3, 5),
     "optim.SGD": _optimizer("SGD", lr=0.1, momentum=0.9),
     "optim.Adam": _optimizer("Adam", lr=0.1),
     "optim.AdamW": _optimizer("AdamW", lr=0.1),
@@ -250,10 +434,11 @@ def check_files(source_tree: str):
         raise SystemExit(f"smoke: files missing from the installed package: {sorted(missing)}")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    """argv: the command line's arguments (sys.argv[1:] when None); tests pass [] in-process."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--source-tree", help="check that every Python file of this tree is installed")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     here = os.path.dirname(fastdl.__file__)
     print(f"fastdl {fastdl.__version__} from {here}: {fastdl.build_info()}")
     if args.source_tree:

@@ -1,11 +1,15 @@
 """packaging/check_cuda_archs.sh, the CUDA wheel's architecture check that build_wheel.sh runs
 (issue #12): a cubin for every architecture of the CMake list, PTX for every one not marked
 -real, and a failure (never a pass) when cuobjdump is missing. cuobjdump is faked here: it prints
-the listings a real one gives for the module."""
+the listings a real one gives for the module. Also packaging/smoke_test.py's main() run in-process
+against the in-tree build, so a public op without a smoke entry fails the fast suite."""
+import importlib.util
 import os
 import subprocess
 
 import pytest
+
+import fastdl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "packaging", "check_cuda_archs.sh")
@@ -71,3 +75,26 @@ def test_build_wheel_runs_the_check_and_stops_on_a_failed_listing():
     assert "bash packaging/check_cuda_archs.sh" in text
     assert 'listing=$("$PYTHON" -m zipfile -l "$whl")' in text
     assert "python -m" not in text.replace('"$PYTHON" -m', "")   # one interpreter throughout
+
+
+def _smoke_module():
+    spec = importlib.util.spec_from_file_location(
+        "fastdl_smoke_test", os.path.join(ROOT, "packaging", "smoke_test.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_test_covers_and_passes_every_public_op(capsys):
+    smoke = _smoke_module()
+    algo = fastdl.ops.get_conv_algorithm()
+    assert smoke.main([]) == 0
+    assert fastdl.ops.get_conv_algorithm() == algo       # the smoke run leaves no global state
+    assert f"smoke: {len(smoke.public_names())} public ops OK" in capsys.readouterr().out
+
+
+def test_smoke_test_fails_for_a_public_op_without_an_entry(monkeypatch):
+    smoke = _smoke_module()
+    monkeypatch.delitem(smoke.SMOKE, "ops.conv2d")
+    with pytest.raises(SystemExit, match=r"no smoke call for \['ops.conv2d'\]"):
+        smoke.main([])
