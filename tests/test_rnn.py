@@ -525,3 +525,36 @@ def test_ops_bad_input():
     with pytest.raises(ValueError, match="nonlinearity"):
         ops.rnn_layer_forward(x, h, np.ones((2, 3), np.float32), np.ones((2, 2), np.float32),
                               nonlinearity="gelu")
+
+
+# ---- empty batch (review item 1) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True)])
+def test_batch_zero(kind, cfg):
+    """B=0 is valid in torch: empty output, empty states, zero parameter gradients."""
+    ours, theirs = make_pair(kind, 4, 6, **cfg)
+    shape = (0, 3, 4) if cfg.get("batch_first") else (3, 0, 4)
+    check_module(ours, theirs, rand(*shape, dtype=torch.float64, requires_grad=True), reduction=4, what=f"{kind} B=0")
+    with torch.no_grad():
+        x = rand(*shape, dtype=torch.float64)
+        for a, b in zip(flat(ours(x)), flat(theirs(x))):
+            assert a.shape == b.shape
+    for p in ours.parameters():
+        assert p.grad is not None and not p.grad.any()
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+def test_cell_batch_zero(name, kw):
+    ours = getattr(fastdl.nn, name)(4, 6, dtype=torch.float64, **kw)
+    theirs = getattr(torch.nn, name)(4, 6, dtype=torch.float64, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    x = rand(0, 4, dtype=torch.float64, requires_grad=True)
+    oa, ob = ours(x), theirs(x.detach())
+    oa = oa if isinstance(oa, tuple) else (oa,)
+    ob = ob if isinstance(ob, tuple) else (ob,)
+    assert [u.shape for u in oa] == [v.shape for v in ob]
+    torch.autograd.backward(oa, [torch.ones_like(u) for u in oa])
+    assert x.grad.shape == x.shape
+    for p in ours.parameters():
+        assert p.grad is not None and not p.grad.any()
