@@ -558,3 +558,26 @@ def test_cell_batch_zero(name, kw):
     assert x.grad.shape == x.shape
     for p in ours.parameters():
         assert p.grad is not None and not p.grad.any()
+
+
+# ---- sequence length 0 (review item 2) -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_sequence_length_zero(kind, batch_first):
+    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, batch_first=batch_first)
+    x = rand(3, 0, 4) if batch_first else rand(0, 3, 4)
+    same_error(lambda: ours(x), lambda: theirs(x), match="sequence length")
+    same_error(lambda: ours(rand(0, 4)), lambda: theirs(rand(0, 4)), match="sequence length")
+
+
+def test_ops_sequence_length_zero():
+    w_ih, w_hh = rand(20, 3), rand(20, 5)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ops.lstm_layer_forward(rand(0, 2, 3), rand(2, 5), rand(2, 5), w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ops.gru_layer_backward(None, None, rand(0, 2, 3), rand(2, 5), rand(15, 3), rand(15, 5),
+                               rand(0))
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ops.rnn_layer_forward(rand(0, 3), rand(0, 5), rand(5, 3), rand(5, 5),
+                              batch_sizes=torch.zeros(0, dtype=torch.int64))

@@ -133,6 +133,9 @@ def _geometry(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
         if input.shape[0] != N:
             raise RuntimeError(f"{fn}: packed input has {input.shape[0]} rows but batch_sizes "
                                f"sum to {N}")
+    if T == 0:
+        raise RuntimeError(f"{fn}: Expected sequence length to be larger than 0 in RNN (got input "
+                           f"{_tensor.describe(input)})")
     if input.shape[-1] != I:
         raise RuntimeError(f"{fn}: input.size(-1) must be equal to input_size. Expected {I}, got "
                            f"{input.shape[-1]}")
