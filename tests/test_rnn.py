@@ -581,3 +581,20 @@ def test_ops_sequence_length_zero():
     with pytest.raises(RuntimeError, match="sequence length"):
         ops.rnn_layer_forward(rand(0, 3), rand(0, 5), rand(5, 3), rand(5, 5),
                               batch_sizes=torch.zeros(0, dtype=torch.int64))
+
+
+# ---- double backward (review item 3) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_double_backward_raises(kind):
+    """The backward is not itself differentiable: create_graph=True raises instead of returning a
+    gradient without a graph (which a gradient penalty would silently treat as a constant)."""
+    ours, _ = make_pair(kind, 3, 4)
+    x = rand(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ours(x)[0].sum(), x, create_graph=True)
+    cell = fastdl.nn.GRUCell(3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(cell(x[0]).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(ours(x)[0].sum(), x)                  # first order still works
+    assert g.shape == x.shape and not g.requires_grad
