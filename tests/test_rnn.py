@@ -598,3 +598,27 @@ def test_double_backward_raises(kind):
         torch.autograd.grad(cell(x[0]).sum(), x, create_graph=True)
     (g,) = torch.autograd.grad(ours(x)[0].sum(), x)                  # first order still works
     assert g.shape == x.shape and not g.requires_grad
+
+
+# ---- sigmoid underflow (review item 4) -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("H", [1, 9, 16])
+def test_sigmoid_underflow_gives_zero(name, H):
+    """A forget (LSTM) or update (GRU) gate far below -88 is 0 in torch, so a huge carried state
+    (1e38) drops out; a sigmoid stuck at its clamp (6e-39) would leave ~0.6 of it. Covers the
+    AVX2 lanes (H >= 8) and the scalar tail (H % 8), with -100 and -inf pre-activations."""
+    ours = getattr(fastdl.nn, name)(3, H, dtype=torch.float32)
+    with torch.no_grad():
+        gate = 1                                               # LSTM f (i, f, g, o); GRU z (r, z, n)
+        ours.bias_ih[gate * H:(gate + 1) * H] = torch.where(torch.arange(H) % 2 == 0,
+                                                            -100.0, -float("inf"))
+        ours.weight_hh.zero_()
+    theirs = getattr(torch.nn, name)(3, H, dtype=torch.float32)
+    theirs.load_state_dict(ours.state_dict())
+    x, big = rand(5, 3), torch.full((5, H), 1e38)
+    hx = (rand(5, H), big) if name == "LSTMCell" else big
+    with torch.no_grad():
+        oa, ob = ours(x, hx), theirs(x, hx)
+    for u, v in zip(oa if isinstance(oa, tuple) else (oa,), ob if isinstance(ob, tuple) else (ob,)):
+        assert_close(u, v, reduction=3, what=f"{name} H={H} with an underflowing gate")
