@@ -525,3 +525,100 @@ def test_ops_bad_input():
     with pytest.raises(ValueError, match="nonlinearity"):
         ops.rnn_layer_forward(x, h, np.ones((2, 3), np.float32), np.ones((2, 2), np.float32),
                               nonlinearity="gelu")
+
+
+# ---- empty batch (review item 1) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True)])
+def test_batch_zero(kind, cfg):
+    """B=0 is valid in torch: empty output, empty states, zero parameter gradients."""
+    ours, theirs = make_pair(kind, 4, 6, **cfg)
+    shape = (0, 3, 4) if cfg.get("batch_first") else (3, 0, 4)
+    check_module(ours, theirs, rand(*shape, dtype=torch.float64, requires_grad=True), reduction=4, what=f"{kind} B=0")
+    with torch.no_grad():
+        x = rand(*shape, dtype=torch.float64)
+        for a, b in zip(flat(ours(x)), flat(theirs(x))):
+            assert a.shape == b.shape
+    for p in ours.parameters():
+        assert p.grad is not None and not p.grad.any()
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+def test_cell_batch_zero(name, kw):
+    ours = getattr(fastdl.nn, name)(4, 6, dtype=torch.float64, **kw)
+    theirs = getattr(torch.nn, name)(4, 6, dtype=torch.float64, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    x = rand(0, 4, dtype=torch.float64, requires_grad=True)
+    oa, ob = ours(x), theirs(x.detach())
+    oa = oa if isinstance(oa, tuple) else (oa,)
+    ob = ob if isinstance(ob, tuple) else (ob,)
+    assert [u.shape for u in oa] == [v.shape for v in ob]
+    torch.autograd.backward(oa, [torch.ones_like(u) for u in oa])
+    assert x.grad.shape == x.shape
+    for p in ours.parameters():
+        assert p.grad is not None and not p.grad.any()
+
+
+# ---- sequence length 0 (review item 2) -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_sequence_length_zero(kind, batch_first):
+    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, batch_first=batch_first)
+    x = rand(3, 0, 4) if batch_first else rand(0, 3, 4)
+    same_error(lambda: ours(x), lambda: theirs(x), match="sequence length")
+    same_error(lambda: ours(rand(0, 4)), lambda: theirs(rand(0, 4)), match="sequence length")
+
+
+def test_ops_sequence_length_zero():
+    w_ih, w_hh = rand(20, 3), rand(20, 5)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ops.lstm_layer_forward(rand(0, 2, 3), rand(2, 5), rand(2, 5), w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ops.gru_layer_backward(None, None, rand(0, 2, 3), rand(2, 5), rand(15, 3), rand(15, 5),
+                               rand(0))
+    with pytest.raises(RuntimeError, match="sequence length"):
+        ops.rnn_layer_forward(rand(0, 3), rand(0, 5), rand(5, 3), rand(5, 5),
+                              batch_sizes=torch.zeros(0, dtype=torch.int64))
+
+
+# ---- double backward (review item 3) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_double_backward_raises(kind):
+    """The backward is not itself differentiable: create_graph=True raises instead of returning a
+    gradient without a graph (which a gradient penalty would silently treat as a constant)."""
+    ours, _ = make_pair(kind, 3, 4)
+    x = rand(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ours(x)[0].sum(), x, create_graph=True)
+    cell = fastdl.nn.GRUCell(3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(cell(x[0]).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(ours(x)[0].sum(), x)                  # first order still works
+    assert g.shape == x.shape and not g.requires_grad
+
+
+# ---- sigmoid underflow (review item 4) -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("H", [1, 9, 16])
+def test_sigmoid_underflow_gives_zero(name, H):
+    """A forget (LSTM) or update (GRU) gate far below -88 is 0 in torch, so a huge carried state
+    (1e38) drops out; a sigmoid stuck at its clamp (6e-39) would leave ~0.6 of it. Covers the
+    AVX2 lanes (H >= 8) and the scalar tail (H % 8), with -100 and -inf pre-activations."""
+    ours = getattr(fastdl.nn, name)(3, H, dtype=torch.float32)
+    with torch.no_grad():
+        gate = 1                                               # LSTM f (i, f, g, o); GRU z (r, z, n)
+        ours.bias_ih[gate * H:(gate + 1) * H] = torch.where(torch.arange(H) % 2 == 0,
+                                                            -100.0, -float("inf"))
+        ours.weight_hh.zero_()
+    theirs = getattr(torch.nn, name)(3, H, dtype=torch.float32)
+    theirs.load_state_dict(ours.state_dict())
+    x, big = rand(5, 3), torch.full((5, H), 1e38)
+    hx = (rand(5, H), big) if name == "LSTMCell" else big
+    with torch.no_grad():
+        oa, ob = ours(x, hx), theirs(x, hx)
+    for u, v in zip(oa if isinstance(oa, tuple) else (oa,), ob if isinstance(ob, tuple) else (ob,)):
+        assert_close(u, v, reduction=3, what=f"{name} H={H} with an underflowing gate")

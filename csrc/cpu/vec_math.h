@@ -28,9 +28,12 @@ inline __m256 exp8(__m256 x) {
   return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 
+// Within 4 ulp of 1 / (1 + expf(-x)); 0 below -88.7 (and at -inf) as torch, not exp8's clamp.
 inline __m256 sigmoid8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  const __m256 s =
+      _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-88.7f), _CMP_LT_OQ), s);
 }
 
 inline __m256 tanh8(__m256 x) {

@@ -133,6 +133,9 @@ def _geometry(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
         if input.shape[0] != N:
             raise RuntimeError(f"{fn}: packed input has {input.shape[0]} rows but batch_sizes "
                                f"sum to {N}")
+    if T == 0:
+        raise RuntimeError(f"{fn}: Expected sequence length to be larger than 0 in RNN (got input "
+                           f"{_tensor.describe(input)})")
     if input.shape[-1] != I:
         raise RuntimeError(f"{fn}: input.size(-1) must be equal to input_size. Expected {I}, got "
                            f"{input.shape[-1]}")
@@ -158,6 +161,10 @@ def recurrent_layer_forward(mode, input, hx, weight_ih, weight_hh, bias_ih=None,
         fn, mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes,
         reverse)
     x = _contig(input)
+    if N == 0:
+        # Empty batch (torch accepts it): nothing to run; the kernels get no null pointers.
+        return (_empty(x, tuple(input.shape[:-1]) + (R,)), _empty(x, (B, R)),
+                _empty(x, (B, H)) if mode == LSTM else None, _empty(x, (0,)) if training else None)
     y = _empty(x, tuple(input.shape[:-1]) + (R,))
     hn = _empty(x, (B, R))
     cn = _empty(x, (B, H)) if mode == LSTM else None
@@ -183,7 +190,7 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
     geometry, code, device, (T, B, N, I, H, R), bs = _geometry(
         fn, mode, input, hx, cx, weight_ih, weight_hh, None, None, weight_hr, batch_sizes, reverse)
     geometry = geometry[:9] + (bool(has_bias),)
-    ws_n, sc_n = _C.rnn_buffer_sizes(geometry)
+    ws_n, sc_n = (0, 0) if N == 0 else _C.rnn_buffer_sizes(geometry)
     if workspace is None or tuple(workspace.shape) != (ws_n,):
         raise RuntimeError(f"{fn}: expected the forward's workspace of {ws_n} elements (run the "
                            f"forward with training=True), got "
@@ -206,6 +213,12 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
     db_ih = _empty(x, (weight_ih.shape[0],)) if dw and has_bias else None
     db_hh = _empty(x, (weight_ih.shape[0],)) if dw and has_bias else None
     dw_hr = _empty(x, tuple(weight_hr.shape)) if dw and weight_hr is not None else None
+    if N == 0:
+        # Empty batch: empty input/state gradients, zero parameter gradients (as torch).
+        for g in (dw_ih, dw_hh, db_ih, db_hh, dw_hr):
+            if g is not None:
+                g[...] = 0
+        return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
     scratch = _empty(x, (sc_n,))
     args = [x] + [_contig(v) for v in (weight_ih, weight_hh, weight_hr, grad_output, grad_hn,
                                        grad_cn, workspace)]

@@ -7,7 +7,6 @@ fastdl.nn.RNN / LSTM / GRU and the cells (the equivalent of torch's _VF.lstm / _
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ...ops import rnn as _ops
 
@@ -47,8 +46,17 @@ class _Layer(torch.autograd.Function):
         return y, hn
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy, ghn, gcn=None):
+        # The kernels' backward is not differentiable: refuse create_graph (grad mode is on only
+        # then) rather than return gradients without a graph that a penalty would treat as
+        # constants.
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastdl recurrent layers do not support double backward "
+                               "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
+        return _Layer._backward(ctx, gy, ghn, gcn)
+
+    @staticmethod
+    def _backward(ctx, gy, ghn, gcn):
         mode, batch_sizes, dirs, has_bias, has_proj, has_c = ctx.cfg
         saved = ctx.saved_tensors
         x, h0, c0 = saved[:3]

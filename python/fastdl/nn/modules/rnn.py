@@ -95,6 +95,8 @@ class _RecurrentMixin:
         x = input
         if batch_sizes is None and self.batch_first:
             x = x.transpose(0, 1)
+        if (x.size(0) if batch_sizes is None else batch_sizes.numel()) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         out = _f.run_layers(mode, x, h, c, weights, num_layers=self.num_layers,
                             bidirectional=self.bidirectional, has_bias=self.bias,
                             has_proj=self.proj_size > 0, dropout=float(self.dropout),
