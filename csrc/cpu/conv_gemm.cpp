@@ -18,33 +18,14 @@
 #include <vector>
 
 #include "conv_impl.h"
+#include "scratch.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
 
 namespace {
 
-// Grow-only, 64-byte aligned scratch; one per thread and role, reused across calls.
-struct ConvScratch {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~ConvScratch() { std::free(ptr); }
-  template <class T>
-  T* get(int64_t count) {
-    const size_t n = sizeof(T) * static_cast<size_t>(count);
-    if (n > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      const size_t want = (n + 63) / 64 * 64;
-      ptr = std::aligned_alloc(64, want);
-      if (!ptr) throw std::bad_alloc();
-      bytes = want;
-    }
-    return static_cast<T*>(ptr);
-  }
-};
-thread_local ConvScratch tl_cols;
+thread_local ScratchBuffer tl_cols;
 
 // cols holds at most this many elements per thread (1 MB of float32): ~L2-sized.
 constexpr int64_t kColsBudget = 1 << 18;
@@ -164,7 +145,7 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
   const bool one = pointwise(p);
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
   parallel_for_catch(p.n * G * chunks, grain_for(sc * kg * ckk), [&](int64_t lo, int64_t hi) {
-    T* cols = one ? nullptr : tl_cols.get<T>(ckk * sc);
+    T* cols = one ? nullptr : tl_cols.get_as<T>(ckk * sc);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / (G * chunks), g = (t / chunks) % G, s0 = (t % chunks) * sc;
       const int64_t len = std::min(sc, S - s0);
@@ -205,7 +186,7 @@ void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T*
     return;
   }
   parallel_for_catch(p.n * G, grain_for(S * ckk * kg), [&](int64_t lo, int64_t hi) {
-    T* cols = tl_cols.get<T>(ckk * sc);
+    T* cols = tl_cols.get_as<T>(ckk * sc);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / G, g = t % G;
       T* gxg = gx + (n * p.c + g * cg) * HW;
@@ -237,7 +218,7 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   auto run = [&](int tid, int64_t lo, int64_t hi) {
     T* P = part.data() + tid * wsz;
     std::fill(P, P + wsz, T(0));
-    T* cols = one ? nullptr : tl_cols.get<T>(ckk * sc);
+    T* cols = one ? nullptr : tl_cols.get_as<T>(ckk * sc);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / (G * chunks), g = (t / chunks) % G, s0 = (t % chunks) * sc;
       const int64_t len = std::min(sc, S - s0);

@@ -16,41 +16,16 @@
 #include <vector>
 
 #include "conv_impl.h"
+#include "scratch.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
 
 namespace {
 
-struct WinoScratch {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~WinoScratch() { std::free(ptr); }
-  template <class T>
-  T* get(int64_t count) {
-    const size_t n = sizeof(T) * static_cast<size_t>(count);
-    if (n > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      const size_t want = (n + 63) / 64 * 64;
-      ptr = std::aligned_alloc(64, want);
-      if (!ptr) throw std::bad_alloc();
-      bytes = want;
-    }
-    return static_cast<T*>(ptr);
-  }
-  // Frees a buffer above kKeepBytes so one large call does not pin memory for the thread's life.
-  void trim() {
-    if (bytes > kKeepBytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-    }
-  }
-  static constexpr size_t kKeepBytes = size_t(4) << 20;
-};
-thread_local WinoScratch tl_v, tl_m;
+thread_local ScratchBuffer tl_v, tl_m;
+// A thread frees its Winograd buffers above this size after each task.
+constexpr size_t kKeepBytes = size_t(4) << 20;
 
 // V holds at most this many elements per thread (16 x cg x tiles).
 constexpr int64_t kWinoBudget = 1 << 18;
@@ -116,8 +91,8 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
       tiles, std::max<int64_t>(16, kWinoBudget / (16 * std::max<int64_t>(1, std::max(cg, kg)))));
   const int64_t chunks = (tiles + tc - 1) / tc;
   parallel_for_catch(p.n * G * chunks, grain_for(tc * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
-    T* v = tl_v.get<T>(16 * cg * tc);
-    T* m = tl_m.get<T>(16 * kg * tc);
+    T* v = tl_v.get_as<T>(16 * cg * tc);
+    T* m = tl_m.get_as<T>(16 * kg * tc);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / (G * chunks), g = (t / chunks) % G, t0 = (t % chunks) * tc;
       const int64_t len = std::min(tc, tiles - t0);
@@ -170,8 +145,8 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
         }
       }
     }
-    tl_v.trim();
-    tl_m.trim();
+    tl_v.trim(kKeepBytes);
+    tl_m.trim(kKeepBytes);
   });
 }
 

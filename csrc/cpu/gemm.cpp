@@ -32,6 +32,7 @@
 #include "../cpu_features.h"
 #include "../gemm.h"
 #include "../parallel.h"
+#include "scratch.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -61,25 +62,7 @@ template <> struct Blocking<double> {
 };
 #endif
 
-// Grow-only, 64-byte aligned scratch; one per thread and role, reused across calls.
-struct Scratch {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~Scratch() { std::free(ptr); }
-  void* get(size_t n) {
-    if (n > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      const size_t want = (n + 63) / 64 * 64;
-      ptr = std::aligned_alloc(64, want);
-      if (!ptr) throw std::bad_alloc();
-      bytes = want;
-    }
-    return ptr;
-  }
-};
-thread_local Scratch tl_pack_a, tl_pack_b;
+thread_local ScratchBuffer tl_pack_a, tl_pack_b;
 
 // ---- packing ---------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@
 #include "../parallel.h"
 #include "../rnn.h"
 #include "../rnn_math.h"
+#include "scratch.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -52,25 +53,8 @@ void gemm(const GemmParams& p, const void* a, const void* b, void* c);  // csrc/
 
 namespace {
 
-// Grow-only scratch owned by the calling thread (the step loop runs on the caller's thread).
-struct RnnScratchBuf {
-  void* ptr = nullptr;
-  size_t bytes = 0;
-  ~RnnScratchBuf() { std::free(ptr); }
-  void* get(size_t n) {
-    if (n > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      const size_t want = (n + 63) / 64 * 64;
-      ptr = std::aligned_alloc(64, want);
-      if (!ptr) throw std::bad_alloc();
-      bytes = want;
-    }
-    return ptr;
-  }
-};
-thread_local RnnScratchBuf tl_xg, tl_hh;
+// Per-thread scratch, owned by the calling thread (the step loop runs on the caller's thread).
+thread_local ScratchBuffer tl_xg, tl_hh;
 
 // c (m x n, ldc) = alpha * op(a) op(b) + beta * c, on fastdl's GEMM.
 template <class T>
