@@ -39,6 +39,11 @@ def test_decide_driver_too_old_names_what_is_needed():
     assert usable == [] and "12.8" in why
 
 
+def test_decide_no_driver_says_so():
+    usable, why = decide(True, False, probe(driver=0, err=35, caps=()), ARCHS)
+    assert usable == [] and "no NVIDIA driver" in why and "CUDA 0.0" not in why
+
+
 def test_decide_minor_version_compatibility():
     """A 13.0 driver runs code built with the 13.1 runtime (CUDA minor-version compatibility)."""
     assert decide(True, False, probe(runtime=13010, driver=13000), ARCHS) == ([0], "")

@@ -231,12 +231,13 @@ def test_ctrl_c_stops_cleanly_after_the_current_step():
     model = fastdl.Sequential(*_net(3))
     model.compile("adam", "mse")
     log = _BatchLog()
+    before = signal.getsignal(signal.SIGINT)   # SIG_IGN when the run was started in the background
     h = model.fit(x, y, batch_size=8, epochs=5, callbacks=[_CtrlC(), log], verbose=0)
     assert h.epoch == [0]                      # epoch 1 finished; epoch 2 interrupted
     assert len(log.logs) == 8 + 3              # stopped right after the step that saw Ctrl-C
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert model.predict(x).shape == (64, 3)    # usable
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_model_wraps_any_module_and_keeps_its_state_dict_keys():
@@ -409,6 +410,7 @@ def test_second_ctrl_c_aborts_but_ends_callbacks_and_the_progress_bar(tmp_path, 
     model.compile("adam", "mse")
     csv_log = CSVLogger(tmp_path / "log.csv")
     stop = EarlyStopping(monitor="loss", restore_best_weights=True, patience=10)
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         model.fit(x, y, batch_size=8, epochs=5, verbose=1,
                   callbacks=[_Script(kills_at=2), csv_log, stop])
@@ -416,7 +418,7 @@ def test_second_ctrl_c_aborts_but_ends_callbacks_and_the_progress_bar(tmp_path, 
     for a, b in zip(model.state_dict().values(), stop.best_weights.values()):
         assert torch.equal(a, b)                       # EarlyStopping restored epoch 1's weights
     assert model._progress is None
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     assert "Epoch 2/5" in closed                       # the interrupted epoch's bar is closed
 
 

@@ -47,6 +47,9 @@ def decide(compiled: bool, emulated: bool, probe: list[int], archs: list[str]) -
     # CUDA minor-version compatibility: a 13.0 driver runs a 13.x runtime's code, so only an older
     # major version rules the driver out before cudaGetDeviceCount says so (error 35). PTX newer
     # than the driver's JIT (error 222) surfaces at fastdl's kernel-image check, per launch.
+    if driver == 0 and err == _INSUFFICIENT_DRIVER:   # what the static runtime says with no driver
+        return [], (f"no NVIDIA driver is installed (fastdl links the CUDA {_version(runtime)} "
+                    f"runtime; a GPU needs a driver for CUDA {_version(runtime)} or newer)")
     if err == _INSUFFICIENT_DRIVER or (driver and runtime and driver // 1000 < runtime // 1000):
         return [], (f"the NVIDIA driver supports CUDA {_version(driver)}, but fastdl links the CUDA "
                     f"{_version(runtime)} runtime: install a driver for CUDA {_version(runtime)} "
