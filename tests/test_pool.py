@@ -371,6 +371,16 @@ def test_ops_out_is_checked():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         fastdl.ops.avg_pool2d(x.numpy(), 2, out=ro)
+    # overlapping views of one buffer that torch sees as two storages
+    buf = np.random.rand(2 * 3 * 8 * 8 + 16).astype(np.float32)
+    xa, ya = torch.from_numpy(buf[:384]).view(2, 3, 8, 8), torch.from_numpy(buf[300:396])
+    with pytest.raises(ValueError, match="overlaps"):
+        fastdl.ops.avg_pool2d(xa, 2, out=ya.view(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match="requires grad"):
+        fastdl.ops.avg_pool2d(x, 2, out=torch.empty(2, 3, 4, 4, requires_grad=True))
+    with pytest.raises(RuntimeError, match="index_dtype"):
+        fastdl.ops.max_pool2d(x, 2, return_indices=True, index_dtype=torch.int64,
+                              out=(good, torch.empty(2, 3, 4, 4, dtype=torch.int32)))
 
 
 def test_noncontiguous_and_empty_batch(where):

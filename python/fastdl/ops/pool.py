@@ -118,10 +118,13 @@ def _index32(fn, index_dtype, device) -> bool:
 
 
 def _overlaps(a, b) -> bool:
-    """Conservative aliasing test: numpy by address bounds, torch by shared storage."""
+    """Conservative aliasing test by address bounds (numpy's may_share_memory; for torch the
+    byte ranges of the two storages, so views of one buffer made by torch.from_numpy count)."""
     if isinstance(a, np.ndarray):
         return bool(np.may_share_memory(a, b))
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    a0, b0 = sa.data_ptr(), sb.data_ptr()
+    return a0 < b0 + sb.nbytes() and b0 < a0 + sa.nbytes() and sa.nbytes() > 0 and sb.nbytes() > 0
 
 
 def _check_out(fn, name, out, like, shape, index=False, inputs=()):
@@ -149,6 +152,9 @@ def _check_out(fn, name, out, like, shape, index=False, inputs=()):
                            f"{_tensor.describe(out)}")
     if not _tensor.is_contiguous(out):
         raise ValueError(f"{fn}: expected {name} to be contiguous (it is written in place)")
+    if _tensor.is_torch(out) and out.requires_grad and _tensor.torch_module().is_grad_enabled():
+        raise RuntimeError(f"{fn}: {name} requires grad; an output written in place cannot be "
+                           "part of autograd (as torch's out= functions say)")
     if isinstance(out, np.ndarray) and not out.flags.writeable:
         raise ValueError(f"{fn}: {name} is read-only")
     for x in inputs:
@@ -298,7 +304,11 @@ def _max_forward(fn, x, out_shape, params, params32, device, return_indices, ind
                             f"indices), got {type(out).__name__}")
         y, idx = out
         _check_out(fn, "out[0]", y, x, out_shape, inputs=(x,))
+        given32 = index32
         index32 = _check_out(fn, "out[1]", idx, x, out_shape, index=True, inputs=(x, y))
+        if index_dtype is not None and index32 != given32:
+            raise RuntimeError(f"{fn}: index_dtype is {_dtype_name(index_dtype)} but out[1] is "
+                               f"{_dtype_name(idx.dtype)}")
     else:
         y, idx = _output(fn, x, out_shape, out, (x,)), None
     _C.max_pool2d_forward(params32 if index32 else params, _ptr(x),
