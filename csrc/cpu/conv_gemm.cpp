@@ -119,23 +119,6 @@ void col2im_add(const Conv2dParams& p, const T* cols, int64_t ld, int64_t cg, in
   }
 }
 
-template <class T>
-GemmParams gemm_params(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda,
-                       int64_t ldb, int64_t ldc, double beta) {
-  GemmParams g;
-  g.trans_a = ta;
-  g.trans_b = tb;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.lda = lda;
-  g.ldb = ldb;
-  g.ldc = ldc;
-  g.beta = beta;
-  g.dtype = sizeof(T) == 4 ? DType::Float32 : DType::Float64;
-  return g;
-}
-
 }  // namespace
 
 template <class T>

@@ -70,19 +70,6 @@ inline void transform_tile(const T d[4][4], T* v, int64_t ld) {
 }
 
 template <class T>
-GemmParams wino_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
-  GemmParams g;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.lda = lda;
-  g.ldb = ldb;
-  g.ldc = ldc;
-  g.dtype = sizeof(T) == 4 ? DType::Float32 : DType::Float64;
-  return g;
-}
-
-template <class T>
 void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const int64_t th = (p.oh + 1) / 2, tw = (p.ow + 1) / 2, tiles = th * tw;
@@ -118,8 +105,8 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
       }
       // M[e] (kg x len) = U[e]_g (kg x cg, ld cg) * V[e] (cg x len)
       for (int e = 0; e < 16; ++e)
-        gemm(wino_gemm<T>(kg, len, cg, cg, len, len), u + e * kc + g * kg * cg, v + e * cg * len,
-             m + e * kg * len);
+        gemm(gemm_params<T>(false, false, kg, len, cg, cg, len, len, 0.0),
+             u + e * kc + g * kg * cg, v + e * cg * len, m + e * kg * len);
       // y tile = A^T M A, A^T = [1 1 1 0; 0 1 -1 -1]
       for (int64_t kk = 0; kk < kg; ++kk) {
         const int64_t k = g * kg + kk;
