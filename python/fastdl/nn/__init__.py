@@ -5,3 +5,4 @@
 """
 from . import functional  # noqa: F401
 from .modules import *  # noqa: F401,F403
+from ._convert import ConvertReport, convert  # noqa: F401,E402

@@ -1,0 +1,90 @@
+"""Which calls fastdl's kernels serve: one table, read by fastdl.patch (per call) and
+fastdl.nn.convert (per layer), so "does fastdl serve this" is answered in one place.
+
+Each op family names the devices it has kernels for and the dtypes each device takes. A family's
+CUDA entry is live only when this build has CUDA kernels (``fastdl.cuda.is_compiled()``) and, for
+conv and rnn, when the family's ops module says its CUDA kernels exist (``CUDA_KERNELS = True`` in
+``fastdl.ops.conv`` / ``fastdl.ops.rnn``; absent today, so those stay CPU-only until they land,
+with no other change here).
+
+>>> from fastdl import _support
+>>> _support.why_not("conv", torch.device("cuda"), torch.float32)   # None when served
+'fastdl has no CUDA conv kernels in this build'
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# family -> {device type -> dtypes that device's kernels take}
+_DTYPES = {
+    "linear": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
+    "pool": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
+    "conv": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
+    "rnn": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
+}
+# families whose CUDA kernels are announced by their ops module (CUDA_KERNELS = True)
+_ANNOUNCED = {"conv": "fastdl.ops.conv", "rnn": "fastdl.ops.rnn"}
+_cuda_cache: dict = {}
+
+
+def _has_cuda(family: str) -> bool:
+    hit = _cuda_cache.get(family)
+    if hit is None:
+        from . import _C
+        hit = bool(_C.cuda_compiled())
+        if hit and family in _ANNOUNCED:
+            hit = bool(getattr(importlib.import_module(_ANNOUNCED[family]), "CUDA_KERNELS", False))
+        _cuda_cache[family] = hit
+    return hit
+
+
+def why_not(family: str, device, dtype) -> str | None:
+    """None when fastdl's `family` kernels take `dtype` on `device`, else the reason in words."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    table = _DTYPES[family]
+    if kind not in table:
+        return f"fastdl has no kernels for {kind} tensors"
+    if kind == "cuda" and not _has_cuda(family):
+        return f"fastdl has no CUDA {family} kernels in this build"
+    if dtype not in table[kind]:
+        names = "/".join(str(d).replace("torch.", "") for d in table[kind])
+        return (f"{str(dtype).replace('torch.', '')} on {kind}: fastdl's {family} kernels take "
+                f"{names}")
+    return None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_why_not(family: str, *tensors) -> str | None:
+    """why_not for the call's tensors (None entries skipped): they must be plain dense tensors
+    (not a subclass such as a FakeTensor, DTensor or functorch wrapper) of one device and dtype
+    that the family serves."""
+    first = tensors[0]
+    if type(first) not in _PLAIN:
+        return f"{type(first).__name__} input (not a plain torch.Tensor)"
+    dev, dt = first.device, first.dtype
+    for t in tensors[1:]:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN:
+            return f"{type(t).__name__} argument (not a plain torch.Tensor)"
+        if t.device != dev or t.dtype != dt:
+            return "arguments of mixed devices or dtypes"
+        if t.layout is not torch.strided:
+            return f"{t.layout} argument (fastdl needs dense tensors)"
+    if first.layout is not torch.strided:
+        return f"{first.layout} input (fastdl needs dense tensors)"
+    return why_not(family, dev, dt)
+
+
+def context_why_not(device_type: str) -> str | None:
+    """Reasons that hold for any op right now: torch.compile tracing (torch's ops trace, fastdl's
+    eager ones would break the graph) and autocast (torch would compute in a lower precision)."""
+    if torch.compiler.is_compiling():
+        return "inside torch.compile tracing"
+    if torch.is_autocast_enabled(device_type):
+        return f"autocast is on for {device_type}"
+    return None

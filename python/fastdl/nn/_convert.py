@@ -1,0 +1,161 @@
+"""fastdl.nn.convert: swap the torch layers of an existing model for fastdl's, in place of the
+same objects, and say what was swapped and what was left alone, and why.
+
+How: a replaced layer keeps its identity and changes only its class (``module.__class__ =
+fastdl.nn.Conv2d``). fastdl's layers use torch's attribute and parameter names, so the object's
+state is already what fastdl's forward reads, and everything attached to the object stays: its
+Parameter objects (an optimizer built before conversion keeps working; weights tied between
+layers stay tied), buffers, train/eval mode, device, dtype, forward/pre/backward hooks (and
+their removal handles), state_dict hooks, and every reference to the layer elsewhere in the model.
+
+Which: exact torch types only (a subclass may override forward; it is left alone and named), and
+only where fastdl has kernels for the layer's device and dtype (fastdl._support; a
+parameter-free layer such as a pool is judged by the model's first parameter or buffer). The
+choice is made once, at conversion: a converted model later moved to a device or dtype fastdl
+does not serve raises NotImplementedError in those layers; convert the torch model again there,
+or use fastdl.patch(), which decides per call.
+
+>>> model, report = fastdl.nn.convert(torchvision_like_resnet18())
+>>> print(report)            # one line per layer: replaced, or left alone and why
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import _support
+
+__all__ = ["convert", "ConvertReport"]
+
+# torch type -> (fastdl.nn class name, kernel family)
+_LAYERS = {
+    torch.nn.Linear: ("Linear", "linear"),
+    torch.nn.Conv1d: ("Conv1d", "conv"),
+    torch.nn.Conv2d: ("Conv2d", "conv"),
+    torch.nn.ConvTranspose2d: ("ConvTranspose2d", "conv"),
+    torch.nn.MaxPool2d: ("MaxPool2d", "pool"),
+    torch.nn.AvgPool2d: ("AvgPool2d", "pool"),
+    torch.nn.AdaptiveMaxPool2d: ("AdaptiveMaxPool2d", "pool"),
+    torch.nn.AdaptiveAvgPool2d: ("AdaptiveAvgPool2d", "pool"),
+    torch.nn.MaxUnpool2d: ("MaxUnpool2d", "pool"),
+    torch.nn.RNN: ("RNN", "rnn"),
+    torch.nn.LSTM: ("LSTM", "rnn"),
+    torch.nn.GRU: ("GRU", "rnn"),
+    torch.nn.RNNCell: ("RNNCell", "rnn"),
+    torch.nn.LSTMCell: ("LSTMCell", "rnn"),
+    torch.nn.GRUCell: ("GRUCell", "rnn"),
+}
+
+
+@dataclass
+class ConvertReport:
+    """What convert did. replaced: (qualified name, torch type, fastdl type) per layer;
+    left: (qualified name, type, reason) per layer left alone (containers are not listed).
+
+    >>> model, report = fastdl.nn.convert(model)
+    >>> [name for name, *_ in report.replaced]
+    """
+    replaced: list = field(default_factory=list)
+    left: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fastdl.nn.convert: {len(self.replaced)} layers replaced, {len(self.left)} left "
+                 "alone"]
+        w = max([len(n or "(model)") for n, *_ in self.replaced + self.left] + [5])
+        for name, old, new in self.replaced:
+            lines.append(f"  {name or '(model)':<{w}}  {old} -> fastdl.nn.{new}")
+        for name, kind, why in self.left:
+            lines.append(f"  {name or '(model)':<{w}}  {kind} left alone: {why}")
+        return "\n".join(lines)
+
+
+def _fastdl_classes():
+    from . import modules
+    return {getattr(modules, n) for n, _ in _LAYERS.values()}
+
+
+def _model_place(model):
+    """(device, dtype) that parameter-free layers are judged by: the model's first floating
+    parameter or buffer, else the CPU and torch's default dtype."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def _why_not(module, family, default_place):
+    """None when fastdl serves this (exact-type) layer where it lives, else why not."""
+    params = [p for p in module.parameters(recurse=False)]
+    if not params:
+        dev, dt = default_place
+        return _support.why_not(family, dev, dt)
+    dev, dt = params[0].device, params[0].dtype
+    if any(p.device != dev or p.dtype != dt for p in params):
+        return "parameters on mixed devices or dtypes"
+    if any(type(p) is not torch.nn.Parameter for p in params):
+        return "a parameter is a tensor subclass (not a plain torch.nn.Parameter)"
+    why = _support.why_not(family, dev, dt)
+    if why and dev.type == "cuda" and "no CUDA" in why:
+        return f"{type(module).__name__} on {dev}: {why}"
+    return why
+
+
+def _subclass_reason(module):
+    t = type(module)
+    for base, (name, _) in _LAYERS.items():
+        if isinstance(module, base):
+            own = t.forward is not base.forward
+            what = ("with its own forward" if own else
+                    "(exact types only: a subclass may change its behaviour)")
+            return f"subclass of torch.nn.{base.__name__} {what}"
+    return None
+
+
+def convert(model: torch.nn.Module, inplace: bool = False):
+    """Replaces every torch layer fastdl implements (Linear, Conv1d/2d, ConvTranspose2d, the 2-D
+    pools, RNN/LSTM/GRU and their cells) with fastdl's, sharing its Parameter objects, buffers,
+    hooks, mode, device and dtype; leaves every other layer alone. inplace=False converts a deep
+    copy (the original model is untouched). Returns (model, ConvertReport). Counterpart of no
+    torch function; the converted model computes what the torch model does.
+
+    >>> model, report = fastdl.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 2)))
+    >>> type(model[0])                                    # fastdl.nn.Linear
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"convert: expected model to be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"convert: expected inplace to be a bool, got {type(inplace).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    from . import modules
+    ours = _fastdl_classes()
+    place = _model_place(model)
+    report = ConvertReport()
+    todo = []
+    for name, m in model.named_modules(remove_duplicate=True):
+        t = type(m)
+        if t in ours:
+            report.left.append((name, f"fastdl.nn.{t.__name__}", "already a fastdl layer"))
+            continue
+        if t in _LAYERS:
+            cls_name, family = _LAYERS[t]
+            why = _why_not(m, family, place)
+            if why is None:
+                todo.append((name, m, getattr(modules, cls_name)))
+            else:
+                report.left.append((name, t.__name__, why))
+            continue
+        why = _subclass_reason(m)
+        if why is None and next(m.children(), None) is None:
+            why = f"fastdl has no {t.__name__}"
+        if why is not None:
+            report.left.append((name, t.__name__, why))
+    # All decisions first, then the swaps: nothing is half-converted if a check above raised.
+    for name, m, cls in todo:
+        old = type(m).__name__
+        m.__class__ = cls
+        report.replaced.append((name, old, cls.__name__))
+    return model, report
