@@ -27,7 +27,7 @@ from . import cuda, ops  # noqa: E402
 
 __version__ = _C.version()
 __all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn",
-           "metrics", "preprocessing", "callbacks", "Model", "Sequential"]
+           "metrics", "preprocessing", "callbacks", "Model", "Sequential", "patch", "check"]
 
 _LAZY_MODULES = ("optim", "nn", "metrics", "preprocessing", "callbacks")
 
@@ -73,6 +73,10 @@ def __getattr__(name):
     # import torch (metrics and preprocessing import it only when given a tensor).
     if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
+    if name == "patch":
+        return importlib.import_module("._patch", __name__).patch
+    if name == "check":
+        return importlib.import_module("._check", __name__).check
     if name in ("Model", "Sequential"):
         return getattr(importlib.import_module(".model", __name__), name)
     raise AttributeError(f"module 'fastdl' has no attribute {name!r}")

@@ -59,14 +59,33 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def tensor_why_not(family: str, *tensors) -> str | None:
-    """why_not for the call's tensors (None entries skipped): they must be plain dense tensors
-    (not a subclass such as a FakeTensor, DTensor or functorch wrapper) of one device and dtype
-    that the family serves."""
+    """why_not for one call, by its tensors (None entries skipped): they must be plain dense
+    tensors (not a subclass such as a FakeTensor, DTensor or functorch wrapper) of one device and
+    dtype that the family serves, outside torch.compile tracing and autocast (context_why_not). The common case (plain CPU tensors of a served dtype) is decided in
+    about a microsecond; anything else takes the slow, explaining path."""
+    first = tensors[0]
+    if type(first) in _PLAIN and first.is_cpu:
+        dt = first.dtype
+        if dt in _DTYPES[family]["cpu"] and all(
+                t is None or (type(t) in _PLAIN and t.is_cpu and t.dtype == dt
+                              and t.layout is _STRIDED) for t in tensors):
+            if _is_compiling() or _autocast("cpu"):
+                return context_why_not("cpu")
+            return None
+    return _explain(family, tensors) or context_why_not(first.device.type)
+
+
+_STRIDED = torch.strided
+_is_compiling = torch.compiler.is_compiling
+_autocast = torch.is_autocast_enabled
+
+
+def _explain(family, tensors):
     first = tensors[0]
     if type(first) not in _PLAIN:
         return f"{type(first).__name__} input (not a plain torch.Tensor)"
     dev, dt = first.device, first.dtype
-    for t in tensors[1:]:
+    for t in tensors:
         if t is None:
             continue
         if type(t) not in _PLAIN:
@@ -75,8 +94,6 @@ def tensor_why_not(family: str, *tensors) -> str | None:
             return "arguments of mixed devices or dtypes"
         if t.layout is not torch.strided:
             return f"{t.layout} argument (fastdl needs dense tensors)"
-    if first.layout is not torch.strided:
-        return f"{first.layout} input (fastdl needs dense tensors)"
     return why_not(family, dev, dt)
 
 
