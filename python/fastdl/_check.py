@@ -205,7 +205,7 @@ def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0, **kw
     """Runs `model` and fastdl.nn.convert's copy of it on the same inputs (kwargs go to forward),
     forward and backward, and returns a CheckResult: per replaced layer, the largest abs/rel
     difference of its output(s) and every gradient, and its forward/backward time on each side
-    (median of `repeats`). Neither `model` nor the inputs are changed. No torch counterpart.
+    (median of `repeats`; 0 skips the timing). Neither `model` nor the inputs are changed. No torch counterpart.
 
     >>> result = fastdl.check(torch_model, torch.randn(2, 3, 32, 32))
     >>> print(result); result.row("layer1.0.conv1").output_rel
@@ -214,8 +214,8 @@ def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0, **kw
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"check: expected model to be a torch.nn.Module, got "
                         f"{type(model).__name__}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"check: expected repeats to be a positive int, got {repeats!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+        raise ValueError(f"check: expected repeats to be an int >= 0, got {repeats!r}")
     ref = copy.deepcopy(model)
     fast, report = convert(model, inplace=False)
     names = [name for name, *_ in report.replaced]
@@ -262,7 +262,7 @@ def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0, **kw
     o = _worst(zip(_tensors(out_fast), _tensors(out_ref)))
     # time each replaced layer's first call
     for r in rows:
-        if r.call == 0:
+        if r.call == 0 and repeats:
             r.fwd_ms, r.bwd_ms = _time_layer({"torch": ref_mods[r.layer],
                                               "fastdl": fast_mods[r.layer]},
                                              rec_ref.calls[r.layer][0], repeats, seed)

@@ -1,0 +1,420 @@
+"""fastdl.nn.convert, fastdl.patch and fastdl.check on well-known models (fastdl._zoo: PyTorch's
+MNIST example net, ResNet-18, a VGG-style stack, the word-level LSTM language model): converted
+and patched outputs and every gradient equal torch's, three fastdl.optim steps equal three
+torch.optim steps, check reports every replaced layer; plus tied weights, other devices,
+unsupported options, hooks, patch's undo, nesting, fallbacks and recursion guard."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdl
+from fastdl import _patch, _zoo
+from helpers import assert_close, assert_close_or_better, rand
+
+# Longest reduction in each model (the tolerance table scales with sqrt of it): MNIST's fc1
+# (9216), ResNet-18's last 3x3 convs (3x3x128 at width 16: the architecture at a quarter of
+# torchvision's width keeps the suite fast; fastdl-bench --suite models runs the full width), the
+# VGG stack's 3x3x64 convs (576), the LM's 16 features.
+ZOO = {
+    "mnist": (lambda: _zoo.MnistNet(), lambda: (rand(2, 1, 28, 28),), 9216),
+    "resnet18": (lambda: _zoo.resnet18(num_classes=10, width=16), lambda: (rand(2, 3, 32, 32),), 1152),
+    "vgg": (lambda: _zoo.vgg(), lambda: (rand(2, 3, 16, 16),), 576),
+    "lstm_lm": (lambda: _zoo.WordLM(50, 16, 16, 2, dropout=0.0, tie_weights=True),
+                lambda: (torch.randint(0, 50, (5, 3)), (rand(2, 3, 16), rand(2, 3, 16))), 16),
+}
+# ResNet-18 runs in eval mode: in train mode at 32x32 its last batch norms normalise over
+# 2 images x 1x1 positions, which amplifies rounding differences without bound (ill-conditioned,
+# not a fastdl error); the others train (dropout draws the same masks from the same seed).
+TRAIN = {"mnist": True, "resnet18": False, "vgg": True, "lstm_lm": True}
+REPLACED = {  # layer types each model must have converted
+    "mnist": {"Conv2d", "Linear"},
+    "resnet18": {"Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "Linear"},
+    "vgg": {"Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "Linear"},
+    "lstm_lm": {"LSTM", "Linear"},
+}
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    return []
+
+
+def _fresh_inputs(inputs):
+    return [copy.deepcopy(x).requires_grad_(x.is_floating_point())
+            if isinstance(x, torch.Tensor) else
+            tuple(t.clone().requires_grad_() for t in x) for x in inputs]
+
+
+def _forward_backward(model, inputs, seed=0):
+    """Output and gradients (inputs', every parameter's by name) under a fixed upstream grad."""
+    torch.manual_seed(seed)
+    out = model(*inputs)
+    outs = [t for t in _tensors(out) if t.requires_grad]
+    g = torch.Generator().manual_seed(seed + 1)
+    torch.autograd.backward(outs, [torch.randn(t.shape, generator=g) for t in outs])
+    grads = {f"input {i}": t.grad for i, t in enumerate(_tensors(inputs)) if t.grad is not None}
+    grads.update({n: p.grad for n, p in model.named_parameters()})
+    return _tensors(out), grads
+
+
+def _assert_same(got, want, reduction, what):
+    # Gradients are sums of mixed-sign terms over the batch and positions: their rounding is
+    # relative to the terms, hence scale_atol (helpers.assert_close documents it).
+    (out_a, g_a), (out_b, g_b) = got, want
+    for i, (a, b) in enumerate(zip(out_a, out_b)):
+        assert_close(a, b, reduction=reduction, scale_atol=True, what=f"{what}: output {i}")
+    assert set(g_a) == set(g_b)
+    for name in g_b:
+        assert g_a[name] is not None, f"{what}: no gradient for {name}"
+        assert_close(g_a[name], g_b[name], reduction=reduction, scale_atol=True,
+                     what=f"{what}: grad {name}")
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_converted_and_patched_models_match_torch(name):
+    build, inputs_of, reduction = ZOO[name]
+    torch.manual_seed(1)
+    model = build().train(TRAIN[name])
+    inputs = inputs_of()
+    want = _forward_backward(copy.deepcopy(model), _fresh_inputs(inputs))
+    fast, report = fastdl.nn.convert(model)
+    assert {old for _, old, _ in report.replaced} == REPLACED[name], str(report)
+    assert all(type(m).__module__.startswith("torch.") for m in model.modules()
+               if type(m).__name__ in REPLACED[name]), "inplace=False changed the original"
+    _assert_same(_forward_backward(fast, _fresh_inputs(inputs)), want, reduction, "converted")
+    ref = copy.deepcopy(model)
+    with fastdl.patch() as p:
+        got = _forward_backward(ref, _fresh_inputs(inputs))
+    served = {n for n, c in p.stats.items() if c["fastdl"]}
+    _assert_same(got, want, reduction, "patched")
+    expect = {"mnist": {"conv2d", "linear", "max_pool2d"},
+              "resnet18": {"conv2d", "max_pool2d", "adaptive_avg_pool2d", "linear"},
+              "vgg": {"conv2d", "max_pool2d", "adaptive_avg_pool2d", "linear"},
+              "lstm_lm": {"linear"}}[name]      # torch's LSTM calls _VF, not F
+    assert served == expect, dict(p.stats)
+
+
+def _loss(out):
+    return sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view(t.shape)).sum()
+               for t in _tensors(out) if t.requires_grad)
+
+
+def _double(inputs):
+    return [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else
+            tuple(t.double() for t in x) if isinstance(x, tuple) else x for x in inputs]
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("opt", ["SGD", "Adam"])
+def test_three_optimizer_steps_match_torch(name, opt):
+    # fastdl.optim on the converted model against torch.optim on the original; where Adam's
+    # m / sqrt(v) is ill-conditioned at an element, a float64 run of torch decides which side is
+    # right (helpers.assert_close_or_better).
+    build, inputs_of, reduction = ZOO[name]
+    torch.manual_seed(2)
+    model = build().train(TRAIN[name])
+    fast, _ = fastdl.nn.convert(model)
+    ref64 = copy.deepcopy(model).double()
+    kw = dict(lr=0.01, momentum=0.9) if opt == "SGD" else dict(lr=1e-3)
+    sides = [(model, getattr(torch.optim, opt)(model.parameters(), **kw), False),
+             (fast, getattr(fastdl.optim, opt)(fast.parameters(), **kw), False),
+             (ref64, getattr(torch.optim, opt)(ref64.parameters(), **kw), True)]
+    for step in range(3):
+        inputs = inputs_of()
+        for m, o, dbl in sides:
+            o.zero_grad()
+            torch.manual_seed(step)
+            x = _fresh_inputs(_double(inputs) if dbl else inputs)
+            _loss(m(*x)).backward()
+            o.step()
+    for (n, a), (_, b), (_, r) in zip(fast.named_parameters(), model.named_parameters(),
+                                      ref64.named_parameters()):
+        assert_close_or_better(a, b, r, what=f"{opt} step 3: {n}")
+    for (n, a), (_, b) in zip(fast.named_buffers(), model.named_buffers()):
+        if a.is_floating_point():
+            assert_close(a, b, reduction=reduction, scale_atol=True, what=f"buffer {n}")
+        else:
+            assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("name", ["mnist", "resnet18", "lstm_lm"])
+def test_check_reports_every_replaced_layer(name):
+    build, inputs_of, reduction = ZOO[name]
+    torch.manual_seed(3)
+    model = build().eval()
+    before = copy.deepcopy(model.state_dict())
+    repeats = 0 if name == "resnet18" else 1     # timing 21 layers twice is the slow part
+    result = fastdl.check(model, *inputs_of(), repeats=repeats)
+    replaced = [n for n, *_ in result.report.replaced]
+    assert replaced and [r.layer for r in result.rows if r.call == 0][:-1] == replaced
+    assert result.rows[-1].layer == "(model)"
+    rtol = 1e-5 * reduction ** 0.5        # float32's table entry scaled to the reduction
+    for r in result.rows:
+        assert r.output_rel <= rtol, str(result)
+        assert r.grads, f"{r.layer}: no gradients compared"
+        for g, (abs_, rel) in r.grads.items():
+            assert rel <= rtol, f"{r.layer} {g}: {rel}\n{result}"
+        if r.layer != "(model)" and repeats:
+            assert r.fwd_ms["torch"] > 0 and r.fwd_ms["fastdl"] > 0
+            assert r.bwd_ms["torch"] > 0 and r.bwd_ms["fastdl"] > 0
+        if not repeats:
+            assert not r.fwd_ms and not r.bwd_ms
+            layer = dict(model.named_modules())[r.layer]
+            for pname, _ in layer.named_parameters(recurse=False):
+                assert f"grad {pname}" in r.grads, f"{r.layer}: {pname}"
+    text = str(result)
+    assert all(n in text for n in replaced)
+    for k, v in model.state_dict().items():            # the caller's model is untouched
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(KeyError, match="no row"):
+        result.row("nope")
+
+
+def test_check_a_layer_called_twice_has_a_row_per_call():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    result = fastdl.check(model, rand(3, 4), repeats=1)
+    assert [(r.layer, r.call) for r in result.rows] == [("0", 0), ("0", 1), ("(model)", 0)]
+    assert result.row("0", 1).output_rel <= 1e-5
+
+
+def test_optimizer_built_before_conversion_keeps_working():
+    torch.manual_seed(4)
+    model = _zoo.MnistNet()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    same, report = fastdl.nn.convert(model, inplace=True)
+    assert same is model and isinstance(model.conv1, fastdl.nn.Conv2d)
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    w0 = model.fc2.weight.detach().clone()
+    model(rand(2, 1, 28, 28)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.fc2.weight, w0)
+
+
+def test_tied_weights_stay_tied():
+    lm = _zoo.WordLM(30, 8, 8, 1, tie_weights=True)
+    fast, report = fastdl.nn.convert(lm)
+    assert isinstance(fast.decoder, fastdl.nn.Linear)
+    assert fast.decoder.weight is fast.encoder.weight
+    shared = nn.Linear(5, 5)
+    seq = nn.Sequential(shared, nn.ReLU(), shared)
+    fast, report = fastdl.nn.convert(seq)
+    assert fast[0] is fast[2] and isinstance(fast[0], fastdl.nn.Linear)
+    assert [n for n, *_ in report.replaced] == ["0"]
+
+
+def test_mode_buffers_state_dict_and_dtype_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 2)).double()
+    model[0].eval()
+    sd = model.state_dict()
+    fast, _ = fastdl.nn.convert(model)
+    assert not fast[0].training and fast[2].training
+    assert fast[0].weight.dtype == torch.float64
+    assert list(fast.state_dict()) == list(sd)
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_model_on_another_device_is_left_alone_with_the_reason():
+    model = _zoo.MnistNet().to("meta")
+    fast, report = fastdl.nn.convert(model)
+    assert report.replaced == []
+    reasons = {n: why for n, _, why in report.left}
+    assert reasons["conv1"] == "fastdl has no kernels for meta tensors"
+    assert reasons["fc1"] == "fastdl has no kernels for meta tensors"
+    assert "conv1" in str(report) and "meta" in str(report)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for torch")
+def test_model_on_cuda_is_converted_where_fastdl_has_cuda_kernels():
+    from fastdl import _support
+    model = _zoo.MnistNet().cuda()
+    fast, report = fastdl.nn.convert(model)
+    reasons = {n: why for n, _, why in report.left}
+    for name, family in (("conv1", "conv"), ("fc1", "linear")):
+        why = _support.why_not(family, torch.device("cuda"), torch.float32)
+        assert (name in reasons) == (why is not None), str(report)
+
+
+def test_unsupported_options_are_left_alone_with_the_reason():
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Plain(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4).half(), MyConv(3, 3, 1), Plain(2, 2),
+                          nn.LazyLinear(3), fastdl.nn.Linear(2, 2), nn.Conv3d(1, 1, 1))
+    fast, report = fastdl.nn.convert(model)
+    assert report.replaced == []
+    reasons = {n: why for n, _, why in report.left}
+    assert reasons["0"] == "float16 on cpu: fastdl's linear kernels take float32/float64"
+    assert reasons["1"] == "subclass of torch.nn.Conv2d with its own forward"
+    assert reasons["2"].startswith("subclass of torch.nn.Linear (exact types only")
+    assert reasons["3"].startswith("subclass of torch.nn.Linear")
+    assert reasons["4"] == "already a fastdl layer"
+    assert reasons["5"] == "fastdl has no Conv3d"
+    assert type(fast[1]) is not fastdl.nn.Conv2d
+
+
+def test_convert_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="model"):
+        fastdl.nn.convert("not a model")
+    with pytest.raises(TypeError, match="inplace"):
+        fastdl.nn.convert(nn.Linear(2, 2), inplace=1)
+    with pytest.raises(TypeError, match="model"):
+        fastdl.check(object(), rand(2))
+    with pytest.raises(ValueError, match="repeats"):
+        fastdl.check(nn.Linear(2, 2), rand(2, 2), repeats=-1)
+
+
+def test_hooks_are_preserved_and_still_removable():
+    lin = nn.Linear(3, 2)
+    seen = []
+    h1 = lin.register_forward_pre_hook(lambda m, a: seen.append(("pre", type(m).__name__)))
+    lin.register_forward_hook(lambda m, a, o: seen.append(("fwd", type(m).__module__)))
+    lin.register_full_backward_hook(lambda m, gi, go: seen.append(("bwd", go[0].shape)))
+    model = nn.Sequential(lin)
+    fastdl.nn.convert(model, inplace=True)
+    assert isinstance(model[0], fastdl.nn.Linear)
+    model(rand(4, 3, requires_grad=True)).sum().backward()
+    assert seen == [("pre", "Linear"), ("fwd", "fastdl.nn.modules.linear"),
+                    ("bwd", torch.Size([4, 2]))]
+    h1.remove()
+    seen.clear()
+    model(rand(4, 3))
+    assert seen == [("fwd", "fastdl.nn.modules.linear")]
+
+
+def test_converted_copy_keeps_hooks():
+    lin = nn.Linear(3, 2)
+    calls = []
+    lin.register_forward_hook(lambda m, a, o: calls.append(1))
+    fast, _ = fastdl.nn.convert(nn.Sequential(lin))
+    fast(rand(1, 3))
+    assert calls == [1]
+
+
+# ---- patch ------------------------------------------------------------------------------------
+
+def test_patch_undo_restores_the_exact_objects():
+    before = {n: getattr(F, n) for n in _patch.NAMES}
+    p = fastdl.patch()
+    assert all(getattr(F, n) is not before[n] for n in _patch.NAMES)
+    p.undo()
+    assert all(getattr(F, n) is before[n] for n in _patch.NAMES)
+    p.undo()                                                    # idempotent
+    assert all(getattr(F, n) is before[n] for n in _patch.NAMES)
+    with pytest.raises(ZeroDivisionError):
+        with fastdl.patch():
+            1 / 0
+    assert all(getattr(F, n) is before[n] for n in _patch.NAMES)
+
+
+def test_nested_patches_undo_only_at_the_last():
+    before = F.conv2d
+    outer = fastdl.patch()
+    inner = fastdl.patch()
+    router = F.conv2d
+    inner.undo()
+    assert F.conv2d is router and outer.active and not inner.active
+    inner.undo()
+    assert F.conv2d is router
+    outer.undo()
+    assert F.conv2d is before
+
+
+def test_patch_serves_torch_modules_and_functions_once_per_call():
+    x = rand(2, 3, 9, 9, requires_grad=True)
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+    with fastdl.patch() as p:
+        y = F.max_pool2d(conv(x), 2, return_indices=True)
+        z = F.max_unpool2d(y[0], y[1], 2, output_size=(9, 9))
+        F.avg_pool2d(z, 3, 2, 1, count_include_pad=False).sum().backward()
+    for n in ("conv2d", "max_pool2d", "max_unpool2d", "avg_pool2d"):
+        assert p.stats[n] == {"fastdl": 1}, dict(p.stats)
+    gx = x.grad.clone()
+    x.grad = None
+    y = F.max_pool2d(conv(x), 2, return_indices=True)
+    F.avg_pool2d(F.max_unpool2d(y[0], y[1], 2, output_size=(9, 9)), 3, 2, 1,
+                 count_include_pad=False).sum().backward()
+    assert_close(gx, x.grad, reduction=27)
+
+
+def test_patch_falls_back_to_torch_where_fastdl_does_not_serve():
+    w = rand(4, 3)
+    with fastdl.patch() as p:
+        h = F.linear(rand(2, 3).half(), w.half())                  # dtype fastdl lacks on cpu
+        m = F.conv2d(torch.empty(1, 3, 5, 5, device="meta"), torch.empty(2, 3, 3, 3,
+                                                                          device="meta"))
+        v = F.linear(rand(2, 3), rand(3))                          # 1-D weight: fastdl rejects
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = F.linear(rand(2, 3), w)
+        with pytest.raises(RuntimeError) as err:                   # torch's own error
+            F.linear(rand(2, 3), rand(4, 3, dtype=torch.float64))
+    s = p.stats["linear"]
+    assert h.dtype == torch.float16 and m.shape == (1, 2, 3, 3) and a.dtype == torch.bfloat16
+    assert v.shape == (2,)
+    assert s["torch: float16 on cpu: fastdl's linear kernels take float32/float64"] == 1
+    assert s["torch: autocast is on for cpu"] == 1
+    assert s["torch: arguments of mixed devices or dtypes"] == 1
+    assert any(k.startswith("torch: fastdl rejected the call (RuntimeError: linear:") for k in s)
+    assert p.stats["conv2d"] == {"torch: fastdl has no kernels for meta tensors": 1}
+    with pytest.raises(RuntimeError) as want:
+        F.linear(rand(2, 3), rand(4, 3, dtype=torch.float64))
+    assert type(err.value) is type(want.value) and str(err.value) == str(want.value)
+
+
+def test_strict_patch_raises_fastdls_error():
+    with fastdl.patch(strict=True):
+        with pytest.raises(RuntimeError, match="linear: expected weight with 2 dims"):
+            F.linear(rand(2, 3), rand(3))
+    with pytest.raises(TypeError, match="strict"):
+        fastdl.patch(strict="yes")
+
+
+def test_patch_does_not_recurse(monkeypatch):
+    # A fastdl implementation that (wrongly) called the patched name would loop forever; the
+    # router sends a re-entered call on the same thread straight to torch instead.
+    calls = []
+
+    def looping_linear(input, weight, bias=None):
+        calls.append(1)
+        return torch.nn.functional.linear(input, weight, bias)
+
+    monkeypatch.setattr(fastdl.nn.functional, "linear", looping_linear)
+    x, w = rand(2, 3), rand(4, 3)
+    with fastdl.patch() as p:
+        y = F.linear(x, w)
+    assert calls == [1] and p.stats["linear"] == {"fastdl": 1}
+    assert_close(y, x @ w.T)
+
+
+def test_fastdl_internals_never_call_the_patched_names():
+    import pathlib
+    import re
+    root = pathlib.Path(fastdl.__file__).parent
+    names = "|".join(_patch.NAMES)
+    full = re.compile(r"torch\.nn\.functional\.(" + names + r")\(")
+    short = re.compile(r"\bF\.(" + names + r")\(")
+    bad = []
+    for path in root.rglob("*.py"):
+        if path.name in ("_patch.py", "_zoo.py"):   # the router itself; the zoo is torch models
+            continue
+        text = path.read_text()
+        torch_f = "import torch.nn.functional as F" in text or "from torch.nn import functional as F" in text
+        for i, line in enumerate(text.splitlines()):
+            code = line.split("#")[0]
+            if ">>>" in code or code.lstrip().startswith(('"', "'")):
+                continue
+            if full.search(code) or (torch_f and short.search(code)):
+                bad.append(f"{path.relative_to(root)}:{i + 1}: {line.strip()}")
+    assert bad == []
