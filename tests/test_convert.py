@@ -165,6 +165,7 @@ def test_check_reports_every_replaced_layer(name):
             assert r.bwd_ms["torch"] > 0 and r.bwd_ms["fastdl"] > 0
         if not repeats:
             assert not r.fwd_ms and not r.bwd_ms
+        if r.layer != "(model)":
             layer = dict(model.named_modules())[r.layer]
             for pname, _ in layer.named_parameters(recurse=False):
                 assert f"grad {pname}" in r.grads, f"{r.layer}: {pname}"
@@ -185,6 +186,52 @@ def test_check_a_layer_called_twice_has_a_row_per_call():
     assert result.row("0", 1).output_rel <= 1e-5
 
 
+# Every layer type convert replaces: (torch layer, call inputs). The class swap must leave each
+# in a state fastdl's forward computes torch's answer from.
+LAYERS = [
+    (lambda: nn.Linear(5, 3), lambda: (rand(2, 5),)),
+    (lambda: nn.Conv1d(3, 4, 3, padding=2, padding_mode="reflect", dilation=2), lambda: (rand(2, 3, 11),)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding="valid", groups=2, bias=False), lambda: (rand(2, 4, 9, 7),)),
+    (lambda: nn.Conv2d(3, 4, (3, 1), padding="same", padding_mode="circular"), lambda: (rand(1, 3, 6, 5),)),
+    (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1), lambda: (rand(2, 3, 5, 4),)),
+    (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), lambda: (rand(2, 3, 9, 8),)),
+    (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), lambda: (rand(2, 3, 9, 8),)),
+    (lambda: nn.AdaptiveMaxPool2d((3, None)), lambda: (rand(2, 3, 9, 8),)),
+    (lambda: nn.AdaptiveAvgPool2d(2), lambda: (rand(2, 3, 9, 8),)),
+    (lambda: nn.RNN(4, 5, 2, nonlinearity="relu", batch_first=True), lambda: (rand(2, 3, 4),)),
+    (lambda: nn.LSTM(4, 6, bidirectional=True, proj_size=3), lambda: (rand(3, 2, 4),)),
+    (lambda: nn.GRU(4, 5), lambda: (rand(3, 2, 4), rand(1, 2, 5))),
+    (lambda: nn.RNNCell(4, 5), lambda: (rand(2, 4),)),
+    (lambda: nn.LSTMCell(4, 5), lambda: (rand(2, 4), (rand(2, 5), rand(2, 5)))),
+    (lambda: nn.GRUCell(4, 5, bias=False), lambda: (rand(2, 4), rand(2, 5))),
+]
+
+
+@pytest.mark.parametrize("make,inputs_of", LAYERS, ids=lambda f: "")
+def test_every_layer_type_converts_to_torchs_numbers(make, inputs_of):
+    torch.manual_seed(5)
+    layer = make()
+    inputs = inputs_of()
+    want = _forward_backward(copy.deepcopy(layer), _fresh_inputs(inputs))
+    fast, report = fastdl.nn.convert(layer)
+    assert [(n, old) for n, old, _ in report.replaced] == [("", type(layer).__name__)]
+    assert type(fast) is getattr(fastdl.nn, type(layer).__name__)
+    _assert_same(_forward_backward(fast, _fresh_inputs(inputs)), want, 16, type(layer).__name__)
+
+
+def test_conv_transpose_output_size_and_max_unpool_after_conversion():
+    up, unpool = nn.ConvTranspose2d(3, 2, 3, stride=2), nn.MaxUnpool2d(2)
+    x = rand(1, 3, 4, 4)
+    y_up = up(x, output_size=(10, 10))
+    y, idx = F.max_pool2d(rand(1, 2, 6, 6), 2, return_indices=True)
+    y_un = unpool(y, idx, output_size=(7, 7))
+    fup, _ = fastdl.nn.convert(up)
+    fun, _ = fastdl.nn.convert(unpool)
+    assert type(fun) is fastdl.nn.MaxUnpool2d
+    assert_close(fup(x, output_size=(10, 10)), y_up, reduction=9)
+    assert torch.equal(fun(y, idx, output_size=(7, 7)), y_un)
+
+
 def test_optimizer_built_before_conversion_keeps_working():
     torch.manual_seed(4)
     model = _zoo.MnistNet()
@@ -200,7 +247,7 @@ def test_optimizer_built_before_conversion_keeps_working():
 
 
 def test_tied_weights_stay_tied():
-    lm = _zoo.WordLM(30, 8, 8, 1, tie_weights=True)
+    lm = _zoo.WordLM(30, 8, 8, 1, dropout=0.0, tie_weights=True)
     fast, report = fastdl.nn.convert(lm)
     assert isinstance(fast.decoder, fastdl.nn.Linear)
     assert fast.decoder.weight is fast.encoder.weight
@@ -418,3 +465,14 @@ def test_fastdl_internals_never_call_the_patched_names():
             if full.search(code) or (torch_f and short.search(code)):
                 bad.append(f"{path.relative_to(root)}:{i + 1}: {line.strip()}")
     assert bad == []
+
+
+def test_readme_existing_models_example_runs():
+    import os
+    import re
+    path = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    m = re.search(r"## Existing torch models\n.*?```python\n(.*?)```", open(path).read(), re.S)
+    assert m, "README has an '## Existing torch models' section with a python block"
+    scope = {}
+    exec(compile(m.group(1), "README.md", "exec"), scope)
+    assert scope["y"].shape == (4, 10) and len(scope["report"].replaced) == 3
