@@ -207,6 +207,7 @@ LAYERS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections")   # torch's own, about oneDNN
 @pytest.mark.parametrize("make,inputs_of", LAYERS, ids=lambda f: "")
 def test_every_layer_type_converts_to_torchs_numbers(make, inputs_of):
     torch.manual_seed(5)
@@ -471,7 +472,9 @@ def test_readme_existing_models_example_runs():
     import os
     import re
     path = os.path.join(os.path.dirname(__file__), "..", "README.md")
-    m = re.search(r"## Existing torch models\n.*?```python\n(.*?)```", open(path).read(), re.S)
+    with open(path) as f:
+        text = f.read()
+    m = re.search(r"## Existing torch models\n.*?```python\n(.*?)```", text, re.S)
     assert m, "README has an '## Existing torch models' section with a python block"
     scope = {}
     exec(compile(m.group(1), "README.md", "exec"), scope)
