@@ -18,6 +18,10 @@ torch.nn.functional import conv2d``), and nn.RNN/LSTM/GRU (torch calls its _VF k
 Gradients: fastdl's linear and pooling backward are once-differentiable, so a double backward
 (create_graph=True through them) raises where torch's would not; conv supports it.
 
+Under torch.compile a router seen while tracing calls torch's op (no graph break); dynamo may
+also keep a router as an opaque call in its graph (it does for max_pool2d), which then runs
+fastdl at run time, as in eager mode.
+
 No recursion: fastdl's implementations never call these names, and a router reached again while
 one is running on the same thread (from any code fastdl calls) goes straight to torch.
 
@@ -70,6 +74,7 @@ _ROUTES = {
 }
 NAMES = tuple(_ROUTES)
 
+_is_compiling = torch.compiler.is_compiling
 _lock = threading.Lock()
 _local = threading.local()
 _state = {"depth": 0, "strict": 0, "originals": {}, "routers": {}}
@@ -80,8 +85,8 @@ def _make_router(name, family, tensors_of, original, fast):
     stats = _stats[name]
 
     def router(*args, **kwargs):
-        if _state["depth"] == 0 or getattr(_local, "busy", False):
-            return original(*args, **kwargs)
+        if _state["depth"] == 0 or _is_compiling() or getattr(_local, "busy", False):
+            return original(*args, **kwargs)   # (torch.compile traces torch's op, no break)
         try:
             tensors = tensors_of(args, kwargs)
             why = _support.tensor_why_not(family, *tensors)
@@ -109,7 +114,8 @@ def _make_router(name, family, tensors_of, original, fast):
     router.__doc__ = (f"torch.nn.functional.{name}, routed to fastdl.nn.functional.{name} by "
                       f"fastdl.patch() where fastdl serves the call (torch's otherwise).\n\n"
                       f"{original.__doc__ or ''}")
-    router.__wrapped__ = original
+    router._fastdl_original = original   # (not __wrapped__: torch.compile would unwrap to it
+    #                                    and put the router itself in its graph)
     router._fastdl_router = True
     return router
 
