@@ -20,12 +20,12 @@ from helpers import assert_close, assert_close_or_better, rand
 # VGG stack's 3x3x64 convs (576), the LM's 16 features.
 ZOO = {
     "mnist": (lambda: _zoo.MnistNet(), lambda: (rand(2, 1, 28, 28),), 9216),
-    "resnet18": (lambda: _zoo.resnet18(num_classes=10, width=16), lambda: (rand(2, 3, 32, 32),), 1152),
+    "resnet18": (lambda: _zoo.resnet18(num_classes=10, width=16), lambda: (rand(2, 3, 16, 16),), 1152),
     "vgg": (lambda: _zoo.vgg(), lambda: (rand(2, 3, 16, 16),), 576),
     "lstm_lm": (lambda: _zoo.WordLM(50, 16, 16, 2, dropout=0.0, tie_weights=True),
                 lambda: (torch.randint(0, 50, (5, 3)), (rand(2, 3, 16), rand(2, 3, 16))), 16),
 }
-# ResNet-18 runs in eval mode: in train mode at 32x32 its last batch norms normalise over
+# ResNet-18 runs in eval mode: in train mode at 16x16 its last batch norms normalise over
 # 2 images x 1x1 positions, which amplifies rounding differences without bound (ill-conditioned,
 # not a fastdl error); the others train (dropout draws the same masks from the same seed).
 TRAIN = {"mnist": True, "resnet18": False, "vgg": True, "lstm_lm": True}
@@ -110,8 +110,8 @@ def _double(inputs):
             tuple(t.double() for t in x) if isinstance(x, tuple) else x for x in inputs]
 
 
-@pytest.mark.parametrize("name", list(ZOO))
-@pytest.mark.parametrize("opt", ["SGD", "Adam"])
+@pytest.mark.parametrize("name,opt", [("mnist", "SGD"), ("resnet18", "SGD"), ("vgg", "Adam"),
+                                      ("lstm_lm", "Adam"), ("resnet18", "Adam")])
 def test_three_optimizer_steps_match_torch(name, opt):
     # fastdl.optim on the converted model against torch.optim on the original; where Adam's
     # m / sqrt(v) is ill-conditioned at an element, a float64 run of torch decides which side is
@@ -120,11 +120,12 @@ def test_three_optimizer_steps_match_torch(name, opt):
     torch.manual_seed(2)
     model = build().train(TRAIN[name])
     fast, _ = fastdl.nn.convert(model)
-    ref64 = copy.deepcopy(model).double()
     kw = dict(lr=0.01, momentum=0.9) if opt == "SGD" else dict(lr=1e-3)
     sides = [(model, getattr(torch.optim, opt)(model.parameters(), **kw), False),
-             (fast, getattr(fastdl.optim, opt)(fast.parameters(), **kw), False),
-             (ref64, getattr(torch.optim, opt)(ref64.parameters(), **kw), True)]
+             (fast, getattr(fastdl.optim, opt)(fast.parameters(), **kw), False)]
+    if opt == "Adam":                  # the float64 referee, only where it may be needed
+        ref64 = copy.deepcopy(model).double()
+        sides.append((ref64, torch.optim.Adam(ref64.parameters(), **kw), True))
     for step in range(3):
         inputs = inputs_of()
         for m, o, dbl in sides:
@@ -133,9 +134,11 @@ def test_three_optimizer_steps_match_torch(name, opt):
             x = _fresh_inputs(_double(inputs) if dbl else inputs)
             _loss(m(*x)).backward()
             o.step()
-    for (n, a), (_, b), (_, r) in zip(fast.named_parameters(), model.named_parameters(),
-                                      ref64.named_parameters()):
-        assert_close_or_better(a, b, r, what=f"{opt} step 3: {n}")
+    for i, ((n, a), (_, b)) in enumerate(zip(fast.named_parameters(), model.named_parameters())):
+        if opt == "Adam":
+            assert_close_or_better(a, b, list(ref64.parameters())[i], what=f"Adam step 3: {n}")
+        else:
+            assert_close(a, b, reduction=reduction, scale_atol=True, what=f"SGD step 3: {n}")
     for (n, a), (_, b) in zip(fast.named_buffers(), model.named_buffers()):
         if a.is_floating_point():
             assert_close(a, b, reduction=reduction, scale_atol=True, what=f"buffer {n}")
