@@ -56,10 +56,6 @@ def _input(args, kwargs):
     return (args[0] if args else kwargs.get("input"),)
 
 
-def _unpool(args, kwargs):
-    return _input(args, kwargs)
-
-
 # name -> (kernel family, which arguments are the tensors fastdl must serve)
 _ROUTES = {
     "linear": ("linear", _input_weight_bias),
@@ -70,7 +66,7 @@ _ROUTES = {
     "avg_pool2d": ("pool", _input),
     "adaptive_avg_pool2d": ("pool", _input),
     "adaptive_max_pool2d": ("pool", _input),
-    "max_unpool2d": ("pool", _unpool),
+    "max_unpool2d": ("pool", _input),
 }
 NAMES = tuple(_ROUTES)
 
@@ -107,7 +103,9 @@ def _make_router(name, family, tensors_of, original, fast):
             return out
         finally:
             _local.busy = False
-        stats["torch: " + why[:200]] += 1
+        # (messages hold shapes: past 64 distinct reasons, count the rest under one key)
+        key = "torch: " + why[:200]
+        stats[key if key in stats or len(stats) < 64 else "torch: other reasons"] += 1
         return original(*args, **kwargs)
 
     router.__name__ = router.__qualname__ = name
