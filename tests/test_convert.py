@@ -20,7 +20,8 @@ from helpers import assert_close, assert_close_or_better, rand
 # VGG stack's 3x3x64 convs (576), the LM's 16 features.
 ZOO = {
     "mnist": (lambda: _zoo.MnistNet(), lambda: (rand(2, 1, 28, 28),), 9216),
-    "resnet18": (lambda: _zoo.resnet18(num_classes=10, width=16), lambda: (rand(2, 3, 16, 16),), 1152),
+    "resnet18": (lambda: _zoo.resnet18(num_classes=10, width=16),
+                 lambda: (rand(2, 3, 16, 16),), 1152),
     "vgg": (lambda: _zoo.vgg(), lambda: (rand(2, 3, 16, 16),), 576),
     "lstm_lm": (lambda: _zoo.WordLM(50, 16, 16, 2, dropout=0.0, tie_weights=True),
                 lambda: (torch.randint(0, 50, (5, 3)), (rand(2, 3, 16), rand(2, 3, 16))), 16),
@@ -193,9 +194,12 @@ def test_check_a_layer_called_twice_has_a_row_per_call():
 # in a state fastdl's forward computes torch's answer from.
 LAYERS = [
     (lambda: nn.Linear(5, 3), lambda: (rand(2, 5),)),
-    (lambda: nn.Conv1d(3, 4, 3, padding=2, padding_mode="reflect", dilation=2), lambda: (rand(2, 3, 11),)),
-    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding="valid", groups=2, bias=False), lambda: (rand(2, 4, 9, 7),)),
-    (lambda: nn.Conv2d(3, 4, (3, 1), padding="same", padding_mode="circular"), lambda: (rand(1, 3, 6, 5),)),
+    (lambda: nn.Conv1d(3, 4, 3, padding=2, padding_mode="reflect", dilation=2),
+     lambda: (rand(2, 3, 11),)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding="valid", groups=2, bias=False),
+     lambda: (rand(2, 4, 9, 7),)),
+    (lambda: nn.Conv2d(3, 4, (3, 1), padding="same", padding_mode="circular"),
+     lambda: (rand(1, 3, 6, 5),)),
     (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1), lambda: (rand(2, 3, 5, 4),)),
     (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), lambda: (rand(2, 3, 9, 8),)),
     (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), lambda: (rand(2, 3, 9, 8),)),
@@ -461,7 +465,8 @@ def test_fastdl_internals_never_call_the_patched_names():
         if path.name in ("_patch.py", "_zoo.py"):   # the router itself; the zoo is torch models
             continue
         text = path.read_text()
-        torch_f = "import torch.nn.functional as F" in text or "from torch.nn import functional as F" in text
+        torch_f = ("import torch.nn.functional as F" in text
+                   or "from torch.nn import functional as F" in text)
         for i, line in enumerate(text.splitlines()):
             code = line.split("#")[0]
             if ">>>" in code or code.lstrip().startswith(('"', "'")):

@@ -205,7 +205,8 @@ def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0, **kw
     """Runs `model` and fastdl.nn.convert's copy of it on the same inputs (kwargs go to forward),
     forward and backward, and returns a CheckResult: per replaced layer, the largest abs/rel
     difference of its output(s) and every gradient, and its forward/backward time on each side
-    (median of `repeats`; 0 skips the timing). Neither `model` nor the inputs are changed. No torch counterpart.
+    (median of `repeats`; 0 skips the timing). Neither `model` nor the inputs are changed. No
+    torch counterpart.
 
     >>> result = fastdl.check(torch_model, torch.randn(2, 3, 32, 32))
     >>> print(result); result.row("layer1.0.conv1").output_rel

@@ -7,7 +7,8 @@ tracing; autocast off), whether fastdl serves the call; if so it runs fastdl.nn.
 version, else the original torch function. Should fastdl still reject the call (an argument
 combination it lacks; its validation runs before any work), the router calls torch, which then
 either succeeds or raises torch's own error, so a patched call never raises where torch would
-succeed (a fastdl defect would show in ``stats`` as a fallback reason, not as a wrong answer). ``strict=True`` re-raises fastdl's error instead (for tests). ``Patch.stats`` counts, per
+succeed (a fastdl defect would show in ``stats`` as a fallback reason, not as a wrong answer).
+``strict=True`` re-raises fastdl's error instead (for tests). ``Patch.stats`` counts, per
 name, the calls fastdl served and each reason a call went to torch.
 
 torch's own modules call these names at call time (nn.Linear -> F.linear, nn.Conv2d ->

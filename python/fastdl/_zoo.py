@@ -49,7 +49,7 @@ class MnistNet(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with batch norm and a residual (1x1/stride conv + BN when the shape changes)."""
+    """Two 3x3 convs with batch norm and a residual (1x1 conv + BN when the shape changes)."""
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
@@ -157,4 +157,5 @@ class WordLM(nn.Module):
 
     def init_hidden(self, bsz):
         w = next(self.parameters())
-        return (w.new_zeros(self.nlayers, bsz, self.nhid), w.new_zeros(self.nlayers, bsz, self.nhid))
+        shape = (self.nlayers, bsz, self.nhid)
+        return w.new_zeros(shape), w.new_zeros(shape)
