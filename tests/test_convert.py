@@ -502,3 +502,18 @@ def test_patch_under_torch_compile_traces_torchs_ops_without_a_graph_break():
     # Traced routers call torch's op; dynamo may instead keep a router as one opaque call in the
     # graph (it does for max_pool2d), which then serves fastdl at run time: both are correct.
     assert set(n for n, c in p.stats.items() if c) <= {"max_pool2d"}, dict(p.stats)
+
+
+def test_patch_under_functorch_transforms_and_inference_mode():
+    # fastdl's autograd Functions have no functorch rules: under torch.func the call goes to
+    # torch (the router's fallback), and the answer is torch's.
+    x, w = rand(3, 4), rand(2, 4)
+    with fastdl.patch() as p:
+        g = torch.func.grad(lambda w: F.linear(x, w).sum())(w)
+        v = torch.func.vmap(lambda a: F.linear(a, w))(rand(5, 3, 4))
+        with torch.inference_mode():
+            y = F.max_pool2d(rand(1, 2, 4, 4), 2)
+    assert_close(g, x.sum(0).expand(2, 4), reduction=3)
+    assert v.shape == (5, 3, 2) and y.shape == (1, 2, 2, 2)
+    assert p.stats["max_pool2d"] == {"fastdl": 1}
+    assert sum(p.stats["linear"].values()) == 2 and "fastdl" not in p.stats["linear"]
