@@ -517,3 +517,24 @@ def test_patch_under_functorch_transforms_and_inference_mode():
     assert v.shape == (5, 3, 2) and y.shape == (1, 2, 2, 2)
     assert p.stats["max_pool2d"] == {"fastdl": 1}
     assert sum(p.stats["linear"].values()) == 2 and "fastdl" not in p.stats["linear"]
+
+
+def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch):
+    from fastdl import _support
+    cuda, f32, f64 = torch.device("cuda", 0), torch.float32, torch.float64
+    # A build with CUDA linear/pool kernels whose conv/rnn CUDA kernels have not landed:
+    monkeypatch.setattr(_support, "_cuda_cache",
+                        {"linear": True, "pool": True, "conv": False, "rnn": False})
+    assert _support.why_not("linear", cuda, f32) is None
+    assert _support.why_not("pool", "cuda", f32) is None
+    assert _support.why_not("linear", cuda, f64) == ("float64 on cuda: fastdl's linear kernels "
+                                                     "take float32")
+    assert _support.why_not("conv", cuda, f32) == "fastdl has no CUDA conv kernels in this build"
+    assert _support.why_not("rnn", "mps", f32) == "fastdl has no kernels for mps tensors"
+    assert _support.why_not("conv", "cpu", f64) is None
+    assert _support.why_not("conv", "cpu", torch.bfloat16) == (
+        "bfloat16 on cpu: fastdl's conv kernels take float32/float64")
+    # the real build: CUDA entries follow fastdl.cuda.is_compiled() (and CUDA_KERNELS for conv)
+    monkeypatch.setattr(_support, "_cuda_cache", {})
+    served = _support.why_not("linear", cuda, f32) is None
+    assert served == fastdl.build_info()["cuda_compiled"]
