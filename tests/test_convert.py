@@ -14,6 +14,19 @@ import fastdl
 from fastdl import _patch, _zoo
 from helpers import assert_close, assert_close_or_better, rand
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Whole models on a shared 2-core machine: two-thread OpenMP regions stall whenever the
+    # cores are busy (torch's and fastdl's alike), so these tests run one thread per library.
+    # Parity across thread counts is the op tests' job.
+    before = torch.get_num_threads(), fastdl.get_num_threads()
+    torch.set_num_threads(1)
+    fastdl.set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    fastdl.set_num_threads(before[1])
+
+
 # Longest reduction in each model (the tolerance table scales with sqrt of it): MNIST's fc1
 # (9216), ResNet-18's last 3x3 convs (3x3x128 at width 16: the architecture at a quarter of
 # torchvision's width keeps the suite fast; fastdl-bench --suite models runs the full width), the
