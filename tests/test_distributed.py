@@ -1,0 +1,129 @@
+"""fastdl under torch.distributed on the CPU (gloo): DistributedDataParallel with fastdl modules and
+optimizers, torch.distributed.checkpoint of fastdl optimizers, and fastdl.Model.fit under torchrun,
+each against single-process training on the same global batches.
+
+Two processes per test (tests/dist_worker.py, or torchrun running tests/dist_fit_script.py), one
+thread each; every launch has a deadline, after which its processes are killed and the test fails
+(a hung collective must not hang CI)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastdl
+from helpers import assert_close
+
+import dist_worker as W
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="this torch build has no torch.distributed gloo back end")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 120   # seconds per launch; a launch takes ~10 s on two busy cores
+
+
+def _env():
+    env = dict(os.environ)
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(fastdl.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg, HERE, env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmds, tmp_path, timeout=TIMEOUT):
+    """Starts each command in its own session, waits for all with one deadline, kills every
+    process group still running after it, and fails with the logs unless all exit 0."""
+    logs, procs = [], []
+    for i, cmd in enumerate(cmds):
+        log = open(tmp_path / f"log{i}.txt", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    timed_out = False
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    text = []
+    for log in logs:
+        log.seek(0)
+        text.append(log.read()[-4000:])
+        log.close()
+    if timed_out or any(p.returncode != 0 for p in procs):
+        pytest.fail(f"{'timed out after ' + str(timeout) + ' s; ' if timed_out else ''}exit "
+                    f"codes {[p.returncode for p in procs]}\n" + "\n----\n".join(text))
+
+
+def _workers(scenario, tmp_path, world=2):
+    port = str(_free_port())
+    _run([[sys.executable, os.path.join(HERE, "dist_worker.py"), scenario, str(r), str(world),
+           port, str(tmp_path)] for r in range(world)], tmp_path)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _reference(name):
+    """Single-process training of the case on the whole global batches."""
+    net, opt, x, y = W.case(name)
+    W.train(net, opt, x, y, range(W.STEPS))
+    return {k: v.detach() for k, v in net.state_dict().items()}
+
+
+def _assert_weights(got, want, what):
+    assert got.keys() == want.keys(), what
+    for k in want:
+        # The two ranks' mean gradients are summed and halved where one process sums all
+        # GLOBAL_BATCH samples: rounding of a reduction of that length, carried through steps.
+        assert_close(got[k], want[k], reduction=W.GLOBAL_BATCH, scale_atol=True,
+                     what=f"{what}: {k}")
+
+
+def test_ddp_matches_single_process(tmp_path):
+    ranks = _workers("ddp", tmp_path)
+    for name in W.CASES:
+        want = _reference(name)
+        for r, res in enumerate(ranks):
+            _assert_weights(res[name], want, f"{name}, rank {r}")
+        # The comparison can fail: training on one rank's half alone (no gradient averaging)
+        # ends far from the reference, and so does not training at all.
+        net, opt, x, y = W.case(name)
+        untrained = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        W.train(net, opt, x[:, :W.GLOBAL_BATCH // 2], y[:, :W.GLOBAL_BATCH // 2], range(W.STEPS))
+        for other in (untrained, net.state_dict()):
+            gap = max(float((want[k] - v).abs().max()) for k, v in other.items())
+            assert gap > 1e-3, f"{name}: the reference is not sensitive to the data ({gap})"
+
+
+def test_distributed_checkpoint_resumes_optimizer(tmp_path):
+    ranks = _workers("dcp", tmp_path)
+    for name in W.CASES:
+        want = _reference(name)
+        for r, res in enumerate(ranks):
+            got = res[name]
+            _assert_weights(got["uninterrupted"], want, f"{name}, rank {r}, uninterrupted")
+            # resumed from the checkpoint: the very same arithmetic as uninterrupted training
+            for how in ("api", "raw"):
+                for k, v in got["uninterrupted"].items():
+                    assert torch.equal(got[how][k], v), f"{name}, rank {r}, {how}: {k} differs"
+            if name != "mlp-sgd":      # SGD keeps no step count
+                assert got["step"] == W.STEPS, f"{name}: step {got['step']}"
