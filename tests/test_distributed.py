@@ -127,3 +127,71 @@ def test_distributed_checkpoint_resumes_optimizer(tmp_path):
                     assert torch.equal(got[how][k], v), f"{name}, rank {r}, {how}: {k} differs"
             if name != "mlp-sgd":      # SGD keeps no step count
                 assert got["step"] == W.STEPS, f"{name}: step {got['step']}"
+
+
+def _assert_history(got, want, what):
+    assert list(got) == list(want), f"{what}: keys {list(got)} != {list(want)}"
+    for k in want:
+        assert len(got[k]) == len(want[k]), f"{what}: {k} has {len(got[k])} epochs"
+        # float32 losses summed in another order (per rank, then over ranks)
+        assert_close(torch.tensor(got[k], dtype=torch.float64),
+                     torch.tensor(want[k], dtype=torch.float64), dtype=torch.float32,
+                     reduction=F.N, what=f"{what}: {k}")
+
+
+import dist_fit_script as F  # noqa: E402
+
+
+def test_fit_under_torchrun(tmp_path):
+    port = str(_free_port())
+    _run([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+           os.path.join(HERE, "dist_fit_script.py"), str(tmp_path)]], tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    (x, y), val = F.data()
+
+    # Single process on the same global batches: DistributedSampler without shuffling gives
+    # rank r samples r, r + 2, ..., so a step's two per-rank batches of BATCH are together the
+    # next 2 * BATCH samples in order.
+    ref = F.model()
+    h = ref.fit(x, y, batch_size=2 * F.BATCH, epochs=3, shuffle=False, validation_data=val,
+                verbose=0, distributed=False)
+    for r, res in enumerate(ranks):
+        got = res["tensors"]
+        _assert_history(got["history"], h.history, f"rank {r}, tensors")
+        _assert_weights(got["weights"], ref.state_dict(), f"rank {r}, tensors")
+        want_eval = ref.evaluate(val[0], val[1], return_dict=True)
+        _assert_history({k: [v] for k, v in got["evaluate"].items()},
+                        {k: [v] for k, v in want_eval.items()}, f"rank {r}, evaluate")
+        assert_close(got["predict"], ref.predict(val[0]), reduction=F.N, scale_atol=True,
+                     what=f"rank {r}, predict")
+        # a Dataset is sharded the same way
+        _assert_history(res["dataset"]["history"], h.history, f"rank {r}, dataset")
+        _assert_weights(res["dataset"]["weights"], ref.state_dict(), f"rank {r}, dataset")
+        # every rank logs the same History and holds the same weights
+        for part in ("tensors", "dataset", "shuffled"):
+            assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
+            for k, v in ranks[0][part]["weights"].items():
+                assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"
+    # CSVLogger and ModelCheckpoint wrote from rank 0 only
+    assert (tmp_path / "log0.csv").exists() and (tmp_path / "ckpt0.pt").exists()
+    assert not (tmp_path / "log1.csv").exists() and not (tmp_path / "ckpt1.pt").exists()
+    assert len((tmp_path / "log0.csv").read_text().strip().splitlines()) == 1 + 3
+
+    # Shuffled: rank 0's weights (seed 0) and seed, torch's DistributedSampler order per epoch
+    # (randperm with seed + epoch), global batches of 2 * BATCH consecutive samples of it.
+    got = ranks[0]["shuffled"]["history"]
+    epochs = len(got["loss"])
+    assert 1 <= epochs <= 6
+    torch.manual_seed(100)
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    ref = F.model(seed=0)
+    want = {}
+    for e in range(epochs):
+        perm = torch.randperm(F.N, generator=torch.Generator().manual_seed(seed + e))
+        he = ref.fit(x[perm], y[perm], batch_size=2 * F.BATCH, epochs=1, shuffle=False,
+                     validation_data=val, verbose=0, distributed=False)
+        for k, v in he.history.items():
+            want.setdefault(k, []).extend(v)
+    _assert_history(got, want, "shuffled")
+    _assert_weights(ranks[0]["shuffled"]["weights"], ref.state_dict(), "shuffled")

@@ -1,0 +1,79 @@
+"""fastdl.Model.fit under torchrun (tests/test_distributed.py launches it):
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 dist_fit_script.py OUTDIR
+
+fit finds torchrun's variables, initialises the gloo process group itself, shards the data with
+a DistributedSampler and trains under DistributedDataParallel. Three fits, each of a fresh model:
+'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and ModelCheckpoint),
+'dataset' (the same data as a TensorDataset) and 'shuffled' (shuffle=True, EarlyStopping).
+Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
+are also what the test's single-process reference uses.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import fastdl
+
+N, N_VAL, BATCH = 24, 7, 4     # per-rank batch 4: global batches of 8 on two ranks
+
+
+def model(seed=3):
+    torch.manual_seed(seed)
+    net = fastdl.Sequential(fastdl.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), fastdl.nn.MaxPool2d(2),
+                            torch.nn.Flatten(), fastdl.nn.Linear(12, 3))
+    net.compile(fastdl.optim.Adam(net.parameters(), lr=0.02),
+                "sparse_categorical_crossentropy", metrics=["accuracy", "f1"])
+    return net
+
+
+def data():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(N + N_VAL, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (N + N_VAL,), generator=g)
+    return (x[:N], y[:N]), (x[N:], y[N:])
+
+
+def _weights(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def main(outdir):
+    fastdl.set_num_threads(1)
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    assert not dist.is_initialized()
+    (x, y), val = data()
+    out = {}
+
+    net = model()
+    cbs = [fastdl.callbacks.CSVLogger(os.path.join(outdir, f"log{rank}.csv")),
+           fastdl.callbacks.ModelCheckpoint(os.path.join(outdir, f"ckpt{rank}.pt"))]
+    h = net.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, validation_data=val,
+                callbacks=cbs, verbose=2)
+    assert dist.is_initialized() and dist.get_backend() == "gloo", "fit did not initialise gloo"
+    out["tensors"] = {"history": h.history, "weights": _weights(net),
+                      "evaluate": net.evaluate(val[0], val[1], return_dict=True),
+                      "predict": net.predict(val[0])}
+
+    net = model()
+    h = net.fit(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, epochs=3, shuffle=False,
+                validation_data=torch.utils.data.TensorDataset(*val), verbose=0)
+    out["dataset"] = {"history": h.history, "weights": _weights(net)}
+
+    net = model(seed=rank)     # DDP starts every rank from rank 0's weights
+    torch.manual_seed(100 + rank)  # the shuffling seed is rank 0's draw
+    h = net.fit(x, y, batch_size=BATCH, epochs=6, validation_data=val, verbose=0,
+                callbacks=[fastdl.callbacks.EarlyStopping("val_loss", patience=1)])
+    out["shuffled"] = {"history": h.history, "weights": _weights(net)}
+
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
