@@ -5,7 +5,8 @@
 fit finds torchrun's variables, initialises the gloo process group itself, shards the data with
 a DistributedSampler and trains under DistributedDataParallel. Three fits, each of a fresh model:
 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and ModelCheckpoint),
-'dataset' (the same data as a TensorDataset) and 'shuffled' (shuffle=True, EarlyStopping).
+'dataset' (the same data as a TensorDataset), 'loader' (a DataLoader with a
+DistributedSampler; one without, and a module already in DDP, must raise ValueError) and 'shuffled' (shuffle=True, EarlyStopping).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
 are also what the test's single-process reference uses.
 """
@@ -64,6 +65,28 @@ def main(outdir):
     h = net.fit(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, epochs=3, shuffle=False,
                 validation_data=torch.utils.data.TensorDataset(*val), verbose=0)
     out["dataset"] = {"history": h.history, "weights": _weights(net)}
+
+    # A DataLoader with a DistributedSampler is used as it is; one without is refused.
+    net = model()
+    ds = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, sampler=torch.utils.data.DistributedSampler(ds, shuffle=False))
+    h = net.fit(loader, epochs=3, validation_data=val, verbose=0)
+    out["loader"] = {"history": h.history, "weights": _weights(net)}
+    try:
+        net.fit(torch.utils.data.DataLoader(ds, batch_size=BATCH), verbose=0)
+        out["plain_loader_error"] = ""
+    except ValueError as e:
+        out["plain_loader_error"] = str(e)
+
+    # A module the user wrapped in DDP is refused (fit wraps it itself).
+    wrapped = fastdl.Model(torch.nn.parallel.DistributedDataParallel(model()))
+    wrapped.compile("sgd", "sparse_categorical_crossentropy")
+    try:
+        wrapped.fit(x, y, verbose=0)
+        out["ddp_error"] = ""
+    except ValueError as e:
+        out["ddp_error"] = str(e)
 
     net = model(seed=rank)     # DDP starts every rank from rank 0's weights
     torch.manual_seed(100 + rank)  # the shuffling seed is rank 0's draw

@@ -168,8 +168,12 @@ def test_fit_under_torchrun(tmp_path):
         # a Dataset is sharded the same way
         _assert_history(res["dataset"]["history"], h.history, f"rank {r}, dataset")
         _assert_weights(res["dataset"]["weights"], ref.state_dict(), f"rank {r}, dataset")
+        _assert_history(res["loader"]["history"], h.history, f"rank {r}, loader")
+        _assert_weights(res["loader"]["weights"], ref.state_dict(), f"rank {r}, loader")
+        assert "DistributedSampler" in res["plain_loader_error"], res["plain_loader_error"]
+        assert "already wrapped" in res["ddp_error"], res["ddp_error"]
         # every rank logs the same History and holds the same weights
-        for part in ("tensors", "dataset", "shuffled"):
+        for part in ("tensors", "dataset", "loader", "shuffled"):
             assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
             for k, v in ranks[0][part]["weights"].items():
                 assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"
@@ -195,3 +199,64 @@ def test_fit_under_torchrun(tmp_path):
             want.setdefault(k, []).extend(v)
     _assert_history(got, want, "shuffled")
     _assert_weights(ranks[0]["shuffled"]["weights"], ref.state_dict(), "shuffled")
+
+
+# ---------------------------------------------------------------- detection, in this process
+
+
+def _tiny():
+    net = fastdl.Sequential(fastdl.nn.Linear(3, 2))
+    net.compile("sgd", "mse")
+    return net, torch.randn(8, 3), torch.randn(8, 2)
+
+
+def test_fit_distributed_argument_is_checked(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    net, x, y = _tiny()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match="distributed must be"):
+        net.fit(x, y, distributed="yes", verbose=0)
+    with pytest.raises(RuntimeError, match="distributed=True"):
+        net.fit(x, y, distributed=True, verbose=0)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), "a refused fit changed the weights"
+
+
+@pytest.mark.parametrize("env,match", [
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE must be an int"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is not in"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "1"}, "MASTER_ADDR is not set"),
+])
+def test_fit_rejects_a_broken_launch_environment(monkeypatch, env, match):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    net, x, y = _tiny()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        net.fit(x, y, verbose=0)
+    assert not dist.is_initialized()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), "a refused fit changed the weights"
+
+
+def test_fit_with_world_size_one_trains_in_this_process(monkeypatch):
+    """torchrun --nproc_per_node=1 sets WORLD_SIZE=1: no process group, no DDP, the same
+    training as without torchrun."""
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    net, x, y = _tiny()
+    ref = fastdl.Sequential(fastdl.nn.Linear(3, 2))
+    ref.load_state_dict(net.state_dict())
+    ref.compile("sgd", "mse")
+    torch.manual_seed(4)
+    h = net.fit(x, y, batch_size=3, epochs=2, verbose=0)
+    monkeypatch.delenv("WORLD_SIZE")
+    torch.manual_seed(4)
+    h_ref = ref.fit(x, y, batch_size=3, epochs=2, verbose=0)
+    assert not dist.is_initialized()
+    assert h.history == h_ref.history
+    for k, v in ref.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v), k

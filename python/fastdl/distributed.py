@@ -115,6 +115,10 @@ def detect(module, distributed, fn="fit"):
                                "initialised and WORLD_SIZE/RANK are not set (launch with "
                                "torchrun, or call torch.distributed.init_process_group first)")
         return None
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(f"{fn}: the module is already wrapped in DistributedDataParallel; fit "
+                         "wraps it itself under torch.distributed: pass the module inside "
+                         "(ddp.module), or distributed=False to train it as it is")
     device = _device(module)
     here = False
     if dist.is_initialized():
