@@ -5,7 +5,8 @@
 fit finds torchrun's variables, initialises the gloo process group itself, shards the data with
 a DistributedSampler and trains under DistributedDataParallel. Three fits, each of a fresh model:
 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and ModelCheckpoint),
-'dataset' (the same data as a TensorDataset), 'loader' (a DataLoader with a
+'dataset' (the same data as a TensorDataset), 'padded' (23 samples),
+'loader' (a DataLoader with a
 DistributedSampler; one without, and a module already in DDP, must raise ValueError) and 'shuffled' (shuffle=True, EarlyStopping).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
 are also what the test's single-process reference uses.
@@ -78,6 +79,11 @@ def main(outdir):
         out["plain_loader_error"] = ""
     except ValueError as e:
         out["plain_loader_error"] = str(e)
+
+    # 23 samples: torch's DistributedSampler pads rank 1's shard with sample 0.
+    net = model()
+    h = net.fit(x[:N - 1], y[:N - 1], batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    out["padded"] = {"history": h.history, "weights": _weights(net)}
 
     # A module the user wrapped in DDP is refused (fit wraps it itself).
     wrapped = fastdl.Model(torch.nn.parallel.DistributedDataParallel(model()))

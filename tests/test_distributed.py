@@ -156,6 +156,12 @@ def test_fit_under_torchrun(tmp_path):
     ref = F.model()
     h = ref.fit(x, y, batch_size=2 * F.BATCH, epochs=3, shuffle=False, validation_data=val,
                 verbose=0, distributed=False)
+    # N - 1 samples: the sampler pads to 2 * ceil((N - 1) / 2) with the first sample, and the
+    # padded sample trains and counts in the logs (torch's drop_last=False).
+    pad = F.model()
+    order = torch.cat([torch.arange(F.N - 1), torch.tensor([0])])
+    h_pad = pad.fit(x[order], y[order], batch_size=2 * F.BATCH, epochs=2, shuffle=False,
+                    verbose=0, distributed=False)
     for r, res in enumerate(ranks):
         got = res["tensors"]
         _assert_history(got["history"], h.history, f"rank {r}, tensors")
@@ -171,9 +177,11 @@ def test_fit_under_torchrun(tmp_path):
         _assert_history(res["loader"]["history"], h.history, f"rank {r}, loader")
         _assert_weights(res["loader"]["weights"], ref.state_dict(), f"rank {r}, loader")
         assert "DistributedSampler" in res["plain_loader_error"], res["plain_loader_error"]
+        _assert_history(res["padded"]["history"], h_pad.history, f"rank {r}, padded")
+        _assert_weights(res["padded"]["weights"], pad.state_dict(), f"rank {r}, padded")
         assert "already wrapped" in res["ddp_error"], res["ddp_error"]
         # every rank logs the same History and holds the same weights
-        for part in ("tensors", "dataset", "loader", "shuffled"):
+        for part in ("tensors", "dataset", "padded", "loader", "shuffled"):
             assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
             for k, v in ranks[0][part]["weights"].items():
                 assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"
