@@ -143,9 +143,8 @@ import dist_fit_script as F  # noqa: E402
 
 
 def test_fit_under_torchrun(tmp_path):
-    port = str(_free_port())
-    _run([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+    # --standalone: a c10d rendezvous on localhost at a port the OS picks (no network needed)
+    _run([[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "dist_fit_script.py"), str(tmp_path)]], tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     (x, y), val = F.data()
