@@ -61,8 +61,15 @@ def _run(cmds, tmp_path, timeout=TIMEOUT):
                 timed_out = True
                 break
     finally:
+        # SIGTERM first: torchrun then stops its workers (each in a session of its own, out of
+        # reach of a kill of torchrun's group); SIGKILL whatever is left after a grace period.
         for p in procs:
             if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     text = []
