@@ -3,11 +3,11 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 dist_fit_script.py OUTDIR
 
 fit finds torchrun's variables, initialises the gloo process group itself, shards the data with
-a DistributedSampler and trains under DistributedDataParallel. Three fits, each of a fresh model:
-'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and ModelCheckpoint),
-'dataset' (the same data as a TensorDataset), 'padded' (23 samples),
-'loader' (a DataLoader with a
-DistributedSampler; one without, and a module already in DDP, must raise ValueError) and 'shuffled' (shuffle=True, EarlyStopping).
+a DistributedSampler and trains under DistributedDataParallel. Each fit starts from a fresh
+model: 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and
+ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 samples), 'loader'
+(a DataLoader with a DistributedSampler; one without, and a module already in DDP, must raise
+ValueError) and 'shuffled' (shuffle=True, EarlyStopping).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
 are also what the test's single-process reference uses.
 """

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import fastdl
 from helpers import assert_close
 
+import dist_fit_script as F
 import dist_worker as W
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -145,8 +146,6 @@ def _assert_history(got, want, what):
                      torch.tensor(want[k], dtype=torch.float64), dtype=torch.float32,
                      reduction=F.N, what=f"{what}: {k}")
 
-
-import dist_fit_script as F  # noqa: E402
 
 
 def test_fit_under_torchrun(tmp_path):
