@@ -1,8 +1,8 @@
 """One rank of the torch.distributed tests (tests/test_distributed.py starts two of these).
 
-    python dist_worker.py SCENARIO RANK WORLD PORT OUTDIR
+    python dist_worker.py RANK WORLD PORT OUTDIR
 
-Scenarios: 'ddp' trains each model of CASES under DistributedDataParallel with a fastdl optimizer
+Two parts, run in one launch (process start-up is most of a launch's time): 'ddp' trains each model of CASES under DistributedDataParallel with a fastdl optimizer
 on this rank's half of every global batch; 'dcp' checkpoints a fastdl optimizer with
 torch.distributed.checkpoint mid-training and continues from the checkpoint in a fresh
 model and optimizer. Each rank writes its results to OUTDIR/rank<RANK>.pt. The model builders
@@ -138,14 +138,15 @@ def scenario_dcp(rank, world, outdir):
 
 
 def main(argv):
-    scenario, rank, world, port, outdir = argv
+    rank, world, port, outdir = argv
     rank, world = int(rank), int(world)
     fastdl.set_num_threads(1)
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {"ddp": scenario_ddp, "dcp": scenario_dcp}[scenario](rank, world, outdir)
+        results = {"ddp": scenario_ddp(rank, world, outdir),
+                   "dcp": scenario_dcp(rank, world, outdir)}
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -83,11 +83,14 @@ def _run(cmds, tmp_path, timeout=TIMEOUT):
                     f"codes {[p.returncode for p in procs]}\n" + "\n----\n".join(text))
 
 
-def _workers(scenario, tmp_path, world=2):
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """Each rank's results of tests/dist_worker.py, launched once for the tests that read them."""
+    tmp_path = tmp_path_factory.mktemp("dist_worker")
     port = str(_free_port())
-    _run([[sys.executable, os.path.join(HERE, "dist_worker.py"), scenario, str(r), str(world),
-           port, str(tmp_path)] for r in range(world)], tmp_path)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    _run([[sys.executable, os.path.join(HERE, "dist_worker.py"), str(r), "2", port,
+           str(tmp_path)] for r in range(2)], tmp_path)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def _reference(name):
@@ -106,8 +109,8 @@ def _assert_weights(got, want, what):
                      what=f"{what}: {k}")
 
 
-def test_ddp_matches_single_process(tmp_path):
-    ranks = _workers("ddp", tmp_path)
+def test_ddp_matches_single_process(workers):
+    ranks = [w["ddp"] for w in workers]
     for name in W.CASES:
         want = _reference(name)
         for r, res in enumerate(ranks):
@@ -122,8 +125,8 @@ def test_ddp_matches_single_process(tmp_path):
             assert gap > 1e-3, f"{name}: the reference is not sensitive to the data ({gap})"
 
 
-def test_distributed_checkpoint_resumes_optimizer(tmp_path):
-    ranks = _workers("dcp", tmp_path)
+def test_distributed_checkpoint_resumes_optimizer(workers):
+    ranks = [w["dcp"] for w in workers]
     for name in W.CASES:
         want = _reference(name)
         for r, res in enumerate(ranks):
