@@ -7,13 +7,15 @@ a DistributedSampler and trains under DistributedDataParallel. Each fit starts f
 model: 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and
 ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 samples), 'loader'
 (a DataLoader with a DistributedSampler; one without, and a module already in DDP, must raise
-ValueError) and 'shuffled' (shuffle=True, EarlyStopping).
+ValueError), 'stop' and 'ctrl-c' (asked for on rank 1 only) and 'shuffled' (shuffle=True,
+EarlyStopping).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
 are also what the test's single-process reference uses.
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import torch
@@ -38,6 +40,26 @@ def data():
     x = torch.randn(N + N_VAL, 1, 6, 6, generator=g)
     y = torch.randint(0, 3, (N + N_VAL,), generator=g)
     return (x[:N], y[:N]), (x[N:], y[N:])
+
+
+class AskOnRank1(fastdl.callbacks.Callback):
+    """Counts the steps; on rank 1 only, asks to stop (stop_training, or Ctrl-C: SIGINT to this
+    process) after the first step of epoch `epoch`."""
+
+    def __init__(self, how, epoch):
+        super().__init__()
+        self.how, self.epoch, self.steps, self.current = how, epoch, 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if int(os.environ["RANK"]) == 1 and self.current == self.epoch and batch == 0:
+            if self.how == "stop":
+                self.model.stop_training = True
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _weights(net):
@@ -85,6 +107,13 @@ def main(outdir):
     h = net.fit(x[:N - 1], y[:N - 1], batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
     out["padded"] = {"history": h.history, "weights": _weights(net)}
 
+    # A stop asked for on rank 1 alone stops both ranks at the same step.
+    for how, epoch in (("stop", 0), ("ctrl-c", 1)):
+        net = model()
+        ask = AskOnRank1(how, epoch)
+        h = net.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[ask], verbose=0)
+        out[how] = {"history": h.history, "weights": _weights(net), "steps": ask.steps}
+
     # A module the user wrapped in DDP is refused (fit wraps it itself).
     wrapped = fastdl.Model(torch.nn.parallel.DistributedDataParallel(model()))
     wrapped.compile("sgd", "sparse_categorical_crossentropy")
@@ -93,6 +122,10 @@ def main(outdir):
         out["ddp_error"] = ""
     except ValueError as e:
         out["ddp_error"] = str(e)
+    # Dropped now: a DDP object still alive after destroy_process_group releases the group's
+    # last reference when it is collected, and torch's gloo group can then deadlock in its
+    # destructor (the main thread joins a worker thread that waits for the GIL).
+    del wrapped
 
     net = model(seed=rank)     # DDP starts every rank from rank 0's weights
     torch.manual_seed(100 + rank)  # the shuffling seed is rank 0's draw

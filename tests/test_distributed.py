@@ -188,8 +188,13 @@ def test_fit_under_torchrun(tmp_path):
         _assert_history(res["padded"]["history"], h_pad.history, f"rank {r}, padded")
         _assert_weights(res["padded"]["weights"], pad.state_dict(), f"rank {r}, padded")
         assert "already wrapped" in res["ddp_error"], res["ddp_error"]
+        # Asked for on rank 1 after the first step of an epoch (3 steps each): both ranks stop
+        # after the second. stop_training ends the epoch (logged); Ctrl-C drops it unfinished.
+        assert res["stop"]["steps"] == 2 and len(res["stop"]["history"]["loss"]) == 1, res["stop"]
+        assert res["ctrl-c"]["steps"] == 3 + 2, res["ctrl-c"]
+        assert len(res["ctrl-c"]["history"]["loss"]) == 1, res["ctrl-c"]
         # every rank logs the same History and holds the same weights
-        for part in ("tensors", "dataset", "padded", "loader", "shuffled"):
+        for part in ("tensors", "dataset", "padded", "loader", "stop", "ctrl-c", "shuffled"):
             assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
             for k, v in ranks[0][part]["weights"].items():
                 assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"

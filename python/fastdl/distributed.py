@@ -65,6 +65,17 @@ class Context:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.cpu().tolist()]
 
+    def any_async(self, flags):
+        """any() without waiting: returns a function that waits and gives the result."""
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32,
+                         device=self._collective_device())
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+
+        def result():
+            work.wait()
+            return [bool(v) for v in t.cpu().tolist()]
+        return result
+
     def broadcast_int(self, value):
         """Rank 0's value of an int, on every rank."""
         t = torch.tensor([value], dtype=torch.int64, device=self._collective_device())

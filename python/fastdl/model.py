@@ -87,6 +87,29 @@ class _Interrupt:
         return False
 
 
+class _StopVote:
+    """Under torch.distributed, every rank must stop at the same step (a rank that stops alone
+    leaves the others waiting in a collective). Each step's stop requests (Ctrl-C, a callback's
+    stop_training) are all-reduced while the next step runs, so no step waits for the vote:
+    a request made on any rank stops every rank one step later."""
+
+    def __init__(self, ctx):
+        self.ctx, self.pending, self.asked = ctx, None, [False, False]
+
+    def step(self, interrupted, stop):
+        """(interrupted, stop) as every rank agreed after the previous step; sends this step's."""
+        self.asked = [self.asked[0] or interrupted, self.asked[1] or stop]
+        agreed = self.pending() if self.pending is not None else [False, False]
+        self.pending = self.ctx.any_async(self.asked)
+        return agreed
+
+    def finish(self):
+        """The last vote's result (every rank sent it: it completes before the next collective)."""
+        agreed = self.pending() if self.pending is not None else [False, False]
+        self.pending = None
+        return agreed
+
+
 class _TargetError(ValueError):
     """A target out of range, found by the dry run (reported as is, not as a shape error)."""
 
@@ -332,7 +355,9 @@ class _Workflow:
         validation DataLoader with a DistributedSampler is used as it is, one without is
         evaluated whole on every rank) and reduced the same way, after rank 0's buffers are
         copied to every rank; EarlyStopping and other epoch-end decisions therefore agree, and a
-        stop asked for on any rank (stop_training, Ctrl-C) stops every rank at the same step.
+        stop asked for on any rank (stop_training, Ctrl-C) stops every rank at the same step: within
+        an epoch the step after the one it was asked in (the ranks agree on it while that step
+        runs), at an epoch's end at once.
         Per-batch logs (progress bar, on_train_batch_end) are this rank's own. ModelCheckpoint
         and CSVLogger run on rank 0 only, and only rank 0 shows progress. evaluate and predict
         are not collectives: each rank computes over all the data it is given, with no
@@ -479,6 +504,7 @@ class _Workflow:
         self._progress = progress = _Progress(verbose, epoch, epochs, len(batches))
         checked = isinstance(batches, T.TensorBatches)     # checked whole before training
         total, seen = 0.0, 0
+        vote = None if ctx is None else _StopVote(ctx)
         for b, (xb, yb) in enumerate(batches):
             for cb in cbs:
                 cb.on_train_batch_begin(b, {})
@@ -498,15 +524,23 @@ class _Workflow:
             for cb in cbs:
                 cb.on_train_batch_end(b, running)
             progress.step(running)
-            if ctx is not None:   # every rank stops at the same step, or a collective hangs
-                interrupt.requested, self.stop_training = ctx.any(
-                    [interrupt.requested, self.stop_training])
-            if interrupt.requested or self.stop_training:
-                if interrupt.requested:
+            if vote is None:
+                interrupted, stop = interrupt.requested, self.stop_training
+            else:
+                interrupted, stop = vote.step(interrupt.requested, self.stop_training)
+            if interrupted or stop:
+                if interrupted:
+                    interrupt.requested = True
+                    if vote is not None:
+                        vote.finish()
                     progress.abort()
                     return None
+                self.stop_training = True
                 break
-        if ctx is not None:
+        if vote is not None:
+            interrupted, stop = vote.finish()
+            interrupt.requested = interrupt.requested or interrupted
+            self.stop_training = self.stop_training or stop
             total, seen = ctx.sum([total, seen])
             for m in cfg.metrics:
                 m.gather(ctx)
