@@ -10,7 +10,10 @@ no group yet. In the second case fit initialises the default group itself with
 init_process_group("gloo") for a model on the CPU or "nccl" for one on CUDA (after
 torch.cuda.set_device(LOCAL_RANK), moving the model to cuda:LOCAL_RANK), and leaves it
 initialised when it returns (call torch.distributed.destroy_process_group() at the end of the
-script). Only the gloo path is tested (no GPU on the development machine).
+script; fit drops its DDP wrapper before returning, and a DDP object of your own should go
+before that call too: torch's gloo group can deadlock in its destructor when a DDP object
+collected later holds its last reference). Only the gloo path is tested (no GPU on the
+development machine).
 A single process (WORLD_SIZE=1, or no launch) trains as without torch.distributed.
 
 Batches: batch_size is per process, as for torch's DataLoader with a DistributedSampler; a step's

@@ -586,7 +586,8 @@ class _Workflow:
     def evaluate(self, x=None, y=None, batch_size=32, verbose=0, return_dict=False):
         """The loss and metrics over x/y in eval mode without gradients: the loss alone when no
         metric was compiled, else [loss, metric...] (or a dict with return_dict). Keras's
-        Model.evaluate.
+        Model.evaluate. Under torch.distributed it is not a collective: each rank evaluates all
+        of x/y itself.
 
         >>> loss, acc = model.evaluate(x_test, y_test)
         """
@@ -603,6 +604,7 @@ class _Workflow:
     def predict(self, x, batch_size=32, verbose=0):
         """The model's outputs for x in eval mode without gradients, batch by batch: a numpy
         array for numpy input, else a tensor on the model's device. Keras's Model.predict.
+        Under torch.distributed it is not a collective: each rank predicts all of x itself.
 
         >>> probs = torch.sigmoid(model.predict(x_test_tensor))
         """
