@@ -2,8 +2,9 @@
 
     python dist_worker.py RANK WORLD PORT OUTDIR
 
-Two parts, run in one launch (process start-up is most of a launch's time): 'ddp' trains each model of CASES under DistributedDataParallel with a fastdl optimizer
-on this rank's half of every global batch; 'dcp' checkpoints a fastdl optimizer with
+Two parts, run in one launch (process start-up is most of a launch's time): 'ddp' trains each
+model of CASES under DistributedDataParallel with a fastdl optimizer on this rank's half of
+every global batch; 'dcp' checkpoints a fastdl optimizer with
 torch.distributed.checkpoint mid-training and continues from the checkpoint in a fresh
 model and optimizer. Each rank writes its results to OUTDIR/rank<RANK>.pt. The model builders
 and data here are also what the test's single-process reference uses.

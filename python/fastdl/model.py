@@ -355,13 +355,13 @@ class _Workflow:
         validation DataLoader with a DistributedSampler is used as it is, one without is
         evaluated whole on every rank) and reduced the same way, after rank 0's buffers are
         copied to every rank; EarlyStopping and other epoch-end decisions therefore agree, and a
-        stop asked for on any rank (stop_training, Ctrl-C) stops every rank at the same step: within
-        an epoch the step after the one it was asked in (the ranks agree on it while that step
-        runs), at an epoch's end at once.
-        Per-batch logs (progress bar, on_train_batch_end) are this rank's own. ModelCheckpoint
-        and CSVLogger run on rank 0 only, and only rank 0 shows progress. evaluate and predict
-        are not collectives: each rank computes over all the data it is given, with no
-        communication (the same result on every rank, as the weights are the same).
+        stop asked for on any rank (stop_training, Ctrl-C) stops every rank at the same step:
+        within an epoch the step after the one it was asked in (the ranks agree on it while
+        that step runs), at an epoch's end at once. Per-batch logs (progress bar,
+        on_train_batch_end) are this rank's own. ModelCheckpoint and CSVLogger run on rank 0
+        only, and only rank 0 shows progress. evaluate and predict are not collectives: each
+        rank computes over all the data it is given, with no communication (the same result on
+        every rank, as the weights are the same).
 
         >>> h = model.fit(x, y, batch_size=64, epochs=10, validation_split=0.1, verbose=0)
         """
@@ -450,8 +450,9 @@ class _Workflow:
                     if self._progress is not None:
                         self._progress.close(logs)
                     if ctx is not None:   # a stop asked for on any rank stops every rank
-                        self.stop_training, interrupt.requested = ctx.any(
-                            [self.stop_training, interrupt.requested])
+                        stop, interrupted = ctx.any([self.stop_training, interrupt.requested])
+                        self.stop_training = stop
+                        interrupt.requested = interrupt.requested or interrupted
                     if self.stop_training or interrupt.requested:
                         break
                 ended = True
