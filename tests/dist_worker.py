@@ -35,6 +35,20 @@ class LastStep(torch.nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+class ConvGRU(torch.nn.Module):
+    """fastdl.nn.Conv1d over time, then fastdl.nn.GRU and a fastdl.nn.Linear on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = fastdl.nn.Conv1d(5, 6, 3, padding=1)
+        self.gru = fastdl.nn.GRU(6, 4)
+        self.head = fastdl.nn.Linear(4, 3)
+
+    def forward(self, x):                      # x: (N, 5, T)
+        h = self.conv(x).permute(2, 0, 1)      # (T, N, 6), time-major
+        return self.head(self.gru(h)[0][-1])
+
+
 def mlp():
     return torch.nn.Sequential(fastdl.nn.Linear(6, 10), torch.nn.Tanh(), fastdl.nn.Linear(10, 3))
 
@@ -53,6 +67,8 @@ CASES = {
     "lstm-rmsprop": (LastStep, (4, 5),
                      lambda p: fastdl.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True)),
     "mlp-adamw": (mlp, (6,), lambda p: fastdl.optim.AdamW(p, lr=0.01, weight_decay=0.1)),
+    "conv1d-gru-sgd": (ConvGRU, (5, 4), lambda p: fastdl.optim.SGD(p, lr=0.05, momentum=0.5,
+                                                                 weight_decay=0.01)),
 }
 
 
