@@ -153,6 +153,17 @@ class Metric:
         self.outs.append(out)
         self.targets.append(y)
 
+    def gather(self, ctx):
+        """Under torch.distributed: every rank's collected outputs and targets, on every rank in
+        rank order, so result() scores the whole epoch and is the same on all ranks."""
+        mine = ([o.cpu() for o in self.outs], [t.cpu() for t in self.targets], self.binary)
+        self.outs, self.targets = [], []
+        for outs, targets, binary in ctx.all_gather_object(mine):
+            self.outs += outs
+            self.targets += targets
+            if binary is not None:
+                self.binary = binary
+
     def result(self):
         out, y = torch.cat(self.outs), torch.cat(self.targets)
         if self.fn is _metrics.accuracy_score:
@@ -284,18 +295,28 @@ def split_batch(batch, fn):
 
 class TensorBatches:
     """Batches of in-memory tensors. Shuffling draws torch.randperm(n) from torch's global
-    generator once per epoch (on the CPU), so a seeded hand-written loop sees the same order."""
+    generator once per epoch (on the CPU), so a seeded hand-written loop sees the same order.
+    With a sampler (a DistributedSampler under torch.distributed), each epoch takes this rank's
+    indices from it instead, in its order (set_epoch reshuffles it as torch's loaders do)."""
 
-    def __init__(self, x, y, batch_size, shuffle):
+    def __init__(self, x, y, batch_size, shuffle, sampler=None):
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.n = x.shape[0]
+        self.sampler = sampler
+        self.n = x.shape[0] if sampler is None else len(sampler)
 
     def __len__(self):
         return math.ceil(self.n / self.batch_size)
 
+    def set_epoch(self, epoch):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
     def __iter__(self):
-        if self.shuffle:
-            perm = torch.randperm(self.n)
+        if self.sampler is not None or self.shuffle:
+            if self.sampler is not None:
+                perm = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
+            else:
+                perm = torch.randperm(self.n)
             if self.x.device.type != "cpu":
                 perm = perm.to(self.x.device)
             for i in range(0, self.n, self.batch_size):
@@ -312,6 +333,12 @@ class LoaderBatches:
 
     def __init__(self, loader, convert):
         self.loader, self.convert = loader, convert
+
+    def set_epoch(self, epoch):
+        """Reshuffles a DistributedSampler for the epoch (what torch's docs ask of a loop)."""
+        sampler = getattr(self.loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
 
     def __len__(self):
         try:

@@ -18,6 +18,10 @@ Training order (what a hand-written loop must do to match it loss for loss): per
 `torch.randperm(n)` from torch's global generator when shuffle=True; per batch, forward,
 loss, `optimizer.zero_grad()`, `loss.backward()`, `optimizer.step()`. The epoch's 'loss' is the
 sample-weighted mean of the batch losses, taken before each step (as Keras).
+
+Under torchrun (or an initialised torch.distributed group), fit trains with
+DistributedDataParallel on a DistributedSampler's shard of the data; see fit and
+fastdl.distributed.
 """
 from __future__ import annotations
 
@@ -33,7 +37,9 @@ import numpy as np
 import torch
 
 from . import _training as T
-from .callbacks import Callback, History, load_weights, save_weights
+from . import distributed as D
+from .callbacks import (Callback, CSVLogger, History, ModelCheckpoint, load_weights,
+                        save_weights)
 
 __all__ = ["Model", "Sequential"]
 
@@ -79,6 +85,29 @@ class _Interrupt:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
+
+
+class _StopVote:
+    """Under torch.distributed, every rank must stop at the same step (a rank that stops alone
+    leaves the others waiting in a collective). Each step's stop requests (Ctrl-C, a callback's
+    stop_training) are all-reduced while the next step runs, so no step waits for the vote:
+    a request made on any rank stops every rank one step later."""
+
+    def __init__(self, ctx):
+        self.ctx, self.pending, self.asked = ctx, None, [False, False]
+
+    def step(self, interrupted, stop):
+        """(interrupted, stop) as every rank agreed after the previous step; sends this step's."""
+        self.asked = [self.asked[0] or interrupted, self.asked[1] or stop]
+        agreed = self.pending() if self.pending is not None else [False, False]
+        self.pending = self.ctx.any_async(self.asked)
+        return agreed
+
+    def finish(self):
+        """The last vote's result (every rank sent it: it completes before the next collective)."""
+        agreed = self.pending() if self.pending is not None else [False, False]
+        self.pending = None
+        return agreed
 
 
 class _TargetError(ValueError):
@@ -184,15 +213,37 @@ class _Workflow:
 
     # ------------------------------------------------------------ data
 
-    def _batches(self, x, y, batch_size, shuffle, fn, cfg, device, dtype):
-        """(batches, n) for x/y in any accepted form; everything validated here."""
+    def _batches(self, x, y, batch_size, shuffle, fn, cfg, device, dtype, ctx=None, shard=None,
+                 seed=0):
+        """(batches, n) for x/y in any accepted form; everything validated here. Under
+        torch.distributed (ctx), shard='train' gives this rank's DistributedSampler shard and
+        shard='eval' a disjoint, unpadded one (rank r takes samples r, r + world, ...);
+        batches.sharded then says whether results must be reduced over ranks."""
         T.check_batch_size(batch_size, fn)
+        if ctx is None:
+            shard = None
         if T.is_loader(x) or T.is_dataset(x):
             if y is not None:
                 raise ValueError(f"{fn}: y must be None when x is a Dataset or DataLoader (it "
                                  "yields (x, y) pairs)")
-            loader = x if T.is_loader(x) else torch.utils.data.DataLoader(
-                x, batch_size=batch_size, shuffle=shuffle)
+            sharded = shard is not None
+            if T.is_loader(x):
+                loader = x
+                own = isinstance(getattr(x, "sampler", None),
+                                 torch.utils.data.DistributedSampler)
+                if shard == "train" and not own:
+                    raise ValueError(f"{fn}: under torch.distributed a DataLoader needs a "
+                                     "torch.utils.data.DistributedSampler (or pass its Dataset "
+                                     "and fit makes one)")
+                sharded = sharded and own
+            elif shard == "train":
+                loader = torch.utils.data.DataLoader(
+                    x, batch_size=batch_size, sampler=ctx.sampler(x, shuffle, seed))
+            elif shard == "eval":
+                loader = torch.utils.data.DataLoader(
+                    x, batch_size=batch_size, sampler=range(ctx.rank, len(x), ctx.world))
+            else:
+                loader = torch.utils.data.DataLoader(x, batch_size=batch_size, shuffle=shuffle)
 
             def convert(batch):
                 xb, yb = T.split_batch(batch, fn)
@@ -204,7 +255,9 @@ class _Workflow:
                 n = len(loader.dataset)
             except TypeError:
                 n = None
-            return T.LoaderBatches(loader, convert), n
+            batches = T.LoaderBatches(loader, convert)
+            batches.sharded = sharded
+            return batches, n
         if x is None:
             raise ValueError(f"{fn}: x is required")
         xt = T.prepare_x(x, dtype, fn)
@@ -217,7 +270,17 @@ class _Workflow:
             xt = xt.to(device)
         if yt is not None and yt.device != device:
             yt = yt.to(device)
-        return T.TensorBatches(xt, yt, batch_size, shuffle), xt.shape[0]
+        if shard == "train":
+            batches = T.TensorBatches(xt, yt, batch_size, shuffle,
+                                      sampler=ctx.sampler(range(xt.shape[0]), shuffle, seed))
+        elif shard == "eval":
+            r, w = ctx.rank, ctx.world
+            batches = T.TensorBatches(xt[r::w], None if yt is None else yt[r::w], batch_size,
+                                      False)
+        else:
+            batches = T.TensorBatches(xt, yt, batch_size, shuffle)
+        batches.sharded = shard is not None
+        return batches, xt.shape[0]
 
     def _dry_run(self, batches, cfg, fn, what, target_what):
         """One forward and loss on the first batch, in eval mode without gradients and with
@@ -263,7 +326,7 @@ class _Workflow:
 
     def fit(self, x=None, y=None, batch_size=32, epochs=1, verbose=1, callbacks=None,
             validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
-            device=None):
+            device=None, distributed="auto"):
         """Trains for `epochs` epochs; returns a History whose `history` holds per-epoch 'loss',
         each metric and, with validation data, 'val_loss' and 'val_<metric>'. validation_split
         takes the last fraction of x/y (before shuffling), as Keras. Ctrl-C stops after the
@@ -273,6 +336,32 @@ class _Workflow:
         Class labels outside [0, C) and binary cross-entropy targets outside [0, 1] raise
         ValueError before training (a DataLoader's: before the step of their batch).
         Keras's Model.fit.
+
+        Distributed (distributed='auto': under torchrun or an initialised torch.distributed
+        group with more than one process; False: never; True: required). Call fit on every rank
+        with the same arguments. fit initialises the process group if torchrun's variables are
+        set and none exists (gloo on the CPU, nccl on CUDA; fastdl.distributed), wraps the
+        module in DistributedDataParallel for the fit (its start copies rank 0's weights to
+        every rank) and trains each rank on its torch.utils.data.DistributedSampler shard:
+        batch_size is per process (a step averages the gradient over batch_size * world_size
+        samples); shuffle=True shuffles with a seed drawn from torch's global generator on rank
+        0 plus the epoch (set_epoch each epoch); when n is not a multiple of the world size the
+        sampler pads with the first samples, as torch's does (drop_last=False), and those count
+        in the training logs. A DataLoader must already use a DistributedSampler; a Dataset or
+        in-memory data is sharded by fit. Epoch logs are reduced over ranks: the loss as a
+        sample-weighted mean, metrics scored on every rank's outputs gathered to all ranks, so
+        every rank's History is the same (and equals a single process's on the same global
+        batches, to rounding). Validation data is split across ranks without padding (a
+        validation DataLoader with a DistributedSampler is used as it is, one without is
+        evaluated whole on every rank) and reduced the same way, after rank 0's buffers are
+        copied to every rank; EarlyStopping and other epoch-end decisions therefore agree, and a
+        stop asked for on any rank (stop_training, Ctrl-C) stops every rank at the same step:
+        within an epoch the step after the one it was asked in (the ranks agree on it while
+        that step runs), at an epoch's end at once. Per-batch logs (progress bar,
+        on_train_batch_end) are this rank's own. ModelCheckpoint and CSVLogger run on rank 0
+        only, and only rank 0 shows progress. evaluate and predict are not collectives: each
+        rank computes over all the data it is given, with no communication (the same result on
+        every rank, as the weights are the same).
 
         >>> h = model.fit(x, y, batch_size=64, epochs=10, validation_split=0.1, verbose=0)
         """
@@ -291,6 +380,7 @@ class _Workflow:
                                 f"got {type(cb).__name__}")
         if device is not None:
             self.module.to(device)
+        ctx = D.detect(self.module, distributed, fn)
         device, dtype = self._device_dtype()
         if validation_split and validation_data is not None:
             validation_split = 0.0   # Keras: validation_data wins
@@ -310,18 +400,27 @@ class _Workflow:
             x, y, validation_data = xt[:split], yt[:split], (xt[split:], yt[split:])
         elif y is None and not (T.is_loader(x) or T.is_dataset(x)):
             raise ValueError("fit: y is required")
-        train, n = self._batches(x, y, batch_size, shuffle, fn, cfg, device, dtype)
+        seed = 0
+        if ctx is not None and shuffle:
+            seed = ctx.broadcast_int(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+        train, n = self._batches(x, y, batch_size, shuffle, fn, cfg, device, dtype, ctx,
+                                 "train", seed)
         val = None
         if validation_data is not None:
             vx, vy = self._validation_pair(validation_data)
-            val, _ = self._batches(vx, vy, batch_size, False, "fit (validation_data)", cfg,
-                                   device, dtype)
-        self._dry_run(train, cfg, fn, "x", "y")
-        if val is not None:
+            vfn = "fit (validation_data)"
+            val, _ = self._batches(vx, vy, batch_size, False, vfn, cfg, device, dtype)
             self._dry_run(val, cfg, fn, "validation_data", "validation_data")
+            if ctx is not None:    # this rank's shard (possibly empty); checked whole above
+                val, _ = self._batches(vx, vy, batch_size, False, vfn, cfg, device, dtype, ctx,
+                                       "eval")
+        self._dry_run(train, cfg, fn, "x", "y")
 
         history = History()
         cbs = callbacks + [history]
+        if ctx is not None and ctx.rank != 0:
+            cbs = [cb for cb in cbs if not isinstance(cb, (ModelCheckpoint, CSVLogger))]
+            verbose = 0
         params = {"epochs": epochs, "steps": len(train), "verbose": verbose, "samples": n}
         for cb in cbs:
             cb.set_model(self)
@@ -329,6 +428,7 @@ class _Workflow:
         self.history = history
         self.stop_training = False
         was_training = self.module.training
+        net = self.module if ctx is None else ctx.wrap(self.module)
         began = ended = False
         with _Interrupt() as interrupt:
             try:
@@ -338,16 +438,21 @@ class _Workflow:
                 for epoch in range(initial_epoch, epochs):
                     for cb in cbs:
                         cb.on_epoch_begin(epoch, {})
-                    logs = self._train_epoch(train, cfg, cbs, epoch, epochs, verbose, interrupt)
+                    logs = self._train_epoch(train, cfg, cbs, epoch, epochs, verbose, interrupt,
+                                             net, ctx)
                     if logs is None:      # interrupted: the epoch did not finish
                         break
                     if val is not None:
-                        vlogs = self._evaluate_batches(val, cfg, cbs)
+                        vlogs = self._evaluate_batches(val, cfg, cbs, ctx)
                         logs.update({"val_" + k: v for k, v in vlogs.items()})
                     for cb in cbs:
                         cb.on_epoch_end(epoch, logs)
                     if self._progress is not None:
                         self._progress.close(logs)
+                    if ctx is not None:   # a stop asked for on any rank stops every rank
+                        stop, interrupted = ctx.any([self.stop_training, interrupt.requested])
+                        self.stop_training = stop
+                        interrupt.requested = interrupt.requested or interrupted
                     if self.stop_training or interrupt.requested:
                         break
                 ended = True
@@ -357,6 +462,7 @@ class _Workflow:
                 if self._progress is not None:
                     self._progress.abort()
                 self._progress = None
+                del net
                 self.module.train(was_training)
                 if began and not ended:
                     # An abort (second Ctrl-C) or an error: the callbacks still end, so
@@ -387,14 +493,19 @@ class _Workflow:
         raise ValueError("fit: validation_data must be (x_val, y_val), a Dataset or a "
                          f"DataLoader, got {type(data).__name__}")
 
-    def _train_epoch(self, batches, cfg, cbs, epoch, epochs, verbose, interrupt):
-        net, opt, lossfn = self.module, cfg.optimizer, cfg.loss
+    def _train_epoch(self, batches, cfg, cbs, epoch, epochs, verbose, interrupt, net=None,
+                     ctx=None):
+        """One epoch; net is the module or its DistributedDataParallel wrapper (ctx)."""
+        net = self.module if net is None else net
+        opt, lossfn = cfg.optimizer, cfg.loss
         net.train()
+        batches.set_epoch(epoch)
         for m in cfg.metrics:
             m.reset()
         self._progress = progress = _Progress(verbose, epoch, epochs, len(batches))
         checked = isinstance(batches, T.TensorBatches)     # checked whole before training
         total, seen = 0.0, 0
+        vote = None if ctx is None else _StopVote(ctx)
         for b, (xb, yb) in enumerate(batches):
             for cb in cbs:
                 cb.on_train_batch_begin(b, {})
@@ -414,17 +525,33 @@ class _Workflow:
             for cb in cbs:
                 cb.on_train_batch_end(b, running)
             progress.step(running)
-            if interrupt.requested or self.stop_training:
-                if interrupt.requested:
+            if vote is None:
+                interrupted, stop = interrupt.requested, self.stop_training
+            else:
+                interrupted, stop = vote.step(interrupt.requested, self.stop_training)
+            if interrupted or stop:
+                if interrupted:
+                    interrupt.requested = True
+                    if vote is not None:
+                        vote.finish()
                     progress.abort()
                     return None
+                self.stop_training = True
                 break
+        if vote is not None:
+            interrupted, stop = vote.finish()
+            interrupt.requested = interrupt.requested or interrupted
+            self.stop_training = self.stop_training or stop
+            total, seen = ctx.sum([total, seen])
+            for m in cfg.metrics:
+                m.gather(ctx)
+            ctx.sync_buffers(self.module)
         logs = {"loss": total / max(seen, 1)}
         for m in cfg.metrics:
             logs[m.name] = m.result()
         return logs
 
-    def _evaluate_batches(self, batches, cfg, cbs=()):
+    def _evaluate_batches(self, batches, cfg, cbs=(), ctx=None):
         net = self.module
         was_training = net.training
         net.eval()
@@ -446,6 +573,10 @@ class _Workflow:
                         m.update(out, yb)
         finally:
             net.train(was_training)
+        if ctx is not None and batches.sharded:
+            total, seen = ctx.sum([total, seen])
+            for m in cfg.metrics:
+                m.gather(ctx)
         logs = {"loss": total / max(seen, 1)}
         for m in cfg.metrics:
             logs[m.name] = m.result()
@@ -456,7 +587,8 @@ class _Workflow:
     def evaluate(self, x=None, y=None, batch_size=32, verbose=0, return_dict=False):
         """The loss and metrics over x/y in eval mode without gradients: the loss alone when no
         metric was compiled, else [loss, metric...] (or a dict with return_dict). Keras's
-        Model.evaluate.
+        Model.evaluate. Under torch.distributed it is not a collective: each rank evaluates all
+        of x/y itself.
 
         >>> loss, acc = model.evaluate(x_test, y_test)
         """
@@ -473,6 +605,7 @@ class _Workflow:
     def predict(self, x, batch_size=32, verbose=0):
         """The model's outputs for x in eval mode without gradients, batch by batch: a numpy
         array for numpy input, else a tensor on the model's device. Keras's Model.predict.
+        Under torch.distributed it is not a collective: each rank predicts all of x itself.
 
         >>> probs = torch.sigmoid(model.predict(x_test_tensor))
         """

@@ -1,0 +1,168 @@
+"""What fastdl.Model.fit does under torch.distributed (a torchrun launch, or a process group the
+caller initialised): find the launch, set up the process group, shard the data, reduce the logs.
+
+>>> # train.py, run as: torchrun --standalone --nproc_per_node=2 train.py
+>>> model.compile("adam", "mse"); model.fit(x, y, batch_size=32, epochs=5)   # DDP, sharded
+
+Detection (fit's distributed="auto"): torch.distributed already initialised with more than one
+process, or the variables torchrun sets (WORLD_SIZE > 1 and RANK; MASTER_ADDR/MASTER_PORT) with
+no group yet. In the second case fit initialises the default group itself with
+init_process_group("gloo") for a model on the CPU or "nccl" for one on CUDA (after
+torch.cuda.set_device(LOCAL_RANK), moving the model to cuda:LOCAL_RANK), and leaves it
+initialised when it returns (call torch.distributed.destroy_process_group() at the end of the
+script; fit drops its DDP wrapper before returning, and a DDP object of your own should go
+before that call too: torch's gloo group can deadlock in its destructor when a DDP object
+collected later holds its last reference). Only the gloo path is tested (no GPU on the
+development machine).
+A single process (WORLD_SIZE=1, or no launch) trains as without torch.distributed.
+
+Batches: batch_size is per process, as for torch's DataLoader with a DistributedSampler; a step's
+global batch is batch_size * world_size samples. See fastdl.Model.fit for the rest.
+Tested by tests/test_distributed.py.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Context", "detect"]
+
+_ENV = ("WORLD_SIZE", "RANK")
+
+
+def _env_int(name, fn):
+    value = os.environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{fn}: environment variable {name} must be an int (torchrun sets it), "
+                         f"got {value!r}") from None
+
+
+class Context:
+    """The process group fit trains in: rank, world size, and the collectives fit needs
+    (on `device`: the model's for NCCL, the CPU for gloo)."""
+
+    def __init__(self, rank, world, device, initialised_here=False):
+        self.rank, self.world, self.device = rank, world, device
+        self.initialised_here = initialised_here
+
+    def __repr__(self):
+        return f"fastdl.distributed.Context(rank={self.rank}, world={self.world})"
+
+    def _collective_device(self):
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def sum(self, values):
+        """Elementwise sum over ranks of a list of floats (float64 all-reduce)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().tolist()
+
+    def any(self, flags):
+        """Elementwise: is the flag set on any rank (max all-reduce)."""
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32,
+                         device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.cpu().tolist()]
+
+    def any_async(self, flags):
+        """any() without waiting: returns a function that waits and gives the result."""
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32,
+                         device=self._collective_device())
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+
+        def result():
+            work.wait()
+            return [bool(v) for v in t.cpu().tolist()]
+        return result
+
+    def broadcast_int(self, value):
+        """Rank 0's value of an int, on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def all_gather_object(self, obj):
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sync_buffers(self, module):
+        """Rank 0's buffers (BatchNorm statistics...) on every rank. DDP broadcasts them before
+        each training forward, which then updates each rank's copy from its own shard."""
+        for b in module.buffers():
+            dist.broadcast(b.data, src=0)
+
+    def sampler(self, dataset, shuffle, seed):
+        """torch's DistributedSampler for this rank: shuffled with `seed` + epoch when asked,
+        padded (drop_last=False) by repeating the first indices so every rank has
+        ceil(n / world) samples and the same number of steps."""
+        return torch.utils.data.DistributedSampler(dataset, num_replicas=self.world,
+                                                   rank=self.rank, shuffle=shuffle, seed=seed,
+                                                   drop_last=False)
+
+    def wrap(self, module):
+        """The module in DistributedDataParallel (which broadcasts rank 0's parameters and
+        buffers to every rank as it starts)."""
+        device_ids = None
+        if self.device.type == "cuda":
+            device_ids = [self.device.index]
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def detect(module, distributed, fn="fit"):
+    """The Context to train in, or None for single-process training.
+    distributed: 'auto' (a launch or an initialised group with world size > 1 is used), False
+    (never) or True (required: raises RuntimeError when there is neither)."""
+    if distributed not in ("auto", True, False):
+        raise ValueError(f"{fn}: distributed must be 'auto', True or False, got {distributed!r}")
+    if distributed is False:
+        return None
+    available = dist.is_available()
+    launched = available and (dist.is_initialized() or all(k in os.environ for k in _ENV))
+    if not launched:
+        if distributed is True:
+            raise RuntimeError(f"{fn}: distributed=True, but torch.distributed is not "
+                               "initialised and WORLD_SIZE/RANK are not set (launch with "
+                               "torchrun, or call torch.distributed.init_process_group first)")
+        return None
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(f"{fn}: the module is already wrapped in DistributedDataParallel; fit "
+                         "wraps it itself under torch.distributed: pass the module inside "
+                         "(ddp.module), or distributed=False to train it as it is")
+    device = _device(module)
+    here = False
+    if dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world, rank = _env_int("WORLD_SIZE", fn), _env_int("RANK", fn)
+        if not (0 <= rank < world):
+            raise ValueError(f"{fn}: RANK={rank} is not in [0, WORLD_SIZE={world})")
+        if world > 1:
+            for k in ("MASTER_ADDR", "MASTER_PORT"):
+                if k not in os.environ:
+                    raise ValueError(f"{fn}: WORLD_SIZE={world} but {k} is not set (torchrun "
+                                     "sets it; or call init_process_group yourself)")
+            if device.type == "cuda":
+                local = _env_int("LOCAL_RANK", fn) if "LOCAL_RANK" in os.environ else 0
+                torch.cuda.set_device(local)
+                device = torch.device("cuda", local)
+                module.to(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            here = True
+    if world <= 1:
+        if distributed is True:
+            raise RuntimeError(f"{fn}: distributed=True, but the world size is {world}")
+        return None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return Context(rank, world, device, here)
+
+
+def _device(module):
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -1,0 +1,141 @@
+"""fastdl.Model.fit under torchrun (tests/test_distributed.py launches it):
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 dist_fit_script.py OUTDIR
+
+fit finds torchrun's variables, initialises the gloo process group itself, shards the data with
+a DistributedSampler and trains under DistributedDataParallel. Each fit starts from a fresh
+model: 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and
+ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 samples), 'loader'
+(a DataLoader with a DistributedSampler; one without, and a module already in DDP, must raise
+ValueError), 'stop' and 'ctrl-c' (asked for on rank 1 only) and 'shuffled' (shuffle=True,
+EarlyStopping).
+Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
+are also what the test's single-process reference uses.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+import fastdl
+
+N, N_VAL, BATCH = 24, 7, 4     # per-rank batch 4: global batches of 8 on two ranks
+
+
+def model(seed=3):
+    torch.manual_seed(seed)
+    net = fastdl.Sequential(fastdl.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), fastdl.nn.MaxPool2d(2),
+                            torch.nn.Flatten(), fastdl.nn.Linear(12, 3))
+    net.compile(fastdl.optim.Adam(net.parameters(), lr=0.02),
+                "sparse_categorical_crossentropy", metrics=["accuracy", "f1"])
+    return net
+
+
+def data():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(N + N_VAL, 1, 6, 6, generator=g)
+    y = torch.randint(0, 3, (N + N_VAL,), generator=g)
+    return (x[:N], y[:N]), (x[N:], y[N:])
+
+
+class AskOnRank1(fastdl.callbacks.Callback):
+    """Counts the steps; on rank 1 only, asks to stop (stop_training, or Ctrl-C: SIGINT to this
+    process) after the first step of epoch `epoch`."""
+
+    def __init__(self, how, epoch):
+        super().__init__()
+        self.how, self.epoch, self.steps, self.current = how, epoch, 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += 1
+        if int(os.environ["RANK"]) == 1 and self.current == self.epoch and batch == 0:
+            if self.how == "stop":
+                self.model.stop_training = True
+            else:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
+def _weights(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def main(outdir):
+    fastdl.set_num_threads(1)
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    assert not dist.is_initialized()
+    (x, y), val = data()
+    out = {}
+
+    net = model()
+    cbs = [fastdl.callbacks.CSVLogger(os.path.join(outdir, f"log{rank}.csv")),
+           fastdl.callbacks.ModelCheckpoint(os.path.join(outdir, f"ckpt{rank}.pt"))]
+    h = net.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, validation_data=val,
+                callbacks=cbs, verbose=2)
+    assert dist.is_initialized() and dist.get_backend() == "gloo", "fit did not initialise gloo"
+    out["tensors"] = {"history": h.history, "weights": _weights(net),
+                      "evaluate": net.evaluate(val[0], val[1], return_dict=True),
+                      "predict": net.predict(val[0])}
+
+    net = model()
+    h = net.fit(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, epochs=3, shuffle=False,
+                validation_data=torch.utils.data.TensorDataset(*val), verbose=0)
+    out["dataset"] = {"history": h.history, "weights": _weights(net)}
+
+    # A DataLoader with a DistributedSampler is used as it is; one without is refused.
+    net = model()
+    ds = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, sampler=torch.utils.data.DistributedSampler(ds, shuffle=False))
+    h = net.fit(loader, epochs=3, validation_data=val, verbose=0)
+    out["loader"] = {"history": h.history, "weights": _weights(net)}
+    try:
+        net.fit(torch.utils.data.DataLoader(ds, batch_size=BATCH), verbose=0)
+        out["plain_loader_error"] = ""
+    except ValueError as e:
+        out["plain_loader_error"] = str(e)
+
+    # 23 samples: torch's DistributedSampler pads rank 1's shard with sample 0.
+    net = model()
+    h = net.fit(x[:N - 1], y[:N - 1], batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    out["padded"] = {"history": h.history, "weights": _weights(net)}
+
+    # A stop asked for on rank 1 alone stops both ranks at the same step.
+    for how, epoch in (("stop", 0), ("ctrl-c", 1)):
+        net = model()
+        ask = AskOnRank1(how, epoch)
+        h = net.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[ask], verbose=0)
+        out[how] = {"history": h.history, "weights": _weights(net), "steps": ask.steps}
+
+    # A module the user wrapped in DDP is refused (fit wraps it itself).
+    wrapped = fastdl.Model(torch.nn.parallel.DistributedDataParallel(model()))
+    wrapped.compile("sgd", "sparse_categorical_crossentropy")
+    try:
+        wrapped.fit(x, y, verbose=0)
+        out["ddp_error"] = ""
+    except ValueError as e:
+        out["ddp_error"] = str(e)
+    # Dropped now: a DDP object still alive after destroy_process_group releases the group's
+    # last reference when it is collected, and torch's gloo group can then deadlock in its
+    # destructor (the main thread joins a worker thread that waits for the GIL).
+    del wrapped
+
+    net = model(seed=rank)     # DDP starts every rank from rank 0's weights
+    torch.manual_seed(100 + rank)  # the shuffling seed is rank 0's draw
+    h = net.fit(x, y, batch_size=BATCH, epochs=6, validation_data=val, verbose=0,
+                callbacks=[fastdl.callbacks.EarlyStopping("val_loss", patience=1)])
+    out["shuffled"] = {"history": h.history, "weights": _weights(net)}
+
+    torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
