@@ -20,10 +20,24 @@ from helpers import assert_close, rand
 
 @pytest.fixture
 def device(device):
-    """conftest's device; the CUDA cases skip until the recurrent CUDA kernels exist (issue 9)."""
-    if device == "cuda":
-        pytest.skip("fastdl's recurrent layers have no CUDA kernels yet")
-    return device
+    """conftest's device. On a GPU, torch's cuDNN reference runs without TF32 (torch lets cuDNN
+    use it for float32 RNNs by default), as fastdl's CUDA kernels compute in exact float32."""
+    if device == "cuda" and torch.cuda.is_available():
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        yield device
+        torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield device
+
+
+# fastdl's CUDA recurrent kernels are float32 only: float64 cases run on the CPU alone.
+CUDA_F64 = "fastdl's CUDA recurrent kernels support float32 only (no float64 on CUDA)"
+
+
+def float_for(device):
+    """The dtype of a case written in float64: float32 where CUDA has float32 only."""
+    return torch.float32 if device == "cuda" else torch.float64
 
 
 KINDS = ["RNN_TANH", "RNN_RELU", "LSTM", "LSTM_PROJ", "GRU"]
@@ -85,12 +99,18 @@ def check_module(ours, theirs, x, hx=None, *, reduction, what):
                      what=f"{what}: grad of {name}")
 
 
-def random_case(rng):
+def random_case(rng, small=False):
+    """A random configuration; small=True keeps it to what the emulated CUDA back end runs in
+    seconds (every CUDA thread on the CPU): 1-2 layers, sequences 1-5, batch 1-3, hidden 8-16."""
     kind = rng.choice(KINDS)
-    cfg = dict(num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.5,
+    cfg = dict(num_layers=rng.randint(1, 2 if small else 3), bidirectional=rng.random() < 0.5,
                batch_first=rng.random() < 0.5, bias=rng.random() < 0.75)
-    T, B = rng.choice([1, 2, 5, 13, 40]), rng.choice([1, 2, 3, 7, 16])
-    I, H = rng.choice([1, 3, 8, 17]), rng.choice([2, 5, 11, 16])
+    if small:
+        T, B = rng.choice([1, 2, 5]), rng.choice([1, 2, 3])
+        I, H = rng.choice([1, 3, 8]), rng.choice([8, 11, 16])
+    else:
+        T, B = rng.choice([1, 2, 5, 13, 40]), rng.choice([1, 2, 3, 7, 16])
+        I, H = rng.choice([1, 3, 8, 17]), rng.choice([2, 5, 11, 16])
     return kind, cfg, T, B, I, H, rng.random() < 0.5
 
 
@@ -114,9 +134,11 @@ def run_case(kind, cfg, T, B, I, H, with_state, dtype, device="cpu"):
 @pytest.mark.parametrize("chunk", range(4))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sweep(device, chunk, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip(CUDA_F64)
     rng = random.Random(900 + chunk)
     for _ in range(6):
-        run_case(*random_case(rng), dtype=dtype, device=device)
+        run_case(*random_case(rng, small=device == "cuda"), dtype=dtype, device=device)
 
 
 @pytest.mark.slow
@@ -151,13 +173,14 @@ def test_large_hidden(cpu_path, kind, dtype):
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_packed_unsorted(device, kind, bidirectional):
     B, I, H = 6, 4, 7
+    dt = float_for(device)
     lengths = torch.tensor([3, 9, 1, 9, 5, 2])
-    ours, theirs = make_pair(kind, I, H, device=device, num_layers=2, bidirectional=bidirectional)
-    padded = rand(9, B, I, dtype=torch.float64, device=device)
+    ours, theirs = make_pair(kind, I, H, dtype=dt, device=device, num_layers=2,
+                             bidirectional=bidirectional)
+    padded = rand(9, B, I, dtype=dt, device=device)
     D = 2 if bidirectional else 1
-    h0 = rand(2 * D, B, ours.proj_size or H, dtype=torch.float64, device=device,
-              requires_grad=True)
-    hx = (h0, rand(2 * D, B, H, dtype=torch.float64, device=device, requires_grad=True)) \
+    h0 = rand(2 * D, B, ours.proj_size or H, dtype=dt, device=device, requires_grad=True)
+    hx = (h0, rand(2 * D, B, H, dtype=dt, device=device, requires_grad=True)) \
         if kind.startswith("LSTM") else h0
     for state in (None, hx):
         packed = pack_padded_sequence(padded, lengths, enforce_sorted=False)
@@ -184,11 +207,13 @@ def test_packed_unsorted(device, kind, bidirectional):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_unbatched(device, kind):
-    ours, theirs = make_pair(kind, 3, 5, device=device, num_layers=2, bidirectional=True)
-    x = rand(6, 3, dtype=torch.float64, device=device, requires_grad=True)
+    dt = float_for(device)
+    ours, theirs = make_pair(kind, 3, 5, dtype=dt, device=device, num_layers=2,
+                             bidirectional=True)
+    x = rand(6, 3, dtype=dt, device=device, requires_grad=True)
     R = ours.proj_size or 5
-    h0 = rand(4, R, dtype=torch.float64, device=device, requires_grad=True)
-    hx = (h0, rand(4, 5, dtype=torch.float64, device=device, requires_grad=True)) \
+    h0 = rand(4, R, dtype=dt, device=device, requires_grad=True)
+    hx = (h0, rand(4, 5, dtype=dt, device=device, requires_grad=True)) \
         if kind.startswith("LSTM") else h0
     check_module(ours, theirs, x, hx, reduction=8, what=f"unbatched {kind}")
     check_module(ours, theirs, x, None, reduction=8, what=f"unbatched {kind} no state")
@@ -270,6 +295,8 @@ CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cells(device, name, kw, bias, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip(CUDA_F64)
     for B, I, H in [(1, 1, 1), (7, 13, 5), (16, 3, 32)]:
         ours = getattr(fastdl.nn, name)(I, H, bias=bias, dtype=dtype, device=device, **kw)
         theirs = getattr(torch.nn, name)(I, H, bias=bias, dtype=dtype, device=device, **kw)
@@ -407,10 +434,10 @@ def poisoned(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_poisoned_outputs(poisoned, kind):
+def test_poisoned_outputs(poisoned, device, kind):
     run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=False, bias=True), 5, 3, 4,
-             6, True, torch.float64)
-    test_packed_unsorted("cpu", kind, True)
+             6, True, float_for(device), device=device)
+    test_packed_unsorted(device, kind, True)
 
 
 # ---- modules: state_dict, repr -----------------------------------------------------------------
