@@ -100,15 +100,16 @@ struct RnnForwardArgs {
 };
 
 // Scratch of the CUDA forward (caller-allocated, `total` float elements): hh (B, G*H) the step's
-// recurrent product; inference only (training keeps them in the workspace): xg (N, G*H) the input
-// projection of every step, and with a projection hpre (B, H).
+// recurrent product; hbuf (B, R) the second state buffer; inference only (training keeps them in
+// the workspace): xg (N, G*H) the input projection of every step, and with a projection hpre (B, H).
 struct RnnCudaForwardScratch {
-  int64_t hh = 0, xg = 0, hpre = 0, total = 0;
+  int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, total = 0;
 };
 inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
   const int64_t gh = p.gates() * p.hidden_size;
   RnnCudaForwardScratch s;
-  s.xg = s.hpre = s.total = p.batch * gh;
+  s.hbuf = p.batch * gh;
+  s.xg = s.hpre = s.total = s.hbuf + p.batch * p.out_size();
   if (!training) {
     s.hpre = s.total = s.xg + p.total_rows() * gh;
     if (p.proj_size > 0) s.total = s.hpre + p.batch * p.hidden_size;

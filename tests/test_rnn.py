@@ -172,15 +172,26 @@ def test_large_hidden(cpu_path, kind, dtype):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_packed_unsorted(device, kind, bidirectional):
-    B, I, H = 6, 4, 7
+    check_packed(device, kind, bidirectional, [3, 9, 1, 9, 5, 2], 4, 7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_wide_batch(device, kind):
+    """Batch 11 shrinking to 1: on CUDA, steps above 8 rows take the GEMM + gate kernel path and
+    the later ones the fused small-batch kernel, with the state handed between them."""
+    check_packed(device, kind, True, [2, 5, 9, 1, 5, 6, 3, 9, 4, 8, 7], 3, 9, layers=1)
+
+
+def check_packed(device, kind, bidirectional, lengths, I, H, layers=2):
+    B, T = len(lengths), max(lengths)
     dt = float_for(device)
-    lengths = torch.tensor([3, 9, 1, 9, 5, 2])
-    ours, theirs = make_pair(kind, I, H, dtype=dt, device=device, num_layers=2,
+    lengths = torch.tensor(lengths)
+    ours, theirs = make_pair(kind, I, H, dtype=dt, device=device, num_layers=layers,
                              bidirectional=bidirectional)
-    padded = rand(9, B, I, dtype=dt, device=device)
+    padded = rand(T, B, I, dtype=dt, device=device)
     D = 2 if bidirectional else 1
-    h0 = rand(2 * D, B, ours.proj_size or H, dtype=dt, device=device, requires_grad=True)
-    hx = (h0, rand(2 * D, B, H, dtype=dt, device=device, requires_grad=True)) \
+    h0 = rand(layers * D, B, ours.proj_size or H, dtype=dt, device=device, requires_grad=True)
+    hx = (h0, rand(layers * D, B, H, dtype=dt, device=device, requires_grad=True)) \
         if kind.startswith("LSTM") else h0
     for state in (None, hx):
         packed = pack_padded_sequence(padded, lengths, enforce_sorted=False)
@@ -438,6 +449,23 @@ def test_poisoned_outputs(poisoned, device, kind):
     run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=False, bias=True), 5, 3, 4,
              6, True, float_for(device), device=device)
     test_packed_unsorted(device, kind, True)
+    test_packed_wide_batch(device, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B", [2, 10])
+def test_inference_matches(device, kind, B):
+    """No-grad forward (nothing saved; on CUDA the input projection goes to a scratch), batch 2
+    (CUDA: fused small-batch kernel) and 10 (GEMM + gate kernel), against torch."""
+    dt = float_for(device)
+    ours, theirs = make_pair(kind, 5, 12, dtype=dt, device=device, num_layers=2,
+                             bidirectional=True)
+    x = rand(4, B, 5, dtype=dt, device=device)
+    with torch.no_grad():
+        fa, fb = flat(ours(x)), flat(theirs(x))
+    for i, (a, b) in enumerate(zip(fa, fb)):
+        assert a.grad_fn is None
+        assert_close(a, b, reduction=12 * 2, what=f"inference {kind} B={B} output {i}")
 
 
 # ---- modules: state_dict, repr -----------------------------------------------------------------

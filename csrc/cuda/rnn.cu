@@ -22,6 +22,7 @@
 // Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py
 // (--device cuda). Not yet run on a GPU.
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../gemm.h"
@@ -74,82 +75,153 @@ void copy_add(const float* src, const float* add, float* dst, int64_t n, cudaStr
   FASTDL_CUDA_CHECK_LAUNCH();
 }
 
-// What one forward step's gate kernel reads and writes (rows b < bs of the step).
+// What one forward step's gate kernels read and write (rows b < bs of the step).
 struct FwdStep {
-  const float* hh;     // (bs, G*H) W_hh h, no bias
+  const float* hh;     // generic path: (bs, G*H) W_hh h, no bias
+  const float* w_hh;   // fused path: (G*H, R)
   float* xa;           // (bs, ld_xa) W_ih x, no bias; training: overwritten by the activations
   int64_t ld_xa;
   const float* b_ih;   // (G*H) or nullptr
   const float* b_hh;
-  float* h;            // (B, R) state, rows < bs updated in place (no projection)
-  float* hpre;         // projection: (bs, H) o * tanh(c) out; else nullptr
+  const float* h_old;  // (B, R) state before the step
+  float* h_new;        // no projection: (B, R) state after it (rows >= bs carried over)
+  float* hpre;         // projection: (bs, H) o * tanh(c) out; else nullptr (h is then untouched)
   float* y;            // (bs, R) output rows (no projection)
   float* c;            // LSTM (B, H), in place
   float* c_save;       // training LSTM: (bs, H) c after the step, and before it
   float* cprev_save;
   float* hprev_save;   // training, no projection: (bs, R) h before the step
-  int bs, H, GH;       // GH = gates * H
+  int bs, B, H, R, GH;  // GH = gates * H
   RnnMode mode;
 };
 
+// The gate math of unit j of row b < bs from its recurrent products hg[q] = (W_hh h)[q*H + j].
+__device__ __forceinline__ void forward_unit(const FwdStep& s, int64_t b, int64_t j,
+                                             const float* hg) {
+  const int64_t H = s.H;
+  float* xa = s.xa + b * s.ld_xa + j;
+  if (s.mode == RnnMode::Lstm) {
+    float a[4];
+    for (int q = 0; q < 4; ++q)
+      a[q] = xa[q * H] + hg[q] + bias_at(s.b_ih, q * H + j) + bias_at(s.b_hh, q * H + j);
+    float i, f, g, o, c_new, h_new;
+    const float c_old = s.c[b * H + j];
+    lstm_unit_forward(a[0], a[1], a[2], a[3], c_old, i, f, g, o, c_new, h_new);
+    s.c[b * H + j] = c_new;
+    if (s.hpre) {
+      s.hpre[b * H + j] = h_new;
+    } else {
+      if (s.hprev_save) s.hprev_save[b * H + j] = s.h_old[b * H + j];
+      s.h_new[b * H + j] = h_new;
+      s.y[b * H + j] = h_new;
+    }
+    if (s.c_save) {
+      xa[0] = i;
+      xa[H] = f;
+      xa[2 * H] = g;
+      xa[3 * H] = o;
+      s.c_save[b * H + j] = c_new;
+      s.cprev_save[b * H + j] = c_old;
+    }
+  } else if (s.mode == RnnMode::Gru) {
+    float xg[3], hb[3];
+    for (int q = 0; q < 3; ++q) {
+      xg[q] = xa[q * H] + bias_at(s.b_ih, q * H + j);
+      hb[q] = hg[q] + bias_at(s.b_hh, q * H + j);
+    }
+    const float h_old = s.h_old[b * H + j];
+    float r, z, nn, h_new;
+    gru_unit_forward(xg[0], xg[1], xg[2], hb[0], hb[1], hb[2], h_old, r, z, nn, h_new);
+    s.h_new[b * H + j] = h_new;
+    s.y[b * H + j] = h_new;
+    if (s.hprev_save) {
+      s.hprev_save[b * H + j] = h_old;
+      xa[0] = r;
+      xa[H] = z;
+      xa[2 * H] = nn;
+      xa[3 * H] = hb[2];  // W_hn h + b_hn (activation column 4: the r gradient needs it)
+    }
+  } else {
+    const float h_new =
+        rnn_unit_forward(xa[0] + hg[0] + bias_at(s.b_ih, j) + bias_at(s.b_hh, j),
+                         s.mode == RnnMode::Relu);
+    if (s.hprev_save) {
+      s.hprev_save[b * H + j] = s.h_old[b * H + j];
+      xa[0] = h_new;
+    }
+    s.h_new[b * H + j] = h_new;
+    s.y[b * H + j] = h_new;
+  }
+}
+
+// Rows that have ended (b >= bs, packed sequences) keep their state: copied into h_new.
+__device__ __forceinline__ void carry_unit(const FwdStep& s, int64_t b, int64_t j) {
+  if (!s.hpre) s.h_new[b * s.H + j] = s.h_old[b * s.H + j];
+}
+
+// Generic path: one thread per (row, unit) of all B rows, after the step's GEMM (s.hh).
 __global__ void __launch_bounds__(kThreads) forward_gates_kernel(FwdStep s) {
-  const int64_t H = s.H, GH = s.GH, n = int64_t(s.bs) * H;
+  const int64_t H = s.H, n = int64_t(s.B) * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
-    float* xa = s.xa + b * s.ld_xa + j;
-    const float* hh = s.hh + b * GH + j;
-    if (s.mode == RnnMode::Lstm) {
-      float a[4];
-      for (int q = 0; q < 4; ++q)
-        a[q] = xa[q * H] + hh[q * H] + bias_at(s.b_ih, q * H + j) + bias_at(s.b_hh, q * H + j);
-      float i, f, g, o, c_new, h_new;
-      const float c_old = s.c[b * H + j];
-      lstm_unit_forward(a[0], a[1], a[2], a[3], c_old, i, f, g, o, c_new, h_new);
-      s.c[b * H + j] = c_new;
-      if (s.hprev_save) s.hprev_save[b * H + j] = s.h[b * H + j];
-      if (s.hpre) {
-        s.hpre[b * H + j] = h_new;
-      } else {
-        s.h[b * H + j] = h_new;
-        s.y[b * H + j] = h_new;
-      }
-      if (s.c_save) {
-        xa[0] = i;
-        xa[H] = f;
-        xa[2 * H] = g;
-        xa[3 * H] = o;
-        s.c_save[b * H + j] = c_new;
-        s.cprev_save[b * H + j] = c_old;
-      }
-    } else if (s.mode == RnnMode::Gru) {
-      float xg[3], hg[3];
-      for (int q = 0; q < 3; ++q) {
-        xg[q] = xa[q * H] + bias_at(s.b_ih, q * H + j);
-        hg[q] = hh[q * H] + bias_at(s.b_hh, q * H + j);
-      }
-      const float h_old = s.h[b * H + j];
-      float r, z, nn, h_new;
-      gru_unit_forward(xg[0], xg[1], xg[2], hg[0], hg[1], hg[2], h_old, r, z, nn, h_new);
-      s.h[b * H + j] = h_new;
-      s.y[b * H + j] = h_new;
-      if (s.hprev_save) {
-        s.hprev_save[b * H + j] = h_old;
-        xa[0] = r;
-        xa[H] = z;
-        xa[2 * H] = nn;
-        xa[3 * H] = hg[2];  // W_hn h + b_hn (activation column 4: the r gradient needs it)
-      }
-    } else {
-      const float a = xa[0] + hh[0] + bias_at(s.b_ih, j) + bias_at(s.b_hh, j);
-      const float h_new = rnn_unit_forward(a, s.mode == RnnMode::Relu);
-      if (s.hprev_save) {
-        s.hprev_save[b * H + j] = s.h[b * H + j];
-        xa[0] = h_new;
-      }
-      s.h[b * H + j] = h_new;
-      s.y[b * H + j] = h_new;
+    if (b >= s.bs) {
+      carry_unit(s, b, j);
+      continue;
     }
+    float hg[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) hg[q] = q * H < s.GH ? s.hh[b * s.GH + q * H + j] : 0.f;
+    forward_unit(s, b, j, hg);
+  }
+}
+
+// Small batches (bs <= kFusedRows): the recurrent product and the gates in one kernel, one warp
+// per hidden unit j. Lanes split k (coalesced 128-byte reads of W_hh's G rows of unit j and of
+// h's rows), each lane keeps G x bs partial sums; the warp reduces them through shared memory
+// (two __syncwarp, not G * bs shuffle trees), and lane b < bs runs the gate math of row b.
+// Parallel over the hidden dimension (H warps), one launch per step instead of GEMM + gates.
+constexpr int kFusedRows = 8, kFusedWarps = 4;
+
+__global__ void __launch_bounds__(kFusedWarps * 32) fused_step_kernel(FwdStep s) {
+  FASTDL_SHARED(16, float, red, [kFusedWarps][4 * kFusedRows][33]);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t j = int64_t(blockIdx.x) * kFusedWarps + warp;
+  const int G = s.GH / s.H, bs = s.bs;
+  float acc[4][kFusedRows];
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int b = 0; b < kFusedRows; ++b) acc[q][b] = 0.f;
+  if (j < s.H) {
+    for (int64_t k = lane; k < s.R; k += 32) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (q >= G) break;
+        const float w = __ldg(s.w_hh + (q * int64_t(s.H) + j) * s.R + k);
+#pragma unroll
+        for (int b = 0; b < kFusedRows; ++b)
+          if (b < bs) acc[q][b] += w * s.h_old[b * int64_t(s.R) + k];
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int b = 0; b < kFusedRows; ++b) red[warp][q * kFusedRows + b][lane] = acc[q][b];
+  __syncwarp();
+  float sum = 0.f;  // lane i sums partial i = (gate i / kFusedRows, row i % kFusedRows)
+  for (int l = 0; l < 32; ++l) sum += red[warp][lane][l];
+  __syncwarp();
+  red[warp][lane][0] = sum;
+  __syncwarp();
+  if (j < s.H) {
+    if (lane < bs) {
+      float hg[4];
+      for (int q = 0; q < G; ++q) hg[q] = red[warp][q * kFusedRows + lane][0];
+      forward_unit(s, lane, j, hg);
+    }
+    for (int64_t b = bs + lane; b < s.B; b += 32) carry_unit(s, b, j);
   }
 }
 
@@ -271,6 +343,8 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
   const float* w_hr = static_cast<const float*>(w.w_hr);
   float* y = static_cast<float*>(a.y);
   float* hh = sc + S.hh;
+  float* h_cur = hn;
+  float* h_other = sc + S.hbuf;  // ping-pong: the fused kernel reads every h while writing
 
   // The input projection of all N rows at once.
   float* xg = training ? ws + L.act : sc + S.xg;
@@ -281,15 +355,18 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t bs = p.rows_at(t), row0 = off[t];
     float* hprev = training ? ws + L.hprev + row0 * R : nullptr;
-    mm(false, true, bs, GH, R, hn, R, w_hh, R, hh, GH, 0.0, launch);
-    if (proj && hprev) copy_add(hn, nullptr, hprev, bs * R, stream);
+    const bool fused = bs <= kFusedRows;
+    if (!fused) mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
+    if (proj && hprev) copy_add(h_cur, nullptr, hprev, bs * R, stream);
     FwdStep st;
     st.hh = hh;
+    st.w_hh = w_hh;
     st.xa = xg + row0 * ld_xg;
     st.ld_xa = ld_xg;
     st.b_ih = static_cast<const float*>(w.b_ih);
     st.b_hh = static_cast<const float*>(w.b_hh);
-    st.h = hn;
+    st.h_old = h_cur;
+    st.h_new = proj ? nullptr : h_other;
     st.hpre = proj ? (training ? ws + L.hpre + row0 * H : sc + S.hpre) : nullptr;
     st.y = y + row0 * R;
     st.c = cn;
@@ -297,16 +374,28 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
     st.cprev_save = training && lstm ? ws + L.cprev + row0 * H : nullptr;
     st.hprev_save = proj ? nullptr : hprev;
     st.bs = static_cast<int>(bs);
+    st.B = static_cast<int>(B);
     st.H = static_cast<int>(H);
+    st.R = static_cast<int>(R);
     st.GH = static_cast<int>(GH);
     st.mode = p.mode;
-    FASTDL_LAUNCH(blocks_for(bs * H), kThreads, 0, stream, forward_gates_kernel)(st);
+    if (fused) {
+      const unsigned int blocks = static_cast<unsigned int>((H + kFusedWarps - 1) / kFusedWarps);
+      FASTDL_LAUNCH(blocks, kFusedWarps * 32, 0, stream, fused_step_kernel)(st);
+    } else {
+      FASTDL_LAUNCH(blocks_for(B * H), kThreads, 0, stream, forward_gates_kernel)(st);
+    }
     FASTDL_CUDA_CHECK_LAUNCH();
-    if (proj) {  // y = hpre @ W_hr^T, then the new state is y
+    if (proj) {  // y = hpre @ W_hr^T, then the new state is y (in place: nothing reads h now)
       mm(false, true, bs, R, H, st.hpre, H, w_hr, H, y + row0 * R, R, 0.0, launch);
-      copy_add(y + row0 * R, nullptr, hn, bs * R, stream);
+      copy_add(y + row0 * R, nullptr, h_cur, bs * R, stream);
+    } else {
+      std::swap(h_cur, h_other);
     }
   }
+  if (h_cur != hn)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn, h_cur, sizeof(float) * B * R, cudaMemcpyDeviceToDevice,
+                                      stream));
 }
 
 void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
