@@ -296,6 +296,39 @@ def test_gradcheck(kind):
     assert torch.autograd.gradcheck(f, (x, h0, c0, *ps))
 
 
+@pytest.mark.parametrize("B", [3, 10])
+def test_cuda_side_stream_deterministic(cuda_device, B):
+    """fastdl.ops' LSTM (with projection) forward and backward on a non-default stream (torch's
+    on a GPU, an emulated one here) against torch; a second run is bitwise equal (fixed-order
+    reductions, no atomics). B=3: fused small-batch kernel; B=10: GEMM + gate kernel."""
+    from test_cuda_first_run import side_stream
+    T, I, H, P = 5, 6, 12, 5
+    m = torch.nn.LSTM(I, H, proj_size=P, device=cuda_device)
+    w = [p.detach() for p in m.parameters()]   # w_ih, w_hh, b_ih, b_hh, w_hr
+    x, h0, c0 = rand(T, B, I, device=cuda_device), rand(B, P, device=cuda_device), \
+        rand(B, H, device=cuda_device)
+    gy, ghn, gcn = rand(T, B, P, device=cuda_device), rand(B, P, device=cuda_device), \
+        rand(B, H, device=cuda_device)
+    runs = []
+    for _ in range(2):
+        with side_stream(cuda_device):
+            y, hn, cn, ws = ops.lstm_layer_forward(x, h0, c0, *w)
+            g = ops.lstm_layer_backward(gy, ghn, gcn, x, h0, c0, w[0], w[1], ws, w[4])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        runs.append([y, hn, cn] + list(g))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "a second run differs"
+    tx, th, tc = (v.clone().requires_grad_() for v in (x, h0, c0))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact float32 reference
+        ty, (thn, tcn) = m(tx, (th[None], tc[None]))
+        torch.autograd.backward([ty, thn[0], tcn[0]], [gy, ghn, gcn])
+    for a, b in zip(runs[0][:3], (ty, thn[0], tcn[0])):
+        assert_close(a, b.detach(), reduction=T * H, what="side stream forward")
+    ref = [tx.grad, th.grad, tc.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(runs[0][3:], ref):
+        assert_close(a, b, reduction=T * H * 4, what="side stream backward")
+
 # ---- cells -------------------------------------------------------------------------------------
 
 CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="relu")),
