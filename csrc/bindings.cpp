@@ -198,7 +198,8 @@ void run_step(const P& prm, OptimArgs& a, int device, uintptr_t stream, CpuFn cp
 
 void* optional_pointer(py::handle h) { return h.is_none() ? nullptr : pointer_of(h); }
 
-// Runs a pooling entry point on the CPU (device < 0) or on CUDA device `device`, GIL released.
+// Runs a pooling or recurrent entry point on the CPU (device < 0) or on CUDA device `device`,
+// GIL released.
 template <class CpuCall, class CudaCall>
 void run_pool(int device, uintptr_t stream, const CpuCall& cpu, const CudaCall& cuda) {
   py::gil_scoped_release release;
