@@ -198,7 +198,8 @@ void run_step(const P& prm, OptimArgs& a, int device, uintptr_t stream, CpuFn cp
 
 void* optional_pointer(py::handle h) { return h.is_none() ? nullptr : pointer_of(h); }
 
-// Runs a pooling entry point on the CPU (device < 0) or on CUDA device `device`, GIL released.
+// Runs a pooling or recurrent entry point on the CPU (device < 0) or on CUDA device `device`,
+// GIL released.
 template <class CpuCall, class CudaCall>
 void run_pool(int device, uintptr_t stream, const CpuCall& cpu, const CudaCall& cuda) {
   py::gil_scoped_release release;
@@ -675,11 +676,15 @@ PYBIND11_MODULE(_C, m) {
     const RnnParams p = rnn_params(geometry);
     return py::make_tuple(rnn_workspace_layout(p).total, rnn_scratch_layout(p).total);
   });
+  m.def("rnn_cuda_forward_scratch_size", [](const py::tuple& geometry, bool training) {
+    return rnn_cuda_forward_scratch_layout(rnn_params(geometry), training).total;
+  });
   m.def(
       "rnn_forward",
       [](const py::tuple& geometry, py::handle x, py::handle w_ih, py::handle w_hh,
          py::handle b_ih, py::handle b_hh, py::handle w_hr, py::handle h0, py::handle c0,
-         py::handle y, py::handle hn, py::handle cn, py::handle workspace, int device) {
+         py::handle y, py::handle hn, py::handle cn, py::handle workspace, py::handle scratch,
+         int device, uintptr_t stream) {
         const RnnParams p = rnn_params(geometry);
         const RnnWeights w = rnn_weights(w_ih, w_hh, b_ih, b_hh, w_hr);
         RnnForwardArgs a;
@@ -690,18 +695,23 @@ PYBIND11_MODULE(_C, m) {
         a.hn = pointer_of(hn);
         a.cn = optional_pointer(cn);
         a.workspace = optional_pointer(workspace);
+        a.scratch = optional_pointer(scratch);
         FASTDL_CHECK(p.mode != RnnMode::Lstm || (a.c0 && a.cn), "fastdl internal: LSTM needs c0, cn");
         FASTDL_CHECK(p.proj_size == 0 || w.w_hr, "fastdl internal: projection needs w_hr");
-        FASTDL_CHECK(device < 0, "fastdl: recurrent layers have no CUDA kernels yet");
-        py::gil_scoped_release release;
-        rnn_forward_cpu(p, w, a);
+        run_pool(device, stream, [&] { rnn_forward_cpu(p, w, a); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   rnn_forward_cuda(p, w, a, l);
+#endif
+                 });
       });
   m.def(
       "rnn_backward",
       [](const py::tuple& geometry, py::handle x, py::handle w_ih, py::handle w_hh,
          py::handle w_hr, py::handle dy, py::handle dhn, py::handle dcn, py::handle workspace,
          py::handle scratch, py::handle dx, py::handle dh0, py::handle dc0, py::handle dw_ih,
-         py::handle dw_hh, py::handle db_ih, py::handle db_hh, py::handle dw_hr, int device) {
+         py::handle dw_hh, py::handle db_ih, py::handle db_hh, py::handle dw_hr, int device,
+         uintptr_t stream) {
         const RnnParams p = rnn_params(geometry);
         const RnnWeights w = rnn_weights(w_ih, w_hh, py::none(), py::none(), w_hr);
         RnnBackwardArgs a;
@@ -721,8 +731,11 @@ PYBIND11_MODULE(_C, m) {
         a.dw_hr = optional_pointer(dw_hr);
         FASTDL_CHECK(p.mode != RnnMode::Lstm || a.dc0, "fastdl internal: LSTM needs dc0");
         FASTDL_CHECK(p.proj_size == 0 || w.w_hr, "fastdl internal: projection needs w_hr");
-        FASTDL_CHECK(device < 0, "fastdl: recurrent layers have no CUDA kernels yet");
-        py::gil_scoped_release release;
-        rnn_backward_cpu(p, w, a);
+        run_pool(device, stream, [&] { rnn_backward_cpu(p, w, a); },
+                 [&]([[maybe_unused]] const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+                   rnn_backward_cuda(p, w, a, l);
+#endif
+                 });
       });
 }

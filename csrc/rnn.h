@@ -92,10 +92,30 @@ struct RnnWeights {
 // Forward. x (N, I); h0 (B, R); c0 (B, H) (LSTM). Writes y (N, R), hn (B, R), cn (B, H) (LSTM);
 // workspace may be nullptr (inference: nothing saved). Rows of a sequence that has ended keep
 // their last state in hn/cn (PackedSequence semantics).
+// scratch: CUDA only (the CPU keeps its own per-thread scratch), rnn_cuda_forward_scratch_layout.
 struct RnnForwardArgs {
   const void *x = nullptr, *h0 = nullptr, *c0 = nullptr;
   void *y = nullptr, *hn = nullptr, *cn = nullptr, *workspace = nullptr;
+  void* scratch = nullptr;
 };
+
+// Scratch of the CUDA forward (caller-allocated, `total` float elements): hh (B, G*H) the step's
+// recurrent product; hbuf (B, R) the second state buffer; inference only (training keeps them in
+// the workspace): xg (N, G*H) the input projection of every step, and with a projection hpre (B, H).
+struct RnnCudaForwardScratch {
+  int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, total = 0;
+};
+inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
+  const int64_t gh = p.gates() * p.hidden_size;
+  RnnCudaForwardScratch s;
+  s.hbuf = p.batch * gh;
+  s.xg = s.hpre = s.total = s.hbuf + p.batch * p.out_size();
+  if (!training) {
+    s.hpre = s.total = s.xg + p.total_rows() * gh;
+    if (p.proj_size > 0) s.total = s.hpre + p.batch * p.hidden_size;
+  }
+  return s;
+}
 
 // Backward from the forward's workspace. dy (N, R) (nullptr = zeros), dhn (B, R), dcn (B, H)
 // (nullptr = zeros). Writes dx (N, I) (nullptr: not wanted), dh0 (B, R), dc0 (B, H) (LSTM),
@@ -136,5 +156,13 @@ inline void check_rnn_params(const RnnParams& p) {
 // CPU: float32 and float64, on fastdl's thread count (csrc/cpu/rnn.cpp).
 void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a);
 void rnn_backward_cpu(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a);
+
+// CUDA: float32, asynchronous on launch.stream (no host synchronisation inside; batch_sizes stays
+// a host array); the forward needs a.scratch (rnn_cuda_forward_scratch_layout). A cell is a layer
+// of one step (csrc/cuda/rnn.cu).
+void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
+                      const CudaLaunch& launch);
+void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
+                       const CudaLaunch& launch);
 
 }  // namespace fastdl

@@ -20,10 +20,24 @@ from helpers import assert_close, rand
 
 @pytest.fixture
 def device(device):
-    """conftest's device; the CUDA cases skip until the recurrent CUDA kernels exist (issue 9)."""
-    if device == "cuda":
-        pytest.skip("fastdl's recurrent layers have no CUDA kernels yet")
-    return device
+    """conftest's device. On a GPU, torch's cuDNN reference runs without TF32 (torch lets cuDNN
+    use it for float32 RNNs by default), as fastdl's CUDA kernels compute in exact float32."""
+    if device == "cuda" and torch.cuda.is_available():
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        yield device
+        torch.backends.cudnn.allow_tf32 = old
+    else:
+        yield device
+
+
+# fastdl's CUDA recurrent kernels are float32 only: float64 cases run on the CPU alone.
+CUDA_F64 = "fastdl's CUDA recurrent kernels support float32 only (no float64 on CUDA)"
+
+
+def float_for(device):
+    """The dtype of a case written in float64: float32 where CUDA has float32 only."""
+    return torch.float32 if device == "cuda" else torch.float64
 
 
 KINDS = ["RNN_TANH", "RNN_RELU", "LSTM", "LSTM_PROJ", "GRU"]
@@ -85,12 +99,18 @@ def check_module(ours, theirs, x, hx=None, *, reduction, what):
                      what=f"{what}: grad of {name}")
 
 
-def random_case(rng):
+def random_case(rng, small=False):
+    """A random configuration; small=True keeps it to what the emulated CUDA back end runs in
+    seconds (every CUDA thread on the CPU): 1-2 layers, sequences 1-5, batch 1-3, hidden 8-16."""
     kind = rng.choice(KINDS)
-    cfg = dict(num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.5,
+    cfg = dict(num_layers=rng.randint(1, 2 if small else 3), bidirectional=rng.random() < 0.5,
                batch_first=rng.random() < 0.5, bias=rng.random() < 0.75)
-    T, B = rng.choice([1, 2, 5, 13, 40]), rng.choice([1, 2, 3, 7, 16])
-    I, H = rng.choice([1, 3, 8, 17]), rng.choice([2, 5, 11, 16])
+    if small:
+        T, B = rng.choice([1, 2, 5]), rng.choice([1, 2, 3])
+        I, H = rng.choice([1, 3, 8]), rng.choice([8, 11, 16])
+    else:
+        T, B = rng.choice([1, 2, 5, 13, 40]), rng.choice([1, 2, 3, 7, 16])
+        I, H = rng.choice([1, 3, 8, 17]), rng.choice([2, 5, 11, 16])
     return kind, cfg, T, B, I, H, rng.random() < 0.5
 
 
@@ -114,9 +134,11 @@ def run_case(kind, cfg, T, B, I, H, with_state, dtype, device="cpu"):
 @pytest.mark.parametrize("chunk", range(4))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sweep(device, chunk, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip(CUDA_F64)
     rng = random.Random(900 + chunk)
     for _ in range(6):
-        run_case(*random_case(rng), dtype=dtype, device=device)
+        run_case(*random_case(rng, small=device == "cuda"), dtype=dtype, device=device)
 
 
 @pytest.mark.slow
@@ -150,14 +172,26 @@ def test_large_hidden(cpu_path, kind, dtype):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_packed_unsorted(device, kind, bidirectional):
-    B, I, H = 6, 4, 7
-    lengths = torch.tensor([3, 9, 1, 9, 5, 2])
-    ours, theirs = make_pair(kind, I, H, device=device, num_layers=2, bidirectional=bidirectional)
-    padded = rand(9, B, I, dtype=torch.float64, device=device)
+    check_packed(device, kind, bidirectional, [3, 9, 1, 9, 5, 2], 4, 7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_wide_batch(device, kind):
+    """Batch 11 shrinking to 1: on CUDA, steps above 8 rows take the GEMM + gate kernel path and
+    the later ones the fused small-batch kernel, with the state handed between them."""
+    check_packed(device, kind, True, [2, 5, 9, 1, 5, 6, 3, 9, 4, 8, 7], 3, 9, layers=1)
+
+
+def check_packed(device, kind, bidirectional, lengths, I, H, layers=2):
+    B, T = len(lengths), max(lengths)
+    dt = float_for(device)
+    lengths = torch.tensor(lengths)
+    ours, theirs = make_pair(kind, I, H, dtype=dt, device=device, num_layers=layers,
+                             bidirectional=bidirectional)
+    padded = rand(T, B, I, dtype=dt, device=device)
     D = 2 if bidirectional else 1
-    h0 = rand(2 * D, B, ours.proj_size or H, dtype=torch.float64, device=device,
-              requires_grad=True)
-    hx = (h0, rand(2 * D, B, H, dtype=torch.float64, device=device, requires_grad=True)) \
+    h0 = rand(layers * D, B, ours.proj_size or H, dtype=dt, device=device, requires_grad=True)
+    hx = (h0, rand(layers * D, B, H, dtype=dt, device=device, requires_grad=True)) \
         if kind.startswith("LSTM") else h0
     for state in (None, hx):
         packed = pack_padded_sequence(padded, lengths, enforce_sorted=False)
@@ -184,11 +218,13 @@ def test_packed_unsorted(device, kind, bidirectional):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_unbatched(device, kind):
-    ours, theirs = make_pair(kind, 3, 5, device=device, num_layers=2, bidirectional=True)
-    x = rand(6, 3, dtype=torch.float64, device=device, requires_grad=True)
+    dt = float_for(device)
+    ours, theirs = make_pair(kind, 3, 5, dtype=dt, device=device, num_layers=2,
+                             bidirectional=True)
+    x = rand(6, 3, dtype=dt, device=device, requires_grad=True)
     R = ours.proj_size or 5
-    h0 = rand(4, R, dtype=torch.float64, device=device, requires_grad=True)
-    hx = (h0, rand(4, 5, dtype=torch.float64, device=device, requires_grad=True)) \
+    h0 = rand(4, R, dtype=dt, device=device, requires_grad=True)
+    hx = (h0, rand(4, 5, dtype=dt, device=device, requires_grad=True)) \
         if kind.startswith("LSTM") else h0
     check_module(ours, theirs, x, hx, reduction=8, what=f"unbatched {kind}")
     check_module(ours, theirs, x, None, reduction=8, what=f"unbatched {kind} no state")
@@ -260,6 +296,39 @@ def test_gradcheck(kind):
     assert torch.autograd.gradcheck(f, (x, h0, c0, *ps))
 
 
+@pytest.mark.parametrize("B", [3, 10])
+def test_cuda_side_stream_deterministic(cuda_device, B):
+    """fastdl.ops' LSTM (with projection) forward and backward on a non-default stream (torch's
+    on a GPU, an emulated one here) against torch; a second run is bitwise equal (fixed-order
+    reductions, no atomics). B=3: fused small-batch kernel; B=10: GEMM + gate kernel."""
+    from test_cuda_first_run import side_stream
+    T, I, H, P = 5, 6, 12, 5
+    m = torch.nn.LSTM(I, H, proj_size=P, device=cuda_device)
+    w = [p.detach() for p in m.parameters()]   # w_ih, w_hh, b_ih, b_hh, w_hr
+    x, h0, c0 = rand(T, B, I, device=cuda_device), rand(B, P, device=cuda_device), \
+        rand(B, H, device=cuda_device)
+    gy, ghn, gcn = rand(T, B, P, device=cuda_device), rand(B, P, device=cuda_device), \
+        rand(B, H, device=cuda_device)
+    runs = []
+    for _ in range(2):
+        with side_stream(cuda_device):
+            y, hn, cn, ws = ops.lstm_layer_forward(x, h0, c0, *w)
+            g = ops.lstm_layer_backward(gy, ghn, gcn, x, h0, c0, w[0], w[1], ws, w[4])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        runs.append([y, hn, cn] + list(g))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), "a second run differs"
+    tx, th, tc = (v.clone().requires_grad_() for v in (x, h0, c0))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # exact float32 reference
+        ty, (thn, tcn) = m(tx, (th[None], tc[None]))
+        torch.autograd.backward([ty, thn[0], tcn[0]], [gy, ghn, gcn])
+    for a, b in zip(runs[0][:3], (ty, thn[0], tcn[0])):
+        assert_close(a, b.detach(), reduction=T * H, what="side stream forward")
+    ref = [tx.grad, th.grad, tc.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(runs[0][3:], ref):
+        assert_close(a, b, reduction=T * H * 4, what="side stream backward")
+
 # ---- cells -------------------------------------------------------------------------------------
 
 CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="relu")),
@@ -270,6 +339,8 @@ CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cells(device, name, kw, bias, dtype):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip(CUDA_F64)
     for B, I, H in [(1, 1, 1), (7, 13, 5), (16, 3, 32)]:
         ours = getattr(fastdl.nn, name)(I, H, bias=bias, dtype=dtype, device=device, **kw)
         theirs = getattr(torch.nn, name)(I, H, bias=bias, dtype=dtype, device=device, **kw)
@@ -407,10 +478,27 @@ def poisoned(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_poisoned_outputs(poisoned, kind):
+def test_poisoned_outputs(poisoned, device, kind):
     run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=False, bias=True), 5, 3, 4,
-             6, True, torch.float64)
-    test_packed_unsorted("cpu", kind, True)
+             6, True, float_for(device), device=device)
+    test_packed_unsorted(device, kind, True)
+    test_packed_wide_batch(device, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("B", [2, 10])
+def test_inference_matches(device, kind, B):
+    """No-grad forward (nothing saved; on CUDA the input projection goes to a scratch), batch 2
+    (CUDA: fused small-batch kernel) and 10 (GEMM + gate kernel), against torch."""
+    dt = float_for(device)
+    ours, theirs = make_pair(kind, 5, 12, dtype=dt, device=device, num_layers=2,
+                             bidirectional=True)
+    x = rand(4, B, 5, dtype=dt, device=device)
+    with torch.no_grad():
+        fa, fb = flat(ours(x)), flat(theirs(x))
+    for i, (a, b) in enumerate(zip(fa, fb)):
+        assert a.grad_fn is None
+        assert_close(a, b, reduction=12 * 2, what=f"inference {kind} B={B} output {i}")
 
 
 # ---- modules: state_dict, repr -----------------------------------------------------------------

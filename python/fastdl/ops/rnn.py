@@ -1,5 +1,6 @@
 """Recurrent layers on numpy arrays or torch tensors: one layer and one direction per call, forward
-and backward through time in native code (csrc/cpu/rnn.cpp), and the cells as one-step layers.
+and backward through time in native code (csrc/cpu/rnn.cpp; csrc/cuda/rnn.cu for CUDA tensors,
+float32), and the cells as one-step layers.
 
     RNN:  h' = tanh|relu(W_ih x + b_ih + W_hh h + b_hh)
     LSTM: i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh); c' = f c + i g; h' = o tanh(c')
@@ -91,9 +92,6 @@ def _geometry(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
         if x is not None:
             named[name] = x
     code, device = check_operands(fn, named)
-    if device >= 0:
-        raise NotImplementedError(f"{fn}: recurrent layers have CPU kernels only so far; input is "
-                                  f"on cuda:{device}")
     G = _GATES[mode]
     if w_ih.ndim != 2 or w_ih.shape[0] % G or w_ih.shape[0] == 0:
         raise RuntimeError(f"{fn}: expected weight_ih with 2 dims ({G} * hidden_size, input_size),"
@@ -172,10 +170,14 @@ def recurrent_layer_forward(mode, input, hx, weight_ih, weight_hh, bias_ih=None,
     if training:
         ws_n, _ = _C.rnn_buffer_sizes(geometry)
         ws = _empty(x, (ws_n,))
+    # CUDA: the step's recurrent product (and, in inference, the input projection) live in a
+    # scratch from the caller's allocator (torch's caching allocator for CUDA tensors).
+    scratch = (_empty(x, (_C.rnn_cuda_forward_scratch_size(geometry, bool(training)),))
+               if device >= 0 else None)
     # Contiguous operands stay referenced here until the call returns (a torch pointer is an int).
     args = [x] + [_contig(v) for v in (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx)]
-    args += [y, hn, cn, ws]
-    _C.rnn_forward(geometry, *_pointers(args), device)
+    args += [y, hn, cn, ws, scratch]
+    _C.rnn_forward(geometry, *_pointers(args), device, _tensor.current_stream(device))
     return y, hn, cn, ws
 
 
@@ -223,7 +225,7 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
     args = [x] + [_contig(v) for v in (weight_ih, weight_hh, weight_hr, grad_output, grad_hn,
                                        grad_cn, workspace)]
     args += [scratch, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
-    _C.rnn_backward(geometry, *_pointers(args), device)
+    _C.rnn_backward(geometry, *_pointers(args), device, _tensor.current_stream(device))
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
 
 

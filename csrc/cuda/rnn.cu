@@ -1,0 +1,493 @@
+// Recurrent layers on CUDA (float32): one layer and one direction of torch.nn.RNN (tanh, relu),
+// torch.nn.LSTM (with proj_size) and torch.nn.GRU per call, forward and backward through time, in
+// the packed time-major layout of csrc/rnn.h (PackedSequence.data; batch_sizes a host array). The
+// cells are layers of one step. Gate arithmetic is csrc/rnn_math.h, shared with the CPU kernels.
+// Forward, all on the caller's stream, no host synchronisation (the step loop only enqueues):
+//   1. xg = x @ W_ih^T for all N rows: one GEMM (gemm_cuda), into the workspace's activation
+//      columns (training) or the scratch (inference).
+//   2. per step, two state buffers (ping-pong: the step reads all of h while it writes h'):
+//      * rows <= 8 (small batches, the common recurrent case): one fused kernel, one warp per
+//        hidden unit (parallel over H, not only the batch): lanes split k and read the unit's G
+//        rows of W_hh and the h rows coalesced, partial sums reduced through shared memory, then
+//        lane b runs the gate math of row b. One launch per step.
+//      * more rows: hh = h @ W_hh^T (gemm_cuda, bs x G*H), then a gate kernel, one thread per
+//        (row, unit).
+//      Either writes c in place, h', the output row and, in training, the saved activations;
+//      rows of ended sequences (packed) carry their state over. LSTM projection: the kernels write
+//      hpre, then y = hpre @ W_hr^T (GEMM) and h = y.
+// Backward (reverse visiting order): per step one fused gate-gradient kernel (dh = carried + dy,
+// saved activations -> gate gradients dg, dc in place, GRU's direct term dh*z into dh in place)
+// and dh_prev = dg_h @ W_hh (GEMM; GRU adds onto the direct term with beta = 1). After the loop
+// the weight gradients are GEMMs over all N rows (dW_ih = dg^T x, dW_hh = dg_h^T hprev,
+// dW_hr = dht^T hpre, dx = dg W_ih), and the biases are column sums of dg by a deterministic
+// reduction (fixed order, no atomics): 32 columns per block, 8 row strides, then a fixed tree.
+// GEMMs run in exact float32 (no TF32): the recurrence compounds rounding over the steps.
+// Not done: float16/bfloat16 inputs (gemm_cuda is float32 only); a persistent kernel keeping W_hh
+// on chip across steps (the emulation runs blocks one after another, so a multi-block persistent
+// kernel with a grid barrier cannot run there; one block is too little of an H100 for H >= 128);
+// a small-batch kernel for the backward's dh product. None of it measured on a GPU yet.
+// ptxas (nvcc 13, sm_90 / sm_75): fused step 72 / 81 registers and 16.5 KB shared, forward gate
+// kernel 76 / 74, backward gate kernel 32 / 38, copy and column sums 32-44; no spills.
+// Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py and
+// fastdl-bench --device cuda (suite rnn, against cuDNN).
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "../gemm.h"
+#include "../rnn.h"
+#include "../rnn_math.h"
+#include "kernel.cuh"
+
+namespace fastdl {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline unsigned int blocks_for(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(b < 65535 * 8 ? (b > 0 ? b : 1) : 65535 * 8);
+}
+
+// c (m x n, ldc) = op(a) op(b) + beta * c on fastdl's CUDA GEMM, exact float32.
+void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+        const float* b, int64_t ldb, float* c, int64_t ldc, double beta, const CudaLaunch& l) {
+  GemmParams g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.alpha = 1.0;
+  g.beta = beta;
+  g.lda = lda > 1 ? lda : 1;
+  g.ldb = ldb > 1 ? ldb : 1;
+  g.ldc = ldc > 1 ? ldc : 1;
+  g.dtype = DType::Float32;
+  gemm_cuda(g, a, b, c, l, false);
+}
+
+__device__ __forceinline__ float bias_at(const float* b, int64_t i) { return b ? b[i] : 0.f; }
+
+// dst rows (rows x cols, contiguous) = src rows (+ add rows when add != nullptr).
+__global__ void __launch_bounds__(kThreads)
+    copy_add_kernel(const float* __restrict__ src, const float* __restrict__ add,
+                    float* __restrict__ dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = src[i] + (add ? add[i] : 0.f);
+}
+
+void copy_add(const float* src, const float* add, float* dst, int64_t n, cudaStream_t s) {
+  if (n <= 0) return;
+  FASTDL_LAUNCH(blocks_for(n), kThreads, 0, s, copy_add_kernel)(src, add, dst, n);
+  FASTDL_CUDA_CHECK_LAUNCH();
+}
+
+// What one forward step's gate kernels read and write (rows b < bs of the step).
+struct FwdStep {
+  const float* hh;     // generic path: (bs, G*H) W_hh h, no bias
+  const float* w_hh;   // fused path: (G*H, R)
+  float* xa;           // (bs, ld_xa) W_ih x, no bias; training: overwritten by the activations
+  int64_t ld_xa;
+  const float* b_ih;   // (G*H) or nullptr
+  const float* b_hh;
+  const float* h_old;  // (B, R) state before the step
+  float* h_new;        // no projection: (B, R) state after it (rows >= bs carried over)
+  float* hpre;         // projection: (bs, H) o * tanh(c) out; else nullptr (h is then untouched)
+  float* y;            // (bs, R) output rows (no projection)
+  float* c;            // LSTM (B, H), in place
+  float* c_save;       // training LSTM: (bs, H) c after the step, and before it
+  float* cprev_save;
+  float* hprev_save;   // training, no projection: (bs, R) h before the step
+  int bs, B, H, R, GH;  // GH = gates * H
+  RnnMode mode;
+};
+
+// The gate math of unit j of row b < bs from its recurrent products hg[q] = (W_hh h)[q*H + j].
+__device__ __forceinline__ void forward_unit(const FwdStep& s, int64_t b, int64_t j,
+                                             const float* hg) {
+  const int64_t H = s.H;
+  float* xa = s.xa + b * s.ld_xa + j;
+  if (s.mode == RnnMode::Lstm) {
+    float a[4];
+    for (int q = 0; q < 4; ++q)
+      a[q] = xa[q * H] + hg[q] + bias_at(s.b_ih, q * H + j) + bias_at(s.b_hh, q * H + j);
+    float i, f, g, o, c_new, h_new;
+    const float c_old = s.c[b * H + j];
+    lstm_unit_forward(a[0], a[1], a[2], a[3], c_old, i, f, g, o, c_new, h_new);
+    s.c[b * H + j] = c_new;
+    if (s.hpre) {
+      s.hpre[b * H + j] = h_new;
+    } else {
+      if (s.hprev_save) s.hprev_save[b * H + j] = s.h_old[b * H + j];
+      s.h_new[b * H + j] = h_new;
+      s.y[b * H + j] = h_new;
+    }
+    if (s.c_save) {
+      xa[0] = i;
+      xa[H] = f;
+      xa[2 * H] = g;
+      xa[3 * H] = o;
+      s.c_save[b * H + j] = c_new;
+      s.cprev_save[b * H + j] = c_old;
+    }
+  } else if (s.mode == RnnMode::Gru) {
+    float xg[3], hb[3];
+    for (int q = 0; q < 3; ++q) {
+      xg[q] = xa[q * H] + bias_at(s.b_ih, q * H + j);
+      hb[q] = hg[q] + bias_at(s.b_hh, q * H + j);
+    }
+    const float h_old = s.h_old[b * H + j];
+    float r, z, nn, h_new;
+    gru_unit_forward(xg[0], xg[1], xg[2], hb[0], hb[1], hb[2], h_old, r, z, nn, h_new);
+    s.h_new[b * H + j] = h_new;
+    s.y[b * H + j] = h_new;
+    if (s.hprev_save) {
+      s.hprev_save[b * H + j] = h_old;
+      xa[0] = r;
+      xa[H] = z;
+      xa[2 * H] = nn;
+      xa[3 * H] = hb[2];  // W_hn h + b_hn (activation column 4: the r gradient needs it)
+    }
+  } else {
+    const float h_new =
+        rnn_unit_forward(xa[0] + hg[0] + bias_at(s.b_ih, j) + bias_at(s.b_hh, j),
+                         s.mode == RnnMode::Relu);
+    if (s.hprev_save) {
+      s.hprev_save[b * H + j] = s.h_old[b * H + j];
+      xa[0] = h_new;
+    }
+    s.h_new[b * H + j] = h_new;
+    s.y[b * H + j] = h_new;
+  }
+}
+
+// Rows that have ended (b >= bs, packed sequences) keep their state: copied into h_new.
+__device__ __forceinline__ void carry_unit(const FwdStep& s, int64_t b, int64_t j) {
+  if (!s.hpre) s.h_new[b * s.H + j] = s.h_old[b * s.H + j];
+}
+
+// Generic path: one thread per (row, unit) of all B rows, after the step's GEMM (s.hh).
+__global__ void __launch_bounds__(kThreads) forward_gates_kernel(FwdStep s) {
+  const int64_t H = s.H, n = int64_t(s.B) * H;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / H, j = idx - b * H;
+    if (b >= s.bs) {
+      carry_unit(s, b, j);
+      continue;
+    }
+    float hg[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) hg[q] = q * H < s.GH ? s.hh[b * s.GH + q * H + j] : 0.f;
+    forward_unit(s, b, j, hg);
+  }
+}
+
+// Small batches (bs <= kFusedRows): the recurrent product and the gates in one kernel, one warp
+// per hidden unit j. Lanes split k (coalesced 128-byte reads of W_hh's G rows of unit j and of
+// h's rows), each lane keeps G x bs partial sums; the warp reduces them through shared memory
+// (two __syncwarp, not G * bs shuffle trees), and lane b < bs runs the gate math of row b.
+// Parallel over the hidden dimension (H warps), one launch per step instead of GEMM + gates.
+constexpr int kFusedRows = 8, kFusedWarps = 4;
+
+__global__ void __launch_bounds__(kFusedWarps * 32) fused_step_kernel(FwdStep s) {
+  FASTDL_SHARED(16, float, red, [kFusedWarps][4 * kFusedRows][33]);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t j = int64_t(blockIdx.x) * kFusedWarps + warp;
+  const int G = s.GH / s.H, bs = s.bs;
+  float acc[4][kFusedRows];
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int b = 0; b < kFusedRows; ++b) acc[q][b] = 0.f;
+  if (j < s.H) {
+    for (int64_t k = lane; k < s.R; k += 32) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (q >= G) break;
+        const float w = __ldg(s.w_hh + (q * int64_t(s.H) + j) * s.R + k);
+#pragma unroll
+        for (int b = 0; b < kFusedRows; ++b)
+          if (b < bs) acc[q][b] += w * s.h_old[b * int64_t(s.R) + k];
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+#pragma unroll
+    for (int b = 0; b < kFusedRows; ++b) red[warp][q * kFusedRows + b][lane] = acc[q][b];
+  __syncwarp();
+  float sum = 0.f;  // lane i sums partial i = (gate i / kFusedRows, row i % kFusedRows)
+  for (int l = 0; l < 32; ++l) sum += red[warp][lane][l];
+  __syncwarp();
+  red[warp][lane][0] = sum;
+  __syncwarp();
+  if (j < s.H) {
+    if (lane < bs) {
+      float hg[4];
+      for (int q = 0; q < G; ++q) hg[q] = red[warp][q * kFusedRows + lane][0];
+      forward_unit(s, lane, j, hg);
+    }
+    for (int64_t b = bs + lane; b < s.B; b += 32) carry_unit(s, b, j);
+  }
+}
+
+// What one backward step's gate kernel reads and writes (rows b < bs of the step).
+struct BackStep {
+  const float* act;     // (bs, act_cols) saved activations
+  int64_t act_cols;
+  const float* c_new;   // LSTM (bs, H)
+  const float* c_prev;  // LSTM (bs, H)
+  const float* h_prev;  // GRU (bs, R)
+  float* dh_in;         // (bs, ld_dh_in): the carried dh (B, R) or, with a projection, dhpre
+  int64_t ld_dh_in;
+  const float* dy;      // (bs, R) or nullptr (projection: already in dh_in)
+  float* dgx;           // (bs, G*H)
+  float* dgh;           // GRU (bs, G*H)
+  float* dc;            // LSTM (B, H), in place
+  int bs, H, GH;       // GH = gates * H
+  RnnMode mode;
+};
+
+__global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
+  const int64_t H = s.H, GH = s.GH, n = int64_t(s.bs) * H;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / H, j = idx - b * H;
+    const float* ar = s.act + b * s.act_cols + j;
+    float* dhi = s.dh_in + b * s.ld_dh_in + j;
+    const float dh = *dhi + (s.dy ? s.dy[b * H + j] : 0.f);
+    float* g = s.dgx + b * GH + j;
+    if (s.mode == RnnMode::Lstm) {
+      float* dc = s.dc + b * H + j;
+      lstm_unit_backward(ar[0], ar[H], ar[2 * H], ar[3 * H], s.c_prev[b * H + j],
+                         s.c_new[b * H + j], dh, *dc, g[0], g[H], g[2 * H], g[3 * H], *dc);
+    } else if (s.mode == RnnMode::Gru) {
+      float dh_n, direct;
+      gru_unit_backward(ar[0], ar[H], ar[2 * H], ar[3 * H], s.h_prev[b * H + j], dh, g[0], g[H],
+                        g[2 * H], dh_n, direct);
+      float* gh = s.dgh + b * GH + j;
+      gh[0] = g[0];
+      gh[H] = g[H];
+      gh[2 * H] = dh_n;
+      *dhi = direct;  // only this thread reads or writes this element of the carried dh
+    } else {
+      g[0] = rnn_unit_backward(ar[0], dh, s.mode == RnnMode::Relu);
+    }
+  }
+}
+
+// out[c] = sum over rows i < n of g[i * cols + c], in a fixed order (deterministic): a block owns
+// 32 columns; its 8 warps take rows w, w + 8, ...; a fixed tree over the 8 partial sums.
+constexpr int kSumCols = 32, kSumRows = kThreads / kSumCols;
+
+__global__ void __launch_bounds__(kThreads)
+    column_sums_kernel(const float* __restrict__ g, int64_t n, int64_t cols,
+                       float* __restrict__ out) {
+  FASTDL_SHARED(16, float, part, [kSumRows][kSumCols + 1]);
+  const int tx = threadIdx.x % kSumCols, ty = threadIdx.x / kSumCols;
+  const int64_t c = int64_t(blockIdx.x) * kSumCols + tx;
+  float acc = 0.f;
+  if (c < cols)
+    for (int64_t i = ty; i < n; i += kSumRows) acc += g[i * cols + c];
+  part[ty][tx] = acc;
+  __syncthreads();
+  for (int half = kSumRows / 2; half > 0; half /= 2) {
+    if (ty < half) part[ty][tx] += part[ty + half][tx];
+    __syncthreads();
+  }
+  if (ty == 0 && c < cols) out[c] = part[0][tx];
+}
+
+void column_sums(const float* g, int64_t n, int64_t cols, float* out, cudaStream_t s) {
+  const unsigned int blocks = static_cast<unsigned int>((cols + kSumCols - 1) / kSumCols);
+  FASTDL_LAUNCH(blocks, kThreads, 0, s, column_sums_kernel)(g, n, cols, out);
+  FASTDL_CUDA_CHECK_LAUNCH();
+}
+
+std::vector<int64_t> step_offsets(const RnnParams& p) {
+  std::vector<int64_t> off(p.steps + 1, 0);
+  for (int64_t t = 0; t < p.steps; ++t) off[t + 1] = off[t] + p.rows_at(t);
+  return off;
+}
+
+void check_cuda_params(const RnnParams& p) {
+  check_rnn_params(p);
+  FASTDL_CHECK(p.dtype == DType::Float32, "rnn: CUDA supports float32, got ", dtype_name(p.dtype));
+  const int64_t lim = int64_t(1) << 31;
+  FASTDL_CHECK(p.batch < lim && p.hidden_size * 4 < lim && p.input_size < lim,
+               "rnn: CUDA sizes must be below 2^31");
+}
+
+}  // namespace
+
+void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
+                      const CudaLaunch& launch) {
+  check_cuda_params(p);
+  const bool training = a.workspace != nullptr;
+  FASTDL_CHECK(a.scratch, "rnn forward (CUDA): needs the scratch buffer");
+  CudaDeviceGuard guard(launch.device);
+  cudaStream_t stream = as_stream(launch.stream);
+  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
+  const int64_t GH = p.gates() * H, N = p.total_rows();
+  const bool lstm = p.mode == RnnMode::Lstm, proj = p.proj_size > 0;
+  float* hn = static_cast<float*>(a.hn);
+  float* cn = lstm ? static_cast<float*>(a.cn) : nullptr;
+  FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn, a.h0, sizeof(float) * B * R, cudaMemcpyDeviceToDevice,
+                                    stream));
+  if (lstm)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(cn, a.c0, sizeof(float) * B * H, cudaMemcpyDeviceToDevice,
+                                      stream));
+  if (p.steps == 0 || B == 0) return;
+
+  const std::vector<int64_t> off = step_offsets(p);
+  const RnnWorkspace L = rnn_workspace_layout(p);
+  const RnnCudaForwardScratch S = rnn_cuda_forward_scratch_layout(p, training);
+  float* ws = static_cast<float*>(a.workspace);
+  float* sc = static_cast<float*>(a.scratch);
+  const float* x = static_cast<const float*>(a.x);
+  const float* w_hh = static_cast<const float*>(w.w_hh);
+  const float* w_hr = static_cast<const float*>(w.w_hr);
+  float* y = static_cast<float*>(a.y);
+  float* hh = sc + S.hh;
+  float* h_cur = hn;
+  float* h_other = sc + S.hbuf;  // ping-pong: the fused kernel reads every h while writing
+
+  // The input projection of all N rows at once.
+  float* xg = training ? ws + L.act : sc + S.xg;
+  const int64_t ld_xg = training ? L.act_cols : GH;
+  mm(false, true, N, GH, I, x, I, static_cast<const float*>(w.w_ih), I, xg, ld_xg, 0.0, launch);
+
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.reverse ? p.steps - 1 - s : s;
+    const int64_t bs = p.rows_at(t), row0 = off[t];
+    float* hprev = training ? ws + L.hprev + row0 * R : nullptr;
+    const bool fused = bs <= kFusedRows;
+    if (!fused) mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
+    if (proj && hprev) copy_add(h_cur, nullptr, hprev, bs * R, stream);
+    FwdStep st;
+    st.hh = hh;
+    st.w_hh = w_hh;
+    st.xa = xg + row0 * ld_xg;
+    st.ld_xa = ld_xg;
+    st.b_ih = static_cast<const float*>(w.b_ih);
+    st.b_hh = static_cast<const float*>(w.b_hh);
+    st.h_old = h_cur;
+    st.h_new = proj ? nullptr : h_other;
+    st.hpre = proj ? (training ? ws + L.hpre + row0 * H : sc + S.hpre) : nullptr;
+    st.y = y + row0 * R;
+    st.c = cn;
+    st.c_save = training && lstm ? ws + L.c + row0 * H : nullptr;
+    st.cprev_save = training && lstm ? ws + L.cprev + row0 * H : nullptr;
+    st.hprev_save = proj ? nullptr : hprev;
+    st.bs = static_cast<int>(bs);
+    st.B = static_cast<int>(B);
+    st.H = static_cast<int>(H);
+    st.R = static_cast<int>(R);
+    st.GH = static_cast<int>(GH);
+    st.mode = p.mode;
+    if (fused) {
+      const unsigned int blocks = static_cast<unsigned int>((H + kFusedWarps - 1) / kFusedWarps);
+      FASTDL_LAUNCH(blocks, kFusedWarps * 32, 0, stream, fused_step_kernel)(st);
+    } else {
+      FASTDL_LAUNCH(blocks_for(B * H), kThreads, 0, stream, forward_gates_kernel)(st);
+    }
+    FASTDL_CUDA_CHECK_LAUNCH();
+    if (proj) {  // y = hpre @ W_hr^T, then the new state is y (in place: nothing reads h now)
+      mm(false, true, bs, R, H, st.hpre, H, w_hr, H, y + row0 * R, R, 0.0, launch);
+      copy_add(y + row0 * R, nullptr, h_cur, bs * R, stream);
+    } else {
+      std::swap(h_cur, h_other);
+    }
+  }
+  if (h_cur != hn)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn, h_cur, sizeof(float) * B * R, cudaMemcpyDeviceToDevice,
+                                      stream));
+}
+
+void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
+                       const CudaLaunch& launch) {
+  check_cuda_params(p);
+  FASTDL_CHECK(a.workspace && a.scratch,
+               "rnn backward (CUDA): needs the forward's workspace and scratch");
+  CudaDeviceGuard guard(launch.device);
+  cudaStream_t stream = as_stream(launch.stream);
+  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
+  const int64_t GH = p.gates() * H, N = p.total_rows();
+  const bool lstm = p.mode == RnnMode::Lstm, gru = p.mode == RnnMode::Gru;
+  const bool proj = p.proj_size > 0;
+  const RnnWorkspace L = rnn_workspace_layout(p);
+  const RnnScratch S = rnn_scratch_layout(p);
+  const float* ws = static_cast<const float*>(a.workspace);
+  float* sc = static_cast<float*>(a.scratch);
+  const float* dy = static_cast<const float*>(a.dy);
+  const float* w_hh = static_cast<const float*>(w.w_hh);
+  const float* w_hr = static_cast<const float*>(w.w_hr);
+  float* dgx = sc + S.dgx;
+  float* dgh = gru ? sc + S.dgh : dgx;
+  float* dht = proj ? sc + S.dht : nullptr;
+  float* dhpre = proj ? sc + S.dhpre : nullptr;
+  float* dhs = static_cast<float*>(a.dh0);
+  float* dcs = lstm ? static_cast<float*>(a.dc0) : nullptr;
+  if (a.dhn)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(dhs, a.dhn, sizeof(float) * B * R,
+                                      cudaMemcpyDeviceToDevice, stream));
+  else
+    FASTDL_CUDA_CHECK(cudaMemsetAsync(dhs, 0, sizeof(float) * B * R, stream));
+  if (lstm) {
+    if (a.dcn)
+      FASTDL_CUDA_CHECK(cudaMemcpyAsync(dcs, a.dcn, sizeof(float) * B * H,
+                                        cudaMemcpyDeviceToDevice, stream));
+    else
+      FASTDL_CUDA_CHECK(cudaMemsetAsync(dcs, 0, sizeof(float) * B * H, stream));
+  }
+  if (p.steps == 0 || B == 0) return;
+  const std::vector<int64_t> off = step_offsets(p);
+
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.reverse ? s : p.steps - 1 - s;
+    const int64_t bs = p.rows_at(t), row0 = off[t];
+    const float* dyr = dy ? dy + row0 * R : nullptr;
+    if (proj) {  // dht = dh + dy; the units' gradient is dht @ W_hr
+      copy_add(dhs, dyr, dht + row0 * R, bs * R, stream);
+      mm(false, false, bs, H, R, dht + row0 * R, R, w_hr, H, dhpre, H, 0.0, launch);
+    }
+    BackStep st;
+    st.act = ws + L.act + row0 * L.act_cols;
+    st.act_cols = L.act_cols;
+    st.c_new = lstm ? ws + L.c + row0 * H : nullptr;
+    st.c_prev = lstm ? ws + L.cprev + row0 * H : nullptr;
+    st.h_prev = ws + L.hprev + row0 * R;
+    st.dh_in = proj ? dhpre : dhs;
+    st.ld_dh_in = proj ? H : R;
+    st.dy = proj ? nullptr : dyr;
+    st.dgx = dgx + row0 * GH;
+    st.dgh = dgh + row0 * GH;
+    st.dc = dcs;
+    st.bs = static_cast<int>(bs);
+    st.H = static_cast<int>(H);
+    st.GH = static_cast<int>(GH);
+    st.mode = p.mode;
+    FASTDL_LAUNCH(blocks_for(bs * H), kThreads, 0, stream, backward_gates_kernel)(st);
+    FASTDL_CUDA_CHECK_LAUNCH();
+    // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs)
+    mm(false, false, bs, R, GH, dgh + row0 * GH, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0, launch);
+  }
+
+  const float* x = static_cast<const float*>(a.x);
+  const float* w_ih = static_cast<const float*>(w.w_ih);
+  if (a.dx) mm(false, false, N, I, GH, dgx, GH, w_ih, I, static_cast<float*>(a.dx), I, 0.0, launch);
+  if (a.dw_ih)
+    mm(true, false, GH, I, N, dgx, GH, x, I, static_cast<float*>(a.dw_ih), I, 0.0, launch);
+  if (a.dw_hh)
+    mm(true, false, GH, R, N, dgh, GH, ws + L.hprev, R, static_cast<float*>(a.dw_hh), R, 0.0,
+       launch);
+  if (a.db_ih) column_sums(dgx, N, GH, static_cast<float*>(a.db_ih), stream);
+  if (a.db_hh) column_sums(dgh, N, GH, static_cast<float*>(a.db_hh), stream);
+  if (a.dw_hr && proj)
+    mm(true, false, R, H, N, dht, R, ws + L.hpre, H, static_cast<float*>(a.dw_hr), H, 0.0, launch);
+}
+
+}  // namespace fastdl
