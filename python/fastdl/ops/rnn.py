@@ -23,6 +23,9 @@ import numpy as np
 from .. import _C, _tensor
 from .gemm import _plain, check_operands
 
+# CUDA kernels exist (csrc/cuda/rnn.cu, float32): read by fastdl._support (convert / patch).
+CUDA_KERNELS = True
+
 __all__ = ["recurrent_layer_forward", "recurrent_layer_backward", "rnn_layer_forward",
            "rnn_layer_backward", "lstm_layer_forward", "lstm_layer_backward",
            "gru_layer_forward", "gru_layer_backward", "rnn_cell_forward", "rnn_cell_backward",
