@@ -119,6 +119,20 @@ def pool_window(fn, kernel_size, stride, padding, dilation=1):
                                                                             dilation))
 
 
+def _pool_shape(fn, input, kernel_size, stride, padding, dilation, ceil_mode):
+    """A pooling output's shape by fastdl.ops.pool's validation, without its geometry cache
+    (whose keys hash the shape, which symbolic sizes cannot be)."""
+    x = _pool._check_input(fn, input)[0]
+    oh, ow, _ = _pool._regular_geometry(fn, x, tuple(kernel_size), tuple(stride), tuple(padding),
+                                        tuple(dilation), ceil_mode)
+    return tuple(x.shape[:-2]) + (oh, ow)
+
+
+def _adaptive_shape(fn, input, output_size):
+    x = _pool._check_input(fn, input, empty_check="hw" if "avg" in fn else "all")[0]
+    return tuple(x.shape[:-2]) + _pool._adaptive_size(fn, x, tuple(output_size))
+
+
 @torch.library.custom_op("fastdl::max_pool2d", mutates_args=())
 def max_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int],
                dilation: List[int], ceil_mode: bool) -> Tuple[Tensor, Tensor]:
@@ -128,8 +142,7 @@ def max_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding
 
 @max_pool2d.register_fake
 def _(input, kernel_size, stride, padding, dilation, ceil_mode):
-    shape = _pool._max_geometry(input, tuple(kernel_size), tuple(stride), tuple(padding),
-                                tuple(dilation), ceil_mode)[0]
+    shape = _pool_shape("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
 
 
@@ -168,7 +181,7 @@ def adaptive_max_pool2d(input: Tensor, output_size: List[int]) -> Tuple[Tensor, 
 
 @adaptive_max_pool2d.register_fake
 def _(input, output_size):
-    shape = _pool._adaptive_geometry("adaptive_max_pool2d", input, tuple(output_size))[0]
+    shape = _adaptive_shape("adaptive_max_pool2d", input, output_size)
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
 
 
@@ -206,9 +219,9 @@ def avg_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding
 
 @avg_pool2d.register_fake
 def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    shape = _pool._avg_geometry(input, tuple(kernel_size), tuple(stride), tuple(padding),
-                                ceil_mode, count_include_pad, divisor_override)[0]
-    return input.new_empty(shape)
+    _pool._avg_flags_divisor("avg_pool2d", count_include_pad, divisor_override)
+    return input.new_empty(_pool_shape("avg_pool2d", input, kernel_size, stride, padding, [1, 1],
+                                       ceil_mode))
 
 
 @torch.library.custom_op("fastdl::avg_pool2d_backward", mutates_args=())
@@ -244,8 +257,7 @@ def adaptive_avg_pool2d(input: Tensor, output_size: List[int]) -> Tensor:
 
 @adaptive_avg_pool2d.register_fake
 def _(input, output_size):
-    return input.new_empty(_pool._adaptive_geometry("adaptive_avg_pool2d", input,
-                                                    tuple(output_size))[0])
+    return input.new_empty(_adaptive_shape("adaptive_avg_pool2d", input, output_size))
 
 
 @torch.library.custom_op("fastdl::adaptive_avg_pool2d_backward", mutates_args=())
