@@ -179,3 +179,108 @@ def test_opcheck(case):
     # all of opcheck's tests: test_schema, test_autograd_registration, test_faketensor,
     # test_aot_dispatch_static, test_aot_dispatch_dynamic (symbolic sizes through the fakes)
     torch.library.opcheck(op, args)
+
+
+# ---- whole models: torch.compile(fullgraph=True) and torch.export ------------------------------
+
+class MnistNet(torch.nn.Module):
+    """The network of PyTorch's MNIST example (examples/mnist/main.py), on fastdl layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = fastdl.nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = fastdl.nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = torch.nn.Dropout(0.25)
+        self.dropout2 = torch.nn.Dropout(0.5)
+        self.fc1 = fastdl.nn.Linear(9216, 128)
+        self.fc2 = fastdl.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = TF.relu(self.conv1(x))
+        x = TF.relu(self.conv2(x))
+        x = FF.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = TF.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return TF.log_softmax(self.fc2(x), dim=1)
+
+
+class LstmLM(torch.nn.Module):
+    """A small word-level LSTM language model (embedding -> LSTM -> linear decoder), as
+    PyTorch's examples/word_language_model, on fastdl layers."""
+
+    def __init__(self, vocab=50, emb=16, hidden=24, layers=2):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(vocab, emb)
+        self.rnn = fastdl.nn.LSTM(emb, hidden, layers, dropout=0.2)
+        self.decoder = fastdl.nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        out, (h, c) = self.rnn(self.encoder(tokens))
+        return TF.log_softmax(self.decoder(out), dim=-1), h, c
+
+
+def _forward_backward(model, inp, seed, run=None):
+    """Output(s) and parameter gradients of one forward+backward of `run` (default: model itself,
+    else its compiled form) from RNG state `seed`."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = (model if run is None else run)(inp)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _check_compiled(model, inp, backend):
+    eager_out, eager_grads = _forward_backward(model, inp, seed=3)
+    # fullgraph=True: any graph break (at a fastdl op or elsewhere) fails the compile
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out, grads = _forward_backward(model, inp, seed=3, run=compiled)
+    for i, (a, b) in enumerate(zip(out, eager_out)):
+        assert_close(a, b, what=f"compiled output {i}", reduction=9216)
+    for n, g in eager_grads.items():
+        assert_close(grads[n], g, what=f"compiled gradient of {n}", reduction=9216)
+
+
+def _check_export(model, inp, strict=False):
+    model.eval()
+    with torch.no_grad():
+        expected = model(inp)
+    ep = torch.export.export(model, (inp,), strict=strict)
+    names = {str(node.target) for node in ep.graph.nodes if node.op == "call_function"}
+    assert any(n.startswith("fastdl.") for n in names), f"no fastdl op in the program: {names}"
+    with torch.no_grad():
+        got = ep.module()(inp)
+    for i, (a, b) in enumerate(zip(got if isinstance(got, tuple) else (got,),
+                                   expected if isinstance(expected, tuple) else (expected,))):
+        assert_close(a, b, what=f"exported output {i}", reduction=9216)
+
+
+# inductor compiles C++ for the CPU here (a compiler exists); fallback_random makes its dropout
+# draw from torch's generator as eager does, so train-mode outputs can be compared.
+@pytest.mark.slow
+def test_compile_mnist_net_inductor():
+    model = MnistNet()
+    with torch._inductor.config.patch(fallback_random=True):
+        _check_compiled(model, rand(3, 1, 28, 28), "inductor")
+
+
+@pytest.mark.slow
+def test_compile_lstm_lm_inductor():
+    # fastdl.nn.LSTM derives from torch.nn.LSTM (state_dict and isinstance compatibility), and
+    # dynamo refuses every torch.nn.RNN/LSTM/GRU instance unless allow_rnn is set.
+    model = LstmLM()
+    with torch._dynamo.config.patch(allow_rnn=True), \
+            torch._inductor.config.patch(fallback_random=True):
+        _check_compiled(model, torch.randint(0, 50, (7, 3)), "inductor")
+
+
+@pytest.mark.parametrize("strict", [False, True])  # non-strict (make_fx) and strict (dynamo)
+def test_export_mnist_net(strict):
+    _check_export(MnistNet(), rand(2, 1, 28, 28), strict)
+
+
+def test_export_lstm_lm():
+    _check_export(LstmLM(), torch.randint(0, 50, (6, 2)))
