@@ -138,6 +138,15 @@ def test_paths_equal_recurrent(monkeypatch, cls, kwargs):
     _same(run, [x] + params, monkeypatch)
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_recurrent_double_backward_refused_on_both_paths(monkeypatch, traced):
+    monkeypatch.setattr(_library, "tracing", lambda x=None: traced)
+    lstm = fastdl.nn.LSTM(3, 4)
+    out, _ = lstm(rand(5, 2, 3, requires_grad=True))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), lstm.weight_ih_l0, create_graph=True)
+
+
 # ---- opcheck: fake vs real metadata, schema, autograd registration, AOT dispatch ---------------
 
 def _opcheck_samples():

@@ -506,6 +506,9 @@ def _recurrent_setup(ctx, inputs, output):
 
 
 def _recurrent_grad(ctx, gy, ghn, gcn, _gws):
+    if torch.is_grad_enabled():  # as the eager path: the kernels' backward is not differentiable
+        raise RuntimeError("fastdl recurrent layers do not support double backward "
+                           "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
     mode, dirs, has_bias, has_proj, has_c, n_w = ctx.cfg
     saved = ctx.saved_tensors
     x, h0, c0 = saved[:3]
