@@ -92,6 +92,14 @@ def test_paths_equal_pool(device, monkeypatch, fn, kwargs):
     _same(fn, [rand(2, 3, 11, 9, device=device)], monkeypatch, **kwargs)
 
 
+@pytest.mark.parametrize("output_size", [None, (10, 9)])
+def test_paths_equal_max_unpool2d(device, monkeypatch, output_size):
+    y, idx = torch.nn.functional.max_pool2d(rand(2, 3, 9, 9), 3, stride=2, padding=1,
+                                            return_indices=True)
+    _same(FF.max_unpool2d, [y.to(device), idx.to(device)], monkeypatch, kernel_size=3, stride=2,
+          padding=1, output_size=output_size)
+
+
 @pytest.mark.parametrize("fn,x,w,kwargs", [
     (FF.conv2d, (2, 4, 9, 8), (6, 2, 3, 2), dict(stride=(2, 1), padding=1, groups=2)),
     (FF.conv2d, (3, 7, 6), (5, 3, 4, 4), dict(padding="same", dilation=(1, 2))),  # unbatched
@@ -164,6 +172,8 @@ def _opcheck_samples():
     yield ops.avg_pool2d.default, (x, [2, 2], [2, 2], [0, 0], True, True, 3)
     yield ops.adaptive_max_pool2d.default, (x, [4, 3])
     yield ops.adaptive_avg_pool2d.default, (x, [5, 1])
+    y, idx = torch.nn.functional.max_pool2d(x.detach(), 2, return_indices=True)
+    yield ops.max_unpool2d.default, (y.requires_grad_(), idx, [2, 2], [2, 2], [0, 0], [9, 8])
     yield ops.convolution.default, (x, w, b, False, [1, 2], [1, 0], "", [0, 0], [1, 1], 1)
     yield ops.convolution.default, (x[0].detach().requires_grad_(), w, None, False, [1, 1],
                                     [0, 0], "same", [0, 0], [2, 1], 1)
@@ -182,7 +192,7 @@ def _opcheck_samples():
                                         None, gru, 2, False, False, True)
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     op, args = list(_opcheck_samples())[case]
     # all of opcheck's tests: test_schema, test_autograd_registration, test_faketensor,

@@ -7,7 +7,7 @@ by the same fastdl.ops geometry code the real call validates with, so a bad argu
 same error while tracing), and registered autograd whose backward is again custom ops.
 
 Ops: linear; max_pool2d / adaptive_max_pool2d (output and int64 indices), avg_pool2d /
-adaptive_avg_pool2d, each with a backward op; conv2d, conv_transpose2d and conv_pass (one of the
+adaptive_avg_pool2d, max_unpool2d, each with a backward op; conv2d, conv_transpose2d and conv_pass (one of the
 convolution's three kernel passes, differentiable any number of times, as
 nn/functional/conv.py's _Pass); recurrent_layer (one RNN/LSTM/GRU layer, all directions, with
 its workspaces as outputs) and recurrent_layer_backward. None mutates an argument
@@ -279,6 +279,45 @@ def _adaptive_avg_grad(ctx, grad_output):
 
 
 adaptive_avg_pool2d.register_autograd(_adaptive_avg_grad, setup_context=_adaptive_avg_setup)
+
+
+@torch.library.custom_op("fastdl::max_unpool2d", mutates_args=())
+def max_unpool2d(input: Tensor, indices: Tensor, kernel_size: List[int], stride: List[int],
+                 padding: List[int], output_size: Optional[List[int]]) -> Tensor:
+    return ops.max_unpool2d(input, indices, tuple(kernel_size), tuple(stride), tuple(padding),
+                            None if output_size is None else tuple(output_size))
+
+
+@max_unpool2d.register_fake
+def _(input, indices, kernel_size, stride, padding, output_size):
+    fn = "max_unpool2d"
+    x, _, device = _pool._check_input(fn, input, empty_check="none")
+    _pool._check_indices(fn, indices, x, "input", device)
+    oh, ow = _pool.unpool_output_size(fn, x.shape, tuple(kernel_size), tuple(stride),
+                                      tuple(padding), output_size)
+    return x.new_empty(tuple(x.shape[:-2]) + (oh, ow))
+
+
+@torch.library.custom_op("fastdl::max_unpool2d_backward", mutates_args=())
+def max_unpool2d_backward(grad_output: Tensor, indices: Tensor) -> Tensor:
+    return ops.max_unpool2d_backward(grad_output, indices)
+
+
+@max_unpool2d_backward.register_fake
+def _(grad_output, indices):
+    return grad_output.new_empty(indices.shape)
+
+
+def _max_unpool_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _max_unpool_grad(ctx, grad_output):
+    (idx,) = ctx.saved_tensors
+    return (max_unpool2d_backward(grad_output, idx),) + (None,) * 5
+
+
+max_unpool2d.register_autograd(_max_unpool_grad, setup_context=_max_unpool_setup)
 
 
 def adaptive_output_size(fn, input, output_size):

@@ -179,6 +179,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     >>> x2 = fastdl.nn.functional.max_unpool2d(y, idx, 2)
     """
     _check_torch("max_unpool2d", input)
+    if _library.tracing(input):
+        k, s, p, _ = _library.pool_window("max_unpool2d", kernel_size, stride, padding)
+        return _library.max_unpool2d(input, indices, k, s, p,
+                                     None if output_size is None else list(output_size))
     window = (kernel_size, stride, padding, output_size)
     if _needs_grad(input):
         return _MaxUnpoolFn.apply(input, indices, window)
