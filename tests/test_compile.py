@@ -64,7 +64,7 @@ def _same(fn, inputs, monkeypatch, create_graph=False, **kwargs):
     out_t, g_t = _run(fn, inputs, kwargs, True, monkeypatch, create_graph)
     assert len(out_e) == len(out_t)
     for i, (a, b) in enumerate(zip(out_e, out_t)):
-        assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride(), f"output {i}"
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), f"output {i}"
         assert torch.equal(a, b), f"output {i} differs between the eager and custom-op paths"
     for i, (a, b) in enumerate(zip(g_e, g_t)):
         assert (a is None) == (b is None), f"gradient {i}: one path gave none"
@@ -155,6 +155,13 @@ def test_recurrent_double_backward_refused_on_both_paths(monkeypatch, traced):
         torch.autograd.grad(out.sum(), lstm.weight_ih_l0, create_graph=True)
 
 
+def test_conv_pass_rejects_operands_that_do_not_fit():
+    x, gy = rand(2, 3, 9, 8), rand(2, 4, 4, 8)  # gy should be (2, 4, 5, 8) for stride (2, 1)
+    with pytest.raises(RuntimeError, match=r"conv_pass: expected b of shape \(2, 4, 5, 8\)"):
+        torch.ops.fastdl.conv_pass(_library._W, x, gy, False, [2, 3, 9, 8], [4, 3, 3, 3], [2, 1],
+                                   [1, 1], "", [0, 0], [1, 1], 1)
+
+
 # ---- opcheck: fake vs real metadata, schema, autograd registration, AOT dispatch ---------------
 
 def _opcheck_samples():
@@ -179,6 +186,15 @@ def _opcheck_samples():
                                     [0, 0], "same", [0, 0], [2, 1], 1)
     yield ops.convolution.default, (x, wt, b[:2].detach().requires_grad_(), True, [2, 2], [1, 1],
                                     "", [1, 0], [1, 1], 1)
+    # backward ops directly (they also run inside the forward ops' AOT-dispatch checks)
+    yield ops.linear_backward.default, (rand(2, 3, 4), rand(2, 3, 7), rand(4, 7), True, False,
+                                        True)
+    yield ops.conv_pass.default, (_library._W, x, rand(2, 4, 5, 8, dtype=torch.float64),
+                                  False, [2, 3, 9, 8], [4, 3, 3, 3], [2, 1], [1, 1], "", [0, 0],
+                                  [1, 1], 1)
+    yp, ip = torch.nn.functional.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)
+    yield ops.max_pool2d_backward.default, (torch.randn_like(yp), ip, [2, 3, 9, 8], [3, 3],
+                                            [2, 2], [1, 1], [1, 1], False)
     xl = rand(4, 3, 5, dtype=torch.float64, requires_grad=True)
     lstm = [rand(*s, dtype=torch.float64, requires_grad=True)
             for s in ((24, 5), (24, 6), (24,), (24,))]
@@ -192,7 +208,7 @@ def _opcheck_samples():
                                         None, gru, 2, False, False, True)
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(17))
 def test_opcheck(case):
     op, args = list(_opcheck_samples())[case]
     # all of opcheck's tests: test_schema, test_autograd_registration, test_faketensor,

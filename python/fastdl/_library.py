@@ -7,9 +7,10 @@ by the same fastdl.ops geometry code the real call validates with, so a bad argu
 same error while tracing), and registered autograd whose backward is again custom ops.
 
 Ops: linear; max_pool2d / adaptive_max_pool2d (output and int64 indices), avg_pool2d /
-adaptive_avg_pool2d, max_unpool2d, each with a backward op; conv2d, conv_transpose2d and conv_pass (one of the
-convolution's three kernel passes, differentiable any number of times, as
-nn/functional/conv.py's _Pass); recurrent_layer (one RNN/LSTM/GRU layer, all directions, with
+adaptive_avg_pool2d, max_unpool2d, each with a backward op; convolution (conv2d and
+conv_transpose2d; conv1d runs through conv2d) and conv_pass (one of the convolution's three
+kernel passes, differentiable any number of times, as nn/functional/conv.py's _Pass);
+recurrent_layer (one RNN/LSTM/GRU layer, all directions, with
 its workspaces as outputs) and recurrent_layer_backward. None mutates an argument
 (mutates_args=()); every output is a new tensor.
 
@@ -27,19 +28,18 @@ tests/test_compile.py runs both on the same inputs and compares outputs and grad
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from importlib import import_module
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
-
-from importlib import import_module
 
 from . import ops
 from .ops.gemm import check_operands
 
 # the modules (fastdl.ops re-exports functions under some of the same names, e.g. ops.linear)
-_conv, _linear, _pool, _rnn = (import_module(f"fastdl.ops.{m}") for m in ("conv", "linear", "pool",
-                                                                           "rnn"))
+_conv, _linear, _pool, _rnn = (import_module(f".ops.{m}", __package__)
+                               for m in ("conv", "linear", "pool", "rnn"))
 
 _Parameter = torch.nn.Parameter
 
@@ -382,19 +382,35 @@ def _geometry_of(a, transposed, shape, w_shape, args):
     return _prepare(transposed, x, w, None, *args)
 
 
+def _pass_geometry(kind, a, b, transposed, shape, w_shape, args):
+    """The pass's geometry, with its operands checked against it (the kernels trust shapes)."""
+    if kind not in (_F, _I, _W):
+        raise ValueError(f"conv_pass: kind must be {_F} (forward), {_I} (input gradient) or "
+                         f"{_W} (weight gradient), got {kind}")
+    geo = _geometry_of(a, transposed, shape, w_shape, args)
+    want = {_F: (geo.x_shape, geo.w_shape), _I: (geo.y_shape, geo.w_shape),
+            _W: (geo.x_shape, geo.y_shape)}[kind]
+    for name, t, w in (("a", a, want[0]), ("b", b, want[1])):
+        if tuple(t.shape) != tuple(w) or t.dtype != a.dtype or t.device != a.device:
+            raise RuntimeError(f"conv_pass: expected {name} of shape {tuple(w)} ({a.dtype} on "
+                               f"{a.device}) for pass {kind}, got {tuple(t.shape)} ({t.dtype} "
+                               f"on {t.device})")
+    return geo
+
+
 @torch.library.custom_op("fastdl::conv_pass", mutates_args=())
 def conv_pass(kind: int, a: Tensor, b: Tensor, transposed: bool, shape: List[int],
               w_shape: List[int], stride: List[int], padding: List[int], padding_str: str,
               output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
     from .nn.functional.conv import _run_pass  # (that module imports this one)
-    geo = _geometry_of(a, transposed, shape, w_shape,
-                       (stride, padding, padding_str, output_padding, dilation, groups))
+    geo = _pass_geometry(kind, a, b, transposed, shape, w_shape,
+                         (stride, padding, padding_str, output_padding, dilation, groups))
     return _run_pass(kind, geo, a, b)
 
 
 @conv_pass.register_fake
 def _(kind, a, b, transposed, shape, w_shape, *args):
-    geo = _geometry_of(a, transposed, shape, w_shape, args)
+    geo = _pass_geometry(kind, a, b, transposed, shape, w_shape, args)
     return a.new_empty({_F: geo.y_shape, _I: geo.x_shape, _W: geo.w_shape}[kind])
 
 
