@@ -6,7 +6,9 @@ torch.library custom ops of fastdl._library.
 - the MNIST-example network and a small LSTM language model compile with fullgraph=True (a graph
   break fails the compile) and export; outputs and gradients match eager within the table.
 
-The compile tests take ~20-60 s each on the busy 2-core machine (marked slow; they still run in CI).
+Times on the busy 2-core machine (load ~7): the inductor compiles 39 s (MNIST net) and 26 s
+(LSTM LM) with a cold inductor cache, 10 s and 18 s warm (marked slow; they still run in CI);
+everything else in the file ~1.5 min together, the opcheck cases most of it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import fastdl.nn.functional as FF
 from fastdl import _library
 from helpers import assert_close, rand
 
-# ---- the two paths agree bitwise ------------------------------------------------------------------
+# ---- the two paths agree bitwise -----------------------------------------------------------------
 
 
 def _uses_custom_ops(outputs) -> bool:
@@ -268,18 +270,20 @@ def _forward_backward(model, inp, seed, run=None):
     return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _check_compiled(model, inp, backend):
+def _check_compiled(model, inp, backend, reduction):
+    """reduction: the model's longest reduction, which scales the table's tolerance (inductor
+    fuses and reorders the torch ops around fastdl's: relu, log_softmax, the loss)."""
     eager_out, eager_grads = _forward_backward(model, inp, seed=3)
     # fullgraph=True: any graph break (at a fastdl op or elsewhere) fails the compile
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     out, grads = _forward_backward(model, inp, seed=3, run=compiled)
     for i, (a, b) in enumerate(zip(out, eager_out)):
-        assert_close(a, b, what=f"compiled output {i}", reduction=9216)
+        assert_close(a, b, what=f"compiled output {i}", reduction=reduction)
     for n, g in eager_grads.items():
-        assert_close(grads[n], g, what=f"compiled gradient of {n}", reduction=9216)
+        assert_close(grads[n], g, what=f"compiled gradient of {n}", reduction=reduction)
 
 
-def _check_export(model, inp, strict=False):
+def _check_export(model, inp, reduction, strict=False):
     model.eval()
     with torch.no_grad():
         expected = model(inp)
@@ -290,7 +294,7 @@ def _check_export(model, inp, strict=False):
         got = ep.module()(inp)
     for i, (a, b) in enumerate(zip(got if isinstance(got, tuple) else (got,),
                                    expected if isinstance(expected, tuple) else (expected,))):
-        assert_close(a, b, what=f"exported output {i}", reduction=9216)
+        assert_close(a, b, what=f"exported output {i}", reduction=reduction)
 
 
 # inductor compiles C++ for the CPU here (a compiler exists); fallback_random makes its dropout
@@ -299,7 +303,7 @@ def _check_export(model, inp, strict=False):
 def test_compile_mnist_net_inductor():
     model = MnistNet()
     with torch._inductor.config.patch(fallback_random=True):
-        _check_compiled(model, rand(3, 1, 28, 28), "inductor")
+        _check_compiled(model, rand(3, 1, 28, 28), "inductor", reduction=9216)
 
 
 @pytest.mark.slow
@@ -309,13 +313,13 @@ def test_compile_lstm_lm_inductor():
     model = LstmLM()
     with torch._dynamo.config.patch(allow_rnn=True), \
             torch._inductor.config.patch(fallback_random=True):
-        _check_compiled(model, torch.randint(0, 50, (7, 3)), "inductor")
+        _check_compiled(model, torch.randint(0, 50, (7, 3)), "inductor", reduction=50)
 
 
 @pytest.mark.parametrize("strict", [False, True])  # non-strict (make_fx) and strict (dynamo)
 def test_export_mnist_net(strict):
-    _check_export(MnistNet(), rand(2, 1, 28, 28), strict)
+    _check_export(MnistNet(), rand(2, 1, 28, 28), 9216, strict)
 
 
 def test_export_lstm_lm():
-    _check_export(LstmLM(), torch.randint(0, 50, (6, 2)))
+    _check_export(LstmLM(), torch.randint(0, 50, (6, 2)), 50)
