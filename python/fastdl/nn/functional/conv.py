@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _library
 from ...ops import conv as _ops
 
 __all__ = ["conv1d", "conv2d", "conv_transpose2d"]
@@ -141,6 +142,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 
 def _conv2d(fn, input, weight, bias, stride, padding, dilation, groups):
+    if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
+        s, p, p_str, _, d = _library.conv_args(fn, stride, padding, dilation)
+        return _library.convolution(input, weight, bias, False, s, p, p_str, [0, 0], d, groups)
     geo = _ops.conv2d_prepare(input, weight, bias, stride, padding, dilation, groups, fn=fn)
     if _needs_grad(input, weight, bias):
         return _Conv2dFn.apply(input, weight, bias, geo)
@@ -155,6 +159,12 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     """
     _check_torch("conv_transpose2d", "input", input, 1)
     _check_torch("conv_transpose2d", "weight", weight, 2)
+    if _library.tracing(input):
+        if isinstance(padding, str):
+            raise TypeError("conv_transpose2d: argument 'padding' must be tuple of ints, not str")
+        s, p, _, op, d = _library.conv_args("conv_transpose2d", stride, padding, dilation,
+                                            output_padding)
+        return _library.convolution(input, weight, bias, True, s, p, "", op, d, groups)
     geo = _ops.conv_transpose2d_prepare(input, weight, bias, stride, padding, output_padding,
                                         groups, dilation)
     if _needs_grad(input, weight, bias):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ... import ops
+from ... import _library, ops
 
 __all__ = ["linear"]
 
@@ -40,4 +40,6 @@ def linear(input, weight, bias=None):
             raise TypeError(f"linear(): argument '{name}' must be Tensor, not {type(x).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
+    if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
+        return _library.linear(input, weight, bias)
     return _Linear.apply(input, weight, bias)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import _tensor
+from ... import _library, _tensor
 from ... import ops
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
@@ -115,6 +115,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y, idx = fastdl.nn.functional.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
     """
     _check_torch("max_pool2d", input)
+    if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
+        y, idx = _library.max_pool2d(input, *_library.pool_window("max_pool2d", kernel_size, stride,
+                                                                  padding, dilation), ceil_mode)
+        return (y, idx) if return_indices else y
     if _needs_grad(input):
         return _MaxPoolFn.apply(input, (kernel_size, stride, padding, dilation, ceil_mode),
                                 return_indices)
@@ -129,6 +133,9 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     >>> y = fastdl.nn.functional.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
     """
     _check_torch("avg_pool2d", input)
+    if _library.tracing(input):
+        k, s, p, _ = _library.pool_window("avg_pool2d", kernel_size, stride, padding)
+        return _library.avg_pool2d(input, k, s, p, ceil_mode, count_include_pad, divisor_override)
     if _needs_grad(input):
         return _AvgPoolFn.apply(input, (kernel_size, stride, padding, ceil_mode,
                                         count_include_pad, divisor_override))
@@ -142,6 +149,10 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     >>> y = fastdl.nn.functional.adaptive_max_pool2d(x, (7, None))
     """
     _check_torch("adaptive_max_pool2d", input)
+    if _library.tracing(input):
+        y, idx = _library.adaptive_max_pool2d(input, _library.adaptive_output_size(
+            "adaptive_max_pool2d", input, output_size))
+        return (y, idx) if return_indices else y
     if _needs_grad(input):
         return _MaxPoolFn.apply(input, ("adaptive", output_size), return_indices)
     return ops.adaptive_max_pool2d(input, output_size, return_indices)
@@ -153,6 +164,9 @@ def adaptive_avg_pool2d(input, output_size):
     >>> y = fastdl.nn.functional.adaptive_avg_pool2d(x, 1)      # global average pooling
     """
     _check_torch("adaptive_avg_pool2d", input)
+    if _library.tracing(input):
+        return _library.adaptive_avg_pool2d(input, _library.adaptive_output_size(
+            "adaptive_avg_pool2d", input, output_size))
     if _needs_grad(input):
         return _AvgPoolFn.apply(input, ("adaptive", output_size))
     return ops.adaptive_avg_pool2d(input, output_size)
@@ -165,6 +179,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     >>> x2 = fastdl.nn.functional.max_unpool2d(y, idx, 2)
     """
     _check_torch("max_unpool2d", input)
+    if _library.tracing(input):
+        k, s, p, _ = _library.pool_window("max_unpool2d", kernel_size, stride, padding)
+        return _library.max_unpool2d(input, indices, k, s, p,
+                                     None if output_size is None else list(output_size))
     window = (kernel_size, stride, padding, output_size)
     if _needs_grad(input):
         return _MaxUnpoolFn.apply(input, indices, window)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _library
 from ...ops import rnn as _ops
 
 LSTM, GRU, TANH, RELU = _ops.LSTM, _ops.GRU, _ops.TANH, _ops.RELU
@@ -88,7 +89,13 @@ class _Layer(torch.autograd.Function):
 
 def run_layer(mode, x, h0, c0, weights, *, dirs, has_bias, has_proj, batch_sizes):
     """One layer: through autograd when anything needs a gradient, else straight to the kernels
-    with nothing saved (inference)."""
+    with nothing saved (inference). Traced (torch.compile / export), unpacked: the custom op."""
+    if batch_sizes is None and _library.tracing(x):
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                   for t in (x, h0, c0, *weights))
+        out = _library.recurrent_layer(mode, x, h0, c0, list(weights), dirs, has_bias, has_proj,
+                                       training)
+        return (out[0], out[1], out[2]) if mode == LSTM else (out[0], out[1])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                        for t in (x, h0, c0, *weights)):
         return _Layer.apply(mode, batch_sizes, dirs, has_bias, has_proj, x, h0, c0, *weights)

@@ -1,0 +1,325 @@
+"""torch.compile(fullgraph=True) and torch.export on models of fastdl layers, through the
+torch.library custom ops of fastdl._library.
+
+- both paths (eager autograd.Functions, traced custom ops) give bitwise-equal outputs and gradients;
+- torch.library.opcheck on every op (schema, fake vs real metadata, autograd registration, AOT);
+- the MNIST-example network and a small LSTM language model compile with fullgraph=True (a graph
+  break fails the compile) and export; outputs and gradients match eager within the table.
+
+Times on the busy 2-core machine (load ~7): the inductor compiles 39 s (MNIST net) and 26 s
+(LSTM LM) with a cold inductor cache, 10 s and 18 s warm (marked slow; they still run in CI);
+everything else in the file ~1.5 min together, the opcheck cases most of it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastdl
+import fastdl.nn.functional as FF
+from fastdl import _library
+from helpers import assert_close, rand
+
+# ---- the two paths agree bitwise -----------------------------------------------------------------
+
+
+def _uses_custom_ops(outputs) -> bool:
+    """Whether the autograd graph behind outputs holds a node of a fastdl custom op."""
+    seen, todo = set(), [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "fastdl" in type(node).__name__:
+            return True
+        todo += [n for n, _ in node.next_functions]
+    return False
+
+
+def _run(fn, inputs, kwargs, traced, monkeypatch, create_graph=False):
+    """fn on fresh leaf copies of inputs, through the eager path or (traced=True) the custom ops;
+    returns the outputs and the gradients of every floating input under a fixed upstream grad."""
+    monkeypatch.setattr(_library, "tracing", lambda x=None: traced)
+    xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    out = fn(*xs, **kwargs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    flat = []
+    for o in outs:
+        flat += list(o) if isinstance(o, (tuple, list)) else [o]
+    diff = [o for o in flat if o.is_floating_point() and o.requires_grad]
+    assert _uses_custom_ops(diff) == traced, "the path under test was not the one taken"
+    gen = torch.Generator().manual_seed(7)
+    gouts = [torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in diff]
+    grads = torch.autograd.grad(diff, [x for x in xs if x.requires_grad], gouts,
+                                create_graph=create_graph, allow_unused=True)
+    if create_graph:  # second order: the gradient of sum(grad * grad) w.r.t. the inputs
+        total = sum((g * g).sum() for g in grads if g is not None)
+        grads = torch.autograd.grad(total, [x for x in xs if x.requires_grad], allow_unused=True)
+    monkeypatch.undo()
+    return [o.detach() for o in flat], grads
+
+
+def _same(fn, inputs, monkeypatch, create_graph=False, **kwargs):
+    out_e, g_e = _run(fn, inputs, kwargs, False, monkeypatch, create_graph)
+    out_t, g_t = _run(fn, inputs, kwargs, True, monkeypatch, create_graph)
+    assert len(out_e) == len(out_t)
+    for i, (a, b) in enumerate(zip(out_e, out_t)):
+        assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), f"output {i}"
+        assert torch.equal(a, b), f"output {i} differs between the eager and custom-op paths"
+    for i, (a, b) in enumerate(zip(g_e, g_t)):
+        assert (a is None) == (b is None), f"gradient {i}: one path gave none"
+        if a is not None:
+            assert torch.equal(a, b), f"gradient of input {i} differs between the two paths"
+
+
+@pytest.mark.parametrize("shape,bias", [((5, 7), True), ((2, 3, 7), False), ((7,), True)])
+def test_paths_equal_linear(device, monkeypatch, shape, bias):
+    ins = [rand(*shape, device=device), rand(4, 7, device=device)]
+    ins += [rand(4, device=device)] if bias else []
+    _same(FF.linear, ins, monkeypatch)
+
+
+@pytest.mark.parametrize("fn,kwargs", [
+    (FF.max_pool2d, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    (FF.max_pool2d, dict(kernel_size=(2, 3), dilation=2, return_indices=True)),
+    (FF.avg_pool2d, dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+    (FF.avg_pool2d, dict(kernel_size=2, divisor_override=3, ceil_mode=True)),
+    (FF.adaptive_max_pool2d, dict(output_size=(5, None), return_indices=True)),
+    (FF.adaptive_max_pool2d, dict(output_size=3)),
+    (FF.adaptive_avg_pool2d, dict(output_size=(4, 3))),
+])
+def test_paths_equal_pool(device, monkeypatch, fn, kwargs):
+    _same(fn, [rand(2, 3, 11, 9, device=device)], monkeypatch, **kwargs)
+
+
+@pytest.mark.parametrize("output_size", [None, (10, 9)])
+def test_paths_equal_max_unpool2d(device, monkeypatch, output_size):
+    y, idx = torch.nn.functional.max_pool2d(rand(2, 3, 9, 9), 3, stride=2, padding=1,
+                                            return_indices=True)
+    _same(FF.max_unpool2d, [y.to(device), idx.to(device)], monkeypatch, kernel_size=3, stride=2,
+          padding=1, output_size=output_size)
+
+
+@pytest.mark.parametrize("fn,x,w,kwargs", [
+    (FF.conv2d, (2, 4, 9, 8), (6, 2, 3, 2), dict(stride=(2, 1), padding=1, groups=2)),
+    (FF.conv2d, (3, 7, 6), (5, 3, 4, 4), dict(padding="same", dilation=(1, 2))),  # unbatched
+    (FF.conv2d, (2, 3, 7, 7), (4, 3, 3, 3), dict(padding="valid")),
+    (FF.conv_transpose2d, (2, 4, 5, 6), (4, 3, 3, 3), dict(stride=2, padding=1,
+                                                            output_padding=1)),
+    (FF.conv_transpose2d, (4, 5, 5), (4, 2, 2, 3), dict(groups=2, dilation=2)),
+    (FF.conv1d, (2, 4, 13), (6, 4, 3), dict(stride=2, padding=2)),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_paths_equal_conv(monkeypatch, fn, x, w, kwargs, bias):
+    out_ch = w[1] * kwargs.get("groups", 1) if fn is FF.conv_transpose2d else w[0]
+    ins = [rand(*x, dtype=torch.float64), rand(*w, dtype=torch.float64)]
+    ins += [rand(out_ch, dtype=torch.float64)] if bias else []
+    _same(fn, ins, monkeypatch, **kwargs)
+
+
+def test_paths_equal_conv_channels_last_and_double_backward(monkeypatch):
+    x = rand(2, 4, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w = rand(5, 4, 3, 3, dtype=torch.float64)
+    _same(FF.conv2d, [x, w, rand(5, dtype=torch.float64)], monkeypatch, padding=1)
+    _same(FF.conv2d, [x, w], monkeypatch, create_graph=True, stride=2)
+    _same(FF.conv_transpose2d, [x, rand(4, 3, 2, 2, dtype=torch.float64)], monkeypatch,
+          create_graph=True, stride=2)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (fastdl.nn.LSTM, dict(num_layers=2, bidirectional=True, proj_size=3)),
+    (fastdl.nn.GRU, dict(num_layers=1, bidirectional=True, bias=False)),
+    (fastdl.nn.RNN, dict(num_layers=2, nonlinearity="relu", batch_first=True)),
+    (fastdl.nn.LSTMCell, dict()),
+])
+def test_paths_equal_recurrent(monkeypatch, cls, kwargs):
+    m = cls(5, 6, **kwargs).double()
+    params = list(m.parameters())
+    cell = cls is fastdl.nn.LSTMCell
+    x = rand(3, 5, dtype=torch.float64) if cell else rand(4, 3, 5, dtype=torch.float64)
+
+    def run(x, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+                m, {n: p for (n, _), p in zip(m.named_parameters(), ps)}):
+            return m(x)
+
+    _same(run, [x] + params, monkeypatch)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_recurrent_double_backward_refused_on_both_paths(monkeypatch, traced):
+    monkeypatch.setattr(_library, "tracing", lambda x=None: traced)
+    lstm = fastdl.nn.LSTM(3, 4)
+    out, _ = lstm(rand(5, 2, 3, requires_grad=True))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), lstm.weight_ih_l0, create_graph=True)
+
+
+def test_conv_pass_rejects_operands_that_do_not_fit():
+    x, gy = rand(2, 3, 9, 8), rand(2, 4, 4, 8)  # gy should be (2, 4, 5, 8) for stride (2, 1)
+    with pytest.raises(RuntimeError, match=r"conv_pass: expected b of shape \(2, 4, 5, 8\)"):
+        torch.ops.fastdl.conv_pass(_library._W, x, gy, False, [2, 3, 9, 8], [4, 3, 3, 3], [2, 1],
+                                   [1, 1], "", [0, 0], [1, 1], 1)
+
+
+# ---- opcheck: fake vs real metadata, schema, autograd registration, AOT dispatch ---------------
+
+def _opcheck_samples():
+    x = rand(2, 3, 9, 8, dtype=torch.float64, requires_grad=True)
+    w = rand(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = rand(4, dtype=torch.float64, requires_grad=True)
+    wt = rand(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    ops = torch.ops.fastdl
+    yield ops.linear.default, (rand(5, 7, requires_grad=True), rand(4, 7, requires_grad=True),
+                               rand(4, requires_grad=True))
+    yield ops.linear.default, (rand(2, 3, 7), rand(4, 7, requires_grad=True), None)
+    yield ops.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], True)
+    yield ops.max_pool2d.default, (rand(3, 7, 6), [2, 2], [1, 2], [0, 1], [2, 1], False)
+    yield ops.avg_pool2d.default, (x, [3, 2], [2, 2], [1, 0], False, False, None)
+    yield ops.avg_pool2d.default, (x, [2, 2], [2, 2], [0, 0], True, True, 3)
+    yield ops.adaptive_max_pool2d.default, (x, [4, 3])
+    yield ops.adaptive_avg_pool2d.default, (x, [5, 1])
+    y, idx = torch.nn.functional.max_pool2d(x.detach(), 2, return_indices=True)
+    yield ops.max_unpool2d.default, (y.requires_grad_(), idx, [2, 2], [2, 2], [0, 0], [9, 8])
+    yield ops.convolution.default, (x, w, b, False, [1, 2], [1, 0], "", [0, 0], [1, 1], 1)
+    yield ops.convolution.default, (x[0].detach().requires_grad_(), w, None, False, [1, 1],
+                                    [0, 0], "same", [0, 0], [2, 1], 1)
+    yield ops.convolution.default, (x, wt, b[:2].detach().requires_grad_(), True, [2, 2], [1, 1],
+                                    "", [1, 0], [1, 1], 1)
+    # backward ops directly (they also run inside the forward ops' AOT-dispatch checks)
+    yield ops.linear_backward.default, (rand(2, 3, 4), rand(2, 3, 7), rand(4, 7), True, False,
+                                        True)
+    yield ops.conv_pass.default, (_library._W, x, rand(2, 4, 5, 8, dtype=torch.float64),
+                                  False, [2, 3, 9, 8], [4, 3, 3, 3], [2, 1], [1, 1], "", [0, 0],
+                                  [1, 1], 1)
+    yp, ip = torch.nn.functional.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)
+    yield ops.max_pool2d_backward.default, (torch.randn_like(yp), ip, [2, 3, 9, 8], [3, 3],
+                                            [2, 2], [1, 1], [1, 1], False)
+    xl = rand(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    lstm = [rand(*s, dtype=torch.float64, requires_grad=True)
+            for s in ((24, 5), (24, 6), (24,), (24,))]
+    yield ops.recurrent_layer.default, (_library._rnn.LSTM, xl, rand(1, 3, 6, dtype=torch.float64),
+                                        rand(1, 3, 6, dtype=torch.float64), lstm, 1, True, False,
+                                        True)
+    gru = [rand(*s, dtype=torch.float64, requires_grad=True)
+           for s in ((18, 5), (18, 6), (18, 5), (18, 6))]
+    yield ops.recurrent_layer.default, (_library._rnn.GRU, xl,
+                                        rand(2, 3, 6, dtype=torch.float64, requires_grad=True),
+                                        None, gru, 2, False, False, True)
+
+
+@pytest.mark.parametrize("case", range(17))
+def test_opcheck(case):
+    op, args = list(_opcheck_samples())[case]
+    # all of opcheck's tests: test_schema, test_autograd_registration, test_faketensor,
+    # test_aot_dispatch_static, test_aot_dispatch_dynamic (symbolic sizes through the fakes)
+    torch.library.opcheck(op, args)
+
+
+# ---- whole models: torch.compile(fullgraph=True) and torch.export ------------------------------
+
+class MnistNet(torch.nn.Module):
+    """The network of PyTorch's MNIST example (examples/mnist/main.py), on fastdl layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = fastdl.nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = fastdl.nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = torch.nn.Dropout(0.25)
+        self.dropout2 = torch.nn.Dropout(0.5)
+        self.fc1 = fastdl.nn.Linear(9216, 128)
+        self.fc2 = fastdl.nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = TF.relu(self.conv1(x))
+        x = TF.relu(self.conv2(x))
+        x = FF.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = TF.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return TF.log_softmax(self.fc2(x), dim=1)
+
+
+class LstmLM(torch.nn.Module):
+    """A small word-level LSTM language model (embedding -> LSTM -> linear decoder), as
+    PyTorch's examples/word_language_model, on fastdl layers."""
+
+    def __init__(self, vocab=50, emb=16, hidden=24, layers=2):
+        super().__init__()
+        self.encoder = torch.nn.Embedding(vocab, emb)
+        self.rnn = fastdl.nn.LSTM(emb, hidden, layers, dropout=0.2)
+        self.decoder = fastdl.nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        out, (h, c) = self.rnn(self.encoder(tokens))
+        return TF.log_softmax(self.decoder(out), dim=-1), h, c
+
+
+def _forward_backward(model, inp, seed, run=None):
+    """Output(s) and parameter gradients of one forward+backward of `run` (default: model itself,
+    else its compiled form) from RNG state `seed`."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = (model if run is None else run)(inp)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _check_compiled(model, inp, backend, reduction):
+    """reduction: the model's longest reduction, which scales the table's tolerance (inductor
+    fuses and reorders the torch ops around fastdl's: relu, log_softmax, the loss)."""
+    eager_out, eager_grads = _forward_backward(model, inp, seed=3)
+    # fullgraph=True: any graph break (at a fastdl op or elsewhere) fails the compile
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out, grads = _forward_backward(model, inp, seed=3, run=compiled)
+    for i, (a, b) in enumerate(zip(out, eager_out)):
+        assert_close(a, b, what=f"compiled output {i}", reduction=reduction)
+    for n, g in eager_grads.items():
+        assert_close(grads[n], g, what=f"compiled gradient of {n}", reduction=reduction)
+
+
+def _check_export(model, inp, reduction, strict=False):
+    model.eval()
+    with torch.no_grad():
+        expected = model(inp)
+    ep = torch.export.export(model, (inp,), strict=strict)
+    names = {str(node.target) for node in ep.graph.nodes if node.op == "call_function"}
+    assert any(n.startswith("fastdl.") for n in names), f"no fastdl op in the program: {names}"
+    with torch.no_grad():
+        got = ep.module()(inp)
+    for i, (a, b) in enumerate(zip(got if isinstance(got, tuple) else (got,),
+                                   expected if isinstance(expected, tuple) else (expected,))):
+        assert_close(a, b, what=f"exported output {i}", reduction=reduction)
+
+
+# inductor compiles C++ for the CPU here (a compiler exists); fallback_random makes its dropout
+# draw from torch's generator as eager does, so train-mode outputs can be compared.
+@pytest.mark.slow
+def test_compile_mnist_net_inductor():
+    model = MnistNet()
+    with torch._inductor.config.patch(fallback_random=True):
+        _check_compiled(model, rand(3, 1, 28, 28), "inductor", reduction=9216)
+
+
+@pytest.mark.slow
+def test_compile_lstm_lm_inductor():
+    # fastdl.nn.LSTM derives from torch.nn.LSTM (state_dict and isinstance compatibility), and
+    # dynamo refuses every torch.nn.RNN/LSTM/GRU instance unless allow_rnn is set.
+    model = LstmLM()
+    with torch._dynamo.config.patch(allow_rnn=True), \
+            torch._inductor.config.patch(fallback_random=True):
+        _check_compiled(model, torch.randint(0, 50, (7, 3)), "inductor", reduction=50)
+
+
+@pytest.mark.parametrize("strict", [False, True])  # non-strict (make_fx) and strict (dynamo)
+def test_export_mnist_net(strict):
+    _check_export(MnistNet(), rand(2, 1, 28, 28), 9216, strict)
+
+
+def test_export_lstm_lm():
+    _check_export(LstmLM(), torch.randint(0, 50, (6, 2)), 50)
