@@ -755,3 +755,12 @@ def test_conv_cuda_bad_input(cuda_device):
         fastdl.ops.conv2d(x.float(), w.float().cpu())
     with pytest.raises(RuntimeError, match="same device"):
         fastdl.ops.conv2d_backward(torch.ones(1, 3, 3, 3), x.float(), w.float())
+
+
+def test_conv2d_cuda_long_reductions(cuda_device):
+    """Depthwise weight and bias gradients over N*OH*OW >= 8192 sum with a whole block per
+    weight (shorter ones with a warp, as in the sweep)."""
+    assert ops_conv.conv2d_algorithm(torch.zeros(2, 2, 64, 64), torch.zeros(4, 1, 3, 3), padding=1,
+                                     groups=2, pass_="weight") == "direct"
+    run_conv_case(torch.float32, (2, 2, 64, 64), (4, 1, 3, 3), True,
+                  dict(stride=1, padding=1, dilation=1, groups=2), seed=3, device=cuda_device)

@@ -18,9 +18,9 @@
 //                      adds them in split order. No atomics: bitwise identical run to run.
 //  * Direct (depthwise, any channel multiplier; "direct"/"reference" forced): one thread per
 //    output (forward) or per input element (input gradient, gathering the taps it feeds); weight
-//    and bias gradients: one block per weight element (per output channel), fixed-order strided
-//    sums and a shared-memory tree, deterministic. These are also the plain reference loops the
-//    tiled kernel is tested against.
+//    and bias gradients: one warp per weight element (per output channel), or one block when
+//    N*OH*OW >= 8192, fixed-order strided sums and a shuffle or shared-memory tree,
+//    deterministic. These are also the plain reference loops the tiled kernel is tested against.
 // Tested by tests/test_conv.py (CUDA cases: on a GPU, or emulated in CI; determinism, half types);
 // timed by fastdl-bench --suite conv --device cuda (benchmarks/gpu_check.sh). Not yet run on a GPU.
 // ptxas (sm_90, nvcc 13): PTXAS_PLACEHOLDER
@@ -308,8 +308,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Fixed-order block sum of the threads' values (kThreads threads, all call it).
-__device__ __forceinline__ float block_sum(float v) {
+// Fixed-order sums of LANES threads' values (a warp: butterfly shuffles; the block: a
+// shared-memory tree); every thread of the block calls it, lane 0 of each group gets the sum.
+template <int LANES>
+__device__ __forceinline__ float group_sum(float v) {
+  if (LANES == 32) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
   FASTDL_SHARED(16, float, red, [kThreads]);
   red[threadIdx.x] = v;
   __syncthreads();
@@ -322,40 +329,54 @@ __device__ __forceinline__ float block_sum(float v) {
   return r;
 }
 
-// One block per weight element (k, ci, i, j): the sum over n, oh, ow of gy * x at the tap.
-template <class T>
+// Reductions over N*OH*OW, one LANES-thread group per result: a warp when the reduction is short
+// (the direct weight gradient of the small shapes the tests use), the whole block when it is long
+// (depthwise layers: few weights, 10^5 products each). Deterministic: fixed strides and sums.
+inline bool long_reduction(int64_t red) { return red >= 8192; }
+
+// gw[e] for weight element e = (k, ci, i, j): the sum over n, oh, ow of gy * x at the tap.
+template <class T, int LANES>
 __global__ void __launch_bounds__(kThreads)
     weight_grad_direct_kernel(Geo p, const T* __restrict__ x, const T* __restrict__ gy,
                               T* __restrict__ gw, int64_t total) {
+  constexpr int kGroups = kThreads / LANES;
+  const int lane = threadIdx.x % LANES;
   const int64_t plane = p.oh * p.ow, red = p.n * plane;
-  for (int64_t e = blockIdx.x; e < total; e += gridDim.x) {
-    const int64_t j = e % p.kw, i = (e / p.kw) % p.kh, ci = (e / p.taps) % p.cg;
-    const int64_t ko = e / (p.taps * p.cg), g = ko / p.kg;
+  for (int64_t e0 = int64_t(blockIdx.x) * kGroups; e0 < total; e0 += int64_t(gridDim.x) * kGroups) {
+    const int64_t e = e0 + threadIdx.x / LANES;  // past the end: sums nothing, still syncs
     float acc = 0.f;
-    for (int64_t q = threadIdx.x; q < red; q += kThreads) {
-      const int64_t n = q / plane, s = q % plane;
-      const int64_t ih = (s / p.ow) * p.sh - p.ph + i * p.dh;
-      const int64_t iw = (s % p.ow) * p.sw - p.pw + j * p.dw;
-      if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
-      acc = fmaf(to_f(gy[(n * p.k + ko) * plane + s]),
-                 to_f(x[((n * p.c + g * p.cg + ci) * p.h + ih) * p.w + iw]), acc);
+    if (e < total) {
+      const int64_t j = e % p.kw, i = (e / p.kw) % p.kh, ci = (e / p.taps) % p.cg;
+      const int64_t ko = e / (p.taps * p.cg), g = ko / p.kg;
+      for (int64_t q = lane; q < red; q += LANES) {
+        const int64_t n = q / plane, s = q % plane;
+        const int64_t ih = (s / p.ow) * p.sh - p.ph + i * p.dh;
+        const int64_t iw = (s % p.ow) * p.sw - p.pw + j * p.dw;
+        if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
+        acc = fmaf(to_f(gy[(n * p.k + ko) * plane + s]),
+                   to_f(x[((n * p.c + g * p.cg + ci) * p.h + ih) * p.w + iw]), acc);
+      }
     }
-    const float sum = block_sum(acc);
-    if (threadIdx.x == 0) gw[e] = from_f<T>(sum);
+    const float sum = group_sum<LANES>(acc);
+    if (lane == 0 && e < total) gw[e] = from_f<T>(sum);
   }
 }
 
-// One block per output channel: gb[k] = sum over n, oh, ow of gy.
-template <class T>
+// gb[k] = sum over n, oh, ow of gy.
+template <class T, int LANES>
 __global__ void __launch_bounds__(kThreads)
     bias_grad_kernel(Geo p, const T* __restrict__ gy, T* __restrict__ gb) {
+  constexpr int kGroups = kThreads / LANES;
+  const int lane = threadIdx.x % LANES;
   const int64_t plane = p.oh * p.ow, red = p.n * plane;
-  for (int64_t ko = blockIdx.x; ko < p.k; ko += gridDim.x) {
+  for (int64_t k0 = int64_t(blockIdx.x) * kGroups; k0 < p.k; k0 += int64_t(gridDim.x) * kGroups) {
+    const int64_t ko = k0 + threadIdx.x / LANES;
     float acc = 0.f;
-    for (int64_t q = threadIdx.x; q < red; q += kThreads)
-      acc += to_f(gy[((q / plane) * p.k + ko) * plane + q % plane]);
-    const float sum = block_sum(acc);
-    if (threadIdx.x == 0) gb[ko] = from_f<T>(sum);
+    if (ko < p.k)
+      for (int64_t q = lane; q < red; q += LANES)
+        acc += to_f(gy[((q / plane) * p.k + ko) * plane + q % plane]);
+    const float sum = group_sum<LANES>(acc);
+    if (lane == 0 && ko < p.k) gb[ko] = from_f<T>(sum);
   }
 }
 
@@ -367,6 +388,12 @@ inline unsigned int blocks_for(int64_t n) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for `results` sums of `lanes` threads each (grid-stride beyond the cap).
+inline unsigned int groups_for(int64_t results, int lanes) {
+  const int64_t b = ceil_div(results, kThreads / lanes);
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535 * 8)));
+}
 
 template <class F>
 void by_dtype(DType d, const char* name, const F& f) {
@@ -498,9 +525,12 @@ void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const voi
       T* gwt = static_cast<T*>(gw);
       const int64_t total = p.k * g.cg * g.taps;
       if (use_direct(p)) {
-        const unsigned int blocks =
-            static_cast<unsigned int>(std::min<int64_t>(total, 65535 * 8));
-        FASTDL_LAUNCH(blocks, kThreads, 0, s, weight_grad_direct_kernel<T>)(g, xt, gyt, gwt, total);
+        if (long_reduction(p.n * p.oh * p.ow))
+          FASTDL_LAUNCH(groups_for(total, kThreads), kThreads, 0, s,
+                        weight_grad_direct_kernel<T, kThreads>)(g, xt, gyt, gwt, total);
+        else
+          FASTDL_LAUNCH(groups_for(total, 32), kThreads, 0, s,
+                        weight_grad_direct_kernel<T, 32>)(g, xt, gyt, gwt, total);
         FASTDL_CUDA_CHECK_LAUNCH();
       } else {
         const int splits = weight_splits(p);
@@ -517,8 +547,11 @@ void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const voi
       }
     }
     if (gb) {
-      const unsigned int blocks = static_cast<unsigned int>(std::min<int64_t>(p.k, 65535 * 8));
-      FASTDL_LAUNCH(blocks, kThreads, 0, s, bias_grad_kernel<T>)(g, gyt, static_cast<T*>(gb));
+      T* gbt = static_cast<T*>(gb);
+      if (long_reduction(p.n * p.oh * p.ow))
+        FASTDL_LAUNCH(groups_for(p.k, kThreads), kThreads, 0, s, bias_grad_kernel<T, kThreads>)(g, gyt, gbt);
+      else
+        FASTDL_LAUNCH(groups_for(p.k, 32), kThreads, 0, s, bias_grad_kernel<T, 32>)(g, gyt, gbt);
       FASTDL_CUDA_CHECK_LAUNCH();
     }
   });
