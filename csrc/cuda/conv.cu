@@ -63,9 +63,10 @@ Geo geo_of(const Conv2dParams& p) {
 
 // ---- implicit GEMM -------------------------------------------------------------------------------
 // An Op describes one pass as a GEMM per group: rows, cols, red (reduction length), chunk (per
-// split), splits; row(g, m) and col(g, n) precompute what a row / column's gathers share; a(row, r)
-// and b(col, r) gather one operand element as float (zero outside the tensor); store(g, split, m,
-// n, v) writes one result.
+// split), splits. row(g, m) and col(g, n) precompute what a row's / column's gathers share (once
+// per block); red_index(kk) decodes a reduction index (once per slice: both loaders of a thread
+// use the same kk); a(row, r) and b(col, r) gather one operand element as float (zero outside the
+// tensor or past the end); store(g, split, m, n, v) writes one result.
 
 template <class T>
 struct ForwardOp {
@@ -78,6 +79,7 @@ struct ForwardOp {
   int splits;
   struct Row { const T* x; int64_t ih0, iw0; bool ok; };
   struct Col { const T* w; bool ok; };
+  struct Red { int64_t kk, coff, di, dj; bool ok; };  // kk = (ci, i, j): x offset, row/col steps
   __device__ Row row(int64_t g, int64_t m) const {
     if (m >= rows) return Row{x, 0, 0, false};
     const int64_t ow = m % p.ow, oh = (m / p.ow) % p.oh, n = m / (p.ow * p.oh);
@@ -86,14 +88,19 @@ struct ForwardOp {
   __device__ Col col(int64_t g, int64_t j) const {
     return j < cols ? Col{w + (g * p.kg + j) * red, true} : Col{w, false};
   }
-  __device__ float a(const Row& r, int64_t kk) const {
-    if (!r.ok) return 0.f;
-    const int64_t ci = kk / p.taps, t = kk % p.taps;
-    const int64_t ih = r.ih0 + (t / p.kw) * p.dh, iw = r.iw0 + (t % p.kw) * p.dw;
-    if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
-    return to_f(r.x[(ci * p.h + ih) * p.w + iw]);
+  __device__ Red red_index(int64_t kk, int64_t end) const {
+    if (kk >= end) return Red{0, 0, 0, 0, false};
+    const int t = static_cast<int>(kk % p.taps);  // taps < 2^31: int division is cheaper
+    return Red{kk, (kk / p.taps) * p.h * p.w, (t / int(p.kw)) * p.dh, (t % int(p.kw)) * p.dw, true};
   }
-  __device__ float b(const Col& c, int64_t kk) const { return c.ok ? to_f(c.w[kk]) : 0.f; }
+  __device__ float a(const Row& r, const Red& k) const {
+    const int64_t ih = r.ih0 + k.di, iw = r.iw0 + k.dj;
+    if (!r.ok || !k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
+    return to_f(r.x[k.coff + ih * p.w + iw]);
+  }
+  __device__ float b(const Col& c, const Red& k) const {
+    return c.ok && k.ok ? to_f(c.w[k.kk]) : 0.f;
+  }
   __device__ void store(int64_t g, int, int64_t m, int64_t j, float v) const {
     const int64_t plane = p.oh * p.ow, s = m % plane, n = m / plane, ko = g * p.kg + j;
     if (bias) v += to_f(bias[ko]);
@@ -111,26 +118,33 @@ struct InputGradOp {
   int splits;
   struct Row { const T* gy; int64_t th0, tw0; bool ok; };
   struct Col { const T* w; bool ok; };
+  struct Red { int64_t gyoff, woff, di, dj; bool ok; };  // kk = (ko, i, j)
   __device__ Row row(int64_t g, int64_t m) const {
     if (m >= rows) return Row{gy, 0, 0, false};
     const int64_t iw = m % p.w, ih = (m / p.w) % p.h, n = m / (p.w * p.h);
     return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, ih + p.ph, iw + p.pw, true};
   }
   __device__ Col col(int64_t g, int64_t ci) const {
-    return Col{w + (g * p.kg * p.cg + ci) * p.taps, ci < cols};
+    return ci < cols ? Col{w + (g * p.kg * p.cg + ci) * p.taps, true} : Col{w, false};
   }
-  // Tap (i, j) of output channel ko: the output (oh, ow) with oh*sh + i*dh = ih + ph, if any.
-  __device__ float a(const Row& r, int64_t kk) const {
-    if (!r.ok) return 0.f;
-    const int64_t ko = kk / p.taps, t = kk % p.taps;
-    const int64_t th = r.th0 - (t / p.kw) * p.dh, tw = r.tw0 - (t % p.kw) * p.dw;
-    if (th < 0 || tw < 0 || th % p.sh != 0 || tw % p.sw != 0) return 0.f;
+  __device__ Red red_index(int64_t kk, int64_t end) const {
+    if (kk >= end) return Red{0, 0, 0, 0, false};
+    const int64_t ko = kk / p.taps;
+    const int t = static_cast<int>(kk % p.taps);
+    return Red{ko * p.oh * p.ow, ko * p.cg * p.taps + t, (t / int(p.kw)) * p.dh,
+               (t % int(p.kw)) * p.dw, true};
+  }
+  // Tap (i, j) of output channel ko feeds (ih, iw) from the output (oh, ow) with
+  // oh*sh + i*dh = ih + ph, if that lands on the stride grid inside the output.
+  __device__ float a(const Row& r, const Red& k) const {
+    const int64_t th = r.th0 - k.di, tw = r.tw0 - k.dj;
+    if (!r.ok || !k.ok || th < 0 || tw < 0 || th % p.sh != 0 || tw % p.sw != 0) return 0.f;
     const int64_t oh = th / p.sh, ow = tw / p.sw;
     if (oh >= p.oh || ow >= p.ow) return 0.f;
-    return to_f(r.gy[(ko * p.oh + oh) * p.ow + ow]);
+    return to_f(r.gy[k.gyoff + oh * p.ow + ow]);
   }
-  __device__ float b(const Col& c, int64_t kk) const {
-    return c.ok ? to_f(c.w[(kk / p.taps) * p.cg * p.taps + kk % p.taps]) : 0.f;
+  __device__ float b(const Col& c, const Red& k) const {
+    return c.ok && k.ok ? to_f(c.w[k.woff]) : 0.f;
   }
   __device__ void store(int64_t g, int, int64_t m, int64_t ci, float v) const {
     const int64_t plane = p.h * p.w, s = m % plane, n = m / plane;
@@ -143,32 +157,34 @@ struct WeightGradOp {
   Geo p;
   const T* x;
   const T* gy;
-  T* gw;          // written directly when splits == 1
-  float* partial; // splits x (K * C/groups * kh * kw) otherwise
+  T* gw;           // written directly when splits == 1
+  float* partial;  // splits x (K * C/groups * kh * kw) otherwise
   int64_t rows, cols, red, chunk;
   int splits;
   struct Row { const T* gy; bool ok; };
   struct Col { const T* x; int64_t ioff, joff; bool ok; };
+  struct Red { int64_t gyoff, xoff, ih0, iw0; bool ok; };  // q = (n, oh, ow)
   __device__ Row row(int64_t g, int64_t ko) const {
-    return Row{gy + (g * p.kg + ko) * p.oh * p.ow, ko < rows};
+    return ko < rows ? Row{gy + (g * p.kg + ko) * p.oh * p.ow, true} : Row{gy, false};
   }
   __device__ Col col(int64_t g, int64_t j) const {
     if (j >= cols) return Col{x, 0, 0, false};
     const int64_t ci = j / p.taps, t = j % p.taps;
-    return Col{x + (g * p.cg + ci) * p.h * p.w, (t / p.kw) * p.dh - p.ph,
-               (t % p.kw) * p.dw - p.pw, true};
+    return Col{x + (g * p.cg + ci) * p.h * p.w, (t / p.kw) * p.dh, (t % p.kw) * p.dw, true};
   }
-  __device__ float a(const Row& r, int64_t q) const {
-    if (!r.ok) return 0.f;
-    const int64_t plane = p.oh * p.ow;
-    return to_f(r.gy[(q / plane) * p.k * plane + q % plane]);
+  __device__ Red red_index(int64_t q, int64_t end) const {
+    if (q >= end) return Red{0, 0, 0, 0, false};
+    const int64_t plane = p.oh * p.ow, n = q / plane, s = q % plane;
+    return Red{n * p.k * plane + s, n * p.c * p.h * p.w, (s / p.ow) * p.sh - p.ph,
+               (s % p.ow) * p.sw - p.pw, true};
   }
-  __device__ float b(const Col& c, int64_t q) const {
-    if (!c.ok) return 0.f;
-    const int64_t plane = p.oh * p.ow, s = q % plane, n = q / plane;
-    const int64_t ih = (s / p.ow) * p.sh + c.ioff, iw = (s % p.ow) * p.sw + c.joff;
-    if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
-    return to_f(c.x[n * p.c * p.h * p.w + ih * p.w + iw]);
+  __device__ float a(const Row& r, const Red& k) const {
+    return r.ok && k.ok ? to_f(r.gy[k.gyoff]) : 0.f;
+  }
+  __device__ float b(const Col& c, const Red& k) const {
+    const int64_t ih = k.ih0 + c.ioff, iw = k.iw0 + c.joff;
+    if (!c.ok || !k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
+    return to_f(c.x[k.xoff + ih * p.w + iw]);
   }
   __device__ void store(int64_t g, int split, int64_t ko, int64_t j, float v) const {
     const int64_t e = (g * p.kg + ko) * cols + j;
@@ -177,24 +193,27 @@ struct WeightGradOp {
   }
 };
 
-// One 64 x 64 tile of group g's GEMM over reduction chunk `split`.
+// One 64 x 64 tile of group g's GEMM over reduction chunk `split`. Loads: thread t gathers slice
+// row t % 16 (one reduction index, decoded once per slice for both operands) for rows/cols
+// t / 16 + 16 r; shared rows are padded to 66 floats so those stores hit 32 distinct banks.
 template <class Op>
 __global__ void __launch_bounds__(kThreads) igemm_kernel(Op op) {
-  FASTDL_SHARED(16, float, as, [kBK][kBM]);
-  FASTDL_SHARED(16, float, bs, [kBK][kBN]);
+  FASTDL_SHARED(16, float, as, [kBK][kBM + 2]);
+  FASTDL_SHARED(16, float, bs, [kBK][kBN + 2]);
   const int t = threadIdx.x;
   const int split = static_cast<int>(blockIdx.z % op.splits);
   const int64_t g = blockIdx.z / op.splits;
   const int64_t m0 = int64_t(blockIdx.x) * kBM, n0 = int64_t(blockIdx.y) * kBN;
   const int64_t k_begin = split * op.chunk;
   const int64_t k_end = k_begin + op.chunk < op.red ? k_begin + op.chunk : op.red;
-  // Loaders: A by row (consecutive threads, consecutive rows), B by reduction index.
-  const int am = t % kBM, ak = t / kBM;  // rows m0 + am, slice rows ak + 4 r
-  const int bk = t % kBK, bn = t / kBK;  // slice row bk, cols n0 + bn + 16 r
-  const typename Op::Row ra = op.row(g, m0 + am);
+  const int lk = t % kBK, lr = t / kBK;  // loader: slice row lk, tile rows / cols lr + 16 r
+  typename Op::Row ra[4];
   typename Op::Col cb[4];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) cb[r] = op.col(g, n0 + bn + 16 * r);
+  for (int r = 0; r < 4; ++r) {
+    ra[r] = op.row(g, m0 + lr + 16 * r);
+    cb[r] = op.col(g, n0 + lr + 16 * r);
+  }
   const int tm = t % 16, tn = t / 16;  // this thread's outputs: rows tm + 16 i, cols tn + 16 j
   float acc[4][4];
 #pragma unroll
@@ -202,14 +221,12 @@ __global__ void __launch_bounds__(kThreads) igemm_kernel(Op op) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+    const typename Op::Red kd = op.red_index(k0 + lk, k_end);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int64_t kk = k0 + ak + 4 * r;
-      as[ak + 4 * r][am] = kk < k_end ? op.a(ra, kk) : 0.f;
+      as[lk][lr + 16 * r] = op.a(ra[r], kd);
+      bs[lk][lr + 16 * r] = op.b(cb[r], kd);
     }
-    const int64_t kb = k0 + bk;
-#pragma unroll
-    for (int r = 0; r < 4; ++r) bs[bk][bn + 16 * r] = kb < k_end ? op.b(cb[r], kb) : 0.f;
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kBK; ++kk) {
