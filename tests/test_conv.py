@@ -775,3 +775,16 @@ def test_conv2d_cuda_long_reductions(cuda_device):
                                      groups=2, pass_="weight") == "direct"
     run_conv_case(torch.float32, (2, 2, 64, 64), (4, 1, 3, 3), True,
                   dict(stride=1, padding=1, dilation=1, groups=2), seed=3, device=cuda_device)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv2d_cuda_empty_batch(cuda_device, cuda_algo, groups):
+    """An empty batch: an empty output, and zero weight and bias gradients (sums over nothing)."""
+    x = torch.randn(0, 4, 6, 6).to(cuda_device)
+    w = torch.randn(8, 4 // groups, 3, 3).to(cuda_device)
+    y = fastdl.ops.conv2d(x, w, padding=1, groups=groups)
+    assert y.shape == (0, 8, 6, 6)
+    gx, gw, gb = fastdl.ops.conv2d_backward(torch.randn(0, 8, 6, 6).to(cuda_device), x, w,
+                                            padding=1, groups=groups)
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(8).to(cuda_device))

@@ -22,6 +22,13 @@ void check_cuda(const Conv2dParams& p, const char* name) {
   FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float16 ||
                    p.dtype == DType::BFloat16,
                name, ": CUDA supports float32, float16 and bfloat16, got ", dtype_name(p.dtype));
+  // The kernels do per-plane and per-tap arithmetic in 32 bits (offsets across planes in 64).
+  const int64_t lim = int64_t(1) << 30;
+  FASTDL_CHECK(p.h + p.ph < lim && p.w + p.pw < lim && p.oh * p.ow < lim && p.h * p.w < lim &&
+                   p.kh * p.dh < lim && p.kw * p.dw < lim && p.sh < lim && p.sw < lim &&
+                   p.kh * p.kw * std::max(p.c, p.k) < lim,
+               name, ": a plane, kernel or padding of 2^30 elements or more is not supported on "
+               "CUDA");
 }
 
 // Depthwise (one input channel per group, any multiplier) goes direct; the rest implicit GEMM.

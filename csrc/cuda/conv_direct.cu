@@ -61,13 +61,14 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t ko = g * p.kg + kq;
       const T* gp = gy + (n * p.k + ko) * p.oh * p.ow;
       const T* wp = w + (ko * p.cg + ci) * p.taps;
-      for (int64_t i = 0; i < p.kh; ++i) {
-        const int64_t th = ih + p.ph - i * p.dh;
-        if (th < 0 || th % p.sh != 0 || th / p.sh >= p.oh) continue;
-        for (int64_t j = 0; j < p.kw; ++j) {
-          const int64_t tw = iw + p.pw - j * p.dw;
-          if (tw < 0 || tw % p.sw != 0 || tw / p.sw >= p.ow) continue;
-          acc = fmaf(to_f(gp[(th / p.sh) * p.ow + tw / p.sw]), to_f(wp[i * p.kw + j]), acc);
+      for (int i = 0; i < int(p.kh); ++i) {  // 32-bit tap arithmetic (sizes < 2^31: check_cuda)
+        const int th = int(ih + p.ph) - i * int(p.dh);
+        if (th < 0 || th % int(p.sh) != 0 || th / int(p.sh) >= p.oh) continue;
+        for (int j = 0; j < int(p.kw); ++j) {
+          const int tw = int(iw + p.pw) - j * int(p.dw);
+          if (tw < 0 || tw % int(p.sw) != 0 || tw / int(p.sw) >= p.ow) continue;
+          acc = fmaf(to_f(gp[int64_t(th / int(p.sh)) * p.ow + tw / int(p.sw)]),
+                     to_f(wp[i * p.kw + j]), acc);
         }
       }
     }
@@ -115,13 +116,17 @@ __global__ void __launch_bounds__(kThreads)
     if (e < total) {
       const int64_t j = e % p.kw, i = (e / p.kw) % p.kh, ci = (e / p.taps) % p.cg;
       const int64_t ko = e / (p.taps * p.cg), g = ko / p.kg;
+      // q = n * plane + s walks in steps of LANES; (n, s) advance without a 64-bit division.
+      int64_t n = plane > 0 ? lane / plane : 0;  // plane == 0: red == 0, no iteration
+      int s = plane > 0 ? static_cast<int>(lane % plane) : 0;
+      const int ow = static_cast<int>(p.ow);
       for (int64_t q = lane; q < red; q += LANES) {
-        const int64_t n = q / plane, s = q % plane;
-        const int64_t ih = (s / p.ow) * p.sh - p.ph + i * p.dh;
-        const int64_t iw = (s % p.ow) * p.sw - p.pw + j * p.dw;
-        if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
-        acc = fmaf(to_f(gy[(n * p.k + ko) * plane + s]),
-                   to_f(x[((n * p.c + g * p.cg + ci) * p.h + ih) * p.w + iw]), acc);
+        const int64_t ih = (s / ow) * p.sh - p.ph + i * p.dh;
+        const int64_t iw = (s % ow) * p.sw - p.pw + j * p.dw;
+        if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+          acc = fmaf(to_f(gy[(n * p.k + ko) * plane + s]),
+                     to_f(x[((n * p.c + g * p.cg + ci) * p.h + ih) * p.w + iw]), acc);
+        for (s += LANES; s >= plane; s -= static_cast<int>(plane)) ++n;
       }
     }
     const float sum = group_sum<LANES>(acc);

@@ -83,13 +83,13 @@ struct InputGradOp {
   T* gx;
   int64_t rows, cols, red, chunk;
   int splits;
-  struct Row { const T* gy; int64_t th0, tw0; bool ok; };
+  struct Row { const T* gy; int th0, tw0; bool ok; };  // 32-bit: spatial sizes < 2^31
   struct Col { const T* w; bool ok; };
-  struct Red { int64_t gyoff, woff, di, dj; bool ok; };  // kk = (ko, i, j)
+  struct Red { int64_t gyoff, woff; int di, dj; bool ok; };  // kk = (ko, i, j)
   __device__ Row row(int64_t g, int64_t m) const {
     if (m >= rows) return Row{gy, 0, 0, false};
     const int64_t iw = m % p.w, ih = (m / p.w) % p.h, n = m / (p.w * p.h);
-    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, ih + p.ph, iw + p.pw, true};
+    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, int(ih + p.ph), int(iw + p.pw), true};
   }
   __device__ Col col(int64_t g, int64_t ci) const {
     return ci < cols ? Col{w + (g * p.kg * p.cg + ci) * p.taps, true} : Col{w, false};
@@ -98,15 +98,15 @@ struct InputGradOp {
     if (kk >= end) return Red{0, 0, 0, 0, false};
     const int64_t ko = kk / p.taps;
     const int t = static_cast<int>(kk % p.taps);
-    return Red{ko * p.oh * p.ow, ko * p.cg * p.taps + t, (t / int(p.kw)) * p.dh,
-               (t % int(p.kw)) * p.dw, true};
+    return Red{ko * p.oh * p.ow, ko * p.cg * p.taps + t, (t / int(p.kw)) * int(p.dh),
+               (t % int(p.kw)) * int(p.dw), true};
   }
   // Tap (i, j) of output channel ko feeds (ih, iw) from the output (oh, ow) with
   // oh*sh + i*dh = ih + ph, if that lands on the stride grid inside the output.
   __device__ float a(const Row& r, const Red& k) const {
-    const int64_t th = r.th0 - k.di, tw = r.tw0 - k.dj;
-    if (!r.ok || !k.ok || th < 0 || tw < 0 || th % p.sh != 0 || tw % p.sw != 0) return 0.f;
-    const int64_t oh = th / p.sh, ow = tw / p.sw;
+    const int th = r.th0 - k.di, tw = r.tw0 - k.dj, sh = int(p.sh), sw = int(p.sw);
+    if (!r.ok || !k.ok || th < 0 || tw < 0 || th % sh != 0 || tw % sw != 0) return 0.f;
+    const int oh = th / sh, ow = tw / sw;
     if (oh >= p.oh || ow >= p.ow) return 0.f;
     return to_f(r.gy[k.gyoff + oh * p.ow + ow]);
   }
