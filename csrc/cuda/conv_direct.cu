@@ -10,7 +10,7 @@
 //                  strided sums and a shuffle or shared-memory tree: deterministic.
 // Tested by tests/test_conv.py (the CUDA sweep under "direct" and "auto", half types, long
 // reductions); timed by fastdl-bench --suite conv --device cuda (shape 6, depthwise). Not yet run
-// on a GPU. ptxas (sm_90, nvcc 13): 32-64 registers; the input gradient spills 8 bytes.
+// on a GPU. ptxas (sm_90, nvcc 13): 32-64 registers; the input gradient spills 16 bytes.
 #include "conv_cuda.cuh"
 
 namespace fastdl {
