@@ -12,8 +12,9 @@ Bad arguments raise the exception class torch raises for them, naming the argume
 Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 reads x in
 place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "reference"
 (plain loops); on CUDA "gemm" (implicit GEMM) and "direct" (depthwise; "reference" runs it
-too, "winograd" leaves the choice to auto). "auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO
-environment variable forces one wherever it serves the shape (elsewhere auto decides).
+too, "winograd" leaves the choice to auto). "auto" picks by shape; set_conv_algorithm(name) or
+the FASTDL_CONV_ALGO environment variable forces one wherever it serves the shape (elsewhere
+auto decides).
 
 >>> x = np.random.rand(2, 3, 9, 9).astype(np.float32); w = np.random.rand(4, 3, 3, 3).astype(np.float32)
 >>> y = fastdl.ops.conv2d(x, w, padding=1)          # torch.nn.functional.conv2d
@@ -161,7 +162,9 @@ def _launch(pass_, a, b, c, d, params, device):
     ws, ws_bytes = None, 0
     if device >= 0 and pass_ == _BACKWARD_WEIGHT and c is not None:
         ws_bytes = _C.conv2d_workspace(params, algo)  # the split weight gradient's partial sums
-        if ws_bytes:
+        if ws_bytes and isinstance(a, np.ndarray):  # host memory routed as CUDA (emulation tests)
+            ws = np.empty(ws_bytes, np.uint8)
+        elif ws_bytes:  # torch's allocator, on the current stream like the kernels
             import torch
             ws = a.new_empty((ws_bytes,), dtype=torch.uint8)
     _C.conv2d(pass_, p(a), p(b), None if c is None else p(c), None if d is None else p(d),
