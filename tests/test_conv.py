@@ -789,3 +789,19 @@ def test_conv2d_cuda_empty_batch(cuda_device, cuda_algo, groups):
                                             padding=1, groups=groups)
     assert gx.shape == x.shape
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(8).to(cuda_device))
+
+
+def test_conv2d_backward_numpy_through_emulation(cuda_device):
+    """Emulation routes host memory, numpy arrays included, through the CUDA kernels: the split
+    weight gradient then takes its workspace from numpy."""
+    if not fastdl.cuda.is_emulated():
+        pytest.skip("numpy arrays live on the host: on a GPU they take the CPU kernels")
+    x = np.random.randn(2, 8, 16, 16).astype(np.float32)
+    w = np.random.randn(6, 8, 3, 3).astype(np.float32)
+    gy = np.random.randn(2, 6, 16, 16).astype(np.float32)
+    gx, gw, gb = fastdl.ops.conv2d_backward(gy, x, w, padding=1)
+    xr, wr = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    TF.conv2d(xr, wr, padding=1).backward(torch.from_numpy(gy))
+    assert_close(torch.from_numpy(gw), wr.grad, reduction=2 * 16 * 16, what="grad_weight")
+    assert_close(torch.from_numpy(gx), xr.grad, reduction=6 * 9, what="grad_input")
+    assert_close(torch.from_numpy(gb), torch.from_numpy(gy).sum((0, 2, 3)), reduction=512)
