@@ -274,7 +274,9 @@ Conv2dParams conv_params(int64_t n, int64_t c, int64_t h, int64_t w, int64_t k, 
   p.dw = dw;
   p.groups = groups;
   p.dtype = dtype_of(dtype);
-  check_conv2d_params(p);
+  Conv2dParams shape = p;  // the sizes here; each back end's entry point checks its dtypes
+  shape.dtype = DType::Float32;
+  check_conv2d_params(shape);
   return p;
 }
 
@@ -599,8 +601,10 @@ PYBIND11_MODULE(_C, m) {
            py::arg("k"), py::arg("oh"), py::arg("ow"), py::arg("kh"), py::arg("kw"),
            py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"),
            py::arg("dw"), py::arg("groups"), py::arg("dtype"));
+  // workspace: CUDA weight gradient only, conv2d_workspace(...) bytes (None when 0).
   m.def("conv2d", [](int pass, py::handle a, py::handle b, py::handle c, py::handle d,
-                     const Conv2dParams& prm, int algo, int device, uintptr_t stream) {
+                     const Conv2dParams& prm, int algo, int device, uintptr_t stream,
+                     py::handle workspace, int64_t workspace_bytes) {
     FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
     FASTDL_CHECK(algo >= 0 && algo <= 4, "fastdl internal: unknown convolution algorithm ", algo);
     Conv2dParams p = prm;
@@ -609,6 +613,7 @@ PYBIND11_MODULE(_C, m) {
     const void* pb = pointer_of(b);
     void* pc = optional_pointer(c);
     void* pd = optional_pointer(d);
+    void* pws = optional_pointer(workspace);
     FASTDL_CHECK(pass == 2 || pd != nullptr, "fastdl internal: convolution needs an output");
     py::gil_scoped_release release;
     if (device < 0) {
@@ -617,8 +622,31 @@ PYBIND11_MODULE(_C, m) {
       else conv2d_backward_weight_cpu(p, pa, pb, pc, pd);
       return;
     }
+#ifdef FASTDL_WITH_CUDA
+    const CudaLaunch l = cuda_launch(device, stream);
+    if (pass == 0) conv2d_forward_cuda(p, pa, pb, pc, pd, l);
+    else if (pass == 1) conv2d_backward_input_cuda(p, pa, pb, pd, l);
+    else conv2d_backward_weight_cuda(p, pa, pb, pc, pd, pws, workspace_bytes, l);
+#else
     (void)stream;
-    throw std::runtime_error("fastdl: convolution has no CUDA kernels yet (CPU only)");
+    (void)pws;
+    (void)workspace_bytes;
+    throw std::runtime_error("fastdl was built without CUDA");
+#endif
+  }, py::arg("pass_"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("params"),
+     py::arg("algo"), py::arg("device"), py::arg("stream"), py::arg("workspace") = py::none(),
+     py::arg("workspace_bytes") = 0);
+  // Bytes of device workspace the CUDA weight gradient needs for this geometry and algorithm.
+  m.def("conv2d_workspace", [](const Conv2dParams& prm, int algo) -> int64_t {
+    FASTDL_CHECK(algo >= 0 && algo <= 4, "fastdl internal: unknown convolution algorithm ", algo);
+#ifdef FASTDL_WITH_CUDA
+    Conv2dParams p = prm;
+    p.algo = static_cast<ConvAlgo>(algo);
+    return conv2d_backward_weight_cuda_workspace(p);
+#else
+    (void)prm;
+    return 0;
+#endif
   });
   m.def("conv2d_algorithm", [](const Conv2dParams& prm, int pass, int algo) {
     FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
@@ -626,6 +654,18 @@ PYBIND11_MODULE(_C, m) {
     Conv2dParams p = prm;
     p.algo = static_cast<ConvAlgo>(algo);
     return static_cast<int>(conv2d_algorithm_cpu(p, static_cast<ConvPass>(pass)));
+  });
+  m.def("conv2d_algorithm_cuda", [](const Conv2dParams& prm, int pass, int algo) {
+    FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
+    FASTDL_CHECK(algo >= 0 && algo <= 4, "fastdl internal: unknown convolution algorithm ", algo);
+#ifdef FASTDL_WITH_CUDA
+    Conv2dParams p = prm;
+    p.algo = static_cast<ConvAlgo>(algo);
+    return static_cast<int>(conv2d_algorithm_cuda(p, static_cast<ConvPass>(pass)));
+#else
+    (void)prm;
+    throw std::runtime_error("fastdl was built without CUDA");
+#endif
   });
 
   // ---- gemm / linear (csrc/gemm.h) ------------------------------------------------------------

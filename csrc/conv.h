@@ -48,4 +48,20 @@ void conv2d_backward_weight_cpu(const Conv2dParams& p, const void* x, const void
 // The algorithm the CPU runs for this pass (p.algo forced or automatic), for tests and benchmarks.
 ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass);
 
+// CUDA: float32, float16 and bfloat16 (float32 accumulation), on launch.device, asynchronous on
+// launch.stream (csrc/cuda/conv.cu). Algorithms: Gemm (implicit GEMM) and Direct (depthwise;
+// Reference runs it too); Winograd is not served there (auto decides).
+void conv2d_forward_cuda(const Conv2dParams& p, const void* x, const void* w, const void* bias,
+                         void* y, const CudaLaunch& launch);
+void conv2d_backward_input_cuda(const Conv2dParams& p, const void* gy, const void* w, void* gx,
+                                const CudaLaunch& launch);
+// The weight gradient's GEMM splits its reduction over N*OH*OW into float partials summed in a
+// fixed order (deterministic, no atomics); the caller allocates their device workspace, of
+// conv2d_backward_weight_cuda_workspace(p) bytes (0: none needed, workspace may be null).
+int64_t conv2d_backward_weight_cuda_workspace(const Conv2dParams& p);
+void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const void* gy, void* gw,
+                                 void* gb, void* workspace, int64_t workspace_bytes,
+                                 const CudaLaunch& launch);
+ConvAlgo conv2d_algorithm_cuda(const Conv2dParams& p, ConvPass pass);
+
 }  // namespace fastdl

@@ -45,7 +45,7 @@ class EmulatedCuda(str):
 # takes a CPU shortcut for routed tensors would otherwise pass them on the CPU kernels. A case
 # that checks an error raised before any launch says so with @pytest.mark.no_launch.
 _LAUNCHING_FILES = {"test_optim.py", "test_pool.py", "test_gemm.py", "test_cuda_first_run.py",
-                    "test_rnn.py"}
+                    "test_rnn.py", "test_conv.py"}
 
 
 def _cuda_case(request):

@@ -22,11 +22,40 @@ ALGOS = ["auto", "gemm", "direct", "winograd", "reference"]
 DTYPES = [torch.float32, torch.float64]
 
 
+@pytest.fixture(autouse=True)
+def _exact_cudnn():
+    """On a GPU torch's reference is cuDNN, whose default (allow_tf32) rounds float32 inputs to
+    TF32's 10-bit mantissa: ~1e-3 relative error against the table's 1e-5. fastdl's kernels are
+    exact float32, so the reference must be too. Through cudnn.flags(): torch's test internals
+    (imported by test_conv_db.py) forbid setting the flags directly (disable_global_flags)."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                     deterministic=cudnn.deterministic, allow_tf32=False):
+        yield
+
+
+# On CUDA "reference" runs the direct kernels and "winograd" leaves the choice to auto.
+CUDA_ALGOS = ("auto", "gemm", "direct")
+# The sweeps' CUDA cases: auto runs one of these two by shape (direct for depthwise), so sweeping
+# both covers it at two thirds of the emulation time (6.5 min for test_conv.py under ASan before).
+CUDA_SWEEP_ALGOS = ("gemm", "direct")
+
+
 @pytest.fixture
-def where(device, cpu_path):
+def where(device, cpu_path, algo):
+    """The device of a sweep case; its CUDA case runs once per CUDA algorithm."""
     if device == "cuda":
-        pytest.skip("fastdl's convolution has no CUDA kernels yet")
+        if cpu_path != "default":
+            pytest.skip("cpu_path picks CPU kernels: the CUDA case runs under 'default' only")
+        if algo not in CUDA_SWEEP_ALGOS:
+            pytest.skip(f"on CUDA {algo!r} runs kernels another case runs "
+                        f"({', '.join(CUDA_SWEEP_ALGOS)})")
     return device
+
+
+def sweep_dtypes(device):
+    """float64 has no CUDA kernels (the issue asks for float32 and half types there)."""
+    return [torch.float32] if device == "cuda" else DTYPES
 
 
 @pytest.fixture(params=ALGOS)
@@ -82,11 +111,12 @@ def conv_configs(n, seed):
     return out
 
 
-def run_conv_case(dtype, shape, wshape, bias, kwargs, seed, what=""):
+def run_conv_case(dtype, shape, wshape, bias, kwargs, seed, what="", device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
-    w = torch.empty(wshape, dtype=dtype).uniform_(-1, 1, generator=gen)
-    b = torch.empty(wshape[0], dtype=dtype).uniform_(-1, 1, generator=gen) if bias else None
+    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen).to(device)
+    w = torch.empty(wshape, dtype=dtype).uniform_(-1, 1, generator=gen).to(device)
+    b = (torch.empty(wshape[0], dtype=dtype).uniform_(-1, 1, generator=gen).to(device) if bias
+         else None)
     leaves = [t for t in (x, w, b) if t is not None]
     a = [t.clone().requires_grad_() for t in leaves]
     r = [t.clone().requires_grad_() for t in leaves]
@@ -96,7 +126,7 @@ def run_conv_case(dtype, shape, wshape, bias, kwargs, seed, what=""):
     assert ya.shape == yb.shape, case
     taps = wshape[1] * wshape[2] * wshape[3]
     assert_close(ya, yb, reduction=taps, what=case)
-    gy = torch.randn(yb.shape, generator=gen, dtype=dtype)
+    gy = torch.randn(yb.shape, generator=gen, dtype=dtype).to(device)
     ya.backward(gy)
     yb.backward(gy)
     kg = wshape[0] // kwargs["groups"]
@@ -110,9 +140,10 @@ def run_conv_case(dtype, shape, wshape, bias, kwargs, seed, what=""):
 
 @pytest.mark.parametrize("chunk", range(2))
 def test_conv2d_sweep(where, cpu_path, algo, chunk):
-    for dtype in DTYPES:
+    for dtype in sweep_dtypes(where):
         for i, (shape, wshape, bias, kw) in enumerate(conv_configs(12, seed=10 + chunk)):
-            run_conv_case(dtype, shape, wshape, bias, kw, seed=100 * chunk + i, what=f"algo={algo}")
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=100 * chunk + i, what=f"algo={algo}",
+                          device=where)
 
 
 @pytest.mark.slow
@@ -217,6 +248,8 @@ def test_env_var_forces_algorithm():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", range(2))
 def test_conv_transpose2d_sweep(where, cpu_path, algo, chunk, dtype):
+    if dtype not in sweep_dtypes(where):
+        pytest.skip("float64 has no CUDA kernels (float32 and half types there)")
     rng = random.Random(chunk)
     done = 0
     while done < 10:
@@ -230,9 +263,9 @@ def test_conv_transpose2d_sweep(where, cpu_path, algo, chunk, dtype):
         if rng.random() < 0.2:
             shape = shape[1:]
         kwargs = dict(stride=s, padding=p, output_padding=op, groups=g, dilation=d)
-        x = torch.randn(shape, dtype=dtype)
-        w = torch.randn(cin, coutg, kh, kw, dtype=dtype)
-        b = torch.randn(coutg * g, dtype=dtype)
+        x = torch.randn(shape, dtype=dtype).to(where)
+        w = torch.randn(cin, coutg, kh, kw, dtype=dtype).to(where)
+        b = torch.randn(coutg * g, dtype=dtype).to(where)
         try:
             yb = TF.conv_transpose2d(x, w, b, **kwargs)
         except RuntimeError:
@@ -624,3 +657,155 @@ def test_winograd_workspace_bounded_by_output_channels():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert int(out) < 16 * 1024, f"winograd forward grew peak RSS by {int(out)} kB"
+
+
+# ---- CUDA-only cases (a GPU, or the emulated back end in CI) ------------------------------------
+
+@pytest.fixture(params=CUDA_ALGOS)
+def cuda_algo(request):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm(request.param)
+    yield request.param
+    fastdl.ops.set_conv_algorithm(before)
+
+
+HALF_CASES = [((2, 6, 9, 8), (4, 3, 3, 2), dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)),
+              ((1, 5, 7, 7), (10, 1, 3, 3), dict(padding="same", groups=5)),
+              ((3, 4, 6, 5), (7, 4, 1, 1), dict())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(HALF_CASES)))
+def test_conv2d_cuda_half_inputs(cuda_device, cuda_algo, dtype, case):
+    """float16/bfloat16 tensors, float32 accumulation: against torch in float32 on the same
+    (upcast) values, with the table's half tolerance (one rounding of each result)."""
+    shape, wshape, kw = HALF_CASES[case]
+    x, w, b = (torch.empty(s).uniform_(-1, 1).to(dtype).to(cuda_device)
+               for s in (shape, wshape, wshape[:1]))
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    ref = [t.float().requires_grad_() for t in (x, w, b)]
+    ya, yr = F.conv2d(*ours, **kw), TF.conv2d(*ref, **kw)
+    assert ya.dtype == dtype
+    what = f"{dtype} x={shape} w={wshape} {kw} algo={cuda_algo}"
+    assert_close(ya, yr, dtype=dtype, reduction=wshape[1] * wshape[2] * wshape[3], what=what)
+    gy = torch.randn(yr.shape).to(dtype).to(cuda_device)
+    ya.backward(gy)
+    yr.backward(gy.float())
+    per_pixel = yr.numel() // wshape[0]
+    for name, u, v, n in (("input", ours[0], ref[0], wshape[0] * wshape[2] * wshape[3]),
+                          ("weight", ours[1], ref[1], per_pixel), ("bias", ours[2], ref[2],
+                                                                  per_pixel)):
+        assert u.grad.dtype == dtype
+        assert_close(u.grad, v.grad, dtype=dtype, reduction=n, what=f"grad {name}: {what}")
+
+
+def test_conv2d_cuda_weight_grad_deterministic(cuda_device):
+    """The split weight gradient (a workspace of partials, summed in split order) is bitwise
+    identical run to run, under torch.use_deterministic_algorithms(True) as without it."""
+    x = torch.randn(2, 8, 16, 16).to(cuda_device)
+    w = torch.randn(6, 8, 3, 3).to(cuda_device)
+    gy = torch.randn(2, 6, 16, 16).to(cuda_device)
+    geo = ops_conv.conv2d_prepare(x, w, padding=1)
+    assert fastdl._C.conv2d_workspace(geo.params, ops_conv.ALGORITHMS["auto"]) > 0, \
+        "this shape should split the reduction (the path under test)"
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [fastdl.ops.conv2d_backward(gy, x, w, padding=1) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    TF.conv2d(xr, wr, padding=1).backward(gy)
+    assert_close(runs[0][1], wr.grad, reduction=2 * 16 * 16, what="grad_weight")
+    assert_close(runs[0][0], xr.grad, reduction=6 * 9, what="grad_input")
+    assert_close(runs[0][2], gy.sum((0, 2, 3)), reduction=2 * 16 * 16, what="grad_bias")
+
+
+@pytest.mark.parametrize("cls,args,kw,xshape", [
+    ("Conv2d", (4, 6, 3), dict(stride=2, padding=1), (2, 4, 9, 7)),
+    ("Conv1d", (3, 4, 5), dict(padding="same", dilation=2), (2, 3, 11)),
+    ("ConvTranspose2d", (4, 3, 4), dict(stride=2, padding=1), (2, 4, 5, 6))])
+def test_conv_modules_cuda(cuda_device, cls, args, kw, xshape):
+    """fastdl.nn modules on CUDA with torch's weights: outputs and every gradient."""
+    ref = getattr(torch.nn, cls)(*args, **kw).to(cuda_device)
+    ours = getattr(fnn, cls)(*args, **kw).to(cuda_device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(xshape).to(cuda_device)
+    xa, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yr = ours(xa), ref(xr)
+    assert_close(ya, yr, reduction=args[0] * 9, what=cls)
+    gy = torch.randn_like(yr)
+    ya.backward(gy)
+    yr.backward(gy)
+    assert_close(xa.grad, xr.grad, reduction=args[1] * 9, what=f"{cls} grad input")
+    positions = yr.numel() // yr.shape[1]
+    for (name, pa), pr in zip(ours.named_parameters(), ref.parameters()):
+        assert_close(pa.grad, pr.grad, reduction=positions, what=f"{cls} grad {name}")
+
+
+def test_conv2d_cuda_channels_last(cuda_device):
+    x = torch.randn(2, 5, 8, 9).to(cuda_device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 5, 3, 3).to(cuda_device)
+    y = F.conv2d(x, w, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, TF.conv2d(x, w, padding=1), reduction=45)
+
+
+@pytest.mark.no_launch
+def test_conv_cuda_bad_input(cuda_device):
+    """Raised before any launch: dtypes CUDA has no kernels for, mixed dtypes, mixed devices."""
+    x = torch.ones(1, 2, 5, 5, dtype=torch.float64).to(cuda_device)
+    w = torch.ones(3, 2, 3, 3, dtype=torch.float64).to(cuda_device)
+    with pytest.raises(NotImplementedError, match="float32, float16 or bfloat16 input on CUDA"):
+        fastdl.ops.conv2d(x, w)
+    with pytest.raises(RuntimeError, match="weight of the same dtype"):
+        fastdl.ops.conv2d(x.float(), w.half())
+    with pytest.raises(RuntimeError, match="bias of the same dtype"):
+        fastdl.ops.conv2d(x.half(), w.half(), torch.ones(3).to(cuda_device))
+    if fastdl.cuda.is_emulated():
+        return  # emulation keeps every tensor in host memory: there is no second device to mix
+    with pytest.raises(RuntimeError, match="same device"):
+        fastdl.ops.conv2d(x.float(), w.float().cpu())
+    with pytest.raises(RuntimeError, match="same device"):
+        fastdl.ops.conv2d_backward(torch.ones(1, 3, 3, 3), x.float(), w.float())
+
+
+def test_conv2d_cuda_long_reductions(cuda_device):
+    """Depthwise weight and bias gradients over N*OH*OW >= 8192 sum with a whole block per
+    weight (shorter ones with a warp, as in the sweep)."""
+    assert ops_conv.conv2d_algorithm(torch.zeros(2, 2, 64, 64), torch.zeros(4, 1, 3, 3), padding=1,
+                                     groups=2, pass_="weight") == "direct"
+    run_conv_case(torch.float32, (2, 2, 64, 64), (4, 1, 3, 3), True,
+                  dict(stride=1, padding=1, dilation=1, groups=2), seed=3, device=cuda_device)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv2d_cuda_empty_batch(cuda_device, cuda_algo, groups):
+    """An empty batch: an empty output, and zero weight and bias gradients (sums over nothing)."""
+    x = torch.randn(0, 4, 6, 6).to(cuda_device)
+    w = torch.randn(8, 4 // groups, 3, 3).to(cuda_device)
+    y = fastdl.ops.conv2d(x, w, padding=1, groups=groups)
+    assert y.shape == (0, 8, 6, 6)
+    gx, gw, gb = fastdl.ops.conv2d_backward(torch.randn(0, 8, 6, 6).to(cuda_device), x, w,
+                                            padding=1, groups=groups)
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(8).to(cuda_device))
+
+
+def test_conv2d_backward_numpy_through_emulation(cuda_device):
+    """Emulation routes host memory, numpy arrays included, through the CUDA kernels: the split
+    weight gradient then takes its workspace from numpy."""
+    if not fastdl.cuda.is_emulated():
+        pytest.skip("numpy arrays live on the host: on a GPU they take the CPU kernels")
+    x = np.random.randn(2, 8, 16, 16).astype(np.float32)
+    w = np.random.randn(6, 8, 3, 3).astype(np.float32)
+    gy = np.random.randn(2, 6, 16, 16).astype(np.float32)
+    gx, gw, gb = fastdl.ops.conv2d_backward(gy, x, w, padding=1)
+    xr, wr = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    TF.conv2d(xr, wr, padding=1).backward(torch.from_numpy(gy))
+    assert_close(torch.from_numpy(gw), wr.grad, reduction=2 * 16 * 16, what="grad_weight")
+    assert_close(torch.from_numpy(gx), xr.grad, reduction=6 * 9, what="grad_input")
+    assert_close(torch.from_numpy(gb), torch.from_numpy(gy).sum((0, 2, 3)), reduction=512)

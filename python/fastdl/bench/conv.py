@@ -12,6 +12,9 @@ Work on paper: direct-convolution flops, 2 * N * K * OH * OW * (C/groups) * kh *
 the forward, the input gradient and the weight gradient (shape 1, a first layer whose input needs
 no gradient, counts forward and weight gradient only). Both sides get the same inputs; the
 fwd+bwd cases reset the gradients each call (no accumulation pass).
+On CUDA (--device cuda) the reference is cuDNN, precision-matched: fastdl's kernels are exact
+float32 (no tensor cores), so torch.backends.cudnn.allow_tf32 is switched off for the run (torch's
+default is on, which would let cuDNN round its inputs to TF32).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def cases(device="cpu", quick=False):
     import fastdl.nn.functional as F
     from .harness import Case
 
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False  # precision-matched: both sides exact float32
     g = torch.Generator(device="cpu").manual_seed(0)
     out = []
     for label, n, c, h, w, k, ks, s, p, groups, transposed in SHAPES:

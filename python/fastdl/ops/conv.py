@@ -2,15 +2,19 @@
 backward (csrc/cpu/conv*.cpp).
 
 Inputs are (N, C, H, W) or unbatched (C, H, W); weights (out, in/groups, kH, kW) for conv2d and
-(in, out/groups, kH, kW) for conv_transpose2d, as torch stores them. float32 and float64 on the CPU.
+(in, out/groups, kH, kW) for conv_transpose2d, as torch stores them. float32 and float64 on the CPU;
+float32, float16 and bfloat16 on CUDA (float32 accumulation; csrc/cuda/conv.cu), on torch's current
+stream, with outputs and workspace allocated by torch.
 Outputs are allocated with the input's own library; a channels_last torch input (or weight) gives a
 channels_last output, as torch does. Non-contiguous inputs are copied to contiguous NCHW first.
 Bad arguments raise the exception class torch raises for them, naming the argument.
 
 Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 reads x in
 place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "reference"
-(plain loops). "auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO
-environment variable forces one wherever it serves the shape (elsewhere auto decides).
+(plain loops); on CUDA "gemm" (implicit GEMM) and "direct" (depthwise; "reference" runs it
+too, "winograd" leaves the choice to auto). "auto" picks by shape; set_conv_algorithm(name) or
+the FASTDL_CONV_ALGO environment variable forces one wherever it serves the shape (elsewhere
+auto decides).
 
 >>> x = np.random.rand(2, 3, 9, 9).astype(np.float32); w = np.random.rand(4, 3, 3, 3).astype(np.float32)
 >>> y = fastdl.ops.conv2d(x, w, padding=1)          # torch.nn.functional.conv2d
@@ -101,8 +105,14 @@ def _check_array(fn, name, x, like=None, like_name="input"):
     device = _tensor.device_index(x)
     if like is None:
         if device >= 0:
-            raise RuntimeError(f"{fn}: {name} is on {x.device}; fastdl's convolution has CPU "
-                               "kernels only so far")
+            if code not in (_tensor.FLOAT32, _tensor.FLOAT16, _tensor.BFLOAT16):
+                raise NotImplementedError(f"{fn}: expected a float32, float16 or bfloat16 {name} "
+                                          f"on CUDA, got {_tensor.describe(x)}")
+            from .. import cuda
+            if not cuda.is_compiled():
+                raise RuntimeError(f"{fn}: {name} is on {x.device}, but this fastdl build has no "
+                                   "CUDA kernels (rebuild with nvcc present)")
+            return code, device
         if code not in (_tensor.FLOAT32, _tensor.FLOAT64):
             raise NotImplementedError(f"{fn}: expected a float32 or float64 {name} on the CPU, "
                                       f"got {_tensor.describe(x)}")
@@ -148,8 +158,18 @@ def _launch(pass_, a, b, c, d, params, device):
     if pass_ != _BACKWARD_WEIGHT and (d.size if isinstance(d, np.ndarray) else d.numel()) == 0:
         return  # nothing to write (an empty tensor's data pointer is null)
     p = _tensor.pointer
+    algo = _current_algo()
+    ws, ws_bytes = None, 0
+    if device >= 0 and pass_ == _BACKWARD_WEIGHT and c is not None:
+        ws_bytes = _C.conv2d_workspace(params, algo)  # the split weight gradient's partial sums
+        if ws_bytes and isinstance(a, np.ndarray):  # host memory routed as CUDA (emulation tests)
+            ws = np.empty(ws_bytes, np.uint8)
+        elif ws_bytes:  # torch's allocator, on the current stream like the kernels
+            import torch
+            ws = a.new_empty((ws_bytes,), dtype=torch.uint8)
     _C.conv2d(pass_, p(a), p(b), None if c is None else p(c), None if d is None else p(d),
-              params, _current_algo(), device, 0)
+              params, algo, device, _tensor.current_stream(device),
+              None if ws is None else p(ws), ws_bytes)
 
 
 class _Geometry:
@@ -478,4 +498,5 @@ def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1, p
     geo = _conv_geometry("conv2d_algorithm", input, weight, None, stride, padding, dilation,
                          groups)
     code = {"forward": _FORWARD, "input": _BACKWARD_INPUT, "weight": _BACKWARD_WEIGHT}[pass_]
-    return _NAMES[_C.conv2d_algorithm(geo.params, code, _current_algo())]
+    which = _C.conv2d_algorithm_cuda if geo.device >= 0 else _C.conv2d_algorithm
+    return _NAMES[which(geo.params, code, _current_algo())]

@@ -1,0 +1,313 @@
+// Implicit-GEMM convolution on CUDA, the general case of csrc/cuda/conv.cu's three passes (forward,
+// input gradient, weight gradient), float32/float16/bfloat16 with float32 accumulation.
+// One SIMT kernel for all three passes, one GEMM per group (blockIdx.z = group x split): 64 x 64
+// output tiles, reduction in slices of 16 staged in shared memory as float, 256 threads each
+// holding a 4 x 4 register tile (rows tm + 16 i, so a warp's 16 consecutive rows give coalesced
+// stores along the spatial axis). Operand elements are gathered from the tensors on the fly (no
+// im2col buffer); out-of-range taps read zero.
+//   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
+//   input gradient: rows = N*H*W,   cols = C/groups, reduction = K/groups*kh*kw; a tap feeds
+//                   row (h, w) only where h + ph - i*dh is a multiple of the stride (other taps
+//                   read zero).
+//   weight grad.:   rows = K/groups, cols = C/groups*kh*kw, reduction = N*OH*OW, split into
+//                   `splits` chunks when the tile grid alone would not fill the GPU; each chunk
+//                   writes float partials to the caller's workspace and a second kernel adds them
+//                   in split order. No atomics: bitwise identical run to run.
+// Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism);
+// timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off. Not yet run on a
+// GPU. ptxas (-Xptxas -v, nvcc 13): 91-98 registers on sm_90, 8.4 KB shared memory, no spills.
+// Performance choices are unmeasured so far; the one made on paper: a reduction index is decoded
+// once per 16-wide slice and shared by both operand loaders (before: two 64-bit divisions per
+// gathered element, more integer work than the tile's FMAs).
+#include "conv_cuda.cuh"
+
+namespace fastdl {
+namespace conv_cuda {
+namespace {
+
+constexpr int kBM = 64, kBN = 64, kBK = 16;  // tile: rows, cols, reduction slice
+constexpr int kTargetBlocks = 264;           // 2 blocks per SM on a 132-SM H100/H200
+
+// ---- implicit GEMM -------------------------------------------------------------------------------
+// An Op describes one pass as a GEMM per group: rows, cols, red (reduction length), chunk (per
+// split), splits. row(g, m) and col(g, n) precompute what a row's / column's gathers share (once
+// per block); red_index(kk) decodes a reduction index (once per slice: both loaders of a thread
+// use the same kk); a(row, r) and b(col, r) gather one operand element as float (zero outside the
+// tensor or past the end); store(g, split, m, n, v) writes one result.
+
+template <class T>
+struct ForwardOp {
+  Geo p;
+  const T* x;
+  const T* w;
+  const T* bias;
+  T* y;
+  int64_t rows, cols, red, chunk;
+  int splits;
+  struct Row { const T* x; int64_t ih0, iw0; bool ok; };
+  struct Col { const T* w; bool ok; };
+  struct Red { int64_t kk, coff, di, dj; bool ok; };  // kk = (ci, i, j): x offset, row/col steps
+  __device__ Row row(int64_t g, int64_t m) const {
+    if (m >= rows) return Row{x, 0, 0, false};
+    const int64_t ow = m % p.ow, oh = (m / p.ow) % p.oh, n = m / (p.ow * p.oh);
+    return Row{x + (n * p.c + g * p.cg) * p.h * p.w, oh * p.sh - p.ph, ow * p.sw - p.pw, true};
+  }
+  __device__ Col col(int64_t g, int64_t j) const {
+    return j < cols ? Col{w + (g * p.kg + j) * red, true} : Col{w, false};
+  }
+  __device__ Red red_index(int64_t kk, int64_t end) const {
+    if (kk >= end) return Red{0, 0, 0, 0, false};
+    const int t = static_cast<int>(kk % p.taps);  // taps < 2^31: int division is cheaper
+    return Red{kk, (kk / p.taps) * p.h * p.w, (t / int(p.kw)) * p.dh, (t % int(p.kw)) * p.dw, true};
+  }
+  __device__ float a(const Row& r, const Red& k) const {
+    const int64_t ih = r.ih0 + k.di, iw = r.iw0 + k.dj;
+    if (!r.ok || !k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
+    return to_f(r.x[k.coff + ih * p.w + iw]);
+  }
+  __device__ float b(const Col& c, const Red& k) const {
+    return c.ok && k.ok ? to_f(c.w[k.kk]) : 0.f;
+  }
+  __device__ void store(int64_t g, int, int64_t m, int64_t j, float v) const {
+    const int64_t plane = p.oh * p.ow, s = m % plane, n = m / plane, ko = g * p.kg + j;
+    if (bias) v += to_f(bias[ko]);
+    y[(n * p.k + ko) * plane + s] = from_f<T>(v);
+  }
+};
+
+template <class T>
+struct InputGradOp {
+  Geo p;
+  const T* gy;
+  const T* w;
+  T* gx;
+  int64_t rows, cols, red, chunk;
+  int splits;
+  struct Row { const T* gy; int th0, tw0; bool ok; };  // 32-bit: spatial sizes < 2^31
+  struct Col { const T* w; bool ok; };
+  struct Red { int64_t gyoff, woff; int di, dj; bool ok; };  // kk = (ko, i, j)
+  __device__ Row row(int64_t g, int64_t m) const {
+    if (m >= rows) return Row{gy, 0, 0, false};
+    const int64_t iw = m % p.w, ih = (m / p.w) % p.h, n = m / (p.w * p.h);
+    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, int(ih + p.ph), int(iw + p.pw), true};
+  }
+  __device__ Col col(int64_t g, int64_t ci) const {
+    return ci < cols ? Col{w + (g * p.kg * p.cg + ci) * p.taps, true} : Col{w, false};
+  }
+  __device__ Red red_index(int64_t kk, int64_t end) const {
+    if (kk >= end) return Red{0, 0, 0, 0, false};
+    const int64_t ko = kk / p.taps;
+    const int t = static_cast<int>(kk % p.taps);
+    return Red{ko * p.oh * p.ow, ko * p.cg * p.taps + t, (t / int(p.kw)) * int(p.dh),
+               (t % int(p.kw)) * int(p.dw), true};
+  }
+  // Tap (i, j) of output channel ko feeds (ih, iw) from the output (oh, ow) with
+  // oh*sh + i*dh = ih + ph, if that lands on the stride grid inside the output.
+  __device__ float a(const Row& r, const Red& k) const {
+    const int th = r.th0 - k.di, tw = r.tw0 - k.dj, sh = int(p.sh), sw = int(p.sw);
+    if (!r.ok || !k.ok || th < 0 || tw < 0 || th % sh != 0 || tw % sw != 0) return 0.f;
+    const int oh = th / sh, ow = tw / sw;
+    if (oh >= p.oh || ow >= p.ow) return 0.f;
+    return to_f(r.gy[k.gyoff + oh * p.ow + ow]);
+  }
+  __device__ float b(const Col& c, const Red& k) const {
+    return c.ok && k.ok ? to_f(c.w[k.woff]) : 0.f;
+  }
+  __device__ void store(int64_t g, int, int64_t m, int64_t ci, float v) const {
+    const int64_t plane = p.h * p.w, s = m % plane, n = m / plane;
+    gx[(n * p.c + g * p.cg + ci) * plane + s] = from_f<T>(v);
+  }
+};
+
+template <class T>
+struct WeightGradOp {
+  Geo p;
+  const T* x;
+  const T* gy;
+  T* gw;           // written directly when splits == 1
+  float* partial;  // splits x (K * C/groups * kh * kw) otherwise
+  int64_t rows, cols, red, chunk;
+  int splits;
+  struct Row { const T* gy; bool ok; };
+  struct Col { const T* x; int64_t ioff, joff; bool ok; };
+  struct Red { int64_t gyoff, xoff, ih0, iw0; bool ok; };  // q = (n, oh, ow)
+  __device__ Row row(int64_t g, int64_t ko) const {
+    return ko < rows ? Row{gy + (g * p.kg + ko) * p.oh * p.ow, true} : Row{gy, false};
+  }
+  __device__ Col col(int64_t g, int64_t j) const {
+    if (j >= cols) return Col{x, 0, 0, false};
+    const int64_t ci = j / p.taps, t = j % p.taps;
+    return Col{x + (g * p.cg + ci) * p.h * p.w, (t / p.kw) * p.dh, (t % p.kw) * p.dw, true};
+  }
+  __device__ Red red_index(int64_t q, int64_t end) const {
+    if (q >= end) return Red{0, 0, 0, 0, false};
+    const int64_t plane = p.oh * p.ow, n = q / plane, s = q % plane;
+    return Red{n * p.k * plane + s, n * p.c * p.h * p.w, (s / p.ow) * p.sh - p.ph,
+               (s % p.ow) * p.sw - p.pw, true};
+  }
+  __device__ float a(const Row& r, const Red& k) const {
+    return r.ok && k.ok ? to_f(r.gy[k.gyoff]) : 0.f;
+  }
+  __device__ float b(const Col& c, const Red& k) const {
+    const int64_t ih = k.ih0 + c.ioff, iw = k.iw0 + c.joff;
+    if (!c.ok || !k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
+    return to_f(c.x[k.xoff + ih * p.w + iw]);
+  }
+  __device__ void store(int64_t g, int split, int64_t ko, int64_t j, float v) const {
+    const int64_t e = (g * p.kg + ko) * cols + j;
+    if (splits == 1) gw[e] = from_f<T>(v);
+    else partial[split * p.k * cols + e] = v;
+  }
+};
+
+// One 64 x 64 tile of group g's GEMM over reduction chunk `split`. Loads: thread t gathers slice
+// row t % 16 (one reduction index, decoded once per slice for both operands) for rows/cols
+// t / 16 + 16 r; shared rows are padded to 66 floats so those stores hit 32 distinct banks.
+template <class Op>
+__global__ void __launch_bounds__(kThreads) igemm_kernel(Op op) {
+  FASTDL_SHARED(16, float, as, [kBK][kBM + 2]);
+  FASTDL_SHARED(16, float, bs, [kBK][kBN + 2]);
+  const int t = threadIdx.x;
+  const int split = static_cast<int>(blockIdx.z % op.splits);
+  const int64_t g = blockIdx.z / op.splits;
+  const int64_t m0 = int64_t(blockIdx.x) * kBM, n0 = int64_t(blockIdx.y) * kBN;
+  const int64_t k_begin = split * op.chunk;
+  const int64_t k_end = k_begin + op.chunk < op.red ? k_begin + op.chunk : op.red;
+  const int lk = t % kBK, lr = t / kBK;  // loader: slice row lk, tile rows / cols lr + 16 r
+  typename Op::Row ra[4];
+  typename Op::Col cb[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    ra[r] = op.row(g, m0 + lr + 16 * r);
+    cb[r] = op.col(g, n0 + lr + 16 * r);
+  }
+  const int tm = t % 16, tn = t / 16;  // this thread's outputs: rows tm + 16 i, cols tn + 16 j
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+    const typename Op::Red kd = op.red_index(k0 + lk, k_end);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      as[lk][lr + 16 * r] = op.a(ra[r], kd);
+      bs[lk][lr + 16 * r] = op.b(cb[r], kd);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) av[i] = as[kk][tm + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) bv[j] = bs[kk][tn + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = m0 + tm + 16 * i;
+    if (m >= op.rows) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + tn + 16 * j;
+      if (n < op.cols) op.store(g, split, m, n, acc[i][j]);
+    }
+  }
+}
+
+// gw[e] = sum over splits, in split order, of partial[s][e].
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    sum_splits_kernel(const float* __restrict__ partial, T* __restrict__ gw, int splits,
+                      int64_t total) {
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int i = 0; i < splits; ++i) s += partial[i * total + e];
+    gw[e] = from_f<T>(s);
+  }
+}
+// Reduction splits of the weight-gradient GEMM: enough blocks to fill the GPU, each split at
+// least 4 slices long, and blockIdx.z = groups * splits within its limit.
+int weight_splits(const Conv2dParams& p) {
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  const int64_t tiles = p.groups * ceil_div(kg, kBM) * ceil_div(cg * p.kh * p.kw, kBN);
+  const int64_t red = p.n * p.oh * p.ow;
+  int64_t s = ceil_div(kTargetBlocks, tiles);
+  s = std::min<int64_t>({s, 64, std::max<int64_t>(1, red / (4 * kBK)), 65535 / p.groups});
+  return static_cast<int>(std::max<int64_t>(1, s));
+}
+
+template <class Op>
+void launch_igemm(const Op& op, int64_t groups, cudaStream_t s) {
+  if (op.rows == 0 || op.cols == 0) return;
+  const dim3 grid(static_cast<unsigned int>(ceil_div(op.rows, kBM)),
+                  static_cast<unsigned int>(ceil_div(op.cols, kBN)),
+                  static_cast<unsigned int>(groups * op.splits));
+  FASTDL_CHECK(grid.y <= 65535 && grid.z <= 65535, "conv2d: grid too large for CUDA (",
+               grid.y, " x ", grid.z, ")");
+  FASTDL_LAUNCH(grid, kThreads, 0, s, igemm_kernel<Op>)(op);
+  FASTDL_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void igemm_forward(const Conv2dParams& p, const void* x, const void* w, const void* bias, void* y,
+                   cudaStream_t s) {
+  const Geo g = geo_of(p);
+  by_dtype(p.dtype, "conv2d", [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t red = g.cg * g.taps;
+    ForwardOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(w),
+                    static_cast<const T*>(bias), static_cast<T*>(y), p.n * p.oh * p.ow, g.kg, red,
+                    red, 1};
+    launch_igemm(op, p.groups, s);
+  });
+}
+
+void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, void* gx,
+                          cudaStream_t s) {
+  const Geo g = geo_of(p);
+  by_dtype(p.dtype, "conv2d_backward_input", [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t red = g.kg * g.taps;
+    InputGradOp<T> op{g, static_cast<const T*>(gy), static_cast<const T*>(w), static_cast<T*>(gx),
+                      p.n * p.h * p.w, g.cg, red, red, 1};
+    launch_igemm(op, p.groups, s);
+  });
+}
+
+int64_t igemm_weight_workspace(const Conv2dParams& p) {
+  const int splits = weight_splits(p);
+  return splits == 1 ? 0 : int64_t(sizeof(float)) * splits * p.k * (p.c / p.groups) * p.kh * p.kw;
+}
+
+void igemm_backward_weight(const Conv2dParams& p, const void* x, const void* gy, void* gw,
+                           void* workspace, cudaStream_t s) {
+  const Geo g = geo_of(p);
+  by_dtype(p.dtype, "conv2d_backward_weight", [&](auto tag) {
+    using T = decltype(tag);
+    T* gwt = static_cast<T*>(gw);
+    const int splits = weight_splits(p);
+    const int64_t red = p.n * p.oh * p.ow, total = p.k * g.cg * g.taps;
+    const int64_t chunk = ceil_div(ceil_div(red, splits), kBK) * kBK;
+    float* part = static_cast<float*>(workspace);
+    WeightGradOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(gy), gwt, part, g.kg,
+                       g.cg * g.taps, red, chunk, splits};
+    launch_igemm(op, p.groups, s);
+    if (splits > 1) {
+      FASTDL_LAUNCH(blocks_for(total), kThreads, 0, s, sum_splits_kernel<T>)(part, gwt, splits,
+                                                                             total);
+      FASTDL_CUDA_CHECK_LAUNCH();
+    }
+  });
+}
+
+}  // namespace conv_cuda
+}  // namespace fastdl
