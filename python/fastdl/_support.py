@@ -21,7 +21,8 @@ import torch
 _DTYPES = {
     "linear": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
     "pool": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
-    "conv": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
+    "conv": {"cpu": (torch.float32, torch.float64),
+             "cuda": (torch.float32, torch.float16, torch.bfloat16)},
     "rnn": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
 }
 # families whose CUDA kernels are announced by their ops module (CUDA_KERNELS = True)

@@ -29,6 +29,9 @@ import numpy as np
 
 from .. import _C, _tensor
 
+# CUDA kernels exist (csrc/cuda/conv*.cu): read by fastdl._support (convert / patch).
+CUDA_KERNELS = True
+
 __all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
            "set_conv_algorithm", "get_conv_algorithm", "conv2d_algorithm"]
 
