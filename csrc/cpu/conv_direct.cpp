@@ -101,6 +101,7 @@ void direct_row_s1(const Conv2dParams& p, const ColumnRanges& cr, const T* xg, c
 
 template <class T>
 void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  if (p.sw == 1) return conv_direct_s1_forward(p, x, w, b, y);
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
   const ColumnRanges cr(p);
   parallel_for_catch(p.n * p.k, grain_for(p.oh * p.ow * cg * taps), [&](int64_t lo_t, int64_t hi_t) {
@@ -181,6 +182,7 @@ void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, 
 
 template <class T>
 void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+  if (p.sw == 1) return conv_direct_s1_backward_weight(p, x, gy, gw);
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
   const ColumnRanges cr(p);
   parallel_for_catch(p.k, grain_for(p.n * p.oh * p.ow * cg * taps), [&](int64_t lo_t, int64_t hi_t) {

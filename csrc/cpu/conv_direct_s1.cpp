@@ -1,0 +1,287 @@
+// Direct convolution with stride 1 along W on the CPU (csrc/conv.h), float32/float64: the kernels
+// behind conv_direct.cpp for depthwise convolution (shape 6 of issue #8) and few input channels per
+// group (shape 1), forward, input gradient (the forward over gy with the kernel flipped) and weight
+// gradient. Any kernel size, dilation and vertical stride; 3x3 with one input channel per group
+// has a specialised body (weights or tap accumulators held in registers).
+// Layout: for one (image, group), the cg input planes are copied into a zero-padded buffer of
+// `rows` x `pitch` per plane (pitch = OW rounded up to whole vectors + the kernel's reach), so
+// every output vector reads whole unaligned vectors at fixed offsets: no edge cases, no bound
+// checks per tap, and the padding costs one pass over an L1/L2-resident copy.
+//   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
+//                    one task per (image, group): the buffer feeds all kg output planes
+//   weight gradient  gw[k,cc,i,j] = sum over n, oh, v of gy[n,k,oh,v:v+L] . buf[cc, ...]
+//                    one task per output channel k (no races, fixed order; plane sums in double)
+// Work split: parallel over (image, group) / output channels; each task is one thread's.
+// Measured reasons (1 thread, 2-core Zen under load, interleaved with torch): see the comments at
+// each choice. Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves, both
+// CPU paths); timed by benchmarks/bench_conv.py (shapes 1 and 6).
+#include <cstring>
+#include <vector>
+
+#include "conv_impl.h"
+#include "scratch.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+namespace {
+
+thread_local ScratchBuffer tl_planes;
+
+constexpr int kVecBytes = 32;  // one ymm register (two xmm on the portable build)
+
+template <class T>
+struct Vec {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t L = kVecBytes / static_cast<int64_t>(sizeof(T));
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
+
+// The padded buffer's shape for one plane.
+struct PadGeom {
+  int64_t nv;     // output vectors per row
+  int64_t rows;   // buffer rows: row r holds input row r - ph
+  int64_t pitch;  // buffer row length: column q holds input column q - pw
+  template <class T>
+  static PadGeom of(const Conv2dParams& p) {
+    PadGeom g;
+    g.nv = (p.ow + Vec<T>::L - 1) / Vec<T>::L;
+    g.rows = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
+    g.pitch = g.nv * Vec<T>::L + (p.kw - 1) * p.dw;
+    return g;
+  }
+  int64_t plane() const { return rows * pitch; }
+};
+
+// buf[cc][r][q] = x[cc][r - ph][q - pw], 0 outside the input.
+template <class T>
+void pad_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg, T* buf) {
+  const int64_t q0 = std::min(std::max<int64_t>(p.pw, 0), g.pitch);  // first copied column
+  const int64_t c0 = q0 - p.pw;                                       // its input column
+  const int64_t len = std::max<int64_t>(0, std::min(p.w - c0, g.pitch - q0));
+  for (int64_t cc = 0; cc < cg; ++cc) {
+    const T* xp = xg + cc * p.h * p.w;
+    T* b = buf + cc * g.plane();
+    for (int64_t r = 0; r < g.rows; ++r) {
+      T* br = b + r * g.pitch;
+      const int64_t ih = r - p.ph;
+      if (ih < 0 || ih >= p.h || len == 0) {
+        std::memset(br, 0, sizeof(T) * g.pitch);
+        continue;
+      }
+      std::memset(br, 0, sizeof(T) * q0);
+      std::memcpy(br + q0, xp + ih * p.w + c0, sizeof(T) * len);
+      std::memset(br + q0 + len, 0, sizeof(T) * (g.pitch - q0 - len));
+    }
+  }
+}
+
+// Stores the first n (<= L) lanes of v.
+template <class T>
+inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
+  if (n == Vec<T>::L) {
+    Vec<T>::store(dst, v);
+  } else {
+    T tmp[Vec<T>::L];
+    Vec<T>::store(tmp, v);
+    std::memcpy(dst, tmp, sizeof(T) * n);
+  }
+}
+
+// One output plane, cg == 1, 3x3 kernel: the 9 weights stay in registers; two output rows per
+// step when sh == dh == 1, so each input row loaded feeds both.
+template <class T>
+void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* w, T bias,
+                   T* y) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V wv[9];
+  for (int e = 0; e < 9; ++e) wv[e] = V{} + w[e];
+  const int64_t P = g.pitch, dw = p.dw, dh = p.dh, sh = p.sh;
+  int64_t oh = 0;
+  if (sh == 1 && dh == 1) {
+    for (; oh + 2 <= p.oh; oh += 2) {
+      const T* r = buf + oh * P;
+      T* y0 = y + oh * p.ow;
+      for (int64_t v = 0; v < g.nv; ++v) {
+        const T* c = r + v * L;
+        V a0 = V{} + bias, a1 = a0;
+#define FASTDL_TAPS(rw, i0, i1)                                             \
+  {                                                                         \
+    const V x0 = Vec<T>::load(c + (rw) * P), x1 = Vec<T>::load(c + (rw) * P + dw), \
+            x2 = Vec<T>::load(c + (rw) * P + 2 * dw);                      \
+    if (i0 >= 0) a0 += wv[3 * i0] * x0 + wv[3 * i0 + 1] * x1 + wv[3 * i0 + 2] * x2; \
+    if (i1 >= 0) a1 += wv[3 * i1] * x0 + wv[3 * i1 + 1] * x1 + wv[3 * i1 + 2] * x2; \
+  }
+        FASTDL_TAPS(0, 0, -1)
+        FASTDL_TAPS(1, 1, 0)
+        FASTDL_TAPS(2, 2, 1)
+        FASTDL_TAPS(3, -1, 2)
+#undef FASTDL_TAPS
+        const int64_t n = std::min(L, p.ow - v * L);
+        store_part(y0 + v * L, a0, n);
+        store_part(y0 + p.ow + v * L, a1, n);
+      }
+    }
+  }
+  for (; oh < p.oh; ++oh) {
+    T* yr = y + oh * p.ow;
+    for (int64_t v = 0; v < g.nv; ++v) {
+      V a = V{} + bias;
+      for (int64_t i = 0; i < 3; ++i) {
+        const T* c = buf + (oh * sh + i * dh) * P + v * L;
+        a += wv[3 * i] * Vec<T>::load(c) + wv[3 * i + 1] * Vec<T>::load(c + dw) +
+             wv[3 * i + 2] * Vec<T>::load(c + 2 * dw);
+      }
+      store_part(yr + v * L, a, std::min(L, p.ow - v * L));
+    }
+  }
+}
+
+// One output plane, any kernel and cg: runtime loops over channels and taps per output vector.
+template <class T>
+void plane_fwd_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T* buf, const T* w,
+                   T bias, T* y) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t taps = p.kh * p.kw;
+  for (int64_t oh = 0; oh < p.oh; ++oh) {
+    T* yr = y + oh * p.ow;
+    for (int64_t v = 0; v < g.nv; ++v) {
+      V a = V{} + bias;
+      for (int64_t cc = 0; cc < cg; ++cc)
+        for (int64_t i = 0; i < p.kh; ++i) {
+          const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + v * L;
+          const T* wr = w + cc * taps + i * p.kw;
+          for (int64_t j = 0; j < p.kw; ++j) a += wr[j] * Vec<T>::load(c + j * p.dw);
+        }
+      store_part(yr + v * L, a, std::min(L, p.ow - v * L));
+    }
+  }
+}
+
+// Plane dot products for one (image, output channel), cg == 1, 3x3: acc[e] += gy . shifted x.
+template <class T>
+void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* gy,
+                     double* acc) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V a[9];
+  for (int e = 0; e < 9; ++e) a[e] = V{};
+  const int64_t P = g.pitch, dw = p.dw;
+  for (int64_t oh = 0; oh < p.oh; ++oh) {
+    const T* gr = gy + oh * p.ow;
+    for (int64_t v = 0; v < g.nv; ++v) {
+      V gv;
+      const int64_t n = p.ow - v * L;
+      if (n >= L) {
+        gv = Vec<T>::load(gr + v * L);
+      } else {  // the row's last, partial vector: zero lanes past OW
+        T tmp[L] = {};
+        std::memcpy(tmp, gr + v * L, sizeof(T) * n);
+        gv = Vec<T>::load(tmp);
+      }
+      for (int64_t i = 0; i < 3; ++i) {
+        const T* c = buf + (oh * p.sh + i * p.dh) * P + v * L;
+        a[3 * i] += gv * Vec<T>::load(c);
+        a[3 * i + 1] += gv * Vec<T>::load(c + dw);
+        a[3 * i + 2] += gv * Vec<T>::load(c + 2 * dw);
+      }
+    }
+  }
+  for (int e = 0; e < 9; ++e) {
+    T s = T(0);
+    for (int64_t l = 0; l < L; ++l) s += a[e][l];
+    acc[e] += double(s);
+  }
+}
+
+// Any kernel and cg: one tap at a time over the plane (acc holds cg * kh * kw sums).
+template <class T>
+void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T* buf,
+                     const T* gy, double* acc) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
+  for (int64_t cc = 0; cc < cg; ++cc)
+    for (int64_t i = 0; i < p.kh; ++i)
+      for (int64_t j = 0; j < p.kw; ++j) {
+        V a = V{};
+        for (int64_t oh = 0; oh < p.oh; ++oh) {
+          const T* gr = gy + oh * p.ow;
+          const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + j * p.dw;
+          for (int64_t v = 0; v + 1 < g.nv; ++v)
+            a += Vec<T>::load(gr + v * L) * Vec<T>::load(c + v * L);
+          T tmp[L] = {};
+          std::memcpy(tmp, gr + (g.nv - 1) * L, sizeof(T) * last);
+          a += Vec<T>::load(tmp) * Vec<T>::load(c + (g.nv - 1) * L);
+        }
+        T s = T(0);
+        for (int64_t l = 0; l < L; ++l) s += a[l];
+        acc[(cc * p.kh + i) * p.kw + j] += double(s);
+      }
+}
+
+}  // namespace
+
+template <class T>
+void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const PadGeom g = PadGeom::of<T>(p);
+  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3;
+  const int64_t S = p.oh * p.ow;
+  parallel_for_catch(p.n * G, grain_for(S * kg * cg * taps), [&](int64_t lo, int64_t hi) {
+    T* buf = tl_planes.get_as<T>(cg * g.plane());
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t n = t / G, gi = t % G;
+      pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+      for (int64_t kk = 0; kk < kg; ++kk) {
+        const int64_t k = gi * kg + kk;
+        const T bv = b ? b[k] : T(0);
+        T* yp = y + (n * p.k + k) * S;
+        if (k3) plane_fwd_3x3(p, g, buf, w + k * taps, bv, yp);
+        else plane_fwd_any(p, g, cg, buf, w + k * cg * taps, bv, yp);
+      }
+    }
+  });
+}
+
+template <class T>
+void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const PadGeom g = PadGeom::of<T>(p);
+  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3;
+  const int64_t S = p.oh * p.ow;
+  parallel_for_catch(p.k, grain_for(p.n * S * cg * taps), [&](int64_t lo, int64_t hi) {
+    T* buf = tl_planes.get_as<T>(cg * g.plane());
+    std::vector<double> acc(static_cast<size_t>(cg * taps));
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t gi = k / kg;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t n = 0; n < p.n; ++n) {
+        pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+        const T* gp = gy + (n * p.k + k) * S;
+        if (k3) plane_wgrad_3x3(p, g, buf, gp, acc.data());
+        else plane_wgrad_any(p, g, cg, buf, gp, acc.data());
+      }
+      for (int64_t q = 0; q < cg * taps; ++q) gw[k * cg * taps + q] = static_cast<T>(acc[q]);
+    }
+  });
+}
+
+template void conv_direct_s1_forward<float>(const Conv2dParams&, const float*, const float*,
+                                            const float*, float*);
+template void conv_direct_s1_forward<double>(const Conv2dParams&, const double*, const double*,
+                                             const double*, double*);
+template void conv_direct_s1_backward_weight<float>(const Conv2dParams&, const float*,
+                                                    const float*, float*);
+template void conv_direct_s1_backward_weight<double>(const Conv2dParams&, const double*,
+                                                     const double*, double*);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
