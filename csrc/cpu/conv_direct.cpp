@@ -181,8 +181,8 @@ void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, 
 }
 
 template <class T>
-void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
-  if (p.sw == 1) return conv_direct_s1_backward_weight(p, x, gy, gw);
+void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb) {
+  if (p.sw == 1) return conv_direct_s1_backward_weight(p, x, gy, gw, gb);
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
   const ColumnRanges cr(p);
   parallel_for_catch(p.k, grain_for(p.n * p.oh * p.ow * cg * taps), [&](int64_t lo_t, int64_t hi_t) {
@@ -231,9 +231,9 @@ template void conv_direct_backward_input<float>(const Conv2dParams&, const float
 template void conv_direct_backward_input<double>(const Conv2dParams&, const double*,
                                                  const double*, double*);
 template void conv_direct_backward_weight<float>(const Conv2dParams&, const float*, const float*,
-                                                 float*);
+                                                 float*, float*);
 template void conv_direct_backward_weight<double>(const Conv2dParams&, const double*,
-                                                  const double*, double*);
+                                                  const double*, double*, double*);
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl

@@ -10,7 +10,9 @@
 //   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
 //                    one task per (image, group): the buffer feeds all kg output planes
 //   weight gradient  gw[k,cc,i,j] = sum over n, oh, v of gy[n,k,oh,v:v+L] . buf[cc, ...]
-//                    one task per output channel k (no races, fixed order; plane sums in double)
+//                    one task per output channel k (no races, fixed order; plane sums in double);
+//                    the bias gradient rides along (its own pass over gy cost 30% of the
+//                    depthwise weight+bias gradient, perf, one thread)
 // Work split: parallel over (image, group) / output channels; each task is one thread's.
 // Measured reasons (1 thread, 2-core Zen under load, interleaved with torch): see the comments at
 // each choice. Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves, both
@@ -93,52 +95,56 @@ inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
   }
 }
 
-// One output plane, cg == 1, 3x3 kernel: the 9 weights stay in registers; two output rows per
-// step when sh == dh == 1, so each input row loaded feeds both.
+// One output plane, cg == 1, 3x3, dilation 1: the 9 weights stay in registers; two output rows
+// per step when sh == 1, so each of the 4 input rows loaded feeds both (12 loads for 18 FMAs).
+// Each row's sum is split over two chains (kernel rows 0 and 2, kernel row 1) to halve the FMA
+// latency chain. (Written as one expression per kernel row, GCC emitted mul + 2 fma + add per row
+// and spilled the offsets: shape 1 forward 1.14 ms CPU, one thread, under load.)
 template <class T>
 void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* w, T bias,
                    T* y) {
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
-  V wv[9];
-  for (int e = 0; e < 9; ++e) wv[e] = V{} + w[e];
-  const int64_t P = g.pitch, dw = p.dw, dh = p.dh, sh = p.sh;
+  const V w0 = V{} + w[0], w1 = V{} + w[1], w2 = V{} + w[2], w3 = V{} + w[3], w4 = V{} + w[4],
+          w5 = V{} + w[5], w6 = V{} + w[6], w7 = V{} + w[7], w8 = V{} + w[8];
+  const int64_t P = g.pitch;
   int64_t oh = 0;
-  if (sh == 1 && dh == 1) {
+  if (p.sh == 1) {
     for (; oh + 2 <= p.oh; oh += 2) {
-      const T* r = buf + oh * P;
       T* y0 = y + oh * p.ow;
       for (int64_t v = 0; v < g.nv; ++v) {
-        const T* c = r + v * L;
-        V a0 = V{} + bias, a1 = a0;
-#define FASTDL_TAPS(rw, i0, i1)                                             \
-  {                                                                         \
-    const V x0 = Vec<T>::load(c + (rw) * P), x1 = Vec<T>::load(c + (rw) * P + dw), \
-            x2 = Vec<T>::load(c + (rw) * P + 2 * dw);                      \
-    if (i0 >= 0) a0 += wv[3 * i0] * x0 + wv[3 * i0 + 1] * x1 + wv[3 * i0 + 2] * x2; \
-    if (i1 >= 0) a1 += wv[3 * i1] * x0 + wv[3 * i1 + 1] * x1 + wv[3 * i1 + 2] * x2; \
-  }
-        FASTDL_TAPS(0, 0, -1)
-        FASTDL_TAPS(1, 1, 0)
-        FASTDL_TAPS(2, 2, 1)
-        FASTDL_TAPS(3, -1, 2)
-#undef FASTDL_TAPS
+        const T* c = buf + oh * P + v * L;
+        V a0 = V{} + bias, b0 = V{}, a1 = a0, b1 = V{};
+        V x0 = Vec<T>::load(c), x1 = Vec<T>::load(c + 1), x2 = Vec<T>::load(c + 2);
+        a0 += w0 * x0; a0 += w1 * x1; a0 += w2 * x2;
+        c += P;
+        x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
+        b0 += w3 * x0; b0 += w4 * x1; b0 += w5 * x2;
+        a1 += w0 * x0; a1 += w1 * x1; a1 += w2 * x2;
+        c += P;
+        x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
+        a0 += w6 * x0; a0 += w7 * x1; a0 += w8 * x2;
+        b1 += w3 * x0; b1 += w4 * x1; b1 += w5 * x2;
+        c += P;
+        x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
+        a1 += w6 * x0; a1 += w7 * x1; a1 += w8 * x2;
         const int64_t n = std::min(L, p.ow - v * L);
-        store_part(y0 + v * L, a0, n);
-        store_part(y0 + p.ow + v * L, a1, n);
+        store_part(y0 + v * L, a0 + b0, n);
+        store_part(y0 + p.ow + v * L, a1 + b1, n);
       }
     }
   }
   for (; oh < p.oh; ++oh) {
     T* yr = y + oh * p.ow;
     for (int64_t v = 0; v < g.nv; ++v) {
-      V a = V{} + bias;
-      for (int64_t i = 0; i < 3; ++i) {
-        const T* c = buf + (oh * sh + i * dh) * P + v * L;
-        a += wv[3 * i] * Vec<T>::load(c) + wv[3 * i + 1] * Vec<T>::load(c + dw) +
-             wv[3 * i + 2] * Vec<T>::load(c + 2 * dw);
-      }
-      store_part(yr + v * L, a, std::min(L, p.ow - v * L));
+      const T* c = buf + oh * p.sh * P + v * L;
+      V a = V{} + bias, b = V{};
+      a += w0 * Vec<T>::load(c); a += w1 * Vec<T>::load(c + 1); a += w2 * Vec<T>::load(c + 2);
+      c += P;
+      b += w3 * Vec<T>::load(c); b += w4 * Vec<T>::load(c + 1); b += w5 * Vec<T>::load(c + 2);
+      c += P;
+      a += w6 * Vec<T>::load(c); a += w7 * Vec<T>::load(c + 1); a += w8 * Vec<T>::load(c + 2);
+      store_part(yr + v * L, a + b, std::min(L, p.ow - v * L));
     }
   }
 }
@@ -165,46 +171,56 @@ void plane_fwd_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T*
   }
 }
 
-// Plane dot products for one (image, output channel), cg == 1, 3x3: acc[e] += gy . shifted x.
+// gy's row segment [v*L, v*L + L) with lanes past OW zero.
 template <class T>
-void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* gy,
+inline typename Vec<T>::V load_part(const T* gr, int64_t n) {
+  if (n >= Vec<T>::L) return Vec<T>::load(gr);
+  T tmp[Vec<T>::L] = {};
+  std::memcpy(tmp, gr, sizeof(T) * n);
+  return Vec<T>::load(tmp);
+}
+
+template <class T>
+inline double hsum(typename Vec<T>::V a) {
+  T s = T(0);
+  for (int64_t l = 0; l < Vec<T>::L; ++l) s += a[l];
+  return double(s);
+}
+
+// Plane dot products for one (image, output channel), cg == 1, 3x3, dilation 1: 9 tap accumulators
+// (and the bias's, acc[9], when `bias`) in registers, one pass over the gy plane.
+template <class T>
+void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* gy, bool bias,
                      double* acc) {
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
-  V a[9];
-  for (int e = 0; e < 9; ++e) a[e] = V{};
-  const int64_t P = g.pitch, dw = p.dw;
+  V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{}, a4 = V{}, a5 = V{}, a6 = V{}, a7 = V{}, a8 = V{};
+  V ab = V{};
+  const int64_t P = g.pitch;
   for (int64_t oh = 0; oh < p.oh; ++oh) {
     const T* gr = gy + oh * p.ow;
     for (int64_t v = 0; v < g.nv; ++v) {
-      V gv;
-      const int64_t n = p.ow - v * L;
-      if (n >= L) {
-        gv = Vec<T>::load(gr + v * L);
-      } else {  // the row's last, partial vector: zero lanes past OW
-        T tmp[L] = {};
-        std::memcpy(tmp, gr + v * L, sizeof(T) * n);
-        gv = Vec<T>::load(tmp);
-      }
-      for (int64_t i = 0; i < 3; ++i) {
-        const T* c = buf + (oh * p.sh + i * p.dh) * P + v * L;
-        a[3 * i] += gv * Vec<T>::load(c);
-        a[3 * i + 1] += gv * Vec<T>::load(c + dw);
-        a[3 * i + 2] += gv * Vec<T>::load(c + 2 * dw);
-      }
+      const V gv = load_part(gr + v * L, p.ow - v * L);
+      const T* c = buf + oh * p.sh * P + v * L;
+      ab += gv;
+      a0 += gv * Vec<T>::load(c); a1 += gv * Vec<T>::load(c + 1); a2 += gv * Vec<T>::load(c + 2);
+      c += P;
+      a3 += gv * Vec<T>::load(c); a4 += gv * Vec<T>::load(c + 1); a5 += gv * Vec<T>::load(c + 2);
+      c += P;
+      a6 += gv * Vec<T>::load(c); a7 += gv * Vec<T>::load(c + 1); a8 += gv * Vec<T>::load(c + 2);
     }
   }
-  for (int e = 0; e < 9; ++e) {
-    T s = T(0);
-    for (int64_t l = 0; l < L; ++l) s += a[e][l];
-    acc[e] += double(s);
-  }
+  acc[0] += hsum<T>(a0); acc[1] += hsum<T>(a1); acc[2] += hsum<T>(a2);
+  acc[3] += hsum<T>(a3); acc[4] += hsum<T>(a4); acc[5] += hsum<T>(a5);
+  acc[6] += hsum<T>(a6); acc[7] += hsum<T>(a7); acc[8] += hsum<T>(a8);
+  if (bias) acc[9] += hsum<T>(ab);
 }
 
-// Any kernel and cg: one tap at a time over the plane (acc holds cg * kh * kw sums).
+// Any kernel and cg: one tap at a time over the plane (acc holds cg * kh * kw sums, then the
+// bias's when `bias`).
 template <class T>
 void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T* buf,
-                     const T* gy, double* acc) {
+                     const T* gy, bool bias, double* acc) {
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
   const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
@@ -217,14 +233,16 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
           const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + j * p.dw;
           for (int64_t v = 0; v + 1 < g.nv; ++v)
             a += Vec<T>::load(gr + v * L) * Vec<T>::load(c + v * L);
-          T tmp[L] = {};
-          std::memcpy(tmp, gr + (g.nv - 1) * L, sizeof(T) * last);
-          a += Vec<T>::load(tmp) * Vec<T>::load(c + (g.nv - 1) * L);
+          a += load_part(gr + (g.nv - 1) * L, last) * Vec<T>::load(c + (g.nv - 1) * L);
         }
-        T s = T(0);
-        for (int64_t l = 0; l < L; ++l) s += a[l];
-        acc[(cc * p.kh + i) * p.kw + j] += double(s);
+        acc[(cc * p.kh + i) * p.kw + j] += hsum<T>(a);
       }
+  if (bias) {
+    V a = V{};
+    for (int64_t oh = 0; oh < p.oh; ++oh)
+      for (int64_t v = 0; v < g.nv; ++v) a += load_part(gy + oh * p.ow + v * L, p.ow - v * L);
+    acc[cg * p.kh * p.kw] += hsum<T>(a);
+  }
 }
 
 }  // namespace
@@ -233,7 +251,7 @@ template <class T>
 void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
   const PadGeom g = PadGeom::of<T>(p);
-  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3;
+  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
   const int64_t S = p.oh * p.ow;
   parallel_for_catch(p.n * G, grain_for(S * kg * cg * taps), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
@@ -252,24 +270,25 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
 }
 
 template <class T>
-void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
   const PadGeom g = PadGeom::of<T>(p);
-  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3;
-  const int64_t S = p.oh * p.ow;
-  parallel_for_catch(p.k, grain_for(p.n * S * cg * taps), [&](int64_t lo, int64_t hi) {
+  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
+  const int64_t S = p.oh * p.ow, ck = cg * taps;
+  parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
-    std::vector<double> acc(static_cast<size_t>(cg * taps));
+    std::vector<double> acc(static_cast<size_t>(ck + 1));
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t gi = k / kg;
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t n = 0; n < p.n; ++n) {
         pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
         const T* gp = gy + (n * p.k + k) * S;
-        if (k3) plane_wgrad_3x3(p, g, buf, gp, acc.data());
-        else plane_wgrad_any(p, g, cg, buf, gp, acc.data());
+        if (k3) plane_wgrad_3x3(p, g, buf, gp, gb != nullptr, acc.data());
+        else plane_wgrad_any(p, g, cg, buf, gp, gb != nullptr, acc.data());
       }
-      for (int64_t q = 0; q < cg * taps; ++q) gw[k * cg * taps + q] = static_cast<T>(acc[q]);
+      for (int64_t q = 0; q < ck; ++q) gw[k * ck + q] = static_cast<T>(acc[q]);
+      if (gb) gb[k] = static_cast<T>(acc[ck]);
     }
   });
 }
@@ -279,9 +298,9 @@ template void conv_direct_s1_forward<float>(const Conv2dParams&, const float*, c
 template void conv_direct_s1_forward<double>(const Conv2dParams&, const double*, const double*,
                                              const double*, double*);
 template void conv_direct_s1_backward_weight<float>(const Conv2dParams&, const float*,
-                                                    const float*, float*);
+                                                    const float*, float*, float*);
 template void conv_direct_s1_backward_weight<double>(const Conv2dParams&, const double*,
-                                                     const double*, double*);
+                                                     const double*, double*, double*);
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
