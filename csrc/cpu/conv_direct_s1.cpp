@@ -60,7 +60,9 @@ struct PadGeom {
   int64_t plane() const { return rows * pitch; }
 };
 
-// buf[cc][r][q] = x[cc][r - ph][q - pw], 0 outside the input.
+// buf[cc][r][q] = x[cc][r - ph][q - pw], 0 outside the input. Plain loops, not memcpy/memset:
+// three libc calls per 56-wide row cost more than the row's copy (depthwise forward, one thread,
+// perf: 13% of the time in memmove).
 template <class T>
 void pad_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg, T* buf) {
   const int64_t q0 = std::min(std::max<int64_t>(p.pw, 0), g.pitch);  // first copied column
@@ -73,12 +75,14 @@ void pad_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg
       T* br = b + r * g.pitch;
       const int64_t ih = r - p.ph;
       if (ih < 0 || ih >= p.h || len == 0) {
-        std::memset(br, 0, sizeof(T) * g.pitch);
+        for (int64_t q = 0; q < g.pitch; ++q) br[q] = T(0);
         continue;
       }
-      std::memset(br, 0, sizeof(T) * q0);
-      std::memcpy(br + q0, xp + ih * p.w + c0, sizeof(T) * len);
-      std::memset(br + q0 + len, 0, sizeof(T) * (g.pitch - q0 - len));
+      const T* src = xp + ih * p.w + c0;
+      for (int64_t q = 0; q < q0; ++q) br[q] = T(0);
+      T* dst = br + q0;
+      for (int64_t q = 0; q < len; ++q) dst[q] = src[q];
+      for (int64_t q = q0 + len; q < g.pitch; ++q) br[q] = T(0);
     }
   }
 }
@@ -88,10 +92,8 @@ template <class T>
 inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
   if (n == Vec<T>::L) {
     Vec<T>::store(dst, v);
-  } else {
-    T tmp[Vec<T>::L];
-    Vec<T>::store(tmp, v);
-    std::memcpy(dst, tmp, sizeof(T) * n);
+  } else {  // lane by lane (a memcpy here was a libc call per row)
+    for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
   }
 }
 
@@ -114,23 +116,23 @@ void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const 
       T* y0 = y + oh * p.ow;
       for (int64_t v = 0; v < g.nv; ++v) {
         const T* c = buf + oh * P + v * L;
-        V a0 = V{} + bias, b0 = V{}, a1 = a0, b1 = V{};
+        V a0 = V{} + bias, a1 = a0;
         V x0 = Vec<T>::load(c), x1 = Vec<T>::load(c + 1), x2 = Vec<T>::load(c + 2);
         a0 += w0 * x0; a0 += w1 * x1; a0 += w2 * x2;
         c += P;
         x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
-        b0 += w3 * x0; b0 += w4 * x1; b0 += w5 * x2;
         a1 += w0 * x0; a1 += w1 * x1; a1 += w2 * x2;
+        a0 += w3 * x0; a0 += w4 * x1; a0 += w5 * x2;
         c += P;
         x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
+        a1 += w3 * x0; a1 += w4 * x1; a1 += w5 * x2;
         a0 += w6 * x0; a0 += w7 * x1; a0 += w8 * x2;
-        b1 += w3 * x0; b1 += w4 * x1; b1 += w5 * x2;
         c += P;
         x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
         a1 += w6 * x0; a1 += w7 * x1; a1 += w8 * x2;
         const int64_t n = std::min(L, p.ow - v * L);
-        store_part(y0 + v * L, a0 + b0, n);
-        store_part(y0 + p.ow + v * L, a1 + b1, n);
+        store_part(y0 + v * L, a0, n);
+        store_part(y0 + p.ow + v * L, a1, n);
       }
     }
   }
