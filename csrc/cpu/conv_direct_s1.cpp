@@ -97,43 +97,78 @@ inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
   }
 }
 
+// Two output rows (y0, y0 + ow) x NV (1 or 2) output vectors from plane buffer row c (rows c ..
+// c + 3P feed them): each input vector loaded feeds both rows; 2*NV independent FMA chains.
+// Written out by hand: loops with `if (r < 3)` over an array of accumulators, even with unroll
+// pragmas, made GCC keep 24 row pointers and the loaded vectors on the stack (slower than 2 chains).
+template <class T, int NV>
+inline void rows2_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, T bias, int64_t v,
+                      int64_t ow, T* y0) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V a0 = V{} + bias, b0 = a0, a1 = a0, b1 = a0;  // a: first row, b: second; 0/1: vector
+  const T* r = c;
+  for (int j = 0; j < 3; ++j) {
+    a0 += w[j] * Vec<T>::load(r + j);
+    if (NV == 2) a1 += w[j] * Vec<T>::load(r + L + j);
+  }
+  r += P;
+  for (int j = 0; j < 3; ++j) {
+    const V x0 = Vec<T>::load(r + j);
+    a0 += w[3 + j] * x0;
+    b0 += w[j] * x0;
+    if (NV == 2) {
+      const V x1 = Vec<T>::load(r + L + j);
+      a1 += w[3 + j] * x1;
+      b1 += w[j] * x1;
+    }
+  }
+  r += P;
+  for (int j = 0; j < 3; ++j) {
+    const V x0 = Vec<T>::load(r + j);
+    a0 += w[6 + j] * x0;
+    b0 += w[3 + j] * x0;
+    if (NV == 2) {
+      const V x1 = Vec<T>::load(r + L + j);
+      a1 += w[6 + j] * x1;
+      b1 += w[3 + j] * x1;
+    }
+  }
+  r += P;
+  for (int j = 0; j < 3; ++j) {
+    b0 += w[6 + j] * Vec<T>::load(r + j);
+    if (NV == 2) b1 += w[6 + j] * Vec<T>::load(r + L + j);
+  }
+  const int64_t n0 = std::min(L, ow - v * L);
+  store_part(y0, a0, n0);
+  store_part(y0 + ow, b0, n0);
+  if (NV == 2) {
+    const int64_t n1 = std::min(L, ow - (v + 1) * L);
+    store_part(y0 + L, a1, n1);
+    store_part(y0 + ow + L, b1, n1);
+  }
+}
+
 // One output plane, cg == 1, 3x3, dilation 1: the 9 weights stay in registers; two output rows
-// per step when sh == 1, so each of the 4 input rows loaded feeds both (12 loads for 18 FMAs).
-// Each row's sum is split over two chains (kernel rows 0 and 2, kernel row 1) to halve the FMA
-// latency chain. (Written as one expression per kernel row, GCC emitted mul + 2 fma + add per row
-// and spilled the offsets: shape 1 forward 1.14 ms CPU, one thread, under load.)
+// by two vectors per step when sh == 1 (each input vector loaded feeds both rows; 4 independent
+// FMA chains: with one vector, 2 chains, perf showed the FMAs waiting on each other, shape 1
+// forward 0.93 ms CPU one thread -> see the commit after).
 template <class T>
 void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* w, T bias,
                    T* y) {
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
-  const V w0 = V{} + w[0], w1 = V{} + w[1], w2 = V{} + w[2], w3 = V{} + w[3], w4 = V{} + w[4],
-          w5 = V{} + w[5], w6 = V{} + w[6], w7 = V{} + w[7], w8 = V{} + w[8];
+  V wv[9];
+  for (int e = 0; e < 9; ++e) wv[e] = V{} + w[e];
   const int64_t P = g.pitch;
   int64_t oh = 0;
   if (p.sh == 1) {
     for (; oh + 2 <= p.oh; oh += 2) {
       T* y0 = y + oh * p.ow;
-      for (int64_t v = 0; v < g.nv; ++v) {
-        const T* c = buf + oh * P + v * L;
-        V a0 = V{} + bias, a1 = a0;
-        V x0 = Vec<T>::load(c), x1 = Vec<T>::load(c + 1), x2 = Vec<T>::load(c + 2);
-        a0 += w0 * x0; a0 += w1 * x1; a0 += w2 * x2;
-        c += P;
-        x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
-        a1 += w0 * x0; a1 += w1 * x1; a1 += w2 * x2;
-        a0 += w3 * x0; a0 += w4 * x1; a0 += w5 * x2;
-        c += P;
-        x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
-        a1 += w3 * x0; a1 += w4 * x1; a1 += w5 * x2;
-        a0 += w6 * x0; a0 += w7 * x1; a0 += w8 * x2;
-        c += P;
-        x0 = Vec<T>::load(c); x1 = Vec<T>::load(c + 1); x2 = Vec<T>::load(c + 2);
-        a1 += w6 * x0; a1 += w7 * x1; a1 += w8 * x2;
-        const int64_t n = std::min(L, p.ow - v * L);
-        store_part(y0 + v * L, a0, n);
-        store_part(y0 + p.ow + v * L, a1, n);
-      }
+      const T* c = buf + oh * P;
+      int64_t v = 0;
+      for (; v + 2 <= g.nv; v += 2) rows2_3x3<T, 2>(wv, c + v * L, P, bias, v, p.ow, y0 + v * L);
+      if (v < g.nv) rows2_3x3<T, 1>(wv, c + v * L, P, bias, v, p.ow, y0 + v * L);
     }
   }
   for (; oh < p.oh; ++oh) {
@@ -141,11 +176,14 @@ void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const 
     for (int64_t v = 0; v < g.nv; ++v) {
       const T* c = buf + oh * p.sh * P + v * L;
       V a = V{} + bias, b = V{};
-      a += w0 * Vec<T>::load(c); a += w1 * Vec<T>::load(c + 1); a += w2 * Vec<T>::load(c + 2);
+      a += wv[0] * Vec<T>::load(c); a += wv[1] * Vec<T>::load(c + 1);
+      a += wv[2] * Vec<T>::load(c + 2);
       c += P;
-      b += w3 * Vec<T>::load(c); b += w4 * Vec<T>::load(c + 1); b += w5 * Vec<T>::load(c + 2);
+      b += wv[3] * Vec<T>::load(c); b += wv[4] * Vec<T>::load(c + 1);
+      b += wv[5] * Vec<T>::load(c + 2);
       c += P;
-      a += w6 * Vec<T>::load(c); a += w7 * Vec<T>::load(c + 1); a += w8 * Vec<T>::load(c + 2);
+      a += wv[6] * Vec<T>::load(c); a += wv[7] * Vec<T>::load(c + 1);
+      a += wv[8] * Vec<T>::load(c + 2);
       store_part(yr + v * L, a + b, std::min(L, p.ow - v * L));
     }
   }
