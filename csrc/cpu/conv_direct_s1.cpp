@@ -18,6 +18,7 @@
 // each choice. Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves, both
 // CPU paths); timed by benchmarks/bench_conv.py (shapes 1 and 6).
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "conv_impl.h"
@@ -211,13 +212,30 @@ void plane_fwd_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T*
   }
 }
 
-// gy's row segment [v*L, v*L + L) with lanes past OW zero.
+// gy's row segment [v*L, v*L + L) with lanes n.. zero. Inside the plane (next_row: the row is
+// not the plane's last, so a full vector stays inside the tensor) a full load and a lane mask;
+// otherwise lane by lane. (Lane by lane on every row, the vector built on the stack and reloaded
+// stalled store forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
 template <class T>
-inline typename Vec<T>::V load_part(const T* gr, int64_t n) {
+struct LaneMask {
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+  typedef I IV __attribute__((vector_size(kVecBytes)));
+  IV m;
+  explicit LaneMask(int64_t n) {
+    for (int64_t l = 0; l < Vec<T>::L; ++l) m[l] = l < n ? I(-1) : I(0);
+  }
+};
+
+template <class T>
+inline typename Vec<T>::V load_part(const T* gr, int64_t n, const LaneMask<T>& mask,
+                                    bool next_row) {
+  using V = typename Vec<T>::V;
+  using IV = typename LaneMask<T>::IV;
   if (n >= Vec<T>::L) return Vec<T>::load(gr);
-  T tmp[Vec<T>::L] = {};
-  std::memcpy(tmp, gr, sizeof(T) * n);
-  return Vec<T>::load(tmp);
+  if (next_row) return reinterpret_cast<V>(reinterpret_cast<IV>(Vec<T>::load(gr)) & mask.m);
+  V v = {};
+  for (int64_t l = 0; l < n; ++l) v[l] = gr[l];
+  return v;
 }
 
 template <class T>
@@ -237,10 +255,12 @@ void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, cons
   V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{}, a4 = V{}, a5 = V{}, a6 = V{}, a7 = V{}, a8 = V{};
   V ab = V{};
   const int64_t P = g.pitch;
+  const LaneMask<T> mask(p.ow - (g.nv - 1) * L);
   for (int64_t oh = 0; oh < p.oh; ++oh) {
     const T* gr = gy + oh * p.ow;
+    const bool next_row = oh + 1 < p.oh;
     for (int64_t v = 0; v < g.nv; ++v) {
-      const V gv = load_part(gr + v * L, p.ow - v * L);
+      const V gv = load_part(gr + v * L, p.ow - v * L, mask, next_row);
       const T* c = buf + oh * p.sh * P + v * L;
       ab += gv;
       a0 += gv * Vec<T>::load(c); a1 += gv * Vec<T>::load(c + 1); a2 += gv * Vec<T>::load(c + 2);
@@ -264,6 +284,7 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
   const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
+  const LaneMask<T> mask(last);
   for (int64_t cc = 0; cc < cg; ++cc)
     for (int64_t i = 0; i < p.kh; ++i)
       for (int64_t j = 0; j < p.kw; ++j) {
@@ -273,14 +294,16 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
           const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + j * p.dw;
           for (int64_t v = 0; v + 1 < g.nv; ++v)
             a += Vec<T>::load(gr + v * L) * Vec<T>::load(c + v * L);
-          a += load_part(gr + (g.nv - 1) * L, last) * Vec<T>::load(c + (g.nv - 1) * L);
+          a += load_part(gr + (g.nv - 1) * L, last, mask, oh + 1 < p.oh) *
+               Vec<T>::load(c + (g.nv - 1) * L);
         }
         acc[(cc * p.kh + i) * p.kw + j] += hsum<T>(a);
       }
   if (bias) {
     V a = V{};
     for (int64_t oh = 0; oh < p.oh; ++oh)
-      for (int64_t v = 0; v < g.nv; ++v) a += load_part(gy + oh * p.ow + v * L, p.ow - v * L);
+      for (int64_t v = 0; v < g.nv; ++v)
+        a += load_part(gy + oh * p.ow + v * L, p.ow - v * L, mask, oh + 1 < p.oh);
     acc[cg * p.kh * p.kw] += hsum<T>(a);
   }
 }
