@@ -35,7 +35,10 @@ namespace FASTDL_ISA_NS {
 
 namespace {
 
+// One (image, group)'s padded planes per thread: 15 KB for shape 6, but a huge image's can be
+// large, so a buffer above kKeepBytes is freed after the call rather than kept for the thread's life.
 thread_local ScratchBuffer tl_planes;
+constexpr size_t kKeepBytes = size_t(4) << 20;
 
 constexpr int kVecBytes = 32;  // one ymm register (two xmm on the portable build)
 
@@ -335,6 +338,7 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
         else plane_fwd_any(p, g, cg, buf, w + k * cg * taps, bv, yp);
       }
     }
+    tl_planes.trim(kKeepBytes);
   });
 }
 
@@ -359,6 +363,7 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
       for (int64_t q = 0; q < ck; ++q) gw[k * ck + q] = static_cast<T>(acc[q]);
       if (gb) gb[k] = static_cast<T>(acc[ck]);
     }
+    tl_planes.trim(kKeepBytes);
   });
 }
 
