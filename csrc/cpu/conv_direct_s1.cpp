@@ -10,7 +10,8 @@
 //   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
 //                    one task per (image, group): the buffer feeds all kg output planes
 //   weight gradient  gw[k,cc,i,j] = sum over n, oh, v of gy[n,k,oh,v:v+L] . buf[cc, ...]
-//                    one task per output channel k (no races, fixed order; plane sums in double);
+//                    a range of output channels per thread, images outer (no races, fixed order;
+//                    plane sums in double);
 //                    the bias gradient rides along (its own pass over gy cost 30% of the
 //                    depthwise weight+bias gradient, perf, one thread)
 // Work split: parallel over (image, group) / output channels; each task is one thread's.
@@ -348,20 +349,30 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   const PadGeom g = PadGeom::of<T>(p);
   const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
   const int64_t S = p.oh * p.ow, ck = cg * taps;
+  // Images outer, this thread's output channels inner: a group's padded planes are built once per
+  // image and feed all its channels in the range (per channel, shape 1 padded each x plane 32
+  // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
   parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
-    std::vector<double> acc(static_cast<size_t>(ck + 1));
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t gi = k / kg;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t n = 0; n < p.n; ++n) {
-        pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+    std::vector<double> acc(static_cast<size_t>((hi - lo) * (ck + 1)), 0.0);
+    for (int64_t n = 0; n < p.n; ++n) {
+      int64_t padded = -1;  // the group whose planes buf holds
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t gi = k / kg;
+        if (gi != padded) {
+          pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+          padded = gi;
+        }
         const T* gp = gy + (n * p.k + k) * S;
-        if (k3) plane_wgrad_3x3(p, g, buf, gp, gb != nullptr, acc.data());
-        else plane_wgrad_any(p, g, cg, buf, gp, gb != nullptr, acc.data());
+        double* a = acc.data() + (k - lo) * (ck + 1);
+        if (k3) plane_wgrad_3x3(p, g, buf, gp, gb != nullptr, a);
+        else plane_wgrad_any(p, g, cg, buf, gp, gb != nullptr, a);
       }
-      for (int64_t q = 0; q < ck; ++q) gw[k * ck + q] = static_cast<T>(acc[q]);
-      if (gb) gb[k] = static_cast<T>(acc[ck]);
+    }
+    for (int64_t k = lo; k < hi; ++k) {
+      const double* a = acc.data() + (k - lo) * (ck + 1);
+      for (int64_t q = 0; q < ck; ++q) gw[k * ck + q] = static_cast<T>(a[q]);
+      if (gb) gb[k] = static_cast<T>(a[ck]);
     }
     tl_planes.trim(kKeepBytes);
   });
