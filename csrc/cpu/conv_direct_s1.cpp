@@ -15,13 +15,13 @@
 //                    the bias gradient rides along (its own pass over gy cost 30% of the
 //                    depthwise weight+bias gradient, perf, one thread)
 // Work split: parallel over (image, group) / output channels; each task is one thread's.
-// Measured (1 thread each side, interleaved, median, CPU time of the calling thread, 2-core Zen
-// under load from other jobs; issue #8 shapes 6 = 32x64x56x56 depthwise 3x3 p1, 1 = 64x1x28x28 ->
-// 32 3x3), before -> after this file: shape 6 forward 6.0 -> 4.8-5.3 ms, input gradient
-// 5.6 -> 5.6 ms, weight+bias gradient 9.3 -> 6.0 ms (its own pass over gy for the bias was 30%);
-// shape 1 forward 1.14 -> 0.88 ms, weight+bias gradient 4.0 -> 1.6 ms. Each choice's own
-// measurement is at the choice. The forward is now bound by its stores (perf: the cycles sit on
-// the instruction after the y stores and on the padding copy's x loads, i.e. memory).
+// Measured (1 thread each side, median, CPU time of the calling thread, 2-core Zen under load
+// from other jobs; issue #8 shapes 6 = 32x64x56x56 depthwise 3x3 p1, 1 = 64x1x28x28 -> 32 3x3),
+// the row kernels before -> this file: shape 6 forward 11.1-12.3 -> 5.2-5.7 ms, input gradient
+// 11.3-12.1 -> 5.6-6.7 ms, weight+bias gradient 19.3-23.8 -> 5.2-6.6 ms; shape 1 forward
+// 2.2-2.6 -> 0.74-1.1 ms, weight+bias gradient 6.4-7.6 -> 0.9-1.1 ms. Each choice's own
+// measurement is at the choice. The depthwise forward is now bound by memory (perf: the cycles
+// sit on the instruction after the y stores and on the padding copy's x loads).
 // Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves; the
 // direct_stride1 cases aim at this file; both CPU paths); timed by benchmarks/bench_conv.py.
 #include <cstring>
@@ -162,8 +162,9 @@ inline void rows2_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, T bias
 
 // One output plane, cg == 1, 3x3, dilation 1: the 9 weights stay in registers; two output rows
 // by two vectors per step when sh == 1 (each input vector loaded feeds both rows; 4 independent
-// FMA chains: with one vector, 2 chains, perf showed the FMAs waiting on each other, shape 1
-// forward 0.93 ms CPU one thread -> see the commit after).
+// FMA chains: with one vector, 2 chains, perf showed the FMAs waiting on each other; A/B, shape 1
+// forward, one thread under load: 0.93-1.14 ms -> 0.85-0.95 ms, within the noise, kept for the
+// headroom on a quiet machine).
 template <class T>
 void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* w, T bias,
                    T* y) {
