@@ -809,3 +809,58 @@ def test_conv2d_backward_numpy_through_emulation(cuda_device):
     assert_close(torch.from_numpy(gw), wr.grad, reduction=2 * 16 * 16, what="grad_weight")
     assert_close(torch.from_numpy(gx), xr.grad, reduction=6 * 9, what="grad_input")
     assert_close(torch.from_numpy(gb), torch.from_numpy(gy).sum((0, 2, 3)), reduction=512)
+
+
+# The direct path's padded-plane kernels (stride 1 along W, csrc/cpu/conv_direct_s1.cpp): the
+# 3x3 one-channel body (two output rows per step, partial last vector) and the general body, at
+# widths around the vector length, odd heights, vertical strides, dilation, padding wider than
+# the kernel, channel multipliers and few input channels; outputs and every gradient.
+DIRECT_S1_CASES = [
+    ((2, 4, 9, 1), (4, 1, 3, 3), dict(stride=1, padding=1, groups=4)),          # OW = 1
+    ((2, 3, 7, 7), (3, 1, 3, 3), dict(stride=1, padding=1, groups=3)),          # OW = 7, odd OH
+    ((1, 2, 8, 10), (2, 1, 3, 3), dict(stride=1, padding=0, groups=2)),         # OW = 8
+    ((3, 5, 11, 11), (10, 1, 3, 3), dict(stride=1, padding=1, groups=5)),       # multiplier 2
+    ((2, 1, 28, 28), (32, 1, 3, 3), dict(stride=1, padding=0, groups=1)),       # first layer
+    ((2, 3, 13, 19), (8, 3, 3, 3), dict(stride=1, padding=1, groups=1)),        # RGB, cg = 3
+    ((2, 6, 12, 17), (6, 1, 3, 3), dict(stride=(2, 1), padding=1, groups=6)),   # vertical stride
+    ((1, 4, 10, 21), (4, 1, 3, 3), dict(stride=1, padding=(3, 4), groups=4)),   # pad > kernel
+    ((2, 4, 15, 18), (4, 1, 3, 3), dict(stride=1, padding=2, dilation=2, groups=4)),
+    ((2, 2, 9, 30), (4, 1, 5, 2), dict(stride=(3, 1), padding=(2, 1), groups=2)),
+    ((1, 3, 6, 40), (3, 1, 1, 7), dict(stride=1, padding=(0, 3), dilation=(1, 3), groups=3)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DIRECT_S1_CASES)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_direct_stride1_kernels(cpu_path, case, dtype):
+    shape, wshape, kwargs = DIRECT_S1_CASES[case]
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("direct")
+    try:
+        for bias in (True, False):
+            run_conv_case(dtype, shape, wshape, bias, kwargs, seed=case, what="direct s1")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+@pytest.mark.parametrize("mask", [(False, True, False), (False, False, True), (True, False, True)])
+def test_conv2d_direct_bias_grad_alone_or_fused(cpu_path, mask):
+    # The direct weight gradient sums the bias gradient in its pass over gy; asked for alone (or
+    # with grad_input only) the bias gradient takes its own pass. Each as torch's, None elsewhere.
+    gen = torch.Generator().manual_seed(7)
+    x = torch.empty(3, 8, 14, 14).uniform_(-1, 1, generator=gen)
+    w = torch.empty(8, 1, 3, 3).uniform_(-1, 1, generator=gen)
+    gy = torch.randn(3, 8, 14, 14, generator=gen)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("direct")
+    try:
+        got = fastdl.ops.conv2d_backward(gy, x, w, padding=1, groups=8, output_mask=mask)
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+    ref = torch.ops.aten.convolution_backward(gy, x, w, [8], [1, 1], [1, 1], [1, 1], False,
+                                              [0, 0], 8, list(mask))
+    for g, r, m, red in zip(got, ref, mask, (9, 3 * 14 * 14, 3 * 14 * 14)):
+        if m:
+            assert_close(g, r, reduction=red)
+        else:
+            assert g is None

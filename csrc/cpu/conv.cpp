@@ -175,7 +175,11 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
 
 template <class T>
 void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb) {
-  if (gb) {
+  const bool weights = gw && p.k != 0 && p.c != 0 && p.n != 0;
+  const ConvAlgo algo = weights ? conv_choose(p, ConvPass::BackwardWeight) : ConvAlgo::Reference;
+  // The direct kernel with stride 1 along W sums the bias gradient in its pass over gy.
+  const bool fused = weights && algo == ConvAlgo::Direct && p.sw == 1;
+  if (gb && !fused) {
     if (p.n == 0) std::fill(gb, gb + p.k, T(0));
     else bias_grad(p, gy, gb);
   }
@@ -184,9 +188,9 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     std::fill(gw, gw + p.k * (p.c / p.groups) * p.kh * p.kw, T(0));
     return;
   }
-  switch (conv_choose(p, ConvPass::BackwardWeight)) {
+  switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_weight(p, x, gy, gw);
-    case ConvAlgo::Direct: return conv_direct_backward_weight(p, x, gy, gw);
+    case ConvAlgo::Direct: return conv_direct_backward_weight(p, x, gy, gw, fused ? gb : nullptr);
     default: return conv_gemm_backward_weight(p, x, gy, gw);
   }
 }

@@ -1,10 +1,11 @@
 // conv2d by direct loops on the CPU (csrc/conv.h), float32/float64: the algorithm for depthwise
 // convolution (one input channel per group, any channel multiplier) and for few input channels per
 // group (the first layer of an image model), where GEMM's reduction (cg*kh*kw) would be too short.
-// Each kernel tap is an axpy along an output row (contiguous, vectorised, when the stride is 1):
-//   forward          y[n,k,oh,:]  += w[k,cc,i,j] * x[n,c,ih,shifted :]   one task per (n, k) plane
-//   input gradient   gx[n,c,ih,shifted :] += w[k,cc,i,j] * gy[n,k,oh,:]  one task per (n, c) plane
-//                    (stride 1: the forward over gy with the kernel flipped, conv_impl.h)
+// Stride 1 along W (the common case: forward, weight gradient, and the input gradient of stride-1
+// convolutions as the forward over gy with the kernel flipped, conv_impl.h) runs the padded-plane
+// kernels of conv_direct_s1.cpp. This file keeps the strided rest, one kernel tap at a time:
+//   forward          y[n,k,oh,:]  += w[k,cc,i,j] * x[n,c,ih,strided :]   one task per (n, k) plane
+//   input gradient   gx[n,c,ih,strided :] += w[k,cc,i,j] * gy[n,k,oh,:]  one task per (n, c) plane
 //   weight gradient  gw[k,cc,i,j] = sum of row dot products              one task per k (no races,
 //                                                                        fixed order)
 // Rows stay in L1 across the taps that reuse them (rows outer, taps inner).
@@ -29,78 +30,9 @@ struct ColumnRanges {
 };
 }  // namespace
 
-// One output row of plane (n, k), stride 1 along W: the columns where every tap is inside the
-// input ([lo_all, hi_all)) in blocks of kBlock accumulators kept in registers across all taps (one
-// store per output instead of one per tap: depthwise 3x3 forward, one thread, 1.17 -> 0.6 ms on
-// 4x64x56x56, 2-core Zen), the edges tap by tap.
-constexpr int kVecBytes = 32;  // one ymm register
-
-template <class T>
-constexpr int block_of() { return 2 * kVecBytes / static_cast<int>(sizeof(T)); }
-
-template <class T>
-void direct_row_s1(const Conv2dParams& p, const ColumnRanges& cr, const T* xg, const T* wk,
-                   int64_t cg, int64_t oh, T bv, T* yr) {
-  const int64_t taps = p.kh * p.kw;
-  int64_t lo_all = 0, hi_all = p.ow;
-  for (int64_t j = 0; j < p.kw; ++j) {
-    lo_all = std::max(lo_all, cr.lo[j]);
-    hi_all = std::min(hi_all, cr.hi[j]);
-  }
-  if (hi_all < lo_all) hi_all = lo_all;
-  // GCC vector type of one register; two independent accumulators per block (FMA latency).
-  typedef T V __attribute__((vector_size(kVecBytes)));
-  constexpr int kBlock = block_of<T>(), kHalf = kBlock / 2;
-  // Full blocks over [lo_all, hi_all); the last one overlaps its neighbour rather than leaving a
-  // tail (it rewrites the same values). A range narrower than a block goes column by column.
-  int64_t scalar_from = lo_all;
-  if (hi_all - lo_all >= kBlock) {
-    scalar_from = hi_all;
-    for (int64_t ob = lo_all; ob < hi_all; ob += kBlock) {
-      const int64_t o0 = std::min(ob, hi_all - kBlock);
-      V acc0 = V{} + bv, acc1 = acc0;
-      for (int64_t cc = 0; cc < cg; ++cc) {
-        const T* xp = xg + cc * p.h * p.w;
-        const T* wp = wk + cc * taps;
-        for (int64_t i = 0; i < p.kh; ++i) {
-          const int64_t ih = oh - p.ph + i * p.dh;
-          if (ih < 0 || ih >= p.h) continue;
-          const T* xr = xp + ih * p.w + o0 - p.pw;
-          for (int64_t j = 0; j < p.kw; ++j) {
-            const T wv = wp[i * p.kw + j];
-            V x0, x1;
-            std::memcpy(&x0, xr + j * p.dw, sizeof(V));
-            std::memcpy(&x1, xr + j * p.dw + kHalf, sizeof(V));
-            acc0 += wv * x0;
-            acc1 += wv * x1;
-          }
-        }
-      }
-      std::memcpy(yr + o0, &acc0, sizeof(V));
-      std::memcpy(yr + o0 + kHalf, &acc1, sizeof(V));
-    }
-  }
-  // The remaining columns [0, lo_all) and [scalar_from, ow), each with all its valid taps.
-  auto column = [&](int64_t o) {
-    T acc = bv;
-    for (int64_t cc = 0; cc < cg; ++cc) {
-      const T* xp = xg + cc * p.h * p.w;
-      const T* wp = wk + cc * taps;
-      for (int64_t i = 0; i < p.kh; ++i) {
-        const int64_t ih = oh - p.ph + i * p.dh;
-        if (ih < 0 || ih >= p.h) continue;
-        for (int64_t j = 0; j < p.kw; ++j)
-          if (o >= cr.lo[j] && o < cr.hi[j]) acc += wp[i * p.kw + j] * xp[ih * p.w + o + j * p.dw - p.pw];
-      }
-    }
-    yr[o] = acc;
-  };
-  for (int64_t o = 0; o < std::min(lo_all, p.ow); ++o) column(o);
-  for (int64_t o = std::max(scalar_from, lo_all); o < p.ow; ++o) column(o);
-}
-
 template <class T>
 void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  if (p.sw == 1) return conv_direct_s1_forward(p, x, w, b, y);
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
   const ColumnRanges cr(p);
   parallel_for_catch(p.n * p.k, grain_for(p.oh * p.ow * cg * taps), [&](int64_t lo_t, int64_t hi_t) {
@@ -108,11 +40,6 @@ void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T*
       const int64_t n = t / p.k, k = t % p.k, g = k / kg;
       const T bv = b ? b[k] : T(0);
       const T* xg = x + (n * p.c + g * cg) * p.h * p.w;
-      if (p.sw == 1) {
-        for (int64_t oh = 0; oh < p.oh; ++oh)
-          direct_row_s1(p, cr, xg, w + k * cg * taps, cg, oh * p.sh, bv, y + (t * p.oh + oh) * p.ow);
-        continue;
-      }
       for (int64_t oh = 0; oh < p.oh; ++oh) {
         T* yr = y + (t * p.oh + oh) * p.ow;
         for (int64_t o = 0; o < p.ow; ++o) yr[o] = bv;
@@ -180,7 +107,8 @@ void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, 
 }
 
 template <class T>
-void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb) {
+  if (p.sw == 1) return conv_direct_s1_backward_weight(p, x, gy, gw, gb);
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
   const ColumnRanges cr(p);
   parallel_for_catch(p.k, grain_for(p.n * p.oh * p.ow * cg * taps), [&](int64_t lo_t, int64_t hi_t) {
@@ -229,9 +157,9 @@ template void conv_direct_backward_input<float>(const Conv2dParams&, const float
 template void conv_direct_backward_input<double>(const Conv2dParams&, const double*,
                                                  const double*, double*);
 template void conv_direct_backward_weight<float>(const Conv2dParams&, const float*, const float*,
-                                                 float*);
+                                                 float*, float*);
 template void conv_direct_backward_weight<double>(const Conv2dParams&, const double*,
-                                                  const double*, double*);
+                                                  const double*, double*, double*);
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl

@@ -69,8 +69,14 @@ template <class T>
 void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>
 void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+// gb: the bias gradient, computed alongside when not null (only with stride 1 along W).
 template <class T>
-void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb);
+// Stride 1 along W (conv_direct_s1.cpp): padded-plane kernels that conv_direct_* hand over to.
+template <class T>
+void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb);
 
 // The input gradient of a stride-1 convolution is a stride-1 convolution of gy: in and out
 // channels swapped, the kernel flipped, padding d*(k-1) - p (possibly negative: every kernel's

@@ -1,0 +1,392 @@
+// Direct convolution with stride 1 along W on the CPU (csrc/conv.h), float32/float64: the kernels
+// behind conv_direct.cpp for depthwise convolution (shape 6 of issue #8) and few input channels per
+// group (shape 1), forward, input gradient (the forward over gy with the kernel flipped) and weight
+// gradient. Any kernel size, dilation and vertical stride; 3x3 with one input channel per group
+// has a specialised body (weights or tap accumulators held in registers).
+// Layout: for one (image, group), the cg input planes are copied into a zero-padded buffer of
+// `rows` x `pitch` per plane (pitch = OW rounded up to whole vectors + the kernel's reach), so
+// every output vector reads whole unaligned vectors at fixed offsets: no edge cases, no bound
+// checks per tap, and the padding costs one pass over an L1/L2-resident copy.
+//   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
+//                    one task per (image, group): the buffer feeds all kg output planes
+//   weight gradient  gw[k,cc,i,j] = sum over n, oh, v of gy[n,k,oh,v:v+L] . buf[cc, ...]
+//                    a range of output channels per thread, images outer (no races, fixed order;
+//                    plane sums in double);
+//                    the bias gradient rides along (its own pass over gy cost 30% of the
+//                    depthwise weight+bias gradient, perf, one thread)
+// Work split: parallel over (image, group) / output channels; each task is one thread's.
+// Measured (1 thread each side, median, CPU time of the calling thread, 2-core Zen under load
+// from other jobs; issue #8 shapes 6 = 32x64x56x56 depthwise 3x3 p1, 1 = 64x1x28x28 -> 32 3x3),
+// the row kernels before -> this file: shape 6 forward 11.1-12.3 -> 5.2-5.7 ms, input gradient
+// 11.3-12.1 -> 5.6-6.7 ms, weight+bias gradient 19.3-23.8 -> 5.2-6.6 ms; shape 1 forward
+// 2.2-2.6 -> 0.74-1.1 ms, weight+bias gradient 6.4-7.6 -> 0.9-1.1 ms. Each choice's own
+// measurement is at the choice. The depthwise forward is now bound by memory (perf: the cycles
+// sit on the instruction after the y stores and on the padding copy's x loads).
+// Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves; the
+// direct_stride1 cases aim at this file; both CPU paths); timed by benchmarks/bench_conv.py.
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "conv_impl.h"
+#include "scratch.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+namespace {
+
+// One (image, group)'s padded planes per thread: 15 KB for shape 6, but a huge image's can be
+// large, so a buffer above kKeepBytes is freed after the call rather than kept for the thread's life.
+thread_local ScratchBuffer tl_planes;
+constexpr size_t kKeepBytes = size_t(4) << 20;
+
+constexpr int kVecBytes = 32;  // one ymm register (two xmm on the portable build)
+
+template <class T>
+struct Vec {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t L = kVecBytes / static_cast<int64_t>(sizeof(T));
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
+
+// The padded buffer's shape for one plane.
+struct PadGeom {
+  int64_t nv;     // output vectors per row
+  int64_t rows;   // buffer rows: row r holds input row r - ph
+  int64_t pitch;  // buffer row length: column q holds input column q - pw
+  template <class T>
+  static PadGeom of(const Conv2dParams& p) {
+    PadGeom g;
+    g.nv = (p.ow + Vec<T>::L - 1) / Vec<T>::L;
+    g.rows = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
+    g.pitch = g.nv * Vec<T>::L + (p.kw - 1) * p.dw;
+    return g;
+  }
+  int64_t plane() const { return rows * pitch; }
+};
+
+// buf[cc][r][q] = x[cc][r - ph][q - pw], 0 outside the input. Plain loops, not memcpy/memset:
+// three libc calls per 56-wide row cost more than the row's copy (depthwise forward, one thread,
+// perf: 13% of the time in memmove).
+template <class T>
+void pad_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg, T* buf) {
+  const int64_t q0 = std::min(std::max<int64_t>(p.pw, 0), g.pitch);  // first copied column
+  const int64_t c0 = q0 - p.pw;                                       // its input column
+  const int64_t len = std::max<int64_t>(0, std::min(p.w - c0, g.pitch - q0));
+  for (int64_t cc = 0; cc < cg; ++cc) {
+    const T* xp = xg + cc * p.h * p.w;
+    T* b = buf + cc * g.plane();
+    for (int64_t r = 0; r < g.rows; ++r) {
+      T* br = b + r * g.pitch;
+      const int64_t ih = r - p.ph;
+      if (ih < 0 || ih >= p.h || len == 0) {
+        for (int64_t q = 0; q < g.pitch; ++q) br[q] = T(0);
+        continue;
+      }
+      const T* src = xp + ih * p.w + c0;
+      for (int64_t q = 0; q < q0; ++q) br[q] = T(0);
+      T* dst = br + q0;
+      for (int64_t q = 0; q < len; ++q) dst[q] = src[q];
+      for (int64_t q = q0 + len; q < g.pitch; ++q) br[q] = T(0);
+    }
+  }
+}
+
+// Stores the first n (<= L) lanes of v.
+template <class T>
+inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
+  if (n == Vec<T>::L) {
+    Vec<T>::store(dst, v);
+  } else {  // lane by lane (a memcpy here was a libc call per row)
+    for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
+  }
+}
+
+// Two output rows (y0, y0 + ow) x NV (1 or 2) output vectors from plane buffer row c (rows c ..
+// c + 3P feed them): each input vector loaded feeds both rows; 2*NV independent FMA chains.
+// Written out by hand: loops with `if (r < 3)` over an array of accumulators, even with unroll
+// pragmas, made GCC keep 24 row pointers and the loaded vectors on the stack (slower than 2 chains).
+template <class T, int NV>
+inline void rows2_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, T bias, int64_t v,
+                      int64_t ow, T* y0) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V a0 = V{} + bias, b0 = a0, a1 = a0, b1 = a0;  // a: first row, b: second; 0/1: vector
+  const T* r = c;
+  for (int j = 0; j < 3; ++j) {
+    a0 += w[j] * Vec<T>::load(r + j);
+    if (NV == 2) a1 += w[j] * Vec<T>::load(r + L + j);
+  }
+  r += P;
+  for (int j = 0; j < 3; ++j) {
+    const V x0 = Vec<T>::load(r + j);
+    a0 += w[3 + j] * x0;
+    b0 += w[j] * x0;
+    if (NV == 2) {
+      const V x1 = Vec<T>::load(r + L + j);
+      a1 += w[3 + j] * x1;
+      b1 += w[j] * x1;
+    }
+  }
+  r += P;
+  for (int j = 0; j < 3; ++j) {
+    const V x0 = Vec<T>::load(r + j);
+    a0 += w[6 + j] * x0;
+    b0 += w[3 + j] * x0;
+    if (NV == 2) {
+      const V x1 = Vec<T>::load(r + L + j);
+      a1 += w[6 + j] * x1;
+      b1 += w[3 + j] * x1;
+    }
+  }
+  r += P;
+  for (int j = 0; j < 3; ++j) {
+    b0 += w[6 + j] * Vec<T>::load(r + j);
+    if (NV == 2) b1 += w[6 + j] * Vec<T>::load(r + L + j);
+  }
+  const int64_t n0 = std::min(L, ow - v * L);
+  store_part(y0, a0, n0);
+  store_part(y0 + ow, b0, n0);
+  if (NV == 2) {
+    const int64_t n1 = std::min(L, ow - (v + 1) * L);
+    store_part(y0 + L, a1, n1);
+    store_part(y0 + ow + L, b1, n1);
+  }
+}
+
+// One output plane, cg == 1, 3x3, dilation 1: the 9 weights stay in registers; two output rows
+// by two vectors per step when sh == 1 (each input vector loaded feeds both rows; 4 independent
+// FMA chains: with one vector, 2 chains, perf showed the FMAs waiting on each other; A/B, shape 1
+// forward, one thread under load: 0.93-1.14 ms -> 0.85-0.95 ms, within the noise, kept for the
+// headroom on a quiet machine).
+template <class T>
+void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* w, T bias,
+                   T* y) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V wv[9];
+  for (int e = 0; e < 9; ++e) wv[e] = V{} + w[e];
+  const int64_t P = g.pitch;
+  int64_t oh = 0;
+  if (p.sh == 1) {
+    for (; oh + 2 <= p.oh; oh += 2) {
+      T* y0 = y + oh * p.ow;
+      const T* c = buf + oh * P;
+      int64_t v = 0;
+      for (; v + 2 <= g.nv; v += 2) rows2_3x3<T, 2>(wv, c + v * L, P, bias, v, p.ow, y0 + v * L);
+      if (v < g.nv) rows2_3x3<T, 1>(wv, c + v * L, P, bias, v, p.ow, y0 + v * L);
+    }
+  }
+  for (; oh < p.oh; ++oh) {
+    T* yr = y + oh * p.ow;
+    for (int64_t v = 0; v < g.nv; ++v) {
+      const T* c = buf + oh * p.sh * P + v * L;
+      V a = V{} + bias, b = V{};
+      a += wv[0] * Vec<T>::load(c); a += wv[1] * Vec<T>::load(c + 1);
+      a += wv[2] * Vec<T>::load(c + 2);
+      c += P;
+      b += wv[3] * Vec<T>::load(c); b += wv[4] * Vec<T>::load(c + 1);
+      b += wv[5] * Vec<T>::load(c + 2);
+      c += P;
+      a += wv[6] * Vec<T>::load(c); a += wv[7] * Vec<T>::load(c + 1);
+      a += wv[8] * Vec<T>::load(c + 2);
+      store_part(yr + v * L, a + b, std::min(L, p.ow - v * L));
+    }
+  }
+}
+
+// One output plane, any kernel and cg: runtime loops over channels and taps per output vector.
+template <class T>
+void plane_fwd_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T* buf, const T* w,
+                   T bias, T* y) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t taps = p.kh * p.kw;
+  for (int64_t oh = 0; oh < p.oh; ++oh) {
+    T* yr = y + oh * p.ow;
+    for (int64_t v = 0; v < g.nv; ++v) {
+      V a = V{} + bias;
+      for (int64_t cc = 0; cc < cg; ++cc)
+        for (int64_t i = 0; i < p.kh; ++i) {
+          const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + v * L;
+          const T* wr = w + cc * taps + i * p.kw;
+          for (int64_t j = 0; j < p.kw; ++j) a += wr[j] * Vec<T>::load(c + j * p.dw);
+        }
+      store_part(yr + v * L, a, std::min(L, p.ow - v * L));
+    }
+  }
+}
+
+// gy's row segment [v*L, v*L + L) with lanes n.. zero. Inside the plane (next_row: the row is
+// not the plane's last, so a full vector stays inside the tensor) a full load and a lane mask;
+// otherwise lane by lane. (Lane by lane on every row, the vector built on the stack and reloaded
+// stalled store forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
+template <class T>
+struct LaneMask {
+  typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
+  typedef I IV __attribute__((vector_size(kVecBytes)));
+  IV m;
+  explicit LaneMask(int64_t n) {
+    for (int64_t l = 0; l < Vec<T>::L; ++l) m[l] = l < n ? I(-1) : I(0);
+  }
+};
+
+template <class T>
+inline typename Vec<T>::V load_part(const T* gr, int64_t n, const LaneMask<T>& mask,
+                                    bool next_row) {
+  using V = typename Vec<T>::V;
+  using IV = typename LaneMask<T>::IV;
+  if (n >= Vec<T>::L) return Vec<T>::load(gr);
+  if (next_row) return reinterpret_cast<V>(reinterpret_cast<IV>(Vec<T>::load(gr)) & mask.m);
+  V v = {};
+  for (int64_t l = 0; l < n; ++l) v[l] = gr[l];
+  return v;
+}
+
+template <class T>
+inline double hsum(typename Vec<T>::V a) {
+  T s = T(0);
+  for (int64_t l = 0; l < Vec<T>::L; ++l) s += a[l];
+  return double(s);
+}
+
+// Plane dot products for one (image, output channel), cg == 1, 3x3, dilation 1: 9 tap accumulators
+// (and the bias's, acc[9], when `bias`) in registers, one pass over the gy plane.
+template <class T>
+void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* gy, bool bias,
+                     double* acc) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{}, a4 = V{}, a5 = V{}, a6 = V{}, a7 = V{}, a8 = V{};
+  V ab = V{};
+  const int64_t P = g.pitch;
+  const LaneMask<T> mask(p.ow - (g.nv - 1) * L);
+  for (int64_t oh = 0; oh < p.oh; ++oh) {
+    const T* gr = gy + oh * p.ow;
+    const bool next_row = oh + 1 < p.oh;
+    for (int64_t v = 0; v < g.nv; ++v) {
+      const V gv = load_part(gr + v * L, p.ow - v * L, mask, next_row);
+      const T* c = buf + oh * p.sh * P + v * L;
+      ab += gv;
+      a0 += gv * Vec<T>::load(c); a1 += gv * Vec<T>::load(c + 1); a2 += gv * Vec<T>::load(c + 2);
+      c += P;
+      a3 += gv * Vec<T>::load(c); a4 += gv * Vec<T>::load(c + 1); a5 += gv * Vec<T>::load(c + 2);
+      c += P;
+      a6 += gv * Vec<T>::load(c); a7 += gv * Vec<T>::load(c + 1); a8 += gv * Vec<T>::load(c + 2);
+    }
+  }
+  acc[0] += hsum<T>(a0); acc[1] += hsum<T>(a1); acc[2] += hsum<T>(a2);
+  acc[3] += hsum<T>(a3); acc[4] += hsum<T>(a4); acc[5] += hsum<T>(a5);
+  acc[6] += hsum<T>(a6); acc[7] += hsum<T>(a7); acc[8] += hsum<T>(a8);
+  if (bias) acc[9] += hsum<T>(ab);
+}
+
+// Any kernel and cg: one tap at a time over the plane (acc holds cg * kh * kw sums, then the
+// bias's when `bias`).
+template <class T>
+void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T* buf,
+                     const T* gy, bool bias, double* acc) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
+  const LaneMask<T> mask(last);
+  for (int64_t cc = 0; cc < cg; ++cc)
+    for (int64_t i = 0; i < p.kh; ++i)
+      for (int64_t j = 0; j < p.kw; ++j) {
+        V a = V{};
+        for (int64_t oh = 0; oh < p.oh; ++oh) {
+          const T* gr = gy + oh * p.ow;
+          const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + j * p.dw;
+          for (int64_t v = 0; v + 1 < g.nv; ++v)
+            a += Vec<T>::load(gr + v * L) * Vec<T>::load(c + v * L);
+          a += load_part(gr + (g.nv - 1) * L, last, mask, oh + 1 < p.oh) *
+               Vec<T>::load(c + (g.nv - 1) * L);
+        }
+        acc[(cc * p.kh + i) * p.kw + j] += hsum<T>(a);
+      }
+  if (bias) {
+    V a = V{};
+    for (int64_t oh = 0; oh < p.oh; ++oh)
+      for (int64_t v = 0; v < g.nv; ++v)
+        a += load_part(gy + oh * p.ow + v * L, p.ow - v * L, mask, oh + 1 < p.oh);
+    acc[cg * p.kh * p.kw] += hsum<T>(a);
+  }
+}
+
+}  // namespace
+
+template <class T>
+void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const PadGeom g = PadGeom::of<T>(p);
+  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
+  const int64_t S = p.oh * p.ow;
+  parallel_for_catch(p.n * G, grain_for(S * kg * cg * taps), [&](int64_t lo, int64_t hi) {
+    T* buf = tl_planes.get_as<T>(cg * g.plane());
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t n = t / G, gi = t % G;
+      pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+      for (int64_t kk = 0; kk < kg; ++kk) {
+        const int64_t k = gi * kg + kk;
+        const T bv = b ? b[k] : T(0);
+        T* yp = y + (n * p.k + k) * S;
+        if (k3) plane_fwd_3x3(p, g, buf, w + k * taps, bv, yp);
+        else plane_fwd_any(p, g, cg, buf, w + k * cg * taps, bv, yp);
+      }
+    }
+    tl_planes.trim(kKeepBytes);
+  });
+}
+
+template <class T>
+void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const PadGeom g = PadGeom::of<T>(p);
+  const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
+  const int64_t S = p.oh * p.ow, ck = cg * taps;
+  // Images outer, this thread's output channels inner: a group's padded planes are built once per
+  // image and feed all its channels in the range (per channel, shape 1 padded each x plane 32
+  // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
+  parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
+    T* buf = tl_planes.get_as<T>(cg * g.plane());
+    std::vector<double> acc(static_cast<size_t>((hi - lo) * (ck + 1)), 0.0);
+    for (int64_t n = 0; n < p.n; ++n) {
+      int64_t padded = -1;  // the group whose planes buf holds
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t gi = k / kg;
+        if (gi != padded) {
+          pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+          padded = gi;
+        }
+        const T* gp = gy + (n * p.k + k) * S;
+        double* a = acc.data() + (k - lo) * (ck + 1);
+        if (k3) plane_wgrad_3x3(p, g, buf, gp, gb != nullptr, a);
+        else plane_wgrad_any(p, g, cg, buf, gp, gb != nullptr, a);
+      }
+    }
+    for (int64_t k = lo; k < hi; ++k) {
+      const double* a = acc.data() + (k - lo) * (ck + 1);
+      for (int64_t q = 0; q < ck; ++q) gw[k * ck + q] = static_cast<T>(a[q]);
+      if (gb) gb[k] = static_cast<T>(a[ck]);
+    }
+    tl_planes.trim(kKeepBytes);
+  });
+}
+
+template void conv_direct_s1_forward<float>(const Conv2dParams&, const float*, const float*,
+                                            const float*, float*);
+template void conv_direct_s1_forward<double>(const Conv2dParams&, const double*, const double*,
+                                             const double*, double*);
+template void conv_direct_s1_backward_weight<float>(const Conv2dParams&, const float*,
+                                                    const float*, float*, float*);
+template void conv_direct_s1_backward_weight<double>(const Conv2dParams&, const double*,
+                                                     const double*, double*, double*);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
