@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -238,6 +239,10 @@ def test_fit_distributed_argument_is_checked(monkeypatch):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match="distributed must be"):
         net.fit(x, y, distributed="yes", verbose=0)
+    # equal to True/False but not booleans: refused, not taken as 'auto'
+    for value in (1, 0, 1.0, np.True_, np.False_, None):
+        with pytest.raises(TypeError, match="distributed must be"):
+            net.fit(x, y, distributed=value, verbose=0)
     with pytest.raises(RuntimeError, match="distributed=True"):
         net.fit(x, y, distributed=True, verbose=0)
     for k, v in net.state_dict().items():

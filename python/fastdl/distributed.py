@@ -113,12 +113,24 @@ class Context:
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
+def check_distributed(distributed, fn="fit"):
+    """distributed must be exactly True, False or 'auto' (1, 0 or numpy booleans are refused:
+    they compare equal to the booleans but would not act as them)."""
+    if distributed is True or distributed is False:
+        return
+    if isinstance(distributed, str):
+        if distributed == "auto":
+            return
+        raise ValueError(f"{fn}: distributed must be 'auto', True or False, got {distributed!r}")
+    raise TypeError(f"{fn}: distributed must be 'auto', True or False, got "
+                    f"{type(distributed).__name__} {distributed!r}")
+
+
 def detect(module, distributed, fn="fit"):
     """The Context to train in, or None for single-process training.
     distributed: 'auto' (a launch or an initialised group with world size > 1 is used), False
     (never) or True (required: raises RuntimeError when there is neither)."""
-    if distributed not in ("auto", True, False):
-        raise ValueError(f"{fn}: distributed must be 'auto', True or False, got {distributed!r}")
+    check_distributed(distributed, fn)
     if distributed is False:
         return None
     available = dist.is_available()
