@@ -62,6 +62,40 @@ class AskOnRank1(fastdl.callbacks.Callback):
                 os.kill(os.getpid(), signal.SIGINT)
 
 
+class Strided:
+    """A sampler for several processes that is not a DistributedSampler (as a distributed
+    bucketing sampler of a user's may be): rank r takes samples r, r + num_replicas, ...; it
+    records the set_epoch calls."""
+
+    def __init__(self, n, num_replicas, rank):
+        self.n, self.num_replicas, self.rank, self.epochs = n, num_replicas, rank, []
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+def _error(f):
+    try:
+        f()
+        return ""
+    except ValueError as e:
+        return str(e)
+
+
 def _weights(net):
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
@@ -96,11 +130,28 @@ def main(outdir):
         ds, batch_size=BATCH, sampler=torch.utils.data.DistributedSampler(ds, shuffle=False))
     h = net.fit(loader, epochs=3, validation_data=val, verbose=0)
     out["loader"] = {"history": h.history, "weights": _weights(net)}
-    try:
-        net.fit(torch.utils.data.DataLoader(ds, batch_size=BATCH), verbose=0)
-        out["plain_loader_error"] = ""
-    except ValueError as e:
-        out["plain_loader_error"] = str(e)
+    out["plain_loader_error"] = _error(
+        lambda: net.fit(torch.utils.data.DataLoader(ds, batch_size=BATCH), verbose=0))
+    # Also sharded: a DistributedSampler inside a BatchSampler, and a sampler of one's own with
+    # num_replicas and set_epoch (fit calls it each epoch); one for 3 replicas is refused.
+    net = model()
+    batch_sampler = torch.utils.data.BatchSampler(
+        torch.utils.data.DistributedSampler(ds, shuffle=False), BATCH, drop_last=False)
+    h = net.fit(torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler), epochs=3,
+                validation_data=val, verbose=0)
+    out["batch_sampler"] = {"history": h.history, "weights": _weights(net)}
+    net = model()
+    strided = Strided(N, 2, rank)
+    h = net.fit(torch.utils.data.DataLoader(ds, batch_size=BATCH, sampler=strided), epochs=3,
+                validation_data=val, verbose=0)
+    out["custom_sampler"] = {"history": h.history, "weights": _weights(net),
+                             "epochs": strided.epochs}
+    out["wrong_sampler_error"] = _error(lambda: net.fit(
+        torch.utils.data.DataLoader(ds, batch_size=BATCH, sampler=Strided(N, 3, rank)),
+        verbose=0))
+    out["iterable_error"] = _error(lambda: net.fit(Stream(x, y), batch_size=BATCH, verbose=0))
+    out["iterable_loader_error"] = _error(lambda: net.fit(
+        torch.utils.data.DataLoader(Stream(x, y), batch_size=BATCH), verbose=0))
 
     # 23 samples: torch's DistributedSampler pads rank 1's shard with sample 0.
     net = model()

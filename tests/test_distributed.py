@@ -186,6 +186,13 @@ def test_fit_under_torchrun(tmp_path):
         _assert_history(res["loader"]["history"], h.history, f"rank {r}, loader")
         _assert_weights(res["loader"]["weights"], ref.state_dict(), f"rank {r}, loader")
         assert "DistributedSampler" in res["plain_loader_error"], res["plain_loader_error"]
+        for part in ("batch_sampler", "custom_sampler"):
+            _assert_history(res[part]["history"], h.history, f"rank {r}, {part}")
+            _assert_weights(res[part]["weights"], ref.state_dict(), f"rank {r}, {part}")
+        assert res["custom_sampler"]["epochs"] == [0, 1, 2], res["custom_sampler"]
+        assert "num_replicas=3" in res["wrong_sampler_error"], res["wrong_sampler_error"]
+        for part in ("iterable_error", "iterable_loader_error"):
+            assert "x is" in res[part] and "IterableDataset" in res[part], res[part]
         _assert_history(res["padded"]["history"], h_pad.history, f"rank {r}, padded")
         _assert_weights(res["padded"]["weights"], pad.state_dict(), f"rank {r}, padded")
         assert "already wrapped" in res["ddp_error"], res["ddp_error"]
@@ -195,7 +202,8 @@ def test_fit_under_torchrun(tmp_path):
         assert res["ctrl-c"]["steps"] == 3 + 2, res["ctrl-c"]
         assert len(res["ctrl-c"]["history"]["loss"]) == 1, res["ctrl-c"]
         # every rank logs the same History and holds the same weights
-        for part in ("tensors", "dataset", "padded", "loader", "stop", "ctrl-c", "shuffled"):
+        for part in ("tensors", "dataset", "padded", "loader", "batch_sampler",
+                     "custom_sampler", "stop", "ctrl-c", "shuffled"):
             assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
             for k, v in ranks[0][part]["weights"].items():
                 assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"

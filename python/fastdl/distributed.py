@@ -174,6 +174,22 @@ def detect(module, distributed, fn="fit"):
     return Context(rank, world, device, here)
 
 
+def loader_is_sharded(loader, ctx, fn="fit"):
+    """Whether a DataLoader already gives this rank its own shard: its sampler, batch_sampler
+    or batch_sampler's sampler has set_epoch and num_replicas equal to the world size (a
+    DistributedSampler, or a distributed bucketing sampler of your own). One made for another
+    world size or rank raises ValueError."""
+    from ._training import epoch_sampler
+    s = epoch_sampler(loader)
+    if s is None or not hasattr(s, "num_replicas"):
+        return False
+    if s.num_replicas != ctx.world or getattr(s, "rank", ctx.rank) != ctx.rank:
+        raise ValueError(f"{fn}: the DataLoader's {type(s).__name__} has num_replicas="
+                         f"{s.num_replicas}, rank={getattr(s, 'rank', '?')}, but this process is "
+                         f"rank {ctx.rank} of {ctx.world}")
+    return True
+
+
 def _device(module):
     for p in module.parameters():
         return p.device

@@ -227,15 +227,27 @@ class _Workflow:
                 raise ValueError(f"{fn}: y must be None when x is a Dataset or DataLoader (it "
                                  "yields (x, y) pairs)")
             sharded = shard is not None
+            iterable = isinstance(x.dataset if T.is_loader(x) else x,
+                                  torch.utils.data.IterableDataset)
+            if shard == "train" and iterable:
+                raise ValueError(f"{fn}: x is {'a DataLoader over ' if T.is_loader(x) else ''}"
+                                 "an IterableDataset, which fit cannot shard under "
+                                 "torch.distributed (every rank must run the same number of "
+                                 "steps on its own samples): pass a map-style Dataset, a "
+                                 "DataLoader with a DistributedSampler, or distributed=False")
             if T.is_loader(x):
                 loader = x
-                own = isinstance(getattr(x, "sampler", None),
-                                 torch.utils.data.DistributedSampler)
+                own = D.loader_is_sharded(x, ctx, fn) if ctx is not None else False
                 if shard == "train" and not own:
                     raise ValueError(f"{fn}: under torch.distributed a DataLoader needs a "
-                                     "torch.utils.data.DistributedSampler (or pass its Dataset "
-                                     "and fit makes one)")
+                                     "torch.utils.data.DistributedSampler (as its sampler or "
+                                     "its batch_sampler's sampler; or any sampler with "
+                                     f"num_replicas={ctx.world} and set_epoch), or pass its "
+                                     "Dataset and fit makes one")
                 sharded = sharded and own
+            elif shard == "eval" and iterable:    # evaluated whole on every rank
+                loader = torch.utils.data.DataLoader(x, batch_size=batch_size)
+                sharded = False
             elif shard == "train":
                 loader = torch.utils.data.DataLoader(
                     x, batch_size=batch_size, sampler=ctx.sampler(x, shuffle, seed))
@@ -347,8 +359,12 @@ class _Workflow:
         samples); shuffle=True shuffles with a seed drawn from torch's global generator on rank
         0 plus the epoch (set_epoch each epoch); when n is not a multiple of the world size the
         sampler pads with the first samples, as torch's does (drop_last=False), and those count
-        in the training logs. A DataLoader must already use a DistributedSampler; a Dataset or
-        in-memory data is sharded by fit. Epoch logs are reduced over ranks: the loss as a
+        in the training logs. A DataLoader must already shard: a DistributedSampler as its
+        sampler or its batch_sampler's sampler, or any sampler (or batch sampler) with
+        num_replicas equal to the world size and set_epoch, which fit calls each epoch; a
+        Dataset or in-memory data is sharded by fit. An IterableDataset (or a DataLoader over
+        one) as x raises ValueError (fit cannot give every rank the same number of steps);
+        as validation data it is evaluated whole on every rank. Epoch logs are reduced over ranks: the loss as a
         sample-weighted mean, metrics scored on every rank's outputs gathered to all ranks, so
         every rank's History is the same (and equals a single process's on the same global
         batches, to rounding). Validation data is split across ranks without padding (a
