@@ -7,7 +7,8 @@ a DistributedSampler and trains under DistributedDataParallel. Each fit starts f
 model: 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and
 ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 samples), 'loader'
 (a DataLoader with a DistributedSampler; one without, and a module already in DDP, must raise
-ValueError), 'stop' and 'ctrl-c' (asked for on rank 1 only) and 'shuffled' (shuffle=True,
+ValueError), 'stop', 'ctrl-c' and 'ctrl-c-last'
+(asked for on rank 1 only) and 'shuffled' (shuffle=True,
 EarlyStopping).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
 are also what the test's single-process reference uses.
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import fastdl
 
 N, N_VAL, BATCH = 24, 7, 4     # per-rank batch 4: global batches of 8 on two ranks
+STEPS_1 = N // 2               # steps an epoch with batch_size=1 on two ranks
 
 
 def model(seed=3):
@@ -43,19 +45,20 @@ def data():
 
 
 class AskOnRank1(fastdl.callbacks.Callback):
-    """Counts the steps; on rank 1 only, asks to stop (stop_training, or Ctrl-C: SIGINT to this
-    process) after the first step of epoch `epoch`."""
+    """Counts the steps; on rank 1 only (or in a process without RANK), asks to stop
+    (stop_training, or Ctrl-C: SIGINT to this process) after step `batch` of epoch `epoch`."""
 
-    def __init__(self, how, epoch):
+    def __init__(self, how, epoch, batch=0):
         super().__init__()
-        self.how, self.epoch, self.steps, self.current = how, epoch, 0, 0
+        self.how, self.epoch, self.batch, self.steps, self.current = how, epoch, batch, 0, 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.current = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
-        if int(os.environ["RANK"]) == 1 and self.current == self.epoch and batch == 0:
+        if (int(os.environ.get("RANK", 1)) == 1 and self.current == self.epoch
+                and batch == self.batch):
             if self.how == "stop":
                 self.model.stop_training = True
             else:
@@ -158,12 +161,14 @@ def main(outdir):
     h = net.fit(x[:N - 1], y[:N - 1], batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
     out["padded"] = {"history": h.history, "weights": _weights(net)}
 
-    # A stop asked for on rank 1 alone stops both ranks at the same step.
-    for how, epoch in (("stop", 0), ("ctrl-c", 1)):
+    # A stop asked for on rank 1 alone stops both ranks at the same step (batches of 1: 12
+    # steps an epoch, more than the stop vote's interval).
+    for part, how, epoch, batch in (("stop", "stop", 0, 0), ("ctrl-c", "ctrl-c", 1, 0),
+                                    ("ctrl-c-last", "ctrl-c", 0, STEPS_1 - 1)):
         net = model()
-        ask = AskOnRank1(how, epoch)
-        h = net.fit(x, y, batch_size=BATCH, epochs=3, shuffle=False, callbacks=[ask], verbose=0)
-        out[how] = {"history": h.history, "weights": _weights(net), "steps": ask.steps}
+        ask = AskOnRank1(how, epoch, batch)
+        h = net.fit(x, y, batch_size=1, epochs=3, shuffle=False, callbacks=[ask], verbose=0)
+        out[part] = {"history": h.history, "weights": _weights(net), "steps": ask.steps}
 
     # A module the user wrapped in DDP is refused (fit wraps it itself).
     wrapped = fastdl.Model(torch.nn.parallel.DistributedDataParallel(model()))

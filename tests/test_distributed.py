@@ -152,6 +152,14 @@ def _assert_history(got, want, what):
 
 
 
+def _steps_until_vote(b, steps):
+    """Steps an epoch runs when a stop is asked for in step b (0-based) on one rank: the ranks
+    vote after every EVERY-th step and read the vote after the next step."""
+    every = fastdl.model._StopVote.EVERY
+    sent = (b // every + 1) * every - 1
+    return min(sent + 2, steps)
+
+
 def test_fit_under_torchrun(tmp_path):
     # --standalone: a c10d rendezvous on localhost at a port the OS picks (no network needed)
     _run([[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -171,6 +179,10 @@ def test_fit_under_torchrun(tmp_path):
     order = torch.cat([torch.arange(F.N - 1), torch.tensor([0])])
     h_pad = pad.fit(x[order], y[order], batch_size=2 * F.BATCH, epochs=2, shuffle=False,
                     verbose=0, distributed=False)
+    # One process, Ctrl-C in the last step of the first epoch: nothing logged.
+    one = F.model()
+    last = one.fit(x, y, batch_size=2, epochs=3, shuffle=False, verbose=0,
+                   callbacks=[F.AskOnRank1("ctrl-c", 0, F.STEPS_1 - 1)])
     for r, res in enumerate(ranks):
         got = res["tensors"]
         _assert_history(got["history"], h.history, f"rank {r}, tensors")
@@ -196,14 +208,21 @@ def test_fit_under_torchrun(tmp_path):
         _assert_history(res["padded"]["history"], h_pad.history, f"rank {r}, padded")
         _assert_weights(res["padded"]["weights"], pad.state_dict(), f"rank {r}, padded")
         assert "already wrapped" in res["ddp_error"], res["ddp_error"]
-        # Asked for on rank 1 after the first step of an epoch (3 steps each): both ranks stop
-        # after the second. stop_training ends the epoch (logged); Ctrl-C drops it unfinished.
-        assert res["stop"]["steps"] == 2 and len(res["stop"]["history"]["loss"]) == 1, res["stop"]
-        assert res["ctrl-c"]["steps"] == 3 + 2, res["ctrl-c"]
+        # Asked for on rank 1 after the first step of an epoch: both ranks stop at the first
+        # vote after it. stop_training ends the epoch (logged); Ctrl-C drops it unfinished,
+        # also when it comes in the epoch's last step (seen at the epoch's end), as in one
+        # process.
+        steps = _steps_until_vote(0, F.STEPS_1)
+        assert steps < F.STEPS_1, "the test must stop within an epoch"
+        assert res["stop"]["steps"] == steps and len(res["stop"]["history"]["loss"]) == 1, \
+            res["stop"]
+        assert res["ctrl-c"]["steps"] == F.STEPS_1 + steps, res["ctrl-c"]
         assert len(res["ctrl-c"]["history"]["loss"]) == 1, res["ctrl-c"]
+        assert res["ctrl-c-last"]["steps"] == F.STEPS_1, res["ctrl-c-last"]
+        assert res["ctrl-c-last"]["history"] == last.history == {}, res["ctrl-c-last"]
         # every rank logs the same History and holds the same weights
         for part in ("tensors", "dataset", "padded", "loader", "batch_sampler",
-                     "custom_sampler", "stop", "ctrl-c", "shuffled"):
+                     "custom_sampler", "stop", "ctrl-c", "ctrl-c-last", "shuffled"):
             assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
             for k, v in ranks[0][part]["weights"].items():
                 assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"
