@@ -7,7 +7,7 @@ a DistributedSampler and trains under DistributedDataParallel. Each fit starts f
 model: 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and
 ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 samples), 'loader'
 (a DataLoader with a DistributedSampler; one without, and a module already in DDP, must raise
-ValueError), 'stop', 'ctrl-c' and 'ctrl-c-last'
+ValueError), 'unused' (ddp_kwargs={'find_unused_parameters': True}), 'stop', 'ctrl-c' and 'ctrl-c-last'
 (asked for on rank 1 only) and 'shuffled' (shuffle=True,
 EarlyStopping).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
@@ -34,6 +34,24 @@ def model(seed=3):
                             torch.nn.Flatten(), fastdl.nn.Linear(12, 3))
     net.compile(fastdl.optim.Adam(net.parameters(), lr=0.02),
                 "sparse_categorical_crossentropy", metrics=["accuracy", "f1"])
+    return net
+
+
+class Unused(torch.nn.Module):
+    """A model with a parameter no step uses: DDP needs find_unused_parameters=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = fastdl.nn.Linear(36, 3), fastdl.nn.Linear(36, 3)
+
+    def forward(self, x):
+        return self.used(x.flatten(1))
+
+
+def unused_model():
+    torch.manual_seed(5)
+    net = fastdl.Model(Unused())
+    net.compile(fastdl.optim.Adam(net.parameters(), lr=0.02), "sparse_categorical_crossentropy")
     return net
 
 
@@ -155,6 +173,12 @@ def main(outdir):
     out["iterable_error"] = _error(lambda: net.fit(Stream(x, y), batch_size=BATCH, verbose=0))
     out["iterable_loader_error"] = _error(lambda: net.fit(
         torch.utils.data.DataLoader(Stream(x, y), batch_size=BATCH), verbose=0))
+
+    # DistributedDataParallel's options through ddp_kwargs
+    net = unused_model()
+    h = net.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+                ddp_kwargs={"find_unused_parameters": True})
+    out["unused"] = {"history": h.history, "weights": _weights(net)}
 
     # 23 samples: torch's DistributedSampler pads rank 1's shard with sample 0.
     net = model()

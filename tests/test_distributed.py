@@ -183,7 +183,12 @@ def test_fit_under_torchrun(tmp_path):
     one = F.model()
     last = one.fit(x, y, batch_size=2, epochs=3, shuffle=False, verbose=0,
                    callbacks=[F.AskOnRank1("ctrl-c", 0, F.STEPS_1 - 1)])
+    unused = F.unused_model()
+    h_unused = unused.fit(x, y, batch_size=2 * F.BATCH, epochs=2, shuffle=False, verbose=0,
+                          distributed=False)
     for r, res in enumerate(ranks):
+        _assert_history(res["unused"]["history"], h_unused.history, f"rank {r}, unused")
+        _assert_weights(res["unused"]["weights"], unused.state_dict(), f"rank {r}, unused")
         got = res["tensors"]
         _assert_history(got["history"], h.history, f"rank {r}, tensors")
         _assert_weights(got["weights"], ref.state_dict(), f"rank {r}, tensors")
@@ -272,6 +277,12 @@ def test_fit_distributed_argument_is_checked(monkeypatch):
             net.fit(x, y, distributed=value, verbose=0)
     with pytest.raises(RuntimeError, match="distributed=True"):
         net.fit(x, y, distributed=True, verbose=0)
+    with pytest.raises(TypeError, match="ddp_kwargs must be a dict"):
+        net.fit(x, y, ddp_kwargs=[("find_unused_parameters", True)], verbose=0)
+    for bad, match in (({"device_ids": [0]}, "fit sets it itself"),
+                       ({"find_unused_parameter": True}, "not an argument")):
+        with pytest.raises(ValueError, match=match):
+            net.fit(x, y, ddp_kwargs=bad, verbose=0)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), "a refused fit changed the weights"
 

@@ -27,7 +27,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "detect"]
+__all__ = ["Context", "check_ddp_kwargs", "check_distributed", "detect"]
 
 _ENV = ("WORLD_SIZE", "RANK")
 
@@ -104,13 +104,40 @@ class Context:
                                                    rank=self.rank, shuffle=shuffle, seed=seed,
                                                    drop_last=False)
 
-    def wrap(self, module):
+    def wrap(self, module, ddp_kwargs=None):
         """The module in DistributedDataParallel (which broadcasts rank 0's parameters and
-        buffers to every rank as it starts)."""
+        buffers to every rank as it starts), with fit's ddp_kwargs (checked by
+        check_ddp_kwargs)."""
         device_ids = None
         if self.device.type == "cuda":
             device_ids = [self.device.index]
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                         **(ddp_kwargs or {}))
+
+
+# DistributedDataParallel's arguments that fit sets itself (the module, its device, the group).
+_DDP_OWN = ("module", "device_ids", "output_device", "process_group")
+
+
+def check_ddp_kwargs(ddp_kwargs, fn="fit"):
+    """ddp_kwargs: None or a dict of DistributedDataParallel keyword arguments
+    (find_unused_parameters, broadcast_buffers, bucket_cap_mb, gradient_as_bucket_view,
+    static_graph...), other than those fit sets itself. Returns it as a dict."""
+    if ddp_kwargs is None:
+        return {}
+    if not isinstance(ddp_kwargs, dict):
+        raise TypeError(f"{fn}: ddp_kwargs must be a dict of DistributedDataParallel keyword "
+                        f"arguments, got {type(ddp_kwargs).__name__}")
+    import inspect
+    known = set(inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__)
+                .parameters) - {"self", "args", "kwargs"}
+    for k in ddp_kwargs:
+        if k in _DDP_OWN:
+            raise ValueError(f"{fn}: ddp_kwargs may not set {k!r}: fit sets it itself")
+        if k not in known:
+            raise ValueError(f"{fn}: ddp_kwargs has {k!r}, which is not an argument of "
+                             "torch.nn.parallel.DistributedDataParallel")
+    return dict(ddp_kwargs)
 
 
 def check_distributed(distributed, fn="fit"):

@@ -356,7 +356,7 @@ class _Workflow:
 
     def fit(self, x=None, y=None, batch_size=32, epochs=1, verbose=1, callbacks=None,
             validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0,
-            device=None, distributed="auto"):
+            device=None, distributed="auto", ddp_kwargs=None):
         """Trains for `epochs` epochs; returns a History whose `history` holds per-epoch 'loss',
         each metric and, with validation data, 'val_loss' and 'val_<metric>'. validation_split
         takes the last fraction of x/y (before shuffling), as Keras. Ctrl-C stops after the
@@ -398,7 +398,11 @@ class _Workflow:
         on_train_batch_end) are this rank's own. ModelCheckpoint and CSVLogger run on rank 0
         only, and only rank 0 shows progress. evaluate and predict are not collectives: each
         rank computes over all the data it is given, with no communication (the same result on
-        every rank, as the weights are the same).
+        every rank, as the weights are the same). ddp_kwargs: a dict of
+        DistributedDataParallel keyword arguments (find_unused_parameters=True for a model
+        with parameters some steps do not use, broadcast_buffers, static_graph,
+        gradient_as_bucket_view...; not module, device_ids, output_device or process_group,
+        which fit sets); checked on every call, used only under torch.distributed.
 
         >>> h = model.fit(x, y, batch_size=64, epochs=10, validation_split=0.1, verbose=0)
         """
@@ -417,6 +421,8 @@ class _Workflow:
                                 f"got {type(cb).__name__}")
         if device is not None:
             self.module.to(device)
+        D.check_distributed(distributed, fn)
+        ddp_kwargs = D.check_ddp_kwargs(ddp_kwargs, fn)
         ctx = D.detect(self.module, distributed, fn)
         device, dtype = self._device_dtype()
         if validation_split and validation_data is not None:
@@ -465,7 +471,7 @@ class _Workflow:
         self.history = history
         self.stop_training = False
         was_training = self.module.training
-        net = self.module if ctx is None else ctx.wrap(self.module)
+        net = self.module if ctx is None else ctx.wrap(self.module, ddp_kwargs)
         began = ended = False
         with _Interrupt() as interrupt:
             try:
