@@ -5,11 +5,12 @@
 fit finds torchrun's variables, initialises the gloo process group itself, shards the data with
 a DistributedSampler and trains under DistributedDataParallel. Each fit starts from a fresh
 model: 'tensors' (in-memory data, shuffle=False, validation data, CSVLogger and
-ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 samples), 'loader'
-(a DataLoader with a DistributedSampler; one without, and a module already in DDP, must raise
-ValueError), 'unused' (ddp_kwargs={'find_unused_parameters': True}), 'stop', 'ctrl-c' and 'ctrl-c-last'
-(asked for on rank 1 only) and 'shuffled' (shuffle=True,
-EarlyStopping).
+ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 samples), 'loader',
+'batch_sampler' and 'custom_sampler' (DataLoaders that shard; one that does not, one for
+another world size, and an IterableDataset must raise ValueError, as must a module already in
+DDP), 'unused' (ddp_kwargs={'find_unused_parameters': True}), 'stop', 'ctrl-c' and
+'ctrl-c-last' (asked for on rank 1 only), 'shuffled' (shuffle=True, EarlyStopping) and
+'bad_label' (a dry run that fails on rank 1 only).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
 are also what the test's single-process reference uses.
 """
@@ -212,6 +213,17 @@ def main(outdir):
     h = net.fit(x, y, batch_size=BATCH, epochs=6, validation_data=val, verbose=0,
                 callbacks=[fastdl.callbacks.EarlyStopping("val_loss", patience=1)])
     out["shuffled"] = {"history": h.history, "weights": _weights(net)}
+
+    # A label out of range in rank 1's first batch only (its dry run): rank 1 raises its
+    # ValueError, rank 0 a RuntimeError naming rank 1, and neither waits for the other.
+    bad = y.clone()
+    bad[1] = 7            # rank 1's shard is samples 1, 3, ... (shuffle=False)
+    try:
+        model().fit(torch.utils.data.TensorDataset(x, bad), batch_size=BATCH, shuffle=False,
+                    verbose=0)
+        out["bad_label"] = ""
+    except (ValueError, RuntimeError) as e:
+        out["bad_label"] = f"{type(e).__name__}: {e}"
 
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     dist.destroy_process_group()

@@ -231,6 +231,11 @@ def test_fit_under_torchrun(tmp_path):
             assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
             for k, v in ranks[0][part]["weights"].items():
                 assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"
+    # a bad label on rank 1 alone: both ranks raise at once (no hang until the group's timeout)
+    assert ranks[1]["bad_label"].startswith("ValueError") and "7" in ranks[1]["bad_label"], \
+        ranks[1]["bad_label"]
+    assert ranks[0]["bad_label"].startswith("RuntimeError: fit: rank 1 failed before training"), \
+        ranks[0]["bad_label"]
     # CSVLogger and ModelCheckpoint wrote from rank 0 only
     assert (tmp_path / "log0.csv").exists() and (tmp_path / "ckpt0.pt").exists()
     assert not (tmp_path / "log1.csv").exists() and not (tmp_path / "ckpt1.pt").exists()

@@ -217,6 +217,21 @@ def loader_is_sharded(loader, ctx, fn="fit"):
     return True
 
 
+def raise_if_any_failed(ctx, error, fn="fit"):
+    """Called by every rank after its checks before training (the data, the dry runs of the
+    first batch, which differ between ranks for a Dataset or DataLoader): raises this rank's
+    own error, or a RuntimeError naming the rank that failed, on every rank, so no rank is
+    left waiting in a collective for one that has stopped. One all_gather_object."""
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    texts = ctx.all_gather_object(text)
+    if error is not None:
+        raise error
+    for rank, t in enumerate(texts):
+        if t is not None:
+            raise RuntimeError(f"{fn}: rank {rank} failed before training, so this rank "
+                               f"(rank {ctx.rank}) stops too: {t}")
+
+
 def _device(module):
     for p in module.parameters():
         return p.device

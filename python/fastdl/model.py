@@ -382,8 +382,8 @@ class _Workflow:
         num_replicas equal to the world size and set_epoch, which fit calls each epoch; a
         Dataset or in-memory data is sharded by fit. An IterableDataset (or a DataLoader over
         one) as x raises ValueError (fit cannot give every rank the same number of steps);
-        as validation data it is evaluated whole on every rank. Epoch logs are reduced over ranks: the loss as a
-        sample-weighted mean, metrics scored on every rank's outputs gathered to all ranks, so
+        as validation data it is evaluated whole on every rank. Epoch logs are reduced over
+        ranks: the loss as a sample-weighted mean, metrics scored on every rank's outputs gathered to all ranks, so
         every rank's History is the same (and equals a single process's on the same global
         batches, to rounding). Validation data is split across ranks without padding (a
         validation DataLoader with a DistributedSampler is used as it is, one without is
@@ -446,18 +446,26 @@ class _Workflow:
         seed = 0
         if ctx is not None and shuffle:
             seed = ctx.broadcast_int(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
-        train, n = self._batches(x, y, batch_size, shuffle, fn, cfg, device, dtype, ctx,
-                                 "train", seed)
-        val = None
-        if validation_data is not None:
-            vx, vy = self._validation_pair(validation_data)
-            vfn = "fit (validation_data)"
-            val, _ = self._batches(vx, vy, batch_size, False, vfn, cfg, device, dtype)
-            self._dry_run(val, cfg, fn, "validation_data", "validation_data")
-            if ctx is not None:    # this rank's shard (possibly empty); checked whole above
-                val, _ = self._batches(vx, vy, batch_size, False, vfn, cfg, device, dtype, ctx,
-                                       "eval")
-        self._dry_run(train, cfg, fn, "x", "y")
+        failure = None
+        try:     # under torch.distributed a rank's data may fail here alone: see below
+            train, n = self._batches(x, y, batch_size, shuffle, fn, cfg, device, dtype, ctx,
+                                     "train", seed)
+            val = None
+            if validation_data is not None:
+                vx, vy = self._validation_pair(validation_data)
+                vfn = "fit (validation_data)"
+                val, _ = self._batches(vx, vy, batch_size, False, vfn, cfg, device, dtype)
+                self._dry_run(val, cfg, fn, "validation_data", "validation_data")
+                if ctx is not None:    # this rank's shard (possibly empty); checked whole above
+                    val, _ = self._batches(vx, vy, batch_size, False, vfn, cfg, device, dtype,
+                                           ctx, "eval")
+            self._dry_run(train, cfg, fn, "x", "y")
+        except Exception as e:
+            if ctx is None:
+                raise
+            failure = e
+        if ctx is not None:     # every rank stops if one failed, rather than wait for it
+            D.raise_if_any_failed(ctx, failure, fn)
 
         history = History()
         cbs = callbacks + [history]
