@@ -15,6 +15,10 @@ before that call too: torch's gloo group can deadlock in its destructor when a D
 collected later holds its last reference). Only the gloo path is tested (no GPU on the
 development machine).
 A single process (WORLD_SIZE=1, or no launch) trains as without torch.distributed.
+Detection reads only the environment: a process started from a torchrun worker (a tool it
+spawns, a pytest run inside the job) inherits WORLD_SIZE and RANK, and its fit would then
+initialise a group and wait in init_process_group for peers that never come. Remove
+WORLD_SIZE/RANK from such a process's environment, or pass distributed=False.
 
 Batches: batch_size is per process, as for torch's DataLoader with a DistributedSampler; a step's
 global batch is batch_size * world_size samples. See fastdl.Model.fit for the rest.

@@ -368,41 +368,51 @@ class _Workflow:
         Keras's Model.fit.
 
         Distributed (distributed='auto': under torchrun or an initialised torch.distributed
-        group with more than one process; False: never; True: required). Call fit on every rank
-        with the same arguments. fit initialises the process group if torchrun's variables are
-        set and none exists (gloo on the CPU, nccl on CUDA; fastdl.distributed), wraps the
-        module in DistributedDataParallel for the fit (its start copies rank 0's weights to
-        every rank) and trains each rank on its torch.utils.data.DistributedSampler shard:
-        batch_size is per process (a step averages the gradient over batch_size * world_size
-        samples); shuffle=True shuffles with a seed drawn from torch's global generator on rank
-        0 plus the epoch (set_epoch each epoch); when n is not a multiple of the world size the
-        sampler pads with the first samples, as torch's does (drop_last=False), and those count
-        in the training logs. A DataLoader must already shard: a DistributedSampler as its
-        sampler or its batch_sampler's sampler, or any sampler (or batch sampler) with
-        num_replicas equal to the world size and set_epoch, which fit calls each epoch; a
-        Dataset or in-memory data is sharded by fit. An IterableDataset (or a DataLoader over
-        one) as x raises ValueError (fit cannot give every rank the same number of steps);
-        as validation data it is evaluated whole on every rank. Epoch logs are reduced over
-        ranks: the loss as a sample-weighted mean, metrics scored on every rank's outputs gathered to all ranks, so
-        every rank's History is the same (and equals a single process's on the same global
-        batches, to rounding). Validation data is split across ranks without padding (a
-        validation DataLoader with a DistributedSampler is used as it is, one without is
-        evaluated whole on every rank) and reduced the same way, after rank 0's buffers are
-        copied to every rank; EarlyStopping and other epoch-end decisions therefore agree, and a
-        stop asked for on any rank (stop_training, Ctrl-C) stops every rank at the same step:
-        within an epoch at the ranks' next vote, at most 8 steps after the one it was asked in
-        (they vote every 8 steps, without waiting: fastdl.model._StopVote), or at the epoch's
-        end, whichever comes first, so a stop may come a few steps later than in one process;
-        at an epoch's end at once. As in one process, stop_training logs the epoch it stops
-        and Ctrl-C drops it. Per-batch logs (progress bar,
-        on_train_batch_end) are this rank's own. ModelCheckpoint and CSVLogger run on rank 0
-        only, and only rank 0 shows progress. evaluate and predict are not collectives: each
-        rank computes over all the data it is given, with no communication (the same result on
-        every rank, as the weights are the same). ddp_kwargs: a dict of
-        DistributedDataParallel keyword arguments (find_unused_parameters=True for a model
-        with parameters some steps do not use, broadcast_buffers, static_graph,
-        gradient_as_bucket_view...; not module, device_ids, output_device or process_group,
-        which fit sets); checked on every call, used only under torch.distributed.
+        group with more than one process; False: never; True: required; anything else raises
+        TypeError or ValueError). Call fit on every rank with the same arguments. fit
+        initialises the process group if torchrun's variables are set and none exists (gloo on
+        the CPU, nccl on CUDA; fastdl.distributed), wraps the module in
+        DistributedDataParallel for the fit (its start copies rank 0's weights to every rank;
+        ddp_kwargs: a dict of its keyword arguments, such as find_unused_parameters=True for a
+        model with parameters some steps do not use, or static_graph, broadcast_buffers,
+        gradient_as_bucket_view; not module, device_ids, output_device or process_group, which
+        fit sets; checked on every call, used only under torch.distributed) and trains each
+        rank on its torch.utils.data.DistributedSampler shard: batch_size is per process (a
+        step averages the gradient over batch_size * world_size samples); shuffle=True
+        shuffles with a seed drawn from torch's global generator on rank 0 plus the epoch
+        (set_epoch each epoch); when n is not a multiple of the world size the sampler pads
+        with the first samples, as torch's does (drop_last=False), and those count in the
+        training logs. A DataLoader must already shard: a DistributedSampler as its sampler or
+        its batch_sampler's sampler, or any sampler (or batch sampler) with num_replicas equal
+        to the world size and set_epoch, which fit calls each epoch; a Dataset or in-memory
+        data is sharded by fit. An IterableDataset (or a DataLoader over one) as x raises
+        ValueError (fit cannot give every rank the same number of steps); as validation data
+        it is evaluated whole on every rank.
+        Epoch logs are reduced over ranks: the loss as a sample-weighted mean, metrics scored
+        on every rank's outputs gathered to all ranks, so every rank's History is the same. It
+        equals a single process's on the same global batches, to rounding, when the model has
+        no BatchNorm (its batch statistics are computed per rank, on batch_size samples; fit
+        does no SyncBatchNorm conversion) and the loss is a mean (DDP averages the gradients
+        over ranks, so a sum-reduced loss gets 1/world_size of a single process's gradient).
+        Validation data is split across ranks without padding (a validation DataLoader that
+        shards, as above, is used as it is, one that does not is evaluated whole on every
+        rank) and reduced the same way, after rank 0's buffers are copied to every rank;
+        EarlyStopping and other epoch-end decisions therefore agree, and a stop asked for on
+        any rank (stop_training, Ctrl-C) stops every rank at the same step: within an epoch at
+        the ranks' next vote, at most 8 steps after the one it was asked in (they vote every 8
+        steps, without waiting: fastdl.model._StopVote), or at the epoch's end, whichever
+        comes first, so a stop may come a few steps later than in one process; at an epoch's
+        end at once. As in one process, stop_training logs the epoch it stops and Ctrl-C drops
+        it. Per-batch logs (progress bar, on_train_batch_end) are this rank's own.
+        ModelCheckpoint and CSVLogger run on rank 0 only, and only rank 0 shows progress.
+        evaluate and predict are not collectives: each rank computes over all the data it is
+        given, with no communication (the same result on every rank, as the weights are the
+        same). Errors: when the data or the first-batch dry run fails on one rank, every rank
+        raises before training (that rank its own error, the others a RuntimeError naming
+        it); an error on one rank during training (a later DataLoader batch's bad target, a
+        rank-0 callback's I/O error) leaves the other ranks waiting in a collective until the
+        process group's timeout, unless the launcher (torchrun) stops them when that process
+        exits.
 
         >>> h = model.fit(x, y, batch_size=64, epochs=10, validation_split=0.1, verbose=0)
         """
