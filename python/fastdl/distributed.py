@@ -49,9 +49,8 @@ class Context:
     """The process group fit trains in: rank, world size, and the collectives fit needs
     (on `device`: the model's for NCCL, the CPU for gloo)."""
 
-    def __init__(self, rank, world, device, initialised_here=False):
+    def __init__(self, rank, world, device):
         self.rank, self.world, self.device = rank, world, device
-        self.initialised_here = initialised_here
 
     def __repr__(self):
         return f"fastdl.distributed.Context(rank={self.rank}, world={self.world})"
@@ -67,10 +66,7 @@ class Context:
 
     def any(self, flags):
         """Elementwise: is the flag set on any rank (max all-reduce)."""
-        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32,
-                         device=self._collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.cpu().tolist()]
+        return self.any_async(flags)()
 
     def any_async(self, flags):
         """any() without waiting: returns a function that waits and gives the result."""
@@ -112,8 +108,10 @@ class Context:
         """The module in DistributedDataParallel (which broadcasts rank 0's parameters and
         buffers to every rank as it starts), with fit's ddp_kwargs (checked by
         check_ddp_kwargs)."""
+        # device_ids only for a module on one CUDA device (DDP refuses it for several).
+        devices = {p.device for p in module.parameters()}
         device_ids = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and len(devices) == 1:
             device_ids = [self.device.index]
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
                                                          **(ddp_kwargs or {}))
@@ -177,7 +175,6 @@ def detect(module, distributed, fn="fit"):
                          "wraps it itself under torch.distributed: pass the module inside "
                          "(ddp.module), or distributed=False to train it as it is")
     device = _device(module)
-    here = False
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     else:
@@ -195,14 +192,13 @@ def detect(module, distributed, fn="fit"):
                 device = torch.device("cuda", local)
                 module.to(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-            here = True
     if world <= 1:
         if distributed is True:
             raise RuntimeError(f"{fn}: distributed=True, but the world size is {world}")
         return None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return Context(rank, world, device, here)
+    return Context(rank, world, device)
 
 
 def loader_is_sharded(loader, ctx, fn="fit"):
