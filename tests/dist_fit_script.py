@@ -9,8 +9,9 @@ ModelCheckpoint), 'dataset' (the same data as a TensorDataset), 'padded' (23 sam
 'batch_sampler' and 'custom_sampler' (DataLoaders that shard; one that does not, one for
 another world size, and an IterableDataset must raise ValueError, as must a module already in
 DDP), 'unused' (ddp_kwargs={'find_unused_parameters': True}), 'stop', 'ctrl-c' and
-'ctrl-c-last' (asked for on rank 1 only), 'shuffled' (shuffle=True, EarlyStopping) and
-'bad_label' (a dry run that fails on rank 1 only).
+'ctrl-c-last' (asked for on rank 1 only), 'val_sharded' and 'val_whole' (validation
+DataLoaders), 'local' (distributed=False: each rank alone), 'shuffled' (shuffle=True,
+EarlyStopping) and 'bad_label' (a dry run that fails on rank 1 only).
 Each rank writes its Histories and weights to OUTDIR/rank<RANK>.pt. The model and data builders
 are also what the test's single-process reference uses.
 """
@@ -174,6 +175,25 @@ def main(outdir):
     out["iterable_error"] = _error(lambda: net.fit(Stream(x, y), batch_size=BATCH, verbose=0))
     out["iterable_loader_error"] = _error(lambda: net.fit(
         torch.utils.data.DataLoader(Stream(x, y), batch_size=BATCH), verbose=0))
+
+    # Validation DataLoaders: one that shards (a DistributedSampler over 6 samples, so no
+    # padding) is reduced over the ranks; one that does not is evaluated whole on every rank.
+    val6 = torch.utils.data.TensorDataset(val[0][:6], val[1][:6])
+    sharded = torch.utils.data.DistributedSampler(val6, shuffle=False)
+    for part, vloader in (
+            ("val_sharded", torch.utils.data.DataLoader(val6, batch_size=2, sampler=sharded)),
+            ("val_whole", torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*val),
+                                                      batch_size=BATCH))):
+        net = model()
+        h = net.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, validation_data=vloader,
+                    verbose=0)
+        out[part] = {"history": h.history, "weights": _weights(net)}
+
+    # distributed=False under torchrun: each rank trains alone on its own data, no DDP.
+    net = model()
+    h = net.fit(x[rank::2], y[rank::2], batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+                distributed=False)
+    out["local"] = {"history": h.history, "weights": _weights(net)}
 
     # DistributedDataParallel's options through ddp_kwargs
     net = unused_model()

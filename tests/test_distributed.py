@@ -186,7 +186,24 @@ def test_fit_under_torchrun(tmp_path):
     unused = F.unused_model()
     h_unused = unused.fit(x, y, batch_size=2 * F.BATCH, epochs=2, shuffle=False, verbose=0,
                           distributed=False)
+    val6 = (val[0][:6], val[1][:6])
+    refs = {}
+    for part, vdata in (("val_sharded", val6), ("val_whole", val)):
+        refs[part] = F.model()
+        refs[part].hist = refs[part].fit(x, y, batch_size=2 * F.BATCH, epochs=2, shuffle=False,
+                                         validation_data=vdata, verbose=0, distributed=False)
+    local = []
+    for r in range(2):
+        local.append(F.model())
+        local[r].hist = local[r].fit(x[r::2], y[r::2], batch_size=F.BATCH, epochs=2,
+                                     shuffle=False, verbose=0, distributed=False)
     for r, res in enumerate(ranks):
+        for part, ref_part in refs.items():
+            _assert_history(res[part]["history"], ref_part.hist.history, f"rank {r}, {part}")
+            _assert_weights(res[part]["weights"], ref_part.state_dict(), f"rank {r}, {part}")
+        # no DDP: each rank's weights are its own data's (the two differ)
+        _assert_history(res["local"]["history"], local[r].hist.history, f"rank {r}, local")
+        _assert_weights(res["local"]["weights"], local[r].state_dict(), f"rank {r}, local")
         _assert_history(res["unused"]["history"], h_unused.history, f"rank {r}, unused")
         _assert_weights(res["unused"]["weights"], unused.state_dict(), f"rank {r}, unused")
         got = res["tensors"]
@@ -236,6 +253,9 @@ def test_fit_under_torchrun(tmp_path):
         ranks[1]["bad_label"]
     assert ranks[0]["bad_label"].startswith("RuntimeError: fit: rank 1 failed before training"), \
         ranks[0]["bad_label"]
+    gap = max(float((ranks[0]["local"]["weights"][k] - v).abs().max())
+              for k, v in ranks[1]["local"]["weights"].items())
+    assert gap > 1e-3, f"distributed=False: the ranks' weights are the same ({gap})"
     # CSVLogger and ModelCheckpoint wrote from rank 0 only
     assert (tmp_path / "log0.csv").exists() and (tmp_path / "ckpt0.pt").exists()
     assert not (tmp_path / "log1.csv").exists() and not (tmp_path / "ckpt1.pt").exists()
@@ -243,19 +263,25 @@ def test_fit_under_torchrun(tmp_path):
 
     # Shuffled: rank 0's weights (seed 0) and seed, torch's DistributedSampler order per epoch
     # (randperm with seed + epoch), global batches of 2 * BATCH consecutive samples of it.
+    # EarlyStopping(patience=1) stops after the first epoch whose val_loss is no better than
+    # the best before it: the reference's val_loss gives that epoch exactly.
     got = ranks[0]["shuffled"]["history"]
-    epochs = len(got["loss"])
-    assert 1 <= epochs <= 6
     torch.manual_seed(100)
     seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
     ref = F.model(seed=0)
-    want = {}
-    for e in range(epochs):
+    want, best = {}, None
+    for e in range(6):
         perm = torch.randperm(F.N, generator=torch.Generator().manual_seed(seed + e))
         he = ref.fit(x[perm], y[perm], batch_size=2 * F.BATCH, epochs=1, shuffle=False,
                      validation_data=val, verbose=0, distributed=False)
         for k, v in he.history.items():
             want.setdefault(k, []).extend(v)
+        loss = he.history["val_loss"][0]
+        if best is None or loss < best:
+            best = loss
+        elif e > 0:
+            break
+    assert len(want["loss"]) < 6, "the test must stop early"
     _assert_history(got, want, "shuffled")
     _assert_weights(ranks[0]["shuffled"]["weights"], ref.state_dict(), "shuffled")
 
