@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -151,6 +152,14 @@ def _assert_history(got, want, what):
 
 
 
+def _steps_until_vote(b, steps):
+    """Steps an epoch runs when a stop is asked for in step b (0-based) on one rank: the ranks
+    vote after every EVERY-th step and read the vote after the next step."""
+    every = fastdl.model._StopVote.EVERY
+    sent = (b // every + 1) * every - 1
+    return min(sent + 2, steps)
+
+
 def test_fit_under_torchrun(tmp_path):
     # --standalone: a c10d rendezvous on localhost at a port the OS picks (no network needed)
     _run([[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -170,7 +179,33 @@ def test_fit_under_torchrun(tmp_path):
     order = torch.cat([torch.arange(F.N - 1), torch.tensor([0])])
     h_pad = pad.fit(x[order], y[order], batch_size=2 * F.BATCH, epochs=2, shuffle=False,
                     verbose=0, distributed=False)
+    # One process, Ctrl-C in the last step of the first epoch: nothing logged.
+    one = F.model()
+    last = one.fit(x, y, batch_size=2, epochs=3, shuffle=False, verbose=0,
+                   callbacks=[F.AskOnRank1("ctrl-c", 0, F.STEPS_1 - 1)])
+    unused = F.unused_model()
+    h_unused = unused.fit(x, y, batch_size=2 * F.BATCH, epochs=2, shuffle=False, verbose=0,
+                          distributed=False)
+    val6 = (val[0][:6], val[1][:6])
+    refs = {}
+    for part, vdata in (("val_sharded", val6), ("val_whole", val)):
+        refs[part] = F.model()
+        refs[part].hist = refs[part].fit(x, y, batch_size=2 * F.BATCH, epochs=2, shuffle=False,
+                                         validation_data=vdata, verbose=0, distributed=False)
+    local = []
+    for r in range(2):
+        local.append(F.model())
+        local[r].hist = local[r].fit(x[r::2], y[r::2], batch_size=F.BATCH, epochs=2,
+                                     shuffle=False, verbose=0, distributed=False)
     for r, res in enumerate(ranks):
+        for part, ref_part in refs.items():
+            _assert_history(res[part]["history"], ref_part.hist.history, f"rank {r}, {part}")
+            _assert_weights(res[part]["weights"], ref_part.state_dict(), f"rank {r}, {part}")
+        # no DDP: each rank's weights are its own data's (the two differ)
+        _assert_history(res["local"]["history"], local[r].hist.history, f"rank {r}, local")
+        _assert_weights(res["local"]["weights"], local[r].state_dict(), f"rank {r}, local")
+        _assert_history(res["unused"]["history"], h_unused.history, f"rank {r}, unused")
+        _assert_weights(res["unused"]["weights"], unused.state_dict(), f"rank {r}, unused")
         got = res["tensors"]
         _assert_history(got["history"], h.history, f"rank {r}, tensors")
         _assert_weights(got["weights"], ref.state_dict(), f"rank {r}, tensors")
@@ -185,19 +220,42 @@ def test_fit_under_torchrun(tmp_path):
         _assert_history(res["loader"]["history"], h.history, f"rank {r}, loader")
         _assert_weights(res["loader"]["weights"], ref.state_dict(), f"rank {r}, loader")
         assert "DistributedSampler" in res["plain_loader_error"], res["plain_loader_error"]
+        for part in ("batch_sampler", "custom_sampler"):
+            _assert_history(res[part]["history"], h.history, f"rank {r}, {part}")
+            _assert_weights(res[part]["weights"], ref.state_dict(), f"rank {r}, {part}")
+        assert res["custom_sampler"]["epochs"] == [0, 1, 2], res["custom_sampler"]
+        assert "num_replicas=3" in res["wrong_sampler_error"], res["wrong_sampler_error"]
+        for part in ("iterable_error", "iterable_loader_error"):
+            assert "x is" in res[part] and "IterableDataset" in res[part], res[part]
         _assert_history(res["padded"]["history"], h_pad.history, f"rank {r}, padded")
         _assert_weights(res["padded"]["weights"], pad.state_dict(), f"rank {r}, padded")
         assert "already wrapped" in res["ddp_error"], res["ddp_error"]
-        # Asked for on rank 1 after the first step of an epoch (3 steps each): both ranks stop
-        # after the second. stop_training ends the epoch (logged); Ctrl-C drops it unfinished.
-        assert res["stop"]["steps"] == 2 and len(res["stop"]["history"]["loss"]) == 1, res["stop"]
-        assert res["ctrl-c"]["steps"] == 3 + 2, res["ctrl-c"]
+        # Asked for on rank 1 after the first step of an epoch: both ranks stop at the first
+        # vote after it. stop_training ends the epoch (logged); Ctrl-C drops it unfinished,
+        # also when it comes in the epoch's last step (seen at the epoch's end), as in one
+        # process.
+        steps = _steps_until_vote(0, F.STEPS_1)
+        assert steps < F.STEPS_1, "the test must stop within an epoch"
+        assert res["stop"]["steps"] == steps and len(res["stop"]["history"]["loss"]) == 1, \
+            res["stop"]
+        assert res["ctrl-c"]["steps"] == F.STEPS_1 + steps, res["ctrl-c"]
         assert len(res["ctrl-c"]["history"]["loss"]) == 1, res["ctrl-c"]
+        assert res["ctrl-c-last"]["steps"] == F.STEPS_1, res["ctrl-c-last"]
+        assert res["ctrl-c-last"]["history"] == last.history == {}, res["ctrl-c-last"]
         # every rank logs the same History and holds the same weights
-        for part in ("tensors", "dataset", "padded", "loader", "stop", "ctrl-c", "shuffled"):
+        for part in ("tensors", "dataset", "padded", "loader", "batch_sampler",
+                     "custom_sampler", "stop", "ctrl-c", "ctrl-c-last", "shuffled"):
             assert res[part]["history"] == ranks[0][part]["history"], f"rank {r}, {part}"
             for k, v in ranks[0][part]["weights"].items():
                 assert torch.equal(res[part]["weights"][k], v), f"rank {r}, {part}: {k}"
+    # a bad label on rank 1 alone: both ranks raise at once (no hang until the group's timeout)
+    assert ranks[1]["bad_label"].startswith("ValueError") and "7" in ranks[1]["bad_label"], \
+        ranks[1]["bad_label"]
+    assert ranks[0]["bad_label"].startswith("RuntimeError: fit: rank 1 failed before training"), \
+        ranks[0]["bad_label"]
+    gap = max(float((ranks[0]["local"]["weights"][k] - v).abs().max())
+              for k, v in ranks[1]["local"]["weights"].items())
+    assert gap > 1e-3, f"distributed=False: the ranks' weights are the same ({gap})"
     # CSVLogger and ModelCheckpoint wrote from rank 0 only
     assert (tmp_path / "log0.csv").exists() and (tmp_path / "ckpt0.pt").exists()
     assert not (tmp_path / "log1.csv").exists() and not (tmp_path / "ckpt1.pt").exists()
@@ -205,19 +263,25 @@ def test_fit_under_torchrun(tmp_path):
 
     # Shuffled: rank 0's weights (seed 0) and seed, torch's DistributedSampler order per epoch
     # (randperm with seed + epoch), global batches of 2 * BATCH consecutive samples of it.
+    # EarlyStopping(patience=1) stops after the first epoch whose val_loss is no better than
+    # the best before it: the reference's val_loss gives that epoch exactly.
     got = ranks[0]["shuffled"]["history"]
-    epochs = len(got["loss"])
-    assert 1 <= epochs <= 6
     torch.manual_seed(100)
     seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
     ref = F.model(seed=0)
-    want = {}
-    for e in range(epochs):
+    want, best = {}, None
+    for e in range(6):
         perm = torch.randperm(F.N, generator=torch.Generator().manual_seed(seed + e))
         he = ref.fit(x[perm], y[perm], batch_size=2 * F.BATCH, epochs=1, shuffle=False,
                      validation_data=val, verbose=0, distributed=False)
         for k, v in he.history.items():
             want.setdefault(k, []).extend(v)
+        loss = he.history["val_loss"][0]
+        if best is None or loss < best:
+            best = loss
+        elif e > 0:
+            break
+    assert len(want["loss"]) < 6, "the test must stop early"
     _assert_history(got, want, "shuffled")
     _assert_weights(ranks[0]["shuffled"]["weights"], ref.state_dict(), "shuffled")
 
@@ -238,8 +302,18 @@ def test_fit_distributed_argument_is_checked(monkeypatch):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match="distributed must be"):
         net.fit(x, y, distributed="yes", verbose=0)
+    # equal to True/False but not booleans: refused, not taken as 'auto'
+    for value in (1, 0, 1.0, np.True_, np.False_, None):
+        with pytest.raises(TypeError, match="distributed must be"):
+            net.fit(x, y, distributed=value, verbose=0)
     with pytest.raises(RuntimeError, match="distributed=True"):
         net.fit(x, y, distributed=True, verbose=0)
+    with pytest.raises(TypeError, match="ddp_kwargs must be a dict"):
+        net.fit(x, y, ddp_kwargs=[("find_unused_parameters", True)], verbose=0)
+    for bad, match in (({"device_ids": [0]}, "fit sets it itself"),
+                       ({"find_unused_parameter": True}, "not an argument")):
+        with pytest.raises(ValueError, match=match):
+            net.fit(x, y, ddp_kwargs=bad, verbose=0)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), "a refused fit changed the weights"
 

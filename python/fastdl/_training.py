@@ -328,6 +328,18 @@ class TensorBatches:
                                                       else self.y[i:i + self.batch_size])
 
 
+def epoch_sampler(loader):
+    """The part of a DataLoader that has set_epoch (a DistributedSampler or any sampler made
+    for several processes): its sampler, its batch_sampler, or the batch_sampler's sampler,
+    the first that has one; None when none has."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for s in (getattr(loader, "sampler", None), batch_sampler,
+              getattr(batch_sampler, "sampler", None)):
+        if s is not None and callable(getattr(s, "set_epoch", None)):
+            return s
+    return None
+
+
 class LoaderBatches:
     """Batches from a torch DataLoader, each converted as in-memory data would be."""
 
@@ -335,9 +347,9 @@ class LoaderBatches:
         self.loader, self.convert = loader, convert
 
     def set_epoch(self, epoch):
-        """Reshuffles a DistributedSampler for the epoch (what torch's docs ask of a loop)."""
-        sampler = getattr(self.loader, "sampler", None)
-        if isinstance(sampler, torch.utils.data.DistributedSampler):
+        """Reshuffles the loader's sampler for the epoch (what torch's docs ask of a loop)."""
+        sampler = epoch_sampler(self.loader)
+        if sampler is not None:
             sampler.set_epoch(epoch)
 
     def __len__(self):
