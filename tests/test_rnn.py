@@ -184,6 +184,7 @@ def test_packed_wide_batch(device, kind):
 
 def check_packed(device, kind, bidirectional, lengths, I, H, layers=2):
     B, T = len(lengths), max(lengths)
+    red = max(T, I, H)  # the longest reduction: steps, input or hidden width
     dt = float_for(device)
     lengths = torch.tensor(lengths)
     ours, theirs = make_pair(kind, I, H, dtype=dt, device=device, num_layers=layers,
@@ -198,22 +199,28 @@ def check_packed(device, kind, bidirectional, lengths, I, H, layers=2):
         pa, pb = clone_all(packed.data).requires_grad_(), clone_all(packed.data).requires_grad_()
         mk = lambda d: torch.nn.utils.rnn.PackedSequence(  # noqa: E731
             d, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-        oa = ours(mk(pa), clone_all(state)) if state is not None else ours(mk(pa))
-        ob = theirs(mk(pb), clone_all(state)) if state is not None else theirs(mk(pb))
+        sa, sb = clone_all(state), clone_all(state)
+        oa = ours(mk(pa), sa) if state is not None else ours(mk(pa))
+        ob = theirs(mk(pb), sb) if state is not None else theirs(mk(pb))
         assert isinstance(oa[0], torch.nn.utils.rnn.PackedSequence)
         assert torch.equal(oa[0].batch_sizes, ob[0].batch_sizes)
         fa, fb = flat(oa), flat(ob)
         for i, (a, b) in enumerate(zip(fa, fb)):
-            assert_close(a, b, reduction=9, what=f"packed {kind} output {i}")
+            assert_close(a, b, reduction=red, what=f"packed {kind} output {i}")
         gs = [torch.randn_like(b) for b in fb]
         torch.autograd.backward(fa, gs)
         torch.autograd.backward(fb, gs)
-        assert_close(pa.grad, pb.grad, reduction=36, what=f"packed {kind} grad input")
+        assert_close(pa.grad, pb.grad, reduction=4 * red, what=f"packed {kind} grad input")
+        if state is not None:  # h0 (and c0): carried through the rows of ended sequences
+            for j, (a, b) in enumerate(zip(sa if isinstance(sa, tuple) else (sa,),
+                                           sb if isinstance(sb, tuple) else (sb,))):
+                assert a.grad is not None, f"packed {kind}: no gradient for hx[{j}]"
+                assert_close(a.grad, b.grad, reduction=4 * red, what=f"packed {kind} grad hx[{j}]")
         for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
-            assert_close(p.grad, q.grad, reduction=36, what=f"packed {kind} grad {n}")
+            assert_close(p.grad, q.grad, reduction=4 * red, what=f"packed {kind} grad {n}")
         ya, _ = pad_packed_sequence(oa[0])
         yb, _ = pad_packed_sequence(ob[0])
-        assert_close(ya, yb, reduction=9, what="padded output")
+        assert_close(ya, yb, reduction=red, what="padded output")
 
 
 @pytest.mark.parametrize("kind", KINDS)
