@@ -101,7 +101,8 @@ def check_module(ours, theirs, x, hx=None, *, reduction, what):
 
 def random_case(rng, small=False):
     """A random configuration; small=True keeps it to what the emulated CUDA back end runs in
-    seconds (every CUDA thread on the CPU): 1-2 layers, sequences 1-5, batch 1-3, hidden 8-16."""
+    seconds (every CUDA thread on the CPU): 1-2 layers, sequences 1-5, batch 1-3, hidden 8-16
+    (test_cuda_large_hidden adds the emulated cases with hidden > 32 and batch > 8)."""
     kind = rng.choice(KINDS)
     cfg = dict(num_layers=rng.randint(1, 2 if small else 3), bidirectional=rng.random() < 0.5,
                batch_first=rng.random() < 0.5, bias=rng.random() < 0.75)
@@ -137,8 +138,11 @@ def test_sweep(device, chunk, dtype):
     if device == "cuda" and dtype == torch.float64:
         pytest.skip(CUDA_F64)
     rng = random.Random(900 + chunk)
+    # Only the emulated back end (every CUDA thread run on the CPU) needs the small sweep; a GPU
+    # runs the CPU's sweep (batch 1-16, lengths 1-40).
+    small = device == "cuda" and fastdl.cuda.is_emulated()
     for _ in range(6):
-        run_case(*random_case(rng, small=device == "cuda"), dtype=dtype, device=device)
+        run_case(*random_case(rng, small=small), dtype=dtype, device=device)
 
 
 @pytest.mark.slow
@@ -167,6 +171,17 @@ def test_large_hidden(cpu_path, kind, dtype):
     recurrent product with partial row groups, and the vector/scalar unit tails."""
     run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3, 7, 5,
              263, True, dtype)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_large_hidden(cuda_device, kind):
+    """Hidden 70 (LSTM_PROJ: state width 35), past one warp's 32 lanes, so the fused small-batch
+    kernel's k loop runs more than once, and batch 11: every step of the unpacked case takes the
+    GEMM + gate kernel path; the packed one (batch sizes 11, 10, 8, 5, 2) hands the state from
+    that path to the fused kernel, bidirectional, with initial-state gradients."""
+    run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=True, bias=True), 3, 11, 7,
+             70, True, torch.float32, device=cuda_device)
+    check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 70, layers=1)
 
 
 @pytest.mark.parametrize("kind", KINDS)
