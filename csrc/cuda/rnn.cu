@@ -28,6 +28,8 @@
 // a small-batch kernel for the backward's dh product. None of it measured on a GPU yet.
 // ptxas (nvcc 13, sm_90 / sm_75): fused step 72 / 81 registers and 16.5 KB shared, forward gate
 // kernel 76 / 74, backward gate kernel 32 / 38, copy and column sums 32-44; no spills.
+// The emulation build (CI) compiles rnn_math.h's host branch (polynomial exp/tanh); a GPU runs its
+// __CUDA_ARCH__ branch (expf/tanhf), which CI never runs.
 // Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py and
 // fastdl-bench --device cuda (suite rnn, against cuDNN).
 #include <cstdint>
