@@ -321,6 +321,11 @@ void check_cuda_params(const RnnParams& p) {
   const int64_t lim = int64_t(1) << 31;
   FASTDL_CHECK(p.batch < lim && p.hidden_size * 4 < lim && p.input_size < lim,
                "rnn: CUDA sizes must be below 2^31");
+  // The GEMMs over all rows (input projection, dx, weight gradients) take N as a dimension: an
+  // N past gemm_cuda's 2^31 limit fails here, before anything is written or launched.
+  const int64_t n = p.total_rows();
+  FASTDL_CHECK(n < lim, "rnn: CUDA total rows (steps x batch, or the sum of batch_sizes) must be "
+               "below 2^31, got ", n);
 }
 
 }  // namespace
