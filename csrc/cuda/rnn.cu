@@ -28,6 +28,17 @@
 // a small-batch kernel for the backward's dh product. None of it measured on a GPU yet.
 // ptxas (nvcc 13, sm_90 / sm_75): fused step 72 / 81 registers and 16.5 KB shared, forward gate
 // kernel 76 / 74, backward gate kernel 32 / 38, copy and column sums 32-44; no spills.
+// Per-step grids of the benchmark shapes (input, hidden, batch, steps), unmeasured (review item 2:
+// the step GEMMs get gemm_cuda's 64 x 64 tiles, one block each; an H100/H200 has 132 SMs):
+//   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 blocks + gate kernel 16 blocks;
+//     backward gate kernel 16 blocks + dh GEMM 2 blocks (k = 128 / 512 / 384).
+//   LSTM (256, 512, 64, 100): forward GEMM 32 blocks + gates 128; backward gates 128 + dh GEMM 8
+//     blocks, each looping over k = 2048 in 16-wide slices.
+//   LSTM (32, 64, 1, 200): fused kernel 16 blocks of 4 warps; backward gates 1 + dh GEMM 1 block.
+//   2-layer bidirectional LSTM (128, 256, 16, 100): forward GEMM 16 + gates 16; backward gates 16
+//     + dh GEMM 4 blocks.
+// So the backward's dh product fills at most 8 of 132 SMs: split-K or a matvec kernel is the
+// first thing to measure on a GPU.
 // The emulation build (CI) compiles rnn_math.h's host branch (polynomial exp/tanh); a GPU runs its
 // __CUDA_ARCH__ branch (expf/tanhf), which CI never runs.
 // Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py and
