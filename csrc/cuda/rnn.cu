@@ -12,9 +12,12 @@
 //        lane b runs the gate math of row b. One launch per step.
 //      * more rows: hh = h @ W_hh^T (gemm_cuda, bs x G*H), then a gate kernel, one thread per
 //        (row, unit).
-//      Either writes c in place, h', the output row and, in training, the saved activations;
-//      rows of ended sequences (packed) carry their state over. LSTM projection: the kernels write
-//      hpre, then y = hpre @ W_hr^T (GEMM) and h = y.
+//      Either writes c in place, h', the output row and, in training, the saved activations, for
+//      the step's rows only. Packed sequences: a row that ends is copied into h_n once, when it
+//      ends (if the ping-pong left it in the other buffer); the reverse direction, whose rows
+//      start late, first copies h0 into both buffers. So no step touches the rows of ended or
+//      unstarted sequences. LSTM projection: the kernels write hpre, then y = hpre @ W_hr^T (GEMM)
+//      and h = y, in place.
 // Backward (reverse visiting order): per step one fused gate-gradient kernel (dh = carried + dy,
 // saved activations -> gate gradients dg, dc in place, GRU's direct term dh*z into dh in place)
 // and dh_prev = dg_h @ W_hh (GEMM; GRU adds onto the direct term with beta = 1). After the loop
@@ -106,7 +109,7 @@ struct FwdStep {
   const float* b_ih;   // (G*H) or nullptr
   const float* b_hh;
   const float* h_old;  // (B, R) state before the step
-  float* h_new;        // no projection: (B, R) state after it (rows >= bs carried over)
+  float* h_new;        // no projection: (B, R) state after it (rows < bs written)
   float* hpre;         // projection: (bs, H) o * tanh(c) out; else nullptr (h is then untouched)
   float* y;            // (bs, R) output rows (no projection)
   float* c;            // LSTM (B, H), in place
@@ -176,21 +179,12 @@ __device__ __forceinline__ void forward_unit(const FwdStep& s, int64_t b, int64_
   }
 }
 
-// Rows that have ended (b >= bs, packed sequences) keep their state: copied into h_new.
-__device__ __forceinline__ void carry_unit(const FwdStep& s, int64_t b, int64_t j) {
-  if (!s.hpre) s.h_new[b * s.H + j] = s.h_old[b * s.H + j];
-}
-
-// Generic path: one thread per (row, unit) of all B rows, after the step's GEMM (s.hh).
+// Generic path: one thread per (row, unit) of the step's bs rows, after its GEMM (s.hh).
 __global__ void __launch_bounds__(kThreads) forward_gates_kernel(FwdStep s) {
-  const int64_t H = s.H, n = int64_t(s.B) * H;
+  const int64_t H = s.H, n = int64_t(s.bs) * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
-    if (b >= s.bs) {
-      carry_unit(s, b, j);
-      continue;
-    }
     float hg[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) hg[q] = q * H < s.GH ? s.hh[b * s.GH + q * H + j] : 0.f;
@@ -237,13 +231,10 @@ __global__ void __launch_bounds__(kFusedWarps * 32) fused_step_kernel(FwdStep s)
   __syncwarp();
   red[warp][lane][0] = sum;
   __syncwarp();
-  if (j < s.H) {
-    if (lane < bs) {
-      float hg[4];
-      for (int q = 0; q < G; ++q) hg[q] = red[warp][q * kFusedRows + lane][0];
-      forward_unit(s, lane, j, hg);
-    }
-    for (int64_t b = bs + lane; b < s.B; b += 32) carry_unit(s, b, j);
+  if (j < s.H && lane < bs) {
+    float hg[4];
+    for (int q = 0; q < G; ++q) hg[q] = red[warp][q * kFusedRows + lane][0];
+    forward_unit(s, lane, j, hg);
   }
 }
 
@@ -372,6 +363,11 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
   float* hh = sc + S.hh;
   float* h_cur = hn;
   float* h_other = sc + S.hbuf;  // ping-pong: the fused kernel reads every h while writing
+  // Packed, reverse: rows start late and read h0 from whichever buffer is current then.
+  if (!proj && p.reverse && p.batch_sizes)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(h_other, a.h0, sizeof(float) * B * R,
+                                      cudaMemcpyDeviceToDevice, stream));
+  int64_t live = B;  // rows of the previous step (forward direction: those not yet ended)
 
   // The input projection of all N rows at once.
   float* xg = training ? ws + L.act : sc + S.xg;
@@ -382,6 +378,11 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t bs = p.rows_at(t), row0 = off[t];
     float* hprev = training ? ws + L.hprev + row0 * R : nullptr;
+    if (!proj && bs < live && h_cur != hn)  // rows bs..live ended: their final state into h_n
+      FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn + bs * R, h_cur + bs * R,
+                                        sizeof(float) * (live - bs) * R,
+                                        cudaMemcpyDeviceToDevice, stream));
+    live = bs;
     const bool fused = bs <= kFusedRows;
     if (!fused) mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
     if (proj && hprev) copy_add(h_cur, nullptr, hprev, bs * R, stream);
@@ -410,7 +411,7 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
       const unsigned int blocks = static_cast<unsigned int>((H + kFusedWarps - 1) / kFusedWarps);
       FASTDL_LAUNCH(blocks, kFusedWarps * 32, 0, stream, fused_step_kernel)(st);
     } else {
-      FASTDL_LAUNCH(blocks_for(B * H), kThreads, 0, stream, forward_gates_kernel)(st);
+      FASTDL_LAUNCH(blocks_for(bs * H), kThreads, 0, stream, forward_gates_kernel)(st);
     }
     FASTDL_CUDA_CHECK_LAUNCH();
     if (proj) {  // y = hpre @ W_hr^T, then the new state is y (in place: nothing reads h now)
@@ -420,9 +421,9 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
       std::swap(h_cur, h_other);
     }
   }
-  if (h_cur != hn)
-    FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn, h_cur, sizeof(float) * B * R, cudaMemcpyDeviceToDevice,
-                                      stream));
+  if (h_cur != hn)  // the last step's rows (the others are in h_n already)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn, h_cur, sizeof(float) * live * R,
+                                      cudaMemcpyDeviceToDevice, stream));
 }
 
 void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
