@@ -160,6 +160,9 @@ def side_stream(cuda_device):
             _C.cuda_emulation_stream_destroy(handle)
     else:
         s = torch.cuda.Stream()
+        # torch's streams do not wait for the default stream: the inputs the caller wrote there
+        # must be ready before the side stream's kernels read them.
+        s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             yield
         torch.cuda.current_stream().wait_stream(s)

@@ -33,6 +33,7 @@ def device(device):
 
 # fastdl's CUDA recurrent kernels are float32 only: float64 cases run on the CPU alone.
 CUDA_F64 = "fastdl's CUDA recurrent kernels support float32 only (no float64 on CUDA)"
+NOTHING_TO_RUN = "an empty batch or an error raised while checking arguments runs no kernel"
 
 
 def float_for(device):
@@ -101,7 +102,8 @@ def check_module(ours, theirs, x, hx=None, *, reduction, what):
 
 def random_case(rng, small=False):
     """A random configuration; small=True keeps it to what the emulated CUDA back end runs in
-    seconds (every CUDA thread on the CPU): 1-2 layers, sequences 1-5, batch 1-3, hidden 8-16."""
+    seconds (every CUDA thread on the CPU): 1-2 layers, sequences 1-5, batch 1-3, hidden 8-16
+    (test_cuda_large_hidden adds the emulated cases with hidden > 32 and batch > 8)."""
     kind = rng.choice(KINDS)
     cfg = dict(num_layers=rng.randint(1, 2 if small else 3), bidirectional=rng.random() < 0.5,
                batch_first=rng.random() < 0.5, bias=rng.random() < 0.75)
@@ -137,8 +139,11 @@ def test_sweep(device, chunk, dtype):
     if device == "cuda" and dtype == torch.float64:
         pytest.skip(CUDA_F64)
     rng = random.Random(900 + chunk)
+    # Only the emulated back end (every CUDA thread run on the CPU) needs the small sweep; a GPU
+    # runs the CPU's sweep (batch 1-16, lengths 1-40).
+    small = device == "cuda" and fastdl.cuda.is_emulated()
     for _ in range(6):
-        run_case(*random_case(rng, small=device == "cuda"), dtype=dtype, device=device)
+        run_case(*random_case(rng, small=small), dtype=dtype, device=device)
 
 
 @pytest.mark.slow
@@ -170,6 +175,17 @@ def test_large_hidden(cpu_path, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_cuda_large_hidden(cuda_device, kind):
+    """Hidden 70 (LSTM_PROJ: state width 35), past one warp's 32 lanes, so the fused small-batch
+    kernel's k loop runs more than once, and batch 11: every step of the unpacked case takes the
+    GEMM + gate kernel path; the packed one (batch sizes 11, 10, 8, 5, 2) hands the state from
+    that path to the fused kernel, bidirectional, with initial-state gradients."""
+    run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=True, bias=True), 3, 11, 7,
+             70, True, torch.float32, device=cuda_device)
+    check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 70, layers=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_packed_unsorted(device, kind, bidirectional):
     check_packed(device, kind, bidirectional, [3, 9, 1, 9, 5, 2], 4, 7)
@@ -184,6 +200,7 @@ def test_packed_wide_batch(device, kind):
 
 def check_packed(device, kind, bidirectional, lengths, I, H, layers=2):
     B, T = len(lengths), max(lengths)
+    red = max(T, I, H)  # the longest reduction: steps, input or hidden width
     dt = float_for(device)
     lengths = torch.tensor(lengths)
     ours, theirs = make_pair(kind, I, H, dtype=dt, device=device, num_layers=layers,
@@ -198,22 +215,28 @@ def check_packed(device, kind, bidirectional, lengths, I, H, layers=2):
         pa, pb = clone_all(packed.data).requires_grad_(), clone_all(packed.data).requires_grad_()
         mk = lambda d: torch.nn.utils.rnn.PackedSequence(  # noqa: E731
             d, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-        oa = ours(mk(pa), clone_all(state)) if state is not None else ours(mk(pa))
-        ob = theirs(mk(pb), clone_all(state)) if state is not None else theirs(mk(pb))
+        sa, sb = clone_all(state), clone_all(state)
+        oa = ours(mk(pa), sa) if state is not None else ours(mk(pa))
+        ob = theirs(mk(pb), sb) if state is not None else theirs(mk(pb))
         assert isinstance(oa[0], torch.nn.utils.rnn.PackedSequence)
         assert torch.equal(oa[0].batch_sizes, ob[0].batch_sizes)
         fa, fb = flat(oa), flat(ob)
         for i, (a, b) in enumerate(zip(fa, fb)):
-            assert_close(a, b, reduction=9, what=f"packed {kind} output {i}")
+            assert_close(a, b, reduction=red, what=f"packed {kind} output {i}")
         gs = [torch.randn_like(b) for b in fb]
         torch.autograd.backward(fa, gs)
         torch.autograd.backward(fb, gs)
-        assert_close(pa.grad, pb.grad, reduction=36, what=f"packed {kind} grad input")
+        assert_close(pa.grad, pb.grad, reduction=4 * red, what=f"packed {kind} grad input")
+        if state is not None:  # h0 (and c0): carried through the rows of ended sequences
+            for j, (a, b) in enumerate(zip(sa if isinstance(sa, tuple) else (sa,),
+                                           sb if isinstance(sb, tuple) else (sb,))):
+                assert a.grad is not None, f"packed {kind}: no gradient for hx[{j}]"
+                assert_close(a.grad, b.grad, reduction=4 * red, what=f"packed {kind} grad hx[{j}]")
         for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
-            assert_close(p.grad, q.grad, reduction=36, what=f"packed {kind} grad {n}")
+            assert_close(p.grad, q.grad, reduction=4 * red, what=f"packed {kind} grad {n}")
         ya, _ = pad_packed_sequence(oa[0])
         yb, _ = pad_packed_sequence(ob[0])
-        assert_close(ya, yb, reduction=9, what="padded output")
+        assert_close(ya, yb, reduction=red, what="padded output")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -251,15 +274,16 @@ def test_dropout(kind):
         assert_close(a, b, dtype=torch.float32, reduction=8, what="train, same seed")
 
 
-def test_dropout_statistics():
+def test_dropout_statistics(device):
     """Layer 2 of a relu RNN set to the identity shows the mask applied to layer 1's output:
     zeros with probability p, survivors scaled by 1 / (1 - p); and no mask on the last layer."""
     p = 0.3
-    m = fastdl.nn.RNN(6, 64, num_layers=2, nonlinearity="relu", bias=False, dropout=p)
+    m = fastdl.nn.RNN(6, 64, num_layers=2, nonlinearity="relu", bias=False, dropout=p,
+                      device=device)
     with torch.no_grad():
-        m.weight_ih_l1.copy_(torch.eye(64))
+        m.weight_ih_l1.copy_(torch.eye(64, device=device))
         m.weight_hh_l1.zero_()
-    x = rand(50, 8, 6)
+    x = rand(50, 8, 6, device=device)
     with torch.no_grad():
         m.eval()
         y1 = m(x)[0]          # layer 2 = identity of layer 1 (relu of non-negative values)
@@ -564,6 +588,39 @@ def test_bad_input(kind):
         ours(x)
 
 
+@pytest.mark.no_launch(reason=NOTHING_TO_RUN)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_bad_input(cuda_device, kind):
+    """On CUDA: wrong sizes raise torch's exception class naming the argument; float64 and
+    float16/bfloat16 raise NotImplementedError (the CUDA kernels are float32 only, as the README
+    says); on a GPU, an h0 on the CPU with the input on CUDA raises like torch."""
+    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, device=cuda_device)
+    R = ours.proj_size or 6
+    lstm = kind.startswith("LSTM")
+
+    def state(b, r, dtype=torch.float32, device=cuda_device):
+        h = rand(1, b, r, dtype=dtype, device=device)
+        return (h, rand(1, b, 6, dtype=dtype, device=device)) if lstm else h
+
+    x = rand(5, 3, 4, device=cuda_device)
+    same_error(lambda: ours(rand(5, 3, 7, device=cuda_device)),
+               lambda: theirs(rand(5, 3, 7, device=cuda_device)), match="input_size")
+    same_error(lambda: ours(x, state(3, R + 1)), lambda: theirs(x, state(3, R + 1)),
+               match="hidden")
+    same_error(lambda: ours(x, state(4, R)), lambda: theirs(x, state(4, R)), match="hidden")
+    for dt in (torch.float64, torch.float16, torch.bfloat16):
+        m = type(ours)(4, 6, dtype=dt, device=cuda_device,
+                       **({"proj_size": R} if kind == "LSTM_PROJ" else {}),
+                       **({"nonlinearity": "relu"} if kind == "RNN_RELU" else {}))
+        with pytest.raises(NotImplementedError, match="supported dtypes on cuda are float32"):
+            m(rand(5, 3, 4, dtype=dt, device=cuda_device))
+        with pytest.raises(NotImplementedError, match="supported dtypes on cuda are float32"):
+            m(rand(5, 3, 4, dtype=dt, device=cuda_device), state(3, R, dt))
+    if not fastdl.cuda.is_emulated():  # emulated 'cuda' tensors live on the CPU already
+        same_error(lambda: ours(x, state(3, R, device="cpu")),
+                   lambda: theirs(x, state(3, R, device="cpu")), match="device")
+
+
 def test_bad_constructor():
     same_error(lambda: fastdl.nn.LSTM(4, 6, proj_size=6), lambda: torch.nn.LSTM(4, 6, proj_size=6),
                match="proj_size")
@@ -617,15 +674,18 @@ def test_ops_bad_input():
 
 # ---- empty batch (review item 1) -------------------------------------------------------------------
 
+@pytest.mark.no_launch(reason=NOTHING_TO_RUN)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True)])
-def test_batch_zero(kind, cfg):
+def test_batch_zero(device, kind, cfg):
     """B=0 is valid in torch: empty output, empty states, zero parameter gradients."""
-    ours, theirs = make_pair(kind, 4, 6, **cfg)
+    dt = float_for(device)
+    ours, theirs = make_pair(kind, 4, 6, dtype=dt, device=device, **cfg)
     shape = (0, 3, 4) if cfg.get("batch_first") else (3, 0, 4)
-    check_module(ours, theirs, rand(*shape, dtype=torch.float64, requires_grad=True), reduction=4, what=f"{kind} B=0")
+    check_module(ours, theirs, rand(*shape, dtype=dt, device=device, requires_grad=True),
+                 reduction=4, what=f"{kind} B=0")
     with torch.no_grad():
-        x = rand(*shape, dtype=torch.float64)
+        x = rand(*shape, dtype=dt, device=device)
         for a, b in zip(flat(ours(x)), flat(theirs(x))):
             assert a.shape == b.shape
     for p in ours.parameters():
@@ -650,13 +710,16 @@ def test_cell_batch_zero(name, kw):
 
 # ---- sequence length 0 (review item 2) -------------------------------------------------------------
 
+@pytest.mark.no_launch(reason=NOTHING_TO_RUN)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_sequence_length_zero(kind, batch_first):
-    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, batch_first=batch_first)
-    x = rand(3, 0, 4) if batch_first else rand(0, 3, 4)
+def test_sequence_length_zero(device, kind, batch_first):
+    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, device=device,
+                             batch_first=batch_first)
+    x = rand(3, 0, 4, device=device) if batch_first else rand(0, 3, 4, device=device)
+    x1 = rand(0, 4, device=device)
     same_error(lambda: ours(x), lambda: theirs(x), match="sequence length")
-    same_error(lambda: ours(rand(0, 4)), lambda: theirs(rand(0, 4)), match="sequence length")
+    same_error(lambda: ours(x1), lambda: theirs(x1), match="sequence length")
 
 
 def test_ops_sequence_length_zero():

@@ -12,9 +12,12 @@
 //        lane b runs the gate math of row b. One launch per step.
 //      * more rows: hh = h @ W_hh^T (gemm_cuda, bs x G*H), then a gate kernel, one thread per
 //        (row, unit).
-//      Either writes c in place, h', the output row and, in training, the saved activations;
-//      rows of ended sequences (packed) carry their state over. LSTM projection: the kernels write
-//      hpre, then y = hpre @ W_hr^T (GEMM) and h = y.
+//      Either writes c in place, h', the output row and, in training, the saved activations, for
+//      the step's rows only. Packed sequences: a row that ends is copied into h_n once, when it
+//      ends (if the ping-pong left it in the other buffer); the reverse direction, whose rows
+//      start late, first copies h0 into both buffers. So no step touches the rows of ended or
+//      unstarted sequences. LSTM projection: the kernels write hpre, then y = hpre @ W_hr^T (GEMM)
+//      and h = y, in place.
 // Backward (reverse visiting order): per step one fused gate-gradient kernel (dh = carried + dy,
 // saved activations -> gate gradients dg, dc in place, GRU's direct term dh*z into dh in place)
 // and dh_prev = dg_h @ W_hh (GEMM; GRU adds onto the direct term with beta = 1). After the loop
@@ -26,8 +29,22 @@
 // on chip across steps (the emulation runs blocks one after another, so a multi-block persistent
 // kernel with a grid barrier cannot run there; one block is too little of an H100 for H >= 128);
 // a small-batch kernel for the backward's dh product. None of it measured on a GPU yet.
-// ptxas (nvcc 13, sm_90 / sm_75): fused step 72 / 81 registers and 16.5 KB shared, forward gate
-// kernel 76 / 74, backward gate kernel 32 / 38, copy and column sums 32-44; no spills.
+// ptxas (nvcc 13, sm_90 / sm_75, after the packed-rows change): fused step 72 / 79 registers and
+// 16.5 KB shared, forward gate kernel 74 / 73, backward gate kernel 32 / 34, copy and column sums
+// 32-44; no spills.
+// Per-step grids of the benchmark shapes (input, hidden, batch, steps), unmeasured (review item 2:
+// the step GEMMs get gemm_cuda's 64 x 64 tiles, one block each; an H100/H200 has 132 SMs):
+//   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 blocks + gate kernel 16 blocks;
+//     backward gate kernel 16 blocks + dh GEMM 2 blocks (k = 128 / 512 / 384).
+//   LSTM (256, 512, 64, 100): forward GEMM 32 blocks + gates 128; backward gates 128 + dh GEMM 8
+//     blocks, each looping over k = 2048 in 16-wide slices.
+//   LSTM (32, 64, 1, 200): fused kernel 16 blocks of 4 warps; backward gates 1 + dh GEMM 1 block.
+//   2-layer bidirectional LSTM (128, 256, 16, 100): forward GEMM 16 + gates 16; backward gates 16
+//     + dh GEMM 4 blocks.
+// So the backward's dh product fills at most 8 of 132 SMs: split-K or a matvec kernel is the
+// first thing to measure on a GPU.
+// The emulation build (CI) compiles rnn_math.h's host branch (polynomial exp/tanh); a GPU runs its
+// __CUDA_ARCH__ branch (expf/tanhf), which CI never runs.
 // Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py and
 // fastdl-bench --device cuda (suite rnn, against cuDNN).
 #include <cstdint>
@@ -93,7 +110,7 @@ struct FwdStep {
   const float* b_ih;   // (G*H) or nullptr
   const float* b_hh;
   const float* h_old;  // (B, R) state before the step
-  float* h_new;        // no projection: (B, R) state after it (rows >= bs carried over)
+  float* h_new;        // no projection: (B, R) state after it (rows < bs written)
   float* hpre;         // projection: (bs, H) o * tanh(c) out; else nullptr (h is then untouched)
   float* y;            // (bs, R) output rows (no projection)
   float* c;            // LSTM (B, H), in place
@@ -163,21 +180,12 @@ __device__ __forceinline__ void forward_unit(const FwdStep& s, int64_t b, int64_
   }
 }
 
-// Rows that have ended (b >= bs, packed sequences) keep their state: copied into h_new.
-__device__ __forceinline__ void carry_unit(const FwdStep& s, int64_t b, int64_t j) {
-  if (!s.hpre) s.h_new[b * s.H + j] = s.h_old[b * s.H + j];
-}
-
-// Generic path: one thread per (row, unit) of all B rows, after the step's GEMM (s.hh).
+// Generic path: one thread per (row, unit) of the step's bs rows, after its GEMM (s.hh).
 __global__ void __launch_bounds__(kThreads) forward_gates_kernel(FwdStep s) {
-  const int64_t H = s.H, n = int64_t(s.B) * H;
+  const int64_t H = s.H, n = int64_t(s.bs) * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
-    if (b >= s.bs) {
-      carry_unit(s, b, j);
-      continue;
-    }
     float hg[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) hg[q] = q * H < s.GH ? s.hh[b * s.GH + q * H + j] : 0.f;
@@ -224,13 +232,10 @@ __global__ void __launch_bounds__(kFusedWarps * 32) fused_step_kernel(FwdStep s)
   __syncwarp();
   red[warp][lane][0] = sum;
   __syncwarp();
-  if (j < s.H) {
-    if (lane < bs) {
-      float hg[4];
-      for (int q = 0; q < G; ++q) hg[q] = red[warp][q * kFusedRows + lane][0];
-      forward_unit(s, lane, j, hg);
-    }
-    for (int64_t b = bs + lane; b < s.B; b += 32) carry_unit(s, b, j);
+  if (j < s.H && lane < bs) {
+    float hg[4];
+    for (int q = 0; q < G; ++q) hg[q] = red[warp][q * kFusedRows + lane][0];
+    forward_unit(s, lane, j, hg);
   }
 }
 
@@ -319,6 +324,11 @@ void check_cuda_params(const RnnParams& p) {
   const int64_t lim = int64_t(1) << 31;
   FASTDL_CHECK(p.batch < lim && p.hidden_size * 4 < lim && p.input_size < lim,
                "rnn: CUDA sizes must be below 2^31");
+  // The GEMMs over all rows (input projection, dx, weight gradients) take N as a dimension: an
+  // N past gemm_cuda's 2^31 limit fails here, before anything is written or launched.
+  const int64_t n = p.total_rows();
+  FASTDL_CHECK(n < lim, "rnn: CUDA total rows (steps x batch, or the sum of batch_sizes) must be "
+               "below 2^31, got ", n);
 }
 
 }  // namespace
@@ -354,6 +364,11 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
   float* hh = sc + S.hh;
   float* h_cur = hn;
   float* h_other = sc + S.hbuf;  // ping-pong: the fused kernel reads every h while writing
+  // Packed, reverse: rows start late and read h0 from whichever buffer is current then.
+  if (!proj && p.reverse && p.batch_sizes)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(h_other, a.h0, sizeof(float) * B * R,
+                                      cudaMemcpyDeviceToDevice, stream));
+  int64_t live = B;  // rows of the previous step (forward direction: those not yet ended)
 
   // The input projection of all N rows at once.
   float* xg = training ? ws + L.act : sc + S.xg;
@@ -364,6 +379,11 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t bs = p.rows_at(t), row0 = off[t];
     float* hprev = training ? ws + L.hprev + row0 * R : nullptr;
+    if (!proj && bs < live && h_cur != hn)  // rows bs..live ended: their final state into h_n
+      FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn + bs * R, h_cur + bs * R,
+                                        sizeof(float) * (live - bs) * R,
+                                        cudaMemcpyDeviceToDevice, stream));
+    live = bs;
     const bool fused = bs <= kFusedRows;
     if (!fused) mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
     if (proj && hprev) copy_add(h_cur, nullptr, hprev, bs * R, stream);
@@ -392,7 +412,7 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
       const unsigned int blocks = static_cast<unsigned int>((H + kFusedWarps - 1) / kFusedWarps);
       FASTDL_LAUNCH(blocks, kFusedWarps * 32, 0, stream, fused_step_kernel)(st);
     } else {
-      FASTDL_LAUNCH(blocks_for(B * H), kThreads, 0, stream, forward_gates_kernel)(st);
+      FASTDL_LAUNCH(blocks_for(bs * H), kThreads, 0, stream, forward_gates_kernel)(st);
     }
     FASTDL_CUDA_CHECK_LAUNCH();
     if (proj) {  // y = hpre @ W_hr^T, then the new state is y (in place: nothing reads h now)
@@ -402,9 +422,9 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
       std::swap(h_cur, h_other);
     }
   }
-  if (h_cur != hn)
-    FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn, h_cur, sizeof(float) * B * R, cudaMemcpyDeviceToDevice,
-                                      stream));
+  if (h_cur != hn)  // the last step's rows (the others are in h_n already)
+    FASTDL_CUDA_CHECK(cudaMemcpyAsync(hn, h_cur, sizeof(float) * live * R,
+                                      cudaMemcpyDeviceToDevice, stream));
 }
 
 void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
