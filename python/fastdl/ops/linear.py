@@ -15,10 +15,11 @@ it (beta = 1).
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
-from .. import _tensor
+from .. import _C, _tensor
 from .gemm import _plain, check_operands, launch
 
 __all__ = ["linear", "linear_backward"]
@@ -52,6 +53,45 @@ def _empty(like, shape):
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def _fast_cpu(input, weight, bias):
+    """The common eager case without the general checks: plain contiguous 2-D float32/float64 CPU
+    tensors of one dtype with m, n, k >= 2, shapes that multiply, a matching bias or none. Returns
+    None when any of that does not hold, and the general path (which raises torch's errors) runs.
+    Every condition the general path checks is implied here, and the GEMM gets the arguments
+    `launch` would derive (a row-major, weight.T transposed with ld = k, c with ld = n).
+    Measured 1 thread under load on a 4x8 @ 8x8 call: 45-107 us general, ~12 us here."""
+    torch = sys.modules.get("torch")
+    if torch is None or _tensor.CPU_DEVICE >= 0:
+        return None
+    T = torch.Tensor
+    if not (isinstance(input, T) and isinstance(weight, T) and input.is_cpu and weight.is_cpu):
+        return None
+    dt = input.dtype
+    if (dt is not torch.float32 and dt is not torch.float64) or weight.dtype is not dt:
+        return None
+    if input.layout is not torch.strided or weight.layout is not torch.strided:
+        return None
+    if input.ndim != 2 or weight.ndim != 2:
+        return None
+    m, k = input.shape
+    n, k2 = weight.shape
+    if k != k2 or m < 2 or n < 2 or k < 2:
+        return None
+    if not (input.is_contiguous() and weight.is_contiguous()):
+        return None
+    if bias is None:
+        out, beta = input.new_empty((m, n)), 0.0
+    else:
+        if not (isinstance(bias, T) and bias.is_cpu and bias.dtype is dt
+                and bias.layout is torch.strided and bias.ndim == 1 and bias.shape[0] == n):
+            return None
+        # one op allocates and fills (torch.empty + copy_ of an expanded view costs ~2x more)
+        out, beta = _plain(bias).expand(m, n).contiguous(), 1.0
+    _C.gemm(input.data_ptr(), weight.data_ptr(), out.data_ptr(), False, True, m, n, k, 1.0, beta,
+            k, k, n, _tensor.FLOAT32 if dt is torch.float32 else _tensor.FLOAT64, -1, 0, False)
+    return out
+
+
 def linear(input, weight, bias=None):
     """input @ weight.T + bias for numpy arrays or torch tensors of one dtype and device.
     input (..., in_features), weight (out_features, in_features), bias (out_features,) or None.
@@ -59,6 +99,9 @@ def linear(input, weight, bias=None):
 
     >>> y = fastdl.ops.linear(np.ones((2, 3)), np.ones((4, 3)), np.zeros(4))   # shape (2, 4)
     """
+    out = _fast_cpu(input, weight, bias)
+    if out is not None:
+        return out
     fn = "linear"
     named = {"input": input, "weight": weight}
     if bias is not None:
