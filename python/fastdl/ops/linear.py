@@ -127,6 +127,50 @@ def linear(input, weight, bias=None):
     return out if input.ndim == 2 else out.reshape(tuple(input.shape[:-1]) + (out_f,))
 
 
+def _fast_cpu_backward(grad_output, input, weight, needs):
+    """linear_backward's common eager case (the conditions of _fast_cpu, grad_output (m, n) of
+    input's dtype; a non-contiguous grad_output, such as the expanded ones of .sum().backward(),
+    is copied, as `operand` would). None when anything differs: the general path then runs."""
+    torch = sys.modules.get("torch")
+    if torch is None or _tensor.CPU_DEVICE >= 0 or type(needs) is not tuple or len(needs) != 3:
+        return None
+    T = torch.Tensor
+    if not (isinstance(grad_output, T) and isinstance(input, T) and isinstance(weight, T)
+            and grad_output.is_cpu and input.is_cpu and weight.is_cpu):
+        return None
+    dt = input.dtype
+    if (dt is not torch.float32 and dt is not torch.float64) or weight.dtype is not dt or (
+            grad_output.dtype is not dt):
+        return None
+    strided = torch.strided
+    if (input.layout is not strided or weight.layout is not strided
+            or grad_output.layout is not strided):
+        return None
+    if input.ndim != 2 or weight.ndim != 2 or grad_output.ndim != 2:
+        return None
+    m, k = input.shape
+    n, k2 = weight.shape
+    if k != k2 or m < 2 or n < 2 or k < 2 or tuple(grad_output.shape) != (m, n):
+        return None
+    if not (input.is_contiguous() and weight.is_contiguous()):
+        return None
+    go = _plain(grad_output)
+    go = go if go.is_contiguous() else go.contiguous()
+    code = _tensor.FLOAT32 if dt is torch.float32 else _tensor.FLOAT64
+    grad_input = grad_weight = grad_bias = None
+    if needs[0]:  # (m, n) @ (n, k): both row-major
+        grad_input = input.new_empty((m, k))
+        _C.gemm(go.data_ptr(), weight.data_ptr(), grad_input.data_ptr(), False, False, m, k, n,
+                1.0, 0.0, n, k, k, code, -1, 0, False)
+    if needs[1]:  # go.T (n, m) @ input (m, k): go read transposed with ld = n
+        grad_weight = weight.new_empty((n, k))
+        _C.gemm(go.data_ptr(), input.data_ptr(), grad_weight.data_ptr(), True, False, n, k, m,
+                1.0, 0.0, n, k, k, code, -1, 0, False)
+    if needs[2]:
+        grad_bias = go.sum(dim=0)
+    return grad_input, grad_weight, grad_bias
+
+
 def linear_backward(grad_output, input, weight, needs=(True, True, True)):
     """Gradients of linear with respect to (input, weight, bias), as a tuple; an entry is None
     where `needs` says it is not wanted. Matches the gradients torch.nn.functional.linear's
@@ -134,6 +178,9 @@ def linear_backward(grad_output, input, weight, needs=(True, True, True)):
 
     >>> gi, gw, gb = fastdl.ops.linear_backward(np.ones((2, 4)), np.ones((2, 3)), np.ones((4, 3)))
     """
+    fast = _fast_cpu_backward(grad_output, input, weight, needs)
+    if fast is not None:
+        return fast
     fn = "linear_backward"
     code, device = check_operands(fn, {"grad_output": grad_output, "input": input,
                                        "weight": weight})
