@@ -19,7 +19,7 @@ import sys
 
 # Suite name -> module fastdl.bench.<name> exposing cases(device, quick). A new kernel family
 # adds its name here; the table, the JSON, the report and --compare pick it up unchanged.
-SUITES = ["optim", "gemm", "pool", "conv", "rnn", "train", "models"]
+SUITES = ["optim", "gemm", "pool", "conv", "rnn", "train", "models", "overhead"]
 
 
 def _commit() -> str:

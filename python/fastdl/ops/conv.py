@@ -284,7 +284,61 @@ def conv2d_prepare(input, weight, bias=None, stride=1, padding=0, dilation=1, gr
                    fn="conv2d"):
     """Validates a conv2d call; returns its _Geometry (fastdl.nn keeps it for the backward).
     fn names the caller in error messages (conv1d runs as conv2d)."""
-    return _conv_geometry(fn, input, weight, bias, stride, padding, dilation, groups)
+    key = _geometry_key(fn, input, weight, bias, stride, padding, dilation, groups)
+    if key is not None:
+        geo = _GEOMETRIES.get(key)
+        if geo is not None:
+            return geo
+    geo = _conv_geometry(fn, input, weight, bias, stride, padding, dilation, groups)
+    if key is not None and not geo.channels_last:
+        if len(_GEOMETRIES) >= _GEOMETRIES_MAX:
+            _GEOMETRIES.clear()
+        _GEOMETRIES[key] = geo
+    return geo
+
+
+# Validated geometries of recent conv2d calls on plain contiguous torch tensors. Validation and
+# the Conv2dParams construction cost ~60 us of a ~90 us tiny call (1 thread under load); the
+# result depends only on what the key holds (kinds, shapes, dtypes, devices, layouts, the host
+# routing of emulation tests, and the exact int/str arguments), so a hit is a call that passes
+# every check. Geometries are never mutated after construction.
+_GEOMETRIES: dict = {}
+_GEOMETRIES_MAX = 256
+
+
+def _arg_key(v):
+    """v itself for an int, a str or a tuple/list of ints (types exact: True or 1.0 are not
+    cached, so they still meet the checks that reject them), else None (not cached)."""
+    t = type(v)
+    if t is int or t is str:
+        return (t, v)
+    if t is tuple or t is list:
+        for e in v:
+            if type(e) is not int:
+                return None
+        return (tuple, tuple(v))
+    return None
+
+
+def _geometry_key(fn, input, weight, bias, stride, padding, dilation, groups):
+    torch = _tensor.torch_module()
+    if torch is None:
+        return None
+    T, strided = torch.Tensor, torch.strided
+    if not (isinstance(input, T) and isinstance(weight, T)) or (
+            bias is not None and not isinstance(bias, T)):
+        return None
+    if input.layout is not strided or weight.layout is not strided or (
+            bias is not None and bias.layout is not strided):
+        return None
+    if not (input.is_contiguous() and weight.is_contiguous()):
+        return None  # channels_last and other layouts take the general path every time
+    args = (_arg_key(stride), _arg_key(padding), _arg_key(dilation), _arg_key(groups))
+    if None in args:
+        return None
+    b = (None,) if bias is None else (type(bias), bias.shape, bias.dtype, bias.device)
+    return (fn, type(input), type(weight), input.shape, weight.shape, input.dtype, weight.dtype,
+            input.device, weight.device, _tensor.CPU_DEVICE, b, args)
 
 
 def conv2d_run(geo, input, weight, bias):

@@ -15,10 +15,11 @@ it (beta = 1).
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
-from .. import _tensor
+from .. import _C, _tensor
 from .gemm import _plain, check_operands, launch
 
 __all__ = ["linear", "linear_backward"]
@@ -52,6 +53,45 @@ def _empty(like, shape):
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def _fast_cpu(input, weight, bias):
+    """The common eager case without the general checks: plain contiguous 2-D float32/float64 CPU
+    tensors of one dtype with m, n, k >= 2, shapes that multiply, a matching bias or none. Returns
+    None when any of that does not hold, and the general path (which raises torch's errors) runs.
+    Every condition the general path checks is implied here, and the GEMM gets the arguments
+    `launch` would derive (a row-major, weight.T transposed with ld = k, c with ld = n).
+    Measured 1 thread under load on a 4x8 @ 8x8 call: 45-107 us general, ~12 us here."""
+    torch = sys.modules.get("torch")
+    if torch is None or _tensor.CPU_DEVICE >= 0:
+        return None
+    T = torch.Tensor
+    if not (isinstance(input, T) and isinstance(weight, T) and input.is_cpu and weight.is_cpu):
+        return None
+    dt = input.dtype
+    if (dt is not torch.float32 and dt is not torch.float64) or weight.dtype is not dt:
+        return None
+    if input.layout is not torch.strided or weight.layout is not torch.strided:
+        return None
+    if input.ndim != 2 or weight.ndim != 2:
+        return None
+    m, k = input.shape
+    n, k2 = weight.shape
+    if k != k2 or m < 2 or n < 2 or k < 2:
+        return None
+    if not (input.is_contiguous() and weight.is_contiguous()):
+        return None
+    if bias is None:
+        out, beta = input.new_empty((m, n)), 0.0
+    else:
+        if not (isinstance(bias, T) and bias.is_cpu and bias.dtype is dt
+                and bias.layout is torch.strided and bias.ndim == 1 and bias.shape[0] == n):
+            return None
+        # one op allocates and fills (torch.empty + copy_ of an expanded view costs ~2x more)
+        out, beta = _plain(bias).expand(m, n).contiguous(), 1.0
+    _C.gemm(input.data_ptr(), weight.data_ptr(), out.data_ptr(), False, True, m, n, k, 1.0, beta,
+            k, k, n, _tensor.FLOAT32 if dt is torch.float32 else _tensor.FLOAT64, -1, 0, False)
+    return out
+
+
 def linear(input, weight, bias=None):
     """input @ weight.T + bias for numpy arrays or torch tensors of one dtype and device.
     input (..., in_features), weight (out_features, in_features), bias (out_features,) or None.
@@ -59,6 +99,9 @@ def linear(input, weight, bias=None):
 
     >>> y = fastdl.ops.linear(np.ones((2, 3)), np.ones((4, 3)), np.zeros(4))   # shape (2, 4)
     """
+    out = _fast_cpu(input, weight, bias)
+    if out is not None:
+        return out
     fn = "linear"
     named = {"input": input, "weight": weight}
     if bias is not None:
@@ -84,6 +127,50 @@ def linear(input, weight, bias=None):
     return out if input.ndim == 2 else out.reshape(tuple(input.shape[:-1]) + (out_f,))
 
 
+def _fast_cpu_backward(grad_output, input, weight, needs):
+    """linear_backward's common eager case (the conditions of _fast_cpu, grad_output (m, n) of
+    input's dtype; a non-contiguous grad_output, such as the expanded ones of .sum().backward(),
+    is copied, as `operand` would). None when anything differs: the general path then runs."""
+    torch = sys.modules.get("torch")
+    if torch is None or _tensor.CPU_DEVICE >= 0 or type(needs) is not tuple or len(needs) != 3:
+        return None
+    T = torch.Tensor
+    if not (isinstance(grad_output, T) and isinstance(input, T) and isinstance(weight, T)
+            and grad_output.is_cpu and input.is_cpu and weight.is_cpu):
+        return None
+    dt = input.dtype
+    if (dt is not torch.float32 and dt is not torch.float64) or weight.dtype is not dt or (
+            grad_output.dtype is not dt):
+        return None
+    strided = torch.strided
+    if (input.layout is not strided or weight.layout is not strided
+            or grad_output.layout is not strided):
+        return None
+    if input.ndim != 2 or weight.ndim != 2 or grad_output.ndim != 2:
+        return None
+    m, k = input.shape
+    n, k2 = weight.shape
+    if k != k2 or m < 2 or n < 2 or k < 2 or tuple(grad_output.shape) != (m, n):
+        return None
+    if not (input.is_contiguous() and weight.is_contiguous()):
+        return None
+    go = _plain(grad_output)
+    go = go if go.is_contiguous() else go.contiguous()
+    code = _tensor.FLOAT32 if dt is torch.float32 else _tensor.FLOAT64
+    grad_input = grad_weight = grad_bias = None
+    if needs[0]:  # (m, n) @ (n, k): both row-major
+        grad_input = input.new_empty((m, k))
+        _C.gemm(go.data_ptr(), weight.data_ptr(), grad_input.data_ptr(), False, False, m, k, n,
+                1.0, 0.0, n, k, k, code, -1, 0, False)
+    if needs[1]:  # go.T (n, m) @ input (m, k): go read transposed with ld = n
+        grad_weight = weight.new_empty((n, k))
+        _C.gemm(go.data_ptr(), input.data_ptr(), grad_weight.data_ptr(), True, False, n, k, m,
+                1.0, 0.0, n, k, k, code, -1, 0, False)
+    if needs[2]:
+        grad_bias = go.sum(dim=0)
+    return grad_input, grad_weight, grad_bias
+
+
 def linear_backward(grad_output, input, weight, needs=(True, True, True)):
     """Gradients of linear with respect to (input, weight, bias), as a tuple; an entry is None
     where `needs` says it is not wanted. Matches the gradients torch.nn.functional.linear's
@@ -91,6 +178,9 @@ def linear_backward(grad_output, input, weight, needs=(True, True, True)):
 
     >>> gi, gw, gb = fastdl.ops.linear_backward(np.ones((2, 4)), np.ones((2, 3)), np.ones((4, 3)))
     """
+    fast = _fast_cpu_backward(grad_output, input, weight, needs)
+    if fast is not None:
+        return fast
     fn = "linear_backward"
     code, device = check_operands(fn, {"grad_output": grad_output, "input": input,
                                        "weight": weight})
