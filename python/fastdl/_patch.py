@@ -19,9 +19,15 @@ torch.nn.functional import conv2d``), and nn.RNN/LSTM/GRU (torch calls its _VF k
 Gradients: fastdl's linear and pooling backward are once-differentiable, so a double backward
 (create_graph=True through them) raises where torch's would not; conv supports it.
 
-Under torch.compile a router seen while tracing calls torch's op (no graph break); dynamo may
-also keep a router as an opaque call in its graph (it does for max_pool2d), which then runs
-fastdl at run time, as in eager mode.
+Under torch.compile a router seen while tracing calls torch's op (no graph break), so the graph
+of a model compiled under patch holds torch's ops, not the routers. (With backend="eager" the
+graph's Python code looks torch.nn.functional names up when it runs, so while patched those
+calls are routed as in eager mode.) Dynamo builds a map from torch's functions to its
+tracing rules once per process, reading torch.nn.functional's names as they are then; patch
+builds that map before its first setattr when dynamo is loaded, and on undo drops a map that was
+built while the routers were in place, so a compile after undo sees torch's own functions. (If
+dynamo is first imported while patched, its map keys the routers: it then keeps the pooling
+routers as opaque calls, which serve fastdl at run time, until undo.)
 
 No recursion: fastdl's implementations never call these names, and a router reached again while
 one is running on the same thread (from any code fastdl calls) goes straight to torch.
@@ -36,6 +42,7 @@ were there before the first patch.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 
 import torch
@@ -119,6 +126,37 @@ def _make_router(name, family, tensors_of, original, fast):
     return router
 
 
+def _dynamo_rule_map():
+    """dynamo's cached map builder, or None when dynamo is not loaded (it is not imported here:
+    that takes seconds; a map dynamo builds later under patch is dropped by undo instead)."""
+    rules = sys.modules.get("torch._dynamo.trace_rules")
+    return getattr(rules, "get_torch_obj_rule_map", None)
+
+
+def _prime_dynamo():
+    # The map is built once and cached; built while the routers are in place, it would key
+    # them instead of torch's functions, and torch's own max_pool2d / adaptive_max_pool2d
+    # (boolean dispatchers) would then be "skipped" functions for every later torch.compile.
+    build = _dynamo_rule_map()
+    if build is not None:
+        try:
+            build()
+        except Exception:  # noqa: BLE001 (a dynamo internal: never let it block patching)
+            pass
+
+
+def _forget_dynamo_map(routers):
+    build = _dynamo_rule_map()
+    if build is None or not hasattr(build, "cache_clear"):
+        return
+    try:
+        info = build.cache_info()
+        if info.currsize and any(r in build() for r in routers):
+            build.cache_clear()   # rebuilt on next use, from torch's own functions
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class Patch:
     """An applied fastdl.patch(): undo() (idempotent) or leave the `with` block to restore.
 
@@ -140,6 +178,7 @@ class Patch:
         with _lock:
             if _state["depth"] == 0:
                 from .nn import functional as fast
+                _prime_dynamo()
                 for c in _stats.values():
                     c.clear()
                 for name, (family, tensors_of) in _ROUTES.items():
@@ -167,6 +206,7 @@ class Patch:
                     # it now passes straight through to the original (depth is 0).
                     if getattr(F, name) is _state["routers"][name]:
                         setattr(F, name, original)
+                _forget_dynamo_map(_state["routers"].values())
                 _state["originals"].clear()
                 _state["routers"].clear()
 
