@@ -581,3 +581,32 @@ def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch):
     monkeypatch.setattr(_support, "_cuda_cache", {})
     served = _support.why_not("linear", cuda, f32) is None
     assert served == fastdl.build_info()["cuda_compiled"]
+
+
+def test_jit_trace_under_patch_records_torchs_ops_and_saves():
+    import io
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    x = rand(2, 3, 8, 8)
+    want = net(x)
+    with fastdl.patch():
+        traced = torch.jit.trace(net, (x,))    # (its check_trace rerun in eager mode is served)
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert "prim::PythonOp" not in kinds and "aten::linear" in kinds, kinds
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)          # a Python op in the graph would fail here
+    buf.seek(0)
+    assert_close(torch.jit.load(buf)(x), want, reduction=27)
+
+
+def test_jit_script_a_model_before_patching_and_run_it_under_patch():
+    # torch.jit.script cannot compile the routers (*args/**kwargs): script first, then patch;
+    # a scripted module's calls are TorchScript's, not the routers.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+    x = rand(2, 3, 8, 8)
+    scripted = torch.jit.script(net)
+    with fastdl.patch() as p:
+        got = scripted(x)
+        with pytest.raises(torch.jit.frontend.NotSupportedError):
+            torch.jit.script(nn.Sequential(nn.Linear(3, 2)))
+    assert_close(got, net(x), reduction=27)
+    assert not any(p.stats.values()), dict(p.stats)

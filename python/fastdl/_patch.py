@@ -29,6 +29,10 @@ built while the routers were in place, so a compile after undo sees torch's own 
 dynamo is first imported while patched, its map keys the routers: it then keeps the pooling
 routers as opaque calls, which serve fastdl at run time, until undo.)
 
+TorchScript: under torch.jit.trace a router calls torch's op (the trace records torch's op, so
+the traced module saves and exports). torch.jit.script cannot compile the routers (they take
+*args/**kwargs): script models before patching, or outside the `with fastdl.patch()` block.
+
 No recursion: fastdl's implementations never call these names, and a router reached again while
 one is running on the same thread (from any code fastdl calls) goes straight to torch.
 
@@ -79,6 +83,7 @@ _ROUTES = {
 NAMES = tuple(_ROUTES)
 
 _is_compiling = torch.compiler.is_compiling
+_is_tracing = torch.jit.is_tracing
 _lock = threading.Lock()
 _local = threading.local()
 _state = {"depth": 0, "strict": 0, "originals": {}, "routers": {}}
@@ -89,8 +94,9 @@ def _make_router(name, family, tensors_of, original, fast):
     stats = _stats[name]
 
     def router(*args, **kwargs):
-        if _state["depth"] == 0 or _is_compiling() or getattr(_local, "busy", False):
-            return original(*args, **kwargs)   # (torch.compile traces torch's op, no break)
+        if (_state["depth"] == 0 or _is_compiling() or _is_tracing()
+                or getattr(_local, "busy", False)):
+            return original(*args, **kwargs)   # (torch.compile / jit.trace record torch's op)
         try:
             tensors = tensors_of(args, kwargs)
             why = _support.tensor_why_not(family, *tensors)
