@@ -253,6 +253,19 @@ def test_conv_transpose_output_size_and_max_unpool_after_conversion():
     assert torch.equal(fun(y, idx, output_size=(7, 7)), y_un)
 
 
+def test_converted_layers_are_still_instances_of_torchs_classes():
+    # isinstance-based code (init loops, fuse_conv_bn_eval, FSDP wrap policies) keeps seeing them
+    model = nn.Sequential(nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1),
+                          nn.Linear(2, 2), nn.MaxPool2d(2), nn.LSTM(2, 2), nn.GRUCell(2, 2))
+    fast, report = fastdl.nn.convert(model)
+    assert len(report.replaced) == len(model)
+    for ours, theirs in zip(fast, model):
+        assert type(ours).__module__.startswith("fastdl.") and isinstance(ours, type(theirs))
+    assert hasattr(fast[1], "_conv_forward")
+    for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d):
+        assert issubclass(getattr(fastdl.nn, cls.__name__), cls)
+
+
 def test_optimizer_built_before_conversion_keeps_working():
     torch.manual_seed(4)
     model = _zoo.MnistNet()
