@@ -236,7 +236,7 @@ def test_every_layer_type_converts_to_torchs_numbers(make, inputs_of):
     want = _forward_backward(copy.deepcopy(layer), _fresh_inputs(inputs))
     fast, report = fastdl.nn.convert(layer)
     assert [(n, old) for n, old, _ in report.replaced] == [("", type(layer).__name__)]
-    assert type(fast) is getattr(fastdl.nn, type(layer).__name__)
+    assert isinstance(fast, getattr(fastdl.nn, type(layer).__name__))
     _assert_same(_forward_backward(fast, _fresh_inputs(inputs)), want, 16, type(layer).__name__)
 
 
@@ -248,7 +248,7 @@ def test_conv_transpose_output_size_and_max_unpool_after_conversion():
     y_un = unpool(y, idx, output_size=(7, 7))
     fup, _ = fastdl.nn.convert(up)
     fun, _ = fastdl.nn.convert(unpool)
-    assert type(fun) is fastdl.nn.MaxUnpool2d
+    assert isinstance(fun, fastdl.nn.MaxUnpool2d)
     assert_close(fup(x, output_size=(10, 10)), y_up, reduction=9)
     assert torch.equal(fun(y, idx, output_size=(7, 7)), y_un)
 
@@ -264,6 +264,38 @@ def test_converted_layers_are_still_instances_of_torchs_classes():
     assert hasattr(fast[1], "_conv_forward")
     for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d):
         assert issubclass(getattr(fastdl.nn, cls.__name__), cls)
+
+
+def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_call():
+    # Decided per call, as under patch: autocast, a dtype fastdl lacks after .half(), a pool
+    # judged by a float32 parameter that gets bfloat16 activations.
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(16, 3))
+    x = rand(2, 1, 2, 2, 2)
+    fast, report = fastdl.nn.convert(model)
+    assert [n for n, *_ in report.replaced] == ["2"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = model(x), fast(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3, 2))
+    x = rand(2, 2, 4, 4)
+    fast, report = fastdl.nn.convert(net)
+    assert len(report.replaced) == 3
+    # a pool judged by the model's float32 parameters, fed bfloat16 activations
+    y = rand(1, 2, 4, 4).to(torch.bfloat16)
+    assert torch.equal(fast[1](y), net[1](y))
+    half, h = fastdl.nn.convert(net)[0].half(), copy.deepcopy(net).half()
+    assert torch.equal(half(x.half()), h(x.half()))
+    import io
+    buf = io.BytesIO()
+    torch.save(fast, buf)        # a converted model pickles (its classes are found by name)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), fast(x))
+    # and where fastdl serves the call, fastdl computes it
+    calls = []
+    fast[3].register_forward_hook(lambda m, a, o: calls.append(o.grad_fn.name()))
+    fast(x)
+    assert calls[-1] != net[3](rand(2, 3)).grad_fn.name()     # fastdl's autograd node
 
 
 def test_optimizer_built_before_conversion_keeps_working():
@@ -361,18 +393,19 @@ def test_hooks_are_preserved_and_still_removable():
     lin = nn.Linear(3, 2)
     seen = []
     h1 = lin.register_forward_pre_hook(lambda m, a: seen.append(("pre", type(m).__name__)))
-    lin.register_forward_hook(lambda m, a, o: seen.append(("fwd", type(m).__module__)))
+    lin.register_forward_hook(
+        lambda m, a, o: seen.append(("fwd", isinstance(m, fastdl.nn.Linear))))
     lin.register_full_backward_hook(lambda m, gi, go: seen.append(("bwd", go[0].shape)))
     model = nn.Sequential(lin)
     fastdl.nn.convert(model, inplace=True)
     assert isinstance(model[0], fastdl.nn.Linear)
     model(rand(4, 3, requires_grad=True)).sum().backward()
-    assert seen == [("pre", "Linear"), ("fwd", "fastdl.nn.modules.linear"),
+    assert seen == [("pre", "Linear"), ("fwd", True),
                     ("bwd", torch.Size([4, 2]))]
     h1.remove()
     seen.clear()
     model(rand(4, 3))
-    assert seen == [("fwd", "fastdl.nn.modules.linear")]
+    assert seen == [("fwd", True)]
 
 
 def test_converted_copy_keeps_hooks():
