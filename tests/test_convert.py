@@ -298,6 +298,19 @@ def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_cal
     assert calls[-1] != net[3](rand(2, 3)).grad_fn.name()     # fastdl's autograd node
 
 
+def test_a_layer_with_an_instance_forward_is_left_alone_with_the_reason():
+    import functools
+    lin = nn.Linear(3, 2)
+    torch_forward = lin.forward
+    lin.forward = functools.partial(lambda mod, x: torch_forward(x), lin)  # accelerate-style
+    fast, report = fastdl.nn.convert(nn.Sequential(lin, nn.Linear(2, 2)))
+    assert [n for n, *_ in report.replaced] == ["1"]
+    assert [(n, why) for n, _, why in report.left if n == "0"] == [
+        ("0", "the instance has its own forward attribute (a hook library's wrapper?), which "
+              "would still run torch's forward")]
+    assert type(fast[0]) is nn.Linear
+
+
 def test_optimizer_built_before_conversion_keeps_working():
     torch.manual_seed(4)
     model = _zoo.MnistNet()

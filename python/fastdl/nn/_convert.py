@@ -193,7 +193,12 @@ def convert(model: torch.nn.Module, inplace: bool = False):
             continue
         if t in _LAYERS:
             cls_name, family = _LAYERS[t]
-            why = _why_not(m, family, place)
+            # An instance attribute `forward` (accelerate's device hooks set one that calls
+            # torch's bound forward) wins over the class's: swapping the class would change
+            # nothing it computes, and wrapping the caller's function is not ours to do.
+            why = ("the instance has its own forward attribute (a hook library's wrapper?), "
+                   "which would still run torch's forward" if "forward" in m.__dict__ else
+                   _why_not(m, family, place))
             if why is None:
                 todo.append((name, m, _converted(t)))
             else:
