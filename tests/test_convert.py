@@ -203,6 +203,40 @@ def test_check_a_layer_called_twice_has_a_row_per_call():
     assert result.row("0", 1).output_rel <= 1e-5
 
 
+def test_check_leaves_the_callers_rng_and_kwargs_alone():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.extra = nn.Linear(3, 3), nn.Parameter(torch.ones(3))
+
+        def forward(self, x, scale, seed=None):
+            y = self.lin(x) * scale + (0 if seed is None else seed)
+            if type(self.lin) is nn.Linear:      # a parameter only the torch side uses
+                y = y + self.extra
+            return y
+
+    scale, model, x = rand(3, requires_grad=True), Scaled(), rand(2, 3)
+    torch.manual_seed(123)
+    want = torch.rand(2)
+    torch.manual_seed(123)
+    result = fastdl.check(model, x, scale=scale, repeats=1, forward_kwargs={"seed": torch.ones(3)})
+    assert torch.equal(torch.rand(2), want)       # the caller's generator state is restored
+    assert scale.grad is None                     # each side had its own copy of the kwarg
+    # the whole-model row reports a gradient fastdl's side lacks as inf
+    assert result.row("(model)").grads["grad parameters"] == (float("inf"), float("inf"))
+    assert result.row("lin").output_rel <= 1e-5
+
+
+def test_check_times_cuda_work_to_its_end(monkeypatch):
+    # CUDA runs asynchronously: each clock reading waits for the devices the layer uses
+    from fastdl import _check
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: synced.append(d))
+    _check._clock([torch.device("cuda", 0), torch.device("cuda", 1)])
+    assert synced == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert _check._cuda_devices(nn.Linear(2, 2), (rand(2),), {"k": rand(1)}) == []
+
+
 # Every layer type convert replaces: (torch layer, call inputs). The class swap must leave each
 # in a state fastdl's forward computes torch's answer from.
 LAYERS = [
