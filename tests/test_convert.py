@@ -480,6 +480,15 @@ def test_patch_undo_restores_the_exact_objects():
     assert all(getattr(F, n) is before[n] for n in _patch.NAMES)
 
 
+def test_an_undone_patchs_stats_survive_a_later_patch():
+    with fastdl.patch() as first:
+        F.linear(rand(2, 3), rand(4, 3))
+    with fastdl.patch() as second:
+        F.max_pool2d(rand(1, 1, 4, 4), 2)
+    assert first.stats["linear"] == {"fastdl": 1} and not first.stats["max_pool2d"]
+    assert second.stats["max_pool2d"] == {"fastdl": 1} and not second.stats["linear"]
+
+
 def test_nested_patches_undo_only_at_the_last():
     before = F.conv2d
     outer = fastdl.patch()

@@ -173,12 +173,14 @@ class Patch:
     def __init__(self, strict: bool):
         self._strict = strict
         self.active = False
+        self._final = None
 
     @property
     def stats(self) -> dict:
         """{name: Counter} of calls fastdl served ('fastdl') and calls sent to torch, by reason,
-        since the first of the active patches was applied."""
-        return _stats
+        since the first of the active patches was applied; after undo, as they were then (a
+        later patch starts its own count)."""
+        return _stats if self._final is None else self._final
 
     def _apply(self):
         with _lock:
@@ -204,6 +206,7 @@ class Patch:
             if not self.active:
                 return
             self.active = False
+            self._final = {name: collections.Counter(c) for name, c in _stats.items()}
             _state["depth"] -= 1
             _state["strict"] -= self._strict
             if _state["depth"] == 0:
