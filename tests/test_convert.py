@@ -35,17 +35,22 @@ ZOO = {
     "mnist": (lambda: _zoo.MnistNet(), lambda: (rand(2, 1, 28, 28),), 9216),
     "resnet18": (lambda: _zoo.resnet18(num_classes=10, width=16),
                  lambda: (rand(2, 3, 16, 16),), 1152),
+    "resnet18_train": (lambda: _zoo.resnet18(num_classes=10, width=8),
+                       lambda: (rand(4, 3, 32, 32),), 576),
     "vgg": (lambda: _zoo.vgg(), lambda: (rand(2, 3, 16, 16),), 576),
     "lstm_lm": (lambda: _zoo.WordLM(50, 16, 16, 2, dropout=0.0, tie_weights=True),
                 lambda: (torch.randint(0, 50, (5, 3)), (rand(2, 3, 16), rand(2, 3, 16))), 16),
 }
-# ResNet-18 runs in eval mode: in train mode at 16x16 its last batch norms normalise over
+# ResNet-18 at 16x16 runs in eval mode: in train mode its last batch norms would normalise over
 # 2 images x 1x1 positions, which amplifies rounding differences without bound (ill-conditioned,
-# not a fastdl error); the others train (dropout draws the same masks from the same seed).
-TRAIN = {"mnist": True, "resnet18": False, "vgg": True, "lstm_lm": True}
+# not a fastdl error). resnet18_train compares batch norm's train-mode backward through the
+# converted convs: 4 images at 32x32 leave 4 x 1x1 positions per channel at the last stage.
+# The others train (dropout draws the same masks from the same seed).
+TRAIN = {"mnist": True, "resnet18": False, "resnet18_train": True, "vgg": True, "lstm_lm": True}
 REPLACED = {  # layer types each model must have converted
     "mnist": {"Conv2d", "Linear"},
     "resnet18": {"Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "Linear"},
+    "resnet18_train": {"Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "Linear"},
     "vgg": {"Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "Linear"},
     "lstm_lm": {"LSTM", "Linear"},
 }
@@ -109,6 +114,7 @@ def test_converted_and_patched_models_match_torch(name):
     _assert_same(got, want, reduction, "patched")
     expect = {"mnist": {"conv2d", "linear", "max_pool2d"},
               "resnet18": {"conv2d", "max_pool2d", "adaptive_avg_pool2d", "linear"},
+              "resnet18_train": {"conv2d", "max_pool2d", "adaptive_avg_pool2d", "linear"},
               "vgg": {"conv2d", "max_pool2d", "adaptive_avg_pool2d", "linear"},
               "lstm_lm": {"linear"}}[name]      # torch's LSTM calls _VF, not F
     assert served == expect, dict(p.stats)
@@ -129,7 +135,10 @@ def _double(inputs):
 def test_three_optimizer_steps_match_torch(name, opt):
     # fastdl.optim on the converted model against torch.optim on the original; where Adam's
     # m / sqrt(v) is ill-conditioned at an element, a float64 run of torch decides which side is
-    # right (helpers.assert_close_or_better).
+    # right (helpers.assert_close_or_better). (Not resnet18_train: batch norm over 4 values per
+    # channel makes SGD steps chaotic; after 3 steps torch's float32 run is 0.13 from its float64
+    # run at conv1.weight, fastdl's 0.005, and element by element either may be the closer.)
+    referee = opt == "Adam"
     build, inputs_of, reduction = ZOO[name]
     torch.manual_seed(2)
     model = build().train(TRAIN[name])
@@ -137,9 +146,9 @@ def test_three_optimizer_steps_match_torch(name, opt):
     kw = dict(lr=0.01, momentum=0.9) if opt == "SGD" else dict(lr=1e-3)
     sides = [(model, getattr(torch.optim, opt)(model.parameters(), **kw), False),
              (fast, getattr(fastdl.optim, opt)(fast.parameters(), **kw), False)]
-    if opt == "Adam":                  # the float64 referee, only where it may be needed
+    if referee:                        # the float64 referee, only where it may be needed
         ref64 = copy.deepcopy(model).double()
-        sides.append((ref64, torch.optim.Adam(ref64.parameters(), **kw), True))
+        sides.append((ref64, getattr(torch.optim, opt)(ref64.parameters(), **kw), True))
     for step in range(3):
         inputs = inputs_of()
         for m, o, dbl in sides:
@@ -149,8 +158,8 @@ def test_three_optimizer_steps_match_torch(name, opt):
             _loss(m(*x)).backward()
             o.step()
     for i, ((n, a), (_, b)) in enumerate(zip(fast.named_parameters(), model.named_parameters())):
-        if opt == "Adam":
-            assert_close_or_better(a, b, list(ref64.parameters())[i], what=f"Adam step 3: {n}")
+        if referee:
+            assert_close_or_better(a, b, list(ref64.parameters())[i], what=f"{opt} step 3: {n}")
         else:
             assert_close(a, b, reduction=reduction, scale_atol=True, what=f"SGD step 3: {n}")
     for (n, a), (_, b) in zip(fast.named_buffers(), model.named_buffers()):
