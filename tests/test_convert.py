@@ -552,6 +552,27 @@ def test_patch_falls_back_to_torch_where_fastdl_does_not_serve():
     assert type(err.value) is type(want.value) and str(err.value) == str(want.value)
 
 
+def test_pooling_under_patch_keeps_a_channels_last_layout():
+    x = rand(2, 3, 8, 8).to(memory_format=torch.channels_last).requires_grad_()
+    calls = [lambda x: F.max_pool2d(x, 2), lambda x: F.avg_pool2d(x, 3, 2, 1),
+             lambda x: F.adaptive_avg_pool2d(x, 3), lambda x: F.adaptive_max_pool2d(x, 3, True),
+             lambda x: F.max_pool2d(x, 2, return_indices=True)]
+    for f in calls:
+        want = f(x)
+        with fastdl.patch(strict=True) as p:
+            got = f(x)
+        assert sum(c["fastdl"] for c in p.stats.values()) == 1
+        for a, b in zip(_tensors(got), _tensors(want)):
+            assert a.stride() == b.stride()
+            if a.is_floating_point():
+                assert_close(a, b, reduction=9)
+            else:
+                assert torch.equal(a, b)
+    with fastdl.patch(strict=True):
+        got = F.max_pool2d(x.detach(), 2)       # (no autograd node: the ops path)
+    assert got.stride() == F.max_pool2d(x.detach(), 2).stride()
+
+
 def test_strict_patch_raises_fastdls_error():
     with fastdl.patch(strict=True):
         with pytest.raises(RuntimeError, match="linear: expected weight with 2 dims"):

@@ -107,6 +107,17 @@ class _MaxUnpoolFn(torch.autograd.Function):
         return ops.max_unpool2d_backward(gy, idx), None, None
 
 
+def _layout_of(input, out):
+    """torch's pooling keeps a channels_last input's layout in its outputs; fastdl's kernels
+    write contiguous NCHW, so such outputs are copied to channels_last (values unchanged)."""
+    if (input.dim() == 4 and not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last)):
+        cl = torch.channels_last
+        return (tuple(t.contiguous(memory_format=cl) for t in out) if isinstance(out, tuple)
+                else out.contiguous(memory_format=cl))
+    return out
+
+
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False):
     """torch.nn.functional.max_pool2d (same signature, outputs, indices and gradients).
@@ -116,10 +127,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """
     _check_torch("max_pool2d", input)
     if _needs_grad(input):
-        return _MaxPoolFn.apply(input, (kernel_size, stride, padding, dilation, ceil_mode),
-                                return_indices)
-    return ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode,
-                          return_indices)
+        return _layout_of(input, _MaxPoolFn.apply(
+            input, (kernel_size, stride, padding, dilation, ceil_mode), return_indices))
+    return _layout_of(input, ops.max_pool2d(input, kernel_size, stride, padding, dilation,
+                                            ceil_mode, return_indices))
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -130,10 +141,11 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     """
     _check_torch("avg_pool2d", input)
     if _needs_grad(input):
-        return _AvgPoolFn.apply(input, (kernel_size, stride, padding, ceil_mode,
-                                        count_include_pad, divisor_override))
-    return ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                          divisor_override)
+        return _layout_of(input, _AvgPoolFn.apply(input, (kernel_size, stride, padding,
+                                                          ceil_mode, count_include_pad,
+                                                          divisor_override)))
+    return _layout_of(input, ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode,
+                                            count_include_pad, divisor_override))
 
 
 def adaptive_max_pool2d(input, output_size, return_indices=False):
@@ -143,8 +155,9 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     """
     _check_torch("adaptive_max_pool2d", input)
     if _needs_grad(input):
-        return _MaxPoolFn.apply(input, ("adaptive", output_size), return_indices)
-    return ops.adaptive_max_pool2d(input, output_size, return_indices)
+        return _layout_of(input, _MaxPoolFn.apply(input, ("adaptive", output_size),
+                                                  return_indices))
+    return _layout_of(input, ops.adaptive_max_pool2d(input, output_size, return_indices))
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -154,8 +167,8 @@ def adaptive_avg_pool2d(input, output_size):
     """
     _check_torch("adaptive_avg_pool2d", input)
     if _needs_grad(input):
-        return _AvgPoolFn.apply(input, ("adaptive", output_size))
-    return ops.adaptive_avg_pool2d(input, output_size)
+        return _layout_of(input, _AvgPoolFn.apply(input, ("adaptive", output_size)))
+    return _layout_of(input, ops.adaptive_avg_pool2d(input, output_size))
 
 
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
