@@ -401,15 +401,31 @@ def test_model_on_another_device_is_left_alone_with_the_reason():
     assert "conv1" in str(report) and "meta" in str(report)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for torch")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device visible to torch (torch.cuda.is_available() is False): "
+                           "the converted model's CUDA parity needs a GPU")
 def test_model_on_cuda_is_converted_where_fastdl_has_cuda_kernels():
     from fastdl import _support
-    model = _zoo.MnistNet().cuda()
+    torch.manual_seed(4)
+    model = _zoo.MnistNet().cuda().train()
+    inputs = (rand(2, 1, 28, 28).cuda(),)
+    want = _forward_backward(copy.deepcopy(model), _fresh_inputs(inputs))
     fast, report = fastdl.nn.convert(model)
     reasons = {n: why for n, _, why in report.left}
     for name, family in (("conv1", "conv"), ("fc1", "linear")):
         why = _support.why_not(family, torch.device("cuda"), torch.float32)
         assert (name in reasons) == (why is not None), str(report)
+    assert report.replaced, str(report)      # at least linear has CUDA kernels in a CUDA build
+    got = _forward_backward(fast, _fresh_inputs(inputs))
+    assert all(t.is_cuda for t in got[0])
+    _assert_same(got, want, 9216, "converted on CUDA")
+    result = fastdl.check(model, *inputs, repeats=1)
+    rtol = 1e-5 * 9216 ** 0.5
+    assert [r.layer for r in result.rows][:-1] == [n for n, *_ in report.replaced]
+    for r in result.rows:
+        assert r.output_rel <= rtol and all(rel <= rtol for _, rel in r.grads.values()), str(result)
+        if r.layer != "(model)":
+            assert r.fwd_ms["torch"] > 0 and r.fwd_ms["fastdl"] > 0
 
 
 def test_unsupported_options_are_left_alone_with_the_reason():
