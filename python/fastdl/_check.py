@@ -175,24 +175,43 @@ def _run(model, inputs, kwargs, seed, grads=None):
     return out, grads
 
 
+def _cuda_devices(*objs):
+    """The CUDA devices of the tensors in objs (modules: their parameters and buffers)."""
+    found = set()
+    for o in objs:
+        ts = (list(o.parameters()) + list(o.buffers()) if isinstance(o, torch.nn.Module)
+              else _tensors(o))
+        found.update(t.device for t in ts if t.is_cuda)
+    return sorted(found, key=lambda d: d.index or 0)
+
+
+def _clock(devices):
+    """perf_counter after every kernel queued on `devices` has finished (CUDA runs
+    asynchronously: without this, a time would be the launch's, not the kernel's)."""
+    for d in devices:
+        torch.cuda.synchronize(d)
+    return time.perf_counter()
+
+
 def _time_layer(mods, rec, repeats, seed):
     """Median forward and backward ms of each side's layer on the recorded inputs, interleaved."""
     times = {side: ([], []) for side in mods}
+    devices = _cuda_devices(*mods.values(), rec["args"], rec["kwargs"])
     for rep in range(repeats + 1):  # round 0 warms up (first-call allocations), not timed
         for side, m in mods.items():
             args, kwargs = _detached(rec["args"]), _detached(rec["kwargs"])
             torch.manual_seed(seed)
-            t0 = time.perf_counter()
+            t0 = _clock(devices)
             out = m(*args, **kwargs)
-            t1 = time.perf_counter()
+            t1 = _clock(devices)
             outs = [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
             gs = [rec["grad_out"].get(i) for i, t in enumerate(_tensors(out))
                   if t.is_floating_point() and t.requires_grad]
             pairs = [(o, g) for o, g in zip(outs, gs) if g is not None]
-            t2 = time.perf_counter()
+            t2 = _clock(devices)
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-            t3 = time.perf_counter()
+            t3 = _clock(devices)
             if rep:
                 times[side][0].append((t1 - t0) * 1e3)
                 times[side][1].append((t3 - t2) * 1e3 if pairs else float("nan"))
@@ -201,22 +220,36 @@ def _time_layer(mods, rec, repeats, seed):
     return fwd, bwd
 
 
-def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0, **kwargs):
-    """Runs `model` and fastdl.nn.convert's copy of it on the same inputs (kwargs go to forward),
+def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0,
+          forward_kwargs: dict | None = None, **kwargs):
+    """Runs `model` and fastdl.nn.convert's copy of it on the same inputs (kwargs, and
+    forward_kwargs for forward arguments named repeats, seed or forward_kwargs, go to forward),
     forward and backward, and returns a CheckResult: per replaced layer, the largest abs/rel
     difference of its output(s) and every gradient, and its forward/backward time on each side
-    (median of `repeats`; 0 skips the timing). Neither `model` nor the inputs are changed. No
-    torch counterpart.
+    (median of `repeats`; 0 skips the timing; on CUDA, timed to the kernels' end). Neither
+    `model`, the inputs, nor the caller's random number generators are changed (the runs draw
+    from `seed` inside torch.random.fork_rng). No torch counterpart.
 
     >>> result = fastdl.check(torch_model, torch.randn(2, 3, 32, 32))
     >>> print(result); result.row("layer1.0.conv1").output_rel
     """
-    from .nn import convert
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"check: expected model to be a torch.nn.Module, got "
                         f"{type(model).__name__}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
         raise ValueError(f"check: expected repeats to be an int >= 0, got {repeats!r}")
+    if forward_kwargs is not None:
+        if not isinstance(forward_kwargs, dict):
+            raise TypeError(f"check: expected forward_kwargs to be a dict, got "
+                            f"{type(forward_kwargs).__name__}")
+        kwargs = {**kwargs, **forward_kwargs}
+    devices = _cuda_devices(model, inputs, kwargs)
+    with torch.random.fork_rng(devices=devices):
+        return _check(model, inputs, kwargs, repeats, seed)
+
+
+def _check(model, inputs, kwargs, repeats, seed):
+    from .nn import convert
     ref = copy.deepcopy(model)
     fast, report = convert(model, inplace=False)
     names = [name for name, *_ in report.replaced]
@@ -224,9 +257,11 @@ def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0, **kw
     rec_ref = _Recorder({n: ref_mods[n] for n in names})
     rec_fast = _Recorder({n: fast_mods[n] for n in names})
     in_ref, in_fast = _inputs(inputs), _inputs(inputs)
+    # each side its own copy of tensor kwargs (their .grad and any in-place use stay apart)
+    kw_ref, kw_fast = _detached(kwargs), _detached(kwargs)
     try:
-        out_ref, grads = _run(ref, in_ref, kwargs, seed)
-        out_fast, _ = _run(fast, in_fast, kwargs, seed, grads)
+        out_ref, grads = _run(ref, in_ref, kw_ref, seed)
+        out_fast, _ = _run(fast, in_fast, kw_fast, seed, grads)
     finally:
         rec_ref.remove()
         rec_fast.remove()
@@ -255,11 +290,13 @@ def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0, **kw
         if isinstance(b, torch.Tensor) and b.grad is not None:
             model_grads[f"grad input {i}"] = (_diff(a.grad, b.grad) if a.grad is not None
                                               else (float("inf"), float("inf")))
-    pg = [(q.grad, p.grad) for (_, q), (_, p) in zip(fast.named_parameters(),
-                                                     ref.named_parameters())
-          if p.grad is not None and q.grad is not None]
-    if pg:
-        model_grads["grad parameters"] = _worst(pg)
+    pairs = [(q.grad, p.grad) for (_, q), (_, p) in zip(fast.named_parameters(),
+                                                        ref.named_parameters())
+             if p.grad is not None]
+    if any(q is None for q, _ in pairs):   # a gradient torch computes and fastdl does not
+        model_grads["grad parameters"] = (float("inf"), float("inf"))
+    elif pairs:
+        model_grads["grad parameters"] = _worst(pairs)
     o = _worst(zip(_tensors(out_fast), _tensors(out_ref)))
     # time each replaced layer's first call
     for r in rows:

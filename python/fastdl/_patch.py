@@ -19,9 +19,19 @@ torch.nn.functional import conv2d``), and nn.RNN/LSTM/GRU (torch calls its _VF k
 Gradients: fastdl's linear and pooling backward are once-differentiable, so a double backward
 (create_graph=True through them) raises where torch's would not; conv supports it.
 
-Under torch.compile a router seen while tracing calls torch's op (no graph break); dynamo may
-also keep a router as an opaque call in its graph (it does for max_pool2d), which then runs
-fastdl at run time, as in eager mode.
+Under torch.compile a router seen while tracing calls torch's op (no graph break), so the graph
+of a model compiled under patch holds torch's ops, not the routers. (With backend="eager" the
+graph's Python code looks torch.nn.functional names up when it runs, so while patched those
+calls are routed as in eager mode.) Dynamo builds a map from torch's functions to its
+tracing rules once per process, reading torch.nn.functional's names as they are then; patch
+builds that map before its first setattr when dynamo is loaded, and on undo drops a map that was
+built while the routers were in place, so a compile after undo sees torch's own functions. (If
+dynamo is first imported while patched, its map keys the routers: it then keeps the pooling
+routers as opaque calls, which serve fastdl at run time, until undo.)
+
+TorchScript: under torch.jit.trace a router calls torch's op (the trace records torch's op, so
+the traced module saves and exports). torch.jit.script cannot compile the routers (they take
+*args/**kwargs): script models before patching, or outside the `with fastdl.patch()` block.
 
 No recursion: fastdl's implementations never call these names, and a router reached again while
 one is running on the same thread (from any code fastdl calls) goes straight to torch.
@@ -36,6 +46,7 @@ were there before the first patch.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 
 import torch
@@ -72,6 +83,7 @@ _ROUTES = {
 NAMES = tuple(_ROUTES)
 
 _is_compiling = torch.compiler.is_compiling
+_is_tracing = torch.jit.is_tracing
 _lock = threading.Lock()
 _local = threading.local()
 _state = {"depth": 0, "strict": 0, "originals": {}, "routers": {}}
@@ -82,8 +94,9 @@ def _make_router(name, family, tensors_of, original, fast):
     stats = _stats[name]
 
     def router(*args, **kwargs):
-        if _state["depth"] == 0 or _is_compiling() or getattr(_local, "busy", False):
-            return original(*args, **kwargs)   # (torch.compile traces torch's op, no break)
+        if (_state["depth"] == 0 or _is_compiling() or _is_tracing()
+                or getattr(_local, "busy", False)):
+            return original(*args, **kwargs)   # (torch.compile / jit.trace record torch's op)
         try:
             tensors = tensors_of(args, kwargs)
             why = _support.tensor_why_not(family, *tensors)
@@ -119,6 +132,37 @@ def _make_router(name, family, tensors_of, original, fast):
     return router
 
 
+def _dynamo_rule_map():
+    """dynamo's cached map builder, or None when dynamo is not loaded (it is not imported here:
+    that takes seconds; a map dynamo builds later under patch is dropped by undo instead)."""
+    rules = sys.modules.get("torch._dynamo.trace_rules")
+    return getattr(rules, "get_torch_obj_rule_map", None)
+
+
+def _prime_dynamo():
+    # The map is built once and cached; built while the routers are in place, it would key
+    # them instead of torch's functions, and torch's own max_pool2d / adaptive_max_pool2d
+    # (boolean dispatchers) would then be "skipped" functions for every later torch.compile.
+    build = _dynamo_rule_map()
+    if build is not None:
+        try:
+            build()
+        except Exception:  # noqa: BLE001 (a dynamo internal: never let it block patching)
+            pass
+
+
+def _forget_dynamo_map(routers):
+    build = _dynamo_rule_map()
+    if build is None or not hasattr(build, "cache_clear"):
+        return
+    try:
+        info = build.cache_info()
+        if info.currsize and any(r in build() for r in routers):
+            build.cache_clear()   # rebuilt on next use, from torch's own functions
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class Patch:
     """An applied fastdl.patch(): undo() (idempotent) or leave the `with` block to restore.
 
@@ -129,17 +173,20 @@ class Patch:
     def __init__(self, strict: bool):
         self._strict = strict
         self.active = False
+        self._final = None
 
     @property
     def stats(self) -> dict:
         """{name: Counter} of calls fastdl served ('fastdl') and calls sent to torch, by reason,
-        since the first of the active patches was applied."""
-        return _stats
+        since the first of the active patches was applied; after undo, as they were then (a
+        later patch starts its own count)."""
+        return _stats if self._final is None else self._final
 
     def _apply(self):
         with _lock:
             if _state["depth"] == 0:
                 from .nn import functional as fast
+                _prime_dynamo()
                 for c in _stats.values():
                     c.clear()
                 for name, (family, tensors_of) in _ROUTES.items():
@@ -159,6 +206,7 @@ class Patch:
             if not self.active:
                 return
             self.active = False
+            self._final = {name: collections.Counter(c) for name, c in _stats.items()}
             _state["depth"] -= 1
             _state["strict"] -= self._strict
             if _state["depth"] == 0:
@@ -167,6 +215,7 @@ class Patch:
                     # it now passes straight through to the original (depth is 0).
                     if getattr(F, name) is _state["routers"][name]:
                         setattr(F, name, original)
+                _forget_dynamo_map(_state["routers"].values())
                 _state["originals"].clear()
                 _state["routers"].clear()
 

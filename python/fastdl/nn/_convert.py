@@ -1,8 +1,9 @@
 """fastdl.nn.convert: swap the torch layers of an existing model for fastdl's, in place of the
 same objects, and say what was swapped and what was left alone, and why.
 
-How: a replaced layer keeps its identity and changes only its class (``module.__class__ =
-fastdl.nn.Conv2d``). fastdl's layers use torch's attribute and parameter names, so the object's
+How: a replaced layer keeps its identity and changes only its class (``module.__class__``
+becomes a subclass of fastdl.nn.Conv2d, itself a subclass of torch.nn.Conv2d, so isinstance
+holds for both). fastdl's layers use torch's attribute and parameter names, so the object's
 state is already what fastdl's forward reads, and everything attached to the object stays: its
 Parameter objects (an optimizer built before conversion keeps working; weights tied between
 layers stay tied), buffers, train/eval mode, device, dtype, forward/pre/backward hooks (and
@@ -11,9 +12,11 @@ their removal handles), state_dict hooks, and every reference to the layer elsew
 Which: exact torch types only (a subclass may override forward; it is left alone and named), and
 only where fastdl has kernels for the layer's device and dtype (fastdl._support; a
 parameter-free layer such as a pool is judged by the model's first parameter or buffer). The
-choice is made once, at conversion: a converted model later moved to a device or dtype fastdl
-does not serve raises NotImplementedError in those layers; convert the torch model again there,
-or use fastdl.patch(), which decides per call.
+report gives these decisions, made at conversion. Per call, a converted layer asks the same
+table, as fastdl.patch() does, about the tensors it gets (its input and its own parameters;
+autocast and torch.compile tracing included) and runs torch's forward where fastdl does not
+serve the call: under autocast, after .half() or a move to a device fastdl lacks, or when a pool
+gets activations unlike the parameter it was judged by, it computes what torch computes.
 
 >>> model, report = fastdl.nn.convert(torchvision_like_resnet18())
 >>> print(report)            # one line per layer: replaced, or left alone and why
@@ -73,7 +76,56 @@ class ConvertReport:
 
 def _fastdl_classes():
     from . import modules
-    return {getattr(modules, n) for n, _ in _LAYERS.values()}
+    return tuple(getattr(modules, n) for n, _ in _LAYERS.values())
+
+
+def _call_input(args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    return getattr(x, "data", x) if isinstance(x, tuple) else x   # PackedSequence -> .data
+
+
+def _converted_class(torch_cls, fast_cls, family):
+    """fast_cls with a forward that runs fastdl's where fastdl serves the call (the input and
+    the layer's own parameters, by fastdl._support.tensor_why_not), torch_cls's otherwise."""
+    fast_forward, torch_forward = fast_cls.forward, torch_cls.forward
+    why_not = _support.tensor_why_not
+
+    def forward(self, *args, **kwargs):
+        x = _call_input(args, kwargs)
+        if isinstance(x, torch.Tensor) and why_not(family, x, *self._parameters.values()):
+            return torch_forward(self, *args, **kwargs)
+        return fast_forward(self, *args, **kwargs)
+
+    name = fast_cls.__name__
+    cls = type(name, (fast_cls,), {
+        "forward": forward, "__module__": __name__, "__qualname__": f"Converted{name}",
+        "__doc__": f"A torch.nn.{torch_cls.__name__} converted by fastdl.nn.convert: "
+                   f"fastdl.nn.{name}'s forward where fastdl serves the call, torch's "
+                   f"otherwise (autocast, a dtype or device fastdl has no kernels for)."})
+    forward.__qualname__ = f"Converted{name}.forward"
+    globals()[f"Converted{name}"] = cls     # (pickle finds the class by its qualified name)
+    return cls
+
+
+_CONVERTED: dict = {}
+
+
+def __getattr__(name):
+    # Converted<Layer> classes are made on first use; unpickling a converted model in a fresh
+    # process looks them up here by name.
+    for torch_cls, (fast_name, _) in _LAYERS.items():
+        if name == f"Converted{fast_name}":
+            return _converted(torch_cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _converted(torch_cls):
+    cls = _CONVERTED.get(torch_cls)
+    if cls is None:
+        from . import modules
+        name, family = _LAYERS[torch_cls]
+        cls = _CONVERTED[torch_cls] = _converted_class(torch_cls, getattr(modules, name), family)
+    return cls
 
 
 def _model_place(model):
@@ -130,21 +182,25 @@ def convert(model: torch.nn.Module, inplace: bool = False):
         raise TypeError(f"convert: expected inplace to be a bool, got {type(inplace).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    from . import modules
     ours = _fastdl_classes()
     place = _model_place(model)
     report = ConvertReport()
     todo = []
     for name, m in model.named_modules(remove_duplicate=True):
         t = type(m)
-        if t in ours:
+        if issubclass(t, ours):
             report.left.append((name, f"fastdl.nn.{t.__name__}", "already a fastdl layer"))
             continue
         if t in _LAYERS:
             cls_name, family = _LAYERS[t]
-            why = _why_not(m, family, place)
+            # An instance attribute `forward` (accelerate's device hooks set one that calls
+            # torch's bound forward) wins over the class's: swapping the class would change
+            # nothing it computes, and wrapping the caller's function is not ours to do.
+            why = ("the instance has its own forward attribute (a hook library's wrapper?), "
+                   "which would still run torch's forward" if "forward" in m.__dict__ else
+                   _why_not(m, family, place))
             if why is None:
-                todo.append((name, m, getattr(modules, cls_name)))
+                todo.append((name, m, _converted(t)))
             else:
                 report.left.append((name, t.__name__, why))
             continue

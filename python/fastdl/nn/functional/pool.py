@@ -107,6 +107,17 @@ class _MaxUnpoolFn(torch.autograd.Function):
         return ops.max_unpool2d_backward(gy, idx), None, None
 
 
+def _layout_of(input, out):
+    """torch's pooling keeps a channels_last input's layout in its outputs; fastdl's kernels
+    write contiguous NCHW, so such outputs are copied to channels_last (values unchanged)."""
+    if (input.dim() == 4 and not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last)):
+        cl = torch.channels_last
+        return (tuple(t.contiguous(memory_format=cl) for t in out) if isinstance(out, tuple)
+                else out.contiguous(memory_format=cl))
+    return out
+
+
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                return_indices=False):
     """torch.nn.functional.max_pool2d (same signature, outputs, indices and gradients).
@@ -120,10 +131,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
                                                                   padding, dilation), ceil_mode)
         return (y, idx) if return_indices else y
     if _needs_grad(input):
-        return _MaxPoolFn.apply(input, (kernel_size, stride, padding, dilation, ceil_mode),
-                                return_indices)
-    return ops.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode,
-                          return_indices)
+        return _layout_of(input, _MaxPoolFn.apply(
+            input, (kernel_size, stride, padding, dilation, ceil_mode), return_indices))
+    return _layout_of(input, ops.max_pool2d(input, kernel_size, stride, padding, dilation,
+                                            ceil_mode, return_indices))
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -137,10 +148,11 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
         k, s, p, _ = _library.pool_window("avg_pool2d", kernel_size, stride, padding)
         return _library.avg_pool2d(input, k, s, p, ceil_mode, count_include_pad, divisor_override)
     if _needs_grad(input):
-        return _AvgPoolFn.apply(input, (kernel_size, stride, padding, ceil_mode,
-                                        count_include_pad, divisor_override))
-    return ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad,
-                          divisor_override)
+        return _layout_of(input, _AvgPoolFn.apply(input, (kernel_size, stride, padding,
+                                                          ceil_mode, count_include_pad,
+                                                          divisor_override)))
+    return _layout_of(input, ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode,
+                                            count_include_pad, divisor_override))
 
 
 def adaptive_max_pool2d(input, output_size, return_indices=False):
@@ -154,8 +166,9 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
             "adaptive_max_pool2d", input, output_size))
         return (y, idx) if return_indices else y
     if _needs_grad(input):
-        return _MaxPoolFn.apply(input, ("adaptive", output_size), return_indices)
-    return ops.adaptive_max_pool2d(input, output_size, return_indices)
+        return _layout_of(input, _MaxPoolFn.apply(input, ("adaptive", output_size),
+                                                  return_indices))
+    return _layout_of(input, ops.adaptive_max_pool2d(input, output_size, return_indices))
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -168,8 +181,8 @@ def adaptive_avg_pool2d(input, output_size):
         return _library.adaptive_avg_pool2d(input, _library.adaptive_output_size(
             "adaptive_avg_pool2d", input, output_size))
     if _needs_grad(input):
-        return _AvgPoolFn.apply(input, ("adaptive", output_size))
-    return ops.adaptive_avg_pool2d(input, output_size)
+        return _layout_of(input, _AvgPoolFn.apply(input, ("adaptive", output_size)))
+    return _layout_of(input, ops.adaptive_avg_pool2d(input, output_size))
 
 
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):

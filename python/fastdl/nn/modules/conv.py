@@ -30,7 +30,10 @@ def _tuple(value, n):
 
 
 class _ConvNd(nn.Module):
-    """Shared constructor, parameters and repr of the convolution modules (torch's _ConvNd)."""
+    """Shared constructor, parameters and repr of the convolution modules (torch's _ConvNd).
+    Each module also subclasses its torch class (isinstance(m, torch.nn.Conv2d) holds, and
+    torch's methods such as _conv_forward are there); this constructor sets every attribute
+    torch's methods read."""
 
     __constants__ = ["stride", "padding", "dilation", "groups", "padding_mode", "output_padding",
                      "in_channels", "out_channels", "kernel_size"]
@@ -38,7 +41,7 @@ class _ConvNd(nn.Module):
     def __init__(self, dims, in_channels, out_channels, kernel_size, stride, padding, dilation,
                  transposed, output_padding, groups, bias, padding_mode, device=None, dtype=None):
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        nn.Module.__init__(self)   # (not torch's _ConvNd constructor: this one replaces it)
         if groups <= 0:
             raise ValueError("groups must be a positive integer")
         if in_channels % groups != 0:
@@ -108,7 +111,7 @@ class _ConvNd(nn.Module):
         return s.format(**self.__dict__)
 
 
-class Conv2d(_ConvNd):
+class Conv2d(_ConvNd, nn.Conv2d):
     """torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
     groups=1, bias=True, padding_mode='zeros', device=None, dtype=None).
 
@@ -131,7 +134,7 @@ class Conv2d(_ConvNd):
                         self.groups)
 
 
-class Conv1d(_ConvNd):
+class Conv1d(_ConvNd, nn.Conv1d):
     """torch.nn.Conv1d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
     groups=1, bias=True, padding_mode='zeros', device=None, dtype=None).
 
@@ -154,7 +157,7 @@ class Conv1d(_ConvNd):
                         self.groups)
 
 
-class ConvTranspose2d(_ConvNd):
+class ConvTranspose2d(_ConvNd, nn.ConvTranspose2d):
     """torch.nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride=1, padding=0,
     output_padding=0, groups=1, bias=True, dilation=1, padding_mode='zeros', device=None,
     dtype=None); forward(input, output_size=None) as torch's.
@@ -172,7 +175,7 @@ class ConvTranspose2d(_ConvNd):
         super().__init__(2, in_channels, out_channels, kernel_size, stride, padding, dilation,
                          True, output_padding, groups, bias, padding_mode, device, dtype)
 
-    def _output_padding(self, input, output_size):
+    def _output_padding_of(self, input, output_size):  # (torch's _output_padding differs)
         if output_size is None:
             return self.output_padding
         size = list(output_size)
@@ -193,6 +196,6 @@ class ConvTranspose2d(_ConvNd):
         return tuple(out)
 
     def forward(self, input, output_size=None):
-        op = self._output_padding(input, output_size)
+        op = self._output_padding_of(input, output_size)
         return F.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, op,
                                   self.groups, self.dilation)
