@@ -323,3 +323,64 @@ def test_export_mnist_net(strict):
 
 def test_export_lstm_lm():
     _check_export(LstmLM(), torch.randint(0, 50, (6, 2)), 50)
+
+
+# ---- symbolic sizes: the fakes must not specialise them ----------------------------------------
+
+def _dynamic_cases():
+    """(name, module, input maker of batch n, batch dim). Batch sizes below differ from every
+    other size, so duck sizing adds no guard of its own."""
+    return [("conv2d", fastdl.nn.Conv2d(2, 3, 3, padding=1), lambda n: rand(n, 2, 9, 8), 0),
+            ("conv_transpose2d", fastdl.nn.ConvTranspose2d(2, 3, 3, stride=2),
+             lambda n: rand(n, 2, 3, 4), 0),
+            ("max_pool2d", fastdl.nn.MaxPool2d(2), lambda n: rand(n, 2, 9, 8, requires_grad=True),
+             0),
+            ("avg_pool2d", fastdl.nn.AvgPool2d(3, stride=2), lambda n: rand(n, 2, 9, 8,
+                                                                          requires_grad=True), 0),
+            ("linear", fastdl.nn.Linear(4, 3), lambda n: rand(n, 4), 0),
+            ("lstm", fastdl.nn.LSTM(4, 3, bidirectional=True), lambda n: rand(2, n, 4), 1)]
+
+
+@pytest.mark.parametrize("case", range(len(_dynamic_cases())),
+                         ids=[c[0] for c in _dynamic_cases()])
+def test_export_dynamic_batch(case):
+    from torch.export import Dim
+    name, m, make, dim = _dynamic_cases()[case]
+    m.eval()
+    ep = torch.export.export(m, (make(5).detach(),), dynamic_shapes=({dim: Dim("batch")},))
+    for n in (3, 8):
+        x = make(n).detach()
+        with torch.no_grad():
+            got, want = ep.module()(x), m(x)
+        got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+        assert got.shape[dim] == n
+        assert torch.equal(got, want), f"{name}: exported program differs from eager at batch {n}"
+
+
+def test_export_dynamic_batch_and_steps_lstm():
+    from torch.export import Dim
+    m = fastdl.nn.LSTM(4, 3, num_layers=2).eval()
+    ep = torch.export.export(m, (rand(5, 6, 4),), dynamic_shapes=({0: Dim("T"), 1: Dim("B")},))
+    x = rand(9, 3, 4)
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x)[0], m(x)[0])
+
+
+@pytest.mark.parametrize("case", range(len(_dynamic_cases())),
+                         ids=[c[0] for c in _dynamic_cases()])
+def test_compile_dynamic_one_graph_for_all_batch_sizes(case):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    name, m, make, _ = _dynamic_cases()[case]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(m, backend=counter, dynamic=True, fullgraph=True)
+        frames = []  # frames compiled so far, after each call
+        for n in (5, 6, 7, 11):
+            out = compiled(make(n))
+            out = out[0] if isinstance(out, tuple) else out
+            assert out.shape[1 if name == "lstm" else 0] == n
+            out.sum().backward()
+            frames.append(counter.frame_count)
+    # (the LSTM's first call compiles two frames; what counts is that no later batch size adds one)
+    assert frames[1:] == frames[:1] * 3, f"{name}: a new batch size recompiled ({frames})"

@@ -66,6 +66,26 @@ def _nothing(like):
     return like.new_empty((0,))
 
 
+def _hint(size) -> int:
+    """A size's example value, read without a guard: a symbolic size (torch.export's Dim,
+    torch.compile(dynamic=True)) turned into an int by int() or by pybind11 would be specialised
+    to that value (a guard Eq(s, value)), pinning the batch size of the whole program."""
+    if isinstance(size, torch.SymInt):
+        node = size.node
+        if node.has_hint():
+            return int(node.hint)
+    return int(size)
+
+
+def _stand_in(t):
+    """A tensor of t's dtype and device with the example values of t's sizes and strides, for
+    the fastdl.ops validation code (which builds C++ param structs from plain ints). Only fakes
+    use it, so nothing is allocated."""
+    if t is None:
+        return None
+    return t.new_empty_strided([_hint(s) for s in t.shape], [_hint(s) for s in t.stride()])
+
+
 # ---- linear -------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastdl::linear", mutates_args=())
@@ -364,13 +384,36 @@ def convolution(input: Tensor, weight: Tensor, bias: Optional[Tensor], transpose
     return run(geo, input, weight, bias)
 
 
+def _conv_shapes(transposed, in_shape, w_shape, stride, padding, padding_str, output_padding,
+                 dilation, groups):
+    """(x_shape, y_shape, w_shape) of fastdl.ops.conv's _Geometry (the underlying convolution:
+    x -> y; conv_transpose2d's input is y) from the batched input and weight sizes, in plain
+    Python, so symbolic sizes stay symbolic. Arguments as validated by _prepare."""
+    n, c, h, w = in_shape
+    k0, k1, kh, kw = w_shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    if transposed:
+        oh = (h - 1) * sh - 2 * ph + dh * (kh - 1) + output_padding[0] + 1
+        ow = (w - 1) * sw - 2 * pw + dw * (kw - 1) + output_padding[1] + 1
+        return (n, k1 * groups, oh, ow), tuple(in_shape), tuple(w_shape)
+    if padding_str == "same":  # stride 1 (checked)
+        oh, ow = h, w
+    else:  # 'valid' comes with padding [0, 0] (conv_args)
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return tuple(in_shape), (n, k0, oh, ow), tuple(w_shape)
+
+
 @convolution.register_fake
 def _(input, weight, bias, transposed, stride, padding, padding_str, output_padding, dilation,
       groups):
-    geo = _prepare(transposed, input, weight, bias, stride, padding, padding_str, output_padding,
-                   dilation, groups)
-    shape = geo.x_shape if transposed else geo.y_shape
+    # validation (and the layout) by fastdl.ops on example-sized stand-ins; shapes symbolic
+    geo = _prepare(transposed, _stand_in(input), _stand_in(weight), _stand_in(bias), stride,
+                   padding, padding_str, output_padding, dilation, groups)
     x = input[None] if geo.unbatched else input
+    xs, ys, _ = _conv_shapes(transposed, tuple(x.shape), tuple(weight.shape), stride, padding,
+                             padding_str, output_padding, dilation, groups)
+    shape = xs if transposed else ys
     if not transposed and geo.x_shape[1] == 0:   # as conv2d_run: (N, 0, OH, OW), plain layout
         y = x.new_empty((shape[0], 0) + tuple(shape[2:]))
     else:
@@ -380,26 +423,28 @@ def _(input, weight, bias, transposed, stride, padding, padding_str, output_padd
 
 def _geometry_of(a, transposed, shape, w_shape, args):
     """The _Geometry of a convolution from its (batched) input and weight shapes: the validation
-    code only reads shapes, dtype and device, so zero-stride views stand in for the tensors."""
-    x = a.new_empty(()).expand(shape)
-    w = a.new_empty(()).expand(w_shape)
+    code only reads shapes, dtype and device, so zero-stride views stand in for the tensors
+    (with the sizes' example values: see _hint)."""
+    x = a.new_empty(()).expand([_hint(s) for s in shape])
+    w = a.new_empty(()).expand([_hint(s) for s in w_shape])
     return _prepare(transposed, x, w, None, *args)
 
 
 def _pass_geometry(kind, a, b, transposed, shape, w_shape, args):
-    """The pass's geometry, with its operands checked against it (the kernels trust shapes)."""
+    """The pass's geometry and its output shape, with its operands checked against it (the
+    kernels trust shapes). Shapes come from _conv_shapes, symbolic where the sizes are."""
     if kind not in (_F, _I, _W):
         raise ValueError(f"conv_pass: kind must be {_F} (forward), {_I} (input gradient) or "
                          f"{_W} (weight gradient), got {kind}")
     geo = _geometry_of(a, transposed, shape, w_shape, args)
-    want = {_F: (geo.x_shape, geo.w_shape), _I: (geo.y_shape, geo.w_shape),
-            _W: (geo.x_shape, geo.y_shape)}[kind]
+    xs, ys, ws = _conv_shapes(transposed, shape, w_shape, *args)
+    want = {_F: (xs, ws), _I: (ys, ws), _W: (xs, ys)}[kind]
     for name, t, w in (("a", a, want[0]), ("b", b, want[1])):
         if tuple(t.shape) != tuple(w) or t.dtype != a.dtype or t.device != a.device:
             raise RuntimeError(f"conv_pass: expected {name} of shape {tuple(w)} ({a.dtype} on "
                                f"{a.device}) for pass {kind}, got {tuple(t.shape)} ({t.dtype} "
                                f"on {t.device})")
-    return geo
+    return geo, {_F: ys, _I: xs, _W: ws}[kind]
 
 
 @torch.library.custom_op("fastdl::conv_pass", mutates_args=())
@@ -407,15 +452,15 @@ def conv_pass(kind: int, a: Tensor, b: Tensor, transposed: bool, shape: List[int
               w_shape: List[int], stride: List[int], padding: List[int], padding_str: str,
               output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
     from .nn.functional.conv import _run_pass  # (that module imports this one)
-    geo = _pass_geometry(kind, a, b, transposed, shape, w_shape,
-                         (stride, padding, padding_str, output_padding, dilation, groups))
+    geo, _ = _pass_geometry(kind, a, b, transposed, shape, w_shape,
+                            (stride, padding, padding_str, output_padding, dilation, groups))
     return _run_pass(kind, geo, a, b)
 
 
 @conv_pass.register_fake
 def _(kind, a, b, transposed, shape, w_shape, *args):
-    geo = _pass_geometry(kind, a, b, transposed, shape, w_shape, args)
-    return a.new_empty({_F: geo.y_shape, _I: geo.x_shape, _W: geo.w_shape}[kind])
+    _, out_shape = _pass_geometry(kind, a, b, transposed, shape, w_shape, args)
+    return a.new_empty(out_shape)
 
 
 def _conv_pass_setup(ctx, inputs, output):
@@ -508,15 +553,26 @@ def recurrent_layer(mode: int, x: Tensor, h0: Tensor, c0: Optional[Tensor], weig
     return y, torch.stack(hns), cn, wss
 
 
+def _workspace_columns(mode, H, R, has_proj):
+    """Elements per row (of T * B) of one direction's training workspace: csrc/rnn.h
+    rnn_workspace_layout (activations, the previous state; LSTM: c and the previous c; with a
+    projection: the pre-projection state). Plain Python, so T and B may stay symbolic
+    (_C.rnn_buffer_sizes would specialise them); opcheck compares it with the real op."""
+    cols = (4 * H if mode in (_rnn.LSTM, _rnn.GRU) else H) + R
+    if mode == _rnn.LSTM:
+        cols += 2 * H + (H if has_proj else 0)
+    return cols
+
+
 @recurrent_layer.register_fake
 def _(mode, x, h0, c0, weights, dirs, has_bias, has_proj, training):
     wss = []
     for d in range(dirs):
         w_ih, w_hh, b_ih, b_hh, w_hr = _split(weights, d, dirs, has_bias, has_proj)
-        geometry, _, _, (T, B, N, I, H, R), _ = _rnn._geometry(
+        _, _, _, (T, B, N, I, H, R), _ = _rnn._geometry(
             "recurrent_layer", mode, x, h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih,
             b_hh, w_hr, None, d == 1)
-        ws_n = (_rnn._C.rnn_buffer_sizes(geometry)[0] if N else 0) if training else 0
+        ws_n = N * _workspace_columns(mode, H, R, has_proj) if training else 0
         wss.append(x.new_empty((ws_n,)))
     y = x.new_empty(tuple(x.shape[:-1]) + (dirs * R,))
     cn = x.new_empty((dirs, B, H)) if mode == _rnn.LSTM else _nothing(x)
