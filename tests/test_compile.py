@@ -384,3 +384,39 @@ def test_compile_dynamic_one_graph_for_all_batch_sizes(case):
             frames.append(counter.frame_count)
     # (the LSTM's first call compiles two frames; what counts is that no later batch size adds one)
     assert frames[1:] == frames[:1] * 3, f"{name}: a new batch size recompiled ({frames})"
+
+
+# ---- registration: torch.export.load in a fresh process --------------------------------------
+
+def _python(code, cwd):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ)
+    pkg = os.path.dirname(os.path.dirname(fastdl.__file__))
+    env["PYTHONPATH"] = pkg + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_export_save_then_load_in_a_fresh_process(tmp_path):
+    _python("import torch, fastdl\n"
+            "torch.manual_seed(0)\n"
+            "m = torch.nn.Sequential(fastdl.nn.Conv2d(2, 3, 3), fastdl.nn.MaxPool2d(2),\n"
+            "                        torch.nn.Flatten(), fastdl.nn.Linear(27, 4)).eval()\n"
+            "x = torch.randn(2, 2, 8, 8)\n"
+            "torch.save((x, m(x).detach()), 'io.pt')\n"
+            "torch.export.save(torch.export.export(m, (x,)), 'm.pt2')\n", tmp_path)
+    # a fresh process that only imports fastdl (after torch) loads and runs the program
+    out = _python("import torch, fastdl\n"
+                  "x, want = torch.load('io.pt')\n"
+                  "got = torch.export.load('m.pt2').module()(x)\n"
+                  "print(torch.equal(got, want))\n", tmp_path)
+    assert out.strip() == "True"
+
+
+def test_import_fastdl_alone_still_does_not_import_torch(tmp_path):
+    out = _python("import sys, fastdl\nprint('torch' in sys.modules)\n", tmp_path)
+    assert out.strip() == "False"

@@ -26,6 +26,10 @@ same arguments (the ops here are thin wrappers over them, and the autograd formu
 Functions' backward one for one); tests/test_compile.py runs both on the same inputs and compares
 outputs, strides and gradients bitwise.
 
+Registered by `import fastdl` when torch is already imported, else by `import fastdl.nn`
+(torch.export.load of a program with fastdl ops needs one of them first).
+
+>>> import torch, fastdl
 >>> y = torch.ops.fastdl.linear(torch.randn(8, 3), torch.randn(4, 3), None)
 >>> torch.compile(model, fullgraph=True)      # a model of fastdl.nn layers: one graph
 """
