@@ -420,3 +420,14 @@ def test_export_save_then_load_in_a_fresh_process(tmp_path):
 def test_import_fastdl_alone_still_does_not_import_torch(tmp_path):
     out = _python("import sys, fastdl\nprint('torch' in sys.modules)\n", tmp_path)
     assert out.strip() == "False"
+
+
+def test_make_fx_over_real_tensors_records_the_custom_op():
+    # proxy tracing over real tensors (a torch dispatch mode) must take the custom op: the
+    # pybind path would leave only an empty() in the graph, wrong on any new input
+    from torch.fx.experimental.proxy_tensor import make_fx
+    m = fastdl.nn.Linear(4, 3)
+    gm = make_fx(lambda x: m(x), tracing_mode="real")(rand(2, 4))
+    assert "fastdl.linear.default" in {str(n.target) for n in gm.graph.nodes}
+    x = rand(2, 4)
+    assert torch.equal(gm(x), m(x))

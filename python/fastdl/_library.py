@@ -50,12 +50,15 @@ _conv, _linear, _pool, _rnn = (import_module(f".ops.{m}", __package__)
 
 _Parameter = torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def tracing(x=None) -> bool:
-    """True when a call is being traced (torch.compile, torch.export) or x is a tensor subclass
-    such as a FakeTensor or a functionalization wrapper, whose data the kernels cannot read."""
-    if _is_compiling():
+    """True when a call is being traced (torch.compile, torch.export), a torch dispatch mode is
+    active (make_fx over real tensors, FlopCounterMode, ...: they see only dispatched ops), or x
+    is a tensor subclass such as a FakeTensor or a functionalization wrapper, whose data the
+    kernels cannot read."""
+    if _is_compiling() or _dispatch_modes():
         return True
     return x is not None and type(x) is not Tensor and type(x) is not _Parameter
 
