@@ -157,6 +157,17 @@ def test_recurrent_double_backward_refused_on_both_paths(monkeypatch, traced):
         torch.autograd.grad(out.sum(), lstm.weight_ih_l0, create_graph=True)
 
 
+@pytest.mark.parametrize("bias_shape", [(5,), (1, 3), (3, 1)])
+def test_linear_fake_checks_the_bias_as_the_real_op(bias_shape):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, w, b = rand(2, 4), rand(3, 4), rand(*bias_shape)
+    with pytest.raises(RuntimeError, match=r"expected bias of shape \(3,\)"):
+        torch.ops.fastdl.linear(x, w, b)  # the real op
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError,
+                                                 match=r"expected bias of shape \(3,\)"):
+        torch.ops.fastdl.linear(*(mode.from_tensor(t) for t in (x, w, b)))
+
+
 def test_conv_pass_rejects_operands_that_do_not_fit():
     x, gy = rand(2, 3, 9, 8), rand(2, 4, 4, 8)  # gy should be (2, 4, 5, 8) for stride (2, 1)
     with pytest.raises(RuntimeError, match=r"conv_pass: expected b of shape \(2, 4, 5, 8\)"):
@@ -210,9 +221,13 @@ def _opcheck_samples():
                                         None, gru, 2, False, False, True)
 
 
-@pytest.mark.parametrize("case", range(17))
-def test_opcheck(case):
-    op, args = list(_opcheck_samples())[case]
+_OPCHECK_SAMPLES = list(_opcheck_samples())  # built once; every sample is a case below
+
+
+@pytest.mark.parametrize("op,args", _OPCHECK_SAMPLES,
+                         ids=[f"{i}-{op.name().split('::')[1]}"
+                              for i, (op, _) in enumerate(_OPCHECK_SAMPLES)])
+def test_opcheck(op, args):
     # all of opcheck's tests: test_schema, test_autograd_registration, test_faketensor,
     # test_aot_dispatch_static, test_aot_dispatch_dynamic (symbolic sizes through the fakes)
     torch.library.opcheck(op, args)

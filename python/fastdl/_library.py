@@ -41,7 +41,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _tensor, ops
 from .ops.gemm import check_operands
 
 # the modules (fastdl.ops re-exports functions under some of the same names, e.g. ops.linear)
@@ -107,6 +107,9 @@ def _(input, weight, bias):
         named["bias"] = bias
     check_operands("linear", named)
     _linear._check_weight("linear", input, weight)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):  # as fastdl.ops.linear
+        raise RuntimeError(f"linear: expected bias of shape ({weight.shape[0]},) to match weight "
+                           f"{tuple(weight.shape)}, got {_tensor.describe(bias)}")
     return input.new_empty(tuple(input.shape[:-1]) + (weight.shape[0],))
 
 
