@@ -465,3 +465,28 @@ def test_make_fx_over_real_tensors_records_the_custom_op():
     assert "fastdl.linear.default" in {str(n.target) for n in gm.graph.nodes}
     x = rand(2, 4)
     assert torch.equal(gm(x), m(x))
+
+
+_NOT_TWICE = [  # (name, fn, inputs): the layers whose backward is not differentiable
+    ("linear", lambda x, w: FF.linear(x, w), lambda: [rand(3, 4), rand(2, 4)]),
+    ("max_pool2d", lambda x: FF.max_pool2d(x, 2), lambda: [rand(1, 2, 4, 4)]),
+    ("avg_pool2d", lambda x: FF.avg_pool2d(x, 2), lambda: [rand(1, 2, 4, 4)]),
+    ("adaptive_max_pool2d", lambda x: FF.adaptive_max_pool2d(x, 3), lambda: [rand(1, 2, 5, 5)]),
+    ("adaptive_avg_pool2d", lambda x: FF.adaptive_avg_pool2d(x, 3), lambda: [rand(1, 2, 5, 5)]),
+    ("max_unpool2d", lambda y: FF.max_unpool2d(y, _UNPOOL_IDX, 2), lambda: [rand(1, 2, 2, 2)]),
+]
+_UNPOOL_IDX = torch.nn.functional.max_pool2d(rand(1, 2, 4, 4), 2, return_indices=True)[1]
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("name,fn,inputs", _NOT_TWICE, ids=[c[0] for c in _NOT_TWICE])
+def test_double_backward_refused_on_both_paths(monkeypatch, traced, name, fn, inputs):
+    # the same clear error on both paths, never silently None or zero second derivatives
+    monkeypatch.setattr(_library, "tracing", lambda x=None: traced)
+    xs = [x.requires_grad_() for x in inputs()]
+    out = fn(*xs)
+    with pytest.raises(RuntimeError, match=f"fastdl {name} does not support double backward"):
+        torch.autograd.grad((out ** 2).sum(), xs, create_graph=True)
+    # without create_graph both paths still give the first derivative
+    grads = torch.autograd.grad((fn(*xs) ** 2).sum(), xs)
+    assert all(g is not None and g.shape == x.shape for g, x in zip(grads, xs))

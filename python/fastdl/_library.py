@@ -63,6 +63,15 @@ def tracing(x=None) -> bool:
     return x is not None and type(x) is not Tensor and type(x) is not _Parameter
 
 
+def refuse_double_backward(fn):
+    """Called first in every backward whose kernels are not differentiable (linear, the pools),
+    on both paths: grad mode is on in a backward only under create_graph=True, and gradients
+    returned without a graph would make a second derivative silently None or zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"fastdl {fn} does not support double backward (backward with "
+                           f"create_graph=True); torch.nn.functional.{fn} does")
+
+
 def _none_if_empty(flags, values):
     """Backward ops return an empty tensor where no gradient was asked for (custom ops cannot
     return None); autograd wants None there."""
@@ -134,6 +143,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_grad(ctx, grad_output):
+    refuse_double_backward("linear")
     input, weight = ctx.saved_tensors
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             ctx.needs_input_grad[2] and ctx.has_bias)
@@ -200,6 +210,7 @@ def _max_pool2d_setup(ctx, inputs, output):
 
 
 def _max_pool2d_grad(ctx, grad_output, _grad_indices):
+    refuse_double_backward("max_pool2d")
     (idx,) = ctx.saved_tensors
     return (max_pool2d_backward(grad_output, idx, ctx.in_shape, *ctx.args),
             None, None, None, None, None)
@@ -236,6 +247,7 @@ def _adaptive_max_setup(ctx, inputs, output):
 
 
 def _adaptive_max_grad(ctx, grad_output, _grad_indices):
+    refuse_double_backward("adaptive_max_pool2d")
     (idx,) = ctx.saved_tensors
     return adaptive_max_pool2d_backward(grad_output, idx, ctx.in_shape), None
 
@@ -278,6 +290,7 @@ def _avg_pool2d_setup(ctx, inputs, output):
 
 
 def _avg_pool2d_grad(ctx, grad_output):
+    refuse_double_backward("avg_pool2d")
     return (avg_pool2d_backward(grad_output, ctx.in_shape, *ctx.args),) + (None,) * 6
 
 
@@ -309,6 +322,7 @@ def _adaptive_avg_setup(ctx, inputs, output):
 
 
 def _adaptive_avg_grad(ctx, grad_output):
+    refuse_double_backward("adaptive_avg_pool2d")
     return adaptive_avg_pool2d_backward(grad_output, ctx.in_shape), None
 
 
@@ -347,6 +361,7 @@ def _max_unpool_setup(ctx, inputs, output):
 
 
 def _max_unpool_grad(ctx, grad_output):
+    refuse_double_backward("max_unpool2d")
     (idx,) = ctx.saved_tensors
     return (max_unpool2d_backward(grad_output, idx),) + (None,) * 5
 
