@@ -25,6 +25,14 @@ except ImportError as e:
                       "ships and most Linux systems provide (e.g. apt install libgomp1)") from e
 from . import cuda, ops  # noqa: E402
 
+import sys  # noqa: E402
+
+if "torch" in sys.modules:
+    # torch's user (`import torch, fastdl`): register the torch.ops.fastdl custom ops now, so that
+    # torch.export.load finds them. Without torch imported first, `import fastdl.nn` registers
+    # them (numpy-only users never import torch).
+    from . import _library  # noqa: F401,E402
+
 __version__ = _C.version()
 __all__ = ["build_info", "get_num_threads", "set_num_threads", "cuda", "ops", "optim", "nn",
            "metrics", "preprocessing", "callbacks", "Model", "Sequential", "patch", "check"]

@@ -26,6 +26,10 @@ same arguments (the ops here are thin wrappers over them, and the autograd formu
 Functions' backward one for one); tests/test_compile.py runs both on the same inputs and compares
 outputs, strides and gradients bitwise.
 
+Registered by `import fastdl` when torch is already imported, else by `import fastdl.nn`
+(torch.export.load of a program with fastdl ops needs one of them first).
+
+>>> import torch, fastdl
 >>> y = torch.ops.fastdl.linear(torch.randn(8, 3), torch.randn(4, 3), None)
 >>> torch.compile(model, fullgraph=True)      # a model of fastdl.nn layers: one graph
 """
@@ -37,7 +41,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _tensor, ops
 from .ops.gemm import check_operands
 
 # the modules (fastdl.ops re-exports functions under some of the same names, e.g. ops.linear)
@@ -46,14 +50,26 @@ _conv, _linear, _pool, _rnn = (import_module(f".ops.{m}", __package__)
 
 _Parameter = torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def tracing(x=None) -> bool:
-    """True when a call is being traced (torch.compile, torch.export) or x is a tensor subclass
-    such as a FakeTensor or a functionalization wrapper, whose data the kernels cannot read."""
-    if _is_compiling():
+    """True when a call is being traced (torch.compile, torch.export), a torch dispatch mode is
+    active (make_fx over real tensors, FlopCounterMode, ...: they see only dispatched ops), or x
+    is a tensor subclass such as a FakeTensor or a functionalization wrapper, whose data the
+    kernels cannot read."""
+    if _is_compiling() or _dispatch_modes():
         return True
     return x is not None and type(x) is not Tensor and type(x) is not _Parameter
+
+
+def refuse_double_backward(fn):
+    """Called first in every backward whose kernels are not differentiable (linear, the pools),
+    on both paths: grad mode is on in a backward only under create_graph=True, and gradients
+    returned without a graph would make a second derivative silently None or zero."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"fastdl {fn} does not support double backward (backward with "
+                           f"create_graph=True); torch.nn.functional.{fn} does")
 
 
 def _none_if_empty(flags, values):
@@ -64,6 +80,26 @@ def _none_if_empty(flags, values):
 
 def _nothing(like):
     return like.new_empty((0,))
+
+
+def _hint(size) -> int:
+    """A size's example value, read without a guard: a symbolic size (torch.export's Dim,
+    torch.compile(dynamic=True)) turned into an int by int() or by pybind11 would be specialised
+    to that value (a guard Eq(s, value)), pinning the batch size of the whole program."""
+    if isinstance(size, torch.SymInt):
+        node = size.node
+        if node.has_hint():
+            return int(node.hint)
+    return int(size)
+
+
+def _stand_in(t):
+    """A tensor of t's dtype and device with the example values of t's sizes and strides, for
+    the fastdl.ops validation code (which builds C++ param structs from plain ints). Only fakes
+    use it, so nothing is allocated."""
+    if t is None:
+        return None
+    return t.new_empty_strided([_hint(s) for s in t.shape], [_hint(s) for s in t.stride()])
 
 
 # ---- linear -------------------------------------------------------------------------------------
@@ -80,6 +116,9 @@ def _(input, weight, bias):
         named["bias"] = bias
     check_operands("linear", named)
     _linear._check_weight("linear", input, weight)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):  # as fastdl.ops.linear
+        raise RuntimeError(f"linear: expected bias of shape ({weight.shape[0]},) to match weight "
+                           f"{tuple(weight.shape)}, got {_tensor.describe(bias)}")
     return input.new_empty(tuple(input.shape[:-1]) + (weight.shape[0],))
 
 
@@ -104,6 +143,7 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_grad(ctx, grad_output):
+    refuse_double_backward("linear")
     input, weight = ctx.saved_tensors
     need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             ctx.needs_input_grad[2] and ctx.has_bias)
@@ -170,6 +210,7 @@ def _max_pool2d_setup(ctx, inputs, output):
 
 
 def _max_pool2d_grad(ctx, grad_output, _grad_indices):
+    refuse_double_backward("max_pool2d")
     (idx,) = ctx.saved_tensors
     return (max_pool2d_backward(grad_output, idx, ctx.in_shape, *ctx.args),
             None, None, None, None, None)
@@ -206,6 +247,7 @@ def _adaptive_max_setup(ctx, inputs, output):
 
 
 def _adaptive_max_grad(ctx, grad_output, _grad_indices):
+    refuse_double_backward("adaptive_max_pool2d")
     (idx,) = ctx.saved_tensors
     return adaptive_max_pool2d_backward(grad_output, idx, ctx.in_shape), None
 
@@ -248,6 +290,7 @@ def _avg_pool2d_setup(ctx, inputs, output):
 
 
 def _avg_pool2d_grad(ctx, grad_output):
+    refuse_double_backward("avg_pool2d")
     return (avg_pool2d_backward(grad_output, ctx.in_shape, *ctx.args),) + (None,) * 6
 
 
@@ -279,6 +322,7 @@ def _adaptive_avg_setup(ctx, inputs, output):
 
 
 def _adaptive_avg_grad(ctx, grad_output):
+    refuse_double_backward("adaptive_avg_pool2d")
     return adaptive_avg_pool2d_backward(grad_output, ctx.in_shape), None
 
 
@@ -317,6 +361,7 @@ def _max_unpool_setup(ctx, inputs, output):
 
 
 def _max_unpool_grad(ctx, grad_output):
+    refuse_double_backward("max_unpool2d")
     (idx,) = ctx.saved_tensors
     return (max_unpool2d_backward(grad_output, idx),) + (None,) * 5
 
@@ -364,13 +409,36 @@ def convolution(input: Tensor, weight: Tensor, bias: Optional[Tensor], transpose
     return run(geo, input, weight, bias)
 
 
+def _conv_shapes(transposed, in_shape, w_shape, stride, padding, padding_str, output_padding,
+                 dilation, groups):
+    """(x_shape, y_shape, w_shape) of fastdl.ops.conv's _Geometry (the underlying convolution:
+    x -> y; conv_transpose2d's input is y) from the batched input and weight sizes, in plain
+    Python, so symbolic sizes stay symbolic. Arguments as validated by _prepare."""
+    n, c, h, w = in_shape
+    k0, k1, kh, kw = w_shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    if transposed:
+        oh = (h - 1) * sh - 2 * ph + dh * (kh - 1) + output_padding[0] + 1
+        ow = (w - 1) * sw - 2 * pw + dw * (kw - 1) + output_padding[1] + 1
+        return (n, k1 * groups, oh, ow), tuple(in_shape), tuple(w_shape)
+    if padding_str == "same":  # stride 1 (checked)
+        oh, ow = h, w
+    else:  # 'valid' comes with padding [0, 0] (conv_args)
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return tuple(in_shape), (n, k0, oh, ow), tuple(w_shape)
+
+
 @convolution.register_fake
 def _(input, weight, bias, transposed, stride, padding, padding_str, output_padding, dilation,
       groups):
-    geo = _prepare(transposed, input, weight, bias, stride, padding, padding_str, output_padding,
-                   dilation, groups)
-    shape = geo.x_shape if transposed else geo.y_shape
+    # validation (and the layout) by fastdl.ops on example-sized stand-ins; shapes symbolic
+    geo = _prepare(transposed, _stand_in(input), _stand_in(weight), _stand_in(bias), stride,
+                   padding, padding_str, output_padding, dilation, groups)
     x = input[None] if geo.unbatched else input
+    xs, ys, _ = _conv_shapes(transposed, tuple(x.shape), tuple(weight.shape), stride, padding,
+                             padding_str, output_padding, dilation, groups)
+    shape = xs if transposed else ys
     if not transposed and geo.x_shape[1] == 0:   # as conv2d_run: (N, 0, OH, OW), plain layout
         y = x.new_empty((shape[0], 0) + tuple(shape[2:]))
     else:
@@ -380,26 +448,28 @@ def _(input, weight, bias, transposed, stride, padding, padding_str, output_padd
 
 def _geometry_of(a, transposed, shape, w_shape, args):
     """The _Geometry of a convolution from its (batched) input and weight shapes: the validation
-    code only reads shapes, dtype and device, so zero-stride views stand in for the tensors."""
-    x = a.new_empty(()).expand(shape)
-    w = a.new_empty(()).expand(w_shape)
+    code only reads shapes, dtype and device, so zero-stride views stand in for the tensors
+    (with the sizes' example values: see _hint)."""
+    x = a.new_empty(()).expand([_hint(s) for s in shape])
+    w = a.new_empty(()).expand([_hint(s) for s in w_shape])
     return _prepare(transposed, x, w, None, *args)
 
 
 def _pass_geometry(kind, a, b, transposed, shape, w_shape, args):
-    """The pass's geometry, with its operands checked against it (the kernels trust shapes)."""
+    """The pass's geometry and its output shape, with its operands checked against it (the
+    kernels trust shapes). Shapes come from _conv_shapes, symbolic where the sizes are."""
     if kind not in (_F, _I, _W):
         raise ValueError(f"conv_pass: kind must be {_F} (forward), {_I} (input gradient) or "
                          f"{_W} (weight gradient), got {kind}")
     geo = _geometry_of(a, transposed, shape, w_shape, args)
-    want = {_F: (geo.x_shape, geo.w_shape), _I: (geo.y_shape, geo.w_shape),
-            _W: (geo.x_shape, geo.y_shape)}[kind]
+    xs, ys, ws = _conv_shapes(transposed, shape, w_shape, *args)
+    want = {_F: (xs, ws), _I: (ys, ws), _W: (xs, ys)}[kind]
     for name, t, w in (("a", a, want[0]), ("b", b, want[1])):
         if tuple(t.shape) != tuple(w) or t.dtype != a.dtype or t.device != a.device:
             raise RuntimeError(f"conv_pass: expected {name} of shape {tuple(w)} ({a.dtype} on "
                                f"{a.device}) for pass {kind}, got {tuple(t.shape)} ({t.dtype} "
                                f"on {t.device})")
-    return geo
+    return geo, {_F: ys, _I: xs, _W: ws}[kind]
 
 
 @torch.library.custom_op("fastdl::conv_pass", mutates_args=())
@@ -407,15 +477,15 @@ def conv_pass(kind: int, a: Tensor, b: Tensor, transposed: bool, shape: List[int
               w_shape: List[int], stride: List[int], padding: List[int], padding_str: str,
               output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
     from .nn.functional.conv import _run_pass  # (that module imports this one)
-    geo = _pass_geometry(kind, a, b, transposed, shape, w_shape,
-                         (stride, padding, padding_str, output_padding, dilation, groups))
+    geo, _ = _pass_geometry(kind, a, b, transposed, shape, w_shape,
+                            (stride, padding, padding_str, output_padding, dilation, groups))
     return _run_pass(kind, geo, a, b)
 
 
 @conv_pass.register_fake
 def _(kind, a, b, transposed, shape, w_shape, *args):
-    geo = _pass_geometry(kind, a, b, transposed, shape, w_shape, args)
-    return a.new_empty({_F: geo.y_shape, _I: geo.x_shape, _W: geo.w_shape}[kind])
+    _, out_shape = _pass_geometry(kind, a, b, transposed, shape, w_shape, args)
+    return a.new_empty(out_shape)
 
 
 def _conv_pass_setup(ctx, inputs, output):
@@ -508,15 +578,26 @@ def recurrent_layer(mode: int, x: Tensor, h0: Tensor, c0: Optional[Tensor], weig
     return y, torch.stack(hns), cn, wss
 
 
+def _workspace_columns(mode, H, R, has_proj):
+    """Elements per row (of T * B) of one direction's training workspace: csrc/rnn.h
+    rnn_workspace_layout (activations, the previous state; LSTM: c and the previous c; with a
+    projection: the pre-projection state). Plain Python, so T and B may stay symbolic
+    (_C.rnn_buffer_sizes would specialise them); opcheck compares it with the real op."""
+    cols = (4 * H if mode in (_rnn.LSTM, _rnn.GRU) else H) + R
+    if mode == _rnn.LSTM:
+        cols += 2 * H + (H if has_proj else 0)
+    return cols
+
+
 @recurrent_layer.register_fake
 def _(mode, x, h0, c0, weights, dirs, has_bias, has_proj, training):
     wss = []
     for d in range(dirs):
         w_ih, w_hh, b_ih, b_hh, w_hr = _split(weights, d, dirs, has_bias, has_proj)
-        geometry, _, _, (T, B, N, I, H, R), _ = _rnn._geometry(
+        _, _, _, (T, B, N, I, H, R), _ = _rnn._geometry(
             "recurrent_layer", mode, x, h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih,
             b_hh, w_hr, None, d == 1)
-        ws_n = (_rnn._C.rnn_buffer_sizes(geometry)[0] if N else 0) if training else 0
+        ws_n = N * _workspace_columns(mode, H, R, has_proj) if training else 0
         wss.append(x.new_empty((ws_n,)))
     y = x.new_empty(tuple(x.shape[:-1]) + (dirs * R,))
     cn = x.new_empty((dirs, B, H)) if mode == _rnn.LSTM else _nothing(x)

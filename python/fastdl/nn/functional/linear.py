@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ... import _library, ops
 
@@ -21,8 +20,8 @@ class _Linear(torch.autograd.Function):
         return ops.linear(input, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        _library.refuse_double_backward("linear")
         input, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
         return ops.linear_backward(grad_output, input, weight,

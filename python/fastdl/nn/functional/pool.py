@@ -59,8 +59,9 @@ class _MaxPoolFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy, *_gidx):
+        _library.refuse_double_backward("adaptive_max_pool2d" if ctx.window[0] == "adaptive"
+                                        else "max_pool2d")
         if gy is None:
             return None, None, None
         idx = ctx.saved_tensors[0] if ctx.idx is None else ctx.idx
@@ -84,8 +85,9 @@ class _AvgPoolFn(torch.autograd.Function):
         return ops.avg_pool2d(x, *window)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
+        _library.refuse_double_backward("adaptive_avg_pool2d" if ctx.window[0] == "adaptive"
+                                        else "avg_pool2d")
         if ctx.window[0] == "adaptive":
             return ops.adaptive_avg_pool2d_backward(gy, ctx.in_shape), None
         return ops.avg_pool2d_backward(gy, ctx.in_shape, *ctx.window), None
@@ -101,8 +103,8 @@ class _MaxUnpoolFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
+        _library.refuse_double_backward("max_unpool2d")
         (idx,) = ctx.saved_tensors
         return ops.max_unpool2d_backward(gy, idx), None, None
 
