@@ -473,6 +473,9 @@ BAD_CALLS = [
     ("max_unpool2d", (Y, I, 2), dict(output_size=(100, 8))),
     ("max_unpool2d", (Y[0, 0], I[0, 0], 2), {}),
     ("max_unpool2d", (Y.long(), I, 2), {}),
+    ("max_pool2d", (X, True), {}),  # operator.index takes bools; torch does not
+    ("avg_pool2d", (X, 2), dict(stride=True)),
+    ("max_pool2d", (X, (True, 2)), {}),
 ]
 
 

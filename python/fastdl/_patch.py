@@ -16,8 +16,8 @@ F.conv2d, nn.MaxPool2d -> F.max_pool2d, ...), so under patch they run on fastdl 
 same fallbacks; that is intended, and the results are torch's within the tolerance table. Not
 affected: torch.conv2d and other non-F names, references taken before patching (``from
 torch.nn.functional import conv2d``), and nn.RNN/LSTM/GRU (torch calls its _VF kernels).
-Gradients: fastdl's linear and pooling backward are once-differentiable, so a double backward
-(create_graph=True through them) raises where torch's would not; conv supports it.
+Gradients: fastdl's linear and pooling backward are not differentiable, so a backward with
+create_graph=True through them raises where torch's would not; conv supports it.
 
 Under torch.compile a router seen while tracing calls torch's op (no graph break), so the graph
 of a model compiled under patch holds torch's ops, not the routers. (With backend="eager" the

@@ -32,7 +32,11 @@ def _ints(fn, name, value, default=None):
     """An int or a sequence of one or two ints -> (h, w), like torch's _pair for pooling."""
     if value is None or (isinstance(value, (tuple, list)) and len(value) == 0 and default):
         return default
+    if isinstance(value, bool):  # operator.index accepts bools; torch does not
+        raise TypeError(f"{fn}: {name} must be an int or a tuple of ints, got bool")
     if isinstance(value, (tuple, list)) or type(value).__name__ == "Size":
+        if any(isinstance(v, bool) for v in value):
+            raise TypeError(f"{fn}: {name} must be a tuple of ints, got {tuple(value)}")
         if len(value) == 1:
             value = (value[0], value[0])
         elif len(value) != 2:

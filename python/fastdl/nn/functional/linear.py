@@ -41,4 +41,8 @@ def linear(input, weight, bias=None):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
     if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
         return _library.linear(input, weight, bias)
+    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread)
+        return ops.linear(input, weight, bias)
     return _Linear.apply(input, weight, bias)
