@@ -776,10 +776,29 @@ def test_conv_cuda_bad_input(cuda_device):
 def test_conv2d_cuda_long_reductions(cuda_device):
     """Depthwise weight and bias gradients over N*OH*OW >= 8192 sum with a whole block per
     weight (shorter ones with a warp, as in the sweep)."""
-    assert ops_conv.conv2d_algorithm(torch.zeros(2, 2, 64, 64), torch.zeros(4, 1, 3, 3), padding=1,
+    assert ops_conv.conv2d_algorithm(torch.zeros(2, 2, 64, 64).to(cuda_device),
+                                     torch.zeros(4, 1, 3, 3).to(cuda_device), padding=1,
                                      groups=2, pass_="weight") == "direct"
     run_conv_case(torch.float32, (2, 2, 64, 64), (4, 1, 3, 3), True,
                   dict(stride=1, padding=1, dilation=1, groups=2), seed=3, device=cuda_device)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1, dilation=1, groups=1),
+                                    dict(stride=(3, 2), padding=(2, 1), dilation=(2, 3), groups=2)])
+def test_conv2d_cuda_gemm_two_column_tiles(cuda_device, kwargs):
+    """More than 64 channels per group both ways (K/g = 80, C/g = 72 or 70), under gemm: the
+    forward and the input gradient then run a second column tile of the implicit GEMM
+    (blockIdx.y > 0), which the sweep (C/g <= 8, K/g <= 4) never reaches; strides 2 and 3 with
+    dilation take the input gradient's off-stride taps. Small planes keep it fast in emulation."""
+    g = kwargs["groups"]
+    cg = 72 if g == 1 else 70
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        run_conv_case(torch.float32, (2, cg * g, 7, 7), (80 * g, cg, 3, 3), True, kwargs, seed=5,
+                      what="algo=gemm", device=cuda_device)
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
 
 
 @pytest.mark.parametrize("groups", [1, 4])
