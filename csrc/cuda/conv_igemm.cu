@@ -244,14 +244,22 @@ int weight_splits(const Conv2dParams& p) {
   return static_cast<int>(std::max<int64_t>(1, s));
 }
 
+// The grid is (row tiles, column tiles, groups * splits): CUDA caps y and z at 65535, x at 2^31-1.
+// Past them the pass fails with an error naming it and the limit (README, "CUDA limits").
 template <class Op>
-void launch_igemm(const Op& op, int64_t groups, cudaStream_t s) {
+void launch_igemm(const Op& op, int64_t groups, const char* pass, const char* cols_are,
+                  cudaStream_t s) {
   if (op.rows == 0 || op.cols == 0) return;
-  const dim3 grid(static_cast<unsigned int>(ceil_div(op.rows, kBM)),
-                  static_cast<unsigned int>(ceil_div(op.cols, kBN)),
-                  static_cast<unsigned int>(groups * op.splits));
-  FASTDL_CHECK(grid.y <= 65535 && grid.z <= 65535, "conv2d: grid too large for CUDA (",
-               grid.y, " x ", grid.z, ")");
+  const int64_t gx = ceil_div(op.rows, kBM), gy = ceil_div(op.cols, kBN), gz = groups * op.splits;
+  FASTDL_CHECK(gz <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 groups, got ",
+               groups, (op.splits > 1 ? " (times the reduction's splits)" : ""),
+               "; a depthwise convolution with more channels runs under algorithm 'direct'");
+  FASTDL_CHECK(gy <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 * ", kBN, " = ",
+               int64_t(65535) * kBN, " columns per group (", cols_are, "), got ", op.cols);
+  FASTDL_CHECK(gx <= INT32_MAX, pass, ": the CUDA implicit GEMM takes at most (2^31 - 1) * ", kBM,
+               " rows, got ", op.rows);
+  const dim3 grid(static_cast<unsigned int>(gx), static_cast<unsigned int>(gy),
+                  static_cast<unsigned int>(gz));
   FASTDL_LAUNCH(grid, kThreads, 0, s, igemm_kernel<Op>)(op);
   FASTDL_CUDA_CHECK_LAUNCH();
 }
@@ -267,7 +275,7 @@ void igemm_forward(const Conv2dParams& p, const void* x, const void* w, const vo
     ForwardOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(w),
                     static_cast<const T*>(bias), static_cast<T*>(y), p.n * p.oh * p.ow, g.kg, red,
                     red, 1};
-    launch_igemm(op, p.groups, s);
+    launch_igemm(op, p.groups, "conv2d", "out_channels / groups", s);
   });
 }
 
@@ -279,7 +287,7 @@ void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, 
     const int64_t red = g.kg * g.taps;
     InputGradOp<T> op{g, static_cast<const T*>(gy), static_cast<const T*>(w), static_cast<T*>(gx),
                       p.n * p.h * p.w, g.cg, red, red, 1};
-    launch_igemm(op, p.groups, s);
+    launch_igemm(op, p.groups, "conv2d_backward_input", "in_channels / groups", s);
   });
 }
 
@@ -300,7 +308,8 @@ void igemm_backward_weight(const Conv2dParams& p, const void* x, const void* gy,
     float* part = static_cast<float*>(workspace);
     WeightGradOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(gy), gwt, part, g.kg,
                        g.cg * g.taps, red, chunk, splits};
-    launch_igemm(op, p.groups, s);
+    launch_igemm(op, p.groups, "conv2d_backward_weight",
+                 "in_channels / groups * kernel_h * kernel_w", s);
     if (splits > 1) {
       FASTDL_LAUNCH(blocks_for(total), kThreads, 0, s, sum_splits_kernel<T>)(part, gwt, splits,
                                                                              total);
