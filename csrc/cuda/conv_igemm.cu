@@ -103,10 +103,16 @@ struct InputGradOp {
   }
   // Tap (i, j) of output channel ko feeds (ih, iw) from the output (oh, ow) with
   // oh*sh + i*dh = ih + ph, if that lands on the stride grid inside the output.
+  // Stride 1 (a uniform branch): every tap is on the grid, no division or remainder.
   __device__ float a(const Row& r, const Red& k) const {
     const int th = r.th0 - k.di, tw = r.tw0 - k.dj, sh = int(p.sh), sw = int(p.sw);
-    if (!r.ok || !k.ok || th < 0 || tw < 0 || th % sh != 0 || tw % sw != 0) return 0.f;
-    const int oh = th / sh, ow = tw / sw;
+    if (!r.ok || !k.ok || th < 0 || tw < 0) return 0.f;
+    int oh = th, ow = tw;
+    if (sh != 1 || sw != 1) {
+      if (th % sh != 0 || tw % sw != 0) return 0.f;
+      oh = th / sh;
+      ow = tw / sw;
+    }
     if (oh >= p.oh || ow >= p.ow) return 0.f;
     return to_f(r.gy[k.gyoff + oh * p.ow + ow]);
   }
