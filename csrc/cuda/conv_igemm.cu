@@ -18,7 +18,25 @@
 // GPU. ptxas (-Xptxas -v, nvcc 13): 91-98 registers on sm_90, 8.4 KB shared memory, no spills.
 // Performance choices are unmeasured so far; the one made on paper: a reduction index is decoded
 // once per 16-wide slice and shared by both operand loaders (before: two 64-bit divisions per
-// gathered element, more integer work than the tile's FMAs).
+// gathered element, more integer work than the tile's FMAs). The input gradient's gather skips
+// its division and remainder at stride 1.
+// TODO (review-convcuda items 1-2; needs a GPU: first `fastdl-bench --suite conv --device cuda`,
+// benchmarks/gpu_check.sh, against the issue's >= 0.8x cuDNN on shapes 2, 3, 5):
+//  - the inner loop issues 8 scalar LDS per 16 FFMA per thread (4x4 micro-tile; the PTX of each
+//    instantiation has 128 ld.shared.f32 to 256 fma.rn.f32). LDS throughput per SM is about a
+//    quarter of FFMA's, so the loop is shared-memory bound near 50% of FP32 peak before any other
+//    cost. Next: 128x128 tiles, 8x8 per thread, float4 LDS from k-major tiles; register
+//    double-buffering of the next slice.
+//  - the loader maps a warp to 16 reduction indices x 2 rows (lk = t % 16), so one A gather
+//    touches ~12 sectors instead of 4: make loader threads consecutive along m.
+//  - red_index does 64-bit div/rem once per slice (forward: kk/taps, kk%taps; weight gradient:
+//    q/plane, q%plane, s/ow, s%ow), about as much integer work as the 256 FMAs: decode
+//    incrementally or from a table, in 32 bits (check_cuda bounds the planes below 2^30).
+//  - input gradient (conv_transpose2d's forward): at stride > 1 it reduces over all
+//    K/g*kh*kw taps and zeroes the off-stride ones, 75% of the MACs at stride 2 (shapes 5 and 7),
+//    and each gathered element costs 2 div + 2 rem by the runtime stride (PTX: 9 div.s32 + 8
+//    rem.s32). Next: one dense GEMM per stride phase (ih mod sh, iw mod sw) over only its valid
+//    taps, i = i0 + t*sh/gcd(sh, dh) (as conv_direct.cu's tap_run), rows = that phase's pixels.
 #include "conv_cuda.cuh"
 
 namespace fastdl {
