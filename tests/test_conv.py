@@ -773,13 +773,61 @@ def test_conv_cuda_bad_input(cuda_device):
         fastdl.ops.conv2d_backward(torch.ones(1, 3, 3, 3), x.float(), w.float())
 
 
+def test_conv_cuda_grid_limits(cuda_device):
+    """Shapes past the implicit GEMM's grid limits (README, CUDA limits) raise ValueError (as
+    every check of the C++ layer) before any launch, naming the pass and the limit; the default
+    algorithm runs the depthwise one on the direct kernels."""
+    c = 65536  # depthwise, one more group than grid.z takes
+    x = torch.randn(1, c, 1, 1).to(cuda_device)
+    w = torch.randn(c, 1, 1, 1).to(cuda_device)
+    gy = torch.randn(1, c, 1, 1).to(cuda_device)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        with pytest.raises(ValueError, match=r"^conv2d: .*at most 65535 groups, got 65536"):
+            fastdl.ops.conv2d(x, w, groups=c)
+        with pytest.raises(ValueError, match=r"^conv2d_backward_input: .*at most 65535 groups"):
+            fastdl.ops.conv2d_backward(gy, x, w, groups=c, output_mask=(True, False, False))
+        with pytest.raises(ValueError, match=r"^conv2d_backward_weight: .*at most 65535 groups"):
+            fastdl.ops.conv2d_backward(gy, x, w, groups=c, output_mask=(False, True, False))
+        k = 65535 * 64 + 1  # out_channels / groups: one column tile too many in the forward
+        with pytest.raises(ValueError, match=r"^conv2d: .*4194240 columns per group "
+                                               r"\(out_channels / groups\), got 4194241"):
+            fastdl.ops.conv2d(torch.randn(1, 1, 1, 1).to(cuda_device),
+                              torch.randn(k, 1, 1, 1).to(cuda_device))
+        fastdl.ops.set_conv_algorithm("auto")
+        assert_close(fastdl.ops.conv2d(x, w, groups=c), TF.conv2d(x, w, groups=c), reduction=1,
+                     what="depthwise with 65536 channels under auto (direct kernels)")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 def test_conv2d_cuda_long_reductions(cuda_device):
     """Depthwise weight and bias gradients over N*OH*OW >= 8192 sum with a whole block per
     weight (shorter ones with a warp, as in the sweep)."""
-    assert ops_conv.conv2d_algorithm(torch.zeros(2, 2, 64, 64), torch.zeros(4, 1, 3, 3), padding=1,
+    assert ops_conv.conv2d_algorithm(torch.zeros(2, 2, 64, 64).to(cuda_device),
+                                     torch.zeros(4, 1, 3, 3).to(cuda_device), padding=1,
                                      groups=2, pass_="weight") == "direct"
     run_conv_case(torch.float32, (2, 2, 64, 64), (4, 1, 3, 3), True,
                   dict(stride=1, padding=1, dilation=1, groups=2), seed=3, device=cuda_device)
+
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1, dilation=1, groups=1),
+                                    dict(stride=(3, 2), padding=(2, 1), dilation=(2, 3), groups=2)])
+def test_conv2d_cuda_gemm_two_column_tiles(cuda_device, kwargs):
+    """More than 64 channels per group both ways (K/g = 80, C/g = 72 or 70), under gemm: the
+    forward and the input gradient then run a second column tile of the implicit GEMM
+    (blockIdx.y > 0), which the sweep (C/g <= 8, K/g <= 4) never reaches; strides 2 and 3 with
+    dilation take the input gradient's off-stride taps. Small planes keep it fast in emulation."""
+    g = kwargs["groups"]
+    cg = 72 if g == 1 else 70
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        run_conv_case(torch.float32, (2, cg * g, 7, 7), (80 * g, cg, 3, 3), True, kwargs, seed=5,
+                      what="algo=gemm", device=cuda_device)
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
 
 
 @pytest.mark.parametrize("groups", [1, 4])

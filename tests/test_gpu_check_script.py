@@ -24,7 +24,8 @@ def stage_limits():
 
 def test_stage_limits_leave_slack():
     limits = stage_limits()
-    assert len(limits) == 5, limits  # build, suite, memcheck, initcheck, bench
+    # build, suite, memcheck, initcheck, racecheck, synccheck, bench
+    assert len(limits) == 7, limits
     assert sum(limits) + KILL_GRACE * len(limits) <= 540, limits
 
 
@@ -44,3 +45,14 @@ def test_sanitizers_skip_the_device_assert_test():
     assert '--deselect "tests/test_pool.py::test_max_unpool2d_invalid_index[cuda]"' in TEXT
     assert "--target-processes application-only" in TEXT
     assert "not sweep" not in TEXT  # the GEMM sweep's misaligned and edge-tile cases run there
+
+
+def test_conv_kernels_run_under_race_and_sync_checks():
+    """The tiled conv kernels' shared memory under racecheck and synccheck, and one chunk of the
+    randomized conv2d sweep (gemm) kept in memcheck (review-convcuda items 5)."""
+    for tool in ("racecheck", "synccheck"):
+        assert re.search(rf'^pytest_stage_sanitized {tool} \d+ "\$\{{conv_shared\[@\]\}}"$',
+                         TEXT, re.M), tool
+    assert re.search(r'^pytest_stage_sanitized memcheck \d+ "\$\{small_memcheck\[@\]\}"$',
+                     TEXT, re.M)
+    assert "test_conv2d_sweep[default-gemm-cuda-0]" in TEXT

@@ -3,14 +3,16 @@
 // forced) the implicit GEMM is tested against; and the bias gradient. float32/float16/bfloat16 with
 // float32 accumulation.
 //  forward:        one thread per output element (consecutive threads, consecutive ow).
-//  input gradient: one thread per input element, gathering the taps whose output row/column lands
-//                  on the stride grid (every element written once: no memset, no atomics).
+//  input gradient: one thread per input element, gathering only the taps whose output row/column
+//                  lands on the stride grid, stepped without division (tap_run; every element
+//                  written once: no memset, no atomics).
 //  weight / bias gradients: one warp per weight element (per output channel), or one block when
 //                  N*OH*OW >= 8192 (depthwise layers: few weights, 10^5 products each), fixed-order
 //                  strided sums and a shuffle or shared-memory tree: deterministic.
 // Tested by tests/test_conv.py (the CUDA sweep under "direct" and "auto", half types, long
 // reductions); timed by fastdl-bench --suite conv --device cuda (shape 6, depthwise). Not yet run
-// on a GPU. ptxas (sm_90, nvcc 13): 32-64 registers; the input gradient spills 16 bytes.
+// on a GPU. ptxas (sm_90, nvcc 13): 29-64 registers, no spills (the input gradient spilled 16
+// bytes before tap_run). The bias gradient steps (n, s) with one carry: no division in its loop.
 #include "conv_cuda.cuh"
 
 namespace fastdl {
@@ -47,7 +49,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread per input element: the taps whose output row/column lands on the stride grid.
+// The taps of one dimension that feed input position `base` - padding: t = base - i*d must be a
+// non-negative multiple of the stride s with t/s < out. Those i are i0, i0 + step, ... with step =
+// s / gcd(s, d), and the output index o = t/s falls by dstep = step*d/s from one to the next, so
+// the tap loops skip the off-stride taps and need no division (found once per element: at most
+// min(k, s) remainders and a gcd). None: i0 = k.
+struct TapRun {
+  int i0, step, o0, dstep;
+};
+__device__ __forceinline__ TapRun tap_run(int base, int k, int d, int s) {
+  int i0 = k;
+  for (int i = 0; i < k && i < s; ++i)
+    if ((base - i * d) % s == 0) {
+      i0 = i;
+      break;
+    }
+  int a = s, b = d;  // gcd(s, d) by Euclid (both >= 1)
+  while (b != 0) {
+    const int r = a % b;
+    a = b;
+    b = r;
+  }
+  const int step = s / a;
+  return TapRun{i0, step, i0 < k ? (base - i0 * d) / s : -1, step * d / s};
+}
+
+// One thread per input element: only the taps whose output row/column lands on the stride grid
+// (tap_run), in the same (ko, i, j) order as a full loop that skipped the others.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     input_grad_direct_kernel(Geo p, const T* __restrict__ gy, const T* __restrict__ w,
@@ -56,19 +84,20 @@ __global__ void __launch_bounds__(kThreads)
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t iw = e % p.w, ih = (e / p.w) % p.h, c = (e / (p.w * p.h)) % p.c;
     const int64_t n = e / (p.w * p.h * p.c), g = c / p.cg, ci = c % p.cg;
+    // 32-bit tap arithmetic (sizes < 2^30: check_cuda)
+    const int kh = int(p.kh), kw = int(p.kw), oh_n = int(p.oh), ow_n = int(p.ow);
+    const TapRun rh = tap_run(int(ih + p.ph), kh, int(p.dh), int(p.sh));
+    const TapRun rw = tap_run(int(iw + p.pw), kw, int(p.dw), int(p.sw));
     float acc = 0.f;
     for (int64_t kq = 0; kq < p.kg; ++kq) {
       const int64_t ko = g * p.kg + kq;
       const T* gp = gy + (n * p.k + ko) * p.oh * p.ow;
       const T* wp = w + (ko * p.cg + ci) * p.taps;
-      for (int i = 0; i < int(p.kh); ++i) {  // 32-bit tap arithmetic (sizes < 2^31: check_cuda)
-        const int th = int(ih + p.ph) - i * int(p.dh);
-        if (th < 0 || th % int(p.sh) != 0 || th / int(p.sh) >= p.oh) continue;
-        for (int j = 0; j < int(p.kw); ++j) {
-          const int tw = int(iw + p.pw) - j * int(p.dw);
-          if (tw < 0 || tw % int(p.sw) != 0 || tw / int(p.sw) >= p.ow) continue;
-          acc = fmaf(to_f(gp[int64_t(th / int(p.sh)) * p.ow + tw / int(p.sw)]),
-                     to_f(wp[i * p.kw + j]), acc);
+      for (int i = rh.i0, oh = rh.o0; i < kh && oh >= 0; i += rh.step, oh -= rh.dstep) {
+        if (oh >= oh_n) continue;
+        for (int j = rw.i0, ow = rw.o0; j < kw && ow >= 0; j += rw.step, ow -= rw.dstep) {
+          if (ow >= ow_n) continue;
+          acc = fmaf(to_f(gp[int64_t(oh) * p.ow + ow]), to_f(wp[i * kw + j]), acc);
         }
       }
     }
@@ -134,19 +163,36 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// gb[k] = sum over n, oh, ow of gy.
+// gb[k] = sum over n, oh, ow of gy. Lane l sums the flat indices q = l, l + LANES, ... of the
+// (n, s) reduction, s = oh*OW + ow; (n, s) is stepped by (LANES / plane, LANES % plane) with one
+// carry, so the loop has no division (one 32-bit division per thread before it; planes are below
+// 2^30, check_cuda). The same order of terms as a flat q loop: deterministic.
 template <class T, int LANES>
 __global__ void __launch_bounds__(kThreads)
     bias_grad_kernel(Geo p, const T* __restrict__ gy, T* __restrict__ gb) {
   constexpr int kGroups = kThreads / LANES;
   const int lane = threadIdx.x % LANES;
   const int64_t plane = p.oh * p.ow, red = p.n * plane;
+  const int ip = static_cast<int>(plane);
+  const int dn = ip > 0 ? LANES / ip : 0, ds = ip > 0 ? LANES % ip : 0;
+  const int64_t row = p.k * plane;  // gy's stride from one image to the next
   for (int64_t k0 = int64_t(blockIdx.x) * kGroups; k0 < p.k; k0 += int64_t(gridDim.x) * kGroups) {
     const int64_t ko = k0 + threadIdx.x / LANES;
     float acc = 0.f;
-    if (ko < p.k)
-      for (int64_t q = lane; q < red; q += LANES)
-        acc += to_f(gy[((q / plane) * p.k + ko) * plane + q % plane]);
+    if (ko < p.k && ip > 0) {
+      const T* src = gy + ko * plane;
+      int64_t n = lane / ip;
+      int s = lane % ip;
+      for (int64_t q = lane; q < red; q += LANES) {
+        acc += to_f(src[n * row + s]);
+        n += dn;
+        s += ds;
+        if (s >= ip) {
+          s -= ip;
+          ++n;
+        }
+      }
+    }
     const float sum = group_sum<LANES>(acc);
     if (lane == 0 && ko < p.k) gb[ko] = from_f<T>(sum);
   }

@@ -6,19 +6,37 @@
 // stores along the spatial axis). Operand elements are gathered from the tensors on the fly (no
 // im2col buffer); out-of-range taps read zero.
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
-//   input gradient: rows = N*H*W,   cols = C/groups, reduction = K/groups*kh*kw; a tap feeds
-//                   row (h, w) only where h + ph - i*dh is a multiple of the stride (other taps
-//                   read zero).
+//   input gradient: one GEMM per stride phase (h mod sh, w mod sw): rows = that phase's N*H*W
+//                   share, cols = C/groups, reduction = K/groups * the taps on its stride grid
+//                   only (no zero taps, no division in the gathers; one phase at stride 1; past
+//                   16 phases the direct kernel runs instead).
 //   weight grad.:   rows = K/groups, cols = C/groups*kh*kw, reduction = N*OH*OW, split into
 //                   `splits` chunks when the tile grid alone would not fill the GPU; each chunk
 //                   writes float partials to the caller's workspace and a second kernel adds them
 //                   in split order. No atomics: bitwise identical run to run.
 // Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism);
 // timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off. Not yet run on a
-// GPU. ptxas (-Xptxas -v, nvcc 13): 91-98 registers on sm_90, 8.4 KB shared memory, no spills.
+// GPU. ptxas (-Xptxas -v, nvcc 13): 80-98 registers on sm_90, 8.4 KB shared memory, no spills.
 // Performance choices are unmeasured so far; the one made on paper: a reduction index is decoded
 // once per 16-wide slice and shared by both operand loaders (before: two 64-bit divisions per
-// gathered element, more integer work than the tile's FMAs).
+// gathered element, more integer work than the tile's FMAs). The input gradient split by stride
+// phase does only the on-grid MACs (a quarter of them at stride 2 were before, review item 2).
+// TODO (review-convcuda items 1-2; needs a GPU: first `fastdl-bench --suite conv --device cuda`,
+// benchmarks/gpu_check.sh, against the issue's >= 0.8x cuDNN on shapes 2, 3, 5):
+//  - the inner loop issues 8 scalar LDS per 16 FFMA per thread (4x4 micro-tile; the PTX of each
+//    instantiation has 128 ld.shared.f32 to 256 fma.rn.f32). LDS throughput per SM is about a
+//    quarter of FFMA's, so the loop is shared-memory bound near 50% of FP32 peak before any other
+//    cost. Next: 128x128 tiles, 8x8 per thread, float4 LDS from k-major tiles; register
+//    double-buffering of the next slice.
+//  - the loader maps a warp to 16 reduction indices x 2 rows (lk = t % 16), so one A gather
+//    touches ~12 sectors instead of 4: make loader threads consecutive along m.
+//  - red_index does 64-bit div/rem once per slice (forward: kk/taps, kk%taps; weight gradient:
+//    q/plane, q%plane, s/ow, s%ow), about as much integer work as the 256 FMAs: decode
+//    incrementally or from a table, in 32 bits (check_cuda bounds the planes below 2^30).
+//  - input gradient: done on paper (stride phases, above); its stores are strided by sh, sw per
+//    phase (uncoalesced at stride 2): measure before and after on shapes 5 and 7.
+#include <numeric>
+
 #include "conv_cuda.cuh"
 
 namespace fastdl {
@@ -75,6 +93,15 @@ struct ForwardOp {
   }
 };
 
+// One stride phase (rh, rw) of the input gradient: input rows ih = rh + sh*u, columns
+// iw = rw + sw*v (hp x wp of them). Only the taps on that phase's stride grid reach them:
+// i = i0 + si*a (a < ni), j = j0 + sj*b (b < nj), from output oh = obh + u - dsi*a,
+// ow = obw + v - dsj*b (Phase, found on the host): a dense GEMM, no off-stride taps, no division
+// in the gathers.
+struct Phase {
+  int rh, rw, hp, wp, i0, j0, si, sj, ni, nj, dsi, dsj, obh, obw;
+};
+
 template <class T>
 struct InputGradOp {
   Geo p;
@@ -83,39 +110,38 @@ struct InputGradOp {
   T* gx;
   int64_t rows, cols, red, chunk;
   int splits;
-  struct Row { const T* gy; int th0, tw0; bool ok; };  // 32-bit: spatial sizes < 2^31
+  Phase f;
+  struct Row { const T* gy; int oh0, ow0; bool ok; };  // 32-bit: planes < 2^30 (check_cuda)
   struct Col { const T* w; bool ok; };
-  struct Red { int64_t gyoff, woff; int di, dj; bool ok; };  // kk = (ko, i, j)
+  struct Red { int64_t gyoff, woff; int doh, dow; bool ok; };  // kk = (ko, a, b)
   __device__ Row row(int64_t g, int64_t m) const {
     if (m >= rows) return Row{gy, 0, 0, false};
-    const int64_t iw = m % p.w, ih = (m / p.w) % p.h, n = m / (p.w * p.h);
-    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, int(ih + p.ph), int(iw + p.pw), true};
+    const int64_t v = m % f.wp, u = (m / f.wp) % f.hp, n = m / (int64_t(f.wp) * f.hp);
+    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, f.obh + int(u), f.obw + int(v), true};
   }
   __device__ Col col(int64_t g, int64_t ci) const {
     return ci < cols ? Col{w + (g * p.kg * p.cg + ci) * p.taps, true} : Col{w, false};
   }
   __device__ Red red_index(int64_t kk, int64_t end) const {
     if (kk >= end) return Red{0, 0, 0, 0, false};
-    const int64_t ko = kk / p.taps;
-    const int t = static_cast<int>(kk % p.taps);
-    return Red{ko * p.oh * p.ow, ko * p.cg * p.taps + t, (t / int(p.kw)) * int(p.dh),
-               (t % int(p.kw)) * int(p.dw), true};
+    const int nt = f.ni * f.nj;
+    const int64_t ko = kk / nt;
+    const int t = static_cast<int>(kk % nt), a = t / f.nj, b = t % f.nj;
+    const int i = f.i0 + f.si * a, j = f.j0 + f.sj * b;
+    return Red{ko * p.oh * p.ow, ko * p.cg * p.taps + i * p.kw + j, f.dsi * a, f.dsj * b, true};
   }
-  // Tap (i, j) of output channel ko feeds (ih, iw) from the output (oh, ow) with
-  // oh*sh + i*dh = ih + ph, if that lands on the stride grid inside the output.
   __device__ float a(const Row& r, const Red& k) const {
-    const int th = r.th0 - k.di, tw = r.tw0 - k.dj, sh = int(p.sh), sw = int(p.sw);
-    if (!r.ok || !k.ok || th < 0 || tw < 0 || th % sh != 0 || tw % sw != 0) return 0.f;
-    const int oh = th / sh, ow = tw / sw;
-    if (oh >= p.oh || ow >= p.ow) return 0.f;
-    return to_f(r.gy[k.gyoff + oh * p.ow + ow]);
+    const int oh = r.oh0 - k.doh, ow = r.ow0 - k.dow;
+    if (!r.ok || !k.ok || oh < 0 || ow < 0 || oh >= p.oh || ow >= p.ow) return 0.f;
+    return to_f(r.gy[k.gyoff + int64_t(oh) * p.ow + ow]);
   }
   __device__ float b(const Col& c, const Red& k) const {
     return c.ok && k.ok ? to_f(c.w[k.woff]) : 0.f;
   }
   __device__ void store(int64_t g, int, int64_t m, int64_t ci, float v) const {
-    const int64_t plane = p.h * p.w, s = m % plane, n = m / plane;
-    gx[(n * p.c + g * p.cg + ci) * plane + s] = from_f<T>(v);
+    const int64_t vv = m % f.wp, u = (m / f.wp) % f.hp, n = m / (int64_t(f.wp) * f.hp);
+    const int64_t ih = f.rh + p.sh * u, iw = f.rw + p.sw * vv;
+    gx[(n * p.c + g * p.cg + ci) * p.h * p.w + ih * p.w + iw] = from_f<T>(v);
   }
 };
 
@@ -244,14 +270,22 @@ int weight_splits(const Conv2dParams& p) {
   return static_cast<int>(std::max<int64_t>(1, s));
 }
 
+// The grid is (row tiles, column tiles, groups * splits): CUDA caps y and z at 65535, x at 2^31-1.
+// Past them the pass fails with an error naming it and the limit (README, "CUDA limits").
 template <class Op>
-void launch_igemm(const Op& op, int64_t groups, cudaStream_t s) {
+void launch_igemm(const Op& op, int64_t groups, const char* pass, const char* cols_are,
+                  cudaStream_t s) {
   if (op.rows == 0 || op.cols == 0) return;
-  const dim3 grid(static_cast<unsigned int>(ceil_div(op.rows, kBM)),
-                  static_cast<unsigned int>(ceil_div(op.cols, kBN)),
-                  static_cast<unsigned int>(groups * op.splits));
-  FASTDL_CHECK(grid.y <= 65535 && grid.z <= 65535, "conv2d: grid too large for CUDA (",
-               grid.y, " x ", grid.z, ")");
+  const int64_t gx = ceil_div(op.rows, kBM), gy = ceil_div(op.cols, kBN), gz = groups * op.splits;
+  FASTDL_CHECK(gz <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 groups, got ",
+               groups, (op.splits > 1 ? " (times the reduction's splits)" : ""),
+               "; a depthwise convolution with more channels runs under algorithm 'direct'");
+  FASTDL_CHECK(gy <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 * ", kBN, " = ",
+               int64_t(65535) * kBN, " columns per group (", cols_are, "), got ", op.cols);
+  FASTDL_CHECK(gx <= INT32_MAX, pass, ": the CUDA implicit GEMM takes at most (2^31 - 1) * ", kBM,
+               " rows, got ", op.rows);
+  const dim3 grid(static_cast<unsigned int>(gx), static_cast<unsigned int>(gy),
+                  static_cast<unsigned int>(gz));
   FASTDL_LAUNCH(grid, kThreads, 0, s, igemm_kernel<Op>)(op);
   FASTDL_CUDA_CHECK_LAUNCH();
 }
@@ -267,19 +301,56 @@ void igemm_forward(const Conv2dParams& p, const void* x, const void* w, const vo
     ForwardOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(w),
                     static_cast<const T*>(bias), static_cast<T*>(y), p.n * p.oh * p.ow, g.kg, red,
                     red, 1};
-    launch_igemm(op, p.groups, s);
+    launch_igemm(op, p.groups, "conv2d", "out_channels / groups", s);
   });
 }
 
+// The taps of one dimension reaching input phase r (positions r + s*u): i with
+// (r + pad - i*d) % s == 0, i.e. i0, i0 + step, ... (step = s / gcd(s, d)); count, first output
+// index base = (r + pad - i0*d) / s (exact) and its fall per step (step*d/s).
+void phase_taps(int64_t r, int64_t pad, int64_t k, int64_t d, int64_t s, int& i0, int& step,
+                int& count, int& base, int& dstep) {
+  step = static_cast<int>(s / std::gcd(s, d));
+  dstep = static_cast<int>(step * d / s);
+  i0 = 0;
+  count = 0;
+  base = 0;
+  for (int64_t i = 0; i < k && i < s; ++i)
+    if ((r + pad - i * d) % s == 0) {
+      i0 = static_cast<int>(i);
+      count = static_cast<int>((k - 1 - i) / step + 1);
+      base = static_cast<int>((r + pad - i * d) / s);
+      return;
+    }
+}
+
+// One dense GEMM per stride phase (ih mod sh, iw mod sw) over only its taps; one phase at stride
+// 1. Past 16 phases (large strides: many small launches) the direct kernel, which also skips the
+// off-stride taps, runs instead.
 void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, void* gx,
                           cudaStream_t s) {
+  const int64_t phr = std::min(p.sh, p.h), phc = std::min(p.sw, p.w);
+  if (phr * phc > 16) {
+    direct_backward_input(p, gy, w, gx, s);
+    return;
+  }
   const Geo g = geo_of(p);
   by_dtype(p.dtype, "conv2d_backward_input", [&](auto tag) {
     using T = decltype(tag);
-    const int64_t red = g.kg * g.taps;
-    InputGradOp<T> op{g, static_cast<const T*>(gy), static_cast<const T*>(w), static_cast<T*>(gx),
-                      p.n * p.h * p.w, g.cg, red, red, 1};
-    launch_igemm(op, p.groups, s);
+    for (int64_t rh = 0; rh < phr; ++rh)
+      for (int64_t rw = 0; rw < phc; ++rw) {
+        Phase f{};
+        f.rh = static_cast<int>(rh);
+        f.rw = static_cast<int>(rw);
+        f.hp = static_cast<int>(ceil_div(p.h - rh, p.sh));
+        f.wp = static_cast<int>(ceil_div(p.w - rw, p.sw));
+        phase_taps(rh, p.ph, p.kh, p.dh, p.sh, f.i0, f.si, f.ni, f.obh, f.dsi);
+        phase_taps(rw, p.pw, p.kw, p.dw, p.sw, f.j0, f.sj, f.nj, f.obw, f.dsj);
+        const int64_t red = g.kg * f.ni * f.nj;  // 0: the phase's gx is written as zeros
+        InputGradOp<T> op{g, static_cast<const T*>(gy), static_cast<const T*>(w),
+                          static_cast<T*>(gx), p.n * f.hp * f.wp, g.cg, red, red, 1, f};
+        launch_igemm(op, p.groups, "conv2d_backward_input", "in_channels / groups", s);
+      }
   });
 }
 
@@ -300,7 +371,8 @@ void igemm_backward_weight(const Conv2dParams& p, const void* x, const void* gy,
     float* part = static_cast<float*>(workspace);
     WeightGradOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(gy), gwt, part, g.kg,
                        g.cg * g.taps, red, chunk, splits};
-    launch_igemm(op, p.groups, s);
+    launch_igemm(op, p.groups, "conv2d_backward_weight",
+                 "in_channels / groups * kernel_h * kernel_w", s);
     if (splits > 1) {
       FASTDL_LAUNCH(blocks_for(total), kThreads, 0, s, sum_splits_kernel<T>)(part, gwt, splits,
                                                                              total);

@@ -13,8 +13,10 @@ the forward, the input gradient and the weight gradient (shape 1, a first layer 
 no gradient, counts forward and weight gradient only). Both sides get the same inputs; the
 fwd+bwd cases reset the gradients each call (no accumulation pass).
 On CUDA (--device cuda) the reference is cuDNN, precision-matched: fastdl's kernels are exact
-float32 (no tensor cores), so torch.backends.cudnn.allow_tf32 is switched off for the run (torch's
-default is on, which would let cuDNN round its inputs to TF32).
+float32 (no tensor cores), so every timed call on either side runs inside _exact_fp32(), which
+switches torch.backends.cudnn.allow_tf32 off for that call and restores the caller's setting
+after (torch's default is on, which would let cuDNN round its inputs to TF32); nothing leaks
+into later suites or into a process that uses fastdl-bench as a library.
 """
 from __future__ import annotations
 
@@ -26,6 +28,25 @@ SHAPES = [("1 mnist c1", 64, 1, 28, 28, 32, 3, 1, 0, 1, False),
           ("5 3x3 s2", 32, 128, 28, 28, 128, 3, 2, 1, 1, False),
           ("6 depthwise", 32, 64, 56, 56, 64, 3, 1, 1, 64, False),
           ("7 transposed", 16, 64, 28, 28, 32, 4, 2, 1, 1, True)]
+
+
+def _exact_fp32():
+    """cuDNN without TF32 for the block, the caller's setting restored after. Through
+    torch.backends.cudnn.flags() (which also works after torch's test utilities have frozen the
+    global flags), passing the current enabled/benchmark/deterministic so only TF32 changes."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                       deterministic=cudnn.deterministic, allow_tf32=False)
+
+
+def _exact(fn):
+    """fn run under _exact_fp32(); both sides get the wrapper so they pay the same overhead."""
+    def call():
+        with _exact_fp32():
+            return fn()
+    return call
 
 
 def _fwd_bwd(fn, leaves, gy):
@@ -43,8 +64,8 @@ def cases(device="cpu", quick=False):
     import fastdl.nn.functional as F
     from .harness import Case
 
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False  # precision-matched: both sides exact float32
+    # precision-matched on CUDA: both sides exact float32, the global setting untouched
+    wrap = _exact if device == "cuda" else (lambda fn: fn)
     g = torch.Generator(device="cpu").manual_seed(0)
     out = []
     for label, n, c, h, w, k, ks, s, p, groups, transposed in SHAPES:
@@ -67,8 +88,8 @@ def cases(device="cpu", quick=False):
         shape = f"{n}x{c}x{h}x{w}->{k} k{ks}s{s}p{p}" + (f"g{groups}" if groups > 1 else "") + \
             (" T" if transposed else "")
         a = (x, wt, b)
-        out.append(Case("conv", f"{label} fwd", lambda f=fast_fn, a=a, kw=kw: f(*a, **kw),
-                        {"torch": lambda f=ref_fn, a=a, kw=kw: f(*a, **kw)}, flops=flops,
+        out.append(Case("conv", f"{label} fwd", wrap(lambda f=fast_fn, a=a, kw=kw: f(*a, **kw)),
+                        {"torch": wrap(lambda f=ref_fn, a=a, kw=kw: f(*a, **kw))}, flops=flops,
                         device=device, note=shape))
         first_layer = c == 1
         xg = x.clone().requires_grad_(not first_layer)
@@ -77,8 +98,8 @@ def cases(device="cpu", quick=False):
         leaves = [xg, wg, bg]
         passes = 2 if first_layer else 3
         out.append(Case("conv", f"{label} fwd+bwd",
-                        _fwd_bwd(lambda f=fast_fn, a=leaves, kw=kw: f(*a, **kw), leaves, gy),
-                        {"torch": _fwd_bwd(lambda f=ref_fn, a=leaves, kw=kw: f(*a, **kw),
-                                           leaves, gy)},
+                        wrap(_fwd_bwd(lambda f=fast_fn, a=leaves, kw=kw: f(*a, **kw), leaves, gy)),
+                        {"torch": wrap(_fwd_bwd(lambda f=ref_fn, a=leaves, kw=kw: f(*a, **kw),
+                                                leaves, gy))},
                         flops=passes * flops, device=device, note=shape))
     return out
