@@ -225,7 +225,8 @@ def test_conv2d_served_shapes(cpu_path, algo, case):
 # GEMM with small output planes and many images: a chunk spans several images (conv_gemm.cpp's
 # plan_blocks). With cg*kh*kw = 2304 a chunk holds 112 columns, so N = 13 on 3x3 planes gives two
 # blocks of 7 and 6 images (ragged), N = 29 on 2x2 planes 15 + 14; cg*kh*kw = 1152 (groups 2)
-# holds 224 columns. The small-channel cases fit every image in one block.
+# holds 224 columns; kg = 4096 rows (1x1, cg = 2) bound the block buffer to 64 columns: 70 images
+# give two blocks of 35. The other small-channel cases fit every image in one block.
 SMALL_PLANES = [((7, 6, 1, 1), (5, 6, 1, 1), {}),                                   # 1x1 planes
                 ((7, 4, 2, 3), (6, 4, 1, 1), {}),                                   # 1x1 kernel
                 ((7, 6, 3, 3), (4, 3, 3, 3), dict(padding=1, groups=2)),
@@ -233,7 +234,8 @@ SMALL_PLANES = [((7, 6, 1, 1), (5, 6, 1, 1), {}),                               
                 ((13, 256, 3, 3), (24, 256, 3, 3), dict(padding=1)),
                 ((29, 256, 2, 2), (16, 256, 3, 3), dict(padding=1)),
                 ((25, 256, 5, 5), (8, 128, 3, 3), dict(stride=2, padding=1, groups=2)),
-                ((11, 256, 4, 4), (6, 256, 3, 3), dict(stride=2, padding=2, dilation=2))]
+                ((11, 256, 4, 4), (6, 256, 3, 3), dict(stride=2, padding=2, dilation=2)),
+                ((70, 2, 1, 1), (4096, 2, 1, 1), {})]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -17,8 +17,8 @@
 // scattered into y's planes with the bias; input gradient: gy of the block is gathered, the GEMM
 // gives cols, col2im runs per image; weight gradient: cols and gathered gy of the block, summed
 // into the per-thread partials as before. 1x1 kernels take this path too (x is gathered by
-// im2col). Measured reason: with one image per chunk, N = OH*OW = 4 and W (512x4608) is streamed
-// once per image: 98 vs 32 ms for torch on 16x512x2x2 -> 512 3x3 (see comment at plan_blocks).
+// im2col). Reason: with one image per chunk, N = OH*OW = 4 and W (512x4608) was streamed once per
+// image, bandwidth-bound at ~3 GF/s (figures at plan_blocks).
 // Tested by tests/test_conv.py (forced algorithm "gemm"); timed by benchmarks/bench_conv.py.
 #include <cstdlib>
 #include <cstring>
@@ -51,11 +51,13 @@ int64_t chunk_pixels(const Conv2dParams& p, int64_t ckk) {
 }
 
 // Images per chunk when whole output planes are small against the chunk width: 0 when one image
-// per chunk is kept (a plane fills a chunk, or a single image). Blocks are balanced (16 images at
-// most 14 per chunk: two blocks of 8, not 14 + 2).
+// per chunk is kept (a plane fills a chunk, or a single image). The width is the budget over
+// max(ckk, kg) rows, so both cols and the block's gy / output buffer stay within kColsBudget.
+// Blocks are balanced (16 images at most 14 per chunk: two blocks of 8, not 14 + 2).
+// Measured (16x512x2x2 -> 512 3x3 p1, 1 thread, under load): forward 98 -> 26 ms, backward 223 -> 112 ms.
 int64_t plan_blocks(const Conv2dParams& p, int64_t ckk) {
-  const int64_t s = p.oh * p.ow;
-  const int64_t sc = std::max<int64_t>(16, kColsBudget / std::max<int64_t>(1, ckk)) / 8 * 8;
+  const int64_t s = p.oh * p.ow, rows = std::max<int64_t>({1, ckk, p.k / p.groups});
+  const int64_t sc = std::max<int64_t>(16, kColsBudget / rows) / 8 * 8;
   const int64_t most = std::min(p.n, sc / std::max<int64_t>(1, s));
   if (most < 2) return 0;
   const int64_t blocks = (p.n + most - 1) / most;
