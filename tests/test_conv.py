@@ -221,6 +221,39 @@ def test_conv2d_served_shapes(cpu_path, algo, case):
     run_conv_case(torch.float32, shape, wshape, True, kw, seed=case, what=f"algo={algo}")
 
 
+
+# GEMM with small output planes and many images: a chunk spans several images (conv_gemm.cpp's
+# plan_blocks). With cg*kh*kw = 2304 a chunk holds 112 columns, so N = 13 on 3x3 planes gives two
+# blocks of 7 and 6 images (ragged), N = 29 on 2x2 planes 15 + 14; cg*kh*kw = 1152 (groups 2)
+# holds 224 columns; kg = 4096 rows (1x1, cg = 2) bound the block buffer to 64 columns: 70 images
+# give two blocks of 35. The other small-channel cases fit every image in one block.
+SMALL_PLANES = [((7, 6, 1, 1), (5, 6, 1, 1), {}),                                   # 1x1 planes
+                ((7, 4, 2, 3), (6, 4, 1, 1), {}),                                   # 1x1 kernel
+                ((7, 6, 3, 3), (4, 3, 3, 3), dict(padding=1, groups=2)),
+                ((7, 5, 5, 6), (3, 5, 3, 2), dict(stride=2, dilation=(2, 1))),
+                ((13, 256, 3, 3), (24, 256, 3, 3), dict(padding=1)),
+                ((29, 256, 2, 2), (16, 256, 3, 3), dict(padding=1)),
+                ((25, 256, 5, 5), (8, 128, 3, 3), dict(stride=2, padding=1, groups=2)),
+                ((11, 256, 4, 4), (6, 256, 3, 3), dict(stride=2, padding=2, dilation=2)),
+                ((70, 2, 1, 1), (4096, 2, 1, 1), {})]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SMALL_PLANES)))
+def test_gemm_small_planes(cpu_path, case, dtype):
+    shape, wshape, kw = SMALL_PLANES[case]
+    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        x, w = torch.zeros(shape, dtype=dtype), torch.zeros(wshape, dtype=dtype)
+        for pass_ in ("forward", "input", "weight"):
+            assert ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw) == "gemm"
+        for bias in (True, False):
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=case, what="algo=gemm small planes")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
 def test_auto_choice():
     x = np.zeros((2, 32, 12, 12), np.float32)
     assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32) == "direct"

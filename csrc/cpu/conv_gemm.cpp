@@ -11,6 +11,14 @@
 // Work split: one task per (image, group, chunk) (the input gradient: per (image, group), since
 // col2im of neighbouring chunks overlaps); each task calls the GEMM single-threaded. A call with a
 // single task lets the GEMM use every thread instead.
+// Small planes (at least two whole output planes fit in one chunk, e.g. 2x2 or 4x4 maps of a
+// ResNet's last stages): a chunk spans `nb` images instead, its columns the (image, pixel) pairs;
+// the task is (block of images, group). Forward: the GEMM writes a per-thread buffer that is
+// scattered into y's planes with the bias; input gradient: gy of the block is gathered, the GEMM
+// gives cols, col2im runs per image; weight gradient: cols and gathered gy of the block, summed
+// into the per-thread partials as before. 1x1 kernels take this path too (x is gathered by
+// im2col). Reason: with one image per chunk, N = OH*OW = 4 and W (512x4608) was streamed once per
+// image, bandwidth-bound at ~3 GF/s (figures at plan_blocks).
 // Tested by tests/test_conv.py (forced algorithm "gemm"); timed by benchmarks/bench_conv.py.
 #include <cstdlib>
 #include <cstring>
@@ -41,6 +49,22 @@ int64_t chunk_pixels(const Conv2dParams& p, int64_t ckk) {
   int64_t sc = std::max<int64_t>(16, kColsBudget / std::max<int64_t>(1, ckk)) / 8 * 8;
   return std::min(s, sc);
 }
+
+// Images per chunk when whole output planes are small against the chunk width: 0 when one image
+// per chunk is kept (a plane fills a chunk, or a single image). The width is the budget over
+// max(ckk, kg) rows, so both cols and the block's gy / output buffer stay within kColsBudget.
+// Blocks are balanced (16 images at most 14 per chunk: two blocks of 8, not 14 + 2).
+// Measured (16x512x2x2 -> 512 3x3 p1, 1 thread, under load): forward 98 -> 26 ms, backward 223 -> 112 ms.
+int64_t plan_blocks(const Conv2dParams& p, int64_t ckk) {
+  const int64_t s = p.oh * p.ow, rows = std::max<int64_t>({1, ckk, p.k / p.groups});
+  const int64_t sc = std::max<int64_t>(16, kColsBudget / rows) / 8 * 8;
+  const int64_t most = std::min(p.n, sc / std::max<int64_t>(1, s));
+  if (most < 2) return 0;
+  const int64_t blocks = (p.n + most - 1) / most;
+  return (p.n + blocks - 1) / blocks;
+}
+
+thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM output, of a block
 
 // Walks output pixels [s0, s0 + len) of one kernel tap (i, j) row segment by row segment:
 // f(pos, ih, ow0, seg) for each run of `seg` pixels on output row oh (input row ih) from column ow0.
@@ -119,12 +143,46 @@ void col2im_add(const Conv2dParams& p, const T* cols, int64_t ld, int64_t cg, in
   }
 }
 
+// dst[kk][j*S + s] = gy[n0 + j][k0 + kk][s] for j < m, kk < kg: the gy of a block of images as
+// one kg x m*S matrix.
+template <class T>
+void gather_planes(const Conv2dParams& p, const T* gy, int64_t n0, int64_t m, int64_t k0,
+                   int64_t kg, T* dst) {
+  const int64_t S = p.oh * p.ow, ld = m * S;
+  for (int64_t kk = 0; kk < kg; ++kk)
+    for (int64_t j = 0; j < m; ++j)
+      std::memcpy(dst + kk * ld + j * S, gy + ((n0 + j) * p.k + k0 + kk) * S, sizeof(T) * S);
+}
+
 }  // namespace
 
 template <class T>
 void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
+  if (const int64_t nb = plan_blocks(p, ckk)) {
+    const int64_t blocks = (p.n + nb - 1) / nb;
+    parallel_for_catch(blocks * G, grain_for(nb * S * kg * ckk), [&](int64_t lo, int64_t hi) {
+      T* cols = tl_cols.get_as<T>(ckk * nb * S);
+      T* out = tl_block.get_as<T>(kg * nb * S);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
+        for (int64_t j = 0; j < m; ++j)
+          im2col(p, x + ((n0 + j) * p.c + g * cg) * HW, cg, 0, S, cols + j * S, ld);
+        // out (kg x m*S) = W_g * cols, then out[kk][j*S + s] + bias -> y[n0 + j][g*kg + kk][s]
+        gemm(gemm_params<T>(false, false, kg, ld, ckk, ckk, ld, ld, 0.0), w + g * kg * ckk, cols,
+             out);
+        for (int64_t j = 0; j < m; ++j)
+          for (int64_t kk = 0; kk < kg; ++kk) {
+            const T* o = out + kk * ld + j * S;
+            T* yr = y + ((n0 + j) * p.k + g * kg + kk) * S;
+            const T bv = b ? b[g * kg + kk] : T(0);
+            for (int64_t s = 0; s < S; ++s) yr[s] = o[s] + bv;
+          }
+      }
+    });
+    return;
+  }
   const bool one = pointwise(p);
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
   parallel_for_catch(p.n * G * chunks, grain_for(sc * kg * ckk), [&](int64_t lo, int64_t hi) {
@@ -156,6 +214,26 @@ template <class T>
 void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
+  if (const int64_t nb = plan_blocks(p, ckk)) {
+    const int64_t blocks = (p.n + nb - 1) / nb;
+    parallel_for_catch(blocks * G, grain_for(nb * S * kg * ckk), [&](int64_t lo, int64_t hi) {
+      T* cols = tl_cols.get_as<T>(ckk * nb * S);
+      T* gyb = tl_block.get_as<T>(kg * nb * S);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
+        gather_planes(p, gy, n0, m, g * kg, kg, gyb);
+        // cols (ckk x m*S) = W_g^T (ckk x kg) * gyb (kg x m*S), then col2im image by image
+        gemm(gemm_params<T>(true, false, ckk, ld, kg, ckk, ld, ld, 0.0), w + g * kg * ckk, gyb,
+             cols);
+        for (int64_t j = 0; j < m; ++j) {
+          T* gxg = gx + ((n0 + j) * p.c + g * cg) * HW;
+          std::fill(gxg, gxg + cg * HW, T(0));
+          col2im_add(p, cols + j * S, ld, cg, 0, S, gxg);
+        }
+      }
+    });
+    return;
+  }
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
   if (pointwise(p)) {  // gx chunk (cg x len, ld HW) = W_g^T (cg x kg) * gy chunk (kg x len, ld S)
     parallel_for_catch(p.n * G * chunks, grain_for(sc * kg * cg), [&](int64_t lo, int64_t hi) {
@@ -189,9 +267,10 @@ template <class T>
 void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
-  const bool one = pointwise(p);
+  const int64_t nb = plan_blocks(p, ckk);
+  const bool one = !nb && pointwise(p);
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
-  const int64_t items = p.n * G * chunks, wsz = G * ckk * kg;
+  const int64_t items = nb ? (p.n + nb - 1) / nb * G : p.n * G * chunks, wsz = G * ckk * kg;
   const int64_t by_work = std::max<int64_t>(1, S * p.n * G * ckk * kg / kMinWork);
   int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
   if (omp_in_parallel()) nt = 1;
@@ -201,6 +280,20 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   auto run = [&](int tid, int64_t lo, int64_t hi) {
     T* P = part.data() + tid * wsz;
     std::fill(P, P + wsz, T(0));
+    if (nb) {
+      T* cols = tl_cols.get_as<T>(ckk * nb * S);
+      T* gyb = tl_block.get_as<T>(kg * nb * S);
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
+        for (int64_t j = 0; j < m; ++j)
+          im2col(p, x + ((n0 + j) * p.c + g * cg) * HW, cg, 0, S, cols + j * S, ld);
+        gather_planes(p, gy, n0, m, g * kg, kg, gyb);
+        // P_g (ckk x kg) += cols (ckk x m*S) * gyb^T (m*S x kg)
+        gemm(gemm_params<T>(false, true, ckk, kg, ld, ld, ld, kg, 1.0), cols, gyb,
+             P + g * ckk * kg);
+      }
+      return;
+    }
     T* cols = one ? nullptr : tl_cols.get_as<T>(ckk * sc);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / (G * chunks), g = (t / chunks) % G, s0 = (t % chunks) * sc;
