@@ -864,3 +864,86 @@ def test_conv2d_direct_bias_grad_alone_or_fused(cpu_path, mask):
             assert_close(g, r, reduction=red)
         else:
             assert g is None
+
+
+# gy (1, C, OH, OW) placed so its last byte is the last byte before a PROT_NONE page: a vector
+# read past the end of gy (the weight gradient's last row for OW < one vector) faults. Run in a
+# subprocess so a fault fails the test instead of killing pytest.
+_GUARD_CODE = r"""
+import ctypes, mmap, sys
+import numpy as np
+import fastdl
+from fastdl import _C
+_C.set_cpu_capability(sys.argv[1])
+fastdl.ops.set_conv_algorithm("direct")
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+keep = []
+def guarded(shape, dtype):
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    m = mmap.mmap(-1, PAGE * (2 + (n + PAGE - 1) // PAGE))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(ctypes.c_void_p(base + len(m) - PAGE), PAGE, 0) == 0
+    keep.append(m)
+    return np.frombuffer(m, dtype, int(np.prod(shape)), len(m) - PAGE - n).reshape(shape)
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    for c, mult in ((1, 4), (3, 1)):
+        for ow in range(1, 10):
+            for kw, pad in ((3, 1), (3, 0), (1, 0)):
+                W = ow + kw - 1 - 2 * pad
+                if W < 1:
+                    continue
+                x = rng.standard_normal((1, c, 9, W)).astype(dt)
+                w = rng.standard_normal((c * mult, 1, 3, kw)).astype(dt)
+                gy = guarded((1, c * mult, 9 + 2 * pad - 2, ow), dt)
+                gy[...] = rng.standard_normal(gy.shape)
+                gx, gw, gb = fastdl.ops.conv2d_backward(gy, x, w, padding=pad, groups=c)
+                np.testing.assert_allclose(gb, gy.sum((0, 2, 3), dtype=np.float64), rtol=1e-4)
+print("ok")
+"""
+
+
+def test_conv2d_direct_weight_grad_reads_inside_gy(cpu_path):
+    out = subprocess.run([sys.executable, "-c", _GUARD_CODE, cpu_path], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm"])
+@pytest.mark.parametrize("case", range(4))
+def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
+    # inf/NaN in x reach only the outputs and weight-gradient taps that read them (the direct
+    # weight gradient's masked last vector must not multiply them by 0 in the taps that don't).
+    shape, wshape, kwargs, col = [
+        ((1, 2, 6, 11), (2, 1, 3, 3), dict(groups=2), -1),            # last column, OW = 9
+        ((2, 3, 7, 5), (6, 1, 3, 3), dict(groups=3), -1),             # OW = 3 < one vector
+        ((1, 1, 8, 12), (4, 1, 3, 3), dict(dilation=(1, 2)), -2),     # first layer, dilated
+        ((1, 2, 6, 20), (2, 1, 2, 5), dict(groups=2, padding=(1, 1)), -1),
+    ][case]
+    gen = torch.Generator().manual_seed(case)
+    for dtype in DTYPES:
+        for bad in (float("inf"), float("nan")):
+            x = torch.rand(shape, generator=gen, dtype=dtype)
+            x[..., col] = bad
+            w = torch.rand(wshape, generator=gen, dtype=dtype)
+            y = TF.conv2d(x, w, **kwargs)
+            gy = torch.rand(y.shape, generator=gen, dtype=dtype)
+            st, pd, dl = (kwargs.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
+            two = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+            ref = torch.ops.aten.convolution_backward(gy, x, w, None, two(st), two(pd), two(dl),
+                                                      False, [0, 0], kwargs.get("groups", 1),
+                                                      [False, True, False])[1]
+            before = fastdl.ops.get_conv_algorithm()
+            fastdl.ops.set_conv_algorithm(algo)
+            try:
+                yf = fastdl.ops.conv2d(x, w, **kwargs)
+                gw = fastdl.ops.conv2d_backward(gy, x, w, **kwargs,
+                                                output_mask=(False, True, False))[1]
+            finally:
+                fastdl.ops.set_conv_algorithm(before)
+            for got, want in ((yf, y), (gw, ref)):
+                assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+                assert torch.equal(torch.isinf(got), torch.isinf(want)), (got, want)
+                fin = torch.isfinite(want)
+                assert_close(got[fin], want[fin], reduction=200)

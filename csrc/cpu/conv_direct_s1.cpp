@@ -223,10 +223,11 @@ void plane_fwd_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T*
   }
 }
 
-// gy's row segment [v*L, v*L + L) with lanes n.. zero. Inside the plane (next_row: the row is
-// not the plane's last, so a full vector stays inside the tensor) a full load and a lane mask;
-// otherwise lane by lane. (Lane by lane on every row, the vector built on the stack and reloaded
-// stalled store forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
+// gy's row segment [v*L, v*L + L) with lanes n.. zero. When the full vector ends inside the
+// plane (`inside`: oh*OW + v*L + L <= OH*OW; not merely "the row is not the plane's last", which
+// read past the tensor for OW < L/2, review item 1) a full load and a lane mask; otherwise lane
+// by lane. (Lane by lane on every row, the vector built on the stack and reloaded stalled store
+// forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
 template <class T>
 struct LaneMask {
   typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
@@ -235,18 +236,29 @@ struct LaneMask {
   explicit LaneMask(int64_t n) {
     for (int64_t l = 0; l < Vec<T>::L; ++l) m[l] = l < n ? I(-1) : I(0);
   }
+  // v with the lanes >= n zero (bitwise, so a NaN or inf there becomes +0 too).
+  typename Vec<T>::V apply(typename Vec<T>::V v) const {
+    return reinterpret_cast<typename Vec<T>::V>(reinterpret_cast<IV>(v) & m);
+  }
 };
 
 template <class T>
 inline typename Vec<T>::V load_part(const T* gr, int64_t n, const LaneMask<T>& mask,
-                                    bool next_row) {
-  using V = typename Vec<T>::V;
-  using IV = typename LaneMask<T>::IV;
+                                    bool inside) {
   if (n >= Vec<T>::L) return Vec<T>::load(gr);
-  if (next_row) return reinterpret_cast<V>(reinterpret_cast<IV>(Vec<T>::load(gr)) & mask.m);
-  V v = {};
+  if (inside) return mask.apply(Vec<T>::load(gr));
+  typename Vec<T>::V v = {};
   for (int64_t l = 0; l < n; ++l) v[l] = gr[l];
   return v;
+}
+
+// gv * x for one tap; with Masked (a row's partial last vector) the product's lanes >= OW are
+// zeroed, not only gy's: those lanes meet buffer columns that can hold real input, and 0 * inf
+// would put NaN into taps that never read it (review item 2; torch's taps stay finite).
+template <class T, bool Masked>
+inline typename Vec<T>::V tap(typename Vec<T>::V gv, const T* c, const LaneMask<T>& mask) {
+  const typename Vec<T>::V prod = gv * Vec<T>::load(c);
+  return Masked ? mask.apply(prod) : prod;
 }
 
 template <class T>
@@ -256,34 +268,47 @@ inline double hsum(typename Vec<T>::V a) {
   return double(s);
 }
 
+// One output vector's contribution to the 3x3 tap accumulators (and the bias's, ab).
+template <class T, bool Masked>
+inline void wgrad3_step(typename Vec<T>::V gv, const T* c, int64_t P, const LaneMask<T>& mask,
+                        typename Vec<T>::V* a, typename Vec<T>::V& ab) {
+  ab += gv;
+  a[0] += tap<T, Masked>(gv, c, mask); a[1] += tap<T, Masked>(gv, c + 1, mask);
+  a[2] += tap<T, Masked>(gv, c + 2, mask);
+  c += P;
+  a[3] += tap<T, Masked>(gv, c, mask); a[4] += tap<T, Masked>(gv, c + 1, mask);
+  a[5] += tap<T, Masked>(gv, c + 2, mask);
+  c += P;
+  a[6] += tap<T, Masked>(gv, c, mask); a[7] += tap<T, Masked>(gv, c + 1, mask);
+  a[8] += tap<T, Masked>(gv, c + 2, mask);
+}
+
 // Plane dot products for one (image, output channel), cg == 1, 3x3, dilation 1: 9 tap accumulators
-// (and the bias's, acc[9], when `bias`) in registers, one pass over the gy plane.
+// (and the bias's, acc[9], when `bias`) in registers, one pass over the gy plane. Each plane is
+// summed in T; acc (the sums over images) is double.
 template <class T>
 void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* gy, bool bias,
                      double* acc) {
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
-  V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{}, a4 = V{}, a5 = V{}, a6 = V{}, a7 = V{}, a8 = V{};
+  V a[9] = {};
   V ab = V{};
-  const int64_t P = g.pitch;
-  const LaneMask<T> mask(p.ow - (g.nv - 1) * L);
+  const int64_t P = g.pitch, S = p.oh * p.ow;
+  const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
+  const int64_t nfull = last == L ? g.nv : g.nv - 1;
+  const LaneMask<T> mask(last);
   for (int64_t oh = 0; oh < p.oh; ++oh) {
     const T* gr = gy + oh * p.ow;
-    const bool next_row = oh + 1 < p.oh;
-    for (int64_t v = 0; v < g.nv; ++v) {
-      const V gv = load_part(gr + v * L, p.ow - v * L, mask, next_row);
-      const T* c = buf + oh * p.sh * P + v * L;
-      ab += gv;
-      a0 += gv * Vec<T>::load(c); a1 += gv * Vec<T>::load(c + 1); a2 += gv * Vec<T>::load(c + 2);
-      c += P;
-      a3 += gv * Vec<T>::load(c); a4 += gv * Vec<T>::load(c + 1); a5 += gv * Vec<T>::load(c + 2);
-      c += P;
-      a6 += gv * Vec<T>::load(c); a7 += gv * Vec<T>::load(c + 1); a8 += gv * Vec<T>::load(c + 2);
+    const T* c = buf + oh * p.sh * P;
+    for (int64_t v = 0; v < nfull; ++v)
+      wgrad3_step<T, false>(Vec<T>::load(gr + v * L), c + v * L, P, mask, a, ab);
+    if (nfull < g.nv) {
+      const int64_t v = g.nv - 1;
+      const V gv = load_part(gr + v * L, last, mask, oh * p.ow + v * L + L <= S);
+      wgrad3_step<T, true>(gv, c + v * L, P, mask, a, ab);
     }
   }
-  acc[0] += hsum<T>(a0); acc[1] += hsum<T>(a1); acc[2] += hsum<T>(a2);
-  acc[3] += hsum<T>(a3); acc[4] += hsum<T>(a4); acc[5] += hsum<T>(a5);
-  acc[6] += hsum<T>(a6); acc[7] += hsum<T>(a7); acc[8] += hsum<T>(a8);
+  for (int e = 0; e < 9; ++e) acc[e] += hsum<T>(a[e]);
   if (bias) acc[9] += hsum<T>(ab);
 }
 
@@ -295,6 +320,7 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
   const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
+  const int64_t S = p.oh * p.ow;
   const LaneMask<T> mask(last);
   for (int64_t cc = 0; cc < cg; ++cc)
     for (int64_t i = 0; i < p.kh; ++i)
@@ -305,8 +331,9 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
           const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + j * p.dw;
           for (int64_t v = 0; v + 1 < g.nv; ++v)
             a += Vec<T>::load(gr + v * L) * Vec<T>::load(c + v * L);
-          a += load_part(gr + (g.nv - 1) * L, last, mask, oh + 1 < p.oh) *
-               Vec<T>::load(c + (g.nv - 1) * L);
+          const int64_t v = g.nv - 1;
+          const V gv = load_part(gr + v * L, last, mask, oh * p.ow + v * L + L <= S);
+          a += last == L ? tap<T, false>(gv, c + v * L, mask) : tap<T, true>(gv, c + v * L, mask);
         }
         acc[(cc * p.kh + i) * p.kw + j] += hsum<T>(a);
       }
@@ -314,7 +341,8 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
     V a = V{};
     for (int64_t oh = 0; oh < p.oh; ++oh)
       for (int64_t v = 0; v < g.nv; ++v)
-        a += load_part(gy + oh * p.ow + v * L, p.ow - v * L, mask, oh + 1 < p.oh);
+        a += load_part(gy + oh * p.ow + v * L, p.ow - v * L, mask,
+                       oh * p.ow + v * L + L <= S);
     acc[cg * p.kh * p.kw] += hsum<T>(a);
   }
 }
