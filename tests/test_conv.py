@@ -227,6 +227,21 @@ def test_auto_choice():
     assert ops_conv.conv2d_algorithm(x[:, :1], np.zeros((32, 1, 3, 3), np.float32)) == "direct"
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 3, 3), np.float32)) == "gemm"
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 1, 1), np.float32)) == "gemm"
+    # Direct only where each output reduces over one channel: RGB goes to GEMM; the input
+    # gradient reduces over a group's output channels, so a one-channel first layer's (32) and a
+    # channel multiplier's (3) take GEMM there.
+    rgb = np.zeros((8, 3, 3, 3), np.float32)
+    mult3 = np.zeros((24, 1, 3, 3), np.float32)
+    for pass_ in ("forward", "input", "weight"):
+        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == "gemm"
+        assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32,
+                                         pass_=pass_) == "direct"
+        assert ops_conv.conv2d_algorithm(x[:, :8], mult3, groups=8, pass_=pass_) == (
+            "gemm" if pass_ == "input" else "direct")
+    first = np.zeros((32, 1, 3, 3), np.float32)
+    assert ops_conv.conv2d_algorithm(x[:, :1], first, pass_="weight") == "direct"
+    assert ops_conv.conv2d_algorithm(x[:, :1], first, pass_="input") == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :1], first[:1], pass_="input") == "direct"
 
 
 def test_set_conv_algorithm_errors():

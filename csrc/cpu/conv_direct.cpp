@@ -1,6 +1,7 @@
 // conv2d by direct loops on the CPU (csrc/conv.h), float32/float64: the algorithm for depthwise
 // convolution (one input channel per group, any channel multiplier) and for few input channels per
-// group (the first layer of an image model), where GEMM's reduction (cg*kh*kw) would be too short.
+// group (the first layer of an image model), where GEMM's reduction (cg*kh*kw) would be too short;
+// auto picks it where the reduction is over one channel (conv.cpp conv_choose).
 // Stride 1 along W (the common case: forward, weight gradient, and the input gradient of stride-1
 // convolutions as the forward over gy with the kernel flipped, conv_impl.h) runs the padded-plane
 // kernels of conv_direct_s1.cpp. This file keeps the strided rest, one kernel tap at a time:
