@@ -508,6 +508,29 @@ def test_threads_agree(cpu_path):
             assert_close(u, v, reduction=4 * 121)
 
 
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_direct_forward_split_over_output_channels(cpu_path, k):
+    # With fewer (image, group) pairs than threads the direct forward splits each pair's output
+    # channels into blocks (uneven ones here): every plane as torch's, bitwise the same at any
+    # thread count.
+    gen = torch.Generator().manual_seed(k)
+    x, w = torch.randn(1, 1, 19, 23, generator=gen), torch.randn(k, 1, 3, 3, generator=gen)
+    b = torch.randn(k, generator=gen)
+    before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("direct")
+    try:
+        res = []
+        for t in (1, 2, 3, 4):
+            fastdl.set_num_threads(t)
+            res.append(fastdl.ops.conv2d(x, w, b, padding=1))
+    finally:
+        fastdl.set_num_threads(before)
+        fastdl.ops.set_conv_algorithm(algo)
+    assert_close(res[0], TF.conv2d(x, w, b, padding=1), reduction=9)
+    for r in res[1:]:
+        assert torch.equal(r, res[0])
+
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
 

@@ -355,12 +355,20 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   const PadGeom g = PadGeom::of<T>(p);
   const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
   const int64_t S = p.oh * p.ow;
-  parallel_for_catch(p.n * G, grain_for(S * kg * cg * taps), [&](int64_t lo, int64_t hi) {
+  // Tasks are (image, group, block of output channels): one block per (image, group) when those
+  // fill the threads (the padded planes built once feed all kg planes), else the kg planes split
+  // into as many blocks as threads need (batch-1 single-group calls ran on one thread, review
+  // item 5); each block pads its own copy.
+  const int64_t ng = p.n * G;
+  const int64_t nt = get_num_threads();
+  const int64_t kb = ng >= nt ? 1 : std::min<int64_t>(kg, (nt + ng - 1) / ng);
+  const int64_t kper = (kg + kb - 1) / kb;
+  parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t n = t / G, gi = t % G;
+      const int64_t n = t / kb / G, gi = t / kb % G, blk = t % kb;
       pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
-      for (int64_t kk = 0; kk < kg; ++kk) {
+      for (int64_t kk = blk * kper; kk < std::min(kg, (blk + 1) * kper); ++kk) {
         const int64_t k = gi * kg + kk;
         const T bv = b ? b[k] : T(0);
         T* yp = y + (n * p.k + k) * S;
