@@ -9,12 +9,20 @@
 // checks per tap, and the padding costs one pass over an L1/L2-resident copy.
 //   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
 //                    one task per (image, group): the buffer feeds all kg output planes
+//                    (per (image, group, block of planes) when fewer than the threads)
 //   weight gradient  gw[k,cc,i,j] = sum over n, oh, v of gy[n,k,oh,v:v+L] . buf[cc, ...]
 //                    a range of output channels per thread, images outer (no races, fixed order;
-//                    plane sums in double);
+//                    each plane summed in T, vector lanes then planes; the sums over images in
+//                    double); a row's partial last vector masks its products, not only gy
 //                    the bias gradient rides along (its own pass over gy cost 30% of the
 //                    depthwise weight+bias gradient, perf, one thread)
-// Work split: parallel over (image, group) / output channels; each task is one thread's.
+// Work split: parallel over (image, group[, block of output channels]) / output channels.
+// Padding: the buffer's zeros are multiplied like any input, so a tap over padding computes w*0
+// (forward, input gradient) and gy*0 (weight gradient): with an inf or NaN weight or gy, outputs
+// at the border become NaN where torch's float32 CPU path (oneDNN, which skips padded taps) gives
+// a finite value; torch's float64 path (im2col, also w*0) agrees with this file, as does fastdl's
+// GEMM path. Finite inputs give torch's values. Non-finite x behave as torch's (test_conv.py
+// test_conv2d_nonfinite_inputs_as_torch).
 // Measured (1 thread each side, median, CPU time of the calling thread, 2-core Zen under load
 // from other jobs; issue #8 shapes 6 = 32x64x56x56 depthwise 3x3 p1, 1 = 64x1x28x28 -> 32 3x3),
 // the row kernels before -> this file: shape 6 forward 11.1-12.3 -> 5.2-5.7 ms, input gradient
