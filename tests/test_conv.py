@@ -985,3 +985,34 @@ def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
                 assert torch.equal(torch.isinf(got), torch.isinf(want)), (got, want)
                 fin = torch.isfinite(want)
                 assert_close(got[fin], want[fin], reduction=200)
+
+
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm"])
+def test_conv2d_input_grad_nonfinite_weight_as_torch(cpu_path, algo):
+    # An inf/NaN weight reaches grad_input only through taps inside the input: the direct input
+    # gradient (the forward over zero-padded gy) would compute inf*0 beyond gy's border.
+    gen = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        for shape, wshape, groups in (((1, 2, 6, 11), (2, 1, 3, 3), 2),
+                                      ((2, 1, 7, 9), (4, 1, 3, 3), 1),
+                                      ((1, 3, 5, 13), (6, 1, 3, 5), 3)):
+            for bad in (float("inf"), float("nan")):
+                x = torch.rand(shape, generator=gen, dtype=dtype)
+                w = torch.rand(wshape, generator=gen, dtype=dtype)
+                w[0, 0, 0, 0] = bad
+                gy = torch.rand(TF.conv2d(x, w.nan_to_num(), padding=1, groups=groups).shape,
+                                generator=gen, dtype=dtype)
+                ref = torch.ops.aten.convolution_backward(
+                    gy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], groups,
+                    [True, False, False])[0]
+                before = fastdl.ops.get_conv_algorithm()
+                fastdl.ops.set_conv_algorithm(algo)
+                try:
+                    got = fastdl.ops.conv2d_backward(gy, x, w, padding=1, groups=groups,
+                                                     output_mask=(True, False, False))[0]
+                finally:
+                    fastdl.ops.set_conv_algorithm(before)
+                assert torch.equal(torch.isnan(got), torch.isnan(ref)), (dtype, shape, bad)
+                assert torch.equal(torch.isinf(got), torch.isinf(ref)), (dtype, shape, bad)
+                fin = torch.isfinite(ref)
+                assert_close(got[fin], ref[fin], reduction=wshape[0] * 15)

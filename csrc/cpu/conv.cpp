@@ -6,6 +6,7 @@
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -157,6 +158,18 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   return ConvAlgo::Gemm;
 }
 
+// The input gradient's direct kernel (the flipped forward over zero-padded gy, conv_direct_s1.cpp)
+// computes w*0 beyond gy's border: NaN for an inf or NaN weight, where torch (both dtypes) and
+// fastdl's GEMM path drop those products. Such calls run the reference loops, which skip them; the
+// check is one pass over the weights. (The forward and weight gradient keep w*0 and gy*0 at padded
+// taps: there torch itself differs by dtype and groups; README, convolution.)
+template <class T>
+bool any_nonfinite(const T* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(v[i])) return true;
+  return false;
+}
+
 template <class T>
 void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   if (p.n == 0 || p.k == 0 || p.oh == 0 || p.ow == 0) return;
@@ -175,7 +188,11 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
     std::memset(gx, 0, sizeof(T) * p.n * p.c * p.h * p.w);
     return;
   }
-  switch (conv_choose(p, ConvPass::BackwardInput)) {
+  ConvAlgo algo = conv_choose(p, ConvPass::BackwardInput);
+  if (algo == ConvAlgo::Direct && p.sh == 1 && p.sw == 1 &&
+      any_nonfinite(w, p.k * (p.c / p.groups) * p.kh * p.kw))
+    algo = ConvAlgo::Reference;  // the flipped forward pads gy
+  switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_input(p, gy, w, gx);
     case ConvAlgo::Direct: return conv_direct_backward_input(p, gy, w, gx);
     case ConvAlgo::Winograd: return conv_winograd_backward_input(p, gy, w, gx);

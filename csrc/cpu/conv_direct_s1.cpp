@@ -18,11 +18,12 @@
 //                    depthwise weight+bias gradient, perf, one thread)
 // Work split: parallel over (image, group[, block of output channels]) / output channels.
 // Padding: the buffer's zeros are multiplied like any input, so a tap over padding computes w*0
-// (forward, input gradient) and gy*0 (weight gradient): with an inf or NaN weight or gy, outputs
-// at the border become NaN where torch's float32 CPU path (oneDNN, which skips padded taps) gives
-// a finite value; torch's float64 path (im2col, also w*0) agrees with this file, as does fastdl's
-// GEMM path. Finite inputs give torch's values. Non-finite x behave as torch's (test_conv.py
-// test_conv2d_nonfinite_inputs_as_torch).
+// (forward, input gradient) and gy*0 (weight gradient): NaN at the border for an inf or NaN weight
+// or gy. For the forward and weight gradient this is what torch's float64 path (im2col) and
+// fastdl's GEMM path do; torch's float32 path skips padded taps in the weight gradient and the
+// depthwise forward (its groups=1 forward gives NaN too; README, convolution). The input gradient must not differ (torch drops them in both
+// dtypes), so conv.cpp runs non-finite weights there through the reference loops. Non-finite x
+// behave as torch's (test_conv.py test_conv2d_nonfinite_inputs_as_torch).
 // Measured (1 thread each side, median, CPU time of the calling thread, 2-core Zen under load
 // from other jobs; issue #8 shapes 6 = 32x64x56x56 depthwise 3x3 p1, 1 = 64x1x28x28 -> 32 3x3),
 // the row kernels before -> this file: shape 6 forward 11.1-12.3 -> 5.2-5.7 ms, input gradient
@@ -46,6 +47,9 @@ namespace {
 
 // One (image, group)'s padded planes per thread: 15 KB for shape 6, but a huge image's can be
 // large, so a buffer above kKeepBytes is freed after the call rather than kept for the thread's life.
+// The input gradient (the flipped forward over gy) pads a group's kg gy planes: forced "direct" on
+// a 224x224 first layer with 64 outputs that is 64 x 226 x 232 floats = 13 MB, allocated per call
+// and not cache-resident (auto takes GEMM there: kg > 1, conv.cpp).
 thread_local ScratchBuffer tl_planes;
 constexpr size_t kKeepBytes = size_t(4) << 20;
 
