@@ -260,6 +260,21 @@ def test_auto_choice():
     assert ops_conv.conv2d_algorithm(x[:, :1], np.zeros((32, 1, 3, 3), np.float32)) == "direct"
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 3, 3), np.float32)) == "gemm"
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 1, 1), np.float32)) == "gemm"
+    # Direct only where each output reduces over one channel: RGB goes to GEMM; the input
+    # gradient reduces over a group's output channels, so a one-channel first layer's (32) and a
+    # channel multiplier's (3) take GEMM there.
+    rgb = np.zeros((8, 3, 3, 3), np.float32)
+    mult3 = np.zeros((24, 1, 3, 3), np.float32)
+    for pass_ in ("forward", "input", "weight"):
+        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == "gemm"
+        assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32,
+                                         pass_=pass_) == "direct"
+        assert ops_conv.conv2d_algorithm(x[:, :8], mult3, groups=8, pass_=pass_) == (
+            "gemm" if pass_ == "input" else "direct")
+    first = np.zeros((32, 1, 3, 3), np.float32)
+    assert ops_conv.conv2d_algorithm(x[:, :1], first, pass_="weight") == "direct"
+    assert ops_conv.conv2d_algorithm(x[:, :1], first, pass_="input") == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :1], first[:1], pass_="input") == "direct"
 
 
 def test_set_conv_algorithm_errors():
@@ -525,6 +540,29 @@ def test_threads_agree(cpu_path):
         for u, v in zip(r, res[0]):
             assert_close(u, v, reduction=4 * 121)
 
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_direct_forward_split_over_output_channels(cpu_path, k):
+    # With fewer (image, group) pairs than threads the direct forward splits each pair's output
+    # channels into blocks (uneven ones here): every plane as torch's, bitwise the same at any
+    # thread count.
+    gen = torch.Generator().manual_seed(k)
+    x, w = torch.randn(1, 1, 19, 23, generator=gen), torch.randn(k, 1, 3, 3, generator=gen)
+    b = torch.randn(k, generator=gen)
+    before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("direct")
+    try:
+        res = []
+        for t in (1, 2, 3, 4):
+            fastdl.set_num_threads(t)
+            res.append(fastdl.ops.conv2d(x, w, b, padding=1))
+    finally:
+        fastdl.set_num_threads(before)
+        fastdl.ops.set_conv_algorithm(algo)
+    assert_close(res[0], TF.conv2d(x, w, b, padding=1), reduction=9)
+    for r in res[1:]:
+        assert torch.equal(r, res[0])
 
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 
@@ -945,3 +983,117 @@ def test_conv2d_direct_bias_grad_alone_or_fused(cpu_path, mask):
             assert_close(g, r, reduction=red)
         else:
             assert g is None
+
+
+# gy (1, C, OH, OW) placed so its last byte is the last byte before a PROT_NONE page: a vector
+# read past the end of gy (the weight gradient's last row for OW < one vector) faults. Run in a
+# subprocess so a fault fails the test instead of killing pytest.
+_GUARD_CODE = r"""
+import ctypes, mmap, sys
+import numpy as np
+import fastdl
+from fastdl import _C
+_C.set_cpu_capability(sys.argv[1])
+fastdl.ops.set_conv_algorithm("direct")
+PAGE = mmap.PAGESIZE
+libc = ctypes.CDLL(None, use_errno=True)
+keep = []
+def guarded(shape, dtype):
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    m = mmap.mmap(-1, PAGE * (2 + (n + PAGE - 1) // PAGE))
+    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert libc.mprotect(ctypes.c_void_p(base + len(m) - PAGE), PAGE, 0) == 0
+    keep.append(m)
+    return np.frombuffer(m, dtype, int(np.prod(shape)), len(m) - PAGE - n).reshape(shape)
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    for c, mult in ((1, 4), (3, 1)):
+        for ow in range(1, 10):
+            for kw, pad in ((3, 1), (3, 0), (1, 0)):
+                W = ow + kw - 1 - 2 * pad
+                if W < 1:
+                    continue
+                x = rng.standard_normal((1, c, 9, W)).astype(dt)
+                w = rng.standard_normal((c * mult, 1, 3, kw)).astype(dt)
+                gy = guarded((1, c * mult, 9 + 2 * pad - 2, ow), dt)
+                gy[...] = rng.standard_normal(gy.shape)
+                gx, gw, gb = fastdl.ops.conv2d_backward(gy, x, w, padding=pad, groups=c)
+                np.testing.assert_allclose(gb, gy.sum((0, 2, 3), dtype=np.float64), rtol=1e-4)
+print("ok")
+"""
+
+
+def test_conv2d_direct_weight_grad_reads_inside_gy(cpu_path):
+    out = subprocess.run([sys.executable, "-c", _GUARD_CODE, cpu_path], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["ok"], (out.returncode, out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm"])
+@pytest.mark.parametrize("case", range(4))
+def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
+    # inf/NaN in x reach only the outputs and weight-gradient taps that read them (the direct
+    # weight gradient's masked last vector must not multiply them by 0 in the taps that don't).
+    shape, wshape, kwargs, col = [
+        ((1, 2, 6, 11), (2, 1, 3, 3), dict(groups=2), -1),            # last column, OW = 9
+        ((2, 3, 7, 5), (6, 1, 3, 3), dict(groups=3), -1),             # OW = 3 < one vector
+        ((1, 1, 8, 12), (4, 1, 3, 3), dict(dilation=(1, 2)), -2),     # first layer, dilated
+        ((1, 2, 6, 20), (2, 1, 2, 5), dict(groups=2, padding=(1, 1)), -1),
+    ][case]
+    gen = torch.Generator().manual_seed(case)
+    for dtype in DTYPES:
+        for bad in (float("inf"), float("nan")):
+            x = torch.rand(shape, generator=gen, dtype=dtype)
+            x[..., col] = bad
+            w = torch.rand(wshape, generator=gen, dtype=dtype)
+            y = TF.conv2d(x, w, **kwargs)
+            gy = torch.rand(y.shape, generator=gen, dtype=dtype)
+            st, pd, dl = (kwargs.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1)))
+            two = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+            ref = torch.ops.aten.convolution_backward(gy, x, w, None, two(st), two(pd), two(dl),
+                                                      False, [0, 0], kwargs.get("groups", 1),
+                                                      [False, True, False])[1]
+            before = fastdl.ops.get_conv_algorithm()
+            fastdl.ops.set_conv_algorithm(algo)
+            try:
+                yf = fastdl.ops.conv2d(x, w, **kwargs)
+                gw = fastdl.ops.conv2d_backward(gy, x, w, **kwargs,
+                                                output_mask=(False, True, False))[1]
+            finally:
+                fastdl.ops.set_conv_algorithm(before)
+            for got, want in ((yf, y), (gw, ref)):
+                assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+                assert torch.equal(torch.isinf(got), torch.isinf(want)), (got, want)
+                fin = torch.isfinite(want)
+                assert_close(got[fin], want[fin], reduction=200)
+
+
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm"])
+def test_conv2d_input_grad_nonfinite_weight_as_torch(cpu_path, algo):
+    # An inf/NaN weight reaches grad_input only through taps inside the input: the direct input
+    # gradient (the forward over zero-padded gy) would compute inf*0 beyond gy's border.
+    gen = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        for shape, wshape, groups in (((1, 2, 6, 11), (2, 1, 3, 3), 2),
+                                      ((2, 1, 7, 9), (4, 1, 3, 3), 1),
+                                      ((1, 3, 5, 13), (6, 1, 3, 5), 3)):
+            for bad in (float("inf"), float("nan")):
+                x = torch.rand(shape, generator=gen, dtype=dtype)
+                w = torch.rand(wshape, generator=gen, dtype=dtype)
+                w[0, 0, 0, 0] = bad
+                gy = torch.rand(TF.conv2d(x, w.nan_to_num(), padding=1, groups=groups).shape,
+                                generator=gen, dtype=dtype)
+                ref = torch.ops.aten.convolution_backward(
+                    gy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], groups,
+                    [True, False, False])[0]
+                before = fastdl.ops.get_conv_algorithm()
+                fastdl.ops.set_conv_algorithm(algo)
+                try:
+                    got = fastdl.ops.conv2d_backward(gy, x, w, padding=1, groups=groups,
+                                                     output_mask=(True, False, False))[0]
+                finally:
+                    fastdl.ops.set_conv_algorithm(before)
+                assert torch.equal(torch.isnan(got), torch.isnan(ref)), (dtype, shape, bad)
+                assert torch.equal(torch.isinf(got), torch.isinf(ref)), (dtype, shape, bad)
+                fin = torch.isfinite(ref)
+                assert_close(got[fin], ref[fin], reduction=wshape[0] * 15)

@@ -1,6 +1,7 @@
 // conv2d by direct loops on the CPU (csrc/conv.h), float32/float64: the algorithm for depthwise
 // convolution (one input channel per group, any channel multiplier) and for few input channels per
-// group (the first layer of an image model), where GEMM's reduction (cg*kh*kw) would be too short.
+// group (the first layer of an image model), where GEMM's reduction (cg*kh*kw) would be too short;
+// auto picks it where the reduction is over one channel (conv.cpp conv_choose).
 // Stride 1 along W (the common case: forward, weight gradient, and the input gradient of stride-1
 // convolutions as the forward over gy with the kernel flipped, conv_impl.h) runs the padded-plane
 // kernels of conv_direct_s1.cpp. This file keeps the strided rest, one kernel tap at a time:
@@ -66,7 +67,7 @@ void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T*
 template <class T>
 void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
-  if (p.sh == 1 && p.sw == 1) {  // the forward's register-blocked rows, over gy
+  if (p.sh == 1 && p.sw == 1) {  // the padded-plane forward (conv_direct_s1.cpp) over gy
     std::vector<T> wf(static_cast<size_t>(p.c * kg * taps));
     flip_weights(p, w, wf.data());
     conv_direct_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr),
@@ -130,13 +131,8 @@ void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy,
               for (int64_t j = 0; j < p.kw; ++j) {
                 const int64_t off = j * p.dw - p.pw;
                 const int64_t lo = cr.lo[j], hi = cr.hi[j];
-                T s = T(0);
-                if (p.sw == 1) {
-#pragma omp simd reduction(+ : s)
-                  for (int64_t o = lo; o < hi; ++o) s += gr[o] * xr[o + off];
-                } else {
-                  for (int64_t o = lo; o < hi; ++o) s += gr[o] * xr[o * p.sw + off];
-                }
+                T s = T(0);  // p.sw > 1 here (stride 1 returned above)
+                for (int64_t o = lo; o < hi; ++o) s += gr[o] * xr[o * p.sw + off];
                 a[i * p.kw + j] += double(s);
               }
             }

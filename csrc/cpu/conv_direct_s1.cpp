@@ -9,12 +9,21 @@
 // checks per tap, and the padding costs one pass over an L1/L2-resident copy.
 //   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
 //                    one task per (image, group): the buffer feeds all kg output planes
+//                    (per (image, group, block of planes) when fewer than the threads)
 //   weight gradient  gw[k,cc,i,j] = sum over n, oh, v of gy[n,k,oh,v:v+L] . buf[cc, ...]
 //                    a range of output channels per thread, images outer (no races, fixed order;
-//                    plane sums in double);
+//                    each plane summed in T, vector lanes then planes; the sums over images in
+//                    double); a row's partial last vector masks its products, not only gy
 //                    the bias gradient rides along (its own pass over gy cost 30% of the
 //                    depthwise weight+bias gradient, perf, one thread)
-// Work split: parallel over (image, group) / output channels; each task is one thread's.
+// Work split: parallel over (image, group[, block of output channels]) / output channels.
+// Padding: the buffer's zeros are multiplied like any input, so a tap over padding computes w*0
+// (forward, input gradient) and gy*0 (weight gradient): NaN at the border for an inf or NaN weight
+// or gy. For the forward and weight gradient this is what torch's float64 path (im2col) and
+// fastdl's GEMM path do; torch's float32 path skips padded taps in the weight gradient and the
+// depthwise forward (its groups=1 forward gives NaN too; README, convolution). The input gradient must not differ (torch drops them in both
+// dtypes), so conv.cpp runs non-finite weights there through the reference loops. Non-finite x
+// behave as torch's (test_conv.py test_conv2d_nonfinite_inputs_as_torch).
 // Measured (1 thread each side, median, CPU time of the calling thread, 2-core Zen under load
 // from other jobs; issue #8 shapes 6 = 32x64x56x56 depthwise 3x3 p1, 1 = 64x1x28x28 -> 32 3x3),
 // the row kernels before -> this file: shape 6 forward 11.1-12.3 -> 5.2-5.7 ms, input gradient
@@ -38,6 +47,9 @@ namespace {
 
 // One (image, group)'s padded planes per thread: 15 KB for shape 6, but a huge image's can be
 // large, so a buffer above kKeepBytes is freed after the call rather than kept for the thread's life.
+// The input gradient (the flipped forward over gy) pads a group's kg gy planes: forced "direct" on
+// a 224x224 first layer with 64 outputs that is 64 x 226 x 232 floats = 13 MB, allocated per call
+// and not cache-resident (auto takes GEMM there: kg > 1, conv.cpp).
 thread_local ScratchBuffer tl_planes;
 constexpr size_t kKeepBytes = size_t(4) << 20;
 
@@ -223,10 +235,11 @@ void plane_fwd_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T*
   }
 }
 
-// gy's row segment [v*L, v*L + L) with lanes n.. zero. Inside the plane (next_row: the row is
-// not the plane's last, so a full vector stays inside the tensor) a full load and a lane mask;
-// otherwise lane by lane. (Lane by lane on every row, the vector built on the stack and reloaded
-// stalled store forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
+// gy's row segment [v*L, v*L + L) with lanes n.. zero. When the full vector ends inside the
+// plane (`inside`: oh*OW + v*L + L <= OH*OW; not merely "the row is not the plane's last", which
+// read past the tensor for OW < L/2, review item 1) a full load and a lane mask; otherwise lane
+// by lane. (Lane by lane on every row, the vector built on the stack and reloaded stalled store
+// forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
 template <class T>
 struct LaneMask {
   typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
@@ -235,18 +248,29 @@ struct LaneMask {
   explicit LaneMask(int64_t n) {
     for (int64_t l = 0; l < Vec<T>::L; ++l) m[l] = l < n ? I(-1) : I(0);
   }
+  // v with the lanes >= n zero (bitwise, so a NaN or inf there becomes +0 too).
+  typename Vec<T>::V apply(typename Vec<T>::V v) const {
+    return reinterpret_cast<typename Vec<T>::V>(reinterpret_cast<IV>(v) & m);
+  }
 };
 
 template <class T>
 inline typename Vec<T>::V load_part(const T* gr, int64_t n, const LaneMask<T>& mask,
-                                    bool next_row) {
-  using V = typename Vec<T>::V;
-  using IV = typename LaneMask<T>::IV;
+                                    bool inside) {
   if (n >= Vec<T>::L) return Vec<T>::load(gr);
-  if (next_row) return reinterpret_cast<V>(reinterpret_cast<IV>(Vec<T>::load(gr)) & mask.m);
-  V v = {};
+  if (inside) return mask.apply(Vec<T>::load(gr));
+  typename Vec<T>::V v = {};
   for (int64_t l = 0; l < n; ++l) v[l] = gr[l];
   return v;
+}
+
+// gv * x for one tap; with Masked (a row's partial last vector) the product's lanes >= OW are
+// zeroed, not only gy's: those lanes meet buffer columns that can hold real input, and 0 * inf
+// would put NaN into taps that never read it (review item 2; torch's taps stay finite).
+template <class T, bool Masked>
+inline typename Vec<T>::V tap(typename Vec<T>::V gv, const T* c, const LaneMask<T>& mask) {
+  const typename Vec<T>::V prod = gv * Vec<T>::load(c);
+  return Masked ? mask.apply(prod) : prod;
 }
 
 template <class T>
@@ -256,34 +280,47 @@ inline double hsum(typename Vec<T>::V a) {
   return double(s);
 }
 
+// One output vector's contribution to the 3x3 tap accumulators (and the bias's, ab).
+template <class T, bool Masked>
+inline void wgrad3_step(typename Vec<T>::V gv, const T* c, int64_t P, const LaneMask<T>& mask,
+                        typename Vec<T>::V* a, typename Vec<T>::V& ab) {
+  ab += gv;
+  a[0] += tap<T, Masked>(gv, c, mask); a[1] += tap<T, Masked>(gv, c + 1, mask);
+  a[2] += tap<T, Masked>(gv, c + 2, mask);
+  c += P;
+  a[3] += tap<T, Masked>(gv, c, mask); a[4] += tap<T, Masked>(gv, c + 1, mask);
+  a[5] += tap<T, Masked>(gv, c + 2, mask);
+  c += P;
+  a[6] += tap<T, Masked>(gv, c, mask); a[7] += tap<T, Masked>(gv, c + 1, mask);
+  a[8] += tap<T, Masked>(gv, c + 2, mask);
+}
+
 // Plane dot products for one (image, output channel), cg == 1, 3x3, dilation 1: 9 tap accumulators
-// (and the bias's, acc[9], when `bias`) in registers, one pass over the gy plane.
+// (and the bias's, acc[9], when `bias`) in registers, one pass over the gy plane. Each plane is
+// summed in T; acc (the sums over images) is double.
 template <class T>
 void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* gy, bool bias,
                      double* acc) {
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
-  V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{}, a4 = V{}, a5 = V{}, a6 = V{}, a7 = V{}, a8 = V{};
+  V a[9] = {};
   V ab = V{};
-  const int64_t P = g.pitch;
-  const LaneMask<T> mask(p.ow - (g.nv - 1) * L);
+  const int64_t P = g.pitch, S = p.oh * p.ow;
+  const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
+  const int64_t nfull = last == L ? g.nv : g.nv - 1;
+  const LaneMask<T> mask(last);
   for (int64_t oh = 0; oh < p.oh; ++oh) {
     const T* gr = gy + oh * p.ow;
-    const bool next_row = oh + 1 < p.oh;
-    for (int64_t v = 0; v < g.nv; ++v) {
-      const V gv = load_part(gr + v * L, p.ow - v * L, mask, next_row);
-      const T* c = buf + oh * p.sh * P + v * L;
-      ab += gv;
-      a0 += gv * Vec<T>::load(c); a1 += gv * Vec<T>::load(c + 1); a2 += gv * Vec<T>::load(c + 2);
-      c += P;
-      a3 += gv * Vec<T>::load(c); a4 += gv * Vec<T>::load(c + 1); a5 += gv * Vec<T>::load(c + 2);
-      c += P;
-      a6 += gv * Vec<T>::load(c); a7 += gv * Vec<T>::load(c + 1); a8 += gv * Vec<T>::load(c + 2);
+    const T* c = buf + oh * p.sh * P;
+    for (int64_t v = 0; v < nfull; ++v)
+      wgrad3_step<T, false>(Vec<T>::load(gr + v * L), c + v * L, P, mask, a, ab);
+    if (nfull < g.nv) {
+      const int64_t v = g.nv - 1;
+      const V gv = load_part(gr + v * L, last, mask, oh * p.ow + v * L + L <= S);
+      wgrad3_step<T, true>(gv, c + v * L, P, mask, a, ab);
     }
   }
-  acc[0] += hsum<T>(a0); acc[1] += hsum<T>(a1); acc[2] += hsum<T>(a2);
-  acc[3] += hsum<T>(a3); acc[4] += hsum<T>(a4); acc[5] += hsum<T>(a5);
-  acc[6] += hsum<T>(a6); acc[7] += hsum<T>(a7); acc[8] += hsum<T>(a8);
+  for (int e = 0; e < 9; ++e) acc[e] += hsum<T>(a[e]);
   if (bias) acc[9] += hsum<T>(ab);
 }
 
@@ -295,6 +332,7 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
   const int64_t last = p.ow - (g.nv - 1) * L;  // lanes of each row's last vector
+  const int64_t S = p.oh * p.ow;
   const LaneMask<T> mask(last);
   for (int64_t cc = 0; cc < cg; ++cc)
     for (int64_t i = 0; i < p.kh; ++i)
@@ -305,8 +343,9 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
           const T* c = buf + cc * g.plane() + (oh * p.sh + i * p.dh) * g.pitch + j * p.dw;
           for (int64_t v = 0; v + 1 < g.nv; ++v)
             a += Vec<T>::load(gr + v * L) * Vec<T>::load(c + v * L);
-          a += load_part(gr + (g.nv - 1) * L, last, mask, oh + 1 < p.oh) *
-               Vec<T>::load(c + (g.nv - 1) * L);
+          const int64_t v = g.nv - 1;
+          const V gv = load_part(gr + v * L, last, mask, oh * p.ow + v * L + L <= S);
+          a += last == L ? tap<T, false>(gv, c + v * L, mask) : tap<T, true>(gv, c + v * L, mask);
         }
         acc[(cc * p.kh + i) * p.kw + j] += hsum<T>(a);
       }
@@ -314,7 +353,8 @@ void plane_wgrad_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const 
     V a = V{};
     for (int64_t oh = 0; oh < p.oh; ++oh)
       for (int64_t v = 0; v < g.nv; ++v)
-        a += load_part(gy + oh * p.ow + v * L, p.ow - v * L, mask, oh + 1 < p.oh);
+        a += load_part(gy + oh * p.ow + v * L, p.ow - v * L, mask,
+                       oh * p.ow + v * L + L <= S);
     acc[cg * p.kh * p.kw] += hsum<T>(a);
   }
 }
@@ -327,12 +367,20 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   const PadGeom g = PadGeom::of<T>(p);
   const bool k3 = cg == 1 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
   const int64_t S = p.oh * p.ow;
-  parallel_for_catch(p.n * G, grain_for(S * kg * cg * taps), [&](int64_t lo, int64_t hi) {
+  // Tasks are (image, group, block of output channels): one block per (image, group) when those
+  // fill the threads (the padded planes built once feed all kg planes), else the kg planes split
+  // into as many blocks as threads need (batch-1 single-group calls ran on one thread, review
+  // item 5); each block pads its own copy.
+  const int64_t ng = p.n * G;
+  const int64_t nt = get_num_threads();
+  const int64_t kb = ng >= nt ? 1 : std::min<int64_t>(kg, (nt + ng - 1) / ng);
+  const int64_t kper = (kg + kb - 1) / kb;
+  parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t n = t / G, gi = t % G;
+      const int64_t n = t / kb / G, gi = t / kb % G, blk = t % kb;
       pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
-      for (int64_t kk = 0; kk < kg; ++kk) {
+      for (int64_t kk = blk * kper; kk < std::min(kg, (blk + 1) * kper); ++kk) {
         const int64_t k = gi * kg + kk;
         const T bv = b ? b[k] : T(0);
         T* yp = y + (n * p.k + k) * S;
