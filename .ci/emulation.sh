@@ -29,16 +29,18 @@ if [[ $asan == 1 ]]; then
   # CI time (25 min in all): files that reach no native code, or none beyond what the kernels'
   # own test files run, stay out of the ASan pass (they run uninstrumented in .ci/run's README
   # suite, and their 'cuda' cases in the emulation pass): metrics and preprocessing are pure Python (no _C call); callbacks, the
-  # README and the examples train through Linear/conv/pool/optimizer kernels that test_linear,
-  # test_model, test_conv*, test_pool, test_optim run under ASan (the LSTM example is torch's LSTM
-  # until fastdl.nn.LSTM lands, with its own tests); the wheel tests build their own
+  # README and the examples train through Linear/conv/pool/rnn/optimizer kernels that test_linear,
+  # test_conv*, test_pool, test_rnn, test_optim run under ASan; the wheel tests build their own
   # uninstrumented wheels; the gpu_check.sh test reads a shell script. test_bench stays: it is
   # the only caller of the stream-bandwidth kernel.
   # test_compile's kernels are the ones test_conv/test_pool/test_linear/test_rnn run, through
   # torch.library ops whose Python front ends it checks bitwise against the eager path; under ASan
-  # its inductor compiles alone took 130 s.
+  # its inductor compiles alone took 130 s. test_distributed, test_convert and test_model drive
+  # the same Linear/conv/pool/rnn/optimizer kernels through whole models and 2-process launches
+  # (ASan-preloaded subprocesses); CI at 230d43a took about 30 minutes with them, the ASan pass
+  # over 14 of those.
   for f in test_metrics test_preprocessing test_callbacks test_readme test_examples test_wheel \
-           test_gpu_check_script test_compile; do
+           test_gpu_check_script test_compile test_distributed test_convert test_model; do
     extra+=(--ignore "tests/$f.py")
   done
 fi
