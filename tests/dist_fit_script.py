@@ -172,6 +172,11 @@ def main(outdir):
     out["wrong_sampler_error"] = _error(lambda: net.fit(
         torch.utils.data.DataLoader(ds, batch_size=BATCH, sampler=Strided(N, 3, rank)),
         verbose=0))
+    # A sharded sampler of one's own that gives rank 1 one batch fewer: every rank raises
+    # before training, rather than rank 0 waiting forever in its extra step's all-reduce.
+    out["uneven_error"] = _error(lambda: net.fit(torch.utils.data.DataLoader(
+        ds, batch_size=BATCH, sampler=Strided(N - (2 * BATCH if rank else 0), 2, rank)),
+        verbose=0))
     out["iterable_error"] = _error(lambda: net.fit(Stream(x, y), batch_size=BATCH, verbose=0))
     out["iterable_loader_error"] = _error(lambda: net.fit(
         torch.utils.data.DataLoader(Stream(x, y), batch_size=BATCH), verbose=0))

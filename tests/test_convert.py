@@ -327,7 +327,8 @@ def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_cal
     # a pool judged by the model's float32 parameters, fed bfloat16 activations
     y = rand(1, 2, 4, 4).to(torch.bfloat16)
     assert torch.equal(fast[1](y), net[1](y))
-    half, h = fastdl.nn.convert(net)[0].half(), copy.deepcopy(net).half()
+    # (a converted copy shares net's Parameters: .half() on it would change net's too)
+    half, h = fastdl.nn.convert(copy.deepcopy(net))[0].half(), copy.deepcopy(net).half()
     assert torch.equal(half(x.half()), h(x.half()))
     import io
     buf = io.BytesIO()
@@ -354,18 +355,20 @@ def test_a_layer_with_an_instance_forward_is_left_alone_with_the_reason():
     assert type(fast[0]) is nn.Linear
 
 
-def test_optimizer_built_before_conversion_keeps_working():
+@pytest.mark.parametrize("inplace", [True, False])
+def test_optimizer_built_before_conversion_keeps_working(inplace):
     torch.manual_seed(4)
     model = _zoo.MnistNet()
     params = list(model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    same, report = fastdl.nn.convert(model, inplace=True)
-    assert same is model and isinstance(model.conv1, fastdl.nn.Conv2d)
-    assert all(a is b for a, b in zip(model.parameters(), params))
-    w0 = model.fc2.weight.detach().clone()
-    model(rand(2, 1, 28, 28)).sum().backward()
+    fast, report = fastdl.nn.convert(model, inplace=inplace)
+    assert (fast is model) == inplace and isinstance(fast.conv1, fastdl.nn.Conv2d)
+    assert isinstance(model.conv1, fastdl.nn.Conv2d) == inplace   # a copy keeps torch's layers
+    assert all(a is b for a, b in zip(fast.parameters(), params))
+    w0 = fast.fc2.weight.detach().clone()
+    fast(rand(2, 1, 28, 28)).sum().backward()
     opt.step()
-    assert not torch.equal(model.fc2.weight, w0)
+    assert not torch.equal(fast.fc2.weight, w0)
 
 
 def test_tied_weights_stay_tied():
@@ -708,6 +711,74 @@ def test_patch_under_functorch_transforms_and_inference_mode():
     assert v.shape == (5, 3, 2) and y.shape == (1, 2, 2, 2)
     assert p.stats["max_pool2d"] == {"fastdl": 1}
     assert sum(p.stats["linear"].values()) == 2 and "fastdl" not in p.stats["linear"]
+
+
+def _conv_pool_linear_net():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 3))
+
+
+def test_converted_model_under_functorch_transforms():
+    # review py-3: functorch's wrapped tensors are plain torch.Tensor to type(): the converted
+    # forward must see the transform and run torch's forward, as patch does
+    net = _conv_pool_linear_net()
+    fast, report = fastdl.nn.convert(net)
+    assert len(report.replaced) == 3
+    x = rand(2, 1, 8, 8)
+
+    def loss(model):
+        return lambda p, a: torch.func.functional_call(model, p, (a,)).square().sum()
+    got = torch.func.grad(loss(fast))(dict(fast.named_parameters()), x)
+    want = torch.func.grad(loss(net))(dict(net.named_parameters()), x)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert torch.equal(torch.func.vmap(fast)(x[:, None]), torch.func.vmap(net)(x[:, None]))
+    calls = []
+    fast[3].register_forward_hook(lambda m, a, o: calls.append(o.grad_fn.name()))
+    fast(x)
+    assert calls[-1] != net[3](rand(2, 18)).grad_fn.name()   # outside a transform: fastdl's
+
+
+def test_converted_model_under_forward_ad_keeps_tangents():
+    # review py-2: fastdl's ops have no jvp; the converted layer must hand the call to torch
+    import torch.autograd.forward_ad as fwAD
+    net = _conv_pool_linear_net()
+    fast, _ = fastdl.nn.convert(net)
+    x, t = rand(2, 1, 8, 8), rand(2, 1, 8, 8)
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(fast(fwAD.make_dual(x, t)))
+        want = fwAD.unpack_dual(net(fwAD.make_dual(x, t)))
+        assert got.tangent is not None
+        assert_close(got.tangent, want.tangent, reduction=18)
+        with fastdl.patch() as p:
+            y = fwAD.unpack_dual(F.linear(fwAD.make_dual(x.flatten(1)[:, :18], t.flatten(1)[:, :18]),
+                                          net[3].weight))
+        assert y.tangent is not None and "fastdl" not in p.stats["linear"]
+        # fastdl's own functional: torch's error, never a result without its tangent
+        with pytest.raises(NotImplementedError, match="jvp"):
+            fastdl.nn.functional.linear(fwAD.make_dual(x.flatten(1), t.flatten(1)), rand(3, 64))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_jit_trace_of_converted_and_fastdl_layers_replays_on_new_inputs(grad):
+    # review py-1: the tracer sees only dispatched ops; a trace through the pybind kernels
+    # replayed the bias alone. Converted layers trace torch's ops; fastdl's own layers the
+    # custom ops (fastdl::...).
+    net = _conv_pool_linear_net()
+    fast, _ = fastdl.nn.convert(net)
+    own = nn.Sequential(fastdl.nn.Conv2d(1, 2, 3), fastdl.nn.MaxPool2d(2), nn.Flatten(),
+                        fastdl.nn.Linear(18, 3))
+    own.load_state_dict(net.state_dict())
+    x, x2 = rand(2, 1, 8, 8), rand(5, 1, 8, 8)
+    with torch.set_grad_enabled(grad):
+        tr_fast = torch.jit.trace(fast, x)
+        tr_own = torch.jit.trace(own, x)
+    kinds = {n.kind() for n in tr_own.inlined_graph.nodes()}
+    assert {"fastdl::convolution", "fastdl::max_pool2d", "fastdl::linear"} <= kinds, kinds
+    assert not any(k.startswith("fastdl::") for k in
+                   (n.kind() for n in tr_fast.inlined_graph.nodes()))
+    want = net(x2)
+    assert_close(tr_fast(x2), want, reduction=18)
+    assert_close(tr_own(x2), want, reduction=18)
 
 
 def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch):

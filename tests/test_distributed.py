@@ -225,6 +225,7 @@ def test_fit_under_torchrun(tmp_path):
             _assert_weights(res[part]["weights"], ref.state_dict(), f"rank {r}, {part}")
         assert res["custom_sampler"]["epochs"] == [0, 1, 2], res["custom_sampler"]
         assert "num_replicas=3" in res["wrong_sampler_error"], res["wrong_sampler_error"]
+        assert "different numbers of steps" in res["uneven_error"], res["uneven_error"]
         for part in ("iterable_error", "iterable_loader_error"):
             assert "x is" in res[part] and "IterableDataset" in res[part], res[part]
         _assert_history(res["padded"]["history"], h_pad.history, f"rank {r}, padded")

@@ -35,6 +35,30 @@ def test_linear_shapes_cpu_paths(cpu_path, in_f, out_f, rows):
     check_op(F.linear, torch.nn.functional.linear, inputs, reduction=max(in_f, out_f, rows))
 
 
+@pytest.mark.parametrize("shape", [(8,), (1, 8), (1, 1), (1, 1, 8), (2, 3, 8), (5, 1), (0, 8)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_linear_fast_path_shapes_keep_operands(shape, grad):
+    """The eager fast path (contiguous CPU input of any rank, batch 1 included): torch's result
+    and gradients, and the operands untouched (a (1, n) bias expanded in place would be its own
+    memory: the GEMM adding into it would corrupt the parameter)."""
+    k, n = shape[-1], 3
+    x, w, b = rand(*shape, requires_grad=grad), rand(n, k, requires_grad=grad), rand(n,
+                                                                                     requires_grad=grad)
+    before = [t.detach().clone() for t in (x, w, b)]
+    y = F.linear(x, w, b)
+    ref = torch.nn.functional.linear(x, w, b)
+    assert y.shape == ref.shape
+    assert_close(y, ref, reduction=k)
+    for t, t0 in zip((x, w, b), before):
+        assert torch.equal(t.detach(), t0)
+    if grad:
+        g = rand(*ref.shape)
+        got = torch.autograd.grad(y, (x, w, b), g)
+        want = torch.autograd.grad(ref, (x, w, b), g)
+        for a, e in zip(got, want):
+            assert_close(a, e, reduction=max(k, n, x.numel() // k, 1))
+
+
 def test_linear_gradcheck():
     x = rand(2, 3, 5, dtype=torch.float64, requires_grad=True)
     w = rand(4, 5, dtype=torch.float64, requires_grad=True)
@@ -43,6 +67,21 @@ def test_linear_gradcheck():
     assert torch.autograd.gradcheck(F.linear, (x, w, None))
     assert torch.autograd.gradcheck(F.linear, (rand(5, dtype=torch.float64, requires_grad=True),
                                                w, b))
+
+
+def test_linear_double_backward():
+    """create_graph=True: the backward is made of fastdl linears, differentiable to every order."""
+    x = rand(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = rand(4, 5, dtype=torch.float64, requires_grad=True)
+    b = rand(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(F.linear, (x, w, b))
+    got, want = [], []
+    for lin, out in ((F.linear, got), (torch.nn.functional.linear, want)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        gs = torch.autograd.grad(lin(*leaves).square().sum(), leaves, create_graph=True)
+        out.extend(torch.autograd.grad(sum(g.sin().sum() for g in gs), leaves))
+    for a, e in zip(got, want):
+        assert_close(a, e, reduction=5)
 
 
 def test_linear_noncontiguous(device):

@@ -211,6 +211,37 @@ def test_gradcheck(cpu_path):
                                     [y.clone().requires_grad_()])
 
 
+_TWICE = [
+    lambda F_, a: F_.max_pool2d(a, 3, 2, 1, ceil_mode=True),
+    lambda F_, a: F_.max_pool2d(a, (2, 3), 1, 1, dilation=2, return_indices=True)[0],
+    lambda F_, a: F_.avg_pool2d(a, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+    lambda F_, a: F_.avg_pool2d(a, 2, 1, divisor_override=3),
+    lambda F_, a: F_.adaptive_avg_pool2d(a, (4, 5)),
+    lambda F_, a: F_.adaptive_max_pool2d(a, (3, 4)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_TWICE)))
+def test_double_backward_matches_torch(cpu_path, case):
+    """create_graph=True (a gradient penalty): the backward is itself differentiable, to every
+    order (gradgradcheck), with torch's second derivatives."""
+    fn = _TWICE[case]
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a: fn(F, a), [x])
+    got, want = [], []
+    for F_, out in ((F, got), (TF, want)):
+        a = x.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(F_, a).square().sum(), a, create_graph=True)
+        out.append(torch.autograd.grad(g.sin().sum(), a)[0])
+    assert_close(got[0], want[0], reduction=9)
+
+
+def test_unpool_double_backward(cpu_path):
+    y, idx = TF.max_pool2d(torch.randn(2, 2, 8, 6, dtype=torch.float64), 2, return_indices=True)
+    assert torch.autograd.gradgradcheck(lambda a: F.max_unpool2d(a, idx, 2),
+                                        [y.clone().requires_grad_()])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numpy_in_out(cpu_path, dtype):
     x = np.random.default_rng(0).standard_normal((2, 3, 11, 9)).astype(dtype)

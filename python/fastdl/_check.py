@@ -251,7 +251,7 @@ def check(model: torch.nn.Module, *inputs, repeats: int = 5, seed: int = 0,
 def _check(model, inputs, kwargs, repeats, seed):
     from .nn import convert
     ref = copy.deepcopy(model)
-    fast, report = convert(model, inplace=False)
+    fast, report = convert(copy.deepcopy(model), inplace=True)   # independent weights
     names = [name for name, *_ in report.replaced]
     ref_mods, fast_mods = dict(ref.named_modules()), dict(fast.named_modules())
     rec_ref = _Recorder({n: ref_mods[n] for n in names})

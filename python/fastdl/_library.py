@@ -51,22 +51,36 @@ _conv, _linear, _pool, _rnn = (import_module(f".ops.{m}", __package__)
 _Parameter = torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
+_jit_tracing = torch.jit.is_tracing
+_fwad = torch.autograd.forward_ad
 
 
 def tracing(x=None) -> bool:
-    """True when a call is being traced (torch.compile, torch.export), a torch dispatch mode is
-    active (make_fx over real tensors, FlopCounterMode, ...: they see only dispatched ops), or x
-    is a tensor subclass such as a FakeTensor or a functionalization wrapper, whose data the
-    kernels cannot read."""
-    if _is_compiling() or _dispatch_modes():
+    """True when a call is being traced (torch.compile, torch.export, torch.jit.trace), a torch
+    dispatch mode is active (make_fx over real tensors, FlopCounterMode, ...: they see only
+    dispatched ops), or x is a tensor subclass such as a FakeTensor or a functionalization
+    wrapper, whose data the kernels cannot read. (torch.jit.trace records the custom op, so the
+    trace replays fastdl's kernels; loading it needs `import fastdl`.)"""
+    if _is_compiling() or _dispatch_modes() or _jit_tracing():
         return True
     return x is not None and type(x) is not Tensor and type(x) is not _Parameter
 
 
+def needs_autograd(*xs) -> bool:
+    """Whether a call must go through its torch.autograd.Function: a graph is being recorded
+    for one of xs (None entries skipped), or forward-mode AD is active. Under forward AD the
+    Function raises torch's "jvp not implemented" error: the no-grad shortcut would return a
+    result without its tangent, silently."""
+    if _fwad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
 def refuse_double_backward(fn):
-    """Called first in every backward whose kernels are not differentiable (linear, the pools),
-    on both paths: grad mode is on in a backward only under create_graph=True, and gradients
-    returned without a graph would make a second derivative silently None or zero."""
+    """Called first in the custom ops' backward for linear and the pools, whose backward ops have
+    no autograd of their own: grad mode is on in a backward only under create_graph=True, and
+    gradients returned without a graph would make a second derivative silently None or zero.
+    (The eager path differentiates its backward: nn/functional/linear.py and pool.py.)"""
     if torch.is_grad_enabled():
         raise RuntimeError(f"fastdl {fn} does not support double backward (backward with "
                            f"create_graph=True); torch.nn.functional.{fn} does")

@@ -187,11 +187,15 @@ class Patch:
             if _state["depth"] == 0:
                 from .nn import functional as fast
                 _prime_dynamo()
-                for c in _stats.values():
-                    c.clear()
+                # every router made first, then all installed: a failure leaves nothing patched
+                made = {}
                 for name, (family, tensors_of) in _ROUTES.items():
                     original = getattr(F, name)
-                    router = _make_router(name, family, tensors_of, original, getattr(fast, name))
+                    made[name] = (original, _make_router(name, family, tensors_of, original,
+                                                         getattr(fast, name)))
+                for c in _stats.values():
+                    c.clear()
+                for name, (original, router) in made.items():
                     _state["originals"][name] = original
                     _state["routers"][name] = router
                     setattr(F, name, router)
@@ -234,7 +238,8 @@ def patch(strict: bool = False) -> Patch:
     """Routes torch.nn.functional's linear, conv1d/conv2d/conv_transpose2d and 2-D pooling
     functions to fastdl (torch where fastdl does not serve a call); a context manager, or a plain
     call whose handle's undo() restores torch's exact objects. strict=True raises fastdl's error
-    where it would have fallen back after fastdl rejected a call. No torch counterpart.
+    where it would have fallen back after fastdl rejected a call (while any strict patch is
+    active: nested patches share one set of routes). No torch counterpart.
 
     >>> with fastdl.patch():
     ...     out = torch_model(x)        # F.conv2d, F.linear, F.max_pool2d... run on fastdl

@@ -61,8 +61,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def tensor_why_not(family: str, *tensors) -> str | None:
     """why_not for one call, by its tensors (None entries skipped): they must be plain dense
-    tensors (not a subclass such as a FakeTensor, DTensor or functorch wrapper) of one device and
-    dtype that the family serves, outside torch.compile tracing and autocast (context_why_not).
+    tensors (not a subclass such as a FakeTensor or DTensor) of one device and dtype that the
+    family serves, outside torch.compile / torch.jit.trace tracing, torch.func transforms, forward
+    AD and autocast (context_why_not).
     The common case (plain CPU tensors of a served dtype) is decided in a few microseconds
     (about 5 on an idle core); anything else takes the slow, explaining path."""
     first = tensors[0]
@@ -71,7 +72,8 @@ def tensor_why_not(family: str, *tensors) -> str | None:
         if dt in _DTYPES[family]["cpu"] and all(
                 t is None or (type(t) in _PLAIN and t.is_cpu and t.dtype == dt
                               and t.layout is _STRIDED) for t in tensors):
-            if _is_compiling() or _autocast("cpu"):
+            if (_is_compiling() or _is_tracing() or _functorch_level() is not None
+                    or _fwad._current_level >= 0 or _autocast("cpu")):
                 return context_why_not("cpu")
             return None
     return _explain(family, tensors) or context_why_not(first.device.type)
@@ -79,6 +81,9 @@ def tensor_why_not(family: str, *tensors) -> str | None:
 
 _STRIDED = torch.strided
 _is_compiling = torch.compiler.is_compiling
+_is_tracing = torch.jit.is_tracing
+_functorch_level = torch._C._functorch.peek_interpreter_stack   # None outside torch.func
+_fwad = torch.autograd.forward_ad                                # _current_level: -1 outside
 _autocast = torch.is_autocast_enabled
 
 
@@ -101,9 +106,19 @@ def _explain(family, tensors):
 
 def context_why_not(device_type: str) -> str | None:
     """Reasons that hold for any op right now: torch.compile tracing (torch's ops trace, fastdl's
-    eager ones would break the graph) and autocast (torch would compute in a lower precision)."""
+    eager ones would break the graph), torch.jit.trace (the tracer records dispatched ops only, so
+    a trace through fastdl's kernels would replay without them), torch.func transforms (grad,
+    vmap, jacrev: their wrapped tensors hold no data fastdl's kernels can read), forward-mode AD
+    (fastdl's ops have no jvp: the tangent would be lost) and autocast (torch would compute in a
+    lower precision)."""
     if torch.compiler.is_compiling():
         return "inside torch.compile tracing"
+    if torch.jit.is_tracing():
+        return "inside torch.jit.trace (it records only torch's ops)"
+    if _functorch_level() is not None:
+        return "inside a torch.func transform (grad, vmap, jacrev, ...)"
+    if _fwad._current_level >= 0:
+        return "forward-mode AD is active (fastdl's ops have no jvp)"
     if torch.is_autocast_enabled(device_type):
         return f"autocast is on for {device_type}"
     return None

@@ -217,19 +217,27 @@ def loader_is_sharded(loader, ctx, fn="fit"):
     return True
 
 
-def raise_if_any_failed(ctx, error, fn="fit"):
+def raise_if_any_failed(ctx, error, fn="fit", steps=None):
     """Called by every rank after its checks before training (the data, the dry runs of the
     first batch, which differ between ranks for a Dataset or DataLoader): raises this rank's
     own error, or a RuntimeError naming the rank that failed, on every rank, so no rank is
-    left waiting in a collective for one that has stopped. One all_gather_object."""
+    left waiting in a collective for one that has stopped. `steps`: this rank's batches per
+    epoch; ranks that disagree (a sharded sampler of the user's that does not pad) raise
+    ValueError on every rank, since the extra steps' all-reduces would wait forever. One
+    all_gather_object."""
     text = None if error is None else f"{type(error).__name__}: {error}"
-    texts = ctx.all_gather_object(text)
+    gathered = ctx.all_gather_object((text, steps))
     if error is not None:
         raise error
-    for rank, t in enumerate(texts):
+    for rank, (t, _) in enumerate(gathered):
         if t is not None:
             raise RuntimeError(f"{fn}: rank {rank} failed before training, so this rank "
                                f"(rank {ctx.rank}) stops too: {t}")
+    counts = [n for _, n in gathered]
+    if len(set(counts)) > 1:
+        raise ValueError(f"{fn}: the ranks would run different numbers of steps per epoch "
+                         f"(batches per rank: {counts}); every rank must get as many batches "
+                         f"(torch's DistributedSampler pads its shards to equal length)")
 
 
 def _device(module):

@@ -475,7 +475,7 @@ class _Workflow:
                 raise
             failure = e
         if ctx is not None:     # every rank stops if one failed, rather than wait for it
-            D.raise_if_any_failed(ctx, failure, fn)
+            D.raise_if_any_failed(ctx, failure, fn, None if failure else len(train))
 
         history = History()
         cbs = callbacks + [history]

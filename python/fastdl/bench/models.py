@@ -18,6 +18,8 @@ gradients). The LM's step is counted the same way from its LSTM and decoder prod
 """
 from __future__ import annotations
 
+import copy
+
 _RESNET18_FWD_FLOPS_224 = 1.82e9
 
 
@@ -58,7 +60,7 @@ def cases(device="cpu", quick=False):
     batch, side = (2, 32) if quick else (16, 64)
     torch.manual_seed(0)
     ref = _zoo.resnet18().to(device)
-    fast, report = fastdl.nn.convert(ref)
+    fast, report = fastdl.nn.convert(copy.deepcopy(ref))   # each side trains its own weights
     x = torch.rand(batch, 3, side, side, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     kw = dict(lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -74,7 +76,7 @@ def cases(device="cpu", quick=False):
     vocab, bptt, bsz = (1000, 10, 5) if quick else (10000, 35, 20)
     torch.manual_seed(0)
     ref = _zoo.WordLM(vocab, 200, 200, 2, dropout=0.2).to(device)
-    fast, report = fastdl.nn.convert(ref)
+    fast, report = fastdl.nn.convert(copy.deepcopy(ref))   # each side trains its own weights
     data = torch.randint(0, vocab, (bptt, bsz), generator=g).to(device)
     target = torch.randint(0, vocab, (bptt * bsz,), generator=g).to(device)
 

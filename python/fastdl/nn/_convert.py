@@ -168,9 +168,13 @@ def _subclass_reason(module):
 def convert(model: torch.nn.Module, inplace: bool = False):
     """Replaces every torch layer fastdl implements (Linear, Conv1d/2d, ConvTranspose2d, the 2-D
     pools, RNN/LSTM/GRU and their cells) with fastdl's, sharing its Parameter objects, buffers,
-    hooks, mode, device and dtype; leaves every other layer alone. inplace=False converts a deep
-    copy (the original model is untouched). Returns (model, ConvertReport). Counterpart of no
-    torch function; the converted model computes what the torch model does.
+    hooks, mode, device and dtype; leaves every other layer alone. inplace=False converts a copy
+    of the module tree whose Parameters and buffers are the original's own objects: the original
+    model keeps its torch layers, and an optimizer built on either model trains both (an in-place
+    conversion such as .half() or .to() on one also changes the other's shared tensors;
+    deep-copy the model first for independent weights). inplace=True swaps the classes of the
+    model's own layers. Returns (model, ConvertReport). Counterpart of no torch function; the
+    converted model computes what the torch model does.
 
     >>> model, report = fastdl.nn.convert(torch.nn.Sequential(torch.nn.Linear(4, 2)))
     >>> type(model[0])                                    # fastdl.nn.Linear
@@ -181,7 +185,10 @@ def convert(model: torch.nn.Module, inplace: bool = False):
     if not isinstance(inplace, bool):
         raise TypeError(f"convert: expected inplace to be a bool, got {type(inplace).__name__}")
     if not inplace:
-        model = copy.deepcopy(model)
+        # modules, hook dicts and plain attributes copied; tensors shared (the memo maps each
+        # Parameter and buffer to itself, so deepcopy returns the object instead of a copy)
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        model = copy.deepcopy(model, memo)
     ours = _fastdl_classes()
     place = _model_place(model)
     report = ConvertReport()

@@ -23,7 +23,7 @@ def _check_torch(fn, name, x, pos):
 
 
 def _needs_grad(*xs) -> bool:
-    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+    return _library.needs_autograd(*xs)
 
 
 # Both convolutions are bilinear maps over one underlying convolution (geo.params), built from

@@ -21,11 +21,28 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        _library.refuse_double_backward("linear")
         input, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: the backward from differentiable linears
+            return _differentiable_backward(grad_output, input, weight,
+                                            (need_x, need_w, need_b and ctx.has_bias))
         return ops.linear_backward(grad_output, input, weight,
                                    needs=(need_x, need_w, need_b and ctx.has_bias))
+
+
+def _differentiable_backward(go, x, w, needs):
+    """linear's gradients as linears (so a second derivative, e.g. a gradient penalty, runs on
+    fastdl's GEMM too): gx = go @ w = linear(go, w.T), gw = go2.T @ x2 = linear(go2.T, x2.T)."""
+    n, k = w.shape
+    gx = gw = gb = None
+    if needs[0]:
+        gx = linear(go, w.t())
+    go2 = go.reshape(-1, n)
+    if needs[1]:
+        gw = linear(go2.t(), x.reshape(-1, k).t())
+    if needs[2]:
+        gb = go2.sum(0)
+    return gx, gw, gb
 
 
 def linear(input, weight, bias=None):
@@ -41,8 +58,7 @@ def linear(input, weight, bias=None):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
     if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
         return _library.linear(input, weight, bias)
-    if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):
+    if not _library.needs_autograd(input, weight, bias):
         # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread)
         return ops.linear(input, weight, bias)
     return _Linear.apply(input, weight, bias)

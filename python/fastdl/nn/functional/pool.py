@@ -19,7 +19,7 @@ __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool
 
 
 def _needs_grad(x) -> bool:
-    return x.requires_grad and torch.is_grad_enabled()
+    return _library.needs_autograd(x)
 
 
 def _check_torch(fn, x):
@@ -60,16 +60,54 @@ class _MaxPoolFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, *_gidx):
-        _library.refuse_double_backward("adaptive_max_pool2d" if ctx.window[0] == "adaptive"
-                                        else "max_pool2d")
         if gy is None:
             return None, None, None
         idx = ctx.saved_tensors[0] if ctx.idx is None else ctx.idx
-        if ctx.window[0] == "adaptive":
-            gx = ops.adaptive_max_pool2d_backward(gy, idx, ctx.in_shape)
-        else:
-            gx = ops.max_pool2d_backward(gy, idx, ctx.in_shape, *ctx.window)
-        return gx, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the backward as a differentiable op
+            return _MaxPoolGrad.apply(gy, idx, ctx.in_shape, ctx.window), None, None
+        return _max_pool_grad(gy, idx, ctx.in_shape, ctx.window), None, None
+
+
+def _max_pool_grad(gy, idx, in_shape, window):
+    if window[0] == "adaptive":
+        return ops.adaptive_max_pool2d_backward(gy, idx, in_shape)
+    return ops.max_pool2d_backward(gy, idx, in_shape, *window)
+
+
+# Double backward (backward with create_graph=True). The pools' backward is linear in grad_output,
+# so its derivative is its adjoint: for the max pools, gx = gy added at the indices, whose adjoint
+# is the gather at the same indices (max_unpool2d's backward kernel), and back again; for the
+# average pools, gx = A^T gy, whose adjoint is the forward pool A itself. Every order is exact.
+# The indices are piecewise constant in x, so no gradient flows to x through them (torch: same).
+
+class _MaxPoolGrad(torch.autograd.Function):
+    """gx = gy added into in_shape planes at idx (the max pools' backward, differentiable)."""
+
+    @staticmethod
+    def forward(ctx, gy, idx, in_shape, window):
+        ctx.save_for_backward(idx)
+        ctx.in_shape, ctx.window = in_shape, window
+        return _max_pool_grad(gy, idx, in_shape, window)
+
+    @staticmethod
+    def backward(ctx, ggx):
+        (idx,) = ctx.saved_tensors
+        return _IndexGather.apply(ggx, idx, ctx.in_shape, ctx.window), None, None, None
+
+
+class _IndexGather(torch.autograd.Function):
+    """out = g (in_shape planes) read at idx (idx's shape): _MaxPoolGrad's adjoint and back."""
+
+    @staticmethod
+    def forward(ctx, g, idx, in_shape, window):
+        ctx.save_for_backward(idx)
+        ctx.in_shape, ctx.window = in_shape, window
+        return ops.max_unpool2d_backward(g, idx if idx.dtype == torch.int64 else idx.long())
+
+    @staticmethod
+    def backward(ctx, gg):
+        (idx,) = ctx.saved_tensors
+        return _MaxPoolGrad.apply(gg, idx, ctx.in_shape, ctx.window), None, None, None
 
 
 class _AvgPoolFn(torch.autograd.Function):
@@ -86,11 +124,28 @@ class _AvgPoolFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        _library.refuse_double_backward("adaptive_avg_pool2d" if ctx.window[0] == "adaptive"
-                                        else "avg_pool2d")
-        if ctx.window[0] == "adaptive":
-            return ops.adaptive_avg_pool2d_backward(gy, ctx.in_shape), None
-        return ops.avg_pool2d_backward(gy, ctx.in_shape, *ctx.window), None
+        if torch.is_grad_enabled():  # create_graph=True: the backward as a differentiable op
+            return _AvgPoolGrad.apply(gy, ctx.in_shape, ctx.window), None
+        return _avg_pool_grad(gy, ctx.in_shape, ctx.window), None
+
+
+def _avg_pool_grad(gy, in_shape, window):
+    if window[0] == "adaptive":
+        return ops.adaptive_avg_pool2d_backward(gy, in_shape)
+    return ops.avg_pool2d_backward(gy, in_shape, *window)
+
+
+class _AvgPoolGrad(torch.autograd.Function):
+    """gx = A^T gy (the average pools' backward, differentiable: its adjoint is the pool A)."""
+
+    @staticmethod
+    def forward(ctx, gy, in_shape, window):
+        ctx.window = window
+        return _avg_pool_grad(gy, in_shape, window)
+
+    @staticmethod
+    def backward(ctx, ggx):
+        return _AvgPoolFn.apply(ggx, ctx.window), None, None
 
 
 class _MaxUnpoolFn(torch.autograd.Function):
@@ -100,13 +155,30 @@ class _MaxUnpoolFn(torch.autograd.Function):
     def forward(ctx, x, idx, window):
         y = ops.max_unpool2d(x, idx, *window)
         ctx.save_for_backward(idx)
+        ctx.window = window
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        _library.refuse_double_backward("max_unpool2d")
         (idx,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gather, differentiable
+            return _UnpoolGather.apply(gy, idx, ctx.window), None, None
         return ops.max_unpool2d_backward(gy, idx), None, None
+
+
+class _UnpoolGather(torch.autograd.Function):
+    """max_unpool2d's backward (gy read at idx), differentiable: its adjoint is the unpool."""
+
+    @staticmethod
+    def forward(ctx, gy, idx, window):
+        ctx.save_for_backward(idx)
+        ctx.window = window
+        return ops.max_unpool2d_backward(gy, idx)
+
+    @staticmethod
+    def backward(ctx, gg):
+        (idx,) = ctx.saved_tensors
+        return _MaxUnpoolFn.apply(gg, idx, ctx.window), None, None
 
 
 def _layout_of(input, out):

@@ -90,14 +90,18 @@ class _Layer(torch.autograd.Function):
 def run_layer(mode, x, h0, c0, weights, *, dirs, has_bias, has_proj, batch_sizes):
     """One layer: through autograd when anything needs a gradient, else straight to the kernels
     with nothing saved (inference). Traced (torch.compile / export), unpacked: the custom op."""
+    if batch_sizes is not None and torch.jit.is_tracing():
+        # (the custom op takes padded input only; the eager kernels are invisible to the tracer)
+        raise RuntimeError("fastdl recurrent layers cannot be recorded by torch.jit.trace with a "
+                           "PackedSequence input; pass a padded tensor, or use torch.nn.LSTM/GRU/"
+                           "RNN there")
     if batch_sizes is None and _library.tracing(x):
         training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in (x, h0, c0, *weights))
         out = _library.recurrent_layer(mode, x, h0, c0, list(weights), dirs, has_bias, has_proj,
                                        training)
         return (out[0], out[1], out[2]) if mode == LSTM else (out[0], out[1])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, h0, c0, *weights)):
+    if _library.needs_autograd(x, h0, c0, *weights):
         return _Layer.apply(mode, batch_sizes, dirs, has_bias, has_proj, x, h0, c0, *weights)
     per_dir = len(weights) // dirs
     ys, hns, cns = [], [], []
