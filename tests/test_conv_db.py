@@ -55,10 +55,11 @@ def test_torch_op_db_samples(cpu_path, name, dtype):
             it = iter(clones[1:])
             return [next(it) if isinstance(a, torch.Tensor) else a for a in args]
         what = f"{name} input {tuple(sample.input.shape)} args={[getattr(a, 'shape', a) for a in args]} kwargs={kwargs}"
-        # float32: OpInfo samples reach +-9, so products reach 81 and sums cancel; an element
-        # off torch by more than the table is checked against a float64 run instead (fastdl no
-        # further from it than 4x torch is: helpers.assert_close_or_better).
-        c64 = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves_a]
+        # float32 outputs: OpInfo samples reach +-9, so products reach 81 and sums cancel; an
+        # output element off torch by more than the table is checked against a float64 run
+        # instead (fastdl no further from it than 4x torch is, plus the table's atol: an element
+        # lost to cancellation; helpers.assert_close_or_better). Gradients: the table alone.
+        c64 = [t.detach().double() for t in leaves_a]
         ya = OPS[name](ca[0], *rebuild(ca), **kwargs)
         yb = op.op(cb[0], *rebuild(cb), **kwargs)
         y64 = op.op(c64[0], *rebuild(c64), **kwargs)
@@ -71,17 +72,16 @@ def test_torch_op_db_samples(cpu_path, name, dtype):
             except AssertionError:
                 if dtype == torch.float64:
                     raise
-                assert_close_or_better(a, b, ref, what=label)
+                assert_close_or_better(a, b, ref, what=label, scale_atol=False)
         compare(ya, yb, y64, reds[0], what)
         if yb.numel():
             g = torch.randn_like(yb)
             ya.backward(g)
             yb.backward(g)
-            y64.backward(g.double())
-            for i, (a, b, r) in enumerate(zip(ca, cb, c64)):
+            for i, (a, b) in enumerate(zip(ca, cb)):
                 if b.grad is not None:
                     assert a.grad is not None, f"no gradient for operand {i}: {what}"
-                    compare(a.grad, b.grad, r.grad, reds[1 + i], f"grad {i}: {what}")
+                    assert_close(a.grad, b.grad, reduction=reds[1 + i], what=f"grad {i}: {what}")
         n += 1
     assert n > 0
 
