@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -708,6 +709,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("alpha"), py::arg("beta"), py::arg("lda"),
       py::arg("ldb"), py::arg("ldc"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
       py::arg("allow_tf32"));
+
+  // linear's eager CPU fast path (python/fastdl/ops/linear.py, _fast_cpu): y (m x n) =
+  // x (m x k, row-major) * w^T (w: n x k, row-major) + b, b (n) broadcast over the rows or 0 (no
+  // bias). Filling y with b here and letting the GEMM add onto it (beta = 1) saves the caller a
+  // torch expand().contiguous() (~2.5 us of a ~10 us tiny call, 1 thread).
+  m.def("linear_cpu", [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t m_,
+                         int64_t n, int64_t k, int dtype) {
+    GemmParams p;
+    p.trans_a = false;
+    p.trans_b = true;
+    p.m = m_;
+    p.n = n;
+    p.k = k;
+    p.alpha = 1.0;
+    p.beta = b ? 1.0 : 0.0;
+    p.lda = k;
+    p.ldb = k;
+    p.ldc = n;
+    p.dtype = dtype_of(dtype);
+    py::gil_scoped_release release;
+    if (b) {
+      const size_t row = static_cast<size_t>(n) * (p.dtype == DType::Float32 ? 4 : 8);
+      char* dst = reinterpret_cast<char*>(y);
+      for (int64_t i = 0; i < m_; ++i) std::memcpy(dst + i * row, reinterpret_cast<void*>(b), row);
+    }
+    gemm_cpu(p, reinterpret_cast<void*>(x), reinterpret_cast<void*>(w), reinterpret_cast<void*>(y));
+  });
 
   // ---- recurrent layers (csrc/rnn.h) -----------------------------------------------------------
   // One layer and direction per call; python/fastdl/ops/rnn.py has checked shapes, dtypes and

@@ -5,8 +5,8 @@ Every case is so small that the kernels' work is negligible: what is timed is ar
 validation, tensor intake, output allocation, the binding call and, for fwd+bwd, autograd
 (torch.autograd.Function.apply on fastdl's side). Each timed call runs the op `calls` times in a
 loop (1000, so the ms column reads as us per call; 100 with --quick) to stay far above the
-timer's resolution. Cases: linear 4x8->8, max_pool2d and avg_pool2d k2 on 1x1x4x4, conv2d 3x3 on
-1x1x5x5, LSTMCell 4->8 on a batch of 2; forward (inputs without grad) and forward+backward
+timer's resolution. Cases: linear 4x8->8, 1x8->8 (batch 1) and 2x3x8->8 (3-D), max_pool2d and
+avg_pool2d k2 on 1x1x4x4, conv2d 3x3 on 1x1x5x5, LSTMCell 4->8 on a batch of 2; forward (inputs without grad) and forward+backward
 (weights and input require grad; .grad reset each call).
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ def cases(device="cpu", quick=False):
 
     x, w, b = r(4, 8), r(8, 8), r(8)
     xg, wg, bg = r(4, 8, grad=True), r(8, 8, grad=True), r(8, grad=True)
+    x1, x3 = r(1, 8), r(2, 3, 8)                       # batch 1; a sequence model's (T, B, F)
+    x1g, x3g = r(1, 8, grad=True), r(2, 3, 8, grad=True)
     p, pg = r(1, 1, 4, 4), r(1, 1, 4, 4, grad=True)
     c, cw, cb = r(1, 1, 5, 5), r(1, 1, 3, 3), r(1)
     cg, cwg, cbg = r(1, 1, 5, 5, grad=True), r(1, 1, 3, 3, grad=True), r(1, grad=True)
@@ -55,6 +57,10 @@ def cases(device="cpu", quick=False):
     rows = [
         ("linear 4x8->8", lambda: F.linear(x, w, b), lambda: TF.linear(x, w, b),
          lambda: F.linear(xg, wg, bg), lambda: TF.linear(xg, wg, bg), (xg, wg, bg)),
+        ("linear 1x8->8", lambda: F.linear(x1, w, b), lambda: TF.linear(x1, w, b),
+         lambda: F.linear(x1g, wg, bg), lambda: TF.linear(x1g, wg, bg), (x1g, wg, bg)),
+        ("linear 2x3x8->8", lambda: F.linear(x3, w, b), lambda: TF.linear(x3, w, b),
+         lambda: F.linear(x3g, wg, bg), lambda: TF.linear(x3g, wg, bg), (x3g, wg, bg)),
         ("max_pool2d k2 1x1x4x4", lambda: F.max_pool2d(p, 2), lambda: TF.max_pool2d(p, 2),
          lambda: F.max_pool2d(pg, 2), lambda: TF.max_pool2d(pg, 2), (pg,)),
         ("avg_pool2d k2 1x1x4x4", lambda: F.avg_pool2d(p, 2), lambda: TF.avg_pool2d(p, 2),
