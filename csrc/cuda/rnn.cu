@@ -40,9 +40,9 @@
 // another, so a multi-block persistent kernel with a grid barrier cannot run there; one block is
 // too little of an H100 for H >= 128); a small-batch kernel for the backward's dh product. None
 // of it measured on a GPU yet.
-// ptxas (nvcc 13, sm_90 / sm_75, after the packed-rows change): fused step 72 / 79 registers and
+// ptxas (nvcc 13, sm_90 / sm_75, with the half-type staging): fused step 72 / 79 registers and
 // 16.5 KB shared, forward gate kernel 74 / 73, backward gate kernel 32 / 34, copy and column sums
-// 32-44; no spills.
+// 32-44, the four conversion kernels 13-14 / 12-24; no spills.
 // Per-step grids of the benchmark shapes (input, hidden, batch, steps), unmeasured (review item 2:
 // the step GEMMs get gemm_cuda's 64 x 64 tiles, one block each; an H100/H200 has 132 SMs):
 //   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 blocks + gate kernel 16 blocks;
