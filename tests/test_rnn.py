@@ -787,6 +787,16 @@ def test_sigmoid_underflow_gives_zero(name, H):
 HALF = [torch.float16, torch.bfloat16]
 
 
+@pytest.fixture
+def half_device(cuda_device):
+    """cuda_device with torch's float32 reference in exact float32 on a GPU (cuDNN would use TF32
+    for float32 RNNs by default, an error as large as float16's tolerance)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield cuda_device
+    torch.backends.cudnn.allow_tf32 = old
+
+
 def half_pair(kind, input_size, hidden_size, dtype, device, **kw):
     """A fastdl module in `dtype` and a torch module in float32 holding the same (rounded)
     values."""
@@ -848,26 +858,26 @@ def check_half(ours, theirs, args, dtype, *, reduction, what):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuda_half_layers(cuda_device, kind, dtype):
+def test_cuda_half_layers(half_device, kind, dtype):
     """Each mode, two layers, both directions, with initial states; T, B, I, H small (emulation)."""
     T, B, I, H = 4, 3, 5, 12
-    ours, theirs = half_pair(kind, I, H, dtype, cuda_device, num_layers=2, bidirectional=True)
+    ours, theirs = half_pair(kind, I, H, dtype, half_device, num_layers=2, bidirectional=True)
     R = ours.proj_size or H
-    x = rand(T, B, I, device=cuda_device).to(dtype)
-    h0 = rand(4, B, R, device=cuda_device).to(dtype)
-    hx = (h0, rand(4, B, H, device=cuda_device).to(dtype)) if kind.startswith("LSTM") else h0
+    x = rand(T, B, I, device=half_device).to(dtype)
+    h0 = rand(4, B, R, device=half_device).to(dtype)
+    hx = (h0, rand(4, B, H, device=half_device).to(dtype)) if kind.startswith("LSTM") else h0
     check_half(ours, theirs, (x, hx), dtype, reduction=2 * max(T, I, H),
                what=f"{kind} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kind", ["RNN_RELU", "LSTM_PROJ", "GRU"])
-def test_cuda_half_packed(cuda_device, kind, dtype):
+def test_cuda_half_packed(half_device, kind, dtype):
     """PackedSequence with unsorted lengths, both directions, no initial state, batch_first."""
     lengths, I, H = [2, 5, 1], 3, 8
-    ours, theirs = half_pair(kind, I, H, dtype, cuda_device, bidirectional=True,
+    ours, theirs = half_pair(kind, I, H, dtype, half_device, bidirectional=True,
                              batch_first=True)
-    padded = rand(len(lengths), max(lengths), I, device=cuda_device).to(dtype)
+    padded = rand(len(lengths), max(lengths), I, device=half_device).to(dtype)
     packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True,
                                   enforce_sorted=False)
     check_half(ours, theirs, (packed,), dtype, reduction=max(lengths + [I, H]),
@@ -876,25 +886,25 @@ def test_cuda_half_packed(cuda_device, kind, dtype):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("name,kw", CELLS)
-def test_cuda_half_cells(cuda_device, name, kw, dtype):
+def test_cuda_half_cells(half_device, name, kw, dtype):
     B, I, H = 3, 7, 10
-    ours = getattr(fastdl.nn, name)(I, H, device=cuda_device, **kw).to(dtype)
-    theirs = getattr(torch.nn, name)(I, H, device=cuda_device, **kw)
+    ours = getattr(fastdl.nn, name)(I, H, device=half_device, **kw).to(dtype)
+    theirs = getattr(torch.nn, name)(I, H, device=half_device, **kw)
     theirs.load_state_dict(ours.state_dict())
-    x = rand(B, I, device=cuda_device).to(dtype)
-    h = rand(B, H, device=cuda_device).to(dtype)
-    hx = (h, rand(B, H, device=cuda_device).to(dtype)) if name == "LSTMCell" else h
+    x = rand(B, I, device=half_device).to(dtype)
+    h = rand(B, H, device=half_device).to(dtype)
+    hx = (h, rand(B, H, device=half_device).to(dtype)) if name == "LSTMCell" else h
     check_half(ours, theirs, (x, hx), dtype, reduction=max(I, H), what=f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_cuda_half_ops_workspace_and_inference(cuda_device, dtype):
+def test_cuda_half_ops_workspace_and_inference(half_device, dtype):
     """fastdl.ops on float16/bfloat16: outputs in the tensors' type, the saved workspace in float32
     (the state the backward reads is not rounded); inference (nothing saved) gives the same
     results as training; outputs poisoned with NaN are fully written."""
     T, B, I, H = 3, 2, 4, 8
-    x, h0, c0 = (rand(*s, device=cuda_device).to(dtype) for s in ((T, B, I), (B, H), (B, H)))
-    w_ih, w_hh, b_ih, b_hh = (rand(*s, device=cuda_device).to(dtype)
+    x, h0, c0 = (rand(*s, device=half_device).to(dtype) for s in ((T, B, I), (B, H), (B, H)))
+    w_ih, w_hh, b_ih, b_hh = (rand(*s, device=half_device).to(dtype)
                               for s in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
     y, hn, cn, ws = ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     assert y.dtype == hn.dtype == cn.dtype == dtype and ws.dtype == torch.float32
@@ -903,14 +913,14 @@ def test_cuda_half_ops_workspace_and_inference(cuda_device, dtype):
     assert ws2 is None
     for u, v in ((y, y2), (hn, hn2), (cn, cn2)):
         assert torch.equal(u, v)
-    ref = torch.nn.LSTM(I, H, device=cuda_device)
+    ref = torch.nn.LSTM(I, H, device=half_device)
     with torch.no_grad():
         for p, v in zip(ref.parameters(), (w_ih, w_hh, b_ih, b_hh)):
             p.copy_(v)
     yr, (hr, cr) = ref(x.float(), (h0.float()[None], c0.float()[None]))
     assert_close(y, yr, dtype=dtype, reduction=max(T, I, H), what="output")
     assert_close(cn, cr[0], dtype=dtype, reduction=max(T, I, H), what="c_n")
-    g = ops.lstm_layer_backward(torch.randn(T, B, H).to(dtype).to(cuda_device), None, None, x,
+    g = ops.lstm_layer_backward(torch.randn(T, B, H).to(dtype).to(half_device), None, None, x,
                                 h0, c0, w_ih, w_hh, ws)
     assert all(t.dtype == dtype and not t.isnan().any() for t in g[:7])
     with pytest.raises(RuntimeError, match="workspace"):  # a workspace of the tensors' own type
