@@ -901,7 +901,7 @@ def test_cuda_half_cells(half_device, name, kw, dtype):
 def test_cuda_half_ops_workspace_and_inference(half_device, dtype):
     """fastdl.ops on float16/bfloat16: outputs in the tensors' type, the saved workspace in float32
     (the state the backward reads is not rounded); inference (nothing saved) gives the same
-    results as training; outputs poisoned with NaN are fully written."""
+    results as training; a workspace of the wrong type is refused."""
     T, B, I, H = 3, 2, 4, 8
     x, h0, c0 = (rand(*s, device=half_device).to(dtype) for s in ((T, B, I), (B, H), (B, H)))
     w_ih, w_hh, b_ih, b_hh = (rand(*s, device=half_device).to(dtype)
@@ -925,6 +925,39 @@ def test_cuda_half_ops_workspace_and_inference(half_device, dtype):
     assert all(t.dtype == dtype and not t.isnan().any() for t in g[:7])
     with pytest.raises(RuntimeError, match="workspace"):  # a workspace of the tensors' own type
         ops.lstm_layer_backward(None, hn, None, x, h0, c0, w_ih, w_hh, ws.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("mode,proj", [(ops_rnn.RELU, 0), (ops_rnn.LSTM, 3), (ops_rnn.GRU, 0)])
+def test_cuda_half_is_float32_rounded_once(half_device, mode, proj, dtype):
+    """The half path is the float32 path on the upcast values with each result rounded once:
+    bitwise equal to fastdl's own float32 call on the same values (packed, reverse direction), for
+    the outputs, the saved workspace and every gradient. So the state is carried in float32 and
+    nothing is rounded in between."""
+    bs, I, H = torch.tensor([3, 3, 2, 1]), 4, 8
+    B, N, G, R = 3, int(bs.sum()), ops_rnn._GATES[mode], proj or H
+    lstm = mode == ops_rnn.LSTM
+    shapes = dict(x=(N, I), h0=(B, R), c0=(B, H) if lstm else None, w_ih=(G * H, I),
+                  w_hh=(G * H, R), b_ih=(G * H,), b_hh=(G * H,), w_hr=(R, H) if proj else None,
+                  gy=(N, R), ghn=(B, R), gcn=(B, H) if lstm else None)
+    half = {k: None if s is None else rand(*s, device=half_device).to(dtype)
+            for k, s in shapes.items()}
+    runs = []
+    for t in (half, {k: None if v is None else v.float() for k, v in half.items()}):
+        fwd = ops_rnn.recurrent_layer_forward(
+            mode, t["x"], t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], cx=t["c0"],
+            weight_hr=t["w_hr"], batch_sizes=bs, reverse=True)
+        bwd = ops_rnn.recurrent_layer_backward(
+            mode, t["gy"], t["ghn"], t["x"], t["h0"], t["w_ih"], t["w_hh"], fwd[3],
+            grad_cn=t["gcn"], cx=t["c0"], weight_hr=t["w_hr"], batch_sizes=bs, reverse=True)
+        runs.append(list(fwd) + list(bwd))
+    names = ["y", "h_n", "c_n", "workspace", "grad_input", "grad_hx", "grad_cx", "grad_weight_ih",
+             "grad_weight_hh", "grad_bias_ih", "grad_bias_hh", "grad_weight_hr"]
+    for name, u, v in zip(names, *runs):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            want = v if name == "workspace" else v.to(dtype)
+            assert u.dtype == want.dtype and torch.equal(u, want), f"{name} ({dtype}, mode {mode})"
 
 
 @pytest.mark.no_launch(reason=NOTHING_TO_RUN)
