@@ -10,7 +10,7 @@
 // w_hr (R, H) where G = 4 (LSTM i, f, g, o), 3 (GRU r, z, n) or 1, and R = proj_size or H.
 // Element types: the tensors' (p.dtype): float32/float64 on the CPU; float32, float16 or bfloat16
 // on CUDA. The saved workspace and every scratch are in the accumulation type: p.dtype on the CPU,
-// float32 on CUDA whatever the tensors' type (rnn_accumulation_dtype).
+// float32 on CUDA whatever the tensors' type.
 #pragma once
 #include <vector>
 
@@ -46,11 +46,6 @@ struct RnnParams {
   bool half() const { return dtype == DType::Float16 || dtype == DType::BFloat16; }
 };
 
-// The element type of the workspace and scratch buffers: float32 for float16/bfloat16 tensors.
-inline DType rnn_accumulation_dtype(const RnnParams& p) {
-  return p.half() ? DType::Float32 : p.dtype;
-}
-
 // Row offsets of every step: off[t] = bs[0] + ... + bs[t-1]; off[T] = N.
 inline std::vector<int64_t> rnn_step_offsets(const RnnParams& p) {
   std::vector<int64_t> off(p.steps + 1, 0);
@@ -80,7 +75,7 @@ inline int64_t rnn_cuda_stage_elements(const RnnParams& p, bool backward) {
 }
 
 // What the forward saves for the backward, as contiguous matrices of N rows in one buffer (the
-// caller allocates `total` elements of rnn_accumulation_dtype(p); inference passes none):
+// caller allocates `total` elements of the accumulation type; inference passes none):
 //   act    (N, A)  activations: LSTM i, f, g, o (A = 4H); GRU r, z, n, W_hn h + b_hn (A = 4H);
 //                  RNN the new hidden state (A = H)
 //   hprev  (N, R)  the state each step started from (the right operand of dW_hh)

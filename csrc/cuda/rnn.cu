@@ -8,10 +8,11 @@
 // caller's scratch, the float32 body below runs unchanged, and one launch rounds each result (y,
 // h_n, c_n; the input, state and parameter gradients) once to the tensors' type. The saved
 // workspace is float32, so the backward reads the state exactly as the forward carried it. Why
-// staging rather than templated loads: the GEMMs (gemm_cuda) are float32 only, and the recurrent
-// operands are read once per step (T times per call), so one conversion per call is cheaper than
-// converting on every read; the copies cost (N*I + G*H*(I+R) + N*R) * 4 bytes of scratch and two
-// small launches per call, which is the overhead to measure first for the cells on a GPU.
+// staging rather than templated loads (reasoned, not measured): the GEMMs (gemm_cuda) are float32
+// only, so their operands would need float32 copies anyway, and W_hh is read at every step, so one
+// conversion per call beats converting on every read; the cost is about (N*I + G*H*(I+R) + N*R)
+// floats of scratch and two small launches per call, the overhead to measure first on a GPU (it
+// matters most for the cells, one step per call).
 // Forward, all on the caller's stream, no host synchronisation (the step loop only enqueues):
 //   1. xg = x @ W_ih^T for all N rows: one GEMM (gemm_cuda), into the workspace's activation
 //      columns (training) or the scratch (inference).
