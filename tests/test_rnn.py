@@ -5,6 +5,7 @@ seeded sweep (modes, layers, directions, batch_first, bias, initial states, leng
 under the same seed and with the right statistics), float64 gradcheck, poisoned outputs, numpy
 use, both CPU kernel builds, state_dict round trips, bad input (torch's exception class), and
 float16/bfloat16 on CUDA (float32 arithmetic) against torch in float32 on the upcast values."""
+import contextlib
 import os
 import random
 
@@ -19,16 +20,30 @@ from fastdl.ops import rnn as ops_rnn
 from helpers import assert_close, rand
 
 
+@contextlib.contextmanager
+def exact_cudnn():
+    """On a GPU, torch's cuDNN reference without TF32 (torch lets cuDNN use it for float32 RNNs by
+    default), as fastdl's CUDA kernels compute in exact float32. The flag is set inside torch's
+    mutation guard: torch.testing._internal (imported by test_rnn_db.py and others in the same
+    session) calls torch.backends.disable_global_flags(), after which a plain assignment raises."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    guard = torch.backends.__allow_nonbracketed_mutation
+    cudnn = torch.backends.cudnn
+    with guard():
+        old, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    try:
+        yield
+    finally:
+        with guard():
+            cudnn.allow_tf32 = old
+
+
 @pytest.fixture
 def device(device):
-    """conftest's device. On a GPU, torch's cuDNN reference runs without TF32 (torch lets cuDNN
-    use it for float32 RNNs by default), as fastdl's CUDA kernels compute in exact float32."""
-    if device == "cuda" and torch.cuda.is_available():
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        yield device
-        torch.backends.cudnn.allow_tf32 = old
-    else:
+    """conftest's device, with exact_cudnn()."""
+    with exact_cudnn():
         yield device
 
 
@@ -789,12 +804,10 @@ HALF = [torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def half_device(cuda_device):
-    """cuda_device with torch's float32 reference in exact float32 on a GPU (cuDNN would use TF32
-    for float32 RNNs by default, an error as large as float16's tolerance)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield cuda_device
-    torch.backends.cudnn.allow_tf32 = old
+    """cuda_device with exact_cudnn(): TF32 in torch's float32 reference would be an error as large
+    as float16's tolerance."""
+    with exact_cudnn():
+        yield cuda_device
 
 
 def half_pair(kind, input_size, hidden_size, dtype, device, **kw):
