@@ -65,7 +65,7 @@ def workspace_dtype(x):
 def _empty_acc(like, shape):
     """A buffer of workspace_dtype(like) (workspaces and scratch)."""
     if isinstance(like, np.ndarray):
-        return np.empty(shape, dtype=like.dtype)
+        return _empty(like, shape)
     import torch
     return torch.empty(shape, dtype=workspace_dtype(like), device=like.device)
 
