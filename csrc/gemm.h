@@ -8,6 +8,8 @@
 // Both back ends share this struct and these signatures so they cannot drift apart.
 #pragma once
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 
@@ -20,6 +22,27 @@ struct GemmParams {
   int64_t lda = 0, ldb = 0, ldc = 0;
   DType dtype = DType::Float32;
 };
+
+// GemmParams for a row-major C = op(A) op(B) + beta * C (alpha = 1) in element type T (float or
+// double). Leading dimensions below 1 become 1 (an empty operand's ld may be 0).
+template <class T>
+GemmParams gemm_params(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda,
+                       int64_t ldb, int64_t ldc, double beta) {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "gemm_params: float or double");
+  GemmParams g;
+  g.trans_a = ta;
+  g.trans_b = tb;
+  g.m = m;
+  g.n = n;
+  g.k = k;
+  g.lda = std::max<int64_t>(lda, 1);
+  g.ldb = std::max<int64_t>(ldb, 1);
+  g.ldc = std::max<int64_t>(ldc, 1);
+  g.beta = beta;
+  g.dtype = std::is_same<T, float>::value ? DType::Float32 : DType::Float64;
+  return g;
+}
 
 // Checks the sizes and leading dimensions (FASTDL_CHECK); shared by both back ends.
 inline void check_gemm_params(const GemmParams& p) {

@@ -8,7 +8,12 @@
 // bs[t] = B. Rows are contiguous. The reverse direction visits steps T-1 .. 0.
 // Weights in torch's layout and gate order: w_ih (G*H, I), w_hh (G*H, R), b_ih, b_hh (G*H),
 // w_hr (R, H) where G = 4 (LSTM i, f, g, o), 3 (GRU r, z, n) or 1, and R = proj_size or H.
+// Element types: the tensors' (p.dtype): float32/float64 on the CPU; float32, float16 or bfloat16
+// on CUDA. The saved workspace and every scratch are in the accumulation type: p.dtype on the CPU,
+// float32 on CUDA whatever the tensors' type.
 #pragma once
+#include <vector>
+
 #include "common.h"
 
 namespace fastdl {
@@ -38,10 +43,39 @@ struct RnnParams {
     for (int64_t t = 0; t < steps; ++t) n += batch_sizes[t];
     return n;
   }
+  bool half() const { return dtype == DType::Float16 || dtype == DType::BFloat16; }
 };
 
+// Row offsets of every step: off[t] = bs[0] + ... + bs[t-1]; off[T] = N.
+inline std::vector<int64_t> rnn_step_offsets(const RnnParams& p) {
+  std::vector<int64_t> off(p.steps + 1, 0);
+  for (int64_t t = 0; t < p.steps; ++t) off[t + 1] = off[t] + p.rows_at(t);
+  return off;
+}
+
+// CUDA with float16/bfloat16 tensors: the kernels run on float32 copies of the operands (converted
+// once per call) and write float32 results that are rounded once, at the end, to the tensors'
+// type. The copies live in the scratch after its float32 part ("stage"), each rounded up to 4
+// elements (16-byte aligned, for the GEMM's vector loads). Forward: x, w_ih, w_hh, b_ih, b_hh,
+// w_hr, h0, c0, then y, hn, cn. Backward: x, w_ih, w_hh, w_hr, dy, dhn, dcn, then dx, dh0, dc0,
+// dw_ih, dw_hh, db_ih, db_hh, dw_hr. Unused entries (no bias, no projection, not LSTM) take 0.
+inline int64_t rnn_stage_round(int64_t n) { return (n + 3) / 4 * 4; }
+inline int64_t rnn_cuda_stage_elements(const RnnParams& p, bool backward) {
+  if (!p.half()) return 0;
+  const int64_t n = p.total_rows(), gh = p.gates() * p.hidden_size, h = p.hidden_size;
+  const int64_t r = p.out_size(), b = p.batch;
+  const bool lstm = p.mode == RnnMode::Lstm;
+  const int64_t x = rnn_stage_round(n * p.input_size), w_ih = rnn_stage_round(gh * p.input_size);
+  const int64_t w_hh = rnn_stage_round(gh * r), bias = p.has_bias ? rnn_stage_round(gh) : 0;
+  const int64_t w_hr = p.proj_size > 0 ? rnn_stage_round(r * h) : 0;
+  const int64_t hs = rnn_stage_round(b * r), cs = lstm ? rnn_stage_round(b * h) : 0;
+  const int64_t y = rnn_stage_round(n * r);
+  if (!backward) return x + w_ih + w_hh + 2 * bias + w_hr + 2 * hs + 2 * cs + y;
+  return 2 * (x + w_ih + w_hh + w_hr + hs + cs + bias) + y;
+}
+
 // What the forward saves for the backward, as contiguous matrices of N rows in one buffer (the
-// caller allocates workspace_elements(p) elements of p.dtype; inference passes none):
+// caller allocates `total` elements of the accumulation type; inference passes none):
 //   act    (N, A)  activations: LSTM i, f, g, o (A = 4H); GRU r, z, n, W_hn h + b_hn (A = 4H);
 //                  RNN the new hidden state (A = H)
 //   hprev  (N, R)  the state each step started from (the right operand of dW_hh)
@@ -68,9 +102,10 @@ inline RnnWorkspace rnn_workspace_layout(const RnnParams& p) {
 
 // Scratch the backward needs (caller-allocated, scratch_elements): dgx (N, G*H) gate gradients
 // seen by the input side, dgh (N, G*H) by the hidden side (GRU only; else the same as dgx),
-// dht (N, R) total output gradient per step (projection only), dhpre (B, H) (projection only).
+// dht (N, R) total output gradient per step (projection only), dhpre (B, H) (projection only);
+// CUDA with float16/bfloat16 tensors: stage, the float32 copies (rnn_cuda_stage_elements).
 struct RnnScratch {
-  int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, total = 0;
+  int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, stage = 0, total = 0;
 };
 inline RnnScratch rnn_scratch_layout(const RnnParams& p) {
   const int64_t n = p.total_rows(), gh = p.gates() * p.hidden_size;
@@ -81,7 +116,24 @@ inline RnnScratch rnn_scratch_layout(const RnnParams& p) {
     s.dhpre = s.dht + n * p.proj_size;
     s.total = s.dhpre + p.batch * p.hidden_size;
   }
+  s.stage = rnn_stage_round(s.total);
+  if (p.half()) s.total = s.stage + rnn_cuda_stage_elements(p, true);
   return s;
+}
+
+// The backward's scratch as typed pointers (both back ends): dgh is dgx except for GRU; dht and
+// dhpre are null without a projection.
+template <class T>
+struct RnnBackwardBuffers {
+  T *dgx, *dgh, *dht, *dhpre;
+};
+template <class T>
+RnnBackwardBuffers<T> rnn_backward_buffers(const RnnParams& p, void* scratch) {
+  const RnnScratch S = rnn_scratch_layout(p);
+  T* sc = static_cast<T*>(scratch);
+  const bool proj = p.proj_size > 0;
+  return {sc + S.dgx, p.mode == RnnMode::Gru ? sc + S.dgh : sc + S.dgx,
+          proj ? sc + S.dht : nullptr, proj ? sc + S.dhpre : nullptr};
 }
 
 struct RnnWeights {
@@ -101,9 +153,10 @@ struct RnnForwardArgs {
 
 // Scratch of the CUDA forward (caller-allocated, `total` float elements): hh (B, G*H) the step's
 // recurrent product; hbuf (B, R) the second state buffer; inference only (training keeps them in
-// the workspace): xg (N, G*H) the input projection of every step, and with a projection hpre (B, H).
+// the workspace): xg (N, G*H) the input projection of every step, and with a projection hpre
+// (B, H); with float16/bfloat16 tensors: stage, the float32 copies (rnn_cuda_stage_elements).
 struct RnnCudaForwardScratch {
-  int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, total = 0;
+  int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, stage = 0, total = 0;
 };
 inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
   const int64_t gh = p.gates() * p.hidden_size;
@@ -114,6 +167,8 @@ inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p,
     s.hpre = s.total = s.xg + p.total_rows() * gh;
     if (p.proj_size > 0) s.total = s.hpre + p.batch * p.hidden_size;
   }
+  s.stage = rnn_stage_round(s.total);
+  if (p.half()) s.total = s.stage + rnn_cuda_stage_elements(p, false);
   return s;
 }
 
@@ -127,7 +182,8 @@ struct RnnBackwardArgs {
   void *dw_ih = nullptr, *dw_hh = nullptr, *db_ih = nullptr, *db_hh = nullptr, *dw_hr = nullptr;
 };
 
-// Checks sizes, batch_sizes and the mode/projection combination (FASTDL_CHECK).
+// Checks sizes, batch_sizes and the mode/projection combination (FASTDL_CHECK); each back end
+// checks its dtypes.
 inline void check_rnn_params(const RnnParams& p) {
   FASTDL_CHECK(p.mode == RnnMode::Tanh || p.mode == RnnMode::Relu || p.mode == RnnMode::Lstm ||
                    p.mode == RnnMode::Gru,
@@ -139,8 +195,6 @@ inline void check_rnn_params(const RnnParams& p) {
                                     p.proj_size < p.hidden_size),
                "rnn: proj_size=", p.proj_size, " needs LSTM and 0 < proj_size < hidden_size=",
                p.hidden_size);
-  FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float64,
-               "rnn: CPU supports float32 and float64, got ", dtype_name(p.dtype));
   if (p.batch_sizes) {
     for (int64_t t = 0; t < p.steps; ++t) {
       const int64_t prev = t == 0 ? p.batch : p.batch_sizes[t - 1];
@@ -157,9 +211,9 @@ inline void check_rnn_params(const RnnParams& p) {
 void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a);
 void rnn_backward_cpu(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a);
 
-// CUDA: float32, asynchronous on launch.stream (no host synchronisation inside; batch_sizes stays
-// a host array); the forward needs a.scratch (rnn_cuda_forward_scratch_layout). A cell is a layer
-// of one step (csrc/cuda/rnn.cu).
+// CUDA: float32, float16 and bfloat16 tensors (float32 arithmetic and state), asynchronous on
+// launch.stream (no host synchronisation inside; batch_sizes stays a host array); the forward needs
+// a.scratch (rnn_cuda_forward_scratch_layout). A cell is a layer of one step (csrc/cuda/rnn.cu).
 void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
                       const CudaLaunch& launch);
 void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,

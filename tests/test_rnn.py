@@ -3,14 +3,16 @@ outputs, final states and every gradient (input, initial states, all weights and
 seeded sweep (modes, layers, directions, batch_first, bias, initial states, lengths 1-40, batch
 1-16), PackedSequence with unsorted lengths, unbatched input, dropout (eval equal, train equal
 under the same seed and with the right statistics), float64 gradcheck, poisoned outputs, numpy
-use, both CPU kernel builds, state_dict round trips, and bad input (torch's exception class)."""
+use, both CPU kernel builds, state_dict round trips, bad input (torch's exception class), and
+float16/bfloat16 on CUDA (float32 arithmetic) against torch in float32 on the upcast values."""
+import contextlib
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastdl
 from fastdl import ops
@@ -18,26 +20,40 @@ from fastdl.ops import rnn as ops_rnn
 from helpers import assert_close, rand
 
 
+@contextlib.contextmanager
+def exact_cudnn():
+    """On a GPU, torch's cuDNN reference without TF32 (torch lets cuDNN use it for float32 RNNs by
+    default), as fastdl's CUDA kernels compute in exact float32. The flag is set inside torch's
+    mutation guard: torch.testing._internal (imported by test_rnn_db.py and others in the same
+    session) calls torch.backends.disable_global_flags(), after which a plain assignment raises."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    guard = torch.backends.__allow_nonbracketed_mutation
+    cudnn = torch.backends.cudnn
+    with guard():
+        old, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    try:
+        yield
+    finally:
+        with guard():
+            cudnn.allow_tf32 = old
+
+
 @pytest.fixture
 def device(device):
-    """conftest's device. On a GPU, torch's cuDNN reference runs without TF32 (torch lets cuDNN
-    use it for float32 RNNs by default), as fastdl's CUDA kernels compute in exact float32."""
-    if device == "cuda" and torch.cuda.is_available():
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        yield device
-        torch.backends.cudnn.allow_tf32 = old
-    else:
+    """conftest's device, with exact_cudnn()."""
+    with exact_cudnn():
         yield device
 
 
-# fastdl's CUDA recurrent kernels are float32 only: float64 cases run on the CPU alone.
-CUDA_F64 = "fastdl's CUDA recurrent kernels support float32 only (no float64 on CUDA)"
+# fastdl's CUDA recurrent kernels take float32, float16 and bfloat16: float64 cases run on the CPU.
+CUDA_F64 = "fastdl's CUDA recurrent kernels have no float64 (float32, float16, bfloat16 only)"
 NOTHING_TO_RUN = "an empty batch or an error raised while checking arguments runs no kernel"
 
 
 def float_for(device):
-    """The dtype of a case written in float64: float32 where CUDA has float32 only."""
+    """The dtype of a case written in float64: float32 where CUDA has no float64."""
     return torch.float32 if device == "cuda" else torch.float64
 
 
@@ -591,9 +607,9 @@ def test_bad_input(kind):
 @pytest.mark.no_launch(reason=NOTHING_TO_RUN)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_bad_input(cuda_device, kind):
-    """On CUDA: wrong sizes raise torch's exception class naming the argument; float64 and
-    float16/bfloat16 raise NotImplementedError (the CUDA kernels are float32 only, as the README
-    says); on a GPU, an h0 on the CPU with the input on CUDA raises like torch."""
+    """On CUDA: wrong sizes raise torch's exception class naming the argument; float64 raises
+    NotImplementedError (the CUDA kernels take float32, float16 and bfloat16, as the README says);
+    on a GPU, an h0 on the CPU with the input on CUDA raises like torch."""
     ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, device=cuda_device)
     R = ours.proj_size or 6
     lstm = kind.startswith("LSTM")
@@ -608,14 +624,15 @@ def test_cuda_bad_input(cuda_device, kind):
     same_error(lambda: ours(x, state(3, R + 1)), lambda: theirs(x, state(3, R + 1)),
                match="hidden")
     same_error(lambda: ours(x, state(4, R)), lambda: theirs(x, state(4, R)), match="hidden")
-    for dt in (torch.float64, torch.float16, torch.bfloat16):
-        m = type(ours)(4, 6, dtype=dt, device=cuda_device,
-                       **({"proj_size": R} if kind == "LSTM_PROJ" else {}),
-                       **({"nonlinearity": "relu"} if kind == "RNN_RELU" else {}))
-        with pytest.raises(NotImplementedError, match="supported dtypes on cuda are float32"):
-            m(rand(5, 3, 4, dtype=dt, device=cuda_device))
-        with pytest.raises(NotImplementedError, match="supported dtypes on cuda are float32"):
-            m(rand(5, 3, 4, dtype=dt, device=cuda_device), state(3, R, dt))
+    dt = torch.float64
+    m = type(ours)(4, 6, dtype=dt, device=cuda_device,
+                   **({"proj_size": R} if kind == "LSTM_PROJ" else {}),
+                   **({"nonlinearity": "relu"} if kind == "RNN_RELU" else {}))
+    want = "supported dtypes on cuda are float32, float16, bfloat16"
+    with pytest.raises(NotImplementedError, match=want):
+        m(rand(5, 3, 4, dtype=dt, device=cuda_device))
+    with pytest.raises(NotImplementedError, match=want):
+        m(rand(5, 3, 4, dtype=dt, device=cuda_device), state(3, R, dt))
     if not fastdl.cuda.is_emulated():  # emulated 'cuda' tensors live on the CPU already
         same_error(lambda: ours(x, state(3, R, device="cpu")),
                    lambda: theirs(x, state(3, R, device="cpu")), match="device")
@@ -773,3 +790,241 @@ def test_sigmoid_underflow_gives_zero(name, H):
         oa, ob = ours(x, hx), theirs(x, hx)
     for u, v in zip(oa if isinstance(oa, tuple) else (oa,), ob if isinstance(ob, tuple) else (ob,)):
         assert_close(u, v, reduction=3, what=f"{name} H={H} with an underflowing gate")
+
+
+# ---- float16 / bfloat16 on CUDA ----------------------------------------------------------------
+# The CUDA kernels take float16/bfloat16 tensors (a model .half()ed on CUDA) and compute in float32:
+# operands converted once per call, the recurrent state carried in float32, each result rounded
+# once to the tensor's type. Checked as tests/test_conv.py checks its half cases: against torch in
+# float32 on the same (upcast) values, with the table's half tolerance. Between layers (and
+# directions' summed input gradients) the values are rounded to the tensor's type, as cuDNN does.
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def half_device(cuda_device):
+    """cuda_device with exact_cudnn(): TF32 in torch's float32 reference would be an error as large
+    as float16's tolerance."""
+    with exact_cudnn():
+        yield cuda_device
+
+
+def half_pair(kind, input_size, hidden_size, dtype, device, **kw):
+    """A fastdl module in `dtype` and a torch module in float32 holding the same (rounded)
+    values."""
+    ours, theirs = make_pair(kind, input_size, hidden_size, dtype=torch.float32, device=device,
+                             **kw)
+    ours.to(dtype)
+    theirs.load_state_dict(ours.state_dict())  # the rounded values, upcast
+    return ours, theirs
+
+
+def _half_args(xs, up):
+    """Fresh leaves requiring grad: clones (up=False) or float32 copies (up=True) of xs."""
+    out = []
+    for x in xs:
+        if isinstance(x, PackedSequence):
+            d = (x.data.float() if up else x.data.clone()).requires_grad_()
+            out.append(PackedSequence(d, x.batch_sizes, x.sorted_indices, x.unsorted_indices))
+        elif isinstance(x, tuple):
+            out.append(tuple(_half_args(x, up)))
+        else:
+            out.append((x.float() if up else x.clone()).requires_grad_())
+    return out
+
+
+def _grad_leaves(xs):
+    for x in xs:
+        if isinstance(x, PackedSequence):
+            yield x.data
+        elif isinstance(x, tuple):
+            yield from _grad_leaves(x)
+        else:
+            yield x
+
+
+def check_half(ours, theirs, args, dtype, *, reduction, what):
+    """ours(*args) in `dtype` against theirs(*upcast args) in float32: every output and, under one
+    random upstream gradient per output (rounded to dtype), the gradients of every tensor argument
+    and parameter, each in `dtype`."""
+    a, b = _half_args(args, False), _half_args(args, True)
+    fa, fb = ours(*a), theirs(*b)
+    if isinstance(ours, torch.nn.RNNCellBase):
+        fa, fb = ([o] if torch.is_tensor(o) else list(o) for o in (fa, fb))
+    else:
+        fa, fb = flat(fa), flat(fb)
+    for i, (u, v) in enumerate(zip(fa, fb)):
+        assert u.dtype == dtype, f"{what}: output {i} is {u.dtype}"
+        assert_close(u, v, dtype=dtype, reduction=reduction, what=f"{what}: output {i}")
+    gs = [torch.randn(v.shape).to(dtype).to(v.device) for v in fb]
+    torch.autograd.backward(fa, gs)
+    torch.autograd.backward(fb, [g.float() for g in gs])
+    pairs = list(zip(_grad_leaves(a), _grad_leaves(b)))
+    pairs += list(zip(ours.parameters(), theirs.parameters()))
+    for i, (u, v) in enumerate(pairs):
+        assert u.grad is not None, f"{what}: no gradient for tensor {i}"
+        assert u.grad.dtype == dtype, f"{what}: gradient {i} is {u.grad.dtype}"
+        assert_close(u.grad, v.grad, dtype=dtype, reduction=4 * reduction,
+                     what=f"{what}: grad of tensor {i}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_half_layers(half_device, kind, dtype):
+    """Each mode, two layers, both directions, with initial states; T, B, I, H small (emulation)."""
+    T, B, I, H = 4, 3, 5, 12
+    ours, theirs = half_pair(kind, I, H, dtype, half_device, num_layers=2, bidirectional=True)
+    R = ours.proj_size or H
+    x = rand(T, B, I, device=half_device).to(dtype)
+    h0 = rand(4, B, R, device=half_device).to(dtype)
+    hx = (h0, rand(4, B, H, device=half_device).to(dtype)) if kind.startswith("LSTM") else h0
+    check_half(ours, theirs, (x, hx), dtype, reduction=2 * max(T, I, H),
+               what=f"{kind} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("kind", ["RNN_RELU", "LSTM_PROJ", "GRU"])
+def test_cuda_half_packed(half_device, kind, dtype):
+    """PackedSequence with unsorted lengths, both directions, no initial state, batch_first."""
+    lengths, I, H = [2, 5, 1], 3, 8
+    ours, theirs = half_pair(kind, I, H, dtype, half_device, bidirectional=True,
+                             batch_first=True)
+    padded = rand(len(lengths), max(lengths), I, device=half_device).to(dtype)
+    packed = pack_padded_sequence(padded, torch.tensor(lengths), batch_first=True,
+                                  enforce_sorted=False)
+    check_half(ours, theirs, (packed,), dtype, reduction=max(lengths + [I, H]),
+               what=f"packed {kind} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("name,kw", CELLS)
+def test_cuda_half_cells(half_device, name, kw, dtype):
+    B, I, H = 3, 7, 10
+    ours = getattr(fastdl.nn, name)(I, H, device=half_device, **kw).to(dtype)
+    theirs = getattr(torch.nn, name)(I, H, device=half_device, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    x = rand(B, I, device=half_device).to(dtype)
+    h = rand(B, H, device=half_device).to(dtype)
+    hx = (h, rand(B, H, device=half_device).to(dtype)) if name == "LSTMCell" else h
+    check_half(ours, theirs, (x, hx), dtype, reduction=max(I, H), what=f"{name} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_cuda_half_ops_workspace_and_inference(half_device, dtype):
+    """fastdl.ops on float16/bfloat16: outputs in the tensors' type, the saved workspace in float32
+    (the state the backward reads is not rounded); inference (nothing saved) gives the same
+    results as training; a workspace of the wrong type is refused."""
+    T, B, I, H = 3, 2, 4, 8
+    x, h0, c0 = (rand(*s, device=half_device).to(dtype) for s in ((T, B, I), (B, H), (B, H)))
+    w_ih, w_hh, b_ih, b_hh = (rand(*s, device=half_device).to(dtype)
+                              for s in ((4 * H, I), (4 * H, H), (4 * H,), (4 * H,)))
+    y, hn, cn, ws = ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    assert y.dtype == hn.dtype == cn.dtype == dtype and ws.dtype == torch.float32
+    assert not (y.isnan().any() or hn.isnan().any() or cn.isnan().any())
+    y2, hn2, cn2, ws2 = ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, training=False)
+    assert ws2 is None
+    for u, v in ((y, y2), (hn, hn2), (cn, cn2)):
+        assert torch.equal(u, v)
+    ref = torch.nn.LSTM(I, H, device=half_device)
+    with torch.no_grad():
+        for p, v in zip(ref.parameters(), (w_ih, w_hh, b_ih, b_hh)):
+            p.copy_(v)
+    yr, (hr, cr) = ref(x.float(), (h0.float()[None], c0.float()[None]))
+    assert_close(y, yr, dtype=dtype, reduction=max(T, I, H), what="output")
+    assert_close(cn, cr[0], dtype=dtype, reduction=max(T, I, H), what="c_n")
+    g = ops.lstm_layer_backward(torch.randn(T, B, H).to(dtype).to(half_device), None, None, x,
+                                h0, c0, w_ih, w_hh, ws)
+    assert all(t.dtype == dtype and not t.isnan().any() for t in g[:7])
+    with pytest.raises(RuntimeError, match="workspace"):  # a workspace of the tensors' own type
+        ops.lstm_layer_backward(None, hn, None, x, h0, c0, w_ih, w_hh, ws.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("mode,proj", [(ops_rnn.RELU, 0), (ops_rnn.LSTM, 3), (ops_rnn.GRU, 0)])
+def test_cuda_half_is_float32_rounded_once(half_device, mode, proj, dtype):
+    """The half path is the float32 path on the upcast values with each result rounded once:
+    bitwise equal to fastdl's own float32 call on the same values (packed, reverse direction), for
+    the outputs, the saved workspace and every gradient. So the state is carried in float32 and
+    nothing is rounded in between."""
+    bs, I, H = torch.tensor([3, 3, 2, 1]), 4, 8
+    B, N, G, R = 3, int(bs.sum()), ops_rnn._GATES[mode], proj or H
+    lstm = mode == ops_rnn.LSTM
+    shapes = dict(x=(N, I), h0=(B, R), c0=(B, H) if lstm else None, w_ih=(G * H, I),
+                  w_hh=(G * H, R), b_ih=(G * H,), b_hh=(G * H,), w_hr=(R, H) if proj else None,
+                  gy=(N, R), ghn=(B, R), gcn=(B, H) if lstm else None)
+    half = {k: None if s is None else rand(*s, device=half_device).to(dtype)
+            for k, s in shapes.items()}
+    runs = []
+    for t in (half, {k: None if v is None else v.float() for k, v in half.items()}):
+        fwd = ops_rnn.recurrent_layer_forward(
+            mode, t["x"], t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], cx=t["c0"],
+            weight_hr=t["w_hr"], batch_sizes=bs, reverse=True)
+        bwd = ops_rnn.recurrent_layer_backward(
+            mode, t["gy"], t["ghn"], t["x"], t["h0"], t["w_ih"], t["w_hh"], fwd[3],
+            grad_cn=t["gcn"], cx=t["c0"], weight_hr=t["w_hr"], batch_sizes=bs, reverse=True)
+        runs.append(list(fwd) + list(bwd))
+    names = ["y", "h_n", "c_n", "workspace", "grad_input", "grad_hx", "grad_cx", "grad_weight_ih",
+             "grad_weight_hh", "grad_bias_ih", "grad_bias_hh", "grad_weight_hr"]
+    for name, u, v in zip(names, *runs):
+        assert (u is None) == (v is None), name
+        if u is not None:
+            want = v if name == "workspace" else v.to(dtype)
+            assert u.dtype == want.dtype and torch.equal(u, want), f"{name} ({dtype}, mode {mode})"
+
+
+@pytest.mark.no_launch(reason=NOTHING_TO_RUN)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_half_mixed_dtypes(cuda_device, kind):
+    """float16 input with float32 weights (and the reverse, and a bfloat16 state with float16
+    input) raise torch's exception class naming the argument, before any launch."""
+    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32, device=cuda_device)
+    x = rand(5, 3, 4, device=cuda_device)
+    same_error(lambda: ours(x.half()), lambda: theirs(x.half()), match="input")
+    ours.half()
+    theirs.half()
+    same_error(lambda: ours(x), lambda: theirs(x), match="input")
+    R = ours.proj_size or 6
+    h = rand(1, 3, R, device=cuda_device).to(torch.bfloat16)
+    hx = (h, rand(1, 3, 6, device=cuda_device).half()) if kind.startswith("LSTM") else h
+    with pytest.raises(RuntimeError, match="hx"):
+        ours(x.half(), hx)
+    w = rand(4 * 6, 4, device=cuda_device).half()
+    with pytest.raises(RuntimeError, match="weight_hh"):
+        ops.lstm_layer_forward(rand(2, 3, 4, device=cuda_device).half(),
+                               rand(3, 6, device=cuda_device).half(),
+                               rand(3, 6, device=cuda_device).half(), w,
+                               rand(4 * 6, 6, device=cuda_device))
+    cell = fastdl.nn.GRUCell(4, 6, device=cuda_device)
+    same_error(lambda: cell(rand(3, 4, device=cuda_device).half()),
+               lambda: torch.nn.GRUCell(4, 6, device=cuda_device)(
+                   rand(3, 4, device=cuda_device).half()), match="dtype")
+
+
+def test_half_support_table(monkeypatch):
+    """fastdl._support (fastdl.nn.convert's and patch's per-call decision): rnn serves float16 and
+    bfloat16 on CUDA (when this build has CUDA rnn kernels); on the CPU they stay torch's."""
+    from fastdl import _support
+    monkeypatch.setattr(_support, "_cuda_cache", {"rnn": True})
+    cuda = torch.device("cuda", 0)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert _support.why_not("rnn", cuda, dt) is None
+    assert _support.why_not("rnn", cuda, torch.float64) == (
+        "float64 on cuda: fastdl's rnn kernels take float32/float16/bfloat16")
+    assert _support.why_not("rnn", "cpu", torch.float16) == (
+        "float16 on cpu: fastdl's rnn kernels take float32/float64")
+
+
+def test_cpu_half_unchanged():
+    """CPU float16/bfloat16 stay outside fastdl: the modules raise NotImplementedError (as before),
+    and a converted model falls back to torch for them."""
+    for dt in (torch.float16, torch.bfloat16):
+        m = fastdl.nn.LSTM(3, 4, dtype=dt)
+        with pytest.raises(NotImplementedError, match="supported dtypes on cpu are float32"):
+            m(rand(2, 1, 3).to(dt))
+    net = fastdl.nn.convert(torch.nn.Sequential(torch.nn.GRU(3, 4)))[0].half()
+    assert isinstance(net[0], fastdl.nn.GRU)
+    ref = torch.nn.GRU(3, 4).half()
+    ref.load_state_dict(net[0].state_dict())
+    x = rand(2, 1, 3).half()
+    assert torch.equal(net[0](x)[0], ref(x)[0])

@@ -1,6 +1,7 @@
 // Internal to the CPU convolution files (csrc/cpu/conv*.cpp), compiled once per ISA inside
 // fastdl::FASTDL_ISA_NS: the per-algorithm kernels that csrc/cpu/conv.cpp dispatches to, and the
-// small helpers they share. Pointers are typed; params are already checked.
+// small helpers they share (gemm_params<T> comes from csrc/gemm.h). Pointers are typed; params are
+// already checked.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -111,24 +112,6 @@ template <class T>
 void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>
 void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
-
-// GemmParams for a row-major C = op(A) op(B) + beta * C in this build's element type.
-template <class T>
-GemmParams gemm_params(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda,
-                       int64_t ldb, int64_t ldc, double beta) {
-  GemmParams g;
-  g.trans_a = ta;
-  g.trans_b = tb;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.lda = lda;
-  g.ldb = ldb;
-  g.ldc = ldc;
-  g.beta = beta;
-  g.dtype = sizeof(T) == 4 ? DType::Float32 : DType::Float64;
-  return g;
-}
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl

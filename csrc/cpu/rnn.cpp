@@ -56,23 +56,11 @@ namespace {
 // Per-thread scratch, owned by the calling thread (the step loop runs on the caller's thread).
 thread_local ScratchBuffer tl_xg, tl_hh;
 
-// c (m x n, ldc) = alpha * op(a) op(b) + beta * c, on fastdl's GEMM.
+// c (m x n, ldc) = op(a) op(b) + beta * c, on fastdl's GEMM.
 template <class T>
 void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
         int64_t ldb, T* c, int64_t ldc, double beta) {
-  GemmParams g;
-  g.trans_a = ta;
-  g.trans_b = tb;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.alpha = 1.0;
-  g.beta = beta;
-  g.lda = std::max<int64_t>(lda, 1);
-  g.ldb = std::max<int64_t>(ldb, 1);
-  g.ldc = std::max<int64_t>(ldc, 1);
-  g.dtype = std::is_same<T, float>::value ? DType::Float32 : DType::Float64;
-  gemm(g, a, b, c);
+  gemm(gemm_params<T>(ta, tb, m, n, k, lda, ldb, ldc, beta), a, b, c);
 }
 
 // Pairs (row, unit) of a rows x units block, in chunks for the threads; f(row, u0, u1).
@@ -91,13 +79,6 @@ void for_units(int64_t rows, int64_t units, const F& f) {
 template <class T>
 T bias_at(const T* b, int64_t i) {
   return b ? b[i] : T(0);
-}
-
-// Row offsets of every step: off[t] = bs[0] + ... + bs[t-1]; off[T] = N.
-std::vector<int64_t> step_offsets(const RnnParams& p) {
-  std::vector<int64_t> off(p.steps + 1, 0);
-  for (int64_t t = 0; t < p.steps; ++t) off[t + 1] = off[t] + p.rows_at(t);
-  return off;
 }
 
 // ---- forward -----------------------------------------------------------------------------------
@@ -431,7 +412,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
   if (lstm) std::memcpy(cs, a.c0, sizeof(T) * B * H);
   if (p.steps == 0 || B == 0) return;
 
-  const std::vector<int64_t> off = step_offsets(p);
+  const std::vector<int64_t> off = rnn_step_offsets(p);
   const RnnWorkspace L = rnn_workspace_layout(p);
   T* ws = static_cast<T*>(a.workspace);
   T* act = ws ? ws + L.act : nullptr;
@@ -682,16 +663,12 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   const bool lstm = p.mode == RnnMode::Lstm, gru = p.mode == RnnMode::Gru;
   const bool proj = p.proj_size > 0, relu = p.mode == RnnMode::Relu;
   const RnnWorkspace L = rnn_workspace_layout(p);
-  const RnnScratch S = rnn_scratch_layout(p);
   const T* ws = static_cast<const T*>(a.workspace);
-  T* sc = static_cast<T*>(a.scratch);
   const T* dy = static_cast<const T*>(a.dy);
   const T* w_hh = static_cast<const T*>(w.w_hh);
   const T* w_hr = static_cast<const T*>(w.w_hr);
-  T* dgx = sc + S.dgx;
-  T* dgh = gru ? sc + S.dgh : dgx;
-  T* dht = proj ? sc + S.dht : nullptr;
-  T* dhpre = proj ? sc + S.dhpre : nullptr;
+  const RnnBackwardBuffers<T> sb = rnn_backward_buffers<T>(p, a.scratch);
+  T *dgx = sb.dgx, *dgh = sb.dgh, *dht = sb.dht, *dhpre = sb.dhpre;
   T* dhs = static_cast<T*>(a.dh0);
   T* dcs = lstm ? static_cast<T*>(a.dc0) : nullptr;
   if (a.dhn) std::memcpy(dhs, a.dhn, sizeof(T) * B * R);
@@ -700,7 +677,7 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     if (a.dcn) std::memcpy(dcs, a.dcn, sizeof(T) * B * H);
     else std::fill(dcs, dcs + B * H, T(0));
   }
-  const std::vector<int64_t> off = step_offsets(p);
+  const std::vector<int64_t> off = rnn_step_offsets(p);
   // GRU's direct term dh * z goes to a second buffer: dhs is still being read by other units.
   T* direct = gru ? static_cast<T*>(tl_xg.get(sizeof(T) * B * R)) : nullptr;
 
@@ -739,16 +716,22 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     mm<T>(true, false, R, H, N, dht, R, ws + L.hpre, H, static_cast<T*>(a.dw_hr), H, 0.0);
 }
 
+void check_cpu_dtype(const RnnParams& p) {
+  check_rnn_params(p);
+  FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float64,
+               "rnn: CPU supports float32 and float64, got ", dtype_name(p.dtype));
+}
+
 }  // namespace
 
 void rnn_forward(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
-  check_rnn_params(p);
+  check_cpu_dtype(p);
   if (p.dtype == DType::Float32) forward_typed<float>(p, w, a);
   else forward_typed<double>(p, w, a);
 }
 
 void rnn_backward(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
-  check_rnn_params(p);
+  check_cpu_dtype(p);
   FASTDL_CHECK(a.workspace && a.scratch, "rnn backward: needs the forward's workspace and scratch");
   if (p.dtype == DType::Float32) backward_typed<float>(p, w, a);
   else backward_typed<double>(p, w, a);

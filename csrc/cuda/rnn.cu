@@ -1,7 +1,18 @@
-// Recurrent layers on CUDA (float32): one layer and one direction of torch.nn.RNN (tanh, relu),
-// torch.nn.LSTM (with proj_size) and torch.nn.GRU per call, forward and backward through time, in
-// the packed time-major layout of csrc/rnn.h (PackedSequence.data; batch_sizes a host array). The
-// cells are layers of one step. Gate arithmetic is csrc/rnn_math.h, shared with the CPU kernels.
+// Recurrent layers on CUDA: one layer and one direction of torch.nn.RNN (tanh, relu), torch.nn.LSTM
+// (with proj_size) and torch.nn.GRU per call, forward and backward through time, in the packed
+// time-major layout of csrc/rnn.h (PackedSequence.data; batch_sizes a host array). The cells are
+// layers of one step. Gate arithmetic is csrc/rnn_math.h, shared with the CPU kernels.
+// Element types: float32, and float16/bfloat16 tensors (a model .half()ed on CUDA) with float32
+// arithmetic and state. For the half types the entry points stage: one launch converts every
+// operand (x, weights, biases, initial states, upstream gradients) into float32 copies in the
+// caller's scratch, the float32 body below runs unchanged, and one launch rounds each result (y,
+// h_n, c_n; the input, state and parameter gradients) once to the tensors' type. The saved
+// workspace is float32, so the backward reads the state exactly as the forward carried it. Why
+// staging rather than templated loads (reasoned, not measured): the GEMMs (gemm_cuda) are float32
+// only, so their operands would need float32 copies anyway, and W_hh is read at every step, so one
+// conversion per call beats converting on every read; the cost is about (N*I + G*H*(I+R) + N*R)
+// floats of scratch and two small launches per call, the overhead to measure first on a GPU (it
+// matters most for the cells, one step per call).
 // Forward, all on the caller's stream, no host synchronisation (the step loop only enqueues):
 //   1. xg = x @ W_ih^T for all N rows: one GEMM (gemm_cuda), into the workspace's activation
 //      columns (training) or the scratch (inference).
@@ -25,13 +36,14 @@
 // dW_hr = dht^T hpre, dx = dg W_ih), and the biases are column sums of dg by a deterministic
 // reduction (fixed order, no atomics): 32 columns per block, 8 row strides, then a fixed tree.
 // GEMMs run in exact float32 (no TF32): the recurrence compounds rounding over the steps.
-// Not done: float16/bfloat16 inputs (gemm_cuda is float32 only); a persistent kernel keeping W_hh
-// on chip across steps (the emulation runs blocks one after another, so a multi-block persistent
-// kernel with a grid barrier cannot run there; one block is too little of an H100 for H >= 128);
-// a small-batch kernel for the backward's dh product. None of it measured on a GPU yet.
-// ptxas (nvcc 13, sm_90 / sm_75, after the packed-rows change): fused step 72 / 79 registers and
+// Not done: tensor-core GEMMs for the half types (they run the exact float32 path on the copies);
+// a persistent kernel keeping W_hh on chip across steps (the emulation runs blocks one after
+// another, so a multi-block persistent kernel with a grid barrier cannot run there; one block is
+// too little of an H100 for H >= 128); a small-batch kernel for the backward's dh product. None
+// of it measured on a GPU yet.
+// ptxas (nvcc 13, sm_90 / sm_75, with the half-type staging): fused step 72 / 79 registers and
 // 16.5 KB shared, forward gate kernel 74 / 73, backward gate kernel 32 / 34, copy and column sums
-// 32-44; no spills.
+// 32-44, the four conversion kernels 13-14 / 12-24; no spills.
 // Per-step grids of the benchmark shapes (input, hidden, batch, steps), unmeasured (review item 2:
 // the step GEMMs get gemm_cuda's 64 x 64 tiles, one block each; an H100/H200 has 132 SMs):
 //   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 blocks + gate kernel 16 blocks;
@@ -47,6 +59,10 @@
 // __CUDA_ARCH__ branch (expf/tanhf), which CI never runs.
 // Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py and
 // fastdl-bench --device cuda (suite rnn, against cuDNN).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -69,19 +85,7 @@ inline unsigned int blocks_for(int64_t n) {
 // c (m x n, ldc) = op(a) op(b) + beta * c on fastdl's CUDA GEMM, exact float32.
 void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
         const float* b, int64_t ldb, float* c, int64_t ldc, double beta, const CudaLaunch& l) {
-  GemmParams g;
-  g.trans_a = ta;
-  g.trans_b = tb;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.alpha = 1.0;
-  g.beta = beta;
-  g.lda = lda > 1 ? lda : 1;
-  g.ldb = ldb > 1 ? ldb : 1;
-  g.ldc = ldc > 1 ? ldc : 1;
-  g.dtype = DType::Float32;
-  gemm_cuda(g, a, b, c, l, false);
+  gemm_cuda(gemm_params<float>(ta, tb, m, n, k, lda, ldb, ldc, beta), a, b, c, l, false);
 }
 
 __device__ __forceinline__ float bias_at(const float* b, int64_t i) { return b ? b[i] : 0.f; }
@@ -312,15 +316,10 @@ void column_sums(const float* g, int64_t n, int64_t cols, float* out, cudaStream
   FASTDL_CUDA_CHECK_LAUNCH();
 }
 
-std::vector<int64_t> step_offsets(const RnnParams& p) {
-  std::vector<int64_t> off(p.steps + 1, 0);
-  for (int64_t t = 0; t < p.steps; ++t) off[t + 1] = off[t] + p.rows_at(t);
-  return off;
-}
-
 void check_cuda_params(const RnnParams& p) {
   check_rnn_params(p);
-  FASTDL_CHECK(p.dtype == DType::Float32, "rnn: CUDA supports float32, got ", dtype_name(p.dtype));
+  FASTDL_CHECK(p.dtype == DType::Float32 || p.half(),
+               "rnn: CUDA supports float32, float16 and bfloat16, got ", dtype_name(p.dtype));
   const int64_t lim = int64_t(1) << 31;
   FASTDL_CHECK(p.batch < lim && p.hidden_size * 4 < lim && p.input_size < lim,
                "rnn: CUDA sizes must be below 2^31");
@@ -331,15 +330,94 @@ void check_cuda_params(const RnnParams& p) {
                "below 2^31, got ", n);
 }
 
-}  // namespace
+// ---- float16/bfloat16 tensors: float32 copies in, results rounded once on the way out ----------
 
-void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
-                      const CudaLaunch& launch) {
-  check_cuda_params(p);
+__device__ __forceinline__ void convert(__half x, float& y) { y = __half2float(x); }
+__device__ __forceinline__ void convert(__nv_bfloat16 x, float& y) { y = __bfloat162float(x); }
+__device__ __forceinline__ void convert(float x, __half& y) { y = __float2half_rn(x); }
+__device__ __forceinline__ void convert(float x, __nv_bfloat16& y) { y = __float2bfloat16_rn(x); }
+
+// Up to kMaxCopies arrays converted by one launch: blockIdx.y picks the array, a grid-stride loop
+// over blockIdx.x covers it.
+constexpr int kMaxCopies = 8;
+struct Copies {
+  const void* src[kMaxCopies];
+  void* dst[kMaxCopies];
+  int64_t n[kMaxCopies];
+  int count = 0;
+};
+
+template <class From, class To>
+__global__ void __launch_bounds__(kThreads) convert_kernel(Copies c) {
+  const From* src = static_cast<const From*>(c.src[blockIdx.y]);
+  To* dst = static_cast<To*>(c.dst[blockIdx.y]);
+  const int64_t n = c.n[blockIdx.y];
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    convert(src[i], dst[i]);
+}
+
+// The float32 copies of one call, carved in order from the scratch's stage region (csrc/rnn.h,
+// rnn_cuda_stage_elements: the same order and rounding): in() stages an operand, out() a result;
+// null stays null. Every pointer is taken before anything is launched, so an overflow (a layout
+// mismatch) throws with nothing written.
+class Stage {
+ public:
+  Stage(float* base, int64_t capacity) : base_(base), cap_(capacity) {}
+  const float* in(const void* src, int64_t n) {
+    if (!src) return nullptr;
+    float* d = take(n);
+    add(in_, src, d, n);
+    return d;
+  }
+  float* out(void* dst, int64_t n) {
+    if (!dst) return nullptr;
+    float* d = take(n);
+    add(out_, d, dst, n);
+    return d;
+  }
+  void convert_in(DType t, cudaStream_t s) const {
+    if (t == DType::Float16) run<__half, float>(in_, s);
+    else run<__nv_bfloat16, float>(in_, s);
+  }
+  void convert_out(DType t, cudaStream_t s) const {
+    if (t == DType::Float16) run<float, __half>(out_, s);
+    else run<float, __nv_bfloat16>(out_, s);
+  }
+
+ private:
+  float* take(int64_t n) {
+    const int64_t r = rnn_stage_round(n);
+    FASTDL_CHECK(used_ + r <= cap_, "rnn (CUDA): internal: the float32 staging needs more than ",
+                 cap_, " elements");
+    float* d = base_ + used_;
+    used_ += r;
+    return d;
+  }
+  static void add(Copies& c, const void* src, void* dst, int64_t n) {
+    FASTDL_CHECK(c.count < kMaxCopies, "rnn (CUDA): internal: too many staged arrays");
+    if (n <= 0) return;
+    c.src[c.count] = src;
+    c.dst[c.count] = dst;
+    c.n[c.count++] = n;
+  }
+  template <class From, class To>
+  static void run(const Copies& c, cudaStream_t s) {
+    if (c.count == 0) return;
+    const int64_t most = *std::max_element(c.n, c.n + c.count);
+    FASTDL_LAUNCH(dim3(blocks_for(most), c.count), kThreads, 0, s, convert_kernel<From, To>)(c);
+    FASTDL_CUDA_CHECK_LAUNCH();
+  }
+  float* base_;
+  int64_t cap_, used_ = 0;
+  Copies in_, out_;
+};
+
+// ---- float32 bodies (the tensors' own buffers, or the staged copies) ----------------------------
+
+void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
+                 const CudaLaunch& launch, cudaStream_t stream) {
   const bool training = a.workspace != nullptr;
-  FASTDL_CHECK(a.scratch, "rnn forward (CUDA): needs the scratch buffer");
-  CudaDeviceGuard guard(launch.device);
-  cudaStream_t stream = as_stream(launch.stream);
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
   const int64_t GH = p.gates() * H, N = p.total_rows();
   const bool lstm = p.mode == RnnMode::Lstm, proj = p.proj_size > 0;
@@ -352,7 +430,7 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
                                       stream));
   if (p.steps == 0 || B == 0) return;
 
-  const std::vector<int64_t> off = step_offsets(p);
+  const std::vector<int64_t> off = rnn_step_offsets(p);
   const RnnWorkspace L = rnn_workspace_layout(p);
   const RnnCudaForwardScratch S = rnn_cuda_forward_scratch_layout(p, training);
   float* ws = static_cast<float*>(a.workspace);
@@ -427,28 +505,19 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
                                       cudaMemcpyDeviceToDevice, stream));
 }
 
-void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
-                       const CudaLaunch& launch) {
-  check_cuda_params(p);
-  FASTDL_CHECK(a.workspace && a.scratch,
-               "rnn backward (CUDA): needs the forward's workspace and scratch");
-  CudaDeviceGuard guard(launch.device);
-  cudaStream_t stream = as_stream(launch.stream);
+void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
+                  const CudaLaunch& launch, cudaStream_t stream) {
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
   const int64_t GH = p.gates() * H, N = p.total_rows();
   const bool lstm = p.mode == RnnMode::Lstm, gru = p.mode == RnnMode::Gru;
   const bool proj = p.proj_size > 0;
   const RnnWorkspace L = rnn_workspace_layout(p);
-  const RnnScratch S = rnn_scratch_layout(p);
   const float* ws = static_cast<const float*>(a.workspace);
-  float* sc = static_cast<float*>(a.scratch);
   const float* dy = static_cast<const float*>(a.dy);
   const float* w_hh = static_cast<const float*>(w.w_hh);
   const float* w_hr = static_cast<const float*>(w.w_hr);
-  float* dgx = sc + S.dgx;
-  float* dgh = gru ? sc + S.dgh : dgx;
-  float* dht = proj ? sc + S.dht : nullptr;
-  float* dhpre = proj ? sc + S.dhpre : nullptr;
+  const RnnBackwardBuffers<float> sb = rnn_backward_buffers<float>(p, a.scratch);
+  float *dgx = sb.dgx, *dgh = sb.dgh, *dht = sb.dht, *dhpre = sb.dhpre;
   float* dhs = static_cast<float*>(a.dh0);
   float* dcs = lstm ? static_cast<float*>(a.dc0) : nullptr;
   if (a.dhn)
@@ -464,7 +533,7 @@ void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwar
       FASTDL_CUDA_CHECK(cudaMemsetAsync(dcs, 0, sizeof(float) * B * H, stream));
   }
   if (p.steps == 0 || B == 0) return;
-  const std::vector<int64_t> off = step_offsets(p);
+  const std::vector<int64_t> off = rnn_step_offsets(p);
 
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? s : p.steps - 1 - s;
@@ -508,6 +577,73 @@ void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwar
   if (a.db_hh) column_sums(dgh, N, GH, static_cast<float*>(a.db_hh), stream);
   if (a.dw_hr && proj)
     mm(true, false, R, H, N, dht, R, ws + L.hpre, H, static_cast<float*>(a.dw_hr), H, 0.0, launch);
+}
+
+}  // namespace
+
+void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
+                      const CudaLaunch& launch) {
+  check_cuda_params(p);
+  FASTDL_CHECK(a.scratch, "rnn forward (CUDA): needs the scratch buffer");
+  CudaDeviceGuard guard(launch.device);
+  cudaStream_t stream = as_stream(launch.stream);
+  if (!p.half()) return forward_f32(p, w, a, launch, stream);
+  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
+  const int64_t GH = p.gates() * H, N = p.total_rows();
+  const bool lstm = p.mode == RnnMode::Lstm;
+  const int64_t at = rnn_cuda_forward_scratch_layout(p, a.workspace != nullptr).stage;
+  Stage st(static_cast<float*>(a.scratch) + at, rnn_cuda_stage_elements(p, false));
+  RnnWeights w32;
+  w32.w_ih = st.in(w.w_ih, GH * I);
+  w32.w_hh = st.in(w.w_hh, GH * R);
+  w32.b_ih = st.in(w.b_ih, GH);
+  w32.b_hh = st.in(w.b_hh, GH);
+  w32.w_hr = st.in(w.w_hr, R * H);
+  RnnForwardArgs a32 = a;  // workspace and scratch are float32 already
+  a32.x = st.in(a.x, N * I);
+  a32.h0 = st.in(a.h0, B * R);
+  a32.c0 = lstm ? st.in(a.c0, B * H) : nullptr;
+  a32.y = st.out(a.y, N * R);
+  a32.hn = st.out(a.hn, B * R);
+  a32.cn = lstm ? st.out(a.cn, B * H) : nullptr;
+  st.convert_in(p.dtype, stream);
+  forward_f32(p, w32, a32, launch, stream);
+  st.convert_out(p.dtype, stream);
+}
+
+void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
+                       const CudaLaunch& launch) {
+  check_cuda_params(p);
+  FASTDL_CHECK(a.workspace && a.scratch,
+               "rnn backward (CUDA): needs the forward's workspace and scratch");
+  CudaDeviceGuard guard(launch.device);
+  cudaStream_t stream = as_stream(launch.stream);
+  if (!p.half()) return backward_f32(p, w, a, launch, stream);
+  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
+  const int64_t GH = p.gates() * H, N = p.total_rows();
+  const bool lstm = p.mode == RnnMode::Lstm;
+  Stage st(static_cast<float*>(a.scratch) + rnn_scratch_layout(p).stage,
+           rnn_cuda_stage_elements(p, true));
+  RnnWeights w32;
+  w32.w_ih = st.in(w.w_ih, GH * I);
+  w32.w_hh = st.in(w.w_hh, GH * R);
+  w32.w_hr = st.in(w.w_hr, R * H);
+  RnnBackwardArgs a32 = a;  // workspace and scratch are float32 already
+  a32.x = st.in(a.x, N * I);
+  a32.dy = st.in(a.dy, N * R);
+  a32.dhn = st.in(a.dhn, B * R);
+  a32.dcn = lstm ? st.in(a.dcn, B * H) : nullptr;
+  a32.dx = st.out(a.dx, N * I);
+  a32.dh0 = st.out(a.dh0, B * R);
+  a32.dc0 = lstm ? st.out(a.dc0, B * H) : nullptr;
+  a32.dw_ih = st.out(a.dw_ih, GH * I);
+  a32.dw_hh = st.out(a.dw_hh, GH * R);
+  a32.db_ih = st.out(a.db_ih, GH);
+  a32.db_hh = st.out(a.db_hh, GH);
+  a32.dw_hr = p.proj_size > 0 ? st.out(a.dw_hr, R * H) : nullptr;
+  st.convert_in(p.dtype, stream);
+  backward_f32(p, w32, a32, launch, stream);
+  st.convert_out(p.dtype, stream);
 }
 
 }  // namespace fastdl

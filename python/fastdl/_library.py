@@ -618,7 +618,7 @@ def _(mode, x, h0, c0, weights, dirs, has_bias, has_proj, training):
             "recurrent_layer", mode, x, h0[d], None if c0 is None else c0[d], w_ih, w_hh, b_ih,
             b_hh, w_hr, None, d == 1)
         ws_n = N * _workspace_columns(mode, H, R, has_proj) if training else 0
-        wss.append(x.new_empty((ws_n,)))
+        wss.append(x.new_empty((ws_n,), dtype=_rnn.workspace_dtype(x)))
     y = x.new_empty(tuple(x.shape[:-1]) + (dirs * R,))
     cn = x.new_empty((dirs, B, H)) if mode == _rnn.LSTM else _nothing(x)
     return y, x.new_empty((dirs, B, R)), cn, wss

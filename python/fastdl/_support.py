@@ -23,7 +23,8 @@ _DTYPES = {
     "pool": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
     "conv": {"cpu": (torch.float32, torch.float64),
              "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-    "rnn": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
+    "rnn": {"cpu": (torch.float32, torch.float64),
+            "cuda": (torch.float32, torch.float16, torch.bfloat16)},
 }
 # families whose CUDA kernels are announced by their ops module (CUDA_KERNELS = True)
 _ANNOUNCED = {"conv": "fastdl.ops.conv", "rnn": "fastdl.ops.rnn"}

@@ -27,8 +27,9 @@ def _where(device: int) -> str:
     return "cpu" if device < 0 else f"cuda:{device}"
 
 
-def check_operands(fn: str, named: dict):
-    """Checks that the named arrays/tensors share kind, device and a supported dtype.
+def check_operands(fn: str, named: dict, cuda_half: bool = False):
+    """Checks that the named arrays/tensors share kind, device and a supported dtype (float32 and
+    float64 on the CPU; float32 on CUDA, and float16/bfloat16 too when cuda_half is True).
     Returns (dtype code, device index). Raises torch's exception classes.
     (One pass with few attribute reads: this runs on every small RNN-sized call.)"""
     first_name, first = next(iter(named.items()))
@@ -62,7 +63,9 @@ def check_operands(fn: str, named: dict):
                                    f"{name} is on {x.device} and {first_name} on {dev}")
     device = _tensor.device_index(first)
     code = _tensor.dtype_code(first)
-    allowed = (_tensor.FLOAT32, _tensor.FLOAT64) if device < 0 else (_tensor.FLOAT32,)
+    allowed = ((_tensor.FLOAT32, _tensor.FLOAT64) if device < 0 else
+               (_tensor.FLOAT32, _tensor.FLOAT16, _tensor.BFLOAT16) if cuda_half else
+               (_tensor.FLOAT32,))
     if code not in allowed:
         raise NotImplementedError(
             f"{fn}: {first_name} is a {_tensor.describe(first)}; supported dtypes on "

@@ -1,6 +1,7 @@
 """Recurrent layers on numpy arrays or torch tensors: one layer and one direction per call, forward
-and backward through time in native code (csrc/cpu/rnn.cpp; csrc/cuda/rnn.cu for CUDA tensors,
-float32), and the cells as one-step layers.
+and backward through time in native code (csrc/cpu/rnn.cpp, float32 and float64; csrc/cuda/rnn.cu
+for CUDA tensors: float32, and float16/bfloat16 tensors with float32 arithmetic and state, rounded
+once to the tensors' type), and the cells as one-step layers.
 
     RNN:  h' = tanh|relu(W_ih x + b_ih + W_hh h + b_hh)
     LSTM: i, f, g, o = split(W_ih x + b_ih + W_hh h + b_hh); c' = f c + i g; h' = o tanh(c')
@@ -11,7 +12,7 @@ Matches torch.nn.RNN / LSTM / GRU (gate order i, f, g, o and r, z, n; weights in
 Sequences are time-major: input (T, B, I), output (T, B, R). A variable-length batch is given as
 torch's PackedSequence data (N, I) with its batch_sizes (T,), non-increasing (sorted by length).
 The forward returns a workspace (what the backward needs) when training=True, else None and
-nothing is saved.
+nothing is saved; it is float32 for float16/bfloat16 tensors (workspace_dtype).
 
 >>> x = np.random.rand(7, 2, 3).astype(np.float32)           # (T, B, I)
 >>> y, hn, cn, ws = fastdl.ops.lstm_layer_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
@@ -23,7 +24,7 @@ import numpy as np
 from .. import _C, _tensor
 from .gemm import _plain, check_operands
 
-# CUDA kernels exist (csrc/cuda/rnn.cu, float32): read by fastdl._support (convert / patch).
+# CUDA kernels exist (csrc/cuda/rnn.cu; float32, float16, bfloat16): read by fastdl._support.
 CUDA_KERNELS = True
 
 __all__ = ["recurrent_layer_forward", "recurrent_layer_backward", "rnn_layer_forward",
@@ -50,6 +51,23 @@ def _empty(like, shape):
         return np.empty(shape, dtype=like.dtype)
     import torch
     return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def workspace_dtype(x):
+    """The element type of the workspace and scratch buffers for tensors like x: x's own, or
+    float32 for float16/bfloat16 CUDA tensors (the kernels compute and save in float32)."""
+    if isinstance(x, np.ndarray):
+        return x.dtype
+    import torch
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _empty_acc(like, shape):
+    """A buffer of workspace_dtype(like) (workspaces and scratch)."""
+    if isinstance(like, np.ndarray):
+        return _empty(like, shape)
+    import torch
+    return torch.empty(shape, dtype=workspace_dtype(like), device=like.device)
 
 
 def _contig(x):
@@ -94,7 +112,7 @@ def _geometry(fn, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes
     for name, x in (("cx", cx), ("bias_ih", b_ih), ("bias_hh", b_hh), ("weight_hr", w_hr)):
         if x is not None:
             named[name] = x
-    code, device = check_operands(fn, named)
+    code, device = check_operands(fn, named, cuda_half=True)
     G = _GATES[mode]
     if w_ih.ndim != 2 or w_ih.shape[0] % G or w_ih.shape[0] == 0:
         raise RuntimeError(f"{fn}: expected weight_ih with 2 dims ({G} * hidden_size, input_size),"
@@ -165,17 +183,19 @@ def recurrent_layer_forward(mode, input, hx, weight_ih, weight_hh, bias_ih=None,
     if N == 0:
         # Empty batch (torch accepts it): nothing to run; the kernels get no null pointers.
         return (_empty(x, tuple(input.shape[:-1]) + (R,)), _empty(x, (B, R)),
-                _empty(x, (B, H)) if mode == LSTM else None, _empty(x, (0,)) if training else None)
+                _empty(x, (B, H)) if mode == LSTM else None,
+                _empty_acc(x, (0,)) if training else None)
     y = _empty(x, tuple(input.shape[:-1]) + (R,))
     hn = _empty(x, (B, R))
     cn = _empty(x, (B, H)) if mode == LSTM else None
     ws = None
     if training:
         ws_n, _ = _C.rnn_buffer_sizes(geometry)
-        ws = _empty(x, (ws_n,))
-    # CUDA: the step's recurrent product (and, in inference, the input projection) live in a
-    # scratch from the caller's allocator (torch's caching allocator for CUDA tensors).
-    scratch = (_empty(x, (_C.rnn_cuda_forward_scratch_size(geometry, bool(training)),))
+        ws = _empty_acc(x, (ws_n,))
+    # CUDA: the step's recurrent product (and, in inference, the input projection; for
+    # float16/bfloat16 tensors, float32 copies of operands and results) live in a scratch from
+    # the caller's allocator (torch's caching allocator for CUDA tensors).
+    scratch = (_empty_acc(x, (_C.rnn_cuda_forward_scratch_size(geometry, bool(training)),))
                if device >= 0 else None)
     # Contiguous operands stay referenced here until the call returns (a torch pointer is an int).
     args = [x] + [_contig(v) for v in (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, hx, cx)]
@@ -196,18 +216,24 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
         fn, mode, input, hx, cx, weight_ih, weight_hh, None, None, weight_hr, batch_sizes, reverse)
     geometry = geometry[:9] + (bool(has_bias),)
     ws_n, sc_n = (0, 0) if N == 0 else _C.rnn_buffer_sizes(geometry)
-    if workspace is None or tuple(workspace.shape) != (ws_n,):
-        raise RuntimeError(f"{fn}: expected the forward's workspace of {ws_n} elements (run the "
-                           f"forward with training=True), got "
+    if (workspace is None or tuple(workspace.shape) != (ws_n,)
+            or _tensor.kind(workspace) != _tensor.kind(input)
+            or workspace.dtype != workspace_dtype(input)):
+        raise RuntimeError(f"{fn}: expected the forward's workspace of {ws_n} elements of "
+                           f"{workspace_dtype(input)} (run the forward with training=True), got "
                            f"{'None' if workspace is None else _tensor.describe(workspace)}")
     for name, g, shape in (("grad_output", grad_output, tuple(input.shape[:-1]) + (R,)),
                            ("grad_hn", grad_hn, (B, R)), ("grad_cn", grad_cn, (B, H))):
         if g is not None and tuple(g.shape) != shape:
             raise RuntimeError(f"{fn}: expected {name} of shape {shape}, got "
                                f"{_tensor.describe(g)}")
-    check_operands(fn, {"input": input, "workspace": workspace,
+    check_operands(fn, {"input": input,
                         **{k: v for k, v in (("grad_output", grad_output), ("grad_hn", grad_hn),
-                                             ("grad_cn", grad_cn)) if v is not None}})
+                                             ("grad_cn", grad_cn)) if v is not None}},
+                   cuda_half=True)
+    if _tensor.kind(workspace) == "torch" and workspace.device != input.device:
+        raise RuntimeError(f"{fn}: expected all tensors to be on the same device, but workspace "
+                           f"is on {workspace.device} and input on {input.device}")
     x = _contig(input)
     dx = _empty(x, tuple(input.shape)) if needs_input_grad else None
     dh0 = _empty(x, (B, R))
@@ -224,7 +250,7 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
             if g is not None:
                 g[...] = 0
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
-    scratch = _empty(x, (sc_n,))
+    scratch = _empty_acc(x, (sc_n,))
     args = [x] + [_contig(v) for v in (weight_ih, weight_hh, weight_hr, grad_output, grad_hn,
                                        grad_cn, workspace)]
     args += [scratch, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
