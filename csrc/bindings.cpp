@@ -716,17 +716,7 @@ PYBIND11_MODULE(_C, m) {
   // torch expand().contiguous() (~2.5 us of a ~10 us tiny call, 1 thread).
   m.def("linear_cpu", [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t m_,
                          int64_t n, int64_t k, int dtype) {
-    GemmParams p;
-    p.trans_a = false;
-    p.trans_b = true;
-    p.m = m_;
-    p.n = n;
-    p.k = k;
-    p.alpha = 1.0;
-    p.beta = b ? 1.0 : 0.0;
-    p.lda = k;
-    p.ldb = k;
-    p.ldc = n;
+    GemmParams p = gemm_params<float>(false, true, m_, n, k, k, k, n, b ? 1.0 : 0.0);
     p.dtype = dtype_of(dtype);
     py::gil_scoped_release release;
     if (b) {
