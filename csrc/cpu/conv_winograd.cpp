@@ -12,8 +12,14 @@
 // Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path); timed
 // by benchmarks/bench_conv.py.
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FASTDL_WINO_AVX2 1
+#endif
 
 #include "conv_impl.h"
 #include "scratch.h"
@@ -23,12 +29,13 @@ namespace FASTDL_ISA_NS {
 
 namespace {
 
-thread_local ScratchBuffer tl_v, tl_m;
+thread_local ScratchBuffer tl_v, tl_m, tl_rows;
 // A thread frees its Winograd buffers above this size after each task.
 constexpr size_t kKeepBytes = size_t(4) << 20;
 
-// V holds at most this many elements per thread (16 x cg x tiles).
-constexpr int64_t kWinoBudget = 1 << 18;
+// V (16 x cg x tiles) and M (16 x kg x tiles) hold about this many elements per thread, more (up
+// to kWinoMax) only to keep 64 tiles per GEMM at large channel counts.
+constexpr int64_t kWinoBudget = 1 << 18, kWinoMax = 1 << 20;
 
 // U[e][k][cc] = (G g G^T)[e] for the 3x3 kernel g = w[k][cc], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
 template <class T>
@@ -51,84 +58,186 @@ void transform_weights(const Conv2dParams& p, const T* w, T* u) {
   }
 }
 
-// B^T d B for one 4x4 tile d, written to v[e * ld].
+// ---- tile transforms over one tile row ------------------------------------------------------
+// A tile row (tw tiles of one image and channel) reads 4 input rows; they are first copied into
+// zero-padded row buffers rb[i] (width rbw, column j = input column j - pw), so the transforms run
+// with no bounds checks. Tile tj reads rb[i][2*tj .. 2*tj + 3].
+
+// V[e][q0 + tj] = (B^T d B)[e] for tiles tj < tw, e-th row at v + e * es. The AVX2 float path
+// writes whole groups of 8 tiles (up to 7 past tw: the caller's ld leaves room).
 template <class T>
-inline void transform_tile(const T d[4][4], T* v, int64_t ld) {
-  T t[4][4];  // B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3
-  for (int j = 0; j < 4; ++j) {
-    t[0][j] = d[0][j] - d[2][j];
-    t[1][j] = d[1][j] + d[2][j];
-    t[2][j] = d[2][j] - d[1][j];
-    t[3][j] = d[1][j] - d[3][j];
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[(i * 4 + 0) * ld] = t[i][0] - t[i][2];
-    v[(i * 4 + 1) * ld] = t[i][1] + t[i][2];
-    v[(i * 4 + 2) * ld] = t[i][2] - t[i][1];
-    v[(i * 4 + 3) * ld] = t[i][1] - t[i][3];
+void input_row(const T* const rb[4], int64_t tw, T* v, int64_t es) {
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T t[4][4];  // d B per row: columns d0 - d2, d1 + d2, d2 - d1, d1 - d3
+    for (int i = 0; i < 4; ++i) {
+      const T* d = rb[i] + 2 * tj;
+      t[i][0] = d[0] - d[2];
+      t[i][1] = d[1] + d[2];
+      t[i][2] = d[2] - d[1];
+      t[i][3] = d[1] - d[3];
+    }
+    for (int j = 0; j < 4; ++j) {  // B^T (d B)
+      v[(0 * 4 + j) * es + tj] = t[0][j] - t[2][j];
+      v[(1 * 4 + j) * es + tj] = t[1][j] + t[2][j];
+      v[(2 * 4 + j) * es + tj] = t[2][j] - t[1][j];
+      v[(3 * 4 + j) * es + tj] = t[1][j] - t[3][j];
+    }
   }
 }
 
+// y rows (row0, and row1 unless null) columns 2*tj, 2*tj + 1 < ow = A^T M A + bias, from
+// M[e][tj] at m + e * es.
+template <class T>
+void output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T* row1) {
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T s[2][4];
+    for (int j = 0; j < 4; ++j) {
+      const T m0 = m[j * es + tj], m1 = m[(4 + j) * es + tj], m2 = m[(8 + j) * es + tj],
+              m3 = m[(12 + j) * es + tj];
+      s[0][j] = m0 + m1 + m2;
+      s[1][j] = m1 - m2 - m3;
+    }
+    T* rows[2] = {row0, row1};
+    for (int i = 0; i < 2; ++i) {
+      if (!rows[i]) break;
+      rows[i][2 * tj] = s[i][0] + s[i][1] + s[i][2] + bv;
+      if (2 * tj + 1 < ow) rows[i][2 * tj + 1] = s[i][1] - s[i][2] - s[i][3] + bv;
+    }
+  }
+}
+
+#if defined(FASTDL_WINO_AVX2)
+// Columns 2t, 2t+1 of 8 tiles from 16 floats: even / odd lanes.
+inline void deinterleave(const float* p, __m256& even, __m256& odd) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  // per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6, then 64-bit pairs reordered 0 2 1 3
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// 8 tiles at a time: tile columns 0, 1 are the even / odd lanes of rb[i][2tj..2tj+15], columns 2, 3
+// those of rb[i][2tj+2..2tj+17]. Writes V[e][tj..tj+7] for each group started below tw.
+template <>
+void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 t[4][4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 d0, d1, d2, d3;
+      deinterleave(rb[i] + 2 * tj, d0, d1);
+      deinterleave(rb[i] + 2 * tj + 2, d2, d3);
+      t[i][0] = _mm256_sub_ps(d0, d2);
+      t[i][1] = _mm256_add_ps(d1, d2);
+      t[i][2] = _mm256_sub_ps(d2, d1);
+      t[i][3] = _mm256_sub_ps(d1, d3);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(v + (0 * 4 + j) * es + tj, _mm256_sub_ps(t[0][j], t[2][j]));
+      _mm256_storeu_ps(v + (1 * 4 + j) * es + tj, _mm256_add_ps(t[1][j], t[2][j]));
+      _mm256_storeu_ps(v + (2 * 4 + j) * es + tj, _mm256_sub_ps(t[2][j], t[1][j]));
+      _mm256_storeu_ps(v + (3 * 4 + j) * es + tj, _mm256_sub_ps(t[1][j], t[3][j]));
+    }
+  }
+}
+
+// 8 tiles at a time; reads M[e][tj..tj+7] (past tw within the caller's ld). Output columns
+// interleave back (unpack + lane permute); a group reaching past ow goes through a 16-float tile.
+template <>
+void output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float bv, float* row0,
+                       float* row1) {
+  const __m256 bias = _mm256_set1_ps(bv);
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 s[2][4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 m0 = _mm256_loadu_ps(m + j * es + tj), m1 = _mm256_loadu_ps(m + (4 + j) * es + tj),
+                   m2 = _mm256_loadu_ps(m + (8 + j) * es + tj),
+                   m3 = _mm256_loadu_ps(m + (12 + j) * es + tj);
+      s[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+      s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+    }
+    float* rows[2] = {row0, row1};
+    const int64_t c0 = 2 * tj, cols = std::min<int64_t>(16, ow - c0);
+    for (int i = 0; i < 2; ++i) {
+      if (!rows[i]) break;
+      const __m256 o0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
+      const __m256 o1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
+      const __m256 lo = _mm256_unpacklo_ps(o0, o1), hi = _mm256_unpackhi_ps(o0, o1);
+      const __m256 y0 = _mm256_permute2f128_ps(lo, hi, 0x20), y1 = _mm256_permute2f128_ps(lo, hi, 0x31);
+      if (cols == 16) {
+        _mm256_storeu_ps(rows[i] + c0, y0);
+        _mm256_storeu_ps(rows[i] + c0 + 8, y1);
+      } else {
+        alignas(32) float tmp[16];
+        _mm256_store_ps(tmp, y0);
+        _mm256_store_ps(tmp + 8, y1);
+        std::memcpy(rows[i] + c0, tmp, sizeof(float) * cols);
+      }
+    }
+  }
+}
+#endif
+
+// Tiles are processed a tile row at a time; a chunk is `nr` consecutive tile rows of the stacked
+// images (global row r = n * th + ti) of one group, so a chunk may span several small images.
+// V[e] (cg x ldq) and M[e] (kg x ldq), ldq >= tiles + 7 (the 8-tile groups' overrun), e-th
+// matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
 template <class T>
 void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
-  const int64_t th = (p.oh + 1) / 2, tw = (p.ow + 1) / 2, tiles = th * tw;
-  // Tiles per chunk: V is 16 x cg x tc and M is 16 x kg x tc, so bound by the larger of the two.
-  const int64_t tc = std::min<int64_t>(
-      tiles, std::max<int64_t>(16, kWinoBudget / (16 * std::max<int64_t>(1, std::max(cg, kg)))));
-  const int64_t chunks = (tiles + tc - 1) / tc;
-  parallel_for_catch(p.n * G * chunks, grain_for(tc * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
-    T* v = tl_v.get_as<T>(16 * cg * tc);
-    T* m = tl_m.get_as<T>(16 * kg * tc);
+  const int64_t th = (p.oh + 1) / 2, tw = (p.ow + 1) / 2, rows = p.n * th;
+  const int64_t groups8 = (tw + 7) / 8, rbw = 16 * groups8 + 2;
+  // Tile rows per chunk: V and M within the budget, but at least 64 tiles per GEMM where the
+  // channels allow (the engine packs U[e] once per GEMM).
+  const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
+  const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
+  const int64_t nr = std::min(rows, std::max<int64_t>(1, (want - 7) / tw));
+  const int64_t chunks = (rows + nr - 1) / nr;
+  const int64_t ldq = (nr * tw + 7 + 7) / 8 * 8;
+  const int64_t ves = cg * ldq + 16, mes = kg * ldq + 16;
+  parallel_for_catch(G * chunks, grain_for(nr * tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+    T* v = tl_v.get_as<T>(16 * ves);
+    T* m = tl_m.get_as<T>(16 * mes);
+    T* rbuf = tl_rows.get_as<T>(4 * rbw);
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t n = t / (G * chunks), g = (t / chunks) % G, t0 = (t % chunks) * tc;
-      const int64_t len = std::min(tc, tiles - t0);
-      const T* xg = x + (n * p.c + g * cg) * p.h * p.w;
-      // V[e][cc][q] (ld 16 rows of cg x len)
-      for (int64_t cc = 0; cc < cg; ++cc) {
-        const T* xp = xg + cc * p.h * p.w;
-        for (int64_t q = 0, ti = t0 / tw, tj = t0 % tw; q < len; ++q, tj = tj + 1 == tw ? (++ti, 0) : tj + 1) {
-          const int64_t r0 = 2 * ti - p.ph, c0 = 2 * tj - p.pw;
-          T d[4][4];
-          if (r0 >= 0 && c0 >= 0 && r0 + 4 <= p.h && c0 + 4 <= p.w) {
-            for (int i = 0; i < 4; ++i)
-              for (int j = 0; j < 4; ++j) d[i][j] = xp[(r0 + i) * p.w + c0 + j];
-          } else {
-            for (int i = 0; i < 4; ++i)
-              for (int j = 0; j < 4; ++j) {
-                const int64_t r = r0 + i, c = c0 + j;
-                d[i][j] = (r >= 0 && r < p.h && c >= 0 && c < p.w) ? xp[r * p.w + c] : T(0);
-              }
+      const int64_t g = t / chunks, r0 = (t % chunks) * nr, nrc = std::min(nr, rows - r0);
+      const int64_t len = nrc * tw;
+      // V[e][cc][(r - r0) * tw + tj]
+      for (int64_t cc = 0; cc < cg; ++cc)
+        for (int64_t r = r0; r < r0 + nrc; ++r) {
+          const int64_t n = r / th, ti = r % th;
+          const T* xp = x + ((n * p.c + g * cg + cc) * p.h) * p.w;
+          const T* rb[4];
+          for (int i = 0; i < 4; ++i) {
+            T* dst = rbuf + i * rbw;
+            rb[i] = dst;
+            const int64_t ih = 2 * ti - p.ph + i;
+            // dst[j] = x[ih][j - pw] for j < rbw
+            const int64_t a = std::min(rbw, std::max<int64_t>(0, p.pw));
+            const int64_t e = std::max(a, std::min(rbw, p.w + p.pw));
+            if (ih < 0 || ih >= p.h) {
+              std::fill(dst, dst + rbw, T(0));
+              continue;
+            }
+            std::fill(dst, dst + a, T(0));
+            if (e > a) std::memcpy(dst + a, xp + ih * p.w + (a - p.pw), sizeof(T) * (e - a));
+            std::fill(dst + e, dst + rbw, T(0));
           }
-          transform_tile(d, v + cc * len + q, cg * len);
+          input_row<T>(rb, tw, v + cc * ldq + (r - r0) * tw, ves);
         }
-      }
       // M[e] (kg x len) = U[e]_g (kg x cg, ld cg) * V[e] (cg x len)
       for (int e = 0; e < 16; ++e)
-        gemm(gemm_params<T>(false, false, kg, len, cg, cg, len, len, 0.0),
-             u + e * kc + g * kg * cg, v + e * cg * len, m + e * kg * len);
+        gemm(gemm_params<T>(false, false, kg, len, cg, cg, ldq, ldq, 0.0),
+             u + e * kc + g * kg * cg, v + e * ves, m + e * mes);
       // y tile = A^T M A, A^T = [1 1 1 0; 0 1 -1 -1]
       for (int64_t kk = 0; kk < kg; ++kk) {
         const int64_t k = g * kg + kk;
-        T* yp = y + (n * p.k + k) * p.oh * p.ow;
         const T bv = b ? b[k] : T(0);
-        const T* mk = m + kk * len;
-        const int64_t es = kg * len;
-        for (int64_t q = 0, ti = t0 / tw, tj = t0 % tw; q < len; ++q, tj = tj + 1 == tw ? (++ti, 0) : tj + 1) {
-          T mm[4][4];
-          for (int e = 0; e < 16; ++e) mm[e / 4][e % 4] = mk[e * es + q];
-          T s[2][4];
-          for (int j = 0; j < 4; ++j) {
-            s[0][j] = mm[0][j] + mm[1][j] + mm[2][j];
-            s[1][j] = mm[1][j] - mm[2][j] - mm[3][j];
-          }
-          for (int i = 0; i < 2; ++i) {
-            const int64_t oh = 2 * ti + i;
-            if (oh >= p.oh) break;
-            const T o0 = s[i][0] + s[i][1] + s[i][2], o1 = s[i][1] - s[i][2] - s[i][3];
-            yp[oh * p.ow + 2 * tj] = o0 + bv;
-            if (2 * tj + 1 < p.ow) yp[oh * p.ow + 2 * tj + 1] = o1 + bv;
-          }
+        for (int64_t r = r0; r < r0 + nrc; ++r) {
+          const int64_t n = r / th, ti = r % th;
+          T* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow;
+          output_row<T>(m + kk * ldq + (r - r0) * tw, mes, tw, p.ow, bv, yp,
+                        2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
         }
       }
     }
