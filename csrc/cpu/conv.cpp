@@ -2,7 +2,7 @@
 // gradient. Matches torch.nn.functional.conv2d (NCHW, float32/float64, groups, dilation, any
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
-// (conv_direct.cpp), Winograd (conv_winograd.cpp, only when forced). Reference: one task per
+// (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there). Reference: one task per
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -152,9 +152,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // forward over gy with the kernel flipped) over the kg output channels of a group.
   const bool direct = pass == ConvPass::BackwardInput ? p.k / p.groups == 1 : cg == 1;
   if (direct) return ConvAlgo::Direct;
-  // Winograd is not chosen automatically: its scalar tile transforms cost more than the 2.25x
-  // fewer multiplies save (4x64x56x56 -> 64 3x3 p1, one thread, 2-core Zen under load: forward
-  // 35-40 ms against 23-29 ms for GEMM; input gradient alike).
+  if (wino && winograd_preferred(pass == ConvPass::BackwardInput ? input_grad_as_forward(p) : p))
+    return ConvAlgo::Winograd;
   return ConvAlgo::Gemm;
 }
 

@@ -107,6 +107,9 @@ void flip_weights(const Conv2dParams& p, const T* w, T* wf) {
 
 // Winograd F(2x2, 3x3): 3x3 kernels, stride 1, dilation 1 (conv_winograd.cpp).
 bool winograd_serves(const Conv2dParams& p);
+// Whether Winograd beats GEMM on a forward-shaped pass it serves (the input gradient asks with
+// input_grad_as_forward(p)); measured rule in conv_winograd.cpp.
+bool winograd_preferred(const Conv2dParams& p);
 template <class T>
 void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>

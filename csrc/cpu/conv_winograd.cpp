@@ -3,14 +3,26 @@
 // over a 4x4 input tile d (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"),
 // 16 multiplies per 4 outputs and input channel instead of 36.
 //   weights   U[e] (kg x cg) = (G g G^T)[e] for each of the 16 positions e, once per call
-//   per chunk of tiles of one (image, group): V[e] (cg x tiles) = (B^T d B)[e], then 16 GEMMs
-//   M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then y tile = A^T M A (+ bias).
+//   per chunk (whole tile rows of the stacked images of one group): V[e] (cg x tiles) =
+//   (B^T d B)[e], then 16 GEMMs M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then the
+//   y tile = A^T M A (+ bias).
+// Transforms run a tile row at a time: its 4 input rows are copied into zero-padded row buffers
+// (no bounds checks after), and the AVX2 float32 path handles 8 tiles of the row per vector (the
+// 4 tile columns are even/odd lanes of 16 loaded floats; the inverse interleaves back), writing
+// and reading contiguous 8-tile vectors of V[e] / M[e]. float64 and the portable build run the
+// same loops one tile at a time.
 // The input gradient of a stride-1 convolution is the forward of the same convolution over gy
 // with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too; the
 // weight gradient stays on the GEMM path.
-// Work split: one task per (image, group, chunk of tiles) with per-thread buffers of bounded size.
-// Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path); timed
-// by benchmarks/bench_conv.py.
+// Work split: one task per (group, chunk of tile rows) with per-thread buffers of bounded size.
+// Measured (1 thread, thread CPU time, median of 7, 2-core Zen3 under load, ms, Winograd / GEMM):
+// vector transforms: 32x64x56x56 -> 64 p1 forward 65 / 132 (scalar transforms before: 469 /
+// 419 wall time); 64x32x26x26 -> 64 p0 forward 17 / 28. Transforms were ~70% of the time with
+// scalar tiles, ~30% after (shape 3; the GEMMs the rest). Chunk budget 2^18 elements: thread
+// CPU time min 65 ms against 73-94 ms at 2^15..2^17 on shape 3. The automatic choice's rule and
+// figures are at winograd_preferred.
+// Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path; wide
+// and stacked maps for the vector path; the automatic choice); timed by benchmarks/bench_conv.py.
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -191,8 +203,16 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
   // channels allow (the engine packs U[e] once per GEMM).
   const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
   const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
-  const int64_t nr = std::min(rows, std::max<int64_t>(1, (want - 7) / tw));
-  const int64_t chunks = (rows + nr - 1) / nr;
+  int64_t nr = std::min(rows, std::max<int64_t>(1, (want - 7) / tw));
+  int64_t chunks = (rows + nr - 1) / nr;
+  // Few tasks: as many per thread (parallel_for splits them into equal contiguous runs).
+  const int64_t nt = get_num_threads();
+  if (nt > 1 && G * chunks < 8 * nt && (G * chunks) % nt) {
+    int64_t c = chunks;
+    while ((G * c) % nt && c < rows) ++c;
+    nr = (rows + c - 1) / c;
+    chunks = (rows + nr - 1) / nr;
+  }
   const int64_t ldq = (nr * tw + 7 + 7) / 8 * 8;
   const int64_t ves = cg * ldq + 16, mes = kg * ldq + 16;
   parallel_for_catch(G * chunks, grain_for(nr * tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
@@ -250,6 +270,29 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
 
 bool winograd_serves(const Conv2dParams& p) {
   return p.kh == 3 && p.kw == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1;
+}
+
+// The automatic choice (float32 on the AVX2 build, where the vector transforms run): at least 8
+// output channels per group (the GEMMs' M; with 3 the forward-shaped input gradient of a 3-channel
+// layer ran 1.12x GEMM's time) and at least as many tiles per group as max(cg, kg) (U = 16 x kg x
+// cg is transformed per call and streamed per chunk; on tiny maps that outweighs the saving).
+// Winograd / GEMM time, forward and input gradient (1 thread, thread CPU time, median of 7,
+// 2-core Zen3 under load; N x C x H x W -> K, 3x3 p1 unless noted):
+//   64x32x26x26 -> 64 p0   0.62 0.91      32x64x56x56 -> 64    0.49 0.49
+//   8x32x64x64 -> 32       0.39 0.51      16x64x16x16 -> 64    0.56 0.64
+//   16x128x8x8 -> 128      0.63 0.78      32x128x7x7 -> 128    0.66 0.76
+//   16x64x13x13 -> 64      0.63 0.80      16x8x20x20 -> 8      0.51 0.65
+//   8x3x32x32 -> 32        0.69 1.12      16x256x4x4 -> 256    0.98 1.20
+//   16x512x2x2 -> 512      1.89 2.33
+bool winograd_preferred(const Conv2dParams& p) {
+#if defined(FASTDL_WINO_AVX2)
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  const int64_t tiles = p.n * ((p.oh + 1) / 2) * ((p.ow + 1) / 2);
+  return p.dtype == DType::Float32 && kg >= 8 && tiles >= std::max(cg, kg);
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 template <class T>
