@@ -179,7 +179,7 @@ def test_winograd_sweep(cpu_path, dtype):
     try:
         for i, (shape, wshape, bias, kw) in enumerate(winograd_configs(seed=7)):
             x, w = torch.zeros(shape, dtype=dtype), torch.zeros(wshape, dtype=dtype)
-            for pass_ in ("forward", "input"):  # the weight gradient stays on GEMM
+            for pass_ in ("forward", "input", "weight"):
                 got = ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw)
                 assert got == "winograd", f"{pass_} x={shape} w={wshape} {kw}: {got}"
             run_conv_case(dtype, shape, wshape, bias, kw, seed=i, what="algo=winograd")
@@ -217,8 +217,8 @@ def test_winograd_wide_and_stacked(cpu_path, dtype):
 
 def test_winograd_automatic_choice(cpu_path):
     # float32 on the AVX2 build picks Winograd for 3x3 stride-1 where measured faster than GEMM
-    # (csrc/cpu/conv_winograd.cpp, winograd_preferred); never for the weight gradient, float64,
-    # the portable build, tiny maps with wide channels, or fewer than 8 output channels per group.
+    # (csrc/cpu/conv_winograd.cpp, winograd_preferred); never for float64, the portable build,
+    # tiny maps with wide channels, or fewer than 8 channels on the GEMMs' M (and N: weight).
     def algo(shape, wshape, dtype=torch.float32, pass_="forward", **kw):
         return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
                                          torch.zeros(wshape, dtype=dtype), pass_=pass_, **kw)
@@ -229,13 +229,16 @@ def test_winograd_automatic_choice(cpu_path):
         resnet = ((32, 64, 56, 56), (64, 64, 3, 3))
         assert algo(*resnet, padding=1) == wino
         assert algo(*resnet, padding=1, pass_="input") == wino
-        assert algo(*resnet, padding=1, pass_="weight") == "gemm"
+        assert algo(*resnet, padding=1, pass_="weight") == wino
         assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
         assert algo(*resnet, padding=1, stride=2) == "gemm"
         assert algo(*resnet, padding=1, dilation=2) == "gemm"
         assert algo((16, 256, 4, 4), (256, 256, 3, 3), padding=1) == "gemm"  # 64 tiles < 256
+        assert algo((16, 256, 4, 4), (256, 256, 3, 3), padding=1, pass_="weight") == wino
+        assert algo((16, 512, 2, 2), (512, 512, 3, 3), padding=1, pass_="weight") == "gemm"
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == wino
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == "gemm"  # 3 outputs
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="weight") == "gemm"  # 3 inputs
     finally:
         fastdl.ops.set_conv_algorithm(before)
 

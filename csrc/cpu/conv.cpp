@@ -127,7 +127,7 @@ void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
 
 // The automatic choice, and the forced algorithm where it serves the shape.
 ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
-  const bool wino = winograd_serves(p) && pass != ConvPass::BackwardWeight;
+  const bool wino = winograd_serves(p);
   switch (p.algo) {
     case ConvAlgo::Reference:
     case ConvAlgo::Gemm:
@@ -152,7 +152,7 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // forward over gy with the kernel flipped) over the kg output channels of a group.
   const bool direct = pass == ConvPass::BackwardInput ? p.k / p.groups == 1 : cg == 1;
   if (direct) return ConvAlgo::Direct;
-  if (wino && winograd_preferred(pass == ConvPass::BackwardInput ? input_grad_as_forward(p) : p))
+  if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
   return ConvAlgo::Gemm;
 }
@@ -217,6 +217,7 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_weight(p, x, gy, gw);
     case ConvAlgo::Direct: return conv_direct_backward_weight(p, x, gy, gw, fused ? gb : nullptr);
+    case ConvAlgo::Winograd: return conv_winograd_backward_weight(p, x, gy, gw);
     default: return conv_gemm_backward_weight(p, x, gy, gw);
   }
 }

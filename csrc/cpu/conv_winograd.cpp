@@ -12,17 +12,19 @@
 // and reading contiguous 8-tile vectors of V[e] / M[e]. float64 and the portable build run the
 // same loops one tile at a time.
 // The input gradient of a stride-1 convolution is the forward of the same convolution over gy
-// with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too; the
-// weight gradient stays on the GEMM path.
+// with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too. The
+// weight gradient is the adjoint: dM = A dy A^T per 2x2 tile of gy, dU[e] = sum dM[e] V[e]^T
+// (GEMMs into per-thread partials, summed in thread order), dW = G^T dU G.
 // Work split: one task per (group, chunk of tile rows) with per-thread buffers of bounded size.
 // Measured (1 thread, thread CPU time, median of 7, 2-core Zen3 under load, ms, Winograd / GEMM):
 // vector transforms: 32x64x56x56 -> 64 p1 forward 65 / 132 (scalar transforms before: 469 /
 // 419 wall time); 64x32x26x26 -> 64 p0 forward 17 / 28. Transforms were ~70% of the time with
 // scalar tiles, ~30% after (shape 3; the GEMMs the rest). Chunk budget 2^18 elements: thread
 // CPU time min 65 ms against 73-94 ms at 2^15..2^17 on shape 3. The automatic choice's rule and
-// figures are at winograd_preferred.
+// figures (all three passes) are at winograd_preferred.
 // Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path; wide
-// and stacked maps for the vector path; the automatic choice); timed by benchmarks/bench_conv.py.
+// and stacked maps for the vector path, all three passes; the automatic choice); timed by
+// benchmarks/bench_conv.py.
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -194,69 +196,90 @@ void output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
 // images (global row r = n * th + ti) of one group, so a chunk may span several small images.
 // V[e] (cg x ldq) and M[e] (kg x ldq), ldq >= tiles + 7 (the 8-tile groups' overrun), e-th
 // matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
-template <class T>
-void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
-  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
-  const int64_t th = (p.oh + 1) / 2, tw = (p.ow + 1) / 2, rows = p.n * th;
-  const int64_t groups8 = (tw + 7) / 8, rbw = 16 * groups8 + 2;
+struct Plan {
+  int64_t th, tw, rows, rbw, nr, chunks, ldq, ves, mes;
+};
+
+Plan make_plan(const Conv2dParams& p) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
+  Plan w;
+  w.th = (p.oh + 1) / 2;
+  w.tw = (p.ow + 1) / 2;
+  w.rows = p.n * w.th;
+  w.rbw = 16 * ((w.tw + 7) / 8) + 2;
   // Tile rows per chunk: V and M within the budget, but at least 64 tiles per GEMM where the
   // channels allow (the engine packs U[e] once per GEMM).
   const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
   const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
-  int64_t nr = std::min(rows, std::max<int64_t>(1, (want - 7) / tw));
-  int64_t chunks = (rows + nr - 1) / nr;
+  w.nr = std::min(w.rows, std::max<int64_t>(1, (want - 7) / w.tw));
+  w.chunks = (w.rows + w.nr - 1) / w.nr;
   // Few tasks: as many per thread (parallel_for splits them into equal contiguous runs).
   const int64_t nt = get_num_threads();
-  if (nt > 1 && G * chunks < 8 * nt && (G * chunks) % nt) {
-    int64_t c = chunks;
-    while ((G * c) % nt && c < rows) ++c;
-    nr = (rows + c - 1) / c;
-    chunks = (rows + nr - 1) / nr;
+  if (nt > 1 && G * w.chunks < 8 * nt && (G * w.chunks) % nt) {
+    int64_t c = w.chunks;
+    while ((G * c) % nt && c < w.rows) ++c;
+    w.nr = (w.rows + c - 1) / c;
+    w.chunks = (w.rows + w.nr - 1) / w.nr;
   }
-  const int64_t ldq = (nr * tw + 7 + 7) / 8 * 8;
-  const int64_t ves = cg * ldq + 16, mes = kg * ldq + 16;
-  parallel_for_catch(G * chunks, grain_for(nr * tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
-    T* v = tl_v.get_as<T>(16 * ves);
-    T* m = tl_m.get_as<T>(16 * mes);
-    T* rbuf = tl_rows.get_as<T>(4 * rbw);
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t g = t / chunks, r0 = (t % chunks) * nr, nrc = std::min(nr, rows - r0);
-      const int64_t len = nrc * tw;
-      // V[e][cc][(r - r0) * tw + tj]
-      for (int64_t cc = 0; cc < cg; ++cc)
-        for (int64_t r = r0; r < r0 + nrc; ++r) {
-          const int64_t n = r / th, ti = r % th;
-          const T* xp = x + ((n * p.c + g * cg + cc) * p.h) * p.w;
-          const T* rb[4];
-          for (int i = 0; i < 4; ++i) {
-            T* dst = rbuf + i * rbw;
-            rb[i] = dst;
-            const int64_t ih = 2 * ti - p.ph + i;
-            // dst[j] = x[ih][j - pw] for j < rbw
-            const int64_t a = std::min(rbw, std::max<int64_t>(0, p.pw));
-            const int64_t e = std::max(a, std::min(rbw, p.w + p.pw));
-            if (ih < 0 || ih >= p.h) {
-              std::fill(dst, dst + rbw, T(0));
-              continue;
-            }
-            std::fill(dst, dst + a, T(0));
-            if (e > a) std::memcpy(dst + a, xp + ih * p.w + (a - p.pw), sizeof(T) * (e - a));
-            std::fill(dst + e, dst + rbw, T(0));
-          }
-          input_row<T>(rb, tw, v + cc * ldq + (r - r0) * tw, ves);
+  w.ldq = (w.nr * w.tw + 7 + 7) / 8 * 8;
+  w.ves = cg * w.ldq + 16;
+  w.mes = kg * w.ldq + 16;
+  return w;
+}
+
+// V[e][cc][(r - r0) * tw + tj] for tile rows [r0, r0 + nrc) of group g.
+template <class T>
+void build_v(const Conv2dParams& p, const Plan& w, const T* x, int64_t g, int64_t r0, int64_t nrc,
+             T* rbuf, T* v) {
+  const int64_t cg = p.c / p.groups, rbw = w.rbw;
+  for (int64_t cc = 0; cc < cg; ++cc)
+    for (int64_t r = r0; r < r0 + nrc; ++r) {
+      const int64_t n = r / w.th, ti = r % w.th;
+      const T* xp = x + ((n * p.c + g * cg + cc) * p.h) * p.w;
+      const T* rb[4];
+      for (int i = 0; i < 4; ++i) {
+        T* dst = rbuf + i * rbw;
+        rb[i] = dst;
+        const int64_t ih = 2 * ti - p.ph + i;
+        // dst[j] = x[ih][j - pw] for j < rbw
+        const int64_t a = std::min(rbw, std::max<int64_t>(0, p.pw));
+        const int64_t e = std::max(a, std::min(rbw, p.w + p.pw));
+        if (ih < 0 || ih >= p.h) {
+          std::fill(dst, dst + rbw, T(0));
+          continue;
         }
+        std::fill(dst, dst + a, T(0));
+        if (e > a) std::memcpy(dst + a, xp + ih * p.w + (a - p.pw), sizeof(T) * (e - a));
+        std::fill(dst + e, dst + rbw, T(0));
+      }
+      input_row<T>(rb, w.tw, v + cc * w.ldq + (r - r0) * w.tw, w.ves);
+    }
+}
+
+template <class T>
+void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
+  const Plan w = make_plan(p);
+  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+    T* v = tl_v.get_as<T>(16 * w.ves);
+    T* m = tl_m.get_as<T>(16 * w.mes);
+    T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t g = t / w.chunks, r0 = (t % w.chunks) * w.nr, nrc = std::min(w.nr, w.rows - r0);
+      const int64_t len = nrc * w.tw;
+      build_v(p, w, x, g, r0, nrc, rbuf, v);
       // M[e] (kg x len) = U[e]_g (kg x cg, ld cg) * V[e] (cg x len)
       for (int e = 0; e < 16; ++e)
-        gemm(gemm_params<T>(false, false, kg, len, cg, cg, ldq, ldq, 0.0),
-             u + e * kc + g * kg * cg, v + e * ves, m + e * mes);
+        gemm(gemm_params<T>(false, false, kg, len, cg, cg, w.ldq, w.ldq, 0.0),
+             u + e * kc + g * kg * cg, v + e * w.ves, m + e * w.mes);
       // y tile = A^T M A, A^T = [1 1 1 0; 0 1 -1 -1]
       for (int64_t kk = 0; kk < kg; ++kk) {
         const int64_t k = g * kg + kk;
         const T bv = b ? b[k] : T(0);
         for (int64_t r = r0; r < r0 + nrc; ++r) {
-          const int64_t n = r / th, ti = r % th;
+          const int64_t n = r / w.th, ti = r % w.th;
           T* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow;
-          output_row<T>(m + kk * ldq + (r - r0) * tw, mes, tw, p.ow, bv, yp,
+          output_row<T>(m + kk * w.ldq + (r - r0) * w.tw, w.mes, w.tw, p.ow, bv, yp,
                         2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
         }
       }
@@ -266,31 +289,113 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
   });
 }
 
+// ---- weight gradient -------------------------------------------------------------------------
+// The adjoint of the forward: dM = A dy A^T per 2x2 tile of gy (A = [1 0; 1 1; 1 -1; 0 -1]),
+// dU[e] (kg x cg) = sum over tiles dM[e] V[e]^T (GEMMs accumulating into per-thread partials,
+// summed in thread order: the same result every run at a given thread count), dW = G^T dU G.
+
+// dM[e][tj] at dm + e * es, tiles tj < tw, from gy rows gb[0], gb[1] (zero-padded; tile tj reads
+// columns 2*tj, 2*tj + 1). The AVX2 float path writes whole groups of 8 tiles.
+template <class T>
+void grad_row(const T* const gb[2], int64_t tw, T* dm, int64_t es) {
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T r[4][2];  // A dy
+    for (int b = 0; b < 2; ++b) {
+      const T d0 = gb[0][2 * tj + b], d1 = gb[1][2 * tj + b];
+      r[0][b] = d0;
+      r[1][b] = d0 + d1;
+      r[2][b] = d0 - d1;
+      r[3][b] = -d1;
+    }
+    for (int i = 0; i < 4; ++i) {  // (A dy) A^T
+      dm[(i * 4 + 0) * es + tj] = r[i][0];
+      dm[(i * 4 + 1) * es + tj] = r[i][0] + r[i][1];
+      dm[(i * 4 + 2) * es + tj] = r[i][0] - r[i][1];
+      dm[(i * 4 + 3) * es + tj] = -r[i][1];
+    }
+  }
+}
+
+#if defined(FASTDL_WINO_AVX2)
+template <>
+void grad_row<float>(const float* const gb[2], int64_t tw, float* dm, int64_t es) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 d[2][2];
+    deinterleave(gb[0] + 2 * tj, d[0][0], d[0][1]);
+    deinterleave(gb[1] + 2 * tj, d[1][0], d[1][1]);
+    __m256 r[4][2];
+    for (int b = 0; b < 2; ++b) {
+      r[0][b] = d[0][b];
+      r[1][b] = _mm256_add_ps(d[0][b], d[1][b]);
+      r[2][b] = _mm256_sub_ps(d[0][b], d[1][b]);
+      r[3][b] = _mm256_sub_ps(zero, d[1][b]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(dm + (i * 4 + 0) * es + tj, r[i][0]);
+      _mm256_storeu_ps(dm + (i * 4 + 1) * es + tj, _mm256_add_ps(r[i][0], r[i][1]));
+      _mm256_storeu_ps(dm + (i * 4 + 2) * es + tj, _mm256_sub_ps(r[i][0], r[i][1]));
+      _mm256_storeu_ps(dm + (i * 4 + 3) * es + tj, _mm256_sub_ps(zero, r[i][1]));
+    }
+  }
+}
+#endif
+
+// dW (K, cg, 3, 3) from dU (16 x K*cg, e-major): dg = G^T dU G, G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+template <class T>
+void weights_adjoint(int64_t kc, const T* du, T* gw) {
+  parallel_for_catch(kc, grain_for(64), [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) {
+      T t[3][4];  // G^T dU
+      for (int j = 0; j < 4; ++j) {
+        const T a0 = du[(0 + j) * kc + q], a1 = du[(4 + j) * kc + q], a2 = du[(8 + j) * kc + q],
+                a3 = du[(12 + j) * kc + q];
+        t[0][j] = a0 + T(0.5) * (a1 + a2);
+        t[1][j] = T(0.5) * (a1 - a2);
+        t[2][j] = T(0.5) * (a1 + a2) + a3;
+      }
+      T* g = gw + q * 9;
+      for (int i = 0; i < 3; ++i) {  // (G^T dU) G
+        g[i * 3 + 0] = t[i][0] + T(0.5) * (t[i][1] + t[i][2]);
+        g[i * 3 + 1] = T(0.5) * (t[i][1] - t[i][2]);
+        g[i * 3 + 2] = T(0.5) * (t[i][1] + t[i][2]) + t[i][3];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool winograd_serves(const Conv2dParams& p) {
   return p.kh == 3 && p.kw == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1;
 }
 
-// The automatic choice (float32 on the AVX2 build, where the vector transforms run): at least 8
-// output channels per group (the GEMMs' M; with 3 the forward-shaped input gradient of a 3-channel
-// layer ran 1.12x GEMM's time) and at least as many tiles per group as max(cg, kg) (U = 16 x kg x
-// cg is transformed per call and streamed per chunk; on tiny maps that outweighs the saving).
-// Winograd / GEMM time, forward and input gradient (1 thread, thread CPU time, median of 7,
-// 2-core Zen3 under load; N x C x H x W -> K, 3x3 p1 unless noted):
-//   64x32x26x26 -> 64 p0   0.62 0.91      32x64x56x56 -> 64    0.49 0.49
-//   8x32x64x64 -> 32       0.39 0.51      16x64x16x16 -> 64    0.56 0.64
-//   16x128x8x8 -> 128      0.63 0.78      32x128x7x7 -> 128    0.66 0.76
-//   16x64x13x13 -> 64      0.63 0.80      16x8x20x20 -> 8      0.51 0.65
-//   8x3x32x32 -> 32        0.69 1.12      16x256x4x4 -> 256    0.98 1.20
-//   16x512x2x2 -> 512      1.89 2.33
-bool winograd_preferred(const Conv2dParams& p) {
+// The automatic choice (float32 on the AVX2 build, where the vector transforms run).
+// Forward and input gradient (asked as the forward it runs, input_grad_as_forward): at least 8
+// output channels per group (the GEMMs' M; with 3, the input gradient of a 3-channel layer ran
+// 1.12x GEMM's time) and at least as many tiles per group as max(cg, kg) (U = 16 x kg x cg is
+// transformed per call and streamed per chunk; on tiny maps that outweighs the saving).
+// Weight gradient: at least 8 input and output channels per group (cg is the GEMMs' N; with 3 it
+// ran 2.0x GEMM's time) and 4 * tiles >= max(cg, kg).
+// Winograd / GEMM time, forward, input gradient, weight gradient (1 thread, thread CPU time,
+// median of 7, 2-core Zen3 under load; N x C x H x W -> K, 3x3 p1 unless noted):
+//   64x32x26x26 -> 64 p0   0.62 0.91 0.69     32x64x56x56 -> 64    0.49 0.49 0.62
+//   8x32x64x64 -> 32       0.39 0.51 0.67     16x64x16x16 -> 64    0.56 0.64 0.60
+//   16x128x8x8 -> 128      0.63 0.78 0.58     32x128x7x7 -> 128    0.66 0.76 0.71
+//   16x64x13x13 -> 64      0.63 0.80 0.65     16x8x20x20 -> 8      0.51 0.65 0.78
+//   8x3x32x32 -> 32        0.69 1.12 2.04     16x256x4x4 -> 256    0.98 1.20 0.71
+//   16x512x2x2 -> 512      1.89 2.33 2.13     8x16x32x32 -> 16     0.56 0.63 0.63
+bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
 #if defined(FASTDL_WINO_AVX2)
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  const int64_t tiles = p.n * ((p.oh + 1) / 2) * ((p.ow + 1) / 2);
-  return p.dtype == DType::Float32 && kg >= 8 && tiles >= std::max(cg, kg);
+  const Conv2dParams q = pass == ConvPass::BackwardInput ? input_grad_as_forward(p) : p;
+  const int64_t cg = q.c / q.groups, kg = q.k / q.groups, ch = std::max(cg, kg);
+  const int64_t tiles = q.n * ((q.oh + 1) / 2) * ((q.ow + 1) / 2);
+  if (q.dtype != DType::Float32 || kg < 8) return false;
+  if (pass == ConvPass::BackwardWeight) return cg >= 8 && 4 * tiles >= ch;
+  return tiles >= ch;
 #else
   (void)p;
+  (void)pass;
   return false;
 #endif
 }
@@ -310,6 +415,55 @@ void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w
                         gx);
 }
 
+template <class T>
+void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
+  const Plan w = make_plan(p);
+  const int64_t gbw = w.rbw - 2;  // gy row buffer: 16 columns per group of 8 tiles
+  const int64_t nt = std::max(1, get_num_threads());
+  std::vector<T> du(static_cast<size_t>((nt + 1) * 16 * kc), T(0));  // per-thread dU, then the sum
+  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+    const int tid = omp_in_parallel() ? omp_get_thread_num() : 0;
+    T* part = du.data() + (1 + tid) * 16 * kc;
+    T* v = tl_v.get_as<T>(16 * w.ves);
+    T* m = tl_m.get_as<T>(16 * w.mes);
+    T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t g = t / w.chunks, r0 = (t % w.chunks) * w.nr, nrc = std::min(w.nr, w.rows - r0);
+      const int64_t len = nrc * w.tw;
+      build_v(p, w, x, g, r0, nrc, rbuf, v);
+      // dM[e][kk][(r - r0) * tw + tj]
+      for (int64_t kk = 0; kk < kg; ++kk)
+        for (int64_t r = r0; r < r0 + nrc; ++r) {
+          const int64_t n = r / w.th, ti = r % w.th;
+          const T* gp = gy + ((n * p.k + g * kg + kk) * p.oh) * p.ow;
+          const T* gb[2];
+          for (int i = 0; i < 2; ++i) {
+            T* dst = rbuf + i * w.rbw;
+            gb[i] = dst;
+            const int64_t oh = 2 * ti + i;
+            const int64_t e = oh < p.oh ? std::min(gbw, p.ow) : 0;
+            if (e > 0) std::memcpy(dst, gp + oh * p.ow, sizeof(T) * e);
+            std::fill(dst + e, dst + gbw, T(0));
+          }
+          grad_row<T>(gb, w.tw, m + kk * w.ldq + (r - r0) * w.tw, w.mes);
+        }
+      // dU[e]_g (kg x cg) += dM[e] (kg x len) * V[e]^T
+      for (int e = 0; e < 16; ++e)
+        gemm(gemm_params<T>(false, true, kg, cg, len, w.ldq, w.ldq, cg, 1.0), m + e * w.mes,
+             v + e * w.ves, part + e * kc + g * kg * cg);
+    }
+    tl_v.trim(kKeepBytes);
+    tl_m.trim(kKeepBytes);
+  });
+  T* sum = du.data();
+  for (int64_t i = 1; i <= nt; ++i) {
+    const T* part = du.data() + i * 16 * kc;
+    for (int64_t q = 0; q < 16 * kc; ++q) sum[q] += part[q];
+  }
+  weights_adjoint(kc, sum, gw);
+}
+
 template void conv_winograd_forward<float>(const Conv2dParams&, const float*, const float*,
                                            const float*, float*);
 template void conv_winograd_forward<double>(const Conv2dParams&, const double*, const double*,
@@ -318,6 +472,11 @@ template void conv_winograd_backward_input<float>(const Conv2dParams&, const flo
                                                   float*);
 template void conv_winograd_backward_input<double>(const Conv2dParams&, const double*,
                                                    const double*, double*);
+
+template void conv_winograd_backward_weight<float>(const Conv2dParams&, const float*, const float*,
+                                                   float*);
+template void conv_winograd_backward_weight<double>(const Conv2dParams&, const double*,
+                                                    const double*, double*);
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
