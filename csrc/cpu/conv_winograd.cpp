@@ -14,7 +14,7 @@
 // The input gradient of a stride-1 convolution is the forward of the same convolution over gy
 // with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too. The
 // weight gradient is the adjoint: dM = A dy A^T per 2x2 tile of gy, dU[e] = sum dM[e] V[e]^T
-// (GEMMs into per-thread partials, summed in thread order), dW = G^T dU G.
+// (GEMMs into per-thread partials, summed in a fixed order), dW = G^T dU G.
 // Work split: one task per (group, chunk of tile rows) with per-thread buffers of bounded size.
 // Measured (1 thread, thread CPU time, median of 7, 2-core Zen3 under load, ms, Winograd / GEMM):
 // vector transforms: 32x64x56x56 -> 64 p1 forward 65 / 132 (scalar transforms before: 469 /
@@ -25,8 +25,10 @@
 // Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path; wide
 // and stacked maps for the vector path, all three passes; the automatic choice); timed by
 // benchmarks/bench_conv.py.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <new>
 #include <vector>
 
@@ -292,7 +294,7 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
 // ---- weight gradient -------------------------------------------------------------------------
 // The adjoint of the forward: dM = A dy A^T per 2x2 tile of gy (A = [1 0; 1 1; 1 -1; 0 -1]),
 // dU[e] (kg x cg) = sum over tiles dM[e] V[e]^T (GEMMs accumulating into per-thread partials,
-// summed in thread order: the same result every run at a given thread count), dW = G^T dU G.
+// summed in task order: the same result every run at a given thread count), dW = G^T dU G.
 
 // dM[e][tj] at dm + e * es, tiles tj < tw, from gy rows gb[0], gb[1] (zero-padded; tile tj reads
 // columns 2*tj, 2*tj + 1). The AVX2 float path writes whole groups of 8 tiles.
@@ -422,11 +424,18 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const Plan w = make_plan(p);
   const int64_t gbw = w.rbw - 2;  // gy row buffer: 16 columns per group of 8 tiles
+  // parallel_for calls the body at most once per thread: each call takes a slot of partial sums,
+  // and the slots are summed in the order of their first task, so the result does not depend on
+  // which thread ran first.
   const int64_t nt = std::max(1, get_num_threads());
-  std::vector<T> du(static_cast<size_t>((nt + 1) * 16 * kc), T(0));  // per-thread dU, then the sum
+  std::vector<T> du(static_cast<size_t>((nt + 1) * 16 * kc), T(0));  // the sum, then the slots
+  std::vector<int64_t> slot_lo(static_cast<size_t>(nt), -1);
+  std::atomic<int64_t> next_slot(0);
   parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
-    const int tid = omp_in_parallel() ? omp_get_thread_num() : 0;
-    T* part = du.data() + (1 + tid) * 16 * kc;
+    const int64_t slot = next_slot.fetch_add(1);
+    if (slot >= nt) throw std::logic_error("conv2d winograd: more parallel chunks than threads");
+    slot_lo[slot] = lo;
+    T* part = du.data() + (1 + slot) * 16 * kc;
     T* v = tl_v.get_as<T>(16 * w.ves);
     T* m = tl_m.get_as<T>(16 * w.mes);
     T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
@@ -458,9 +467,13 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
     tl_v.trim(kKeepBytes);
     tl_m.trim(kKeepBytes);
   });
+  std::vector<int64_t> order;
+  for (int64_t i = 0; i < nt; ++i)
+    if (slot_lo[i] >= 0) order.push_back(i);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return slot_lo[a] < slot_lo[b]; });
   T* sum = du.data();
-  for (int64_t i = 1; i <= nt; ++i) {
-    const T* part = du.data() + i * 16 * kc;
+  for (int64_t i : order) {
+    const T* part = du.data() + (1 + i) * 16 * kc;
     for (int64_t q = 0; q < 16 * kc; ++q) sum[q] += part[q];
   }
   weights_adjoint(kc, sum, gw);
