@@ -19,9 +19,10 @@
 // Measured (1 thread, thread CPU time, median of 7, 2-core Zen3 under load, ms, Winograd / GEMM):
 // vector transforms: 32x64x56x56 -> 64 p1 forward 65 / 132 (scalar transforms before: 469 /
 // 419 wall time); 64x32x26x26 -> 64 p0 forward 17 / 28. Transforms were ~70% of the time with
-// scalar tiles, ~30% after (shape 3; the GEMMs the rest). Chunk budget 2^18 elements: thread
-// CPU time min 65 ms against 73-94 ms at 2^15..2^17 on shape 3. The automatic choice's rule and
-// figures (all three passes) are at winograd_preferred.
+// scalar tiles; after, shape 3 spends ~18 of 58 ms in them and ~40 ms in the 16 GEMMs (3.3 GFLOP,
+// close to one core's FMA peak), so larger tiles (F(4x4,3x3)) are the next step. Chunk budget
+// 2^18 elements: thread CPU time min 65 ms against 73-94 ms at 2^15..2^17 on shape 3. The
+// automatic choice's rule and figures (all three passes) are at winograd_preferred.
 // Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path; wide
 // and stacked maps for the vector path, all three passes; the automatic choice); timed by
 // benchmarks/bench_conv.py.
