@@ -179,10 +179,64 @@ def test_winograd_sweep(cpu_path, dtype):
     try:
         for i, (shape, wshape, bias, kw) in enumerate(winograd_configs(seed=7)):
             x, w = torch.zeros(shape, dtype=dtype), torch.zeros(wshape, dtype=dtype)
-            for pass_ in ("forward", "input"):  # the weight gradient stays on GEMM
+            for pass_ in ("forward", "input", "weight"):
                 got = ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw)
                 assert got == "winograd", f"{pass_} x={shape} w={wshape} {kw}: {got}"
             run_conv_case(dtype, shape, wshape, bias, kw, seed=i, what="algo=winograd")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+# Wide and stacked maps for the AVX2 tile transforms (8 tiles of a tile row per vector): rows of
+# 1-3 groups of 8 tiles with every tail length, odd output sizes, padding 0-2 (the input gradient
+# pads 2 - p), groups, and many small images whose tile rows share a chunk, with a chunk boundary
+# inside an image (50 images of 3 tile rows, 83 rows per chunk).
+WINOGRAD_WIDE = [
+    ((2, 5, 9, 37), (6, 5, 3, 3), True, 0, 1),
+    ((1, 4, 11, 34), (8, 4, 3, 3), False, 1, 1),
+    ((2, 6, 7, 50), (4, 3, 3, 3), True, 2, 2),
+    ((3, 3, 17, 19), (9, 1, 3, 3), True, 1, 3),
+    ((2, 8, 16, 16), (8, 8, 3, 3), False, 1, 1),
+    ((50, 64, 6, 6), (64, 64, 3, 3), True, 1, 1),
+    ((7, 12, 5, 4), (12, 4, 3, 3), True, 2, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_wide_and_stacked(cpu_path, dtype):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("winograd")
+    try:
+        for i, (shape, wshape, bias, pad, g) in enumerate(WINOGRAD_WIDE):
+            kw = dict(stride=1, padding=pad, dilation=1, groups=g)
+            assert ops_conv.conv2d_algorithm(torch.zeros(shape), torch.zeros(wshape), **kw) == "winograd"
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=100 + i, what="algo=winograd")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+def test_winograd_automatic_choice(cpu_path):
+    # float32 on the AVX2 build picks Winograd for 3x3 stride-1 where measured faster than GEMM
+    # (csrc/cpu/conv_winograd.cpp, winograd_preferred), forward and input gradient; never for
+    # the weight gradient (forced only), float64, the portable build, tiny maps with wide
+    # channels, or fewer than 8 output channels per group.
+    def algo(shape, wshape, dtype=torch.float32, pass_="forward", **kw):
+        return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
+                                         torch.zeros(wshape, dtype=dtype), pass_=pass_, **kw)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("auto")
+    try:
+        wino = "winograd" if cpu_path == "avx2" else "gemm"
+        resnet = ((32, 64, 56, 56), (64, 64, 3, 3))
+        assert algo(*resnet, padding=1) == wino
+        assert algo(*resnet, padding=1, pass_="input") == wino
+        assert algo(*resnet, padding=1, pass_="weight") == "gemm"  # forced only
+        assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
+        assert algo(*resnet, padding=1, stride=2) == "gemm"
+        assert algo(*resnet, padding=1, dilation=2) == "gemm"
+        assert algo((16, 256, 4, 4), (256, 256, 3, 3), padding=1) == "gemm"  # 64 tiles < 256
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == wino
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == "gemm"  # 3 outputs
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -265,8 +319,12 @@ def test_auto_choice():
     # channel multiplier's (3) take GEMM there.
     rgb = np.zeros((8, 3, 3, 3), np.float32)
     mult3 = np.zeros((24, 1, 3, 3), np.float32)
+    # (its 8 outputs reach Winograd's rule in the forward on the AVX2 build; the input gradient,
+    # 3 outputs, stays on GEMM)
+    avx2 = fastdl._C.cpu_capability() == "avx2"
     for pass_ in ("forward", "input", "weight"):
-        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == "gemm"
+        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == (
+            "winograd" if avx2 and pass_ == "forward" else "gemm")
         assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32,
                                          pass_=pass_) == "direct"
         assert ops_conv.conv2d_algorithm(x[:, :8], mult3, groups=8, pass_=pass_) == (

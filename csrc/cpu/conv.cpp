@@ -2,7 +2,7 @@
 // gradient. Matches torch.nn.functional.conv2d (NCHW, float32/float64, groups, dilation, any
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
-// (conv_direct.cpp), Winograd (conv_winograd.cpp, only when forced). Reference: one task per
+// (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there). Reference: one task per
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -127,7 +127,7 @@ void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
 
 // The automatic choice, and the forced algorithm where it serves the shape.
 ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
-  const bool wino = winograd_serves(p) && pass != ConvPass::BackwardWeight;
+  const bool wino = winograd_serves(p);
   switch (p.algo) {
     case ConvAlgo::Reference:
     case ConvAlgo::Gemm:
@@ -152,9 +152,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // forward over gy with the kernel flipped) over the kg output channels of a group.
   const bool direct = pass == ConvPass::BackwardInput ? p.k / p.groups == 1 : cg == 1;
   if (direct) return ConvAlgo::Direct;
-  // Winograd is not chosen automatically: its scalar tile transforms cost more than the 2.25x
-  // fewer multiplies save (4x64x56x56 -> 64 3x3 p1, one thread, 2-core Zen under load: forward
-  // 35-40 ms against 23-29 ms for GEMM; input gradient alike).
+  if (wino && winograd_preferred(p, pass))
+    return ConvAlgo::Winograd;
   return ConvAlgo::Gemm;
 }
 
@@ -218,6 +217,7 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_weight(p, x, gy, gw);
     case ConvAlgo::Direct: return conv_direct_backward_weight(p, x, gy, gw, fused ? gb : nullptr);
+    case ConvAlgo::Winograd: return conv_winograd_backward_weight(p, x, gy, gw);
     default: return conv_gemm_backward_weight(p, x, gy, gw);
   }
 }

@@ -106,12 +106,17 @@ void flip_weights(const Conv2dParams& p, const T* w, T* wf) {
           wf[((g * cg + cc) * kg + kk) * taps + e] = w[((g * kg + kk) * cg + cc) * taps + (taps - 1 - e)];
 }
 
-// Winograd F(2x2, 3x3): 3x3 kernels, stride 1, dilation 1 (conv_winograd.cpp).
+// Winograd F(2x2, 3x3): 3x3 kernels, stride 1, dilation 1, all three passes (conv_winograd.cpp).
 bool winograd_serves(const Conv2dParams& p);
+// Whether Winograd beats GEMM on a pass of a shape it serves (the automatic choice); the
+// measured rule is in conv_winograd.cpp.
+bool winograd_preferred(const Conv2dParams& p, ConvPass pass);
 template <class T>
 void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>
 void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl

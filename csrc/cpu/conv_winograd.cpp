@@ -3,17 +3,40 @@
 // over a 4x4 input tile d (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"),
 // 16 multiplies per 4 outputs and input channel instead of 36.
 //   weights   U[e] (kg x cg) = (G g G^T)[e] for each of the 16 positions e, once per call
-//   per chunk of tiles of one (image, group): V[e] (cg x tiles) = (B^T d B)[e], then 16 GEMMs
-//   M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then y tile = A^T M A (+ bias).
+//   per chunk (whole tile rows of the stacked images of one group): V[e] (cg x tiles) =
+//   (B^T d B)[e], then 16 GEMMs M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then the
+//   y tile = A^T M A (+ bias).
+// Transforms run a tile row at a time: its 4 input rows are copied into zero-padded row buffers
+// (no bounds checks after), and the AVX2 float32 path handles 8 tiles of the row per vector (the
+// 4 tile columns are even/odd lanes of 16 loaded floats; the inverse interleaves back), writing
+// and reading contiguous 8-tile vectors of V[e] / M[e]. float64 and the portable build run the
+// same loops one tile at a time.
 // The input gradient of a stride-1 convolution is the forward of the same convolution over gy
-// with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too; the
-// weight gradient stays on the GEMM path.
-// Work split: one task per (image, group, chunk of tiles) with per-thread buffers of bounded size.
-// Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path); timed
-// by benchmarks/bench_conv.py.
+// with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too. The
+// weight gradient is the adjoint: dM = A dy A^T per 2x2 tile of gy, dU[e] = sum dM[e] V[e]^T
+// (GEMMs into per-thread partials, summed in a fixed order), dW = G^T dU G.
+// Work split: one task per (group, chunk of tile rows) with per-thread buffers of bounded size.
+// Measured (1 thread, thread CPU time, median of 7, 2-core Zen3 under load, ms, Winograd / GEMM):
+// vector transforms: 32x64x56x56 -> 64 p1 forward 65 / 132 (scalar transforms before: 469 /
+// 419 wall time); 64x32x26x26 -> 64 p0 forward 17 / 28. Transforms were ~70% of the time with
+// scalar tiles; after, shape 3 spends ~18 of 58 ms in them and ~40 ms in the 16 GEMMs (3.3 GFLOP,
+// close to one core's FMA peak), so larger tiles (F(4x4,3x3)) are the next step. Chunk budget
+// 2^18 elements: thread CPU time min 65 ms against 73-94 ms at 2^15..2^17 on shape 3. The
+// automatic choice's rule and figures (all three passes) are at winograd_preferred.
+// Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path; wide
+// and stacked maps for the vector path, all three passes; the automatic choice); timed by
+// benchmarks/bench_conv.py.
+#include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <stdexcept>
 #include <new>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FASTDL_WINO_AVX2 1
+#endif
 
 #include "conv_impl.h"
 #include "scratch.h"
@@ -23,12 +46,13 @@ namespace FASTDL_ISA_NS {
 
 namespace {
 
-thread_local ScratchBuffer tl_v, tl_m;
+thread_local ScratchBuffer tl_v, tl_m, tl_rows;
 // A thread frees its Winograd buffers above this size after each task.
 constexpr size_t kKeepBytes = size_t(4) << 20;
 
-// V holds at most this many elements per thread (16 x cg x tiles).
-constexpr int64_t kWinoBudget = 1 << 18;
+// V (16 x cg x tiles) and M (16 x kg x tiles) hold about this many elements per thread, more (up
+// to kWinoMax) only to keep 64 tiles per GEMM at large channel counts.
+constexpr int64_t kWinoBudget = 1 << 18, kWinoMax = 1 << 20;
 
 // U[e][k][cc] = (G g G^T)[e] for the 3x3 kernel g = w[k][cc], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
 template <class T>
@@ -51,84 +75,215 @@ void transform_weights(const Conv2dParams& p, const T* w, T* u) {
   }
 }
 
-// B^T d B for one 4x4 tile d, written to v[e * ld].
+// ---- tile transforms over one tile row ------------------------------------------------------
+// A tile row (tw tiles of one image and channel) reads 4 input rows; they are first copied into
+// zero-padded row buffers rb[i] (width rbw, column j = input column j - pw), so the transforms run
+// with no bounds checks. Tile tj reads rb[i][2*tj .. 2*tj + 3].
+
+// V[e][q0 + tj] = (B^T d B)[e] for tiles tj < tw, e-th row at v + e * es. The AVX2 float path
+// writes whole groups of 8 tiles (up to 7 past tw: the caller's ld leaves room).
 template <class T>
-inline void transform_tile(const T d[4][4], T* v, int64_t ld) {
-  T t[4][4];  // B^T d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3
-  for (int j = 0; j < 4; ++j) {
-    t[0][j] = d[0][j] - d[2][j];
-    t[1][j] = d[1][j] + d[2][j];
-    t[2][j] = d[2][j] - d[1][j];
-    t[3][j] = d[1][j] - d[3][j];
+void input_row(const T* const rb[4], int64_t tw, T* v, int64_t es) {
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T t[4][4];  // d B per row: columns d0 - d2, d1 + d2, d2 - d1, d1 - d3
+    for (int i = 0; i < 4; ++i) {
+      const T* d = rb[i] + 2 * tj;
+      t[i][0] = d[0] - d[2];
+      t[i][1] = d[1] + d[2];
+      t[i][2] = d[2] - d[1];
+      t[i][3] = d[1] - d[3];
+    }
+    for (int j = 0; j < 4; ++j) {  // B^T (d B)
+      v[(0 * 4 + j) * es + tj] = t[0][j] - t[2][j];
+      v[(1 * 4 + j) * es + tj] = t[1][j] + t[2][j];
+      v[(2 * 4 + j) * es + tj] = t[2][j] - t[1][j];
+      v[(3 * 4 + j) * es + tj] = t[1][j] - t[3][j];
+    }
   }
-  for (int i = 0; i < 4; ++i) {
-    v[(i * 4 + 0) * ld] = t[i][0] - t[i][2];
-    v[(i * 4 + 1) * ld] = t[i][1] + t[i][2];
-    v[(i * 4 + 2) * ld] = t[i][2] - t[i][1];
-    v[(i * 4 + 3) * ld] = t[i][1] - t[i][3];
+}
+
+// y rows (row0, and row1 unless null) columns 2*tj, 2*tj + 1 < ow = A^T M A + bias, from
+// M[e][tj] at m + e * es.
+template <class T>
+void output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T* row1) {
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T s[2][4];
+    for (int j = 0; j < 4; ++j) {
+      const T m0 = m[j * es + tj], m1 = m[(4 + j) * es + tj], m2 = m[(8 + j) * es + tj],
+              m3 = m[(12 + j) * es + tj];
+      s[0][j] = m0 + m1 + m2;
+      s[1][j] = m1 - m2 - m3;
+    }
+    T* rows[2] = {row0, row1};
+    for (int i = 0; i < 2; ++i) {
+      if (!rows[i]) break;
+      rows[i][2 * tj] = s[i][0] + s[i][1] + s[i][2] + bv;
+      if (2 * tj + 1 < ow) rows[i][2 * tj + 1] = s[i][1] - s[i][2] - s[i][3] + bv;
+    }
   }
+}
+
+#if defined(FASTDL_WINO_AVX2)
+// Columns 2t, 2t+1 of 8 tiles from 16 floats: even / odd lanes.
+inline void deinterleave(const float* p, __m256& even, __m256& odd) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  // per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6, then 64-bit pairs reordered 0 2 1 3
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+
+// 8 tiles at a time: tile columns 0, 1 are the even / odd lanes of rb[i][2tj..2tj+15], columns 2, 3
+// those of rb[i][2tj+2..2tj+17]. Writes V[e][tj..tj+7] for each group started below tw.
+template <>
+void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 t[4][4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 d0, d1, d2, d3;
+      deinterleave(rb[i] + 2 * tj, d0, d1);
+      deinterleave(rb[i] + 2 * tj + 2, d2, d3);
+      t[i][0] = _mm256_sub_ps(d0, d2);
+      t[i][1] = _mm256_add_ps(d1, d2);
+      t[i][2] = _mm256_sub_ps(d2, d1);
+      t[i][3] = _mm256_sub_ps(d1, d3);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(v + (0 * 4 + j) * es + tj, _mm256_sub_ps(t[0][j], t[2][j]));
+      _mm256_storeu_ps(v + (1 * 4 + j) * es + tj, _mm256_add_ps(t[1][j], t[2][j]));
+      _mm256_storeu_ps(v + (2 * 4 + j) * es + tj, _mm256_sub_ps(t[2][j], t[1][j]));
+      _mm256_storeu_ps(v + (3 * 4 + j) * es + tj, _mm256_sub_ps(t[1][j], t[3][j]));
+    }
+  }
+}
+
+// 8 tiles at a time; reads M[e][tj..tj+7] (past tw within the caller's ld). Output columns
+// interleave back (unpack + lane permute); a group reaching past ow goes through a 16-float tile.
+template <>
+void output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float bv, float* row0,
+                       float* row1) {
+  const __m256 bias = _mm256_set1_ps(bv);
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 s[2][4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 m0 = _mm256_loadu_ps(m + j * es + tj), m1 = _mm256_loadu_ps(m + (4 + j) * es + tj),
+                   m2 = _mm256_loadu_ps(m + (8 + j) * es + tj),
+                   m3 = _mm256_loadu_ps(m + (12 + j) * es + tj);
+      s[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+      s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+    }
+    float* rows[2] = {row0, row1};
+    const int64_t c0 = 2 * tj, cols = std::min<int64_t>(16, ow - c0);
+    for (int i = 0; i < 2; ++i) {
+      if (!rows[i]) break;
+      const __m256 o0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
+      const __m256 o1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
+      const __m256 lo = _mm256_unpacklo_ps(o0, o1), hi = _mm256_unpackhi_ps(o0, o1);
+      const __m256 y0 = _mm256_permute2f128_ps(lo, hi, 0x20), y1 = _mm256_permute2f128_ps(lo, hi, 0x31);
+      if (cols == 16) {
+        _mm256_storeu_ps(rows[i] + c0, y0);
+        _mm256_storeu_ps(rows[i] + c0 + 8, y1);
+      } else {
+        alignas(32) float tmp[16];
+        _mm256_store_ps(tmp, y0);
+        _mm256_store_ps(tmp + 8, y1);
+        std::memcpy(rows[i] + c0, tmp, sizeof(float) * cols);
+      }
+    }
+  }
+}
+#endif
+
+// Tiles are processed a tile row at a time; a chunk is `nr` consecutive tile rows of the stacked
+// images (global row r = n * th + ti) of one group, so a chunk may span several small images.
+// V[e] (cg x ldq) and M[e] (kg x ldq), ldq >= tiles + 7 (the 8-tile groups' overrun), e-th
+// matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
+struct Plan {
+  int64_t th, tw, rows, rbw, nr, chunks, ldq, ves, mes;
+};
+
+Plan make_plan(const Conv2dParams& p) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
+  Plan w;
+  w.th = (p.oh + 1) / 2;
+  w.tw = (p.ow + 1) / 2;
+  w.rows = p.n * w.th;
+  w.rbw = 16 * ((w.tw + 7) / 8) + 2;
+  // Tile rows per chunk: V and M within the budget, but at least 64 tiles per GEMM where the
+  // channels allow (the engine packs U[e] once per GEMM).
+  const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
+  const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
+  w.nr = std::min(w.rows, std::max<int64_t>(1, (want - 7) / w.tw));
+  w.chunks = (w.rows + w.nr - 1) / w.nr;
+  // Few tasks: as many per thread (parallel_for splits them into equal contiguous runs).
+  const int64_t nt = get_num_threads();
+  if (nt > 1 && G * w.chunks < 8 * nt && (G * w.chunks) % nt) {
+    int64_t c = w.chunks;
+    while ((G * c) % nt && c < w.rows) ++c;
+    w.nr = (w.rows + c - 1) / c;
+    w.chunks = (w.rows + w.nr - 1) / w.nr;
+  }
+  w.ldq = (w.nr * w.tw + 7 + 7) / 8 * 8;
+  w.ves = cg * w.ldq + 16;
+  w.mes = kg * w.ldq + 16;
+  return w;
+}
+
+// V[e][cc][(r - r0) * tw + tj] for tile rows [r0, r0 + nrc) of group g.
+template <class T>
+void build_v(const Conv2dParams& p, const Plan& w, const T* x, int64_t g, int64_t r0, int64_t nrc,
+             T* rbuf, T* v) {
+  const int64_t cg = p.c / p.groups, rbw = w.rbw;
+  for (int64_t cc = 0; cc < cg; ++cc)
+    for (int64_t r = r0; r < r0 + nrc; ++r) {
+      const int64_t n = r / w.th, ti = r % w.th;
+      const T* xp = x + ((n * p.c + g * cg + cc) * p.h) * p.w;
+      const T* rb[4];
+      for (int i = 0; i < 4; ++i) {
+        T* dst = rbuf + i * rbw;
+        rb[i] = dst;
+        const int64_t ih = 2 * ti - p.ph + i;
+        // dst[j] = x[ih][j - pw] for j < rbw
+        const int64_t a = std::min(rbw, std::max<int64_t>(0, p.pw));
+        const int64_t e = std::max(a, std::min(rbw, p.w + p.pw));
+        if (ih < 0 || ih >= p.h) {
+          std::fill(dst, dst + rbw, T(0));
+          continue;
+        }
+        std::fill(dst, dst + a, T(0));
+        if (e > a) std::memcpy(dst + a, xp + ih * p.w + (a - p.pw), sizeof(T) * (e - a));
+        std::fill(dst + e, dst + rbw, T(0));
+      }
+      input_row<T>(rb, w.tw, v + cc * w.ldq + (r - r0) * w.tw, w.ves);
+    }
 }
 
 template <class T>
 void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
-  const int64_t th = (p.oh + 1) / 2, tw = (p.ow + 1) / 2, tiles = th * tw;
-  // Tiles per chunk: V is 16 x cg x tc and M is 16 x kg x tc, so bound by the larger of the two.
-  const int64_t tc = std::min<int64_t>(
-      tiles, std::max<int64_t>(16, kWinoBudget / (16 * std::max<int64_t>(1, std::max(cg, kg)))));
-  const int64_t chunks = (tiles + tc - 1) / tc;
-  parallel_for_catch(p.n * G * chunks, grain_for(tc * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
-    T* v = tl_v.get_as<T>(16 * cg * tc);
-    T* m = tl_m.get_as<T>(16 * kg * tc);
+  const Plan w = make_plan(p);
+  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+    T* v = tl_v.get_as<T>(16 * w.ves);
+    T* m = tl_m.get_as<T>(16 * w.mes);
+    T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t n = t / (G * chunks), g = (t / chunks) % G, t0 = (t % chunks) * tc;
-      const int64_t len = std::min(tc, tiles - t0);
-      const T* xg = x + (n * p.c + g * cg) * p.h * p.w;
-      // V[e][cc][q] (ld 16 rows of cg x len)
-      for (int64_t cc = 0; cc < cg; ++cc) {
-        const T* xp = xg + cc * p.h * p.w;
-        for (int64_t q = 0, ti = t0 / tw, tj = t0 % tw; q < len; ++q, tj = tj + 1 == tw ? (++ti, 0) : tj + 1) {
-          const int64_t r0 = 2 * ti - p.ph, c0 = 2 * tj - p.pw;
-          T d[4][4];
-          if (r0 >= 0 && c0 >= 0 && r0 + 4 <= p.h && c0 + 4 <= p.w) {
-            for (int i = 0; i < 4; ++i)
-              for (int j = 0; j < 4; ++j) d[i][j] = xp[(r0 + i) * p.w + c0 + j];
-          } else {
-            for (int i = 0; i < 4; ++i)
-              for (int j = 0; j < 4; ++j) {
-                const int64_t r = r0 + i, c = c0 + j;
-                d[i][j] = (r >= 0 && r < p.h && c >= 0 && c < p.w) ? xp[r * p.w + c] : T(0);
-              }
-          }
-          transform_tile(d, v + cc * len + q, cg * len);
-        }
-      }
+      const int64_t g = t / w.chunks, r0 = (t % w.chunks) * w.nr, nrc = std::min(w.nr, w.rows - r0);
+      const int64_t len = nrc * w.tw;
+      build_v(p, w, x, g, r0, nrc, rbuf, v);
       // M[e] (kg x len) = U[e]_g (kg x cg, ld cg) * V[e] (cg x len)
       for (int e = 0; e < 16; ++e)
-        gemm(gemm_params<T>(false, false, kg, len, cg, cg, len, len, 0.0),
-             u + e * kc + g * kg * cg, v + e * cg * len, m + e * kg * len);
+        gemm(gemm_params<T>(false, false, kg, len, cg, cg, w.ldq, w.ldq, 0.0),
+             u + e * kc + g * kg * cg, v + e * w.ves, m + e * w.mes);
       // y tile = A^T M A, A^T = [1 1 1 0; 0 1 -1 -1]
       for (int64_t kk = 0; kk < kg; ++kk) {
         const int64_t k = g * kg + kk;
-        T* yp = y + (n * p.k + k) * p.oh * p.ow;
         const T bv = b ? b[k] : T(0);
-        const T* mk = m + kk * len;
-        const int64_t es = kg * len;
-        for (int64_t q = 0, ti = t0 / tw, tj = t0 % tw; q < len; ++q, tj = tj + 1 == tw ? (++ti, 0) : tj + 1) {
-          T mm[4][4];
-          for (int e = 0; e < 16; ++e) mm[e / 4][e % 4] = mk[e * es + q];
-          T s[2][4];
-          for (int j = 0; j < 4; ++j) {
-            s[0][j] = mm[0][j] + mm[1][j] + mm[2][j];
-            s[1][j] = mm[1][j] - mm[2][j] - mm[3][j];
-          }
-          for (int i = 0; i < 2; ++i) {
-            const int64_t oh = 2 * ti + i;
-            if (oh >= p.oh) break;
-            const T o0 = s[i][0] + s[i][1] + s[i][2], o1 = s[i][1] - s[i][2] - s[i][3];
-            yp[oh * p.ow + 2 * tj] = o0 + bv;
-            if (2 * tj + 1 < p.ow) yp[oh * p.ow + 2 * tj + 1] = o1 + bv;
-          }
+        for (int64_t r = r0; r < r0 + nrc; ++r) {
+          const int64_t n = r / w.th, ti = r % w.th;
+          T* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow;
+          output_row<T>(m + kk * w.ldq + (r - r0) * w.tw, w.mes, w.tw, p.ow, bv, yp,
+                        2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
         }
       }
     }
@@ -137,10 +292,117 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
   });
 }
 
+// ---- weight gradient -------------------------------------------------------------------------
+// The adjoint of the forward: dM = A dy A^T per 2x2 tile of gy (A = [1 0; 1 1; 1 -1; 0 -1]),
+// dU[e] (kg x cg) = sum over tiles dM[e] V[e]^T (GEMMs accumulating into per-thread partials,
+// summed in task order: the same result every run at a given thread count), dW = G^T dU G.
+
+// dM[e][tj] at dm + e * es, tiles tj < tw, from gy rows gb[0], gb[1] (zero-padded; tile tj reads
+// columns 2*tj, 2*tj + 1). The AVX2 float path writes whole groups of 8 tiles.
+template <class T>
+void grad_row(const T* const gb[2], int64_t tw, T* dm, int64_t es) {
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T r[4][2];  // A dy
+    for (int b = 0; b < 2; ++b) {
+      const T d0 = gb[0][2 * tj + b], d1 = gb[1][2 * tj + b];
+      r[0][b] = d0;
+      r[1][b] = d0 + d1;
+      r[2][b] = d0 - d1;
+      r[3][b] = -d1;
+    }
+    for (int i = 0; i < 4; ++i) {  // (A dy) A^T
+      dm[(i * 4 + 0) * es + tj] = r[i][0];
+      dm[(i * 4 + 1) * es + tj] = r[i][0] + r[i][1];
+      dm[(i * 4 + 2) * es + tj] = r[i][0] - r[i][1];
+      dm[(i * 4 + 3) * es + tj] = -r[i][1];
+    }
+  }
+}
+
+#if defined(FASTDL_WINO_AVX2)
+template <>
+void grad_row<float>(const float* const gb[2], int64_t tw, float* dm, int64_t es) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 d[2][2];
+    deinterleave(gb[0] + 2 * tj, d[0][0], d[0][1]);
+    deinterleave(gb[1] + 2 * tj, d[1][0], d[1][1]);
+    __m256 r[4][2];
+    for (int b = 0; b < 2; ++b) {
+      r[0][b] = d[0][b];
+      r[1][b] = _mm256_add_ps(d[0][b], d[1][b]);
+      r[2][b] = _mm256_sub_ps(d[0][b], d[1][b]);
+      r[3][b] = _mm256_sub_ps(zero, d[1][b]);
+    }
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(dm + (i * 4 + 0) * es + tj, r[i][0]);
+      _mm256_storeu_ps(dm + (i * 4 + 1) * es + tj, _mm256_add_ps(r[i][0], r[i][1]));
+      _mm256_storeu_ps(dm + (i * 4 + 2) * es + tj, _mm256_sub_ps(r[i][0], r[i][1]));
+      _mm256_storeu_ps(dm + (i * 4 + 3) * es + tj, _mm256_sub_ps(zero, r[i][1]));
+    }
+  }
+}
+#endif
+
+// dW (K, cg, 3, 3) from dU (16 x K*cg, e-major): dg = G^T dU G, G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+template <class T>
+void weights_adjoint(int64_t kc, const T* du, T* gw) {
+  parallel_for_catch(kc, grain_for(64), [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) {
+      T t[3][4];  // G^T dU
+      for (int j = 0; j < 4; ++j) {
+        const T a0 = du[(0 + j) * kc + q], a1 = du[(4 + j) * kc + q], a2 = du[(8 + j) * kc + q],
+                a3 = du[(12 + j) * kc + q];
+        t[0][j] = a0 + T(0.5) * (a1 + a2);
+        t[1][j] = T(0.5) * (a1 - a2);
+        t[2][j] = T(0.5) * (a1 + a2) + a3;
+      }
+      T* g = gw + q * 9;
+      for (int i = 0; i < 3; ++i) {  // (G^T dU) G
+        g[i * 3 + 0] = t[i][0] + T(0.5) * (t[i][1] + t[i][2]);
+        g[i * 3 + 1] = T(0.5) * (t[i][1] - t[i][2]);
+        g[i * 3 + 2] = T(0.5) * (t[i][1] + t[i][2]) + t[i][3];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 bool winograd_serves(const Conv2dParams& p) {
   return p.kh == 3 && p.kw == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1;
+}
+
+// The automatic choice (float32 on the AVX2 build, where the vector transforms run).
+// Forward and input gradient (asked as the forward it runs, input_grad_as_forward): at least 8
+// output channels per group (the GEMMs' M; with 3, the input gradient of a 3-channel layer ran
+// 1.12x GEMM's time) and at least as many tiles per group as max(cg, kg) (U = 16 x kg x cg is
+// transformed per call and streamed per chunk; on tiny maps that outweighs the saving).
+// Weight gradient: forced only. Faster where the third column below is < 1, and its error
+// relative to the largest element matches GEMM's (5.5e-7 vs 4.4e-7 on shape 3), but elementwise
+// it is not always within 4x torch's: an element's error scales with its tap neighbours' dU, so
+// small, cancelling elements fare worse, and Adam's normalisation turns that into a visible step
+// (tests/test_convert.py vgg-Adam: 70 of 4608 weights of a 16 -> 32 8x8 layer after 3 steps).
+// Winograd / GEMM time, forward, input gradient, weight gradient (1 thread, thread CPU time,
+// median of 7, 2-core Zen3 under load; N x C x H x W -> K, 3x3 p1 unless noted):
+//   64x32x26x26 -> 64 p0   0.62 0.91 0.69     32x64x56x56 -> 64    0.49 0.49 0.62
+//   8x32x64x64 -> 32       0.39 0.51 0.67     16x64x16x16 -> 64    0.56 0.64 0.60
+//   16x128x8x8 -> 128      0.63 0.78 0.58     32x128x7x7 -> 128    0.66 0.76 0.71
+//   16x64x13x13 -> 64      0.63 0.80 0.65     16x8x20x20 -> 8      0.51 0.65 0.78
+//   8x3x32x32 -> 32        0.69 1.12 2.04     16x256x4x4 -> 256    0.98 1.20 0.71
+//   16x512x2x2 -> 512      1.89 2.33 2.13     8x16x32x32 -> 16     0.56 0.63 0.63
+bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
+#if defined(FASTDL_WINO_AVX2)
+  const Conv2dParams q = pass == ConvPass::BackwardInput ? input_grad_as_forward(p) : p;
+  const int64_t cg = q.c / q.groups, kg = q.k / q.groups, ch = std::max(cg, kg);
+  const int64_t tiles = q.n * ((q.oh + 1) / 2) * ((q.ow + 1) / 2);
+  if (q.dtype != DType::Float32 || kg < 8) return false;
+  return pass != ConvPass::BackwardWeight && tiles >= ch;
+#else
+  (void)p;
+  (void)pass;
+  return false;
+#endif
 }
 
 template <class T>
@@ -158,6 +420,66 @@ void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w
                         gx);
 }
 
+template <class T>
+void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
+  const Plan w = make_plan(p);
+  const int64_t gbw = w.rbw - 2;  // gy row buffer: 16 columns per group of 8 tiles
+  // parallel_for calls the body at most once per thread: each call takes a slot of partial sums,
+  // and the slots are summed in the order of their first task, so the result does not depend on
+  // which thread ran first.
+  const int64_t nt = std::max(1, get_num_threads());
+  std::vector<T> du(static_cast<size_t>((nt + 1) * 16 * kc), T(0));  // the sum, then the slots
+  std::vector<int64_t> slot_lo(static_cast<size_t>(nt), -1);
+  std::atomic<int64_t> next_slot(0);
+  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+    const int64_t slot = next_slot.fetch_add(1);
+    if (slot >= nt) throw std::logic_error("conv2d winograd: more parallel chunks than threads");
+    slot_lo[slot] = lo;
+    T* part = du.data() + (1 + slot) * 16 * kc;
+    T* v = tl_v.get_as<T>(16 * w.ves);
+    T* m = tl_m.get_as<T>(16 * w.mes);
+    T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t g = t / w.chunks, r0 = (t % w.chunks) * w.nr, nrc = std::min(w.nr, w.rows - r0);
+      const int64_t len = nrc * w.tw;
+      build_v(p, w, x, g, r0, nrc, rbuf, v);
+      // dM[e][kk][(r - r0) * tw + tj]
+      for (int64_t kk = 0; kk < kg; ++kk)
+        for (int64_t r = r0; r < r0 + nrc; ++r) {
+          const int64_t n = r / w.th, ti = r % w.th;
+          const T* gp = gy + ((n * p.k + g * kg + kk) * p.oh) * p.ow;
+          const T* gb[2];
+          for (int i = 0; i < 2; ++i) {
+            T* dst = rbuf + i * w.rbw;
+            gb[i] = dst;
+            const int64_t oh = 2 * ti + i;
+            const int64_t e = oh < p.oh ? std::min(gbw, p.ow) : 0;
+            if (e > 0) std::memcpy(dst, gp + oh * p.ow, sizeof(T) * e);
+            std::fill(dst + e, dst + gbw, T(0));
+          }
+          grad_row<T>(gb, w.tw, m + kk * w.ldq + (r - r0) * w.tw, w.mes);
+        }
+      // dU[e]_g (kg x cg) += dM[e] (kg x len) * V[e]^T
+      for (int e = 0; e < 16; ++e)
+        gemm(gemm_params<T>(false, true, kg, cg, len, w.ldq, w.ldq, cg, 1.0), m + e * w.mes,
+             v + e * w.ves, part + e * kc + g * kg * cg);
+    }
+    tl_v.trim(kKeepBytes);
+    tl_m.trim(kKeepBytes);
+  });
+  std::vector<int64_t> order;
+  for (int64_t i = 0; i < nt; ++i)
+    if (slot_lo[i] >= 0) order.push_back(i);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return slot_lo[a] < slot_lo[b]; });
+  T* sum = du.data();
+  for (int64_t i : order) {
+    const T* part = du.data() + (1 + i) * 16 * kc;
+    for (int64_t q = 0; q < 16 * kc; ++q) sum[q] += part[q];
+  }
+  weights_adjoint(kc, sum, gw);
+}
+
 template void conv_winograd_forward<float>(const Conv2dParams&, const float*, const float*,
                                            const float*, float*);
 template void conv_winograd_forward<double>(const Conv2dParams&, const double*, const double*,
@@ -166,6 +488,11 @@ template void conv_winograd_backward_input<float>(const Conv2dParams&, const flo
                                                   float*);
 template void conv_winograd_backward_input<double>(const Conv2dParams&, const double*,
                                                    const double*, double*);
+
+template void conv_winograd_backward_weight<float>(const Conv2dParams&, const float*, const float*,
+                                                   float*);
+template void conv_winograd_backward_weight<double>(const Conv2dParams&, const double*,
+                                                    const double*, double*);
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
