@@ -2,7 +2,8 @@
 // gradient. Matches torch.nn.functional.conv2d (NCHW, float32/float64, groups, dilation, any
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
-// (conv_direct.cpp), Winograd (conv_winograd.cpp, only when forced). Reference: one task per
+// (conv_direct.cpp), Winograd (conv_winograd.cpp, only when forced), Phase (conv_phase.cpp, the
+// input gradient of strided convolutions). Reference: one task per
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -128,6 +129,7 @@ void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
 // The automatic choice, and the forced algorithm where it serves the shape.
 ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   const bool wino = winograd_serves(p) && pass != ConvPass::BackwardWeight;
+  const bool phase = phase_serves(p) && pass == ConvPass::BackwardInput;
   switch (p.algo) {
     case ConvAlgo::Reference:
     case ConvAlgo::Gemm:
@@ -135,6 +137,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
       return p.algo;
     case ConvAlgo::Winograd:
       if (wino) return p.algo;
+      break;
+    case ConvAlgo::Phase:
+      if (phase) return p.algo;
       break;
     default:
       break;
@@ -192,10 +197,13 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
   if (algo == ConvAlgo::Direct && p.sh == 1 && p.sw == 1 &&
       any_nonfinite(w, p.k * (p.c / p.groups) * p.kh * p.kw))
     algo = ConvAlgo::Reference;  // the flipped forward pads gy
+  if (algo == ConvAlgo::Phase && any_nonfinite(w, p.k * (p.c / p.groups) * p.kh * p.kw))
+    algo = ConvAlgo::Gemm;  // the phases pad gy too
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_input(p, gy, w, gx);
     case ConvAlgo::Direct: return conv_direct_backward_input(p, gy, w, gx);
     case ConvAlgo::Winograd: return conv_winograd_backward_input(p, gy, w, gx);
+    case ConvAlgo::Phase: return conv_phase_backward_input(p, gy, w, gx);
     default: return conv_gemm_backward_input(p, gy, w, gx);
   }
 }
@@ -283,7 +291,7 @@ void check_conv2d_params(const Conv2dParams& p) {
                "conv2d: output width ", p.ow, " too large");
   FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float64,
                "conv2d: CPU supports float32 and float64, got ", dtype_name(p.dtype));
-  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) <= 4,
+  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) <= 5,
                "conv2d: unknown algorithm ", static_cast<int>(p.algo));
 }
 

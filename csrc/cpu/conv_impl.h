@@ -112,6 +112,11 @@ void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const 
 template <class T>
 void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 
+// Stride-phase input gradient: stride > 1, dilation 1 (conv_phase.cpp).
+bool phase_serves(const Conv2dParams& p);
+template <class T>
+void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+
 // GemmParams for a row-major C = op(A) op(B) + beta * C in this build's element type.
 template <class T>
 GemmParams gemm_params(bool ta, bool tb, int64_t m, int64_t n, int64_t k, int64_t lda,
