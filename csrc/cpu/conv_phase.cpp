@@ -73,24 +73,42 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const PhaseDim dh(p.h, p.oh, p.kh, p.sh, p.ph), dw(p.w, p.ow, p.kw, p.sw, p.pw);
   const int64_t Wp = dw.padded, plane = dh.padded * Wp;
-  // wr[((g*kh + i)*kw + j)*cg*kg + cc*kg + kk] = w[g*kg + kk][cc][i][j]
-  std::vector<T> wr(static_cast<size_t>(G * taps * cg * kg));
+  const int64_t TaM = dh.taps[0], TbM = dw.taps[0], shifts = TaM * TbM;
+  // wr, per group, per phase (a, b) at wofs[a*sw + b]: A_ab (cg x Ta*Tb*kg), row cc holding
+  // w[g*kg + kk][cc][a + sh*u][b + sw*v] at column (u*Tb + v)*kg + kk.
+  std::vector<int64_t> wofs(p.sh * p.sw);
+  int64_t per_group = 0;
+  for (int64_t a = 0; a < p.sh; ++a)
+    for (int64_t b = 0; b < p.sw; ++b) {
+      wofs[a * p.sw + b] = per_group;
+      per_group += cg * dh.taps[a] * dw.taps[b] * kg;
+    }
+  std::vector<T> wr(static_cast<size_t>(G * per_group));
   for (int64_t g = 0; g < G; ++g)
-    for (int64_t kk = 0; kk < kg; ++kk)
-      for (int64_t cc = 0; cc < cg; ++cc)
-        for (int64_t e = 0; e < taps; ++e)
-          wr[((g * taps + e) * cg + cc) * kg + kk] = w[((g * kg + kk) * cg + cc) * taps + e];
+    for (int64_t a = 0; a < p.sh; ++a)
+      for (int64_t b = 0; b < p.sw; ++b) {
+        const int64_t Ta = dh.taps[a], Tb = dw.taps[b], K = Ta * Tb * kg;
+        T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
+        for (int64_t cc = 0; cc < cg; ++cc)
+          for (int64_t u = 0; u < Ta; ++u)
+            for (int64_t v = 0; v < Tb; ++v)
+              for (int64_t kk = 0; kk < kg; ++kk)
+                A[cc * K + (u * Tb + v) * kg + kk] =
+                    w[(((g * kg + kk) * cg + cc) * p.kh + a + p.sh * u) * p.kw + b + p.sw * v];
+      }
   const int64_t band_rows = std::max<int64_t>(1, kOutBudget / std::max<int64_t>(1, cg * Wp));
   parallel_for_catch(p.n * G, grain_for(HW * cg * kg * taps / (p.sh * p.sw)),
                      [&](int64_t lo, int64_t hi) {
-    T* gyp = tl_gyp.get_as<T>(kg * plane);
+    // gs[((u*TbM + v)*kg + kk)*plane + t] = the zero-bordered plane of gy[n][g*kg + kk] at t - u*Wp - v:
+    // the tap (u, v) of every phase reads its gy at one offset from the same index, so a phase's
+    // taps stack into one GEMM operand with ldb = plane.
+    T* gs = tl_gyp.get_as<T>(shifts * kg * plane);
     T* out = tl_out.get_as<T>(cg * std::min(band_rows, dh.padded) * Wp);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / G, g = t % G;
-      // gyp[kk] = gy[n][g*kg + kk] with lo zero rows / columns before and hi after.
       for (int64_t kk = 0; kk < kg; ++kk) {
         const T* src = gy + (n * p.k + g * kg + kk) * S;
-        T* dst = gyp + kk * plane;
+        T* dst = gs + kk * plane;
         std::fill(dst, dst + dh.lo * Wp, T(0));
         for (int64_t r = 0; r < p.oh; ++r) {
           T* row = dst + (dh.lo + r) * Wp;
@@ -99,6 +117,12 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
           std::fill(row + dw.lo + p.ow, row + Wp, T(0));
         }
         std::fill(dst + (dh.lo + p.oh) * Wp, dst + plane, T(0));
+        for (int64_t e = 1; e < shifts; ++e) {  // shifted copies (the zero border absorbs them)
+          const int64_t shift = std::min(plane, (e / TbM) * Wp + e % TbM);
+          T* sd = gs + (e * kg + kk) * plane;
+          std::fill(sd, sd + shift, T(0));
+          std::memcpy(sd + shift, dst, sizeof(T) * (plane - shift));
+        }
       }
       T* gxg = gx + (n * p.c + g * cg) * HW;
       for (int64_t a = 0; a < p.sh; ++a)
@@ -114,19 +138,19 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
               }
             continue;
           }
+          const T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
+          const int64_t K = Ta * Tb * kg;
           for (int64_t r0 = 0; r0 < Mh; r0 += band_rows) {
             const int64_t rows = std::min(band_rows, Mh - r0), nc = (rows - 1) * Wp + Mw;
-            for (int64_t u = 0; u < Ta; ++u)
-              for (int64_t v = 0; v < Tb; ++v) {
-                // out (cg x nc) (+)= W_uv^T (cg x kg) * gyp shifted to phase row m0 + r0 - u,
-                // column m0 - v (kg x nc, ld plane)
-                const int64_t i = a + p.sh * u, j = b + p.sw * v;
-                const T* A = wr.data() + ((g * p.kh + i) * p.kw + j) * cg * kg;
-                const T* B = gyp + (dh.m0[a] + r0 - u + dh.lo) * Wp + (dw.m0[b] - v + dw.lo);
-                gemm(gemm_params<T>(false, false, cg, nc, kg, kg, plane, nc,
-                                    u == 0 && v == 0 ? 0.0 : 1.0),
-                     A, B, out);
-              }
+            const T* B = gs + (dh.m0[a] + r0 + dh.lo) * Wp + dw.m0[b] + dw.lo;
+            if (Tb == TbM) {
+              // out (cg x nc) = A_ab (cg x K) * the Ta*Tb*kg stacked shifted planes (ld plane)
+              gemm(gemm_params<T>(false, false, cg, nc, K, K, plane, nc, 0.0), A, B, out);
+            } else {  // rows u of the stack hold TbM > Tb shifts: one GEMM per u
+              for (int64_t u = 0; u < Ta; ++u)
+                gemm(gemm_params<T>(false, false, cg, nc, Tb * kg, K, plane, nc, u ? 1.0 : 0.0),
+                     A + u * Tb * kg, B + u * TbM * kg * plane, out);
+            }
             for (int64_t cc = 0; cc < cg; ++cc)
               for (int64_t r = 0; r < rows; ++r) {
                 const T* src = out + cc * nc + r * Wp;
