@@ -67,48 +67,105 @@ bool phase_serves(const Conv2dParams& p) {
   return (p.sh > 1 || p.sw > 1) && p.dh == 1 && p.dw == 1;
 }
 
+// Register tile: kRows input channels x 2 vectors of pixels, 12 accumulators (AVX2: ymm).
+constexpr int kRows = 6;
+constexpr int kVecBytes = 32;
+template <class T>
+struct Vec {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  static constexpr int64_t L = kVecBytes / static_cast<int64_t>(sizeof(T));
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+};
+
+// out[r][0, 2L) = sum over k < K of ap[k*kRows + r] * b[offs[k] + (0, 2L)], r < kRows: one tile of
+// the phase GEMM, the gy operand read in place from the padded planes (no packing).
+template <class T>
+inline void phase_tile(const T* ap, const T* b, const int64_t* offs, int64_t K, T* out,
+                       int64_t ldo) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V c[kRows][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < kRows; ++r) c[r][0] = c[r][1] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    const T* bk = b + offs[k];
+    const V b0 = Vec<T>::load(bk), b1 = Vec<T>::load(bk + L);
+    const T* a = ap + k * kRows;
+#pragma GCC unroll 6
+    for (int r = 0; r < kRows; ++r) {
+      c[r][0] += a[r] * b0;
+      c[r][1] += a[r] * b1;
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < kRows; ++r) {
+    Vec<T>::store(out + r * ldo, c[r][0]);
+    Vec<T>::store(out + r * ldo + L, c[r][1]);
+  }
+}
+
 template <class T>
 void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
+  constexpr int64_t NT = 2 * Vec<T>::L;  // pixels per tile
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const int64_t cgr = (cg + kRows - 1) / kRows * kRows;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const PhaseDim dh(p.h, p.oh, p.kh, p.sh, p.ph), dw(p.w, p.ow, p.kw, p.sw, p.pw);
   const int64_t Wp = dw.padded, plane = dh.padded * Wp;
-  const int64_t TaM = dh.taps[0], TbM = dw.taps[0], shifts = TaM * TbM;
-  // wr, per group, per phase (a, b) at wofs[a*sw + b]: A_ab (cg x Ta*Tb*kg), row cc holding
-  // w[g*kg + kk][cc][a + sh*u][b + sw*v] at column (u*Tb + v)*kg + kk.
-  std::vector<int64_t> wofs(p.sh * p.sw);
-  int64_t per_group = 0;
+  // Per group and phase (a, b) at wofs[a*sw + b]: A_ab in kRows-row panels, panel q holding
+  // ap[k*kRows + r] = w[g*kg + kk][q*kRows + r][a + sh*u][b + sw*v] for k = (u*Tb + v)*kg + kk
+  // (0 past cg); offs[k] = kk*plane - u*Wp - v, the tap's gy relative to the phase's pixel.
+  std::vector<int64_t> wofs(p.sh * p.sw), kofs(p.sh * p.sw);
+  int64_t per_group = 0, koffs = 0;
   for (int64_t a = 0; a < p.sh; ++a)
     for (int64_t b = 0; b < p.sw; ++b) {
       wofs[a * p.sw + b] = per_group;
-      per_group += cg * dh.taps[a] * dw.taps[b] * kg;
+      kofs[a * p.sw + b] = koffs;
+      koffs += dh.taps[a] * dw.taps[b] * kg;
+      per_group += cgr * dh.taps[a] * dw.taps[b] * kg;
     }
   std::vector<T> wr(static_cast<size_t>(G * per_group));
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t a = 0; a < p.sh; ++a)
-      for (int64_t b = 0; b < p.sw; ++b) {
-        const int64_t Ta = dh.taps[a], Tb = dw.taps[b], K = Ta * Tb * kg;
+  std::vector<int64_t> offs(static_cast<size_t>(koffs));
+  for (int64_t a = 0; a < p.sh; ++a)
+    for (int64_t b = 0; b < p.sw; ++b) {
+      const int64_t Ta = dh.taps[a], Tb = dw.taps[b], K = Ta * Tb * kg;
+      for (int64_t u = 0; u < Ta; ++u)
+        for (int64_t v = 0; v < Tb; ++v)
+          for (int64_t kk = 0; kk < kg; ++kk)
+            offs[kofs[a * p.sw + b] + (u * Tb + v) * kg + kk] = kk * plane - u * Wp - v;
+      for (int64_t g = 0; g < G; ++g) {
         T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
-        for (int64_t cc = 0; cc < cg; ++cc)
+        for (int64_t cc = 0; cc < cgr; ++cc)
           for (int64_t u = 0; u < Ta; ++u)
             for (int64_t v = 0; v < Tb; ++v)
-              for (int64_t kk = 0; kk < kg; ++kk)
-                A[cc * K + (u * Tb + v) * kg + kk] =
-                    w[(((g * kg + kk) * cg + cc) * p.kh + a + p.sh * u) * p.kw + b + p.sw * v];
+              for (int64_t kk = 0; kk < kg; ++kk) {
+                const int64_t k = (u * Tb + v) * kg + kk;
+                A[(cc / kRows) * K * kRows + k * kRows + cc % kRows] =
+                    cc < cg ? w[(((g * kg + kk) * cg + cc) * p.kh + a + p.sh * u) * p.kw + b +
+                                p.sw * v]
+                            : T(0);
+              }
       }
-  const int64_t band_rows = std::max<int64_t>(1, kOutBudget / std::max<int64_t>(1, cg * Wp));
+    }
+  const int64_t row_px = (Wp + NT - 1) / NT * NT;  // out row stride bound, in pixels
+  const int64_t band_rows = std::max<int64_t>(1, kOutBudget / std::max<int64_t>(1, cgr * row_px));
   parallel_for_catch(p.n * G, grain_for(HW * cg * kg * taps / (p.sh * p.sw)),
                      [&](int64_t lo, int64_t hi) {
-    // gs[((u*TbM + v)*kg + kk)*plane + t] = the zero-bordered plane of gy[n][g*kg + kk] at t - u*Wp - v:
-    // the tap (u, v) of every phase reads its gy at one offset from the same index, so a phase's
-    // taps stack into one GEMM operand with ldb = plane.
-    T* gs = tl_gyp.get_as<T>(shifts * kg * plane);
-    T* out = tl_out.get_as<T>(cg * std::min(band_rows, dh.padded) * Wp);
+    // gyp[kk*plane + ...]: gy[n][g*kg + kk] with dh.lo / dw.lo zero rows / columns before and
+    // dh.hi / dw.hi after, then NT zeros: a tile's last vector may run past a phase's pixels.
+    T* gyp = tl_gyp.get_as<T>(kg * plane + NT);
+    const int64_t ncmax = (std::min(band_rows, dh.padded) * Wp + NT - 1) / NT * NT;
+    T* out = tl_out.get_as<T>(cgr * ncmax);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / G, g = t % G;
       for (int64_t kk = 0; kk < kg; ++kk) {
         const T* src = gy + (n * p.k + g * kg + kk) * S;
-        T* dst = gs + kk * plane;
+        T* dst = gyp + kk * plane;
         std::fill(dst, dst + dh.lo * Wp, T(0));
         for (int64_t r = 0; r < p.oh; ++r) {
           T* row = dst + (dh.lo + r) * Wp;
@@ -117,13 +174,8 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
           std::fill(row + dw.lo + p.ow, row + Wp, T(0));
         }
         std::fill(dst + (dh.lo + p.oh) * Wp, dst + plane, T(0));
-        for (int64_t e = 1; e < shifts; ++e) {  // shifted copies (the zero border absorbs them)
-          const int64_t shift = std::min(plane, (e / TbM) * Wp + e % TbM);
-          T* sd = gs + (e * kg + kk) * plane;
-          std::fill(sd, sd + shift, T(0));
-          std::memcpy(sd + shift, dst, sizeof(T) * (plane - shift));
-        }
       }
+      std::fill(gyp + kg * plane, gyp + kg * plane + NT, T(0));
       T* gxg = gx + (n * p.c + g * cg) * HW;
       for (int64_t a = 0; a < p.sh; ++a)
         for (int64_t b = 0; b < p.sw; ++b) {
@@ -139,21 +191,19 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
             continue;
           }
           const T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
+          const int64_t* ko = offs.data() + kofs[a * p.sw + b];
           const int64_t K = Ta * Tb * kg;
           for (int64_t r0 = 0; r0 < Mh; r0 += band_rows) {
-            const int64_t rows = std::min(band_rows, Mh - r0), nc = (rows - 1) * Wp + Mw;
-            const T* B = gs + (dh.m0[a] + r0 + dh.lo) * Wp + dw.m0[b] + dw.lo;
-            if (Tb == TbM) {
-              // out (cg x nc) = A_ab (cg x K) * the Ta*Tb*kg stacked shifted planes (ld plane)
-              gemm(gemm_params<T>(false, false, cg, nc, K, K, plane, nc, 0.0), A, B, out);
-            } else {  // rows u of the stack hold TbM > Tb shifts: one GEMM per u
-              for (int64_t u = 0; u < Ta; ++u)
-                gemm(gemm_params<T>(false, false, cg, nc, Tb * kg, K, plane, nc, u ? 1.0 : 0.0),
-                     A + u * Tb * kg, B + u * TbM * kg * plane, out);
-            }
+            // pixel t of the band: phase row r0 + t / Wp, column t % Wp (< Mw kept)
+            const int64_t rows = std::min(band_rows, Mh - r0);
+            const int64_t nc = (rows - 1) * Wp + Mw, ldo = (nc + NT - 1) / NT * NT;
+            const T* B = gyp + (dh.m0[a] + r0 + dh.lo) * Wp + dw.m0[b] + dw.lo;
+            for (int64_t t0 = 0; t0 < nc; t0 += NT)
+              for (int64_t q = 0; q < cgr; q += kRows)
+                phase_tile(A + q * K, B + t0, ko, K, out + q * ldo + t0, ldo);
             for (int64_t cc = 0; cc < cg; ++cc)
               for (int64_t r = 0; r < rows; ++r) {
-                const T* src = out + cc * nc + r * Wp;
+                const T* src = out + cc * ldo + r * Wp;
                 T* dst = gxg + cc * HW + (ih0 + p.sh * (r0 + r)) * p.w + iw0;
                 if (p.sw == 1) {
                   std::memcpy(dst, src, sizeof(T) * Mw);
