@@ -370,6 +370,26 @@ def test_auto_choice():
     assert ops_conv.conv2d_algorithm(x[:, :1], first[:1], pass_="input") == "direct"
 
 
+def test_auto_choice_phase():
+    # The strided input gradient takes the phase path where col2im overlaps a lot or the GEMM's
+    # rows are few (conv.cpp, conv_choose); GEMM elsewhere and on small planes; forward and weight
+    # gradient never.
+    x = np.zeros((2, 32, 56, 56), np.float32)
+    k4 = np.zeros((64, 32, 4, 4), np.float32)  # issue shape 7 (as the convolution)
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="input") == "phase"
+    for pass_ in ("forward", "weight"):
+        assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_=pass_) == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :3], k4[:, :3, :3, :3], stride=2,
+                                     pass_="input") == "phase"
+    x128 = np.zeros((2, 128, 28, 28), np.float32)  # issue shape 5
+    assert ops_conv.conv2d_algorithm(x128, np.zeros((128, 128, 3, 3), np.float32), stride=2,
+                                     padding=1, pass_="input") == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], k4, stride=2, padding=1,
+                                     pass_="input") == "gemm"  # 4x4 pixels per phase
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, dilation=2,
+                                     pass_="input") == "gemm"  # dilation 2: not served
+
+
 def test_set_conv_algorithm_errors():
     with pytest.raises(ValueError, match="set_conv_algorithm"):
         fastdl.ops.set_conv_algorithm("fastest")

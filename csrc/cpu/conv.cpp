@@ -157,6 +157,20 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // forward over gy with the kernel flipped) over the kg output channels of a group.
   const bool direct = pass == ConvPass::BackwardInput ? p.k / p.groups == 1 : cg == 1;
   if (direct) return ConvAlgo::Direct;
+  // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
+  // loses: col2im adds at least 2.5 columns into each gx element (kh*kw >= 2.5*sh*sw), or the
+  // GEMM's rows cg*kh*kw are few; not on small planes (under 64 pixels per phase, where GEMM
+  // spans several images). CPU time per call, phase / GEMM, one thread, median of 7, 2-core Zen
+  // under load (shape: N x C x H -> K, kernel, stride, padding):
+  //   16x32x56 -> 64 k4 s2 p1 (issue shape 7) 16.7 / 18.3 ms   8x32x33 -> 64 k5 s3 p2  2.7 / 3.7
+  //   8x64x28 -> 64 k5 s2 p2                   7.0 / 9.3        16x16x56 -> 32 k3 s2   4.1 / 5.3
+  //   8x3x64 -> 32 k3 s2 p1                    1.2 / 1.4        16x64x28 -> 128 k1 s2  2.3 / 2.7
+  // and GEMM kept: 32x128x28 -> 128 k3 s2 p1 (issue shape 5) 39.4 / 35.5, 16x32x56 -> 64 k3 s2
+  // 11.5 / 11.0, 16x256x14 -> 512 k1 s2 6.8 / 4.5, 8x64x112 -> 64 k2 s2 38.9 / 34.0, 32x256x8
+  // -> 256 k3 s2 19.0 / 15.9.
+  if (phase && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
+      (2 * p.kh * p.kw >= 5 * p.sh * p.sw || cg * p.kh * p.kw <= 160))
+    return ConvAlgo::Phase;
   // Winograd is not chosen automatically: its scalar tile transforms cost more than the 2.25x
   // fewer multiplies save (4x64x56x56 -> 64 3x3 p1, one thread, 2-core Zen under load: forward
   // 35-40 ms against 23-29 ms for GEMM; input gradient alike).
