@@ -1,26 +1,36 @@
 // The input gradient of a strided convolution (stride > 1, dilation 1) by stride-phase
 // decomposition; also conv_transpose2d's forward (csrc/conv.h, ConvAlgo::Phase), float32/float64.
 // gx[c, ih, iw] sums gy[k, oh, ow] * w[k, c, i, j] over ih + ph = oh*sh + i, iw + pw = ow*sw + j.
-// The rows with (ih + ph) % sh == a receive only the taps i = a + sh*u (u < Ta = ceil((kh - a)/sh)),
-// and writing ih = a - ph + sh*m, oh = m - u: phase a of gx is a stride-1 full correlation of gy
-// with the sub-kernel of those taps (columns alike, phase b, taps j = b + sw*v). Each (a, b) phase
-// is then, per (image, group), a sum over its Ta*Tb taps of GEMMs
-//   C (cg x pixels of the phase) += W_uv^T (cg x kg) * gy shifted by (u, v) (kg x pixels)
-// where gy is copied once per (image, group) into a zero-bordered plane (Wp columns wide), so the
-// shifted gy is a plain strided matrix read in place by the GEMM (ldb = padded plane size): a
-// phase's pixels are taken on the padded grid, (rows - 1) * Wp + Mw columns, the Wp - Mw extra
-// columns per row computed and dropped. C is then written to gx's strided positions of the phase;
-// phases cover gx exactly once (a phase with no taps, kernel < stride, writes zeros), so there is
-// no col2im, no overlap and no zero-fill.
-// Layout: weights repacked per call to [g][i][j][cc][kk] (each tap's W_uv^T a cg x kg matrix).
-// Workspace per thread: the padded gy of one (image, group) (kg planes of about (OH+ceil(kh/sh))
-// x (OW+ceil(kw/sw))) and C in bands of phase rows within kColsBudget elements, whatever the batch.
-// Work split: one task per (image, group); each task calls the GEMM single-threaded (one task:
-// the GEMM uses every thread).
-// A weight that is inf or NaN goes to the GEMM+col2im path (conv_gemm.cpp): here it would meet
-// gy's zero border (inf * 0), where torch drops those products.
-// Tested by tests/test_conv.py (forced algorithm "phase", strides 2-3, kernels 1-7, output_padding
-// through conv_transpose2d); timed by benchmarks/bench_conv.py (shapes 5 and 7).
+// The rows with (ih + ph) % sh == a receive only the taps i = a + sh*u
+// (u < Ta = ceil((kh - a)/sh)), and writing ih = a - ph + sh*m, oh = m - u: phase a of gx is a stride-1 full correlation of gy
+// with the sub-kernel of those taps (columns alike: phase b, taps j = b + sw*v). Per (image, group,
+// phase (a, b)) that is one GEMM, C (cg x pixels of the phase) = A_ab (cg x K) * B (K x pixels),
+// K = Ta*Tb*kg, row (u, v, kk) of B being gy[kk] shifted by (u, v). gy is copied once per
+// (image, group) into zero-bordered planes Wp columns wide, so row (u, v, kk) of B is the padded
+// plane read in place at offset kk*plane - u*Wp - v from the phase's pixel: the phase's pixels are
+// taken on the padded grid, (rows - 1)*Wp + Mw of them, the Wp - Mw extra per row computed and
+// dropped. An implicit-GEMM register tile (6 channels x 2 vectors, 12 accumulators) reads B there
+// without packing. C then goes to gx's strided positions of the phase; phases cover gx exactly
+// once (a phase no tap reaches, kernel < stride, is written with zeros): no col2im, no overlap, no
+// zero-fill.
+// Layout: weights repacked per call into 6-row panels per (group, phase),
+// A_ab[cc][(u*Tb + v)*kg + kk].
+// Workspace per thread: one (image, group)'s padded gy (kg planes of (OH + ~ceil(kh/sh)) x
+// (OW + ~ceil(kw/sw))) and C in bands of phase rows within kOutBudget elements, whatever the batch.
+// Work split: one task per (image, group, phase); a thread rebuilds the padded gy when its next
+// task changes (image, group).
+// A weight that is inf or NaN goes to the GEMM+col2im path (conv.cpp): here it would meet gy's zero
+// border (inf * 0), where torch drops those products.
+// Measured (CPU time per call, one thread, median of 7, 2-core Zen under load; phase / GEMM+col2im;
+// the full table and the auto rule at conv_choose in conv.cpp): 16x32x56x56 -> 64 k4 s2 p1 (the
+// convolution behind issue shape 7's ConvTranspose2d) 16.7 / 18.3 ms; shape 5's 3x3 s2 input
+// gradient 39.4 / 35.5 ms (GEMM kept there). Alternatives measured and not kept: one GEMM per tap
+// on fastdl's engine (K = kg, packing the shifted gy each call: no gain on shape 7, 0.95x on 5),
+// stacked shifted copies of gy as one GEMM operand (K = Ta*Tb*kg: the copies and B's packing cost
+// what col2im did), a 4x3 tile (0.8x on shape 5), K blocked at 128/256 (no change).
+// Tested by tests/test_conv.py (forced algorithm "phase": test_phase_sweep with strides 1-3 per
+// axis, kernels 1-7, output_padding through conv_transpose2d, groups; the sweeps, gradcheck and
+// every-element-written under "phase"); timed by benchmarks/bench_conv.py (shapes 5 and 7).
 #include <cstring>
 #include <vector>
 
@@ -154,65 +164,67 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
     }
   const int64_t row_px = (Wp + NT - 1) / NT * NT;  // out row stride bound, in pixels
   const int64_t band_rows = std::max<int64_t>(1, kOutBudget / std::max<int64_t>(1, cgr * row_px));
-  parallel_for_catch(p.n * G, grain_for(HW * cg * kg * taps / (p.sh * p.sw)),
+  const int64_t P = p.sh * p.sw;  // phases
+  parallel_for_catch(p.n * G * P, grain_for(HW * cg * kg * taps / (P * P)),
                      [&](int64_t lo, int64_t hi) {
     // gyp[kk*plane + ...]: gy[n][g*kg + kk] with dh.lo / dw.lo zero rows / columns before and
     // dh.hi / dw.hi after, then NT zeros: a tile's last vector may run past a phase's pixels.
     T* gyp = tl_gyp.get_as<T>(kg * plane + NT);
     const int64_t ncmax = (std::min(band_rows, dh.padded) * Wp + NT - 1) / NT * NT;
     T* out = tl_out.get_as<T>(cgr * ncmax);
+    int64_t built = -1;  // the (image, group) whose gy gyp holds
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t n = t / G, g = t % G;
-      for (int64_t kk = 0; kk < kg; ++kk) {
-        const T* src = gy + (n * p.k + g * kg + kk) * S;
-        T* dst = gyp + kk * plane;
-        std::fill(dst, dst + dh.lo * Wp, T(0));
-        for (int64_t r = 0; r < p.oh; ++r) {
-          T* row = dst + (dh.lo + r) * Wp;
-          std::fill(row, row + dw.lo, T(0));
-          std::memcpy(row + dw.lo, src + r * p.ow, sizeof(T) * p.ow);
-          std::fill(row + dw.lo + p.ow, row + Wp, T(0));
+      const int64_t n = t / (G * P), g = (t / P) % G, a = (t % P) / p.sw, b = t % p.sw;
+      if (built != t / P) {
+        built = t / P;
+        for (int64_t kk = 0; kk < kg; ++kk) {
+          const T* src = gy + (n * p.k + g * kg + kk) * S;
+          T* dst = gyp + kk * plane;
+          std::fill(dst, dst + dh.lo * Wp, T(0));
+          for (int64_t r = 0; r < p.oh; ++r) {
+            T* row = dst + (dh.lo + r) * Wp;
+            std::fill(row, row + dw.lo, T(0));
+            std::memcpy(row + dw.lo, src + r * p.ow, sizeof(T) * p.ow);
+            std::fill(row + dw.lo + p.ow, row + Wp, T(0));
+          }
+          std::fill(dst + (dh.lo + p.oh) * Wp, dst + plane, T(0));
         }
-        std::fill(dst + (dh.lo + p.oh) * Wp, dst + plane, T(0));
+        std::fill(gyp + kg * plane, gyp + kg * plane + NT, T(0));
       }
-      std::fill(gyp + kg * plane, gyp + kg * plane + NT, T(0));
       T* gxg = gx + (n * p.c + g * cg) * HW;
-      for (int64_t a = 0; a < p.sh; ++a)
-        for (int64_t b = 0; b < p.sw; ++b) {
-          const int64_t Mh = dh.cnt[a], Mw = dw.cnt[b], Ta = dh.taps[a], Tb = dw.taps[b];
-          if (Mh == 0 || Mw == 0) continue;
-          const int64_t ih0 = dh.first(a, p.ph), iw0 = dw.first(b, p.pw);
-          if (Ta == 0 || Tb == 0) {  // kernel smaller than the stride: no tap reaches this phase
-            for (int64_t cc = 0; cc < cg; ++cc)
-              for (int64_t r = 0; r < Mh; ++r) {
-                T* dst = gxg + cc * HW + (ih0 + p.sh * r) * p.w + iw0;
-                for (int64_t q = 0; q < Mw; ++q) dst[q * p.sw] = T(0);
-              }
-            continue;
+      const int64_t Mh = dh.cnt[a], Mw = dw.cnt[b], Ta = dh.taps[a], Tb = dw.taps[b];
+      if (Mh == 0 || Mw == 0) continue;
+      const int64_t ih0 = dh.first(a, p.ph), iw0 = dw.first(b, p.pw);
+      if (Ta == 0 || Tb == 0) {  // kernel smaller than the stride: no tap reaches this phase
+        for (int64_t cc = 0; cc < cg; ++cc)
+          for (int64_t r = 0; r < Mh; ++r) {
+            T* dst = gxg + cc * HW + (ih0 + p.sh * r) * p.w + iw0;
+            for (int64_t q = 0; q < Mw; ++q) dst[q * p.sw] = T(0);
           }
-          const T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
-          const int64_t* ko = offs.data() + kofs[a * p.sw + b];
-          const int64_t K = Ta * Tb * kg;
-          for (int64_t r0 = 0; r0 < Mh; r0 += band_rows) {
-            // pixel t of the band: phase row r0 + t / Wp, column t % Wp (< Mw kept)
-            const int64_t rows = std::min(band_rows, Mh - r0);
-            const int64_t nc = (rows - 1) * Wp + Mw, ldo = (nc + NT - 1) / NT * NT;
-            const T* B = gyp + (dh.m0[a] + r0 + dh.lo) * Wp + dw.m0[b] + dw.lo;
-            for (int64_t t0 = 0; t0 < nc; t0 += NT)
-              for (int64_t q = 0; q < cgr; q += kRows)
-                phase_tile(A + q * K, B + t0, ko, K, out + q * ldo + t0, ldo);
-            for (int64_t cc = 0; cc < cg; ++cc)
-              for (int64_t r = 0; r < rows; ++r) {
-                const T* src = out + cc * ldo + r * Wp;
-                T* dst = gxg + cc * HW + (ih0 + p.sh * (r0 + r)) * p.w + iw0;
-                if (p.sw == 1) {
-                  std::memcpy(dst, src, sizeof(T) * Mw);
-                } else {
-                  for (int64_t q = 0; q < Mw; ++q) dst[q * p.sw] = src[q];
-                }
-              }
+        continue;
+      }
+      const T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
+      const int64_t* ko = offs.data() + kofs[a * p.sw + b];
+      const int64_t K = Ta * Tb * kg;
+      for (int64_t r0 = 0; r0 < Mh; r0 += band_rows) {
+        // pixel t of the band: phase row r0 + t / Wp, column t % Wp (< Mw kept)
+        const int64_t rows = std::min(band_rows, Mh - r0);
+        const int64_t nc = (rows - 1) * Wp + Mw, ldo = (nc + NT - 1) / NT * NT;
+        const T* B = gyp + (dh.m0[a] + r0 + dh.lo) * Wp + dw.m0[b] + dw.lo;
+        for (int64_t t0 = 0; t0 < nc; t0 += NT)
+          for (int64_t q = 0; q < cgr; q += kRows)
+            phase_tile(A + q * K, B + t0, ko, K, out + q * ldo + t0, ldo);
+        for (int64_t cc = 0; cc < cg; ++cc)
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* src = out + cc * ldo + r * Wp;
+            T* dst = gxg + cc * HW + (ih0 + p.sh * (r0 + r)) * p.w + iw0;
+            if (p.sw == 1) {
+              std::memcpy(dst, src, sizeof(T) * Mw);
+            } else {
+              for (int64_t q = 0; q < Mw; ++q) dst[q * p.sw] = src[q];
+            }
           }
-        }
+      }
     }
   });
 }
