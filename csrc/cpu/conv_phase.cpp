@@ -2,8 +2,9 @@
 // decomposition; also conv_transpose2d's forward (csrc/conv.h, ConvAlgo::Phase), float32/float64.
 // gx[c, ih, iw] sums gy[k, oh, ow] * w[k, c, i, j] over ih + ph = oh*sh + i, iw + pw = ow*sw + j.
 // The rows with (ih + ph) % sh == a receive only the taps i = a + sh*u
-// (u < Ta = ceil((kh - a)/sh)), and writing ih = a - ph + sh*m, oh = m - u: phase a of gx is a stride-1 full correlation of gy
-// with the sub-kernel of those taps (columns alike: phase b, taps j = b + sw*v). Per (image, group,
+// (u < Ta = ceil((kh - a)/sh)), and writing ih = a - ph + sh*m, oh = m - u: phase a of gx is a
+// stride-1 full correlation of gy with the sub-kernel of those taps (columns alike: phase b, taps
+// j = b + sw*v). Per (image, group,
 // phase (a, b)) that is one GEMM, C (cg x pixels of the phase) = A_ab (cg x K) * B (K x pixels),
 // K = Ta*Tb*kg, row (u, v, kk) of B being gy[kk] shifted by (u, v). gy is copied once per
 // (image, group) into zero-bordered planes Wp columns wide, so row (u, v, kk) of B is the padded
@@ -23,11 +24,13 @@
 // border (inf * 0), where torch drops those products.
 // Measured (CPU time per call, one thread, median of 7, 2-core Zen under load; phase / GEMM+col2im;
 // the full table and the auto rule at conv_choose in conv.cpp): 16x32x56x56 -> 64 k4 s2 p1 (the
-// convolution behind issue shape 7's ConvTranspose2d) 16.7 / 18.3 ms; shape 5's 3x3 s2 input
-// gradient 39.4 / 35.5 ms (GEMM kept there). Alternatives measured and not kept: one GEMM per tap
+// convolution behind issue shape 7's ConvTranspose2d) 12.6-13.0 / 14.6-15.6 ms (~64 GF/s),
+// 16.7 / 18.3 before the 2-row last panel; shape 5's 3x3 s2 input gradient 39.4 / 35.5 ms (GEMM
+// kept there). Alternatives measured and not kept: one GEMM per tap
 // on fastdl's engine (K = kg, packing the shifted gy each call: no gain on shape 7, 0.95x on 5),
 // stacked shifted copies of gy as one GEMM operand (K = Ta*Tb*kg: the copies and B's packing cost
-// what col2im did), a 4x3 tile (0.8x on shape 5), K blocked at 128/256 (no change).
+// what col2im did), a 4x3 tile (0.8x on shape 5, no gain on 7), K blocked at 128/256 (no
+// change), the channel-panel loop outside the pixel loop (0.85x on shape 7).
 // Tested by tests/test_conv.py (forced algorithm "phase": test_phase_sweep with strides 1-3 per
 // axis, kernels 1-7, output_padding through conv_transpose2d, groups; the sweeps, gradcheck and
 // every-element-written under "phase"); timed by benchmarks/bench_conv.py (shapes 5 and 7).
@@ -77,7 +80,9 @@ bool phase_serves(const Conv2dParams& p) {
   return (p.sh > 1 || p.sw > 1) && p.dh == 1 && p.dw == 1;
 }
 
-// Register tile: kRows input channels x 2 vectors of pixels, 12 accumulators (AVX2: ymm).
+// Register tile: kRows input channels x 2 vectors of pixels, 12 accumulators (AVX2: ymm); the
+// last panel of a group's channels has 2, 4 or 6 rows (cg = 32: 5 panels of 6 and one of 2, not
+// 36 rows computed for 32).
 constexpr int kRows = 6;
 constexpr int kVecBytes = 32;
 template <class T>
@@ -94,26 +99,26 @@ struct Vec {
 
 // out[r][0, 2L) = sum over k < K of ap[k*kRows + r] * b[offs[k] + (0, 2L)], r < kRows: one tile of
 // the phase GEMM, the gy operand read in place from the padded planes (no packing).
-template <class T>
+template <class T, int R>
 inline void phase_tile(const T* ap, const T* b, const int64_t* offs, int64_t K, T* out,
                        int64_t ldo) {
   using V = typename Vec<T>::V;
   constexpr int64_t L = Vec<T>::L;
-  V c[kRows][2];
+  V c[R][2];
 #pragma GCC unroll 6
-  for (int r = 0; r < kRows; ++r) c[r][0] = c[r][1] = V{};
+  for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = V{};
   for (int64_t k = 0; k < K; ++k) {
     const T* bk = b + offs[k];
     const V b0 = Vec<T>::load(bk), b1 = Vec<T>::load(bk + L);
-    const T* a = ap + k * kRows;
+    const T* a = ap + k * R;
 #pragma GCC unroll 6
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < R; ++r) {
       c[r][0] += a[r] * b0;
       c[r][1] += a[r] * b1;
     }
   }
 #pragma GCC unroll 6
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     Vec<T>::store(out + r * ldo, c[r][0]);
     Vec<T>::store(out + r * ldo + L, c[r][1]);
   }
@@ -123,12 +128,15 @@ template <class T>
 void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   constexpr int64_t NT = 2 * Vec<T>::L;  // pixels per tile
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
-  const int64_t cgr = (cg + kRows - 1) / kRows * kRows;
+  // channels rounded up to whole panels: the last one's rows rl (2, 4 or 6)
+  const int64_t rl = cg % kRows == 0 ? kRows : (cg % kRows + 1) / 2 * 2, full = (cg - 1) / kRows;
+  const int64_t cgr = full * kRows + rl;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const PhaseDim dh(p.h, p.oh, p.kh, p.sh, p.ph), dw(p.w, p.ow, p.kw, p.sw, p.pw);
   const int64_t Wp = dw.padded, plane = dh.padded * Wp;
   // Per group and phase (a, b) at wofs[a*sw + b]: A_ab in kRows-row panels, panel q holding
-  // ap[k*kRows + r] = w[g*kg + kk][q*kRows + r][a + sh*u][b + sw*v] for k = (u*Tb + v)*kg + kk
+  // ap[k*R + r] = w[g*kg + kk][q*kRows + r][a + sh*u][b + sw*v] for k = (u*Tb + v)*kg + kk, R the
+  // panel's rows
   // (0 past cg); offs[k] = kk*plane - u*Wp - v, the tap's gy relative to the phase's pixel.
   std::vector<int64_t> wofs(p.sh * p.sw), kofs(p.sh * p.sw);
   int64_t per_group = 0, koffs = 0;
@@ -155,7 +163,8 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
             for (int64_t v = 0; v < Tb; ++v)
               for (int64_t kk = 0; kk < kg; ++kk) {
                 const int64_t k = (u * Tb + v) * kg + kk;
-                A[(cc / kRows) * K * kRows + k * kRows + cc % kRows] =
+                const int64_t rows = cc / kRows < full ? kRows : rl;
+                A[(cc / kRows) * K * kRows + k * rows + cc % kRows] =
                     cc < cg ? w[(((g * kg + kk) * cg + cc) * p.kh + a + p.sh * u) * p.kw + b +
                                 p.sw * v]
                             : T(0);
@@ -212,8 +221,15 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
         const int64_t nc = (rows - 1) * Wp + Mw, ldo = (nc + NT - 1) / NT * NT;
         const T* B = gyp + (dh.m0[a] + r0 + dh.lo) * Wp + dw.m0[b] + dw.lo;
         for (int64_t t0 = 0; t0 < nc; t0 += NT)
-          for (int64_t q = 0; q < cgr; q += kRows)
-            phase_tile(A + q * K, B + t0, ko, K, out + q * ldo + t0, ldo);
+          for (int64_t q = 0; q < cgr; q += kRows) {
+            const T* ap = A + q * K;
+            T* o = out + q * ldo + t0;
+            switch (std::min<int64_t>(kRows, cgr - q)) {
+              case 2: phase_tile<T, 2>(ap, B + t0, ko, K, o, ldo); break;
+              case 4: phase_tile<T, 4>(ap, B + t0, ko, K, o, ldo); break;
+              default: phase_tile<T, kRows>(ap, B + t0, ko, K, o, ldo);
+            }
+          }
         for (int64_t cc = 0; cc < cg; ++cc)
           for (int64_t r = 0; r < rows; ++r) {
             const T* src = out + cc * ldo + r * Wp;
