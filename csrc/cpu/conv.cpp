@@ -162,7 +162,7 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // GEMM's rows cg*kh*kw are few; not on small planes (under 64 pixels per phase, where GEMM
   // spans several images). CPU time per call, phase / GEMM, one thread, median of 7, 2-core Zen
   // under load (shape: N x C x H -> K, kernel, stride, padding):
-  //   16x32x56 -> 64 k4 s2 p1 (issue shape 7) 16.7 / 18.3 ms   8x32x33 -> 64 k5 s3 p2  2.7 / 3.7
+  //   16x32x56 -> 64 k4 s2 p1 (issue shape 7) 12.8 / 15.1 ms   8x32x33 -> 64 k5 s3 p2  2.7 / 3.7
   //   8x64x28 -> 64 k5 s2 p2                   7.0 / 9.3        16x16x56 -> 32 k3 s2   4.1 / 5.3
   //   8x3x64 -> 32 k3 s2 p1                    1.2 / 1.4        16x64x28 -> 128 k1 s2  2.3 / 2.7
   // and GEMM kept: 32x128x28 -> 128 k3 s2 p1 (issue shape 5) 39.4 / 35.5, 16x32x56 -> 64 k3 s2
