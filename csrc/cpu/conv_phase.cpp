@@ -49,6 +49,8 @@ thread_local ScratchBuffer tl_gyp, tl_out;
 
 // C holds at most this many elements per thread (1 MB of float32), as conv_gemm.cpp's cols.
 constexpr int64_t kOutBudget = 1 << 18;
+// The padded gy buffer is freed after a call when above this (as conv_direct_s1.cpp's planes).
+constexpr size_t kKeepBytes = size_t(4) << 20;
 
 // One spatial dimension of the decomposition: input size n (gx), output size o (gy), kernel k,
 // stride s, padding pd. Phase a: taps[a] sub-kernel taps, gx positions a - pd + s*m for
@@ -242,6 +244,7 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
           }
       }
     }
+    tl_gyp.trim(kKeepBytes);  // a large plane's padded gy is not kept for the thread's life
   });
 }
 
