@@ -19,6 +19,7 @@ enum class ConvAlgo : int {
   Gemm = 2,       // im2col in bounded spatial chunks + fastdl's GEMM; 1x1 stride 1 reads x in place
   Direct = 3,     // row-vectorised direct loops: depthwise, and few input channels per group
   Winograd = 4,   // F(2x2, 3x3) for 3x3, stride 1, dilation 1
+  Phase = 5,      // input gradient of stride > 1, dilation 1: one stride-1 GEMM per stride phase
 };
 
 struct Conv2dParams {

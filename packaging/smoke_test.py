@@ -202,7 +202,7 @@ def smoke_set_conv_algorithm():
 
 
 def smoke_get_conv_algorithm():
-    assert ops.get_conv_algorithm() in ("auto", "reference", "gemm", "direct", "winograd")
+    assert ops.get_conv_algorithm() in ("auto", "reference", "gemm", "direct", "winograd", "phase")
 
 
 def _rnn_case(kind, cell=False, nonlinearity="tanh"):

@@ -18,7 +18,7 @@ import fastdl.nn.functional as F
 from fastdl.ops import conv as ops_conv
 from helpers import assert_close
 
-ALGOS = ["auto", "gemm", "direct", "winograd", "reference"]
+ALGOS = ["auto", "gemm", "direct", "winograd", "phase", "reference"]
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -34,7 +34,7 @@ def _exact_cudnn():
         yield
 
 
-# On CUDA "reference" runs the direct kernels and "winograd" leaves the choice to auto.
+# On CUDA "reference" runs the direct kernels; "winograd" and "phase" leave the choice to auto.
 CUDA_ALGOS = ("auto", "gemm", "direct")
 # The sweeps' CUDA cases: auto runs one of these two by shape (direct for depthwise), so sweeping
 # both covers it at two thirds of the emulation time (6.5 min for test_conv.py under ASan before).
@@ -256,6 +256,99 @@ def test_winograd_gradcheck(cpu_path):
         fastdl.ops.set_conv_algorithm(before)
 
 
+def phase_configs(seed, n=14):
+    """Strided geometries the phase input gradient serves (dilation 1): stride 2-3 along at least
+    one axis, kernels 1-7 (non-square, smaller than the stride too), padding up to the kernel,
+    groups, odd sizes, and output_padding for conv_transpose2d (gx rows beyond gy's reach)."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        g = rng.choice([1, 1, 2, 3])
+        cg, kg = rng.randint(1, 5), rng.randint(1, 5)
+        kh, kw = rng.randint(1, 7), rng.randint(1, 7)
+        s = (rng.randint(1, 3), rng.randint(2, 3))
+        if rng.random() < 0.5:
+            s = s[::-1]
+        p = (rng.randint(0, kh - 1), rng.randint(0, kw - 1))
+        op = (rng.randint(0, s[0] - 1), rng.randint(0, s[1] - 1))
+        shape = (rng.choice([1, 2, 3]), cg * g, rng.randint(1, 11), rng.randint(1, 11))
+        out.append((shape, (cg * g, kg, kh, kw),
+                    dict(stride=s, padding=p, output_padding=op, groups=g)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", range(2))
+def test_phase_sweep(cpu_path, dtype, chunk):
+    """conv_transpose2d (forward = the phase input gradient, output_padding included) and conv2d
+    (its input gradient), forced "phase", against torch; every case asserted to reach it."""
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("phase")
+    try:
+        done, cases = 0, phase_configs(seed=50 + chunk, n=40)
+        for i, (shape, wshape, kw) in enumerate(cases):
+            gen = torch.Generator().manual_seed(i)
+            x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+            w = torch.empty(wshape, dtype=dtype).uniform_(-1, 1, generator=gen)
+            b = torch.empty(wshape[1] * kw["groups"], dtype=dtype).uniform_(-1, 1, generator=gen)
+            try:
+                yb = TF.conv_transpose2d(x, w, b, **kw)
+            except RuntimeError:
+                continue  # output_padding or padding too large for this size
+            if 0 in yb.shape[2:]:
+                continue  # an empty output plane: nothing for the phases to compute
+            # conv_transpose2d's forward runs the input gradient of conv2d(y, w) (y's shape)
+            conv_kw = dict(stride=kw["stride"], padding=kw["padding"], groups=kw["groups"])
+            assert ops_conv.conv2d_algorithm(yb, w, pass_="input", **conv_kw) == "phase"
+            case = f"conv_transpose2d x={shape} w={wshape} {kw} {dtype}"
+            xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+            ya = F.conv_transpose2d(xa, wa, ba, **kw)
+            yb = TF.conv_transpose2d(xr, wr, br, **kw)
+            assert_close(ya, yb, reduction=wshape[0] // kw["groups"] * wshape[2] * wshape[3],
+                         what=case)
+            gy = torch.randn(yb.shape, generator=gen, dtype=dtype)
+            ya.backward(gy)
+            yb.backward(gy)
+            for name, u, v, n in (("input", xa, xr, wshape[1] * wshape[2] * wshape[3]),
+                                  ("weight", wa, wr, x.numel() // shape[1]),
+                                  ("bias", ba, br, yb.numel() // yb.shape[1])):
+                assert_close(u.grad, v.grad, reduction=n, what=f"grad {name}: {case}")
+            # conv2d over y's shape with the same weights, (K, C/groups, kh, kw): all its passes
+            run_conv_case(dtype, tuple(yb.shape), wshape, False, conv_kw, seed=i,
+                          what="algo=phase conv2d")
+            done += 1
+        assert done >= 20, done
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+def test_phase_input_grad_nonfinite_weight_as_torch(cpu_path):
+    # An inf/NaN weight would meet the phases' zero border of gy (inf*0); such calls take the
+    # GEMM+col2im path, which drops those products as torch does.
+    gen = torch.Generator().manual_seed(5)
+    for dtype in DTYPES:
+        for bad in (float("inf"), float("nan")):
+            x = torch.rand(2, 4, 9, 8, generator=gen, dtype=dtype)
+            w = torch.rand(6, 4, 4, 3, generator=gen, dtype=dtype)
+            w[1, 2, 0, 0] = bad
+            gy = torch.rand(TF.conv2d(x, w.nan_to_num(), stride=2, padding=1).shape,
+                            generator=gen, dtype=dtype)
+            ref = torch.ops.aten.convolution_backward(gy, x, w, None, [2, 2], [1, 1], [1, 1],
+                                                      False, [0, 0], 1, [True, False, False])[0]
+            before = fastdl.ops.get_conv_algorithm()
+            fastdl.ops.set_conv_algorithm("phase")
+            try:
+                got = fastdl.ops.conv2d_backward(gy, x, w, stride=2, padding=1,
+                                                 output_mask=(True, False, False))[0]
+            finally:
+                fastdl.ops.set_conv_algorithm(before)
+            assert torch.equal(torch.isnan(got), torch.isnan(ref)), (dtype, bad)
+            assert torch.equal(torch.isinf(got), torch.isinf(ref)), (dtype, bad)
+            fin = torch.isfinite(ref)
+            assert_close(got[fin], ref[fin], reduction=6 * 12)
+
+
 # Shapes each algorithm is chosen for, and the issue's benchmark shapes scaled down.
 SERVED = [((2, 1, 28, 28), (32, 1, 3, 3), {}),                                 # first layer
           ((2, 3, 17, 19), (8, 3, 5, 5), dict(stride=2, padding=2)),            # few channels
@@ -333,6 +426,26 @@ def test_auto_choice():
     assert ops_conv.conv2d_algorithm(x[:, :1], first, pass_="weight") == "direct"
     assert ops_conv.conv2d_algorithm(x[:, :1], first, pass_="input") == "gemm"
     assert ops_conv.conv2d_algorithm(x[:, :1], first[:1], pass_="input") == "direct"
+
+
+def test_auto_choice_phase():
+    # The strided input gradient takes the phase path where col2im overlaps a lot or the GEMM's
+    # rows are few (conv.cpp, conv_choose); GEMM elsewhere and on small planes; forward and weight
+    # gradient never.
+    x = np.zeros((2, 32, 56, 56), np.float32)
+    k4 = np.zeros((64, 32, 4, 4), np.float32)  # issue shape 7 (as the convolution)
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="input") == "phase"
+    for pass_ in ("forward", "weight"):
+        assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_=pass_) == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :3], k4[:, :3, :3, :3], stride=2,
+                                     pass_="input") == "phase"
+    x128 = np.zeros((2, 128, 28, 28), np.float32)  # issue shape 5
+    assert ops_conv.conv2d_algorithm(x128, np.zeros((128, 128, 3, 3), np.float32), stride=2,
+                                     padding=1, pass_="input") == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], k4, stride=2, padding=1,
+                                     pass_="input") == "gemm"  # 4x4 pixels per phase
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, dilation=2,
+                                     pass_="input") == "gemm"  # dilation 2: not served
 
 
 def test_set_conv_algorithm_errors():
@@ -413,7 +526,7 @@ def test_conv1d(cpu_path, kw):
     assert_close(F.conv1d(x[0], w, b, **kw), TF.conv1d(x[0], w, b, **kw), reduction=24)
 
 
-@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd"])
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase"])
 def test_gradcheck(cpu_path, algo_name):
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm(algo_name)
@@ -437,7 +550,7 @@ def test_gradcheck(cpu_path, algo_name):
         fastdl.ops.set_conv_algorithm(before)
 
 
-@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd"])
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase"])
 def test_gradgradcheck(cpu_path, algo_name):
     # Grad-of-grad (create_graph=True) as torch: every backward pass is itself differentiable.
     before = fastdl.ops.get_conv_algorithm()
@@ -499,7 +612,7 @@ def test_numpy_without_torch():
     assert float(out.stdout) == 3 * 9 * 18.0
 
 
-@pytest.mark.parametrize("algo_name", ["reference", "gemm", "direct", "winograd"])
+@pytest.mark.parametrize("algo_name", ["reference", "gemm", "direct", "winograd", "phase"])
 def test_every_element_written(cpu_path, algo_name):
     """Outputs filled with NaN before each kernel pass come back free of NaN."""
     for shape, wshape, kw in SERVED + [((2, 4, 7, 6), (6, 2, 3, 2),

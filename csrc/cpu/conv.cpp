@@ -2,7 +2,8 @@
 // gradient. Matches torch.nn.functional.conv2d (NCHW, float32/float64, groups, dilation, any
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
-// (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there). Reference: one task per
+// (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there), Phase
+// (conv_phase.cpp, the input gradient of strided convolutions). Reference: one task per
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -128,6 +129,7 @@ void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
 // The automatic choice, and the forced algorithm where it serves the shape.
 ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   const bool wino = winograd_serves(p);
+  const bool phase = phase_serves(p) && pass == ConvPass::BackwardInput;
   switch (p.algo) {
     case ConvAlgo::Reference:
     case ConvAlgo::Gemm:
@@ -135,6 +137,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
       return p.algo;
     case ConvAlgo::Winograd:
       if (wino) return p.algo;
+      break;
+    case ConvAlgo::Phase:
+      if (phase) return p.algo;
       break;
     default:
       break;
@@ -154,14 +159,31 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   if (direct) return ConvAlgo::Direct;
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
+  // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
+  // loses: col2im adds at least 2.5 columns into each gx element (kh*kw >= 2.5*sh*sw), or the
+  // GEMM's rows cg*kh*kw are few; not on small planes (under 64 pixels per phase, where GEMM
+  // spans several images). CPU time per call, phase / GEMM, one thread, median of 7, 2-core Zen
+  // under load (shape: N x C x H -> K, kernel, stride, padding):
+  //   16x32x56 -> 64 k4 s2 p1 (issue shape 7) 12.8 / 15.1 ms   8x32x33 -> 64 k5 s3 p2  2.7 / 3.7
+  //   8x64x28 -> 64 k5 s2 p2                   7.0 / 9.3        16x16x56 -> 32 k3 s2   4.1 / 5.3
+  //   8x3x64 -> 32 k3 s2 p1                    1.2 / 1.4        16x64x28 -> 128 k1 s2  2.3 / 2.7
+  // and GEMM kept: 32x128x28 -> 128 k3 s2 p1 (issue shape 5) 39.4 / 35.5, 16x32x56 -> 64 k3 s2
+  // 11.5 / 11.0, 16x256x14 -> 512 k1 s2 6.8 / 4.5, 8x64x112 -> 64 k2 s2 38.9 / 34.0, 32x256x8
+  // -> 256 k3 s2 19.0 / 15.9.
+  if (phase && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
+      (2 * p.kh * p.kw >= 5 * p.sh * p.sw || cg * p.kh * p.kw <= 160))
+    return ConvAlgo::Phase;
   return ConvAlgo::Gemm;
 }
 
-// The input gradient's direct kernel (the flipped forward over zero-padded gy, conv_direct_s1.cpp)
-// computes w*0 beyond gy's border: NaN for an inf or NaN weight, where torch (both dtypes) and
-// fastdl's GEMM path drop those products. Such calls run the reference loops, which skip them; the
-// check is one pass over the weights. (The forward and weight gradient keep w*0 and gy*0 at padded
-// taps: there torch itself differs by dtype and groups; README, convolution.)
+// Non-finite values against the zero padding. torch's float32 paths (oneDNN, its depthwise
+// kernels) skip taps that fall on padding, so an inf or NaN weight gives finite outputs there;
+// fastdl's fast paths mostly multiply padded zeros (im2col, the padded planes of the direct and
+// Winograd kernels, the phases' bordered gy): inf * 0 = NaN. Such calls run the reference loops,
+// which skip those taps, as torch does (its float64 and grouped im2col paths do not: NaN).
+// Checks: the weights (a pass over a small array) before the forward and input gradient; the
+// weight gradient's result after the fact (finite unless x or gy holds inf/NaN, so no pass over
+// gy on the common path).
 template <class T>
 bool any_nonfinite(const T* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -169,10 +191,23 @@ bool any_nonfinite(const T* v, int64_t n) {
   return false;
 }
 
+// Whether a convolution reads any padding: an explicit pad, or an output extent past the input.
+bool reads_padding(const Conv2dParams& p) {
+  return p.ph > 0 || p.pw > 0 || (p.oh - 1) * p.sh + (p.kh - 1) * p.dh - p.ph >= p.h ||
+         (p.ow - 1) * p.sw + (p.kw - 1) * p.dw - p.pw >= p.w;
+}
+
+int64_t weight_count(const Conv2dParams& p) {
+  return p.k * (p.c / p.groups) * p.kh * p.kw;
+}
+
 template <class T>
 void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   if (p.n == 0 || p.k == 0 || p.oh == 0 || p.ow == 0) return;
-  switch (conv_choose(p, ConvPass::Forward)) {
+  ConvAlgo algo = conv_choose(p, ConvPass::Forward);
+  if (algo != ConvAlgo::Reference && reads_padding(p) && any_nonfinite(w, weight_count(p)))
+    algo = ConvAlgo::Reference;
+  switch (algo) {
     case ConvAlgo::Reference: return conv_reference_forward(p, x, w, b, y);
     case ConvAlgo::Direct: return conv_direct_forward(p, x, w, b, y);
     case ConvAlgo::Winograd: return conv_winograd_forward(p, x, w, b, y);
@@ -188,13 +223,16 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
     return;
   }
   ConvAlgo algo = conv_choose(p, ConvPass::BackwardInput);
-  if (algo == ConvAlgo::Direct && p.sh == 1 && p.sw == 1 &&
-      any_nonfinite(w, p.k * (p.c / p.groups) * p.kh * p.kw))
-    algo = ConvAlgo::Reference;  // the flipped forward pads gy
+  // Direct and Winograd run the flipped forward over zero-padded gy, phase a zero-bordered gy;
+  // GEMM + col2im drops what falls on padding, as torch.
+  if ((algo == ConvAlgo::Direct || algo == ConvAlgo::Winograd || algo == ConvAlgo::Phase) &&
+      any_nonfinite(w, weight_count(p)))
+    algo = ConvAlgo::Reference;
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_input(p, gy, w, gx);
     case ConvAlgo::Direct: return conv_direct_backward_input(p, gy, w, gx);
     case ConvAlgo::Winograd: return conv_winograd_backward_input(p, gy, w, gx);
+    case ConvAlgo::Phase: return conv_phase_backward_input(p, gy, w, gx);
     default: return conv_gemm_backward_input(p, gy, w, gx);
   }
 }
@@ -216,10 +254,12 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
   }
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_weight(p, x, gy, gw);
-    case ConvAlgo::Direct: return conv_direct_backward_weight(p, x, gy, gw, fused ? gb : nullptr);
-    case ConvAlgo::Winograd: return conv_winograd_backward_weight(p, x, gy, gw);
-    default: return conv_gemm_backward_weight(p, x, gy, gw);
+    case ConvAlgo::Direct: conv_direct_backward_weight(p, x, gy, gw, fused ? gb : nullptr); break;
+    case ConvAlgo::Winograd: conv_winograd_backward_weight(p, x, gy, gw); break;
+    default: conv_gemm_backward_weight(p, x, gy, gw); break;
   }
+  if (reads_padding(p) && any_nonfinite(gw, weight_count(p)))
+    conv_reference_backward_weight(p, x, gy, gw);  // (the fused bias gradient is unaffected)
 }
 
 }  // namespace
@@ -283,7 +323,7 @@ void check_conv2d_params(const Conv2dParams& p) {
                "conv2d: output width ", p.ow, " too large");
   FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float64,
                "conv2d: CPU supports float32 and float64, got ", dtype_name(p.dtype));
-  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) <= 4,
+  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) <= 5,
                "conv2d: unknown algorithm ", static_cast<int>(p.algo));
 }
 

@@ -118,5 +118,10 @@ void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w
 template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
+// Stride-phase input gradient: stride > 1, dilation 1 (conv_phase.cpp).
+bool phase_serves(const Conv2dParams& p);
+template <class T>
+void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl

@@ -10,11 +10,12 @@ channels_last output, as torch does. Non-contiguous inputs are copied to contigu
 Bad arguments raise the exception class torch raises for them, naming the argument.
 
 Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 reads x in
-place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "reference"
-(plain loops); on CUDA "gemm" (implicit GEMM) and "direct" (depthwise; "reference" runs it
-too, "winograd" leaves the choice to auto). "auto" picks by shape; set_conv_algorithm(name) or
-the FASTDL_CONV_ALGO environment variable forces one wherever it serves the shape (elsewhere
-auto decides).
+place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "phase" (the
+input gradient, and so conv_transpose2d's forward, of a stride > 1 convolution: one stride-1
+GEMM per stride phase, no col2im), "reference" (plain loops); on CUDA "gemm" (implicit GEMM) and
+"direct" (depthwise; "reference" runs it too, "winograd" and "phase" leave the choice to auto).
+"auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO environment variable
+forces one wherever it serves the shape (elsewhere auto decides).
 
 >>> x = np.random.rand(2, 3, 9, 9).astype(np.float32); w = np.random.rand(4, 3, 3, 3).astype(np.float32)
 >>> y = fastdl.ops.conv2d(x, w, padding=1)          # torch.nn.functional.conv2d
@@ -35,7 +36,7 @@ CUDA_KERNELS = True
 __all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
            "set_conv_algorithm", "get_conv_algorithm", "conv2d_algorithm"]
 
-ALGORITHMS = {"auto": 0, "reference": 1, "gemm": 2, "direct": 3, "winograd": 4}
+ALGORITHMS = {"auto": 0, "reference": 1, "gemm": 2, "direct": 3, "winograd": 4, "phase": 5}
 _NAMES = {v: k for k, v in ALGORITHMS.items()}
 _FORWARD, _BACKWARD_INPUT, _BACKWARD_WEIGHT = 0, 1, 2
 _algo = None  # ALGORITHMS code; None until first read from FASTDL_CONV_ALGO
@@ -43,8 +44,8 @@ _algo = None  # ALGORITHMS code; None until first read from FASTDL_CONV_ALGO
 
 def set_conv_algorithm(name: str) -> None:
     """Forces one convolution algorithm for every later call ("auto", "gemm", "direct",
-    "winograd", "reference"); a forced algorithm that does not serve a shape leaves that call to
-    "auto". The FASTDL_CONV_ALGO environment variable sets the initial choice.
+    "winograd", "phase", "reference"); a forced algorithm that does not serve a shape leaves
+    that call to "auto". The FASTDL_CONV_ALGO environment variable sets the initial choice.
 
     >>> fastdl.ops.set_conv_algorithm("gemm"); fastdl.ops.set_conv_algorithm("auto")
     """
@@ -551,7 +552,7 @@ def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, o
 
 def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1, pass_="forward"):
     """The algorithm a conv2d call would run for one pass ("forward", "input", "weight") under the
-    current setting: "reference", "gemm", "direct" or "winograd" (tests and benchmarks)."""
+    current setting: "reference", "gemm", "direct", "winograd" or "phase" (tests and benchmarks)."""
     geo = _conv_geometry("conv2d_algorithm", input, weight, None, stride, padding, dilation,
                          groups)
     code = {"forward": _FORWARD, "input": _BACKWARD_INPUT, "weight": _BACKWARD_WEIGHT}[pass_]
