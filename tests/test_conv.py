@@ -1268,3 +1268,50 @@ def test_conv2d_input_grad_nonfinite_weight_as_torch(cpu_path, algo):
                 assert torch.equal(torch.isinf(got), torch.isinf(ref)), (dtype, shape, bad)
                 fin = torch.isfinite(ref)
                 assert_close(got[fin], ref[fin], reduction=wshape[0] * 15)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv2d_nonfinite_weight_or_grad_as_the_reference_loops(cpu_path, algo):
+    # Padded taps contribute nothing (torch's float32 paths): an inf/NaN weight (forward, input
+    # gradient) or output gradient (weight gradient) gives what the reference loops give, which
+    # skip padded taps, whichever algorithm runs. Winograd mixes a tile's 16 products, so it
+    # needs the fallback even without padding (review cs-2; 3x3 stride-1 shapes reach it).
+    gen = torch.Generator().manual_seed(11)
+    cases = [((2, 4, 6, 7), (4, 4, 3, 3), dict(padding=1)),
+             ((2, 4, 6, 7), (8, 4, 3, 3), dict(padding=0)),
+             ((2, 4, 6, 7), (4, 1, 3, 3), dict(padding=1, groups=4)),
+             ((2, 4, 7, 6), (6, 2, 3, 3), dict(padding=1, groups=2, stride=2)),
+             ((1, 3, 9, 8), (4, 3, 4, 4), dict(padding=1, stride=2))]
+
+    def run(name, x, w, gy, kw):
+        before = fastdl.ops.get_conv_algorithm()
+        fastdl.ops.set_conv_algorithm(name)
+        try:
+            y = fastdl.ops.conv2d(x, w, **kw)
+            gx, gw, _ = fastdl.ops.conv2d_backward(gy, x, w, **kw,
+                                                   output_mask=(True, True, False))
+        finally:
+            fastdl.ops.set_conv_algorithm(before)
+        return y, gx, gw
+
+    for dtype in DTYPES:
+        for shape, wshape, kw in cases:
+            for bad in (float("inf"), float("nan")):
+                x = torch.rand(shape, generator=gen, dtype=dtype) - 0.5
+                w = torch.rand(wshape, generator=gen, dtype=dtype) - 0.5
+                w[0, 0, 0, 0] = bad
+                gy = torch.rand(TF.conv2d(x, w.nan_to_num(), **kw).shape, generator=gen,
+                                dtype=dtype) - 0.5
+                gy[0, 0, 0, 0] = bad
+                wf = w.nan_to_num(posinf=0.5, neginf=-0.5, nan=0.25)
+                # inf/NaN weight: forward and input gradient; inf/NaN gy: weight gradient
+                got = run(algo, x, w, gy, kw)
+                want = run("reference", x, w, gy, kw)
+                got_w, want_w = run(algo, x, wf, gy, kw)[2], run("reference", x, wf, gy, kw)[2]
+                for what, a, b in (("forward", got[0], want[0]), ("input grad", got[1], want[1]),
+                                   ("weight grad", got_w, want_w)):
+                    where = (algo, dtype, shape, wshape, kw, bad, what)
+                    assert torch.equal(torch.isnan(a), torch.isnan(b)), where
+                    assert torch.equal(torch.isinf(a), torch.isinf(b)), where
+                    fin = torch.isfinite(b)
+                    assert_close(a[fin], b[fin], reduction=200, what=str(where))

@@ -181,9 +181,11 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
 // fastdl's fast paths mostly multiply padded zeros (im2col, the padded planes of the direct and
 // Winograd kernels, the phases' bordered gy): inf * 0 = NaN. Such calls run the reference loops,
 // which skip those taps, as torch does (its float64 and grouped im2col paths do not: NaN).
-// Checks: the weights (a pass over a small array) before the forward and input gradient; the
-// weight gradient's result after the fact (finite unless x or gy holds inf/NaN, so no pass over
-// gy on the common path).
+// Winograd is worse: its transforms mix all 16 products of a tile (and inf - inf in G g G^T),
+// so one inf weight or output gradient turns whole tiles NaN, padding or not; it takes the same
+// fallback on any non-finite value. Checks: the weights (a pass over a small array) before the
+// forward and input gradient; the weight gradient's result after the fact (finite unless x or gy
+// holds inf/NaN, so no pass over gy on the common path).
 template <class T>
 bool any_nonfinite(const T* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -205,7 +207,8 @@ template <class T>
 void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   if (p.n == 0 || p.k == 0 || p.oh == 0 || p.ow == 0) return;
   ConvAlgo algo = conv_choose(p, ConvPass::Forward);
-  if (algo != ConvAlgo::Reference && reads_padding(p) && any_nonfinite(w, weight_count(p)))
+  if ((algo == ConvAlgo::Winograd || (algo != ConvAlgo::Reference && reads_padding(p))) &&
+      any_nonfinite(w, weight_count(p)))
     algo = ConvAlgo::Reference;
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_forward(p, x, w, b, y);
@@ -258,7 +261,7 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     case ConvAlgo::Winograd: conv_winograd_backward_weight(p, x, gy, gw); break;
     default: conv_gemm_backward_weight(p, x, gy, gw); break;
   }
-  if (reads_padding(p) && any_nonfinite(gw, weight_count(p)))
+  if ((algo == ConvAlgo::Winograd || reads_padding(p)) && any_nonfinite(gw, weight_count(p)))
     conv_reference_backward_weight(p, x, gy, gw);  // (the fused bias gradient is unaffected)
 }
 
