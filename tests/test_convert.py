@@ -142,7 +142,8 @@ def test_three_optimizer_steps_match_torch(name, opt):
     build, inputs_of, reduction = ZOO[name]
     torch.manual_seed(2)
     model = build().train(TRAIN[name])
-    fast, _ = fastdl.nn.convert(model)
+    fast, _ = fastdl.nn.convert(copy.deepcopy(model))   # (convert alone shares the Parameters)
+    assert not {id(p) for p in fast.parameters()} & {id(p) for p in model.parameters()}
     kw = dict(lr=0.01, momentum=0.9) if opt == "SGD" else dict(lr=1e-3)
     sides = [(model, getattr(torch.optim, opt)(model.parameters(), **kw), False),
              (fast, getattr(fastdl.optim, opt)(fast.parameters(), **kw), False)]
@@ -784,7 +785,8 @@ def test_jit_trace_of_converted_and_fastdl_layers_replays_on_new_inputs(grad):
 def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch):
     from fastdl import _support
     cuda, f32, f64 = torch.device("cuda", 0), torch.float32, torch.float64
-    # A build with CUDA linear/pool kernels whose conv/rnn CUDA kernels have not landed:
+    # A build with CUDA linear/pool kernels but none for conv/rnn (their families announce CUDA
+    # kernels by CUDA_KERNELS; the cache stands in for that):
     monkeypatch.setattr(_support, "_cuda_cache",
                         {"linear": True, "pool": True, "conv": False, "rnn": False})
     assert _support.why_not("linear", cuda, f32) is None

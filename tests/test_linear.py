@@ -59,6 +59,17 @@ def test_linear_fast_path_shapes_keep_operands(shape, grad):
             assert_close(a, e, reduction=max(k, n, x.numel() // k, 1))
 
 
+def test_linear_reads_negative_bit_views():
+    # z.conj().imag is a real view whose memory holds the negated values (review r2a-3)
+    def neg(*shape):
+        return torch.randn(*shape, dtype=torch.cfloat).conj().imag
+    for x, w, b in ((rand(3, 4), rand(1, 4), neg(1)), (neg(1, 1), rand(2, 1), None),
+                    (rand(2, 1), neg(1, 1), rand(1)), (neg(5), rand(3, 5), None)):
+        assert x.is_neg() or w.is_neg() or (b is not None and b.is_neg())
+        assert_close(F.linear(x, w, b), torch.nn.functional.linear(x, w, b), reduction=5)
+        assert_close(ops.linear(x, w, b), torch.nn.functional.linear(x, w, b), reduction=5)
+
+
 def test_linear_gradcheck():
     x = rand(2, 3, 5, dtype=torch.float64, requires_grad=True)
     w = rand(4, 5, dtype=torch.float64, requires_grad=True)

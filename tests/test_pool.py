@@ -236,10 +236,23 @@ def test_double_backward_matches_torch(cpu_path, case):
     assert_close(got[0], want[0], reduction=9)
 
 
-def test_unpool_double_backward(cpu_path):
-    y, idx = TF.max_pool2d(torch.randn(2, 2, 8, 6, dtype=torch.float64), 2, return_indices=True)
-    assert torch.autograd.gradgradcheck(lambda a: F.max_unpool2d(a, idx, 2),
+@pytest.mark.parametrize("kernel,stride", [(2, 2), (3, 2), (3, 1)])
+def test_unpool_double_backward(cpu_path, kernel, stride):
+    # overlapping windows (stride < kernel) repeat indices: the gather's adjoint must add
+    x = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    y, idx = TF.max_pool2d(x, kernel, stride, return_indices=True)
+    size = x.shape[-2:]
+    assert torch.autograd.gradgradcheck(lambda a: F.max_unpool2d(a, idx, kernel, stride,
+                                                                 output_size=size),
                                         [y.clone().requires_grad_()])
+    got, want = [], []
+    for F_, out in ((F, got), (TF, want)):
+        a = y.clone().requires_grad_()
+        (g,) = torch.autograd.grad(F_.max_unpool2d(a, idx, kernel, stride, output_size=size)
+                                   .square().sum(), a, create_graph=True)
+        out.append(torch.autograd.grad((g * torch.linspace(-1, 1, g.numel(), dtype=g.dtype)
+                                        .view(g.shape)).sum(), a)[0])
+    assert_close(got[0], want[0], reduction=9)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -113,6 +113,8 @@ def contiguous(x):
     subclasses (np.memmap, ...) are numpy arrays here too."""
     if isinstance(x, np.ndarray):
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    if x.is_neg():   # a real view such as z.conj().imag: the memory holds the negated values
+        x = x.resolve_neg()
     return x if x.is_contiguous() else x.contiguous()
 
 

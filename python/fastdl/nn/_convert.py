@@ -170,9 +170,9 @@ def convert(model: torch.nn.Module, inplace: bool = False):
     pools, RNN/LSTM/GRU and their cells) with fastdl's, sharing its Parameter objects, buffers,
     hooks, mode, device and dtype; leaves every other layer alone. inplace=False converts a copy
     of the module tree whose Parameters and buffers are the original's own objects: the original
-    model keeps its torch layers, and an optimizer built on either model trains both (an in-place
-    conversion such as .half() or .to() on one also changes the other's shared tensors;
-    deep-copy the model first for independent weights). inplace=True swaps the classes of the
+    model keeps its torch layers, and an optimizer built on either model trains both (.half() or
+    .to() on one converts the shared Parameters of both but only its own buffers, leaving the
+    other inconsistent: deep-copy the model first to convert or train the two apart). inplace=True swaps the classes of the
     model's own layers. Returns (model, ConvertReport). Counterpart of no torch function; the
     converted model computes what the torch model does.
 

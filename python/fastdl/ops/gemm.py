@@ -145,8 +145,13 @@ def _empty(like, m, n):
 
 
 def _plain(x):
-    """A torch tensor without autograd history (the kernels do not record a graph)."""
-    return x.detach() if not isinstance(x, np.ndarray) and x.requires_grad else x
+    """A torch tensor without autograd history (the kernels do not record a graph), its negative
+    bit resolved (a real view such as z.conj().imag reads negated values from its memory)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if x.is_neg():
+        x = x.resolve_neg()
+    return x.detach() if x.requires_grad else x
 
 
 def matmul(a, b):

@@ -81,11 +81,13 @@ def _fast_cpu(input, weight, bias):
     m = input.numel() // k
     if m < 1 or not (input.is_contiguous() and weight.is_contiguous()):
         return None
+    if input.is_neg() or weight.is_neg():   # (z.conj().imag: memory holds the negated values)
+        return None
     b = 0
     if bias is not None:
         if not (isinstance(bias, T) and bias.is_cpu and bias.dtype is dt
                 and bias.layout is torch.strided and bias.ndim == 1 and bias.shape[0] == n
-                and bias.is_contiguous()):
+                and bias.is_contiguous() and not bias.is_neg()):
             return None
         b = bias.data_ptr()
     # the output in its final shape; _C.linear_cpu copies the bias into its rows, then the GEMM
@@ -159,6 +161,8 @@ def _fast_cpu_backward(grad_output, input, weight, needs):
         return None
     m = input.numel() // k
     if m < 1 or not (input.is_contiguous() and weight.is_contiguous()):
+        return None
+    if input.is_neg() or weight.is_neg():
         return None
     go = _plain(grad_output)
     go = go if go.is_contiguous() else go.contiguous()

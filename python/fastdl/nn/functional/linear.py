@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ... import _library, ops
@@ -34,12 +36,13 @@ def _differentiable_backward(go, x, w, needs):
     """linear's gradients as linears (so a second derivative, e.g. a gradient penalty, runs on
     fastdl's GEMM too): gx = go @ w = linear(go, w.T), gw = go2.T @ x2 = linear(go2.T, x2.T)."""
     n, k = w.shape
+    rows = math.prod(go.shape[:-1])    # (not -1: an empty batch or n == 0 has no inferable size)
     gx = gw = gb = None
     if needs[0]:
         gx = linear(go, w.t())
-    go2 = go.reshape(-1, n)
+    go2 = go.reshape(rows, n)
     if needs[1]:
-        gw = linear(go2.t(), x.reshape(-1, k).t())
+        gw = linear(go2.t(), x.reshape(rows, k).t())
     if needs[2]:
         gb = go2.sum(0)
     return gx, gw, gb

@@ -155,30 +155,35 @@ class _MaxUnpoolFn(torch.autograd.Function):
     def forward(ctx, x, idx, window):
         y = ops.max_unpool2d(x, idx, *window)
         ctx.save_for_backward(idx)
-        ctx.window = window
         return y
 
     @staticmethod
     def backward(ctx, gy):
         (idx,) = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the gather, differentiable
-            return _UnpoolGather.apply(gy, idx, ctx.window), None, None
+            return _UnpoolGather.apply(gy, idx), None, None
         return ops.max_unpool2d_backward(gy, idx), None, None
 
 
 class _UnpoolGather(torch.autograd.Function):
-    """max_unpool2d's backward (gy read at idx), differentiable: its adjoint is the unpool."""
+    """max_unpool2d's backward (gy read at idx), differentiable: its adjoint adds at idx."""
 
     @staticmethod
-    def forward(ctx, gy, idx, window):
+    def forward(ctx, gy, idx):
         ctx.save_for_backward(idx)
-        ctx.window = window
+        ctx.gy_shape = gy.shape       # the unpooled planes
         return ops.max_unpool2d_backward(gy, idx)
 
     @staticmethod
     def backward(ctx, gg):
+        # gg added into the unpooled planes at idx: the unpool itself writes (the last of equal
+        # indices wins, as torch's), but overlapping pool windows repeat indices and the adjoint
+        # of the gather adds them. torch's scatter_add (differentiable) for this second-order path.
         (idx,) = ctx.saved_tensors
-        return _MaxUnpoolFn.apply(gg, idx, ctx.window), None, None
+        shape = ctx.gy_shape
+        flat = gg.new_zeros(shape[:-2] + (shape[-2] * shape[-1],))
+        out = flat.scatter_add(-1, idx.flatten(-2), gg.flatten(-2))
+        return out.view(shape), None
 
 
 def _layout_of(input, out):
