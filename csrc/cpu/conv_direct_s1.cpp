@@ -39,6 +39,7 @@
 
 #include "conv_impl.h"
 #include "scratch.h"
+#include "vec_ext.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -52,20 +53,6 @@ namespace {
 // and not cache-resident (auto takes GEMM there: kg > 1, conv.cpp).
 thread_local ScratchBuffer tl_planes;
 constexpr size_t kKeepBytes = size_t(4) << 20;
-
-constexpr int kVecBytes = 32;  // one ymm register (two xmm on the portable build)
-
-template <class T>
-struct Vec {
-  typedef T V __attribute__((vector_size(kVecBytes)));
-  static constexpr int64_t L = kVecBytes / static_cast<int64_t>(sizeof(T));
-  static V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-};
 
 // The padded buffer's shape for one plane.
 struct PadGeom {

@@ -39,6 +39,7 @@
 
 #include "conv_impl.h"
 #include "scratch.h"
+#include "vec_ext.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -86,18 +87,6 @@ bool phase_serves(const Conv2dParams& p) {
 // last panel of a group's channels has 2, 4 or 6 rows (cg = 32: 5 panels of 6 and one of 2, not
 // 36 rows computed for 32).
 constexpr int kRows = 6;
-constexpr int kVecBytes = 32;
-template <class T>
-struct Vec {
-  typedef T V __attribute__((vector_size(kVecBytes)));
-  static constexpr int64_t L = kVecBytes / static_cast<int64_t>(sizeof(T));
-  static V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-};
 
 // out[r][0, 2L) = sum over k < K of ap[k*kRows + r] * b[offs[k] + (0, 2L)], r < kRows: one tile of
 // the phase GEMM, the gy operand read in place from the padded planes (no packing).
