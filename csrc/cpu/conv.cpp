@@ -11,7 +11,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "../cpu_features.h"
@@ -177,40 +176,34 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // and GEMM kept: 32x128x28 -> 128 k3 s2 p1 (issue shape 5) 39.4 / 35.5, 16x32x56 -> 64 k3 s2
   // 11.5 / 11.0, 16x256x14 -> 512 k1 s2 6.8 / 4.5, 8x64x112 -> 64 k2 s2 38.9 / 34.0, 32x256x8
   // -> 256 k3 s2 19.0 / 15.9.
-  if (phase && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
-      (2 * p.kh * p.kw >= 5 * p.sh * p.sw || cg * p.kh * p.kw <= 160))
-    return ConvAlgo::Phase;
+  // (float32 on the AVX2 build only: the portable build ran shape 7's input gradient 8x slower
+  // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1)
+  if (phase && phase_preferred(p)) return ConvAlgo::Phase;
   return ConvAlgo::Gemm;
 }
 
-// Non-finite values against the zero padding. torch's float32 paths (oneDNN, its depthwise
-// kernels) skip taps that fall on padding, so an inf or NaN weight gives finite outputs there;
-// fastdl's fast paths mostly multiply padded zeros (im2col, the padded planes of the direct and
-// Winograd kernels, the phases' bordered gy): inf * 0 = NaN. Such calls run the reference loops,
-// which skip those taps, as torch does (its float64 and grouped im2col paths do not: NaN).
+// Non-finite values against the zero padding. Padded taps contribute nothing here: a fast path
+// that would multiply padded zeros by an inf/NaN (im2col and the direct kernels' padded planes:
+// a weight in the forward and input gradient, gy in the weight gradient; the phases' bordered
+// gy) gives way to the reference loops, which skip those taps. (torch differs by its internal
+// path: its oneDNN and depthwise kernels skip them too, its im2col and float64 paths give NaN.)
 // Winograd is worse: its transforms mix all 16 products of a tile (and inf - inf in G g G^T),
-// so one inf weight or output gradient turns whole tiles NaN, padding or not; it takes the same
-// fallback on any non-finite value. Checks: the weights (a pass over a small array) before the
-// forward and input gradient; the weight gradient's result after the fact (finite unless x or gy
-// holds inf/NaN, so no pass over gy on the common path).
+// so an inf/NaN weight, input or gradient spoils whole tiles, padding or not, and sums of huge
+// values overflow: its results are checked after the fact and redone on GEMM (or the reference
+// loops, for an inf/NaN weight).
+// Cost on the common, finite path: one threaded, vectorised scan of the smaller of the weights
+// and the result (review r3-2: a serial scan of a 1024x1024x3x3 weight cost 20 ms); the weight
+// gradient scans its own (small) result, and only when that holds an inf/NaN the output
+// gradient's border band (review r3-3: not the whole pass again).
 template <class T>
 bool any_nonfinite(const T* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(v[i])) return true;
-  return false;
-}
-
-// The same over a large result, threaded, by the exponent bits (an integer OR reduction the
-// compiler vectorises; std::isfinite in a loop does not): Winograd's outputs after the fact.
-template <class T>
-bool any_nonfinite_result(const T* v, int64_t n) {
-  using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
-  const U e = sizeof(T) == 4 ? U(0x7f800000u) : U(0x7ff0000000000000ull);
   std::atomic<bool> bad{false};
   parallel_for(n, int64_t(1) << 16, [&](int64_t lo, int64_t hi) {
-    const U* u = reinterpret_cast<const U*>(v + lo);
     int hit = 0;
-    for (int64_t i = 0; i < hi - lo; ++i) hit |= (u[i] & e) == e;
+    for (int64_t i = lo; i < hi; ++i) {
+      const T d = v[i] - v[i];   // NaN exactly for inf and NaN (a compare the compiler vectorises)
+      hit |= d != d;
+    }
     if (hit) bad.store(true, std::memory_order_relaxed);
   });
   return bad.load();
@@ -226,25 +219,52 @@ int64_t weight_count(const Conv2dParams& p) {
   return p.k * (p.c / p.groups) * p.kh * p.kw;
 }
 
+// Whether gy holds an inf/NaN at an output position whose taps reach padding (the rows and
+// columns of the border band), where a fast weight gradient multiplies it by a padded zero.
+template <class T>
+bool border_nonfinite(const Conv2dParams& p, const T* gy) {
+  auto edge = [](int64_t o, int64_t s, int64_t pad, int64_t k, int64_t d, int64_t n) {
+    return o * s - pad < 0 || o * s - pad + (k - 1) * d >= n;
+  };
+  std::vector<int64_t> cols;
+  for (int64_t ow = 0; ow < p.ow; ++ow)
+    if (edge(ow, p.sw, p.pw, p.kw, p.dw, p.w)) cols.push_back(ow);
+  std::vector<char> row_edge(static_cast<size_t>(p.oh));
+  for (int64_t oh = 0; oh < p.oh; ++oh) row_edge[oh] = edge(oh, p.sh, p.ph, p.kh, p.dh, p.h);
+  for (int64_t q = 0; q < p.n * p.k; ++q) {
+    const T* g = gy + q * p.oh * p.ow;
+    for (int64_t oh = 0; oh < p.oh; ++oh) {
+      const T* r = g + oh * p.ow;
+      if (row_edge[oh]) {
+        for (int64_t ow = 0; ow < p.ow; ++ow)
+          if (!std::isfinite(r[ow])) return true;
+      } else {
+        for (int64_t ow : cols)
+          if (!std::isfinite(r[ow])) return true;
+      }
+    }
+  }
+  return false;
+}
+
 template <class T>
 void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   if (p.n == 0 || p.k == 0 || p.oh == 0 || p.ow == 0) return;
   ConvAlgo algo = conv_choose(p, ConvPass::Forward);
-  if ((algo == ConvAlgo::Winograd || (algo != ConvAlgo::Reference && reads_padding(p))) &&
-      any_nonfinite(w, weight_count(p)))
-    algo = ConvAlgo::Reference;
+  const int64_t nw = weight_count(p), ny = p.n * p.k * p.oh * p.ow;
+  const bool wino = algo == ConvAlgo::Winograd;
+  // guard: this run must not meet an inf/NaN weight (see above)
+  const bool guard = wino || (algo != ConvAlgo::Reference && reads_padding(p));
+  if (guard && nw <= ny && any_nonfinite(w, nw)) algo = ConvAlgo::Reference;  // w is smaller
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_forward(p, x, w, b, y);
-    case ConvAlgo::Direct: return conv_direct_forward(p, x, w, b, y);
-    case ConvAlgo::Winograd:
-      conv_winograd_forward(p, x, w, b, y);
-      // inf/NaN in x, or values whose tile sums overflow (|x| ~ 1e38), spread over whole tiles
-      // (torch: only the outputs that read them): such calls are redone on the GEMM path. One
-      // threaded pass over y (~4% of the Winograd forward on shape 3, estimated).
-      if (any_nonfinite_result(y, p.n * p.k * p.oh * p.ow)) conv_gemm_forward(p, x, w, b, y);
-      return;
-    default: return conv_gemm_forward(p, x, w, b, y);
+    case ConvAlgo::Direct: conv_direct_forward(p, x, w, b, y); break;
+    case ConvAlgo::Winograd: conv_winograd_forward(p, x, w, b, y); break;
+    default: conv_gemm_forward(p, x, w, b, y); break;
   }
+  if (!(wino || (guard && nw > ny)) || !any_nonfinite(y, ny)) return;
+  if (guard && nw > ny && any_nonfinite(w, nw)) conv_reference_forward(p, x, w, b, y);
+  else if (wino) conv_gemm_forward(p, x, w, b, y);   // inf/NaN in x, or overflowing tile sums
 }
 
 template <class T>
@@ -255,21 +275,22 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
     return;
   }
   ConvAlgo algo = conv_choose(p, ConvPass::BackwardInput);
+  const int64_t nw = weight_count(p), nx = p.n * p.c * p.h * p.w;
+  const bool wino = algo == ConvAlgo::Winograd;
   // Direct and Winograd run the flipped forward over zero-padded gy, phase a zero-bordered gy;
-  // GEMM + col2im drops what falls on padding, as torch.
-  if ((algo == ConvAlgo::Direct || algo == ConvAlgo::Winograd || algo == ConvAlgo::Phase) &&
-      any_nonfinite(w, weight_count(p)))
-    algo = ConvAlgo::Reference;
+  // GEMM + col2im drops what falls on padding.
+  const bool guard = wino || algo == ConvAlgo::Direct || algo == ConvAlgo::Phase;
+  if (guard && nw <= nx && any_nonfinite(w, nw)) algo = ConvAlgo::Reference;
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_input(p, gy, w, gx);
-    case ConvAlgo::Direct: return conv_direct_backward_input(p, gy, w, gx);
-    case ConvAlgo::Winograd:
-      conv_winograd_backward_input(p, gy, w, gx);
-      if (any_nonfinite_result(gx, p.n * p.c * p.h * p.w)) conv_gemm_backward_input(p, gy, w, gx);
-      return;
-    case ConvAlgo::Phase: return conv_phase_backward_input(p, gy, w, gx);
-    default: return conv_gemm_backward_input(p, gy, w, gx);
+    case ConvAlgo::Direct: conv_direct_backward_input(p, gy, w, gx); break;
+    case ConvAlgo::Winograd: conv_winograd_backward_input(p, gy, w, gx); break;
+    case ConvAlgo::Phase: conv_phase_backward_input(p, gy, w, gx); break;
+    default: conv_gemm_backward_input(p, gy, w, gx); break;
   }
+  if (!(wino || (guard && nw > nx)) || !any_nonfinite(gx, nx)) return;
+  if (guard && nw > nx && any_nonfinite(w, nw)) conv_reference_backward_input(p, gy, w, gx);
+  else if (wino) conv_gemm_backward_input(p, gy, w, gx);   // inf/NaN in gy, or overflow
 }
 
 template <class T>
@@ -293,7 +314,11 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     case ConvAlgo::Winograd: conv_winograd_backward_weight(p, x, gy, gw); break;
     default: conv_gemm_backward_weight(p, x, gy, gw); break;
   }
-  if ((algo == ConvAlgo::Winograd || reads_padding(p)) && any_nonfinite(gw, weight_count(p)))
+  // An inf/NaN in gw comes from inf/NaN in x or gy; the fast result differs from the reference
+  // loops only where such a gy value meets padding (the border band), or anywhere on Winograd.
+  const bool wino = algo == ConvAlgo::Winograd;
+  if ((wino || reads_padding(p)) && any_nonfinite(gw, weight_count(p)) &&
+      (wino || border_nonfinite(p, gy)))
     conv_reference_backward_weight(p, x, gy, gw);  // (the fused bias gradient is unaffected)
 }
 

@@ -120,6 +120,8 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
 
 // Stride-phase input gradient: stride > 1, dilation 1 (conv_phase.cpp).
 bool phase_serves(const Conv2dParams& p);
+// Whether the automatic choice takes it (float32 on the AVX2 build, rule in conv_phase.cpp).
+bool phase_preferred(const Conv2dParams& p);
 template <class T>
 void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 

@@ -20,8 +20,8 @@
 // (OW + ~ceil(kw/sw))) and C in bands of phase rows within kOutBudget elements, whatever the batch.
 // Work split: one task per (image, group, phase); a thread rebuilds the padded gy when its next
 // task changes (image, group).
-// A weight that is inf or NaN goes to the GEMM+col2im path (conv.cpp): here it would meet gy's zero
-// border (inf * 0), where torch drops those products.
+// A weight that is inf or NaN sends the call to the reference loops (conv.cpp): here it would meet
+// gy's zero border (inf * 0).
 // Measured (CPU time per call, one thread, median of 7, 2-core Zen under load; phase / GEMM+col2im;
 // the full table and the auto rule at conv_choose in conv.cpp): 16x32x56x56 -> 64 k4 s2 p1 (the
 // convolution behind issue shape 7's ConvTranspose2d) 12.6-13.0 / 14.6-15.6 ms (~64 GF/s),
@@ -81,6 +81,20 @@ struct PhaseDim {
 
 bool phase_serves(const Conv2dParams& p) {
   return (p.sh > 1 || p.sw > 1) && p.dh == 1 && p.dw == 1;
+}
+
+// The automatic choice among shapes phase serves (measured table at conv_choose, conv.cpp):
+// float32 on the AVX2 build, at least 64 pixels per phase, and col2im overlapping much or the
+// GEMM's rows few.
+bool phase_preferred(const Conv2dParams& p) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const int64_t cg = p.c / p.groups;
+  return p.dtype == DType::Float32 && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
+         (2 * p.kh * p.kw >= 5 * p.sh * p.sw || cg * p.kh * p.kw <= 160);
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 // Register tile: kRows input channels x 2 vectors of pixels, 12 accumulators (AVX2: ymm); the

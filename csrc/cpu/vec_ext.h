@@ -9,6 +9,9 @@
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
+// Internal linkage (each including file its own copy): a 32-byte vector passed or returned by an
+// externally visible function would change the ABI between the AVX2 and portable builds (-Wpsabi).
+namespace {
 
 constexpr int kVecBytes = 32;  // one ymm register (two xmm on the portable build)
 
@@ -24,5 +27,6 @@ struct Vec {
   static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 };
 
+}  // namespace
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
