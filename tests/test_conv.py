@@ -287,6 +287,24 @@ def phase_configs(seed, n=14):
     return out
 
 
+@pytest.mark.parametrize("shape,wshape,kw", [
+    ((2, 3, 9, 8), (4, 3, 2, 3), dict(stride=2, padding=3, dilation=1, groups=1)),  # pad >= k
+    ((1, 2, 7, 7), (3, 2, 1, 1), dict(stride=3, padding=2, dilation=1, groups=1)),  # 1x1
+    ((1, 64, 161, 160), (4, 64, 3, 3), dict(stride=2, padding=1, dilation=1, groups=1)),  # bands
+])
+def test_phase_padding_and_bands(cpu_path, shape, wshape, kw):
+    # review r3-7: padding at or beyond the kernel, and a gx phase larger than one band of the
+    # 1 MB output budget, forced onto the phase kernel
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("phase")
+    try:
+        x = torch.zeros(shape)
+        assert ops_conv.conv2d_algorithm(x, torch.zeros(wshape), pass_="input", **kw) == "phase"
+        run_conv_case(torch.float32, shape, wshape, True, kw, seed=17, what="algo=phase")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", range(2))
 def test_phase_sweep(cpu_path, dtype, chunk):
