@@ -23,6 +23,7 @@
 #include "parallel.h"
 #include "pool.h"
 #include "rnn.h"
+#include "rnn_cell.h"
 
 namespace py = pybind11;
 using namespace fastdl;
@@ -222,6 +223,18 @@ void run_pool(int device, uintptr_t stream, const CpuCall& cpu, const CudaCall& 
 // geometry = (mode, dtype, steps, batch, batch_sizes, input_size, hidden_size, proj_size,
 // reverse, has_bias); batch_sizes is None or a pointer to `steps` int64 values (a CPU tensor's
 // data_ptr or an int64 numpy array), which must outlive the call.
+RnnCellParams rnn_cell_params(int mode, int dtype, int64_t batch, int64_t input_size,
+                              int64_t hidden_size) {
+  RnnCellParams p;
+  p.mode = static_cast<RnnMode>(mode);
+  p.dtype = dtype_of(dtype);
+  p.batch = batch;
+  p.input_size = input_size;
+  p.hidden_size = hidden_size;
+  check_rnn_cell_params(p);
+  return p;
+}
+
 RnnParams rnn_params(const py::tuple& g) {
   FASTDL_CHECK(g.size() == 10, "fastdl internal: rnn geometry needs 10 fields, got ", g.size());
   RnnParams p;
@@ -725,6 +738,65 @@ PYBIND11_MODULE(_C, m) {
       for (int64_t i = 0; i < m_; ++i) std::memcpy(dst + i * row, reinterpret_cast<void*>(b), row);
     }
     gemm_cpu(p, reinterpret_cast<void*>(x), reinterpret_cast<void*>(w), reinterpret_cast<void*>(y));
+  });
+
+  // ---- recurrent cells, one step on the CPU (csrc/rnn_cell.h) -----------------------------------
+  // python/fastdl/ops/rnn.py (rnn_cell_forward / _backward) has checked every operand; pointers
+  // are ints, 0 for an absent one (the cells' per-call cost is part of what they are timed on).
+  m.def("rnn_cell_forward", [](int mode, int dtype, int64_t batch, int64_t input_size,
+                               int64_t hidden_size, uintptr_t x, uintptr_t h, uintptr_t c,
+                               uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh,
+                               uintptr_t h_new, uintptr_t c_new, uintptr_t act) {
+    const RnnCellParams p = rnn_cell_params(mode, dtype, batch, input_size, hidden_size);
+    RnnCellForwardArgs a;
+    a.x = reinterpret_cast<const void*>(x);
+    a.h = reinterpret_cast<const void*>(h);
+    a.c = reinterpret_cast<const void*>(c);
+    a.w_ih = reinterpret_cast<const void*>(w_ih);
+    a.w_hh = reinterpret_cast<const void*>(w_hh);
+    a.b_ih = reinterpret_cast<const void*>(b_ih);
+    a.b_hh = reinterpret_cast<const void*>(b_hh);
+    a.h_new = reinterpret_cast<void*>(h_new);
+    a.c_new = reinterpret_cast<void*>(c_new);
+    a.act = reinterpret_cast<void*>(act);
+    FASTDL_CHECK(a.x && a.h && a.w_ih && a.w_hh && a.h_new && (b_ih != 0) == (b_hh != 0),
+                 "fastdl internal: rnn_cell_forward operands");
+    FASTDL_CHECK(p.mode != RnnMode::Lstm || (a.c && a.c_new), "fastdl internal: LSTM cell needs c");
+    py::gil_scoped_release release;
+    rnn_cell_forward_cpu(p, a);
+  });
+  m.def("rnn_cell_backward", [](int mode, int dtype, int64_t batch, int64_t input_size,
+                                int64_t hidden_size, const py::tuple& saved, const py::tuple& grads,
+                                const py::tuple& outs) {
+    const RnnCellParams p = rnn_cell_params(mode, dtype, batch, input_size, hidden_size);
+    FASTDL_CHECK(saved.size() == 8 && grads.size() == 2 && outs.size() == 7,
+                 "fastdl internal: rnn_cell_backward takes 8 saved, 2 gradient and 7 output "
+                 "pointers");
+    auto ptr = [](const py::tuple& t, size_t i) { return reinterpret_cast<void*>(t[i].cast<uintptr_t>()); };
+    RnnCellBackwardArgs a;
+    a.x = ptr(saved, 0);
+    a.h = ptr(saved, 1);
+    a.c = ptr(saved, 2);
+    a.c_new = ptr(saved, 3);
+    a.h_new = ptr(saved, 4);
+    a.w_ih = ptr(saved, 5);
+    a.w_hh = ptr(saved, 6);
+    a.act = ptr(saved, 7);
+    a.dh_new = ptr(grads, 0);
+    a.dc_new = ptr(grads, 1);
+    a.dx = ptr(outs, 0);
+    a.dh = ptr(outs, 1);
+    a.dc = ptr(outs, 2);
+    a.dw_ih = ptr(outs, 3);
+    a.dw_hh = ptr(outs, 4);
+    a.db_ih = ptr(outs, 5);
+    a.db_hh = ptr(outs, 6);
+    const bool lstm = p.mode == RnnMode::Lstm, gated = lstm || p.mode == RnnMode::Gru;
+    FASTDL_CHECK(a.x && a.h && a.w_ih && a.w_hh && (!gated || a.act) && (!lstm || (a.c && a.c_new)) &&
+                     (gated || a.h_new),
+                 "fastdl internal: rnn_cell_backward operands");
+    py::gil_scoped_release release;
+    rnn_cell_backward_cpu(p, a);
   });
 
   // ---- recurrent layers (csrc/rnn.h) -----------------------------------------------------------

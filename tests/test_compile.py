@@ -223,6 +223,14 @@ def _opcheck_samples():
     yield ops.recurrent_layer.default, (_library._rnn.GRU, xl,
                                         rand(2, 3, 6, dtype=torch.float64, requires_grad=True),
                                         None, gru, 2, False, False, True)
+    xc, hc, cc = (rand(3, n, dtype=torch.float64, requires_grad=True) for n in (5, 6, 6))
+    yield ops.recurrent_cell.default, (_library._rnn.LSTM, xc, hc, cc, lstm, True, True)
+    yield ops.recurrent_cell.default, (_library._rnn.GRU, xc, hc, None, gru[:2], False, True)
+    rnn = [rand(*s, dtype=torch.float64, requires_grad=True) for s in ((6, 5), (6, 6), (6,), (6,))]
+    yield ops.recurrent_cell.default, (_library._rnn.RELU, xc, hc, None, rnn, True, True)
+    # inference (training=False saves nothing): inputs without grad, as run_cell passes it
+    yield ops.recurrent_cell.default, (_library._rnn.LSTM, xc.detach(), hc.detach(), cc.detach(),
+                                       [w.detach() for w in lstm], True, False)
 
 
 _OPCHECK_SAMPLES = list(_opcheck_samples())  # built once; every sample is a case below
@@ -317,13 +325,36 @@ def _check_export(model, inp, strict=False):
         assert torch.equal(a, b), f"exported output {i} differs from eager"
 
 
-@pytest.mark.parametrize("name", ["mnist", "lstm_lm"])
+class CellDecoder(torch.nn.Module):
+    """A decoder stepping an LSTMCell and a GRUCell in a Python loop (the loop unrolls in the
+    graph), on fastdl layers."""
+
+    def __init__(self, inp=5, hidden=6, steps=4):
+        super().__init__()
+        self.steps = steps
+        self.lstm = fastdl.nn.LSTMCell(inp, hidden)
+        self.gru = fastdl.nn.GRUCell(hidden, hidden)
+        self.out = fastdl.nn.Linear(hidden, inp)
+
+    def forward(self, x):
+        h = c = g = x.new_zeros(x.shape[0], self.lstm.hidden_size)
+        outs = []
+        for _ in range(self.steps):
+            h, c = self.lstm(x, (h, c))
+            g = self.gru(h, g)
+            x = self.out(g)
+            outs.append(x)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("name", ["mnist", "lstm_lm", "cells"])
 def test_compile_aot_eager_fullgraph_bitwise(name):
     # aot_eager traces forward and backward through the custom ops and runs the traced aten
     # graph as is (no fusion, no reordering): outputs and gradients bitwise equal to eager, and
     # fullgraph=True fails on any graph break
-    model, inp = ((MnistNet(), rand(3, 1, 28, 28)) if name == "mnist"
-                  else (LstmLM(), torch.randint(0, 50, (7, 3))))
+    model, inp = {"mnist": lambda: (MnistNet(), rand(3, 1, 28, 28)),
+                  "lstm_lm": lambda: (LstmLM(), torch.randint(0, 50, (7, 3))),
+                  "cells": lambda: (CellDecoder(), rand(3, 5))}[name]()
     eager_out, eager_grads = _forward_backward(model, inp, seed=3)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(allow_rnn=True):

@@ -682,3 +682,86 @@ def _recurrent_grad(ctx, gy, ghn, gcn, _gws):
 
 
 recurrent_layer.register_autograd(_recurrent_grad, setup_context=_recurrent_setup)
+
+
+# ---- recurrent cells, one step on the CPU ---------------------------------------------------------
+# As nn/functional/rnn.py's _Cell: x (B, I), h (B, H), c (B, H) (LSTM, else None), weights w_ih,
+# w_hh[, b_ih, b_hh], contiguous. Returns (h', c' (LSTM, else empty), activations (LSTM/GRU in
+# training, (B, 4H); else empty)). Cells elsewhere (CUDA, half precision) trace as one-step
+# recurrent_layer calls.
+
+@torch.library.custom_op("fastdl::recurrent_cell", mutates_args=())
+def recurrent_cell(mode: int, x: Tensor, h: Tensor, c: Optional[Tensor], weights: List[Tensor],
+                   has_bias: bool, training: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    x, h, c, w_ih, w_hh, b_ih, b_hh = (
+        None if t is None else _tensor.contiguous(t)
+        for t in (x, h, c, weights[0], weights[1], *(weights[2:4] if has_bias else (None, None))))
+    h_new, c_new, act = _rnn.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training)
+    return (h_new, _nothing(x) if c_new is None else c_new, _nothing(x) if act is None else act)
+
+
+@recurrent_cell.register_fake
+def _(mode, x, h, c, weights, has_bias, training):
+    B, H = h.shape
+    gated = mode in (_rnn.LSTM, _rnn.GRU)
+    return (x.new_empty((B, H)), x.new_empty((B, H)) if mode == _rnn.LSTM else _nothing(x),
+            x.new_empty((B, 4 * H)) if training and gated else _nothing(x))
+
+
+@torch.library.custom_op("fastdl::recurrent_cell_backward", mutates_args=())
+def recurrent_cell_backward(mode: int, grad_h: Optional[Tensor], grad_c: Optional[Tensor],
+                            x: Tensor, h: Tensor, c: Optional[Tensor], h_new: Optional[Tensor],
+                            c_new: Optional[Tensor], act: Optional[Tensor], w_ih: Tensor,
+                            w_hh: Tensor, needs: List[bool]) -> List[Tensor]:
+    x, h, c, w_ih, w_hh = (None if t is None else _tensor.contiguous(t)
+                           for t in (x, h, c, w_ih, w_hh))
+    g = _rnn.cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh,
+                               tuple(needs))
+    return [_nothing(x) if t is None else t for t in g]
+
+
+@recurrent_cell_backward.register_fake
+def _(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh, needs):
+    B, I = x.shape
+    H = h.shape[1]
+    GH = w_hh.shape[0]
+    shapes = [(B, I), (B, H), (B, H) if mode == _rnn.LSTM else None, (GH, I), (GH, H), (GH,),
+              (GH,)]
+    wanted = list(needs[:5]) + [needs[5], needs[5]]
+    return [x.new_empty(s) if s is not None and w else _nothing(x)
+            for s, w in zip(shapes, wanted)]
+
+
+def _cell_setup(ctx, inputs, output):
+    mode, x, h, c, weights, has_bias, _ = inputs
+    ctx.cfg = (mode, has_bias)
+    rnn = mode in (_rnn.TANH, _rnn.RELU)
+    ctx.save_for_backward(x, h, c, weights[0], weights[1],
+                          output[2] if mode in (_rnn.LSTM, _rnn.GRU) else None,
+                          output[0] if rnn else None, output[1] if mode == _rnn.LSTM else None)
+
+
+def _cell_grad(ctx, grad_h, grad_c, _gact):
+    if torch.is_grad_enabled():  # as the eager path: the kernels' backward is not differentiable
+        raise RuntimeError("fastdl recurrent cells do not support double backward "
+                           "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
+                           "GRUCell do")
+    mode, has_bias = ctx.cfg
+    x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
+    if act is not None and act.numel() == 0 and x.numel() > 0:
+        raise RuntimeError("fastdl::recurrent_cell ran with training=False, which saves nothing "
+                           "for the backward; call it with training=True to differentiate it")
+    n = ctx.needs_input_grad
+    nw = n[4] if isinstance(n[4], (list, tuple)) else [n[4]] * (4 if has_bias else 2)
+    needs = [n[1], n[2], bool(n[3]) and mode == _rnn.LSTM, nw[0], nw[1],
+             has_bias and (nw[2] or nw[3])]
+    g = recurrent_cell_backward(mode, grad_h, grad_c if mode == _rnn.LSTM else None, x, h, c,
+                                h_new, c_new, act, w_ih, w_hh, needs)
+    gw = [g[3] if needs[3] else None, g[4] if needs[4] else None]
+    if has_bias:
+        gw += [g[5] if needs[5] else None, g[6] if needs[5] else None]
+    return (None, g[0] if needs[0] else None, g[1] if needs[1] else None,
+            g[2] if needs[2] else None, gw, None, None)
+
+
+recurrent_cell.register_autograd(_cell_grad, setup_context=_cell_setup)

@@ -19,6 +19,8 @@ nothing is saved; it is float32 for float16/bfloat16 tensors (workspace_dtype).
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from .. import _C, _tensor
@@ -335,6 +337,73 @@ def rnn_layer_backward(grad_output, grad_hn, input, hx, weight_ih, weight_hh, wo
                            weight_hh, workspace, has_bias=has_bias, batch_sizes=batch_sizes,
                            reverse=reverse)
     return g[0], g[1], g[3], g[4], g[5], g[6]
+
+
+# ---- cells on the CPU: one step, weights read in place (csrc/cpu/rnn_cell.cpp) ------------------
+# Internal entry points of fastdl.nn's cells (nn/functional/rnn.py run_cell), which have validated
+# every operand with torch's messages. A one-step layer call packs W_hh and projects the input in
+# a separate GEMM: at (64, 128, 32) that fixed cost was ~60 us of a ~120 us step.
+
+def cell_cpu_supported(x, weights):
+    """Whether cell_cpu_forward serves these (validated) torch operands: CPU tensors (not the
+    emulated CUDA device), float32 or float64, strided, every size >= 1."""
+    torch = sys.modules.get("torch")
+    if torch is None or _tensor.CPU_DEVICE >= 0 or not x.is_cpu or x.layout is not torch.strided:
+        return False
+    if x.dtype is not torch.float32 and x.dtype is not torch.float64:
+        return False
+    return x.numel() > 0 and weights[1].numel() > 0
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training):
+    """x (B, I), h (B, H), c (B, H) (LSTM, else None), weights in torch's layout; validated, on
+    the CPU (cell_cpu_supported). Returns (h', c' or None, activations (B, 4H) for the backward
+    when training and LSTM/GRU, else None)."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh = (None if t is None else _tensor.contiguous(t)
+                                       for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
+    B, I = x.shape
+    H = h.shape[1]
+    h_new = x.new_empty((B, H))
+    c_new = x.new_empty((B, H)) if mode == LSTM else None
+    act = x.new_empty((B, 4 * H)) if training and (mode == LSTM or mode == GRU) else None
+    _C.rnn_cell_forward(mode, _tensor.FLOAT32 if x.dtype is _torch_f32() else _tensor.FLOAT64,
+                        B, I, H, x.data_ptr(), h.data_ptr(), _ptr(c), w_ih.data_ptr(),
+                        w_hh.data_ptr(), _ptr(b_ih), _ptr(b_hh), h_new.data_ptr(), _ptr(c_new),
+                        _ptr(act))
+    return h_new, c_new, act
+
+
+def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh, needs):
+    """Gradients of cell_cpu_forward from what it saved: grad_h, grad_c (LSTM) may be None
+    (zero). needs: (input, hx, cx, weight_ih, weight_hh, bias) flags. Returns (grad_input,
+    grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh), None where not
+    needed."""
+    grad_h = None if grad_h is None else _tensor.contiguous(grad_h)
+    grad_c = None if grad_c is None else _tensor.contiguous(grad_c)
+    B, I = x.shape
+    H = h.shape[1]
+    GH = w_hh.shape[0]
+    outs = (x.new_empty((B, I)) if needs[0] else None,
+            x.new_empty((B, H)) if needs[1] else None,
+            x.new_empty((B, H)) if needs[2] and mode == LSTM else None,
+            x.new_empty((GH, I)) if needs[3] else None,
+            x.new_empty((GH, H)) if needs[4] else None,
+            x.new_empty((GH,)) if needs[5] else None,
+            x.new_empty((GH,)) if needs[5] else None)
+    _C.rnn_cell_backward(
+        mode, _tensor.FLOAT32 if x.dtype is _torch_f32() else _tensor.FLOAT64, B, I, H,
+        (x.data_ptr(), h.data_ptr(), _ptr(c), _ptr(c_new), _ptr(h_new), w_ih.data_ptr(),
+         w_hh.data_ptr(), _ptr(act)),
+        (_ptr(grad_h), _ptr(grad_c)), tuple(_ptr(t) for t in outs))
+    return outs
+
+
+def _torch_f32():
+    return sys.modules["torch"].float32
 
 
 # ---- cells: one step of a layer --------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import _library
+from ... import _library, _tensor
 from ...ops import rnn as _ops
 
 LSTM, GRU, TANH, RELU = _ops.LSTM, _ops.GRU, _ops.TANH, _ops.RELU
@@ -85,6 +85,59 @@ class _Layer(torch.autograd.Function):
                 gc0[d] = g[2]
             gws += [g[3], g[4]] + ([g[5], g[6]] if has_bias else []) + ([g[7]] if has_proj else [])
         return (None, None, None, None, None, gx, gh0, gc0, *gws)
+
+
+class _Cell(torch.autograd.Function):
+    """One step of a cell on the CPU kernels: x (B, I), h (B, H), c (B, H) (LSTM, else None),
+    contiguous; returns h' (and c' for LSTM)."""
+
+    @staticmethod
+    def forward(ctx, mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
+        h_new, c_new, act = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, True)
+        ctx.mode = mode
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, act, h_new if mode in (TANH, RELU) else None,
+                              c_new)
+        return (h_new, c_new) if mode == LSTM else h_new
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c=None):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastdl recurrent cells do not support double backward "
+                               "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
+                               "GRUCell do")
+        x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        g = _ops.cell_cpu_backward(ctx.mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih,
+                                   w_hh, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]))
+        return None, g[0], g[1], g[2], g[3], g[4], g[5], g[6]
+
+
+def run_cell(mode, x, h, c, weights, *, has_bias):
+    """One step of RNNCell (TANH / RELU), LSTMCell or GRUCell on validated operands: x (B, I),
+    h (B, H), c (B, H) for LSTM else None; weights w_ih, w_hh[, b_ih, b_hh]. Returns h' or
+    (h', c'). The CPU kernels take one step with the weights in place (float32/float64; traced:
+    the custom op fastdl::recurrent_cell over them); anything else (CUDA, half precision, empty
+    sizes) runs as a one-step layer."""
+    traced = _library.tracing(x)
+    if not _ops.cell_cpu_supported(x, weights):
+        out = run_layer(mode, x.unsqueeze(0), h.unsqueeze(0),
+                        None if c is None else c.unsqueeze(0), weights, dirs=1,
+                        has_bias=has_bias, has_proj=False, batch_sizes=None)
+        return (out[1][0], out[2][0]) if mode == LSTM else out[1][0]
+    if traced:   # torch.compile / export: the custom op over the same kernels (_library)
+        training = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h, c, *weights))
+        out = _library.recurrent_cell(mode, x, h, c, list(weights), has_bias, training)
+        return (out[0], out[1]) if mode == LSTM else out[0]
+    contiguous = _tensor.contiguous
+    x, h = contiguous(x), contiguous(h)
+    c = None if c is None else contiguous(c)
+    w_ih, w_hh = contiguous(weights[0]), contiguous(weights[1])
+    b_ih, b_hh = (contiguous(weights[2]), contiguous(weights[3])) if has_bias else (None, None)
+    if _library.needs_autograd(x, h, c, w_ih, w_hh, b_ih, b_hh):
+        return _Cell.apply(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    h_new, c_new, _ = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, False)
+    return (h_new, c_new) if mode == LSTM else h_new
 
 
 def run_layer(mode, x, h0, c0, weights, *, dirs, has_bias, has_proj, batch_sizes):

@@ -153,7 +153,7 @@ class GRU(_RecurrentMixin, nn.GRU):
 # ---- cells ------------------------------------------------------------------------------------
 
 def _cell(module, mode, input, hx, cx):
-    """One step through the layer kernels: input (B, I) or (I,), hx/cx (B, H) or (H,) or None.
+    """One step (nn/functional/rnn.py run_cell): input (B, I) or (I,), hx/cx (B, H) or (H,) or None.
     torch's checks and messages (torch.nn.*Cell.forward and ATen's check_rnn_cell_forward_*)."""
     name = type(module).__name__
     if not isinstance(input, torch.Tensor):
@@ -196,14 +196,10 @@ def _cell(module, mode, input, hx, cx):
     weights = [module.weight_ih, module.weight_hh]
     if module.bias:
         weights += [module.bias_ih, module.bias_hh]
-    out = _f.run_layer(mode, input.unsqueeze(0), hx.unsqueeze(0),
-                       None if cx is None else cx.unsqueeze(0), weights, dirs=1,
-                       has_bias=module.bias, has_proj=False, batch_sizes=None)
-    h_new = out[1][0]
+    out = _f.run_cell(mode, input, hx, cx, weights, has_bias=module.bias)
     if mode == _f.LSTM:
-        c_new = out[2][0]
-        return (h_new, c_new) if is_batched else (h_new.squeeze(0), c_new.squeeze(0))
-    return h_new if is_batched else h_new.squeeze(0)
+        return out if is_batched else (out[0].squeeze(0), out[1].squeeze(0))
+    return out if is_batched else out.squeeze(0)
 
 
 class RNNCell(nn.RNNCell):

@@ -1,0 +1,536 @@
+// One step of the recurrent cells on the CPU (csrc/rnn_cell.h): torch.nn.RNNCell, LSTMCell and
+// GRUCell, forward and backward, float32 and float64, with the weights read in torch's layout.
+//
+// Every product here is one register-tiled kernel, tile_fma: out(i, n) += sum_k A(i, k) * B(k, n)
+// with MR rows of A broadcast one scalar at a time and NV vectors of B's row k loaded, so no
+// operand is ever packed (a one-step call cannot amortise packing the 4H x (I + H) weights).
+//   forward:  gates^T (G*H, B) = W_ih x^T + W_hh h^T, A = the weight rows of one hidden unit (its
+//             G gates), B = x^T / h^T (k, batch), transposed once per call into a scratch with
+//             the batch padded to whole vectors. The unit's gate math then runs on the tile in
+//             registers, vectorised over the batch, and writes h', c' and (training) the
+//             activations. Work split: hidden units over the threads.
+//   backward: a fused pass turns dh', dc' into the gate gradients dG (B, G*H) (rnn_math.h), then
+//             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows), and
+//             dW_ih = dG^T x, dW_hh = dG_h^T h (A = dG's columns, B = x / h rows); biases are
+//             column sums of dG. Work split: row tiles x column panels over the threads.
+// Tested by tests/test_rnn_cell.py (against torch's cells and the layer kernels, both builds);
+// timed by the `rnn` suite's LSTMCell / GRUCell rows (fastdl-bench).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../cpu_features.h"
+#include "../parallel.h"
+#include "../rnn_cell.h"
+#include "../rnn_math.h"
+#include "scratch.h"
+#include "vec_ext.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include "vec_math.h"
+#define FASTDL_CELL_AVX2 1
+#endif
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+namespace {
+
+thread_local ScratchBuffer tl_cell_t, tl_cell_g;
+
+// acc[i][v] += sum_{k < K} a[i][k * a_step] * b[k * ldb + v * L .. + L)  (L = Vec<T>::L lanes).
+template <class T, int MR, int NV>
+inline void tile_fma(int64_t K, const T* const* a, int64_t a_step, const T* __restrict b,
+                     int64_t ldb, typename Vec<T>::V (&acc)[MR][NV]) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  const T* ar[MR];
+  for (int i = 0; i < MR; ++i) ar[i] = a[i];
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = Vec<T>::load(b + v * L);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const T s = *ar[i];
+      ar[i] += a_step;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += s * bv[v];
+    }
+    b += ldb;
+  }
+}
+
+// ---- general product: out (M x N, ldo) (+)= sum_k A(i, k) B(k, n) ----------------------------
+// A(i, k) = a[i * as_i + k * as_k]; B(k, n) = b[k * ldb + n]. Tiles of 4 rows x 3 vectors; columns
+// past the last whole vector by a scalar loop.
+template <class T, int MR, int NV>
+void product_tile(int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b, int64_t ldb,
+                  T* out, int64_t ldo, bool accumulate) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  const T* rows[MR];
+  for (int i = 0; i < MR; ++i) rows[i] = a + i * as_i;
+  tile_fma<T, MR, NV>(K, rows, as_k, b, ldb, acc);
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      T* o = out + i * ldo + v * L;
+      Vec<T>::store(o, accumulate ? Vec<T>::load(o) + acc[i][v] : acc[i][v]);
+    }
+}
+
+template <class T, int MR>
+void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b,
+                  int64_t ldb, T* out, int64_t ldo, bool accumulate) {
+  switch (nv) {
+    case 3: product_tile<T, MR, 3>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
+    case 2: product_tile<T, MR, 2>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
+    default: product_tile<T, MR, 1>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
+  }
+}
+
+template <class T>
+void product(int64_t M, int64_t N, int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b,
+             int64_t ldb, T* out, int64_t ldo, bool accumulate) {
+  constexpr int64_t L = Vec<T>::L, MR = 4, NV = 3;
+  const int64_t vecs = N / L, panels = (vecs + NV - 1) / NV, row_tiles = (M + MR - 1) / MR;
+  const int64_t n_vec = vecs * L;
+  const int64_t items = panels * row_tiles;
+  // ~64K flops per chunk before a second thread joins (a region costs a few microseconds).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 2 * MR * NV * L * K));
+  parallel_for(items, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t pn = it % panels, rt = it / panels;
+      const int64_t i0 = rt * MR, mr = std::min(MR, M - i0);
+      const int64_t v0 = pn * NV, nv = std::min(NV, vecs - v0);
+      const T* ai = a + i0 * as_i;
+      const T* bn = b + v0 * L;
+      T* o = out + i0 * ldo + v0 * L;
+      switch (mr) {
+        case 4: product_rows<T, 4>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+        case 3: product_rows<T, 3>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+        case 2: product_rows<T, 2>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+        default: product_rows<T, 1>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      }
+    }
+  });
+  if (n_vec == N) return;
+  parallel_for(M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * (N - n_vec))),
+               [&](int64_t lo, int64_t hi) {
+                 for (int64_t i = lo; i < hi; ++i)
+                   for (int64_t n = n_vec; n < N; ++n) {
+                     T s = T(0);
+                     for (int64_t k = 0; k < K; ++k) s += a[i * as_i + k * as_k] * b[k * ldb + n];
+                     out[i * ldo + n] = accumulate ? out[i * ldo + n] + s : s;
+                   }
+               });
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// src (B, n) row-major -> dst (n, Bp): dst[k][b] = src[b][k], zero for b >= B.
+template <class T>
+void transpose_padded(const T* src, int64_t B, int64_t n, int64_t Bp, T* dst) {
+  for (int64_t k = 0; k < n; ++k) {
+    T* d = dst + k * Bp;
+    for (int64_t b = 0; b < B; ++b) d[b] = src[b * n + k];
+    for (int64_t b = B; b < Bp; ++b) d[b] = T(0);
+  }
+}
+
+template <class T>
+struct CellForward {
+  const RnnCellParams& p;
+  const T *x_t, *h_t;           // (I, Bp), (H, Bp)
+  const T *h, *c, *w_ih, *w_hh, *b_ih, *b_hh;
+  T *h_new, *c_new, *act;
+  int64_t Bp;
+};
+
+template <class T>
+T bias_sum(const T* b_ih, const T* b_hh, int64_t r) {
+  return b_ih ? b_ih[r] + b_hh[r] : T(0);
+}
+
+// Gate rows q of unit j: pre-activations of lanes [b0, b0 + L) -> the state update of one unit.
+// pre[q][l] holds gate q's product for lane l (all of W_ih x + W_hh h; GRU: q = 2 is W_in x and
+// q = 3 is W_hn h). Writes only lanes < B.
+template <class T>
+void lstm_lanes(const CellForward<T>& f, int64_t j, int64_t b0, int64_t lanes, T (*pre)[Vec<T>::L]) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t H = f.p.hidden_size;
+  for (int q = 0; q < 4; ++q) {
+    const T bq = bias_sum(f.b_ih, f.b_hh, q * H + j);
+    for (int64_t l = 0; l < L; ++l) pre[q][l] += bq;
+  }
+  T c_old[L] = {}, hn[L], cn[L], gi[L], gf[L], gg[L], go[L];
+  for (int64_t l = 0; l < lanes; ++l) c_old[l] = f.c[(b0 + l) * H + j];
+#if defined(FASTDL_CELL_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256 i = sigmoid8(_mm256_loadu_ps(pre[0])), fg = sigmoid8(_mm256_loadu_ps(pre[1]));
+    const __m256 g = tanh8(_mm256_loadu_ps(pre[2])), o = sigmoid8(_mm256_loadu_ps(pre[3]));
+    const __m256 c_n = _mm256_fmadd_ps(fg, _mm256_loadu_ps(c_old), _mm256_mul_ps(i, g));
+    _mm256_storeu_ps(cn, c_n);
+    _mm256_storeu_ps(hn, _mm256_mul_ps(o, tanh8(c_n)));
+    _mm256_storeu_ps(gi, i);
+    _mm256_storeu_ps(gf, fg);
+    _mm256_storeu_ps(gg, g);
+    _mm256_storeu_ps(go, o);
+  } else
+#endif
+  {
+    for (int64_t l = 0; l < L; ++l)
+      lstm_unit_forward(pre[0][l], pre[1][l], pre[2][l], pre[3][l], c_old[l], gi[l], gf[l],
+                        gg[l], go[l], cn[l], hn[l]);
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    const int64_t b = b0 + l;
+    f.h_new[b * H + j] = hn[l];
+    f.c_new[b * H + j] = cn[l];
+    if (f.act) {
+      T* a = f.act + b * 4 * H + j;
+      a[0] = gi[l];
+      a[H] = gf[l];
+      a[2 * H] = gg[l];
+      a[3 * H] = go[l];
+    }
+  }
+}
+
+template <class T>
+void gru_lanes(const CellForward<T>& f, int64_t j, int64_t b0, int64_t lanes, T (*pre)[Vec<T>::L]) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t H = f.p.hidden_size;
+  const T br = bias_sum(f.b_ih, f.b_hh, j), bz = bias_sum(f.b_ih, f.b_hh, H + j);
+  const T bin = f.b_ih ? f.b_ih[2 * H + j] : T(0), bhn = f.b_hh ? f.b_hh[2 * H + j] : T(0);
+  T h_old[L] = {}, r[L], z[L], n[L], hn[L];
+  for (int64_t l = 0; l < lanes; ++l) h_old[l] = f.h[(b0 + l) * H + j];
+  for (int64_t l = 0; l < L; ++l) {
+    pre[0][l] += br;
+    pre[1][l] += bz;
+    pre[2][l] += bin;
+    pre[3][l] += bhn;
+  }
+#if defined(FASTDL_CELL_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256 rv = sigmoid8(_mm256_loadu_ps(pre[0])), zv = sigmoid8(_mm256_loadu_ps(pre[1]));
+    const __m256 nv = tanh8(_mm256_fmadd_ps(rv, _mm256_loadu_ps(pre[3]), _mm256_loadu_ps(pre[2])));
+    _mm256_storeu_ps(r, rv);
+    _mm256_storeu_ps(z, zv);
+    _mm256_storeu_ps(n, nv);
+    _mm256_storeu_ps(hn, _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(h_old), nv), zv, nv));
+  } else
+#endif
+  {
+    for (int64_t l = 0; l < L; ++l)
+      gru_unit_forward(pre[0][l], pre[1][l], pre[2][l], T(0), T(0), pre[3][l], h_old[l], r[l],
+                       z[l], n[l], hn[l]);
+  }
+  for (int64_t l = 0; l < lanes; ++l) {
+    const int64_t b = b0 + l;
+    f.h_new[b * H + j] = hn[l];
+    if (f.act) {
+      T* a = f.act + b * 4 * H + j;
+      a[0] = r[l];
+      a[H] = z[l];
+      a[2 * H] = n[l];
+      a[3 * H] = pre[3][l];
+    }
+  }
+}
+
+template <class T>
+void elman_lanes(const CellForward<T>& f, int64_t j, int64_t b0, int64_t lanes, T* pre) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t H = f.p.hidden_size;
+  const bool relu = f.p.mode == RnnMode::Relu;
+  const T bj = bias_sum(f.b_ih, f.b_hh, j);
+  T hn[L];
+#if defined(FASTDL_CELL_AVX2)
+  if constexpr (std::is_same<T, float>::value) {
+    // (the scalar tanh was ~40% of a tanh RNNCell step at (64, 128, 32), one thread)
+    const __m256 a = _mm256_add_ps(_mm256_loadu_ps(pre), _mm256_set1_ps(bj));
+    const __m256 zero = _mm256_setzero_ps();
+    // relu as torch's: a < 0 ? 0 : a keeps NaN (max would not)
+    _mm256_storeu_ps(hn, relu ? _mm256_blendv_ps(a, zero, _mm256_cmp_ps(a, zero, _CMP_LT_OQ))
+                              : tanh8(a));
+  } else
+#endif
+  {
+    for (int64_t l = 0; l < L; ++l) hn[l] = rnn_unit_forward(pre[l] + bj, relu);
+  }
+  for (int64_t l = 0; l < lanes; ++l) f.h_new[(b0 + l) * H + j] = hn[l];
+}
+
+// Gate rows [r, r + MR) x batch vectors [v0, v0 + NV) of the product into g (G*H, Bp):
+// W_ih x^T + W_hh h^T, or, with hn (GRU's n rows), W_ih x^T into g and W_hh h^T into hn.
+template <class T, int MR, int NV>
+void gates_tile(const CellForward<T>& f, int64_t r, int64_t v0, T* g, T* hn) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t I = f.p.input_size, H = f.p.hidden_size, Bp = f.Bp;
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  const T* rows[MR];
+  for (int i = 0; i < MR; ++i) rows[i] = f.w_ih + (r + i) * I;
+  tile_fma<T, MR, NV>(I, rows, 1, f.x_t + v0 * L, Bp, acc);
+  for (int i = 0; i < MR; ++i) rows[i] = f.w_hh + (r + i) * H;
+  if (hn) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) Vec<T>::store(g + (r + i) * Bp + (v0 + v) * L, acc[i][v]);
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+    g = hn;
+  }
+  tile_fma<T, MR, NV>(H, rows, 1, f.h_t + v0 * L, Bp, acc);
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) Vec<T>::store(g + (r + i) * Bp + (v0 + v) * L, acc[i][v]);
+}
+
+template <class T, int MR>
+void gates_rows(const CellForward<T>& f, int64_t r, int64_t v, int64_t nv, T* g, T* hn) {
+  if (nv == 2) gates_tile<T, MR, 2>(f, r, v, g, hn);
+  else gates_tile<T, MR, 1>(f, r, v, g, hn);
+}
+
+// Rows [r0, r1) in tiles of 6 rows x 2 batch vectors: 12 accumulators (a 4-gate x 2-vector tile
+// per unit had 8, one FMA latency's worth, and ran at the latency bound).
+template <class T>
+void gates_range(const CellForward<T>& f, int64_t r0, int64_t r1, int64_t vecs, T* g, T* hn) {
+  for (int64_t v = 0; v < vecs; v += 2) {
+    const int64_t nv = std::min<int64_t>(2, vecs - v);
+    int64_t r = r0;
+    for (; r + 6 <= r1; r += 6) gates_rows<T, 6>(f, r, v, nv, g, hn);
+    switch (r1 - r) {
+      case 5: gates_rows<T, 5>(f, r, v, nv, g, hn); break;
+      case 4: gates_rows<T, 4>(f, r, v, nv, g, hn); break;
+      case 3: gates_rows<T, 3>(f, r, v, nv, g, hn); break;
+      case 2: gates_rows<T, 2>(f, r, v, nv, g, hn); break;
+      case 1: gates_rows<T, 1>(f, r, v, nv, g, hn); break;
+      default: break;
+    }
+  }
+}
+
+// The state update of units [u0, u1) from the products: g (G*H, Bp) and, for GRU, hn (H, Bp)
+// (W_hn h^T; g's n rows hold W_in x^T).
+template <class T>
+void update_units(const CellForward<T>& f, int64_t u0, int64_t u1, const T* g, const T* hn) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t H = f.p.hidden_size, B = f.p.batch, Bp = f.Bp;
+  for (int64_t j = u0; j < u1; ++j)
+    for (int64_t b0 = 0; b0 < B; b0 += L) {
+      const int64_t lanes = std::min(L, B - b0);
+      if (f.p.mode == RnnMode::Tanh || f.p.mode == RnnMode::Relu) {
+        T pre[L];
+        std::memcpy(pre, g + j * Bp + b0, sizeof(pre));
+        elman_lanes(f, j, b0, lanes, pre);
+        continue;
+      }
+      T pre[4][L];
+      for (int64_t q = 0; q < 3; ++q) std::memcpy(pre[q], g + (q * H + j) * Bp + b0, sizeof(pre[q]));
+      if (f.p.mode == RnnMode::Gru) {
+        std::memcpy(pre[3], hn + j * Bp + b0, sizeof(pre[3]));
+        gru_lanes(f, j, b0, lanes, pre);
+      } else {
+        std::memcpy(pre[3], g + (3 * H + j) * Bp + b0, sizeof(pre[3]));
+        lstm_lanes(f, j, b0, lanes, pre);
+      }
+    }
+}
+
+template <class T>
+void cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
+  constexpr int64_t L = Vec<T>::L;
+  const int64_t B = p.batch, I = p.input_size, H = p.hidden_size, G = p.gates();
+  const int64_t vecs = (B + L - 1) / L, Bp = vecs * L;
+  const bool gru = p.mode == RnnMode::Gru;
+  // scratch: x^T, h^T (batch padded with zeros), the products g (G*H, Bp) and GRU's hn (H, Bp)
+  const int64_t n_t = (I + H) * Bp, n_g = (G + (gru ? 1 : 0)) * H * Bp;
+  T* xt = static_cast<T*>(tl_cell_t.get(sizeof(T) * static_cast<size_t>(n_t + n_g)));
+  T* ht = xt + I * Bp;
+  T* g = xt + n_t;
+  T* hn = gru ? g + G * H * Bp : nullptr;
+  transpose_padded(static_cast<const T*>(a.x), B, I, Bp, xt);
+  transpose_padded(static_cast<const T*>(a.h), B, H, Bp, ht);
+  CellForward<T> f{p,
+                   xt,
+                   ht,
+                   static_cast<const T*>(a.h),
+                   static_cast<const T*>(a.c),
+                   static_cast<const T*>(a.w_ih),
+                   static_cast<const T*>(a.w_hh),
+                   static_cast<const T*>(a.b_ih),
+                   static_cast<const T*>(a.b_hh),
+                   static_cast<T*>(a.h_new),
+                   static_cast<T*>(a.c_new),
+                   static_cast<T*>(a.act),
+                   Bp};
+  // Product: row blocks of 24 (4 tiles) over the threads, ~64K flops per chunk before a second
+  // thread joins. GRU's n rows keep their hidden part apart (hn).
+  const int64_t rows = G * H, n_rows = gru ? 2 * H : rows, blocks = (rows + 23) / 24;
+  const int64_t block_flops = 2 * 24 * (I + H) * Bp;
+  parallel_for(blocks, std::max<int64_t>(1, 65536 / block_flops), [&](int64_t lo, int64_t hi) {
+    const int64_t r0 = lo * 24, r1 = std::min(hi * 24, rows);
+    if (r0 < n_rows) gates_range(f, r0, std::min(r1, n_rows), vecs, g, static_cast<T*>(nullptr));
+    if (r1 > n_rows) gates_range(f, std::max(r0, n_rows), r1, vecs, g, hn - n_rows * Bp);
+  });
+  // Gate math: units over the threads (~100 cycles per unit and batch vector).
+  parallel_for(H, std::max<int64_t>(1, 2048 / vecs), [&](int64_t lo, int64_t hi) {
+    update_units(f, lo, hi, g, hn);
+  });
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+#if defined(FASTDL_CELL_AVX2)
+// lstm_unit_backward (rnn_math.h) on 8 units: a = the activations i, f, g, o at a, a + H, ...;
+// dh / dc null = zero; dg: the 4 gate gradients at dg, dg + H, ...; dc_prev null = not wanted.
+inline void lstm_backward8(const float* a, int64_t H, const float* c_prev, const float* c_new,
+                           const float* dh, const float* dc, float* dg, float* dc_prev) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 i = _mm256_loadu_ps(a), f = _mm256_loadu_ps(a + H);
+  const __m256 g = _mm256_loadu_ps(a + 2 * H), o = _mm256_loadu_ps(a + 3 * H);
+  const __m256 dhv = dh ? _mm256_loadu_ps(dh) : _mm256_setzero_ps();
+  const __m256 dcv = dc ? _mm256_loadu_ps(dc) : _mm256_setzero_ps();
+  const __m256 tc = tanh8(_mm256_loadu_ps(c_new));
+  const __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dhv, o), _mm256_fnmadd_ps(tc, tc, one), dcv);
+  _mm256_storeu_ps(dg + 3 * H, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dhv, tc), o),
+                                             _mm256_sub_ps(one, o)));
+  _mm256_storeu_ps(dg, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, g), i), _mm256_sub_ps(one, i)));
+  _mm256_storeu_ps(dg + H, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, _mm256_loadu_ps(c_prev)), f),
+                                         _mm256_sub_ps(one, f)));
+  _mm256_storeu_ps(dg + 2 * H, _mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_fnmadd_ps(g, g, one)));
+  if (dc_prev) _mm256_storeu_ps(dc_prev, _mm256_mul_ps(dct, f));
+}
+#endif
+
+// dG (B, G*H) from the step's gradients: LSTM and RNN one buffer (dgx == dgh); GRU's hidden-side
+// n gradient is r times the input side's. dh_acc (GRU, (B, H)): the direct term dh' z.
+template <class T>
+void gate_gradients(const RnnCellParams& p, const RnnCellBackwardArgs& a, T* dgx, T* dgh,
+                    T* dh_acc) {
+  const int64_t B = p.batch, H = p.hidden_size, G = p.gates();
+  const T* act = static_cast<const T*>(a.act);
+  const T* dhn = static_cast<const T*>(a.dh_new);
+  const T* dcn = static_cast<const T*>(a.dc_new);
+  const T* c = static_cast<const T*>(a.c);
+  const T* cn = static_cast<const T*>(a.c_new);
+  const T* hp = static_cast<const T*>(a.h);
+  const T* hn = static_cast<const T*>(a.h_new);
+  T* dc = static_cast<T*>(a.dc);
+  const bool relu = p.mode == RnnMode::Relu;
+  parallel_for(B, std::max<int64_t>(1, 4096 / H), [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      T* gx = dgx + b * G * H;
+      T* gh = dgh + b * G * H;
+      int64_t j = 0;
+#if defined(FASTDL_CELL_AVX2)
+      if constexpr (std::is_same<T, float>::value) {
+        // 8 units at a time (the scalar tanh of c' was most of the LSTM cell's gate pass)
+        if (p.mode == RnnMode::Lstm)
+          for (; j + 8 <= H; j += 8) lstm_backward8(act + b * 4 * H + j, H, c + b * H + j,
+                                                    cn + b * H + j, dhn ? dhn + b * H + j : nullptr,
+                                                    dcn ? dcn + b * H + j : nullptr, gx + j,
+                                                    dc ? dc + b * H + j : nullptr);
+      }
+#endif
+      for (; j < H; ++j) {
+        const int64_t s = b * H + j;
+        const T dh = dhn ? dhn[s] : T(0);
+        if (p.mode == RnnMode::Lstm) {
+          const T* ab = act + b * 4 * H + j;
+          T dc_prev;
+          lstm_unit_backward(ab[0], ab[H], ab[2 * H], ab[3 * H], c[s], cn[s], dh,
+                             dcn ? dcn[s] : T(0), gx[j], gx[H + j], gx[2 * H + j], gx[3 * H + j],
+                             dc_prev);
+          if (dc) dc[s] = dc_prev;
+        } else if (p.mode == RnnMode::Gru) {
+          const T* ab = act + b * 4 * H + j;
+          T dh_n, direct;
+          gru_unit_backward(ab[0], ab[H], ab[2 * H], ab[3 * H], hp[s], dh, gx[j], gx[H + j],
+                            gx[2 * H + j], dh_n, direct);
+          gh[j] = gx[j];
+          gh[H + j] = gx[H + j];
+          gh[2 * H + j] = dh_n;
+          dh_acc[s] = direct;
+        } else {
+          gx[j] = rnn_unit_backward(hn[s], dh, relu);
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void column_sums(const T* g, int64_t B, int64_t n, T* out) {
+  parallel_for(n, 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) out[r] = T(0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = lo; r < hi; ++r) out[r] += g[b * n + r];
+  });
+}
+
+template <class T>
+void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
+  const int64_t B = p.batch, I = p.input_size, H = p.hidden_size, GH = p.gates() * H;
+  const bool gru = p.mode == RnnMode::Gru;
+  T* dgx = static_cast<T*>(tl_cell_g.get(sizeof(T) * static_cast<size_t>(B * GH * (gru ? 2 : 1))));
+  T* dgh = gru ? dgx + B * GH : dgx;
+  T* dh = static_cast<T*>(a.dh);
+  // GRU: the direct term dh' z goes straight into dh (the product then adds onto it); when dh is
+  // not wanted it goes to the forward's transpose scratch, unused by the backward.
+  T* dh_acc = nullptr;
+  if (gru) dh_acc = dh ? dh : static_cast<T*>(tl_cell_t.get(sizeof(T) * static_cast<size_t>(B * H)));
+  gate_gradients<T>(p, a, dgx, dgh, dh_acc);
+  const T* w_ih = static_cast<const T*>(a.w_ih);
+  const T* w_hh = static_cast<const T*>(a.w_hh);
+  if (a.dx) product<T>(B, I, GH, dgx, GH, 1, w_ih, I, static_cast<T*>(a.dx), I, false);
+  if (dh) product<T>(B, H, GH, dgh, GH, 1, w_hh, H, dh, H, gru);
+  if (a.dw_ih)
+    product<T>(GH, I, B, dgx, 1, GH, static_cast<const T*>(a.x), I, static_cast<T*>(a.dw_ih), I,
+               false);
+  if (a.dw_hh)
+    product<T>(GH, H, B, dgh, 1, GH, static_cast<const T*>(a.h), H, static_cast<T*>(a.dw_hh), H,
+               false);
+  if (a.db_ih) column_sums(dgx, B, GH, static_cast<T*>(a.db_ih));
+  if (a.db_hh) column_sums(dgh, B, GH, static_cast<T*>(a.db_hh));
+}
+
+}  // namespace
+
+void rnn_cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
+  check_rnn_cell_params(p);
+  if (p.dtype == DType::Float64) cell_forward<double>(p, a);
+  else cell_forward<float>(p, a);
+}
+
+void rnn_cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
+  check_rnn_cell_params(p);
+  if (p.dtype == DType::Float64) cell_backward<double>(p, a);
+  else cell_backward<float>(p, a);
+}
+
+}  // namespace FASTDL_ISA_NS
+
+#if defined(FASTDL_ISA_DEFAULT)
+#if FASTDL_HAVE_AVX2_BUILD_KERNELS
+namespace isa_avx2 {
+void rnn_cell_forward(const RnnCellParams&, const RnnCellForwardArgs&);
+void rnn_cell_backward(const RnnCellParams&, const RnnCellBackwardArgs&);
+}  // namespace isa_avx2
+#endif
+void rnn_cell_forward_cpu(const RnnCellParams& p, const RnnCellForwardArgs& a) {
+  FASTDL_CPU_DISPATCH(rnn_cell_forward, p, a);
+}
+void rnn_cell_backward_cpu(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
+  FASTDL_CPU_DISPATCH(rnn_cell_backward, p, a);
+}
+#endif
+
+}  // namespace fastdl

@@ -1,0 +1,121 @@
+"""The one-step CPU cell kernels (csrc/cpu/rnn_cell.cpp) behind fastdl.nn.RNNCell / LSTMCell /
+GRUCell, on both kernel builds: outputs and every gradient against torch's cells, on shapes that
+reach each tiling case (batch vectors in tiles of 2 and 1, and padded lanes; the Elman cell's
+4-unit tiles and its remainder; the backward products' 4-row tiles, 1-3 vector panels and scalar
+columns past the last whole vector); against fastdl's own layer kernels run for one step; only
+the gradients asked for; non-contiguous operands."""
+import pytest
+import torch
+
+import fastdl
+from fastdl.nn.functional import rnn as F
+from helpers import assert_close, rand
+
+CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="relu")),
+         ("LSTMCell", {}), ("GRUCell", {})]
+# (batch, input, hidden): vectors of 8 float lanes -> 1, 2 (+1), 3, 5 batch vectors; I and H off
+# and on multiples of 8 and of the 24-column panels; H % 4 != 0 for the Elman remainder.
+SHAPES = [(1, 1, 1), (3, 8, 5), (8, 24, 16), (9, 13, 12), (17, 30, 9), (33, 64, 40)]
+
+
+def _pair(name, kw, I, H, bias, dtype):
+    ours = getattr(fastdl.nn, name)(I, H, bias=bias, dtype=dtype, **kw)
+    theirs = getattr(torch.nn, name)(I, H, bias=bias, dtype=dtype, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_kernels_match_torch(cpu_path, name, kw, dtype):
+    lstm = name == "LSTMCell"
+    for B, I, H in SHAPES:
+        for bias in (True, False):
+            ours, theirs = _pair(name, kw, I, H, bias, dtype)
+            x = rand(B, I, dtype=dtype, requires_grad=True)
+            h = rand(B, H, dtype=dtype, requires_grad=True)
+            c = rand(B, H, dtype=dtype, requires_grad=True)
+            hx = (h, c) if lstm else h
+            oa, ob = _tuple(ours(x, hx)), _tuple(theirs(x, hx))
+            what = f"{name} {kw} {B}x{I}->{H} bias={bias} {cpu_path}"
+            for u, v in zip(oa, ob):
+                assert_close(u, v, reduction=I + H, what=what + " output")
+            gs = [rand(*v.shape, dtype=dtype) for v in ob]
+            leaves = [x, h] + ([c] if lstm else [])
+            ga = torch.autograd.grad(oa, leaves + list(ours.parameters()), gs)
+            gb = torch.autograd.grad(ob, leaves + list(theirs.parameters()), gs)
+            for u, v in zip(ga, gb):
+                assert_close(u, v, reduction=(I + H) * B, what=what + " gradient")
+            with torch.no_grad():                        # inference: the same kernel, nothing saved
+                for u, v in zip(_tuple(ours(x, hx)), oa):
+                    assert torch.equal(u, v), what + " no-grad output differs"
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+def test_cell_kernels_match_layer_kernels(name, kw):
+    """The cell kernels against fastdl's layer kernels for one step (a separate implementation:
+    packed W_hh panels, the input projection as one GEMM), forward and backward, float64."""
+    lstm = name == "LSTMCell"
+    mode = {"LSTMCell": F.LSTM, "GRUCell": F.GRU}.get(name, F.RELU if kw.get("nonlinearity") ==
+                                                      "relu" else F.TANH)
+    B, I, H = 11, 10, 20
+    cell = getattr(fastdl.nn, name)(I, H, dtype=torch.float64, **kw)
+    w = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+    x, h, c = (rand(B, n, dtype=torch.float64, requires_grad=True) for n in (I, H, H))
+    a = F.run_cell(mode, x, h, c if lstm else None, w, has_bias=True)
+    b = F.run_layer(mode, x[None], h[None], c[None] if lstm else None, w, dirs=1, has_bias=True,
+                    has_proj=False, batch_sizes=None)
+    b = (b[1][0], b[2][0]) if lstm else (b[1][0],)
+    a = _tuple(a)
+    for u, v in zip(a, b):
+        assert_close(u, v, reduction=I + H, what=f"{name} cell vs layer")
+    gs = [rand(B, H, dtype=torch.float64) for _ in a]
+    leaves = [x, h] + ([c] if lstm else []) + w
+    for u, v in zip(torch.autograd.grad(a, leaves, gs), torch.autograd.grad(b, leaves, gs)):
+        assert_close(u, v, reduction=(I + H) * B, what=f"{name} cell vs layer gradient")
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+def test_cell_only_needed_gradients(name, kw):
+    """Frozen weights, an input without grad, or only h' used (LSTM c' unused: grad_c is None):
+    the gradients that are asked for still match torch."""
+    lstm = name == "LSTMCell"
+    ours, theirs = _pair(name, kw, 6, 10, True, torch.float64)
+    for p in list(ours.parameters())[::2] + list(theirs.parameters())[::2]:
+        p.requires_grad_(False)                                 # weight_ih and bias_ih frozen
+    x = rand(5, 6, dtype=torch.float64)
+    h = rand(5, 10, dtype=torch.float64, requires_grad=True)
+    hx = (h, rand(5, 10, dtype=torch.float64)) if lstm else h
+    oa, ob = _tuple(ours(x, hx))[0], _tuple(theirs(x, hx))[0]    # h' only
+    wa = [p for p in ours.parameters() if p.requires_grad]
+    wb = [p for p in theirs.parameters() if p.requires_grad]
+    for u, v in zip(torch.autograd.grad(oa.sum(), [h] + wa),
+                    torch.autograd.grad(ob.sum(), [h] + wb)):
+        assert_close(u, v, reduction=50, what=f"{name} partial gradients")
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
+def test_cell_noncontiguous_operands(name, kw):
+    """Steps of a batch-first sequence (x[:, t] is strided), a transposed-then-copied weight view
+    and a strided state: the kernels see contiguous copies; results equal torch's."""
+    lstm = name == "LSTMCell"
+    ours, theirs = _pair(name, kw, 7, 9, True, torch.float32)
+    seq = rand(4, 6, 7, requires_grad=True)                    # (B, T, I)
+    hs = rand(9, 4).t()                                         # (4, 9), not contiguous
+    hx = (hs, rand(4, 18)[:, ::2]) if lstm else hs
+    ya, yb = [], []
+    sa, sb = hx, hx
+    for t in range(seq.shape[1]):
+        sa, sb = ours(seq[:, t], sa), theirs(seq[:, t], sb)
+        ya.append(_tuple(sa)[0])
+        yb.append(_tuple(sb)[0])
+    for u, v in zip(ya, yb):
+        assert_close(u, v, reduction=60, what=f"{name} strided steps")
+    ga = torch.autograd.grad(torch.stack(ya).sum(), [seq] + list(ours.parameters()))
+    gb = torch.autograd.grad(torch.stack(yb).sum(), [seq] + list(theirs.parameters()))
+    for u, v in zip(ga, gb):
+        assert_close(u, v, reduction=400, what=f"{name} strided steps gradient")
