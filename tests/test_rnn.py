@@ -181,6 +181,22 @@ def test_every_feature(cpu_path, kind):
              1, 2, False, torch.float64)
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_elman_unit_block_pairs(cpu_path, nonlinearity):
+    """The Elman float32 forward takes two blocks of 8 units per register tile (AVX2): an even and
+    an odd number of blocks, a partial last block, row groups of 6 and fewer, 1 and 2 threads."""
+    for H, B in [(16, 1), (24, 7), (40, 13), (21, 6), (128, 32)]:
+        for threads in (1, 2):
+            before = fastdl.get_num_threads()
+            fastdl.set_num_threads(threads)
+            try:
+                run_case(f"RNN_{nonlinearity.upper()}", dict(num_layers=1, bidirectional=False,
+                                                     batch_first=False, bias=True),
+                         3, B, 5, H, True, torch.float32)
+            finally:
+                fastdl.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_hidden(cpu_path, kind, dtype):
