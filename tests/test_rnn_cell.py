@@ -1,9 +1,9 @@
 """The one-step CPU cell kernels (csrc/cpu/rnn_cell.cpp) behind fastdl.nn.RNNCell / LSTMCell /
 GRUCell, on both kernel builds: outputs and every gradient against torch's cells, on shapes that
-reach each tiling case (batch vectors in tiles of 2 and 1, and padded lanes; the Elman cell's
-4-unit tiles and its remainder; the backward products' 4-row tiles, 1-3 vector panels and scalar
-columns past the last whole vector); against fastdl's own layer kernels run for one step; only
-the gradients asked for; non-contiguous operands."""
+reach each tiling case (the forward's 6-row tiles and 1-5 row remainders, GRU's n rows split at
+2H, batch vectors in tiles of 2 and 1 with padded lanes; the backward products' 4-row tiles,
+1-3 vector panels and scalar columns past the last whole vector); against fastdl's own layer
+kernels run for one step; only the gradients asked for; non-contiguous operands."""
 import pytest
 import torch
 
