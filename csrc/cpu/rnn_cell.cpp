@@ -160,6 +160,19 @@ T bias_sum(const T* b_ih, const T* b_hh, int64_t r) {
   return b_ih ? b_ih[r] + b_hh[r] : T(0);
 }
 
+// Training: unit j's four saved values of row b (LSTM i, f, g, o; GRU r, z, n, W_hn h + b_hn).
+template <class T>
+inline void save_activations(const CellForward<T>& f, int64_t j, int64_t b, T a0, T a1, T a2,
+                             T a3) {
+  if (!f.act) return;
+  const int64_t H = f.p.hidden_size;
+  T* a = f.act + b * 4 * H + j;
+  a[0] = a0;
+  a[H] = a1;
+  a[2 * H] = a2;
+  a[3 * H] = a3;
+}
+
 // Gate rows q of unit j: pre-activations of lanes [b0, b0 + L) -> the state update of one unit.
 // pre[q][l] holds gate q's product for lane l (all of W_ih x + W_hh h; GRU: q = 2 is W_in x and
 // q = 3 is W_hn h). Writes only lanes < B.
@@ -195,13 +208,7 @@ void lstm_lanes(const CellForward<T>& f, int64_t j, int64_t b0, int64_t lanes, T
     const int64_t b = b0 + l;
     f.h_new[b * H + j] = hn[l];
     f.c_new[b * H + j] = cn[l];
-    if (f.act) {
-      T* a = f.act + b * 4 * H + j;
-      a[0] = gi[l];
-      a[H] = gf[l];
-      a[2 * H] = gg[l];
-      a[3 * H] = go[l];
-    }
+    save_activations(f, j, b, gi[l], gf[l], gg[l], go[l]);
   }
 }
 
@@ -237,13 +244,7 @@ void gru_lanes(const CellForward<T>& f, int64_t j, int64_t b0, int64_t lanes, T 
   for (int64_t l = 0; l < lanes; ++l) {
     const int64_t b = b0 + l;
     f.h_new[b * H + j] = hn[l];
-    if (f.act) {
-      T* a = f.act + b * 4 * H + j;
-      a[0] = r[l];
-      a[H] = z[l];
-      a[2 * H] = n[l];
-      a[3 * H] = pre[3][l];
-    }
+    save_activations(f, j, b, r[l], z[l], n[l], pre[3][l]);
   }
 }
 
