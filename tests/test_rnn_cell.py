@@ -119,3 +119,28 @@ def test_cell_noncontiguous_operands(name, kw):
     gb = torch.autograd.grad(torch.stack(yb).sum(), [seq] + list(theirs.parameters()))
     for u, v in zip(ga, gb):
         assert_close(u, v, reduction=400, what=f"{name} strided steps gradient")
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cell_state_of_another_dtype_as_torch(name):
+    """A state whose dtype differs from the input's gives torch's result: torch's LSTMCell
+    promotes a float64 cell state (float64 outputs), every other case raises RuntimeError. Never
+    the kernels, which would read a float64 state as float32."""
+    lstm = name == "LSTMCell"
+    ours, theirs = getattr(fastdl.nn, name)(4, 6), getattr(torch.nn, name)(4, 6)
+    theirs.load_state_dict(ours.state_dict())
+    x = rand(3, 4)
+    for bad in range(2 if lstm else 1):
+        hx = [rand(3, 6), rand(3, 6)] if lstm else [rand(3, 6)]
+        hx[bad] = hx[bad].double()
+        args = (x, tuple(hx)) if lstm else (x, hx[0])
+        try:
+            expected = theirs(*args)
+        except RuntimeError:
+            with pytest.raises(RuntimeError):
+                ours(*args)
+            continue
+        got = ours(*args)
+        for u, v in zip(_tuple(got), _tuple(expected)):
+            assert u.dtype == v.dtype
+            assert_close(u, v, reduction=10, what=f"{name} with a float64 state {bad}")

@@ -188,6 +188,27 @@ inline void recurrent_tile2_f32(int64_t R, const float* __restrict pa, const flo
     _mm256_storeu_ps(ob + i * 8, a1[i]);
   }
 }
+
+// Columns [0, NV*8) of a panel (row stride C floats) for MB rows: 12 accumulators for the
+// LSTM (6 rows x 16 of its 32 columns, called twice) and GRU (4 rows x its 24 columns) float32
+// steps, whose whole-row tiles (2 x 32, 3 x 24) held 8 and 9: at the FMA latency's bound.
+template <int MB, int NV>
+inline void recurrent_cols_f32(int64_t R, const float* __restrict panel, int64_t C,
+                               const float* const* hr, float* __restrict out) {
+  __m256 acc[MB][NV];
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    __m256 wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = _mm256_loadu_ps(panel + k * C + v * 8);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 hv = _mm256_broadcast_ss(hr[i] + k);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_fmadd_ps(hv, wv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + i * C + v * 8, acc[i][v]);
+}
 #endif
 
 // Rows per register tile: G*MB accumulators + MB broadcasts + 1 panel vector <= 16 ymm.
@@ -403,6 +424,32 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
             ++jb;
             continue;
           }
+        }
+#endif
+#if defined(FASTDL_RNN_AVX2)
+        if constexpr ((G == 4 || G == 3) && std::is_same<T, float>::value) {
+          constexpr int M2 = G == 4 ? 6 : 4;
+          alignas(64) float tile2[M2 * C];
+          const float* hr2[M2];
+          for (int64_t b0 = 0; b0 < bs; b0 += M2) {
+            const int mb = static_cast<int>(std::min<int64_t>(M2, bs - b0));
+            for (int i = 0; i < M2; ++i) hr2[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
+            if (G == 4) {
+              for (int half = 0; half < 32; half += 16)  // a partial group: only its rows
+                switch (mb) {
+                  case 6: recurrent_cols_f32<6, 2>(R, panel + half, C, hr2, tile2 + half); break;
+                  case 5: recurrent_cols_f32<5, 2>(R, panel + half, C, hr2, tile2 + half); break;
+                  case 4: recurrent_cols_f32<4, 2>(R, panel + half, C, hr2, tile2 + half); break;
+                  case 3: recurrent_cols_f32<3, 2>(R, panel + half, C, hr2, tile2 + half); break;
+                  case 2: recurrent_cols_f32<2, 2>(R, panel + half, C, hr2, tile2 + half); break;
+                  default: recurrent_cols_f32<1, 2>(R, panel + half, C, hr2, tile2 + half); break;
+                }
+            } else {
+              recurrent_cols_f32<4, 3>(R, panel, C, hr2, tile2);
+            }
+            for (int i = 0; i < mb; ++i) gates(b0 + i, j0, w, tile2 + i * C);
+          }
+          continue;
         }
 #endif
         for (int64_t b0 = 0; b0 < bs; b0 += MB) {

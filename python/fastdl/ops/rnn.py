@@ -360,11 +360,9 @@ def _ptr(t):
 
 
 def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training):
-    """x (B, I), h (B, H), c (B, H) (LSTM, else None), weights in torch's layout; validated, on
-    the CPU (cell_cpu_supported). Returns (h', c' or None, activations (B, 4H) for the backward
-    when training and LSTM/GRU, else None)."""
-    x, h, c, w_ih, w_hh, b_ih, b_hh = (None if t is None else _tensor.contiguous(t)
-                                       for t in (x, h, c, w_ih, w_hh, b_ih, b_hh))
+    """x (B, I), h (B, H), c (B, H) (LSTM, else None), weights in torch's layout; validated,
+    contiguous (_tensor.contiguous), on the CPU (cell_cpu_supported). Returns (h', c' or None,
+    activations (B, 4H) for the backward when training and LSTM/GRU, else None)."""
     B, I = x.shape
     H = h.shape[1]
     h_new = x.new_empty((B, H))
@@ -381,7 +379,7 @@ def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_
     """Gradients of cell_cpu_forward from what it saved: grad_h, grad_c (LSTM) may be None
     (zero). needs: (input, hx, cx, weight_ih, weight_hh, bias) flags. Returns (grad_input,
     grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh), None where not
-    needed."""
+    needed. The saved operands are contiguous (as cell_cpu_forward's); the gradients may not be."""
     grad_h = None if grad_h is None else _tensor.contiguous(grad_h)
     grad_c = None if grad_c is None else _tensor.contiguous(grad_c)
     B, I = x.shape

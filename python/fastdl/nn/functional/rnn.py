@@ -112,6 +112,14 @@ class _Cell(torch.autograd.Function):
         return None, g[0], g[1], g[2], g[3], g[4], g[5], g[6]
 
 
+def _plain(t):
+    """t itself when the kernels can read it (contiguous, no negative bit), else a copy: the
+    common case in two cheap checks (_tensor.contiguous's numpy test costs more per call)."""
+    if t is None or (t.is_contiguous() and not t.is_neg()):
+        return t
+    return _tensor.contiguous(t)
+
+
 def run_cell(mode, x, h, c, weights, *, has_bias):
     """One step of RNNCell (TANH / RELU), LSTMCell or GRUCell on validated operands: x (B, I),
     h (B, H), c (B, H) for LSTM else None; weights w_ih, w_hh[, b_ih, b_hh]. Returns h' or
@@ -129,11 +137,9 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
             t is not None and t.requires_grad for t in (x, h, c, *weights))
         out = _library.recurrent_cell(mode, x, h, c, list(weights), has_bias, training)
         return (out[0], out[1]) if mode == LSTM else out[0]
-    contiguous = _tensor.contiguous
-    x, h = contiguous(x), contiguous(h)
-    c = None if c is None else contiguous(c)
-    w_ih, w_hh = contiguous(weights[0]), contiguous(weights[1])
-    b_ih, b_hh = (contiguous(weights[2]), contiguous(weights[3])) if has_bias else (None, None)
+    x, h, c = _plain(x), _plain(h), _plain(c)
+    w_ih, w_hh = _plain(weights[0]), _plain(weights[1])
+    b_ih, b_hh = (_plain(weights[2]), _plain(weights[3])) if has_bias else (None, None)
     if _library.needs_autograd(x, h, c, w_ih, w_hh, b_ih, b_hh):
         return _Cell.apply(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     h_new, c_new, _ = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, False)

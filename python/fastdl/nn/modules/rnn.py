@@ -165,6 +165,13 @@ def _cell(module, mode, input, hx, cx):
             raise ValueError(f"{name}: Expected hx[{idx}] to be 1D or 2D, got {v.dim()}D instead"
                              if mode == _f.LSTM else
                              f"{name}: Expected hidden to be 1D or 2D, got {v.dim()}D instead")
+    for t in (hx, cx):
+        if isinstance(t, torch.Tensor) and (t.dtype != input.dtype or t.device != input.device):
+            # A state of another dtype or device: torch's own step, which promotes an LSTM cell
+            # state of another dtype and raises for the rest (the kernels read raw memory).
+            if mode == _f.LSTM:
+                return nn.LSTMCell.forward(module, input, (hx, cx))
+            return (nn.GRUCell if mode == _f.GRU else nn.RNNCell).forward(module, input, hx)
     is_batched = input.dim() == 2
     if not is_batched:
         input = input.unsqueeze(0)
