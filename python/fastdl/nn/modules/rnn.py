@@ -154,56 +154,65 @@ class GRU(_RecurrentMixin, nn.GRU):
 
 def _cell(module, mode, input, hx, cx):
     """One step (nn/functional/rnn.py run_cell): input (B, I) or (I,), hx/cx (B, H) or (H,) or None.
-    torch's checks and messages (torch.nn.*Cell.forward and ATen's check_rnn_cell_forward_*)."""
-    name = type(module).__name__
+    torch's checks and messages (torch.nn.*Cell.forward and ATen's check_rnn_cell_forward_*).
+    Written for a per-call cost of a few microseconds: cells are stepped in Python loops."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name}: expected input to be a Tensor, got {type(input).__name__}")
-    if input.dim() not in (1, 2):
-        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    for idx, v in enumerate([t for t in (hx, cx) if t is not None]):
-        if v.dim() not in (1, 2):
-            raise ValueError(f"{name}: Expected hx[{idx}] to be 1D or 2D, got {v.dim()}D instead"
-                             if mode == _f.LSTM else
-                             f"{name}: Expected hidden to be 1D or 2D, got {v.dim()}D instead")
-    for t in (hx, cx):
-        if isinstance(t, torch.Tensor) and (t.dtype != input.dtype or t.device != input.device):
+        raise TypeError(f"{type(module).__name__}: expected input to be a Tensor, got "
+                        f"{type(input).__name__}")
+    dim = input.dim()
+    if dim != 1 and dim != 2:
+        raise ValueError(f"{type(module).__name__}: Expected input to be 1D or 2D, got {dim}D "
+                         f"instead")
+    dtype, device = input.dtype, input.device
+    states = () if hx is None else (hx,) if cx is None else (hx, cx)
+    for idx, v in enumerate(states):
+        if v.dim() != 1 and v.dim() != 2:
+            raise ValueError(f"{type(module).__name__}: Expected hx[{idx}] to be 1D or 2D, got "
+                             f"{v.dim()}D instead" if mode == _f.LSTM else
+                             f"{type(module).__name__}: Expected hidden to be 1D or 2D, got "
+                             f"{v.dim()}D instead")
+    for v in states:
+        if v.dtype != dtype or v.device != device:
             # A state of another dtype or device: torch's own step, which promotes an LSTM cell
             # state of another dtype and raises for the rest (the kernels read raw memory).
             if mode == _f.LSTM:
                 return nn.LSTMCell.forward(module, input, (hx, cx))
             return (nn.GRUCell if mode == _f.GRU else nn.RNNCell).forward(module, input, hx)
-    is_batched = input.dim() == 2
+    is_batched = dim == 2
     if not is_batched:
         input = input.unsqueeze(0)
+    B = input.shape[0]
     H = module.hidden_size
     if hx is None:
-        hx = torch.zeros(input.size(0), H, dtype=input.dtype, device=input.device)
+        hx = torch.zeros((B, H), dtype=dtype, device=device)
         if mode == _f.LSTM:
             cx = hx
+        states = ()
     elif not is_batched:
         hx = hx.unsqueeze(0)
         cx = None if cx is None else cx.unsqueeze(0)
-    w = module.weight_ih
-    if input.device != w.device:
-        raise RuntimeError(f"{name}: expected input and parameters on the same device, got input "
-                           f"on {input.device} and parameters on {w.device}")
-    if input.dtype != w.dtype:
-        raise RuntimeError(f"{name}: expected input with dtype {w.dtype} like the parameters, got "
-                           f"{input.dtype}")
-    if input.size(1) != module.input_size:
-        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected "
+        states = (hx,) if cx is None else (hx, cx)
+    w_ih = module.weight_ih
+    if device != w_ih.device:
+        raise RuntimeError(f"{type(module).__name__}: expected input and parameters on the same "
+                           f"device, got input on {device} and parameters on {w_ih.device}")
+    if dtype != w_ih.dtype:
+        raise RuntimeError(f"{type(module).__name__}: expected input with dtype {w_ih.dtype} like "
+                           f"the parameters, got {dtype}")
+    if input.shape[1] != module.input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected "
                            f"{module.input_size}")
-    for i, t in enumerate([t for t in (hx, cx) if t is not None]):
-        if t.size(0) != input.size(0):
-            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch "
-                               f"size {t.size(0)}")
-        if t.size(1) != H:
-            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {t.size(1)}, "
+    for i, t in enumerate(states):
+        if t.shape[0] != B:
+            raise RuntimeError(f"Input batch size {B} doesn't match hidden{i} batch size "
+                               f"{t.shape[0]}")
+        if t.shape[1] != H:
+            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {t.shape[1]}, "
                                f"expected {H}")
-    weights = [module.weight_ih, module.weight_hh]
-    if module.bias:
-        weights += [module.bias_ih, module.bias_hh]
-    out = _f.run_cell(mode, input, hx, cx, weights, has_bias=module.bias)
+    has_bias = module.bias
+    weights = ([w_ih, module.weight_hh, module.bias_ih, module.bias_hh] if has_bias
+               else [w_ih, module.weight_hh])
+    out = _f.run_cell(mode, input, hx, cx, weights, has_bias=has_bias)
     if mode == _f.LSTM:
         return out if is_batched else (out[0].squeeze(0), out[1].squeeze(0))
     return out if is_batched else out.squeeze(0)
