@@ -220,9 +220,6 @@ void run_pool(int device, uintptr_t stream, const CpuCall& cpu, const CudaCall& 
 
 // ---- recurrent layer argument unpacking (csrc/rnn.h) -------------------------------------------
 
-// geometry = (mode, dtype, steps, batch, batch_sizes, input_size, hidden_size, proj_size,
-// reverse, has_bias); batch_sizes is None or a pointer to `steps` int64 values (a CPU tensor's
-// data_ptr or an int64 numpy array), which must outlive the call.
 RnnCellParams rnn_cell_params(int mode, int dtype, int64_t batch, int64_t input_size,
                               int64_t hidden_size) {
   RnnCellParams p;
@@ -235,6 +232,9 @@ RnnCellParams rnn_cell_params(int mode, int dtype, int64_t batch, int64_t input_
   return p;
 }
 
+// geometry = (mode, dtype, steps, batch, batch_sizes, input_size, hidden_size, proj_size,
+// reverse, has_bias); batch_sizes is None or a pointer to `steps` int64 values (a CPU tensor's
+// data_ptr or an int64 numpy array), which must outlive the call.
 RnnParams rnn_params(const py::tuple& g) {
   FASTDL_CHECK(g.size() == 10, "fastdl internal: rnn geometry needs 10 fields, got ", g.size());
   RnnParams p;
@@ -741,8 +741,9 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // ---- recurrent cells, one step on the CPU (csrc/rnn_cell.h) -----------------------------------
-  // python/fastdl/ops/rnn.py (rnn_cell_forward / _backward) has checked every operand; pointers
-  // are ints, 0 for an absent one (the cells' per-call cost is part of what they are timed on).
+  // python/fastdl/ops/rnn.py (cell_cpu_forward / cell_cpu_backward) has checked every operand's
+  // dtype, device, shape and contiguity; pointers are ints, 0 for an absent one (the cells'
+  // per-call cost is part of what they are timed on).
   m.def("rnn_cell_forward", [](int mode, int dtype, int64_t batch, int64_t input_size,
                                int64_t hidden_size, uintptr_t x, uintptr_t h, uintptr_t c,
                                uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh,

@@ -6,7 +6,8 @@
 //   x (B, I), h (B, H), c (B, H) LSTM; w_ih (G*H, I), w_hh (G*H, H), b_ih, b_hh (G*H) or null;
 //   act (B, 4H), LSTM (i, f, g, o) and GRU (r, z, n, W_hn h + b_hn): what the backward needs
 //   besides the inputs and outputs; RNN saves nothing (its backward reads h_new).
-// Python (python/fastdl/ops/rnn.py, rnn_cell_*) validates shapes, dtypes and devices.
+// Python (python/fastdl/ops/rnn.py, cell_cpu_forward / cell_cpu_backward) checks every operand's
+// dtype, device, shape and contiguity before these read raw memory.
 #pragma once
 
 #include "rnn.h"

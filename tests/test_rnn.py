@@ -185,7 +185,9 @@ def test_every_feature(cpu_path, kind):
 def test_elman_unit_block_pairs(cpu_path, nonlinearity):
     """The Elman float32 forward takes two blocks of 8 units per register tile (AVX2): an even and
     an odd number of blocks, a partial last block, row groups of 6 and fewer, 1 and 2 threads."""
-    for H, B in [(16, 1), (24, 7), (40, 13), (21, 6), (128, 32)]:
+    # (12, 5), (30, 64): the pair's second block partial; (128, 32), (40, 64), (30, 64): enough
+    # work for 2 threads, (40, 64) an odd number of blocks per thread
+    for H, B in [(16, 1), (24, 7), (40, 13), (21, 6), (12, 5), (30, 64), (40, 64), (128, 32)]:
         for threads in (1, 2):
             before = fastdl.get_num_threads()
             fastdl.set_num_threads(threads)

@@ -1,9 +1,10 @@
 """The one-step CPU cell kernels (csrc/cpu/rnn_cell.cpp) behind fastdl.nn.RNNCell / LSTMCell /
-GRUCell, on both kernel builds: outputs and every gradient against torch's cells, on shapes that
+GRUCell, on both kernel builds (the cpu_path cases): outputs and every gradient against torch's cells, on shapes that
 reach each tiling case (the forward's 6-row tiles and 1-5 row remainders, GRU's n rows split at
 2H, batch vectors in tiles of 2 and 1 with padded lanes; the backward products' 4-row tiles,
 1-3 vector panels and scalar columns past the last whole vector); against fastdl's own layer
-kernels run for one step; only the gradients asked for; non-contiguous operands."""
+kernels run for one step; only the gradients asked for; non-contiguous operands; operands the
+kernels must refuse (weights of another shape, dtype or device; the custom op called directly)."""
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def test_cell_kernels_match_torch(cpu_path, name, kw, dtype):
 
 
 @pytest.mark.parametrize("name,kw", CELLS)
-def test_cell_kernels_match_layer_kernels(name, kw):
+def test_cell_kernels_match_layer_kernels(cpu_path, name, kw):
     """The cell kernels against fastdl's layer kernels for one step (a separate implementation:
     packed W_hh panels, the input projection as one GEMM), forward and backward, float64."""
     lstm = name == "LSTMCell"
@@ -80,7 +81,7 @@ def test_cell_kernels_match_layer_kernels(name, kw):
 
 
 @pytest.mark.parametrize("name,kw", CELLS)
-def test_cell_only_needed_gradients(name, kw):
+def test_cell_only_needed_gradients(cpu_path, name, kw):
     """Frozen weights, an input without grad, or only h' used (LSTM c' unused: grad_c is None):
     the gradients that are asked for still match torch."""
     lstm = name == "LSTMCell"
@@ -100,10 +101,14 @@ def test_cell_only_needed_gradients(name, kw):
 
 @pytest.mark.parametrize("name,kw", CELLS)
 def test_cell_noncontiguous_operands(name, kw):
-    """Steps of a batch-first sequence (x[:, t] is strided), a transposed-then-copied weight view
-    and a strided state: the kernels see contiguous copies; results equal torch's."""
+    """Steps of a batch-first sequence (x[:, t] is strided), a weight_hh held as a transposed
+    view (a non-contiguous Parameter) and a strided state: the kernels see contiguous copies;
+    results equal torch's."""
     lstm = name == "LSTMCell"
     ours, theirs = _pair(name, kw, 7, 9, True, torch.float32)
+    w = ours.weight_hh.detach()
+    ours.weight_hh = torch.nn.Parameter(w.t().contiguous().t())
+    assert not ours.weight_hh.is_contiguous() and torch.equal(ours.weight_hh, theirs.weight_hh)
     seq = rand(4, 6, 7, requires_grad=True)                    # (B, T, I)
     hs = rand(9, 4).t()                                         # (4, 9), not contiguous
     hx = (hs, rand(4, 18)[:, ::2]) if lstm else hs
@@ -144,3 +149,47 @@ def test_cell_state_of_another_dtype_as_torch(name):
         for u, v in zip(_tuple(got), _tuple(expected)):
             assert u.dtype == v.dtype
             assert_close(u, v, reduction=10, what=f"{name} with a float64 state {bad}")
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cell_bad_weights_raise(name):
+    """A weight of the wrong shape, dtype or device raises RuntimeError naming it (the kernels
+    read raw memory: a short bias would be read past its end)."""
+    G = {"RNNCell": 1, "LSTMCell": 4, "GRUCell": 3}[name]
+    x = rand(3, 4)
+    for attr, bad, match in [("bias_hh", rand(2), "bias_hh"),
+                             ("weight_hh", rand(G * 6, 7), "weight_hh"),
+                             ("weight_hh", rand(G * 6, 6, dtype=torch.float64), "weight_hh"),
+                             ("bias_ih", torch.empty(G * 6, device="meta"), "bias_ih")]:
+        cell = getattr(fastdl.nn, name)(4, 6)
+        setattr(cell, attr, torch.nn.Parameter(bad))
+        with pytest.raises(RuntimeError, match=match):
+            cell(x)
+
+
+def test_cell_custom_op_checks_its_operands():
+    """The custom op fastdl::recurrent_cell called directly (as a traced or exported program
+    calls it, without the module's checks): half precision, mixed dtypes, a wrong shape."""
+    ops = torch.ops.fastdl
+    x, h = rand(3, 4), rand(3, 6)
+    w = [rand(18, 4), rand(18, 6)]
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.recurrent_cell(F.GRU, x.half(), h.half(), None, [t.half() for t in w], False, False)
+    with pytest.raises(RuntimeError, match="hx"):
+        ops.recurrent_cell(F.GRU, x, h.double(), None, w, False, False)
+    with pytest.raises(RuntimeError, match="weight_hh"):
+        ops.recurrent_cell(F.GRU, x, h, None, [w[0], rand(18, 5)], False, False)
+    with pytest.raises(RuntimeError, match="cx"):
+        ops.recurrent_cell(F.GRU, x, h, h, w, False, False)
+    out = ops.recurrent_cell(F.GRU, x, h, None, w, False, False)    # and the good call works
+    assert out[0].shape == (3, 6)
+
+
+def test_unbatched_input_with_batched_state_raises():
+    """x (I,) with a 2-D state whose first size equals H: torch's GRUCell raises (its LSTMCell
+    crashes); the state's rank must match the input's."""
+    for name in ("RNNCell", "LSTMCell", "GRUCell"):
+        cell = getattr(fastdl.nn, name)(4, 6)
+        h = rand(6, 6)
+        with pytest.raises(RuntimeError, match="dims"):
+            cell(rand(4), (h, h) if name == "LSTMCell" else h)

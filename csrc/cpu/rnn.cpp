@@ -445,7 +445,12 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
                   default: recurrent_cols_f32<1, 2>(R, panel + half, C, hr2, tile2 + half); break;
                 }
             } else {
-              recurrent_cols_f32<4, 3>(R, panel, C, hr2, tile2);
+              switch (mb) {  // (batch 1, a decoder's case: one row's work, not four)
+                case 4: recurrent_cols_f32<4, 3>(R, panel, C, hr2, tile2); break;
+                case 3: recurrent_cols_f32<3, 3>(R, panel, C, hr2, tile2); break;
+                case 2: recurrent_cols_f32<2, 3>(R, panel, C, hr2, tile2); break;
+                default: recurrent_cols_f32<1, 3>(R, panel, C, hr2, tile2); break;
+              }
             }
             for (int i = 0; i < mb; ++i) gates(b0 + i, j0, w, tile2 + i * C);
           }

@@ -702,6 +702,8 @@ def recurrent_cell(mode: int, x: Tensor, h: Tensor, c: Optional[Tensor], weights
 
 @recurrent_cell.register_fake
 def _(mode, x, h, c, weights, has_bias, training):
+    _rnn.check_cell_forward(mode, x, h, c, weights[0], weights[1],
+                            *(weights[2:4] if has_bias else (None, None)), contiguous=False)
     B, H = h.shape
     gated = mode in (_rnn.LSTM, _rnn.GRU)
     return (x.new_empty((B, H)), x.new_empty((B, H)) if mode == _rnn.LSTM else _nothing(x),

@@ -340,13 +340,15 @@ def rnn_layer_backward(grad_output, grad_hn, input, hx, weight_ih, weight_hh, wo
 
 
 # ---- cells on the CPU: one step, weights read in place (csrc/cpu/rnn_cell.cpp) ------------------
-# Internal entry points of fastdl.nn's cells (nn/functional/rnn.py run_cell), which have validated
-# every operand with torch's messages. A one-step layer call packs W_hh and projects the input in
-# a separate GEMM: at (64, 128, 32) that fixed cost was ~60 us of a ~120 us step.
+# Internal entry points of fastdl.nn's cells (nn/functional/rnn.py run_cell) and of the custom op
+# fastdl::recurrent_cell (_library), which reach them without the module's checks when traced or
+# called directly: both functions check every operand (a few attribute compares per call) before
+# the kernels read raw memory. A one-step layer call packs W_hh and projects the input in a
+# separate GEMM: at (64, 128, 32) that fixed cost was ~60 us of a ~120 us step.
 
 def cell_cpu_supported(x, weights):
-    """Whether cell_cpu_forward serves these (validated) torch operands: CPU tensors (not the
-    emulated CUDA device), float32 or float64, strided, every size >= 1."""
+    """Whether cell_cpu_forward serves these torch operands: CPU tensors (not the emulated CUDA
+    device), float32 or float64, strided, every size >= 1."""
     torch = sys.modules.get("torch")
     if torch is None or _tensor.CPU_DEVICE >= 0 or not x.is_cpu or x.layout is not torch.strided:
         return False
@@ -359,19 +361,72 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training):
-    """x (B, I), h (B, H), c (B, H) (LSTM, else None), weights in torch's layout; validated,
-    contiguous (_tensor.contiguous), on the CPU (cell_cpu_supported). Returns (h', c' or None,
-    activations (B, 4H) for the backward when training and LSTM/GRU, else None)."""
+def _check_cell(fn, mode, named, shapes, contiguous=True):
+    """named: {argument: tensor or None}, shapes: {argument: expected shape}. Every tensor a
+    contiguous strided CPU tensor of the first one's dtype (float32 or float64) with its shape.
+    Returns the dtype code. RuntimeError (TypeError for the dtype family) naming the argument."""
+    x = named["input"]
+    if x.element_size() not in (4, 8) or not x.is_floating_point() or x.is_complex():
+        raise TypeError(f"{fn}: the CPU cell kernels take float32 or float64, got input of "
+                        f"{x.dtype}")
+    dtype = x.dtype
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not t.is_cpu or t.dtype != dtype or t.layout != x.layout:
+            raise RuntimeError(f"{fn}: expected {name} as a {dtype} CPU tensor like the input, "
+                               f"got {_tensor.describe(t)}")
+        if tuple(t.shape) != shapes[name]:
+            raise RuntimeError(f"{fn}: expected {name} of shape {shapes[name]}, got "
+                               f"{_tensor.describe(t)}")
+        if contiguous and (not t.is_contiguous() or t.is_neg()):
+            raise RuntimeError(f"{fn}: expected {name} contiguous (fastdl internal)")
+    return _tensor.FLOAT32 if x.element_size() == 4 else _tensor.FLOAT64
+
+
+def _cell_shapes(mode, x, h, w_ih):
+    """(B, I, H, G*H) from the operands that set them, checked for rank first."""
+    fn = "recurrent_cell"
+    for name, t in (("input", x), ("hx", h), ("weight_ih", w_ih)):
+        if t.ndim != 2:
+            raise RuntimeError(f"{fn}: expected {name} with 2 dims, got {_tensor.describe(t)}")
     B, I = x.shape
     H = h.shape[1]
+    return B, I, H, _GATES[mode] * H
+
+
+def check_cell_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, contiguous=True):
+    """cell_cpu_forward's checks (also the custom op's fake, with contiguous=False: the real op
+    makes its operands contiguous first). Returns (B, I, H, G*H, dtype code)."""
+    if mode not in _GATES:
+        raise ValueError(f"recurrent_cell: unknown mode {mode}")
+    B, I, H, GH = _cell_shapes(mode, x, h, w_ih)
+    if (c is not None) != (mode == LSTM) or (b_ih is None) != (b_hh is None):
+        raise RuntimeError("recurrent_cell: expected cx exactly for LSTM, and both biases or "
+                           "neither")
+    code = _check_cell("recurrent_cell", mode,
+                       {"input": x, "hx": h, "cx": c, "weight_ih": w_ih, "weight_hh": w_hh,
+                        "bias_ih": b_ih, "bias_hh": b_hh},
+                       {"input": (B, I), "hx": (B, H), "cx": (B, H), "weight_ih": (GH, I),
+                        "weight_hh": (GH, H), "bias_ih": (GH,), "bias_hh": (GH,)}, contiguous)
+    return B, I, H, GH, code
+
+
+def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training):
+    """x (B, I), h (B, H), c (B, H) (LSTM, else None), weights in torch's layout, contiguous
+    (callers make them so: _tensor.contiguous), on the CPU (cell_cpu_supported). Returns (h',
+    c' or None, activations (B, 4H) for the backward when training and LSTM/GRU, else None)."""
+    B, I, H, GH, code = check_cell_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    lstm = mode == LSTM
+    if B == 0 or I == 0 or H == 0:
+        raise RuntimeError("recurrent_cell: the CPU cell kernels take sizes >= 1 (fastdl "
+                           "internal: run_cell sends empty sizes to the layer kernels)")
     h_new = x.new_empty((B, H))
-    c_new = x.new_empty((B, H)) if mode == LSTM else None
-    act = x.new_empty((B, 4 * H)) if training and (mode == LSTM or mode == GRU) else None
-    _C.rnn_cell_forward(mode, _tensor.FLOAT32 if x.dtype is _torch_f32() else _tensor.FLOAT64,
-                        B, I, H, x.data_ptr(), h.data_ptr(), _ptr(c), w_ih.data_ptr(),
-                        w_hh.data_ptr(), _ptr(b_ih), _ptr(b_hh), h_new.data_ptr(), _ptr(c_new),
-                        _ptr(act))
+    c_new = x.new_empty((B, H)) if lstm else None
+    act = x.new_empty((B, 4 * H)) if training and (lstm or mode == GRU) else None
+    _C.rnn_cell_forward(mode, code, B, I, H, x.data_ptr(), h.data_ptr(), _ptr(c),
+                        w_ih.data_ptr(), w_hh.data_ptr(), _ptr(b_ih), _ptr(b_hh),
+                        h_new.data_ptr(), _ptr(c_new), _ptr(act))
     return h_new, c_new, act
 
 
@@ -380,28 +435,40 @@ def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_
     (zero). needs: (input, hx, cx, weight_ih, weight_hh, bias) flags. Returns (grad_input,
     grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh), None where not
     needed. The saved operands are contiguous (as cell_cpu_forward's); the gradients may not be."""
+    if mode not in _GATES:
+        raise ValueError(f"recurrent_cell_backward: unknown mode {mode}")
     grad_h = None if grad_h is None else _tensor.contiguous(grad_h)
     grad_c = None if grad_c is None else _tensor.contiguous(grad_c)
-    B, I = x.shape
-    H = h.shape[1]
-    GH = w_hh.shape[0]
+    B, I, H, GH = _cell_shapes(mode, x, h, w_ih)
+    lstm, gated = mode == LSTM, mode in (LSTM, GRU)
+    # what the kernels read: LSTM c, c', act; GRU act; Elman h'
+    if (lstm and (c is None or c_new is None)) or (gated and act is None) or \
+            (not gated and h_new is None):
+        raise RuntimeError("recurrent_cell_backward: expected the forward's saved tensors (cx "
+                           "and c' for LSTM, the activations for LSTM/GRU, h' for RNN)")
+    code = _check_cell("recurrent_cell_backward", mode,
+                       {"input": x, "hx": h, "cx": c if lstm else None,
+                        "c_new": c_new if lstm else None, "h_new": None if gated else h_new,
+                        "activations": act if gated else None, "weight_ih": w_ih,
+                        "weight_hh": w_hh, "grad_h": grad_h,
+                        "grad_c": grad_c if lstm else None},
+                       {"input": (B, I), "hx": (B, H), "cx": (B, H), "c_new": (B, H),
+                        "h_new": (B, H), "activations": (B, 4 * H), "weight_ih": (GH, I),
+                        "weight_hh": (GH, H), "grad_h": (B, H), "grad_c": (B, H)})
     outs = (x.new_empty((B, I)) if needs[0] else None,
             x.new_empty((B, H)) if needs[1] else None,
-            x.new_empty((B, H)) if needs[2] and mode == LSTM else None,
+            x.new_empty((B, H)) if needs[2] and lstm else None,
             x.new_empty((GH, I)) if needs[3] else None,
             x.new_empty((GH, H)) if needs[4] else None,
             x.new_empty((GH,)) if needs[5] else None,
             x.new_empty((GH,)) if needs[5] else None)
     _C.rnn_cell_backward(
-        mode, _tensor.FLOAT32 if x.dtype is _torch_f32() else _tensor.FLOAT64, B, I, H,
-        (x.data_ptr(), h.data_ptr(), _ptr(c), _ptr(c_new), _ptr(h_new), w_ih.data_ptr(),
-         w_hh.data_ptr(), _ptr(act)),
-        (_ptr(grad_h), _ptr(grad_c)), tuple(_ptr(t) for t in outs))
+        mode, code, B, I, H,
+        (x.data_ptr(), h.data_ptr(), _ptr(c) if lstm else 0, _ptr(c_new) if lstm else 0,
+         0 if gated else h_new.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(),
+         act.data_ptr() if gated else 0),
+        (_ptr(grad_h), _ptr(grad_c) if lstm else 0), tuple(_ptr(t) for t in outs))
     return outs
-
-
-def _torch_f32():
-    return sys.modules["torch"].float32
 
 
 # ---- cells: one step of a layer --------------------------------------------------------------------

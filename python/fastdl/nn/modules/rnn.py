@@ -171,6 +171,10 @@ def _cell(module, mode, input, hx, cx):
                              f"{v.dim()}D instead" if mode == _f.LSTM else
                              f"{type(module).__name__}: Expected hidden to be 1D or 2D, got "
                              f"{v.dim()}D instead")
+    for idx, v in enumerate(states):
+        if v.dim() != dim:  # (torch's unbatched LSTMCell crashes on a 2-D state)
+            raise RuntimeError(f"{type(module).__name__}: expected hx[{idx}] with {dim} dims like "
+                               f"the input, got {v.dim()}")
     for v in states:
         if v.dtype != dtype or v.device != device:
             # A state of another dtype or device: torch's own step, which promotes an LSTM cell
