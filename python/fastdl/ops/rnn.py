@@ -361,27 +361,35 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
-def _check_cell(fn, mode, named, shapes, contiguous=True):
-    """named: {argument: tensor or None}, shapes: {argument: expected shape}. Every tensor a
-    contiguous strided CPU tensor of the first one's dtype (float32 or float64) with its shape.
-    Returns the dtype code. RuntimeError (TypeError for the dtype family) naming the argument."""
-    x = named["input"]
-    if x.element_size() not in (4, 8) or not x.is_floating_point() or x.is_complex():
-        raise TypeError(f"{fn}: the CPU cell kernels take float32 or float64, got input of "
-                        f"{x.dtype}")
+def _empty_like(t):
+    return sys.modules["torch"].empty_like(t)
+
+
+def _check_cell(fn, operands, contiguous=True):
+    """operands: (argument, tensor or None, expected shape) triples, the input first. Every
+    tensor a strided CPU tensor of the input's dtype (float32 or float64) with its shape, and
+    (contiguous=True) contiguous without a negative bit. Returns the dtype code. RuntimeError
+    (TypeError for the dtype family) naming the argument. Identity and tuple compares only: the
+    module path pays this on every step (~3 us for an LSTM cell's 7 operands)."""
+    torch = sys.modules["torch"]
+    x = operands[0][1]
     dtype = x.dtype
-    for name, t in named.items():
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        raise TypeError(f"{fn}: the CPU cell kernels take float32 or float64, got input of "
+                        f"{dtype}")
+    strided = torch.strided
+    for name, t, shape in operands:
         if t is None:
             continue
-        if not t.is_cpu or t.dtype != dtype or t.layout != x.layout:
+        if not t.is_cpu or t.dtype is not dtype or t.layout is not strided:
             raise RuntimeError(f"{fn}: expected {name} as a {dtype} CPU tensor like the input, "
                                f"got {_tensor.describe(t)}")
-        if tuple(t.shape) != shapes[name]:
-            raise RuntimeError(f"{fn}: expected {name} of shape {shapes[name]}, got "
+        if t.shape != shape:
+            raise RuntimeError(f"{fn}: expected {name} of shape {shape}, got "
                                f"{_tensor.describe(t)}")
         if contiguous and (not t.is_contiguous() or t.is_neg()):
             raise RuntimeError(f"{fn}: expected {name} contiguous (fastdl internal)")
-    return _tensor.FLOAT32 if x.element_size() == 4 else _tensor.FLOAT64
+    return _tensor.FLOAT32 if dtype is torch.float32 else _tensor.FLOAT64
 
 
 def _cell_shapes(mode, x, h, w_ih):
@@ -404,11 +412,11 @@ def check_cell_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, contiguous=True):
     if (c is not None) != (mode == LSTM) or (b_ih is None) != (b_hh is None):
         raise RuntimeError("recurrent_cell: expected cx exactly for LSTM, and both biases or "
                            "neither")
-    code = _check_cell("recurrent_cell", mode,
-                       {"input": x, "hx": h, "cx": c, "weight_ih": w_ih, "weight_hh": w_hh,
-                        "bias_ih": b_ih, "bias_hh": b_hh},
-                       {"input": (B, I), "hx": (B, H), "cx": (B, H), "weight_ih": (GH, I),
-                        "weight_hh": (GH, H), "bias_ih": (GH,), "bias_hh": (GH,)}, contiguous)
+    BH = (B, H)
+    code = _check_cell("recurrent_cell",
+                       (("input", x, (B, I)), ("hx", h, BH), ("cx", c, BH),
+                        ("weight_ih", w_ih, (GH, I)), ("weight_hh", w_hh, (GH, H)),
+                        ("bias_ih", b_ih, (GH,)), ("bias_hh", b_hh, (GH,))), contiguous)
     return B, I, H, GH, code
 
 
@@ -421,8 +429,8 @@ def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training):
     if B == 0 or I == 0 or H == 0:
         raise RuntimeError("recurrent_cell: the CPU cell kernels take sizes >= 1 (fastdl "
                            "internal: run_cell sends empty sizes to the layer kernels)")
-    h_new = x.new_empty((B, H))
-    c_new = x.new_empty((B, H)) if lstm else None
+    h_new = _empty_like(h)     # h is contiguous (checked): so are these
+    c_new = _empty_like(h) if lstm else None
     act = x.new_empty((B, 4 * H)) if training and (lstm or mode == GRU) else None
     _C.rnn_cell_forward(mode, code, B, I, H, x.data_ptr(), h.data_ptr(), _ptr(c),
                         w_ih.data_ptr(), w_hh.data_ptr(), _ptr(b_ih), _ptr(b_hh),
@@ -446,15 +454,14 @@ def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_
             (not gated and h_new is None):
         raise RuntimeError("recurrent_cell_backward: expected the forward's saved tensors (cx "
                            "and c' for LSTM, the activations for LSTM/GRU, h' for RNN)")
-    code = _check_cell("recurrent_cell_backward", mode,
-                       {"input": x, "hx": h, "cx": c if lstm else None,
-                        "c_new": c_new if lstm else None, "h_new": None if gated else h_new,
-                        "activations": act if gated else None, "weight_ih": w_ih,
-                        "weight_hh": w_hh, "grad_h": grad_h,
-                        "grad_c": grad_c if lstm else None},
-                       {"input": (B, I), "hx": (B, H), "cx": (B, H), "c_new": (B, H),
-                        "h_new": (B, H), "activations": (B, 4 * H), "weight_ih": (GH, I),
-                        "weight_hh": (GH, H), "grad_h": (B, H), "grad_c": (B, H)})
+    BH = (B, H)
+    code = _check_cell("recurrent_cell_backward",
+                       (("input", x, (B, I)), ("hx", h, BH), ("cx", c if lstm else None, BH),
+                        ("c_new", c_new if lstm else None, BH),
+                        ("h_new", None if gated else h_new, BH),
+                        ("activations", act if gated else None, (B, 4 * H)),
+                        ("weight_ih", w_ih, (GH, I)), ("weight_hh", w_hh, (GH, H)),
+                        ("grad_h", grad_h, BH), ("grad_c", grad_c if lstm else None, BH)))
     outs = (x.new_empty((B, I)) if needs[0] else None,
             x.new_empty((B, H)) if needs[1] else None,
             x.new_empty((B, H)) if needs[2] and lstm else None,
