@@ -54,6 +54,8 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _jit_tracing = torch.jit.is_tracing
 _grad_enabled = torch.is_grad_enabled
 _fwad = torch.autograd.forward_ad
+_unpack_dual = torch._VF._unpack_dual
+_functorch_level = torch._C._functorch.peek_interpreter_stack  # None outside torch.func
 
 
 def tracing(x=None) -> bool:
@@ -67,19 +69,72 @@ def tracing(x=None) -> bool:
     return x is not None and type(x) is not Tensor and type(x) is not _Parameter
 
 
-def needs_autograd(*xs) -> bool:
-    """Whether a call must go through its torch.autograd.Function: a graph is being recorded
-    for one of xs (None entries skipped), or forward-mode AD is active. Under forward AD the
-    Function raises torch's "jvp not implemented" error: the no-grad shortcut would return a
-    result without its tangent, silently."""
-    if _fwad._current_level >= 0:
-        return True
-    if not _grad_enabled():
-        return False
-    for x in xs:     # (a loop: any() over a generator costs ~0.5 us more on a tiny call)
-        if x is not None and x.requires_grad:
+def has_tangent(xs) -> bool:
+    """Whether a tensor of xs (None entries skipped) carries a forward-AD tangent at the current
+    level (call only inside torch.autograd.forward_ad.dual_level(): ~2 us per tensor)."""
+    level = _fwad._current_level
+    for x in xs:
+        if x is not None and _unpack_dual(x, level=level).tangent is not None:
             return True
     return False
+
+
+def needs_autograd(*xs) -> bool:
+    """Whether a call must go through its torch.autograd.Function: a graph is being recorded
+    for one of xs (None entries skipped), or one of xs carries a forward-AD tangent (the
+    Function then raises torch's "jvp not implemented" error: the no-grad shortcut would return
+    a result without its tangent, silently). Inside a dual_level() block, calls on tensors
+    without tangents keep the no-grad shortcut."""
+    if _grad_enabled():
+        for x in xs:  # (a loop: any() over a generator costs ~0.5 us more on a tiny call)
+            if x is not None and x.requires_grad:
+                return True
+    return _fwad._current_level >= 0 and has_tangent(xs)
+
+
+# How one call of a fastdl.nn.functional function runs (route()):
+TORCH = 0    # torch's own op computes it (a torch.func transform, or a forward-AD tangent)
+TRACED = 1   # the custom op below (torch.compile / export / jit.trace, dispatch modes, fakes)
+GRAPH = 2    # fastdl's torch.autograd.Function (a gradient is needed)
+DIRECT = 3   # fastdl.ops straight away (nothing to record)
+
+
+def route(*xs) -> int:
+    """TORCH, TRACED, GRAPH or DIRECT for a call on tensors xs (xs[0] the input; None entries
+    skipped); the one test every fastdl.nn entry point makes, in one call on the fast path.
+
+    TORCH when a torch.func transform is active (grad, vmap, jacrev, jvp, ...: their wrapped
+    tensors have no storage fastdl's kernels can read, and fastdl's Functions have no vmap or
+    jvp rules) or, inside forward_ad.dual_level(), when one of xs carries a tangent (fastdl's
+    ops have no jvp); the caller then runs the torch.nn.functional op of the same name on the
+    same arguments, so the result is torch's. Else TRACED as tracing(xs[0]), GRAPH as
+    needs_autograd(*xs), or DIRECT. Outside transforms and forward AD the TORCH test costs one
+    C call and one attribute read (measured, tests/test_func.py's docstring).
+
+    >>> r = route(input, weight, bias)
+    >>> if r == TORCH: return torch.nn.functional.linear(input, weight, bias)
+    """
+    if _functorch_level() is not None:
+        return TORCH
+    if _is_compiling() or _dispatch_modes() or _jit_tracing():
+        return TRACED
+    x = xs[0]
+    if type(x) is not Tensor and type(x) is not _Parameter:
+        return TRACED
+    if _fwad._current_level >= 0 and has_tangent(xs):
+        return TORCH
+    if _grad_enabled():
+        for x in xs:
+            if x is not None and x.requires_grad:
+                return GRAPH
+    return DIRECT
+
+
+def torch_function(name: str):
+    """torch.nn.functional.<name> as torch defines it (a fastdl.patch() router unwrapped), for
+    the TORCH route."""
+    f = getattr(torch.nn.functional, name)
+    return getattr(f, "_fastdl_original", f)
 
 
 def refuse_double_backward(fn):
