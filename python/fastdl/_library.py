@@ -103,24 +103,23 @@ def route(*xs) -> int:
     """TORCH, TRACED, GRAPH or DIRECT for a call on tensors xs (xs[0] the input; None entries
     skipped); the one test every fastdl.nn entry point makes, in one call on the fast path.
 
-    TORCH when a torch.func transform is active (grad, vmap, jacrev, jvp, ...: their wrapped
-    tensors have no storage fastdl's kernels can read, and fastdl's Functions have no vmap or
-    jvp rules) or, inside forward_ad.dual_level(), when one of xs carries a tangent (fastdl's
-    ops have no jvp); the caller then runs the torch.nn.functional op of the same name on the
-    same arguments, so the result is torch's. Else TRACED as tracing(xs[0]), GRAPH as
-    needs_autograd(*xs), or DIRECT. Outside transforms and forward AD the TORCH test costs one
-    C call and one attribute read (measured, tests/test_func.py's docstring).
+    TRACED as tracing(xs[0]), tested first: torch.compile and torch.export trace through
+    functorch's interpreters. Else TORCH when a torch.func transform is active (grad, vmap,
+    jacrev, jvp, ...: their wrapped tensors have no storage fastdl's kernels can read, and
+    fastdl's Functions have no vmap or jvp rules) or, inside forward_ad.dual_level(), when one of
+    xs carries a tangent (fastdl's ops have no jvp); the caller then runs the torch.nn.functional
+    op of the same name on the same arguments, so the result is torch's. Else GRAPH as
+    needs_autograd(*xs), or DIRECT. Outside transforms and forward AD the TORCH tests cost one
+    C call and one attribute read; the fast path makes two Python calls (route, tracing), as it
+    did before route existed (tracing, needs_autograd).
 
     >>> r = route(input, weight, bias)
     >>> if r == TORCH: return torch.nn.functional.linear(input, weight, bias)
     """
+    if tracing(xs[0]):   # first: AOTAutograd (compile, export) traces under functorch
+        return TRACED
     if _functorch_level() is not None:
         return TORCH
-    if _is_compiling() or _dispatch_modes() or _jit_tracing():
-        return TRACED
-    x = xs[0]
-    if type(x) is not Tensor and type(x) is not _Parameter:
-        return TRACED
     if _fwad._current_level >= 0 and has_tangent(xs):
         return TORCH
     if _grad_enabled():
