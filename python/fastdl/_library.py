@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import _tensor, ops
+from ._support import has_tangent
 from .ops.gemm import check_operands
 
 # the modules (fastdl.ops re-exports functions under some of the same names, e.g. ops.linear)
@@ -54,7 +55,6 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _jit_tracing = torch.jit.is_tracing
 _grad_enabled = torch.is_grad_enabled
 _fwad = torch.autograd.forward_ad
-_unpack_dual = torch._VF._unpack_dual
 _functorch_level = torch._C._functorch.peek_interpreter_stack  # None outside torch.func
 
 
@@ -67,16 +67,6 @@ def tracing(x=None) -> bool:
     if _is_compiling() or _dispatch_modes() or _jit_tracing():
         return True
     return x is not None and type(x) is not Tensor and type(x) is not _Parameter
-
-
-def has_tangent(xs) -> bool:
-    """Whether a tensor of xs (None entries skipped) carries a forward-AD tangent at the current
-    level (call only inside torch.autograd.forward_ad.dual_level(): ~2 us per tensor)."""
-    level = _fwad._current_level
-    for x in xs:
-        if x is not None and _unpack_dual(x, level=level).tangent is not None:
-            return True
-    return False
 
 
 def needs_autograd(*xs) -> bool:
