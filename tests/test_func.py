@@ -331,3 +331,26 @@ def test_patch_and_convert_serve_dual_level_calls_without_tangents(monkeypatch):
         got = fwAD.unpack_dual(fast(fwAD.make_dual(x, t)))
         want = fwAD.unpack_dual(net(fwAD.make_dual(x, t)))
         assert counts == {"kernel": 2} and torch.equal(got.tangent, want.tangent)
+
+
+@pytest.mark.parametrize("transform,family", [("grad", "max_pool2d"), ("grad", "lstm_cell"),
+                                              ("vmap", "linear")])
+def test_torch_compile_of_a_transform(transform, family):
+    # torch.compile traces the transformed function under functorch's Grad / Vmap interpreter:
+    # torch's ops there (the custom ops' autograd has no functorch rules); plain compiles keep
+    # the custom ops (tests/test_compile.py). (vmap: no conv here, as torch's own Conv2d cannot
+    # be compiled under vmap with fullgraph=True: dynamo stops in its repr.)
+    torch._dynamo.reset()
+    fast, ref, shape = _twins(family)
+    x = rand(*shape, dtype=DT)
+    p = _params(ref)
+    if transform == "grad":
+        def run(model):
+            f = grad(lambda q: functional_call(model, q, (x,)).square().sum())
+            return torch.compile(f, backend="aot_eager", fullgraph=True)(p)
+    else:
+        xb = rand(3, *shape, dtype=DT)
+
+        def run(model):
+            return torch.compile(vmap(model), backend="aot_eager", fullgraph=True)(xb)
+    _same(run(fast), run(ref), f"compile({transform})")

@@ -110,10 +110,10 @@ def route(*xs) -> int:
     # tracing(xs[0]), inlined (a Python call costs ~0.07 us, as much as the rest of the test);
     # first: AOTAutograd (compile, export) traces under functorch's interpreters
     if _is_compiling() or _dispatch_modes() or _jit_tracing():
-        return TRACED
+        return _traced_route()
     x = xs[0]
     if type(x) is not Tensor and type(x) is not _Parameter:
-        return TRACED
+        return _traced_route()
     if _functorch_level() is not None:
         return TORCH
     if _fwad._current_level >= 0 and has_tangent(xs):
@@ -123,6 +123,21 @@ def route(*xs) -> int:
             if x is not None and x.requires_grad:
                 return GRAPH
     return DIRECT
+
+
+def _traced_route() -> int:
+    """TRACED, or TORCH when the innermost functorch interpreter is a user's transform (grad,
+    vmap, jvp: torch.compile of torch.func.grad(f) traces f under it, and the custom ops'
+    autograd has no functorch rules) rather than AOTAutograd's own functionalization."""
+    top = _functorch_level()
+    # (through pyfunctorch's wrapper: dynamo can trace its key(), not the C interpreter's)
+    if top is None or _coerce_interpreter(top).key() == _FUNCTIONALIZE:
+        return TRACED
+    return TORCH
+
+
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
+_coerce_interpreter = import_module("torch._functorch.pyfunctorch").coerce_cinterpreter
 
 
 def torch_function(name: str):
