@@ -129,13 +129,15 @@ def _traced_route() -> int:
     """TRACED, or TORCH when the innermost functorch interpreter is a user's transform (grad,
     vmap, jvp: torch.compile of torch.func.grad(f) traces f under it, and the custom ops'
     autograd has no functorch rules) rather than AOTAutograd's own functionalization."""
-    top = _functorch_level()
-    # (through pyfunctorch's wrapper: dynamo can trace its key(), not the C interpreter's)
-    if top is None or _coerce_interpreter(top).key() == _FUNCTIONALIZE:
+    # (dynamo traces this function: it folds _functorch_active() to a constant, and it can read
+    # key() through pyfunctorch's wrapper, not on the C interpreter nor a None from peek)
+    if not _functorch_active():
         return TRACED
-    return TORCH
+    top = _coerce_interpreter(_functorch_level())
+    return TRACED if top.key() == _FUNCTIONALIZE else TORCH
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
 _FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
 _coerce_interpreter = import_module("torch._functorch.pyfunctorch").coerce_cinterpreter
 
