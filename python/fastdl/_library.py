@@ -94,7 +94,8 @@ def route(*xs) -> int:
     skipped); the one test every fastdl.nn entry point makes, in one call on the fast path.
 
     TRACED as tracing(xs[0]), tested first: torch.compile and torch.export trace through
-    functorch's interpreters. Else TORCH when a torch.func transform is active (grad, vmap,
+    functorch's interpreters (but TORCH there under a user's transform: _traced_route). Else
+    TORCH when a torch.func transform is active (grad, vmap,
     jacrev, jvp, ...: their wrapped tensors have no storage fastdl's kernels can read, and
     fastdl's Functions have no vmap or jvp rules) or, inside forward_ad.dual_level(), when one of
     xs carries a tangent (fastdl's ops have no jvp); the caller then runs the torch.nn.functional
