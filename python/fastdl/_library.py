@@ -89,40 +89,42 @@ GRAPH = 2    # fastdl's torch.autograd.Function (a gradient is needed)
 DIRECT = 3   # fastdl.ops straight away (nothing to record)
 
 
-def route(*xs) -> int:
-    """TORCH, TRACED, GRAPH or DIRECT for a call on tensors xs (xs[0] the input; None entries
+def route(x, *rest) -> int:
+    """TORCH, TRACED, GRAPH or DIRECT for a call on tensors x (the input) and rest (None entries
     skipped); the one test every fastdl.nn entry point makes, in one call on the fast path.
 
-    TRACED as tracing(xs[0]), tested first: torch.compile and torch.export trace through
+    TRACED as tracing(x), tested first: torch.compile and torch.export trace through
     functorch's interpreters (but TORCH there under a user's transform: _traced_route). Else
     TORCH when a torch.func transform is active (grad, vmap,
     jacrev, jvp, ...: their wrapped tensors have no storage fastdl's kernels can read, and
-    fastdl's Functions have no vmap or jvp rules) or, inside forward_ad.dual_level(), when one of
-    xs carries a tangent (fastdl's ops have no jvp); the caller then runs the torch.nn.functional
+    fastdl's Functions have no vmap or jvp rules) or, inside forward_ad.dual_level(), when a
+    tensor carries a tangent (fastdl's ops have no jvp); the caller then runs the torch.nn.functional
     op of the same name on the same arguments, so the result is torch's. Else GRAPH as
-    needs_autograd(*xs), or DIRECT. Outside transforms and forward AD the TORCH tests cost one
-    C call and one attribute read: +0.05 us per call against the previous tracing() +
-    needs_autograd() pair (tiny linear, 1 thread, under load, paired median of 301 interleaved
-    runs of 5000 calls). Keep it equal to tracing() and needs_autograd().
+    needs_autograd(x, *rest), or DIRECT. Outside transforms and forward AD the TORCH tests cost
+    one C call and one attribute read. Measured against the checks route replaced (1 thread,
+    under load, paired median of 301 interleaved runs of 5000 calls): linear (x, w, b) -0.07 us
+    per call against tracing() + needs_autograd(); a pool (x) +0.2 us against tracing() and the
+    pools' inlined grad test. Keep it equal to tracing() and needs_autograd().
 
     >>> r = route(input, weight, bias)
     >>> if r == TORCH: return torch.nn.functional.linear(input, weight, bias)
     """
-    # tracing(xs[0]), inlined (a Python call costs ~0.07 us, as much as the rest of the test);
+    # tracing(x), inlined (a Python call costs ~0.07 us, as much as the rest of the test);
     # first: AOTAutograd (compile, export) traces under functorch's interpreters
     if _is_compiling() or _dispatch_modes() or _jit_tracing():
         return _traced_route()
-    x = xs[0]
     if type(x) is not Tensor and type(x) is not _Parameter:
         return _traced_route()
     if _functorch_level() is not None:
         return TORCH
-    if _fwad._current_level >= 0 and has_tangent(xs):
+    if _fwad._current_level >= 0 and (has_tangent((x,)) or has_tangent(rest)):
         return TORCH
-    if _grad_enabled():
-        for x in xs:
-            if x is not None and x.requires_grad:
-                return GRAPH
+    # (requires_grad first: the no-grad path skips the grad-mode call)
+    if x.requires_grad:
+        return GRAPH if _grad_enabled() else DIRECT
+    for t in rest:
+        if t is not None and t.requires_grad:
+            return GRAPH if _grad_enabled() else DIRECT
     return DIRECT
 
 
