@@ -42,10 +42,16 @@ def _uses_custom_ops(outputs) -> bool:
     return False
 
 
+def _force_path(monkeypatch, traced):
+    """Every fastdl call takes the custom ops (traced) or the eager path: the dispatch-mode probe
+    that both _library.tracing() and _library.route() read, patched."""
+    monkeypatch.setattr(_library, "_dispatch_modes", lambda: int(traced))
+
+
 def _run(fn, inputs, kwargs, traced, monkeypatch, create_graph=False):
     """fn on fresh leaf copies of inputs, through the eager path or (traced=True) the custom ops;
     returns the outputs and the gradients of every floating input under a fixed upstream grad."""
-    monkeypatch.setattr(_library, "tracing", lambda x=None: traced)
+    _force_path(monkeypatch, traced)
     xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
     out = fn(*xs, **kwargs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -154,7 +160,7 @@ def test_paths_equal_recurrent(monkeypatch, cls, kwargs):
 
 @pytest.mark.parametrize("traced", [False, True])
 def test_recurrent_double_backward_refused_on_both_paths(monkeypatch, traced):
-    monkeypatch.setattr(_library, "tracing", lambda x=None: traced)
+    _force_path(monkeypatch, traced)
     lstm = fastdl.nn.LSTM(3, 4)
     out, _ = lstm(rand(5, 2, 3, requires_grad=True))
     with pytest.raises(RuntimeError, match="double backward"):
@@ -517,13 +523,13 @@ _UNPOOL_IDX = torch.nn.functional.max_pool2d(rand(1, 2, 4, 4), 2, return_indices
 def test_double_backward_refused_when_traced(monkeypatch, name, fn, inputs):
     # the custom ops' backward is not differentiable: a clear error, never silently None or zero
     # second derivatives (the eager path differentiates its backward: test_linear / test_pool)
-    monkeypatch.setattr(_library, "tracing", lambda x=None: True)
+    _force_path(monkeypatch, True)
     xs = [x.requires_grad_() for x in inputs()]
     out = fn(*xs)
     with pytest.raises(RuntimeError, match=f"fastdl {name} does not support double backward"):
         torch.autograd.grad((out ** 2).sum(), xs, create_graph=True)
     # without create_graph the first derivative, as eager
     grads = torch.autograd.grad((fn(*xs) ** 2).sum(), xs)
-    monkeypatch.setattr(_library, "tracing", lambda x=None: False)
+    _force_path(monkeypatch, False)
     want = torch.autograd.grad((fn(*xs) ** 2).sum(), xs)
     assert all(torch.equal(g, w) for g, w in zip(grads, want))

@@ -754,9 +754,13 @@ def test_converted_model_under_forward_ad_keeps_tangents():
             y = fwAD.unpack_dual(F.linear(fwAD.make_dual(x.flatten(1)[:, :18], t.flatten(1)[:, :18]),
                                           net[3].weight))
         assert y.tangent is not None and "fastdl" not in p.stats["linear"]
-        # fastdl's own functional: torch's error, never a result without its tangent
-        with pytest.raises(NotImplementedError, match="jvp"):
-            fastdl.nn.functional.linear(fwAD.make_dual(x.flatten(1), t.flatten(1)), rand(3, 64))
+        # fastdl's own functional: torch's op computes a call with a tangent (review r2a-6),
+        # never a result without its tangent (tests/test_func.py covers every layer)
+        w = rand(3, 64)
+        got = fwAD.unpack_dual(fastdl.nn.functional.linear(
+            fwAD.make_dual(x.flatten(1), t.flatten(1)), w))
+        want = fwAD.unpack_dual(F.linear(fwAD.make_dual(x.flatten(1), t.flatten(1)), w))
+        assert got.tangent is not None and torch.equal(got.tangent, want.tangent)
 
 
 @pytest.mark.parametrize("grad", [False, True])

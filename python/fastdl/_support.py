@@ -63,8 +63,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def tensor_why_not(family: str, *tensors) -> str | None:
     """why_not for one call, by its tensors (None entries skipped): they must be plain dense
     tensors (not a subclass such as a FakeTensor or DTensor) of one device and dtype that the
-    family serves, outside torch.compile / torch.jit.trace tracing, torch.func transforms, forward
-    AD and autocast (context_why_not).
+    family serves, outside torch.compile / torch.jit.trace tracing, torch.func transforms and
+    autocast, and none with a forward-AD tangent (context_why_not).
     The common case (plain CPU tensors of a served dtype) is decided in a few microseconds
     (about 5 on an idle core); anything else takes the slow, explaining path."""
     first = tensors[0]
@@ -74,10 +74,10 @@ def tensor_why_not(family: str, *tensors) -> str | None:
                 t is None or (type(t) in _PLAIN and t.is_cpu and t.dtype == dt
                               and t.layout is _STRIDED) for t in tensors):
             if (_is_compiling() or _is_tracing() or _functorch_level() is not None
-                    or _fwad._current_level >= 0 or _autocast("cpu")):
-                return context_why_not("cpu")
+                    or _fwad._current_level >= 0 and has_tangent(tensors) or _autocast("cpu")):
+                return context_why_not("cpu", tensors)
             return None
-    return _explain(family, tensors) or context_why_not(first.device.type)
+    return _explain(family, tensors) or context_why_not(first.device.type, tensors)
 
 
 _STRIDED = torch.strided
@@ -86,6 +86,18 @@ _is_tracing = torch.jit.is_tracing
 _functorch_level = torch._C._functorch.peek_interpreter_stack   # None outside torch.func
 _fwad = torch.autograd.forward_ad                                # _current_level: -1 outside
 _autocast = torch.is_autocast_enabled
+_unpack_dual = torch._VF._unpack_dual
+
+
+def has_tangent(xs) -> bool:
+    """Whether a tensor of xs (None entries skipped) carries a forward-AD tangent at the current
+    level (call only inside torch.autograd.forward_ad.dual_level(): ~2 us per tensor). Shared by
+    tensor_why_not (patch, convert) and fastdl._library.route (fastdl.nn's layers)."""
+    level = _fwad._current_level
+    for x in xs:
+        if x is not None and _unpack_dual(x, level=level).tangent is not None:
+            return True
+    return False
 
 
 def _explain(family, tensors):
@@ -105,21 +117,22 @@ def _explain(family, tensors):
     return why_not(family, dev, dt)
 
 
-def context_why_not(device_type: str) -> str | None:
+def context_why_not(device_type: str, tensors=None) -> str | None:
     """Reasons that hold for any op right now: torch.compile tracing (torch's ops trace, fastdl's
     eager ones would break the graph), torch.jit.trace (the tracer records dispatched ops only, so
     a trace through fastdl's kernels would replay without them), torch.func transforms (grad,
     vmap, jacrev: their wrapped tensors hold no data fastdl's kernels can read), forward-mode AD
-    (fastdl's ops have no jvp: the tangent would be lost) and autocast (torch would compute in a
-    lower precision)."""
+    when one of `tensors` (all calls, when None) carries a tangent (fastdl's ops have no jvp:
+    the tangent would be lost; calls without one keep fastdl's kernels) and autocast (torch
+    would compute in a lower precision)."""
     if torch.compiler.is_compiling():
         return "inside torch.compile tracing"
     if torch.jit.is_tracing():
         return "inside torch.jit.trace (it records only torch's ops)"
     if _functorch_level() is not None:
         return "inside a torch.func transform (grad, vmap, jacrev, ...)"
-    if _fwad._current_level >= 0:
-        return "forward-mode AD is active (fastdl's ops have no jvp)"
+    if _fwad._current_level >= 0 and (tensors is None or has_tangent(tensors)):
+        return "forward-mode AD tangent on an argument (fastdl's ops have no jvp)"
     if torch.is_autocast_enabled(device_type):
         return f"autocast is on for {device_type}"
     return None

@@ -1,7 +1,9 @@
 """torch.nn.functional's convolutions (conv1d, conv2d, conv_transpose2d) with torch's signatures
 and autograd, computed by fastdl's convolution kernels through fastdl.ops.conv (one path: the
 autograd Functions call the same validated ops functions a numpy user calls). conv1d runs on the
-2-D kernels with a height of 1.
+2-D kernels with a height of 1. Under a torch.func transform (vmap, grad, jacrev, jvp) or with a
+forward-AD tangent on an argument, the torch.nn.functional function of the same name computes the
+call, on the same arguments (fastdl's kernels have no vmap or jvp rules).
 
 >>> import fastdl.nn.functional as F
 >>> y = F.conv2d(torch.randn(8, 3, 32, 32, requires_grad=True), torch.randn(16, 3, 3, 3), padding=1)
@@ -24,6 +26,10 @@ def _check_torch(fn, name, x, pos):
 
 def _needs_grad(*xs) -> bool:
     return _library.needs_autograd(*xs)
+
+
+_TORCH, _TRACED, _GRAPH = _library.TORCH, _library.TRACED, _library.GRAPH
+_torch = {name: _library.torch_function(name) for name in __all__}
 
 
 # Both convolutions are bilinear maps over one underlying convolution (geo.params), built from
@@ -138,15 +144,19 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     _check_torch("conv2d", "input", input, 1)
     _check_torch("conv2d", "weight", weight, 2)
-    return _conv2d("conv2d", input, weight, bias, stride, padding, dilation, groups)
+    r = _library.route(input, weight, bias)
+    if r == _TORCH:
+        return _torch["conv2d"](input, weight, bias, stride, padding, dilation, groups)
+    return _conv2d("conv2d", r, input, weight, bias, stride, padding, dilation, groups)
 
 
-def _conv2d(fn, input, weight, bias, stride, padding, dilation, groups):
-    if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
+def _conv2d(fn, r, input, weight, bias, stride, padding, dilation, groups):
+    """conv2d by route r (fastdl._library.route, not TORCH)."""
+    if r == _TRACED:  # torch.compile / export: the custom op (see fastdl._library)
         s, p, p_str, _, d = _library.conv_args(fn, stride, padding, dilation)
         return _library.convolution(input, weight, bias, False, s, p, p_str, [0, 0], d, groups)
     geo = _ops.conv2d_prepare(input, weight, bias, stride, padding, dilation, groups, fn=fn)
-    if _needs_grad(input, weight, bias):
+    if r == _GRAPH:
         return _Conv2dFn.apply(input, weight, bias, geo)
     return _ops.conv2d_run(geo, input, weight, bias)
 
@@ -159,7 +169,11 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     """
     _check_torch("conv_transpose2d", "input", input, 1)
     _check_torch("conv_transpose2d", "weight", weight, 2)
-    if _library.tracing(input):
+    r = _library.route(input, weight, bias)
+    if r == _TORCH:
+        return _torch["conv_transpose2d"](input, weight, bias, stride, padding, output_padding,
+                                          groups, dilation)
+    if r == _TRACED:
         if isinstance(padding, str):
             raise TypeError("conv_transpose2d: argument 'padding' must be tuple of ints, not str")
         s, p, _, op, d = _library.conv_args("conv_transpose2d", stride, padding, dilation,
@@ -167,7 +181,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
         return _library.convolution(input, weight, bias, True, s, p, "", op, d, groups)
     geo = _ops.conv_transpose2d_prepare(input, weight, bias, stride, padding, output_padding,
                                         groups, dilation)
-    if _needs_grad(input, weight, bias):
+    if r == _GRAPH:
         return _ConvTranspose2dFn.apply(input, weight, bias, geo)
     return _ops.conv_transpose2d_run(geo, input, weight, bias)
 
@@ -186,6 +200,9 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     fn = "conv1d"
     _check_torch(fn, "input", input, 1)
     _check_torch(fn, "weight", weight, 2)
+    r = _library.route(input, weight, bias)
+    if r == _TORCH:
+        return _torch["conv1d"](input, weight, bias, stride, padding, dilation, groups)
     if input.dim() not in (2, 3):
         raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to conv1d, but "
                            f"got input of size: {list(input.shape)}")
@@ -195,5 +212,6 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     s, d = _single(fn, "stride", stride), _single(fn, "dilation", dilation)
     p = _single(fn, "padding", padding)
     p2 = p if isinstance(p, str) else (0, p)
-    y = _conv2d(fn, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d), groups)
+    y = _conv2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d),
+                groups)
     return y.squeeze(-2)

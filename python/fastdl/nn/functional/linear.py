@@ -51,6 +51,9 @@ def _differentiable_backward(go, x, w, needs):
 def linear(input, weight, bias=None):
     """y = input @ weight.T + bias, differentiable in all three; torch.nn.functional.linear's
     signature. input (..., in_features), weight (out_features, in_features), bias (out_features,).
+    Under a torch.func transform (vmap, grad, jacrev, jvp) or with a forward-AD tangent on an
+    argument, torch.nn.functional.linear computes the call (fastdl's kernels have no vmap or jvp
+    rules); the result is torch's.
 
     >>> fastdl.nn.functional.linear(torch.randn(2, 5, 3), torch.randn(4, 3)).shape   # (2, 5, 4)
     """
@@ -59,9 +62,16 @@ def linear(input, weight, bias=None):
             raise TypeError(f"linear(): argument '{name}' must be Tensor, not {type(x).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
-    if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
-        return _library.linear(input, weight, bias)
-    if not _library.needs_autograd(input, weight, bias):
+    r = _library.route(input, weight, bias)
+    if r == _DIRECT:
         # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread)
         return ops.linear(input, weight, bias)
-    return _Linear.apply(input, weight, bias)
+    if r == _GRAPH:
+        return _Linear.apply(input, weight, bias)
+    if r == _TRACED:  # torch.compile / export: the custom op (see fastdl._library)
+        return _library.linear(input, weight, bias)
+    return _torch_linear(input, weight, bias)  # torch.func transform or forward-AD tangent
+
+
+_DIRECT, _GRAPH, _TRACED = _library.DIRECT, _library.GRAPH, _library.TRACED
+_torch_linear = _library.torch_function("linear")

@@ -18,13 +18,9 @@ __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool
            "max_unpool2d"]
 
 
-_grad_enabled = torch.is_grad_enabled
-_fwad = torch.autograd.forward_ad
-
-
-def _needs_grad(x) -> bool:
-    # _library.needs_autograd(x), inlined: a tiny pool call is ~8 us, and the call costs ~0.4
-    return (x.requires_grad and _grad_enabled()) or _fwad._current_level >= 0
+_route = _library.route
+_DIRECT, _GRAPH, _TRACED = _library.DIRECT, _library.GRAPH, _library.TRACED
+_torch = {name: _library.torch_function(name) for name in __all__}
 
 
 def _check_torch(fn, x):
@@ -210,15 +206,19 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y, idx = fastdl.nn.functional.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
     """
     _check_torch("max_pool2d", input)
-    if _library.tracing(input):  # torch.compile / export: the custom op (see fastdl._library)
+    r = _route(input)
+    if r == _DIRECT:
+        return _layout_of(input, ops.max_pool2d(input, kernel_size, stride, padding, dilation,
+                                                ceil_mode, return_indices))
+    if r == _GRAPH:
+        return _layout_of(input, _MaxPoolFn.apply(
+            input, (kernel_size, stride, padding, dilation, ceil_mode), return_indices))
+    if r == _TRACED:  # torch.compile / export: the custom op (see fastdl._library)
         y, idx = _library.max_pool2d(input, *_library.pool_window("max_pool2d", kernel_size, stride,
                                                                   padding, dilation), ceil_mode)
         return (y, idx) if return_indices else y
-    if _needs_grad(input):
-        return _layout_of(input, _MaxPoolFn.apply(
-            input, (kernel_size, stride, padding, dilation, ceil_mode), return_indices))
-    return _layout_of(input, ops.max_pool2d(input, kernel_size, stride, padding, dilation,
-                                            ceil_mode, return_indices))
+    return _torch["max_pool2d"](input, kernel_size, stride, padding, dilation, ceil_mode,
+                                return_indices)
 
 
 def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -228,15 +228,19 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     >>> y = fastdl.nn.functional.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
     """
     _check_torch("avg_pool2d", input)
-    if _library.tracing(input):
-        k, s, p, _ = _library.pool_window("avg_pool2d", kernel_size, stride, padding)
-        return _library.avg_pool2d(input, k, s, p, ceil_mode, count_include_pad, divisor_override)
-    if _needs_grad(input):
+    r = _route(input)
+    if r == _DIRECT:
+        return _layout_of(input, ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode,
+                                                count_include_pad, divisor_override))
+    if r == _GRAPH:
         return _layout_of(input, _AvgPoolFn.apply(input, (kernel_size, stride, padding,
                                                           ceil_mode, count_include_pad,
                                                           divisor_override)))
-    return _layout_of(input, ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode,
-                                            count_include_pad, divisor_override))
+    if r == _TRACED:
+        k, s, p, _ = _library.pool_window("avg_pool2d", kernel_size, stride, padding)
+        return _library.avg_pool2d(input, k, s, p, ceil_mode, count_include_pad, divisor_override)
+    return _torch["avg_pool2d"](input, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                                divisor_override)
 
 
 def adaptive_max_pool2d(input, output_size, return_indices=False):
@@ -245,14 +249,17 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     >>> y = fastdl.nn.functional.adaptive_max_pool2d(x, (7, None))
     """
     _check_torch("adaptive_max_pool2d", input)
-    if _library.tracing(input):
+    r = _route(input)
+    if r == _DIRECT:
+        return _layout_of(input, ops.adaptive_max_pool2d(input, output_size, return_indices))
+    if r == _GRAPH:
+        return _layout_of(input, _MaxPoolFn.apply(input, ("adaptive", output_size),
+                                                  return_indices))
+    if r == _TRACED:
         y, idx = _library.adaptive_max_pool2d(input, _library.adaptive_output_size(
             "adaptive_max_pool2d", input, output_size))
         return (y, idx) if return_indices else y
-    if _needs_grad(input):
-        return _layout_of(input, _MaxPoolFn.apply(input, ("adaptive", output_size),
-                                                  return_indices))
-    return _layout_of(input, ops.adaptive_max_pool2d(input, output_size, return_indices))
+    return _torch["adaptive_max_pool2d"](input, output_size, return_indices)
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -261,12 +268,15 @@ def adaptive_avg_pool2d(input, output_size):
     >>> y = fastdl.nn.functional.adaptive_avg_pool2d(x, 1)      # global average pooling
     """
     _check_torch("adaptive_avg_pool2d", input)
-    if _library.tracing(input):
+    r = _route(input)
+    if r == _DIRECT:
+        return _layout_of(input, ops.adaptive_avg_pool2d(input, output_size))
+    if r == _GRAPH:
+        return _layout_of(input, _AvgPoolFn.apply(input, ("adaptive", output_size)))
+    if r == _TRACED:
         return _library.adaptive_avg_pool2d(input, _library.adaptive_output_size(
             "adaptive_avg_pool2d", input, output_size))
-    if _needs_grad(input):
-        return _layout_of(input, _AvgPoolFn.apply(input, ("adaptive", output_size)))
-    return _layout_of(input, ops.adaptive_avg_pool2d(input, output_size))
+    return _torch["adaptive_avg_pool2d"](input, output_size)
 
 
 def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
@@ -276,11 +286,14 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     >>> x2 = fastdl.nn.functional.max_unpool2d(y, idx, 2)
     """
     _check_torch("max_unpool2d", input)
-    if _library.tracing(input):
+    r = _route(input)
+    window = (kernel_size, stride, padding, output_size)
+    if r == _DIRECT:
+        return ops.max_unpool2d(input, indices, *window)
+    if r == _GRAPH:
+        return _MaxUnpoolFn.apply(input, indices, window)
+    if r == _TRACED:
         k, s, p, _ = _library.pool_window("max_unpool2d", kernel_size, stride, padding)
         return _library.max_unpool2d(input, indices, k, s, p,
                                      None if output_size is None else list(output_size))
-    window = (kernel_size, stride, padding, output_size)
-    if _needs_grad(input):
-        return _MaxUnpoolFn.apply(input, indices, window)
-    return ops.max_unpool2d(input, indices, *window)
+    return _torch["max_unpool2d"](input, indices, kernel_size, stride, padding, output_size)

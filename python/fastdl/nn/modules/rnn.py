@@ -4,7 +4,10 @@ Each class derives from its torch counterpart, so the constructor, parameter nam
 (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, weight_hr_l0, ..._reverse), shapes, gate
 order, initialisation, repr, state_dict layout and torch's own argument checks
 (check_forward_args, permute_hidden) are torch's; forward runs fastdl.ops.recurrent_layer_* through
-fastdl.nn.functional.rnn's autograd instead of torch's _VF kernels.
+fastdl.nn.functional.rnn's autograd instead of torch's _VF kernels. Under a torch.func transform
+(grad, jacrev, jvp, vmap) or with a forward-AD tangent on the input, a state or a parameter,
+forward is torch's own (torch's result; under vmap, torch's error: torch has no batching rule for
+its recurrent ops).
 
 >>> lstm = fastdl.nn.LSTM(10, 20, num_layers=2, batch_first=True)
 >>> lstm.load_state_dict(torch.nn.LSTM(10, 20, num_layers=2).state_dict())
@@ -15,9 +18,25 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ... import _library
 from ..functional import rnn as _f
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
+
+
+def _torch_computes(module, input, *states) -> bool:
+    """Whether torch's own forward must compute this call (fastdl._library.route: a torch.func
+    transform, or a forward-AD tangent on input, states or parameters)."""
+    data = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(data, torch.Tensor):
+        return False   # (fastdl's forward raises the TypeError)
+    flat = []
+    for s in states:
+        flat.extend(t for t in (s if isinstance(s, (tuple, list)) else (s,))
+                    if isinstance(t, torch.Tensor))   # (anything else: fastdl's checks raise)
+    params = [getattr(module, n) for n in module._flat_weights_names] if hasattr(
+        module, "_flat_weights_names") else list(module.parameters())
+    return _library.route(data, *flat, *params) == _library.TORCH
 
 
 def _check_kind(name, input, weight):
@@ -39,6 +58,8 @@ class _RecurrentMixin:
         raise NotImplementedError
 
     def forward(self, input, hx=None):  # noqa: C901 (mirrors torch's branches one for one)
+        if _torch_computes(self, input, hx):
+            return super().forward(input, hx)
         mode = self._fastdl_mode()
         lstm = mode == _f.LSTM
         name = type(self).__name__
@@ -231,6 +252,8 @@ class RNNCell(nn.RNNCell):
     """
 
     def forward(self, input, hx=None):
+        if _torch_computes(self, input, hx):
+            return super().forward(input, hx)
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         return _cell(self, _f.TANH if self.nonlinearity == "tanh" else _f.RELU, input, hx, None)
@@ -245,6 +268,8 @@ class LSTMCell(nn.LSTMCell):
     """
 
     def forward(self, input, hx=None):
+        if _torch_computes(self, input, hx):
+            return super().forward(input, hx)
         if hx is None:
             return _cell(self, _f.LSTM, input, None, None)
         return _cell(self, _f.LSTM, input, hx[0], hx[1])
@@ -259,4 +284,6 @@ class GRUCell(nn.GRUCell):
     """
 
     def forward(self, input, hx=None):
+        if _torch_computes(self, input, hx):
+            return super().forward(input, hx)
         return _cell(self, _f.GRU, input, hx, None)
