@@ -279,60 +279,27 @@ def _cache_put(key, value):
 
 
 # ---- eager fast path: cached geometry of plain torch CPU calls ---------------------------------
-# fastdl.nn.functional's pools on a plain contiguous CPU tensor skip the general path's key
-# building, checks and dispatch (_cache_key alone is ~1 us; the whole general forward ~9 us on a
-# 1x1x4x4 input, 1 thread): they look the call up here by (kind, shape, dtype, arguments) and get
-# the Pool2dParams the general path derives, which it computes on a miss (raising its errors).
-# Only exact ints, None and pairs of them enter keys (2.0 == 2 and True == 1 must not find a cached
-# kernel_size of 2 or 1), and flags only as True/False; anything else takes the general path.
-_FAST: dict = {}
+# fastdl.nn.functional's pools look a plain contiguous CPU tensor's call up by (kind, shape, dtype,
+# arguments) in FAST (nn/functional/pool.py's _eager and _pair: which calls qualify, and how keys
+# stay exact)
+# and skip the general path's key building, checks and dispatch. fast_put computes an entry on a
+# miss with the general path's own geometry functions, raising their errors, so an entry holds the
+# very Pool2dParams the general path would pass to the kernel.
+FAST: dict = {}
 
 
-def _plain_args(args) -> bool:
-    for a in args:
-        t = type(a)
-        if t is int or a is None:
-            continue
-        if t is tuple and len(a) == 2:
-            u, v = type(a[0]), type(a[1])
-            if (u is int or a[0] is None) and (v is int or a[1] is None):
-                continue
-        return False
-    return True
-
-
-def fast_cpu_geometry(kind, x, args, flags):
-    """For fastdl.nn.functional's eager fast path: (output shape, Pool2dParams with int64
-    indices, Pool2dParams with int32 indices or None, input shape, whether the input has at most
-    one element, then contiguous templates of the output, of int32 indices and of the input for
-    torch.empty_like, or three None for large shapes) of pooling `kind` ("max",
-    "avg", "adaptive_max", "adaptive_avg") on the plain torch tensor x (the caller checks
-    type(x) is torch.Tensor) with arguments args (ints, None, pairs) and flags (bools) in the
-    order of the general geometry function; None when the call is not one for the fast path (not
-    a contiguous CPU tensor, arguments of other types), so the general path runs. Raises the
-    general path's errors for invalid arguments (it computes the geometry on a miss)."""
-    for f in flags:
-        if f is not True and f is not False:
-            return None
-    if not (_plain_args(args) and x.is_cpu and x.is_contiguous()) or _tensor.CPU_DEVICE >= 0:
-        return None
-    key = (kind, x.shape, x.dtype) + args + flags
-    hit = _FAST.get(key)
-    if hit is None:
-        hit = _fast_put(key, kind, x, args, flags)
-    # A tensor with the negative bit (z.conj().imag) holds negated values; such a real view has
-    # even strides, so it is contiguous only with at most one element: only those are asked.
-    if hit[4] and x.is_neg():
-        return None
-    return hit
-
-
-def _fast_put(key, kind, x, args, flags):
+def fast_put(key, x):
+    """FAST[key] for key = (kind, x.shape, x.dtype, *arguments): pooling `kind` ("max", "avg",
+    "adaptive_max", "adaptive_avg") on the torch CPU tensor x with the arguments of the
+    fastdl.ops function of that name, in its order (from kernel_size, or output_size). The value:
+    (output shape, Pool2dParams with int64 indices, Pool2dParams with int32 indices or None,
+    input shape, whether x has at most one element, then contiguous templates of the output, of
+    int32 indices and of the input for torch.empty_like, or three None for large shapes)."""
+    kind, args = key[0], key[3:]
     if kind == "max":
-        out_shape, params, params32, _ = _max_geometry(x, *args, *flags)
+        out_shape, params, params32, _ = _max_geometry(x, *args)
     elif kind == "avg":
-        k, s, p, div = args
-        out_shape, params, _ = _avg_geometry(x, k, s, p, *flags, div)
+        out_shape, params, _ = _avg_geometry(x, *args)
         params32 = None
     else:
         out_shape, params, params32, _ = _adaptive_geometry(f"{kind}_pool2d", x, *args)
@@ -344,9 +311,9 @@ def _fast_put(key, kind, x, args, flags):
     small = max(_numel(out_shape), _numel(in_shape)) <= _TEMPLATE_MAX
     templates = ((x.new_empty(out_shape), x.new_empty(out_shape, dtype=_torch_int32()),
                   x.new_empty(in_shape)) if small else (None, None, None))
-    if len(_FAST) >= _CACHE_MAX:
-        _FAST.clear()
-    value = _FAST[key] = (out_shape, params, params32, in_shape, single) + templates
+    if len(FAST) >= _CACHE_MAX:
+        FAST.clear()
+    value = FAST[key] = (out_shape, params, params32, in_shape, single) + templates
     return value
 
 

@@ -42,39 +42,61 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _jit_tracing = torch._C._is_tracing       # torch.jit.is_tracing without its is_scripting() test
 _functorch_level = torch._C._functorch.peek_interpreter_stack   # None outside torch.func
-_fast_geometry = _ops_pool.fast_cpu_geometry
+_FAST, _fast_put = _ops_pool.FAST, _ops_pool.fast_put
 _int32, _int64 = torch.int32, torch.int64
-_max_fwd, _max_bwd = _C.max_pool2d_forward, _C.max_pool2d_backward
-_avg_fwd, _avg_bwd = _C.avg_pool2d_forward, _C.avg_pool2d_backward
+_max_fwd, _max_bwd = _C.max_pool2d_cpu, _C.max_pool2d_backward_cpu
+_avg_fwd, _avg_bwd = _C.avg_pool2d_cpu, _C.avg_pool2d_backward_cpu
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 _empty_like = torch.empty_like
 
 
-def _fast(x, kind, args, flags):
-    """The cached geometry when this call may take the fast path, else None."""
-    if (type(x) is not _Tensor or _is_compiling() or _dispatch_modes() or _jit_tracing()
-            or _functorch_level() is not None or _fwad._current_level >= 0):
-        return None
-    return _fast_geometry(kind, x, args, flags)
+def _eager(x) -> bool:
+    """Whether x may take the fast path: a plain torch.Tensor (not a subclass such as a
+    FakeTensor), on the CPU and contiguous, outside torch.compile / export, jit.trace, dispatch
+    modes, torch.func transforms and forward AD (all of which the general path handles)."""
+    return (type(x) is _Tensor and x.is_cpu
+            and not (_is_compiling() or _dispatch_modes() or _jit_tracing())
+            and _functorch_level() is None and _fwad._current_level < 0
+            and _tensor.CPU_DEVICE < 0 and x.is_contiguous())
+
+
+def _pair(a) -> bool:
+    """None or a tuple of two ints/None: with exact ints (tested inline by the callers), the
+    only arguments that enter fast-path keys (2.0 == 2 and True == 1 must not find a cached
+    kernel_size of 2 or 1); flags enter only as True/False."""
+    return a is None or (type(a) is tuple and len(a) == 2 and (type(a[0]) is int or a[0] is None)
+                         and (type(a[1]) is int or a[1] is None))
+
+
+def _geometry(key, x):
+    """The cached geometry for key (ops.pool.fast_put computes it on a miss, raising the general
+    path's errors), or None for a tensor with the negative bit (z.conj().imag holds negated
+    values; such a real view has even strides, so it is contiguous only with at most one
+    element: only those are asked)."""
+    geo = _FAST.get(key)
+    if geo is None:
+        geo = _fast_put(key, x)
+    return None if geo[4] and x.is_neg() else geo
 
 
 def _max_fast(x, geo, indices):
     """Max pooling forward by the cached geometry; indices: None (not written), int64 or int32."""
     y = x.new_empty(geo[0]) if geo[5] is None else _empty_like(geo[5])
     if indices is None:
-        _max_fwd(geo[1], x.data_ptr(), y.data_ptr(), None, -1, 0)
+        _max_fwd(geo[1], x.data_ptr(), y.data_ptr(), 0)
         return y, None
     if indices is _int32:
         idx = x.new_empty(geo[0], dtype=_int32) if geo[6] is None else _empty_like(geo[6])
-        _max_fwd(geo[2], x.data_ptr(), y.data_ptr(), idx.data_ptr(), -1, 0)
+        _max_fwd(geo[2], x.data_ptr(), y.data_ptr(), idx.data_ptr())
     else:
         idx = x.new_empty(geo[0], dtype=_int64)
-        _max_fwd(geo[1], x.data_ptr(), y.data_ptr(), idx.data_ptr(), -1, 0)
+        _max_fwd(geo[1], x.data_ptr(), y.data_ptr(), idx.data_ptr())
     return y, idx
 
 
 def _avg_fast(x, geo):
     y = x.new_empty(geo[0]) if geo[5] is None else _empty_like(geo[5])
-    _avg_fwd(geo[1], x.data_ptr(), y.data_ptr(), -1, 0)
+    _avg_fwd(geo[1], x.data_ptr(), y.data_ptr())
     return y
 
 
@@ -143,7 +165,7 @@ class _MaxPoolFn(torch.autograd.Function):
             if g is not None:  # the forward's geometry is the backward's (same Pool2dParams)
                 gx = _new_grad_input(g, geo)
                 _max_bwd(geo[1] if ctx.idx is None else geo[2], g.data_ptr(), idx.data_ptr(),
-                         gx.data_ptr(), -1, 0)
+                         gx.data_ptr())
                 return gx, None, None, None
         return _max_pool_grad(gy, idx, ctx.in_shape, ctx.window), None, None, None
 
@@ -213,7 +235,7 @@ class _AvgPoolFn(torch.autograd.Function):
             g = _fast_grad(gy)
             if g is not None:  # the forward's geometry is the backward's (same Pool2dParams)
                 gx = _new_grad_input(g, geo)
-                _avg_bwd(geo[1], g.data_ptr(), gx.data_ptr(), -1, 0)
+                _avg_bwd(geo[1], g.data_ptr(), gx.data_ptr())
                 return gx, None, None
         return _avg_pool_grad(gy, ctx.in_shape, ctx.window), None, None
 
@@ -275,6 +297,20 @@ class _UnpoolGather(torch.autograd.Function):
         return out.view(shape), None
 
 
+def _bare_apply(fn):
+    """fn.apply without torch.autograd.Function.apply's Python wrapper (~5 us of a tiny call,
+    1 thread, under load): the wrapper binds default arguments for a setup_context (these
+    Functions have none), unwraps dead torch.func wrappers (the caller does, _unwrap_if_dead)
+    and routes calls under torch.func transforms (the fast path excludes them). Falls back to
+    fn.apply where torch's _FunctionBase has no such classmethod."""
+    raw = getattr(torch._C, "_FunctionBase", None)
+    raw = getattr(raw, "__dict__", {}).get("apply")
+    return raw.__get__(None, fn) if hasattr(raw, "__get__") else fn.apply
+
+
+_max_apply, _avg_apply = _bare_apply(_MaxPoolFn), _bare_apply(_AvgPoolFn)
+
+
 def _layout_of(input, out):
     """torch's pooling keeps a channels_last input's layout in its outputs; fastdl's kernels
     write contiguous NCHW, so such outputs are copied to channels_last (values unchanged)."""
@@ -293,11 +329,18 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y = fastdl.nn.functional.max_pool2d(x, 2)
     >>> y, idx = fastdl.nn.functional.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
     """
-    geo = _fast(input, "max", (kernel_size, stride, padding, dilation), (ceil_mode,))
+    if (_eager(input) and (type(kernel_size) is int or _pair(kernel_size))
+            and (type(stride) is int or _pair(stride)) and (type(padding) is int or _pair(padding))
+            and (type(dilation) is int or _pair(dilation))
+            and (ceil_mode is False or ceil_mode is True)):
+        geo = _geometry(("max", input.shape, input.dtype, kernel_size, stride, padding, dilation,
+                         ceil_mode), input)
+    else:
+        geo = None
     if geo is not None:
         if input.requires_grad and _grad_enabled():
-            return _MaxPoolFn.apply(input, (kernel_size, stride, padding, dilation, ceil_mode),
-                                    return_indices, geo)
+            return _max_apply(_unwrap_if_dead(input), (kernel_size, stride, padding, dilation,
+                                                        ceil_mode), return_indices, geo)
         y, idx = _max_fast(input, geo, _int64 if return_indices else None)
         return (y, idx) if return_indices else y
     _check_torch("max_pool2d", input)
@@ -318,12 +361,19 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 
     >>> y = fastdl.nn.functional.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
     """
-    geo = _fast(input, "avg", (kernel_size, stride, padding, divisor_override),
-                (ceil_mode, count_include_pad))
+    if (_eager(input) and (type(kernel_size) is int or _pair(kernel_size))
+            and (type(stride) is int or _pair(stride)) and (type(padding) is int or _pair(padding))
+            and (type(divisor_override) is int or divisor_override is None)
+            and (ceil_mode is False or ceil_mode is True)
+            and (count_include_pad is True or count_include_pad is False)):
+        geo = _geometry(("avg", input.shape, input.dtype, kernel_size, stride, padding, ceil_mode,
+                         count_include_pad, divisor_override), input)
+    else:
+        geo = None
     if geo is not None:
         if input.requires_grad and _grad_enabled():
-            return _AvgPoolFn.apply(input, (kernel_size, stride, padding, ceil_mode,
-                                            count_include_pad, divisor_override), geo)
+            return _avg_apply(_unwrap_if_dead(input), (kernel_size, stride, padding, ceil_mode,
+                                                       count_include_pad, divisor_override), geo)
         return _avg_fast(input, geo)
     _check_torch("avg_pool2d", input)
     if _library.tracing(input):
@@ -342,10 +392,14 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
 
     >>> y = fastdl.nn.functional.adaptive_max_pool2d(x, (7, None))
     """
-    geo = _fast(input, "adaptive_max", (output_size,), ())
+    if _eager(input) and (type(output_size) is int or _pair(output_size)):
+        geo = _geometry(("adaptive_max", input.shape, input.dtype, output_size), input)
+    else:
+        geo = None
     if geo is not None:
         if input.requires_grad and _grad_enabled():
-            return _MaxPoolFn.apply(input, ("adaptive", output_size), return_indices, geo)
+            return _max_apply(_unwrap_if_dead(input), ("adaptive", output_size), return_indices,
+                              geo)
         y, idx = _max_fast(input, geo, _int64 if return_indices else None)
         return (y, idx) if return_indices else y
     _check_torch("adaptive_max_pool2d", input)
@@ -364,10 +418,13 @@ def adaptive_avg_pool2d(input, output_size):
 
     >>> y = fastdl.nn.functional.adaptive_avg_pool2d(x, 1)      # global average pooling
     """
-    geo = _fast(input, "adaptive_avg", (output_size,), ())
+    if _eager(input) and (type(output_size) is int or _pair(output_size)):
+        geo = _geometry(("adaptive_avg", input.shape, input.dtype, output_size), input)
+    else:
+        geo = None
     if geo is not None:
         if input.requires_grad and _grad_enabled():
-            return _AvgPoolFn.apply(input, ("adaptive", output_size), geo)
+            return _avg_apply(_unwrap_if_dead(input), ("adaptive", output_size), geo)
         return _avg_fast(input, geo)
     _check_torch("adaptive_avg_pool2d", input)
     if _library.tracing(input):
