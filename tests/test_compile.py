@@ -23,7 +23,10 @@ import torch.nn.functional as TF
 import fastdl
 import fastdl.nn.functional as FF
 from fastdl import _library
+from fastdl.nn.functional import pool as _pool
 from helpers import assert_close, rand
+
+_EAGER = _pool._eager
 
 # ---- the two paths agree bitwise -----------------------------------------------------------------
 
@@ -46,6 +49,8 @@ def _run(fn, inputs, kwargs, traced, monkeypatch, create_graph=False):
     """fn on fresh leaf copies of inputs, through the eager path or (traced=True) the custom ops;
     returns the outputs and the gradients of every floating input under a fixed upstream grad."""
     monkeypatch.setattr(_library, "tracing", lambda x=None: traced)
+    if traced:  # the pools' eager fast path tests the same conditions as tracing(), negated
+        monkeypatch.setattr(_pool, "_eager", lambda x: False)
     xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in inputs]
     out = fn(*xs, **kwargs)
     outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -487,6 +492,7 @@ def test_double_backward_refused_when_traced(monkeypatch, name, fn, inputs):
     # the custom ops' backward is not differentiable: a clear error, never silently None or zero
     # second derivatives (the eager path differentiates its backward: test_linear / test_pool)
     monkeypatch.setattr(_library, "tracing", lambda x=None: True)
+    monkeypatch.setattr(_pool, "_eager", lambda x: False)   # (the pools' eager fast path)
     xs = [x.requires_grad_() for x in inputs()]
     out = fn(*xs)
     with pytest.raises(RuntimeError, match=f"fastdl {name} does not support double backward"):
@@ -494,5 +500,6 @@ def test_double_backward_refused_when_traced(monkeypatch, name, fn, inputs):
     # without create_graph the first derivative, as eager
     grads = torch.autograd.grad((fn(*xs) ** 2).sum(), xs)
     monkeypatch.setattr(_library, "tracing", lambda x=None: False)
+    monkeypatch.setattr(_pool, "_eager", _EAGER)
     want = torch.autograd.grad((fn(*xs) ** 2).sum(), xs)
     assert all(torch.equal(g, w) for g, w in zip(grads, want))

@@ -29,14 +29,20 @@ def _needs_grad(x) -> bool:
 
 
 # ---- the eager fast path ------------------------------------------------------------------------
-# A plain contiguous CPU tensor (float32/float64) with int arguments, outside torch.compile /
-# export, jit.trace, dispatch modes, torch.func transforms and forward AD, goes straight to the
-# kernel with the geometry fastdl.ops cached for it (ops.pool.fast_cpu_geometry): the same
-# Pool2dParams and kernel as the general path, so outputs, indices and gradients are bitwise the
-# same (tests/test_pool.py checks both paths against each other). Everything else, and every
-# invalid call, takes the general path below with its checks and errors.
-# Measured 1 thread under load, 1x1x4x4 k2, median us per call (general -> fast; torch):
-# max_pool2d forward 12.0 -> see benchmarks/RESULTS.md.
+# Issue 11 (per-call cost within 2x of torch on tiny inputs). A plain contiguous CPU tensor with
+# exact-int arguments, outside torch.compile / export, jit.trace, dispatch modes, torch.func
+# transforms and forward AD (_eager), is looked up by (kind, shape, dtype, arguments) in
+# fastdl.ops.pool.FAST, whose entries hold the Pool2dParams the general path's own geometry
+# functions computed (raising its errors on a miss), and goes straight to the kernel through lean
+# bindings (_C.*_pool2d*_cpu: pointers as ints, no device dispatch), its outputs allocated by
+# torch.empty_like of cached templates, and, when autograd records, through the same
+# torch.autograd.Functions entered without Function.apply's Python wrapper. Same params and
+# kernels as the general path, so outputs, indices and gradients are bitwise the same
+# (tests/test_pool_fast_path.py runs both). Everything else takes the general path below.
+# Where the microseconds went (1x1x4x4 k2 forward, 1 thread, under load, general path ~9 us):
+# argument/geometry cache key ~1 us, _library.tracing ~0.8, three Python layers of calls ~1,
+# new_empty of a shape ~2 per tensor, the pybind11 entry with device dispatch ~1.5,
+# Function.apply's wrapper ~5 (training). Figures before/after: benchmarks/RESULTS.md.
 _Tensor = torch.Tensor
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
