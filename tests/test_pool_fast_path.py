@@ -237,6 +237,23 @@ def test_errors_through_the_fast_path(monkeypatch, fn, args, kwargs):
     assert str(fast_err.value) == str(general_err.value)
 
 
+def test_templates_made_in_inference_mode():
+    """A geometry first cached under inference_mode (its templates inference tensors) still
+    gives normal tensors, recorded by autograd, outside it."""
+    x = rand(1, 2, 5, 7, dtype=torch.float64)
+    with torch.inference_mode():
+        for fn in (F.max_pool2d, F.avg_pool2d):
+            assert fn(x, 2).is_inference()
+    xg = x.clone().requires_grad_()
+    for fn, ref_fn in ((F.max_pool2d, TF.max_pool2d), (F.avg_pool2d, TF.avg_pool2d)):
+        y = fn(xg, 2)
+        assert not y.is_inference() and y.requires_grad
+        (gx,) = torch.autograd.grad(y.sum(), xg)
+        (want,) = torch.autograd.grad(ref_fn(xg, 2).sum(), xg)
+        assert not gx.is_inference()
+        assert_close(gx, want)
+
+
 def test_large_shapes_use_no_template(calls):
     """Shapes above the template size are allocated by new_empty (templates would hold memory)."""
     x = rand(2, 8, 40, 40)

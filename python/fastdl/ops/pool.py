@@ -280,11 +280,10 @@ def _cache_put(key, value):
 
 # ---- eager fast path: cached geometry of plain torch CPU calls ---------------------------------
 # fastdl.nn.functional's pools look a plain contiguous CPU tensor's call up by (kind, shape, dtype,
-# arguments) in FAST (nn/functional/pool.py's _eager and _pair: which calls qualify, and how keys
-# stay exact)
-# and skip the general path's key building, checks and dispatch. fast_put computes an entry on a
-# miss with the general path's own geometry functions, raising their errors, so an entry holds the
-# very Pool2dParams the general path would pass to the kernel.
+# arguments) in FAST (nn/functional/pool.py's _eager and _pair say which calls qualify and how keys
+# stay exact) and skip the general path's key building, checks and dispatch. fast_put computes an
+# entry on a miss with the general path's own geometry functions, raising their errors, so an
+# entry holds the very Pool2dParams the general path would pass to the kernel.
 FAST: dict = {}
 
 
