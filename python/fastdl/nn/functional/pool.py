@@ -2,7 +2,8 @@
 fastdl pooling kernels through the same fastdl.ops functions a numpy user calls. Each
 differentiable call is a torch.autograd.Function whose backward calls the matching fastdl.ops
 backward; when no gradient is needed the fastdl.ops forward is called directly (no autograd node,
-and max pooling skips writing indices nobody asked for).
+and max pooling skips writing indices nobody asked for). Plain contiguous CPU tensors with int
+arguments take an eager fast path to the same kernels with the geometry fastdl.ops cached (below).
 
 >>> import fastdl.nn.functional as F
 >>> y = F.max_pool2d(torch.randn(8, 16, 32, 32, requires_grad=True), 3, stride=2, padding=1)
