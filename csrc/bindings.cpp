@@ -604,6 +604,29 @@ PYBIND11_MODULE(_C, m) {
       py::arg("p"), py::arg("grad_output"), py::arg("indices"), py::arg("grad_input"),
       py::arg("device"), py::arg("stream"));
 
+  // The eager fast path of fastdl.nn.functional's pools: plain contiguous CPU tensors whose
+  // geometry python/fastdl/ops/pool.py has validated and cached; data pointers as ints, no device
+  // or stream, no keyword names (a 1x1x4x4 call: ~0.3 us less than the entry points above).
+  m.def("max_pool2d_cpu", [](const Pool2dParams& p, uintptr_t x, uintptr_t y, uintptr_t idx) {
+    py::gil_scoped_release release;
+    max_pool2d_forward_cpu(p, reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y),
+                           reinterpret_cast<void*>(idx));  // idx 0: indices not written
+  });
+  m.def("max_pool2d_backward_cpu", [](const Pool2dParams& p, uintptr_t gy, uintptr_t idx,
+                                      uintptr_t gx) {
+    py::gil_scoped_release release;
+    max_pool2d_backward_cpu(p, reinterpret_cast<const void*>(gy),
+                            reinterpret_cast<const void*>(idx), reinterpret_cast<void*>(gx));
+  });
+  m.def("avg_pool2d_cpu", [](const Pool2dParams& p, uintptr_t x, uintptr_t y) {
+    py::gil_scoped_release release;
+    avg_pool2d_forward_cpu(p, reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y));
+  });
+  m.def("avg_pool2d_backward_cpu", [](const Pool2dParams& p, uintptr_t gy, uintptr_t gx) {
+    py::gil_scoped_release release;
+    avg_pool2d_backward_cpu(p, reinterpret_cast<const void*>(gy), reinterpret_cast<void*>(gx));
+  });
+
   // ---- convolution (csrc/conv.h) -------------------------------------------------------------
   // pass 0 forward:          a = x, b = w, c = bias or None, d = y
   // pass 1 input gradient:   a = gy, b = w, d = gx (c unused)

@@ -23,7 +23,10 @@ import torch.nn.functional as TF
 import fastdl
 import fastdl.nn.functional as FF
 from fastdl import _library
+from fastdl.nn.functional import pool as _pool
 from helpers import assert_close, rand
+
+_EAGER = _pool._eager
 
 # ---- the two paths agree bitwise -----------------------------------------------------------------
 
@@ -46,6 +49,8 @@ def _force_path(monkeypatch, traced):
     """Every fastdl call takes the custom ops (traced) or the eager path: the dispatch-mode probe
     that both _library.tracing() and _library.route() read, patched."""
     monkeypatch.setattr(_library, "_dispatch_modes", lambda: int(traced))
+    # the pools' eager fast path tests the same conditions itself, negated
+    monkeypatch.setattr(_pool, "_eager", (lambda x: False) if traced else _EAGER)
 
 
 def _run(fn, inputs, kwargs, traced, monkeypatch, create_graph=False):

@@ -218,6 +218,7 @@ def _patch_kernels(monkeypatch, counts):
     """Counts fastdl's direct kernel calls and its autograd Functions' forwards."""
     _spy(monkeypatch, flinear.ops, "linear", counts, "kernel")
     _spy(monkeypatch, fpool.ops, "max_pool2d", counts, "kernel")
+    _spy(monkeypatch, fpool, "_max_fast", counts, "kernel")      # (the pools' eager fast path)
     _spy(monkeypatch, fconv._ops, "conv2d_run", counts, "kernel")
     _spy(monkeypatch, frnn._ops, "recurrent_layer_forward", counts, "kernel")
     for cls in (flinear._Linear, fpool._MaxPoolFn, fconv._Conv2dFn, frnn._Layer):

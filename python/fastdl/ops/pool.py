@@ -278,6 +278,58 @@ def _cache_put(key, value):
     return value
 
 
+# ---- eager fast path: cached geometry of plain torch CPU calls ---------------------------------
+# fastdl.nn.functional's pools look a plain contiguous CPU tensor's call up by (kind, shape, dtype,
+# arguments) in FAST (nn/functional/pool.py's _eager and _pair say which calls qualify and how keys
+# stay exact) and skip the general path's key building, checks and dispatch. fast_put computes an
+# entry on a miss with the general path's own geometry functions, raising their errors, so an
+# entry holds the very Pool2dParams the general path would pass to the kernel.
+FAST: dict = {}
+
+
+def fast_put(key, x):
+    """FAST[key] for key = (kind, x.shape, x.dtype, *arguments): pooling `kind` ("max", "avg",
+    "adaptive_max", "adaptive_avg") on the torch CPU tensor x with the arguments of the
+    fastdl.ops function of that name, in its order (from kernel_size, or output_size). The value:
+    (output shape, Pool2dParams with int64 indices, Pool2dParams with int32 indices or None,
+    input shape, whether x has at most one element, then contiguous templates of the output, of
+    int32 indices and of the input for torch.empty_like, or three None for large shapes)."""
+    kind, args = key[0], key[3:]
+    if kind == "max":
+        out_shape, params, params32, _ = _max_geometry(x, *args)
+    elif kind == "avg":
+        out_shape, params, _ = _avg_geometry(x, *args)
+        params32 = None
+    else:
+        out_shape, params, params32, _ = _adaptive_geometry(f"{kind}_pool2d", x, *args)
+    in_shape = tuple(x.shape)
+    single = x.numel() <= 1
+    # Small outputs are allocated by torch.empty_like of a contiguous template kept here (~1 us
+    # less than x.new_empty(shape) on a tiny call, 1 thread); large ones by new_empty (a template
+    # would hold their memory).
+    small = max(_numel(out_shape), _numel(in_shape)) <= _TEMPLATE_MAX
+    templates = ((x.new_empty(out_shape), x.new_empty(out_shape, dtype=_torch_int32()),
+                  x.new_empty(in_shape)) if small else (None, None, None))
+    if len(FAST) >= _CACHE_MAX:
+        FAST.clear()
+    value = FAST[key] = (out_shape, params, params32, in_shape, single) + templates
+    return value
+
+
+_TEMPLATE_MAX = 1024
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _torch_int32():
+    return _tensor.torch_module().int32
+
+
 # ---- max_pool2d -------------------------------------------------------------------------------
 
 def _max_geometry(input, kernel_size, stride, padding, dilation, ceil_mode):

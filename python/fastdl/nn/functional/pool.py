@@ -2,7 +2,8 @@
 fastdl pooling kernels through the same fastdl.ops functions a numpy user calls. Each
 differentiable call is a torch.autograd.Function whose backward calls the matching fastdl.ops
 backward; when no gradient is needed the fastdl.ops forward is called directly (no autograd node,
-and max pooling skips writing indices nobody asked for).
+and max pooling skips writing indices nobody asked for). Plain contiguous CPU tensors with int
+arguments take an eager fast path to the same kernels with the geometry fastdl.ops cached (below).
 
 >>> import fastdl.nn.functional as F
 >>> y = F.max_pool2d(torch.randn(8, 16, 32, 32, requires_grad=True), 3, stride=2, padding=1)
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ... import _library, _tensor
+from ... import _C, _library, _tensor
 from ... import ops
+from ...ops import pool as _ops_pool
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
            "max_unpool2d"]
@@ -21,6 +23,98 @@ __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool
 _route = _library.route
 _DIRECT, _GRAPH, _TRACED = _library.DIRECT, _library.GRAPH, _library.TRACED
 _torch = {name: _library.torch_function(name) for name in __all__}
+
+
+# ---- the eager fast path ------------------------------------------------------------------------
+# Issue 11 (per-call cost within 2x of torch on tiny inputs). A plain contiguous CPU tensor with
+# exact-int arguments, outside torch.compile / export, jit.trace, dispatch modes, torch.func
+# transforms and forward AD (_eager), is looked up by (kind, shape, dtype, arguments) in
+# fastdl.ops.pool.FAST, whose entries hold the Pool2dParams the general path's own geometry
+# functions computed (raising its errors on a miss), and goes straight to the kernel through lean
+# bindings (_C.*_pool2d*_cpu: pointers as ints, no device dispatch), its outputs allocated by
+# torch.empty_like of cached templates, and, when autograd records, through the same
+# torch.autograd.Functions entered without Function.apply's Python wrapper. Same params and
+# kernels as the general path, so outputs, indices and gradients are bitwise the same
+# (tests/test_pool_fast_path.py runs both). Everything else takes the general path below.
+# Where the microseconds went (1x1x4x4 k2 forward, 1 thread, under load, general path ~9 us):
+# argument/geometry cache key ~1 us, _library.tracing ~0.8, three Python layers of calls ~1,
+# new_empty of a shape ~2 per tensor, the pybind11 entry with device dispatch ~1.5,
+# Function.apply's wrapper ~5 (training). Figures before/after: benchmarks/RESULTS.md.
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_jit_tracing = torch._C._is_tracing       # torch.jit.is_tracing without its is_scripting() test
+_functorch_level = torch._C._functorch.peek_interpreter_stack   # None outside torch.func
+_fwad = torch.autograd.forward_ad
+_grad_enabled = torch.is_grad_enabled
+_FAST, _fast_put = _ops_pool.FAST, _ops_pool.fast_put
+_int32, _int64 = torch.int32, torch.int64
+_max_fwd, _max_bwd = _C.max_pool2d_cpu, _C.max_pool2d_backward_cpu
+_avg_fwd, _avg_bwd = _C.avg_pool2d_cpu, _C.avg_pool2d_backward_cpu
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_empty_like = torch.empty_like
+
+
+def _eager(x) -> bool:
+    """Whether x may take the fast path: a plain torch.Tensor (not a subclass such as a
+    FakeTensor), on the CPU and contiguous, outside torch.compile / export, jit.trace, dispatch
+    modes, torch.func transforms and forward AD (all of which the general path handles)."""
+    return (type(x) is _Tensor and x.is_cpu
+            and not (_is_compiling() or _dispatch_modes() or _jit_tracing())
+            and _functorch_level() is None and _fwad._current_level < 0
+            and _tensor.CPU_DEVICE < 0 and x.is_contiguous())
+
+
+def _pair(a) -> bool:
+    """None or a tuple of two ints/None: with exact ints (tested inline by the callers), the
+    only arguments that enter fast-path keys (2.0 == 2 and True == 1 must not find a cached
+    kernel_size of 2 or 1); flags enter only as True/False."""
+    return a is None or (type(a) is tuple and len(a) == 2 and (type(a[0]) is int or a[0] is None)
+                         and (type(a[1]) is int or a[1] is None))
+
+
+def _geometry(key, x):
+    """The cached geometry for key (ops.pool.fast_put computes it on a miss, raising the general
+    path's errors), or None for a tensor with the negative bit (z.conj().imag holds negated
+    values; such a real view has even strides, so it is contiguous only with at most one
+    element: only those are asked)."""
+    geo = _FAST.get(key)
+    if geo is None:
+        geo = _fast_put(key, x)
+    return None if geo[4] and x.is_neg() else geo
+
+
+def _max_fast(x, geo, indices):
+    """Max pooling forward by the cached geometry; indices: None (not written), int64 or int32."""
+    y = x.new_empty(geo[0]) if geo[5] is None else _empty_like(geo[5])
+    if indices is None:
+        _max_fwd(geo[1], x.data_ptr(), y.data_ptr(), 0)
+        return y, None
+    if indices is _int32:
+        idx = x.new_empty(geo[0], dtype=_int32) if geo[6] is None else _empty_like(geo[6])
+        _max_fwd(geo[2], x.data_ptr(), y.data_ptr(), idx.data_ptr())
+    else:
+        idx = x.new_empty(geo[0], dtype=_int64)
+        _max_fwd(geo[1], x.data_ptr(), y.data_ptr(), idx.data_ptr())
+    return y, idx
+
+
+def _avg_fast(x, geo):
+    y = x.new_empty(geo[0]) if geo[5] is None else _empty_like(geo[5])
+    _avg_fwd(geo[1], x.data_ptr(), y.data_ptr())
+    return y
+
+
+def _new_grad_input(g, geo):
+    return g.new_empty(geo[3]) if geo[7] is None else _empty_like(geo[7])
+
+
+def _fast_grad(gy):
+    """gy as the fast backward reads it (contiguous, negative bit resolved), or None when it is
+    not a plain CPU tensor (the general backward then checks and reads it)."""
+    if type(gy) is not _Tensor or not gy.is_cpu:
+        return None
+    return _tensor.contiguous(gy)
 
 
 def _check_torch(fn, x):
@@ -43,12 +137,16 @@ class _MaxPoolFn(torch.autograd.Function):
     output's bookkeeping."""
 
     @staticmethod
-    def forward(ctx, x, window, return_indices):
-        index_dtype = None if return_indices else _private_index_dtype(x)
-        if window[0] == "adaptive":
-            y, idx = ops.adaptive_max_pool2d(x, window[1], True, index_dtype=index_dtype)
+    def forward(ctx, x, window, return_indices, geo=None):
+        ctx.geo = geo      # the fast path's cached geometry (its backward's Pool2dParams), or None
+        if geo is not None:
+            y, idx = _max_fast(x, geo, _int64 if return_indices else _int32)
         else:
-            y, idx = ops.max_pool2d(x, *window, return_indices=True, index_dtype=index_dtype)
+            index_dtype = None if return_indices else _private_index_dtype(x)
+            if window[0] == "adaptive":
+                y, idx = ops.adaptive_max_pool2d(x, window[1], True, index_dtype=index_dtype)
+            else:
+                y, idx = ops.max_pool2d(x, *window, return_indices=True, index_dtype=index_dtype)
         ctx.window, ctx.in_shape = window, x.shape
         if return_indices:
             ctx.set_materialize_grads(False)  # no zero-filled "gradient" for the indices
@@ -62,11 +160,19 @@ class _MaxPoolFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, *_gidx):
         if gy is None:
-            return None, None, None
+            return None, None, None, None
         idx = ctx.saved_tensors[0] if ctx.idx is None else ctx.idx
         if torch.is_grad_enabled():  # create_graph=True: the backward as a differentiable op
-            return _MaxPoolGrad.apply(gy, idx, ctx.in_shape, ctx.window), None, None
-        return _max_pool_grad(gy, idx, ctx.in_shape, ctx.window), None, None
+            return _MaxPoolGrad.apply(gy, idx, ctx.in_shape, ctx.window), None, None, None
+        geo = ctx.geo
+        if geo is not None:
+            g = _fast_grad(gy)
+            if g is not None:  # the forward's geometry is the backward's (same Pool2dParams)
+                gx = _new_grad_input(g, geo)
+                _max_bwd(geo[1] if ctx.idx is None else geo[2], g.data_ptr(), idx.data_ptr(),
+                         gx.data_ptr())
+                return gx, None, None, None
+        return _max_pool_grad(gy, idx, ctx.in_shape, ctx.window), None, None, None
 
 
 def _max_pool_grad(gy, idx, in_shape, window):
@@ -117,8 +223,10 @@ class _AvgPoolFn(torch.autograd.Function):
     divisor_override), or ("adaptive", output_size)."""
 
     @staticmethod
-    def forward(ctx, x, window):
-        ctx.window, ctx.in_shape = window, x.shape
+    def forward(ctx, x, window, geo=None):
+        ctx.window, ctx.in_shape, ctx.geo = window, x.shape, geo
+        if geo is not None:
+            return _avg_fast(x, geo)
         if window[0] == "adaptive":
             return ops.adaptive_avg_pool2d(x, window[1])
         return ops.avg_pool2d(x, *window)
@@ -126,8 +234,15 @@ class _AvgPoolFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         if torch.is_grad_enabled():  # create_graph=True: the backward as a differentiable op
-            return _AvgPoolGrad.apply(gy, ctx.in_shape, ctx.window), None
-        return _avg_pool_grad(gy, ctx.in_shape, ctx.window), None
+            return _AvgPoolGrad.apply(gy, ctx.in_shape, ctx.window), None, None
+        geo = ctx.geo
+        if geo is not None:
+            g = _fast_grad(gy)
+            if g is not None:  # the forward's geometry is the backward's (same Pool2dParams)
+                gx = _new_grad_input(g, geo)
+                _avg_bwd(geo[1], g.data_ptr(), gx.data_ptr())
+                return gx, None, None
+        return _avg_pool_grad(gy, ctx.in_shape, ctx.window), None, None
 
 
 def _avg_pool_grad(gy, in_shape, window):
@@ -187,6 +302,20 @@ class _UnpoolGather(torch.autograd.Function):
         return out.view(shape), None
 
 
+def _bare_apply(fn):
+    """fn.apply without torch.autograd.Function.apply's Python wrapper (~5 us of a tiny call,
+    1 thread, under load): the wrapper binds default arguments for a setup_context (these
+    Functions have none), unwraps dead torch.func wrappers (the caller does, _unwrap_if_dead)
+    and routes calls under torch.func transforms (the fast path excludes them). Falls back to
+    fn.apply where torch's _FunctionBase has no such classmethod."""
+    raw = getattr(torch._C, "_FunctionBase", None)
+    raw = getattr(raw, "__dict__", {}).get("apply")
+    return raw.__get__(None, fn) if hasattr(raw, "__get__") else fn.apply
+
+
+_max_apply, _avg_apply = _bare_apply(_MaxPoolFn), _bare_apply(_AvgPoolFn)
+
+
 def _layout_of(input, out):
     """torch's pooling keeps a channels_last input's layout in its outputs; fastdl's kernels
     write contiguous NCHW, so such outputs are copied to channels_last (values unchanged)."""
@@ -205,6 +334,20 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     >>> y = fastdl.nn.functional.max_pool2d(x, 2)
     >>> y, idx = fastdl.nn.functional.max_pool2d(x, 3, stride=2, padding=1, return_indices=True)
     """
+    if (_eager(input) and (type(kernel_size) is int or _pair(kernel_size))
+            and (type(stride) is int or _pair(stride)) and (type(padding) is int or _pair(padding))
+            and (type(dilation) is int or _pair(dilation))
+            and (ceil_mode is False or ceil_mode is True)):
+        geo = _geometry(("max", input.shape, input.dtype, kernel_size, stride, padding, dilation,
+                         ceil_mode), input)
+    else:
+        geo = None
+    if geo is not None:
+        if input.requires_grad and _grad_enabled():
+            return _max_apply(_unwrap_if_dead(input), (kernel_size, stride, padding, dilation,
+                                                        ceil_mode), return_indices, geo)
+        y, idx = _max_fast(input, geo, _int64 if return_indices else None)
+        return (y, idx) if return_indices else y
     _check_torch("max_pool2d", input)
     r = _route(input)
     if r == _DIRECT:
@@ -227,6 +370,20 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
 
     >>> y = fastdl.nn.functional.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
     """
+    if (_eager(input) and (type(kernel_size) is int or _pair(kernel_size))
+            and (type(stride) is int or _pair(stride)) and (type(padding) is int or _pair(padding))
+            and (type(divisor_override) is int or divisor_override is None)
+            and (ceil_mode is False or ceil_mode is True)
+            and (count_include_pad is True or count_include_pad is False)):
+        geo = _geometry(("avg", input.shape, input.dtype, kernel_size, stride, padding, ceil_mode,
+                         count_include_pad, divisor_override), input)
+    else:
+        geo = None
+    if geo is not None:
+        if input.requires_grad and _grad_enabled():
+            return _avg_apply(_unwrap_if_dead(input), (kernel_size, stride, padding, ceil_mode,
+                                                       count_include_pad, divisor_override), geo)
+        return _avg_fast(input, geo)
     _check_torch("avg_pool2d", input)
     r = _route(input)
     if r == _DIRECT:
@@ -248,6 +405,16 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
 
     >>> y = fastdl.nn.functional.adaptive_max_pool2d(x, (7, None))
     """
+    if _eager(input) and (type(output_size) is int or _pair(output_size)):
+        geo = _geometry(("adaptive_max", input.shape, input.dtype, output_size), input)
+    else:
+        geo = None
+    if geo is not None:
+        if input.requires_grad and _grad_enabled():
+            return _max_apply(_unwrap_if_dead(input), ("adaptive", output_size), return_indices,
+                              geo)
+        y, idx = _max_fast(input, geo, _int64 if return_indices else None)
+        return (y, idx) if return_indices else y
     _check_torch("adaptive_max_pool2d", input)
     r = _route(input)
     if r == _DIRECT:
@@ -267,6 +434,14 @@ def adaptive_avg_pool2d(input, output_size):
 
     >>> y = fastdl.nn.functional.adaptive_avg_pool2d(x, 1)      # global average pooling
     """
+    if _eager(input) and (type(output_size) is int or _pair(output_size)):
+        geo = _geometry(("adaptive_avg", input.shape, input.dtype, output_size), input)
+    else:
+        geo = None
+    if geo is not None:
+        if input.requires_grad and _grad_enabled():
+            return _avg_apply(_unwrap_if_dead(input), ("adaptive", output_size), geo)
+        return _avg_fast(input, geo)
     _check_torch("adaptive_avg_pool2d", input)
     r = _route(input)
     if r == _DIRECT:
