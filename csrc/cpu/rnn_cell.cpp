@@ -98,41 +98,75 @@ void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k,
   }
 }
 
+// One product, as items for the threads: tiles of 4 rows x up to 3 vectors, and per row tile one
+// item for the columns past the last whole vector (scalar).
 template <class T>
-void product(int64_t M, int64_t N, int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b,
-             int64_t ldb, T* out, int64_t ldo, bool accumulate) {
-  constexpr int64_t L = Vec<T>::L, MR = 4, NV = 3;
-  const int64_t vecs = N / L, panels = (vecs + NV - 1) / NV, row_tiles = (M + MR - 1) / MR;
-  const int64_t n_vec = vecs * L;
-  const int64_t items = panels * row_tiles;
-  // ~64K flops per chunk before a second thread joins (a region costs a few microseconds).
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 2 * MR * NV * L * K));
-  parallel_for(items, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t it = lo; it < hi; ++it) {
-      const int64_t pn = it % panels, rt = it / panels;
-      const int64_t i0 = rt * MR, mr = std::min(MR, M - i0);
-      const int64_t v0 = pn * NV, nv = std::min(NV, vecs - v0);
-      const T* ai = a + i0 * as_i;
-      const T* bn = b + v0 * L;
-      T* o = out + i0 * ldo + v0 * L;
-      switch (mr) {
-        case 4: product_rows<T, 4>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-        case 3: product_rows<T, 3>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-        case 2: product_rows<T, 2>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-        default: product_rows<T, 1>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+struct Product {
+  static constexpr int64_t MR = 4, NV = 3;
+  int64_t M, N, K;
+  const T* a;
+  int64_t as_i, as_k;
+  const T* b;
+  int64_t ldb;
+  T* out;
+  int64_t ldo;
+  bool accumulate;
+
+  int64_t vecs() const { return N / Vec<T>::L; }
+  int64_t panels() const { return (vecs() + NV - 1) / NV + (vecs() * Vec<T>::L < N ? 1 : 0); }
+  int64_t items() const { return panels() * ((M + MR - 1) / MR); }
+  int64_t item_flops() const { return 2 * MR * NV * Vec<T>::L * K; }
+
+  void run(int64_t it) const {
+    constexpr int64_t L = Vec<T>::L;
+    const int64_t pn = it % panels(), i0 = it / panels() * MR, mr = std::min(MR, M - i0);
+    const int64_t v0 = pn * NV;
+    if (v0 >= vecs()) {  // the scalar columns
+      for (int64_t i = i0; i < i0 + mr; ++i)
+        for (int64_t n = vecs() * L; n < N; ++n) {
+          T s = T(0);
+          for (int64_t k = 0; k < K; ++k) s += a[i * as_i + k * as_k] * b[k * ldb + n];
+          out[i * ldo + n] = accumulate ? out[i * ldo + n] + s : s;
+        }
+      return;
+    }
+    const int64_t nv = std::min(NV, vecs() - v0);
+    const T* ai = a + i0 * as_i;
+    const T* bn = b + v0 * L;
+    T* o = out + i0 * ldo + v0 * L;
+    switch (mr) {
+      case 4: product_rows<T, 4>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      case 3: product_rows<T, 3>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      case 2: product_rows<T, 2>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      default: product_rows<T, 1>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+    }
+  }
+};
+
+// Independent products in one parallel region, split by flops: the backward's four differ 16x in
+// work per item (K = G*H for dx, dh; K = B for the weight gradients), so equal item counts gave
+// one thread all of dx and dh. (One region per product: 210 us at 2 threads against 252 us at 1,
+// LSTM 64-128-32.)
+template <class T>
+void products(const Product<T>* jobs, int n) {
+  int64_t flops = 0;
+  for (int j = 0; j < n; ++j) flops += jobs[j].items() * jobs[j].item_flops();
+  // ~64K flops per thread before a second one joins
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), flops / 65536));
+  parallel_for(parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      // this part's share [f0, f1) of the flops; an item belongs where its first flop falls
+      const int64_t f0 = flops * t / parts, f1 = flops * (t + 1) / parts;
+      int64_t before = 0;
+      for (int j = 0; j < n; ++j) {
+        const int64_t c = std::max<int64_t>(1, jobs[j].item_flops()), m = jobs[j].items();
+        const int64_t i0 = std::min(m, std::max<int64_t>(0, (f0 - before + c - 1) / c));
+        const int64_t i1 = std::min(m, std::max<int64_t>(0, (f1 - before + c - 1) / c));
+        for (int64_t i = i0; i < i1; ++i) jobs[j].run(i);
+        before += m * c;
       }
     }
   });
-  if (n_vec == N) return;
-  parallel_for(M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * (N - n_vec))),
-               [&](int64_t lo, int64_t hi) {
-                 for (int64_t i = lo; i < hi; ++i)
-                   for (int64_t n = n_vec; n < N; ++n) {
-                     T s = T(0);
-                     for (int64_t k = 0; k < K; ++k) s += a[i * as_i + k * as_k] * b[k * ldb + n];
-                     out[i * ldo + n] = accumulate ? out[i * ldo + n] + s : s;
-                   }
-               });
 }
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -498,14 +532,17 @@ void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   gate_gradients<T>(p, a, dgx, dgh, dh_acc);
   const T* w_ih = static_cast<const T*>(a.w_ih);
   const T* w_hh = static_cast<const T*>(a.w_hh);
-  if (a.dx) product<T>(B, I, GH, dgx, GH, 1, w_ih, I, static_cast<T*>(a.dx), I, false);
-  if (dh) product<T>(B, H, GH, dgh, GH, 1, w_hh, H, dh, H, gru);
+  Product<T> jobs[4];
+  int n = 0;
+  if (a.dx) jobs[n++] = {B, I, GH, dgx, GH, 1, w_ih, I, static_cast<T*>(a.dx), I, false};
+  if (dh) jobs[n++] = {B, H, GH, dgh, GH, 1, w_hh, H, dh, H, gru};
   if (a.dw_ih)
-    product<T>(GH, I, B, dgx, 1, GH, static_cast<const T*>(a.x), I, static_cast<T*>(a.dw_ih), I,
-               false);
+    jobs[n++] = {GH, I, B, dgx, 1, GH, static_cast<const T*>(a.x), I, static_cast<T*>(a.dw_ih), I,
+                 false};
   if (a.dw_hh)
-    product<T>(GH, H, B, dgh, 1, GH, static_cast<const T*>(a.h), H, static_cast<T*>(a.dw_hh), H,
-               false);
+    jobs[n++] = {GH, H, B, dgh, 1, GH, static_cast<const T*>(a.h), H, static_cast<T*>(a.dw_hh), H,
+                 false};
+  products(jobs, n);
   if (a.db_ih) column_sums(dgx, B, GH, static_cast<T*>(a.db_ih));
   if (a.db_hh) column_sums(dgh, B, GH, static_cast<T*>(a.db_hh));
 }
