@@ -38,9 +38,12 @@ if [[ $asan == 1 ]]; then
   # its inductor compiles alone took 130 s. test_distributed, test_convert and test_model drive
   # the same Linear/conv/pool/rnn/optimizer kernels through whole models and 2-process launches
   # (ASan-preloaded subprocesses); CI at 230d43a took about 30 minutes with them, the ASan pass
-  # over 14 of those.
+  # over 14 of those. test_func checks that torch.func transforms and forward-AD tangents hand
+  # fastdl's layers to torch's ops: torch computes those calls, and the few fastdl kernel calls it
+  # makes are the ones test_linear/test_pool/test_conv/test_rnn run.
   for f in test_metrics test_preprocessing test_callbacks test_readme test_examples test_wheel \
-           test_gpu_check_script test_compile test_distributed test_convert test_model; do
+           test_gpu_check_script test_compile test_distributed test_convert test_model \
+           test_func; do
     extra+=(--ignore "tests/$f.py")
   done
   # CI at 8b202ad took 1799 s on a busy machine, the ASan pass 896 s of it. Deselected here,
