@@ -176,11 +176,15 @@ def test_not_taken_for_other_layouts_and_arguments(monkeypatch, calls):
 
 
 def test_negative_bit_view():
-    """z.conj().imag holds negated values in memory; a one-element one is contiguous."""
-    for shape in ((1, 1, 1, 1), (1, 1, 1), (2, 1, 3, 3)):
+    """z.conj().imag holds negated values in memory; a one-element one is contiguous, and so is
+    an as_strided view of one at any size (review: it took the fast path and read raw memory)."""
+    for shape in ((1, 1, 1, 1), (1, 1, 1), (2, 1, 3, 3), (1, 1, 4, 4)):
         for fn, ref_fn in ((F.max_pool2d, TF.max_pool2d), (F.avg_pool2d, TF.avg_pool2d)):
             z = torch.randn(*shape, dtype=torch.cdouble, requires_grad=True)
             x = z.conj().imag
+            if shape == (1, 1, 4, 4):   # contiguous with 16 elements, still negative-bit
+                x = x.as_strided(shape, (16, 16, 4, 1))
+                assert x.is_contiguous()
             assert x.is_neg()
             y, ref = fn(x, 1), ref_fn(x, 1)
             _same([y.detach()], [ref.detach()])
@@ -219,15 +223,20 @@ def test_grad_modes_and_double_backward(monkeypatch, calls):
 @pytest.mark.parametrize("fn,args,kwargs", [
     (F.max_pool2d, (0,), {}), (F.max_pool2d, (3,), dict(padding=2)),
     (F.max_pool2d, (2,), dict(stride=0)), (F.max_pool2d, (9,), {}),
-    (F.avg_pool2d, (2,), dict(divisor_override=0)), (F.avg_pool2d, ((2, 3, 4),), {}),
-    (F.adaptive_avg_pool2d, ((2, 2, 2),), {}), (F.adaptive_max_pool2d, (-1,), {})])
+    (F.avg_pool2d, (2,), dict(divisor_override=0)), (F.avg_pool2d, ((2, -3),), {}),
+    (F.adaptive_avg_pool2d, ((2, -2),), {}), (F.adaptive_max_pool2d, (-1,), {})])
 def test_errors_through_the_fast_path(monkeypatch, fn, args, kwargs):
     """A call that qualifies for the fast path but is invalid raises what the general path raises
     (the geometry is computed by the general path's functions on a miss), and caches nothing."""
     x = rand(2, 3, 8, 8)
     size = len(FP._FAST)
-    with pytest.raises(Exception) as fast_err:
-        fn(x, *args, **kwargs)
+    misses = []
+    real_put = FP._fast_put
+    with monkeypatch.context() as m:
+        m.setattr(FP, "_fast_put", lambda *a: misses.append(1) or real_put(*a))
+        with pytest.raises(Exception) as fast_err:
+            fn(x, *args, **kwargs)
+    assert misses, "the call did not reach the fast path's geometry"
     assert len(FP._FAST) == size
     with monkeypatch.context() as m:
         _general(m)
@@ -240,6 +249,7 @@ def test_errors_through_the_fast_path(monkeypatch, fn, args, kwargs):
 def test_templates_made_in_inference_mode():
     """A geometry first cached under inference_mode (its templates inference tensors) still
     gives normal tensors, recorded by autograd, outside it."""
+    FP._FAST.clear()           # (so the geometry below is first cached inside inference_mode)
     x = rand(1, 2, 5, 7, dtype=torch.float64)
     with torch.inference_mode():
         for fn in (F.max_pool2d, F.avg_pool2d):
@@ -265,3 +275,18 @@ def test_large_shapes_use_no_template(calls):
     F.avg_pool2d(small, 2)
     geo = FP._FAST[("avg", small.shape, small.dtype, 2, None, 0, False, True, None)]
     assert geo[5].shape == (1, 2, 2, 2) and geo[7].shape == (1, 2, 4, 4)
+
+
+def test_max_backward_with_saved_tensor_hooks():
+    """return_indices=True saves the indices through ctx.save_for_backward, so saved-tensor hooks
+    apply: an unpack that returns them in another layout or dtype must still give torch's
+    gradient (the fast backward reads only the int64 contiguous buffer it made)."""
+    x = rand(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    gy = rand(2, 3, 3, 3, dtype=torch.float64)
+    want = torch.autograd.grad(TF.max_pool2d(xr, 2, return_indices=True)[0], xr, gy)[0]
+    for unpack in (lambda t: t.to(torch.int32) if t.dtype == torch.int64 else t,
+                   lambda t: t.mT.contiguous().mT if t.dtype == torch.int64 else t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            y, _ = F.max_pool2d(x, 2, return_indices=True)
+        _same(torch.autograd.grad(y, x, gy), (want,))

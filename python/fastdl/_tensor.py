@@ -115,6 +115,8 @@ def contiguous(x):
         return x if x.flags.c_contiguous else np.ascontiguousarray(x)
     if x.is_neg():   # a real view such as z.conj().imag: the memory holds the negated values
         x = x.resolve_neg()
+    if x._is_zerotensor():  # torch's known-zero gradients have no storage (data_ptr 0)
+        return x.clone()    # (clone materialises the zeros)
     return x if x.is_contiguous() else x.contiguous()
 
 

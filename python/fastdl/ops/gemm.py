@@ -151,6 +151,8 @@ def _plain(x):
         return x
     if x.is_neg():
         x = x.resolve_neg()
+    if x._is_zerotensor():  # torch's known-zero gradients have no storage (data_ptr 0)
+        x = x.clone()
     return x.detach() if x.requires_grad else x
 
 

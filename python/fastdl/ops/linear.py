@@ -53,6 +53,11 @@ def _empty(like, shape):
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def _unusual(t):
+    """A negative-bit view or a ZeroTensor: memory that does not hold t's values as they read."""
+    return t.is_neg() or t._is_zerotensor()
+
+
 def _fast_cpu(input, weight, bias):
     """The common eager case without the general checks: contiguous float32/float64 CPU tensors
     of one dtype, input (..., k) of any number of dims (batch-1 and sequence inputs included),
@@ -81,15 +86,16 @@ def _fast_cpu(input, weight, bias):
     m = input.numel() // k
     if m < 1 or not (input.is_contiguous() and weight.is_contiguous()):
         return None
-    # A negative-bit view (z.conj().imag) holds the negated values in memory; with stride 2 it
-    # is contiguous only with a single element, so only those are asked (is_neg: ~0.3 us).
-    if (m == 1 and k == 1 and input.is_neg()) or (n == 1 and k == 1 and weight.is_neg()):
+    # A negative-bit view (z.conj().imag, or as_strided of one: contiguous at any size) holds the
+    # negated values in memory; a ZeroTensor has no storage. Both go to the general path, which
+    # resolves them (is_neg, _is_zerotensor: ~0.2-0.3 us each).
+    if _unusual(input) or _unusual(weight):
         return None
     b = 0
     if bias is not None:
         if not (isinstance(bias, T) and bias.is_cpu and bias.dtype is dt
                 and bias.layout is torch.strided and bias.ndim == 1 and bias.shape[0] == n
-                and bias.is_contiguous() and not (n == 1 and bias.is_neg())):
+                and bias.is_contiguous() and not _unusual(bias)):
             return None
         b = bias.data_ptr()
     # _C.linear_cpu copies the bias into the output's rows, then the GEMM adds onto them (no
@@ -165,7 +171,7 @@ def _fast_cpu_backward(grad_output, input, weight, needs):
     m = input.numel() // k
     if m < 1 or not (input.is_contiguous() and weight.is_contiguous()):
         return None
-    if (m == 1 and k == 1 and input.is_neg()) or (n == 1 and k == 1 and weight.is_neg()):
+    if _unusual(input) or _unusual(weight):
         return None
     go = _plain(grad_output)
     go = go if go.is_contiguous() else go.contiguous()

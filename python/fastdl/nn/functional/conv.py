@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ... import _library
+from ... import _library, _tensor
 from ...ops import conv as _ops
 
 __all__ = ["conv1d", "conv2d", "conv_transpose2d"]
@@ -45,7 +45,9 @@ def _run_pass(kind, geo, a, b):
     """One kernel pass on batched tensors a, b; returns the new (batched) output."""
     shape = {_ops._FORWARD: geo.y_shape, _ops._BACKWARD_INPUT: geo.x_shape,
              _ops._BACKWARD_WEIGHT: geo.w_shape}[kind]
-    a, b = a.contiguous(), b.contiguous()
+    # (_tensor.contiguous also resolves a negative bit and a ZeroTensor, which .contiguous()
+    # passes through: the kernels read raw memory)
+    a, b = _tensor.contiguous(a), _tensor.contiguous(b)
     out = _ops._empty(a, shape)
     if kind == _ops._BACKWARD_WEIGHT:
         _ops._launch(kind, a, b, out, None, geo.params, geo.device)
@@ -144,6 +146,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     _check_torch("conv2d", "input", input, 1)
     _check_torch("conv2d", "weight", weight, 2)
+    if bias is not None:
+        _check_torch("conv2d", "bias", bias, 3)
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv2d"](input, weight, bias, stride, padding, dilation, groups)
@@ -169,6 +173,8 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     """
     _check_torch("conv_transpose2d", "input", input, 1)
     _check_torch("conv_transpose2d", "weight", weight, 2)
+    if bias is not None:
+        _check_torch("conv_transpose2d", "bias", bias, 3)
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv_transpose2d"](input, weight, bias, stride, padding, output_padding,
@@ -200,6 +206,8 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     fn = "conv1d"
     _check_torch(fn, "input", input, 1)
     _check_torch(fn, "weight", weight, 2)
+    if bias is not None:
+        _check_torch(fn, "bias", bias, 3)
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv1d"](input, weight, bias, stride, padding, dilation, groups)

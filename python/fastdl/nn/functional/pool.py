@@ -62,7 +62,8 @@ def _eager(x) -> bool:
     return (type(x) is _Tensor and x.is_cpu
             and not (_is_compiling() or _dispatch_modes() or _jit_tracing())
             and _functorch_level() is None and _fwad._current_level < 0
-            and _tensor.CPU_DEVICE < 0 and x.is_contiguous())
+            and _tensor.CPU_DEVICE < 0 and x.is_contiguous() and not x.is_neg()
+            and not x._is_zerotensor())
 
 
 def _pair(a) -> bool:
@@ -114,7 +115,7 @@ def _fast_grad(gy):
     not a plain CPU tensor (the general backward then checks and reads it)."""
     if type(gy) is not _Tensor or not gy.is_cpu:
         return None
-    return _tensor.contiguous(gy)
+    return _tensor.contiguous(gy)   # (negative bit and ZeroTensor resolved there too)
 
 
 def _check_torch(fn, x):
@@ -165,7 +166,10 @@ class _MaxPoolFn(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the backward as a differentiable op
             return _MaxPoolGrad.apply(gy, idx, ctx.in_shape, ctx.window), None, None, None
         geo = ctx.geo
-        if geo is not None:
+        # the indices as the fast forward made them: a saved_tensors_hooks unpack may return
+        # them in another layout or dtype, which the general backward reads correctly
+        if geo is not None and (ctx.idx is not None or (idx.dtype is _int64 and type(idx) is
+                                                         _Tensor and idx.is_contiguous())):
             g = _fast_grad(gy)
             if g is not None:  # the forward's geometry is the backward's (same Pool2dParams)
                 gx = _new_grad_input(g, geo)

@@ -115,7 +115,7 @@ class _Cell(torch.autograd.Function):
 def _plain(t):
     """t itself when the kernels can read it (contiguous, no negative bit), else a copy: the
     common case in two cheap checks (_tensor.contiguous's numpy test costs more per call)."""
-    if t is None or (t.is_contiguous() and not t.is_neg()):
+    if t is None or (t.is_contiguous() and not t.is_neg() and not t._is_zerotensor()):
         return t
     return _tensor.contiguous(t)
 
