@@ -9,12 +9,10 @@
 //             with the batch padded to whole vectors), then a pass over the hidden units runs
 //             the gate math vectorised over the batch and writes h', c' and, in training, the
 //             activations. Work split: units over the threads, each thread its units' gate
-//             rows and their update (one region).
-//             Measured (LSTM 64-128-32, one thread, CPU time, under load): 164 us with one
-//             4-gate x 2-vector tile per unit and the gate math inside it (8 accumulators: at
-//             the FMA latency's bound), 143 us with the 12-accumulator tiles and a separate pass.
+//             rows and their update (one region). 12 accumulators per tile: a 4-gate x
+//             2-vector tile per unit had 8, at the FMA latency's bound (figures: RESULTS.md).
 //   backward: a fused pass turns dh', dc' into the gate gradients dG (B, G*H) (rnn_math.h; the
-//             LSTM's on 8 units at a time on AVX2: the scalar tanh(c') took 170 of 400 us), then
+//             LSTM's on 8 units at a time on AVX2: its scalar tanh(c') dominated), then
 //             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows), and
 //             dW_ih = dG^T x, dW_hh = dG_h^T h (A = dG's columns, B = x / h rows); biases are
 //             column sums of dG. Work split: row tiles x column panels over the threads.
@@ -145,8 +143,7 @@ struct Product {
 
 // Independent products in one parallel region, split by flops: the backward's four differ 16x in
 // work per item (K = G*H for dx, dh; K = B for the weight gradients), so equal item counts gave
-// one thread all of dx and dh. (One region per product: 210 us at 2 threads against 252 us at 1,
-// LSTM 64-128-32.)
+// one thread all of dx and dh (one region per product barely used the second thread).
 template <class T>
 void products(const Product<T>* jobs, int n) {
   int64_t flops = 0;
@@ -413,7 +410,7 @@ void cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
                    Bp};
   // Units over the threads, each thread computing its units' gate rows and then their state
   // update: one region and no barrier between the two passes (two regions, the gate pass on one
-  // thread, left 2 threads no faster than 1: 122 vs 116 us at LSTM 64-128-32). Chunks of >= 8
+  // thread, left 2 threads no faster than 1; RESULTS.md). Chunks of >= 8
   // units and ~64K flops.
   const int64_t n_rows = gru ? 2 * H : G * H;
   const int64_t unit_flops = 2 * G * (I + H) * Bp;

@@ -103,8 +103,7 @@ def _fast_cpu(input, weight, bias):
             return None
     # _C.linear_cpu copies the bias into the output's rows, then the GEMM adds onto them (no
     # torch expand().contiguous(): ~2.5 us of a tiny call). The shape as plain ints: new_empty of
-    # a torch.Size costs ~7 us against ~2.5 us for a tuple (and a view after it ~5 us more: a
-    # 2x3x8 input cost 21 us against 11 us for 4x8, 1 thread).
+    # a torch.Size costs about 3x a tuple's, and a view after it as much again (RESULTS.md).
     out = input.new_empty((m, n) if len(shape) == 2 else (*shape[:-1], n))
     _C.linear_cpu(xp, wp, b, out.data_ptr(), m, n, k,
                   _tensor.FLOAT32 if dt is torch.float32 else _tensor.FLOAT64)

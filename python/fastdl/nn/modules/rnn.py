@@ -28,7 +28,7 @@ def _torch_computes(module, input, *states) -> bool:
     """Whether torch's own forward must compute this call (fastdl._library.route: a torch.func
     transform, or a forward-AD tangent on input, states or parameters)."""
     if _library._functorch_level() is None and _library._fwad._current_level < 0:
-        return False   # route cannot say TORCH: skip gathering the parameters (~5 us a cell step)
+        return False   # route cannot say TORCH: skip gathering the parameters (per cell step)
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, torch.Tensor):
         return False   # (fastdl's forward raises the TypeError)
