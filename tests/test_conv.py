@@ -287,6 +287,34 @@ def phase_configs(seed, n=14):
     return out
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,wshape,kw", [
+    # strides 2 and 3, mixed per axis, with dilation, padding and groups: im2col reads the
+    # stride phases of the input (csrc/cpu/conv_gemm.cpp)
+    ((2, 6, 17, 15), (4, 3, 3, 5), dict(stride=(2, 3), padding=(1, 2), dilation=(1, 2), groups=2)),
+    ((3, 4, 12, 13), (5, 4, 4, 4), dict(stride=2, padding=1, dilation=1, groups=1)),
+    ((2, 3, 11, 11), (2, 3, 7, 7), dict(stride=3, padding=3, dilation=1, groups=1)),
+    ((2, 5, 9, 10), (3, 5, 2, 2), dict(stride=(1, 2), padding=0, dilation=1, groups=1)),
+    ((1, 2, 8, 9), (3, 2, 3, 3), dict(stride=2, padding=4, dilation=2, groups=1)),  # pad > kernel
+    # several pixel chunks per image, chunks starting mid-row; stride 1 with padding takes the
+    # whole-row runs
+    ((1, 64, 97, 95), (8, 64, 3, 3), dict(stride=2, padding=1, dilation=1, groups=1)),
+    ((1, 64, 64, 64), (4, 64, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1)),
+    ((2, 8, 10, 10), (4, 8, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1)),
+])
+def test_gemm_strided_and_chunked(cpu_path, dtype, shape, wshape, kw):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        x = torch.zeros(shape)
+        assert ops_conv.conv2d_algorithm(x, torch.zeros(wshape), pass_="forward", **kw) == "gemm"
+        for pass_ in ("input", "weight"):
+            assert ops_conv.conv2d_algorithm(x, torch.zeros(wshape), pass_=pass_, **kw) == "gemm"
+        run_conv_case(dtype, shape, wshape, True, kw, seed=23, what="algo=gemm")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 @pytest.mark.parametrize("shape,wshape,kw", [
     ((2, 3, 9, 8), (4, 3, 2, 3), dict(stride=2, padding=3, dilation=1, groups=1)),  # pad >= k
     ((1, 2, 7, 7), (3, 2, 1, 1), dict(stride=3, padding=2, dilation=1, groups=1)),  # 1x1
@@ -464,9 +492,12 @@ def test_auto_choice_phase(cpu_path):
     phase = "phase" if cpu_path == "avx2" else "gemm"
     x = np.zeros((2, 32, 56, 56), np.float32)
     k4 = np.zeros((64, 32, 4, 4), np.float32)  # issue shape 7 (as the convolution)
-    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="input") == phase
-    assert ops_conv.conv2d_algorithm(x.astype(np.float64), k4.astype(np.float64), stride=2,
-                                     padding=1, pass_="input") == "gemm"
+    k5 = np.zeros((64, 32, 5, 5), np.float32)
+    # kh*kw = 16 < 5*sh*sw: GEMM on stride-phase planes measured faster (conv.cpp)
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="input") == "gemm"
+    assert ops_conv.conv2d_algorithm(x, k5, stride=2, padding=2, pass_="input") == phase
+    assert ops_conv.conv2d_algorithm(x.astype(np.float64), k5.astype(np.float64), stride=2,
+                                     padding=2, pass_="input") == "gemm"
     for pass_ in ("forward", "weight"):
         assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_=pass_) == "gemm"
     assert ops_conv.conv2d_algorithm(x[:, :3], k4[:, :3, :3, :3], stride=2,
@@ -474,9 +505,9 @@ def test_auto_choice_phase(cpu_path):
     x128 = np.zeros((2, 128, 28, 28), np.float32)  # issue shape 5
     assert ops_conv.conv2d_algorithm(x128, np.zeros((128, 128, 3, 3), np.float32), stride=2,
                                      padding=1, pass_="input") == "gemm"
-    assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], k4, stride=2, padding=1,
+    assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], k5, stride=2, padding=2,
                                      pass_="input") == "gemm"  # 4x4 pixels per phase
-    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, dilation=2,
+    assert ops_conv.conv2d_algorithm(x, k5, stride=2, padding=2, dilation=2,
                                      pass_="input") == "gemm"  # dilation 2: not served
 
 

@@ -166,16 +166,17 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
-  // loses: col2im adds at least 2.5 columns into each gx element (kh*kw >= 2.5*sh*sw), or the
-  // GEMM's rows cg*kh*kw are few; not on small planes (under 64 pixels per phase, where GEMM
-  // spans several images). CPU time per call, phase / GEMM, one thread, median of 7, 2-core Zen
-  // under load (shape: N x C x H -> K, kernel, stride, padding):
-  //   16x32x56 -> 64 k4 s2 p1 (issue shape 7) 12.8 / 15.1 ms   8x32x33 -> 64 k5 s3 p2  2.7 / 3.7
-  //   8x64x28 -> 64 k5 s2 p2                   7.0 / 9.3        16x16x56 -> 32 k3 s2   4.1 / 5.3
-  //   8x3x64 -> 32 k3 s2 p1                    1.2 / 1.4        16x64x28 -> 128 k1 s2  2.3 / 2.7
-  // and GEMM kept: 32x128x28 -> 128 k3 s2 p1 (issue shape 5) 39.4 / 35.5, 16x32x56 -> 64 k3 s2
-  // 11.5 / 11.0, 16x256x14 -> 512 k1 s2 6.8 / 4.5, 8x64x112 -> 64 k2 s2 38.9 / 34.0, 32x256x8
-  // -> 256 k3 s2 19.0 / 15.9.
+  // loses: col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw), or the GEMM's
+  // rows cg*kh*kw are few (<= 64); not on small planes (under 64 pixels per phase, where GEMM
+  // spans several images). CPU time per call, GEMM / phase, one thread, median of 5, 2-core Zen,
+  // 2026-12-01, after col2im moved onto stride-phase planes (conv_gemm.cpp), (shape: N x C x H
+  // -> K, kernel, stride, padding):
+  //   phase kept: 8x64x28 -> 64 k5 s2 p2 6.7 / 5.3 ms, 8x3x64 -> 32 k3 s2 p1 0.85 / 0.57
+  //   GEMM now: 16x32x56 -> 64 k4 s2 p1 (issue shape 7's ConvTranspose2d) 12.5 / 13.5,
+  //   32x128x28 -> 128 k3 s2 p1 (shape 5) 30.7 / 35.7, 16x32x56 -> 64 k3 s2 8.2 / 8.2,
+  //   8x32x33 -> 64 k5 s3 p2 1.86 / 1.82, 16x64x28 -> 128 k1 s2 1.39 / 1.67,
+  //   4x3x224 -> 64 k7 s2 p3 16.6 / 31.8, 16x16x56 -> 32 k3 s2 p1 3.1 / 3.3,
+  //   8x8x56 -> 16 k4 s2 p1 0.90 / 0.84 (the one loss, 7%).
   // (float32 on the AVX2 build only: the portable build ran shape 7's input gradient 8x slower
   // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1)
   if (phase && phase_preferred(p)) return ConvAlgo::Phase;

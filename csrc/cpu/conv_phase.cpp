@@ -26,7 +26,9 @@
 // the full table and the auto rule at conv_choose in conv.cpp): 16x32x56x56 -> 64 k4 s2 p1 (the
 // convolution behind issue shape 7's ConvTranspose2d) 12.6-13.0 / 14.6-15.6 ms (~64 GF/s),
 // 16.7 / 18.3 before the 2-row last panel; shape 5's 3x3 s2 input gradient 39.4 / 35.5 ms (GEMM
-// kept there). Alternatives measured and not kept: one GEMM per tap
+// kept there). Those GEMM figures predate col2im on stride-phase planes (conv_gemm.cpp), which made
+// GEMM the faster of the two on shape 7 too (conv_choose in conv.cpp has the new table).
+// Alternatives measured and not kept: one GEMM per tap
 // on fastdl's engine (K = kg, packing the shifted gy each call: no gain on shape 7, 0.95x on 5),
 // stacked shifted copies of gy as one GEMM operand (K = Ta*Tb*kg: the copies and B's packing cost
 // what col2im did), a 4x3 tile (0.8x on shape 5, no gain on 7), K blocked at 128/256 (no
@@ -90,7 +92,7 @@ bool phase_preferred(const Conv2dParams& p) {
 #if defined(__AVX2__) && defined(__FMA__)
   const int64_t cg = p.c / p.groups;
   return p.dtype == DType::Float32 && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
-         (2 * p.kh * p.kw >= 5 * p.sh * p.sw || cg * p.kh * p.kw <= 160);
+         (p.kh * p.kw >= 5 * p.sh * p.sw || cg * p.kh * p.kw <= 64);
 #else
   (void)p;
   return false;
