@@ -70,7 +70,14 @@ int64_t plan_blocks(const Conv2dParams& p, int64_t ckk) {
   const int64_t sc = std::max<int64_t>(16, kColsBudget / rows) / 8 * 8;
   const int64_t most = std::min(p.n, sc / std::max<int64_t>(1, s));
   if (most < 2) return 0;
-  const int64_t blocks = (p.n + most - 1) / most;
+  int64_t blocks = (p.n + most - 1) / most;
+  // Tasks are (block, group): when they are few, as many blocks as make the tasks a multiple of
+  // the threads (16x256x4x4 -> 256 3x3 p1, a ResNet-18 layer3 conv at batch 16, 2 threads: 3
+  // blocks of 6/6/4 images left one thread a third of the work; 4 blocks of 4: forward 5.2 -> 3.7-4.2
+  // ms against torch 3.8-4.5, median of 15, interleaved, noisy machine).
+  const int64_t nt = omp_in_parallel() ? 1 : get_num_threads();
+  if (nt > 1 && blocks * p.groups < 4 * nt)
+    while (blocks < p.n && (blocks * p.groups) % nt != 0) ++blocks;
   return (p.n + blocks - 1) / blocks;
 }
 
