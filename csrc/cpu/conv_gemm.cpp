@@ -5,7 +5,7 @@
 // that:
 //   forward          y chunk (kg x sc) = W_g * cols      written in place (ld = OH*OW), + bias
 //   input gradient   cols (ckk x sc) = W_g^T * gy_chunk  then col2im adds cols into gx
-//   weight gradient  P (ckk x kg) += cols * gy_chunk^T   per-thread partial sums, reduced once
+//   weight gradient  P (kg x ckk) += gy_chunk * cols^T   per-thread partial sums in gw's layout
 // A 1x1 kernel with stride 1 and no padding needs no im2col: x (and gx) are read (written) in
 // place as the cols matrix, with leading dimension H*W.
 // Strides above 1: im2col reads, and col2im adds into, the image split into its sh*sw stride
