@@ -101,22 +101,12 @@ def _backward(ctx, gy, pass_x):
     g = _ops._batched(gy, geo.unbatched)
     xb = _ops._batched(x, geo.unbatched)
     gx = gw = gb = None
-    need_gb = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.needs_input_grad[0]:
         gx = _ops._unbatch(_apply(pass_x, geo, g, w), geo.unbatched)
-    if (ctx.needs_input_grad[1] and need_gb and pass_x == _ops._BACKWARD_INPUT
-            and not _needs_grad(xb, g)):
-        # conv2d's weight and bias gradients in one kernel call: the direct kernels sum gy for
-        # the bias in their own pass over it (torch's g.sum was a second pass over gy: 5% of the
-        # depthwise shape's forward+backward, perf)
-        xb, g = _tensor.contiguous(xb), _tensor.contiguous(g)
-        gw, gb = _ops._empty(xb, geo.w_shape), _ops._empty(xb, (geo.w_shape[0],))
-        _ops._launch(_ops._BACKWARD_WEIGHT, xb, g, gw, gb, geo.params, geo.device)
-        return gx, gw, gb, None
     if ctx.needs_input_grad[1]:
         gw = (_apply(_ops._BACKWARD_WEIGHT, geo, xb, g) if pass_x == _ops._BACKWARD_INPUT
               else _apply(_ops._BACKWARD_WEIGHT, geo, g, xb))
-    if need_gb:
+    if ctx.has_bias and ctx.needs_input_grad[2]:
         gb = g.sum(dim=(0, 2, 3))
     return gx, gw, gb, None
 
