@@ -78,15 +78,16 @@ def check_op(fast_fn, torch_fn, inputs, *, reduction=1, grad=True, **kwargs):
     return outs_a
 
 
-def assert_close_or_better(actual, expected, reference, *, what="", scale_atol=True):
+def assert_close_or_better(actual, expected, reference, *, what="", scale_atol=True, reduction=1):
     """actual matches expected (torch, same precision) to the table's tolerance, or, where the
     problem is ill-conditioned at an element (e.g. grad + weight_decay * param cancelling before a
     normalisation), actual is no further from the float64 `reference` than 4x expected is.
     scale_atol=True adds rtol * max|expected| to atol (values computed by cancellation from
-    operands of that size, as optimizer buffers); False keeps the table's atol, per element."""
+    operands of that size, as optimizer buffers); False keeps the table's atol, per element.
+    reduction: terms summed into each element, as for assert_close."""
     actual, expected, reference = (torch.as_tensor(x).detach().cpu() for x in
                                    (actual, expected, reference))
-    t = tol(expected.dtype)
+    t = tol(expected.dtype, reduction)
     atol = t["atol"]
     if scale_atol and expected.numel():
         atol += t["rtol"] * float(expected.abs().nan_to_num(0).max())

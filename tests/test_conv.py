@@ -16,7 +16,7 @@ import fastdl
 import fastdl.nn as fnn
 import fastdl.nn.functional as F
 from fastdl.ops import conv as ops_conv
-from helpers import assert_close
+from helpers import assert_close, assert_close_or_better
 
 ALGOS = ["auto", "gemm", "direct", "winograd", "phase", "reference"]
 DTYPES = [torch.float32, torch.float64]
@@ -303,14 +303,41 @@ def phase_configs(seed, n=14):
     ((2, 8, 10, 10), (4, 8, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1)),
 ])
 def test_gemm_strided_and_chunked(cpu_path, dtype, shape, wshape, kw):
+    """Forced GEMM against torch, each pass alone: output, and input, weight and bias gradients
+    (each requested alone, so every kernel pass runs by itself), with and without a bias. The
+    large cases reduce over thousands of terms, where torch's float32 result itself strays past
+    the table: an element may instead be no further from the float64 result than 4x torch's."""
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("gemm")
     try:
         x = torch.zeros(shape)
-        assert ops_conv.conv2d_algorithm(x, torch.zeros(wshape), pass_="forward", **kw) == "gemm"
-        for pass_ in ("input", "weight"):
+        for pass_ in ("forward", "input", "weight"):
             assert ops_conv.conv2d_algorithm(x, torch.zeros(wshape), pass_=pass_, **kw) == "gemm"
-        run_conv_case(dtype, shape, wshape, True, kw, seed=23, what="algo=gemm")
+        gen = torch.Generator().manual_seed(5)
+        x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+        w = torch.empty(wshape, dtype=dtype).uniform_(-1, 1, generator=gen)
+        b = torch.empty(wshape[0], dtype=dtype).uniform_(-1, 1, generator=gen)
+        args = (list(TF._pair(kw["stride"])), list(TF._pair(kw["padding"])),
+                list(TF._pair(kw["dilation"])), False, [0, 0], kw["groups"])
+        for bias in (b, None):
+            y = fastdl.ops.conv2d(x, w, bias, **kw)
+            yt = TF.conv2d(x, w, bias, **kw)
+            y64 = TF.conv2d(x.double(), w.double(), None if bias is None else bias.double(), **kw)
+            case = f"x={shape} w={wshape} {kw} {dtype} bias={bias is not None}"
+            assert_close_or_better(y, yt, y64, what=f"output {case}", scale_atol=False,
+                                   reduction=wshape[1] * wshape[2] * wshape[3])
+        gy = torch.randn(yt.shape, generator=gen, dtype=dtype)
+        terms = (wshape[0] // kw["groups"] * wshape[2] * wshape[3], yt.numel() // wshape[0],
+                 yt.numel() // wshape[0])
+        for i, name in enumerate(("input", "weight", "bias")):
+            mask = [j == i for j in range(3)]
+            got = fastdl.ops.conv2d_backward(gy, x, w, output_mask=tuple(mask), **kw)
+            assert all((g is None) == (not m) for g, m in zip(got, mask)), name
+            ref = torch.ops.aten.convolution_backward(gy, x, w, [wshape[0]], *args, mask)[i]
+            ref64 = torch.ops.aten.convolution_backward(gy.double(), x.double(), w.double(),
+                                                        [wshape[0]], *args, mask)[i]
+            assert_close_or_better(got[i], ref, ref64, what=f"grad {name} {case}",
+                                   scale_atol=False, reduction=terms[i])
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -500,6 +527,12 @@ def test_auto_choice_phase(cpu_path):
                                      padding=2, pass_="input") == "gemm"
     for pass_ in ("forward", "weight"):
         assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_=pass_) == "gemm"
+    # GEMM measured faster: a 7x7 stride-2 stem over 3 channels, a 1x1 stride-2 over 64
+    stem = np.zeros((1, 3, 64, 64), np.float32)
+    assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
+                                     padding=3, pass_="input") == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :, :28, :28].repeat(2, 1), np.zeros((128, 64, 1, 1),
+                                     np.float32), stride=2, pass_="input") == "gemm"
     assert ops_conv.conv2d_algorithm(x[:, :3], k4[:, :3, :3, :3], stride=2,
                                      pass_="input") == phase
     x128 = np.zeros((2, 128, 28, 28), np.float32)  # issue shape 5

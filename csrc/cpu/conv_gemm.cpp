@@ -11,9 +11,10 @@
 // Strides above 1: im2col reads, and col2im adds into, the image split into its sh*sw stride
 // phases (one per-thread copy per (image, group)), so every tap row is a contiguous run instead
 // of a gather or scatter of every sw-th element. Measured (1 thread, CPU time, A/B of builds
-// interleaved, 2-core Zen, 2026-12-01): shape 5 (32x128x28 -> 128 3x3 s2 p1) forward 1.10x,
-// input gradient 1.29x, weight gradient 1.18x; shape 7's 4x4 s2 convolution forward 1.22x,
-// weight gradient 1.20x (the noise between runs is ~10%).
+// interleaved, 2-core Zen, 2026-12-01; the noise between runs is ~10%, passes the change does not
+// touch moved by up to 1.1x): shape 5 (32x128x28 -> 128 3x3 s2 p1) forward 1.10x (within the
+// noise), input gradient 1.29x, weight gradient 1.18x; shape 7's 4x4 s2 convolution forward
+// 1.22x, weight gradient 1.20x.
 // Work split: one task per (image, group, chunk) (the input gradient: per (image, group), since
 // col2im of neighbouring chunks overlaps); each task calls the GEMM single-threaded. A call with a
 // single task lets the GEMM use every thread instead.
@@ -71,15 +72,21 @@ int64_t plan_blocks(const Conv2dParams& p, int64_t ckk) {
   const int64_t sc = std::max<int64_t>(16, kColsBudget / rows) / 8 * 8;
   const int64_t most = std::min(p.n, sc / std::max<int64_t>(1, s));
   if (most < 2) return 0;
-  int64_t blocks = (p.n + most - 1) / most;
-  // Tasks are (block, group): when they are few, as many blocks as make the tasks a multiple of
-  // the threads (16x256x4x4 -> 256 3x3 p1, a ResNet-18 layer3 conv at batch 16, 2 threads: 3
-  // blocks of 6/6/4 images left one thread a third of the work; 4 blocks of 4: forward 5.2 -> 3.7-4.2
-  // ms against torch 3.8-4.5, median of 15, interleaved, noisy machine).
+  int64_t nb = (p.n + (p.n + most - 1) / most - 1) / ((p.n + most - 1) / most);  // balanced
+  // Tasks are (block, group): when they are few, the block size (2..most images) that gives the
+  // busiest thread the fewest images, the larger on a tie (16x256x4x4 -> 256 3x3 p1, a ResNet-18
+  // layer3 conv at batch 16, 2 threads: 3 blocks of 6/6/4 images left one thread a third of the
+  // work; 4 blocks of 4: forward 5.2 -> 3.7-4.2 ms against torch 3.8-4.5, median of 15,
+  // interleaved, noisy machine).
   const int64_t nt = omp_in_parallel() ? 1 : get_num_threads();
-  if (nt > 1 && blocks * p.groups < 4 * nt)
-    while (blocks < p.n && (blocks * p.groups) % nt != 0) ++blocks;
-  return (p.n + blocks - 1) / blocks;
+  const auto busiest = [&](int64_t b) {  // images on the busiest thread, at most
+    const int64_t tasks = (p.n + b - 1) / b * p.groups;
+    return (tasks + nt - 1) / nt * b;
+  };
+  if (nt > 1 && (p.n + nb - 1) / nb * p.groups < 4 * nt)
+    for (int64_t b = most; b >= 2; --b)
+      if (busiest(b) < busiest(nb)) nb = b;
+  return nb;
 }
 
 thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM output, of a block
@@ -102,11 +109,14 @@ void for_segments(const Conv2dParams& p, int64_t s0, int64_t len, int64_t i, con
 // x in place (rows x cols = H x W). A stride s > 1 along either axis first splits each channel
 // into sh*sw stride phases, plane (cc, ri, rj)[m][n] = x[cc][m*sh + ri][n*sw + rj] (zero past the
 // image), ceil(H/sh) x ceil(W/sw) each: every tap then reads one phase contiguously instead of
-// gathering every sw-th element (that gather was ~1/3 of the 3x3 stride-2 forward's time).
+// gathering every sw-th element (that gather was ~1/3 of the 3x3 stride-2 forward's time). Only
+// the plane rows a chunk of output pixels reads are split, [row0, row0 + stored rows): the
+// workspace stays bounded by the chunk, not the image, and threads sharing one image's chunks do
+// not each split all of it. Element (plane idx, m, n) is base[idx * stride + (m - row0) * cols + n].
 template <class T>
 struct TapPlanes {
   const T* base = nullptr;
-  int64_t rows = 0, cols = 0, sh = 1, sw = 1;
+  int64_t rows = 0, cols = 0, row0 = 0, stored = 0, stride = 0, sh = 1, sw = 1;
 };
 
 thread_local ScratchBuffer tl_phases;
@@ -140,24 +150,48 @@ void deinterleave2(const T* xr, int64_t w, int64_t cols, T* d0, T* d1) {
   }
 }
 
+// Floor division and its remainder for a possibly negative offset o by s > 0: o = q*s + r.
+inline void split_offset(int64_t o, int64_t s, int64_t& q, int64_t& r) {
+  r = ((o % s) + s) % s;
+  q = (o - r) / s;
+}
+
+// The phase rows [m0, m1) that output pixels [s0, s0 + len) read (stride > 1 along H or W).
+inline void phase_rows(const Conv2dParams& p, int64_t s0, int64_t len, int64_t& m0, int64_t& m1) {
+  const int64_t rows = (p.h + p.sh - 1) / p.sh;
+  int64_t qmin, qmax, r;
+  split_offset(-p.ph, p.sh, qmin, r);
+  split_offset((p.kh - 1) * p.dh - p.ph, p.sh, qmax, r);
+  const int64_t oh0 = s0 / p.ow, oh1 = (s0 + std::max<int64_t>(len, 1) - 1) / p.ow;
+  m0 = std::min(rows, std::max<int64_t>(0, oh0 + qmin));
+  m1 = std::max(m0, std::min(rows, oh1 + qmax + 1));
+}
+
+// The planes of one (image, group) at xg for output pixels [s0, s0 + len): x itself for stride 1,
+// else the phase rows those pixels' taps read (plane row oh + qi for output row oh, qi =
+// floor((i*dh - ph) / sh)), split into this thread's buffer.
 template <class T>
-TapPlanes<T> tap_planes(const Conv2dParams& p, const T* xg, int64_t cg) {
+TapPlanes<T> tap_planes(const Conv2dParams& p, const T* xg, int64_t cg, int64_t s0, int64_t len) {
   TapPlanes<T> t;
   t.sh = p.sh;
   t.sw = p.sw;
   if (p.sh == 1 && p.sw == 1) {
     t.base = xg;
-    t.rows = p.h;
+    t.rows = t.stored = p.h;
     t.cols = p.w;
+    t.stride = p.h * p.w;
     return t;
   }
   const int64_t rows = (p.h + p.sh - 1) / p.sh, cols = (p.w + p.sw - 1) / p.sw, sw = p.sw;
-  const int64_t plane = rows * cols;
-  T* buf = tl_phases.get_as<T>(cg * p.sh * sw * plane);
+  int64_t m0, m1;
+  phase_rows(p, s0, len, m0, m1);
+  const int64_t stored = m1 - m0, plane = stored * cols;
+  T* buf = tl_phases.get_as<T>(std::max<int64_t>(1, cg * p.sh * sw * plane));
   for (int64_t cc = 0; cc < cg; ++cc)
-    for (int64_t m = 0; m < rows; ++m)
+    for (int64_t m = m0; m < m1; ++m)
       for (int64_t ri = 0; ri < p.sh; ++ri) {
-        T* d = buf + (cc * p.sh + ri) * sw * plane + m * cols;  // + rj * plane: phase rj's row
+        // phase (cc, ri, rj)'s row m is at d + rj * plane
+        T* d = buf + (cc * p.sh + ri) * sw * plane + (m - m0) * cols;
         const int64_t ih = m * p.sh + ri;
         if (ih >= p.h) {
           for (int64_t rj = 0; rj < sw; ++rj) std::fill(d + rj * plane, d + rj * plane + cols, T(0));
@@ -180,30 +214,41 @@ TapPlanes<T> tap_planes(const Conv2dParams& p, const T* xg, int64_t cg) {
   t.base = buf;
   t.rows = rows;
   t.cols = cols;
+  t.row0 = m0;
+  t.stored = stored;
+  t.stride = plane;
   return t;
 }
 
-// One thread's im2col sources across its tasks: split again only when the (image, group) changes,
-// so an image cut into several chunks is split into phases once. Frees a large phase buffer when
-// the thread's tasks end.
+// One thread's im2col sources across its tasks: split again only when the (image, group) changes
+// or a chunk needs rows outside the last split, so consecutive chunks of one image reuse it when
+// the whole image fit. Frees a large phase buffer when the thread's tasks end.
 template <class T>
 class PlaneCache {
  public:
   PlaneCache(const Conv2dParams& p, const T* x, int64_t cg) : p_(p), x_(x), cg_(cg) {}
   PlaneCache(const PlaneCache&) = delete;
   PlaneCache& operator=(const PlaneCache&) = delete;
-  // The planes of image n, group g.
-  const TapPlanes<T>& get(int64_t n, int64_t g) {
+  // The planes of image n, group g, holding the rows output pixels [s0, s0 + len) read.
+  const TapPlanes<T>& get(int64_t n, int64_t g, int64_t s0, int64_t len) {
     const int64_t key = n * p_.groups + g;
-    if (key != key_) {
+    if (key != key_ || !covers(s0, len)) {
       key_ = -1;  // stays invalid if the split throws
-      planes_ = tap_planes(p_, x_ + (n * p_.c + g * cg_) * p_.h * p_.w, cg_);
+      planes_ = tap_planes(p_, x_ + (n * p_.c + g * cg_) * p_.h * p_.w, cg_, s0, len);
       key_ = key;
     }
     return planes_;
   }
 
  private:
+  // Whether the cached split holds every row pixels [s0, s0 + len) read.
+  bool covers(int64_t s0, int64_t len) const {
+    if (p_.sh == 1 && p_.sw == 1) return true;
+    int64_t m0, m1;
+    phase_rows(p_, s0, len, m0, m1);
+    return m0 >= planes_.row0 && m1 <= planes_.row0 + planes_.stored;
+  }
+
   TrimPhases trim_;
   const Conv2dParams& p_;
   const T* x_;
@@ -211,18 +256,12 @@ class PlaneCache {
   TapPlanes<T> planes_;
 };
 
-// Floor division and its remainder for a possibly negative offset o by s > 0: o = q*s + r.
-inline void split_offset(int64_t o, int64_t s, int64_t& q, int64_t& r) {
-  r = ((o % s) + s) % s;
-  q = (o - r) / s;
-}
-
 // cols[r * ld + q] = x of tap r = (cc, i, j) for pixel s0 + q (0 in the padding), read from the
 // tap's plane: output pixel (oh, ow) takes plane element (oh + qi, ow + qj).
 template <class T>
 void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t s0, int64_t len,
             T* cols, int64_t ld) {
-  const int64_t plane = src.rows * src.cols, OW = p.ow;
+  const int64_t OW = p.ow;
   for (int64_t cc = 0; cc < cg; ++cc)
     for (int64_t i = 0; i < p.kh; ++i) {
       int64_t qi, ri;
@@ -230,7 +269,8 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
       for (int64_t j = 0; j < p.kw; ++j) {
         int64_t qj, rj;
         split_offset(j * p.dw - p.pw, src.sw, qj, rj);
-        const T* pl = src.base + ((cc * src.sh + ri) * src.sw + rj) * plane;
+        // the tap's plane; its row m is at pl + (m - src.row0) * src.cols
+        const T* pl = src.base + ((cc * src.sh + ri) * src.sw + rj) * src.stride;
         T* dst = cols + ((cc * p.kh + i) * p.kw + j) * ld;
         // Output columns [lo, hi) read inside the plane; output rows [rlo, rhi) likewise.
         const int64_t lo = std::min(OW, std::max<int64_t>(0, -qj));
@@ -242,7 +282,8 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           const int64_t a = std::min(std::max(s0, rlo * OW), s0 + len);
           const int64_t b = std::max(a, std::min(s0 + len, rhi * OW));
           std::fill(dst, dst + (a - s0), T(0));
-          if (b > a) std::memcpy(dst + (a - s0), pl + (a + qi * OW), sizeof(T) * (b - a));
+          if (b > a)
+            std::memcpy(dst + (a - s0), pl + (a + (qi - src.row0) * OW), sizeof(T) * (b - a));
           std::fill(dst + (b - s0), dst + len, T(0));
           continue;
         }
@@ -253,7 +294,7 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           if (oh < rlo || oh >= rhi) {
             std::fill(d, d + seg, T(0));
           } else {
-            const T* xr = pl + (oh + qi) * src.cols + qj;  // xr[o] for o in [lo, hi)
+            const T* xr = pl + (oh + qi - src.row0) * src.cols + qj;  // xr[o] for o in [lo, hi)
             const int64_t a = std::min(std::max(ow, lo), e), b = std::max(a, std::min(hi, e));
             std::fill(d, d + (a - ow), T(0));
             if (b > a) std::memcpy(d + (a - ow), xr + a, sizeof(T) * (b - a));
@@ -399,7 +440,7 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
       PlaneCache<T> planes(p, x, cg);
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
-        for (int64_t j = 0; j < m; ++j) im2col(p, planes.get(n0 + j, g), cg, 0, S, cols + j * S, ld);
+        for (int64_t j = 0; j < m; ++j) im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
         // out (kg x m*S) = W_g * cols, then out[kk][j*S + s] + bias -> y[n0 + j][g*kg + kk][s]
         gemm(gemm_params<T>(false, false, kg, ld, ckk, ckk, ld, ld, 0.0), w + g * kg * ckk, cols,
              out);
@@ -425,7 +466,7 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
       const T* xg = x + (n * p.c + g * cg) * HW;
       const T* a = one ? xg + s0 : cols;
       const int64_t lda = one ? HW : len;
-      if (!one) im2col(p, planes.get(n, g), cg, s0, len, cols, len);
+      if (!one) im2col(p, planes.get(n, g, s0, len), cg, s0, len, cols, len);
       // y chunk (kg x len, ld S) = W_g (kg x ckk) * cols (ckk x len), written in place. (M = kg:
       // computing C = cols^T W_g^T with M = pixels and transposing C into y measured slower,
       // 2.35 vs 1.95 ms on 8x32x26x26 -> 64 3x3, one thread, 2-core Zen, as the transpose
@@ -515,7 +556,8 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   // on timing). Computed as gy (kg x pixels) * cols^T so the partials are gw's own layout and the
   // reduction runs along contiguous rows (as P_g = cols * gy^T, ckk x kg, the reduction read
   // each partial transposed: on 16x512x2x2 -> 512 3x3 p1 (ResNet-18 layer4 at batch 16, 2
-  // threads, gw 4608 x 512) that strided pass made the weight gradient 18-25 ms, torch 28).
+  // threads, gw 4608 x 512) that strided pass made the weight gradient 18-25 ms; now 5.2-5.6 ms,
+  // torch 19-28 in the same runs).
   std::unique_ptr<T[]> part(nt > 1 ? new T[static_cast<size_t>(nt - 1) * wsz] : nullptr);
   auto run = [&](int tid, int64_t lo, int64_t hi) {
     T* P = tid == 0 ? gw : part.get() + (tid - 1) * wsz;
@@ -526,7 +568,7 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
       T* gyb = tl_block.get_as<T>(kg * nb * S);
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
-        for (int64_t j = 0; j < m; ++j) im2col(p, planes.get(n0 + j, g), cg, 0, S, cols + j * S, ld);
+        for (int64_t j = 0; j < m; ++j) im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
         gather_planes(p, gy, n0, m, g * kg, kg, gyb);
         // P_g (kg x ckk) += gyb (kg x m*S) * cols^T (m*S x ckk)
         gemm(gemm_params<T>(false, true, kg, ckk, ld, ld, ld, ckk, 1.0), gyb, cols,
@@ -541,7 +583,7 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
       const T* xg = x + (n * p.c + g * cg) * HW;
       const T* b = one ? xg + s0 : cols;
       const int64_t ldb = one ? HW : len;
-      if (!one) im2col(p, planes.get(n, g), cg, s0, len, cols, len);
+      if (!one) im2col(p, planes.get(n, g, s0, len), cg, s0, len, cols, len);
       // P_g (kg x ckk) += gy chunk (kg x len, ld S) * cols^T (len x ckk); cols stored ckk x len.
       gemm(gemm_params<T>(false, true, kg, ckk, len, S, ldb, ckk, 1.0),
            gy + (n * p.k + g * kg) * S + s0, b, P + g * kg * ckk);

@@ -92,7 +92,7 @@ bool phase_preferred(const Conv2dParams& p) {
 #if defined(__AVX2__) && defined(__FMA__)
   const int64_t cg = p.c / p.groups;
   return p.dtype == DType::Float32 && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
-         (p.kh * p.kw >= 5 * p.sh * p.sw || cg * p.kh * p.kw <= 64);
+         ((p.kh * p.kw >= 5 * p.sh * p.sw && cg >= 6) || cg * p.kh * p.kw <= 32);
 #else
   (void)p;
   return false;
