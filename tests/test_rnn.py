@@ -201,11 +201,13 @@ def test_elman_unit_block_pairs(cpu_path, nonlinearity):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_hidden(cpu_path, kind, dtype):
-    """Hidden sizes past the kernel's k slice (128) and unit block (8), odd batch: the sliced
-    recurrent product with partial row groups, and the vector/scalar unit tails."""
-    run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3, 7, 5,
-             263, True, dtype)
+@pytest.mark.parametrize("batch", [2, 7])
+def test_large_hidden(cpu_path, kind, dtype, batch):
+    """Hidden sizes past the kernel's k slice (128) and unit block (8), batch 2 (one 2-row group)
+    and 7 (6 + 1): the sliced recurrent product with partial row groups, and the vector/scalar
+    unit tails."""
+    run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3, batch,
+             5, 263, True, dtype)
 
 
 @pytest.mark.parametrize("kind", KINDS)

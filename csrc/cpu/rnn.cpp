@@ -216,26 +216,34 @@ inline void recurrent_cols_f32(int64_t R, const float* __restrict panel, int64_t
 }
 
 // The LSTM (G = 4: 6 rows x 16 columns, twice) and GRU (G = 3: 4 rows x 24) register tiles for
-// mb <= 6 (4) rows of one panel over k in [0, R): out rows of C floats, = or += (accumulate).
+// mb <= 6 (4) rows of one panel over k in [0, K) (a k slice's K): out rows of C floats, = or +=
+// (accumulate). LSTM groups of 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8
+// accumulators in one pass, where 16-column halves would hold 2 and 4: a 2-row group ran 1.5x
+// slower that way, review of d1696cf, kernels timed alone). Inference A/B, 1 thread, CPU time,
+// interleaved (machine busy with CI): LSTM 32-64 batch 1 x200 0.86 -> 0.58 ms, 256-512 batch 2
+// x50 12.7 -> 8.2 ms, 64-128 batch 2 x100 1.51 -> 1.00 ms, 256-512 batch 8 x50 24.2 -> 22.0 ms.
 template <int G>
-inline void recurrent_rows_f32(int mb, int64_t R, const float* panel, int64_t C,
+inline void recurrent_rows_f32(int mb, int64_t K, const float* panel, int64_t C,
                                const float* const* hr, float* out, bool accumulate) {
   if (G == 4) {
+    if (mb <= 2) {
+      if (mb == 2) recurrent_tile_f32<4, 2>(K, panel, hr, out, accumulate);
+      else recurrent_tile_f32<4, 1>(K, panel, hr, out, accumulate);
+      return;
+    }
     for (int half = 0; half < 32; half += 16)  // a partial group: only its rows
       switch (mb) {
-        case 6: recurrent_cols_f32<6, 2>(R, panel + half, C, hr, out + half, accumulate); break;
-        case 5: recurrent_cols_f32<5, 2>(R, panel + half, C, hr, out + half, accumulate); break;
-        case 4: recurrent_cols_f32<4, 2>(R, panel + half, C, hr, out + half, accumulate); break;
-        case 3: recurrent_cols_f32<3, 2>(R, panel + half, C, hr, out + half, accumulate); break;
-        case 2: recurrent_cols_f32<2, 2>(R, panel + half, C, hr, out + half, accumulate); break;
-        default: recurrent_cols_f32<1, 2>(R, panel + half, C, hr, out + half, accumulate); break;
+        case 6: recurrent_cols_f32<6, 2>(K, panel + half, C, hr, out + half, accumulate); break;
+        case 5: recurrent_cols_f32<5, 2>(K, panel + half, C, hr, out + half, accumulate); break;
+        case 4: recurrent_cols_f32<4, 2>(K, panel + half, C, hr, out + half, accumulate); break;
+        default: recurrent_cols_f32<3, 2>(K, panel + half, C, hr, out + half, accumulate); break;
       }
   } else {
     switch (mb) {  // (batch 1, a decoder's case: one row's work, not four)
-      case 4: recurrent_cols_f32<4, 3>(R, panel, C, hr, out, accumulate); break;
-      case 3: recurrent_cols_f32<3, 3>(R, panel, C, hr, out, accumulate); break;
-      case 2: recurrent_cols_f32<2, 3>(R, panel, C, hr, out, accumulate); break;
-      default: recurrent_cols_f32<1, 3>(R, panel, C, hr, out, accumulate); break;
+      case 4: recurrent_cols_f32<4, 3>(K, panel, C, hr, out, accumulate); break;
+      case 3: recurrent_cols_f32<3, 3>(K, panel, C, hr, out, accumulate); break;
+      case 2: recurrent_cols_f32<2, 3>(K, panel, C, hr, out, accumulate); break;
+      default: recurrent_cols_f32<1, 3>(K, panel, C, hr, out, accumulate); break;
     }
   }
 }
