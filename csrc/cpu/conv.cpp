@@ -169,15 +169,10 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // loses: col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw) and a group has
   // at least 6 input channels (the phase tile's rows; 3 left half of it idle), or the GEMM's rows
   // cg*kh*kw are few (<= 32); not on small planes (under 64 pixels per phase, where GEMM spans
-  // several images). CPU time per call, GEMM / phase, one thread, median of 5, 2-core Zen,
-  // 2026-12-01, after col2im moved onto stride-phase planes (conv_gemm.cpp), (shape: N x C x H
-  // -> K, kernel, stride, padding):
-  //   phase: 8x64x28 -> 64 k5 s2 p2 6.7 / 5.3 ms, 8x3x64 -> 32 k3 s2 p1 0.85 / 0.57
-  //   GEMM: 16x32x56 -> 64 k4 s2 p1 (issue shape 7's ConvTranspose2d) 12.5 / 13.5,
-  //   32x128x28 -> 128 k3 s2 p1 (shape 5) 30.7 / 35.7, 16x32x56 -> 64 k3 s2 8.2 / 8.2,
-  //   16x64x28 -> 128 k1 s2 1.39 / 1.67, 4x3x224 -> 64 k7 s2 p3 16.6 / 31.8,
-  //   16x16x56 -> 32 k3 s2 p1 3.1 / 3.3; and two near-ties left to GEMM: 8x32x33 -> 64 k5 s3 p2
-  //   1.86 / 1.82, 8x8x56 -> 16 k4 s2 p1 0.90 / 0.84.
+  // several images). The rule was fitted to GEMM / phase timings of ten strided shapes after
+  // col2im moved onto stride-phase planes (benchmarks/RESULTS.md, "development measurements",
+  // 2026-12-01 20:05): GEMM now wins shape 7's k4 s2, shape 5, 1x1 s2 and the 7x7 stem; phase
+  // keeps k5 s2 over 64 channels and 3-channel k3 s2.
   // (float32 on the AVX2 build only: the portable build ran shape 7's input gradient 8x slower
   // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1)
   if (phase && phase_preferred(p)) return ConvAlgo::Phase;

@@ -10,11 +10,8 @@
 // place as the cols matrix, with leading dimension H*W.
 // Strides above 1: im2col reads, and col2im adds into, the image split into its sh*sw stride
 // phases (one per-thread copy per (image, group)), so every tap row is a contiguous run instead
-// of a gather or scatter of every sw-th element. Measured (1 thread, CPU time, A/B of builds
-// interleaved, 2-core Zen, 2026-12-01; the noise between runs is ~10%, passes the change does not
-// touch moved by up to 1.1x): shape 5 (32x128x28 -> 128 3x3 s2 p1) forward 1.10x (within the
-// noise), input gradient 1.29x, weight gradient 1.18x; shape 7's 4x4 s2 convolution forward
-// 1.22x, weight gradient 1.20x.
+// of a gather or scatter of every sw-th element (the gather was ~1/3 of a 3x3 stride-2 forward;
+// before/after figures: benchmarks/RESULTS.md, "development measurements", 2026-12-01 20:05).
 // Work split: one task per (image, group, chunk) (the input gradient: per (image, group), since
 // col2im of neighbouring chunks overlaps); each task calls the GEMM single-threaded. A call with a
 // single task lets the GEMM use every thread instead.
@@ -32,7 +29,6 @@
 #include <memory>
 #include <new>
 #include <type_traits>
-#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -74,10 +70,8 @@ int64_t plan_blocks(const Conv2dParams& p, int64_t ckk) {
   if (most < 2) return 0;
   int64_t nb = (p.n + (p.n + most - 1) / most - 1) / ((p.n + most - 1) / most);  // balanced
   // Tasks are (block, group): when they are few, the block size (2..most images) that gives the
-  // busiest thread the fewest images, the larger on a tie (16x256x4x4 -> 256 3x3 p1, a ResNet-18
-  // layer3 conv at batch 16, 2 threads: 3 blocks of 6/6/4 images left one thread a third of the
-  // work; 4 blocks of 4: forward 5.2 -> 3.7-4.2 ms against torch 3.8-4.5, median of 15,
-  // interleaved, noisy machine).
+  // busiest thread the fewest images, the larger on a tie (a ResNet-18 layer3 conv, 16x256x4x4
+  // at 2 threads, ran 3 blocks of 6/6/4 images: one thread idle a third of the time).
   const int64_t nt = omp_in_parallel() ? 1 : get_num_threads();
   const auto busiest = [&](int64_t b) {  // images on the busiest thread, at most
     const int64_t tasks = (p.n + b - 1) / b * p.groups;
@@ -555,9 +549,8 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   // the others' are added to it in a fixed order (the result depends on the thread count, not
   // on timing). Computed as gy (kg x pixels) * cols^T so the partials are gw's own layout and the
   // reduction runs along contiguous rows (as P_g = cols * gy^T, ckk x kg, the reduction read
-  // each partial transposed: on 16x512x2x2 -> 512 3x3 p1 (ResNet-18 layer4 at batch 16, 2
-  // threads, gw 4608 x 512) that strided pass made the weight gradient 18-25 ms; now 5.2-5.6 ms,
-  // torch 19-28 in the same runs).
+  // each partial transposed, and on a large gw, 4608 x 512 in ResNet-18's layer4, that strided
+  // pass cost 3-4x the GEMMs).
   std::unique_ptr<T[]> part(nt > 1 ? new T[static_cast<size_t>(nt - 1) * wsz] : nullptr);
   auto run = [&](int tid, int64_t lo, int64_t hi) {
     T* P = tid == 0 ? gw : part.get() + (tid - 1) * wsz;

@@ -22,13 +22,9 @@
 // task changes (image, group).
 // A weight that is inf or NaN sends the call to the reference loops (conv.cpp): here it would meet
 // gy's zero border (inf * 0).
-// Measured (CPU time per call, one thread, median of 7, 2-core Zen under load; phase / GEMM+col2im;
-// the full table and the auto rule at conv_choose in conv.cpp): 16x32x56x56 -> 64 k4 s2 p1 (the
-// convolution behind issue shape 7's ConvTranspose2d) 12.6-13.0 / 14.6-15.6 ms (~64 GF/s),
-// 16.7 / 18.3 before the 2-row last panel; shape 5's 3x3 s2 input gradient 39.4 / 35.5 ms (GEMM
-// kept there). Those GEMM figures predate col2im on stride-phase planes (conv_gemm.cpp), which made
-// GEMM the faster of the two on shape 7 too (conv_choose in conv.cpp has the new table).
-// Alternatives measured and not kept: one GEMM per tap
+// Where it beats GEMM+col2im, and the alternatives measured and not kept, with their figures:
+// benchmarks/RESULTS.md ("development measurements", 2026-12-01 20:05 and the conv entries before).
+// Not kept: one GEMM per tap
 // on fastdl's engine (K = kg, packing the shifted gy each call: no gain on shape 7, 0.95x on 5),
 // stacked shifted copies of gy as one GEMM operand (K = Ta*Tb*kg: the copies and B's packing cost
 // what col2im did), a 4x3 tile (0.8x on shape 5, no gain on 7), K blocked at 128/256 (no
@@ -85,7 +81,7 @@ bool phase_serves(const Conv2dParams& p) {
   return (p.sh > 1 || p.sw > 1) && p.dh == 1 && p.dw == 1;
 }
 
-// The automatic choice among shapes phase serves (measured table at conv_choose, conv.cpp):
+// The automatic choice among shapes phase serves (the rule and its reasons at conv_choose, conv.cpp):
 // float32 on the AVX2 build, at least 64 pixels per phase, and col2im overlapping much or the
 // GEMM's rows few.
 bool phase_preferred(const Conv2dParams& p) {

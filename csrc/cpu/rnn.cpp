@@ -218,10 +218,8 @@ inline void recurrent_cols_f32(int64_t R, const float* __restrict panel, int64_t
 // The LSTM (G = 4: 6 rows x 16 columns, twice) and GRU (G = 3: 4 rows x 24) register tiles for
 // mb <= 6 (4) rows of one panel over k in [0, K) (a k slice's K): out rows of C floats, = or +=
 // (accumulate). LSTM groups of 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8
-// accumulators in one pass, where 16-column halves would hold 2 and 4: a 2-row group ran 1.5x
-// slower that way, review of d1696cf, kernels timed alone). Inference A/B, 1 thread, CPU time,
-// interleaved (machine busy with CI): LSTM 32-64 batch 1 x200 0.86 -> 0.58 ms, 256-512 batch 2
-// x50 12.7 -> 8.2 ms, 64-128 batch 2 x100 1.51 -> 1.00 ms, 256-512 batch 8 x50 24.2 -> 22.0 ms.
+// accumulators in one pass, where 16-column halves would hold 2 and 4 and ran ~1.5x slower;
+// figures: benchmarks/RESULTS.md, "development measurements", 2026-12-01 20:05).
 template <int G>
 inline void recurrent_rows_f32(int mb, int64_t K, const float* panel, int64_t C,
                                const float* const* hr, float* out, bool accumulate) {
@@ -489,9 +487,7 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
 #if defined(FASTDL_RNN_AVX2)
       if constexpr ((G == 4 || G == 3) && std::is_same<T, float>::value) {
         // the same 12-accumulator tiles per k slice, summed into this thread's partials (the
-        // 2 x 32 / 3 x 24 tiles below held 8 and 9 accumulators). A/B of builds, inference,
-        // interleaved: LSTM 256-512-64-100 1.10x (1 thread) / 1.13x (2 threads, 213 -> 189 ms),
-        // 2-layer bidirectional LSTM 128-256-16-100 1.16x / 1.16x, GRU 128-256-32-50 1.19x / 1.18x
+        // 2 x 32 / 3 x 24 tiles below held 8 and 9 accumulators; figures: RESULTS.md)
         constexpr int M2 = G == 4 ? 6 : 4;
         const float* hr2[M2];
         for (int64_t k0 = 0; k0 < R; k0 += kKc) {
