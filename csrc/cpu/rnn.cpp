@@ -633,63 +633,90 @@ void column_sums(const T* g, int64_t n, int64_t cols, T* out) {
 }
 
 // dh[b][k] = sum_n dg[b][n] * w[n][k] (+ dh when accumulate) for rows [0, bs), k < R: the
-// recurrent product of the backward step, reading W_hh (GH x R) in place, 16 columns at a time
-// per register tile of up to 6 rows (the GEMM's 6x16 tile without packing: W_hh is walked in
-// rows of 16 contiguous values, the same every step, so it stays in cache).
+// W_hh (GH x R) -> strips of kDhCols columns of R, each k-major: strip kc holds W_hh[n][kc*16 + c]
+// at [n][c] (columns past R are zero). Packed once per backward call: read in place, a strip's
+// rows sit R floats apart, so every row of a strip maps to the same few L1 sets (R = 512: 2 of 64)
+// and the strip cannot stay in L1 across the step's row groups.
+constexpr int64_t kDhCols = 16;
+
 template <class T>
-void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, T* dh,
+void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
+  const int64_t chunks = (R + kDhCols - 1) / kDhCols;
+  parallel_for(chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t kc = lo; kc < hi; ++kc) {
+      const int64_t k0 = kc * kDhCols, kw = std::min(kDhCols, R - k0);
+      T* d = dst + kc * GH * kDhCols;
+      for (int64_t n = 0; n < GH; ++n) {
+        for (int64_t c = 0; c < kw; ++c) d[n * kDhCols + c] = w[n * R + k0 + c];
+        for (int64_t c = kw; c < kDhCols; ++c) d[n * kDhCols + c] = T(0);
+      }
+    }
+  });
+}
+
+// dh (bs x R, += when accumulate) = dg (bs x GH) @ W_hh (GH x R): the recurrent product of the
+// backward step, from W_hh packed by pack_dh_strips, 16 columns at a time per register tile of
+// up to 6 rows (the GEMM's 6x16 tile). Each strip is walked in blocks of kDhRows of its GH rows
+// (16 KB) so a block stays in L1 while every row group of the step reuses it.
+template <class T>
+void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* wp, T* dh,
                 bool accumulate) {
-  constexpr int64_t KB = 16;
+  constexpr int64_t KB = kDhCols;
+  constexpr int64_t kDhRows = 256;
   constexpr int MB = 6;
   const int64_t chunks = (R + KB - 1) / KB;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 2 * bs * GH * KB));
   parallel_for(chunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t kc = lo; kc < hi; ++kc) {
       const int64_t k0 = kc * KB, kw = std::min(KB, R - k0);
-      for (int64_t b0 = 0; b0 < bs; b0 += MB) {
-        const int64_t mb = std::min<int64_t>(MB, bs - b0);
+      const T* strip = wp + kc * GH * KB;
+      for (int64_t n0 = 0; n0 < GH; n0 += kDhRows) {
+        const int64_t n1 = std::min(GH, n0 + kDhRows);
+        const bool add = accumulate || n0 > 0;  // later row blocks add to the earlier ones
+        for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+          const int64_t mb = std::min<int64_t>(MB, bs - b0);
 #if defined(FASTDL_RNN_AVX2)
-        if constexpr (std::is_same<T, float>::value) {
-          if (kw == KB) {
-            __m256 acc[MB][2];
-            for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-            const float* rows[MB];
-            for (int i = 0; i < MB; ++i) rows[i] = dg + (b0 + std::min<int64_t>(i, mb - 1)) * GH;
-            const float* wk = w + k0;
-            for (int64_t n = 0; n < GH; ++n) {
-              const __m256 w0 = _mm256_loadu_ps(wk + n * R), w1 = _mm256_loadu_ps(wk + n * R + 8);
+          if constexpr (std::is_same<T, float>::value) {
+            if (kw == KB) {
+              __m256 acc[MB][2];
+              for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+              const float* rows[MB];
+              for (int i = 0; i < MB; ++i) rows[i] = dg + (b0 + std::min<int64_t>(i, mb - 1)) * GH;
+              for (int64_t n = n0; n < n1; ++n) {
+                const __m256 w0 = _mm256_load_ps(strip + n * KB), w1 = _mm256_load_ps(strip + n * KB + 8);
+                for (int i = 0; i < MB; ++i) {
+                  const __m256 g = _mm256_broadcast_ss(rows[i] + n);
+                  acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
+                  acc[i][1] = _mm256_fmadd_ps(g, w1, acc[i][1]);
+                }
+              }
+              // constant bounds (unrolled): a runtime index would keep acc in memory, not registers
               for (int i = 0; i < MB; ++i) {
-                const __m256 g = _mm256_broadcast_ss(rows[i] + n);
-                acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
-                acc[i][1] = _mm256_fmadd_ps(g, w1, acc[i][1]);
+                if (i >= mb) break;
+                float* d = dh + (b0 + i) * R + k0;
+                if (add) {
+                  acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(d));
+                  acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(d + 8));
+                }
+                _mm256_storeu_ps(d, acc[i][0]);
+                _mm256_storeu_ps(d + 8, acc[i][1]);
               }
+              continue;
             }
-            // constant bounds (unrolled): a runtime index would keep acc in memory, not registers
-            for (int i = 0; i < MB; ++i) {
-              if (i >= mb) break;
-              float* d = dh + (b0 + i) * R + k0;
-              if (accumulate) {
-                acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(d));
-                acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(d + 8));
-              }
-              _mm256_storeu_ps(d, acc[i][0]);
-              _mm256_storeu_ps(d + 8, acc[i][1]);
-            }
-            continue;
           }
-        }
 #endif
-        T acc[MB][KB] = {};
-        for (int64_t n = 0; n < GH; ++n) {
-          const T* wn = w + n * R + k0;
-          for (int64_t i = 0; i < mb; ++i) {
-            const T g = dg[(b0 + i) * GH + n];
-            for (int64_t k = 0; k < kw; ++k) acc[i][k] += g * wn[k];
+          T acc[MB][KB] = {};
+          for (int64_t n = n0; n < n1; ++n) {
+            const T* wn = strip + n * KB;
+            for (int64_t i = 0; i < mb; ++i) {
+              const T g = dg[(b0 + i) * GH + n];
+              for (int64_t k = 0; k < kw; ++k) acc[i][k] += g * wn[k];
+            }
           }
-        }
-        for (int64_t i = 0; i < mb; ++i) {
-          T* d = dh + (b0 + i) * R + k0;
-          for (int64_t k = 0; k < kw; ++k) d[k] = accumulate ? d[k] + acc[i][k] : acc[i][k];
+          for (int64_t i = 0; i < mb; ++i) {
+            T* d = dh + (b0 + i) * R + k0;
+            for (int64_t k = 0; k < kw; ++k) d[k] = add ? d[k] + acc[i][k] : acc[i][k];
+          }
         }
       }
     }
@@ -812,6 +839,8 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   const std::vector<int64_t> off = rnn_step_offsets(p);
   // GRU's direct term dh * z goes to a second buffer: dhs is still being read by other units.
   T* direct = gru ? static_cast<T*>(tl_xg.get(sizeof(T) * B * R)) : nullptr;
+  T* w_strips = static_cast<T*>(tl_hh.get(sizeof(T) * GH * ((R + kDhCols - 1) / kDhCols) * kDhCols));
+  pack_dh_strips(w_hh, GH, R, w_strips);
 
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? s : p.steps - 1 - s;
@@ -833,7 +862,7 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     });
     // dh_prev = dg_h @ W_hh (+ GRU's direct term)
     if (gru) std::memcpy(dhs, direct, sizeof(T) * bs * R);
-    dh_product<T>(bs, GH, R, dgh + row0 * GH, w_hh, dhs, gru);
+    dh_product<T>(bs, GH, R, dgh + row0 * GH, w_strips, dhs, gru);
   }
 
   const T* x = static_cast<const T*>(a.x);
