@@ -426,7 +426,7 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   const int64_t flops_per_block = 2 * bs * R * C;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
   const bool relu = p.mode == RnnMode::Relu;
-  auto gates = [&](int64_t b, int64_t j0, int64_t w, const T* hh) {
+  auto gates = [&](int64_t b, int64_t j0, int64_t w, const T* hh) __attribute__((always_inline)) {
     if (G == 4) lstm_units<T, SAVE>(io, H, b, j0, w, hh);
     else if (G == 3) gru_units<T, SAVE>(io, H, b, j0, w, hh);
     else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
