@@ -354,13 +354,81 @@ void gates_range(const CellForward<T>& f, int64_t r0, int64_t r1, int64_t vecs, 
   }
 }
 
+#if defined(FASTDL_CELL_AVX2)
+// LSTM / GRU float32 update of units [j0, j0 + 8) for every row: each gate's 8 unit rows x 8
+// batch lanes of the product are transposed in registers, so the gate math runs on 8 units of
+// one batch row and reads c / h and writes h', c' and the activations as whole vectors. (Per unit
+// over batch lanes, lstm_lanes / gru_lanes, 8 scalar gathers and 16-48 scalar scattered stores
+// per vector made the update ~half as long as the product; figures: RESULTS.md.) Same
+// operations and order as those, so the results are equal.
+inline void update8_f32(const CellForward<float>& f, int64_t j0, const float* g, const float* hn) {
+  const int64_t H = f.p.hidden_size, B = f.p.batch, Bp = f.Bp;
+  const bool gru = f.p.mode == RnnMode::Gru;
+  __m256 bias[4];
+  for (int64_t q = 0; q < 4; ++q) {
+    if (gru && q >= 2)  // GRU: b_in with the x side, b_hn with W_hn h
+      bias[q] = q == 2 ? (f.b_ih ? _mm256_loadu_ps(f.b_ih + 2 * H + j0) : _mm256_setzero_ps())
+                       : (f.b_hh ? _mm256_loadu_ps(f.b_hh + 2 * H + j0) : _mm256_setzero_ps());
+    else
+      bias[q] = f.b_ih ? _mm256_add_ps(_mm256_loadu_ps(f.b_ih + q * H + j0),
+                                       _mm256_loadu_ps(f.b_hh + q * H + j0))
+                       : _mm256_setzero_ps();
+  }
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    __m256 pre[4][8];  // pre[q][l]: gate q of units j0.. for lane b0 + l (after the transpose)
+    for (int64_t q = 0; q < 4; ++q) {
+      const float* src = gru && q == 3 ? hn + j0 * Bp + b0 : g + (q * H + j0) * Bp + b0;
+      for (int u = 0; u < 8; ++u) pre[q][u] = _mm256_loadu_ps(src + u * Bp);
+      transpose8x8(pre[q]);
+    }
+    const int64_t lanes = std::min<int64_t>(8, B - b0);
+    for (int64_t l = 0; l < lanes; ++l) {
+      const int64_t b = b0 + l;
+      __m256 a[4];
+      for (int q = 0; q < 4; ++q) a[q] = _mm256_add_ps(pre[q][l], bias[q]);
+      __m256 s0, s1, s2, s3, h_new;
+      if (gru) {
+        s0 = sigmoid8(a[0]);
+        s1 = sigmoid8(a[1]);
+        s2 = tanh8(_mm256_fmadd_ps(s0, a[3], a[2]));
+        s3 = a[3];
+        const __m256 h_old = _mm256_loadu_ps(f.h + b * H + j0);
+        h_new = _mm256_fmadd_ps(_mm256_sub_ps(h_old, s2), s1, s2);
+      } else {
+        s0 = sigmoid8(a[0]);
+        s1 = sigmoid8(a[1]);
+        s2 = tanh8(a[2]);
+        s3 = sigmoid8(a[3]);
+        const __m256 c_n = _mm256_fmadd_ps(s1, _mm256_loadu_ps(f.c + b * H + j0), _mm256_mul_ps(s0, s2));
+        _mm256_storeu_ps(f.c_new + b * H + j0, c_n);
+        h_new = _mm256_mul_ps(s3, tanh8(c_n));
+      }
+      _mm256_storeu_ps(f.h_new + b * H + j0, h_new);
+      if (f.act) {
+        float* act = f.act + b * 4 * H + j0;
+        _mm256_storeu_ps(act, s0);
+        _mm256_storeu_ps(act + H, s1);
+        _mm256_storeu_ps(act + 2 * H, s2);
+        _mm256_storeu_ps(act + 3 * H, s3);
+      }
+    }
+  }
+}
+#endif
+
 // The state update of units [u0, u1) from the products: g (G*H, Bp) and, for GRU, hn (H, Bp)
 // (W_hn h^T; g's n rows hold W_in x^T).
 template <class T>
 void update_units(const CellForward<T>& f, int64_t u0, int64_t u1, const T* g, const T* hn) {
   constexpr int64_t L = Vec<T>::L;
   const int64_t H = f.p.hidden_size, B = f.p.batch, Bp = f.Bp;
-  for (int64_t j = u0; j < u1; ++j)
+  int64_t j = u0;
+#if defined(FASTDL_CELL_AVX2)
+  if constexpr (std::is_same<T, float>::value)
+    if (f.p.mode == RnnMode::Lstm || f.p.mode == RnnMode::Gru)
+      for (; j + 8 <= u1; j += 8) update8_f32(f, j, g, hn);
+#endif
+  for (; j < u1; ++j)
     for (int64_t b0 = 0; b0 < B; b0 += L) {
       const int64_t lanes = std::min(L, B - b0);
       if (f.p.mode == RnnMode::Tanh || f.p.mode == RnnMode::Relu) {
