@@ -202,12 +202,28 @@ def test_elman_unit_block_pairs(cpu_path, nonlinearity):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [2, 7])
-def test_large_hidden(cpu_path, kind, dtype, batch):
+@pytest.mark.parametrize("steps", [3, 17])
+def test_large_hidden(cpu_path, kind, dtype, batch, steps):
     """Hidden sizes past the kernel's k slice (128) and unit block (8), batch 2 (one 2-row group)
     and 7 (6 + 1): the sliced recurrent product with partial row groups, and the vector/scalar
-    unit tails."""
-    run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3, batch,
-             5, 263, True, dtype)
+    unit tails. The backward's dh product reads W_hh in place over 3 steps (3-6 row-group
+    passes) and packed into strips over 17 (17-34): both with R % 16 != 0 and G*H > 256 rows."""
+    run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), steps,
+             batch, 5, 263, True, dtype)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_TANH"])
+def test_gate_pass_split_mid_row(cpu_path, kind):
+    """Batch 39 x hidden 264 on 2 threads: the backward's gate-gradient pass (over rows x units,
+    8192 per chunk) splits mid-row at unit 132, so the AVX2 8-unit loops start off a multiple
+    of 8 and end in a scalar tail."""
+    before = fastdl.get_num_threads()
+    fastdl.set_num_threads(2)
+    try:
+        run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False, bias=True), 3,
+                 39, 4, 264, True, torch.float32)
+    finally:
+        fastdl.set_num_threads(before)
 
 
 @pytest.mark.parametrize("kind", KINDS)

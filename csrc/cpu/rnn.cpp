@@ -13,8 +13,9 @@
 //      L1 across the step's row groups. LSTM projection: one GEMM per step after the gate pass.
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
-// register-tiled product reading W_hh in place (no per-step packing). After the loop the weight
-// gradients are large GEMMs over all N rows: dW_ih = dg^T x, dW_hh = dg_h^T hprev,
+// register-tiled product over W_hh packed once per call into 16-column strips (read in place
+// when the call is too short to repay the copy). After the loop the
+// weight gradients are large GEMMs over all N rows: dW_ih = dg^T x, dW_hh = dg_h^T hprev,
 // dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
 // Work split: the forward step splits unit blocks over the threads (the same blocks every step,
 // so each thread's panels stay in its cache; one thread while a step is under ~64K flops per
@@ -426,7 +427,7 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   const int64_t flops_per_block = 2 * bs * R * C;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
   const bool relu = p.mode == RnnMode::Relu;
-  auto gates = [&](int64_t b, int64_t j0, int64_t w, const T* hh) __attribute__((always_inline)) {
+  auto gates = [&](int64_t b, int64_t j0, int64_t w, const T* hh) {
     if (G == 4) lstm_units<T, SAVE>(io, H, b, j0, w, hh);
     else if (G == 3) gru_units<T, SAVE>(io, H, b, j0, w, hh);
     else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
@@ -632,17 +633,25 @@ void column_sums(const T* g, int64_t n, int64_t cols, T* out) {
   });
 }
 
-// dh[b][k] = sum_n dg[b][n] * w[n][k] (+ dh when accumulate) for rows [0, bs), k < R: the
-// W_hh (GH x R) -> strips of kDhCols columns of R, each k-major: strip kc holds W_hh[n][kc*16 + c]
-// at [n][c] (columns past R are zero). Packed once per backward call: read in place, a strip's
-// rows sit R floats apart, so every row of a strip maps to the same few L1 sets (R = 512: 2 of 64)
-// and the strip cannot stay in L1 across the step's row groups.
+// The backward step's recurrent product dh (bs x R) = dg_h (bs x GH) @ W_hh (GH x R) reads W_hh as
+// strips of kDhCols columns: element (n, kc*16 + c) at w + kc * strip_step + n * row_step + c.
+// In place: row_step R, strip_step 16. Packed (pack_dh_strips, once per backward call): row_step
+// 16, strip_step GH*16, so a strip is contiguous. In place, a strip's rows sit R floats apart and
+// all map to a few L1 sets (R = 512: 2 of 64), so the strip cannot stay in L1 across the step's
+// row groups; packing costs a copy of W_hh per call, which the product repays once the call has
+// enough steps (backward_typed: kDhPackPasses).
 constexpr int64_t kDhCols = 16;
+
+struct DhLayout {
+  int64_t row_step, strip_step;
+};
 
 template <class T>
 void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
   const int64_t chunks = (R + kDhCols - 1) / kDhCols;
-  parallel_for(chunks, 1, [&](int64_t lo, int64_t hi) {
+  // (columns past R in the last strip are zero-filled, never read: the product's tail is scalar)
+  parallel_for(chunks, std::max<int64_t>(1, (int64_t(1) << 15) / (GH * kDhCols)),
+               [&](int64_t lo, int64_t hi) {
     for (int64_t kc = lo; kc < hi; ++kc) {
       const int64_t k0 = kc * kDhCols, kw = std::min(kDhCols, R - k0);
       T* d = dst + kc * GH * kDhCols;
@@ -654,12 +663,12 @@ void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
   });
 }
 
-// dh (bs x R, += when accumulate) = dg (bs x GH) @ W_hh (GH x R): the recurrent product of the
-// backward step, from W_hh packed by pack_dh_strips, 16 columns at a time per register tile of
-// up to 6 rows (the GEMM's 6x16 tile). Each strip is walked in blocks of kDhRows of its GH rows
-// (16 KB) so a block stays in L1 while every row group of the step reuses it.
+// dh (bs x R, += when accumulate) = dg (bs x GH) @ W_hh in layout L: 16 columns at a time per
+// register tile of up to 6 rows (the GEMM's 6x16 tile). Each strip is walked in blocks of
+// kDhRows of its GH rows (16 KB of a packed float32 strip) so a block stays in L1 while every
+// row group of the step reuses it.
 template <class T>
-void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* wp, T* dh,
+void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, DhLayout L, T* dh,
                 bool accumulate) {
   constexpr int64_t KB = kDhCols;
   constexpr int64_t kDhRows = 256;
@@ -669,7 +678,7 @@ void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* wp, T* 
   parallel_for(chunks, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t kc = lo; kc < hi; ++kc) {
       const int64_t k0 = kc * KB, kw = std::min(KB, R - k0);
-      const T* strip = wp + kc * GH * KB;
+      const T* strip = w + kc * L.strip_step;
       for (int64_t n0 = 0; n0 < GH; n0 += kDhRows) {
         const int64_t n1 = std::min(GH, n0 + kDhRows);
         const bool add = accumulate || n0 > 0;  // later row blocks add to the earlier ones
@@ -683,7 +692,8 @@ void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* wp, T* 
               const float* rows[MB];
               for (int i = 0; i < MB; ++i) rows[i] = dg + (b0 + std::min<int64_t>(i, mb - 1)) * GH;
               for (int64_t n = n0; n < n1; ++n) {
-                const __m256 w0 = _mm256_load_ps(strip + n * KB), w1 = _mm256_load_ps(strip + n * KB + 8);
+                const float* wn = strip + n * L.row_step;
+                const __m256 w0 = _mm256_loadu_ps(wn), w1 = _mm256_loadu_ps(wn + 8);
                 for (int i = 0; i < MB; ++i) {
                   const __m256 g = _mm256_broadcast_ss(rows[i] + n);
                   acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
@@ -707,7 +717,7 @@ void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* wp, T* 
 #endif
           T acc[MB][KB] = {};
           for (int64_t n = n0; n < n1; ++n) {
-            const T* wn = strip + n * KB;
+            const T* wn = strip + n * L.row_step;
             for (int64_t i = 0; i < mb; ++i) {
               const T g = dg[(b0 + i) * GH + n];
               for (int64_t k = 0; k < kw; ++k) acc[i][k] += g * wn[k];
@@ -864,8 +874,22 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   const std::vector<int64_t> off = rnn_step_offsets(p);
   // GRU's direct term dh * z goes to a second buffer: dhs is still being read by other units.
   T* direct = gru ? static_cast<T*>(tl_xg.get(sizeof(T) * B * R)) : nullptr;
-  T* w_strips = static_cast<T*>(tl_hh.get(sizeof(T) * GH * ((R + kDhCols - 1) / kDhCols) * kDhCols));
-  pack_dh_strips(w_hh, GH, R, w_strips);
+  // W_hh packed into contiguous strips when the call makes at least kDhPackPasses row-group
+  // passes over it (a step of bs rows makes ceil(bs / 6)); in place below that. One thread, the
+  // kernel alone (LSTM, no weight gradients), in place / packed ms: H 512 B 1 T 1 0.42 / 1.62,
+  // T 8 2.57 / 3.04; H 256 B 8 T 1 0.19 / 0.20 (the copy of a W_hh past L2 costs ~1.2 ms, and
+  // one row group per step reuses little of a packed strip).
+  constexpr int64_t kDhPackPasses = 16;
+  int64_t passes = 0;
+  for (int64_t t = 0; t < p.steps; ++t) passes += (p.rows_at(t) + 5) / 6;
+  const T* dh_w = w_hh;
+  DhLayout dh_layout{R, kDhCols};
+  if (passes >= kDhPackPasses) {
+    T* strips = static_cast<T*>(tl_hh.get(sizeof(T) * GH * ((R + kDhCols - 1) / kDhCols) * kDhCols));
+    pack_dh_strips(w_hh, GH, R, strips);
+    dh_w = strips;
+    dh_layout = DhLayout{kDhCols, GH * kDhCols};
+  }
 
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? s : p.steps - 1 - s;
@@ -887,7 +911,7 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     });
     // dh_prev = dg_h @ W_hh (+ GRU's direct term)
     if (gru) std::memcpy(dhs, direct, sizeof(T) * bs * R);
-    dh_product<T>(bs, GH, R, dgh + row0 * GH, w_strips, dhs, gru);
+    dh_product<T>(bs, GH, R, dgh + row0 * GH, dh_w, dh_layout, dhs, gru);
   }
 
   const T* x = static_cast<const T*>(a.x);

@@ -7,10 +7,11 @@
 //   forward:  g^T (G*H, B) = W_ih x^T + W_hh h^T in tiles of 6 gate rows x 2 batch vectors
 //             (A = weight rows in place, B = x^T / h^T, transposed once per call into a scratch
 //             with the batch padded to whole vectors), then a pass over the hidden units runs
-//             the gate math vectorised over the batch and writes h', c' and, in training, the
-//             activations. Work split: units over the threads, each thread its units' gate
-//             rows and their update (one region). 12 accumulators per tile: a 4-gate x
-//             2-vector tile per unit had 8, at the FMA latency's bound (figures: RESULTS.md).
+//             the gate math and writes h', c' and, in training, the activations (LSTM/GRU
+//             float32 on AVX2: 8 units of one batch row per vector, update8_f32; otherwise
+//             vectorised over the batch). Work split: units over the threads, each thread
+//             its units' gate rows and their update (one region). 12 accumulators per
+//             tile: a 4-gate x 2-vector tile per unit had 8, at the FMA latency's bound (figures: RESULTS.md).
 //   backward: a fused pass turns dh', dc' into the gate gradients dG (B, G*H) (rnn_math.h; the
 //             LSTM's on 8 units at a time on AVX2: its scalar tanh(c') dominated), then
 //             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows), and
@@ -359,7 +360,8 @@ void gates_range(const CellForward<T>& f, int64_t r0, int64_t r1, int64_t vecs, 
 // batch lanes of the product are transposed in registers, so the gate math runs on 8 units of
 // one batch row and reads c / h and writes h', c' and the activations as whole vectors. (Per unit
 // over batch lanes, lstm_lanes / gru_lanes, 8 scalar gathers and 16-48 scalar scattered stores
-// per vector made the update ~half as long as the product; figures: RESULTS.md.) Same
+// per vector made the update ~half as long as the product in a perf profile; before/after in
+// RESULTS.md, development measurements 2026-12-01 23:10.) Same
 // operations and order as those, so the results are equal.
 inline void update8_f32(const CellForward<float>& f, int64_t j0, const float* g, const float* hn) {
   const int64_t H = f.p.hidden_size, B = f.p.batch, Bp = f.Bp;

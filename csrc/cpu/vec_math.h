@@ -6,7 +6,7 @@
 #include <immintrin.h>
 
 // Forced inline: with plain `inline`, GCC's per-unit inlining budget decided it, and an unrelated
-// change elsewhere in rnn.cpp flipped the GRU forward between 8.0 and 4.9 ms (1 thread) as exp8
+// change elsewhere in rnn.cpp flipped the GRU forward between 8.0 and 4.7-5.0 ms (1 thread) as exp8
 // became an out-of-line call with its constants reloaded per gate.
 #define FASTDL_VEC_INLINE inline __attribute__((always_inline))
 
