@@ -86,6 +86,20 @@ def test_limit_check_flags_a_row_above_100_percent():
     assert ok["limit_error"] == [] and ok["frac"]["fastdl"] == pytest.approx(0.5)
 
 
+def test_equivalent_flops_above_peak_are_not_a_limit_error():
+    """Conv rows count direct-convolution FLOPs: a Winograd pass does fewer multiplies, so its
+    equivalent rate may pass the FMA peak. Such a row keeps its fraction (marked *) and is not
+    flagged; a row of real FLOPs above the peak still is."""
+    lim = {"peak_GFLOPs": 100.0}
+    row = harness.summarize(_case(1.0, 4.0, flops=150e9, flops_equivalent=True), lim)
+    assert row["limit_error"] == [] and row["frac"]["fastdl"] == pytest.approx(1.5)
+    table = harness.format_table([row], lim)
+    assert "150% fma*" in table and "measuring error" not in table and "Winograd" in table
+    real = harness.summarize(_case(1.0, 4.0, flops=150e9), lim)
+    assert real["limit_error"] == ["fastdl"]
+    assert "measuring error" in harness.format_table([real], lim)
+
+
 def test_spread_above_limit_is_marked_unreliable():
     c = _case(1.0, 1.0, bytes=1e6)
     c.results["fastdl"] = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]

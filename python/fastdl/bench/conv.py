@@ -90,7 +90,7 @@ def cases(device="cpu", quick=False):
         a = (x, wt, b)
         out.append(Case("conv", f"{label} fwd", wrap(lambda f=fast_fn, a=a, kw=kw: f(*a, **kw)),
                         {"torch": wrap(lambda f=ref_fn, a=a, kw=kw: f(*a, **kw))}, flops=flops,
-                        device=device, note=shape))
+                        flops_equivalent=True, device=device, note=shape))
         first_layer = c == 1
         xg = x.clone().requires_grad_(not first_layer)
         wg, bg = wt.clone().requires_grad_(), b.clone().requires_grad_()
@@ -101,5 +101,5 @@ def cases(device="cpu", quick=False):
                         wrap(_fwd_bwd(lambda f=fast_fn, a=leaves, kw=kw: f(*a, **kw), leaves, gy)),
                         {"torch": wrap(_fwd_bwd(lambda f=ref_fn, a=leaves, kw=kw: f(*a, **kw),
                                                 leaves, gy))},
-                        flops=passes * flops, device=device, note=shape))
+                        flops=passes * flops, flops_equivalent=True, device=device, note=shape))
     return out

@@ -71,7 +71,8 @@ def cases(device="cpu", quick=False):
     out.append(Case("models", f"resnet18 train step b{batch} {side}x{side}",
                     _step(fast, fastdl.optim.SGD(fast.parameters(), **kw), (x, y), ce),
                     {"torch": _step(ref, torch.optim.SGD(ref.parameters(), **kw), (x, y), ce)},
-                    flops=flops, device=device, note=_note(report) + "; SGD momentum"))
+                    flops=flops, flops_equivalent=True, device=device,
+                    note=_note(report) + "; SGD momentum"))
     # word-level LSTM language model
     vocab, bptt, bsz = (1000, 10, 5) if quick else (10000, 35, 20)
     torch.manual_seed(0)

@@ -120,6 +120,8 @@ def markdown(doc: dict, charts: dict) -> str:
             flags.append(f"unreliable (spread {100 * r['spread']:.0f}%)")
         if err:
             flags.append("above 100% of limit: " + ", ".join(err))
+        if r.get("flops_equivalent"):
+            flags.append("direct-convolution FLOPs (Winograd passes do fewer)")
         spread_txt = "n/a" if few else f"{100 * r['spread']:.0f}%"
         lines.append(f"| {r['suite']} | {r['case']} | {r['fastdl_ms']:.3f} | "
                      f"{spread_txt} | {sp} | {rate} | {pct} | "
