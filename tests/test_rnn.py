@@ -212,6 +212,45 @@ def test_large_hidden(cpu_path, kind, dtype, batch, steps):
              batch, 5, 263, True, dtype)
 
 
+@pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_inference_fast_path(kind, dtype, bias, monkeypatch):
+    """A plain one-layer inference call without a state takes the modules' fast path from its
+    second call on (the first, through the general path, caches the geometry): outputs and final
+    states bitwise equal to the general path's (with explicit zero states), same shapes and
+    strides. Calls that do not qualify (grad mode, batch_first, two layers, a state passed, a
+    non-contiguous input) and a new shape still run the general path."""
+    from fastdl.nn.modules import rnn as rnn_modules
+    ours, _ = make_pair(kind, 6, 11, dtype=dtype, num_layers=1, bidirectional=False,
+                        batch_first=False, bias=bias)
+    lstm = kind == "LSTM"
+    x = rand(4, 3, 6, dtype=dtype)
+    zeros = torch.zeros(1, 3, 11, dtype=dtype)
+    flat = lambda out: [out[0]] + (list(out[1]) if lstm else [out[1]])   # noqa: E731
+    with torch.no_grad():
+        first = flat(ours(x))
+        reference = flat(ours(x, (zeros, zeros) if lstm else zeros))
+        general = rnn_modules._RecurrentMixin._forward_general
+        calls = []
+        monkeypatch.setattr(rnn_modules._RecurrentMixin, "_forward_general",
+                            lambda self, *a: calls.append(1) or general(self, *a))
+        fast = flat(ours(x))
+        assert calls == [], "the second plain inference call did not take the fast path"
+        for u, v, w in zip(fast, first, reference):
+            assert torch.equal(u, v) and torch.equal(u, w)
+            assert u.shape == w.shape and u.stride() == w.stride() and u.dtype == w.dtype
+        ours(x.transpose(0, 1).contiguous().transpose(0, 1))       # non-contiguous input
+        ours(rand(5, 3, 6, dtype=dtype))                            # a new shape: general, cached
+        ours(x, (zeros, zeros) if lstm else zeros)                  # a state passed
+        assert len(calls) == 3
+        with pytest.raises(RuntimeError, match="input_size"):       # the general path's error
+            ours(rand(4, 3, 5, dtype=dtype))
+    xg = x.clone().requires_grad_()
+    ours(xg)                                                        # autograd: general
+    assert len(calls) == 5
+
+
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_TANH"])
 def test_gate_pass_split_mid_row(cpu_path, kind):
     """Batch 39 x hidden 264 on 2 threads: the backward's gate-gradient pass (over rows x units,

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ... import _library
+from ... import _C, _library
+from ...ops import rnn as _ops_rnn
 from ..functional import rnn as _f
+from ..functional.pool import _eager
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -51,15 +53,93 @@ def _check_kind(name, input, weight):
                            f"on {data.device} and parameters on {weight.device}")
 
 
+# ---- inference fast path ------------------------------------------------------------------------
+# A one-layer, one-direction module without projection, called without a state on a plain
+# contiguous time-major CPU tensor with grad mode off (_eager: outside torch.compile / export,
+# jit.trace, dispatch modes, torch.func and forward AD), whose weights are contiguous CPU tensors
+# of the input's dtype, goes straight to the kernel with the geometry cached under (mode, input
+# shape, dtype, weight shapes). A key is stored only after the general path ran that call, so
+# every error stays the general path's; a hit runs the same kernel on the same operands (zero
+# states, outputs allocated as the general path's), so results are bitwise the same
+# (tests/test_rnn.py::test_inference_fast_path). The general path's Python (module checks,
+# run_layers, the operands' validation, contiguous copies, stacking) cost ~157 of 456 us of a
+# batch-1 LSTM 32->64 x200 call at 2 threads (benchmarks/RESULTS.md).
+_FAST: dict = {}
+_FAST_MAX = 256
+_Tensor, _Parameter = torch.Tensor, nn.Parameter
+_grad_enabled = torch.is_grad_enabled
+_zeros, _empty = torch.zeros, torch.empty
+
+
+def _fast_key(module, input):
+    """The fast path's cache key for this call, or None when it does not qualify."""
+    if (module.num_layers != 1 or module.bidirectional or module.proj_size or module.batch_first
+            or _grad_enabled() or not _eager(input) or input.dim() != 3 or input.numel() == 0):
+        return None
+    dt = input.dtype
+    key = [module._fastdl_mode(), input.shape, dt]
+    for n in module._flat_weights_names:
+        w = getattr(module, n)
+        t = type(w)
+        if ((t is not _Parameter and t is not _Tensor) or w.dtype is not dt or not w.is_cpu
+                or not w.is_contiguous() or w.is_neg()):
+            return None
+        key.append(w.shape)
+    return tuple(key)
+
+
+def _fast_put(module, key, input):
+    """Caches the kernel geometry of a call the general path just ran (so it validates)."""
+    weights = [getattr(module, n) for n in module._flat_weights_names]
+    mode, lstm = key[0], key[0] == _f.LSTM
+    T, B = input.shape[0], input.shape[1]
+    H = module.hidden_size
+    h0 = _zeros((B, H), dtype=input.dtype)
+    b_ih, b_hh = (weights[2], weights[3]) if module.bias else (None, None)
+    geometry, _, device, _, _ = _ops_rnn._geometry(
+        "fast path", mode, input, h0, h0 if lstm else None, weights[0], weights[1], b_ih, b_hh,
+        None, None, False)
+    if len(_FAST) >= _FAST_MAX:
+        _FAST.clear()
+    _FAST[key] = (geometry, lstm, T, B, H, device)
+
+
+def _fast_forward(module, input, geo):
+    geometry, lstm, T, B, H, device = geo
+    dt = input.dtype
+    w = [getattr(module, n) for n in module._flat_weights_names]
+    bias = (w[2].data_ptr(), w[3].data_ptr()) if module.bias else (None, None)
+    h0 = _zeros((B, H), dtype=dt)
+    y = _empty((T, B, H), dtype=dt)
+    hn = _empty((1, B, H), dtype=dt)
+    cn = _empty((1, B, H), dtype=dt) if lstm else None
+    p0 = h0.data_ptr()
+    _C.rnn_forward(geometry, input.data_ptr(), w[0].data_ptr(), w[1].data_ptr(), *bias, None, p0,
+                   p0 if lstm else None, y.data_ptr(), hn.data_ptr(),
+                   cn.data_ptr() if lstm else None, None, None, device, 0)
+    return (y, (hn, cn)) if lstm else (y, hn)
+
+
 class _RecurrentMixin:
     """forward() shared by RNN, LSTM and GRU: torch's RNNBase.forward structure (unbatched input,
     PackedSequence with sorted/unsorted indices, default zero states, batch_first) around
-    fastdl.nn.functional.rnn.run_layers."""
+    fastdl.nn.functional.rnn.run_layers; plain inference calls take the fast path above."""
 
     def _fastdl_mode(self):
         raise NotImplementedError
 
-    def forward(self, input, hx=None):  # noqa: C901 (mirrors torch's branches one for one)
+    def forward(self, input, hx=None):
+        key = _fast_key(self, input) if hx is None and type(input) is _Tensor else None
+        if key is not None:
+            geo = _FAST.get(key)
+            if geo is not None:
+                return _fast_forward(self, input, geo)
+        out = self._forward_general(input, hx)
+        if key is not None:
+            _fast_put(self, key, input)
+        return out
+
+    def _forward_general(self, input, hx=None):  # noqa: C901 (mirrors torch's branches one for one)
         if _torch_computes(self, input, hx):
             return super().forward(input, hx)
         mode = self._fastdl_mode()
