@@ -212,43 +212,94 @@ def test_large_hidden(cpu_path, kind, dtype, batch, steps):
              batch, 5, 263, True, dtype)
 
 
+@pytest.fixture
+def fast_path_calls(monkeypatch):
+    """An empty fast-path cache, and a list that gets one entry per general-path forward call."""
+    from fastdl.nn.modules import rnn as rnn_modules
+    monkeypatch.setattr(rnn_modules, "_FAST", {})
+    general = rnn_modules._RecurrentMixin._forward_general
+    calls = []
+    monkeypatch.setattr(rnn_modules._RecurrentMixin, "_forward_general",
+                        lambda self, *a: calls.append(1) or general(self, *a))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_inference_fast_path(kind, dtype, bias, monkeypatch):
-    """A plain one-layer inference call without a state takes the modules' fast path from its
-    second call on (the first, through the general path, caches the geometry): outputs and final
-    states bitwise equal to the general path's (with explicit zero states), same shapes and
-    strides. Calls that do not qualify (grad mode, batch_first, two layers, a state passed, a
-    non-contiguous input) and a new shape still run the general path."""
-    from fastdl.nn.modules import rnn as rnn_modules
-    ours, _ = make_pair(kind, 6, 11, dtype=dtype, num_layers=1, bidirectional=False,
-                        batch_first=False, bias=bias)
+def test_inference_fast_path(kind, dtype, bias, fast_path_calls):
+    """A plain one-layer inference call without a state takes the modules' fast path once the
+    general path has run a call with the same key (mode, dtype, sizes, weight shapes; not the
+    sequence length or batch): outputs and final states bitwise equal to the general path's (run
+    with explicit zero states), same shapes, strides and dtype; a second module of the same
+    shapes and replaced weights use their own weights; train mode (one layer: no dropout) too.
+    Calls that do not qualify (grad mode, a state passed, a non-contiguous input, a torch.device
+    context) run the general path, and a wrong input size still raises the general path's error."""
+    calls = fast_path_calls
     lstm = kind == "LSTM"
-    x = rand(4, 3, 6, dtype=dtype)
-    zeros = torch.zeros(1, 3, 11, dtype=dtype)
+    cfg = dict(num_layers=1, bidirectional=False, batch_first=False, bias=bias)
+    ours, _ = make_pair(kind, 6, 11, dtype=dtype, **cfg)
     flat = lambda out: [out[0]] + (list(out[1]) if lstm else [out[1]])   # noqa: E731
-    with torch.no_grad():
-        first = flat(ours(x))
-        reference = flat(ours(x, (zeros, zeros) if lstm else zeros))
-        general = rnn_modules._RecurrentMixin._forward_general
-        calls = []
-        monkeypatch.setattr(rnn_modules._RecurrentMixin, "_forward_general",
-                            lambda self, *a: calls.append(1) or general(self, *a))
-        fast = flat(ours(x))
-        assert calls == [], "the second plain inference call did not take the fast path"
-        for u, v, w in zip(fast, first, reference):
-            assert torch.equal(u, v) and torch.equal(u, w)
+
+    def general(m, x):   # the general path's result for x: explicit zero states
+        z = torch.zeros(1, x.shape[1], 11, dtype=dtype)
+        return flat(m(x, (z, z) if lstm else z))
+
+    def same(fast, ref):
+        for u, w in zip(fast, ref):
+            assert torch.equal(u, w), "fast path result differs from the general path's"
             assert u.shape == w.shape and u.stride() == w.stride() and u.dtype == w.dtype
+
+    with torch.no_grad():
+        x = rand(4, 3, 6, dtype=dtype)
+        first = flat(ours(x))                   # general (and caches the key)
+        n = len(calls)
+        for shape in ((4, 3, 6), (9, 1, 6), (1, 5, 6)):   # other lengths and batches: same key
+            xs = x if shape == (4, 3, 6) else rand(*shape, dtype=dtype)
+            fast = flat(ours(xs))
+            assert len(calls) == n, f"{shape}: the fast path was not taken"
+            same(fast, general(ours, xs))
+            n = len(calls)
+        same(flat(ours(x)), first)
+        other, _ = make_pair(kind, 6, 11, dtype=dtype, **cfg)   # same shapes, other weights
+        n = len(calls)
+        fast = flat(other(x))
+        assert len(calls) == n
+        same(fast, general(other, x))
+        ours.weight_hh_l0 = torch.nn.Parameter(rand(*ours.weight_hh_l0.shape, dtype=dtype))
+        ours.train()
+        n = len(calls)
+        fast = flat(ours(x))
+        assert len(calls) == n
+        same(fast, general(ours, x))
+        n = len(calls)
         ours(x.transpose(0, 1).contiguous().transpose(0, 1))       # non-contiguous input
-        ours(rand(5, 3, 6, dtype=dtype))                            # a new shape: general, cached
-        ours(x, (zeros, zeros) if lstm else zeros)                  # a state passed
-        assert len(calls) == 3
+        with torch.device("cpu"):                                   # a torch function mode
+            same(flat(ours(x)), general(ours, x))
+        assert len(calls) == n + 3
         with pytest.raises(RuntimeError, match="input_size"):       # the general path's error
             ours(rand(4, 3, 5, dtype=dtype))
-    xg = x.clone().requires_grad_()
-    ours(xg)                                                        # autograd: general
-    assert len(calls) == 5
+    n = len(calls)
+    ours(x.clone().requires_grad_())                                # autograd: general
+    assert len(calls) == n + 1
+
+
+def test_inference_fast_path_under_default_device(fast_path_calls):
+    """A default device set by torch.set_default_device (a torch function mode) sends CPU calls
+    to the general path, which allocates on the input's device: no crash, same results."""
+    ours, _ = make_pair("GRU", 3, 5, dtype=torch.float32, num_layers=1, bidirectional=False,
+                        batch_first=False, bias=True)
+    x = rand(2, 2, 3, dtype=torch.float32)
+    with torch.no_grad():
+        ref = ours(x)
+        ours(x)
+        torch.set_default_device("meta")
+        try:
+            out = ours(x)
+        finally:
+            torch.set_default_device(None)
+    assert out[0].device.type == "cpu" and torch.equal(out[0], ref[0])
+    assert torch.equal(out[1], ref[1])
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_TANH"])

@@ -56,63 +56,78 @@ def _check_kind(name, input, weight):
 # ---- inference fast path ------------------------------------------------------------------------
 # A one-layer, one-direction module without projection, called without a state on a plain
 # contiguous time-major CPU tensor with grad mode off (_eager: outside torch.compile / export,
-# jit.trace, dispatch modes, torch.func and forward AD), whose weights are contiguous CPU tensors
-# of the input's dtype, goes straight to the kernel with the geometry cached under (mode, input
-# shape, dtype, weight shapes). A key is stored only after the general path ran that call, so
-# every error stays the general path's; a hit runs the same kernel on the same operands (zero
-# states, outputs allocated as the general path's), so results are bitwise the same
-# (tests/test_rnn.py::test_inference_fast_path). The general path's Python (module checks,
-# run_layers, the operands' validation, contiguous copies, stacking) cost ~157 of 456 us of a
-# batch-1 LSTM 32->64 x200 call at 2 threads (benchmarks/RESULTS.md).
+# jit.trace, dispatch modes, torch.func and forward AD; and no torch function mode such as
+# `with torch.device(...)` / set_default_device), whose weights are plain contiguous CPU tensors
+# of the input's dtype, goes straight to the kernel. What the kernel call needs besides the
+# sequence length and batch is cached under (mode, dtype, input_size, hidden_size, the input's
+# feature size, the weights' shapes), stored only after the general path ran a call with that
+# key: every error the general path raises depends on the key alone (or on an empty input, which
+# never takes the fast path), so errors stay the general path's. A hit runs the same kernel on the
+# same operands (zero states on the input's device, outputs of the general path's shapes and
+# layout), so results are bitwise the same (tests/test_rnn.py::test_inference_fast_path). The
+# general path's Python (module checks, run_layers, the operands' validation, contiguous copies,
+# stacking) cost ~157 of 456 us of a batch-1 LSTM 32->64 x200 call at 2 threads
+# (benchmarks/RESULTS.md).
 _FAST: dict = {}
 _FAST_MAX = 256
 _Tensor, _Parameter = torch.Tensor, nn.Parameter
 _grad_enabled = torch.is_grad_enabled
+_function_modes = torch._C._len_torch_function_stack
 _zeros, _empty = torch.zeros, torch.empty
 
 
-def _fast_key(module, input):
-    """The fast path's cache key for this call, or None when it does not qualify."""
+def _fast_operands(module, input):
+    """(key, weights) when this call may take the fast path, else None."""
     if (module.num_layers != 1 or module.bidirectional or module.proj_size or module.batch_first
-            or _grad_enabled() or not _eager(input) or input.dim() != 3 or input.numel() == 0):
+            or _grad_enabled() or _function_modes() or not _eager(input) or input.dim() != 3
+            or input.numel() == 0):
         return None
     dt = input.dtype
-    key = [module._fastdl_mode(), input.shape, dt]
+    key = [module._fastdl_mode(), dt, module.input_size, module.hidden_size, input.shape[2]]
+    weights = []
     for n in module._flat_weights_names:
         w = getattr(module, n)
         t = type(w)
         if ((t is not _Parameter and t is not _Tensor) or w.dtype is not dt or not w.is_cpu
-                or not w.is_contiguous() or w.is_neg()):
+                or not w.is_contiguous() or w.is_neg() or w._is_zerotensor()):
             return None
         key.append(w.shape)
-    return tuple(key)
+        weights.append(w)
+    return tuple(key), weights
 
 
-def _fast_put(module, key, input):
-    """Caches the kernel geometry of a call the general path just ran (so it validates)."""
-    weights = [getattr(module, n) for n in module._flat_weights_names]
-    mode, lstm = key[0], key[0] == _f.LSTM
-    T, B = input.shape[0], input.shape[1]
-    H = module.hidden_size
-    h0 = _zeros((B, H), dtype=input.dtype)
-    b_ih, b_hh = (weights[2], weights[3]) if module.bias else (None, None)
-    geometry, _, device, _, _ = _ops_rnn._geometry(
-        "fast path", mode, input, h0, h0 if lstm else None, weights[0], weights[1], b_ih, b_hh,
-        None, None, False)
+def _fast_put(key, input, weights):
+    """Caches the kernel geometry for key after the general path ran this call (so its operands
+    passed the checks). Never raises: a failure only leaves the key uncached."""
+    mode = key[0]
+    lstm = mode == _f.LSTM
+    try:
+        h0 = _zeros((input.shape[1], key[3]), dtype=input.dtype, device=input.device)
+        b_ih, b_hh = (weights[2], weights[3]) if len(weights) == 4 else (None, None)
+        geometry, _, device, _, _ = _ops_rnn._geometry(
+            "fast path", mode, input, h0, h0 if lstm else None, weights[0], weights[1], b_ih,
+            b_hh, None, None, False)
+    except Exception:   # (not expected: the general path accepted these operands)
+        return
     if len(_FAST) >= _FAST_MAX:
         _FAST.clear()
-    _FAST[key] = (geometry, lstm, T, B, H, device)
+    _FAST[key] = (geometry, lstm, key[3], device)
 
 
-def _fast_forward(module, input, geo):
-    geometry, lstm, T, B, H, device = geo
-    dt = input.dtype
-    w = [getattr(module, n) for n in module._flat_weights_names]
-    bias = (w[2].data_ptr(), w[3].data_ptr()) if module.bias else (None, None)
-    h0 = _zeros((B, H), dtype=dt)
-    y = _empty((T, B, H), dtype=dt)
-    hn = _empty((1, B, H), dtype=dt)
-    cn = _empty((1, B, H), dtype=dt) if lstm else None
+def _fast_forward(input, weights, geo):
+    """The kernel call of the general path for this input (time-major, zero states), with the
+    weights _fast_operands checked. geometry: (mode, dtype code, T, B, batch_sizes, I, H, P,
+    reverse, has_bias); T and B are this call's."""
+    geometry, lstm, H, device = geo
+    T, B = input.shape[0], input.shape[1]
+    geometry = geometry[:2] + (T, B) + geometry[4:]
+    dt, dev = input.dtype, input.device
+    h0 = _zeros((B, H), dtype=dt, device=dev)
+    y = _empty((T, B, H), dtype=dt, device=dev)
+    hn = _empty((1, B, H), dtype=dt, device=dev)
+    cn = _empty((1, B, H), dtype=dt, device=dev) if lstm else None
+    w = weights
+    bias = (w[2].data_ptr(), w[3].data_ptr()) if len(w) == 4 else (None, None)
     p0 = h0.data_ptr()
     _C.rnn_forward(geometry, input.data_ptr(), w[0].data_ptr(), w[1].data_ptr(), *bias, None, p0,
                    p0 if lstm else None, y.data_ptr(), hn.data_ptr(),
@@ -129,14 +144,14 @@ class _RecurrentMixin:
         raise NotImplementedError
 
     def forward(self, input, hx=None):
-        key = _fast_key(self, input) if hx is None and type(input) is _Tensor else None
-        if key is not None:
-            geo = _FAST.get(key)
+        fast = _fast_operands(self, input) if hx is None and type(input) is _Tensor else None
+        if fast is not None:
+            geo = _FAST.get(fast[0])
             if geo is not None:
-                return _fast_forward(self, input, geo)
+                return _fast_forward(input, fast[1], geo)
         out = self._forward_general(input, hx)
-        if key is not None:
-            _fast_put(self, key, input)
+        if fast is not None:
+            _fast_put(fast[0], input, fast[1])
         return out
 
     def _forward_general(self, input, hx=None):  # noqa: C901 (mirrors torch's branches one for one)
