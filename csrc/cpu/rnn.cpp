@@ -875,10 +875,10 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   // GRU's direct term dh * z goes to a second buffer: dhs is still being read by other units.
   T* direct = gru ? static_cast<T*>(tl_xg.get(sizeof(T) * B * R)) : nullptr;
   // W_hh packed into contiguous strips when the call makes at least kDhPackPasses row-group
-  // passes over it (a step of bs rows makes ceil(bs / 6)); in place below that. One thread, the
-  // kernel alone (LSTM, no weight gradients), in place / packed ms: H 512 B 1 T 1 0.42 / 1.62,
-  // T 8 2.57 / 3.04; H 256 B 8 T 1 0.19 / 0.20 (the copy of a W_hh past L2 costs ~1.2 ms, and
-  // one row group per step reuses little of a packed strip).
+  // passes over it (a step of bs rows makes ceil(bs / 6)); in place below that: the copy of a
+  // W_hh past L2 costs about as much as the product it speeds up on a short call, and one row
+  // group per step reuses little of a packed strip (timings: benchmarks/RESULTS.md, development
+  // measurements 2026-12-01 23:10).
   constexpr int64_t kDhPackPasses = 16;
   int64_t passes = 0;
   for (int64_t t = 0; t < p.steps; ++t) passes += (p.rows_at(t) + 5) / 6;

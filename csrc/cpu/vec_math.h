@@ -6,8 +6,8 @@
 #include <immintrin.h>
 
 // Forced inline: with plain `inline`, GCC's per-unit inlining budget decided it, and an unrelated
-// change elsewhere in rnn.cpp flipped the GRU forward between 8.0 and 4.7-5.0 ms (1 thread) as exp8
-// became an out-of-line call with its constants reloaded per gate.
+// change elsewhere in rnn.cpp made exp8 an out-of-line call with its constants reloaded per gate,
+// costing the GRU forward ~1.6x (benchmarks/RESULTS.md, development measurements 2026-12-01 23:10).
 #define FASTDL_VEC_INLINE inline __attribute__((always_inline))
 
 namespace fastdl {

@@ -66,8 +66,7 @@ def _check_kind(name, input, weight):
 # same operands (zero states on the input's device, outputs of the general path's shapes and
 # layout), so results are bitwise the same (tests/test_rnn.py::test_inference_fast_path). The
 # general path's Python (module checks, run_layers, the operands' validation, contiguous copies,
-# stacking) cost ~157 of 456 us of a batch-1 LSTM 32->64 x200 call at 2 threads
-# (benchmarks/RESULTS.md).
+# stacking) was about a third of a batch-1 LSTM call (benchmarks/RESULTS.md, 2026-12-02 00:50).
 _FAST: dict = {}
 _FAST_MAX = 256
 _Tensor, _Parameter = torch.Tensor, nn.Parameter
