@@ -217,6 +217,7 @@ def _spy(monkeypatch, owner, name, counts, key):
 def _patch_kernels(monkeypatch, counts):
     """Counts fastdl's direct kernel calls and its autograd Functions' forwards."""
     _spy(monkeypatch, flinear.ops, "linear", counts, "kernel")
+    _spy(monkeypatch, flinear, "_fast_cpu", counts, "kernel")   # (linear's eager fast path)
     _spy(monkeypatch, fpool.ops, "max_pool2d", counts, "kernel")
     _spy(monkeypatch, fpool, "_max_fast", counts, "kernel")      # (the pools' eager fast path)
     _spy(monkeypatch, fconv._ops, "conv2d_run", counts, "kernel")
@@ -318,6 +319,7 @@ def test_patch_and_convert_serve_dual_level_calls_without_tangents(monkeypatch):
     fast, _ = fastdl.nn.convert(net, inplace=False)
     counts = {}
     _spy(monkeypatch, flinear.ops, "linear", counts, "kernel")
+    _spy(monkeypatch, flinear, "_fast_cpu", counts, "kernel")   # (linear's eager fast path)
     with fwAD.dual_level():
         with fastdl.patch() as p:
             torch.nn.functional.linear(x, w)

@@ -59,29 +59,39 @@ def _unusual(t):
 
 
 def _fast_cpu(input, weight, bias):
-    """The common eager case without the general checks: contiguous float32/float64 CPU tensors
-    of one dtype, input (..., k) of any number of dims (batch-1 and sequence inputs included),
-    weight (n, k), a matching bias or none, every size >= 1. Returns None when any of that does
-    not hold, and the general path (which raises torch's errors) runs. Every condition the general
+    """The common eager case without the general checks (see fast_cpu_tensors); None when
+    input or weight is not a torch tensor, or when that returns None: the general path (which
+    raises torch's errors) then runs."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    if _TENSOR is None:
+        _bind_torch()
+    if not (isinstance(input, _TENSOR) and isinstance(weight, _TENSOR)):
+        return None
+    return fast_cpu_tensors(input, weight, bias)
+
+
+def fast_cpu_tensors(input, weight, bias):
+    """linear on torch tensors input and weight (the caller has checked both are), in the
+    common eager case: contiguous float32/float64 CPU tensors of one dtype, input (..., k) of any
+    number of dims (batch-1 and sequence inputs included), weight (n, k), a matching bias or
+    none, every size >= 1. None when any of that does not hold. Every condition the general
     path checks is implied here, and the GEMM gets the arguments `launch` would derive (input as
     a row-major (m, k), weight.T transposed with ld = k, the output with ld = n).
-    Measured 1 thread under load on a 4x8 @ 8x8 call: 45-107 us general, ~12 us here."""
-    torch = sys.modules.get("torch")
-    if torch is None or _tensor.CPU_DEVICE >= 0:
-        return None
-    T = torch.Tensor
-    if not (isinstance(input, T) and isinstance(weight, T) and input.is_cpu and weight.is_cpu):
+    fastdl.nn.functional.linear calls it directly once its route is DIRECT (the overhead suite's
+    tiny calls; costs per piece in benchmarks/RESULTS.md, 2026-12-02 development measurements)."""
+    if _tensor.CPU_DEVICE >= 0 or not (input.is_cpu and weight.is_cpu):
         return None
     dt = input.dtype
-    if (dt is not torch.float32 and dt is not torch.float64) or weight.dtype is not dt:
+    if (dt is not _F32 and dt is not _F64) or weight.dtype is not dt:
         return None
-    if input.layout is not torch.strided or weight.layout is not torch.strided:
-        return None
-    if weight.ndim != 2 or input.ndim == 0:
+    if input.layout is not _STRIDED or weight.layout is not _STRIDED or weight.ndim != 2:
         return None
     n, k = weight.shape
     shape = input.shape
-    if shape[-1] != k or n < 1 or k < 1:
+    nd = len(shape)
+    if nd == 0 or shape[-1] != k or n < 1 or k < 1:
         return None
     m = input.numel() // k
     if m < 1 or not (input.is_contiguous() and weight.is_contiguous()):
@@ -94,20 +104,31 @@ def _fast_cpu(input, weight, bias):
         return None
     b = 0
     if bias is not None:
-        if not (isinstance(bias, T) and bias.is_cpu and bias.dtype is dt
-                and bias.layout is torch.strided and bias.ndim == 1 and bias.shape[0] == n
+        if not (isinstance(bias, _TENSOR) and bias.is_cpu and bias.dtype is dt
+                and bias.layout is _STRIDED and bias.ndim == 1 and bias.shape[0] == n
                 and bias.is_contiguous() and not bias.is_neg()):
             return None
         b = bias.data_ptr()
         if not b:
             return None
     # _C.linear_cpu copies the bias into the output's rows, then the GEMM adds onto them (no
-    # torch expand().contiguous(): ~2.5 us of a tiny call). The shape as plain ints: new_empty of
-    # a torch.Size costs about 3x a tuple's, and a view after it as much again (RESULTS.md).
-    out = input.new_empty((m, n) if len(shape) == 2 else (*shape[:-1], n))
+    # torch expand().contiguous(): ~2.5 us of a tiny call). The shape as separate ints: new_empty
+    # parses them faster than a tuple (2.0-2.2 against 3.4 us), and a torch.Size slower still.
+    out = input.new_empty(m, n) if nd == 2 else input.new_empty(*shape[:-1], n)
     _C.linear_cpu(xp, wp, b, out.data_ptr(), m, n, k,
-                  _tensor.FLOAT32 if dt is torch.float32 else _tensor.FLOAT64)
+                  _tensor.FLOAT32 if dt is _F32 else _tensor.FLOAT64)
     return out
+
+
+def _bind_torch():
+    """torch's dtype, layout and Tensor objects for fast_cpu_tensors, once torch is imported
+    (fastdl.ops imports without torch; fast_cpu_tensors is only reached with torch tensors)."""
+    global _F32, _F64, _STRIDED, _TENSOR
+    import torch
+    _F32, _F64, _STRIDED, _TENSOR = torch.float32, torch.float64, torch.strided, torch.Tensor
+
+
+_F32 = _F64 = _STRIDED = _TENSOR = None
 
 
 def linear(input, weight, bias=None):

@@ -6,10 +6,16 @@
 from __future__ import annotations
 
 import math
+from importlib import import_module
 
 import torch
 
 from ... import _library, ops
+
+_ops_linear = import_module("...ops.linear", __package__)   # the module (ops.linear is the function)
+_ops_linear._bind_torch()
+_fast_cpu = _ops_linear.fast_cpu_tensors
+_Tensor = torch.Tensor
 
 __all__ = ["linear"]
 
@@ -57,15 +63,19 @@ def linear(input, weight, bias=None):
 
     >>> fastdl.nn.functional.linear(torch.randn(2, 5, 3), torch.randn(4, 3)).shape   # (2, 5, 4)
     """
-    for name, x in (("input", input), ("weight", weight)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"linear(): argument '{name}' must be Tensor, not {type(x).__name__}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
+    if not (isinstance(input, _Tensor) and isinstance(weight, _Tensor)):
+        for name, x in (("input", input), ("weight", weight)):
+            if not isinstance(x, _Tensor):
+                raise TypeError(f"linear(): argument '{name}' must be Tensor, not "
+                                f"{type(x).__name__}")
+    if bias is not None and not isinstance(bias, _Tensor):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
     r = _library.route(input, weight, bias)
     if r == _DIRECT:
-        # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread)
-        return ops.linear(input, weight, bias)
+        # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread);
+        # the common CPU case straight to the kernel, anything else through ops.linear's checks
+        out = _fast_cpu(input, weight, bias)
+        return ops.linear(input, weight, bias) if out is None else out
     if r == _GRAPH:
         return _Linear.apply(input, weight, bias)
     if r == _TRACED:  # torch.compile / export: the custom op (see fastdl._library)
