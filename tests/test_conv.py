@@ -484,6 +484,30 @@ def test_gemm_small_planes(cpu_path, case, dtype):
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
+# The weight gradient of small planes against a weight of at least 2^20 elements runs its image
+# blocks one after another, each GEMM on every thread straight into grad_weight (conv_gemm.cpp's
+# plan_shared_blocks), on 2 threads or more; 1 thread keeps the per-thread partials. 13 images of
+# 6x6 with cg*kh*kw = 2304 and 512 outputs fill two blocks (7 + 6: the second GEMM adds onto the
+# first's result); 4 images of 2x2 with 4608 one block.
+SHARED_WEIGHT_GRAD = [((13, 256, 6, 6), (512, 256, 3, 3)), ((4, 512, 2, 2), (512, 512, 3, 3))]
+
+
+@pytest.mark.parametrize("case", range(len(SHARED_WEIGHT_GRAD)))
+def test_gemm_weight_gradient_shared_blocks(cpu_path, case):
+    shape, wshape = SHARED_WEIGHT_GRAD[case]
+    kw = dict(stride=1, padding=1, dilation=1, groups=1)
+    before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        for t in (1, 2, 3):
+            fastdl.set_num_threads(t)
+            run_conv_case(torch.float32, shape, wshape, True, kw, seed=case,
+                          what=f"algo=gemm shared weight-gradient blocks, {t} threads")
+    finally:
+        fastdl.set_num_threads(before)
+        fastdl.ops.set_conv_algorithm(algo)
+
+
 def test_auto_choice():
     x = np.zeros((2, 32, 12, 12), np.float32)
     assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32) == "direct"

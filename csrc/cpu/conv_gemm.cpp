@@ -85,6 +85,29 @@ int64_t plan_blocks(const Conv2dParams& p, int64_t ckk) {
 
 thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM output, of a block
 
+// The weight gradient of small planes against a large weight matrix (ResNet-18's layer4 at 64x64
+// inputs: gw 512 x 4608 from 2x2 maps): blocks of images one after another, each block's GEMM on
+// every thread into gw, instead of one block per thread into per-thread partial sums of gw's size
+// (allocated, zeroed and reduced per call: megabytes of traffic against a GEMM whose k is the
+// block's few pixels). Blocks fill kSharedCols (one buffer for all threads). Returns the block
+// size, or 0 where the per-thread partials stay: one thread, groups, or gw under kSharedWeights
+// elements. A/B, 2 threads, interleaved (benchmarks/RESULTS.md, development measurements
+// 2026-12-02): 16x512x2x2 -> 512 3x3 1.50x, 16x256x4x4 -> 512 3x3 s2 1.35x; at gw 256 x 2304
+// and smaller, 0.93-1.04x, so the partials stay there. The forward and the input gradient in
+// the same block-by-block form measured 0.65-1.09x (the forward lost on 8x8 and 4x4 maps) and
+// keep one block per thread.
+constexpr int64_t kSharedCols = int64_t(1) << 20, kSharedWeights = int64_t(1) << 20;
+int64_t plan_shared_blocks(const Conv2dParams& p, int64_t ckk) {
+  const int64_t kg = p.k / p.groups;
+  if (omp_in_parallel() || get_num_threads() < 2 || p.groups != 1 || kg * ckk < kSharedWeights)
+    return 0;
+  const int64_t s = p.oh * p.ow, rows = std::max<int64_t>({1, ckk, kg});
+  const int64_t most =
+      std::max<int64_t>(1, std::min(p.n, kSharedCols / rows / std::max<int64_t>(1, s)));
+  const int64_t blocks = (p.n + most - 1) / most;
+  return (p.n + blocks - 1) / blocks;  // balanced: 16 images at most 14 per block give 8 + 8
+}
+
 // Walks output pixels [s0, s0 + len) of one kernel tap (i, j) row segment by row segment:
 // f(pos, ih, ow0, seg) for each run of `seg` pixels on output row oh (input row ih) from column ow0.
 template <class F>
@@ -539,6 +562,26 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const int64_t nb = plan_blocks(p, ckk);
+  if (nb) {
+    if (const int64_t sb = plan_shared_blocks(p, ckk)) {
+      // gw (kg x ckk) = sum over blocks of gyb (kg x m*S) * cols^T: the first block's GEMM writes
+      // gw, the later ones add to it
+      T* cols = tl_cols.get_as<T>(ckk * sb * S);
+      T* gyb = tl_block.get_as<T>(kg * sb * S);
+      for (int64_t n0 = 0; n0 < p.n; n0 += sb) {
+        const int64_t m = std::min(sb, p.n - n0), ld = m * S;
+        parallel_for_catch(m, grain_for(S * ckk), [&](int64_t lo, int64_t hi) {
+          PlaneCache<T> planes(p, x, cg);
+          for (int64_t j = lo; j < hi; ++j)
+            im2col(p, planes.get(n0 + j, 0, 0, S), cg, 0, S, cols + j * S, ld);
+        });
+        gather_planes(p, gy, n0, m, 0, kg, gyb);
+        gemm(gemm_params<T>(false, true, kg, ckk, ld, ld, ld, ckk, n0 == 0 ? 0.0 : 1.0), gyb, cols,
+             gw);
+      }
+      return;
+    }
+  }
   const bool one = !nb && pointwise(p);
   const int64_t sc = chunk_pixels(p, ckk), chunks = (S + sc - 1) / sc;
   const int64_t items = nb ? (p.n + nb - 1) / nb * G : p.n * G * chunks, wsz = G * ckk * kg;
