@@ -215,15 +215,15 @@ Plan make_plan(const Conv2dParams& p) {
   const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
   const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
   w.nr = std::min(w.rows, std::max<int64_t>(1, (want - 7) / w.tw));
-  w.chunks = (w.rows + w.nr - 1) / w.nr;
+  int64_t c = (w.rows + w.nr - 1) / w.nr;
   // Few tasks: as many per thread (parallel_for splits them into equal contiguous runs).
   const int64_t nt = get_num_threads();
-  if (nt > 1 && G * w.chunks < 8 * nt && (G * w.chunks) % nt) {
-    int64_t c = w.chunks;
+  if (nt > 1 && G * c < 8 * nt)
     while ((G * c) % nt && c < w.rows) ++c;
-    w.nr = (w.rows + c - 1) / c;
-    w.chunks = (w.rows + w.nr - 1) / w.nr;
-  }
+  // Equal chunks: 32 tile rows at 30 per chunk ran as 30 + 2, one thread nearly idle (8x128x8x8
+  // -> 128 took 1.6x GEMM's time; benchmarks/RESULTS.md, development measurements 2026-12-02).
+  w.nr = (w.rows + c - 1) / c;
+  w.chunks = (w.rows + w.nr - 1) / w.nr;
   w.ldq = (w.nr * w.tw + 7 + 7) / 8 * 8;
   w.ves = cg * w.ldq + 16;
   w.mes = kg * w.ldq + 16;
