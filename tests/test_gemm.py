@@ -70,9 +70,10 @@ def test_gemm_shapes(cpu_path, _fresh_seed, dtype, trans_a, trans_b, m, n, k):
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.75, 0.0), (1.0, 1.0), (2.5, -0.5),
                                         (0.0, 0.5), (0.0, 0.0)])
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, True), (False, True)])
-def test_gemm_alpha_beta(cpu_path, _fresh_seed, dtype, alpha, beta, trans_a, trans_b):
+@pytest.mark.parametrize("n", [53, 20])   # (20: float32 AVX2 reads op(A) in place, either layout)
+def test_gemm_alpha_beta(cpu_path, _fresh_seed, dtype, alpha, beta, trans_a, trans_b, n):
     rng = _rng(_fresh_seed)
-    m, n, k = 45, 53, 300
+    m, k = 45, 300
     a = _stored(rng, m, k, dtype, trans_a, True)
     b = _stored(rng, k, n, dtype, trans_b, False)
     big_c = rng.uniform(-1, 1, (m + 2, n + 7)).astype(dtype)
@@ -137,6 +138,31 @@ def test_gemm_threads_agree(cpu_path, _fresh_seed, dtype):
         fastdl.set_num_threads(before)
     np.testing.assert_array_equal(one, two)
     np.testing.assert_array_equal(one, three)
+
+
+@pytest.mark.parametrize("trans_a,n", [(False, 100), (True, 60)])
+def test_gemm_direct_a_matches_packed(cpu_path, _fresh_seed, trans_a, n):
+    """float32 AVX2 reads op(A) in place for a thread's block of C at most 64 columns wide (32
+    with A transposed) and packs it otherwise; the two micro-kernels do the same arithmetic. One
+    thread packs here (the whole width); two split the columns (m = 20 rows make that the
+    cheaper grid) and read A in place: bitwise the same result."""
+    rng = _rng(_fresh_seed)
+    m, k = 20, 1037    # (k: enough work that the second thread joins)
+    a = _stored(rng, m, k, np.float32, trans_a, True)
+    b = _stored(rng, k, n, np.float32, False, False)
+    c0 = rng.uniform(-1, 1, (m, n)).astype(np.float32)
+    before = fastdl.get_num_threads()
+    res = []
+    try:
+        for t in (1, 2):
+            fastdl.set_num_threads(t)
+            c = c0.copy()
+            ops.gemm(a, b, c, alpha=0.75, beta=-1.25, trans_a=trans_a)
+            res.append(c)
+    finally:
+        fastdl.set_num_threads(before)
+    _check(res[0], a, b, c0, 0.75, -1.25, trans_a, False, np.float32, k)
+    np.testing.assert_array_equal(res[0], res[1])
 
 
 @pytest.mark.parametrize("case", range(40))

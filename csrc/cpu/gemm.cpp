@@ -65,6 +65,14 @@ template <> struct Blocking<double> {
 
 thread_local ScratchBuffer tl_pack_a, tl_pack_b;
 
+// float32 AVX2: a thread's block of C at most this many columns wide reads op(A) in place
+// (micro_kernel_direct) instead of packing it: a packed A element would feed only NR-wide tiles
+// numbering width / 16, too few to repay the packing. Interleaved A/B, packed vs in place,
+// GFLOP/s (benchmarks/RESULTS.md, development measurements 2026-12-02): row-major A gains up to
+// 64 columns (2304x512 @ 512xN, 1 thread: N 16 53 -> 69, 32 66 -> 76, 64 64 -> 68; 128 69 -> 64),
+// transposed A up to 32 (its rows are k * lda apart: N 16 39 -> 61, 32 54 -> 75, 64 49 -> 51).
+constexpr int64_t kDirectAMaxN = 64, kDirectAMaxNTrans = 32;
+
 // ---- packing ---------------------------------------------------------------------------------
 
 // Gathers `rows` pointers' elements p0..p0+kc (each row contiguous) into dst[p * ld_dst + r]:
@@ -286,6 +294,83 @@ inline void micro_kernel(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, 
 }
 #endif
 
+#if defined(FASTDL_GEMM_AVX2)
+// 6x16 float32 with op(A) read in place instead of from a packed panel: rows i < mr of op(A)
+// from `a` (op(A)(i, k) at a[i * lda + k], or a[k * lda + i] when TRANS), rows past mr repeating
+// row mr - 1 (read, never stored). Used where C is skinny (gemm_block: kDirectAMaxN), so packing
+// an A element would feed only one or a few tiles. Stores rows < mr, columns < nr.
+template <bool TRANS>
+inline void micro_kernel_direct(int64_t kc, const float* a, int64_t lda, int mr, int nr,
+                                const float* __restrict b, float* c, int64_t ldc, float alpha,
+                                float beta) {
+  __m256 acc[6][2];
+  const float* rows[6];
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    const int64_t r = std::min(i, mr - 1);
+    rows[i] = TRANS ? a + r : a + r * lda;
+  }
+  if (TRANS) {
+    const float* ap = a;
+#pragma GCC unroll 4
+    for (int64_t p = 0; p < kc; ++p) {
+      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < 6; ++i) {
+        const __m256 ai = _mm256_broadcast_ss(ap + (rows[i] - a));
+        acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+      }
+      ap += lda;
+      b += 16;
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int64_t p = 0; p < kc; ++p) {
+      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#pragma GCC unroll 6
+      for (int i = 0; i < 6; ++i) {
+        const __m256 ai = _mm256_broadcast_ss(rows[i] + p);
+        acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+      }
+      b += 16;
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
+  if (mr == 6 && nr == 16) {
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+      float* ci = c + i * ldc;
+      if (beta == 0.0f) {  // (the packed kernel's arithmetic: its results, bit for bit)
+        _mm256_storeu_ps(ci, _mm256_mul_ps(va, acc[i][0]));
+        _mm256_storeu_ps(ci + 8, _mm256_mul_ps(va, acc[i][1]));
+      } else {
+        _mm256_storeu_ps(ci, _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(ci))));
+        _mm256_storeu_ps(ci + 8, _mm256_fmadd_ps(va, acc[i][1],
+                                                 _mm256_mul_ps(vb, _mm256_loadu_ps(ci + 8))));
+      }
+    }
+    return;
+  }
+  alignas(32) float tmp[6][16];
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    _mm256_store_ps(tmp[i], acc[i][0]);
+    _mm256_store_ps(tmp[i] + 8, acc[i][1]);
+  }
+  for (int i = 0; i < mr; ++i) {
+    float* ci = c + i * ldc;
+    if (beta == 0.0f) {
+      for (int j = 0; j < nr; ++j) ci[j] = alpha * tmp[i][j];
+    } else {
+      for (int j = 0; j < nr; ++j) ci[j] = alpha * tmp[i][j] + beta * ci[j];
+    }
+  }
+}
+#endif
+
 // A partial tile (mr < MR or nr < NR): full tile into a temporary, then the valid part into C.
 template <class T>
 void edge_tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int mr, int nr, T alpha,
@@ -325,7 +410,14 @@ void gemm_block(const GemmParams& p, const T* a, const T* b, T* c, int64_t m0, i
   const int64_t m_blocks = (m_len + B::MC - 1) / B::MC;
   const int64_t mc_max = ((m_len + m_blocks - 1) / m_blocks + MR - 1) / MR * MR;
   const int64_t nc_max = std::min<int64_t>(B::NC, (n_len + NR - 1) / NR * NR);
-  T* pa = static_cast<T*>(tl_pack_a.get(sizeof(T) * (mc_max * kc_max + 16)));  // + gather8 slack
+  // Skinny C (few columns in this block): op(A) read in place (micro_kernel_direct), not packed.
+  bool direct_a = false;
+#if defined(FASTDL_GEMM_AVX2)
+  if constexpr (std::is_same<T, float>::value)
+    direct_a = n_len <= (p.trans_a ? kDirectAMaxNTrans : kDirectAMaxN);
+#endif
+  T* pa = direct_a ? nullptr  // (+ 16: gather8's slack)
+                   : static_cast<T*>(tl_pack_a.get(sizeof(T) * (mc_max * kc_max + 16)));
   T* pb = static_cast<T*>(tl_pack_b.get(sizeof(T) * nc_max * kc_max));
 
   for (int64_t jc = n0; jc < n1; jc += B::NC) {
@@ -336,6 +428,27 @@ void gemm_block(const GemmParams& p, const T* a, const T* b, T* c, int64_t m0, i
       const T beta_k = pc == 0 ? beta : T(1);  // later k slices accumulate onto the first's result
       for (int64_t ic = m0; ic < m1; ic += mc_max) {
         const int64_t mc = std::min<int64_t>(mc_max, m1 - ic);
+#if defined(FASTDL_GEMM_AVX2)
+        if constexpr (std::is_same<T, float>::value) {
+          if (direct_a) {
+            // each row tile across the (at most 4) column panels: its rows stay in L1
+            for (int64_t ir = 0; ir < mc; ir += MR) {
+              const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
+              for (int64_t jr = 0; jr < nc; jr += NR) {
+                const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
+                T* cij = c + (ic + ir) * p.ldc + jc + jr;
+                if (p.trans_a)
+                  micro_kernel_direct<true>(kc, a + pc * p.lda + ic + ir, p.lda, mr, nr,
+                                            pb + jr * kc, cij, p.ldc, alpha, beta_k);
+                else
+                  micro_kernel_direct<false>(kc, a + (ic + ir) * p.lda + pc, p.lda, mr, nr,
+                                             pb + jr * kc, cij, p.ldc, alpha, beta_k);
+              }
+            }
+            continue;
+          }
+        }
+#endif
         pack_a(a, p.lda, p.trans_a, ic, pc, mc, kc, pa);
         for (int64_t jr = 0; jr < nc; jr += NR) {
           const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
