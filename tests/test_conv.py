@@ -489,22 +489,49 @@ def test_gemm_small_planes(cpu_path, case, dtype):
 # plan_shared_blocks), on 2 threads or more; 1 thread keeps the per-thread partials. 13 images of
 # 6x6 with cg*kh*kw = 2304 and 512 outputs fill two blocks (7 + 6: the second GEMM adds onto the
 # first's result); 4 images of 2x2 with 4608 one block.
-SHARED_WEIGHT_GRAD = [((13, 256, 6, 6), (512, 256, 3, 3)), ((4, 512, 2, 2), (512, 512, 3, 3))]
+# Also in float64, ResNet-18's layer4 stride-2 conv (16x256x4x4 -> 512) and a 1x1 (im2col
+# gathering x; 1024 x 1024 = 2^20 weights).
+SHARED_WEIGHT_GRAD = [((13, 256, 6, 6), (512, 256, 3, 3), dict(padding=1), torch.float32),
+                      ((13, 256, 6, 6), (512, 256, 3, 3), dict(padding=1), torch.float64),
+                      ((4, 512, 2, 2), (512, 512, 3, 3), dict(padding=1), torch.float32),
+                      ((16, 256, 4, 4), (512, 256, 3, 3), dict(stride=2, padding=1), torch.float32),
+                      ((5, 1024, 2, 2), (1024, 1024, 1, 1), {}, torch.float32)]
 
 
 @pytest.mark.parametrize("case", range(len(SHARED_WEIGHT_GRAD)))
 def test_gemm_weight_gradient_shared_blocks(cpu_path, case):
-    shape, wshape = SHARED_WEIGHT_GRAD[case]
-    kw = dict(stride=1, padding=1, dilation=1, groups=1)
+    shape, wshape, kw, dtype = SHARED_WEIGHT_GRAD[case]
+    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
     before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("gemm")
     try:
         for t in (1, 2, 3):
             fastdl.set_num_threads(t)
-            run_conv_case(torch.float32, shape, wshape, True, kw, seed=case,
+            run_conv_case(dtype, shape, wshape, True, kw, seed=case,
                           what=f"algo=gemm shared weight-gradient blocks, {t} threads")
     finally:
         fastdl.set_num_threads(before)
+        fastdl.ops.set_conv_algorithm(algo)
+
+
+# im2col's rows of at most 8 output columns (element by element) where a chunk of output pixels
+# starts mid-row: cg*kh*kw = 4608 gives 56-pixel chunks, 2304 gives 112, over 5- and 6-wide rows;
+# plain, strided (stride phases) and dilated.
+SHORT_ROWS = [((1, 512, 30, 5), (2, 512, 3, 3), dict(padding=1)),
+              ((1, 512, 30, 9), (2, 512, 3, 3), dict(stride=2, padding=1)),
+              ((1, 256, 20, 6), (3, 256, 3, 3), dict(dilation=2, padding=2))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SHORT_ROWS)))
+def test_gemm_short_rows_mid_row_chunks(cpu_path, case, dtype):
+    shape, wshape, kw = SHORT_ROWS[case]
+    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
+    algo = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        run_conv_case(dtype, shape, wshape, True, kw, seed=case, what="algo=gemm short rows")
+    finally:
         fastdl.ops.set_conv_algorithm(algo)
 
 

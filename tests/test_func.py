@@ -205,19 +205,24 @@ def test_forward_ad_dual_inputs(family, where):
 
 # ---- a dual_level() block without dual inputs keeps fastdl's kernels (review r2a-7) -------------
 
-def _spy(monkeypatch, owner, name, counts, key):
+def _spy(monkeypatch, owner, name, counts, key, served_only=False):
+    """Counts calls of owner.name under counts[key]; served_only: only calls that returned a
+    result (a fast path's None hands the call on to the general path, counted there)."""
     real = getattr(owner, name)
 
     def spy(*args, **kwargs):
-        counts[key] = counts.get(key, 0) + 1
-        return real(*args, **kwargs)
+        out = real(*args, **kwargs)
+        if out is not None or not served_only:
+            counts[key] = counts.get(key, 0) + 1
+        return out
     monkeypatch.setattr(owner, name, spy)
 
 
 def _patch_kernels(monkeypatch, counts):
     """Counts fastdl's direct kernel calls and its autograd Functions' forwards."""
     _spy(monkeypatch, flinear.ops, "linear", counts, "kernel")
-    _spy(monkeypatch, flinear, "_fast_cpu", counts, "kernel")   # (linear's eager fast path)
+    _spy(monkeypatch, flinear, "_fast_cpu_tensors", counts, "kernel", served_only=True)
+    _spy(monkeypatch, flinear, "_linear_general", counts, "kernel")
     _spy(monkeypatch, fpool.ops, "max_pool2d", counts, "kernel")
     _spy(monkeypatch, fpool, "_max_fast", counts, "kernel")      # (the pools' eager fast path)
     _spy(monkeypatch, fconv._ops, "conv2d_run", counts, "kernel")
@@ -319,7 +324,8 @@ def test_patch_and_convert_serve_dual_level_calls_without_tangents(monkeypatch):
     fast, _ = fastdl.nn.convert(net, inplace=False)
     counts = {}
     _spy(monkeypatch, flinear.ops, "linear", counts, "kernel")
-    _spy(monkeypatch, flinear, "_fast_cpu", counts, "kernel")   # (linear's eager fast path)
+    _spy(monkeypatch, flinear, "_fast_cpu_tensors", counts, "kernel", served_only=True)
+    _spy(monkeypatch, flinear, "_linear_general", counts, "kernel")
     with fwAD.dual_level():
         with fastdl.patch() as p:
             torch.nn.functional.linear(x, w)

@@ -6,6 +6,8 @@
 //   forward          y chunk (kg x sc) = W_g * cols      written in place (ld = OH*OW), + bias
 //   input gradient   cols (ckk x sc) = W_g^T * gy_chunk  then col2im adds cols into gx
 //   weight gradient  P (kg x ckk) += gy_chunk * cols^T   per-thread partial sums in gw's layout
+//                    (small planes against a weight of >= 2^20 elements: image blocks in turn,
+//                    each GEMM on every thread straight into gw; plan_shared_blocks)
 // A 1x1 kernel with stride 1 and no padding needs no im2col: x (and gx) are read (written) in
 // place as the cols matrix, with leading dimension H*W.
 // Strides above 1: im2col reads, and col2im adds into, the image split into its sh*sw stride
@@ -91,7 +93,7 @@ thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM outp
 // (allocated, zeroed and reduced per call: megabytes of traffic against a GEMM whose k is the
 // block's few pixels). Blocks fill kSharedCols (one buffer for all threads). Returns the block
 // size, or 0 where the per-thread partials stay: one thread, groups, or gw under kSharedWeights
-// elements. A/B, 2 threads, interleaved (benchmarks/RESULTS.md, development measurements
+// elements (or inside an enclosing parallel region). A/B, 2 threads, interleaved (benchmarks/RESULTS.md, development measurements
 // 2026-12-02): 16x512x2x2 -> 512 3x3 1.50x, 16x256x4x4 -> 512 3x3 s2 1.35x; at gw 256 x 2304
 // and smaller, 0.93-1.04x, so the partials stay there. The forward and the input gradient in
 // the same block-by-block form measured 0.65-1.09x (the forward lost on 8x8 and 4x4 maps) and
@@ -314,8 +316,8 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
             const int64_t seg = std::min(OW - ow, len - pos), e = ow + seg;
             const bool row = oh >= rlo && oh < rhi;
             const T* xr = pl + (row ? (oh + qi - src.row0) * src.cols + qj : 0);
-            T* d = dst + pos - ow;
-            for (int64_t o = ow; o < e; ++o) d[o] = row && o >= lo && o < hi ? xr[o] : T(0);
+            T* d = dst + pos;  // d[o - ow] for output column o in [ow, e)
+            for (int64_t o = ow; o < e; ++o) d[o - ow] = row && o >= lo && o < hi ? xr[o] : T(0);
             pos += seg;
             ow = 0;
             ++oh;
@@ -596,6 +598,9 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
         gemm(gemm_params<T>(false, true, kg, ckk, ld, ld, ld, ckk, n0 == 0 ? 0.0 : 1.0), gyb, cols,
              gw);
       }
+      // (these blocks fill up to kSharedCols elements each: back to the per-thread budget)
+      tl_cols.trim(sizeof(T) * kColsBudget);
+      tl_block.trim(sizeof(T) * kColsBudget);
       return;
     }
   }

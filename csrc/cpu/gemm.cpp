@@ -7,7 +7,9 @@
 // full tile; partial tiles of C go through a small temporary tile, so nothing outside the matrices
 // is read or written. beta == 0 never reads C; alpha == 0 or k == 0 never reads A or B.
 // Micro-kernels: AVX2+FMA build 6x16 float32 / 6x8 float64 (12 ymm accumulators, 2 loads of B and
-// 6 broadcasts of A per k step); portable build 4x8 / 4x4 plain loops.
+// 6 broadcasts of A per k step); portable build 4x8 / 4x4 plain loops. Float32 on AVX2 with a
+// skinny block of C (at most 64 columns, 32 with A transposed) reads op(A) in place instead of
+// packing it (micro_kernel_direct; kDirectAMaxN).
 // Work split: the (M, N) plane is cut into a tm x tn grid of tile-aligned blocks, one per thread
 // (tm * tn = threads, chosen to minimise repacking: A is packed tn times, B tm times); each thread
 // runs the blocked loops on its block with its own thread_local packing buffers, no barriers.

@@ -141,6 +141,12 @@ def linear(input, weight, bias=None):
     out = _fast_cpu(input, weight, bias)
     if out is not None:
         return out
+    return linear_general(input, weight, bias)
+
+
+def linear_general(input, weight, bias=None):
+    """linear without the fast path: every check, any library, device and layout (callers that
+    have already tried fast_cpu_tensors come here)."""
     fn = "linear"
     named = {"input": input, "weight": weight}
     if bias is not None:

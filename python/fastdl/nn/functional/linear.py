@@ -14,7 +14,7 @@ from ... import _library, ops
 
 _ops_linear = import_module("...ops.linear", __package__)   # the module (ops.linear is the function)
 _ops_linear._bind_torch()
-_fast_cpu = _ops_linear.fast_cpu_tensors
+_fast_cpu_tensors, _linear_general = _ops_linear.fast_cpu_tensors, _ops_linear.linear_general
 _Tensor = torch.Tensor
 
 __all__ = ["linear"]
@@ -74,8 +74,8 @@ def linear(input, weight, bias=None):
     if r == _DIRECT:
         # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread);
         # the common CPU case straight to the kernel, anything else through ops.linear's checks
-        out = _fast_cpu(input, weight, bias)
-        return ops.linear(input, weight, bias) if out is None else out
+        out = _fast_cpu_tensors(input, weight, bias)
+        return _linear_general(input, weight, bias) if out is None else out
     if r == _GRAPH:
         return _Linear.apply(input, weight, bias)
     if r == _TRACED:  # torch.compile / export: the custom op (see fastdl._library)
