@@ -242,6 +242,11 @@ def test_winograd_automatic_choice(cpu_path):
         assert algo(*resnet, padding=1, stride=2) == "gemm"
         assert algo(*resnet, padding=1, dilation=2) == "gemm"
         assert algo((16, 256, 4, 4), (256, 256, 3, 3), padding=1) == "gemm"  # 64 tiles < 256
+        # at least 256 tiles whatever the channels: a batch of 4 on 8x8 maps has 64
+        assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1) == "gemm"
+        assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1, pass_="input") == "gemm"
+        assert algo((16, 64, 8, 8), (64, 64, 3, 3), padding=1) == wino       # 256 tiles
+        assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == wino      # 256 tiles
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == wino
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == "gemm"  # 3 outputs
         # channel ratios outside the measured ones (16 -> 256 measured slower both ways)
@@ -546,12 +551,14 @@ def test_auto_choice():
     # channel multiplier's (3) take GEMM there.
     rgb = np.zeros((8, 3, 3, 3), np.float32)
     mult3 = np.zeros((24, 1, 3, 3), np.float32)
-    # (its 8 outputs reach Winograd's rule in the forward on the AVX2 build; the input gradient,
-    # 3 outputs, stays on GEMM)
+    # (its 8 outputs reach Winograd's rule in the forward on the AVX2 build, given 256 tiles or
+    # more: 16 images of 5x5 tiles here; the input gradient, 3 outputs, stays on GEMM)
     avx2 = fastdl._C.cpu_capability() == "avx2"
+    x16 = np.zeros((16, 3, 12, 12), np.float32)
     for pass_ in ("forward", "input", "weight"):
-        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == (
+        assert ops_conv.conv2d_algorithm(x16, rgb, pass_=pass_) == (
             "winograd" if avx2 and pass_ == "forward" else "gemm")
+        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == "gemm"   # 50 tiles
         assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32,
                                          pass_=pass_) == "direct"
         assert ops_conv.conv2d_algorithm(x[:, :8], mult3, groups=8, pass_=pass_) == (

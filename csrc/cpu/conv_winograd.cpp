@@ -377,7 +377,8 @@ bool winograd_serves(const Conv2dParams& p) {
 // Forward and input gradient (asked as the forward it runs, input_grad_as_forward): at least 8
 // output channels per group (the GEMMs' M; with 3, the input gradient of a 3-channel layer ran
 // 1.12x GEMM's time) and at least as many tiles per group as max(cg, kg) (U = 16 x kg x cg is
-// transformed per call and streamed per chunk; on tiny maps that outweighs the saving).
+// transformed per call and streamed per chunk; on tiny maps that outweighs the saving), and at
+// least 256.
 // Weight gradient: forced only. Faster where the third column below is < 1, and its error
 // relative to the largest element matches GEMM's (5.5e-7 vs 4.4e-7 on shape 3), but elementwise
 // it is not always within 4x torch's: an element's error scales with its tap neighbours' dU, so
@@ -401,7 +402,10 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // 256 ran 1.14x GEMM's time forward and its input gradient (256 -> 16) 2.0x (review r2b-3):
   // the input transform's cost per output grows with cg / kg. Outside the measured ratios, GEMM.
   if (cg > 2 * kg || (kg > 4 * cg && cg > 4)) return false;
-  return pass != ConvPass::BackwardWeight && tiles >= ch;
+  // At least 256 tiles in all: with fewer (a batch of 4 on 8x8 or 12x12 maps) Winograd ran
+  // 0.55-0.98x GEMM's speed at every channel count measured (32-256; 2 threads, interleaved:
+  // benchmarks/RESULTS.md, development measurements 2026-12-02), 256 and up 0.83-2.0x.
+  return pass != ConvPass::BackwardWeight && tiles >= std::max<int64_t>(ch, 256);
 #else
   (void)p;
   (void)pass;
