@@ -476,7 +476,12 @@ SMALL_PLANES = [((7, 6, 1, 1), (5, 6, 1, 1), {}),                               
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(SMALL_PLANES)))
 def test_gemm_small_planes(cpu_path, case, dtype):
-    shape, wshape, kw = SMALL_PLANES[case]
+    run_forced_gemm(SMALL_PLANES[case], dtype, case, "small planes", biases=(True, False))
+
+
+def run_forced_gemm(case, dtype, seed, what, biases=(True,)):
+    """One (shape, weight shape, kwargs) case on the forced GEMM algorithm, against torch."""
+    shape, wshape, kw = case
     kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("gemm")
@@ -484,8 +489,8 @@ def test_gemm_small_planes(cpu_path, case, dtype):
         x, w = torch.zeros(shape, dtype=dtype), torch.zeros(wshape, dtype=dtype)
         for pass_ in ("forward", "input", "weight"):
             assert ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw) == "gemm"
-        for bias in (True, False):
-            run_conv_case(dtype, shape, wshape, bias, kw, seed=case, what="algo=gemm small planes")
+        for bias in biases:
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=seed, what=f"algo=gemm {what}")
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -530,14 +535,7 @@ SHORT_ROWS = [((1, 512, 30, 5), (2, 512, 3, 3), dict(padding=1)),
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(SHORT_ROWS)))
 def test_gemm_short_rows_mid_row_chunks(cpu_path, case, dtype):
-    shape, wshape, kw = SHORT_ROWS[case]
-    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
-    algo = fastdl.ops.get_conv_algorithm()
-    fastdl.ops.set_conv_algorithm("gemm")
-    try:
-        run_conv_case(dtype, shape, wshape, True, kw, seed=case, what="algo=gemm short rows")
-    finally:
-        fastdl.ops.set_conv_algorithm(algo)
+    run_forced_gemm(SHORT_ROWS[case], dtype, case, "short rows")
 
 
 def test_auto_choice():

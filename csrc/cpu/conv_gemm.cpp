@@ -93,11 +93,10 @@ thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM outp
 // (allocated, zeroed and reduced per call: megabytes of traffic against a GEMM whose k is the
 // block's few pixels). Blocks fill kSharedCols (one buffer for all threads). Returns the block
 // size, or 0 where the per-thread partials stay: one thread, groups, or gw under kSharedWeights
-// elements (or inside an enclosing parallel region). A/B, 2 threads, interleaved (benchmarks/RESULTS.md, development measurements
-// 2026-12-02): 16x512x2x2 -> 512 3x3 1.50x, 16x256x4x4 -> 512 3x3 s2 1.35x; at gw 256 x 2304
-// and smaller, 0.93-1.04x, so the partials stay there. The forward and the input gradient in
-// the same block-by-block form measured 0.65-1.09x (the forward lost on 8x8 and 4x4 maps) and
-// keep one block per thread.
+// elements (or inside an enclosing parallel region): below that the partials measured as fast,
+// and the forward and input gradient in this form measured slower (the forward on 8x8 and 4x4
+// maps), so they keep one block per thread (figures: benchmarks/RESULTS.md, development
+// measurements 2026-12-02).
 constexpr int64_t kSharedCols = int64_t(1) << 20, kSharedWeights = int64_t(1) << 20;
 int64_t plan_shared_blocks(const Conv2dParams& p, int64_t ckk) {
   const int64_t kg = p.k / p.groups;

@@ -220,8 +220,8 @@ Plan make_plan(const Conv2dParams& p) {
   const int64_t nt = get_num_threads();
   if (nt > 1 && G * c < 8 * nt)
     while ((G * c) % nt && c < w.rows) ++c;
-  // Equal chunks: 32 tile rows at 30 per chunk ran as 30 + 2, one thread nearly idle (8x128x8x8
-  // -> 128 took 1.6x GEMM's time; benchmarks/RESULTS.md, development measurements 2026-12-02).
+  // Equal chunks: 32 tile rows at 30 per chunk would run as 30 + 2, one thread nearly idle
+  // (benchmarks/RESULTS.md, development measurements 2026-12-02).
   w.nr = (w.rows + c - 1) / c;
   w.chunks = (w.rows + w.nr - 1) / w.nr;
   w.ldq = (w.nr * w.tw + 7 + 7) / 8 * 8;
@@ -402,9 +402,9 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // 256 ran 1.14x GEMM's time forward and its input gradient (256 -> 16) 2.0x (review r2b-3):
   // the input transform's cost per output grows with cg / kg. Outside the measured ratios, GEMM.
   if (cg > 2 * kg || (kg > 4 * cg && cg > 4)) return false;
-  // At least 256 tiles in all: with fewer (a batch of 4 on 8x8 or 12x12 maps) Winograd ran
-  // 0.55-0.98x GEMM's speed at every channel count measured (32-256; 2 threads, interleaved:
-  // benchmarks/RESULTS.md, development measurements 2026-12-02), 256 and up 0.83-2.0x.
+  // At least 256 tiles in all: with fewer (a batch of 4 on 8x8 or 12x12 maps) Winograd was
+  // slower than GEMM at every channel count measured (benchmarks/RESULTS.md, development
+  // measurements 2026-12-02).
   return pass != ConvPass::BackwardWeight && tiles >= std::max<int64_t>(ch, 256);
 #else
   (void)p;

@@ -69,10 +69,9 @@ thread_local ScratchBuffer tl_pack_a, tl_pack_b;
 
 // float32 AVX2: a thread's block of C at most this many columns wide reads op(A) in place
 // (micro_kernel_direct) instead of packing it: a packed A element would feed only NR-wide tiles
-// numbering width / 16, too few to repay the packing. Interleaved A/B, packed vs in place,
-// GFLOP/s (benchmarks/RESULTS.md, development measurements 2026-12-02): row-major A gains up to
-// 64 columns (2304x512 @ 512xN, 1 thread: N 16 53 -> 69, 32 66 -> 76, 64 64 -> 68; 128 69 -> 64),
-// transposed A up to 32 (its rows are k * lda apart: N 16 39 -> 61, 32 54 -> 75, 64 49 -> 51).
+// numbering width / 16, too few to repay the packing. Measured faster up to 64 columns for a
+// row-major A and up to 32 for a transposed one (its rows are k * lda apart), slower beyond
+// (figures: benchmarks/RESULTS.md, development measurements 2026-12-02).
 constexpr int64_t kDirectAMaxN = 64, kDirectAMaxNTrans = 32;
 
 // ---- packing ---------------------------------------------------------------------------------
