@@ -2,6 +2,7 @@
 against torch: a seeded random sweep of geometries under every algorithm and both CPU builds,
 outputs and every gradient; gradcheck; numpy in/out; every element written; channels_last and
 unbatched inputs; padding modes; state_dict round trips; exception parity."""
+import itertools
 import os
 import random
 import subprocess
@@ -1477,17 +1478,23 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
     fastdl.ops.set_conv_algorithm("winograd")
     try:
         gen = torch.Generator().manual_seed(5)
-        for bad in (float("inf"), float("nan"), 3e38):
-            x = torch.rand(2, 4, 8, 9, generator=gen) - 0.5
+        # The output transform flags non-finite values as it stores them (review r3-8): maps
+        # 9 wide (one partial group of 8 tiles) and 40 wide (two whole groups, then a partial
+        # one), the bad value in the first or second row of a tile, in a whole or partial group.
+        cases = [((2, 4, 8, 9), (3, 4), (4, 4)), ((1, 4, 6, 40), (2, 5), (3, 10)),
+                 ((1, 4, 6, 40), (4, 36), (1, 38)), ((1, 4, 5, 40), (4, 17), (2, 33))]
+        for bad, (shape, (xr, xc), (gr, gc)) in itertools.product(
+                (float("inf"), float("nan"), 3e38), cases):
+            x = torch.rand(*shape, generator=gen) - 0.5
             w = torch.rand(8, 4, 3, 3, generator=gen) - 0.5
-            x[0, 1, 3, 4] = bad
+            x[0, 1, xr, xc] = bad
             if bad == 3e38:
-                x[0, 1, 3, 5] = bad
+                x[0, 1, xr, xc + 1] = bad
                 w = w * 1e-38
             y = fastdl.ops.conv2d(x, w, padding=1)
             want = TF.conv2d(x, w, padding=1)
             gy = torch.rand(want.shape, generator=gen) - 0.5
-            gy[1, 2, 4, 4] = bad if bad != 3e38 else 1.0
+            gy[-1, 2, gr, gc] = bad if bad != 3e38 else 1.0
             gx = fastdl.ops.conv2d_backward(gy, x, w, padding=1, output_mask=(True, False, False))[0]
             gx_want = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], [1, 1], [1, 1],
                                                           False, [0, 0], 1,

@@ -253,13 +253,14 @@ void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T*
   // guard: this run must not meet an inf/NaN weight (see above)
   const bool guard = wino || (algo != ConvAlgo::Reference && reads_padding(p));
   if (guard && nw <= ny && any_nonfinite(w, nw)) algo = ConvAlgo::Reference;  // w is smaller
+  bool wino_bad = false;  // Winograd checks y as it writes it
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_forward(p, x, w, b, y);
     case ConvAlgo::Direct: conv_direct_forward(p, x, w, b, y); break;
-    case ConvAlgo::Winograd: conv_winograd_forward(p, x, w, b, y); break;
+    case ConvAlgo::Winograd: wino_bad = conv_winograd_forward(p, x, w, b, y); break;
     default: conv_gemm_forward(p, x, w, b, y); break;
   }
-  if (!(wino || (guard && nw > ny)) || !any_nonfinite(y, ny)) return;
+  if (!(wino || (guard && nw > ny)) || !(wino ? wino_bad : any_nonfinite(y, ny))) return;
   if (guard && nw > ny && any_nonfinite(w, nw)) conv_reference_forward(p, x, w, b, y);
   else if (wino) conv_gemm_forward(p, x, w, b, y);   // inf/NaN in x, or overflowing tile sums
 }
@@ -278,14 +279,15 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
   // GEMM + col2im drops what falls on padding.
   const bool guard = wino || algo == ConvAlgo::Direct || algo == ConvAlgo::Phase;
   if (guard && nw <= nx && any_nonfinite(w, nw)) algo = ConvAlgo::Reference;
+  bool wino_bad = false;  // Winograd checks gx as it writes it
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_input(p, gy, w, gx);
     case ConvAlgo::Direct: conv_direct_backward_input(p, gy, w, gx); break;
-    case ConvAlgo::Winograd: conv_winograd_backward_input(p, gy, w, gx); break;
+    case ConvAlgo::Winograd: wino_bad = conv_winograd_backward_input(p, gy, w, gx); break;
     case ConvAlgo::Phase: conv_phase_backward_input(p, gy, w, gx); break;
     default: conv_gemm_backward_input(p, gy, w, gx); break;
   }
-  if (!(wino || (guard && nw > nx)) || !any_nonfinite(gx, nx)) return;
+  if (!(wino || (guard && nw > nx)) || !(wino ? wino_bad : any_nonfinite(gx, nx))) return;
   if (guard && nw > nx && any_nonfinite(w, nw)) conv_reference_backward_input(p, gy, w, gx);
   else if (wino) conv_gemm_backward_input(p, gy, w, gx);   // inf/NaN in gy, or overflow
 }

@@ -111,10 +111,12 @@ bool winograd_serves(const Conv2dParams& p);
 // Whether Winograd beats GEMM on a pass of a shape it serves (the automatic choice); the
 // measured rule is in conv_winograd.cpp.
 bool winograd_preferred(const Conv2dParams& p, ConvPass pass);
+// The forward and input gradient return whether their result holds an inf or NaN (checked as it
+// is written; the caller then redoes the pass on another algorithm).
 template <class T>
-void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+bool conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>
-void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+bool conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 

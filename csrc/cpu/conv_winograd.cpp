@@ -103,9 +103,11 @@ void input_row(const T* const rb[4], int64_t tw, T* v, int64_t es) {
 }
 
 // y rows (row0, and row1 unless null) columns 2*tj, 2*tj + 1 < ow = A^T M A + bias, from
-// M[e][tj] at m + e * es.
+// M[e][tj] at m + e * es. Returns whether it wrote an inf or NaN (the caller's check for
+// non-finite results, folded in here instead of a second pass over y: review r3-8).
 template <class T>
-void output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T* row1) {
+bool output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T* row1) {
+  T nan_if_bad = T(0);  // v * 0 is NaN exactly for an inf or NaN v
   for (int64_t tj = 0; tj < tw; ++tj) {
     T s[2][4];
     for (int j = 0; j < 4; ++j) {
@@ -117,10 +119,17 @@ void output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T
     T* rows[2] = {row0, row1};
     for (int i = 0; i < 2; ++i) {
       if (!rows[i]) break;
-      rows[i][2 * tj] = s[i][0] + s[i][1] + s[i][2] + bv;
-      if (2 * tj + 1 < ow) rows[i][2 * tj + 1] = s[i][1] - s[i][2] - s[i][3] + bv;
+      const T y0 = s[i][0] + s[i][1] + s[i][2] + bv;
+      rows[i][2 * tj] = y0;
+      nan_if_bad += y0 * T(0);
+      if (2 * tj + 1 < ow) {
+        const T y1 = s[i][1] - s[i][2] - s[i][3] + bv;
+        rows[i][2 * tj + 1] = y1;
+        nan_if_bad += y1 * T(0);
+      }
     }
   }
+  return nan_if_bad != nan_if_bad;
 }
 
 #if defined(FASTDL_WINO_AVX2)
@@ -161,9 +170,11 @@ void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es
 // 8 tiles at a time; reads M[e][tj..tj+7] (past tw within the caller's ld). Output columns
 // interleave back (unpack + lane permute); a group reaching past ow goes through a 16-float tile.
 template <>
-void output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float bv, float* row0,
+bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float bv, float* row0,
                        float* row1) {
-  const __m256 bias = _mm256_set1_ps(bv);
+  const __m256 bias = _mm256_set1_ps(bv), zero = _mm256_setzero_ps();
+  __m256 nan_if_bad = zero;  // += stored * 0 (one FMA per stored vector)
+  float tail_bad = 0.0f;
   for (int64_t tj = 0; tj < tw; tj += 8) {
     __m256 s[2][4];
     for (int j = 0; j < 4; ++j) {
@@ -184,14 +195,21 @@ void output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
       if (cols == 16) {
         _mm256_storeu_ps(rows[i] + c0, y0);
         _mm256_storeu_ps(rows[i] + c0 + 8, y1);
-      } else {
+        nan_if_bad = _mm256_fmadd_ps(y0, zero, nan_if_bad);
+        nan_if_bad = _mm256_fmadd_ps(y1, zero, nan_if_bad);
+      } else {  // only the stored columns count: lanes past ow hold M's unused columns
         alignas(32) float tmp[16];
         _mm256_store_ps(tmp, y0);
         _mm256_store_ps(tmp + 8, y1);
         std::memcpy(rows[i] + c0, tmp, sizeof(float) * cols);
+        for (int64_t c = 0; c < cols; ++c) tail_bad += tmp[c] * 0.0f;
       }
     }
   }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, nan_if_bad);
+  for (float v : lanes) tail_bad += v;
+  return tail_bad != tail_bad;
 }
 #endif
 
@@ -259,14 +277,17 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, int64_t g, int64_
     }
 }
 
+// Returns whether y holds an inf or NaN.
 template <class T>
-void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
+bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const Plan w = make_plan(p);
+  std::atomic<bool> nonfinite{false};
   parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
     T* v = tl_v.get_as<T>(16 * w.ves);
     T* m = tl_m.get_as<T>(16 * w.mes);
     T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
+    bool bad = false;
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t g = t / w.chunks, r0 = (t % w.chunks) * w.nr, nrc = std::min(w.nr, w.rows - r0);
       const int64_t len = nrc * w.tw;
@@ -282,14 +303,16 @@ void winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
         for (int64_t r = r0; r < r0 + nrc; ++r) {
           const int64_t n = r / w.th, ti = r % w.th;
           T* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow;
-          output_row<T>(m + kk * w.ldq + (r - r0) * w.tw, w.mes, w.tw, p.ow, bv, yp,
-                        2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
+          bad |= output_row<T>(m + kk * w.ldq + (r - r0) * w.tw, w.mes, w.tw, p.ow, bv, yp,
+                               2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
         }
       }
     }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
     tl_v.trim(kKeepBytes);
     tl_m.trim(kKeepBytes);
   });
+  return nonfinite.load();
 }
 
 // ---- weight gradient -------------------------------------------------------------------------
@@ -414,18 +437,18 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
 }
 
 template <class T>
-void conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+bool conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   std::vector<T> u(static_cast<size_t>(16 * p.k * (p.c / p.groups)));
   transform_weights(p, w, u.data());
-  winograd_forward_u(p, x, u.data(), b, y);
+  return winograd_forward_u(p, x, u.data(), b, y);
 }
 
 template <class T>
-void conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
+bool conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   std::vector<T> wf(static_cast<size_t>(p.c * (p.k / p.groups) * 9));
   flip_weights(p, w, wf.data());
-  conv_winograd_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr),
-                        gx);
+  return conv_winograd_forward(input_grad_as_forward(p), gy, wf.data(),
+                               static_cast<const T*>(nullptr), gx);
 }
 
 template <class T>
@@ -488,13 +511,13 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
   weights_adjoint(kc, sum, gw);
 }
 
-template void conv_winograd_forward<float>(const Conv2dParams&, const float*, const float*,
+template bool conv_winograd_forward<float>(const Conv2dParams&, const float*, const float*,
                                            const float*, float*);
-template void conv_winograd_forward<double>(const Conv2dParams&, const double*, const double*,
+template bool conv_winograd_forward<double>(const Conv2dParams&, const double*, const double*,
                                             const double*, double*);
-template void conv_winograd_backward_input<float>(const Conv2dParams&, const float*, const float*,
+template bool conv_winograd_backward_input<float>(const Conv2dParams&, const float*, const float*,
                                                   float*);
-template void conv_winograd_backward_input<double>(const Conv2dParams&, const double*,
+template bool conv_winograd_backward_input<double>(const Conv2dParams&, const double*,
                                                    const double*, double*);
 
 template void conv_winograd_backward_weight<float>(const Conv2dParams&, const float*, const float*,
