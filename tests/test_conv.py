@@ -207,6 +207,11 @@ WINOGRAD_WIDE = [
     ((2, 3, 4, 41), (9, 3, 3, 3), True, 1, 1),     # review r2b-2: a long weight reduction
     ((1, 2, 5, 45), (8, 2, 3, 3), False, 1, 1),    # tail lengths 4-7 of a group of 8 tiles
     ((1, 2, 4, 27), (8, 2, 3, 3), True, 0, 1),
+    # tile rows wider than twice the chunk budget, cut into column segments (review r2b-4):
+    # 261 tiles of 128 channels as 88 + 88 + 85 (odd width: the last tile half outside), and
+    # 299 tiles of 128 channels per group as 104 + 104 + 91
+    ((1, 128, 2, 521), (128, 128, 3, 3), True, 1, 1),
+    ((1, 256, 3, 600), (256, 128, 3, 3), False, 0, 2),
 ]
 
 
@@ -1042,6 +1047,25 @@ def test_winograd_workspace_bounded_by_output_channels():
             "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]);"
             "fastdl.set_num_threads(1);"
             "x = np.ones((1, 1, 256, 256), np.float32); w = np.ones((64, 1, 3, 3), np.float32);"
+            "conv.set_conv_algorithm('gemm'); conv.conv2d(x, w, padding=1);"
+            "a = hwm();"
+            "conv.set_conv_algorithm('winograd');"
+            "assert conv.conv2d_algorithm(x, w, padding=1) == 'winograd';"
+            "conv.conv2d(x, w, padding=1);"
+            "print(hwm() - a)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert int(out) < 16 * 1024, f"winograd forward grew peak RSS by {int(out)} kB"
+
+
+def test_winograd_workspace_bounded_on_wide_images():
+    # A tile row wider than twice the chunk budget is cut into column segments (review r2b-4):
+    # before, one 40000-tile row of 8 channels took 20 MB for V and 20 MB for M per thread.
+    code = ("import numpy as np, fastdl; from fastdl.ops import conv;"
+            "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]);"
+            "fastdl.set_num_threads(1);"
+            "x = np.ones((1, 8, 3, 80000), np.float32); w = np.ones((8, 8, 3, 3), np.float32);"
             "conv.set_conv_algorithm('gemm'); conv.conv2d(x, w, padding=1);"
             "a = hwm();"
             "conv.set_conv_algorithm('winograd');"

@@ -20,7 +20,10 @@
 // vector transforms: 32x64x56x56 -> 64 p1 forward 65 / 132 (scalar transforms before: 469 /
 // 419 wall time); 64x32x26x26 -> 64 p0 forward 17 / 28. Transforms were ~70% of the time with
 // scalar tiles; after, shape 3 spends ~18 of 58 ms in them and ~40 ms in the 16 GEMMs (3.3 GFLOP,
-// close to one core's FMA peak), so larger tiles (F(4x4,3x3)) are the next step. Chunk budget
+// close to one core's FMA peak). Larger tiles would cut the GEMMs' work (F(4x4,3x3): 2.25 multiplies
+// per output against 4) but not within the float32 tolerance every path meets: on random layers
+// F(4x4) with the best points tried (0, +-1, 1/2, -2) reached the bound and F(3x3) exceeded it
+// (benchmarks/winograd_tile_accuracy.py; figures in benchmarks/RESULTS.md). Chunk budget
 // 2^18 elements: thread CPU time min 65 ms against 73-94 ms at 2^15..2^17 on shape 3. The
 // automatic choice's rule and figures (all three passes) are at winograd_preferred.
 // Tested by tests/test_conv.py (forced algorithm "winograd", same tolerance as every path; wide
@@ -215,10 +218,28 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
 
 // Tiles are processed a tile row at a time; a chunk is `nr` consecutive tile rows of the stacked
 // images (global row r = n * th + ti) of one group, so a chunk may span several small images.
+// A tile row more than twice the budget wide is cut into `segs` column segments of at most tcw
+// tiles (whole groups of 8), one segment per chunk (nr = 1), so the buffers stay bounded however
+// wide the image (review r2b-4: a 3 x 40000 map with 64 channels took 2 x 82 MB per thread).
 // V[e] (cg x ldq) and M[e] (kg x ldq), ldq >= tiles + 7 (the 8-tile groups' overrun), e-th
 // matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
 struct Plan {
-  int64_t th, tw, rows, rbw, nr, chunks, ldq, ves, mes;
+  int64_t th, tw, rows, tcw, segs, rbw, nr, chunks, ldq, ves, mes;
+};
+
+// Chunk t of a plan: group g, tile rows [r0, r0 + nrc), tile columns [tc0, tc0 + tcn); the tile
+// (r, tj) of the chunk is column (r - r0) * tcn + tj of V[e] and M[e].
+struct Chunk {
+  int64_t g, r0, nrc, tc0, tcn;
+  Chunk(const Plan& w, int64_t t) {
+    g = t / w.chunks;
+    const int64_t ci = t % w.chunks;
+    r0 = ci / w.segs * w.nr;
+    nrc = std::min(w.nr, w.rows - r0);
+    tc0 = ci % w.segs * w.tcw;
+    tcn = std::min(w.tcw, w.tw - tc0);
+  }
+  int64_t len() const { return nrc * tcn; }
 };
 
 Plan make_plan(const Conv2dParams& p) {
@@ -227,12 +248,20 @@ Plan make_plan(const Conv2dParams& p) {
   w.th = (p.oh + 1) / 2;
   w.tw = (p.ow + 1) / 2;
   w.rows = p.n * w.th;
-  w.rbw = 16 * ((w.tw + 7) / 8) + 2;
   // Tile rows per chunk: V and M within the budget, but at least 64 tiles per GEMM where the
   // channels allow (the engine packs U[e] once per GEMM).
   const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
   const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
-  w.nr = std::min(w.rows, std::max<int64_t>(1, (want - 7) / w.tw));
+  w.segs = 1;
+  w.tcw = w.tw;
+  if (w.tw > 2 * want) {  // equal segments of whole 8-tile groups, each at most `want` tiles
+    const int64_t most = std::max<int64_t>(8, want / 8 * 8);
+    w.segs = (w.tw + most - 1) / most;
+    w.tcw = ((w.tw + w.segs - 1) / w.segs + 7) / 8 * 8;
+    w.segs = (w.tw + w.tcw - 1) / w.tcw;
+  }
+  w.rbw = 16 * ((w.tcw + 7) / 8) + 2;
+  w.nr = w.segs > 1 ? 1 : std::min(w.rows, std::max<int64_t>(1, (want - 7) / w.tw));
   int64_t c = (w.rows + w.nr - 1) / w.nr;
   // Few tasks: as many per thread (parallel_for splits them into equal contiguous runs).
   const int64_t nt = get_num_threads();
@@ -241,39 +270,39 @@ Plan make_plan(const Conv2dParams& p) {
   // Equal chunks: 32 tile rows at 30 per chunk would run as 30 + 2, one thread nearly idle
   // (benchmarks/RESULTS.md, development measurements 2026-12-02).
   w.nr = (w.rows + c - 1) / c;
-  w.chunks = (w.rows + w.nr - 1) / w.nr;
-  w.ldq = (w.nr * w.tw + 7 + 7) / 8 * 8;
+  w.chunks = (w.rows + w.nr - 1) / w.nr * w.segs;
+  w.ldq = (w.nr * w.tcw + 7 + 7) / 8 * 8;
   w.ves = cg * w.ldq + 16;
   w.mes = kg * w.ldq + 16;
   return w;
 }
 
-// V[e][cc][(r - r0) * tw + tj] for tile rows [r0, r0 + nrc) of group g.
+// V[e][cc][(r - r0) * tcn + tj] for chunk q's tiles.
 template <class T>
-void build_v(const Conv2dParams& p, const Plan& w, const T* x, int64_t g, int64_t r0, int64_t nrc,
-             T* rbuf, T* v) {
+void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T* rbuf, T* v) {
   const int64_t cg = p.c / p.groups, rbw = w.rbw;
+  // dst[j] = x[ih][j + off] for j < rbw: columns [a, e) lie inside the input
+  const int64_t off = 2 * q.tc0 - p.pw;
+  const int64_t a = std::min(rbw, std::max<int64_t>(0, -off));
+  const int64_t e = std::max(a, std::min(rbw, p.w - off));
   for (int64_t cc = 0; cc < cg; ++cc)
-    for (int64_t r = r0; r < r0 + nrc; ++r) {
+    for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
       const int64_t n = r / w.th, ti = r % w.th;
-      const T* xp = x + ((n * p.c + g * cg + cc) * p.h) * p.w;
+      const T* xp = x + ((n * p.c + q.g * cg + cc) * p.h) * p.w;
       const T* rb[4];
       for (int i = 0; i < 4; ++i) {
         T* dst = rbuf + i * rbw;
         rb[i] = dst;
         const int64_t ih = 2 * ti - p.ph + i;
-        // dst[j] = x[ih][j - pw] for j < rbw
-        const int64_t a = std::min(rbw, std::max<int64_t>(0, p.pw));
-        const int64_t e = std::max(a, std::min(rbw, p.w + p.pw));
         if (ih < 0 || ih >= p.h) {
           std::fill(dst, dst + rbw, T(0));
           continue;
         }
         std::fill(dst, dst + a, T(0));
-        if (e > a) std::memcpy(dst + a, xp + ih * p.w + (a - p.pw), sizeof(T) * (e - a));
+        if (e > a) std::memcpy(dst + a, xp + ih * p.w + (a + off), sizeof(T) * (e - a));
         std::fill(dst + e, dst + rbw, T(0));
       }
-      input_row<T>(rb, w.tw, v + cc * w.ldq + (r - r0) * w.tw, w.ves);
+      input_row<T>(rb, q.tcn, v + cc * w.ldq + (r - q.r0) * q.tcn, w.ves);
     }
 }
 
@@ -283,15 +312,15 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const Plan w = make_plan(p);
   std::atomic<bool> nonfinite{false};
-  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tcw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
     T* v = tl_v.get_as<T>(16 * w.ves);
     T* m = tl_m.get_as<T>(16 * w.mes);
     T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
     bool bad = false;
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t g = t / w.chunks, r0 = (t % w.chunks) * w.nr, nrc = std::min(w.nr, w.rows - r0);
-      const int64_t len = nrc * w.tw;
-      build_v(p, w, x, g, r0, nrc, rbuf, v);
+      const Chunk q(w, t);
+      const int64_t g = q.g, len = q.len();
+      build_v(p, w, x, q, rbuf, v);
       // M[e] (kg x len) = U[e]_g (kg x cg, ld cg) * V[e] (cg x len)
       for (int e = 0; e < 16; ++e)
         gemm(gemm_params<T>(false, false, kg, len, cg, cg, w.ldq, w.ldq, 0.0),
@@ -300,11 +329,11 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
       for (int64_t kk = 0; kk < kg; ++kk) {
         const int64_t k = g * kg + kk;
         const T bv = b ? b[k] : T(0);
-        for (int64_t r = r0; r < r0 + nrc; ++r) {
+        for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
           const int64_t n = r / w.th, ti = r % w.th;
-          T* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow;
-          bad |= output_row<T>(m + kk * w.ldq + (r - r0) * w.tw, w.mes, w.tw, p.ow, bv, yp,
-                               2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
+          T* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow + 2 * q.tc0;
+          bad |= output_row<T>(m + kk * w.ldq + (r - q.r0) * q.tcn, w.mes, q.tcn, p.ow - 2 * q.tc0,
+                               bv, yp, 2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
         }
       }
     }
@@ -463,7 +492,7 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
   std::vector<T> du(static_cast<size_t>((nt + 1) * 16 * kc), T(0));  // the sum, then the slots
   std::vector<int64_t> slot_lo(static_cast<size_t>(nt), -1);
   std::atomic<int64_t> next_slot(0);
-  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tcw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
     const int64_t slot = next_slot.fetch_add(1);
     if (slot >= nt) throw std::logic_error("conv2d winograd: more parallel chunks than threads");
     slot_lo[slot] = lo;
@@ -472,24 +501,24 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
     T* m = tl_m.get_as<T>(16 * w.mes);
     T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t g = t / w.chunks, r0 = (t % w.chunks) * w.nr, nrc = std::min(w.nr, w.rows - r0);
-      const int64_t len = nrc * w.tw;
-      build_v(p, w, x, g, r0, nrc, rbuf, v);
-      // dM[e][kk][(r - r0) * tw + tj]
+      const Chunk q(w, t);
+      const int64_t g = q.g, len = q.len();
+      build_v(p, w, x, q, rbuf, v);
+      // dM[e][kk][(r - r0) * tcn + tj]
       for (int64_t kk = 0; kk < kg; ++kk)
-        for (int64_t r = r0; r < r0 + nrc; ++r) {
+        for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
           const int64_t n = r / w.th, ti = r % w.th;
-          const T* gp = gy + ((n * p.k + g * kg + kk) * p.oh) * p.ow;
+          const T* gp = gy + ((n * p.k + g * kg + kk) * p.oh) * p.ow + 2 * q.tc0;
           const T* gb[2];
           for (int i = 0; i < 2; ++i) {
             T* dst = rbuf + i * w.rbw;
             gb[i] = dst;
             const int64_t oh = 2 * ti + i;
-            const int64_t e = oh < p.oh ? std::min(gbw, p.ow) : 0;
+            const int64_t e = oh < p.oh ? std::min(gbw, p.ow - 2 * q.tc0) : 0;
             if (e > 0) std::memcpy(dst, gp + oh * p.ow, sizeof(T) * e);
             std::fill(dst + e, dst + gbw, T(0));
           }
-          grad_row<T>(gb, w.tw, m + kk * w.ldq + (r - r0) * w.tw, w.mes);
+          grad_row<T>(gb, q.tcn, m + kk * w.ldq + (r - q.r0) * q.tcn, w.mes);
         }
       // dU[e]_g (kg x cg) += dM[e] (kg x len) * V[e]^T
       for (int e = 0; e < 16; ++e)
