@@ -207,9 +207,10 @@ WINOGRAD_WIDE = [
     ((2, 3, 4, 41), (9, 3, 3, 3), True, 1, 1),     # review r2b-2: a long weight reduction
     ((1, 2, 5, 45), (8, 2, 3, 3), False, 1, 1),    # tail lengths 4-7 of a group of 8 tiles
     ((1, 2, 4, 27), (8, 2, 3, 3), True, 0, 1),
-    # tile rows wider than twice the chunk budget, cut into column segments (review r2b-4):
-    # 261 tiles of 128 channels as 88 + 88 + 85 (odd width: the last tile half outside), and
-    # 299 tiles of 128 channels per group as 104 + 104 + 91
+    # tile rows wider than twice the chunk budget, cut into column segments (review r2b-4;
+    # budget 2^18 / (16 x 128 channels) = 128 tiles, conv_winograd.cpp make_plan): 261 tiles as
+    # 72 + 72 + 72 + 45 (4, not 3, so 2 threads split them evenly; odd width: the last tile half
+    # outside), and 299 tiles of 128 channels per group as 104 + 104 + 91
     ((1, 128, 2, 521), (128, 128, 3, 3), True, 1, 1),
     ((1, 256, 3, 600), (256, 128, 3, 3), False, 0, 2),
 ]
@@ -1505,12 +1506,15 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
         # The output transform flags non-finite values as it stores them (review r3-8): maps
         # 9 wide (one partial group of 8 tiles) and 40 wide (two whole groups, then a partial
         # one), the bad value in the first or second row of a tile, in a whole or partial group.
-        cases = [((2, 4, 8, 9), (3, 4), (4, 4)), ((1, 4, 6, 40), (2, 5), (3, 10)),
-                 ((1, 4, 6, 40), (4, 36), (1, 38)), ((1, 4, 5, 40), (4, 17), (2, 33))]
-        for bad, (shape, (xr, xc), (gr, gc)) in itertools.product(
+        # Last: a tile row cut into column segments (128 channels, 261 tiles: 4 segments of up
+        # to 72), the bad values in the second and last segments.
+        cases = [((2, 4, 8, 9), 8, (3, 4), (4, 4)), ((1, 4, 6, 40), 8, (2, 5), (3, 10)),
+                 ((1, 4, 6, 40), 8, (4, 36), (1, 38)), ((1, 4, 5, 40), 8, (4, 17), (2, 33)),
+                 ((1, 128, 2, 521), 128, (1, 150), (1, 500))]
+        for bad, (shape, k, (xr, xc), (gr, gc)) in itertools.product(
                 (float("inf"), float("nan"), 3e38), cases):
             x = torch.rand(*shape, generator=gen) - 0.5
-            w = torch.rand(8, 4, 3, 3, generator=gen) - 0.5
+            w = torch.rand(k, shape[1], 3, 3, generator=gen) - 0.5
             x[0, 1, xr, xc] = bad
             if bad == 3e38:
                 x[0, 1, xr, xc + 1] = bad
@@ -1527,6 +1531,6 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
                 assert torch.equal(torch.isnan(got), torch.isnan(ref)), bad
                 assert torch.equal(torch.isinf(got), torch.isinf(ref)), bad
                 fin = torch.isfinite(ref)
-                assert_close(got[fin], ref[fin], reduction=36)
+                assert_close(got[fin], ref[fin], reduction=9 * shape[1])
     finally:
         fastdl.ops.set_conv_algorithm(before)

@@ -15,7 +15,8 @@
 // with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too. The
 // weight gradient is the adjoint: dM = A dy A^T per 2x2 tile of gy, dU[e] = sum dM[e] V[e]^T
 // (GEMMs into per-thread partials, summed in a fixed order), dW = G^T dU G.
-// Work split: one task per (group, chunk of tile rows) with per-thread buffers of bounded size.
+// Work split: one task per (group, chunk of tile rows, or column segment of a very wide tile row)
+// with per-thread buffers of bounded size.
 // Measured (1 thread, thread CPU time, median of 7, 2-core Zen3 under load, ms, Winograd / GEMM):
 // vector transforms: 32x64x56x56 -> 64 p1 forward 65 / 132 (scalar transforms before: 469 /
 // 419 wall time); 64x32x26x26 -> 64 p0 forward 17 / 28. Transforms were ~70% of the time with
@@ -252,19 +253,29 @@ Plan make_plan(const Conv2dParams& p) {
   // channels allow (the engine packs U[e] once per GEMM).
   const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
   const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
+  const int64_t nt = get_num_threads();
   w.segs = 1;
   w.tcw = w.tw;
   if (w.tw > 2 * want) {  // equal segments of whole 8-tile groups, each at most `want` tiles
     const int64_t most = std::max<int64_t>(8, want / 8 * 8);
-    w.segs = (w.tw + most - 1) / most;
-    w.tcw = ((w.tw + w.segs - 1) / w.segs + 7) / 8 * 8;
-    w.segs = (w.tw + w.tcw - 1) / w.tcw;
+    auto cut = [&](int64_t s) {
+      w.tcw = ((w.tw + s - 1) / s + 7) / 8 * 8;
+      w.segs = (w.tw + w.tcw - 1) / w.tcw;
+    };
+    const int64_t s0 = (w.tw + most - 1) / most;
+    cut(s0);
+    // Few tasks (one or two wide rows): a segment count the threads divide, as for row chunks.
+    if (nt > 1 && G * w.rows * w.segs < 8 * nt)
+      for (int64_t s = s0; s < s0 + nt && w.tw / s >= 8; ++s) {
+        cut(s);
+        if ((G * w.rows * w.segs) % nt == 0) break;
+        cut(s0);
+      }
   }
   w.rbw = 16 * ((w.tcw + 7) / 8) + 2;
   w.nr = w.segs > 1 ? 1 : std::min(w.rows, std::max<int64_t>(1, (want - 7) / w.tw));
   int64_t c = (w.rows + w.nr - 1) / w.nr;
   // Few tasks: as many per thread (parallel_for splits them into equal contiguous runs).
-  const int64_t nt = get_num_threads();
   if (nt > 1 && G * c < 8 * nt)
     while ((G * c) % nt && c < w.rows) ++c;
   // Equal chunks: 32 tile rows at 30 per chunk would run as 30 + 2, one thread nearly idle
@@ -350,7 +361,8 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
 // summed in task order: the same result every run at a given thread count), dW = G^T dU G.
 
 // dM[e][tj] at dm + e * es, tiles tj < tw, from gy rows gb[0], gb[1] (zero-padded; tile tj reads
-// columns 2*tj, 2*tj + 1). The AVX2 float path writes whole groups of 8 tiles.
+// columns 2*tj, 2*tj + 1). Scalar only: the float32 weight gradient never runs on Winograd
+// (conv.cpp), and float64 has no 8-tile vector path.
 template <class T>
 void grad_row(const T* const gb[2], int64_t tw, T* dm, int64_t es) {
   for (int64_t tj = 0; tj < tw; ++tj) {
@@ -371,30 +383,6 @@ void grad_row(const T* const gb[2], int64_t tw, T* dm, int64_t es) {
   }
 }
 
-#if defined(FASTDL_WINO_AVX2)
-template <>
-void grad_row<float>(const float* const gb[2], int64_t tw, float* dm, int64_t es) {
-  const __m256 zero = _mm256_setzero_ps();
-  for (int64_t tj = 0; tj < tw; tj += 8) {
-    __m256 d[2][2];
-    deinterleave(gb[0] + 2 * tj, d[0][0], d[0][1]);
-    deinterleave(gb[1] + 2 * tj, d[1][0], d[1][1]);
-    __m256 r[4][2];
-    for (int b = 0; b < 2; ++b) {
-      r[0][b] = d[0][b];
-      r[1][b] = _mm256_add_ps(d[0][b], d[1][b]);
-      r[2][b] = _mm256_sub_ps(d[0][b], d[1][b]);
-      r[3][b] = _mm256_sub_ps(zero, d[1][b]);
-    }
-    for (int i = 0; i < 4; ++i) {
-      _mm256_storeu_ps(dm + (i * 4 + 0) * es + tj, r[i][0]);
-      _mm256_storeu_ps(dm + (i * 4 + 1) * es + tj, _mm256_add_ps(r[i][0], r[i][1]));
-      _mm256_storeu_ps(dm + (i * 4 + 2) * es + tj, _mm256_sub_ps(r[i][0], r[i][1]));
-      _mm256_storeu_ps(dm + (i * 4 + 3) * es + tj, _mm256_sub_ps(zero, r[i][1]));
-    }
-  }
-}
-#endif
 
 // dW (K, cg, 3, 3) from dU (16 x K*cg, e-major): dg = G^T dU G, G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
 template <class T>
