@@ -1036,37 +1036,28 @@ def test_unsupported_dtypes_and_messages():
         fnn.Conv2d(4, 6, 3, padding="same", stride=2)
 
 
+# Peak RSS a forced Winograd forward adds over the GEMM path's, per case: (x shape, w shape,
+# why). VmHWM (this process image's peak), not ru_maxrss, which keeps the parent's peak over exec.
+WINOGRAD_WORKSPACE_CASES = [
+    # One input channel, 64 outputs: the per-thread buffers are sized from max(in, out channels
+    # per group), so the forward adds no more than a few MB (before: a 64 MB M buffer, kept for
+    # the thread's life).
+    ((1, 1, 256, 256), (64, 1, 3, 3)),
+    # A tile row wider than twice the chunk budget is cut into column segments (review r2b-4):
+    # before, one 40000-tile row of 8 channels took 20 MB for V and 20 MB for M per thread.
+    ((1, 8, 3, 80000), (8, 8, 3, 3)),
+]
+
+
 @pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
                     reason="AddressSanitizer's allocator keeps freed memory in quarantine and adds "
                            "redzones, so peak RSS does not measure the kernel's workspace there")
-def test_winograd_workspace_bounded_by_output_channels():
-    # One input channel, 64 outputs: the per-thread Winograd buffers are sized from
-    # max(in, out channels per group), so the forward adds no more than a few MB over the GEMM
-    # path's peak (before: a 64 MB M buffer, kept for the thread's life).
-    # VmHWM (this process image's peak), not ru_maxrss, which keeps the parent's peak over exec.
+@pytest.mark.parametrize("x_shape,w_shape", WINOGRAD_WORKSPACE_CASES)
+def test_winograd_workspace_bounded(x_shape, w_shape):
     code = ("import numpy as np, fastdl; from fastdl.ops import conv;"
             "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]);"
             "fastdl.set_num_threads(1);"
-            "x = np.ones((1, 1, 256, 256), np.float32); w = np.ones((64, 1, 3, 3), np.float32);"
-            "conv.set_conv_algorithm('gemm'); conv.conv2d(x, w, padding=1);"
-            "a = hwm();"
-            "conv.set_conv_algorithm('winograd');"
-            "assert conv.conv2d_algorithm(x, w, padding=1) == 'winograd';"
-            "conv.conv2d(x, w, padding=1);"
-            "print(hwm() - a)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
-    assert int(out) < 16 * 1024, f"winograd forward grew peak RSS by {int(out)} kB"
-
-
-def test_winograd_workspace_bounded_on_wide_images():
-    # A tile row wider than twice the chunk budget is cut into column segments (review r2b-4):
-    # before, one 40000-tile row of 8 channels took 20 MB for V and 20 MB for M per thread.
-    code = ("import numpy as np, fastdl; from fastdl.ops import conv;"
-            "hwm = lambda: int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]);"
-            "fastdl.set_num_threads(1);"
-            "x = np.ones((1, 8, 3, 80000), np.float32); w = np.ones((8, 8, 3, 3), np.float32);"
+            f"x = np.ones({x_shape}, np.float32); w = np.ones({w_shape}, np.float32);"
             "conv.set_conv_algorithm('gemm'); conv.conv2d(x, w, padding=1);"
             "a = hwm();"
             "conv.set_conv_algorithm('winograd');"
