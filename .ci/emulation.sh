@@ -53,14 +53,16 @@ if [[ $asan == 1 ]]; then
   # over kernels the sweeps run; 75 s), the second chunk of the emulated CUDA conv sweep (50 s),
   # rnn's dropout statistics on CUDA (38 s), the poisoned-output checks on CUDA (whole-output
   # writes, which the emulation pass checks; 56 s) and three of five large-hidden CUDA modes
-  # (LSTM_PROJ and GRU stay; 45 s). (The two sweep chunks' ids changed to [default-ALGO-cuda-1]
-  # when the device became the sweep's third parameter; the old ids matched nothing, and the
-  # chunks ran, 50 s, until 2026-12-02.) test_bench's tiny --report run (73 s under ASan) runs
-  # every suite's kernels through the harness; the kernel tests run them under ASan, and
+  # (LSTM_PROJ and GRU stay; 45 s). test_bench's tiny --report run (73 s under ASan) runs every
+  # suite's kernels through the harness; the kernel tests run them under ASan, and
   # test_stream_kernels_measure the stream-bandwidth kernel.
+  # The ids are pytest 9.2's (what .ci/run installs): the order of a parametrized test's fixture
+  # parameters in its id differs between pytest versions (9.0.3 names the first sweep chunk below
+  # [default-direct-cuda-1]), and a --deselect that matches nothing is silently ignored; the
+  # check below says so in the log.
   for t in test_conv.py::test_gradcheck test_conv.py::test_gradgradcheck \
-           "test_conv.py::test_conv2d_sweep[default-direct-cuda-1]" \
-           "test_conv.py::test_conv2d_sweep[default-gemm-cuda-1]" \
+           "test_conv.py::test_conv2d_sweep[cuda-default-direct-1]" \
+           "test_conv.py::test_conv2d_sweep[cuda-default-gemm-1]" \
            "test_bench.py::test_report_from_a_tiny_run" \
            "test_rnn.py::test_dropout_statistics[cuda]" "test_rnn.py::test_poisoned_outputs[cuda-" \
            "test_rnn.py::test_cuda_large_hidden[LSTM]" "test_rnn.py::test_cuda_large_hidden[RNN_" ; do
@@ -72,18 +74,19 @@ cmake --build "$work/build" >/dev/null
 cp -r python/fastdl "$work/pkg/" && rm -f "$work"/pkg/fastdl/_C*.so && cp "$work"/build/_C*.so "$work/pkg/fastdl/"
 env "${env[@]}" PYTHONPATH="$work/pkg" python -c \
   "import fastdl, sys; i = fastdl.build_info(); print('build_info:', i); sys.exit(0 if i['cuda_emulation'] else 'not an emulation build')"
-# A --deselect that matches no test id deselects nothing, silently: fail on one instead.
-deselected=()
-for ((i = 0; i < ${#extra[@]}; i++)); do
-  [[ "${extra[i]}" == --deselect ]] && deselected+=("${extra[i + 1]}")
+# A --deselect that matches no test id deselects nothing, silently: say so loudly (a warning, not
+# a failure: a pytest release that renames ids must not block CI; the pass then runs those tests).
+# The ids are collected with the run's own --ignore list and the venv's pytest.
+deselected=() collect=()
+for ((i = 0; i < ${#extra[@]}; i += 2)); do
+  if [[ "${extra[i]}" == --deselect ]]; then deselected+=("${extra[i + 1]}")
+  else collect+=("${extra[i]}" "${extra[i + 1]}"); fi
 done
 if ((${#deselected[@]})); then
-  files=$(printf '%s\n' "${deselected[@]}" | sed 's/::.*//' | sort -u)
-  # shellcheck disable=SC2086  # one path per word
   ids=$(env "${env[@]}" PYTHONPATH="$work/pkg" python -m pytest --collect-only -q -p no:cacheprovider \
-        $files) || { printf '%s\n' "$ids" >&2; echo "collecting the deselected tests' files failed" >&2; exit 1; }
+        tests "${collect[@]}" 2>&1) || { printf '%s\n' "$ids" >&2; echo "collecting the tests failed" >&2; exit 1; }
   for t in "${deselected[@]}"; do   # pytest's rule: a node id prefix
-    [[ $'\n'$ids == *$'\n'"$t"* ]] || { echo "stale --deselect (matches no test): $t" >&2; exit 1; }
+    [[ $'\n'$ids == *$'\n'"$t"* ]] || echo "WARNING: stale --deselect (matches no test id; it runs): $t" >&2
   done
 fi
 env "${env[@]}" PYTHONPATH="$work/pkg" python -m pytest -q -p no:cacheprovider tests "${extra[@]}" "$@"
