@@ -921,7 +921,10 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   if (a.dw_hh)
     mm<T>(true, false, GH, R, N, dgh, GH, ws + L.hprev, R, static_cast<T*>(a.dw_hh), R, 0.0);
   if (a.db_ih) column_sums(dgx, N, GH, static_cast<T*>(a.db_ih));
-  if (a.db_hh) column_sums(dgh, N, GH, static_cast<T*>(a.db_hh));
+  if (a.db_hh) {  // but GRU's, the same gate gradients as db_ih's: sum them once
+    if (a.db_ih && dgh == dgx) std::memcpy(a.db_hh, a.db_ih, sizeof(T) * GH);
+    else column_sums(dgh, N, GH, static_cast<T*>(a.db_hh));
+  }
   if (a.dw_hr && proj)
     mm<T>(true, false, R, H, N, dht, R, ws + L.hpre, H, static_cast<T*>(a.dw_hr), H, 0.0);
 }
