@@ -221,7 +221,7 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
 // images (global row r = n * th + ti) of one group, so a chunk may span several small images.
 // A tile row more than twice the budget wide is cut into `segs` column segments of at most tcw
 // tiles (whole groups of 8), one segment per chunk (nr = 1), so the buffers stay bounded however
-// wide the image (review r2b-4: a 3 x 40000 map with 64 channels took 2 x 82 MB per thread).
+// wide the image (review r2b-4: V and M had grown with the image's width).
 // V[e] (cg x ldq) and M[e] (kg x ldq), ldq >= tiles + 7 (the 8-tile groups' overrun), e-th
 // matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
 struct Plan {
@@ -382,7 +382,6 @@ void grad_row(const T* const gb[2], int64_t tw, T* dm, int64_t es) {
     }
   }
 }
-
 
 // dW (K, cg, 3, 3) from dU (16 x K*cg, e-major): dg = G^T dU G, G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
 template <class T>
