@@ -1,9 +1,10 @@
 // The library's one thread-count setting and the parallel loop every CPU kernel uses.
 // OpenMP regions are opened with an explicit num_threads(...) clause, so fastdl.set_num_threads never
 // changes the OpenMP default that torch (which shares libgomp in the same process) relies on.
-// parallel_for is the only place a kernel opens a region (tests/test_parallel.py checks the
-// sources), so its catch-and-rethrow covers every kernel: an exception escaping an OpenMP region
-// (a std::bad_alloc from a thread's scratch, say) would otherwise call std::terminate.
+// parallel_team (under parallel_for) is the only place a kernel opens a region
+// (tests/test_parallel.py checks the sources), so its catch-and-rethrow covers every kernel: an
+// exception escaping an OpenMP region (a std::bad_alloc from a thread's scratch, say) would
+// otherwise call std::terminate.
 #pragma once
 #include <cstdint>
 #include <algorithm>
@@ -26,31 +27,24 @@ bool region_needs_fresh_thread();  // this thread forked this process after usin
 void run_on_fresh_thread(const std::function<void()>& region);  // rethrows what region throws
 }  // namespace detail
 
-// Calls f(begin, end) on disjoint chunks covering [0, n). Runs inline when n <= grain or only one
-// thread is allowed, so tiny calls pay no thread wake-up. Chunks are contiguous and equal-sized.
-// If f throws on any thread, the other threads finish their chunks and the first exception is
-// rethrown here, on the calling thread, after the region.
+// Calls f(tid, nthr) once on every thread of a team of at most max_threads (nthr: the team
+// OpenMP gave, which may be smaller), so f may split its work by tid and synchronise with
+// team_barrier(). Runs f(0, 1) inline when max_threads <= 1 or inside another region. If f
+// throws on any thread, the first exception is rethrown here after the region; f must not throw
+// between two team_barrier() calls (a thread that leaves early would stall the others there).
 template <class F>
-void parallel_for(int64_t n, int64_t grain, const F& f) {
-  if (n <= 0) return;
-  int nt = get_num_threads();
-  int64_t max_by_grain = grain > 0 ? (n + grain - 1) / grain : n;
-  int64_t t = std::min<int64_t>(nt, max_by_grain);
+void parallel_team(int64_t max_threads, const F& f) {
+  const int64_t t = std::min<int64_t>(max_threads, get_num_threads());
   if (t <= 1 || omp_in_parallel()) {
-    f(int64_t(0), n);
+    f(int64_t(0), int64_t(1));
     return;
   }
   auto region = [&] {
     std::exception_ptr error;
 #pragma omp parallel num_threads(static_cast<int>(t))
     {
-      int64_t tid = omp_get_thread_num();
-      int64_t nthr = omp_get_num_threads();
-      int64_t chunk = (n + nthr - 1) / nthr;
-      int64_t b = tid * chunk;
-      int64_t e = std::min<int64_t>(n, b + chunk);
       try {
-        if (b < e) f(b, e);
+        f(int64_t(omp_get_thread_num()), int64_t(omp_get_num_threads()));
       } catch (...) {
 #pragma omp critical(fastdl_parallel_for_error)
         if (!error) error = std::current_exception();
@@ -60,6 +54,26 @@ void parallel_for(int64_t n, int64_t grain, const F& f) {
   };
   if (detail::region_needs_fresh_thread()) detail::run_on_fresh_thread(region);
   else region();
+}
+
+// Waits for every thread of the enclosing parallel_team (a no-op in a team of one).
+inline void team_barrier() {
+#pragma omp barrier
+}
+
+// Calls f(begin, end) on disjoint chunks covering [0, n). Runs inline when n <= grain or only one
+// thread is allowed, so tiny calls pay no thread wake-up. Chunks are contiguous and equal-sized.
+// If f throws on any thread, the other threads finish their chunks and the first exception is
+// rethrown here, on the calling thread, after the region.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  const int64_t max_by_grain = grain > 0 ? (n + grain - 1) / grain : n;
+  parallel_team(std::min<int64_t>(get_num_threads(), max_by_grain), [&](int64_t tid, int64_t nthr) {
+    const int64_t chunk = (n + nthr - 1) / nthr;
+    const int64_t b = tid * chunk, e = std::min<int64_t>(n, b + chunk);
+    if (b < e) f(b, e);
+  });
 }
 
 }  // namespace fastdl

@@ -28,4 +28,20 @@ inline void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
+// Prefetches the 64-byte lines of [p, p + bytes) toward L2, for reading or (write) for ownership.
+// Inline asm on x86-64: GCC 12 deletes a loop whose only statements are __builtin_prefetch calls
+// (at -O3 as at -O2, found when such a loop had no effect on the RNN backward).
+inline void prefetch_lines(const void* p, int64_t bytes, bool write) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) {
+#if defined(__x86_64__)
+    if (write) asm volatile("prefetchw %0" : : "m"(c[o]));
+    else asm volatile("prefetcht1 %0" : : "m"(c[o]));
+#else
+    if (write) __builtin_prefetch(c + o, 1, 2);
+    else __builtin_prefetch(c + o, 0, 2);
+#endif
+  }
+}
+
 }  // namespace fastdl

@@ -36,6 +36,7 @@
 
 #include "../cpu_features.h"
 #include "../gemm.h"
+#include "memory.h"
 #include "../parallel.h"
 #include "../rnn.h"
 #include "../rnn_math.h"
@@ -667,69 +668,99 @@ void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
 // register tile of up to 6 rows (the GEMM's 6x16 tile). Each strip is walked in blocks of
 // kDhRows of its GH rows (16 KB of a packed float32 strip) so a block stays in L1 while every
 // row group of the step reuses it.
+#if defined(FASTDL_RNN_AVX2)
+// d (MB x 16, row stride R; += when add) = rows [n0, n1) of the strip (row_step apart) times the
+// dg columns n0..n1 of MB rows (GH apart).
+template <int MB>
+inline void dh_tile_f32(const float* dg, int64_t GH, const float* strip, int64_t row_step,
+                        int64_t n0, int64_t n1, float* d, int64_t R, bool add) {
+  __m256 acc[MB][2];
+  for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* wn = strip + n * row_step;
+    const __m256 w0 = _mm256_loadu_ps(wn), w1 = _mm256_loadu_ps(wn + 8);
+    for (int i = 0; i < MB; ++i) {
+      const __m256 g = _mm256_broadcast_ss(dg + i * GH + n);
+      acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(g, w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* di = d + i * R;
+    if (add) {
+      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(di));
+      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(di + 8));
+    }
+    _mm256_storeu_ps(di, acc[i][0]);
+    _mm256_storeu_ps(di + 8, acc[i][1]);
+  }
+}
+#endif
+
+// Column chunks [lo, hi) (kDhCols columns each) of the product (dh_product: over the threads).
 template <class T>
-void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, DhLayout L, T* dh,
-                bool accumulate) {
+void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R, const T* dg,
+                       const T* w, DhLayout L, T* dh, bool accumulate) {
   constexpr int64_t KB = kDhCols;
   constexpr int64_t kDhRows = 256;
   constexpr int MB = 6;
-  const int64_t chunks = (R + KB - 1) / KB;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, 2 * bs * GH * KB));
-  parallel_for(chunks, grain, [&](int64_t lo, int64_t hi) {
-    for (int64_t kc = lo; kc < hi; ++kc) {
-      const int64_t k0 = kc * KB, kw = std::min(KB, R - k0);
-      const T* strip = w + kc * L.strip_step;
-      for (int64_t n0 = 0; n0 < GH; n0 += kDhRows) {
-        const int64_t n1 = std::min(GH, n0 + kDhRows);
-        const bool add = accumulate || n0 > 0;  // later row blocks add to the earlier ones
-        for (int64_t b0 = 0; b0 < bs; b0 += MB) {
-          const int64_t mb = std::min<int64_t>(MB, bs - b0);
+  for (int64_t kc = lo; kc < hi; ++kc) {
+    const int64_t k0 = kc * KB, kw = std::min(KB, R - k0);
+    const T* strip = w + kc * L.strip_step;
+    for (int64_t n0 = 0; n0 < GH; n0 += kDhRows) {
+      const int64_t n1 = std::min(GH, n0 + kDhRows);
+      const bool add = accumulate || n0 > 0;  // later row blocks add to the earlier ones
+      for (int64_t b0 = 0; b0 < bs; b0 += MB) {
+        const int64_t mb = std::min<int64_t>(MB, bs - b0);
 #if defined(FASTDL_RNN_AVX2)
-          if constexpr (std::is_same<T, float>::value) {
-            if (kw == KB) {
-              __m256 acc[MB][2];
-              for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-              const float* rows[MB];
-              for (int i = 0; i < MB; ++i) rows[i] = dg + (b0 + std::min<int64_t>(i, mb - 1)) * GH;
-              for (int64_t n = n0; n < n1; ++n) {
-                const float* wn = strip + n * L.row_step;
-                const __m256 w0 = _mm256_loadu_ps(wn), w1 = _mm256_loadu_ps(wn + 8);
-                for (int i = 0; i < MB; ++i) {
-                  const __m256 g = _mm256_broadcast_ss(rows[i] + n);
-                  acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
-                  acc[i][1] = _mm256_fmadd_ps(g, w1, acc[i][1]);
-                }
-              }
-              // constant bounds (unrolled): a runtime index would keep acc in memory, not registers
-              for (int i = 0; i < MB; ++i) {
-                if (i >= mb) break;
-                float* d = dh + (b0 + i) * R + k0;
-                if (add) {
-                  acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(d));
-                  acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(d + 8));
-                }
-                _mm256_storeu_ps(d, acc[i][0]);
-                _mm256_storeu_ps(d + 8, acc[i][1]);
-              }
-              continue;
+        if constexpr (std::is_same<T, float>::value) {
+          if (kw == KB) {  // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work)
+            const float* g = dg + b0 * GH;
+            float* d = dh + b0 * R + k0;
+            switch (mb) {
+              case 6: dh_tile_f32<6>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
+              case 5: dh_tile_f32<5>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
+              case 4: dh_tile_f32<4>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
+              case 3: dh_tile_f32<3>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
+              case 2: dh_tile_f32<2>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
+              default: dh_tile_f32<1>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
             }
+            continue;
           }
+        }
 #endif
-          T acc[MB][KB] = {};
-          for (int64_t n = n0; n < n1; ++n) {
-            const T* wn = strip + n * L.row_step;
-            for (int64_t i = 0; i < mb; ++i) {
-              const T g = dg[(b0 + i) * GH + n];
-              for (int64_t k = 0; k < kw; ++k) acc[i][k] += g * wn[k];
-            }
-          }
+        T acc[MB][KB] = {};
+        for (int64_t n = n0; n < n1; ++n) {
+          const T* wn = strip + n * L.row_step;
           for (int64_t i = 0; i < mb; ++i) {
-            T* d = dh + (b0 + i) * R + k0;
-            for (int64_t k = 0; k < kw; ++k) d[k] = add ? d[k] + acc[i][k] : acc[i][k];
+            const T g = dg[(b0 + i) * GH + n];
+            for (int64_t k = 0; k < kw; ++k) acc[i][k] += g * wn[k];
           }
+        }
+        for (int64_t i = 0; i < mb; ++i) {
+          T* d = dh + (b0 + i) * R + k0;
+          for (int64_t k = 0; k < kw; ++k) d[k] = add ? d[k] + acc[i][k] : acc[i][k];
         }
       }
     }
+  }
+}
+
+// Threads for a product of bs rows: one per ~64K flops of column chunks.
+inline int64_t dh_threads(int64_t bs, int64_t GH, int64_t R) {
+  const int64_t chunks = (R + kDhCols - 1) / kDhCols;
+  const int64_t flops = std::max<int64_t>(1, 2 * bs * GH * kDhCols);  // per chunk
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / flops);
+  return std::min<int64_t>(get_num_threads(), (chunks + grain - 1) / grain);
+}
+
+template <class T>
+void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, DhLayout L, T* dh,
+                bool accumulate) {
+  const int64_t chunks = (R + kDhCols - 1) / kDhCols;
+  const int64_t t = dh_threads(bs, GH, R);
+  parallel_for(chunks, (chunks + t - 1) / t, [&](int64_t lo, int64_t hi) {
+    dh_product_chunks(lo, hi, bs, GH, R, dg, w, L, dh, accumulate);
   });
 }
 
@@ -850,6 +881,32 @@ void elman_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int
     g[j] = rnn_unit_backward(ar[j], dhi[j] + (dy ? dy[j] : T(0)), relu);
 }
 
+// Prefetches what the gate pass of rows [b0, b1), units [u0, u1) reads (the activations' gate
+// segments, LSTM's cell states, GRU's h_prev, dy) and writes (the gate gradients). Those rows were
+// last touched by the forward or an earlier call, and the pass reads each in 4-line pieces 2 KB
+// apart, which the hardware prefetcher does not run ahead of: the pass stalled on its first loads.
+template <class T>
+void prefetch_back_rows(const BackIo<T>& io, int64_t H, RnnMode mode, int64_t b0, int64_t b1,
+                        int64_t u0, int64_t u1) {
+  const int64_t bytes = (u1 - u0) * int64_t(sizeof(T));
+  const int gates = mode == RnnMode::Lstm ? 4 : mode == RnnMode::Gru ? 3 : 1;
+  const int act_gates = mode == RnnMode::Lstm || mode == RnnMode::Gru ? 4 : 1;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int q = 0; q < act_gates; ++q)
+      prefetch_lines(io.act + b * io.act_cols + q * H + u0, bytes, false);
+    if (mode == RnnMode::Lstm) {
+      prefetch_lines(io.c_new + b * H + u0, bytes, false);
+      prefetch_lines(io.c_prev + b * H + u0, bytes, false);
+    }
+    if (mode == RnnMode::Gru) prefetch_lines(io.h_prev + b * H + u0, bytes, false);
+    if (io.dy) prefetch_lines(io.dy + b * H + u0, bytes, false);
+    for (int q = 0; q < gates; ++q) {
+      prefetch_lines(io.dgx + (b * gates + q) * H + u0, bytes, true);
+      if (mode == RnnMode::Gru) prefetch_lines(io.dgh + (b * gates + q) * H + u0, bytes, true);
+    }
+  }
+}
+
 template <class T>
 void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
@@ -891,27 +948,61 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     dh_layout = DhLayout{kDhCols, GH * kDhCols};
   }
 
-  for (int64_t s = 0; s < p.steps; ++s) {
-    const int64_t t = p.reverse ? s : p.steps - 1 - s;
-    const int64_t bs = p.rows_at(t), row0 = off[t];
-    const T* dyr = dy ? dy + row0 * R : nullptr;
-    if (proj) {  // dht = dh_state + dy; the units' gradient is dht @ W_hr
-      T* d = dht + row0 * R;
-      for (int64_t i = 0; i < bs * R; ++i) d[i] = dhs[i] + (dyr ? dyr[i] : T(0));
-      mm<T>(false, false, bs, H, R, d, R, w_hr, H, dhpre, H, 0.0);
-    }
-    BackIo<T> io{ws + L.act + row0 * L.act_cols, L.act_cols,
-                 lstm ? ws + L.c + row0 * H : nullptr, lstm ? ws + L.cprev + row0 * H : nullptr,
-                 ws + L.hprev + row0 * R, proj ? dhpre : dhs, proj ? H : R,
-                 proj ? nullptr : dyr, dgx + row0 * GH, dgh + row0 * GH, dcs, direct};
-    for_units(bs, H, [&](int64_t b, int64_t u0, int64_t u1) {
-      if (lstm) lstm_back_units(io, H, b, u0, u1);
-      else if (gru) gru_back_units(io, H, b, u0, u1);
-      else elman_back_units(io, H, b, u0, u1, relu);
+  auto step_io = [&](int64_t t) {
+    const int64_t row0 = off[t];
+    return BackIo<T>{ws + L.act + row0 * L.act_cols, L.act_cols,
+                     lstm ? ws + L.c + row0 * H : nullptr, lstm ? ws + L.cprev + row0 * H : nullptr,
+                     ws + L.hprev + row0 * R, proj ? dhpre : dhs, proj ? H : R,
+                     proj || !dy ? nullptr : dy + row0 * R, dgx + row0 * GH, dgh + row0 * GH, dcs,
+                     direct};
+  };
+  auto back_units = [&](const BackIo<T>& io, int64_t b, int64_t u0, int64_t u1) {
+    if (lstm) lstm_back_units(io, H, b, u0, u1);
+    else if (gru) gru_back_units(io, H, b, u0, u1);
+    else elman_back_units(io, H, b, u0, u1, relu);
+  };
+  if (!proj) {
+    // One team for the whole loop. Thread k owns the dh columns of its chunk range, which are
+    // also its units (R == H): its gate pass reads only those columns of dh, and its share of
+    // dh_prev = dg_h @ W_hh writes only them, so a step needs one barrier (all of dg_h written
+    // before the product reads it), not two regions, and the gate pass runs on every thread.
+    const int64_t chunks = (R + kDhCols - 1) / kDhCols;
+    parallel_team(dh_threads(B, GH, R), [&](int64_t tid, int64_t nthr) {
+      const int64_t c0 = chunks * tid / nthr, c1 = chunks * (tid + 1) / nthr;
+      const int64_t u0 = std::min(H, c0 * kDhCols), u1 = std::min(H, c1 * kDhCols);
+      for (int64_t s = 0; s < p.steps; ++s) {
+        const int64_t t = p.reverse ? s : p.steps - 1 - s;
+        const int64_t bs = p.rows_at(t);
+        const BackIo<T> io = step_io(t);
+        for (int64_t b = 0; b < bs; ++b) back_units(io, b, u0, u1);
+        if (gru)  // dh_prev starts from the direct term dh * z
+          for (int64_t b = 0; b < bs; ++b)
+            std::memcpy(dhs + b * R + u0, direct + b * R + u0, sizeof(T) * (u1 - u0));
+        team_barrier();
+        // The product, chunk by chunk, each preceded by prefetches of a slice of the next step's
+        // rows (all at once stalled the product behind them: 0.87-0.91x, A/B).
+        const int64_t tn = p.reverse ? s + 1 : p.steps - 2 - s;
+        const int64_t bn = s + 1 < p.steps ? p.rows_at(tn) : 0;
+        const BackIo<T> next = s + 1 < p.steps ? step_io(tn) : io;
+        for (int64_t kc = c0; kc < c1; ++kc) {
+          const int64_t k = kc - c0, K = c1 - c0;
+          prefetch_back_rows(next, H, p.mode, bn * k / K, bn * (k + 1) / K, u0, u1);
+          dh_product_chunks(kc, kc + 1, bs, GH, R, io.dgh, dh_w, dh_layout, dhs, gru);
+        }
+      }
     });
-    // dh_prev = dg_h @ W_hh (+ GRU's direct term)
-    if (gru) std::memcpy(dhs, direct, sizeof(T) * bs * R);
-    dh_product<T>(bs, GH, R, dgh + row0 * GH, dh_w, dh_layout, dhs, gru);
+  } else {  // LSTM with a projection
+    for (int64_t s = 0; s < p.steps; ++s) {
+      const int64_t t = p.reverse ? s : p.steps - 1 - s;
+      const int64_t bs = p.rows_at(t), row0 = off[t];
+      // dht = dh_state + dy; the units' gradient is dhpre = dht @ W_hr
+      T* d = dht + row0 * R;
+      for (int64_t i = 0; i < bs * R; ++i) d[i] = dhs[i] + (dy ? dy[row0 * R + i] : T(0));
+      mm<T>(false, false, bs, H, R, d, R, w_hr, H, dhpre, H, 0.0);
+      const BackIo<T> io = step_io(t);
+      for_units(bs, H, [&](int64_t b, int64_t u0, int64_t u1) { back_units(io, b, u0, u1); });
+      dh_product<T>(bs, GH, R, io.dgh, dh_w, dh_layout, dhs, false);  // dh_prev = dg_h @ W_hh
+    }
   }
 
   const T* x = static_cast<const T*>(a.x);
