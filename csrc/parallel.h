@@ -27,16 +27,29 @@ bool region_needs_fresh_thread();  // this thread forked this process after usin
 void run_on_fresh_thread(const std::function<void()>& region);  // rethrows what region throws
 }  // namespace detail
 
-// Calls f(tid, nthr) once on every thread of a team of at most max_threads (nthr: the team
-// OpenMP gave, which may be smaller), so f may split its work by tid and synchronise with
-// team_barrier(). Runs f(0, 1) inline when max_threads <= 1 or inside another region. If f
-// throws on any thread, the first exception is rethrown here after the region; f must not throw
-// between two team_barrier() calls (a thread that leaves early would stall the others there).
+// The threads running one parallel_team call. barrier() waits for all of them; in a team run
+// inline (one thread, or inside another OpenMP region) it returns at once: an OpenMP barrier
+// there would wait for the enclosing region's threads, which never arrive.
+struct Team {
+  int64_t tid, nthr;
+  bool in_region;
+  void barrier() const {
+    if (in_region) {
+#pragma omp barrier
+    }
+  }
+};
+
+// Calls f(team) once on every thread of a team of at most max_threads (team.nthr: the team
+// OpenMP gave, which may be smaller), so f may split its work by team.tid and synchronise with
+// team.barrier(). Runs f on a team of one, inline, when max_threads <= 1 or inside another
+// region. If f throws on any thread, the first exception is rethrown here after the region; f
+// must not throw while another thread can still reach a barrier (it would wait there forever).
 template <class F>
 void parallel_team(int64_t max_threads, const F& f) {
   const int64_t t = std::min<int64_t>(max_threads, get_num_threads());
   if (t <= 1 || omp_in_parallel()) {
-    f(int64_t(0), int64_t(1));
+    f(Team{0, 1, false});
     return;
   }
   auto region = [&] {
@@ -44,7 +57,7 @@ void parallel_team(int64_t max_threads, const F& f) {
 #pragma omp parallel num_threads(static_cast<int>(t))
     {
       try {
-        f(int64_t(omp_get_thread_num()), int64_t(omp_get_num_threads()));
+        f(Team{int64_t(omp_get_thread_num()), int64_t(omp_get_num_threads()), true});
       } catch (...) {
 #pragma omp critical(fastdl_parallel_for_error)
         if (!error) error = std::current_exception();
@@ -56,11 +69,6 @@ void parallel_team(int64_t max_threads, const F& f) {
   else region();
 }
 
-// Waits for every thread of the enclosing parallel_team (a no-op in a team of one).
-inline void team_barrier() {
-#pragma omp barrier
-}
-
 // Calls f(begin, end) on disjoint chunks covering [0, n). Runs inline when n <= grain or only one
 // thread is allowed, so tiny calls pay no thread wake-up. Chunks are contiguous and equal-sized.
 // If f throws on any thread, the other threads finish their chunks and the first exception is
@@ -69,9 +77,9 @@ template <class F>
 void parallel_for(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return;
   const int64_t max_by_grain = grain > 0 ? (n + grain - 1) / grain : n;
-  parallel_team(std::min<int64_t>(get_num_threads(), max_by_grain), [&](int64_t tid, int64_t nthr) {
-    const int64_t chunk = (n + nthr - 1) / nthr;
-    const int64_t b = tid * chunk, e = std::min<int64_t>(n, b + chunk);
+  parallel_team(max_by_grain, [&](const Team& team) {
+    const int64_t chunk = (n + team.nthr - 1) / team.nthr;
+    const int64_t b = team.tid * chunk, e = std::min<int64_t>(n, b + chunk);
     if (b < e) f(b, e);
   });
 }

@@ -302,16 +302,69 @@ def test_inference_fast_path_under_default_device(fast_path_calls):
     assert torch.equal(out[1], ref[1])
 
 
-@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_TANH"])
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_TANH", "LSTM_PROJ"])
 def test_gate_pass_split_mid_row(cpu_path, kind):
-    """Batch 39 x hidden 264 on 2 threads: the backward's gate-gradient pass (over rows x units,
-    8192 per chunk) splits mid-row at unit 132, so the AVX2 8-unit loops start off a multiple
-    of 8 and end in a scalar tail."""
+    """Batch 39 x hidden 264 on 2 threads. With a projection the backward's gate-gradient pass
+    (over rows x units, 8192 per chunk) splits mid-row at unit 132, so the AVX2 8-unit loops
+    start off a multiple of 8 and end in a scalar tail; without one, the step loop's thread team
+    splits the units at 128 (16-column dh chunks) and 264 ends in a scalar tail of 8."""
     before = fastdl.get_num_threads()
     fastdl.set_num_threads(2)
     try:
         run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False, bias=True), 3,
                  39, 4, 264, True, torch.float32)
+    finally:
+        fastdl.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_team_packed_threads(cpu_path, kind):
+    """The backward's step loop in a thread team (one barrier per step, each thread owning a
+    range of dh columns) on packed sequences, whose batch grows step by step going backward:
+    hidden 50 (4 chunks of 16 columns, the last partial) at 2 threads, against torch, and the
+    same gradients bitwise at 1, 2 and 3 threads (each element's sums do not depend on the split)."""
+    before = fastdl.get_num_threads()
+    try:
+        fastdl.set_num_threads(2)
+        check_packed("cpu", kind, True, [9, 3, 12, 1, 7, 12, 5, 2, 10, 4, 8, 6, 11], 6, 50,
+                     layers=1)
+        torch.manual_seed(3)
+        ours, _ = make_pair(kind, 6, 50, dtype=torch.float32, num_layers=1, bidirectional=True)
+        data = torch.randn(12, 5, 6)
+        lengths = torch.tensor([9, 3, 12, 1, 7])
+        grads = []
+        for threads in (1, 2, 3):
+            fastdl.set_num_threads(threads)
+            x = pack_padded_sequence(data, lengths, enforce_sorted=False)
+            xd = x.data.clone().requires_grad_()
+            out = ours(torch.nn.utils.rnn.PackedSequence(xd, x.batch_sizes, x.sorted_indices,
+                                                         x.unsorted_indices))
+            torch.manual_seed(4)
+            out[0].data.backward(torch.randn_like(out[0].data))
+            grads.append([xd.grad] + [p.grad.clone() for p in ours.parameters()])
+            ours.zero_grad()
+        for g in grads[1:]:
+            for a, b in zip(grads[0], g):
+                assert torch.equal(a, b), f"{kind}: gradients differ between thread counts"
+    finally:
+        fastdl.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_RELU"])
+def test_backward_small_hidden_large_batch(cpu_path, kind):
+    """Hidden 16 (one dh column chunk) at batch 1100 on 2 threads: the step loop's team would
+    have one thread while the gate pass alone can use two, so the backward takes the per-step
+    regions instead; against torch."""
+    before = fastdl.get_num_threads()
+    fastdl.set_num_threads(2)
+    try:
+        ours, theirs = make_pair(kind, 4, 16, dtype=torch.float32, num_layers=1)
+        x = rand(3, 1100, 4, dtype=torch.float32, requires_grad=True)
+        h0 = rand(1, 1100, 16, dtype=torch.float32, requires_grad=True)
+        hx = (h0, rand(1, 1100, 16, dtype=torch.float32, requires_grad=True)) \
+            if kind == "LSTM" else h0
+        # the weight and bias gradients sum over all 3 x 1100 rows
+        check_module(ours, theirs, x, hx, reduction=3 * 1100, what=f"{kind} H=16 B=1100")
     finally:
         fastdl.set_num_threads(before)
 

@@ -961,14 +961,18 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     else if (gru) gru_back_units(io, H, b, u0, u1);
     else elman_back_units(io, H, b, u0, u1, relu);
   };
-  if (!proj) {
-    // One team for the whole loop. Thread k owns the dh columns of its chunk range, which are
-    // also its units (R == H): its gate pass reads only those columns of dh, and its share of
-    // dh_prev = dg_h @ W_hh writes only them, so a step needs one barrier (all of dg_h written
-    // before the product reads it), not two regions, and the gate pass runs on every thread.
+  // One team for the whole loop, unless the dh columns (16 per chunk) would leave threads idle
+  // that a separate gate pass could use (small H, large batch) or there is a projection.
+  const int64_t team_threads = dh_threads(B, GH, R);
+  const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + 8191) / 8192);
+  if (!proj && team_threads >= gate_threads) {
+    // Thread k owns the dh columns of its chunk range, which are also its units (R == H): its
+    // gate pass reads only those columns of dh, and its share of dh_prev = dg_h @ W_hh writes
+    // only them, so a step needs one barrier (all of dg_h written before the product reads it),
+    // not two regions, and the gate pass runs on every thread. Nothing in the loop throws.
     const int64_t chunks = (R + kDhCols - 1) / kDhCols;
-    parallel_team(dh_threads(B, GH, R), [&](int64_t tid, int64_t nthr) {
-      const int64_t c0 = chunks * tid / nthr, c1 = chunks * (tid + 1) / nthr;
+    parallel_team(team_threads, [&](const Team& team) {
+      const int64_t c0 = chunks * team.tid / team.nthr, c1 = chunks * (team.tid + 1) / team.nthr;
       const int64_t u0 = std::min(H, c0 * kDhCols), u1 = std::min(H, c1 * kDhCols);
       for (int64_t s = 0; s < p.steps; ++s) {
         const int64_t t = p.reverse ? s : p.steps - 1 - s;
@@ -978,7 +982,7 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
         if (gru)  // dh_prev starts from the direct term dh * z
           for (int64_t b = 0; b < bs; ++b)
             std::memcpy(dhs + b * R + u0, direct + b * R + u0, sizeof(T) * (u1 - u0));
-        team_barrier();
+        team.barrier();
         // The product, chunk by chunk, each preceded by prefetches of a slice of the next step's
         // rows (all at once stalled the product behind them: 0.87-0.91x, A/B).
         const int64_t tn = p.reverse ? s + 1 : p.steps - 2 - s;
@@ -991,17 +995,20 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
         }
       }
     });
-  } else {  // LSTM with a projection
+  } else {  // per step: the gate pass, then the product, each split over the threads
     for (int64_t s = 0; s < p.steps; ++s) {
       const int64_t t = p.reverse ? s : p.steps - 1 - s;
       const int64_t bs = p.rows_at(t), row0 = off[t];
-      // dht = dh_state + dy; the units' gradient is dhpre = dht @ W_hr
-      T* d = dht + row0 * R;
-      for (int64_t i = 0; i < bs * R; ++i) d[i] = dhs[i] + (dy ? dy[row0 * R + i] : T(0));
-      mm<T>(false, false, bs, H, R, d, R, w_hr, H, dhpre, H, 0.0);
+      if (proj) {  // (LSTM) dht = dh_state + dy; the units' gradient is dhpre = dht @ W_hr
+        T* d = dht + row0 * R;
+        for (int64_t i = 0; i < bs * R; ++i) d[i] = dhs[i] + (dy ? dy[row0 * R + i] : T(0));
+        mm<T>(false, false, bs, H, R, d, R, w_hr, H, dhpre, H, 0.0);
+      }
       const BackIo<T> io = step_io(t);
       for_units(bs, H, [&](int64_t b, int64_t u0, int64_t u1) { back_units(io, b, u0, u1); });
-      dh_product<T>(bs, GH, R, io.dgh, dh_w, dh_layout, dhs, false);  // dh_prev = dg_h @ W_hh
+      // dh_prev = dg_h @ W_hh (+ GRU's direct term)
+      if (gru) std::memcpy(dhs, direct, sizeof(T) * bs * R);
+      dh_product<T>(bs, GH, R, io.dgh, dh_w, dh_layout, dhs, gru);
     }
   }
 
