@@ -65,11 +65,13 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t l
   gemm(gemm_params<T>(ta, tb, m, n, k, lda, ldb, ldc, beta), a, b, c);
 }
 
-// Pairs (row, unit) of a rows x units block, in chunks for the threads; f(row, u0, u1).
+// Pairs (row, unit) of a rows x units block, in chunks of at least kUnitsGrain for the threads;
+// f(row, u0, u1).
+constexpr int64_t kUnitsGrain = 8192;
 template <class F>
 void for_units(int64_t rows, int64_t units, const F& f) {
   const int64_t n = rows * units;
-  parallel_for(n, 8192, [&](int64_t lo, int64_t hi) {
+  parallel_for(n, kUnitsGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo / units; b * units < hi; ++b) {
       const int64_t u0 = std::max(lo - b * units, int64_t(0));
       const int64_t u1 = std::min(hi - b * units, units);
@@ -964,7 +966,7 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   // One team for the whole loop, unless the dh columns (16 per chunk) would leave threads idle
   // that a separate gate pass could use (small H, large batch) or there is a projection.
   const int64_t team_threads = dh_threads(B, GH, R);
-  const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + 8191) / 8192);
+  const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + kUnitsGrain - 1) / kUnitsGrain);
   if (!proj && team_threads >= gate_threads) {
     // Thread k owns the dh columns of its chunk range, which are also its units (R == H): its
     // gate pass reads only those columns of dh, and its share of dh_prev = dg_h @ W_hh writes
@@ -984,7 +986,7 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
             std::memcpy(dhs + b * R + u0, direct + b * R + u0, sizeof(T) * (u1 - u0));
         team.barrier();
         // The product, chunk by chunk, each preceded by prefetches of a slice of the next step's
-        // rows (all at once stalled the product behind them: 0.87-0.91x, A/B).
+        // rows (all at once stalled the product behind them: benchmarks/RESULTS.md).
         const int64_t tn = p.reverse ? s + 1 : p.steps - 2 - s;
         const int64_t bn = s + 1 < p.steps ? p.rows_at(tn) : 0;
         const BackIo<T> next = s + 1 < p.steps ? step_io(tn) : io;
