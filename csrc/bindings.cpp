@@ -304,6 +304,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("version", []() { return std::string(FASTDL_VERSION); });
   m.def("cpu_capability", []() { return std::string(cpu_capability_name()); });
   m.def("cpu_supports_avx2", &cpu_supports_avx2);
+  m.def("cpu_supports_avx512", &cpu_supports_avx512);
   m.def("set_cpu_capability", [](const std::string& s) { set_cpu_capability(s.c_str()); });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);

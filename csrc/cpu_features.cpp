@@ -9,10 +9,21 @@
 namespace fastdl {
 
 bool cpu_supports_avx2() {
-#if FASTDL_HAVE_AVX2_BUILD && (defined(__x86_64__) || defined(__i386__))
+#if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_supports_avx512() {
+#if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
+  // libgcc's check includes the OS having enabled the opmask and zmm state (XCR0).
+  return cpu_supports_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq");
 #else
   return false;
 #endif
@@ -27,7 +38,13 @@ static CpuCapability parse(const char* name) {
                  "FASTDL_CPU_CAPABILITY=avx2, but this CPU or this build has no AVX2+FMA path");
     return CpuCapability::AVX2;
   }
-  FASTDL_CHECK(false, "FASTDL_CPU_CAPABILITY: expected 'default' or 'avx2', got '", name, "'");
+  if (std::strcmp(name, "avx512") == 0) {
+    FASTDL_CHECK(cpu_supports_avx512(),
+                 "FASTDL_CPU_CAPABILITY=avx512, but this CPU or this build has no AVX-512 path");
+    return CpuCapability::AVX512;
+  }
+  FASTDL_CHECK(false, "FASTDL_CPU_CAPABILITY: expected 'default', 'avx2' or 'avx512', got '",
+               name, "'");
   return CpuCapability::Default;
 }
 
@@ -35,8 +52,10 @@ CpuCapability cpu_capability() {
   int c = g_capability.load(std::memory_order_relaxed);
   if (c < 0) {
     const char* env = std::getenv("FASTDL_CPU_CAPABILITY");
-    CpuCapability chosen = (env && *env) ? parse(env)
-                           : (cpu_supports_avx2() ? CpuCapability::AVX2 : CpuCapability::Default);
+    CpuCapability chosen = (env && *env)              ? parse(env)
+                           : cpu_supports_avx512()    ? CpuCapability::AVX512
+                           : cpu_supports_avx2()      ? CpuCapability::AVX2
+                                                      : CpuCapability::Default;
     c = static_cast<int>(chosen);
     g_capability.store(c, std::memory_order_relaxed);
   }
@@ -44,7 +63,11 @@ CpuCapability cpu_capability() {
 }
 
 const char* cpu_capability_name() {
-  return cpu_capability() == CpuCapability::AVX2 ? "avx2" : "default";
+  switch (cpu_capability()) {
+    case CpuCapability::AVX512: return "avx512";
+    case CpuCapability::AVX2: return "avx2";
+    default: return "default";
+  }
 }
 
 void set_cpu_capability(const char* name) {

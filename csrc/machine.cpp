@@ -72,15 +72,14 @@ double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_byt
   // At least ~64 MB of counted traffic per timed region, so thread wake-up is noise.
   const double pass_bytes = bytes_per_elem * static_cast<double>(n);
   const int64_t passes = std::max<int64_t>(1, static_cast<int64_t>((64 << 20) / pass_bytes));
-  const bool avx2 = cpu_capability() == CpuCapability::AVX2;
+  const CpuCapability isa = cpu_capability();
   auto run = [&](int64_t lo, int64_t hi, int64_t p) -> float {
-#if FASTDL_HAVE_AVX2_BUILD
-    return avx2 ? isa_avx2::stream_pass(k, a, b, c, lo, hi, p)
-                : isa_default::stream_pass(k, a, b, c, lo, hi, p);
-#else
-    (void)avx2;
-    return isa_default::stream_pass(k, a, b, c, lo, hi, p);
+#if FASTDL_HAVE_X86_BUILD
+    if (isa == CpuCapability::AVX512) return isa_avx512::stream_pass(k, a, b, c, lo, hi, p);
+    if (isa == CpuCapability::AVX2) return isa_avx2::stream_pass(k, a, b, c, lo, hi, p);
 #endif
+    (void)isa;
+    return isa_default::stream_pass(k, a, b, c, lo, hi, p);
   };
   // First touch by the thread that later streams each range (pages land near it).
 #pragma omp parallel num_threads(nt)
@@ -113,7 +112,7 @@ double measure_stream_bandwidth(const std::string& kernel, int64_t footprint_byt
 
 double measure_peak_gflops(int reps) {
   const int nt = get_num_threads();
-  const bool avx2 = cpu_capability() == CpuCapability::AVX2;
+  const CpuCapability isa = cpu_capability();
   const int64_t iters = 2000000;
   double best = 0;
   for (int r = 0; r < reps; ++r) {
@@ -121,10 +120,12 @@ double measure_peak_gflops(int reps) {
     const double t0 = now();
 #pragma omp parallel num_threads(nt) reduction(+ : flops)
     {
-#if FASTDL_HAVE_AVX2_BUILD
-      flops += avx2 ? isa_avx2::fma_chains(iters) : isa_default::fma_chains(iters);
+#if FASTDL_HAVE_X86_BUILD
+      flops += isa == CpuCapability::AVX512 ? isa_avx512::fma_chains(iters)
+               : isa == CpuCapability::AVX2 ? isa_avx2::fma_chains(iters)
+                                            : isa_default::fma_chains(iters);
 #else
-      (void)avx2;
+      (void)isa;
       flops += isa_default::fma_chains(iters);
 #endif
     }

@@ -29,5 +29,10 @@ double fma_chains(int64_t iters);
 float stream_pass(StreamKernel k, float* a, float* b, float* c, int64_t begin, int64_t end,
                   int64_t passes);
 }  // namespace isa_avx2
+namespace isa_avx512 {
+double fma_chains(int64_t iters);
+float stream_pass(StreamKernel k, float* a, float* b, float* c, int64_t begin, int64_t end,
+                  int64_t passes);
+}  // namespace isa_avx512
 
 }  // namespace fastdl

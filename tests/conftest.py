@@ -101,14 +101,16 @@ def cuda_device(request):
     yield from _cuda_case(request)
 
 
-_PATHS = ["default"] + (["avx2"] if _C.cpu_supports_avx2() else [])
+_PATHS = (["default"] + (["avx2"] if _C.cpu_supports_avx2() else [])
+          + (["avx512"] if _C.cpu_supports_avx512() else []))
 
 
-@pytest.fixture(params=["default", "avx2"])
+@pytest.fixture(params=["default", "avx2", "avx512"])
 def cpu_path(request):
-    """Runs a CPU test once per kernel build (portable and AVX2+FMA), restoring the choice after."""
+    """Runs a CPU test once per kernel build (portable, AVX2+FMA, AVX-512), restoring the choice
+    after."""
     if request.param not in _PATHS:
-        pytest.skip("this CPU or build has no AVX2+FMA path")
+        pytest.skip(f"this CPU or build has no {request.param} path")
     before = _C.cpu_capability()
     _C.set_cpu_capability(request.param)
     yield request.param

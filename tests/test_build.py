@@ -20,9 +20,15 @@ def run_py(code, **env):
 
 def test_build_info_fields():
     info = fastdl.build_info()
+    # unset FASTDL_CPU_CAPABILITY: the widest build this CPU runs
+    widest = ("avx512" if _C.cpu_supports_avx512() else "avx2" if _C.cpu_supports_avx2()
+              else "default")
+    if not os.environ.get("FASTDL_CPU_CAPABILITY"):
+        assert run_py("import fastdl; print(fastdl.build_info()['cpu_capability'])"
+                      ).stdout.strip() == widest
     assert set(info) >= {"version", "cpu_capability", "cuda_compiled", "cuda_architectures",
                          "num_threads"}
-    assert info["cpu_capability"] in ("default", "avx2")
+    assert info["cpu_capability"] in ("default", "avx2", "avx512")
     if info["cuda_compiled"]:
         assert info["cuda_architectures"], "a CUDA build lists its architectures"
     before = fastdl.get_num_threads()
@@ -69,10 +75,12 @@ def test_cuda_reports_consistently():
             fastdl.cuda.get_device_name()
 
 
-@pytest.mark.parametrize("path", ["default", "avx2"])
+@pytest.mark.parametrize("path", ["default", "avx2", "avx512"])
 def test_env_var_forces_cpu_path(path):
     if path == "avx2" and not _C.cpu_supports_avx2():
         pytest.skip("this CPU or build has no AVX2+FMA path")
+    if path == "avx512" and not _C.cpu_supports_avx512():
+        pytest.skip("this CPU or build has no AVX-512 path")
     r = run_py("import fastdl; print(fastdl.build_info()['cpu_capability'])",
                FASTDL_CPU_CAPABILITY=path)
     assert r.returncode == 0, r.stderr
@@ -81,7 +89,7 @@ def test_env_var_forces_cpu_path(path):
 
 def test_env_var_rejects_unknown_path():
     r = run_py("import fastdl, numpy as np; fastdl.ops.sgd_step(np.ones(3, np.float32), "
-               "np.ones(3, np.float32), lr=0.1)", FASTDL_CPU_CAPABILITY="avx512")
+               "np.ones(3, np.float32), lr=0.1)", FASTDL_CPU_CAPABILITY="avx1024")
     assert r.returncode != 0
     assert "FASTDL_CPU_CAPABILITY" in r.stderr and "Segmentation" not in r.stderr
 

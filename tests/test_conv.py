@@ -240,7 +240,7 @@ def test_winograd_automatic_choice(cpu_path):
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("auto")
     try:
-        wino = "winograd" if cpu_path == "avx2" else "gemm"
+        wino = "winograd" if cpu_path != "default" else "gemm"
         resnet = ((32, 64, 56, 56), (64, 64, 3, 3))
         assert algo(*resnet, padding=1) == wino
         assert algo(*resnet, padding=1, pass_="input") == wino
@@ -558,7 +558,7 @@ def test_auto_choice():
     mult3 = np.zeros((24, 1, 3, 3), np.float32)
     # (its 8 outputs reach Winograd's rule in the forward on the AVX2 build, given 256 tiles or
     # more: 16 images of 5x5 tiles here; the input gradient, 3 outputs, stays on GEMM)
-    avx2 = fastdl._C.cpu_capability() == "avx2"
+    avx2 = fastdl._C.cpu_capability() != "default"   # the AVX2 or AVX-512 build
     x16 = np.zeros((16, 3, 12, 12), np.float32)
     for pass_ in ("forward", "input", "weight"):
         assert ops_conv.conv2d_algorithm(x16, rgb, pass_=pass_) == (
@@ -579,7 +579,7 @@ def test_auto_choice_phase(cpu_path):
     # rows are few (conv_phase.cpp, phase_preferred), in float32 on the AVX2 build only (the
     # portable build and float64 measured slower than GEMM); GEMM elsewhere and on small planes;
     # forward and weight gradient never.
-    phase = "phase" if cpu_path == "avx2" else "gemm"
+    phase = "phase" if cpu_path != "default" else "gemm"
     x = np.zeros((2, 32, 56, 56), np.float32)
     k4 = np.zeros((64, 32, 4, 4), np.float32)  # issue shape 7 (as the convolution)
     k5 = np.zeros((64, 32, 5, 5), np.float32)

@@ -356,13 +356,13 @@ ConvAlgo conv2d_algorithm(const Conv2dParams& p, ConvPass pass) { return conv_ch
 }  // namespace FASTDL_ISA_NS
 
 #if defined(FASTDL_ISA_DEFAULT)
-#if FASTDL_HAVE_AVX2_BUILD_KERNELS
-namespace isa_avx2 {
+#if FASTDL_HAVE_X86_KERNELS
+FASTDL_DECLARE_IN_X86_ISAS(
 void conv2d_forward(const Conv2dParams&, const void*, const void*, const void*, void*);
 void conv2d_backward_input(const Conv2dParams&, const void*, const void*, void*);
 void conv2d_backward_weight(const Conv2dParams&, const void*, const void*, void*, void*);
 ConvAlgo conv2d_algorithm(const Conv2dParams&, ConvPass);
-}  // namespace isa_avx2
+)
 #endif
 
 void check_conv2d_params(const Conv2dParams& p) {

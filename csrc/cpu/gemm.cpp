@@ -7,7 +7,8 @@
 // full tile; partial tiles of C go through a small temporary tile, so nothing outside the matrices
 // is read or written. beta == 0 never reads C; alpha == 0 or k == 0 never reads A or B.
 // Micro-kernels: AVX2+FMA build 6x16 float32 / 6x8 float64 (12 ymm accumulators, 2 loads of B and
-// 6 broadcasts of A per k step); portable build 4x8 / 4x4 plain loops. Float32 on AVX2 with a
+// 6 broadcasts of A per k step), AVX-512 build the same on zmm (6x32 / 6x16), one template over
+// Simd<T>; portable build 4x8 / 4x4 plain loops. Float32 on AVX2 or AVX-512 with a
 // skinny block of C (at most 64 columns, 32 with A transposed) reads op(A) in place instead of
 // packing it (micro_kernel_direct; kDirectAMaxN).
 // Work split: the (M, N) plane is cut into a tm x tn grid of tile-aligned blocks, one per thread
@@ -29,7 +30,10 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include "vec_math.h"
-#define FASTDL_GEMM_AVX2 1
+#define FASTDL_GEMM_AVX2 1  // AVX2 packing (8x8 transposes), and the 256-bit kernels unless:
+#if defined(__AVX512F__)
+#define FASTDL_GEMM_AVX512 1  // the 512-bit micro-kernels (isa_avx512 build)
+#endif
 #endif
 
 #include "../cpu_features.h"
@@ -45,7 +49,19 @@ namespace {
 // Register tile (MR x NR) and cache blocks. KC: one B micro-panel (KC x NR) fills half of the
 // 32 KB L1d; MC x KC of packed A sits in the 1 MB L2; KC x NC of packed B in L3.
 template <class T> struct Blocking;
-#if defined(FASTDL_GEMM_AVX2)
+#if defined(FASTDL_GEMM_AVX512)
+// 6x32 float32 / 6x16 float64: 12 zmm accumulators, the AVX2 tile's shape on 512-bit vectors
+// (A is packed as on AVX2; a B micro-panel of KC = 256 is 32 KB of the 48 KB L1d on Sapphire
+// Rapids, 32 KB on Zen 4 -- see RESULTS.md for the blocking measured).
+template <> struct Blocking<float> {
+  static constexpr int MR = 6, NR = 32;
+  static constexpr int64_t KC = 256, MC = 144, NC = 4096;
+};
+template <> struct Blocking<double> {
+  static constexpr int MR = 6, NR = 16;
+  static constexpr int64_t KC = 256, MC = 96, NC = 2048;
+};
+#elif defined(FASTDL_GEMM_AVX2)
 template <> struct Blocking<float> {
   static constexpr int MR = 6, NR = 16;
   static constexpr int64_t KC = 256, MC = 144, NC = 4096;
@@ -165,10 +181,8 @@ void pack_b(const T* b, int64_t ldb, bool trans, int64_t p0, int64_t j0, int64_t
       if (nr == NR) {
         int64_t p0v = 0;
 #if defined(FASTDL_GEMM_AVX2)
-        if constexpr (std::is_same<T, float>::value) {
-          gather8(cols, kc, d, NR);
-          p0v = gather8(cols + 8, kc, d + 8, NR);
-        }
+        if constexpr (std::is_same<T, float>::value)
+          for (int j8 = 0; j8 < NR; j8 += 8) p0v = gather8(cols + j8, kc, d + j8, NR);
 #endif
         for (int64_t p = p0v; p < kc; ++p)
           for (int j = 0; j < NR; ++j) d[p * NR + j] = cols[j][p];
@@ -205,98 +219,107 @@ void micro_kernel_ref(int64_t kc, const T* __restrict a, const T* __restrict b, 
 }
 
 #if defined(FASTDL_GEMM_AVX2)
-// 6x16 float32: 12 accumulators, per k step 2 aligned loads of B, 6 broadcasts of A, 12 FMAs.
-inline void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                         int64_t ldc, float alpha, float beta) {
-  __m256 acc[6][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < 6; ++i) {
-    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-    // The C tile is needed only after the k loop: fetch its lines now (both, if unaligned).
-    // 1024^3, 1 thread: 0.95x -> 1.05x OpenBLAS (CPU-time ratio, 2-core Zen4).
-    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
-  }
-#pragma GCC unroll 4
-  for (int64_t p = 0; p < kc; ++p) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i);
-      acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
-    }
-    a += 6;
-    b += 16;
-  }
-  const __m256 va = _mm256_set1_ps(alpha);
-  if (beta == 0.0f) {
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(va, acc[i][0]));
-      _mm256_storeu_ps(c + i * ldc + 8, _mm256_mul_ps(va, acc[i][1]));
-    }
-  } else {
-    const __m256 vb = _mm256_set1_ps(beta);
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      float* ci = c + i * ldc;
-      _mm256_storeu_ps(ci, _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(ci))));
-      _mm256_storeu_ps(ci + 8,
-                       _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, _mm256_loadu_ps(ci + 8))));
-    }
-  }
-}
-
-// 6x8 float64: the same shape of loop on 4-wide vectors.
-inline void micro_kernel(int64_t kc, const double* __restrict a, const double* __restrict b,
-                         double* c, int64_t ldc, double alpha, double beta) {
-  __m256d acc[6][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < 6; ++i) {
-    acc[i][0] = acc[i][1] = _mm256_setzero_pd();
-    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 7), _MM_HINT_T0);
-  }
-#pragma GCC unroll 4
-  for (int64_t p = 0; p < kc; ++p) {
-    const __m256d b0 = _mm256_load_pd(b), b1 = _mm256_load_pd(b + 4);
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      const __m256d ai = _mm256_broadcast_sd(a + i);
-      acc[i][0] = _mm256_fmadd_pd(ai, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_pd(ai, b1, acc[i][1]);
-    }
-    a += 6;
-    b += 8;
-  }
-  const __m256d va = _mm256_set1_pd(alpha);
-  if (beta == 0.0) {
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      _mm256_storeu_pd(c + i * ldc, _mm256_mul_pd(va, acc[i][0]));
-      _mm256_storeu_pd(c + i * ldc + 4, _mm256_mul_pd(va, acc[i][1]));
-    }
-  } else {
-    const __m256d vb = _mm256_set1_pd(beta);
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      double* ci = c + i * ldc;
-      _mm256_storeu_pd(ci, _mm256_fmadd_pd(va, acc[i][0], _mm256_mul_pd(vb, _mm256_loadu_pd(ci))));
-      _mm256_storeu_pd(ci + 4,
-                       _mm256_fmadd_pd(va, acc[i][1], _mm256_mul_pd(vb, _mm256_loadu_pd(ci + 4))));
-    }
-  }
-}
+// One SIMD register of T for the micro-kernels: zmm on the AVX-512 build, ymm on the AVX2 one.
+template <class T> struct Simd;
+#if defined(FASTDL_GEMM_AVX512)
+template <> struct Simd<float> {
+  using V = __m512;
+  static constexpr int L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_load_ps(p); }  // 64-byte aligned
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+};
+template <> struct Simd<double> {
+  using V = __m512d;
+  static constexpr int L = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V set1(double x) { return _mm512_set1_pd(x); }
+  static V load(const double* p) { return _mm512_load_pd(p); }
+  static V loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+};
 #else
-template <class T>
-inline void micro_kernel(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, T alpha, T beta) {
-  micro_kernel_ref<T>(kc, a, b, c, ldc, alpha, beta);
-}
+template <> struct Simd<float> {
+  using V = __m256;
+  static constexpr int L = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_load_ps(p); }  // 32-byte aligned
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+};
+template <> struct Simd<double> {
+  using V = __m256d;
+  static constexpr int L = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V set1(double x) { return _mm256_set1_pd(x); }
+  static V load(const double* p) { return _mm256_load_pd(p); }
+  static V loadu(const double* p) { return _mm256_loadu_pd(p); }
+  static void storeu(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_pd(a, b); }
+};
 #endif
 
-#if defined(FASTDL_GEMM_AVX2)
-// 6x16 float32 with op(A) read in place instead of from a packed panel: rows i < mr of op(A)
+// c[i][0:NR] = alpha * acc[i] (+ beta * c[i]; beta == 0 never reads C), rows i < 6, full width.
+template <class T>
+inline void store_tile(const typename Simd<T>::V (&acc)[6][2], T* c, int64_t ldc, T alpha, T beta) {
+  using S = Simd<T>;
+  const typename S::V va = S::set1(alpha), vb = S::set1(beta);
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    T* ci = c + i * ldc;
+    if (beta == T(0)) {
+      S::storeu(ci, S::mul(va, acc[i][0]));
+      S::storeu(ci + S::L, S::mul(va, acc[i][1]));
+    } else {
+      S::storeu(ci, S::fmadd(va, acc[i][0], S::mul(vb, S::loadu(ci))));
+      S::storeu(ci + S::L, S::fmadd(va, acc[i][1], S::mul(vb, S::loadu(ci + S::L))));
+    }
+  }
+}
+
+// 6 x NR (NR = two vectors: 6x16 float32 / 6x8 float64 on AVX2, 6x32 / 6x16 on AVX-512):
+// 12 accumulators, per k step 2 aligned loads of B, 6 broadcasts of A, 12 FMAs.
+template <class T>
+inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* c,
+                         int64_t ldc, T alpha, T beta) {
+  using S = Simd<T>;
+  static_assert(Blocking<T>::MR == 6 && Blocking<T>::NR == 2 * S::L, "tile shape");
+  typename S::V acc[6][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i) {
+    acc[i][0] = acc[i][1] = S::zero();
+    // The C tile is needed only after the k loop: fetch its lines now (all, if unaligned).
+    // 1024^3, 1 thread: 0.95x -> 1.05x OpenBLAS (CPU-time ratio, 2-core Zen4, AVX2).
+    const char* ci = reinterpret_cast<const char*>(c + i * ldc);
+    for (int64_t off = 0; off < int64_t(sizeof(T)) * 2 * S::L + 63; off += 64)
+      _mm_prefetch(ci + off, _MM_HINT_T0);
+  }
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < kc; ++p) {
+    const typename S::V b0 = S::load(b), b1 = S::load(b + S::L);
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+      const typename S::V ai = S::set1(a[i]);
+      acc[i][0] = S::fmadd(ai, b0, acc[i][0]);
+      acc[i][1] = S::fmadd(ai, b1, acc[i][1]);
+    }
+    a += 6;
+    b += 2 * S::L;
+  }
+  store_tile<T>(acc, c, ldc, alpha, beta);
+}
+
+// The float32 tile with op(A) read in place instead of from a packed panel: rows i < mr of op(A)
 // from `a` (op(A)(i, k) at a[i * lda + k], or a[k * lda + i] when TRANS), rows past mr repeating
 // row mr - 1 (read, never stored). Used where C is skinny (gemm_block: kDirectAMaxN), so packing
 // an A element would feed only one or a few tiles. Stores rows < mr, columns < nr.
@@ -304,11 +327,13 @@ template <bool TRANS>
 inline void micro_kernel_direct(int64_t kc, const float* a, int64_t lda, int mr, int nr,
                                 const float* __restrict b, float* c, int64_t ldc, float alpha,
                                 float beta) {
-  __m256 acc[6][2];
+  using S = Simd<float>;
+  constexpr int NR = 2 * S::L;
+  S::V acc[6][2];
   const float* rows[6];
 #pragma GCC unroll 6
   for (int i = 0; i < 6; ++i) {
-    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    acc[i][0] = acc[i][1] = S::zero();
     const int64_t r = std::min(i, mr - 1);
     rows[i] = TRANS ? a + r : a + r * lda;
   }
@@ -316,50 +341,38 @@ inline void micro_kernel_direct(int64_t kc, const float* a, int64_t lda, int mr,
     const float* ap = a;
 #pragma GCC unroll 4
     for (int64_t p = 0; p < kc; ++p) {
-      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      const S::V b0 = S::load(b), b1 = S::load(b + S::L);
 #pragma GCC unroll 6
       for (int i = 0; i < 6; ++i) {
-        const __m256 ai = _mm256_broadcast_ss(ap + (rows[i] - a));
-        acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+        const S::V ai = S::set1(ap[rows[i] - a]);
+        acc[i][0] = S::fmadd(ai, b0, acc[i][0]);
+        acc[i][1] = S::fmadd(ai, b1, acc[i][1]);
       }
       ap += lda;
-      b += 16;
+      b += NR;
     }
   } else {
 #pragma GCC unroll 4
     for (int64_t p = 0; p < kc; ++p) {
-      const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+      const S::V b0 = S::load(b), b1 = S::load(b + S::L);
 #pragma GCC unroll 6
       for (int i = 0; i < 6; ++i) {
-        const __m256 ai = _mm256_broadcast_ss(rows[i] + p);
-        acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
-        acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
+        const S::V ai = S::set1(rows[i][p]);
+        acc[i][0] = S::fmadd(ai, b0, acc[i][0]);
+        acc[i][1] = S::fmadd(ai, b1, acc[i][1]);
       }
-      b += 16;
+      b += NR;
     }
   }
-  const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
-  if (mr == 6 && nr == 16) {
-#pragma GCC unroll 6
-    for (int i = 0; i < 6; ++i) {
-      float* ci = c + i * ldc;
-      if (beta == 0.0f) {  // (the packed kernel's arithmetic: its results, bit for bit)
-        _mm256_storeu_ps(ci, _mm256_mul_ps(va, acc[i][0]));
-        _mm256_storeu_ps(ci + 8, _mm256_mul_ps(va, acc[i][1]));
-      } else {
-        _mm256_storeu_ps(ci, _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(ci))));
-        _mm256_storeu_ps(ci + 8, _mm256_fmadd_ps(va, acc[i][1],
-                                                 _mm256_mul_ps(vb, _mm256_loadu_ps(ci + 8))));
-      }
-    }
+  if (mr == 6 && nr == NR) {  // (the packed kernel's arithmetic: its results, bit for bit)
+    store_tile<float>(acc, c, ldc, alpha, beta);
     return;
   }
-  alignas(32) float tmp[6][16];
+  alignas(64) float tmp[6][NR];
 #pragma GCC unroll 6
   for (int i = 0; i < 6; ++i) {
-    _mm256_store_ps(tmp[i], acc[i][0]);
-    _mm256_store_ps(tmp[i] + 8, acc[i][1]);
+    S::storeu(tmp[i], acc[i][0]);
+    S::storeu(tmp[i] + S::L, acc[i][1]);
   }
   for (int i = 0; i < mr; ++i) {
     float* ci = c + i * ldc;
@@ -369,6 +382,11 @@ inline void micro_kernel_direct(int64_t kc, const float* a, int64_t lda, int mr,
       for (int j = 0; j < nr; ++j) ci[j] = alpha * tmp[i][j] + beta * ci[j];
     }
   }
+}
+#else
+template <class T>
+inline void micro_kernel(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, T alpha, T beta) {
+  micro_kernel_ref<T>(kc, a, b, c, ldc, alpha, beta);
 }
 #endif
 
@@ -541,10 +559,10 @@ void gemm(const GemmParams& p, const void* a, const void* b, void* c) {
 }  // namespace FASTDL_ISA_NS
 
 #if defined(FASTDL_ISA_DEFAULT)
-#if FASTDL_HAVE_AVX2_BUILD_KERNELS
-namespace isa_avx2 {
+#if FASTDL_HAVE_X86_KERNELS
+FASTDL_DECLARE_IN_X86_ISAS(
 void gemm(const GemmParams&, const void*, const void*, void*);
-}  // namespace isa_avx2
+)
 #endif
 void gemm_cpu(const GemmParams& p, const void* a, const void* b, void* c) {
   FASTDL_CPU_DISPATCH(gemm, p, a, b, c);

@@ -1,13 +1,18 @@
 // The inner loop behind measure_peak_gflops (csrc/machine.cpp), compiled per ISA like every
-// kernel: 12 independent 8-wide FMA chains (Zen3 has two FMA pipes of 4-cycle latency, so at least
-// 8 chains are needed to keep both busy). Returns the flops it performed.
+// kernel: 12 independent FMA chains, each one vector wide (8 floats; 16 on the AVX-512 build, whose
+// peak is the one its GEMM can reach). Two FMA pipes of 4-cycle latency need at least 8 chains.
+// Returns the flops it performed.
 #include "../machine.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
 
 double fma_chains(int64_t iters) {
+  #if defined(__AVX512F__)
+  constexpr int kChains = 12, kWidth = 16;
+#else
   constexpr int kChains = 12, kWidth = 8;
+#endif
   float acc[kChains][kWidth];
   for (int c = 0; c < kChains; ++c)
     for (int w = 0; w < kWidth; ++w) acc[c][w] = 0.001f * (c + w);

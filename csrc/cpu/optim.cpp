@@ -151,12 +151,12 @@ void rmsprop_step(const RmspropParams& p, const OptimTensors& t) {
 }  // namespace FASTDL_ISA_NS
 
 #if defined(FASTDL_ISA_DEFAULT)
-#if FASTDL_HAVE_AVX2_BUILD_KERNELS
-namespace isa_avx2 {
+#if FASTDL_HAVE_X86_KERNELS
+FASTDL_DECLARE_IN_X86_ISAS(
 void sgd_step(const SgdParams&, const OptimTensors&);
 void adam_step(const AdamParams&, const OptimTensors&);
 void rmsprop_step(const RmspropParams&, const OptimTensors&);
-}  // namespace isa_avx2
+)
 #endif
 void sgd_step_cpu(const SgdParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(sgd_step, p, t); }
 void adam_step_cpu(const AdamParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(adam_step, p, t); }

@@ -805,15 +805,15 @@ void max_unpool2d_backward(const Pool2dParams& p, const void* gy, const int64_t*
 }  // namespace FASTDL_ISA_NS
 
 #if defined(FASTDL_ISA_DEFAULT)
-#if FASTDL_HAVE_AVX2_BUILD_KERNELS
-namespace isa_avx2 {
+#if FASTDL_HAVE_X86_KERNELS
+FASTDL_DECLARE_IN_X86_ISAS(
 void max_pool2d_forward(const Pool2dParams&, const void*, void*, void*);
 void max_pool2d_backward(const Pool2dParams&, const void*, const void*, void*);
 void avg_pool2d_forward(const Pool2dParams&, const void*, void*);
 void avg_pool2d_backward(const Pool2dParams&, const void*, void*);
 void max_unpool2d_forward(const Pool2dParams&, const void*, const int64_t*, void*);
 void max_unpool2d_backward(const Pool2dParams&, const void*, const int64_t*, void*);
-}  // namespace isa_avx2
+)
 #endif
 void max_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y, void* idx) {
   FASTDL_CPU_DISPATCH(max_pool2d_forward, p, x, y, idx);

@@ -1053,11 +1053,11 @@ void rnn_backward(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
 }  // namespace FASTDL_ISA_NS
 
 #if defined(FASTDL_ISA_DEFAULT)
-#if FASTDL_HAVE_AVX2_BUILD_KERNELS
-namespace isa_avx2 {
+#if FASTDL_HAVE_X86_KERNELS
+FASTDL_DECLARE_IN_X86_ISAS(
 void rnn_forward(const RnnParams&, const RnnWeights&, const RnnForwardArgs&);
 void rnn_backward(const RnnParams&, const RnnWeights&, const RnnBackwardArgs&);
-}  // namespace isa_avx2
+)
 #endif
 void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
   FASTDL_CPU_DISPATCH(rnn_forward, p, w, a);

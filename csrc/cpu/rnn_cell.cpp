@@ -631,11 +631,11 @@ void rnn_cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
 }  // namespace FASTDL_ISA_NS
 
 #if defined(FASTDL_ISA_DEFAULT)
-#if FASTDL_HAVE_AVX2_BUILD_KERNELS
-namespace isa_avx2 {
+#if FASTDL_HAVE_X86_KERNELS
+FASTDL_DECLARE_IN_X86_ISAS(
 void rnn_cell_forward(const RnnCellParams&, const RnnCellForwardArgs&);
 void rnn_cell_backward(const RnnCellParams&, const RnnCellBackwardArgs&);
-}  // namespace isa_avx2
+)
 #endif
 void rnn_cell_forward_cpu(const RnnCellParams& p, const RnnCellForwardArgs& a) {
   FASTDL_CPU_DISPATCH(rnn_cell_forward, p, a);
