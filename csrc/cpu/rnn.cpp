@@ -11,10 +11,12 @@
 //      writes the new state (ping-pong buffers), the output row and, in training, the activations.
 //      For R > 128 the product is sliced in k (partial sums per thread) so a panel slice stays in
 //      L1 across the step's row groups. LSTM projection: one GEMM per step after the gate pass.
+//      The AVX-512 build runs the LSTM and GRU float32 product on zmm (recurrent_cols_zmm); the
+//      gate math stays 8 units wide.
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
-// register-tiled product over W_hh packed once per call into 16-column strips (read in place
-// when the call is too short to repay the copy). After the loop the
+// register-tiled product (12x16 on zmm in the AVX-512 build) over W_hh packed once per call into
+// 16-column strips (read in place when the call is too short to repay the copy). After the loop the
 // weight gradients are large GEMMs over all N rows: dW_ih = dg^T x, dW_hh = dg_h^T hprev,
 // dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
 // Work split: the forward step splits unit blocks over the threads (the same blocks every step,
@@ -219,6 +221,43 @@ inline void recurrent_cols_f32(int64_t R, const float* __restrict panel, int64_t
     }
 }
 
+#if defined(__AVX512F__)
+// Columns [0, 16*NZ + 8*NY) of a panel for MB rows on the AVX-512 build: NZ zmm and NY (0 or 1)
+// ymm accumulators per row. The LSTM's 32 columns are 2 zmm (6 rows: 12 accumulators, one pass
+// where the AVX2 build makes two of 16 columns), the GRU's 24 a zmm and a ymm (4 rows: 8).
+template <int MB, int NZ, int NY>
+inline void recurrent_cols_zmm(int64_t R, const float* __restrict panel, int64_t C,
+                               const float* const* hr, float* __restrict out, bool accumulate) {
+  static_assert(NY == 0 || NY == 1, "at most one ymm column group");
+  __m512 az[MB][NZ];
+  __m256 ay[MB];
+  for (int i = 0; i < MB; ++i) {
+    for (int v = 0; v < NZ; ++v) az[i][v] = _mm512_setzero_ps();
+    ay[i] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < R; ++k) {
+    const float* pk = panel + k * C;
+    __m512 wz[NZ];
+    for (int v = 0; v < NZ; ++v) wz[v] = _mm512_loadu_ps(pk + 16 * v);
+    const __m256 wy = NY ? _mm256_loadu_ps(pk + 16 * NZ) : _mm256_setzero_ps();
+    for (int i = 0; i < MB; ++i) {
+      const __m512 hv = _mm512_set1_ps(hr[i][k]);
+      for (int v = 0; v < NZ; ++v) az[i][v] = _mm512_fmadd_ps(hv, wz[v], az[i][v]);
+      if (NY) ay[i] = _mm256_fmadd_ps(_mm512_castps512_ps256(hv), wy, ay[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* o = out + i * C;
+    for (int v = 0; v < NZ; ++v)
+      _mm512_storeu_ps(o + 16 * v, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o + 16 * v), az[i][v])
+                                              : az[i][v]);
+    if (NY)
+      _mm256_storeu_ps(o + 16 * NZ, accumulate ? _mm256_add_ps(_mm256_loadu_ps(o + 16 * NZ), ay[i])
+                                               : ay[i]);
+  }
+}
+#endif
+
 // The LSTM (G = 4: 6 rows x 16 columns, twice) and GRU (G = 3: 4 rows x 24) register tiles for
 // mb <= 6 (4) rows of one panel over k in [0, K) (a k slice's K): out rows of C floats, = or +=
 // (accumulate). LSTM groups of 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8
@@ -227,6 +266,26 @@ inline void recurrent_cols_f32(int64_t R, const float* __restrict panel, int64_t
 template <int G>
 inline void recurrent_rows_f32(int mb, int64_t K, const float* panel, int64_t C,
                                const float* const* hr, float* out, bool accumulate) {
+#if defined(__AVX512F__)
+  if (G == 4 && mb >= 3) {  // (1-2 rows: the ymm tiles below hold as many lanes in flight)
+    switch (mb) {
+      case 6: recurrent_cols_zmm<6, 2, 0>(K, panel, C, hr, out, accumulate); break;
+      case 5: recurrent_cols_zmm<5, 2, 0>(K, panel, C, hr, out, accumulate); break;
+      case 4: recurrent_cols_zmm<4, 2, 0>(K, panel, C, hr, out, accumulate); break;
+      default: recurrent_cols_zmm<3, 2, 0>(K, panel, C, hr, out, accumulate); break;
+    }
+    return;
+  }
+  if (G == 3) {
+    switch (mb) {
+      case 4: recurrent_cols_zmm<4, 1, 1>(K, panel, C, hr, out, accumulate); break;
+      case 3: recurrent_cols_zmm<3, 1, 1>(K, panel, C, hr, out, accumulate); break;
+      case 2: recurrent_cols_zmm<2, 1, 1>(K, panel, C, hr, out, accumulate); break;
+      default: recurrent_cols_zmm<1, 1, 1>(K, panel, C, hr, out, accumulate); break;
+    }
+    return;
+  }
+#endif
   if (G == 4) {
     if (mb <= 2) {
       if (mb == 2) recurrent_tile_f32<4, 2>(K, panel, hr, out, accumulate);
@@ -699,13 +758,45 @@ inline void dh_tile_f32(const float* dg, int64_t GH, const float* strip, int64_t
 }
 #endif
 
+#if defined(__AVX512F__)
+// The AVX-512 build's tile: one zmm holds the 16 columns, so rows are the accumulators; up to 12
+// rows (12 zmm, the FMA latency's bound on two pipes) per n step: 1 strip load, MB broadcasts.
+template <int MB>
+inline void dh_tile_zmm(const float* dg, int64_t GH, const float* strip, int64_t row_step,
+                        int64_t n0, int64_t n1, float* d, int64_t R, bool add) {
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m512 w = _mm512_loadu_ps(strip + n * row_step);
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(dg[i * GH + n]), w, acc[i]);
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* di = d + i * R;
+    _mm512_storeu_ps(di, add ? _mm512_add_ps(acc[i], _mm512_loadu_ps(di)) : acc[i]);
+  }
+}
+// dh_tile_zmm<mb> for a run-time mb in [1, MB].
+template <int MB>
+inline void dh_tile_zmm_rows(int mb, const float* dg, int64_t GH, const float* strip,
+                             int64_t row_step, int64_t n0, int64_t n1, float* d, int64_t R,
+                             bool add) {
+  if (mb == MB) dh_tile_zmm<MB>(dg, GH, strip, row_step, n0, n1, d, R, add);
+  else if constexpr (MB > 1)
+    dh_tile_zmm_rows<MB - 1>(mb, dg, GH, strip, row_step, n0, n1, d, R, add);
+}
+#endif
+
 // Column chunks [lo, hi) (kDhCols columns each) of the product (dh_product: over the threads).
 template <class T>
 void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R, const T* dg,
                        const T* w, DhLayout L, T* dh, bool accumulate) {
   constexpr int64_t KB = kDhCols;
   constexpr int64_t kDhRows = 256;
+#if defined(__AVX512F__)
+  constexpr int MB = std::is_same<T, float>::value ? 12 : 6;  // (dh_tile_zmm)
+#else
   constexpr int MB = 6;
+#endif
   for (int64_t kc = lo; kc < hi; ++kc) {
     const int64_t k0 = kc * KB, kw = std::min(KB, R - k0);
     const T* strip = w + kc * L.strip_step;
@@ -719,6 +810,10 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
           if (kw == KB) {  // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work)
             const float* g = dg + b0 * GH;
             float* d = dh + b0 * R + k0;
+#if defined(__AVX512F__)
+            dh_tile_zmm_rows<MB>(static_cast<int>(mb), g, GH, strip, L.row_step, n0, n1, d, R, add);
+            continue;
+#endif
             switch (mb) {
               case 6: dh_tile_f32<6>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
               case 5: dh_tile_f32<5>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
