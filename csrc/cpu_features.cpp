@@ -48,14 +48,23 @@ static CpuCapability parse(const char* name) {
   return CpuCapability::Default;
 }
 
+// The build chosen without FASTDL_CPU_CAPABILITY: AVX-512 on Intel CPUs that run it (measured on
+// an Emerald Rapids VM: two 512-bit FMA pipes, torch's oneDNN on AVX-512, fastdl's GEMM and
+// recurrent layers 1.2-1.4x faster than its AVX2 build; benchmarks/RESULTS.md, 2026-12-02 13:05).
+// Elsewhere AVX2: Zen 4 splits 512-bit operations into two 256-bit halves and has a 32 KB L1d,
+// and the AVX-512 build has not been measured there (FASTDL_CPU_CAPABILITY=avx512 runs it).
+static CpuCapability automatic_choice() {
+#if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
+  if (cpu_supports_avx512() && __builtin_cpu_is("intel")) return CpuCapability::AVX512;
+#endif
+  return cpu_supports_avx2() ? CpuCapability::AVX2 : CpuCapability::Default;
+}
+
 CpuCapability cpu_capability() {
   int c = g_capability.load(std::memory_order_relaxed);
   if (c < 0) {
     const char* env = std::getenv("FASTDL_CPU_CAPABILITY");
-    CpuCapability chosen = (env && *env)              ? parse(env)
-                           : cpu_supports_avx512()    ? CpuCapability::AVX512
-                           : cpu_supports_avx2()      ? CpuCapability::AVX2
-                                                      : CpuCapability::Default;
+    CpuCapability chosen = (env && *env) ? parse(env) : automatic_choice();
     c = static_cast<int>(chosen);
     g_capability.store(c, std::memory_order_relaxed);
   }

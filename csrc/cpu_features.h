@@ -2,7 +2,8 @@
 //   FASTDL_CPU_CAPABILITY=default  forces the portable build (tests run every path on one machine)
 //   FASTDL_CPU_CAPABILITY=avx2     asks for AVX2+FMA; an error if the CPU or the build lacks it
 //   FASTDL_CPU_CAPABILITY=avx512   asks for AVX-512 (F, VL, BW, DQ) on top of AVX2+FMA; likewise
-// Unset: the widest the CPU offers. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
+// Unset: AVX-512 on Intel CPUs that run it, else AVX2+FMA where present (cpu_features.cpp says
+// why), else the portable build. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
 // namespace fastdl::FASTDL_ISA_NS; the portable compilation (FASTDL_ISA_DEFAULT) also emits the
 // dispatching entry point, e.g.
 //   void max_pool2d_cpu(const Pool2dParams& p, ...) { FASTDL_CPU_DISPATCH(max_pool2d, p, ...); }

@@ -323,13 +323,16 @@ def test_backward_team_packed_threads(cpu_path, kind):
     range of dh columns) on packed sequences, whose batch grows step by step going backward:
     hidden 50 (4 chunks of 16 columns, the last partial) at 2 threads, against torch, and the
     same gradients bitwise at 1, 2 and 3 threads (each element's sums do not depend on the split).
-    Batches 13 down to 1 over the steps: every row count of the register tiles (forward: 1-6 LSTM,
-    1-4 GRU; backward dh product: 1-6, or 1-12 on the AVX-512 build)."""
+    The float32 case has batches 13 down to 1 over the steps: every row count of the float32
+    register tiles (forward: 1-6 LSTM, 1-4 GRU; backward dh product: 1-6, or 1-12 on the AVX-512
+    build) against torch."""
     before = fastdl.get_num_threads()
     try:
         fastdl.set_num_threads(2)
         check_packed("cpu", kind, True, [9, 3, 12, 1, 7, 12, 5, 2, 10, 4, 8, 6, 11], 6, 50,
                      layers=1)
+        check_packed("cpu", kind, True, [9, 3, 12, 1, 7, 13, 5, 2, 10, 4, 8, 6, 11], 6, 50,
+                     layers=1, dtype=torch.float32)
         torch.manual_seed(3)
         ours, _ = make_pair(kind, 6, 50, dtype=torch.float32, num_layers=1, bidirectional=True)
         data = torch.randn(12, 5, 6)
@@ -395,10 +398,10 @@ def test_packed_wide_batch(device, kind):
     check_packed(device, kind, True, [2, 5, 9, 1, 5, 6, 3, 9, 4, 8, 7], 3, 9, layers=1)
 
 
-def check_packed(device, kind, bidirectional, lengths, I, H, layers=2):
+def check_packed(device, kind, bidirectional, lengths, I, H, layers=2, dtype=None):
     B, T = len(lengths), max(lengths)
     red = max(T, I, H)  # the longest reduction: steps, input or hidden width
-    dt = float_for(device)
+    dt = dtype or float_for(device)
     lengths = torch.tensor(lengths)
     ours, theirs = make_pair(kind, I, H, dtype=dt, device=device, num_layers=layers,
                              bidirectional=bidirectional)

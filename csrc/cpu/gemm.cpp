@@ -14,7 +14,8 @@
 // Work split: the (M, N) plane is cut into a tm x tn grid of tile-aligned blocks, one per thread
 // (tm * tn = threads, chosen to minimise repacking: A is packed tn times, B tm times); each thread
 // runs the blocked loops on its block with its own thread_local packing buffers, no barriers.
-// Tested by tests/test_gemm.py (both CPU paths) and timed by benchmarks/bench_gemm.py.
+// Tested by tests/test_gemm.py (every CPU path the machine runs) and timed by
+// benchmarks/bench_gemm.py.
 // Measured (2-core Zen4 VM, AVX2 build, 2 threads): float32 2048^3 at 90% of the FMA peak, 1.20x
 // torch.matmul, 1.05x numpy/OpenBLAS; benchmarks/RESULTS.md ("GEMM investigation notes") has the
 // figures, the two-thread analysis and the alternatives measured and not kept:
@@ -46,8 +47,8 @@ namespace FASTDL_ISA_NS {
 
 namespace {
 
-// Register tile (MR x NR) and cache blocks. KC: one B micro-panel (KC x NR) fills half of the
-// 32 KB L1d; MC x KC of packed A sits in the 1 MB L2; KC x NC of packed B in L3.
+// Register tile (MR x NR) and cache blocks. KC: one B micro-panel (KC x NR) fills half of a
+// 32 KB L1d (AVX2: 16 KB); MC x KC of packed A sits in the 1 MB L2; KC x NC of packed B in L3.
 template <class T> struct Blocking;
 #if defined(FASTDL_GEMM_AVX512)
 // 6x32 float32 / 6x16 float64: 12 zmm accumulators, the AVX2 tile's shape on 512-bit vectors
@@ -83,11 +84,12 @@ template <> struct Blocking<double> {
 
 thread_local ScratchBuffer tl_pack_a, tl_pack_b;
 
-// float32 AVX2: a thread's block of C at most this many columns wide reads op(A) in place
-// (micro_kernel_direct) instead of packing it: a packed A element would feed only NR-wide tiles
-// numbering width / 16, too few to repay the packing. Measured faster up to 64 columns for a
-// row-major A and up to 32 for a transposed one (its rows are k * lda apart), slower beyond
-// (figures: benchmarks/RESULTS.md, development measurements 2026-12-02).
+// float32 AVX2 and AVX-512: a thread's block of C at most this many columns wide reads op(A) in
+// place (micro_kernel_direct) instead of packing it: a packed A element would feed only NR-wide
+// tiles numbering width / NR, too few to repay the packing. Measured on the AVX2 build (NR 16):
+// faster up to 64 columns for a row-major A and up to 32 for a transposed one (its rows are
+// k * lda apart), slower beyond (figures: benchmarks/RESULTS.md, development measurements
+// 2026-12-02); not re-measured for the AVX-512 build's 32-column panels.
 constexpr int64_t kDirectAMaxN = 64, kDirectAMaxNTrans = 32;
 
 // ---- packing ---------------------------------------------------------------------------------
@@ -269,55 +271,56 @@ template <> struct Simd<double> {
 };
 #endif
 
-// c[i][0:NR] = alpha * acc[i] (+ beta * c[i]; beta == 0 never reads C), rows i < 6, full width.
-template <class T>
-inline void store_tile(const typename Simd<T>::V (&acc)[6][2], T* c, int64_t ldc, T alpha, T beta) {
+// c[i][0:NV*L] = alpha * acc[i] (+ beta * c[i]; beta == 0 never reads C), rows i < 6.
+template <class T, int NV = 2>
+inline void store_tile(const typename Simd<T>::V (&acc)[6][NV], T* c, int64_t ldc, T alpha,
+                       T beta) {
   using S = Simd<T>;
   const typename S::V va = S::set1(alpha), vb = S::set1(beta);
 #pragma GCC unroll 6
   for (int i = 0; i < 6; ++i) {
     T* ci = c + i * ldc;
-    if (beta == T(0)) {
-      S::storeu(ci, S::mul(va, acc[i][0]));
-      S::storeu(ci + S::L, S::mul(va, acc[i][1]));
-    } else {
-      S::storeu(ci, S::fmadd(va, acc[i][0], S::mul(vb, S::loadu(ci))));
-      S::storeu(ci + S::L, S::fmadd(va, acc[i][1], S::mul(vb, S::loadu(ci + S::L))));
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      if (beta == T(0)) S::storeu(ci + v * S::L, S::mul(va, acc[i][v]));
+      else S::storeu(ci + v * S::L, S::fmadd(va, acc[i][v], S::mul(vb, S::loadu(ci + v * S::L))));
     }
   }
 }
 
 // 6 x NR (NR = two vectors: 6x16 float32 / 6x8 float64 on AVX2, 6x32 / 6x16 on AVX-512):
-// 12 accumulators, per k step 2 aligned loads of B, 6 broadcasts of A, 12 FMAs.
-template <class T>
+// 12 accumulators, per k step 2 aligned loads of B, 6 broadcasts of A, 12 FMAs. NV = 1: the
+// panel's first vector only (6 accumulators), for an edge tile at most half a panel wide.
+template <class T, int NV = 2>
 inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict b, T* c,
                          int64_t ldc, T alpha, T beta) {
   using S = Simd<T>;
   static_assert(Blocking<T>::MR == 6 && Blocking<T>::NR == 2 * S::L, "tile shape");
-  typename S::V acc[6][2];
+  static_assert(NV == 1 || NV == 2, "one or two vectors per row");
+  typename S::V acc[6][NV];
 #pragma GCC unroll 6
   for (int i = 0; i < 6; ++i) {
-    acc[i][0] = acc[i][1] = S::zero();
+    for (int v = 0; v < NV; ++v) acc[i][v] = S::zero();
     // The C tile is needed only after the k loop: fetch its lines now (all, if unaligned).
     // 1024^3, 1 thread: 0.95x -> 1.05x OpenBLAS (CPU-time ratio, 2-core Zen4, AVX2).
     const char* ci = reinterpret_cast<const char*>(c + i * ldc);
-    constexpr int kRowBytes = int(sizeof(T)) * 2 * S::L;
+    constexpr int kRowBytes = int(sizeof(T)) * NV * S::L;
     for (int off = 0; off < kRowBytes; off += 64) _mm_prefetch(ci + off, _MM_HINT_T0);
     _mm_prefetch(ci + kRowBytes - 1, _MM_HINT_T0);
   }
 #pragma GCC unroll 4
   for (int64_t p = 0; p < kc; ++p) {
-    const typename S::V b0 = S::load(b), b1 = S::load(b + S::L);
+    const typename S::V b0 = S::load(b), b1 = NV == 2 ? S::load(b + S::L) : b0;
 #pragma GCC unroll 6
     for (int i = 0; i < 6; ++i) {
       const typename S::V ai = S::set1(a[i]);
       acc[i][0] = S::fmadd(ai, b0, acc[i][0]);
-      acc[i][1] = S::fmadd(ai, b1, acc[i][1]);
+      if (NV == 2) acc[i][NV - 1] = S::fmadd(ai, b1, acc[i][NV - 1]);
     }
     a += 6;
     b += 2 * S::L;
   }
-  store_tile<T>(acc, c, ldc, alpha, beta);
+  store_tile<T, NV>(acc, c, ldc, alpha, beta);
 }
 
 // The float32 tile with op(A) read in place instead of from a packed panel: rows i < mr of op(A)
@@ -392,12 +395,19 @@ inline void micro_kernel(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, 
 #endif
 
 // A partial tile (mr < MR or nr < NR): full tile into a temporary, then the valid part into C.
+// At most half a panel wide (N = 200 leaves 8 of the last 32 columns on AVX-512), the vector
+// kernels compute that half only.
 template <class T>
 void edge_tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int mr, int nr, T alpha,
                T beta) {
   constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR;
   alignas(64) T tmp[MR * NR];
+#if defined(FASTDL_GEMM_AVX2)
+  if (nr <= Simd<T>::L) micro_kernel<T, 1>(kc, a, b, tmp, NR, T(1), T(0));
+  else micro_kernel<T, 2>(kc, a, b, tmp, NR, T(1), T(0));
+#else
   micro_kernel(kc, a, b, tmp, NR, T(1), T(0));
+#endif
   for (int i = 0; i < mr; ++i) {
     T* ci = c + i * ldc;
     const T* ti = tmp + i * NR;
@@ -451,7 +461,7 @@ void gemm_block(const GemmParams& p, const T* a, const T* b, T* c, int64_t m0, i
 #if defined(FASTDL_GEMM_AVX2)
         if constexpr (std::is_same<T, float>::value) {
           if (direct_a) {
-            // each row tile across the (at most 4) column panels: its rows stay in L1
+            // each row tile across the (at most 4 AVX2, 2 AVX-512) column panels: its rows stay in L1
             for (int64_t ir = 0; ir < mc; ir += MR) {
               const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
               for (int64_t jr = 0; jr < nc; jr += NR) {

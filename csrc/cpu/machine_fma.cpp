@@ -8,7 +8,7 @@ namespace fastdl {
 namespace FASTDL_ISA_NS {
 
 double fma_chains(int64_t iters) {
-  #if defined(__AVX512F__)
+#if defined(__AVX512F__)
   constexpr int kChains = 12, kWidth = 16;
 #else
   constexpr int kChains = 12, kWidth = 8;

@@ -27,7 +27,7 @@
 // float32): forward 41 ms with libm expf/tanhf in a scalar gate loop -> 15 ms with AVX2 gate math
 // -> 8.8 ms with 2-row LSTM tiles (3 rows spilled 4 accumulators); backward 12.7 -> 8.2 ms once
 // the dh product kept its accumulators in registers.
-// Tested by tests/test_rnn.py and tests/test_rnn_db.py (both kernel builds); timed by
+// Tested by tests/test_rnn.py and tests/test_rnn_db.py (every kernel build the CPU runs); timed by
 // benchmarks/bench_rnn.py.
 #include <algorithm>
 #include <cstdlib>
@@ -812,8 +812,7 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
             float* d = dh + b0 * R + k0;
 #if defined(__AVX512F__)
             dh_tile_zmm_rows<MB>(static_cast<int>(mb), g, GH, strip, L.row_step, n0, n1, d, R, add);
-            continue;
-#endif
+#else
             switch (mb) {
               case 6: dh_tile_f32<6>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
               case 5: dh_tile_f32<5>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
@@ -822,6 +821,7 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
               case 2: dh_tile_f32<2>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
               default: dh_tile_f32<1>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
             }
+#endif
             continue;
           }
         }

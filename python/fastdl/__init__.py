@@ -1,7 +1,7 @@
 """fastdl: hand-written C++/CUDA kernels for deep-learning training with a PyTorch-compatible API.
 
 >>> import fastdl
->>> fastdl.build_info()["cpu_capability"] in ("avx512", "avx2", "default")   # the widest the CPU runs
+>>> fastdl.build_info()["cpu_capability"] in ("avx512", "avx2", "default")   # the CPU's kernel build
 True
 
 Submodules: ``fastdl.ops`` (framework-agnostic kernels on numpy arrays or torch tensors),
