@@ -140,12 +140,14 @@ def test_gemm_threads_agree(cpu_path, _fresh_seed, dtype):
     np.testing.assert_array_equal(one, three)
 
 
-@pytest.mark.parametrize("trans_a,n", [(False, 100), (True, 60)])
-def test_gemm_direct_a_matches_packed(cpu_path, _fresh_seed, trans_a, n):
+@pytest.mark.parametrize("trans_a,widths", [(False, (100, 200)), (True, (60, 120))])
+def test_gemm_direct_a_matches_packed(cpu_path, _fresh_seed, trans_a, widths):
     """float32 AVX2 reads op(A) in place for a thread's block of C at most 64 columns wide (32
-    with A transposed) and packs it otherwise; the two micro-kernels do the same arithmetic. One
-    thread packs here (the whole width); two split the columns (m = 20 rows make that the
-    cheaper grid) and read A in place: bitwise the same result."""
+    with A transposed; AVX-512: 128 and 64) and packs it otherwise; the two micro-kernels do the
+    same arithmetic. One thread packs here (the whole width, widths[0] on AVX2, widths[1] on
+    AVX-512); two split the columns (m = 20 rows make that the cheaper grid) and read A in place:
+    bitwise the same result."""
+    n = widths[1] if cpu_path == "avx512" else widths[0]
     rng = _rng(_fresh_seed)
     m, k = 20, 1037    # (k: enough work that the second thread joins)
     a = _stored(rng, m, k, np.float32, trans_a, True)
