@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 EVEX = re.compile(r"%zmm|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[0-7]\b|\{1to\d+\}")
-VEX = re.compile(r"%ymm|\bvfn?m(add|sub)|\bv(p?broadcast|perm|gather|pmask|maskmov)")
+VEX = re.compile(r"^\s*[0-9a-f]+:\s+v[a-z]")  # a VEX or EVEX mnemonic (AVX and later): vaddps, ...
 
 
 def main(path):

@@ -49,8 +49,9 @@ static CpuCapability parse(const char* name) {
 }
 
 // The build chosen without FASTDL_CPU_CAPABILITY: AVX-512 on Intel CPUs that run it (measured on
-// an Emerald Rapids VM: two 512-bit FMA pipes, torch's oneDNN on AVX-512, fastdl's GEMM and
-// recurrent layers 1.2-1.4x faster than its AVX2 build; benchmarks/RESULTS.md, 2026-12-02 13:05).
+// an Emerald Rapids VM: two 512-bit FMA pipes, torch's oneDNN on AVX-512; there fastdl's GEMM
+// ran 1.4-1.8x and its LSTM 1.2-1.6x faster than on its AVX2 build; benchmarks/RESULTS.md,
+// 2026-12-02 13:05).
 // Elsewhere AVX2: Zen 4 splits 512-bit operations into two 256-bit halves and has a 32 KB L1d,
 // and the AVX-512 build has not been measured there (FASTDL_CPU_CAPABILITY=avx512 runs it).
 static CpuCapability automatic_choice() {
