@@ -389,6 +389,43 @@ inline void lstm_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, in
     for (int64_t u = 0; u < w; ++u) y[u] = ho[u];
 }
 
+#if defined(__AVX512F__)
+// lstm_units for 16 units [j0, j0 + 16) of row b, two whole 8-unit blocks whose tile rows are
+// hh_a and hh_b (AVX-512 build, float32): the same arithmetic on 16 lanes (vec_math.h), so the
+// results are bitwise those of two 8-unit calls.
+template <bool SAVE>
+inline void lstm_units16(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
+                         const float* __restrict hh_a, const float* __restrict hh_b) {
+  float* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const float* __restrict bias = io.bias + j0;
+  float* __restrict c = io.c + b * H + j0;
+  float* __restrict ho = io.h_out + b * io.ld_h + j0;
+  float* __restrict y = io.y ? io.y + b * H + j0 : nullptr;
+  __m512 a[4];
+  for (int q = 0; q < 4; ++q) {
+    const __m512 hh = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(hh_a + q * kW)),
+                                         _mm256_loadu_ps(hh_b + q * kW), 1);
+    a[q] = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(xa + q * H), hh),
+                         _mm512_loadu_ps(bias + q * H));
+  }
+  const __m512 i = sigmoid16(a[0]), f = sigmoid16(a[1]), g = tanh16(a[2]), o = sigmoid16(a[3]);
+  const __m512 c_old = _mm512_loadu_ps(c);
+  const __m512 c_new = _mm512_fmadd_ps(f, c_old, _mm512_mul_ps(i, g));
+  const __m512 h_new = _mm512_mul_ps(o, tanh16(c_new));
+  _mm512_storeu_ps(c, c_new);
+  _mm512_storeu_ps(ho, h_new);
+  if (y) _mm512_storeu_ps(y, h_new);
+  if (SAVE) {
+    _mm512_storeu_ps(xa, i);
+    _mm512_storeu_ps(xa + H, f);
+    _mm512_storeu_ps(xa + 2 * H, g);
+    _mm512_storeu_ps(xa + 3 * H, o);
+    _mm512_storeu_ps(io.c_save + b * H + j0, c_new);
+    _mm512_storeu_ps(io.cprev_save + b * H + j0, c_old);
+  }
+}
+#endif
+
 template <class T, bool SAVE>
 inline void gru_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
                       const T* __restrict hh) {
@@ -519,6 +556,27 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
                 gates(b0 + i, j0, w, tile + i * C);
                 gates(b0 + i, j1, w1, tile_b + i * C);
               }
+            }
+            ++jb;
+            continue;
+          }
+        }
+#endif
+#if defined(__AVX512F__)
+        if constexpr (G == 4 && std::is_same<T, float>::value) {
+          if (jb + 1 < hi && j0 + 2 * kW <= H) {  // this block and the next, both whole: the
+            // gate math on 16 lanes (lstm_units16)
+            constexpr int M2 = 6;
+            alignas(64) float tile_a[M2 * C], tile_b[M2 * C];
+            const float* hr2[M2];
+            const float* panel_b = panel + R * C;
+            for (int64_t b0 = 0; b0 < bs; b0 += M2) {
+              const int mb = static_cast<int>(std::min<int64_t>(M2, bs - b0));
+              for (int i = 0; i < M2; ++i) hr2[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
+              recurrent_rows_f32<G>(mb, R, panel, C, hr2, tile_a, false);
+              recurrent_rows_f32<G>(mb, R, panel_b, C, hr2, tile_b, false);
+              for (int i = 0; i < mb; ++i)
+                lstm_units16<SAVE>(io, H, b0 + i, j0, tile_a + i * C, tile_b + i * C);
             }
             ++jb;
             continue;

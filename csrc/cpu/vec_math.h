@@ -58,6 +58,57 @@ FASTDL_VEC_INLINE __m256 tanh8(__m256 x) {
   return _mm256_or_ps(t, _mm256_and_ps(x, sign));
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// The same three functions on 16 lanes (AVX-512 build): the same operations lane by lane, so
+// each lane's result is bitwise the 8-lane one's.
+FASTDL_VEC_INLINE __m512 exp16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)),
+                                  _mm512_set1_ps(88.0f));
+  const __m512 fn = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i n = _mm512_cvttps_epi32(fn);
+  const __m512 scale =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
+  const __m512 res = _mm512_mul_ps(y, scale);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), res, x);
+}
+
+FASTDL_VEC_INLINE __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 s =
+      _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.7f), _CMP_NLT_UQ), s);
+}
+
+FASTDL_VEC_INLINE __m512 tanh16(__m512 x) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512 ax = _mm512_andnot_ps(sign, x);
+  const __m512 z = _mm512_mul_ps(ax, ax);
+  __m512 s = _mm512_set1_ps(-5.70498872745e-3f);
+  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(2.06390887954e-2f));
+  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-5.37397155531e-2f));
+  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(1.33314422036e-1f));
+  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-3.33332819422e-1f));
+  s = _mm512_fmadd_ps(_mm512_mul_ps(s, z), ax, ax);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp16(_mm512_add_ps(ax, ax));
+  const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+  const __m512 t =
+      _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), big, s);
+  return _mm512_or_ps(t, _mm512_and_ps(x, sign));
+}
+#endif
+
 // r[i][j] <-> r[j][i]: an 8x8 float block transposed in registers (GEMM packing, the cells' state
 // update).
 FASTDL_VEC_INLINE void transpose8x8(__m256 r[8]) {
