@@ -11,8 +11,8 @@
 //      writes the new state (ping-pong buffers), the output row and, in training, the activations.
 //      For R > 128 the product is sliced in k (partial sums per thread) so a panel slice stays in
 //      L1 across the step's row groups. LSTM projection: one GEMM per step after the gate pass.
-//      The AVX-512 build runs the LSTM and GRU float32 product on zmm (recurrent_cols_zmm); the
-//      gate math stays 8 units wide.
+//      The AVX-512 build runs the LSTM and GRU float32 product on zmm (recurrent_cols_zmm), and
+//      the LSTM gate math on 16 units at once where two whole blocks meet (lstm_units16).
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
 // register-tiled product (12x16 on zmm in the AVX-512 build) over W_hh packed once per call into
