@@ -48,10 +48,8 @@ static CpuCapability parse(const char* name) {
   return CpuCapability::Default;
 }
 
-// The build chosen without FASTDL_CPU_CAPABILITY: AVX-512 on Intel CPUs that run it (measured on
-// an Emerald Rapids VM: two 512-bit FMA pipes, torch's oneDNN on AVX-512; there fastdl's GEMM
-// ran 1.4-1.8x and its LSTM 1.2-1.6x faster than on its AVX2 build; benchmarks/RESULTS.md,
-// 2026-12-02 13:05).
+// The build chosen without FASTDL_CPU_CAPABILITY: AVX-512 on Intel CPUs that run it (two 512-bit
+// FMA pipes; measured faster than the AVX2 build there: benchmarks/RESULTS.md).
 // Elsewhere AVX2: Zen 4 splits 512-bit operations into two 256-bit halves and has a 32 KB L1d,
 // and the AVX-512 build has not been measured there (FASTDL_CPU_CAPABILITY=avx512 runs it).
 static CpuCapability automatic_choice() {

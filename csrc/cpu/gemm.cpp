@@ -89,8 +89,8 @@ thread_local ScratchBuffer tl_pack_a, tl_pack_b;
 // tiles numbering width / NR, too few to repay the packing. Measured on the AVX2 build (NR 16):
 // faster up to 64 columns for a row-major A and up to 32 for a transposed one (its rows are
 // k * lda apart), slower beyond (figures: benchmarks/RESULTS.md, development measurements
-// 2026-12-02). The AVX-512 build keeps the same panel counts (4 / 2 panels of 32 columns): against
-// 64 / 32, a 6272x1152x128 product ran 1.11x faster, the conv suite's shapes within the noise.
+// 2026-12-02). The AVX-512 build keeps the same panel counts (4 / 2 panels of 32 columns;
+// measured against 64 / 32 in RESULTS.md).
 #if defined(FASTDL_GEMM_AVX512)
 constexpr int64_t kDirectAMaxN = 128, kDirectAMaxNTrans = 64;  // the same 4 / 2 panels of 32
 #else
