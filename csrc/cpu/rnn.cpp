@@ -30,6 +30,8 @@
 // Tested by tests/test_rnn.py and tests/test_rnn_db.py (every kernel build the CPU runs); timed by
 // benchmarks/bench_rnn.py.
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -512,32 +514,30 @@ inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, i
 // group ran at 55 GFLOP/s.
 constexpr int64_t kKc = 128;
 
-// One step over rows [0, bs): recurrent product from the packed panels, then the gate math, per
-// block of kW units; blocks are split over the threads (the same blocks every step, so each
-// thread's panels stay in its cache).
+// Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
+// thread and step, with rows the step's batch rows).
+inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C) {
+  const int64_t flops_per_block = 2 * rows * R * C;
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
+}
+
+// One step's blocks [lo, hi) of kW units over rows [0, bs): recurrent product from the packed
+// panels, then the gate math. part: this thread's (batch, G*kW) partial sums (R > kKc).
 template <class T, int G, bool SAVE>
-void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io,
-                T* partials) {
+void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io, T* part,
+                  int64_t lo, int64_t hi) {
   constexpr int MB = TileRows<G>::value;
   constexpr int C = G * kW;
   const int64_t H = p.hidden_size, R = p.out_size();
-  const int64_t blocks = (H + kW - 1) / kW;
-  // Threads only when a block's work is worth a wake-up (~64K flops per thread and step).
-  const int64_t flops_per_block = 2 * bs * R * C;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
   const bool relu = p.mode == RnnMode::Relu;
   auto gates = [&](int64_t b, int64_t j0, int64_t w, const T* hh) {
     if (G == 4) lstm_units<T, SAVE>(io, H, b, j0, w, hh);
     else if (G == 3) gru_units<T, SAVE>(io, H, b, j0, w, hh);
     else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
   };
-  // parallel_for runs inline inside an enclosing OpenMP region (whose thread numbers may exceed
-  // the slots allocated for fastdl's thread count): slot 0 then.
-  const bool nested = omp_in_parallel() != 0;
-  parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
+  {
     alignas(64) T tile[MB * C];
     const T* hr[MB];
-    T* part = partials + (nested ? 0 : int64_t(omp_get_thread_num())) * p.batch * C;
     for (int64_t jb = lo; jb < hi; ++jb) {
       const T* panel = panels + jb * R * C;
       const int64_t j0 = jb * kW, w = std::min<int64_t>(kW, H - j0);
@@ -566,17 +566,21 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
         if constexpr (G == 4 && std::is_same<T, float>::value) {
           if (jb + 1 < hi && j0 + 2 * kW <= H) {  // this block and the next, both whole: the
             // gate math on 16 lanes (lstm_units16)
+            // Row groups of at most 6, balanced (32 rows: 6,6,5,5,5,5, not 6 x 5 + 2, whose
+            // last pair would take a half-speed tile of 4 accumulators).
             constexpr int M2 = 6;
             alignas(64) float tile_a[M2 * C], tile_b[M2 * C];
             const float* hr2[M2];
             const float* panel_b = panel + R * C;
-            for (int64_t b0 = 0; b0 < bs; b0 += M2) {
-              const int mb = static_cast<int>(std::min<int64_t>(M2, bs - b0));
+            const int64_t groups = (bs + M2 - 1) / M2;
+            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+              const int mb = static_cast<int>((bs - b0) / (groups - q));
               for (int i = 0; i < M2; ++i) hr2[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
               recurrent_rows_f32<G>(mb, R, panel, C, hr2, tile_a, false);
               recurrent_rows_f32<G>(mb, R, panel_b, C, hr2, tile_b, false);
               for (int i = 0; i < mb; ++i)
                 lstm_units16<SAVE>(io, H, b0 + i, j0, tile_a + i * C, tile_b + i * C);
+              b0 += mb;
             }
             ++jb;
             continue;
@@ -588,11 +592,13 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
           constexpr int M2 = G == 4 ? 6 : 4;
           alignas(64) float tile2[M2 * C];
           const float* hr2[M2];
-          for (int64_t b0 = 0; b0 < bs; b0 += M2) {
-            const int mb = static_cast<int>(std::min<int64_t>(M2, bs - b0));
+          const int64_t groups = (bs + M2 - 1) / M2;  // balanced, as above
+          for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+            const int mb = static_cast<int>((bs - b0) / (groups - q));
             for (int i = 0; i < M2; ++i) hr2[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
             recurrent_rows_f32<G>(mb, R, panel, C, hr2, tile2, false);
             for (int i = 0; i < mb; ++i) gates(b0 + i, j0, w, tile2 + i * C);
+            b0 += mb;
           }
           continue;
         }
@@ -638,6 +644,22 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
       }
       for (int64_t b = 0; b < bs; ++b) gates(b, j0, w, part + b * C);
     }
+  }
+}
+
+// One step over rows [0, bs), its blocks split over the threads (the projection's loop: a GEMM
+// follows each step).
+template <class T, int G, bool SAVE>
+void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io,
+                T* partials) {
+  constexpr int C = G * kW;
+  const int64_t blocks = (p.hidden_size + kW - 1) / kW;
+  // parallel_for runs inline inside an enclosing OpenMP region (whose thread numbers may exceed
+  // the slots allocated for fastdl's thread count): slot 0 then.
+  const bool nested = omp_in_parallel() != 0;
+  parallel_for(blocks, step_block_grain(bs, p.out_size(), C), [&](int64_t lo, int64_t hi) {
+    T* part = partials + (nested ? 0 : int64_t(omp_get_thread_num())) * p.batch * C;
+    fused_blocks<T, G, SAVE>(p, panels, bs, io, part, lo, hi);
   });
 }
 
@@ -648,6 +670,15 @@ void fused_step_any(const RnnParams& p, const T* panels, int64_t bs, const StepI
     fused_step<T, G, true>(p, panels, bs, io, partials);
   else
     fused_step<T, G, false>(p, panels, bs, io, partials);
+}
+
+template <class T, int G>
+void fused_blocks_any(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io,
+                      T* part, int64_t lo, int64_t hi) {
+  if (io.save)
+    fused_blocks<T, G, true>(p, panels, bs, io, part, lo, hi);
+  else
+    fused_blocks<T, G, false>(p, panels, bs, io, part, lo, hi);
 }
 
 template <class T>
@@ -702,6 +733,75 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
 
   T* h_cur = hn;
   T* h_next = h_other;
+  // The block of steps [lo, hi) in visiting order that holds step t: rows from t on (reverse:
+  // back) until at least kXgRows.
+  auto xg_steps = [&](int64_t t, int64_t& lo, int64_t& hi) {
+    lo = t;
+    hi = t + 1;
+    if (!p.reverse) while (hi < p.steps && off[hi] - off[lo] < kXgRows) ++hi;
+    else while (lo > 0 && off[hi] - off[lo] < kXgRows) --lo;
+  };
+  if (!proj) {
+    // One team for the whole loop. Thread k owns the same unit blocks every step (its W_hh panels
+    // stay in its cache) and writes only those units' columns of the new state, so a step needs
+    // one barrier (the new state whole before any thread reads it), where a parallel region per
+    // step paid OpenMP's start and join each step. In inference each thread also computes its own
+    // units' columns of xg, which no other thread reads.
+    const int64_t grain = step_block_grain(B, R, G * kW);
+    const int64_t team_threads =
+        std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
+    if (!ws) xg = static_cast<T*>(tl_xg.get(sizeof(T) * std::min(N, kXgRows + B) * GH));
+    std::exception_ptr error;
+    std::atomic<bool> failed{false};
+    parallel_team(team_threads, [&](const Team& team) {
+      const int64_t chunk = (blocks + team.nthr - 1) / team.nthr;
+      const int64_t lo = std::min(blocks, team.tid * chunk), hi = std::min(blocks, lo + chunk);
+      const int64_t u0 = lo * kW, uw = std::min(H, hi * kW) - u0;  // this thread's units
+      T* part = partials + team.tid * B * G * kW;
+      T* hc = hn;
+      T* hx = h_other;
+      int64_t t0 = 0, t1 = 0;  // steps [t0, t1) are in xg (inference)
+      for (int64_t s = 0; s < p.steps; ++s) {
+        // Nothing may leave the loop early: the other threads would wait at the barrier.
+        if (uw > 0 && !failed.load(std::memory_order_relaxed)) try {
+          const int64_t t = p.reverse ? p.steps - 1 - s : s;
+          const int64_t bs = p.rows_at(t), row0 = off[t];
+          T* xg_rows;
+          if (ws) {
+            xg_rows = act + row0 * ld_xg;
+          } else {
+            if (t < t0 || t >= t1) {
+              xg_steps(t, t0, t1);
+              for (int64_t q = 0; q < G; ++q)  // one GEMM per gate: its columns of our units
+                mm<T>(false, true, off[t1] - off[t0], uw, I, x + off[t0] * I, I,
+                      w_ih + (q * H + u0) * I, I, xg + q * H + u0, GH, 0.0);
+            }
+            xg_rows = xg + (row0 - off[t0]) * GH;
+          }
+          if (hprev)
+            for (int64_t b = 0; b < bs; ++b)
+              std::memcpy(hprev + (row0 + b) * R + u0, hc + b * R + u0, sizeof(T) * uw);
+          for (int64_t b = bs; b < B; ++b)  // rows past a packed step carry their state over
+            std::memcpy(hx + b * R + u0, hc + b * R + u0, sizeof(T) * uw);
+          const StepIo<T> io{xg_rows, ld_xg, bias, bhn, hc, hx, R, y + row0 * R, cs,
+                             ws && lstm ? ws + L.c + row0 * H : nullptr,
+                             ws && lstm ? ws + L.cprev + row0 * H : nullptr, ws != nullptr};
+          if (G == 4) fused_blocks_any<T, 4>(p, panels, bs, io, part, lo, hi);
+          else if (G == 3) fused_blocks_any<T, 3>(p, panels, bs, io, part, lo, hi);
+          else fused_blocks_any<T, 1>(p, panels, bs, io, part, lo, hi);
+        } catch (...) {
+#pragma omp critical(fastdl_rnn_forward_error)
+          if (!error) error = std::current_exception();
+          failed.store(true, std::memory_order_relaxed);
+        }
+        team.barrier();
+        std::swap(hc, hx);
+      }
+    });
+    if (error) std::rethrow_exception(error);
+    if (p.steps % 2) std::memcpy(hn, h_other, sizeof(T) * B * R);
+    return;
+  }
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t bs = p.rows_at(t), row0 = off[t];
@@ -710,9 +810,8 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
       xg_rows = act + row0 * ld_xg;
     } else {
       if (t < xg_t0 || t >= xg_t1) {  // the next block of steps in visiting order
-        int64_t lo = t, hi = t + 1;
-        if (!p.reverse) while (hi < p.steps && off[hi] - off[lo] < kXgRows) ++hi;
-        else while (lo > 0 && off[hi] - off[lo] < kXgRows) --lo;
+        int64_t lo, hi;
+        xg_steps(t, lo, hi);
         xg = static_cast<T*>(tl_xg.get(sizeof(T) * (off[hi] - off[lo]) * GH));
         mm<T>(false, true, off[hi] - off[lo], GH, I, x + off[lo] * I, I, w_ih, I, xg, GH, 0.0);
         xg_t0 = lo;
