@@ -355,6 +355,38 @@ def test_backward_team_packed_threads(cpu_path, kind):
         fastdl.set_num_threads(before)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_team_inference_packed(cpu_path, kind, dtype):
+    """The forward's step loop in a thread team (one barrier per step; in inference each thread
+    computes its own units' columns of the input projection, block of steps by block of steps):
+    hidden 50 (7 unit blocks, the last partial) at 1, 2 and 3 threads, packed sequences whose
+    batch shrinks (rows past a step's batch carry their state over), 797 rows (the projection's
+    blocks of >= 512 rows change mid-sequence, in both directions), an odd number of steps
+    (the final state ends in the second buffer); no-grad and training outputs against torch."""
+    lengths = torch.tensor([31, 3, 29, 1, 17, 30, 5, 2, 30, 14, 28, 6, 30, 27, 30, 9, 31, 30, 4,
+                            31, 20, 31, 22, 31, 12, 31, 30, 31, 25, 31, 8, 31, 30, 19, 31, 26])
+    before = fastdl.get_num_threads()
+    try:
+        torch.manual_seed(5)
+        ours, theirs = make_pair(kind, 6, 50, dtype=dtype, num_layers=1, bidirectional=True)
+        x = pack_padded_sequence(rand(31, len(lengths), 6, dtype=dtype), lengths,
+                                 enforce_sorted=False)
+        assert x.data.shape[0] == int(lengths.sum()) == 797
+        with torch.no_grad():
+            expected = flat(theirs(x))
+        for threads in (1, 2, 3):
+            fastdl.set_num_threads(threads)
+            for grad in (False, True):
+                with torch.set_grad_enabled(grad):
+                    got = flat(ours(x))
+                for i, (a, b) in enumerate(zip(got, expected)):
+                    assert_close(a.detach(), b, reduction=50, what=f"{kind} {threads} threads "
+                                 f"{'training' if grad else 'inference'} output {i}")
+    finally:
+        fastdl.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_RELU"])
 def test_backward_small_hidden_large_batch(cpu_path, kind):
     """Hidden 16 (one dh column chunk) at batch 1100 on 2 threads: the step loop's team would
