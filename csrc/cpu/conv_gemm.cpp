@@ -123,6 +123,64 @@ void for_segments(const Conv2dParams& p, int64_t s0, int64_t len, int64_t i, con
   }
 }
 
+// A row segment of im2col: zeros, then n copied elements, then zeros. Inline vector loops for
+// float32 on the AVX2/AVX-512 builds: a segment is an output row (14-56 floats in the issue's
+// shapes), and a memcpy/memset call per segment cost more than its copy (memmove and im2col were
+// ~1/5 of the 3x3 weight gradient's samples on 64x32x26x26: benchmarks/RESULTS.md, development
+// measurements 2026-12-02 17:20).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline __m256i tail_mask8(int64_t n) {  // lanes [0, n) set, for 0 < n < 8
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+template <class T>
+inline void zero_run(T* d, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_setzero_ps());
+    if (k < n) _mm512_mask_storeu_ps(d + k, static_cast<__mmask16>((1u << (n - k)) - 1), _mm512_setzero_ps());
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_setzero_ps());
+    if (k < n) _mm256_maskstore_ps(d + k, tail_mask8(n - k), _mm256_setzero_ps());
+    return;
+  }
+#endif
+  std::fill(d, d + n, T(0));
+}
+
+template <class T>
+inline void copy_run(T* d, const T* src, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_loadu_ps(src + k));
+    if (k < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
+      _mm512_mask_storeu_ps(d + k, m, _mm512_maskz_loadu_ps(m, src + k));
+    }
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_loadu_ps(src + k));
+    if (k < n) {
+      const __m256i m = tail_mask8(n - k);
+      _mm256_maskstore_ps(d + k, m, _mm256_maskload_ps(src + k, m));
+    }
+    return;
+  }
+#endif
+  if (n > 0) std::memcpy(d, src, sizeof(T) * n);
+}
+
 // im2col's source: one (image, group)'s cg channels as planes read with stride 1. Stride 1 reads
 // x in place (rows x cols = H x W). A stride s > 1 along either axis first splits each channel
 // into sh*sw stride phases, plane (cc, ri, rj)[m][n] = x[cc][m*sh + ri][n*sw + rj] (zero past the
@@ -300,10 +358,9 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           // Whole rows valid (so qj == 0) and rows adjacent in the plane: one run for the valid rows.
           const int64_t a = std::min(std::max(s0, rlo * OW), s0 + len);
           const int64_t b = std::max(a, std::min(s0 + len, rhi * OW));
-          std::fill(dst, dst + (a - s0), T(0));
-          if (b > a)
-            std::memcpy(dst + (a - s0), pl + (a + (qi - src.row0) * OW), sizeof(T) * (b - a));
-          std::fill(dst + (b - s0), dst + len, T(0));
+          zero_run(dst, a - s0);
+          copy_run(dst + (a - s0), pl + (a + (qi - src.row0) * OW), b - a);
+          zero_run(dst + (b - s0), len - (b - s0));
           continue;
         }
         int64_t oh = s0 / OW, ow = s0 % OW, pos = 0;
@@ -327,13 +384,13 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           const int64_t seg = std::min(OW - ow, len - pos), e = ow + seg;
           T* d = dst + pos;  // d[o - ow] for output column o in [ow, e)
           if (oh < rlo || oh >= rhi) {
-            std::fill(d, d + seg, T(0));
+            zero_run(d, seg);
           } else {
             const T* xr = pl + (oh + qi - src.row0) * src.cols + qj;  // xr[o] for o in [lo, hi)
             const int64_t a = std::min(std::max(ow, lo), e), b = std::max(a, std::min(hi, e));
-            std::fill(d, d + (a - ow), T(0));
-            if (b > a) std::memcpy(d + (a - ow), xr + a, sizeof(T) * (b - a));
-            std::fill(d + (b - ow), d + seg, T(0));
+            zero_run(d, a - ow);
+            copy_run(d + (a - ow), xr + a, b - a);
+            zero_run(d + (b - ow), seg - (b - ow));
           }
           pos += seg;
           ow = 0;
