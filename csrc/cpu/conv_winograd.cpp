@@ -43,6 +43,7 @@
 #endif
 
 #include "conv_impl.h"
+#include "row_copy.h"
 #include "scratch.h"
 
 namespace fastdl {
@@ -306,12 +307,12 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
         rb[i] = dst;
         const int64_t ih = 2 * ti - p.ph + i;
         if (ih < 0 || ih >= p.h) {
-          std::fill(dst, dst + rbw, T(0));
+          zero_run(dst, rbw);
           continue;
         }
-        std::fill(dst, dst + a, T(0));
-        if (e > a) std::memcpy(dst + a, xp + ih * p.w + (a + off), sizeof(T) * (e - a));
-        std::fill(dst + e, dst + rbw, T(0));
+        zero_run(dst, a);
+        copy_run(dst + a, xp + ih * p.w + (a + off), e - a);
+        zero_run(dst + e, rbw - e);
       }
       input_row<T>(rb, q.tcn, v + cc * w.ldq + (r - q.r0) * q.tcn, w.ves);
     }
@@ -502,8 +503,8 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
             gb[i] = dst;
             const int64_t oh = 2 * ti + i;
             const int64_t e = oh < p.oh ? std::min(gbw, p.ow - 2 * q.tc0) : 0;
-            if (e > 0) std::memcpy(dst, gp + oh * p.ow, sizeof(T) * e);
-            std::fill(dst + e, dst + gbw, T(0));
+            copy_run(dst, gp + oh * p.ow, e);
+            zero_run(dst + e, gbw - e);
           }
           grad_row<T>(gb, q.tcn, m + kk * w.ldq + (r - q.r0) * q.tcn, w.mes);
         }
