@@ -206,7 +206,7 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
         alignas(32) float tmp[16];
         _mm256_store_ps(tmp, y0);
         _mm256_store_ps(tmp + 8, y1);
-        std::memcpy(rows[i] + c0, tmp, sizeof(float) * cols);
+        copy_run(rows[i] + c0, tmp, cols);
         for (int64_t c = 0; c < cols; ++c) tail_bad += tmp[c] * 0.0f;
       }
     }
