@@ -252,9 +252,14 @@ def test_winograd_automatic_choice(cpu_path):
         # at least 256 tiles whatever the channels: a batch of 4 on 8x8 maps has 64
         assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1) == "gemm"
         assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1, pass_="input") == "gemm"
-        assert algo((16, 64, 8, 8), (64, 64, 3, 3), padding=1) == wino       # 256 tiles
-        assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == wino      # 256 tiles
-        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == wino
+        # 256 tiles: Winograd on the AVX2 build; the AVX-512 build asks for 512 (its GEMM is
+        # twice as wide, its transforms are not)
+        at256 = "gemm" if cpu_path == "avx512" else wino
+        assert algo((16, 64, 8, 8), (64, 64, 3, 3), padding=1) == at256
+        assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == at256
+        assert algo((32, 64, 8, 8), (64, 64, 3, 3), padding=1) == wino       # 512 tiles
+        assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == wino    # 512, 256 channels
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == wino           # 2048 tiles
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == "gemm"  # 3 outputs
         # channel ratios outside the measured ones (16 -> 256 measured slower both ways)
         assert algo((32, 16, 8, 8), (256, 16, 3, 3), padding=1) == "gemm"
@@ -556,10 +561,11 @@ def test_auto_choice():
     # channel multiplier's (3) take GEMM there.
     rgb = np.zeros((8, 3, 3, 3), np.float32)
     mult3 = np.zeros((24, 1, 3, 3), np.float32)
-    # (its 8 outputs reach Winograd's rule in the forward on the AVX2 build, given 256 tiles or
-    # more: 16 images of 5x5 tiles here; the input gradient, 3 outputs, stays on GEMM)
+    # (its 8 outputs reach Winograd's rule in the forward on the AVX2 and AVX-512 builds, given
+    # 256 and 512 tiles or more: 32 images of 5x5 tiles here; the input gradient, 3 outputs,
+    # stays on GEMM)
     avx2 = fastdl._C.cpu_capability() != "default"   # the AVX2 or AVX-512 build
-    x16 = np.zeros((16, 3, 12, 12), np.float32)
+    x16 = np.zeros((32, 3, 12, 12), np.float32)
     for pass_ in ("forward", "input", "weight"):
         assert ops_conv.conv2d_algorithm(x16, rgb, pass_=pass_) == (
             "winograd" if avx2 and pass_ == "forward" else "gemm")

@@ -307,6 +307,23 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           continue;
         }
         int64_t oh = s0 / OW, ow = s0 % OW, pos = 0;
+#if defined(__AVX2__)
+        if constexpr (std::is_same<T, float>::value) {
+          if (OW <= kShortLanes) {  // short rows: one masked vector per row segment
+            while (pos < len) {
+              const int64_t seg = std::min(OW - ow, len - pos), e = ow + seg;
+              const bool row = oh >= rlo && oh < rhi;
+              const T* xr = pl + (row ? (oh + qi - src.row0) * src.cols + qj : 0);
+              short_row_select(dst + pos - ow, xr, ow, e, row ? std::max(ow, lo) : 0,
+                               row ? std::min(e, hi) : 0);
+              pos += seg;
+              ow = 0;
+              ++oh;
+            }
+            continue;
+          }
+        }
+#endif
         if (OW <= kShortRow) {
           // Short rows (a ResNet's 2x2 to 8x8 maps): element by element, as selects that GCC
           // does not turn into memcpy / memset calls; three libc calls per row segment were
@@ -439,6 +456,17 @@ void col2im_add(const Conv2dParams& p, const T* cols, int64_t ld, int64_t cg, in
             T* gr = pl + (oh + qi) * dst.cols + qj;  // gr[o] += s[o - ow] for o in [a, b)
             const T* sr = src + pos;
             const int64_t a = std::min(std::max(ow, lo), e), b = std::max(a, std::min(hi, e));
+#if defined(__AVX2__)
+            if constexpr (std::is_same<T, float>::value) {
+              if (OW <= kShortLanes) {  // one masked vector (a ResNet's small maps)
+                short_row_add(gr, sr - ow, a, b);
+                pos += seg;
+                ow = 0;
+                ++oh;
+                continue;
+              }
+            }
+#endif
 #pragma omp simd
             for (int64_t o = a; o < b; ++o) gr[o] += sr[o - ow];
           }

@@ -442,10 +442,19 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // 256 ran 1.14x GEMM's time forward and its input gradient (256 -> 16) 2.0x (review r2b-3):
   // the input transform's cost per output grows with cg / kg. Outside the measured ratios, GEMM.
   if (cg > 2 * kg || (kg > 4 * cg && cg > 4)) return false;
-  // At least 256 tiles in all: with fewer (a batch of 4 on 8x8 or 12x12 maps) Winograd was
-  // slower than GEMM at every channel count measured (benchmarks/RESULTS.md, development
-  // measurements 2026-12-02).
-  return pass != ConvPass::BackwardWeight && tiles >= std::max<int64_t>(ch, 256);
+  // At least 256 tiles in all (AVX2 build): with fewer (a batch of 4 on 8x8 or 12x12 maps)
+  // Winograd was slower than GEMM at every channel count measured (benchmarks/RESULTS.md,
+  // development measurements 2026-12-02).
+  // The AVX-512 build: at least 512. Its GEMMs run 16 lanes while the transforms stay on 8, and
+  // at 256 tiles GEMM was faster forward at 128 and 256 channels (16x128x8x8: GEMM/Winograd time
+  // 0.87 forward, 0.99 input gradient; 16x256x8x8: 0.74, 0.92) and Winograd won from 512 tiles on
+  // at every count measured (benchmarks/RESULTS.md, development measurements 2026-12-02 s11).
+#if defined(__AVX512F__)
+  constexpr int64_t kMinTiles = 512;
+#else
+  constexpr int64_t kMinTiles = 256;
+#endif
+  return pass != ConvPass::BackwardWeight && tiles >= std::max<int64_t>(ch, kMinTiles);
 #else
   (void)p;
   (void)pass;

@@ -1,5 +1,6 @@
 // Short row runs for the convolution's buffers (im2col rows, Winograd's padded tile rows): zeros
-// and copies of n elements by inline vector loops for float32 on the AVX2/AVX-512 builds. A run
+// and copies of n elements by inline vector loops for float32 on the AVX2/AVX-512 builds, and
+// whole short rows (at most 8 columns) as one masked vector. A run
 // is one output or input row (14-58 floats in the shapes); a memcpy/memset call per run
 // cost more than the copy itself (memmove and the calls' callers were ~1/5 of the 3x3 weight
 // gradient's samples on 64x32x26x26: benchmarks/RESULTS.md, development measurements
@@ -70,6 +71,42 @@ inline void copy_run(T* d, const T* src, int64_t n) {
 #endif
   if (n > 0) std::memcpy(d, src, sizeof(T) * n);
 }
+
+#if defined(__AVX2__)
+// Short rows (at most 8 output columns: a ResNet's 2x2 to 8x8 maps), float32, one masked vector
+// per row segment. Lanes o in [lo, hi) of d are written: s[o] where o is in [a, b), else 0. Only
+// the lanes named are read or written, so d and s may point before their buffers (s[a] is the
+// first element read). kShortLanes: the widest row served.
+constexpr int64_t kShortLanes = 8;
+#if defined(__AVX512F__)
+inline __mmask16 lanes16(int64_t lo, int64_t hi) {  // bits [lo, hi), 0 <= lo, hi <= 16
+  return hi <= lo ? __mmask16(0) : static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+inline void short_row_select(float* d, const float* s, int64_t lo, int64_t hi, int64_t a,
+                             int64_t b) {
+  _mm512_mask_storeu_ps(d, lanes16(lo, hi), _mm512_maskz_loadu_ps(lanes16(a, b), s));
+}
+// The col2im direction: g[o] += v[o] for o in [a, b) (g and v may point before their buffers).
+inline void short_row_add(float* g, const float* v, int64_t a, int64_t b) {
+  const __mmask16 m = lanes16(a, b);
+  _mm512_mask_storeu_ps(g, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, g), _mm512_maskz_loadu_ps(m, v)));
+}
+#else
+inline __m256i lanes8(int64_t lo, int64_t hi) {  // lanes [lo, hi) set
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_and_si256(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), iota));
+}
+inline void short_row_select(float* d, const float* s, int64_t lo, int64_t hi, int64_t a,
+                             int64_t b) {
+  _mm256_maskstore_ps(d, lanes8(lo, hi), _mm256_maskload_ps(s, lanes8(a, b)));
+}
+inline void short_row_add(float* g, const float* v, int64_t a, int64_t b) {
+  const __m256i m = lanes8(a, b);
+  _mm256_maskstore_ps(g, m, _mm256_add_ps(_mm256_maskload_ps(g, m), _mm256_maskload_ps(v, m)));
+}
+#endif
+#endif
 
 }  // namespace
 }  // namespace FASTDL_ISA_NS
