@@ -445,10 +445,9 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // At least 256 tiles in all (AVX2 build): with fewer (a batch of 4 on 8x8 or 12x12 maps)
   // Winograd was slower than GEMM at every channel count measured (benchmarks/RESULTS.md,
   // development measurements 2026-12-02).
-  // The AVX-512 build: at least 512. Its GEMMs run 16 lanes while the transforms stay on 8, and
-  // at 256 tiles GEMM was faster forward at 128 and 256 channels (16x128x8x8: GEMM/Winograd time
-  // 0.87 forward, 0.99 input gradient; 16x256x8x8: 0.74, 0.92) and Winograd won from 512 tiles on
-  // at every count measured (benchmarks/RESULTS.md, development measurements 2026-12-02 s11).
+  // The AVX-512 build: at least 512. Its GEMMs run 16 lanes while the transforms stay on 8; at
+  // 256 tiles GEMM was faster forward at every channel count measured there, and Winograd won
+  // from 512 tiles on (benchmarks/RESULTS.md, section 2026-12-02 16:20).
 #if defined(__AVX512F__)
   constexpr int64_t kMinTiles = 512;
 #else

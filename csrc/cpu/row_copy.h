@@ -1,10 +1,10 @@
 // Short row runs for the convolution's buffers (im2col rows, Winograd's padded tile rows): zeros
 // and copies of n elements by inline vector loops for float32 on the AVX2/AVX-512 builds, and
-// whole short rows (at most 8 columns) as one masked vector. A run
-// is one output or input row (14-58 floats in the shapes); a memcpy/memset call per run
-// cost more than the copy itself (memmove and the calls' callers were ~1/5 of the 3x3 weight
-// gradient's samples on 64x32x26x26: benchmarks/RESULTS.md, development measurements
-// 2026-12-02 17:20). Other types, and the portable build, call the library.
+// whole short rows (at most 8 columns) as one masked vector. A run is one output or input row
+// (14-58 floats in the shapes); a memcpy/memset call per run cost more than the copy
+// itself (memmove and the calls' callers were ~1/5 of the 3x3 weight gradient's samples on
+// 64x32x26x26: benchmarks/RESULTS.md, section 2026-12-02 16:20). Other types, and the portable
+// build, call the library.
 #pragma once
 
 #include <algorithm>
