@@ -258,6 +258,9 @@ def test_winograd_automatic_choice(cpu_path):
         assert algo((16, 64, 8, 8), (64, 64, 3, 3), padding=1) == at256
         assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == at256
         assert algo((32, 64, 8, 8), (64, 64, 3, 3), padding=1) == wino       # 512 tiles
+        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at256     # 510 tiles
+        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at256
+        assert algo((2, 64, 32, 32), (64, 64, 3, 3), padding=1, pass_="input") == wino  # 512
         assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == wino    # 512, 256 channels
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == wino           # 2048 tiles
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == "gemm"  # 3 outputs

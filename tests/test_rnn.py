@@ -358,31 +358,39 @@ def test_backward_team_packed_threads(cpu_path, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_team_inference_packed(cpu_path, kind, dtype):
-    """The forward's step loop in a thread team (one barrier per step; in inference each thread
-    computes its own units' columns of the input projection, block of steps by block of steps):
-    hidden 50 (7 unit blocks, the last partial) at 1, 2 and 3 threads, packed sequences whose
-    batch shrinks (rows past a step's batch carry their state over), 797 rows (the projection's
-    blocks of >= 512 rows change mid-sequence, in both directions), an odd number of steps
-    (the final state ends in the second buffer); no-grad and training outputs against torch."""
+    """The forward's step loop in thread teams (one barrier per step; in inference a team per
+    block of >= 512 rows, after that block's input-projection GEMM): hidden 50 (7 unit blocks,
+    the last partial) and 32 (4 blocks: 3 threads make a team of 2) at 1, 2 and 3 threads,
+    packed sequences whose batch shrinks (rows past a step's batch carry their state over), 797
+    rows (the blocks change mid-sequence, in both directions), an odd number of steps (the final
+    state ends in the second buffer); no-grad and training outputs against torch, and the same
+    outputs bitwise at every thread count (each element's sums do not depend on the split).
+    LSTM_PROJ keeps the per-step regions (a GEMM follows each step)."""
     lengths = torch.tensor([31, 3, 29, 1, 17, 30, 5, 2, 30, 14, 28, 6, 30, 27, 30, 9, 31, 30, 4,
                             31, 20, 31, 22, 31, 12, 31, 30, 31, 25, 31, 8, 31, 30, 19, 31, 26])
     before = fastdl.get_num_threads()
     try:
-        torch.manual_seed(5)
-        ours, theirs = make_pair(kind, 6, 50, dtype=dtype, num_layers=1, bidirectional=True)
-        x = pack_padded_sequence(rand(31, len(lengths), 6, dtype=dtype), lengths,
-                                 enforce_sorted=False)
-        assert x.data.shape[0] == int(lengths.sum()) == 797
-        with torch.no_grad():
-            expected = flat(theirs(x))
-        for threads in (1, 2, 3):
-            fastdl.set_num_threads(threads)
-            for grad in (False, True):
-                with torch.set_grad_enabled(grad):
-                    got = flat(ours(x))
-                for i, (a, b) in enumerate(zip(got, expected)):
-                    assert_close(a.detach(), b, reduction=50, what=f"{kind} {threads} threads "
-                                 f"{'training' if grad else 'inference'} output {i}")
+        for H in (50, 32):
+            torch.manual_seed(5)
+            ours, theirs = make_pair(kind, 6, H, dtype=dtype, num_layers=1, bidirectional=True)
+            x = pack_padded_sequence(rand(31, len(lengths), 6, dtype=dtype), lengths,
+                                     enforce_sorted=False)
+            assert x.data.shape[0] == int(lengths.sum()) == 797
+            with torch.no_grad():
+                expected = flat(theirs(x))
+            first = {}
+            for threads in (1, 2, 3):
+                fastdl.set_num_threads(threads)
+                for grad in (False, True):
+                    with torch.set_grad_enabled(grad):
+                        got = [t.detach() for t in flat(ours(x))]
+                    what = f"{kind} H={H} {threads} threads {'training' if grad else 'inference'}"
+                    for i, (a, b) in enumerate(zip(got, expected)):
+                        assert_close(a, b, reduction=H, what=f"{what} output {i}")
+                    if grad not in first:
+                        first[grad] = got
+                    for i, (a, b) in enumerate(zip(got, first[grad])):
+                        assert torch.equal(a, b), f"{what}: output {i} differs from 1 thread"
     finally:
         fastdl.set_num_threads(before)
 

@@ -302,7 +302,7 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           const int64_t a = std::min(std::max(s0, rlo * OW), s0 + len);
           const int64_t b = std::max(a, std::min(s0 + len, rhi * OW));
           zero_run(dst, a - s0);
-          copy_run(dst + (a - s0), pl + (a + (qi - src.row0) * OW), b - a);
+          if (b > a) copy_run(dst + (a - s0), pl + (a + (qi - src.row0) * OW), b - a);
           zero_run(dst + (b - s0), len - (b - s0));
           continue;
         }
@@ -313,9 +313,10 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
             while (pos < len) {
               const int64_t seg = std::min(OW - ow, len - pos), e = ow + seg;
               const bool row = oh >= rlo && oh < rhi;
-              const T* xr = pl + (row ? (oh + qi - src.row0) * src.cols + qj : 0);
-              short_row_select(dst + pos - ow, xr, ow, e, row ? std::max(ow, lo) : 0,
-                               row ? std::min(e, hi) : 0);
+              // lane o: output column o, read from xr[o] (xr: the input row, shifted by qj)
+              const T* xr = row ? lane_origin(pl + (oh + qi - src.row0) * src.cols, qj) : pl;
+              short_row_select(lane_origin(dst + pos, -ow), xr, ow, e,
+                               row ? std::max(ow, lo) : 0, row ? std::min(e, hi) : 0);
               pos += seg;
               ow = 0;
               ++oh;
@@ -331,7 +332,7 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           while (pos < len) {
             const int64_t seg = std::min(OW - ow, len - pos), e = ow + seg;
             const bool row = oh >= rlo && oh < rhi;
-            const T* xr = pl + (row ? (oh + qi - src.row0) * src.cols + qj : 0);
+            const T* xr = row ? lane_origin(pl + (oh + qi - src.row0) * src.cols, qj) : pl;
             T* d = dst + pos;  // d[o - ow] for output column o in [ow, e)
             for (int64_t o = ow; o < e; ++o) d[o - ow] = row && o >= lo && o < hi ? xr[o] : T(0);
             pos += seg;
@@ -346,10 +347,11 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
           if (oh < rlo || oh >= rhi) {
             zero_run(d, seg);
           } else {
-            const T* xr = pl + (oh + qi - src.row0) * src.cols + qj;  // xr[o] for o in [lo, hi)
+            // xr[o] for o in [lo, hi)
+            const T* xr = lane_origin(pl + (oh + qi - src.row0) * src.cols, qj);
             const int64_t a = std::min(std::max(ow, lo), e), b = std::max(a, std::min(hi, e));
             zero_run(d, a - ow);
-            copy_run(d + (a - ow), xr + a, b - a);
+            if (b > a) copy_run(d + (a - ow), xr + a, b - a);
             zero_run(d + (b - ow), seg - (b - ow));
           }
           pos += seg;
@@ -453,13 +455,14 @@ void col2im_add(const Conv2dParams& p, const T* cols, int64_t ld, int64_t cg, in
         while (pos < len) {
           const int64_t seg = std::min(OW - ow, len - pos), e = ow + seg;
           if (oh >= rlo && oh < rhi) {
-            T* gr = pl + (oh + qi) * dst.cols + qj;  // gr[o] += s[o - ow] for o in [a, b)
+            // gr[o] += s[o - ow] for o in [a, b) (gr: the gradient row, shifted by qj)
+            T* gr = lane_origin(pl + (oh + qi) * dst.cols, qj);
             const T* sr = src + pos;
             const int64_t a = std::min(std::max(ow, lo), e), b = std::max(a, std::min(hi, e));
 #if defined(__AVX2__)
             if constexpr (std::is_same<T, float>::value) {
               if (OW <= kShortLanes) {  // one masked vector (a ResNet's small maps)
-                short_row_add(gr, sr - ow, a, b);
+                short_row_add(gr, lane_origin(sr, -ow), a, b);
                 pos += seg;
                 ow = 0;
                 ++oh;

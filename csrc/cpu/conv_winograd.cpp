@@ -311,7 +311,7 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
           continue;
         }
         zero_run(dst, a);
-        copy_run(dst + a, xp + ih * p.w + (a + off), e - a);
+        if (e > a) copy_run(dst + a, xp + ih * p.w + (a + off), e - a);
         zero_run(dst + e, rbw - e);
       }
       input_row<T>(rb, q.tcn, v + cc * w.ldq + (r - q.r0) * q.tcn, w.ves);
@@ -413,12 +413,12 @@ bool winograd_serves(const Conv2dParams& p) {
   return p.kh == 3 && p.kw == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1;
 }
 
-// The automatic choice (float32 on the AVX2 build, where the vector transforms run).
+// The automatic choice (float32 on the AVX2 and AVX-512 builds, where the vector transforms run).
 // Forward and input gradient (asked as the forward it runs, input_grad_as_forward): at least 8
 // output channels per group (the GEMMs' M; with 3, the input gradient of a 3-channel layer ran
 // 1.12x GEMM's time) and at least as many tiles per group as max(cg, kg) (U = 16 x kg x cg is
 // transformed per call and streamed per chunk; on tiny maps that outweighs the saving), and at
-// least 256.
+// least 256 (512 on the AVX-512 build).
 // Weight gradient: forced only. Faster where the third column below is < 1, and its error
 // relative to the largest element matches GEMM's (5.5e-7 vs 4.4e-7 on shape 3), but elementwise
 // it is not always within 4x torch's: an element's error scales with its tap neighbours' dU, so
@@ -511,7 +511,7 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
             gb[i] = dst;
             const int64_t oh = 2 * ti + i;
             const int64_t e = oh < p.oh ? std::min(gbw, p.ow - 2 * q.tc0) : 0;
-            copy_run(dst, gp + oh * p.ow, e);
+            if (e > 0) copy_run(dst, gp + oh * p.ow, e);
             zero_run(dst + e, gbw - e);
           }
           grad_row<T>(gb, q.tcn, m + kk * w.ldq + (r - q.r0) * q.tcn, w.mes);

@@ -4,7 +4,8 @@
 // Forward:
 //   1. xg = x @ W_ih^T for many steps at once: one large GEMM (training: all N rows, straight into
 //      the saved activation buffer, which the gate pass then overwrites row by row; inference:
-//      blocks of >= 512 rows into a reused scratch, so nothing of size N is kept).
+//      blocks of >= 512 rows into a reused scratch, so nothing of size N is kept), on every
+//      thread.
 //   2. W_hh is packed once per call into panels of 8 hidden units x all G gates (k-major), so one
 //      register tile (rows x G*8) of the recurrent product holds every gate of 8 units; the gate
 //      math (rnn_math.h; AVX2 exp/sigmoid/tanh from vec_math.h) runs on the tile straight away and
@@ -21,8 +22,9 @@
 // dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
 // Work split: the forward step splits unit blocks over the threads (the same blocks every step,
 // so each thread's panels stay in its cache; one thread while a step is under ~64K flops per
-// thread, e.g. batch 1, hidden 64); the dh product splits 16-column chunks; big GEMMs are
-// threaded by csrc/cpu/gemm.cpp.
+// thread, e.g. batch 1, hidden 64), in one thread team per block of steps with a barrier per
+// step (without a projection; with one, a parallel region per step); the dh product splits
+// 16-column chunks; big GEMMs are threaded by csrc/cpu/gemm.cpp.
 // Measured (one thread, CPU time, 2-core Zen4 VM shared with other jobs; LSTM 64-128-32-50
 // float32): forward 41 ms with libm expf/tanhf in a scalar gate loop -> 15 ms with AVX2 gate math
 // -> 8.8 ms with 2-row LSTM tiles (3 rows spilled 4 accumulators); backward 12.7 -> 8.2 ms once
@@ -30,8 +32,6 @@
 // Tested by tests/test_rnn.py and tests/test_rnn_db.py (every kernel build the CPU runs); timed by
 // benchmarks/bench_rnn.py.
 #include <algorithm>
-#include <atomic>
-#include <exception>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -59,7 +59,8 @@ void gemm(const GemmParams& p, const void* a, const void* b, void* c);  // csrc/
 
 namespace {
 
-// Per-thread scratch, owned by the calling thread (the step loop runs on the caller's thread).
+// Per-thread scratch, owned by the calling thread (allocated there before any thread team runs;
+// the team's threads only read and write into it).
 thread_local ScratchBuffer tl_xg, tl_hh;
 
 // c (m x n, ldc) = op(a) op(b) + beta * c, on fastdl's GEMM.
@@ -515,7 +516,7 @@ inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, i
 constexpr int64_t kKc = 128;
 
 // Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
-// thread and step, with rows the step's batch rows).
+// thread and step; rows: the step's batch, or the largest one for a team over all steps).
 inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C) {
   const int64_t flops_per_block = 2 * rows * R * C;
   return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
@@ -566,8 +567,8 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         if constexpr (G == 4 && std::is_same<T, float>::value) {
           if (jb + 1 < hi && j0 + 2 * kW <= H) {  // this block and the next, both whole: the
             // gate math on 16 lanes (lstm_units16)
-            // Row groups of at most 6, balanced (32 rows: 6,6,5,5,5,5, not 6 x 5 + 2, whose
-            // last pair would take a half-speed tile of 4 accumulators).
+            // Row groups of at most 6, balanced (32 rows: 5,5,5,5,6,6, not 6 x 5 + 2, whose
+            // last pair would take the 2-row ymm tile, half the zmm tile's width).
             constexpr int M2 = 6;
             alignas(64) float tile_a[M2 * C], tile_b[M2 * C];
             const float* hr2[M2];
@@ -592,7 +593,8 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
           constexpr int M2 = G == 4 ? 6 : 4;
           alignas(64) float tile2[M2 * C];
           const float* hr2[M2];
-          const int64_t groups = (bs + M2 - 1) / M2;  // balanced, as above
+          // balanced, as above (LSTM: the 2-row tile holds 8 accumulators, the 3-6-row ones 12)
+          const int64_t groups = (bs + M2 - 1) / M2;
           for (int64_t q = 0, b0 = 0; q < groups; ++q) {
             const int mb = static_cast<int>((bs - b0) / (groups - q));
             for (int i = 0; i < M2; ++i) hr2[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
@@ -742,63 +744,55 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     else while (lo > 0 && off[hi] - off[lo] < kXgRows) --lo;
   };
   if (!proj) {
-    // One team for the whole loop. Thread k owns the same unit blocks every step (its W_hh panels
-    // stay in its cache) and writes only those units' columns of the new state, so a step needs
-    // one barrier (the new state whole before any thread reads it), where a parallel region per
-    // step paid OpenMP's start and join each step. In inference each thread also computes its own
-    // units' columns of xg, which no other thread reads.
+    // One thread team per block of steps (training: one for the whole loop, its xg computed
+    // above; inference: one per block of >= kXgRows rows, after that block's xg GEMM on every
+    // thread). Thread k owns the same unit blocks every step (its W_hh panels stay in its cache)
+    // and writes only those units' columns of the new state, so a step needs one barrier (the new
+    // state whole before any thread reads it), where a parallel region per step paid OpenMP's
+    // start and join each step. Nothing in the team's loop throws.
     const int64_t grain = step_block_grain(B, R, G * kW);
-    const int64_t team_threads =
-        std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
-    if (!ws) xg = static_cast<T*>(tl_xg.get(sizeof(T) * std::min(N, kXgRows + B) * GH));
-    std::exception_ptr error;
-    std::atomic<bool> failed{false};
-    parallel_team(team_threads, [&](const Team& team) {
-      const int64_t chunk = (blocks + team.nthr - 1) / team.nthr;
-      const int64_t lo = std::min(blocks, team.tid * chunk), hi = std::min(blocks, lo + chunk);
-      const int64_t u0 = lo * kW, uw = std::min(H, hi * kW) - u0;  // this thread's units
-      T* part = partials + team.tid * B * G * kW;
-      T* hc = hn;
-      T* hx = h_other;
-      int64_t t0 = 0, t1 = 0;  // steps [t0, t1) are in xg (inference)
-      for (int64_t s = 0; s < p.steps; ++s) {
-        // Nothing may leave the loop early: the other threads would wait at the barrier.
-        if (uw > 0 && !failed.load(std::memory_order_relaxed)) try {
+    const int64_t most = std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
+    const int64_t per = (blocks + most - 1) / most;
+    const int64_t team_threads = (blocks + per - 1) / per;  // none left without a block
+    for (int64_t s0 = 0; s0 < p.steps;) {
+      int64_t s1 = p.steps;  // this team's steps [s0, s1) in visiting order
+      if (!ws) {
+        int64_t lo, hi;
+        xg_steps(p.reverse ? p.steps - 1 - s0 : s0, lo, hi);
+        xg = static_cast<T*>(tl_xg.get(sizeof(T) * (off[hi] - off[lo]) * GH));
+        mm<T>(false, true, off[hi] - off[lo], GH, I, x + off[lo] * I, I, w_ih, I, xg, GH, 0.0);
+        xg_t0 = lo;
+        s1 = s0 + (hi - lo);
+      }
+      parallel_team(team_threads, [&](const Team& team) {
+        const int64_t chunk = (blocks + team.nthr - 1) / team.nthr;
+        const int64_t lo = std::min(blocks, team.tid * chunk), hi = std::min(blocks, lo + chunk);
+        const int64_t u0 = lo * kW, uw = std::min(H, hi * kW) - u0;  // this thread's units
+        T* part = partials + team.tid * B * G * kW;
+        for (int64_t s = s0; s < s1; ++s) {
           const int64_t t = p.reverse ? p.steps - 1 - s : s;
           const int64_t bs = p.rows_at(t), row0 = off[t];
-          T* xg_rows;
-          if (ws) {
-            xg_rows = act + row0 * ld_xg;
-          } else {
-            if (t < t0 || t >= t1) {
-              xg_steps(t, t0, t1);
-              for (int64_t q = 0; q < G; ++q)  // one GEMM per gate: its columns of our units
-                mm<T>(false, true, off[t1] - off[t0], uw, I, x + off[t0] * I, I,
-                      w_ih + (q * H + u0) * I, I, xg + q * H + u0, GH, 0.0);
-            }
-            xg_rows = xg + (row0 - off[t0]) * GH;
+          T* hc = s % 2 ? h_other : hn;  // the state before step s; the new one goes to hx
+          T* hx = s % 2 ? hn : h_other;
+          if (uw > 0) {
+            if (hprev)
+              for (int64_t b = 0; b < bs; ++b)
+                std::memcpy(hprev + (row0 + b) * R + u0, hc + b * R + u0, sizeof(T) * uw);
+            for (int64_t b = bs; b < B; ++b)  // rows past a packed step carry their state over
+              std::memcpy(hx + b * R + u0, hc + b * R + u0, sizeof(T) * uw);
+            T* xg_rows = ws ? act + row0 * ld_xg : xg + (row0 - off[xg_t0]) * GH;
+            const StepIo<T> io{xg_rows, ld_xg, bias, bhn, hc, hx, R, y + row0 * R, cs,
+                               ws && lstm ? ws + L.c + row0 * H : nullptr,
+                               ws && lstm ? ws + L.cprev + row0 * H : nullptr, ws != nullptr};
+            if (G == 4) fused_blocks_any<T, 4>(p, panels, bs, io, part, lo, hi);
+            else if (G == 3) fused_blocks_any<T, 3>(p, panels, bs, io, part, lo, hi);
+            else fused_blocks_any<T, 1>(p, panels, bs, io, part, lo, hi);
           }
-          if (hprev)
-            for (int64_t b = 0; b < bs; ++b)
-              std::memcpy(hprev + (row0 + b) * R + u0, hc + b * R + u0, sizeof(T) * uw);
-          for (int64_t b = bs; b < B; ++b)  // rows past a packed step carry their state over
-            std::memcpy(hx + b * R + u0, hc + b * R + u0, sizeof(T) * uw);
-          const StepIo<T> io{xg_rows, ld_xg, bias, bhn, hc, hx, R, y + row0 * R, cs,
-                             ws && lstm ? ws + L.c + row0 * H : nullptr,
-                             ws && lstm ? ws + L.cprev + row0 * H : nullptr, ws != nullptr};
-          if (G == 4) fused_blocks_any<T, 4>(p, panels, bs, io, part, lo, hi);
-          else if (G == 3) fused_blocks_any<T, 3>(p, panels, bs, io, part, lo, hi);
-          else fused_blocks_any<T, 1>(p, panels, bs, io, part, lo, hi);
-        } catch (...) {
-#pragma omp critical(fastdl_rnn_forward_error)
-          if (!error) error = std::current_exception();
-          failed.store(true, std::memory_order_relaxed);
+          team.barrier();
         }
-        team.barrier();
-        std::swap(hc, hx);
-      }
-    });
-    if (error) std::rethrow_exception(error);
+      });
+      s0 = s1;
+    }
     if (p.steps % 2) std::memcpy(hn, h_other, sizeof(T) * B * R);
     return;
   }

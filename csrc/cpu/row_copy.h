@@ -72,11 +72,20 @@ inline void copy_run(T* d, const T* src, int64_t n) {
   if (n > 0) std::memcpy(d, src, sizeof(T) * n);
 }
 
+// p + k as an address computed in integers, for a vector's lane 0 that may lie before (or past)
+// a buffer: the masked operations below touch only lanes inside it, but pointer arithmetic may not
+// form such an address.
+template <class T>
+inline T* lane_origin(T* p, int64_t k) {
+  return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) +
+                              static_cast<uintptr_t>(k) * sizeof(T));
+}
+
 #if defined(__AVX2__)
 // Short rows (at most 8 output columns: a ResNet's 2x2 to 8x8 maps), float32, one masked vector
 // per row segment. Lanes o in [lo, hi) of d are written: s[o] where o is in [a, b), else 0. Only
-// the lanes named are read or written, so d and s may point before their buffers (s[a] is the
-// first element read). kShortLanes: the widest row served.
+// the lanes named are read or written, so d and s may be lane origins before their buffers
+// (lane_origin; s[a] is the first element read). kShortLanes: the widest row served.
 constexpr int64_t kShortLanes = 8;
 #if defined(__AVX512F__)
 inline __mmask16 lanes16(int64_t lo, int64_t hi) {  // bits [lo, hi), 0 <= lo, hi <= 16
@@ -86,7 +95,7 @@ inline void short_row_select(float* d, const float* s, int64_t lo, int64_t hi, i
                              int64_t b) {
   _mm512_mask_storeu_ps(d, lanes16(lo, hi), _mm512_maskz_loadu_ps(lanes16(a, b), s));
 }
-// The col2im direction: g[o] += v[o] for o in [a, b) (g and v may point before their buffers).
+// The col2im direction: g[o] += v[o] for o in [a, b) (g and v may be lane origins, as above).
 inline void short_row_add(float* g, const float* v, int64_t a, int64_t b) {
   const __mmask16 m = lanes16(a, b);
   _mm512_mask_storeu_ps(g, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, g), _mm512_maskz_loadu_ps(m, v)));
