@@ -18,9 +18,14 @@
 
 namespace fastdl {
 
+// The functions below are `static` (one copy per including file): the kernel files are compiled
+// once per ISA, and an inline function emitted out of line in several builds is merged by the
+// linker into one copy, which may be an AVX one that the portable code then calls
+// (.ci/isa_check.py caught rnn_scratch_layout so merged in the ASan build).
+
 enum class RnnMode : int { Tanh = 0, Relu = 1, Lstm = 2, Gru = 3 };
 
-inline int64_t rnn_gate_count(RnnMode m) {
+static inline int64_t rnn_gate_count(RnnMode m) {
   return m == RnnMode::Lstm ? 4 : m == RnnMode::Gru ? 3 : 1;
 }
 
@@ -47,7 +52,7 @@ struct RnnParams {
 };
 
 // Row offsets of every step: off[t] = bs[0] + ... + bs[t-1]; off[T] = N.
-inline std::vector<int64_t> rnn_step_offsets(const RnnParams& p) {
+static inline std::vector<int64_t> rnn_step_offsets(const RnnParams& p) {
   std::vector<int64_t> off(p.steps + 1, 0);
   for (int64_t t = 0; t < p.steps; ++t) off[t + 1] = off[t] + p.rows_at(t);
   return off;
@@ -59,8 +64,8 @@ inline std::vector<int64_t> rnn_step_offsets(const RnnParams& p) {
 // elements (16-byte aligned, for the GEMM's vector loads). Forward: x, w_ih, w_hh, b_ih, b_hh,
 // w_hr, h0, c0, then y, hn, cn. Backward: x, w_ih, w_hh, w_hr, dy, dhn, dcn, then dx, dh0, dc0,
 // dw_ih, dw_hh, db_ih, db_hh, dw_hr. Unused entries (no bias, no projection, not LSTM) take 0.
-inline int64_t rnn_stage_round(int64_t n) { return (n + 3) / 4 * 4; }
-inline int64_t rnn_cuda_stage_elements(const RnnParams& p, bool backward) {
+static inline int64_t rnn_stage_round(int64_t n) { return (n + 3) / 4 * 4; }
+static inline int64_t rnn_cuda_stage_elements(const RnnParams& p, bool backward) {
   if (!p.half()) return 0;
   const int64_t n = p.total_rows(), gh = p.gates() * p.hidden_size, h = p.hidden_size;
   const int64_t r = p.out_size(), b = p.batch;
@@ -85,7 +90,7 @@ struct RnnWorkspace {
   int64_t act = 0, hprev = 0, c = 0, cprev = 0, hpre = 0, total = 0;  // element offsets
   int64_t act_cols = 0;
 };
-inline RnnWorkspace rnn_workspace_layout(const RnnParams& p) {
+static inline RnnWorkspace rnn_workspace_layout(const RnnParams& p) {
   const int64_t n = p.total_rows(), h = p.hidden_size, r = p.out_size();
   RnnWorkspace w;
   w.act_cols = p.mode == RnnMode::Lstm || p.mode == RnnMode::Gru ? 4 * h : h;
@@ -107,7 +112,7 @@ inline RnnWorkspace rnn_workspace_layout(const RnnParams& p) {
 struct RnnScratch {
   int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, stage = 0, total = 0;
 };
-inline RnnScratch rnn_scratch_layout(const RnnParams& p) {
+static inline RnnScratch rnn_scratch_layout(const RnnParams& p) {
   const int64_t n = p.total_rows(), gh = p.gates() * p.hidden_size;
   RnnScratch s;
   s.dgh = s.dht = s.dhpre = s.total = n * gh;
@@ -128,7 +133,7 @@ struct RnnBackwardBuffers {
   T *dgx, *dgh, *dht, *dhpre;
 };
 template <class T>
-RnnBackwardBuffers<T> rnn_backward_buffers(const RnnParams& p, void* scratch) {
+static RnnBackwardBuffers<T> rnn_backward_buffers(const RnnParams& p, void* scratch) {
   const RnnScratch S = rnn_scratch_layout(p);
   T* sc = static_cast<T*>(scratch);
   const bool proj = p.proj_size > 0;
@@ -158,7 +163,7 @@ struct RnnForwardArgs {
 struct RnnCudaForwardScratch {
   int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, stage = 0, total = 0;
 };
-inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
+static inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
   const int64_t gh = p.gates() * p.hidden_size;
   RnnCudaForwardScratch s;
   s.hbuf = p.batch * gh;
@@ -184,7 +189,7 @@ struct RnnBackwardArgs {
 
 // Checks sizes, batch_sizes and the mode/projection combination (FASTDL_CHECK); each back end
 // checks its dtypes.
-inline void check_rnn_params(const RnnParams& p) {
+static inline void check_rnn_params(const RnnParams& p) {
   FASTDL_CHECK(p.mode == RnnMode::Tanh || p.mode == RnnMode::Relu || p.mode == RnnMode::Lstm ||
                    p.mode == RnnMode::Gru,
                "rnn: unknown mode ", static_cast<int>(p.mode));
