@@ -753,14 +753,11 @@ PYBIND11_MODULE(_C, m) {
   // torch expand().contiguous() (~2.5 us of a ~10 us tiny call, 1 thread).
   m.def("linear_cpu", [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t m_,
                          int64_t n, int64_t k, int dtype) {
-    GemmParams p = gemm_params<float>(false, true, m_, n, k, k, k, n, b ? 1.0 : 0.0);
+    // y = x w^T + b: the bias is added in the GEMM's stores (no pass over y of its own)
+    GemmParams p = gemm_params<float>(false, true, m_, n, k, k, k, n, 0.0);
     p.dtype = dtype_of(dtype);
+    p.bias = reinterpret_cast<const void*>(b);
     py::gil_scoped_release release;
-    if (b) {
-      const size_t row = static_cast<size_t>(n) * (p.dtype == DType::Float32 ? 4 : 8);
-      char* dst = reinterpret_cast<char*>(y);
-      for (int64_t i = 0; i < m_; ++i) std::memcpy(dst + i * row, reinterpret_cast<void*>(b), row);
-    }
     gemm_cpu(p, reinterpret_cast<void*>(x), reinterpret_cast<void*>(w), reinterpret_cast<void*>(y));
   });
 

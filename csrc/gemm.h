@@ -21,6 +21,10 @@ struct GemmParams {
   double alpha = 1.0, beta = 0.0;
   int64_t lda = 0, ldb = 0, ldc = 0;
   DType dtype = DType::Float32;
+  // CPU only (the CUDA GEMM refuses it): n values of the element type added to every row of C,
+  // C = alpha * op(A) * op(B) + beta * C + bias, in the GEMM's stores (Linear's bias without a
+  // pass over C of its own). Null: none.
+  const void* bias = nullptr;
 };
 
 // GemmParams for a row-major C = op(A) op(B) + beta * C (alpha = 1) in element type T (float or

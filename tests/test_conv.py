@@ -620,6 +620,10 @@ def test_set_conv_algorithm_errors():
     with pytest.raises(ValueError, match="set_conv_algorithm"):
         fastdl.ops.set_conv_algorithm("fastest")
     assert fastdl.ops.get_conv_algorithm() == "auto"
+    x, w = torch.zeros(1, 2, 5, 5), torch.zeros(3, 2, 3, 3)
+    for bad in ("backward_input", None):
+        with pytest.raises(ValueError, match="conv2d_algorithm: expected pass_"):
+            ops_conv.conv2d_algorithm(x, w, pass_=bad)
 
 
 def test_env_var_forces_algorithm():

@@ -336,6 +336,7 @@ void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const
                bool allow_tf32) {
   check_gemm_params(p);
   FASTDL_CHECK(p.dtype == DType::Float32, "gemm: CUDA supports float32, got ", dtype_name(p.dtype));
+  FASTDL_CHECK(p.bias == nullptr, "fastdl internal: the CUDA gemm takes no bias operand");
   FASTDL_CHECK(p.m < (int64_t(1) << 31) && p.n < (int64_t(1) << 31) && p.k < (int64_t(1) << 31),
                "gemm: CUDA sizes must be below 2^31");
   if (p.m == 0 || p.n == 0) return;

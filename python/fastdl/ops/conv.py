@@ -555,6 +555,10 @@ def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1, p
     current setting: "reference", "gemm", "direct", "winograd" or "phase" (tests and benchmarks)."""
     geo = _conv_geometry("conv2d_algorithm", input, weight, None, stride, padding, dilation,
                          groups)
-    code = {"forward": _FORWARD, "input": _BACKWARD_INPUT, "weight": _BACKWARD_WEIGHT}[pass_]
+    passes = {"forward": _FORWARD, "input": _BACKWARD_INPUT, "weight": _BACKWARD_WEIGHT}
+    if not isinstance(pass_, str) or pass_ not in passes:
+        raise ValueError(f"conv2d_algorithm: expected pass_ to be one of {sorted(passes)}, "
+                         f"got {pass_!r}")
+    code = passes[pass_]
     which = _C.conv2d_algorithm_cuda if geo.device >= 0 else _C.conv2d_algorithm
     return _NAMES[which(geo.params, code, _current_algo())]
