@@ -7,10 +7,14 @@
 #include <stdexcept>
 #include <string>
 
+// Functions shared by host and device code (csrc/*_math.h). On the host they are `static`: each
+// file, and so each CPU kernel build (portable, AVX2, AVX-512), keeps its own copy, which the
+// linker can never swap for another build's (an AVX copy of rnn_exp was kept once for every
+// caller; .ci/isa_check.py).
 #if defined(__CUDACC__)
 #define FASTDL_HD __host__ __device__ __forceinline__
 #else
-#define FASTDL_HD inline
+#define FASTDL_HD static inline
 #endif
 
 namespace fastdl {

@@ -8,7 +8,9 @@
 // Forced inline: with plain `inline`, GCC's per-unit inlining budget decided it, and an unrelated
 // change elsewhere in rnn.cpp made exp8 an out-of-line call with its constants reloaded per gate,
 // costing the GRU forward ~1.6x (benchmarks/RESULTS.md, development measurements 2026-12-01 23:10).
-#define FASTDL_VEC_INLINE inline __attribute__((always_inline))
+// Static: a copy emitted out of line stays in its own file, so the AVX2 build can never be linked
+// to the AVX-512 build's (these functions sit outside FASTDL_ISA_NS).
+#define FASTDL_VEC_INLINE static inline __attribute__((always_inline))
 
 namespace fastdl {
 
