@@ -707,13 +707,14 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // ---- gemm / linear (csrc/gemm.h) ------------------------------------------------------------
-  // C = alpha * op(A) * op(B) + beta * C on raw row-major buffers; python/fastdl/ops/gemm.py has
-  // already checked shapes, dtypes, devices and leading dimensions.
+  // C = alpha * op(A) * op(B) + beta * C (+ bias, n values added to every row: CPU only, tests)
+  // on raw row-major buffers; python/fastdl/ops/gemm.py has already checked shapes, dtypes,
+  // devices and leading dimensions.
   m.def(
       "gemm",
       [](py::handle a, py::handle b, py::handle c, bool trans_a, bool trans_b, int64_t m_,
          int64_t n, int64_t k, double alpha, double beta, int64_t lda, int64_t ldb, int64_t ldc,
-         int dtype, int device, uintptr_t stream, bool allow_tf32) {
+         int dtype, int device, uintptr_t stream, bool allow_tf32, py::handle bias) {
         GemmParams p;
         p.trans_a = trans_a;
         p.trans_b = trans_b;
@@ -729,6 +730,7 @@ PYBIND11_MODULE(_C, m) {
         const void* pa = pointer_of(a);
         const void* pb = pointer_of(b);
         void* pc = pointer_of(c);
+        p.bias = bias.is_none() ? nullptr : pointer_of(bias);
         py::gil_scoped_release release;
         if (device < 0) {
           gemm_cpu(p, pa, pb, pc);
@@ -745,15 +747,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("a"), py::arg("b"), py::arg("c"), py::arg("trans_a"), py::arg("trans_b"),
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("alpha"), py::arg("beta"), py::arg("lda"),
       py::arg("ldb"), py::arg("ldc"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      py::arg("allow_tf32"));
+      py::arg("allow_tf32"), py::arg("bias") = py::none());
 
   // linear's eager CPU fast path (python/fastdl/ops/linear.py, _fast_cpu): y (m x n) =
   // x (m x k, row-major) * w^T (w: n x k, row-major) + b, b (n) broadcast over the rows or 0 (no
-  // bias). Filling y with b here and letting the GEMM add onto it (beta = 1) saves the caller a
-  // torch expand().contiguous() (~2.5 us of a ~10 us tiny call, 1 thread).
+  // bias). The GEMM adds b in its stores: no torch expand().contiguous() for the caller (~2.5 us
+  // of a ~10 us tiny call, 1 thread), and no pass over y that fills it with b first (700x200 ->
+  // 10000: 28 MB written by one thread, then read back by the GEMM's beta = 1).
   m.def("linear_cpu", [](uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t m_,
                          int64_t n, int64_t k, int dtype) {
-    // y = x w^T + b: the bias is added in the GEMM's stores (no pass over y of its own)
     GemmParams p = gemm_params<float>(false, true, m_, n, k, k, k, n, 0.0);
     p.dtype = dtype_of(dtype);
     p.bias = reinterpret_cast<const void*>(b);

@@ -304,3 +304,36 @@ def test_gemm_errors_devices(cuda_device):
     with pytest.raises(NotImplementedError, match="supported dtypes"):
         ops.matmul(torch.ones(2, 3, dtype=torch.float64, device=cuda_device),
                    torch.ones(3, 4, dtype=torch.float64, device=cuda_device))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,n,k,alpha,beta,threads,trans_a", [
+    (7, 600, 300, 1.0, 0.0, 2, False),      # two threads split the columns (a 1 x 2 grid)
+    (16, 4200, 20, 1.0, 0.0, 1, False),     # past one NC block of columns
+    (13, 70, 513, 0.75, -1.25, 2, True),    # several k slices; beta != 0, alpha != 1
+    (9, 37, 0, 1.0, 0.5, 1, False),         # k == 0: no products, C = beta C + bias
+    (9, 37, 5, 0.0, -1.0, 1, False)])       # alpha == 0: A and B unread
+def test_gemm_bias_row(cpu_path, _fresh_seed, dtype, m, n, k, alpha, beta, threads, trans_a):
+    """The CPU GEMM's bias row (GemmParams::bias, Linear's forward): C = alpha op(A) B + beta C +
+    bias, the bias added once per element whatever the k slices, thread grid and tiles."""
+    from fastdl import _C
+    rng = _rng(_fresh_seed)
+    a = np.ascontiguousarray(rng.uniform(-1, 1, (k, m) if trans_a else (m, k)).astype(dtype))
+    b = rng.uniform(-1, 1, (k, n)).astype(dtype)
+    bias = rng.uniform(-1, 1, n).astype(dtype)
+    c0 = rng.uniform(-1, 1, (m, n)).astype(dtype)
+    c = c0.copy()
+    before = fastdl.get_num_threads()
+    try:
+        fastdl.set_num_threads(threads)
+        _C.gemm(a, b, c, trans_a, False, m, n, k, alpha, beta, max(a.shape[1], 1), n, n,
+                0 if dtype == np.float32 else 1, -1, 0, False, bias)
+    finally:
+        fastdl.set_num_threads(before)
+    A = np.asarray(a, np.float64)
+    A = A.T if trans_a else A
+    ref = alpha * (A @ np.asarray(b, np.float64)) + beta * c0 + bias
+    mag = abs(alpha) * (np.abs(A) @ np.abs(b)) + abs(beta) * np.abs(c0) + np.abs(bias)
+    t = tol(torch.float32 if dtype == np.float32 else torch.float64, reduction=max(k, 1))
+    err = np.abs(c - ref)
+    assert (err <= t["atol"] + t["rtol"] * mag).all(), f"worst err {err.max():.3g}"

@@ -30,8 +30,8 @@ def test_linear_parity(device, dtype, lead, bias):
 
 # The bias is added in the GEMM's stores: once per element whatever the number of k slices (513
 # runs 3 on every build), in full and edge tiles, on the packed kernels (300 columns) and the
-# float32 kernels that read the input in place (7 and 40 columns), and with no products at all
-# (in_features 0).
+# float32 kernels that read the input in place (7 and 40 columns). (in_features 0 takes the
+# general path, which fills the output with the bias; test_gemm_bias_row covers the GEMM's k == 0.)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("in_f,out_f,rows", [(1, 1, 1), (513, 7, 129), (513, 40, 13), (6, 300, 1000),
                                              (300, 300, 7), (0, 5, 3)])

@@ -1,4 +1,5 @@
-// CPU GEMM, float32 and float64: C = alpha * op(A) * op(B) + beta * C (csrc/gemm.h; matches
+// CPU GEMM, float32 and float64: C = alpha * op(A) * op(B) + beta * C (+ a bias row added to every
+// row of C in the first k slice's stores, GemmParams::bias) (csrc/gemm.h; matches
 // numpy/torch matmul, row-major with arbitrary leading dimensions and either operand transposed).
 // Structure (GotoBLAS/BLIS): for each NC-wide column block of C and KC-deep slice of k, op(B) is
 // packed into NR-wide micro-panels (B block ~ L3), then for each MC-tall row block op(A) is packed
@@ -151,8 +152,9 @@ void pack_a(const T* a, int64_t lda, bool trans, int64_t i0, int64_t p0, int64_t
       for (int64_t p = 0; p < kc; ++p) {
         const T* src = a + (p0 + p) * lda + i0 + ir;
         if (mr == MR) {
-          // one fixed-size copy (a 16- and an 8-byte move for float32): GCC built the element
-          // loop from scalar loads and inserts, ~23% of a 10000x700 . 700x200 GEMM's time
+          // one fixed-size copy (6 rows of float32 on AVX2/AVX-512: a 16- and an 8-byte move):
+          // GCC built the element loop from scalar loads and inserts, ~23% of a 10000x700 .
+          // 700x200 GEMM's time (perf, AVX-512 build)
           std::memcpy(d + p * MR, src, sizeof(T) * MR);
         } else {
           for (int r = 0; r < MR; ++r) d[p * MR + r] = r < mr ? src[r] : T(0);
@@ -203,7 +205,7 @@ void pack_b(const T* b, int64_t ldb, bool trans, int64_t p0, int64_t j0, int64_t
   }
 }
 
-// ---- micro-kernels: c[MR x NR] = alpha * (a_panel . b_panel) + beta * c (beta == 0: no read) ----
+// ---- micro-kernels: c[MR x NR] = alpha * (a_panel . b_panel) + beta * c (+ bias) (beta == 0: no read)
 
 template <class T>
 void micro_kernel_ref(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc,
