@@ -13,102 +13,129 @@
 #define FASTDL_VEC_INLINE static inline __attribute__((always_inline))
 
 namespace fastdl {
+// Internal linkage: these sit outside FASTDL_ISA_NS, and the AVX2 and AVX-512 builds compile them
+// with different encodings (an out-of-line copy must stay in its own file).
+namespace {
 
-FASTDL_VEC_INLINE __m256 exp8(__m256 x) {
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)),
-                                  _mm256_set1_ps(88.0f));
-  const __m256 fn = _mm256_floor_ps(
-      _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i n = _mm256_cvttps_epi32(fn);
-  const __m256 scale =
-      _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-  const __m256 res = _mm256_mul_ps(y, scale);
-  return _mm256_blendv_ps(res, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
+// One register of float32 lanes, the operations exp / sigmoid / tanh need: Lanes<8> a ymm (AVX2),
+// Lanes<16> a zmm (AVX-512 build). The functions below are written once over it, so the 16-lane
+// results are the 8-lane ones lane by lane, bit for bit.
+template <int W> struct Lanes;
 
-// Within 4 ulp of 1 / (1 + expf(-x)); 0 below -88.7 (and at -inf) as torch, not exp8's clamp.
-FASTDL_VEC_INLINE __m256 sigmoid8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 s =
-      _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-88.7f), _CMP_LT_OQ), s);
-}
-
-FASTDL_VEC_INLINE __m256 tanh8(__m256 x) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 ax = _mm256_andnot_ps(sign, x);
-  const __m256 z = _mm256_mul_ps(ax, ax);
-  __m256 s = _mm256_set1_ps(-5.70498872745e-3f);
-  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(2.06390887954e-2f));
-  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-5.37397155531e-2f));
-  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(1.33314422036e-1f));
-  s = _mm256_fmadd_ps(s, z, _mm256_set1_ps(-3.33332819422e-1f));
-  s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), ax, ax);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 e = exp8(_mm256_add_ps(ax, ax));
-  const __m256 big = _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
-  const __m256 t = _mm256_blendv_ps(big, s, _mm256_cmp_ps(ax, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
-  return _mm256_or_ps(t, _mm256_and_ps(x, sign));
-}
+template <> struct Lanes<8> {
+  using V = __m256;
+  FASTDL_VEC_INLINE V set1(float x) { return _mm256_set1_ps(x); }
+  FASTDL_VEC_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
+  FASTDL_VEC_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  FASTDL_VEC_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  FASTDL_VEC_INLINE V div(V a, V b) { return _mm256_div_ps(a, b); }
+  FASTDL_VEC_INLINE V min(V a, V b) { return _mm256_min_ps(a, b); }
+  FASTDL_VEC_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
+  FASTDL_VEC_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  FASTDL_VEC_INLINE V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  FASTDL_VEC_INLINE V and_(V a, V b) { return _mm256_and_ps(a, b); }
+  FASTDL_VEC_INLINE V andnot(V a, V b) { return _mm256_andnot_ps(a, b); }  // ~a & b
+  FASTDL_VEC_INLINE V or_(V a, V b) { return _mm256_or_ps(a, b); }
+  FASTDL_VEC_INLINE V floor(V x) { return _mm256_floor_ps(x); }
+  // 2^n for integral n in [-126, 127] (held as floats)
+  FASTDL_VEC_INLINE V pow2(V n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  // x's lanes that are NaN, r's elsewhere
+  FASTDL_VEC_INLINE V nan_from(V r, V x) {
+    return _mm256_blendv_ps(r, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  }
+  // lo where a < lim (false for NaN), hi elsewhere
+  FASTDL_VEC_INLINE V select_below(V a, V lim, V lo, V hi) {
+    return _mm256_blendv_ps(hi, lo, _mm256_cmp_ps(a, lim, _CMP_LT_OQ));
+  }
+};
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-// The same three functions on 16 lanes (AVX-512 build): the same operations lane by lane, so
-// each lane's result is bitwise the 8-lane one's.
-FASTDL_VEC_INLINE __m512 exp16(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)),
-                                  _mm512_set1_ps(88.0f));
-  const __m512 fn = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i n = _mm512_cvttps_epi32(fn);
-  const __m512 scale =
-      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
-  const __m512 res = _mm512_mul_ps(y, scale);
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), res, x);
+template <> struct Lanes<16> {
+  using V = __m512;
+  FASTDL_VEC_INLINE V set1(float x) { return _mm512_set1_ps(x); }
+  FASTDL_VEC_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
+  FASTDL_VEC_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  FASTDL_VEC_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  FASTDL_VEC_INLINE V div(V a, V b) { return _mm512_div_ps(a, b); }
+  FASTDL_VEC_INLINE V min(V a, V b) { return _mm512_min_ps(a, b); }
+  FASTDL_VEC_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
+  FASTDL_VEC_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  FASTDL_VEC_INLINE V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  FASTDL_VEC_INLINE V and_(V a, V b) { return _mm512_and_ps(a, b); }
+  FASTDL_VEC_INLINE V andnot(V a, V b) { return _mm512_andnot_ps(a, b); }
+  FASTDL_VEC_INLINE V or_(V a, V b) { return _mm512_or_ps(a, b); }
+  FASTDL_VEC_INLINE V floor(V x) {
+    return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
+  FASTDL_VEC_INLINE V pow2(V n) {
+    const __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+  }
+  FASTDL_VEC_INLINE V nan_from(V r, V x) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), r, x);
+  }
+  FASTDL_VEC_INLINE V select_below(V a, V lim, V lo, V hi) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, lim, _CMP_LT_OQ), hi, lo);
+  }
+};
+#endif
+
+template <int W>
+FASTDL_VEC_INLINE typename Lanes<W>::V exp_lanes(typename Lanes<W>::V x) {
+  using L = Lanes<W>;
+  const auto xc = L::min(L::max(x, L::set1(-87.3f)), L::set1(88.0f));
+  const auto fn = L::floor(L::fmadd(xc, L::set1(1.44269504088896341f), L::set1(0.5f)));
+  auto r = L::fnmadd(fn, L::set1(0.693359375f), xc);
+  r = L::fnmadd(fn, L::set1(-2.12194440e-4f), r);
+  auto y = L::set1(1.9875691500e-4f);
+  y = L::fmadd(y, r, L::set1(1.3981999507e-3f));
+  y = L::fmadd(y, r, L::set1(8.3334519073e-3f));
+  y = L::fmadd(y, r, L::set1(4.1665795894e-2f));
+  y = L::fmadd(y, r, L::set1(1.6666665459e-1f));
+  y = L::fmadd(y, r, L::set1(5.0000001201e-1f));
+  y = L::fmadd(L::mul(y, r), r, L::add(r, L::set1(1.0f)));
+  return L::nan_from(L::mul(y, L::pow2(fn)), x);
 }
 
-FASTDL_VEC_INLINE __m512 sigmoid16(__m512 x) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 s =
-      _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-88.7f), _CMP_NLT_UQ), s);
+// Within 4 ulp of 1 / (1 + expf(-x)); 0 below -88.7 (and at -inf) as torch, not exp's clamp.
+template <int W>
+FASTDL_VEC_INLINE typename Lanes<W>::V sigmoid_lanes(typename Lanes<W>::V x) {
+  using L = Lanes<W>;
+  const auto one = L::set1(1.0f);
+  const auto s = L::div(one, L::add(one, exp_lanes<W>(L::sub(L::set1(0.0f), x))));
+  return L::select_below(x, L::set1(-88.7f), L::set1(0.0f), s);
 }
 
-FASTDL_VEC_INLINE __m512 tanh16(__m512 x) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  const __m512 ax = _mm512_andnot_ps(sign, x);
-  const __m512 z = _mm512_mul_ps(ax, ax);
-  __m512 s = _mm512_set1_ps(-5.70498872745e-3f);
-  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(2.06390887954e-2f));
-  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-5.37397155531e-2f));
-  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(1.33314422036e-1f));
-  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-3.33332819422e-1f));
-  s = _mm512_fmadd_ps(_mm512_mul_ps(s, z), ax, ax);
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 e = exp16(_mm512_add_ps(ax, ax));
-  const __m512 big = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
-  const __m512 t =
-      _mm512_mask_blend_ps(_mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ), big, s);
-  return _mm512_or_ps(t, _mm512_and_ps(x, sign));
+template <int W>
+FASTDL_VEC_INLINE typename Lanes<W>::V tanh_lanes(typename Lanes<W>::V x) {
+  using L = Lanes<W>;
+  const auto sign = L::set1(-0.0f);
+  const auto ax = L::andnot(sign, x);
+  const auto z = L::mul(ax, ax);
+  auto s = L::set1(-5.70498872745e-3f);
+  s = L::fmadd(s, z, L::set1(2.06390887954e-2f));
+  s = L::fmadd(s, z, L::set1(-5.37397155531e-2f));
+  s = L::fmadd(s, z, L::set1(1.33314422036e-1f));
+  s = L::fmadd(s, z, L::set1(-3.33332819422e-1f));
+  s = L::fmadd(L::mul(s, z), ax, ax);
+  const auto one = L::set1(1.0f);
+  const auto e = exp_lanes<W>(L::add(ax, ax));
+  const auto big = L::sub(one, L::div(L::set1(2.0f), L::add(e, one)));
+  return L::or_(L::select_below(ax, L::set1(0.625f), s, big), L::and_(x, sign));
 }
+
+}  // namespace
+
+FASTDL_VEC_INLINE __m256 exp8(__m256 x) { return exp_lanes<8>(x); }
+FASTDL_VEC_INLINE __m256 sigmoid8(__m256 x) { return sigmoid_lanes<8>(x); }
+FASTDL_VEC_INLINE __m256 tanh8(__m256 x) { return tanh_lanes<8>(x); }
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+FASTDL_VEC_INLINE __m512 exp16(__m512 x) { return exp_lanes<16>(x); }
+FASTDL_VEC_INLINE __m512 sigmoid16(__m512 x) { return sigmoid_lanes<16>(x); }
+FASTDL_VEC_INLINE __m512 tanh16(__m512 x) { return tanh_lanes<16>(x); }
 #endif
 
 // r[i][j] <-> r[j][i]: an 8x8 float block transposed in registers (GEMM packing, the cells' state
