@@ -1,7 +1,7 @@
-// AVX2+FMA float32 exp, sigmoid and tanh on 8 lanes: the same Cephes-style polynomials and
+// float32 exp, sigmoid and tanh on 8 lanes (AVX2 build) and 16 (AVX-512 build): the same Cephes-style polynomials and
 // clamping as the scalar rnn_exp / rnn_tanh in csrc/rnn_math.h (so both CPU paths agree to a few
 // ulp), written with intrinsics because GCC does not if-convert the scalar clamp and left the
-// gate loops scalar. NaN stays NaN. Included by AVX2 builds only.
+// gate loops scalar. NaN stays NaN. Included by the AVX2 and AVX-512 builds only.
 #pragma once
 #include <immintrin.h>
 
@@ -9,12 +9,13 @@
 // change elsewhere in rnn.cpp made exp8 an out-of-line call with its constants reloaded per gate,
 // costing the GRU forward ~1.6x (benchmarks/RESULTS.md, development measurements 2026-12-01 23:10).
 // Static: a copy emitted out of line stays in its own file, so the AVX2 build can never be linked
-// to the AVX-512 build's (these functions sit outside FASTDL_ISA_NS).
+// to the AVX-512 build's (these functions sit outside FASTDL_ISA_NS). On Lanes' members `static`
+// makes them static member functions (called as L::op); their linkage comes from the unnamed
+// namespace below.
 #define FASTDL_VEC_INLINE static inline __attribute__((always_inline))
 
 namespace fastdl {
-// Internal linkage: these sit outside FASTDL_ISA_NS, and the AVX2 and AVX-512 builds compile them
-// with different encodings (an out-of-line copy must stay in its own file).
+// Internal linkage (see FASTDL_VEC_INLINE).
 namespace {
 
 // One register of float32 lanes, the operations exp / sigmoid / tanh need: Lanes<8> a ymm (AVX2),
