@@ -152,9 +152,9 @@ void pack_a(const T* a, int64_t lda, bool trans, int64_t i0, int64_t p0, int64_t
       for (int64_t p = 0; p < kc; ++p) {
         const T* src = a + (p0 + p) * lda + i0 + ir;
         if (mr == MR) {
-          // one fixed-size copy (6 rows of float32 on AVX2/AVX-512: a 16- and an 8-byte move):
-          // GCC built the element loop from scalar loads and inserts, ~23% of a 10000x700 .
-          // 700x200 GEMM's time (perf, AVX-512 build)
+          // one fixed-size copy (6 rows of float32 on AVX2/AVX-512: a 16- and an 8-byte move);
+          // GCC built the element loop from scalar loads and inserts (perf figures:
+          // benchmarks/RESULTS.md, 2026-12-02 19:50)
           std::memcpy(d + p * MR, src, sizeof(T) * MR);
         } else {
           for (int r = 0; r < MR; ++r) d[p * MR + r] = r < mr ? src[r] : T(0);
