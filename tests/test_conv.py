@@ -19,7 +19,7 @@ import fastdl.nn.functional as F
 from fastdl.ops import conv as ops_conv
 from helpers import assert_close, assert_close_or_better
 
-ALGOS = ["auto", "gemm", "direct", "winograd", "phase", "reference"]
+ALGOS = ["auto", "gemm", "direct", "winograd", "phase", "implicit", "reference"]
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -35,7 +35,8 @@ def _exact_cudnn():
         yield
 
 
-# On CUDA "reference" runs the direct kernels; "winograd" and "phase" leave the choice to auto.
+# On CUDA "reference" runs the direct kernels; "winograd", "phase" and "implicit" leave the choice
+# to auto.
 CUDA_ALGOS = ("auto", "gemm", "direct")
 # The sweeps' CUDA cases: auto runs one of these two by shape (direct for depthwise), so sweeping
 # both covers it at two thirds of the emulation time (6.5 min for test_conv.py under ASan before).
@@ -244,7 +245,9 @@ def test_winograd_automatic_choice(cpu_path):
         resnet = ((32, 64, 56, 56), (64, 64, 3, 3))
         assert algo(*resnet, padding=1) == wino
         assert algo(*resnet, padding=1, pass_="input") == wino
-        assert algo(*resnet, padding=1, pass_="weight") == "gemm"  # forced only
+        # (Winograd's weight gradient only when forced; the AVX-512 build takes the implicit one)
+        assert algo(*resnet, padding=1, pass_="weight") == (
+            "implicit" if cpu_path == "avx512" else "gemm")
         assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
         assert algo(*resnet, padding=1, stride=2) == "gemm"
         assert algo(*resnet, padding=1, dilation=2) == "gemm"
@@ -616,6 +619,66 @@ def test_auto_choice_phase(cpu_path):
                                      pass_="input") == "gemm"  # dilation 2: not served
 
 
+# The implicit weight gradient (conv_implicit.cpp): its task geometry by case. Several small
+# images per task (their q ranges stacked, padding rows between them), one image cut into row
+# blocks (8 MB of planes: 8 + 8 channels over a 402 x 402 padded plane is 10 MB), stride phases
+# (2 and 3, one along each axis), dilation, groups, non-square and 1x1 kernels, padding beyond
+# the kernel, an output narrower than one vector, and channel counts off the 3 x 9 / 3 x 3 tiles.
+IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                      # 13 images
+            ((1, 8, 400, 400), (8, 8, 3, 3), dict(padding=1)),                    # row blocks
+            ((3, 6, 17, 15), (4, 6, 3, 3), dict(stride=2, padding=1)),            # 4 phases
+            ((2, 4, 16, 19), (5, 4, 5, 2), dict(stride=(3, 1), padding=(2, 1))),  # row phases
+            ((2, 6, 13, 14), (10, 3, 3, 3), dict(dilation=(2, 3), groups=2, padding=3)),
+            ((2, 7, 11, 9), (5, 7, 1, 1), dict(stride=(1, 2))),                   # 1x1
+            ((3, 3, 6, 5), (11, 3, 2, 4), dict(padding=(3, 4))),                  # pad > kernel
+            ((4, 10, 5, 3), (2, 5, 3, 2), dict(groups=2)),                        # OW = 2
+            ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1))]                   # auto's shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(IMPLICIT)))
+def test_implicit_weight_grad(cpu_path, case, dtype):
+    shape, wshape, kw = IMPLICIT[case]
+    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
+    gen = torch.Generator().manual_seed(case)
+    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    w = torch.empty(wshape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    gy = torch.empty(TF.conv2d(x, w, **kw).shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    two = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+    want = torch.ops.aten.convolution_backward(
+        gy, x, w, None, two(kw["stride"]), two(kw["padding"]), two(kw["dilation"]), False, [0, 0],
+        kw["groups"], [False, True, False])[1]
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("implicit")
+    try:
+        assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == "implicit"
+        got = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))[1]
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+    per_pixel = gy.numel() // wshape[0]
+    assert_close(got, want, reduction=per_pixel, what=f"implicit {shape} {wshape} {kw} {dtype}")
+
+
+def test_auto_choice_implicit(cpu_path):
+    # The implicit weight gradient: float32 stride-1 layers with little padding on the AVX-512
+    # build only (conv_implicit.cpp, implicit_preferred); never the forward or input gradient.
+    implicit = "implicit" if cpu_path == "avx512" else "gemm"
+    x = np.zeros((2, 64, 56, 56), np.float32)
+    w3 = np.zeros((64, 64, 3, 3), np.float32)
+    assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_="weight") == implicit
+    assert ops_conv.conv2d_algorithm(x[:, :3], w3[:, :3], padding=1, pass_="weight") == implicit
+    for pass_ in ("forward", "input"):
+        assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_=pass_) != "implicit"
+    for other in (dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
+                  dict(x=x, w=w3, kw=dict(padding=1, stride=2)),           # stride 2
+                  dict(x=x[:, :, :8, :8], w=w3, kw=dict(padding=1)),       # 10x10 of 8x8: +56%
+                  dict(x=x, w=w3[:, :, :1, :1], kw={}),                    # 1x1
+                  dict(x=np.zeros((2, 128, 56, 56), np.float32),           # 1152 GEMM columns
+                       w=np.zeros((64, 128, 3, 3), np.float32), kw=dict(padding=1))):
+        assert ops_conv.conv2d_algorithm(other["x"], other["w"], pass_="weight",
+                                         **other["kw"]) == "gemm", other["kw"]
+
+
 def test_set_conv_algorithm_errors():
     with pytest.raises(ValueError, match="set_conv_algorithm"):
         fastdl.ops.set_conv_algorithm("fastest")
@@ -698,7 +761,7 @@ def test_conv1d(cpu_path, kw):
     assert_close(F.conv1d(x[0], w, b, **kw), TF.conv1d(x[0], w, b, **kw), reduction=24)
 
 
-@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase"])
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase", "implicit"])
 def test_gradcheck(cpu_path, algo_name):
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm(algo_name)
@@ -722,7 +785,7 @@ def test_gradcheck(cpu_path, algo_name):
         fastdl.ops.set_conv_algorithm(before)
 
 
-@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase"])
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase", "implicit"])
 def test_gradgradcheck(cpu_path, algo_name):
     # Grad-of-grad (create_graph=True) as torch: every backward pass is itself differentiable.
     before = fastdl.ops.get_conv_algorithm()
@@ -1382,7 +1445,7 @@ def test_conv2d_direct_weight_grad_reads_inside_gy(cpu_path):
     assert out.returncode == 0 and out.stdout.split() == ["ok"], (out.returncode, out.stderr[-2000:])
 
 
-@pytest.mark.parametrize("algo", ["auto", "direct", "gemm"])
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm", "implicit"])
 @pytest.mark.parametrize("case", range(4))
 def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
     # inf/NaN in x reach only the outputs and weight-gradient taps that read them (the direct

@@ -3,7 +3,8 @@
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
 // (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there), Phase
-// (conv_phase.cpp, the input gradient of strided convolutions). Reference: one task per
+// (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
+// weight gradient; chosen by implicit_preferred there). Reference: one task per
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -147,6 +148,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
     case ConvAlgo::Phase:
       if (phase) return p.algo;
       break;
+    case ConvAlgo::Implicit:
+      if (pass == ConvPass::BackwardWeight) return p.algo;
+      break;
     default:
       break;
   }
@@ -165,6 +169,7 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   if (direct) return ConvAlgo::Direct;
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
+  if (pass == ConvPass::BackwardWeight && implicit_preferred(p)) return ConvAlgo::Implicit;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
   // loses: col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw) and a group has
   // at least 6 input channels (the phase tile's rows; 3 left half of it idle), or the GEMM's rows
@@ -311,6 +316,12 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     case ConvAlgo::Reference: return conv_reference_backward_weight(p, x, gy, gw);
     case ConvAlgo::Direct: conv_direct_backward_weight(p, x, gy, gw, fused ? gb : nullptr); break;
     case ConvAlgo::Winograd: conv_winograd_backward_weight(p, x, gy, gw); break;
+    case ConvAlgo::Implicit:
+      conv_implicit_backward_weight(p, x, gy, gw);
+      // its zero columns meet real x and its zero padding real gy: an inf/NaN anywhere near
+      // gives NaN where torch's stays finite, so such a result is redone on GEMM
+      if (any_nonfinite(gw, weight_count(p))) conv_gemm_backward_weight(p, x, gy, gw);
+      break;
     default: conv_gemm_backward_weight(p, x, gy, gw); break;
   }
   // An inf/NaN in gw comes from inf/NaN in x or gy; the fast result differs from the reference
@@ -382,7 +393,7 @@ void check_conv2d_params(const Conv2dParams& p) {
                "conv2d: output width ", p.ow, " too large");
   FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float64,
                "conv2d: CPU supports float32 and float64, got ", dtype_name(p.dtype));
-  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) <= 5,
+  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) <= 6,
                "conv2d: unknown algorithm ", static_cast<int>(p.algo));
 }
 

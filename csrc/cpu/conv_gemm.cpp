@@ -640,16 +640,12 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   const int64_t by_work = std::max<int64_t>(1, S * p.n * G * ckk * kg / kMinWork);
   int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
   if (omp_in_parallel()) nt = 1;
-  // Per-thread partial sums P_t of gw's layout (G blocks of kg x ckk): thread 0's is gw itself,
-  // the others' are added to it in a fixed order (the result depends on the thread count, not
-  // on timing). Computed as gy (kg x pixels) * cols^T so the partials are gw's own layout and the
-  // reduction runs along contiguous rows (as P_g = cols * gy^T, ckk x kg, the reduction read
-  // each partial transposed, and on a large gw, 4608 x 512 in ResNet-18's layer4, that strided
-  // pass cost 3-4x the GEMMs).
-  std::unique_ptr<T[]> part(nt > 1 ? new T[static_cast<size_t>(nt - 1) * wsz] : nullptr);
-  auto run = [&](int tid, int64_t lo, int64_t hi) {
-    T* P = tid == 0 ? gw : part.get() + (tid - 1) * wsz;
-    std::fill(P, P + wsz, T(0));
+  // Per-thread partial sums of gw's layout (G blocks of kg x ckk), added in thread order
+  // (sum_over_threads). Computed as gy (kg x pixels) * cols^T so the partials are gw's own layout
+  // and the reduction runs along contiguous rows (as P_g = cols * gy^T, ckk x kg, the reduction
+  // read each partial transposed, and on a large gw, 4608 x 512 in ResNet-18's layer4, that
+  // strided pass cost 3-4x the GEMMs).
+  sum_over_threads(nt, items, wsz, gw, [&](T* P, int64_t lo, int64_t hi) {
     PlaneCache<T> planes(p, x, cg);
     if (nb) {
       T* cols = tl_cols.get_as<T>(ckk * nb * S);
@@ -675,25 +671,6 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
       // P_g (kg x ckk) += gy chunk (kg x len, ld S) * cols^T (len x ckk); cols stored ckk x len.
       gemm(gemm_params<T>(false, true, kg, ckk, len, S, ldb, ckk, 1.0),
            gy + (n * p.k + g * kg) * S + s0, b, P + g * kg * ckk);
-    }
-  };
-  if (nt <= 1) {
-    run(0, 0, items);
-    return;
-  }
-  // One partial per index t < nt, whatever team OpenMP grants (parallel_for also rethrows an
-  // exception after the region and runs safely in a forked child).
-  parallel_for(nt, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t)
-      run(static_cast<int>(t), items * t / nt, items * (t + 1) / nt);
-  });
-  // gw += P_1 + ... + P_{nt-1}, element by element in thread order
-  const T* pp = part.get();
-  parallel_for(wsz, grain_for(nt), [&](int64_t lo, int64_t hi) {
-    for (int t = 1; t < nt; ++t) {
-      const T* src = pp + (t - 1) * wsz;
-#pragma omp simd
-      for (int64_t i = lo; i < hi; ++i) gw[i] += src[i];
     }
   });
 }

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include <exception>
+#include <memory>
 
 #include "../conv.h"
 #include "../gemm.h"
@@ -42,6 +43,36 @@ inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
 }
 
+// A weight gradient summed over tasks [0, items) on nt threads: run(P, lo, hi) adds tasks [lo, hi)
+// into P, a zeroed partial sum of gw's wsz elements (thread 0's is gw itself); the partials are
+// then added into gw element by element in thread order, so the result depends on the thread
+// count, not on timing. One partial per index t < nt, whatever team OpenMP grants (parallel_for
+// rethrows a body's exception after the region and runs safely in a forked child).
+template <class T, class F>
+void sum_over_threads(int nt, int64_t items, int64_t wsz, T* gw, const F& run) {
+  if (nt <= 1) {
+    std::fill(gw, gw + wsz, T(0));
+    run(gw, int64_t(0), items);
+    return;
+  }
+  std::unique_ptr<T[]> part(new T[static_cast<size_t>(nt - 1) * wsz]);
+  parallel_for(nt, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      T* P = t == 0 ? gw : part.get() + (t - 1) * wsz;
+      std::fill(P, P + wsz, T(0));
+      run(P, items * t / nt, items * (t + 1) / nt);
+    }
+  });
+  const T* pp = part.get();
+  parallel_for(wsz, grain_for(nt), [&](int64_t lo, int64_t hi) {
+    for (int t = 1; t < nt; ++t) {
+      const T* src = pp + (t - 1) * wsz;
+#pragma omp simd
+      for (int64_t i = lo; i < hi; ++i) gw[i] += src[i];
+    }
+  });
+}
+
 // Output columns ow in [lo, hi) whose input column ow*s - pad + off lies in [0, in).
 inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t off, int64_t& lo,
                         int64_t& hi) {
@@ -65,6 +96,12 @@ template <class T>
 void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 template <class T>
 void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+
+// The weight gradient as an implicit GEMM over padded stride-phase planes (conv_implicit.cpp);
+// implicit_preferred: whether the automatic choice takes it (the measured rule is there).
+bool implicit_preferred(const Conv2dParams& p);
+template <class T>
+void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
 template <class T>
 void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);

@@ -12,8 +12,10 @@ Bad arguments raise the exception class torch raises for them, naming the argume
 Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 reads x in
 place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "phase" (the
 input gradient, and so conv_transpose2d's forward, of a stride > 1 convolution: one stride-1
-GEMM per stride phase, no col2im), "reference" (plain loops); on CUDA "gemm" (implicit GEMM) and
-"direct" (depthwise; "reference" runs it too, "winograd" and "phase" leave the choice to auto).
+GEMM per stride phase, no col2im), "implicit" (the weight gradient as an implicit GEMM over
+zero-padded copies of x and gy: no im2col), "reference" (plain loops); on CUDA "gemm" (implicit GEMM) and
+"direct" (depthwise; "reference" runs it too, "winograd", "phase" and "implicit" leave the
+choice to auto).
 "auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO environment variable
 forces one wherever it serves the shape (elsewhere auto decides).
 
@@ -36,7 +38,8 @@ CUDA_KERNELS = True
 __all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_backward",
            "set_conv_algorithm", "get_conv_algorithm", "conv2d_algorithm"]
 
-ALGORITHMS = {"auto": 0, "reference": 1, "gemm": 2, "direct": 3, "winograd": 4, "phase": 5}
+ALGORITHMS = {"auto": 0, "reference": 1, "gemm": 2, "direct": 3, "winograd": 4, "phase": 5,
+              "implicit": 6}
 _NAMES = {v: k for k, v in ALGORITHMS.items()}
 _FORWARD, _BACKWARD_INPUT, _BACKWARD_WEIGHT = 0, 1, 2
 _algo = None  # ALGORITHMS code; None until first read from FASTDL_CONV_ALGO
@@ -44,7 +47,7 @@ _algo = None  # ALGORITHMS code; None until first read from FASTDL_CONV_ALGO
 
 def set_conv_algorithm(name: str) -> None:
     """Forces one convolution algorithm for every later call ("auto", "gemm", "direct",
-    "winograd", "phase", "reference"); a forced algorithm that does not serve a shape leaves
+    "winograd", "phase", "implicit", "reference"); a forced algorithm that does not serve a shape leaves
     that call to "auto". The FASTDL_CONV_ALGO environment variable sets the initial choice.
 
     >>> fastdl.ops.set_conv_algorithm("gemm"); fastdl.ops.set_conv_algorithm("auto")

@@ -1,0 +1,306 @@
+// The weight gradient of conv2d as an implicit GEMM over padded planes (ConvAlgo::Implicit), on
+// the CPU, float32/float64: no im2col buffer and no transposing pack.
+//   gw[k, cc, i, j] = sum over n, oh, ow of gy[n, k, oh, ow] * x[n, cc, oh*sh + i*dh - ph, ow*sw + j*dw - pw]
+// Per task (image, group, block of output rows) the task's x planes are copied into zero-padded
+// stride-phase planes of pitch P (phase (a, b) holds padded rows a, a + sh, ... and columns b,
+// b + sw, ...) and its gy planes into planes of the same pitch (zeros in columns OW..P-1). With
+// the output pixels flattened to q = oh * P + ow, every column of the GEMM's B (one tap (cc, i, j))
+// is the phase plane read from a fixed offset, and
+//   gw[k][e] += sum over q of gyp[k][q] * xph[e's plane][q + e's offset]
+// is a dot product along q, which is contiguous in both operands: a register tile of MR output
+// channels x NR taps keeps MR x NR vector accumulators, loads MR + NR vectors per q step and
+// sums its lanes once per block of q. The im2col + GEMM path (conv_gemm.cpp) writes cols and then
+// transposes both of its operands into packed panels, because that GEMM's reduction index (the
+// pixels) is the contiguous one of both: ~35% of its time on conv 3 (perf, benchmarks/RESULTS.md).
+// Padding columns: gy's zero columns meet real x values and x's zero padding meets real gy, so an
+// inf or NaN there gives NaN where torch's result is finite; conv.cpp checks the result and
+// redoes such a call on GEMM (whose own border rule then applies).
+// Work split and determinism: as the GEMM path, one partial sum of gw's size per thread over a
+// contiguous range of tasks, added in thread order (the result depends on the thread count, not
+// on timing).
+// Tested by tests/test_conv.py (forced algorithm "implicit"); timed by benchmarks/bench_conv.py.
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "conv_impl.h"
+#include "scratch.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+namespace {
+
+// Vector width and register tile per build: MR x NR accumulators + MR loaded gy vectors + one x
+// vector at a time must fit the register file (AVX-512: 32 zmm; AVX2 and SSE2: 16).
+#if defined(__AVX512F__)
+constexpr int kBytes = 64, MR = 3, NR = 9;
+#elif defined(__AVX2__)
+constexpr int kBytes = 32, MR = 3, NR = 3;
+#else
+constexpr int kBytes = 16, MR = 3, NR = 3;
+#endif
+
+template <class T>
+struct IVec {
+  typedef T V __attribute__((vector_size(kBytes)));
+  static constexpr int64_t L = kBytes / static_cast<int64_t>(sizeof(T));
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+};
+
+thread_local ScratchBuffer tl_xph, tl_gyp;
+constexpr size_t kKeepBytes = size_t(4) << 20;
+// A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
+// blocks to fit, or small images are stacked until their q range reaches kTaskQ.
+constexpr int64_t kTaskBytes = int64_t(8) << 20;
+// q values per task wanted: a tile sums its lanes once per task, and on AVX-512 at 128 vector
+// steps per sum that cost ~10% of conv 3's weight gradient (1 thread; 210 steps, whole images,
+// 1.16x faster than 128).
+constexpr int64_t kTaskQ = 4096;
+
+// One task's plane geometry: `imgs` images of `rows` output rows each (imgs > 1 only with whole
+// images), image i's gy at q = i * xi + r * P + ow and its x phase rows at i * xi + row * P.
+struct Geo {
+  int64_t pitch;   // P: OW + the taps' reach along W in phase columns
+  int64_t reach;   // the taps' reach along H in phase rows: (kh - 1) * dh / sh
+  int64_t rows;    // output rows per task (the last block of an image may have fewer)
+  int64_t imgs;    // images per task (the batch's last task may have fewer)
+  int64_t xi;      // q per image: (rows + reach) * P
+  int64_t qt;      // plane stride of gy: imgs * xi rounded up to whole vectors
+  int64_t xt;      // plane stride of x: qt + the largest tap offset, rounded up to vectors
+  int64_t phases;  // sh * sw
+};
+
+template <class T>
+Geo make_geo(const Conv2dParams& p) {
+  constexpr int64_t L = IVec<T>::L;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  Geo g;
+  g.phases = p.sh * p.sw;
+  g.pitch = p.ow + (p.kw - 1) * p.dw / p.sw;
+  g.reach = (p.kh - 1) * p.dh / p.sh;
+  const int64_t per_q = int64_t(sizeof(T)) * (kg + g.phases * cg);  // bytes per q of a task
+  const auto rows_q = [&](int64_t r) { return (r + g.reach) * g.pitch; };
+  g.rows = p.oh;
+  g.imgs = 1;
+  if (per_q * rows_q(p.oh) > kTaskBytes) {
+    int64_t r = std::max<int64_t>(1, kTaskBytes / per_q / g.pitch - g.reach);
+    const int64_t blocks = (p.oh + r - 1) / r;  // equal blocks: 57 rows by 20 -> 19 + 19 + 19
+    g.rows = (p.oh + blocks - 1) / blocks;
+  } else {
+    const int64_t by_q = (kTaskQ + rows_q(p.oh) - 1) / rows_q(p.oh);
+    const int64_t by_bytes = std::max<int64_t>(1, kTaskBytes / (per_q * rows_q(p.oh)));
+    // (and at least as many tasks as threads: each thread sums its own tasks)
+    const int64_t nt = omp_in_parallel() ? 1 : get_num_threads();
+    const int64_t most = std::max<int64_t>(1, std::min({(p.n + nt - 1) / nt, by_q, by_bytes}));
+    const int64_t tasks = (p.n + most - 1) / most;  // equal: 16 images by 14 -> 8 + 8
+    g.imgs = (p.n + tasks - 1) / tasks;
+  }
+  g.xi = rows_q(g.rows);
+  g.qt = (g.imgs * g.xi + L - 1) / L * L;
+  g.xt = (g.qt + g.reach * g.pitch + (p.kw - 1) * p.dw / p.sw + L - 1) / L * L;
+  return g;
+}
+
+// gyp[kk][i * xi + r * P + col] = gy[n0 + i, kk, oh0 + r, col] for r < nr, col < OW; 0 elsewhere
+// up to qt. gyg: image n0's plane of the task's first output channel.
+template <class T>
+void fill_gy(const Conv2dParams& p, const Geo& geo, const T* gyg, int64_t kg, int64_t imgs,
+             int64_t oh0, int64_t nr, T* gyp) {
+  const int64_t S = p.oh * p.ow, P = geo.pitch;
+  for (int64_t kk = 0; kk < kg; ++kk) {
+    T* dst = gyp + kk * geo.qt;
+    std::fill(dst, dst + geo.qt, T(0));
+    for (int64_t i = 0; i < imgs; ++i) {
+      const T* src = gyg + (i * p.k + kk) * S + oh0 * p.ow;
+      for (int64_t r = 0; r < nr; ++r)
+        std::copy(src + r * p.ow, src + (r + 1) * p.ow, dst + i * geo.xi + r * P);
+    }
+  }
+}
+
+// xph[ph][cc][i * xi + row * P + jj] = x[n0 + i, cc, (oh0 + row) * sh + a - ph, jj * sw + b - pw]
+// for phase ph = a * sw + b and row < rows + reach (0 outside the input), 0 elsewhere up to xt.
+// xg: image n0's plane of the task's first input channel.
+template <class T>
+void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int64_t imgs,
+            int64_t oh0, T* xph) {
+  const int64_t P = geo.pitch, HW = p.h * p.w, rows = geo.rows + geo.reach;
+  for (int64_t a = 0; a < p.sh; ++a)
+    for (int64_t b = 0; b < p.sw; ++b) {
+      // columns jj whose input column jj * sw + b - pw lies in [0, W)
+      int64_t j_lo = 0, j_hi = 0;
+      valid_range(P, p.w, p.sw, p.pw, b, j_lo, j_hi);
+      const int64_t iw0 = j_lo * p.sw + b - p.pw;
+      for (int64_t cc = 0; cc < cg; ++cc) {
+        T* plane = xph + ((a * p.sw + b) * cg + cc) * geo.xt;
+        std::fill(plane + imgs * geo.xi, plane + geo.xt, T(0));
+        for (int64_t i = 0; i < imgs; ++i) {
+          const T* xp = xg + (i * p.c + cc) * HW;
+          for (int64_t row = 0; row < rows; ++row) {
+            T* dst = plane + i * geo.xi + row * P;
+            const int64_t ih = (oh0 + row) * p.sh + a - p.ph;
+            if (ih < 0 || ih >= p.h || j_lo >= j_hi) {
+              std::fill(dst, dst + P, T(0));
+              continue;
+            }
+            const T* src = xp + ih * p.w + iw0;
+            std::fill(dst, dst + j_lo, T(0));
+            if (p.sw == 1) {
+              std::copy(src, src + (j_hi - j_lo), dst + j_lo);
+            } else {
+              for (int64_t jj = j_lo; jj < j_hi; ++jj) dst[jj] = src[(jj - j_lo) * p.sw];
+            }
+            std::fill(dst + j_hi, dst + P, T(0));
+          }
+        }
+      }
+    }
+}
+
+// The sum of a vector's lanes by halving it (upper half added to the lower) down to two lanes: a
+// few instructions per level. (The plain loop over lanes came out as ~2 instructions per lane.)
+template <class T, int B>
+inline T lane_sum(const void* v) {
+  if constexpr (B == 2 * int(sizeof(T))) {
+    T l[2];
+    std::memcpy(l, v, sizeof(l));
+    return l[0] + l[1];
+  } else {
+    typedef T H __attribute__((vector_size(B / 2)));
+    H lo, hi;
+    std::memcpy(&lo, v, sizeof(H));
+    std::memcpy(&hi, static_cast<const char*>(v) + sizeof(H), sizeof(H));
+    const H h = lo + hi;
+    return lane_sum<T, B / 2>(&h);
+  }
+}
+
+// out[r * ldo + c] += sum over q in [0, nq) of a[r * lda + q] * b[c][q], r < mr, c < nr; nq a
+// multiple of L, a aligned rows.
+template <class T, int mr, int nr>
+void tile(const T* a, int64_t lda, const T* const* b, int64_t nq, T* out, int64_t ldo) {
+  using V = typename IVec<T>::V;
+  constexpr int64_t L = IVec<T>::L;
+  V acc[mr][nr];
+  for (int r = 0; r < mr; ++r)
+    for (int c = 0; c < nr; ++c) acc[r][c] = V{};
+  const T* bp[nr];
+  for (int c = 0; c < nr; ++c) bp[c] = b[c];
+  for (int64_t q = 0; q < nq; q += L) {
+    V av[mr];
+    for (int r = 0; r < mr; ++r) av[r] = IVec<T>::load(a + r * lda + q);
+    for (int c = 0; c < nr; ++c) {
+      V bv = IVec<T>::load(bp[c] + q);
+      // one load feeding mr FMAs: without this GCC folded it into each FMA (mr split loads)
+      __asm__("" : "+x"(bv));
+      for (int r = 0; r < mr; ++r) acc[r][c] += av[r] * bv;
+    }
+  }
+  for (int r = 0; r < mr; ++r)
+    for (int c = 0; c < nr; ++c) out[r * ldo + c] += lane_sum<T, kBytes>(&acc[r][c]);
+}
+
+template <class T>
+using TileFn = void (*)(const T*, int64_t, const T* const*, int64_t, T*, int64_t);
+
+template <class T, int mr, int... nrs>
+constexpr std::array<TileFn<T>, sizeof...(nrs)> tile_row(std::integer_sequence<int, nrs...>) {
+  return {{&tile<T, mr, nrs + 1>...}};
+}
+
+template <class T, int... mrs>
+constexpr std::array<std::array<TileFn<T>, NR>, MR> tile_table(std::integer_sequence<int, mrs...>) {
+  return {{tile_row<T, mrs + 1>(std::make_integer_sequence<int, NR>())...}};
+}
+
+// tiles<T>()[mr - 1][nr - 1]: the tile for mr x nr (the full one and every edge).
+template <class T>
+const std::array<std::array<TileFn<T>, NR>, MR>& tiles() {
+  static constexpr auto table = tile_table<T>(std::make_integer_sequence<int, MR>());
+  return table;
+}
+
+}  // namespace
+
+bool implicit_preferred(const Conv2dParams& p) {
+#if defined(__AVX512F__)
+  // Measured on the AVX-512 build only (forced GEMM time / forced implicit time, weight gradient,
+  // 2 threads, float32; benchmarks/RESULTS.md, 2026-12-03): stride 1 with a q range close to the
+  // output's size won (conv 3 32x64x56x56 p1 1.15x, conv 2 64x32x26x26 1.0-1.15x, 3-16 channels
+  // on 32x32-64x64 maps 1.4-1.6x, 8 channels 2.5x); padding columns and rows past ~20% of the
+  // plane lost (8x8 maps p1 0.4-0.7x, 14x14 p1 over 128-256 channels 0.86x), as did stride 2
+  // (conv 5 0.5x: its four phase planes per channel stall the tile's loads), 1x1 kernels (0.84x,
+  // GEMM reads x in place there) and over 1024 GEMM columns (28x28 over 128 channels 1.0x).
+  // The AVX2 build's 3x3 tile (16 registers) ran 0.85-1.07x of GEMM: never chosen there.
+  if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1) return false;
+  const int64_t cg = p.c / p.groups, ckk = cg * p.kh * p.kw;
+  const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
+  return ckk <= 1024 && q * 5 <= p.oh * p.ow * 6;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+template <class T>
+void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+  constexpr int64_t L = IVec<T>::L;
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw, ckk = cg * taps;
+  const Geo geo = make_geo<T>(p);
+  const int64_t rblocks = (p.oh + geo.rows - 1) / geo.rows, iblocks = (p.n + geo.imgs - 1) / geo.imgs;
+  const int64_t items = iblocks * G * rblocks;
+  // Offsets of every tap column into the task's x phase planes.
+  std::vector<int64_t> off(static_cast<size_t>(ckk));
+  for (int64_t cc = 0; cc < cg; ++cc)
+    for (int64_t i = 0; i < p.kh; ++i)
+      for (int64_t j = 0; j < p.kw; ++j) {
+        const int64_t a = i * p.dh % p.sh, b = j * p.dw % p.sw;
+        off[(cc * p.kh + i) * p.kw + j] =
+            ((a * p.sw + b) * cg + cc) * geo.xt + (i * p.dh / p.sh) * geo.pitch + j * p.dw / p.sw;
+      }
+  const int64_t by_work = std::max<int64_t>(1, p.n * p.oh * p.ow * G * ckk * kg / kMinWork);
+  int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
+  if (omp_in_parallel()) nt = 1;
+  const auto& fns = tiles<T>();
+  sum_over_threads(nt, items, G * kg * ckk, gw, [&](T* P, int64_t lo, int64_t hi) {
+    T* xph = tl_xph.get_as<T>(geo.phases * cg * geo.xt);
+    T* gyp = tl_gyp.get_as<T>(kg * geo.qt);
+    const T* bcols[NR];
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t ib = t / (G * rblocks), g = t / rblocks % G, rb = t % rblocks;
+      const int64_t n0 = ib * geo.imgs, imgs = std::min(geo.imgs, p.n - n0);
+      const int64_t oh0 = rb * geo.rows, nr_rows = std::min(geo.rows, p.oh - oh0);
+      fill_gy(p, geo, gy + (n0 * p.k + g * kg) * p.oh * p.ow, kg, imgs, oh0, nr_rows, gyp);
+      fill_x(p, geo, x + (n0 * p.c + g * cg) * p.h * p.w, cg, imgs, oh0, xph);
+      // the q range: every image's rows, up to the last image's last output row
+      const int64_t nq = ((imgs - 1) * geo.xi + nr_rows * geo.pitch + L - 1) / L * L;
+      T* Pg = P + g * kg * ckk;
+      for (int64_t k0 = 0; k0 < kg; k0 += MR) {
+        const int mr = static_cast<int>(std::min<int64_t>(MR, kg - k0));
+        const T* arow = gyp + k0 * geo.qt;
+        for (int64_t e0 = 0; e0 < ckk; e0 += NR) {
+          const int nr = static_cast<int>(std::min<int64_t>(NR, ckk - e0));
+          for (int c = 0; c < nr; ++c) bcols[c] = xph + off[e0 + c];
+          fns[mr - 1][nr - 1](arow, geo.qt, bcols, nq, Pg + k0 * ckk + e0, ckk);
+        }
+      }
+    }
+    tl_xph.trim(kKeepBytes);
+    tl_gyp.trim(kKeepBytes);
+  });
+}
+
+template void conv_implicit_backward_weight<float>(const Conv2dParams&, const float*, const float*,
+                                                   float*);
+template void conv_implicit_backward_weight<double>(const Conv2dParams&, const double*,
+                                                    const double*, double*);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
