@@ -674,6 +674,19 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("pass_"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("params"),
      py::arg("algo"), py::arg("device"), py::arg("stream"), py::arg("workspace") = py::none(),
      py::arg("workspace_bytes") = 0);
+  m.def("conv2d_implicit_fallbacks", &conv2d_implicit_fallbacks_cpu);
+  // Both gradients of one CPU backward (gx, gw, gb each optional): conv2d_backward_cpu.
+  m.def("conv2d_backward_cpu", [](py::handle x, py::handle gy, py::handle w, py::handle gx,
+                                  py::handle gw, py::handle gb, const Conv2dParams& prm, int algo) {
+    FASTDL_CHECK(algo >= 0 && algo <= 6, "fastdl internal: unknown convolution algorithm ", algo);
+    Conv2dParams p = prm;
+    p.algo = static_cast<ConvAlgo>(algo);
+    const void *px = pointer_of(x), *pgy = pointer_of(gy), *pw = pointer_of(w);
+    void *pgx = optional_pointer(gx), *pgw = optional_pointer(gw), *pgb = optional_pointer(gb);
+    py::gil_scoped_release release;
+    conv2d_backward_cpu(p, px, pgy, pw, pgx, pgw, pgb);
+  }, py::arg("x"), py::arg("gy"), py::arg("w"), py::arg("gx"), py::arg("gw"), py::arg("gb"),
+     py::arg("params"), py::arg("algo"));
   // Bytes of device workspace the CUDA weight gradient needs for this geometry and algorithm.
   m.def("conv2d_workspace", [](const Conv2dParams& prm, int algo) -> int64_t {
     FASTDL_CHECK(algo >= 0 && algo <= 6, "fastdl internal: unknown convolution algorithm ", algo);

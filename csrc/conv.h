@@ -47,8 +47,15 @@ void conv2d_backward_input_cpu(const Conv2dParams& p, const void* gy, const void
 // gw (K, C/groups, kh, kw) and gb (K,) fully written; either may be null (not computed).
 void conv2d_backward_weight_cpu(const Conv2dParams& p, const void* x, const void* gy, void* gw,
                                 void* gb);
+// Both gradients, and gb, of one backward (any of gx, gw, gb may be null): the same results as
+// the two calls above; depthwise 3x3 stride-1 layers on the direct path read gy once for both.
+void conv2d_backward_cpu(const Conv2dParams& p, const void* x, const void* gy, const void* w,
+                         void* gx, void* gw, void* gb);
 // The algorithm the CPU runs for this pass (p.algo forced or automatic), for tests and benchmarks.
 ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass);
+// Implicit weight gradients redone on GEMM because their result held an inf/NaN, since start
+// (tests: the implicit result was the one kept).
+int64_t conv2d_implicit_fallbacks_cpu();
 
 // CUDA: float32, float16 and bfloat16 (float32 accumulation), on launch.device, asynchronous on
 // launch.stream (csrc/cuda/conv.cu). Algorithms: Gemm (implicit GEMM) and Direct (depthwise;

@@ -623,7 +623,9 @@ def test_auto_choice_phase(cpu_path):
 # images per task (their q ranges stacked, padding rows between them), one image cut into row
 # blocks (8 MB of planes: 8 + 8 channels over a 402 x 402 padded plane is 10 MB), stride phases
 # (2 and 3, one along each axis), dilation, groups, non-square and 1x1 kernels, padding beyond
-# the kernel, an output narrower than one vector, and channel counts off the 3 x 9 / 3 x 3 tiles.
+# the kernel, an output narrower than one vector or than the kernel, channel counts off the
+# 3 x 9 / 3 x 3 tiles, and row blocks of a strided, dilated layer (4 phases: 20 MB of planes).
+# Each asserts that the result kept is the implicit one (no inf/NaN fallback to GEMM).
 IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                      # 13 images
             ((1, 8, 400, 400), (8, 8, 3, 3), dict(padding=1)),                    # row blocks
             ((3, 6, 17, 15), (4, 6, 3, 3), dict(stride=2, padding=1)),            # 4 phases
@@ -632,6 +634,8 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
             ((2, 7, 11, 9), (5, 7, 1, 1), dict(stride=(1, 2))),                   # 1x1
             ((3, 3, 6, 5), (11, 3, 2, 4), dict(padding=(3, 4))),                  # pad > kernel
             ((4, 10, 5, 3), (2, 5, 3, 2), dict(groups=2)),                        # OW = 2
+            ((2, 3, 7, 4), (4, 3, 2, 6), dict(padding=(0, 2), stride=(1, 3))),    # kw > OW
+            ((1, 8, 1000, 500), (8, 8, 3, 3), dict(stride=2, padding=1, dilation=(2, 1))),
             ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1))]                   # auto's shape
 
 
@@ -652,11 +656,77 @@ def test_implicit_weight_grad(cpu_path, case, dtype):
     fastdl.ops.set_conv_algorithm("implicit")
     try:
         assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == "implicit"
+        fallbacks = fastdl._C.conv2d_implicit_fallbacks()
         got = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))[1]
+        assert fastdl._C.conv2d_implicit_fallbacks() == fallbacks
     finally:
         fastdl.ops.set_conv_algorithm(before)
     per_pixel = gy.numel() // wshape[0]
     assert_close(got, want, reduction=per_pixel, what=f"implicit {shape} {wshape} {kw} {dtype}")
+
+
+@pytest.mark.parametrize("case", [0, 2, 4])
+def test_implicit_weight_grad_thread_counts(cpu_path, case):
+    # Tasks split over 1-3 threads (13 images: a short last task), each thread's partial sum
+    # added in thread order: close to torch at every count, bitwise equal run to run.
+    shape, wshape, kw = IMPLICIT[case]
+    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
+    gen = torch.Generator().manual_seed(case)
+    x = torch.empty(shape).uniform_(-1, 1, generator=gen)
+    w = torch.empty(wshape).uniform_(-1, 1, generator=gen)
+    gy = torch.empty(TF.conv2d(x, w, **kw).shape).uniform_(-1, 1, generator=gen)
+    two = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+    want = torch.ops.aten.convolution_backward(
+        gy, x, w, None, two(kw["stride"]), two(kw["padding"]), two(kw["dilation"]), False, [0, 0],
+        kw["groups"], [False, True, False])[1]
+    before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
+    fastdl.ops.set_conv_algorithm("implicit")
+    try:
+        for nt in (1, 2, 3):
+            fastdl.set_num_threads(nt)
+            runs = [fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))[1]
+                    for _ in range(2)]
+            assert torch.equal(runs[0], runs[1]), nt
+            assert_close(runs[0], want, reduction=gy.numel() // wshape[0], what=f"{nt} threads")
+    finally:
+        fastdl.set_num_threads(threads)
+        fastdl.ops.set_conv_algorithm(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups,padding", [((3, 8, 13, 21), 8, 1), ((2, 5, 9, 6), 5, 0),
+                                                  ((1, 4, 3, 40), 4, 2)])
+def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding):
+    # Depthwise 3x3 stride 1: conv2d_backward with both gradients asked runs one pass over gy
+    # (conv_direct_s1_backward_both); each result is bitwise the separate pass's, and the inf/NaN
+    # rules hold: an inf weight sends the input gradient to the reference loops, an inf gy at
+    # the border the weight gradient.
+    gen = torch.Generator().manual_seed(shape[2])
+    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    w = torch.empty((groups, 1, 3, 3), dtype=dtype).uniform_(-1, 1, generator=gen)
+    kw = dict(padding=padding, groups=groups)
+    gy = torch.empty(TF.conv2d(x, w, **kw).shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "direct"
+    assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == "direct"
+    for bad_w, bad_gy in ((False, False), (True, False), (False, True)):
+        wb, gyb = w.clone(), gy.clone()
+        if bad_w:
+            wb[1, 0, 0, 2] = float("inf")
+        if bad_gy:
+            gyb[0, 0, 0, -1] = float("nan")
+        both = fastdl.ops.conv2d_backward(gyb, x, wb, **kw)
+        gx = fastdl.ops.conv2d_backward(gyb, x, wb, **kw, output_mask=(True, False, False))[0]
+        _, gw, gb = fastdl.ops.conv2d_backward(gyb, x, wb, **kw, output_mask=(False, True, True))
+        for got, want in zip(both, (gx, gw, gb)):
+            assert torch.equal(got.nan_to_num(1e9, 2e9, 3e9), want.nan_to_num(1e9, 2e9, 3e9)), (
+                bad_w, bad_gy)
+        if not (bad_w or bad_gy):
+            ref = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], [padding] * 2,
+                                                      [1, 1], False, [0, 0], groups,
+                                                      [True, True, True])
+            for got, want, red in zip(both, ref, (9, gy[0, 0].numel() * shape[0],
+                                                  gy[0, 0].numel() * shape[0])):
+                assert_close(got, want, reduction=red)
 
 
 def test_auto_choice_implicit(cpu_path):

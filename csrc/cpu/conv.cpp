@@ -308,7 +308,7 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     else bias_grad(p, gy, gb);
   }
   if (!gw || p.k == 0 || p.c == 0) return;
-  if (p.n == 0) {
+  if (p.n == 0 || p.oh == 0 || p.ow == 0) {  // (no output position: nothing to sum)
     std::fill(gw, gw + p.k * (p.c / p.groups) * p.kh * p.kw, T(0));
     return;
   }
@@ -319,8 +319,12 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     case ConvAlgo::Implicit:
       conv_implicit_backward_weight(p, x, gy, gw);
       // its zero columns meet real x and its zero padding real gy: an inf/NaN anywhere near
-      // gives NaN where torch's stays finite, so such a result is redone on GEMM
-      if (any_nonfinite(gw, weight_count(p))) conv_gemm_backward_weight(p, x, gy, gw);
+      // gives NaN where torch's stays finite, so such a result is redone on GEMM (counted, so
+      // the tests can tell the implicit result was the one kept)
+      if (any_nonfinite(gw, weight_count(p))) {
+        conv_implicit_fallback_count().fetch_add(1, std::memory_order_relaxed);
+        conv_gemm_backward_weight(p, x, gy, gw);
+      }
       break;
     default: conv_gemm_backward_weight(p, x, gy, gw); break;
   }
@@ -332,7 +336,41 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     conv_reference_backward_weight(p, x, gy, gw);  // (the fused bias gradient is unaffected)
 }
 
+// Both gradients: depthwise 3x3 stride-1 layers whose passes both run the direct kernels share
+// one pass over gy (conv_direct_s1_backward_both); every other call runs the two passes. The
+// fused run keeps each pass's inf/NaN rules: an inf/NaN weight sends the input gradient to the
+// reference loops (so no fusion), and the weight gradient's border rule is checked after.
+template <class T>
+void backward_both_typed(const Conv2dParams& p, const T* x, const T* gy, const T* w, T* gx, T* gw,
+                         T* gb) {
+  const bool fuse = gx && gw && p.n > 0 && p.k > 0 && p.h > 0 && p.w > 0 &&
+                    direct_s1_both_serves(p) &&
+                    conv_choose(p, ConvPass::BackwardInput) == ConvAlgo::Direct &&
+                    conv_choose(p, ConvPass::BackwardWeight) == ConvAlgo::Direct &&
+                    !any_nonfinite(w, weight_count(p));
+  if (!fuse) {
+    if (gx) backward_input_typed(p, gy, w, gx);
+    if (gw || gb) backward_weight_typed(p, x, gy, gw, gb);
+    return;
+  }
+  conv_direct_s1_backward_both(p, x, gy, w, gx, gw, gb);
+  if (reads_padding(p) && any_nonfinite(gw, weight_count(p)) && border_nonfinite(p, gy))
+    conv_reference_backward_weight(p, x, gy, gw);  // (the fused bias gradient is unaffected)
+}
+
 }  // namespace
+
+void conv2d_backward(const Conv2dParams& p, const void* x, const void* gy, const void* w, void* gx,
+                     void* gw, void* gb) {
+  if (p.dtype == DType::Float32)
+    backward_both_typed<float>(p, static_cast<const float*>(x), static_cast<const float*>(gy),
+                               static_cast<const float*>(w), static_cast<float*>(gx),
+                               static_cast<float*>(gw), static_cast<float*>(gb));
+  else
+    backward_both_typed<double>(p, static_cast<const double*>(x), static_cast<const double*>(gy),
+                                static_cast<const double*>(w), static_cast<double*>(gx),
+                                static_cast<double*>(gw), static_cast<double*>(gb));
+}
 
 void conv2d_forward(const Conv2dParams& p, const void* x, const void* w, const void* b, void* y) {
   if (p.dtype == DType::Float32)
@@ -372,6 +410,8 @@ FASTDL_DECLARE_IN_X86_ISAS(
 void conv2d_forward(const Conv2dParams&, const void*, const void*, const void*, void*);
 void conv2d_backward_input(const Conv2dParams&, const void*, const void*, void*);
 void conv2d_backward_weight(const Conv2dParams&, const void*, const void*, void*, void*);
+void conv2d_backward(const Conv2dParams&, const void*, const void*, const void*, void*, void*,
+                     void*);
 ConvAlgo conv2d_algorithm(const Conv2dParams&, ConvPass);
 )
 #endif
@@ -414,10 +454,24 @@ void conv2d_backward_weight_cpu(const Conv2dParams& p, const void* x, const void
   FASTDL_CPU_DISPATCH(conv2d_backward_weight, p, x, gy, gw, gb);
 }
 
+void conv2d_backward_cpu(const Conv2dParams& p, const void* x, const void* gy, const void* w,
+                         void* gx, void* gw, void* gb) {
+  check_conv2d_params(p);
+  FASTDL_CPU_DISPATCH(conv2d_backward, p, x, gy, w, gx, gw, gb);
+}
+
 ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass) {
   check_conv2d_params(p);
   return FASTDL_CPU_DISPATCH(conv2d_algorithm, p, pass);
 }
+
+// one counter for every kernel build (defined here, in the portable build's object)
+std::atomic<int64_t>& conv_implicit_fallback_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+int64_t conv2d_implicit_fallbacks_cpu() { return conv_implicit_fallback_count().load(); }
 #endif
 
 }  // namespace fastdl

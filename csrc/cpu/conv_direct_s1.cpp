@@ -414,6 +414,47 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   });
 }
 
+bool direct_s1_both_serves(const Conv2dParams& p) {
+  return p.groups == p.c && p.groups == p.k && p.kh == 3 && p.kw == 3 && p.sh == 1 &&
+         p.sw == 1 && p.dh == 1 && p.dw == 1;
+}
+
+// Per output channel (the thread's range), images in order as the weight-gradient pass: the x
+// plane padded for the tap sums, then the gy plane, already read by them, padded for the flipped
+// forward that writes gx (conv_direct_backward_input's kernel, same weights flipped).
+template <class T>
+void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy, const T* w,
+                                  T* gx, T* gw, T* gb) {
+  const Conv2dParams q = input_grad_as_forward(p);
+  const PadGeom gw_geo = PadGeom::of<T>(p), gx_geo = PadGeom::of<T>(q);
+  const int64_t S = p.oh * p.ow, HW = p.h * p.w;
+  parallel_for_catch(p.k, grain_for(p.n * (S + HW) * 9), [&](int64_t lo, int64_t hi) {
+    T* bx = tl_planes.get_as<T>(gw_geo.plane() + gx_geo.plane());
+    T* bg = bx + gw_geo.plane();
+    std::vector<double> acc(static_cast<size_t>((hi - lo) * 10), 0.0);
+    for (int64_t k = lo; k < hi; ++k) {
+      T wf[9];  // the kernel rotated by 180 degrees (flip_weights for one channel)
+      for (int e = 0; e < 9; ++e) wf[e] = w[k * 9 + 8 - e];
+      double* a = acc.data() + (k - lo) * 10;
+      for (int64_t n = 0; n < p.n; ++n) {
+        const T* gp = gy + (n * p.k + k) * S;
+        pad_planes(p, gw_geo, x + (n * p.c + k) * HW, 1, bx);
+        plane_wgrad_3x3(p, gw_geo, bx, gp, gb != nullptr, a);
+        pad_planes(q, gx_geo, gp, 1, bg);
+        plane_fwd_3x3(q, gx_geo, bg, wf, T(0), gx + (n * p.c + k) * HW);
+      }
+      for (int e = 0; e < 9; ++e) gw[k * 9 + e] = static_cast<T>(a[e]);
+      if (gb) gb[k] = static_cast<T>(a[9]);
+    }
+    tl_planes.trim(kKeepBytes);
+  });
+}
+
+template void conv_direct_s1_backward_both<float>(const Conv2dParams&, const float*, const float*,
+                                                  const float*, float*, float*, float*);
+template void conv_direct_s1_backward_both<double>(const Conv2dParams&, const double*,
+                                                   const double*, const double*, double*, double*,
+                                                   double*);
 template void conv_direct_s1_forward<float>(const Conv2dParams&, const float*, const float*,
                                             const float*, float*);
 template void conv_direct_s1_forward<double>(const Conv2dParams&, const double*, const double*,

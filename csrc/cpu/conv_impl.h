@@ -4,6 +4,7 @@
 // already checked.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include <exception>
@@ -14,6 +15,10 @@
 #include "../parallel.h"
 
 namespace fastdl {
+
+// Implicit weight gradients redone on GEMM (conv.cpp; conv2d_implicit_fallbacks_cpu reads it).
+std::atomic<int64_t>& conv_implicit_fallback_count();
+
 namespace FASTDL_ISA_NS {
 
 // fastdl's GEMM of this ISA (csrc/cpu/gemm.cpp). Inside an OpenMP region it runs single-threaded.
@@ -115,6 +120,13 @@ template <class T>
 void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>
 void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb);
+// Depthwise (one input and one output channel per group) 3x3, stride 1, dilation 1: the input
+// gradient and the weight (and bias, when gb is not null) gradient in one pass over gy, each
+// bitwise equal to its own pass's kernel.
+bool direct_s1_both_serves(const Conv2dParams& p);
+template <class T>
+void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy, const T* w,
+                                  T* gx, T* gw, T* gb);
 
 // The input gradient of a stride-1 convolution is a stride-1 convolution of gy: in and out
 // channels swapped, the kernel flipped, padding d*(k-1) - p (possibly negative: every kernel's

@@ -1,17 +1,19 @@
 // The weight gradient of conv2d as an implicit GEMM over padded planes (ConvAlgo::Implicit), on
 // the CPU, float32/float64: no im2col buffer and no transposing pack.
-//   gw[k, cc, i, j] = sum over n, oh, ow of gy[n, k, oh, ow] * x[n, cc, oh*sh + i*dh - ph, ow*sw + j*dw - pw]
-// Per task (image, group, block of output rows) the task's x planes are copied into zero-padded
-// stride-phase planes of pitch P (phase (a, b) holds padded rows a, a + sh, ... and columns b,
-// b + sw, ...) and its gy planes into planes of the same pitch (zeros in columns OW..P-1). With
-// the output pixels flattened to q = oh * P + ow, every column of the GEMM's B (one tap (cc, i, j))
-// is the phase plane read from a fixed offset, and
+//   gw[k, cc, i, j] = sum over n, oh, ow of
+//                     gy[n, k, oh, ow] * x[n, cc, oh*sh + i*dh - pad_h, ow*sw + j*dw - pad_w]
+// A task is a block of images (small planes, stacked) or a block of output rows of one image,
+// for one group. Its x planes are copied into zero-padded stride-phase planes of pitch P (phase
+// (a, b) holds padded rows a, a + sh, ... and columns b, b + sw, ...) and its gy planes into
+// planes of the same pitch (zeros in columns OW..P-1 and in the rows between images). With the
+// output pixels flattened to q = image * xi + oh * P + ow, every column of the GEMM's B (one tap
+// (cc, i, j)) is a phase plane read from a fixed offset, and
 //   gw[k][e] += sum over q of gyp[k][q] * xph[e's plane][q + e's offset]
-// is a dot product along q, which is contiguous in both operands: a register tile of MR output
-// channels x NR taps keeps MR x NR vector accumulators, loads MR + NR vectors per q step and
-// sums its lanes once per block of q. The im2col + GEMM path (conv_gemm.cpp) writes cols and then
-// transposes both of its operands into packed panels, because that GEMM's reduction index (the
-// pixels) is the contiguous one of both: ~35% of its time on conv 3 (perf, benchmarks/RESULTS.md).
+// is a dot product along q, contiguous in both operands: a register tile of MR output channels x
+// NR taps keeps MR x NR vector accumulators, loads MR + NR vectors per q step and sums its lanes
+// once per task. The im2col + GEMM path (conv_gemm.cpp) writes cols and then transposes both of
+// its operands into packed panels (that GEMM's reduction index, the pixels, is the contiguous one
+// of both): ~35% of conv 3's weight gradient (perf, benchmarks/RESULTS.md, 2026-12-02 19:50).
 // Padding columns: gy's zero columns meet real x values and x's zero padding meets real gy, so an
 // inf or NaN there gives NaN where torch's result is finite; conv.cpp checks the result and
 // redoes such a call on GEMM (whose own border rule then applies).
@@ -55,10 +57,11 @@ struct IVec {
 };
 
 thread_local ScratchBuffer tl_xph, tl_gyp;
+// (kKeepBytes >= kTaskBytes: a thread keeps its buffers between calls of the shapes it serves)
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
 // blocks to fit, or small images are stacked until their q range reaches kTaskQ.
-constexpr int64_t kTaskBytes = int64_t(8) << 20;
+constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // q values per task wanted: a tile sums its lanes once per task, and on AVX-512 at 128 vector
 // steps per sum that cost ~10% of conv 3's weight gradient (1 thread; 210 steps, whole images,
 // 1.16x faster than 128).
@@ -108,25 +111,26 @@ Geo make_geo(const Conv2dParams& p) {
   return g;
 }
 
-// gyp[kk][i * xi + r * P + col] = gy[n0 + i, kk, oh0 + r, col] for r < nr, col < OW; 0 elsewhere
+// gyp[kk][i * xi + r * P + col] = gy[n0 + i, kk, oh0 + r, col] for r < nrows, col < OW; 0 elsewhere
 // up to qt. gyg: image n0's plane of the task's first output channel.
 template <class T>
 void fill_gy(const Conv2dParams& p, const Geo& geo, const T* gyg, int64_t kg, int64_t imgs,
-             int64_t oh0, int64_t nr, T* gyp) {
+             int64_t oh0, int64_t nrows, T* gyp) {
   const int64_t S = p.oh * p.ow, P = geo.pitch;
   for (int64_t kk = 0; kk < kg; ++kk) {
     T* dst = gyp + kk * geo.qt;
     std::fill(dst, dst + geo.qt, T(0));
     for (int64_t i = 0; i < imgs; ++i) {
       const T* src = gyg + (i * p.k + kk) * S + oh0 * p.ow;
-      for (int64_t r = 0; r < nr; ++r)
+      for (int64_t r = 0; r < nrows; ++r)
         std::copy(src + r * p.ow, src + (r + 1) * p.ow, dst + i * geo.xi + r * P);
     }
   }
 }
 
-// xph[ph][cc][i * xi + row * P + jj] = x[n0 + i, cc, (oh0 + row) * sh + a - ph, jj * sw + b - pw]
-// for phase ph = a * sw + b and row < rows + reach (0 outside the input), 0 elsewhere up to xt.
+// xph[phase][cc][i * xi + row * P + jj] =
+//     x[n0 + i, cc, (oh0 + row) * sh + a - pad_h, jj * sw + b - pad_w]
+// for phase = a * sw + b and row < rows + reach (0 outside the input), 0 elsewhere up to xt.
 // xg: image n0's plane of the task's first input channel.
 template <class T>
 void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int64_t imgs,
@@ -198,8 +202,10 @@ void tile(const T* a, int64_t lda, const T* const* b, int64_t nq, T* out, int64_
     for (int r = 0; r < mr; ++r) av[r] = IVec<T>::load(a + r * lda + q);
     for (int c = 0; c < nr; ++c) {
       V bv = IVec<T>::load(bp[c] + q);
+#if defined(__x86_64__) || defined(__i386__)
       // one load feeding mr FMAs: without this GCC folded it into each FMA (mr split loads)
       __asm__("" : "+x"(bv));
+#endif
       for (int r = 0; r < mr; ++r) acc[r][c] += av[r] * bv;
     }
   }
@@ -269,7 +275,7 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
   int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
   if (omp_in_parallel()) nt = 1;
   const auto& fns = tiles<T>();
-  sum_over_threads(nt, items, G * kg * ckk, gw, [&](T* P, int64_t lo, int64_t hi) {
+  sum_over_threads(nt, items, G * kg * ckk, gw, [&](T* part, int64_t lo, int64_t hi) {
     T* xph = tl_xph.get_as<T>(geo.phases * cg * geo.xt);
     T* gyp = tl_gyp.get_as<T>(kg * geo.qt);
     const T* bcols[NR];
@@ -281,14 +287,14 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
       fill_x(p, geo, x + (n0 * p.c + g * cg) * p.h * p.w, cg, imgs, oh0, xph);
       // the q range: every image's rows, up to the last image's last output row
       const int64_t nq = ((imgs - 1) * geo.xi + nr_rows * geo.pitch + L - 1) / L * L;
-      T* Pg = P + g * kg * ckk;
+      T* part_g = part + g * kg * ckk;
       for (int64_t k0 = 0; k0 < kg; k0 += MR) {
         const int mr = static_cast<int>(std::min<int64_t>(MR, kg - k0));
         const T* arow = gyp + k0 * geo.qt;
         for (int64_t e0 = 0; e0 < ckk; e0 += NR) {
           const int nr = static_cast<int>(std::min<int64_t>(NR, ckk - e0));
           for (int c = 0; c < nr; ++c) bcols[c] = xph + off[e0 + c];
-          fns[mr - 1][nr - 1](arow, geo.qt, bcols, nq, Pg + k0 * ckk + e0, ckk);
+          fns[mr - 1][nr - 1](arow, geo.qt, bcols, nq, part_g + k0 * ckk + e0, ckk);
         }
       }
     }

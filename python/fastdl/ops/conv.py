@@ -381,6 +381,17 @@ def conv2d_backward_run(geo, grad_output, input, weight, output_mask):
     """Backward for a validated geometry; grad_output batched and contiguous."""
     g = grad_output
     gx = gw = gb = None
+    if geo.device < 0 and output_mask[0] and (output_mask[1] or output_mask[2]):
+        # one CPU call: depthwise 3x3 stride-1 layers read gy once for every gradient
+        gx = _empty(g, geo.x_shape)
+        gw = _empty(g, geo.w_shape) if output_mask[1] else None
+        gb = _empty(g, (geo.y_shape[1],)) if output_mask[2] else None
+        p = _tensor.pointer
+        x = _tensor.contiguous(_batched(input, geo.unbatched))
+        _C.conv2d_backward_cpu(p(x), p(g), p(_tensor.contiguous(weight)), p(gx),
+                               None if gw is None else p(gw), None if gb is None else p(gb),
+                               geo.params, _current_algo())
+        return _unbatch(gx, geo.unbatched), gw, gb
     if output_mask[0]:
         gx = _empty(g, geo.x_shape)
         _launch(_BACKWARD_INPUT, g, _tensor.contiguous(weight), None, gx, geo.params, geo.device)

@@ -100,6 +100,13 @@ def _backward(ctx, gy, pass_x):
         return torch.zeros_like(x), torch.zeros_like(w), gb, None
     g = _ops._batched(gy, geo.unbatched)
     xb = _ops._batched(x, geo.unbatched)
+    need = ctx.needs_input_grad
+    if (pass_x == _ops._BACKWARD_INPUT and geo.device < 0 and need[0] and need[1]
+            and not _needs_grad(g, w) and not _needs_grad(xb, g)):
+        # conv2d on the CPU without create_graph: one call for all three (the bias gradient in
+        # the kernels' pass over gy; depthwise layers read gy once for every gradient)
+        return (*_ops.conv2d_backward_run(geo, _tensor.contiguous(g), x, w,
+                                          (True, True, bool(ctx.has_bias and need[2]))), None)
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         gx = _ops._unbatch(_apply(pass_x, geo, g, w), geo.unbatched)
