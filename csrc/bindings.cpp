@@ -675,6 +675,7 @@ PYBIND11_MODULE(_C, m) {
      py::arg("algo"), py::arg("device"), py::arg("stream"), py::arg("workspace") = py::none(),
      py::arg("workspace_bytes") = 0);
   m.def("conv2d_implicit_fallbacks", &conv2d_implicit_fallbacks_cpu);
+  m.def("conv2d_fused_backward_runs", &conv2d_fused_backward_runs_cpu);
   // Both gradients of one CPU backward (gx, gw, gb each optional): conv2d_backward_cpu.
   m.def("conv2d_backward_cpu", [](py::handle x, py::handle gy, py::handle w, py::handle gx,
                                   py::handle gw, py::handle gb, const Conv2dParams& prm, int algo) {

@@ -56,6 +56,8 @@ ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass);
 // Implicit weight gradients redone on GEMM because their result held an inf/NaN, since start
 // (tests: the implicit result was the one kept).
 int64_t conv2d_implicit_fallbacks_cpu();
+// conv2d_backward_cpu calls that ran the one-pass depthwise kernel, since start (tests).
+int64_t conv2d_fused_backward_runs_cpu();
 
 // CUDA: float32, float16 and bfloat16 (float32 accumulation), on launch.device, asynchronous on
 // launch.stream (csrc/cuda/conv.cu). Algorithms: Gemm (implicit GEMM) and Direct (depthwise;

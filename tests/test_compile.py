@@ -125,6 +125,7 @@ def test_paths_equal_max_unpool2d(device, monkeypatch, output_size):
                                                             output_padding=1)),
     (FF.conv_transpose2d, (4, 5, 5), (4, 2, 2, 3), dict(groups=2, dilation=2)),
     (FF.conv1d, (2, 4, 13), (6, 4, 3), dict(stride=2, padding=2)),
+    (FF.conv2d, (2, 6, 9, 8), (6, 1, 3, 3), dict(padding=1, groups=6)),  # depthwise: one pass
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_paths_equal_conv(monkeypatch, fn, x, w, kwargs, bias):
@@ -132,6 +133,14 @@ def test_paths_equal_conv(monkeypatch, fn, x, w, kwargs, bias):
     ins = [rand(*x, dtype=torch.float64), rand(*w, dtype=torch.float64)]
     ins += [rand(out_ch, dtype=torch.float64)] if bias else []
     _same(fn, ins, monkeypatch, **kwargs)
+
+
+def test_paths_equal_conv_first_layer(monkeypatch):
+    # an input that needs no gradient (a first layer): the weight and bias gradients alone
+    ins = [rand(2, 3, 9, 8, dtype=torch.float64), rand(4, 3, 3, 3, dtype=torch.float64),
+           rand(4, dtype=torch.float64)]
+    _same(lambda x, w, b: FF.conv2d(x.detach(), w, b, padding=1), ins, monkeypatch)
+    _same(lambda x, w, b: FF.conv2d(x, w.detach(), b, padding=1), ins, monkeypatch)
 
 
 def test_paths_equal_conv_channels_last_and_double_backward(monkeypatch):
@@ -217,6 +226,11 @@ def _opcheck_samples():
     # backward ops directly (they also run inside the forward ops' AOT-dispatch checks)
     yield ops.linear_backward.default, (rand(2, 3, 4), rand(2, 3, 7), rand(4, 7), True, False,
                                         True)
+    gyd = rand(2, 4, 5, 8, dtype=torch.float64)
+    for mask in ((True, True, True), (False, True, False), (True, False, True)):
+        yield ops.conv2d_backward_all.default, (gyd, x.detach(), w.detach(), *mask, [2, 3, 9, 8],
+                                                [4, 3, 3, 3], [2, 1], [1, 1], "", [0, 0], [1, 1],
+                                                1)
     yield ops.conv_pass.default, (_library._W, x, rand(2, 4, 5, 8, dtype=torch.float64),
                                   False, [2, 3, 9, 8], [4, 3, 3, 3], [2, 1], [1, 1], "", [0, 0],
                                   [1, 1], 1)

@@ -621,10 +621,11 @@ def test_auto_choice_phase(cpu_path):
 
 # The implicit weight gradient (conv_implicit.cpp): its task geometry by case. Several small
 # images per task (their q ranges stacked, padding rows between them), one image cut into row
-# blocks (8 MB of planes: 8 + 8 channels over a 402 x 402 padded plane is 10 MB), stride phases
+# blocks (4 MB of planes per task: 8 + 8 channels over a 402 x 402 padded plane is 10 MB), stride phases
 # (2 and 3, one along each axis), dilation, groups, non-square and 1x1 kernels, padding beyond
 # the kernel, an output narrower than one vector or than the kernel, channel counts off the
-# 3 x 9 / 3 x 3 tiles, and row blocks of a strided, dilated layer (4 phases: 20 MB of planes).
+# 3 x 9 / 3 x 3 tiles, and row blocks of a strided, dilated layer (4 phases: 20 MB of planes
+# against 4 MB per task).
 # Each asserts that the result kept is the implicit one (no inf/NaN fallback to GEMM).
 IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                      # 13 images
             ((1, 8, 400, 400), (8, 8, 3, 3), dict(padding=1)),                    # row blocks
@@ -665,13 +666,17 @@ def test_implicit_weight_grad(cpu_path, case, dtype):
     assert_close(got, want, reduction=per_pixel, what=f"implicit {shape} {wshape} {kw} {dtype}")
 
 
-@pytest.mark.parametrize("case", [0, 2, 4])
-def test_implicit_weight_grad_thread_counts(cpu_path, case):
-    # Tasks split over 1-3 threads (13 images: a short last task), each thread's partial sum
-    # added in thread order: close to torch at every count, bitwise equal run to run.
-    shape, wshape, kw = IMPLICIT[case]
+@pytest.mark.parametrize("shape,wshape,kw", [
+    ((13, 8, 20, 20), (16, 8, 3, 3), dict(padding=1)),                 # 13 images: a short task
+    ((5, 6, 40, 36), (12, 6, 3, 3), dict(stride=2, padding=1)),         # stride phases
+    ((2, 6, 60, 50), (12, 3, 3, 3), dict(dilation=2, groups=2)),        # groups, dilation
+])
+def test_implicit_weight_grad_thread_counts(cpu_path, shape, wshape, kw):
+    # Tasks split over 1-3 threads (each case over 3 * 2^16 multiply-adds, so all three take
+    # part), each thread's partial sum added in thread order: close to torch at every count,
+    # bitwise equal run to run.
     kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
-    gen = torch.Generator().manual_seed(case)
+    gen = torch.Generator().manual_seed(shape[0])
     x = torch.empty(shape).uniform_(-1, 1, generator=gen)
     w = torch.empty(wshape).uniform_(-1, 1, generator=gen)
     gy = torch.empty(TF.conv2d(x, w, **kw).shape).uniform_(-1, 1, generator=gen)
@@ -695,15 +700,21 @@ def test_implicit_weight_grad_thread_counts(cpu_path, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups,padding", [((3, 8, 13, 21), 8, 1), ((2, 5, 9, 6), 5, 0),
-                                                  ((1, 4, 3, 40), 4, 2)])
+                                                  ((1, 4, 3, 40), 4, 2), ((4, 7, 8), 4, 3),
+                                                  ((2, 6, 11, 9), 6, (3, 1))])
 def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding):
     # Depthwise 3x3 stride 1: conv2d_backward with both gradients asked runs one pass over gy
-    # (conv_direct_s1_backward_both); each result is bitwise the separate pass's, and the inf/NaN
-    # rules hold: an inf weight sends the input gradient to the reference loops, an inf gy at
-    # the border the weight gradient.
-    gen = torch.Generator().manual_seed(shape[2])
+    # (conv_direct_s1_backward_both, counted); each result is bitwise the separate pass's, and
+    # the inf/NaN rules hold: an inf weight sends the input gradient to the reference loops (and
+    # the call to the two passes), a NaN gy at the border the weight gradient. Unbatched input,
+    # padding beyond the kernel (a negative padding for the flipped forward), and a weight
+    # stored transposed (its contiguous copy must live through the call).
+    gen = torch.Generator().manual_seed(shape[-1])
     x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
-    w = torch.empty((groups, 1, 3, 3), dtype=dtype).uniform_(-1, 1, generator=gen)
+    if len(shape) == 3:
+        groups = shape[0]
+    w = torch.empty((3, 3, 1, groups), dtype=dtype).uniform_(-1, 1, generator=gen).permute(3, 2, 0, 1)
+    assert not w.is_contiguous()
     kw = dict(padding=padding, groups=groups)
     gy = torch.empty(TF.conv2d(x, w, **kw).shape, dtype=dtype).uniform_(-1, 1, generator=gen)
     assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "direct"
@@ -713,19 +724,24 @@ def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding)
         if bad_w:
             wb[1, 0, 0, 2] = float("inf")
         if bad_gy:
-            gyb[0, 0, 0, -1] = float("nan")
+            gyb[(0,) * (gyb.dim() - 2) + (0, -1)] = float("nan")
+        runs = fastdl._C.conv2d_fused_backward_runs()
         both = fastdl.ops.conv2d_backward(gyb, x, wb, **kw)
+        fused = groups >= fastdl.get_num_threads() and not bad_w
+        assert fastdl._C.conv2d_fused_backward_runs() == runs + fused, (bad_w, bad_gy)
         gx = fastdl.ops.conv2d_backward(gyb, x, wb, **kw, output_mask=(True, False, False))[0]
         _, gw, gb = fastdl.ops.conv2d_backward(gyb, x, wb, **kw, output_mask=(False, True, True))
         for got, want in zip(both, (gx, gw, gb)):
             assert torch.equal(got.nan_to_num(1e9, 2e9, 3e9), want.nan_to_num(1e9, 2e9, 3e9)), (
                 bad_w, bad_gy)
         if not (bad_w or bad_gy):
-            ref = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], [padding] * 2,
-                                                      [1, 1], False, [0, 0], groups,
-                                                      [True, True, True])
-            for got, want, red in zip(both, ref, (9, gy[0, 0].numel() * shape[0],
-                                                  gy[0, 0].numel() * shape[0])):
+            pads = list(padding) if isinstance(padding, tuple) else [padding] * 2
+            xb, gyb4 = (x, gy) if x.dim() == 4 else (x[None], gy[None])
+            ref = torch.ops.aten.convolution_backward(gyb4, xb, w, None, [1, 1], pads, [1, 1],
+                                                      False, [0, 0], groups, [True, True, True])
+            ref = (ref[0] if x.dim() == 4 else ref[0][0], ref[1], ref[2])
+            per_channel = gyb4[:, 0].numel()
+            for got, want, red in zip(both, ref, (9, per_channel, per_channel)):
                 assert_close(got, want, reduction=red)
 
 

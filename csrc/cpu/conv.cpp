@@ -299,7 +299,7 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
 
 template <class T>
 void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb) {
-  const bool weights = gw && p.k != 0 && p.c != 0 && p.n != 0;
+  const bool weights = gw && p.k != 0 && p.c != 0 && p.n != 0 && p.oh != 0 && p.ow != 0;
   const ConvAlgo algo = weights ? conv_choose(p, ConvPass::BackwardWeight) : ConvAlgo::Reference;
   // The direct kernel with stride 1 along W sums the bias gradient in its pass over gy.
   const bool fused = weights && algo == ConvAlgo::Direct && p.sw == 1;
@@ -308,7 +308,7 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     else bias_grad(p, gy, gb);
   }
   if (!gw || p.k == 0 || p.c == 0) return;
-  if (p.n == 0 || p.oh == 0 || p.ow == 0) {  // (no output position: nothing to sum)
+  if (!weights) {  // no image or no output position: nothing to sum
     std::fill(gw, gw + p.k * (p.c / p.groups) * p.kh * p.kw, T(0));
     return;
   }
@@ -343,7 +343,8 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
 template <class T>
 void backward_both_typed(const Conv2dParams& p, const T* x, const T* gy, const T* w, T* gx, T* gw,
                          T* gb) {
-  const bool fuse = gx && gw && p.n > 0 && p.k > 0 && p.h > 0 && p.w > 0 &&
+  // (its threads split the channels only: fewer channels than threads keep the two passes)
+  const bool fuse = gx && gw && p.n > 0 && p.k >= get_num_threads() && p.h > 0 && p.w > 0 &&
                     direct_s1_both_serves(p) &&
                     conv_choose(p, ConvPass::BackwardInput) == ConvAlgo::Direct &&
                     conv_choose(p, ConvPass::BackwardWeight) == ConvAlgo::Direct &&
@@ -354,6 +355,7 @@ void backward_both_typed(const Conv2dParams& p, const T* x, const T* gy, const T
     return;
   }
   conv_direct_s1_backward_both(p, x, gy, w, gx, gw, gb);
+  conv_fused_backward_count().fetch_add(1, std::memory_order_relaxed);
   if (reads_padding(p) && any_nonfinite(gw, weight_count(p)) && border_nonfinite(p, gy))
     conv_reference_backward_weight(p, x, gy, gw);  // (the fused bias gradient is unaffected)
 }
@@ -472,6 +474,13 @@ std::atomic<int64_t>& conv_implicit_fallback_count() {
 }
 
 int64_t conv2d_implicit_fallbacks_cpu() { return conv_implicit_fallback_count().load(); }
+
+std::atomic<int64_t>& conv_fused_backward_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+int64_t conv2d_fused_backward_runs_cpu() { return conv_fused_backward_count().load(); }
 #endif
 
 }  // namespace fastdl

@@ -18,6 +18,8 @@ namespace fastdl {
 
 // Implicit weight gradients redone on GEMM (conv.cpp; conv2d_implicit_fallbacks_cpu reads it).
 std::atomic<int64_t>& conv_implicit_fallback_count();
+// Backward calls that ran the one-pass depthwise kernel (conv.cpp; conv2d_fused_backward_runs_cpu).
+std::atomic<int64_t>& conv_fused_backward_count();
 
 namespace FASTDL_ISA_NS {
 

@@ -29,6 +29,7 @@
 
 #include "conv_impl.h"
 #include "scratch.h"
+#include "vec_ext.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -46,15 +47,7 @@ constexpr int kBytes = 16, MR = 3, NR = 3;
 #endif
 
 template <class T>
-struct IVec {
-  typedef T V __attribute__((vector_size(kBytes)));
-  static constexpr int64_t L = kBytes / static_cast<int64_t>(sizeof(T));
-  static V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-};
+using IVec = Vec<T, kBytes>;
 
 thread_local ScratchBuffer tl_xph, tl_gyp;
 // (kKeepBytes >= kTaskBytes: a thread keeps its buffers between calls of the shapes it serves)

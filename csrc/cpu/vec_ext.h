@@ -1,7 +1,7 @@
 // Vec<T>: one 32-byte vector of T through GCC/Clang vector extensions (a ymm register on the
 // AVX2 build, two xmm on the portable one), loaded and stored unaligned through memcpy. Shared by
 // the direct stride-1 convolution (conv_direct_s1.cpp) and the stride-phase input gradient
-// (conv_phase.cpp). FASTDL_ISA_NS comes from the build (CMakeLists.txt), one per kernel build.
+// (conv_phase.cpp); Vec<T, Bytes> another width (the implicit weight gradient's zmm, conv_implicit.cpp). FASTDL_ISA_NS comes from the build (CMakeLists.txt), one per kernel build.
 #pragma once
 
 #include <cstdint>
@@ -15,10 +15,10 @@ namespace {
 
 constexpr int kVecBytes = 32;  // one ymm register (two xmm on the portable build)
 
-template <class T>
+template <class T, int Bytes = kVecBytes>
 struct Vec {
-  typedef T V __attribute__((vector_size(kVecBytes)));
-  static constexpr int64_t L = kVecBytes / static_cast<int64_t>(sizeof(T));
+  typedef T V __attribute__((vector_size(Bytes)));
+  static constexpr int64_t L = Bytes / static_cast<int64_t>(sizeof(T));
   static V load(const T* p) {
     V v;
     std::memcpy(&v, p, sizeof(V));

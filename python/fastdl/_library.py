@@ -604,28 +604,34 @@ def _conv_pass_grad(ctx, g):
 conv_pass.register_autograd(_conv_pass_grad, setup_context=_conv_pass_setup)
 
 
-# conv2d's gradients in one CPU call, as nn/functional/conv.py's _backward makes without
-# create_graph (the kernels' own bias gradient; depthwise 3x3 layers read gy once for all):
-# (gx, gw, gb), gb empty when not asked. Not differentiable: used only where no graph is recorded.
-@torch.library.custom_op("fastdl::conv2d_backward_all", mutates_args=())
-def conv2d_backward_all(gy: Tensor, x: Tensor, w: Tensor, need_bias: bool, shape: List[int],
-                        w_shape: List[int], stride: List[int], padding: List[int],
-                        padding_str: str, output_padding: List[int], dilation: List[int],
-                        groups: int) -> Tuple[Tensor, Tensor, Tensor]:
-    args = (stride, padding, padding_str, output_padding, dilation, groups)
-    geo, _ = _pass_geometry(_W, x, gy, False, shape, w_shape, args)
+# conv2d's gradients in one CPU call, as nn/functional/conv.py's _backward makes when no graph is
+# recorded (gb from the kernels' pass over gy; depthwise 3x3 layers' two gradients from one
+# pass): (gx, gw, gb), each empty (0,) where not asked. Not differentiable: used only there.
+def _backward_all_check(gy, x, w, shape, w_shape, args):
+    _pass_geometry(_W, x, gy, False, shape, w_shape, args)
     if tuple(w.shape) != tuple(w_shape) or w.dtype != x.dtype or w.device != x.device:
-        raise RuntimeError(f"conv2d_backward_all: expected w of shape {tuple(w_shape)}, got "
-                           f"{tuple(w.shape)} ({w.dtype} on {w.device})")
-    gx, gw, gb = _conv.conv2d_backward_run(geo, _tensor.contiguous(gy), x, w,
-                                           (True, True, need_bias))
-    return gx, gw, gb if gb is not None else gy.new_empty((0,))
+        raise RuntimeError(f"conv2d_backward_all: expected w of shape {tuple(w_shape)} "
+                           f"({x.dtype} on {x.device}), got {tuple(w.shape)} ({w.dtype} on "
+                           f"{w.device})")
+
+
+@torch.library.custom_op("fastdl::conv2d_backward_all", mutates_args=())
+def conv2d_backward_all(gy: Tensor, x: Tensor, w: Tensor, need_x: bool, need_w: bool,
+                        need_bias: bool, shape: List[int], w_shape: List[int], stride: List[int],
+                        padding: List[int], padding_str: str, output_padding: List[int],
+                        dilation: List[int], groups: int) -> Tuple[Tensor, Tensor, Tensor]:
+    args = (stride, padding, padding_str, output_padding, dilation, groups)
+    _backward_all_check(gy, x, w, shape, w_shape, args)
+    geo = _geometry_of(x, False, shape, w_shape, args)
+    out = _conv.conv2d_backward_run(geo, _tensor.contiguous(gy), x, w,
+                                    (need_x, need_w, need_bias))
+    return tuple(gy.new_empty((0,)) if t is None else t for t in out)
 
 
 @conv2d_backward_all.register_fake
-def _(gy, x, w, need_bias, shape, w_shape, *args):
-    _pass_geometry(_W, x, gy, False, shape, w_shape, args)
-    return (x.new_empty(x.shape), w.new_empty(w_shape),
+def _(gy, x, w, need_x, need_w, need_bias, shape, w_shape, *args):
+    _backward_all_check(gy, x, w, shape, w_shape, args)
+    return (x.new_empty(x.shape if need_x else (0,)), w.new_empty(w_shape if need_w else (0,)),
             gy.new_empty((w_shape[0] if need_bias else 0,)))
 
 
@@ -648,11 +654,11 @@ def _convolution_grad(ctx, gy):
     if not transposed and xb.shape[1] == 0:  # conv2d without input channels: zero gradients
         gb = w.new_zeros(w.shape[0]) if ctx.has_bias and need_b else None
         return (torch.zeros_like(x), torch.zeros_like(w), gb) + (None,) * 7
-    if (not transposed and need_x and need_w and x.device.type == "cpu"
-            and not needs_autograd(g, w) and not needs_autograd(xb, g)):
-        gx, gw, gb = conv2d_backward_all(g, xb, w, bool(ctx.has_bias and need_b), *pass_args[1:])
-        return (gx[0] if unbatched else gx, gw, gb if ctx.has_bias and need_b else None) + \
-            (None,) * 7
+    if not transposed and _tensor.device_index(x) < 0 and not needs_autograd(g, w, xb):
+        mask = (bool(need_x), bool(need_w), bool(ctx.has_bias and need_b))
+        gx, gw, gb = conv2d_backward_all(g, xb, w, *mask, *pass_args[1:])
+        gx = (gx[0] if unbatched else gx) if mask[0] else None
+        return (gx, gw if mask[1] else None, gb if mask[2] else None) + (None,) * 7
     gx = gw = gb = None
     if need_x:
         gx = conv_pass(_F if transposed else _I, g, w, *pass_args)

@@ -387,10 +387,11 @@ def conv2d_backward_run(geo, grad_output, input, weight, output_mask):
         gw = _empty(g, geo.w_shape) if output_mask[1] else None
         gb = _empty(g, (geo.y_shape[1],)) if output_mask[2] else None
         p = _tensor.pointer
+        # (both contiguous copies held in locals: the kernel reads their memory after p())
         x = _tensor.contiguous(_batched(input, geo.unbatched))
-        _C.conv2d_backward_cpu(p(x), p(g), p(_tensor.contiguous(weight)), p(gx),
-                               None if gw is None else p(gw), None if gb is None else p(gb),
-                               geo.params, _current_algo())
+        w = _tensor.contiguous(weight)
+        _C.conv2d_backward_cpu(p(x), p(g), p(w), p(gx), None if gw is None else p(gw),
+                               None if gb is None else p(gb), geo.params, _current_algo())
         return _unbatch(gx, geo.unbatched), gw, gb
     if output_mask[0]:
         gx = _empty(g, geo.x_shape)

@@ -91,7 +91,10 @@ def _apply(kind, geo, a, b):
 
 def _backward(ctx, gy, pass_x):
     """Shared backward of _Conv2dFn/_ConvTranspose2dFn: gx by pass_x(gy, w), gw by the weight
-    pass, gb by summing gy; each only where autograd asks, differentiable under create_graph."""
+    pass, gb by summing gy; each only where autograd asks, differentiable under create_graph.
+    conv2d on the CPU with no graph to record makes one call for all of them instead
+    (fastdl.ops.conv.conv2d_backward_run: gb from the kernels' pass over gy, and depthwise 3x3
+    layers' two gradients from one pass)."""
     x, w = ctx.saved_tensors
     geo = ctx.geo
     if pass_x == _ops._BACKWARD_INPUT and geo.x_shape[1] == 0:  # conv2d without input channels:
@@ -101,12 +104,9 @@ def _backward(ctx, gy, pass_x):
     g = _ops._batched(gy, geo.unbatched)
     xb = _ops._batched(x, geo.unbatched)
     need = ctx.needs_input_grad
-    if (pass_x == _ops._BACKWARD_INPUT and geo.device < 0 and need[0] and need[1]
-            and not _needs_grad(g, w) and not _needs_grad(xb, g)):
-        # conv2d on the CPU without create_graph: one call for all three (the bias gradient in
-        # the kernels' pass over gy; depthwise layers read gy once for every gradient)
-        return (*_ops.conv2d_backward_run(geo, _tensor.contiguous(g), x, w,
-                                          (True, True, bool(ctx.has_bias and need[2]))), None)
+    if (pass_x == _ops._BACKWARD_INPUT and geo.device < 0 and not _needs_grad(g, w, xb)):
+        mask = (bool(need[0]), bool(need[1]), bool(ctx.has_bias and need[2]))
+        return (*_ops.conv2d_backward_run(geo, _tensor.contiguous(g), x, w, mask), None)
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         gx = _ops._unbatch(_apply(pass_x, geo, g, w), geo.unbatched)
