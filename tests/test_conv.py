@@ -755,7 +755,10 @@ def test_auto_choice_implicit(cpu_path):
     assert ops_conv.conv2d_algorithm(x[:, :3], w3[:, :3], padding=1, pass_="weight") == implicit
     for pass_ in ("forward", "input"):
         assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_=pass_) != "implicit"
-    for other in (dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
+    # padded planes at most 35% larger than the output: 14x14 p1 (+31%) yes, 12x12 p1 (+36%) no
+    assert ops_conv.conv2d_algorithm(x[:, :, :14, :14], w3, padding=1, pass_="weight") == implicit
+    for other in (dict(x=x[:, :, :12, :12], w=w3, kw=dict(padding=1)),
+                  dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
                   dict(x=x, w=w3, kw=dict(padding=1, stride=2)),           # stride 2
                   dict(x=x[:, :, :8, :8], w=w3, kw=dict(padding=1)),       # 10x10 of 8x8: +56%
                   dict(x=x, w=w3[:, :, :1, :1], kw={}),                    # 1x1

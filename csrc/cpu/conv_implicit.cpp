@@ -232,16 +232,17 @@ bool implicit_preferred(const Conv2dParams& p) {
 #if defined(__AVX512F__)
   // Measured on the AVX-512 build only (forced GEMM time / forced implicit time, weight gradient,
   // 2 threads, float32; benchmarks/RESULTS.md, 2026-12-03): stride 1 with a q range close to the
-  // output's size won (conv 3 32x64x56x56 p1 1.15x, conv 2 64x32x26x26 1.0-1.15x, 3-16 channels
-  // on 32x32-64x64 maps 1.4-1.6x, 8 channels 2.5x); padding columns and rows past ~20% of the
-  // plane lost (8x8 maps p1 0.4-0.7x, 14x14 p1 over 128-256 channels 0.86x), as did stride 2
-  // (conv 5 0.5x: its four phase planes per channel stall the tile's loads), 1x1 kernels (0.84x,
-  // GEMM reads x in place there) and over 1024 GEMM columns (28x28 over 128 channels 1.0x).
+  // output's size won (conv 3 32x64x56x56 p1 1.07x, conv 2 64x32x26x26 1.02x, 16x16 to 20x20
+  // maps p1 over 32-64 channels 1.05-1.36x, 14x14 p1 1.07-1.10x, 3-16 channels on 32x32-64x64
+  // maps 1.46-1.69x, 8 channels 3.0x); planes 36% or more larger than the output did not (12x12
+  // p1 0.99-1.04x, 8x8 p1 0.4-0.7x), nor did stride 2 (conv 5 0.46x: its four phase planes per
+  // channel stall the tile's loads), 1x1 kernels (0.84x, GEMM reads x in place there) or over
+  // 1024 GEMM columns (28x28 over 128 channels 0.95x, 14x14 over 256 0.82x).
   // The AVX2 build's 3x3 tile (16 registers) ran 0.85-1.07x of GEMM: never chosen there.
   if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1) return false;
   const int64_t cg = p.c / p.groups, ckk = cg * p.kh * p.kw;
   const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
-  return ckk <= 1024 && q * 5 <= p.oh * p.ow * 6;
+  return ckk <= 1024 && q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #else
   (void)p;
   return false;
