@@ -55,9 +55,8 @@ constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
 // blocks to fit, or small images are stacked until their q range reaches kTaskQ.
 constexpr int64_t kTaskBytes = int64_t(4) << 20;
-// q values per task wanted: a tile sums its lanes once per task, and on AVX-512 at 128 vector
-// steps per sum that cost ~10% of conv 3's weight gradient (1 thread; 210 steps, whole images,
-// 1.16x faster than 128).
+// q values per task wanted: a tile sums its lanes once per task, and that sum is costly against
+// short q ranges (measured on conv 3: benchmarks/RESULTS.md, 2026-12-03).
 constexpr int64_t kTaskQ = 4096;
 
 // One task's plane geometry: `imgs` images of `rows` output rows each (imgs > 1 only with whole
@@ -230,15 +229,11 @@ const std::array<std::array<TileFn<T>, NR>, MR>& tiles() {
 
 bool implicit_preferred(const Conv2dParams& p) {
 #if defined(__AVX512F__)
-  // Measured on the AVX-512 build only (forced GEMM time / forced implicit time, weight gradient,
-  // 2 threads, float32; benchmarks/RESULTS.md, 2026-12-03): stride 1 with a q range close to the
-  // output's size won (conv 3 32x64x56x56 p1 1.07x, conv 2 64x32x26x26 1.02x, 16x16 to 20x20
-  // maps p1 over 32-64 channels 1.05-1.36x, 14x14 p1 1.07-1.10x, 3-16 channels on 32x32-64x64
-  // maps 1.46-1.69x, 8 channels 3.0x); planes 36% or more larger than the output did not (12x12
-  // p1 0.99-1.04x, 8x8 p1 0.4-0.7x), nor did stride 2 (conv 5 0.46x: its four phase planes per
-  // channel stall the tile's loads), 1x1 kernels (0.84x, GEMM reads x in place there) or over
-  // 1024 GEMM columns (28x28 over 128 channels 0.95x, 14x14 over 256 0.82x).
-  // The AVX2 build's 3x3 tile (16 registers) ran 0.85-1.07x of GEMM: never chosen there.
+  // The rule fitted to forced GEMM / forced implicit weight-gradient timings on the AVX-512 build
+  // (table and figures: benchmarks/RESULTS.md, 2026-12-03): stride 1 with padded planes close to
+  // the output's size won; more padding, stride 2 (four phase planes per channel stall the tile's
+  // loads), 1x1 kernels (GEMM reads x in place) and over 1024 GEMM columns did not. The AVX2
+  // build's 16-register tile never beat its GEMM: never chosen there.
   if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1) return false;
   const int64_t cg = p.c / p.groups, ckk = cg * p.kh * p.kw;
   const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
@@ -254,7 +249,8 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
   constexpr int64_t L = IVec<T>::L;
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw, ckk = cg * taps;
   const Geo geo = make_geo<T>(p);
-  const int64_t rblocks = (p.oh + geo.rows - 1) / geo.rows, iblocks = (p.n + geo.imgs - 1) / geo.imgs;
+  const int64_t rblocks = (p.oh + geo.rows - 1) / geo.rows;
+  const int64_t iblocks = (p.n + geo.imgs - 1) / geo.imgs;
   const int64_t items = iblocks * G * rblocks;
   // Offsets of every tap column into the task's x phase planes.
   std::vector<int64_t> off(static_cast<size_t>(ckk));

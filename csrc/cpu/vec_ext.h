@@ -1,7 +1,8 @@
 // Vec<T>: one 32-byte vector of T through GCC/Clang vector extensions (a ymm register on the
 // AVX2 build, two xmm on the portable one), loaded and stored unaligned through memcpy. Shared by
 // the direct stride-1 convolution (conv_direct_s1.cpp) and the stride-phase input gradient
-// (conv_phase.cpp); Vec<T, Bytes> another width (the implicit weight gradient's zmm, conv_implicit.cpp). FASTDL_ISA_NS comes from the build (CMakeLists.txt), one per kernel build.
+// (conv_phase.cpp); Vec<T, Bytes> another width (the implicit weight gradient's zmm,
+// conv_implicit.cpp). FASTDL_ISA_NS comes from the build (CMakeLists.txt), one per kernel build.
 #pragma once
 
 #include <cstdint>
