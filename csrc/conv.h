@@ -20,7 +20,8 @@ enum class ConvAlgo : int {
   Direct = 3,     // row-vectorised direct loops: depthwise, and few input channels per group
   Winograd = 4,   // F(2x2, 3x3) for 3x3, stride 1, dilation 1
   Phase = 5,      // input gradient of stride > 1, dilation 1: one stride-1 GEMM per stride phase
-  Implicit = 6,   // weight gradient: implicit GEMM over padded stride-phase planes (no im2col)
+  Implicit = 6,   // forward, weight and stride-1 input gradients: implicit GEMM over padded
+                  // stride-phase planes (no im2col)
 };
 
 struct Conv2dParams {

@@ -242,6 +242,7 @@ def test_winograd_automatic_choice(cpu_path):
     fastdl.ops.set_conv_algorithm("auto")
     try:
         wino = "winograd" if cpu_path != "default" else "gemm"
+        imp = "implicit" if cpu_path == "avx512" else "gemm"  # the implicit forward (its rule)
         resnet = ((32, 64, 56, 56), (64, 64, 3, 3))
         assert algo(*resnet, padding=1) == wino
         assert algo(*resnet, padding=1, pass_="input") == wino
@@ -250,7 +251,7 @@ def test_winograd_automatic_choice(cpu_path):
             "implicit" if cpu_path == "avx512" else "gemm")
         assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
         assert algo(*resnet, padding=1, stride=2) == "gemm"
-        assert algo(*resnet, padding=1, dilation=2) == "gemm"
+        assert algo(*resnet, padding=1, dilation=2) == imp
         assert algo((16, 256, 4, 4), (256, 256, 3, 3), padding=1) == "gemm"  # 64 tiles < 256
         # at least 256 tiles whatever the channels: a batch of 4 on 8x8 maps has 64
         assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1) == "gemm"
@@ -259,14 +260,18 @@ def test_winograd_automatic_choice(cpu_path):
         # twice as wide, its transforms are not)
         at256 = "gemm" if cpu_path == "avx512" else wino
         assert algo((16, 64, 8, 8), (64, 64, 3, 3), padding=1) == at256
-        assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == at256
+        # (where GEMM would run on the AVX-512 build, planes within 35% of the output take the
+        # implicit forward: 18x18 of 16x16 and 32x36 of 30x34 here, not 10x10 of 8x8 above)
+        at256_imp = "implicit" if cpu_path == "avx512" else wino
+        assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == at256_imp
         assert algo((32, 64, 8, 8), (64, 64, 3, 3), padding=1) == wino       # 512 tiles
-        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at256     # 510 tiles
-        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at256
+        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at256_imp  # 510 tiles
+        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at256_imp
         assert algo((2, 64, 32, 32), (64, 64, 3, 3), padding=1, pass_="input") == wino  # 512
         assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == wino    # 512, 256 channels
-        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == wino           # 2048 tiles
-        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == "gemm"  # 3 outputs
+        # 2048 tiles; the AVX-512 build's implicit forward ahead of Winograd at <= 16 channels
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == at256_imp
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == imp  # 3 outputs
         # channel ratios outside the measured ones (16 -> 256 measured slower both ways)
         assert algo((32, 16, 8, 8), (256, 16, 3, 3), padding=1) == "gemm"
         assert algo((32, 16, 8, 8), (256, 16, 3, 3), padding=1, pass_="input") == "gemm"
@@ -600,8 +605,10 @@ def test_auto_choice_phase(cpu_path):
     assert ops_conv.conv2d_algorithm(x, k5, stride=2, padding=2, pass_="input") == phase
     assert ops_conv.conv2d_algorithm(x.astype(np.float64), k5.astype(np.float64), stride=2,
                                      padding=2, pass_="input") == "gemm"
-    for pass_ in ("forward", "weight"):
-        assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_=pass_) == "gemm"
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == "gemm"
+    # (the forward: the implicit one on the AVX-512 build, 16 taps over 4 phases)
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
+        "implicit" if cpu_path == "avx512" else "gemm")
     # GEMM measured faster: a 7x7 stride-2 stem over 3 channels, a 1x1 stride-2 over 64
     stem = np.zeros((1, 3, 64, 64), np.float32)
     assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
@@ -747,7 +754,8 @@ def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding)
 
 def test_auto_choice_implicit(cpu_path):
     # The implicit weight gradient: float32 stride-1 layers with little padding on the AVX-512
-    # build only (conv_implicit.cpp, implicit_preferred); never the forward or input gradient.
+    # build only (conv_implicit.cpp, implicit_preferred); Winograd keeps this layer's forward and
+    # input gradient (test_auto_choice_implicit_forward).
     implicit = "implicit" if cpu_path == "avx512" else "gemm"
     x = np.zeros((2, 64, 56, 56), np.float32)
     w3 = np.zeros((64, 64, 3, 3), np.float32)
@@ -1690,3 +1698,116 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
                 assert_close(got[fin], ref[fin], reduction=9 * shape[1])
     finally:
         fastdl.ops.set_conv_algorithm(before)
+
+
+def test_auto_choice_implicit_forward(cpu_path):
+    # The implicit forward (conv_implicit_forward.cpp, implicit_forward_preferred), and the
+    # stride-1 input gradient as a forward over gy: float32 on the AVX-512 build, at least 3 taps
+    # per stride phase, planes at most 35% larger than the output, no 1x1; ahead of Winograd
+    # where the forward reduces over at most 16 channels.
+    avx512 = cpu_path == "avx512"
+    imp = lambda other: "implicit" if avx512 else other
+    algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
+        np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
+    assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == imp("gemm")  # issue 7
+    assert algo((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == imp("gemm")   # stem
+    for pass_ in ("forward", "input"):
+        assert algo((16, 32, 32, 32), (64, 32, 5, 5), pass_, padding=2) == imp("gemm")
+    # 3 input channels: ahead of Winograd; 32: Winograd first (where it is preferred)
+    assert algo((16, 3, 64, 64), (32, 3, 3, 3), padding=1) == imp(
+        "gemm" if cpu_path == "default" else "winograd")
+    wino = "gemm" if cpu_path == "default" else "winograd"
+    assert algo((64, 32, 26, 26), (64, 32, 3, 3)) == wino                             # issue 2
+    # the input gradient reduces over the output channels: 16 of them go first too
+    assert algo((32, 64, 28, 28), (16, 64, 3, 3), "input", padding=1) == imp(wino)
+    for x, w, kw in (((32, 128, 28, 28), (128, 128, 3, 3), dict(stride=2, padding=1)),  # 9 < 12
+                     ((32, 64, 32, 32), (64, 64, 2, 2), dict(stride=2)),          # 2x2 s2
+                     ((8, 512, 7, 7), (512, 512, 3, 3), dict(padding=1)),         # 81 q per 49
+                     ((32, 64, 56, 56), (128, 64, 1, 1), {})):                    # 1x1
+        assert algo(x, w, **kw) == "gemm", (x, w)
+    assert ops_conv.conv2d_algorithm(np.zeros((16, 32, 32, 32)), np.zeros((64, 32, 5, 5)),
+                                     padding=2) == "gemm"                         # float64
+    # stride 2: the input gradient is no forward (GEMM or the phase kernel)
+    assert algo((16, 32, 56, 56), (64, 32, 4, 4), "input", stride=2, padding=1) != "implicit"
+
+
+# The implicit forward (conv_implicit_forward.cpp): task geometry and tile edges by case. Small
+# images stacked in a task; one image cut into row blocks (1 MB of planes per task) and a single
+# image split between threads; stride phases 2 and 3 (a row of both column phases read in one
+# pass: odd widths, no padding, padding 2); dilation; groups; 1x1; padding beyond the kernel; an
+# output narrower than a vector or than the kernel; 4 x 6 tile edges (1-5 output channels, q
+# tails); channels in several L1 blocks (150 channels, 4 phases); bias or none.
+IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
+                ((1, 8, 300, 310), (8, 8, 3, 3), dict(padding=1)),
+                ((1, 6, 40, 33), (5, 6, 3, 3), dict(padding=1)),
+                ((3, 6, 17, 15), (4, 6, 3, 3), dict(stride=2, padding=1)),
+                ((2, 5, 19, 21), (13, 5, 4, 4), dict(stride=2)),
+                ((2, 4, 16, 19), (5, 4, 5, 2), dict(stride=(3, 1), padding=(2, 1))),
+                ((2, 3, 20, 23), (7, 3, 5, 5), dict(stride=(2, 3), padding=2)),
+                ((2, 6, 13, 14), (10, 3, 3, 3), dict(dilation=(2, 3), groups=2, padding=3)),
+                ((2, 7, 11, 9), (5, 7, 1, 1), dict(stride=(1, 2))),
+                ((3, 3, 6, 5), (11, 3, 2, 4), dict(padding=(3, 4))),
+                ((4, 10, 5, 3), (2, 5, 3, 2), dict(groups=2)),
+                ((2, 3, 7, 4), (4, 3, 2, 6), dict(padding=(0, 2), stride=(1, 3))),
+                ((2, 150, 14, 14), (25, 150, 3, 3), dict(stride=2, padding=1)),
+                ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1))]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(IMPLICIT_FWD)))
+def test_implicit_forward(cpu_path, case, dtype, bias):
+    # Forward against torch; for stride 1 the input gradient too (the flipped forward over gy,
+    # padding k - 1 - p negative where p exceeds it).
+    shape, wshape, kw = IMPLICIT_FWD[case]
+    kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
+    gen = torch.Generator().manual_seed(100 + case)
+    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    w = torch.empty(wshape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    b = torch.empty(wshape[0], dtype=dtype).uniform_(-1, 1, generator=gen) if bias else None
+    want = TF.conv2d(x, w, b, **kw)
+    gy = torch.empty(want.shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    two = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+    stride1 = two(kw["stride"]) == [1, 1]
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("implicit")
+    try:
+        assert ops_conv.conv2d_algorithm(x, w, **kw) == "implicit"
+        got = fastdl.ops.conv2d(x, w, b, **kw)
+        if stride1:
+            assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "implicit"
+            gx = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(True, False, False))[0]
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+    what = f"implicit forward {shape} {wshape} {kw} {dtype}"
+    assert_close(got, want, reduction=w[0].numel(), what=what)
+    if stride1:
+        want_gx = torch.ops.aten.convolution_backward(
+            gy, x, w, None, two(kw["stride"]), two(kw["padding"]), two(kw["dilation"]), False,
+            [0, 0], kw["groups"], [True, False, False])[0]
+        assert_close(gx, want_gx, reduction=wshape[0] // kw["groups"] * wshape[2] * wshape[3],
+                     what=what + " input grad")
+
+
+@pytest.mark.parametrize("shape,wshape,kw", [
+    ((7, 8, 20, 20), (16, 8, 3, 3), dict(padding=1)),          # 7 images over 1-3 threads
+    ((1, 6, 60, 50), (12, 6, 3, 3), dict(stride=2, padding=1)),  # one image: row blocks
+])
+def test_implicit_forward_thread_counts(cpu_path, shape, wshape, kw):
+    # Each output element is one task's sum, taken in the same order whatever the tasks: the
+    # result is bitwise the same at 1, 2 and 3 threads.
+    gen = torch.Generator().manual_seed(shape[0])
+    x = torch.empty(shape).uniform_(-1, 1, generator=gen)
+    w = torch.empty(wshape).uniform_(-1, 1, generator=gen)
+    before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
+    fastdl.ops.set_conv_algorithm("implicit")
+    try:
+        runs = []
+        for nt in (1, 2, 3):
+            fastdl.set_num_threads(nt)
+            runs.append(fastdl.ops.conv2d(x, w, **kw))
+    finally:
+        fastdl.set_num_threads(threads)
+        fastdl.ops.set_conv_algorithm(before)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    assert_close(runs[0], TF.conv2d(x, w, **kw), reduction=w[0].numel())

@@ -4,7 +4,8 @@
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
 // (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there), Phase
 // (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
-// weight gradient; chosen by implicit_preferred there). Reference: one task per
+// weight gradient, chosen by implicit_preferred there; conv_implicit_forward.cpp, the forward and
+// the stride-1 input gradient, chosen by implicit_forward_preferred there). Reference: one task per
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -149,7 +150,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
       if (phase) return p.algo;
       break;
     case ConvAlgo::Implicit:
-      if (pass == ConvPass::BackwardWeight) return p.algo;
+      // the input gradient as a forward over gy only with stride 1
+      if (pass != ConvPass::BackwardInput || (p.sh == 1 && p.sw == 1)) return p.algo;
       break;
     default:
       break;
@@ -167,9 +169,20 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // forward over gy with the kernel flipped) over the kg output channels of a group.
   const bool direct = pass == ConvPass::BackwardInput ? p.k / p.groups == 1 : cg == 1;
   if (direct) return ConvAlgo::Direct;
+  // The implicit forward (and the stride-1 input gradient as a forward over gy); before Winograd
+  // where that forward reduces over at most 16 channels: implicit ran 1.07-2.1x Winograd's time
+  // at 3-16 channels and Winograd won at 32 and more (benchmarks/RESULTS.md, 2026-12-03 07:30).
+  const bool implicit_fwd =
+      pass == ConvPass::Forward ? implicit_forward_preferred(p)
+      : pass == ConvPass::BackwardInput
+          ? p.sh == 1 && p.sw == 1 && implicit_forward_preferred(input_grad_as_forward(p))
+          : false;
+  if (implicit_fwd && (pass == ConvPass::Forward ? cg : p.k / p.groups) <= 16)
+    return ConvAlgo::Implicit;
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
   if (pass == ConvPass::BackwardWeight && implicit_preferred(p)) return ConvAlgo::Implicit;
+  if (implicit_fwd) return ConvAlgo::Implicit;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
   // loses: col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw) and a group has
   // at least 6 input channels (the phase tile's rows; 3 left half of it idle), or the GEMM's rows
@@ -263,6 +276,7 @@ void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T*
     case ConvAlgo::Reference: return conv_reference_forward(p, x, w, b, y);
     case ConvAlgo::Direct: conv_direct_forward(p, x, w, b, y); break;
     case ConvAlgo::Winograd: wino_bad = conv_winograd_forward(p, x, w, b, y); break;
+    case ConvAlgo::Implicit: conv_implicit_forward(p, x, w, b, y); break;
     default: conv_gemm_forward(p, x, w, b, y); break;
   }
   if (!(wino || (guard && nw > ny)) || !(wino ? wino_bad : any_nonfinite(y, ny))) return;
@@ -280,9 +294,10 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
   ConvAlgo algo = conv_choose(p, ConvPass::BackwardInput);
   const int64_t nw = weight_count(p), nx = p.n * p.c * p.h * p.w;
   const bool wino = algo == ConvAlgo::Winograd;
-  // Direct and Winograd run the flipped forward over zero-padded gy, phase a zero-bordered gy;
-  // GEMM + col2im drops what falls on padding.
-  const bool guard = wino || algo == ConvAlgo::Direct || algo == ConvAlgo::Phase;
+  // Direct, implicit and Winograd run the flipped forward over zero-padded gy, phase a
+  // zero-bordered gy; GEMM + col2im drops what falls on padding.
+  const bool guard = wino || algo == ConvAlgo::Direct || algo == ConvAlgo::Implicit ||
+                     algo == ConvAlgo::Phase;
   if (guard && nw <= nx && any_nonfinite(w, nw)) algo = ConvAlgo::Reference;
   bool wino_bad = false;  // Winograd checks gx as it writes it
   switch (algo) {
@@ -290,6 +305,7 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
     case ConvAlgo::Direct: conv_direct_backward_input(p, gy, w, gx); break;
     case ConvAlgo::Winograd: wino_bad = conv_winograd_backward_input(p, gy, w, gx); break;
     case ConvAlgo::Phase: conv_phase_backward_input(p, gy, w, gx); break;
+    case ConvAlgo::Implicit: conv_implicit_backward_input(p, gy, w, gx); break;
     default: conv_gemm_backward_input(p, gy, w, gx); break;
   }
   if (!(wino || (guard && nw > nx)) || !(wino ? wino_bad : any_nonfinite(gx, nx))) return;

@@ -109,6 +109,14 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
 bool implicit_preferred(const Conv2dParams& p);
 template <class T>
 void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+// The forward, and the input gradient of a stride-1 convolution (the flipped forward over gy), on
+// the same planes (conv_implicit_forward.cpp); implicit_forward_preferred: whether the automatic
+// choice takes it for a forward of these params (the measured rule is there).
+bool implicit_forward_preferred(const Conv2dParams& p);
+template <class T>
+void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
+template <class T>
+void conv_implicit_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 
 template <class T>
 void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);

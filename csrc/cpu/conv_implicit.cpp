@@ -27,27 +27,21 @@
 #include <utility>
 #include <vector>
 
-#include "conv_impl.h"
+#include "conv_planes.h"
 #include "scratch.h"
-#include "vec_ext.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
 
 namespace {
 
-// Vector width and register tile per build: MR x NR accumulators + MR loaded gy vectors + one x
-// vector at a time must fit the register file (AVX-512: 32 zmm; AVX2 and SSE2: 16).
+// Register tile per build: MR x NR accumulators + MR loaded gy vectors + one x vector at a time
+// must fit the register file (AVX-512: 32 zmm; AVX2 and SSE2: 16).
 #if defined(__AVX512F__)
-constexpr int kBytes = 64, MR = 3, NR = 9;
-#elif defined(__AVX2__)
-constexpr int kBytes = 32, MR = 3, NR = 3;
+constexpr int MR = 3, NR = 9;
 #else
-constexpr int kBytes = 16, MR = 3, NR = 3;
+constexpr int MR = 3, NR = 3;
 #endif
-
-template <class T>
-using IVec = Vec<T, kBytes>;
 
 thread_local ScratchBuffer tl_xph, tl_gyp;
 // (kKeepBytes >= kTaskBytes: a thread keeps its buffers between calls of the shapes it serves)
@@ -59,49 +53,6 @@ constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // short q ranges (measured on conv 3: benchmarks/RESULTS.md, 2026-12-03).
 constexpr int64_t kTaskQ = 4096;
 
-// One task's plane geometry: `imgs` images of `rows` output rows each (imgs > 1 only with whole
-// images), image i's gy at q = i * xi + r * P + ow and its x phase rows at i * xi + row * P.
-struct Geo {
-  int64_t pitch;   // P: OW + the taps' reach along W in phase columns
-  int64_t reach;   // the taps' reach along H in phase rows: (kh - 1) * dh / sh
-  int64_t rows;    // output rows per task (the last block of an image may have fewer)
-  int64_t imgs;    // images per task (the batch's last task may have fewer)
-  int64_t xi;      // q per image: (rows + reach) * P
-  int64_t qt;      // plane stride of gy: imgs * xi rounded up to whole vectors
-  int64_t xt;      // plane stride of x: qt + the largest tap offset, rounded up to vectors
-  int64_t phases;  // sh * sw
-};
-
-template <class T>
-Geo make_geo(const Conv2dParams& p) {
-  constexpr int64_t L = IVec<T>::L;
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  Geo g;
-  g.phases = p.sh * p.sw;
-  g.pitch = p.ow + (p.kw - 1) * p.dw / p.sw;
-  g.reach = (p.kh - 1) * p.dh / p.sh;
-  const int64_t per_q = int64_t(sizeof(T)) * (kg + g.phases * cg);  // bytes per q of a task
-  const auto rows_q = [&](int64_t r) { return (r + g.reach) * g.pitch; };
-  g.rows = p.oh;
-  g.imgs = 1;
-  if (per_q * rows_q(p.oh) > kTaskBytes) {
-    int64_t r = std::max<int64_t>(1, kTaskBytes / per_q / g.pitch - g.reach);
-    const int64_t blocks = (p.oh + r - 1) / r;  // equal blocks: 57 rows by 20 -> 19 + 19 + 19
-    g.rows = (p.oh + blocks - 1) / blocks;
-  } else {
-    const int64_t by_q = (kTaskQ + rows_q(p.oh) - 1) / rows_q(p.oh);
-    const int64_t by_bytes = std::max<int64_t>(1, kTaskBytes / (per_q * rows_q(p.oh)));
-    // (and at least as many tasks as threads: each thread sums its own tasks)
-    const int64_t nt = omp_in_parallel() ? 1 : get_num_threads();
-    const int64_t most = std::max<int64_t>(1, std::min({(p.n + nt - 1) / nt, by_q, by_bytes}));
-    const int64_t tasks = (p.n + most - 1) / most;  // equal: 16 images by 14 -> 8 + 8
-    g.imgs = (p.n + tasks - 1) / tasks;
-  }
-  g.xi = rows_q(g.rows);
-  g.qt = (g.imgs * g.xi + L - 1) / L * L;
-  g.xt = (g.qt + g.reach * g.pitch + (p.kw - 1) * p.dw / p.sw + L - 1) / L * L;
-  return g;
-}
 
 // gyp[kk][i * xi + r * P + col] = gy[n0 + i, kk, oh0 + r, col] for r < nrows, col < OW; 0 elsewhere
 // up to qt. gyg: image n0's plane of the task's first output channel.
@@ -118,46 +69,6 @@ void fill_gy(const Conv2dParams& p, const Geo& geo, const T* gyg, int64_t kg, in
         std::copy(src + r * p.ow, src + (r + 1) * p.ow, dst + i * geo.xi + r * P);
     }
   }
-}
-
-// xph[phase][cc][i * xi + row * P + jj] =
-//     x[n0 + i, cc, (oh0 + row) * sh + a - pad_h, jj * sw + b - pad_w]
-// for phase = a * sw + b and row < rows + reach (0 outside the input), 0 elsewhere up to xt.
-// xg: image n0's plane of the task's first input channel.
-template <class T>
-void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int64_t imgs,
-            int64_t oh0, T* xph) {
-  const int64_t P = geo.pitch, HW = p.h * p.w, rows = geo.rows + geo.reach;
-  for (int64_t a = 0; a < p.sh; ++a)
-    for (int64_t b = 0; b < p.sw; ++b) {
-      // columns jj whose input column jj * sw + b - pw lies in [0, W)
-      int64_t j_lo = 0, j_hi = 0;
-      valid_range(P, p.w, p.sw, p.pw, b, j_lo, j_hi);
-      const int64_t iw0 = j_lo * p.sw + b - p.pw;
-      for (int64_t cc = 0; cc < cg; ++cc) {
-        T* plane = xph + ((a * p.sw + b) * cg + cc) * geo.xt;
-        std::fill(plane + imgs * geo.xi, plane + geo.xt, T(0));
-        for (int64_t i = 0; i < imgs; ++i) {
-          const T* xp = xg + (i * p.c + cc) * HW;
-          for (int64_t row = 0; row < rows; ++row) {
-            T* dst = plane + i * geo.xi + row * P;
-            const int64_t ih = (oh0 + row) * p.sh + a - p.ph;
-            if (ih < 0 || ih >= p.h || j_lo >= j_hi) {
-              std::fill(dst, dst + P, T(0));
-              continue;
-            }
-            const T* src = xp + ih * p.w + iw0;
-            std::fill(dst, dst + j_lo, T(0));
-            if (p.sw == 1) {
-              std::copy(src, src + (j_hi - j_lo), dst + j_lo);
-            } else {
-              for (int64_t jj = j_lo; jj < j_hi; ++jj) dst[jj] = src[(jj - j_lo) * p.sw];
-            }
-            std::fill(dst + j_hi, dst + P, T(0));
-          }
-        }
-      }
-    }
 }
 
 // The sum of a vector's lanes by halving it (upper half added to the lower) down to two lanes: a
@@ -248,19 +159,12 @@ template <class T>
 void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
   constexpr int64_t L = IVec<T>::L;
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw, ckk = cg * taps;
-  const Geo geo = make_geo<T>(p);
+  const Geo geo = make_geo<T>(p, kTaskBytes, kTaskQ);
   const int64_t rblocks = (p.oh + geo.rows - 1) / geo.rows;
   const int64_t iblocks = (p.n + geo.imgs - 1) / geo.imgs;
   const int64_t items = iblocks * G * rblocks;
-  // Offsets of every tap column into the task's x phase planes.
   std::vector<int64_t> off(static_cast<size_t>(ckk));
-  for (int64_t cc = 0; cc < cg; ++cc)
-    for (int64_t i = 0; i < p.kh; ++i)
-      for (int64_t j = 0; j < p.kw; ++j) {
-        const int64_t a = i * p.dh % p.sh, b = j * p.dw % p.sw;
-        off[(cc * p.kh + i) * p.kw + j] =
-            ((a * p.sw + b) * cg + cc) * geo.xt + (i * p.dh / p.sh) * geo.pitch + j * p.dw / p.sw;
-      }
+  tap_offsets(p, geo, off.data());
   const int64_t by_work = std::max<int64_t>(1, p.n * p.oh * p.ow * G * ckk * kg / kMinWork);
   int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
   if (omp_in_parallel()) nt = 1;

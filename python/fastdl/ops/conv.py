@@ -12,8 +12,8 @@ Bad arguments raise the exception class torch raises for them, naming the argume
 Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 reads x in
 place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "phase" (the
 input gradient, and so conv_transpose2d's forward, of a stride > 1 convolution: one stride-1
-GEMM per stride phase, no col2im), "implicit" (the weight gradient as an implicit GEMM over
-zero-padded copies of x and gy: no im2col), "reference" (plain loops); on CUDA "gemm" (implicit
+GEMM per stride phase, no col2im), "implicit" (the forward, the weight gradient and the stride-1
+input gradient as implicit GEMMs over zero-padded copies of x and gy: no im2col), "reference" (plain loops); on CUDA "gemm" (implicit
 GEMM) and "direct" (depthwise; "reference" runs it too, "winograd", "phase" and "implicit"
 leave the choice to auto).
 "auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO environment variable
@@ -567,7 +567,8 @@ def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, o
 
 def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1, pass_="forward"):
     """The algorithm a conv2d call would run for one pass ("forward", "input", "weight") under the
-    current setting: "reference", "gemm", "direct", "winograd" or "phase" (tests and benchmarks)."""
+    current setting: "reference", "gemm", "direct", "winograd", "phase" or "implicit" (tests and
+    benchmarks)."""
     geo = _conv_geometry("conv2d_algorithm", input, weight, None, stride, padding, dilation,
                          groups)
     passes = {"forward": _FORWARD, "input": _BACKWARD_INPUT, "weight": _BACKWARD_WEIGHT}

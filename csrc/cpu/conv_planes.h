@@ -1,0 +1,182 @@
+// Internal to the implicit-GEMM convolution kernels (conv_implicit.cpp: the weight gradient;
+// conv_implicit_forward.cpp: the forward and the stride-1 input gradient), compiled once per ISA.
+// A task (a block of stacked small images, or a block of output rows of one image, for one group)
+// copies its x planes into zero-padded stride-phase planes of one pitch P: phase (a, b) holds
+// padded rows a, a + sh, ... and columns b, b + sw, .... With the output pixels flattened to
+//   q = image * xi + oh * P + ow,
+// the input pixel of output q under tap (i, j) is a phase plane read at q plus a fixed offset,
+// so every kernel tap is a contiguous read along q (columns OW..P-1 and the rows between images
+// are padding of the output: computed, never stored).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "conv_impl.h"
+#include "vec_ext.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+namespace {
+
+// Vector width per build: a zmm on AVX-512, a ymm on AVX2, an xmm pair's half on SSE2.
+#if defined(__AVX512F__)
+constexpr int kBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kBytes = 32;
+#else
+constexpr int kBytes = 16;
+#endif
+
+template <class T>
+using IVec = Vec<T, kBytes>;
+
+// One task's plane geometry: `imgs` images of `rows` output rows each (imgs > 1 only with whole
+// images), image i's gy at q = i * xi + r * P + ow and its x phase rows at i * xi + row * P.
+struct Geo {
+  int64_t pitch;   // P: OW + the taps' reach along W in phase columns
+  int64_t reach;   // the taps' reach along H in phase rows: (kh - 1) * dh / sh
+  int64_t rows;    // output rows per task (the last block of an image may have fewer)
+  int64_t imgs;    // images per task (the batch's last task may have fewer)
+  int64_t xi;      // q per image: (rows + reach) * P
+  int64_t qt;      // plane stride of gy: imgs * xi rounded up to whole vectors
+  int64_t xt;      // plane stride of x: qt + the largest tap offset, rounded up to vectors
+  int64_t phases;  // sh * sw
+};
+
+// task_bytes: a task's planes (x phases + gy or y) hold about this many bytes: an image's output
+// rows are cut into blocks to fit, or small images are stacked until their q range reaches
+// task_q. Tasks come in multiples of the thread count where the batch allows.
+template <class T>
+Geo make_geo(const Conv2dParams& p, int64_t task_bytes, int64_t task_q) {
+  constexpr int64_t L = IVec<T>::L;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  Geo g;
+  g.phases = p.sh * p.sw;
+  g.pitch = p.ow + (p.kw - 1) * p.dw / p.sw;
+  g.reach = (p.kh - 1) * p.dh / p.sh;
+  const int64_t per_q = int64_t(sizeof(T)) * (kg + g.phases * cg);  // bytes per q of a task
+  const auto rows_q = [&](int64_t r) { return (r + g.reach) * g.pitch; };
+  const int64_t nt = omp_in_parallel() ? 1 : get_num_threads();
+  g.rows = p.oh;
+  g.imgs = 1;
+  if (per_q * rows_q(p.oh) > task_bytes) {
+    int64_t r = std::max<int64_t>(1, task_bytes / per_q / g.pitch - g.reach);
+    const int64_t blocks = (p.oh + r - 1) / r;  // equal blocks: 57 rows by 20 -> 19 + 19 + 19
+    g.rows = (p.oh + blocks - 1) / blocks;
+  } else {
+    const int64_t by_q = (task_q + rows_q(p.oh) - 1) / rows_q(p.oh);
+    const int64_t by_bytes = std::max<int64_t>(1, task_bytes / (per_q * rows_q(p.oh)));
+    // (and at least as many tasks as threads: each thread runs its own tasks)
+    const int64_t most = std::max<int64_t>(1, std::min({(p.n + nt - 1) / nt, by_q, by_bytes}));
+    int64_t tasks = (p.n + most - 1) / most;  // equal: 16 images by 14 -> 8 + 8
+    if ((tasks + nt - 1) / nt * nt <= p.n) tasks = (tasks + nt - 1) / nt * nt;  // 5 -> 6 on 2
+    g.imgs = (p.n + tasks - 1) / tasks;
+    // fewer images x groups than threads (one large image): blocks of rows, one per thread
+    if (p.n * p.groups < nt) {
+      const int64_t blocks = std::min(p.oh, (nt + p.n * p.groups - 1) / (p.n * p.groups));
+      g.rows = (p.oh + blocks - 1) / blocks;
+    }
+  }
+  g.xi = rows_q(g.rows);
+  g.qt = (g.imgs * g.xi + L - 1) / L * L;
+  g.xt = (g.qt + g.reach * g.pitch + (p.kw - 1) * p.dw / p.sw + L - 1) / L * L;
+  return g;
+}
+
+// d0[jj] = row[2 jj - pw], d1[jj] = row[2 jj + 1 - pw] for jj < P, where the column lies in
+// [0, W) (jj in [lo[b], hi[b]) for phase b), 0 elsewhere.
+template <class T>
+void deinterleave_row(const T* row, int64_t pw, int64_t P, const int64_t* lo,
+                      const int64_t* hi, T* __restrict d0, T* __restrict d1) {
+  std::fill(d0, d0 + lo[0], T(0));
+  std::fill(d0 + hi[0], d0 + P, T(0));
+  std::fill(d1, d1 + lo[1], T(0));
+  std::fill(d1 + hi[1], d1 + P, T(0));
+  const int64_t both_lo = std::max(lo[0], lo[1]);
+  const int64_t both_hi = std::max(both_lo, std::min(hi[0], hi[1]));
+  const T* __restrict r = row;  // r[2 jj + b - pw] for jj in [both_lo, both_hi) lies in the row
+  for (int64_t jj = both_lo; jj < both_hi; ++jj) {
+    d0[jj] = r[2 * jj - pw];
+    d1[jj] = r[2 * jj + 1 - pw];
+  }
+  for (int64_t b = 0; b < 2; ++b) {  // the columns only one phase has (at most a few)
+    T* d = b ? d1 : d0;
+    for (int64_t jj = lo[b]; jj < std::min(hi[b], both_lo); ++jj) d[jj] = r[2 * jj + b - pw];
+    for (int64_t jj = std::max(lo[b], both_hi); jj < hi[b]; ++jj) d[jj] = r[2 * jj + b - pw];
+  }
+}
+
+// xph[phase][cc][i * xi + row * P + jj] =
+//     x[n0 + i, cc, (oh0 + row) * sh + a - pad_h, jj * sw + b - pad_w]
+// for phase = a * sw + b and row < rows + reach (0 outside the input), 0 elsewhere up to xt.
+// xg: image n0's plane of the task's first input channel.
+template <class T>
+void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int64_t imgs,
+            int64_t oh0, T* xph) {
+  const int64_t P = geo.pitch, HW = p.h * p.w, rows = geo.rows + geo.reach, sw = p.sw;
+  // per column phase b: columns jj in [lo[b], hi[b]) read input column jj * sw + b - pw in [0, W)
+  int64_t lo[16], hi[16];
+  const int64_t nb = std::min<int64_t>(sw, 16);
+  for (int64_t b = 0; b < nb; ++b) valid_range(P, p.w, sw, p.pw, b, lo[b], hi[b]);
+  // (channel, image, row) outermost: each input row is read once, while it is in L1, for all of
+  // its column phases (phase-major loops read a stride-2 layer's x twice from memory)
+  for (int64_t cc = 0; cc < cg; ++cc) {
+    for (int64_t ph = 0; ph < geo.phases; ++ph) {
+      T* plane = xph + (ph * cg + cc) * geo.xt;
+      std::fill(plane + imgs * geo.xi, plane + geo.xt, T(0));
+    }
+    for (int64_t i = 0; i < imgs; ++i) {
+      const T* xp = xg + (i * p.c + cc) * HW;
+      for (int64_t a = 0; a < p.sh; ++a)
+        for (int64_t row = 0; row < rows; ++row) {
+          const int64_t ih = (oh0 + row) * p.sh + a - p.ph;
+          const bool inside = ih >= 0 && ih < p.h;
+          if (sw == 2 && inside) {  // both column phases in one vectorised pass over the row
+            T* d0 = xph + ((a * 2) * cg + cc) * geo.xt + i * geo.xi + row * P;
+            T* d1 = d0 + cg * geo.xt;
+            deinterleave_row(xp + ih * p.w, p.pw, P, lo, hi, d0, d1);
+            continue;
+          }
+          for (int64_t b = 0; b < sw; ++b) {
+            T* dst = xph + ((a * sw + b) * cg + cc) * geo.xt + i * geo.xi + row * P;
+            int64_t j_lo = 0, j_hi = 0;
+            if (b < nb) {
+              j_lo = lo[b];
+              j_hi = hi[b];
+            } else {
+              valid_range(P, p.w, sw, p.pw, b, j_lo, j_hi);
+            }
+            if (!inside || j_lo >= j_hi) {
+              std::fill(dst, dst + P, T(0));
+              continue;
+            }
+            const T* src = xp + ih * p.w + j_lo * sw + b - p.pw;
+            std::fill(dst, dst + j_lo, T(0));
+            if (sw == 1) {
+              std::copy(src, src + (j_hi - j_lo), dst + j_lo);
+            } else {
+              for (int64_t jj = j_lo; jj < j_hi; ++jj) dst[jj] = src[(jj - j_lo) * sw];
+            }
+            std::fill(dst + j_hi, dst + P, T(0));
+          }
+        }
+    }
+  }
+}
+
+// Offsets of every tap (cc, i, j), in the order of the weight's (cc, kh, kw) index, into a task's
+// x phase planes (xph + off[e] + q is tap e's input for output q).
+inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t* off) {
+  const int64_t cg = p.c / p.groups;
+  for (int64_t cc = 0; cc < cg; ++cc)
+    for (int64_t i = 0; i < p.kh; ++i)
+      for (int64_t j = 0; j < p.kw; ++j) {
+        const int64_t a = i * p.dh % p.sh, b = j * p.dw % p.sw;
+        off[(cc * p.kh + i) * p.kw + j] =
+            ((a * p.sw + b) * cg + cc) * geo.xt + (i * p.dh / p.sh) * geo.pitch + j * p.dw / p.sw;
+      }
+}
+
+}  // namespace
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
