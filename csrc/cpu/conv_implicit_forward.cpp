@@ -22,6 +22,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "conv_planes.h"
 #include "scratch.h"
 
@@ -38,7 +42,7 @@ constexpr int MQ = 4, NK = 6;
 constexpr int MQ = 4, NK = 6;
 #endif
 
-thread_local ScratchBuffer tl_fx, tl_fy;
+thread_local ScratchBuffer tl_fx, tl_fy, tl_fw;
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's x planes and y hold about this many bytes (within L2: the tiles reread the planes)
 constexpr int64_t kTaskBytes = int64_t(1) << 20, kTaskQ = 1024;
@@ -71,6 +75,32 @@ void ftile(const T* x, const int64_t* off, int64_t ne, const T* w, T* y, int64_t
   }
   for (int k = 0; k < nk; ++k)
     for (int m = 0; m < mq; ++m) IVec<T>::store(y + k * ldy + m * L, acc[k][m]);
+}
+
+// dst[j] = src[j] + bias for j < n: whole vectors, then (AVX-512) one masked vector for the
+// rest; an output row is often shorter than a vector (14 of 16 floats).
+template <class T>
+inline void copy_add(T* dst, const T* src, int64_t n, T bias) {
+  using V = typename IVec<T>::V;
+  constexpr int64_t L = IVec<T>::L;
+  const V bv = bias - V{};
+  int64_t j = 0;
+  for (; j + L <= n; j += L) IVec<T>::store(dst + j, IVec<T>::load(src + j) + bv);
+#if defined(__AVX512F__)
+  if (j < n) {
+    if constexpr (sizeof(T) == 4) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
+      _mm512_mask_storeu_ps(dst + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, src + j),
+                                                      _mm512_set1_ps(float(bias))));
+    } else {
+      const __mmask8 m = static_cast<__mmask8>((1u << (n - j)) - 1);
+      _mm512_mask_storeu_pd(dst + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, src + j),
+                                                      _mm512_set1_pd(double(bias))));
+    }
+    return;
+  }
+#endif
+  for (; j < n; ++j) dst[j] = src[j] + bias;
 }
 
 template <class T>
@@ -124,11 +154,12 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
   std::vector<int64_t> off(static_cast<size_t>(ckk));
   tap_offsets(p, geo, off.data());
   // wp[g][k0 block][e][k]: block k0 (nk = min(NK, kg - k0) channels) at g * kg * ckk + k0 * ckk
-  std::vector<T> wp(static_cast<size_t>(p.k * ckk));
+  // (the calling thread's scratch: a 590 KB vector per call cost 144 page faults, munmapped after)
+  T* const wp = tl_fw.get_as<T>(p.k * ckk);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t k0 = 0; k0 < kg; k0 += NK) {
       const int64_t nk = std::min<int64_t>(NK, kg - k0);
-      T* dst = wp.data() + (g * kg + k0) * ckk;
+      T* dst = wp + (g * kg + k0) * ckk;
       for (int64_t k = 0; k < nk; ++k) {
         const T* src = w + (g * kg + k0 + k) * ckk;
         for (int64_t e = 0; e < ckk; ++e) dst[e * nk + k] = src[e];
@@ -149,7 +180,7 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
       fill_x(p, geo, x + (n0 * p.c + g * cg) * p.h * p.w, cg, imgs, oh0, xph);
       // the q range: every image's rows, up to the last image's last output row
       const int64_t nq = ((imgs - 1) * geo.xi + nrows * P + L - 1) / L * L;
-      const T* wg = wp.data() + g * kg * ckk;
+      const T* wg = wp + g * kg * ckk;
       for (int64_t q0 = 0; q0 < nq; q0 += MQ * L) {
         const int mq = static_cast<int>(std::min<int64_t>(MQ, (nq - q0) / L));
         for (int64_t c0 = 0; c0 < cg; c0 += cb) {
@@ -167,13 +198,13 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
           const T bias = b ? b[k] : T(0);
           const T* src = yp + kk * geo.qt + i * geo.xi;
           T* dst = y + ((n0 + i) * p.k + k) * S + oh0 * p.ow;
-          for (int64_t r = 0; r < nrows; ++r)
-            for (int64_t ow = 0; ow < p.ow; ++ow) dst[r * p.ow + ow] = src[r * P + ow] + bias;
+          for (int64_t r = 0; r < nrows; ++r) copy_add(dst + r * p.ow, src + r * P, p.ow, bias);
         }
     }
     tl_fx.trim(kKeepBytes);
     tl_fy.trim(kKeepBytes);
   });
+  tl_fw.trim(kKeepBytes);
 }
 
 template <class T>

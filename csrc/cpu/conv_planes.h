@@ -127,9 +127,9 @@ void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int6
     }
     for (int64_t i = 0; i < imgs; ++i) {
       const T* xp = xg + (i * p.c + cc) * HW;
-      for (int64_t a = 0; a < p.sh; ++a)
-        for (int64_t row = 0; row < rows; ++row) {
-          const int64_t ih = (oh0 + row) * p.sh + a - p.ph;
+      // padded rows in order (row phase a, plane row `row`): the input is read front to back
+      for (int64_t pr = oh0 * p.sh; pr < (oh0 + rows) * p.sh; ++pr) {
+          const int64_t a = pr % p.sh, row = pr / p.sh - oh0, ih = pr - p.ph;
           const bool inside = ih >= 0 && ih < p.h;
           if (sw == 2 && inside) {  // both column phases in one vectorised pass over the row
             T* d0 = xph + ((a * 2) * cg + cc) * geo.xt + i * geo.xi + row * P;
