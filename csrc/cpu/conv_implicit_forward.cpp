@@ -112,7 +112,8 @@ constexpr std::array<FTileFn<T>, sizeof...(nks)> ftile_row(std::integer_sequence
 }
 
 template <class T, int... mqs>
-constexpr std::array<std::array<FTileFn<T>, NK>, MQ> ftile_table(std::integer_sequence<int, mqs...>) {
+constexpr std::array<std::array<FTileFn<T>, NK>, MQ> ftile_table(
+    std::integer_sequence<int, mqs...>) {
   return {{ftile_row<T, mqs + 1>(std::make_integer_sequence<int, NK>())...}};
 }
 
@@ -127,13 +128,13 @@ const std::array<std::array<FTileFn<T>, NK>, MQ>& ftiles() {
 
 bool implicit_forward_preferred(const Conv2dParams& p) {
 #if defined(__AVX512F__)
-  // Fitted to forced GEMM / forced implicit forward and input-gradient timings of 17 layers on
-  // the AVX-512 build (benchmarks/RESULTS.md, 2026-12-03 07:30): implicit won 1.05-1.6x where
-  // each x element meets at least 3 taps per phase (k4 s2, the 7x7 s2 stem, every stride-1 3x3
-  // and 5x5) and the padded planes stay within 35% of the output; it lost 0.93-0.96x on 3x3 s2
-  // and 2x2 s2 (copying x into four phase planes costs as much as the GEMM's im2col there) and
-  // 0.75x on 7x7 maps (81 q per 49 outputs). 1x1 kernels: GEMM reads x in place. The AVX2
-  // build's 2 x 6 ymm tile ran 0.75-0.9x its GEMM: never chosen there.
+  // Fitted to forced GEMM / implicit forward and input-gradient timings of 21 layers on the
+  // AVX-512 build (benchmarks/RESULTS.md, section 2026-12-03 06:52): implicit ran 1.05-1.6x
+  // GEMM's speed where each x element meets at least 3 taps per stride phase (4x4 s2, the 7x7 s2
+  // stem, stride-1 3x3 and 5x5) and the padded planes stay within 35% of the output; 3x3 s2 read
+  // 0.93-1.08x (copying x into four phase planes costs about what GEMM's im2col does) and 7x7
+  // maps 0.75x (81 q per 49 outputs). 1x1 kernels: GEMM reads x in place. The AVX2 build's 2 x 6
+  // ymm tile ran 0.75-0.93x its GEMM: never chosen there.
   if (p.dtype != DType::Float32 || p.kh * p.kw == 1 || p.kh * p.kw < 3 * p.sh * p.sw) return false;
   const int64_t q = (p.oh + (p.kh - 1) * p.dh / p.sh) * (p.ow + (p.kw - 1) * p.dw / p.sw);
   return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
@@ -167,7 +168,8 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
     }
   // channels per block: the x planes a q tile reads (MQ vectors + the taps' reach) within kL1Bytes
   const int64_t span = MQ * L + geo.reach * geo.pitch + (p.kw - 1) * p.dw / p.sw;
-  const int64_t cb = std::clamp<int64_t>(kL1Bytes / (int64_t(sizeof(T)) * geo.phases * span), 1, cg);
+  const int64_t cb =
+      std::clamp<int64_t>(kL1Bytes / (int64_t(sizeof(T)) * geo.phases * span), 1, cg);
   const auto& fns = ftiles<T>();
   const int64_t S = p.oh * p.ow, P = geo.pitch;
   parallel_for_catch(items, 1, [&](int64_t lo, int64_t hi) {
@@ -212,7 +214,8 @@ void conv_implicit_backward_input(const Conv2dParams& p, const T* gy, const T* w
   const int64_t kg = p.k / p.groups;
   std::vector<T> wf(static_cast<size_t>(p.c * kg * p.kh * p.kw));
   flip_weights(p, w, wf.data());
-  conv_implicit_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr), gx);
+  conv_implicit_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr),
+                        gx);
 }
 
 template void conv_implicit_forward<float>(const Conv2dParams&, const float*, const float*,
