@@ -1581,7 +1581,7 @@ def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
                 assert_close(got[fin], want[fin], reduction=200)
 
 
-@pytest.mark.parametrize("algo", ["auto", "direct", "gemm"])
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm", "implicit"])
 def test_conv2d_input_grad_nonfinite_weight_as_torch(cpu_path, algo):
     # An inf/NaN weight reaches grad_input only through taps inside the input: the direct input
     # gradient (the forward over zero-padded gy) would compute inf*0 beyond gy's border.
@@ -1727,6 +1727,7 @@ def test_auto_choice_implicit_forward(cpu_path):
         assert algo(x, w, **kw) == "gemm", (x, w)
     assert ops_conv.conv2d_algorithm(np.zeros((16, 32, 32, 32)), np.zeros((64, 32, 5, 5)),
                                      padding=2) == "gemm"                         # float64
+    assert algo((16, 32, 32, 32), (64, 16, 5, 5), padding=2, groups=2) == "gemm"  # not measured
     # stride 2: the input gradient is no forward (GEMM or the phase kernel)
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), "input", stride=2, padding=1) != "implicit"
 
@@ -1734,9 +1735,10 @@ def test_auto_choice_implicit_forward(cpu_path):
 # The implicit forward (conv_implicit_forward.cpp): task geometry and tile edges by case. Small
 # images stacked in a task; one image cut into row blocks (1 MB of planes per task) and a single
 # image split between threads; stride phases 2 and 3 (a row of both column phases read in one
-# pass: odd widths, no padding, padding 2); dilation; groups; 1x1; padding beyond the kernel; an
-# output narrower than a vector or than the kernel; 4 x 6 tile edges (1-5 output channels, q
-# tails); channels in several L1 blocks (150 channels, 4 phases); bias or none.
+# pass: odd widths, padding 0, 1 and 2; stride with dilation); dilation; groups (with more output
+# channels per group than a tile's 6); 1x1; padding beyond the kernel; an output narrower than a
+# vector or than the kernel; 4 x 6 tile edges (1-5 output channels, q tails); channels in several
+# L1 blocks (150 channels, 4 phases); bias or none.
 IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
                 ((1, 8, 300, 310), (8, 8, 3, 3), dict(padding=1)),
                 ((1, 6, 40, 33), (5, 6, 3, 3), dict(padding=1)),
@@ -1750,6 +1752,9 @@ IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
                 ((4, 10, 5, 3), (2, 5, 3, 2), dict(groups=2)),
                 ((2, 3, 7, 4), (4, 3, 2, 6), dict(padding=(0, 2), stride=(1, 3))),
                 ((2, 150, 14, 14), (25, 150, 3, 3), dict(stride=2, padding=1)),
+                ((2, 4, 17, 19), (6, 4, 3, 3), dict(stride=2, dilation=(2, 3), padding=2)),
+                ((3, 5, 13, 16), (4, 5, 5, 5), dict(stride=2, padding=2)),
+                ((2, 8, 10, 9), (16, 4, 3, 3), dict(groups=2, padding=1)),
                 ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1))]
 
 

@@ -39,13 +39,23 @@ namespace {
 #if defined(__AVX512F__)
 constexpr int MQ = 4, NK = 6;
 #else
-constexpr int MQ = 4, NK = 6;
+constexpr int MQ = 2, NK = 6;
 #endif
 
-thread_local ScratchBuffer tl_fx, tl_fy, tl_fw;
+thread_local ScratchBuffer tl_fx, tl_fy, tl_fw, tl_wf;
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's x planes and y hold about this many bytes (within L2: the tiles reread the planes)
 constexpr int64_t kTaskBytes = int64_t(1) << 20, kTaskQ = 1024;
+// Trims a scratch buffer when the scope ends, by return or by exception.
+struct TrimOnExit {
+  ScratchBuffer& buf;
+  size_t keep;
+  TrimOnExit(ScratchBuffer& b, size_t k) : buf(b), keep(k) {}
+  ~TrimOnExit() { buf.trim(keep); }
+  TrimOnExit(const TrimOnExit&) = delete;
+  TrimOnExit& operator=(const TrimOnExit&) = delete;
+};
+
 // The x one q tile reads over a block of channels (all their taps) is kept near this size: it is
 // reread once per block of NK output channels.
 constexpr int64_t kL1Bytes = int64_t(24) << 10;
@@ -134,8 +144,12 @@ bool implicit_forward_preferred(const Conv2dParams& p) {
   // stem, stride-1 3x3 and 5x5) and the padded planes stay within 35% of the output; 3x3 s2 read
   // 0.93-1.08x (copying x into four phase planes costs about what GEMM's im2col does) and 7x7
   // maps 0.75x (81 q per 49 outputs). 1x1 kernels: GEMM reads x in place. The AVX2 build's 2 x 6
-  // ymm tile ran 0.75-0.93x its GEMM: never chosen there.
-  if (p.dtype != DType::Float32 || p.kh * p.kw == 1 || p.kh * p.kw < 3 * p.sh * p.sw) return false;
+  // ymm tile, run on this Intel VM, read 0.84-1.40x its GEMM, and Winograd beat it at 8-16
+  // channels: not chosen there until measured on an AVX2 machine. Grouped layers were not measured:
+  // GEMM keeps them. (One layer the rule takes lost: 4x256x14x14 p1, 0.92-0.98x GEMM.)
+  if (p.dtype != DType::Float32 || p.groups != 1 || p.kh * p.kw == 1 ||
+      p.kh * p.kw < 3 * p.sh * p.sw)
+    return false;
   const int64_t q = (p.oh + (p.kh - 1) * p.dh / p.sh) * (p.ow + (p.kw - 1) * p.dw / p.sw);
   return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #else
@@ -155,7 +169,9 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
   std::vector<int64_t> off(static_cast<size_t>(ckk));
   tap_offsets(p, geo, off.data());
   // wp[g][k0 block][e][k]: block k0 (nk = min(NK, kg - k0) channels) at g * kg * ckk + k0 * ckk
-  // (the calling thread's scratch: a 590 KB vector per call cost 144 page faults, munmapped after)
+  // (the calling thread's scratch: a 590 KB vector per call cost 144 page faults, munmapped after;
+  // trimmed on the way out, an exception's too)
+  const TrimOnExit trim_wp(tl_fw, kKeepBytes);
   T* const wp = tl_fw.get_as<T>(p.k * ckk);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t k0 = 0; k0 < kg; k0 += NK) {
@@ -168,11 +184,13 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
     }
   // channels per block: the x planes a q tile reads (MQ vectors + the taps' reach) within kL1Bytes
   const int64_t span = MQ * L + geo.reach * geo.pitch + (p.kw - 1) * p.dw / p.sw;
-  const int64_t cb =
-      std::clamp<int64_t>(kL1Bytes / (int64_t(sizeof(T)) * geo.phases * span), 1, cg);
+  const int64_t cb = std::max<int64_t>(
+      1, std::min<int64_t>(kL1Bytes / (int64_t(sizeof(T)) * geo.phases * span), cg));
   const auto& fns = ftiles<T>();
   const int64_t S = p.oh * p.ow, P = geo.pitch;
-  parallel_for_catch(items, 1, [&](int64_t lo, int64_t hi) {
+  // (a thread takes at least kMinWork multiply-adds: small layers stay on one thread)
+  const int64_t grain = grain_for(geo.imgs * geo.rows * p.ow * kg * ckk);
+  parallel_for_catch(items, grain, [&](int64_t lo, int64_t hi) {
     T* xph = tl_fx.get_as<T>(geo.phases * cg * geo.xt);
     T* yp = tl_fy.get_as<T>(kg * geo.qt);
     for (int64_t t = lo; t < hi; ++t) {
@@ -206,16 +224,16 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
     tl_fx.trim(kKeepBytes);
     tl_fy.trim(kKeepBytes);
   });
-  tl_fw.trim(kKeepBytes);
 }
 
 template <class T>
 void conv_implicit_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t kg = p.k / p.groups;
-  std::vector<T> wf(static_cast<size_t>(p.c * kg * p.kh * p.kw));
-  flip_weights(p, w, wf.data());
-  conv_implicit_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr),
-                        gx);
+  const TrimOnExit trim_wf(tl_wf, kKeepBytes);
+  T* const wf = tl_wf.get_as<T>(p.c * kg * p.kh * p.kw);
+  flip_weights(p, w, wf);
+  conv_implicit_forward(input_grad_as_forward(p), gy, static_cast<const T*>(wf),
+                        static_cast<const T*>(nullptr), gx);
 }
 
 template void conv_implicit_forward<float>(const Conv2dParams&, const float*, const float*,

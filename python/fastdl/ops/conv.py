@@ -13,9 +13,9 @@ Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 
 place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "phase" (the
 input gradient, and so conv_transpose2d's forward, of a stride > 1 convolution: one stride-1
 GEMM per stride phase, no col2im), "implicit" (the forward, the weight gradient and the stride-1
-input gradient as implicit GEMMs over zero-padded copies of x and gy: no im2col), "reference" (plain loops); on CUDA "gemm" (implicit
-GEMM) and "direct" (depthwise; "reference" runs it too, "winograd", "phase" and "implicit"
-leave the choice to auto).
+input gradient as implicit GEMMs over zero-padded copies of x and gy: no im2col), "reference"
+(plain loops); on CUDA "gemm" (implicit GEMM) and "direct" (depthwise; "reference" runs it too,
+"winograd", "phase" and "implicit" leave the choice to auto).
 "auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO environment variable
 forces one wherever it serves the shape (elsewhere auto decides).
 
