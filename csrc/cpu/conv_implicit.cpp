@@ -119,21 +119,19 @@ void tile(const T* a, int64_t lda, const T* const* b, int64_t nq, T* out, int64_
 template <class T>
 using TileFn = void (*)(const T*, int64_t, const T* const*, int64_t, T*, int64_t);
 
-template <class T, int mr, int... nrs>
-constexpr std::array<TileFn<T>, sizeof...(nrs)> tile_row(std::integer_sequence<int, nrs...>) {
-  return {{&tile<T, mr, nrs + 1>...}};
-}
-
-template <class T, int... mrs>
-constexpr std::array<std::array<TileFn<T>, NR>, MR> tile_table(std::integer_sequence<int, mrs...>) {
-  return {{tile_row<T, mrs + 1>(std::make_integer_sequence<int, NR>())...}};
-}
-
-// tiles<T>()[mr - 1][nr - 1]: the tile for mr x nr (the full one and every edge).
+// The weight gradient's tiles: tiles<T>()[mr - 1][nr - 1] for mr x nr (the full one and every
+// edge).
 template <class T>
-const std::array<std::array<TileFn<T>, NR>, MR>& tiles() {
-  static constexpr auto table = tile_table<T>(std::make_integer_sequence<int, MR>());
-  return table;
+struct WTiles {
+  using Fn = TileFn<T>;
+  template <int mr, int nr>
+  static constexpr Fn fn() {
+    return &tile<T, mr, nr>;
+  }
+};
+template <class T>
+const auto& tiles() {
+  return TileTable<WTiles<T>, MR, NR>::get();
 }
 
 }  // namespace

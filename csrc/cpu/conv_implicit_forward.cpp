@@ -116,22 +116,18 @@ inline void copy_add(T* dst, const T* src, int64_t n, T bias) {
 template <class T>
 using FTileFn = void (*)(const T*, const int64_t*, int64_t, const T*, T*, int64_t, bool);
 
-template <class T, int mq, int... nks>
-constexpr std::array<FTileFn<T>, sizeof...(nks)> ftile_row(std::integer_sequence<int, nks...>) {
-  return {{&ftile<T, mq, nks + 1>...}};
-}
-
-template <class T, int... mqs>
-constexpr std::array<std::array<FTileFn<T>, NK>, MQ> ftile_table(
-    std::integer_sequence<int, mqs...>) {
-  return {{ftile_row<T, mqs + 1>(std::make_integer_sequence<int, NK>())...}};
-}
-
-// ftiles<T>()[mq - 1][nk - 1]: the tile for mq x nk (the full one and every edge).
+// The forward's tiles: ftiles<T>()[mq - 1][nk - 1] for mq x nk (the full one and every edge).
 template <class T>
-const std::array<std::array<FTileFn<T>, NK>, MQ>& ftiles() {
-  static constexpr auto table = ftile_table<T>(std::make_integer_sequence<int, MQ>());
-  return table;
+struct FTiles {
+  using Fn = FTileFn<T>;
+  template <int mq, int nk>
+  static constexpr Fn fn() {
+    return &ftile<T, mq, nk>;
+  }
+};
+template <class T>
+const auto& ftiles() {
+  return TileTable<FTiles<T>, MQ, NK>::get();
 }
 
 }  // namespace

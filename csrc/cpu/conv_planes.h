@@ -9,7 +9,9 @@
 // are padding of the output: computed, never stored).
 #pragma once
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 #include "conv_impl.h"
 #include "vec_ext.h"
@@ -174,6 +176,26 @@ void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int6
     }
   }
 }
+
+// t[r - 1][c - 1] = F::template fn<r, c>() for r <= R, c <= C: a kernel's register tiles, the
+// full R x C one and every edge, as a table of function pointers (F::Fn) built at compile time.
+template <class F, int R, int C>
+struct TileTable {
+  using Fn = typename F::Fn;
+  using Table = std::array<std::array<Fn, C>, R>;
+  template <int r, int... cs>
+  static constexpr std::array<Fn, C> row(std::integer_sequence<int, cs...>) {
+    return {{F::template fn<r, cs + 1>()...}};
+  }
+  template <int... rs>
+  static constexpr Table make(std::integer_sequence<int, rs...>) {
+    return {{row<rs + 1>(std::make_integer_sequence<int, C>())...}};
+  }
+  static const Table& get() {
+    static constexpr Table table = make(std::make_integer_sequence<int, R>());
+    return table;
+  }
+};
 
 // Offsets of every tap (cc, i, j), in the order of the weight's (cc, kh, kw) index, into a task's
 // x phase planes (xph + off[e] + q is tap e's input for output q).
