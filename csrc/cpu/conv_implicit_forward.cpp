@@ -6,11 +6,12 @@
 // A task's x planes are laid out as in conv_planes.h, so with q the flattened output pixel,
 //   yp[k][q] = sum over taps e of w[k][e] * xph[e's plane][q + off[e]]
 // a GEMM whose B operand (one column per q) is read in place from the planes: no im2col buffer
-// and no packed B panel, which cost the GEMM path (conv_gemm.cpp) about a third of a strided
-// layer's forward. The register tile holds MQ vectors of q x NK output channels: per tap it loads
-// MQ vectors of x and broadcasts NK weights from a panel packed once per call (w[k][e] as
-// wp[k block][e][k]). Taps are walked a block of channels at a time (kL1Bytes), so the x the tile
-// reads stays in L1 while every block of output channels passes over it.
+// and no packed B panel (tap planes, im2col and packing took ~20% of conv 5's forward on the
+// GEMM path, conv_gemm.cpp: perf in benchmarks/RESULTS.md, section 2026-12-02 13:05). The
+// register tile holds MQ vectors of q x NK output channels: per tap it loads MQ vectors of x and
+// broadcasts NK weights from a panel packed once per call (w[k][e] as wp[k block][e][k]). Taps
+// are walked a block of channels at a time (kL1Bytes), so the x the tile reads stays in L1 while
+// every block of output channels passes over it.
 // Non-finite values: the planes' zero padding meets every weight as the im2col path's does, so
 // conv.cpp's forward guard (an inf/NaN weight with padding runs the reference loops) applies
 // unchanged; columns OW..P-1 and the rows between stacked images are computed and dropped.
