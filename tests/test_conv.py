@@ -517,6 +517,22 @@ def run_forced_gemm(case, dtype, seed, what, biases=(True,)):
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
+# Planes of 128-511 output pixels whose cols (cg*kh*kw rows) fill the base budget with one image:
+# the forward and input gradient take blocks of several images under a 4x budget (conv_gemm.cpp's
+# plan_blocks, `wide`; 5 images of 14x14 at 720 rows: one block), the weight gradient keeps one
+# image per chunk. Stride 1 and 2 (stride phases), a dilated layer, groups.
+WIDE_BLOCKS = [((5, 80, 14, 14), (16, 80, 3, 3), dict(padding=1)),
+               ((3, 80, 28, 27), (24, 80, 3, 3), dict(stride=2, padding=1)),
+               ((4, 90, 17, 16), (8, 90, 3, 3), dict(dilation=2, padding=1)),
+               ((3, 160, 16, 12), (12, 80, 3, 3), dict(groups=2, padding=1))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(WIDE_BLOCKS)))
+def test_gemm_wide_image_blocks(cpu_path, case, dtype):
+    run_forced_gemm(WIDE_BLOCKS[case], dtype, case, "wide blocks", biases=(True, False))
+
+
 # The weight gradient of small planes against a weight of at least 2^20 elements runs its image
 # blocks one after another, each GEMM on every thread straight into grad_weight (conv_gemm.cpp's
 # plan_shared_blocks), on 2 threads or more; 1 thread keeps the per-thread partials. 13 images of

@@ -66,9 +66,16 @@ int64_t chunk_pixels(const Conv2dParams& p, int64_t ckk) {
 // max(ckk, kg) rows, so both cols and the block's gy / output buffer stay within kColsBudget.
 // Blocks are balanced (16 images at most 14 per chunk: two blocks of 8, not 14 + 2).
 // Measured (16x512x2x2 -> 512 3x3 p1, 1 thread, under load): forward 98 -> 26 ms, backward 223 -> 112 ms.
-int64_t plan_blocks(const Conv2dParams& p, int64_t ckk) {
+// `wide` (the forward and input gradient): planes of 128-511 pixels get a 4x budget, so 2-4
+// images share a GEMM whose N would otherwise end in a mostly empty 32-wide panel (196 = 6 x 32
+// + 4). Alternating-process A/B, 2 threads (benchmarks/RESULTS.md, section 2026-12-03 06:52):
+// 32x256x28x28 -> 256 3x3 s2 forward 1.22x, input gradient 1.30x; conv 5 1.06x / 1.08x; 28x28
+// outputs (784 pixels) measured 0.94-0.98x and smaller planes 0.83-0.98x with the larger budget
+// (fewer tasks for the threads): those keep the base one, as does the weight gradient.
+int64_t plan_blocks(const Conv2dParams& p, int64_t ckk, bool wide = false) {
   const int64_t s = p.oh * p.ow, rows = std::max<int64_t>({1, ckk, p.k / p.groups});
-  const int64_t sc = std::max<int64_t>(16, kColsBudget / rows) / 8 * 8;
+  const int64_t budget = wide && s >= 128 && s < 512 ? kColsBudget << 2 : kColsBudget;
+  const int64_t sc = std::max<int64_t>(16, budget / rows) / 8 * 8;
   const int64_t most = std::min(p.n, sc / std::max<int64_t>(1, s));
   if (most < 2) return 0;
   int64_t nb = (p.n + (p.n + most - 1) / most - 1) / ((p.n + most - 1) / most);  // balanced
@@ -498,7 +505,7 @@ template <class T>
 void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
-  if (const int64_t nb = plan_blocks(p, ckk)) {
+  if (const int64_t nb = plan_blocks(p, ckk, true)) {
     const int64_t blocks = (p.n + nb - 1) / nb;
     parallel_for_catch(blocks * G, grain_for(nb * S * kg * ckk), [&](int64_t lo, int64_t hi) {
       T* cols = tl_cols.get_as<T>(ckk * nb * S);
@@ -553,7 +560,7 @@ template <class T>
 void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
-  if (const int64_t nb = plan_blocks(p, ckk)) {
+  if (const int64_t nb = plan_blocks(p, ckk, true)) {
     const int64_t blocks = (p.n + nb - 1) / nb;
     parallel_for_catch(blocks * G, grain_for(nb * S * kg * ckk), [&](int64_t lo, int64_t hi) {
       const TrimPhases trim;
