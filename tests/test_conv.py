@@ -519,8 +519,9 @@ def run_forced_gemm(case, dtype, seed, what, biases=(True,)):
 
 # Planes of 128-511 output pixels whose cols (cg*kh*kw rows) fill the base budget with one image:
 # the forward and input gradient take blocks of several images under a 4x budget (conv_gemm.cpp's
-# plan_blocks, `wide`; 5 images of 14x14 at 720 rows: one block), the weight gradient keeps one
-# image per chunk. Stride 1 and 2 (stride phases), a dilated layer, groups.
+# plan_blocks, `wide`: at most 3-5 images per block here, balanced over the threads, e.g. 3 + 2 on
+# two), the weight gradient keeps one image per chunk. Stride 1 and 2 (stride phases), a dilated
+# layer, groups.
 WIDE_BLOCKS = [((5, 80, 14, 14), (16, 80, 3, 3), dict(padding=1)),
                ((3, 80, 28, 27), (24, 80, 3, 3), dict(stride=2, padding=1)),
                ((4, 90, 17, 16), (8, 90, 3, 3), dict(dilation=2, padding=1)),

@@ -1,8 +1,8 @@
 // conv2d as GEMM on the CPU (the general algorithm; csrc/conv.h), float32/float64.
 // Per (image, group) the output pixels are cut into chunks of `sc` pixels; for each chunk the
 // patches are unrolled into cols (cg*kh*kw rows x sc columns, im2col) in a per-thread buffer of
-// bounded size (kColsBudget elements, whatever the batch), and fastdl's GEMM (csrc/gemm.h) runs on
-// that:
+// bounded size (kColsBudget elements, 4x that for plan_blocks' wide blocks, whatever the batch),
+// and fastdl's GEMM (csrc/gemm.h) runs on that:
 //   forward          y chunk (kg x sc) = W_g * cols      written in place (ld = OH*OW), + bias
 //   input gradient   cols (ckk x sc) = W_g^T * gy_chunk  then col2im adds cols into gx
 //   weight gradient  P (kg x ckk) += gy_chunk * cols^T   per-thread partial sums in gw's layout
@@ -46,7 +46,8 @@ namespace {
 
 thread_local ScratchBuffer tl_cols;
 
-// cols holds at most this many elements per thread (1 MB of float32): ~L2-sized.
+// cols holds at most this many elements per thread (1 MB of float32): ~L2-sized. (The forward's
+// and input gradient's wide blocks take 4x, in cols and in the block buffer each: plan_blocks.)
 constexpr int64_t kColsBudget = 1 << 18;
 
 bool pointwise(const Conv2dParams& p) {
@@ -63,20 +64,25 @@ int64_t chunk_pixels(const Conv2dParams& p, int64_t ckk) {
 
 // Images per chunk when whole output planes are small against the chunk width: 0 when one image
 // per chunk is kept (a plane fills a chunk, or a single image). The width is the budget over
-// max(ckk, kg) rows, so both cols and the block's gy / output buffer stay within kColsBudget.
+// max(ckk, kg) rows, so both cols and the block's gy / output buffer stay within the budget.
 // Blocks are balanced (16 images at most 14 per chunk: two blocks of 8, not 14 + 2).
 // Measured (16x512x2x2 -> 512 3x3 p1, 1 thread, under load): forward 98 -> 26 ms, backward 223 -> 112 ms.
-// `wide` (the forward and input gradient): planes of 128-511 pixels get a 4x budget, so 2-4
-// images share a GEMM whose N would otherwise end in a mostly empty 32-wide panel (196 = 6 x 32
-// + 4). Alternating-process A/B, 2 threads (benchmarks/RESULTS.md, section 2026-12-03 06:52):
-// 32x256x28x28 -> 256 3x3 s2 forward 1.22x, input gradient 1.30x; conv 5 1.06x / 1.08x; 28x28
-// outputs (784 pixels) measured 0.94-0.98x and smaller planes 0.83-0.98x with the larger budget
-// (fewer tasks for the threads): those keep the base one, as does the weight gradient.
+// `wide` (the forward and input gradient): a plane of 128-511 pixels whose cols fill the base
+// budget alone gets a 4x one, so several images share a GEMM whose N would otherwise end in a
+// mostly empty 32-wide panel (196 = 6 x 32 + 4). Alternating-process A/B, 2 threads
+// (benchmarks/RESULTS.md, section 2026-12-03 06:52): 32x256x28x28 -> 256 3x3 s2 forward 1.22x,
+// input gradient 1.30x; conv 5 1.06x / 1.08x (near the A/B's noise). With the window open above
+// (every plane of 128 pixels or more), 28x28 outputs read 0.94-0.98x; with every plane size,
+// 8x8 and 4x4 planes lost 0.83-0.98x (fewer tasks for the threads): those keep the base budget,
+// as do planes already blocked under it and the weight gradient.
 int64_t plan_blocks(const Conv2dParams& p, int64_t ckk, bool wide = false) {
   const int64_t s = p.oh * p.ow, rows = std::max<int64_t>({1, ckk, p.k / p.groups});
-  const int64_t budget = wide && s >= 128 && s < 512 ? kColsBudget << 2 : kColsBudget;
-  const int64_t sc = std::max<int64_t>(16, budget / rows) / 8 * 8;
-  const int64_t most = std::min(p.n, sc / std::max<int64_t>(1, s));
+  const auto most_for = [&](int64_t budget) {
+    const int64_t sc = std::max<int64_t>(16, budget / rows) / 8 * 8;
+    return std::min(p.n, sc / std::max<int64_t>(1, s));
+  };
+  int64_t most = most_for(kColsBudget);
+  if (wide && most < 2 && s >= 128 && s < 512) most = most_for(kColsBudget << 2);
   if (most < 2) return 0;
   int64_t nb = (p.n + (p.n + most - 1) / most - 1) / ((p.n + most - 1) / most);  // balanced
   // Tasks are (block, group): when they are few, the block size (2..most images) that gives the
