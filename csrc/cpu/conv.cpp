@@ -170,8 +170,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   const bool direct = pass == ConvPass::BackwardInput ? p.k / p.groups == 1 : cg == 1;
   if (direct) return ConvAlgo::Direct;
   // The implicit forward (and the stride-1 input gradient as a forward over gy); before Winograd
-  // where that forward reduces over at most 16 channels: implicit ran 1.07-2.1x Winograd's speed
-  // at 3-16 channels, Winograd won at 32 (benchmarks/RESULTS.md, section 2026-12-03 06:52).
+  // where that forward reduces over at most 16 channels: there Winograd's transforms cost more
+  // than its saved multiplies (measured at 3-16 channels; Winograd won at 32: benchmarks/
+  // RESULTS.md, section 2026-12-03 06:52).
   const bool implicit_fwd =
       pass == ConvPass::Forward ? implicit_forward_preferred(p)
       : pass == ConvPass::BackwardInput

@@ -69,12 +69,9 @@ int64_t chunk_pixels(const Conv2dParams& p, int64_t ckk) {
 // Measured (16x512x2x2 -> 512 3x3 p1, 1 thread, under load): forward 98 -> 26 ms, backward 223 -> 112 ms.
 // `wide` (the forward and input gradient): a plane of 128-511 pixels whose cols fill the base
 // budget alone gets a 4x one, so several images share a GEMM whose N would otherwise end in a
-// mostly empty 32-wide panel (196 = 6 x 32 + 4). Alternating-process A/B, 2 threads
-// (benchmarks/RESULTS.md, section 2026-12-03 06:52): 32x256x28x28 -> 256 3x3 s2 forward 1.22x,
-// input gradient 1.30x; conv 5 1.06x / 1.08x (near the A/B's noise). With the window open above
-// (every plane of 128 pixels or more), 28x28 outputs read 0.94-0.98x; with every plane size,
-// 8x8 and 4x4 planes lost 0.83-0.98x (fewer tasks for the threads): those keep the base budget,
-// as do planes already blocked under it and the weight gradient.
+// mostly empty 32-wide panel (196 = 6 x 32 + 4). Larger planes, smaller ones (fewer tasks for the
+// threads), planes already blocked under the base budget and the weight gradient measured no
+// better with it and keep the base (benchmarks/RESULTS.md, section 2026-12-03 06:52).
 int64_t plan_blocks(const Conv2dParams& p, int64_t ckk, bool wide = false) {
   const int64_t s = p.oh * p.ow, rows = std::max<int64_t>({1, ckk, p.k / p.groups});
   const auto most_for = [&](int64_t budget) {
@@ -155,8 +152,8 @@ thread_local ScratchBuffer tl_phases;
 // The phase buffer is freed after a call when above this (as conv_direct_s1.cpp's planes).
 constexpr size_t kKeepPhaseBytes = size_t(4) << 20;
 // Trims the phase buffer when a thread's tasks end (declared first in a parallel body).
-struct TrimPhases {
-  ~TrimPhases() { tl_phases.trim(kKeepPhaseBytes); }
+struct TrimPhases : TrimOnExit {
+  TrimPhases() : TrimOnExit(tl_phases, kKeepPhaseBytes) {}
 };
 
 // Row xr (w elements) into its two column phases: d0[n] = xr[2n], d1[n] = xr[2n + 1], n < cols =

@@ -23,10 +23,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "conv_planes.h"
 #include "scratch.h"
 
@@ -47,29 +43,22 @@ thread_local ScratchBuffer tl_fx, tl_fy, tl_fw, tl_wf;
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's x planes and y hold about this many bytes (within L2: the tiles reread the planes)
 constexpr int64_t kTaskBytes = int64_t(1) << 20, kTaskQ = 1024;
-// Trims a scratch buffer when the scope ends, by return or by exception.
-struct TrimOnExit {
-  ScratchBuffer& buf;
-  size_t keep;
-  TrimOnExit(ScratchBuffer& b, size_t k) : buf(b), keep(k) {}
-  ~TrimOnExit() { buf.trim(keep); }
-  TrimOnExit(const TrimOnExit&) = delete;
-  TrimOnExit& operator=(const TrimOnExit&) = delete;
-};
-
 // The x one q tile reads over a block of channels (all their taps) is kept near this size: it is
 // reread once per block of NK output channels.
 constexpr int64_t kL1Bytes = int64_t(24) << 10;
 
 // y[k * ldy + m * L + l] (+)= sum over e < ne of w[e * nk + k] * x[off[e] + m * L + l] for k < nk,
-// m < mq, l < L: the tile starts from zero when `first`, else from y.
+// m < mq, l < L: the tile starts from bias[k] (0 when bias is null) when `first`, else from y.
 template <class T, int mq, int nk>
-void ftile(const T* x, const int64_t* off, int64_t ne, const T* w, T* y, int64_t ldy, bool first) {
+void ftile(const T* x, const int64_t* off, int64_t ne, const T* w, T* y, int64_t ldy, bool first,
+           const T* bias) {
   using V = typename IVec<T>::V;
   constexpr int64_t L = IVec<T>::L;
   V acc[nk][mq];
-  for (int k = 0; k < nk; ++k)
-    for (int m = 0; m < mq; ++m) acc[k][m] = first ? V{} : IVec<T>::load(y + k * ldy + m * L);
+  for (int k = 0; k < nk; ++k) {
+    const V init = (bias ? bias[k] : T(0)) - V{};
+    for (int m = 0; m < mq; ++m) acc[k][m] = first ? init : IVec<T>::load(y + k * ldy + m * L);
+  }
   for (int64_t e = 0; e < ne; ++e) {
     const T* xs = x + off[e];
     V xv[mq];
@@ -88,34 +77,9 @@ void ftile(const T* x, const int64_t* off, int64_t ne, const T* w, T* y, int64_t
     for (int m = 0; m < mq; ++m) IVec<T>::store(y + k * ldy + m * L, acc[k][m]);
 }
 
-// dst[j] = src[j] + bias for j < n: whole vectors, then (AVX-512) one masked vector for the
-// rest; an output row is often shorter than a vector (14 of 16 floats).
 template <class T>
-inline void copy_add(T* dst, const T* src, int64_t n, T bias) {
-  using V = typename IVec<T>::V;
-  constexpr int64_t L = IVec<T>::L;
-  const V bv = bias - V{};
-  int64_t j = 0;
-  for (; j + L <= n; j += L) IVec<T>::store(dst + j, IVec<T>::load(src + j) + bv);
-#if defined(__AVX512F__)
-  if (j < n) {
-    if constexpr (sizeof(T) == 4) {
-      const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1);
-      _mm512_mask_storeu_ps(dst + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, src + j),
-                                                      _mm512_set1_ps(float(bias))));
-    } else {
-      const __mmask8 m = static_cast<__mmask8>((1u << (n - j)) - 1);
-      _mm512_mask_storeu_pd(dst + j, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, src + j),
-                                                      _mm512_set1_pd(double(bias))));
-    }
-    return;
-  }
-#endif
-  for (; j < n; ++j) dst[j] = src[j] + bias;
-}
-
-template <class T>
-using FTileFn = void (*)(const T*, const int64_t*, int64_t, const T*, T*, int64_t, bool);
+using FTileFn = void (*)(const T*, const int64_t*, int64_t, const T*, T*, int64_t, bool,
+                         const T*);
 
 // The forward's tiles: ftiles<T>()[mq - 1][nk - 1] for mq x nk (the full one and every edge).
 template <class T>
@@ -135,15 +99,13 @@ const auto& ftiles() {
 
 bool implicit_forward_preferred(const Conv2dParams& p) {
 #if defined(__AVX512F__)
-  // Fitted to forced GEMM / implicit forward and input-gradient timings of 21 layers on the
-  // AVX-512 build (benchmarks/RESULTS.md, section 2026-12-03 06:52): implicit ran 1.05-1.6x
-  // GEMM's speed where each x element meets at least 3 taps per stride phase (4x4 s2, the 7x7 s2
-  // stem, stride-1 3x3 and 5x5) and the padded planes stay within 35% of the output; 3x3 s2 read
-  // 0.93-1.08x (copying x into four phase planes costs about what GEMM's im2col does) and 7x7
-  // maps 0.75x (81 q per 49 outputs). 1x1 kernels: GEMM reads x in place. The AVX2 build's 2 x 6
-  // ymm tile, run on this Intel VM, read 0.84-1.40x its GEMM, and Winograd beat it at 8-16
-  // channels: not chosen there until measured on an AVX2 machine. Grouped layers were not measured:
-  // GEMM keeps them. (One layer the rule takes lost: 4x256x14x14 p1, 0.92-0.98x GEMM.)
+  // Fitted to forced GEMM / implicit forward and input-gradient timings on the AVX-512 build
+  // (figures: benchmarks/RESULTS.md, section 2026-12-03 06:52). Implicit won where each x element
+  // meets at least 3 taps per stride phase and the padded planes stay within 35% of the output.
+  // At 3x3 stride 2, copying x into four phase planes costs about what GEMM's im2col does (no
+  // gain); on 7x7 maps the padded planes are 65% larger than the output. 1x1: GEMM reads x in
+  // place. Grouped layers were not measured: GEMM keeps them. The AVX2 build's tile was measured
+  // only on an Intel core, with mixed results: not chosen there until measured on an AVX2 machine.
   if (p.dtype != DType::Float32 || p.groups != 1 || p.kh * p.kw == 1 ||
       p.kh * p.kw < 3 * p.sh * p.sw)
     return false;
@@ -166,8 +128,8 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
   std::vector<int64_t> off(static_cast<size_t>(ckk));
   tap_offsets(p, geo, off.data());
   // wp[g][k0 block][e][k]: block k0 (nk = min(NK, kg - k0) channels) at g * kg * ckk + k0 * ckk
-  // (the calling thread's scratch: a 590 KB vector per call cost 144 page faults, munmapped after;
-  // trimmed on the way out, an exception's too)
+  // (the calling thread's scratch, kept between calls: a vector per call was served by mmap and
+  // faulted in anew each call; trimmed on the way out, an exception's too)
   const TrimOnExit trim_wp(tl_fw, kKeepBytes);
   T* const wp = tl_fw.get_as<T>(p.k * ckk);
   for (int64_t g = 0; g < G; ++g)
@@ -205,17 +167,17 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
           for (int64_t k0 = 0; k0 < kg; k0 += NK) {
             const int nk = static_cast<int>(std::min<int64_t>(NK, kg - k0));
             fns[mq - 1][nk - 1](xph + q0, off.data() + e0, ne, wg + k0 * ckk + e0 * nk,
-                                yp + k0 * geo.qt + q0, geo.qt, c0 == 0);
+                                yp + k0 * geo.qt + q0, geo.qt, c0 == 0,
+                                b ? b + g * kg + k0 : nullptr);
           }
         }
       }
+      // (the bias is in yp: each tile started from it)
       for (int64_t i = 0; i < imgs; ++i)
         for (int64_t kk = 0; kk < kg; ++kk) {
-          const int64_t k = g * kg + kk;
-          const T bias = b ? b[k] : T(0);
           const T* src = yp + kk * geo.qt + i * geo.xi;
-          T* dst = y + ((n0 + i) * p.k + k) * S + oh0 * p.ow;
-          for (int64_t r = 0; r < nrows; ++r) copy_add(dst + r * p.ow, src + r * P, p.ow, bias);
+          T* dst = y + ((n0 + i) * p.k + g * kg + kk) * S + oh0 * p.ow;
+          for (int64_t r = 0; r < nrows; ++r) copy_run(dst + r * p.ow, src + r * P, p.ow);
         }
     }
     tl_fx.trim(kKeepBytes);

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "conv_impl.h"
+#include "row_copy.h"
 #include "vec_ext.h"
 
 namespace fastdl {
@@ -101,10 +102,10 @@ Geo make_geo(const Conv2dParams& p, int64_t task_bytes, int64_t task_q) {
 template <class T>
 void deinterleave_row(const T* row, int64_t pw, int64_t P, const int64_t* lo,
                       const int64_t* hi, T* __restrict d0, T* __restrict d1) {
-  std::fill(d0, d0 + lo[0], T(0));
-  std::fill(d0 + hi[0], d0 + P, T(0));
-  std::fill(d1, d1 + lo[1], T(0));
-  std::fill(d1 + hi[1], d1 + P, T(0));
+  zero_run(d0, lo[0]);
+  zero_run(d0 + hi[0], P - hi[0]);
+  zero_run(d1, lo[1]);
+  zero_run(d1 + hi[1], P - hi[1]);
   const int64_t both_lo = std::max(lo[0], lo[1]);
   const int64_t both_hi = std::max(both_lo, std::min(hi[0], hi[1]));
   const T* __restrict r = row;  // r[2 jj + b - pw] for jj in [both_lo, both_hi) lies in the row
@@ -136,7 +137,7 @@ void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int6
   for (int64_t cc = 0; cc < cg; ++cc) {
     for (int64_t ph = 0; ph < geo.phases; ++ph) {
       T* plane = xph + (ph * cg + cc) * geo.xt;
-      std::fill(plane + imgs * geo.xi, plane + geo.xt, T(0));
+      zero_run(plane + imgs * geo.xi, geo.xt - imgs * geo.xi);
     }
     for (int64_t i = 0; i < imgs; ++i) {
       const T* xp = xg + (i * p.c + cc) * HW;
@@ -160,17 +161,17 @@ void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int6
               valid_range(P, p.w, sw, p.pw, b, j_lo, j_hi);
             }
             if (!inside || j_lo >= j_hi) {
-              std::fill(dst, dst + P, T(0));
+              zero_run(dst, P);
               continue;
             }
             const T* src = xp + ih * p.w + j_lo * sw + b - p.pw;
-            std::fill(dst, dst + j_lo, T(0));
+            zero_run(dst, j_lo);
             if (sw == 1) {
-              std::copy(src, src + (j_hi - j_lo), dst + j_lo);
+              copy_run(dst + j_lo, src, j_hi - j_lo);
             } else {
               for (int64_t jj = j_lo; jj < j_hi; ++jj) dst[jj] = src[(jj - j_lo) * sw];
             }
-            std::fill(dst + j_hi, dst + P, T(0));
+            zero_run(dst + j_hi, P - j_hi);
           }
         }
     }

@@ -55,5 +55,18 @@ class ScratchBuffer {
   size_t bytes_ = 0;
 };
 
+// Trims a scratch buffer (ScratchBuffer::trim) when the scope ends, by return or by exception.
+class TrimOnExit {
+ public:
+  TrimOnExit(ScratchBuffer& buf, size_t keep_bytes) : buf_(buf), keep_(keep_bytes) {}
+  ~TrimOnExit() { buf_.trim(keep_); }
+  TrimOnExit(const TrimOnExit&) = delete;
+  TrimOnExit& operator=(const TrimOnExit&) = delete;
+
+ private:
+  ScratchBuffer& buf_;
+  size_t keep_;
+};
+
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
