@@ -19,7 +19,7 @@ import fastdl.nn.functional as F
 from fastdl.ops import conv as ops_conv
 from helpers import assert_close, assert_close_or_better
 
-ALGOS = ["auto", "gemm", "direct", "winograd", "phase", "implicit", "reference"]
+ALGOS = ["auto", "gemm", "direct", "winograd", "phase", "implicit", "nhwc", "reference"]
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -35,8 +35,8 @@ def _exact_cudnn():
         yield
 
 
-# On CUDA "reference" runs the direct kernels; "winograd", "phase" and "implicit" leave the choice
-# to auto.
+# On CUDA "reference" runs the direct kernels; "winograd", "phase", "implicit" and "nhwc" leave the
+# choice to auto.
 CUDA_ALGOS = ("auto", "gemm", "direct")
 # The sweeps' CUDA cases: auto runs one of these two by shape (direct for depthwise), so sweeping
 # both covers it at two thirds of the emulation time (6.5 min for test_conv.py under ASan before).
@@ -252,13 +252,15 @@ def test_winograd_automatic_choice(cpu_path):
         assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
         assert algo(*resnet, padding=1, stride=2) == "gemm"
         assert algo(*resnet, padding=1, dilation=2) == imp
-        assert algo((16, 256, 4, 4), (256, 256, 3, 3), padding=1) == "gemm"  # 64 tiles < 256
+        # (not Winograd: the AVX-512 build runs these small maps on the channels-minor forward)
+        small = "nhwc" if cpu_path == "avx512" else "gemm"
+        assert algo((16, 256, 4, 4), (256, 256, 3, 3), padding=1) == small  # 64 tiles < 256
         # at least 256 tiles whatever the channels: a batch of 4 on 8x8 maps has 64
-        assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1) == "gemm"
-        assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1, pass_="input") == "gemm"
+        assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1) == small
+        assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1, pass_="input") == small
         # 256 tiles: Winograd on the AVX2 build; the AVX-512 build asks for 512 (its GEMM is
         # twice as wide, its transforms are not)
-        at256 = "gemm" if cpu_path == "avx512" else wino
+        at256 = "nhwc" if cpu_path == "avx512" else wino
         assert algo((16, 64, 8, 8), (64, 64, 3, 3), padding=1) == at256
         # (where GEMM would run on the AVX-512 build, planes within 35% of the output take the
         # implicit forward: 18x18 of 16x16 and 32x36 of 30x34 here, not 10x10 of 8x8 above)
@@ -582,7 +584,9 @@ def test_auto_choice():
     x = np.zeros((2, 32, 12, 12), np.float32)
     assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32) == "direct"
     assert ops_conv.conv2d_algorithm(x[:, :1], np.zeros((32, 1, 3, 3), np.float32)) == "direct"
-    assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 3, 3), np.float32)) == "gemm"
+    # (2 images of 10x10 outputs: the channels-minor forward on the AVX-512 build)
+    assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 3, 3), np.float32)) == (
+        "nhwc" if fastdl._C.cpu_capability() == "avx512" else "gemm")
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 1, 1), np.float32)) == "gemm"
     # Direct only where each output reduces over one channel: RGB goes to GEMM; the input
     # gradient reduces over a group's output channels, so a one-channel first layer's (32) and a
@@ -875,7 +879,8 @@ def test_conv1d(cpu_path, kw):
     assert_close(F.conv1d(x[0], w, b, **kw), TF.conv1d(x[0], w, b, **kw), reduction=24)
 
 
-@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase", "implicit"])
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase", "implicit",
+                                       "nhwc"])
 def test_gradcheck(cpu_path, algo_name):
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm(algo_name)
@@ -899,7 +904,8 @@ def test_gradcheck(cpu_path, algo_name):
         fastdl.ops.set_conv_algorithm(before)
 
 
-@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase", "implicit"])
+@pytest.mark.parametrize("algo_name", ["auto", "gemm", "direct", "winograd", "phase", "implicit",
+                                       "nhwc"])
 def test_gradgradcheck(cpu_path, algo_name):
     # Grad-of-grad (create_graph=True) as torch: every backward pass is itself differentiable.
     before = fastdl.ops.get_conv_algorithm()
@@ -1559,7 +1565,7 @@ def test_conv2d_direct_weight_grad_reads_inside_gy(cpu_path):
     assert out.returncode == 0 and out.stdout.split() == ["ok"], (out.returncode, out.stderr[-2000:])
 
 
-@pytest.mark.parametrize("algo", ["auto", "direct", "gemm", "implicit"])
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm", "implicit", "nhwc"])
 @pytest.mark.parametrize("case", range(4))
 def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
     # inf/NaN in x reach only the outputs and weight-gradient taps that read them (the direct
@@ -1598,7 +1604,7 @@ def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
                 assert_close(got[fin], want[fin], reduction=200)
 
 
-@pytest.mark.parametrize("algo", ["auto", "direct", "gemm", "implicit"])
+@pytest.mark.parametrize("algo", ["auto", "direct", "gemm", "implicit", "nhwc"])
 def test_conv2d_input_grad_nonfinite_weight_as_torch(cpu_path, algo):
     # An inf/NaN weight reaches grad_input only through taps inside the input: the direct input
     # gradient (the forward over zero-padded gy) would compute inf*0 beyond gy's border.
@@ -1741,12 +1747,44 @@ def test_auto_choice_implicit_forward(cpu_path):
                      ((32, 64, 32, 32), (64, 64, 2, 2), dict(stride=2)),          # 2x2 s2
                      ((8, 512, 7, 7), (512, 512, 3, 3), dict(padding=1)),         # 81 q per 49
                      ((32, 64, 56, 56), (128, 64, 1, 1), {})):                    # 1x1
-        assert algo(x, w, **kw) == "gemm", (x, w)
+        assert algo(x, w, **kw) != "implicit", (x, w)
     assert ops_conv.conv2d_algorithm(np.zeros((16, 32, 32, 32)), np.zeros((64, 32, 5, 5)),
                                      padding=2) == "gemm"                         # float64
     assert algo((16, 32, 32, 32), (64, 16, 5, 5), padding=2, groups=2) == "gemm"  # not measured
     # stride 2: the input gradient is no forward (GEMM or the phase kernel)
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), "input", stride=2, padding=1) != "implicit"
+
+
+def test_auto_choice_nhwc(cpu_path):
+    # The channels-minor forward and stride-1 input gradient (conv_nhwc.cpp, nhwc_preferred):
+    # float32 on the AVX-512 build; small maps (at most 256 output pixels, at least 128 in the
+    # batch), at least 32 input and 64 output channels per group, 9 taps or more; after Winograd.
+    avx512 = cpu_path == "avx512"
+    algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
+        np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
+    takes = lambda got: got == "nhwc" if avx512 else got != "nhwc"
+    for pass_ in ("forward", "input"):
+        assert takes(algo((16, 128, 8, 8), (128, 128, 3, 3), pass_, padding=1))
+        assert takes(algo((16, 256, 4, 4), (256, 256, 3, 3), pass_, padding=1))
+        assert takes(algo((8, 512, 7, 7), (512, 512, 3, 3), pass_, padding=1))
+    assert takes(algo((32, 128, 28, 28), (128, 128, 3, 3), stride=2, padding=1))
+    # the input gradient of a strided layer is no forward
+    assert algo((32, 128, 28, 28), (128, 128, 3, 3), "input", stride=2, padding=1) != "nhwc"
+    for x, w, kw in (((16, 512, 2, 2), (512, 512, 3, 3), dict(padding=1)),   # 64 pixels
+                     ((16, 64, 16, 16), (32, 64, 3, 3), dict(padding=1)),    # 32 outputs
+                     ((16, 16, 8, 8), (64, 16, 3, 3), dict(padding=1)),      # 16 inputs
+                     ((16, 128, 8, 8), (128, 128, 1, 1), {}),                # 1x1
+                     ((32, 64, 28, 28), (64, 64, 2, 2), {})):                # 4 taps
+        for pass_ in ("forward", "input"):
+            assert algo(x, w, pass_, **kw) != "nhwc", (x, w, kw, pass_)
+    # 80 output channels fill 80 of two 64-wide panels (the input gradient's 64 fill one)
+    assert algo((16, 64, 8, 8), (80, 64, 3, 3), padding=1) != "nhwc"
+    assert takes(algo((16, 64, 8, 8), (80, 64, 3, 3), "input", padding=1))
+    # Winograd first where it is preferred (14x14 over 256 channels)
+    assert algo((32, 256, 14, 14), (256, 256, 3, 3), padding=1) == (
+        "gemm" if cpu_path == "default" else "winograd")
+    assert ops_conv.conv2d_algorithm(np.zeros((16, 128, 8, 8)), np.zeros((128, 128, 3, 3)),
+                                     padding=1) != "nhwc"                         # float64
 
 
 # The implicit forward (conv_implicit_forward.cpp): task geometry and tile edges by case. Small
@@ -1773,15 +1811,30 @@ IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
                 ((3, 5, 13, 16), (4, 5, 5, 5), dict(stride=2, padding=2)),
                 ((2, 8, 10, 9), (16, 4, 3, 3), dict(groups=2, padding=1)),
                 ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1))]
+# The channels-minor forward (conv_nhwc.cpp) besides: one image over several threads (each part
+# fills the block's xp); 130 channels of a 7x7 kernel in several passes over the tiles
+# (kPanelBytes) with 70 output channels (a part-empty panel); 81 taps (past the fixed offset
+# table); padding past the kernel (the input gradient's negative padding); groups whose tasks
+# outnumber the blocks; 8x8 and 4x4 maps as ResNet-18's (pixel tiles across images).
+NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
+            ((2, 130, 9, 9), (70, 130, 7, 7), dict(padding=3)),
+            ((2, 6, 12, 12), (8, 6, 9, 9), dict(padding=4)),
+            ((2, 5, 8, 8), (7, 5, 3, 3), dict(padding=3)),
+            ((3, 12, 6, 6), (18, 4, 3, 3), dict(groups=3, padding=1)),
+            ((5, 64, 8, 8), (128, 64, 3, 3), dict(padding=1)),
+            ((3, 96, 4, 4), (64, 96, 3, 3), dict(padding=1)),
+            ((4, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1))]
+FWD_CASES = [("implicit", c) for c in IMPLICIT_FWD] + [("nhwc", c) for c in IMPLICIT_FWD + NHWC_FWD]
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", range(len(IMPLICIT_FWD)))
+@pytest.mark.parametrize("case", range(len(FWD_CASES)))
 def test_implicit_forward(cpu_path, case, dtype, bias):
     # Forward against torch; for stride 1 the input gradient too (the flipped forward over gy,
-    # padding k - 1 - p negative where p exceeds it).
-    shape, wshape, kw = IMPLICIT_FWD[case]
+    # padding k - 1 - p negative where p exceeds it). Both implicit-GEMM forwards: "implicit"
+    # (pixel vectors over padded planes) and "nhwc" (pixel rows over a channels-minor copy).
+    algo, (shape, wshape, kw) = FWD_CASES[case]
     kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
     gen = torch.Generator().manual_seed(100 + case)
     x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
@@ -1792,16 +1845,16 @@ def test_implicit_forward(cpu_path, case, dtype, bias):
     two = lambda v: list(v) if isinstance(v, tuple) else [v, v]
     stride1 = two(kw["stride"]) == [1, 1]
     before = fastdl.ops.get_conv_algorithm()
-    fastdl.ops.set_conv_algorithm("implicit")
+    fastdl.ops.set_conv_algorithm(algo)
     try:
-        assert ops_conv.conv2d_algorithm(x, w, **kw) == "implicit"
+        assert ops_conv.conv2d_algorithm(x, w, **kw) == algo
         got = fastdl.ops.conv2d(x, w, b, **kw)
         if stride1:
-            assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "implicit"
+            assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == algo
             gx = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(True, False, False))[0]
     finally:
         fastdl.ops.set_conv_algorithm(before)
-    what = f"implicit forward {shape} {wshape} {kw} {dtype}"
+    what = f"{algo} forward {shape} {wshape} {kw} {dtype}"
     assert_close(got, want, reduction=w[0].numel(), what=what)
     if stride1:
         want_gx = torch.ops.aten.convolution_backward(
@@ -1811,18 +1864,20 @@ def test_implicit_forward(cpu_path, case, dtype, bias):
                      what=what + " input grad")
 
 
-@pytest.mark.parametrize("shape,wshape,kw", [
-    ((7, 8, 20, 20), (16, 8, 3, 3), dict(padding=1)),          # 7 images over 1-3 threads
-    ((1, 6, 60, 50), (12, 6, 3, 3), dict(stride=2, padding=1)),  # one image: row blocks
+@pytest.mark.parametrize("algo,shape,wshape,kw", [
+    ("implicit", (7, 8, 20, 20), (16, 8, 3, 3), dict(padding=1)),  # 7 images over 1-3 threads
+    ("implicit", (1, 6, 60, 50), (12, 6, 3, 3), dict(stride=2, padding=1)),  # row blocks
+    ("nhwc", (7, 40, 8, 8), (64, 40, 3, 3), dict(padding=1)),      # 7 images: blocks
+    ("nhwc", (1, 40, 8, 8), (64, 40, 3, 3), dict(padding=1)),      # one image: parts
 ])
-def test_implicit_forward_thread_counts(cpu_path, shape, wshape, kw):
+def test_implicit_forward_thread_counts(cpu_path, algo, shape, wshape, kw):
     # Each output element is one task's sum, taken in the same order whatever the tasks: the
     # result is bitwise the same at 1, 2 and 3 threads.
     gen = torch.Generator().manual_seed(shape[0])
     x = torch.empty(shape).uniform_(-1, 1, generator=gen)
     w = torch.empty(wshape).uniform_(-1, 1, generator=gen)
     before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
-    fastdl.ops.set_conv_algorithm("implicit")
+    fastdl.ops.set_conv_algorithm(algo)
     try:
         runs = []
         for nt in (1, 2, 3):

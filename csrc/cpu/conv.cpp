@@ -5,7 +5,9 @@
 // (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there), Phase
 // (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
 // weight gradient, chosen by implicit_preferred there; conv_implicit_forward.cpp, the forward and
-// the stride-1 input gradient, chosen by implicit_forward_preferred there). Reference: one task per
+// the stride-1 input gradient, chosen by implicit_forward_preferred there), Nhwc (conv_nhwc.cpp,
+// the forward and stride-1 input gradient of small maps, chosen by nhwc_preferred there).
+// Reference: one task per
 // output plane (forward), input plane (input gradient) or output channel (weight gradient),
 // double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -153,6 +155,11 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
       // the input gradient as a forward over gy only with stride 1
       if (pass != ConvPass::BackwardInput || (p.sh == 1 && p.sw == 1)) return p.algo;
       break;
+    case ConvAlgo::Nhwc:
+      // the forward, and the input gradient as a forward over gy with stride 1
+      if (pass == ConvPass::Forward || (pass == ConvPass::BackwardInput && p.sh == 1 && p.sw == 1))
+        return p.algo;
+      break;
     default:
       break;
   }
@@ -182,6 +189,11 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
     return ConvAlgo::Implicit;
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
+  // The channels-minor forward (and stride-1 input gradient): small maps, many channels.
+  if (pass == ConvPass::Forward ? nhwc_preferred(p)
+      : pass == ConvPass::BackwardInput &&
+          p.sh == 1 && p.sw == 1 && nhwc_preferred(input_grad_as_forward(p)))
+    return ConvAlgo::Nhwc;
   if (pass == ConvPass::BackwardWeight && implicit_preferred(p)) return ConvAlgo::Implicit;
   if (implicit_fwd) return ConvAlgo::Implicit;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
@@ -278,6 +290,7 @@ void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T*
     case ConvAlgo::Direct: conv_direct_forward(p, x, w, b, y); break;
     case ConvAlgo::Winograd: wino_bad = conv_winograd_forward(p, x, w, b, y); break;
     case ConvAlgo::Implicit: conv_implicit_forward(p, x, w, b, y); break;
+    case ConvAlgo::Nhwc: conv_nhwc_forward(p, x, w, b, y); break;
     default: conv_gemm_forward(p, x, w, b, y); break;
   }
   if (!(wino || (guard && nw > ny)) || !(wino ? wino_bad : any_nonfinite(y, ny))) return;
@@ -298,7 +311,7 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
   // Direct, implicit and Winograd run the flipped forward over zero-padded gy, phase a
   // zero-bordered gy; GEMM + col2im drops what falls on padding.
   const bool guard = wino || algo == ConvAlgo::Direct || algo == ConvAlgo::Implicit ||
-                     algo == ConvAlgo::Phase;
+                     algo == ConvAlgo::Nhwc || algo == ConvAlgo::Phase;
   if (guard && nw <= nx && any_nonfinite(w, nw)) algo = ConvAlgo::Reference;
   bool wino_bad = false;  // Winograd checks gx as it writes it
   switch (algo) {
@@ -307,6 +320,7 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
     case ConvAlgo::Winograd: wino_bad = conv_winograd_backward_input(p, gy, w, gx); break;
     case ConvAlgo::Phase: conv_phase_backward_input(p, gy, w, gx); break;
     case ConvAlgo::Implicit: conv_implicit_backward_input(p, gy, w, gx); break;
+    case ConvAlgo::Nhwc: conv_nhwc_backward_input(p, gy, w, gx); break;
     default: conv_gemm_backward_input(p, gy, w, gx); break;
   }
   if (!(wino || (guard && nw > nx)) || !(wino ? wino_bad : any_nonfinite(gx, nx))) return;
@@ -452,7 +466,7 @@ void check_conv2d_params(const Conv2dParams& p) {
                "conv2d: output width ", p.ow, " too large");
   FASTDL_CHECK(p.dtype == DType::Float32 || p.dtype == DType::Float64,
                "conv2d: CPU supports float32 and float64, got ", dtype_name(p.dtype));
-  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) <= 6,
+  FASTDL_CHECK(static_cast<int>(p.algo) >= 0 && static_cast<int>(p.algo) < kConvAlgoCount,
                "conv2d: unknown algorithm ", static_cast<int>(p.algo));
 }
 

@@ -13,9 +13,11 @@ Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 
 place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), "phase" (the
 input gradient, and so conv_transpose2d's forward, of a stride > 1 convolution: one stride-1
 GEMM per stride phase, no col2im), "implicit" (the forward, the weight gradient and the stride-1
-input gradient as implicit GEMMs over zero-padded copies of x and gy: no im2col), "reference"
-(plain loops); on CUDA "gemm" (implicit GEMM) and "direct" (depthwise; "reference" runs it too,
-"winograd", "phase" and "implicit" leave the choice to auto).
+input gradient as implicit GEMMs over zero-padded copies of x and gy: no im2col), "nhwc" (the
+forward and the stride-1 input gradient as an implicit GEMM over a channels-minor copy of x, one
+tile row per output pixel: small maps with many channels), "reference" (plain loops); on CUDA
+"gemm" (implicit GEMM) and "direct" (depthwise; "reference" runs it too, "winograd", "phase",
+"implicit" and "nhwc" leave the choice to auto).
 "auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO environment variable
 forces one wherever it serves the shape (elsewhere auto decides).
 
@@ -39,7 +41,7 @@ __all__ = ["conv2d", "conv2d_backward", "conv_transpose2d", "conv_transpose2d_ba
            "set_conv_algorithm", "get_conv_algorithm", "conv2d_algorithm"]
 
 ALGORITHMS = {"auto": 0, "reference": 1, "gemm": 2, "direct": 3, "winograd": 4, "phase": 5,
-              "implicit": 6}
+              "implicit": 6, "nhwc": 7}
 _NAMES = {v: k for k, v in ALGORITHMS.items()}
 _FORWARD, _BACKWARD_INPUT, _BACKWARD_WEIGHT = 0, 1, 2
 _algo = None  # ALGORITHMS code; None until first read from FASTDL_CONV_ALGO
@@ -47,8 +49,9 @@ _algo = None  # ALGORITHMS code; None until first read from FASTDL_CONV_ALGO
 
 def set_conv_algorithm(name: str) -> None:
     """Forces one convolution algorithm for every later call ("auto", "gemm", "direct",
-    "winograd", "phase", "implicit", "reference"); a forced algorithm that does not serve a shape
-    leaves that call to "auto". The FASTDL_CONV_ALGO environment variable sets the initial choice.
+    "winograd", "phase", "implicit", "nhwc", "reference"); a forced algorithm that does not serve
+    a shape leaves that call to "auto". The FASTDL_CONV_ALGO environment variable sets the initial
+    choice.
 
     >>> fastdl.ops.set_conv_algorithm("gemm"); fastdl.ops.set_conv_algorithm("auto")
     """
@@ -567,8 +570,8 @@ def conv_transpose2d_backward(grad_output, input, weight, stride=1, padding=0, o
 
 def conv2d_algorithm(input, weight, stride=1, padding=0, dilation=1, groups=1, pass_="forward"):
     """The algorithm a conv2d call would run for one pass ("forward", "input", "weight") under the
-    current setting: "reference", "gemm", "direct", "winograd", "phase" or "implicit" (tests and
-    benchmarks)."""
+    current setting: "reference", "gemm", "direct", "winograd", "phase", "implicit" or "nhwc"
+    (tests and benchmarks)."""
     geo = _conv_geometry("conv2d_algorithm", input, weight, None, stride, padding, dilation,
                          groups)
     passes = {"forward": _FORWARD, "input": _BACKWARD_INPUT, "weight": _BACKWARD_WEIGHT}

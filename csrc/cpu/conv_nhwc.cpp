@@ -1,0 +1,352 @@
+// The forward of conv2d as an implicit GEMM over a channels-minor (NHWC) zero-padded copy of x
+// (ConvAlgo::Nhwc), on the CPU, float32/float64; and through it the input gradient of a stride-1
+// convolution (the forward over gy with the kernel flipped, input_grad_as_forward).
+//   y[n, k, oh, ow] = b[k] + sum over taps (i, j), channels c of
+//                     w[k, c, i, j] * xp[n, oh*sh + i*dh, ow*sw + j*dw, c]
+// with xp the task's images padded to Hp x Wp (row r holds input row r - ph). Rows of the GEMM are
+// output pixels, columns output channels, the reduction runs over (tap, channel): pixel q's row
+// for tap t is the run of cg channels at xp + base(q) + toff[t], read in place. The register tile
+// holds MP pixels x NV vectors of output channels: per (tap, channel) it broadcasts MP values of
+// x and loads NV vectors of a weight panel packed once per call (wp[g][k block][tap][c][NKB]).
+// Unlike conv_implicit_forward.cpp, whose rows are output pixels of zero-padded planes (a 4x4 map
+// padded by 1 computes 36 positions for 16 outputs), only real output pixels are computed, and a
+// tile's pixels may span rows and images: small maps with many channels are what it serves.
+// y is written from a per-task pixel-major buffer by a transposing copy.
+// Non-finite values: xp's zero padding meets every weight as the im2col path's does, so conv.cpp's
+// forward guard (an inf/NaN weight with padding runs the reference loops) applies unchanged.
+// Threads split tasks (a block of images, a group, a share of the block's pixel tiles); each output
+// element is one task's, summed in a fixed order: the result does not depend on the thread count.
+// Tested by tests/test_conv.py (forced algorithm "nhwc"); timed by benchmarks/bench_conv.py.
+#include <algorithm>
+#include <array>
+#include <memory>
+#include <utility>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "conv_planes.h"
+#include "scratch.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+namespace {
+
+// Register tile per build: MP x NV accumulators + NV weight vectors + one broadcast must fit the
+// register file (AVX-512: 32 zmm, 29 used; AVX2 and SSE2: 16, 15 used).
+#if defined(__AVX512F__)
+constexpr int MP = 6, NV = 4;
+#else
+constexpr int MP = 6, NV = 2;
+#endif
+
+thread_local ScratchBuffer tl_nx, tl_ny, tl_nw, tl_np;
+constexpr size_t kKeepBytes = size_t(4) << 20;
+// A task's xp and pixel-major y hold about this many bytes (L2: every k block rereads them).
+constexpr int64_t kTaskBytes = int64_t(1) << 20;
+// The weight rows one pass over a task's tiles reads (taps x channels x NKB) stay within this
+// (L2, beside the task's xp): 512 channels' rows, 1.2 MB, ran from memory.
+constexpr int64_t kPanelBytes = int64_t(384) << 10;
+// Weight rows gathered at once by the panel packing (pack_panels).
+constexpr int64_t kRowsAtOnce = 16;
+
+template <class T>
+constexpr int64_t kNKB = NV * IVec<T>::L;  // output channels per weight panel
+
+// y[m * ldy + v * L + l] (+)= sum over t < taps, c < nc of a[m][toff[t] + c] *
+// w[(t * cg + c) * NKB + v * L + l], for m < mp: the tile starts from bias[v * L + l] (0 when null)
+// when `first`, else from y.
+template <class T, int mp>
+void ntile(const T* const* a, const int64_t* toff, int64_t taps, int64_t cg, int64_t nc,
+           const T* w, const T* bias, bool first, T* y, int64_t ldy) {
+  using V = typename IVec<T>::V;
+  constexpr int64_t L = IVec<T>::L, NKB = kNKB<T>;
+  V acc[mp][NV];
+  for (int v = 0; v < NV; ++v) {
+    const V init = bias ? IVec<T>::load(bias + v * L) : V{};
+    for (int m = 0; m < mp; ++m) acc[m][v] = first ? init : IVec<T>::load(y + m * ldy + v * L);
+  }
+  for (int64_t t = 0; t < taps; ++t) {
+    const T* at[mp];
+    for (int m = 0; m < mp; ++m) at[m] = a[m] + toff[t];
+    const T* wt = w + t * cg * NKB;
+    for (int64_t c = 0; c < nc; ++c) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = IVec<T>::load(wt + c * NKB + v * L);
+      for (int m = 0; m < mp; ++m) {
+        const T xs = at[m][c];  // (vector * scalar: one broadcast load; V{} + xs cost an add)
+        for (int v = 0; v < NV; ++v) acc[m][v] += wv[v] * xs;
+      }
+    }
+  }
+  for (int m = 0; m < mp; ++m)
+    for (int v = 0; v < NV; ++v) IVec<T>::store(y + m * ldy + v * L, acc[m][v]);
+}
+
+template <class T>
+using NTileFn = void (*)(const T* const*, const int64_t*, int64_t, int64_t, int64_t, const T*,
+                         const T*, bool, T*, int64_t);
+
+// ntiles<T>()[mp - 1][0]: the full tile and every pixel edge.
+template <class T>
+struct NTiles {
+  using Fn = NTileFn<T>;
+  template <int mp, int>
+  static constexpr Fn fn() {
+    return &ntile<T, mp>;
+  }
+};
+template <class T>
+const auto& ntiles() {
+  return TileTable<NTiles<T>, MP, 1>::get();
+}
+
+// d[l] = src[l * stride] for l < n, 0 for n <= l < kRowsAtOnce (n <= kRowsAtOnce).
+template <class T>
+inline void gather_rows(T* d, const T* src, int64_t stride, int64_t n) {
+#if defined(__AVX512F__)
+  // one gather instruction per 16 floats (8 doubles); the scalar loop ran ~2 ns per element
+  if (stride * kRowsAtOnce < (int64_t(1) << 31)) {
+    constexpr int kL = 64 / int(sizeof(T));
+    static_assert(kRowsAtOnce % kL == 0, "whole vectors per run");
+    for (int64_t l0 = 0; l0 < kRowsAtOnce; l0 += kL) {
+      const int64_t left = std::clamp<int64_t>(n - l0, 0, kL);
+      if constexpr (sizeof(T) == 4) {
+        const __m512i lane =
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i idx = _mm512_mullo_epi32(
+            _mm512_add_epi32(_mm512_set1_epi32(int(l0)), lane), _mm512_set1_epi32(int(stride)));
+        const __mmask16 m = static_cast<__mmask16>((1u << left) - 1);
+        _mm512_storeu_ps(d + l0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src, 4));
+      } else {
+        const __m256i idx = _mm256_mullo_epi32(
+            _mm256_add_epi32(_mm256_set1_epi32(int(l0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+            _mm256_set1_epi32(int(stride)));
+        const __mmask8 m = static_cast<__mmask8>((1u << left) - 1);
+        _mm512_storeu_pd(d + l0, _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, idx, src, 8));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t l = 0; l < n; ++l) d[l] = src[l * stride];
+  for (int64_t l = n; l < kRowsAtOnce; ++l) d[l] = T(0);
+}
+
+// The weight panels: wp[((g * nkb + kb) * taps + t) * cg * NKB + c * NKB + l] = the weight of
+// group g's output channel kk = kb * NKB + l, input channel c, tap t (0 for kk >= kg), read at
+// w[at(g, kk, c, t) + l * stride] (l < NKB: the NKB channels of a panel are `stride` apart).
+// Packed by the calling threads, kRowsAtOnce rows at a time, channel-major, then tap: the reads of
+// one c share a few lines, and rows 9 KB apart (256 channels x 9 taps) stay few enough for the
+// L1's sets (64 of them fell in 4).
+template <class T, class At>
+void pack_panels(int64_t G, int64_t kg, int64_t cg, int64_t taps, const At& at, int64_t stride,
+                 const T* w, T* wp) {
+  constexpr int64_t NKB = kNKB<T>;
+  static_assert(NKB % kRowsAtOnce == 0 || kRowsAtOnce % NKB == 0, "runs tile the panel");
+  constexpr int64_t run = std::min(NKB, kRowsAtOnce);
+  const int64_t nkb = (kg + NKB - 1) / NKB;
+  parallel_for(G * nkb, grain_for(NKB * cg * taps), [&](int64_t lo, int64_t hi) {
+    T tmp[kRowsAtOnce];
+    for (int64_t gb = lo; gb < hi; ++gb) {
+      const int64_t g = gb / nkb, k0 = gb % nkb * NKB, nk = std::min(NKB, kg - k0);
+      T* dst = wp + gb * taps * cg * NKB;
+      for (int64_t l0 = 0; l0 < NKB; l0 += run) {
+        const int64_t n = std::clamp<int64_t>(nk - l0, 0, run);
+        for (int64_t c = 0; c < cg; ++c)
+          for (int64_t t = 0; t < taps; ++t) {
+            T* d = dst + (t * cg + c) * NKB + l0;
+            if (run == kRowsAtOnce) {
+              gather_rows(d, w + at(g, k0 + l0, c, t), stride, n);
+            } else {  // panels narrower than a run (the portable build's float64)
+              gather_rows(tmp, w + at(g, k0 + l0, c, t), stride, n);
+              std::copy(tmp, tmp + run, d);
+            }
+          }
+      }
+    }
+  });
+}
+
+// The forward of p over x with packed panels wp and bias panels bp (G * nkb * NKB, or null).
+template <class T>
+void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T* y) {
+  constexpr int64_t NKB = kNKB<T>;
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const int64_t nkb = (kg + NKB - 1) / NKB, kpad = nkb * NKB, S = p.oh * p.ow, HW = p.h * p.w;
+  const int64_t Hp = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
+  const int64_t Wp = (p.ow - 1) * p.sw + (p.kw - 1) * p.dw + 1;
+  // images per block: within kTaskBytes, at least one; then the block count rounded up so the
+  // tasks are a multiple of the threads where the batch allows, else a block's pixel tiles are
+  // split in parts (each part fills the block's xp itself)
+  const int64_t work = p.n * S * p.k * cg * taps;
+  const int64_t nt = omp_in_parallel() ? 1
+                     : std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), work / kMinWork));
+  const int64_t per_img = int64_t(sizeof(T)) * (Hp * Wp * cg + S * kpad);
+  int64_t imgs = std::max<int64_t>(1, std::min(p.n, kTaskBytes / per_img));
+  int64_t blocks = (p.n + imgs - 1) / imgs;
+  {  // the fewest blocks at least as many whose tasks (x G) are a multiple of the threads
+    int64_t want = blocks;
+    while (want < p.n && want * G % nt) ++want;
+    if (want * G % nt == 0) blocks = want;
+  }
+  imgs = (p.n + blocks - 1) / blocks;  // balanced: 16 images in 2 blocks are 8 + 8, not 12 + 4
+  blocks = (p.n + imgs - 1) / imgs;
+  const int64_t tiles_max = (imgs * S + MP - 1) / MP;
+  const int64_t parts =
+      blocks * G >= nt ? 1 : std::min(tiles_max, (nt + blocks * G - 1) / (blocks * G));
+  std::array<int64_t, 64> toff_fixed{};
+  std::unique_ptr<int64_t[]> toff_heap;
+  int64_t* toff = toff_fixed.data();
+  if (taps > int64_t(toff_fixed.size())) {
+    toff_heap.reset(new int64_t[static_cast<size_t>(taps)]);
+    toff = toff_heap.get();
+  }
+  for (int64_t i = 0; i < p.kh; ++i)
+    for (int64_t j = 0; j < p.kw; ++j) toff[i * p.kw + j] = (i * p.dh * Wp + j * p.dw) * cg;
+  const auto& fns = ntiles<T>();
+  // channels per pass over the task's tiles: the panel's rows for them within kPanelBytes
+  const int64_t cb_most = std::max<int64_t>(1, kPanelBytes / (taps * NKB * int64_t(sizeof(T))));
+  const int64_t cpasses = (cg + cb_most - 1) / cb_most, cb = (cg + cpasses - 1) / cpasses;
+  parallel_for_catch(blocks * G * parts, 1, [&](int64_t lo, int64_t hi) {
+    T* xp = tl_nx.get_as<T>(imgs * Hp * Wp * cg);
+    T* yp = tl_ny.get_as<T>(imgs * S * kpad);
+    const T** pix = tl_np.get_as<const T*>(imgs * S);
+    int64_t filled = -1;  // the (block, group) now in xp
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t bg = task / parts, part = task % parts, g = bg % G, blk = bg / G;
+      const int64_t n0 = blk * imgs, ni = std::min(imgs, p.n - n0), np = ni * S;
+      if (filled != bg) {  // xp[i][r][col][c] = x[n0 + i][g * cg + c][r - ph][col - pw], or 0
+        for (int64_t i = 0; i < ni; ++i)
+          for (int64_t r = 0; r < Hp; ++r) {
+            T* row = xp + (i * Hp + r) * Wp * cg;
+            const int64_t ih = r - p.ph;
+            if (ih < 0 || ih >= p.h) {
+              zero_run(row, Wp * cg);
+              continue;
+            }
+            const int64_t c0 = std::clamp<int64_t>(p.pw, 0, Wp);
+            const int64_t c1 = std::clamp<int64_t>(p.pw + p.w, c0, Wp);
+            zero_run(row, c0 * cg);
+            zero_run(row + c1 * cg, (Wp - c1) * cg);
+            for (int64_t c = 0; c < cg; ++c) {
+              const T* src = x + ((n0 + i) * p.c + g * cg + c) * HW + ih * p.w - p.pw;
+              for (int64_t col = c0; col < c1; ++col) row[col * cg + c] = src[col];
+            }
+          }
+        filled = bg;
+      }
+      const int64_t tiles = (np + MP - 1) / MP;
+      const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
+      const int64_t q_lo = t0 * MP, q_hi = std::min(np, t1 * MP);
+      // pix[q - q_lo]: output pixel q's first x element (tap 0, channel 0) in xp
+      for (int64_t q = q_lo, i = q_lo / S, oh = q_lo % S / p.ow, ow = q_lo % p.ow; q < q_hi; ++q) {
+        pix[q - q_lo] = xp + ((i * Hp + oh * p.sh) * Wp + ow * p.sw) * cg;
+        if (++ow == p.ow) {
+          ow = 0;
+          if (++oh == p.oh) oh = 0, ++i;
+        }
+      }
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const T* wk = wp + (g * nkb + kb) * taps * cg * NKB;
+        const T* bk = bp ? bp + (g * nkb + kb) * NKB : nullptr;
+        for (int64_t c0 = 0; c0 < cg; c0 += cb)
+          for (int64_t q0 = q_lo; q0 < q_hi; q0 += MP) {
+            const int mp = static_cast<int>(std::min<int64_t>(MP, q_hi - q0));
+            const T* a[MP];
+            for (int m = 0; m < mp; ++m) a[m] = pix[q0 - q_lo + m] + c0;
+            fns[mp - 1][0](a, toff, taps, cg, std::min(cb, cg - c0), wk + c0 * NKB, bk, c0 == 0,
+                           yp + q0 * kpad + kb * NKB, kpad);
+          }
+      }
+      // y[n0 + i][g * kg + kk][s] = yp[i * S + s][kk] for the part's pixels
+      for (int64_t q = q_lo; q < q_hi;) {
+        const int64_t i = q / S, s0 = q % S, s1 = std::min(S, s0 + (q_hi - q));
+        for (int64_t kk = 0; kk < kg; ++kk) {
+          T* dst = y + ((n0 + i) * p.k + g * kg + kk) * S;
+          const T* src = yp + (i * S) * kpad + kk;
+          for (int64_t s = s0; s < s1; ++s) dst[s] = src[s * kpad];
+        }
+        q += s1 - s0;
+      }
+    }
+    tl_nx.trim(kKeepBytes);
+    tl_ny.trim(kKeepBytes);
+    tl_np.trim(kKeepBytes);
+  });
+}
+
+}  // namespace
+
+bool nhwc_preferred(const Conv2dParams& p) {
+#if defined(__AVX512F__)
+  // Fitted to forced timings against the automatic choice of the time (GEMM, implicit or
+  // Winograd; 2 threads, AVX-512; figures: benchmarks/RESULTS.md, section 2026-12-03 09:27). Won:
+  // 8x8 and 4x4 maps over 128-256 channels (ResNet-18's layers 2-3 at 64x64 inputs), 7x7 maps
+  // over 512, stride-2 layers onto 14x14 and smaller maps, 5x5 on 8x8. Lost: planes of 14x14
+  // and more that Winograd takes (checked first), 2x2 maps (a batch's 64 pixels against a
+  // weight of 512 x 4608 packed per call), fewer than 64 output channels per group (a 64-wide
+  // panel left half empty), 1x1 (GEMM reads x in place); larger maps measured even with GEMM.
+  // Kernels of fewer than 9 taps (1x1 aside) were not measured.
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 63) / 64;
+  return p.dtype == DType::Float32 && p.kh * p.kw >= 9 && cg >= 32 && kg >= 64 &&
+         (nkb * 64 - kg) * 8 <= nkb * 64 && p.n * p.oh * p.ow >= 128 && p.oh * p.ow <= 256;
+#else
+  // the AVX2 and portable builds' tiles (6 x 16 floats) were not measured
+  (void)p;
+  return false;
+#endif
+}
+
+template <class T>
+void conv_nhwc_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  constexpr int64_t NKB = kNKB<T>;
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const int64_t nkb = (kg + NKB - 1) / NKB;
+  const TrimOnExit trim(tl_nw, kKeepBytes);
+  T* const wp = tl_nw.get_as<T>(G * nkb * (taps * cg + 1) * NKB);
+  T* const bp = b ? wp + G * nkb * taps * cg * NKB : nullptr;
+  pack_panels(
+      G, kg, cg, taps,
+      [&](int64_t g, int64_t kk, int64_t c, int64_t t) {
+        return ((g * kg + kk) * cg + c) * taps + t;
+      },
+      cg * taps, w, wp);
+  if (b)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t l = 0; l < nkb * NKB; ++l) bp[g * nkb * NKB + l] = l < kg ? b[g * kg + l] : T(0);
+  nhwc_forward(p, x, static_cast<const T*>(wp), static_cast<const T*>(bp), y);
+}
+
+template <class T>
+void conv_nhwc_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
+  // the forward over gy (input_grad_as_forward): its output channels are p's inputs, its weight
+  // wf[g*cg + cc][kk][e] = w[g*kg + kk][cc][taps-1-e] read straight into the panels
+  const Conv2dParams q = input_grad_as_forward(p);
+  constexpr int64_t NKB = kNKB<T>;
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
+  const int64_t nkb = (cg + NKB - 1) / NKB;
+  const TrimOnExit trim(tl_nw, kKeepBytes);
+  T* const wp = tl_nw.get_as<T>(G * nkb * taps * kg * NKB);
+  pack_panels(
+      G, cg, kg, taps,
+      [&](int64_t g, int64_t cc, int64_t kk, int64_t t) {
+        return ((g * kg + kk) * cg + cc) * taps + (taps - 1 - t);
+      },
+      taps, w, wp);
+  nhwc_forward(q, gy, static_cast<const T*>(wp), static_cast<const T*>(nullptr), gx);
+}
+
+template void conv_nhwc_forward<float>(const Conv2dParams&, const float*, const float*,
+                                       const float*, float*);
+template void conv_nhwc_forward<double>(const Conv2dParams&, const double*, const double*,
+                                        const double*, double*);
+template void conv_nhwc_backward_input<float>(const Conv2dParams&, const float*, const float*,
+                                              float*);
+template void conv_nhwc_backward_input<double>(const Conv2dParams&, const double*, const double*,
+                                               double*);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
