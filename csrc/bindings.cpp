@@ -644,7 +644,8 @@ PYBIND11_MODULE(_C, m) {
                      const Conv2dParams& prm, int algo, int device, uintptr_t stream,
                      py::handle workspace, int64_t workspace_bytes) {
     FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
-    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount, "fastdl internal: unknown convolution algorithm ", algo);
+    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount,
+                 "fastdl internal: unknown convolution algorithm ", algo);
     Conv2dParams p = prm;
     p.algo = static_cast<ConvAlgo>(algo);
     const void* pa = pointer_of(a);
@@ -679,7 +680,8 @@ PYBIND11_MODULE(_C, m) {
   // Both gradients of one CPU backward (gx, gw, gb each optional): conv2d_backward_cpu.
   m.def("conv2d_backward_cpu", [](py::handle x, py::handle gy, py::handle w, py::handle gx,
                                   py::handle gw, py::handle gb, const Conv2dParams& prm, int algo) {
-    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount, "fastdl internal: unknown convolution algorithm ", algo);
+    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount,
+                 "fastdl internal: unknown convolution algorithm ", algo);
     Conv2dParams p = prm;
     p.algo = static_cast<ConvAlgo>(algo);
     const void *px = pointer_of(x), *pgy = pointer_of(gy), *pw = pointer_of(w);
@@ -690,7 +692,8 @@ PYBIND11_MODULE(_C, m) {
      py::arg("params"), py::arg("algo"));
   // Bytes of device workspace the CUDA weight gradient needs for this geometry and algorithm.
   m.def("conv2d_workspace", [](const Conv2dParams& prm, int algo) -> int64_t {
-    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount, "fastdl internal: unknown convolution algorithm ", algo);
+    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount,
+                 "fastdl internal: unknown convolution algorithm ", algo);
 #ifdef FASTDL_WITH_CUDA
     Conv2dParams p = prm;
     p.algo = static_cast<ConvAlgo>(algo);
@@ -702,14 +705,16 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("conv2d_algorithm", [](const Conv2dParams& prm, int pass, int algo) {
     FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
-    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount, "fastdl internal: unknown convolution algorithm ", algo);
+    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount,
+                 "fastdl internal: unknown convolution algorithm ", algo);
     Conv2dParams p = prm;
     p.algo = static_cast<ConvAlgo>(algo);
     return static_cast<int>(conv2d_algorithm_cpu(p, static_cast<ConvPass>(pass)));
   });
   m.def("conv2d_algorithm_cuda", [](const Conv2dParams& prm, int pass, int algo) {
     FASTDL_CHECK(pass >= 0 && pass <= 2, "fastdl internal: unknown convolution pass ", pass);
-    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount, "fastdl internal: unknown convolution algorithm ", algo);
+    FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount,
+                 "fastdl internal: unknown convolution algorithm ", algo);
 #ifdef FASTDL_WITH_CUDA
     Conv2dParams p = prm;
     p.algo = static_cast<ConvAlgo>(algo);

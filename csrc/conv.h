@@ -22,8 +22,9 @@ enum class ConvAlgo : int {
   Phase = 5,      // input gradient of stride > 1, dilation 1: one stride-1 GEMM per stride phase
   Implicit = 6,   // forward, weight and stride-1 input gradients: implicit GEMM over padded
                   // stride-phase planes (no im2col)
-  Nhwc = 7,       // forward and stride-1 input gradient: implicit GEMM over a channels-minor
-                  // padded copy of x, tiles of output pixels (small maps, many channels)
+  Nhwc = 7,       // forward, weight and stride-1 input gradients: implicit GEMM over a
+                  // channels-minor padded copy of x, tiles of output pixels (small maps, many
+                  // channels)
 };
 constexpr int kConvAlgoCount = 8;  // codes 0 .. kConvAlgoCount - 1
 

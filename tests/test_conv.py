@@ -789,12 +789,14 @@ def test_auto_choice_implicit(cpu_path):
     for other in (dict(x=x[:, :, :12, :12], w=w3, kw=dict(padding=1)),
                   dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
                   dict(x=x, w=w3, kw=dict(padding=1, stride=2)),           # stride 2
-                  dict(x=x[:, :, :8, :8], w=w3, kw=dict(padding=1)),       # 10x10 of 8x8: +56%
                   dict(x=x, w=w3[:, :, :1, :1], kw={}),                    # 1x1
                   dict(x=np.zeros((2, 128, 56, 56), np.float32),           # 1152 GEMM columns
                        w=np.zeros((64, 128, 3, 3), np.float32), kw=dict(padding=1))):
         assert ops_conv.conv2d_algorithm(other["x"], other["w"], pass_="weight",
                                          **other["kw"]) == "gemm", other["kw"]
+    # 10x10 planes of 8x8 outputs (+56%): not implicit (the channels-minor kernel on AVX-512)
+    assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], w3, padding=1, pass_="weight") == (
+        "nhwc" if cpu_path == "avx512" else "gemm")
 
 
 def test_set_conv_algorithm_errors():
@@ -967,7 +969,8 @@ def test_numpy_without_torch():
     assert float(out.stdout) == 3 * 9 * 18.0
 
 
-@pytest.mark.parametrize("algo_name", ["reference", "gemm", "direct", "winograd", "phase"])
+@pytest.mark.parametrize("algo_name", ["reference", "gemm", "direct", "winograd", "phase",
+                                       "implicit", "nhwc"])
 def test_every_element_written(cpu_path, algo_name):
     """Outputs filled with NaN before each kernel pass come back free of NaN."""
     for shape, wshape, kw in SERVED + [((2, 4, 7, 6), (6, 2, 3, 2),
@@ -1743,11 +1746,14 @@ def test_auto_choice_implicit_forward(cpu_path):
     assert algo((64, 32, 26, 26), (64, 32, 3, 3)) == wino                             # issue 2
     # the input gradient reduces over the output channels: 16 of them go first too
     assert algo((32, 64, 28, 28), (16, 64, 3, 3), "input", padding=1) == imp(wino)
-    for x, w, kw in (((32, 128, 28, 28), (128, 128, 3, 3), dict(stride=2, padding=1)),  # 9 < 12
-                     ((32, 64, 32, 32), (64, 64, 2, 2), dict(stride=2)),          # 2x2 s2
-                     ((8, 512, 7, 7), (512, 512, 3, 3), dict(padding=1)),         # 81 q per 49
-                     ((32, 64, 56, 56), (128, 64, 1, 1), {})):                    # 1x1
-        assert algo(x, w, **kw) != "implicit", (x, w)
+    # (the channels-minor forward takes two of them on the AVX-512 build: test_auto_choice_nhwc)
+    nhwc = "nhwc" if avx512 else "gemm"
+    for x, w, kw, want in (
+            ((32, 128, 28, 28), (128, 128, 3, 3), dict(stride=2, padding=1), nhwc),  # 9 < 12
+            ((32, 64, 32, 32), (64, 64, 2, 2), dict(stride=2), "gemm"),              # 2x2 s2
+            ((8, 512, 7, 7), (512, 512, 3, 3), dict(padding=1), nhwc),           # 81 q per 49
+            ((32, 64, 56, 56), (128, 64, 1, 1), {}, "gemm")):                    # 1x1
+        assert algo(x, w, **kw) == want, (x, w)
     assert ops_conv.conv2d_algorithm(np.zeros((16, 32, 32, 32)), np.zeros((64, 32, 5, 5)),
                                      padding=2) == "gemm"                         # float64
     assert algo((16, 32, 32, 32), (64, 16, 5, 5), padding=2, groups=2) == "gemm"  # not measured
@@ -1756,35 +1762,64 @@ def test_auto_choice_implicit_forward(cpu_path):
 
 
 def test_auto_choice_nhwc(cpu_path):
-    # The channels-minor forward and stride-1 input gradient (conv_nhwc.cpp, nhwc_preferred):
-    # float32 on the AVX-512 build; small maps (at most 256 output pixels, at least 128 in the
-    # batch), at least 32 input and 64 output channels per group, 9 taps or more; after Winograd.
+    # The channels-minor kernels (conv_nhwc.cpp, nhwc_preferred): float32 on the AVX-512 build;
+    # ungrouped; small maps (at most 196 output pixels, at least 128 in the batch), at least 32
+    # input and 64 output channels with panels at most 1/8 empty, 9 taps or more; after
+    # Winograd. The weight gradient (nhwc_weight_preferred) besides: at most 8x8 outputs, 256
+    # channels each way and 1024 pixels in the batch.
     avx512 = cpu_path == "avx512"
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
     takes = lambda got: got == "nhwc" if avx512 else got != "nhwc"
-    for pass_ in ("forward", "input"):
+    for pass_ in ("forward", "input", "weight"):
         assert takes(algo((16, 128, 8, 8), (128, 128, 3, 3), pass_, padding=1))
         assert takes(algo((16, 256, 4, 4), (256, 256, 3, 3), pass_, padding=1))
+        assert takes(algo((16, 64, 8, 8), (64, 64, 5, 5), pass_, padding=2))
+    for pass_ in ("forward", "input"):   # (the weight gradient: 7x7 maps, 512 channels)
         assert takes(algo((8, 512, 7, 7), (512, 512, 3, 3), pass_, padding=1))
+        assert algo((8, 512, 7, 7), (512, 512, 3, 3), "weight", padding=1) != "nhwc"
     assert takes(algo((32, 128, 28, 28), (128, 128, 3, 3), stride=2, padding=1))
+    assert takes(algo((16, 128, 8, 8), (256, 128, 3, 3), "weight", stride=2, padding=1))
+    assert algo((32, 128, 28, 28), (128, 128, 3, 3), "weight", stride=2, padding=1) != "nhwc"
     # the input gradient of a strided layer is no forward
     assert algo((32, 128, 28, 28), (128, 128, 3, 3), "input", stride=2, padding=1) != "nhwc"
-    for x, w, kw in (((16, 512, 2, 2), (512, 512, 3, 3), dict(padding=1)),   # 64 pixels
-                     ((16, 64, 16, 16), (32, 64, 3, 3), dict(padding=1)),    # 32 outputs
-                     ((16, 16, 8, 8), (64, 16, 3, 3), dict(padding=1)),      # 16 inputs
-                     ((16, 128, 8, 8), (128, 128, 1, 1), {}),                # 1x1
-                     ((32, 64, 28, 28), (64, 64, 2, 2), {})):                # 4 taps
-        for pass_ in ("forward", "input"):
+    for x, w, kw, passes in (
+            ((16, 512, 2, 2), (512, 512, 3, 3), dict(padding=1), "fiw"),     # 64 pixels
+            ((16, 64, 8, 8), (32, 64, 3, 3), dict(padding=1), "fw"),         # 32 outputs
+            ((16, 32, 8, 8), (64, 32, 3, 3), dict(padding=1), "i"),          # 32 (gy's) outputs
+            ((16, 16, 8, 8), (64, 16, 3, 3), dict(padding=1), "fw"),         # 16 inputs
+            ((16, 64, 8, 8), (80, 64, 3, 3), dict(padding=1), "fw"),         # panels 80 / 128
+            ((16, 128, 8, 8), (128, 128, 1, 1), {}, "fiw"),                  # 1x1
+            ((16, 128, 8, 8), (128, 128, 2, 2), {}, "fiw"),                  # 4 taps
+            ((16, 128, 8, 8), (128, 64, 3, 3), dict(padding=1, groups=2), "fiw"),  # groups
+            ((16, 64, 16, 16), (128, 64, 3, 3), dict(stride=1, padding=1), "w"),  # 16x16
+            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "fw")):  # 256 pixels
+        for pass_ in passes:
+            pass_ = {"f": "forward", "i": "input", "w": "weight"}[pass_]
             assert algo(x, w, pass_, **kw) != "nhwc", (x, w, kw, pass_)
     # 80 output channels fill 80 of two 64-wide panels (the input gradient's 64 fill one)
-    assert algo((16, 64, 8, 8), (80, 64, 3, 3), padding=1) != "nhwc"
     assert takes(algo((16, 64, 8, 8), (80, 64, 3, 3), "input", padding=1))
     # Winograd first where it is preferred (14x14 over 256 channels)
     assert algo((32, 256, 14, 14), (256, 256, 3, 3), padding=1) == (
         "gemm" if cpu_path == "default" else "winograd")
     assert ops_conv.conv2d_algorithm(np.zeros((16, 128, 8, 8)), np.zeros((128, 128, 3, 3)),
                                      padding=1) != "nhwc"                         # float64
+
+
+def test_zero_input_channels_per_group(cpu_path):
+    # conv_transpose2d's input gradient with no output channels is a forward over 0 channels:
+    # every algorithm writes zeros (a forced kernel once divided by the zero channel count).
+    x = torch.rand(2, 3, 5, 5)
+    w = torch.rand(3, 0, 3, 3)
+    gy = torch.rand(2, 0, 7, 7)
+    before = fastdl.ops.get_conv_algorithm()
+    try:
+        for name in ALGOS:
+            fastdl.ops.set_conv_algorithm(name)
+            gx = fastdl.ops.conv_transpose2d_backward(gy, x, w, output_mask=(True, False, False))[0]
+            assert gx.shape == x.shape and torch.equal(gx, torch.zeros_like(x)), name
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
 
 
 # The implicit forward (conv_implicit_forward.cpp): task geometry and tile edges by case. Small
@@ -1811,11 +1846,12 @@ IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
                 ((3, 5, 13, 16), (4, 5, 5, 5), dict(stride=2, padding=2)),
                 ((2, 8, 10, 9), (16, 4, 3, 3), dict(groups=2, padding=1)),
                 ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1))]
-# The channels-minor forward (conv_nhwc.cpp) besides: one image over several threads (each part
+# The channels-minor kernels (conv_nhwc.cpp) besides: one image over several threads (each part
 # fills the block's xp); 130 channels of a 7x7 kernel in several passes over the tiles
-# (kPanelBytes) with 70 output channels (a part-empty panel); 81 taps (past the fixed offset
-# table); padding past the kernel (the input gradient's negative padding); groups whose tasks
-# outnumber the blocks; 8x8 and 4x4 maps as ResNet-18's (pixel tiles across images).
+# (kPanelBytes) on the AVX2 and AVX-512 builds, with 70 output channels (a part-empty panel);
+# 81 taps (past the fixed offset table); padding past the kernel (the input gradient's negative
+# padding); groups whose tasks outnumber the blocks; 8x8 and 4x4 maps as ResNet-18's (pixel tiles
+# across images); 260 channels of 7x7 in several passes on every build, both ways.
 NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((2, 130, 9, 9), (70, 130, 7, 7), dict(padding=3)),
             ((2, 6, 12, 12), (8, 6, 9, 9), dict(padding=4)),
@@ -1823,7 +1859,8 @@ NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((3, 12, 6, 6), (18, 4, 3, 3), dict(groups=3, padding=1)),
             ((5, 64, 8, 8), (128, 64, 3, 3), dict(padding=1)),
             ((3, 96, 4, 4), (64, 96, 3, 3), dict(padding=1)),
-            ((4, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1))]
+            ((4, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1)),
+            ((1, 260, 5, 5), (260, 260, 7, 7), dict(padding=3))]
 FWD_CASES = [("implicit", c) for c in IMPLICIT_FWD] + [("nhwc", c) for c in IMPLICIT_FWD + NHWC_FWD]
 
 
@@ -1833,7 +1870,8 @@ FWD_CASES = [("implicit", c) for c in IMPLICIT_FWD] + [("nhwc", c) for c in IMPL
 def test_implicit_forward(cpu_path, case, dtype, bias):
     # Forward against torch; for stride 1 the input gradient too (the flipped forward over gy,
     # padding k - 1 - p negative where p exceeds it). Both implicit-GEMM forwards: "implicit"
-    # (pixel vectors over padded planes) and "nhwc" (pixel rows over a channels-minor copy).
+    # (pixel vectors over padded planes) and "nhwc" (pixel rows over a channels-minor copy; its
+    # weight gradient too, at every stride).
     algo, (shape, wshape, kw) = FWD_CASES[case]
     kw = dict(dict(stride=1, padding=0, dilation=1, groups=1), **kw)
     gen = torch.Generator().manual_seed(100 + case)
@@ -1852,6 +1890,9 @@ def test_implicit_forward(cpu_path, case, dtype, bias):
         if stride1:
             assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == algo
             gx = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(True, False, False))[0]
+        if algo == "nhwc":
+            assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == algo
+            gw = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))[1]
     finally:
         fastdl.ops.set_conv_algorithm(before)
     what = f"{algo} forward {shape} {wshape} {kw} {dtype}"
@@ -1862,6 +1903,12 @@ def test_implicit_forward(cpu_path, case, dtype, bias):
             [0, 0], kw["groups"], [True, False, False])[0]
         assert_close(gx, want_gx, reduction=wshape[0] // kw["groups"] * wshape[2] * wshape[3],
                      what=what + " input grad")
+    if algo == "nhwc":
+        want_gw = torch.ops.aten.convolution_backward(
+            gy, x, w, None, two(kw["stride"]), two(kw["padding"]), two(kw["dilation"]), False,
+            [0, 0], kw["groups"], [False, True, False])[1]
+        assert_close(gw, want_gw, reduction=shape[0] * want.shape[2] * want.shape[3],
+                     what=what + " weight grad")
 
 
 @pytest.mark.parametrize("algo,shape,wshape,kw", [
@@ -1869,6 +1916,7 @@ def test_implicit_forward(cpu_path, case, dtype, bias):
     ("implicit", (1, 6, 60, 50), (12, 6, 3, 3), dict(stride=2, padding=1)),  # row blocks
     ("nhwc", (7, 40, 8, 8), (64, 40, 3, 3), dict(padding=1)),      # 7 images: blocks
     ("nhwc", (1, 40, 8, 8), (64, 40, 3, 3), dict(padding=1)),      # one image: parts
+    ("nhwc", (1, 80, 8, 8), (128, 40, 3, 3), dict(groups=2, padding=1)),  # 3 threads: 2 parts
 ])
 def test_implicit_forward_thread_counts(cpu_path, algo, shape, wshape, kw):
     # Each output element is one task's sum, taken in the same order whatever the tasks: the
@@ -1879,12 +1927,18 @@ def test_implicit_forward_thread_counts(cpu_path, algo, shape, wshape, kw):
     before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
     fastdl.ops.set_conv_algorithm(algo)
     try:
-        runs = []
+        runs, gws = [], []
+        gy = torch.empty(TF.conv2d(x, w, **kw).shape).uniform_(-1, 1, generator=gen)
         for nt in (1, 2, 3):
             fastdl.set_num_threads(nt)
             runs.append(fastdl.ops.conv2d(x, w, **kw))
+            if algo == "nhwc":  # its weight gradient: one task per (tap, channel block)
+                gws.append(fastdl.ops.conv2d_backward(gy, x, w, **kw,
+                                                      output_mask=(False, True, False))[1])
     finally:
         fastdl.set_num_threads(threads)
         fastdl.ops.set_conv_algorithm(before)
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     assert_close(runs[0], TF.conv2d(x, w, **kw), reduction=w[0].numel())
+    if gws:
+        assert torch.equal(gws[0], gws[1]) and torch.equal(gws[0], gws[2])

@@ -6,10 +6,10 @@
 // (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
 // weight gradient, chosen by implicit_preferred there; conv_implicit_forward.cpp, the forward and
 // the stride-1 input gradient, chosen by implicit_forward_preferred there), Nhwc (conv_nhwc.cpp,
-// the forward and stride-1 input gradient of small maps, chosen by nhwc_preferred there).
-// Reference: one task per
-// output plane (forward), input plane (input gradient) or output channel (weight gradient),
-// double accumulators.
+// the forward, stride-1 input gradient and weight gradient of small maps, chosen by
+// nhwc_preferred and nhwc_weight_preferred there). Reference: one task per output plane
+// (forward), input plane (input gradient) or output channel (weight gradient), double
+// accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
 #include <atomic>
 #include <cmath>
@@ -156,9 +156,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
       if (pass != ConvPass::BackwardInput || (p.sh == 1 && p.sw == 1)) return p.algo;
       break;
     case ConvAlgo::Nhwc:
-      // the forward, and the input gradient as a forward over gy with stride 1
-      if (pass == ConvPass::Forward || (pass == ConvPass::BackwardInput && p.sh == 1 && p.sw == 1))
-        return p.algo;
+      // the input gradient as a forward over gy only with stride 1
+      if (pass != ConvPass::BackwardInput || (p.sh == 1 && p.sw == 1)) return p.algo;
       break;
     default:
       break;
@@ -189,11 +188,13 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
     return ConvAlgo::Implicit;
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
-  // The channels-minor forward (and stride-1 input gradient): small maps, many channels.
+  // The channels-minor forward, stride-1 input gradient and weight gradient: small maps, many
+  // channels.
   if (pass == ConvPass::Forward ? nhwc_preferred(p)
       : pass == ConvPass::BackwardInput &&
           p.sh == 1 && p.sw == 1 && nhwc_preferred(input_grad_as_forward(p)))
     return ConvAlgo::Nhwc;
+  if (pass == ConvPass::BackwardWeight && nhwc_weight_preferred(p)) return ConvAlgo::Nhwc;
   if (pass == ConvPass::BackwardWeight && implicit_preferred(p)) return ConvAlgo::Implicit;
   if (implicit_fwd) return ConvAlgo::Implicit;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
@@ -278,6 +279,12 @@ bool border_nonfinite(const Conv2dParams& p, const T* gy) {
 template <class T>
 void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   if (p.n == 0 || p.k == 0 || p.oh == 0 || p.ow == 0) return;
+  if (p.c == 0) {  // nothing to sum (conv_transpose2d's input gradient with no output channels)
+    const int64_t S = p.oh * p.ow;
+    for (int64_t nk = 0; nk < p.n * p.k; ++nk)
+      std::fill(y + nk * S, y + (nk + 1) * S, b ? b[nk % p.k] : T(0));
+    return;
+  }
   ConvAlgo algo = conv_choose(p, ConvPass::Forward);
   const int64_t nw = weight_count(p), ny = p.n * p.k * p.oh * p.ow;
   const bool wino = algo == ConvAlgo::Winograd;
@@ -347,6 +354,7 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     case ConvAlgo::Reference: return conv_reference_backward_weight(p, x, gy, gw);
     case ConvAlgo::Direct: conv_direct_backward_weight(p, x, gy, gw, fused ? gb : nullptr); break;
     case ConvAlgo::Winograd: conv_winograd_backward_weight(p, x, gy, gw); break;
+    case ConvAlgo::Nhwc: conv_nhwc_backward_weight(p, x, gy, gw); break;
     case ConvAlgo::Implicit:
       conv_implicit_backward_weight(p, x, gy, gw);
       // its zero columns meet real x and its zero padding real gy: an inf/NaN anywhere near

@@ -118,14 +118,18 @@ void conv_implicit_forward(const Conv2dParams& p, const T* x, const T* w, const 
 template <class T>
 void conv_implicit_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 
-// The forward and the stride-1 input gradient as an implicit GEMM over a channels-minor copy of x
-// (gy), one tile row per output pixel (conv_nhwc.cpp); nhwc_preferred: whether the automatic
+// The forward, the stride-1 input gradient and the weight gradient as implicit GEMMs over a
+// channels-minor copy of x (gy), one tile row per output pixel (conv_nhwc.cpp); nhwc_preferred: whether the automatic
 // choice takes it for a forward of these params (the measured rule is there).
 bool nhwc_preferred(const Conv2dParams& p);
+// ... and for a weight gradient (the same copy of x, gy made pixel-major; conv_nhwc.cpp).
+bool nhwc_weight_preferred(const Conv2dParams& p);
 template <class T>
 void conv_nhwc_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>
 void conv_nhwc_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+template <class T>
+void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
 template <class T>
 void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);

@@ -1,6 +1,7 @@
 // The forward of conv2d as an implicit GEMM over a channels-minor (NHWC) zero-padded copy of x
-// (ConvAlgo::Nhwc), on the CPU, float32/float64; and through it the input gradient of a stride-1
-// convolution (the forward over gy with the kernel flipped, input_grad_as_forward).
+// (ConvAlgo::Nhwc), on the CPU, float32/float64; through it the input gradient of a stride-1
+// convolution (the forward over gy with the kernel flipped, input_grad_as_forward); and the
+// weight gradient over the same copy of x (conv_nhwc_backward_weight, below).
 //   y[n, k, oh, ow] = b[k] + sum over taps (i, j), channels c of
 //                     w[k, c, i, j] * xp[n, oh*sh + i*dh, ow*sw + j*dw, c]
 // with xp the task's images padded to Hp x Wp (row r holds input row r - ph). Rows of the GEMM are
@@ -14,13 +15,13 @@
 // y is written from a per-task pixel-major buffer by a transposing copy.
 // Non-finite values: xp's zero padding meets every weight as the im2col path's does, so conv.cpp's
 // forward guard (an inf/NaN weight with padding runs the reference loops) applies unchanged.
-// Threads split tasks (a block of images, a group, a share of the block's pixel tiles); each output
-// element is one task's, summed in a fixed order: the result does not depend on the thread count.
+// Forward threads split tasks (a block of images, a group, a share of the block's pixel tiles);
+// each output element is one task's, summed in a fixed order: the result does not depend on the
+// thread count.
 // Tested by tests/test_conv.py (forced algorithm "nhwc"); timed by benchmarks/bench_conv.py.
 #include <algorithm>
 #include <array>
 #include <memory>
-#include <utility>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -35,7 +36,8 @@ namespace FASTDL_ISA_NS {
 namespace {
 
 // Register tile per build: MP x NV accumulators + NV weight vectors + one broadcast must fit the
-// register file (AVX-512: 32 zmm, 29 used; AVX2 and SSE2: 16, 15 used).
+// register file (AVX-512: 32 zmm, 29 used; AVX2 and SSE2: 16, 15 used). NKB = NV vectors: 64
+// floats on AVX-512, 16 on AVX2, 8 on the portable build (half that in float64).
 #if defined(__AVX512F__)
 constexpr int MP = 6, NV = 4;
 #else
@@ -44,7 +46,9 @@ constexpr int MP = 6, NV = 2;
 
 thread_local ScratchBuffer tl_nx, tl_ny, tl_nw, tl_np;
 constexpr size_t kKeepBytes = size_t(4) << 20;
-// A task's xp and pixel-major y hold about this many bytes (L2: every k block rereads them).
+// A task's xp and pixel-major y hold about this many bytes (L2: every k block rereads them); a
+// block has at least one image, so a large image under the forced algorithm takes more (the
+// automatic choice takes maps of at most 196 output pixels).
 constexpr int64_t kTaskBytes = int64_t(1) << 20;
 // The weight rows one pass over a task's tiles reads (taps x channels x NKB) stay within this
 // (L2, beside the task's xp): 512 channels' rows, 1.2 MB, ran from memory.
@@ -158,9 +162,11 @@ void pack_panels(int64_t G, int64_t kg, int64_t cg, int64_t taps, const At& at, 
         for (int64_t c = 0; c < cg; ++c)
           for (int64_t t = 0; t < taps; ++t) {
             T* d = dst + (t * cg + c) * NKB + l0;
-            if (run == kRowsAtOnce) {
+            if (n == 0) {  // a run wholly past kg
+              std::fill(d, d + run, T(0));
+            } else if (run == kRowsAtOnce) {
               gather_rows(d, w + at(g, k0 + l0, c, t), stride, n);
-            } else {  // panels narrower than a run (the portable build's float64)
+            } else {  // panels narrower than a run (AVX2 float64, the portable build)
               gather_rows(tmp, w + at(g, k0 + l0, c, t), stride, n);
               std::copy(tmp, tmp + run, d);
             }
@@ -170,17 +176,44 @@ void pack_panels(int64_t G, int64_t kg, int64_t cg, int64_t taps, const At& at, 
   });
 }
 
+// xp[i][r][col][c] = x[n0 + i][g * cg + c][r - ph][col - pw] (0 outside x) for i < ni: images of
+// group g in the padded channels-minor layout, Hp x Wp pixels of cg channels each.
+template <class T>
+void fill_nhwc(const Conv2dParams& p, const T* x, int64_t g, int64_t n0, int64_t ni, int64_t Hp,
+               int64_t Wp, T* xp) {
+  const int64_t cg = p.c / p.groups, HW = p.h * p.w;
+  const int64_t c0 = std::clamp<int64_t>(p.pw, 0, Wp);
+  const int64_t c1 = std::clamp<int64_t>(p.pw + p.w, c0, Wp);
+  for (int64_t i = 0; i < ni; ++i)
+    for (int64_t r = 0; r < Hp; ++r) {
+      T* row = xp + (i * Hp + r) * Wp * cg;
+      const int64_t ih = r - p.ph;
+      if (ih < 0 || ih >= p.h) {
+        zero_run(row, Wp * cg);
+        continue;
+      }
+      zero_run(row, c0 * cg);
+      zero_run(row + c1 * cg, (Wp - c1) * cg);
+      if (c0 < c1)
+        for (int64_t c = 0; c < cg; ++c) {
+          const T* src = x + ((n0 + i) * p.c + g * cg + c) * HW + ih * p.w + (c0 - p.pw);
+          for (int64_t col = c0; col < c1; ++col) row[col * cg + c] = src[col - c0];
+        }
+    }
+}
+
 // The forward of p over x with packed panels wp and bias panels bp (G * nkb * NKB, or null).
 template <class T>
 void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T* y) {
   constexpr int64_t NKB = kNKB<T>;
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
-  const int64_t nkb = (kg + NKB - 1) / NKB, kpad = nkb * NKB, S = p.oh * p.ow, HW = p.h * p.w;
+  const int64_t nkb = (kg + NKB - 1) / NKB, kpad = nkb * NKB, S = p.oh * p.ow;
   const int64_t Hp = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
   const int64_t Wp = (p.ow - 1) * p.sw + (p.kw - 1) * p.dw + 1;
-  // images per block: within kTaskBytes, at least one; then the block count rounded up so the
-  // tasks are a multiple of the threads where the batch allows, else a block's pixel tiles are
-  // split in parts (each part fills the block's xp itself)
+  // images per block: within kTaskBytes, at least one; the block count then raised until the
+  // tasks (blocks x groups) are a multiple of the threads where the batch allows, and the images
+  // spread evenly over the blocks (which may leave fewer blocks); with fewer tasks than threads a
+  // block's pixel tiles are split in parts (each part fills the block's xp itself)
   const int64_t work = p.n * S * p.k * cg * taps;
   const int64_t nt = omp_in_parallel() ? 1
                      : std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), work / kMinWork));
@@ -210,32 +243,21 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
   // channels per pass over the task's tiles: the panel's rows for them within kPanelBytes
   const int64_t cb_most = std::max<int64_t>(1, kPanelBytes / (taps * NKB * int64_t(sizeof(T))));
   const int64_t cpasses = (cg + cb_most - 1) / cb_most, cb = (cg + cpasses - 1) / cpasses;
-  parallel_for_catch(blocks * G * parts, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t tasks = blocks * G * parts;
+  // (tasks over at most nt threads: a layer under kMinWork per thread stays on one)
+  parallel_for_catch(tasks, (tasks + nt - 1) / nt, [&](int64_t lo, int64_t hi) {
+    const TrimOnExit trim_x(tl_nx, kKeepBytes), trim_y(tl_ny, kKeepBytes);
+    const TrimOnExit trim_p(tl_np, kKeepBytes);
+    const int64_t part_q = ((tiles_max + parts - 1) / parts + 1) * MP;  // a part's pixels, at most
     T* xp = tl_nx.get_as<T>(imgs * Hp * Wp * cg);
-    T* yp = tl_ny.get_as<T>(imgs * S * kpad);
-    const T** pix = tl_np.get_as<const T*>(imgs * S);
+    T* yp = tl_ny.get_as<T>(part_q * kpad);  // the part's pixels from q_lo
+    const T** pix = tl_np.get_as<const T*>(part_q);
     int64_t filled = -1;  // the (block, group) now in xp
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bg = task / parts, part = task % parts, g = bg % G, blk = bg / G;
       const int64_t n0 = blk * imgs, ni = std::min(imgs, p.n - n0), np = ni * S;
-      if (filled != bg) {  // xp[i][r][col][c] = x[n0 + i][g * cg + c][r - ph][col - pw], or 0
-        for (int64_t i = 0; i < ni; ++i)
-          for (int64_t r = 0; r < Hp; ++r) {
-            T* row = xp + (i * Hp + r) * Wp * cg;
-            const int64_t ih = r - p.ph;
-            if (ih < 0 || ih >= p.h) {
-              zero_run(row, Wp * cg);
-              continue;
-            }
-            const int64_t c0 = std::clamp<int64_t>(p.pw, 0, Wp);
-            const int64_t c1 = std::clamp<int64_t>(p.pw + p.w, c0, Wp);
-            zero_run(row, c0 * cg);
-            zero_run(row + c1 * cg, (Wp - c1) * cg);
-            for (int64_t c = 0; c < cg; ++c) {
-              const T* src = x + ((n0 + i) * p.c + g * cg + c) * HW + ih * p.w - p.pw;
-              for (int64_t col = c0; col < c1; ++col) row[col * cg + c] = src[col];
-            }
-          }
+      if (filled != bg) {
+        fill_nhwc(p, x, g, n0, ni, Hp, Wp, xp);
         filled = bg;
       }
       const int64_t tiles = (np + MP - 1) / MP;
@@ -258,25 +280,69 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
             const T* a[MP];
             for (int m = 0; m < mp; ++m) a[m] = pix[q0 - q_lo + m] + c0;
             fns[mp - 1][0](a, toff, taps, cg, std::min(cb, cg - c0), wk + c0 * NKB, bk, c0 == 0,
-                           yp + q0 * kpad + kb * NKB, kpad);
+                           yp + (q0 - q_lo) * kpad + kb * NKB, kpad);
           }
       }
-      // y[n0 + i][g * kg + kk][s] = yp[i * S + s][kk] for the part's pixels
+      // y[n0 + i][g * kg + kk][s] = yp[i * S + s - q_lo][kk] for the part's pixels
       for (int64_t q = q_lo; q < q_hi;) {
-        const int64_t i = q / S, s0 = q % S, s1 = std::min(S, s0 + (q_hi - q));
+        const int64_t i = q / S, s0 = q % S, ns = std::min(S - s0, q_hi - q);
         for (int64_t kk = 0; kk < kg; ++kk) {
-          T* dst = y + ((n0 + i) * p.k + g * kg + kk) * S;
-          const T* src = yp + (i * S) * kpad + kk;
-          for (int64_t s = s0; s < s1; ++s) dst[s] = src[s * kpad];
+          T* dst = y + ((n0 + i) * p.k + g * kg + kk) * S + s0;
+          const T* src = yp + (q - q_lo) * kpad + kk;
+          for (int64_t s = 0; s < ns; ++s) dst[s] = src[s * kpad];
         }
-        q += s1 - s0;
+        q += ns;
       }
     }
-    tl_nx.trim(kKeepBytes);
-    tl_ny.trim(kKeepBytes);
-    tl_np.trim(kKeepBytes);
   });
 }
+
+// ---- the weight gradient: gw[k][c][t] = sum over pixels q of gy[k][q] * xp[base(q) + toff[t] + c]
+
+// Output channels per weight-gradient tile (rows; gy broadcast), and pixels per accumulation pass:
+// a pass's x rows (kWChunk x NKB channels) and gy rows stay in L1 while every row block of
+// output channels runs over them.
+constexpr int MK = 6;
+constexpr int64_t kWChunk = 128;
+// Images per block of the weight gradient: their xp and pixel-major gy within this.
+constexpr int64_t kWBlockBytes = int64_t(4) << 20;
+
+// g[m * ldg + v * L + l] (+)= sum over q < nq of gyt[q * ldk + m] * a[q][off + v * L + l] for
+// m < mk: the tile starts from zero when `first`, else from g.
+template <class T, int mk>
+void wtile(const T* const* a, int64_t off, int64_t nq, const T* gyt, int64_t ldk, bool first,
+           T* g, int64_t ldg) {
+  using V = typename IVec<T>::V;
+  constexpr int64_t L = IVec<T>::L;
+  V acc[mk][NV];
+  for (int m = 0; m < mk; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = first ? V{} : IVec<T>::load(g + m * ldg + v * L);
+  for (int64_t q = 0; q < nq; ++q) {
+    const T* aq = a[q] + off;
+    V xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = IVec<T>::load(aq + v * L);
+    const T* gq = gyt + q * ldk;
+    for (int m = 0; m < mk; ++m) {
+      const T gs = gq[m];
+      for (int v = 0; v < NV; ++v) acc[m][v] += xv[v] * gs;
+    }
+  }
+  for (int m = 0; m < mk; ++m)
+    for (int v = 0; v < NV; ++v) IVec<T>::store(g + m * ldg + v * L, acc[m][v]);
+}
+
+template <class T>
+using WTileFn = void (*)(const T* const*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t);
+template <class T>
+struct WTiles {
+  using Fn = WTileFn<T>;
+  template <int mk, int>
+  static constexpr Fn fn() {
+    return &wtile<T, mk>;
+  }
+};
+
+thread_local ScratchBuffer tl_wx, tl_wy, tl_wg, tl_wq;
 
 }  // namespace
 
@@ -289,15 +355,28 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // and more that Winograd takes (checked first), 2x2 maps (a batch's 64 pixels against a
   // weight of 512 x 4608 packed per call), fewer than 64 output channels per group (a 64-wide
   // panel left half empty), 1x1 (GEMM reads x in place); larger maps measured even with GEMM.
-  // Kernels of fewer than 9 taps (1x1 aside) were not measured.
+  // Not measured, so not taken: kernels of fewer than 9 taps, fewer than 32 input channels per
+  // group, groups, maps above 14x14 (196 pixels), and panels more than 1/8 empty (80 or 96
+  // output channels: only a half-empty one was measured, at 0.63x).
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 63) / 64;
-  return p.dtype == DType::Float32 && p.kh * p.kw >= 9 && cg >= 32 && kg >= 64 &&
-         (nkb * 64 - kg) * 8 <= nkb * 64 && p.n * p.oh * p.ow >= 128 && p.oh * p.ow <= 256;
+  return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 32 &&
+         kg >= 64 && (nkb * 64 - kg) * 8 <= nkb * 64 && p.n * p.oh * p.ow >= 128 &&
+         p.oh * p.ow <= 196;
 #else
-  // the AVX2 and portable builds' tiles (6 x 16 floats) were not measured
+  // the AVX2 and portable builds' tiles (6 x 16 and 6 x 8 floats) were not measured
   (void)p;
   return false;
 #endif
+}
+
+bool nhwc_weight_preferred(const Conv2dParams& p) {
+  // The weight gradient: won only on 8x8 and smaller output maps up to 256 channels each way
+  // (forced against GEMM, 2 threads: 4x4 maps 1.05-1.3x, 5x5 on 8x8 1.5-1.75x, 3x3 on 8x8
+  // 0.87-1.03x); lost on 14x14 maps (0.83-0.90x) and 7x7 over 512 channels (0.69-0.81x), where
+  // its x rows (64 channels per pixel) are reread from L2 by every block of 6 output channels.
+  // Figures: benchmarks/RESULTS.md, section 2026-12-03 09:27.
+  return nhwc_preferred(p) && p.oh * p.ow <= 64 && p.c / p.groups <= 256 &&
+         p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
 }
 
 template <class T>
@@ -339,6 +418,89 @@ void conv_nhwc_backward_input(const Conv2dParams& p, const T* gy, const T* w, T*
   nhwc_forward(q, gy, static_cast<const T*>(wp), static_cast<const T*>(nullptr), gx);
 }
 
+// The weight gradient over the same channels-minor copy: per group and block of images, x goes
+// to xp and gy to pixel-major gyt; tasks (tap, block of NKB input channels) then sum, kWChunk
+// pixels at a time, MK x NKB tiles of gwp[g][t][k][c] (every output channel block over each chunk
+// while its rows are in L1); gwp is transposed into gw's (k, c, tap) layout at the end. Each gw
+// element is one task's, summed over the pixels in order: the result does not depend on the
+// thread count. Columns c >= cg of the last block read the next pixel's channels (or the buffer's
+// zeroed slack) and are dropped.
+template <class T>
+void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
+  constexpr int64_t NKB = kNKB<T>;
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw, S = p.oh * p.ow;
+  const int64_t ncb = (cg + NKB - 1) / NKB, cgp = ncb * NKB;
+  const int64_t Hp = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
+  const int64_t Wp = (p.ow - 1) * p.sw + (p.kw - 1) * p.dw + 1;
+  const int64_t per_img = int64_t(sizeof(T)) * (Hp * Wp * cg + S * kg);
+  const int64_t imgs = std::max<int64_t>(1, std::min(p.n, kWBlockBytes / per_img));
+  const int64_t xp_len = imgs * Hp * Wp * cg;
+  const TrimOnExit trim_x(tl_wx, kKeepBytes), trim_y(tl_wy, kKeepBytes);
+  const TrimOnExit trim_g(tl_wg, kKeepBytes), trim_q(tl_wq, kKeepBytes);
+  T* const xp = tl_wx.get_as<T>(xp_len + NKB);
+  std::fill(xp + xp_len, xp + xp_len + NKB, T(0));  // slack: the last block's dropped columns
+  T* const gyt = tl_wy.get_as<T>(imgs * S * kg);
+  T* const gwp = tl_wg.get_as<T>(G * taps * kg * cgp);
+  const T** const pix = tl_wq.get_as<const T*>(imgs * S);
+  std::array<int64_t, 64> toff_fixed{};
+  std::unique_ptr<int64_t[]> toff_heap;
+  int64_t* toff = toff_fixed.data();
+  if (taps > int64_t(toff_fixed.size())) {
+    toff_heap.reset(new int64_t[static_cast<size_t>(taps)]);
+    toff = toff_heap.get();
+  }
+  for (int64_t i = 0; i < p.kh; ++i)
+    for (int64_t j = 0; j < p.kw; ++j) toff[i * p.kw + j] = (i * p.dh * Wp + j * p.dw) * cg;
+  const auto& fns = TileTable<WTiles<T>, MK, 1>::get();
+  const int64_t grain_img = grain_for(Hp * Wp * cg + S * kg);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t n0 = 0; n0 < p.n; n0 += imgs) {
+      const int64_t ni = std::min(imgs, p.n - n0), np = ni * S;
+      parallel_for_catch(ni, grain_img, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          fill_nhwc(p, x, g, n0 + i, 1, Hp, Wp, xp + i * Hp * Wp * cg);
+          // gyt[i * S + s][k] = gy[n0 + i][g * kg + k][s]
+          for (int64_t k = 0; k < kg; ++k) {
+            const T* src = gy + ((n0 + i) * p.k + g * kg + k) * S;
+            T* dst = gyt + i * S * kg + k;
+            for (int64_t s = 0; s < S; ++s) dst[s * kg] = src[s];
+          }
+        }
+      });
+      for (int64_t q = 0, i = 0, oh = 0, ow = 0; q < np; ++q) {
+        pix[q] = xp + ((i * Hp + oh * p.sh) * Wp + ow * p.sw) * cg;
+        if (++ow == p.ow) {
+          ow = 0;
+          if (++oh == p.oh) oh = 0, ++i;
+        }
+      }
+      parallel_for_catch(taps * ncb, grain_for(np * kg * NKB), [&](int64_t lo, int64_t hi) {
+        for (int64_t task = lo; task < hi; ++task) {
+          const int64_t t = task / ncb, cb = task % ncb, off = toff[t] + cb * NKB;
+          T* gt = gwp + ((g * taps + t) * kg) * cgp + cb * NKB;
+          for (int64_t q0 = 0; q0 < np; q0 += kWChunk) {
+            const int64_t nq = std::min(kWChunk, np - q0);
+            for (int64_t k0 = 0; k0 < kg; k0 += MK) {
+              const int mk = static_cast<int>(std::min<int64_t>(MK, kg - k0));
+              fns[mk - 1][0](pix + q0, off, nq, gyt + q0 * kg + k0, kg, n0 == 0 && q0 == 0,
+                             gt + k0 * cgp, cgp);
+            }
+          }
+        }
+      });
+    }
+  // gw[(g * kg + k) * cg + c][t] = gwp[g][t][k][c]
+  parallel_for(G * kg, grain_for(cg * taps), [&](int64_t lo, int64_t hi) {
+    for (int64_t gk = lo; gk < hi; ++gk) {
+      const int64_t g = gk / kg, k = gk % kg;
+      T* dst = gw + gk * cg * taps;
+      for (int64_t c = 0; c < cg; ++c)
+        for (int64_t t = 0; t < taps; ++t)
+          dst[c * taps + t] = gwp[((g * taps + t) * kg + k) * cgp + c];
+    }
+  });
+}
+
 template void conv_nhwc_forward<float>(const Conv2dParams&, const float*, const float*,
                                        const float*, float*);
 template void conv_nhwc_forward<double>(const Conv2dParams&, const double*, const double*,
@@ -347,6 +509,10 @@ template void conv_nhwc_backward_input<float>(const Conv2dParams&, const float*,
                                               float*);
 template void conv_nhwc_backward_input<double>(const Conv2dParams&, const double*, const double*,
                                                double*);
+template void conv_nhwc_backward_weight<float>(const Conv2dParams&, const float*, const float*,
+                                               float*);
+template void conv_nhwc_backward_weight<double>(const Conv2dParams&, const double*, const double*,
+                                                double*);
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl

@@ -14,8 +14,8 @@ place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1), 
 input gradient, and so conv_transpose2d's forward, of a stride > 1 convolution: one stride-1
 GEMM per stride phase, no col2im), "implicit" (the forward, the weight gradient and the stride-1
 input gradient as implicit GEMMs over zero-padded copies of x and gy: no im2col), "nhwc" (the
-forward and the stride-1 input gradient as an implicit GEMM over a channels-minor copy of x, one
-tile row per output pixel: small maps with many channels), "reference" (plain loops); on CUDA
+forward, the weight gradient and the stride-1 input gradient as implicit GEMMs over a
+channels-minor copy of x, one tile row per output pixel: small maps with many channels), "reference" (plain loops); on CUDA
 "gemm" (implicit GEMM) and "direct" (depthwise; "reference" runs it too, "winograd", "phase",
 "implicit" and "nhwc" leave the choice to auto).
 "auto" picks by shape; set_conv_algorithm(name) or the FASTDL_CONV_ALGO environment variable
