@@ -370,13 +370,14 @@ bool nhwc_preferred(const Conv2dParams& p) {
 }
 
 bool nhwc_weight_preferred(const Conv2dParams& p) {
-  // The weight gradient: won only on 8x8 and smaller output maps up to 256 channels each way
-  // (forced against GEMM, 2 threads: 4x4 maps 1.05-1.3x, 5x5 on 8x8 1.5-1.75x, 3x3 on 8x8
-  // 0.87-1.03x); lost on 14x14 maps (0.83-0.90x) and 7x7 over 512 channels (0.69-0.81x), where
-  // its x rows (64 channels per pixel) are reread from L2 by every block of 6 output channels.
+  // The weight gradient: won only on stride-1 layers with 8x8 and smaller output maps up to 256
+  // channels each way (forced against GEMM, 2 threads: 4x4 maps 1.1-1.2x, 5x5 on 8x8 1.5-1.75x,
+  // 3x3 on 8x8 about even); lost on 14x14 maps (0.83-0.90x) and 7x7 over 512 channels
+  // (0.69-0.87x), where its x rows (64 channels per pixel) are reread from L2 by every block of 6
+  // output channels; stride 2 onto 8x8 read 0.84-1.10x, onto 4x4 1.05-1.10x: not taken.
   // Figures: benchmarks/RESULTS.md, section 2026-12-03 09:27.
-  return nhwc_preferred(p) && p.oh * p.ow <= 64 && p.c / p.groups <= 256 &&
-         p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
+  return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 64 &&
+         p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
 }
 
 template <class T>
@@ -474,13 +475,22 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
           if (++oh == p.oh) oh = 0, ++i;
         }
       }
-      parallel_for_catch(taps * ncb, grain_for(np * kg * NKB), [&](int64_t lo, int64_t hi) {
+      // tasks (tap, channel block, share of the output channels): the shares bring the tasks to
+      // 4 per thread where the taps x blocks are fewer (9 x 1 on 2 threads ran 5 + 4)
+      const int64_t nkblk = (kg + MK - 1) / MK;
+      const int64_t kparts =
+          std::clamp<int64_t>((4 * get_num_threads() + taps * ncb - 1) / (taps * ncb), 1, nkblk);
+      parallel_for_catch(taps * ncb * kparts, grain_for(np * kg * NKB / kparts),
+                         [&](int64_t lo, int64_t hi) {
         for (int64_t task = lo; task < hi; ++task) {
-          const int64_t t = task / ncb, cb = task % ncb, off = toff[t] + cb * NKB;
+          const int64_t t = task / (ncb * kparts), cb = task / kparts % ncb, kp = task % kparts;
+          const int64_t off = toff[t] + cb * NKB;
+          const int64_t k_lo = nkblk * kp / kparts * MK;
+          const int64_t k_hi = std::min(kg, nkblk * (kp + 1) / kparts * MK);
           T* gt = gwp + ((g * taps + t) * kg) * cgp + cb * NKB;
           for (int64_t q0 = 0; q0 < np; q0 += kWChunk) {
             const int64_t nq = std::min(kWChunk, np - q0);
-            for (int64_t k0 = 0; k0 < kg; k0 += MK) {
+            for (int64_t k0 = k_lo; k0 < k_hi; k0 += MK) {
               const int mk = static_cast<int>(std::min<int64_t>(MK, kg - k0));
               fns[mk - 1][0](pix + q0, off, nq, gyt + q0 * kg + k0, kg, n0 == 0 && q0 == 0,
                              gt + k0 * cgp, cgp);
