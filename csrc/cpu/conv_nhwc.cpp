@@ -176,6 +176,27 @@ void pack_panels(int64_t G, int64_t kg, int64_t cg, int64_t taps, const At& at, 
   });
 }
 
+// Tap (i, j)'s offset from an output pixel's first element in the channels-minor copy, in the
+// kernel's (kh, kw) order: (i * dh * Wp + j * dw) * cg. Up to 64 taps without an allocation.
+class TapOffsets {
+ public:
+  TapOffsets(const Conv2dParams& p, int64_t Wp, int64_t cg) {
+    const int64_t taps = p.kh * p.kw;
+    if (taps > int64_t(fixed_.size())) {
+      heap_.reset(new int64_t[static_cast<size_t>(taps)]);
+      ptr_ = heap_.get();
+    }
+    for (int64_t i = 0; i < p.kh; ++i)
+      for (int64_t j = 0; j < p.kw; ++j) ptr_[i * p.kw + j] = (i * p.dh * Wp + j * p.dw) * cg;
+  }
+  const int64_t* get() const { return ptr_; }
+
+ private:
+  std::array<int64_t, 64> fixed_{};
+  std::unique_ptr<int64_t[]> heap_;
+  int64_t* ptr_ = fixed_.data();
+};
+
 // xp[i][r][col][c] = x[n0 + i][g * cg + c][r - ph][col - pw] (0 outside x) for i < ni: images of
 // group g in the padded channels-minor layout, Hp x Wp pixels of cg channels each.
 template <class T>
@@ -230,15 +251,8 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
   const int64_t tiles_max = (imgs * S + MP - 1) / MP;
   const int64_t parts =
       blocks * G >= nt ? 1 : std::min(tiles_max, (nt + blocks * G - 1) / (blocks * G));
-  std::array<int64_t, 64> toff_fixed{};
-  std::unique_ptr<int64_t[]> toff_heap;
-  int64_t* toff = toff_fixed.data();
-  if (taps > int64_t(toff_fixed.size())) {
-    toff_heap.reset(new int64_t[static_cast<size_t>(taps)]);
-    toff = toff_heap.get();
-  }
-  for (int64_t i = 0; i < p.kh; ++i)
-    for (int64_t j = 0; j < p.kw; ++j) toff[i * p.kw + j] = (i * p.dh * Wp + j * p.dw) * cg;
+  const TapOffsets offs(p, Wp, cg);
+  const int64_t* const toff = offs.get();
   const auto& fns = ntiles<T>();
   // channels per pass over the task's tiles: the panel's rows for them within kPanelBytes
   const int64_t cb_most = std::max<int64_t>(1, kPanelBytes / (taps * NKB * int64_t(sizeof(T))));
@@ -443,15 +457,8 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   T* const gyt = tl_wy.get_as<T>(imgs * S * kg);
   T* const gwp = tl_wg.get_as<T>(G * taps * kg * cgp);
   const T** const pix = tl_wq.get_as<const T*>(imgs * S);
-  std::array<int64_t, 64> toff_fixed{};
-  std::unique_ptr<int64_t[]> toff_heap;
-  int64_t* toff = toff_fixed.data();
-  if (taps > int64_t(toff_fixed.size())) {
-    toff_heap.reset(new int64_t[static_cast<size_t>(taps)]);
-    toff = toff_heap.get();
-  }
-  for (int64_t i = 0; i < p.kh; ++i)
-    for (int64_t j = 0; j < p.kw; ++j) toff[i * p.kw + j] = (i * p.dh * Wp + j * p.dw) * cg;
+  const TapOffsets offs(p, Wp, cg);
+  const int64_t* const toff = offs.get();
   const auto& fns = TileTable<WTiles<T>, MK, 1>::get();
   const int64_t grain_img = grain_for(Hp * Wp * cg + S * kg);
   for (int64_t g = 0; g < G; ++g)
