@@ -1793,7 +1793,9 @@ def test_auto_choice_nhwc(cpu_path):
             ((16, 128, 8, 8), (128, 128, 2, 2), {}, "fiw"),                  # 4 taps
             ((16, 128, 8, 8), (128, 64, 3, 3), dict(padding=1, groups=2), "fiw"),  # groups
             ((16, 64, 16, 16), (128, 64, 3, 3), dict(stride=1, padding=1), "w"),  # 16x16
-            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "fw")):  # 256 pixels
+            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "fw"),  # 256 pixels
+            ((8, 128, 10, 10), (128, 128, 3, 3), dict(padding=1), "w"),      # 100 pixels
+            ((17, 128, 8, 8), (128, 128, 3, 3), dict(padding=1), "w")):      # 1088 in the batch
         for pass_ in passes:
             pass_ = {"f": "forward", "i": "input", "w": "weight"}[pass_]
             assert algo(x, w, pass_, **kw) != "nhwc", (x, w, kw, pass_)
@@ -1851,7 +1853,9 @@ IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
 # (kPanelBytes) on the AVX2 and AVX-512 builds, with 70 output channels (a part-empty panel);
 # 81 taps (past the fixed offset table); padding past the kernel (the input gradient's negative
 # padding); groups whose tasks outnumber the blocks; 8x8 and 4x4 maps as ResNet-18's (pixel tiles
-# across images); 260 channels of 7x7 in several passes on every build, both ways.
+# across images); 260 channels of 7x7 in several passes on every build, both ways; 126x126 maps
+# (the weight gradient's image blocks of kWBlockBytes: 2 + 1 images in float32, 1 + 1 + 1 in
+# float64, later blocks summed onto the first's partial sums, a partial last block).
 NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((2, 130, 9, 9), (70, 130, 7, 7), dict(padding=3)),
             ((2, 6, 12, 12), (8, 6, 9, 9), dict(padding=4)),
@@ -1860,7 +1864,8 @@ NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((5, 64, 8, 8), (128, 64, 3, 3), dict(padding=1)),
             ((3, 96, 4, 4), (64, 96, 3, 3), dict(padding=1)),
             ((4, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1)),
-            ((1, 260, 5, 5), (260, 260, 7, 7), dict(padding=3))]
+            ((1, 260, 5, 5), (260, 260, 7, 7), dict(padding=3)),
+            ((3, 16, 126, 126), (16, 16, 3, 3), dict(padding=1))]
 FWD_CASES = [("implicit", c) for c in IMPLICIT_FWD] + [("nhwc", c) for c in IMPLICIT_FWD + NHWC_FWD]
 
 
@@ -1917,6 +1922,7 @@ def test_implicit_forward(cpu_path, case, dtype, bias):
     ("nhwc", (7, 40, 8, 8), (64, 40, 3, 3), dict(padding=1)),      # 7 images: blocks
     ("nhwc", (1, 40, 8, 8), (64, 40, 3, 3), dict(padding=1)),      # one image: parts
     ("nhwc", (1, 80, 8, 8), (128, 40, 3, 3), dict(groups=2, padding=1)),  # 3 threads: 2 parts
+    ("nhwc", (2, 8, 6, 6), (64, 8, 1, 1), {}),  # weight gradient: output-channel shares
 ])
 def test_implicit_forward_thread_counts(cpu_path, algo, shape, wshape, kw):
     # Each output element is one task's sum, taken in the same order whatever the tasks: the
@@ -1932,7 +1938,7 @@ def test_implicit_forward_thread_counts(cpu_path, algo, shape, wshape, kw):
         for nt in (1, 2, 3):
             fastdl.set_num_threads(nt)
             runs.append(fastdl.ops.conv2d(x, w, **kw))
-            if algo == "nhwc":  # its weight gradient: one task per (tap, channel block)
+            if algo == "nhwc":  # its weight gradient: tasks per (tap, channels, output share)
                 gws.append(fastdl.ops.conv2d_backward(gy, x, w, **kw,
                                                       output_mask=(False, True, False))[1])
     finally:
@@ -1942,3 +1948,8 @@ def test_implicit_forward_thread_counts(cpu_path, algo, shape, wshape, kw):
     assert_close(runs[0], TF.conv2d(x, w, **kw), reduction=w[0].numel())
     if gws:
         assert torch.equal(gws[0], gws[1]) and torch.equal(gws[0], gws[2])
+        two = lambda v: list(v) if isinstance(v, tuple) else [v, v]
+        want_gw = torch.ops.aten.convolution_backward(
+            gy, x, w, None, two(kw.get("stride", 1)), two(kw.get("padding", 0)), [1, 1], False,
+            [0, 0], kw.get("groups", 1), [False, True, False])[1]
+        assert_close(gws[0], want_gw, reduction=shape[0] * gy.shape[2] * gy.shape[3])

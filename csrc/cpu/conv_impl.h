@@ -119,8 +119,9 @@ template <class T>
 void conv_implicit_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 
 // The forward, the stride-1 input gradient and the weight gradient as implicit GEMMs over a
-// channels-minor copy of x (gy), one tile row per output pixel (conv_nhwc.cpp); nhwc_preferred: whether the automatic
-// choice takes it for a forward of these params (the measured rule is there).
+// channels-minor copy of x (gy), reducing over channels in the inner loop (conv_nhwc.cpp);
+// nhwc_preferred: whether the automatic choice takes it for a forward of these params (the
+// measured rule is there).
 bool nhwc_preferred(const Conv2dParams& p);
 // ... and for a weight gradient (the same copy of x, gy made pixel-major; conv_nhwc.cpp).
 bool nhwc_weight_preferred(const Conv2dParams& p);

@@ -14,7 +14,9 @@
 // tile's pixels may span rows and images: small maps with many channels are what it serves.
 // y is written from a per-task pixel-major buffer by a transposing copy.
 // Non-finite values: xp's zero padding meets every weight as the im2col path's does, so conv.cpp's
-// forward guard (an inf/NaN weight with padding runs the reference loops) applies unchanged.
+// forward guard (an inf/NaN weight with padding runs the reference loops) applies unchanged; in
+// the weight gradient it meets gy's border band, which conv.cpp's border_nonfinite guard redoes on
+// the reference loops as for GEMM.
 // Forward threads split tasks (a block of images, a group, a share of the block's pixel tiles);
 // each output element is one task's, summed in a fixed order: the result does not depend on the
 // thread count.
@@ -190,6 +192,8 @@ class TapOffsets {
       for (int64_t j = 0; j < p.kw; ++j) ptr_[i * p.kw + j] = (i * p.dh * Wp + j * p.dw) * cg;
   }
   const int64_t* get() const { return ptr_; }
+  TapOffsets(const TapOffsets&) = delete;  // ptr_ may point into fixed_
+  TapOffsets& operator=(const TapOffsets&) = delete;
 
  private:
   std::array<int64_t, 64> fixed_{};
@@ -384,12 +388,13 @@ bool nhwc_preferred(const Conv2dParams& p) {
 }
 
 bool nhwc_weight_preferred(const Conv2dParams& p) {
-  // The weight gradient: won only on stride-1 layers with 8x8 and smaller output maps up to 256
-  // channels each way (forced against GEMM, 2 threads: 4x4 maps 1.1-1.2x, 5x5 on 8x8 1.5-1.75x,
-  // 3x3 on 8x8 about even); lost on 14x14 maps (0.83-0.90x) and 7x7 over 512 channels
-  // (0.69-0.87x), where its x rows (64 channels per pixel) are reread from L2 by every block of 6
-  // output channels; stride 2 onto 8x8 read 0.84-1.10x, onto 4x4 1.05-1.10x: not taken.
-  // Figures: benchmarks/RESULTS.md, section 2026-12-03 09:27.
+  // The weight gradient, forced against GEMM on 2 threads in two VM phases: stride-1 layers
+  // with 8x8 and smaller outputs up to 256 channels each way won (4x4 maps 1.09x and 1.28x, 5x5
+  // on 8x8 1.52x and 1.74x, 3x3 on 8x8 1.03x and 1.21x, 2 images 1.10-1.29x), 1024 pixels being
+  // the largest batch measured there; 7x7 over 512 channels lost (0.76x and 0.95x: its x rows,
+  // 64 channels per pixel, are reread from L2 by every block of 6 output channels), 14x14 maps
+  // read 0.83-1.04x, stride 2 onto 8x8 0.84-1.10x: not taken. Figures: benchmarks/RESULTS.md,
+  // section 2026-12-03 09:27.
   return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 64 &&
          p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
 }
@@ -434,12 +439,15 @@ void conv_nhwc_backward_input(const Conv2dParams& p, const T* gy, const T* w, T*
 }
 
 // The weight gradient over the same channels-minor copy: per group and block of images, x goes
-// to xp and gy to pixel-major gyt; tasks (tap, block of NKB input channels) then sum, kWChunk
-// pixels at a time, MK x NKB tiles of gwp[g][t][k][c] (every output channel block over each chunk
-// while its rows are in L1); gwp is transposed into gw's (k, c, tap) layout at the end. Each gw
-// element is one task's, summed over the pixels in order: the result does not depend on the
-// thread count. Columns c >= cg of the last block read the next pixel's channels (or the buffer's
-// zeroed slack) and are dropped.
+// to xp and gy to pixel-major gyt; tasks (tap, block of NKB input channels, share of whole MK
+// blocks of output channels) then sum, kWChunk pixels at a time, MK x NKB tiles of
+// gwp[g][t][k][c] (every output-channel block over each chunk while its rows are in L1); gwp is
+// transposed into gw's (k, c, tap) layout at the end. Each gw element is one task's, summed over
+// the pixels in order, and tiles start at multiples of MK whatever the shares: the result does
+// not depend on the thread count. Columns c >= cg of the last channel block read the next
+// pixel's channels, the buffer's zeroed slack, or (in a partial last image block) the next image
+// slot, which an earlier block filled (block 0 is always full); those lanes never mix with the
+// kept ones and are dropped.
 template <class T>
 void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
   constexpr int64_t NKB = kNKB<T>;
