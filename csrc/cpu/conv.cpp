@@ -152,9 +152,6 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
       if (phase) return p.algo;
       break;
     case ConvAlgo::Implicit:
-      // the input gradient as a forward over gy only with stride 1
-      if (pass != ConvPass::BackwardInput || (p.sh == 1 && p.sw == 1)) return p.algo;
-      break;
     case ConvAlgo::Nhwc:
       // the input gradient as a forward over gy only with stride 1
       if (pass != ConvPass::BackwardInput || (p.sh == 1 && p.sw == 1)) return p.algo;

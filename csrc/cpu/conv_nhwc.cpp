@@ -113,7 +113,7 @@ const auto& ntiles() {
 template <class T>
 inline void gather_rows(T* d, const T* src, int64_t stride, int64_t n) {
 #if defined(__AVX512F__)
-  // one gather instruction per 16 floats (8 doubles); the scalar loop ran ~2 ns per element
+  // one gather instruction per 16 floats (8 doubles): the scalar loop was a tenth of a forward
   if (stride * kRowsAtOnce < (int64_t(1) << 31)) {
     constexpr int kL = 64 / int(sizeof(T));
     static_assert(kRowsAtOnce % kL == 0, "whole vectors per run");
@@ -201,6 +201,21 @@ class TapOffsets {
   int64_t* ptr_ = fixed_.data();
 };
 
+// pix[q - q_lo] = output pixel q's first x element (tap 0, channel 0) in xp, for q in
+// [q_lo, q_hi) of a block's pixels (image-major, then row, column).
+template <class T>
+void pixel_bases(const Conv2dParams& p, const T* xp, int64_t Hp, int64_t Wp, int64_t cg,
+                 int64_t q_lo, int64_t q_hi, const T** pix) {
+  const int64_t S = p.oh * p.ow;
+  for (int64_t q = q_lo, i = q_lo / S, oh = q_lo % S / p.ow, ow = q_lo % p.ow; q < q_hi; ++q) {
+    pix[q - q_lo] = xp + ((i * Hp + oh * p.sh) * Wp + ow * p.sw) * cg;
+    if (++ow == p.ow) {
+      ow = 0;
+      if (++oh == p.oh) oh = 0, ++i;
+    }
+  }
+}
+
 // xp[i][r][col][c] = x[n0 + i][g * cg + c][r - ph][col - pw] (0 outside x) for i < ni: images of
 // group g in the padded channels-minor layout, Hp x Wp pixels of cg channels each.
 template <class T>
@@ -281,14 +296,7 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
       const int64_t tiles = (np + MP - 1) / MP;
       const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
       const int64_t q_lo = t0 * MP, q_hi = std::min(np, t1 * MP);
-      // pix[q - q_lo]: output pixel q's first x element (tap 0, channel 0) in xp
-      for (int64_t q = q_lo, i = q_lo / S, oh = q_lo % S / p.ow, ow = q_lo % p.ow; q < q_hi; ++q) {
-        pix[q - q_lo] = xp + ((i * Hp + oh * p.sh) * Wp + ow * p.sw) * cg;
-        if (++ow == p.ow) {
-          ow = 0;
-          if (++oh == p.oh) oh = 0, ++i;
-        }
-      }
+      pixel_bases(p, static_cast<const T*>(xp), Hp, Wp, cg, q_lo, q_hi, pix);
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const T* wk = wp + (g * nkb + kb) * taps * cg * NKB;
         const T* bk = bp ? bp + (g * nkb + kb) * NKB : nullptr;
@@ -388,13 +396,11 @@ bool nhwc_preferred(const Conv2dParams& p) {
 }
 
 bool nhwc_weight_preferred(const Conv2dParams& p) {
-  // The weight gradient, forced against GEMM on 2 threads in two VM phases: stride-1 layers
-  // with 8x8 and smaller outputs up to 256 channels each way won (4x4 maps 1.09x and 1.28x, 5x5
-  // on 8x8 1.52x and 1.74x, 3x3 on 8x8 1.03x and 1.21x, 2 images 1.10-1.29x), 1024 pixels being
-  // the largest batch measured there; 7x7 over 512 channels lost (0.76x and 0.95x: its x rows,
-  // 64 channels per pixel, are reread from L2 by every block of 6 output channels), 14x14 maps
-  // read 0.83-1.04x, stride 2 onto 8x8 0.84-1.10x: not taken. Figures: benchmarks/RESULTS.md,
-  // section 2026-12-03 09:27.
+  // The weight gradient, forced against GEMM (figures: benchmarks/RESULTS.md, section
+  // 2026-12-03 09:27): stride-1 layers with 8x8 and smaller outputs up to 256 channels each way
+  // won, 1024 pixels being the largest batch measured there; 7x7 over 512 channels lost (its x
+  // rows, 64 channels per pixel, are reread from L2 by every block of 6 output channels); 14x14
+  // maps and stride 2 swung around even between runs: not taken.
   return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 64 &&
          p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
 }
@@ -483,13 +489,7 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
           }
         }
       });
-      for (int64_t q = 0, i = 0, oh = 0, ow = 0; q < np; ++q) {
-        pix[q] = xp + ((i * Hp + oh * p.sh) * Wp + ow * p.sw) * cg;
-        if (++ow == p.ow) {
-          ow = 0;
-          if (++oh == p.oh) oh = 0, ++i;
-        }
-      }
+      pixel_bases(p, static_cast<const T*>(xp), Hp, Wp, cg, 0, np, pix);
       // tasks (tap, channel block, share of the output channels): the shares bring the tasks to
       // 4 per thread where the taps x blocks are fewer (9 x 1 on 2 threads ran 5 + 4)
       const int64_t nkblk = (kg + MK - 1) / MK;

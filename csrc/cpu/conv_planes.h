@@ -62,9 +62,10 @@ Geo make_geo(const Conv2dParams& p, int64_t task_bytes, int64_t task_q) {
   const auto rows_q = [&](int64_t r) { return (r + g.reach) * g.pitch; };
   // threads with at least kMinWork multiply-adds each (small layers stay on one thread)
   const int64_t work = p.n * p.oh * p.ow * p.k * cg * p.kh * p.kw;
-  const int64_t nt = omp_in_parallel()
-                         ? 1
-                         : std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), work / kMinWork));
+  const int64_t nt =
+      omp_in_parallel()
+          ? 1
+          : std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), work / kMinWork));
   g.rows = p.oh;
   g.imgs = 1;
   if (per_q * rows_q(p.oh) > task_bytes) {
@@ -143,37 +144,37 @@ void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int6
       const T* xp = xg + (i * p.c + cc) * HW;
       // padded rows in order (row phase a, plane row `row`): the input is read front to back
       for (int64_t pr = oh0 * p.sh; pr < (oh0 + rows) * p.sh; ++pr) {
-          const int64_t a = pr % p.sh, row = pr / p.sh - oh0, ih = pr - p.ph;
-          const bool inside = ih >= 0 && ih < p.h;
-          if (sw == 2 && inside) {  // both column phases in one vectorised pass over the row
-            T* d0 = xph + ((a * 2) * cg + cc) * geo.xt + i * geo.xi + row * P;
-            T* d1 = d0 + cg * geo.xt;
-            deinterleave_row(xp + ih * p.w, p.pw, P, lo, hi, d0, d1);
+        const int64_t a = pr % p.sh, row = pr / p.sh - oh0, ih = pr - p.ph;
+        const bool inside = ih >= 0 && ih < p.h;
+        if (sw == 2 && inside) {  // both column phases in one vectorised pass over the row
+          T* d0 = xph + ((a * 2) * cg + cc) * geo.xt + i * geo.xi + row * P;
+          T* d1 = d0 + cg * geo.xt;
+          deinterleave_row(xp + ih * p.w, p.pw, P, lo, hi, d0, d1);
+          continue;
+        }
+        for (int64_t b = 0; b < sw; ++b) {
+          T* dst = xph + ((a * sw + b) * cg + cc) * geo.xt + i * geo.xi + row * P;
+          int64_t j_lo = 0, j_hi = 0;
+          if (b < nb) {
+            j_lo = lo[b];
+            j_hi = hi[b];
+          } else {
+            valid_range(P, p.w, sw, p.pw, b, j_lo, j_hi);
+          }
+          if (!inside || j_lo >= j_hi) {
+            zero_run(dst, P);
             continue;
           }
-          for (int64_t b = 0; b < sw; ++b) {
-            T* dst = xph + ((a * sw + b) * cg + cc) * geo.xt + i * geo.xi + row * P;
-            int64_t j_lo = 0, j_hi = 0;
-            if (b < nb) {
-              j_lo = lo[b];
-              j_hi = hi[b];
-            } else {
-              valid_range(P, p.w, sw, p.pw, b, j_lo, j_hi);
-            }
-            if (!inside || j_lo >= j_hi) {
-              zero_run(dst, P);
-              continue;
-            }
-            const T* src = xp + ih * p.w + j_lo * sw + b - p.pw;
-            zero_run(dst, j_lo);
-            if (sw == 1) {
-              copy_run(dst + j_lo, src, j_hi - j_lo);
-            } else {
-              for (int64_t jj = j_lo; jj < j_hi; ++jj) dst[jj] = src[(jj - j_lo) * sw];
-            }
-            zero_run(dst + j_hi, P - j_hi);
+          const T* src = xp + ih * p.w + j_lo * sw + b - p.pw;
+          zero_run(dst, j_lo);
+          if (sw == 1) {
+            copy_run(dst + j_lo, src, j_hi - j_lo);
+          } else {
+            for (int64_t jj = j_lo; jj < j_hi; ++jj) dst[jj] = src[(jj - j_lo) * sw];
           }
+          zero_run(dst + j_hi, P - j_hi);
         }
+      }
     }
   }
 }
