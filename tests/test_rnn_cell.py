@@ -15,8 +15,12 @@ from helpers import assert_close, rand
 CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="relu")),
          ("LSTMCell", {}), ("GRUCell", {})]
 # (batch, input, hidden): vectors of 8 float lanes -> 1, 2 (+1), 3, 5 batch vectors; I and H off
-# and on multiples of 8 and of the 24-column panels; H % 4 != 0 for the Elman remainder.
-SHAPES = [(1, 1, 1), (3, 8, 5), (8, 24, 16), (9, 13, 12), (17, 30, 9), (33, 64, 40)]
+# and on multiples of 8 and of the 24-column panels; H % 4 != 0 for the Elman remainder. The
+# AVX-512 build's zmm products (a batch over 8 float / 4 double lanes in the forward; I or H a
+# multiple of 16 float / 8 double lanes in the backward): 1, 2, 3 (2 + 1) zmm batch vectors
+# (B = 9, 17, 33, 40) and zmm column panels of 1-4 vectors (16, 32, 64, 96 = 3 + 3).
+SHAPES = [(1, 1, 1), (3, 8, 5), (8, 24, 16), (9, 13, 12), (17, 30, 9), (33, 64, 40),
+          (40, 32, 96)]
 
 
 def _pair(name, kw, I, H, bias, dtype):

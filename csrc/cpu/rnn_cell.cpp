@@ -4,6 +4,9 @@
 // Every product here is one register-tiled kernel, tile_fma: out(i, n) += sum_k A(i, k) * B(k, n)
 // with MR rows of A broadcast one scalar at a time and NV vectors of B's row k loaded, so no
 // operand is ever packed (a one-step call cannot amortise packing the 4H x (I + H) weights).
+// Vectors are ymm, or zmm on the AVX-512 build where they fill it: the forward for a batch over
+// one ymm, a backward product whose columns are whole zmm (LSTMCell (64, 128, 32) x50 steps,
+// 2 threads, same process: forward 1.30x, forward+backward 1.17-1.23x; RESULTS.md).
 //   forward:  g^T (G*H, B) = W_ih x^T + W_hh h^T in tiles of 6 gate rows x 2 batch vectors
 //             (A = weight rows in place, B = x^T / h^T, transposed once per call into a scratch
 //             with the batch padded to whole vectors), then a pass over the hidden units runs
@@ -43,18 +46,28 @@ namespace {
 
 thread_local ScratchBuffer tl_cell_t, tl_cell_g;
 
-// acc[i][v] += sum_{k < K} a[i][k * a_step] * b[k * ldb + v * L .. + L)  (L = Vec<T>::L lanes).
-template <class T, int MR, int NV>
+// The products' vector: VB bytes (32: a ymm, two xmm on the portable build; 64: a zmm, on the
+// AVX-512 build only, where the product's vectorised dimension fills it: kWideBytes).
+#if defined(__AVX512F__)
+constexpr int kWideBytes = 64;
+#else
+constexpr int kWideBytes = kVecBytes;
+#endif
+template <class T, int VB>
+using PVec = Vec<T, VB>;
+
+// acc[i][v] += sum_{k < K} a[i][k * a_step] * b[k * ldb + v * L .. + L)  (L = PVec<T, VB>::L).
+template <class T, int MR, int NV, int VB>
 inline void tile_fma(int64_t K, const T* const* a, int64_t a_step, const T* __restrict b,
-                     int64_t ldb, typename Vec<T>::V (&acc)[MR][NV]) {
-  using V = typename Vec<T>::V;
-  constexpr int64_t L = Vec<T>::L;
+                     int64_t ldb, typename PVec<T, VB>::V (&acc)[MR][NV]) {
+  using V = typename PVec<T, VB>::V;
+  constexpr int64_t L = PVec<T, VB>::L;
   const T* ar[MR];
   for (int i = 0; i < MR; ++i) ar[i] = a[i];
   for (int64_t k = 0; k < K; ++k) {
     V bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = Vec<T>::load(b + v * L);
+    for (int v = 0; v < NV; ++v) bv[v] = PVec<T, VB>::load(b + v * L);
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const T s = *ar[i];
@@ -69,36 +82,38 @@ inline void tile_fma(int64_t K, const T* const* a, int64_t a_step, const T* __re
 // ---- general product: out (M x N, ldo) (+)= sum_k A(i, k) B(k, n) ----------------------------
 // A(i, k) = a[i * as_i + k * as_k]; B(k, n) = b[k * ldb + n]. Tiles of 4 rows x 3 vectors; columns
 // past the last whole vector by a scalar loop.
-template <class T, int MR, int NV>
+template <class T, int MR, int NV, int VB>
 void product_tile(int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b, int64_t ldb,
                   T* out, int64_t ldo, bool accumulate) {
-  using V = typename Vec<T>::V;
-  constexpr int64_t L = Vec<T>::L;
+  using PV = PVec<T, VB>;
+  using V = typename PV::V;
+  constexpr int64_t L = PV::L;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V{};
   const T* rows[MR];
   for (int i = 0; i < MR; ++i) rows[i] = a + i * as_i;
-  tile_fma<T, MR, NV>(K, rows, as_k, b, ldb, acc);
+  tile_fma<T, MR, NV, VB>(K, rows, as_k, b, ldb, acc);
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) {
       T* o = out + i * ldo + v * L;
-      Vec<T>::store(o, accumulate ? Vec<T>::load(o) + acc[i][v] : acc[i][v]);
+      PV::store(o, accumulate ? PV::load(o) + acc[i][v] : acc[i][v]);
     }
 }
 
-template <class T, int MR>
+template <class T, int MR, int VB>
 void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b,
                   int64_t ldb, T* out, int64_t ldo, bool accumulate) {
   switch (nv) {
-    case 3: product_tile<T, MR, 3>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
-    case 2: product_tile<T, MR, 2>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
-    default: product_tile<T, MR, 1>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
+    case 3: product_tile<T, MR, 3, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
+    case 2: product_tile<T, MR, 2, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
+    default: product_tile<T, MR, 1, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
   }
 }
 
 // One product, as items for the threads: tiles of 4 rows x up to 3 vectors, and per row tile one
-// item for the columns past the last whole vector (scalar).
+// item for the columns past the last whole vector (scalar). Vectors are zmm (AVX-512 build) when
+// they cover N exactly, else ymm: a zmm tile left up to 15 columns to the scalar loop.
 template <class T>
 struct Product {
   static constexpr int64_t MR = 4, NV = 3;
@@ -111,13 +126,23 @@ struct Product {
   int64_t ldo;
   bool accumulate;
 
-  int64_t vecs() const { return N / Vec<T>::L; }
-  int64_t panels() const { return (vecs() + NV - 1) / NV + (vecs() * Vec<T>::L < N ? 1 : 0); }
+  bool wide() const {
+    return kWideBytes > kVecBytes && N % PVec<T, kWideBytes>::L == 0;
+  }
+  int64_t lanes() const { return wide() ? PVec<T, kWideBytes>::L : Vec<T>::L; }
+  int64_t vecs() const { return N / lanes(); }
+  int64_t panels() const { return (vecs() + NV - 1) / NV + (vecs() * lanes() < N ? 1 : 0); }
   int64_t items() const { return panels() * ((M + MR - 1) / MR); }
-  int64_t item_flops() const { return 2 * MR * NV * Vec<T>::L * K; }
+  int64_t item_flops() const { return 2 * MR * NV * lanes() * K; }
 
   void run(int64_t it) const {
-    constexpr int64_t L = Vec<T>::L;
+    if (wide()) run_as<kWideBytes>(it);
+    else run_as<kVecBytes>(it);
+  }
+
+  template <int VB>
+  void run_as(int64_t it) const {
+    constexpr int64_t L = PVec<T, VB>::L;
     const int64_t pn = it % panels(), i0 = it / panels() * MR, mr = std::min(MR, M - i0);
     const int64_t v0 = pn * NV;
     if (v0 >= vecs()) {  // the scalar columns
@@ -134,10 +159,10 @@ struct Product {
     const T* bn = b + v0 * L;
     T* o = out + i0 * ldo + v0 * L;
     switch (mr) {
-      case 4: product_rows<T, 4>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-      case 3: product_rows<T, 3>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-      case 2: product_rows<T, 2>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-      default: product_rows<T, 1>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      case 4: product_rows<T, 4, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      case 3: product_rows<T, 3, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      case 2: product_rows<T, 2, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+      default: product_rows<T, 1, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
     }
   }
 };
@@ -306,50 +331,51 @@ void elman_lanes(const CellForward<T>& f, int64_t j, int64_t b0, int64_t lanes, 
 
 // Gate rows [r, r + MR) x batch vectors [v0, v0 + NV) of the product into g (G*H, Bp):
 // W_ih x^T + W_hh h^T, or, with hn (GRU's n rows), W_ih x^T into g and W_hh h^T into hn.
-template <class T, int MR, int NV>
+template <class T, int MR, int NV, int VB>
 void gates_tile(const CellForward<T>& f, int64_t r, int64_t v0, T* g, T* hn) {
-  using V = typename Vec<T>::V;
-  constexpr int64_t L = Vec<T>::L;
+  using PV = PVec<T, VB>;
+  using V = typename PV::V;
+  constexpr int64_t L = PV::L;
   const int64_t I = f.p.input_size, H = f.p.hidden_size, Bp = f.Bp;
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V{};
   const T* rows[MR];
   for (int i = 0; i < MR; ++i) rows[i] = f.w_ih + (r + i) * I;
-  tile_fma<T, MR, NV>(I, rows, 1, f.x_t + v0 * L, Bp, acc);
+  tile_fma<T, MR, NV, VB>(I, rows, 1, f.x_t + v0 * L, Bp, acc);
   for (int i = 0; i < MR; ++i) rows[i] = f.w_hh + (r + i) * H;
   if (hn) {
     for (int i = 0; i < MR; ++i)
-      for (int v = 0; v < NV; ++v) Vec<T>::store(g + (r + i) * Bp + (v0 + v) * L, acc[i][v]);
+      for (int v = 0; v < NV; ++v) PV::store(g + (r + i) * Bp + (v0 + v) * L, acc[i][v]);
     for (int i = 0; i < MR; ++i)
       for (int v = 0; v < NV; ++v) acc[i][v] = V{};
     g = hn;
   }
-  tile_fma<T, MR, NV>(H, rows, 1, f.h_t + v0 * L, Bp, acc);
+  tile_fma<T, MR, NV, VB>(H, rows, 1, f.h_t + v0 * L, Bp, acc);
   for (int i = 0; i < MR; ++i)
-    for (int v = 0; v < NV; ++v) Vec<T>::store(g + (r + i) * Bp + (v0 + v) * L, acc[i][v]);
+    for (int v = 0; v < NV; ++v) PV::store(g + (r + i) * Bp + (v0 + v) * L, acc[i][v]);
 }
 
-template <class T, int MR>
+template <class T, int MR, int VB>
 void gates_rows(const CellForward<T>& f, int64_t r, int64_t v, int64_t nv, T* g, T* hn) {
-  if (nv == 2) gates_tile<T, MR, 2>(f, r, v, g, hn);
-  else gates_tile<T, MR, 1>(f, r, v, g, hn);
+  if (nv == 2) gates_tile<T, MR, 2, VB>(f, r, v, g, hn);
+  else gates_tile<T, MR, 1, VB>(f, r, v, g, hn);
 }
 
 // Rows [r0, r1) in tiles of 6 rows x 2 batch vectors: 12 accumulators (a 4-gate x 2-vector tile
 // per unit had 8, one FMA latency's worth, and ran at the latency bound).
-template <class T>
+template <class T, int VB>
 void gates_range(const CellForward<T>& f, int64_t r0, int64_t r1, int64_t vecs, T* g, T* hn) {
   for (int64_t v = 0; v < vecs; v += 2) {
     const int64_t nv = std::min<int64_t>(2, vecs - v);
     int64_t r = r0;
-    for (; r + 6 <= r1; r += 6) gates_rows<T, 6>(f, r, v, nv, g, hn);
+    for (; r + 6 <= r1; r += 6) gates_rows<T, 6, VB>(f, r, v, nv, g, hn);
     switch (r1 - r) {
-      case 5: gates_rows<T, 5>(f, r, v, nv, g, hn); break;
-      case 4: gates_rows<T, 4>(f, r, v, nv, g, hn); break;
-      case 3: gates_rows<T, 3>(f, r, v, nv, g, hn); break;
-      case 2: gates_rows<T, 2>(f, r, v, nv, g, hn); break;
-      case 1: gates_rows<T, 1>(f, r, v, nv, g, hn); break;
+      case 5: gates_rows<T, 5, VB>(f, r, v, nv, g, hn); break;
+      case 4: gates_rows<T, 4, VB>(f, r, v, nv, g, hn); break;
+      case 3: gates_rows<T, 3, VB>(f, r, v, nv, g, hn); break;
+      case 2: gates_rows<T, 2, VB>(f, r, v, nv, g, hn); break;
+      case 1: gates_rows<T, 1, VB>(f, r, v, nv, g, hn); break;
       default: break;
     }
   }
@@ -451,9 +477,9 @@ void update_units(const CellForward<T>& f, int64_t u0, int64_t u1, const T* g, c
     }
 }
 
-template <class T>
-void cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
-  constexpr int64_t L = Vec<T>::L;
+template <class T, int VB>
+void cell_forward_as(const RnnCellParams& p, const RnnCellForwardArgs& a) {
+  constexpr int64_t L = PVec<T, VB>::L;  // the products' lanes: the batch is padded to them
   const int64_t B = p.batch, I = p.input_size, H = p.hidden_size, G = p.gates();
   const int64_t vecs = (B + L - 1) / L, Bp = vecs * L;
   const bool gru = p.mode == RnnMode::Gru;
@@ -488,11 +514,19 @@ void cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
   parallel_for(H, grain, [&](int64_t u0, int64_t u1) {
     for (int64_t q = 0; q < G; ++q) {
       const int64_t r0 = q * H + u0, r1 = q * H + u1;
-      if (r0 < n_rows) gates_range(f, r0, r1, vecs, g, static_cast<T*>(nullptr));
-      else gates_range(f, r0, r1, vecs, g, hn - n_rows * Bp);  // GRU's n rows
+      if (r0 < n_rows) gates_range<T, VB>(f, r0, r1, vecs, g, static_cast<T*>(nullptr));
+      else gates_range<T, VB>(f, r0, r1, vecs, g, hn - n_rows * Bp);  // GRU's n rows
     }
     update_units(f, u0, u1, g, hn);
   });
+}
+
+// Products over the batch on zmm (AVX-512 build) when the batch fills more than one ymm; else
+// on ymm (a batch of 1-8 would fill a zmm at most half).
+template <class T>
+void cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
+  if (kWideBytes > kVecBytes && p.batch > Vec<T>::L) cell_forward_as<T, kWideBytes>(p, a);
+  else cell_forward_as<T, kVecBytes>(p, a);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
