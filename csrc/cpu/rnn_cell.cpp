@@ -5,8 +5,8 @@
 // with MR rows of A broadcast one scalar at a time and NV vectors of B's row k loaded, so no
 // operand is ever packed (a one-step call cannot amortise packing the 4H x (I + H) weights).
 // Vectors are ymm, or zmm on the AVX-512 build where they fill it: the forward for a batch over
-// one ymm, a backward product whose columns are whole zmm (LSTMCell (64, 128, 32) x50 steps,
-// 2 threads, same process: forward 1.30x, forward+backward 1.17-1.23x; RESULTS.md).
+// one ymm, a backward product whose columns are whole zmm (measured: RESULTS.md, 2026-12-03
+// 12:19 section).
 //   forward:  g^T (G*H, B) = W_ih x^T + W_hh h^T in tiles of 6 gate rows x 2 batch vectors
 //             (A = weight rows in place, B = x^T / h^T, transposed once per call into a scratch
 //             with the batch padded to whole vectors), then a pass over the hidden units runs
