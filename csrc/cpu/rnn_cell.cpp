@@ -105,18 +105,22 @@ template <class T, int MR, int VB>
 void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b,
                   int64_t ldb, T* out, int64_t ldo, bool accumulate) {
   switch (nv) {
+    case 4: product_tile<T, MR, 4, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
     case 3: product_tile<T, MR, 3, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
     case 2: product_tile<T, MR, 2, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
     default: product_tile<T, MR, 1, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
   }
 }
 
-// One product, as items for the threads: tiles of 4 rows x up to 3 vectors, and per row tile one
-// item for the columns past the last whole vector (scalar). Vectors are zmm (AVX-512 build) when
-// they cover N exactly, else ymm: a zmm tile left up to 15 columns to the scalar loop.
+// One product, as items for the threads: tiles of 4 rows x a panel of whole vectors, and per row
+// tile one item for the columns past the last whole vector (scalar). Vectors are zmm (AVX-512
+// build) when they cover N exactly, else ymm: a zmm tile left up to 15 columns to the scalar
+// loop. Panels hold at most 3 ymm (12 accumulators of 16 registers) or 4 zmm (16 of 32), the
+// vectors spread evenly over them: 4 zmm as 3 + 1 left a 4-accumulator tile a quarter of the
+// work at its FMA latency's bound.
 template <class T>
 struct Product {
-  static constexpr int64_t MR = 4, NV = 3;
+  static constexpr int64_t MR = 4;
   int64_t M, N, K;
   const T* a;
   int64_t as_i, as_k;
@@ -131,9 +135,11 @@ struct Product {
   }
   int64_t lanes() const { return wide() ? PVec<T, kWideBytes>::L : Vec<T>::L; }
   int64_t vecs() const { return N / lanes(); }
-  int64_t panels() const { return (vecs() + NV - 1) / NV + (vecs() * lanes() < N ? 1 : 0); }
+  int64_t max_nv() const { return wide() ? 4 : 3; }
+  int64_t vec_panels() const { return (vecs() + max_nv() - 1) / max_nv(); }
+  int64_t panels() const { return vec_panels() + (vecs() * lanes() < N ? 1 : 0); }
   int64_t items() const { return panels() * ((M + MR - 1) / MR); }
-  int64_t item_flops() const { return 2 * MR * NV * lanes() * K; }
+  int64_t item_flops() const { return 2 * MR * max_nv() * lanes() * K; }
 
   void run(int64_t it) const {
     if (wide()) run_as<kWideBytes>(it);
@@ -144,8 +150,7 @@ struct Product {
   void run_as(int64_t it) const {
     constexpr int64_t L = PVec<T, VB>::L;
     const int64_t pn = it % panels(), i0 = it / panels() * MR, mr = std::min(MR, M - i0);
-    const int64_t v0 = pn * NV;
-    if (v0 >= vecs()) {  // the scalar columns
+    if (pn >= vec_panels()) {  // the scalar columns
       for (int64_t i = i0; i < i0 + mr; ++i)
         for (int64_t n = vecs() * L; n < N; ++n) {
           T s = T(0);
@@ -154,7 +159,7 @@ struct Product {
         }
       return;
     }
-    const int64_t nv = std::min(NV, vecs() - v0);
+    const int64_t v0 = pn * vecs() / vec_panels(), nv = (pn + 1) * vecs() / vec_panels() - v0;
     const T* ai = a + i0 * as_i;
     const T* bn = b + v0 * L;
     T* o = out + i0 * ldo + v0 * L;
