@@ -2,7 +2,7 @@
 GRUCell, on both kernel builds (the cpu_path cases): outputs and every gradient against torch's cells, on shapes that
 reach each tiling case (the forward's 6-row tiles and 1-5 row remainders, GRU's n rows split at
 2H, batch vectors in tiles of 2 and 1 with padded lanes; the backward products' 4-row tiles,
-1-3 vector panels and scalar columns past the last whole vector); against fastdl's own layer
+1-3 ymm / 1-4 zmm vector panels and scalar columns past the last whole vector); against fastdl's own layer
 kernels run for one step; only the gradients asked for; non-contiguous operands; operands the
 kernels must refuse (weights of another shape, dtype or device; the custom op called directly)."""
 import pytest
@@ -18,9 +18,11 @@ CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="
 # and on multiples of 8 and of the 24-column panels; H % 4 != 0 for the Elman remainder. The
 # AVX-512 build's zmm products (a batch over 8 float / 4 double lanes in the forward; I or H a
 # multiple of 16 float / 8 double lanes in the backward): 1, 2, 3 (2 + 1) zmm batch vectors
-# (B = 9, 17, 33, 40) and zmm column panels of 1-4 vectors (16, 32, 64, 96 = 3 + 3).
+# (B = 9, 17, 33, 40) and zmm column panels of 1-4 vectors (16, 32, 64, 96 = 3 + 3); the last
+# four reach every (rows, vectors) zmm tile of the forward and the products in both dtypes, on
+# 1 and 2 threads, and 2-row product tiles.
 SHAPES = [(1, 1, 1), (3, 8, 5), (8, 24, 16), (9, 13, 12), (17, 30, 9), (33, 64, 40),
-          (40, 32, 96)]
+          (40, 32, 96), (34, 112, 15), (10, 16, 5), (6, 32, 1), (6, 16, 8)]
 
 
 def _pair(name, kw, I, H, bias, dtype):

@@ -80,8 +80,8 @@ inline void tile_fma(int64_t K, const T* const* a, int64_t a_step, const T* __re
 }
 
 // ---- general product: out (M x N, ldo) (+)= sum_k A(i, k) B(k, n) ----------------------------
-// A(i, k) = a[i * as_i + k * as_k]; B(k, n) = b[k * ldb + n]. Tiles of 4 rows x 3 vectors; columns
-// past the last whole vector by a scalar loop.
+// A(i, k) = a[i * as_i + k * as_k]; B(k, n) = b[k * ldb + n]. Tiles of 4 rows x up to 3 ymm or
+// 4 zmm; columns past the last whole vector by a scalar loop.
 template <class T, int MR, int NV, int VB>
 void product_tile(int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b, int64_t ldb,
                   T* out, int64_t ldo, bool accumulate) {
@@ -105,7 +105,10 @@ template <class T, int MR, int VB>
 void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b,
                   int64_t ldb, T* out, int64_t ldo, bool accumulate) {
   switch (nv) {
-    case 4: product_tile<T, MR, 4, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
+    case 4:  // (zmm only: 16 ymm accumulators would spill on AVX2)
+      if constexpr (VB > kVecBytes)
+        product_tile<T, MR, 4, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+      break;
     case 3: product_tile<T, MR, 3, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
     case 2: product_tile<T, MR, 2, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
     default: product_tile<T, MR, 1, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
@@ -114,10 +117,11 @@ void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k,
 
 // One product, as items for the threads: tiles of 4 rows x a panel of whole vectors, and per row
 // tile one item for the columns past the last whole vector (scalar). Vectors are zmm (AVX-512
-// build) when they cover N exactly, else ymm: a zmm tile left up to 15 columns to the scalar
-// loop. Panels hold at most 3 ymm (12 accumulators of 16 registers) or 4 zmm (16 of 32), the
-// vectors spread evenly over them: 4 zmm as 3 + 1 left a 4-accumulator tile a quarter of the
-// work at its FMA latency's bound.
+// build) when they cover N exactly, else ymm: a zmm tile would leave up to a zmm's lanes less one
+// columns to the scalar loop. Panels hold 3 ymm (12 accumulators of 16 registers; the last panel
+// the rest) or up to 4 zmm (16 of 32) with the vectors spread evenly (5 zmm as 3 + 2, not 4 + 1):
+// 4 zmm had run as 3 + 1, a 4-accumulator tile doing a quarter of the work at its FMA latency's
+// bound.
 template <class T>
 struct Product {
   static constexpr int64_t MR = 4;
@@ -159,7 +163,9 @@ struct Product {
         }
       return;
     }
-    const int64_t v0 = pn * vecs() / vec_panels(), nv = (pn + 1) * vecs() / vec_panels() - v0;
+    const int64_t v0 = VB > kVecBytes ? pn * vecs() / vec_panels() : pn * 3;
+    const int64_t nv = VB > kVecBytes ? (pn + 1) * vecs() / vec_panels() - v0
+                                      : std::min<int64_t>(3, vecs() - v0);
     const T* ai = a + i0 * as_i;
     const T* bn = b + v0 * L;
     T* o = out + i0 * ldo + v0 * L;
@@ -172,29 +178,28 @@ struct Product {
   }
 };
 
-// Independent products in one parallel region, split by flops: the backward's four differ 16x in
-// work per item (K = G*H for dx, dh; K = B for the weight gradients), so equal item counts gave
-// one thread all of dx and dh (one region per product barely used the second thread).
+// Independent products split by flops: the backward's four differ 16x in work per item (K = G*H
+// for dx, dh; K = B for the weight gradients), so equal item counts gave one thread all of dx and
+// dh. products_flops: their total; products_part: part t of `parts`, the items whose first flop
+// falls in its share [f0, f1).
 template <class T>
-void products(const Product<T>* jobs, int n) {
+int64_t products_flops(const Product<T>* jobs, int n) {
   int64_t flops = 0;
   for (int j = 0; j < n; ++j) flops += jobs[j].items() * jobs[j].item_flops();
-  // ~64K flops per thread before a second one joins
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), flops / 65536));
-  parallel_for(parts, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      // this part's share [f0, f1) of the flops; an item belongs where its first flop falls
-      const int64_t f0 = flops * t / parts, f1 = flops * (t + 1) / parts;
-      int64_t before = 0;
-      for (int j = 0; j < n; ++j) {
-        const int64_t c = std::max<int64_t>(1, jobs[j].item_flops()), m = jobs[j].items();
-        const int64_t i0 = std::min(m, std::max<int64_t>(0, (f0 - before + c - 1) / c));
-        const int64_t i1 = std::min(m, std::max<int64_t>(0, (f1 - before + c - 1) / c));
-        for (int64_t i = i0; i < i1; ++i) jobs[j].run(i);
-        before += m * c;
-      }
-    }
-  });
+  return flops;
+}
+
+template <class T>
+void products_part(const Product<T>* jobs, int n, int64_t flops, int64_t t, int64_t parts) {
+  const int64_t f0 = flops * t / parts, f1 = flops * (t + 1) / parts;
+  int64_t before = 0;
+  for (int j = 0; j < n; ++j) {
+    const int64_t c = std::max<int64_t>(1, jobs[j].item_flops()), m = jobs[j].items();
+    const int64_t i0 = std::min(m, std::max<int64_t>(0, (f0 - before + c - 1) / c));
+    const int64_t i1 = std::min(m, std::max<int64_t>(0, (f1 - before + c - 1) / c));
+    for (int64_t i = i0; i < i1; ++i) jobs[j].run(i);
+    before += m * c;
+  }
 }
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -526,8 +531,8 @@ void cell_forward_as(const RnnCellParams& p, const RnnCellForwardArgs& a) {
   });
 }
 
-// Products over the batch on zmm (AVX-512 build) when the batch fills more than one ymm; else
-// on ymm (a batch of 1-8 would fill a zmm at most half).
+// Products over the batch on zmm (AVX-512 build) when the batch is more than one ymm's lanes;
+// else on ymm (a zmm would be at most half full).
 template <class T>
 void cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
   if (kWideBytes > kVecBytes && p.batch > Vec<T>::L) cell_forward_as<T, kWideBytes>(p, a);
@@ -558,12 +563,13 @@ inline void lstm_backward8(const float* a, int64_t H, const float* c_prev, const
 }
 #endif
 
-// dG (B, G*H) from the step's gradients: LSTM and RNN one buffer (dgx == dgh); GRU's hidden-side
-// n gradient is r times the input side's. dh_acc (GRU, (B, H)): the direct term dh' z.
+// dG (B, G*H) from the step's gradients, rows [b0, b1): LSTM and RNN one buffer (dgx == dgh);
+// GRU's hidden-side n gradient is r times the input side's. dh_acc (GRU, (B, H)): the direct term
+// dh' z.
 template <class T>
-void gate_gradients(const RnnCellParams& p, const RnnCellBackwardArgs& a, T* dgx, T* dgh,
-                    T* dh_acc) {
-  const int64_t B = p.batch, H = p.hidden_size, G = p.gates();
+void gate_gradient_rows(const RnnCellParams& p, const RnnCellBackwardArgs& a, T* dgx, T* dgh,
+                        T* dh_acc, int64_t b0, int64_t b1) {
+  const int64_t H = p.hidden_size, G = p.gates();
   const T* act = static_cast<const T*>(a.act);
   const T* dhn = static_cast<const T*>(a.dh_new);
   const T* dcn = static_cast<const T*>(a.dc_new);
@@ -573,8 +579,8 @@ void gate_gradients(const RnnCellParams& p, const RnnCellBackwardArgs& a, T* dgx
   const T* hn = static_cast<const T*>(a.h_new);
   T* dc = static_cast<T*>(a.dc);
   const bool relu = p.mode == RnnMode::Relu;
-  parallel_for(B, std::max<int64_t>(1, 4096 / H), [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
+  {
+    for (int64_t b = b0; b < b1; ++b) {
       T* gx = dgx + b * G * H;
       T* gh = dgh + b * G * H;
       int64_t j = 0;
@@ -612,16 +618,15 @@ void gate_gradients(const RnnCellParams& p, const RnnCellBackwardArgs& a, T* dgx
         }
       }
     }
-  });
+  }
 }
 
+// out[r] = sum over b of g[b * n + r] for columns r in [lo, hi), rows in order.
 template <class T>
-void column_sums(const T* g, int64_t B, int64_t n, T* out) {
-  parallel_for(n, 4096, [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) out[r] = T(0);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t r = lo; r < hi; ++r) out[r] += g[b * n + r];
-  });
+void column_sums(const T* g, int64_t B, int64_t n, T* out, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) out[r] = T(0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t r = lo; r < hi; ++r) out[r] += g[b * n + r];
 }
 
 template <class T>
@@ -635,7 +640,6 @@ void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   // not wanted it goes to the forward's transpose scratch, unused by the backward.
   T* dh_acc = nullptr;
   if (gru) dh_acc = dh ? dh : static_cast<T*>(tl_cell_t.get(sizeof(T) * static_cast<size_t>(B * H)));
-  gate_gradients<T>(p, a, dgx, dgh, dh_acc);
   const T* w_ih = static_cast<const T*>(a.w_ih);
   const T* w_hh = static_cast<const T*>(a.w_hh);
   Product<T> jobs[4];
@@ -648,9 +652,27 @@ void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   if (a.dw_hh)
     jobs[n++] = {GH, H, B, dgh, 1, GH, static_cast<const T*>(a.h), H, static_cast<T*>(a.dw_hh), H,
                  false};
-  products(jobs, n);
-  if (a.db_ih) column_sums(dgx, B, GH, static_cast<T*>(a.db_ih));
-  if (a.db_hh) column_sums(dgh, B, GH, static_cast<T*>(a.db_hh));
+  T* db_ih = static_cast<T*>(a.db_ih);
+  T* db_hh = static_cast<T*>(a.db_hh);
+  // One thread team for the step: the gate gradients by batch rows, a barrier (the products and
+  // sums read every row of dG; GRU's dh product adds onto the direct term), then the products
+  // by flops and the bias sums by columns. (Three or four regions per step, each waking the
+  // other thread, left it waiting at their ends a fifth of the backward's time: perf, RESULTS.md.)
+  // Every output element is computed by one thread in a fixed order: results do not depend on
+  // the thread count. ~64K product flops per thread before a second one joins.
+  const int64_t flops = products_flops(jobs, n);
+  parallel_team(std::max<int64_t>(1, flops / 65536), [&](const Team& team) {
+    const int64_t t = team.tid, nt = team.nthr;
+    gate_gradient_rows<T>(p, a, dgx, dgh, dh_acc, B * t / nt, B * (t + 1) / nt);
+    team.barrier();
+    products_part(jobs, n, flops, t, nt);
+    const int64_t c0 = GH * t / nt, c1 = GH * (t + 1) / nt;
+    if (db_ih) column_sums(dgx, B, GH, db_ih, c0, c1);
+    if (db_hh) {
+      if (db_ih && dgh == dgx) std::copy(db_ih + c0, db_ih + c1, db_hh + c0);  // LSTM, RNN
+      else column_sums(dgh, B, GH, db_hh, c0, c1);
+    }
+  });
 }
 
 }  // namespace
