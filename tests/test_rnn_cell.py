@@ -73,6 +73,35 @@ def test_cell_kernels_match_torch(cpu_path, threads, name, kw, dtype):
 
 
 @pytest.mark.parametrize("name,kw", CELLS)
+def test_cell_results_independent_of_thread_count(cpu_path, name, kw):
+    """Every output and gradient element is computed by one thread in a fixed order (the forward
+    splits hidden units, the backward's thread team the batch rows, the products' flops and the
+    bias columns): bitwise equal at 1, 2 and 3 threads."""
+    lstm = name == "LSTMCell"
+    before = fastdl.get_num_threads()
+    try:
+        for B, I, H in [(33, 64, 40), (40, 32, 96), (34, 112, 15)]:
+            ours, _ = _pair(name, kw, I, H, True, torch.float32)
+            x = rand(B, I, requires_grad=True)
+            h = rand(B, H, requires_grad=True)
+            c = rand(B, H, requires_grad=True)
+            hx = (h, c) if lstm else h
+            gs = [rand(B, H) for _ in range(2 if lstm else 1)]
+            runs = []
+            for n in (1, 2, 3):
+                fastdl.set_num_threads(n)
+                out = _tuple(ours(x, hx))
+                grads = torch.autograd.grad(out, [x, h] + ([c] if lstm else []) +
+                                            list(ours.parameters()), gs)
+                runs.append([t.detach() for t in out] + list(grads))
+            for n, run in zip((2, 3), runs[1:]):
+                for u, v in zip(runs[0], run):
+                    assert torch.equal(u, v), f"{name} {B}x{I}->{H}: {n} threads differ from 1"
+    finally:
+        fastdl.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
 def test_cell_kernels_match_layer_kernels(cpu_path, name, kw):
     """The cell kernels against fastdl's layer kernels for one step (a separate implementation:
     packed W_hh panels, the input projection as one GEMM), forward and backward, float64."""
