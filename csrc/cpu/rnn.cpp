@@ -912,28 +912,43 @@ inline void dh_tile_f32(const float* dg, int64_t GH, const float* strip, int64_t
 #if defined(__AVX512F__)
 // The AVX-512 build's tile: one zmm holds the 16 columns, so rows are the accumulators; up to 12
 // rows (12 zmm, the FMA latency's bound on two pipes) per n step: 1 strip load, MB broadcasts.
-template <int MB>
+// Masked: the last chunk of R % 16 columns, its loads and stores masked to them (W_hh's rows
+// unpacked end there; d's row too). It had run the scalar loop below: at H = 200 the thread
+// owning it spent ~1.8x its partner's time in the product and the partner waited at the step's
+// barrier (perf; RESULTS.md).
+template <int MB, bool Masked>
 inline void dh_tile_zmm(const float* dg, int64_t GH, const float* strip, int64_t row_step,
-                        int64_t n0, int64_t n1, float* d, int64_t R, bool add) {
+                        int64_t n0, int64_t n1, float* d, int64_t R, bool add, __mmask16 m) {
   __m512 acc[MB];
   for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t n = n0; n < n1; ++n) {
-    const __m512 w = _mm512_loadu_ps(strip + n * row_step);
+    const __m512 w = Masked ? _mm512_maskz_loadu_ps(m, strip + n * row_step)
+                            : _mm512_loadu_ps(strip + n * row_step);
     for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(dg[i * GH + n]), w, acc[i]);
   }
   for (int i = 0; i < MB; ++i) {
     float* di = d + i * R;
-    _mm512_storeu_ps(di, add ? _mm512_add_ps(acc[i], _mm512_loadu_ps(di)) : acc[i]);
+    if (Masked)
+      _mm512_mask_storeu_ps(di, m, add ? _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(m, di))
+                                       : acc[i]);
+    else
+      _mm512_storeu_ps(di, add ? _mm512_add_ps(acc[i], _mm512_loadu_ps(di)) : acc[i]);
   }
 }
-// dh_tile_zmm<mb> for a run-time mb in [1, MB].
+// dh_tile_zmm<mb> for a run-time mb in [1, MB]; kw < 16 columns masked.
 template <int MB>
-inline void dh_tile_zmm_rows(int mb, const float* dg, int64_t GH, const float* strip,
+inline void dh_tile_zmm_rows(int mb, int64_t kw, const float* dg, int64_t GH, const float* strip,
                              int64_t row_step, int64_t n0, int64_t n1, float* d, int64_t R,
                              bool add) {
-  if (mb == MB) dh_tile_zmm<MB>(dg, GH, strip, row_step, n0, n1, d, R, add);
-  else if constexpr (MB > 1)
-    dh_tile_zmm_rows<MB - 1>(mb, dg, GH, strip, row_step, n0, n1, d, R, add);
+  if (mb == MB) {
+    if (kw == 16)
+      dh_tile_zmm<MB, false>(dg, GH, strip, row_step, n0, n1, d, R, add, __mmask16(0xFFFF));
+    else
+      dh_tile_zmm<MB, true>(dg, GH, strip, row_step, n0, n1, d, R, add,
+                            static_cast<__mmask16>((1u << kw) - 1));
+  } else if constexpr (MB > 1) {
+    dh_tile_zmm_rows<MB - 1>(mb, kw, dg, GH, strip, row_step, n0, n1, d, R, add);
+  }
 }
 #endif
 
@@ -956,14 +971,20 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
       const bool add = accumulate || n0 > 0;  // later row blocks add to the earlier ones
       for (int64_t b0 = 0; b0 < bs; b0 += MB) {
         const int64_t mb = std::min<int64_t>(MB, bs - b0);
-#if defined(FASTDL_RNN_AVX2)
+#if defined(__AVX512F__)
+        if constexpr (std::is_same<T, float>::value) {
+          // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work); a last chunk of
+          // fewer columns masked
+          dh_tile_zmm_rows<MB>(static_cast<int>(mb), kw, dg + b0 * GH, GH, strip, L.row_step, n0,
+                               n1, dh + b0 * R + k0, R, add);
+          continue;
+        }
+#endif
+#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
         if constexpr (std::is_same<T, float>::value) {
           if (kw == KB) {  // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work)
             const float* g = dg + b0 * GH;
             float* d = dh + b0 * R + k0;
-#if defined(__AVX512F__)
-            dh_tile_zmm_rows<MB>(static_cast<int>(mb), g, GH, strip, L.row_step, n0, n1, d, R, add);
-#else
             switch (mb) {
               case 6: dh_tile_f32<6>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
               case 5: dh_tile_f32<5>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
@@ -972,7 +993,6 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
               case 2: dh_tile_f32<2>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
               default: dh_tile_f32<1>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
             }
-#endif
             continue;
           }
         }
