@@ -73,20 +73,22 @@ def test_cell_kernels_match_torch(cpu_path, threads, name, kw, dtype):
 
 
 @pytest.mark.parametrize("name,kw", CELLS)
-def test_cell_results_independent_of_thread_count(cpu_path, name, kw):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_results_independent_of_thread_count(cpu_path, name, kw, dtype):
     """Every output and gradient element is computed by one thread in a fixed order (the forward
     splits hidden units, the backward's thread team the batch rows, the products' flops and the
-    bias columns): bitwise equal at 1, 2 and 3 threads."""
+    bias columns): bitwise equal at 1, 2 and 3 threads. (2, 256, 48): fewer batch rows than
+    threads, so a thread's gate rows are empty and it must still reach the team's barrier."""
     lstm = name == "LSTMCell"
     before = fastdl.get_num_threads()
     try:
-        for B, I, H in [(33, 64, 40), (40, 32, 96), (34, 112, 15)]:
-            ours, _ = _pair(name, kw, I, H, True, torch.float32)
-            x = rand(B, I, requires_grad=True)
-            h = rand(B, H, requires_grad=True)
-            c = rand(B, H, requires_grad=True)
+        for B, I, H in [(33, 64, 40), (40, 32, 96), (34, 112, 15), (2, 256, 48)]:
+            ours, _ = _pair(name, kw, I, H, True, dtype)
+            x = rand(B, I, dtype=dtype, requires_grad=True)
+            h = rand(B, H, dtype=dtype, requires_grad=True)
+            c = rand(B, H, dtype=dtype, requires_grad=True)
             hx = (h, c) if lstm else h
-            gs = [rand(B, H) for _ in range(2 if lstm else 1)]
+            gs = [rand(B, H, dtype=dtype) for _ in range(2 if lstm else 1)]
             runs = []
             for n in (1, 2, 3):
                 fastdl.set_num_threads(n)

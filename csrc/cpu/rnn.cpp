@@ -51,6 +51,9 @@
 #include "vec_math.h"
 #define FASTDL_RNN_AVX2 1
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -862,7 +865,8 @@ struct DhLayout {
 template <class T>
 void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
   const int64_t chunks = (R + kDhCols - 1) / kDhCols;
-  // (columns past R in the last strip are zero-filled, never read: the product's tail is scalar)
+  // (columns past R in the last strip are zero-filled, never read: the product's last chunk is
+  // masked (AVX-512 float32) or scalar)
   parallel_for(chunks, std::max<int64_t>(1, (int64_t(1) << 15) / (GH * kDhCols)),
                [&](int64_t lo, int64_t hi) {
     for (int64_t kc = lo; kc < hi; ++kc) {
@@ -877,10 +881,10 @@ void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
 }
 
 // dh (bs x R, += when accumulate) = dg (bs x GH) @ W_hh in layout L: 16 columns at a time per
-// register tile of up to 6 rows (the GEMM's 6x16 tile). Each strip is walked in blocks of
-// kDhRows of its GH rows (16 KB of a packed float32 strip) so a block stays in L1 while every
-// row group of the step reuses it.
-#if defined(FASTDL_RNN_AVX2)
+// register tile of up to 6 rows (the GEMM's 6x16 tile; 12 rows of one zmm on AVX-512 float32).
+// Each strip is walked in blocks of kDhRows of its GH rows (16 KB of a packed float32 strip) so
+// a block stays in L1 while every row group of the step reuses it.
+#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
 // d (MB x 16, row stride R; += when add) = rows [n0, n1) of the strip (row_step apart) times the
 // dg columns n0..n1 of MB rows (GH apart).
 template <int MB>
@@ -913,9 +917,8 @@ inline void dh_tile_f32(const float* dg, int64_t GH, const float* strip, int64_t
 // The AVX-512 build's tile: one zmm holds the 16 columns, so rows are the accumulators; up to 12
 // rows (12 zmm, the FMA latency's bound on two pipes) per n step: 1 strip load, MB broadcasts.
 // Masked: the last chunk of R % 16 columns, its loads and stores masked to them (W_hh's rows
-// unpacked end there; d's row too). It had run the scalar loop below: at H = 200 the thread
-// owning it spent ~1.8x its partner's time in the product and the partner waited at the step's
-// barrier (perf; RESULTS.md).
+// unpacked end there; d's row too). It had run the scalar loop below, and the thread owning it
+// kept its partner waiting at every step's barrier (perf: RESULTS.md, 2026-12-03 12:19).
 template <int MB, bool Masked>
 inline void dh_tile_zmm(const float* dg, int64_t GH, const float* strip, int64_t row_step,
                         int64_t n0, int64_t n1, float* d, int64_t R, bool add, __mmask16 m) {

@@ -19,7 +19,9 @@
 //             LSTM's on 8 units at a time on AVX2: its scalar tanh(c') dominated), then
 //             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows), and
 //             dW_ih = dG^T x, dW_hh = dG_h^T h (A = dG's columns, B = x / h rows); biases are
-//             column sums of dG. Work split: row tiles x column panels over the threads.
+//             column sums of dG. Work split: one thread team per step, the gate gradients by
+//             batch rows, a barrier, then the products by flops (row tiles x column panels)
+//             and the bias sums by columns.
 // Tested by tests/test_rnn_cell.py (against torch's cells and the layer kernels, both builds);
 // timed by the `rnn` suite's LSTMCell / GRUCell rows (fastdl-bench).
 #include <algorithm>
@@ -105,9 +107,14 @@ template <class T, int MR, int VB>
 void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k, const T* b,
                   int64_t ldb, T* out, int64_t ldo, bool accumulate) {
   switch (nv) {
-    case 4:  // (zmm only: 16 ymm accumulators would spill on AVX2)
-      if constexpr (VB > kVecBytes)
+    case 4:  // zmm panels only (16 ymm accumulators would spill on AVX2): else as 3 + 1
+      if constexpr (VB > kVecBytes) {
         product_tile<T, MR, 4, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+      } else {
+        constexpr int64_t L = PVec<T, VB>::L;
+        product_tile<T, MR, 3, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+        product_tile<T, MR, 1, VB>(K, a, as_i, as_k, b + 3 * L, ldb, out + 3 * L, ldo, accumulate);
+      }
       break;
     case 3: product_tile<T, MR, 3, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
     case 2: product_tile<T, MR, 2, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate); break;
@@ -657,11 +664,13 @@ void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   // One thread team for the step: the gate gradients by batch rows, a barrier (the products and
   // sums read every row of dG; GRU's dh product adds onto the direct term), then the products
   // by flops and the bias sums by columns. (Three or four regions per step, each waking the
-  // other thread, left it waiting at their ends a fifth of the backward's time: perf, RESULTS.md.)
-  // Every output element is computed by one thread in a fixed order: results do not depend on
-  // the thread count. ~64K product flops per thread before a second one joins.
+  // other thread, left it waiting at their ends: perf, RESULTS.md 2026-12-03 12:19.) Every
+  // output element is computed by one thread in a fixed order: results do not depend on the
+  // thread count. ~64K flops per thread before a second one joins, the gate pass counted at
+  // ~16 per element (its sigmoid/tanh) for the calls that want no product.
   const int64_t flops = products_flops(jobs, n);
-  parallel_team(std::max<int64_t>(1, flops / 65536), [&](const Team& team) {
+  const int64_t work = std::max<int64_t>(flops, B * GH * 16);
+  parallel_team(std::max<int64_t>(1, work / 65536), [&](const Team& team) {
     const int64_t t = team.tid, nt = team.nthr;
     gate_gradient_rows<T>(p, a, dgx, dgh, dh_acc, B * t / nt, B * (t + 1) / nt);
     team.barrier();
