@@ -887,14 +887,18 @@ void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
 #if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
 // d (MB x 16, row stride R; += when add) = rows [n0, n1) of the strip (row_step apart) times the
 // dg columns n0..n1 of MB rows (GH apart).
-template <int MB>
+// Masked: the last chunk of R % 16 columns (m0, m1: lanes of the two halves), as the AVX-512
+// tile's masked form (it had run the scalar loop in dh_product_chunks).
+template <int MB, bool Masked>
 inline void dh_tile_f32(const float* dg, int64_t GH, const float* strip, int64_t row_step,
-                        int64_t n0, int64_t n1, float* d, int64_t R, bool add) {
+                        int64_t n0, int64_t n1, float* d, int64_t R, bool add, __m256i m0,
+                        __m256i m1) {
   __m256 acc[MB][2];
   for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t n = n0; n < n1; ++n) {
     const float* wn = strip + n * row_step;
-    const __m256 w0 = _mm256_loadu_ps(wn), w1 = _mm256_loadu_ps(wn + 8);
+    const __m256 w0 = Masked ? _mm256_maskload_ps(wn, m0) : _mm256_loadu_ps(wn);
+    const __m256 w1 = Masked ? _mm256_maskload_ps(wn + 8, m1) : _mm256_loadu_ps(wn + 8);
     for (int i = 0; i < MB; ++i) {
       const __m256 g = _mm256_broadcast_ss(dg + i * GH + n);
       acc[i][0] = _mm256_fmadd_ps(g, w0, acc[i][0]);
@@ -903,12 +907,36 @@ inline void dh_tile_f32(const float* dg, int64_t GH, const float* strip, int64_t
   }
   for (int i = 0; i < MB; ++i) {
     float* di = d + i * R;
-    if (add) {
-      acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(di));
-      acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(di + 8));
+    if (Masked) {
+      if (add) {
+        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_maskload_ps(di, m0));
+        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_maskload_ps(di + 8, m1));
+      }
+      _mm256_maskstore_ps(di, m0, acc[i][0]);
+      _mm256_maskstore_ps(di + 8, m1, acc[i][1]);
+    } else {
+      if (add) {
+        acc[i][0] = _mm256_add_ps(acc[i][0], _mm256_loadu_ps(di));
+        acc[i][1] = _mm256_add_ps(acc[i][1], _mm256_loadu_ps(di + 8));
+      }
+      _mm256_storeu_ps(di, acc[i][0]);
+      _mm256_storeu_ps(di + 8, acc[i][1]);
     }
-    _mm256_storeu_ps(di, acc[i][0]);
-    _mm256_storeu_ps(di + 8, acc[i][1]);
+  }
+}
+// dh_tile_f32<mb> for a run-time mb in [1, MB]; kw < 16 columns masked.
+template <int MB>
+inline void dh_tile_f32_rows(int mb, int64_t kw, const float* dg, int64_t GH, const float* strip,
+                             int64_t row_step, int64_t n0, int64_t n1, float* d, int64_t R,
+                             bool add) {
+  if (mb == MB) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kw)), lane);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(kw) - 8), lane);
+    if (kw == 16) dh_tile_f32<MB, false>(dg, GH, strip, row_step, n0, n1, d, R, add, m0, m1);
+    else dh_tile_f32<MB, true>(dg, GH, strip, row_step, n0, n1, d, R, add, m0, m1);
+  } else if constexpr (MB > 1) {
+    dh_tile_f32_rows<MB - 1>(mb, kw, dg, GH, strip, row_step, n0, n1, d, R, add);
   }
 }
 #endif
@@ -985,19 +1013,11 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
 #endif
 #if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
         if constexpr (std::is_same<T, float>::value) {
-          if (kw == KB) {  // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work)
-            const float* g = dg + b0 * GH;
-            float* d = dh + b0 * R + k0;
-            switch (mb) {
-              case 6: dh_tile_f32<6>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
-              case 5: dh_tile_f32<5>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
-              case 4: dh_tile_f32<4>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
-              case 3: dh_tile_f32<3>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
-              case 2: dh_tile_f32<2>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
-              default: dh_tile_f32<1>(g, GH, strip, L.row_step, n0, n1, d, R, add); break;
-            }
-            continue;
-          }
+          // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work); a last chunk of
+          // fewer columns masked
+          dh_tile_f32_rows<MB>(static_cast<int>(mb), kw, dg + b0 * GH, GH, strip, L.row_step, n0,
+                               n1, dh + b0 * R + k0, R, add);
+          continue;
         }
 #endif
         T acc[MB][KB] = {};
