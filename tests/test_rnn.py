@@ -302,6 +302,17 @@ def test_inference_fast_path_under_default_device(fast_path_calls):
     assert torch.equal(out[1], ref[1])
 
 
+@pytest.mark.parametrize("kind,hidden", [("GRU", 45), ("LSTM", 270)])
+@pytest.mark.parametrize("steps", [3, 17])
+def test_dh_last_chunk_past_one_vector(cpu_path, kind, hidden, steps):
+    """The backward's dh product on a last chunk of more than 8 of its 16 columns (45 and 270:
+    13 and 14), which the float32 tiles mask, in both halves on AVX2, adding onto earlier values:
+    GRU's product accumulates onto the direct term, and the LSTM's 1080 gate rows run in row
+    blocks of 256 that add up. W_hh read in place over 3 steps, packed into strips over 17."""
+    run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False, bias=True), steps,
+             7, 5, hidden, True, torch.float32)
+
+
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_TANH", "LSTM_PROJ"])
 def test_gate_pass_split_mid_row(cpu_path, kind):
     """Batch 39 x hidden 264 on 2 threads. With a projection the backward's gate-gradient pass

@@ -866,7 +866,7 @@ template <class T>
 void pack_dh_strips(const T* w, int64_t GH, int64_t R, T* dst) {
   const int64_t chunks = (R + kDhCols - 1) / kDhCols;
   // (columns past R in the last strip are zero-filled, never read: the product's last chunk is
-  // masked (AVX-512 float32) or scalar)
+  // masked (float32 on AVX2 and AVX-512) or scalar)
   parallel_for(chunks, std::max<int64_t>(1, (int64_t(1) << 15) / (GH * kDhCols)),
                [&](int64_t lo, int64_t hi) {
     for (int64_t kc = lo; kc < hi; ++kc) {
