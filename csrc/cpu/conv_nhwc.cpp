@@ -383,7 +383,7 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // panel left half empty), 1x1 (GEMM reads x in place); larger maps measured even with GEMM.
   // Not measured, so not taken: kernels of fewer than 9 taps, fewer than 32 input channels per
   // group, groups, maps above 14x14 (196 pixels), and panels more than 1/8 empty (80 or 96
-  // output channels: only a half-empty one was measured, at 0.63x).
+  // output channels: only a half-empty one was measured, and lost).
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 63) / 64;
   return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 32 &&
          kg >= 64 && (nkb * 64 - kg) * 8 <= nkb * 64 && p.n * p.oh * p.ow >= 128 &&

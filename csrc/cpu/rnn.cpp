@@ -924,9 +924,10 @@ inline void dh_tile_f32(const float* dg, int64_t GH, const float* strip, int64_t
     }
   }
 }
-// dh_tile_f32<mb> for a run-time mb in [1, MB]; kw < 16 columns masked.
+// dh_tile_f32<mb> for a run-time mb in [1, MB]; kw < 16 columns masked (dh_tile_rows: the AVX2
+// build's; the AVX-512 build's below).
 template <int MB>
-inline void dh_tile_f32_rows(int mb, int64_t kw, const float* dg, int64_t GH, const float* strip,
+inline void dh_tile_rows(int mb, int64_t kw, const float* dg, int64_t GH, const float* strip,
                              int64_t row_step, int64_t n0, int64_t n1, float* d, int64_t R,
                              bool add) {
   if (mb == MB) {
@@ -936,7 +937,7 @@ inline void dh_tile_f32_rows(int mb, int64_t kw, const float* dg, int64_t GH, co
     if (kw == 16) dh_tile_f32<MB, false>(dg, GH, strip, row_step, n0, n1, d, R, add, m0, m1);
     else dh_tile_f32<MB, true>(dg, GH, strip, row_step, n0, n1, d, R, add, m0, m1);
   } else if constexpr (MB > 1) {
-    dh_tile_f32_rows<MB - 1>(mb, kw, dg, GH, strip, row_step, n0, n1, d, R, add);
+    dh_tile_rows<MB - 1>(mb, kw, dg, GH, strip, row_step, n0, n1, d, R, add);
   }
 }
 #endif
@@ -966,9 +967,10 @@ inline void dh_tile_zmm(const float* dg, int64_t GH, const float* strip, int64_t
       _mm512_storeu_ps(di, add ? _mm512_add_ps(acc[i], _mm512_loadu_ps(di)) : acc[i]);
   }
 }
-// dh_tile_zmm<mb> for a run-time mb in [1, MB]; kw < 16 columns masked.
+// dh_tile_zmm<mb> for a run-time mb in [1, MB]; kw < 16 columns masked (dh_tile_rows: the
+// AVX-512 build's).
 template <int MB>
-inline void dh_tile_zmm_rows(int mb, int64_t kw, const float* dg, int64_t GH, const float* strip,
+inline void dh_tile_rows(int mb, int64_t kw, const float* dg, int64_t GH, const float* strip,
                              int64_t row_step, int64_t n0, int64_t n1, float* d, int64_t R,
                              bool add) {
   if (mb == MB) {
@@ -978,7 +980,7 @@ inline void dh_tile_zmm_rows(int mb, int64_t kw, const float* dg, int64_t GH, co
       dh_tile_zmm<MB, true>(dg, GH, strip, row_step, n0, n1, d, R, add,
                             static_cast<__mmask16>((1u << kw) - 1));
   } else if constexpr (MB > 1) {
-    dh_tile_zmm_rows<MB - 1>(mb, kw, dg, GH, strip, row_step, n0, n1, d, R, add);
+    dh_tile_rows<MB - 1>(mb, kw, dg, GH, strip, row_step, n0, n1, d, R, add);
   }
 }
 #endif
@@ -1002,21 +1004,12 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
       const bool add = accumulate || n0 > 0;  // later row blocks add to the earlier ones
       for (int64_t b0 = 0; b0 < bs; b0 += MB) {
         const int64_t mb = std::min<int64_t>(MB, bs - b0);
-#if defined(__AVX512F__)
+#if defined(FASTDL_RNN_AVX2)
         if constexpr (std::is_same<T, float>::value) {
           // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work); a last chunk of
           // fewer columns masked
-          dh_tile_zmm_rows<MB>(static_cast<int>(mb), kw, dg + b0 * GH, GH, strip, L.row_step, n0,
-                               n1, dh + b0 * R + k0, R, add);
-          continue;
-        }
-#endif
-#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
-        if constexpr (std::is_same<T, float>::value) {
-          // a tile of exactly mb rows (a 6-row tile on 2 rows did 3x the work); a last chunk of
-          // fewer columns masked
-          dh_tile_f32_rows<MB>(static_cast<int>(mb), kw, dg + b0 * GH, GH, strip, L.row_step, n0,
-                               n1, dh + b0 * R + k0, R, add);
+          dh_tile_rows<MB>(static_cast<int>(mb), kw, dg + b0 * GH, GH, strip, L.row_step, n0, n1,
+                           dh + b0 * R + k0, R, add);
           continue;
         }
 #endif

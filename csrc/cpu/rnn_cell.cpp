@@ -586,43 +586,41 @@ void gate_gradient_rows(const RnnCellParams& p, const RnnCellBackwardArgs& a, T*
   const T* hn = static_cast<const T*>(a.h_new);
   T* dc = static_cast<T*>(a.dc);
   const bool relu = p.mode == RnnMode::Relu;
-  {
-    for (int64_t b = b0; b < b1; ++b) {
-      T* gx = dgx + b * G * H;
-      T* gh = dgh + b * G * H;
-      int64_t j = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* gx = dgx + b * G * H;
+    T* gh = dgh + b * G * H;
+    int64_t j = 0;
 #if defined(FASTDL_CELL_AVX2)
-      if constexpr (std::is_same<T, float>::value) {
-        // 8 units at a time (the scalar tanh of c' was most of the LSTM cell's gate pass)
-        if (p.mode == RnnMode::Lstm)
-          for (; j + 8 <= H; j += 8) lstm_backward8(act + b * 4 * H + j, H, c + b * H + j,
-                                                    cn + b * H + j, dhn ? dhn + b * H + j : nullptr,
-                                                    dcn ? dcn + b * H + j : nullptr, gx + j,
-                                                    dc ? dc + b * H + j : nullptr);
-      }
+    if constexpr (std::is_same<T, float>::value) {
+      // 8 units at a time (the scalar tanh of c' was most of the LSTM cell's gate pass)
+      if (p.mode == RnnMode::Lstm)
+        for (; j + 8 <= H; j += 8) lstm_backward8(act + b * 4 * H + j, H, c + b * H + j,
+                                                  cn + b * H + j, dhn ? dhn + b * H + j : nullptr,
+                                                  dcn ? dcn + b * H + j : nullptr, gx + j,
+                                                  dc ? dc + b * H + j : nullptr);
+    }
 #endif
-      for (; j < H; ++j) {
-        const int64_t s = b * H + j;
-        const T dh = dhn ? dhn[s] : T(0);
-        if (p.mode == RnnMode::Lstm) {
-          const T* ab = act + b * 4 * H + j;
-          T dc_prev;
-          lstm_unit_backward(ab[0], ab[H], ab[2 * H], ab[3 * H], c[s], cn[s], dh,
-                             dcn ? dcn[s] : T(0), gx[j], gx[H + j], gx[2 * H + j], gx[3 * H + j],
-                             dc_prev);
-          if (dc) dc[s] = dc_prev;
-        } else if (p.mode == RnnMode::Gru) {
-          const T* ab = act + b * 4 * H + j;
-          T dh_n, direct;
-          gru_unit_backward(ab[0], ab[H], ab[2 * H], ab[3 * H], hp[s], dh, gx[j], gx[H + j],
-                            gx[2 * H + j], dh_n, direct);
-          gh[j] = gx[j];
-          gh[H + j] = gx[H + j];
-          gh[2 * H + j] = dh_n;
-          dh_acc[s] = direct;
-        } else {
-          gx[j] = rnn_unit_backward(hn[s], dh, relu);
-        }
+    for (; j < H; ++j) {
+      const int64_t s = b * H + j;
+      const T dh = dhn ? dhn[s] : T(0);
+      if (p.mode == RnnMode::Lstm) {
+        const T* ab = act + b * 4 * H + j;
+        T dc_prev;
+        lstm_unit_backward(ab[0], ab[H], ab[2 * H], ab[3 * H], c[s], cn[s], dh,
+                           dcn ? dcn[s] : T(0), gx[j], gx[H + j], gx[2 * H + j], gx[3 * H + j],
+                           dc_prev);
+        if (dc) dc[s] = dc_prev;
+      } else if (p.mode == RnnMode::Gru) {
+        const T* ab = act + b * 4 * H + j;
+        T dh_n, direct;
+        gru_unit_backward(ab[0], ab[H], ab[2 * H], ab[3 * H], hp[s], dh, gx[j], gx[H + j],
+                          gx[2 * H + j], dh_n, direct);
+        gh[j] = gx[j];
+        gh[H + j] = gx[H + j];
+        gh[2 * H + j] = dh_n;
+        dh_acc[s] = direct;
+      } else {
+        gx[j] = rnn_unit_backward(hn[s], dh, relu);
       }
     }
   }
