@@ -388,8 +388,23 @@ bool nhwc_preferred(const Conv2dParams& p) {
   return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 32 &&
          kg >= 64 && (nkb * 64 - kg) * 8 <= nkb * 64 && p.n * p.oh * p.ow >= 128 &&
          p.oh * p.ow <= 196;
+#elif defined(__AVX2__) && defined(__FMA__)
+  // The AVX2 build (6 x 16 tile, 16-wide panels), fitted on the 2-core Zen 3 VM to forced
+  // timings against the automatic choice of the time (Winograd or GEMM; 2 threads, same
+  // process, order rotated per round; figures: benchmarks/RESULTS.md, section 2026-12-03 15:16).
+  // Won, forward and stride-1 input gradient: maps of at most 8x8 outputs: 4x4 over 128-256
+  // channels, 7x7 over 128-512, 5x5 kernels on 8x8, and 8x8 over 16-96 input and 32-96 output
+  // channels ahead of Winograd (winograd_preferred asks this first up to 128 channels). Lost:
+  // 12x12 and 14x14 maps and 8x8 over 256 channels (Winograd), 2x2 maps and batches of 64
+  // pixels. Even with GEMM: stride 2, and 8 times more output than input channels (32 -> 256):
+  // not taken.
+  // Not measured, so not taken: groups, fewer than 9 taps, float64.
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
+  return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && p.sh == 1 &&
+         p.sw == 1 && cg >= 16 && kg >= 32 && kg <= 4 * cg && (nkb * 16 - kg) * 8 <= nkb * 16 &&
+         p.n * p.oh * p.ow >= 128 && p.oh * p.ow <= 64;
 #else
-  // the AVX2 and portable builds' tiles (6 x 16 and 6 x 8 floats) were not measured
+  // the portable build's tile (6 x 8 floats) was not measured
   (void)p;
   return false;
 #endif
@@ -401,8 +416,15 @@ bool nhwc_weight_preferred(const Conv2dParams& p) {
   // won, 1024 pixels being the largest batch measured there; 7x7 over 512 channels lost (its x
   // rows, 64 channels per pixel, are reread from L2 by every block of 6 output channels); 14x14
   // maps and stride 2 swung around even between runs: not taken.
+  // The AVX2 build: GEMM tied or won (16x256x4x4 even, 16x128x8x8 and 16x512x2x2 lost;
+  // section 2026-12-03 15:16): not taken.
+#if defined(__AVX512F__)
   return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 64 &&
          p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 template <class T>
