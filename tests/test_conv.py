@@ -242,7 +242,7 @@ def test_winograd_automatic_choice(cpu_path):
     fastdl.ops.set_conv_algorithm("auto")
     try:
         wino = "winograd" if cpu_path != "default" else "gemm"
-        imp = "implicit" if cpu_path == "avx512" else "gemm"  # the implicit forward (its rule)
+        imp = "implicit" if cpu_path != "default" else "gemm"  # the implicit forward (its rule)
         resnet = ((32, 64, 56, 56), (64, 64, 3, 3))
         assert algo(*resnet, padding=1) == wino
         assert algo(*resnet, padding=1, pass_="input") == wino
@@ -267,6 +267,8 @@ def test_winograd_automatic_choice(cpu_path):
         # (where GEMM would run on the AVX-512 build, planes within 35% of the output take the
         # implicit forward: 18x18 of 16x16 and 32x36 of 30x34 here, not 10x10 of 8x8 above)
         at256_imp = "implicit" if cpu_path == "avx512" else wino
+        # (3 input channels: the implicit forward ahead of Winograd on both vector builds)
+        ch3 = "implicit" if cpu_path != "default" else "gemm"
         assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == at256_imp
         # 512 tiles (the AVX2 build: 8x8 maps, channels-minor first)
         assert algo((32, 64, 8, 8), (64, 64, 3, 3), padding=1) == (
@@ -277,8 +279,10 @@ def test_winograd_automatic_choice(cpu_path):
         assert algo((2, 64, 32, 32), (64, 64, 3, 3), padding=1, pass_="input") == wino  # 512
         assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == wino    # 512, 256 channels
         # 2048 tiles; the AVX-512 build's implicit forward ahead of Winograd at <= 16 channels
-        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == at256_imp
-        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == imp  # 3 outputs
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == ch3
+        # 3 outputs: the AVX2 build's implicit forward needs 16
+        assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == (
+            "implicit" if cpu_path == "avx512" else "gemm")
         # channel ratios outside the measured ones (16 -> 256 measured slower both ways)
         assert algo((32, 16, 8, 8), (256, 16, 3, 3), padding=1) == "gemm"
         assert algo((32, 16, 8, 8), (256, 16, 3, 3), padding=1, pass_="input") == "gemm"
@@ -632,9 +636,9 @@ def test_auto_choice_phase(cpu_path):
     assert ops_conv.conv2d_algorithm(x.astype(np.float64), k5.astype(np.float64), stride=2,
                                      padding=2, pass_="input") == "gemm"
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == "gemm"
-    # (the forward: the implicit one on the AVX-512 build, 16 taps over 4 phases)
+    # (the forward: the implicit one on the vector builds, 16 taps over 4 phases)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
-        "implicit" if cpu_path == "avx512" else "gemm")
+        "implicit" if cpu_path != "default" else "gemm")
     # GEMM measured faster: a 7x7 stride-2 stem over 3 channels, a 1x1 stride-2 over 64
     stem = np.zeros((1, 3, 64, 64), np.float32)
     assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
@@ -1733,11 +1737,12 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
 
 def test_auto_choice_implicit_forward(cpu_path):
     # The implicit forward (conv_implicit_forward.cpp, implicit_forward_preferred), and the
-    # stride-1 input gradient as a forward over gy: float32 on the AVX-512 build, at least 3 taps
-    # per stride phase, planes at most 35% larger than the output, no 1x1; ahead of Winograd
-    # where the forward reduces over at most 16 channels.
+    # stride-1 input gradient as a forward over gy: float32 on the AVX-512 and AVX2 builds, at
+    # least 3 taps per stride phase, planes at most 35% larger than the output, no 1x1, on AVX2
+    # at least 16 output channels; ahead of Winograd where the forward reduces over at most 16
+    # channels (AVX-512) or 8 (AVX2).
     avx512 = cpu_path == "avx512"
-    imp = lambda other: "implicit" if avx512 else other
+    imp = lambda other: "implicit" if cpu_path != "default" else other
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == imp("gemm")  # issue 7
@@ -1749,8 +1754,14 @@ def test_auto_choice_implicit_forward(cpu_path):
         "gemm" if cpu_path == "default" else "winograd")
     wino = "gemm" if cpu_path == "default" else "winograd"
     assert algo((64, 32, 26, 26), (64, 32, 3, 3)) == wino                             # issue 2
-    # the input gradient reduces over the output channels: 16 of them go first too
-    assert algo((32, 64, 28, 28), (16, 64, 3, 3), "input", padding=1) == imp(wino)
+    # the input gradient reduces over the output channels: 16 of them go first too (AVX-512);
+    # 8 on AVX2, where 16 took Winograd
+    assert algo((32, 64, 28, 28), (16, 64, 3, 3), "input", padding=1) == (
+        "implicit" if avx512 else wino)
+    assert algo((32, 64, 28, 28), (8, 64, 3, 3), "input", padding=1) == (
+        "gemm" if cpu_path == "default" else "implicit")
+    # (AVX2: a forward of fewer than 16 outputs stays on GEMM, 8 of them here)
+    assert algo((32, 8, 28, 28), (8, 8, 5, 5), padding=2) == ("implicit" if avx512 else "gemm")
     # (the channels-minor forward takes two of them on the AVX-512 build, one on the AVX2 build:
     # test_auto_choice_nhwc)
     nhwc = "nhwc" if avx512 else "gemm"

@@ -173,15 +173,21 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   const bool direct = pass == ConvPass::BackwardInput ? p.k / p.groups == 1 : cg == 1;
   if (direct) return ConvAlgo::Direct;
   // The implicit forward (and the stride-1 input gradient as a forward over gy); before Winograd
-  // where that forward reduces over at most 16 channels: there Winograd's transforms cost more
-  // than its saved multiplies (measured at 3-16 channels; Winograd won at 32: benchmarks/
-  // RESULTS.md, section 2026-12-03 06:52).
+  // where that forward reduces over few channels: there Winograd's transforms cost more than its
+  // saved multiplies (AVX-512: measured at 3-16 channels, Winograd won at 32, benchmarks/
+  // RESULTS.md, section 2026-12-03 06:52; AVX2: implicit won at 3 and 8, Winograd at 16,
+  // section 2026-12-03 15:16).
   const bool implicit_fwd =
       pass == ConvPass::Forward ? implicit_forward_preferred(p)
       : pass == ConvPass::BackwardInput
           ? p.sh == 1 && p.sw == 1 && implicit_forward_preferred(input_grad_as_forward(p))
           : false;
-  if (implicit_fwd && (pass == ConvPass::Forward ? cg : p.k / p.groups) <= 16)
+#if defined(__AVX512F__)
+  constexpr int64_t kImplicitFirst = 16;
+#else
+  constexpr int64_t kImplicitFirst = 8;
+#endif
+  if (implicit_fwd && (pass == ConvPass::Forward ? cg : p.k / p.groups) <= kImplicitFirst)
     return ConvAlgo::Implicit;
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;

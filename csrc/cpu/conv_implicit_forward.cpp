@@ -104,10 +104,20 @@ bool implicit_forward_preferred(const Conv2dParams& p) {
   // meets at least 3 taps per stride phase and the padded planes stay within 35% of the output.
   // At 3x3 stride 2, copying x into four phase planes costs about what GEMM's im2col does (no
   // gain); on 7x7 maps the padded planes are 65% larger than the output. 1x1: GEMM reads x in
-  // place. Grouped layers were not measured: GEMM keeps them. The AVX2 build's tile was measured
-  // only on an Intel core, with mixed results: not chosen there until measured on an AVX2 machine.
+  // place. Grouped layers were not measured: GEMM keeps them.
   if (p.dtype != DType::Float32 || p.groups != 1 || p.kh * p.kw == 1 ||
       p.kh * p.kw < 3 * p.sh * p.sw)
+    return false;
+  const int64_t q = (p.oh + (p.kh - 1) * p.dh / p.sh) * (p.ow + (p.kw - 1) * p.dw / p.sw);
+  return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
+#elif defined(__AVX2__) && defined(__FMA__)
+  // The AVX2 build, measured on the 2-core Zen 3 VM against GEMM (same process, order rotated;
+  // benchmarks/RESULTS.md, section 2026-12-03 15:16): the same shapes as on AVX-512 won forward,
+  // 1.17-1.75x (4x4 stride 2, 5x5, the 7x7 stride-2 stem, 16 or 32 channels on 32x32-56x56 maps,
+  // 64 -> 16 channels), 3 input channels even; as the input gradient of 3 or 8 output channels
+  // it lost to GEMM (0.76x, 0.93x): the forward here has at least 16 output channels.
+  if (p.dtype != DType::Float32 || p.groups != 1 || p.kh * p.kw == 1 ||
+      p.kh * p.kw < 3 * p.sh * p.sw || p.k < 16)
     return false;
   const int64_t q = (p.oh + (p.kh - 1) * p.dh / p.sh) * (p.ow + (p.kw - 1) * p.dw / p.sw);
   return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
