@@ -112,12 +112,14 @@ bool implicit_forward_preferred(const Conv2dParams& p) {
   return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #elif defined(__AVX2__) && defined(__FMA__)
   // The AVX2 build, measured on the 2-core Zen 3 VM against GEMM (same process, order rotated;
-  // benchmarks/RESULTS.md, section 2026-12-03 15:16): the same shapes as on AVX-512 won forward,
-  // 1.17-1.75x (4x4 stride 2, 5x5, the 7x7 stride-2 stem, 16 or 32 channels on 32x32-56x56 maps,
-  // 64 -> 16 channels), 3 input channels even; as the input gradient of 3 or 8 output channels
-  // it lost to GEMM (0.76x, 0.93x): the forward here has at least 16 output channels.
+  // benchmarks/RESULTS.md, section 2026-12-03 15:16). Won: forwards over 3-64 channels, 1.1-1.75x
+  // (4x4 stride 2, 5x5, the 7x7 stride-2 stem, dilation 2, 16-64 channels on 32x32-56x56 maps,
+  // 3 channels on 32x32 and 64x64; on 224x224 even). Lost: forwards of 3 or 8 output channels
+  // (the input gradients of layers with 3 or 8 input channels: 0.76x, 0.93x) and over 256
+  // channels (4x256x14x14: 0.85x, its input gradient 0.75x). So: 16 or more output channels,
+  // at most 64 input channels.
   if (p.dtype != DType::Float32 || p.groups != 1 || p.kh * p.kw == 1 ||
-      p.kh * p.kw < 3 * p.sh * p.sw || p.k < 16)
+      p.kh * p.kw < 3 * p.sh * p.sw || p.k < 16 || p.c > 64)
     return false;
   const int64_t q = (p.oh + (p.kh - 1) * p.dh / p.sh) * (p.ow + (p.kw - 1) * p.dw / p.sw);
   return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
