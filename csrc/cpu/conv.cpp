@@ -192,7 +192,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   if (wino && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
   // The channels-minor forward, stride-1 input gradient and weight gradient: small maps, many
-  // channels.
+  // channels (on the AVX2 build winograd_preferred has already deferred to it on maps of at most
+  // 8x8 over up to 128 channels).
   if (pass == ConvPass::Forward ? nhwc_preferred(p)
       : pass == ConvPass::BackwardInput &&
           p.sh == 1 && p.sw == 1 && nhwc_preferred(input_grad_as_forward(p)))
