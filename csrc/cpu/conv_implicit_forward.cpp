@@ -98,29 +98,22 @@ const auto& ftiles() {
 }  // namespace
 
 bool implicit_forward_preferred(const Conv2dParams& p) {
-#if defined(__AVX512F__)
-  // Fitted to forced GEMM / implicit forward and input-gradient timings on the AVX-512 build
-  // (figures: benchmarks/RESULTS.md, section 2026-12-03 06:52). Implicit won where each x element
-  // meets at least 3 taps per stride phase and the padded planes stay within 35% of the output.
-  // At 3x3 stride 2, copying x into four phase planes costs about what GEMM's im2col does (no
-  // gain); on 7x7 maps the padded planes are 65% larger than the output. 1x1: GEMM reads x in
-  // place. Grouped layers were not measured: GEMM keeps them.
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  // Fitted to forced GEMM / implicit forward and input-gradient timings (figures:
+  // benchmarks/RESULTS.md, AVX-512 build section 2026-12-03 06:52, AVX2 build on Zen 3 section
+  // 2026-12-03 15:16). Implicit won where each x element meets at least 3 taps per stride phase
+  // and the padded planes stay within 35% of the output. At 3x3 stride 2, copying x into four
+  // phase planes costs about what GEMM's im2col does (no gain); on 7x7 maps the padded planes
+  // are 65% larger than the output. 1x1: GEMM reads x in place. Grouped layers were not
+  // measured: GEMM keeps them.
   if (p.dtype != DType::Float32 || p.groups != 1 || p.kh * p.kw == 1 ||
       p.kh * p.kw < 3 * p.sh * p.sw)
     return false;
-  const int64_t q = (p.oh + (p.kh - 1) * p.dh / p.sh) * (p.ow + (p.kw - 1) * p.dw / p.sw);
-  return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
-#elif defined(__AVX2__) && defined(__FMA__)
-  // The AVX2 build, measured on the 2-core Zen 3 VM against GEMM (same process, order rotated;
-  // benchmarks/RESULTS.md, section 2026-12-03 15:16). Won: forwards over 3-64 channels, 1.1-1.75x
-  // (4x4 stride 2, 5x5, the 7x7 stride-2 stem, dilation 2, 16-64 channels on 32x32-56x56 maps,
-  // 3 channels on 32x32 and 64x64; on 224x224 even). Lost: forwards of 3 or 8 output channels
-  // (the input gradients of layers with 3 or 8 input channels: 0.76x, 0.93x) and over 256
-  // channels (4x256x14x14: 0.85x, its input gradient 0.75x). So: 16 or more output channels,
-  // at most 64 input channels.
-  if (p.dtype != DType::Float32 || p.groups != 1 || p.kh * p.kw == 1 ||
-      p.kh * p.kw < 3 * p.sh * p.sw || p.k < 16 || p.c > 64)
-    return false;
+#if !defined(__AVX512F__)
+  // The AVX2 build's 16-register tile lost to GEMM on forwards of 3 or 8 output channels (the
+  // input gradients of layers with 3 or 8 input channels) and over 256 input channels.
+  if (p.k < 16 || p.c > 64) return false;
+#endif
   const int64_t q = (p.oh + (p.kh - 1) * p.dh / p.sh) * (p.ow + (p.kw - 1) * p.dw / p.sw);
   return q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #else

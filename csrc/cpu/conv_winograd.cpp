@@ -440,10 +440,9 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   if (q.dtype != DType::Float32 || kg < 8) return false;
 #if !defined(__AVX512F__)
   // The AVX2 build: the channels-minor kernel (conv_nhwc.cpp) first where it is preferred (maps
-  // of at most 8x8 outputs) over at most 128 channels: 8x8 maps over 16-96 channels ran it
-  // 1.05-1.45x faster than Winograd, 128 even; over 256 (32x256x8x8) Winograd's forward won by
-  // 1.05-1.15x (benchmarks/RESULTS.md, section 2026-12-03 15:16). The AVX-512 build checks
-  // Winograd first.
+  // of at most 8x8 outputs) over at most 128 channels: there it beat Winograd over 16-96
+  // channels and tied at 128; over 256 Winograd's forward won (benchmarks/RESULTS.md, section
+  // 2026-12-03 15:16). The AVX-512 build checks Winograd first.
   if (ch <= 128 && nhwc_preferred(q)) return false;
 #endif
   // Channel ratio: the table holds near-equal counts and a 3-channel first layer; 32x16x8x8 ->
