@@ -318,12 +318,16 @@ def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
     the half a missing thread would have streamed (that reads as ~2x the one-thread rate)."""
     import subprocess
     import sys
+    # The two thread counts take turns, round after round, and each keeps its best: a slow spell
+    # of the shared VM then falls on both. Measured back to back (three 2-thread runs, then three
+    # 1-thread runs) the ratio read 1.55 in one CI run where both streamed with one thread.
     code = ("import fastdl\nfrom fastdl import _C\n"
-            "def best(nt):\n"
-            "    fastdl.set_num_threads(nt)\n"
-            "    return max(_C.measure_stream_bandwidth('copy', 1 << 20, 5, 0.1)\n"
-            "               for _ in range(3))\n"
-            "print(best(2) / best(1))\n")
+            "best = {1: 0.0, 2: 0.0}\n"
+            "for _ in range(5):\n"
+            "    for nt in (2, 1):\n"
+            "        fastdl.set_num_threads(nt)\n"
+            "        best[nt] = max(best[nt], _C.measure_stream_bandwidth('copy', 1 << 20, 5, 0.05))\n"
+            "print(best[2] / best[1])\n")
     env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=120)

@@ -1,7 +1,8 @@
 // Kernels that check the emulation itself (emulation builds only; tests/test_cuda_emulation.py):
 // barriers order shared-memory traffic, a missing barrier or an unwritten shared element reads
 // the 0xFF poison (NaN), warp shuffles and votes, dynamic shared memory, and the launch and
-// barrier errors. Written by the rules in emu_core.h, so they also show them in use.
+// barrier errors, and (for the ASan build) overruns of shared memory and of a thread's stack.
+// Written by the rules in emu_core.h, so they also show them in use.
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -84,6 +85,24 @@ __global__ void divergent_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// Deliberate overruns, for the AddressSanitizer build only (tests/test_cuda_emulation.py runs
+// them in a subprocess and expects ASan's report): thread 63 reads one float past a 64-float
+// shared array (the arena's poisoned fence), and thread 8 reads past a per-thread local array
+// (its fiber stack's redzone). Elsewhere they read garbage and return it.
+__global__ void shared_overrun_kernel(float* out) {
+  FASTDL_SHARED(16, float, s, [64]);
+  s[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[threadIdx.x] = s[threadIdx.x + 1];
+}
+
+__global__ void stack_overrun_kernel(float* out, int n) {
+  float local[8];
+  for (int i = 0; i < 8; ++i) local[i] = float(i + threadIdx.x);
+  __syncthreads();  // a fiber switch between the writes and the read
+  out[threadIdx.x] = local[threadIdx.x % n];  // n = 9: thread 8 reads local[8]
+}
+
 void check() { FASTDL_CUDA_CHECK_LAUNCH(); }
 
 }  // namespace
@@ -132,6 +151,12 @@ std::vector<double> cuda_emulation_selftest(const std::string& name) {
   } else if (name == "divergent_barriers") {
     n = 32;
     FASTDL_LAUNCH(1, n, 0, nullptr, divergent_kernel)(o);
+  } else if (name == "shared_overrun") {
+    n = 64;
+    FASTDL_LAUNCH(1, n, 0, nullptr, shared_overrun_kernel)(o);
+  } else if (name == "stack_overrun") {
+    n = 9;
+    FASTDL_LAUNCH(1, n, 0, nullptr, stack_overrun_kernel)(o, int(n));
   } else {
     throw std::invalid_argument("cuda_emulation_selftest: unknown case " + name);
   }
