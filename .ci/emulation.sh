@@ -21,9 +21,10 @@ flags=(-DFASTDL_CUDA=OFF -DFASTDL_CUDA_EMULATION=ON
        -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')")
 env=(FASTDL_TEST_SEED="${FASTDL_TEST_SEED:-0}")
 extra=()
-# Without asan this pass runs the CUDA tests (-m cuda), which reach the CPU kernels only through
-# their portable build: the AVX2 and AVX-512 builds are left out (the README suite and the ASan
-# pass run them), which also compiles the portable-only configuration other CPUs get.
+# Without asan, .ci/run gives this pass -m cuda: the CUDA tests, which reach the CPU kernels only
+# through their portable build. The AVX2 and AVX-512 builds are left out (the README suite and the
+# ASan pass run them), which also compiles the portable-only configuration other CPUs get;
+# build_info()['x86_kernel_builds'] says so, and the CPU-path tests expect 'default' then.
 [[ $asan == 1 ]] || flags+=(-DFASTDL_X86_KERNEL_BUILDS=OFF)
 if [[ $asan == 1 ]]; then
   # -g1 (line tables: ASan's reports keep file:line) rather than RelWithDebInfo's -g: full debug

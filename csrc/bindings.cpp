@@ -305,6 +305,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capability", []() { return std::string(cpu_capability_name()); });
   m.def("cpu_supports_avx2", &cpu_supports_avx2);
   m.def("cpu_supports_avx512", &cpu_supports_avx512);
+  // Whether the AVX2 and AVX-512 kernel builds are compiled in (CMake FASTDL_X86_KERNEL_BUILDS;
+  // never on other CPUs), and whether this is an AddressSanitizer build (.ci/asan.sh).
+  m.def("x86_kernel_builds", []() { return FASTDL_HAVE_X86_BUILD != 0; });
+#if defined(__SANITIZE_ADDRESS__)
+  m.def("address_sanitizer", []() { return true; });
+#else
+  m.def("address_sanitizer", []() { return false; });
+#endif
   m.def("set_cpu_capability", [](const std::string& s) { set_cpu_capability(s.c_str()); });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);

@@ -35,6 +35,8 @@ void set_cpu_capability(const char* name); // used by tests; throws std::invalid
        : ::fastdl::isa_default::fn(__VA_ARGS__))
 #else
 #define FASTDL_DECLARE_IN_X86_ISAS(...)
-#define FASTDL_CPU_DISPATCH(fn, ...) (::fastdl::isa_default::fn(__VA_ARGS__))
+// One build, but FASTDL_CPU_CAPABILITY is still read (and a bad value rejected) as on x86.
+#define FASTDL_CPU_DISPATCH(fn, ...) \
+  ((void)::fastdl::cpu_capability(), ::fastdl::isa_default::fn(__VA_ARGS__))
 #endif
 #endif

@@ -69,6 +69,8 @@ def build_info() -> dict:
         "cpu_capability": _C.cpu_capability(),
         "cpu_supports_avx2": bool(_C.cpu_supports_avx2()),
         "cpu_supports_avx512": bool(_C.cpu_supports_avx512()),
+        "x86_kernel_builds": bool(_C.x86_kernel_builds()),
+        "address_sanitizer": bool(_C.address_sanitizer()),
         "cuda_compiled": bool(_C.cuda_compiled()),
         "cuda_emulation": bool(_C.cuda_emulated()),
         "cuda_architectures": [a for a in archs.split(",") if a],

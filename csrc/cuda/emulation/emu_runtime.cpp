@@ -114,6 +114,8 @@ struct SharedSite {
   void* ptr;
 };
 
+void unpoison(void* p, size_t n);  // ASan: marks [p, p + n) addressable (a no-op elsewhere)
+
 // Per host thread: the fibers and shared arena of the launch it is running.
 struct Block {
   std::vector<Fiber> fibers;
@@ -141,7 +143,10 @@ struct Block {
 #endif
   ~Block() {
     for (Fiber& f : fibers)
-      if (f.stack) munmap(f.stack - kGuardBytes, kStackBytes + kGuardBytes);
+      if (f.stack) {
+        unpoison(f.stack, kStackBytes);  // the last frames' marks, not left for the next mapping
+        munmap(f.stack - kGuardBytes, kStackBytes + kGuardBytes);
+      }
     if (arena) munmap(arena, kArenaBytes);
   }
 };
@@ -174,14 +179,19 @@ void unpoison(void* p, size_t n) {
 // of stack, 64 KB of shadow, released and re-mapped each time), and that made CI's ASan pass
 // mostly system time (test_cuda_large_hidden[GRU]: 20 s of 30 s in the kernel, 3.8 M madvise and
 // 1.9 M mmap calls on the 2-core AMD VM). The fiber API calls below keep ASan's stack bookkeeping;
-// the shadow a fiber's frames leave is reset where a fiber is (re)made (run_block).
+// the shadow a fiber's frames leave is reset where a fiber is (re)made (run_block) and before its
+// stack is unmapped (~Block). The libc function is looked up before the first switch
+// (ensure_fibers), not between a __sanitizer_start_switch_fiber and its switch.
 #ifdef FASTDL_EMU_ASAN
 using SwapFn = int (*)(ucontext_t*, const ucontext_t*);
 SwapFn libc_swapcontext() {
   static const SwapFn fn = [] {
     void* libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
     void* f = libc ? dlsym(libc, "swapcontext") : nullptr;  // libc's own, not the interposed one
-    return f ? reinterpret_cast<SwapFn>(f) : static_cast<SwapFn>(&swapcontext);
+    if (f) return reinterpret_cast<SwapFn>(f);
+    std::fprintf(stderr, "fastdl emulation: libc's swapcontext not found; fiber switches go "
+                         "through ASan's interceptor (correct, much slower)\n");
+    return static_cast<SwapFn>(&swapcontext);
   }();
   return fn;
 }
@@ -236,6 +246,9 @@ void resume(Block& b, int t) {
 }
 
 void ensure_fibers(Block& b, int n) {
+#ifdef FASTDL_EMU_ASAN
+  (void)libc_swapcontext();
+#endif
   while (static_cast<int>(b.fibers.size()) < n) {
     void* m = mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                    -1, 0);
