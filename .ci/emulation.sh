@@ -65,6 +65,7 @@ if [[ $asan == 1 ]]; then
 fi
 cmake -S . -B "$work/build" -G Ninja "${flags[@]}" >/dev/null
 cmake --build "$work/build" >/dev/null
+echo "built $work/build in $SECONDS s"
 cp -r python/fastdl "$work/pkg/" && rm -f "$work"/pkg/fastdl/_C*.so && cp "$work"/build/_C*.so "$work/pkg/fastdl/"
 env "${env[@]}" PYTHONPATH="$work/pkg" python -c \
   "import fastdl, sys; i = fastdl.build_info(); print('build_info:', i); sys.exit(0 if i['cuda_emulation'] else 'not an emulation build')"
