@@ -27,9 +27,8 @@ extra=()
 # build_info()['x86_kernel_builds'] says so, and the CPU-path tests expect 'default' then.
 [[ $asan == 1 ]] || flags+=(-DFASTDL_X86_KERNEL_BUILDS=OFF)
 if [[ $asan == 1 ]]; then
-  # -g1 (line tables: ASan's reports keep file:line) rather than RelWithDebInfo's -g: full debug
-  # info made the instrumented kernels compile ~1.5x slower (avx2 rnn_cell.cpp: 22.3 s -g, 14.7 s
-  # -g1 on the 2-core AMD VM), and this build took 7.5 min of CI there.
+  # -g1 (line tables: ASan's reports keep file:line) rather than RelWithDebInfo's -g, which made
+  # this build, CI's longest, compile ~1.2x slower (benchmarks/RESULTS.md, 2026-12-03 18:32).
   flags+=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG"
           -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer"
           -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address")
@@ -44,20 +43,18 @@ if [[ $asan == 1 ]]; then
   # test_rnn, test_optim run under ASan; the wheel tests build their own uninstrumented wheels;
   # the gpu_check.sh test reads a shell script; test_compile's kernels are the ones the kernel
   # files run, through torch.library ops whose front ends it checks bitwise against the eager
-  # path (its inductor compiles alone took 130 s under ASan). test_bench stays: it is the only
+  # path (its inductor compiles are slow under ASan). test_bench stays: it is the only
   # caller of the stream-bandwidth kernel.
   for f in test_metrics test_preprocessing test_callbacks test_readme test_examples test_wheel \
            test_gpu_check_script test_compile; do
     extra+=(--ignore "tests/$f.py")
   done
-  # Deselected, measured under ASan on the 2-core AMD VM (they run uninstrumented in the README
+  # Deselected, the two slowest CPU-bound items under ASan (they run uninstrumented in the README
   # suite, and other cases under ASan run the same kernels): conv's gradcheck/gradgradcheck
-  # (Python autograd over kernels the sweeps run; 75 s) and test_bench's tiny --report run (66 s;
-  # every suite's kernels through the harness, which the kernel tests run under ASan).
-  # Since the emulation stopped going through ASan's swapcontext interceptor (emu_runtime.cpp)
-  # the emulated CUDA cases cost a tenth of what they did, so all of them run here again (the
-  # ones once left out: 15 s), as do test_model, test_convert, test_func and test_distributed
-  # (whole models, torch.func, 2-process DDP launches with ASan preloaded: 60 s).
+  # (Python autograd over kernels the sweeps run) and test_bench's tiny --report run (every
+  # suite's kernels through the harness, which the kernel tests run under ASan). Every emulated
+  # CUDA case runs here, and the whole-model, torch.func and 2-process DDP files: the costs are in
+  # benchmarks/RESULTS.md (2026-12-03 18:32).
   for t in test_conv.py::test_gradcheck test_conv.py::test_gradgradcheck \
            "test_bench.py::test_report_from_a_tiny_run"; do
     extra+=(--deselect "tests/$t")

@@ -176,12 +176,11 @@ void unpoison(void* p, size_t n) {
 
 // Fiber switches. Under ASan, libc's swapcontext itself, not ASan's interceptor of it: the
 // interceptor clears the shadow of the whole target stack before and after every switch (512 KB
-// of stack, 64 KB of shadow, released and re-mapped each time), and that made CI's ASan pass
-// mostly system time (test_cuda_large_hidden[GRU]: 20 s of 30 s in the kernel, 3.8 M madvise and
-// 1.9 M mmap calls on the 2-core AMD VM). The fiber API calls below keep ASan's stack bookkeeping;
-// the shadow a fiber's frames leave is reset where a fiber is (re)made (run_block) and before its
-// stack is unmapped (~Block). The libc function is looked up before the first switch
-// (ensure_fibers), not between a __sanitizer_start_switch_fiber and its switch.
+// of stack, 64 KB of shadow, released and re-mapped each time), which made CI's ASan pass mostly
+// system time (benchmarks/RESULTS.md, 2026-12-03 18:32). The fiber API calls keep ASan's stack
+// bookkeeping; the shadow a fiber's frames leave is reset where a fiber is (re)made (run_block)
+// and before its stack is unmapped (~Block). The libc function is looked up before the first
+// switch (ensure_fibers), not between a __sanitizer_start_switch_fiber and its switch.
 #ifdef FASTDL_EMU_ASAN
 using SwapFn = int (*)(ucontext_t*, const ucontext_t*);
 SwapFn libc_swapcontext() {
