@@ -246,9 +246,8 @@ def test_winograd_automatic_choice(cpu_path):
         resnet = ((32, 64, 56, 56), (64, 64, 3, 3))
         assert algo(*resnet, padding=1) == wino
         assert algo(*resnet, padding=1, pass_="input") == wino
-        # (Winograd's weight gradient only when forced; the AVX-512 build takes the implicit one)
-        assert algo(*resnet, padding=1, pass_="weight") == (
-            "implicit" if cpu_path == "avx512" else "gemm")
+        # (Winograd's weight gradient only when forced; the vector builds take the implicit one)
+        assert algo(*resnet, padding=1, pass_="weight") == imp
         assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
         assert algo(*resnet, padding=1, stride=2) == "gemm"
         assert algo(*resnet, padding=1, dilation=2) == imp
@@ -788,10 +787,10 @@ def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding)
 
 
 def test_auto_choice_implicit(cpu_path):
-    # The implicit weight gradient: float32 stride-1 layers with little padding on the AVX-512
-    # build only (conv_implicit.cpp, implicit_preferred); Winograd keeps this layer's forward and
+    # The implicit weight gradient: float32 stride-1 layers with little padding on the vector
+    # builds (conv_implicit.cpp, implicit_preferred); Winograd keeps this layer's forward and
     # input gradient (test_auto_choice_implicit_forward).
-    implicit = "implicit" if cpu_path == "avx512" else "gemm"
+    implicit = "implicit" if cpu_path != "default" else "gemm"
     x = np.zeros((2, 64, 56, 56), np.float32)
     w3 = np.zeros((64, 64, 3, 3), np.float32)
     assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_="weight") == implicit
@@ -803,11 +802,17 @@ def test_auto_choice_implicit(cpu_path):
     for other in (dict(x=x[:, :, :12, :12], w=w3, kw=dict(padding=1)),
                   dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
                   dict(x=x, w=w3, kw=dict(padding=1, stride=2)),           # stride 2
-                  dict(x=x, w=w3[:, :, :1, :1], kw={}),                    # 1x1
-                  dict(x=np.zeros((2, 128, 56, 56), np.float32),           # 1152 GEMM columns
-                       w=np.zeros((64, 128, 3, 3), np.float32), kw=dict(padding=1))):
+                  dict(x=x, w=w3[:, :, :1, :1], kw={})):                   # 1x1
         assert ops_conv.conv2d_algorithm(other["x"], other["w"], pass_="weight",
                                          **other["kw"]) == "gemm", other["kw"]
+    # 128 input channels: 1152 GEMM columns, over the AVX-512 build's 1024; within the AVX2
+    # build's 128 channels a side
+    x128, w128 = np.zeros((2, 128, 56, 56), np.float32), np.zeros((64, 128, 3, 3), np.float32)
+    assert ops_conv.conv2d_algorithm(x128, w128, padding=1, pass_="weight") == (
+        "implicit" if cpu_path == "avx2" else "gemm")
+    # 256 output channels: within the AVX-512 build's 1024 columns; over the AVX2 build's 128
+    assert ops_conv.conv2d_algorithm(x, np.zeros((256, 64, 3, 3), np.float32), padding=1,
+                                     pass_="weight") == ("implicit" if cpu_path == "avx512" else "gemm")
     # 10x10 planes of 8x8 outputs (+56%): not implicit (the channels-minor kernel on AVX-512)
     assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], w3, padding=1, pass_="weight") == (
         "nhwc" if cpu_path == "avx512" else "gemm")

@@ -50,8 +50,15 @@ constexpr size_t kKeepBytes = size_t(4) << 20;
 // blocks to fit, or small images are stacked until their q range reaches kTaskQ.
 constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // q values per task wanted: a tile sums its lanes once per task, and that sum is costly against
-// short q ranges (measured on conv 3: benchmarks/RESULTS.md, 2026-12-03).
+// short q ranges (AVX-512, 27 16-lane accumulators per tile: measured on conv 3, benchmarks/
+// RESULTS.md, 2026-12-03). The AVX2 build's 9 8-lane accumulators cost less to sum, and more,
+// smaller tasks ran faster there: 1024 against 4096 took conv 2's weight gradient 11.1 -> 9.7 ms
+// and 16x64x16x16 -> 64's 3.0 -> 2.4 (benchmarks/RESULTS.md, 2026-12-03 22:00).
+#if defined(__AVX512F__)
 constexpr int64_t kTaskQ = 4096;
+#else
+constexpr int64_t kTaskQ = 1024;
+#endif
 
 
 // gyp[kk][i * xi + r * P + col] = gy[n0 + i, kk, oh0 + r, col] for r < nrows, col < OW; 0 elsewhere
@@ -141,12 +148,21 @@ bool implicit_preferred(const Conv2dParams& p) {
   // The rule fitted to forced GEMM / forced implicit weight-gradient timings on the AVX-512 build
   // (table and figures: benchmarks/RESULTS.md, 2026-12-03): stride 1 with padded planes close to
   // the output's size won; more padding, stride 2 (four phase planes per channel stall the tile's
-  // loads), 1x1 kernels (GEMM reads x in place) and over 1024 GEMM columns did not. The AVX2
-  // build's 16-register tile never beat its GEMM: never chosen there.
+  // loads), 1x1 kernels (GEMM reads x in place) and over 1024 GEMM columns did not.
   if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1) return false;
   const int64_t cg = p.c / p.groups, ckk = cg * p.kh * p.kw;
   const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
   return ckk <= 1024 && q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
+#elif defined(__AVX2__) && defined(__FMA__)
+  // The AVX2 build (fitted on the Zen 3 VM, forced GEMM / forced implicit, 2 threads; table in
+  // benchmarks/RESULTS.md, 2026-12-03 22:00): stride 1 with padded planes at most 35% larger
+  // than the output won 1.02-1.7x (conv 3 56 -> 47 ms) up to 128 channels a side, 5x5 kernels
+  // included; 256 channels (x's planes out of cache for each of the kg / 3 tile rows), stride 2
+  // and small maps (8x8: planes 56% larger) did not.
+  if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1) return false;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
+  return cg <= 128 && kg <= 128 && q * 20 <= p.oh * p.ow * 27;
 #else
   (void)p;
   return false;
