@@ -394,3 +394,25 @@ def test_gpu_check_table_blames_only_the_side_over_the_limit(tmp_path):
     ok = [ln for ln in lines if ln.startswith("pool") and " c " in ln][0]
     assert "LIMIT ERROR" not in ok and "50% dram" in ok and "over the limit: torch a" in ok
     assert "LIMIT ERROR" in [ln for ln in lines if " d " in ln][0]
+
+
+def test_conv_passes_harness_parses_layers_and_times_every_variant(capsys):
+    """benchmarks/conv_passes.py (the harness behind the conv algorithm rules): layer syntax,
+    its errors, and one tiny run printing each algorithm (with the one it ran) and torch."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "conv_passes.py")
+    spec = importlib.util.spec_from_file_location("conv_passes", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_layer("8x64x28x28-32k4s2p1g2") == (
+        (8, 64, 28, 28), (32, 32, 4, 4), dict(s=2, p=1, d=1, g=2))
+    for bad in ("8x64x28-32k3", "8x64x28x28-32", "8x64x28x28-32k3q1"):
+        with pytest.raises(Exception, match="layer"):
+            mod.parse_layer(bad)
+    with pytest.raises(SystemExit):
+        mod.main(["--algos", "fastest", "2x4x6x6-4k3"])
+    mod.main(["--pass", "input", "--algos", "gemm,winograd", "--rounds", "2", "2x4x6x6-4k3s2p1"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    # Winograd does not serve stride 2: the row names what ran instead
+    assert line.startswith("2x4x6x6-4k3s2p1 input: gemm ") and "winograd:" in line
+    assert "torch " in line and line.count("x)") == 2
