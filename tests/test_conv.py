@@ -249,7 +249,15 @@ def test_winograd_automatic_choice(cpu_path):
         # (Winograd's weight gradient only when forced; the vector builds take the implicit one)
         assert algo(*resnet, padding=1, pass_="weight") == imp
         assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
-        assert algo(*resnet, padding=1, stride=2) == "gemm"
+        # stride 2: the AVX2 build's channels-minor forward from 4x4 outputs up (28x28 here;
+        # the AVX-512 build's only onto 14x14 and smaller)
+        assert algo(*resnet, padding=1, stride=2) == ("nhwc" if cpu_path == "avx2" else "gemm")
+        assert algo((16, 64, 16, 16), (128, 64, 3, 3), padding=1, stride=2) == (
+            "nhwc" if cpu_path != "default" else "gemm")
+        if cpu_path == "avx2":  # 2x2 outputs: not on AVX2
+            assert algo((16, 256, 4, 4), (512, 256, 3, 3), padding=1, stride=2) == "gemm"
+        for dilated in (dict(stride=2, padding=2, dilation=2), dict(stride=3, padding=1)):
+            assert algo(*resnet, **dilated) != "nhwc", dilated
         assert algo(*resnet, padding=1, dilation=2) == imp
         # (not Winograd: the AVX-512 and AVX2 builds run these small maps on the channels-minor
         # forward)
@@ -640,9 +648,10 @@ def test_auto_choice_phase(cpu_path):
     assert ops_conv.conv2d_algorithm(x.astype(np.float64), k5.astype(np.float64), stride=2,
                                      padding=2, pass_="input") == "gemm"
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == "gemm"
-    # (the forward: the implicit one on the vector builds, 16 taps over 4 phases)
+    # (the forward: the implicit one, 16 taps over 4 phases; on the AVX2 build the channels-
+    # minor one, which takes stride 2 first there)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
-        "implicit" if cpu_path != "default" else "gemm")
+        {"avx512": "implicit", "avx2": "nhwc"}.get(cpu_path, "gemm"))
     # GEMM measured faster: a 7x7 stride-2 stem over 3 channels, a 1x1 stride-2 over 64
     stem = np.zeros((1, 3, 64, 64), np.float32)
     assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
@@ -1755,7 +1764,9 @@ def test_auto_choice_implicit_forward(cpu_path):
     imp = lambda other: "implicit" if cpu_path != "default" else other
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
-    assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == imp("gemm")  # issue 7
+    # issue 7 (on the AVX2 build the channels-minor forward takes stride 2 first)
+    assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
+        "nhwc" if cpu_path == "avx2" else imp("gemm"))
     assert algo((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == imp("gemm")   # stem
     for pass_ in ("forward", "input"):
         assert algo((16, 32, 32, 32), (64, 32, 5, 5), pass_, padding=2) == imp("gemm")
@@ -1781,9 +1792,9 @@ def test_auto_choice_implicit_forward(cpu_path):
     assert algo((32, 8, 28, 28), (16, 8, 3, 3), padding=1) == imp("gemm")
     assert algo((32, 12, 28, 28), (16, 12, 3, 3), padding=1) == (
         "implicit" if avx512 else wino)
-    # (the channels-minor forward takes two of them on the AVX-512 build, one on the AVX2 build:
+    # (the channels-minor forward takes two of them on the AVX-512 build, two on the AVX2 build:
     # test_auto_choice_nhwc)
-    nhwc = "nhwc" if avx512 else "gemm"
+    nhwc = "nhwc" if cpu_path != "default" else "gemm"
     for x, w, kw, want in (
             ((32, 128, 28, 28), (128, 128, 3, 3), dict(stride=2, padding=1), nhwc),  # 9 < 12
             ((32, 64, 32, 32), (64, 64, 2, 2), dict(stride=2), "gemm"),              # 2x2 s2
@@ -1805,9 +1816,10 @@ def test_auto_choice_nhwc(cpu_path):
     #   64-wide panels at most 1/8 empty; after Winograd. The weight gradient
     #   (nhwc_weight_preferred) besides: stride 1, at most 8x8 outputs, 256 channels each way
     #   and 1024 pixels in the batch.
-    # - AVX2: stride 1, maps of at most 8x8 outputs, at least 16 input channels and 32 to 4x as
-    #   many output channels with 16-wide panels at most 1/8 empty; ahead of Winograd up to 128
-    #   channels; never the weight gradient.
+    # - AVX2: at least 16 input channels and 32 to 4x as many output channels with 16-wide
+    #   panels at most 1/8 empty; stride 1 onto maps of at most 8x8 outputs (ahead of Winograd up
+    #   to 128 channels), or stride 2 (no dilation) onto 4x4 outputs and more; never the weight
+    #   gradient.
     # - the portable build: never.
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
@@ -1827,8 +1839,12 @@ def test_auto_choice_nhwc(cpu_path):
         check(x, w, "w", x512, **kw)
     check((8, 512, 7, 7), (512, 512, 3, 3), "fi", both, padding=1)
     check((8, 512, 7, 7), (512, 512, 3, 3), "w", none, padding=1)   # 7x7 maps, 512 channels
-    check((32, 128, 28, 28), (128, 128, 3, 3), "f", x512, stride=2, padding=1)
-    check((16, 128, 16, 16), (128, 128, 3, 3), "f", x512, stride=2, padding=1)   # 8x8 outputs
+    check((32, 128, 28, 28), (128, 128, 3, 3), "f", both, stride=2, padding=1)
+    check((16, 128, 16, 16), (128, 128, 3, 3), "f", both, stride=2, padding=1)   # 8x8 outputs
+    check((16, 32, 56, 56), (64, 32, 4, 4), "f", x2, stride=2, padding=1)   # 28x28 outputs
+    check((16, 256, 4, 4), (512, 256, 3, 3), "f", none, stride=2, padding=1)   # 2x2 outputs
+    check((16, 64, 16, 16), (128, 64, 3, 3), "f", x512, stride=2, padding=2, dilation=2)
+    check((16, 64, 24, 24), (128, 64, 3, 3), "f", x512, stride=3, padding=1)
     check((16, 64, 8, 8), (40, 64, 3, 3), "f", none, padding=1)   # panels 40 / 48 (16-wide)
     # the input gradient of a strided layer is no forward
     check((32, 128, 28, 28), (128, 128, 3, 3), "iw", none, stride=2, padding=1)
@@ -1846,7 +1862,8 @@ def test_auto_choice_nhwc(cpu_path):
             ((16, 128, 8, 8), (128, 128, 2, 2), {}, "fiw", none),                # 4 taps
             ((16, 128, 8, 8), (128, 64, 3, 3), dict(padding=1, groups=2), "fiw", none),  # groups
             ((16, 64, 16, 16), (128, 64, 3, 3), dict(padding=1), "w", none),     # 16x16
-            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "fw", none),  # 256 px
+            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "f", x2),  # 256 px
+            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "w", none),
             ((8, 128, 10, 10), (128, 128, 3, 3), dict(padding=1), "w", none),    # 100 pixels
             ((17, 128, 8, 8), (128, 128, 3, 3), dict(padding=1), "w", none)):    # 1088 pixels
         check(x, w, passes, builds, **kw)

@@ -396,13 +396,20 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // channels, 7x7 over 128-512, 5x5 kernels on 8x8, and 8x8 over 16-96 input and 32-96 output
   // channels ahead of Winograd (winograd_preferred asks this first up to 128 channels). Lost:
   // 12x12 and 14x14 maps and 8x8 over 256 channels (Winograd), 2x2 maps and batches of 64
-  // pixels. Even with GEMM: stride 2, and 8 times more output than input channels (32 -> 256):
-  // not taken.
-  // Not measured, so not taken: groups, fewer than 9 taps, float64.
+  // pixels. Even with GEMM: 8 times more output than input channels (32 -> 256): not taken.
+  // Stride 2 (3x3, forward; against GEMM, section 2026-12-03 22:00): won 1.14-1.30x onto 4x4
+  // to 16x16 outputs over 32-256 input channels (ResNet-18's downsampling 3x3s at 64x64 inputs
+  // among them), 1.02-1.04x onto 14x14 and 28x28 (conv shape 5); even or lost onto 2x2
+  // (0.90-1.00x): taken from 4x4 outputs up. (An earlier session measured it even with GEMM.)
+  // Not measured, so not taken: groups, fewer than 9 taps, float64, other strides, dilation
+  // with stride 2.
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
-  return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && p.sh == 1 &&
-         p.sw == 1 && cg >= 16 && kg >= 32 && kg <= 4 * cg && (nkb * 16 - kg) * 8 <= nkb * 16 &&
-         p.n * p.oh * p.ow >= 128 && p.oh * p.ow <= 64;
+  const bool stride1 = p.sh == 1 && p.sw == 1;
+  const bool stride2 = p.sh == 2 && p.sw == 2 && p.dh == 1 && p.dw == 1;
+  return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 16 &&
+         kg >= 32 && kg <= 4 * cg && (nkb * 16 - kg) * 8 <= nkb * 16 &&
+         p.n * p.oh * p.ow >= 128 &&
+         (stride1 ? p.oh * p.ow <= 64 : stride2 && p.oh * p.ow >= 16);
 #else
   // the portable build's tile (6 x 8 floats) was not measured
   (void)p;
