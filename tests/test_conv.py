@@ -492,7 +492,8 @@ SERVED = [((2, 1, 28, 28), (32, 1, 3, 3), {}),                                 #
           ((2, 24, 11, 11), (24, 1, 3, 3), dict(padding=1, groups=24)),        # depthwise
           ((2, 8, 10, 10), (24, 1, 3, 3), dict(padding=1, groups=8)),          # multiplier 3
           ((1, 64, 15, 15), (64, 64, 3, 3), dict(padding=1)),                  # one image
-          ((2, 16, 14, 14), (16, 16, 3, 3), dict(stride=2, padding=1))]        # strided
+          ((2, 16, 14, 14), (16, 16, 3, 3), dict(stride=2, padding=1)),        # strided
+          ((2, 16, 16, 16), (32, 16, 3, 3), dict(stride=2, padding=1))]        # nhwc, AVX2 auto
 
 
 @pytest.mark.parametrize("case", range(len(SERVED)))
