@@ -35,15 +35,19 @@ def parse_layer(text):
     opts = dict(s=1, p=0, d=1, g=1)
     for key, val in re.findall(r"([spdg])(\d+)", m.group(7)):
         opts[key] = int(val)
+    if opts["g"] < 1 or c % opts["g"] or k % opts["g"]:
+        raise argparse.ArgumentTypeError(f"layer {text!r}: groups must divide C and K")
     return (n, c, h, w), (k, c // opts["g"], ks, ks), opts
 
 
-def time_layer(text, pass_, algos, rounds):
-    xs, ws, o = parse_layer(text)
+def time_layer(layer, pass_, algos, rounds):
+    text, (xs, ws, o) = layer
     x, w = torch.randn(xs), torch.randn(ws)
     kw = dict(stride=o["s"], padding=o["p"], dilation=o["d"], groups=o["g"])
     gy = torch.randn_like(torch.nn.functional.conv2d(x, w, **kw))
     mask = {"forward": None, "input": (True, False, False), "weight": (False, True, False)}[pass_]
+
+    before = fastdl.ops.get_conv_algorithm()  # restored after each call (FASTDL_CONV_ALGO's too)
 
     def fastdl_call(algo):
         def call():
@@ -54,7 +58,7 @@ def time_layer(text, pass_, algos, rounds):
                 else:
                     fastdl.ops.conv2d_backward(gy, x, w, output_mask=mask, **kw)
             finally:
-                fastdl.ops.set_conv_algorithm("auto")
+                fastdl.ops.set_conv_algorithm(before)
         return call
 
     def torch_call():
@@ -68,11 +72,15 @@ def time_layer(text, pass_, algos, rounds):
     calls = {}
     for algo in algos:
         fastdl.ops.set_conv_algorithm(algo)
-        ran = ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw)  # a forced algo may not serve
-        fastdl.ops.set_conv_algorithm("auto")
+        try:
+            ran = ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw)  # a forced one may not serve
+        finally:
+            fastdl.ops.set_conv_algorithm(before)
         calls[f"{algo}:{ran}" if ran != algo else algo] = fastdl_call(algo)
     calls["torch"] = torch_call
     names = list(calls)
+    for name in names:  # warm-up: first-call costs (buffers, thread start) stay out of the rounds
+        calls[name]()
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -94,13 +102,21 @@ def main(argv=None):
     ap.add_argument("--algos", default="auto,gemm", help="comma-separated; the first is the base")
     ap.add_argument("--rounds", type=int, default=11)
     args = ap.parse_args(argv)
-    algos = args.algos.split(",")
+    algos = list(dict.fromkeys(args.algos.split(",")))  # (a repeat would be one variant)
     for algo in algos:
         if algo not in ops_conv.ALGORITHMS:
             ap.error(f"unknown algorithm {algo!r}: expected one of {sorted(ops_conv.ALGORITHMS)}")
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    layers = []
+    for text in args.layers:  # all checked before any is timed
+        try:
+            layers.append((text, parse_layer(text)))
+        except argparse.ArgumentTypeError as e:
+            ap.error(str(e))
     print(f"fastdl threads {fastdl.get_num_threads()}, torch threads {torch.get_num_threads()}, "
-          f"best/median ms of {args.rounds} rotated rounds")
-    for layer in args.layers:
+          f"best/median ms of {args.rounds} rotated rounds after one warm-up call each")
+    for layer in layers:
         time_layer(layer, args.pass_, algos, args.rounds)
 
 

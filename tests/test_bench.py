@@ -1,5 +1,6 @@
 """fastdl-bench (issue #12): the machine limits are ceilings, the honesty flags, --report,
 --compare and --suite. The report test runs every suite in its quick form with a tiny budget."""
+import argparse
 import json
 import os
 
@@ -406,13 +407,24 @@ def test_conv_passes_harness_parses_layers_and_times_every_variant(capsys):
     spec.loader.exec_module(mod)
     assert mod.parse_layer("8x64x28x28-32k4s2p1g2") == (
         (8, 64, 28, 28), (32, 32, 4, 4), dict(s=2, p=1, d=1, g=2))
-    for bad in ("8x64x28-32k3", "8x64x28x28-32", "8x64x28x28-32k3q1"):
-        with pytest.raises(Exception, match="layer"):
+    for bad in ("8x64x28-32k3", "8x64x28x28-32", "8x64x28x28-32k3q1", "8x64x28x28-32k3g3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="layer"):
             mod.parse_layer(bad)
-    with pytest.raises(SystemExit):
-        mod.main(["--algos", "fastest", "2x4x6x6-4k3"])
-    mod.main(["--pass", "input", "--algos", "gemm,winograd", "--rounds", "2", "2x4x6x6-4k3s2p1"])
+    # bad arguments stop before anything is timed (a bad second layer included)
+    for argv in (["--algos", "fastest", "2x4x6x6-4k3"], ["--rounds", "0", "2x4x6x6-4k3"],
+                 ["2x4x6x6-4k3", "2x4x6x6-4k3g3"]):
+        with pytest.raises(SystemExit):
+            mod.main(argv)
+        assert "input:" not in capsys.readouterr().out
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("reference")   # the caller's choice survives the run
+    try:
+        mod.main(["--pass", "input", "--algos", "gemm,winograd,gemm", "--rounds", "2",
+                  "2x4x6x6-4k3s2p1"])
+        assert fastdl.ops.get_conv_algorithm() == "reference"
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    # Winograd does not serve stride 2: the row names what ran instead
+    # Winograd does not serve stride 2: the row names what ran instead; the repeated gemm is one
     assert line.startswith("2x4x6x6-4k3s2p1 input: gemm ") and "winograd:" in line
-    assert "torch " in line and line.count("x)") == 2
+    assert "torch " in line and line.count("x)") == 2 and line.count(" gemm ") == 1

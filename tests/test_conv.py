@@ -256,8 +256,10 @@ def test_winograd_automatic_choice(cpu_path):
             "nhwc" if cpu_path != "default" else "gemm")
         if cpu_path == "avx2":  # 2x2 outputs: not on AVX2
             assert algo((16, 256, 4, 4), (512, 256, 3, 3), padding=1, stride=2) == "gemm"
-        for dilated in (dict(stride=2, padding=2, dilation=2), dict(stride=3, padding=1)):
-            assert algo(*resnet, **dilated) != "nhwc", dilated
+        # (dilated stride 2, and stride 3: the AVX2 rule's stride-2 branch takes neither, and
+        # both give 361-784 output pixels, over the AVX-512 build's 196)
+        for other in (dict(stride=2, padding=2, dilation=2), dict(stride=3, padding=1)):
+            assert algo(*resnet, **other) == "gemm", other
         assert algo(*resnet, padding=1, dilation=2) == imp
         # (not Winograd: the AVX-512 and AVX2 builds run these small maps on the channels-minor
         # forward)
@@ -812,7 +814,9 @@ def test_auto_choice_implicit(cpu_path):
     for other in (dict(x=x[:, :, :12, :12], w=w3, kw=dict(padding=1)),
                   dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
                   dict(x=x, w=w3, kw=dict(padding=1, stride=2)),           # stride 2
-                  dict(x=x, w=w3[:, :, :1, :1], kw={})):                   # 1x1
+                  dict(x=x, w=w3[:, :, :1, :1], kw={}),                    # 1x1
+                  dict(x=x, w=np.zeros((64, 64, 7, 7), np.float32),        # 3136 columns, 49 taps
+                       kw=dict(padding=3))):
         assert ops_conv.conv2d_algorithm(other["x"], other["w"], pass_="weight",
                                          **other["kw"]) == "gemm", other["kw"]
     # 128 input channels: 1152 GEMM columns, over the AVX-512 build's 1024; within the AVX2
@@ -820,6 +824,11 @@ def test_auto_choice_implicit(cpu_path):
     x128, w128 = np.zeros((2, 128, 56, 56), np.float32), np.zeros((64, 128, 3, 3), np.float32)
     assert ops_conv.conv2d_algorithm(x128, w128, padding=1, pass_="weight") == (
         "implicit" if cpu_path == "avx2" else "gemm")
+    # grouped and dilated layers: taken on the AVX-512 build; not measured on AVX2, not taken
+    for kw in (dict(padding=1, groups=2), dict(padding=2, dilation=2)):
+        w = w3[:, :32] if "groups" in kw else w3
+        assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == (
+            "implicit" if cpu_path == "avx512" else "gemm"), kw
     # 256 output channels: within the AVX-512 build's 1024 columns; over the AVX2 build's 128
     assert ops_conv.conv2d_algorithm(x, np.zeros((256, 64, 3, 3), np.float32), padding=1,
                                      pass_="weight") == ("implicit" if cpu_path == "avx512" else "gemm")
@@ -1846,6 +1855,8 @@ def test_auto_choice_nhwc(cpu_path):
     check((16, 256, 4, 4), (512, 256, 3, 3), "f", none, stride=2, padding=1)   # 2x2 outputs
     check((16, 64, 16, 16), (128, 64, 3, 3), "f", x512, stride=2, padding=2, dilation=2)
     check((16, 64, 24, 24), (128, 64, 3, 3), "f", x512, stride=3, padding=1)
+    check((16, 64, 64, 64), (128, 64, 3, 3), "f", none, stride=2, padding=1)   # 32x32 outputs
+    check((2, 16, 16, 16), (32, 16, 3, 3), "f", x2, stride=2, padding=1)   # SERVED's case
     check((16, 64, 8, 8), (40, 64, 3, 3), "f", none, padding=1)   # panels 40 / 48 (16-wide)
     # the input gradient of a strided layer is no forward
     check((32, 128, 28, 28), (128, 128, 3, 3), "iw", none, stride=2, padding=1)

@@ -6,8 +6,8 @@
 // (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
 // weight gradient, chosen by implicit_preferred there; conv_implicit_forward.cpp, the forward and
 // the stride-1 input gradient, chosen by implicit_forward_preferred there), Nhwc (conv_nhwc.cpp,
-// the forward, stride-1 input gradient and weight gradient of small maps, chosen by
-// nhwc_preferred and nhwc_weight_preferred there). Reference: one task per output plane
+// the forward, stride-1 input gradient and weight gradient of small maps, and on the AVX2 build
+// the forward of stride-2 layers, chosen by nhwc_preferred and nhwc_weight_preferred there). Reference: one task per output plane
 // (forward), input plane (input gradient) or output channel (weight gradient), double
 // accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.
@@ -193,7 +193,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
     return ConvAlgo::Winograd;
   // The channels-minor forward, stride-1 input gradient and weight gradient: small maps, many
   // channels (on the AVX2 build winograd_preferred has already deferred to it on maps of at most
-  // 8x8 over up to 128 channels).
+  // 8x8 over up to 128 channels); on the AVX2 build also the forward of stride-2 layers, ahead of
+  // the implicit forward.
   if (pass == ConvPass::Forward ? nhwc_preferred(p)
       : pass == ConvPass::BackwardInput &&
           p.sh == 1 && p.sw == 1 && nhwc_preferred(input_grad_as_forward(p)))

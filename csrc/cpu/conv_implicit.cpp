@@ -54,10 +54,10 @@ constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // RESULTS.md, 2026-12-03). The AVX2 build's 9 8-lane accumulators cost less to sum, and more,
 // smaller tasks ran faster there: 1024 against 4096 took conv 2's weight gradient 11.1 -> 9.7 ms
 // and 16x64x16x16 -> 64's 3.0 -> 2.4 (benchmarks/RESULTS.md, 2026-12-03 22:00).
-#if defined(__AVX512F__)
-constexpr int64_t kTaskQ = 4096;
-#else
+#if defined(__AVX2__) && !defined(__AVX512F__)
 constexpr int64_t kTaskQ = 1024;
+#else
+constexpr int64_t kTaskQ = 4096;  // (the portable build: not measured)
 #endif
 
 
@@ -156,12 +156,15 @@ bool implicit_preferred(const Conv2dParams& p) {
 #elif defined(__AVX2__) && defined(__FMA__)
   // The AVX2 build (fitted on the Zen 3 VM, forced GEMM / forced implicit, 2 threads; table in
   // benchmarks/RESULTS.md, 2026-12-03 22:00): stride 1 with padded planes at most 35% larger
-  // than the output won 1.02-1.7x (conv 3 56 -> 47 ms) up to 128 channels a side, 5x5 kernels
-  // included; 256 channels (x's planes out of cache for each of the kg / 3 tile rows), stride 2
-  // and small maps (8x8: planes 56% larger) did not.
+  // than the output ran 1.00-1.7x GEMM's speed (conv 3 54.9 -> 47.3 ms) up to 128 channels a
+  // side, 3x3 and 5x5 kernels; 256 channels (x's planes out of cache for each of the kg / 3
+  // tile rows) and stride 2 lost. Maps whose padded planes are more than 35% larger (8x8 and
+  // 12x12 with padding 1: 1.04-1.05x) are left out with that margin, as on AVX-512. Not
+  // measured, so not taken: groups, dilation, kernels over 25 taps.
   if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1) return false;
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
+  if (p.groups != 1 || p.dh != 1 || p.dw != 1 || p.kh * p.kw > 25) return false;
+  const int64_t cg = p.c, kg = p.k;
+  const int64_t q = (p.oh + p.kh - 1) * (p.ow + p.kw - 1);
   return cg <= 128 && kg <= 128 && q * 20 <= p.oh * p.ow * 27;
 #else
   (void)p;

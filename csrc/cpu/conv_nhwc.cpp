@@ -50,7 +50,8 @@ thread_local ScratchBuffer tl_nx, tl_ny, tl_nw, tl_np;
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's xp and pixel-major y hold about this many bytes (L2: every k block rereads them); a
 // block has at least one image, so a large image under the forced algorithm takes more (the
-// automatic choice takes maps of at most 196 output pixels).
+// automatic choice takes maps of at most 196 output pixels on the AVX-512 build, 64 on the AVX2
+// build at stride 1 and 784 at stride 2).
 constexpr int64_t kTaskBytes = int64_t(1) << 20;
 // The weight rows one pass over a task's tiles reads (taps x channels x NKB) stay within this
 // (L2, beside the task's xp): 512 channels' rows, 1.2 MB, ran from memory.
@@ -400,16 +401,17 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // Stride 2 (3x3, forward; against GEMM, section 2026-12-03 22:00): won 1.14-1.30x onto 4x4
   // to 16x16 outputs over 32-256 input channels (ResNet-18's downsampling 3x3s at 64x64 inputs
   // among them), 1.02-1.04x onto 14x14 and 28x28 (conv shape 5); even or lost onto 2x2
-  // (0.90-1.00x): taken from 4x4 outputs up. (An earlier session measured it even with GEMM.)
-  // Not measured, so not taken: groups, fewer than 9 taps, float64, other strides, dilation
-  // with stride 2.
+  // (0.90-1.00x): taken from 4x4 to 28x28 outputs (the largest measured; a larger map's task
+  // holds a whole padded channels-minor image per thread). (An earlier session measured it even
+  // with GEMM.) Not measured, so not taken: groups, fewer than 9 taps, float64, other strides,
+  // dilation with stride 2.
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
   const bool stride1 = p.sh == 1 && p.sw == 1;
   const bool stride2 = p.sh == 2 && p.sw == 2 && p.dh == 1 && p.dw == 1;
   return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 16 &&
          kg >= 32 && kg <= 4 * cg && (nkb * 16 - kg) * 8 <= nkb * 16 &&
          p.n * p.oh * p.ow >= 128 &&
-         (stride1 ? p.oh * p.ow <= 64 : stride2 && p.oh * p.ow >= 16);
+         (stride1 ? p.oh * p.ow <= 64 : stride2 && p.oh * p.ow >= 16 && p.oh * p.ow <= 784);
 #else
   // the portable build's tile (6 x 8 floats) was not measured
   (void)p;
