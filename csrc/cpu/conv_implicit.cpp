@@ -157,14 +157,16 @@ bool implicit_preferred(const Conv2dParams& p) {
   // The AVX2 build (fitted on the Zen 3 VM, forced GEMM / forced implicit, 2 threads; table in
   // benchmarks/RESULTS.md, 2026-12-03 22:00): stride 1 with padded planes at most 35% larger
   // than the output ran 1.00-1.7x GEMM's speed (conv 3 54.9 -> 47.3 ms) up to 128 channels a
-  // side, 3x3 and 5x5 kernels; 256 channels (x's planes out of cache for each of the kg / 3
-  // tile rows) and stride 2 lost. Maps whose padded planes are more than 35% larger (8x8 and
-  // 12x12 with padding 1: 1.04-1.05x) are left out with that margin, as on AVX-512. Not
-  // measured, so not taken: groups, dilation, kernels over 25 taps.
-  if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1) return false;
-  if (p.groups != 1 || p.dh != 1 || p.dw != 1 || p.kh * p.kw > 25) return false;
-  const int64_t cg = p.c, kg = p.k;
-  const int64_t q = (p.oh + p.kh - 1) * (p.ow + p.kw - 1);
+  // side (per group), 3x3 to 7x7 kernels, groups of 2-8 (1.28-1.72x) and dilation 2 (1.11-1.41x);
+  // 256 channels (x's planes out of cache for each of the kg / 3 tile rows) and stride 2 lost.
+  // Maps whose padded planes are more than 35% larger (8x8 and 12x12 with padding 1: 1.04-1.05x;
+  // 16x16 with dilation 2: 0.85x) are left out with that margin, as on AVX-512. Not measured,
+  // so not taken: kernels over 49 taps.
+  if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1 ||
+      p.kh * p.kw > 49)
+    return false;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
   return cg <= 128 && kg <= 128 && q * 20 <= p.oh * p.ow * 27;
 #else
   (void)p;
