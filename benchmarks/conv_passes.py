@@ -96,7 +96,8 @@ def time_layer(layer, pass_, algos, rounds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("layers", nargs="+", help="NxCxHxW-K k<kernel> [s p d g], e.g. 32x64x56x56-64k3p1")
+    ap.add_argument("layers", nargs="+",
+                    help="NxCxHxW-K k<kernel> [s p d g], e.g. 32x64x56x56-64k3p1")
     ap.add_argument("--pass", dest="pass_", choices=("forward", "input", "weight"),
                     default="forward")
     ap.add_argument("--algos", default="auto,gemm", help="comma-separated; the first is the base")

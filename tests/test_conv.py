@@ -690,7 +690,8 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
             ((4, 10, 5, 3), (2, 5, 3, 2), dict(groups=2)),                        # OW = 2
             ((2, 3, 7, 4), (4, 3, 2, 6), dict(padding=(0, 2), stride=(1, 3))),    # kw > OW
             ((1, 8, 1000, 500), (8, 8, 3, 3), dict(stride=2, padding=1, dilation=(2, 1))),
-            ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1))]                   # auto's shape
+            ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1)),                   # auto's shape
+            ((2, 6, 20, 18), (8, 3, 7, 7), dict(padding=3, groups=2))]            # 7x7 groups
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -834,8 +835,9 @@ def test_auto_choice_implicit(cpu_path):
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 64, 9, 9), np.float32), padding=4,
                                      pass_="weight") == "gemm"
     # 256 output channels: within the AVX-512 build's 1024 columns; over the AVX2 build's 128
-    assert ops_conv.conv2d_algorithm(x, np.zeros((256, 64, 3, 3), np.float32), padding=1,
-                                     pass_="weight") == ("implicit" if cpu_path == "avx512" else "gemm")
+    w256 = np.zeros((256, 64, 3, 3), np.float32)
+    assert ops_conv.conv2d_algorithm(x, w256, padding=1, pass_="weight") == (
+        "implicit" if cpu_path == "avx512" else "gemm")
     # 10x10 planes of 8x8 outputs (+56%): not implicit (the channels-minor kernel on AVX-512)
     assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], w3, padding=1, pass_="weight") == (
         "nhwc" if cpu_path == "avx512" else "gemm")

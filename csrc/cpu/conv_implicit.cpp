@@ -52,8 +52,7 @@ constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // q values per task wanted: a tile sums its lanes once per task, and that sum is costly against
 // short q ranges (AVX-512, 27 16-lane accumulators per tile: measured on conv 3, benchmarks/
 // RESULTS.md, 2026-12-03). The AVX2 build's 9 8-lane accumulators cost less to sum, and more,
-// smaller tasks ran faster there: 1024 against 4096 took conv 2's weight gradient 11.1 -> 9.7 ms
-// and 16x64x16x16 -> 64's 3.0 -> 2.4 (benchmarks/RESULTS.md, 2026-12-03 22:00).
+// smaller tasks ran faster there (figures: benchmarks/RESULTS.md, 2026-12-03 22:00).
 #if defined(__AVX2__) && !defined(__AVX512F__)
 constexpr int64_t kTaskQ = 1024;
 #else
@@ -154,14 +153,13 @@ bool implicit_preferred(const Conv2dParams& p) {
   const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
   return ckk <= 1024 && q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #elif defined(__AVX2__) && defined(__FMA__)
-  // The AVX2 build (fitted on the Zen 3 VM, forced GEMM / forced implicit, 2 threads; table in
+  // The AVX2 build (fitted on the Zen 3 VM to forced GEMM / forced implicit timings; table in
   // benchmarks/RESULTS.md, 2026-12-03 22:00): stride 1 with padded planes at most 35% larger
-  // than the output ran 1.00-1.7x GEMM's speed (conv 3 54.9 -> 47.3 ms) up to 128 channels a
-  // side (per group), 3x3 to 7x7 kernels, groups of 2-8 (1.28-1.72x) and dilation 2 (1.11-1.41x);
-  // 256 channels (x's planes out of cache for each of the kg / 3 tile rows) and stride 2 lost.
-  // Maps whose padded planes are more than 35% larger (8x8 and 12x12 with padding 1: 1.04-1.05x;
-  // 16x16 with dilation 2: 0.85x) are left out with that margin, as on AVX-512. Not measured,
-  // so not taken: kernels over 49 taps.
+  // than the output won or tied up to 128 channels a side (per group), 3x3 to 7x7 kernels,
+  // groups and dilation 2; 256 channels (x's planes out of cache for each of the kg / 3 tile
+  // rows) and stride 2 lost. Maps whose padded planes are more than 35% larger (8x8 and 12x12
+  // with padding 1, 16x16 with dilation 2) are left out with that margin, as on AVX-512. Not
+  // measured, so not taken: kernels over 49 taps.
   if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1 ||
       p.kh * p.kw > 49)
     return false;

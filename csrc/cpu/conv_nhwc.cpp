@@ -398,12 +398,11 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // channels ahead of Winograd (winograd_preferred asks this first up to 128 channels). Lost:
   // 12x12 and 14x14 maps and 8x8 over 256 channels (Winograd), 2x2 maps and batches of 64
   // pixels. Even with GEMM: 8 times more output than input channels (32 -> 256): not taken.
-  // Stride 2 (3x3, forward; against GEMM, section 2026-12-03 22:00): won 1.14-1.30x onto 4x4
-  // to 16x16 outputs over 32-256 input channels (ResNet-18's downsampling 3x3s at 64x64 inputs
-  // among them), 1.02-1.04x onto 14x14 and 28x28 (conv shape 5); even or lost onto 2x2
-  // (0.90-1.00x): taken from 4x4 to 28x28 outputs (the largest measured; a larger map's task
-  // holds a whole padded channels-minor image per thread). (An earlier session measured it even
-  // with GEMM.) Not measured, so not taken: groups, fewer than 9 taps, float64, other strides,
+  // Stride 2 (forward; against GEMM and the implicit forward, section 2026-12-03 22:00): won
+  // onto 4x4 to 28x28 outputs over 16-256 input channels (ResNet-18's downsampling 3x3s, conv
+  // shape 5, 4x4 and 5x5 kernels), even or lost onto 2x2: taken from 4x4 to 28x28 outputs (the
+  // largest measured; a larger map's task holds a whole padded channels-minor image per
+  // thread). Not measured, so not taken: groups, fewer than 9 taps, float64, other strides,
   // dilation with stride 2.
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
   const bool stride1 = p.sh == 1 && p.sw == 1;
