@@ -1,0 +1,71 @@
+// A transposing copy between a channel-major (planes) and a channel-minor (pixel rows) layout,
+// for the channels-minor convolution (conv_nhwc.cpp): its copy of x, its per-task output back to
+// y's planes, and gy's pixel-major copy in the weight gradient. On the AVX2 and AVX-512 builds
+// float32 goes through 8 x 8 blocks transposed in registers (ragged edges by masked loads and
+// stores); the element loop it replaces read or wrote one side with a stride of a whole plane or
+// pixel row, and on conv shape 5 (x 32 x 128 x 28 x 28) its copy of x took about a fifth of the
+// forward (figures: benchmarks/RESULTS.md, section 2026-12-04). Other types and the portable
+// build run the element loop.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX2__)
+#include "vec_math.h"
+#endif
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+namespace {  // internal linkage: each build (and file) its own copy
+
+#if defined(__AVX2__)
+// Lanes [0, n) set, 0 <= n <= 8.
+inline __m256i lanes_below(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols, rows and cols at most 8.
+inline void transpose_block8(const float* a, int64_t lda, int64_t rows, int64_t cols, float* b,
+                             int64_t ldb) {
+  __m256 r[8];
+  if (cols == 8) {
+    for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(a + i * lda) : _mm256_setzero_ps();
+  } else {
+    const __m256i m = lanes_below(cols);
+    for (int i = 0; i < 8; ++i)
+      r[i] = i < rows ? _mm256_maskload_ps(a + i * lda, m) : _mm256_setzero_ps();
+  }
+  transpose8x8(r);
+  if (rows == 8) {
+    for (int j = 0; j < cols; ++j) _mm256_storeu_ps(b + j * ldb, r[j]);
+  } else {
+    const __m256i m = lanes_below(rows);
+    for (int j = 0; j < cols; ++j) _mm256_maskstore_ps(b + j * ldb, m, r[j]);
+  }
+}
+#endif
+
+// b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols (a and b do not overlap). Rows go in
+// blocks of 8 outermost, so with a = planes each block reads 8 planes front to back.
+template <class T>
+void transpose_copy(const T* a, int64_t lda, int64_t rows, int64_t cols, T* b, int64_t ldb) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    for (int64_t i = 0; i < rows; i += 8) {
+      const int64_t ni = rows - i < 8 ? rows - i : 8;
+      for (int64_t j = 0; j < cols; j += 8)
+        transpose_block8(a + i * lda + j, lda, ni, cols - j < 8 ? cols - j : 8, b + j * ldb + i,
+                         ldb);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) b[j * ldb + i] = a[i * lda + j];
+}
+
+}  // namespace
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
