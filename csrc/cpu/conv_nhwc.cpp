@@ -220,8 +220,8 @@ void pixel_bases(const Conv2dParams& p, const T* xp, int64_t Hp, int64_t Wp, int
 
 // xp[i][r][col][c] = x[n0 + i][g * cg + c][r - ph][col - pw] (0 outside x) for i < ni: images of
 // group g in the padded channels-minor layout, Hp x Wp pixels of cg channels each. The copy runs 8
-// planes at a time, each read front to back (row-major over the 8 planes' rows, 8 channels per
-// pixel: 2.1 against 3.6 ms for conv shape 5's x with rows outermost, one thread; RESULTS.md).
+// planes at a time, each read front to back, 8 channels per pixel (faster than the padded rows
+// outermost: benchmarks/RESULTS.md, section 2026-12-04).
 template <class T>
 void fill_nhwc(const Conv2dParams& p, const T* x, int64_t g, int64_t n0, int64_t ni, int64_t Hp,
                int64_t Wp, T* xp) {

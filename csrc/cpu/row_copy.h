@@ -19,8 +19,8 @@ namespace fastdl {
 namespace FASTDL_ISA_NS {
 namespace {  // internal linkage: each build (and file) its own copy
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-inline __m256i tail_mask8(int64_t n) {  // lanes [0, n) set, for 0 < n < 8
+#if defined(__AVX2__)
+inline __m256i tail_mask8(int64_t n) {  // lanes [0, n) set, for 0 <= n <= 8
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "row_copy.h"
 #if defined(__AVX2__)
 #include "vec_math.h"
 #endif
@@ -20,20 +21,15 @@ namespace FASTDL_ISA_NS {
 namespace {  // internal linkage: each build (and file) its own copy
 
 #if defined(__AVX2__)
-// Lanes [0, n) set, 0 <= n <= 8.
-inline __m256i lanes_below(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 // b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols, rows and cols at most 8.
 inline void transpose_block8(const float* a, int64_t lda, int64_t rows, int64_t cols, float* b,
                              int64_t ldb) {
   __m256 r[8];
   if (cols == 8) {
-    for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(a + i * lda) : _mm256_setzero_ps();
+    for (int i = 0; i < 8; ++i)
+      r[i] = i < rows ? _mm256_loadu_ps(a + i * lda) : _mm256_setzero_ps();
   } else {
-    const __m256i m = lanes_below(cols);
+    const __m256i m = tail_mask8(cols);
     for (int i = 0; i < 8; ++i)
       r[i] = i < rows ? _mm256_maskload_ps(a + i * lda, m) : _mm256_setzero_ps();
   }
@@ -41,7 +37,7 @@ inline void transpose_block8(const float* a, int64_t lda, int64_t rows, int64_t 
   if (rows == 8) {
     for (int j = 0; j < cols; ++j) _mm256_storeu_ps(b + j * ldb, r[j]);
   } else {
-    const __m256i m = lanes_below(rows);
+    const __m256i m = tail_mask8(rows);
     for (int j = 0; j < cols; ++j) _mm256_maskstore_ps(b + j * ldb, m, r[j]);
   }
 }
