@@ -372,27 +372,6 @@ void im2col(const Conv2dParams& p, const TapPlanes<T>& src, int64_t cg, int64_t 
     }
 }
 
-// Phase row d0, d1 (cols each) back into row xr (w elements): xr[2n] = d0[n], xr[2n+1] = d1[n]
-// (the inverse of deinterleave2).
-template <class T>
-void interleave2(const T* d0, const T* d1, int64_t w, T* xr) {
-  int64_t n = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same<T, float>::value) {
-    for (; 2 * n + 16 <= w; n += 8) {
-      const __m256 a = _mm256_loadu_ps(d0 + n), b = _mm256_loadu_ps(d1 + n);
-      const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // per lane
-      _mm256_storeu_ps(xr + 2 * n, _mm256_permute2f128_ps(lo, hi, 0x20));
-      _mm256_storeu_ps(xr + 2 * n + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-    }
-  }
-#endif
-  for (; 2 * n < w; ++n) {
-    xr[2 * n] = d0[n];
-    if (2 * n + 1 < w) xr[2 * n + 1] = d1[n];
-  }
-}
-
 // col2im's destination for one (image, group): gxg itself (stride 1, zeroed here), or zeroed
 // stride-phase planes laid out as tap_planes' (every tap's adds then run contiguously; the
 // strided scatter cost as much as the im2col gather did), merged into gxg by finish().

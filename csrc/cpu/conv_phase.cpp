@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "conv_impl.h"
+#include "row_copy.h"
 #include "scratch.h"
 #include "vec_ext.h"
 
@@ -175,20 +176,28 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
       }
     }
   const int64_t row_px = (Wp + NT - 1) / NT * NT;  // out row stride bound, in pixels
-  const int64_t band_rows = std::max<int64_t>(1, kOutBudget / std::max<int64_t>(1, cgr * row_px));
   const int64_t P = p.sh * p.sw;  // phases
-  parallel_for_catch(p.n * G * P, grain_for(HW * cg * kg * taps / (P * P)),
+  // Stride 2 along W: a task takes both column phases of its row phase a, and gx's rows are
+  // written whole by interleave2 instead of every other element per phase (those strided stores
+  // were about a tenth of conv shape 7's transposed forward on one thread: benchmarks/RESULTS.md,
+  // section 2026-12-04). Each phase's C then has half the per-thread budget.
+  const bool pair = p.sw == 2;
+  const int64_t TP = pair ? p.sh : P;  // tasks per (image, group)
+  const int64_t band_rows =
+      std::max<int64_t>(1, kOutBudget / (pair ? 2 : 1) / std::max<int64_t>(1, cgr * row_px));
+  parallel_for_catch(p.n * G * TP, grain_for(HW * cg * kg * taps / (P * TP)),
                      [&](int64_t lo, int64_t hi) {
     // gyp[kk*plane + ...]: gy[n][g*kg + kk] with dh.lo / dw.lo zero rows / columns before and
     // dh.hi / dw.hi after, then NT zeros: a tile's last vector may run past a phase's pixels.
     T* gyp = tl_gyp.get_as<T>(kg * plane + NT);
     const int64_t ncmax = (std::min(band_rows, dh.padded) * Wp + NT - 1) / NT * NT;
-    T* out = tl_out.get_as<T>(cgr * ncmax);
+    T* out = tl_out.get_as<T>((pair ? 2 : 1) * cgr * ncmax);
     int64_t built = -1;  // the (image, group) whose gy gyp holds
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t n = t / (G * P), g = (t / P) % G, a = (t % P) / p.sw, b = t % p.sw;
-      if (built != t / P) {
-        built = t / P;
+      const int64_t n = t / (G * TP), g = (t / TP) % G;
+      const int64_t a = pair ? t % TP : (t % P) / p.sw, b1 = pair ? 0 : t % p.sw;
+      if (built != t / TP) {
+        built = t / TP;
         for (int64_t kk = 0; kk < kg; ++kk) {
           const T* src = gy + (n * p.k + g * kg + kk) * S;
           T* dst = gyp + kk * plane;
@@ -204,35 +213,55 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
         std::fill(gyp + kg * plane, gyp + kg * plane + NT, T(0));
       }
       T* gxg = gx + (n * p.c + g * cg) * HW;
-      const int64_t Mh = dh.cnt[a], Mw = dw.cnt[b], Ta = dh.taps[a], Tb = dw.taps[b];
-      if (Mh == 0 || Mw == 0) continue;
-      const int64_t ih0 = dh.first(a, p.ph), iw0 = dw.first(b, p.pw);
-      if (Ta == 0 || Tb == 0) {  // kernel smaller than the stride: no tap reaches this phase
-        for (int64_t cc = 0; cc < cg; ++cc)
-          for (int64_t r = 0; r < Mh; ++r) {
-            T* dst = gxg + cc * HW + (ih0 + p.sh * r) * p.w + iw0;
-            for (int64_t q = 0; q < Mw; ++q) dst[q * p.sw] = T(0);
-          }
-        continue;
-      }
-      const T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
-      const int64_t* ko = offs.data() + kofs[a * p.sw + b];
-      const int64_t K = Ta * Tb * kg;
-      for (int64_t r0 = 0; r0 < Mh; r0 += band_rows) {
-        // pixel t of the band: phase row r0 + t / Wp, column t % Wp (< Mw kept)
-        const int64_t rows = std::min(band_rows, Mh - r0);
-        const int64_t nc = (rows - 1) * Wp + Mw, ldo = (nc + NT - 1) / NT * NT;
+      const int64_t Mh = dh.cnt[a], Ta = dh.taps[a];
+      if (Mh == 0) continue;
+      const int64_t ih0 = dh.first(a, p.ph);
+      // C of phase (a, b) for phase rows [r0, r0 + rows) into o (cg x ldo used): pixel t of the
+      // band is phase row r0 + t / Wp, column t % Wp (< Mw kept); zeros where no tap reaches
+      // the phase (kernel smaller than the stride).
+      const auto band = [&](int64_t b, int64_t r0, int64_t rows, T* o, int64_t& ldo) {
+        const int64_t Mw = dw.cnt[b], Tb = dw.taps[b];
+        const int64_t nc = (rows - 1) * Wp + Mw;
+        ldo = (nc + NT - 1) / NT * NT;
+        if (Ta == 0 || Tb == 0) {
+          std::fill(o, o + cg * ldo, T(0));
+          return;
+        }
+        const T* A = wr.data() + g * per_group + wofs[a * p.sw + b];
+        const int64_t* ko = offs.data() + kofs[a * p.sw + b];
+        const int64_t K = Ta * Tb * kg;
         const T* B = gyp + (dh.m0[a] + r0 + dh.lo) * Wp + dw.m0[b] + dw.lo;
         for (int64_t t0 = 0; t0 < nc; t0 += NT)
           for (int64_t q = 0; q < cgr; q += kRows) {
             const T* ap = A + q * K;
-            T* o = out + q * ldo + t0;
+            T* oq = o + q * ldo + t0;
             switch (std::min<int64_t>(kRows, cgr - q)) {
-              case 2: phase_tile<T, 2>(ap, B + t0, ko, K, o, ldo); break;
-              case 4: phase_tile<T, 4>(ap, B + t0, ko, K, o, ldo); break;
-              default: phase_tile<T, kRows>(ap, B + t0, ko, K, o, ldo);
+              case 2: phase_tile<T, 2>(ap, B + t0, ko, K, oq, ldo); break;
+              case 4: phase_tile<T, 4>(ap, B + t0, ko, K, oq, ldo); break;
+              default: phase_tile<T, kRows>(ap, B + t0, ko, K, oq, ldo);
             }
           }
+      };
+      for (int64_t r0 = 0; r0 < Mh; r0 += band_rows) {
+        const int64_t rows = std::min(band_rows, Mh - r0);
+        if (pair) {
+          // the phase of gx's even columns (first column 0) and of its odd ones (first 1)
+          const int64_t be = dw.first(0, p.pw) == 0 ? 0 : 1, bo = 1 - be;
+          T* ob[2] = {out, out + cgr * ncmax};
+          int64_t ldo[2] = {0, 0};
+          for (int64_t b = 0; b < 2; ++b)
+            if (dw.cnt[b] > 0) band(b, r0, rows, ob[b], ldo[b]);
+          for (int64_t cc = 0; cc < cg; ++cc)
+            for (int64_t r = 0; r < rows; ++r)
+              interleave2(ob[be] + cc * ldo[be] + r * Wp, ob[bo] + cc * ldo[bo] + r * Wp, p.w,
+                          gxg + cc * HW + (ih0 + p.sh * (r0 + r)) * p.w);
+          continue;
+        }
+        const int64_t Mw = dw.cnt[b1];
+        if (Mw == 0) break;
+        int64_t ldo = 0;
+        band(b1, r0, rows, out, ldo);
+        const int64_t iw0 = dw.first(b1, p.pw);
         for (int64_t cc = 0; cc < cg; ++cc)
           for (int64_t r = 0; r < rows; ++r) {
             const T* src = out + cc * ldo + r * Wp;

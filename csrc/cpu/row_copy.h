@@ -72,6 +72,27 @@ inline void copy_run(T* d, const T* src, int64_t n) {
   if (n > 0) std::memcpy(d, src, sizeof(T) * n);
 }
 
+// Column phases d0, d1 back into row xr (w elements): xr[2n] = d0[n], xr[2n+1] = d1[n] (the
+// inverse of conv_gemm.cpp's deinterleave2; also conv_phase.cpp's rows of gx).
+template <class T>
+void interleave2(const T* d0, const T* d1, int64_t w, T* xr) {
+  int64_t n = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    for (; 2 * n + 16 <= w; n += 8) {
+      const __m256 a = _mm256_loadu_ps(d0 + n), b = _mm256_loadu_ps(d1 + n);
+      const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // per lane
+      _mm256_storeu_ps(xr + 2 * n, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(xr + 2 * n + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+#endif
+  for (; 2 * n < w; ++n) {
+    xr[2 * n] = d0[n];
+    if (2 * n + 1 < w) xr[2 * n + 1] = d1[n];
+  }
+}
+
 // p + k as an address computed in integers, for a vector's lane 0 that may lie before (or past)
 // a buffer: the masked operations below touch only lanes inside it, but pointer arithmetic may not
 // form such an address.
