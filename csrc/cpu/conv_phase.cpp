@@ -11,15 +11,17 @@
 // plane read in place at offset kk*plane - u*Wp - v from the phase's pixel: the phase's pixels are
 // taken on the padded grid, (rows - 1)*Wp + Mw of them, the Wp - Mw extra per row computed and
 // dropped. An implicit-GEMM register tile (6 channels x 2 vectors, 12 accumulators) reads B there
-// without packing. C then goes to gx's strided positions of the phase; phases cover gx exactly
-// once (a phase no tap reaches, kernel < stride, is written with zeros): no col2im, no overlap, no
-// zero-fill.
+// without packing. C then goes to gx's strided positions of the phase (with stride 2 along W,
+// both column phases of a row phase are computed together and gx's rows written whole by
+// interleave2); phases cover gx exactly once (a phase no tap reaches, kernel < stride, is written
+// with zeros): no col2im, no overlap, no zero-fill.
 // Layout: weights repacked per call into 6-row panels per (group, phase),
 // A_ab[cc][(u*Tb + v)*kg + kk].
 // Workspace per thread: one (image, group)'s padded gy (kg planes of (OH + ~ceil(kh/sh)) x
 // (OW + ~ceil(kw/sw))) and C in bands of phase rows within kOutBudget elements, whatever the batch.
-// Work split: one task per (image, group, phase); a thread rebuilds the padded gy when its next
-// task changes (image, group).
+// Work split: one task per (image, group, phase), or per (image, group, row phase) with stride 2
+// along W; when those are fewer than the threads (a batch of one), each is cut into as many parts
+// of its phase rows. A thread rebuilds the padded gy when its next task changes (image, group).
 // A weight that is inf or NaN sends the call to the reference loops (conv.cpp): here it would meet
 // gy's zero border (inf * 0).
 // Where it beats GEMM+col2im, and the alternatives measured and not kept, with their figures:
@@ -185,7 +187,12 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
   const int64_t TP = pair ? p.sh : P;  // tasks per (image, group)
   const int64_t band_rows =
       std::max<int64_t>(1, kOutBudget / (pair ? 2 : 1) / std::max<int64_t>(1, cgr * row_px));
-  parallel_for_catch(p.n * G * TP, grain_for(HW * cg * kg * taps / (P * TP)),
+  // parts of each task's phase rows: enough tasks for the threads (each part's thread fills its
+  // own padded gy); the result does not depend on the split (each element's sum is the same)
+  const int64_t whole = p.n * G * TP;
+  const int64_t nt = omp_in_parallel() ? 1 : get_num_threads();
+  const int64_t parts = whole >= nt ? 1 : std::min<int64_t>((nt + whole - 1) / whole, dh.padded);
+  parallel_for_catch(whole * parts, grain_for(HW * cg * kg * taps / (P * TP * parts)),
                      [&](int64_t lo, int64_t hi) {
     // gyp[kk*plane + ...]: gy[n][g*kg + kk] with dh.lo / dw.lo zero rows / columns before and
     // dh.hi / dw.hi after, then NT zeros: a tile's last vector may run past a phase's pixels.
@@ -193,7 +200,8 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
     const int64_t ncmax = (std::min(band_rows, dh.padded) * Wp + NT - 1) / NT * NT;
     T* out = tl_out.get_as<T>((pair ? 2 : 1) * cgr * ncmax);
     int64_t built = -1;  // the (image, group) whose gy gyp holds
-    for (int64_t t = lo; t < hi; ++t) {
+    for (int64_t tp = lo; tp < hi; ++tp) {
+      const int64_t t = tp / parts, part = tp % parts;
       const int64_t n = t / (G * TP), g = (t / TP) % G;
       const int64_t a = pair ? t % TP : (t % P) / p.sw, b1 = pair ? 0 : t % p.sw;
       if (built != t / TP) {
@@ -242,8 +250,9 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
             }
           }
       };
-      for (int64_t r0 = 0; r0 < Mh; r0 += band_rows) {
-        const int64_t rows = std::min(band_rows, Mh - r0);
+      const int64_t r_lo = Mh * part / parts, r_hi = Mh * (part + 1) / parts;
+      for (int64_t r0 = r_lo; r0 < r_hi; r0 += band_rows) {
+        const int64_t rows = std::min(band_rows, r_hi - r0);
         if (pair) {
           // the phase of gx's even columns (first column 0) and of its odd ones (first 1)
           const int64_t be = dw.first(0, p.pw) == 0 ? 0 : 1, bo = 1 - be;
