@@ -180,8 +180,8 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
   const int64_t row_px = (Wp + NT - 1) / NT * NT;  // out row stride bound, in pixels
   const int64_t P = p.sh * p.sw;  // phases
   // Stride 2 along W: a task takes both column phases of its row phase a, and gx's rows are
-  // written whole by interleave2 instead of every other element per phase (those strided stores
-  // were about a tenth of conv shape 7's transposed forward on one thread: benchmarks/RESULTS.md,
+  // written whole by interleave2 instead of every other element per phase (those strided scalar
+  // stores were a measured share of conv shape 7's transposed forward: benchmarks/RESULTS.md,
   // section 2026-12-04). Each phase's C then has half the per-thread budget.
   const bool pair = p.sw == 2;
   const int64_t TP = pair ? p.sh : P;  // tasks per (image, group)

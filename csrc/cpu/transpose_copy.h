@@ -3,9 +3,9 @@
 // y's planes, and gy's pixel-major copy in the weight gradient. On the AVX2 and AVX-512 builds
 // float32 goes through 8 x 8 blocks transposed in registers (ragged edges by masked loads and
 // stores); the element loop it replaces read or wrote one side with a stride of a whole plane or
-// pixel row, and on conv shape 5 (x 32 x 128 x 28 x 28) its copy of x took about a fifth of the
-// forward (figures: benchmarks/RESULTS.md, section 2026-12-04). Other types and the portable
-// build run the element loop.
+// pixel row, and its copy of x was most of what a stride-2 forward cost beyond its FLOPs
+// (benchmarks/RESULTS.md, section 2026-12-04). Other types and the portable build run the element
+// loop.
 #pragma once
 
 #include <cstdint>
