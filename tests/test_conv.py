@@ -230,6 +230,107 @@ def test_winograd_wide_and_stacked(cpu_path, dtype):
         fastdl.ops.set_conv_algorithm(before)
 
 
+def winograd_s2_configs(seed):
+    """4x4 stride-2 geometries (whose input gradient Winograd F(3x3, 2x2) serves): padding 0-4
+    per axis (each parity of the phase offsets), spatial sizes 1-31 (those valid for the padding;
+    phase planes of unequal sizes), groups and channel counts varied."""
+    rng = random.Random(seed)
+    out = []
+    for ph, pw in [(0, 0), (1, 1), (2, 3), (3, 0), (4, 1), (1, 2)]:
+        for _ in range(4):
+            g = rng.choice([1, 1, 2, 3])
+            cg, kg = rng.choice([1, 2, 5]), rng.choice([1, 3, 4])
+            h = rng.randint(max(1, 4 - 2 * ph), 31)
+            w = rng.randint(max(1, 4 - 2 * pw), 31)
+            shape = (rng.choice([1, 2, 3]), cg * g, h, w)
+            out.append((shape, (kg * g, cg, 4, 4), rng.random() < 0.5,
+                        dict(stride=2, padding=(ph, pw), dilation=1, groups=g)))
+    # wide and stacked: tile rows of 1-3 groups of 8 tiles with tails; many small images sharing
+    # a chunk; a tile row wider than twice the chunk budget (2^18 / (16 x 4 x 64) = 64 tiles:
+    # cut into column segments), with both column-phase offsets
+    out += [((2, 6, 9, 70), (8, 6, 4, 4), True, dict(stride=2, padding=1, dilation=1, groups=1)),
+            ((40, 8, 6, 6), (16, 4, 4, 4), False, dict(stride=2, padding=1, dilation=1, groups=2)),
+            ((1, 64, 4, 861), (8, 64, 4, 4), False, dict(stride=2, padding=(1, 3), dilation=1,
+                                                         groups=1)),
+            ((1, 64, 3, 800), (8, 64, 4, 4), True, dict(stride=2, padding=(2, 0), dilation=1,
+                                                        groups=1))]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_s2_sweep(cpu_path, dtype):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("winograd")
+    try:
+        for i, (shape, wshape, bias, kw) in enumerate(winograd_s2_configs(seed=11)):
+            x, w = torch.zeros(shape, dtype=dtype), torch.zeros(wshape, dtype=dtype)
+            # the input gradient only: the forward and weight gradient run the automatic choice
+            assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "winograd", (shape, kw)
+            for pass_ in ("forward", "weight"):
+                assert ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw) != "winograd", pass_
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=i, what="algo=winograd (s2)")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+@pytest.mark.parametrize("algo_name", ["winograd", "auto"])
+def test_winograd_s2_conv_transpose2d(cpu_path, algo_name):
+    # conv_transpose2d's forward for kernel 4, stride 2 is that input gradient: against torch's
+    # module, with output_padding (an extra row and column no tap of one phase reaches) and
+    # groups, forward and every gradient; shape 7 of the conv suite among them
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm(algo_name)
+    try:
+        for i, (n, cin, cout, hw, pad, opad, g) in enumerate([
+                (16, 64, 32, 28, 1, 0, 1), (3, 12, 8, 9, 0, 1, 2), (2, 16, 16, 7, 2, 1, 4),
+                (1, 8, 24, 13, 3, 0, 1)]):
+            ref = torch.nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=pad,
+                                           output_padding=opad, groups=g)
+            mod = fnn.ConvTranspose2d(cin, cout, 4, stride=2, padding=pad, output_padding=opad,
+                                      groups=g)
+            mod.load_state_dict(ref.state_dict())
+            xa = torch.empty(n, cin, hw, hw).uniform_(-1, 1).requires_grad_()
+            xb = xa.detach().clone().requires_grad_()
+            ya, yb = mod(xa), ref(xb)
+            case = f"case {i} algo={algo_name}"
+            assert_close(ya, yb, reduction=cin // g * 4, what=case)
+            gy = torch.empty_like(yb).uniform_(-1, 1)
+            ya.backward(gy)
+            yb.backward(gy)
+            assert_close(xa.grad, xb.grad, reduction=cout // g * 16, what=f"grad_input {case}")
+            # (a sum of n*hw*hw products: where it cancels, against float64 as well)
+            x64 = xb.detach().double()
+            # (conv_transpose2d's weight is the weight of the conv2d from its output to its input)
+            gw64 = torch.nn.grad.conv2d_weight(gy.double(), ref.weight.shape, x64, stride=2,
+                                               padding=pad, groups=g)
+            assert_close_or_better(mod.weight.grad, ref.weight.grad, gw64,
+                                   reduction=n * hw * hw, what=f"grad_weight {case}")
+            assert_close(mod.bias.grad, ref.bias.grad, reduction=n * yb.shape[2] * yb.shape[3],
+                         what=f"grad_bias {case}")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+def test_winograd_s2_automatic_choice(cpu_path):
+    # float32 on the AVX2 build picks it for the input gradient of 4x4 stride-2 layers with
+    # enough tiles and channels (csrc/cpu/conv_winograd_s2.cpp, winograd_s2_preferred): the conv
+    # suite's shape 7; never float64, the portable build, small maps, or 3 channels per group
+    def algo(shape, wshape, dtype=torch.float32, **kw):
+        return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
+                                         torch.zeros(wshape, dtype=dtype), pass_="input",
+                                         stride=2, **kw)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("auto")
+    try:
+        shape7 = ((16, 32, 56, 56), (64, 32, 4, 4))
+        assert algo(*shape7, padding=1) == ("winograd" if cpu_path == "avx2" else "gemm")
+        assert algo(*shape7, padding=1, dtype=torch.float64) != "winograd"
+        assert algo((16, 64, 8, 8), (128, 64, 4, 4), padding=1) != "winograd"
+        assert algo((16, 3, 64, 64), (64, 3, 4, 4), padding=1) != "winograd"
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 def test_winograd_automatic_choice(cpu_path):
     # float32 on the AVX2 build picks Winograd for 3x3 stride-1 where measured faster than GEMM
     # (csrc/cpu/conv_winograd.cpp, winograd_preferred), forward and input gradient; never for
@@ -645,8 +746,10 @@ def test_auto_choice_phase(cpu_path):
     x = np.zeros((2, 32, 56, 56), np.float32)
     k4 = np.zeros((64, 32, 4, 4), np.float32)  # issue shape 7 (as the convolution)
     k5 = np.zeros((64, 32, 5, 5), np.float32)
-    # kh*kw = 16 < 5*sh*sw: GEMM on stride-phase planes measured faster (conv.cpp)
-    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="input") == "gemm"
+    # kh*kw = 16 < 5*sh*sw: GEMM on stride-phase planes measured faster (conv.cpp) than phase;
+    # on the AVX2 build the stride-phase Winograd ahead of both (conv_winograd_s2.cpp)
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="input") == (
+        "winograd" if cpu_path == "avx2" else "gemm")
     assert ops_conv.conv2d_algorithm(x, k5, stride=2, padding=2, pass_="input") == phase
     assert ops_conv.conv2d_algorithm(x.astype(np.float64), k5.astype(np.float64), stride=2,
                                      padding=2, pass_="input") == "gemm"
@@ -1766,6 +1869,42 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
                 assert torch.equal(torch.isinf(got), torch.isinf(ref)), bad
                 fin = torch.isfinite(ref)
                 assert_close(got[fin], ref[fin], reduction=9 * shape[1])
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+def test_winograd_s2_nonfinite_and_overflowing_gy_as_torch(cpu_path):
+    # The stride-phase Winograd input gradient mixes a 4x4 window of gy into every output of
+    # four phases: an inf/NaN in gy, or values whose sums overflow, are flagged as the outputs
+    # are stored and the call redone on GEMM, as for the 3x3 kernels. gy maps 9 and 30 wide
+    # (one partial, then whole and partial groups of 8 tiles), bad values in both column phases.
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("winograd")
+    try:
+        gen = torch.Generator().manual_seed(6)
+        cases = [((2, 4, 18, 18), 8, 1, (3, 4)), ((1, 4, 20, 60), 8, 1, (6, 27)),
+                 ((1, 4, 21, 61), 8, (2, 3), (9, 30))]
+        for bad, (shape, k, pad, (gr, gc)) in itertools.product(
+                (float("inf"), float("nan"), 3e38), cases):
+            x = torch.rand(*shape, generator=gen) - 0.5
+            w = torch.rand(k, shape[1], 4, 4, generator=gen) - 0.5
+            pads = pad if isinstance(pad, tuple) else (pad, pad)
+            assert ops_conv.conv2d_algorithm(x, w, stride=2, padding=pads, pass_="input") == \
+                "winograd"
+            gy = torch.rand(TF.conv2d(x, w, stride=2, padding=pads).shape, generator=gen) - 0.5
+            gy[-1, 2, gr, gc] = bad
+            if bad == 3e38:
+                gy[-1, 2, gr, gc + 1] = bad
+                w = w * 1e-38
+            gx = fastdl.ops.conv2d_backward(gy, x, w, stride=2, padding=pads,
+                                            output_mask=(True, False, False))[0]
+            want = torch.ops.aten.convolution_backward(gy, x, w, None, [2, 2], list(pads),
+                                                       [1, 1], False, [0, 0], 1,
+                                                       [True, False, False])[0]
+            assert torch.equal(torch.isnan(gx), torch.isnan(want)), bad
+            assert torch.equal(torch.isinf(gx), torch.isinf(want)), bad
+            fin = torch.isfinite(want)
+            assert_close(gx[fin], want[fin], reduction=16 * k)
     finally:
         fastdl.ops.set_conv_algorithm(before)
 

@@ -2,7 +2,8 @@
 // gradient. Matches torch.nn.functional.conv2d (NCHW, float32/float64, groups, dilation, any
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
-// (conv_direct.cpp), Winograd (conv_winograd.cpp; chosen by winograd_preferred there), Phase
+// (conv_direct.cpp), Winograd (conv_winograd.cpp, 3x3 stride 1, chosen by winograd_preferred
+// there; conv_winograd_s2.cpp, the input gradient of 4x4 stride 2, winograd_s2_preferred), Phase
 // (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
 // weight gradient, chosen by implicit_preferred there; conv_implicit_forward.cpp, the forward and
 // the stride-1 input gradient, chosen by implicit_forward_preferred there), Nhwc (conv_nhwc.cpp,
@@ -134,7 +135,9 @@ void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
 
 // The automatic choice, and the forced algorithm where it serves the shape.
 ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
-  const bool wino = winograd_serves(p);
+  const bool wino3 = winograd_serves(p);
+  const bool wino_s2 = winograd_s2_serves(p) && pass == ConvPass::BackwardInput;
+  const bool wino = wino3 || wino_s2;
   const bool phase = phase_serves(p) && pass == ConvPass::BackwardInput;
   switch (p.algo) {
     case ConvAlgo::Reference:
@@ -189,8 +192,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
 #endif
   if (implicit_fwd && (pass == ConvPass::Forward ? cg : p.k / p.groups) <= kImplicitFirst)
     return ConvAlgo::Implicit;
-  if (wino && winograd_preferred(p, pass))
+  if (wino3 && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
+  if (wino_s2 && winograd_s2_preferred(p)) return ConvAlgo::Winograd;
   // The channels-minor forward, stride-1 input gradient and weight gradient: small maps, many
   // channels (on the AVX2 build winograd_preferred has already deferred to it on maps of at most
   // 8x8 over up to 128 channels); on the AVX2 build also the forward of stride-2 layers, ahead of
@@ -329,7 +333,10 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_backward_input(p, gy, w, gx);
     case ConvAlgo::Direct: conv_direct_backward_input(p, gy, w, gx); break;
-    case ConvAlgo::Winograd: wino_bad = conv_winograd_backward_input(p, gy, w, gx); break;
+    case ConvAlgo::Winograd:
+      wino_bad = winograd_serves(p) ? conv_winograd_backward_input(p, gy, w, gx)
+                                    : conv_winograd_s2_backward_input(p, gy, w, gx);
+      break;
     case ConvAlgo::Phase: conv_phase_backward_input(p, gy, w, gx); break;
     case ConvAlgo::Implicit: conv_implicit_backward_input(p, gy, w, gx); break;
     case ConvAlgo::Nhwc: conv_nhwc_backward_input(p, gy, w, gx); break;

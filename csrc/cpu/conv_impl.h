@@ -193,6 +193,14 @@ bool conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w
 template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
+// Winograd F(3x3, 2x2) over stride phases: the input gradient of 4x4 stride-2 kernels, dilation
+// 1 (conv_transpose2d's forward for them; conv_winograd_s2.cpp). Returns whether gx holds an inf
+// or NaN, as conv_winograd_backward_input.
+bool winograd_s2_serves(const Conv2dParams& p);
+bool winograd_s2_preferred(const Conv2dParams& p);
+template <class T>
+bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+
 // Stride-phase input gradient: stride > 1, dilation 1 (conv_phase.cpp).
 bool phase_serves(const Conv2dParams& p);
 // Whether the automatic choice takes it (float32 on the AVX2 build, rule in conv_phase.cpp).

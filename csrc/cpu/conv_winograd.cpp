@@ -45,6 +45,7 @@
 #include "conv_impl.h"
 #include "row_copy.h"
 #include "scratch.h"
+#include "winograd_plan.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -55,9 +56,6 @@ thread_local ScratchBuffer tl_v, tl_m, tl_rows;
 // A thread frees its Winograd buffers above this size after each task.
 constexpr size_t kKeepBytes = size_t(4) << 20;
 
-// V (16 x cg x tiles) and M (16 x kg x tiles) hold about this many elements per thread, more (up
-// to kWinoMax) only to keep 64 tiles per GEMM at large channel counts.
-constexpr int64_t kWinoBudget = 1 << 18, kWinoMax = 1 << 20;
 
 // U[e][k][cc] = (G g G^T)[e] for the 3x3 kernel g = w[k][cc], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
 template <class T>
@@ -218,74 +216,11 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
 }
 #endif
 
-// Tiles are processed a tile row at a time; a chunk is `nr` consecutive tile rows of the stacked
-// images (global row r = n * th + ti) of one group, so a chunk may span several small images.
-// A tile row more than twice the budget wide is cut into `segs` column segments of at most tcw
-// tiles (whole groups of 8), one segment per chunk (nr = 1), so the buffers stay bounded however
-// wide the image (review r2b-4: V and M had grown with the image's width).
-// V[e] (cg x ldq) and M[e] (kg x ldq), ldq >= tiles + 7 (the 8-tile groups' overrun), e-th
-// matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
-struct Plan {
-  int64_t th, tw, rows, tcw, segs, rbw, nr, chunks, ldq, ves, mes;
-};
-
-// Chunk t of a plan: group g, tile rows [r0, r0 + nrc), tile columns [tc0, tc0 + tcn); the tile
-// (r, tj) of the chunk is column (r - r0) * tcn + tj of V[e] and M[e].
-struct Chunk {
-  int64_t g, r0, nrc, tc0, tcn;
-  Chunk(const Plan& w, int64_t t) {
-    g = t / w.chunks;
-    const int64_t ci = t % w.chunks;
-    r0 = ci / w.segs * w.nr;
-    nrc = std::min(w.nr, w.rows - r0);
-    tc0 = ci % w.segs * w.tcw;
-    tcn = std::min(w.tcw, w.tw - tc0);
-  }
-  int64_t len() const { return nrc * tcn; }
-};
-
+// The F(2x2, 3x3) plan: tiles of 2x2 outputs, row buffers of 16 columns per group of 8 tiles.
 Plan make_plan(const Conv2dParams& p) {
-  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
-  Plan w;
-  w.th = (p.oh + 1) / 2;
-  w.tw = (p.ow + 1) / 2;
-  w.rows = p.n * w.th;
-  // Tile rows per chunk: V and M within the budget, but at least 64 tiles per GEMM where the
-  // channels allow (the engine packs U[e] once per GEMM).
-  const int64_t ch = std::max<int64_t>(1, std::max(cg, kg));
-  const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
-  const int64_t nt = get_num_threads();
-  w.segs = 1;
-  w.tcw = w.tw;
-  if (w.tw > 2 * want) {  // equal segments of whole 8-tile groups, each at most `want` tiles
-    const int64_t most = std::max<int64_t>(8, want / 8 * 8);
-    auto cut = [&](int64_t s) {
-      w.tcw = ((w.tw + s - 1) / s + 7) / 8 * 8;
-      w.segs = (w.tw + w.tcw - 1) / w.tcw;
-    };
-    const int64_t s0 = (w.tw + most - 1) / most;
-    cut(s0);
-    // Few tasks (one or two wide rows): a segment count the threads divide, as for row chunks.
-    if (nt > 1 && G * w.rows * w.segs < 8 * nt)
-      for (int64_t s = s0; s < s0 + nt && w.tw / s >= 8; ++s) {
-        cut(s);
-        if ((G * w.rows * w.segs) % nt == 0) break;
-        cut(s0);
-      }
-  }
+  Plan w = make_tile_plan(p.n, p.groups, (p.oh + 1) / 2, (p.ow + 1) / 2, p.c / p.groups,
+                          p.k / p.groups);
   w.rbw = 16 * ((w.tcw + 7) / 8) + 2;
-  w.nr = w.segs > 1 ? 1 : std::min(w.rows, std::max<int64_t>(1, (want - 7) / w.tw));
-  int64_t c = (w.rows + w.nr - 1) / w.nr;
-  // Few tasks: as many per thread (parallel_for splits them into equal contiguous runs).
-  if (nt > 1 && G * c < 8 * nt)
-    while ((G * c) % nt && c < w.rows) ++c;
-  // Equal chunks: 32 tile rows at 30 per chunk would run as 30 + 2, one thread nearly idle
-  // (benchmarks/RESULTS.md, development measurements 2026-12-02).
-  w.nr = (w.rows + c - 1) / c;
-  w.chunks = (w.rows + w.nr - 1) / w.nr * w.segs;
-  w.ldq = (w.nr * w.tcw + 7 + 7) / 8 * 8;
-  w.ves = cg * w.ldq + 16;
-  w.mes = kg * w.ldq + 16;
   return w;
 }
 

@@ -1,0 +1,398 @@
+// The input gradient of a 4x4 stride-2 convolution (dilation 1, any padding, groups), which is
+// also conv_transpose2d's forward for kernel 4, stride 2 (the usual 2x upsampling of decoders
+// and GAN generators), by Winograd F(3x3, 2x2) over stride phases, float32/float64.
+//
+// Phases. Row ih = 2i + py of gx receives only the taps kh = kh0 + 2u (kh0 = (py + ph) % 2,
+// u = 0, 1), from gy rows oh = i + b_py - u (b_py = (py + ph) / 2): phase py of gx is a two-tap
+// correlation of gy, gx_py[i] = gy[i + b_py - 1] w[kh0 + 2] + gy[i + b_py] w[kh0] (columns
+// alike, with pw). Each of the four phases (py, px) is a 2x2 convolution over the same gy.
+// Winograd F(3x3, 2x2) (Lavin & Gray's construction; the points 0, 1, -1, inf of the F(2x2, 3x3)
+// in conv_winograd.cpp, so the same rounding) turns a 4x4 window d of gy into 3x3 outputs of one
+// phase: A^T [(G g G^T) . (B^T d B)] A, 16 multiplies for 9 outputs and 4 taps (36 direct).
+// The four phases read the same windows: tile (T, Tj) takes gy rows 3T + b_0 - 1 .. + 3 and
+// gives phase py's rows i = 3T + o_py + r (r < 3, o_py = b_0 - b_py, 0 or -1), so V = B^T d B is
+// built once and the phases are 4 x cg rows of one GEMM per position e:
+//   U[e] (4cg x kg) = (G g G^T)[e], rows (py*2 + px)*cg + c, once per call
+//   V[e] (kg x tiles) = (B^T d B)[e] over gy's windows (zero outside gy)
+//   M[e] (4cg x tiles) = U[e] V[e] on fastdl's GEMM
+//   gx's phase rows = A^T M A, into row buffers, then written whole rows at a time by interleave2.
+// Against the direct (phase) kernel: 16 x 4 / 9 = 7.1 multiplies per gx element and output
+// channel instead of 16; tiles of 3 cover a phase of 28 rows with 30 (the rest computed and
+// dropped). Transforms: the AVX2 float32 path runs 8 tiles per vector, splitting each row by
+// column mod 3 (two blends and a permute per 8 values) and merging the outputs back alike; float64
+// and the portable build run the same loops one tile at a time.
+// Work split, buffers and chunks as conv_winograd.cpp (winograd_plan.h). An inf or NaN in the
+// result (from gy, or sums that overflow) is reported so conv.cpp redoes the pass on GEMM; an
+// inf/NaN weight never reaches here (conv.cpp sends it to the reference loops).
+// Tested by tests/test_conv.py (forced algorithm "winograd" on 4x4 stride-2 layers: test_winograd_
+// s2_sweep, the general sweeps, conv_transpose2d); timed by benchmarks/conv_passes.py and the conv
+// suite's shape 7.
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FASTDL_WINO_S2_AVX2 1
+#endif
+
+#include "conv_impl.h"
+#include "row_copy.h"
+#include "scratch.h"
+#include "winograd_plan.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+
+namespace {
+
+thread_local ScratchBuffer tl_v, tl_m, tl_rows;
+// A thread frees its buffers above this size after each task (as conv_winograd.cpp).
+constexpr size_t kKeepBytes = size_t(4) << 20;
+
+// One axis of the phase decomposition: gx size n, padding pd. Phase a (0, 1): b[a] as above,
+// its gx positions 2i + a for i < cnt[a], tile T's outputs i = 3T + off[a] + r; the tile's gy
+// window starts at 3T + start. tiles: enough for both phases.
+struct PhaseAxis {
+  int64_t b[2], off[2], cnt[2], k0[2], start, tiles;
+  PhaseAxis(int64_t n, int64_t pd) {
+    tiles = 0;
+    for (int a = 0; a < 2; ++a) {
+      b[a] = (a + pd) / 2;
+      k0[a] = (a + pd) % 2;
+      cnt[a] = (n - a + 1) / 2;
+    }
+    start = b[0] - 1;
+    for (int a = 0; a < 2; ++a) {
+      off[a] = b[0] - b[a];
+      tiles = std::max(tiles, (cnt[a] - off[a] + 2) / 3);
+    }
+  }
+};
+
+// U[e][(ph*cg + c)*kg + kk] for one group, ph = py*2 + px: G g G^T of the phase's 2x2 sub-kernel
+// g[u][v] = w[kk][c][kh0 + 2(1 - u)][kw0 + 2(1 - v)], G = [1 0; .5 .5; .5 -.5; 0 1]. All groups:
+// u + g * 4cg*kg, e-th matrix at stride es. One task per (group, phase, c) row of kg elements,
+// written e by e along the row (the transform of each element first goes to a small block).
+template <class T>
+void transform_weights(const Conv2dParams& p, const PhaseAxis& ay, const PhaseAxis& ax, const T* w,
+                       T* u, int64_t es) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
+  parallel_for_catch(G * 4 * cg, grain_for(16 * 16 * kg), [&](int64_t lo, int64_t hi) {
+    std::vector<T> blk(static_cast<size_t>(16 * kg));
+    for (int64_t q = lo; q < hi; ++q) {
+      const int64_t g = q / (4 * cg), ph = q / cg % 4, c = q % cg, py = ph / 2, px = ph % 2;
+      for (int64_t kk = 0; kk < kg; ++kk) {
+        const T* wk = w + ((g * kg + kk) * cg + c) * 16;
+        T gg[2][2];
+        for (int a = 0; a < 2; ++a)
+          for (int b = 0; b < 2; ++b)
+            gg[a][b] = wk[(ay.k0[py] + 2 * (1 - a)) * 4 + ax.k0[px] + 2 * (1 - b)];
+        T t[4][2];  // G g
+        for (int b = 0; b < 2; ++b) {
+          t[0][b] = gg[0][b];
+          t[1][b] = T(0.5) * (gg[0][b] + gg[1][b]);
+          t[2][b] = T(0.5) * (gg[0][b] - gg[1][b]);
+          t[3][b] = gg[1][b];
+        }
+        for (int i = 0; i < 4; ++i) {  // (G g) G^T
+          T* r = blk.data() + (i * 4) * kg + kk;
+          r[0] = t[i][0];
+          r[kg] = T(0.5) * (t[i][0] + t[i][1]);
+          r[2 * kg] = T(0.5) * (t[i][0] - t[i][1]);
+          r[3 * kg] = t[i][1];
+        }
+      }
+      // row (ph*cg + c) of group g: q's index within its group is ph*cg + c
+      for (int e = 0; e < 16; ++e)
+        std::memcpy(u + e * es + q * kg, blk.data() + e * kg, sizeof(T) * kg);
+    }
+  });
+}
+
+// V[e][tj] (at v + e * es) = (B^T d B)[e] for tiles tj < tw, d = rb[0..3][3tj .. 3tj + 3],
+// B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 -1 0 1].
+template <class T>
+void input_row(const T* const rb[4], int64_t tw, T* v, int64_t es) {
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T t[4][4];  // d B per row
+    for (int i = 0; i < 4; ++i) {
+      const T* d = rb[i] + 3 * tj;
+      t[i][0] = d[0] - d[2];
+      t[i][1] = d[1] + d[2];
+      t[i][2] = d[2] - d[1];
+      t[i][3] = d[3] - d[1];
+    }
+    for (int j = 0; j < 4; ++j) {
+      v[(0 * 4 + j) * es + tj] = t[0][j] - t[2][j];
+      v[(1 * 4 + j) * es + tj] = t[1][j] + t[2][j];
+      v[(2 * 4 + j) * es + tj] = t[2][j] - t[1][j];
+      v[(3 * 4 + j) * es + tj] = t[3][j] - t[1][j];
+    }
+  }
+}
+
+// Rows out[0..2] columns 3tj .. 3tj + 2 = A^T M A for tiles tj < tw, M[e][tj] at m + e * es,
+// A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]. Returns whether it wrote an inf or NaN.
+template <class T>
+bool output_row(const T* m, int64_t es, int64_t tw, T* const out[3]) {
+  T nan_if_bad = T(0);  // v * 0 is NaN exactly for an inf or NaN v
+  for (int64_t tj = 0; tj < tw; ++tj) {
+    T s[3][4];  // A^T M
+    for (int j = 0; j < 4; ++j) {
+      const T m0 = m[j * es + tj], m1 = m[(4 + j) * es + tj], m2 = m[(8 + j) * es + tj],
+              m3 = m[(12 + j) * es + tj];
+      s[0][j] = m0 + m1 + m2;
+      s[1][j] = m1 - m2;
+      s[2][j] = m1 + m2 + m3;
+    }
+    for (int i = 0; i < 3; ++i) {
+      const T o[3] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2], s[i][1] + s[i][2] + s[i][3]};
+      for (int j = 0; j < 3; ++j) {
+        out[i][3 * tj + j] = o[j];
+        nan_if_bad += o[j] * T(0);
+      }
+    }
+  }
+  return nan_if_bad != nan_if_bad;
+}
+
+#if defined(FASTDL_WINO_S2_AVX2)
+// Columns 3t, 3t + 1, 3t + 2 of 8 tiles from 24 floats: lane j of d0 is p[3j], and so on. Each
+// output gathers its lanes from the three loads by two blends, then one permute orders them.
+inline void deinterleave3(const float* p, __m256& d0, __m256& d1, __m256& d2) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8), c = _mm256_loadu_ps(p + 16);
+  const __m256 m0 = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24);
+  const __m256 m1 = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x24), c, 0x49);
+  const __m256 m2 = _mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92);
+  d0 = _mm256_permutevar8x32_ps(m0, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  d1 = _mm256_permutevar8x32_ps(m1, _mm256_setr_epi32(1, 4, 7, 2, 5, 0, 3, 6));
+  d2 = _mm256_permutevar8x32_ps(m2, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+}
+
+// The inverse: p[3j] = d0[j], p[3j + 1] = d1[j], p[3j + 2] = d2[j] (24 floats).
+inline void interleave3(__m256 d0, __m256 d1, __m256 d2, float* p) {
+  const __m256 a = _mm256_permutevar8x32_ps(d0, _mm256_setr_epi32(0, 3, 6, 1, 4, 7, 2, 5));
+  const __m256 b = _mm256_permutevar8x32_ps(d1, _mm256_setr_epi32(5, 0, 3, 6, 1, 4, 7, 2));
+  const __m256 c = _mm256_permutevar8x32_ps(d2, _mm256_setr_epi32(2, 5, 0, 3, 6, 1, 4, 7));
+  _mm256_storeu_ps(p, _mm256_blend_ps(_mm256_blend_ps(a, b, 0x92), c, 0x24));
+  _mm256_storeu_ps(p + 8, _mm256_blend_ps(_mm256_blend_ps(a, b, 0x24), c, 0x49));
+  _mm256_storeu_ps(p + 16, _mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92));
+}
+
+// 8 tiles at a time (rb rows readable to 24 * ceil(tw / 8) + 3 + 24 columns); writes whole groups
+// of 8 tiles of V[e] (up to 7 past tw: the caller's ld leaves room).
+template <>
+void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 t[4][4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 d0, d1, d2, d3, u1, u2;
+      deinterleave3(rb[i] + 3 * tj, d0, d1, d2);
+      deinterleave3(rb[i] + 3 * tj + 3, d3, u1, u2);  // column 3t + 3: the next tile's first
+      t[i][0] = _mm256_sub_ps(d0, d2);
+      t[i][1] = _mm256_add_ps(d1, d2);
+      t[i][2] = _mm256_sub_ps(d2, d1);
+      t[i][3] = _mm256_sub_ps(d3, d1);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm256_storeu_ps(v + (0 * 4 + j) * es + tj, _mm256_sub_ps(t[0][j], t[2][j]));
+      _mm256_storeu_ps(v + (1 * 4 + j) * es + tj, _mm256_add_ps(t[1][j], t[2][j]));
+      _mm256_storeu_ps(v + (2 * 4 + j) * es + tj, _mm256_sub_ps(t[2][j], t[1][j]));
+      _mm256_storeu_ps(v + (3 * 4 + j) * es + tj, _mm256_sub_ps(t[3][j], t[1][j]));
+    }
+  }
+}
+
+// 8 tiles at a time, writing whole groups of 24 columns (out rows hold 24 * ceil(tw / 8)); only
+// tiles below tw count towards the inf/NaN check (lanes past it hold M's unused columns).
+template <>
+bool output_row<float>(const float* m, int64_t es, int64_t tw, float* const out[3]) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 nan_if_bad = zero;
+  for (int64_t tj = 0; tj < tw; tj += 8) {
+    __m256 s[3][4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 m0 = _mm256_loadu_ps(m + j * es + tj), m1 = _mm256_loadu_ps(m + (4 + j) * es + tj),
+                   m2 = _mm256_loadu_ps(m + (8 + j) * es + tj),
+                   m3 = _mm256_loadu_ps(m + (12 + j) * es + tj);
+      const __m256 sum12 = _mm256_add_ps(m1, m2);
+      s[0][j] = _mm256_add_ps(m0, sum12);
+      s[1][j] = _mm256_sub_ps(m1, m2);
+      s[2][j] = _mm256_add_ps(sum12, m3);
+    }
+    const __m256 valid = _mm256_castsi256_ps(tail_mask8(std::min<int64_t>(8, tw - tj)));
+    for (int i = 0; i < 3; ++i) {
+      const __m256 sum12 = _mm256_add_ps(s[i][1], s[i][2]);
+      const __m256 o0 = _mm256_add_ps(s[i][0], sum12), o1 = _mm256_sub_ps(s[i][1], s[i][2]),
+                   o2 = _mm256_add_ps(sum12, s[i][3]);
+      interleave3(o0, o1, o2, out[i] + 3 * tj);
+      const __m256 z = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(o0, zero), _mm256_mul_ps(o1, zero)),
+                                     _mm256_mul_ps(o2, zero));
+      nan_if_bad = _mm256_add_ps(nan_if_bad, _mm256_and_ps(z, valid));
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, nan_if_bad);
+  float bad = 0.0f;
+  for (float x : lanes) bad += x;
+  return bad != bad;
+}
+#endif
+
+// Row ih's columns [c_lo, c_hi) of gx from its two column phases: column 2j + px is
+// ph_row[px][j - base[px]] (ph_row[px] holds the phase's columns from base[px] on).
+template <class T>
+void write_phases(const T* const ph_row[2], const int64_t base[2], int64_t c_lo, int64_t c_hi,
+                  T* xr) {
+  int64_t c = c_lo;
+  if (c < c_hi && (c & 1)) {  // an odd first column: its own, then even-started pairs
+    xr[c] = ph_row[1][(c >> 1) - base[1]];
+    ++c;
+  }
+  if (c < c_hi) {
+    const int64_t j = c >> 1;
+    interleave2(ph_row[0] + (j - base[0]), ph_row[1] + (j - base[1]), c_hi - c, xr + c);
+  }
+}
+
+// The layer's geometry for one call: phase axes, the tile plan and the buffers' strides.
+struct S2Layout {
+  PhaseAxis ay, ax;
+  Plan w;
+  int64_t obw;  // one output row buffer: 3 columns per tile of a chunk, whole groups of 8
+  S2Layout(const Conv2dParams& p)
+      : ay(p.h, p.ph), ax(p.w, p.pw),
+        w(make_tile_plan(p.n, p.groups, ay.tiles, ax.tiles, p.k / p.groups, 4 * (p.c / p.groups))) {
+    w.rbw = 24 * ((w.tcw + 7) / 8) + 32;
+    obw = 24 * ((w.nr * w.tcw + 7) / 8);
+  }
+};
+
+// V[e][kk][(r - r0) * tcn + tj] for chunk q: gy's 4-row windows, rows 3 ti + start + i, columns
+// from 3 tc0 + start, zero outside gy.
+template <class T>
+void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk& q, T* rbuf, T* v) {
+  const Plan& w = L.w;
+  const int64_t kg = p.k / p.groups, rbw = w.rbw;
+  const int64_t off = 3 * q.tc0 + L.ax.start;  // rb[i][j] = gy row's column j + off
+  const int64_t a = std::min(rbw, std::max<int64_t>(0, -off));
+  const int64_t e = std::max(a, std::min(rbw, p.ow - off));
+  for (int64_t kk = 0; kk < kg; ++kk)
+    for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
+      const int64_t n = r / w.th, ti = r % w.th;
+      const T* gp = gy + ((n * p.k + q.g * kg + kk) * p.oh) * p.ow;
+      const T* rb[4];
+      for (int i = 0; i < 4; ++i) {
+        T* dst = rbuf + i * rbw;
+        rb[i] = dst;
+        const int64_t oh = 3 * ti + L.ay.start + i;
+        if (oh < 0 || oh >= p.oh) {
+          zero_run(dst, rbw);
+          continue;
+        }
+        zero_run(dst, a);
+        if (e > a) copy_run(dst + a, gp + oh * p.ow + (a + off), e - a);
+        zero_run(dst + e, rbw - e);
+      }
+      input_row<T>(rb, q.tcn, v + kk * w.ldq + (r - q.r0) * q.tcn, w.ves);
+    }
+}
+
+}  // namespace
+
+bool winograd_s2_serves(const Conv2dParams& p) {
+  return p.kh == 4 && p.kw == 4 && p.sh == 2 && p.sw == 2 && p.dh == 1 && p.dw == 1;
+}
+
+// The automatic choice: float32 on the AVX2 build (the AVX-512 build's GEMM runs 16 lanes
+// against these 8-lane transforms, and it has not been measured there), at least 4 input
+// channels per group (4cg >= 16 rows of M; with 3 it tied GEMM) and 8 output channels per group,
+// and at least max(4cg, kg, 64) tiles in all (U, 16 x 4cg x kg, is transformed per call and read
+// by every chunk: on 2x2-8x8 gy maps with 128-512 channels Winograd took 1.2-4.3x GEMM's time).
+// Winograd / auto (GEMM) time, two threads, median of 11-15 rotated rounds, conv2d layer
+// N x C x H x W -> K, 4x4 stride 2 p1 (benchmarks/conv_passes.py --pass input; benchmarks/
+// RESULTS.md, section 2026-12-04 05:24): 16x32x56x56 -> 64 (shape 7) 0.62-0.71,
+// 64x64x16x16 -> 128 0.66-0.79, 8x128x64x64 -> 256 0.56, 32x16x32x32 -> 32 0.82,
+// 8x32x32x32 -> 8 0.59, p0 16x64x32x32 -> 64 0.68; not taken: 16x3x64x64 -> 64 0.97,
+// 16x64x8x8 -> 128 1.23, 16x256x16x16 -> 512 1.43, 4x128x4x4 -> 256 4.30.
+bool winograd_s2_preferred(const Conv2dParams& p) {
+#if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  const PhaseAxis ay(p.h, p.ph), ax(p.w, p.pw);
+  const int64_t tiles = p.n * ay.tiles * ax.tiles;
+  return p.dtype == DType::Float32 && cg >= 4 && kg >= 8 &&
+         tiles >= std::max<int64_t>({4 * cg, kg, 64});
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+template <class T>
+bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
+  const S2Layout L(p);
+  const Plan& pl = L.w;
+  const int64_t ues = G * 4 * cg * kg;  // U: 16 matrices (4cg x kg) per group
+  std::vector<T> u(static_cast<size_t>(16 * ues));
+  transform_weights(p, L.ay, L.ax, w, u.data(), ues);
+  std::atomic<bool> nonfinite{false};
+  parallel_for_catch(G * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * 4 * cg * kg),
+                     [&](int64_t lo, int64_t hi) {
+    T* v = tl_v.get_as<T>(16 * pl.ves);
+    T* m = tl_m.get_as<T>(16 * pl.mes);
+    T* rbuf = tl_rows.get_as<T>(4 * pl.rbw + 6 * L.obw);
+    T* obuf = rbuf + 4 * pl.rbw;  // phase rows: [px][r] at obuf + (px * 3 + r) * obw
+    bool bad = false;
+    for (int64_t t = lo; t < hi; ++t) {
+      const Chunk q(pl, t);
+      const int64_t g = q.g, len = q.len();
+      build_v(p, L, gy, q, rbuf, v);
+      // M[e] (4cg x len) = U[e]_g (4cg x kg) * V[e] (kg x len)
+      for (int e = 0; e < 16; ++e)
+        gemm(gemm_params<T>(false, false, 4 * cg, len, kg, kg, pl.ldq, pl.ldq, 0.0),
+             u.data() + e * ues + g * 4 * cg * kg, v + e * pl.ves, m + e * pl.mes);
+      // gx columns of this segment: phase px's columns 3 tc0 + off + [0, 3 tcn)
+      int64_t base[2], c_lo = p.w, c_hi = 0;
+      for (int px = 0; px < 2; ++px) {
+        base[px] = 3 * q.tc0 + L.ax.off[px];
+        c_lo = std::min(c_lo, 2 * base[px] + px);
+        c_hi = std::max(c_hi, 2 * (base[px] + 3 * q.tcn - 1) + px + 1);
+      }
+      c_lo = std::max<int64_t>(c_lo, 0);
+      c_hi = std::min(c_hi, p.w);
+      // per (c, py): both column phases' 3 output rows for all the chunk's tiles at once (8
+      // consecutive tiles per vector, across tile rows), then gx's rows from them
+      for (int64_t c = 0; c < cg; ++c)
+        for (int py = 0; py < 2; ++py) {
+          for (int px = 0; px < 2; ++px) {
+            T* const out[3] = {obuf + (px * 3) * L.obw, obuf + (px * 3 + 1) * L.obw,
+                               obuf + (px * 3 + 2) * L.obw};
+            bad |= output_row<T>(m + ((py * 2 + px) * cg + c) * pl.ldq, pl.mes, len, out);
+          }
+          for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
+            const int64_t n = r / pl.th, ti = r % pl.th, at = 3 * (r - q.r0) * q.tcn;
+            T* xp = gx + ((n * p.c + g * cg + c) * p.h) * p.w;
+            for (int64_t rr = 0; rr < 3; ++rr) {
+              const int64_t ih = 2 * (3 * ti + L.ay.off[py] + rr) + py;
+              if (ih < 0 || ih >= p.h) continue;
+              const T* const rows[2] = {obuf + rr * L.obw + at, obuf + (3 + rr) * L.obw + at};
+              write_phases(rows, base, c_lo, c_hi, xp + ih * p.w);
+            }
+          }
+        }
+    }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+    tl_v.trim(kKeepBytes);
+    tl_m.trim(kKeepBytes);
+  });
+  return nonfinite.load();
+}
+
+template bool conv_winograd_s2_backward_input<float>(const Conv2dParams&, const float*,
+                                                     const float*, float*);
+template bool conv_winograd_s2_backward_input<double>(const Conv2dParams&, const double*,
+                                                      const double*, double*);
+
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
