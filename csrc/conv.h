@@ -19,7 +19,7 @@ enum class ConvAlgo : int {
   Gemm = 2,       // im2col in bounded spatial chunks + fastdl's GEMM; 1x1 stride 1 reads x in place
   Direct = 3,     // row-vectorised direct loops: depthwise, and few input channels per group
   Winograd = 4,   // F(2x2, 3x3) for 3x3, stride 1, dilation 1; F(3x3, 2x2) over stride phases
-                  // for the input gradient of 4x4, stride 2, dilation 1
+                  // for the forward and input gradient of 4x4, stride 2, dilation 1
   Phase = 5,      // input gradient of stride > 1, dilation 1: one stride-1 GEMM per stride phase
   Implicit = 6,   // forward, weight and stride-1 input gradients: implicit GEMM over padded
                   // stride-phase planes (no im2col)

@@ -231,7 +231,8 @@ def test_winograd_wide_and_stacked(cpu_path, dtype):
 
 
 def winograd_s2_configs(seed):
-    """4x4 stride-2 geometries (whose input gradient Winograd F(3x3, 2x2) serves): padding 0-4
+    """4x4 stride-2 geometries (whose forward and input gradient Winograd F(3x3, 2x2) serves over
+    stride phases): padding 0-4
     per axis (each parity of the phase offsets), spatial sizes 1-31 (those valid for the padding;
     phase planes of unequal sizes), groups and channel counts varied."""
     rng = random.Random(seed)
@@ -247,7 +248,8 @@ def winograd_s2_configs(seed):
                         dict(stride=2, padding=(ph, pw), dilation=1, groups=g)))
     # wide and stacked: tile rows of 1-3 groups of 8 tiles with tails; many small images sharing
     # a chunk; a tile row wider than twice the chunk budget (2^18 / (16 x 4 x 64) = 64 tiles:
-    # cut into column segments), with both column-phase offsets
+    # cut into column segments; both passes' V or M has 4 x 64 rows), with both column-phase
+    # offsets
     out += [((2, 6, 9, 70), (8, 6, 4, 4), True, dict(stride=2, padding=1, dilation=1, groups=1)),
             ((40, 8, 6, 6), (16, 4, 4, 4), False, dict(stride=2, padding=1, dilation=1, groups=2)),
             ((1, 64, 4, 861), (8, 64, 4, 4), False, dict(stride=2, padding=(1, 3), dilation=1,
@@ -264,10 +266,11 @@ def test_winograd_s2_sweep(cpu_path, dtype):
     try:
         for i, (shape, wshape, bias, kw) in enumerate(winograd_s2_configs(seed=11)):
             x, w = torch.zeros(shape, dtype=dtype), torch.zeros(wshape, dtype=dtype)
-            # the input gradient only: the forward and weight gradient run the automatic choice
-            assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "winograd", (shape, kw)
-            for pass_ in ("forward", "weight"):
-                assert ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw) != "winograd", pass_
+            # the forward and input gradient; the weight gradient runs the automatic choice
+            for pass_ in ("forward", "input"):
+                assert ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw) == "winograd", \
+                    (pass_, shape, kw)
+            assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) != "winograd"
             run_conv_case(dtype, shape, wshape, bias, kw, seed=i, what="algo=winograd (s2)")
     finally:
         fastdl.ops.set_conv_algorithm(before)
@@ -314,10 +317,11 @@ def test_winograd_s2_conv_transpose2d(cpu_path, algo_name):
 def test_winograd_s2_automatic_choice(cpu_path):
     # float32 on the AVX2 build picks it for the input gradient of 4x4 stride-2 layers with
     # enough tiles and channels (csrc/cpu/conv_winograd_s2.cpp, winograd_s2_preferred): the conv
-    # suite's shape 7; never float64, the portable build, small maps, or 3 channels per group
-    def algo(shape, wshape, dtype=torch.float32, **kw):
+    # suite's shape 7; never float64, the portable build, small maps, or 3 channels per group;
+    # for the forward only on outputs of 32x32 and more over at least 32 channels each way
+    def algo(shape, wshape, dtype=torch.float32, pass_="input", **kw):
         return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
-                                         torch.zeros(wshape, dtype=dtype), pass_="input",
+                                         torch.zeros(wshape, dtype=dtype), pass_=pass_,
                                          stride=2, **kw)
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("auto")
@@ -327,6 +331,11 @@ def test_winograd_s2_automatic_choice(cpu_path):
         assert algo(*shape7, padding=1, dtype=torch.float64) != "winograd"
         assert algo((16, 64, 8, 8), (128, 64, 4, 4), padding=1) != "winograd"
         assert algo((16, 3, 64, 64), (64, 3, 4, 4), padding=1) != "winograd"
+        big = ((4, 32, 96, 96), (64, 32, 4, 4))  # 48x48 outputs
+        assert (algo(*big, padding=1, pass_="forward") == "winograd") == (cpu_path == "avx2")
+        assert algo(*shape7, padding=1, pass_="forward") != "winograd"  # 28x28 outputs
+        assert algo((16, 16, 64, 64), (16, 16, 4, 4), padding=1, pass_="forward") != "winograd"
+        assert algo(*big, padding=1, pass_="weight") != "winograd"
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -1873,11 +1882,13 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
         fastdl.ops.set_conv_algorithm(before)
 
 
-def test_winograd_s2_nonfinite_and_overflowing_gy_as_torch(cpu_path):
+def test_winograd_s2_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
     # The stride-phase Winograd input gradient mixes a 4x4 window of gy into every output of
-    # four phases: an inf/NaN in gy, or values whose sums overflow, are flagged as the outputs
-    # are stored and the call redone on GEMM, as for the 3x3 kernels. gy maps 9 and 30 wide
-    # (one partial, then whole and partial groups of 8 tiles), bad values in both column phases.
+    # four phases (the forward: windows of x's four phases into each output): an inf/NaN, or
+    # values whose sums overflow, are flagged as the outputs are stored and the call redone on
+    # GEMM, as for the 3x3 kernels. gy maps 9, 30 and 32 wide (one partial, then whole and
+    # partial groups of 8 tiles), bad values in both column phases; the overflowing values as a
+    # 3x3 block, so that some 4x4 window sums three of them whatever the tiles' origin.
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("winograd")
     try:
@@ -1894,7 +1905,7 @@ def test_winograd_s2_nonfinite_and_overflowing_gy_as_torch(cpu_path):
             gy = torch.rand(TF.conv2d(x, w, stride=2, padding=pads).shape, generator=gen) - 0.5
             gy[-1, 2, gr, gc] = bad
             if bad == 3e38:
-                gy[-1, 2, gr, gc + 1] = bad
+                gy[-1, 2, gr - 1:gr + 2, gc - 1:gc + 2] = bad
                 w = w * 1e-38
             gx = fastdl.ops.conv2d_backward(gy, x, w, stride=2, padding=pads,
                                             output_mask=(True, False, False))[0]
@@ -1905,6 +1916,17 @@ def test_winograd_s2_nonfinite_and_overflowing_gy_as_torch(cpu_path):
             assert torch.equal(torch.isinf(gx), torch.isinf(want)), bad
             fin = torch.isfinite(want)
             assert_close(gx[fin], want[fin], reduction=16 * k)
+            # the forward (the same transforms over x's phases): the bad values in x
+            xb = x.clone()
+            xb[0, 1, 2 * gr + 1, 2 * gc] = bad
+            if bad == 3e38:  # a 3x3 block of phase (1, 0)
+                xb[0, 1, 2 * gr - 3:2 * gr + 2:2, 2 * gc - 4:2 * gc + 1:2] = bad
+            y = fastdl.ops.conv2d(xb, w, stride=2, padding=pads)
+            y_want = TF.conv2d(xb, w, stride=2, padding=pads)
+            assert torch.equal(torch.isnan(y), torch.isnan(y_want)), bad
+            assert torch.equal(torch.isinf(y), torch.isinf(y_want)), bad
+            fin = torch.isfinite(y_want)
+            assert_close(y[fin], y_want[fin], reduction=16 * shape[1])
     finally:
         fastdl.ops.set_conv_algorithm(before)
 

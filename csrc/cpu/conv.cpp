@@ -3,7 +3,8 @@
 // padding given as top/left offsets plus the output size; csrc/conv.h).
 // Algorithms (chosen per pass by conv_choose): Reference (here), Gemm (conv_gemm.cpp), Direct
 // (conv_direct.cpp), Winograd (conv_winograd.cpp, 3x3 stride 1, chosen by winograd_preferred
-// there; conv_winograd_s2.cpp, the input gradient of 4x4 stride 2, winograd_s2_preferred), Phase
+// there; conv_winograd_s2.cpp, the forward and input gradient of 4x4 stride 2, chosen by
+// winograd_s2_preferred and winograd_s2_forward_preferred), Phase
 // (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
 // weight gradient, chosen by implicit_preferred there; conv_implicit_forward.cpp, the forward and
 // the stride-1 input gradient, chosen by implicit_forward_preferred there), Nhwc (conv_nhwc.cpp,
@@ -136,7 +137,7 @@ void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
 // The automatic choice, and the forced algorithm where it serves the shape.
 ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   const bool wino3 = winograd_serves(p);
-  const bool wino_s2 = winograd_s2_serves(p) && pass == ConvPass::BackwardInput;
+  const bool wino_s2 = winograd_s2_serves(p) && pass != ConvPass::BackwardWeight;
   const bool wino = wino3 || wino_s2;
   const bool phase = phase_serves(p) && pass == ConvPass::BackwardInput;
   switch (p.algo) {
@@ -194,7 +195,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
     return ConvAlgo::Implicit;
   if (wino3 && winograd_preferred(p, pass))
     return ConvAlgo::Winograd;
-  if (wino_s2 && winograd_s2_preferred(p)) return ConvAlgo::Winograd;
+  if (wino_s2 && (pass == ConvPass::Forward ? winograd_s2_forward_preferred(p)
+                                            : winograd_s2_preferred(p)))
+    return ConvAlgo::Winograd;
   // The channels-minor forward, stride-1 input gradient and weight gradient: small maps, many
   // channels (on the AVX2 build winograd_preferred has already deferred to it on maps of at most
   // 8x8 over up to 128 channels); on the AVX2 build also the forward of stride-2 layers, ahead of
@@ -304,7 +307,10 @@ void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T*
   switch (algo) {
     case ConvAlgo::Reference: return conv_reference_forward(p, x, w, b, y);
     case ConvAlgo::Direct: conv_direct_forward(p, x, w, b, y); break;
-    case ConvAlgo::Winograd: wino_bad = conv_winograd_forward(p, x, w, b, y); break;
+    case ConvAlgo::Winograd:
+      wino_bad = winograd_serves(p) ? conv_winograd_forward(p, x, w, b, y)
+                                    : conv_winograd_s2_forward(p, x, w, b, y);
+      break;
     case ConvAlgo::Implicit: conv_implicit_forward(p, x, w, b, y); break;
     case ConvAlgo::Nhwc: conv_nhwc_forward(p, x, w, b, y); break;
     default: conv_gemm_forward(p, x, w, b, y); break;

@@ -156,29 +156,6 @@ struct TrimPhases : TrimOnExit {
   TrimPhases() : TrimOnExit(tl_phases, kKeepPhaseBytes) {}
 };
 
-// Row xr (w elements) into its two column phases: d0[n] = xr[2n], d1[n] = xr[2n + 1], n < cols =
-// ceil(w/2), 0 past the row.
-template <class T>
-void deinterleave2(const T* xr, int64_t w, int64_t cols, T* d0, T* d1) {
-  int64_t n = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same<T, float>::value) {
-    for (; 2 * n + 16 <= w; n += 8) {
-      const __m256 a = _mm256_loadu_ps(xr + 2 * n), b = _mm256_loadu_ps(xr + 2 * n + 8);
-      // shuffle_ps works per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6]; the 64-bit permute
-      // puts the lanes' halves in order.
-      const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
-      _mm256_storeu_ps(d0 + n, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
-      _mm256_storeu_ps(d1 + n, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
-    }
-  }
-#endif
-  for (; n < cols; ++n) {
-    d0[n] = xr[2 * n];  // 2n <= w - 1 for n < ceil(w/2)
-    d1[n] = 2 * n + 1 < w ? xr[2 * n + 1] : T(0);
-  }
-}
-
 // Floor division and its remainder for a possibly negative offset o by s > 0: o = q*s + r.
 inline void split_offset(int64_t o, int64_t s, int64_t& q, int64_t& r) {
   r = ((o % s) + s) % s;

@@ -193,13 +193,18 @@ bool conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w
 template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 
-// Winograd F(3x3, 2x2) over stride phases: the input gradient of 4x4 stride-2 kernels, dilation
-// 1 (conv_transpose2d's forward for them; conv_winograd_s2.cpp). Returns whether gx holds an inf
-// or NaN, as conv_winograd_backward_input.
+// Winograd F(3x3, 2x2) over stride phases: the input gradient (and, below, the forward) of 4x4
+// stride-2 kernels, dilation 1 (conv_transpose2d's forward for them; conv_winograd_s2.cpp).
+// Returns whether gx holds an inf or NaN, as conv_winograd_backward_input.
+// (winograd_s2_serves: the geometry, for both passes.)
 bool winograd_s2_serves(const Conv2dParams& p);
 bool winograd_s2_preferred(const Conv2dParams& p);
 template <class T>
 bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
+// ... and the forward of those layers (the same phases, transposed).
+bool winograd_s2_forward_preferred(const Conv2dParams& p);
+template <class T>
+bool conv_winograd_s2_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 
 // Stride-phase input gradient: stride > 1, dilation 1 (conv_phase.cpp).
 bool phase_serves(const Conv2dParams& p);

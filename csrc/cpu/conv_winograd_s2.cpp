@@ -1,6 +1,8 @@
 // The input gradient of a 4x4 stride-2 convolution (dilation 1, any padding, groups), which is
 // also conv_transpose2d's forward for kernel 4, stride 2 (the usual 2x upsampling of decoders
-// and GAN generators), by Winograd F(3x3, 2x2) over stride phases, float32/float64.
+// and GAN generators), and the forward of such a convolution (the downsampling of GAN
+// discriminators; conv_transpose2d's input gradient), by Winograd F(3x3, 2x2) over stride
+// phases, float32/float64. The forward is the same decomposition transposed (below).
 //
 // Phases. Row ih = 2i + py of gx receives only the taps kh = kh0 + 2u (kh0 = (py + ph) % 2,
 // u = 0, 1), from gy rows oh = i + b_py - u (b_py = (py + ph) / 2): phase py of gx is a two-tap
@@ -16,14 +18,16 @@
 //   V[e] (kg x tiles) = (B^T d B)[e] over gy's windows (zero outside gy)
 //   M[e] (4cg x tiles) = U[e] V[e] on fastdl's GEMM
 //   gx's phase rows = A^T M A, into row buffers, then written whole rows at a time by interleave2.
-// Against the direct (phase) kernel: 16 x 4 / 9 = 7.1 multiplies per gx element and output
-// channel instead of 16; tiles of 3 cover a phase of 28 rows with 30 (the rest computed and
+// Against the direct (phase) kernel: 16 multiplies per 3x3 phase tile instead of 36 (16/9 =
+// 1.78 per gx element and channel pair instead of 4, 2.25x fewer); tiles of 3 cover a phase of 28 rows with 30 (the rest computed and
 // dropped). Transforms: the AVX2 float32 path runs 8 tiles per vector, splitting each row by
 // column mod 3 (two blends and a permute per 8 values) and merging the outputs back alike; float64
 // and the portable build run the same loops one tile at a time.
 // Work split, buffers and chunks as conv_winograd.cpp (winograd_plan.h). An inf or NaN in the
-// result (from gy, or sums that overflow) is reported so conv.cpp redoes the pass on GEMM; an
-// inf/NaN weight never reaches here (conv.cpp sends it to the reference loops).
+// result (from gy, or sums that overflow) is reported so conv.cpp redoes the pass on GEMM (an
+// inf/NaN weight reaches here only when conv.cpp scans the result rather than the larger weight;
+// every U entry reaches some output, so the result is flagged and conv.cpp then finds the weight
+// and runs the reference loops).
 // Tested by tests/test_conv.py (forced algorithm "winograd" on 4x4 stride-2 layers: test_winograd_
 // s2_sweep, the general sweeps, conv_transpose2d); timed by benchmarks/conv_passes.py and the conv
 // suite's shape 7.
@@ -73,9 +77,11 @@ struct PhaseAxis {
 // g[u][v] = w[kk][c][kh0 + 2(1 - u)][kw0 + 2(1 - v)], G = [1 0; .5 .5; .5 -.5; 0 1]. All groups:
 // u + g * 4cg*kg, e-th matrix at stride es. One task per (group, phase, c) row of kg elements,
 // written e by e along the row (the transform of each element first goes to a small block).
+// flip: the input gradient's sub-kernels (taps in reverse); the forward's are
+// g[u][v] = w[kk][c][kh0 + 2u][kw0 + 2v].
 template <class T>
 void transform_weights(const Conv2dParams& p, const PhaseAxis& ay, const PhaseAxis& ax, const T* w,
-                       T* u, int64_t es) {
+                       T* u, int64_t es, bool flip) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
   parallel_for_catch(G * 4 * cg, grain_for(16 * 16 * kg), [&](int64_t lo, int64_t hi) {
     std::vector<T> blk(static_cast<size_t>(16 * kg));
@@ -86,7 +92,8 @@ void transform_weights(const Conv2dParams& p, const PhaseAxis& ay, const PhaseAx
         T gg[2][2];
         for (int a = 0; a < 2; ++a)
           for (int b = 0; b < 2; ++b)
-            gg[a][b] = wk[(ay.k0[py] + 2 * (1 - a)) * 4 + ax.k0[px] + 2 * (1 - b)];
+            gg[a][b] = flip ? wk[(ay.k0[py] + 2 * (1 - a)) * 4 + ax.k0[px] + 2 * (1 - b)]
+                            : wk[(ay.k0[py] + 2 * a) * 4 + ax.k0[px] + 2 * b];
         T t[4][2];  // G g
         for (int b = 0; b < 2; ++b) {
           t[0][b] = gg[0][b];
@@ -131,10 +138,10 @@ void input_row(const T* const rb[4], int64_t tw, T* v, int64_t es) {
   }
 }
 
-// Rows out[0..2] columns 3tj .. 3tj + 2 = A^T M A for tiles tj < tw, M[e][tj] at m + e * es,
+// Rows out[0..2] columns 3tj .. 3tj + 2 = A^T M A + bv for tiles tj < tw, M[e][tj] at m + e * es,
 // A^T = [1 1 1 0; 0 1 -1 0; 0 1 1 1]. Returns whether it wrote an inf or NaN.
 template <class T>
-bool output_row(const T* m, int64_t es, int64_t tw, T* const out[3]) {
+bool output_row(const T* m, int64_t es, int64_t tw, T bv, T* const out[3]) {
   T nan_if_bad = T(0);  // v * 0 is NaN exactly for an inf or NaN v
   for (int64_t tj = 0; tj < tw; ++tj) {
     T s[3][4];  // A^T M
@@ -146,7 +153,8 @@ bool output_row(const T* m, int64_t es, int64_t tw, T* const out[3]) {
       s[2][j] = m1 + m2 + m3;
     }
     for (int i = 0; i < 3; ++i) {
-      const T o[3] = {s[i][0] + s[i][1] + s[i][2], s[i][1] - s[i][2], s[i][1] + s[i][2] + s[i][3]};
+      const T o[3] = {s[i][0] + s[i][1] + s[i][2] + bv, s[i][1] - s[i][2] + bv,
+                      s[i][1] + s[i][2] + s[i][3] + bv};
       for (int j = 0; j < 3; ++j) {
         out[i][3 * tj + j] = o[j];
         nan_if_bad += o[j] * T(0);
@@ -179,7 +187,7 @@ inline void interleave3(__m256 d0, __m256 d1, __m256 d2, float* p) {
   _mm256_storeu_ps(p + 16, _mm256_blend_ps(_mm256_blend_ps(a, b, 0x49), c, 0x92));
 }
 
-// 8 tiles at a time (rb rows readable to 24 * ceil(tw / 8) + 3 + 24 columns); writes whole groups
+// 8 tiles at a time (rb rows readable to 24 * ceil(tw / 8) + 3 columns); writes whole groups
 // of 8 tiles of V[e] (up to 7 past tw: the caller's ld leaves room).
 template <>
 void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
@@ -206,8 +214,8 @@ void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es
 // 8 tiles at a time, writing whole groups of 24 columns (out rows hold 24 * ceil(tw / 8)); only
 // tiles below tw count towards the inf/NaN check (lanes past it hold M's unused columns).
 template <>
-bool output_row<float>(const float* m, int64_t es, int64_t tw, float* const out[3]) {
-  const __m256 zero = _mm256_setzero_ps();
+bool output_row<float>(const float* m, int64_t es, int64_t tw, float bv, float* const out[3]) {
+  const __m256 zero = _mm256_setzero_ps(), bias = _mm256_set1_ps(bv);
   __m256 nan_if_bad = zero;
   for (int64_t tj = 0; tj < tw; tj += 8) {
     __m256 s[3][4];
@@ -223,8 +231,9 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, float* const out[
     const __m256 valid = _mm256_castsi256_ps(tail_mask8(std::min<int64_t>(8, tw - tj)));
     for (int i = 0; i < 3; ++i) {
       const __m256 sum12 = _mm256_add_ps(s[i][1], s[i][2]);
-      const __m256 o0 = _mm256_add_ps(s[i][0], sum12), o1 = _mm256_sub_ps(s[i][1], s[i][2]),
-                   o2 = _mm256_add_ps(sum12, s[i][3]);
+      const __m256 o0 = _mm256_add_ps(_mm256_add_ps(s[i][0], sum12), bias),
+                   o1 = _mm256_add_ps(_mm256_sub_ps(s[i][1], s[i][2]), bias),
+                   o2 = _mm256_add_ps(_mm256_add_ps(sum12, s[i][3]), bias);
       interleave3(o0, o1, o2, out[i] + 3 * tj);
       const __m256 z = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(o0, zero), _mm256_mul_ps(o1, zero)),
                                      _mm256_mul_ps(o2, zero));
@@ -305,7 +314,8 @@ bool winograd_s2_serves(const Conv2dParams& p) {
 }
 
 // The automatic choice: float32 on the AVX2 build (the AVX-512 build's GEMM runs 16 lanes
-// against these 8-lane transforms, and it has not been measured there), at least 4 input
+// against these 8-lane transforms, and it has not been measured there), ungrouped layers with
+// output / input channels between 0.25 and 2 (the ratios measured), at least 4 input
 // channels per group (4cg >= 16 rows of M; with 3 it tied GEMM) and 8 output channels per group,
 // and at least max(4cg, kg, 64) tiles in all (U, 16 x 4cg x kg, is transformed per call and read
 // by every chunk: on 2x2-8x8 gy maps with 128-512 channels Winograd took 1.2-4.3x GEMM's time).
@@ -320,8 +330,32 @@ bool winograd_s2_preferred(const Conv2dParams& p) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
   const PhaseAxis ay(p.h, p.ph), ax(p.w, p.pw);
   const int64_t tiles = p.n * ay.tiles * ax.tiles;
-  return p.dtype == DType::Float32 && cg >= 4 && kg >= 8 &&
-         tiles >= std::max<int64_t>({4 * cg, kg, 64});
+  // (ungrouped layers with kg / cg in [0.25, 2] measured; outside them, the other algorithms)
+  return p.dtype == DType::Float32 && p.groups == 1 && cg >= 4 && kg >= 8 && cg <= 4 * kg &&
+         kg <= 2 * cg && tiles >= std::max<int64_t>({4 * cg, kg, 64});
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// The forward's automatic choice: float32 on the AVX2 build, ungrouped, at least 32 input and
+// output channels with at most twice as many out as in (ratios 1-2 measured), outputs of at least 32x32 and as many tiles as for the input gradient. Its
+// V has 4cg rows per tile (the input gradient's: kg), so its transforms cost more: it tied or
+// lost to the channels-minor and implicit forwards on the smaller maps. Winograd / auto time,
+// two threads, median of 9-11 rotated rounds (benchmarks/conv_passes.py --pass forward;
+// benchmarks/RESULTS.md, section 2026-12-04 05:24), 4x4 stride 2 p1:
+//   taken:     4x64x128x128 -> 64 0.79 (implicit), 4x32x96x96 -> 64 0.65 (implicit),
+//              8x128x64x64 -> 256 0.75 (GEMM)
+//   not taken: 16x32x56x56 -> 64 (shape 7's, 28x28 outputs) 1.05 (nhwc), 2x256x32x32 -> 256 1.32,
+//              64x64x16x16 -> 128 1.06-1.08, 16x16x64x64 -> 16 1.25, 8x8x64x64 -> 16 1.18,
+//              16x3x64x64 -> 64 2.40
+bool winograd_s2_forward_preferred(const Conv2dParams& p) {
+#if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  const int64_t tiles = p.n * ((p.oh + 2) / 3) * ((p.ow + 2) / 3);
+  return p.dtype == DType::Float32 && p.groups == 1 && cg >= 32 && kg >= 32 && kg <= 2 * cg &&
+         p.oh * p.ow >= 1024 && tiles >= std::max<int64_t>({4 * cg, kg, 64});
 #else
   (void)p;
   return false;
@@ -335,7 +369,7 @@ bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T
   const Plan& pl = L.w;
   const int64_t ues = G * 4 * cg * kg;  // U: 16 matrices (4cg x kg) per group
   std::vector<T> u(static_cast<size_t>(16 * ues));
-  transform_weights(p, L.ay, L.ax, w, u.data(), ues);
+  transform_weights(p, L.ay, L.ax, w, u.data(), ues, true);
   std::atomic<bool> nonfinite{false};
   parallel_for_catch(G * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * 4 * cg * kg),
                      [&](int64_t lo, int64_t hi) {
@@ -368,7 +402,7 @@ bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T
           for (int px = 0; px < 2; ++px) {
             T* const out[3] = {obuf + (px * 3) * L.obw, obuf + (px * 3 + 1) * L.obw,
                                obuf + (px * 3 + 2) * L.obw};
-            bad |= output_row<T>(m + ((py * 2 + px) * cg + c) * pl.ldq, pl.mes, len, out);
+            bad |= output_row<T>(m + ((py * 2 + px) * cg + c) * pl.ldq, pl.mes, len, T(0), out);
           }
           for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
             const int64_t n = r / pl.th, ti = r % pl.th, at = 3 * (r - q.r0) * q.tcn;
@@ -389,6 +423,117 @@ bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T
   return nonfinite.load();
 }
 
+// ---- the forward ------------------------------------------------------------------------------
+// The transpose of the above: y[o] = sum over the four phases (py, px) of x of the 2x2
+// correlation x_py[o - b_py + u] w[kh0 + 2u] (columns alike). Tile (T, Tj) gives y's 3x3 outputs
+// from rows 3T + r; phase py's window starts at its plane row 3T - b_py. So V has 4cg rows,
+// (py*2 + px)*cg + c, each phase's window taken at its own offset; M[e] (kg x tiles) =
+// U[e]^T V[e] (U as the input gradient's, 4cg x kg, with the taps unflipped); y = A^T M A + bias.
+
+// The forward's geometry: phase axes of x, output tiles of 3, buffers.
+struct S2ForwardLayout {
+  PhaseAxis ay, ax;
+  Plan w;
+  int64_t obw, half;  // output row buffers as above; half: a deinterleaved x row's phase width
+  S2ForwardLayout(const Conv2dParams& p)
+      : ay(p.h, p.ph), ax(p.w, p.pw),
+        w(make_tile_plan(p.n, p.groups, (p.oh + 2) / 3, (p.ow + 2) / 3, 4 * (p.c / p.groups),
+                         p.k / p.groups)) {
+    w.rbw = 24 * ((w.tcw + 7) / 8) + 32;
+    obw = 24 * ((w.nr * w.tcw + 7) / 8);
+    half = (p.w + 1) / 2;
+  }
+};
+
+// V[(py*2 + px)*cg + c][(r - r0) * tcn + tj] for chunk q: x's rows 2(3ti - b_py + i) + py (zero
+// outside x), split into column phases, phase px from plane column 3 tc0 - b_px on.
+template <class T>
+void build_v_forward(const Conv2dParams& p, const S2ForwardLayout& L, const T* x, const Chunk& q,
+                     T* rbuf, T* v) {
+  const Plan& w = L.w;
+  const int64_t cg = p.c / p.groups, rbw = w.rbw;
+  T* split[2] = {rbuf + 8 * rbw, rbuf + 8 * rbw + L.half};  // one x row's column phases
+  for (int64_t c = 0; c < cg; ++c)
+    for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
+      const int64_t n = r / w.th, ti = r % w.th;
+      const T* xp = x + ((n * p.c + q.g * cg + c) * p.h) * p.w;
+      for (int py = 0; py < 2; ++py) {
+        const T* rb[2][4];
+        for (int i = 0; i < 4; ++i) {
+          const int64_t pr = 3 * ti - L.ay.b[py] + i, ih = 2 * pr + py;
+          const bool inside = pr >= 0 && ih < p.h;
+          if (inside) deinterleave2(xp + ih * p.w, p.w, L.half, split[0], split[1]);
+          for (int px = 0; px < 2; ++px) {
+            T* dst = rbuf + (px * 4 + i) * rbw;
+            rb[px][i] = dst;
+            if (!inside) {
+              zero_run(dst, rbw);
+              continue;
+            }
+            // dst[j] = phase column j + off, inside for [a, e)
+            const int64_t off = 3 * q.tc0 - L.ax.b[px];
+            const int64_t a = std::min(rbw, std::max<int64_t>(0, -off));
+            const int64_t e = std::max(a, std::min(rbw, L.ax.cnt[px] - off));
+            zero_run(dst, a);
+            if (e > a) copy_run(dst + a, split[px] + (a + off), e - a);
+            zero_run(dst + e, rbw - e);
+          }
+        }
+        for (int px = 0; px < 2; ++px)
+          input_row<T>(rb[px], q.tcn, v + ((py * 2 + px) * cg + c) * w.ldq + (r - q.r0) * q.tcn,
+                       w.ves);
+      }
+    }
+}
+
+template <class T>
+bool conv_winograd_s2_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G;
+  const S2ForwardLayout L(p);
+  const Plan& pl = L.w;
+  const int64_t ues = G * 4 * cg * kg;
+  std::vector<T> u(static_cast<size_t>(16 * ues));
+  transform_weights(p, L.ay, L.ax, w, u.data(), ues, false);
+  std::atomic<bool> nonfinite{false};
+  parallel_for_catch(G * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * 4 * cg * kg),
+                     [&](int64_t lo, int64_t hi) {
+    T* v = tl_v.get_as<T>(16 * pl.ves);
+    T* m = tl_m.get_as<T>(16 * pl.mes);
+    T* rbuf = tl_rows.get_as<T>(8 * pl.rbw + 2 * L.half + 3 * L.obw);
+    T* obuf = rbuf + 8 * pl.rbw + 2 * L.half;  // output rows r at obuf + r * obw
+    bool bad = false;
+    for (int64_t t = lo; t < hi; ++t) {
+      const Chunk q(pl, t);
+      const int64_t g = q.g, len = q.len();
+      build_v_forward(p, L, x, q, rbuf, v);
+      // M[e] (kg x len) = U[e]_g^T (kg x 4cg) * V[e] (4cg x len)
+      for (int e = 0; e < 16; ++e)
+        gemm(gemm_params<T>(true, false, kg, len, 4 * cg, kg, pl.ldq, pl.ldq, 0.0),
+             u.data() + e * ues + g * 4 * cg * kg, v + e * pl.ves, m + e * pl.mes);
+      const int64_t cols = std::min(3 * q.tcn, p.ow - 3 * q.tc0);
+      for (int64_t kk = 0; kk < kg; ++kk) {
+        const int64_t k = g * kg + kk;
+        T* const out[3] = {obuf, obuf + L.obw, obuf + 2 * L.obw};
+        bad |= output_row<T>(m + kk * pl.ldq, pl.mes, len, b ? b[k] : T(0), out);
+        for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
+          const int64_t n = r / pl.th, ti = r % pl.th, at = 3 * (r - q.r0) * q.tcn;
+          T* yp = y + ((n * p.k + k) * p.oh) * p.ow + 3 * q.tc0;
+          for (int64_t rr = 0; rr < 3 && 3 * ti + rr < p.oh; ++rr)
+            copy_run(yp + (3 * ti + rr) * p.ow, out[rr] + at, cols);
+        }
+      }
+    }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+    tl_v.trim(kKeepBytes);
+    tl_m.trim(kKeepBytes);
+  });
+  return nonfinite.load();
+}
+
+template bool conv_winograd_s2_forward<float>(const Conv2dParams&, const float*, const float*,
+                                              const float*, float*);
+template bool conv_winograd_s2_forward<double>(const Conv2dParams&, const double*, const double*,
+                                               const double*, double*);
 template bool conv_winograd_s2_backward_input<float>(const Conv2dParams&, const float*,
                                                      const float*, float*);
 template bool conv_winograd_s2_backward_input<double>(const Conv2dParams&, const double*,

@@ -72,8 +72,32 @@ inline void copy_run(T* d, const T* src, int64_t n) {
   if (n > 0) std::memcpy(d, src, sizeof(T) * n);
 }
 
+// Row xr (w elements) into its two column phases (conv_gemm.cpp's stride-phase planes,
+// conv_winograd_s2.cpp's phase rows): d0[n] = xr[2n], d1[n] = xr[2n + 1], n < cols =
+// ceil(w/2), 0 past the row.
+template <class T>
+void deinterleave2(const T* xr, int64_t w, int64_t cols, T* d0, T* d1) {
+  int64_t n = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    for (; 2 * n + 16 <= w; n += 8) {
+      const __m256 a = _mm256_loadu_ps(xr + 2 * n), b = _mm256_loadu_ps(xr + 2 * n + 8);
+      // shuffle_ps works per 128-bit lane: [a0 a2 b0 b2 | a4 a6 b4 b6]; the 64-bit permute
+      // puts the lanes' halves in order.
+      const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
+      _mm256_storeu_ps(d0 + n, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+      _mm256_storeu_ps(d1 + n, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+    }
+  }
+#endif
+  for (; n < cols; ++n) {
+    d0[n] = xr[2 * n];  // 2n <= w - 1 for n < ceil(w/2)
+    d1[n] = 2 * n + 1 < w ? xr[2 * n + 1] : T(0);
+  }
+}
+
 // Column phases d0, d1 back into row xr (w elements): xr[2n] = d0[n], xr[2n+1] = d1[n] (the
-// inverse of conv_gemm.cpp's deinterleave2; also conv_phase.cpp's rows of gx).
+// inverse of deinterleave2; also conv_phase.cpp's rows of gx).
 template <class T>
 void interleave2(const T* d0, const T* d1, int64_t w, T* xr) {
   int64_t n = 0;

@@ -10,8 +10,8 @@ channels_last output, as torch does. Non-contiguous inputs are copied to contigu
 Bad arguments raise the exception class torch raises for them, naming the argument.
 
 Algorithms (csrc/conv.h): "gemm" (im2col in bounded chunks + fastdl's GEMM; 1x1 reads x in
-place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1; and the
-input gradient of 4x4 stride 2, so conv_transpose2d's forward for it), "phase" (the
+place), "direct" (depthwise and few input channels), "winograd" (3x3 stride 1; the
+forward and input gradient of 4x4 stride 2, and so conv_transpose2d's forward for it), "phase" (the
 input gradient, and so conv_transpose2d's forward, of a stride > 1 convolution: one stride-1
 GEMM per stride phase, no col2im), "implicit" (the forward, the weight gradient and the stride-1
 input gradient as implicit GEMMs over zero-padded copies of x and gy: no im2col), "nhwc" (the
