@@ -318,7 +318,8 @@ def test_winograd_s2_automatic_choice(cpu_path):
     # float32 on the AVX2 build picks it for the input gradient of 4x4 stride-2 layers with
     # enough tiles and channels (csrc/cpu/conv_winograd_s2.cpp, winograd_s2_preferred): the conv
     # suite's shape 7; never float64, the portable build, small maps, or 3 channels per group;
-    # for the forward only on outputs of 32x32 and more over at least 32 channels each way
+    # for the forward only on outputs of at least 1024 pixels over at least 32 channels each
+    # way; ungrouped layers within the channel ratios measured only
     def algo(shape, wshape, dtype=torch.float32, pass_="input", **kw):
         return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
                                          torch.zeros(wshape, dtype=dtype), pass_=pass_,
@@ -336,6 +337,15 @@ def test_winograd_s2_automatic_choice(cpu_path):
         assert algo(*shape7, padding=1, pass_="forward") != "winograd"  # 28x28 outputs
         assert algo((16, 16, 64, 64), (16, 16, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo(*big, padding=1, pass_="weight") != "winograd"
+        # outside the measured: groups, more than twice as many output channels as input
+        assert algo((16, 64, 56, 56), (64, 32, 4, 4), padding=1, groups=2) != "winograd"
+        assert algo((16, 16, 56, 56), (64, 16, 4, 4), padding=1) != "winograd"
+        assert algo((4, 32, 96, 96), (96, 32, 4, 4), padding=1, pass_="forward") != "winograd"
+        # (and the same layers inside them are taken)
+        assert (algo((16, 32, 56, 56), (64, 32, 4, 4), padding=1) == "winograd") == (
+            cpu_path == "avx2")
+        assert (algo((4, 48, 96, 96), (96, 48, 4, 4), padding=1, pass_="forward")
+                == "winograd") == (cpu_path == "avx2")
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -1887,14 +1897,15 @@ def test_winograd_s2_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
     # four phases (the forward: windows of x's four phases into each output): an inf/NaN, or
     # values whose sums overflow, are flagged as the outputs are stored and the call redone on
     # GEMM, as for the 3x3 kernels. gy maps 9, 30 and 32 wide (one partial, then whole and
-    # partial groups of 8 tiles), bad values in both column phases; the overflowing values as a
-    # 3x3 block, so that some 4x4 window sums three of them whatever the tiles' origin.
+    # partial groups of 8 tiles), bad values in both column phases. The overflowing values run 5
+    # along a (phase-plane) row: windows 4 wide start every 3, so some window holds the run at
+    # its positions 1 and 2, whose sum d1 + d2 overflows, whatever the tiles' origin.
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("winograd")
     try:
         gen = torch.Generator().manual_seed(6)
         cases = [((2, 4, 18, 18), 8, 1, (3, 4)), ((1, 4, 20, 60), 8, 1, (6, 27)),
-                 ((1, 4, 21, 61), 8, (2, 3), (9, 30))]
+                 ((1, 4, 21, 61), 8, (2, 3), (9, 28))]
         for bad, (shape, k, pad, (gr, gc)) in itertools.product(
                 (float("inf"), float("nan"), 3e38), cases):
             x = torch.rand(*shape, generator=gen) - 0.5
@@ -1905,7 +1916,7 @@ def test_winograd_s2_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
             gy = torch.rand(TF.conv2d(x, w, stride=2, padding=pads).shape, generator=gen) - 0.5
             gy[-1, 2, gr, gc] = bad
             if bad == 3e38:
-                gy[-1, 2, gr - 1:gr + 2, gc - 1:gc + 2] = bad
+                gy[-1, 2, gr - 1:gr + 2, gc - 2:gc + 3] = bad
                 w = w * 1e-38
             gx = fastdl.ops.conv2d_backward(gy, x, w, stride=2, padding=pads,
                                             output_mask=(True, False, False))[0]
@@ -1919,8 +1930,8 @@ def test_winograd_s2_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
             # the forward (the same transforms over x's phases): the bad values in x
             xb = x.clone()
             xb[0, 1, 2 * gr + 1, 2 * gc] = bad
-            if bad == 3e38:  # a 3x3 block of phase (1, 0)
-                xb[0, 1, 2 * gr - 3:2 * gr + 2:2, 2 * gc - 4:2 * gc + 1:2] = bad
+            if bad == 3e38:  # 3 x 5 of phase (1, 0)
+                xb[0, 1, 2 * gr - 3:2 * gr + 2:2, 2 * gc - 8:2 * gc + 1:2] = bad
             y = fastdl.ops.conv2d(xb, w, stride=2, padding=pads)
             y_want = TF.conv2d(xb, w, stride=2, padding=pads)
             assert torch.equal(torch.isnan(y), torch.isnan(y_want)), bad

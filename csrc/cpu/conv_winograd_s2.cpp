@@ -340,8 +340,9 @@ bool winograd_s2_preferred(const Conv2dParams& p) {
 }
 
 // The forward's automatic choice: float32 on the AVX2 build, ungrouped, at least 32 input and
-// output channels with at most twice as many out as in (ratios 1-2 measured), outputs of at least 32x32 and as many tiles as for the input gradient. Its
-// V has 4cg rows per tile (the input gradient's: kg), so its transforms cost more: it tied or
+// output channels with at most twice as many out as in (ratios 1-2 measured), at least 1024
+// output pixels per image (32x32) and as many tiles as for the input gradient. Its V has 4cg
+// rows per tile (the input gradient's: kg), so its transforms cost more: it tied or
 // lost to the channels-minor and implicit forwards on the smaller maps. Winograd / auto time,
 // two threads, median of 9-11 rotated rounds (benchmarks/conv_passes.py --pass forward;
 // benchmarks/RESULTS.md, section 2026-12-04 05:24), 4x4 stride 2 p1:
@@ -419,6 +420,7 @@ bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T
     if (bad) nonfinite.store(true, std::memory_order_relaxed);
     tl_v.trim(kKeepBytes);
     tl_m.trim(kKeepBytes);
+    tl_rows.trim(kKeepBytes);
   });
   return nonfinite.load();
 }
@@ -526,6 +528,7 @@ bool conv_winograd_s2_forward(const Conv2dParams& p, const T* x, const T* w, con
     if (bad) nonfinite.store(true, std::memory_order_relaxed);
     tl_v.trim(kKeepBytes);
     tl_m.trim(kKeepBytes);
+    tl_rows.trim(kKeepBytes);
   });
   return nonfinite.load();
 }
