@@ -19,10 +19,11 @@
 //   M[e] (4cg x tiles) = U[e] V[e] on fastdl's GEMM
 //   gx's phase rows = A^T M A, into row buffers, then written whole rows at a time by interleave2.
 // Against the direct (phase) kernel: 16 multiplies per 3x3 phase tile instead of 36 (16/9 =
-// 1.78 per gx element and channel pair instead of 4, 2.25x fewer); tiles of 3 cover a phase of 28 rows with 30 (the rest computed and
-// dropped). Transforms: the AVX2 float32 path runs 8 tiles per vector, splitting each row by
-// column mod 3 (two blends and a permute per 8 values) and merging the outputs back alike; float64
-// and the portable build run the same loops one tile at a time.
+// 1.78 per gx element and channel pair instead of 4, 2.25x fewer); tiles of 3 cover a phase of
+// 28 rows with 30 (the rest computed and dropped). Transforms: the AVX2 float32 path runs 8
+// tiles per vector, splitting each row by column mod 3 (two blends and a permute per 8 values)
+// and merging the outputs back alike; float64 and the portable build run the same loops one
+// tile at a time.
 // Work split, buffers and chunks as conv_winograd.cpp (winograd_plan.h). An inf or NaN in the
 // result (from gy, or sums that overflow) is reported so conv.cpp redoes the pass on GEMM (an
 // inf/NaN weight reaches here only when conv.cpp scans the result rather than the larger weight;
@@ -307,6 +308,44 @@ void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk&
     }
 }
 
+// The GEMM of each chunk: M[e] (m x len) = op(U[e]_g) (m x k) * V[e] (k x len), op transposing
+// U (stored 4cg x kg per group) for the forward.
+struct GemmShape {
+  bool trans_u;
+  int64_t m, k;
+};
+
+// Every chunk of plan pl (groups x chunks tasks) on the thread team, with per-thread V, M and row
+// buffers (rows elements): build(q, rows, v) fills V, the 16 GEMMs make M, emit(q, rows, m)
+// writes the outputs and returns whether any was inf/NaN. Returns whether any was.
+template <class T, class Build, class Emit>
+bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, GemmShape mm,
+                int64_t rows, const Build& build, const Emit& emit) {
+  const int64_t ug = mm.m * mm.k;  // one group's U[e]
+  std::atomic<bool> nonfinite{false};
+  parallel_for_catch(p.groups * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * ug),
+                     [&](int64_t lo, int64_t hi) {
+    T* v = tl_v.get_as<T>(16 * pl.ves);
+    T* m = tl_m.get_as<T>(16 * pl.mes);
+    T* rbuf = tl_rows.get_as<T>(rows);
+    bool bad = false;
+    for (int64_t t = lo; t < hi; ++t) {
+      const Chunk q(pl, t);
+      build(q, rbuf, v);
+      for (int e = 0; e < 16; ++e)
+        gemm(gemm_params<T>(mm.trans_u, false, mm.m, q.len(), mm.k, mm.trans_u ? mm.m : mm.k,
+                            pl.ldq, pl.ldq, 0.0),
+             u + e * ues + q.g * ug, v + e * pl.ves, m + e * pl.mes);
+      bad |= emit(q, rbuf, m);
+    }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+    tl_v.trim(kKeepBytes);
+    tl_m.trim(kKeepBytes);
+    tl_rows.trim(kKeepBytes);
+  });
+  return nonfinite.load();
+}
+
 }  // namespace
 
 bool winograd_s2_serves(const Conv2dParams& p) {
@@ -319,12 +358,7 @@ bool winograd_s2_serves(const Conv2dParams& p) {
 // channels per group (4cg >= 16 rows of M; with 3 it tied GEMM) and 8 output channels per group,
 // and at least max(4cg, kg, 64) tiles in all (U, 16 x 4cg x kg, is transformed per call and read
 // by every chunk: on 2x2-8x8 gy maps with 128-512 channels Winograd took 1.2-4.3x GEMM's time).
-// Winograd / auto (GEMM) time, two threads, median of 11-15 rotated rounds, conv2d layer
-// N x C x H x W -> K, 4x4 stride 2 p1 (benchmarks/conv_passes.py --pass input; benchmarks/
-// RESULTS.md, section 2026-12-04 05:24): 16x32x56x56 -> 64 (shape 7) 0.62-0.71,
-// 64x64x16x16 -> 128 0.66-0.79, 8x128x64x64 -> 256 0.56, 32x16x32x32 -> 32 0.82,
-// 8x32x32x32 -> 8 0.59, p0 16x64x32x32 -> 64 0.68; not taken: 16x3x64x64 -> 64 0.97,
-// 16x64x8x8 -> 128 1.23, 16x256x16x16 -> 512 1.43, 4x128x4x4 -> 256 4.30.
+// Timings behind both rules: benchmarks/RESULTS.md, section "2026-12-04 05:24 UTC onwards".
 bool winograd_s2_preferred(const Conv2dParams& p) {
 #if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
@@ -343,14 +377,7 @@ bool winograd_s2_preferred(const Conv2dParams& p) {
 // output channels with at most twice as many out as in (ratios 1-2 measured), at least 1024
 // output pixels per image (32x32) and as many tiles as for the input gradient. Its V has 4cg
 // rows per tile (the input gradient's: kg), so its transforms cost more: it tied or
-// lost to the channels-minor and implicit forwards on the smaller maps. Winograd / auto time,
-// two threads, median of 9-11 rotated rounds (benchmarks/conv_passes.py --pass forward;
-// benchmarks/RESULTS.md, section 2026-12-04 05:24), 4x4 stride 2 p1:
-//   taken:     4x64x128x128 -> 64 0.79 (implicit), 4x32x96x96 -> 64 0.65 (implicit),
-//              8x128x64x64 -> 256 0.75 (GEMM)
-//   not taken: 16x32x56x56 -> 64 (shape 7's, 28x28 outputs) 1.05 (nhwc), 2x256x32x32 -> 256 1.32,
-//              64x64x16x16 -> 128 1.06-1.08, 16x16x64x64 -> 16 1.25, 8x8x64x64 -> 16 1.18,
-//              16x3x64x64 -> 64 2.40
+// lost to the channels-minor and implicit forwards on the smaller maps (section as above).
 bool winograd_s2_forward_preferred(const Conv2dParams& p) {
 #if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
@@ -371,58 +398,45 @@ bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T
   const int64_t ues = G * 4 * cg * kg;  // U: 16 matrices (4cg x kg) per group
   std::vector<T> u(static_cast<size_t>(16 * ues));
   transform_weights(p, L.ay, L.ax, w, u.data(), ues, true);
-  std::atomic<bool> nonfinite{false};
-  parallel_for_catch(G * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * 4 * cg * kg),
-                     [&](int64_t lo, int64_t hi) {
-    T* v = tl_v.get_as<T>(16 * pl.ves);
-    T* m = tl_m.get_as<T>(16 * pl.mes);
-    T* rbuf = tl_rows.get_as<T>(4 * pl.rbw + 6 * L.obw);
+  // M[e] (4cg x len) = U[e]_g (4cg x kg) * V[e] (kg x len)
+  const GemmShape mm{false, 4 * cg, kg};
+  return run_chunks<T>(p, pl, u.data(), ues, mm, 4 * pl.rbw + 6 * L.obw,
+                       [&](const Chunk& q, T* rbuf, T* v) { build_v(p, L, gy, q, rbuf, v); },
+                       [&](const Chunk& q, T* rbuf, const T* m) {
+    const int64_t g = q.g, len = q.len();
     T* obuf = rbuf + 4 * pl.rbw;  // phase rows: [px][r] at obuf + (px * 3 + r) * obw
     bool bad = false;
-    for (int64_t t = lo; t < hi; ++t) {
-      const Chunk q(pl, t);
-      const int64_t g = q.g, len = q.len();
-      build_v(p, L, gy, q, rbuf, v);
-      // M[e] (4cg x len) = U[e]_g (4cg x kg) * V[e] (kg x len)
-      for (int e = 0; e < 16; ++e)
-        gemm(gemm_params<T>(false, false, 4 * cg, len, kg, kg, pl.ldq, pl.ldq, 0.0),
-             u.data() + e * ues + g * 4 * cg * kg, v + e * pl.ves, m + e * pl.mes);
-      // gx columns of this segment: phase px's columns 3 tc0 + off + [0, 3 tcn)
-      int64_t base[2], c_lo = p.w, c_hi = 0;
-      for (int px = 0; px < 2; ++px) {
-        base[px] = 3 * q.tc0 + L.ax.off[px];
-        c_lo = std::min(c_lo, 2 * base[px] + px);
-        c_hi = std::max(c_hi, 2 * (base[px] + 3 * q.tcn - 1) + px + 1);
-      }
-      c_lo = std::max<int64_t>(c_lo, 0);
-      c_hi = std::min(c_hi, p.w);
-      // per (c, py): both column phases' 3 output rows for all the chunk's tiles at once (8
-      // consecutive tiles per vector, across tile rows), then gx's rows from them
-      for (int64_t c = 0; c < cg; ++c)
-        for (int py = 0; py < 2; ++py) {
-          for (int px = 0; px < 2; ++px) {
-            T* const out[3] = {obuf + (px * 3) * L.obw, obuf + (px * 3 + 1) * L.obw,
-                               obuf + (px * 3 + 2) * L.obw};
-            bad |= output_row<T>(m + ((py * 2 + px) * cg + c) * pl.ldq, pl.mes, len, T(0), out);
-          }
-          for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
-            const int64_t n = r / pl.th, ti = r % pl.th, at = 3 * (r - q.r0) * q.tcn;
-            T* xp = gx + ((n * p.c + g * cg + c) * p.h) * p.w;
-            for (int64_t rr = 0; rr < 3; ++rr) {
-              const int64_t ih = 2 * (3 * ti + L.ay.off[py] + rr) + py;
-              if (ih < 0 || ih >= p.h) continue;
-              const T* const rows[2] = {obuf + rr * L.obw + at, obuf + (3 + rr) * L.obw + at};
-              write_phases(rows, base, c_lo, c_hi, xp + ih * p.w);
-            }
+    // gx columns of this segment: phase px's columns 3 tc0 + off + [0, 3 tcn)
+    int64_t base[2], c_lo = p.w, c_hi = 0;
+    for (int px = 0; px < 2; ++px) {
+      base[px] = 3 * q.tc0 + L.ax.off[px];
+      c_lo = std::min(c_lo, 2 * base[px] + px);
+      c_hi = std::max(c_hi, 2 * (base[px] + 3 * q.tcn - 1) + px + 1);
+    }
+    c_lo = std::max<int64_t>(c_lo, 0);
+    c_hi = std::min(c_hi, p.w);
+    // per (c, py): both column phases' 3 output rows for all the chunk's tiles at once (8
+    // consecutive tiles per vector, across tile rows), then gx's rows from them
+    for (int64_t c = 0; c < cg; ++c)
+      for (int py = 0; py < 2; ++py) {
+        for (int px = 0; px < 2; ++px) {
+          T* const out[3] = {obuf + (px * 3) * L.obw, obuf + (px * 3 + 1) * L.obw,
+                             obuf + (px * 3 + 2) * L.obw};
+          bad |= output_row<T>(m + ((py * 2 + px) * cg + c) * pl.ldq, pl.mes, len, T(0), out);
+        }
+        for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
+          const int64_t n = r / pl.th, ti = r % pl.th, at = 3 * (r - q.r0) * q.tcn;
+          T* xp = gx + ((n * p.c + g * cg + c) * p.h) * p.w;
+          for (int64_t rr = 0; rr < 3; ++rr) {
+            const int64_t ih = 2 * (3 * ti + L.ay.off[py] + rr) + py;
+            if (ih < 0 || ih >= p.h) continue;
+            const T* const rows[2] = {obuf + rr * L.obw + at, obuf + (3 + rr) * L.obw + at};
+            write_phases(rows, base, c_lo, c_hi, xp + ih * p.w);
           }
         }
-    }
-    if (bad) nonfinite.store(true, std::memory_order_relaxed);
-    tl_v.trim(kKeepBytes);
-    tl_m.trim(kKeepBytes);
-    tl_rows.trim(kKeepBytes);
+      }
+    return bad;
   });
-  return nonfinite.load();
 }
 
 // ---- the forward ------------------------------------------------------------------------------
@@ -496,41 +510,28 @@ bool conv_winograd_s2_forward(const Conv2dParams& p, const T* x, const T* w, con
   const int64_t ues = G * 4 * cg * kg;
   std::vector<T> u(static_cast<size_t>(16 * ues));
   transform_weights(p, L.ay, L.ax, w, u.data(), ues, false);
-  std::atomic<bool> nonfinite{false};
-  parallel_for_catch(G * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * 4 * cg * kg),
-                     [&](int64_t lo, int64_t hi) {
-    T* v = tl_v.get_as<T>(16 * pl.ves);
-    T* m = tl_m.get_as<T>(16 * pl.mes);
-    T* rbuf = tl_rows.get_as<T>(8 * pl.rbw + 2 * L.half + 3 * L.obw);
+  // M[e] (kg x len) = U[e]_g^T (kg x 4cg) * V[e] (4cg x len)
+  const GemmShape mm{true, kg, 4 * cg};
+  return run_chunks<T>(p, pl, u.data(), ues, mm, 8 * pl.rbw + 2 * L.half + 3 * L.obw,
+                       [&](const Chunk& q, T* rbuf, T* v) { build_v_forward(p, L, x, q, rbuf, v); },
+                       [&](const Chunk& q, T* rbuf, const T* m) {
+    const int64_t g = q.g, len = q.len();
     T* obuf = rbuf + 8 * pl.rbw + 2 * L.half;  // output rows r at obuf + r * obw
     bool bad = false;
-    for (int64_t t = lo; t < hi; ++t) {
-      const Chunk q(pl, t);
-      const int64_t g = q.g, len = q.len();
-      build_v_forward(p, L, x, q, rbuf, v);
-      // M[e] (kg x len) = U[e]_g^T (kg x 4cg) * V[e] (4cg x len)
-      for (int e = 0; e < 16; ++e)
-        gemm(gemm_params<T>(true, false, kg, len, 4 * cg, kg, pl.ldq, pl.ldq, 0.0),
-             u.data() + e * ues + g * 4 * cg * kg, v + e * pl.ves, m + e * pl.mes);
-      const int64_t cols = std::min(3 * q.tcn, p.ow - 3 * q.tc0);
-      for (int64_t kk = 0; kk < kg; ++kk) {
-        const int64_t k = g * kg + kk;
-        T* const out[3] = {obuf, obuf + L.obw, obuf + 2 * L.obw};
-        bad |= output_row<T>(m + kk * pl.ldq, pl.mes, len, b ? b[k] : T(0), out);
-        for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
-          const int64_t n = r / pl.th, ti = r % pl.th, at = 3 * (r - q.r0) * q.tcn;
-          T* yp = y + ((n * p.k + k) * p.oh) * p.ow + 3 * q.tc0;
-          for (int64_t rr = 0; rr < 3 && 3 * ti + rr < p.oh; ++rr)
-            copy_run(yp + (3 * ti + rr) * p.ow, out[rr] + at, cols);
-        }
+    const int64_t cols = std::min(3 * q.tcn, p.ow - 3 * q.tc0);
+    for (int64_t kk = 0; kk < kg; ++kk) {
+      const int64_t k = g * kg + kk;
+      T* const out[3] = {obuf, obuf + L.obw, obuf + 2 * L.obw};
+      bad |= output_row<T>(m + kk * pl.ldq, pl.mes, len, b ? b[k] : T(0), out);
+      for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
+        const int64_t n = r / pl.th, ti = r % pl.th, at = 3 * (r - q.r0) * q.tcn;
+        T* yp = y + ((n * p.k + k) * p.oh) * p.ow + 3 * q.tc0;
+        for (int64_t rr = 0; rr < 3 && 3 * ti + rr < p.oh; ++rr)
+          copy_run(yp + (3 * ti + rr) * p.ow, out[rr] + at, cols);
       }
     }
-    if (bad) nonfinite.store(true, std::memory_order_relaxed);
-    tl_v.trim(kKeepBytes);
-    tl_m.trim(kKeepBytes);
-    tl_rows.trim(kKeepBytes);
+    return bad;
   });
-  return nonfinite.load();
 }
 
 template bool conv_winograd_s2_forward<float>(const Conv2dParams&, const float*, const float*,

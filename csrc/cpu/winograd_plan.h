@@ -1,5 +1,5 @@
-// The work split of the CPU Winograd kernels (conv_winograd.cpp's F(2x2, 3x3), conv_winograd_s2.cpp's
-// F(3x3, 2x2) on stride phases): chunks of whole tile rows of the stacked images of one group,
+// The work split of the CPU Winograd kernels (conv_winograd.cpp's F(2x2, 3x3),
+// conv_winograd_s2.cpp's F(3x3, 2x2) on stride phases): chunks of whole tile rows of the stacked images of one group,
 // with V (16 x cin x tiles) and M (16 x cout x tiles) of bounded size per thread.
 #pragma once
 #include <algorithm>
