@@ -740,12 +740,16 @@ def test_auto_choice():
     # (its 8 outputs reach Winograd's rule in the forward on the AVX2 and AVX-512 builds, given
     # 256 and 512 tiles or more: 32 images of 5x5 tiles here; the input gradient, 3 outputs,
     # stays on GEMM)
+    # (the weight gradients of both take the AVX2 build's implicit kernel, whose rule has no
+    # bound on padded planes; the AVX-512 build's bound leaves them on GEMM)
     avx2 = fastdl._C.cpu_capability() != "default"   # the AVX2 or AVX-512 build
+    weight = "implicit" if fastdl._C.cpu_capability() == "avx2" else "gemm"
     x16 = np.zeros((32, 3, 12, 12), np.float32)
     for pass_ in ("forward", "input", "weight"):
         assert ops_conv.conv2d_algorithm(x16, rgb, pass_=pass_) == (
-            "winograd" if avx2 and pass_ == "forward" else "gemm")
-        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == "gemm"   # 50 tiles
+            "winograd" if avx2 and pass_ == "forward" else weight if pass_ == "weight" else "gemm")
+        assert ops_conv.conv2d_algorithm(x[:, :3], rgb, pass_=pass_) == (   # 50 tiles
+            weight if pass_ == "weight" else "gemm")
         assert ops_conv.conv2d_algorithm(x, np.zeros((32, 1, 3, 3), np.float32), groups=32,
                                          pass_=pass_) == "direct"
         assert ops_conv.conv2d_algorithm(x[:, :8], mult3, groups=8, pass_=pass_) == (
@@ -772,7 +776,9 @@ def test_auto_choice_phase(cpu_path):
     assert ops_conv.conv2d_algorithm(x, k5, stride=2, padding=2, pass_="input") == phase
     assert ops_conv.conv2d_algorithm(x.astype(np.float64), k5.astype(np.float64), stride=2,
                                      padding=2, pass_="input") == "gemm"
-    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == "gemm"
+    # (the weight gradient: the implicit one on the AVX2 build, test_auto_choice_implicit)
+    assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == (
+        "implicit" if cpu_path == "avx2" else "gemm")
     # (the forward: the implicit one, 16 taps over 4 phases; on the AVX2 build the channels-
     # minor one, which takes stride 2 first there)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
@@ -799,8 +805,10 @@ def test_auto_choice_phase(cpu_path):
 # blocks (4 MB of planes per task: 8 + 8 channels over a 402 x 402 padded plane is 10 MB), stride phases
 # (2 and 3, one along each axis), dilation, groups, non-square and 1x1 kernels, padding beyond
 # the kernel, an output narrower than one vector or than the kernel, channel counts off the
-# 3 x 9 / 3 x 3 tiles, and row blocks of a strided, dilated layer (4 phases: 20 MB of planes
-# against 4 MB per task).
+# tiles (AVX2/portable: 2 vectors of output channels x 6 taps, one vector at the edge; AVX-512:
+# 3 x 9), row blocks of a strided, dilated layer (4 phases: 20 MB of planes against 4 MB per
+# task), and x's planes filled in channel blocks with a shorter last block (the AVX2/portable
+# tile: 18 + 14 channels of 32; 15 + 5 of 20 at 16 taps).
 # Each asserts that the result kept is the implicit one (no inf/NaN fallback to GEMM).
 IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                      # 13 images
             ((1, 8, 400, 400), (8, 8, 3, 3), dict(padding=1)),                    # row blocks
@@ -813,7 +821,8 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
             ((2, 3, 7, 4), (4, 3, 2, 6), dict(padding=(0, 2), stride=(1, 3))),    # kw > OW
             ((1, 8, 1000, 500), (8, 8, 3, 3), dict(stride=2, padding=1, dilation=(2, 1))),
             ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1)),                   # auto's shape
-            ((2, 6, 20, 18), (8, 3, 7, 7), dict(padding=3, groups=2))]            # 7x7 groups
+            ((2, 6, 20, 18), (8, 3, 7, 7), dict(padding=3, groups=2)),            # 7x7 groups
+            ((2, 20, 40, 40), (24, 20, 4, 4), dict(stride=2, padding=1))]         # k4 s2 blocks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -922,29 +931,34 @@ def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding)
 
 
 def test_auto_choice_implicit(cpu_path):
-    # The implicit weight gradient: float32 stride-1 layers with little padding on the vector
-    # builds (conv_implicit.cpp, implicit_preferred); Winograd keeps this layer's forward and
-    # input gradient (test_auto_choice_implicit_forward).
+    # The implicit weight gradient (conv_implicit.cpp, implicit_preferred), float32 only, on the
+    # vector builds: the AVX2 build's outer-product tile takes strides 1 and 2, 2 to 49 taps, up
+    # to 256 channels a side, any padding; the AVX-512 build's dot-product tile stride 1 with
+    # padded planes at most 35% larger than the output and at most 1024 GEMM columns. Winograd
+    # keeps this layer's forward and input gradient (test_auto_choice_implicit_forward).
+    avx2 = cpu_path == "avx2"
     implicit = "implicit" if cpu_path != "default" else "gemm"
+    only_avx2 = "implicit" if avx2 else "gemm"
     x = np.zeros((2, 64, 56, 56), np.float32)
     w3 = np.zeros((64, 64, 3, 3), np.float32)
     assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_="weight") == implicit
     assert ops_conv.conv2d_algorithm(x[:, :3], w3[:, :3], padding=1, pass_="weight") == implicit
     for pass_ in ("forward", "input"):
         assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_=pass_) != "implicit"
-    # padded planes at most 35% larger than the output: 14x14 p1 (+31%) yes, 12x12 p1 (+36%) no
+    # padded planes: 14x14 p1 (+31%) on both; 12x12 p1 (+36%) and stride 2 on AVX2 only
     assert ops_conv.conv2d_algorithm(x[:, :, :14, :14], w3, padding=1, pass_="weight") == implicit
-    for other in (dict(x=x[:, :, :12, :12], w=w3, kw=dict(padding=1)),
-                  dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
-                  dict(x=x, w=w3, kw=dict(padding=1, stride=2)),           # stride 2
-                  dict(x=x, w=w3[:, :, :1, :1], kw={})):                   # 1x1
+    assert ops_conv.conv2d_algorithm(x[:, :, :12, :12], w3, padding=1,
+                                     pass_="weight") == only_avx2
+    assert ops_conv.conv2d_algorithm(x, w3, padding=1, stride=2, pass_="weight") == only_avx2
+    # neither: float64, stride 3, a 1x1 kernel (GEMM reads x in place)
+    for other in (dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
+                  dict(x=x, w=w3, kw=dict(padding=1, stride=3)),
+                  dict(x=x, w=w3[:, :, :1, :1], kw={})):
         assert ops_conv.conv2d_algorithm(other["x"], other["w"], pass_="weight",
                                          **other["kw"]) == "gemm", other["kw"]
-    # 128 input channels: 1152 GEMM columns, over the AVX-512 build's 1024; within the AVX2
-    # build's 128 channels a side
+    # 128 input channels: 1152 GEMM columns, over the AVX-512 build's 1024
     x128, w128 = np.zeros((2, 128, 56, 56), np.float32), np.zeros((64, 128, 3, 3), np.float32)
-    assert ops_conv.conv2d_algorithm(x128, w128, padding=1, pass_="weight") == (
-        "implicit" if cpu_path == "avx2" else "gemm")
+    assert ops_conv.conv2d_algorithm(x128, w128, padding=1, pass_="weight") == only_avx2
     # grouped and dilated layers: taken on both vector builds
     for kw in (dict(padding=1, groups=2), dict(padding=2, dilation=2)):
         w = w3[:, :32] if "groups" in kw else w3
@@ -952,17 +966,22 @@ def test_auto_choice_implicit(cpu_path):
     # 7x7 over 64 channels: 3136 GEMM columns, over the AVX-512 build's 1024; 49 taps, within
     # the AVX2 build's; 9x9 (81 taps, not measured) on neither
     w7 = np.zeros((64, 64, 7, 7), np.float32)
-    assert ops_conv.conv2d_algorithm(x, w7, padding=3, pass_="weight") == (
-        "implicit" if cpu_path == "avx2" else "gemm")
+    assert ops_conv.conv2d_algorithm(x, w7, padding=3, pass_="weight") == only_avx2
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 64, 9, 9), np.float32), padding=4,
                                      pass_="weight") == "gemm"
-    # 256 output channels: within the AVX-512 build's 1024 columns; over the AVX2 build's 128
+    # 256 output channels: within both builds' bounds; 512 (or 512 input channels): over the
+    # AVX2 build's 256 a side
     w256 = np.zeros((256, 64, 3, 3), np.float32)
-    assert ops_conv.conv2d_algorithm(x, w256, padding=1, pass_="weight") == (
+    assert ops_conv.conv2d_algorithm(x, w256, padding=1, pass_="weight") == implicit
+    w512 = np.zeros((512, 64, 3, 3), np.float32)
+    assert ops_conv.conv2d_algorithm(x[:, :, :14, :14], w512, padding=1, pass_="weight") == (
         "implicit" if cpu_path == "avx512" else "gemm")
-    # 10x10 planes of 8x8 outputs (+56%): not implicit (the channels-minor kernel on AVX-512)
+    x512 = np.zeros((2, 512, 14, 14), np.float32)
+    assert ops_conv.conv2d_algorithm(x512, w3[:, :1].repeat(512, 1), padding=1,
+                                     pass_="weight") == "gemm"
+    # 10x10 planes of 8x8 outputs (+56%): the channels-minor kernel on AVX-512, implicit on AVX2
     assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], w3, padding=1, pass_="weight") == (
-        "nhwc" if cpu_path == "avx512" else "gemm")
+        "nhwc" if cpu_path == "avx512" else only_avx2)
 
 
 def test_set_conv_algorithm_errors():

@@ -1,33 +1,45 @@
 // The weight gradient of conv2d as an implicit GEMM over padded planes (ConvAlgo::Implicit), on
-// the CPU, float32/float64: no im2col buffer and no transposing pack.
+// the CPU, float32/float64: no im2col buffer and no packing of x.
 //   gw[k, cc, i, j] = sum over n, oh, ow of
 //                     gy[n, k, oh, ow] * x[n, cc, oh*sh + i*dh - pad_h, ow*sw + j*dw - pad_w]
 // A task is a block of images (small planes, stacked) or a block of output rows of one image,
 // for one group. Its x planes are copied into zero-padded stride-phase planes of pitch P (phase
-// (a, b) holds padded rows a, a + sh, ... and columns b, b + sw, ...) and its gy planes into
-// planes of the same pitch (zeros in columns OW..P-1 and in the rows between images). With the
-// output pixels flattened to q = image * xi + oh * P + ow, every column of the GEMM's B (one tap
-// (cc, i, j)) is a phase plane read from a fixed offset, and
-//   gw[k][e] += sum over q of gyp[k][q] * xph[e's plane][q + e's offset]
-// is a dot product along q, contiguous in both operands: a register tile of MR output channels x
-// NR taps keeps MR x NR vector accumulators, loads MR + NR vectors per q step and sums its lanes
-// once per task. The im2col + GEMM path (conv_gemm.cpp) writes cols and then transposes both of
-// its operands into packed panels (that GEMM's reduction index, the pixels, is the contiguous one
-// of both): ~35% of conv 3's weight gradient (perf, benchmarks/RESULTS.md, 2026-12-02 19:50).
-// Padding columns: gy's zero columns meet real x values and x's zero padding meets real gy, so an
-// inf or NaN there gives NaN where torch's result is finite; conv.cpp checks the result and
-// redoes such a call on GEMM (whose own border rule then applies).
+// (a, b) holds padded rows a, a + sh, ... and columns b, b + sw, ...). With the output pixels
+// flattened to q = image * xi + oh * P + ow, every column of the GEMM's B (one tap (cc, i, j))
+// is a phase plane read from a fixed offset:
+//   gw[k][e] += sum over q of gy[k][q] * xph[e's plane][q + e's offset].
+// Two register tiles for that sum, one per build:
+// - AVX2 and portable builds: outer products. gy is copied transposed, 2L output channels per
+//   pixel (L = lanes per vector; fill_gyt), so a tile of 2L channels x 6 taps keeps 12 vector
+//   accumulators and per pixel loads 2 vectors of gy and broadcasts 6 x values: 8 loads per 12
+//   FMAs, the GEMM micro-kernel's ratio, and no lane sums. It walks only the real output
+//   columns (no padding columns). x's planes are filled a block of channels at a time (about
+//   kPlaneBlockBytes, so they are still in L2 when the tiles read them). On the Zen 3 VM (one
+//   thread) it ran the weight gradients of conv shapes 2, 3, 5 and 7 at 78-90% of the FMA peak
+//   against the dot-product tile's 57-80% (benchmarks/RESULTS.md, 2026-12-04 10:06).
+// - AVX-512 build: dot products along q, contiguous in both operands: MR output channels x NR
+//   taps, MR x NR vector accumulators, MR + NR vector loads per q step, lanes summed once per
+//   task; gy is copied into planes of x's pitch (zeros in columns OW..P-1 and between images).
+//   Its rule was fitted there (2026-12-03); the outer-product tile was not measured on AVX-512.
+// The im2col + GEMM path (conv_gemm.cpp) writes cols and then transposes both of its operands
+// into packed panels (that GEMM's reduction index, the pixels, is the contiguous one of both):
+// ~35% of conv 3's weight gradient (perf, benchmarks/RESULTS.md, 2026-12-02 19:50).
+// Padding: x's zero padding meets real gy (and, in the dot-product tile, gy's zero columns meet
+// real x values), so an inf or NaN there gives NaN where torch's result is finite; conv.cpp
+// checks the result and redoes such a call on GEMM (whose own border rule then applies).
 // Work split and determinism: as the GEMM path, one partial sum of gw's size per thread over a
 // contiguous range of tasks, added in thread order (the result depends on the thread count, not
 // on timing).
 // Tested by tests/test_conv.py (forced algorithm "implicit"); timed by benchmarks/bench_conv.py.
 #include <algorithm>
 #include <array>
+#include <numeric>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "conv_planes.h"
+#include "transpose_copy.h"
 #include "scratch.h"
 
 namespace fastdl {
@@ -35,12 +47,8 @@ namespace FASTDL_ISA_NS {
 
 namespace {
 
-// Register tile per build: MR x NR accumulators + MR loaded gy vectors + one x vector at a time
-// must fit the register file (AVX-512: 32 zmm; AVX2 and SSE2: 16).
 #if defined(__AVX512F__)
-constexpr int MR = 3, NR = 9;
-#else
-constexpr int MR = 3, NR = 3;
+#define FASTDL_IMPLICIT_DOT 1  // the dot-product tile (see the header)
 #endif
 
 thread_local ScratchBuffer tl_xph, tl_gyp;
@@ -49,16 +57,21 @@ constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
 // blocks to fit, or small images are stacked until their q range reaches kTaskQ.
 constexpr int64_t kTaskBytes = int64_t(4) << 20;
-// q values per task wanted: a tile sums its lanes once per task, and that sum is costly against
-// short q ranges (AVX-512, 27 16-lane accumulators per tile: measured on conv 3, benchmarks/
-// RESULTS.md, 2026-12-03). The AVX2 build's 9 8-lane accumulators cost less to sum, and more,
-// smaller tasks ran faster there (figures: benchmarks/RESULTS.md, 2026-12-03 22:00).
+// q values per task wanted: a tile sums its lanes (AVX-512) or adds its accumulators into the
+// partial sums (outer products) once per task, costly against short q ranges (AVX-512, 27
+// 16-lane accumulators per tile: measured on conv 3, benchmarks/RESULTS.md, 2026-12-03). On the
+// AVX2 build more, smaller tasks ran faster (figures: benchmarks/RESULTS.md, 2026-12-03 22:00;
+// kept for the outer-product tile, measured with it).
 #if defined(__AVX2__) && !defined(__AVX512F__)
 constexpr int64_t kTaskQ = 1024;
 #else
 constexpr int64_t kTaskQ = 4096;  // (the portable build: not measured)
 #endif
 
+#if defined(FASTDL_IMPLICIT_DOT)
+// Register tile: MR x NR accumulators + MR loaded gy vectors + one x vector at a time within the
+// 32 zmm registers.
+constexpr int MR = 3, NR = 9;
 
 // gyp[kk][i * xi + r * P + col] = gy[n0 + i, kk, oh0 + r, col] for r < nrows, col < OW; 0 elsewhere
 // up to qt. gyg: image n0's plane of the task's first output channel.
@@ -140,6 +153,155 @@ const auto& tiles() {
   return TileTable<WTiles<T>, MR, NR>::get();
 }
 
+// One task's tiles: every output channel x every tap over the task's q range.
+template <class T>
+void task_dot(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg, int64_t imgs,
+              int64_t oh0, int64_t nrows, const int64_t* off, T* xph, T* gyp, T* part_g) {
+  constexpr int64_t L = IVec<T>::L;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, ckk = cg * p.kh * p.kw;
+  fill_x(p, geo, xg, cg, imgs, oh0, xph);
+  fill_gy(p, geo, gyg, kg, imgs, oh0, nrows, gyp);
+  // the q range: every image's rows, up to the last image's last output row
+  const int64_t nq = ((imgs - 1) * geo.xi + nrows * geo.pitch + L - 1) / L * L;
+  const auto& fns = tiles<T>();
+  const T* bcols[NR];
+  for (int64_t k0 = 0; k0 < kg; k0 += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, kg - k0));
+    const T* arow = gyp + k0 * geo.qt;
+    for (int64_t e0 = 0; e0 < ckk; e0 += NR) {
+      const int nr = static_cast<int>(std::min<int64_t>(NR, ckk - e0));
+      for (int c = 0; c < nr; ++c) bcols[c] = xph + off[e0 + c];
+      fns[mr - 1][nr - 1](arow, geo.qt, bcols, nq, part_g + k0 * ckk + e0, ckk);
+    }
+  }
+}
+
+#else  // the outer-product tile
+
+// Output channels per k-block (the tile's height: two vectors) and taps per tile (12 vector
+// accumulators + 2 gy vectors + one broadcast within 16 registers).
+template <class T>
+constexpr int64_t kKBlock = 2 * IVec<T>::L;
+constexpr int kTapsPerTile = 6;
+// x's planes filled per channel block: about this many bytes (131072 measured 4-5% faster than
+// one fill of every channel's planes on conv shapes 5 and 7, ~equal to 262144; 65536 slower).
+constexpr int64_t kPlaneBlockBytes = int64_t(1) << 17;
+
+// gyt: k-blocks of KB = kKBlock output channels; block kb holds, for each of the task's output
+// pixels u (image i, row r, column c: u = (i * nrows + r) * OW + c), the KB values
+// gy[n0 + i, kb * KB + l, oh0 + r, c] (zeros past kg). gyg: image n0's plane of the task's first
+// output channel.
+template <class T>
+void fill_gyt(const Conv2dParams& p, const T* gyg, int64_t kg, int64_t imgs, int64_t oh0,
+              int64_t nrows, T* gyt) {
+  constexpr int64_t KB = kKBlock<T>;
+  const int64_t S = p.oh * p.ow, run = nrows * p.ow, U = imgs * run;
+  for (int64_t kb = 0; kb * KB < kg; ++kb) {
+    T* blk = gyt + kb * U * KB;
+    const int64_t kv = std::min(KB, kg - kb * KB);
+    if (kv < KB) std::fill(blk, blk + U * KB, T(0));
+    for (int64_t i = 0; i < imgs; ++i)  // an image's pixels of the task are contiguous in gy
+      transpose_copy(gyg + (i * p.k + kb * KB) * S + oh0 * p.ow, S, kv, run, blk + i * run * KB,
+                     KB);
+  }
+}
+
+// The task's output pixels in x's plane coordinates: image i's row r at q = i * xi + r * pitch.
+struct TaskRows {
+  int64_t imgs, nrows, xi, pitch, ow;
+};
+
+// part[l * ldp + c] += sum over the task's pixels u of gyt[u][l] * xs[c][q(u)] for l < kv
+// (kv <= mv * L), c < nr.
+template <class T, int mv, int nr>
+void outer_tile(const T* gyt, const T* const* xs, const TaskRows& tr, T* part, int64_t ldp,
+                int64_t kv) {
+  using V = typename IVec<T>::V;
+  constexpr int64_t L = IVec<T>::L, KB = kKBlock<T>;
+  V acc[mv][nr];
+  for (int v = 0; v < mv; ++v)
+    for (int c = 0; c < nr; ++c) acc[v][c] = V{};
+  const T* a = gyt;
+  for (int64_t i = 0; i < tr.imgs; ++i)
+    for (int64_t r = 0; r < tr.nrows; ++r) {
+      const int64_t q0 = i * tr.xi + r * tr.pitch;
+      const T* xr[nr];
+      for (int c = 0; c < nr; ++c) xr[c] = xs[c] + q0;
+      for (int64_t col = 0; col < tr.ow; ++col, a += KB) {
+        V av[mv];
+        for (int v = 0; v < mv; ++v) av[v] = IVec<T>::load(a + v * L);
+        for (int c = 0; c < nr; ++c) {
+          const T s = xr[c][col];  // one broadcast feeding mv FMAs
+          for (int v = 0; v < mv; ++v) acc[v][c] += av[v] * s;
+        }
+      }
+    }
+  T lanes[mv * L];
+  for (int c = 0; c < nr; ++c) {
+    for (int v = 0; v < mv; ++v) IVec<T>::store(lanes + v * L, acc[v][c]);
+    for (int64_t l = 0; l < kv; ++l) part[l * ldp + c] += lanes[l];
+  }
+}
+
+template <class T>
+using OuterFn = void (*)(const T*, const T* const*, const TaskRows&, T*, int64_t, int64_t);
+// outer_tiles<T>()[mv - 1][nr - 1]: mv vectors of output channels x nr taps (the full tile and
+// every edge)
+template <class T>
+struct OTiles {
+  using Fn = OuterFn<T>;
+  template <int mv, int nr>
+  static constexpr Fn fn() {
+    return &outer_tile<T, mv, nr>;
+  }
+};
+template <class T>
+const auto& outer_tiles() {
+  return TileTable<OTiles<T>, 2, kTapsPerTile>::get();
+}
+
+// Channels per block of x's planes: about kPlaneBlockBytes, a multiple of the channels that make
+// whole tiles of taps where the block is not all of cg (3x3: 2 channels = 18 taps = 3 tiles).
+template <class T>
+int64_t plane_block(const Conv2dParams& p, const Geo& geo) {
+  const int64_t cg = p.c / p.groups, taps = p.kh * p.kw;
+  int64_t cb = kPlaneBlockBytes / (geo.phases * geo.xt * int64_t(sizeof(T)));
+  const int64_t whole = kTapsPerTile / std::gcd<int64_t>(taps, kTapsPerTile);
+  if (cb >= whole) cb = cb / whole * whole;
+  return std::max<int64_t>(1, std::min(cb, cg));
+}
+
+// One task's tiles: a block of channels' planes at a time, every k-block x every tap of the
+// block over the task's pixels. offb: room for cb * taps offsets.
+template <class T>
+void task_outer(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg, int64_t imgs,
+                int64_t oh0, int64_t nrows, int64_t cb, int64_t* offb, T* xph, T* gyt, T* part_g) {
+  constexpr int64_t L = IVec<T>::L, KB = kKBlock<T>;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw, ckk = cg * taps;
+  const int64_t U = imgs * nrows * p.ow, HW = p.h * p.w;
+  fill_gyt(p, gyg, kg, imgs, oh0, nrows, gyt);
+  const TaskRows tr{imgs, nrows, geo.xi, geo.pitch, p.ow};
+  const auto& fns = outer_tiles<T>();
+  const T* xs[kTapsPerTile];
+  for (int64_t c0 = 0; c0 < cg; c0 += cb) {
+    const int64_t cn = std::min(cb, cg - c0), en = cn * taps;
+    fill_x(p, geo, xg + c0 * HW, cn, imgs, oh0, xph);
+    Conv2dParams pb = p;  // the block's channels as the group's, for their planes' offsets
+    pb.c = cn * p.groups;
+    tap_offsets(pb, geo, offb);
+    for (int64_t k0 = 0; k0 < kg; k0 += KB) {
+      const int64_t kv = std::min(KB, kg - k0);
+      const int mv = kv > L ? 2 : 1;
+      for (int64_t e0 = 0; e0 < en; e0 += kTapsPerTile) {
+        const int nr = static_cast<int>(std::min<int64_t>(kTapsPerTile, en - e0));
+        for (int c = 0; c < nr; ++c) xs[c] = xph + offb[e0 + c];
+        fns[mv - 1][nr - 1](gyt + k0 * U, xs, tr, part_g + k0 * ckk + c0 * taps + e0, ckk, kv);
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 bool implicit_preferred(const Conv2dParams& p) {
@@ -153,19 +315,17 @@ bool implicit_preferred(const Conv2dParams& p) {
   const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
   return ckk <= 1024 && q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #elif defined(__AVX2__) && defined(__FMA__)
-  // The AVX2 build (fitted on the Zen 3 VM to forced GEMM / forced implicit timings; table in
-  // benchmarks/RESULTS.md, 2026-12-03 22:00): stride 1 with padded planes at most 35% larger
-  // than the output won or tied up to 128 channels a side (per group), 3x3 to 7x7 kernels,
-  // groups and dilation 2; 256 channels (x's planes out of cache for each of the kg / 3 tile
-  // rows) and stride 2 lost. Maps whose padded planes are more than 35% larger (8x8 and 12x12
-  // with padding 1, 16x16 with dilation 2) are left out with that margin, as on AVX-512. Not
-  // measured, so not taken: kernels over 49 taps.
-  if (p.dtype != DType::Float32 || p.sh != 1 || p.sw != 1 || p.kh * p.kw == 1 ||
+  // The AVX2 build's outer-product tile (fitted on the Zen 3 VM to forced GEMM / forced implicit
+  // timings at 2 threads; table in benchmarks/RESULTS.md, 2026-12-04 10:06): strides 1 and 2 won
+  // or tied (0.62-1.01x GEMM's time) from 3 to 256 channels a side, 3x3 to 7x7 kernels, dilation
+  // 2, groups, and maps from 4x4 to 112x112 (it walks only real output columns, so padded planes
+  // cost it only their fill). Not measured, so not taken: over 256 channels a side (512 to 512 on
+  // 4x4 maps lost on a noisy run), strides above 2, kernels over 49 taps; 1x1 kernels stay on
+  // GEMM, which reads x in place.
+  if (p.dtype != DType::Float32 || p.sh > 2 || p.sw > 2 || p.kh * p.kw == 1 ||
       p.kh * p.kw > 49)
     return false;
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
-  return cg <= 128 && kg <= 128 && q * 20 <= p.oh * p.ow * 27;
+  return p.c / p.groups <= 256 && p.k / p.groups <= 256;
 #else
   (void)p;
   return false;
@@ -174,40 +334,41 @@ bool implicit_preferred(const Conv2dParams& p) {
 
 template <class T>
 void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
-  constexpr int64_t L = IVec<T>::L;
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw, ckk = cg * taps;
   const Geo geo = make_geo<T>(p, kTaskBytes, kTaskQ);
   const int64_t rblocks = (p.oh + geo.rows - 1) / geo.rows;
   const int64_t iblocks = (p.n + geo.imgs - 1) / geo.imgs;
   const int64_t items = iblocks * G * rblocks;
-  std::vector<int64_t> off(static_cast<size_t>(ckk));
-  tap_offsets(p, geo, off.data());
   const int64_t by_work = std::max<int64_t>(1, p.n * p.oh * p.ow * G * ckk * kg / kMinWork);
   int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
   if (omp_in_parallel()) nt = 1;
-  const auto& fns = tiles<T>();
+#if defined(FASTDL_IMPLICIT_DOT)
+  std::vector<int64_t> off(static_cast<size_t>(ckk));
+  tap_offsets(p, geo, off.data());
+  const int64_t xph_size = geo.phases * cg * geo.xt, gy_size = kg * geo.qt;
+#else
+  const int64_t cb = plane_block<T>(p, geo);
+  const int64_t xph_size = geo.phases * cb * geo.xt;
+  const int64_t gy_size = (kg + kKBlock<T> - 1) / kKBlock<T> * kKBlock<T> * geo.imgs * geo.rows * p.ow;
+#endif
   sum_over_threads(nt, items, G * kg * ckk, gw, [&](T* part, int64_t lo, int64_t hi) {
-    T* xph = tl_xph.get_as<T>(geo.phases * cg * geo.xt);
-    T* gyp = tl_gyp.get_as<T>(kg * geo.qt);
-    const T* bcols[NR];
+    T* xph = tl_xph.get_as<T>(xph_size);
+    T* gyp = tl_gyp.get_as<T>(gy_size);
+#if !defined(FASTDL_IMPLICIT_DOT)
+    std::vector<int64_t> offb(static_cast<size_t>(cb * taps));
+#endif
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t ib = t / (G * rblocks), g = t / rblocks % G, rb = t % rblocks;
       const int64_t n0 = ib * geo.imgs, imgs = std::min(geo.imgs, p.n - n0);
-      const int64_t oh0 = rb * geo.rows, nr_rows = std::min(geo.rows, p.oh - oh0);
-      fill_gy(p, geo, gy + (n0 * p.k + g * kg) * p.oh * p.ow, kg, imgs, oh0, nr_rows, gyp);
-      fill_x(p, geo, x + (n0 * p.c + g * cg) * p.h * p.w, cg, imgs, oh0, xph);
-      // the q range: every image's rows, up to the last image's last output row
-      const int64_t nq = ((imgs - 1) * geo.xi + nr_rows * geo.pitch + L - 1) / L * L;
-      T* part_g = part + g * kg * ckk;
-      for (int64_t k0 = 0; k0 < kg; k0 += MR) {
-        const int mr = static_cast<int>(std::min<int64_t>(MR, kg - k0));
-        const T* arow = gyp + k0 * geo.qt;
-        for (int64_t e0 = 0; e0 < ckk; e0 += NR) {
-          const int nr = static_cast<int>(std::min<int64_t>(NR, ckk - e0));
-          for (int c = 0; c < nr; ++c) bcols[c] = xph + off[e0 + c];
-          fns[mr - 1][nr - 1](arow, geo.qt, bcols, nq, part_g + k0 * ckk + e0, ckk);
-        }
-      }
+      const int64_t oh0 = rb * geo.rows, nrows = std::min(geo.rows, p.oh - oh0);
+      const T* xg = x + (n0 * p.c + g * cg) * p.h * p.w;
+      const T* gyg = gy + (n0 * p.k + g * kg) * p.oh * p.ow;
+#if defined(FASTDL_IMPLICIT_DOT)
+      task_dot(p, geo, xg, gyg, imgs, oh0, nrows, off.data(), xph, gyp, part + g * kg * ckk);
+#else
+      task_outer(p, geo, xg, gyg, imgs, oh0, nrows, cb, offb.data(), xph, gyp,
+                 part + g * kg * ckk);
+#endif
     }
     tl_xph.trim(kKeepBytes);
     tl_gyp.trim(kKeepBytes);
