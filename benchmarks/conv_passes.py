@@ -8,6 +8,7 @@ median ms per variant, and the first algorithm's best time over each other's.
 
     python benchmarks/conv_passes.py --pass weight --algos gemm,implicit 32x64x56x56-64k3p1
     python benchmarks/conv_passes.py --pass forward --algos auto,gemm 32x128x28x28-128k3s2p1
+    python benchmarks/conv_passes.py --pass weight --algos implicit,gemm --threads 1 64x32x26x26-64k3
 
 A layer is NxCxHxW-K then k<kernel>, and optionally s<stride>, p<padding>, d<dilation>,
 g<groups> (float32, square kernels).
@@ -102,6 +103,8 @@ def main(argv=None):
                     default="forward")
     ap.add_argument("--algos", default="auto,gemm", help="comma-separated; the first is the base")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="fastdl's and torch's thread count (default: as set)")
     args = ap.parse_args(argv)
     algos = list(dict.fromkeys(args.algos.split(",")))  # (a repeat would be one variant)
     for algo in algos:
@@ -109,16 +112,27 @@ def main(argv=None):
             ap.error(f"unknown algorithm {algo!r}: expected one of {sorted(ops_conv.ALGORITHMS)}")
     if args.rounds < 1:
         ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
     layers = []
     for text in args.layers:  # all checked before any is timed
         try:
             layers.append((text, parse_layer(text)))
         except argparse.ArgumentTypeError as e:
             ap.error(str(e))
-    print(f"fastdl threads {fastdl.get_num_threads()}, torch threads {torch.get_num_threads()}, "
-          f"best/median ms of {args.rounds} rotated rounds after one warm-up call each")
-    for layer in layers:
-        time_layer(layer, args.pass_, algos, args.rounds)
+    threads = fastdl.get_num_threads(), torch.get_num_threads()  # restored after the run
+    if args.threads is not None:
+        fastdl.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    try:
+        print(f"fastdl threads {fastdl.get_num_threads()}, torch threads "
+              f"{torch.get_num_threads()}, best/median ms of {args.rounds} rotated rounds after "
+              "one warm-up call each")
+        for layer in layers:
+            time_layer(layer, args.pass_, algos, args.rounds)
+    finally:
+        fastdl.set_num_threads(threads[0])
+        torch.set_num_threads(threads[1])
 
 
 if __name__ == "__main__":

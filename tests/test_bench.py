@@ -412,7 +412,7 @@ def test_conv_passes_harness_parses_layers_and_times_every_variant(capsys):
             mod.parse_layer(bad)
     # bad arguments stop before anything is timed (a bad second layer included)
     for argv in (["--algos", "fastest", "2x4x6x6-4k3"], ["--rounds", "0", "2x4x6x6-4k3"],
-                 ["2x4x6x6-4k3", "2x4x6x6-4k3g3"]):
+                 ["--threads", "0", "2x4x6x6-4k3"], ["2x4x6x6-4k3", "2x4x6x6-4k3g3"]):
         with pytest.raises(SystemExit):
             mod.main(argv)
         assert "input:" not in capsys.readouterr().out
@@ -424,7 +424,16 @@ def test_conv_passes_harness_parses_layers_and_times_every_variant(capsys):
         assert fastdl.ops.get_conv_algorithm() == "reference"
     finally:
         fastdl.ops.set_conv_algorithm(before)
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    lines = capsys.readouterr().out.strip().splitlines()
+    line = lines[-1]
     # Winograd does not serve stride 2: the row names what ran instead; the repeated gemm is one
     assert line.startswith("2x4x6x6-4k3s2p1 input: gemm ") and "winograd:" in line
     assert "torch " in line and line.count("x)") == 2 and line.count(" gemm ") == 1
+    # --threads: both libraries run at that count, and the caller's counts come back after
+    threads = fastdl.get_num_threads(), torch.get_num_threads()
+    other = 1 if threads[0] != 1 else 2
+    mod.main(["--pass", "weight", "--algos", "gemm", "--rounds", "1", "--threads", str(other),
+              "2x4x6x6-4k3"])
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith(f"fastdl threads {other}, torch threads {other},"), head
+    assert (fastdl.get_num_threads(), torch.get_num_threads()) == threads
