@@ -431,7 +431,7 @@ def test_conv_passes_harness_parses_layers_and_times_every_variant(capsys):
     assert "torch " in line and line.count("x)") == 2 and line.count(" gemm ") == 1
     # --threads: both libraries run at that count, and the caller's counts come back after
     threads = fastdl.get_num_threads(), torch.get_num_threads()
-    other = 1 if threads[0] != 1 else 2
+    other = next(t for t in (1, 2, 3) if t not in threads)
     mod.main(["--pass", "weight", "--algos", "gemm", "--rounds", "1", "--threads", str(other),
               "2x4x6x6-4k3"])
     head = capsys.readouterr().out.splitlines()[0]

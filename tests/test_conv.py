@@ -807,8 +807,9 @@ def test_auto_choice_phase(cpu_path):
 # the kernel, an output narrower than one vector or than the kernel, channel counts off the
 # tiles (AVX2/portable: 2 vectors of output channels x 6 taps, one vector at the edge; AVX-512:
 # 3 x 9), row blocks of a strided, dilated layer (4 phases: 20 MB of planes against 4 MB per
-# task), and x's planes filled in channel blocks with a shorter last block (the AVX2/portable
-# tile: 18 + 14 channels of 32; 15 + 5 of 20 at 16 taps).
+# task), and x's planes filled in channel blocks (the AVX2/portable tile; float32 on AVX2:
+# 16 + 16 channels of 32 at 1 thread, case 10; 6 + 6 + 6 + 2 of 20 at 1 thread and 15 + 5 at 2,
+# case 12). Task shapes and blocks depend on the thread count: each case runs at 1 and 2.
 # Each asserts that the result kept is the implicit one (no inf/NaN fallback to GEMM).
 IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                      # 13 images
             ((1, 8, 400, 400), (8, 8, 3, 3), dict(padding=1)),                    # row blocks
@@ -838,17 +839,21 @@ def test_implicit_weight_grad(cpu_path, case, dtype):
     want = torch.ops.aten.convolution_backward(
         gy, x, w, None, two(kw["stride"]), two(kw["padding"]), two(kw["dilation"]), False, [0, 0],
         kw["groups"], [False, True, False])[1]
-    before = fastdl.ops.get_conv_algorithm()
+    before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
     fastdl.ops.set_conv_algorithm("implicit")
+    per_pixel = gy.numel() // wshape[0]
     try:
         assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == "implicit"
-        fallbacks = fastdl._C.conv2d_implicit_fallbacks()
-        got = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))[1]
-        assert fastdl._C.conv2d_implicit_fallbacks() == fallbacks
+        for nt in (1, 2):
+            fastdl.set_num_threads(nt)
+            fallbacks = fastdl._C.conv2d_implicit_fallbacks()
+            got = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))[1]
+            assert fastdl._C.conv2d_implicit_fallbacks() == fallbacks
+            assert_close(got, want, reduction=per_pixel,
+                         what=f"implicit {shape} {wshape} {kw} {dtype}, {nt} threads")
     finally:
         fastdl.ops.set_conv_algorithm(before)
-    per_pixel = gy.numel() // wshape[0]
-    assert_close(got, want, reduction=per_pixel, what=f"implicit {shape} {wshape} {kw} {dtype}")
+        fastdl.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("shape,wshape,kw", [
@@ -932,10 +937,11 @@ def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding)
 
 def test_auto_choice_implicit(cpu_path):
     # The implicit weight gradient (conv_implicit.cpp, implicit_preferred), float32 only, on the
-    # vector builds: the AVX2 build's outer-product tile takes strides 1 and 2, 2 to 49 taps, up
-    # to 256 channels a side, any padding; the AVX-512 build's dot-product tile stride 1 with
-    # padded planes at most 35% larger than the output and at most 1024 GEMM columns. Winograd
-    # keeps this layer's forward and input gradient (test_auto_choice_implicit_forward).
+    # vector builds: the AVX2 build's outer-product tile takes strides 1 and 2 (the same on both
+    # axes; strided: 9 taps or more), 2 to 49 taps, up to 256 channels a side, any padding; the
+    # AVX-512 build's dot-product tile stride 1 with padded planes at most 35% larger than the
+    # output and at most 1024 GEMM columns. Winograd keeps this layer's forward and input
+    # gradient (test_auto_choice_implicit_forward).
     avx2 = cpu_path == "avx2"
     implicit = "implicit" if cpu_path != "default" else "gemm"
     only_avx2 = "implicit" if avx2 else "gemm"
@@ -950,9 +956,12 @@ def test_auto_choice_implicit(cpu_path):
     assert ops_conv.conv2d_algorithm(x[:, :, :12, :12], w3, padding=1,
                                      pass_="weight") == only_avx2
     assert ops_conv.conv2d_algorithm(x, w3, padding=1, stride=2, pass_="weight") == only_avx2
-    # neither: float64, stride 3, a 1x1 kernel (GEMM reads x in place)
+    # neither: float64, stride 3, strides differing per axis, 2x2 stride 2 (one tap per phase:
+    # lost on AVX2), a 1x1 kernel (GEMM reads x in place)
     for other in (dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
                   dict(x=x, w=w3, kw=dict(padding=1, stride=3)),
+                  dict(x=x, w=w3, kw=dict(padding=1, stride=(1, 2))),
+                  dict(x=x, w=w3[:, :, :2, :2], kw=dict(stride=2)),
                   dict(x=x, w=w3[:, :, :1, :1], kw={})):
         assert ops_conv.conv2d_algorithm(other["x"], other["w"], pass_="weight",
                                          **other["kw"]) == "gemm", other["kw"]

@@ -15,8 +15,10 @@
 //   FMAs, the GEMM micro-kernel's ratio, and no lane sums. It walks only the real output
 //   columns (no padding columns). x's planes are filled a block of channels at a time (about
 //   kPlaneBlockBytes, so they are still in L2 when the tiles read them). On the Zen 3 VM (one
-//   thread) it ran the weight gradients of conv shapes 2, 3, 5 and 7 at 78-90% of the FMA peak
-//   against the dot-product tile's 57-80% (benchmarks/RESULTS.md, 2026-12-04 10:06).
+//   thread) it ran the weight gradients of conv shapes 2, 3, 5 and 7 at 79-88% of the FMA peak
+//   against the dot-product tile's 61-78% (benchmarks/RESULTS.md, 2026-12-04 10:06). Its sums
+//   run over all of a task's pixels in one lane per weight (the dot tile split them over L
+//   lanes): longer float32 sums, within the tolerance table as every path.
 // - AVX-512 build: dot products along q, contiguous in both operands: MR output channels x NR
 //   taps, MR x NR vector accumulators, MR + NR vector loads per q step, lanes summed once per
 //   task; gy is copied into planes of x's pitch (zeros in columns OW..P-1 and between images).
@@ -55,7 +57,9 @@ thread_local ScratchBuffer tl_xph, tl_gyp;
 // (kKeepBytes >= kTaskBytes: a thread keeps its buffers between calls of the shapes it serves)
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
-// blocks to fit, or small images are stacked until their q range reaches kTaskQ.
+// blocks to fit, or small images are stacked until their q range reaches kTaskQ. (The outer
+// tile holds x's planes a block of channels at a time, so its tasks come out smaller than that
+// needs; its timings were taken with these tasks.)
 constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // q values per task wanted: a tile sums its lanes (AVX-512) or adds its accumulators into the
 // partial sums (outer products) once per task, costly against short q ranges (AVX-512, 27
@@ -286,9 +290,7 @@ void task_outer(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg
   for (int64_t c0 = 0; c0 < cg; c0 += cb) {
     const int64_t cn = std::min(cb, cg - c0), en = cn * taps;
     fill_x(p, geo, xg + c0 * HW, cn, imgs, oh0, xph);
-    Conv2dParams pb = p;  // the block's channels as the group's, for their planes' offsets
-    pb.c = cn * p.groups;
-    tap_offsets(pb, geo, offb);
+    tap_offsets(p, geo, cn, offb);  // the block's planes hold cn channels
     for (int64_t k0 = 0; k0 < kg; k0 += KB) {
       const int64_t kv = std::min(KB, kg - k0);
       const int mv = kv > L ? 2 : 1;
@@ -316,14 +318,18 @@ bool implicit_preferred(const Conv2dParams& p) {
   return ckk <= 1024 && q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #elif defined(__AVX2__) && defined(__FMA__)
   // The AVX2 build's outer-product tile (fitted on the Zen 3 VM to forced GEMM / forced implicit
-  // timings at 2 threads; table in benchmarks/RESULTS.md, 2026-12-04 10:06): strides 1 and 2 won
-  // or tied (0.62-1.01x GEMM's time) from 3 to 256 channels a side, 3x3 to 7x7 kernels, dilation
-  // 2, groups, and maps from 4x4 to 112x112 (it walks only real output columns, so padded planes
-  // cost it only their fill). Not measured, so not taken: over 256 channels a side (512 to 512 on
-  // 4x4 maps lost on a noisy run), strides above 2, kernels over 49 taps; 1x1 kernels stay on
-  // GEMM, which reads x in place.
-  if (p.dtype != DType::Float32 || p.sh > 2 || p.sw > 2 || p.kh * p.kw == 1 ||
-      p.kh * p.kw > 49)
+  // timings at 2 threads; tables in benchmarks/RESULTS.md, 2026-12-04 10:06): stride 1, and
+  // stride 2 with 3x3 or larger kernels, won or tied (0.44-1.01x GEMM's time) from 3 to 256
+  // channels a side (2 and 4 output channels too), 2x2 to 7x7 kernels, dilation 2 and 3, groups,
+  // and outputs from 2x2 to 112x112 (it walks only real output columns, so padded planes cost it
+  // only their fill); 32x256x14x14 -> 256 lost 1.23x once in a slow phase of the VM and won 0.84x
+  // in a quiet one. Lost: 2x2 stride 2 (1.14x: one tap per phase). Not measured, so not taken:
+  // over 256 channels a side (512 to 512 on 4x4 maps lost 1.65x in the slow phase), strides
+  // above 2 or differing per axis, strided kernels under 9 taps, kernels over 49 taps; 1x1
+  // kernels stay on GEMM, which reads x in place (its transposing pack measured cheaper there).
+  const int64_t taps = p.kh * p.kw;
+  if (p.dtype != DType::Float32 || p.sh != p.sw || p.sh > 2 || taps == 1 || taps > 49 ||
+      (p.sh == 2 && taps < 9))
     return false;
   return p.c / p.groups <= 256 && p.k / p.groups <= 256;
 #else
@@ -349,7 +355,8 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
 #else
   const int64_t cb = plane_block<T>(p, geo);
   const int64_t xph_size = geo.phases * cb * geo.xt;
-  const int64_t gy_size = (kg + kKBlock<T> - 1) / kKBlock<T> * kKBlock<T> * geo.imgs * geo.rows * p.ow;
+  const int64_t gy_size =
+      (kg + kKBlock<T> - 1) / kKBlock<T> * kKBlock<T> * geo.imgs * geo.rows * p.ow;
 #endif
   sum_over_threads(nt, items, G * kg * ckk, gw, [&](T* part, int64_t lo, int64_t hi) {
     T* xph = tl_xph.get_as<T>(xph_size);

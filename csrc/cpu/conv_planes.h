@@ -200,9 +200,9 @@ struct TileTable {
 };
 
 // Offsets of every tap (cc, i, j), in the order of the weight's (cc, kh, kw) index, into a task's
-// x phase planes (xph + off[e] + q is tap e's input for output q).
-inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t* off) {
-  const int64_t cg = p.c / p.groups;
+// x phase planes (xph + off[e] + q is tap e's input for output q), for planes filled with cg
+// channels (fill_x's cg: a group's, or a block of them).
+inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t cg, int64_t* off) {
   for (int64_t cc = 0; cc < cg; ++cc)
     for (int64_t i = 0; i < p.kh; ++i)
       for (int64_t j = 0; j < p.kw; ++j) {
@@ -210,6 +210,9 @@ inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t* off) {
         off[(cc * p.kh + i) * p.kw + j] =
             ((a * p.sw + b) * cg + cc) * geo.xt + (i * p.dh / p.sh) * geo.pitch + j * p.dw / p.sw;
       }
+}
+inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t* off) {
+  tap_offsets(p, geo, p.c / p.groups, off);
 }
 
 }  // namespace
