@@ -187,8 +187,9 @@ void task_dot(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg, 
 template <class T>
 constexpr int64_t kKBlock = 2 * IVec<T>::L;
 constexpr int kTapsPerTile = 6;
-// x's planes filled per channel block: about this many bytes (131072 measured 4-5% faster than
-// one fill of every channel's planes on conv shapes 5 and 7, ~equal to 262144; 65536 slower).
+// x's planes filled per channel block: about this many bytes (on conv shapes 5 and 7 faster than
+// one fill of every channel's planes and than 64 KiB, about equal to 256 KiB: benchmarks/
+// RESULTS.md, 2026-12-04 10:06).
 constexpr int64_t kPlaneBlockBytes = int64_t(1) << 17;
 
 // gyt: k-blocks of KB = kKBlock output channels; block kb holds, for each of the task's output
