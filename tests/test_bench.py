@@ -424,8 +424,7 @@ def test_conv_passes_harness_parses_layers_and_times_every_variant(capsys):
         assert fastdl.ops.get_conv_algorithm() == "reference"
     finally:
         fastdl.ops.set_conv_algorithm(before)
-    lines = capsys.readouterr().out.strip().splitlines()
-    line = lines[-1]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
     # Winograd does not serve stride 2: the row names what ran instead; the repeated gemm is one
     assert line.startswith("2x4x6x6-4k3s2p1 input: gemm ") and "winograd:" in line
     assert "torch " in line and line.count("x)") == 2 and line.count(" gemm ") == 1

@@ -14,11 +14,10 @@
 //   accumulators and per pixel loads 2 vectors of gy and broadcasts 6 x values: 8 loads per 12
 //   FMAs, the GEMM micro-kernel's ratio, and no lane sums. It walks only the real output
 //   columns (no padding columns). x's planes are filled a block of channels at a time (about
-//   kPlaneBlockBytes, so they are still in L2 when the tiles read them). On the Zen 3 VM (one
-//   thread) it ran the weight gradients of conv shapes 2, 3, 5 and 7 at 79-88% of the FMA peak
-//   against the dot-product tile's 61-78% (benchmarks/RESULTS.md, 2026-12-04 10:06). Its sums
-//   run over all of a task's pixels in one lane per weight (the dot tile split them over L
-//   lanes): longer float32 sums, within the tolerance table as every path.
+//   kPlaneBlockBytes, so they are still in L2 when the tiles read them). It replaced the
+//   dot-product tile on these builds (speeds of both: benchmarks/RESULTS.md, 2026-12-04
+//   10:06). Its sums run over all of a task's pixels in one lane per weight (the dot tile split
+//   them over L lanes): longer float32 sums, within the tolerance table as every path.
 // - AVX-512 build: dot products along q, contiguous in both operands: MR output channels x NR
 //   taps, MR x NR vector accumulators, MR + NR vector loads per q step, lanes summed once per
 //   task; gy is copied into planes of x's pitch (zeros in columns OW..P-1 and between images).
@@ -35,8 +34,8 @@
 // Tested by tests/test_conv.py (forced algorithm "implicit"); timed by benchmarks/bench_conv.py.
 #include <algorithm>
 #include <array>
-#include <numeric>
 #include <cstring>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -318,16 +317,14 @@ bool implicit_preferred(const Conv2dParams& p) {
   const int64_t q = (p.oh + (p.kh - 1) * p.dh) * (p.ow + (p.kw - 1) * p.dw);
   return ckk <= 1024 && q * 20 <= p.oh * p.ow * 27;  // padded planes at most 35% larger
 #elif defined(__AVX2__) && defined(__FMA__)
-  // The AVX2 build's outer-product tile (fitted on the Zen 3 VM to forced GEMM / forced implicit
-  // timings at 2 threads; tables in benchmarks/RESULTS.md, 2026-12-04 10:06): stride 1, and
-  // stride 2 with 3x3 or larger kernels, won or tied (0.44-1.01x GEMM's time) from 3 to 256
-  // channels a side (2 and 4 output channels too), 2x2 to 7x7 kernels, dilation 2 and 3, groups,
-  // and outputs from 2x2 to 112x112 (it walks only real output columns, so padded planes cost it
-  // only their fill); 32x256x14x14 -> 256 lost 1.23x once in a slow phase of the VM and won 0.84x
-  // in a quiet one. Lost: 2x2 stride 2 (1.14x: one tap per phase). Not measured, so not taken:
-  // over 256 channels a side (512 to 512 on 4x4 maps lost 1.65x in the slow phase), strides
-  // above 2 or differing per axis, strided kernels under 9 taps, kernels over 49 taps; 1x1
-  // kernels stay on GEMM, which reads x in place (its transposing pack measured cheaper there).
+  // The AVX2 build's outer-product tile, fitted on the Zen 3 VM to forced GEMM / forced implicit
+  // timings at 2 threads (tables: benchmarks/RESULTS.md, 2026-12-04 10:06). Taken where it won
+  // or tied: stride 1, and stride 2 with 3x3 or larger kernels, up to 256 channels a side, 2x2
+  // to 7x7 kernels, dilation, groups, any padding (it walks only real output columns, so padded
+  // planes cost it only their fill). Left out: 2x2 stride 2 (lost: one tap per phase); not
+  // measured, so not taken: over 256 channels a side, strides above 2 or differing per axis,
+  // strided kernels under 9 taps, kernels over 49 taps; 1x1 kernels stay on GEMM, which reads
+  // x in place and measured faster there.
   const int64_t taps = p.kh * p.kw;
   if (p.dtype != DType::Float32 || p.sh != p.sw || p.sh > 2 || taps == 1 || taps > 49 ||
       (p.sh == 2 && taps < 9))
