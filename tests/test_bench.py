@@ -321,7 +321,9 @@ def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
     import sys
     # The two thread counts take turns, round after round, and each keeps its best: a slow spell
     # of the shared VM then falls on both. Measured back to back (three 2-thread runs, then three
-    # 1-thread runs) the ratio read 1.55 in one CI run where both streamed with one thread.
+    # 1-thread runs) the ratio read 1.55 in one CI run where both streamed with one thread; with
+    # turns it still read 1.92 once under ASan in CI (2026-12-04; 1.00 here under ASan, 0.92-1.14
+    # without). So up to three tries: the defect this guards against reads ~2 in every one.
     code = ("import fastdl\nfrom fastdl import _C\n"
             "best = {1: 0.0, 2: 0.0}\n"
             "for _ in range(5):\n"
@@ -330,10 +332,15 @@ def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
             "        best[nt] = max(best[nt], _C.measure_stream_bandwidth('copy', 1 << 20, 5, 0.05))\n"
             "print(best[2] / best[1])\n")
     env = dict(os.environ, OMP_THREAD_LIMIT="1", PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert float(r.stdout) < 1.5, r.stdout
+    ratios = []
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        ratios.append(float(r.stdout))
+        if ratios[-1] < 1.5:
+            break
+    assert ratios[-1] < 1.5, f"2-thread / 1-thread rate under OMP_THREAD_LIMIT=1: {ratios}"
 
 
 @pytest.mark.parametrize("reps", [2, 3])
