@@ -740,10 +740,10 @@ def test_auto_choice():
     # (its 8 outputs reach Winograd's rule in the forward on the AVX2 and AVX-512 builds, given
     # 256 and 512 tiles or more: 32 images of 5x5 tiles here; the input gradient, 3 outputs,
     # stays on GEMM)
-    # (the weight gradients of both take the AVX2 build's implicit kernel, whose rule has no
-    # bound on padded planes; the AVX-512 build's bound leaves them on GEMM)
+    # (the weight gradients of both take the vector builds' implicit kernel, whose rule has no
+    # bound on padded planes)
     avx2 = fastdl._C.cpu_capability() != "default"   # the AVX2 or AVX-512 build
-    weight = "implicit" if fastdl._C.cpu_capability() == "avx2" else "gemm"
+    weight = "implicit" if avx2 else "gemm"
     x16 = np.zeros((32, 3, 12, 12), np.float32)
     for pass_ in ("forward", "input", "weight"):
         assert ops_conv.conv2d_algorithm(x16, rgb, pass_=pass_) == (
@@ -776,9 +776,9 @@ def test_auto_choice_phase(cpu_path):
     assert ops_conv.conv2d_algorithm(x, k5, stride=2, padding=2, pass_="input") == phase
     assert ops_conv.conv2d_algorithm(x.astype(np.float64), k5.astype(np.float64), stride=2,
                                      padding=2, pass_="input") == "gemm"
-    # (the weight gradient: the implicit one on the AVX2 build, test_auto_choice_implicit)
+    # (the weight gradient: the implicit one on the vector builds, test_auto_choice_implicit)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == (
-        "implicit" if cpu_path == "avx2" else "gemm")
+        "implicit" if cpu_path != "default" else "gemm")
     # (the forward: the implicit one, 16 taps over 4 phases; on the AVX2 build the channels-
     # minor one, which takes stride 2 first there)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
@@ -937,25 +937,21 @@ def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding)
 
 def test_auto_choice_implicit(cpu_path):
     # The implicit weight gradient (conv_implicit.cpp, implicit_preferred), float32 only, on the
-    # vector builds: the AVX2 build's outer-product tile takes strides 1 and 2 (the same on both
-    # axes; strided: 9 taps or more), 2 to 49 taps, up to 256 channels a side, any padding; the
-    # AVX-512 build's dot-product tile stride 1 with padded planes at most 35% larger than the
-    # output and at most 1024 GEMM columns. Winograd keeps this layer's forward and input
-    # gradient (test_auto_choice_implicit_forward).
-    avx2 = cpu_path == "avx2"
+    # vector builds (AVX2 and AVX-512 alike): strides 1 and 2 (the same on both axes; strided: 9
+    # taps or more), 2 to 49 taps, up to 256 channels a side, any padding. On the AVX-512 build
+    # the channels-minor kernel takes small maps first (nhwc_weight_preferred). Winograd keeps
+    # this layer's forward and input gradient (test_auto_choice_implicit_forward).
     implicit = "implicit" if cpu_path != "default" else "gemm"
-    only_avx2 = "implicit" if avx2 else "gemm"
     x = np.zeros((2, 64, 56, 56), np.float32)
     w3 = np.zeros((64, 64, 3, 3), np.float32)
     assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_="weight") == implicit
     assert ops_conv.conv2d_algorithm(x[:, :3], w3[:, :3], padding=1, pass_="weight") == implicit
     for pass_ in ("forward", "input"):
         assert ops_conv.conv2d_algorithm(x, w3, padding=1, pass_=pass_) != "implicit"
-    # padded planes: 14x14 p1 (+31%) on both; 12x12 p1 (+36%) and stride 2 on AVX2 only
+    # padded planes (14x14 p1: +31%; 12x12 p1: +36%) and stride 2
     assert ops_conv.conv2d_algorithm(x[:, :, :14, :14], w3, padding=1, pass_="weight") == implicit
-    assert ops_conv.conv2d_algorithm(x[:, :, :12, :12], w3, padding=1,
-                                     pass_="weight") == only_avx2
-    assert ops_conv.conv2d_algorithm(x, w3, padding=1, stride=2, pass_="weight") == only_avx2
+    assert ops_conv.conv2d_algorithm(x[:, :, :12, :12], w3, padding=1, pass_="weight") == implicit
+    assert ops_conv.conv2d_algorithm(x, w3, padding=1, stride=2, pass_="weight") == implicit
     # neither: float64, stride 3, strides differing per axis, 2x2 stride 2 (one tap per phase:
     # lost on AVX2), a 1x1 kernel (GEMM reads x in place)
     for other in (dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),
@@ -965,32 +961,30 @@ def test_auto_choice_implicit(cpu_path):
                   dict(x=x, w=w3[:, :, :1, :1], kw={})):
         assert ops_conv.conv2d_algorithm(other["x"], other["w"], pass_="weight",
                                          **other["kw"]) == "gemm", other["kw"]
-    # 128 input channels: 1152 GEMM columns, over the AVX-512 build's 1024
+    # 128 input channels
     x128, w128 = np.zeros((2, 128, 56, 56), np.float32), np.zeros((64, 128, 3, 3), np.float32)
-    assert ops_conv.conv2d_algorithm(x128, w128, padding=1, pass_="weight") == only_avx2
-    # grouped and dilated layers: taken on both vector builds
+    assert ops_conv.conv2d_algorithm(x128, w128, padding=1, pass_="weight") == implicit
+    # grouped and dilated layers
     for kw in (dict(padding=1, groups=2), dict(padding=2, dilation=2)):
         w = w3[:, :32] if "groups" in kw else w3
         assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == implicit, kw
-    # 7x7 over 64 channels: 3136 GEMM columns, over the AVX-512 build's 1024; 49 taps, within
-    # the AVX2 build's; 9x9 (81 taps, not measured) on neither
+    # 7x7 (49 taps); 9x9 (81 taps, not measured) on neither
     w7 = np.zeros((64, 64, 7, 7), np.float32)
-    assert ops_conv.conv2d_algorithm(x, w7, padding=3, pass_="weight") == only_avx2
+    assert ops_conv.conv2d_algorithm(x, w7, padding=3, pass_="weight") == implicit
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 64, 9, 9), np.float32), padding=4,
                                      pass_="weight") == "gemm"
-    # 256 output channels: within both builds' bounds; 512 (or 512 input channels): over the
-    # AVX2 build's 256 a side
+    # 256 output channels: within the bound; 512 output (or input) channels: over it
     w256 = np.zeros((256, 64, 3, 3), np.float32)
     assert ops_conv.conv2d_algorithm(x, w256, padding=1, pass_="weight") == implicit
     w512 = np.zeros((512, 64, 3, 3), np.float32)
-    assert ops_conv.conv2d_algorithm(x[:, :, :14, :14], w512, padding=1, pass_="weight") == (
-        "implicit" if cpu_path == "avx512" else "gemm")
+    assert ops_conv.conv2d_algorithm(x[:, :, :14, :14], w512, padding=1,
+                                     pass_="weight") == "gemm"
     x512 = np.zeros((2, 512, 14, 14), np.float32)
     assert ops_conv.conv2d_algorithm(x512, w3[:, :1].repeat(512, 1), padding=1,
                                      pass_="weight") == "gemm"
-    # 10x10 planes of 8x8 outputs (+56%): the channels-minor kernel on AVX-512, implicit on AVX2
+    # 8x8 outputs over 64 channels: the channels-minor kernel on AVX-512, implicit on AVX2
     assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], w3, padding=1, pass_="weight") == (
-        "nhwc" if cpu_path == "avx512" else only_avx2)
+        "nhwc" if cpu_path == "avx512" else implicit)
 
 
 def test_set_conv_algorithm_errors():
