@@ -352,15 +352,16 @@ bool winograd_s2_serves(const Conv2dParams& p) {
   return p.kh == 4 && p.kw == 4 && p.sh == 2 && p.sw == 2 && p.dh == 1 && p.dw == 1;
 }
 
-// The automatic choice: float32 on the AVX2 build (the AVX-512 build's GEMM runs 16 lanes
-// against these 8-lane transforms, and it has not been measured there), ungrouped layers with
+// The automatic choice: float32 on the AVX2 and AVX-512 builds (the AVX-512 build runs these
+// 8-lane transforms against its 16-lane GEMM, yet the rule fitted on AVX2 held there layer for
+// layer: benchmarks/RESULTS.md, 2026-12-04 13:05), ungrouped layers with
 // output / input channels between 0.25 and 2 (the ratios measured), at least 4 input
 // channels per group (4cg >= 16 rows of M; with 3 it tied GEMM) and 8 output channels per group,
 // and at least max(4cg, kg, 64) tiles in all (U, 16 x 4cg x kg, is transformed per call and read
 // by every chunk: on 2x2-8x8 gy maps with 128-512 channels Winograd took 1.2-4.3x GEMM's time).
 // Timings behind both rules: benchmarks/RESULTS.md, section "2026-12-04 05:24 UTC onwards".
 bool winograd_s2_preferred(const Conv2dParams& p) {
-#if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
+#if defined(FASTDL_WINO_S2_AVX2)
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
   const PhaseAxis ay(p.h, p.ph), ax(p.w, p.pw);
   const int64_t tiles = p.n * ay.tiles * ax.tiles;
@@ -378,6 +379,8 @@ bool winograd_s2_preferred(const Conv2dParams& p) {
 // output pixels per image (32x32) and as many tiles as for the input gradient. Its V has 4cg
 // rows per tile (the input gradient's: kg), so its transforms cost more: it tied or
 // lost to the channels-minor and implicit forwards on the smaller maps (section as above).
+// Not on the AVX-512 build: of the three layers this rule takes among 13 measured there, it won
+// one, tied one and lost one to that build's implicit forward (RESULTS.md, 2026-12-04 13:05).
 bool winograd_s2_forward_preferred(const Conv2dParams& p) {
 #if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
