@@ -135,7 +135,90 @@ bool output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T
   return nan_if_bad != nan_if_bad;
 }
 
-#if defined(FASTDL_WINO_AVX2)
+#if defined(FASTDL_WINO_AVX2) && defined(__AVX512F__)
+// The AVX-512 build: 16 tiles per vector, as its GEMM's 16 lanes (with the 8-tile transforms they
+// were ~45% of shape 2's Winograd forward there: benchmarks/RESULTS.md, 2026-12-04 13:05).
+// Columns 2t, 2t+1 of 16 tiles from 32 floats: even / odd lanes.
+inline void deinterleave16(const float* p, __m512& even, __m512& odd) {
+  const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  even = _mm512_permutex2var_ps(a, ie, b);
+  odd = _mm512_permutex2var_ps(a, io, b);
+}
+
+// 16 tiles at a time: tile columns 0, 1 are the even / odd lanes of rb[i][2tj..2tj+31], columns
+// 2, 3 those of rb[i][2tj+2..2tj+33]. Writes V[e][tj..tj+15] for each group started below tw.
+template <>
+void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
+  for (int64_t tj = 0; tj < tw; tj += 16) {
+    __m512 t[4][4];
+    for (int i = 0; i < 4; ++i) {
+      __m512 d0, d1, d2, d3;
+      deinterleave16(rb[i] + 2 * tj, d0, d1);
+      deinterleave16(rb[i] + 2 * tj + 2, d2, d3);
+      t[i][0] = _mm512_sub_ps(d0, d2);
+      t[i][1] = _mm512_add_ps(d1, d2);
+      t[i][2] = _mm512_sub_ps(d2, d1);
+      t[i][3] = _mm512_sub_ps(d1, d3);
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm512_storeu_ps(v + (0 * 4 + j) * es + tj, _mm512_sub_ps(t[0][j], t[2][j]));
+      _mm512_storeu_ps(v + (1 * 4 + j) * es + tj, _mm512_add_ps(t[1][j], t[2][j]));
+      _mm512_storeu_ps(v + (2 * 4 + j) * es + tj, _mm512_sub_ps(t[2][j], t[1][j]));
+      _mm512_storeu_ps(v + (3 * 4 + j) * es + tj, _mm512_sub_ps(t[1][j], t[3][j]));
+    }
+  }
+}
+
+// 16 tiles at a time; reads M[e][tj..tj+15] (past tw within the caller's ld). Output columns
+// interleave back (two-source permutes); a group reaching past ow or tw is stored under a mask,
+// and only its stored lanes enter the non-finite check.
+template <>
+bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float bv, float* row0,
+                       float* row1) {
+  const __m512 bias = _mm512_set1_ps(bv), zero = _mm512_setzero_ps();
+  const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ihi =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  __m512 nan_if_bad = zero;  // += stored * 0 (one FMA per stored vector)
+  for (int64_t tj = 0; tj < tw; tj += 16) {
+    __m512 s[2][4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512 m0 = _mm512_loadu_ps(m + j * es + tj),
+                   m1 = _mm512_loadu_ps(m + (4 + j) * es + tj),
+                   m2 = _mm512_loadu_ps(m + (8 + j) * es + tj),
+                   m3 = _mm512_loadu_ps(m + (12 + j) * es + tj);
+      s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+      s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+    }
+    float* rows[2] = {row0, row1};
+    // this group's columns: below ow and within the caller's tw tiles (a column segment of a
+    // wide row ends at a multiple of 8 tiles, not always of 16: the next segment's columns
+    // belong to another task)
+    const int64_t c0 = 2 * tj, cols = std::min<int64_t>({32, ow - c0, 2 * (tw - tj)});
+    const __mmask16 k0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+    const __mmask16 k1 = cols >= 32   ? __mmask16(0xFFFF)
+                         : cols > 16 ? __mmask16((1u << (cols - 16)) - 1)
+                                     : __mmask16(0);
+    for (int i = 0; i < 2; ++i) {
+      if (!rows[i]) break;
+      const __m512 o0 =
+          _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
+      const __m512 o1 =
+          _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
+      const __m512 y0 = _mm512_permutex2var_ps(o0, ilo, o1);
+      const __m512 y1 = _mm512_permutex2var_ps(o0, ihi, o1);
+      _mm512_mask_storeu_ps(rows[i] + c0, k0, y0);
+      _mm512_mask_storeu_ps(rows[i] + c0 + 16, k1, y1);
+      nan_if_bad = _mm512_mask3_fmadd_ps(y0, zero, nan_if_bad, k0);
+      nan_if_bad = _mm512_mask3_fmadd_ps(y1, zero, nan_if_bad, k1);
+    }
+  }
+  const float total = _mm512_reduce_add_ps(nan_if_bad);
+  return total != total;
+}
+#elif defined(FASTDL_WINO_AVX2)
 // Columns 2t, 2t+1 of 8 tiles from 16 floats: even / odd lanes.
 inline void deinterleave(const float* p, __m256& even, __m256& odd) {
   const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
@@ -216,11 +299,19 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
 }
 #endif
 
-// The F(2x2, 3x3) plan: tiles of 2x2 outputs, row buffers of 16 columns per group of 8 tiles.
+// Tiles per vector of the float32 transforms (the scalar ones run any count).
+#if defined(__AVX512F__)
+constexpr int64_t kTileGroup = 16;
+#else
+constexpr int64_t kTileGroup = 8;
+#endif
+
+// The F(2x2, 3x3) plan: tiles of 2x2 outputs, row buffers of 2 columns per tile of each whole
+// group of kTileGroup tiles, + 2.
 Plan make_plan(const Conv2dParams& p) {
   Plan w = make_tile_plan(p.n, p.groups, (p.oh + 1) / 2, (p.ow + 1) / 2, p.c / p.groups,
                           p.k / p.groups);
-  w.rbw = 16 * ((w.tcw + 7) / 8) + 2;
+  w.rbw = 2 * kTileGroup * ((w.tcw + kTileGroup - 1) / kTileGroup) + 2;
   return w;
 }
 
@@ -422,7 +513,7 @@ template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const Plan w = make_plan(p);
-  const int64_t gbw = w.rbw - 2;  // gy row buffer: 16 columns per group of 8 tiles
+  const int64_t gbw = w.rbw - 2;  // gy row buffer: 2 columns per tile of the groups
   // parallel_for calls the body at most once per thread: each call takes a slot of partial sums,
   // and the slots are summed in the order of their first task, so the result does not depend on
   // which thread ran first.
