@@ -83,8 +83,8 @@ void transform_weights(const Conv2dParams& p, const T* w, T* u) {
 // zero-padded row buffers rb[i] (width rbw, column j = input column j - pw), so the transforms run
 // with no bounds checks. Tile tj reads rb[i][2*tj .. 2*tj + 3].
 
-// V[e][q0 + tj] = (B^T d B)[e] for tiles tj < tw, e-th row at v + e * es. The AVX2 float path
-// writes whole groups of 8 tiles (up to 7 past tw: the caller's ld leaves room).
+// V[e][q0 + tj] = (B^T d B)[e] for tiles tj < tw, e-th row at v + e * es. The vector float path
+// writes whole groups of kTileGroup tiles (see there).
 template <class T>
 void input_row(const T* const rb[4], int64_t tw, T* v, int64_t es) {
   for (int64_t tj = 0; tj < tw; ++tj) {
@@ -135,42 +135,68 @@ bool output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T
   return nan_if_bad != nan_if_bad;
 }
 
-#if defined(FASTDL_WINO_AVX2) && defined(__AVX512F__)
-// The AVX-512 build: 16 tiles per vector, as its GEMM's 16 lanes (with the 8-tile transforms they
-// were ~45% of shape 2's Winograd forward there: benchmarks/RESULTS.md, 2026-12-04 13:05).
+// Tiles per vector of the float32 transforms (the scalar ones run any count): 8 on AVX2, 16 on
+// AVX-512, as its GEMM's lanes (with 8-tile transforms they were ~45% of shape 2's Winograd
+// forward there: benchmarks/RESULTS.md, 2026-12-04 13:05).
+#if defined(__AVX512F__)
+constexpr int64_t kTileGroup = 16;
+#else
+constexpr int64_t kTileGroup = 8;
+#endif
+
+#if defined(FASTDL_WINO_AVX2)
+#if defined(__AVX512F__)
+using TileV = __m512;
 // Columns 2t, 2t+1 of 16 tiles from 32 floats: even / odd lanes.
-inline void deinterleave16(const float* p, __m512& even, __m512& odd) {
+inline void deinterleave(const float* p, __m512& even, __m512& odd) {
   const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
   const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   even = _mm512_permutex2var_ps(a, ie, b);
   odd = _mm512_permutex2var_ps(a, io, b);
 }
+#else
+using TileV = __m256;
+// Columns 2t, 2t+1 of 8 tiles from 16 floats: even / odd lanes.
+inline void deinterleave(const float* p, __m256& even, __m256& odd) {
+  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+  // per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6, then 64-bit pairs reordered 0 2 1 3
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
+      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+#endif
+static_assert(sizeof(TileV) == kTileGroup * sizeof(float), "one tile per lane");
 
-// 16 tiles at a time: tile columns 0, 1 are the even / odd lanes of rb[i][2tj..2tj+31], columns
-// 2, 3 those of rb[i][2tj+2..2tj+33]. Writes V[e][tj..tj+15] for each group started below tw.
+inline void store_tiles(float* p, TileV x) { std::memcpy(p, &x, sizeof(x)); }
+
+// G = kTileGroup tiles at a time: tile columns 0, 1 are the even / odd lanes of
+// rb[i][2tj..2tj+2G-1], columns 2, 3 those of rb[i][2tj+2..2tj+2G+1]. Writes V[e][tj..tj+G-1]
+// for each group started below tw (up to G - 1 past tw: the caller's ld leaves room).
 template <>
 void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
-  for (int64_t tj = 0; tj < tw; tj += 16) {
-    __m512 t[4][4];
+  for (int64_t tj = 0; tj < tw; tj += kTileGroup) {
+    TileV t[4][4];
     for (int i = 0; i < 4; ++i) {
-      __m512 d0, d1, d2, d3;
-      deinterleave16(rb[i] + 2 * tj, d0, d1);
-      deinterleave16(rb[i] + 2 * tj + 2, d2, d3);
-      t[i][0] = _mm512_sub_ps(d0, d2);
-      t[i][1] = _mm512_add_ps(d1, d2);
-      t[i][2] = _mm512_sub_ps(d2, d1);
-      t[i][3] = _mm512_sub_ps(d1, d3);
+      TileV d0, d1, d2, d3;
+      deinterleave(rb[i] + 2 * tj, d0, d1);
+      deinterleave(rb[i] + 2 * tj + 2, d2, d3);
+      t[i][0] = d0 - d2;
+      t[i][1] = d1 + d2;
+      t[i][2] = d2 - d1;
+      t[i][3] = d1 - d3;
     }
     for (int j = 0; j < 4; ++j) {
-      _mm512_storeu_ps(v + (0 * 4 + j) * es + tj, _mm512_sub_ps(t[0][j], t[2][j]));
-      _mm512_storeu_ps(v + (1 * 4 + j) * es + tj, _mm512_add_ps(t[1][j], t[2][j]));
-      _mm512_storeu_ps(v + (2 * 4 + j) * es + tj, _mm512_sub_ps(t[2][j], t[1][j]));
-      _mm512_storeu_ps(v + (3 * 4 + j) * es + tj, _mm512_sub_ps(t[1][j], t[3][j]));
+      store_tiles(v + (0 * 4 + j) * es + tj, t[0][j] - t[2][j]);
+      store_tiles(v + (1 * 4 + j) * es + tj, t[1][j] + t[2][j]);
+      store_tiles(v + (2 * 4 + j) * es + tj, t[2][j] - t[1][j]);
+      store_tiles(v + (3 * 4 + j) * es + tj, t[1][j] - t[3][j]);
     }
   }
 }
 
+#if defined(__AVX512F__)
 // 16 tiles at a time; reads M[e][tj..tj+15] (past tw within the caller's ld). Output columns
 // interleave back (two-source permutes); a group reaching past ow or tw is stored under a mask,
 // and only its stored lanes enter the non-finite check.
@@ -218,41 +244,7 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
   const float total = _mm512_reduce_add_ps(nan_if_bad);
   return total != total;
 }
-#elif defined(FASTDL_WINO_AVX2)
-// Columns 2t, 2t+1 of 8 tiles from 16 floats: even / odd lanes.
-inline void deinterleave(const float* p, __m256& even, __m256& odd) {
-  const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
-  // per 128-bit lane: a0 a2 b0 b2 | a4 a6 b4 b6, then 64-bit pairs reordered 0 2 1 3
-  even = _mm256_castpd_ps(_mm256_permute4x64_pd(
-      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
-  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
-      _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
-}
-
-// 8 tiles at a time: tile columns 0, 1 are the even / odd lanes of rb[i][2tj..2tj+15], columns 2, 3
-// those of rb[i][2tj+2..2tj+17]. Writes V[e][tj..tj+7] for each group started below tw.
-template <>
-void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
-  for (int64_t tj = 0; tj < tw; tj += 8) {
-    __m256 t[4][4];
-    for (int i = 0; i < 4; ++i) {
-      __m256 d0, d1, d2, d3;
-      deinterleave(rb[i] + 2 * tj, d0, d1);
-      deinterleave(rb[i] + 2 * tj + 2, d2, d3);
-      t[i][0] = _mm256_sub_ps(d0, d2);
-      t[i][1] = _mm256_add_ps(d1, d2);
-      t[i][2] = _mm256_sub_ps(d2, d1);
-      t[i][3] = _mm256_sub_ps(d1, d3);
-    }
-    for (int j = 0; j < 4; ++j) {
-      _mm256_storeu_ps(v + (0 * 4 + j) * es + tj, _mm256_sub_ps(t[0][j], t[2][j]));
-      _mm256_storeu_ps(v + (1 * 4 + j) * es + tj, _mm256_add_ps(t[1][j], t[2][j]));
-      _mm256_storeu_ps(v + (2 * 4 + j) * es + tj, _mm256_sub_ps(t[2][j], t[1][j]));
-      _mm256_storeu_ps(v + (3 * 4 + j) * es + tj, _mm256_sub_ps(t[1][j], t[3][j]));
-    }
-  }
-}
-
+#else  // the AVX2 build
 // 8 tiles at a time; reads M[e][tj..tj+7] (past tw within the caller's ld). Output columns
 // interleave back (unpack + lane permute); a group reaching past ow goes through a 16-float tile.
 template <>
@@ -297,14 +289,8 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
   for (float v : lanes) tail_bad += v;
   return tail_bad != tail_bad;
 }
-#endif
-
-// Tiles per vector of the float32 transforms (the scalar ones run any count).
-#if defined(__AVX512F__)
-constexpr int64_t kTileGroup = 16;
-#else
-constexpr int64_t kTileGroup = 8;
-#endif
+#endif  // AVX-512 / AVX2 output_row
+#endif  // FASTDL_WINO_AVX2
 
 // The F(2x2, 3x3) plan: tiles of 2x2 outputs, row buffers of 2 columns per tile of each whole
 // group of kTileGroup tiles, + 2.
