@@ -395,8 +395,7 @@ def test_winograd_automatic_choice(cpu_path):
         assert algo((1, 64, 12, 12), (64, 64, 3, 3), padding=1) == at36
         assert algo((1, 64, 12, 12), (64, 64, 3, 3), padding=1, pass_="input") == at36
         # 256 tiles: enough for Winograd on the AVX2 build, but its maps of at most 8x8 go to the
-        # channels-minor forward first; the AVX-512 build asks for 512 tiles (its GEMM is twice
-        # as wide, its transforms are not)
+        # channels-minor forward first; the AVX-512 build asks for 512 tiles (measured there)
         at256 = "nhwc" if cpu_path != "default" else wino
         assert algo((16, 64, 8, 8), (64, 64, 3, 3), padding=1) == at256
         # (where GEMM would run on the AVX-512 build, planes within 35% of the output take the
@@ -806,11 +805,11 @@ def test_auto_choice_phase(cpu_path):
 # blocks (4 MB of planes per task: 8 + 8 channels over a 402 x 402 padded plane is 10 MB), stride phases
 # (2 and 3, one along each axis), dilation, groups, non-square and 1x1 kernels, padding beyond
 # the kernel, an output narrower than one vector or than the kernel, channel counts off the
-# tiles (AVX2/portable: 2 vectors of output channels x 6 taps, one vector at the edge; AVX-512:
-# 3 x 9), row blocks of a strided, dilated layer (4 phases: 20 MB of planes against 4 MB per
-# task), and x's planes filled in channel blocks (the AVX2/portable tile; float32 on AVX2:
-# 16 + 16 channels of 32 at 1 thread, case 10; 6 + 6 + 6 + 2 of 20 at 1 thread and 15 + 5 at 2,
-# case 12). Task shapes and blocks depend on the thread count: each case runs at 1 and 2.
+# tiles (2 vectors of output channels x 6 taps, 12 on AVX-512, one vector at the edge), row
+# blocks of a strided, dilated layer (4 phases: 20 MB of planes against 4 MB per task), and x's
+# planes filled in channel blocks (float32 on AVX2: 16 + 16 channels of 32 at 1 thread, case 10;
+# 6 + 6 + 6 + 2 of 20 at 1 thread and 15 + 5 at 2, case 12; AVX-512 rounds the blocks to other
+# multiples). Task shapes and blocks depend on the thread count: each case runs at 1 and 2.
 # Each asserts that the result kept is the implicit one (no inf/NaN fallback to GEMM).
 IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                      # 13 images
             ((1, 8, 400, 400), (8, 8, 3, 3), dict(padding=1)),                    # row blocks

@@ -375,8 +375,8 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     case ConvAlgo::Nhwc: conv_nhwc_backward_weight(p, x, gy, gw); break;
     case ConvAlgo::Implicit:
       conv_implicit_backward_weight(p, x, gy, gw);
-      // x's zero padding meets real gy (and, in the AVX-512 build's tile, gy's zero columns
-      // real x): an inf/NaN anywhere near gives NaN where torch's stays finite, so such a
+      // x's zero padding meets real gy: an inf/NaN anywhere near gives NaN where torch's stays
+      // finite, so such a
       // result is redone on GEMM (counted, so the tests can tell the implicit result was the
       // one kept)
       if (any_nonfinite(gw, weight_count(p))) {

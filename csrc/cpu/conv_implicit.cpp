@@ -52,8 +52,12 @@ constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // q values per task wanted (small images are stacked up to it): a tile adds its accumulators
 // into the partial sums once per task, yet more, smaller tasks ran faster on the AVX2 build
 // (benchmarks/RESULTS.md, 2026-12-03 22:00) and on the AVX-512 build (2026-12-04 13:05). The
-// portable build's was not measured.
+// portable build keeps the earlier 4096 (not measured).
+#if defined(__AVX2__) || defined(__AVX512F__)
 constexpr int64_t kTaskQ = 1024;
+#else
+constexpr int64_t kTaskQ = 4096;
+#endif
 
 // Output channels per k-block (the tile's height: two vectors) and taps per tile (2 x taps vector
 // accumulators + 2 gy vectors + one broadcast within 16 registers, 32 on AVX-512).
@@ -143,7 +147,8 @@ const auto& outer_tiles() {
 }
 
 // Channels per block of x's planes: about kPlaneBlockBytes, a multiple of the channels that make
-// whole tiles of taps where the block is not all of cg (3x3: 2 channels = 18 taps = 3 tiles).
+// whole tiles of taps where the block is not all of cg (3x3: 2 channels = 18 taps = 3 tiles of
+// 6, or 4 channels = 36 taps = 3 tiles of 12 on AVX-512).
 template <class T>
 int64_t plane_block(const Conv2dParams& p, const Geo& geo) {
   const int64_t cg = p.c / p.groups, taps = p.kh * p.kw;
@@ -191,7 +196,8 @@ bool implicit_preferred(const Conv2dParams& p) {
   // and stride 2 with 3x3 or larger kernels, up to 256 channels a side, 2x2 to 7x7 kernels,
   // dilation, groups, any padding (it walks only real output columns, so padded planes cost it
   // only their fill). Left out: 2x2 stride 2 (lost on AVX2: one tap per phase; about even on
-  // AVX-512); over 256 channels a side (512 lost or tied on AVX-512; not measured on AVX2); not
+  // AVX-512); over 256 channels a side (on AVX-512, 256 -> 512 stride 2 won; 512 -> 512 on 7x7
+  // and 4x4 maps tied and lost: too few points to fit a bound; not measured on AVX2); not
   // measured, so not taken: strides above 2 or differing per axis, strided kernels under 9 taps,
   // kernels over 49 taps; 1x1 kernels stay on GEMM, which reads x in place and measured faster
   // there.

@@ -7,10 +7,10 @@
 //   (B^T d B)[e], then 16 GEMMs M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then the
 //   y tile = A^T M A (+ bias).
 // Transforms run a tile row at a time: its 4 input rows are copied into zero-padded row buffers
-// (no bounds checks after), and the AVX2 float32 path handles 8 tiles of the row per vector (the
-// 4 tile columns are even/odd lanes of 16 loaded floats; the inverse interleaves back), writing
-// and reading contiguous 8-tile vectors of V[e] / M[e]. float64 and the portable build run the
-// same loops one tile at a time.
+// (no bounds checks after), and the vector float32 path handles kTileGroup tiles of the row per
+// vector, 8 on AVX2 and 16 on AVX-512 (the 4 tile columns are even/odd lanes of 2 x kTileGroup
+// loaded floats; the inverse interleaves back), writing and reading contiguous vectors of V[e] /
+// M[e]. float64 and the portable build run the same loops one tile at a time.
 // The input gradient of a stride-1 convolution is the forward of the same convolution over gy
 // with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too. The
 // weight gradient is the adjoint: dM = A dy A^T per 2x2 tile of gy, dU[e] = sum dM[e] V[e]^T
@@ -135,9 +135,11 @@ bool output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T
   return nan_if_bad != nan_if_bad;
 }
 
-// Tiles per vector of the float32 transforms (the scalar ones run any count): 8 on AVX2, 16 on
-// AVX-512, as its GEMM's lanes (with 8-tile transforms they were ~45% of shape 2's Winograd
-// forward there: benchmarks/RESULTS.md, 2026-12-04 13:05).
+// Tiles per vector of the float32 transforms (the scalar ones run any count): groups of 8 on
+// AVX2; on AVX-512 groups of 16, as its GEMM's lanes, where more than 8 tiles of the row remain,
+// and of 8 at a row's end (with only 8-tile groups the transforms were ~45% of shape 2's
+// Winograd forward there; with only 16-tile groups, rows of at most 8 tiles ran 5-8% slower:
+// benchmarks/RESULTS.md, 2026-12-04 13:05). kTileGroup: the widest group.
 #if defined(__AVX512F__)
 constexpr int64_t kTileGroup = 16;
 #else
@@ -145,18 +147,6 @@ constexpr int64_t kTileGroup = 8;
 #endif
 
 #if defined(FASTDL_WINO_AVX2)
-#if defined(__AVX512F__)
-using TileV = __m512;
-// Columns 2t, 2t+1 of 16 tiles from 32 floats: even / odd lanes.
-inline void deinterleave(const float* p, __m512& even, __m512& odd) {
-  const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
-  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  even = _mm512_permutex2var_ps(a, ie, b);
-  odd = _mm512_permutex2var_ps(a, io, b);
-}
-#else
-using TileV = __m256;
 // Columns 2t, 2t+1 of 8 tiles from 16 floats: even / odd lanes.
 inline void deinterleave(const float* p, __m256& even, __m256& odd) {
   const __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
@@ -166,130 +156,166 @@ inline void deinterleave(const float* p, __m256& even, __m256& odd) {
   odd = _mm256_castpd_ps(_mm256_permute4x64_pd(
       _mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
 }
+#if defined(__AVX512F__)
+// Columns 2t, 2t+1 of 16 tiles from 32 floats: even / odd lanes.
+inline void deinterleave(const float* p, __m512& even, __m512& odd) {
+  const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  even = _mm512_permutex2var_ps(a, ie, b);
+  odd = _mm512_permutex2var_ps(a, io, b);
+}
 #endif
-static_assert(sizeof(TileV) == kTileGroup * sizeof(float), "one tile per lane");
 
-inline void store_tiles(float* p, TileV x) { std::memcpy(p, &x, sizeof(x)); }
+// One group of G tiles (G = lanes of V) from tile tj: tile columns 0, 1 are the even / odd lanes
+// of rb[i][2tj..2tj+2G-1], columns 2, 3 those of rb[i][2tj+2..2tj+2G+1]. Writes V[e][tj..tj+G-1].
+template <class V>
+inline void input_group(const float* const rb[4], int64_t tj, float* v, int64_t es) {
+  V t[4][4];
+  for (int i = 0; i < 4; ++i) {
+    V d0, d1, d2, d3;
+    deinterleave(rb[i] + 2 * tj, d0, d1);
+    deinterleave(rb[i] + 2 * tj + 2, d2, d3);
+    t[i][0] = d0 - d2;
+    t[i][1] = d1 + d2;
+    t[i][2] = d2 - d1;
+    t[i][3] = d1 - d3;
+  }
+  const auto store = [](float* p, V x) { std::memcpy(p, &x, sizeof(x)); };
+  for (int j = 0; j < 4; ++j) {
+    store(v + (0 * 4 + j) * es + tj, t[0][j] - t[2][j]);
+    store(v + (1 * 4 + j) * es + tj, t[1][j] + t[2][j]);
+    store(v + (2 * 4 + j) * es + tj, t[2][j] - t[1][j]);
+    store(v + (3 * 4 + j) * es + tj, t[1][j] - t[3][j]);
+  }
+}
 
-// G = kTileGroup tiles at a time: tile columns 0, 1 are the even / odd lanes of
-// rb[i][2tj..2tj+2G-1], columns 2, 3 those of rb[i][2tj+2..2tj+2G+1]. Writes V[e][tj..tj+G-1]
-// for each group started below tw (up to G - 1 past tw: the caller's ld leaves room).
+// Whole groups from tile 0 (up to 7 past tw: the caller's ld and row buffers leave room).
 template <>
 void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es) {
-  for (int64_t tj = 0; tj < tw; tj += kTileGroup) {
-    TileV t[4][4];
-    for (int i = 0; i < 4; ++i) {
-      TileV d0, d1, d2, d3;
-      deinterleave(rb[i] + 2 * tj, d0, d1);
-      deinterleave(rb[i] + 2 * tj + 2, d2, d3);
-      t[i][0] = d0 - d2;
-      t[i][1] = d1 + d2;
-      t[i][2] = d2 - d1;
-      t[i][3] = d1 - d3;
+  for (int64_t tj = 0; tj < tw;) {
+#if defined(__AVX512F__)
+    if (tw - tj > 8) {
+      input_group<__m512>(rb, tj, v, es);
+      tj += 16;
+      continue;
     }
-    for (int j = 0; j < 4; ++j) {
-      store_tiles(v + (0 * 4 + j) * es + tj, t[0][j] - t[2][j]);
-      store_tiles(v + (1 * 4 + j) * es + tj, t[1][j] + t[2][j]);
-      store_tiles(v + (2 * 4 + j) * es + tj, t[2][j] - t[1][j]);
-      store_tiles(v + (3 * 4 + j) * es + tj, t[1][j] - t[3][j]);
+#endif
+    input_group<__m256>(rb, tj, v, es);
+    tj += 8;
+  }
+}
+
+// The output groups read M[e][tj..tj+G-1] (past tw within the caller's ld) and store the
+// group's columns c0 = 2tj .. c0 + cols - 1 of both rows (row1 may be null), cols = what lies
+// below ow and within the caller's tw tiles (a column segment of a wide row ends at a multiple
+// of 8 tiles: the next segment's columns belong to another task). Output columns interleave
+// back; only the stored lanes enter the non-finite check (+= stored * 0).
+
+// 8 tiles: unpack + lane permute; a group short of 16 columns goes through a 16-float tile.
+inline void output_group(const float* m, int64_t es, int64_t tj, int64_t cols, __m256 bias,
+                         float* const rows[2], __m256& nan_if_bad, float& tail_bad) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 s[2][4];
+  for (int j = 0; j < 4; ++j) {
+    const __m256 m0 = _mm256_loadu_ps(m + j * es + tj), m1 = _mm256_loadu_ps(m + (4 + j) * es + tj),
+                 m2 = _mm256_loadu_ps(m + (8 + j) * es + tj),
+                 m3 = _mm256_loadu_ps(m + (12 + j) * es + tj);
+    s[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
+    s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+  }
+  const int64_t c0 = 2 * tj;
+  for (int i = 0; i < 2; ++i) {
+    if (!rows[i]) break;
+    const __m256 o0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
+    const __m256 o1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
+    const __m256 lo = _mm256_unpacklo_ps(o0, o1), hi = _mm256_unpackhi_ps(o0, o1);
+    const __m256 y0 = _mm256_permute2f128_ps(lo, hi, 0x20), y1 = _mm256_permute2f128_ps(lo, hi, 0x31);
+    if (cols == 16) {
+      _mm256_storeu_ps(rows[i] + c0, y0);
+      _mm256_storeu_ps(rows[i] + c0 + 8, y1);
+      nan_if_bad = _mm256_fmadd_ps(y0, zero, nan_if_bad);
+      nan_if_bad = _mm256_fmadd_ps(y1, zero, nan_if_bad);
+    } else {
+      alignas(32) float tmp[16];
+      _mm256_store_ps(tmp, y0);
+      _mm256_store_ps(tmp + 8, y1);
+      copy_run(rows[i] + c0, tmp, cols);
+      for (int64_t c = 0; c < cols; ++c) tail_bad += tmp[c] * 0.0f;
     }
   }
 }
 
 #if defined(__AVX512F__)
-// 16 tiles at a time; reads M[e][tj..tj+15] (past tw within the caller's ld). Output columns
-// interleave back (two-source permutes); a group reaching past ow or tw is stored under a mask,
-// and only its stored lanes enter the non-finite check.
-template <>
-bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float bv, float* row0,
-                       float* row1) {
-  const __m512 bias = _mm512_set1_ps(bv), zero = _mm512_setzero_ps();
+// 16 tiles: two-source permutes; a group short of 32 columns is stored under masks.
+inline void output_group(const float* m, int64_t es, int64_t tj, int64_t cols, __m512 bias,
+                         float* const rows[2], __m512& nan_if_bad) {
+  const __m512 zero = _mm512_setzero_ps();
   const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i ihi =
       _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  __m512 nan_if_bad = zero;  // += stored * 0 (one FMA per stored vector)
-  for (int64_t tj = 0; tj < tw; tj += 16) {
-    __m512 s[2][4];
-    for (int j = 0; j < 4; ++j) {
-      const __m512 m0 = _mm512_loadu_ps(m + j * es + tj),
-                   m1 = _mm512_loadu_ps(m + (4 + j) * es + tj),
-                   m2 = _mm512_loadu_ps(m + (8 + j) * es + tj),
-                   m3 = _mm512_loadu_ps(m + (12 + j) * es + tj);
-      s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-      s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-    }
-    float* rows[2] = {row0, row1};
-    // this group's columns: below ow and within the caller's tw tiles (a column segment of a
-    // wide row ends at a multiple of 8 tiles, not always of 16: the next segment's columns
-    // belong to another task)
-    const int64_t c0 = 2 * tj, cols = std::min<int64_t>({32, ow - c0, 2 * (tw - tj)});
-    const __mmask16 k0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-    const __mmask16 k1 = cols >= 32   ? __mmask16(0xFFFF)
-                         : cols > 16 ? __mmask16((1u << (cols - 16)) - 1)
-                                     : __mmask16(0);
-    for (int i = 0; i < 2; ++i) {
-      if (!rows[i]) break;
-      const __m512 o0 =
-          _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
-      const __m512 o1 =
-          _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
-      const __m512 y0 = _mm512_permutex2var_ps(o0, ilo, o1);
-      const __m512 y1 = _mm512_permutex2var_ps(o0, ihi, o1);
-      _mm512_mask_storeu_ps(rows[i] + c0, k0, y0);
-      _mm512_mask_storeu_ps(rows[i] + c0 + 16, k1, y1);
-      nan_if_bad = _mm512_mask3_fmadd_ps(y0, zero, nan_if_bad, k0);
-      nan_if_bad = _mm512_mask3_fmadd_ps(y1, zero, nan_if_bad, k1);
-    }
+  __m512 s[2][4];
+  for (int j = 0; j < 4; ++j) {
+    const __m512 m0 = _mm512_loadu_ps(m + j * es + tj),
+                 m1 = _mm512_loadu_ps(m + (4 + j) * es + tj),
+                 m2 = _mm512_loadu_ps(m + (8 + j) * es + tj),
+                 m3 = _mm512_loadu_ps(m + (12 + j) * es + tj);
+    s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+    s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
   }
-  const float total = _mm512_reduce_add_ps(nan_if_bad);
-  return total != total;
+  // (cols in [1, 32]: no shift by 16 or more)
+  const __mmask16 k0 = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
+  const __mmask16 k1 = cols >= 32   ? __mmask16(0xFFFF)
+                       : cols > 16 ? __mmask16((1u << (cols - 16)) - 1)
+                                   : __mmask16(0);
+  const int64_t c0 = 2 * tj;
+  for (int i = 0; i < 2; ++i) {
+    if (!rows[i]) break;
+    const __m512 o0 =
+        _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
+    const __m512 o1 =
+        _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
+    const __m512 y0 = _mm512_permutex2var_ps(o0, ilo, o1);
+    const __m512 y1 = _mm512_permutex2var_ps(o0, ihi, o1);
+    _mm512_mask_storeu_ps(rows[i] + c0, k0, y0);
+    _mm512_mask_storeu_ps(rows[i] + c0 + 16, k1, y1);
+    nan_if_bad = _mm512_mask3_fmadd_ps(y0, zero, nan_if_bad, k0);
+    nan_if_bad = _mm512_mask3_fmadd_ps(y1, zero, nan_if_bad, k1);
+  }
 }
-#else  // the AVX2 build
-// 8 tiles at a time; reads M[e][tj..tj+7] (past tw within the caller's ld). Output columns
-// interleave back (unpack + lane permute); a group reaching past ow goes through a 16-float tile.
+#endif
+
 template <>
 bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float bv, float* row0,
                        float* row1) {
-  const __m256 bias = _mm256_set1_ps(bv), zero = _mm256_setzero_ps();
-  __m256 nan_if_bad = zero;  // += stored * 0 (one FMA per stored vector)
+  float* const rows[2] = {row0, row1};
+  __m256 nan8 = _mm256_setzero_ps();
   float tail_bad = 0.0f;
-  for (int64_t tj = 0; tj < tw; tj += 8) {
-    __m256 s[2][4];
-    for (int j = 0; j < 4; ++j) {
-      const __m256 m0 = _mm256_loadu_ps(m + j * es + tj), m1 = _mm256_loadu_ps(m + (4 + j) * es + tj),
-                   m2 = _mm256_loadu_ps(m + (8 + j) * es + tj),
-                   m3 = _mm256_loadu_ps(m + (12 + j) * es + tj);
-      s[0][j] = _mm256_add_ps(_mm256_add_ps(m0, m1), m2);
-      s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m1, m2), m3);
+#if defined(__AVX512F__)
+  __m512 nan16 = _mm512_setzero_ps();
+#endif
+  for (int64_t tj = 0; tj < tw;) {
+    const int64_t c0 = 2 * tj;
+#if defined(__AVX512F__)
+    if (tw - tj > 8) {
+      output_group(m, es, tj, std::min<int64_t>({32, ow - c0, 2 * (tw - tj)}),
+                   _mm512_set1_ps(bv), rows, nan16);
+      tj += 16;
+      continue;
     }
-    float* rows[2] = {row0, row1};
-    const int64_t c0 = 2 * tj, cols = std::min<int64_t>(16, ow - c0);
-    for (int i = 0; i < 2; ++i) {
-      if (!rows[i]) break;
-      const __m256 o0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
-      const __m256 o1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
-      const __m256 lo = _mm256_unpacklo_ps(o0, o1), hi = _mm256_unpackhi_ps(o0, o1);
-      const __m256 y0 = _mm256_permute2f128_ps(lo, hi, 0x20), y1 = _mm256_permute2f128_ps(lo, hi, 0x31);
-      if (cols == 16) {
-        _mm256_storeu_ps(rows[i] + c0, y0);
-        _mm256_storeu_ps(rows[i] + c0 + 8, y1);
-        nan_if_bad = _mm256_fmadd_ps(y0, zero, nan_if_bad);
-        nan_if_bad = _mm256_fmadd_ps(y1, zero, nan_if_bad);
-      } else {  // only the stored columns count: lanes past ow hold M's unused columns
-        alignas(32) float tmp[16];
-        _mm256_store_ps(tmp, y0);
-        _mm256_store_ps(tmp + 8, y1);
-        copy_run(rows[i] + c0, tmp, cols);
-        for (int64_t c = 0; c < cols; ++c) tail_bad += tmp[c] * 0.0f;
-      }
-    }
+#endif
+    output_group(m, es, tj, std::min<int64_t>({16, ow - c0, 2 * (tw - tj)}), _mm256_set1_ps(bv),
+                 rows, nan8, tail_bad);
+    tj += 8;
   }
   alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, nan_if_bad);
+  _mm256_store_ps(lanes, nan8);
   for (float v : lanes) tail_bad += v;
+#if defined(__AVX512F__)
+  tail_bad += _mm512_reduce_add_ps(nan16);
+#endif
   return tail_bad != tail_bad;
 }
-#endif  // AVX-512 / AVX2 output_row
 #endif  // FASTDL_WINO_AVX2
 
 // The F(2x2, 3x3) plan: tiles of 2x2 outputs, row buffers of 2 columns per tile of each whole
@@ -464,9 +490,10 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // At least 256 tiles in all (AVX2 build): with fewer (a batch of 4 on 8x8 or 12x12 maps)
   // Winograd was slower than GEMM at every channel count measured (benchmarks/RESULTS.md,
   // development measurements 2026-12-02).
-  // The AVX-512 build: at least 512. Its GEMMs run 16 lanes while the transforms stay on 8; at
-  // 256 tiles GEMM was faster forward at every channel count measured there, and Winograd won
-  // from 512 tiles on (benchmarks/RESULTS.md, section 2026-12-02 16:20).
+  // The AVX-512 build: at least 512. At 256 tiles GEMM was faster forward at every channel count
+  // measured there, and Winograd won from 512 tiles on (benchmarks/RESULTS.md, section
+  // 2026-12-02 16:20, when the transforms ran 8 tiles per vector there; not re-measured since
+  // they run 16).
 #if defined(__AVX512F__)
   constexpr int64_t kMinTiles = 512;
 #else
