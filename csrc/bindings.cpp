@@ -685,6 +685,25 @@ PYBIND11_MODULE(_C, m) {
      py::arg("workspace_bytes") = 0);
   m.def("conv2d_implicit_fallbacks", &conv2d_implicit_fallbacks_cpu);
   m.def("conv2d_fused_backward_runs", &conv2d_fused_backward_runs_cpu);
+  // Tests only: conv2d_winograd_output_row_probe_cpu on float32 C-contiguous numpy arrays
+  // (m: 16 x es, es >= tw + 15; rows: 1-D, at least min(ow, 2 tw) long).
+  m.def("_winograd_output_row_probe", [](py::array_t<float> mm, int64_t tw, int64_t ow,
+                                         py::array_t<float> r0, py::array_t<float> r1) {
+    const auto c_float = [](const py::array_t<float>& a) {
+      return (a.flags() & py::array::c_style) != 0 && a.writeable();
+    };
+    if (!c_float(mm) || !c_float(r0) || !c_float(r1) || mm.ndim() != 2 || r0.ndim() != 1 ||
+        r1.ndim() != 1)
+      throw py::value_error("_winograd_output_row_probe: expected writable C-contiguous float32 "
+                            "arrays, m 2-D and rows 1-D");
+    const int64_t es = mm.shape(1);
+    if (mm.shape(0) != 16 || tw < 1 || ow < 1 || es < tw + 15 ||
+        r0.shape(0) < std::min(ow, 2 * tw) || r1.shape(0) < std::min(ow, 2 * tw))
+      throw py::value_error("_winograd_output_row_probe: expected m of 16 x (tw + 15 or more), "
+                            "tw >= 1, ow >= 1, rows of min(ow, 2 tw) or more");
+    return conv2d_winograd_output_row_probe_cpu(mm.data(), es, tw, ow, r0.mutable_data(),
+                                                r1.mutable_data());
+  });
   // Both gradients of one CPU backward (gx, gw, gb each optional): conv2d_backward_cpu.
   m.def("conv2d_backward_cpu", [](py::handle x, py::handle gy, py::handle w, py::handle gx,
                                   py::handle gw, py::handle gb, const Conv2dParams& prm, int algo) {

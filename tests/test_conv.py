@@ -217,6 +217,43 @@ WINOGRAD_WIDE = [
 ]
 
 
+@pytest.mark.parametrize("tw", [1, 5, 8, 9, 12, 16, 20, 24, 40])
+def test_winograd_inverse_row_stores_only_its_tiles(cpu_path, tw):
+    # A wide tile row is cut into column segments that end at multiples of 8 tiles, each its own
+    # task; the AVX-512 transforms run groups of 16 tiles, so a group may reach past a segment's
+    # last tile into another task's columns (a race the end-to-end tests can miss: the stored
+    # values were often the right ones). One row's inverse transform, as a segment in the middle
+    # of a wide row (ow past its tiles) and as a row's end (ow = 2 tw - 1): the columns below
+    # min(ow, 2 tw) hold A^T M A, every column after them keeps its guard, and an inf in M past
+    # the row's tiles (read, not stored) is not reported.
+    rng = np.random.default_rng(tw)
+    es = tw + 23
+    m = rng.standard_normal((16, es)).astype(np.float32)
+    mm = m.reshape(4, 4, es).astype(np.float64)[:, :, :tw]    # M[a][j][tile]
+    s0 = mm[0] + mm[1] + mm[2]
+    s1 = mm[1] - mm[2] - mm[3]
+    want = []
+    for si in (s0, s1):
+        row = np.empty(2 * tw)
+        row[0::2] = si[0] + si[1] + si[2]
+        row[1::2] = si[1] - si[2] - si[3]
+        want.append(row)
+    m[:, tw:] = np.inf   # lanes past the row's tiles: loaded, never stored
+    for ow in (2 * tw + 37, 2 * tw - 1):
+        n = min(ow, 2 * tw)
+        rows = [np.full(2 * tw + 48, -7.0, np.float32) for _ in range(2)]
+        bad = fastdl._C._winograd_output_row_probe(m, tw, ow, rows[0], rows[1])
+        assert not bad, (tw, ow)
+        for got, ref in zip(rows, want):
+            np.testing.assert_allclose(got[:n], ref[:n], rtol=1e-5, atol=1e-5)
+            assert (got[n:] == -7.0).all(), (tw, ow, np.flatnonzero(got[n:] != -7.0)[:5] + n)
+    m[7, tw - 1] = np.inf   # in the row's last tile: stored, so reported
+    rows = [np.zeros(2 * tw, np.float32) for _ in range(2)]
+    assert fastdl._C._winograd_output_row_probe(m, tw, 2 * tw, rows[0], rows[1])
+    with pytest.raises(ValueError, match="_winograd_output_row_probe"):
+        fastdl._C._winograd_output_row_probe(m[:, :tw + 14].copy(), tw, 2 * tw, rows[0], rows[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_winograd_wide_and_stacked(cpu_path, dtype):
     before = fastdl.ops.get_conv_algorithm()

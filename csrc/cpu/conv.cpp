@@ -473,6 +473,7 @@ void conv2d_backward_weight(const Conv2dParams&, const void*, const void*, void*
 void conv2d_backward(const Conv2dParams&, const void*, const void*, const void*, void*, void*,
                      void*);
 ConvAlgo conv2d_algorithm(const Conv2dParams&, ConvPass);
+bool winograd_output_row_probe(const float*, int64_t, int64_t, int64_t, float*, float*);
 )
 #endif
 
@@ -523,6 +524,11 @@ void conv2d_backward_cpu(const Conv2dParams& p, const void* x, const void* gy, c
 ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass) {
   check_conv2d_params(p);
   return FASTDL_CPU_DISPATCH(conv2d_algorithm, p, pass);
+}
+
+bool conv2d_winograd_output_row_probe_cpu(const float* m, int64_t es, int64_t tw, int64_t ow,
+                                          float* row0, float* row1) {
+  return FASTDL_CPU_DISPATCH(winograd_output_row_probe, m, es, tw, ow, row0, row1);
 }
 
 // one counter for every kernel build (defined here, in the portable build's object)

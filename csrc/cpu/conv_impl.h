@@ -192,6 +192,11 @@ template <class T>
 bool conv_winograd_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+// Tests only (conv2d_winograd_output_row_probe_cpu): the float32 inverse transform of one tile
+// row, M[e][tj] at m + e * es for tiles tj < tw, into rows row0 and row1 (row1 may be null),
+// columns below min(ow, 2 * tw), bias 0; whether it stored an inf or NaN.
+bool winograd_output_row_probe(const float* m, int64_t es, int64_t tw, int64_t ow, float* row0,
+                               float* row1);
 
 // Winograd F(3x3, 2x2) over stride phases: the input gradient (and, below, the forward) of 4x4
 // stride-2 kernels, dilation 1 (conv_transpose2d's forward for them; conv_winograd_s2.cpp).

@@ -582,6 +582,11 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
   weights_adjoint(kc, sum, gw);
 }
 
+bool winograd_output_row_probe(const float* m, int64_t es, int64_t tw, int64_t ow, float* row0,
+                                float* row1) {
+  return output_row<float>(m, es, tw, ow, 0.0f, row0, row1);
+}
+
 template bool conv_winograd_forward<float>(const Conv2dParams&, const float*, const float*,
                                            const float*, float*);
 template bool conv_winograd_forward<double>(const Conv2dParams&, const double*, const double*,
