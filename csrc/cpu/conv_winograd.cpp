@@ -492,8 +492,8 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // development measurements 2026-12-02).
   // The AVX-512 build: at least 512. At 256 tiles GEMM was faster forward at every channel count
   // measured there, and Winograd won from 512 tiles on (benchmarks/RESULTS.md, section
-  // 2026-12-02 16:20, when the transforms ran 8 tiles per vector there; not re-measured since
-  // they run 16).
+  // 2026-12-02 16:20); with the 16-tile transforms it still lost at 256-392 tiles, forward and
+  // input gradient (section 2026-12-04 13:05).
 #if defined(__AVX512F__)
   constexpr int64_t kMinTiles = 512;
 #else
