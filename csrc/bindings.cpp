@@ -685,8 +685,10 @@ PYBIND11_MODULE(_C, m) {
      py::arg("workspace_bytes") = 0);
   m.def("conv2d_implicit_fallbacks", &conv2d_implicit_fallbacks_cpu);
   m.def("conv2d_fused_backward_runs", &conv2d_fused_backward_runs_cpu);
-  // Tests only: conv2d_winograd_output_row_probe_cpu on float32 C-contiguous numpy arrays
-  // (m: 16 x es, es >= tw + 15; rows: 1-D, at least min(ow, 2 tw) long).
+  // Tests only: conv2d_winograd_output_row_probe_cpu on float32 C-contiguous numpy arrays, never
+  // converted (a converted copy would take the writes): m 16 x es with es >= tw + 15, rows 1-D
+  // of at least min(ow, 2 tw), ow >= 2 tw - 1 (as every caller in the kernels). Checked in an
+  // order that cannot overflow: tw is bounded by es, an array's size, before any product.
   m.def("_winograd_output_row_probe", [](py::array_t<float> mm, int64_t tw, int64_t ow,
                                          py::array_t<float> r0, py::array_t<float> r1) {
     const auto c_float = [](const py::array_t<float>& a) {
@@ -697,13 +699,16 @@ PYBIND11_MODULE(_C, m) {
       throw py::value_error("_winograd_output_row_probe: expected writable C-contiguous float32 "
                             "arrays, m 2-D and rows 1-D");
     const int64_t es = mm.shape(1);
-    if (mm.shape(0) != 16 || tw < 1 || ow < 1 || es < tw + 15 ||
-        r0.shape(0) < std::min(ow, 2 * tw) || r1.shape(0) < std::min(ow, 2 * tw))
+    const bool ok = mm.shape(0) == 16 && tw >= 1 && es >= 15 && tw <= es - 15 &&
+                    ow >= 2 * tw - 1 && r0.shape(0) >= std::min(ow, 2 * tw) &&
+                    r1.shape(0) >= std::min(ow, 2 * tw);
+    if (!ok)
       throw py::value_error("_winograd_output_row_probe: expected m of 16 x (tw + 15 or more), "
-                            "tw >= 1, ow >= 1, rows of min(ow, 2 tw) or more");
+                            "tw >= 1, ow >= 2 tw - 1, rows of min(ow, 2 tw) or more");
     return conv2d_winograd_output_row_probe_cpu(mm.data(), es, tw, ow, r0.mutable_data(),
                                                 r1.mutable_data());
-  });
+  }, py::arg("m").noconvert(), py::arg("tw"), py::arg("ow"), py::arg("row0").noconvert(),
+     py::arg("row1").noconvert());
   // Both gradients of one CPU backward (gx, gw, gb each optional): conv2d_backward_cpu.
   m.def("conv2d_backward_cpu", [](py::handle x, py::handle gy, py::handle w, py::handle gx,
                                   py::handle gw, py::handle gb, const Conv2dParams& prm, int algo) {

@@ -217,19 +217,19 @@ WINOGRAD_WIDE = [
 ]
 
 
-@pytest.mark.parametrize("tw", [1, 5, 8, 9, 12, 16, 20, 24, 40])
+@pytest.mark.parametrize("tw", [1, 5, 8, 9, 12, 16, 17, 20, 24, 28, 40, 47])
 def test_winograd_inverse_row_stores_only_its_tiles(cpu_path, tw):
-    # A wide tile row is cut into column segments that end at multiples of 8 tiles, each its own
-    # task; the AVX-512 transforms run groups of 16 tiles, so a group may reach past a segment's
-    # last tile into another task's columns (a race the end-to-end tests can miss: the stored
-    # values were often the right ones). One row's inverse transform, as a segment in the middle
-    # of a wide row (ow past its tiles) and as a row's end (ow = 2 tw - 1): the columns below
-    # min(ow, 2 tw) hold A^T M A, every column after them keeps its guard, and an inf in M past
-    # the row's tiles (read, not stored) is not reported.
+    # A wide tile row is cut into column segments of whole 8-tile groups, each its own task; the
+    # AVX-512 transforms run groups of 16 where more than 8 tiles remain, and a group's stores
+    # must stop at its row's tiles (a group past them would write another task's columns: a
+    # race the end-to-end tests can miss, the stored values being often the right ones). One
+    # row's inverse transform, as a segment in the middle of a wide row (ow past its tiles) and
+    # as a row's end (ow = 2 tw - 1): the columns below min(ow, 2 tw) hold A^T M A, every column
+    # after them keeps its guard, and only stored columns count as non-finite.
     rng = np.random.default_rng(tw)
     es = tw + 23
     m = rng.standard_normal((16, es)).astype(np.float32)
-    mm = m.reshape(4, 4, es).astype(np.float64)[:, :, :tw]    # M[a][j][tile]
+    mm = m.reshape(4, 4, es).astype(np.float64)[:, :, :tw]    # M[a][j][tile], e = 4a + j
     s0 = mm[0] + mm[1] + mm[2]
     s1 = mm[1] - mm[2] - mm[3]
     want = []
@@ -238,20 +238,32 @@ def test_winograd_inverse_row_stores_only_its_tiles(cpu_path, tw):
         row[0::2] = si[0] + si[1] + si[2]
         row[1::2] = si[1] - si[2] - si[3]
         want.append(row)
+    probe = fastdl._C._winograd_output_row_probe
     m[:, tw:] = np.inf   # lanes past the row's tiles: loaded, never stored
     for ow in (2 * tw + 37, 2 * tw - 1):
         n = min(ow, 2 * tw)
         rows = [np.full(2 * tw + 48, -7.0, np.float32) for _ in range(2)]
-        bad = fastdl._C._winograd_output_row_probe(m, tw, ow, rows[0], rows[1])
-        assert not bad, (tw, ow)
+        assert not probe(m, tw, ow, rows[0], rows[1]), (tw, ow)
         for got, ref in zip(rows, want):
             np.testing.assert_allclose(got[:n], ref[:n], rtol=1e-5, atol=1e-5)
             assert (got[n:] == -7.0).all(), (tw, ow, np.flatnonzero(got[n:] != -7.0)[:5] + n)
-    m[7, tw - 1] = np.inf   # in the row's last tile: stored, so reported
     rows = [np.zeros(2 * tw, np.float32) for _ in range(2)]
-    assert fastdl._C._winograd_output_row_probe(m, tw, 2 * tw, rows[0], rows[1])
-    with pytest.raises(ValueError, match="_winograd_output_row_probe"):
-        fastdl._C._winograd_output_row_probe(m[:, :tw + 14].copy(), tw, 2 * tw, rows[0], rows[1])
+    for t in range(tw):      # an inf in each tile, in turn, reaching an even (stored) column
+        m[0, t] = np.inf
+        assert probe(m, tw, 2 * tw - 1, rows[0], rows[1]), (tw, t)
+        m[0, t] = 0.0
+    # the last tile's odd columns (e = 3, 7, 11, 15 feed only them): stored at ow = 2 tw,
+    # beyond ow = 2 tw - 1
+    m[[3, 7, 11, 15], tw - 1] = np.inf
+    assert probe(m, tw, 2 * tw, rows[0], rows[1])
+    assert not probe(m, tw, 2 * tw - 1, rows[0], rows[1])
+    # the probe's own checks: too narrow an m, too small an ow, a float64 row (never converted)
+    for bad in (dict(m=m[:, :tw + 14].copy()), dict(ow=2 * tw - 2),
+                dict(row0=np.zeros(2 * tw, np.float64))):
+        args = dict(m=m, tw=tw, ow=2 * tw, row0=rows[0], row1=rows[1])
+        args.update(bad)
+        with pytest.raises((ValueError, TypeError)):
+            probe(args["m"], args["tw"], args["ow"], args["row0"], args["row1"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -376,9 +376,8 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
     case ConvAlgo::Implicit:
       conv_implicit_backward_weight(p, x, gy, gw);
       // x's zero padding meets real gy: an inf/NaN anywhere near gives NaN where torch's stays
-      // finite, so such a
-      // result is redone on GEMM (counted, so the tests can tell the implicit result was the
-      // one kept)
+      // finite, so such a result is redone on GEMM (counted, so the tests can tell the implicit
+      // result was the one kept)
       if (any_nonfinite(gw, weight_count(p))) {
         conv_implicit_fallback_count().fetch_add(1, std::memory_order_relaxed);
         conv_gemm_backward_weight(p, x, gy, gw);

@@ -194,7 +194,7 @@ template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
 // Tests only (conv2d_winograd_output_row_probe_cpu): the float32 inverse transform of one tile
 // row, M[e][tj] at m + e * es for tiles tj < tw, into rows row0 and row1 (row1 may be null),
-// columns below min(ow, 2 * tw), bias 0; whether it stored an inf or NaN.
+// columns below min(ow, 2 * tw) (ow >= 2 * tw - 1), bias 0; whether it stored an inf or NaN.
 bool winograd_output_row_probe(const float* m, int64_t es, int64_t tw, int64_t ow, float* row0,
                                float* row1);
 

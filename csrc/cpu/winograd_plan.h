@@ -18,12 +18,13 @@ constexpr int64_t kWinoBudget = 1 << 18, kWinoMax = 1 << 20;
 // Tiles are processed a tile row at a time; a chunk is `nr` consecutive tile rows of the stacked
 // images (global row r = n * th + ti) of one group, so a chunk may span several small images.
 // A tile row more than twice the budget wide is cut into `segs` column segments of at most tcw
-// tiles (whole groups of 8: conv_winograd.cpp's AVX-512 transforms run groups of 16, so a
-// segment may end mid-group and its stores stop at the segment's tiles), one segment per chunk
-// (nr = 1), so the buffers stay bounded however
+// tiles (whole groups of 8; conv_winograd.cpp's AVX-512 transforms run groups of 16 only where
+// more than 8 tiles remain, so no group crosses a segment's end, and its stores stop at the
+// segment's tiles all the same), one segment per chunk (nr = 1), so the buffers stay bounded
+// however
 // wide the image (review r2b-4: V and M had grown with the image's width).
-// V[e] (cin x ldq) and M[e] (cout x ldq), ldq >= tiles + 15 (the overrun of the transforms'
-// groups of 8 tiles, 16 in conv_winograd.cpp's AVX-512 build), e-th
+// V[e] (cin x ldq) and M[e] (cout x ldq), ldq >= tiles + 15 (the transforms' groups run at most 7
+// tiles past a row, 15 for a group of 16 that started at its last tile: room for either), e-th
 // matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
 struct Plan {
   int64_t th, tw, rows, tcw, segs, rbw, nr, chunks, ldq, ves, mes;
