@@ -686,7 +686,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d_implicit_fallbacks", &conv2d_implicit_fallbacks_cpu);
   m.def("conv2d_fused_backward_runs", &conv2d_fused_backward_runs_cpu);
   // Tests only: conv2d_winograd_output_row_probe_cpu on float32 C-contiguous numpy arrays, never
-  // converted (a converted copy would take the writes): m 16 x es with es >= tw + 15, rows 1-D
+  // converted (a converted copy would take the writes): m 16 x es with es >= tw + 7, rows 1-D
   // of at least min(ow, 2 tw), ow >= 2 tw - 1 (as every caller in the kernels). Checked in an
   // order that cannot overflow: tw is bounded by es, an array's size, before any product.
   m.def("_winograd_output_row_probe", [](py::array_t<float> mm, int64_t tw, int64_t ow,
@@ -699,11 +699,11 @@ PYBIND11_MODULE(_C, m) {
       throw py::value_error("_winograd_output_row_probe: expected writable C-contiguous float32 "
                             "arrays, m 2-D and rows 1-D");
     const int64_t es = mm.shape(1);
-    const bool ok = mm.shape(0) == 16 && tw >= 1 && es >= 15 && tw <= es - 15 &&
+    const bool ok = mm.shape(0) == 16 && tw >= 1 && es >= 7 && tw <= es - 7 &&
                     ow >= 2 * tw - 1 && r0.shape(0) >= std::min(ow, 2 * tw) &&
                     r1.shape(0) >= std::min(ow, 2 * tw);
     if (!ok)
-      throw py::value_error("_winograd_output_row_probe: expected m of 16 x (tw + 15 or more), "
+      throw py::value_error("_winograd_output_row_probe: expected m of 16 x (tw + 7 or more), "
                             "tw >= 1, ow >= 2 tw - 1, rows of min(ow, 2 tw) or more");
     return conv2d_winograd_output_row_probe_cpu(mm.data(), es, tw, ow, r0.mutable_data(),
                                                 r1.mutable_data());

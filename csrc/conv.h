@@ -67,7 +67,7 @@ int64_t conv2d_fused_backward_runs_cpu();
 // Tests only: the running CPU build's float32 Winograd inverse transform of one tile row
 // (winograd_output_row_probe, csrc/cpu/conv_impl.h): tiles it stores past tw or ow would be
 // another task's columns in a segmented row. Reads m[e * es + t] for e < 16 and t < es, which
-// must be at least tw + 15; ow >= 2 * tw - 1 (as in the kernels' calls); writes row0 and row1
+// must be at least tw + 7; ow >= 2 * tw - 1 (as in the kernels' calls); writes row0 and row1
 // (each at least min(ow, 2 * tw) floats).
 bool conv2d_winograd_output_row_probe_cpu(const float* m, int64_t es, int64_t tw, int64_t ow,
                                           float* row0, float* row1);

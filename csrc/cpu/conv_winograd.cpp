@@ -7,10 +7,10 @@
 //   (B^T d B)[e], then 16 GEMMs M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then the
 //   y tile = A^T M A (+ bias).
 // Transforms run a tile row at a time: its 4 input rows are copied into zero-padded row buffers
-// (no bounds checks after), and the vector float32 path handles kTileGroup tiles of the row per
-// vector, 8 on AVX2 and 16 on AVX-512 (the 4 tile columns are even/odd lanes of 2 x kTileGroup
-// loaded floats; the inverse interleaves back), writing and reading contiguous vectors of V[e] /
-// M[e]. float64 and the portable build run the same loops one tile at a time.
+// (no bounds checks after), and the vector float32 path handles groups of 8 tiles of the row per
+// vector, 16 on AVX-512 where more than 8 remain (the 4 tile columns are even/odd lanes of twice
+// as many loaded floats; the inverse interleaves back), writing and reading contiguous vectors of
+// V[e] / M[e]. float64 and the portable build run the same loops one tile at a time.
 // The input gradient of a stride-1 convolution is the forward of the same convolution over gy
 // with the kernel flipped and in/out channels swapped (padding 2 - p), so it runs here too. The
 // weight gradient is the adjoint: dM = A dy A^T per 2x2 tile of gy, dU[e] = sum dM[e] V[e]^T
@@ -84,7 +84,7 @@ void transform_weights(const Conv2dParams& p, const T* w, T* u) {
 // with no bounds checks. Tile tj reads rb[i][2*tj .. 2*tj + 3].
 
 // V[e][q0 + tj] = (B^T d B)[e] for tiles tj < tw, e-th row at v + e * es. The vector float path
-// writes whole groups of kTileGroup tiles (see there).
+// writes whole groups (up to 7 tiles past tw: the caller's ld leaves room).
 template <class T>
 void input_row(const T* const rb[4], int64_t tw, T* v, int64_t es) {
   for (int64_t tj = 0; tj < tw; ++tj) {
@@ -137,14 +137,10 @@ bool output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T
 
 // Tiles per vector of the float32 transforms (the scalar ones run any count): groups of 8 on
 // AVX2; on AVX-512 groups of 16, as its GEMM's lanes, where more than 8 tiles of the row remain,
-// and of 8 at a row's end (with only 8-tile groups the transforms were ~45% of shape 2's
-// Winograd forward there; with only 16-tile groups, rows of at most 8 tiles ran 5-8% slower:
-// benchmarks/RESULTS.md, 2026-12-04 13:05). kTileGroup: the widest group.
-#if defined(__AVX512F__)
-constexpr int64_t kTileGroup = 16;
-#else
-constexpr int64_t kTileGroup = 8;
-#endif
+// and of 8 at a row's end (measured against 8-tile groups alone and 16-tile groups alone:
+// benchmarks/RESULTS.md, 2026-12-04 13:05). Groups start at multiples of 8 tiles and a 16-tile
+// group only where more than 8 remain, so every group ends by the row's tile count rounded up to
+// 8, as with 8-tile groups alone: the row buffers and ld sized for those serve both builds.
 
 #if defined(FASTDL_WINO_AVX2)
 // Columns 2t, 2t+1 of 8 tiles from 16 floats: even / odd lanes.
@@ -318,12 +314,11 @@ bool output_row<float>(const float* m, int64_t es, int64_t tw, int64_t ow, float
 }
 #endif  // FASTDL_WINO_AVX2
 
-// The F(2x2, 3x3) plan: tiles of 2x2 outputs, row buffers of 2 columns per tile of each whole
-// group of kTileGroup tiles, + 2.
+// The F(2x2, 3x3) plan: tiles of 2x2 outputs, row buffers of 16 columns per group of 8 tiles.
 Plan make_plan(const Conv2dParams& p) {
   Plan w = make_tile_plan(p.n, p.groups, (p.oh + 1) / 2, (p.ow + 1) / 2, p.c / p.groups,
                           p.k / p.groups);
-  w.rbw = 2 * kTileGroup * ((w.tcw + kTileGroup - 1) / kTileGroup) + 2;
+  w.rbw = 16 * ((w.tcw + 7) / 8) + 2;
   return w;
 }
 
@@ -526,7 +521,7 @@ template <class T>
 void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const Plan w = make_plan(p);
-  const int64_t gbw = w.rbw - 2;  // gy row buffer: 2 columns per tile of the groups
+  const int64_t gbw = w.rbw - 2;  // gy row buffer: 16 columns per group of 8 tiles
   // parallel_for calls the body at most once per thread: each call takes a slot of partial sums,
   // and the slots are summed in the order of their first task, so the result does not depend on
   // which thread ran first.

@@ -21,10 +21,9 @@ constexpr int64_t kWinoBudget = 1 << 18, kWinoMax = 1 << 20;
 // tiles (whole groups of 8; conv_winograd.cpp's AVX-512 transforms run groups of 16 only where
 // more than 8 tiles remain, so no group crosses a segment's end, and its stores stop at the
 // segment's tiles all the same), one segment per chunk (nr = 1), so the buffers stay bounded
-// however
-// wide the image (review r2b-4: V and M had grown with the image's width).
-// V[e] (cin x ldq) and M[e] (cout x ldq), ldq >= tiles + 15 (the transforms' groups run at most 7
-// tiles past a row, 15 for a group of 16 that started at its last tile: room for either), e-th
+// however wide the image (review r2b-4: V and M had grown with the image's width).
+// V[e] (cin x ldq) and M[e] (cout x ldq), ldq >= tiles + 7 (the transforms' groups end at most 7
+// tiles past a row), e-th
 // matrix 16 floats past a multiple of ldq (so the 16 streams do not share cache sets).
 struct Plan {
   int64_t th, tw, rows, tcw, segs, rbw, nr, chunks, ldq, ves, mes;
@@ -85,7 +84,7 @@ inline Plan make_tile_plan(int64_t n, int64_t G, int64_t th, int64_t tw, int64_t
   // (benchmarks/RESULTS.md, development measurements 2026-12-02).
   w.nr = (w.rows + c - 1) / c;
   w.chunks = (w.rows + w.nr - 1) / w.nr * w.segs;
-  w.ldq = (w.nr * w.tcw + 15 + 7) / 8 * 8;
+  w.ldq = (w.nr * w.tcw + 7 + 7) / 8 * 8;
   w.ves = cin * w.ldq + 16;
   w.mes = cout * w.ldq + 16;
   return w;
