@@ -1,66 +1,125 @@
 #!/usr/bin/env bash
-# One prepared command for a machine with an NVIDIA GPU and no network (Python, torch with CUDA,
-# nvcc with compute-sanitizer, pybind11, scikit-build-core, cmake and ninja installed). In order,
-# each stage under its own time limit:
-#   1. build fastdl for the local GPU                                      (limit 140 s)
-#   2. the whole test suite on the GPU, no -k, no -x: every failure listed   (limit 130 s)
-#      (includes tests/test_cuda_first_run.py and its gpu_only cases: a > 2^31-element GEMM
-#      operand, > 320 optimizer chunks)
-#   3. the CUDA tests on small shapes under compute-sanitizer memcheck, then initcheck
-#      (limits 55 s and 35 s; gpu_only and the large pool sweeps deselected; the GEMM sweep's
-#      misaligned and edge-tile cases kept: memcheck exists for them; one chunk of the
-#      randomized conv2d sweep under 'gemm' kept in memcheck)
-#   3c. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions:
-#      half inputs under every algorithm, the split deterministic weight gradient, long
-#      reductions, two column tiles) under compute-sanitizer racecheck, then synccheck
-#      (limits 20 s and 15 s: a -k selection of a few dozen small launches)
-#   4. fastdl-bench --device cuda --quick                                  (limit 40 s)
-# Limits: 435 s, plus 15 s of kill grace each at worst (540 s), which leaves >= 60 s of the
-# device tool's 600 s per command for nvidia-smi, imports and the summary. None of the stage
-# limits has been measured on a GPU yet; a stage that runs out still reports (below). `timeout -s INT`
-# lets pytest print its -rfE list and write its junit XML when a stage runs out of time
-# (SIGTERM would kill it first); --quick makes the benchmark write its JSON within its limit.
-# Writes everything under ${OUT:-/tmp/fastdl-gpu}: logs, bench JSON, junit XML, and summary.txt
-# with every failure of every stage (printed last).
+# One prepared command for a machine with an NVIDIA GPU and no network (python3 with torch for
+# CUDA, nvcc with compute-sanitizer, pybind11, scikit-build-core, cmake and ninja installed).
+# Stages in order of what the issues need most, each under its own limit and all under one
+# deadline (DEADLINE seconds from the start, default 520): a stage gets the smaller of its limit
+# and the time left less a reserve, and a stage with too little time left is skipped and says so.
+#   1. build fastdl for the local GPU only                                  (limit 150 s)
+#   2. fastdl-bench --device cuda --suite conv, then --suite rnn: the issues' shapes, full size,
+#      against cuDNN without TF32 on either side                           (limits 100 s, 110 s)
+#   3. every CUDA test on the GPU (-m cuda: the tests' cuda cases, the gpu_only ones included:
+#      a > 2^31-element GEMM operand, > 320 optimizer chunks); the CPU cases run in CI (limit 150 s)
+#   4. benchmarks/gpu_profile.py: where each conv and rnn case spends its device time  (60 s)
+#   5. the CUDA tests on small shapes under compute-sanitizer memcheck (gpu_only and the large
+#      pool sweeps deselected; one chunk of the randomized conv2d sweep under 'gemm' kept)  (55 s)
+#   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) under
+#      racecheck                                                                       (20 s)
+#   7. fastdl-bench --device cuda --quick for the other suites (gemm, optim, pool)     (45 s)
+#   8. initcheck over the stage-5 selection less the conv2d sweep, then synccheck over stage 6's
+#                                                                                 (35 s, 15 s)
+# `timeout -s INT` lets pytest print its -rfE list and write its junit XML when a stage runs out
+# (SIGTERM would kill it first); each timeout kills 15 s after its interrupt at worst, inside the
+# reserve. With the default deadline the script ends by 520 + 15 s, inside the device tool's
+# 600 s per command. Python there is `python3` (a plain `python` may not exist).
+# A Python package missing there can travel as wheels in .whl/ (the device tool's README): they
+# are installed first, into /tmp/site, when that folder exists.
+# Writes under ${OUT:-/tmp/fastdl-gpu} at most 4 files (the device tool returns 8): summary.txt
+# (every stage's result and every failure, printed last), bench_table.txt, profile.txt and
+# logs.tar.gz (every log, the bench JSON and the junit XML).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
+DEADLINE=${DEADLINE:-520}
+RESERVE=20
 OUT=${OUT:-/tmp/fastdl-gpu}
 mkdir -p "$OUT"
+W=$(mktemp -d /tmp/fastdl-gpu-work.XXXXXX)
 summary="$OUT/summary.txt"
 : >"$summary"
 note() { echo "$*" | tee -a "$summary"; }
+pack() {
+  tar czf "$OUT/logs.tar.gz" -C "$W" . 2>/dev/null
+  echo "== summary (every failure; also in $summary) =="
+  cat "$summary"
+}
+trap pack EXIT
+elapsed() { echo $(( $(date +%s) - start )); }
+# lim N: the seconds a stage of limit N may take now (0: skip it).
+lim() {
+  local left=$(( DEADLINE - $(elapsed) - RESERVE ))
+  (( left < 15 )) && { echo 0; return; }
+  echo $(( left < $1 ? left : $1 ))
+}
+# skipped NAME SECONDS: true (and noted) when the deadline leaves no time for the stage.
+skipped() {
+  if [[ $2 == 0 ]]; then note "$1: SKIPPED, deadline reached at $(elapsed) s"; return 0; fi
+  echo "== $1 (limit $2 s, at $(elapsed) s) =="
+  return 1
+}
 
-nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm,driver_version --format=csv \
-  | tee "$OUT/gpu.txt"
+if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.sm,clocks.max.sm,driver_version \
+  --format=csv | tee "$W/gpu.txt"
+python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" | tee -a "$W/gpu.txt"
+nvcc --version | tail -1 | tee -a "$W/gpu.txt"
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')
 
-echo "== 1. build for sm_${cap} =="
+t=$(lim 150)
+skipped "1. build for sm_${cap}" "$t" && exit 1
 export CMAKE_ARGS="-DFASTDL_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=${cap}"
-if ! timeout -s INT -k 15 140 python -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  note "BUILD FAILED (see build.log)"
-  cat "$summary"
+if ! timeout -s INT -k 15 "$t" python3 -m pip install --no-build-isolation --no-deps -q . \
+    >"$W/build.log" 2>&1; then
+  tail -40 "$W/build.log"
+  note "build: FAILED after $(elapsed) s (build.log in logs.tar.gz)"
   exit 1
 fi
-python -c "import fastdl; print(fastdl.build_info()); print('unavailable:', fastdl.cuda.unavailable_reason())" \
-  | tee "$OUT/build_info.txt"
+note "build: ok at $(elapsed) s"
 # Tests run from the tree and import the installed package (the tree keeps it under python/).
+(cd /tmp && python3 -c "import fastdl; print(fastdl.build_info()); \
+print('unavailable:', fastdl.cuda.unavailable_reason())") | tee "$W/build_info.txt"
+
+# bench_stage NAME LIMIT [fastdl-bench args...]: one fastdl-bench run, its JSON kept.
+bench_stage() {
+  local name=$1 limit=$2
+  shift 2
+  t=$(lim "$limit")
+  skipped "$name" "$t" && return
+  timeout -s INT -k 15 "$t" python3 -m fastdl.bench --device cuda --no-progress \
+    --json "$W/$name.json" "$@" >"$W/$name.log" 2>&1
+  local rc=$?
+  tail -3 "$W/$name.log"
+  [[ $rc == 124 || $rc == 137 ]] && note "$name: TIMED OUT after $t s"
+  note "$name: rc=$rc at $(elapsed) s"
+}
+
+bench_stage bench_conv 100 --suite conv
+bench_stage bench_rnn 110 --suite rnn
 
 # pytest_stage NAME LIMIT [pytest args...]: runs pytest, records its failures in the summary.
 pytest_stage() {
   local name=$1 limit=$2
   shift 2
-  timeout -s INT -k 15 "$limit" python -m pytest -q -p no:cacheprovider -rfE --junitxml="$OUT/$name.xml" "$@" \
-    >"$OUT/$name.log" 2>&1
+  t=$(lim "$limit")
+  skipped "$name" "$t" && return
+  timeout -s INT -k 15 "$t" python3 -m pytest -q -p no:cacheprovider -rfE \
+    --junitxml="$W/$name.xml" "$@" >"$W/$name.log" 2>&1
   local rc=$?
-  tail -5 "$OUT/$name.log"
-  if [[ $rc == 124 || $rc == 137 ]]; then note "$name: TIMED OUT after ${limit} s"; fi
-  note "$name: rc=$rc $(grep -E '^[0-9]+ (passed|failed)|[0-9]+ (passed|failed).* in ' "$OUT/$name.log" | tail -1)"
-  grep -E '^(FAILED|ERROR) ' "$OUT/$name.log" | sed "s/^/  $name: /" >>"$summary"
+  tail -3 "$W/$name.log"
+  [[ $rc == 124 || $rc == 137 ]] && note "$name: TIMED OUT after $t s"
+  note "$name: rc=$rc at $(elapsed) s: $(grep -E '[0-9]+ (passed|failed)' "$W/$name.log" | tail -1)"
+  grep -E '^(FAILED|ERROR) ' "$W/$name.log" | sed "s/^/  $name: /" >>"$summary"
 }
+pytest_stage tests_cuda 150 -m cuda tests
 
-echo "== 2. whole test suite on the GPU =="
-pytest_stage tests 130 tests
+t=$(lim 60)
+if ! skipped profile "$t"; then
+  timeout -s INT -k 15 "$t" python3 benchmarks/gpu_profile.py >"$OUT/profile.txt" 2>&1
+  note "profile: rc=$? at $(elapsed) s"
+fi
 
 # test_max_unpool2d_invalid_index[cuda] trips a device assert on purpose (in a child process):
 # deselected here, and --target-processes application-only keeps the sanitizer out of children.
@@ -76,38 +135,32 @@ small_memcheck=(-m "cuda and not gpu_only"
 conv_shared=(-m "cuda and not gpu_only"
              -k "conv and cuda and (half or deterministic or long_reductions or two_column_tiles)"
              tests/test_conv.py)
-echo "== 3a. CUDA tests under compute-sanitizer memcheck =="
-# Sanitizer findings in this process's kernels (torch's included) make the run fail;
-# --error-exitcode marks them, and each report is kept in the log.
-# pytest_stage_sanitized TOOL LIMIT [pytest args...]
+# pytest_stage_sanitized TOOL LIMIT [pytest args...]: findings in this process's kernels (torch's
+# included) fail the run (--error-exitcode); each report is kept in the log.
 pytest_stage_sanitized() {
   local tool=$1 limit=$2
   shift 2
-  timeout -s INT -k 15 "$limit" compute-sanitizer --tool "$tool" --target-processes application-only \
+  t=$(lim "$limit")
+  skipped "$tool" "$t" && return
+  timeout -s INT -k 15 "$t" compute-sanitizer --tool "$tool" --target-processes application-only \
     --error-exitcode 99 --print-limit 20 \
-    python -m pytest -q -p no:cacheprovider -rfE "$@" >"$OUT/$tool.log" 2>&1
+    python3 -m pytest -q -p no:cacheprovider -rfE "$@" >"$W/$tool.log" 2>&1
   local rc=$?
-  tail -5 "$OUT/$tool.log"
-  if [[ $rc == 124 || $rc == 137 ]]; then note "$tool: TIMED OUT after ${limit} s"; fi
-  note "$tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1)"
-  grep -E '^(FAILED|ERROR) |^========= (Invalid|Uninitialized|Program hit|Error|Barrier|Race|Warning: Race)' "$OUT/$tool.log" \
+  tail -3 "$W/$tool.log"
+  [[ $rc == 124 || $rc == 137 ]] && note "$tool: TIMED OUT after $t s"
+  note "$tool: rc=$rc at $(elapsed) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/$tool.log" | tail -1)"
+  grep -E '^(FAILED|ERROR) |^========= (Invalid|Uninitialized|Program hit|Error|Barrier|Race|Warning: Race)' "$W/$tool.log" \
     | sort | uniq -c | head -40 | sed "s/^/  $tool: /" >>"$summary"
 }
 pytest_stage_sanitized memcheck 55 "${small_memcheck[@]}"
-echo "== 3b. CUDA tests under compute-sanitizer initcheck =="
-pytest_stage_sanitized initcheck 35 "${small[@]}"
-echo "== 3c. conv tests under compute-sanitizer racecheck, then synccheck =="
 pytest_stage_sanitized racecheck 20 "${conv_shared[@]}"
+bench_stage bench_other 45 --quick --suite gemm,optim,pool
+pytest_stage_sanitized initcheck 35 "${small[@]}"
 pytest_stage_sanitized synccheck 15 "${conv_shared[@]}"
 
-echo "== 4. fastdl-bench --device cuda =="
-timeout -s INT -k 15 40 fastdl-bench --device cuda --quick --no-progress --json "$OUT/bench_cuda.json" >"$OUT/bench.log" 2>&1
-bench_rc=$?
-tail -20 "$OUT/bench.log"
-note "bench: rc=$bench_rc"
-
 echo "== benchmark table =="
-python - "$OUT/bench_cuda.json" <<'PY' | tee "$OUT/bench_table.txt"
+for j in "$W"/bench_*.json; do
+python3 - "$j" <<'PY'
 import json, sys
 try:
     d = json.load(open(sys.argv[1]))
@@ -125,6 +178,5 @@ for r in d["rows"]:
     sp = " ".join(f"{k.replace('torch ', '')}={v:.2f}x" for k, v in r["speedup"].items())
     print(f"{r['suite']:<6} {r['case']:<36} {r['fastdl_ms']:>9.3f} ms  {sp:<48} {frac}")
 PY
-
-echo "== summary (every failure; also in $summary) =="
-cat "$summary"
+done | tee "$OUT/bench_table.txt"
+note "done at $(elapsed) s"

@@ -130,6 +130,20 @@ def _fresh_seed(request):
     return seed
 
 
+@pytest.fixture(autouse=True)
+def _exact_cudnn():
+    """On a GPU torch's reference is often cuDNN (convolution, RNN/LSTM/GRU), whose default
+    (allow_tf32) rounds float32 inputs to TF32's 10-bit mantissa: ~1e-3 relative error against
+    the table's 1e-5. fastdl's kernels are exact float32, so the reference must be too, in every
+    test. Through cudnn.flags(): torch's test internals (imported by test_conv_db.py) forbid
+    setting the flags directly (disable_global_flags). torch.backends.cuda.matmul.allow_tf32 is
+    off by default; the tests that turn it on restore it."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                     deterministic=cudnn.deterministic, allow_tf32=False):
+        yield
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA device")
     config.addinivalue_line("markers", "slow: longer randomized sweeps")

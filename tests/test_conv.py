@@ -23,18 +23,6 @@ ALGOS = ["auto", "gemm", "direct", "winograd", "phase", "implicit", "nhwc", "ref
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True)
-def _exact_cudnn():
-    """On a GPU torch's reference is cuDNN, whose default (allow_tf32) rounds float32 inputs to
-    TF32's 10-bit mantissa: ~1e-3 relative error against the table's 1e-5. fastdl's kernels are
-    exact float32, so the reference must be too. Through cudnn.flags(): torch's test internals
-    (imported by test_conv_db.py) forbid setting the flags directly (disable_global_flags)."""
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                     deterministic=cudnn.deterministic, allow_tf32=False):
-        yield
-
-
 # On CUDA "reference" runs the direct kernels; "winograd", "phase", "implicit" and "nhwc" leave the
 # choice to auto.
 CUDA_ALGOS = ("auto", "gemm", "direct")

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh, read without a GPU: it must parse, fit the device tool's 600 s per
 command with slack, stop stages so that they still report (SIGINT, not SIGTERM), and keep the
 sanitizer stages away from the test that trips a device assert on purpose."""
+import os
 import pathlib
 import re
 import subprocess
@@ -16,29 +17,58 @@ def test_script_parses():
 
 
 def stage_limits():
-    """The seconds of every stage: literal `timeout ... N` calls and the stage helpers' arguments."""
-    limits = [int(n) for n in re.findall(r"\btimeout [^\n]*?(\d+) (?:python|fastdl)", TEXT)]
-    limits += [int(n) for n in re.findall(r"^pytest_stage(?:_sanitized)? \S+ (\d+)", TEXT, re.M)]
+    """Every stage's limit: the numbers passed to lim, bench_stage and the pytest stage helpers."""
+    limits = [int(n) for n in re.findall(r"\$\(lim (\d+)\)", TEXT)]
+    limits += [int(n) for n in re.findall(r"^(?:pytest_stage(?:_sanitized)?|bench_stage) \S+ (\d+)",
+                                          TEXT, re.M)]
     return limits
 
 
-def test_stage_limits_leave_slack():
-    limits = stage_limits()
-    # build, suite, memcheck, initcheck, racecheck, synccheck, bench
-    assert len(limits) == 7, limits
-    assert sum(limits) + KILL_GRACE * len(limits) <= 540, limits
+def test_deadline_fits_the_device_tools_600_s():
+    """Stages take the smaller of their limit and the time left before DEADLINE (less a reserve
+    that covers a timeout's kill grace), so the script ends by DEADLINE + KILL_GRACE."""
+    (deadline,) = re.findall(r"DEADLINE=\$\{DEADLINE:-(\d+)\}", TEXT)
+    (reserve,) = re.findall(r"^RESERVE=(\d+)$", TEXT, re.M)
+    assert int(deadline) + KILL_GRACE <= 560 and int(reserve) >= KILL_GRACE
+    # build, conv, rnn, CUDA tests, profile, memcheck, racecheck, other suites, initcheck, synccheck
+    assert len(stage_limits()) == 10, stage_limits()
 
 
-def test_every_timeout_interrupts_then_kills():
+def test_every_timeout_interrupts_then_kills_within_the_stage_limit():
     calls = re.findall(r"\btimeout [^\n]*", TEXT)
-    assert calls
+    assert len(calls) == 5   # build, profile, and the bench, pytest and sanitizer helpers
     for call in calls:
-        assert call.startswith(f"timeout -s INT -k {KILL_GRACE} "), call
+        assert call.startswith(f'timeout -s INT -k {KILL_GRACE} "$t" '), call
+    # every $t the timeouts read comes from lim
+    lims = set(re.findall(r"\bt=(\S+(?: \S+)?)$", TEXT, re.M))
+    assert lims <= {"$(lim 150)", "$(lim 60)", "$(lim \"$limit\")"}, lims
 
 
-def test_bench_is_quick():
-    (bench,) = re.findall(r"timeout [^\n]*fastdl-bench [^\n]*", TEXT)
-    assert "--quick" in bench
+def test_issue_benchmarks_run_full_size_first():
+    benches = re.findall(r"^bench_stage (\S+) \d+ (.*)$", TEXT, re.M)
+    assert benches[:2] == [("bench_conv", "--suite conv"), ("bench_rnn", "--suite rnn")]
+    assert all("--quick" in args for _, args in benches[2:])
+    order = [m.start() for m in re.finditer(r"^(bench_stage|pytest_stage)", TEXT, re.M)]
+    assert order == sorted(order)
+
+
+def test_skips_every_stage_past_the_deadline(tmp_path):
+    """DEADLINE=0: the build is skipped, the script exits non-zero, and the summary and logs
+    still come back (the EXIT trap)."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "nvidia-smi").write_text("#!/bin/sh\necho 9.0\n")
+    (stub / "nvidia-smi").chmod(0o755)
+    (stub / "nvcc").write_text("#!/bin/sh\necho nvcc stub\n")
+    (stub / "nvcc").chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(out),
+               DEADLINE="0")
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "SKIPPED, deadline reached" in summary and (out / "logs.tar.gz").exists()
+    assert not (out / "bench_table.txt").exists()
 
 
 def test_sanitizers_skip_the_device_assert_test():

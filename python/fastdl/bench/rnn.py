@@ -11,6 +11,9 @@ both sides alike):
 Work on paper per layer and direction: forward 2 * N * G*H * (I + H) flops (input projection and
 recurrent product; N = steps * batch rows, G gates), backward twice that (dx and dW_ih, dh and
 dW_hh); the gate arithmetic is not counted. Reported against the machine's measured FMA peak.
+On CUDA every timed call on either side runs with cuDNN's TF32 off (fastdl.bench.conv._exact):
+torch's default lets cuDNN's float32 RNN round its GEMM inputs to TF32, and fastdl's recurrent
+kernels are exact float32, so that is the precision-matched comparison.
 """
 from __future__ import annotations
 
@@ -35,8 +38,11 @@ def cases(device="cpu", quick=False):
     import torch
 
     import fastdl
+    from .conv import _exact
     from .harness import Case
 
+    # precision-matched on CUDA: both sides exact float32, the global setting untouched
+    wrap = _exact if device == "cuda" else (lambda fn: fn)
     gen = torch.Generator().manual_seed(0)
     out = []
     seqs = _SEQ[:3] + _SEQ[4:5] if quick else _SEQ
@@ -63,10 +69,11 @@ def cases(device="cpu", quick=False):
                 torch.autograd.backward([y], [gy])
             return run
 
-        out.append(Case("rnn", f"{label} fwd", fwd(ours), {f"torch.nn.{kind}": fwd(theirs)},
-                        flops=flops, device=device))
-        out.append(Case("rnn", f"{label} fwd+bwd", fwd_bwd(ours),
-                        {f"torch.nn.{kind}": fwd_bwd(theirs)}, flops=3 * flops, device=device))
+        out.append(Case("rnn", f"{label} fwd", wrap(fwd(ours)),
+                        {f"torch.nn.{kind}": wrap(fwd(theirs))}, flops=flops, device=device))
+        out.append(Case("rnn", f"{label} fwd+bwd", wrap(fwd_bwd(ours)),
+                        {f"torch.nn.{kind}": wrap(fwd_bwd(theirs))}, flops=3 * flops,
+                        device=device))
     for kind, I, H, B, T in _CELLS[:1] if quick else _CELLS:
         ours = getattr(fastdl.nn, kind)(I, H).to(device)
         theirs = getattr(torch.nn, kind)(I, H).to(device)
@@ -88,9 +95,10 @@ def cases(device="cpu", quick=False):
             return run
 
         flops = _flops(kind, I, H, B, T)
-        out.append(Case("rnn", f"{kind} ({I},{H},{B}) x{T} fwd", loop(ours, False),
-                        {f"torch.nn.{kind}": loop(theirs, False)}, flops=flops, device=device))
-        out.append(Case("rnn", f"{kind} ({I},{H},{B}) x{T} fwd+bwd", loop(ours, True),
-                        {f"torch.nn.{kind}": loop(theirs, True)}, flops=3 * flops,
+        out.append(Case("rnn", f"{kind} ({I},{H},{B}) x{T} fwd", wrap(loop(ours, False)),
+                        {f"torch.nn.{kind}": wrap(loop(theirs, False))}, flops=flops,
+                        device=device))
+        out.append(Case("rnn", f"{kind} ({I},{H},{B}) x{T} fwd+bwd", wrap(loop(ours, True)),
+                        {f"torch.nn.{kind}": wrap(loop(theirs, True))}, flops=3 * flops,
                         device=device))
     return out
