@@ -120,7 +120,7 @@ def _cuda_rates(footprint: int, reps: int) -> dict:
     src, dst = a[:n], torch.empty(n, device="cuda")
     total = torch.empty((), device="cuda")
     work = {"copy": (lambda: dst.copy_(src), 8 * n),
-            "read": (lambda: torch.sum(a, out=total), 8 * n)}
+            "read": (lambda: torch.sum(a, dim=0, out=total), 8 * n)}
     rates = {}
     for name, (op, nbytes) in work.items():
         inner = max(1, (1 << 30) // nbytes)
