@@ -3,9 +3,10 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 // Functions shared by host and device code (csrc/*_math.h). On the host they are `static`: each
 // file, and so each CPU kernel build (portable, AVX2, AVX-512), keeps its own copy, which the
@@ -52,19 +53,34 @@ struct CudaLaunch {
 };
 
 namespace detail {
-inline void stream_all(std::ostringstream&) {}
-template <class T, class... R>
-void stream_all(std::ostringstream& os, const T& v, const R&... rest) {
-  os << v;
-  stream_all(os, rest...);
+// Error messages are built by appending to a std::string, never through iostreams: on the H200
+// machine's image (2026-12-04) a CUDA build's `std::ostringstream << long` crashed the process
+// (SIGSEGV inside the locale's number formatting) on the first failed check, so every bad-input
+// error there ended the interpreter. std::to_string and snprintf need no locale.
+inline void append_one(std::string& s, const char* v) { s += v ? v : "(null)"; }
+inline void append_one(std::string& s, const std::string& v) { s += v; }
+inline void append_one(std::string& s, char v) { s += v; }
+template <class T>
+std::enable_if_t<std::is_integral_v<T>> append_one(std::string& s, T v) {
+  s += std::to_string(v);  // bool as 1 / 0, as an ostream printed it
+}
+template <class T>
+std::enable_if_t<std::is_floating_point_v<T>> append_one(std::string& s, T v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));  // an ostream's default format
+  s += buf;
+}
+template <class... A>
+void append_all(std::string& s, const A&... v) {
+  (append_one(s, v), ...);
 }
 template <class... A>
 [[noreturn]] void throw_invalid(const char* file, int line, const char* cond, const A&... msg) {
-  std::ostringstream os;
-  stream_all(os, msg...);
-  if (sizeof...(msg) == 0) os << "check failed: " << cond;
-  os << " [" << file << ":" << line << "]";
-  throw std::invalid_argument(os.str());
+  std::string s;
+  append_all(s, msg...);
+  if (sizeof...(msg) == 0) s += std::string("check failed: ") + cond;
+  append_all(s, " [", file, ":", line, "]");
+  throw std::invalid_argument(s);
 }
 }  // namespace detail
 

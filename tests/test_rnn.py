@@ -6,6 +6,7 @@ under the same seed and with the right statistics), float64 gradcheck, poisoned 
 use, both CPU kernel builds, state_dict round trips, bad input (torch's exception class), and
 float16/bfloat16 on CUDA (float32 arithmetic) against torch in float32 on the upcast values."""
 import contextlib
+import copy
 import os
 import random
 
@@ -17,7 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 import fastdl
 from fastdl import ops
 from fastdl.ops import rnn as ops_rnn
-from helpers import assert_close, rand
+from helpers import assert_close, assert_close_or_better, rand
 
 
 @contextlib.contextmanager
@@ -88,32 +89,64 @@ def flat(out):
     return [y] + (list(h) if isinstance(h, tuple) else [h])
 
 
+def float64_cpu(xs):
+    """x, hx or a PackedSequence as float64 leaves on the CPU (same requires_grad)."""
+    if xs is None:
+        return None
+    if isinstance(xs, tuple):
+        return tuple(float64_cpu(x) for x in xs)
+    if isinstance(xs, PackedSequence):
+        return xs.to(torch.float64).cpu()
+    return xs.detach().cpu().double().requires_grad_(xs.requires_grad)
+
+
 def check_module(ours, theirs, x, hx=None, *, reduction, what):
     """Same forward on both modules; compares every output and, under one random upstream
-    gradient per output, the gradients of x, hx and every parameter."""
+    gradient per output, the gradients of x, hx and every parameter.
+    On a GPU in float32, torch's reference is cuDNN, whose tanh and sigmoid are further from exact
+    than the table's 1e-5 on some elements (RNN tanh on an H200: 4.2e-6 from fastdl where 3.5e-6
+    was allowed); there each element must match torch or be as close to a float64 run of torch on
+    the CPU as 4x torch's own error (assert_close_or_better)."""
     xa, xb = clone_all(x), clone_all(x)
     ha, hb = clone_all(hx), clone_all(hx)
     fa = flat(ours(xa, ha) if hx is not None else ours(xa))
     fb = flat(theirs(xb, hb) if hx is not None else theirs(xb))
     dtype = fb[0].dtype
+    exact = fc = None
+    if fb[0].is_cuda and dtype == torch.float32:
+        exact = copy.deepcopy(theirs).double().cpu()
+        xc, hc = float64_cpu(x), float64_cpu(hx)
+        fc = flat(exact(xc, hc) if hx is not None else exact(xc))
+
+    def close(a, b, c, red, what):
+        if c is None:
+            assert_close(a, b, dtype=dtype, reduction=red, what=what)
+        else:
+            assert_close_or_better(a, b, c, reduction=red, scale_atol=False, what=what)
+
     for i, (a, b) in enumerate(zip(fa, fb)):
         assert a.shape == b.shape, f"{what}: output {i} shape {tuple(a.shape)} != {tuple(b.shape)}"
-        assert_close(a, b, dtype=dtype, reduction=reduction, what=f"{what}: output {i}")
+        close(a, b, None if fc is None else fc[i].detach(), reduction, f"{what}: output {i}")
     gs = [torch.randn_like(b) for b in fb]
     torch.autograd.backward(fa, gs)
     torch.autograd.backward(fb, gs)
-    pairs = [("input", xa, xb)]
+    if fc is not None:
+        torch.autograd.backward(fc, [g.cpu().double() for g in gs])
+    pairs = [("input", xa, xb, None if fc is None else xc)]
     if hx is not None:
-        for j, (a, b) in enumerate(zip(ha if isinstance(ha, tuple) else (ha,),
-                                       hb if isinstance(hb, tuple) else (hb,))):
-            pairs.append((f"hx[{j}]", a, b))
-    pairs += [(n, p, q) for (n, p), q in zip(ours.named_parameters(), theirs.parameters())]
-    for name, a, b in pairs:
+        def states(h):
+            return h if isinstance(h, tuple) else (h,)
+        for j, (a, b) in enumerate(zip(states(ha), states(hb))):
+            pairs.append((f"hx[{j}]", a, b, None if fc is None else states(hc)[j]))
+    refs = list(exact.parameters()) if fc is not None else [None] * len(list(theirs.parameters()))
+    pairs += [(n, p, q, r) for (n, p), q, r in zip(ours.named_parameters(), theirs.parameters(),
+                                                   refs)]
+    for name, a, b, c in pairs:
         if isinstance(a, torch.nn.utils.rnn.PackedSequence) or not b.requires_grad:
             continue
         assert a.grad is not None, f"{what}: no gradient for {name}"
-        assert_close(a.grad, b.grad, dtype=dtype, reduction=reduction * 4,
-                     what=f"{what}: grad of {name}")
+        close(a.grad, b.grad, None if c is None else c.grad, reduction * 4,
+              f"{what}: grad of {name}")
 
 
 def random_case(rng, small=False):
