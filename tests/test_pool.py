@@ -84,11 +84,18 @@ def run_max_case(device, dtype, shape, cfg, mode, seed):
     gy = torch.randn(yb.shape, generator=gen, dtype=dtype).to(device)
     ya.backward(gy)
     yb.backward(gy)
-    assert_close(xa.grad, xb.grad, reduction=4, what=f"grad: {case}")
+    expected = xb.grad
+    if xb.is_cuda:
+        # gy added at torch's own indices: on an H200 (torch 2.11) torch's CUDA backward strayed
+        # from its indices where dilated windows lie partly in the padding (W = 1, kernel 2,
+        # dilation 2, padding 1), while its CPU backward and fastdl's follow them.
+        flat = torch.zeros(x.shape[:-2] + (x.shape[-2] * x.shape[-1],), dtype=dtype, device=device)
+        expected = flat.scatter_add_(-1, ib.flatten(-2), gy.flatten(-2)).view(x.shape)
+    assert_close(xa.grad, expected, reduction=4, what=f"grad: {case}")
     # without return_indices the CPU saves int32 indices internally: same gradient
     xc = x.clone().requires_grad_()
     F.max_pool2d(xc, **cfg).backward(gy)
-    assert_close(xc.grad, xb.grad, reduction=4, what=f"grad (internal indices): {case}")
+    assert_close(xc.grad, expected, reduction=4, what=f"grad (internal indices): {case}")
 
 
 @pytest.mark.parametrize("chunk", range(4))
@@ -427,10 +434,23 @@ def test_ops_out_is_checked():
                               out=(good, torch.empty(2, 3, 4, 4, dtype=torch.int32)))
 
 
+def _on_cpu(torch_fn):
+    """torch_fn computed on the CPU, its result moved back to the input's device (differentiable).
+    On an H200 (torch 2.11) torch's CUDA avg_pool2d backward for this channels-last input gave
+    each row's gradient shifted by one column, which the pooling's own sums rule out (the odd
+    columns of a 3-wide, stride-2 window's gradient are the sums of their neighbours: fastdl's
+    were, torch's were not); its CPU backward agrees with fastdl to the last bit."""
+    def run(x, **kw):
+        y = torch_fn(x.cpu(), **kw)
+        return y.to(x.device)
+    return run
+
+
 def test_noncontiguous_and_empty_batch(where):
     x = rand(2, 11, 9, 3, device=where).permute(0, 3, 1, 2)  # channels-last strides
     check_op(F.max_pool2d, TF.max_pool2d, [x], kernel_size=3, stride=2, padding=1)
-    check_op(F.avg_pool2d, TF.avg_pool2d, [x], reduction=9, kernel_size=3, stride=2, padding=1)
+    check_op(F.avg_pool2d, _on_cpu(TF.avg_pool2d), [x], reduction=9, kernel_size=3, stride=2,
+             padding=1)
     check_op(F.adaptive_avg_pool2d, TF.adaptive_avg_pool2d, [x], reduction=9, output_size=1)
     e = rand(0, 3, 8, 8, device=where)
     assert F.max_pool2d(e, 2).shape == TF.max_pool2d(e, 2).shape
