@@ -3,11 +3,15 @@ torch.profiler, fastdl's side and torch's side, the kernels that took the most d
 
     python benchmarks/gpu_profile.py [--suite conv,rnn] [--top 8] [--iters 3] > profile.txt
 
-For each case and side: the device time per call summed over its kernels, the number of kernel
-launches per call, and the top kernels by device time (name, launches per call, microseconds per
-call). CUPTI sees every kernel of the process, fastdl's own launches as well as torch's, so the
-two sides are read the same way. The cases are the benchmark's (same shapes, same wrappers:
-cuDNN without TF32), built by fastdl.bench.<suite>.cases("cuda"). Run by benchmarks/gpu_check.sh;
+For each case and side: the wall time per call (host clock around synchronized calls, outside
+the profiler), the device time per call summed over its kernels, the number of kernel launches
+per call, the top kernels by device time (name, launches per call, microseconds per call) and
+the top host-side events by self CPU time (runtime API calls such as cudaLaunchKernel, torch ops):
+wall far above device time is host cost (the first H200 run: fastdl's LSTMCell step took 241 us
+of wall time for 17 us of kernels; torch's 87 for 9). CUPTI sees every kernel of the process,
+fastdl's own launches as well as torch's, so the two sides are read the same way. The cases are
+the benchmark's (same shapes, same wrappers: cuDNN without TF32), built by
+fastdl.bench.<suite>.cases("cuda"). Run by benchmarks/gpu_check.sh;
 the figures to quote are fastdl-bench's (events, medians), this only says where the time goes.
 """
 from __future__ import annotations
@@ -29,13 +33,27 @@ def _kernel_rows(prof, iters):
     return out, sum(r[2] for r in out), sum(r[1] for r in out)
 
 
-def _profile(fn, iters):
+def _host_rows(prof, iters, top):
+    """[(name, calls per call, self CPU us per call)] of the host-side events, largest first."""
+    rows = [(e.key, e.count / iters, e.self_cpu_time_total / iters) for e in prof.key_averages()
+            if e.self_cpu_time_total > 0]
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
+def _profile(fn, iters, top):
+    import time
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):   # warm-up: module load, handles, cuDNN's algorithm choice
         fn()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / iters * 1e6
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             fn()
@@ -43,7 +61,7 @@ def _profile(fn, iters):
     rows, total, launches = _kernel_rows(prof, iters)
     if not rows:   # no device records read: show torch's own table instead
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=12))
-    return rows, total, launches
+    return rows, total, launches, wall, _host_rows(prof, iters, top)
 
 
 def main(argv=None):
@@ -61,14 +79,17 @@ def main(argv=None):
             sides = [("fastdl", case.fastdl)] + list(case.baselines.items())
             for side, fn in sides:
                 try:
-                    rows, total, launches = _profile(fn, args.iters)
+                    rows, total, launches, wall, host = _profile(fn, args.iters, args.top)
                 except Exception as e:   # one broken case must not hide the rest
                     print(f"\n{suite} | {case.name} | {side}: FAILED {type(e).__name__}: {e}",
                           flush=True)
                     continue
-                print(f"\n{suite} | {case.name} | {side}: {total:.1f} us of device time per call, "
-                      f"{launches:.0f} launches", flush=True)
+                print(f"\n{suite} | {case.name} | {side}: {wall:.1f} us wall, {total:.1f} us of "
+                      f"device time per call, {launches:.0f} launches", flush=True)
                 for name, n, t in rows[:args.top]:
+                    print(f"   {t:10.1f} us  {n:6.1f}x  {name[:110]}")
+                print("   host, self CPU time:")
+                for name, n, t in host:
                     print(f"   {t:10.1f} us  {n:6.1f}x  {name[:110]}")
     return 0
 
