@@ -9,7 +9,8 @@
 // runs Direct, Winograd (CPU only) leaves the choice to Auto. Nothing uses atomics: every pass is
 // bitwise reproducible, so torch.use_deterministic_algorithms(True) needs no other path.
 // Tested by tests/test_conv.py (CUDA cases: on a GPU, or emulated in CI); timed by fastdl-bench
-// --suite conv --device cuda (benchmarks/gpu_check.sh). Not yet run on a GPU.
+// --suite conv --device cuda (benchmarks/gpu_check.sh). Tested and timed on an H200 (2026-12-04,
+// benchmarks/RESULTS.md): slower than cuDNN on every benchmark shape.
 #include "conv_cuda.cuh"
 
 namespace fastdl {

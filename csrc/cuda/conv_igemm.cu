@@ -15,9 +15,10 @@
 //                   writes float partials to the caller's workspace and a second kernel adds them
 //                   in split order. No atomics: bitwise identical run to run.
 // Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism);
-// timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off. Not yet run on a
-// GPU. ptxas (-Xptxas -v, nvcc 13): 80-98 registers on sm_90, 8.4 KB shared memory, no spills.
-// Performance choices are unmeasured so far; the one made on paper: a reduction index is decoded
+// timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off (an H200,
+// 2026-12-04: about half cuDNN's rate, benchmarks/RESULTS.md). ptxas (-Xptxas -v, nvcc 13): 80-98
+// registers on sm_90, 8.4 KB shared memory, no spills. No tile choice has been timed against
+// another yet; the one made on paper: a reduction index is decoded
 // once per 16-wide slice and shared by both operand loaders (before: two 64-bit divisions per
 // gathered element, more integer work than the tile's FMAs). The input gradient split by stride
 // phase does only the on-grid MACs (a quarter of them at stride 2 were before, review item 2).

@@ -13,7 +13,8 @@
 // 16-byte aligned and the leading dimension a multiple of 4, else scalar; out-of-range elements
 // load as zero, so any m, n, k works. beta == 0 never reads C; alpha == 0 or k == 0 only scales C.
 // Tested by tests/test_gemm.py and tests/test_linear.py (CUDA cases); timed by
-// benchmarks/bench_gemm.py --device cuda. Not yet measured on a GPU (no device in this session).
+// benchmarks/bench_gemm.py --device cuda. Its tests passed on an H200 (2026-12-04); its
+// speed there was measured only inside the RNN steps (benchmarks/RESULTS.md, that date's GPU run).
 // ptxas (sm_90): SIMT 128-tile 127-141 registers, 64-tile 63, TF32 186-188 (26.3 KB smem); no
 // spills.
 #include <mma.h>
