@@ -4,18 +4,26 @@
 # Stages in order of what the issues need most, each under its own limit and all under one
 # deadline (DEADLINE seconds from the start, default 520): a stage gets the smaller of its limit
 # and the time left less a reserve, and a stage with too little time left is skipped and says so.
+# The limits add up to more than the deadline: the last stages run only when the earlier ones end
+# early (on the first H200 run the build took 30-50 s, each full benchmark suite 13-23 s, the
+# CUDA tests 31-48 s under xdist).
 #   1. build fastdl for the local GPU only                                  (limit 150 s)
 #   2. fastdl-bench --device cuda --suite conv, then --suite rnn: the issues' shapes, full size,
-#      against cuDNN without TF32 on either side                           (limits 100 s, 110 s)
+#      against cuDNN without TF32 on either side (an interrupted suite keeps its measured rows)
+#                                                                          (limits 100 s, 110 s)
 #   3. every CUDA test on the GPU (-m cuda: the tests' cuda cases, the gpu_only ones included:
-#      a > 2^31-element GEMM operand, > 320 optimizer chunks); the CPU cases run in CI (limit 150 s)
-#   4. benchmarks/gpu_profile.py: where each conv and rnn case spends its device time  (60 s)
+#      a > 2^31-element GEMM operand, > 320 optimizer chunks)                     (limit 150 s)
+#   4. benchmarks/gpu_profile.py: where each conv and rnn case spends its device and host time
+#                                                                                  (60 s)
 #   5. the CUDA tests on small shapes under compute-sanitizer memcheck (gpu_only and the large
 #      pool sweeps deselected; one chunk of the randomized conv2d sweep under 'gemm' kept)  (90 s)
 #   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) under
 #      racecheck (22 tests took 20 s and more on an H200)                              (30 s)
-#   7. fastdl-bench --device cuda --quick for the other suites (gemm, optim, pool)     (45 s)
-#   8. initcheck over the stage-5 selection less the conv2d sweep, then synccheck over stage 6's
+#   7. the CPU tests (-m "not cuda and not slow") against this build: CI runs them against CPU and
+#      emulated builds only, and the first H200 run's crash was in host code of the CUDA build
+#                                                                                  (120 s)
+#   8. fastdl-bench --device cuda --quick for the other suites (gemm, optim, pool)     (45 s)
+#   9. initcheck over the stage-5 selection less the conv2d sweep, then synccheck over stage 6's
 #      (synccheck: 22 tests in 9 s, then the sanitizer's exit past 15 s on an H200) (35 s, 25 s)
 # `timeout -s INT` lets pytest print its -rfE list and write its junit XML when a stage runs out
 # (SIGTERM would kill it first); each timeout kills 15 s after its interrupt at worst, inside the
@@ -24,12 +32,14 @@
 # A Python package missing there can travel as wheels in .whl/ (the device tool's README): they
 # are installed first, into /tmp/site, when that folder exists.
 # STAGES=a,b (default: all) runs only the named stages after the build: bench_conv, bench_rnn,
-# tests_cuda, profile, memcheck, racecheck, bench_other, initcheck, synccheck. The CUDA tests run
-# in 8 processes when pytest-xdist is installed (a test that crashes its process is then reported
-# as failed, not the end of the stage).
+# tests_cuda, profile, memcheck, racecheck, tests_cpu, bench_other, initcheck, synccheck. The
+# tests run in 8 processes when pytest-xdist is installed (a test that crashes its process is
+# then reported as failed, not the end of the stage).
 # Writes under ${OUT:-/tmp/fastdl-gpu} at most 4 files (the device tool returns 8): summary.txt
 # (every stage's result and every failure, printed last), bench_table.txt, profile.txt and
-# logs.tar.gz (every log, the bench JSON and the junit XML).
+# logs.tar.gz (every log, the bench JSON and the junit XML; repacked after every stage, so a
+# hard kill loses at most the stage in flight). Exit status: 0 when every stage that ran passed,
+# 1 otherwise (a failed test, a sanitizer finding, a timeout, a failed build).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -41,10 +51,20 @@ W=$(mktemp -d /tmp/fastdl-gpu-work.XXXXXX)
 summary="$OUT/summary.txt"
 : >"$summary"
 note() { echo "$*" | tee -a "$summary"; }
+fail=0
+# result NAME RC LIMIT: notes a timeout, marks a failure, repacks the logs.
+result() {
+  [[ $2 == 124 || $2 == 137 ]] && note "$1: TIMED OUT after $3 s"
+  [[ $2 != 0 ]] && fail=1
+  tar czf "$OUT/logs.tar.gz" -C "$W" . 2>/dev/null
+}
 pack() {
+  local rc=$?
   tar czf "$OUT/logs.tar.gz" -C "$W" . 2>/dev/null
   echo "== summary (every failure; also in $summary) =="
   cat "$summary"
+  (( rc != 0 )) && fail=1
+  exit "$fail"
 }
 trap pack EXIT
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -55,6 +75,12 @@ lim() {
   echo $(( left < $1 ? left : $1 ))
 }
 STAGES=${STAGES:-all}
+known=",bench_conv,bench_rnn,tests_cuda,profile,memcheck,racecheck,tests_cpu,bench_other,initcheck,synccheck,"
+if [[ $STAGES != all ]]; then
+  for st in ${STAGES//,/ }; do
+    [[ $known == *,$st,* ]] || { echo "gpu_check.sh: unknown stage '$st' in STAGES=$STAGES" >&2; exit 2; }
+  done
+fi
 # skipped NAME SECONDS: true (and noted) when STAGES leaves the stage out or the deadline leaves
 # it no time.
 skipped() {
@@ -65,8 +91,12 @@ skipped() {
 }
 
 if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    note "wheels in .whl: install FAILED (tests that need them skip or fail)"
+  fi
 fi
 nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.sm,clocks.max.sm,driver_version \
   --format=csv | tee "$W/gpu.txt"
@@ -99,8 +129,8 @@ bench_stage() {
     --json "$W/$name.json" "$@" >"$W/$name.log" 2>&1
   local rc=$?
   tail -3 "$W/$name.log"
-  [[ $rc == 124 || $rc == 137 ]] && note "$name: TIMED OUT after $t s"
   note "$name: rc=$rc at $(elapsed) s"
+  result "$name" "$rc" "$t"
 }
 
 bench_stage bench_conv 100 --suite conv
@@ -116,18 +146,20 @@ pytest_stage() {
     --junitxml="$W/$name.xml" "$@" >"$W/$name.log" 2>&1
   local rc=$?
   tail -3 "$W/$name.log"
-  [[ $rc == 124 || $rc == 137 ]] && note "$name: TIMED OUT after $t s"
   note "$name: rc=$rc at $(elapsed) s: $(grep -E '[0-9]+ (passed|failed)' "$W/$name.log" | tail -1)"
   grep -E '^(FAILED|ERROR) ' "$W/$name.log" | sed "s/^/  $name: /" >>"$summary"
+  result "$name" "$rc" "$t"
 }
-xdist=()
+xdist=()   # expanded as ${xdist[@]+...}: an empty array under set -u on bash < 4.4 too
 python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
-pytest_stage tests_cuda 150 "${xdist[@]}" -m cuda tests
+pytest_stage tests_cuda 150 ${xdist[@]+"${xdist[@]}"} -m cuda tests
 
 t=$(lim 60)
 if ! skipped profile "$t"; then
   timeout -s INT -k 15 "$t" python3 benchmarks/gpu_profile.py >"$OUT/profile.txt" 2>&1
-  note "profile: rc=$? at $(elapsed) s"
+  rc=$?
+  note "profile: rc=$rc at $(elapsed) s"
+  result profile "$rc" "$t"
 fi
 
 # test_max_unpool2d_invalid_index[cuda] trips a device assert on purpose (in a child process):
@@ -159,13 +191,14 @@ pytest_stage_sanitized() {
     python3 -m pytest -q -p no:cacheprovider -rfE "$@" >"$W/$tool.log" 2>&1
   local rc=$?
   tail -3 "$W/$tool.log"
-  [[ $rc == 124 || $rc == 137 ]] && note "$tool: TIMED OUT after $t s"
   note "$tool: rc=$rc at $(elapsed) s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$W/$tool.log" | tail -1)"
   grep -E '^(FAILED|ERROR) |^========= (Invalid|Uninitialized|Program hit|Error|Barrier|Race|Warning: Race)' "$W/$tool.log" \
     | sort | uniq -c | head -40 | sed "s/^/  $tool: /" >>"$summary"
+  result "$tool" "$rc" "$t"
 }
 pytest_stage_sanitized memcheck 90 "${small_memcheck[@]}"
 pytest_stage_sanitized racecheck 30 "${conv_shared[@]}"
+pytest_stage tests_cpu 120 ${xdist[@]+"${xdist[@]}"} -m "not cuda and not slow" tests
 bench_stage bench_other 45 --quick --suite gemm,optim,pool
 pytest_stage_sanitized initcheck 35 "${small[@]}"
 pytest_stage_sanitized synccheck 25 "${conv_shared[@]}"

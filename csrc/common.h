@@ -53,16 +53,27 @@ struct CudaLaunch {
 };
 
 namespace detail {
-// Error messages are built by appending to a std::string, never through iostreams: on the H200
-// machine's image (2026-12-04) a CUDA build's `std::ostringstream << long` crashed the process
-// (SIGSEGV inside the locale's number formatting) on the first failed check, so every bad-input
-// error there ended the interpreter. std::to_string and snprintf need no locale.
+// Error messages are built by appending to a std::string, never through iostreams. A workaround,
+// root cause unknown: on the H200 machine's image (2026-12-04) a CUDA build's
+// `std::ostringstream << long` crashed the process (SIGSEGV in the number formatting, inside
+// fastdl's module) on the first failed check, so every bad-input error there ended the
+// interpreter; torch's own messages in the same process did not crash. Integers go through
+// std::to_string and floating point through snprintf("%g") (the C locale's LC_NUMERIC, "C"
+// unless the program changed it; an ostream used the classic locale: the same digits).
 inline void append_one(std::string& s, const char* v) { s += v ? v : "(null)"; }
 inline void append_one(std::string& s, const std::string& v) { s += v; }
-inline void append_one(std::string& s, char v) { s += v; }
 template <class T>
-std::enable_if_t<std::is_integral_v<T>> append_one(std::string& s, T v) {
+std::enable_if_t<std::is_same_v<T, char>> append_one(std::string& s, T v) {
+  s += v;  // plain char only: signed/unsigned char are integers below (printed as numbers)
+}
+template <class T>
+std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, char>> append_one(std::string& s,
+                                                                                 T v) {
   s += std::to_string(v);  // bool as 1 / 0, as an ostream printed it
+}
+template <class T>
+std::enable_if_t<std::is_enum_v<T>> append_one(std::string& s, T v) {
+  s += std::to_string(static_cast<std::underlying_type_t<T>>(v));  // e.g. a cudaError_t's number
 }
 template <class T>
 std::enable_if_t<std::is_floating_point_v<T>> append_one(std::string& s, T v) {

@@ -443,3 +443,29 @@ def test_conv_passes_harness_parses_layers_and_times_every_variant(capsys):
     head = capsys.readouterr().out.splitlines()[0]
     assert head.startswith(f"fastdl threads {other}, torch threads {other},"), head
     assert (fastdl.get_num_threads(), torch.get_num_threads()) == threads
+
+
+def test_an_interrupted_run_keeps_the_cases_measured_so_far(tmp_path, monkeypatch, capsys):
+    """SIGINT (Ctrl-C, or benchmarks/gpu_check.sh's stage limit) during the cases: the table and
+    --json keep what was measured, the meta says interrupted, and the exit code is 130."""
+    from fastdl.bench import harness
+    monkeypatch.setattr(machine, "_CACHE_TIERS", [1 << 20])
+    monkeypatch.setattr(machine, "dram_footprint", lambda: 8 << 20)
+    machine.cpu_limits.cache_clear()
+    real = harness.run_cases
+
+    def two_then_interrupt(cases, **kw):
+        real(cases[:2], **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_cases", two_then_interrupt)
+    out = tmp_path / "r.json"
+    try:
+        rc = cli.main(["--suite", "optim", "--quick", "--budget", "0.001", "--min-reps", "2",
+                       "--no-progress", "--json", str(out)])
+    finally:
+        machine.cpu_limits.cache_clear()
+    assert rc == 130
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["interrupted"] is True and len(doc["rows"]) == 2
+    assert "interrupted; 2 measured case(s) kept" in capsys.readouterr().err

@@ -405,6 +405,7 @@ def test_model_on_another_device_is_left_alone_with_the_reason():
     assert "conv1" in str(report) and "meta" in str(report)
 
 
+@pytest.mark.cuda   # so benchmarks/gpu_check.sh's -m cuda stage runs it on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="no CUDA device visible to torch (torch.cuda.is_available() is False): "
                            "the converted model's CUDA parity needs a GPU")

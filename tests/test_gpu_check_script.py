@@ -30,8 +30,9 @@ def test_deadline_fits_the_device_tools_600_s():
     (deadline,) = re.findall(r"DEADLINE=\$\{DEADLINE:-(\d+)\}", TEXT)
     (reserve,) = re.findall(r"^RESERVE=(\d+)$", TEXT, re.M)
     assert int(deadline) + KILL_GRACE <= 560 and int(reserve) >= KILL_GRACE
-    # build, conv, rnn, CUDA tests, profile, memcheck, racecheck, other suites, initcheck, synccheck
-    assert len(stage_limits()) == 10, stage_limits()
+    # build, conv, rnn, CUDA tests, profile, memcheck, racecheck, CPU tests, other suites,
+    # initcheck, synccheck
+    assert len(stage_limits()) == 11, stage_limits()
 
 
 def test_every_timeout_interrupts_then_kills_within_the_stage_limit():
@@ -86,3 +87,50 @@ def test_conv_kernels_run_under_race_and_sync_checks():
     assert re.search(r'^pytest_stage_sanitized memcheck \d+ "\$\{small_memcheck\[@\]\}"$',
                      TEXT, re.M)
     assert "test_conv2d_sweep[default-gemm-cuda-0]" in TEXT
+
+
+def _stub(path, text):
+    path.write_text("#!/bin/bash\n" + text)
+    path.chmod(0o755)
+
+
+def _stubbed_run(tmp_path, env_extra, python3_body):
+    """The script with nvidia-smi, nvcc, compute-sanitizer and python3 replaced by stubs."""
+    stub = tmp_path / "bin"
+    stub.mkdir(parents=True)
+    _stub(stub / "nvidia-smi", "echo 9.0\n")
+    _stub(stub / "nvcc", "echo nvcc stub\n")
+    _stub(stub / "compute-sanitizer", "exit 0\n")
+    _stub(stub / "python3", python3_body)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(out),
+               **env_extra)
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    return r, out
+
+
+def test_a_stage_past_its_limit_is_interrupted_noted_and_fails_the_run(tmp_path):
+    """DEADLINE=37 leaves the benchmark stage 17 s; the stub benchmark sleeps through it: the
+    stage is interrupted, noted as timed out, the later stages are skipped, the logs come back
+    and the script exits 1."""
+    r, out = _stubbed_run(tmp_path, {"DEADLINE": "37", "STAGES": "bench_conv,tests_cuda"},
+                          'case "$*" in *fastdl.bench*) sleep 60;; *) exit 0;; esac\n')
+    assert r.returncode == 1, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "build: ok" in summary
+    assert "bench_conv: TIMED OUT after 17 s" in summary
+    assert "tests_cuda: SKIPPED, deadline reached" in summary
+    assert (out / "logs.tar.gz").exists()
+
+
+def test_unknown_stage_names_are_refused(tmp_path):
+    r, out = _stubbed_run(tmp_path, {"STAGES": "bench_conv,tests_cdua"}, "exit 0\n")
+    assert r.returncode != 0 and "unknown stage 'tests_cdua'" in r.stderr
+
+
+def test_a_clean_run_exits_0_and_a_failed_test_stage_exits_1(tmp_path):
+    body = 'case "$*" in *pytest*) exit {rc};; *) exit 0;; esac\n'
+    ok, _ = _stubbed_run(tmp_path / "a", {"STAGES": "tests_cuda"}, body.format(rc=0))
+    bad, out = _stubbed_run(tmp_path / "b", {"STAGES": "tests_cuda"}, body.format(rc=1))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert bad.returncode == 1 and "tests_cuda: rc=1" in (out / "summary.txt").read_text()

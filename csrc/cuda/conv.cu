@@ -10,7 +10,8 @@
 // bitwise reproducible, so torch.use_deterministic_algorithms(True) needs no other path.
 // Tested by tests/test_conv.py (CUDA cases: on a GPU, or emulated in CI); timed by fastdl-bench
 // --suite conv --device cuda (benchmarks/gpu_check.sh). Tested and timed on an H200 (2026-12-04,
-// benchmarks/RESULTS.md): slower than cuDNN on every benchmark shape.
+// benchmarks/RESULTS.md): slower than torch's kernels (cuDNN; torch's own for depthwise) on every
+// benchmark shape.
 #include "conv_cuda.cuh"
 
 namespace fastdl {

@@ -14,10 +14,11 @@
 // triggered" error surfaces at the next synchronisation and leaves the CUDA context unusable.
 // Checking on the host instead would cost a device-to-host sync on every call.
 // Tested by tests/test_pool.py (CUDA cases: on a GPU, or emulated in CI); timed by
-// benchmarks/bench_pool.py (--device cuda). Tested on an H200 (2026-12-04), not yet timed there;
-// built for sm_90 with nvcc 13 (ptxas,
-// -Xptxas -v: forward kernels 32-40 registers; avg backward 48 registers with a 24-byte spill from
-// its 64-bit index arithmetic; no other spills).
+// benchmarks/bench_pool.py (--device cuda). Its CUDA tests ran on an H200 (2026-12-04): the three
+// that failed compared with torch's CUDA backward where that was wrong (benchmarks/RESULTS.md);
+// the amended tests have not run on a GPU yet, nor has any pool timing. Built for sm_90 with nvcc
+// 13 (ptxas, -Xptxas -v: forward kernels 32-40 registers; avg backward 48 registers with a
+// 24-byte spill from its 64-bit index arithmetic; no other spills).
 #include <cstdint>
 
 #include "../pool_math.h"

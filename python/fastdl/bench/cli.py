@@ -76,9 +76,16 @@ def run(device: str, suites: list, *, quick=False, budget=None, min_reps=7, prog
         for name in suites:
             mod = importlib.import_module(f".{name}", __package__)
             cases += mod.cases(device=device, quick=quick)
-        harness.run_cases(cases, budget_s=budget, min_reps=min_reps, progress=progress,
-                          quick=quick)
-        if device == "cpu":
+        interrupted = False
+        try:
+            harness.run_cases(cases, budget_s=budget, min_reps=min_reps, progress=progress,
+                              quick=quick)
+        except KeyboardInterrupt:
+            # Ctrl-C, or a time limit's SIGINT (benchmarks/gpu_check.sh): keep the cases measured
+            # so far, so the table and --json still carry them (meta "interrupted": true).
+            interrupted = True
+            cases = [c for c in cases if c.results]
+        if device == "cpu" and not interrupted:
             # This machine's bandwidth moves with its neighbours: measure again after the cases
             # and keep the better reading, so a fraction never flatters a run by a low limit.
             machine.cpu_limits.cache_clear()
@@ -94,7 +101,8 @@ def run(device: str, suites: list, *, quick=False, budget=None, min_reps=7, prog
             "machine": _cpu_name(), "device": device, "threads": threads, "quick": quick,
             "torch_threads": {"before": torch_threads, "during": torch_threads_during},
             "numpy_blas_threads": threads if blas is not None else "BLAS default",
-            "suites": suites, "build_info": fastdl.build_info(), "limits": limits}
+            "suites": suites, "build_info": fastdl.build_info(), "limits": limits,
+            "interrupted": interrupted}
     if device == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
     return {"meta": meta, "rows": rows}
@@ -163,4 +171,8 @@ def main(argv=None) -> int:
     if args.report:
         for path in report.write(doc, args.report):
             print(f"wrote {path}")
+    if doc["meta"]["interrupted"]:
+        print(f"fastdl-bench: interrupted; {len(doc['rows'])} measured case(s) kept above",
+              file=sys.stderr)
+        return 130
     return 0
