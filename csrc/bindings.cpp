@@ -36,6 +36,9 @@ int cuda_device_count() { return 0; }
 std::vector<int> cuda_probe() { return {0, 0, 0, 0}; }
 std::string cuda_device_name(int) { throw std::runtime_error("fastdl was built without CUDA"); }
 void cuda_synchronize(int) { throw std::runtime_error("fastdl was built without CUDA"); }
+double cuda_fma_peak_flops(int, uintptr_t, uintptr_t, int, int, int, float, float) {
+  throw std::runtime_error("fastdl was built without CUDA");
+}
 }  // namespace fastdl
 #define FASTDL_CUDA_ARCHS ""
 #endif
@@ -323,6 +326,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_synchronize", &cuda_synchronize, py::call_guard<py::gil_scoped_release>());
   m.def("cuda_emulated", &cuda_emulated);
   m.def("cuda_probe", &cuda_probe);
+  m.def("cuda_fma_peak", &cuda_fma_peak_flops, py::arg("device"), py::arg("stream"),
+        py::arg("out"), py::arg("blocks"), py::arg("threads"), py::arg("iters"), py::arg("a"),
+        py::arg("b"), py::call_guard<py::gil_scoped_release>());
 #ifdef FASTDL_CUDA_EMULATION
   // Test hooks of the emulated CUDA back end (csrc/cuda/emulation/cuda_runtime.h).
   m.def("cuda_emulation_reset", &cuda_emulation_reset);

@@ -19,6 +19,11 @@ void cuda_synchronize(int device);
 // testable on the CPU): [runtime version, driver version, cudaGetDeviceCount's error code, device
 // count, then major and minor compute capability of each device].
 std::vector<int> cuda_probe();
+// Launches csrc/cuda/peak.cu's FMA kernel once on `stream` (blocks x threads threads, iters FMA
+// steps of each of its chains, v = v * a + b, each thread's sum stored to out[thread]); returns
+// the flops of the launch. The caller times it.
+double cuda_fma_peak_flops(int device, uintptr_t stream, uintptr_t out, int blocks, int threads,
+                           int iters, float a, float b);
 
 // Test hooks of the emulated back end (defined and bound in emulation builds only).
 void cuda_emulation_reset();

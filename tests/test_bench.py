@@ -222,6 +222,7 @@ def test_cuda_limits_have_an_l2_tier_and_a_dram_tier(monkeypatch):
     # The better of copy and read is each tier's rate.
     rates = {25 << 20: {"copy": 7000.0, "read": 9000.0}, 2 << 30: {"copy": 4000.0, "read": 3800.0}}
     monkeypatch.setattr(machine, "_cuda_rates", lambda fp, reps: rates[fp])
+    monkeypatch.setattr(machine, "_cuda_fma_peak", lambda reps: 50000.0)
     machine.cuda_limits.cache_clear()
     try:
         lim = machine.cuda_limits()
@@ -229,6 +230,7 @@ def test_cuda_limits_have_an_l2_tier_and_a_dram_tier(monkeypatch):
         machine.cuda_limits.cache_clear()
     assert [t["footprint_bytes"] for t in lim["tiers"]] == [25 << 20, 2 << 30]
     assert lim["bandwidth_GBps"] == 4000.0 and lim["bandwidth_name"] == "dram (copy)"
+    assert lim["peak_GFLOPs"] == 50000.0
     assert [t["kernel"] for t in lim["tiers"]] == ["read", "copy"]
     assert machine.bandwidth_limit(lim, 4 << 20) == (9000.0, "cache@25M")
     assert machine.bandwidth_limit(lim, 100 << 20) == (9000.0, "mem@25M")
@@ -469,3 +471,29 @@ def test_an_interrupted_run_keeps_the_cases_measured_so_far(tmp_path, monkeypatc
     doc = json.loads(out.read_text())
     assert doc["meta"]["interrupted"] is True and len(doc["rows"]) == 2
     assert "interrupted; 2 measured case(s) kept" in capsys.readouterr().err
+
+
+def test_cuda_fma_peak_kernel_runs_its_chains(cuda_device):
+    """csrc/cuda/peak.cu (the FMA limit of fastdl-bench's CUDA rows): every thread's sum of its 8
+    chains after `iters` steps of v = v * a + b, against float64; the flop count it returns; bad
+    launch shapes refused before any launch."""
+    from fastdl import _C, _tensor
+    blocks, threads, iters, a, b = 3, 64, 32, 0.75, 0.5
+    out = torch.full((blocks * threads,), float("nan"), device=cuda_device)
+    stream = _tensor.current_stream(0)
+    flops = _C.cuda_fma_peak(0, stream, _tensor.pointer(out), blocks, threads, iters, a, b)
+    fastdl.cuda.synchronize()
+    assert flops == 2 * 8 * iters * blocks * threads
+    t = torch.arange(blocks * threads, dtype=torch.float64) % threads % 64
+    total = torch.zeros_like(t)
+    for i in range(8):
+        v = 1e-3 * t + i
+        for _ in range(iters):
+            v = v * a + b
+        total += v
+    torch.testing.assert_close(out.cpu().double(), total, rtol=1e-5, atol=1e-5)
+    for bad in (dict(blocks=0), dict(threads=48), dict(iters=20)):
+        args = dict(blocks=blocks, threads=threads, iters=iters) | bad
+        with pytest.raises(ValueError, match="cuda_fma_peak"):
+            _C.cuda_fma_peak(0, stream, _tensor.pointer(out), args["blocks"], args["threads"],
+                             args["iters"], a, b)

@@ -165,10 +165,39 @@ def _cuda_tier(footprint: int, reps: int) -> dict:
     return {"footprint_bytes": footprint, "GBps": rates[best], "kernel": best, "kernels": rates}
 
 
+def _cuda_fma_peak(reps: int) -> float:
+    """The current GPU's float32 FMA rate in GFLOP/s: the best of `reps` timed launches of
+    csrc/cuda/peak.cu's kernel (8 blocks per SM of 256 threads, 4096 FMA steps of 8 chains each:
+    about 18 GFLOP on an H200's 132 SMs, a quarter of a millisecond at its datasheet rate)."""
+    import torch
+
+    from .. import _C
+    dev = torch.cuda.current_device()
+    blocks = 8 * torch.cuda.get_device_properties(dev).multi_processor_count
+    threads, iters = 256, 4096
+    out = torch.empty(blocks * threads, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def launch():
+        return _C.cuda_fma_peak(dev, stream, out.data_ptr(), blocks, threads, iters, 0.999, 1e-3)
+
+    launch()   # warm-up (module load, clocks)
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        flops = launch()
+        e.record()
+        e.synchronize()
+        best = min(best, s.elapsed_time(e) * 1e-3)
+    return flops / best * 1e-9
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_limits(quick: bool = False) -> dict:
     """Copy and read bandwidth, the better kept, at half the L2 (the ceiling for L2-resident rows)
-    and on 2 GiB, at least 4x the L2 (dram)."""
+    and on 2 GiB, at least 4x the L2 (dram); the float32 FMA rate (peak_GFLOPs, _cuda_fma_peak)."""
     import torch
     reps = 5 if quick else 10
     l2 = int(getattr(torch.cuda.get_device_properties(torch.cuda.current_device()),
@@ -179,7 +208,7 @@ def cuda_limits(quick: bool = False) -> dict:
     tiers.append(dict(_cuda_tier(max(2 << 30, 4 * l2), reps), dram=True))
     _monotone(tiers)
     return {"bandwidth_name": f"dram ({tiers[-1]['kernel']})", "bandwidth_GBps": tiers[-1]["GBps"],
-            "tiers": tiers, "llc_bytes": l2, "peak_GFLOPs": None,
+            "tiers": tiers, "llc_bytes": l2, "peak_GFLOPs": _cuda_fma_peak(reps),
             "device_name": torch.cuda.get_device_name()}
 
 
