@@ -58,8 +58,10 @@ namespace detail {
 // `std::ostringstream << long` crashed the process (SIGSEGV in the number formatting, inside
 // fastdl's module) on the first failed check, so every bad-input error there ended the
 // interpreter; torch's own messages in the same process did not crash. Integers go through
-// std::to_string and floating point through snprintf("%g") (the C locale's LC_NUMERIC, "C"
-// unless the program changed it; an ostream used the classic locale: the same digits).
+// std::to_string (int8_t / uint8_t now print as numbers; an ostream printed them as
+// characters) and floating point through snprintf("%g"), which follows the C library's
+// LC_NUMERIC: "C" unless the program sets another (Python leaves it alone), where a decimal
+// comma would appear; an ostream used the classic locale.
 inline void append_one(std::string& s, const char* v) { s += v ? v : "(null)"; }
 inline void append_one(std::string& s, const std::string& v) { s += v; }
 template <class T>

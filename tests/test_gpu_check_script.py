@@ -19,8 +19,8 @@ def test_script_parses():
 def stage_limits():
     """Every stage's limit: the numbers passed to lim, bench_stage and the pytest stage helpers."""
     limits = [int(n) for n in re.findall(r"\$\(lim (\d+)\)", TEXT)]
-    limits += [int(n) for n in re.findall(r"^(?:pytest_stage(?:_sanitized)?|bench_stage) \S+ (\d+)",
-                                          TEXT, re.M)]
+    limits += [int(n) for n in re.findall(
+        r"^(?:\w+=\S+ )?(?:pytest_stage(?:_sanitized)?|bench_stage) \S+ (\d+)", TEXT, re.M)]
     return limits
 
 
@@ -110,22 +110,24 @@ def _stubbed_run(tmp_path, env_extra, python3_body):
 
 
 def test_a_stage_past_its_limit_is_interrupted_noted_and_fails_the_run(tmp_path):
-    """DEADLINE=37 leaves the benchmark stage 17 s; the stub benchmark sleeps through it: the
-    stage is interrupted, noted as timed out, the later stages are skipped, the logs come back
-    and the script exits 1."""
+    """DEADLINE=37 leaves the benchmark stage 17 s (less a second or two when the stubs' start
+    crosses a second boundary on a loaded machine); the stub benchmark sleeps through it: the
+    stage is interrupted, noted as timed out after the limit its header announced, the later
+    stages are skipped, the logs come back and the script exits 1."""
     r, out = _stubbed_run(tmp_path, {"DEADLINE": "37", "STAGES": "bench_conv,tests_cuda"},
                           'case "$*" in *fastdl.bench*) sleep 60;; *) exit 0;; esac\n')
     assert r.returncode == 1, r.stdout + r.stderr
     summary = (out / "summary.txt").read_text()
     assert "build: ok" in summary
-    assert "bench_conv: TIMED OUT after 17 s" in summary
+    (limit,) = re.findall(r"== bench_conv \(limit (\d+) s", r.stdout)
+    assert 15 <= int(limit) <= 17 and f"bench_conv: TIMED OUT after {limit} s" in summary
     assert "tests_cuda: SKIPPED, deadline reached" in summary
     assert (out / "logs.tar.gz").exists()
 
 
 def test_unknown_stage_names_are_refused(tmp_path):
     r, out = _stubbed_run(tmp_path, {"STAGES": "bench_conv,tests_cdua"}, "exit 0\n")
-    assert r.returncode != 0 and "unknown stage 'tests_cdua'" in r.stderr
+    assert r.returncode == 2 and "unknown stage 'tests_cdua'" in r.stderr
 
 
 def test_a_clean_run_exits_0_and_a_failed_test_stage_exits_1(tmp_path):

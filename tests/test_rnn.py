@@ -97,7 +97,8 @@ def float64_cpu(xs):
     if xs is None:
         return None
     if isinstance(xs, PackedSequence):   # a NamedTuple: before the tuple branch
-        return PackedSequence(xs.data.detach().cpu().double(), xs.batch_sizes,
+        return PackedSequence(xs.data.detach().cpu().double().requires_grad_(xs.data.requires_grad),
+                              xs.batch_sizes,
                               None if xs.sorted_indices is None else xs.sorted_indices.cpu(),
                               None if xs.unsorted_indices is None else xs.unsorted_indices.cpu())
     if isinstance(xs, tuple):

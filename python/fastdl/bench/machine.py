@@ -167,22 +167,29 @@ def _cuda_tier(footprint: int, reps: int) -> dict:
 
 def _cuda_fma_peak(reps: int) -> float:
     """The current GPU's float32 FMA rate in GFLOP/s: the best of `reps` timed launches of
-    csrc/cuda/peak.cu's kernel (8 blocks per SM of 256 threads, 4096 FMA steps of 8 chains each:
-    about 18 GFLOP on an H200's 132 SMs, a quarter of a millisecond at its datasheet rate)."""
+    csrc/cuda/peak.cu's kernel (8 blocks per SM of 256 threads, 65536 FMA steps of 8 chains each:
+    about 280 GFLOP on an H200's 132 SMs, about 4 ms at its datasheet rate, so the launch's own
+    few microseconds inside the events cost about 0.1%), after at least 0.2 s of the same launches
+    to bring the clocks up. The timed burst runs at boost clocks: long power-limited cases may
+    run slower, which reads as a lower fraction, never above 100%."""
+    import time
+
     import torch
 
     from .. import _C
     dev = torch.cuda.current_device()
     blocks = 8 * torch.cuda.get_device_properties(dev).multi_processor_count
-    threads, iters = 256, 4096
+    threads, iters = 256, 65536
     out = torch.empty(blocks * threads, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
 
     def launch():
         return _C.cuda_fma_peak(dev, stream, out.data_ptr(), blocks, threads, iters, 0.999, 1e-3)
 
-    launch()   # warm-up (module load, clocks)
-    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:   # warm-up: module load, clocks
+        launch()
+        torch.cuda.synchronize()
     best = float("inf")
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
