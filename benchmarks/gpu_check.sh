@@ -5,8 +5,7 @@
 # deadline (DEADLINE seconds from the start, default 520): a stage gets the smaller of its limit
 # and the time left less a reserve, and a stage with too little time left is skipped and says so.
 # The limits add up to more than the deadline: the last stages run only when the earlier ones end
-# early (on the first H200 run the build took 30-50 s, each full benchmark suite 13-23 s, the
-# CUDA tests 31-48 s under xdist).
+# early (each stage's time on the first H200 run: benchmarks/RESULTS.md, 2026-12-04 15:39).
 #   1. build fastdl for the local GPU only                                  (limit 150 s)
 #   2. fastdl-bench --device cuda --suite conv, then --suite rnn: the issues' shapes, full size,
 #      against cuDNN without TF32 on either side (an interrupted suite keeps its measured rows)
@@ -18,13 +17,13 @@
 #   5. the CUDA tests on small shapes under compute-sanitizer memcheck (gpu_only and the large
 #      pool sweeps deselected; one chunk of the randomized conv2d sweep under 'gemm' kept)  (90 s)
 #   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) under
-#      racecheck (22 tests took 20 s and more on an H200)                              (30 s)
+#      racecheck                                                                       (30 s)
 #   7. the CPU tests (-m "not cuda and not slow") against this build: CI runs them against CPU and
-#      emulated builds only, and the first H200 run's crash was in host code of the CUDA build
+#      emulated builds only, and a crash in the CUDA build's host code ran nowhere else
 #                                                                                  (120 s)
 #   8. fastdl-bench --device cuda --quick for the other suites (gemm, optim, pool)     (45 s)
 #   9. initcheck over the stage-5 selection less the conv2d sweep, then synccheck over stage 6's
-#      (synccheck: 22 tests in 9 s, then the sanitizer's exit past 15 s on an H200) (35 s, 25 s)
+#                                                                               (35 s, 25 s)
 # `timeout -s INT` lets pytest print its -rfE list and write its junit XML when a stage runs out
 # (SIGTERM would kill it first); each timeout kills 15 s after its interrupt at worst, inside the
 # reserve. With the default deadline the script ends by 520 + 15 s, inside the device tool's
@@ -46,10 +45,14 @@ start=$(date +%s)
 DEADLINE=${DEADLINE:-520}
 RESERVE=20
 STAGES=${STAGES:-all}
-known=",bench_conv,bench_rnn,tests_cuda,profile,memcheck,racecheck,tests_cpu,bench_other,initcheck,synccheck,"
+known=",bench_conv,bench_rnn,tests_cuda,profile,memcheck,racecheck,tests_cpu,bench_other,"
+known+="initcheck,synccheck,"
 if [[ $STAGES != all ]]; then
   for st in ${STAGES//,/ }; do
-    [[ $known == *,$st,* ]] || { echo "gpu_check.sh: unknown stage '$st' in STAGES=$STAGES" >&2; exit 2; }
+    if [[ $known != *,$st,* ]]; then
+      echo "gpu_check.sh: unknown stage '$st' in STAGES=$STAGES" >&2
+      exit 2
+    fi
   done
 fi
 OUT=${OUT:-/tmp/fastdl-gpu}
@@ -61,7 +64,9 @@ note() { echo "$*" | tee -a "$summary"; }
 fail=0
 # result NAME RC LIMIT: notes a timeout, marks a failure, repacks the logs.
 # repack: the logs so far, into a temporary name then moved, so a kill mid-write keeps the last.
-repack() { tar czf "$OUT/.logs.tmp" -C "$W" . 2>/dev/null && mv -f "$OUT/.logs.tmp" "$OUT/logs.tar.gz"; }
+repack() {
+  tar czf "$OUT/.logs.tmp" -C "$W" . 2>/dev/null && mv -f "$OUT/.logs.tmp" "$OUT/logs.tar.gz"
+}
 result() {
   [[ $2 == 124 || $2 == 137 ]] && note "$1: TIMED OUT after $3 s"
   [[ $2 != 0 ]] && fail=1
@@ -181,7 +186,7 @@ conv_shared=(-m "cuda and not gpu_only"
 # pytest_stage_sanitized TOOL LIMIT [pytest args...]: findings in this process's kernels (torch's
 # included) fail the run (--error-exitcode); each report is kept in the log. API errors are not
 # reported: on the H200 image the CUDA Python bindings' cuGetProcAddress probes return
-# CUDA_ERROR_INVALID_VALUE by design (34 such reports failed the first run), and fastdl checks
+# CUDA_ERROR_INVALID_VALUE by design (such reports failed the first run), and fastdl checks
 # every CUDA call's status itself.
 pytest_stage_sanitized() {
   local tool=$1 limit=$2

@@ -7,12 +7,12 @@ For each case and side: the wall time per call (host clock around synchronized c
 the profiler), the device time per call summed over its kernels, the number of kernel launches
 per call, the top kernels by device time (name, launches per call, microseconds per call) and
 the top host-side events by self CPU time (runtime API calls such as cudaLaunchKernel, torch ops):
-wall far above device time is host cost (the first H200 run: fastdl's LSTMCell step took 241 us
-of wall time for 17 us of kernels; torch's 87 for 9). CUPTI sees every kernel of the process,
-fastdl's own launches as well as torch's, so the two sides are read the same way. The cases are
-the benchmark's (same shapes, same wrappers: cuDNN without TF32), built by
-fastdl.bench.<suite>.cases("cuda"). Run by benchmarks/gpu_check.sh;
-the figures to quote are fastdl-bench's (events, medians), this only says where the time goes.
+wall far above device time is host cost (the cells on the first H200 run: benchmarks/RESULTS.md,
+2026-12-04 15:39). CUPTI sees every kernel of the process, fastdl's own launches as well as
+torch's, so the two sides are read the same way. The cases are the benchmark's (same shapes,
+same wrappers: cuDNN without TF32), built by fastdl.bench.<suite>.cases("cuda"). Run by
+benchmarks/gpu_check.sh; the figures to quote are fastdl-bench's (events, medians), this only
+says where the time goes.
 """
 from __future__ import annotations
 

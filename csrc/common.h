@@ -54,10 +54,10 @@ struct CudaLaunch {
 
 namespace detail {
 // Error messages are built by appending to a std::string, never through iostreams. A workaround,
-// root cause unknown: on the H200 machine's image (2026-12-04) a CUDA build's
+// root cause unknown: on the first GPU run's H200 image (benchmarks/RESULTS.md) a CUDA build's
 // `std::ostringstream << long` crashed the process (SIGSEGV in the number formatting, inside
-// fastdl's module) on the first failed check, so every bad-input error there ended the
-// interpreter; torch's own messages in the same process did not crash. Integers go through
+// fastdl's module) on the first failed check; two more probes died the same way, so most likely
+// every fastdl error with a number in its message ended the interpreter there. Integers go through
 // std::to_string (int8_t / uint8_t now print as numbers; an ostream printed them as
 // characters) and floating point through snprintf("%g"), which follows the C library's
 // LC_NUMERIC: "C" unless the program sets another (Python leaves it alone), where a decimal

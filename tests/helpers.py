@@ -78,10 +78,13 @@ def check_op(fast_fn, torch_fn, inputs, *, reduction=1, grad=True, **kwargs):
     return outs_a
 
 
-def assert_close_or_better(actual, expected, reference, *, what="", scale_atol=True, reduction=1):
+def assert_close_or_better(actual, expected, reference, *, what="", scale_atol=True, reduction=1,
+                           factor=4.0):
     """actual matches expected (torch, same precision) to the table's tolerance, or, where the
     problem is ill-conditioned at an element (e.g. grad + weight_decay * param cancelling before a
-    normalisation), actual is no further from the float64 `reference` than 4x expected is.
+    normalisation), actual is no further from the float64 `reference` than `factor` times
+    expected is (plus atol). factor=1: where torch's own reference is the less exact one (cuDNN's
+    recurrent layers on a GPU), fastdl must be at least as close to float64 as torch.
     scale_atol=True adds rtol * max|expected| to atol (values computed by cancellation from
     operands of that size, as optimizer buffers); False keeps the table's atol, per element.
     reduction: terms summed into each element, as for assert_close."""
@@ -93,7 +96,7 @@ def assert_close_or_better(actual, expected, reference, *, what="", scale_atol=T
         atol += t["rtol"] * float(expected.abs().nan_to_num(0).max())
     close = (actual - expected).abs() <= atol + t["rtol"] * expected.abs()
     ref = reference.to(torch.float64)
-    better = (actual.double() - ref).abs() <= 4 * (expected.double() - ref).abs() + atol
+    better = (actual.double() - ref).abs() <= factor * (expected.double() - ref).abs() + atol
     bad = ~(close | better | (actual.isnan() & expected.isnan()))
     if bad.any():
         i = int(bad.flatten().nonzero()[0])

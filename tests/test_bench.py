@@ -324,8 +324,8 @@ def test_stream_bandwidth_counts_only_what_the_threads_it_got_streamed():
     # The two thread counts take turns, round after round, and each keeps its best: a slow spell
     # of the shared VM then falls on both. Measured back to back (three 2-thread runs, then three
     # 1-thread runs) the ratio read 1.55 in one CI run where both streamed with one thread; with
-    # turns it still read 1.92 once under ASan in CI (2026-12-04; 1.00 here under ASan, 0.92-1.14
-    # without). So up to three tries: the defect this guards against reads ~2 in every one.
+    # turns it still read near 2 once under ASan in CI (benchmarks/RESULTS.md, 2026-12-04 13:05).
+    # So up to three tries: the defect this guards against reads ~2 in every one.
     code = ("import fastdl\nfrom fastdl import _C\n"
             "best = {1: 0.0, 2: 0.0}\n"
             "for _ in range(5):\n"

@@ -49,23 +49,37 @@ def test_issue_benchmarks_run_full_size_first():
     benches = re.findall(r"^bench_stage (\S+) \d+ (.*)$", TEXT, re.M)
     assert benches[:2] == [("bench_conv", "--suite conv"), ("bench_rnn", "--suite rnn")]
     assert all("--quick" in args for _, args in benches[2:])
-    order = [m.start() for m in re.finditer(r"^(bench_stage|pytest_stage)", TEXT, re.M)]
-    assert order == sorted(order)
+    # the issue figures come before the tests, which come before the sanitizers
+    pos = {name: TEXT.index(name) for name in ("bench_stage bench_conv", "bench_stage bench_rnn",
+                                               "pytest_stage tests_cuda",
+                                               "pytest_stage_sanitized memcheck")}
+    assert list(pos.values()) == sorted(pos.values()), pos
+
+
+def _stub(path, text):
+    path.write_text("#!/bin/bash\n" + text)
+    path.chmod(0o755)
+
+
+def _stubbed_run(tmp_path, env_extra, python3_body):
+    """The script with nvidia-smi, nvcc, compute-sanitizer and python3 replaced by stubs."""
+    stub = tmp_path / "bin"
+    stub.mkdir(parents=True)
+    _stub(stub / "nvidia-smi", "echo 9.0\n")
+    _stub(stub / "nvcc", "echo nvcc stub\n")
+    _stub(stub / "compute-sanitizer", "exit 0\n")
+    _stub(stub / "python3", python3_body)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(out),
+               **env_extra)
+    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    return r, out
 
 
 def test_skips_every_stage_past_the_deadline(tmp_path):
     """DEADLINE=0: the build is skipped, the script exits non-zero, and the summary and logs
     still come back (the EXIT trap)."""
-    stub = tmp_path / "bin"
-    stub.mkdir()
-    (stub / "nvidia-smi").write_text("#!/bin/sh\necho 9.0\n")
-    (stub / "nvidia-smi").chmod(0o755)
-    (stub / "nvcc").write_text("#!/bin/sh\necho nvcc stub\n")
-    (stub / "nvcc").chmod(0o755)
-    out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(out),
-               DEADLINE="0")
-    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
+    r, out = _stubbed_run(tmp_path, {"DEADLINE": "0"}, "exit 0\n")
     assert r.returncode == 1, r.stdout + r.stderr
     summary = (out / "summary.txt").read_text()
     assert "SKIPPED, deadline reached" in summary and (out / "logs.tar.gz").exists()
@@ -87,26 +101,6 @@ def test_conv_kernels_run_under_race_and_sync_checks():
     assert re.search(r'^pytest_stage_sanitized memcheck \d+ "\$\{small_memcheck\[@\]\}"$',
                      TEXT, re.M)
     assert "test_conv2d_sweep[default-gemm-cuda-0]" in TEXT
-
-
-def _stub(path, text):
-    path.write_text("#!/bin/bash\n" + text)
-    path.chmod(0o755)
-
-
-def _stubbed_run(tmp_path, env_extra, python3_body):
-    """The script with nvidia-smi, nvcc, compute-sanitizer and python3 replaced by stubs."""
-    stub = tmp_path / "bin"
-    stub.mkdir(parents=True)
-    _stub(stub / "nvidia-smi", "echo 9.0\n")
-    _stub(stub / "nvcc", "echo nvcc stub\n")
-    _stub(stub / "compute-sanitizer", "exit 0\n")
-    _stub(stub / "python3", python3_body)
-    out = tmp_path / "out"
-    env = dict(os.environ, PATH=f"{stub}{os.pathsep}{os.environ['PATH']}", OUT=str(out),
-               **env_extra)
-    r = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=120)
-    return r, out
 
 
 def test_a_stage_past_its_limit_is_interrupted_noted_and_fails_the_run(tmp_path):

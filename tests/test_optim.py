@@ -88,7 +88,8 @@ def run_both(name, kw, fast_ps, ref_ps, steps=20, groups=False, ref64_ps=None):
         ref.step()
         if ref64 is not None:
             for p, q in zip(ref64_ps, ref_ps):
-                p.grad = q.grad.detach().cpu().double().clone()  # the float64 reference runs on the CPU
+                # the float64 reference runs on the CPU
+                p.grad = q.grad.detach().cpu().double().clone()
             ref64.step()
     return fast, ref, ref64
 

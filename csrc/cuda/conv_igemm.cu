@@ -15,9 +15,9 @@
 //                   writes float partials to the caller's workspace and a second kernel adds them
 //                   in split order. No atomics: bitwise identical run to run.
 // Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism);
-// timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off (an H200,
-// 2026-12-04, benchmarks/RESULTS.md: its forward kernels took 1.2-2.3x cuDNN's time). ptxas (-Xptxas -v, nvcc 13): 80-98
-// registers on sm_90, 8.4 KB shared memory, no spills. No tile choice has been timed against
+// timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off (an H200:
+// benchmarks/RESULTS.md, 2026-12-04 15:39). ptxas (-Xptxas -v, nvcc 13): 80-98 registers on
+// sm_90, 8.4 KB shared memory, no spills. No tile choice has been timed against
 // another yet; the one made on paper: a reduction index is decoded
 // once per 16-wide slice and shared by both operand loaders (before: two 64-bit divisions per
 // gathered element, more integer work than the tile's FMAs). The input gradient split by stride

@@ -1,7 +1,7 @@
 // The GPU's float32 FMA rate, measured: the compute limit fastdl-bench holds its CUDA rows with a
 // flop count against (machine.cuda_limits' peak_GFLOPs), as measure_peak_gflops
-// (csrc/machine.cpp) is on the CPU. The first H200 run (2026-12-04) had no such limit, so its
-// GFLOP/s could only be set against the datasheet's 67 TFLOP/s.
+// (csrc/machine.cpp) is on the CPU. The first GPU run had no such limit (benchmarks/RESULTS.md,
+// 2026-12-04 15:39).
 // Each thread runs kChains independent FMA chains, v = v * a + b, iters times; the chains hide
 // the FMA latency, and the unrolled loop leaves one compare-and-branch per kUnroll * kChains FMAs.
 // Every thread stores its sum, so nothing can be optimised away. The caller times the launch

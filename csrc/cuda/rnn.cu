@@ -39,9 +39,9 @@
 // Not done: tensor-core GEMMs for the half types (they run the exact float32 path on the copies);
 // a persistent kernel keeping W_hh on chip across steps (the emulation runs blocks one after
 // another, so a multi-block persistent kernel with a grid barrier cannot run there; one block is
-// too little of an H100 for H >= 128); a small-batch kernel for the backward's dh product. On an
-// H200 (2026-12-04, benchmarks/RESULTS.md) these layers ran at 0.27-0.92x cuDNN, whose persistent
-// kernels keep the weights on chip; the dh GEMM took 22-86 us per step on 2-8 blocks, as below.
+// too little of an H100 for H >= 128); a small-batch kernel for the backward's dh product. Timed on an
+// H200 against cuDNN, whose persistent kernels keep the weights on chip: benchmarks/RESULTS.md,
+// 2026-12-04 15:39 (the per-step dh GEMM's few blocks, below, among the costs).
 // ptxas (nvcc 13, sm_90 / sm_75, with the half-type staging): fused step 72 / 79 registers and
 // 16.5 KB shared, forward gate kernel 74 / 73, backward gate kernel 32 / 34, copy and column sums
 // 32-44, the four conversion kernels 13-14 / 12-24; no spills.
