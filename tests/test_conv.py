@@ -1625,9 +1625,10 @@ def test_conv_cuda_grid_limits(cuda_device):
             fastdl.ops.conv2d_backward(gy, x, w, groups=c, output_mask=(True, False, False))
         with pytest.raises(ValueError, match=r"^conv2d_backward_weight: .*at most 65535 groups"):
             fastdl.ops.conv2d_backward(gy, x, w, groups=c, output_mask=(False, True, False))
-        k = 65535 * 64 + 1  # out_channels / groups: one column tile too many in the forward
-        with pytest.raises(ValueError, match=r"^conv2d: .*4194240 columns per group "
-                                               r"\(out_channels / groups\), got 4194241"):
+        k = 65535 * 128 + 1  # out_channels / groups: one 128-wide column tile too many
+        with pytest.raises(ValueError, match=r"^conv2d: .*8388480 columns per group "
+                                               r"\(out_channels / groups\) with 128x128 tiles, "
+                                               r"got 8388481"):
             fastdl.ops.conv2d(torch.randn(1, 1, 1, 1).to(cuda_device),
                               torch.randn(k, 1, 1, 1).to(cuda_device))
         fastdl.ops.set_conv_algorithm("auto")
@@ -1661,6 +1662,48 @@ def test_conv2d_cuda_gemm_two_column_tiles(cuda_device, kwargs):
     try:
         run_conv_case(torch.float32, (2, cg * g, 7, 7), (80 * g, cg, 3, 3), True, kwargs, seed=5,
                       what="algo=gemm", device=cuda_device)
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+TILE_CASES = [((2, 72, 9, 11), (80, 72, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1)),
+              ((4, 8, 20, 20), (16, 8, 3, 3), dict(stride=1, padding=0, dilation=1, groups=1)),
+              ((2, 12, 9, 9), (70, 6, 3, 2), dict(stride=2, padding=1, dilation=(1, 2), groups=2))]
+
+
+@pytest.mark.parametrize("tile", ["64x32", "64x64", "64x128", "128x32", "128x64", "128x128"])
+def test_conv2d_cuda_gemm_every_tile(cuda_device, monkeypatch, tile):
+    """FASTDL_CUDA_CONV_TILE forces each implicit-GEMM tile on every pass: rows and columns past
+    one tile and short of the next (198 rows, 80 columns; 648 weight-gradient rows), a reduction
+    long enough to split the weight gradient (N*OH*OW = 1296), stride 2 with groups (two GEMMs per
+    launch) and dilation; float32 and bfloat16."""
+    monkeypatch.setenv("FASTDL_CUDA_CONV_TILE", tile)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        for i, (shape, wshape, kw) in enumerate(TILE_CASES):
+            run_conv_case(torch.float32, shape, wshape, True, kw, seed=20 + i,
+                          what=f"tile={tile}", device=cuda_device)
+        shape, wshape, kw = TILE_CASES[2]
+        x, w = (torch.empty(s).uniform_(-1, 1).to(torch.bfloat16).to(cuda_device)
+                for s in (shape, wshape))
+        assert_close(F.conv2d(x, w, **kw), TF.conv2d(x.float(), w.float(), **kw),
+                     dtype=torch.bfloat16, reduction=wshape[1] * wshape[2] * wshape[3],
+                     what=f"bfloat16 tile={tile}")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+@pytest.mark.no_launch  # the variable is read, and rejected, before the launch
+def test_conv2d_cuda_tile_variable_checked(cuda_device, monkeypatch):
+    """A FASTDL_CUDA_CONV_TILE that names no tile raises ValueError naming the variable."""
+    monkeypatch.setenv("FASTDL_CUDA_CONV_TILE", "96x64")
+    x, w = torch.randn(1, 4, 5, 5).to(cuda_device), torch.randn(8, 4, 3, 3).to(cuda_device)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        with pytest.raises(ValueError, match="FASTDL_CUDA_CONV_TILE: expected one of .*got '96x64'"):
+            fastdl.ops.conv2d(x, w)
     finally:
         fastdl.ops.set_conv_algorithm(before)
 

@@ -1,41 +1,38 @@
 // Implicit-GEMM convolution on CUDA, the general case of csrc/cuda/conv.cu's three passes (forward,
 // input gradient, weight gradient), float32/float16/bfloat16 with float32 accumulation.
-// One SIMT kernel for all three passes, one GEMM per group (blockIdx.z = group x split): 64 x 64
-// output tiles, reduction in slices of 16 staged in shared memory as float, 256 threads each
-// holding a 4 x 4 register tile (rows tm + 16 i, so a warp's 16 consecutive rows give coalesced
-// stores along the spatial axis). Operand elements are gathered from the tensors on the fly (no
-// im2col buffer); out-of-range taps read zero.
+// One SIMT kernel template for all three passes, one GEMM per group (blockIdx.z = group x split).
+// Operand elements are gathered from the tensors on the fly (no im2col buffer); out-of-range taps
+// read zero.
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
 //   input gradient: one GEMM per stride phase (h mod sh, w mod sw): rows = that phase's N*H*W
 //                   share, cols = C/groups, reduction = K/groups * the taps on its stride grid
-//                   only (no zero taps, no division in the gathers; one phase at stride 1; past
-//                   16 phases the direct kernel runs instead).
-//   weight grad.:   rows = K/groups, cols = C/groups*kh*kw, reduction = N*OH*OW, split into
-//                   `splits` chunks when the tile grid alone would not fill the GPU; each chunk
-//                   writes float partials to the caller's workspace and a second kernel adds them
-//                   in split order. No atomics: bitwise identical run to run.
-// Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism);
-// timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off (an H200:
-// benchmarks/RESULTS.md, 2026-12-04 15:39). ptxas (-Xptxas -v, nvcc 13): 80-98 registers on
-// sm_90, 8.4 KB shared memory, no spills. No tile choice has been timed against
-// another yet; the one made on paper: a reduction index is decoded
-// once per 16-wide slice and shared by both operand loaders (before: two 64-bit divisions per
-// gathered element, more integer work than the tile's FMAs). The input gradient split by stride
-// phase does only the on-grid MACs (a quarter of them at stride 2 were before, review item 2).
-// TODO (review-convcuda items 1-2; needs a GPU: first `fastdl-bench --suite conv --device cuda`,
-// benchmarks/gpu_check.sh, against the issue's >= 0.8x cuDNN on shapes 2, 3, 5):
-//  - the inner loop issues 8 scalar LDS per 16 FFMA per thread (4x4 micro-tile; the PTX of each
-//    instantiation has 128 ld.shared.f32 to 256 fma.rn.f32). LDS throughput per SM is about a
-//    quarter of FFMA's, so the loop is shared-memory bound near 50% of FP32 peak before any other
-//    cost. Next: 128x128 tiles, 8x8 per thread, float4 LDS from k-major tiles; register
-//    double-buffering of the next slice.
-//  - the loader maps a warp to 16 reduction indices x 2 rows (lk = t % 16), so one A gather
-//    touches ~12 sectors instead of 4: make loader threads consecutive along m.
-//  - red_index does 64-bit div/rem once per slice (forward: kk/taps, kk%taps; weight gradient:
-//    q/plane, q%plane, s/ow, s%ow), about as much integer work as the 256 FMAs: decode
-//    incrementally or from a table, in 32 bits (check_cuda bounds the planes below 2^30).
-//  - input gradient: done on paper (stride phases, above); its stores are strided by sh, sw per
-//    phase (uncoalesced at stride 2): measure before and after on shapes 5 and 7.
+//                   only (no zero taps; one phase at stride 1; past 16 phases the direct kernel
+//                   runs instead).
+//   weight grad.:   rows = C/groups*kh*kw, cols = K/groups, reduction = N*OH*OW (rows along the
+//                   weight's contiguous axis, so the stores coalesce), split into `splits` chunks
+//                   when the tile grid alone would not fill the GPU; each chunk writes float
+//                   partials to the caller's workspace and a second kernel adds them in split
+//                   order. No atomics: bitwise identical run to run.
+// Tiles (BM x BN outputs per block of 256 threads, BM in {64, 128}, BN in {32, 64, 128}): each
+// thread owns a (BM/16) x (BN/16) register tile, rows in runs of 4 (4 tm + 64 r + i) and columns
+// in runs of 4 (or 2 when BN = 32), read from k-major shared tiles as float4 (float2): per
+// reduction step an 8 x 8 tile issues 4 LDS.128 for 64 FFMA, where the first kernel (64 x 64
+// tiles, 4 x 4 per thread, scalar reads) issued 8 LDS for 16. The reduction runs in slices of 8,
+// double-buffered in shared memory (one barrier per slice) with the next slice's gathers issued
+// into registers before the current slice's FMAs. A loader thread handles one reduction index
+// per slice (t % 8) for both operands and steps it by 8 as three mixed-radix digits (Digits: no
+// division in the loop), and rows / columns t / 8 + 32 r. Shared rows are padded by 4 floats: the
+// loaders' stores (8 indices x 4 rows per warp) then hit 32 distinct banks.
+// Tile choice (pick_tile): BN from the column count (<= 32, <= 64, more), then BM = 128 unless
+// its grid has fewer blocks than the GPU has SMs, then 64 (and BN halved, down to 32, while still
+// short). A reasoned rule, not yet timed; FASTDL_CUDA_CONV_TILE=BMxBN forces one tile for tests
+// and tuning (README, "Environment").
+// Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism,
+// every tile forced); timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off
+// (benchmarks/RESULTS.md; the 64 x 64 kernel's H200 figures are in section 2026-12-04 15:39).
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <numeric>
 
 #include "conv_cuda.cuh"
@@ -44,15 +41,50 @@ namespace fastdl {
 namespace conv_cuda {
 namespace {
 
-constexpr int kBM = 64, kBN = 64, kBK = 16;  // tile: rows, cols, reduction slice
-constexpr int kTargetBlocks = 264;           // 2 blocks per SM on a 132-SM H100/H200
+constexpr int kBK = 8;             // reduction slice
+constexpr int kOff = -(1 << 30);   // a row's "no such row" offset: every bounds test then fails
 
-// ---- implicit GEMM -------------------------------------------------------------------------------
+// ---- the reduction index as mixed-radix digits ---------------------------------------------------
+// kk = (hi * rmid + mid) * rlo + lo, mid < rmid, lo < rlo; a loader thread steps kk by kBK per
+// slice: add kBK's own digits (s*) with two carries.
+struct Radix {
+  int rmid, rlo, smid, slo;
+  int64_t shi;
+};
+Radix radix_of(int64_t rmid, int64_t rlo) {
+  rmid = std::max<int64_t>(rmid, 1);
+  rlo = std::max<int64_t>(rlo, 1);
+  const int64_t per = rmid * rlo, rem = kBK % per;
+  return Radix{static_cast<int>(rmid), static_cast<int>(rlo), static_cast<int>(rem / rlo),
+               static_cast<int>(rem % rlo), kBK / per};
+}
+struct Digits {
+  int64_t kk, hi;
+  int mid, lo;
+};
+__device__ __forceinline__ Digits digits_at(int64_t kk, const Radix& r) {
+  const int64_t per = int64_t(r.rmid) * r.rlo;
+  const int rem = static_cast<int>(kk % per);
+  return Digits{kk, kk / per, rem / r.rlo, rem % r.rlo};
+}
+__device__ __forceinline__ void step(Digits& d, const Radix& r) {
+  d.kk += kBK;
+  d.lo += r.slo;
+  int c = d.lo >= r.rlo;
+  d.lo -= c ? r.rlo : 0;
+  d.mid += r.smid + c;
+  c = d.mid >= r.rmid;
+  d.mid -= c ? r.rmid : 0;
+  d.hi += r.shi + c;
+}
+
+// ---- the three passes as GEMMs -------------------------------------------------------------------
 // An Op describes one pass as a GEMM per group: rows, cols, red (reduction length), chunk (per
-// split), splits. row(g, m) and col(g, n) precompute what a row's / column's gathers share (once
-// per block); red_index(kk) decodes a reduction index (once per slice: both loaders of a thread
-// use the same kk); a(row, r) and b(col, r) gather one operand element as float (zero outside the
-// tensor or past the end); store(g, split, m, n, v) writes one result.
+// split), splits, radix (the reduction's digits). row(g, m) / col(g, n) precompute what a row's /
+// column's gathers share (once per block); red(d, end) derives one reduction index's offsets from
+// its digits (once per slice; both operands of a loader thread use it); a(row, red) and b(col,
+// red) gather one element as float (zero outside the tensor or past the end); out(g, split, m)
+// and put(out, n, v) write one result.
 
 template <class T>
 struct ForwardOp {
@@ -61,36 +93,39 @@ struct ForwardOp {
   const T* w;
   const T* bias;
   T* y;
-  int64_t rows, cols, red, chunk;
+  int64_t rows, cols, red_len, chunk;
   int splits;
-  struct Row { const T* x; int64_t ih0, iw0; bool ok; };
-  struct Col { const T* w; bool ok; };
-  struct Red { int64_t kk, coff, di, dj; bool ok; };  // kk = (ci, i, j): x offset, row/col steps
+  Radix radix;  // kk = (ci, i, j)
+  struct Row { const T* x; int ih0, iw0; };
+  struct Col { const T* w; };
+  struct Red { int64_t kk, coff; int di, dj; bool ok; };
+  struct Out { T* y; const T* bias; int64_t plane; };
   __device__ Row row(int64_t g, int64_t m) const {
-    if (m >= rows) return Row{x, 0, 0, false};
+    if (m >= rows) return Row{x, kOff, kOff};
     const int64_t ow = m % p.ow, oh = (m / p.ow) % p.oh, n = m / (p.ow * p.oh);
-    return Row{x + (n * p.c + g * p.cg) * p.h * p.w, oh * p.sh - p.ph, ow * p.sw - p.pw, true};
+    return Row{x + (n * p.c + g * p.cg) * p.h * p.w, int(oh * p.sh - p.ph), int(ow * p.sw - p.pw)};
   }
   __device__ Col col(int64_t g, int64_t j) const {
-    return j < cols ? Col{w + (g * p.kg + j) * red, true} : Col{w, false};
+    return Col{j < cols ? w + (g * p.kg + j) * red_len : nullptr};
   }
-  __device__ Red red_index(int64_t kk, int64_t end) const {
-    if (kk >= end) return Red{0, 0, 0, 0, false};
-    const int t = static_cast<int>(kk % p.taps);  // taps < 2^31: int division is cheaper
-    return Red{kk, (kk / p.taps) * p.h * p.w, (t / int(p.kw)) * p.dh, (t % int(p.kw)) * p.dw, true};
+  __device__ Red red(const Digits& d, int64_t end) const {
+    return Red{d.kk, d.hi * p.h * p.w, d.mid * int(p.dh), d.lo * int(p.dw), d.kk < end};
   }
   __device__ float a(const Row& r, const Red& k) const {
-    const int64_t ih = r.ih0 + k.di, iw = r.iw0 + k.dj;
-    if (!r.ok || !k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
-    return to_f(r.x[k.coff + ih * p.w + iw]);
+    const int ih = r.ih0 + k.di, iw = r.iw0 + k.dj;
+    if (!k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
+    return to_f(r.x[k.coff + ih * int(p.w) + iw]);
   }
   __device__ float b(const Col& c, const Red& k) const {
-    return c.ok && k.ok ? to_f(c.w[k.kk]) : 0.f;
+    return c.w && k.ok ? to_f(c.w[k.kk]) : 0.f;
   }
-  __device__ void store(int64_t g, int, int64_t m, int64_t j, float v) const {
-    const int64_t plane = p.oh * p.ow, s = m % plane, n = m / plane, ko = g * p.kg + j;
-    if (bias) v += to_f(bias[ko]);
-    y[(n * p.k + ko) * plane + s] = from_f<T>(v);
+  __device__ Out out(int64_t g, int, int64_t m) const {
+    const int64_t plane = p.oh * p.ow, s = m % plane, n = m / plane;
+    return Out{y + (n * p.k + g * p.kg) * plane + s, bias ? bias + g * p.kg : nullptr, plane};
+  }
+  __device__ void put(const Out& o, int64_t j, float v) const {
+    if (o.bias) v += to_f(o.bias[j]);
+    o.y[j * o.plane] = from_f<T>(v);
   }
 };
 
@@ -109,43 +144,46 @@ struct InputGradOp {
   const T* gy;
   const T* w;
   T* gx;
-  int64_t rows, cols, red, chunk;
+  int64_t rows, cols, red_len, chunk;
   int splits;
+  Radix radix;  // kk = (ko, a, b)
   Phase f;
-  struct Row { const T* gy; int oh0, ow0; bool ok; };  // 32-bit: planes < 2^30 (check_cuda)
-  struct Col { const T* w; bool ok; };
-  struct Red { int64_t gyoff, woff; int doh, dow; bool ok; };  // kk = (ko, a, b)
+  struct Row { const T* gy; int oh0, ow0; };  // 32-bit: planes < 2^30 (check_cuda)
+  struct Col { const T* w; };
+  struct Red { int64_t gyoff, woff; int doh, dow; bool ok; };
+  struct Out { T* gx; int64_t plane; };
   __device__ Row row(int64_t g, int64_t m) const {
-    if (m >= rows) return Row{gy, 0, 0, false};
+    if (m >= rows) return Row{gy, -kOff, -kOff};  // oh = oh0 - doh stays past the plane
     const int64_t v = m % f.wp, u = (m / f.wp) % f.hp, n = m / (int64_t(f.wp) * f.hp);
-    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, f.obh + int(u), f.obw + int(v), true};
+    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, f.obh + int(u), f.obw + int(v)};
   }
   __device__ Col col(int64_t g, int64_t ci) const {
-    return ci < cols ? Col{w + (g * p.kg * p.cg + ci) * p.taps, true} : Col{w, false};
+    return Col{ci < cols ? w + (g * p.kg * p.cg + ci) * p.taps : nullptr};
   }
-  __device__ Red red_index(int64_t kk, int64_t end) const {
-    if (kk >= end) return Red{0, 0, 0, 0, false};
-    const int nt = f.ni * f.nj;
-    const int64_t ko = kk / nt;
-    const int t = static_cast<int>(kk % nt), a = t / f.nj, b = t % f.nj;
-    const int i = f.i0 + f.si * a, j = f.j0 + f.sj * b;
-    return Red{ko * p.oh * p.ow, ko * p.cg * p.taps + i * p.kw + j, f.dsi * a, f.dsj * b, true};
+  __device__ Red red(const Digits& d, int64_t end) const {
+    const int i = f.i0 + f.si * d.mid, j = f.j0 + f.sj * d.lo;
+    return Red{d.hi * p.oh * p.ow, d.hi * p.cg * p.taps + i * int(p.kw) + j, f.dsi * d.mid,
+               f.dsj * d.lo, d.kk < end};
   }
   __device__ float a(const Row& r, const Red& k) const {
     const int oh = r.oh0 - k.doh, ow = r.ow0 - k.dow;
-    if (!r.ok || !k.ok || oh < 0 || ow < 0 || oh >= p.oh || ow >= p.ow) return 0.f;
-    return to_f(r.gy[k.gyoff + int64_t(oh) * p.ow + ow]);
+    if (!k.ok || oh < 0 || ow < 0 || oh >= p.oh || ow >= p.ow) return 0.f;
+    return to_f(r.gy[k.gyoff + oh * int(p.ow) + ow]);
   }
   __device__ float b(const Col& c, const Red& k) const {
-    return c.ok && k.ok ? to_f(c.w[k.woff]) : 0.f;
+    return c.w && k.ok ? to_f(c.w[k.woff]) : 0.f;
   }
-  __device__ void store(int64_t g, int, int64_t m, int64_t ci, float v) const {
+  __device__ Out out(int64_t g, int, int64_t m) const {
     const int64_t vv = m % f.wp, u = (m / f.wp) % f.hp, n = m / (int64_t(f.wp) * f.hp);
-    const int64_t ih = f.rh + p.sh * u, iw = f.rw + p.sw * vv;
-    gx[(n * p.c + g * p.cg + ci) * p.h * p.w + ih * p.w + iw] = from_f<T>(v);
+    const int64_t ih = f.rh + p.sh * u, iw = f.rw + p.sw * vv, plane = p.h * p.w;
+    return Out{gx + (n * p.c + g * p.cg) * plane + ih * p.w + iw, plane};
+  }
+  __device__ void put(const Out& o, int64_t ci, float v) const {
+    o.gx[ci * o.plane] = from_f<T>(v);
   }
 };
 
+// rows = (ci, i, j) along the weight's contiguous axis, cols = ko.
 template <class T>
 struct WeightGradOp {
   Geo p;
@@ -153,97 +191,141 @@ struct WeightGradOp {
   const T* gy;
   T* gw;           // written directly when splits == 1
   float* partial;  // splits x (K * C/groups * kh * kw) otherwise
-  int64_t rows, cols, red, chunk;
+  int64_t rows, cols, red_len, chunk;
   int splits;
-  struct Row { const T* gy; bool ok; };
-  struct Col { const T* x; int64_t ioff, joff; bool ok; };
-  struct Red { int64_t gyoff, xoff, ih0, iw0; bool ok; };  // q = (n, oh, ow)
-  __device__ Row row(int64_t g, int64_t ko) const {
-    return ko < rows ? Row{gy + (g * p.kg + ko) * p.oh * p.ow, true} : Row{gy, false};
+  Radix radix;  // q = (n, oh, ow)
+  struct Row { const T* x; int ioff, joff; };
+  struct Col { const T* gy; };
+  struct Red { int64_t gyoff, xoff; int ih0, iw0; bool ok; };
+  struct Out { T* gw; float* part; };
+  __device__ Row row(int64_t g, int64_t r) const {
+    if (r >= rows) return Row{x, kOff, kOff};
+    const int64_t ci = r / p.taps, t = r % p.taps;
+    return Row{x + (g * p.cg + ci) * p.h * p.w, int((t / p.kw) * p.dh), int((t % p.kw) * p.dw)};
   }
-  __device__ Col col(int64_t g, int64_t j) const {
-    if (j >= cols) return Col{x, 0, 0, false};
-    const int64_t ci = j / p.taps, t = j % p.taps;
-    return Col{x + (g * p.cg + ci) * p.h * p.w, (t / p.kw) * p.dh, (t % p.kw) * p.dw, true};
+  __device__ Col col(int64_t g, int64_t ko) const {
+    return Col{ko < cols ? gy + (g * p.kg + ko) * p.oh * p.ow : nullptr};
   }
-  __device__ Red red_index(int64_t q, int64_t end) const {
-    if (q >= end) return Red{0, 0, 0, 0, false};
-    const int64_t plane = p.oh * p.ow, n = q / plane, s = q % plane;
-    return Red{n * p.k * plane + s, n * p.c * p.h * p.w, (s / p.ow) * p.sh - p.ph,
-               (s % p.ow) * p.sw - p.pw, true};
+  __device__ Red red(const Digits& d, int64_t end) const {
+    return Red{d.hi * p.k * p.oh * p.ow + d.mid * p.ow + d.lo, d.hi * p.c * p.h * p.w,
+               d.mid * int(p.sh) - int(p.ph), d.lo * int(p.sw) - int(p.pw), d.kk < end};
   }
   __device__ float a(const Row& r, const Red& k) const {
-    return r.ok && k.ok ? to_f(r.gy[k.gyoff]) : 0.f;
+    const int ih = k.ih0 + r.ioff, iw = k.iw0 + r.joff;
+    if (!k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
+    return to_f(r.x[k.xoff + ih * int(p.w) + iw]);
   }
   __device__ float b(const Col& c, const Red& k) const {
-    const int64_t ih = k.ih0 + c.ioff, iw = k.iw0 + c.joff;
-    if (!c.ok || !k.ok || ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) return 0.f;
-    return to_f(c.x[k.xoff + ih * p.w + iw]);
+    return c.gy && k.ok ? to_f(c.gy[k.gyoff]) : 0.f;
   }
-  __device__ void store(int64_t g, int split, int64_t ko, int64_t j, float v) const {
-    const int64_t e = (g * p.kg + ko) * cols + j;
-    if (splits == 1) gw[e] = from_f<T>(v);
-    else partial[split * p.k * cols + e] = v;
+  __device__ Out out(int64_t g, int split, int64_t r) const {
+    const int64_t e = g * p.kg * rows + r;
+    return splits == 1 ? Out{gw + e, nullptr} : Out{nullptr, partial + split * p.k * rows + e};
+  }
+  __device__ void put(const Out& o, int64_t ko, float v) const {
+    if (o.part) o.part[ko * rows] = v;
+    else o.gw[ko * rows] = from_f<T>(v);
   }
 };
 
-// One 64 x 64 tile of group g's GEMM over reduction chunk `split`. Loads: thread t gathers slice
-// row t % 16 (one reduction index, decoded once per slice for both operands) for rows/cols
-// t / 16 + 16 r; shared rows are padded to 66 floats so those stores hit 32 distinct banks.
-template <class Op>
-__global__ void __launch_bounds__(kThreads) igemm_kernel(Op op) {
-  FASTDL_SHARED(16, float, as, [kBK][kBM + 2]);
-  FASTDL_SHARED(16, float, bs, [kBK][kBN + 2]);
+// Reads n (2 or 4) consecutive floats of a shared tile, 8- or 16-byte aligned: one LDS.64/128.
+template <int n>
+__device__ __forceinline__ void read_shared(const float* s, float* v) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (n == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(s);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+    const float2 q = *reinterpret_cast<const float2*>(s);
+    v[0] = q.x, v[1] = q.y;
+  }
+#else
+#pragma unroll
+  for (int i = 0; i < n; ++i) v[i] = s[i];
+#endif
+}
+
+// One BM x BN tile of group g's GEMM over reduction chunk `split`. Thread t computes rows
+// 4 tm + 64 r + i (tm = t % 16) and columns run(tn) + 64 r + j (tn = t / 16; runs of 4, or 2 when
+// BN = 32); it loads reduction index k0 + t % 8 of rows / columns t / 8 + 32 r.
+template <class Op, int BM, int BN>
+__global__ void __launch_bounds__(kThreads, 2) igemm_kernel(Op op) {
+  constexpr int TM = BM / 16, TN = BN / 16, RN = TN < 4 ? TN : 4;  // RN: a column run
+  constexpr int LA = BM / 32, LB = BN / 32;                           // loads per thread
+  FASTDL_SHARED(16, float, as, [2][kBK][BM + 4]);
+  FASTDL_SHARED(16, float, bs, [2][kBK][BN + 4]);
   const int t = threadIdx.x;
   const int split = static_cast<int>(blockIdx.z % op.splits);
   const int64_t g = blockIdx.z / op.splits;
-  const int64_t m0 = int64_t(blockIdx.x) * kBM, n0 = int64_t(blockIdx.y) * kBN;
+  const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
   const int64_t k_begin = split * op.chunk;
-  const int64_t k_end = k_begin + op.chunk < op.red ? k_begin + op.chunk : op.red;
-  const int lk = t % kBK, lr = t / kBK;  // loader: slice row lk, tile rows / cols lr + 16 r
-  typename Op::Row ra[4];
-  typename Op::Col cb[4];
+  const int64_t k_end = k_begin + op.chunk < op.red_len ? k_begin + op.chunk : op.red_len;
+  const int lk = t % kBK, lr = t / kBK;
+  typename Op::Row ra[LA];
+  typename Op::Col cb[LB];
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    ra[r] = op.row(g, m0 + lr + 16 * r);
-    cb[r] = op.col(g, n0 + lr + 16 * r);
-  }
-  const int tm = t % 16, tn = t / 16;  // this thread's outputs: rows tm + 16 i, cols tn + 16 j
-  float acc[4][4];
+  for (int r = 0; r < LA; ++r) ra[r] = op.row(g, m0 + lr + 32 * r);
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int r = 0; r < LB; ++r) cb[r] = op.col(g, n0 + lr + 32 * r);
+  const int tm = t % 16, tn = t / 16;
+  float acc[TM][TN];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
-    const typename Op::Red kd = op.red_index(k0 + lk, k_end);
+  for (int i = 0; i < TM; ++i)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      as[lk][lr + 16 * r] = op.a(ra[r], kd);
-      bs[lk][lr + 16 * r] = op.b(cb[r], kd);
-    }
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+  if (k_begin < k_end) {
+    Digits d = digits_at(k_begin + lk, op.radix);
+    float pa[LA], pb[LB];
+    auto gather = [&]() {
+      const typename Op::Red kd = op.red(d, k_end);
+#pragma unroll
+      for (int r = 0; r < LA; ++r) pa[r] = op.a(ra[r], kd);
+#pragma unroll
+      for (int r = 0; r < LB; ++r) pb[r] = op.b(cb[r], kd);
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+      for (int r = 0; r < LA; ++r) as[buf][lk][lr + 32 * r] = pa[r];
+#pragma unroll
+      for (int r = 0; r < LB; ++r) bs[buf][lk][lr + 32 * r] = pb[r];
+    };
+    gather();
+    stash(0);
     __syncthreads();
+    int buf = 0;
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+      const bool more = k0 + kBK < k_end;
+      if (more) {  // the next slice's gathers, in flight during this slice's FMAs
+        step(d, op.radix);
+        gather();
+      }
 #pragma unroll
-    for (int kk = 0; kk < kBK; ++kk) {
-      float av[4], bv[4];
+      for (int kk = 0; kk < kBK; ++kk) {
+        float av[TM], bv[TN];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = as[kk][tm + 16 * i];
+        for (int r = 0; r < TM / 4; ++r) read_shared<4>(&as[buf][kk][4 * tm + 64 * r], av + 4 * r);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) bv[j] = bs[kk][tn + 16 * j];
+        for (int r = 0; r < TN / RN; ++r)
+          read_shared<RN>(&bs[buf][kk][RN * tn + 64 * r], bv + RN * r);
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < TM; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+          for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+      }
+      if (more) stash(buf ^ 1);
+      __syncthreads();
+      buf ^= 1;
     }
-    __syncthreads();
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t m = m0 + tm + 16 * i;
+  for (int i = 0; i < TM; ++i) {
+    const int64_t m = m0 + 4 * tm + 64 * (i / 4) + i % 4;
     if (m >= op.rows) continue;
+    const typename Op::Out o = op.out(g, split, m);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t n = n0 + tn + 16 * j;
-      if (n < op.cols) op.store(g, split, m, n, acc[i][j]);
+    for (int j = 0; j < TN; ++j) {
+      const int64_t n = n0 + RN * tn + 64 * (j / RN) + j % RN;
+      if (n < op.cols) op.put(o, n, acc[i][j]);
     }
   }
 }
@@ -260,35 +342,99 @@ __global__ void __launch_bounds__(kThreads)
     gw[e] = from_f<T>(s);
   }
 }
-// Reduction splits of the weight-gradient GEMM: enough blocks to fill the GPU, each split at
-// least 4 slices long, and blockIdx.z = groups * splits within its limit.
-int weight_splits(const Conv2dParams& p) {
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
-  const int64_t tiles = p.groups * ceil_div(kg, kBM) * ceil_div(cg * p.kh * p.kw, kBN);
-  const int64_t red = p.n * p.oh * p.ow;
-  int64_t s = ceil_div(kTargetBlocks, tiles);
-  s = std::min<int64_t>({s, 64, std::max<int64_t>(1, red / (4 * kBK)), 65535 / p.groups});
-  return static_cast<int>(std::max<int64_t>(1, s));
+
+// ---- tile choice and launch ----------------------------------------------------------------------
+struct Tile {
+  int bm, bn;
+};
+
+int sm_count() {
+  static int cached[64] = {0};
+  int device = 0;
+  FASTDL_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 0 && device < 64 && cached[device]) return cached[device];
+  int n = 0;
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  n = std::max(n, 1);
+  if (device >= 0 && device < 64) cached[device] = n;
+  return n;
+}
+
+// FASTDL_CUDA_CONV_TILE=BMxBN (64 or 128 x 32, 64 or 128) forces a tile; unset or empty: chosen.
+bool forced_tile(Tile& t) {
+  const char* v = std::getenv("FASTDL_CUDA_CONV_TILE");
+  if (!v || !*v) return false;
+  for (int bm : {64, 128})
+    for (int bn : {32, 64, 128}) {
+      const std::string s = std::to_string(bm) + "x" + std::to_string(bn);
+      if (s == v) {
+        t = Tile{bm, bn};
+        return true;
+      }
+    }
+  FASTDL_CHECK(false, "FASTDL_CUDA_CONV_TILE: expected one of 64x32, 64x64, 64x128, 128x32, "
+               "128x64, 128x128 (or unset), got '", v, "'");
+  return false;
+}
+
+// See the header: the widest column tile the columns use, then the tallest row tile whose grid
+// still gives every SM a block.
+Tile pick_tile(int64_t rows, int64_t cols, int64_t groups) {
+  Tile t{128, cols <= 32 ? 32 : cols <= 64 ? 64 : 128};
+  if (forced_tile(t)) return t;
+  const int64_t sms = sm_count();
+  auto blocks = [&](const Tile& u) { return groups * ceil_div(rows, u.bm) * ceil_div(cols, u.bn); };
+  if (blocks(t) < sms) t.bm = 64;
+  while (blocks(t) < sms && t.bn > 32) t.bn /= 2;
+  return t;
 }
 
 // The grid is (row tiles, column tiles, groups * splits): CUDA caps y and z at 65535, x at 2^31-1.
 // Past them the pass fails with an error naming it and the limit (README, "CUDA limits").
-template <class Op>
-void launch_igemm(const Op& op, int64_t groups, const char* pass, const char* cols_are,
-                  cudaStream_t s) {
-  if (op.rows == 0 || op.cols == 0) return;
-  const int64_t gx = ceil_div(op.rows, kBM), gy = ceil_div(op.cols, kBN), gz = groups * op.splits;
+template <class Op, int BM, int BN>
+void launch_tile(const Op& op, int64_t groups, const char* pass, const char* cols_are,
+                 cudaStream_t s) {
+  const int64_t gx = ceil_div(op.rows, BM), gy = ceil_div(op.cols, BN), gz = groups * op.splits;
   FASTDL_CHECK(gz <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 groups, got ",
                groups, (op.splits > 1 ? " (times the reduction's splits)" : ""),
                "; a depthwise convolution with more channels runs under algorithm 'direct'");
-  FASTDL_CHECK(gy <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 * ", kBN, " = ",
-               int64_t(65535) * kBN, " columns per group (", cols_are, "), got ", op.cols);
-  FASTDL_CHECK(gx <= INT32_MAX, pass, ": the CUDA implicit GEMM takes at most (2^31 - 1) * ", kBM,
+  FASTDL_CHECK(gy <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 * ", BN, " = ",
+               int64_t(65535) * BN, " columns per group (", cols_are, ") with ", BM, "x", BN,
+               " tiles, got ", op.cols);
+  FASTDL_CHECK(gx <= INT32_MAX, pass, ": the CUDA implicit GEMM takes at most (2^31 - 1) * ", BM,
                " rows, got ", op.rows);
   const dim3 grid(static_cast<unsigned int>(gx), static_cast<unsigned int>(gy),
                   static_cast<unsigned int>(gz));
-  FASTDL_LAUNCH(grid, kThreads, 0, s, igemm_kernel<Op>)(op);
+  FASTDL_LAUNCH(grid, kThreads, 0, s, igemm_kernel<Op, BM, BN>)(op);
   FASTDL_CUDA_CHECK_LAUNCH();
+}
+
+template <class Op>
+void launch_igemm(const Op& op, Tile t, int64_t groups, const char* pass, const char* cols_are,
+                  cudaStream_t s) {
+  if (op.rows == 0 || op.cols == 0) return;
+  if (t.bm == 128 && t.bn == 128) launch_tile<Op, 128, 128>(op, groups, pass, cols_are, s);
+  else if (t.bm == 128 && t.bn == 64) launch_tile<Op, 128, 64>(op, groups, pass, cols_are, s);
+  else if (t.bm == 128) launch_tile<Op, 128, 32>(op, groups, pass, cols_are, s);
+  else if (t.bn == 128) launch_tile<Op, 64, 128>(op, groups, pass, cols_are, s);
+  else if (t.bn == 64) launch_tile<Op, 64, 64>(op, groups, pass, cols_are, s);
+  else launch_tile<Op, 64, 32>(op, groups, pass, cols_are, s);
+}
+
+// The weight gradient's tile and reduction splits: enough blocks for two per SM, each split at
+// least 16 slices long, and blockIdx.z = groups * splits within its limit.
+struct WeightPlan {
+  Tile tile;
+  int splits;
+};
+WeightPlan weight_plan(const Conv2dParams& p) {
+  const int64_t rows = (p.c / p.groups) * p.kh * p.kw, cols = p.k / p.groups;
+  const Tile t = pick_tile(rows, cols, p.groups);
+  const int64_t tiles = p.groups * ceil_div(rows, t.bm) * ceil_div(cols, t.bn);
+  const int64_t red = p.n * p.oh * p.ow;
+  int64_t s = ceil_div(2 * int64_t(sm_count()), tiles);
+  s = std::min<int64_t>({s, 64, std::max<int64_t>(1, red / (16 * kBK)), 65535 / p.groups});
+  return WeightPlan{t, static_cast<int>(std::max<int64_t>(1, s))};
 }
 
 }  // namespace
@@ -296,13 +442,14 @@ void launch_igemm(const Op& op, int64_t groups, const char* pass, const char* co
 void igemm_forward(const Conv2dParams& p, const void* x, const void* w, const void* bias, void* y,
                    cudaStream_t s) {
   const Geo g = geo_of(p);
+  const int64_t rows = p.n * p.oh * p.ow, red = g.cg * g.taps;
+  const Tile tile = pick_tile(rows, g.kg, p.groups);
   by_dtype(p.dtype, "conv2d", [&](auto tag) {
     using T = decltype(tag);
-    const int64_t red = g.cg * g.taps;
-    ForwardOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(w),
-                    static_cast<const T*>(bias), static_cast<T*>(y), p.n * p.oh * p.ow, g.kg, red,
-                    red, 1};
-    launch_igemm(op, p.groups, "conv2d", "out_channels / groups", s);
+    ForwardOp<T> op{g,    static_cast<const T*>(x), static_cast<const T*>(w),
+                    static_cast<const T*>(bias),    static_cast<T*>(y),
+                    rows, g.kg, red, red, 1, radix_of(p.kh, p.kw)};
+    launch_igemm(op, tile, p.groups, "conv2d", "out_channels / groups", s);
   });
 }
 
@@ -347,33 +494,36 @@ void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, 
         f.wp = static_cast<int>(ceil_div(p.w - rw, p.sw));
         phase_taps(rh, p.ph, p.kh, p.dh, p.sh, f.i0, f.si, f.ni, f.obh, f.dsi);
         phase_taps(rw, p.pw, p.kw, p.dw, p.sw, f.j0, f.sj, f.nj, f.obw, f.dsj);
+        const int64_t rows = p.n * f.hp * f.wp;
         const int64_t red = g.kg * f.ni * f.nj;  // 0: the phase's gx is written as zeros
-        InputGradOp<T> op{g, static_cast<const T*>(gy), static_cast<const T*>(w),
-                          static_cast<T*>(gx), p.n * f.hp * f.wp, g.cg, red, red, 1, f};
-        launch_igemm(op, p.groups, "conv2d_backward_input", "in_channels / groups", s);
+        InputGradOp<T> op{g,    static_cast<const T*>(gy), static_cast<const T*>(w),
+                          static_cast<T*>(gx), rows, g.cg, red, red, 1, radix_of(f.ni, f.nj),
+                          f};
+        launch_igemm(op, pick_tile(rows, g.cg, p.groups), p.groups, "conv2d_backward_input",
+                     "in_channels / groups", s);
       }
   });
 }
 
 int64_t igemm_weight_workspace(const Conv2dParams& p) {
-  const int splits = weight_splits(p);
+  const int splits = weight_plan(p).splits;
   return splits == 1 ? 0 : int64_t(sizeof(float)) * splits * p.k * (p.c / p.groups) * p.kh * p.kw;
 }
 
 void igemm_backward_weight(const Conv2dParams& p, const void* x, const void* gy, void* gw,
                            void* workspace, cudaStream_t s) {
   const Geo g = geo_of(p);
+  const WeightPlan plan = weight_plan(p);
   by_dtype(p.dtype, "conv2d_backward_weight", [&](auto tag) {
     using T = decltype(tag);
     T* gwt = static_cast<T*>(gw);
-    const int splits = weight_splits(p);
-    const int64_t red = p.n * p.oh * p.ow, total = p.k * g.cg * g.taps;
+    const int splits = plan.splits;
+    const int64_t red = p.n * p.oh * p.ow, rows = g.cg * g.taps, total = p.k * rows;
     const int64_t chunk = ceil_div(ceil_div(red, splits), kBK) * kBK;
     float* part = static_cast<float*>(workspace);
-    WeightGradOp<T> op{g, static_cast<const T*>(x), static_cast<const T*>(gy), gwt, part, g.kg,
-                       g.cg * g.taps, red, chunk, splits};
-    launch_igemm(op, p.groups, "conv2d_backward_weight",
-                 "in_channels / groups * kernel_h * kernel_w", s);
+    WeightGradOp<T> op{g,    static_cast<const T*>(x), static_cast<const T*>(gy), gwt, part, rows,
+                       g.kg, red, chunk, splits, radix_of(p.oh, p.ow)};
+    launch_igemm(op, plan.tile, p.groups, "conv2d_backward_weight", "out_channels / groups", s);
     if (splits > 1) {
       FASTDL_LAUNCH(blocks_for(total), kThreads, 0, s, sum_splits_kernel<T>)(part, gwt, splits,
                                                                              total);
