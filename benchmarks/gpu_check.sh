@@ -14,6 +14,7 @@
 #      a > 2^31-element GEMM operand, > 320 optimizer chunks)                     (limit 150 s)
 #   4. benchmarks/gpu_profile.py: where each conv and rnn case spends its device and host time
 #                                                                                  (60 s)
+#      then benchmarks/conv_cuda_tiles.py: the implicit GEMM's passes under each tile (60 s)
 #   5. the CUDA tests on small shapes under compute-sanitizer memcheck (gpu_only and the large
 #      pool sweeps deselected; one chunk of the randomized conv2d sweep under 'gemm' kept)  (90 s)
 #   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) under
@@ -31,12 +32,12 @@
 # A Python package missing there can travel as wheels in .whl/ (the device tool's README): they
 # are installed first, into /tmp/site, when that folder exists.
 # STAGES=a,b (default: all) runs only the named stages after the build: bench_conv, bench_rnn,
-# tests_cuda, profile, memcheck, racecheck, tests_cpu, bench_other, initcheck, synccheck. The
-# tests run in 8 processes when pytest-xdist is installed (a test that crashes its process is
+# tests_cuda, profile, tiles, memcheck, racecheck, tests_cpu, bench_other, initcheck, synccheck.
+# The tests run in 8 processes when pytest-xdist is installed (a test that crashes its process is
 # then reported as failed, not the end of the stage).
-# Writes under ${OUT:-/tmp/fastdl-gpu} at most 4 files (the device tool returns 8): summary.txt
-# (every stage's result and every failure, printed last), bench_table.txt, profile.txt and
-# logs.tar.gz (every log, the bench JSON and the junit XML; repacked after every stage, so a
+# Writes under ${OUT:-/tmp/fastdl-gpu} at most 5 files (the device tool returns 8): summary.txt
+# (every stage's result and every failure, printed last), bench_table.txt, profile.txt, tiles.txt
+# and logs.tar.gz (every log, the bench JSON and the junit XML; repacked after every stage, so a
 # hard kill loses at most the stage in flight). Exit status: 0 when every stage that ran passed,
 # 1 otherwise (a failed test, a sanitizer finding, a timeout, a failed build).
 set -uo pipefail
@@ -45,7 +46,7 @@ start=$(date +%s)
 DEADLINE=${DEADLINE:-520}
 RESERVE=20
 STAGES=${STAGES:-all}
-known=",bench_conv,bench_rnn,tests_cuda,profile,memcheck,racecheck,tests_cpu,bench_other,"
+known=",bench_conv,bench_rnn,tests_cuda,profile,tiles,memcheck,racecheck,tests_cpu,bench_other,"
 known+="initcheck,synccheck,"
 if [[ $STAGES != all ]]; then
   for st in ${STAGES//,/ }; do
@@ -169,6 +170,14 @@ if ! skipped profile "$t"; then
   result profile "$rc" "$t"
 fi
 
+t=$(lim 60)
+if ! skipped tiles "$t"; then
+  timeout -s INT -k 15 "$t" python3 benchmarks/conv_cuda_tiles.py >"$OUT/tiles.txt" 2>&1
+  rc=$?
+  note "tiles: rc=$rc at $(elapsed) s"
+  result tiles "$rc" "$t"
+fi
+
 # test_max_unpool2d_invalid_index[cuda] trips a device assert on purpose (in a child process):
 # deselected here, and --target-processes application-only keeps the sanitizer out of children.
 # The conv2d sweep stays out of initcheck (some 700 launches); memcheck keeps its first chunk
@@ -181,7 +190,8 @@ small_memcheck=(-m "cuda and not gpu_only"
                 --deselect "tests/test_pool.py::test_max_unpool2d_invalid_index[cuda]" tests)
 # racecheck/synccheck: shared-memory hazards and barriers of the tiled conv kernels only.
 conv_shared=(-m "cuda and not gpu_only"
-             -k "conv and cuda and (half or deterministic or long_reductions or two_column_tiles)"
+             -k "conv and cuda and (half or deterministic or long_reductions or two_column_tiles
+                  or every_tile)"
              tests/test_conv.py)
 # pytest_stage_sanitized TOOL LIMIT [pytest args...]: findings in this process's kernels (torch's
 # included) fail the run (--error-exitcode); each report is kept in the log. API errors are not

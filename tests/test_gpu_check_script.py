@@ -30,14 +30,14 @@ def test_deadline_fits_the_device_tools_600_s():
     (deadline,) = re.findall(r"DEADLINE=\$\{DEADLINE:-(\d+)\}", TEXT)
     (reserve,) = re.findall(r"^RESERVE=(\d+)$", TEXT, re.M)
     assert int(deadline) + KILL_GRACE <= 560 and int(reserve) >= KILL_GRACE
-    # build, conv, rnn, CUDA tests, profile, memcheck, racecheck, CPU tests, other suites,
-    # initcheck, synccheck
-    assert len(stage_limits()) == 11, stage_limits()
+    # build, conv, rnn, CUDA tests, profile, tiles, memcheck, racecheck, CPU tests, other
+    # suites, initcheck, synccheck
+    assert len(stage_limits()) == 12, stage_limits()
 
 
 def test_every_timeout_interrupts_then_kills_within_the_stage_limit():
     calls = re.findall(r"\btimeout [^\n]*", TEXT)
-    assert len(calls) == 5   # build, profile, and the bench, pytest and sanitizer helpers
+    assert len(calls) == 6   # build, profile, tiles, and the bench, pytest and sanitizer helpers
     for call in calls:
         assert call.startswith(f'timeout -s INT -k {KILL_GRACE} "$t" '), call
     # every $t the timeouts read comes from lim

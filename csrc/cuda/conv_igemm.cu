@@ -44,7 +44,7 @@ namespace {
 constexpr int kBK = 8;             // reduction slice
 constexpr int kOff = -(1 << 30);   // a row's "no such row" offset: every bounds test then fails
 
-// ---- the reduction index as mixed-radix digits ---------------------------------------------------
+// ---- the reduction index as mixed-radix digits --------------------------------------------------
 // kk = (hi * rmid + mid) * rlo + lo, mid < rmid, lo < rlo; a loader thread steps kk by kBK per
 // slice: add kBK's own digits (s*) with two carries.
 struct Radix {
@@ -78,7 +78,7 @@ __device__ __forceinline__ void step(Digits& d, const Radix& r) {
   d.hi += r.shi + c;
 }
 
-// ---- the three passes as GEMMs -------------------------------------------------------------------
+// ---- the three passes as GEMMs ------------------------------------------------------------------
 // An Op describes one pass as a GEMM per group: rows, cols, red (reduction length), chunk (per
 // split), splits, radix (the reduction's digits). row(g, m) / col(g, n) precompute what a row's /
 // column's gathers share (once per block); red(d, end) derives one reduction index's offsets from
@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- tile choice and launch ----------------------------------------------------------------------
+// ---- tile choice and launch ---------------------------------------------------------------------
 struct Tile {
   int bm, bn;
 };
