@@ -76,7 +76,7 @@ def _forward_backward(model, inputs, seed=0):
     out = model(*inputs)
     outs = [t for t in _tensors(out) if t.requires_grad]
     g = torch.Generator().manual_seed(seed + 1)
-    torch.autograd.backward(outs, [torch.randn(t.shape, generator=g) for t in outs])
+    torch.autograd.backward(outs, [torch.randn(t.shape, generator=g).to(t.device) for t in outs])
     grads = {f"input {i}": t.grad for i, t in enumerate(_tensors(inputs)) if t.grad is not None}
     grads.update({n: p.grad for n, p in model.named_parameters()})
     return _tensors(out), grads

@@ -112,7 +112,10 @@ def check_module(ours, theirs, x, hx=None, *, reduction, what):
     On a GPU in float32, torch's reference is cuDNN, whose tanh and sigmoid are further from exact
     than the tolerance table on some elements (benchmarks/RESULTS.md, the first GPU run); there
     each element must match torch or be no further from a float64 run of torch on the CPU than
-    torch is, plus the table's atol (assert_close_or_better with factor 1)."""
+    torch is, plus the table's atol (assert_close_or_better with factor 1). Parameter gradients
+    start from None, so a second call compares its own gradients, not sums with the first's."""
+    ours.zero_grad(set_to_none=True)
+    theirs.zero_grad(set_to_none=True)
     xa, xb = clone_all(x), clone_all(x)
     ha, hb = clone_all(hx), clone_all(hx)
     fa = flat(ours(xa, ha) if hx is not None else ours(xa))

@@ -1,13 +1,14 @@
 // Implicit-GEMM convolution on CUDA, the general case of csrc/cuda/conv.cu's three passes (forward,
 // input gradient, weight gradient), float32/float16/bfloat16 with float32 accumulation.
-// One SIMT kernel template for all three passes, one GEMM per group (blockIdx.z = group x split).
+// One SIMT kernel template for all three passes, a GEMM per group (blockIdx.z = group x split or
+// group x stride phase).
 // Operand elements are gathered from the tensors on the fly (no im2col buffer); out-of-range taps
 // read zero.
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
-//   input gradient: one GEMM per stride phase (h mod sh, w mod sw): rows = that phase's N*H*W
-//                   share, cols = C/groups, reduction = K/groups * the taps on its stride grid
-//                   only (no zero taps; one phase at stride 1; past 16 phases the direct kernel
-//                   runs instead).
+//   input gradient: one GEMM per stride phase (h mod sh, w mod sw), all phases in one launch
+//                   (blockIdx.z = group x phase): rows = that phase's N*H*W share, cols =
+//                   C/groups, reduction = K/groups * the taps on its stride grid only (no zero
+//                   taps; one phase at stride 1; past 16 phases the direct kernel runs instead).
 //   weight grad.:   rows = C/groups*kh*kw, cols = K/groups, reduction = N*OH*OW (rows along the
 //                   weight's contiguous axis, so the stores coalesce), split into `splits` chunks
 //                   when the tile grid alone would not fill the GPU; each chunk writes float
@@ -23,10 +24,10 @@
 // per slice (t % 8) for both operands and steps it by 8 as three mixed-radix digits (Digits: no
 // division in the loop), and rows / columns t / 8 + 32 r. Shared rows are padded by 4 floats: the
 // loaders' stores (8 indices x 4 rows per warp) then hit 32 distinct banks.
-// Tile choice (pick_tile): BN from the column count (<= 32, <= 64, more), then BM = 128 unless
-// its grid has fewer blocks than the GPU has SMs, then 64 (and BN halved, down to 32, while still
-// short). A reasoned rule, not yet timed; FASTDL_CUDA_CONV_TILE=BMxBN forces one tile for tests
-// and tuning (README, "Environment").
+// Tile choice (pick_tile, weight_plan): the tile with the least predicted time, waves of resident
+// blocks (the runtime's occupancy for that kernel) times a per-tile wave cost fitted on an H200;
+// for the weight gradient, each tile with as many reduction splits as fit one wave.
+// FASTDL_CUDA_CONV_TILE=BMxBN forces one tile for tests and tuning (README, convolution).
 // Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism,
 // every tile forced); timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off
 // (benchmarks/RESULTS.md; the 64 x 64 kernel's H200 figures are in section 2026-12-04 15:39).
@@ -96,6 +97,9 @@ struct ForwardOp {
   int64_t rows, cols, red_len, chunk;
   int splits;
   Radix radix;  // kk = (ci, i, j)
+  static constexpr int parts = 1;  // one GEMM per group (and split)
+  using View = ForwardOp;
+  __device__ const ForwardOp& part(int) const { return *this; }
   struct Row { const T* x; int ih0, iw0; };
   struct Col { const T* w; };
   struct Red { int64_t kk, coff; int di, dj; bool ok; };
@@ -139,47 +143,72 @@ struct Phase {
 };
 
 template <class T>
-struct InputGradOp {
+struct InputGradArgs {  // what the phases share (the kernel's parameter, read in place)
   Geo p;
   const T* gy;
   const T* w;
   T* gx;
-  int64_t rows, cols, red_len, chunk;
-  int splits;
-  Radix radix;  // kk = (ko, a, b)
+};
+template <class T>
+struct InputGradOp {  // one phase's GEMM
+  const InputGradArgs<T>& s;
   Phase f;
+  int64_t rows, cols, red_len, chunk;
+  Radix radix;  // kk = (ko, a, b)
+  static constexpr int splits = 1;
   struct Row { const T* gy; int oh0, ow0; };  // 32-bit: planes < 2^30 (check_cuda)
   struct Col { const T* w; };
   struct Red { int64_t gyoff, woff; int doh, dow; bool ok; };
   struct Out { T* gx; int64_t plane; };
   __device__ Row row(int64_t g, int64_t m) const {
-    if (m >= rows) return Row{gy, -kOff, -kOff};  // oh = oh0 - doh stays past the plane
+    if (m >= rows) return Row{s.gy, kOff, kOff};  // oh = oh0 - doh < 0
     const int64_t v = m % f.wp, u = (m / f.wp) % f.hp, n = m / (int64_t(f.wp) * f.hp);
-    return Row{gy + (n * p.k + g * p.kg) * p.oh * p.ow, f.obh + int(u), f.obw + int(v)};
+    return Row{s.gy + (n * s.p.k + g * s.p.kg) * s.p.oh * s.p.ow, f.obh + int(u),
+               f.obw + int(v)};
   }
   __device__ Col col(int64_t g, int64_t ci) const {
-    return Col{ci < cols ? w + (g * p.kg * p.cg + ci) * p.taps : nullptr};
+    return Col{ci < cols ? s.w + (g * s.p.kg * s.p.cg + ci) * s.p.taps : nullptr};
   }
   __device__ Red red(const Digits& d, int64_t end) const {
     const int i = f.i0 + f.si * d.mid, j = f.j0 + f.sj * d.lo;
-    return Red{d.hi * p.oh * p.ow, d.hi * p.cg * p.taps + i * int(p.kw) + j, f.dsi * d.mid,
-               f.dsj * d.lo, d.kk < end};
+    return Red{d.hi * s.p.oh * s.p.ow, d.hi * s.p.cg * s.p.taps + i * int(s.p.kw) + j,
+               f.dsi * d.mid, f.dsj * d.lo, d.kk < end};
   }
   __device__ float a(const Row& r, const Red& k) const {
     const int oh = r.oh0 - k.doh, ow = r.ow0 - k.dow;
-    if (!k.ok || oh < 0 || ow < 0 || oh >= p.oh || ow >= p.ow) return 0.f;
-    return to_f(r.gy[k.gyoff + oh * int(p.ow) + ow]);
+    if (!k.ok || oh < 0 || ow < 0 || oh >= s.p.oh || ow >= s.p.ow) return 0.f;
+    return to_f(r.gy[k.gyoff + oh * int(s.p.ow) + ow]);
   }
   __device__ float b(const Col& c, const Red& k) const {
     return c.w && k.ok ? to_f(c.w[k.woff]) : 0.f;
   }
   __device__ Out out(int64_t g, int, int64_t m) const {
     const int64_t vv = m % f.wp, u = (m / f.wp) % f.hp, n = m / (int64_t(f.wp) * f.hp);
-    const int64_t ih = f.rh + p.sh * u, iw = f.rw + p.sw * vv, plane = p.h * p.w;
-    return Out{gx + (n * p.c + g * p.cg) * plane + ih * p.w + iw, plane};
+    const int64_t ih = f.rh + s.p.sh * u, iw = f.rw + s.p.sw * vv, plane = s.p.h * s.p.w;
+    return Out{s.gx + (n * s.p.c + g * s.p.cg) * plane + ih * s.p.w + iw, plane};
   }
   __device__ void put(const Out& o, int64_t ci, float v) const {
     o.gx[ci * o.plane] = from_f<T>(v);
+  }
+};
+
+// Every stride phase of the input gradient in one launch (blockIdx.z = group x phase): a phase's
+// GEMM is InputGradOp with that phase's Phase, rows and reduction; row tiles past a phase's rows
+// exit at once. One launch rather than one per phase: at stride 2 four quarter-size grids each
+// filled the GPU by a quarter (shape 5's input gradient on the H200, benchmarks/RESULTS.md).
+constexpr int kMaxPhases = 16;
+template <class T>
+struct InputGradPhases {
+  using View = InputGradOp<T>;
+  InputGradArgs<T> args;
+  Phase f[kMaxPhases];
+  int64_t prows[kMaxPhases], pred[kMaxPhases];
+  Radix pradix[kMaxPhases];
+  int parts;
+  int64_t rows, cols;  // the largest phase's rows; columns (in_channels / groups)
+  static constexpr int splits = 1;
+  __device__ View part(int k) const {
+    return View{args, f[k], prows[k], cols, pred[k], pred[k], pradix[k]};
   }
 };
 
@@ -194,6 +223,9 @@ struct WeightGradOp {
   int64_t rows, cols, red_len, chunk;
   int splits;
   Radix radix;  // q = (n, oh, ow)
+  static constexpr int parts = 1;  // one GEMM per group (and split)
+  using View = WeightGradOp;
+  __device__ const WeightGradOp& part(int) const { return *this; }
   struct Row { const T* x; int ioff, joff; };
   struct Col { const T* gy; };
   struct Red { int64_t gyoff, xoff; int ih0, iw0; bool ok; };
@@ -249,20 +281,23 @@ __device__ __forceinline__ void read_shared(const float* s, float* v) {
 // 4 tm + 64 r + i (tm = t % 16) and columns run(tn) + 64 r + j (tn = t / 16; runs of 4, or 2 when
 // BN = 32); it loads reduction index k0 + t % 8 of rows / columns t / 8 + 32 r.
 template <class Op, int BM, int BN>
-__global__ void __launch_bounds__(kThreads, 2) igemm_kernel(Op op) {
+__global__ void __launch_bounds__(kThreads, 2) igemm_kernel(Op whole) {
   constexpr int TM = BM / 16, TN = BN / 16, RN = TN < 4 ? TN : 4;  // RN: a column run
   constexpr int LA = BM / 32, LB = BN / 32;                           // loads per thread
   FASTDL_SHARED(16, float, as, [2][kBK][BM + 4]);
   FASTDL_SHARED(16, float, bs, [2][kBK][BN + 4]);
   const int t = threadIdx.x;
-  const int split = static_cast<int>(blockIdx.z % op.splits);
-  const int64_t g = blockIdx.z / op.splits;
+  const int split = static_cast<int>(blockIdx.z % whole.splits);
+  const int64_t rest = blockIdx.z / whole.splits;
+  const typename Op::View& op = whole.part(static_cast<int>(rest % whole.parts));
+  const int64_t g = rest / whole.parts;
   const int64_t m0 = int64_t(blockIdx.x) * BM, n0 = int64_t(blockIdx.y) * BN;
+  if (m0 >= op.rows) return;  // a phase with fewer rows than the grid's (the whole block leaves)
   const int64_t k_begin = split * op.chunk;
   const int64_t k_end = k_begin + op.chunk < op.red_len ? k_begin + op.chunk : op.red_len;
   const int lk = t % kBK, lr = t / kBK;
-  typename Op::Row ra[LA];
-  typename Op::Col cb[LB];
+  typename Op::View::Row ra[LA];
+  typename Op::View::Col cb[LB];
 #pragma unroll
   for (int r = 0; r < LA; ++r) ra[r] = op.row(g, m0 + lr + 32 * r);
 #pragma unroll
@@ -277,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, 2) igemm_kernel(Op op) {
     Digits d = digits_at(k_begin + lk, op.radix);
     float pa[LA], pb[LB];
     auto gather = [&]() {
-      const typename Op::Red kd = op.red(d, k_end);
+      const typename Op::View::Red kd = op.red(d, k_end);
 #pragma unroll
       for (int r = 0; r < LA; ++r) pa[r] = op.a(ra[r], kd);
 #pragma unroll
@@ -321,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 2) igemm_kernel(Op op) {
   for (int i = 0; i < TM; ++i) {
     const int64_t m = m0 + 4 * tm + 64 * (i / 4) + i % 4;
     if (m >= op.rows) continue;
-    const typename Op::Out o = op.out(g, split, m);
+    const typename Op::View::Out o = op.out(g, split, m);
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t n = n0 + RN * tn + 64 * (j / RN) + j % RN;
@@ -377,26 +412,72 @@ bool forced_tile(Tile& t) {
   return false;
 }
 
-// See the header: the widest column tile the columns use, then the tallest row tile whose grid
-// still gives every SM a block.
-Tile pick_tile(int64_t rows, int64_t cols, int64_t groups) {
-  Tile t{128, cols <= 32 ? 32 : cols <= 64 ? 64 : 128};
-  if (forced_tile(t)) return t;
-  const int64_t sms = sm_count();
-  auto blocks = [&](const Tile& u) { return groups * ceil_div(rows, u.bm) * ceil_div(cols, u.bn); };
-  if (blocks(t) < sms) t.bm = 64;
-  while (blocks(t) < sms && t.bn > 32) t.bn /= 2;
-  return t;
+// The tiles, each with its time per wave of blocks (one block per resident slot on every SM, 2
+// for every tile at ptxas's register counts) relative to a 128 x 64 tile's, fitted on an H200 to
+// shape 3's forward (32x64x56x56 -> 64, 3x3, 576-long reduction; every tile forced,
+// benchmarks/conv_cuda_tiles.py; benchmarks/RESULTS.md, 2026-12-04 18:05): a 128 x 128 tile does
+// 2x the work of a 128 x 64 in 1.46x its time, a 64 x 32 a quarter of it in 0.46x. The model
+// ranked the six tiles on shape 2's forward in the measured order.
+struct TileCost {
+  Tile tile;
+  double wave;
+};
+constexpr TileCost kTiles[] = {{{128, 128}, 1.46}, {{64, 128}, 0.74}, {{128, 64}, 1.0},
+                               {{64, 64}, 0.595},  {{128, 32}, 0.69}, {{64, 32}, 0.457}};
+
+// Resident blocks per SM of the tile's kernel (registers decide: 2 at <= 128 per thread, more
+// for the 32-wide tiles), asked of the runtime once per device.
+template <class Op, int BM, int BN>
+int resident() {
+  static int cached[64] = {0};
+  int device = 0;
+  FASTDL_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 0 && device < 64 && cached[device]) return cached[device];
+  int n = 0;
+  FASTDL_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, igemm_kernel<Op, BM, BN>, kThreads, 0));
+  n = std::max(n, 1);
+  if (device >= 0 && device < 64) cached[device] = n;
+  return n;
+}
+template <class Op>
+int resident(Tile t) {
+  if (t.bm == 128)
+    return t.bn == 128 ? resident<Op, 128, 128>() : t.bn == 64 ? resident<Op, 128, 64>()
+                                                               : resident<Op, 128, 32>();
+  return t.bn == 128 ? resident<Op, 64, 128>() : t.bn == 64 ? resident<Op, 64, 64>()
+                                                            : resident<Op, 64, 32>();
 }
 
-// The grid is (row tiles, column tiles, groups * splits): CUDA caps y and z at 65535, x at 2^31-1.
-// Past them the pass fails with an error naming it and the limit (README, "CUDA limits").
+// The tile with the least predicted time: waves (blocks over the GPU's resident slots, rounded
+// up: a last, partial wave costs a whole one) times the tile's wave cost. z: grid.z (groups x
+// phases).
+template <class Op>
+Tile pick_tile(int64_t rows, int64_t cols, int64_t z) {
+  Tile forced{0, 0};
+  if (forced_tile(forced)) return forced;
+  const int64_t sms = sm_count();
+  Tile best = kTiles[0].tile;
+  double best_cost = -1;
+  for (const TileCost& c : kTiles) {
+    if (ceil_div(cols, c.tile.bn) > 65535) continue;  // past grid.y: the widest tile may still fit
+    const int64_t blocks = z * ceil_div(rows, c.tile.bm) * ceil_div(cols, c.tile.bn);
+    const double cost = c.wave * double(ceil_div(blocks, resident<Op>(c.tile) * sms));
+    if (best_cost < 0 || cost < best_cost) best = c.tile, best_cost = cost;
+  }
+  return best;
+}
+
+// The grid is (row tiles, column tiles, groups * phases * splits): CUDA caps y and z at 65535, x
+// at 2^31-1. Past them the pass fails with an error naming it and the limit (README, "CUDA
+// limits").
 template <class Op, int BM, int BN>
 void launch_tile(const Op& op, int64_t groups, const char* pass, const char* cols_are,
                  cudaStream_t s) {
-  const int64_t gx = ceil_div(op.rows, BM), gy = ceil_div(op.cols, BN), gz = groups * op.splits;
+  const int64_t gx = ceil_div(op.rows, BM), gy = ceil_div(op.cols, BN);
+  const int64_t gz = groups * op.parts * op.splits;
   FASTDL_CHECK(gz <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 groups, got ",
-               groups, (op.splits > 1 ? " (times the reduction's splits)" : ""),
+               groups, (gz > groups ? " (times the stride phases or the reduction's splits)" : ""),
                "; a depthwise convolution with more channels runs under algorithm 'direct'");
   FASTDL_CHECK(gy <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 * ", BN, " = ",
                int64_t(65535) * BN, " columns per group (", cols_are, ") with ", BM, "x", BN,
@@ -421,20 +502,37 @@ void launch_igemm(const Op& op, Tile t, int64_t groups, const char* pass, const 
   else launch_tile<Op, 64, 32>(op, groups, pass, cols_are, s);
 }
 
-// The weight gradient's tile and reduction splits: enough blocks for two per SM, each split at
-// least 16 slices long, and blockIdx.z = groups * splits within its limit.
+// The weight gradient's tile and reduction splits, together: for each tile, as many splits as
+// fit its tiles into one wave of resident blocks (at most 128, each split at least 16 slices
+// long, blockIdx.z = groups * splits within its limit); then the tile whose waves x wave cost /
+// splits (the time, each block reducing 1/splits of N*OH*OW) is least. The plan does not depend
+// on the element type (the workspace query has none): the float kernels' occupancy decides.
+// (The first rule, ceil(2 * SMs / tiles) splits, gave shape 3 265 blocks for 264 slots: two
+// waves, the second of one block; 1237 us where 630 fit in one wave, H200.)
 struct WeightPlan {
   Tile tile;
   int splits;
 };
 WeightPlan weight_plan(const Conv2dParams& p) {
+  using Op = WeightGradOp<float>;
   const int64_t rows = (p.c / p.groups) * p.kh * p.kw, cols = p.k / p.groups;
-  const Tile t = pick_tile(rows, cols, p.groups);
-  const int64_t tiles = p.groups * ceil_div(rows, t.bm) * ceil_div(cols, t.bn);
-  const int64_t red = p.n * p.oh * p.ow;
-  int64_t s = ceil_div(2 * int64_t(sm_count()), tiles);
-  s = std::min<int64_t>({s, 64, std::max<int64_t>(1, red / (16 * kBK)), 65535 / p.groups});
-  return WeightPlan{t, static_cast<int>(std::max<int64_t>(1, s))};
+  const int64_t red = p.n * p.oh * p.ow, sms = sm_count();
+  const int64_t cap = std::min<int64_t>({128, std::max<int64_t>(1, red / (16 * kBK)),
+                                         std::max<int64_t>(1, 65535 / p.groups)});
+  Tile forced{0, 0};
+  const bool force = forced_tile(forced);
+  WeightPlan best{kTiles[0].tile, 1};
+  double best_cost = -1;
+  for (const TileCost& c : kTiles) {
+    if (force && (c.tile.bm != forced.bm || c.tile.bn != forced.bn)) continue;
+    if (!force && ceil_div(cols, c.tile.bn) > 65535) continue;
+    const int64_t tiles = p.groups * ceil_div(rows, c.tile.bm) * ceil_div(cols, c.tile.bn);
+    const int64_t slots = resident<Op>(c.tile) * sms;
+    const int64_t splits = std::max<int64_t>(1, std::min(cap, slots / tiles));
+    const double cost = c.wave * double(ceil_div(tiles * splits, slots)) / double(splits);
+    if (best_cost < 0 || cost < best_cost) best = WeightPlan{c.tile, int(splits)}, best_cost = cost;
+  }
+  return best;
 }
 
 }  // namespace
@@ -443,7 +541,7 @@ void igemm_forward(const Conv2dParams& p, const void* x, const void* w, const vo
                    cudaStream_t s) {
   const Geo g = geo_of(p);
   const int64_t rows = p.n * p.oh * p.ow, red = g.cg * g.taps;
-  const Tile tile = pick_tile(rows, g.kg, p.groups);
+  const Tile tile = pick_tile<ForwardOp<float>>(rows, g.kg, p.groups);
   by_dtype(p.dtype, "conv2d", [&](auto tag) {
     using T = decltype(tag);
     ForwardOp<T> op{g,    static_cast<const T*>(x), static_cast<const T*>(w),
@@ -472,36 +570,41 @@ void phase_taps(int64_t r, int64_t pad, int64_t k, int64_t d, int64_t s, int& i0
     }
 }
 
-// One dense GEMM per stride phase (ih mod sh, iw mod sw) over only its taps; one phase at stride
-// 1. Past 16 phases (large strides: many small launches) the direct kernel, which also skips the
-// off-stride taps, runs instead.
+// One dense GEMM per stride phase (ih mod sh, iw mod sw) over only its taps, all phases in one
+// launch; one phase at stride 1. Past 16 phases (large strides) the direct kernel, which also
+// skips the off-stride taps, runs instead.
 void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, void* gx,
                           cudaStream_t s) {
   const int64_t phr = std::min(p.sh, p.h), phc = std::min(p.sw, p.w);
-  if (phr * phc > 16) {
+  if (phr * phc > kMaxPhases) {
     direct_backward_input(p, gy, w, gx, s);
     return;
   }
   const Geo g = geo_of(p);
   by_dtype(p.dtype, "conv2d_backward_input", [&](auto tag) {
     using T = decltype(tag);
+    InputGradPhases<T> op{};
+    op.args = InputGradArgs<T>{g, static_cast<const T*>(gy), static_cast<const T*>(w),
+                               static_cast<T*>(gx)};
+    op.parts = static_cast<int>(phr * phc);
+    op.cols = g.cg;
+    op.rows = 0;
     for (int64_t rh = 0; rh < phr; ++rh)
       for (int64_t rw = 0; rw < phc; ++rw) {
-        Phase f{};
+        Phase& f = op.f[rh * phc + rw];
         f.rh = static_cast<int>(rh);
         f.rw = static_cast<int>(rw);
         f.hp = static_cast<int>(ceil_div(p.h - rh, p.sh));
         f.wp = static_cast<int>(ceil_div(p.w - rw, p.sw));
         phase_taps(rh, p.ph, p.kh, p.dh, p.sh, f.i0, f.si, f.ni, f.obh, f.dsi);
         phase_taps(rw, p.pw, p.kw, p.dw, p.sw, f.j0, f.sj, f.nj, f.obw, f.dsj);
-        const int64_t rows = p.n * f.hp * f.wp;
-        const int64_t red = g.kg * f.ni * f.nj;  // 0: the phase's gx is written as zeros
-        InputGradOp<T> op{g,    static_cast<const T*>(gy), static_cast<const T*>(w),
-                          static_cast<T*>(gx), rows, g.cg, red, red, 1, radix_of(f.ni, f.nj),
-                          f};
-        launch_igemm(op, pick_tile(rows, g.cg, p.groups), p.groups, "conv2d_backward_input",
-                     "in_channels / groups", s);
+        op.prows[rh * phc + rw] = p.n * f.hp * f.wp;
+        op.pred[rh * phc + rw] = g.kg * f.ni * f.nj;  // 0: the phase's gx is written as zeros
+        op.pradix[rh * phc + rw] = radix_of(f.ni, f.nj);
+        op.rows = std::max(op.rows, p.n * f.hp * f.wp);
       }
+    const Tile tile = pick_tile<InputGradPhases<float>>(op.rows, g.cg, p.groups * op.parts);
+    launch_igemm(op, tile, p.groups, "conv2d_backward_input", "in_channels / groups", s);
   });
 }
 

@@ -112,6 +112,16 @@ template <class F>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F* f) {
   return fastdl_emu::func_attributes(a, reinterpret_cast<const void*>(f));
 }
+// Occupancy: the emulation has no register file, so every kernel gets 2 resident blocks per SM
+// (what the implicit GEMM's tiles reach on an H200 at <= 128 registers); errors as
+// cudaFuncGetAttributes's (a missing kernel image).
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* f, int, size_t) {
+  cudaFuncAttributes a;
+  const cudaError_t e = fastdl_emu::func_attributes(&a, reinterpret_cast<const void*>(f));
+  *n = e == cudaSuccess ? 2 : 0;
+  return e;
+}
 // Records a kernel's dynamic shared memory opt-in; launches above 48 KB without it fail, as on a GPU.
 template <class F>
 cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
