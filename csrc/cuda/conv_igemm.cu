@@ -155,7 +155,6 @@ struct InputGradOp {  // one phase's GEMM
   Phase f;
   int64_t rows, cols, red_len, chunk;
   Radix radix;  // kk = (ko, a, b)
-  static constexpr int splits = 1;
   struct Row { const T* gy; int oh0, ow0; };  // 32-bit: planes < 2^30 (check_cuda)
   struct Col { const T* w; };
   struct Red { int64_t gyoff, woff; int doh, dow; bool ok; };
