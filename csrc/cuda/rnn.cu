@@ -65,6 +65,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <utility>
 #include <vector>
 
@@ -89,6 +90,39 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
   gemm_cuda(gemm_params<float>(ta, tb, m, n, k, lda, ldb, ldc, beta), a, b, c, l, false);
 }
 
+// A step GEMM's product left as split-K partials (gemm_cuda_split): split s of element (b, col)
+// at part[s * stride + b * ld + col], for rows b < rows. Its consumer sums s = 0, 1, ... in that
+// order (then adds the base for a beta = 1 product: GRU's dh). rows == 0: no partials pending.
+struct Splits {
+  const float* part = nullptr;
+  int64_t stride = 0;
+  int count = 1, rows = 0;
+  bool add_base = false;
+};
+
+__device__ __forceinline__ float split_sum(const float* p, int count, int64_t stride) {
+  float v = p[0];
+  for (int t = 1; t < count; ++t) v += p[t * stride];
+  return v;
+}
+
+// The value of element (b, col) of a product that may be pending as partials: base (ld columns)
+// holds it when no partial covers row b, and the GRU direct term (add_base) when one does.
+__device__ __forceinline__ float resolved(const Splits& sp, const float* base, int64_t b,
+                                          int64_t col, int64_t ld) {
+  if (b >= sp.rows) return base[b * ld + col];
+  const float v = split_sum(sp.part + b * ld + col, sp.count, sp.stride);
+  return sp.add_base ? v + base[b * ld + col] : v;
+}
+
+// Test hook: FASTDL_RNN_SPLIT_K=n asks every step GEMM for n splits (still capped by
+// gemm_split_cap(k)), so the emulated CI (4 SMs, small shapes) runs the split path on shapes the
+// SM rule would not split; unset, the rule in gemm.cu decides. Read once per layer call.
+int forced_splits() {
+  const char* v = std::getenv("FASTDL_RNN_SPLIT_K");
+  return v ? std::max(0, std::atoi(v)) : 0;
+}
+
 __device__ __forceinline__ float bias_at(const float* b, int64_t i) { return b ? b[i] : 0.f; }
 
 // dst rows (rows x cols, contiguous) = src rows (+ add rows when add != nullptr).
@@ -108,7 +142,9 @@ void copy_add(const float* src, const float* add, float* dst, int64_t n, cudaStr
 
 // What one forward step's gate kernels read and write (rows b < bs of the step).
 struct FwdStep {
-  const float* hh;     // generic path: (bs, G*H) W_hh h, no bias
+  const float* hh;     // generic path: (bs, G*H) W_hh h, no bias, or its hh_splits partials
+  int64_t hh_stride;   // (split s at hh + s * hh_stride)
+  int hh_splits;
   const float* w_hh;   // fused path: (G*H, R)
   float* xa;           // (bs, ld_xa) W_ih x, no bias; training: overwritten by the activations
   int64_t ld_xa;
@@ -193,7 +229,8 @@ __global__ void __launch_bounds__(kThreads) forward_gates_kernel(FwdStep s) {
     const int64_t b = idx / H, j = idx - b * H;
     float hg[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) hg[q] = q * H < s.GH ? s.hh[b * s.GH + q * H + j] : 0.f;
+    for (int q = 0; q < 4; ++q)
+      hg[q] = q * H < s.GH ? split_sum(s.hh + b * s.GH + q * H + j, s.hh_splits, s.hh_stride) : 0.f;
     forward_unit(s, b, j, hg);
   }
 }
@@ -253,6 +290,8 @@ struct BackStep {
   const float* h_prev;  // GRU (bs, R)
   float* dh_in;         // (bs, ld_dh_in): the carried dh (B, R) or, with a projection, dhpre
   int64_t ld_dh_in;
+  Splits carry;         // no projection: the previous step's dh product, pending as partials
+                        // for rows < carry.rows (which may exceed bs: those rows end here)
   const float* dy;      // (bs, R) or nullptr (projection: already in dh_in)
   float* dgx;           // (bs, G*H)
   float* dgh;           // GRU (bs, G*H)
@@ -261,14 +300,22 @@ struct BackStep {
   RnnMode mode;
 };
 
+// One thread per (row, unit) of max(bs, carry.rows) rows: rows < bs run the gate gradients from
+// dh = carried + dy; rows bs.. (sequences ending here, in the backward's order) only resolve their
+// pending dh into dh_in, their final value.
 __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
-  const int64_t H = s.H, GH = s.GH, n = int64_t(s.bs) * H;
+  const int64_t H = s.H, GH = s.GH, n = int64_t(max(s.bs, s.carry.rows)) * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
-    const float* ar = s.act + b * s.act_cols + j;
     float* dhi = s.dh_in + b * s.ld_dh_in + j;
-    const float dh = *dhi + (s.dy ? s.dy[b * H + j] : 0.f);
+    const float carried = resolved(s.carry, s.dh_in, b, j, s.ld_dh_in);
+    if (b >= s.bs) {
+      *dhi = carried;
+      continue;
+    }
+    const float* ar = s.act + b * s.act_cols + j;
+    const float dh = carried + (s.dy ? s.dy[b * H + j] : 0.f);
     float* g = s.dgx + b * GH + j;
     if (s.mode == RnnMode::Lstm) {
       float* dc = s.dc + b * H + j;
@@ -287,6 +334,30 @@ __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
       g[0] = rnn_unit_backward(ar[0], dh, s.mode == RnnMode::Relu);
     }
   }
+}
+
+// Resolves pending dh partials (sp) into dh (rows x cols, all rows < sp.rows), and with dst,
+// dst = dh + add for rows < dst_rows (the projection's dht = dh + dy). After the step loop (no dst)
+// it writes the last step's dh into dh_0.
+__global__ void __launch_bounds__(kThreads)
+    resolve_kernel(Splits sp, float* __restrict__ dh, int64_t cols, const float* __restrict__ add,
+                   float* __restrict__ dst, int64_t dst_rows) {
+  const int64_t n = max(int64_t(sp.rows), dst ? dst_rows : 0) * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / cols, c = i - b * cols;
+    const float v = resolved(sp, dh, b, c, cols);
+    if (b < sp.rows) dh[i] = v;
+    if (dst && b < dst_rows) dst[i] = v + (add ? add[i] : 0.f);
+  }
+}
+
+void resolve(const Splits& sp, float* dh, int64_t cols, const float* add, float* dst,
+             int64_t dst_rows, cudaStream_t s) {
+  const int64_t n = std::max<int64_t>(sp.rows, dst ? dst_rows : 0) * cols;
+  if (n <= 0) return;
+  FASTDL_LAUNCH(blocks_for(n), kThreads, 0, s, resolve_kernel)(sp, dh, cols, add, dst, dst_rows);
+  FASTDL_CUDA_CHECK_LAUNCH();
 }
 
 // out[c] = sum over rows i < n of g[i * cols + c], in a fixed order (deterministic): a block owns
@@ -448,6 +519,8 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     FASTDL_CUDA_CHECK(cudaMemcpyAsync(h_other, a.h0, sizeof(float) * B * R,
                                       cudaMemcpyDeviceToDevice, stream));
   int64_t live = B;  // rows of the previous step (forward direction: those not yet ended)
+  const int force = forced_splits();
+  const int64_t hh_stride = rnn_cuda_split_stride(p, GH);  // capacity gemm_split_cap(R) splits
 
   // The input projection of all N rows at once.
   float* xg = training ? ws + L.act : sc + S.xg;
@@ -464,10 +537,19 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
                                         cudaMemcpyDeviceToDevice, stream));
     live = bs;
     const bool fused = bs <= kFusedRows;
-    if (!fused) mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
+    // hh = h W_hh^T: split-K partials when the tile grid is small (gemm.cu's rule), which the
+    // gate kernel sums; else one product, as without split-K.
+    const int splits = fused ? 1 : gemm_cuda_split_count(bs, GH, R, launch, force);
+    if (splits > 1)
+      gemm_cuda_split(gemm_params<float>(false, true, bs, GH, R, R, R, GH, 0.0), splits, h_cur,
+                      w_hh, hh, hh_stride, launch);
+    else if (!fused)
+      mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
     if (proj && hprev) copy_add(h_cur, nullptr, hprev, bs * R, stream);
     FwdStep st;
     st.hh = hh;
+    st.hh_stride = hh_stride;
+    st.hh_splits = splits;
     st.w_hh = w_hh;
     st.xa = xg + row0 * ld_xg;
     st.ld_xa = ld_xg;
@@ -535,13 +617,21 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
   }
   if (p.steps == 0 || B == 0) return;
   const std::vector<int64_t> off = rnn_step_offsets(p);
+  // The dh product's split-K partials (gemm_split_cap(G*H) of them at most), pending until the
+  // next step's first kernel (or, after the loop, resolve) sums them.
+  const int force = forced_splits();
+  float* dh_part = static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).split;
+  const int64_t dh_stride = rnn_cuda_split_stride(p, R);
+  Splits carry;  // rows == 0: dhs holds the carried dh
 
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? s : p.steps - 1 - s;
     const int64_t bs = p.rows_at(t), row0 = off[t];
     const float* dyr = dy ? dy + row0 * R : nullptr;
     if (proj) {  // dht = dh + dy; the units' gradient is dht @ W_hr
-      copy_add(dhs, dyr, dht + row0 * R, bs * R, stream);
+      if (carry.rows > 0) resolve(carry, dhs, R, dyr, dht + row0 * R, bs, stream);
+      else copy_add(dhs, dyr, dht + row0 * R, bs * R, stream);
+      carry.rows = 0;
       mm(false, false, bs, H, R, dht + row0 * R, R, w_hr, H, dhpre, H, 0.0, launch);
     }
     BackStep st;
@@ -553,6 +643,7 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     st.dh_in = proj ? dhpre : dhs;
     st.ld_dh_in = proj ? H : R;
     st.dy = proj ? nullptr : dyr;
+    st.carry = carry;  // projection: resolved above (rows 0)
     st.dgx = dgx + row0 * GH;
     st.dgh = dgh + row0 * GH;
     st.dc = dcs;
@@ -560,11 +651,27 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     st.H = static_cast<int>(H);
     st.GH = static_cast<int>(GH);
     st.mode = p.mode;
-    FASTDL_LAUNCH(blocks_for(bs * H), kThreads, 0, stream, backward_gates_kernel)(st);
+    FASTDL_LAUNCH(blocks_for(std::max<int64_t>(bs, carry.rows) * H), kThreads, 0, stream,
+                  backward_gates_kernel)(st);
     FASTDL_CUDA_CHECK_LAUNCH();
-    // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs)
-    mm(false, false, bs, R, GH, dgh + row0 * GH, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0, launch);
+    // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs): split-K
+    // partials when the tile grid is small (gemm.cu's rule), summed by the next step's first
+    // kernel; else into dhs, as without split-K.
+    const int splits = gemm_cuda_split_count(bs, R, GH, launch, force);
+    if (splits > 1) {
+      gemm_cuda_split(gemm_params<float>(false, false, bs, R, GH, GH, R, R, 0.0), splits,
+                      dgh + row0 * GH, w_hh, dh_part, dh_stride, launch);
+      carry.part = dh_part;
+      carry.stride = dh_stride;
+      carry.count = splits;
+      carry.rows = static_cast<int>(bs);
+      carry.add_base = gru;
+    } else {
+      mm(false, false, bs, R, GH, dgh + row0 * GH, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0, launch);
+      carry.rows = 0;
+    }
   }
+  resolve(carry, dhs, R, nullptr, nullptr, 0, stream);  // the last step's dh into dh_0
 
   const float* x = static_cast<const float*>(a.x);
   const float* w_ih = static_cast<const float*>(w.w_ih);
@@ -623,7 +730,7 @@ void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwar
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
   const int64_t GH = p.gates() * H, N = p.total_rows();
   const bool lstm = p.mode == RnnMode::Lstm;
-  Stage st(static_cast<float*>(a.scratch) + rnn_scratch_layout(p).stage,
+  Stage st(static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).stage,
            rnn_cuda_stage_elements(p, true));
   RnnWeights w32;
   w32.w_ih = st.in(w.w_ih, GH * I);
