@@ -1,22 +1,29 @@
 // CUDA GEMM, float32: C = alpha * op(A) * op(B) + beta * C, row-major with leading dimensions and
 // either operand transposed (csrc/gemm.h; matches torch.mm / torch.addmm).
-// Two kernels, 256-thread blocks, output tiles in a 1-D grid:
+// Two kernels, 256-thread blocks, output tiles along the grid's x (split-K: k chunks along y):
 //  * SIMT (default, exact float32): 128 x 128 tiles, k in slices of 8, two shared-memory buffers
 //    (one barrier per slice) fed through registers so the next slice's global loads overlap the
 //    FMAs; each thread holds an 8 x 8 register tile (two 4-wide strips per side, read from shared
 //    as float4). When fewer than 2 tiles per SM would exist (RNN shapes), 64 x 64 tiles with k
 //    slices of 16 and 4 x 4 per thread instead, so the grid fills the GPU.
+//  * Split-K (gemm_cuda_split, exact float32; the RNN step GEMMs): the 64 x 64 SIMT kernel with a
+//    second grid dimension over k chunks (multiples of 16); split s writes its chunk's product to
+//    partials + s * stride and the caller sums the splits in order (deterministic, no atomics).
+//    gemm_cuda_split_count's rule: about two blocks per SM when the tile grid is below the SM
+//    count, chunks >= 32 of k, at most 16 splits. The unsplit kernels run the same code with one
+//    chunk of all of k, so their results are unchanged.
 //  * TF32 tensor cores (opt-in via torch.backends.cuda.matmul.allow_tf32, sm_80+): k in slices of
 //    16, wmma m16n16k8; 8 warps in a 2 x 4 grid, each a 64 x 32 sub-tile of 4 x 2 fragments;
 //    results staged through a per-warp 16 x 16 shared tile so edges are written with bounds checks.
 // Global loads: 16-byte float4 along the operand's contiguous dimension when the base pointer is
 // 16-byte aligned and the leading dimension a multiple of 4, else scalar; out-of-range elements
 // load as zero, so any m, n, k works. beta == 0 never reads C; alpha == 0 or k == 0 only scales C.
-// Tested by tests/test_gemm.py and tests/test_linear.py (CUDA cases); timed by
+// Tested by tests/test_gemm.py and tests/test_linear.py (CUDA cases), split-K through
+// tests/test_rnn.py (test_cuda_split_k*); timed by
 // benchmarks/bench_gemm.py --device cuda. Its tests passed on an H200 (2026-12-04); its
 // speed there was measured only inside the RNN steps (benchmarks/RESULTS.md, that date's GPU run).
-// ptxas (sm_90): SIMT 128-tile 127-141 registers, 64-tile 63, TF32 186-188 (26.3 KB smem); no
-// spills.
+// ptxas (sm_90, with split-K): SIMT 128-tile 127-129 registers, 64-tile 63, TF32 186-188
+// (26.3 KB smem); no spills.
 #include <mma.h>
 
 #include <cstdint>

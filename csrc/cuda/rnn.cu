@@ -21,8 +21,8 @@
 //        hidden unit (parallel over H, not only the batch): lanes split k and read the unit's G
 //        rows of W_hh and the h rows coalesced, partial sums reduced through shared memory, then
 //        lane b runs the gate math of row b. One launch per step.
-//      * more rows: hh = h @ W_hh^T (gemm_cuda, bs x G*H), then a gate kernel, one thread per
-//        (row, unit).
+//      * more rows: hh = h @ W_hh^T (gemm_cuda, bs x G*H, or split-K below), then a gate kernel,
+//        one thread per (row, unit), which sums hh's split-K partials as it reads them.
 //      Either writes c in place, h', the output row and, in training, the saved activations, for
 //      the step's rows only. Packed sequences: a row that ends is copied into h_n once, when it
 //      ends (if the ping-pong left it in the other buffer); the reverse direction, whose rows
@@ -31,31 +31,58 @@
 //      and h = y, in place.
 // Backward (reverse visiting order): per step one fused gate-gradient kernel (dh = carried + dy,
 // saved activations -> gate gradients dg, dc in place, GRU's direct term dh*z into dh in place)
-// and dh_prev = dg_h @ W_hh (GEMM; GRU adds onto the direct term with beta = 1). After the loop
+// and dh_prev = dg_h @ W_hh (GEMM; GRU adds onto the direct term with beta = 1; or split-K, whose
+// partials the next step's gate kernel sums into its carried dh; with a projection the kernel
+// that forms dht = dh + dy sums them; after the loop one small resolve kernel writes the last
+// step's sum into dh_0). After the loop
 // the weight gradients are GEMMs over all N rows (dW_ih = dg^T x, dW_hh = dg_h^T hprev,
 // dW_hr = dht^T hpre, dx = dg W_ih), and the biases are column sums of dg by a deterministic
 // reduction (fixed order, no atomics): 32 columns per block, 8 row strides, then a fixed tree.
 // GEMMs run in exact float32 (no TF32): the recurrence compounds rounding over the steps.
+// Split-K of the step GEMMs (hh = h W_hh^T, k = R; dh = dg_h W_hh, k = G*H): m = batch makes
+// gemm_cuda's 64 x 64 tile grid a few blocks on 132 SMs, each walking all of k in 16-wide slices,
+// a chain of dependent loads. gemm_cuda_split cuts k into chunks (gemm.cu's rule: about two blocks
+// per SM, chunks >= 32, <= 16 splits; a grid of >= SMs tiles, short k or the fused path: no split,
+// the unsplit path exactly as before) and writes each chunk's product to the scratch (split
+// partials, rnn.h sizes them by gemm_split_cap(k)). No extra launch per step: the kernel that
+// reads the product next sums the partials in split order 0, 1, ... (then GRU's direct term), so
+// results are bitwise the same run to run; they differ from the unsplit sum's rounding, and from
+// one SM count to another (the count picks the splits). No atomics. Packed sequences: the
+// partials of dh cover the step's rows; a row whose sequence ends in the backward's order before
+// they are summed (the reverse direction's shrinking batch) is resolved into the carried dh by
+// the next gate kernel, which runs over max(rows, pending rows) for that. The test hook
+// FASTDL_RNN_SPLIT_K=n forces n splits (capped by k) so the emulation (4 SMs) covers the path.
+// Smaller tiles (32-row) were not added: at m = batch <= 64 the m side is one tile either way, so
+// they add no blocks (split-K multiplies the grid); a 64-row tile at batch 32 computes zero rows
+// on an SM that would otherwise idle, while its time is set by the k-slice chain split-K shortens.
+// GPU timings of split-K are pending (written without a GPU). Predicted, from the measured
+// per-step GEMM times (benchmarks/RESULTS.md, 2026-12-04 15:39) and the split rule: the dh GEMM,
+// 22 us per step for LSTM (64,128,32) (2 blocks x 32 slices) and 86 us for LSTM (256,512,64)
+// (8 x 128 slices), becomes 32 blocks x 2 slices and 128 x 8 slices, a few us each (launch and
+// one wave of short blocks) plus at most 4 MB of partials per step through L2; so forward +
+// backward should gain most (LSTM (256,512,64,100) from 0.49x toward ~1x cuDNN, the 50-step
+// shapes from ~0.5x to ~0.7x), the forward less (its GEMM is 6.7 us of a step whose wall time is
+// set by two launches). cuDNN's one persistent kernel is expected to stay ahead on the small
+// shapes: 100-200 launches per call remain, and batch 1's forward is the fused kernel, unchanged.
 // Not done: tensor-core GEMMs for the half types (they run the exact float32 path on the copies);
 // a persistent kernel keeping W_hh on chip across steps (the emulation runs blocks one after
 // another, so a multi-block persistent kernel with a grid barrier cannot run there; one block is
-// too little of an H100 for H >= 128); a small-batch kernel for the backward's dh product. Timed on an
-// H200 against cuDNN, whose persistent kernels keep the weights on chip: benchmarks/RESULTS.md,
-// 2026-12-04 15:39 (the per-step dh GEMM's few blocks, below, among the costs).
-// ptxas (nvcc 13, sm_90 / sm_75, with the half-type staging): fused step 72 / 79 registers and
-// 16.5 KB shared, forward gate kernel 74 / 73, backward gate kernel 32 / 34, copy and column sums
-// 32-44, the four conversion kernels 13-14 / 12-24; no spills.
-// Per-step grids of the benchmark shapes (input, hidden, batch, steps) (review item 2:
-// the step GEMMs get gemm_cuda's 64 x 64 tiles, one block each; an H100/H200 has 132 SMs):
-//   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 blocks + gate kernel 16 blocks;
-//     backward gate kernel 16 blocks + dh GEMM 2 blocks (k = 128 / 512 / 384).
-//   LSTM (256, 512, 64, 100): forward GEMM 32 blocks + gates 128; backward gates 128 + dh GEMM 8
-//     blocks, each looping over k = 2048 in 16-wide slices.
-//   LSTM (32, 64, 1, 200): fused kernel 16 blocks of 4 warps; backward gates 1 + dh GEMM 1 block.
-//   2-layer bidirectional LSTM (128, 256, 16, 100): forward GEMM 16 + gates 16; backward gates 16
-//     + dh GEMM 4 blocks.
-// So the backward's dh product fills at most 8 of 132 SMs: split-K or a matvec kernel is the
-// first thing to measure on a GPU.
+// too little of an H100 for H >= 128). Timed on an H200 against cuDNN, whose persistent kernels
+// keep the weights on chip: benchmarks/RESULTS.md, 2026-12-04 15:39 (before split-K).
+// ptxas (nvcc 13, sm_90, with split-K): fused step 72 registers and 16.5 KB shared, forward gate
+// kernel 48, backward gate kernel 32, resolve, copy and column sums 32, the four conversion
+// kernels 13-14; no spills (sm_75, before split-K: 79, 73, 34, 32-44, 12-24).
+// Per-step grids of the benchmark shapes (input, hidden, batch, steps) on 132 SMs, 64 x 64 tiles
+// x splits (k chunk), from the rule (not yet seen on a GPU):
+//   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 tiles x 4 splits (32) + gate
+//     kernel 16 blocks; backward gate kernel 16 blocks + dh GEMM 2 tiles x 4 / 16 / 12 splits
+//     (k = 128 / 512 / 384, chunks of 32). Before split-K: 2 / 8 / 6 and 2 blocks.
+//   LSTM (256, 512, 64, 100): forward GEMM 32 tiles x 8 splits (64) + gates 128; backward gates
+//     128 + dh GEMM 8 tiles x 16 splits (128 of k = 2048). Before: 32 and 8 blocks.
+//   LSTM (32, 64, 1, 200): fused forward kernel 16 blocks of 4 warps (unchanged); backward gates 1
+//     + dh GEMM 1 tile x 8 splits (32).
+//   2-layer bidirectional LSTM (128, 256, 16, 100): forward GEMM 16 tiles x 8 splits (32) + gates
+//     16; backward gates 16 + dh GEMM 4 tiles x 16 splits (64).
 // The emulation build (CI) compiles rnn_math.h's host branch (polynomial exp/tanh); a GPU runs its
 // __CUDA_ARCH__ branch (expf/tanhf), which CI never runs.
 // Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py and
