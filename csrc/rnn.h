@@ -107,17 +107,21 @@ static inline RnnWorkspace rnn_workspace_layout(const RnnParams& p) {
 }
 
 // CUDA split-K of a step's recurrent GEMM (csrc/cuda/rnn.cu): the partial products of up to
-// gemm_split_cap(k) k-chunks, each a (B, cols) matrix rounded up to 4 elements (16-byte aligned
-// splits). Forward: hh = h W_hh^T (cols G*H, k = R); backward: dh = dg_h W_hh (cols R, k = G*H).
+// rnn_cuda_split_room splits (gemm_split_cap at the full batch; a step of fewer rows uses no
+// more), each a (B, cols) matrix rounded up to 4 elements (16-byte aligned splits).
+// Forward: hh = h W_hh^T (cols G*H, k = R); backward: dh = dg_h W_hh (cols R, k = G*H).
 static inline int64_t rnn_cuda_split_stride(const RnnParams& p, int64_t cols) {
   return rnn_stage_round(p.batch * cols);
+}
+static inline int64_t rnn_cuda_split_room(const RnnParams& p, int64_t cols, int64_t k) {
+  return gemm_split_cap(p.batch, cols, k);
 }
 
 // Scratch the backward needs (caller-allocated, scratch_elements): dgx (N, G*H) gate gradients
 // seen by the input side, dgh (N, G*H) by the hidden side (GRU only; else the same as dgx),
 // dht (N, R) total output gradient per step (projection only), dhpre (B, H) (projection only);
-// CUDA (cuda = true) only: split, the dh GEMM's split-K partials (gemm_split_cap(G*H) x
-// rnn_cuda_split_stride(p, R)), and with float16/bfloat16 tensors stage, the float32 copies
+// CUDA (cuda = true) only: split, the dh GEMM's split-K partials (rnn_cuda_split_room(p, R, G*H)
+// x rnn_cuda_split_stride(p, R)), and with float16/bfloat16 tensors stage, the float32 copies
 // (rnn_cuda_stage_elements).
 struct RnnScratch {
   int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, split = 0, stage = 0, total = 0;
@@ -134,7 +138,8 @@ static inline RnnScratch rnn_scratch_layout(const RnnParams& p, bool cuda = fals
   s.split = s.total;
   if (cuda) {
     s.split = rnn_stage_round(s.total);
-    s.total = s.split + gemm_split_cap(gh) * rnn_cuda_split_stride(p, p.out_size());
+    const int64_t r = p.out_size();
+    s.total = s.split + rnn_cuda_split_room(p, r, gh) * rnn_cuda_split_stride(p, r);
   }
   s.stage = rnn_stage_round(s.total);
   if (p.half()) s.total = s.stage + rnn_cuda_stage_elements(p, true);
@@ -172,7 +177,8 @@ struct RnnForwardArgs {
 };
 
 // Scratch of the CUDA forward (caller-allocated, `total` float elements): hh the step's recurrent
-// product (B, G*H), or its split-K partials (gemm_split_cap(R) x rnn_cuda_split_stride(p, G*H));
+// product (B, G*H), or its split-K partials (rnn_cuda_split_room(p, G*H, R) x
+// rnn_cuda_split_stride(p, G*H));
 // hbuf (B, R) the second state buffer; inference only (training keeps them in the workspace):
 // xg (N, G*H) the input projection of every step, and with a projection hpre (B, H); with
 // float16/bfloat16 tensors: stage, the float32 copies (rnn_cuda_stage_elements).
@@ -182,7 +188,7 @@ struct RnnCudaForwardScratch {
 static inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
   const int64_t gh = p.gates() * p.hidden_size;
   RnnCudaForwardScratch s;
-  s.hbuf = gemm_split_cap(p.out_size()) * rnn_cuda_split_stride(p, gh);
+  s.hbuf = rnn_cuda_split_room(p, gh, p.out_size()) * rnn_cuda_split_stride(p, gh);
   s.xg = s.hpre = s.total = s.hbuf + p.batch * p.out_size();
   if (!training) {
     s.hpre = s.total = s.xg + p.total_rows() * gh;

@@ -429,12 +429,15 @@ void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const
 // Split rule. The step GEMMs of a recurrent layer (m = batch) have a 64 x 64 tile grid of a few
 // blocks (2-32 on 132 SMs at batch <= 64), each walking all of k, so most of the GPU idles and the
 // step takes k / 16 dependent slices. Below one block per SM, split k so the grid reaches about
-// two blocks per SM: ceil(2 * SMs / tiles) splits, at most gemm_split_cap(k) (chunks of >= 32 = two
-// k slices, so each block still overlaps one slice's loads with the other's FMAs; at most 16, so
-// the partials stay 16 x m x n floats and the consumer's sum 16 loads). A grid of >= SMs tiles
-// is not split: it fills the GPU, and splitting would only add partial traffic.
-int gemm_cuda_split_count(int64_t m, int64_t n, int64_t k, const CudaLaunch& launch, int force) {
-  const int64_t cap = gemm_split_cap(k);
+// two blocks per SM: ceil(2 * SMs / tiles) splits, at most gemm_split_cap(m, n, k) (chunks of
+// >= 32 = two k slices, so each block still overlaps one slice's loads with the other's FMAs; at
+// most 16, so the consumer's sum is at most 16 loads; at most 512 blocks in all, so the partials
+// stay below 8 MB whatever the device). A grid of >= SMs tiles is not split: it fills the GPU,
+// and splitting would only add partial traffic.
+int gemm_cuda_split_count(int64_t m, int64_t n, int64_t k, const CudaLaunch& launch, int force,
+                          int64_t room) {
+  int64_t cap = gemm_split_cap(m, n, k);
+  if (room > 0) cap = std::min(cap, room);
   if (m <= 0 || n <= 0 || cap <= 1) return 1;
   int64_t want = force;
   if (want <= 0) {
@@ -451,7 +454,7 @@ void gemm_cuda_split(const GemmParams& p, int splits, const void* a, const void*
   check_cuda_gemm(p);
   FASTDL_CHECK(p.alpha == 1.0 && p.beta == 0.0 && p.ldc == std::max<int64_t>(p.n, 1),
                "fastdl internal: gemm_cuda_split takes alpha 1, beta 0, ldc = n");
-  FASTDL_CHECK(splits >= 1 && splits <= gemm_split_cap(p.k),
+  FASTDL_CHECK(splits >= 1 && splits <= gemm_split_cap(p.m, p.n, p.k),
                "fastdl internal: gemm_cuda_split: ", splits, " splits of k = ", p.k);
   const int64_t chunk = split_chunk(p.k, splits);
   FASTDL_CHECK((p.k + chunk - 1) / chunk == splits,

@@ -40,18 +40,19 @@
 // reduction (fixed order, no atomics): 32 columns per block, 8 row strides, then a fixed tree.
 // GEMMs run in exact float32 (no TF32): the recurrence compounds rounding over the steps.
 // Split-K of the step GEMMs (hh = h W_hh^T, k = R; dh = dg_h W_hh, k = G*H): m = batch makes
-// gemm_cuda's 64 x 64 tile grid a few blocks on 132 SMs, each walking all of k in 16-wide slices,
-// a chain of dependent loads. gemm_cuda_split cuts k into chunks (gemm.cu's rule: about two blocks
-// per SM, chunks >= 32, <= 16 splits; a grid of >= SMs tiles, short k or the fused path: no split,
-// the unsplit path exactly as before) and writes each chunk's product to the scratch (split
-// partials, rnn.h sizes them by gemm_split_cap(k)). No extra launch per step: the kernel that
-// reads the product next sums the partials in split order 0, 1, ... (then GRU's direct term), so
-// results are bitwise the same run to run; they differ from the unsplit sum's rounding, and from
-// one SM count to another (the count picks the splits). No atomics. Packed sequences: the
-// partials of dh cover the step's rows; a row whose sequence ends in the backward's order before
-// they are summed (the reverse direction's shrinking batch) is resolved into the carried dh by
-// the next gate kernel, which runs over max(rows, pending rows) for that. The test hook
-// FASTDL_RNN_SPLIT_K=n forces n splits (capped by k) so the emulation (4 SMs) covers the path.
+// gemm_cuda's 64 x 64 tile grid a few blocks on 132 SMs, each walking all of k in 16-wide slices, a
+// chain of dependent loads. gemm_cuda_split cuts k into chunks (gemm.cu's rule: about two blocks
+// per SM, chunks >= 32, <= 16 splits, <= 512 blocks; a grid of >= SMs tiles, short k or the fused
+// path: no split, the unsplit path exactly as before) and writes each chunk's product to the
+// scratch (split partials, rnn.h sizes them by gemm_split_cap at the full batch). No extra launch
+// per step: the kernel that reads the product next sums the partials in split order 0, 1, ... (then
+// GRU's direct term), so results are bitwise the same run to run; they differ from the unsplit
+// sum's rounding, and from one SM count to another (the count picks the splits). No atomics. Packed
+// sequences: the partials of dh cover the step's rows; a row whose sequence ends in the backward's
+// order before they are summed (the reverse direction's shrinking batch) is resolved into the
+// carried dh by the next gate kernel, which runs over max(rows, pending rows) for that. The test
+// hook FASTDL_RNN_SPLIT_K=n forces n splits (still capped) so the emulation (4 SMs) covers the
+// path.
 // Smaller tiles (32-row) were not added: at m = batch <= 64 the m side is one tile either way, so
 // they add no blocks (split-K multiplies the grid); a 64-row tile at batch 32 computes zero rows
 // on an SM that would otherwise idle, while its time is set by the k-slice chain split-K shortens.
@@ -143,8 +144,9 @@ __device__ __forceinline__ float resolved(const Splits& sp, const float* base, i
 }
 
 // Test hook: FASTDL_RNN_SPLIT_K=n asks every step GEMM for n splits (still capped by
-// gemm_split_cap(k)), so the emulated CI (4 SMs, small shapes) runs the split path on shapes the
-// SM rule would not split; unset, the rule in gemm.cu decides. Read once per layer call.
+// gemm_split_cap and the scratch's room), so the emulated CI (4 SMs, small shapes) runs the split
+// path on shapes the SM rule would not split; unset, the rule in gemm.cu decides. Read once per
+// layer call.
 int forced_splits() {
   const char* v = std::getenv("FASTDL_RNN_SPLIT_K");
   return v ? std::max(0, std::atoi(v)) : 0;
@@ -547,7 +549,7 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
                                       cudaMemcpyDeviceToDevice, stream));
   int64_t live = B;  // rows of the previous step (forward direction: those not yet ended)
   const int force = forced_splits();
-  const int64_t hh_stride = rnn_cuda_split_stride(p, GH);  // capacity gemm_split_cap(R) splits
+  const int64_t hh_stride = rnn_cuda_split_stride(p, GH), hh_room = rnn_cuda_split_room(p, GH, R);
 
   // The input projection of all N rows at once.
   float* xg = training ? ws + L.act : sc + S.xg;
@@ -566,7 +568,7 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     const bool fused = bs <= kFusedRows;
     // hh = h W_hh^T: split-K partials when the tile grid is small (gemm.cu's rule), which the
     // gate kernel sums; else one product, as without split-K.
-    const int splits = fused ? 1 : gemm_cuda_split_count(bs, GH, R, launch, force);
+    const int splits = fused ? 1 : gemm_cuda_split_count(bs, GH, R, launch, force, hh_room);
     if (splits > 1)
       gemm_cuda_split(gemm_params<float>(false, true, bs, GH, R, R, R, GH, 0.0), splits, h_cur,
                       w_hh, hh, hh_stride, launch);
@@ -644,11 +646,11 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
   }
   if (p.steps == 0 || B == 0) return;
   const std::vector<int64_t> off = rnn_step_offsets(p);
-  // The dh product's split-K partials (gemm_split_cap(G*H) of them at most), pending until the
-  // next step's first kernel (or, after the loop, resolve) sums them.
+  // The dh product's split-K partials (dh_room of them at most), pending until the next step's
+  // first kernel (or, after the loop, resolve) sums them.
   const int force = forced_splits();
   float* dh_part = static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).split;
-  const int64_t dh_stride = rnn_cuda_split_stride(p, R);
+  const int64_t dh_stride = rnn_cuda_split_stride(p, R), dh_room = rnn_cuda_split_room(p, R, GH);
   Splits carry;  // rows == 0: dhs holds the carried dh
 
   for (int64_t s = 0; s < p.steps; ++s) {
@@ -684,7 +686,7 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs): split-K
     // partials when the tile grid is small (gemm.cu's rule), summed by the next step's first
     // kernel; else into dhs, as without split-K.
-    const int splits = gemm_cuda_split_count(bs, R, GH, launch, force);
+    const int splits = gemm_cuda_split_count(bs, R, GH, launch, force, dh_room);
     if (splits > 1) {
       gemm_cuda_split(gemm_params<float>(false, false, bs, R, GH, GH, R, R, 0.0), splits,
                       dgh + row0 * GH, w_hh, dh_part, dh_stride, launch);
