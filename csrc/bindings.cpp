@@ -882,10 +882,11 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- recurrent layers (csrc/rnn.h) -----------------------------------------------------------
   // One layer and direction per call; python/fastdl/ops/rnn.py has checked shapes, dtypes and
-  // devices and allocated every buffer (sizes from rnn_buffer_sizes).
-  m.def("rnn_buffer_sizes", [](const py::tuple& geometry) {
+  // devices and allocated every buffer (sizes from rnn_buffer_sizes; cuda: the CUDA backward's
+  // scratch, which adds the split-K partials).
+  m.def("rnn_buffer_sizes", [](const py::tuple& geometry, bool cuda) {
     const RnnParams p = rnn_params(geometry);
-    return py::make_tuple(rnn_workspace_layout(p).total, rnn_scratch_layout(p).total);
+    return py::make_tuple(rnn_workspace_layout(p).total, rnn_scratch_layout(p, cuda).total);
   });
   m.def("rnn_cuda_forward_scratch_size", [](const py::tuple& geometry, bool training) {
     return rnn_cuda_forward_scratch_layout(rnn_params(geometry), training).total;

@@ -66,4 +66,29 @@ void gemm_cpu(const GemmParams& p, const void* a, const void* b, void* c);
 void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const CudaLaunch& launch,
                bool allow_tf32);
 
+// CUDA deterministic split-K (exact float32; for the RNN step GEMMs, whose 64 x 64 tile grid is a
+// few blocks on 132 SMs while k = G*H is long): k is cut into `splits` chunks of a multiple of 16
+// (the SIMT kernel's k slice), and split s writes its chunk's product, alpha = 1 and no C term, to
+// partials + s * part_stride (m x n, leading dimension n). The caller sums the splits in the order
+// s = 0, 1, ... (the kernel that reads the product next does it: no atomics, no extra launch), so
+// results are bitwise the same run to run. p.alpha must be 1 and p.beta 0 (the caller adds any
+// beta * C term while it sums). splits == 1 is the 64 x 64 SIMT kernel over all of k.
+// At most gemm_split_cap(m, n, k) splits, each at least kGemmSplitMinK of k, at most
+// kGemmMaxSplits, and at most kGemmMaxSplitBlocks 64 x 64 tiles x splits in all (so a caller can
+// size the partials without knowing the device, and they stay <= 512 * 64 * 64 floats, 8 MB).
+constexpr int64_t kGemmMaxSplits = 16, kGemmSplitMinK = 32, kGemmMaxSplitBlocks = 512;
+static inline int64_t gemm_split_cap(int64_t m, int64_t n, int64_t k) {
+  const int64_t tiles = std::max<int64_t>(1, ((m + 63) / 64) * ((n + 63) / 64));
+  const int64_t c = std::min({kGemmMaxSplits, k / kGemmSplitMinK, kGemmMaxSplitBlocks / tiles});
+  return std::max<int64_t>(1, c);
+}
+// The split count for an m x n x k product on launch.device (1 when the tile grid fills the GPU
+// or k is short; csrc/cuda/gemm.cu says the rule), at most gemm_split_cap(m, n, k) and `room`
+// (the caller's room for partials, when > 0). `force` > 0 (a test hook) asks for that many, still
+// capped. The count returned is one gemm_cuda_split runs as it is.
+int gemm_cuda_split_count(int64_t m, int64_t n, int64_t k, const CudaLaunch& launch, int force = 0,
+                          int64_t room = 0);
+void gemm_cuda_split(const GemmParams& p, int splits, const void* a, const void* b,
+                     float* partials, int64_t part_stride, const CudaLaunch& launch);
+
 }  // namespace fastdl

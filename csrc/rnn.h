@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 
 namespace fastdl {
 
@@ -105,14 +106,27 @@ static inline RnnWorkspace rnn_workspace_layout(const RnnParams& p) {
   return w;
 }
 
+// CUDA split-K of a step's recurrent GEMM (csrc/cuda/rnn.cu): the partial products of up to
+// rnn_cuda_split_room splits (gemm_split_cap at the full batch; a step of fewer rows uses no
+// more), each a (B, cols) matrix rounded up to 4 elements (16-byte aligned splits).
+// Forward: hh = h W_hh^T (cols G*H, k = R); backward: dh = dg_h W_hh (cols R, k = G*H).
+static inline int64_t rnn_cuda_split_stride(const RnnParams& p, int64_t cols) {
+  return rnn_stage_round(p.batch * cols);
+}
+static inline int64_t rnn_cuda_split_room(const RnnParams& p, int64_t cols, int64_t k) {
+  return gemm_split_cap(p.batch, cols, k);
+}
+
 // Scratch the backward needs (caller-allocated, scratch_elements): dgx (N, G*H) gate gradients
 // seen by the input side, dgh (N, G*H) by the hidden side (GRU only; else the same as dgx),
 // dht (N, R) total output gradient per step (projection only), dhpre (B, H) (projection only);
-// CUDA with float16/bfloat16 tensors: stage, the float32 copies (rnn_cuda_stage_elements).
+// CUDA (cuda = true) only: split, the dh GEMM's split-K partials (rnn_cuda_split_room(p, R, G*H)
+// x rnn_cuda_split_stride(p, R)), and with float16/bfloat16 tensors stage, the float32 copies
+// (rnn_cuda_stage_elements).
 struct RnnScratch {
-  int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, stage = 0, total = 0;
+  int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, split = 0, stage = 0, total = 0;
 };
-static inline RnnScratch rnn_scratch_layout(const RnnParams& p) {
+static inline RnnScratch rnn_scratch_layout(const RnnParams& p, bool cuda = false) {
   const int64_t n = p.total_rows(), gh = p.gates() * p.hidden_size;
   RnnScratch s;
   s.dgh = s.dht = s.dhpre = s.total = n * gh;
@@ -120,6 +134,12 @@ static inline RnnScratch rnn_scratch_layout(const RnnParams& p) {
   if (p.proj_size > 0) {
     s.dhpre = s.dht + n * p.proj_size;
     s.total = s.dhpre + p.batch * p.hidden_size;
+  }
+  s.split = s.total;
+  if (cuda) {
+    s.split = rnn_stage_round(s.total);
+    const int64_t r = p.out_size();
+    s.total = s.split + rnn_cuda_split_room(p, r, gh) * rnn_cuda_split_stride(p, r);
   }
   s.stage = rnn_stage_round(s.total);
   if (p.half()) s.total = s.stage + rnn_cuda_stage_elements(p, true);
@@ -156,17 +176,19 @@ struct RnnForwardArgs {
   void* scratch = nullptr;
 };
 
-// Scratch of the CUDA forward (caller-allocated, `total` float elements): hh (B, G*H) the step's
-// recurrent product; hbuf (B, R) the second state buffer; inference only (training keeps them in
-// the workspace): xg (N, G*H) the input projection of every step, and with a projection hpre
-// (B, H); with float16/bfloat16 tensors: stage, the float32 copies (rnn_cuda_stage_elements).
+// Scratch of the CUDA forward (caller-allocated, `total` float elements): hh the step's recurrent
+// product (B, G*H), or its split-K partials (rnn_cuda_split_room(p, G*H, R) x
+// rnn_cuda_split_stride(p, G*H));
+// hbuf (B, R) the second state buffer; inference only (training keeps them in the workspace):
+// xg (N, G*H) the input projection of every step, and with a projection hpre (B, H); with
+// float16/bfloat16 tensors: stage, the float32 copies (rnn_cuda_stage_elements).
 struct RnnCudaForwardScratch {
   int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, stage = 0, total = 0;
 };
 static inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
   const int64_t gh = p.gates() * p.hidden_size;
   RnnCudaForwardScratch s;
-  s.hbuf = p.batch * gh;
+  s.hbuf = rnn_cuda_split_room(p, gh, p.out_size()) * rnn_cuda_split_stride(p, gh);
   s.xg = s.hpre = s.total = s.hbuf + p.batch * p.out_size();
   if (!training) {
     s.hpre = s.total = s.xg + p.total_rows() * gh;

@@ -479,6 +479,61 @@ def test_cuda_large_hidden(cuda_device, kind):
     check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 70, layers=1)
 
 
+@pytest.mark.parametrize("splits", [3, 5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_split_k(cuda_device, monkeypatch, kind, splits):
+    """The step GEMMs' split-K (csrc/cuda/rnn.cu), forced through its test hook on shapes the
+    emulation's 4-SM rule would not all split: hidden 100 (LSTM_PROJ: state 50), batch 11 (the
+    GEMM + gate kernel path), so the backward's dh product (k = G * 100) runs as 3 or 5 partials
+    (chunks of 48-80, the last one short) summed by the next step's gate kernel (the projection's
+    resolve kernel; after the loop, into dh_0) and the forward's hh (k = 100) as up to 3 summed
+    by the gate kernel; packed, both directions (rows whose sequences end while their dh is
+    still pending), with initial-state gradients, against torch."""
+    monkeypatch.setenv("FASTDL_RNN_SPLIT_K", str(splits))
+    with exact_cudnn():
+        run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3,
+                 11, 7, 100, True, torch.float32, device=cuda_device)
+        check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 100,
+                     layers=1)
+
+
+@pytest.mark.parametrize("mode,proj", [(ops_rnn.RELU, 0), (ops_rnn.LSTM, 0), (ops_rnn.LSTM, 40),
+                                       (ops_rnn.GRU, 0)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_split_k_deterministic(cuda_device, monkeypatch, mode, proj, reverse):
+    """Split-K sums its partials in a fixed order (no atomics): two forward + backward runs are
+    bitwise equal. Packed batch sizes 11, 11, 10, 9, 5, 2 in both directions hand the state
+    between split steps, unsplit ones and the fused small-batch kernel. The unsplit run
+    (FASTDL_RNN_SPLIT_K=1) agrees within the tolerance table and differs in some bits, so the
+    hook reached the kernels."""
+    bs, I, H = torch.tensor([11, 11, 10, 9, 5, 2]), 6, 96
+    B, N, G, R = 11, int(bs.sum()), ops_rnn._GATES[mode], proj or H
+    lstm = mode == ops_rnn.LSTM
+    shapes = dict(x=(N, I), h0=(B, R), c0=(B, H) if lstm else None, w_ih=(G * H, I),
+                  w_hh=(G * H, R), b_ih=(G * H,), b_hh=(G * H,), w_hr=(R, H) if proj else None,
+                  gy=(N, R), ghn=(B, R), gcn=(B, H) if lstm else None)
+    # weights at torch's init scale (uniform +-1/sqrt(H)): unit-scale ones make the ReLU state
+    # grow ~5x per step, and the comparison below would then measure cancellation, not the split
+    t = {k: None if s is None else rand(*s, device=cuda_device) * (H ** -0.5 if k[0] in "wb" else 1)
+         for k, s in shapes.items()}
+
+    def run(splits):
+        monkeypatch.setenv("FASTDL_RNN_SPLIT_K", str(splits))
+        fwd = ops_rnn.recurrent_layer_forward(
+            mode, t["x"], t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], cx=t["c0"],
+            weight_hr=t["w_hr"], batch_sizes=bs, reverse=reverse)
+        bwd = ops_rnn.recurrent_layer_backward(
+            mode, t["gy"], t["ghn"], t["x"], t["h0"], t["w_ih"], t["w_hh"], fwd[3],
+            grad_cn=t["gcn"], cx=t["c0"], weight_hr=t["w_hr"], batch_sizes=bs, reverse=reverse)
+        return [v for v in list(fwd) + list(bwd) if v is not None]
+
+    a, b, one = run(4), run(4), run(1)
+    for i, (u, v, w) in enumerate(zip(a, b, one)):
+        assert torch.equal(u, v), f"output {i}: a second split-K run differs"
+        assert_close(u, w, reduction=4 * max(len(bs), H), what=f"output {i}: split vs unsplit")
+    assert any(not torch.equal(u, w) for u, w in zip(a, one)), "the split path did not run"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_packed_unsorted(device, kind, bidirectional):

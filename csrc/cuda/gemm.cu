@@ -1,22 +1,29 @@
 // CUDA GEMM, float32: C = alpha * op(A) * op(B) + beta * C, row-major with leading dimensions and
 // either operand transposed (csrc/gemm.h; matches torch.mm / torch.addmm).
-// Two kernels, 256-thread blocks, output tiles in a 1-D grid:
+// Two kernels, 256-thread blocks, output tiles along the grid's x (split-K: k chunks along y):
 //  * SIMT (default, exact float32): 128 x 128 tiles, k in slices of 8, two shared-memory buffers
 //    (one barrier per slice) fed through registers so the next slice's global loads overlap the
 //    FMAs; each thread holds an 8 x 8 register tile (two 4-wide strips per side, read from shared
 //    as float4). When fewer than 2 tiles per SM would exist (RNN shapes), 64 x 64 tiles with k
 //    slices of 16 and 4 x 4 per thread instead, so the grid fills the GPU.
+//  * Split-K (gemm_cuda_split, exact float32; the RNN step GEMMs): the 64 x 64 SIMT kernel with a
+//    second grid dimension over k chunks (multiples of 16); split s writes its chunk's product to
+//    partials + s * stride and the caller sums the splits in order (deterministic, no atomics).
+//    gemm_cuda_split_count's rule: about two blocks per SM when the tile grid is below the SM
+//    count, chunks >= 32 of k, at most 16 splits. The unsplit kernels run the same code with one
+//    chunk of all of k, so their results are unchanged.
 //  * TF32 tensor cores (opt-in via torch.backends.cuda.matmul.allow_tf32, sm_80+): k in slices of
 //    16, wmma m16n16k8; 8 warps in a 2 x 4 grid, each a 64 x 32 sub-tile of 4 x 2 fragments;
 //    results staged through a per-warp 16 x 16 shared tile so edges are written with bounds checks.
 // Global loads: 16-byte float4 along the operand's contiguous dimension when the base pointer is
 // 16-byte aligned and the leading dimension a multiple of 4, else scalar; out-of-range elements
 // load as zero, so any m, n, k works. beta == 0 never reads C; alpha == 0 or k == 0 only scales C.
-// Tested by tests/test_gemm.py and tests/test_linear.py (CUDA cases); timed by
+// Tested by tests/test_gemm.py and tests/test_linear.py (CUDA cases), split-K through
+// tests/test_rnn.py (test_cuda_split_k*); timed by
 // benchmarks/bench_gemm.py --device cuda. Its tests passed on an H200 (2026-12-04); its
 // speed there was measured only inside the RNN steps (benchmarks/RESULTS.md, that date's GPU run).
-// ptxas (sm_90): SIMT 128-tile 127-141 registers, 64-tile 63, TF32 186-188 (26.3 KB smem); no
-// spills.
+// ptxas (sm_90, with split-K): SIMT 128-tile 127-129 registers, 64-tile 63, TF32 186-188
+// (26.3 KB smem); no spills.
 #include <mma.h>
 
 #include <cstdint>
@@ -39,6 +46,10 @@ struct GemmArgs {
   float alpha, beta;
   bool vec_a, vec_b, vec_c;
   int tiles_n;
+  // Split-K (SIMT only): block row blockIdx.y takes k in [y * k_chunk, min(k, (y + 1) * k_chunk))
+  // and writes C + y * c_split. Unsplit: k_chunk = k, c_split = 0, one block row.
+  int k_chunk;
+  long long c_split;
 };
 
 // A tile of an operand seen as R x K: op(A) (m x k) or op(B)^T (n x k). KCONTIG: element (r, p)
@@ -123,10 +134,14 @@ __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
   FASTDL_SHARED(16, float, As, [2][BK][BM]);
   FASTDL_SHARED(16, float, Bs, [2][BK][BM]);
   const int m0 = (blockIdx.x / g.tiles_n) * BM, n0 = (blockIdx.x % g.tiles_n) * BM;
+  // This block's k range (split-K: a chunk, a multiple of BK long; else all of k). Loads past
+  // k_end read zeros, as past k.
+  const int k_beg = blockIdx.y * g.k_chunk, k_end = min(g.k, k_beg + g.k_chunk);
+  float* const cbase = g.c + blockIdx.y * g.c_split;
   TileLoader<!TA, BM, BK> la;  // A stored m x k (contiguous along k) unless transposed
   TileLoader<TB, BM, BK> lb;   // B^T as n x k: contiguous along k only when B is transposed
-  la.load(g.a, g.lda, g.m, g.k, m0, 0, g.vec_a);
-  lb.load(g.b, g.ldb, g.n, g.k, n0, 0, g.vec_b);
+  la.load(g.a, g.lda, g.m, k_end, m0, k_beg, g.vec_a);
+  lb.load(g.b, g.ldb, g.n, k_end, n0, k_beg, g.vec_b);
   la.store(&As[0][0][0], 1, BM);
   lb.store(&Bs[0][0][0], 1, BM);
   __syncthreads();
@@ -138,13 +153,13 @@ __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
 #pragma unroll
     for (int j = 0; j < T; ++j) acc[i][j] = 0.f;
 
-  const int nk = (g.k + BK - 1) / BK;
+  const int nk = (k_end - k_beg + BK - 1) / BK;
   for (int kt = 0; kt < nk; ++kt) {
     const int cur = kt & 1;
     const bool more = kt + 1 < nk;
     if (more) {
-      la.load(g.a, g.lda, g.m, g.k, m0, (kt + 1) * BK, g.vec_a);
-      lb.load(g.b, g.ldb, g.n, g.k, n0, (kt + 1) * BK, g.vec_b);
+      la.load(g.a, g.lda, g.m, k_end, m0, k_beg + (kt + 1) * BK, g.vec_a);
+      lb.load(g.b, g.ldb, g.n, k_end, n0, k_beg + (kt + 1) * BK, g.vec_b);
     }
 #pragma unroll
     for (int kk = 0; kk < BK; ++kk) {
@@ -172,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) sgemm_simt(GemmArgs g) {
   for (int i = 0; i < T; ++i) {
     const int row = m0 + (i / 4) * STRIDE + ty * 4 + i % 4;
     if (row >= g.m) continue;
-    float* crow = g.c + row * g.ldc;
+    float* crow = cbase + row * g.ldc;
 #pragma unroll
     for (int h = 0; h < S; ++h) {
       const int col = n0 + h * STRIDE + tx * 4;
@@ -298,10 +313,61 @@ __global__ void scale_c(float* c, int m, int n, long long ldc, float beta) {
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <bool TA, bool TB>
-void launch_typed(const GemmArgs& g, int blocks, bool tf32, bool small, cudaStream_t stream) {
-  if (tf32) FASTDL_LAUNCH(blocks, kThreads, 0, stream, sgemm_tf32<TA, TB>)(g);
-  else if (small) FASTDL_LAUNCH(blocks, kThreads, 0, stream, sgemm_simt<TA, TB, 64>)(g);
-  else FASTDL_LAUNCH(blocks, kThreads, 0, stream, sgemm_simt<TA, TB, 128>)(g);
+void launch_typed(const GemmArgs& g, dim3 grid, bool tf32, bool small, cudaStream_t stream) {
+  if (tf32) FASTDL_LAUNCH(grid, kThreads, 0, stream, sgemm_tf32<TA, TB>)(g);
+  else if (small) FASTDL_LAUNCH(grid, kThreads, 0, stream, sgemm_simt<TA, TB, 64>)(g);
+  else FASTDL_LAUNCH(grid, kThreads, 0, stream, sgemm_simt<TA, TB, 128>)(g);
+}
+
+void launch_gemm(const GemmParams& p, const GemmArgs& g, dim3 grid, bool tf32, bool small,
+                 cudaStream_t stream) {
+  if (p.trans_a) {
+    if (p.trans_b) launch_typed<true, true>(g, grid, tf32, small, stream);
+    else launch_typed<true, false>(g, grid, tf32, small, stream);
+  } else {
+    if (p.trans_b) launch_typed<false, true>(g, grid, tf32, small, stream);
+    else launch_typed<false, false>(g, grid, tf32, small, stream);
+  }
+  FASTDL_CUDA_CHECK_LAUNCH();
+}
+
+void check_cuda_gemm(const GemmParams& p) {
+  check_gemm_params(p);
+  FASTDL_CHECK(p.dtype == DType::Float32, "gemm: CUDA supports float32, got ", dtype_name(p.dtype));
+  FASTDL_CHECK(p.bias == nullptr, "fastdl internal: the CUDA gemm takes no bias operand");
+  FASTDL_CHECK(p.m < (int64_t(1) << 31) && p.n < (int64_t(1) << 31) && p.k < (int64_t(1) << 31),
+               "gemm: CUDA sizes must be below 2^31");
+}
+
+// The kernel arguments of p (C = c), one k range (k_chunk = k), vector flags from alignment.
+GemmArgs gemm_args(const GemmParams& p, const void* a, const void* b, void* c) {
+  GemmArgs g;
+  g.a = static_cast<const float*>(a);
+  g.b = static_cast<const float*>(b);
+  g.c = static_cast<float*>(c);
+  g.m = static_cast<int>(p.m);
+  g.n = static_cast<int>(p.n);
+  g.k = static_cast<int>(p.k);
+  g.lda = p.lda;
+  g.ldb = p.ldb;
+  g.ldc = p.ldc;
+  g.alpha = static_cast<float>(p.alpha);
+  g.beta = static_cast<float>(p.beta);
+  g.vec_a = aligned16(a) && p.lda % 4 == 0;
+  g.vec_b = aligned16(b) && p.ldb % 4 == 0;
+  g.vec_c = aligned16(c) && p.ldc % 4 == 0;
+  g.tiles_n = 0;
+  g.k_chunk = g.k;
+  g.c_split = 0;
+  return g;
+}
+
+// Split-K chunk: k / splits rounded up to the 64-tile kernel's k slice (16), so every chunk but
+// the last is whole slices and starts 16-byte aligned for the vector loads.
+constexpr int64_t kSplitSlice = 16;
+int64_t split_chunk(int64_t k, int64_t splits) {
+  const int64_t c = (k + splits - 1) / splits;
+  return (c + kSplitSlice - 1) / kSplitSlice * kSplitSlice;
 }
 
 // Whether the TF32 kernel that would run on `device` has its tensor-core body: decided by the
@@ -335,11 +401,7 @@ int sm_count(int device) {
 
 void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const CudaLaunch& launch,
                bool allow_tf32) {
-  check_gemm_params(p);
-  FASTDL_CHECK(p.dtype == DType::Float32, "gemm: CUDA supports float32, got ", dtype_name(p.dtype));
-  FASTDL_CHECK(p.bias == nullptr, "fastdl internal: the CUDA gemm takes no bias operand");
-  FASTDL_CHECK(p.m < (int64_t(1) << 31) && p.n < (int64_t(1) << 31) && p.k < (int64_t(1) << 31),
-               "gemm: CUDA sizes must be below 2^31");
+  check_cuda_gemm(p);
   if (p.m == 0 || p.n == 0) return;
   CudaDeviceGuard guard(launch.device);
   cudaStream_t stream = as_stream(launch.stream);
@@ -352,21 +414,7 @@ void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const
     FASTDL_CUDA_CHECK_LAUNCH();
     return;
   }
-  GemmArgs g;
-  g.a = static_cast<const float*>(a);
-  g.b = static_cast<const float*>(b);
-  g.c = static_cast<float*>(c);
-  g.m = static_cast<int>(p.m);
-  g.n = static_cast<int>(p.n);
-  g.k = static_cast<int>(p.k);
-  g.lda = p.lda;
-  g.ldb = p.ldb;
-  g.ldc = p.ldc;
-  g.alpha = static_cast<float>(p.alpha);
-  g.beta = static_cast<float>(p.beta);
-  g.vec_a = aligned16(a) && p.lda % 4 == 0;
-  g.vec_b = aligned16(b) && p.ldb % 4 == 0;
-  g.vec_c = aligned16(c) && p.ldc % 4 == 0;
+  GemmArgs g = gemm_args(p, a, b, c);
   const bool tf32 = allow_tf32 && tf32_kernel_usable(launch.device);
   // 64 x 64 tiles when 128 x 128 ones would leave most SMs idle (RNN shapes: m = batch).
   const long long big_tiles = ((p.m + kTile - 1) / kTile) * ((p.n + kTile - 1) / kTile);
@@ -375,15 +423,61 @@ void gemm_cuda(const GemmParams& p, const void* a, const void* b, void* c, const
   g.tiles_n = static_cast<int>((p.n + tile - 1) / tile);
   const long long tiles = static_cast<long long>((p.m + tile - 1) / tile) * g.tiles_n;
   FASTDL_CHECK(tiles < (1LL << 31), "gemm: too many CUDA tiles");
-  const int blocks = static_cast<int>(tiles);
-  if (p.trans_a) {
-    if (p.trans_b) launch_typed<true, true>(g, blocks, tf32, small, stream);
-    else launch_typed<true, false>(g, blocks, tf32, small, stream);
-  } else {
-    if (p.trans_b) launch_typed<false, true>(g, blocks, tf32, small, stream);
-    else launch_typed<false, false>(g, blocks, tf32, small, stream);
+  launch_gemm(p, g, dim3(static_cast<unsigned int>(tiles)), tf32, small, stream);
+}
+
+// Split rule. The step GEMMs of a recurrent layer (m = batch) have a 64 x 64 tile grid of a few
+// blocks (2-32 on 132 SMs at batch <= 64), each walking all of k, so most of the GPU idles and the
+// step takes k / 16 dependent slices. Below one block per SM, split k so the grid reaches about
+// two blocks per SM: ceil(2 * SMs / tiles) splits, at most gemm_split_cap(m, n, k) (chunks of
+// >= 32 = two k slices, so each block still overlaps one slice's loads with the other's FMAs; at
+// most 16, so the consumer's sum is at most 16 loads; at most 512 blocks in all, so the partials
+// stay below 8 MB whatever the device). A grid of >= SMs tiles is not split: it fills the GPU,
+// and splitting would only add partial traffic.
+int gemm_cuda_split_count(int64_t m, int64_t n, int64_t k, const CudaLaunch& launch, int force,
+                          int64_t room) {
+  int64_t cap = gemm_split_cap(m, n, k);
+  if (room > 0) cap = std::min(cap, room);
+  if (m <= 0 || n <= 0 || cap <= 1) return 1;
+  int64_t want = force;
+  if (want <= 0) {
+    const int64_t tiles = ((m + 63) / 64) * ((n + 63) / 64);
+    const int64_t sms = sm_count(launch.device);
+    want = tiles >= sms ? 1 : (2 * sms + tiles - 1) / tiles;
   }
-  FASTDL_CUDA_CHECK_LAUNCH();
+  want = std::max<int64_t>(1, std::min<int64_t>(want, cap));
+  return static_cast<int>((k + split_chunk(k, want) - 1) / split_chunk(k, want));
+}
+
+void gemm_cuda_split(const GemmParams& p, int splits, const void* a, const void* b,
+                     float* partials, int64_t part_stride, const CudaLaunch& launch) {
+  check_cuda_gemm(p);
+  FASTDL_CHECK(p.alpha == 1.0 && p.beta == 0.0 && p.ldc == std::max<int64_t>(p.n, 1),
+               "fastdl internal: gemm_cuda_split takes alpha 1, beta 0, ldc = n");
+  FASTDL_CHECK(splits >= 1 && splits <= gemm_split_cap(p.m, p.n, p.k),
+               "fastdl internal: gemm_cuda_split: ", splits, " splits of k = ", p.k);
+  const int64_t chunk = split_chunk(p.k, splits);
+  FASTDL_CHECK((p.k + chunk - 1) / chunk == splits,
+               "fastdl internal: gemm_cuda_split: ", splits, " splits of k = ", p.k,
+               " (not a count from gemm_cuda_split_count)");
+  FASTDL_CHECK(splits == 1 || part_stride >= p.m * p.n,
+               "fastdl internal: gemm_cuda_split: partials overlap");
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {  // zero product: gemm_cuda's scale_c path writes the zeros
+    gemm_cuda(p, a, b, partials, launch, false);
+    return;
+  }
+  CudaDeviceGuard guard(launch.device);
+  cudaStream_t stream = as_stream(launch.stream);
+  GemmArgs g = gemm_args(p, a, b, partials);
+  g.k_chunk = static_cast<int>(chunk);
+  g.c_split = part_stride;
+  g.vec_c = g.vec_c && part_stride % 4 == 0;
+  g.tiles_n = static_cast<int>((p.n + 63) / 64);
+  const long long tiles = static_cast<long long>((p.m + 63) / 64) * g.tiles_n;
+  FASTDL_CHECK(tiles < (1LL << 31), "gemm: too many CUDA tiles");
+  launch_gemm(p, g, dim3(static_cast<unsigned int>(tiles), static_cast<unsigned int>(splits)),
+              false, true, stream);
 }
 
 }  // namespace fastdl

@@ -21,8 +21,8 @@
 //        hidden unit (parallel over H, not only the batch): lanes split k and read the unit's G
 //        rows of W_hh and the h rows coalesced, partial sums reduced through shared memory, then
 //        lane b runs the gate math of row b. One launch per step.
-//      * more rows: hh = h @ W_hh^T (gemm_cuda, bs x G*H), then a gate kernel, one thread per
-//        (row, unit).
+//      * more rows: hh = h @ W_hh^T (gemm_cuda, bs x G*H, or split-K below), then a gate kernel,
+//        one thread per (row, unit), which sums hh's split-K partials as it reads them.
 //      Either writes c in place, h', the output row and, in training, the saved activations, for
 //      the step's rows only. Packed sequences: a row that ends is copied into h_n once, when it
 //      ends (if the ping-pong left it in the other buffer); the reverse direction, whose rows
@@ -31,31 +31,59 @@
 //      and h = y, in place.
 // Backward (reverse visiting order): per step one fused gate-gradient kernel (dh = carried + dy,
 // saved activations -> gate gradients dg, dc in place, GRU's direct term dh*z into dh in place)
-// and dh_prev = dg_h @ W_hh (GEMM; GRU adds onto the direct term with beta = 1). After the loop
+// and dh_prev = dg_h @ W_hh (GEMM; GRU adds onto the direct term with beta = 1; or split-K, whose
+// partials the next step's gate kernel sums into its carried dh; with a projection the kernel
+// that forms dht = dh + dy sums them; after the loop one small resolve kernel writes the last
+// step's sum into dh_0). After the loop
 // the weight gradients are GEMMs over all N rows (dW_ih = dg^T x, dW_hh = dg_h^T hprev,
 // dW_hr = dht^T hpre, dx = dg W_ih), and the biases are column sums of dg by a deterministic
 // reduction (fixed order, no atomics): 32 columns per block, 8 row strides, then a fixed tree.
 // GEMMs run in exact float32 (no TF32): the recurrence compounds rounding over the steps.
+// Split-K of the step GEMMs (hh = h W_hh^T, k = R; dh = dg_h W_hh, k = G*H): m = batch makes
+// gemm_cuda's 64 x 64 tile grid a few blocks on 132 SMs, each walking all of k in 16-wide slices, a
+// chain of dependent loads. gemm_cuda_split cuts k into chunks (gemm.cu's rule: about two blocks
+// per SM, chunks >= 32, <= 16 splits, <= 512 blocks; a grid of >= SMs tiles, short k or the fused
+// path: no split, the unsplit path exactly as before) and writes each chunk's product to the
+// scratch (split partials, rnn.h sizes them by gemm_split_cap at the full batch). No extra launch
+// per step: the kernel that reads the product next sums the partials in split order 0, 1, ... (then
+// GRU's direct term), so results are bitwise the same run to run; they differ from the unsplit
+// sum's rounding, and from one SM count to another (the count picks the splits). No atomics. Packed
+// sequences: the partials of dh cover the step's rows; a row whose sequence ends in the backward's
+// order before they are summed (the reverse direction's shrinking batch) is resolved into the
+// carried dh by the next gate kernel, which runs over max(rows, pending rows) for that. The test
+// hook FASTDL_RNN_SPLIT_K=n forces n splits (still capped) so the emulation (4 SMs) covers the
+// path.
+// Smaller tiles (32-row) were not added: at m = batch <= 64 the m side is one tile either way, so
+// they add no blocks (split-K multiplies the grid); a 64-row tile at batch 32 computes zero rows
+// on an SM that would otherwise idle, while its time is set by the k-slice chain split-K shortens.
+// GPU timings of split-K are pending (written without a GPU). Predicted, from the measured
+// per-step GEMM times (benchmarks/RESULTS.md, 2026-12-04 15:39) and the split rule: the dh GEMM,
+// 22 us per step for LSTM (64,128,32) (2 blocks x 32 slices) and 86 us for LSTM (256,512,64)
+// (8 x 128 slices), becomes 32 blocks x 2 slices and 128 x 8 slices, a few us each (launch and
+// one wave of short blocks) plus at most 4 MB of partials per step through L2; so forward +
+// backward should gain most (LSTM (256,512,64,100) from 0.49x toward ~1x cuDNN, the 50-step
+// shapes from ~0.5x to ~0.7x), the forward less (its GEMM is 6.7 us of a step whose wall time is
+// set by two launches). cuDNN's one persistent kernel is expected to stay ahead on the small
+// shapes: 100-200 launches per call remain, and batch 1's forward is the fused kernel, unchanged.
 // Not done: tensor-core GEMMs for the half types (they run the exact float32 path on the copies);
 // a persistent kernel keeping W_hh on chip across steps (the emulation runs blocks one after
 // another, so a multi-block persistent kernel with a grid barrier cannot run there; one block is
-// too little of an H100 for H >= 128); a small-batch kernel for the backward's dh product. Timed on an
-// H200 against cuDNN, whose persistent kernels keep the weights on chip: benchmarks/RESULTS.md,
-// 2026-12-04 15:39 (the per-step dh GEMM's few blocks, below, among the costs).
-// ptxas (nvcc 13, sm_90 / sm_75, with the half-type staging): fused step 72 / 79 registers and
-// 16.5 KB shared, forward gate kernel 74 / 73, backward gate kernel 32 / 34, copy and column sums
-// 32-44, the four conversion kernels 13-14 / 12-24; no spills.
-// Per-step grids of the benchmark shapes (input, hidden, batch, steps) (review item 2:
-// the step GEMMs get gemm_cuda's 64 x 64 tiles, one block each; an H100/H200 has 132 SMs):
-//   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 blocks + gate kernel 16 blocks;
-//     backward gate kernel 16 blocks + dh GEMM 2 blocks (k = 128 / 512 / 384).
-//   LSTM (256, 512, 64, 100): forward GEMM 32 blocks + gates 128; backward gates 128 + dh GEMM 8
-//     blocks, each looping over k = 2048 in 16-wide slices.
-//   LSTM (32, 64, 1, 200): fused kernel 16 blocks of 4 warps; backward gates 1 + dh GEMM 1 block.
-//   2-layer bidirectional LSTM (128, 256, 16, 100): forward GEMM 16 + gates 16; backward gates 16
-//     + dh GEMM 4 blocks.
-// So the backward's dh product fills at most 8 of 132 SMs: split-K or a matvec kernel is the
-// first thing to measure on a GPU.
+// too little of an H100 for H >= 128). Timed on an H200 against cuDNN, whose persistent kernels
+// keep the weights on chip: benchmarks/RESULTS.md, 2026-12-04 15:39 (before split-K).
+// ptxas (nvcc 13, sm_90, with split-K): fused step 72 registers and 16.5 KB shared, forward gate
+// kernel 48, backward gate kernel 32, resolve, copy and column sums 32, the four conversion
+// kernels 13-14; no spills (sm_75, before split-K: 79, 73, 34, 32-44, 12-24).
+// Per-step grids of the benchmark shapes (input, hidden, batch, steps) on 132 SMs, 64 x 64 tiles
+// x splits (k chunk), from the rule (not yet seen on a GPU):
+//   RNN / LSTM / GRU (64, 128, 32, 50): forward GEMM 2 / 8 / 6 tiles x 4 splits (32) + gate
+//     kernel 16 blocks; backward gate kernel 16 blocks + dh GEMM 2 tiles x 4 / 16 / 12 splits
+//     (k = 128 / 512 / 384, chunks of 32). Before split-K: 2 / 8 / 6 and 2 blocks.
+//   LSTM (256, 512, 64, 100): forward GEMM 32 tiles x 8 splits (64) + gates 128; backward gates
+//     128 + dh GEMM 8 tiles x 16 splits (128 of k = 2048). Before: 32 and 8 blocks.
+//   LSTM (32, 64, 1, 200): fused forward kernel 16 blocks of 4 warps (unchanged); backward gates 1
+//     + dh GEMM 1 tile x 8 splits (32).
+//   2-layer bidirectional LSTM (128, 256, 16, 100): forward GEMM 16 tiles x 8 splits (32) + gates
+//     16; backward gates 16 + dh GEMM 4 tiles x 16 splits (64).
 // The emulation build (CI) compiles rnn_math.h's host branch (polynomial exp/tanh); a GPU runs its
 // __CUDA_ARCH__ branch (expf/tanhf), which CI never runs.
 // Tested by tests/test_rnn.py (CUDA cases: emulated in CI); timed by benchmarks/bench_rnn.py and
@@ -65,6 +93,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <utility>
 #include <vector>
 
@@ -89,6 +118,40 @@ void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64
   gemm_cuda(gemm_params<float>(ta, tb, m, n, k, lda, ldb, ldc, beta), a, b, c, l, false);
 }
 
+// A step GEMM's product left as split-K partials (gemm_cuda_split): split s of element (b, col)
+// at part[s * stride + b * ld + col], for rows b < rows. Its consumer sums s = 0, 1, ... in that
+// order (then adds the base for a beta = 1 product: GRU's dh). rows == 0: no partials pending.
+struct Splits {
+  const float* part = nullptr;
+  int64_t stride = 0;
+  int count = 1, rows = 0;
+  bool add_base = false;
+};
+
+__device__ __forceinline__ float split_sum(const float* p, int count, int64_t stride) {
+  float v = p[0];
+  for (int t = 1; t < count; ++t) v += p[t * stride];
+  return v;
+}
+
+// The value of element (b, col) of a product that may be pending as partials: base (ld columns)
+// holds it when no partial covers row b, and the GRU direct term (add_base) when one does.
+__device__ __forceinline__ float resolved(const Splits& sp, const float* base, int64_t b,
+                                          int64_t col, int64_t ld) {
+  if (b >= sp.rows) return base[b * ld + col];
+  const float v = split_sum(sp.part + b * ld + col, sp.count, sp.stride);
+  return sp.add_base ? v + base[b * ld + col] : v;
+}
+
+// Test hook: FASTDL_RNN_SPLIT_K=n asks every step GEMM for n splits (still capped by
+// gemm_split_cap and the scratch's room), so the emulated CI (4 SMs, small shapes) runs the split
+// path on shapes the SM rule would not split; unset, the rule in gemm.cu decides. Read once per
+// layer call.
+int forced_splits() {
+  const char* v = std::getenv("FASTDL_RNN_SPLIT_K");
+  return v ? std::max(0, std::atoi(v)) : 0;
+}
+
 __device__ __forceinline__ float bias_at(const float* b, int64_t i) { return b ? b[i] : 0.f; }
 
 // dst rows (rows x cols, contiguous) = src rows (+ add rows when add != nullptr).
@@ -108,7 +171,9 @@ void copy_add(const float* src, const float* add, float* dst, int64_t n, cudaStr
 
 // What one forward step's gate kernels read and write (rows b < bs of the step).
 struct FwdStep {
-  const float* hh;     // generic path: (bs, G*H) W_hh h, no bias
+  const float* hh;     // generic path: (bs, G*H) W_hh h, no bias, or its hh_splits partials
+  int64_t hh_stride;   // (split s at hh + s * hh_stride)
+  int hh_splits;
   const float* w_hh;   // fused path: (G*H, R)
   float* xa;           // (bs, ld_xa) W_ih x, no bias; training: overwritten by the activations
   int64_t ld_xa;
@@ -193,7 +258,8 @@ __global__ void __launch_bounds__(kThreads) forward_gates_kernel(FwdStep s) {
     const int64_t b = idx / H, j = idx - b * H;
     float hg[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) hg[q] = q * H < s.GH ? s.hh[b * s.GH + q * H + j] : 0.f;
+    for (int q = 0; q < 4; ++q)
+      hg[q] = q * H < s.GH ? split_sum(s.hh + b * s.GH + q * H + j, s.hh_splits, s.hh_stride) : 0.f;
     forward_unit(s, b, j, hg);
   }
 }
@@ -253,6 +319,8 @@ struct BackStep {
   const float* h_prev;  // GRU (bs, R)
   float* dh_in;         // (bs, ld_dh_in): the carried dh (B, R) or, with a projection, dhpre
   int64_t ld_dh_in;
+  Splits carry;         // no projection: the previous step's dh product, pending as partials
+                        // for rows < carry.rows (which may exceed bs: those rows end here)
   const float* dy;      // (bs, R) or nullptr (projection: already in dh_in)
   float* dgx;           // (bs, G*H)
   float* dgh;           // GRU (bs, G*H)
@@ -261,14 +329,22 @@ struct BackStep {
   RnnMode mode;
 };
 
+// One thread per (row, unit) of max(bs, carry.rows) rows: rows < bs run the gate gradients from
+// dh = carried + dy; rows bs.. (sequences ending here, in the backward's order) only resolve their
+// pending dh into dh_in, their final value.
 __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
-  const int64_t H = s.H, GH = s.GH, n = int64_t(s.bs) * H;
+  const int64_t H = s.H, GH = s.GH, n = int64_t(max(s.bs, s.carry.rows)) * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
-    const float* ar = s.act + b * s.act_cols + j;
     float* dhi = s.dh_in + b * s.ld_dh_in + j;
-    const float dh = *dhi + (s.dy ? s.dy[b * H + j] : 0.f);
+    const float carried = resolved(s.carry, s.dh_in, b, j, s.ld_dh_in);
+    if (b >= s.bs) {
+      *dhi = carried;
+      continue;
+    }
+    const float* ar = s.act + b * s.act_cols + j;
+    const float dh = carried + (s.dy ? s.dy[b * H + j] : 0.f);
     float* g = s.dgx + b * GH + j;
     if (s.mode == RnnMode::Lstm) {
       float* dc = s.dc + b * H + j;
@@ -287,6 +363,30 @@ __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
       g[0] = rnn_unit_backward(ar[0], dh, s.mode == RnnMode::Relu);
     }
   }
+}
+
+// Resolves pending dh partials (sp) into dh (rows x cols, all rows < sp.rows), and with dst,
+// dst = dh + add for rows < dst_rows (the projection's dht = dh + dy). After the step loop (no dst)
+// it writes the last step's dh into dh_0.
+__global__ void __launch_bounds__(kThreads)
+    resolve_kernel(Splits sp, float* __restrict__ dh, int64_t cols, const float* __restrict__ add,
+                   float* __restrict__ dst, int64_t dst_rows) {
+  const int64_t n = max(int64_t(sp.rows), dst ? dst_rows : 0) * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / cols, c = i - b * cols;
+    const float v = resolved(sp, dh, b, c, cols);
+    if (b < sp.rows) dh[i] = v;
+    if (dst && b < dst_rows) dst[i] = v + (add ? add[i] : 0.f);
+  }
+}
+
+void resolve(const Splits& sp, float* dh, int64_t cols, const float* add, float* dst,
+             int64_t dst_rows, cudaStream_t s) {
+  const int64_t n = std::max<int64_t>(sp.rows, dst ? dst_rows : 0) * cols;
+  if (n <= 0) return;
+  FASTDL_LAUNCH(blocks_for(n), kThreads, 0, s, resolve_kernel)(sp, dh, cols, add, dst, dst_rows);
+  FASTDL_CUDA_CHECK_LAUNCH();
 }
 
 // out[c] = sum over rows i < n of g[i * cols + c], in a fixed order (deterministic): a block owns
@@ -448,6 +548,8 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     FASTDL_CUDA_CHECK(cudaMemcpyAsync(h_other, a.h0, sizeof(float) * B * R,
                                       cudaMemcpyDeviceToDevice, stream));
   int64_t live = B;  // rows of the previous step (forward direction: those not yet ended)
+  const int force = forced_splits();
+  const int64_t hh_stride = rnn_cuda_split_stride(p, GH), hh_room = rnn_cuda_split_room(p, GH, R);
 
   // The input projection of all N rows at once.
   float* xg = training ? ws + L.act : sc + S.xg;
@@ -464,10 +566,19 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
                                         cudaMemcpyDeviceToDevice, stream));
     live = bs;
     const bool fused = bs <= kFusedRows;
-    if (!fused) mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
+    // hh = h W_hh^T: split-K partials when the tile grid is small (gemm.cu's rule), which the
+    // gate kernel sums; else one product, as without split-K.
+    const int splits = fused ? 1 : gemm_cuda_split_count(bs, GH, R, launch, force, hh_room);
+    if (splits > 1)
+      gemm_cuda_split(gemm_params<float>(false, true, bs, GH, R, R, R, GH, 0.0), splits, h_cur,
+                      w_hh, hh, hh_stride, launch);
+    else if (!fused)
+      mm(false, true, bs, GH, R, h_cur, R, w_hh, R, hh, GH, 0.0, launch);
     if (proj && hprev) copy_add(h_cur, nullptr, hprev, bs * R, stream);
     FwdStep st;
     st.hh = hh;
+    st.hh_stride = hh_stride;
+    st.hh_splits = splits;
     st.w_hh = w_hh;
     st.xa = xg + row0 * ld_xg;
     st.ld_xa = ld_xg;
@@ -535,13 +646,21 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
   }
   if (p.steps == 0 || B == 0) return;
   const std::vector<int64_t> off = rnn_step_offsets(p);
+  // The dh product's split-K partials (dh_room of them at most), pending until the next step's
+  // first kernel (or, after the loop, resolve) sums them.
+  const int force = forced_splits();
+  float* dh_part = static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).split;
+  const int64_t dh_stride = rnn_cuda_split_stride(p, R), dh_room = rnn_cuda_split_room(p, R, GH);
+  Splits carry;  // rows == 0: dhs holds the carried dh
 
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? s : p.steps - 1 - s;
     const int64_t bs = p.rows_at(t), row0 = off[t];
     const float* dyr = dy ? dy + row0 * R : nullptr;
     if (proj) {  // dht = dh + dy; the units' gradient is dht @ W_hr
-      copy_add(dhs, dyr, dht + row0 * R, bs * R, stream);
+      if (carry.rows > 0) resolve(carry, dhs, R, dyr, dht + row0 * R, bs, stream);
+      else copy_add(dhs, dyr, dht + row0 * R, bs * R, stream);
+      carry.rows = 0;
       mm(false, false, bs, H, R, dht + row0 * R, R, w_hr, H, dhpre, H, 0.0, launch);
     }
     BackStep st;
@@ -553,6 +672,7 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     st.dh_in = proj ? dhpre : dhs;
     st.ld_dh_in = proj ? H : R;
     st.dy = proj ? nullptr : dyr;
+    st.carry = carry;  // projection: resolved above (rows 0)
     st.dgx = dgx + row0 * GH;
     st.dgh = dgh + row0 * GH;
     st.dc = dcs;
@@ -560,11 +680,27 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     st.H = static_cast<int>(H);
     st.GH = static_cast<int>(GH);
     st.mode = p.mode;
-    FASTDL_LAUNCH(blocks_for(bs * H), kThreads, 0, stream, backward_gates_kernel)(st);
+    FASTDL_LAUNCH(blocks_for(std::max<int64_t>(bs, carry.rows) * H), kThreads, 0, stream,
+                  backward_gates_kernel)(st);
     FASTDL_CUDA_CHECK_LAUNCH();
-    // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs)
-    mm(false, false, bs, R, GH, dgh + row0 * GH, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0, launch);
+    // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs): split-K
+    // partials when the tile grid is small (gemm.cu's rule), summed by the next step's first
+    // kernel; else into dhs, as without split-K.
+    const int splits = gemm_cuda_split_count(bs, R, GH, launch, force, dh_room);
+    if (splits > 1) {
+      gemm_cuda_split(gemm_params<float>(false, false, bs, R, GH, GH, R, R, 0.0), splits,
+                      dgh + row0 * GH, w_hh, dh_part, dh_stride, launch);
+      carry.part = dh_part;
+      carry.stride = dh_stride;
+      carry.count = splits;
+      carry.rows = static_cast<int>(bs);
+      carry.add_base = gru;
+    } else {
+      mm(false, false, bs, R, GH, dgh + row0 * GH, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0, launch);
+      carry.rows = 0;
+    }
   }
+  resolve(carry, dhs, R, nullptr, nullptr, 0, stream);  // the last step's dh into dh_0
 
   const float* x = static_cast<const float*>(a.x);
   const float* w_ih = static_cast<const float*>(w.w_ih);
@@ -623,7 +759,7 @@ void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwar
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
   const int64_t GH = p.gates() * H, N = p.total_rows();
   const bool lstm = p.mode == RnnMode::Lstm;
-  Stage st(static_cast<float*>(a.scratch) + rnn_scratch_layout(p).stage,
+  Stage st(static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).stage,
            rnn_cuda_stage_elements(p, true));
   RnnWeights w32;
   w32.w_ih = st.in(w.w_ih, GH * I);

@@ -192,7 +192,7 @@ def recurrent_layer_forward(mode, input, hx, weight_ih, weight_hh, bias_ih=None,
     cn = _empty(x, (B, H)) if mode == LSTM else None
     ws = None
     if training:
-        ws_n, _ = _C.rnn_buffer_sizes(geometry)
+        ws_n, _ = _C.rnn_buffer_sizes(geometry, device >= 0)
         ws = _empty_acc(x, (ws_n,))
     # CUDA: the step's recurrent product (and, in inference, the input projection; for
     # float16/bfloat16 tensors, float32 copies of operands and results) live in a scratch from
@@ -217,7 +217,7 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
     geometry, code, device, (T, B, N, I, H, R), bs = _geometry(
         fn, mode, input, hx, cx, weight_ih, weight_hh, None, None, weight_hr, batch_sizes, reverse)
     geometry = geometry[:9] + (bool(has_bias),)
-    ws_n, sc_n = (0, 0) if N == 0 else _C.rnn_buffer_sizes(geometry)
+    ws_n, sc_n = (0, 0) if N == 0 else _C.rnn_buffer_sizes(geometry, device >= 0)
     if (workspace is None or tuple(workspace.shape) != (ws_n,)
             or _tensor.kind(workspace) != _tensor.kind(input)
             or workspace.dtype != workspace_dtype(input)):
