@@ -231,7 +231,7 @@ struct DwTile {
   int tiles_w, tiles;  // destination tiles per tile row, per plane
 };
 
-inline int dw_taps_slots(int taps) { return (taps + 3) & ~3; }  // keeps the tile 16-byte aligned
+__host__ __device__ inline int dw_taps_slots(int taps) { return (taps + 3) & ~3; }  // keeps the tile 16-byte aligned
 
 inline DwTile dw_tile(const Conv2dParams& p, bool input_grad) {
   DwTile t{};
@@ -322,7 +322,9 @@ __device__ __forceinline__ void dw_correlate(const DwTile& g, const float* windo
 // weight ko = plane % K; y = correlation + bias. Input gradient (BWD true, stride 1): destination
 // plane = n*C + c, sources the gy planes plane*kg + q with weights c*kg + q (flipped), q < kg,
 // summed in q order. One tile per block (blockIdx.x = plane * tiles + tile, below 2^31).
-template <class T, int KH, int KW, bool BWD>
+// MULTI (input gradient with kg > 1) runs the taps at run time only: unrolled, the compiler keeps
+// every tap offset live across the q loop (ptxas: 255 registers for 7x7, a spill for 3x3).
+template <class T, int KH, int KW, bool BWD, bool MULTI>
 __global__ void __launch_bounds__(kThreads)
     dw_tiled_kernel(DwTile g, int kg, int wchan, const T* __restrict__ src,
                     const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ dst) {
@@ -339,7 +341,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t src_plane = int64_t(g.src_h) * g.src_w;
   const int row0 = threadIdx.y * kDwRows * g.sh, col0 = threadIdx.x * g.sw;
   float acc[kDwRows] = {};
-  const int terms = BWD ? kg : 1;
+  const int terms = MULTI ? kg : 1;
   for (int q = 0; q < terms; ++q) {
     const int64_t sp = BWD ? plane * kg + q : plane / kg;
     const int64_t wi = BWD ? (plane % wchan) * kg + q : plane % wchan;
@@ -373,15 +375,15 @@ void launch_dw_tiled(const DwTile& t, int64_t planes, int kg, int wchan, const T
                      const T* bias, T* dst, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned int>(planes * t.tiles)), block(kDwTileW, kDwBlockH);
   const size_t shared = static_cast<size_t>(dw_shared_bytes(t));
-  if (t.kh == 3 && t.kw == 3)
-    FASTDL_LAUNCH(grid, block, shared, s, dw_tiled_kernel<T, 3, 3, BWD>)(t, kg, wchan, src, w, bias, dst);
-  else if (t.kh == 5 && t.kw == 5)
-    FASTDL_LAUNCH(grid, block, shared, s, dw_tiled_kernel<T, 5, 5, BWD>)(t, kg, wchan, src, w, bias, dst);
-  else if (t.kh == 7 && t.kw == 7)
-    FASTDL_LAUNCH(grid, block, shared, s, dw_tiled_kernel<T, 7, 7, BWD>)(t, kg, wchan, src, w, bias, dst);
-  else
-    FASTDL_LAUNCH(grid, block, shared, s, dw_tiled_kernel<T, 0, 0, BWD>)(t, kg, wchan, src, w, bias, dst);
-  FASTDL_CUDA_CHECK_LAUNCH();
+  const auto go = [&](auto kernel) {
+    FASTDL_LAUNCH(grid, block, shared, s, kernel)(t, kg, wchan, src, w, bias, dst);
+    FASTDL_CUDA_CHECK_LAUNCH();
+  };
+  if (BWD && kg > 1) go(dw_tiled_kernel<T, 0, 0, true, true>);
+  else if (t.kh == 3 && t.kw == 3) go(dw_tiled_kernel<T, 3, 3, BWD, false>);
+  else if (t.kh == 5 && t.kw == 5) go(dw_tiled_kernel<T, 5, 5, BWD, false>);
+  else if (t.kh == 7 && t.kw == 7) go(dw_tiled_kernel<T, 7, 7, BWD, false>);
+  else go(dw_tiled_kernel<T, 0, 0, BWD, false>);
 }
 
 // ---- depthwise weight (and bias) gradient ----
@@ -583,13 +585,13 @@ bool direct_backward_weight(const Conv2dParams& p, const void* x, const void* gy
       const size_t shared = static_cast<size_t>(dw_shared_bytes(t) + dw_weight_extra_shared(t));
       const dim3 grid(static_cast<unsigned int>(p.k * c.chunks)), block(kDwTileW, kDwBlockH);
       T* gbt = static_cast<T*>(gb);
-      if (t.kh == 3)
-        FASTDL_LAUNCH(grid, block, shared, s, dw_weight_grad_kernel<T, 3>)(t, c, xt, gyt, part, gwt, gbt);
-      else if (t.kh == 5)
-        FASTDL_LAUNCH(grid, block, shared, s, dw_weight_grad_kernel<T, 5>)(t, c, xt, gyt, part, gwt, gbt);
-      else
-        FASTDL_LAUNCH(grid, block, shared, s, dw_weight_grad_kernel<T, 7>)(t, c, xt, gyt, part, gwt, gbt);
-      FASTDL_CUDA_CHECK_LAUNCH();
+      const auto go = [&](auto kernel) {
+        FASTDL_LAUNCH(grid, block, shared, s, kernel)(t, c, xt, gyt, part, gwt, gbt);
+        FASTDL_CUDA_CHECK_LAUNCH();
+      };
+      if (t.kh == 3) go(dw_weight_grad_kernel<T, 3>);
+      else if (t.kh == 5) go(dw_weight_grad_kernel<T, 5>);
+      else go(dw_weight_grad_kernel<T, 7>);
       if (c.chunks > 1) {
         const int slots = t.kh * t.kw + 1;
         const int64_t sums = p.k * slots;
