@@ -1649,8 +1649,8 @@ def test_conv2d_cuda_long_reductions(cuda_device):
 
 # The depthwise fast path (conv_direct.cu: 32x32 destination tiles staged in shared memory; the
 # weight gradient split into chunks of (image, tile) items): kernels 1-7 (3x3, 5x5, 7x7 compiled
-# in, the rest at run time; 2x4 and 6x6 take the generic weight gradient), strides 1-3 (the
-# strided input gradient stays on the generic gather), dilation, padding up to the kernel,
+# in, the rest at run time; 2x4, 6x6 and 3x5 take the generic weight gradient), strides 1-3
+# (strided input gradients: the tiled on-stride gather), dilation, padding up to the kernel,
 # multiplier 2, planes smaller and larger than a tile, odd sizes.
 DEPTHWISE_CASES = [
     ((2, 3, 9, 11), (3, 1, 3, 3), dict(padding=1, groups=3)),                 # under one tile

@@ -237,17 +237,27 @@ inline DwTile dw_tile(const Conv2dParams& p, bool input_grad) {
   DwTile t{};
   const int kh = int(p.kh), kw = int(p.kw), dh = int(p.dh), dw = int(p.dw);
   t.kh = kh, t.kw = kw, t.dh = dh, t.dw = dw;
-  if (input_grad) {
+  if (input_grad && p.sh * p.sw > 1) {
+    // dw_input_grad_strided_kernel: the gy rows oh with oh*sh in [ih0 + ph - (kh-1)*dh,
+    // ih0 + 31 + ph] for a tile's rows ih0.., from floor((ih0 + ph - (kh-1)*dh) / sh).
     t.src_h = int(p.oh), t.src_w = int(p.ow), t.dst_h = int(p.h), t.dst_w = int(p.w);
-    t.sh = t.sw = 1;
-    t.org_h = int(p.ph) - (kh - 1) * dh, t.org_w = int(p.pw) - (kw - 1) * dw;
-  } else {
-    t.src_h = int(p.h), t.src_w = int(p.w), t.dst_h = int(p.oh), t.dst_w = int(p.ow);
     t.sh = int(p.sh), t.sw = int(p.sw);
-    t.org_h = -int(p.ph), t.org_w = -int(p.pw);
+    t.org_h = int(p.ph), t.org_w = int(p.pw);
+    t.tile_h = (kDwTileH - 1 + (kh - 1) * dh) / t.sh + 2;
+    t.tile_w = (kDwTileW - 1 + (kw - 1) * dw) / t.sw + 2;
+  } else {
+    if (input_grad) {  // stride 1: the forward over gy with the flipped kernel
+      t.src_h = int(p.oh), t.src_w = int(p.ow), t.dst_h = int(p.h), t.dst_w = int(p.w);
+      t.sh = t.sw = 1;
+      t.org_h = int(p.ph) - (kh - 1) * dh, t.org_w = int(p.pw) - (kw - 1) * dw;
+    } else {
+      t.src_h = int(p.h), t.src_w = int(p.w), t.dst_h = int(p.oh), t.dst_w = int(p.ow);
+      t.sh = int(p.sh), t.sw = int(p.sw);
+      t.org_h = -int(p.ph), t.org_w = -int(p.pw);
+    }
+    t.tile_h = (kDwTileH - 1) * t.sh + (kh - 1) * dh + 1;
+    t.tile_w = (kDwTileW - 1) * t.sw + (kw - 1) * dw + 1;
   }
-  t.tile_h = (kDwTileH - 1) * t.sh + (kh - 1) * dh + 1;
-  t.tile_w = (kDwTileW - 1) * t.sw + (kw - 1) * dw + 1;
   t.tiles_w = int(ceil_div(t.dst_w, kDwTileW));
   t.tiles = t.tiles_w * int(ceil_div(t.dst_h, kDwTileH));
   return t;
@@ -384,6 +394,63 @@ void launch_dw_tiled(const DwTile& t, int64_t planes, int kg, int wchan, const T
   else if (t.kh == 5 && t.kw == 5) go(dw_tiled_kernel<T, 5, 5, BWD, false>);
   else if (t.kh == 7 && t.kw == 7) go(dw_tiled_kernel<T, 7, 7, BWD, false>);
   else go(dw_tiled_kernel<T, 0, 0, BWD, false>);
+}
+
+__device__ __forceinline__ int floor_div(int a, int b) {
+  return a >= 0 ? a / b : -((b - 1 - a) / b);
+}
+
+// Input gradient for strides above 1: gx[ih, iw] gathers gy[oh, ow] * w[i, j] over the on-stride
+// taps only (ih + ph - i*dh = oh*sh, likewise for columns), found per element by tap_run as in
+// input_grad_direct_kernel and summed in its (q, i, j) order (bitwise its result), but reading
+// gy from the tile's window in shared memory (rows from oh_lo, zero-filled; the loops still skip
+// gy positions outside the plane, so inf/NaN weights behave as in the reference loops). Taps at
+// run time: the per-element tap runs differ from lane to lane anyway.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    dw_input_grad_strided_kernel(DwTile g, int kg, int wchan, const T* __restrict__ gy,
+                                 const T* __restrict__ w, T* __restrict__ gx) {
+  FASTDL_DYNAMIC_SHARED(16, float, smem);
+  const int taps = g.kh * g.kw;
+  float* wts = smem;
+  float* window = smem + dw_taps_slots(taps);
+  const int tid = threadIdx.y * kDwTileW + threadIdx.x;
+  const int64_t plane = blockIdx.x / unsigned(g.tiles);  // n*C + c
+  const int tile = int(blockIdx.x - plane * g.tiles);
+  const int ih0 = (tile / g.tiles_w) * kDwTileH, iw0 = (tile % g.tiles_w) * kDwTileW;
+  const int oh_lo = floor_div(ih0 + g.org_h - (g.kh - 1) * g.dh, g.sh);
+  const int ow_lo = floor_div(iw0 + g.org_w - (g.kw - 1) * g.dw, g.sw);
+  const int ih1 = ih0 + threadIdx.y * kDwRows, iw = iw0 + threadIdx.x;
+  const TapRun rw = tap_run(iw + g.org_w, g.kw, g.dw, g.sw);
+  TapRun rh[kDwRows];
+#pragma unroll
+  for (int r = 0; r < kDwRows; ++r) rh[r] = tap_run(ih1 + r + g.org_h, g.kh, g.dh, g.sh);
+  const int64_t src_plane = int64_t(g.src_h) * g.src_w;
+  float acc[kDwRows] = {};
+  for (int q = 0; q < kg; ++q) {
+    if (q > 0) __syncthreads();  // the previous term's window is read
+    const int64_t wi = (plane % wchan) * kg + q;
+    for (int e = tid; e < taps; e += kThreads) wts[e] = to_f(w[wi * taps + e]);
+    dw_load_window(gy + (plane * kg + q) * src_plane, g.src_h, g.src_w, oh_lo, ow_lo, g.tile_h,
+                   g.tile_w, window);
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kDwRows; ++r) {
+      for (int i = rh[r].i0, oh = rh[r].o0; i < g.kh && oh >= 0; i += rh[r].step, oh -= rh[r].dstep) {
+        if (oh >= g.src_h) continue;
+        const float* row = window + (oh - oh_lo) * g.tile_w;
+        const float* wr = wts + i * g.kw;
+        for (int j = rw.i0, ow = rw.o0; j < g.kw && ow >= 0; j += rw.step, ow -= rw.dstep) {
+          if (ow >= g.src_w) continue;
+          acc[r] = fmaf(row[ow - ow_lo], wr[j], acc[r]);
+        }
+      }
+    }
+  }
+  T* out = gx + plane * int64_t(g.dst_h) * g.dst_w;
+#pragma unroll
+  for (int r = 0; r < kDwRows; ++r)
+    if (ih1 + r < g.dst_h && iw < g.dst_w) out[(ih1 + r) * g.dst_w + iw] = from_f<T>(acc[r]);
 }
 
 // ---- depthwise weight (and bias) gradient ----
@@ -543,16 +610,25 @@ void direct_forward(const Conv2dParams& p, const void* x, const void* w, const v
   });
 }
 
-// The tiled input gradient serves stride 1 (every tap lands on the output grid); strided
-// depthwise layers keep the generic gather (tap_run), which skips the off-stride taps.
+// Stride 1: the tiled forward kernel over gy with the flipped kernel; strided: the tiled gather
+// of the on-stride taps (dw_input_grad_strided_kernel).
 void direct_backward_input(const Conv2dParams& p, const void* gy, const void* w, void* gx,
                            cudaStream_t s) {
   const Geo g = geo_of(p);
   const int64_t total = p.n * p.c * p.h * p.w;
   const DwTile t = dw_tile(p, true);
-  const bool fast = p.sh == 1 && p.sw == 1 && dw_fast(p, t, p.n * p.c, 0);
+  const bool fast = dw_fast(p, t, p.n * p.c, 0);
   by_dtype(p.dtype, "conv2d_backward_input", [&](auto tag) {
     using T = decltype(tag);
+    if (fast && p.sh * p.sw > 1) {
+      const dim3 grid(static_cast<unsigned int>(p.n * p.c * t.tiles)), block(kDwTileW, kDwBlockH);
+      FASTDL_LAUNCH(grid, block, static_cast<size_t>(dw_shared_bytes(t)), s,
+                    dw_input_grad_strided_kernel<T>)(t, int(p.k / p.c), int(p.c),
+                                                     static_cast<const T*>(gy),
+                                                     static_cast<const T*>(w), static_cast<T*>(gx));
+      FASTDL_CUDA_CHECK_LAUNCH();
+      return;
+    }
     if (fast) {
       launch_dw_tiled<T, true>(t, p.n * p.c, int(p.k / p.c), int(p.c), static_cast<const T*>(gy),
                                static_cast<const T*>(w), nullptr, static_cast<T*>(gx), s);
