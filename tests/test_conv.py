@@ -1654,7 +1654,7 @@ def test_conv2d_cuda_long_reductions(cuda_device):
 # multiplier 2, planes smaller and larger than a tile, odd sizes.
 DEPTHWISE_CASES = [
     ((2, 3, 9, 11), (3, 1, 3, 3), dict(padding=1, groups=3)),                 # under one tile
-    ((1, 2, 40, 37), (4, 1, 3, 3), dict(padding=1, groups=2)),                # multiplier 2, 2x2 tiles
+    ((1, 2, 40, 37), (4, 1, 3, 3), dict(padding=1, groups=2)),                # multiplier 2
     ((2, 2, 33, 70), (2, 1, 5, 5), dict(stride=2, padding=2, groups=2)),      # 3 tiles wide
     ((1, 3, 35, 34), (3, 1, 7, 7), dict(padding=3, groups=3)),
     ((1, 2, 29, 31), (2, 1, 7, 7), dict(stride=2, padding=3, dilation=2, groups=2)),
@@ -1754,7 +1754,8 @@ def test_conv2d_cuda_depthwise_nonfinite_as_reference(cuda_device, bad):
         try:
             for algo in ("reference", "auto"):
                 fastdl.ops.set_conv_algorithm(algo)
-                out[algo] = (fastdl.ops.conv2d(x, w, **kw),) + fastdl.ops.conv2d_backward(gy, x, w, **kw)
+                out[algo] = ((fastdl.ops.conv2d(x, w, **kw),)
+                             + fastdl.ops.conv2d_backward(gy, x, w, **kw))
         finally:
             fastdl.ops.set_conv_algorithm(before)
         for name, got, want in zip(("y", "gx", "gw", "gb"), out["auto"], out["reference"]):

@@ -1,18 +1,31 @@
 // Direct convolution kernels on CUDA: depthwise convolution (one input channel per group, any
-// channel multiplier; chosen automatically) and the plain reference loops ("direct"/"reference"
-// forced) the implicit GEMM is tested against; and the bias gradient. float32/float16/bfloat16 with
-// float32 accumulation.
-//  forward:        one thread per output element (consecutive threads, consecutive ow).
-//  input gradient: one thread per input element, gathering only the taps whose output row/column
-//                  lands on the stride grid, stepped without division (tap_run; every element
-//                  written once: no memset, no atomics).
-//  weight / bias gradients: one warp per weight element (per output channel), or one block when
-//                  N*OH*OW >= 8192 (depthwise layers: few weights, 10^5 products each), fixed-order
-//                  strided sums and a shuffle or shared-memory tree: deterministic.
+// channel multiplier; chosen automatically), the plain reference loops ("direct"/"reference"
+// forced) the implicit GEMM is tested against, and the bias gradient. float32/float16/bfloat16
+// with float32 accumulation; contiguous NCHW.
+// Depthwise fast path (under "auto" and "direct"; the generic loops serve the rest, and shapes it
+// does not take: a source window over 48 kB of shared memory, more than 2^31 tiles):
+//  forward:        a block of 32 x 8 threads per 32 x 32 output tile of one (n, k) plane; the
+//                  input window with halo staged once in shared memory as float (zero padding),
+//                  weights there too; each thread sums a column strip of 4 outputs, 3x3/5x5/7x7
+//                  unrolled, 32-bit offsets inside the plane.
+//  input gradient: stride 1: the same kernel over gy with the flipped kernel (and the multiplier's
+//                  kg planes summed in turn); strides > 1: the same tiles, gathering only the
+//                  on-stride taps per element (tap_run) from a gy window in shared memory.
+//  weight + bias:  block (k, chunk) sums its fixed range of (n, tile) items from shared x and gy
+//                  tiles, every tap (3x3/5x5/7x7) and the bias in registers, then a fixed-order
+//                  block tree; chunks' float partials go to the caller's workspace and a second
+//                  kernel adds them in order. Deterministic, no atomics.
+//  inf/NaN: padded taps contribute nothing, as in the reference loops: a tile whose weights (or,
+//  for the weight gradient, x/gy values) are not all finite takes a bounds-checked loop.
+// Generic kernels: forward one thread per output; input gradient one thread per input element
+// over the on-stride taps (tap_run, no division in the tap loops, every element written once);
+// weight / bias gradients one warp per weight element (per output channel), or one block when
+// N*OH*OW >= 8192, fixed-order strided sums and a shuffle or shared-memory tree: deterministic.
 // Tested by tests/test_conv.py (the CUDA sweep under "direct" and "auto", half types, long
-// reductions); timed by fastdl-bench --suite conv --device cuda (shape 6, depthwise). Not yet run
-// on a GPU. ptxas (sm_90, nvcc 13): 29-64 registers, no spills (the input gradient spilled 16
-// bytes before tap_run). The bias gradient steps (n, s) with one carry: no division in its loop.
+// reductions, test_conv2d_cuda_depthwise_*); timed by fastdl-bench --suite conv --device cuda
+// (shape 6, depthwise). The fast path's GPU timings are pending (written without a GPU).
+// ptxas (sm_90, nvcc 13): fast path 32-64 registers (weight gradient 5x5/7x7: 128), no spills;
+// generic kernels 29-64, no spills.
 #include "conv_cuda.cuh"
 
 namespace fastdl {
@@ -231,7 +244,8 @@ struct DwTile {
   int tiles_w, tiles;  // destination tiles per tile row, per plane
 };
 
-__host__ __device__ inline int dw_taps_slots(int taps) { return (taps + 3) & ~3; }  // keeps the tile 16-byte aligned
+// Weight slots in shared memory, a multiple of 4: the window after them stays 16-byte aligned.
+__host__ __device__ inline int dw_taps_slots(int taps) { return (taps + 3) & ~3; }
 
 inline DwTile dw_tile(const Conv2dParams& p, bool input_grad) {
   DwTile t{};
@@ -436,7 +450,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 #pragma unroll
     for (int r = 0; r < kDwRows; ++r) {
-      for (int i = rh[r].i0, oh = rh[r].o0; i < g.kh && oh >= 0; i += rh[r].step, oh -= rh[r].dstep) {
+      const TapRun& run = rh[r];
+      for (int i = run.i0, oh = run.o0; i < g.kh && oh >= 0; i += run.step, oh -= run.dstep) {
         if (oh >= g.src_h) continue;
         const float* row = window + (oh - oh_lo) * g.tile_w;
         const float* wr = wts + i * g.kw;
