@@ -234,8 +234,9 @@ constexpr int kDwTileH = kDwBlockH * kDwRows;      // 32 rows per tile
 
 // One tiled depthwise pass seen as a correlation: dst[o] = sum over taps t of
 // src[o*s + org + t*d] * wt[t], src read as zero outside its plane. Forward and weight gradient:
-// src = x, dst = y (org = -padding). Input gradient (stride 1 only): src = gy, dst = gx,
-// org = padding - (k-1)*dilation and the kernel flipped.
+// src = x, dst = y (org = -padding). Input gradient at stride 1: src = gy, dst = gx, s = 1,
+// org = padding - (k-1)*dilation and the kernel flipped; at larger strides (the gather kernel)
+// s is the convolution's stride and org the padding.
 struct DwTile {
   int src_h, src_w, dst_h, dst_w;
   int kh, kw, sh, sw, dh, dw;
@@ -247,6 +248,10 @@ struct DwTile {
 // Weight slots in shared memory, a multiple of 4: the window after them stays 16-byte aligned.
 __host__ __device__ inline int dw_taps_slots(int taps) { return (taps + 3) & ~3; }
 
+// A window side in 32 bits: 2^16 stands for any larger one (far over shared memory, so dw_fast
+// declines), and huge strides or dilations cannot overflow the products.
+inline int window_extent(int64_t n) { return static_cast<int>(std::min<int64_t>(n, 1 << 16)); }
+
 inline DwTile dw_tile(const Conv2dParams& p, bool input_grad) {
   DwTile t{};
   const int kh = int(p.kh), kw = int(p.kw), dh = int(p.dh), dw = int(p.dw);
@@ -257,8 +262,8 @@ inline DwTile dw_tile(const Conv2dParams& p, bool input_grad) {
     t.src_h = int(p.oh), t.src_w = int(p.ow), t.dst_h = int(p.h), t.dst_w = int(p.w);
     t.sh = int(p.sh), t.sw = int(p.sw);
     t.org_h = int(p.ph), t.org_w = int(p.pw);
-    t.tile_h = (kDwTileH - 1 + (kh - 1) * dh) / t.sh + 2;
-    t.tile_w = (kDwTileW - 1 + (kw - 1) * dw) / t.sw + 2;
+    t.tile_h = window_extent((kDwTileH - 1 + int64_t(kh - 1) * dh) / t.sh + 2);
+    t.tile_w = window_extent((kDwTileW - 1 + int64_t(kw - 1) * dw) / t.sw + 2);
   } else {
     if (input_grad) {  // stride 1: the forward over gy with the flipped kernel
       t.src_h = int(p.oh), t.src_w = int(p.ow), t.dst_h = int(p.h), t.dst_w = int(p.w);
@@ -269,8 +274,8 @@ inline DwTile dw_tile(const Conv2dParams& p, bool input_grad) {
       t.sh = int(p.sh), t.sw = int(p.sw);
       t.org_h = -int(p.ph), t.org_w = -int(p.pw);
     }
-    t.tile_h = (kDwTileH - 1) * t.sh + (kh - 1) * dh + 1;
-    t.tile_w = (kDwTileW - 1) * t.sw + (kw - 1) * dw + 1;
+    t.tile_h = window_extent(int64_t(kDwTileH - 1) * t.sh + int64_t(kh - 1) * dh + 1);
+    t.tile_w = window_extent(int64_t(kDwTileW - 1) * t.sw + int64_t(kw - 1) * dw + 1);
   }
   t.tiles_w = int(ceil_div(t.dst_w, kDwTileW));
   t.tiles = t.tiles_w * int(ceil_div(t.dst_h, kDwTileH));
