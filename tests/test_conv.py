@@ -1650,6 +1650,127 @@ def test_conv2d_cuda_long_reductions(cuda_device):
                   dict(stride=1, padding=1, dilation=1, groups=2), seed=3, device=cuda_device)
 
 
+# The depthwise fast path (conv_direct.cu: 32x32 destination tiles staged in shared memory; the
+# weight gradient split into chunks of (image, tile) items): kernels 1-7 (3x3, 5x5, 7x7 compiled
+# in, the rest at run time; 2x4, 6x6 and 3x5 take the generic weight gradient), strides 1-3
+# (strided input gradients: the tiled on-stride gather), dilation, padding up to the kernel,
+# multiplier 2, planes smaller and larger than a tile, odd sizes.
+DEPTHWISE_CASES = [
+    ((2, 3, 9, 11), (3, 1, 3, 3), dict(padding=1, groups=3)),                 # under one tile
+    ((1, 2, 40, 37), (4, 1, 3, 3), dict(padding=1, groups=2)),                # multiplier 2
+    ((2, 2, 33, 70), (2, 1, 5, 5), dict(stride=2, padding=2, groups=2)),      # 3 tiles wide
+    ((1, 3, 35, 34), (3, 1, 7, 7), dict(padding=3, groups=3)),
+    ((1, 2, 29, 31), (2, 1, 7, 7), dict(stride=2, padding=3, dilation=2, groups=2)),
+    ((2, 2, 13, 12), (4, 1, 1, 1), dict(groups=2)),                           # 1x1, run-time taps
+    ((1, 2, 21, 19), (2, 1, 2, 4), dict(stride=(3, 1), padding=(1, 2), dilation=(2, 1), groups=2)),
+    ((1, 3, 16, 17), (6, 1, 6, 6), dict(stride=3, padding=2, groups=3)),
+    ((3, 1, 5, 5), (2, 1, 3, 3), dict(padding=2, groups=1)),                  # one channel, pad 2
+    ((1, 2, 34, 33), (2, 1, 3, 3), dict(dilation=2, padding=(0, 3), groups=2)),
+    ((2, 2, 8, 9), (2, 1, 5, 5), dict(padding=(4, 5), groups=2)),              # padding > k/2
+    ((1, 2, 7, 40), (2, 1, 3, 5), dict(stride=(1, 2), padding=(1, 2), groups=2)),
+    # a 124x124 source window (61 kB) exceeds shared memory: the forward and the weight gradient
+    # fall back to the generic kernels, the strided input gradient (22x22 gy window) stays tiled
+    ((1, 2, 40, 40), (2, 1, 7, 7), dict(stride=3, padding=3, dilation=5, groups=2)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DEPTHWISE_CASES)))
+def test_conv2d_cuda_depthwise_fast_path(cuda_device, case):
+    shape, wshape, kw = DEPTHWISE_CASES[case]
+    before = fastdl.ops.get_conv_algorithm()
+    try:
+        for algo in ("auto", "direct"):
+            fastdl.ops.set_conv_algorithm(algo)
+            assert ops_conv.conv2d_algorithm(torch.zeros(shape).to(cuda_device),
+                                             torch.zeros(wshape).to(cuda_device), **kw) == "direct"
+            run_conv_case(torch.float32, shape, wshape, case % 2 == 0, kw, seed=40 + case,
+                          what=f"depthwise algo={algo}", device=cuda_device)
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv2d_cuda_depthwise_half(cuda_device, dtype):
+    """The fast path's half types: staged as float, one rounding at the store (as the sweep's
+    half cases, on shapes the tiles serve)."""
+    for shape, wshape, kw in (DEPTHWISE_CASES[1], DEPTHWISE_CASES[2], DEPTHWISE_CASES[4]):
+        x, w, b = (torch.empty(s).uniform_(-1, 1).to(dtype).to(cuda_device)
+                   for s in (shape, wshape, wshape[:1]))
+        ours = [t.clone().requires_grad_() for t in (x, w, b)]
+        ref = [t.float().requires_grad_() for t in (x, w, b)]
+        ya, yr = F.conv2d(*ours, **kw), TF.conv2d(*ref, **kw)
+        what = f"{dtype} x={shape} w={wshape} {kw}"
+        assert ya.dtype == dtype
+        assert_close(ya, yr, dtype=dtype, reduction=wshape[2] * wshape[3], what=what)
+        gy = torch.randn(yr.shape).to(dtype).to(cuda_device)
+        ya.backward(gy)
+        yr.backward(gy.float())
+        per_pixel = yr.numel() // wshape[0]
+        kg = wshape[0] // kw["groups"]
+        for name, u, v, n in (("input", ours[0], ref[0], kg * wshape[2] * wshape[3]),
+                              ("weight", ours[1], ref[1], per_pixel),
+                              ("bias", ours[2], ref[2], per_pixel)):
+            assert u.grad.dtype == dtype
+            assert_close(u.grad, v.grad, dtype=dtype, reduction=n, what=f"grad {name}: {what}")
+
+
+def test_conv2d_cuda_depthwise_weight_grad_chunks_deterministic(cuda_device):
+    """256 channels over 5 images of two tiles: the depthwise weight gradient splits each
+    channel's 10 (image, tile) items into 5 chunks of 2 (a workspace of partials, summed in chunk
+    order): bitwise identical run to run, and right, with the bias summed in the same pass."""
+    shape, wshape, kw = (5, 256, 33, 9), (256, 1, 3, 3), dict(padding=1, groups=256)
+    gen = torch.Generator().manual_seed(7)
+    x, w, gy = (torch.randn(s, generator=gen).to(cuda_device)
+                for s in (shape, wshape, (5, 256, 33, 9)))
+    geo = ops_conv.conv2d_prepare(x, w, **kw)
+    assert fastdl._C.conv2d_workspace(geo.params, ops_conv.ALGORITHMS["auto"]) == 4 * 256 * 5 * 10
+    runs = [fastdl.ops.conv2d_backward(gy, x, w, **kw) for _ in range(3)]
+    for r in runs[1:]:
+        for a, b in zip(runs[0], r):
+            assert torch.equal(a, b)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    TF.conv2d(xr, wr, **kw).backward(gy)
+    assert_close(runs[0][1], wr.grad, reduction=5 * 33 * 9, what="grad_weight")
+    assert_close(runs[0][0], xr.grad, reduction=9, what="grad_input")
+    assert_close(runs[0][2], gy.sum((0, 2, 3)), reduction=5 * 33 * 9, what="grad_bias")
+    gw_only = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, True, False))[1]
+    gb_only = fastdl.ops.conv2d_backward(gy, x, w, **kw, output_mask=(False, False, True))[2]
+    assert torch.equal(gw_only, runs[0][1])
+    assert_close(gb_only, runs[0][2], reduction=5 * 33 * 9, what="grad_bias alone")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_conv2d_cuda_depthwise_nonfinite_as_reference(cuda_device, bad):
+    """An inf/NaN weight (forward, input gradient) or output gradient or input (weight gradient)
+    reaches only the taps inside the planes: the fast path's zero-filled halo would give
+    0 * inf there, so such tiles take its checked loops; the result has the NaN/inf pattern and
+    finite values of the reference loops."""
+    gen = torch.Generator().manual_seed(13)
+    for shape, wshape, kw in (((2, 2, 9, 37), (4, 1, 3, 3), dict(padding=1, groups=2)),
+                              ((1, 2, 11, 10), (2, 1, 5, 5), dict(stride=2, padding=2, groups=2))):
+        x = torch.rand(shape, generator=gen)
+        w = torch.rand(wshape, generator=gen)
+        gy = torch.rand(TF.conv2d(x, w, **kw).shape, generator=gen)
+        w[1, 0, 0, 0] = bad
+        x[0, 1, :, -1] = bad
+        gy[0, 0, 0, 0] = bad
+        x, w, gy = (t.to(cuda_device) for t in (x, w, gy))
+        out = {}
+        before = fastdl.ops.get_conv_algorithm()
+        try:
+            for algo in ("reference", "auto"):
+                fastdl.ops.set_conv_algorithm(algo)
+                out[algo] = ((fastdl.ops.conv2d(x, w, **kw),)
+                             + fastdl.ops.conv2d_backward(gy, x, w, **kw))
+        finally:
+            fastdl.ops.set_conv_algorithm(before)
+        for name, got, want in zip(("y", "gx", "gw", "gb"), out["auto"], out["reference"]):
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), (name, kw)
+            assert torch.equal(torch.isinf(got), torch.isinf(want)), (name, kw)
+            fin = torch.isfinite(want)
+            assert_close(got[fin], want[fin], reduction=200, what=name)
+
+
 @pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1, dilation=1, groups=1),
                                     dict(stride=(3, 2), padding=(2, 1), dilation=(2, 3), groups=2)])
 def test_conv2d_cuda_gemm_two_column_tiles(cuda_device, kwargs):

@@ -5,8 +5,9 @@
 // Algorithms: implicit GEMM for the general case (conv_igemm.cu: shared-memory tiles, operands
 // gathered on the fly, the weight gradient's reduction split deterministically through a caller
 // workspace), direct kernels for depthwise convolution with any channel multiplier
-// (conv_direct.cu, also the plain reference loops); ConvAlgo::Gemm / Direct force one, Reference
-// runs Direct, Winograd (CPU only) leaves the choice to Auto. Nothing uses atomics: every pass is
+// (conv_direct.cu: shared-memory tiles; its weight gradient sums the bias too and may split its
+// reduction through the same workspace; also the plain reference loops); ConvAlgo::Gemm / Direct
+// force one, Reference runs Direct's plain loops, Winograd (CPU only) leaves the choice to Auto. Nothing uses atomics: every pass is
 // bitwise reproducible, so torch.use_deterministic_algorithms(True) needs no other path.
 // Tested by tests/test_conv.py (CUDA cases: on a GPU, or emulated in CI); timed by fastdl-bench
 // --suite conv --device cuda (benchmarks/gpu_check.sh). Tested and timed on an H200 (2026-12-04,
@@ -65,7 +66,8 @@ void conv2d_backward_input_cuda(const Conv2dParams& p, const void* gy, const voi
 
 int64_t conv2d_backward_weight_cuda_workspace(const Conv2dParams& p) {
   check_cuda(p, "conv2d_backward_weight");
-  return use_direct(p) ? 0 : conv_cuda::igemm_weight_workspace(p);
+  return use_direct(p) ? conv_cuda::direct_weight_workspace(p)
+                       : conv_cuda::igemm_weight_workspace(p);
 }
 
 void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const void* gy, void* gw,
@@ -78,11 +80,13 @@ void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const voi
                "conv2d_backward_weight: workspace of ", workspace_bytes, " bytes, needs ", need);
   CudaDeviceGuard guard(launch.device);
   const cudaStream_t s = as_stream(launch.stream);
+  bool bias_done = false;  // the depthwise weight gradient sums the bias in its pass over gy
   if (gw && p.k * (p.c / p.groups) > 0) {
-    if (use_direct(p)) conv_cuda::direct_backward_weight(p, x, gy, gw, s);
+    if (use_direct(p))
+      bias_done = conv_cuda::direct_backward_weight(p, x, gy, gw, gb, workspace, s);
     else conv_cuda::igemm_backward_weight(p, x, gy, gw, workspace, s);
   }
-  if (gb && p.k > 0) conv_cuda::bias_backward(p, gy, gb, s);
+  if (gb && p.k > 0 && !bias_done) conv_cuda::bias_backward(p, gy, gb, s);
 }
 
 ConvAlgo conv2d_algorithm_cuda(const Conv2dParams& p, ConvPass) {

@@ -73,8 +73,12 @@ void direct_forward(const Conv2dParams& p, const void* x, const void* w, const v
                     cudaStream_t s);
 void direct_backward_input(const Conv2dParams& p, const void* gy, const void* w, void* gx,
                            cudaStream_t s);
-void direct_backward_weight(const Conv2dParams& p, const void* x, const void* gy, void* gw,
-                            cudaStream_t s);
+// The depthwise weight gradient needs direct_weight_workspace(p) bytes (0 when its reduction is
+// not split) and sums the bias gradient in the same pass: it returns true when it wrote gb
+// (given and the fast depthwise path ran), else the caller runs bias_backward.
+int64_t direct_weight_workspace(const Conv2dParams& p);
+bool direct_backward_weight(const Conv2dParams& p, const void* x, const void* gy, void* gw,
+                            void* gb, void* workspace, cudaStream_t s);
 void bias_backward(const Conv2dParams& p, const void* gy, void* gb, cudaStream_t s);
 
 }  // namespace conv_cuda
