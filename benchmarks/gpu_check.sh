@@ -189,10 +189,9 @@ small_memcheck=(-m "cuda and not gpu_only"
                 -k "$skip and (not test_conv2d_sweep or test_conv2d_sweep[default-gemm-cuda-0])"
                 --deselect "tests/test_pool.py::test_max_unpool2d_invalid_index[cuda]" tests)
 # racecheck/synccheck: shared-memory hazards and barriers of the tiled conv kernels only.
-conv_shared=(-m "cuda and not gpu_only"
-             -k "conv and cuda and (half or deterministic or long_reductions or two_column_tiles
-                  or every_tile)"
-             tests/test_conv.py)
+shared_tests="half or deterministic or long_reductions or two_column_tiles or every_tile"
+shared_tests+=" or depthwise_fast_path"
+conv_shared=(-m "cuda and not gpu_only" -k "conv and cuda and ($shared_tests)" tests/test_conv.py)
 # pytest_stage_sanitized TOOL LIMIT [pytest args...]: findings in this process's kernels (torch's
 # included) fail the run (--error-exitcode); each report is kept in the log. API errors are not
 # reported: on the H200 image the CUDA Python bindings' cuGetProcAddress probes return
