@@ -213,7 +213,7 @@ pytest_stage_sanitized() {
   result "$tool" "$rc" "$t"
 }
 pytest_stage_sanitized memcheck 90 "${small_memcheck[@]}"
-pytest_stage_sanitized racecheck 30 "${conv_shared[@]}"
+pytest_stage_sanitized racecheck 60 "${conv_shared[@]}"
 # CI's thread count per worker (8 workers on the GPU machine's 16 cores); this file's own tests run
 # the script and sleep, so they stay out.
 OMP_NUM_THREADS=2 pytest_stage tests_cpu 120 ${xdist[@]+"${xdist[@]}"} -m "not cuda and not slow" \

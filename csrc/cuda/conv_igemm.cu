@@ -448,11 +448,17 @@ int resident(Tile t) {
                                                             : resident<Op, 64, 32>();
 }
 
-// The tile with the least predicted time: waves (blocks over the GPU's resident slots, rounded
-// up: a last, partial wave costs a whole one) times the tile's wave cost. z: grid.z (groups x
-// phases).
+// The tile with the least predicted time, in units of a tile's wave cost times reduction
+// length. One GEMM per group: waves (blocks over the GPU's resident slots, rounded up: a last,
+// partial wave costs a whole one) times the reduction. Stride phases (parts of unequal reduction,
+// e.g. 1, 2, 2 and 4 taps at 3x3 stride 2): the larger of the longest block and the total block
+// work spread over the slots. (Waves alone picked 128 x 128 tiles for shape 5's input gradient:
+// 234 us where 64 x 64 ran 160, its 4-tap phase's 49 blocks being the critical path; H200.)
+struct PartShape {
+  int64_t rows, red;
+};
 template <class Op>
-Tile pick_tile(int64_t rows, int64_t cols, int64_t z) {
+Tile pick_tile(const PartShape* parts, int nparts, int64_t cols, int64_t groups) {
   Tile forced{0, 0};
   if (forced_tile(forced)) return forced;
   const int64_t sms = sm_count();
@@ -460,8 +466,15 @@ Tile pick_tile(int64_t rows, int64_t cols, int64_t z) {
   double best_cost = -1;
   for (const TileCost& c : kTiles) {
     if (ceil_div(cols, c.tile.bn) > 65535) continue;  // past grid.y: the widest tile may still fit
-    const int64_t blocks = z * ceil_div(rows, c.tile.bm) * ceil_div(cols, c.tile.bn);
-    const double cost = c.wave * double(ceil_div(blocks, resident<Op>(c.tile) * sms));
+    const int64_t slots = resident<Op>(c.tile) * sms, col_tiles = ceil_div(cols, c.tile.bn);
+    double work = 0, longest = 0;
+    for (int k = 0; k < nparts; ++k) {
+      const double red = double(std::max<int64_t>(parts[k].red, 1));
+      const int64_t blocks = groups * ceil_div(parts[k].rows, c.tile.bm) * col_tiles;
+      work += nparts == 1 ? double(ceil_div(blocks, slots)) * red : double(blocks) * red / slots;
+      longest = std::max(longest, red);
+    }
+    const double cost = c.wave * (nparts == 1 ? work : std::max(work, longest));
     if (best_cost < 0 || cost < best_cost) best = c.tile, best_cost = cost;
   }
   return best;
@@ -540,7 +553,8 @@ void igemm_forward(const Conv2dParams& p, const void* x, const void* w, const vo
                    cudaStream_t s) {
   const Geo g = geo_of(p);
   const int64_t rows = p.n * p.oh * p.ow, red = g.cg * g.taps;
-  const Tile tile = pick_tile<ForwardOp<float>>(rows, g.kg, p.groups);
+  const PartShape part{rows, red};
+  const Tile tile = pick_tile<ForwardOp<float>>(&part, 1, g.kg, p.groups);
   by_dtype(p.dtype, "conv2d", [&](auto tag) {
     using T = decltype(tag);
     ForwardOp<T> op{g,    static_cast<const T*>(x), static_cast<const T*>(w),
@@ -602,7 +616,9 @@ void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, 
         op.pradix[rh * phc + rw] = radix_of(f.ni, f.nj);
         op.rows = std::max(op.rows, p.n * f.hp * f.wp);
       }
-    const Tile tile = pick_tile<InputGradPhases<float>>(op.rows, g.cg, p.groups * op.parts);
+    PartShape parts[kMaxPhases];
+    for (int k = 0; k < op.parts; ++k) parts[k] = PartShape{op.prows[k], op.pred[k]};
+    const Tile tile = pick_tile<InputGradPhases<float>>(parts, op.parts, g.cg, p.groups);
     launch_igemm(op, tile, p.groups, "conv2d_backward_input", "in_channels / groups", s);
   });
 }
