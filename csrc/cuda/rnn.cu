@@ -56,20 +56,14 @@
 // Smaller tiles (32-row) were not added: at m = batch <= 64 the m side is one tile either way, so
 // they add no blocks (split-K multiplies the grid); a 64-row tile at batch 32 computes zero rows
 // on an SM that would otherwise idle, while its time is set by the k-slice chain split-K shortens.
-// GPU timings of split-K are pending (written without a GPU). Predicted, from the measured
-// per-step GEMM times (benchmarks/RESULTS.md, 2026-12-04 15:39) and the split rule: the dh GEMM,
-// 22 us per step for LSTM (64,128,32) (2 blocks x 32 slices) and 86 us for LSTM (256,512,64)
-// (8 x 128 slices), becomes 32 blocks x 2 slices and 128 x 8 slices, a few us each (launch and
-// one wave of short blocks) plus at most 4 MB of partials per step through L2; so forward +
-// backward should gain most (LSTM (256,512,64,100) from 0.49x toward ~1x cuDNN, the 50-step
-// shapes from ~0.5x to ~0.7x), the forward less (its GEMM is 6.7 us of a step whose wall time is
-// set by two launches). cuDNN's one persistent kernel is expected to stay ahead on the small
-// shapes: 100-200 launches per call remain, and batch 1's forward is the fused kernel, unchanged.
+// Timed on an H200 with split-K (benchmarks/RESULTS.md, 2026-12-04 17:50): the batch-64 and
+// 2-layer bidirectional shapes now beat cuDNN; the 50-step batch-32 shapes barely moved, their
+// time being set by two launches per step and the host, not by the GEMM's grid.
 // Not done: tensor-core GEMMs for the half types (they run the exact float32 path on the copies);
 // a persistent kernel keeping W_hh on chip across steps (the emulation runs blocks one after
 // another, so a multi-block persistent kernel with a grid barrier cannot run there; one block is
-// too little of an H100 for H >= 128). Timed on an H200 against cuDNN, whose persistent kernels
-// keep the weights on chip: benchmarks/RESULTS.md, 2026-12-04 15:39 (before split-K).
+// too little of an H100 for H >= 128); cuDNN's persistent kernels keep the weights on chip and
+// run a small layer in one launch.
 // ptxas (nvcc 13, sm_90, with split-K): fused step 72 registers and 16.5 KB shared, forward gate
 // kernel 48, backward gate kernel 32, resolve, copy and column sums 32, the four conversion
 // kernels 13-14; no spills (sm_75, before split-K: 79, 73, 34, 32-44, 12-24).
