@@ -6,8 +6,8 @@ pass, TF32 off on both sides.
     python benchmarks/conv_cuda_tiles.py [--reps 30] [--shapes 2,3,5] > tiles.txt
 
 Prints one row per shape and pass: microseconds per call (median of --reps calls, each timed with
-CUDA events after 3 warm-up calls) for cuDNN, auto and each tile, and the tile auto chose. This is
-for choosing the tile rule (csrc/cuda/conv_igemm.cu, pick_tile); the figures to quote are
+CUDA events after 3 warm-up calls) for cuDNN, auto and each tile, and the fastest forced tile.
+This is for choosing the tile rule (csrc/cuda/conv_igemm.cu, pick_tile); the figures to quote are
 fastdl-bench's. Run by benchmarks/gpu_check.sh (stage tiles).
 """
 from __future__ import annotations

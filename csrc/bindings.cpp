@@ -729,15 +729,16 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("gy"), py::arg("w"), py::arg("gx"), py::arg("gw"), py::arg("gb"),
      py::arg("params"), py::arg("algo"));
   // Bytes of device workspace the CUDA weight gradient needs for this geometry and algorithm.
-  m.def("conv2d_workspace", [](const Conv2dParams& prm, int algo) -> int64_t {
+  m.def("conv2d_workspace", [](const Conv2dParams& prm, int algo, int device) -> int64_t {
     FASTDL_CHECK(algo >= 0 && algo < kConvAlgoCount,
                  "fastdl internal: unknown convolution algorithm ", algo);
 #ifdef FASTDL_WITH_CUDA
     Conv2dParams p = prm;
     p.algo = static_cast<ConvAlgo>(algo);
-    return conv2d_backward_weight_cuda_workspace(p);
+    return conv2d_backward_weight_cuda_workspace(p, device);
 #else
     (void)prm;
+    (void)device;
     return 0;
 #endif
   });

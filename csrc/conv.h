@@ -81,8 +81,9 @@ void conv2d_backward_input_cuda(const Conv2dParams& p, const void* gy, const voi
                                 const CudaLaunch& launch);
 // The weight gradient's GEMM splits its reduction over N*OH*OW into float partials summed in a
 // fixed order (deterministic, no atomics); the caller allocates their device workspace, of
-// conv2d_backward_weight_cuda_workspace(p) bytes (0: none needed, workspace may be null).
-int64_t conv2d_backward_weight_cuda_workspace(const Conv2dParams& p);
+// conv2d_backward_weight_cuda_workspace(p, device) bytes (0: none needed, workspace may be null):
+// the amount depends on the device (its SM count), so ask for the device that will run the pass.
+int64_t conv2d_backward_weight_cuda_workspace(const Conv2dParams& p, int device);
 void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const void* gy, void* gw,
                                  void* gb, void* workspace, int64_t workspace_bytes,
                                  const CudaLaunch& launch);

@@ -1543,7 +1543,7 @@ def test_conv2d_cuda_weight_grad_deterministic(cuda_device):
     w = torch.randn(6, 8, 3, 3).to(cuda_device)
     gy = torch.randn(2, 6, 16, 16).to(cuda_device)
     geo = ops_conv.conv2d_prepare(x, w, padding=1)
-    assert fastdl._C.conv2d_workspace(geo.params, ops_conv.ALGORITHMS["auto"]) > 0, \
+    assert fastdl._C.conv2d_workspace(geo.params, ops_conv.ALGORITHMS["auto"], geo.device) > 0, \
         "this shape should split the reduction (the path under test)"
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -1723,7 +1723,8 @@ def test_conv2d_cuda_depthwise_weight_grad_chunks_deterministic(cuda_device):
     x, w, gy = (torch.randn(s, generator=gen).to(cuda_device)
                 for s in (shape, wshape, (5, 256, 33, 9)))
     geo = ops_conv.conv2d_prepare(x, w, **kw)
-    assert fastdl._C.conv2d_workspace(geo.params, ops_conv.ALGORITHMS["auto"]) == 4 * 256 * 5 * 10
+    assert (fastdl._C.conv2d_workspace(geo.params, ops_conv.ALGORITHMS["auto"], geo.device)
+            == 4 * 256 * 5 * 10)
     runs = [fastdl.ops.conv2d_backward(gy, x, w, **kw) for _ in range(3)]
     for r in runs[1:]:
         for a, b in zip(runs[0], r):
@@ -1798,11 +1799,12 @@ TILE_CASES = [((2, 72, 9, 11), (80, 72, 3, 3), dict(stride=1, padding=1, dilatio
 def test_conv2d_cuda_gemm_every_tile(cuda_device, monkeypatch, tile):
     """FASTDL_CUDA_CONV_TILE forces each implicit-GEMM tile on every pass: rows and columns past
     one tile and short of the next (198 rows, 80 columns; 648 weight-gradient rows), a reduction
-    long enough to split the weight gradient (N*OH*OW = 1296), stride 2 with groups (two GEMMs per
-    launch) and dilation; float32 and bfloat16. Against torch on the CPU: on the H200, the first
-    case's weight gradient differed from cuDNN's by the same 8.1e-5 (1.4e-5 allowed) under all six
-    tiles, while the emulated kernels, the same arithmetic in the same order, match torch's CPU
-    result within the table (benchmarks/RESULTS.md, 2026-12-04 18:05)."""
+    long enough to split the weight gradient (N*OH*OW = 1296), stride 2 with groups and dilation
+    (the input gradient's launch: 2 groups x 4 stride phases, one phase with no taps); float32
+    and bfloat16. Against torch on the CPU: on the H200, the first case's weight gradient differed
+    from cuDNN's by the same 8.1e-5 (1.4e-5 allowed) under all six tiles, while the emulated
+    kernels, the same arithmetic in the same order, match torch's CPU result within the table
+    (benchmarks/RESULTS.md, 2026-12-04 17:50)."""
     monkeypatch.setenv("FASTDL_CUDA_CONV_TILE", tile)
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("gemm")
@@ -1845,6 +1847,17 @@ def test_conv2d_cuda_empty_batch(cuda_device, cuda_algo, groups):
                                             padding=1, groups=groups)
     assert gx.shape == x.shape
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(8).to(cuda_device))
+
+
+def test_conv_transpose2d_cuda_no_output_channels(cuda_device, cuda_algo):
+    """conv_transpose2d with 0 output channels (torch's CPU build refuses it; its sizes are well
+    defined): the backward gives a zero input gradient and empty weight and bias gradients; the
+    implicit GEMM's weight plan sees no tiles there (a division by zero before)."""
+    x = torch.randn(2, 4, 5, 5).to(cuda_device)
+    gx, gw, gb = fastdl.ops.conv_transpose2d_backward(torch.randn(2, 0, 7, 7).to(cuda_device), x,
+                                                      torch.randn(4, 0, 3, 3).to(cuda_device))
+    assert gx.shape == x.shape and torch.equal(gx, torch.zeros_like(x))
+    assert gw.shape == (4, 0, 3, 3) and gb.shape == (0,)
 
 
 def test_conv2d_backward_numpy_through_emulation(cuda_device):

@@ -483,17 +483,17 @@ def test_cuda_large_hidden(cuda_device, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_split_k(cuda_device, monkeypatch, kind, splits):
     """The step GEMMs' split-K (csrc/cuda/rnn.cu), forced through its test hook on shapes the
-    emulation's 4-SM rule would not all split: hidden 100 (LSTM_PROJ: state 50), batch 11 (the
-    GEMM + gate kernel path), so the backward's dh product (k = G * 100) runs as 3 or 5 partials
-    (chunks of 48-80, the last one short) summed by the next step's gate kernel (the projection's
-    resolve kernel; after the loop, into dh_0) and the forward's hh (k = 100) as up to 3 summed
-    by the gate kernel; packed, both directions (rows whose sequences end while their dh is
-    still pending), with initial-state gradients, against torch."""
+    emulation's 4-SM rule would not all split: hidden 160 (LSTM_PROJ: state 80), batch 11 (the
+    GEMM + gate kernel path), so the backward's dh product (k = G * 160) runs as 3 or 5 partials
+    summed by the next step's gate kernel (the projection's resolve kernel; after the loop, into
+    dh_0) and the forward's hh (k = 160, chunks of at least 32) as 3 or 5 summed by the gate
+    kernel (k = 80 with the projection: 2); packed, both directions (rows whose sequences end
+    while their dh is still pending), with initial-state gradients, against torch."""
     monkeypatch.setenv("FASTDL_RNN_SPLIT_K", str(splits))
     with exact_cudnn():
         run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3,
-                 11, 7, 100, True, torch.float32, device=cuda_device)
-        check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 100,
+                 11, 7, 160, True, torch.float32, device=cuda_device)
+        check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 160,
                      layers=1)
 
 

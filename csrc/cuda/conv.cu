@@ -65,8 +65,9 @@ void conv2d_backward_input_cuda(const Conv2dParams& p, const void* gy, const voi
   else conv_cuda::igemm_backward_input(p, gy, w, gx, s);
 }
 
-int64_t conv2d_backward_weight_cuda_workspace(const Conv2dParams& p) {
+int64_t conv2d_backward_weight_cuda_workspace(const Conv2dParams& p, int device) {
   check_cuda(p, "conv2d_backward_weight");
+  CudaDeviceGuard guard(device);  // the split plans read the current device's SM count
   return use_direct(p) ? conv_cuda::direct_weight_workspace(p)
                        : conv_cuda::igemm_weight_workspace(p);
 }
@@ -76,16 +77,16 @@ void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const voi
                                  const CudaLaunch& launch) {
   check_cuda(p, "conv2d_backward_weight");
   if (!gw && !gb) return;
-  const int64_t need = gw ? conv2d_backward_weight_cuda_workspace(p) : 0;
+  CudaDeviceGuard guard(launch.device);
+  const int64_t need = gw ? conv2d_backward_weight_cuda_workspace(p, launch.device) : 0;
   FASTDL_CHECK(workspace_bytes >= need && (need == 0 || workspace != nullptr),
                "conv2d_backward_weight: workspace of ", workspace_bytes, " bytes, needs ", need);
-  CudaDeviceGuard guard(launch.device);
   const cudaStream_t s = as_stream(launch.stream);
   bool bias_done = false;  // the depthwise weight gradient sums the bias in its pass over gy
   if (gw && p.k * (p.c / p.groups) > 0) {
     if (use_direct(p))
       bias_done = conv_cuda::direct_backward_weight(p, x, gy, gw, gb, workspace, s);
-    else conv_cuda::igemm_backward_weight(p, x, gy, gw, workspace, s);
+    else conv_cuda::igemm_backward_weight(p, x, gy, gw, workspace, workspace_bytes, s);
   }
   if (gb && p.k > 0 && !bias_done) conv_cuda::bias_backward(p, gy, gb, s);
 }

@@ -59,14 +59,16 @@ void by_dtype(DType d, const char* name, const F& f) {
 }
 
 // conv_igemm.cu: implicit GEMM, the general case. The weight gradient needs
-// igemm_weight_workspace(p) bytes of workspace (0 when its reduction is not split).
+// igemm_weight_workspace(p) bytes of workspace (0 when its reduction is not split), for the
+// current device (its SM count and the kernels' occupancy set the splits).
 void igemm_forward(const Conv2dParams& p, const void* x, const void* w, const void* bias, void* y,
                    cudaStream_t s);
 void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, void* gx,
                           cudaStream_t s);
 int64_t igemm_weight_workspace(const Conv2dParams& p);
+// Checks its own plan's need against workspace_bytes (the plan reads FASTDL_CUDA_CONV_TILE).
 void igemm_backward_weight(const Conv2dParams& p, const void* x, const void* gy, void* gw,
-                           void* workspace, cudaStream_t s);
+                           void* workspace, int64_t workspace_bytes, cudaStream_t s);
 
 // conv_direct.cu: direct loops (depthwise, and the reference), and the bias gradient.
 void direct_forward(const Conv2dParams& p, const void* x, const void* w, const void* bias, void* y,

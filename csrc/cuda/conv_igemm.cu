@@ -10,7 +10,7 @@
 //                   C/groups, reduction = K/groups * the taps on its stride grid only (no zero
 //                   taps; one phase at stride 1; past 16 phases the direct kernel runs instead).
 //   weight grad.:   rows = C/groups*kh*kw, cols = K/groups, reduction = N*OH*OW (rows along the
-//                   weight's contiguous axis, so the stores coalesce), split into `splits` chunks
+//                   weight's contiguous axis), split into `splits` chunks
 //                   when the tile grid alone would not fill the GPU; each chunk writes float
 //                   partials to the caller's workspace and a second kernel adds them in split
 //                   order. No atomics: bitwise identical run to run.
@@ -23,7 +23,10 @@
 // into registers before the current slice's FMAs. A loader thread handles one reduction index
 // per slice (t % 8) for both operands and steps it by 8 as three mixed-radix digits (Digits: no
 // division in the loop), and rows / columns t / 8 + 32 r. Shared rows are padded by 4 floats: the
-// loaders' stores (8 indices x 4 rows per warp) then hit 32 distinct banks.
+// loaders' stores (8 indices x 4 rows per warp) then hit 32 distinct banks. The results go from
+// registers straight to memory: the 16 lanes sharing a column hold rows 4 apart, so one store
+// instruction spans about 4x the sectors of a coalesced one (the first kernel's rows tm + 16 i
+// coalesced). Staging the tile through the idle shared buffers would fix it; not measured.
 // Tile choice (pick_tile, weight_plan): the tile with the least predicted time, waves of resident
 // blocks (the runtime's occupancy for that kernel) times a per-tile wave cost fitted on an H200;
 // for the weight gradient, each tile with as many reduction splits as fit one wave.
@@ -411,21 +414,24 @@ bool forced_tile(Tile& t) {
   return false;
 }
 
-// The tiles, each with its time per wave of blocks (one block per resident slot on every SM, 2
-// for every tile at ptxas's register counts) relative to a 128 x 64 tile's, fitted on an H200 to
-// shape 3's forward (32x64x56x56 -> 64, 3x3, 576-long reduction; every tile forced,
-// benchmarks/conv_cuda_tiles.py; benchmarks/RESULTS.md, 2026-12-04 18:05): a 128 x 128 tile does
-// 2x the work of a 128 x 64 in 1.46x its time, a 64 x 32 a quarter of it in 0.46x. The model
-// ranked the six tiles on shape 2's forward in the measured order.
+// The tiles the rules choose from, each with its time per wave of blocks (one block per resident
+// slot on every SM) relative to a 128 x 64 tile's, fitted on an H200 to shape 3's forward
+// (32x64x56x56 -> 64, 3x3, 576-long reduction; every tile forced, benchmarks/conv_cuda_tiles.py;
+// benchmarks/RESULTS.md, 2026-12-04 17:50; 2 resident blocks per SM for every tile there): a
+// 64 x 128 tile does the work of a 128 x 64 in 0.74x its time, a 64 x 32 a quarter of it in
+// 0.46x. The model ranked the six tiles on shape 2's forward in the measured order. 128 x 128 is
+// left out: at 128 registers (__launch_bounds__(256, 2)) it spills 132-332 bytes and was the
+// fastest tile in none of the 15 pass x shape rows timed; FASTDL_CUDA_CONV_TILE can still force
+// it. The widest tile comes first (the fallback when every tile's grid is too tall).
 struct TileCost {
   Tile tile;
   double wave;
 };
-constexpr TileCost kTiles[] = {{{128, 128}, 1.46}, {{64, 128}, 0.74}, {{128, 64}, 1.0},
-                               {{64, 64}, 0.595},  {{128, 32}, 0.69}, {{64, 32}, 0.457}};
+constexpr TileCost kTiles[] = {{{64, 128}, 0.74},  {{128, 64}, 1.0}, {{64, 64}, 0.595},
+                               {{128, 32}, 0.69}, {{64, 32}, 0.457}};
 
-// Resident blocks per SM of the tile's kernel (registers decide: 2 at <= 128 per thread, more
-// for the 32-wide tiles), asked of the runtime once per device.
+// Resident blocks per SM of the tile's kernel (registers decide), asked of the runtime once per
+// device.
 template <class Op, int BM, int BN>
 int resident() {
   static int cached[64] = {0};
@@ -489,7 +495,7 @@ void launch_tile(const Op& op, int64_t groups, const char* pass, const char* col
   const int64_t gx = ceil_div(op.rows, BM), gy = ceil_div(op.cols, BN);
   const int64_t gz = groups * op.parts * op.splits;
   FASTDL_CHECK(gz <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 groups, got ",
-               groups, (gz > groups ? " (times the stride phases or the reduction's splits)" : ""),
+               groups, (gz > groups ? " (times the reduction's splits)" : ""),
                "; a depthwise convolution with more channels runs under algorithm 'direct'");
   FASTDL_CHECK(gy <= 65535, pass, ": the CUDA implicit GEMM takes at most 65535 * ", BN, " = ",
                int64_t(65535) * BN, " columns per group (", cols_are, ") with ", BM, "x", BN,
@@ -531,12 +537,15 @@ WeightPlan weight_plan(const Conv2dParams& p) {
   const int64_t red = p.n * p.oh * p.ow, sms = sm_count();
   const int64_t cap = std::min<int64_t>({128, std::max<int64_t>(1, red / (16 * kBK)),
                                          std::max<int64_t>(1, 65535 / p.groups)});
-  Tile forced{0, 0};
-  const bool force = forced_tile(forced);
-  WeightPlan best{kTiles[0].tile, 1};
+  TileCost forced{{0, 0}, 1.0};
+  const bool force = forced_tile(forced.tile);
+  WeightPlan best{force ? forced.tile : kTiles[0].tile, 1};
+  if (rows * cols == 0) return best;  // nothing to compute (and no tiles to divide the slots by)
   double best_cost = -1;
-  for (const TileCost& c : kTiles) {
-    if (force && (c.tile.bm != forced.bm || c.tile.bn != forced.bn)) continue;
+  const TileCost* first = force ? &forced : kTiles;
+  const int count = force ? 1 : static_cast<int>(sizeof(kTiles) / sizeof(kTiles[0]));
+  for (int i = 0; i < count; ++i) {
+    const TileCost& c = first[i];
     if (!force && ceil_div(cols, c.tile.bn) > 65535) continue;
     const int64_t tiles = p.groups * ceil_div(rows, c.tile.bm) * ceil_div(cols, c.tile.bn);
     const int64_t slots = resident<Op>(c.tile) * sms;
@@ -545,6 +554,13 @@ WeightPlan weight_plan(const Conv2dParams& p) {
     if (best_cost < 0 || cost < best_cost) best = WeightPlan{c.tile, int(splits)}, best_cost = cost;
   }
   return best;
+}
+
+// The plan's workspace: one float partial per weight element and split (none unsplit).
+int64_t plan_bytes(const Conv2dParams& p, const WeightPlan& plan) {
+  return plan.splits == 1 ? 0
+                          : int64_t(sizeof(float)) * plan.splits * p.k * (p.c / p.groups) * p.kh *
+                                p.kw;
 }
 
 }  // namespace
@@ -618,20 +634,35 @@ void igemm_backward_input(const Conv2dParams& p, const void* gy, const void* w, 
       }
     PartShape parts[kMaxPhases];
     for (int k = 0; k < op.parts; ++k) parts[k] = PartShape{op.prows[k], op.pred[k]};
-    const Tile tile = pick_tile<InputGradPhases<float>>(parts, op.parts, g.cg, p.groups);
-    launch_igemm(op, tile, p.groups, "conv2d_backward_input", "in_channels / groups", s);
+    if (p.groups * op.parts <= 65535) {
+      const Tile tile = pick_tile<InputGradPhases<float>>(parts, op.parts, g.cg, p.groups);
+      launch_igemm(op, tile, p.groups, "conv2d_backward_input", "in_channels / groups", s);
+      return;
+    }
+    // groups x phases past grid.z's 65535: one launch per phase, as many groups as before.
+    for (int k = 0; k < op.parts; ++k) {
+      InputGradPhases<T> one = op;
+      one.parts = 1;
+      one.f[0] = op.f[k];
+      one.prows[0] = one.rows = op.prows[k];
+      one.pred[0] = op.pred[k];
+      one.pradix[0] = op.pradix[k];
+      const Tile tile = pick_tile<InputGradPhases<float>>(&parts[k], 1, g.cg, p.groups);
+      launch_igemm(one, tile, p.groups, "conv2d_backward_input", "in_channels / groups", s);
+    }
   });
 }
 
-int64_t igemm_weight_workspace(const Conv2dParams& p) {
-  const int splits = weight_plan(p).splits;
-  return splits == 1 ? 0 : int64_t(sizeof(float)) * splits * p.k * (p.c / p.groups) * p.kh * p.kw;
-}
+int64_t igemm_weight_workspace(const Conv2dParams& p) { return plan_bytes(p, weight_plan(p)); }
 
 void igemm_backward_weight(const Conv2dParams& p, const void* x, const void* gy, void* gw,
-                           void* workspace, cudaStream_t s) {
+                           void* workspace, int64_t workspace_bytes, cudaStream_t s) {
   const Geo g = geo_of(p);
   const WeightPlan plan = weight_plan(p);
+  const int64_t need = plan_bytes(p, plan);
+  FASTDL_CHECK(workspace_bytes >= need && (need == 0 || workspace != nullptr),
+               "conv2d_backward_weight: workspace of ", workspace_bytes, " bytes, needs ", need,
+               " (FASTDL_CUDA_CONV_TILE changed since the workspace was sized?)");
   by_dtype(p.dtype, "conv2d_backward_weight", [&](auto tag) {
     using T = decltype(tag);
     T* gwt = static_cast<T*>(gw);

@@ -172,7 +172,7 @@ def _launch(pass_, a, b, c, d, params, device):
     algo = _current_algo()
     ws, ws_bytes = None, 0
     if device >= 0 and pass_ == _BACKWARD_WEIGHT and c is not None:
-        ws_bytes = _C.conv2d_workspace(params, algo)  # the split weight gradient's partial sums
+        ws_bytes = _C.conv2d_workspace(params, algo, device)  # the split weight gradient's partials
         if ws_bytes and isinstance(a, np.ndarray):  # host memory routed as CUDA (emulation tests)
             ws = np.empty(ws_bytes, np.uint8)
         elif ws_bytes:  # torch's allocator, on the current stream like the kernels
