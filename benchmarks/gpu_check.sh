@@ -162,21 +162,18 @@ xdist=()   # expanded as ${xdist[@]+...}: an empty array under set -u on bash < 
 python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 pytest_stage tests_cuda 150 ${xdist[@]+"${xdist[@]}"} -m cuda tests
 
-t=$(lim 60)
-if ! skipped profile "$t"; then
-  timeout -s INT -k 15 "$t" python3 benchmarks/gpu_profile.py >"$OUT/profile.txt" 2>&1
-  rc=$?
-  note "profile: rc=$rc at $(elapsed) s"
-  result profile "$rc" "$t"
-fi
-
-t=$(lim 60)
-if ! skipped tiles "$t"; then
-  timeout -s INT -k 15 "$t" python3 benchmarks/conv_cuda_tiles.py >"$OUT/tiles.txt" 2>&1
-  rc=$?
-  note "tiles: rc=$rc at $(elapsed) s"
-  result tiles "$rc" "$t"
-fi
+# script_stage NAME LIMIT SCRIPT OUTFILE: one benchmarks/ script, its output kept as $OUT/OUTFILE.
+script_stage() {
+  local name=$1 limit=$2 script=$3 out=$4
+  t=$(lim "$limit")
+  skipped "$name" "$t" && return
+  timeout -s INT -k 15 "$t" python3 "$script" >"$OUT/$out" 2>&1
+  local rc=$?
+  note "$name: rc=$rc at $(elapsed) s"
+  result "$name" "$rc" "$t"
+}
+script_stage profile 60 benchmarks/gpu_profile.py profile.txt
+script_stage tiles 60 benchmarks/conv_cuda_tiles.py tiles.txt
 
 # test_max_unpool2d_invalid_index[cuda] trips a device assert on purpose (in a child process):
 # deselected here, and --target-processes application-only keeps the sanitizer out of children.

@@ -20,7 +20,8 @@ def stage_limits():
     """Every stage's limit: the numbers passed to lim, bench_stage and the pytest stage helpers."""
     limits = [int(n) for n in re.findall(r"\$\(lim (\d+)\)", TEXT)]
     limits += [int(n) for n in re.findall(
-        r"^(?:\w+=\S+ )?(?:pytest_stage(?:_sanitized)?|bench_stage) \S+ (\d+)", TEXT, re.M)]
+        r"^(?:\w+=\S+ )?(?:pytest_stage(?:_sanitized)?|bench_stage|script_stage) \S+ (\d+)", TEXT,
+        re.M)]
     return limits
 
 
@@ -37,12 +38,12 @@ def test_deadline_fits_the_device_tools_600_s():
 
 def test_every_timeout_interrupts_then_kills_within_the_stage_limit():
     calls = re.findall(r"\btimeout [^\n]*", TEXT)
-    assert len(calls) == 6   # build, profile, tiles, and the bench, pytest and sanitizer helpers
+    assert len(calls) == 5   # build, and the bench, script, pytest and sanitizer helpers
     for call in calls:
         assert call.startswith(f'timeout -s INT -k {KILL_GRACE} "$t" '), call
     # every $t the timeouts read comes from lim
     lims = set(re.findall(r"\bt=(\S+(?: \S+)?)$", TEXT, re.M))
-    assert lims <= {"$(lim 150)", "$(lim 60)", "$(lim \"$limit\")"}, lims
+    assert lims <= {"$(lim 150)", "$(lim \"$limit\")"}, lims
 
 
 def test_issue_benchmarks_run_full_size_first():

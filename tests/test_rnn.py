@@ -479,6 +479,18 @@ def test_cuda_large_hidden(cuda_device, kind):
     check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 70, layers=1)
 
 
+def layer_forward_backward(mode, t, bs, reverse):
+    """One layer's forward (y, h_n, c_n, workspace) and backward (its gradients) through the ops
+    functions, on the operands in dict t (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, gy, ghn, gcn)."""
+    fwd = ops_rnn.recurrent_layer_forward(
+        mode, t["x"], t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], cx=t["c0"],
+        weight_hr=t["w_hr"], batch_sizes=bs, reverse=reverse)
+    bwd = ops_rnn.recurrent_layer_backward(
+        mode, t["gy"], t["ghn"], t["x"], t["h0"], t["w_ih"], t["w_hh"], fwd[3],
+        grad_cn=t["gcn"], cx=t["c0"], weight_hr=t["w_hr"], batch_sizes=bs, reverse=reverse)
+    return list(fwd) + list(bwd)
+
+
 @pytest.mark.parametrize("splits", [3, 5])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_split_k(cuda_device, monkeypatch, kind, splits):
@@ -519,13 +531,7 @@ def test_cuda_split_k_deterministic(cuda_device, monkeypatch, mode, proj, revers
 
     def run(splits):
         monkeypatch.setenv("FASTDL_RNN_SPLIT_K", str(splits))
-        fwd = ops_rnn.recurrent_layer_forward(
-            mode, t["x"], t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], cx=t["c0"],
-            weight_hr=t["w_hr"], batch_sizes=bs, reverse=reverse)
-        bwd = ops_rnn.recurrent_layer_backward(
-            mode, t["gy"], t["ghn"], t["x"], t["h0"], t["w_ih"], t["w_hh"], fwd[3],
-            grad_cn=t["gcn"], cx=t["c0"], weight_hr=t["w_hr"], batch_sizes=bs, reverse=reverse)
-        return [v for v in list(fwd) + list(bwd) if v is not None]
+        return [v for v in layer_forward_backward(mode, t, bs, reverse) if v is not None]
 
     a, b, one = run(4), run(4), run(1)
     for i, (u, v, w) in enumerate(zip(a, b, one)):
@@ -1290,13 +1296,7 @@ def test_cuda_half_is_float32_rounded_once(half_device, mode, proj, dtype):
             for k, s in shapes.items()}
     runs = []
     for t in (half, {k: None if v is None else v.float() for k, v in half.items()}):
-        fwd = ops_rnn.recurrent_layer_forward(
-            mode, t["x"], t["h0"], t["w_ih"], t["w_hh"], t["b_ih"], t["b_hh"], cx=t["c0"],
-            weight_hr=t["w_hr"], batch_sizes=bs, reverse=True)
-        bwd = ops_rnn.recurrent_layer_backward(
-            mode, t["gy"], t["ghn"], t["x"], t["h0"], t["w_ih"], t["w_hh"], fwd[3],
-            grad_cn=t["gcn"], cx=t["c0"], weight_hr=t["w_hr"], batch_sizes=bs, reverse=True)
-        runs.append(list(fwd) + list(bwd))
+        runs.append(layer_forward_backward(mode, t, bs, True))
     names = ["y", "h_n", "c_n", "workspace", "grad_input", "grad_hx", "grad_cx", "grad_weight_ih",
              "grad_weight_hh", "grad_bias_ih", "grad_bias_hh", "grad_weight_hr"]
     for name, u, v in zip(names, *runs):
