@@ -1849,6 +1849,27 @@ def test_conv2d_cuda_empty_batch(cuda_device, cuda_algo, groups):
     assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros(8).to(cuda_device))
 
 
+def test_conv2d_cuda_gemm_phases_past_grid_z(cuda_device):
+    """The implicit GEMM's input gradient with groups x stride phases past grid.z's 65535 (16385
+    groups x 4 phases at stride 2) falls back to one launch per phase: against torch on the CPU.
+    13 s in the emulation (16385 blocks of 256 threads per launch); left out of the ASan pass."""
+    g = 16385
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2 * g, 4, 4, generator=gen)
+    w = torch.randn(2 * g, 2, 1, 1, generator=gen)
+    gy = torch.randn(1, 2 * g, 2, 2, generator=gen)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("gemm")
+    try:
+        gx = fastdl.ops.conv2d_backward(gy.to(cuda_device), x.to(cuda_device), w.to(cuda_device),
+                                        stride=2, groups=g, output_mask=(True, False, False))[0]
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+    want = torch.ops.aten.convolution_backward(gy, x, w, None, [2, 2], [0, 0], [1, 1], False,
+                                               [0, 0], g, (True, False, False))[0]
+    assert_close(gx, want, reduction=2, what="input gradient, 16385 groups x 4 phases")
+
+
 def test_conv_transpose2d_cuda_no_output_channels(cuda_device, cuda_algo):
     """conv_transpose2d with 0 output channels (torch's CPU build refuses it; its sizes are well
     defined): the backward gives a zero input gradient and empty weight and bias gradients; the
