@@ -334,6 +334,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_emulation_reset", &cuda_emulation_reset);
   m.def("cuda_emulation_missing_kernel_image", &cuda_emulation_missing_kernel_image);
   m.def("cuda_emulation_launch_count", &cuda_emulation_launch_count);
+  m.def("cuda_emulation_last_block", &cuda_emulation_last_block);
   m.def("cuda_emulation_fail_launch", &cuda_emulation_fail_launch);
   m.def("cuda_emulation_stream_create", &cuda_emulation_stream_create);
   m.def("cuda_emulation_stream_destroy", &cuda_emulation_stream_destroy);

@@ -29,6 +29,7 @@ double cuda_fma_peak_flops(int device, uintptr_t stream, uintptr_t out, int bloc
 void cuda_emulation_reset();
 void cuda_emulation_missing_kernel_image(bool missing);
 long long cuda_emulation_launch_count();
+std::vector<unsigned> cuda_emulation_last_block();
 void cuda_emulation_fail_launch(long long n);
 uintptr_t cuda_emulation_stream_create();
 void cuda_emulation_stream_destroy(uintptr_t stream);

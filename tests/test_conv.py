@@ -1676,6 +1676,9 @@ DEPTHWISE_CASES = [
 
 @pytest.mark.parametrize("case", range(len(DEPTHWISE_CASES)))
 def test_conv2d_cuda_depthwise_fast_path(cuda_device, case):
+    """Each case against torch under auto and direct; in the emulation, which kernel ran: the
+    tiled ones launch 32 x 8 blocks, the generic ones 256 x 1 (the last case's forward falls
+    back, its input gradient stays tiled)."""
     shape, wshape, kw = DEPTHWISE_CASES[case]
     before = fastdl.ops.get_conv_algorithm()
     try:
@@ -1685,6 +1688,14 @@ def test_conv2d_cuda_depthwise_fast_path(cuda_device, case):
                                              torch.zeros(wshape).to(cuda_device), **kw) == "direct"
             run_conv_case(torch.float32, shape, wshape, case % 2 == 0, kw, seed=40 + case,
                           what=f"depthwise algo={algo}", device=cuda_device)
+            if fastdl.cuda.is_emulated():
+                x, w = torch.randn(shape), torch.randn(wshape)
+                y = fastdl.ops.conv2d(x, w, **kw)
+                tiled_forward = fastdl._C.cuda_emulation_last_block() == [32, 8, 1]
+                fastdl.ops.conv2d_backward(torch.randn(y.shape), x, w, **kw,
+                                           output_mask=(True, False, False))
+                assert fastdl._C.cuda_emulation_last_block() == [32, 8, 1], "input gradient"
+                assert tiled_forward == (case != len(DEPTHWISE_CASES) - 1), "forward"
     finally:
         fastdl.ops.set_conv_algorithm(before)
 

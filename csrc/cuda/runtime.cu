@@ -65,6 +65,11 @@ void cuda_emulation_missing_kernel_image(bool missing) {
   fastdl_emu::set_missing_kernel_image(missing);
 }
 long long cuda_emulation_launch_count() { return fastdl_emu::launch_count(); }
+std::vector<unsigned> cuda_emulation_last_block() {
+  std::vector<unsigned> b(3);
+  fastdl_emu::last_block(b.data());
+  return b;
+}
 void cuda_emulation_fail_launch(long long n) { fastdl_emu::fail_launch(n); }
 uintptr_t cuda_emulation_stream_create() {
   cudaStream_t s = nullptr;

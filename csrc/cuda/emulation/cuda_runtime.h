@@ -137,6 +137,8 @@ void reset();
 void set_missing_kernel_image(bool missing);
 // Number of kernel launches made so far (tests count launches).
 long long launch_count();
+// The block shape of the latest launch (tests tell a kernel by it: which path a call took).
+void last_block(unsigned* xyz);
 // The n-th launch from now (n >= 1; 0 disarms) fails as a device fault would surface there: a
 // sticky cudaErrorLaunchFailure, without running (tests of a step that fails between launches).
 void fail_launch(long long n);

@@ -72,6 +72,7 @@ constexpr size_t kGuardBytes = 64 * 1024;
 std::atomic<int> g_sticky{cudaSuccess};
 std::atomic<bool> g_missing_image{false};
 std::atomic<long long> g_launches{0};
+std::atomic<unsigned> g_last_block[3] = {{0}, {0}, {0}};  // the latest launch's block shape
 std::atomic<long long> g_fail_at{-1};  // launch ordinal (g_launches) that fails; -1: none
 thread_local cudaError_t t_last = cudaSuccess;
 thread_local int t_device = 0;
@@ -371,6 +372,7 @@ void wait_at(State s) {
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
                  const void* kernel, void (*body)(void*), void* ctx) {
   const long long launch = g_launches++;
+  g_last_block[0] = block.x, g_last_block[1] = block.y, g_last_block[2] = block.z;
   if (launch == g_fail_at.load()) {
     g_fail_at.store(-1);
     int expected = cudaSuccess;
@@ -521,6 +523,9 @@ void reset() {
 void set_missing_kernel_image(bool missing) { g_missing_image.store(missing); }
 void fail_launch(long long n) { g_fail_at.store(n > 0 ? g_launches.load() + n - 1 : -1); }
 long long launch_count() { return g_launches.load(); }
+void last_block(unsigned* xyz) {
+  for (int i = 0; i < 3; ++i) xyz[i] = g_last_block[i].load();
+}
 bool stream_valid(cudaStream_t s) {
   if (s == nullptr) return true;
   std::lock_guard<std::mutex> lock(g_streams_mu);
