@@ -21,19 +21,13 @@ TILES = ["64x32", "64x64", "64x128", "128x32", "128x64", "128x128"]
 
 
 def _time_us(fn, reps):
-    import torch
+    """Median microseconds per call, CUDA events around each (fastdl-bench's timer)."""
+    from fastdl.bench.harness import _timer
 
+    time_once = _timer("cuda")
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
+    return statistics.median([time_once(fn) for _ in range(reps)]) * 1e6
 
 
 def main(argv=None):

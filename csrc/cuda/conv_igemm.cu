@@ -33,7 +33,7 @@
 // FASTDL_CUDA_CONV_TILE=BMxBN forces one tile for tests and tuning (README, convolution).
 // Tested by tests/test_conv.py (the CUDA sweep under "gemm" and "auto", half types, determinism,
 // every tile forced); timed by fastdl-bench --suite conv --device cuda against cuDNN with TF32 off
-// (benchmarks/RESULTS.md; the 64 x 64 kernel's H200 figures are in section 2026-12-04 15:39).
+// (benchmarks/RESULTS.md).
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -196,8 +196,8 @@ struct InputGradOp {  // one phase's GEMM
 
 // Every stride phase of the input gradient in one launch (blockIdx.z = group x phase): a phase's
 // GEMM is InputGradOp with that phase's Phase, rows and reduction; row tiles past a phase's rows
-// exit at once. One launch rather than one per phase: at stride 2 four quarter-size grids each
-// filled the GPU by a quarter (shape 5's input gradient on the H200, benchmarks/RESULTS.md).
+// exit at once. One launch rather than one per phase: at stride 2 each phase's grid is a quarter
+// of the pass, too few blocks to fill the GPU alone.
 constexpr int kMaxPhases = 16;
 template <class T>
 struct InputGradPhases {
@@ -415,14 +415,11 @@ bool forced_tile(Tile& t) {
 }
 
 // The tiles the rules choose from, each with its time per wave of blocks (one block per resident
-// slot on every SM) relative to a 128 x 64 tile's, fitted on an H200 to shape 3's forward
-// (32x64x56x56 -> 64, 3x3, 576-long reduction; every tile forced, benchmarks/conv_cuda_tiles.py;
-// benchmarks/RESULTS.md, 2026-12-04 17:50; 2 resident blocks per SM for every tile there): a
-// 64 x 128 tile does the work of a 128 x 64 in 0.74x its time, a 64 x 32 a quarter of it in
-// 0.46x. The model ranked the six tiles on shape 2's forward in the measured order. 128 x 128 is
-// left out: at 128 registers (__launch_bounds__(256, 2)) it spills 132-332 bytes and was the
-// fastest tile in none of the 15 pass x shape rows timed; FASTDL_CUDA_CONV_TILE can still force
-// it. The widest tile comes first (the fallback when every tile's grid is too tall).
+// slot on every SM) relative to a 128 x 64 tile's, fitted to the per-tile timings of
+// benchmarks/conv_cuda_tiles.py on an H200 (benchmarks/RESULTS.md has the table and the fit).
+// 128 x 128 is left out: at 128 registers (__launch_bounds__(256, 2)) it spills, and it was the
+// fastest tile on no pass timed; FASTDL_CUDA_CONV_TILE can still force it. The widest tile comes
+// first (the fallback when every tile's grid is too tall).
 struct TileCost {
   Tile tile;
   double wave;
@@ -458,8 +455,8 @@ int resident(Tile t) {
 // length. One GEMM per group: waves (blocks over the GPU's resident slots, rounded up: a last,
 // partial wave costs a whole one) times the reduction. Stride phases (parts of unequal reduction,
 // e.g. 1, 2, 2 and 4 taps at 3x3 stride 2): the larger of the longest block and the total block
-// work spread over the slots. (Waves alone picked 128 x 128 tiles for shape 5's input gradient:
-// 234 us where 64 x 64 ran 160, its 4-tap phase's 49 blocks being the critical path; H200.)
+// work spread over the slots: there the blocks of the phase with the most taps, not the wave
+// count, set the time.
 struct PartShape {
   int64_t rows, red;
 };
@@ -525,8 +522,7 @@ void launch_igemm(const Op& op, Tile t, int64_t groups, const char* pass, const 
 // long, blockIdx.z = groups * splits within its limit); then the tile whose waves x wave cost /
 // splits (the time, each block reducing 1/splits of N*OH*OW) is least. The plan does not depend
 // on the element type (the workspace query has none): the float kernels' occupancy decides.
-// (The first rule, ceil(2 * SMs / tiles) splits, gave shape 3 265 blocks for 264 slots: two
-// waves, the second of one block; 1237 us where 630 fit in one wave, H200.)
+// Splits are rounded down to whole waves: one block past a wave costs a second wave.
 struct WeightPlan {
   Tile tile;
   int splits;
