@@ -55,7 +55,20 @@ def test_dynamic_shared_memory_over_48k_with_opt_in():
         float(2 * ((t + 1) % 32)) for t in range(32)]
 
 
+def test_grid_sync_orders_blocks():
+    """A cooperative launch: each round reads a value another block wrote in the round before,
+    which only the grid sync between rounds makes ready (blocks otherwise run one after another,
+    so block b reads block b+1's round before block b+1 has run)."""
+    out = _C.cuda_emulation_selftest("grid_sync")
+    assert out == [float((b + s) % 8 + 10 * s) for s in range(4) for b in range(8)]
+    unsynced = _C.cuda_emulation_selftest("grid_no_sync")
+    assert unsynced[:8] == [float(b) for b in range(8)] and unsynced[8:] != out[8:]
+
+
 @pytest.mark.parametrize("case,message", [
+    ("grid_sync_plain_launch", "device-side assert"),  # a grid sync needs a cooperative launch
+    ("grid_sync_too_many_blocks", "too many blocks in cooperative launch"),
+    ("grid_sync_block_exits", "different barriers"),  # cudaErrorDeadlock's text
     ("too_many_threads", "invalid configuration argument"),
     ("too_much_dynamic_shared", "invalid argument"),
     # As a GPU: over 48 KB of shared memory per block only after cudaFuncSetAttribute's opt-in,

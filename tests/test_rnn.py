@@ -469,11 +469,13 @@ def test_backward_small_hidden_large_batch(cpu_path, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuda_large_hidden(cuda_device, kind):
+def test_cuda_large_hidden(cuda_device, monkeypatch, kind):
     """Hidden 70 (LSTM_PROJ: state width 35), past one warp's 32 lanes, so the fused small-batch
     kernel's k loop runs more than once, and batch 11: every step of the unpacked case takes the
     GEMM + gate kernel path; the packed one (batch sizes 11, 10, 8, 5, 2) hands the state from
-    that path to the fused kernel, bidirectional, with initial-state gradients."""
+    that path to the fused kernel, bidirectional, with initial-state gradients. The persistent
+    kernel is turned off (FASTDL_RNN_PERSISTENT=0; test_cuda_persistent covers it)."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")
     run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=True, bias=True), 3, 11, 7,
              70, True, torch.float32, device=cuda_device)
     check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4, 5, 2, 3, 4], 7, 70, layers=1)
@@ -500,8 +502,10 @@ def test_cuda_split_k(cuda_device, monkeypatch, kind, splits):
     summed by the next step's gate kernel (the projection's resolve kernel; after the loop, into
     dh_0) and the forward's hh (k = 160, chunks of at least 32) as 3 or 5 summed by the gate
     kernel (k = 80 with the projection: 2); packed, both directions (rows whose sequences end
-    while their dh is still pending), with initial-state gradients, against torch."""
+    while their dh is still pending), with initial-state gradients, against torch. The forward's
+    persistent kernel is off, so the unpacked forward runs split steps too."""
     monkeypatch.setenv("FASTDL_RNN_SPLIT_K", str(splits))
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")
     with exact_cudnn():
         run_case(kind, dict(num_layers=1, bidirectional=True, batch_first=False, bias=True), 3,
                  11, 7, 160, True, torch.float32, device=cuda_device)
@@ -529,6 +533,8 @@ def test_cuda_split_k_deterministic(cuda_device, monkeypatch, mode, proj, revers
     t = {k: None if s is None else rand(*s, device=cuda_device) * (H ** -0.5 if k[0] in "wb" else 1)
          for k, s in shapes.items()}
 
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")  # packed: per-step kernels anyway
+
     def run(splits):
         monkeypatch.setenv("FASTDL_RNN_SPLIT_K", str(splits))
         return [v for v in layer_forward_backward(mode, t, bs, reverse) if v is not None]
@@ -551,6 +557,52 @@ def test_packed_wide_batch(device, kind):
     """Batch 11 shrinking to 1: on CUDA, steps above 8 rows take the GEMM + gate kernel path and
     the later ones the fused small-batch kernel, with the state handed between them."""
     check_packed(device, kind, True, [2, 5, 9, 1, 5, 6, 3, 9, 4, 8, 7], 3, 9, layers=1)
+
+
+def forward_launches(kind, B, T, H, device):
+    """Kernel launches of one inference forward of a 1-layer fastdl module (emulation only)."""
+    m, _ = make_pair(kind, 3, H, dtype=torch.float32, device=device)
+    x = rand(T, B, 3, device=device)
+    before = fastdl._C.cuda_emulation_launch_count()
+    with torch.no_grad():
+        m(x)
+    return fastdl._C.cuda_emulation_launch_count() - before
+
+
+@pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
+def test_cuda_persistent(cuda_device, monkeypatch, kind):
+    """The persistent forward (csrc/cuda/rnn.cu: every step in one cooperative launch, W_hh in
+    shared memory, a grid sync per step), forced on (FASTDL_RNN_PERSISTENT=1) against torch,
+    forward and every gradient (the backward reads the activations it saved): hidden 70, so h is
+    staged in two column chunks (64 + 6, padded to 8) and the last of the emulation's 4 blocks
+    owns units past H; batch 11, several rows per thread; bidirectional (reverse steps), 2
+    layers, with and without initial states; 1, 2 and 7 steps (the ping-pong's last write lands
+    in h_n for either parity); a PackedSequence of equal lengths takes it too. In the emulation
+    the forward is the input GEMM's launch plus one, against one or two per step with it off."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
+    cfg = dict(num_layers=2, bidirectional=True, batch_first=False, bias=True)
+    for T in (1, 2, 7):
+        run_case(kind, cfg, T, 11, 5, 70, T != 2, torch.float32, device=cuda_device)
+    check_packed(cuda_device, kind, True, [6, 6, 6, 6], 5, 24, layers=1)
+    if fastdl.cuda.is_emulated():
+        on = forward_launches(kind, 11, 9, 70, cuda_device)
+        monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")
+        off = forward_launches(kind, 11, 9, 70, cuda_device)
+        assert on < 9 <= off, (on, off)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_cuda_persistent_does_not_fit(cuda_device, monkeypatch, kind):
+    """Forced on, the persistent forward steps aside where its plan does not fit (hidden 300 on
+    the emulation's 4 SMs: 75 units per block, so the LSTM's 300 columns exceed the block's 256
+    threads and the GRU's 225 leave one row group, 11 rows per thread for batch 11, where the
+    kernel holds 8) or with a projection, and the per-step path gives torch's results."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
+    cfg = dict(num_layers=1, bidirectional=False, batch_first=True, bias=True)
+    run_case(kind, cfg, 4, 11, 5, 300, True, torch.float32, device=cuda_device)
+    run_case("LSTM_PROJ", cfg, 4, 3, 5, 16, True, torch.float32, device=cuda_device)
+    if fastdl.cuda.is_emulated():
+        assert forward_launches(kind, 11, 9, 300, cuda_device) >= 9
 
 
 def check_packed(device, kind, bidirectional, lengths, I, H, layers=2, dtype=None):

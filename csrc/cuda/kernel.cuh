@@ -5,6 +5,9 @@
 //   FASTDL_SHARED(align, type, name, [dims]);     a static __shared__ array
 //   FASTDL_DYNAMIC_SHARED(align, type, name);     the launch's dynamic shared memory, as type*
 //   FASTDL_DEVICE_ASSERT(cond, "message");        stops the kernel: sticky "device-side assert"
+//   FASTDL_LAUNCH_COOPERATIVE(grid, block, shared_bytes, stream, kernel<T...>)(args...)
+//                                                 cudaLaunchCooperativeKernel: every block resident,
+//                                                 so fastdl_grid_sync() (all threads) may be called
 #pragma once
 #include "cuda_check.cuh"
 
@@ -12,6 +15,9 @@
 
 #define FASTDL_LAUNCH(grid, block, shared, stream, ...) \
   ::fastdl_emu::launch(dim3(grid), dim3(block), (shared), (stream), __VA_ARGS__)
+#define FASTDL_LAUNCH_COOPERATIVE(grid, block, shared, stream, ...) \
+  ::fastdl_emu::launch_cooperative(dim3(grid), dim3(block), (shared), (stream), __VA_ARGS__)
+#define fastdl_grid_sync() ::fastdl_emu::grid_sync(__FILE__, __LINE__)
 #define FASTDL_SHARED(align, type, name, dims) \
   auto& name = ::fastdl_emu::shared_array<type dims, align>([] {})
 #define FASTDL_DYNAMIC_SHARED(align, type, name) \
@@ -24,6 +30,44 @@
 #else
 
 #define FASTDL_LAUNCH(grid, block, shared, stream, ...) __VA_ARGS__<<<grid, block, shared, stream>>>
+
+#include <cooperative_groups.h>
+
+#include <tuple>
+#include <utility>
+
+__device__ __forceinline__ void fastdl_grid_sync() { cooperative_groups::this_grid().sync(); }
+
+namespace fastdl {
+// FASTDL_LAUNCH_COOPERATIVE's launcher: the arguments converted to the kernel's parameter types
+// (as <<<>>> would), their addresses handed to cudaLaunchCooperativeKernel; a refused launch
+// throws (FASTDL_CUDA_CHECK), where the emulation's shows at FASTDL_CUDA_CHECK_LAUNCH.
+template <class... Params>
+struct CooperativeLauncher {
+  dim3 grid, block;
+  size_t shared;
+  cudaStream_t stream;
+  void (*kernel)(Params...);
+  template <class... A>
+  void operator()(A&&... args) const {
+    std::tuple<std::decay_t<Params>...> values(std::forward<A>(args)...);
+    launch(values, std::index_sequence_for<Params...>{});
+  }
+  template <class Tuple, size_t... I>
+  void launch(Tuple& values, std::index_sequence<I...>) const {
+    void* ptrs[] = {static_cast<void*>(&std::get<I>(values))..., nullptr};
+    FASTDL_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid,
+                                                  block, ptrs, shared, stream));
+  }
+};
+template <class... Params>
+CooperativeLauncher<Params...> launch_cooperative(dim3 grid, dim3 block, size_t shared,
+                                                  cudaStream_t stream, void (*kernel)(Params...)) {
+  return {grid, block, shared, stream, kernel};
+}
+}  // namespace fastdl
+#define FASTDL_LAUNCH_COOPERATIVE(grid, block, shared, stream, ...) \
+  ::fastdl::launch_cooperative(dim3(grid), dim3(block), (shared), (stream), __VA_ARGS__)
 #define FASTDL_SHARED(align, type, name, dims) __shared__ __align__(align) type name dims
 #define FASTDL_DYNAMIC_SHARED(align, type, name) extern __shared__ __align__(align) type name[]
 // torch's CUDA_KERNEL_ASSERT does the same: __assert_fail stays in release builds (assert does

@@ -59,11 +59,11 @@
 // Timed on an H200 with split-K (benchmarks/RESULTS.md, 2026-12-04 17:50): the batch-64 and
 // 2-layer bidirectional shapes now beat cuDNN; the 50-step batch-32 shapes barely moved, their
 // time being set by two launches per step and the host, not by the GEMM's grid.
-// Not done: tensor-core GEMMs for the half types (they run the exact float32 path on the copies);
-// a persistent kernel keeping W_hh on chip across steps (the emulation runs blocks one after
-// another, so a multi-block persistent kernel with a grid barrier cannot run there; one block is
-// too little of an H100 for H >= 128); cuDNN's persistent kernels keep the weights on chip and
-// run a small layer in one launch.
+// Small layers' forward: every step in one persistent cooperative kernel (W_hh in shared memory,
+// a grid sync per step; see "small layers" below), which the emulation runs by suspending every
+// block at each grid sync. Not done: a persistent backward (the dh product reads W_hh by columns:
+// each block would keep a column slice); tensor-core GEMMs for the half types (they run the exact
+// float32 path on the copies).
 // ptxas (nvcc 13, sm_90, with split-K): fused step 72 registers and 16.5 KB shared, forward gate
 // kernel 48, backward gate kernel 32, resolve, copy and column sums 32, the four conversion
 // kernels 13-14; no spills (sm_75, before split-K: 79, 73, 34, 32-44, 12-24).
@@ -302,6 +302,178 @@ __global__ void __launch_bounds__(kFusedWarps * 32) fused_step_kernel(FwdStep s)
     for (int q = 0; q < G; ++q) hg[q] = red[warp][q * kFusedRows + lane][0];
     forward_unit(s, lane, j, hg);
   }
+}
+
+// ---- small layers: the whole step loop in one persistent kernel ---------------------------------
+// Layers whose step is too small to fill the GPU run every step in one cooperative launch, so a
+// step costs a grid sync (all blocks resident) instead of two kernel launches and their host
+// time. Block k owns units [k*U, k*U + U) with all G gates of each: their C = G*U rows of W_hh
+// sit in shared memory for the whole call (read from global memory once). Per step every block
+// stages h (B x R, from global memory: L2) in chunks of kPersistKc columns, each thread
+// computes one column c of the block's C for rows rg, rg + RG, ... (RG = 256 / C row groups,
+// float4 reads of W and h from shared memory), the block exchanges the sums through shared
+// memory so one thread has the G gates of (row, unit), runs forward_unit (the same gate code
+// and saved activations as the per-step kernels), and the grid syncs before the next step reads
+// the new h. The cell state c stays in c_n (each (row, unit) written by its own block). h
+// ping-pongs between the scratch's hbuf and h_n so the last step writes h_n.
+// Taken for unpacked (or equal batch sizes) inputs without projection when the plan fits
+// (persist_plan) and the step is small (use_persistent); FASTDL_RNN_PERSISTENT=0 / 1 forces it
+// off / on (where it fits), for tests and for timing the two paths against each other.
+constexpr int kPersistThreads = 256, kPersistRows = 8, kPersistKc = 64;
+
+struct PersistPlan {
+  int blocks = 0, units = 0, cols = 0, row_groups = 0, rows = 0;  // rows: per thread (<= 8)
+  int w_stride = 0, h_stride = 0;                                // floats
+  size_t shared = 0;                                             // dynamic bytes
+};
+
+struct PersistArgs {
+  FwdStep base;       // step-invariant fields; xa, y, c_save, cprev_save, hprev_save at row 0
+  const float* h0;    // (B, R) initial state (read by step 0)
+  float* hbuf;        // (B, R) the other state buffer
+  float* hn;          // (B, R) written by the last step
+  int steps, units, row_groups, rows, w_stride, h_stride;
+  bool reverse;
+};
+
+__global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(PersistArgs a) {
+  FASTDL_DYNAMIC_SHARED(16, float, smem);
+  const FwdStep& b0 = a.base;
+  const int B = b0.B, H = b0.H, R = b0.R, U = a.units, G = b0.GH / b0.H, C = G * U;
+  const int RG = a.row_groups, tid = threadIdx.x;
+  const int u0 = blockIdx.x * U;
+  float* ws = smem;                                 // (C, w_stride): W_hh rows of this block
+  float* hs = ws + size_t(C) * a.w_stride;          // (B, h_stride): a chunk of h's columns
+  float* sums = hs + size_t(B) * a.h_stride;        // (B, C): the step's products
+  // W_hh rows (gate q, unit u0 + u) -> ws row q*U + u, zero past R and for units past H.
+  for (int i = tid; i < C * a.w_stride; i += kPersistThreads) {
+    const int c = i / a.w_stride, k = i - c * a.w_stride, q = c / U, j = u0 + c % U;
+    ws[i] = j < H && k < R ? b0.w_hh[(int64_t(q) * H + j) * R + k] : 0.f;
+  }
+  const int col = tid % C, rg = tid / C;
+  const bool computes = rg < RG;
+  for (int s = 0; s < a.steps; ++s) {
+    const int64_t t = a.reverse ? a.steps - 1 - s : s, row0 = t * B;
+    // Step s writes h_n when an even number of steps follows it, so the last step does.
+    float* h_write = (a.steps - 1 - s) % 2 == 0 ? a.hn : a.hbuf;
+    const float* h_read = s == 0 ? a.h0 : (h_write == a.hn ? a.hbuf : a.hn);
+    float acc[kPersistRows];
+#pragma unroll
+    for (int i = 0; i < kPersistRows; ++i) acc[i] = 0.f;
+    for (int k0 = 0; k0 < R; k0 += kPersistKc) {
+      const int kc = min(kPersistKc, R - k0), kc4 = (kc + 3) / 4 * 4;
+      __syncthreads();  // the previous chunk's (or step's) readers are done with hs
+      for (int i = tid; i < B * kc4; i += kPersistThreads) {
+        const int r = i / kc4, k = i - r * kc4;
+        hs[r * a.h_stride + k] = k < kc ? h_read[int64_t(r) * R + k0 + k] : 0.f;
+      }
+      __syncthreads();
+      if (computes) {
+        const float* wr = ws + col * a.w_stride + k0;
+        for (int k = 0; k < kc4; k += 4) {
+          const float4 w = *reinterpret_cast<const float4*>(wr + k);
+#pragma unroll
+          for (int i = 0; i < kPersistRows; ++i) {
+            if (i >= a.rows) break;
+            const int r = rg + i * RG;
+            if (r >= B) break;
+            const float4 h = *reinterpret_cast<const float4*>(hs + r * a.h_stride + k);
+            acc[i] += w.x * h.x + w.y * h.y + w.z * h.z + w.w * h.w;
+          }
+        }
+      }
+    }
+    if (computes)
+#pragma unroll
+      for (int i = 0; i < kPersistRows; ++i) {
+        if (i >= a.rows) break;
+        const int r = rg + i * RG;
+        if (r >= B) break;
+        sums[r * C + col] = acc[i];
+      }
+    __syncthreads();
+    FwdStep st = b0;
+    st.xa = b0.xa + row0 * b0.ld_xa;
+    st.y = b0.y + row0 * R;
+    st.h_old = h_read;
+    st.h_new = h_write;
+    if (b0.c_save) st.c_save = b0.c_save + row0 * H;
+    if (b0.cprev_save) st.cprev_save = b0.cprev_save + row0 * H;
+    if (b0.hprev_save) st.hprev_save = b0.hprev_save + row0 * R;
+    for (int i = tid; i < B * U; i += kPersistThreads) {
+      const int r = i / U, u = i - r * U, j = u0 + u;
+      if (j >= H) continue;
+      float hg[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) hg[q] = q < G ? sums[r * C + q * U + u] : 0.f;
+      forward_unit(st, r, j, hg);
+    }
+    fastdl_grid_sync();  // every block's h for this step is written before any reads it
+  }
+}
+
+// The persistent kernel's layout for this layer, or blocks = 0 where it does not fit: one block
+// per SM at most (so U = ceil(H / SMs) units each), <= 256 columns and <= 8 rows per thread, the
+// shared memory within the device's opt-in limit, and the grid resident (the runtime's
+// occupancy) with cooperative launch supported.
+PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch) {
+  PersistPlan pl;
+  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), G = p.gates();
+  int coop = 0, sms = 0, optin = 0;
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, launch.device));
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, launch.device));
+  FASTDL_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, launch.device));
+  if (!coop || sms <= 0 || B <= 0 || H <= 0) return pl;
+  const int64_t U = (H + sms - 1) / sms, C = G * U;
+  if (C > kPersistThreads) return pl;
+  const int64_t RG = kPersistThreads / C, rows = (B + RG - 1) / RG;
+  if (rows > kPersistRows) return pl;
+  const int64_t w_stride = (R + 31) / 32 * 32 + 4, h_stride = kPersistKc + 4;
+  const int64_t floats = C * w_stride + B * h_stride + B * C;
+  if (floats * 4 > optin) return pl;
+  pl.units = int(U);
+  pl.blocks = int((H + U - 1) / U);
+  pl.cols = int(C);
+  pl.row_groups = int(RG);
+  pl.rows = int(rows);
+  pl.w_stride = int(w_stride);
+  pl.h_stride = int(h_stride);
+  pl.shared = size_t(floats) * 4;
+  if (pl.shared > 48 * 1024)
+    FASTDL_CUDA_CHECK(cudaFuncSetAttribute(persistent_forward_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(pl.shared)));
+  int resident = 0;
+  FASTDL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &resident, persistent_forward_kernel, kPersistThreads, pl.shared));
+  if (int64_t(resident) * sms < pl.blocks) pl.blocks = 0;
+  return pl;
+}
+
+// FASTDL_RNN_PERSISTENT: "0" never, "1" wherever the plan fits, unset: the size rule. Read once
+// per layer call.
+int forced_persistent() {
+  const char* v = std::getenv("FASTDL_RNN_PERSISTENT");
+  return v && *v ? (std::atoi(v) != 0 ? 1 : 0) : -1;
+}
+
+// Whether this forward runs as one persistent kernel (plan filled in when it does). The size rule
+// (reasoned, not yet timed against the per-step path on a GPU): batch <= 64 and a step product of
+// at most 32 MFLOP. The per-step path spends two launches (host time ~5-10 us, benchmarks/
+// RESULTS.md, 2026-12-04 17:50) per step; its GEMM reached ~9 TFLOP/s on LSTM (256, 512, 64),
+// whose 134 MFLOP steps already beat cuDNN, so below ~32 MFLOP (~4 us at that rate) a step is
+// bound by launches rather than arithmetic.
+bool use_persistent(const RnnParams& p, const RnnForwardArgs& a, const CudaLaunch& launch,
+                    PersistPlan* plan) {
+  const int force = forced_persistent();
+  if (force == 0 || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0 || a.h0 == a.hn) return false;
+  for (int64_t t = 0; p.batch_sizes && t < p.steps; ++t)
+    if (p.batch_sizes[t] != p.batch) return false;
+  const double flops = 2.0 * p.batch * p.gates() * p.hidden_size * p.out_size();
+  if (force < 0 && (p.batch > 64 || flops > 32e6)) return false;
+  *plan = persist_plan(p, launch);
+  return plan->blocks > 0;
 }
 
 // What one backward step's gate kernel reads and writes (rows b < bs of the step).
@@ -549,6 +721,47 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
   float* xg = training ? ws + L.act : sc + S.xg;
   const int64_t ld_xg = training ? L.act_cols : GH;
   mm(false, true, N, GH, I, x, I, static_cast<const float*>(w.w_ih), I, xg, ld_xg, 0.0, launch);
+
+  PersistPlan plan;
+  if (use_persistent(p, a, launch, &plan)) {
+    PersistArgs pa;
+    FwdStep& st = pa.base;
+    st.hh = nullptr;
+    st.hh_stride = 0;
+    st.hh_splits = 1;
+    st.w_hh = w_hh;
+    st.xa = xg;
+    st.ld_xa = ld_xg;
+    st.b_ih = static_cast<const float*>(w.b_ih);
+    st.b_hh = static_cast<const float*>(w.b_hh);
+    st.h_old = nullptr;
+    st.h_new = nullptr;
+    st.hpre = nullptr;
+    st.y = y;
+    st.c = cn;
+    st.c_save = training && lstm ? ws + L.c : nullptr;
+    st.cprev_save = training && lstm ? ws + L.cprev : nullptr;
+    st.hprev_save = training ? ws + L.hprev : nullptr;
+    st.bs = st.B = static_cast<int>(B);
+    st.H = static_cast<int>(H);
+    st.R = static_cast<int>(R);
+    st.GH = static_cast<int>(GH);
+    st.mode = p.mode;
+    pa.h0 = static_cast<const float*>(a.h0);
+    pa.hbuf = h_other;
+    pa.hn = hn;
+    pa.steps = static_cast<int>(p.steps);
+    pa.units = plan.units;
+    pa.row_groups = plan.row_groups;
+    pa.rows = plan.rows;
+    pa.w_stride = plan.w_stride;
+    pa.h_stride = plan.h_stride;
+    pa.reverse = p.reverse;
+    FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream,
+                              persistent_forward_kernel)(pa);
+    FASTDL_CUDA_CHECK_LAUNCH();
+    return;
+  }
 
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;

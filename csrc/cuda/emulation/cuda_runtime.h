@@ -22,6 +22,7 @@ enum cudaError_t {
   cudaErrorInvalidResourceHandle = 400,
   cudaErrorIllegalAddress = 700,
   cudaErrorAssert = 710,
+  cudaErrorCooperativeLaunchTooLarge = 720,
   cudaErrorDeadlock = 9999,  // emulation only: threads of a block wait at different barriers
 };
 typedef cudaError_t cudaError;
@@ -41,6 +42,7 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrCooperativeLaunch = 95,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 

@@ -11,13 +11,16 @@
 //    __shared__ (it does not exist here, so it fails to compile rather than run wrong).
 //  * A device-side check that must stop the kernel: FASTDL_DEVICE_ASSERT(cond, "message")
 //    (torch's CUDA_KERNEL_ASSERT behaviour: a sticky "device-side assert triggered").
+//  * A grid-wide barrier: launch with FASTDL_LAUNCH_COOPERATIVE (cudaLaunchCooperativeKernel; the
+//    grid must fit the device's resident blocks) and call fastdl_grid_sync() in every thread.
 //  * Use only what this folder declares (CUDA C++, cuda_fp16/bf16 conversions, atomics, __shfl_*,
 //    __ballot/__any/__all_sync, __syncthreads/__syncwarp, __ldg, math functions). Tensor-core
 //    code (wmma/mma) is not emulated: keep it under #if __CUDA_ARCH__ >= 800 with a SIMT twin of
 //    the same tiling and edge handling that the host picks in an emulation build, and say so.
 //
 // How it runs: a launch runs every thread of every block, blocks one after another on the calling
-// host thread; the threads of a block are fibers (ucontext) switched at __syncthreads, __syncwarp
+// host thread (a cooperative launch starts every block, runs each in turn to its next grid sync,
+// then releases them all); the threads of a block are fibers (ucontext) switched at __syncthreads, __syncwarp
 // and warp operations, so barriers are real. Fibers, not OS threads: 5-6x faster per barrier
 // (1 us vs 5-6 us per thread, 256 threads, 2 loaded cores; benchmarks/RESULTS.md, "CUDA
 // emulation") and deterministic: threads run in index order from one barrier to the next, or in
@@ -84,11 +87,15 @@ constexpr int kWarpSize = 32;
 
 // Scheduler entry points (emu_runtime.cpp).
 // `kernel` identifies the kernel (its address) for its cudaFuncSetAttribute opt-in.
+// `cooperative`: cudaLaunchCooperativeKernel's launch (every block resident, grid syncs allowed).
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 const void* kernel, void (*body)(void*), void* ctx);
+                 const void* kernel, void (*body)(void*), void* ctx, bool cooperative);
 // `file`:`line` names the __syncthreads() call: threads of a block waiting at different ones fail.
 void syncthreads(const char* file, int line);
 void syncwarp();
+// cooperative_groups::this_grid().sync(): every thread of every block waits here; a fault outside
+// a cooperative launch.
+void grid_sync(const char* file, int line);
 // Warp exchange: every live lane of the warp deposits `value`; returns lane `src`'s value
 // (its own when src is out of range or has exited).
 uint64_t warp_exchange(uint64_t value, int src);
@@ -103,6 +110,7 @@ struct Launcher {
   size_t shared;
   cudaStream_t stream;
   Kernel kernel;
+  bool cooperative = false;
   template <class... A>
   void operator()(A&&... args) const {
     // Each CUDA thread gets the arguments by value, as kernel parameters; convert once here.
@@ -116,7 +124,7 @@ struct Launcher {
                   Ctx* x = static_cast<Ctx*>(c);
                   std::apply(x->k, *x->p);
                 },
-                &ctx);
+                &ctx, cooperative);
   }
 };
 
@@ -124,7 +132,12 @@ template <class... Params>
 Launcher<void (*)(Params...), std::decay_t<Params>...> launch(dim3 grid, dim3 block, size_t shared,
                                                               cudaStream_t stream,
                                                               void (*kernel)(Params...)) {
-  return {grid, block, shared, stream, kernel};
+  return {grid, block, shared, stream, kernel, false};
+}
+template <class... Params>
+Launcher<void (*)(Params...), std::decay_t<Params>...> launch_cooperative(
+    dim3 grid, dim3 block, size_t shared, cudaStream_t stream, void (*kernel)(Params...)) {
+  return {grid, block, shared, stream, kernel, true};
 }
 
 // One static shared array per declaration site (Site is a lambda type, unique per site).

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <set>
@@ -96,7 +97,7 @@ cudaError_t record(cudaError_t e) {
 
 cudaError_t sticky() { return static_cast<cudaError_t>(g_sticky.load()); }
 
-enum class State : unsigned char { Ready, AtBlockBarrier, AtWarpBarrier, Done };
+enum class State : unsigned char { Ready, AtBlockBarrier, AtWarpBarrier, AtGridBarrier, Done };
 
 struct Fiber {
   ucontext_t ctx;
@@ -134,10 +135,13 @@ struct Block {
   ucontext_t sched;
   int current = -1;
   bool trapped = false;
+  bool reverse = false;
   void (*body)(void*) = nullptr;
   void* ctx = nullptr;
   int nthreads = 0;
   dim3 bdim;
+  uint3 index{0, 0, 0};      // blockIdx of the block it runs
+  bool cooperative = false;  // a cooperative launch's block: grid syncs allowed
 #ifdef FASTDL_EMU_ASAN
   const void* sched_bottom = nullptr;
   size_t sched_size = 0;
@@ -156,6 +160,12 @@ thread_local Block* t_block = nullptr;
 Block& block_state() {
   static thread_local Block b;
   return b;
+}
+
+// A cooperative launch's blocks, all alive at once (a grid sync suspends each in turn).
+std::vector<std::unique_ptr<Block>>& cooperative_blocks() {
+  static thread_local std::vector<std::unique_ptr<Block>> blocks;
+  return blocks;
 }
 
 void poison(void* p, size_t n) {
@@ -267,7 +277,20 @@ void ensure_fibers(Block& b, int n) {
 // Runs one block; returns cudaSuccess, or the fault that ended it. `reverse` runs its threads from
 // the highest index down: a thread that reads shared memory another wrote without a barrier
 // between them reads the poison in one of the two orders, whichever index the writer has.
-cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
+// Clears the ASan marks an abandoned block's fibers left on their stacks (before reuse).
+void abandon(Block& b) {
+  for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
+}
+
+// How far advance_block got: every thread exited, every live thread waits at a grid sync, or a
+// fault (in *err).
+enum class BlockEnd { Done, AtGridSync, Fault };
+
+// Prepares a block's shared memory and fibers; `reverse` runs its threads from the highest index
+// down: a thread that reads shared memory another wrote without a barrier between them reads the
+// poison in one of the two orders, whichever index the writer has.
+void start_block(Block& b, size_t dynamic_bytes, bool reverse) {
+  b.reverse = reverse;
   // Fresh shared memory: 0xFF everywhere (NaN / -1), the dynamic part first, fenced under ASan.
   unpoison(b.arena, kArenaBytes);
   std::memset(b.arena, 0xFF, kArenaBytes);
@@ -296,6 +319,14 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
     // keep their redzones poisoned; a trap's abandoned frames are cleared where it returns.
     unpoison(f.stack + kStackBytes - kStackTopBytes, kStackTopBytes);
   }
+}
+
+// Runs a started block's threads until all have exited or all wait at a grid sync (cooperative
+// launches); barriers inside the block are released as they fill.
+BlockEnd advance_block(Block& b, cudaError_t* err) {
+  coords.block = b.index;
+  t_block = &b;
+  const bool reverse = b.reverse;
   const int nwarps = (b.nthreads + kWarpSize - 1) / kWarpSize;
   for (;;) {
     bool ran = false;
@@ -305,13 +336,12 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
       ran = true;
       resume(b, t);
       if (b.trapped) {
-        // Abandoned fibers leave ASan's marks on their stacks: clear them before reuse.
-        for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
-        return cudaErrorAssert;
+        *err = cudaErrorAssert;
+        return BlockEnd::Fault;
       }
     }
     // Release warps whose live lanes all wait at a warp operation.
-    bool released = false, all_done = true, all_at_block = true;
+    bool released = false, all_done = true, all_at_block = true, all_at_grid = true;
     for (int w = 0; w < nwarps; ++w) {
       const int lo = w * kWarpSize, hi = std::min(b.nthreads, lo + kWarpSize);
       bool warp_all = true, any = false;
@@ -322,6 +352,7 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
         any = true;
         if (s != State::AtWarpBarrier) warp_all = false;
         if (s != State::AtBlockBarrier) all_at_block = false;
+        if (s != State::AtGridBarrier) all_at_grid = false;
       }
       if (any && warp_all) {
         for (int t = lo; t < hi; ++t)
@@ -329,7 +360,19 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
         released = true;
       }
     }
-    if (all_done) return cudaSuccess;
+    if (all_done) return BlockEnd::Done;
+    if (!released && all_at_grid) {
+      // Every thread of the block must reach the grid sync (cooperative_groups' rule): one that
+      // exited first leaves the others waiting for it on a GPU.
+      for (int t = 0; t < b.nthreads; ++t)
+        if (b.fibers[t].state == State::Done) {
+          std::fprintf(stderr, "fastdl CUDA emulation: block (%u,%u,%u): thread %d exited while "
+                               "others wait at a grid sync\n", b.index.x, b.index.y, b.index.z, t);
+          *err = cudaErrorDeadlock;
+          return BlockEnd::Fault;
+        }
+      return BlockEnd::AtGridSync;
+    }
     if (!released && all_at_block) {
       // Every waiting thread must be at the same __syncthreads() (a GPU's behaviour is undefined
       // otherwise; sm_70+ counts arrivals, older GPUs hang or mis-synchronise).
@@ -343,8 +386,8 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
                                "barriers: __syncthreads() at %s:%d and at %s:%d\n",
                        coords.block.x, coords.block.y, coords.block.z, first->barrier_file,
                        first->barrier_line, f.barrier_file, f.barrier_line);
-          for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
-          return cudaErrorDeadlock;
+          *err = cudaErrorDeadlock;
+          return BlockEnd::Fault;
         }
       }
       for (int t = 0; t < b.nthreads; ++t)
@@ -355,10 +398,68 @@ cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
       std::fprintf(stderr, "fastdl CUDA emulation: block (%u,%u,%u): threads wait at different "
                            "barriers (__syncthreads in divergent code?)\n",
                    coords.block.x, coords.block.y, coords.block.z);
-      for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
-      return cudaErrorDeadlock;
+      *err = cudaErrorDeadlock;
+      return BlockEnd::Fault;
     }
   }
+}
+
+// Runs one block to its end (a plain launch: a grid sync there is a fault, as the GPU's is
+// undefined outside a cooperative launch).
+cudaError_t run_block(Block& b, size_t dynamic_bytes, bool reverse) {
+  start_block(b, dynamic_bytes, reverse);
+  cudaError_t err = cudaSuccess;
+  if (advance_block(b, &err) == BlockEnd::Done) return cudaSuccess;
+  abandon(b);
+  return err;
+}
+
+// A cooperative launch: every block started, then each advanced in turn to the next grid sync;
+// when all wait there, all are released. Blocks that exit while others wait deadlock (a GPU
+// hangs there): a fault here.
+cudaError_t run_cooperative(dim3 grid, dim3 block, size_t dynamic_bytes, void (*body)(void*),
+                            void* ctx, size_t shared_limit, long long launch) {
+  auto& blocks = cooperative_blocks();
+  const unsigned long long n = 1ULL * grid.x * grid.y * grid.z;
+  while (blocks.size() < n) blocks.push_back(std::make_unique<Block>());
+  const int nthreads = int(1ULL * block.x * block.y * block.z);
+  for (unsigned long long i = 0; i < n; ++i) {
+    Block& b = *blocks[i];
+    b.shared_limit = shared_limit;
+    b.nthreads = nthreads;
+    b.bdim = block;
+    b.body = body;
+    b.ctx = ctx;
+    b.cooperative = true;
+    b.index = uint3{unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
+                    unsigned(i / (1ULL * grid.x * grid.y))};
+    ensure_fibers(b, nthreads);
+    coords.block = b.index;
+    start_block(b, dynamic_bytes, ((i + launch) & 1) != 0);
+  }
+  cudaError_t err = cudaSuccess;
+  for (;;) {
+    unsigned long long done = 0, waiting = 0;
+    for (unsigned long long i = 0; i < n && err == cudaSuccess; ++i) {
+      const BlockEnd e = advance_block(*blocks[i], &err);
+      done += e == BlockEnd::Done;
+      waiting += e == BlockEnd::AtGridSync;
+    }
+    if (err == cudaSuccess && done == n) break;
+    if (err == cudaSuccess && done > 0) {
+      std::fprintf(stderr, "fastdl CUDA emulation: %llu of %llu blocks exited while the others "
+                           "wait at a grid sync\n", done, n);
+      err = cudaErrorDeadlock;
+    }
+    if (err != cudaSuccess) {
+      for (unsigned long long i = 0; i < n; ++i) abandon(*blocks[i]);
+      break;
+    }
+    for (unsigned long long i = 0; i < n; ++i)  // all wait at the grid sync: release them
+      for (int t = 0; t < nthreads; ++t) blocks[i]->fibers[t].state = State::Ready;
+  }
+  t_block = nullptr;
+  return err;
 }
 
 void wait_at(State s) {
@@ -370,7 +471,7 @@ void wait_at(State s) {
 }  // namespace
 
 void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 const void* kernel, void (*body)(void*), void* ctx) {
+                 const void* kernel, void (*body)(void*), void* ctx, bool cooperative) {
   const long long launch = g_launches++;
   g_last_block[0] = block.x, g_last_block[1] = block.y, g_last_block[2] = block.z;
   if (launch == g_fail_at.load()) {
@@ -393,22 +494,39 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
     std::fprintf(stderr, "fastdl CUDA emulation: a kernel launched another kernel\n");
     std::abort();
   }
+  // Cooperative: every block resident at once, as cudaLaunchCooperativeKernel requires (the
+  // occupancy this emulation reports: 2 blocks per SM).
+  if (cooperative && 1ULL * grid.x * grid.y * grid.z > 2ULL * kSmCount)
+    return void(record(cudaErrorCooperativeLaunchTooLarge));
+  const size_t limit = dyn_limit > kSharedPerBlock ? kSharedOptin : kSharedPerBlock;
+  const ThreadCoords saved = coords;
+  if (cooperative) {
+    coords.block_dim = block;
+    coords.grid_dim = grid;
+    const cudaError_t err = run_cooperative(grid, block, dynamic_shared, body, ctx, limit, launch);
+    coords = saved;
+    if (err != cudaSuccess) {
+      int expected = cudaSuccess;
+      g_sticky.compare_exchange_strong(expected, err);
+      record(err);
+    }
+    return;
+  }
   Block& b = block_state();
-  b.shared_limit = dyn_limit > kSharedPerBlock ? kSharedOptin : kSharedPerBlock;
+  b.cooperative = false;
+  b.shared_limit = limit;
   b.nthreads = static_cast<int>(threads);
   b.bdim = block;
   b.body = body;
   b.ctx = ctx;
   ensure_fibers(b, b.nthreads);
-  t_block = &b;
-  const ThreadCoords saved = coords;
   coords.block_dim = block;
   coords.grid_dim = grid;
   cudaError_t err = cudaSuccess;
   for (unsigned z = 0; z < grid.z && err == cudaSuccess; ++z)
     for (unsigned y = 0; y < grid.y && err == cudaSuccess; ++y)
       for (unsigned x = 0; x < grid.x && err == cudaSuccess; ++x) {
-        coords.block = uint3{x, y, z};
+        coords.block = b.index = uint3{x, y, z};
         // Thread order alternates from block to block and, for one-block grids, launch to launch.
         const unsigned long long linear = (1ULL * z * grid.y + y) * grid.x + x;
         err = run_block(b, dynamic_shared, ((linear + launch) & 1) != 0);
@@ -429,6 +547,11 @@ void syncthreads(const char* file, int line) {
   wait_at(State::AtBlockBarrier);
 }
 void syncwarp() { wait_at(State::AtWarpBarrier); }
+void grid_sync(const char* file, int line) {
+  if (!t_block->cooperative)
+    device_assert_fail("cooperative launch", "a grid sync outside a cooperative launch", file, line);
+  wait_at(State::AtGridBarrier);
+}
 
 namespace {
 // Deposits `value` for this lane's next warp round and waits for the warp; returns the round.
@@ -554,8 +677,11 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
     case cudaErrorAssert: return "device-side assert triggered";
+    case cudaErrorCooperativeLaunchTooLarge:
+      return "too many blocks in cooperative launch";
     case cudaErrorDeadlock:
-      return "threads of a block wait at different barriers (fastdl CUDA emulation)";
+      return "threads of a block wait at different barriers, or at a grid sync that other threads "
+             "never reach (fastdl CUDA emulation)";
   }
   return "unknown error";
 }
@@ -610,6 +736,7 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
     case cudaDevAttrComputeCapabilityMajor: *v = p.major; break;
     case cudaDevAttrComputeCapabilityMinor: *v = p.minor; break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = int(p.sharedMemPerBlockOptin); break;
+    case cudaDevAttrCooperativeLaunch: *v = 1; break;
     default: return record(cudaErrorInvalidValue);
   }
   return cudaSuccess;

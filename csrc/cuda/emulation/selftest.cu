@@ -103,6 +103,21 @@ __global__ void stack_overrun_kernel(float* out, int n) {
   out[threadIdx.x] = local[threadIdx.x % n];  // n = 9: thread 8 reads local[8]
 }
 
+// Grid syncs (cooperative launches): in 4 rounds, block b's thread 0 writes
+// out[s * grid + b] = out[(s - 1) * grid + (b + 1) % grid] + 10, a value another block wrote in the
+// round before (round 0 writes b). Every thread syncs after each round (SYNC false: none, so a
+// block reads its neighbour's value before that block ran). exit_block >= 0: that block's threads
+// return before the first sync, leaving the others waiting (a GPU hangs there).
+template <bool SYNC>
+__global__ void grid_rounds_kernel(float* out, int exit_block) {
+  const int b = blockIdx.x, g = gridDim.x;
+  if (b == exit_block) return;
+  for (int s = 0; s < 4; ++s) {
+    if (threadIdx.x == 0) out[s * g + b] = s == 0 ? float(b) : out[(s - 1) * g + (b + 1) % g] + 10.f;
+    if (SYNC) fastdl_grid_sync();
+  }
+}
+
 void check() { FASTDL_CUDA_CHECK_LAUNCH(); }
 
 }  // namespace
@@ -151,6 +166,18 @@ std::vector<double> cuda_emulation_selftest(const std::string& name) {
   } else if (name == "divergent_barriers") {
     n = 32;
     FASTDL_LAUNCH(1, n, 0, nullptr, divergent_kernel)(o);
+  } else if (name == "grid_sync" || name == "grid_no_sync") {
+    n = 4 * 8;
+    if (name == "grid_sync")
+      FASTDL_LAUNCH_COOPERATIVE(8, 64, 0, nullptr, grid_rounds_kernel<true>)(o, -1);
+    else
+      FASTDL_LAUNCH_COOPERATIVE(8, 64, 0, nullptr, grid_rounds_kernel<false>)(o, -1);
+  } else if (name == "grid_sync_plain_launch") {
+    FASTDL_LAUNCH(8, 64, 0, nullptr, grid_rounds_kernel<true>)(o, -1);
+  } else if (name == "grid_sync_too_many_blocks") {  // the emulation's 4 SMs x 2 resident blocks
+    FASTDL_LAUNCH_COOPERATIVE(9, 64, 0, nullptr, grid_rounds_kernel<true>)(o, -1);
+  } else if (name == "grid_sync_block_exits") {
+    FASTDL_LAUNCH_COOPERATIVE(8, 64, 0, nullptr, grid_rounds_kernel<true>)(o, 3);
   } else if (name == "shared_overrun") {
     n = 64;
     FASTDL_LAUNCH(1, n, 0, nullptr, shared_overrun_kernel)(o);
