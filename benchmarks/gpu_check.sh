@@ -8,8 +8,9 @@
 # early (each stage's time on the first H200 run: benchmarks/RESULTS.md, 2026-12-04 15:39).
 #   1. build fastdl for the local GPU only                                  (limit 150 s)
 #   2. fastdl-bench --device cuda --suite conv, then --suite rnn: the issues' shapes, full size,
-#      against cuDNN without TF32 on either side (an interrupted suite keeps its measured rows)
-#                                                                          (limits 100 s, 110 s)
+#      against cuDNN without TF32 on either side (an interrupted suite keeps its measured rows),
+#      then --suite rnn again with the persistent recurrent kernels off (FASTDL_RNN_PERSISTENT=0:
+#      the per-step path, for the rule in csrc/cuda/rnn.cu)            (limits 100 s, 110 s, 60 s)
 #   3. every CUDA test on the GPU (-m cuda: the tests' cuda cases, the gpu_only ones included:
 #      a > 2^31-element GEMM operand, > 320 optimizer chunks)                     (limit 150 s)
 #   4. benchmarks/gpu_profile.py: where each conv and rnn case spends its device and host time
@@ -17,8 +18,8 @@
 #      then benchmarks/conv_cuda_tiles.py: the implicit GEMM's passes under each tile (60 s)
 #   5. the CUDA tests on small shapes under compute-sanitizer memcheck (gpu_only and the large
 #      pool sweeps deselected; one chunk of the randomized conv2d sweep under 'gemm' kept)  (90 s)
-#   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) under
-#      racecheck                                                                       (30 s)
+#   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) and
+#      the persistent recurrent kernels' tests under racecheck                          (60 s)
 #   7. the CPU tests (-m "not cuda and not slow") against this build: CI runs them against CPU and
 #      emulated builds only, and a crash in the CUDA build's host code ran nowhere else
 #                                                                                  (120 s)
@@ -32,7 +33,7 @@
 # A Python package missing there can travel as wheels in .whl/ (the device tool's README): they
 # are installed first, into /tmp/site, when that folder exists.
 # STAGES=a,b (default: all) runs only the named stages after the build: bench_conv, bench_rnn,
-# tests_cuda, profile, tiles, memcheck, racecheck, tests_cpu, bench_other, initcheck, synccheck.
+# bench_rnn_per_step, tests_cuda, profile, tiles, memcheck, racecheck, tests_cpu, bench_other, initcheck, synccheck.
 # The tests run in 8 processes when pytest-xdist is installed (a test that crashes its process is
 # then reported as failed, not the end of the stage).
 # Writes under ${OUT:-/tmp/fastdl-gpu} at most 5 files (the device tool returns 8): summary.txt
@@ -46,7 +47,7 @@ start=$(date +%s)
 DEADLINE=${DEADLINE:-520}
 RESERVE=20
 STAGES=${STAGES:-all}
-known=",bench_conv,bench_rnn,tests_cuda,profile,tiles,memcheck,racecheck,tests_cpu,bench_other,"
+known=",bench_conv,bench_rnn,bench_rnn_per_step,tests_cuda,profile,tiles,memcheck,racecheck,tests_cpu,bench_other,"
 known+="initcheck,synccheck,"
 if [[ $STAGES != all ]]; then
   for st in ${STAGES//,/ }; do
@@ -143,6 +144,7 @@ bench_stage() {
 
 bench_stage bench_conv 100 --suite conv
 bench_stage bench_rnn 110 --suite rnn
+FASTDL_RNN_PERSISTENT=0 bench_stage bench_rnn_per_step 60 --suite rnn
 
 # pytest_stage NAME LIMIT [pytest args...]: runs pytest, records its failures in the summary.
 pytest_stage() {
@@ -185,10 +187,13 @@ small=(-m "cuda and not gpu_only" -k "$skip and not test_conv2d_sweep"
 small_memcheck=(-m "cuda and not gpu_only"
                 -k "$skip and (not test_conv2d_sweep or test_conv2d_sweep[default-gemm-cuda-0])"
                 --deselect "tests/test_pool.py::test_max_unpool2d_invalid_index[cuda]" tests)
-# racecheck/synccheck: shared-memory hazards and barriers of the tiled conv kernels only.
+# racecheck/synccheck: shared-memory hazards and barriers of the tiled conv kernels and of the
+# persistent recurrent kernels (their grid syncs included).
 shared_tests="half or deterministic or long_reductions or two_column_tiles or every_tile"
 shared_tests+=" or depthwise_fast_path"
-conv_shared=(-m "cuda and not gpu_only" -k "conv and cuda and ($shared_tests)" tests/test_conv.py)
+conv_shared=(-m "cuda and not gpu_only"
+             -k "(conv and cuda and ($shared_tests)) or test_cuda_persistent"
+             tests/test_conv.py tests/test_rnn.py)
 # pytest_stage_sanitized TOOL LIMIT [pytest args...]: findings in this process's kernels (torch's
 # included) fail the run (--error-exitcode); each report is kept in the log. API errors are not
 # reported: on the H200 image the CUDA Python bindings' cuGetProcAddress probes return

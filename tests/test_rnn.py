@@ -559,36 +559,42 @@ def test_packed_wide_batch(device, kind):
     check_packed(device, kind, True, [2, 5, 9, 1, 5, 6, 3, 9, 4, 8, 7], 3, 9, layers=1)
 
 
-def forward_launches(kind, B, T, H, device):
-    """Kernel launches of one inference forward of a 1-layer fastdl module (emulation only)."""
+def step_launches(kind, B, T, H, device):
+    """Kernel launches of one training forward and of its backward, for a 1-layer fastdl module
+    (emulation only)."""
     m, _ = make_pair(kind, 3, H, dtype=torch.float32, device=device)
-    x = rand(T, B, 3, device=device)
-    before = fastdl._C.cuda_emulation_launch_count()
-    with torch.no_grad():
-        m(x)
-    return fastdl._C.cuda_emulation_launch_count() - before
+    x = rand(T, B, 3, device=device, requires_grad=True)
+    count = fastdl._C.cuda_emulation_launch_count
+    before = count()
+    y = m(x)[0]
+    mid = count()
+    y.sum().backward()
+    return mid - before, count() - mid
 
 
 @pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
 def test_cuda_persistent(cuda_device, monkeypatch, kind):
-    """The persistent forward (csrc/cuda/rnn.cu: every step in one cooperative launch, W_hh in
-    shared memory, a grid sync per step), forced on (FASTDL_RNN_PERSISTENT=1) against torch,
-    forward and every gradient (the backward reads the activations it saved): hidden 70, so h is
-    staged in two column chunks (64 + 6, padded to 8) and the last of the emulation's 4 blocks
-    owns units past H; batch 11, several rows per thread; bidirectional (reverse steps), 2
-    layers, with and without initial states; 1, 2 and 7 steps (the ping-pong's last write lands
-    in h_n for either parity); a PackedSequence of equal lengths takes it too. In the emulation
-    the forward is the input GEMM's launch plus one, against one or two per step with it off."""
+    """The persistent kernels (csrc/cuda/rnn.cu: every step of a direction in one cooperative
+    launch, a W_hh slice in shared memory, a grid sync per step), forced on
+    (FASTDL_RNN_PERSISTENT=1), against torch, forward and every gradient: hidden 150, so the
+    emulation's 4 blocks own 38 units each (the last owns units past H) and the staged rows run
+    in column chunks (128 + 22 forward; G*150 = 150-600 backward); batch 5 and 7, several rows
+    per thread (at batch 11 the LSTM forward's 152 columns would need 11 rows per thread: it
+    steps aside and the persistent backward reads what the per-step forward saved); batch 1 at
+    hidden 64, where idle threads split k (2-8 parts summed by shuffles); bidirectional (reverse
+    steps), 2 layers, with and without initial states; 1, 2, 3 and 7 steps (the forward's
+    ping-pong ends in h_n for either parity); a PackedSequence of equal lengths takes them too. In the emulation a forward or backward of 20 steps makes fewer
+    than 20 launches (the GEMMs around the kernel), against two or more per step with it off."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
     cfg = dict(num_layers=2, bidirectional=True, batch_first=False, bias=True)
-    for T in (1, 2, 7):
-        run_case(kind, cfg, T, 11, 5, 70, T != 2, torch.float32, device=cuda_device)
+    for T, B, H in ((1, 11, 150), (2, 5, 150), (7, 7, 150), (3, 1, 64)):
+        run_case(kind, cfg, T, B, 5, H, T != 2, torch.float32, device=cuda_device)
     check_packed(cuda_device, kind, True, [6, 6, 6, 6], 5, 24, layers=1)
     if fastdl.cuda.is_emulated():
-        on = forward_launches(kind, 11, 9, 70, cuda_device)
+        on = step_launches(kind, 5, 20, 24, cuda_device)
         monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")
-        off = forward_launches(kind, 11, 9, 70, cuda_device)
-        assert on < 9 <= off, (on, off)
+        off = step_launches(kind, 5, 20, 24, cuda_device)
+        assert max(on) < 20 and min(off) >= 20, (on, off)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
@@ -602,7 +608,7 @@ def test_cuda_persistent_does_not_fit(cuda_device, monkeypatch, kind):
     run_case(kind, cfg, 4, 11, 5, 300, True, torch.float32, device=cuda_device)
     run_case("LSTM_PROJ", cfg, 4, 3, 5, 16, True, torch.float32, device=cuda_device)
     if fastdl.cuda.is_emulated():
-        assert forward_launches(kind, 11, 9, 300, cuda_device) >= 9
+        assert min(step_launches(kind, 11, 20, 300, cuda_device)) >= 20
 
 
 def check_packed(device, kind, bidirectional, lengths, I, H, layers=2, dtype=None):

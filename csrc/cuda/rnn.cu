@@ -304,178 +304,6 @@ __global__ void __launch_bounds__(kFusedWarps * 32) fused_step_kernel(FwdStep s)
   }
 }
 
-// ---- small layers: the whole step loop in one persistent kernel ---------------------------------
-// Layers whose step is too small to fill the GPU run every step in one cooperative launch, so a
-// step costs a grid sync (all blocks resident) instead of two kernel launches and their host
-// time. Block k owns units [k*U, k*U + U) with all G gates of each: their C = G*U rows of W_hh
-// sit in shared memory for the whole call (read from global memory once). Per step every block
-// stages h (B x R, from global memory: L2) in chunks of kPersistKc columns, each thread
-// computes one column c of the block's C for rows rg, rg + RG, ... (RG = 256 / C row groups,
-// float4 reads of W and h from shared memory), the block exchanges the sums through shared
-// memory so one thread has the G gates of (row, unit), runs forward_unit (the same gate code
-// and saved activations as the per-step kernels), and the grid syncs before the next step reads
-// the new h. The cell state c stays in c_n (each (row, unit) written by its own block). h
-// ping-pongs between the scratch's hbuf and h_n so the last step writes h_n.
-// Taken for unpacked (or equal batch sizes) inputs without projection when the plan fits
-// (persist_plan) and the step is small (use_persistent); FASTDL_RNN_PERSISTENT=0 / 1 forces it
-// off / on (where it fits), for tests and for timing the two paths against each other.
-constexpr int kPersistThreads = 256, kPersistRows = 8, kPersistKc = 64;
-
-struct PersistPlan {
-  int blocks = 0, units = 0, cols = 0, row_groups = 0, rows = 0;  // rows: per thread (<= 8)
-  int w_stride = 0, h_stride = 0;                                // floats
-  size_t shared = 0;                                             // dynamic bytes
-};
-
-struct PersistArgs {
-  FwdStep base;       // step-invariant fields; xa, y, c_save, cprev_save, hprev_save at row 0
-  const float* h0;    // (B, R) initial state (read by step 0)
-  float* hbuf;        // (B, R) the other state buffer
-  float* hn;          // (B, R) written by the last step
-  int steps, units, row_groups, rows, w_stride, h_stride;
-  bool reverse;
-};
-
-__global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(PersistArgs a) {
-  FASTDL_DYNAMIC_SHARED(16, float, smem);
-  const FwdStep& b0 = a.base;
-  const int B = b0.B, H = b0.H, R = b0.R, U = a.units, G = b0.GH / b0.H, C = G * U;
-  const int RG = a.row_groups, tid = threadIdx.x;
-  const int u0 = blockIdx.x * U;
-  float* ws = smem;                                 // (C, w_stride): W_hh rows of this block
-  float* hs = ws + size_t(C) * a.w_stride;          // (B, h_stride): a chunk of h's columns
-  float* sums = hs + size_t(B) * a.h_stride;        // (B, C): the step's products
-  // W_hh rows (gate q, unit u0 + u) -> ws row q*U + u, zero past R and for units past H.
-  for (int i = tid; i < C * a.w_stride; i += kPersistThreads) {
-    const int c = i / a.w_stride, k = i - c * a.w_stride, q = c / U, j = u0 + c % U;
-    ws[i] = j < H && k < R ? b0.w_hh[(int64_t(q) * H + j) * R + k] : 0.f;
-  }
-  const int col = tid % C, rg = tid / C;
-  const bool computes = rg < RG;
-  for (int s = 0; s < a.steps; ++s) {
-    const int64_t t = a.reverse ? a.steps - 1 - s : s, row0 = t * B;
-    // Step s writes h_n when an even number of steps follows it, so the last step does.
-    float* h_write = (a.steps - 1 - s) % 2 == 0 ? a.hn : a.hbuf;
-    const float* h_read = s == 0 ? a.h0 : (h_write == a.hn ? a.hbuf : a.hn);
-    float acc[kPersistRows];
-#pragma unroll
-    for (int i = 0; i < kPersistRows; ++i) acc[i] = 0.f;
-    for (int k0 = 0; k0 < R; k0 += kPersistKc) {
-      const int kc = min(kPersistKc, R - k0), kc4 = (kc + 3) / 4 * 4;
-      __syncthreads();  // the previous chunk's (or step's) readers are done with hs
-      for (int i = tid; i < B * kc4; i += kPersistThreads) {
-        const int r = i / kc4, k = i - r * kc4;
-        hs[r * a.h_stride + k] = k < kc ? h_read[int64_t(r) * R + k0 + k] : 0.f;
-      }
-      __syncthreads();
-      if (computes) {
-        const float* wr = ws + col * a.w_stride + k0;
-        for (int k = 0; k < kc4; k += 4) {
-          const float4 w = *reinterpret_cast<const float4*>(wr + k);
-#pragma unroll
-          for (int i = 0; i < kPersistRows; ++i) {
-            if (i >= a.rows) break;
-            const int r = rg + i * RG;
-            if (r >= B) break;
-            const float4 h = *reinterpret_cast<const float4*>(hs + r * a.h_stride + k);
-            acc[i] += w.x * h.x + w.y * h.y + w.z * h.z + w.w * h.w;
-          }
-        }
-      }
-    }
-    if (computes)
-#pragma unroll
-      for (int i = 0; i < kPersistRows; ++i) {
-        if (i >= a.rows) break;
-        const int r = rg + i * RG;
-        if (r >= B) break;
-        sums[r * C + col] = acc[i];
-      }
-    __syncthreads();
-    FwdStep st = b0;
-    st.xa = b0.xa + row0 * b0.ld_xa;
-    st.y = b0.y + row0 * R;
-    st.h_old = h_read;
-    st.h_new = h_write;
-    if (b0.c_save) st.c_save = b0.c_save + row0 * H;
-    if (b0.cprev_save) st.cprev_save = b0.cprev_save + row0 * H;
-    if (b0.hprev_save) st.hprev_save = b0.hprev_save + row0 * R;
-    for (int i = tid; i < B * U; i += kPersistThreads) {
-      const int r = i / U, u = i - r * U, j = u0 + u;
-      if (j >= H) continue;
-      float hg[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) hg[q] = q < G ? sums[r * C + q * U + u] : 0.f;
-      forward_unit(st, r, j, hg);
-    }
-    fastdl_grid_sync();  // every block's h for this step is written before any reads it
-  }
-}
-
-// The persistent kernel's layout for this layer, or blocks = 0 where it does not fit: one block
-// per SM at most (so U = ceil(H / SMs) units each), <= 256 columns and <= 8 rows per thread, the
-// shared memory within the device's opt-in limit, and the grid resident (the runtime's
-// occupancy) with cooperative launch supported.
-PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch) {
-  PersistPlan pl;
-  const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), G = p.gates();
-  int coop = 0, sms = 0, optin = 0;
-  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, launch.device));
-  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, launch.device));
-  FASTDL_CUDA_CHECK(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, launch.device));
-  if (!coop || sms <= 0 || B <= 0 || H <= 0) return pl;
-  const int64_t U = (H + sms - 1) / sms, C = G * U;
-  if (C > kPersistThreads) return pl;
-  const int64_t RG = kPersistThreads / C, rows = (B + RG - 1) / RG;
-  if (rows > kPersistRows) return pl;
-  const int64_t w_stride = (R + 31) / 32 * 32 + 4, h_stride = kPersistKc + 4;
-  const int64_t floats = C * w_stride + B * h_stride + B * C;
-  if (floats * 4 > optin) return pl;
-  pl.units = int(U);
-  pl.blocks = int((H + U - 1) / U);
-  pl.cols = int(C);
-  pl.row_groups = int(RG);
-  pl.rows = int(rows);
-  pl.w_stride = int(w_stride);
-  pl.h_stride = int(h_stride);
-  pl.shared = size_t(floats) * 4;
-  if (pl.shared > 48 * 1024)
-    FASTDL_CUDA_CHECK(cudaFuncSetAttribute(persistent_forward_kernel,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(pl.shared)));
-  int resident = 0;
-  FASTDL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &resident, persistent_forward_kernel, kPersistThreads, pl.shared));
-  if (int64_t(resident) * sms < pl.blocks) pl.blocks = 0;
-  return pl;
-}
-
-// FASTDL_RNN_PERSISTENT: "0" never, "1" wherever the plan fits, unset: the size rule. Read once
-// per layer call.
-int forced_persistent() {
-  const char* v = std::getenv("FASTDL_RNN_PERSISTENT");
-  return v && *v ? (std::atoi(v) != 0 ? 1 : 0) : -1;
-}
-
-// Whether this forward runs as one persistent kernel (plan filled in when it does). The size rule
-// (reasoned, not yet timed against the per-step path on a GPU): batch <= 64 and a step product of
-// at most 32 MFLOP. The per-step path spends two launches (host time ~5-10 us, benchmarks/
-// RESULTS.md, 2026-12-04 17:50) per step; its GEMM reached ~9 TFLOP/s on LSTM (256, 512, 64),
-// whose 134 MFLOP steps already beat cuDNN, so below ~32 MFLOP (~4 us at that rate) a step is
-// bound by launches rather than arithmetic.
-bool use_persistent(const RnnParams& p, const RnnForwardArgs& a, const CudaLaunch& launch,
-                    PersistPlan* plan) {
-  const int force = forced_persistent();
-  if (force == 0 || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0 || a.h0 == a.hn) return false;
-  for (int64_t t = 0; p.batch_sizes && t < p.steps; ++t)
-    if (p.batch_sizes[t] != p.batch) return false;
-  const double flops = 2.0 * p.batch * p.gates() * p.hidden_size * p.out_size();
-  if (force < 0 && (p.batch > 64 || flops > 32e6)) return false;
-  *plan = persist_plan(p, launch);
-  return plan->blocks > 0;
-}
-
 // What one backward step's gate kernel reads and writes (rows b < bs of the step).
 struct BackStep {
   const float* act;     // (bs, act_cols) saved activations
@@ -495,40 +323,290 @@ struct BackStep {
   RnnMode mode;
 };
 
+// The gate gradients of unit j of row b < bs from dh = carried + dy (BackStep's comment).
+__device__ __forceinline__ void backward_unit(const BackStep& s, int64_t b, int64_t j,
+                                              float carried) {
+  const int64_t H = s.H, GH = s.GH;
+  const float* ar = s.act + b * s.act_cols + j;
+  const float dh = carried + (s.dy ? s.dy[b * H + j] : 0.f);
+  float* g = s.dgx + b * GH + j;
+  if (s.mode == RnnMode::Lstm) {
+    float* dc = s.dc + b * H + j;
+    lstm_unit_backward(ar[0], ar[H], ar[2 * H], ar[3 * H], s.c_prev[b * H + j],
+                       s.c_new[b * H + j], dh, *dc, g[0], g[H], g[2 * H], g[3 * H], *dc);
+  } else if (s.mode == RnnMode::Gru) {
+    float dh_n, direct;
+    gru_unit_backward(ar[0], ar[H], ar[2 * H], ar[3 * H], s.h_prev[b * H + j], dh, g[0], g[H],
+                      g[2 * H], dh_n, direct);
+    float* gh = s.dgh + b * GH + j;
+    gh[0] = g[0];
+    gh[H] = g[H];
+    gh[2 * H] = dh_n;
+    s.dh_in[b * s.ld_dh_in + j] = direct;  // only this thread reads or writes this element
+  } else {
+    g[0] = rnn_unit_backward(ar[0], dh, s.mode == RnnMode::Relu);
+  }
+}
+
 // One thread per (row, unit) of max(bs, carry.rows) rows: rows < bs run the gate gradients from
 // dh = carried + dy; rows bs.. (sequences ending here, in the backward's order) only resolve their
 // pending dh into dh_in, their final value.
 __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
-  const int64_t H = s.H, GH = s.GH, n = int64_t(max(s.bs, s.carry.rows)) * H;
+  const int64_t H = s.H, n = int64_t(max(s.bs, s.carry.rows)) * H;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
-    float* dhi = s.dh_in + b * s.ld_dh_in + j;
     const float carried = resolved(s.carry, s.dh_in, b, j, s.ld_dh_in);
-    if (b >= s.bs) {
-      *dhi = carried;
-      continue;
+    if (b >= s.bs) s.dh_in[b * s.ld_dh_in + j] = carried;
+    else backward_unit(s, b, j, carried);
+  }
+}
+
+// ---- small layers: the whole step loop in one persistent kernel ---------------------------------
+// Layers whose step is too small to fill the GPU run every step of a direction in one cooperative
+// launch, so a step costs a grid sync (every block resident) instead of two kernel launches and
+// their host time. Block k owns hidden units [k*U, k*U + U), U = ceil(H / SMs) (one block per SM
+// at most), and keeps its slice of W_hh in shared memory for the whole call (read from global
+// memory once):
+//   forward: the C = G*U rows of W_hh of its units' gates. Per step it computes their products
+//     with h (block_product: h staged from global memory, L2, in chunks of kPersistKc columns),
+//     runs forward_unit on its (row, unit) pairs (the same gate code and saved activations as the
+//     per-step kernels), then the grid syncs before the next step reads the new h. The cell state
+//     stays in c_n (each element written by its unit's block); h ping-pongs between the scratch's
+//     hbuf and h_n so the last step writes h_n.
+//   backward: the U columns of W_hh of its units. Per step it runs backward_unit on its pairs
+//     (reading dh of its own units, which it wrote), the grid syncs (every gate gradient of the
+//     step written), then it computes dh_prev for its units' columns from all of the step's gate
+//     gradients (block_product over k = G*H) into dh. One grid sync per step.
+// block_product: the block's 256 threads as KP k-parts (consecutive lanes, a power of two, summed
+// by shuffles) x C columns x RG row groups, each thread up to kPersistRows rows; float4 reads of
+// the staged rows and of the W slice (row stride padded so a quarter-warp's float4 reads of
+// different columns hit different banks).
+// Taken for inputs of equal lengths without projection when the plan fits (persist_plan) and the
+// step is small (use_persistent); FASTDL_RNN_PERSISTENT=0 / 1 forces it off / on (where it fits),
+// for tests and for timing the two paths against each other on a GPU (not yet done).
+constexpr int kPersistThreads = 256, kPersistRows = 8, kPersistKc = 128;
+
+struct ProductMap {
+  int C = 0, K = 0, KP = 1, RG = 0, rows = 0;  // rows: per thread (<= kPersistRows)
+  int w_stride = 0, h_stride = 0;              // floats
+};
+
+struct PersistPlan {
+  int blocks = 0, units = 0;
+  ProductMap map;
+  size_t shared = 0;  // dynamic bytes: W slice (C x w_stride), staged rows (B x h_stride), sums
+};
+
+// sums[r * C + c] = sum over k < K of a[r * lda + k] * ws[c * w_stride + k] for rows r < B, every
+// thread of the block taking part (it syncs the block). hs: (B, h_stride) staging.
+__device__ void block_product(const float* a, int64_t lda, int B, const ProductMap& m,
+                              const float* ws, float* hs, float* sums) {
+  const int tid = threadIdx.x, kp = tid % m.KP, c = tid / m.KP % m.C, rg = tid / (m.KP * m.C);
+  const bool active = rg < m.RG;
+  float acc[kPersistRows];
+#pragma unroll
+  for (int i = 0; i < kPersistRows; ++i) acc[i] = 0.f;
+  for (int k0 = 0; k0 < m.K; k0 += kPersistKc) {
+    const int kc = min(kPersistKc, m.K - k0), kc4 = (kc + 3) / 4 * 4;
+    __syncthreads();  // the previous chunk's readers are done with hs
+    for (int i = tid; i < B * kc4; i += kPersistThreads) {
+      const int r = i / kc4, k = i - r * kc4;
+      hs[r * m.h_stride + k] = k < kc ? a[int64_t(r) * lda + k0 + k] : 0.f;
     }
-    const float* ar = s.act + b * s.act_cols + j;
-    const float dh = carried + (s.dy ? s.dy[b * H + j] : 0.f);
-    float* g = s.dgx + b * GH + j;
-    if (s.mode == RnnMode::Lstm) {
-      float* dc = s.dc + b * H + j;
-      lstm_unit_backward(ar[0], ar[H], ar[2 * H], ar[3 * H], s.c_prev[b * H + j],
-                         s.c_new[b * H + j], dh, *dc, g[0], g[H], g[2 * H], g[3 * H], *dc);
-    } else if (s.mode == RnnMode::Gru) {
-      float dh_n, direct;
-      gru_unit_backward(ar[0], ar[H], ar[2 * H], ar[3 * H], s.h_prev[b * H + j], dh, g[0], g[H],
-                        g[2 * H], dh_n, direct);
-      float* gh = s.dgh + b * GH + j;
-      gh[0] = g[0];
-      gh[H] = g[H];
-      gh[2 * H] = dh_n;
-      *dhi = direct;  // only this thread reads or writes this element of the carried dh
-    } else {
-      g[0] = rnn_unit_backward(ar[0], dh, s.mode == RnnMode::Relu);
+    __syncthreads();
+    if (active) {
+      const float* wr = ws + c * m.w_stride + k0;
+      for (int k = 4 * kp; k < kc4; k += 4 * m.KP) {
+        const float4 w = *reinterpret_cast<const float4*>(wr + k);
+#pragma unroll
+        for (int i = 0; i < kPersistRows; ++i) {
+          const int r = rg + i * m.RG;
+          if (i >= m.rows || r >= B) break;
+          const float4 h = *reinterpret_cast<const float4*>(hs + r * m.h_stride + k);
+          acc[i] += w.x * h.x + w.y * h.y + w.z * h.z + w.w * h.w;
+        }
+      }
     }
   }
+#pragma unroll
+  for (int i = 0; i < kPersistRows; ++i) {
+    if (i >= m.rows) break;  // uniform over the block: every lane of a warp shuffles
+    float v = acc[i];
+    for (int off = m.KP / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const int r = rg + i * m.RG;
+    if (active && kp == 0 && r < B) sums[r * m.C + c] = v;
+  }
+  __syncthreads();
+}
+
+struct PersistArgs {
+  FwdStep base;     // step-invariant fields; xa, y, c_save, cprev_save, hprev_save at row 0
+  const float* h0;  // (B, R) initial state (read by step 0)
+  float* hbuf;      // (B, R) the other state buffer
+  float* hn;        // (B, R) written by the last step
+  int steps, units;
+  bool reverse;
+  ProductMap map;
+};
+
+__global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(PersistArgs a) {
+  FASTDL_DYNAMIC_SHARED(16, float, smem);
+  const FwdStep& b0 = a.base;
+  const ProductMap& m = a.map;
+  const int B = b0.B, H = b0.H, R = b0.R, U = a.units, G = b0.GH / b0.H, C = m.C, tid = threadIdx.x;
+  const int u0 = blockIdx.x * U;
+  float* ws = smem;                           // (C, w_stride): gate q of unit u0 + u at row q*U + u
+  float* hs = ws + size_t(C) * m.w_stride;    // (B, h_stride)
+  float* sums = hs + size_t(B) * m.h_stride;  // (B, C)
+  for (int i = tid; i < C * m.w_stride; i += kPersistThreads) {
+    const int c = i / m.w_stride, k = i - c * m.w_stride, q = c / U, j = u0 + c % U;
+    ws[i] = j < H && k < R ? b0.w_hh[(int64_t(q) * H + j) * R + k] : 0.f;
+  }
+  for (int s = 0; s < a.steps; ++s) {
+    const int64_t t = a.reverse ? a.steps - 1 - s : s, row0 = t * B;
+    // Step s writes h_n when an even number of steps follows it, so the last step does.
+    float* h_write = (a.steps - 1 - s) % 2 == 0 ? a.hn : a.hbuf;
+    const float* h_read = s == 0 ? a.h0 : (h_write == a.hn ? a.hbuf : a.hn);
+    block_product(h_read, R, B, m, ws, hs, sums);
+    FwdStep st = b0;
+    st.xa = b0.xa + row0 * b0.ld_xa;
+    st.y = b0.y + row0 * R;
+    st.h_old = h_read;
+    st.h_new = h_write;
+    if (b0.c_save) st.c_save = b0.c_save + row0 * H;
+    if (b0.cprev_save) st.cprev_save = b0.cprev_save + row0 * H;
+    if (b0.hprev_save) st.hprev_save = b0.hprev_save + row0 * R;
+    for (int i = tid; i < B * U; i += kPersistThreads) {
+      const int r = i / U, u = i - r * U, j = u0 + u;
+      if (j >= H) continue;
+      float hg[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) hg[q] = q < G ? sums[r * C + q * U + u] : 0.f;
+      forward_unit(st, r, j, hg);
+    }
+    fastdl_grid_sync();  // every block's h for this step is written before any block reads it
+  }
+}
+
+struct PersistBackArgs {
+  BackStep base;        // step-invariant fields; act, c_new, c_prev, h_prev, dy, dgx, dgh at row 0;
+                        // dh_in (ld R): the carried dh, dh_n on entry, dh_0 on exit
+  const float* w_hh;    // (G*H, R)
+  int steps, units;
+  bool reverse;
+  ProductMap map;
+};
+
+__global__ void __launch_bounds__(kPersistThreads, 1)
+    persistent_backward_kernel(PersistBackArgs a) {
+  FASTDL_DYNAMIC_SHARED(16, float, smem);
+  const BackStep& b0 = a.base;
+  const ProductMap& m = a.map;
+  const int B = b0.bs, H = b0.H, GH = b0.GH, U = a.units, tid = threadIdx.x;
+  const int64_t R = b0.ld_dh_in;
+  const int u0 = blockIdx.x * U;
+  const bool gru = b0.mode == RnnMode::Gru;
+  float* ws = smem;                           // (U, w_stride): column u0 + u of W_hh at row u
+  float* hs = ws + size_t(U) * m.w_stride;    // (B, h_stride)
+  float* sums = hs + size_t(B) * m.h_stride;  // (B, U)
+  float* dh = b0.dh_in;
+  for (int i = tid; i < U * m.w_stride; i += kPersistThreads) {
+    const int u = i / m.w_stride, n = i - u * m.w_stride, j = u0 + u;
+    ws[i] = j < H && n < GH ? a.w_hh[int64_t(n) * R + j] : 0.f;
+  }
+  for (int s = 0; s < a.steps; ++s) {
+    const int64_t t = a.reverse ? s : a.steps - 1 - s, row0 = t * B;
+    BackStep st = b0;
+    st.act = b0.act + row0 * b0.act_cols;
+    if (b0.c_new) st.c_new = b0.c_new + row0 * H;
+    if (b0.c_prev) st.c_prev = b0.c_prev + row0 * H;
+    st.h_prev = b0.h_prev + row0 * R;
+    if (b0.dy) st.dy = b0.dy + row0 * R;
+    st.dgx = b0.dgx + row0 * GH;
+    st.dgh = b0.dgh + row0 * GH;
+    // Own units' gate gradients from the dh this block wrote (or dh_n); the block's barrier
+    // orders them after the previous step's writes by other threads of the block.
+    __syncthreads();
+    for (int i = tid; i < B * U; i += kPersistThreads) {
+      const int r = i / U, j = u0 + i % U;
+      if (j < H) backward_unit(st, r, j, dh[r * R + j]);
+    }
+    fastdl_grid_sync();  // every unit's gate gradients of this step are written
+    // dh_prev[:, own units] = dg_h @ W_hh[:, own units] (+ GRU's direct term, left in dh).
+    block_product(st.dgh, GH, B, m, ws, hs, sums);
+    for (int i = tid; i < B * U; i += kPersistThreads) {
+      const int r = i / U, u = i % U, j = u0 + u;
+      if (j < H) dh[r * R + j] = (gru ? dh[r * R + j] : 0.f) + sums[r * U + u];
+    }
+  }
+}
+
+// The persistent kernel's layout for a product of C = cols_per_unit * U columns over k = K, or
+// blocks = 0 where it does not fit: U = ceil(H / SMs), KP * C <= 256 threads, <= kPersistRows
+// rows per thread, the shared memory within the device's opt-in limit, and every block resident
+// (the runtime's occupancy for that shared memory) with cooperative launch supported.
+template <class Kernel>
+PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, int64_t cols_per_unit,
+                         int64_t K, Kernel kernel) {
+  PersistPlan pl;
+  const int64_t B = p.batch, H = p.hidden_size;
+  int coop = 0, sms = 0, optin = 0;
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, launch.device));
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, launch.device));
+  FASTDL_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, launch.device));
+  if (!coop || sms <= 0 || B <= 0 || H <= 0 || K <= 0) return pl;
+  const int64_t U = (H + sms - 1) / sms, C = cols_per_unit * U;
+  if (C > kPersistThreads) return pl;
+  // k-parts: as many as the threads left over by C x B outputs allow, each with >= 2 float4s.
+  int64_t KP = 1;
+  while (KP < 32 && 2 * KP * C * B <= kPersistThreads && 2 * KP * 8 <= K) KP *= 2;
+  const int64_t RG = kPersistThreads / (KP * C), rows = (B + RG - 1) / RG;
+  if (rows > kPersistRows) return pl;
+  ProductMap& m = pl.map;
+  m.C = int(C);
+  m.K = int(K);
+  m.KP = int(KP);
+  m.RG = int(RG);
+  m.rows = int(rows);
+  m.w_stride = int((K + 31) / 32 * 32 + (KP >= 8 ? 4 : 4 * KP));
+  m.h_stride = kPersistKc + 4;
+  const int64_t floats = C * m.w_stride + B * m.h_stride + B * C;
+  if (floats * 4 > optin) return pl;
+  pl.units = int(U);
+  pl.shared = size_t(floats) * 4;
+  if (pl.shared > 48 * 1024)
+    FASTDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(pl.shared)));
+  int resident = 0;
+  FASTDL_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kPersistThreads, pl.shared));
+  const int64_t blocks = (H + U - 1) / U;
+  if (int64_t(resident) * sms >= blocks) pl.blocks = int(blocks);
+  return pl;
+}
+
+// FASTDL_RNN_PERSISTENT: "0" never, "1" wherever the plan fits, unset: the size rule. Read once
+// per layer call.
+int forced_persistent() {
+  const char* v = std::getenv("FASTDL_RNN_PERSISTENT");
+  return v && *v ? (std::atoi(v) != 0 ? 1 : 0) : -1;
+}
+
+// Whether a layer call may run as one persistent kernel (then persist_plan decides whether it
+// fits): equal lengths, no projection, and by the size rule, reasoned rather than timed against
+// the per-step path on a GPU: batch <= 64 and a step product of at most 32 MFLOP. The per-step
+// path spends two launches per step (host time ~5-10 us each, benchmarks/RESULTS.md,
+// 2026-12-04 17:50); its GEMM reached ~9 TFLOP/s on LSTM (256, 512, 64), whose 134 MFLOP steps
+// already beat cuDNN, so below ~32 MFLOP (~4 us at that rate) a step is bound by its launches.
+bool persistent_candidate(const RnnParams& p) {
+  const int force = forced_persistent();
+  if (force == 0 || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0) return false;
+  for (int64_t t = 0; p.batch_sizes && t < p.steps; ++t)
+    if (p.batch_sizes[t] != p.batch) return false;
+  const double flops = 2.0 * p.batch * p.gates() * p.hidden_size * p.out_size();
+  return force > 0 || (p.batch <= 64 && flops <= 32e6);
 }
 
 // Resolves pending dh partials (sp) into dh (rows x cols, all rows < sp.rows), and with dst,
@@ -722,8 +800,10 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
   const int64_t ld_xg = training ? L.act_cols : GH;
   mm(false, true, N, GH, I, x, I, static_cast<const float*>(w.w_ih), I, xg, ld_xg, 0.0, launch);
 
-  PersistPlan plan;
-  if (use_persistent(p, a, launch, &plan)) {
+  const PersistPlan plan = persistent_candidate(p) && a.h0 != a.hn
+                               ? persist_plan(p, launch, p.gates(), R, persistent_forward_kernel)
+                               : PersistPlan{};
+  if (plan.blocks > 0) {
     PersistArgs pa;
     FwdStep& st = pa.base;
     st.hh = nullptr;
@@ -752,11 +832,8 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     pa.hn = hn;
     pa.steps = static_cast<int>(p.steps);
     pa.units = plan.units;
-    pa.row_groups = plan.row_groups;
-    pa.rows = plan.rows;
-    pa.w_stride = plan.w_stride;
-    pa.h_stride = plan.h_stride;
     pa.reverse = p.reverse;
+    pa.map = plan.map;
     FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream,
                               persistent_forward_kernel)(pa);
     FASTDL_CUDA_CHECK_LAUNCH();
@@ -852,62 +929,93 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
       FASTDL_CUDA_CHECK(cudaMemsetAsync(dcs, 0, sizeof(float) * B * H, stream));
   }
   if (p.steps == 0 || B == 0) return;
-  const std::vector<int64_t> off = rnn_step_offsets(p);
-  // The dh product's split-K partials (dh_room of them at most), pending until the next step's
-  // first kernel (or, after the loop, resolve) sums them.
-  const int force = forced_splits();
-  float* dh_part = static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).split;
-  const int64_t dh_stride = rnn_cuda_split_stride(p, R), dh_room = rnn_cuda_split_room(p, R, GH);
-  Splits carry;  // rows == 0: dhs holds the carried dh
-
-  for (int64_t s = 0; s < p.steps; ++s) {
-    const int64_t t = p.reverse ? s : p.steps - 1 - s;
-    const int64_t bs = p.rows_at(t), row0 = off[t];
-    const float* dyr = dy ? dy + row0 * R : nullptr;
-    if (proj) {  // dht = dh + dy; the units' gradient is dht @ W_hr
-      if (carry.rows > 0) resolve(carry, dhs, R, dyr, dht + row0 * R, bs, stream);
-      else copy_add(dhs, dyr, dht + row0 * R, bs * R, stream);
-      carry.rows = 0;
-      mm(false, false, bs, H, R, dht + row0 * R, R, w_hr, H, dhpre, H, 0.0, launch);
-    }
-    BackStep st;
-    st.act = ws + L.act + row0 * L.act_cols;
+  const PersistPlan plan = persistent_candidate(p)
+                               ? persist_plan(p, launch, 1, GH, persistent_backward_kernel)
+                               : PersistPlan{};
+  if (plan.blocks > 0) {
+    PersistBackArgs pa;
+    BackStep& st = pa.base;
+    st.act = ws + L.act;
     st.act_cols = L.act_cols;
-    st.c_new = lstm ? ws + L.c + row0 * H : nullptr;
-    st.c_prev = lstm ? ws + L.cprev + row0 * H : nullptr;
-    st.h_prev = ws + L.hprev + row0 * R;
-    st.dh_in = proj ? dhpre : dhs;
-    st.ld_dh_in = proj ? H : R;
-    st.dy = proj ? nullptr : dyr;
-    st.carry = carry;  // projection: resolved above (rows 0)
-    st.dgx = dgx + row0 * GH;
-    st.dgh = dgh + row0 * GH;
+    st.c_new = lstm ? ws + L.c : nullptr;
+    st.c_prev = lstm ? ws + L.cprev : nullptr;
+    st.h_prev = ws + L.hprev;
+    st.dh_in = dhs;
+    st.ld_dh_in = R;
+    st.dy = dy;
+    st.dgx = dgx;
+    st.dgh = dgh;
     st.dc = dcs;
-    st.bs = static_cast<int>(bs);
+    st.bs = static_cast<int>(B);
     st.H = static_cast<int>(H);
     st.GH = static_cast<int>(GH);
     st.mode = p.mode;
-    FASTDL_LAUNCH(blocks_for(std::max<int64_t>(bs, carry.rows) * H), kThreads, 0, stream,
-                  backward_gates_kernel)(st);
+    pa.w_hh = w_hh;
+    pa.steps = static_cast<int>(p.steps);
+    pa.units = plan.units;
+    pa.reverse = p.reverse;
+    pa.map = plan.map;
+    FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream,
+                              persistent_backward_kernel)(pa);
     FASTDL_CUDA_CHECK_LAUNCH();
-    // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs): split-K
-    // partials when the tile grid is small (gemm.cu's rule), summed by the next step's first
-    // kernel; else into dhs, as without split-K.
-    const int splits = gemm_cuda_split_count(bs, R, GH, launch, force, dh_room);
-    if (splits > 1) {
-      gemm_cuda_split(gemm_params<float>(false, false, bs, R, GH, GH, R, R, 0.0), splits,
-                      dgh + row0 * GH, w_hh, dh_part, dh_stride, launch);
-      carry.part = dh_part;
-      carry.stride = dh_stride;
-      carry.count = splits;
-      carry.rows = static_cast<int>(bs);
-      carry.add_base = gru;
-    } else {
-      mm(false, false, bs, R, GH, dgh + row0 * GH, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0, launch);
-      carry.rows = 0;
+  } else {  // per step: a gate-gradient kernel and the dh product
+    const std::vector<int64_t> off = rnn_step_offsets(p);
+    // The dh product's split-K partials (dh_room of them at most), pending until the next step's
+    // first kernel (or, after the loop, resolve) sums them.
+    const int force = forced_splits();
+    float* dh_part = static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).split;
+    const int64_t dh_stride = rnn_cuda_split_stride(p, R), dh_room = rnn_cuda_split_room(p, R, GH);
+    Splits carry;  // rows == 0: dhs holds the carried dh
+
+    for (int64_t s = 0; s < p.steps; ++s) {
+      const int64_t t = p.reverse ? s : p.steps - 1 - s;
+      const int64_t bs = p.rows_at(t), row0 = off[t];
+      const float* dyr = dy ? dy + row0 * R : nullptr;
+      if (proj) {  // dht = dh + dy; the units' gradient is dht @ W_hr
+        if (carry.rows > 0) resolve(carry, dhs, R, dyr, dht + row0 * R, bs, stream);
+        else copy_add(dhs, dyr, dht + row0 * R, bs * R, stream);
+        carry.rows = 0;
+        mm(false, false, bs, H, R, dht + row0 * R, R, w_hr, H, dhpre, H, 0.0, launch);
+      }
+      BackStep st;
+      st.act = ws + L.act + row0 * L.act_cols;
+      st.act_cols = L.act_cols;
+      st.c_new = lstm ? ws + L.c + row0 * H : nullptr;
+      st.c_prev = lstm ? ws + L.cprev + row0 * H : nullptr;
+      st.h_prev = ws + L.hprev + row0 * R;
+      st.dh_in = proj ? dhpre : dhs;
+      st.ld_dh_in = proj ? H : R;
+      st.dy = proj ? nullptr : dyr;
+      st.carry = carry;  // projection: resolved above (rows 0)
+      st.dgx = dgx + row0 * GH;
+      st.dgh = dgh + row0 * GH;
+      st.dc = dcs;
+      st.bs = static_cast<int>(bs);
+      st.H = static_cast<int>(H);
+      st.GH = static_cast<int>(GH);
+      st.mode = p.mode;
+      FASTDL_LAUNCH(blocks_for(std::max<int64_t>(bs, carry.rows) * H), kThreads, 0, stream,
+                    backward_gates_kernel)(st);
+      FASTDL_CUDA_CHECK_LAUNCH();
+      // dh_prev = dg_h @ W_hh (GRU: + the direct term the gate kernel left in dhs): split-K
+      // partials when the tile grid is small (gemm.cu's rule), summed by the next step's first
+      // kernel; else into dhs, as without split-K.
+      const int splits = gemm_cuda_split_count(bs, R, GH, launch, force, dh_room);
+      if (splits > 1) {
+        gemm_cuda_split(gemm_params<float>(false, false, bs, R, GH, GH, R, R, 0.0), splits,
+                        dgh + row0 * GH, w_hh, dh_part, dh_stride, launch);
+        carry.part = dh_part;
+        carry.stride = dh_stride;
+        carry.count = splits;
+        carry.rows = static_cast<int>(bs);
+        carry.add_base = gru;
+      } else {
+        mm(false, false, bs, R, GH, dgh + row0 * GH, GH, w_hh, R, dhs, R, gru ? 1.0 : 0.0, launch);
+        carry.rows = 0;
+      }
     }
+    resolve(carry, dhs, R, nullptr, nullptr, 0, stream);  // the last step's dh into dh_0
   }
-  resolve(carry, dhs, R, nullptr, nullptr, 0, stream);  // the last step's dh into dh_0
 
   const float* x = static_cast<const float*>(a.x);
   const float* w_ih = static_cast<const float*>(w.w_ih);
