@@ -795,6 +795,11 @@ def test_cells(device, name, kw, bias, dtype):
             for u, v in zip(oa, ob):
                 assert u.shape == v.shape
                 assert_close(u, v, reduction=max(I, H), what=f"{name} output")
+            with torch.no_grad():  # inference: nothing saved (CUDA: the one-step layer directly)
+                on = ours(*args)
+            for u, v in zip(on if isinstance(on, tuple) else (on,), ob):
+                assert u.shape == v.shape and not u.requires_grad
+                assert_close(u, v, reduction=max(I, H), what=f"{name} output without grad")
             gs = [torch.randn_like(v) for v in ob]
             torch.autograd.backward(oa, gs)
             torch.autograd.backward(ob, gs)

@@ -90,6 +90,11 @@ def current_stream(device: int) -> int:
     if CPU_DEVICE == 0:
         return emulated_stream
     import torch
+    # The raw handle straight from torch's C++ (what inductor's generated code calls per launch),
+    # without building a torch.cuda.Stream object; the public call where a build lacks it.
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device)
     return torch.cuda.current_stream(device).cuda_stream
 
 

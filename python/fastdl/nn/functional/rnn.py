@@ -128,6 +128,14 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
     sizes) runs as a one-step layer."""
     traced = _library.tracing(x)
     if not _ops.cell_cpu_supported(x, weights):
+        if not traced and not _library.needs_autograd(x, h, c, *weights):
+            # Inference: the one-step layer kernel straight on the 2-D states, whose final states
+            # are the step's outputs (no per-direction select and stack around it).
+            b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
+            _, h_new, c_new, _ = _ops.recurrent_layer_forward(
+                mode, x.unsqueeze(0), h, weights[0], weights[1], b_ih, b_hh, cx=c,
+                training=False)
+            return (h_new, c_new) if mode == LSTM else h_new
         out = run_layer(mode, x.unsqueeze(0), h.unsqueeze(0),
                         None if c is None else c.unsqueeze(0), weights, dirs=1,
                         has_bias=has_bias, has_proj=False, batch_sizes=None)
