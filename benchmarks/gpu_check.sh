@@ -18,8 +18,9 @@
 #      then benchmarks/conv_cuda_tiles.py: the implicit GEMM's passes under each tile (60 s)
 #   5. the CUDA tests on small shapes under compute-sanitizer memcheck (gpu_only and the large
 #      pool sweeps deselected; one chunk of the randomized conv2d sweep under 'gemm' kept)  (90 s)
-#   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) and
-#      the persistent recurrent kernels' tests under racecheck                          (60 s)
+#   6. the conv tests of the shared-memory kernels (implicit GEMM tiles, block reductions) and a
+#      small test of the persistent recurrent kernels under racecheck (shared memory between a
+#      block's barriers; it cannot see the order the grid syncs give across blocks)    (60 s)
 #   7. the CPU tests (-m "not cuda and not slow") against this build: CI runs them against CPU and
 #      emulated builds only, and a crash in the CUDA build's host code ran nowhere else
 #                                                                                  (120 s)
@@ -188,11 +189,11 @@ small_memcheck=(-m "cuda and not gpu_only"
                 -k "$skip and (not test_conv2d_sweep or test_conv2d_sweep[default-gemm-cuda-0])"
                 --deselect "tests/test_pool.py::test_max_unpool2d_invalid_index[cuda]" tests)
 # racecheck/synccheck: shared-memory hazards and barriers of the tiled conv kernels and of the
-# persistent recurrent kernels (their grid syncs included).
+# persistent recurrent kernels (one small layer per kind: test_cuda_persistent_small).
 shared_tests="half or deterministic or long_reductions or two_column_tiles or every_tile"
 shared_tests+=" or depthwise_fast_path"
 conv_shared=(-m "cuda and not gpu_only"
-             -k "(conv and cuda and ($shared_tests)) or test_cuda_persistent"
+             -k "(conv and cuda and ($shared_tests)) or test_cuda_persistent_small"
              tests/test_conv.py tests/test_rnn.py)
 # pytest_stage_sanitized TOOL LIMIT [pytest args...]: findings in this process's kernels (torch's
 # included) fail the run (--error-exitcode); each report is kept in the log. API errors are not

@@ -336,6 +336,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_emulation_launch_count", &cuda_emulation_launch_count);
   m.def("cuda_emulation_last_block", &cuda_emulation_last_block);
   m.def("cuda_emulation_fail_launch", &cuda_emulation_fail_launch);
+  m.def("cuda_emulation_refuse_cooperative", &cuda_emulation_refuse_cooperative);
   m.def("cuda_emulation_stream_create", &cuda_emulation_stream_create);
   m.def("cuda_emulation_stream_destroy", &cuda_emulation_stream_destroy);
   m.def("cuda_emulation_selftest", &cuda_emulation_selftest);
@@ -890,6 +891,11 @@ PYBIND11_MODULE(_C, m) {
     const RnnParams p = rnn_params(geometry);
     return py::make_tuple(rnn_workspace_layout(p).total, rnn_scratch_layout(p, cuda).total);
   });
+#ifdef FASTDL_WITH_CUDA
+  m.def("rnn_cuda_persistent_launches", &rnn_cuda_persistent_launches);
+#else
+  m.def("rnn_cuda_persistent_launches", [] { return 0LL; });
+#endif
   m.def("rnn_cuda_forward_scratch_size", [](const py::tuple& geometry, bool training) {
     return rnn_cuda_forward_scratch_layout(rnn_params(geometry), training).total;
   });

@@ -572,6 +572,10 @@ def step_launches(kind, B, T, H, device):
     return mid - before, count() - mid
 
 
+def persistent_launches():
+    return fastdl._C.rnn_cuda_persistent_launches()
+
+
 @pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
 def test_cuda_persistent(cuda_device, monkeypatch, kind):
     """The persistent kernels (csrc/cuda/rnn.cu: every step of a direction in one cooperative
@@ -581,15 +585,24 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
     in column chunks (128 + 22 forward; G*150 = 150-600 backward); batch 5 and 7, several rows
     per thread (at batch 11 the LSTM forward's 152 columns would need 11 rows per thread: it
     steps aside and the persistent backward reads what the per-step forward saved); batch 1 at
-    hidden 64, where idle threads split k (2-8 parts summed by shuffles); bidirectional (reverse
-    steps), 2 layers, with and without initial states; 1, 2, 3 and 7 steps (the forward's
-    ping-pong ends in h_n for either parity); a PackedSequence of equal lengths takes them too. In the emulation a forward or backward of 20 steps makes fewer
-    than 20 launches (the GEMMs around the kernel), against two or more per step with it off."""
+    hidden 64, where idle threads split k into parts summed by shuffles (2, 4 or 8 by kind and
+    pass); bidirectional (reverse steps), 2 layers, with and without initial states; 1, 2, 3 and
+    7 steps (the forward's ping-pong ends in h_n for either parity); a PackedSequence of equal
+    lengths; inference (nothing saved). The kernels' launch counter moves (on a GPU too); in the
+    emulation a forward or backward of 20 steps makes fewer than 20 launches (the GEMMs around
+    the kernel), against two or more per step with it off."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
+    before = persistent_launches()
     cfg = dict(num_layers=2, bidirectional=True, batch_first=False, bias=True)
     for T, B, H in ((1, 11, 150), (2, 5, 150), (7, 7, 150), (3, 1, 64)):
         run_case(kind, cfg, T, B, 5, H, T != 2, torch.float32, device=cuda_device)
     check_packed(cuda_device, kind, True, [6, 6, 6, 6], 5, 24, layers=1)
+    ours, theirs = make_pair(kind, 5, 40, dtype=torch.float32, device=cuda_device)
+    x = rand(6, 3, 5, device=cuda_device)
+    with torch.no_grad():
+        for a, b in zip(flat(ours(x)), flat(theirs(x))):
+            assert_close(a, b, reduction=40, what=f"{kind} inference")
+    assert persistent_launches() > before
     if fastdl.cuda.is_emulated():
         on = step_launches(kind, 5, 20, 24, cuda_device)
         monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")
@@ -597,18 +610,63 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
         assert max(on) < 20 and min(off) >= 20, (on, off)
 
 
+@pytest.mark.parametrize("kind", ["RNN_TANH", "LSTM", "GRU"])
+def test_cuda_persistent_small(cuda_device, monkeypatch, kind):
+    """One small layer per kind through both persistent kernels (forward, backward) against
+    torch: the selection gpu_check.sh runs under compute-sanitizer racecheck (shared memory
+    between the kernels' barriers), kept small for the sanitizer."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
+    before = persistent_launches()
+    cfg = dict(num_layers=1, bidirectional=False, batch_first=False, bias=True)
+    run_case(kind, cfg, 3, 5, 4, 40, True, torch.float32, device=cuda_device)
+    assert persistent_launches() >= before + 2
+
+
+@pytest.mark.skipif(not fastdl.cuda.is_emulated(), reason="needs the emulation's test hook that "
+                    "refuses a cooperative launch (a GPU refuses one only when other work holds "
+                    "its SMs)")
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_cuda_persistent_refused_launch(cuda_device, monkeypatch, kind):
+    """A device that refuses the cooperative launch (cudaErrorCooperativeLaunchTooLarge: MPS, a
+    partitioned GPU) gets the per-step path, with torch's results: the emulation's hook refuses
+    the forward's launch (the input GEMM already enqueued), then the backward's."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
+    ours, theirs = make_pair(kind, 5, 24, dtype=torch.float32, device=cuda_device)
+    x = rand(4, 3, 5, device=cuda_device, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    before = persistent_launches()
+    fastdl._C.cuda_emulation_refuse_cooperative(True)
+    out = ours(x)
+    assert persistent_launches() == before
+    fastdl._C.cuda_emulation_refuse_cooperative(True)
+    gy = torch.randn_like(out[0])
+    out[0].backward(gy)
+    assert persistent_launches() == before
+    ref = theirs(xt)
+    ref[0].backward(gy)
+    assert_close(out[0], ref[0], reduction=24, what=f"{kind} output")
+    assert_close(x.grad, xt.grad, reduction=24, what=f"{kind} input gradient")
+    for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert_close(p.grad, q.grad, reduction=4 * 24, what=f"{kind} {n} gradient")
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_cuda_persistent_does_not_fit(cuda_device, monkeypatch, kind):
-    """Forced on, the persistent forward steps aside where its plan does not fit (hidden 300 on
-    the emulation's 4 SMs: 75 units per block, so the LSTM's 300 columns exceed the block's 256
-    threads and the GRU's 225 leave one row group, 11 rows per thread for batch 11, where the
-    kernel holds 8) or with a projection, and the per-step path gives torch's results."""
+    """Forced on, the persistent kernels step aside where their plans do not fit, and the per-step
+    path gives torch's results: hidden 300 on the emulation's 4 SMs, 75 units per block, so the
+    LSTM forward's 300 columns exceed the block's 256 threads and the GRU forward's 225 leave one
+    row group (11 rows per thread for batch 11, where the kernel holds 8), and either backward's
+    column slice (75 columns x 900-1200 of k) needs more shared memory than the 227 KB opt-in;
+    and with a projection (LSTM_PROJ)."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
     cfg = dict(num_layers=1, bidirectional=False, batch_first=True, bias=True)
     run_case(kind, cfg, 4, 11, 5, 300, True, torch.float32, device=cuda_device)
+    before = persistent_launches()
     run_case("LSTM_PROJ", cfg, 4, 3, 5, 16, True, torch.float32, device=cuda_device)
+    assert persistent_launches() == before
     if fastdl.cuda.is_emulated():
-        assert min(step_launches(kind, 11, 20, 300, cuda_device)) >= 20
+        fwd, bwd = step_launches(kind, 11, 20, 300, cuda_device)
+        assert fwd >= 20 and bwd >= 20, (fwd, bwd)
 
 
 def check_packed(device, kind, bidirectional, lengths, I, H, layers=2, dtype=None):

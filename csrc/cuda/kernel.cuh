@@ -40,8 +40,10 @@ __device__ __forceinline__ void fastdl_grid_sync() { cooperative_groups::this_gr
 
 namespace fastdl {
 // FASTDL_LAUNCH_COOPERATIVE's launcher: the arguments converted to the kernel's parameter types
-// (as <<<>>> would), their addresses handed to cudaLaunchCooperativeKernel; a refused launch
-// throws (FASTDL_CUDA_CHECK), where the emulation's shows at FASTDL_CUDA_CHECK_LAUNCH.
+// (as <<<>>> would), their addresses handed to cudaLaunchCooperativeKernel. A refused launch is
+// left to cudaGetLastError, as <<<>>>'s (the runtime records every failed call's error there), so
+// FASTDL_CUDA_CHECK_LAUNCH reports it, or a caller may take another path on
+// cudaErrorCooperativeLaunchTooLarge.
 template <class... Params>
 struct CooperativeLauncher {
   dim3 grid, block;
@@ -56,8 +58,8 @@ struct CooperativeLauncher {
   template <class Tuple, size_t... I>
   void launch(Tuple& values, std::index_sequence<I...>) const {
     void* ptrs[] = {static_cast<void*>(&std::get<I>(values))..., nullptr};
-    FASTDL_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid,
-                                                  block, ptrs, shared, stream));
+    cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs, shared,
+                                stream);
   }
 };
 template <class... Params>

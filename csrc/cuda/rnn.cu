@@ -59,11 +59,10 @@
 // Timed on an H200 with split-K (benchmarks/RESULTS.md, 2026-12-04 17:50): the batch-64 and
 // 2-layer bidirectional shapes now beat cuDNN; the 50-step batch-32 shapes barely moved, their
 // time being set by two launches per step and the host, not by the GEMM's grid.
-// Small layers' forward: every step in one persistent cooperative kernel (W_hh in shared memory,
-// a grid sync per step; see "small layers" below), which the emulation runs by suspending every
-// block at each grid sync. Not done: a persistent backward (the dh product reads W_hh by columns:
-// each block would keep a column slice); tensor-core GEMMs for the half types (they run the exact
-// float32 path on the copies).
+// Small layers: every step of the forward, and of the backward, in one persistent cooperative
+// kernel (a W_hh slice in shared memory, a grid sync per step; see "small layers" below), which
+// the emulation runs by suspending every block at each grid sync. Not done: tensor-core GEMMs for
+// the half types (they run the exact float32 path on the copies).
 // ptxas (nvcc 13, sm_90, with split-K): fused step 72 registers and 16.5 KB shared, forward gate
 // kernel 48, backward gate kernel 32, resolve, copy and column sums 32, the four conversion
 // kernels 13-14; no spills (sm_75, before split-K: 79, 73, 34, 32-44, 12-24).
@@ -86,8 +85,13 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -383,8 +387,10 @@ __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
 // the staged rows and of the W slice (row stride padded so a quarter-warp's float4 reads of
 // different columns hit different banks).
 // Taken for inputs of equal lengths without projection when the plan fits (persist_plan) and the
-// step is small (use_persistent); FASTDL_RNN_PERSISTENT=0 / 1 forces it off / on (where it fits),
-// for tests and for timing the two paths against each other on a GPU (not yet done).
+// step is small (persistent_candidate); FASTDL_RNN_PERSISTENT=0 / 1 forces it off / on (where it
+// fits), for tests and for timing the two paths against each other on a GPU (not yet done). A
+// device that refuses the cooperative launch (MPS, a partitioned GPU: fewer resident blocks than
+// the SM count says) gets the per-step path instead (launch_persistent).
 constexpr int kPersistThreads = 256, kPersistRows = 8, kPersistKc = 128;
 
 struct ProductMap {
@@ -542,6 +548,47 @@ __global__ void __launch_bounds__(kPersistThreads, 1)
   }
 }
 
+// The device's limits the plan needs, asked once per device; resident blocks per SM of a
+// persistent kernel at a given dynamic shared size, asked once per (device, kernel, size).
+struct PersistLimits {
+  int coop = 0, sms = 0, optin = 0;
+};
+std::mutex g_persist_mu;
+
+PersistLimits persist_limits(int device) {
+  static std::map<int, PersistLimits> cache;
+  std::lock_guard<std::mutex> lock(g_persist_mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  PersistLimits l;
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&l.coop, cudaDevAttrCooperativeLaunch, device));
+  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
+  FASTDL_CUDA_CHECK(
+      cudaDeviceGetAttribute(&l.optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cache[device] = l;
+  return l;
+}
+
+// The kernel may use up to the device's opt-in maximum of dynamic shared memory: set once per
+// (device, kernel) to that one value (a per-call size could race with another thread's launch).
+template <class Kernel>
+int persist_resident(int device, Kernel kernel, size_t shared, int optin) {
+  static std::map<std::tuple<int, const void*, size_t>, int> cache;
+  static std::set<std::pair<int, const void*>> opted_in;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  std::lock_guard<std::mutex> lock(g_persist_mu);
+  auto it = cache.find({device, key, shared});
+  if (it != cache.end()) return it->second;
+  if (opted_in.insert({device, key}).second)
+    FASTDL_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  int resident = 0;
+  FASTDL_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kPersistThreads, shared));
+  cache[{device, key, shared}] = resident;
+  return resident;
+}
+
 // The persistent kernel's layout for a product of C = cols_per_unit * U columns over k = K, or
 // blocks = 0 where it does not fit: U = ceil(H / SMs), KP * C <= 256 threads, <= kPersistRows
 // rows per thread, the shared memory within the device's opt-in limit, and every block resident
@@ -551,13 +598,9 @@ PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, int64_t c
                          int64_t K, Kernel kernel) {
   PersistPlan pl;
   const int64_t B = p.batch, H = p.hidden_size;
-  int coop = 0, sms = 0, optin = 0;
-  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, launch.device));
-  FASTDL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, launch.device));
-  FASTDL_CUDA_CHECK(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, launch.device));
-  if (!coop || sms <= 0 || B <= 0 || H <= 0 || K <= 0) return pl;
-  const int64_t U = (H + sms - 1) / sms, C = cols_per_unit * U;
+  const PersistLimits lim = persist_limits(launch.device);
+  if (!lim.coop || lim.sms <= 0 || B <= 0 || H <= 0 || K <= 0) return pl;
+  const int64_t U = (H + lim.sms - 1) / lim.sms, C = cols_per_unit * U;
   if (C > kPersistThreads) return pl;
   // k-parts: as many as the threads left over by C x B outputs allow, each with >= 2 float4s.
   int64_t KP = 1;
@@ -573,18 +616,29 @@ PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, int64_t c
   m.w_stride = int((K + 31) / 32 * 32 + (KP >= 8 ? 4 : 4 * KP));
   m.h_stride = kPersistKc + 4;
   const int64_t floats = C * m.w_stride + B * m.h_stride + B * C;
-  if (floats * 4 > optin) return pl;
+  if (floats * 4 > lim.optin) return pl;
   pl.units = int(U);
   pl.shared = size_t(floats) * 4;
-  if (pl.shared > 48 * 1024)
-    FASTDL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(pl.shared)));
-  int resident = 0;
-  FASTDL_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kPersistThreads, pl.shared));
+  const int resident = persist_resident(launch.device, kernel, pl.shared, lim.optin);
   const int64_t blocks = (H + U - 1) / U;
-  if (int64_t(resident) * sms >= blocks) pl.blocks = int(blocks);
+  if (int64_t(resident) * lim.sms >= blocks) pl.blocks = int(blocks);
   return pl;
+}
+
+std::atomic<long long> g_persistent_launches{0};
+
+// Launches a persistent kernel over the plan's grid; false, with nothing run and the error
+// cleared, when the device refuses a cooperative launch of that size (the caller then takes the
+// per-step path); other launch errors throw.
+template <class Kernel, class Args>
+bool launch_persistent(Kernel kernel, const PersistPlan& plan, const Args& args,
+                       cudaStream_t stream) {
+  FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream, kernel)(args);
+  const cudaError_t e = cudaGetLastError();
+  if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported) return false;
+  FASTDL_CUDA_CHECK(e);
+  ++g_persistent_launches;
+  return true;
 }
 
 // FASTDL_RNN_PERSISTENT: "0" never, "1" wherever the plan fits, unset: the size rule. Read once
@@ -834,10 +888,7 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     pa.units = plan.units;
     pa.reverse = p.reverse;
     pa.map = plan.map;
-    FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream,
-                              persistent_forward_kernel)(pa);
-    FASTDL_CUDA_CHECK_LAUNCH();
-    return;
+    if (launch_persistent(persistent_forward_kernel, plan, pa, stream)) return;
   }
 
   for (int64_t s = 0; s < p.steps; ++s) {
@@ -932,6 +983,7 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
   const PersistPlan plan = persistent_candidate(p)
                                ? persist_plan(p, launch, 1, GH, persistent_backward_kernel)
                                : PersistPlan{};
+  bool persistent = false;
   if (plan.blocks > 0) {
     PersistBackArgs pa;
     BackStep& st = pa.base;
@@ -955,10 +1007,9 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     pa.units = plan.units;
     pa.reverse = p.reverse;
     pa.map = plan.map;
-    FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream,
-                              persistent_backward_kernel)(pa);
-    FASTDL_CUDA_CHECK_LAUNCH();
-  } else {  // per step: a gate-gradient kernel and the dh product
+    persistent = launch_persistent(persistent_backward_kernel, plan, pa, stream);
+  }
+  if (!persistent) {  // per step: a gate-gradient kernel and the dh product
     const std::vector<int64_t> off = rnn_step_offsets(p);
     // The dh product's split-K partials (dh_room of them at most), pending until the next step's
     // first kernel (or, after the loop, resolve) sums them.
@@ -1032,6 +1083,8 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
 }
 
 }  // namespace
+
+long long rnn_cuda_persistent_launches() { return g_persistent_launches.load(); }
 
 void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
                       const CudaLaunch& launch) {

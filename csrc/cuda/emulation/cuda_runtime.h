@@ -23,6 +23,7 @@ enum cudaError_t {
   cudaErrorIllegalAddress = 700,
   cudaErrorAssert = 710,
   cudaErrorCooperativeLaunchTooLarge = 720,
+  cudaErrorNotSupported = 801,
   cudaErrorDeadlock = 9999,  // emulation only: threads of a block wait at different barriers
 };
 typedef cudaError_t cudaError;
@@ -114,14 +115,19 @@ template <class F>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F* f) {
   return fastdl_emu::func_attributes(a, reinterpret_cast<const void*>(f));
 }
-// Occupancy: the emulation has no register file, so every kernel gets 2 resident blocks per SM
-// (what the implicit GEMM's tiles reach on an H200 at <= 128 registers); errors as
-// cudaFuncGetAttributes's (a missing kernel image).
+// Occupancy: the emulation has no register file, so a kernel gets 2 resident blocks per SM (what
+// the implicit GEMM's tiles reach on an H200 at <= 128 registers) unless its block size or
+// shared memory allows fewer (fastdl_emu::resident_blocks); errors as cudaFuncGetAttributes's (a
+// missing kernel image).
+namespace fastdl_emu {
+int resident_blocks(unsigned threads, size_t dynamic_shared);
+}
 template <class F>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* f, int, size_t) {
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* f, int threads,
+                                                          size_t dynamic_shared) {
   cudaFuncAttributes a;
   const cudaError_t e = fastdl_emu::func_attributes(&a, reinterpret_cast<const void*>(f));
-  *n = e == cudaSuccess ? 2 : 0;
+  *n = e == cudaSuccess ? fastdl_emu::resident_blocks(unsigned(threads), dynamic_shared) : 0;
   return e;
 }
 // Records a kernel's dynamic shared memory opt-in; launches above 48 KB without it fail, as on a GPU.
@@ -137,6 +143,9 @@ void reset();
 // While set, kernel-image queries and launches fail with cudaErrorNoKernelImageForDevice, as a
 // build without code for the device would.
 void set_missing_kernel_image(bool missing);
+// While set, the next cooperative launch fails with cudaErrorCooperativeLaunchTooLarge (as on a
+// GPU whose SMs other work holds), then the hook clears itself.
+void refuse_cooperative(bool refuse);
 // Number of kernel launches made so far (tests count launches).
 long long launch_count();
 // The block shape of the latest launch (tests tell a kernel by it: which path a call took).

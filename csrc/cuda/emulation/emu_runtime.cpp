@@ -11,6 +11,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -75,6 +76,7 @@ std::atomic<bool> g_missing_image{false};
 std::atomic<long long> g_launches{0};
 std::atomic<unsigned> g_last_block[3] = {{0}, {0}, {0}};  // the latest launch's block shape
 std::atomic<long long> g_fail_at{-1};  // launch ordinal (g_launches) that fails; -1: none
+std::atomic<bool> g_refuse_cooperative{false};  // the next cooperative launch is refused
 thread_local cudaError_t t_last = cudaSuccess;
 thread_local int t_device = 0;
 std::mutex g_streams_mu;
@@ -162,7 +164,9 @@ Block& block_state() {
   return b;
 }
 
-// A cooperative launch's blocks, all alive at once (a grid sync suspends each in turn).
+// A cooperative launch's blocks, all alive at once (a grid sync suspends each in turn). Kept for
+// the host thread's life, as the plain launch's block: at most resident_blocks() x SMs blocks of
+// fiber stacks (mapped, touched only as deep as the kernels go).
 std::vector<std::unique_ptr<Block>>& cooperative_blocks() {
   static thread_local std::vector<std::unique_ptr<Block>> blocks;
   return blocks;
@@ -274,9 +278,6 @@ void ensure_fibers(Block& b, int n) {
   }
 }
 
-// Runs one block; returns cudaSuccess, or the fault that ended it. `reverse` runs its threads from
-// the highest index down: a thread that reads shared memory another wrote without a barrier
-// between them reads the poison in one of the two orders, whichever index the writer has.
 // Clears the ASan marks an abandoned block's fibers left on their stacks (before reuse).
 void abandon(Block& b) {
   for (int u = 0; u < b.nthreads; ++u) unpoison(b.fibers[u].stack, kStackBytes);
@@ -438,13 +439,14 @@ cudaError_t run_cooperative(dim3 grid, dim3 block, size_t dynamic_bytes, void (*
     start_block(b, dynamic_bytes, ((i + launch) & 1) != 0);
   }
   cudaError_t err = cudaSuccess;
-  for (;;) {
-    unsigned long long done = 0, waiting = 0;
-    for (unsigned long long i = 0; i < n && err == cudaSuccess; ++i) {
-      const BlockEnd e = advance_block(*blocks[i], &err);
-      done += e == BlockEnd::Done;
-      waiting += e == BlockEnd::AtGridSync;
-    }
+  for (unsigned round = 0;; ++round) {
+    // Blocks run in index order, then in reverse in the next round (and launch): a read of
+    // another block's output that no grid sync orders finds it unwritten in one of the two
+    // orders, whichever index the writer has.
+    const bool down = ((round + launch) & 1) != 0;
+    unsigned long long done = 0;
+    for (unsigned long long i = 0; i < n && err == cudaSuccess; ++i)
+      done += advance_block(*blocks[down ? n - 1 - i : i], &err) == BlockEnd::Done;
     if (err == cudaSuccess && done == n) break;
     if (err == cudaSuccess && done > 0) {
       std::fprintf(stderr, "fastdl CUDA emulation: %llu of %llu blocks exited while the others "
@@ -495,8 +497,11 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
     std::abort();
   }
   // Cooperative: every block resident at once, as cudaLaunchCooperativeKernel requires (the
-  // occupancy this emulation reports: 2 blocks per SM).
-  if (cooperative && 1ULL * grid.x * grid.y * grid.z > 2ULL * kSmCount)
+  // occupancy this emulation reports for this block and shared size); a test hook refuses the
+  // next one, as a GPU shared with other work (MPS, a partitioned device) may.
+  if (cooperative && (g_refuse_cooperative.exchange(false) ||
+                      1ULL * grid.x * grid.y * grid.z >
+                          1ULL * kSmCount * resident_blocks(unsigned(threads), dynamic_shared)))
     return void(record(cudaErrorCooperativeLaunchTooLarge));
   const size_t limit = dyn_limit > kSharedPerBlock ? kSharedOptin : kSharedPerBlock;
   const ThreadCoords saved = coords;
@@ -641,9 +646,18 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 void reset() {
   g_sticky.store(cudaSuccess);
   g_fail_at.store(-1);
+  g_refuse_cooperative.store(false);
   t_last = cudaSuccess;
 }
 void set_missing_kernel_image(bool missing) { g_missing_image.store(missing); }
+void refuse_cooperative(bool refuse) { g_refuse_cooperative.store(refuse); }
+int resident_blocks(unsigned threads, size_t dynamic_shared) {
+  // An H100-like SM: at most 2 blocks (what the implicit GEMM's tiles reach at <= 128 registers),
+  // 2048 threads, 228 KB of shared memory with 1 KB reserved per block.
+  if (threads == 0 || threads > 1024 || dynamic_shared > kSharedOptin) return 0;
+  const size_t by_threads = 2048 / threads, by_shared = (228 * 1024) / (dynamic_shared + 1024);
+  return int(std::min<size_t>({2, by_threads, by_shared}));
+}
 void fail_launch(long long n) { g_fail_at.store(n > 0 ? g_launches.load() + n - 1 : -1); }
 long long launch_count() { return g_launches.load(); }
 void last_block(unsigned* xyz) {
@@ -679,6 +693,8 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorAssert: return "device-side assert triggered";
     case cudaErrorCooperativeLaunchTooLarge:
       return "too many blocks in cooperative launch";
+    case cudaErrorNotSupported:
+      return "operation not supported";
     case cudaErrorDeadlock:
       return "threads of a block wait at different barriers, or at a grid sync that other threads "
              "never reach (fastdl CUDA emulation)";
