@@ -894,7 +894,7 @@ PYBIND11_MODULE(_C, m) {
 #ifdef FASTDL_WITH_CUDA
   m.def("rnn_cuda_persistent_launches", &rnn_cuda_persistent_launches);
 #else
-  m.def("rnn_cuda_persistent_launches", [] { return 0LL; });
+  m.def("rnn_cuda_persistent_launches", [] { return std::vector<long long>{0, 0}; });
 #endif
   m.def("rnn_cuda_forward_scratch_size", [](const py::tuple& geometry, bool training) {
     return rnn_cuda_forward_scratch_layout(rnn_params(geometry), training).total;

@@ -245,8 +245,8 @@ void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardA
                       const CudaLaunch& launch);
 void rnn_backward_cuda(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a,
                        const CudaLaunch& launch);
-// Persistent recurrent kernels launched so far in this process (forward and backward; a test hook:
-// which path a call took, on a GPU as in the emulation).
-long long rnn_cuda_persistent_launches();
+// Persistent recurrent kernels launched so far in this process, forward and backward: cooperative
+// (several blocks), one block (a test hook: which path a call took, on a GPU as in the emulation).
+std::vector<long long> rnn_cuda_persistent_launches();
 
 }  // namespace fastdl

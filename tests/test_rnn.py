@@ -573,7 +573,8 @@ def step_launches(kind, B, T, H, device):
 
 
 def persistent_launches():
-    return fastdl._C.rnn_cuda_persistent_launches()
+    """Persistent kernels launched so far: (cooperative, one block)."""
+    return tuple(fastdl._C.rnn_cuda_persistent_launches())
 
 
 @pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
@@ -588,8 +589,9 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
     hidden 64, where idle threads split k into parts summed by shuffles (2, 4 or 8 by kind and
     pass); bidirectional (reverse steps), 2 layers, with and without initial states; 1, 2, 3 and
     7 steps (the forward's ping-pong ends in h_n for either parity); a PackedSequence of equal
-    lengths; inference (nothing saved). The kernels' launch counter moves (on a GPU too); in the
-    emulation a forward or backward of 20 steps makes fewer than 20 launches (the GEMMs around
+    lengths; inference (nothing saved). Both kinds of launch happen (on a GPU too): cooperative
+    ones, and one block without grid syncs for the small steps (batch 1 at hidden 64; hidden 24
+    at batch 4). In the emulation a forward or backward of 20 steps makes fewer than 20 launches (the GEMMs around
     the kernel), against two or more per step with it off."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
     before = persistent_launches()
@@ -602,7 +604,8 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
     with torch.no_grad():
         for a, b in zip(flat(ours(x)), flat(theirs(x))):
             assert_close(a, b, reduction=40, what=f"{kind} inference")
-    assert persistent_launches() > before
+    after = persistent_launches()
+    assert after[0] > before[0] and after[1] > before[1], (before, after)
     if fastdl.cuda.is_emulated():
         on = step_launches(kind, 5, 20, 24, cuda_device)
         monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")
@@ -612,14 +615,17 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
 
 @pytest.mark.parametrize("kind", ["RNN_TANH", "LSTM", "GRU"])
 def test_cuda_persistent_small(cuda_device, monkeypatch, kind):
-    """One small layer per kind through both persistent kernels (forward, backward) against
-    torch: the selection gpu_check.sh runs under compute-sanitizer racecheck (shared memory
+    """Small layers per kind through both persistent kernels (forward, backward) against torch, in
+    one block (batch 5, hidden 40) and cooperative (batch 16, hidden 96: a step over the one-block
+    limit): the selection gpu_check.sh runs under compute-sanitizer racecheck (shared memory
     between the kernels' barriers), kept small for the sanitizer."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
-    before = persistent_launches()
     cfg = dict(num_layers=1, bidirectional=False, batch_first=False, bias=True)
-    run_case(kind, cfg, 3, 5, 4, 40, True, torch.float32, device=cuda_device)
-    assert persistent_launches() >= before + 2
+    for B, H, kind_of_launch in ((5, 40, 1), (16, 96, 0)):
+        before = persistent_launches()
+        run_case(kind, cfg, 3, B, 4, H, True, torch.float32, device=cuda_device)
+        after = persistent_launches()
+        assert after[kind_of_launch] == before[kind_of_launch] + 2, (B, H, before, after)
 
 
 @pytest.mark.skipif(not fastdl.cuda.is_emulated(), reason="needs the emulation's test hook that "
@@ -629,10 +635,11 @@ def test_cuda_persistent_small(cuda_device, monkeypatch, kind):
 def test_cuda_persistent_refused_launch(cuda_device, monkeypatch, kind):
     """A device that refuses the cooperative launch (cudaErrorCooperativeLaunchTooLarge: MPS, a
     partitioned GPU) gets the per-step path, with torch's results: the emulation's hook refuses
-    the forward's launch (the input GEMM already enqueued), then the backward's."""
+    the forward's launch (the input GEMM already enqueued), then the backward's (batch 16, hidden
+    96: over the one-block limit, so both would be cooperative)."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
-    ours, theirs = make_pair(kind, 5, 24, dtype=torch.float32, device=cuda_device)
-    x = rand(4, 3, 5, device=cuda_device, requires_grad=True)
+    ours, theirs = make_pair(kind, 5, 96, dtype=torch.float32, device=cuda_device)
+    x = rand(4, 16, 5, device=cuda_device, requires_grad=True)
     xt = x.detach().clone().requires_grad_()
     before = persistent_launches()
     fastdl._C.cuda_emulation_refuse_cooperative(True)
@@ -644,10 +651,13 @@ def test_cuda_persistent_refused_launch(cuda_device, monkeypatch, kind):
     assert persistent_launches() == before
     ref = theirs(xt)
     ref[0].backward(gy)
-    assert_close(out[0], ref[0], reduction=24, what=f"{kind} output")
-    assert_close(x.grad, xt.grad, reduction=24, what=f"{kind} input gradient")
+    assert_close(out[0], ref[0], reduction=96, what=f"{kind} output")
+    assert_close(x.grad, xt.grad, reduction=96, what=f"{kind} input gradient")
     for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
-        assert_close(p.grad, q.grad, reduction=4 * 24, what=f"{kind} {n} gradient")
+        assert_close(p.grad, q.grad, reduction=4 * 96, what=f"{kind} {n} gradient")
+    fastdl._C.cuda_emulation_refuse_cooperative(False)
+    ours(x)[0].sum().backward()  # not refused: both cooperative
+    assert persistent_launches()[0] == before[0] + 2
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

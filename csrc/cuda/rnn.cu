@@ -370,8 +370,8 @@ __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
 // Layers whose step is too small to fill the GPU run every step of a direction in one cooperative
 // launch, so a step costs a grid sync (every block resident) instead of two kernel launches and
 // their host time. Block k owns hidden units [k*U, k*U + U), U = ceil(H / SMs) (one block per SM
-// at most), and keeps its slice of W_hh in shared memory for the whole call (read from global
-// memory once):
+// at most; or every unit in one block, with no grid sync, when a step is small: kOneBlockFma),
+// and keeps its slice of W_hh in shared memory for the whole call (read from global memory once):
 //   forward: the C = G*U rows of W_hh of its units' gates. Per step it computes their products
 //     with h (block_product: h staged from global memory, L2, in chunks of kPersistKc columns),
 //     runs forward_unit on its (row, unit) pairs (the same gate code and saved activations as the
@@ -491,7 +491,9 @@ __global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(
       for (int q = 0; q < 4; ++q) hg[q] = q < G ? sums[r * C + q * U + u] : 0.f;
       forward_unit(st, r, j, hg);
     }
-    fastdl_grid_sync();  // every block's h for this step is written before any block reads it
+    // every block's h for this step is written before any block reads it (one block: its barrier)
+    if (gridDim.x > 1) fastdl_grid_sync();
+    else __syncthreads();
   }
 }
 
@@ -538,7 +540,8 @@ __global__ void __launch_bounds__(kPersistThreads, 1)
       const int r = i / U, j = u0 + i % U;
       if (j < H) backward_unit(st, r, j, dh[r * R + j]);
     }
-    fastdl_grid_sync();  // every unit's gate gradients of this step are written
+    if (gridDim.x > 1) fastdl_grid_sync();  // every unit's gate gradients of this step are written
+    else __syncthreads();
     // dh_prev[:, own units] = dg_h @ W_hh[:, own units] (+ GRU's direct term, left in dh).
     block_product(st.dgh, GH, B, m, ws, hs, sums);
     for (int i = tid; i < B * U; i += kPersistThreads) {
@@ -589,18 +592,15 @@ int persist_resident(int device, Kernel kernel, size_t shared, int optin) {
   return resident;
 }
 
-// The persistent kernel's layout for a product of C = cols_per_unit * U columns over k = K, or
-// blocks = 0 where it does not fit: U = ceil(H / SMs), KP * C <= 256 threads, <= kPersistRows
+// The persistent kernel's layout for a product of C = cols_per_unit * U columns over k = K with U
+// units per block, or blocks = 0 where it does not fit: KP * C <= 256 threads, <= kPersistRows
 // rows per thread, the shared memory within the device's opt-in limit, and every block resident
 // (the runtime's occupancy for that shared memory) with cooperative launch supported.
 template <class Kernel>
-PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, int64_t cols_per_unit,
-                         int64_t K, Kernel kernel) {
+PersistPlan plan_for_units(const RnnParams& p, const CudaLaunch& launch, const PersistLimits& lim,
+                           int64_t U, int64_t cols_per_unit, int64_t K, Kernel kernel) {
   PersistPlan pl;
-  const int64_t B = p.batch, H = p.hidden_size;
-  const PersistLimits lim = persist_limits(launch.device);
-  if (!lim.coop || lim.sms <= 0 || B <= 0 || H <= 0 || K <= 0) return pl;
-  const int64_t U = (H + lim.sms - 1) / lim.sms, C = cols_per_unit * U;
+  const int64_t B = p.batch, H = p.hidden_size, C = cols_per_unit * U;
   if (C > kPersistThreads) return pl;
   // k-parts: as many as the threads left over by C x B outputs allow, each with >= 2 float4s.
   int64_t KP = 1;
@@ -621,11 +621,32 @@ PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, int64_t c
   pl.shared = size_t(floats) * 4;
   const int resident = persist_resident(launch.device, kernel, pl.shared, lim.optin);
   const int64_t blocks = (H + U - 1) / U;
-  if (int64_t(resident) * lim.sms >= blocks) pl.blocks = int(blocks);
+  if (int64_t(resident) * lim.sms >= blocks && (blocks == 1 || lim.coop)) pl.blocks = int(blocks);
   return pl;
 }
 
-std::atomic<long long> g_persistent_launches{0};
+// A step's product of at most this many multiply-adds runs in one block (every unit, no grid
+// sync: the block's barrier orders the steps, and a plain launch): ~512 per thread, a few hundred
+// cycles of one SM, where a grid-wide sync costs about a microsecond (reasoned, not measured:
+// LSTM (32, 64, 1, 200), 64 x 256 per step, takes it).
+constexpr int64_t kOneBlockFma = int64_t(1) << 17;
+
+// The plan: one block for a small enough step (kOneBlockFma) where it fits, else U = ceil(H / SMs)
+// units per block (one block per SM at most).
+template <class Kernel>
+PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, int64_t cols_per_unit,
+                         int64_t K, Kernel kernel) {
+  const int64_t B = p.batch, H = p.hidden_size;
+  const PersistLimits lim = persist_limits(launch.device);
+  if (lim.sms <= 0 || B <= 0 || H <= 0 || K <= 0) return PersistPlan{};
+  if (B * cols_per_unit * H * K <= kOneBlockFma) {
+    const PersistPlan one = plan_for_units(p, launch, lim, H, cols_per_unit, K, kernel);
+    if (one.blocks == 1) return one;
+  }
+  return plan_for_units(p, launch, lim, (H + lim.sms - 1) / lim.sms, cols_per_unit, K, kernel);
+}
+
+std::atomic<long long> g_persistent_launches[2] = {{0}, {0}};  // cooperative, one block
 
 // Launches a persistent kernel over the plan's grid; false, with nothing run and the error
 // cleared, when the device refuses a cooperative launch of that size (the caller then takes the
@@ -633,11 +654,14 @@ std::atomic<long long> g_persistent_launches{0};
 template <class Kernel, class Args>
 bool launch_persistent(Kernel kernel, const PersistPlan& plan, const Args& args,
                        cudaStream_t stream) {
-  FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream, kernel)(args);
+  if (plan.blocks == 1)  // no grid sync: a plain launch
+    FASTDL_LAUNCH(1, kPersistThreads, plan.shared, stream, kernel)(args);
+  else
+    FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream, kernel)(args);
   const cudaError_t e = cudaGetLastError();
   if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported) return false;
   FASTDL_CUDA_CHECK(e);
-  ++g_persistent_launches;
+  ++g_persistent_launches[plan.blocks == 1];
   return true;
 }
 
@@ -1084,7 +1108,9 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
 
 }  // namespace
 
-long long rnn_cuda_persistent_launches() { return g_persistent_launches.load(); }
+std::vector<long long> rnn_cuda_persistent_launches() {
+  return {g_persistent_launches[0].load(), g_persistent_launches[1].load()};
+}
 
 void rnn_forward_cuda(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a,
                       const CudaLaunch& launch) {
