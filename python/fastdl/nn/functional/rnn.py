@@ -112,6 +112,40 @@ class _Cell(torch.autograd.Function):
         return None, g[0], g[1], g[2], g[3], g[4], g[5], g[6]
 
 
+class _StepCell(torch.autograd.Function):
+    """One step of a cell as a one-step layer (what the CPU cell kernels do not serve: CUDA, half
+    precision, empty sizes): x (B, I), h (B, H), c (B, H) (LSTM, else None); weights w_ih, w_hh[,
+    b_ih, b_hh]. Returns h' (and c' for LSTM): the layer's final states, straight from its kernels
+    (no direction axis to add and remove, as _Layer's would). A one-step layer's output row is h',
+    so the gradient enters through h' (and c') alone."""
+
+    @staticmethod
+    def forward(ctx, mode, has_bias, x, h, c, *weights):
+        b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
+        _, h_new, c_new, ws = _ops.recurrent_layer_forward(
+            mode, x.unsqueeze(0), h, weights[0], weights[1], b_ih, b_hh, cx=c, training=True)
+        ctx.cfg = (mode, has_bias)
+        ctx.save_for_backward(x, h, c, weights[0], weights[1], ws)
+        return (h_new, c_new) if mode == LSTM else h_new
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_c=None):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastdl recurrent cells do not support double backward "
+                               "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
+                               "GRUCell do")
+        mode, has_bias = ctx.cfg
+        x, h, c, w_ih, w_hh, ws = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        g = _ops.recurrent_layer_backward(
+            mode, None, grad_h, x.unsqueeze(0), h, w_ih, w_hh, ws,
+            grad_cn=grad_c if mode == LSTM else None, cx=c, has_bias=has_bias,
+            needs_input_grad=n[2], needs_weight_grad=any(n[5:]))
+        gx = None if g[0] is None else g[0].squeeze(0)
+        gw = (g[3], g[4]) + ((g[5], g[6]) if has_bias else ())
+        return (None, None, gx, g[1], g[2] if c is not None else None, *gw)
+
+
 def _plain(t):
     """t itself when the kernels can read it (contiguous, no negative bit), else a copy: the
     common case in two cheap checks (_tensor.contiguous's numpy test costs more per call)."""
@@ -128,9 +162,11 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
     sizes) runs as a one-step layer."""
     traced = _library.tracing(x)
     if not _ops.cell_cpu_supported(x, weights):
-        if not traced and not _library.needs_autograd(x, h, c, *weights):
-            # Inference: the one-step layer kernel straight on the 2-D states, whose final states
-            # are the step's outputs (no per-direction select and stack around it).
+        if not traced:
+            # The one-step layer kernels straight on the 2-D states, whose final states are the
+            # step's outputs (no per-direction select and stack around them).
+            if _library.needs_autograd(x, h, c, *weights):
+                return _StepCell.apply(mode, has_bias, x, h, c, *weights)
             b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
             _, h_new, c_new, _ = _ops.recurrent_layer_forward(
                 mode, x.unsqueeze(0), h, weights[0], weights[1], b_ih, b_hh, cx=c,
