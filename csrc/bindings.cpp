@@ -336,7 +336,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_emulation_launch_count", &cuda_emulation_launch_count);
   m.def("cuda_emulation_last_block", &cuda_emulation_last_block);
   m.def("cuda_emulation_fail_launch", &cuda_emulation_fail_launch);
-  m.def("cuda_emulation_refuse_cooperative", &cuda_emulation_refuse_cooperative);
   m.def("cuda_emulation_stream_create", &cuda_emulation_stream_create);
   m.def("cuda_emulation_stream_destroy", &cuda_emulation_stream_destroy);
   m.def("cuda_emulation_selftest", &cuda_emulation_selftest);

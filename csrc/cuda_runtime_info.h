@@ -31,7 +31,6 @@ void cuda_emulation_missing_kernel_image(bool missing);
 long long cuda_emulation_launch_count();
 std::vector<unsigned> cuda_emulation_last_block();
 void cuda_emulation_fail_launch(long long n);
-void cuda_emulation_refuse_cooperative(bool refuse);
 uintptr_t cuda_emulation_stream_create();
 void cuda_emulation_stream_destroy(uintptr_t stream);
 // Runs one of the emulation's self-test kernels (csrc/cuda/emulation/selftest.cu); its output.

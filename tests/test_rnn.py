@@ -579,20 +579,18 @@ def persistent_launches():
 
 @pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
 def test_cuda_persistent(cuda_device, monkeypatch, kind):
-    """The persistent kernels (csrc/cuda/rnn.cu: every step of a direction in one cooperative
-    launch, a W_hh slice in shared memory, a grid sync per step), forced on
-    (FASTDL_RNN_PERSISTENT=1), against torch, forward and every gradient: hidden 150, so the
-    emulation's 4 blocks own 38 units each (the last owns units past H) and the staged rows run
-    in column chunks (128 + 22 forward; G*150 = 150-600 backward); batch 5 and 7, several rows
-    per thread (at batch 11 the LSTM forward's 152 columns would need 11 rows per thread: it
+    """The persistent kernels (csrc/cuda/rnn.cu: every step of a direction in one launch, a W_hh
+    slice per block in shared memory; a grid sync per step when cooperative), forced on
+    (FASTDL_RNN_PERSISTENT=1), against torch, forward and every gradient: hidden 150 at batch 5,
+    7 and 11 (cooperative: the emulation's 4 blocks own 38 units each, the last owns units past H;
+    the staged rows run in column chunks, 128 + 22 forward, G*150 = 150-600 backward; several
+    rows per thread; at batch 11 the LSTM forward's 152 columns would need 11 rows per thread: it
     steps aside and the persistent backward reads what the per-step forward saved); batch 1 at
-    hidden 64, where idle threads split k into parts summed by shuffles (2, 4 or 8 by kind and
-    pass); bidirectional (reverse steps), 2 layers, with and without initial states; 1, 2, 3 and
-    7 steps (the forward's ping-pong ends in h_n for either parity); a PackedSequence of equal
-    lengths; inference (nothing saved). Both kinds of launch happen (on a GPU too): cooperative
-    ones, and one block without grid syncs for the small steps (batch 1 at hidden 64; hidden 24
-    at batch 4). In the emulation a forward or backward of 20 steps makes fewer than 20 launches (the GEMMs around
-    the kernel), against two or more per step with it off."""
+    hidden 64 (one block); bidirectional (reverse steps), 2 layers, with and without initial
+    states; 1, 2 and 7 steps (the forward's ping-pong ends in h_n for either parity); a
+    PackedSequence of equal lengths; inference (nothing saved). Both kinds of launch happen (on a
+    GPU too). In the emulation a forward or backward of 20 steps makes fewer than 20 launches
+    (the GEMMs around the kernel), against two or more per step with it off."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
     before = persistent_launches()
     cfg = dict(num_layers=2, bidirectional=True, batch_first=False, bias=True)
@@ -614,6 +612,22 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
 
 
 @pytest.mark.parametrize("kind", ["RNN_TANH", "LSTM", "GRU"])
+def test_cuda_persistent_cooperative_small(cuda_device, monkeypatch, kind):
+    """Shapes small enough for one block, forced onto the cooperative kernels
+    (FASTDL_RNN_PERSISTENT=cooperative): batch 1 and 2 at hidden 64, 16 and 200 leave threads
+    over for splitting k into 2, 4 and 8 parts summed by shuffles (8, with the widest padding of
+    the W slice's rows, only here in the emulation; 16 and 32, which a GPU's 132 SMs can give,
+    nowhere in it), against torch, forward and every gradient."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "cooperative")
+    cfg = dict(num_layers=1, bidirectional=True, batch_first=False, bias=True)
+    before = persistent_launches()
+    for B, H in ((1, 64), (2, 16), (1, 200)):
+        run_case(kind, cfg, 3, B, 5, H, True, torch.float32, device=cuda_device)
+    after = persistent_launches()
+    assert after[0] >= before[0] + 12 and after[1] == before[1], (before, after)
+
+
+@pytest.mark.parametrize("kind", ["RNN_TANH", "LSTM", "GRU"])
 def test_cuda_persistent_small(cuda_device, monkeypatch, kind):
     """Small layers per kind through both persistent kernels (forward, backward) against torch, in
     one block (batch 5, hidden 40) and cooperative (batch 16, hidden 96: a step over the one-block
@@ -628,24 +642,19 @@ def test_cuda_persistent_small(cuda_device, monkeypatch, kind):
         assert after[kind_of_launch] == before[kind_of_launch] + 2, (B, H, before, after)
 
 
-@pytest.mark.skipif(not fastdl.cuda.is_emulated(), reason="needs the emulation's test hook that "
-                    "refuses a cooperative launch (a GPU refuses one only when other work holds "
-                    "its SMs)")
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_cuda_persistent_refused_launch(cuda_device, monkeypatch, kind):
-    """A device that refuses the cooperative launch (cudaErrorCooperativeLaunchTooLarge: MPS, a
-    partitioned GPU) gets the per-step path, with torch's results: the emulation's hook refuses
-    the forward's launch (the input GEMM already enqueued), then the backward's (batch 16, hidden
-    96: over the one-block limit, so both would be cooperative)."""
-    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
+    """A device that refuses the cooperative launch (cudaErrorCooperativeLaunchTooLarge: MPS or a
+    partitioned GPU has fewer SMs than the count says) gets the per-step path, with torch's
+    results: FASTDL_RNN_PERSISTENT=oversize asks for one block more than the device holds (on a
+    GPU as in the emulation), so the forward's launch is refused after its input GEMM was
+    enqueued, then the backward's."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "oversize")
     ours, theirs = make_pair(kind, 5, 96, dtype=torch.float32, device=cuda_device)
     x = rand(4, 16, 5, device=cuda_device, requires_grad=True)
     xt = x.detach().clone().requires_grad_()
     before = persistent_launches()
-    fastdl._C.cuda_emulation_refuse_cooperative(True)
     out = ours(x)
-    assert persistent_launches() == before
-    fastdl._C.cuda_emulation_refuse_cooperative(True)
     gy = torch.randn_like(out[0])
     out[0].backward(gy)
     assert persistent_launches() == before
@@ -655,19 +664,27 @@ def test_cuda_persistent_refused_launch(cuda_device, monkeypatch, kind):
     assert_close(x.grad, xt.grad, reduction=96, what=f"{kind} input gradient")
     for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
         assert_close(p.grad, q.grad, reduction=4 * 96, what=f"{kind} {n} gradient")
-    fastdl._C.cuda_emulation_refuse_cooperative(False)
-    ours(x)[0].sum().backward()  # not refused: both cooperative
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "cooperative")
+    ours(x)[0].sum().backward()  # the same grid without the extra block: both launched
     assert persistent_launches()[0] == before[0] + 2
+
+
+def test_cuda_persistent_bad_setting(cuda_device, monkeypatch):
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "yes")
+    m, _ = make_pair("LSTM", 5, 8, dtype=torch.float32, device=cuda_device)
+    with pytest.raises(ValueError, match="FASTDL_RNN_PERSISTENT: expected 0, 1, cooperative"):
+        m(rand(3, 2, 5, device=cuda_device))
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_cuda_persistent_does_not_fit(cuda_device, monkeypatch, kind):
     """Forced on, the persistent kernels step aside where their plans do not fit, and the per-step
-    path gives torch's results: hidden 300 on the emulation's 4 SMs, 75 units per block, so the
-    LSTM forward's 300 columns exceed the block's 256 threads and the GRU forward's 225 leave one
-    row group (11 rows per thread for batch 11, where the kernel holds 8), and either backward's
-    column slice (75 columns x 900-1200 of k) needs more shared memory than the 227 KB opt-in;
-    and with a projection (LSTM_PROJ)."""
+    path gives torch's results: with a projection (LSTM_PROJ, on any device); and in the
+    emulation (4 SMs) at hidden 300, 75 units per block, where the LSTM forward's 300 columns
+    exceed the block's 256 threads and the GRU forward's 225 leave one row group (11 rows per
+    thread for batch 11, where the kernel holds 8), and either backward's column slice (75
+    columns x 900-1200 of k) needs more shared memory than the 227 KB opt-in (a GPU's 132 SMs
+    give 3 units per block: it fits there, and the case only checks results)."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
     cfg = dict(num_layers=1, bidirectional=False, batch_first=True, bias=True)
     run_case(kind, cfg, 4, 11, 5, 300, True, torch.float32, device=cuda_device)

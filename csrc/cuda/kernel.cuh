@@ -40,10 +40,10 @@ __device__ __forceinline__ void fastdl_grid_sync() { cooperative_groups::this_gr
 
 namespace fastdl {
 // FASTDL_LAUNCH_COOPERATIVE's launcher: the arguments converted to the kernel's parameter types
-// (as <<<>>> would), their addresses handed to cudaLaunchCooperativeKernel. A refused launch is
-// left to cudaGetLastError, as <<<>>>'s (the runtime records every failed call's error there), so
-// FASTDL_CUDA_CHECK_LAUNCH reports it, or a caller may take another path on
-// cudaErrorCooperativeLaunchTooLarge.
+// (as <<<>>> would), their addresses handed to cudaLaunchCooperativeKernel, whose error code it
+// returns (as the emulation's launcher does); the runtime also records a failure for
+// cudaGetLastError, so FASTDL_CUDA_CHECK_LAUNCH reports it where the code is ignored. A caller may
+// take another path on cudaErrorCooperativeLaunchTooLarge.
 template <class... Params>
 struct CooperativeLauncher {
   dim3 grid, block;
@@ -51,15 +51,15 @@ struct CooperativeLauncher {
   cudaStream_t stream;
   void (*kernel)(Params...);
   template <class... A>
-  void operator()(A&&... args) const {
+  int operator()(A&&... args) const {
     std::tuple<std::decay_t<Params>...> values(std::forward<A>(args)...);
-    launch(values, std::index_sequence_for<Params...>{});
+    return launch(values, std::index_sequence_for<Params...>{});
   }
   template <class Tuple, size_t... I>
-  void launch(Tuple& values, std::index_sequence<I...>) const {
+  int launch(Tuple& values, std::index_sequence<I...>) const {
     void* ptrs[] = {static_cast<void*>(&std::get<I>(values))..., nullptr};
-    cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs, shared,
-                                stream);
+    return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs,
+                                       shared, stream);
   }
 };
 template <class... Params>

@@ -59,9 +59,10 @@
 // Timed on an H200 with split-K (benchmarks/RESULTS.md, 2026-12-04 17:50): the batch-64 and
 // 2-layer bidirectional shapes now beat cuDNN; the 50-step batch-32 shapes barely moved, their
 // time being set by two launches per step and the host, not by the GEMM's grid.
-// Small layers: every step of the forward, and of the backward, in one persistent cooperative
-// kernel (a W_hh slice in shared memory, a grid sync per step; see "small layers" below), which
-// the emulation runs by suspending every block at each grid sync. Not done: tensor-core GEMMs for
+// Small layers: every step of the forward, and of the backward, in one persistent kernel (a W_hh
+// slice per block in shared memory, a grid sync per step in a cooperative launch, or one block
+// and its barrier for the smallest steps; see "small layers" below), which the emulation runs by
+// suspending every block at each grid sync. Not done: tensor-core GEMMs for
 // the half types (they run the exact float32 path on the copies).
 // ptxas (nvcc 13, sm_90, with split-K): fused step 72 registers and 16.5 KB shared, forward gate
 // kernel 48, backward gate kernel 32, resolve, copy and column sums 32, the four conversion
@@ -91,6 +92,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -388,9 +390,10 @@ __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
 // different columns hit different banks).
 // Taken for inputs of equal lengths without projection when the plan fits (persist_plan) and the
 // step is small (persistent_candidate); FASTDL_RNN_PERSISTENT=0 / 1 forces it off / on (where it
-// fits), for tests and for timing the two paths against each other on a GPU (not yet done). A
-// device that refuses the cooperative launch (MPS, a partitioned GPU: fewer resident blocks than
-// the SM count says) gets the per-step path instead (launch_persistent).
+// fits; persist_mode has the test hooks), for tests and for timing the two paths against each
+// other on a GPU (not yet done). A device that refuses the cooperative launch (it checks the grid
+// against occupancy x the SMs the context has: MPS or a partitioned GPU may have fewer than the
+// SM count says) gets the per-step path instead (launch_persistent).
 constexpr int kPersistThreads = 256, kPersistRows = 8, kPersistKc = 128;
 
 struct ProductMap {
@@ -551,6 +554,26 @@ __global__ void __launch_bounds__(kPersistThreads, 1)
   }
 }
 
+// FASTDL_RNN_PERSISTENT, read once per layer call: unset (or empty) the size rule
+// (persistent_candidate); "0" never; "1" wherever a plan fits. Test hooks: "cooperative" as "1"
+// but never the one-block plan (the several-block kernels on shapes small enough for one);
+// "oversize" as "cooperative" with one block more than the device holds, so the device refuses
+// the launch and the per-step path runs (launch_persistent), on a GPU as in the emulation.
+enum class PersistMode { Rule, Off, On, Cooperative, Oversize };
+
+PersistMode persist_mode() {
+  const char* v = std::getenv("FASTDL_RNN_PERSISTENT");
+  if (!v || !*v) return PersistMode::Rule;
+  const std::string s(v);
+  if (s == "0") return PersistMode::Off;
+  if (s == "1") return PersistMode::On;
+  if (s == "cooperative") return PersistMode::Cooperative;
+  if (s == "oversize") return PersistMode::Oversize;
+  FASTDL_CHECK(false, "FASTDL_RNN_PERSISTENT: expected 0, 1, cooperative or oversize, got '", s,
+               "'");
+  return PersistMode::Rule;
+}
+
 // The device's limits the plan needs, asked once per device; resident blocks per SM of a
 // persistent kernel at a given dynamic shared size, asked once per (device, kernel, size).
 struct PersistLimits {
@@ -582,9 +605,11 @@ int persist_resident(int device, Kernel kernel, size_t shared, int optin) {
   std::lock_guard<std::mutex> lock(g_persist_mu);
   auto it = cache.find({device, key, shared});
   if (it != cache.end()) return it->second;
-  if (opted_in.insert({device, key}).second)
+  if (!opted_in.count({device, key})) {  // recorded once it took (a failure is retried)
     FASTDL_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    opted_in.insert({device, key});
+  }
   int resident = 0;
   FASTDL_CUDA_CHECK(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kPersistThreads, shared));
@@ -598,7 +623,8 @@ int persist_resident(int device, Kernel kernel, size_t shared, int optin) {
 // (the runtime's occupancy for that shared memory) with cooperative launch supported.
 template <class Kernel>
 PersistPlan plan_for_units(const RnnParams& p, const CudaLaunch& launch, const PersistLimits& lim,
-                           int64_t U, int64_t cols_per_unit, int64_t K, Kernel kernel) {
+                           int64_t U, int64_t cols_per_unit, int64_t K, Kernel kernel,
+                           bool oversize) {
   PersistPlan pl;
   const int64_t B = p.batch, H = p.hidden_size, C = cols_per_unit * U;
   if (C > kPersistThreads) return pl;
@@ -622,28 +648,33 @@ PersistPlan plan_for_units(const RnnParams& p, const CudaLaunch& launch, const P
   const int resident = persist_resident(launch.device, kernel, pl.shared, lim.optin);
   const int64_t blocks = (H + U - 1) / U;
   if (int64_t(resident) * lim.sms >= blocks && (blocks == 1 || lim.coop)) pl.blocks = int(blocks);
+  if (oversize && pl.blocks > 0)  // test hook: blocks past the units' own do no work
+    pl.blocks = int(std::max<int64_t>(blocks, int64_t(resident) * lim.sms + 1));
   return pl;
 }
 
 // A step's product of at most this many multiply-adds runs in one block (every unit, no grid
-// sync: the block's barrier orders the steps, and a plain launch): ~512 per thread, a few hundred
-// cycles of one SM, where a grid-wide sync costs about a microsecond (reasoned, not measured:
-// LSTM (32, 64, 1, 200), 64 x 256 per step, takes it).
-constexpr int64_t kOneBlockFma = int64_t(1) << 17;
+// sync: the block's barrier orders the steps, and a plain launch): 128 per thread, 32 float4
+// iterations (each 2 shared loads + 4 FMAs) of a few hundred cycles in all on one SM, under the
+// ~1 us a grid-wide sync costs (reasoned, not measured: LSTM (32, 64, 1, 200), 1 x 256 x 64 per
+// step, takes it; a GPU run should time the threshold).
+constexpr int64_t kOneBlockFma = int64_t(1) << 15;
 
 // The plan: one block for a small enough step (kOneBlockFma) where it fits, else U = ceil(H / SMs)
 // units per block (one block per SM at most).
 template <class Kernel>
-PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, int64_t cols_per_unit,
-                         int64_t K, Kernel kernel) {
+PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, PersistMode mode,
+                         int64_t cols_per_unit, int64_t K, Kernel kernel) {
   const int64_t B = p.batch, H = p.hidden_size;
   const PersistLimits lim = persist_limits(launch.device);
   if (lim.sms <= 0 || B <= 0 || H <= 0 || K <= 0) return PersistPlan{};
-  if (B * cols_per_unit * H * K <= kOneBlockFma) {
-    const PersistPlan one = plan_for_units(p, launch, lim, H, cols_per_unit, K, kernel);
+  const bool cooperative = mode == PersistMode::Cooperative || mode == PersistMode::Oversize;
+  if (!cooperative && B * cols_per_unit * H * K <= kOneBlockFma) {
+    const PersistPlan one = plan_for_units(p, launch, lim, H, cols_per_unit, K, kernel, false);
     if (one.blocks == 1) return one;
   }
-  return plan_for_units(p, launch, lim, (H + lim.sms - 1) / lim.sms, cols_per_unit, K, kernel);
+  return plan_for_units(p, launch, lim, (H + lim.sms - 1) / lim.sms, cols_per_unit, K, kernel,
+                        mode == PersistMode::Oversize);
 }
 
 std::atomic<long long> g_persistent_launches[2] = {{0}, {0}};  // cooperative, one block
@@ -654,22 +685,19 @@ std::atomic<long long> g_persistent_launches[2] = {{0}, {0}};  // cooperative, o
 template <class Kernel, class Args>
 bool launch_persistent(Kernel kernel, const PersistPlan& plan, const Args& args,
                        cudaStream_t stream) {
-  if (plan.blocks == 1)  // no grid sync: a plain launch
+  FASTDL_CUDA_CHECK_LAUNCH();  // no earlier error left pending to be taken for this launch's
+  if (plan.blocks == 1) {      // no grid sync: a plain launch
     FASTDL_LAUNCH(1, kPersistThreads, plan.shared, stream, kernel)(args);
-  else
-    FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream, kernel)(args);
-  const cudaError_t e = cudaGetLastError();
-  if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported) return false;
-  FASTDL_CUDA_CHECK(e);
+    FASTDL_CUDA_CHECK_LAUNCH();
+  } else {
+    const cudaError_t e = static_cast<cudaError_t>(
+        FASTDL_LAUNCH_COOPERATIVE(plan.blocks, kPersistThreads, plan.shared, stream, kernel)(args));
+    cudaGetLastError();  // (the runtime's record of e)
+    if (e == cudaErrorCooperativeLaunchTooLarge || e == cudaErrorNotSupported) return false;
+    FASTDL_CUDA_CHECK(e);
+  }
   ++g_persistent_launches[plan.blocks == 1];
   return true;
-}
-
-// FASTDL_RNN_PERSISTENT: "0" never, "1" wherever the plan fits, unset: the size rule. Read once
-// per layer call.
-int forced_persistent() {
-  const char* v = std::getenv("FASTDL_RNN_PERSISTENT");
-  return v && *v ? (std::atoi(v) != 0 ? 1 : 0) : -1;
 }
 
 // Whether a layer call may run as one persistent kernel (then persist_plan decides whether it
@@ -678,13 +706,12 @@ int forced_persistent() {
 // path spends two launches per step (host time ~5-10 us each, benchmarks/RESULTS.md,
 // 2026-12-04 17:50); its GEMM reached ~9 TFLOP/s on LSTM (256, 512, 64), whose 134 MFLOP steps
 // already beat cuDNN, so below ~32 MFLOP (~4 us at that rate) a step is bound by its launches.
-bool persistent_candidate(const RnnParams& p) {
-  const int force = forced_persistent();
-  if (force == 0 || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0) return false;
+bool persistent_candidate(const RnnParams& p, PersistMode mode) {
+  if (mode == PersistMode::Off || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0) return false;
   for (int64_t t = 0; p.batch_sizes && t < p.steps; ++t)
     if (p.batch_sizes[t] != p.batch) return false;
   const double flops = 2.0 * p.batch * p.gates() * p.hidden_size * p.out_size();
-  return force > 0 || (p.batch <= 64 && flops <= 32e6);
+  return mode != PersistMode::Rule || (p.batch <= 64 && flops <= 32e6);
 }
 
 // Resolves pending dh partials (sp) into dh (rows x cols, all rows < sp.rows), and with dst,
@@ -878,9 +905,11 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
   const int64_t ld_xg = training ? L.act_cols : GH;
   mm(false, true, N, GH, I, x, I, static_cast<const float*>(w.w_ih), I, xg, ld_xg, 0.0, launch);
 
-  const PersistPlan plan = persistent_candidate(p) && a.h0 != a.hn
-                               ? persist_plan(p, launch, p.gates(), R, persistent_forward_kernel)
-                               : PersistPlan{};
+  const PersistMode mode = persist_mode();
+  const PersistPlan plan =
+      persistent_candidate(p, mode) && a.h0 != a.hn
+          ? persist_plan(p, launch, mode, p.gates(), R, persistent_forward_kernel)
+          : PersistPlan{};
   if (plan.blocks > 0) {
     PersistArgs pa;
     FwdStep& st = pa.base;
@@ -1004,8 +1033,9 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
       FASTDL_CUDA_CHECK(cudaMemsetAsync(dcs, 0, sizeof(float) * B * H, stream));
   }
   if (p.steps == 0 || B == 0) return;
-  const PersistPlan plan = persistent_candidate(p)
-                               ? persist_plan(p, launch, 1, GH, persistent_backward_kernel)
+  const PersistMode mode = persist_mode();
+  const PersistPlan plan = persistent_candidate(p, mode)
+                               ? persist_plan(p, launch, mode, 1, GH, persistent_backward_kernel)
                                : PersistPlan{};
   bool persistent = false;
   if (plan.blocks > 0) {

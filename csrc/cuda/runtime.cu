@@ -71,7 +71,6 @@ std::vector<unsigned> cuda_emulation_last_block() {
   return b;
 }
 void cuda_emulation_fail_launch(long long n) { fastdl_emu::fail_launch(n); }
-void cuda_emulation_refuse_cooperative(bool refuse) { fastdl_emu::refuse_cooperative(refuse); }
 uintptr_t cuda_emulation_stream_create() {
   cudaStream_t s = nullptr;
   FASTDL_CUDA_CHECK(cudaStreamCreate(&s));

@@ -143,9 +143,6 @@ void reset();
 // While set, kernel-image queries and launches fail with cudaErrorNoKernelImageForDevice, as a
 // build without code for the device would.
 void set_missing_kernel_image(bool missing);
-// While set, the next cooperative launch fails with cudaErrorCooperativeLaunchTooLarge (as on a
-// GPU whose SMs other work holds), then the hook clears itself.
-void refuse_cooperative(bool refuse);
 // Number of kernel launches made so far (tests count launches).
 long long launch_count();
 // The block shape of the latest launch (tests tell a kernel by it: which path a call took).

@@ -88,8 +88,9 @@ constexpr int kWarpSize = 32;
 // Scheduler entry points (emu_runtime.cpp).
 // `kernel` identifies the kernel (its address) for its cudaFuncSetAttribute opt-in.
 // `cooperative`: cudaLaunchCooperativeKernel's launch (every block resident, grid syncs allowed).
-void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 const void* kernel, void (*body)(void*), void* ctx, bool cooperative);
+// Returns the launch's error (also left for cudaGetLastError, as a GPU's), or cudaSuccess.
+int launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
+                const void* kernel, void (*body)(void*), void* ctx, bool cooperative);
 // `file`:`line` names the __syncthreads() call: threads of a block waiting at different ones fail.
 void syncthreads(const char* file, int line);
 void syncwarp();
@@ -111,15 +112,17 @@ struct Launcher {
   cudaStream_t stream;
   Kernel kernel;
   bool cooperative = false;
+  // The launch's error code, as cudaLaunchCooperativeKernel returns (a <<<>>> launch's is
+  // ignored: FASTDL_CUDA_CHECK_LAUNCH reads it from cudaGetLastError).
   template <class... A>
-  void operator()(A&&... args) const {
+  int operator()(A&&... args) const {
     // Each CUDA thread gets the arguments by value, as kernel parameters; convert once here.
     std::tuple<Params...> params(std::forward<A>(args)...);
     struct Ctx {
       Kernel k;
       std::tuple<Params...>* p;
     } ctx{kernel, &params};
-    launch_grid(grid, block, shared, stream, reinterpret_cast<const void*>(kernel),
+    return launch_grid(grid, block, shared, stream, reinterpret_cast<const void*>(kernel),
                 [](void* c) {
                   Ctx* x = static_cast<Ctx*>(c);
                   std::apply(x->k, *x->p);

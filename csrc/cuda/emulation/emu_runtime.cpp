@@ -76,7 +76,6 @@ std::atomic<bool> g_missing_image{false};
 std::atomic<long long> g_launches{0};
 std::atomic<unsigned> g_last_block[3] = {{0}, {0}, {0}};  // the latest launch's block shape
 std::atomic<long long> g_fail_at{-1};  // launch ordinal (g_launches) that fails; -1: none
-std::atomic<bool> g_refuse_cooperative{false};  // the next cooperative launch is refused
 thread_local cudaError_t t_last = cudaSuccess;
 thread_local int t_device = 0;
 std::mutex g_streams_mu;
@@ -472,7 +471,7 @@ void wait_at(State s) {
 
 }  // namespace
 
-void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
+int launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
                  const void* kernel, void (*body)(void*), void* ctx, bool cooperative) {
   const long long launch = g_launches++;
   g_last_block[0] = block.x, g_last_block[1] = block.y, g_last_block[2] = block.z;
@@ -481,28 +480,26 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
     int expected = cudaSuccess;
     g_sticky.compare_exchange_strong(expected, cudaErrorLaunchFailure);
   }
-  if (sticky() != cudaSuccess) return void(record(sticky()));
-  if (g_missing_image.load()) return void(record(cudaErrorNoKernelImageForDevice));
-  if (!stream_valid(stream)) return void(record(cudaErrorInvalidResourceHandle));
+  if (sticky() != cudaSuccess) return (record(sticky()));
+  if (g_missing_image.load()) return (record(cudaErrorNoKernelImageForDevice));
+  if (!stream_valid(stream)) return (record(cudaErrorInvalidResourceHandle));
   const unsigned long long threads = 1ULL * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
       grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
       grid.z > 65535)
-    return void(record(cudaErrorInvalidConfiguration));
+    return (record(cudaErrorInvalidConfiguration));
   // A GPU refuses more than 48 KB of dynamic shared memory unless the kernel opted in.
   const size_t dyn_limit = dynamic_limit(kernel);
-  if (dynamic_shared > dyn_limit) return void(record(cudaErrorInvalidValue));
+  if (dynamic_shared > dyn_limit) return (record(cudaErrorInvalidValue));
   if (t_block) {
     std::fprintf(stderr, "fastdl CUDA emulation: a kernel launched another kernel\n");
     std::abort();
   }
   // Cooperative: every block resident at once, as cudaLaunchCooperativeKernel requires (the
-  // occupancy this emulation reports for this block and shared size); a test hook refuses the
-  // next one, as a GPU shared with other work (MPS, a partitioned device) may.
-  if (cooperative && (g_refuse_cooperative.exchange(false) ||
-                      1ULL * grid.x * grid.y * grid.z >
-                          1ULL * kSmCount * resident_blocks(unsigned(threads), dynamic_shared)))
-    return void(record(cudaErrorCooperativeLaunchTooLarge));
+  // occupancy this emulation reports for this block and shared size).
+  if (cooperative && 1ULL * grid.x * grid.y * grid.z >
+                         1ULL * kSmCount * resident_blocks(unsigned(threads), dynamic_shared))
+    return (record(cudaErrorCooperativeLaunchTooLarge));
   const size_t limit = dyn_limit > kSharedPerBlock ? kSharedOptin : kSharedPerBlock;
   const ThreadCoords saved = coords;
   if (cooperative) {
@@ -515,7 +512,7 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
       g_sticky.compare_exchange_strong(expected, err);
       record(err);
     }
-    return;
+    return err;
   }
   Block& b = block_state();
   b.cooperative = false;
@@ -543,6 +540,7 @@ void launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stre
     g_sticky.compare_exchange_strong(expected, err);
     record(err);
   }
+  return err;
 }
 
 void syncthreads(const char* file, int line) {
@@ -646,11 +644,9 @@ cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int v
 void reset() {
   g_sticky.store(cudaSuccess);
   g_fail_at.store(-1);
-  g_refuse_cooperative.store(false);
   t_last = cudaSuccess;
 }
 void set_missing_kernel_image(bool missing) { g_missing_image.store(missing); }
-void refuse_cooperative(bool refuse) { g_refuse_cooperative.store(refuse); }
 int resident_blocks(unsigned threads, size_t dynamic_shared) {
   // An H100-like SM: at most 2 blocks (what the implicit GEMM's tiles reach at <= 128 registers),
   // 2048 threads, 228 KB of shared memory with 1 KB reserved per block.
