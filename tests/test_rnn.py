@@ -587,8 +587,11 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
     rows per thread; at batch 11 the LSTM forward's 152 columns would need 11 rows per thread: it
     steps aside and the persistent backward reads what the per-step forward saved); batch 1 at
     hidden 64 (one block); bidirectional (reverse steps), 2 layers, with and without initial
-    states; 1, 2 and 7 steps (the forward's ping-pong ends in h_n for either parity); a
-    PackedSequence of equal lengths; inference (nothing saved). Both kinds of launch happen (on a
+    states; 1, 2 and 7 steps (the forward's ping-pong ends in h_n for either parity);
+    PackedSequences of equal and of unsorted unequal lengths, in one block and cooperative (rows
+    that end reach h_n from either buffer; the reverse direction's rows that start late read h0;
+    the backward's rows keep dh_n until they start and dh_0 once they end); inference (nothing
+    saved). Both kinds of launch happen (on a
     GPU too). In the emulation a forward or backward of 20 steps makes fewer than 20 launches
     (the GEMMs around the kernel), against two or more per step with it off."""
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
@@ -597,6 +600,10 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
     for T, B, H in ((1, 11, 150), (2, 5, 150), (7, 7, 150), (3, 1, 64)):
         run_case(kind, cfg, T, B, 5, H, T != 2, torch.float32, device=cuda_device)
     check_packed(cuda_device, kind, True, [6, 6, 6, 6], 5, 24, layers=1)
+    for H in (24, 150):
+        mid = persistent_launches()
+        check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4], 5, H, layers=1)
+        assert sum(persistent_launches()) >= sum(mid) + 8, (H, mid, persistent_launches())
     ours, theirs = make_pair(kind, 5, 40, dtype=torch.float32, device=cuda_device)
     x = rand(6, 3, 5, device=cuda_device)
     with torch.no_grad():

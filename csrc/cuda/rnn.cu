@@ -388,7 +388,7 @@ __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
 // by shuffles) x C columns x RG row groups, each thread up to kPersistRows rows; float4 reads of
 // the staged rows and of the W slice (row stride padded so a quarter-warp's float4 reads of
 // different columns hit different banks).
-// Taken for inputs of equal lengths without projection when the plan fits (persist_plan) and the
+// Taken for layers without projection (packed input too) when the plan fits (persist_plan) and the
 // step is small (persistent_candidate); FASTDL_RNN_PERSISTENT=0 / 1 forces it off / on (where it
 // fits; persist_mode has the test hooks), for tests and for timing the two paths against each
 // other on a GPU (not yet done). A device that refuses the cooperative launch (it checks the grid
@@ -450,10 +450,12 @@ __device__ void block_product(const float* a, int64_t lda, int B, const ProductM
 }
 
 struct PersistArgs {
-  FwdStep base;     // step-invariant fields; xa, y, c_save, cprev_save, hprev_save at row 0
-  const float* h0;  // (B, R) initial state (read by step 0)
-  float* hbuf;      // (B, R) the other state buffer
-  float* hn;        // (B, R) written by the last step
+  FwdStep base;       // step-invariant fields; xa, y, c_save, cprev_save, hprev_save at row 0
+  const float* h0;    // (B, R) initial state (read by step 0; packed: both buffers hold it)
+  float* hbuf;        // (B, R) the other state buffer
+  float* hn;          // (B, R) written by the last step (and by the step after a row ends)
+  const int* sizes;   // packed: the T batch sizes (non-increasing); nullptr: B every step
+  int64_t rows;       // N, the rows of all steps
   int steps, units;
   bool reverse;
   ProductMap map;
@@ -472,13 +474,28 @@ __global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(
     const int c = i / m.w_stride, k = i - c * m.w_stride, q = c / U, j = u0 + c % U;
     ws[i] = j < H && k < R ? b0.w_hh[(int64_t(q) * H + j) * R + k] : 0.f;
   }
+  // Packed: a row that ends (forward direction: sizes shrink) has its last state in the buffer
+  // the next step reads; that step copies it into h_n (its block's units) when that buffer is
+  // not h_n, after the grid sync and where no step reads or writes it again. Rows that start late
+  // (reverse direction) read h0 from either buffer, which no step has written there.
+  int64_t row0 = a.reverse ? a.rows : 0;
+  int live = 0;  // rows of the previous step
   for (int s = 0; s < a.steps; ++s) {
-    const int64_t t = a.reverse ? a.steps - 1 - s : s, row0 = t * B;
+    const int64_t t = a.reverse ? a.steps - 1 - s : s;
+    const int bs = a.sizes ? a.sizes[t] : B;
+    if (a.reverse) row0 -= bs;
     // Step s writes h_n when an even number of steps follows it, so the last step does.
     float* h_write = (a.steps - 1 - s) % 2 == 0 ? a.hn : a.hbuf;
-    const float* h_read = s == 0 ? a.h0 : (h_write == a.hn ? a.hbuf : a.hn);
-    block_product(h_read, R, B, m, ws, hs, sums);
+    const float* h_other = h_write == a.hn ? a.hbuf : a.hn;
+    const float* h_read = s == 0 && !a.sizes ? a.h0 : h_other;
+    if (h_read != a.hn)
+      for (int i = tid; i < (live - bs) * U; i += kPersistThreads) {
+        const int r = bs + i / U, j = u0 + i % U;
+        if (j < H) a.hn[int64_t(r) * R + j] = h_read[int64_t(r) * R + j];
+      }
+    block_product(h_read, R, bs, m, ws, hs, sums);
     FwdStep st = b0;
+    st.bs = bs;
     st.xa = b0.xa + row0 * b0.ld_xa;
     st.y = b0.y + row0 * R;
     st.h_old = h_read;
@@ -486,7 +503,7 @@ __global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(
     if (b0.c_save) st.c_save = b0.c_save + row0 * H;
     if (b0.cprev_save) st.cprev_save = b0.cprev_save + row0 * H;
     if (b0.hprev_save) st.hprev_save = b0.hprev_save + row0 * R;
-    for (int i = tid; i < B * U; i += kPersistThreads) {
+    for (int i = tid; i < bs * U; i += kPersistThreads) {
       const int r = i / U, u = i - r * U, j = u0 + u;
       if (j >= H) continue;
       float hg[4];
@@ -497,6 +514,8 @@ __global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(
     // every block's h for this step is written before any block reads it (one block: its barrier)
     if (gridDim.x > 1) fastdl_grid_sync();
     else __syncthreads();
+    live = bs;
+    if (!a.reverse) row0 += bs;
   }
 }
 
@@ -504,6 +523,8 @@ struct PersistBackArgs {
   BackStep base;        // step-invariant fields; act, c_new, c_prev, h_prev, dy, dgx, dgh at row 0;
                         // dh_in (ld R): the carried dh, dh_n on entry, dh_0 on exit
   const float* w_hh;    // (G*H, R)
+  const int* sizes;     // packed: the T batch sizes; nullptr: B every step
+  int64_t rows;         // N
   int steps, units;
   bool reverse;
   ProductMap map;
@@ -526,9 +547,15 @@ __global__ void __launch_bounds__(kPersistThreads, 1)
     const int u = i / m.w_stride, n = i - u * m.w_stride, j = u0 + u;
     ws[i] = j < H && n < GH ? a.w_hh[int64_t(n) * R + j] : 0.f;
   }
+  // Packed: the rows of a step are its first bs; a row outside them keeps its dh (dh_n before its
+  // sequence's last step, dh_0 after its first) and its dc.
+  int64_t row0 = a.reverse ? 0 : a.rows;
   for (int s = 0; s < a.steps; ++s) {
-    const int64_t t = a.reverse ? s : a.steps - 1 - s, row0 = t * B;
+    const int64_t t = a.reverse ? s : a.steps - 1 - s;
+    const int bs = a.sizes ? a.sizes[t] : B;
+    if (!a.reverse) row0 -= bs;
     BackStep st = b0;
+    st.bs = bs;
     st.act = b0.act + row0 * b0.act_cols;
     if (b0.c_new) st.c_new = b0.c_new + row0 * H;
     if (b0.c_prev) st.c_prev = b0.c_prev + row0 * H;
@@ -539,18 +566,19 @@ __global__ void __launch_bounds__(kPersistThreads, 1)
     // Own units' gate gradients from the dh this block wrote (or dh_n); the block's barrier
     // orders them after the previous step's writes by other threads of the block.
     __syncthreads();
-    for (int i = tid; i < B * U; i += kPersistThreads) {
+    for (int i = tid; i < bs * U; i += kPersistThreads) {
       const int r = i / U, j = u0 + i % U;
       if (j < H) backward_unit(st, r, j, dh[r * R + j]);
     }
     if (gridDim.x > 1) fastdl_grid_sync();  // every unit's gate gradients of this step are written
     else __syncthreads();
     // dh_prev[:, own units] = dg_h @ W_hh[:, own units] (+ GRU's direct term, left in dh).
-    block_product(st.dgh, GH, B, m, ws, hs, sums);
-    for (int i = tid; i < B * U; i += kPersistThreads) {
+    block_product(st.dgh, GH, bs, m, ws, hs, sums);
+    for (int i = tid; i < bs * U; i += kPersistThreads) {
       const int r = i / U, u = i % U, j = u0 + u;
       if (j < H) dh[r * R + j] = (gru ? dh[r * R + j] : 0.f) + sums[r * U + u];
     }
+    if (a.reverse) row0 += bs;
   }
 }
 
@@ -677,6 +705,16 @@ PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, PersistMo
                         mode == PersistMode::Oversize);
 }
 
+// Packed input: the batch sizes as int32 into the scratch's sizes region (csrc/rnn.h), in stream
+// order (the copy from pageable host memory is staged before this returns); nullptr otherwise.
+const int* upload_batch_sizes(const RnnParams& p, int* dst, cudaStream_t stream) {
+  if (!p.batch_sizes) return nullptr;
+  const std::vector<int> v(p.batch_sizes, p.batch_sizes + p.steps);
+  FASTDL_CUDA_CHECK(
+      cudaMemcpyAsync(dst, v.data(), sizeof(int) * v.size(), cudaMemcpyHostToDevice, stream));
+  return dst;
+}
+
 std::atomic<long long> g_persistent_launches[2] = {{0}, {0}};  // cooperative, one block
 
 // Launches a persistent kernel over the plan's grid; false, with nothing run and the error
@@ -701,15 +739,13 @@ bool launch_persistent(Kernel kernel, const PersistPlan& plan, const Args& args,
 }
 
 // Whether a layer call may run as one persistent kernel (then persist_plan decides whether it
-// fits): equal lengths, no projection, and by the size rule, reasoned rather than timed against
+// fits): no projection, and by the size rule (at the longest step's batch for packed input), reasoned rather than timed against
 // the per-step path on a GPU: batch <= 64 and a step product of at most 32 MFLOP. The per-step
 // path spends two launches per step (host time ~5-10 us each, benchmarks/RESULTS.md,
 // 2026-12-04 17:50); its GEMM reached ~9 TFLOP/s on LSTM (256, 512, 64), whose 134 MFLOP steps
 // already beat cuDNN, so below ~32 MFLOP (~4 us at that rate) a step is bound by its launches.
 bool persistent_candidate(const RnnParams& p, PersistMode mode) {
   if (mode == PersistMode::Off || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0) return false;
-  for (int64_t t = 0; p.batch_sizes && t < p.steps; ++t)
-    if (p.batch_sizes[t] != p.batch) return false;
   const double flops = 2.0 * p.batch * p.gates() * p.hidden_size * p.out_size();
   return mode != PersistMode::Rule || (p.batch <= 64 && flops <= 32e6);
 }
@@ -937,6 +973,11 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     pa.h0 = static_cast<const float*>(a.h0);
     pa.hbuf = h_other;
     pa.hn = hn;
+    pa.sizes = upload_batch_sizes(p, reinterpret_cast<int*>(sc + S.sizes), stream);
+    if (p.batch_sizes && !p.reverse)  // (reverse: copied above) both buffers start as h0
+      FASTDL_CUDA_CHECK(cudaMemcpyAsync(h_other, a.h0, sizeof(float) * B * R,
+                                        cudaMemcpyDeviceToDevice, stream));
+    pa.rows = N;
     pa.steps = static_cast<int>(p.steps);
     pa.units = plan.units;
     pa.reverse = p.reverse;
@@ -1057,6 +1098,10 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     st.GH = static_cast<int>(GH);
     st.mode = p.mode;
     pa.w_hh = w_hh;
+    pa.sizes = upload_batch_sizes(
+        p, reinterpret_cast<int*>(static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).sizes),
+        stream);
+    pa.rows = N;
     pa.steps = static_cast<int>(p.steps);
     pa.units = plan.units;
     pa.reverse = p.reverse;
