@@ -121,10 +121,10 @@ static inline int64_t rnn_cuda_split_room(const RnnParams& p, int64_t cols, int6
 // seen by the input side, dgh (N, G*H) by the hidden side (GRU only; else the same as dgx),
 // dht (N, R) total output gradient per step (projection only), dhpre (B, H) (projection only);
 // CUDA (cuda = true) only: split, the dh GEMM's split-K partials (rnn_cuda_split_room(p, R, G*H)
-// x rnn_cuda_split_stride(p, R)), with batch_sizes sizes (T int32: the persistent kernel's copy),
-// and with float16/bfloat16 tensors stage, the float32 copies (rnn_cuda_stage_elements).
+// x rnn_cuda_split_stride(p, R)), and with float16/bfloat16 tensors stage, the float32 copies
+// (rnn_cuda_stage_elements).
 struct RnnScratch {
-  int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, split = 0, sizes = 0, stage = 0, total = 0;
+  int64_t dgx = 0, dgh = 0, dht = 0, dhpre = 0, split = 0, stage = 0, total = 0;
 };
 static inline RnnScratch rnn_scratch_layout(const RnnParams& p, bool cuda = false) {
   const int64_t n = p.total_rows(), gh = p.gates() * p.hidden_size;
@@ -135,12 +135,11 @@ static inline RnnScratch rnn_scratch_layout(const RnnParams& p, bool cuda = fals
     s.dhpre = s.dht + n * p.proj_size;
     s.total = s.dhpre + p.batch * p.hidden_size;
   }
-  s.split = s.sizes = s.total;
+  s.split = s.total;
   if (cuda) {
     s.split = rnn_stage_round(s.total);
     const int64_t r = p.out_size();
-    s.sizes = s.total = s.split + rnn_cuda_split_room(p, r, gh) * rnn_cuda_split_stride(p, r);
-    if (p.batch_sizes) s.total += p.steps;  // the persistent kernel's batch sizes (int32)
+    s.total = s.split + rnn_cuda_split_room(p, r, gh) * rnn_cuda_split_stride(p, r);
   }
   s.stage = rnn_stage_round(s.total);
   if (p.half()) s.total = s.stage + rnn_cuda_stage_elements(p, true);
@@ -182,10 +181,9 @@ struct RnnForwardArgs {
 // rnn_cuda_split_stride(p, G*H));
 // hbuf (B, R) the second state buffer; inference only (training keeps them in the workspace):
 // xg (N, G*H) the input projection of every step, and with a projection hpre (B, H); with
-// batch_sizes: sizes (T int32, the persistent kernel's copy); with float16/bfloat16 tensors:
-// stage, the float32 copies (rnn_cuda_stage_elements).
+// float16/bfloat16 tensors: stage, the float32 copies (rnn_cuda_stage_elements).
 struct RnnCudaForwardScratch {
-  int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, sizes = 0, stage = 0, total = 0;
+  int64_t hh = 0, hbuf = 0, xg = 0, hpre = 0, stage = 0, total = 0;
 };
 static inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnParams& p, bool training) {
   const int64_t gh = p.gates() * p.hidden_size;
@@ -196,8 +194,6 @@ static inline RnnCudaForwardScratch rnn_cuda_forward_scratch_layout(const RnnPar
     s.hpre = s.total = s.xg + p.total_rows() * gh;
     if (p.proj_size > 0) s.total = s.hpre + p.batch * p.hidden_size;
   }
-  s.sizes = s.total;
-  if (p.batch_sizes) s.total += p.steps;  // the persistent kernel's batch sizes (int32)
   s.stage = rnn_stage_round(s.total);
   if (p.half()) s.total = s.stage + rnn_cuda_stage_elements(p, false);
   return s;

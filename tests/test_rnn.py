@@ -533,7 +533,7 @@ def test_cuda_split_k_deterministic(cuda_device, monkeypatch, mode, proj, revers
     t = {k: None if s is None else rand(*s, device=cuda_device) * (H ** -0.5 if k[0] in "wb" else 1)
          for k, s in shapes.items()}
 
-    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")  # packed: per-step kernels anyway
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "0")  # the per-step kernels' split-K
 
     def run(splits):
         monkeypatch.setenv("FASTDL_RNN_SPLIT_K", str(splits))
@@ -555,8 +555,11 @@ def test_packed_unsorted(device, kind, bidirectional):
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_wide_batch(device, kind):
     """Batch 11 shrinking to 1: on CUDA, steps above 8 rows take the GEMM + gate kernel path and
-    the later ones the fused small-batch kernel, with the state handed between them."""
-    check_packed(device, kind, True, [2, 5, 9, 1, 5, 6, 3, 9, 4, 8, 7], 3, 9, layers=1)
+    the later ones the fused small-batch kernel, with the state handed between them (the
+    persistent kernels off: test_cuda_persistent covers them on packed input)."""
+    with pytest.MonkeyPatch.context() as mp:  # (also called directly, by test_poisoned_outputs)
+        mp.setenv("FASTDL_RNN_PERSISTENT", "0")
+        check_packed(device, kind, True, [2, 5, 9, 1, 5, 6, 3, 9, 4, 8, 7], 3, 9, layers=1)
 
 
 def step_launches(kind, B, T, H, device):
@@ -600,10 +603,19 @@ def test_cuda_persistent(cuda_device, monkeypatch, kind):
     for T, B, H in ((1, 11, 150), (2, 5, 150), (7, 7, 150), (3, 1, 64)):
         run_case(kind, cfg, T, B, 5, H, T != 2, torch.float32, device=cuda_device)
     check_packed(cuda_device, kind, True, [6, 6, 6, 6], 5, 24, layers=1)
-    for H in (24, 150):
+    for H, lengths, launch_kind in ((24, [6, 2, 3, 5, 1, 3, 4], 1),
+                                    (150, [4, 2, 3, 5, 1, 3, 4], 0)):
         mid = persistent_launches()
-        check_packed(cuda_device, kind, True, [4, 2, 3, 5, 1, 3, 4], 5, H, layers=1)
-        assert sum(persistent_launches()) >= sum(mid) + 8, (H, mid, persistent_launches())
+        check_packed(cuda_device, kind, True, lengths, 5, H, layers=1)
+        got = persistent_launches()
+        assert got[launch_kind] >= mid[launch_kind] + 8, (H, mid, got)
+        ours, theirs = make_pair(kind, 5, H, dtype=torch.float32, device=cuda_device,
+                                 bidirectional=True)
+        packed = pack_padded_sequence(rand(max(lengths), len(lengths), 5, device=cuda_device),
+                                      torch.tensor(lengths), enforce_sorted=False)
+        with torch.no_grad():  # inference: nothing saved
+            for a, b in zip(flat(ours(packed)), flat(theirs(packed))):
+                assert_close(a, b, reduction=H, what=f"{kind} packed inference H={H}")
     ours, theirs = make_pair(kind, 5, 40, dtype=torch.float32, device=cuda_device)
     x = rand(6, 3, 5, device=cuda_device)
     with torch.no_grad():
@@ -674,6 +686,15 @@ def test_cuda_persistent_refused_launch(cuda_device, monkeypatch, kind):
     monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "cooperative")
     ours(x)[0].sum().backward()  # the same grid without the extra block: both launched
     assert persistent_launches()[0] == before[0] + 2
+
+
+def test_cuda_persistent_long_packed(cuda_device, monkeypatch):
+    """Packed input of more steps than the kernels' argument holds (513 > 512 batch sizes) takes
+    the per-step path, with torch's results."""
+    monkeypatch.setenv("FASTDL_RNN_PERSISTENT", "1")
+    before = persistent_launches()
+    check_packed(cuda_device, "GRU", False, [513, 2], 3, 4, layers=1)
+    assert persistent_launches() == before
 
 
 def test_cuda_persistent_bad_setting(cuda_device, monkeypatch):

@@ -6,8 +6,8 @@
 //   FASTDL_DYNAMIC_SHARED(align, type, name);     the launch's dynamic shared memory, as type*
 //   FASTDL_DEVICE_ASSERT(cond, "message");        stops the kernel: sticky "device-side assert"
 //   FASTDL_LAUNCH_COOPERATIVE(grid, block, shared_bytes, stream, kernel<T...>)(args...)
-//                                                 cudaLaunchCooperativeKernel: every block resident,
-//                                                 so fastdl_grid_sync() (all threads) may be called
+//                          cudaLaunchCooperativeKernel: every block resident, so
+//                          fastdl_grid_sync() (in every thread) may be called; returns the error
 #pragma once
 #include "cuda_check.cuh"
 

@@ -395,6 +395,14 @@ __global__ void __launch_bounds__(kThreads) backward_gates_kernel(BackStep s) {
 // against occupancy x the SMs the context has: MPS or a partitioned GPU may have fewer than the
 // SM count says) gets the per-step path instead (launch_persistent).
 constexpr int kPersistThreads = 256, kPersistRows = 8, kPersistKc = 128;
+// Packed input: the batch sizes travel in the kernel's arguments (2 KB: within the 4 KB every
+// device takes; no copy to make, nothing for a stream capture to refuse), so up to this many steps.
+constexpr int kPersistPackedSteps = 512;
+
+struct BatchSizes {
+  int packed = 0;  // 0: every step has the full batch
+  int n[kPersistPackedSteps];
+};
 
 struct ProductMap {
   int C = 0, K = 0, KP = 1, RG = 0, rows = 0;  // rows: per thread (<= kPersistRows)
@@ -451,10 +459,10 @@ __device__ void block_product(const float* a, int64_t lda, int B, const ProductM
 
 struct PersistArgs {
   FwdStep base;       // step-invariant fields; xa, y, c_save, cprev_save, hprev_save at row 0
-  const float* h0;    // (B, R) initial state (read by step 0; packed: both buffers hold it)
+  const float* h0;    // (B, R) initial state (read by step 0; packed reverse: both buffers too)
   float* hbuf;        // (B, R) the other state buffer
   float* hn;          // (B, R) written by the last step (and by the step after a row ends)
-  const int* sizes;   // packed: the T batch sizes (non-increasing); nullptr: B every step
+  BatchSizes sizes;   // packed: the T batch sizes (non-increasing)
   int64_t rows;       // N, the rows of all steps
   int steps, units;
   bool reverse;
@@ -477,17 +485,18 @@ __global__ void __launch_bounds__(kPersistThreads, 1) persistent_forward_kernel(
   // Packed: a row that ends (forward direction: sizes shrink) has its last state in the buffer
   // the next step reads; that step copies it into h_n (its block's units) when that buffer is
   // not h_n, after the grid sync and where no step reads or writes it again. Rows that start late
-  // (reverse direction) read h0 from either buffer, which no step has written there.
+  // (reverse direction) read h0 from either buffer, which no step has written there (the caller
+  // copies h0 into both).
   int64_t row0 = a.reverse ? a.rows : 0;
   int live = 0;  // rows of the previous step
   for (int s = 0; s < a.steps; ++s) {
     const int64_t t = a.reverse ? a.steps - 1 - s : s;
-    const int bs = a.sizes ? a.sizes[t] : B;
+    const int bs = a.sizes.packed ? a.sizes.n[t] : B;
     if (a.reverse) row0 -= bs;
     // Step s writes h_n when an even number of steps follows it, so the last step does.
     float* h_write = (a.steps - 1 - s) % 2 == 0 ? a.hn : a.hbuf;
     const float* h_other = h_write == a.hn ? a.hbuf : a.hn;
-    const float* h_read = s == 0 && !a.sizes ? a.h0 : h_other;
+    const float* h_read = s == 0 ? a.h0 : h_other;
     if (h_read != a.hn)
       for (int i = tid; i < (live - bs) * U; i += kPersistThreads) {
         const int r = bs + i / U, j = u0 + i % U;
@@ -523,7 +532,7 @@ struct PersistBackArgs {
   BackStep base;        // step-invariant fields; act, c_new, c_prev, h_prev, dy, dgx, dgh at row 0;
                         // dh_in (ld R): the carried dh, dh_n on entry, dh_0 on exit
   const float* w_hh;    // (G*H, R)
-  const int* sizes;     // packed: the T batch sizes; nullptr: B every step
+  BatchSizes sizes;     // packed: the T batch sizes
   int64_t rows;         // N
   int steps, units;
   bool reverse;
@@ -552,7 +561,7 @@ __global__ void __launch_bounds__(kPersistThreads, 1)
   int64_t row0 = a.reverse ? 0 : a.rows;
   for (int s = 0; s < a.steps; ++s) {
     const int64_t t = a.reverse ? s : a.steps - 1 - s;
-    const int bs = a.sizes ? a.sizes[t] : B;
+    const int bs = a.sizes.packed ? a.sizes.n[t] : B;
     if (!a.reverse) row0 -= bs;
     BackStep st = b0;
     st.bs = bs;
@@ -705,14 +714,13 @@ PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, PersistMo
                         mode == PersistMode::Oversize);
 }
 
-// Packed input: the batch sizes as int32 into the scratch's sizes region (csrc/rnn.h), in stream
-// order (the copy from pageable host memory is staged before this returns); nullptr otherwise.
-const int* upload_batch_sizes(const RnnParams& p, int* dst, cudaStream_t stream) {
-  if (!p.batch_sizes) return nullptr;
-  const std::vector<int> v(p.batch_sizes, p.batch_sizes + p.steps);
-  FASTDL_CUDA_CHECK(
-      cudaMemcpyAsync(dst, v.data(), sizeof(int) * v.size(), cudaMemcpyHostToDevice, stream));
-  return dst;
+// The kernel argument's batch sizes (packed input; p.steps <= kPersistPackedSteps).
+BatchSizes batch_sizes_arg(const RnnParams& p) {
+  BatchSizes b;
+  if (!p.batch_sizes) return b;
+  b.packed = 1;
+  for (int64_t t = 0; t < p.steps; ++t) b.n[t] = static_cast<int>(p.batch_sizes[t]);
+  return b;
 }
 
 std::atomic<long long> g_persistent_launches[2] = {{0}, {0}};  // cooperative, one block
@@ -739,13 +747,15 @@ bool launch_persistent(Kernel kernel, const PersistPlan& plan, const Args& args,
 }
 
 // Whether a layer call may run as one persistent kernel (then persist_plan decides whether it
-// fits): no projection, and by the size rule (at the longest step's batch for packed input), reasoned rather than timed against
+// fits): no projection, packed input of at most kPersistPackedSteps steps, and by the size rule
+// (at the longest step's batch for packed input), reasoned rather than timed against
 // the per-step path on a GPU: batch <= 64 and a step product of at most 32 MFLOP. The per-step
 // path spends two launches per step (host time ~5-10 us each, benchmarks/RESULTS.md,
 // 2026-12-04 17:50); its GEMM reached ~9 TFLOP/s on LSTM (256, 512, 64), whose 134 MFLOP steps
 // already beat cuDNN, so below ~32 MFLOP (~4 us at that rate) a step is bound by its launches.
 bool persistent_candidate(const RnnParams& p, PersistMode mode) {
   if (mode == PersistMode::Off || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0) return false;
+  if (p.batch_sizes && p.steps > kPersistPackedSteps) return false;
   const double flops = 2.0 * p.batch * p.gates() * p.hidden_size * p.out_size();
   return mode != PersistMode::Rule || (p.batch <= 64 && flops <= 32e6);
 }
@@ -973,10 +983,7 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     pa.h0 = static_cast<const float*>(a.h0);
     pa.hbuf = h_other;
     pa.hn = hn;
-    pa.sizes = upload_batch_sizes(p, reinterpret_cast<int*>(sc + S.sizes), stream);
-    if (p.batch_sizes && !p.reverse)  // (reverse: copied above) both buffers start as h0
-      FASTDL_CUDA_CHECK(cudaMemcpyAsync(h_other, a.h0, sizeof(float) * B * R,
-                                        cudaMemcpyDeviceToDevice, stream));
+    pa.sizes = batch_sizes_arg(p);
     pa.rows = N;
     pa.steps = static_cast<int>(p.steps);
     pa.units = plan.units;
@@ -1098,9 +1105,7 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     st.GH = static_cast<int>(GH);
     st.mode = p.mode;
     pa.w_hh = w_hh;
-    pa.sizes = upload_batch_sizes(
-        p, reinterpret_cast<int*>(static_cast<float*>(a.scratch) + rnn_scratch_layout(p, true).sizes),
-        stream);
+    pa.sizes = batch_sizes_arg(p);
     pa.rows = N;
     pa.steps = static_cast<int>(p.steps);
     pa.units = plan.units;

@@ -20,8 +20,8 @@
 //
 // How it runs: a launch runs every thread of every block, blocks one after another on the calling
 // host thread (a cooperative launch starts every block, runs each in turn to its next grid sync,
-// then releases them all); the threads of a block are fibers (ucontext) switched at __syncthreads, __syncwarp
-// and warp operations, so barriers are real. Fibers, not OS threads: 5-6x faster per barrier
+// then releases them all); the threads of a block are fibers (ucontext) switched at
+// __syncthreads, __syncwarp and warp operations, so barriers are real. Fibers, not OS threads: 5-6x faster per barrier
 // (1 us vs 5-6 us per thread, 256 threads, 2 loaded cores; benchmarks/RESULTS.md, "CUDA
 // emulation") and deterministic: threads run in index order from one barrier to the next, or in
 // reverse index order in every other block (and every other launch), so a read of shared memory

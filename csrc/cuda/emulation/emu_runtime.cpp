@@ -552,7 +552,8 @@ void syncthreads(const char* file, int line) {
 void syncwarp() { wait_at(State::AtWarpBarrier); }
 void grid_sync(const char* file, int line) {
   if (!t_block->cooperative)
-    device_assert_fail("cooperative launch", "a grid sync outside a cooperative launch", file, line);
+    device_assert_fail("cooperative launch", "a grid sync outside a cooperative launch", file,
+                       line);
   wait_at(State::AtGridBarrier);
 }
 

@@ -113,7 +113,8 @@ __global__ void grid_rounds_kernel(float* out, int exit_block) {
   const int b = blockIdx.x, g = gridDim.x;
   if (b == exit_block) return;
   for (int s = 0; s < 4; ++s) {
-    if (threadIdx.x == 0) out[s * g + b] = s == 0 ? float(b) : out[(s - 1) * g + (b + 1) % g] + 10.f;
+    if (threadIdx.x == 0)
+      out[s * g + b] = s == 0 ? float(b) : out[(s - 1) * g + (b + 1) % g] + 10.f;
     if (SYNC) fastdl_grid_sync();
   }
 }
