@@ -716,11 +716,22 @@ PersistPlan persist_plan(const RnnParams& p, const CudaLaunch& launch, PersistMo
 
 // The kernel argument's batch sizes (packed input; p.steps <= kPersistPackedSteps).
 BatchSizes batch_sizes_arg(const RnnParams& p) {
-  BatchSizes b;
+  BatchSizes b{};  // (all of n zeroed: no indeterminate bytes in the arguments)
   if (!p.batch_sizes) return b;
   b.packed = 1;
   for (int64_t t = 0; t < p.steps; ++t) b.n[t] = static_cast<int>(p.batch_sizes[t]);
   return b;
+}
+
+// The fields both persistent kernels' arguments share: the steps they walk and the plan.
+template <class Args>
+void set_walk(Args& a, const RnnParams& p, const PersistPlan& plan) {
+  a.sizes = batch_sizes_arg(p);
+  a.rows = p.total_rows();
+  a.steps = static_cast<int>(p.steps);
+  a.units = plan.units;
+  a.reverse = p.reverse;
+  a.map = plan.map;
 }
 
 std::atomic<long long> g_persistent_launches[2] = {{0}, {0}};  // cooperative, one block
@@ -983,12 +994,7 @@ void forward_f32(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& 
     pa.h0 = static_cast<const float*>(a.h0);
     pa.hbuf = h_other;
     pa.hn = hn;
-    pa.sizes = batch_sizes_arg(p);
-    pa.rows = N;
-    pa.steps = static_cast<int>(p.steps);
-    pa.units = plan.units;
-    pa.reverse = p.reverse;
-    pa.map = plan.map;
+    set_walk(pa, p, plan);
     if (launch_persistent(persistent_forward_kernel, plan, pa, stream)) return;
   }
 
@@ -1105,12 +1111,7 @@ void backward_f32(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs
     st.GH = static_cast<int>(GH);
     st.mode = p.mode;
     pa.w_hh = w_hh;
-    pa.sizes = batch_sizes_arg(p);
-    pa.rows = N;
-    pa.steps = static_cast<int>(p.steps);
-    pa.units = plan.units;
-    pa.reverse = p.reverse;
-    pa.map = plan.map;
+    set_walk(pa, p, plan);
     persistent = launch_persistent(persistent_backward_kernel, plan, pa, stream);
   }
   if (!persistent) {  // per step: a gate-gradient kernel and the dh product

@@ -87,6 +87,15 @@ class _Layer(torch.autograd.Function):
         return (None, None, None, None, None, gx, gh0, gc0, *gws)
 
 
+def _refuse_double_backward():
+    """The cells' kernels' backward is not differentiable: refuse create_graph (grad mode is on
+    only then), as _Layer.backward does."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("fastdl recurrent cells do not support double backward "
+                           "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
+                           "GRUCell do")
+
+
 class _Cell(torch.autograd.Function):
     """One step of a cell on the CPU kernels: x (B, I), h (B, H), c (B, H) (LSTM, else None),
     contiguous; returns h' (and c' for LSTM)."""
@@ -101,10 +110,7 @@ class _Cell(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastdl recurrent cells do not support double backward "
-                               "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
-                               "GRUCell do")
+        _refuse_double_backward()
         x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
         n = ctx.needs_input_grad
         g = _ops.cell_cpu_backward(ctx.mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih,
@@ -130,10 +136,7 @@ class _StepCell(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastdl recurrent cells do not support double backward "
-                               "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
-                               "GRUCell do")
+        _refuse_double_backward()
         mode, has_bias = ctx.cfg
         x, h, c, w_ih, w_hh, ws = ctx.saved_tensors
         n = ctx.needs_input_grad
