@@ -759,11 +759,11 @@ bool launch_persistent(Kernel kernel, const PersistPlan& plan, const Args& args,
 
 // Whether a layer call may run as one persistent kernel (then persist_plan decides whether it
 // fits): no projection, packed input of at most kPersistPackedSteps steps, and by the size rule
-// (at the longest step's batch for packed input), reasoned rather than timed against
-// the per-step path on a GPU: batch <= 64 and a step product of at most 32 MFLOP. The per-step
-// path spends two launches per step (host time ~5-10 us each, benchmarks/RESULTS.md,
-// 2026-12-04 17:50); its GEMM reached ~9 TFLOP/s on LSTM (256, 512, 64), whose 134 MFLOP steps
-// already beat cuDNN, so below ~32 MFLOP (~4 us at that rate) a step is bound by its launches.
+// (at the longest step's batch for packed input), reasoned rather than timed against the
+// per-step path on a GPU: batch <= 64 and a step product of at most 32 MFLOP. The per-step path
+// pays two launches and their host time per step; at LSTM (256, 512, 64)'s 134 MFLOP steps its
+// GEMMs already beat cuDNN (benchmarks/RESULTS.md has the figures), while a step of a few MFLOP
+// takes less GPU time than its launches, so the rule's cut lies between them.
 bool persistent_candidate(const RnnParams& p, PersistMode mode) {
   if (mode == PersistMode::Off || p.proj_size > 0 || p.steps <= 0 || p.batch <= 0) return false;
   if (p.batch_sizes && p.steps > kPersistPackedSteps) return false;

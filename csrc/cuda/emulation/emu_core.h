@@ -21,11 +21,12 @@
 // How it runs: a launch runs every thread of every block, blocks one after another on the calling
 // host thread (a cooperative launch starts every block, runs each in turn to its next grid sync,
 // then releases them all); the threads of a block are fibers (ucontext) switched at
-// __syncthreads, __syncwarp and warp operations, so barriers are real. Fibers, not OS threads: 5-6x faster per barrier
-// (1 us vs 5-6 us per thread, 256 threads, 2 loaded cores; benchmarks/RESULTS.md, "CUDA
-// emulation") and deterministic: threads run in index order from one barrier to the next, or in
-// reverse index order in every other block (and every other launch), so a read of shared memory
-// that another thread wrote without a barrier between them reads poison whichever thread wrote.
+// __syncthreads, __syncwarp and warp operations, so barriers are real. Fibers, not OS threads:
+// 5-6x faster per barrier (1 us vs 5-6 us per thread, 256 threads, 2 loaded cores;
+// benchmarks/RESULTS.md, "CUDA emulation") and deterministic: threads run in index order from
+// one barrier to the next, or in reverse index order in every other block (and every other
+// launch), so a read of shared memory that another thread wrote without a barrier between them
+// reads poison whichever thread wrote.
 // Shared memory is filled with 0xFF bytes (NaN for floats, -1 for integers) at every block start,
 // and under AddressSanitizer each shared array is fenced by poisoned bytes.
 //
@@ -123,11 +124,11 @@ struct Launcher {
       std::tuple<Params...>* p;
     } ctx{kernel, &params};
     return launch_grid(grid, block, shared, stream, reinterpret_cast<const void*>(kernel),
-                [](void* c) {
-                  Ctx* x = static_cast<Ctx*>(c);
-                  std::apply(x->k, *x->p);
-                },
-                &ctx, cooperative);
+                       [](void* c) {
+                         Ctx* x = static_cast<Ctx*>(c);
+                         std::apply(x->k, *x->p);
+                       },
+                       &ctx, cooperative);
   }
 };
 

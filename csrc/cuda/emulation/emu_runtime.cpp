@@ -471,8 +471,19 @@ void wait_at(State s) {
 
 }  // namespace
 
+// A launch's end: a fault that ended it becomes the sticky error (as a GPU's device fault) and
+// the last error; returns it (cudaSuccess when none).
+static cudaError_t fault(cudaError_t err) {
+  if (err != cudaSuccess) {
+    int expected = cudaSuccess;
+    g_sticky.compare_exchange_strong(expected, err);
+    record(err);
+  }
+  return err;
+}
+
 int launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t stream,
-                 const void* kernel, void (*body)(void*), void* ctx, bool cooperative) {
+                const void* kernel, void (*body)(void*), void* ctx, bool cooperative) {
   const long long launch = g_launches++;
   g_last_block[0] = block.x, g_last_block[1] = block.y, g_last_block[2] = block.z;
   if (launch == g_fail_at.load()) {
@@ -480,17 +491,17 @@ int launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t strea
     int expected = cudaSuccess;
     g_sticky.compare_exchange_strong(expected, cudaErrorLaunchFailure);
   }
-  if (sticky() != cudaSuccess) return (record(sticky()));
-  if (g_missing_image.load()) return (record(cudaErrorNoKernelImageForDevice));
-  if (!stream_valid(stream)) return (record(cudaErrorInvalidResourceHandle));
+  if (sticky() != cudaSuccess) return record(sticky());
+  if (g_missing_image.load()) return record(cudaErrorNoKernelImageForDevice);
+  if (!stream_valid(stream)) return record(cudaErrorInvalidResourceHandle);
   const unsigned long long threads = 1ULL * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
       grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 ||
       grid.z > 65535)
-    return (record(cudaErrorInvalidConfiguration));
+    return record(cudaErrorInvalidConfiguration);
   // A GPU refuses more than 48 KB of dynamic shared memory unless the kernel opted in.
   const size_t dyn_limit = dynamic_limit(kernel);
-  if (dynamic_shared > dyn_limit) return (record(cudaErrorInvalidValue));
+  if (dynamic_shared > dyn_limit) return record(cudaErrorInvalidValue);
   if (t_block) {
     std::fprintf(stderr, "fastdl CUDA emulation: a kernel launched another kernel\n");
     std::abort();
@@ -499,7 +510,7 @@ int launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t strea
   // occupancy this emulation reports for this block and shared size).
   if (cooperative && 1ULL * grid.x * grid.y * grid.z >
                          1ULL * kSmCount * resident_blocks(unsigned(threads), dynamic_shared))
-    return (record(cudaErrorCooperativeLaunchTooLarge));
+    return record(cudaErrorCooperativeLaunchTooLarge);
   const size_t limit = dyn_limit > kSharedPerBlock ? kSharedOptin : kSharedPerBlock;
   const ThreadCoords saved = coords;
   if (cooperative) {
@@ -507,12 +518,7 @@ int launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t strea
     coords.grid_dim = grid;
     const cudaError_t err = run_cooperative(grid, block, dynamic_shared, body, ctx, limit, launch);
     coords = saved;
-    if (err != cudaSuccess) {
-      int expected = cudaSuccess;
-      g_sticky.compare_exchange_strong(expected, err);
-      record(err);
-    }
-    return err;
+    return fault(err);
   }
   Block& b = block_state();
   b.cooperative = false;
@@ -535,12 +541,7 @@ int launch_grid(dim3 grid, dim3 block, size_t dynamic_shared, cudaStream_t strea
       }
   coords = saved;
   t_block = nullptr;
-  if (err != cudaSuccess) {
-    int expected = cudaSuccess;
-    g_sticky.compare_exchange_strong(expected, err);
-    record(err);
-  }
-  return err;
+  return fault(err);
 }
 
 void syncthreads(const char* file, int line) {

@@ -118,6 +118,14 @@ class _Cell(torch.autograd.Function):
         return None, g[0], g[1], g[2], g[3], g[4], g[5], g[6]
 
 
+def _one_step(mode, has_bias, x, h, c, weights, *, training):
+    """The one-step layer kernels on a cell's 2-D operands: (h', c' or None, workspace or None)."""
+    b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
+    _, h_new, c_new, ws = _ops.recurrent_layer_forward(
+        mode, x.unsqueeze(0), h, weights[0], weights[1], b_ih, b_hh, cx=c, training=training)
+    return h_new, c_new, ws
+
+
 class _StepCell(torch.autograd.Function):
     """One step of a cell as a one-step layer (what the CPU cell kernels do not serve: CUDA, half
     precision, empty sizes): x (B, I), h (B, H), c (B, H) (LSTM, else None); weights w_ih, w_hh[,
@@ -127,9 +135,7 @@ class _StepCell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode, has_bias, x, h, c, *weights):
-        b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
-        _, h_new, c_new, ws = _ops.recurrent_layer_forward(
-            mode, x.unsqueeze(0), h, weights[0], weights[1], b_ih, b_hh, cx=c, training=True)
+        h_new, c_new, ws = _one_step(mode, has_bias, x, h, c, weights, training=True)
         ctx.cfg = (mode, has_bias)
         ctx.save_for_backward(x, h, c, weights[0], weights[1], ws)
         return (h_new, c_new) if mode == LSTM else h_new
@@ -170,10 +176,7 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
             # step's outputs (no per-direction select and stack around them).
             if _library.needs_autograd(x, h, c, *weights):
                 return _StepCell.apply(mode, has_bias, x, h, c, *weights)
-            b_ih, b_hh = (weights[2], weights[3]) if has_bias else (None, None)
-            _, h_new, c_new, _ = _ops.recurrent_layer_forward(
-                mode, x.unsqueeze(0), h, weights[0], weights[1], b_ih, b_hh, cx=c,
-                training=False)
+            h_new, c_new, _ = _one_step(mode, has_bias, x, h, c, weights, training=False)
             return (h_new, c_new) if mode == LSTM else h_new
         out = run_layer(mode, x.unsqueeze(0), h.unsqueeze(0),
                         None if c is None else c.unsqueeze(0), weights, dirs=1,
