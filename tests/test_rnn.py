@@ -224,22 +224,46 @@ def test_every_feature(cpu_path, kind):
              1, 2, False, torch.float64)
 
 
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_elman_unit_block_pairs(cpu_path, nonlinearity):
-    """The Elman float32 forward takes two blocks of 8 units per register tile (AVX2): an even and
-    an odd number of blocks, a partial last block, row groups of 6 and fewer, 1 and 2 threads."""
-    # (12, 5), (30, 64): the pair's second block partial; (128, 32), (40, 64), (30, 64): enough
-    # work for 2 threads, (40, 64) an odd number of blocks per thread
-    for H, B in [(16, 1), (24, 7), (40, 13), (21, 6), (12, 5), (30, 64), (40, 64), (128, 32)]:
+def _block_cases(kind, cases):
+    """run_case (training) and an inference forward (the kernels' no-save variant) for each
+    (hidden, batch): one layer, float32, at 1 and 2 threads."""
+    for H, B in cases:
         for threads in (1, 2):
             before = fastdl.get_num_threads()
             fastdl.set_num_threads(threads)
             try:
-                run_case(f"RNN_{nonlinearity.upper()}", dict(num_layers=1, bidirectional=False,
-                                                     batch_first=False, bias=True),
-                         3, B, 5, H, True, torch.float32)
+                run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False,
+                                    bias=True), 3, B, 5, H, True, torch.float32)
+                ours, theirs = make_pair(kind, 5, H, dtype=torch.float32)
+                x = rand(3, B, 5, dtype=torch.float32)
+                with torch.no_grad():
+                    for a, b in zip(ours(x), theirs(x)):
+                        assert_close(a, b, dtype=torch.float32, reduction=H,
+                                     what=f"{kind} H={H} B={B} inference, {threads} threads")
             finally:
                 fastdl.set_num_threads(before)
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_elman_unit_block_pairs(cpu_path, nonlinearity):
+    """The Elman float32 forward takes two blocks of 8 units per register tile (AVX2) and four
+    (AVX-512, rows in groups of up to 8): an even and an odd number of blocks, a partial last
+    block, row groups of 6-8 and fewer, 1 and 2 threads."""
+    # (12, 5), (30, 64): the pair's second block partial; (128, 32), (40, 64), (30, 64): enough
+    # work for 2 threads, (40, 64) an odd number of blocks per thread; (60, 9): the second quad's
+    # last block partial; (72, 20): two quads and a block left over, row groups 7, 7, 6
+    _block_cases(f"RNN_{nonlinearity.upper()}",
+                 [(16, 1), (24, 7), (40, 13), (21, 6), (12, 5), (30, 64), (40, 64), (128, 32),
+                  (60, 9), (72, 20)])
+
+
+def test_gru_unit_block_pairs(cpu_path):
+    """The GRU float32 forward on the AVX-512 build takes two blocks of 8 units per register tile
+    (rows in groups of up to 8), and one block with up to 8 rows where a thread's blocks are odd:
+    a partial second block, a single leftover block, batches of 1-32, 1 and 2 threads."""
+    # (20, 7): a pair and a partial single; (28, 9): the pair's second block partial; (45, 32):
+    # three pairs, the last partial, row groups of 8; (128, 32), (72, 20): 2 threads' shares
+    _block_cases("GRU", [(16, 1), (20, 7), (28, 9), (45, 32), (72, 20), (128, 32)])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -12,8 +12,10 @@
 //      writes the new state (ping-pong buffers), the output row and, in training, the activations.
 //      For R > 128 the product is sliced in k (partial sums per thread) so a panel slice stays in
 //      L1 across the step's row groups. LSTM projection: one GEMM per step after the gate pass.
-//      The AVX-512 build runs the LSTM and GRU float32 product on zmm (recurrent_cols_zmm), and
-//      the LSTM gate math on 16 units at once where two whole blocks meet (lstm_units16).
+//      The AVX-512 build runs the float32 products on zmm: the LSTM's per block
+//      (recurrent_cols_zmm), the GRU's two blocks at a time (recurrent_pair_gru_zmm) and the
+//      Elman's four (recurrent_quad_zmm), and the gate math on 16 units at once where two whole
+//      blocks meet (lstm_units16, gru_units16, elman_units16).
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
 // register-tiled product (12x16 on zmm in the AVX-512 build) over W_hh packed once per call into
@@ -262,6 +264,95 @@ inline void recurrent_cols_zmm(int64_t R, const float* __restrict panel, int64_t
                                                : ay[i]);
   }
 }
+
+// Elman (G = 1) float32 on the AVX-512 build: four unit blocks at once, blocks jb..jb+3 of the
+// packed panels (block q's panel at p + q * R * kW), as two zmm per k (blocks 0|1 and 2|3, each
+// zmm two 8-unit panel rows joined by an insert), MB rows x 2 zmm accumulators. out: MB rows of
+// 4 * kW floats (block q's units at q * kW). The ymm tile (recurrent_tile2_f32) is bound by one
+// core's ymm FMA rate; the sums are the same products in the same k order, so bitwise equal.
+template <int MB>
+inline void recurrent_quad_zmm(int64_t R, const float* __restrict p, const float* const* hr,
+                               float* __restrict out) {
+  const float* p1 = p + R * kW;
+  const float* p2 = p1 + R * kW;
+  const float* p3 = p2 + R * kW;
+  __m512 a0[MB], a1[MB];
+  for (int i = 0; i < MB; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    const __m512 w01 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_load_ps(p + k * kW)),
+                                          _mm256_load_ps(p1 + k * kW), 1);
+    const __m512 w23 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_load_ps(p2 + k * kW)),
+                                          _mm256_load_ps(p3 + k * kW), 1);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 hv = _mm512_set1_ps(hr[i][k]);
+      a0[i] = _mm512_fmadd_ps(hv, w01, a0[i]);
+      a1[i] = _mm512_fmadd_ps(hv, w23, a1[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    _mm512_storeu_ps(out + i * 4 * kW, a0[i]);
+    _mm512_storeu_ps(out + i * 4 * kW + 2 * kW, a1[i]);
+  }
+}
+
+inline void recurrent_quad_rows(int mb, int64_t R, const float* p, const float* const* hr,
+                                float* out) {
+  switch (mb) {
+    case 8: recurrent_quad_zmm<8>(R, p, hr, out); break;
+    case 7: recurrent_quad_zmm<7>(R, p, hr, out); break;
+    case 6: recurrent_quad_zmm<6>(R, p, hr, out); break;
+    case 5: recurrent_quad_zmm<5>(R, p, hr, out); break;
+    case 4: recurrent_quad_zmm<4>(R, p, hr, out); break;
+    case 3: recurrent_quad_zmm<3>(R, p, hr, out); break;
+    case 2: recurrent_quad_zmm<2>(R, p, hr, out); break;
+    default: recurrent_quad_zmm<1>(R, p, hr, out); break;
+  }
+}
+
+// GRU (G = 3) float32 on the AVX-512 build: two unit blocks at once (block a's panel at pa, b's
+// at pa + R * 3 * kW), their 48 columns per k as three zmm (a 0-15 | a 16-23 and b 0-7 joined by
+// an insert | b 8-23), MB rows x 3 zmm accumulators; out: MB rows of 48 floats, block a's 24 then
+// block b's. The one-block tile (a zmm and a ymm per row) runs a third of its columns at half
+// width; the sums are the same products in the same k order, so bitwise equal.
+template <int MB>
+inline void recurrent_pair_gru_zmm(int64_t R, const float* __restrict pa, const float* const* hr,
+                                   float* __restrict out) {
+  constexpr int64_t C = 3 * kW;
+  const float* pb = pa + R * C;
+  __m512 a0[MB], a1[MB], a2[MB];
+  for (int i = 0; i < MB; ++i) a0[i] = a1[i] = a2[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(pa + k * C);  // (rows are 96 bytes: 32-aligned only)
+    const __m512 w1 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_load_ps(pa + k * C + 16)),
+                                         _mm256_load_ps(pb + k * C), 1);
+    const __m512 w2 = _mm512_loadu_ps(pb + k * C + 8);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 hv = _mm512_set1_ps(hr[i][k]);
+      a0[i] = _mm512_fmadd_ps(hv, w0, a0[i]);
+      a1[i] = _mm512_fmadd_ps(hv, w1, a1[i]);
+      a2[i] = _mm512_fmadd_ps(hv, w2, a2[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    _mm512_storeu_ps(out + i * 2 * C, a0[i]);
+    _mm512_storeu_ps(out + i * 2 * C + 16, a1[i]);
+    _mm512_storeu_ps(out + i * 2 * C + 32, a2[i]);
+  }
+}
+
+inline void recurrent_pair_gru_rows(int mb, int64_t R, const float* pa, const float* const* hr,
+                                    float* out) {
+  switch (mb) {
+    case 8: recurrent_pair_gru_zmm<8>(R, pa, hr, out); break;
+    case 7: recurrent_pair_gru_zmm<7>(R, pa, hr, out); break;
+    case 6: recurrent_pair_gru_zmm<6>(R, pa, hr, out); break;
+    case 5: recurrent_pair_gru_zmm<5>(R, pa, hr, out); break;
+    case 4: recurrent_pair_gru_zmm<4>(R, pa, hr, out); break;
+    case 3: recurrent_pair_gru_zmm<3>(R, pa, hr, out); break;
+    case 2: recurrent_pair_gru_zmm<2>(R, pa, hr, out); break;
+    default: recurrent_pair_gru_zmm<1>(R, pa, hr, out); break;
+  }
+}
 #endif
 
 // The LSTM (G = 4: 6 rows x 16 columns, twice) and GRU (G = 3: 4 rows x 24) register tiles for
@@ -269,6 +360,14 @@ inline void recurrent_cols_zmm(int64_t R, const float* __restrict panel, int64_t
 // (accumulate). LSTM groups of 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8
 // accumulators in one pass, where 16-column halves would hold 2 and 4 and ran ~1.5x slower;
 // figures: benchmarks/RESULTS.md, "development measurements", 2026-12-01 20:05).
+// GRU rows per register tile of one block's 24 columns: 8 on the AVX-512 build (16 accumulators
+// of its 32 registers), 4 on AVX2 (8 of 16).
+#if defined(__AVX512F__)
+constexpr int kGruRows = 8;
+#else
+constexpr int kGruRows = 4;
+#endif
+
 template <int G>
 inline void recurrent_rows_f32(int mb, int64_t K, const float* panel, int64_t C,
                                const float* const* hr, float* out, bool accumulate) {
@@ -284,6 +383,10 @@ inline void recurrent_rows_f32(int mb, int64_t K, const float* panel, int64_t C,
   }
   if (G == 3) {
     switch (mb) {
+      case 8: recurrent_cols_zmm<8, 1, 1>(K, panel, C, hr, out, accumulate); break;
+      case 7: recurrent_cols_zmm<7, 1, 1>(K, panel, C, hr, out, accumulate); break;
+      case 6: recurrent_cols_zmm<6, 1, 1>(K, panel, C, hr, out, accumulate); break;
+      case 5: recurrent_cols_zmm<5, 1, 1>(K, panel, C, hr, out, accumulate); break;
       case 4: recurrent_cols_zmm<4, 1, 1>(K, panel, C, hr, out, accumulate); break;
       case 3: recurrent_cols_zmm<3, 1, 1>(K, panel, C, hr, out, accumulate); break;
       case 2: recurrent_cols_zmm<2, 1, 1>(K, panel, C, hr, out, accumulate); break;
@@ -481,6 +584,56 @@ inline void gru_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int
   }
 }
 
+#if defined(__AVX512F__)
+// gru_units for 16 units [j0, j0 + 16) of row b, two whole 8-unit blocks whose tile rows are hh_a
+// and hh_b (AVX-512 build, float32): the same arithmetic on 16 lanes, so bitwise two 8-unit calls.
+template <bool SAVE>
+inline void gru_units16(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
+                        const float* __restrict hh_a, const float* __restrict hh_b) {
+  float* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const float* __restrict bias = io.bias + j0;
+  auto hh = [&](int q) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(hh_a + q * kW)),
+                              _mm256_loadu_ps(hh_b + q * kW), 1);
+  };
+  const __m512 r = sigmoid16(
+      _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(xa), _mm512_loadu_ps(bias)), hh(0)));
+  const __m512 z = sigmoid16(
+      _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(xa + H), _mm512_loadu_ps(bias + H)), hh(1)));
+  const __m512 hn = _mm512_add_ps(hh(2), _mm512_loadu_ps(io.bhn + j0));
+  const __m512 n = tanh16(_mm512_fmadd_ps(
+      r, hn, _mm512_add_ps(_mm512_loadu_ps(xa + 2 * H), _mm512_loadu_ps(bias + 2 * H))));
+  const __m512 h_new =
+      _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(io.h_old + b * H + j0), n), z, n);
+  _mm512_storeu_ps(io.h_out + b * io.ld_h + j0, h_new);
+  _mm512_storeu_ps(io.y + b * H + j0, h_new);
+  if (SAVE) {
+    _mm512_storeu_ps(xa, r);
+    _mm512_storeu_ps(xa + H, z);
+    _mm512_storeu_ps(xa + 2 * H, n);
+    _mm512_storeu_ps(xa + 3 * H, hn);
+  }
+}
+
+// elman_units for 16 whole units [j0, j0 + 16) of row b, their tile row contiguous at hh (AVX-512
+// build, float32): the same arithmetic on 16 lanes (vec_math.h), so bitwise two 8-unit calls.
+template <bool SAVE>
+inline void elman_units16(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
+                          const float* __restrict hh, bool relu) {
+  float* __restrict xa = io.xa + b * io.ld_xa + j0;
+  const __m512 a = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(xa), _mm512_loadu_ps(hh)),
+                                 _mm512_loadu_ps(io.bias + j0));
+  // relu as elman_units: a < 0 ? 0 : a (NaN kept)
+  const __m512 h_new =
+      relu ? _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_LT_OQ), a,
+                                  _mm512_setzero_ps())
+           : tanh16(a);
+  _mm512_storeu_ps(io.h_out + b * io.ld_h + j0, h_new);
+  _mm512_storeu_ps(io.y + b * H + j0, h_new);
+  if (SAVE) _mm512_storeu_ps(xa, h_new);
+}
+#endif
+
 template <class T, bool SAVE>
 inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int64_t w,
                         const T* __restrict hh, bool relu) {
@@ -546,6 +699,65 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
       const T* panel = panels + jb * R * C;
       const int64_t j0 = jb * kW, w = std::min<int64_t>(kW, H - j0);
       if (R <= kKc) {  // one k slice: tile in registers, then straight into the gate math
+#if defined(__AVX512F__)
+        if constexpr (G == 1 && std::is_same<T, float>::value) {
+          if (jb + 3 < hi) {  // four blocks (same thread, same panels) on zmm
+            constexpr int M4 = 8;
+            alignas(64) float tile4[M4 * 4 * kW];
+            const float* hr4[M4];
+            // row groups of at most 8, balanced (32 rows: 4 x 8; 20 rows: 7, 7, 6)
+            const int64_t groups = (bs + M4 - 1) / M4;
+            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+              const int mb = static_cast<int>((bs - b0) / (groups - q));
+              for (int i = 0; i < mb; ++i) hr4[i] = io.h_old + (b0 + i) * R;
+              recurrent_quad_rows(mb, R, panel, hr4, tile4);
+              for (int i = 0; i < mb; ++i)
+                for (int64_t u = 0; u < 4; u += 2) {
+                  const int64_t ju = j0 + u * kW;
+                  const float* hh = tile4 + (i * 4 + u) * kW;
+                  if (ju + 2 * kW <= H) {
+                    elman_units16<SAVE>(io, H, b0 + i, ju, hh, relu);
+                  } else {
+                    gates(b0 + i, ju, std::min<int64_t>(kW, H - ju), hh);
+                    if (ju + kW < H)
+                      gates(b0 + i, ju + kW, std::min<int64_t>(kW, H - ju - kW), hh + kW);
+                  }
+                }
+              b0 += mb;
+            }
+            jb += 3;
+            continue;
+          }
+        }
+#endif
+#if defined(__AVX512F__)
+        if constexpr (G == 3 && std::is_same<T, float>::value) {
+          if (jb + 1 < hi) {  // this block and the next on zmm
+            constexpr int M8 = 8;
+            alignas(64) float tile_p[M8 * 2 * C];
+            const float* hr8[M8];
+            const int64_t j1 = j0 + kW, w1 = std::min<int64_t>(kW, H - j1);
+            const int64_t groups = (bs + M8 - 1) / M8;  // balanced, as below
+            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+              const int mb = static_cast<int>((bs - b0) / (groups - q));
+              for (int i = 0; i < mb; ++i) hr8[i] = io.h_old + (b0 + i) * R;
+              recurrent_pair_gru_rows(mb, R, panel, hr8, tile_p);
+              for (int i = 0; i < mb; ++i) {
+                const float* ta = tile_p + i * 2 * C;
+                if (j1 + kW <= H) {
+                  gru_units16<SAVE>(io, H, b0 + i, j0, ta, ta + C);
+                } else {
+                  gates(b0 + i, j0, w, ta);
+                  gates(b0 + i, j1, w1, ta + C);
+                }
+              }
+              b0 += mb;
+            }
+            ++jb;
+            continue;
+          }
+        }
+#endif
 #if defined(FASTDL_RNN_AVX2)
         if constexpr (G == 1 && std::is_same<T, float>::value) {
           if (jb + 1 < hi) {  // this block and the next together (same thread, same panels)
@@ -593,7 +805,7 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
 #endif
 #if defined(FASTDL_RNN_AVX2)
         if constexpr ((G == 4 || G == 3) && std::is_same<T, float>::value) {
-          constexpr int M2 = G == 4 ? 6 : 4;
+          constexpr int M2 = G == 4 ? 6 : kGruRows;
           alignas(64) float tile2[M2 * C];
           const float* hr2[M2];
           // balanced, as above (LSTM: the 2-row tile holds 8 accumulators, the 3-6-row ones 12)
