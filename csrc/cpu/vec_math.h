@@ -30,6 +30,9 @@ template <> struct Lanes<8> {
   FASTDL_VEC_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   FASTDL_VEC_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   FASTDL_VEC_INLINE V div(V a, V b) { return _mm256_div_ps(a, b); }
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  FASTDL_VEC_INLINE V rcp14(V b) { return _mm256_rcp14_ps(b); }
+#endif
   FASTDL_VEC_INLINE V min(V a, V b) { return _mm256_min_ps(a, b); }
   FASTDL_VEC_INLINE V max(V a, V b) { return _mm256_max_ps(a, b); }
   FASTDL_VEC_INLINE V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
@@ -61,6 +64,7 @@ template <> struct Lanes<16> {
   FASTDL_VEC_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   FASTDL_VEC_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   FASTDL_VEC_INLINE V div(V a, V b) { return _mm512_div_ps(a, b); }
+  FASTDL_VEC_INLINE V rcp14(V b) { return _mm512_rcp14_ps(b); }
   FASTDL_VEC_INLINE V min(V a, V b) { return _mm512_min_ps(a, b); }
   FASTDL_VEC_INLINE V max(V a, V b) { return _mm512_max_ps(a, b); }
   FASTDL_VEC_INLINE V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
@@ -84,6 +88,26 @@ template <> struct Lanes<16> {
 };
 #endif
 
+// a / b for the gate functions' denominators b in [1, 2^128) (1 + exp, finite: exp clamps its
+// argument) or NaN. The AVX-512 build: b's 14-bit reciprocal (vrcp14, exact for denormal
+// results) refined by one Newton step, a (1 + ~2^-28) relative error, then times a: within 2 ulp
+// of the quotient. A zmm vdivps occupies the divider for ~10-16 cycles, and the LSTM forward's
+// gate math (5 divisions per unit) took more samples than its recurrent product (perf,
+// RESULTS.md 2026-12-05). Both widths of that build use the same steps, so its 8- and 16-lane
+// results stay equal lane by lane. The AVX2 build divides (its 12-bit vrcpps would need two
+// steps, and Zen's divider is not the bound there).
+template <int W>
+FASTDL_VEC_INLINE typename Lanes<W>::V quotient(typename Lanes<W>::V a, typename Lanes<W>::V b) {
+  using L = Lanes<W>;
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  const auto r0 = L::rcp14(b);
+  const auto r = L::fmadd(r0, L::fnmadd(b, r0, L::set1(1.0f)), r0);
+  return L::mul(a, r);
+#else
+  return L::div(a, b);
+#endif
+}
+
 template <int W>
 FASTDL_VEC_INLINE typename Lanes<W>::V exp_lanes(typename Lanes<W>::V x) {
   using L = Lanes<W>;
@@ -106,7 +130,7 @@ template <int W>
 FASTDL_VEC_INLINE typename Lanes<W>::V sigmoid_lanes(typename Lanes<W>::V x) {
   using L = Lanes<W>;
   const auto one = L::set1(1.0f);
-  const auto s = L::div(one, L::add(one, exp_lanes<W>(L::sub(L::set1(0.0f), x))));
+  const auto s = quotient<W>(one, L::add(one, exp_lanes<W>(L::sub(L::set1(0.0f), x))));
   return L::select_below(x, L::set1(-88.7f), L::set1(0.0f), s);
 }
 
@@ -124,7 +148,7 @@ FASTDL_VEC_INLINE typename Lanes<W>::V tanh_lanes(typename Lanes<W>::V x) {
   s = L::fmadd(L::mul(s, z), ax, ax);
   const auto one = L::set1(1.0f);
   const auto e = exp_lanes<W>(L::add(ax, ax));
-  const auto big = L::sub(one, L::div(L::set1(2.0f), L::add(e, one)));
+  const auto big = L::sub(one, quotient<W>(L::set1(2.0f), L::add(e, one)));
   return L::or_(L::select_below(ax, L::set1(0.625f), s, big), L::and_(x, sign));
 }
 
