@@ -25,7 +25,8 @@
 // Work split: the forward step splits unit blocks over the threads (the same blocks every step,
 // so each thread's panels stay in its cache; one thread while a step is under ~64K flops per
 // thread, e.g. batch 1, hidden 64), in one thread team per block of steps with a barrier per
-// step (without a projection; with one, a parallel region per step); the dh product splits
+// step (without a projection; with one, a parallel region per step); or, for batches of >= 8
+// rows per thread and a W_hh that fits a core's cache, rows (forward_row_threads: no barrier); the dh product splits
 // 16-column chunks; big GEMMs are threaded by csrc/cpu/gemm.cpp.
 // Measured (one thread, CPU time, 2-core Zen4 VM shared with other jobs; LSTM 64-128-32-50
 // float32): forward 41 ms with libm expf/tanhf in a scalar gate loop -> 15 ms with AVX2 gate math
@@ -37,6 +38,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -898,6 +900,24 @@ void fused_blocks_any(const RnnParams& p, const T* panels, int64_t bs, const Ste
     fused_blocks<T, G, false>(p, panels, bs, io, part, lo, hi);
 }
 
+// Threads for the forward team when it splits rows rather than unit blocks (1: split units).
+// Rows need no barrier per step and no state row written by another core, but make every thread
+// read all of W_hh each step: taken while the packed W_hh (panel_bytes) fits a core's L2 with
+// room for the rest (LSTM hidden 128: 256 KB; Zen 3's L2 is 512 KB) and every thread gets at
+// least 8 rows (a full register tile). FASTDL_RNN_ROW_SPLIT, read once per layer call: unset
+// (or empty) this rule; "0" units always; "1" rows wherever each thread gets 2 or more.
+inline int64_t forward_row_threads(int64_t B, int64_t panel_bytes) {
+  const char* v = std::getenv("FASTDL_RNN_ROW_SPLIT");
+  const std::string mode = v ? v : "";
+  FASTDL_CHECK(mode.empty() || mode == "0" || mode == "1",
+               "FASTDL_RNN_ROW_SPLIT: expected 0 or 1, got '", mode, "'");
+  const int64_t nt = get_num_threads();
+  if (nt < 2 || mode == "0") return 1;
+  if (mode == "1") return std::min<int64_t>(nt, B / 2);
+  if (panel_bytes > (int64_t(384) << 10) || B < 8 * nt) return 1;
+  return nt;
+}
+
 template <class T>
 void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
   const int64_t B = p.batch, H = p.hidden_size, R = p.out_size(), I = p.input_size;
@@ -968,7 +988,9 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     const int64_t grain = step_block_grain(B, R, G * kW);
     const int64_t most = std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
     const int64_t per = (blocks + most - 1) / most;
-    const int64_t team_threads = (blocks + per - 1) / per;  // none left without a block
+    const int64_t row_threads = forward_row_threads(B, blocks * R * G * kW * int64_t(sizeof(T)));
+    const int64_t team_threads = row_threads > 1 ? row_threads
+                                                 : (blocks + per - 1) / per;  // none without a block
     for (int64_t s0 = 0; s0 < p.steps;) {
       int64_t s1 = p.steps;  // this team's steps [s0, s1) in visiting order
       if (!ws) {
@@ -978,6 +1000,40 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         mm<T>(false, true, off[hi] - off[lo], GH, I, x + off[lo] * I, I, w_ih, I, xg, GH, 0.0);
         xg_t0 = lo;
         s1 = s0 + (hi - lo);
+      }
+      if (row_threads > 1) {
+        // Rows split over the threads: thread k runs every unit of its rows [r0, r1) through all
+        // the block's steps. A row's next state depends on its own state only, so the threads
+        // never wait for each other (no barrier per step) and never read a state row the other
+        // core wrote; each reads all of W_hh, which the rule keeps small enough for its cache.
+        parallel_team(team_threads, [&](const Team& team) {
+          const int64_t r0 = B * team.tid / team.nthr, r1 = B * (team.tid + 1) / team.nthr;
+          T* part = partials + team.tid * B * G * kW;
+          for (int64_t s = s0; s < s1; ++s) {
+            const int64_t t = p.reverse ? p.steps - 1 - s : s;
+            const int64_t bs = p.rows_at(t), row0 = off[t];
+            const T* hc = s % 2 ? h_other : hn;  // as below
+            T* hx = s % 2 ? hn : h_other;
+            const int64_t e = std::min(r1, bs);  // this thread's rows in step t: [r0, e)
+            if (hprev)
+              for (int64_t b = r0; b < e; ++b)
+                std::memcpy(hprev + (row0 + b) * R, hc + b * R, sizeof(T) * R);
+            for (int64_t b = std::max(r0, bs); b < r1; ++b)  // ended rows carry their state
+              std::memcpy(hx + b * R, hc + b * R, sizeof(T) * R);
+            if (e <= r0) continue;
+            T* xg_rows = (ws ? act + row0 * ld_xg : xg + (row0 - off[xg_t0]) * GH) + r0 * ld_xg;
+            const StepIo<T> io{xg_rows, ld_xg, bias, bhn, hc + r0 * R, hx + r0 * R, R,
+                               y + (row0 + r0) * R, lstm ? cs + r0 * H : nullptr,
+                               ws && lstm ? ws + L.c + (row0 + r0) * H : nullptr,
+                               ws && lstm ? ws + L.cprev + (row0 + r0) * H : nullptr,
+                               ws != nullptr};
+            if (G == 4) fused_blocks_any<T, 4>(p, panels, e - r0, io, part, 0, blocks);
+            else if (G == 3) fused_blocks_any<T, 3>(p, panels, e - r0, io, part, 0, blocks);
+            else fused_blocks_any<T, 1>(p, panels, e - r0, io, part, 0, blocks);
+          }
+        });
+        s0 = s1;
+        continue;
       }
       parallel_team(team_threads, [&](const Team& team) {
         const int64_t chunk = (blocks + team.nthr - 1) / team.nthr;
