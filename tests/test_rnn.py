@@ -474,14 +474,15 @@ def test_forward_team_inference_packed(cpu_path, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_forward_row_split(cpu_path, monkeypatch, kind):
-    """The forward's team split by rows (each thread all units of its rows, no barrier per step;
-    FASTDL_RNN_ROW_SPLIT=1, and the size rule at batch >= 8 per thread) against the split by unit
-    blocks (=0): packed sequences with unsorted lengths whose batch shrinks mid-block of a thread
-    (rows past a step's batch carry their state over), both directions, training (then the
-    gradients through the saved activations) and inference, hidden 40 (5 unit blocks, no quad) and
-    72 (two quads and a block); outputs against torch and bitwise equal between the two splits
-    and thread counts (a row's sums do not depend on the split)."""
+def test_row_split(cpu_path, monkeypatch, kind):
+    """The forward's and backward's step teams split by rows (each thread all units of its rows,
+    no barrier per step; FASTDL_RNN_ROW_SPLIT=1, and the size rule at batch >= 8 per thread)
+    against the splits by unit blocks / dh columns (=0): packed sequences with unsorted lengths
+    whose batch changes inside a thread's rows (rows past a step's batch carry their state and
+    their dh over), both directions, training (outputs, then the input and parameter gradients)
+    and inference, hidden 40 (5 unit blocks, no quad) and 72 (two quads and a block); against
+    torch, and bitwise equal between the splits and thread counts (a row's sums do not depend on
+    the split). LSTM_PROJ keeps its per-step regions."""
     lengths = torch.tensor([9, 3, 9, 1, 7, 8, 5, 2, 9, 4, 6, 9, 8, 9, 2, 9, 1, 9, 5])
     before = fastdl.get_num_threads()
     try:
@@ -489,10 +490,13 @@ def test_forward_row_split(cpu_path, monkeypatch, kind):
             torch.manual_seed(6)
             ours, theirs = make_pair(kind, 6, H, dtype=torch.float32, num_layers=1,
                                      bidirectional=True)
-            x = pack_padded_sequence(rand(9, len(lengths), 6, dtype=torch.float32), lengths,
-                                     enforce_sorted=False)
+            x = pack_padded_sequence(rand(9, len(lengths), 6, dtype=torch.float32,
+                                          requires_grad=True), lengths, enforce_sorted=False)
             with torch.no_grad():
                 expected = flat(theirs(x))
+            ref = flat(theirs(x))
+            expected_grads = torch.autograd.grad(sum(t.sum() for t in ref),
+                                                 [x.data] + list(theirs.parameters()))
             first = {}
             for split, threads in (("0", 1), ("1", 2), ("1", 3), ("", 2), ("0", 2)):
                 monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", split)
@@ -503,11 +507,13 @@ def test_forward_row_split(cpu_path, monkeypatch, kind):
                         grads = []
                         if grad:
                             grads = torch.autograd.grad(sum(t.sum() for t in got),
-                                                        list(ours.parameters()))
+                                                        [x.data] + list(ours.parameters()))
                     got = [t.detach() for t in got] + list(grads)
                     what = f"{kind} H={H} split={split!r} {threads} threads grad={grad}"
-                    for i, (a, b) in enumerate(zip(got, expected)):
-                        assert_close(a, b, reduction=H, what=f"{what} output {i}")
+                    want = expected + (list(expected_grads) if grad else [])
+                    assert len(got) == len(want), what
+                    for i, (a, b) in enumerate(zip(got, want)):
+                        assert_close(a, b, reduction=4 * H, what=f"{what} tensor {i}")
                     if grad not in first:
                         first[grad] = got
                     for i, (a, b) in enumerate(zip(got, first[grad])):
@@ -516,7 +522,7 @@ def test_forward_row_split(cpu_path, monkeypatch, kind):
         fastdl.set_num_threads(before)
 
 
-def test_forward_row_split_bad_setting(monkeypatch):
+def test_row_split_bad_setting(monkeypatch):
     m = fastdl.nn.GRU(3, 8)
     monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", "rows")
     with pytest.raises(ValueError, match="FASTDL_RNN_ROW_SPLIT"):

@@ -25,9 +25,10 @@
 // Work split: the forward step splits unit blocks over the threads (the same blocks every step,
 // so each thread's panels stay in its cache; one thread while a step is under ~64K flops per
 // thread, e.g. batch 1, hidden 64), in one thread team per block of steps with a barrier per
-// step (without a projection; with one, a parallel region per step); or, for batches of >= 8
-// rows per thread and a W_hh that fits a core's cache, rows (forward_row_threads: no barrier); the dh product splits
-// 16-column chunks; big GEMMs are threaded by csrc/cpu/gemm.cpp.
+// step (without a projection; with one, a parallel region per step); the dh product splits
+// 16-column chunks. For batches of >= 8 rows per thread and a W_hh that fits a core's cache,
+// both step loops split rows instead (row_split_threads: no barrier). Big GEMMs are threaded by
+// csrc/cpu/gemm.cpp.
 // Measured (one thread, CPU time, 2-core Zen4 VM shared with other jobs; LSTM 64-128-32-50
 // float32): forward 41 ms with libm expf/tanhf in a scalar gate loop -> 15 ms with AVX2 gate math
 // -> 8.8 ms with 2-row LSTM tiles (3 rows spilled 4 accumulators); backward 12.7 -> 8.2 ms once
@@ -900,13 +901,14 @@ void fused_blocks_any(const RnnParams& p, const T* panels, int64_t bs, const Ste
     fused_blocks<T, G, false>(p, panels, bs, io, part, lo, hi);
 }
 
-// Threads for the forward team when it splits rows rather than unit blocks (1: split units).
-// Rows need no barrier per step and no state row written by another core, but make every thread
-// read all of W_hh each step: taken while the packed W_hh (panel_bytes) fits a core's L2 with
-// room for the rest (LSTM hidden 128: 256 KB; Zen 3's L2 is 512 KB) and every thread gets at
-// least 8 rows (a full register tile). FASTDL_RNN_ROW_SPLIT, read once per layer call: unset
-// (or empty) this rule; "0" units always; "1" rows wherever each thread gets 2 or more.
-inline int64_t forward_row_threads(int64_t B, int64_t panel_bytes) {
+// Threads for the step loops (forward and backward) when they split rows rather than unit
+// blocks / dh columns (1: do not). Rows need no barrier per step and no state row written by
+// another core, but make every thread read all of W_hh each step: taken while W_hh
+// (panel_bytes) fits a core's L2 with room for the rest (LSTM hidden 128: 256 KB; Zen 3's L2 is
+// 512 KB) and every thread gets at least 8 rows (a full register tile). FASTDL_RNN_ROW_SPLIT,
+// read once per layer call (each pass): unset (or empty) this rule; "0" never; "1" rows wherever
+// each thread gets 2 or more. The 384 KB bound is reasoned, not measured.
+inline int64_t row_split_threads(int64_t B, int64_t panel_bytes) {
   const char* v = std::getenv("FASTDL_RNN_ROW_SPLIT");
   const std::string mode = v ? v : "";
   FASTDL_CHECK(mode.empty() || mode == "0" || mode == "1",
@@ -988,7 +990,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     const int64_t grain = step_block_grain(B, R, G * kW);
     const int64_t most = std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
     const int64_t per = (blocks + most - 1) / most;
-    const int64_t row_threads = forward_row_threads(B, blocks * R * G * kW * int64_t(sizeof(T)));
+    const int64_t row_threads = row_split_threads(B, blocks * R * G * kW * int64_t(sizeof(T)));
     const int64_t team_threads = row_threads > 1 ? row_threads
                                                  : (blocks + per - 1) / per;  // none without a block
     for (int64_t s0 = 0; s0 < p.steps;) {
@@ -1517,7 +1519,40 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   // that a separate gate pass could use (small H, large batch) or there is a projection.
   const int64_t team_threads = dh_threads(B, GH, R);
   const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + kUnitsGrain - 1) / kUnitsGrain);
-  if (!proj && team_threads >= gate_threads) {
+  const int64_t row_threads = proj ? 1 : row_split_threads(B, GH * R * int64_t(sizeof(T)));
+  if (row_threads > 1) {
+    // Rows split over the threads, as in the forward: thread k runs the gate pass and the dh
+    // product of its rows [r0, r1) over all units and columns, step after step. A row's dh_prev
+    // depends on its own gate gradients only, so no barrier, and the weight gradients (GEMMs
+    // over all rows after the loop) are as before. Nothing in the loop throws.
+    const int64_t chunks = (R + kDhCols - 1) / kDhCols;
+    parallel_team(row_threads, [&](const Team& team) {
+      const int64_t r0 = B * team.tid / team.nthr, r1 = B * (team.tid + 1) / team.nthr;
+      for (int64_t s = 0; s < p.steps; ++s) {
+        const int64_t t = p.reverse ? s : p.steps - 1 - s;
+        const int64_t e = std::min(r1, p.rows_at(t));  // this thread's rows in step t: [r0, e)
+        if (e <= r0) continue;  // (rows past a step's batch keep their dh, as below)
+        BackIo<T> io = step_io(t);
+        io.act += r0 * io.act_cols;
+        if (lstm) {
+          io.c_new += r0 * H;
+          io.c_prev += r0 * H;
+          io.dc += r0 * H;
+        }
+        io.h_prev += r0 * R;
+        io.dh_in += r0 * io.ld_dh_in;
+        if (io.dy) io.dy += r0 * R;
+        io.dgx += r0 * GH;
+        io.dgh += r0 * GH;
+        if (gru) io.dh_direct += r0 * R;
+        for (int64_t b = 0; b < e - r0; ++b) back_units(io, b, 0, H);
+        T* dh_rows = dhs + r0 * R;
+        if (gru)  // dh_prev starts from the direct term dh * z
+          std::memcpy(dh_rows, io.dh_direct, sizeof(T) * (e - r0) * R);
+        dh_product_chunks(0, chunks, e - r0, GH, R, io.dgh, dh_w, dh_layout, dh_rows, gru);
+      }
+    });
+  } else if (!proj && team_threads >= gate_threads) {
     // Thread k owns the dh columns of its chunk range, which are also its units (R == H): its
     // gate pass reads only those columns of dh, and its share of dh_prev = dg_h @ W_hh writes
     // only them, so a step needs one barrier (all of dg_h written before the product reads it),
