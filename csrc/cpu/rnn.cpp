@@ -991,8 +991,8 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     const int64_t most = std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
     const int64_t per = (blocks + most - 1) / most;
     const int64_t row_threads = row_split_threads(B, blocks * R * G * kW * int64_t(sizeof(T)));
-    const int64_t team_threads = row_threads > 1 ? row_threads
-                                                 : (blocks + per - 1) / per;  // none without a block
+    // (split by units: none left without a block)
+    const int64_t team_threads = row_threads > 1 ? row_threads : (blocks + per - 1) / per;
     for (int64_t s0 = 0; s0 < p.steps;) {
       int64_t s1 = p.steps;  // this team's steps [s0, s1) in visiting order
       if (!ws) {
