@@ -358,9 +358,9 @@ inline void recurrent_pair_gru_rows(int mb, int64_t R, const float* pa, const fl
 }
 #endif
 
-// The LSTM (G = 4: 6 rows x 16 columns, twice) and GRU (G = 3: 4 rows x 24) register tiles for
-// mb <= 6 (4) rows of one panel over k in [0, K) (a k slice's K): out rows of C floats, = or +=
-// (accumulate). LSTM groups of 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8
+// The LSTM (G = 4: 6 rows x 16 columns, twice; AVX-512: up to 8 rows x 2 zmm) and GRU (G = 3: 4
+// rows x 24; AVX-512: up to 8 rows x a zmm and a ymm) register tiles for mb rows of one panel
+// over k in [0, K) (a k slice's K): out rows of C floats, = or += (accumulate). LSTM groups of 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8
 // accumulators in one pass, where 16-column halves would hold 2 and 4 and ran ~1.5x slower;
 // figures: benchmarks/RESULTS.md, "development measurements", 2026-12-01 20:05).
 // GRU rows per register tile of one block's 24 columns: 8 on the AVX-512 build (16 accumulators
@@ -377,6 +377,8 @@ inline void recurrent_rows_f32(int mb, int64_t K, const float* panel, int64_t C,
 #if defined(__AVX512F__)
   if (G == 4 && mb >= 3) {  // (1-2 rows: the ymm tiles below hold as many lanes in flight)
     switch (mb) {
+      case 8: recurrent_cols_zmm<8, 2, 0>(K, panel, C, hr, out, accumulate); break;
+      case 7: recurrent_cols_zmm<7, 2, 0>(K, panel, C, hr, out, accumulate); break;
       case 6: recurrent_cols_zmm<6, 2, 0>(K, panel, C, hr, out, accumulate); break;
       case 5: recurrent_cols_zmm<5, 2, 0>(K, panel, C, hr, out, accumulate); break;
       case 4: recurrent_cols_zmm<4, 2, 0>(K, panel, C, hr, out, accumulate); break;
@@ -785,9 +787,10 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         if constexpr (G == 4 && std::is_same<T, float>::value) {
           if (jb + 1 < hi && j0 + 2 * kW <= H) {  // this block and the next, both whole: the
             // gate math on 16 lanes (lstm_units16)
-            // Row groups of at most 6, balanced (32 rows: 5,5,5,5,6,6, not 6 x 5 + 2, whose
-            // last pair would take the 2-row ymm tile, half the zmm tile's width).
-            constexpr int M2 = 6;
+            // Row groups of at most 8 (16 zmm accumulators; 6, before: LSTM (64,128,32,50)
+            // forward 1.61 -> 1.42 ms on 2 threads, RESULTS.md 2026-12-05), balanced (20 rows:
+            // 6,7,7, not 8,8,4; a last pair would take the 2-row ymm tile, half the width).
+            constexpr int M2 = 8;
             alignas(64) float tile_a[M2 * C], tile_b[M2 * C];
             const float* hr2[M2];
             const float* panel_b = panel + R * C;
