@@ -224,11 +224,14 @@ def test_every_feature(cpu_path, kind):
              1, 2, False, torch.float64)
 
 
-def _block_cases(kind, cases):
+def _block_cases(monkeypatch, kind, cases):
     """run_case (training) and an inference forward (the kernels' no-save variant) for each
-    (hidden, batch): one layer, float32, at 1 and 2 threads."""
+    (hidden, batch): one layer, float32, at 1 thread and at 2 with the step loops split by unit
+    blocks (each thread's range of blocks, so tiles start mid-range) and by the rule (rows for
+    batch >= 16)."""
     for H, B in cases:
-        for threads in (1, 2):
+        for threads, split in ((1, ""), (2, "0"), (2, "")):
+            monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", split)
             before = fastdl.get_num_threads()
             fastdl.set_num_threads(threads)
             try:
@@ -239,38 +242,41 @@ def _block_cases(kind, cases):
                 with torch.no_grad():
                     for a, b in zip(flat(ours(x)), flat(theirs(x))):
                         assert_close(a, b, dtype=torch.float32, reduction=H,
-                                     what=f"{kind} H={H} B={B} inference, {threads} threads")
+                                     what=f"{kind} H={H} B={B} inference, {threads} threads "
+                                          f"split={split!r}")
             finally:
                 fastdl.set_num_threads(before)
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_elman_unit_block_pairs(cpu_path, nonlinearity):
+def test_elman_unit_block_pairs(cpu_path, monkeypatch, nonlinearity):
     """The Elman float32 forward takes two blocks of 8 units per register tile (AVX2) and four
     (AVX-512, rows in groups of up to 8): an even and an odd number of blocks, a partial last
     block, row groups of 6-8 and fewer, 1 and 2 threads."""
     # (12, 5), (30, 64): the pair's second block partial; (128, 32), (40, 64), (30, 64): enough
-    # work for 2 threads, (40, 64) an odd number of blocks per thread; (60, 9): the second quad's
-    # last block partial; (72, 20): two quads and a block left over, row groups 7, 7, 6
-    _block_cases(f"RNN_{nonlinearity.upper()}",
+    # work for 2 threads, (40, 64) an odd number of blocks per thread (unit split); (60, 9): the
+    # second quad's last block partial; (72, 20): two quads and a block left over, row groups
+    # 6, 7, 7
+    _block_cases(monkeypatch, f"RNN_{nonlinearity.upper()}",
                  [(16, 1), (24, 7), (40, 13), (21, 6), (12, 5), (30, 64), (40, 64), (128, 32),
                   (60, 9), (72, 20)])
 
 
-def test_lstm_unit_block_pairs(cpu_path):
+def test_lstm_unit_block_pairs(cpu_path, monkeypatch):
     """The LSTM float32 forward on the AVX-512 build: two whole blocks per pass with the gate math
     on 16 lanes, rows in balanced groups of up to 8 (8; 8, 8; 7, 8; 6, 6, 6; a last block whole or
     partial), at 1 and 2 threads (the rows split at 2 threads for batch >= 16)."""
-    _block_cases("LSTM", [(16, 8), (32, 16), (40, 15), (20, 18), (72, 32), (24, 23)])
+    _block_cases(monkeypatch, "LSTM", [(16, 8), (32, 16), (40, 15), (20, 18), (72, 32), (24, 23)])
 
 
-def test_gru_unit_block_pairs(cpu_path):
+def test_gru_unit_block_pairs(cpu_path, monkeypatch):
     """The GRU float32 forward on the AVX-512 build takes two blocks of 8 units per register tile
     (rows in groups of up to 8), and one block with up to 8 rows where a thread's blocks are odd:
     a partial second block, a single leftover block, batches of 1-32, 1 and 2 threads."""
     # (20, 7): a pair and a partial single; (28, 9): the pair's second block partial; (45, 32):
     # three pairs, the last partial, row groups of 8; (128, 32), (72, 20): 2 threads' shares
-    _block_cases("GRU", [(16, 1), (20, 7), (28, 9), (45, 32), (72, 20), (128, 32)])
+    # (unit split)
+    _block_cases(monkeypatch, "GRU", [(16, 1), (20, 7), (28, 9), (45, 32), (72, 20), (128, 32)])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -388,11 +394,12 @@ def test_dh_last_chunk_past_one_vector(cpu_path, kind, hidden, steps):
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_TANH", "LSTM_PROJ"])
-def test_gate_pass_split_mid_row(cpu_path, kind):
-    """Batch 39 x hidden 264 on 2 threads. With a projection the backward's gate-gradient pass
-    (over rows x units, 8192 per chunk) splits mid-row at unit 132, so the AVX2 8-unit loops
-    start off a multiple of 8 and end in a scalar tail; without one, the step loop's thread team
-    splits the units at 128 (16-column dh chunks) and 264 ends in a scalar tail of 8."""
+def test_gate_pass_split_mid_row(cpu_path, monkeypatch, kind):
+    """Batch 39 x hidden 264 on 2 threads, the row split off. With a projection the backward's
+    gate-gradient pass (over rows x units, 8192 per chunk) splits mid-row at unit 132, so the AVX2
+    8-unit loops start off a multiple of 8 and end in a scalar tail; without one, the step loop's
+    thread team splits the units at 128 (16-column dh chunks) and 264 ends in a scalar tail of 8."""
+    monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", "0")
     before = fastdl.get_num_threads()
     fastdl.set_num_threads(2)
     try:
@@ -442,7 +449,7 @@ def test_backward_team_packed_threads(cpu_path, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forward_team_inference_packed(cpu_path, kind, dtype):
+def test_forward_team_inference_packed(cpu_path, monkeypatch, kind, dtype):
     """The forward's step loop in thread teams (one barrier per step; in inference a team per
     block of >= 512 rows, after that block's input-projection GEMM): hidden 50 (7 unit blocks,
     the last partial) and 32 (4 blocks: 3 threads make a team of 2) at 1, 2 and 3 threads,
@@ -450,7 +457,9 @@ def test_forward_team_inference_packed(cpu_path, kind, dtype):
     rows (the blocks change mid-sequence, in both directions), an odd number of steps (the final
     state ends in the second buffer); no-grad and training outputs against torch, and the same
     outputs bitwise at every thread count (each element's sums do not depend on the split).
-    LSTM_PROJ keeps the per-step regions (a GEMM follows each step)."""
+    LSTM_PROJ keeps the per-step regions (a GEMM follows each step). The row split is off here
+    (test_row_split covers it)."""
+    monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", "0")
     lengths = torch.tensor([31, 3, 29, 1, 17, 30, 5, 2, 30, 14, 28, 6, 30, 27, 30, 9, 31, 30, 4,
                             31, 20, 31, 22, 31, 12, 31, 30, 31, 25, 31, 8, 31, 30, 19, 31, 26])
     before = fastdl.get_num_threads()
@@ -487,13 +496,14 @@ def test_row_split(cpu_path, monkeypatch, kind):
     against the splits by unit blocks / dh columns (=0): packed sequences with unsorted lengths
     whose batch changes inside a thread's rows (rows past a step's batch carry their state and
     their dh over), both directions, training (outputs, then the input and parameter gradients)
-    and inference, hidden 40 (5 unit blocks, no quad) and 72 (two quads and a block); against
-    torch, and bitwise equal between the splits and thread counts (a row's sums do not depend on
-    the split). LSTM_PROJ keeps its per-step regions."""
+    and inference, hidden 40 (5 unit blocks: the Elman's quad and a block), 72 (two quads and a
+    block) and 136 (over 128: the product summed over k slices in each thread's partials);
+    against torch, and bitwise equal between the splits and thread counts (a row's sums do not
+    depend on the split). LSTM_PROJ keeps its per-step regions."""
     lengths = torch.tensor([9, 3, 9, 1, 7, 8, 5, 2, 9, 4, 6, 9, 8, 9, 2, 9, 1, 9, 5])
     before = fastdl.get_num_threads()
     try:
-        for H in (40, 72):
+        for H in (40, 72, 136):
             torch.manual_seed(6)
             ours, theirs = make_pair(kind, 6, H, dtype=torch.float32, num_layers=1,
                                      bidirectional=True)
@@ -537,10 +547,11 @@ def test_row_split_bad_setting(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_RELU"])
-def test_backward_small_hidden_large_batch(cpu_path, kind):
-    """Hidden 16 (one dh column chunk) at batch 1100 on 2 threads: the step loop's team would
-    have one thread while the gate pass alone can use two, so the backward takes the per-step
-    regions instead; against torch."""
+def test_backward_small_hidden_large_batch(cpu_path, monkeypatch, kind):
+    """Hidden 16 (one dh column chunk) at batch 1100 on 2 threads, the row split off: the step
+    loop's team would have one thread while the gate pass alone can use two, so the backward
+    takes the per-step regions instead; against torch."""
+    monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", "0")
     before = fastdl.get_num_threads()
     fastdl.set_num_threads(2)
     try:

@@ -710,7 +710,7 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
             constexpr int M4 = 8;
             alignas(64) float tile4[M4 * 4 * kW];
             const float* hr4[M4];
-            // row groups of at most 8, balanced (32 rows: 4 x 8; 20 rows: 7, 7, 6)
+            // row groups of at most 8, balanced (32 rows: 4 x 8; 20 rows: 6, 7, 7)
             const int64_t groups = (bs + M4 - 1) / M4;
             for (int64_t q = 0, b0 = 0; q < groups; ++q) {
               const int mb = static_cast<int>((bs - b0) / (groups - q));
@@ -788,7 +788,7 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
           if (jb + 1 < hi && j0 + 2 * kW <= H) {  // this block and the next, both whole: the
             // gate math on 16 lanes (lstm_units16)
             // Row groups of at most 8 (16 zmm accumulators; 6, before: LSTM (64,128,32,50)
-            // forward 1.61 -> 1.42 ms on 2 threads, RESULTS.md 2026-12-05), balanced (20 rows:
+            // forward 1.61 -> 1.42 ms on 2 threads, RESULTS.md 2026-12-04 23:50), balanced (20 rows:
             // 6,7,7, not 8,8,4; a last pair would take the 2-row ymm tile, half the width).
             constexpr int M2 = 8;
             alignas(64) float tile_a[M2 * C], tile_b[M2 * C];
@@ -909,8 +909,10 @@ void fused_blocks_any(const RnnParams& p, const T* panels, int64_t bs, const Ste
 // another core, but make every thread read all of W_hh each step: taken while W_hh
 // (panel_bytes) fits a core's L2 with room for the rest (LSTM hidden 128: 256 KB; Zen 3's L2 is
 // 512 KB) and every thread gets at least 8 rows (a full register tile). FASTDL_RNN_ROW_SPLIT,
-// read once per layer call (each pass): unset (or empty) this rule; "0" never; "1" rows wherever
-// each thread gets 2 or more. The 384 KB bound is reasoned, not measured.
+// read once per layer call (each pass, with a projection too, which never splits rows): unset
+// (or empty) this rule; "0" never; "1" rows wherever each thread gets 2 or more. The 384 KB bound
+// lies between a measured win (256 KB) and a measured loss (1 MB, 8 rows per thread; RESULTS.md
+// 2026-12-04 23:50). Packed input whose lengths vary widely is not measured here.
 inline int64_t row_split_threads(int64_t B, int64_t panel_bytes) {
   const char* v = std::getenv("FASTDL_RNN_ROW_SPLIT");
   const std::string mode = v ? v : "";
@@ -922,6 +924,44 @@ inline int64_t row_split_threads(int64_t B, int64_t panel_bytes) {
   if (panel_bytes > (int64_t(384) << 10) || B < 8 * nt) return 1;
   return nt;
 }
+
+// The row split's boundaries, balanced by each row's number of steps (packed input sorts rows
+// longest first, so equal row counts would leave the last threads idle while the first run the
+// long rows; padded input: equal counts). row_steps: len[b] = row b's steps (those whose batch
+// exceeds b); allocated before the team. RowRange: thread tid of nthr (the team OpenMP gave)
+// takes rows [r0, r1); no allocation, nothing thrown.
+inline std::vector<int64_t> row_steps(const RnnParams& p) {
+  const int64_t B = p.batch;
+  std::vector<int64_t> len(static_cast<size_t>(B) + 1, 0);
+  for (int64_t t = 0; t < p.steps; ++t) ++len[static_cast<size_t>(p.rows_at(t))];
+  int64_t above = 0;  // a count per batch size, then summed from the largest down
+  for (int64_t b = B; b >= 0; --b) {
+    const int64_t here = len[static_cast<size_t>(b)];
+    len[static_cast<size_t>(b)] = above;
+    above += here;
+  }
+  len.pop_back();
+  return len;
+}
+
+struct RowRange {
+  int64_t r0, r1;
+  RowRange(const std::vector<int64_t>& len, int64_t tid, int64_t nthr) {
+    int64_t total = 0;
+    for (const int64_t l : len) total += l;
+    const int64_t B = static_cast<int64_t>(len.size());
+    // the first row past a k/nthr share of the row-steps, for k = tid and tid + 1
+    auto start = [&](int64_t k) {
+      if (k >= nthr) return B;
+      int64_t done = 0, b = 0;
+      while (b < B && (done + len[static_cast<size_t>(b)]) * nthr <= total * k)
+        done += len[static_cast<size_t>(b++)];
+      return b;
+    };
+    r0 = start(tid);
+    r1 = start(tid + 1);
+  }
+};
 
 template <class T>
 void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
@@ -983,6 +1023,9 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     if (!p.reverse) while (hi < p.steps && off[hi] - off[lo] < kXgRows) ++hi;
     else while (lo > 0 && off[hi] - off[lo] < kXgRows) --lo;
   };
+  // (read with a projection too, so a bad FASTDL_RNN_ROW_SPLIT is refused alike)
+  const int64_t row_threads = row_split_threads(B, blocks * R * G * kW * int64_t(sizeof(T)));
+  const std::vector<int64_t> row_len = row_threads > 1 ? row_steps(p) : std::vector<int64_t>();
   if (!proj) {
     // One thread team per block of steps (training: one for the whole loop, its xg computed
     // above; inference: one per block of >= kXgRows rows, after that block's xg GEMM on every
@@ -993,7 +1036,6 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     const int64_t grain = step_block_grain(B, R, G * kW);
     const int64_t most = std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
     const int64_t per = (blocks + most - 1) / most;
-    const int64_t row_threads = row_split_threads(B, blocks * R * G * kW * int64_t(sizeof(T)));
     // (split by units: none left without a block)
     const int64_t team_threads = row_threads > 1 ? row_threads : (blocks + per - 1) / per;
     for (int64_t s0 = 0; s0 < p.steps;) {
@@ -1012,7 +1054,8 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         // never wait for each other (no barrier per step) and never read a state row the other
         // core wrote; each reads all of W_hh, which the rule keeps small enough for its cache.
         parallel_team(team_threads, [&](const Team& team) {
-          const int64_t r0 = B * team.tid / team.nthr, r1 = B * (team.tid + 1) / team.nthr;
+          const RowRange rows(row_len, team.tid, team.nthr);
+          const int64_t r0 = rows.r0, r1 = rows.r1;
           T* part = partials + team.tid * B * G * kW;
           for (int64_t s = s0; s < s1; ++s) {
             const int64_t t = p.reverse ? p.steps - 1 - s : s;
@@ -1522,7 +1565,9 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   // that a separate gate pass could use (small H, large batch) or there is a projection.
   const int64_t team_threads = dh_threads(B, GH, R);
   const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + kUnitsGrain - 1) / kUnitsGrain);
-  const int64_t row_threads = proj ? 1 : row_split_threads(B, GH * R * int64_t(sizeof(T)));
+  const int64_t row_split = row_split_threads(B, GH * R * int64_t(sizeof(T)));
+  const int64_t row_threads = proj ? 1 : row_split;
+  const std::vector<int64_t> row_len = row_threads > 1 ? row_steps(p) : std::vector<int64_t>();
   if (row_threads > 1) {
     // Rows split over the threads, as in the forward: thread k runs the gate pass and the dh
     // product of its rows [r0, r1) over all units and columns, step after step. A row's dh_prev
@@ -1530,7 +1575,8 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
     // over all rows after the loop) are as before. Nothing in the loop throws.
     const int64_t chunks = (R + kDhCols - 1) / kDhCols;
     parallel_team(row_threads, [&](const Team& team) {
-      const int64_t r0 = B * team.tid / team.nthr, r1 = B * (team.tid + 1) / team.nthr;
+      const RowRange rows(row_len, team.tid, team.nthr);
+      const int64_t r0 = rows.r0, r1 = rows.r1;
       for (int64_t s = 0; s < p.steps; ++s) {
         const int64_t t = p.reverse ? s : p.steps - 1 - s;
         const int64_t e = std::min(r1, p.rows_at(t));  // this thread's rows in step t: [r0, e)

@@ -89,13 +89,15 @@ template <> struct Lanes<16> {
 #endif
 
 // a / b for the gate functions' denominators b in [1, 2^128) (1 + exp, finite: exp clamps its
-// argument) or NaN. The AVX-512 build: b's 14-bit reciprocal (vrcp14, exact for denormal
-// results) refined by one Newton step, a (1 + ~2^-28) relative error, then times a: within 2 ulp
-// of the quotient. A zmm vdivps occupies the divider for ~10-16 cycles, and the LSTM forward's
-// gate math (5 divisions per unit) took more samples than its recurrent product (perf,
-// RESULTS.md 2026-12-05). Both widths of that build use the same steps, so its 8- and 16-lane
-// results stay equal lane by lane. The AVX2 build divides (its 12-bit vrcpps would need two
-// steps, and Zen's divider is not the bound there).
+// argument) or NaN. The AVX-512 build: b's 14-bit reciprocal (vrcp14, which does not flush a
+// denormal result unless MXCSR.FTZ is set) refined by one Newton step, a (1 + ~2^-28) relative
+// error, then times a: within 2 ulp of the quotient (1 ulp in a /tmp sweep of 40 M denominators).
+// vrcp14's bits are specified only to 2^-14, so the last bit may differ between CPU makers,
+// where the division's could not. A zmm vdivps occupies the divider for ~10-16 cycles, and the
+// LSTM forward's gate math (5 divisions per unit) took more samples than its recurrent product
+// (perf, RESULTS.md 2026-12-04 23:50). Both widths of that build use the same steps, so its 8-
+// and 16-lane results stay equal lane by lane. The AVX2 build divides (its 12-bit vrcpps would
+// need two steps, and Zen's divider is not the bound there).
 template <int W>
 FASTDL_VEC_INLINE typename Lanes<W>::V quotient(typename Lanes<W>::V a, typename Lanes<W>::V b) {
   using L = Lanes<W>;
