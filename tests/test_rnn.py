@@ -447,6 +447,13 @@ def test_backward_team_packed_threads(cpu_path, kind):
         fastdl.set_num_threads(before)
 
 
+def _same_as_first(first, key, got, what, first_was):
+    """Keeps the first run's tensors per key; every later run's must equal them bitwise."""
+    first.setdefault(key, got)
+    for i, (a, b) in enumerate(zip(got, first[key])):
+        assert torch.equal(a, b), f"{what}: tensor {i} differs from {first_was}"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_team_inference_packed(cpu_path, monkeypatch, kind, dtype):
@@ -481,10 +488,7 @@ def test_forward_team_inference_packed(cpu_path, monkeypatch, kind, dtype):
                     what = f"{kind} H={H} {threads} threads {'training' if grad else 'inference'}"
                     for i, (a, b) in enumerate(zip(got, expected)):
                         assert_close(a, b, reduction=H, what=f"{what} output {i}")
-                    if grad not in first:
-                        first[grad] = got
-                    for i, (a, b) in enumerate(zip(got, first[grad])):
-                        assert torch.equal(a, b), f"{what}: output {i} differs from 1 thread"
+                    _same_as_first(first, grad, got, what, "1 thread")
     finally:
         fastdl.set_num_threads(before)
 
@@ -531,10 +535,7 @@ def test_row_split(cpu_path, monkeypatch, kind):
                     assert len(got) == len(want), what
                     for i, (a, b) in enumerate(zip(got, want)):
                         assert_close(a, b, reduction=4 * H, what=f"{what} tensor {i}")
-                    if grad not in first:
-                        first[grad] = got
-                    for i, (a, b) in enumerate(zip(got, first[grad])):
-                        assert torch.equal(a, b), f"{what}: tensor {i} differs from the unit split"
+                    _same_as_first(first, grad, got, what, "the unit split at 1 thread")
     finally:
         fastdl.set_num_threads(before)
 

@@ -298,17 +298,19 @@ inline void recurrent_quad_zmm(int64_t R, const float* __restrict p, const float
   }
 }
 
-inline void recurrent_quad_rows(int mb, int64_t R, const float* p, const float* const* hr,
-                                float* out) {
+// f(std::integral_constant<int, mb>()) for mb in [1, 8]: a register tile's row count as a
+// template argument.
+template <class F>
+inline void with_rows(int mb, const F& f) {
   switch (mb) {
-    case 8: recurrent_quad_zmm<8>(R, p, hr, out); break;
-    case 7: recurrent_quad_zmm<7>(R, p, hr, out); break;
-    case 6: recurrent_quad_zmm<6>(R, p, hr, out); break;
-    case 5: recurrent_quad_zmm<5>(R, p, hr, out); break;
-    case 4: recurrent_quad_zmm<4>(R, p, hr, out); break;
-    case 3: recurrent_quad_zmm<3>(R, p, hr, out); break;
-    case 2: recurrent_quad_zmm<2>(R, p, hr, out); break;
-    default: recurrent_quad_zmm<1>(R, p, hr, out); break;
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    default: f(std::integral_constant<int, 1>()); break;
   }
 }
 
@@ -343,26 +345,14 @@ inline void recurrent_pair_gru_zmm(int64_t R, const float* __restrict pa, const 
   }
 }
 
-inline void recurrent_pair_gru_rows(int mb, int64_t R, const float* pa, const float* const* hr,
-                                    float* out) {
-  switch (mb) {
-    case 8: recurrent_pair_gru_zmm<8>(R, pa, hr, out); break;
-    case 7: recurrent_pair_gru_zmm<7>(R, pa, hr, out); break;
-    case 6: recurrent_pair_gru_zmm<6>(R, pa, hr, out); break;
-    case 5: recurrent_pair_gru_zmm<5>(R, pa, hr, out); break;
-    case 4: recurrent_pair_gru_zmm<4>(R, pa, hr, out); break;
-    case 3: recurrent_pair_gru_zmm<3>(R, pa, hr, out); break;
-    case 2: recurrent_pair_gru_zmm<2>(R, pa, hr, out); break;
-    default: recurrent_pair_gru_zmm<1>(R, pa, hr, out); break;
-  }
-}
 #endif
 
 // The LSTM (G = 4: 6 rows x 16 columns, twice; AVX-512: up to 8 rows x 2 zmm) and GRU (G = 3: 4
 // rows x 24; AVX-512: up to 8 rows x a zmm and a ymm) register tiles for mb rows of one panel
-// over k in [0, K) (a k slice's K): out rows of C floats, = or += (accumulate). LSTM groups of 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8
-// accumulators in one pass, where 16-column halves would hold 2 and 4 and ran ~1.5x slower;
-// figures: benchmarks/RESULTS.md, "development measurements", 2026-12-01 20:05).
+// over k in [0, K) (a k slice's K): out rows of C floats, = or += (accumulate). LSTM groups of
+// 1-2 rows take the whole-row 1 x 32 / 2 x 32 tile instead (4 and 8 accumulators in one pass,
+// where 16-column halves would hold 2 and 4 and ran ~1.5x slower; figures:
+// benchmarks/RESULTS.md, "development measurements", 2026-12-01 20:05).
 // GRU rows per register tile of one block's 24 columns: 8 on the AVX-512 build (16 accumulators
 // of its 32 registers), 4 on AVX2 (8 of 16).
 #if defined(__AVX512F__)
@@ -504,6 +494,11 @@ inline void lstm_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, in
 }
 
 #if defined(__AVX512F__)
+// Two 8-unit blocks' values (at a and b) as one zmm: a in lanes 0-7, b in 8-15.
+inline __m512 join_blocks(const float* a, const float* b) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+}
+
 // lstm_units for 16 units [j0, j0 + 16) of row b, two whole 8-unit blocks whose tile rows are
 // hh_a and hh_b (AVX-512 build, float32): the same arithmetic on 16 lanes (vec_math.h), so the
 // results are bitwise those of two 8-unit calls.
@@ -517,8 +512,7 @@ inline void lstm_units16(const StepIo<float>& io, int64_t H, int64_t b, int64_t 
   float* __restrict y = io.y ? io.y + b * H + j0 : nullptr;
   __m512 a[4];
   for (int q = 0; q < 4; ++q) {
-    const __m512 hh = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(hh_a + q * kW)),
-                                         _mm256_loadu_ps(hh_b + q * kW), 1);
+    const __m512 hh = join_blocks(hh_a + q * kW, hh_b + q * kW);
     a[q] = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(xa + q * H), hh),
                          _mm512_loadu_ps(bias + q * H));
   }
@@ -597,10 +591,7 @@ inline void gru_units16(const StepIo<float>& io, int64_t H, int64_t b, int64_t j
                         const float* __restrict hh_a, const float* __restrict hh_b) {
   float* __restrict xa = io.xa + b * io.ld_xa + j0;
   const float* __restrict bias = io.bias + j0;
-  auto hh = [&](int q) {
-    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(hh_a + q * kW)),
-                              _mm256_loadu_ps(hh_b + q * kW), 1);
-  };
+  auto hh = [&](int q) { return join_blocks(hh_a + q * kW, hh_b + q * kW); };
   const __m512 r = sigmoid16(
       _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(xa), _mm512_loadu_ps(bias)), hh(0)));
   const __m512 z = sigmoid16(
@@ -715,7 +706,9 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
             for (int64_t q = 0, b0 = 0; q < groups; ++q) {
               const int mb = static_cast<int>((bs - b0) / (groups - q));
               for (int i = 0; i < mb; ++i) hr4[i] = io.h_old + (b0 + i) * R;
-              recurrent_quad_rows(mb, R, panel, hr4, tile4);
+              with_rows(mb, [&](auto m) {
+                recurrent_quad_zmm<decltype(m)::value>(R, panel, hr4, tile4);
+              });
               for (int i = 0; i < mb; ++i)
                 for (int64_t u = 0; u < 4; u += 2) {
                   const int64_t ju = j0 + u * kW;
@@ -746,7 +739,9 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
             for (int64_t q = 0, b0 = 0; q < groups; ++q) {
               const int mb = static_cast<int>((bs - b0) / (groups - q));
               for (int i = 0; i < mb; ++i) hr8[i] = io.h_old + (b0 + i) * R;
-              recurrent_pair_gru_rows(mb, R, panel, hr8, tile_p);
+              with_rows(mb, [&](auto m) {
+                recurrent_pair_gru_zmm<decltype(m)::value>(R, panel, hr8, tile_p);
+              });
               for (int i = 0; i < mb; ++i) {
                 const float* ta = tile_p + i * 2 * C;
                 if (j1 + kW <= H) {
@@ -788,8 +783,9 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
           if (jb + 1 < hi && j0 + 2 * kW <= H) {  // this block and the next, both whole: the
             // gate math on 16 lanes (lstm_units16)
             // Row groups of at most 8 (16 zmm accumulators; 6, before: LSTM (64,128,32,50)
-            // forward 1.61 -> 1.42 ms on 2 threads, RESULTS.md 2026-12-04 23:50), balanced (20 rows:
-            // 6,7,7, not 8,8,4; a last pair would take the 2-row ymm tile, half the width).
+            // forward 1.61 -> 1.42 ms on 2 threads, RESULTS.md 2026-12-04 23:50), balanced
+            // (20 rows: 6,7,7, not 8,8,4; a last pair would take the 2-row ymm tile, half the
+            // width).
             constexpr int M2 = 8;
             alignas(64) float tile_a[M2 * C], tile_b[M2 * C];
             const float* hr2[M2];
