@@ -464,9 +464,9 @@ def test_forward_team_inference_packed(cpu_path, monkeypatch, kind, dtype):
     rows (the blocks change mid-sequence, in both directions), an odd number of steps (the final
     state ends in the second buffer); no-grad and training outputs against torch, and the same
     outputs bitwise at every thread count (each element's sums do not depend on the split).
-    LSTM_PROJ keeps the per-step regions (a GEMM follows each step). The row split is off here
-    (test_row_split covers it)."""
-    monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", "0")
+    LSTM_PROJ keeps the per-step regions (a GEMM follows each step). At 2 and 3 threads both
+    splits of the step loop run: by unit blocks (FASTDL_RNN_ROW_SPLIT=0) and by the rule, which
+    takes rows here (36 rows, small W_hh; each inference team balances its own block of steps)."""
     lengths = torch.tensor([31, 3, 29, 1, 17, 30, 5, 2, 30, 14, 28, 6, 30, 27, 30, 9, 31, 30, 4,
                             31, 20, 31, 22, 31, 12, 31, 30, 31, 25, 31, 8, 31, 30, 19, 31, 26])
     before = fastdl.get_num_threads()
@@ -480,12 +480,14 @@ def test_forward_team_inference_packed(cpu_path, monkeypatch, kind, dtype):
             with torch.no_grad():
                 expected = flat(theirs(x))
             first = {}
-            for threads in (1, 2, 3):
+            for threads, split in ((1, "0"), (2, "0"), (3, "0"), (2, ""), (3, "")):
+                monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", split)
                 fastdl.set_num_threads(threads)
                 for grad in (False, True):
                     with torch.set_grad_enabled(grad):
                         got = [t.detach() for t in flat(ours(x))]
-                    what = f"{kind} H={H} {threads} threads {'training' if grad else 'inference'}"
+                    what = (f"{kind} H={H} {threads} threads split={split!r} "
+                            f"{'training' if grad else 'inference'}")
                     for i, (a, b) in enumerate(zip(got, expected)):
                         assert_close(a, b, reduction=H, what=f"{what} output {i}")
                     _same_as_first(first, grad, got, what, "1 thread")
@@ -541,10 +543,11 @@ def test_row_split(cpu_path, monkeypatch, kind):
 
 
 def test_row_split_bad_setting(monkeypatch):
-    m = fastdl.nn.GRU(3, 8)
+    """Refused before any output is written, with a projection too (which never splits rows)."""
     monkeypatch.setenv("FASTDL_RNN_ROW_SPLIT", "rows")
-    with pytest.raises(ValueError, match="FASTDL_RNN_ROW_SPLIT"):
-        m(torch.randn(2, 4, 3))
+    for m in (fastdl.nn.GRU(3, 8), fastdl.nn.LSTM(3, 8, proj_size=4)):
+        with pytest.raises(ValueError, match="FASTDL_RNN_ROW_SPLIT"):
+            m(torch.randn(2, 4, 3))
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM", "RNN_RELU"])

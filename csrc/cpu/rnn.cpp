@@ -923,13 +923,16 @@ inline int64_t row_split_threads(int64_t B, int64_t panel_bytes) {
 
 // The row split's boundaries, balanced by each row's number of steps (packed input sorts rows
 // longest first, so equal row counts would leave the last threads idle while the first run the
-// long rows; padded input: equal counts). row_steps: len[b] = row b's steps (those whose batch
-// exceeds b); allocated before the team. RowRange: thread tid of nthr (the team OpenMP gave)
-// takes rows [r0, r1); no allocation, nothing thrown.
-inline std::vector<int64_t> row_steps(const RnnParams& p) {
+// long rows; padded input: equal counts). row_steps: len[b] = row b's steps among visiting steps
+// [s0, s1) (those whose batch exceeds b; an inference team covers a block of steps), allocated
+// before the team. RowRange: thread tid of nthr (the team OpenMP gave) takes rows [r0, r1), each
+// boundary at the row end nearest to a k/nthr share of the row-steps; no allocation, nothing
+// thrown. (One very long row can still leave a thread few rows or none.)
+inline std::vector<int64_t> row_steps(const RnnParams& p, int64_t s0, int64_t s1) {
   const int64_t B = p.batch;
   std::vector<int64_t> len(static_cast<size_t>(B) + 1, 0);
-  for (int64_t t = 0; t < p.steps; ++t) ++len[static_cast<size_t>(p.rows_at(t))];
+  for (int64_t s = s0; s < s1; ++s)  // (the set of steps is the same in either visiting order)
+    ++len[static_cast<size_t>(p.rows_at(p.reverse ? p.steps - 1 - s : s))];
   int64_t above = 0;  // a count per batch size, then summed from the largest down
   for (int64_t b = B; b >= 0; --b) {
     const int64_t here = len[static_cast<size_t>(b)];
@@ -946,12 +949,15 @@ struct RowRange {
     int64_t total = 0;
     for (const int64_t l : len) total += l;
     const int64_t B = static_cast<int64_t>(len.size());
-    // the first row past a k/nthr share of the row-steps, for k = tid and tid + 1
-    auto start = [&](int64_t k) {
+    auto start = [&](int64_t k) {  // nondecreasing in k: start(0) = 0, start(nthr) = B
+      if (k <= 0) return int64_t(0);
       if (k >= nthr) return B;
-      int64_t done = 0, b = 0;
-      while (b < B && (done + len[static_cast<size_t>(b)]) * nthr <= total * k)
+      int64_t done = 0, b = 0;  // (in units of 1/nthr row-steps)
+      const int64_t share = total * k;
+      while (b < B && (done + len[static_cast<size_t>(b)]) * nthr <= share)
         done += len[static_cast<size_t>(b++)];
+      // row b straddles the share: to this thread's side if more than half of it is before
+      if (b < B && 2 * (share - done * nthr) > len[static_cast<size_t>(b)] * nthr) ++b;
       return b;
     };
     r0 = start(tid);
@@ -970,6 +976,10 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
   T* y = static_cast<T*>(a.y);
   T* hn = static_cast<T*>(a.hn);
   T* cs = lstm ? static_cast<T*>(a.cn) : nullptr;
+  // Read first (with a projection too, so a bad FASTDL_RNN_ROW_SPLIT is refused alike, before
+  // any output is written).
+  const int64_t row_threads =
+      row_split_threads(B, ((H + kW - 1) / kW) * R * G * kW * int64_t(sizeof(T)));
   std::memcpy(hn, a.h0, sizeof(T) * B * R);
   if (lstm) std::memcpy(cs, a.c0, sizeof(T) * B * H);
   if (p.steps == 0 || B == 0) return;
@@ -1019,9 +1029,6 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     if (!p.reverse) while (hi < p.steps && off[hi] - off[lo] < kXgRows) ++hi;
     else while (lo > 0 && off[hi] - off[lo] < kXgRows) --lo;
   };
-  // (read with a projection too, so a bad FASTDL_RNN_ROW_SPLIT is refused alike)
-  const int64_t row_threads = row_split_threads(B, blocks * R * G * kW * int64_t(sizeof(T)));
-  const std::vector<int64_t> row_len = row_threads > 1 ? row_steps(p) : std::vector<int64_t>();
   if (!proj) {
     // One thread team per block of steps (training: one for the whole loop, its xg computed
     // above; inference: one per block of >= kXgRows rows, after that block's xg GEMM on every
@@ -1049,6 +1056,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         // the block's steps. A row's next state depends on its own state only, so the threads
         // never wait for each other (no barrier per step) and never read a state row the other
         // core wrote; each reads all of W_hh, which the rule keeps small enough for its cache.
+        const std::vector<int64_t> row_len = row_steps(p, s0, s1);  // this team's steps
         parallel_team(team_threads, [&](const Team& team) {
           const RowRange rows(row_len, team.tid, team.nthr);
           const int64_t r0 = rows.r0, r1 = rows.r1;
@@ -1514,6 +1522,8 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   const T* dy = static_cast<const T*>(a.dy);
   const T* w_hh = static_cast<const T*>(w.w_hh);
   const T* w_hr = static_cast<const T*>(w.w_hr);
+  // (read first, with a projection too, as in the forward)
+  const int64_t row_split = row_split_threads(B, GH * R * int64_t(sizeof(T)));
   const RnnBackwardBuffers<T> sb = rnn_backward_buffers<T>(p, a.scratch);
   T *dgx = sb.dgx, *dgh = sb.dgh, *dht = sb.dht, *dhpre = sb.dhpre;
   T* dhs = static_cast<T*>(a.dh0);
@@ -1561,9 +1571,9 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   // that a separate gate pass could use (small H, large batch) or there is a projection.
   const int64_t team_threads = dh_threads(B, GH, R);
   const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + kUnitsGrain - 1) / kUnitsGrain);
-  const int64_t row_split = row_split_threads(B, GH * R * int64_t(sizeof(T)));
   const int64_t row_threads = proj ? 1 : row_split;
-  const std::vector<int64_t> row_len = row_threads > 1 ? row_steps(p) : std::vector<int64_t>();
+  const std::vector<int64_t> row_len =
+      row_threads > 1 ? row_steps(p, 0, p.steps) : std::vector<int64_t>();
   if (row_threads > 1) {
     // Rows split over the threads, as in the forward: thread k runs the gate pass and the dh
     // product of its rows [r0, r1) over all units and columns, step after step. A row's dh_prev
