@@ -782,10 +782,9 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         if constexpr (G == 4 && std::is_same<T, float>::value) {
           if (jb + 1 < hi && j0 + 2 * kW <= H) {  // this block and the next, both whole: the
             // gate math on 16 lanes (lstm_units16)
-            // Row groups of at most 8 (16 zmm accumulators; 6, before: LSTM (64,128,32,50)
-            // forward 1.61 -> 1.42 ms on 2 threads, RESULTS.md 2026-12-04 23:50), balanced
-            // (20 rows: 6,7,7, not 8,8,4; a last pair would take the 2-row ymm tile, half the
-            // width).
+            // Row groups of at most 8 (16 zmm accumulators; 6 before, slower: RESULTS.md
+            // 2026-12-04 23:50), balanced (20 rows: 6,7,7, not 8,8,4; a last pair would take
+            // the 2-row ymm tile, half the width).
             constexpr int M2 = 8;
             alignas(64) float tile_a[M2 * C], tile_b[M2 * C];
             const float* hr2[M2];

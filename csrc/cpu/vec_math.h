@@ -91,8 +91,7 @@ template <> struct Lanes<16> {
 // a / b for the gate functions' denominators b in [1, 2^128) (1 + exp, finite: exp clamps its
 // argument) or NaN. The AVX-512 build: b's 14-bit reciprocal (vrcp14, which does not flush a
 // denormal result unless MXCSR.FTZ is set) refined by one Newton step, a (1 + ~2^-28) relative
-// error, then times a: within 2 ulp of the quotient (at most 1 ulp over 40 M random
-// denominators in a development sweep).
+// error, then times a: within 2 ulp of the quotient (error sweeps: RESULTS.md 2026-12-04 23:50).
 // vrcp14's bits are specified only to 2^-14, so the last bit may differ between CPU makers,
 // where the division's could not. A zmm vdivps occupies the divider for ~10-16 cycles, and the
 // LSTM forward's gate math (5 divisions per unit) took more samples than its recurrent product
