@@ -1409,6 +1409,39 @@ def test_sigmoid_underflow_gives_zero(name, H):
         assert_close(u, v, reduction=3, what=f"{name} H={H} with an underflowing gate")
 
 
+@pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell"])
+def test_saturated_gates_equal_torch(name):
+    """Pre-activations of either sign with |a| from 9 to 5000 (saturated gates: zero weights, the
+    biases set): tanh is exactly +-1 and sigmoid exactly 0 or 1 in float32, as in torch, and no
+    NaN appears. The vector tanh caps |a| at 10 and the sigmoid -a at -30 before exp
+    (csrc/cpu/vec_math.h: past those the reciprocal or exp's result was denormal, each operation
+    on it a microcode assist), which must not change a result. H = 40: the 16- and 8-lane paths
+    and a scalar tail."""
+    H, B = 40, 16
+    ours = getattr(fastdl.nn, name)(7, H, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.startswith("weight"):
+                p.zero_()
+            else:
+                sign = torch.randint(0, 2, p.shape, generator=gen) * 2 - 1
+                p.copy_(sign * 10 ** torch.empty(p.shape).uniform_(0.96, 3.7, generator=gen) / 2)
+    theirs = getattr(torch.nn, name)(7, H, dtype=torch.float32)
+    theirs.load_state_dict(ours.state_dict())
+    x = rand(*((6, B, 7) if "Cell" not in name else (B, 7)), dtype=torch.float32)
+    with torch.no_grad():
+        oa, ob = ours(x), theirs(x)
+    flat = lambda o: [t for v in (o if isinstance(o, tuple) else (o,))
+                      for t in (v if isinstance(v, tuple) else (v,))]
+    for u, v in zip(flat(oa), flat(ob)):
+        assert not u.isnan().any()
+        exact = (v.abs() == 1) | (v == 0)     # saturated lanes: the value is exact in both
+        assert exact.any(), "the case must saturate some outputs"
+        assert torch.equal(u[exact], v[exact]), f"{name}: a saturated output differs from torch"
+        assert_close(u, v, what=f"{name} with saturated gates")
+
+
 # ---- float16 / bfloat16 on CUDA ----------------------------------------------------------------
 # The CUDA kernels take float16/bfloat16 tensors (a model .half()ed on CUDA) and compute in float32:
 # operands converted once per call, the recurrent state carried in float32, each result rounded

@@ -132,7 +132,11 @@ template <int W>
 FASTDL_VEC_INLINE typename Lanes<W>::V sigmoid_lanes(typename Lanes<W>::V x) {
   using L = Lanes<W>;
   const auto one = L::set1(1.0f);
-  const auto s = quotient<W>(one, L::add(one, exp_lanes<W>(L::sub(L::set1(0.0f), x))));
+  // exp(-x) for x >= 30 is below 2^-43, so 1 + exp(-x) rounds to 1 either way; capping -x at -30
+  // keeps the product clear of exp's clamp edge (x near 87), where the result is denormal and
+  // each operation on it takes a microcode assist. max(c, v) returns v when v is NaN.
+  const auto e = exp_lanes<W>(L::max(L::set1(-30.0f), L::sub(L::set1(0.0f), x)));
+  const auto s = quotient<W>(one, L::add(one, e));
   return L::select_below(x, L::set1(-88.7f), L::set1(0.0f), s);
 }
 
@@ -149,7 +153,12 @@ FASTDL_VEC_INLINE typename Lanes<W>::V tanh_lanes(typename Lanes<W>::V x) {
   s = L::fmadd(s, z, L::set1(-3.33332819422e-1f));
   s = L::fmadd(L::mul(s, z), ax, ax);
   const auto one = L::set1(1.0f);
-  const auto e = exp_lanes<W>(L::add(ax, ax));
+  // tanh(|x| >= 9.1) rounds to 1: 2 / (exp(2|x|) + 1) < 2^-25. Capping |x| at 10 gives that same
+  // 1 and keeps exp(2|x|) below 2^126, where the reciprocal (quotient) would be denormal and
+  // slow every operation on it with a microcode assist (saturated gates ran a cell step at half
+  // speed: RESULTS.md 2026-12-05). min(c, v) returns v when v is NaN.
+  const auto axc = L::min(L::set1(10.0f), ax);
+  const auto e = exp_lanes<W>(L::add(axc, axc));
   const auto big = L::sub(one, quotient<W>(L::set1(2.0f), L::add(e, one)));
   return L::or_(L::select_below(ax, L::set1(0.625f), s, big), L::and_(x, sign));
 }
