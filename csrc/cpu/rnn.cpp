@@ -298,20 +298,21 @@ inline void recurrent_quad_zmm(int64_t R, const float* __restrict p, const float
   }
 }
 
-// f(std::integral_constant<int, mb>()) for mb in [1, 8]: a register tile's row count as a
-// template argument.
+// f(std::integral_constant<int, mb>()) for mb in [1, N] (N <= 12): a register tile's row count as
+// a template argument.
+template <int N, class F>
+inline void with_rows_upto(int mb, const F& f) {
+  if constexpr (N > 1) {
+    if (mb >= N) return f(std::integral_constant<int, N>());
+    with_rows_upto<N - 1>(mb, f);
+  } else {
+    f(std::integral_constant<int, 1>());
+  }
+}
+
 template <class F>
 inline void with_rows(int mb, const F& f) {
-  switch (mb) {
-    case 8: f(std::integral_constant<int, 8>()); break;
-    case 7: f(std::integral_constant<int, 7>()); break;
-    case 6: f(std::integral_constant<int, 6>()); break;
-    case 5: f(std::integral_constant<int, 5>()); break;
-    case 4: f(std::integral_constant<int, 4>()); break;
-    case 3: f(std::integral_constant<int, 3>()); break;
-    case 2: f(std::integral_constant<int, 2>()); break;
-    default: f(std::integral_constant<int, 1>()); break;
-  }
+  with_rows_upto<8>(mb, f);
 }
 
 // GRU (G = 3) float32 on the AVX-512 build: two unit blocks at once (block a's panel at pa, b's
@@ -666,6 +667,11 @@ inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, i
 // LSTM 256-512-64-100 forward, one thread: the whole-R panel (64 KB) streamed from L2 per row
 // group ran at 55 GFLOP/s.
 constexpr int64_t kKc = 128;
+// Rows per register tile in the AVX-512 LSTM's k-sliced path: 24 zmm accumulators of 32.
+constexpr int kSliceRows = 12;
+// Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 LSTM's sliced path sums two
+// blocks at once (their gate math on 16 lanes).
+constexpr int64_t kPartSets = 2;
 
 // Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
 // thread and step; rows: the step's batch, or the largest one for a team over all steps).
@@ -829,6 +835,38 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         }
         continue;
       }
+#if defined(__AVX512F__)
+      if constexpr (G == 4 && std::is_same<T, float>::value) {
+        // Per k slice, row groups of up to kSliceRows (balanced) on 2 zmm per row; two whole
+        // blocks at a time (their partials in part and part + bs * C), so the gate math runs on
+        // 16 lanes (lstm_units16). The same products in the same k order as the 6-row tiles
+        // below: bitwise equal.
+        const bool pair = jb + 1 < hi && j0 + 2 * kW <= H;
+        const int nb = pair ? 2 : 1;
+        const float* hr12[kSliceRows];
+        const int64_t groups = (bs + kSliceRows - 1) / kSliceRows;
+        for (int64_t k0 = 0; k0 < R; k0 += kKc) {
+          const int64_t kc = std::min(kKc, R - k0);
+          for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+            const int mb = static_cast<int>((bs - b0) / (groups - q));
+            for (int i = 0; i < mb; ++i) hr12[i] = io.h_old + (b0 + i) * R + k0;
+            for (int e = 0; e < nb; ++e)
+              with_rows_upto<kSliceRows>(mb, [&](auto m) {
+                recurrent_cols_zmm<decltype(m)::value, 2, 0>(kc, panel + e * R * C + k0 * C, C,
+                                                             hr12, part + (e * bs + b0) * C,
+                                                             k0 > 0);
+              });
+            b0 += mb;
+          }
+        }
+        for (int64_t b = 0; b < bs; ++b) {
+          if (pair) lstm_units16<SAVE>(io, H, b, j0, part + b * C, part + (bs + b) * C);
+          else gates(b, j0, w, part + b * C);
+        }
+        if (pair) ++jb;
+        continue;
+      }
+#endif
 #if defined(FASTDL_RNN_AVX2)
       if constexpr ((G == 4 || G == 3) && std::is_same<T, float>::value) {
         // the same 12-accumulator tiles per k slice, summed into this thread's partials (the
@@ -876,7 +914,7 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   // the slots allocated for fastdl's thread count): slot 0 then.
   const bool nested = omp_in_parallel() != 0;
   parallel_for(blocks, step_block_grain(bs, p.out_size(), C), [&](int64_t lo, int64_t hi) {
-    T* part = partials + (nested ? 0 : int64_t(omp_get_thread_num())) * p.batch * C;
+    T* part = partials + (nested ? 0 : int64_t(omp_get_thread_num())) * kPartSets * p.batch * C;
     fused_blocks<T, G, SAVE>(p, panels, bs, io, part, lo, hi);
   });
 }
@@ -991,7 +1029,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
 
   // Reused scratch: packed W_hh, combined biases, the second state buffer, hpre (inference).
   const int64_t blocks = (H + kW - 1) / kW;
-  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * B * G * kW : 0;
+  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * kPartSets * B * G * kW : 0;
   T* panels = static_cast<T*>(tl_hh.get(sizeof(T) * (blocks * R * G * kW + GH + H + B * R +
                                                       (proj ? B * H : 0) + part_n)));
   T* bias = panels + blocks * R * G * kW;
@@ -1059,7 +1097,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         parallel_team(team_threads, [&](const Team& team) {
           const RowRange rows(row_len, team.tid, team.nthr);
           const int64_t r0 = rows.r0, r1 = rows.r1;
-          T* part = partials + team.tid * B * G * kW;
+          T* part = partials + team.tid * kPartSets * B * G * kW;
           for (int64_t s = s0; s < s1; ++s) {
             const int64_t t = p.reverse ? p.steps - 1 - s : s;
             const int64_t bs = p.rows_at(t), row0 = off[t];
@@ -1090,7 +1128,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         const int64_t chunk = (blocks + team.nthr - 1) / team.nthr;
         const int64_t lo = std::min(blocks, team.tid * chunk), hi = std::min(blocks, lo + chunk);
         const int64_t u0 = lo * kW, uw = std::min(H, hi * kW) - u0;  // this thread's units
-        T* part = partials + team.tid * B * G * kW;
+        T* part = partials + team.tid * kPartSets * B * G * kW;
         for (int64_t s = s0; s < s1; ++s) {
           const int64_t t = p.reverse ? p.steps - 1 - s : s;
           const int64_t bs = p.rows_at(t), row0 = off[t];
