@@ -1,7 +1,9 @@
 """The one-step CPU cell kernels (csrc/cpu/rnn_cell.cpp) behind fastdl.nn.RNNCell / LSTMCell /
 GRUCell, on both kernel builds (the cpu_path cases): outputs and every gradient against torch's cells, on shapes that
-reach each tiling case (the forward's 6-row tiles and 1-5 row remainders, GRU's n rows split at
-2H, batch vectors in tiles of 2 and 1 with padded lanes; the backward products' 4-row tiles,
+reach each tiling case (the forward's 6-row tiles and 1-5 row remainders, on zmm balanced groups
+of 1-12 rows, GRU's n rows split at 2H, batch vectors in tiles of 2 and 1 with padded lanes; the
+gate update on 16 and 8 units and the scalar tail; the backward products' 4-row tiles, dx and
+dh's balanced tiles of up to 12 rows on zmm panels,
 1-3 ymm / 1-4 zmm vector panels and scalar columns past the last whole vector); against fastdl's own layer
 kernels run for one step; only the gradients asked for; non-contiguous operands; operands the
 kernels must refuse (weights of another shape, dtype or device; the custom op called directly)."""
@@ -20,9 +22,11 @@ CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="
 # multiple of 16 float / 8 double lanes in the backward): 1, 2, 3 (2 + 1) zmm batch vectors
 # (B = 9, 17, 33, 40) and zmm column panels of 1-4 vectors (16, 32, 64, 96 = 3 + 3); the last
 # four reach every (rows, vectors) zmm tile of the forward and the products in both dtypes, on
-# 1 and 2 threads, and 2-row product tiles.
+# 1 and 2 threads, and 2-row product tiles. The last three: forward row groups of 11 and 12 (23
+# units on one thread), 6, 3 and 4 rows on zmm, 16 + 7 units in the gate update.
 SHAPES = [(1, 1, 1), (3, 8, 5), (8, 24, 16), (9, 13, 12), (17, 30, 9), (33, 64, 40),
-          (40, 32, 96), (34, 112, 15), (10, 16, 5), (6, 32, 1), (6, 16, 8)]
+          (40, 32, 96), (34, 112, 15), (10, 16, 5), (6, 32, 1), (6, 16, 8), (12, 20, 23),
+          (18, 16, 6), (25, 48, 3)]
 
 
 def _pair(name, kw, I, H, bias, dtype):

@@ -8,16 +8,19 @@
 // one ymm, a backward product whose columns are whole zmm (measured: RESULTS.md, 2026-12-03
 // 12:19 section).
 //   forward:  g^T (G*H, B) = W_ih x^T + W_hh h^T in tiles of 6 gate rows x 2 batch vectors
+//             (zmm: balanced groups of up to 12 rows, 24 accumulators)
 //             (A = weight rows in place, B = x^T / h^T, transposed once per call into a scratch
 //             with the batch padded to whole vectors), then a pass over the hidden units runs
 //             the gate math and writes h', c' and, in training, the activations (LSTM/GRU
-//             float32 on AVX2: 8 units of one batch row per vector, update8_f32; otherwise
+//             float32 on AVX2: 8 units of one batch row per vector, update8_f32, 16 on the
+//             AVX-512 build, update16_f32; otherwise
 //             vectorised over the batch). Work split: units over the threads, each thread
 //             its units' gate rows and their update (one region). 12 accumulators per
 //             tile: a 4-gate x 2-vector tile per unit had 8, at the FMA latency's bound (figures: RESULTS.md).
 //   backward: a fused pass turns dh', dc' into the gate gradients dG (B, G*H) (rnn_math.h; the
 //             LSTM's on 8 units at a time on AVX2: its scalar tanh(c') dominated), then
-//             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows), and
+//             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows; on zmm
+//             panels tiles of up to 12 rows x 2 zmm, Product::tall), and
 //             dW_ih = dG^T x, dW_hh = dG_h^T h (A = dG's columns, B = x / h rows); biases are
 //             column sums of dG. Work split: one thread team per step, the gate gradients by
 //             batch rows, a barrier, then the products by flops (row tiles x column panels)
@@ -66,14 +69,13 @@ inline void tile_fma(int64_t K, const T* const* a, int64_t a_step, const T* __re
   constexpr int64_t L = PVec<T, VB>::L;
   const T* ar[MR];
   for (int i = 0; i < MR; ++i) ar[i] = a[i];
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = 0, ka = 0; k < K; ++k, ka += a_step) {
     V bv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bv[v] = PVec<T, VB>::load(b + v * L);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T s = *ar[i];
-      ar[i] += a_step;
+      const T s = ar[i][ka];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] += s * bv[v];
     }
@@ -129,9 +131,25 @@ void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k,
 // the rest) or up to 4 zmm (16 of 32) with the vectors spread evenly (5 zmm as 3 + 2, not 4 + 1):
 // 4 zmm had run as 3 + 1, a 4-accumulator tile doing a quarter of the work at its FMA latency's
 // bound.
+// product_rows for mr in [1, N] rows.
+template <class T, int VB, int N>
+void product_rows_upto(int64_t mr, int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k,
+                       const T* b, int64_t ldb, T* out, int64_t ldo, bool accumulate) {
+  if constexpr (N > 1) {
+    if (mr >= N) return product_rows<T, N, VB>(nv, K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+    product_rows_upto<T, VB, N - 1>(mr, nv, K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+  } else {
+    product_rows<T, 1, VB>(nv, K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+  }
+}
+
 template <class T>
 struct Product {
   static constexpr int64_t MR = 4;
+  // tall (zmm panels only): row tiles of up to kTallRows x 2 zmm (24 accumulators), for the
+  // products over K = G*H that stream the weights once per row tile (dx, dh): fewer passes
+  // over the weights than 4 x 4 (measured: RESULTS.md, 2026-12-05 section).
+  static constexpr int64_t kTallRows = 12;
   int64_t M, N, K;
   const T* a;
   int64_t as_i, as_k;
@@ -140,17 +158,21 @@ struct Product {
   T* out;
   int64_t ldo;
   bool accumulate;
+  bool tall = false;
 
   bool wide() const {
     return kWideBytes > kVecBytes && N % PVec<T, kWideBytes>::L == 0;
   }
+  bool tall_tiles() const { return tall && wide(); }
+  int64_t mr() const { return tall_tiles() ? kTallRows : MR; }
   int64_t lanes() const { return wide() ? PVec<T, kWideBytes>::L : Vec<T>::L; }
   int64_t vecs() const { return N / lanes(); }
-  int64_t max_nv() const { return wide() ? 4 : 3; }
+  int64_t max_nv() const { return wide() ? (tall_tiles() ? 2 : 4) : 3; }
   int64_t vec_panels() const { return (vecs() + max_nv() - 1) / max_nv(); }
   int64_t panels() const { return vec_panels() + (vecs() * lanes() < N ? 1 : 0); }
-  int64_t items() const { return panels() * ((M + MR - 1) / MR); }
-  int64_t item_flops() const { return 2 * MR * max_nv() * lanes() * K; }
+  int64_t row_tiles() const { return (M + mr() - 1) / mr(); }
+  int64_t items() const { return panels() * row_tiles(); }
+  int64_t item_flops() const { return 2 * mr() * max_nv() * lanes() * K; }
 
   void run(int64_t it) const {
     if (wide()) run_as<kWideBytes>(it);
@@ -160,7 +182,9 @@ struct Product {
   template <int VB>
   void run_as(int64_t it) const {
     constexpr int64_t L = PVec<T, VB>::L;
-    const int64_t pn = it % panels(), i0 = it / panels() * MR, mr = std::min(MR, M - i0);
+    // row tile rt: rows [i0, i0 + mr), the tiles balanced (32 rows in 12-row tiles: 10, 11, 11)
+    const int64_t pn = it % panels(), rt = it / panels();
+    const int64_t i0 = M * rt / row_tiles(), mr = M * (rt + 1) / row_tiles() - i0;
     if (pn >= vec_panels()) {  // the scalar columns
       for (int64_t i = i0; i < i0 + mr; ++i)
         for (int64_t n = vecs() * L; n < N; ++n) {
@@ -176,12 +200,14 @@ struct Product {
     const T* ai = a + i0 * as_i;
     const T* bn = b + v0 * L;
     T* o = out + i0 * ldo + v0 * L;
-    switch (mr) {
-      case 4: product_rows<T, 4, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-      case 3: product_rows<T, 3, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-      case 2: product_rows<T, 2, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
-      default: product_rows<T, 1, VB>(nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate); break;
+    if constexpr (VB > kVecBytes) {
+      if (tall_tiles()) {
+        product_rows_upto<T, VB, kTallRows>(mr, nv, K, ai, as_i, as_k, bn, ldb, o, ldo,
+                                            accumulate);
+        return;
+      }
     }
+    product_rows_upto<T, VB, MR>(mr, nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate);
   }
 };
 
@@ -380,9 +406,36 @@ void gates_rows(const CellForward<T>& f, int64_t r, int64_t v, int64_t nv, T* g,
 }
 
 // Rows [r0, r1) in tiles of 6 rows x 2 batch vectors: 12 accumulators (a 4-gate x 2-vector tile
-// per unit had 8, one FMA latency's worth, and ran at the latency bound).
+// per unit had 8, one FMA latency's worth, and ran at the latency bound); on zmm up to 12 rows.
+// gates_rows for mb in [1, N] rows.
+template <class T, int VB, int N>
+void gates_rows_upto(int64_t mb, const CellForward<T>& f, int64_t r, int64_t v, int64_t nv, T* g,
+                     T* hn) {
+  if constexpr (N > 1) {
+    if (mb >= N) return gates_rows<T, N, VB>(f, r, v, nv, g, hn);
+    gates_rows_upto<T, VB, N - 1>(mb, f, r, v, nv, g, hn);
+  } else {
+    gates_rows<T, 1, VB>(f, r, v, nv, g, hn);
+  }
+}
+
 template <class T, int VB>
 void gates_range(const CellForward<T>& f, int64_t r0, int64_t r1, int64_t vecs, T* g, T* hn) {
+  if constexpr (VB > kVecBytes) {
+    // zmm (AVX-512 build): balanced groups of up to 12 rows, 24 accumulators of 32 registers
+    // (measured against 6 x 2: RESULTS.md, 2026-12-05 section)
+    constexpr int64_t kRows = 12;
+    for (int64_t v = 0; v < vecs; v += 2) {
+      const int64_t nv = std::min<int64_t>(2, vecs - v);
+      const int64_t groups = (r1 - r0 + kRows - 1) / kRows;
+      for (int64_t q = 0, r = r0; q < groups; ++q) {
+        const int64_t mb = (r1 - r) / (groups - q);
+        gates_rows_upto<T, VB, kRows>(mb, f, r, v, nv, g, hn);
+        r += mb;
+      }
+    }
+    return;
+  }
   for (int64_t v = 0; v < vecs; v += 2) {
     const int64_t nv = std::min<int64_t>(2, vecs - v);
     int64_t r = r0;
@@ -461,6 +514,69 @@ inline void update8_f32(const CellForward<float>& f, int64_t j0, const float* g,
 }
 #endif
 
+#if defined(FASTDL_CELL_AVX2) && defined(__AVX512F__)
+// update8_f32 on 16 units [j0, j0 + 16) (AVX-512 build): each 8-unit half transposed as there,
+// lane l's halves joined into one zmm, so the gate math runs on 16 lanes (vec_math.h's 16-lane
+// functions give the 8-lane results lane by lane): the values of two update8_f32 calls.
+inline void update16_f32(const CellForward<float>& f, int64_t j0, const float* g, const float* hn) {
+  const int64_t H = f.p.hidden_size, B = f.p.batch, Bp = f.Bp;
+  const bool gru = f.p.mode == RnnMode::Gru;
+  __m512 bias[4];
+  for (int64_t q = 0; q < 4; ++q) {
+    if (gru && q >= 2)  // GRU: b_in with the x side, b_hn with W_hn h
+      bias[q] = q == 2 ? (f.b_ih ? _mm512_loadu_ps(f.b_ih + 2 * H + j0) : _mm512_setzero_ps())
+                       : (f.b_hh ? _mm512_loadu_ps(f.b_hh + 2 * H + j0) : _mm512_setzero_ps());
+    else
+      bias[q] = f.b_ih ? _mm512_add_ps(_mm512_loadu_ps(f.b_ih + q * H + j0),
+                                       _mm512_loadu_ps(f.b_hh + q * H + j0))
+                       : _mm512_setzero_ps();
+  }
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+    __m256 pre[2][4][8];  // pre[half][q][l]: gate q of units j0 + 8 * half.. for lane b0 + l
+    for (int half = 0; half < 2; ++half)
+      for (int64_t q = 0; q < 4; ++q) {
+        const int64_t u = j0 + 8 * half;
+        const float* src = gru && q == 3 ? hn + u * Bp + b0 : g + (q * H + u) * Bp + b0;
+        for (int r = 0; r < 8; ++r) pre[half][q][r] = _mm256_loadu_ps(src + r * Bp);
+        transpose8x8(pre[half][q]);
+      }
+    const int64_t lanes = std::min<int64_t>(8, B - b0);
+    for (int64_t l = 0; l < lanes; ++l) {
+      const int64_t b = b0 + l;
+      __m512 a[4];
+      for (int q = 0; q < 4; ++q)
+        a[q] = _mm512_add_ps(
+            _mm512_insertf32x8(_mm512_castps256_ps512(pre[0][q][l]), pre[1][q][l], 1), bias[q]);
+      __m512 s0, s1, s2, s3, h_new;
+      if (gru) {
+        s0 = sigmoid16(a[0]);
+        s1 = sigmoid16(a[1]);
+        s2 = tanh16(_mm512_fmadd_ps(s0, a[3], a[2]));
+        s3 = a[3];
+        const __m512 h_old = _mm512_loadu_ps(f.h + b * H + j0);
+        h_new = _mm512_fmadd_ps(_mm512_sub_ps(h_old, s2), s1, s2);
+      } else {
+        s0 = sigmoid16(a[0]);
+        s1 = sigmoid16(a[1]);
+        s2 = tanh16(a[2]);
+        s3 = sigmoid16(a[3]);
+        const __m512 c_n = _mm512_fmadd_ps(s1, _mm512_loadu_ps(f.c + b * H + j0), _mm512_mul_ps(s0, s2));
+        _mm512_storeu_ps(f.c_new + b * H + j0, c_n);
+        h_new = _mm512_mul_ps(s3, tanh16(c_n));
+      }
+      _mm512_storeu_ps(f.h_new + b * H + j0, h_new);
+      if (f.act) {
+        float* act = f.act + b * 4 * H + j0;
+        _mm512_storeu_ps(act, s0);
+        _mm512_storeu_ps(act + H, s1);
+        _mm512_storeu_ps(act + 2 * H, s2);
+        _mm512_storeu_ps(act + 3 * H, s3);
+      }
+    }
+  }
+}
+#endif
+
 // The state update of units [u0, u1) from the products: g (G*H, Bp) and, for GRU, hn (H, Bp)
 // (W_hn h^T; g's n rows hold W_in x^T).
 template <class T>
@@ -470,8 +586,12 @@ void update_units(const CellForward<T>& f, int64_t u0, int64_t u1, const T* g, c
   int64_t j = u0;
 #if defined(FASTDL_CELL_AVX2)
   if constexpr (std::is_same<T, float>::value)
-    if (f.p.mode == RnnMode::Lstm || f.p.mode == RnnMode::Gru)
+    if (f.p.mode == RnnMode::Lstm || f.p.mode == RnnMode::Gru) {
+#if defined(__AVX512F__)
+      for (; j + 16 <= u1; j += 16) update16_f32(f, j, g, hn);
+#endif
       for (; j + 8 <= u1; j += 8) update8_f32(f, j, g, hn);
+    }
 #endif
   for (; j < u1; ++j)
     for (int64_t b0 = 0; b0 < B; b0 += L) {
@@ -649,8 +769,8 @@ void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   const T* w_hh = static_cast<const T*>(a.w_hh);
   Product<T> jobs[4];
   int n = 0;
-  if (a.dx) jobs[n++] = {B, I, GH, dgx, GH, 1, w_ih, I, static_cast<T*>(a.dx), I, false};
-  if (dh) jobs[n++] = {B, H, GH, dgh, GH, 1, w_hh, H, dh, H, gru};
+  if (a.dx) jobs[n++] = {B, I, GH, dgx, GH, 1, w_ih, I, static_cast<T*>(a.dx), I, false, true};
+  if (dh) jobs[n++] = {B, H, GH, dgh, GH, 1, w_hh, H, dh, H, gru, true};
   if (a.dw_ih)
     jobs[n++] = {GH, I, B, dgx, 1, GH, static_cast<const T*>(a.x), I, static_cast<T*>(a.dw_ih), I,
                  false};
