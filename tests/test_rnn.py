@@ -292,21 +292,24 @@ def test_large_hidden(cpu_path, kind, dtype, batch, steps):
              batch, 5, 263, True, dtype)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("batch", [12, 13, 25])
 @pytest.mark.parametrize("hidden", [150, 152])
-def test_lstm_sliced_row_groups(cpu_path, batch, hidden):
-    """The LSTM's k-sliced product (hidden > 128) on the AVX-512 build: balanced row groups of up
-    to 12 (12; 7 + 6; 8 + 8 + 9) and two unit blocks at a time with the gate math on 16 lanes,
-    where hidden 152 leaves one whole block over (19) and 150 a partial one (18 + 6 units);
-    forward and every gradient against torch, training and inference, on every kernel build."""
-    run_case("LSTM", dict(num_layers=1, bidirectional=False, batch_first=False, bias=True), 4,
+def test_sliced_row_groups(cpu_path, kind, batch, hidden):
+    """The LSTM's and GRU's k-sliced products (hidden > 128) on the AVX-512 build: two unit blocks
+    at a time with the gate math on 16 lanes, in balanced row groups of up to 12 (LSTM: 12;
+    7 + 6; 8 + 8 + 9) or 8 (GRU: 6 + 6; 6 + 7; 6 + 6 + 6 + 7), where hidden 152 leaves one whole
+    block over (19) and 150 a partial one (18 + 6 units); forward and every gradient against
+    torch, training and inference, on every kernel build."""
+    run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False, bias=True), 4,
              batch, 6, hidden, True, torch.float32)
-    ours, theirs = make_pair("LSTM", 6, hidden, dtype=torch.float32)
+    ours, theirs = make_pair(kind, 6, hidden, dtype=torch.float32)
     x = rand(5, batch, 6, dtype=torch.float32)
     with torch.no_grad():
-        (ya, (ha, ca)), (yb, (hb, cb)) = ours(x), theirs(x)
-    for u, v, what in ((ya, yb, "output"), (ha, hb, "h_n"), (ca, cb, "c_n")):
-        assert_close(u, v, what=f"LSTM hidden {hidden} batch {batch} inference {what}")
+        oa, ob = ours(x), theirs(x)
+    flat = lambda o: [o[0]] + (list(o[1]) if isinstance(o[1], tuple) else [o[1]])
+    for u, v in zip(flat(oa), flat(ob)):
+        assert_close(u, v, what=f"{kind} hidden {hidden} batch {batch} inference")
 
 
 @pytest.fixture

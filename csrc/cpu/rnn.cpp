@@ -15,7 +15,8 @@
 //      The AVX-512 build runs the float32 products on zmm: the LSTM's per block
 //      (recurrent_cols_zmm), the GRU's two blocks at a time (recurrent_pair_gru_zmm) and the
 //      Elman's four (recurrent_quad_zmm), and the gate math on 16 units at once where two whole
-//      blocks meet (lstm_units16, gru_units16, elman_units16).
+//      blocks meet (lstm_units16, gru_units16, elman_units16); the LSTM and GRU k slices too,
+//      two blocks at a time.
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
 // register-tiled product (12x16 on zmm in the AVX-512 build) over W_hh packed once per call into
@@ -316,15 +317,17 @@ inline void with_rows(int mb, const F& f) {
 }
 
 // GRU (G = 3) float32 on the AVX-512 build: two unit blocks at once (block a's panel at pa, b's
-// at pa + R * 3 * kW), their 48 columns per k as three zmm (a 0-15 | a 16-23 and b 0-7 joined by
-// an insert | b 8-23), MB rows x 3 zmm accumulators; out: MB rows of 48 floats, block a's 24 then
-// block b's. The one-block tile (a zmm and a ymm per row) runs a third of its columns at half
-// width; the sums are the same products in the same k order, so bitwise equal.
+// at pa + block_step), their 48 columns per k in [0, K) as three zmm (a 0-15 | a 16-23 and b 0-7
+// joined by an insert | b 8-23), MB rows x 3 zmm accumulators; out: MB rows of 48 floats, block
+// a's 24 then block b's (= or += when accumulate: the k slices). The one-block tile (a zmm and a
+// ymm per row) runs a third of its columns at half width; the sums are the same products in the
+// same k order, so bitwise equal.
 template <int MB>
-inline void recurrent_pair_gru_zmm(int64_t R, const float* __restrict pa, const float* const* hr,
-                                   float* __restrict out) {
+inline void recurrent_pair_gru_zmm(int64_t R, int64_t block_step, const float* __restrict pa,
+                                   const float* const* hr, float* __restrict out,
+                                   bool accumulate) {
   constexpr int64_t C = 3 * kW;
-  const float* pb = pa + R * C;
+  const float* pb = pa + block_step;
   __m512 a0[MB], a1[MB], a2[MB];
   for (int i = 0; i < MB; ++i) a0[i] = a1[i] = a2[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < R; ++k) {
@@ -340,9 +343,15 @@ inline void recurrent_pair_gru_zmm(int64_t R, const float* __restrict pa, const 
     }
   }
   for (int i = 0; i < MB; ++i) {
-    _mm512_storeu_ps(out + i * 2 * C, a0[i]);
-    _mm512_storeu_ps(out + i * 2 * C + 16, a1[i]);
-    _mm512_storeu_ps(out + i * 2 * C + 32, a2[i]);
+    float* o = out + i * 2 * C;
+    if (accumulate) {
+      a0[i] = _mm512_add_ps(_mm512_loadu_ps(o), a0[i]);
+      a1[i] = _mm512_add_ps(_mm512_loadu_ps(o + 16), a1[i]);
+      a2[i] = _mm512_add_ps(_mm512_loadu_ps(o + 32), a2[i]);
+    }
+    _mm512_storeu_ps(o, a0[i]);
+    _mm512_storeu_ps(o + 16, a1[i]);
+    _mm512_storeu_ps(o + 32, a2[i]);
   }
 }
 
@@ -669,8 +678,8 @@ inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, i
 constexpr int64_t kKc = 128;
 // Rows per register tile in the AVX-512 LSTM's k-sliced path: 24 zmm accumulators of 32.
 constexpr int kSliceRows = 12;
-// Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 LSTM's sliced path sums two
-// blocks at once (their gate math on 16 lanes).
+// Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 LSTM's and GRU's sliced paths
+// sum two blocks at once (their gate math on 16 lanes).
 constexpr int64_t kPartSets = 2;
 
 // Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
@@ -746,7 +755,7 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
               const int mb = static_cast<int>((bs - b0) / (groups - q));
               for (int i = 0; i < mb; ++i) hr8[i] = io.h_old + (b0 + i) * R;
               with_rows(mb, [&](auto m) {
-                recurrent_pair_gru_zmm<decltype(m)::value>(R, panel, hr8, tile_p);
+                recurrent_pair_gru_zmm<decltype(m)::value>(R, R * C, panel, hr8, tile_p, false);
               });
               for (int i = 0; i < mb; ++i) {
                 const float* ta = tile_p + i * 2 * C;
@@ -836,6 +845,31 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         continue;
       }
 #if defined(__AVX512F__)
+      if constexpr (G == 3 && std::is_same<T, float>::value) {
+        if (jb + 1 < hi && j0 + 2 * kW <= H) {
+          // two whole blocks per k slice, as the unsliced pair above (rows of 2 * C partials),
+          // row groups of up to 8 (balanced); the gate math on 16 lanes (gru_units16)
+          constexpr int M8 = 8;
+          const float* hr8[M8];
+          const int64_t groups = (bs + M8 - 1) / M8;
+          for (int64_t k0 = 0; k0 < R; k0 += kKc) {
+            const int64_t kc = std::min(kKc, R - k0);
+            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+              const int mb = static_cast<int>((bs - b0) / (groups - q));
+              for (int i = 0; i < mb; ++i) hr8[i] = io.h_old + (b0 + i) * R + k0;
+              with_rows(mb, [&](auto m) {
+                recurrent_pair_gru_zmm<decltype(m)::value>(kc, R * C, panel + k0 * C, hr8,
+                                                           part + b0 * 2 * C, k0 > 0);
+              });
+              b0 += mb;
+            }
+          }
+          for (int64_t b = 0; b < bs; ++b)
+            gru_units16<SAVE>(io, H, b, j0, part + b * 2 * C, part + b * 2 * C + C);
+          ++jb;
+          continue;
+        }
+      }
       if constexpr (G == 4 && std::is_same<T, float>::value) {
         // Per k slice, row groups of up to kSliceRows (balanced) on 2 zmm per row; two whole
         // blocks at a time (their partials in part and part + bs * C), so the gate math runs on
