@@ -292,15 +292,16 @@ def test_large_hidden(cpu_path, kind, dtype, batch, steps):
              batch, 5, 263, True, dtype)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
 @pytest.mark.parametrize("batch", [12, 13, 25])
-@pytest.mark.parametrize("hidden", [150, 152])
+@pytest.mark.parametrize("hidden", [150, 152, 158])
 def test_sliced_row_groups(cpu_path, kind, batch, hidden):
-    """The LSTM's and GRU's k-sliced products (hidden > 128) on the AVX-512 build: two unit blocks
-    at a time with the gate math on 16 lanes, in balanced row groups of up to 12 (LSTM: 12;
-    7 + 6; 8 + 8 + 9) or 8 (GRU: 6 + 6; 6 + 7; 6 + 6 + 6 + 7), where hidden 152 leaves one whole
-    block over (19) and 150 a partial one (18 + 6 units); forward and every gradient against
-    torch, training and inference, on every kernel build."""
+    """The k-sliced recurrent products (hidden > 128) on the AVX-512 build: two LSTM or GRU unit
+    blocks, or four Elman blocks, at a time with the gate math on 16 lanes, in balanced row
+    groups of up to 12 (LSTM: 12; 7 + 6; 8 + 8 + 9) or 8 (GRU, Elman: 6 + 6; 6 + 7; 6 + 6 + 6 +
+    7). Hidden 152 leaves one whole block over (19 blocks; Elman: 3 after four quads), 150 a
+    partial one (18 + 6 units), 158 puts the partial block inside the last pair or quad (19 + 6).
+    Forward and every gradient against torch, training and inference, on every kernel build."""
     run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False, bias=True), 4,
              batch, 6, hidden, True, torch.float32)
     ours, theirs = make_pair(kind, 6, hidden, dtype=torch.float32)

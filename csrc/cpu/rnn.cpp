@@ -15,8 +15,7 @@
 //      The AVX-512 build runs the float32 products on zmm: the LSTM's per block
 //      (recurrent_cols_zmm), the GRU's two blocks at a time (recurrent_pair_gru_zmm) and the
 //      Elman's four (recurrent_quad_zmm), and the gate math on 16 units at once where two whole
-//      blocks meet (lstm_units16, gru_units16, elman_units16); the LSTM and GRU k slices too,
-//      two blocks at a time.
+//      blocks meet (lstm_units16, gru_units16, elman_units16); the k slices too.
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
 // register-tiled product (12x16 on zmm in the AVX-512 build) over W_hh packed once per call into
@@ -270,16 +269,17 @@ inline void recurrent_cols_zmm(int64_t R, const float* __restrict panel, int64_t
 }
 
 // Elman (G = 1) float32 on the AVX-512 build: four unit blocks at once, blocks jb..jb+3 of the
-// packed panels (block q's panel at p + q * R * kW), as two zmm per k (blocks 0|1 and 2|3, each
-// zmm two 8-unit panel rows joined by an insert), MB rows x 2 zmm accumulators. out: MB rows of
-// 4 * kW floats (block q's units at q * kW). The ymm tile (recurrent_tile2_f32) is bound by one
-// core's ymm FMA rate; the sums are the same products in the same k order, so bitwise equal.
+// packed panels (block q's panel at p + q * block_step), k in [0, R), as two zmm per k (blocks
+// 0|1 and 2|3, each zmm two 8-unit panel rows joined by an insert), MB rows x 2 zmm
+// accumulators. out: MB rows of 4 * kW floats (block q's units at q * kW), = or += when
+// accumulate (the k slices). The ymm tile (recurrent_tile2_f32) is bound by one core's ymm FMA
+// rate; the sums are the same products in the same k order, so bitwise equal.
 template <int MB>
-inline void recurrent_quad_zmm(int64_t R, const float* __restrict p, const float* const* hr,
-                               float* __restrict out) {
-  const float* p1 = p + R * kW;
-  const float* p2 = p1 + R * kW;
-  const float* p3 = p2 + R * kW;
+inline void recurrent_quad_zmm(int64_t R, int64_t block_step, const float* __restrict p,
+                               const float* const* hr, float* __restrict out, bool accumulate) {
+  const float* p1 = p + block_step;
+  const float* p2 = p1 + block_step;
+  const float* p3 = p2 + block_step;
   __m512 a0[MB], a1[MB];
   for (int i = 0; i < MB; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < R; ++k) {
@@ -294,8 +294,13 @@ inline void recurrent_quad_zmm(int64_t R, const float* __restrict p, const float
     }
   }
   for (int i = 0; i < MB; ++i) {
-    _mm512_storeu_ps(out + i * 4 * kW, a0[i]);
-    _mm512_storeu_ps(out + i * 4 * kW + 2 * kW, a1[i]);
+    float* o = out + i * 4 * kW;
+    if (accumulate) {
+      a0[i] = _mm512_add_ps(_mm512_loadu_ps(o), a0[i]);
+      a1[i] = _mm512_add_ps(_mm512_loadu_ps(o + 2 * kW), a1[i]);
+    }
+    _mm512_storeu_ps(o, a0[i]);
+    _mm512_storeu_ps(o + 2 * kW, a1[i]);
   }
 }
 
@@ -678,9 +683,9 @@ inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, i
 constexpr int64_t kKc = 128;
 // Rows per register tile in the AVX-512 LSTM's k-sliced path: 24 zmm accumulators of 32.
 constexpr int kSliceRows = 12;
-// Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 LSTM's and GRU's sliced paths
-// sum two blocks at once (their gate math on 16 lanes).
-constexpr int64_t kPartSets = 2;
+// Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 build's sliced paths sum two
+// LSTM or GRU blocks, or four Elman blocks, at once (their gate math on 16 lanes).
+constexpr int64_t kPartSets = 4;
 
 // Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
 // thread and step; rows: the step's batch, or the largest one for a team over all steps).
@@ -722,7 +727,7 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
               const int mb = static_cast<int>((bs - b0) / (groups - q));
               for (int i = 0; i < mb; ++i) hr4[i] = io.h_old + (b0 + i) * R;
               with_rows(mb, [&](auto m) {
-                recurrent_quad_zmm<decltype(m)::value>(R, panel, hr4, tile4);
+                recurrent_quad_zmm<decltype(m)::value>(R, R * kW, panel, hr4, tile4, false);
               });
               for (int i = 0; i < mb; ++i)
                 for (int64_t u = 0; u < 4; u += 2) {
@@ -845,6 +850,40 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         continue;
       }
 #if defined(__AVX512F__)
+      if constexpr (G == 1 && std::is_same<T, float>::value) {
+        if (jb + 3 < hi) {
+          // four blocks per k slice, as the unsliced quad above (rows of 4 * kW partials), row
+          // groups of up to 8 (balanced); the tanh / relu on 16 lanes where two whole blocks meet
+          constexpr int M4 = 8;
+          const float* hr4[M4];
+          const int64_t groups = (bs + M4 - 1) / M4;
+          for (int64_t k0 = 0; k0 < R; k0 += kKc) {
+            const int64_t kc = std::min(kKc, R - k0);
+            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+              const int mb = static_cast<int>((bs - b0) / (groups - q));
+              for (int i = 0; i < mb; ++i) hr4[i] = io.h_old + (b0 + i) * R + k0;
+              with_rows(mb, [&](auto m) {
+                recurrent_quad_zmm<decltype(m)::value>(kc, R * kW, panel + k0 * kW, hr4,
+                                                       part + b0 * 4 * kW, k0 > 0);
+              });
+              b0 += mb;
+            }
+          }
+          for (int64_t b = 0; b < bs; ++b)
+            for (int64_t u = 0; u < 4; u += 2) {
+              const int64_t ju = j0 + u * kW;
+              const float* hh = part + (b * 4 + u) * kW;
+              if (ju + 2 * kW <= H) {
+                elman_units16<SAVE>(io, H, b, ju, hh, relu);
+              } else {
+                gates(b, ju, std::min<int64_t>(kW, H - ju), hh);
+                if (ju + kW < H) gates(b, ju + kW, std::min<int64_t>(kW, H - ju - kW), hh + kW);
+              }
+            }
+          jb += 3;
+          continue;
+        }
+      }
       if constexpr (G == 3 && std::is_same<T, float>::value) {
         if (jb + 1 < hi && j0 + 2 * kW <= H) {
           // two whole blocks per k slice, as the unsliced pair above (rows of 2 * C partials),
