@@ -22,11 +22,12 @@ CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="
 # multiple of 16 float / 8 double lanes in the backward): 1, 2, 3 (2 + 1) zmm batch vectors
 # (B = 9, 17, 33, 40) and zmm column panels of 1-4 vectors (16, 32, 64, 96 = 3 + 3); the last
 # four reach every (rows, vectors) zmm tile of the forward and the products in both dtypes, on
-# 1 and 2 threads, and 2-row product tiles. The last three: forward row groups of 11 and 12 (23
-# units on one thread), 6, 3 and 4 rows on zmm, 16 + 7 units in the gate update.
+# 1 and 2 threads, and 2-row product tiles. The last five: forward row groups of 11 and 12 (23
+# units on one thread), 6, 3, 4 and 2 rows on zmm (a thread's units), 16 + 7 units in the gate
+# update; batch 20 and 25 in 12-row dx/dh tiles as 10 + 10 and 8 + 8 + 9.
 SHAPES = [(1, 1, 1), (3, 8, 5), (8, 24, 16), (9, 13, 12), (17, 30, 9), (33, 64, 40),
           (40, 32, 96), (34, 112, 15), (10, 16, 5), (6, 32, 1), (6, 16, 8), (12, 20, 23),
-          (18, 16, 6), (25, 48, 3)]
+          (18, 16, 6), (25, 48, 3), (20, 16, 4), (20, 16, 2)]
 
 
 def _pair(name, kw, I, H, bias, dtype):

@@ -677,15 +677,23 @@ inline void elman_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, i
 }
 
 // k slice of the recurrent product when R is large: a slice of a panel (kKc x G*kW) stays in L1
-// while every row group of the step reuses it (partial sums in a per-thread (bs, G*kW) buffer).
-// LSTM 256-512-64-100 forward, one thread: the whole-R panel (64 KB) streamed from L2 per row
-// group ran at 55 GFLOP/s.
+// while every row group of the step reuses it (partial sums in per-thread (bs, G*kW) buffers,
+// part_sets of them). LSTM 256-512-64-100 forward, one thread: the whole-R panel (64 KB)
+// streamed from L2 per row group ran at 55 GFLOP/s.
 constexpr int64_t kKc = 128;
 // Rows per register tile in the AVX-512 LSTM's k-sliced path: 24 zmm accumulators of 32.
 constexpr int kSliceRows = 12;
-// Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 build's sliced paths sum two
-// LSTM or GRU blocks, or four Elman blocks, at once (their gate math on 16 lanes).
-constexpr int64_t kPartSets = 4;
+// Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 build's float32 sliced paths
+// sum two LSTM or GRU blocks, or four Elman blocks, at once (their gate math on 16 lanes); one
+// elsewhere.
+template <class T>
+constexpr int64_t part_sets() {
+#if defined(__AVX512F__)
+  return std::is_same<T, float>::value ? 4 : 1;
+#else
+  return 1;
+#endif
+}
 
 // Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
 // thread and step; rows: the step's batch, or the largest one for a team over all steps).
@@ -695,7 +703,8 @@ inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C) {
 }
 
 // One step's blocks [lo, hi) of kW units over rows [0, bs): recurrent product from the packed
-// panels, then the gate math. part: this thread's (batch, G*kW) partial sums (R > kKc).
+// panels, then the gate math. part: this thread's part_sets<T>() (batch, G*kW) partial sums
+// (R > kKc).
 template <class T, int G, bool SAVE>
 void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io, T* part,
                   int64_t lo, int64_t hi) {
@@ -918,19 +927,21 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         const int nb = pair ? 2 : 1;
         const float* hr12[kSliceRows];
         const int64_t groups = (bs + kSliceRows - 1) / kSliceRows;
+        // (block by block within a slice: one 16 KB panel slice in L1 at a time, as the AVX2
+        // path's, which Zen 4's 32 KB L1d also holds)
         for (int64_t k0 = 0; k0 < R; k0 += kKc) {
           const int64_t kc = std::min(kKc, R - k0);
-          for (int64_t q = 0, b0 = 0; q < groups; ++q) {
-            const int mb = static_cast<int>((bs - b0) / (groups - q));
-            for (int i = 0; i < mb; ++i) hr12[i] = io.h_old + (b0 + i) * R + k0;
-            for (int e = 0; e < nb; ++e)
+          for (int e = 0; e < nb; ++e)
+            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+              const int mb = static_cast<int>((bs - b0) / (groups - q));
+              for (int i = 0; i < mb; ++i) hr12[i] = io.h_old + (b0 + i) * R + k0;
               with_rows_upto<kSliceRows>(mb, [&](auto m) {
                 recurrent_cols_zmm<decltype(m)::value, 2, 0>(kc, panel + e * R * C + k0 * C, C,
                                                              hr12, part + (e * bs + b0) * C,
                                                              k0 > 0);
               });
-            b0 += mb;
-          }
+              b0 += mb;
+            }
         }
         for (int64_t b = 0; b < bs; ++b) {
           if (pair) lstm_units16<SAVE>(io, H, b, j0, part + b * C, part + (bs + b) * C);
@@ -987,7 +998,8 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   // the slots allocated for fastdl's thread count): slot 0 then.
   const bool nested = omp_in_parallel() != 0;
   parallel_for(blocks, step_block_grain(bs, p.out_size(), C), [&](int64_t lo, int64_t hi) {
-    T* part = partials + (nested ? 0 : int64_t(omp_get_thread_num())) * kPartSets * p.batch * C;
+    T* part =
+        partials + (nested ? 0 : int64_t(omp_get_thread_num())) * part_sets<T>() * p.batch * C;
     fused_blocks<T, G, SAVE>(p, panels, bs, io, part, lo, hi);
   });
 }
@@ -1102,14 +1114,14 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
 
   // Reused scratch: packed W_hh, combined biases, the second state buffer, hpre (inference).
   const int64_t blocks = (H + kW - 1) / kW;
-  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * kPartSets * B * G * kW : 0;
+  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * part_sets<T>() * B * G * kW : 0;
   T* panels = static_cast<T*>(tl_hh.get(sizeof(T) * (blocks * R * G * kW + GH + H + B * R +
                                                       (proj ? B * H : 0) + part_n)));
   T* bias = panels + blocks * R * G * kW;
   T* bhn = bias + GH;
   T* h_other = bhn + H;
   T* hpre_tmp = proj ? h_other + B * R : nullptr;
-  T* partials = h_other + B * R + (proj ? B * H : 0);  // per-thread (B, G*kW) partial sums
+  T* partials = h_other + B * R + (proj ? B * H : 0);  // per-thread partial sums (part_sets)
   pack_recurrent(static_cast<const T*>(w.w_hh), G, H, R, panels);
   const T* bi = static_cast<const T*>(w.b_ih);
   const T* bh = static_cast<const T*>(w.b_hh);
@@ -1170,7 +1182,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         parallel_team(team_threads, [&](const Team& team) {
           const RowRange rows(row_len, team.tid, team.nthr);
           const int64_t r0 = rows.r0, r1 = rows.r1;
-          T* part = partials + team.tid * kPartSets * B * G * kW;
+          T* part = partials + team.tid * part_sets<T>() * B * G * kW;
           for (int64_t s = s0; s < s1; ++s) {
             const int64_t t = p.reverse ? p.steps - 1 - s : s;
             const int64_t bs = p.rows_at(t), row0 = off[t];
@@ -1201,7 +1213,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         const int64_t chunk = (blocks + team.nthr - 1) / team.nthr;
         const int64_t lo = std::min(blocks, team.tid * chunk), hi = std::min(blocks, lo + chunk);
         const int64_t u0 = lo * kW, uw = std::min(H, hi * kW) - u0;  // this thread's units
-        T* part = partials + team.tid * kPartSets * B * G * kW;
+        T* part = partials + team.tid * part_sets<T>() * B * G * kW;
         for (int64_t s = s0; s < s1; ++s) {
           const int64_t t = p.reverse ? p.steps - 1 - s : s;
           const int64_t bs = p.rows_at(t), row0 = off[t];

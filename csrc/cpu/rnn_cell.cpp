@@ -124,14 +124,7 @@ void product_rows(int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k,
   }
 }
 
-// One product, as items for the threads: tiles of 4 rows x a panel of whole vectors, and per row
-// tile one item for the columns past the last whole vector (scalar). Vectors are zmm (AVX-512
-// build) when they cover N exactly, else ymm: a zmm tile would leave up to a zmm's lanes less one
-// columns to the scalar loop. Panels hold 3 ymm (12 accumulators of 16 registers; the last panel
-// the rest) or up to 4 zmm (16 of 32) with the vectors spread evenly (5 zmm as 3 + 2, not 4 + 1):
-// 4 zmm had run as 3 + 1, a 4-accumulator tile doing a quarter of the work at its FMA latency's
-// bound.
-// product_rows for mr in [1, N] rows.
+// product_rows for mr in [1, N] rows (Product's 4-row tiles).
 template <class T, int VB, int N>
 void product_rows_upto(int64_t mr, int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k,
                        const T* b, int64_t ldb, T* out, int64_t ldo, bool accumulate) {
@@ -143,6 +136,26 @@ void product_rows_upto(int64_t mr, int64_t nv, int64_t K, const T* a, int64_t as
   }
 }
 
+// Product's tall tiles: mr in [1, N] rows x nv (1 or 2) vectors.
+template <class T, int VB, int N>
+void tall_rows_upto(int64_t mr, int64_t nv, int64_t K, const T* a, int64_t as_i, int64_t as_k,
+                    const T* b, int64_t ldb, T* out, int64_t ldo, bool accumulate) {
+  if constexpr (N > 1) {
+    if (mr < N)
+      return tall_rows_upto<T, VB, N - 1>(mr, nv, K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+  }
+  if (nv == 2) product_tile<T, N, 2, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+  else product_tile<T, N, 1, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
+}
+
+// One product, as items for the threads: row tiles of up to 4 rows (balanced: 10 rows as 3 + 3 +
+// 4) x a panel of whole vectors, and per row tile one item for the columns past the last whole
+// vector (scalar). Vectors are zmm (AVX-512 build) when they cover N exactly, else ymm: a zmm
+// tile would leave up to a zmm's lanes less one columns to the scalar loop. Panels hold 3 ymm (12
+// accumulators of 16 registers; the last panel the rest) or up to 4 zmm (16 of 32) with the
+// vectors spread evenly (5 zmm as 3 + 2, not 4 + 1): 4 zmm had run as 3 + 1, a 4-accumulator
+// tile doing a quarter of the work at its FMA latency's bound. Tall products (below) take row
+// tiles of up to 12 x 2 zmm instead.
 template <class T>
 struct Product {
   static constexpr int64_t MR = 4;
@@ -163,7 +176,8 @@ struct Product {
   bool wide() const {
     return kWideBytes > kVecBytes && N % PVec<T, kWideBytes>::L == 0;
   }
-  bool tall_tiles() const { return tall && wide(); }
+  // (more rows than a 4-row tile: with fewer, one tile either way and fewer FMA chains)
+  bool tall_tiles() const { return tall && wide() && M > MR; }
   int64_t mr() const { return tall_tiles() ? kTallRows : MR; }
   int64_t lanes() const { return wide() ? PVec<T, kWideBytes>::L : Vec<T>::L; }
   int64_t vecs() const { return N / lanes(); }
@@ -202,8 +216,7 @@ struct Product {
     T* o = out + i0 * ldo + v0 * L;
     if constexpr (VB > kVecBytes) {
       if (tall_tiles()) {
-        product_rows_upto<T, VB, kTallRows>(mr, nv, K, ai, as_i, as_k, bn, ldb, o, ldo,
-                                            accumulate);
+        tall_rows_upto<T, VB, kTallRows>(mr, nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate);
         return;
       }
     }
@@ -405,8 +418,6 @@ void gates_rows(const CellForward<T>& f, int64_t r, int64_t v, int64_t nv, T* g,
   else gates_tile<T, MR, 1, VB>(f, r, v, g, hn);
 }
 
-// Rows [r0, r1) in tiles of 6 rows x 2 batch vectors: 12 accumulators (a 4-gate x 2-vector tile
-// per unit had 8, one FMA latency's worth, and ran at the latency bound); on zmm up to 12 rows.
 // gates_rows for mb in [1, N] rows.
 template <class T, int VB, int N>
 void gates_rows_upto(int64_t mb, const CellForward<T>& f, int64_t r, int64_t v, int64_t nv, T* g,
@@ -419,6 +430,9 @@ void gates_rows_upto(int64_t mb, const CellForward<T>& f, int64_t r, int64_t v, 
   }
 }
 
+// Rows [r0, r1) in tiles of 6 rows x 2 batch vectors: 12 accumulators (a 4-gate x 2-vector tile
+// per unit had 8, one FMA latency's worth, and ran at the latency bound); on zmm balanced groups
+// of up to 12 rows.
 template <class T, int VB>
 void gates_range(const CellForward<T>& f, int64_t r0, int64_t r1, int64_t vecs, T* g, T* hn) {
   if constexpr (VB > kVecBytes) {
