@@ -1422,6 +1422,13 @@ def test_sigmoid_underflow_gives_zero(name, H):
         assert_close(u, v, reduction=3, what=f"{name} H={H} with an underflowing gate")
 
 
+def _outputs(out):
+    """A layer's (output, h) / (output, (h, c)) or a cell's h / (h, c) as a flat list."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return flat(out) if out[0].dim() == 3 else list(out)
+
+
 @pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell"])
 def test_saturated_gates_equal_torch(cpu_path, name):
     """Pre-activations of either sign, most with |a| from 4.5 to 2500 or more (saturated gates:
@@ -1445,10 +1452,8 @@ def test_saturated_gates_equal_torch(cpu_path, name):
     x = rand(*((6, B, 7) if "Cell" not in name else (B, 7)), dtype=torch.float32)
     with torch.no_grad():
         oa, ob = ours(x), theirs(x)
-    flat = lambda o: [t for v in (o if isinstance(o, tuple) else (o,))
-                      for t in (v if isinstance(v, tuple) else (v,))]
     saturated = 0
-    for u, v in zip(flat(oa), flat(ob)):
+    for u, v in zip(_outputs(oa), _outputs(ob)):
         assert not u.isnan().any()
         # saturated lanes: +-1 is exact in both (0s are not compared bitwise: torch's LSTM gives
         # 0 where sigmoid(-88) is the denormal 6e-39, as torch.sigmoid's and fastdl's)
@@ -1483,9 +1488,7 @@ def test_nonfinite_gates_equal_torch(cpu_path, name):
     x = rand(*((4, B, 3) if "Cell" not in name else (B, 3)), dtype=torch.float32)
     with torch.no_grad():
         oa, ob = ours(x), theirs(x)
-    flat = lambda o: [t for v in (o if isinstance(o, tuple) else (o,))
-                      for t in (v if isinstance(v, tuple) else (v,))]
-    for u, v in zip(flat(oa), flat(ob)):
+    for u, v in zip(_outputs(oa), _outputs(ob)):
         assert torch.equal(u.isnan(), v.isnan()), f"{name}: NaN where torch has none, or not"
         assert v.isnan().any() and v.isinf().logical_not().all()
         assert_close(u, v, what=f"{name} with non-finite pre-activations")

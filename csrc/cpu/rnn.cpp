@@ -321,6 +321,7 @@ inline void with_rows(int mb, const F& f) {
   with_rows_upto<8>(mb, f);
 }
 
+
 // GRU (G = 3) float32 on the AVX-512 build: two unit blocks at once (block a's panel at pa, b's
 // at pa + block_step), their 48 columns per k in [0, K) as three zmm (a 0-15 | a 16-23 and b 0-7
 // joined by an insert | b 8-23), MB rows x 3 zmm accumulators; out: MB rows of 48 floats, block
@@ -695,6 +696,24 @@ constexpr int64_t part_sets() {
 #endif
 }
 
+// The k-sliced products' loop (R > kKc): for each k slice [k0, k0 + kc) of R and each balanced
+// group of at most MaxRows of the step's bs rows (20 rows by 8: 6, 7, 7), f(k0, kc, hr, b0, mb)
+// with hr[i] the slice of row b0 + i of h_old (row stride R).
+template <int MaxRows, class F>
+inline void slice_row_groups(int64_t R, int64_t bs, const float* h_old, const F& f) {
+  const float* hr[MaxRows];
+  const int64_t groups = (bs + MaxRows - 1) / MaxRows;
+  for (int64_t k0 = 0; k0 < R; k0 += kKc) {
+    const int64_t kc = std::min(kKc, R - k0);
+    for (int64_t q = 0, b0 = 0; q < groups; ++q) {
+      const int mb = static_cast<int>((bs - b0) / (groups - q));
+      for (int i = 0; i < mb; ++i) hr[i] = h_old + (b0 + i) * R + k0;
+      f(k0, kc, static_cast<const float* const*>(hr), b0, mb);
+      b0 += mb;
+    }
+  }
+}
+
 // Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
 // thread and step; rows: the step's batch, or the largest one for a team over all steps).
 inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C) {
@@ -863,21 +882,13 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         if (jb + 3 < hi) {
           // four blocks per k slice, as the unsliced quad above (rows of 4 * kW partials), row
           // groups of up to 8 (balanced); the tanh / relu on 16 lanes where two whole blocks meet
-          constexpr int M4 = 8;
-          const float* hr4[M4];
-          const int64_t groups = (bs + M4 - 1) / M4;
-          for (int64_t k0 = 0; k0 < R; k0 += kKc) {
-            const int64_t kc = std::min(kKc, R - k0);
-            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
-              const int mb = static_cast<int>((bs - b0) / (groups - q));
-              for (int i = 0; i < mb; ++i) hr4[i] = io.h_old + (b0 + i) * R + k0;
-              with_rows(mb, [&](auto m) {
-                recurrent_quad_zmm<decltype(m)::value>(kc, R * kW, panel + k0 * kW, hr4,
-                                                       part + b0 * 4 * kW, k0 > 0);
-              });
-              b0 += mb;
-            }
-          }
+          slice_row_groups<8>(R, bs, io.h_old, [&](int64_t k0, int64_t kc,
+                                                   const float* const* hr4, int64_t b0, int mb) {
+            with_rows(mb, [&](auto m) {
+              recurrent_quad_zmm<decltype(m)::value>(kc, R * kW, panel + k0 * kW, hr4,
+                                                     part + b0 * 4 * kW, k0 > 0);
+            });
+          });
           for (int64_t b = 0; b < bs; ++b)
             for (int64_t u = 0; u < 4; u += 2) {
               const int64_t ju = j0 + u * kW;
@@ -897,21 +908,13 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         if (jb + 1 < hi && j0 + 2 * kW <= H) {
           // two whole blocks per k slice, as the unsliced pair above (rows of 2 * C partials),
           // row groups of up to 8 (balanced); the gate math on 16 lanes (gru_units16)
-          constexpr int M8 = 8;
-          const float* hr8[M8];
-          const int64_t groups = (bs + M8 - 1) / M8;
-          for (int64_t k0 = 0; k0 < R; k0 += kKc) {
-            const int64_t kc = std::min(kKc, R - k0);
-            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
-              const int mb = static_cast<int>((bs - b0) / (groups - q));
-              for (int i = 0; i < mb; ++i) hr8[i] = io.h_old + (b0 + i) * R + k0;
-              with_rows(mb, [&](auto m) {
-                recurrent_pair_gru_zmm<decltype(m)::value>(kc, R * C, panel + k0 * C, hr8,
-                                                           part + b0 * 2 * C, k0 > 0);
-              });
-              b0 += mb;
-            }
-          }
+          slice_row_groups<8>(R, bs, io.h_old, [&](int64_t k0, int64_t kc,
+                                                   const float* const* hr8, int64_t b0, int mb) {
+            with_rows(mb, [&](auto m) {
+              recurrent_pair_gru_zmm<decltype(m)::value>(kc, R * C, panel + k0 * C, hr8,
+                                                         part + b0 * 2 * C, k0 > 0);
+            });
+          });
           for (int64_t b = 0; b < bs; ++b)
             gru_units16<SAVE>(io, H, b, j0, part + b * 2 * C, part + b * 2 * C + C);
           ++jb;
@@ -924,25 +927,18 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         // 16 lanes (lstm_units16). The same products in the same k order as the 6-row tiles
         // below: bitwise equal.
         const bool pair = jb + 1 < hi && j0 + 2 * kW <= H;
-        const int nb = pair ? 2 : 1;
-        const float* hr12[kSliceRows];
-        const int64_t groups = (bs + kSliceRows - 1) / kSliceRows;
-        // (block by block within a slice: one 16 KB panel slice in L1 at a time, as the AVX2
-        // path's, which Zen 4's 32 KB L1d also holds)
-        for (int64_t k0 = 0; k0 < R; k0 += kKc) {
-          const int64_t kc = std::min(kKc, R - k0);
-          for (int e = 0; e < nb; ++e)
-            for (int64_t q = 0, b0 = 0; q < groups; ++q) {
-              const int mb = static_cast<int>((bs - b0) / (groups - q));
-              for (int i = 0; i < mb; ++i) hr12[i] = io.h_old + (b0 + i) * R + k0;
-              with_rows_upto<kSliceRows>(mb, [&](auto m) {
-                recurrent_cols_zmm<decltype(m)::value, 2, 0>(kc, panel + e * R * C + k0 * C, C,
-                                                             hr12, part + (e * bs + b0) * C,
-                                                             k0 > 0);
-              });
-              b0 += mb;
-            }
-        }
+        // (block by block, each over all its slices: one 16 KB panel slice in L1 at a time, as
+        // the AVX2 path's, which Zen 4's 32 KB L1d also holds)
+        for (int e = 0; e < (pair ? 2 : 1); ++e)
+          slice_row_groups<kSliceRows>(R, bs, io.h_old, [&](int64_t k0, int64_t kc,
+                                                            const float* const* hr12,
+                                                            int64_t b0, int mb) {
+            with_rows_upto<kSliceRows>(mb, [&](auto m) {
+              recurrent_cols_zmm<decltype(m)::value, 2, 0>(kc, panel + e * R * C + k0 * C, C,
+                                                           hr12, part + (e * bs + b0) * C,
+                                                           k0 > 0);
+            });
+          });
         for (int64_t b = 0; b < bs; ++b) {
           if (pair) lstm_units16<SAVE>(io, H, b, j0, part + b * C, part + (bs + b) * C);
           else gates(b, j0, w, part + b * C);

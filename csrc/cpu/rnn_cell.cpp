@@ -12,8 +12,8 @@
 //             (A = weight rows in place, B = x^T / h^T, transposed once per call into a scratch
 //             with the batch padded to whole vectors), then a pass over the hidden units runs
 //             the gate math and writes h', c' and, in training, the activations (LSTM/GRU
-//             float32 on AVX2: 8 units of one batch row per vector, update8_f32, 16 on the
-//             AVX-512 build, update16_f32; otherwise
+//             float32 on AVX2: 8 units of one batch row per vector, update_f32<8>, 16 on the
+//             AVX-512 build, update_f32<16>; otherwise
 //             vectorised over the batch). Work split: units over the threads, each thread
 //             its units' gate rows and their update (one region). 12 accumulators per
 //             tile: a 4-gate x 2-vector tile per unit had 8, at the FMA latency's bound (figures: RESULTS.md).
@@ -466,88 +466,46 @@ void gates_range(const CellForward<T>& f, int64_t r0, int64_t r1, int64_t vecs, 
 }
 
 #if defined(FASTDL_CELL_AVX2)
-// LSTM / GRU float32 update of units [j0, j0 + 8) for every row: each gate's 8 unit rows x 8
-// batch lanes of the product are transposed in registers, so the gate math runs on 8 units of
+// One register of W lanes from two 8-lane halves (W = 8: the first).
+template <int W>
+inline typename Lanes<W>::V join_halves(__m256 lo, __m256 hi);
+template <>
+inline __m256 join_halves<8>(__m256 lo, __m256) { return lo; }
+#if defined(__AVX512F__)
+template <>
+inline __m512 join_halves<16>(__m256 lo, __m256 hi) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+#endif
+
+// LSTM / GRU float32 update of units [j0, j0 + W) for every row (W = 8, or 16 on the AVX-512
+// build: 8-unit halves transposed alike and joined per lane, the gate math on 16 lanes, whose
+// vec_math.h functions give the 8-lane results lane by lane): each gate's 8 unit rows x 8
+// batch lanes of the product are transposed in registers, so the gate math runs on W units of
 // one batch row and reads c / h and writes h', c' and the activations as whole vectors. (Per unit
 // over batch lanes, lstm_lanes / gru_lanes, 8 scalar gathers and 16-48 scalar scattered stores
 // per vector made the update ~half as long as the product in a perf profile; before/after in
 // RESULTS.md, development measurements 2026-12-01 23:10.) Same
 // operations and order as those, so the results are equal.
-inline void update8_f32(const CellForward<float>& f, int64_t j0, const float* g, const float* hn) {
+template <int W>
+inline void update_f32(const CellForward<float>& f, int64_t j0, const float* g, const float* hn) {
+  using L = Lanes<W>;
+  using V = typename L::V;
+  constexpr int NH = W / 8;  // 8-unit halves
   const int64_t H = f.p.hidden_size, B = f.p.batch, Bp = f.Bp;
   const bool gru = f.p.mode == RnnMode::Gru;
-  __m256 bias[4];
+  V bias[4];
   for (int64_t q = 0; q < 4; ++q) {
     if (gru && q >= 2)  // GRU: b_in with the x side, b_hn with W_hn h
-      bias[q] = q == 2 ? (f.b_ih ? _mm256_loadu_ps(f.b_ih + 2 * H + j0) : _mm256_setzero_ps())
-                       : (f.b_hh ? _mm256_loadu_ps(f.b_hh + 2 * H + j0) : _mm256_setzero_ps());
+      bias[q] = q == 2 ? (f.b_ih ? L::loadu(f.b_ih + 2 * H + j0) : L::set1(0.0f))
+                       : (f.b_hh ? L::loadu(f.b_hh + 2 * H + j0) : L::set1(0.0f));
     else
-      bias[q] = f.b_ih ? _mm256_add_ps(_mm256_loadu_ps(f.b_ih + q * H + j0),
-                                       _mm256_loadu_ps(f.b_hh + q * H + j0))
-                       : _mm256_setzero_ps();
+      bias[q] = f.b_ih ? L::add(L::loadu(f.b_ih + q * H + j0), L::loadu(f.b_hh + q * H + j0))
+                       : L::set1(0.0f);
   }
   for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    __m256 pre[4][8];  // pre[q][l]: gate q of units j0.. for lane b0 + l (after the transpose)
-    for (int64_t q = 0; q < 4; ++q) {
-      const float* src = gru && q == 3 ? hn + j0 * Bp + b0 : g + (q * H + j0) * Bp + b0;
-      for (int u = 0; u < 8; ++u) pre[q][u] = _mm256_loadu_ps(src + u * Bp);
-      transpose8x8(pre[q]);
-    }
-    const int64_t lanes = std::min<int64_t>(8, B - b0);
-    for (int64_t l = 0; l < lanes; ++l) {
-      const int64_t b = b0 + l;
-      __m256 a[4];
-      for (int q = 0; q < 4; ++q) a[q] = _mm256_add_ps(pre[q][l], bias[q]);
-      __m256 s0, s1, s2, s3, h_new;
-      if (gru) {
-        s0 = sigmoid8(a[0]);
-        s1 = sigmoid8(a[1]);
-        s2 = tanh8(_mm256_fmadd_ps(s0, a[3], a[2]));
-        s3 = a[3];
-        const __m256 h_old = _mm256_loadu_ps(f.h + b * H + j0);
-        h_new = _mm256_fmadd_ps(_mm256_sub_ps(h_old, s2), s1, s2);
-      } else {
-        s0 = sigmoid8(a[0]);
-        s1 = sigmoid8(a[1]);
-        s2 = tanh8(a[2]);
-        s3 = sigmoid8(a[3]);
-        const __m256 c_n = _mm256_fmadd_ps(s1, _mm256_loadu_ps(f.c + b * H + j0), _mm256_mul_ps(s0, s2));
-        _mm256_storeu_ps(f.c_new + b * H + j0, c_n);
-        h_new = _mm256_mul_ps(s3, tanh8(c_n));
-      }
-      _mm256_storeu_ps(f.h_new + b * H + j0, h_new);
-      if (f.act) {
-        float* act = f.act + b * 4 * H + j0;
-        _mm256_storeu_ps(act, s0);
-        _mm256_storeu_ps(act + H, s1);
-        _mm256_storeu_ps(act + 2 * H, s2);
-        _mm256_storeu_ps(act + 3 * H, s3);
-      }
-    }
-  }
-}
-#endif
-
-#if defined(FASTDL_CELL_AVX2) && defined(__AVX512F__)
-// update8_f32 on 16 units [j0, j0 + 16) (AVX-512 build): each 8-unit half transposed as there,
-// lane l's halves joined into one zmm, so the gate math runs on 16 lanes (vec_math.h's 16-lane
-// functions give the 8-lane results lane by lane): the values of two update8_f32 calls.
-inline void update16_f32(const CellForward<float>& f, int64_t j0, const float* g, const float* hn) {
-  const int64_t H = f.p.hidden_size, B = f.p.batch, Bp = f.Bp;
-  const bool gru = f.p.mode == RnnMode::Gru;
-  __m512 bias[4];
-  for (int64_t q = 0; q < 4; ++q) {
-    if (gru && q >= 2)  // GRU: b_in with the x side, b_hn with W_hn h
-      bias[q] = q == 2 ? (f.b_ih ? _mm512_loadu_ps(f.b_ih + 2 * H + j0) : _mm512_setzero_ps())
-                       : (f.b_hh ? _mm512_loadu_ps(f.b_hh + 2 * H + j0) : _mm512_setzero_ps());
-    else
-      bias[q] = f.b_ih ? _mm512_add_ps(_mm512_loadu_ps(f.b_ih + q * H + j0),
-                                       _mm512_loadu_ps(f.b_hh + q * H + j0))
-                       : _mm512_setzero_ps();
-  }
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {
-    __m256 pre[2][4][8];  // pre[half][q][l]: gate q of units j0 + 8 * half.. for lane b0 + l
-    for (int half = 0; half < 2; ++half)
+    __m256 pre[NH][4][8];  // pre[half][q][l]: gate q of units j0 + 8 * half.. for lane b0 + l
+    for (int half = 0; half < NH; ++half)
       for (int64_t q = 0; q < 4; ++q) {
         const int64_t u = j0 + 8 * half;
         const float* src = gru && q == 3 ? hn + u * Bp + b0 : g + (q * H + u) * Bp + b0;
@@ -557,34 +515,33 @@ inline void update16_f32(const CellForward<float>& f, int64_t j0, const float* g
     const int64_t lanes = std::min<int64_t>(8, B - b0);
     for (int64_t l = 0; l < lanes; ++l) {
       const int64_t b = b0 + l;
-      __m512 a[4];
+      V a[4];
       for (int q = 0; q < 4; ++q)
-        a[q] = _mm512_add_ps(
-            _mm512_insertf32x8(_mm512_castps256_ps512(pre[0][q][l]), pre[1][q][l], 1), bias[q]);
-      __m512 s0, s1, s2, s3, h_new;
+        a[q] = L::add(join_halves<W>(pre[0][q][l], pre[NH - 1][q][l]), bias[q]);
+      V s0, s1, s2, s3, h_new;
       if (gru) {
-        s0 = sigmoid16(a[0]);
-        s1 = sigmoid16(a[1]);
-        s2 = tanh16(_mm512_fmadd_ps(s0, a[3], a[2]));
+        s0 = sigmoid_lanes<W>(a[0]);
+        s1 = sigmoid_lanes<W>(a[1]);
+        s2 = tanh_lanes<W>(L::fmadd(s0, a[3], a[2]));
         s3 = a[3];
-        const __m512 h_old = _mm512_loadu_ps(f.h + b * H + j0);
-        h_new = _mm512_fmadd_ps(_mm512_sub_ps(h_old, s2), s1, s2);
+        const V h_old = L::loadu(f.h + b * H + j0);
+        h_new = L::fmadd(L::sub(h_old, s2), s1, s2);
       } else {
-        s0 = sigmoid16(a[0]);
-        s1 = sigmoid16(a[1]);
-        s2 = tanh16(a[2]);
-        s3 = sigmoid16(a[3]);
-        const __m512 c_n = _mm512_fmadd_ps(s1, _mm512_loadu_ps(f.c + b * H + j0), _mm512_mul_ps(s0, s2));
-        _mm512_storeu_ps(f.c_new + b * H + j0, c_n);
-        h_new = _mm512_mul_ps(s3, tanh16(c_n));
+        s0 = sigmoid_lanes<W>(a[0]);
+        s1 = sigmoid_lanes<W>(a[1]);
+        s2 = tanh_lanes<W>(a[2]);
+        s3 = sigmoid_lanes<W>(a[3]);
+        const V c_n = L::fmadd(s1, L::loadu(f.c + b * H + j0), L::mul(s0, s2));
+        L::storeu(f.c_new + b * H + j0, c_n);
+        h_new = L::mul(s3, tanh_lanes<W>(c_n));
       }
-      _mm512_storeu_ps(f.h_new + b * H + j0, h_new);
+      L::storeu(f.h_new + b * H + j0, h_new);
       if (f.act) {
         float* act = f.act + b * 4 * H + j0;
-        _mm512_storeu_ps(act, s0);
-        _mm512_storeu_ps(act + H, s1);
-        _mm512_storeu_ps(act + 2 * H, s2);
-        _mm512_storeu_ps(act + 3 * H, s3);
+        L::storeu(act, s0);
+        L::storeu(act + H, s1);
+        L::storeu(act + 2 * H, s2);
+        L::storeu(act + 3 * H, s3);
       }
     }
   }
@@ -602,9 +559,9 @@ void update_units(const CellForward<T>& f, int64_t u0, int64_t u1, const T* g, c
   if constexpr (std::is_same<T, float>::value)
     if (f.p.mode == RnnMode::Lstm || f.p.mode == RnnMode::Gru) {
 #if defined(__AVX512F__)
-      for (; j + 16 <= u1; j += 16) update16_f32(f, j, g, hn);
+      for (; j + 16 <= u1; j += 16) update_f32<16>(f, j, g, hn);
 #endif
-      for (; j + 8 <= u1; j += 8) update8_f32(f, j, g, hn);
+      for (; j + 8 <= u1; j += 8) update_f32<8>(f, j, g, hn);
     }
 #endif
   for (; j < u1; ++j)

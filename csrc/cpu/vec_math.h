@@ -26,6 +26,8 @@ template <int W> struct Lanes;
 template <> struct Lanes<8> {
   using V = __m256;
   FASTDL_VEC_INLINE V set1(float x) { return _mm256_set1_ps(x); }
+  FASTDL_VEC_INLINE V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  FASTDL_VEC_INLINE void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
   FASTDL_VEC_INLINE V add(V a, V b) { return _mm256_add_ps(a, b); }
   FASTDL_VEC_INLINE V sub(V a, V b) { return _mm256_sub_ps(a, b); }
   FASTDL_VEC_INLINE V mul(V a, V b) { return _mm256_mul_ps(a, b); }
@@ -60,6 +62,8 @@ template <> struct Lanes<8> {
 template <> struct Lanes<16> {
   using V = __m512;
   FASTDL_VEC_INLINE V set1(float x) { return _mm512_set1_ps(x); }
+  FASTDL_VEC_INLINE V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  FASTDL_VEC_INLINE void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
   FASTDL_VEC_INLINE V add(V a, V b) { return _mm512_add_ps(a, b); }
   FASTDL_VEC_INLINE V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   FASTDL_VEC_INLINE V mul(V a, V b) { return _mm512_mul_ps(a, b); }
