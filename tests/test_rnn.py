@@ -294,14 +294,15 @@ def test_large_hidden(cpu_path, kind, dtype, batch, steps):
 
 @pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
 def test_sliced_row_groups(cpu_path, monkeypatch, kind):
-    """The k-sliced recurrent products (hidden > 128) on the AVX-512 build: two LSTM or GRU unit
-    blocks, or four Elman blocks, at a time with the gate math on 16 lanes, in balanced row
+    """The k-sliced recurrent products (hidden > 128) on the AVX-512 build: two whole LSTM or GRU
+    unit blocks, or four Elman blocks, at a time with the gate math on 16 lanes, in balanced row
     groups of up to 12 (LSTM) or 8 (GRU, Elman). Batch 12, 13, 23 and 25 at one thread or split
     by units give LSTM groups of 12; 6 + 7; 11 + 12; 8 + 8 + 9 and GRU/Elman 6 + 6; 6 + 7;
-    7 + 8 + 8; 6 + 6 + 6 + 7 (split by rows at 2 threads: 12-13 rows per thread). Hidden 152
-    leaves one whole block over (19 blocks; Elman: 3 after four quads), 150 a partial one (18 + 6
-    units), 158 puts the partial block inside the last pair or quad (19 + 6). Forward and every
-    gradient against torch, training and inference, 1 and 2 threads, on every kernel build."""
+    7 + 8 + 8; 6 + 6 + 6 + 7 (split by rows at 2 threads, batch >= 16 where W_hh is small enough:
+    11-13 rows per thread). Hidden 152 leaves one whole block over (19 blocks; Elman: 3 after
+    four quads), 150 a partial one (18 + 6 units); 158 (19 + 6) puts the partial block inside
+    the Elman's last quad at one thread or split by rows (LSTM/GRU pairs take whole blocks only).
+    Forward and every gradient against torch, training and inference, on every kernel build."""
     _block_cases(monkeypatch, kind, [(H, B) for H in (150, 152, 158) for B in (12, 13, 23, 25)])
 
 
@@ -516,13 +517,14 @@ def test_row_split(cpu_path, monkeypatch, kind):
     whose batch changes inside a thread's rows (rows past a step's batch carry their state and
     their dh over), both directions, training (outputs, then the input and parameter gradients)
     and inference, hidden 40 (5 unit blocks: the Elman's quad and a block), 72 (two quads and a
-    block) and 136 (over 128: the product summed over k slices in each thread's partials);
+    block), 136 (over 128: the product summed over k slices in each thread's partials) and 158
+    (the Elman's last sliced quad holding a partial block);
     against torch, and bitwise equal between the splits and thread counts (a row's sums do not
     depend on the split). LSTM_PROJ keeps its per-step regions."""
     lengths = torch.tensor([9, 3, 9, 1, 7, 8, 5, 2, 9, 4, 6, 9, 8, 9, 2, 9, 1, 9, 5])
     before = fastdl.get_num_threads()
     try:
-        for H in (40, 72, 136):
+        for H in (40, 72, 136, 158):
             torch.manual_seed(6)
             ours, theirs = make_pair(kind, 6, H, dtype=torch.float32, num_layers=1,
                                      bidirectional=True)
@@ -1467,10 +1469,11 @@ def test_saturated_gates_equal_torch(cpu_path, name):
 @pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM", "RNNCell", "GRUCell", "LSTMCell"])
 def test_nonfinite_gates_equal_torch(cpu_path, name):
     """NaN and +-inf pre-activations through the gate functions' caps (vec_math.h: min/max keep a
-    NaN operand only in the second place): zero weights and biases of +inf, -inf or NaN on
-    b_ih (b_hh zero), so each unit's gates see exactly those values; NaN where torch has NaN,
-    the same values elsewhere (sigmoid(+-inf) = 1 / 0, tanh(+-inf) = +-1). H = 44, every kernel
-    build."""
+    NaN operand only in the second place): zero weights, b_hh zero and b_ih drawn from +inf,
+    -inf, NaN, 0.5 and -3, so each unit's gates see exactly those values; NaN where torch has
+    NaN, the same values elsewhere (sigmoid(+-inf) = 1 / 0, tanh(+-inf) = +-1). One step for the
+    layers (with W_hh zero a NaN state would still reach every unit at the next: 0 * NaN).
+    H = 44, every kernel build."""
     H, B = 44, 5
     ours = getattr(fastdl.nn, name)(3, H, dtype=torch.float32)
     choice = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.5, -3.0])
@@ -1485,7 +1488,7 @@ def test_nonfinite_gates_equal_torch(cpu_path, name):
                 p.zero_()
     theirs = getattr(torch.nn, name)(3, H, dtype=torch.float32)
     theirs.load_state_dict(ours.state_dict())
-    x = rand(*((4, B, 3) if "Cell" not in name else (B, 3)), dtype=torch.float32)
+    x = rand(*((1, B, 3) if "Cell" not in name else (B, 3)), dtype=torch.float32)
     with torch.no_grad():
         oa, ob = ours(x), theirs(x)
     for u, v in zip(_outputs(oa), _outputs(ob)):

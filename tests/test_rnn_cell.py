@@ -3,7 +3,7 @@ GRUCell, on both kernel builds (the cpu_path cases): outputs and every gradient 
 reach each tiling case (the forward's 6-row tiles and 1-5 row remainders, on zmm balanced groups
 of 1-12 rows, GRU's n rows split at 2H, batch vectors in tiles of 2 and 1 with padded lanes; the
 gate update on 16 and 8 units and the scalar tail; the backward products' 4-row tiles, dx and
-dh's balanced tiles of up to 12 rows on zmm panels,
+dh's balanced tiles of up to 12 rows on zmm panels (above 4 rows),
 1-3 ymm / 1-4 zmm vector panels and scalar columns past the last whole vector); against fastdl's own layer
 kernels run for one step; only the gradients asked for; non-contiguous operands; operands the
 kernels must refuse (weights of another shape, dtype or device; the custom op called directly)."""
@@ -22,12 +22,13 @@ CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="
 # multiple of 16 float / 8 double lanes in the backward): 1, 2, 3 (2 + 1) zmm batch vectors
 # (B = 9, 17, 33, 40) and zmm column panels of 1-4 vectors (16, 32, 64, 96 = 3 + 3); the last
 # four reach every (rows, vectors) zmm tile of the forward and the products in both dtypes, on
-# 1 and 2 threads, and 2-row product tiles. The last five: forward row groups of 11 and 12 (23
+# 1 and 2 threads, and 2-row product tiles. The next five: forward row groups of 11 and 12 (23
 # units on one thread), 6, 3, 4 and 2 rows on zmm (a thread's units), 16 + 7 units in the gate
-# update; batch 20 and 25 in 12-row dx/dh tiles as 10 + 10 and 8 + 8 + 9.
+# update; batch 20 and 25 in 12-row dx tiles as 10 + 10 and 8 + 8 + 9. The last: batch 3 with
+# I and H on zmm, where dx and dh keep 4-row tiles (tall tiles only above 4 rows).
 SHAPES = [(1, 1, 1), (3, 8, 5), (8, 24, 16), (9, 13, 12), (17, 30, 9), (33, 64, 40),
           (40, 32, 96), (34, 112, 15), (10, 16, 5), (6, 32, 1), (6, 16, 8), (12, 20, 23),
-          (18, 16, 6), (25, 48, 3), (20, 16, 4), (20, 16, 2)]
+          (18, 16, 6), (25, 48, 3), (20, 16, 4), (20, 16, 2), (3, 32, 16)]
 
 
 def _pair(name, kw, I, H, bias, dtype):

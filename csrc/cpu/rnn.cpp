@@ -321,9 +321,8 @@ inline void with_rows(int mb, const F& f) {
   with_rows_upto<8>(mb, f);
 }
 
-
 // GRU (G = 3) float32 on the AVX-512 build: two unit blocks at once (block a's panel at pa, b's
-// at pa + block_step), their 48 columns per k in [0, K) as three zmm (a 0-15 | a 16-23 and b 0-7
+// at pa + block_step), their 48 columns per k in [0, R) as three zmm (a 0-15 | a 16-23 and b 0-7
 // joined by an insert | b 8-23), MB rows x 3 zmm accumulators; out: MB rows of 48 floats, block
 // a's 24 then block b's (= or += when accumulate: the k slices). The one-block tile (a zmm and a
 // ymm per row) runs a third of its columns at half width; the sums are the same products in the
@@ -688,10 +687,11 @@ constexpr int kSliceRows = 12;
 // sum two LSTM or GRU blocks, or four Elman blocks, at once (their gate math on 16 lanes); one
 // elsewhere.
 template <class T>
-constexpr int64_t part_sets() {
+constexpr int64_t part_sets(int64_t G) {
 #if defined(__AVX512F__)
-  return std::is_same<T, float>::value ? 4 : 1;
+  return std::is_same<T, float>::value ? (G == 1 ? 4 : 2) : 1;
 #else
+  (void)G;
   return 1;
 #endif
 }
@@ -722,7 +722,7 @@ inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C) {
 }
 
 // One step's blocks [lo, hi) of kW units over rows [0, bs): recurrent product from the packed
-// panels, then the gate math. part: this thread's part_sets<T>() (batch, G*kW) partial sums
+// panels, then the gate math. part: this thread's part_sets<T>(G) (batch, G*kW) partial sums
 // (R > kKc).
 template <class T, int G, bool SAVE>
 void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>& io, T* part,
@@ -922,10 +922,10 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         }
       }
       if constexpr (G == 4 && std::is_same<T, float>::value) {
-        // Per k slice, row groups of up to kSliceRows (balanced) on 2 zmm per row; two whole
-        // blocks at a time (their partials in part and part + bs * C), so the gate math runs on
-        // 16 lanes (lstm_units16). The same products in the same k order as the 6-row tiles
-        // below: bitwise equal.
+        // Each block over all its k slices in row groups of up to kSliceRows (balanced) on 2 zmm
+        // per row; two whole blocks before their gate math (partials in part and part + bs * C),
+        // so it runs on 16 lanes (lstm_units16). The same products in the same k order as the
+        // 6-row tiles below: bitwise equal.
         const bool pair = jb + 1 < hi && j0 + 2 * kW <= H;
         // (block by block, each over all its slices: one 16 KB panel slice in L1 at a time, as
         // the AVX2 path's, which Zen 4's 32 KB L1d also holds)
@@ -995,7 +995,7 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   const bool nested = omp_in_parallel() != 0;
   parallel_for(blocks, step_block_grain(bs, p.out_size(), C), [&](int64_t lo, int64_t hi) {
     T* part =
-        partials + (nested ? 0 : int64_t(omp_get_thread_num())) * part_sets<T>() * p.batch * C;
+        partials + (nested ? 0 : int64_t(omp_get_thread_num())) * part_sets<T>(G) * p.batch * C;
     fused_blocks<T, G, SAVE>(p, panels, bs, io, part, lo, hi);
   });
 }
@@ -1110,7 +1110,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
 
   // Reused scratch: packed W_hh, combined biases, the second state buffer, hpre (inference).
   const int64_t blocks = (H + kW - 1) / kW;
-  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * part_sets<T>() * B * G * kW : 0;
+  const int64_t part_n = R > kKc ? int64_t(get_num_threads()) * part_sets<T>(G) * B * G * kW : 0;
   T* panels = static_cast<T*>(tl_hh.get(sizeof(T) * (blocks * R * G * kW + GH + H + B * R +
                                                       (proj ? B * H : 0) + part_n)));
   T* bias = panels + blocks * R * G * kW;
@@ -1178,7 +1178,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         parallel_team(team_threads, [&](const Team& team) {
           const RowRange rows(row_len, team.tid, team.nthr);
           const int64_t r0 = rows.r0, r1 = rows.r1;
-          T* part = partials + team.tid * part_sets<T>() * B * G * kW;
+          T* part = partials + team.tid * part_sets<T>(G) * B * G * kW;
           for (int64_t s = s0; s < s1; ++s) {
             const int64_t t = p.reverse ? p.steps - 1 - s : s;
             const int64_t bs = p.rows_at(t), row0 = off[t];
@@ -1209,7 +1209,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
         const int64_t chunk = (blocks + team.nthr - 1) / team.nthr;
         const int64_t lo = std::min(blocks, team.tid * chunk), hi = std::min(blocks, lo + chunk);
         const int64_t u0 = lo * kW, uw = std::min(H, hi * kW) - u0;  // this thread's units
-        T* part = partials + team.tid * part_sets<T>() * B * G * kW;
+        T* part = partials + team.tid * part_sets<T>(G) * B * G * kW;
         for (int64_t s = s0; s < s1; ++s) {
           const int64_t t = p.reverse ? p.steps - 1 - s : s;
           const int64_t bs = p.rows_at(t), row0 = off[t];

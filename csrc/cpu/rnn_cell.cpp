@@ -20,7 +20,7 @@
 //   backward: a fused pass turns dh', dc' into the gate gradients dG (B, G*H) (rnn_math.h; the
 //             LSTM's on 8 units at a time on AVX2: its scalar tanh(c') dominated), then
 //             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows; on zmm
-//             panels tiles of up to 12 rows x 2 zmm, Product::tall), and
+//             panels and batch > 4, tiles of up to 12 rows x 2 zmm, Product::tall), and
 //             dW_ih = dG^T x, dW_hh = dG_h^T h (A = dG's columns, B = x / h rows); biases are
 //             column sums of dG. Work split: one thread team per step, the gate gradients by
 //             batch rows, a barrier, then the products by flops (row tiles x column panels)
@@ -154,8 +154,8 @@ void tall_rows_upto(int64_t mr, int64_t nv, int64_t K, const T* a, int64_t as_i,
 // tile would leave up to a zmm's lanes less one columns to the scalar loop. Panels hold 3 ymm (12
 // accumulators of 16 registers; the last panel the rest) or up to 4 zmm (16 of 32) with the
 // vectors spread evenly (5 zmm as 3 + 2, not 4 + 1): 4 zmm had run as 3 + 1, a 4-accumulator
-// tile doing a quarter of the work at its FMA latency's bound. Tall products (below) take row
-// tiles of up to 12 x 2 zmm instead.
+// tile doing a quarter of the work at its FMA latency's bound. Tall products (below) of more
+// than 4 rows take row tiles of up to 12 x 2 zmm instead.
 template <class T>
 struct Product {
   static constexpr int64_t MR = 4;
