@@ -302,7 +302,8 @@ def test_sliced_row_groups(cpu_path, monkeypatch, kind):
     11-13 rows per thread). Hidden 152 leaves one whole block over (19 blocks; Elman: 3 after
     four quads), 150 a partial one (18 + 6 units); 158 (19 + 6) puts the partial block inside
     the Elman's last quad at one thread or split by rows (LSTM/GRU pairs take whole blocks only).
-    Forward and every gradient against torch, training and inference, on every kernel build."""
+    The AVX2 build's Elman: two blocks per pass, rows in groups of up to 6. Forward and every
+    gradient against torch, training and inference, on every kernel build."""
     _block_cases(monkeypatch, kind, [(H, B) for H in (150, 152, 158) for B in (12, 13, 23, 25)])
 
 

@@ -142,6 +142,23 @@ inline void recurrent_tile(int64_t R, const T* __restrict panel, const T* const*
     for (int c = 0; c < C; ++c) out[i * C + c] = accumulate ? out[i * C + c] + acc[i][c] : acc[i][c];
 }
 
+// f(std::integral_constant<int, mb>()) for mb in [1, N] (N <= 12): a register tile's row count as
+// a template argument.
+template <int N, class F>
+inline void with_rows_upto(int mb, const F& f) {
+  if constexpr (N > 1) {
+    if (mb >= N) return f(std::integral_constant<int, N>());
+    with_rows_upto<N - 1>(mb, f);
+  } else {
+    f(std::integral_constant<int, 1>());
+  }
+}
+
+template <class F>
+inline void with_rows(int mb, const F& f) {
+  with_rows_upto<8>(mb, f);
+}
+
 #if defined(FASTDL_RNN_AVX2)
 // float32: MB x G ymm accumulators, per k G aligned panel loads and MB broadcasts.
 template <int G, int MB>
@@ -185,22 +202,28 @@ inline void recurrent_tile<float, 1, 6>(int64_t R, const float* __restrict panel
 #endif
 
 #if defined(FASTDL_RNN_AVX2)
-// Elman (G = 1) float32: two unit blocks at once, 6 rows x 2 panels = 12 accumulators. One block's
+// Elman (G = 1) float32: two unit blocks at once, MB rows (up to 6) x 2 panels = 12 accumulators,
+// k in [0, R); oa / ob: MB rows of 8 floats, = or += when accumulate (the k slices). One block's
 // 6 x 1 tile had 6, under the FMA latency's 8, and 7 loads per 6 FMAs.
+template <int MB = 6>
 inline void recurrent_tile2_f32(int64_t R, const float* __restrict pa, const float* __restrict pb,
                                 const float* const* hr, float* __restrict oa,
-                                float* __restrict ob) {
-  __m256 a0[6], a1[6];
-  for (int i = 0; i < 6; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
+                                float* __restrict ob, bool accumulate = false) {
+  __m256 a0[MB], a1[MB];
+  for (int i = 0; i < MB; ++i) a0[i] = a1[i] = _mm256_setzero_ps();
   for (int64_t k = 0; k < R; ++k) {
     const __m256 wa = _mm256_load_ps(pa + k * 8), wb = _mm256_load_ps(pb + k * 8);
-    for (int i = 0; i < 6; ++i) {
+    for (int i = 0; i < MB; ++i) {
       const __m256 hv = _mm256_broadcast_ss(hr[i] + k);
       a0[i] = _mm256_fmadd_ps(hv, wa, a0[i]);
       a1[i] = _mm256_fmadd_ps(hv, wb, a1[i]);
     }
   }
-  for (int i = 0; i < 6; ++i) {
+  for (int i = 0; i < MB; ++i) {
+    if (accumulate) {
+      a0[i] = _mm256_add_ps(_mm256_loadu_ps(oa + i * 8), a0[i]);
+      a1[i] = _mm256_add_ps(_mm256_loadu_ps(ob + i * 8), a1[i]);
+    }
     _mm256_storeu_ps(oa + i * 8, a0[i]);
     _mm256_storeu_ps(ob + i * 8, a1[i]);
   }
@@ -304,22 +327,6 @@ inline void recurrent_quad_zmm(int64_t R, int64_t block_step, const float* __res
   }
 }
 
-// f(std::integral_constant<int, mb>()) for mb in [1, N] (N <= 12): a register tile's row count as
-// a template argument.
-template <int N, class F>
-inline void with_rows_upto(int mb, const F& f) {
-  if constexpr (N > 1) {
-    if (mb >= N) return f(std::integral_constant<int, N>());
-    with_rows_upto<N - 1>(mb, f);
-  } else {
-    f(std::integral_constant<int, 1>());
-  }
-}
-
-template <class F>
-inline void with_rows(int mb, const F& f) {
-  with_rows_upto<8>(mb, f);
-}
 
 // GRU (G = 3) float32 on the AVX-512 build: two unit blocks at once (block a's panel at pa, b's
 // at pa + block_step), their 48 columns per k in [0, R) as three zmm (a 0-15 | a 16-23 and b 0-7
@@ -684,12 +691,14 @@ constexpr int64_t kKc = 128;
 // Rows per register tile in the AVX-512 LSTM's k-sliced path: 24 zmm accumulators of 32.
 constexpr int kSliceRows = 12;
 // Partial-sum buffers per thread, each (batch, G*kW): the AVX-512 build's float32 sliced paths
-// sum two LSTM or GRU blocks, or four Elman blocks, at once (their gate math on 16 lanes); one
-// elsewhere.
+// sum two LSTM or GRU blocks, or four Elman blocks, at once (their gate math on 16 lanes), the
+// AVX2 build's two Elman blocks; one elsewhere.
 template <class T>
 constexpr int64_t part_sets(int64_t G) {
 #if defined(__AVX512F__)
   return std::is_same<T, float>::value ? (G == 1 ? 4 : 2) : 1;
+#elif defined(FASTDL_RNN_AVX2)
+  return std::is_same<T, float>::value && G == 1 ? 2 : 1;  // the AVX2 Elman's block pairs
 #else
   (void)G;
   return 1;
@@ -945,6 +954,29 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
         }
         if (pair) ++jb;
         continue;
+      }
+#endif
+#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
+      if constexpr (G == 1 && std::is_same<T, float>::value) {
+        if (jb + 1 < hi) {
+          // the unsliced pair's 12-accumulator tile per k slice (one block's 6 x 1 had 6), rows
+          // in balanced groups of up to 6; block a's partials at part, b's at part + bs * C
+          const int64_t j1 = j0 + kW, w1 = std::min<int64_t>(kW, H - j1);
+          slice_row_groups<6>(R, bs, io.h_old, [&](int64_t k0, int64_t kc,
+                                                   const float* const* hr6, int64_t b0, int mb) {
+            with_rows_upto<6>(mb, [&](auto m) {
+              recurrent_tile2_f32<decltype(m)::value>(kc, panel + k0 * C, panel + R * C + k0 * C,
+                                                      hr6, part + b0 * C, part + (bs + b0) * C,
+                                                      k0 > 0);
+            });
+          });
+          for (int64_t b = 0; b < bs; ++b) {
+            gates(b, j0, w, part + b * C);
+            gates(b, j1, w1, part + (bs + b) * C);
+          }
+          ++jb;
+          continue;
+        }
       }
 #endif
 #if defined(FASTDL_RNN_AVX2)
