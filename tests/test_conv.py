@@ -1909,9 +1909,10 @@ def test_conv2d_backward_numpy_through_emulation(cuda_device):
 
 
 # The direct path's padded-plane kernels (stride 1 along W, csrc/cpu/conv_direct_s1.cpp): the
-# 3x3 one-channel body (two output rows per step, partial last vector) and the general body, at
-# widths around the vector length, odd heights, vertical strides, dilation, padding wider than
-# the kernel, channel multipliers and few input channels; outputs and every gradient.
+# 3x3 one-channel body (blocks of 8 output rows, then a last block of every height 1-7, partial
+# last vector) and the general body, at widths around the vector length, odd heights, vertical
+# strides, dilation, padding wider than the kernel, channel multipliers and few input channels;
+# outputs and every gradient (the input gradient's flipped forward runs the 3x3 body over H rows).
 DIRECT_S1_CASES = [
     ((2, 4, 9, 1), (4, 1, 3, 3), dict(stride=1, padding=1, groups=4)),          # OW = 1
     ((2, 3, 7, 7), (3, 1, 3, 3), dict(stride=1, padding=1, groups=3)),          # OW = 7, odd OH
@@ -1924,6 +1925,8 @@ DIRECT_S1_CASES = [
     ((2, 4, 15, 18), (4, 1, 3, 3), dict(stride=1, padding=2, dilation=2, groups=4)),
     ((2, 2, 9, 30), (4, 1, 5, 2), dict(stride=(3, 1), padding=(2, 1), groups=2)),
     ((1, 3, 6, 40), (3, 1, 1, 7), dict(stride=1, padding=(0, 3), dilation=(1, 3), groups=3)),
+    ((2, 3, 16, 12), (3, 1, 3, 3), dict(stride=1, padding=1, groups=3)),        # OH = 2 blocks
+    ((1, 2, 12, 9), (2, 1, 3, 3), dict(stride=1, padding=1, groups=2)),         # OH = 8 + 4
 ]
 
 

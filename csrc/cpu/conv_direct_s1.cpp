@@ -35,9 +35,11 @@
 // direct_stride1 cases aim at this file; both CPU paths); timed by benchmarks/bench_conv.py.
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "conv_impl.h"
+#include "row_copy.h"
 #include "scratch.h"
 #include "vec_ext.h"
 
@@ -70,31 +72,39 @@ struct PadGeom {
   int64_t plane() const { return rows * pitch; }
 };
 
-// buf[cc][r][q] = x[cc][r - ph][q - pw], 0 outside the input. Plain loops, not memcpy/memset:
-// three libc calls per 56-wide row cost more than the row's copy (depthwise forward, one thread,
-// perf: 13% of the time in memmove).
+// Zeroes cg planes of the padded buffer. copy_planes writes only the cells that hold input, so a
+// buffer zeroed once keeps its padding zero for every plane of the same geometry: zero it once per
+// task range, not per plane (per-row zero runs became memset calls, GCC turning the loops into
+// libc calls: two per 56-wide row; RESULTS.md, 2026-12-05 05:30).
 template <class T>
-void pad_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg, T* buf) {
+void zero_planes(const PadGeom& g, int64_t cg, T* buf) {
+  std::fill(buf, buf + cg * g.plane(), T(0));
+}
+
+// buf[cc][r][q] = x[cc][r - ph][q - pw] where that lies in the input; the rest of buf (its
+// padding) is left as it is: zero after zero_planes.
+template <class T>
+void copy_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg, T* buf) {
   const int64_t q0 = std::min(std::max<int64_t>(p.pw, 0), g.pitch);  // first copied column
   const int64_t c0 = q0 - p.pw;                                       // its input column
   const int64_t len = std::max<int64_t>(0, std::min(p.w - c0, g.pitch - q0));
+  const int64_t r0 = std::max<int64_t>(p.ph, 0), r1 = std::min(g.rows, p.ph + p.h);
   for (int64_t cc = 0; cc < cg; ++cc) {
-    const T* xp = xg + cc * p.h * p.w;
-    T* b = buf + cc * g.plane();
-    for (int64_t r = 0; r < g.rows; ++r) {
-      T* br = b + r * g.pitch;
-      const int64_t ih = r - p.ph;
-      if (ih < 0 || ih >= p.h || len == 0) {
-        for (int64_t q = 0; q < g.pitch; ++q) br[q] = T(0);
-        continue;
-      }
-      const T* src = xp + ih * p.w + c0;
-      for (int64_t q = 0; q < q0; ++q) br[q] = T(0);
-      T* dst = br + q0;
-      for (int64_t q = 0; q < len; ++q) dst[q] = src[q];
-      for (int64_t q = q0 + len; q < g.pitch; ++q) br[q] = T(0);
+    const T* xp = xg + cc * p.h * p.w + c0;
+    T* b = buf + cc * g.plane() + q0;
+    for (int64_t r = r0; r < r1; ++r) {
+      copy_run(b + r * g.pitch, xp + (r - p.ph) * p.w, len);
     }
   }
+}
+
+// x's size above which the fused backward prefetches its next planes (see there).
+constexpr int64_t kPrefetchBytes = int64_t(8) << 20;
+
+// Asks for `bytes` from p into L2, one prefetch per cache line.
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
 }
 
 // Stores the first n (<= L) lanes of v.
@@ -107,56 +117,49 @@ inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
   }
 }
 
-// Two output rows (y0, y0 + ow) x NV (1 or 2) output vectors from plane buffer row c (rows c ..
-// c + 3P feed them): each input vector loaded feeds both rows; 2*NV independent FMA chains.
-// Written out by hand: loops with `if (r < 3)` over an array of accumulators, even with unroll
-// pragmas, made GCC keep 24 row pointers and the loaded vectors on the stack (slower than 2 chains).
-template <class T, int NV>
-inline void rows2_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, T bias, int64_t v,
-                      int64_t ow, T* y0) {
+// f(std::integral_constant<int, I>()) for I = 0 .. N-1, unrolled at compile time: the indices into
+// a kernel's accumulator array are constants from the start, so GCC keeps the array in registers
+// (loops with `#pragma GCC unroll` left it on the stack, and so did these helpers until the
+// lambdas were forced inline).
+#define FASTDL_INLINE __attribute__((always_inline))
+template <int... I, class F>
+FASTDL_INLINE inline void static_for_seq(std::integer_sequence<int, I...>, F&& f) {
+  (f(std::integral_constant<int, I>()), ...);
+}
+template <int N, class F>
+FASTDL_INLINE inline void static_for(F&& f) {
+  static_for_seq(std::make_integer_sequence<int, N>(), f);
+}
+
+// R output rows of one output vector from plane buffer rows c .. c + (R + 1) P: input row ri feeds
+// output rows ri - 2 .. ri, so each loaded vector serves up to 3 FMAs; R independent FMA chains;
+// 3 (R + 2) loads for 9 R FMAs. R = 8 ran a 56x56 plane 1.4x faster than the 2-row x 2-vector
+// tile it replaces, on both builds (a standalone loop; RESULTS.md, 2026-12-05 05:30).
+template <class T, int R>
+FASTDL_INLINE inline void rows_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, T bias,
+                                   int64_t n, int64_t ow, T* y0) {
   using V = typename Vec<T>::V;
+  V acc[R];
+  static_for<R>([&](auto r) FASTDL_INLINE { acc[r] = V{} + bias; });
+  static_for<R + 2>([&](auto ri) FASTDL_INLINE {
+    const T* row = c + ri * P;
+    static_for<3>([&](auto j) FASTDL_INLINE {
+      const V xv = Vec<T>::load(row + j);
+      if constexpr (ri < R) acc[ri] += w[j] * xv;
+      if constexpr (ri >= 1 && ri - 1 < R) acc[ri - 1] += w[3 + j] * xv;
+      if constexpr (ri >= 2) acc[ri - 2] += w[6 + j] * xv;
+    });
+  });
+  static_for<R>([&](auto r) FASTDL_INLINE { store_part(y0 + r * ow, acc[r], n); });
+}
+
+// Output rows [0, R) of a plane, every vector (stride 1).
+template <class T, int R>
+void block_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, int64_t nv, T bias, int64_t ow,
+               T* y0) {
   constexpr int64_t L = Vec<T>::L;
-  V a0 = V{} + bias, b0 = a0, a1 = a0, b1 = a0;  // a: first row, b: second; 0/1: vector
-  const T* r = c;
-  for (int j = 0; j < 3; ++j) {
-    a0 += w[j] * Vec<T>::load(r + j);
-    if (NV == 2) a1 += w[j] * Vec<T>::load(r + L + j);
-  }
-  r += P;
-  for (int j = 0; j < 3; ++j) {
-    const V x0 = Vec<T>::load(r + j);
-    a0 += w[3 + j] * x0;
-    b0 += w[j] * x0;
-    if (NV == 2) {
-      const V x1 = Vec<T>::load(r + L + j);
-      a1 += w[3 + j] * x1;
-      b1 += w[j] * x1;
-    }
-  }
-  r += P;
-  for (int j = 0; j < 3; ++j) {
-    const V x0 = Vec<T>::load(r + j);
-    a0 += w[6 + j] * x0;
-    b0 += w[3 + j] * x0;
-    if (NV == 2) {
-      const V x1 = Vec<T>::load(r + L + j);
-      a1 += w[6 + j] * x1;
-      b1 += w[3 + j] * x1;
-    }
-  }
-  r += P;
-  for (int j = 0; j < 3; ++j) {
-    b0 += w[6 + j] * Vec<T>::load(r + j);
-    if (NV == 2) b1 += w[6 + j] * Vec<T>::load(r + L + j);
-  }
-  const int64_t n0 = std::min(L, ow - v * L);
-  store_part(y0, a0, n0);
-  store_part(y0 + ow, b0, n0);
-  if (NV == 2) {
-    const int64_t n1 = std::min(L, ow - (v + 1) * L);
-    store_part(y0 + L, a1, n1);
-    store_part(y0 + ow + L, b1, n1);
-  }
+  for (int64_t v = 0; v < nv; ++v)
+    rows_3x3<T, R>(w, c + v * L, P, bias, std::min(L, ow - v * L), ow, y0 + v * L);
 }
 
 // One output plane, cg == 1, 3x3, dilation 1: the 9 weights stay in registers; two output rows
@@ -174,13 +177,21 @@ void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const 
   const int64_t P = g.pitch;
   int64_t oh = 0;
   if (p.sh == 1) {
-    for (; oh + 2 <= p.oh; oh += 2) {
-      T* y0 = y + oh * p.ow;
-      const T* c = buf + oh * P;
-      int64_t v = 0;
-      for (; v + 2 <= g.nv; v += 2) rows2_3x3<T, 2>(wv, c + v * L, P, bias, v, p.ow, y0 + v * L);
-      if (v < g.nv) rows2_3x3<T, 1>(wv, c + v * L, P, bias, v, p.ow, y0 + v * L);
+    constexpr int R = 8;  // rows per block (8 accumulators + 9 weights: the AVX2 build spills one)
+    for (; oh + R <= p.oh; oh += R) block_3x3<T, R>(wv, buf + oh * P, P, g.nv, bias, p.ow, y + oh * p.ow);
+    const T* cb = buf + oh * P;
+    T* yb = y + oh * p.ow;
+    switch (p.oh - oh) {
+      case 1: block_3x3<T, 1>(wv, cb, P, g.nv, bias, p.ow, yb); break;
+      case 2: block_3x3<T, 2>(wv, cb, P, g.nv, bias, p.ow, yb); break;
+      case 3: block_3x3<T, 3>(wv, cb, P, g.nv, bias, p.ow, yb); break;
+      case 4: block_3x3<T, 4>(wv, cb, P, g.nv, bias, p.ow, yb); break;
+      case 5: block_3x3<T, 5>(wv, cb, P, g.nv, bias, p.ow, yb); break;
+      case 6: block_3x3<T, 6>(wv, cb, P, g.nv, bias, p.ow, yb); break;
+      case 7: block_3x3<T, 7>(wv, cb, P, g.nv, bias, p.ow, yb); break;
+      default: break;
     }
+    oh = p.oh;
   }
   for (; oh < p.oh; ++oh) {
     T* yr = y + oh * p.ow;
@@ -364,9 +375,10 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   const int64_t kper = (kg + kb - 1) / kb;
   parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
+    zero_planes(g, cg, buf);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / kb / G, gi = t / kb % G, blk = t % kb;
-      pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+      copy_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
       for (int64_t kk = blk * kper; kk < std::min(kg, (blk + 1) * kper); ++kk) {
         const int64_t k = gi * kg + kk;
         const T bv = b ? b[k] : T(0);
@@ -390,13 +402,14 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
   parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
+    zero_planes(g, cg, buf);
     std::vector<double> acc(static_cast<size_t>((hi - lo) * (ck + 1)), 0.0);
     for (int64_t n = 0; n < p.n; ++n) {
       int64_t padded = -1;  // the group whose planes buf holds
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t gi = k / kg;
         if (gi != padded) {
-          pad_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+          copy_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
           padded = gi;
         }
         const T* gp = gy + (n * p.k + k) * S;
@@ -428,9 +441,12 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
   const Conv2dParams q = input_grad_as_forward(p);
   const PadGeom gw_geo = PadGeom::of<T>(p), gx_geo = PadGeom::of<T>(q);
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
+  const bool prefetch = p.n * p.c * HW * int64_t(sizeof(T)) > kPrefetchBytes;
   parallel_for_catch(p.k, grain_for(p.n * (S + HW) * 9), [&](int64_t lo, int64_t hi) {
     T* bx = tl_planes.get_as<T>(gw_geo.plane() + gx_geo.plane());
     T* bg = bx + gw_geo.plane();
+    zero_planes(gw_geo, 1, bx);
+    zero_planes(gx_geo, 1, bg);
     std::vector<double> acc(static_cast<size_t>((hi - lo) * 10), 0.0);
     for (int64_t k = lo; k < hi; ++k) {
       T wf[9];  // the kernel rotated by 180 degrees (flip_weights for one channel)
@@ -438,9 +454,20 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
       double* a = acc.data() + (k - lo) * 10;
       for (int64_t n = 0; n < p.n; ++n) {
         const T* gp = gy + (n * p.k + k) * S;
-        pad_planes(p, gw_geo, x + (n * p.c + k) * HW, 1, bx);
+        // The next step's planes lie an image (C planes) away, where no hardware stream reaches:
+        // prefetched whole while this step computes, when the tensors are too large to stay in
+        // cache between passes (RESULTS.md, 2026-12-05 05:30: 32x64x56x56 -19%; at 4 images,
+        // cache-resident, the prefetches cost +10%).
+        if (prefetch) {
+          const int64_t n1 = n + 1 < p.n ? n + 1 : 0, k1 = n + 1 < p.n ? k : k + 1;
+          if (k1 < hi) {
+            prefetch_l2(x + (n1 * p.c + k1) * HW, HW * int64_t(sizeof(T)));
+            prefetch_l2(gy + (n1 * p.k + k1) * S, S * int64_t(sizeof(T)));
+          }
+        }
+        copy_planes(p, gw_geo, x + (n * p.c + k) * HW, 1, bx);
         plane_wgrad_3x3(p, gw_geo, bx, gp, gb != nullptr, a);
-        pad_planes(q, gx_geo, gp, 1, bg);
+        copy_planes(q, gx_geo, gp, 1, bg);
         plane_fwd_3x3(q, gx_geo, bg, wf, T(0), gx + (n * p.c + k) * HW);
       }
       for (int e = 0; e < 9; ++e) gw[k * 9 + e] = static_cast<T>(a[e]);
