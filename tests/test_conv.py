@@ -1927,7 +1927,29 @@ DIRECT_S1_CASES = [
     ((1, 3, 6, 40), (3, 1, 1, 7), dict(stride=1, padding=(0, 3), dilation=(1, 3), groups=3)),
     ((2, 3, 16, 12), (3, 1, 3, 3), dict(stride=1, padding=1, groups=3)),        # OH = 2 blocks
     ((1, 2, 12, 9), (2, 1, 3, 3), dict(stride=1, padding=1, groups=2)),         # OH = 8 + 4
+    ((2, 3, 13, 10), (3, 1, 3, 3), dict(stride=1, padding=1, groups=3)),        # OH = 8 + 5
 ]
+
+
+def test_conv2d_direct_padding_frame_after_other_geometry(cpu_path):
+    # The padded planes live in a per-thread buffer kept between calls, and only their frame is
+    # zeroed (once per task range): a call without padding leaves input in the cells that the next
+    # call's frame covers. On one thread, every call below must still equal torch.
+    before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
+    fastdl.ops.set_conv_algorithm("direct")
+    fastdl.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        for shape, padding in (((2, 4, 20, 30), 0), ((2, 4, 12, 14), 2), ((1, 4, 20, 30), 0),
+                               ((3, 4, 9, 11), (1, 3))):
+            x = torch.empty(shape).uniform_(1, 2, generator=gen)  # no zeros to hide stale cells
+            w = torch.empty((4, 1, 3, 3)).uniform_(1, 2, generator=gen)
+            y = fastdl.nn.functional.conv2d(x, w, padding=padding, groups=4)
+            assert_close(y, TF.conv2d(x, w, padding=padding, groups=4), reduction=9,
+                         what=f"forward {shape} padding {padding}")
+    finally:
+        fastdl.set_num_threads(threads)
+        fastdl.ops.set_conv_algorithm(before)
 
 
 @pytest.mark.parametrize("case", range(len(DIRECT_S1_CASES)))

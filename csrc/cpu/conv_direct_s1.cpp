@@ -6,7 +6,9 @@
 // Layout: for one (image, group), the cg input planes are copied into a zero-padded buffer of
 // `rows` x `pitch` per plane (pitch = OW rounded up to whole vectors + the kernel's reach), so
 // every output vector reads whole unaligned vectors at fixed offsets: no edge cases, no bound
-// checks per tap, and the padding costs one pass over an L1/L2-resident copy.
+// checks per tap. The buffer's padding frame is zeroed once per task range and each plane copies
+// only its input cells (the geometry is fixed for the call). The fused depthwise backward
+// prefetches its next planes above 8 MB of input.
 //   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
 //                    one task per (image, group): the buffer feeds all kg output planes
 //                    (per (image, group, block of planes) when fewer than the threads)
@@ -72,23 +74,43 @@ struct PadGeom {
   int64_t plane() const { return rows * pitch; }
 };
 
-// Zeroes cg planes of the padded buffer. copy_planes writes only the cells that hold input, so a
-// buffer zeroed once keeps its padding zero for every plane of the same geometry: zero it once per
-// task range, not per plane (per-row zero runs became memset calls, GCC turning the loops into
-// libc calls: two per 56-wide row; RESULTS.md, 2026-12-05 05:30).
+// The cells of a padded plane that hold input: rows [r0, r1), columns [q0, q0 + len), column q0
+// holding input column c0.
+struct Interior {
+  int64_t q0, c0, len, r0, r1;
+  Interior(const Conv2dParams& p, const PadGeom& g) {
+    q0 = std::min(std::max<int64_t>(p.pw, 0), g.pitch);
+    c0 = q0 - p.pw;
+    len = std::max<int64_t>(0, std::min(p.w - c0, g.pitch - q0));
+    r0 = std::min(std::max<int64_t>(p.ph, 0), g.rows);
+    r1 = std::max(r0, std::min(g.rows, p.ph + p.h));
+  }
+};
+
+// Zeroes the padding frame of cg planes (every cell outside the Interior). copy_planes writes only
+// the interior, so a buffer framed once stays padded for every plane of the same geometry: once
+// per task range, not per plane (per-row zero runs had become memset calls, GCC turning the loops
+// into libc calls, two per 56-wide row; RESULTS.md, 2026-12-05 05:30).
 template <class T>
-void zero_planes(const PadGeom& g, int64_t cg, T* buf) {
-  std::fill(buf, buf + cg * g.plane(), T(0));
+void zero_frame(const Conv2dParams& p, const PadGeom& g, int64_t cg, T* buf) {
+  const Interior in(p, g);
+  for (int64_t cc = 0; cc < cg; ++cc) {
+    T* b = buf + cc * g.plane();
+    zero_run(b, in.r0 * g.pitch);
+    for (int64_t r = in.r0; r < in.r1; ++r) {
+      zero_run(b + r * g.pitch, in.q0);
+      zero_run(b + r * g.pitch + in.q0 + in.len, g.pitch - in.q0 - in.len);
+    }
+    zero_run(b + in.r1 * g.pitch, (g.rows - in.r1) * g.pitch);
+  }
 }
 
 // buf[cc][r][q] = x[cc][r - ph][q - pw] where that lies in the input; the rest of buf (its
-// padding) is left as it is: zero after zero_planes.
+// padding) is left as it is: zero after zero_frame.
 template <class T>
 void copy_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg, T* buf) {
-  const int64_t q0 = std::min(std::max<int64_t>(p.pw, 0), g.pitch);  // first copied column
-  const int64_t c0 = q0 - p.pw;                                       // its input column
-  const int64_t len = std::max<int64_t>(0, std::min(p.w - c0, g.pitch - q0));
-  const int64_t r0 = std::max<int64_t>(p.ph, 0), r1 = std::min(g.rows, p.ph + p.h);
+  const Interior in(p, g);
+  const int64_t q0 = in.q0, c0 = in.c0, len = in.len, r0 = in.r0, r1 = in.r1;
   for (int64_t cc = 0; cc < cg; ++cc) {
     const T* xp = xg + cc * p.h * p.w + c0;
     T* b = buf + cc * g.plane() + q0;
@@ -101,10 +123,11 @@ void copy_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t c
 // x's size above which the fused backward prefetches its next planes (see there).
 constexpr int64_t kPrefetchBytes = int64_t(8) << 20;
 
-// Asks for `bytes` from p into L2, one prefetch per cache line.
+// Asks for the cache lines of [p, p + bytes) (prefetcht1: L2 on Intel; the level is a hint).
 inline void prefetch_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t l = a & ~uintptr_t(63); l < a + uintptr_t(bytes); l += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 2);
 }
 
 // Stores the first n (<= L) lanes of v.
@@ -137,7 +160,7 @@ FASTDL_INLINE inline void static_for(F&& f) {
 // tile it replaces, on both builds (a standalone loop; RESULTS.md, 2026-12-05 05:30).
 template <class T, int R>
 FASTDL_INLINE inline void rows_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, T bias,
-                                   int64_t n, int64_t ow, T* y0) {
+                                   int64_t lanes, int64_t ow, T* y0) {
   using V = typename Vec<T>::V;
   V acc[R];
   static_for<R>([&](auto r) FASTDL_INLINE { acc[r] = V{} + bias; });
@@ -150,8 +173,17 @@ FASTDL_INLINE inline void rows_3x3(const typename Vec<T>::V* w, const T* c, int6
       if constexpr (ri >= 2) acc[ri - 2] += w[6 + j] * xv;
     });
   });
-  static_for<R>([&](auto r) FASTDL_INLINE { store_part(y0 + r * ow, acc[r], n); });
+  static_for<R>([&](auto r) FASTDL_INLINE { store_part(y0 + r * ow, acc[r], lanes); });
 }
+
+// Output rows per block of the 3x3 forward: 8 accumulators + 9 weights + the loaded vector are 18
+// vectors, so the AVX2 build keeps two weights as FMA memory operands; the portable build's Vec is
+// two xmm registers (of 16), where 4 rows keep the accumulators in registers.
+#if defined(__AVX2__)
+constexpr int kRows3x3 = 8;
+#else
+constexpr int kRows3x3 = 4;
+#endif
 
 // Output rows [0, R) of a plane, every vector (stride 1).
 template <class T, int R>
@@ -162,11 +194,8 @@ void block_3x3(const typename Vec<T>::V* w, const T* c, int64_t P, int64_t nv, T
     rows_3x3<T, R>(w, c + v * L, P, bias, std::min(L, ow - v * L), ow, y0 + v * L);
 }
 
-// One output plane, cg == 1, 3x3, dilation 1: the 9 weights stay in registers; two output rows
-// by two vectors per step when sh == 1 (each input vector loaded feeds both rows; 4 independent
-// FMA chains: with one vector, 2 chains, perf showed the FMAs waiting on each other; A/B, shape 1
-// forward, one thread under load: 0.93-1.14 ms -> 0.85-0.95 ms, within the noise, kept for the
-// headroom on a quiet machine).
+// One output plane, cg == 1, 3x3, dilation 1: the 9 weights stay in registers; when sh == 1,
+// blocks of kRows3x3 output rows by one vector (rows_3x3), then one block of the rows left.
 template <class T>
 void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const T* w, T bias,
                    T* y) {
@@ -177,8 +206,9 @@ void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const 
   const int64_t P = g.pitch;
   int64_t oh = 0;
   if (p.sh == 1) {
-    constexpr int R = 8;  // rows per block (8 accumulators + 9 weights: the AVX2 build spills one)
-    for (; oh + R <= p.oh; oh += R) block_3x3<T, R>(wv, buf + oh * P, P, g.nv, bias, p.ow, y + oh * p.ow);
+    constexpr int R = kRows3x3;
+    for (; oh + R <= p.oh; oh += R)
+      block_3x3<T, R>(wv, buf + oh * P, P, g.nv, bias, p.ow, y + oh * p.ow);
     const T* cb = buf + oh * P;
     T* yb = y + oh * p.ow;
     switch (p.oh - oh) {
@@ -375,7 +405,7 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   const int64_t kper = (kg + kb - 1) / kb;
   parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
-    zero_planes(g, cg, buf);
+    zero_frame(p, g, cg, buf);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / kb / G, gi = t / kb % G, blk = t % kb;
       copy_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
@@ -402,7 +432,7 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
   parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(cg * g.plane());
-    zero_planes(g, cg, buf);
+    zero_frame(p, g, cg, buf);
     std::vector<double> acc(static_cast<size_t>((hi - lo) * (ck + 1)), 0.0);
     for (int64_t n = 0; n < p.n; ++n) {
       int64_t padded = -1;  // the group whose planes buf holds
@@ -445,8 +475,8 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
   parallel_for_catch(p.k, grain_for(p.n * (S + HW) * 9), [&](int64_t lo, int64_t hi) {
     T* bx = tl_planes.get_as<T>(gw_geo.plane() + gx_geo.plane());
     T* bg = bx + gw_geo.plane();
-    zero_planes(gw_geo, 1, bx);
-    zero_planes(gx_geo, 1, bg);
+    zero_frame(p, gw_geo, 1, bx);
+    zero_frame(q, gx_geo, 1, bg);
     std::vector<double> acc(static_cast<size_t>((hi - lo) * 10), 0.0);
     for (int64_t k = lo; k < hi; ++k) {
       T wf[9];  // the kernel rotated by 180 degrees (flip_weights for one channel)
@@ -493,3 +523,5 @@ template void conv_direct_s1_backward_weight<double>(const Conv2dParams&, const 
 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
+
+#undef FASTDL_INLINE
