@@ -327,7 +327,6 @@ inline void recurrent_quad_zmm(int64_t R, int64_t block_step, const float* __res
   }
 }
 
-
 // GRU (G = 3) float32 on the AVX-512 build: two unit blocks at once (block a's panel at pa, b's
 // at pa + block_step), their 48 columns per k in [0, R) as three zmm (a 0-15 | a 16-23 and b 0-7
 // joined by an insert | b 8-23), MB rows x 3 zmm accumulators; out: MB rows of 48 floats, block
