@@ -130,14 +130,22 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
     __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 2);
 }
 
-// Stores the first n (<= L) lanes of v.
+// Stores the first n (<= L) lanes of v: one masked store on the AVX-512 build, else lane by lane
+// (a memcpy here was a libc call per row; AVX2's vmaskmov store measured no faster here and is
+// slow on some AMD cores).
 template <class T>
 inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
   if (n == Vec<T>::L) {
     Vec<T>::store(dst, v);
-  } else {  // lane by lane (a memcpy here was a libc call per row)
-    for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
+    return;
   }
+#if defined(__AVX512F__)
+  const __mmask8 k = static_cast<__mmask8>((1u << n) - 1);
+  if constexpr (std::is_same<T, float>::value) _mm256_mask_storeu_ps(dst, k, (__m256)v);
+  else _mm256_mask_storeu_pd(dst, k, (__m256d)v);
+#else
+  for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
+#endif
 }
 
 // f(std::integral_constant<int, I>()) for I = 0 .. N-1, unrolled at compile time: the indices into
@@ -273,8 +281,14 @@ struct LaneMask {
   typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
   typedef I IV __attribute__((vector_size(kVecBytes)));
   IV m;
+#if defined(__AVX512F__)
+  __mmask8 k;  // the same lanes as a mask register (masked FMAs, tap_add)
+#endif
   explicit LaneMask(int64_t n) {
     for (int64_t l = 0; l < Vec<T>::L; ++l) m[l] = l < n ? I(-1) : I(0);
+#if defined(__AVX512F__)
+    k = static_cast<__mmask8>((1u << std::min<int64_t>(n, Vec<T>::L)) - 1);
+#endif
   }
   // v with the lanes >= n zero (bitwise, so a NaN or inf there becomes +0 too).
   typename Vec<T>::V apply(typename Vec<T>::V v) const {
@@ -301,6 +315,24 @@ inline typename Vec<T>::V tap(typename Vec<T>::V gv, const T* c, const LaneMask<
   return Masked ? mask.apply(prod) : prod;
 }
 
+// acc += tap(gv, c): on the AVX-512 build a masked row end is one merge-masked FMA (lanes >= OW
+// keep acc) instead of a multiply, a mask and an add (RESULTS.md, 2026-12-05 05:30).
+template <class T, bool Masked>
+inline void tap_add(typename Vec<T>::V& acc, typename Vec<T>::V gv, const T* c,
+                    const LaneMask<T>& mask) {
+#if defined(__AVX512F__)
+  if constexpr (Masked) {
+    using V = typename Vec<T>::V;
+    if constexpr (std::is_same<T, float>::value)
+      acc = (V)_mm256_mask3_fmadd_ps((__m256)gv, (__m256)Vec<T>::load(c), (__m256)acc, mask.k);
+    else
+      acc = (V)_mm256_mask3_fmadd_pd((__m256d)gv, (__m256d)Vec<T>::load(c), (__m256d)acc, mask.k);
+    return;
+  }
+#endif
+  acc += tap<T, Masked>(gv, c, mask);
+}
+
 template <class T>
 inline double hsum(typename Vec<T>::V a) {
   T s = T(0);
@@ -313,14 +345,8 @@ template <class T, bool Masked>
 inline void wgrad3_step(typename Vec<T>::V gv, const T* c, int64_t P, const LaneMask<T>& mask,
                         typename Vec<T>::V* a, typename Vec<T>::V& ab) {
   ab += gv;
-  a[0] += tap<T, Masked>(gv, c, mask); a[1] += tap<T, Masked>(gv, c + 1, mask);
-  a[2] += tap<T, Masked>(gv, c + 2, mask);
-  c += P;
-  a[3] += tap<T, Masked>(gv, c, mask); a[4] += tap<T, Masked>(gv, c + 1, mask);
-  a[5] += tap<T, Masked>(gv, c + 2, mask);
-  c += P;
-  a[6] += tap<T, Masked>(gv, c, mask); a[7] += tap<T, Masked>(gv, c + 1, mask);
-  a[8] += tap<T, Masked>(gv, c + 2, mask);
+  for (int i = 0; i < 3; ++i, c += P)
+    for (int j = 0; j < 3; ++j) tap_add<T, Masked>(a[3 * i + j], gv, c + j, mask);
 }
 
 // Plane dot products for one (image, output channel), cg == 1, 3x3, dilation 1: 9 tap accumulators
