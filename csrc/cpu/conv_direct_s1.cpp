@@ -35,10 +35,14 @@
 // sit on the instruction after the y stores and on the padding copy's x loads).
 // Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves; the
 // direct_stride1 cases aim at this file; both CPU paths); timed by benchmarks/bench_conv.py.
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "conv_impl.h"
 #include "row_copy.h"
@@ -139,8 +143,8 @@ inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
     Vec<T>::store(dst, v);
     return;
   }
-#if defined(__AVX512F__)
-  const __mmask8 k = static_cast<__mmask8>((1u << n) - 1);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  const __mmask8 k = static_cast<__mmask8>((1u << n) - 1);  // 0 < n < L
   if constexpr (std::is_same<T, float>::value) _mm256_mask_storeu_ps(dst, k, (__m256)v);
   else _mm256_mask_storeu_pd(dst, k, (__m256d)v);
 #else
@@ -271,23 +275,19 @@ void plane_fwd_any(const Conv2dParams& p, const PadGeom& g, int64_t cg, const T*
   }
 }
 
-// gy's row segment [v*L, v*L + L) with lanes n.. zero. When the full vector ends inside the
-// plane (`inside`: oh*OW + v*L + L <= OH*OW; not merely "the row is not the plane's last", which
-// read past the tensor for OW < L/2, review item 1) a full load and a lane mask; otherwise lane
-// by lane. (Lane by lane on every row, the vector built on the stack and reloaded stalled store
-// forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
+// The lanes [0, n) of a vector, for a row's partial last vector.
 template <class T>
 struct LaneMask {
   typedef typename std::conditional<sizeof(T) == 4, int32_t, int64_t>::type I;
   typedef I IV __attribute__((vector_size(kVecBytes)));
   IV m;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VL__)
   __mmask8 k;  // the same lanes as a mask register (masked FMAs, tap_add)
 #endif
   explicit LaneMask(int64_t n) {
     for (int64_t l = 0; l < Vec<T>::L; ++l) m[l] = l < n ? I(-1) : I(0);
-#if defined(__AVX512F__)
-    k = static_cast<__mmask8>((1u << std::min<int64_t>(n, Vec<T>::L)) - 1);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    k = static_cast<__mmask8>((1u << std::clamp<int64_t>(n, 0, Vec<T>::L)) - 1);
 #endif
   }
   // v with the lanes >= n zero (bitwise, so a NaN or inf there becomes +0 too).
@@ -296,6 +296,11 @@ struct LaneMask {
   }
 };
 
+// gy's row segment [v*L, v*L + L) with lanes n.. zero. When the full vector ends inside the
+// plane (`inside`: oh*OW + v*L + L <= OH*OW; not merely "the row is not the plane's last", which
+// read past the tensor for OW < L/2, review item 1) a full load and a lane mask; otherwise lane
+// by lane. (Lane by lane on every row, the vector built on the stack and reloaded stalled store
+// forwarding once per row: a quarter of the shape-1 weight gradient, perf.)
 template <class T>
 inline typename Vec<T>::V load_part(const T* gr, int64_t n, const LaneMask<T>& mask,
                                     bool inside) {
@@ -308,7 +313,8 @@ inline typename Vec<T>::V load_part(const T* gr, int64_t n, const LaneMask<T>& m
 
 // gv * x for one tap; with Masked (a row's partial last vector) the product's lanes >= OW are
 // zeroed, not only gy's: those lanes meet buffer columns that can hold real input, and 0 * inf
-// would put NaN into taps that never read it (review item 2; torch's taps stay finite).
+// would put NaN into taps that never read it (review item 2; torch's taps stay finite). The 3x3
+// kernel adds through tap_add, which masks the FMA itself on the AVX-512 build.
 template <class T, bool Masked>
 inline typename Vec<T>::V tap(typename Vec<T>::V gv, const T* c, const LaneMask<T>& mask) {
   const typename Vec<T>::V prod = gv * Vec<T>::load(c);
@@ -316,11 +322,12 @@ inline typename Vec<T>::V tap(typename Vec<T>::V gv, const T* c, const LaneMask<
 }
 
 // acc += tap(gv, c): on the AVX-512 build a masked row end is one merge-masked FMA (lanes >= OW
-// keep acc) instead of a multiply, a mask and an add (RESULTS.md, 2026-12-05 05:30).
+// keep acc) instead of a multiply, a mask and an add (RESULTS.md, 2026-12-05 05:30, "Row ends on
+// the AVX-512 build").
 template <class T, bool Masked>
-inline void tap_add(typename Vec<T>::V& acc, typename Vec<T>::V gv, const T* c,
+FASTDL_INLINE inline void tap_add(typename Vec<T>::V& acc, typename Vec<T>::V gv, const T* c,
                     const LaneMask<T>& mask) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512VL__)
   if constexpr (Masked) {
     using V = typename Vec<T>::V;
     if constexpr (std::is_same<T, float>::value)
@@ -345,8 +352,11 @@ template <class T, bool Masked>
 inline void wgrad3_step(typename Vec<T>::V gv, const T* c, int64_t P, const LaneMask<T>& mask,
                         typename Vec<T>::V* a, typename Vec<T>::V& ab) {
   ab += gv;
-  for (int i = 0; i < 3; ++i, c += P)
-    for (int j = 0; j < 3; ++j) tap_add<T, Masked>(a[3 * i + j], gv, c + j, mask);
+  static_for<3>([&](auto i) FASTDL_INLINE {
+    static_for<3>([&](auto j) FASTDL_INLINE {
+      tap_add<T, Masked>(a[3 * i + j], gv, c + i * P + j, mask);
+    });
+  });
 }
 
 // Plane dot products for one (image, output channel), cg == 1, 3x3, dilation 1: 9 tap accumulators
