@@ -1934,7 +1934,8 @@ DIRECT_S1_CASES = [
 def test_conv2d_direct_padding_frame_after_other_geometry(cpu_path):
     # The padded planes live in a per-thread buffer kept between calls, and only their frame is
     # zeroed (once per task range): a call without padding leaves input in the cells that the next
-    # call's frame covers. On one thread, every call below must still equal torch.
+    # call's frame covers. On one thread, every call below (forward, and the fused backward's two
+    # buffers) must still equal torch.
     before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
     fastdl.ops.set_conv_algorithm("direct")
     fastdl.set_num_threads(1)
@@ -1944,9 +1945,18 @@ def test_conv2d_direct_padding_frame_after_other_geometry(cpu_path):
                                ((3, 4, 9, 11), (1, 3))):
             x = torch.empty(shape).uniform_(1, 2, generator=gen)  # no zeros to hide stale cells
             w = torch.empty((4, 1, 3, 3)).uniform_(1, 2, generator=gen)
-            y = fastdl.nn.functional.conv2d(x, w, padding=padding, groups=4)
-            assert_close(y, TF.conv2d(x, w, padding=padding, groups=4), reduction=9,
-                         what=f"forward {shape} padding {padding}")
+            a = [t.clone().requires_grad_() for t in (x, w)]
+            r = [t.clone().requires_grad_() for t in (x, w)]
+            y = fastdl.nn.functional.conv2d(*a, padding=padding, groups=4)
+            yr = TF.conv2d(*r, padding=padding, groups=4)
+            what = f"{shape} padding {padding}"
+            assert_close(y, yr, reduction=9, what=f"forward {what}")
+            gy = torch.empty(yr.shape).uniform_(1, 2, generator=gen)
+            y.backward(gy)
+            yr.backward(gy)
+            assert_close(a[0].grad, r[0].grad, reduction=9, what=f"grad_input {what}")
+            assert_close(a[1].grad, r[1].grad, reduction=yr[:, 0].numel(),
+                         what=f"grad_weight {what}")
     finally:
         fastdl.set_num_threads(threads)
         fastdl.ops.set_conv_algorithm(before)

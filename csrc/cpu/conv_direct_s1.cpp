@@ -114,13 +114,11 @@ void zero_frame(const Conv2dParams& p, const PadGeom& g, int64_t cg, T* buf) {
 template <class T>
 void copy_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t cg, T* buf) {
   const Interior in(p, g);
-  const int64_t q0 = in.q0, c0 = in.c0, len = in.len, r0 = in.r0, r1 = in.r1;
   for (int64_t cc = 0; cc < cg; ++cc) {
-    const T* xp = xg + cc * p.h * p.w + c0;
-    T* b = buf + cc * g.plane() + q0;
-    for (int64_t r = r0; r < r1; ++r) {
-      copy_run(b + r * g.pitch, xp + (r - p.ph) * p.w, len);
-    }
+    const T* xp = xg + cc * p.h * p.w + in.c0;
+    T* b = buf + cc * g.plane() + in.q0;
+    for (int64_t r = in.r0; r < in.r1; ++r)
+      copy_run(b + r * g.pitch, xp + (r - p.ph) * p.w, in.len);
   }
 }
 
