@@ -749,6 +749,34 @@ def test_gemm_weight_gradient_shared_blocks(cpu_path, case):
         fastdl.ops.set_conv_algorithm(algo)
 
 
+# GEMM's small-map paths (conv_gemm.cpp, TapTable: output rows of at most 4 columns, images
+# stacked in blocks): im2col and col2im by tables of each tap's input offset per output pixel;
+# the input gradient as colsT = gy^T W, one group's image blocks in turn (each GEMM on every
+# thread) or, with groups, one (block, group) per task. 15 images of 4x4 over cg*kh*kw = 4608 fill
+# two input-gradient blocks (8 + 7); a 1x1 stride-2 kernel leaves input pixels that no tap reads
+# (their gradient is 0); a tall map with row dilation and uneven padding; groups with a
+# non-square kernel and column stride; padding wider than the kernel's reach (taps reading only
+# padding at some pixels). 1 to 3 threads, both dtypes.
+SMALL_MAP_TABLES = [((15, 512, 4, 4), (8, 512, 3, 3), dict(padding=1)),
+                    ((6, 8, 4, 4), (4, 8, 1, 1), dict(stride=2)),
+                    ((3, 16, 9, 4), (8, 16, 3, 3), dict(padding=(2, 1), dilation=(2, 1))),
+                    ((4, 12, 5, 5), (6, 4, 2, 3), dict(stride=(1, 2), padding=(0, 2), groups=3)),
+                    ((5, 6, 2, 2), (7, 6, 3, 3), dict(padding=2))]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(SMALL_MAP_TABLES)))
+def test_gemm_small_map_tables(cpu_path, case, dtype):
+    before = fastdl.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            fastdl.set_num_threads(t)
+            run_forced_gemm(SMALL_MAP_TABLES[case], dtype, case, f"small-map tables, {t} threads",
+                            biases=(True, False))
+    finally:
+        fastdl.set_num_threads(before)
+
+
 # im2col's rows of at most 8 output columns (element by element) where a chunk of output pixels
 # starts mid-row: cg*kh*kw = 4608 gives 56-pixel chunks, 2304 gives 112, over 5- and 6-wide rows;
 # plain, strided (stride phases) and dilated.
@@ -2329,10 +2357,17 @@ def test_auto_choice_nhwc(cpu_path):
 
     both, x512, x2, none = ("avx512", "avx2"), ("avx512",), ("avx2",), ()
     for x, w, kw in (((16, 128, 8, 8), (128, 128, 3, 3), dict(padding=1)),
-                     ((16, 256, 4, 4), (256, 256, 3, 3), dict(padding=1)),
+                     ((16, 128, 4, 4), (128, 128, 3, 3), dict(padding=1)),
                      ((16, 64, 8, 8), (64, 64, 5, 5), dict(padding=2))):
         check(x, w, "fi", both, **kw)
         check(x, w, "w", x512, **kw)
+    # the input gradient of 4x4 maps over 256 channels or more, and of smaller maps, goes to
+    # GEMM's small-map path (conv_gemm.cpp, gemm_small_map_input_preferred)
+    check((16, 256, 4, 4), (256, 256, 3, 3), "w", x512, padding=1)
+    check((16, 256, 4, 4), (256, 256, 3, 3), "f", both, padding=1)
+    check((16, 256, 4, 4), (256, 256, 3, 3), "i", none, padding=1)
+    assert algo((16, 128, 3, 3), (256, 128, 3, 3), "input", padding=1) == "gemm"
+    assert algo((16, 256, 4, 4), (256, 256, 3, 3), "input", padding=1) == "gemm"
     check((8, 512, 7, 7), (512, 512, 3, 3), "fi", both, padding=1)
     check((8, 512, 7, 7), (512, 512, 3, 3), "w", none, padding=1)   # 7x7 maps, 512 channels
     check((32, 128, 28, 28), (128, 128, 3, 3), "f", both, stride=2, padding=1)

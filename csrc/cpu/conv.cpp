@@ -203,8 +203,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // 8x8 over up to 128 channels); on the AVX2 build also the forward of stride-2 layers, ahead of
   // the implicit forward.
   if (pass == ConvPass::Forward ? nhwc_preferred(p)
-      : pass == ConvPass::BackwardInput &&
-          p.sh == 1 && p.sw == 1 && nhwc_preferred(input_grad_as_forward(p)))
+      : pass == ConvPass::BackwardInput && p.sh == 1 && p.sw == 1 &&
+          nhwc_preferred(input_grad_as_forward(p)) && !gemm_small_map_input_preferred(p))
     return ConvAlgo::Nhwc;
   if (pass == ConvPass::BackwardWeight && nhwc_weight_preferred(p)) return ConvAlgo::Nhwc;
   if (pass == ConvPass::BackwardWeight && implicit_preferred(p)) return ConvAlgo::Implicit;

@@ -24,13 +24,16 @@
 // gives cols, col2im runs per image; weight gradient: cols and gathered gy of the block, summed
 // into the per-thread partials as before. 1x1 kernels take this path too (x is gathered by
 // im2col). Reason: with one image per chunk, N = OH*OW = 4 and W (512x4608) was streamed once per
-// image, bandwidth-bound at ~3 GF/s (figures at plan_blocks).
+// image, bandwidth-bound at ~3 GF/s (figures at plan_blocks). Maps with output rows of at most 4
+// columns (TapTable) do im2col and col2im by per-call tables of each tap's input offsets, and
+// their input gradient computes cols transposed (backward_input_table).
 // Tested by tests/test_conv.py (forced algorithm "gemm"); timed by benchmarks/bench_conv.py.
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
 #include <type_traits>
+#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -105,9 +108,11 @@ thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM outp
 // block's few pixels). Blocks fill kSharedCols (one buffer for all threads). Returns the block
 // size, or 0 where the per-thread partials stay: one thread, groups, or gw under kSharedWeights
 // elements (or inside an enclosing parallel region): below that the partials measured as fast,
-// and the forward and input gradient in this form measured slower (the forward on 8x8 and 4x4
-// maps), so they keep one block per thread (figures: benchmarks/RESULTS.md, development
-// measurements 2026-12-02).
+// and the forward in this form measured slower (on 8x8 and 4x4 maps, and again with the tap
+// tables on 4x4 and 2x2 maps: 16x512x2x2 -> 512 1.14 against 1.41 ms), so it keeps one block per
+// thread (figures: benchmarks/RESULTS.md, development measurements 2026-12-02 and 2026-12-05
+// 08:30). The input gradient runs its blocks in turn on the small-map path only
+// (backward_input_table), where its GEMM is transposed.
 constexpr int64_t kSharedCols = int64_t(1) << 20, kSharedWeights = int64_t(1) << 20;
 int64_t plan_shared_blocks(const Conv2dParams& p, int64_t ckk) {
   const int64_t kg = p.k / p.groups;
@@ -447,6 +452,90 @@ void col2im_add(const Conv2dParams& p, const T* cols, int64_t ld, int64_t cg, in
     }
 }
 
+// Small maps (output rows of at most kShortRow columns, whose images plan_blocks stacks into
+// blocks): im2col and col2im by a table of every tap's input offset per output pixel, built once
+// per call, instead of the row-segment loops above, which cost ~2.5 ns per element on 2x2 maps
+// (perf of ResNet-18's layer4: im2col a fifth of the forward, col2im a quarter of the input
+// gradient).
+//   off[t * S + q] = ih * W + iw read by tap t = (i, j) at output pixel q, or -1 in the padding
+//   by_input: for each input pixel r, the (tap, pixel) pairs that read it, taps ascending
+//     (entries first[r] .. first[r + 1] of tap[] and pix[]), so col2im is a gather per pixel
+//     that sums in the order col2im_add's adds did (the same result, bit for bit).
+struct TapTable {
+  int64_t taps = 0, pixels = 0, plane = 0;
+  std::vector<int32_t> off, first, tap, pix;
+  explicit TapTable(const Conv2dParams& p, bool by_input) {
+    taps = p.kh * p.kw;
+    pixels = p.oh * p.ow;
+    plane = p.h * p.w;
+    off.assign(taps * pixels, -1);
+    for (int64_t i = 0; i < p.kh; ++i)
+      for (int64_t j = 0; j < p.kw; ++j)
+        for (int64_t oh = 0; oh < p.oh; ++oh)
+          for (int64_t ow = 0; ow < p.ow; ++ow) {
+            const int64_t ih = oh * p.sh - p.ph + i * p.dh, iw = ow * p.sw - p.pw + j * p.dw;
+            if (ih >= 0 && ih < p.h && iw >= 0 && iw < p.w)
+              off[(i * p.kw + j) * pixels + oh * p.ow + ow] = static_cast<int32_t>(ih * p.w + iw);
+          }
+    if (!by_input) return;
+    first.assign(plane + 1, 0);
+    for (int32_t o : off)
+      if (o >= 0) ++first[o + 1];
+    for (int64_t r = 0; r < plane; ++r) first[r + 1] += first[r];
+    tap.resize(first[plane]);
+    pix.resize(first[plane]);
+    std::vector<int32_t> next(first.begin(), first.end() - 1);
+    for (int64_t t = 0; t < taps; ++t)  // taps ascending within each pixel's entries
+      for (int64_t q = 0; q < pixels; ++q)
+        if (const int32_t o = off[t * pixels + q]; o >= 0) {
+          tap[next[o]] = static_cast<int32_t>(t);
+          pix[next[o]++] = static_cast<int32_t>(q);
+        }
+  }
+  // Whether a call's maps take the table, where plan_blocks stacks images: output rows of at
+  // most 4 columns (2x2 and 4x4 maps gained in every pass; on 5x5 to 8x8 maps the forward and
+  // weight gradient lost to im2col's masked row vectors, 8x8 by 10-20%: RESULTS.md, 2026-12-05
+  // 08:30), at most 2^16 offsets, int32 offsets.
+  static bool serves(const Conv2dParams& p) {
+    return p.ow <= 4 && p.kh * p.kw * p.oh * p.ow <= (int64_t(1) << 16) &&
+           p.h * p.w < (int64_t(1) << 31);
+  }
+};
+
+// cols[(cc * taps + t) * ld + q] = xg[cc][off[t * S + q]] (0 where off < 0), cc < cg: one image
+// and group's im2col by the table.
+template <class T>
+void im2col_table(const TapTable& tt, const T* xg, int64_t cg, T* cols, int64_t ld) {
+  const int64_t S = tt.pixels;
+  for (int64_t cc = 0; cc < cg; ++cc) {
+    const T* xc = xg + cc * tt.plane;
+    for (int64_t t = 0; t < tt.taps; ++t) {
+      const int32_t* o = tt.off.data() + t * S;
+      T* d = cols + (cc * tt.taps + t) * ld;
+      for (int64_t q = 0; q < S; ++q) {
+        const int32_t k = o[q];
+        const T v = xc[k < 0 ? 0 : k];  // (branch-free: reads element 0 for the padding)
+        d[q] = k < 0 ? T(0) : v;
+      }
+    }
+  }
+}
+
+// gxg[cc][r] = sum of colsT[q * ldt + cc * taps + t] over the table's (t, q) pairs of input pixel
+// r, cc < cg: col2im_table from the transposed cols (pixels x ckk, one image's rows).
+template <class T>
+void col2im_table_t(const TapTable& tt, const T* colsT, int64_t ldt, int64_t cg, T* gxg) {
+  for (int64_t cc = 0; cc < cg; ++cc) {
+    const T* c0 = colsT + cc * tt.taps;
+    T* g = gxg + cc * tt.plane;
+    for (int64_t r = 0; r < tt.plane; ++r) {
+      T sum = T(0);
+      for (int32_t e = tt.first[r]; e < tt.first[r + 1]; ++e) sum += c0[tt.pix[e] * ldt + tt.tap[e]];
+      g[r] = sum;
+    }
+  }
+}
+
 // dst[kk][j*S + s] = gy[n0 + j][k0 + kk][s] for j < m, kk < kg: the gy of a block of images as
 // one kg x m*S matrix.
 template <class T>
@@ -458,7 +547,67 @@ void gather_planes(const Conv2dParams& p, const T* gy, int64_t n0, int64_t m, in
       std::memcpy(dst + kk * ld + j * S, gy + ((n0 + j) * p.k + k0 + kk) * S, sizeof(T) * S);
 }
 
+// The input gradient on small maps (TapTable::serves; nb: plan_blocks' images per block), with
+// cols transposed: colsT (m*S x ckk) = gyb^T (m*S x kg) * W_g (kg x ckk), then col2im_table_t
+// image by image. The GEMM reads W_g as an untransposed B (packed row by row); as op(A) = W_g^T,
+// read in place down its columns, it ran at 184 GF/s against 278 for the same product with A
+// untransposed (4608 x 64 x 512, 2 threads). One group: blocks of images in turn, each GEMM on
+// every thread (W packed once per block rather than once per thread: W is 9.4 MB in ResNet-18's
+// layer4); groups: one (block, group) per task, each GEMM on its thread. Figures:
+// benchmarks/RESULTS.md, 2026-12-05 08:30.
+template <class T>
+void backward_input_table(const Conv2dParams& p, const T* gy, const T* w, T* gx, int64_t nb) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
+  const int64_t S = p.oh * p.ow, HW = p.h * p.w;
+  const TapTable table(p, true);
+  // colsT's image j, group g: rows j*S .. j*S + S - 1 of the block's product
+  const auto scatter = [&](const T* colsT, int64_t n, int64_t g) {
+    col2im_table_t(table, colsT, ckk, cg, gx + (n * p.c + g * cg) * HW);
+  };
+  if (G == 1) {
+    const int64_t most = std::max<int64_t>(1, std::min(p.n, kSharedCols / std::max(ckk, kg) / S));
+    const int64_t blocks = (p.n + most - 1) / most, sb = (p.n + blocks - 1) / blocks;
+    T* cols = tl_cols.get_as<T>(ckk * sb * S);
+    T* gyb = tl_block.get_as<T>(kg * sb * S);
+    for (int64_t n0 = 0; n0 < p.n; n0 += sb) {
+      const int64_t m = std::min(sb, p.n - n0), ld = m * S;
+      gather_planes(p, gy, n0, m, 0, kg, gyb);
+      gemm(gemm_params<T>(true, false, ld, ckk, kg, ld, ckk, ckk, 0.0), gyb, w, cols);
+      parallel_for_catch(m, grain_for(S * ckk), [&](int64_t lo, int64_t hi) {
+        for (int64_t j = lo; j < hi; ++j) scatter(cols + j * S * ckk, n0 + j, 0);
+      });
+    }
+    // (blocks of up to kSharedCols elements: back to the per-thread budget)
+    tl_cols.trim(sizeof(T) * kColsBudget);
+    tl_block.trim(sizeof(T) * kColsBudget);
+    return;
+  }
+  const int64_t blocks = (p.n + nb - 1) / nb;
+  parallel_for_catch(blocks * G, grain_for(nb * S * kg * ckk), [&](int64_t lo, int64_t hi) {
+    T* cols = tl_cols.get_as<T>(ckk * nb * S);
+    T* gyb = tl_block.get_as<T>(kg * nb * S);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
+      gather_planes(p, gy, n0, m, g * kg, kg, gyb);
+      gemm(gemm_params<T>(true, false, ld, ckk, kg, ld, ckk, ckk, 0.0), gyb, w + g * kg * ckk,
+           cols);
+      for (int64_t j = 0; j < m; ++j) scatter(cols + j * S * ckk, n0 + j, g);
+    }
+  });
+}
+
 }  // namespace
+
+bool gemm_small_map_input_preferred(const Conv2dParams& p) {
+  // Forced GEMM against the channels-minor input gradient on 4x4 and 3x3 maps (2 threads, both
+  // builds on the AVX-512 VM, the AVX2 one by FASTDL_CPU_CAPABILITY; RESULTS.md, 2026-12-05
+  // 08:30): GEMM won over 256 and 512 channels (16x256x4x4 1.13 / 1.26 ms, 8x256x4x4 0.67 /
+  // 0.88, 16x512x4x4 5.11 / 5.61) and on 3x3 maps (16x128x3x3 -> 256 0.39 / 0.47); it lost over
+  // 128 channels on 4x4 (0.39 / 0.34) and tied at 32x256x4x4.
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  return TapTable::serves(p) && plan_blocks(p, cg * p.kh * p.kw, true) != 0 &&
+         (std::min(cg, kg) >= 256 || p.oh * p.ow < 16);
+}
 
 template <class T>
 void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
@@ -466,13 +615,18 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   if (const int64_t nb = plan_blocks(p, ckk, true)) {
     const int64_t blocks = (p.n + nb - 1) / nb;
+    const std::unique_ptr<TapTable> table(TapTable::serves(p) ? new TapTable(p, false) : nullptr);
     parallel_for_catch(blocks * G, grain_for(nb * S * kg * ckk), [&](int64_t lo, int64_t hi) {
       T* cols = tl_cols.get_as<T>(ckk * nb * S);
       T* out = tl_block.get_as<T>(kg * nb * S);
       PlaneCache<T> planes(p, x, cg);
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
-        for (int64_t j = 0; j < m; ++j) im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
+        for (int64_t j = 0; j < m; ++j)
+          if (table)
+            im2col_table(*table, x + ((n0 + j) * p.c + g * cg) * HW, cg, cols + j * S, ld);
+          else
+            im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
         // out (kg x m*S) = W_g * cols, then out[kk][j*S + s] + bias -> y[n0 + j][g*kg + kk][s]
         gemm(gemm_params<T>(false, false, kg, ld, ckk, ckk, ld, ld, 0.0), w + g * kg * ckk, cols,
              out);
@@ -520,6 +674,7 @@ void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T*
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   if (const int64_t nb = plan_blocks(p, ckk, true)) {
+    if (TapTable::serves(p)) return backward_input_table(p, gy, w, gx, nb);
     const int64_t blocks = (p.n + nb - 1) / nb;
     parallel_for_catch(blocks * G, grain_for(nb * S * kg * ckk), [&](int64_t lo, int64_t hi) {
       const TrimPhases trim;
@@ -577,6 +732,7 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const int64_t nb = plan_blocks(p, ckk);
+  const std::unique_ptr<TapTable> table(nb && TapTable::serves(p) ? new TapTable(p, false) : nullptr);
   if (nb) {
     if (const int64_t sb = plan_shared_blocks(p, ckk)) {
       // gw (kg x ckk) = sum over blocks of gyb (kg x m*S) * cols^T: the first block's GEMM writes
@@ -588,7 +744,10 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
         parallel_for_catch(m, grain_for(S * ckk), [&](int64_t lo, int64_t hi) {
           PlaneCache<T> planes(p, x, cg);
           for (int64_t j = lo; j < hi; ++j)
-            im2col(p, planes.get(n0 + j, 0, 0, S), cg, 0, S, cols + j * S, ld);
+            if (table)
+              im2col_table(*table, x + (n0 + j) * p.c * HW, cg, cols + j * S, ld);
+            else
+              im2col(p, planes.get(n0 + j, 0, 0, S), cg, 0, S, cols + j * S, ld);
         });
         gather_planes(p, gy, n0, m, 0, kg, gyb);
         gemm(gemm_params<T>(false, true, kg, ckk, ld, ld, ld, ckk, n0 == 0 ? 0.0 : 1.0), gyb, cols,
@@ -618,7 +777,11 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
       T* gyb = tl_block.get_as<T>(kg * nb * S);
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
-        for (int64_t j = 0; j < m; ++j) im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
+        for (int64_t j = 0; j < m; ++j)
+          if (table)
+            im2col_table(*table, x + ((n0 + j) * p.c + g * cg) * HW, cg, cols + j * S, ld);
+          else
+            im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
         gather_planes(p, gy, n0, m, g * kg, kg, gyb);
         // P_g (kg x ckk) += gyb (kg x m*S) * cols^T (m*S x ckk)
         gemm(gemm_params<T>(false, true, kg, ckk, ld, ld, ld, ckk, 1.0), gyb, cols,

@@ -103,6 +103,9 @@ template <class T>
 void conv_gemm_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx);
 template <class T>
 void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw);
+// Whether the automatic choice takes GEMM's small-map input gradient (conv_gemm.cpp's
+// backward_input_table) ahead of the channels-minor one (the measured rule is there).
+bool gemm_small_map_input_preferred(const Conv2dParams& p);
 
 // The weight gradient as an implicit GEMM over padded stride-phase planes (conv_implicit.cpp);
 // implicit_preferred: whether the automatic choice takes it (the measured rule is there).
