@@ -729,6 +729,7 @@ def test_gemm_wide_image_blocks(cpu_path, case, dtype):
 SHARED_WEIGHT_GRAD = [((13, 256, 6, 6), (512, 256, 3, 3), dict(padding=1), torch.float32),
                       ((13, 256, 6, 6), (512, 256, 3, 3), dict(padding=1), torch.float64),
                       ((4, 512, 2, 2), (512, 512, 3, 3), dict(padding=1), torch.float32),
+                      ((4, 512, 2, 2), (512, 512, 3, 3), dict(padding=1), torch.float64),
                       ((16, 256, 4, 4), (512, 256, 3, 3), dict(stride=2, padding=1), torch.float32),
                       ((5, 1024, 2, 2), (1024, 1024, 1, 1), {}, torch.float32)]
 
@@ -749,18 +750,20 @@ def test_gemm_weight_gradient_shared_blocks(cpu_path, case):
         fastdl.ops.set_conv_algorithm(algo)
 
 
-# GEMM's small-map paths (conv_gemm.cpp, TapTable: output rows of at most 4 columns, images
-# stacked in blocks): im2col and col2im by tables of each tap's input offset per output pixel;
-# the input gradient as colsT = gy^T W, one group's image blocks in turn (each GEMM on every
-# thread) or, with groups, one (block, group) per task. 15 images of 4x4 over cg*kh*kw = 4608 fill
-# two input-gradient blocks (8 + 7); a 1x1 stride-2 kernel leaves input pixels that no tap reads
-# (their gradient is 0); a tall map with row dilation and uneven padding; groups with a
-# non-square kernel and column stride; padding wider than the kernel's reach (taps reading only
-# padding at some pixels). 1 to 3 threads, both dtypes.
+# GEMM's small-map paths (conv_gemm.cpp, TapTable: output maps of at most 16 pixels in rows of
+# at most 4 columns, images stacked in blocks): im2col and col2im by tables of each tap's input
+# offset per output pixel; the input gradient as colsT = gy^T W, one group's image blocks in turn
+# (each GEMM on every thread) on several threads, else one (block, group) per task. 15 images of
+# 4x4 over cg*kh*kw = 4608 fill two input-gradient blocks (8 + 7); a 1x1 stride-2 kernel leaves
+# input pixels that no tap reads (their gradient is 0); row and column dilation with per-axis
+# padding; groups with a non-square kernel and column stride over 5 images (a partial last block);
+# padding wider than the kernel's reach (taps reading only padding at some pixels). 1 to 3
+# threads, both dtypes.
 SMALL_MAP_TABLES = [((15, 512, 4, 4), (8, 512, 3, 3), dict(padding=1)),
                     ((6, 8, 4, 4), (4, 8, 1, 1), dict(stride=2)),
-                    ((3, 16, 9, 4), (8, 16, 3, 3), dict(padding=(2, 1), dilation=(2, 1))),
-                    ((4, 12, 5, 5), (6, 4, 2, 3), dict(stride=(1, 2), padding=(0, 2), groups=3)),
+                    ((3, 16, 4, 4), (8, 16, 3, 3), dict(padding=(2, 1), dilation=(2, 1))),
+                    ((3, 16, 4, 6), (8, 16, 3, 3), dict(padding=(1, 0), dilation=(1, 2))),
+                    ((5, 12, 5, 5), (6, 4, 2, 3), dict(stride=(1, 2), padding=(0, 2), groups=3)),
                     ((5, 6, 2, 2), (7, 6, 3, 3), dict(padding=2))]
 
 
@@ -2345,6 +2348,9 @@ def test_auto_choice_nhwc(cpu_path):
     #   to 128 channels), or stride 2 (no dilation) onto 4x4 outputs and more; never the weight
     #   gradient.
     # - the portable build: never.
+    # - never the input gradient that GEMM's small-map path takes (gemm_small_map_input_preferred:
+    #   at most 256 output pixels in the batch on maps of at most 16, over 256 channels each way,
+    #   or 128 on maps under 16 pixels).
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
     names = {"f": "forward", "i": "input", "w": "weight"}
@@ -2368,6 +2374,9 @@ def test_auto_choice_nhwc(cpu_path):
     check((16, 256, 4, 4), (256, 256, 3, 3), "i", none, padding=1)
     assert algo((16, 128, 3, 3), (256, 128, 3, 3), "input", padding=1) == "gemm"
     assert algo((16, 256, 4, 4), (256, 256, 3, 3), "input", padding=1) == "gemm"
+    # (not measured, or lost: 32 images of 4x4, 64 channels on 3x3 maps)
+    check((32, 256, 4, 4), (256, 256, 3, 3), "fi", both, padding=1)
+    check((16, 64, 3, 3), (128, 64, 3, 3), "i", both, padding=1)
     check((8, 512, 7, 7), (512, 512, 3, 3), "fi", both, padding=1)
     check((8, 512, 7, 7), (512, 512, 3, 3), "w", none, padding=1)   # 7x7 maps, 512 channels
     check((32, 128, 28, 28), (128, 128, 3, 3), "f", both, stride=2, padding=1)

@@ -24,9 +24,9 @@
 // gives cols, col2im runs per image; weight gradient: cols and gathered gy of the block, summed
 // into the per-thread partials as before. 1x1 kernels take this path too (x is gathered by
 // im2col). Reason: with one image per chunk, N = OH*OW = 4 and W (512x4608) was streamed once per
-// image, bandwidth-bound at ~3 GF/s (figures at plan_blocks). Maps with output rows of at most 4
-// columns (TapTable) do im2col and col2im by per-call tables of each tap's input offsets, and
-// their input gradient computes cols transposed (backward_input_table).
+// image, bandwidth-bound at ~3 GF/s (figures at plan_blocks). Maps of at most 16 output pixels in
+// rows of at most 4 columns (TapTable) do im2col and col2im by per-call tables of each tap's input
+// offsets, and their input gradient computes cols transposed (backward_input_table).
 // Tested by tests/test_conv.py (forced algorithm "gemm"); timed by benchmarks/bench_conv.py.
 #include <cstdlib>
 #include <cstring>
@@ -109,8 +109,7 @@ thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM outp
 // size, or 0 where the per-thread partials stay: one thread, groups, or gw under kSharedWeights
 // elements (or inside an enclosing parallel region): below that the partials measured as fast,
 // and the forward in this form measured slower (on 8x8 and 4x4 maps, and again with the tap
-// tables on 4x4 and 2x2 maps: 16x512x2x2 -> 512 1.14 against 1.41 ms), so it keeps one block per
-// thread (figures: benchmarks/RESULTS.md, development measurements 2026-12-02 and 2026-12-05
+// tables on 4x4 and 2x2 maps), so it keeps one block per thread (figures: benchmarks/RESULTS.md, development measurements 2026-12-02 and 2026-12-05
 // 08:30). The input gradient runs its blocks in turn on the small-map path only
 // (backward_input_table), where its GEMM is transposed.
 constexpr int64_t kSharedCols = int64_t(1) << 20, kSharedWeights = int64_t(1) << 20;
@@ -452,11 +451,11 @@ void col2im_add(const Conv2dParams& p, const T* cols, int64_t ld, int64_t cg, in
     }
 }
 
-// Small maps (output rows of at most kShortRow columns, whose images plan_blocks stacks into
-// blocks): im2col and col2im by a table of every tap's input offset per output pixel, built once
-// per call, instead of the row-segment loops above, which cost ~2.5 ns per element on 2x2 maps
-// (perf of ResNet-18's layer4: im2col a fifth of the forward, col2im a quarter of the input
-// gradient).
+// Small maps (at most 16 output pixels, rows of at most 4 columns, whose images plan_blocks
+// stacks into blocks): im2col and col2im by a table of every tap's input offset per output pixel,
+// built once per call, instead of the row-segment loops above, whose per-segment bounds and masks
+// cost more than the 2-4 elements they move (perf of ResNet-18's layer4: im2col a fifth of the
+// forward, col2im a quarter of the input gradient; RESULTS.md, 2026-12-05 08:30).
 //   off[t * S + q] = ih * W + iw read by tap t = (i, j) at output pixel q, or -1 in the padding
 //   by_input: for each input pixel r, the (tap, pixel) pairs that read it, taps ascending
 //     (entries first[r] .. first[r + 1] of tap[] and pix[]), so col2im is a gather per pixel
@@ -492,12 +491,13 @@ struct TapTable {
           pix[next[o]++] = static_cast<int32_t>(q);
         }
   }
-  // Whether a call's maps take the table, where plan_blocks stacks images: output rows of at
-  // most 4 columns (2x2 and 4x4 maps gained in every pass; on 5x5 to 8x8 maps the forward and
-  // weight gradient lost to im2col's masked row vectors, 8x8 by 10-20%: RESULTS.md, 2026-12-05
-  // 08:30), at most 2^16 offsets, int32 offsets.
+  // Whether a call's maps take the table, where plan_blocks stacks images: output maps of 1 to
+  // 16 pixels in rows of at most 4 columns (2x2 and 4x4 maps gained in every pass; on 5x5 to 8x8
+  // maps the forward and weight gradient lost to im2col's masked row vectors: RESULTS.md,
+  // 2026-12-05 08:30), a non-empty input (the gather reads element 0 for the padding), int32
+  // offsets.
   static bool serves(const Conv2dParams& p) {
-    return p.ow <= 4 && p.kh * p.kw * p.oh * p.ow <= (int64_t(1) << 16) &&
+    return p.ow <= 4 && p.oh * p.ow <= 16 && p.oh * p.ow > 0 && p.h * p.w > 0 &&
            p.h * p.w < (int64_t(1) << 31);
   }
 };
@@ -547,14 +547,14 @@ void gather_planes(const Conv2dParams& p, const T* gy, int64_t n0, int64_t m, in
       std::memcpy(dst + kk * ld + j * S, gy + ((n0 + j) * p.k + k0 + kk) * S, sizeof(T) * S);
 }
 
-// The input gradient on small maps (TapTable::serves; nb: plan_blocks' images per block), with
-// cols transposed: colsT (m*S x ckk) = gyb^T (m*S x kg) * W_g (kg x ckk), then col2im_table_t
-// image by image. The GEMM reads W_g as an untransposed B (packed row by row); as op(A) = W_g^T,
-// read in place down its columns, it ran at 184 GF/s against 278 for the same product with A
-// untransposed (4608 x 64 x 512, 2 threads). One group: blocks of images in turn, each GEMM on
-// every thread (W packed once per block rather than once per thread: W is 9.4 MB in ResNet-18's
-// layer4); groups: one (block, group) per task, each GEMM on its thread. Figures:
-// benchmarks/RESULTS.md, 2026-12-05 08:30.
+// The input gradient on small maps (TapTable::serves), with cols transposed: colsT (m*S x ckk) =
+// gyb^T (m*S x kg) * W_g (kg x ckk), then col2im_table_t image by image. The GEMM reads W_g as an
+// untransposed B (packed row by row); as op(A) = W_g^T read in place down its columns (the form
+// the other paths use) the same product ran a third slower. One group on several threads: blocks
+// of up to kSharedCols elements in turn, each GEMM on every thread (W packed once per block rather
+// than once per thread: W is 9.4 MB in ResNet-18's layer4); otherwise (groups, one thread, or
+// inside a parallel region) one (block of nb images, group) per task, each GEMM on its thread.
+// Figures: benchmarks/RESULTS.md, 2026-12-05 08:30.
 template <class T>
 void backward_input_table(const Conv2dParams& p, const T* gy, const T* w, T* gx, int64_t nb) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
@@ -564,9 +564,12 @@ void backward_input_table(const Conv2dParams& p, const T* gy, const T* w, T* gx,
   const auto scatter = [&](const T* colsT, int64_t n, int64_t g) {
     col2im_table_t(table, colsT, ckk, cg, gx + (n * p.c + g * cg) * HW);
   };
-  if (G == 1) {
+  if (G == 1 && get_num_threads() > 1 && !omp_in_parallel()) {
     const int64_t most = std::max<int64_t>(1, std::min(p.n, kSharedCols / std::max(ckk, kg) / S));
     const int64_t blocks = (p.n + most - 1) / most, sb = (p.n + blocks - 1) / blocks;
+    // (blocks of up to kSharedCols elements: back to the wide blocks' budget after, exception or not)
+    const TrimOnExit trim_cols(tl_cols, sizeof(T) * (kColsBudget << 2));
+    const TrimOnExit trim_block(tl_block, sizeof(T) * (kColsBudget << 2));
     T* cols = tl_cols.get_as<T>(ckk * sb * S);
     T* gyb = tl_block.get_as<T>(kg * sb * S);
     for (int64_t n0 = 0; n0 < p.n; n0 += sb) {
@@ -577,9 +580,6 @@ void backward_input_table(const Conv2dParams& p, const T* gy, const T* w, T* gx,
         for (int64_t j = lo; j < hi; ++j) scatter(cols + j * S * ckk, n0 + j, 0);
       });
     }
-    // (blocks of up to kSharedCols elements: back to the per-thread budget)
-    tl_cols.trim(sizeof(T) * kColsBudget);
-    tl_block.trim(sizeof(T) * kColsBudget);
     return;
   }
   const int64_t blocks = (p.n + nb - 1) / nb;
@@ -601,12 +601,13 @@ void backward_input_table(const Conv2dParams& p, const T* gy, const T* w, T* gx,
 bool gemm_small_map_input_preferred(const Conv2dParams& p) {
   // Forced GEMM against the channels-minor input gradient on 4x4 and 3x3 maps (2 threads, both
   // builds on the AVX-512 VM, the AVX2 one by FASTDL_CPU_CAPABILITY; RESULTS.md, 2026-12-05
-  // 08:30): GEMM won over 256 and 512 channels (16x256x4x4 1.13 / 1.26 ms, 8x256x4x4 0.67 /
-  // 0.88, 16x512x4x4 5.11 / 5.61) and on 3x3 maps (16x128x3x3 -> 256 0.39 / 0.47); it lost over
-  // 128 channels on 4x4 (0.39 / 0.34) and tied at 32x256x4x4.
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  // 08:30): GEMM won over 256 and 512 channels at 8 and 16 images of 4x4, and on 16 images of
+  // 3x3 over 128 -> 256 channels; it lost over 128 channels on 4x4 and, narrowly, at 32 images
+  // of 4x4 over 256. Taken only there: batches of at most 256 output pixels, at least 256
+  // channels each way, or 128 on maps under 16 pixels.
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, ch = std::min(cg, kg);
   return TapTable::serves(p) && plan_blocks(p, cg * p.kh * p.kw, true) != 0 &&
-         (std::min(cg, kg) >= 256 || p.oh * p.ow < 16);
+         p.n * p.oh * p.ow <= 256 && (ch >= 256 || (p.oh * p.ow < 16 && ch >= 128));
 }
 
 template <class T>
