@@ -1022,6 +1022,12 @@ def test_auto_choice_implicit(cpu_path):
     assert ops_conv.conv2d_algorithm(x[:, :, :14, :14], w3, padding=1, pass_="weight") == implicit
     assert ops_conv.conv2d_algorithm(x[:, :, :12, :12], w3, padding=1, pass_="weight") == implicit
     assert ops_conv.conv2d_algorithm(x, w3, padding=1, stride=2, pass_="weight") == implicit
+    # except 3x3 stride 2 onto maps of at most 16 pixels (4x4 here), which GEMM's small-map path
+    # takes (gemm_small_map_weight_preferred); 5x5 outputs stay implicit
+    assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], w3, padding=1, stride=2,
+                                     pass_="weight") == "gemm"
+    assert ops_conv.conv2d_algorithm(x[:, :, :10, :10], w3, padding=1, stride=2,
+                                     pass_="weight") == implicit
     # neither: float64, stride 3, strides differing per axis, 2x2 stride 2 (one tap per phase:
     # lost on AVX2), a 1x1 kernel (GEMM reads x in place)
     for other in (dict(x=x.astype(np.float64), w=w3.astype(np.float64), kw=dict(padding=1)),

@@ -208,7 +208,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
           nhwc_preferred(input_grad_as_forward(p)) && !gemm_small_map_input_preferred(p))
     return ConvAlgo::Nhwc;
   if (pass == ConvPass::BackwardWeight && nhwc_weight_preferred(p)) return ConvAlgo::Nhwc;
-  if (pass == ConvPass::BackwardWeight && implicit_preferred(p)) return ConvAlgo::Implicit;
+  if (pass == ConvPass::BackwardWeight && implicit_preferred(p) &&
+      !gemm_small_map_weight_preferred(p))
+    return ConvAlgo::Implicit;
   if (implicit_fwd) return ConvAlgo::Implicit;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
   // loses: col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw) and a group has

@@ -610,6 +610,15 @@ bool gemm_small_map_input_preferred(const Conv2dParams& p) {
          p.n * p.oh * p.ow <= 256 && (ch >= 256 || (p.oh * p.ow < 16 && ch >= 128));
 }
 
+bool gemm_small_map_weight_preferred(const Conv2dParams& p) {
+  // Forced GEMM against the implicit weight gradient of 3x3 stride-2 layers onto maps of at most
+  // 16 pixels (RESULTS.md, 2026-12-05 08:30): GEMM won on every one measured, 64 -> 128 to
+  // 256 -> 256 channels, 8 to 32 images, on both builds. Stride 1 there stays with the
+  // channels-minor or implicit kernels, which won or tied.
+  return TapTable::serves(p) && plan_blocks(p, p.c / p.groups * p.kh * p.kw) != 0 &&
+         p.sh == 2 && p.sw == 2 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
+}
+
 template <class T>
 void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;

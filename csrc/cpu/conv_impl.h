@@ -106,6 +106,8 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
 // Whether the automatic choice takes GEMM's small-map input gradient (conv_gemm.cpp's
 // backward_input_table) ahead of the channels-minor one (the measured rule is there).
 bool gemm_small_map_input_preferred(const Conv2dParams& p);
+// ... and its small-map weight gradient ahead of the implicit one (the rule is there too).
+bool gemm_small_map_weight_preferred(const Conv2dParams& p);
 
 // The weight gradient as an implicit GEMM over padded stride-phase planes (conv_implicit.cpp);
 // implicit_preferred: whether the automatic choice takes it (the measured rule is there).
