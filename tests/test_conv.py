@@ -757,14 +757,15 @@ def test_gemm_weight_gradient_shared_blocks(cpu_path, case):
 # 4x4 over cg*kh*kw = 4608 fill two input-gradient blocks (8 + 7); a 1x1 stride-2 kernel leaves
 # input pixels that no tap reads (their gradient is 0); row and column dilation with per-axis
 # padding; groups with a non-square kernel and column stride over 5 images (a partial last block);
-# padding wider than the kernel's reach (taps reading only padding at some pixels). 1 to 3
-# threads, both dtypes.
+# padding wider than the kernel's reach (taps reading only padding at some pixels); 3x3 stride 2
+# from an odd input (the weight gradient's per-thread partial sums). 1 to 3 threads, both dtypes.
 SMALL_MAP_TABLES = [((15, 512, 4, 4), (8, 512, 3, 3), dict(padding=1)),
                     ((6, 8, 4, 4), (4, 8, 1, 1), dict(stride=2)),
                     ((3, 16, 4, 4), (8, 16, 3, 3), dict(padding=(2, 1), dilation=(2, 1))),
                     ((3, 16, 4, 6), (8, 16, 3, 3), dict(padding=(1, 0), dilation=(1, 2))),
                     ((5, 12, 5, 5), (6, 4, 2, 3), dict(stride=(1, 2), padding=(0, 2), groups=3)),
-                    ((5, 6, 2, 2), (7, 6, 3, 3), dict(padding=2))]
+                    ((5, 6, 2, 2), (7, 6, 3, 3), dict(padding=2)),
+                    ((6, 16, 7, 7), (32, 16, 3, 3), dict(stride=2, padding=1))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -2355,8 +2356,8 @@ def test_auto_choice_nhwc(cpu_path):
     #   gradient.
     # - the portable build: never.
     # - never the input gradient that GEMM's small-map path takes (gemm_small_map_input_preferred:
-    #   at most 256 output pixels in the batch on maps of at most 16, over 256 channels each way,
-    #   or 128 on maps under 16 pixels).
+    #   at most 256 output pixels in the batch on maps of at most 16, at least 256 channels each
+    #   way, or 128 on maps under 16 pixels).
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
     names = {"f": "forward", "i": "input", "w": "weight"}

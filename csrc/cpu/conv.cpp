@@ -202,7 +202,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // channels (on the AVX2 build winograd_preferred has already deferred to it on maps of at most
   // 8x8 over up to 128 channels); on the AVX2 build also the forward of stride-2 layers, ahead of
   // the implicit forward. Not the input gradient where GEMM's small-map path wins (maps of at most
-  // 16 pixels over 256 channels: gemm_small_map_input_preferred).
+  // 16 pixels, batches of at most 256 output pixels, at least 256 channels a side or 128 on maps
+  // under 16 pixels: gemm_small_map_input_preferred).
   if (pass == ConvPass::Forward ? nhwc_preferred(p)
       : pass == ConvPass::BackwardInput && p.sh == 1 && p.sw == 1 &&
           nhwc_preferred(input_grad_as_forward(p)) && !gemm_small_map_input_preferred(p))

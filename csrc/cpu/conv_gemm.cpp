@@ -492,13 +492,13 @@ struct TapTable {
         }
   }
   // Whether a call's maps take the table, where plan_blocks stacks images: output maps of 1 to
-  // 16 pixels in rows of at most 4 columns (2x2 and 4x4 maps gained in every pass; on 5x5 to 8x8
+  // 16 pixels in rows of at most 4 columns (2x2 and 4x4 maps gained or tied in every pass; on 5x5 to 8x8
   // maps the forward and weight gradient lost to im2col's masked row vectors: RESULTS.md,
   // 2026-12-05 08:30), a non-empty input (the gather reads element 0 for the padding), int32
   // offsets.
   static bool serves(const Conv2dParams& p) {
     return p.ow <= 4 && p.oh * p.ow <= 16 && p.oh * p.ow > 0 && p.h * p.w > 0 &&
-           p.h * p.w < (int64_t(1) << 31);
+           p.h * p.w < (int64_t(1) << 31) && p.kh * p.kw * p.oh * p.ow < (int64_t(1) << 31);
   }
 };
 
@@ -601,8 +601,8 @@ void backward_input_table(const Conv2dParams& p, const T* gy, const T* w, T* gx,
 bool gemm_small_map_input_preferred(const Conv2dParams& p) {
   // Forced GEMM against the channels-minor input gradient on 4x4 and 3x3 maps (2 threads, both
   // builds on the AVX-512 VM, the AVX2 one by FASTDL_CPU_CAPABILITY; RESULTS.md, 2026-12-05
-  // 08:30): GEMM won over 256 and 512 channels at 8 and 16 images of 4x4, and on 16 images of
-  // 3x3 over 128 -> 256 channels; it lost over 128 channels on 4x4 and, narrowly, at 32 images
+  // 08:30): GEMM won over 256 channels at 8 and 16 images of 4x4, over 512 at 16, and on 16
+  // images of 3x3 over 128 -> 256 channels; it lost over 128 channels on 4x4 and, narrowly, at 32 images
   // of 4x4 over 256. Taken only there: batches of at most 256 output pixels, at least 256
   // channels each way, or 128 on maps under 16 pixels.
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, ch = std::min(cg, kg);
@@ -612,11 +612,14 @@ bool gemm_small_map_input_preferred(const Conv2dParams& p) {
 
 bool gemm_small_map_weight_preferred(const Conv2dParams& p) {
   // Forced GEMM against the implicit weight gradient of 3x3 stride-2 layers onto maps of at most
-  // 16 pixels (RESULTS.md, 2026-12-05 08:30): GEMM won on every one measured, 64 -> 128 to
-  // 256 -> 256 channels, 8 to 32 images, on both builds. Stride 1 there stays with the
+  // 16 pixels (RESULTS.md, 2026-12-05 08:30): GEMM won on every one measured, ungrouped, 64 ->
+  // 128 to 256 -> 256 channels, 8 to 32 images, on both builds; taken only there (groups, fewer
+  // than 64 channels a side and larger batches were not measured). Stride 1 there stays with the
   // channels-minor or implicit kernels, which won or tied.
-  return TapTable::serves(p) && plan_blocks(p, p.c / p.groups * p.kh * p.kw) != 0 &&
-         p.sh == 2 && p.sw == 2 && p.kh == 3 && p.kw == 3 && p.dh == 1 && p.dw == 1;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  return TapTable::serves(p) && plan_blocks(p, cg * p.kh * p.kw) != 0 && p.groups == 1 &&
+         std::min(cg, kg) >= 64 && p.n <= 32 && p.sh == 2 && p.sw == 2 && p.kh == 3 &&
+         p.kw == 3 && p.dh == 1 && p.dw == 1;
 }
 
 template <class T>
