@@ -441,14 +441,16 @@ def test_winograd_automatic_choice(cpu_path):
         # implicit forward: 18x18 of 16x16 and 32x36 of 30x34 here, not 10x10 of 8x8 above)
         at256_imp = "implicit" if cpu_path == "avx512" else wino
         assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == at256_imp
-        # 512 tiles (the AVX2 build: 8x8 maps, channels-minor first)
+        # 512 tiles (8x8 maps: the channels-minor kernel first on both vector builds)
         assert algo((32, 64, 8, 8), (64, 64, 3, 3), padding=1) == (
-            "nhwc" if cpu_path == "avx2" else wino)
+            "nhwc" if cpu_path != "default" else wino)
         assert algo((32, 64, 12, 12), (64, 64, 3, 3), padding=1) == wino     # 12x12: Winograd
         assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at256_imp  # 510 tiles
         assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at256_imp
         assert algo((2, 64, 32, 32), (64, 64, 3, 3), padding=1, pass_="input") == wino  # 512
-        assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == wino    # 512, 256 channels
+        # 512 tiles over 256 channels: Winograd on the AVX2 build, channels-minor on AVX-512
+        assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == (
+            "nhwc" if cpu_path == "avx512" else wino)
         # 2048 tiles; the implicit forward ahead of Winograd at <= 16 channels (AVX-512) or
         # <= 8 (AVX2)
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == (
@@ -2420,10 +2422,15 @@ def test_auto_choice_nhwc(cpu_path):
         check((16, w[1], 8, 8), w, "w", none, padding=1)
     check((16, 32, 8, 8), (64, 32, 3, 3), "w", x512, padding=1)
     # Winograd first where it is preferred: 14x14 over 256 channels; on the AVX2 build also 8x8
-    # maps over more than 128 channels
+    # maps over more than 128 channels. On the AVX-512 build the channels-minor kernel goes first
+    # on maps of at most 8x8 outputs (forward and input gradient), e.g. ResNet-18's layer4 at 224
+    # pixels, 32 images of 7x7 over 512 channels, which Winograd's tile count would take.
     wino = "gemm" if cpu_path == "default" else "winograd"
     assert algo((32, 256, 14, 14), (256, 256, 3, 3), padding=1) == wino
-    assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == wino
+    small = "nhwc" if cpu_path == "avx512" else wino
+    for pass_ in ("forward", "input"):
+        assert algo((32, 256, 8, 8), (256, 256, 3, 3), pass_, padding=1) == small
+        assert algo((32, 512, 7, 7), (512, 512, 3, 3), pass_, padding=1) == small
     assert ops_conv.conv2d_algorithm(np.zeros((16, 128, 8, 8)), np.zeros((128, 128, 3, 3)),
                                      padding=1) != "nhwc"                         # float64
 

@@ -477,6 +477,13 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // channels and tied at 128; over 256 Winograd's forward won (benchmarks/RESULTS.md, section
   // 2026-12-03 15:16). The AVX-512 build checks Winograd first.
   if (ch <= 128 && nhwc_preferred(q)) return false;
+#else
+  // The AVX-512 build: the channels-minor kernel first on maps of at most 8x8 outputs where it is
+  // preferred, at every channel count: with batches large enough for Winograd's tile count it
+  // beat Winograd on 4x4 to 8x8 maps over 128-512 channels, forward and input gradient, by
+  // 1.04-1.78x (a 7x7 map fills 4x4 tiles of 8x8, 30% of them padding); Winograd kept 14x14
+  // maps (benchmarks/RESULTS.md, section 2026-12-05 08:30).
+  if (q.oh * q.ow <= 64 && nhwc_preferred(q)) return false;
 #endif
   // Channel ratio: the table holds near-equal counts and a 3-channel first layer; 32x16x8x8 ->
   // 256 ran 1.14x GEMM's time forward and its input gradient (256 -> 16) 2.0x (review r2b-3):
