@@ -109,9 +109,9 @@ thread_local ScratchBuffer tl_block;  // gathered gy, or the forward's GEMM outp
 // size, or 0 where the per-thread partials stay: one thread, groups, or gw under kSharedWeights
 // elements (or inside an enclosing parallel region): below that the partials measured as fast,
 // and the forward in this form measured slower (on 8x8 and 4x4 maps, and again with the tap
-// tables on 4x4 and 2x2 maps), so it keeps one block per thread (figures: benchmarks/RESULTS.md, development measurements 2026-12-02 and 2026-12-05
-// 08:30). The input gradient runs its blocks in turn on the small-map path only
-// (backward_input_table), where its GEMM is transposed.
+// tables on 4x4 and 2x2 maps), so it keeps one block per thread (figures: benchmarks/RESULTS.md,
+// development measurements 2026-12-02 and 2026-12-05 08:30). The input gradient runs its blocks
+// in turn on the small-map path only (backward_input_table), where its GEMM is transposed.
 constexpr int64_t kSharedCols = int64_t(1) << 20, kSharedWeights = int64_t(1) << 20;
 int64_t plan_shared_blocks(const Conv2dParams& p, int64_t ckk) {
   const int64_t kg = p.k / p.groups;
@@ -492,13 +492,15 @@ struct TapTable {
         }
   }
   // Whether a call's maps take the table, where plan_blocks stacks images: output maps of 1 to
-  // 16 pixels in rows of at most 4 columns (2x2 and 4x4 maps gained or tied in every pass; on 5x5 to 8x8
-  // maps the forward and weight gradient lost to im2col's masked row vectors: RESULTS.md,
-  // 2026-12-05 08:30), a non-empty input (the gather reads element 0 for the padding), int32
-  // offsets.
+  // 16 pixels in rows of at most 4 columns (2x2 and 4x4 maps gained or tied in every pass; on
+  // 5x5 to 8x8 maps the forward and weight gradient lost to im2col's masked row vectors:
+  // RESULTS.md, 2026-12-05 08:30), a non-empty input (the gather reads element 0 for the
+  // padding), and tables of bounded size: at most 2^16 offsets and an input plane of at most
+  // 2^20 pixels (the inverse table's index; a huge input strided down to a tiny map keeps the
+  // row loops).
   static bool serves(const Conv2dParams& p) {
     return p.ow <= 4 && p.oh * p.ow <= 16 && p.oh * p.ow > 0 && p.h * p.w > 0 &&
-           p.h * p.w < (int64_t(1) << 31) && p.kh * p.kw * p.oh * p.ow < (int64_t(1) << 31);
+           p.h * p.w <= (int64_t(1) << 20) && p.kh * p.kw * p.oh * p.ow <= (int64_t(1) << 16);
   }
 };
 
@@ -530,7 +532,8 @@ void col2im_table_t(const TapTable& tt, const T* colsT, int64_t ldt, int64_t cg,
     T* g = gxg + cc * tt.plane;
     for (int64_t r = 0; r < tt.plane; ++r) {
       T sum = T(0);
-      for (int32_t e = tt.first[r]; e < tt.first[r + 1]; ++e) sum += c0[tt.pix[e] * ldt + tt.tap[e]];
+      for (int32_t e = tt.first[r]; e < tt.first[r + 1]; ++e)
+        sum += c0[tt.pix[e] * ldt + tt.tap[e]];
       g[r] = sum;
     }
   }
@@ -567,7 +570,8 @@ void backward_input_table(const Conv2dParams& p, const T* gy, const T* w, T* gx,
   if (G == 1 && get_num_threads() > 1 && !omp_in_parallel()) {
     const int64_t most = std::max<int64_t>(1, std::min(p.n, kSharedCols / std::max(ckk, kg) / S));
     const int64_t blocks = (p.n + most - 1) / most, sb = (p.n + blocks - 1) / blocks;
-    // (blocks of up to kSharedCols elements: back to the wide blocks' budget after, exception or not)
+    // (blocks of up to kSharedCols elements: back to the wide blocks' budget after, exception
+    // or not)
     const TrimOnExit trim_cols(tl_cols, sizeof(T) * (kColsBudget << 2));
     const TrimOnExit trim_block(tl_block, sizeof(T) * (kColsBudget << 2));
     T* cols = tl_cols.get_as<T>(ckk * sb * S);
@@ -602,9 +606,9 @@ bool gemm_small_map_input_preferred(const Conv2dParams& p) {
   // Forced GEMM against the channels-minor input gradient on 4x4 and 3x3 maps (2 threads, both
   // builds on the AVX-512 VM, the AVX2 one by FASTDL_CPU_CAPABILITY; RESULTS.md, 2026-12-05
   // 08:30): GEMM won over 256 channels at 8 and 16 images of 4x4, over 512 at 16, and on 16
-  // images of 3x3 over 128 -> 256 channels; it lost over 128 channels on 4x4 and, narrowly, at 32 images
-  // of 4x4 over 256. Taken only there: batches of at most 256 output pixels, at least 256
-  // channels each way, or 128 on maps under 16 pixels.
+  // images of 3x3 over 128 -> 256 channels; it lost over 128 channels on 4x4 and, narrowly, at
+  // 32 images of 4x4 over 256. Taken only there: batches of at most 256 output pixels, at least
+  // 256 channels each way, or 128 on maps under 16 pixels.
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, ch = std::min(cg, kg);
   return TapTable::serves(p) && plan_blocks(p, cg * p.kh * p.kw, true) != 0 &&
          p.n * p.oh * p.ow <= 256 && (ch >= 256 || (p.oh * p.ow < 16 && ch >= 128));
@@ -745,7 +749,8 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, ckk = cg * p.kh * p.kw;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
   const int64_t nb = plan_blocks(p, ckk);
-  const std::unique_ptr<TapTable> table(nb && TapTable::serves(p) ? new TapTable(p, false) : nullptr);
+  const std::unique_ptr<TapTable> table(nb && TapTable::serves(p) ? new TapTable(p, false)
+                                                                   : nullptr);
   if (nb) {
     if (const int64_t sb = plan_shared_blocks(p, ckk)) {
       // gw (kg x ckk) = sum over blocks of gyb (kg x m*S) * cols^T: the first block's GEMM writes
