@@ -454,8 +454,8 @@ void col2im_add(const Conv2dParams& p, const T* cols, int64_t ld, int64_t cg, in
 // Small maps (at most 16 output pixels, rows of at most 4 columns, whose images plan_blocks
 // stacks into blocks): im2col and col2im by a table of every tap's input offset per output pixel,
 // built once per call, instead of the row-segment loops above, whose per-segment bounds and masks
-// cost more than the 2-4 elements they move (perf of ResNet-18's layer4: im2col a fifth of the
-// forward, col2im a quarter of the input gradient; RESULTS.md, 2026-12-05 08:30).
+// cost more than the 2-4 elements they move (perf of ResNet-18's layer4: RESULTS.md, 2026-12-05
+// 08:30).
 //   off[t * S + q] = ih * W + iw read by tap t = (i, j) at output pixel q, or -1 in the padding
 //   by_input: for each input pixel r, the (tap, pixel) pairs that read it, taps ascending
 //     (entries first[r] .. first[r + 1] of tap[] and pix[]), so col2im is a gather per pixel
@@ -523,6 +523,16 @@ void im2col_table(const TapTable& tt, const T* xg, int64_t cg, T* cols, int64_t 
   }
 }
 
+// Image n, group g, every output pixel: im2col into dst (columns ld apart) by the table where the
+// call built one, else by the row loops over the cached planes.
+template <class T>
+void im2col_image(const Conv2dParams& p, const TapTable* table, PlaneCache<T>& planes,
+                  const T* x, int64_t n, int64_t g, int64_t cg, T* dst, int64_t ld) {
+  const int64_t S = p.oh * p.ow;
+  if (table) im2col_table(*table, x + (n * p.c + g * cg) * p.h * p.w, cg, dst, ld);
+  else im2col(p, planes.get(n, g, 0, S), cg, 0, S, dst, ld);
+}
+
 // gxg[cc][r] = sum of colsT[q * ldt + cc * taps + t] over the table's (t, q) pairs of input pixel
 // r, cc < cg: col2im_table from the transposed cols (pixels x ckk, one image's rows).
 template <class T>
@@ -553,7 +563,7 @@ void gather_planes(const Conv2dParams& p, const T* gy, int64_t n0, int64_t m, in
 // The input gradient on small maps (TapTable::serves), with cols transposed: colsT (m*S x ckk) =
 // gyb^T (m*S x kg) * W_g (kg x ckk), then col2im_table_t image by image. The GEMM reads W_g as an
 // untransposed B (packed row by row); as op(A) = W_g^T read in place down its columns (the form
-// the other paths use) the same product ran a third slower. One group on several threads: blocks
+// the other paths use) the same product ran slower. One group on several threads: blocks
 // of up to kSharedCols elements in turn, each GEMM on every thread (W packed once per block rather
 // than once per thread: W is 9.4 MB in ResNet-18's layer4); otherwise (groups, one thread, or
 // inside a parallel region) one (block of nb images, group) per task, each GEMM on its thread.
@@ -640,10 +650,7 @@ void conv_gemm_forward(const Conv2dParams& p, const T* x, const T* w, const T* b
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
         for (int64_t j = 0; j < m; ++j)
-          if (table)
-            im2col_table(*table, x + ((n0 + j) * p.c + g * cg) * HW, cg, cols + j * S, ld);
-          else
-            im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
+          im2col_image(p, table.get(), planes, x, n0 + j, g, cg, cols + j * S, ld);
         // out (kg x m*S) = W_g * cols, then out[kk][j*S + s] + bias -> y[n0 + j][g*kg + kk][s]
         gemm(gemm_params<T>(false, false, kg, ld, ckk, ckk, ld, ld, 0.0), w + g * kg * ckk, cols,
              out);
@@ -762,10 +769,7 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
         parallel_for_catch(m, grain_for(S * ckk), [&](int64_t lo, int64_t hi) {
           PlaneCache<T> planes(p, x, cg);
           for (int64_t j = lo; j < hi; ++j)
-            if (table)
-              im2col_table(*table, x + (n0 + j) * p.c * HW, cg, cols + j * S, ld);
-            else
-              im2col(p, planes.get(n0 + j, 0, 0, S), cg, 0, S, cols + j * S, ld);
+            im2col_image(p, table.get(), planes, x, n0 + j, 0, cg, cols + j * S, ld);
         });
         gather_planes(p, gy, n0, m, 0, kg, gyb);
         gemm(gemm_params<T>(false, true, kg, ckk, ld, ld, ld, ckk, n0 == 0 ? 0.0 : 1.0), gyb, cols,
@@ -796,10 +800,7 @@ void conv_gemm_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n0 = (t / G) * nb, g = t % G, m = std::min(nb, p.n - n0), ld = m * S;
         for (int64_t j = 0; j < m; ++j)
-          if (table)
-            im2col_table(*table, x + ((n0 + j) * p.c + g * cg) * HW, cg, cols + j * S, ld);
-          else
-            im2col(p, planes.get(n0 + j, g, 0, S), cg, 0, S, cols + j * S, ld);
+          im2col_image(p, table.get(), planes, x, n0 + j, g, cg, cols + j * S, ld);
         gather_planes(p, gy, n0, m, g * kg, kg, gyb);
         // P_g (kg x ckk) += gyb (kg x m*S) * cols^T (m*S x ckk)
         gemm(gemm_params<T>(false, true, kg, ckk, ld, ld, ld, ckk, 1.0), gyb, cols,

@@ -480,9 +480,9 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
 #else
   // The AVX-512 build: the channels-minor kernel first on maps of at most 8x8 outputs where it is
   // preferred, at every channel count: with batches large enough for Winograd's tile count it
-  // beat Winograd on 4x4 to 8x8 maps over 128-512 channels, forward and input gradient, by
-  // 1.04-1.78x (a 7x7 map fills 4x4 tiles of 8x8, 30% of them padding); Winograd kept 14x14
-  // maps (benchmarks/RESULTS.md, section 2026-12-05 08:30).
+  // beat Winograd on every 4x4 to 8x8 map measured over 64-512 channels, forward and input
+  // gradient (a 7x7 map fills 4x4 tiles of 8x8, 30% of them padding); Winograd kept 14x14 maps
+  // (benchmarks/RESULTS.md, section 2026-12-05 08:30).
   if (q.oh * q.ow <= 64 && nhwc_preferred(q)) return false;
 #endif
   // Channel ratio: the table holds near-equal counts and a 3-channel first layer; 32x16x8x8 ->
