@@ -499,3 +499,32 @@ def test_cuda_fma_peak_kernel_runs_its_chains(cuda_device):
         with pytest.raises(ValueError, match="cuda_fma_peak"):
             _C.cuda_fma_peak(0, stream, _tensor.pointer(out), args["blocks"], args["threads"],
                              args["iters"], a, b)
+
+
+def test_lm_bound_free_layers_keep_shapes_and_gradients(monkeypatch, capsys):
+    """benchmarks/lm_bound.py (the word LM's speedup bound, issue #11): its arithmetic-free layers
+    give the real layers' output shapes and a gradient to every parameter (so clipping and SGD
+    still run on all of them), and a tiny run prints the bound."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "lm_bound.py")
+    spec = importlib.util.spec_from_file_location("lm_bound", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lin, lstm = torch.nn.Linear(6, 5), torch.nn.LSTM(4, 6, 2)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    hidden = (torch.randn(2, 2, 6), torch.randn(2, 2, 6))
+    out, (h, c) = lstm(x, hidden)
+    fout, (fh, fc) = mod.FreeLSTM(lstm)(x, hidden)
+    assert (fout.shape, fh.shape, fc.shape) == (out.shape, h.shape, c.shape)
+    y = mod.FreeLinear(lin)(fout)
+    assert y.shape == lin(out).shape
+    (y.sum() + fh.sum() + fc.sum()).backward()
+    for p in list(lin.parameters()) + list(lstm.parameters()) + [x]:
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+    with pytest.raises(SystemExit):
+        mod.main(["--rounds", "0"])
+    monkeypatch.setattr(mod, "cpu_limits", lambda: {"peak_GFLOPs": 100.0})
+    mod.main(["--rounds", "2", "--vocab", "50", "--bptt", "3", "--batch", "2"])
+    text = capsys.readouterr().out
+    flops = mod.lm_step_flops(50, 3, 2)
+    assert f"{flops / 1e9:.2f} GFLOP per step" in text and "bound (free layers" in text
