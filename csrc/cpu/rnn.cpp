@@ -514,43 +514,98 @@ inline void lstm_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, in
     for (int64_t u = 0; u < w; ++u) y[u] = ho[u];
 }
 
+#if defined(FASTDL_RNN_AVX2)
+// Two 8-unit blocks' values (at a and b) as 16 lanes: a in lanes 0-7, b in 8-15 (one zmm on the
+// AVX-512 build, a pair of ymm on the AVX2 build: vec_math.h's Lanes<16>).
+inline Lanes<16>::V join_blocks(const float* a, const float* b) {
 #if defined(__AVX512F__)
-// Two 8-unit blocks' values (at a and b) as one zmm: a in lanes 0-7, b in 8-15.
-inline __m512 join_blocks(const float* a, const float* b) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
+#else
+  return {_mm256_loadu_ps(a), _mm256_loadu_ps(b)};
+#endif
 }
 
 // lstm_units for 16 units [j0, j0 + 16) of row b, two whole 8-unit blocks whose tile rows are
-// hh_a and hh_b (AVX-512 build, float32): the same arithmetic on 16 lanes (vec_math.h), so the
-// results are bitwise those of two 8-unit calls.
+// hh_a and hh_b (float32): the same arithmetic on 16 lanes (vec_math.h), so the results are
+// bitwise those of two 8-unit calls. On the AVX2 build the two halves' dependency chains
+// interleave (~170 cycles deep, too long for the out-of-order window to overlap two 8-unit
+// calls: vec_math.h's Lanes<16>).
 template <bool SAVE>
 inline void lstm_units16(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
                          const float* __restrict hh_a, const float* __restrict hh_b) {
+  using L = Lanes<16>;
+  using V = L::V;
   float* __restrict xa = io.xa + b * io.ld_xa + j0;
   const float* __restrict bias = io.bias + j0;
   float* __restrict c = io.c + b * H + j0;
   float* __restrict ho = io.h_out + b * io.ld_h + j0;
   float* __restrict y = io.y ? io.y + b * H + j0 : nullptr;
-  __m512 a[4];
-  for (int q = 0; q < 4; ++q) {
-    const __m512 hh = join_blocks(hh_a + q * kW, hh_b + q * kW);
-    a[q] = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(xa + q * H), hh),
-                         _mm512_loadu_ps(bias + q * H));
-  }
-  const __m512 i = sigmoid16(a[0]), f = sigmoid16(a[1]), g = tanh16(a[2]), o = sigmoid16(a[3]);
-  const __m512 c_old = _mm512_loadu_ps(c);
-  const __m512 c_new = _mm512_fmadd_ps(f, c_old, _mm512_mul_ps(i, g));
-  const __m512 h_new = _mm512_mul_ps(o, tanh16(c_new));
-  _mm512_storeu_ps(c, c_new);
-  _mm512_storeu_ps(ho, h_new);
-  if (y) _mm512_storeu_ps(y, h_new);
+  V a[4];
+  for (int q = 0; q < 4; ++q)
+    a[q] = L::add(L::add(L::loadu(xa + q * H), join_blocks(hh_a + q * kW, hh_b + q * kW)),
+                  L::loadu(bias + q * H));
+  const V i = sigmoid_lanes<16>(a[0]), f = sigmoid_lanes<16>(a[1]);
+  const V g = tanh_lanes<16>(a[2]), o = sigmoid_lanes<16>(a[3]);
+  const V c_old = L::loadu(c);
+  const V c_new = L::fmadd(f, c_old, L::mul(i, g));
+  const V h_new = L::mul(o, tanh_lanes<16>(c_new));
+  L::storeu(c, c_new);
+  L::storeu(ho, h_new);
+  if (y) L::storeu(y, h_new);
   if (SAVE) {
-    _mm512_storeu_ps(xa, i);
-    _mm512_storeu_ps(xa + H, f);
-    _mm512_storeu_ps(xa + 2 * H, g);
-    _mm512_storeu_ps(xa + 3 * H, o);
-    _mm512_storeu_ps(io.c_save + b * H + j0, c_new);
-    _mm512_storeu_ps(io.cprev_save + b * H + j0, c_old);
+    L::storeu(xa, i);
+    L::storeu(xa + H, f);
+    L::storeu(xa + 2 * H, g);
+    L::storeu(xa + 3 * H, o);
+    L::storeu(io.c_save + b * H + j0, c_new);
+    L::storeu(io.cprev_save + b * H + j0, c_old);
+  }
+}
+#endif
+
+#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
+// lstm_units for one whole block, units [j0, j0 + 8), of rows b and b + 1 (tile rows hh0, hh1),
+// float32 on the AVX2 build: the two rows' 8 lanes as one Lanes<16> pair, so their gate math's
+// dependency chains interleave as lstm_units16's two blocks do; bitwise two lstm_units calls.
+// (Rows, not blocks: pairing blocks would keep two 16 KB panels in Zen's 32 KB L1d.)
+template <bool SAVE>
+inline void lstm_rows2(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
+                       const float* __restrict hh0, const float* __restrict hh1) {
+  using L = Lanes<16>;
+  using V = L::V;
+  auto load2 = [](const float* r0, const float* r1) {
+    return V{_mm256_loadu_ps(r0), _mm256_loadu_ps(r1)};
+  };
+  auto store2 = [](float* r0, float* r1, V v) {
+    _mm256_storeu_ps(r0, v.lo);
+    _mm256_storeu_ps(r1, v.hi);
+  };
+  float* __restrict xa0 = io.xa + b * io.ld_xa + j0;
+  float* __restrict xa1 = xa0 + io.ld_xa;
+  float* __restrict c0 = io.c + b * H + j0;
+  float* __restrict c1 = c0 + H;
+  V a[4];
+  for (int q = 0; q < 4; ++q) {
+    const __m256 bq = _mm256_loadu_ps(io.bias + q * H + j0);
+    a[q] = L::add(L::add(load2(xa0 + q * H, xa1 + q * H), load2(hh0 + q * kW, hh1 + q * kW)),
+                  V{bq, bq});
+  }
+  const V i = sigmoid_lanes<16>(a[0]), f = sigmoid_lanes<16>(a[1]);
+  const V g = tanh_lanes<16>(a[2]), o = sigmoid_lanes<16>(a[3]);
+  const V c_old = load2(c0, c1);
+  const V c_new = L::fmadd(f, c_old, L::mul(i, g));
+  const V h_new = L::mul(o, tanh_lanes<16>(c_new));
+  store2(c0, c1, c_new);
+  float* ho = io.h_out + b * io.ld_h + j0;
+  store2(ho, ho + io.ld_h, h_new);
+  if (io.y) store2(io.y + b * H + j0, io.y + (b + 1) * H + j0, h_new);
+  if (SAVE) {
+    store2(xa0, xa1, i);
+    store2(xa0 + H, xa1 + H, f);
+    store2(xa0 + 2 * H, xa1 + 2 * H, g);
+    store2(xa0 + 3 * H, xa1 + 3 * H, o);
+    store2(io.c_save + b * H + j0, io.c_save + (b + 1) * H + j0, c_new);
+    store2(io.cprev_save + b * H + j0, io.cprev_save + (b + 1) * H + j0, c_old);
   }
 }
 #endif
@@ -744,6 +799,19 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
     else if (G == 3) gru_units<T, SAVE>(io, H, b, j0, w, hh);
     else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
   };
+  // gates for rows [b0, b0 + mb) of one block, row i's tile row at tile + i * ld (the AVX2
+  // LSTM's whole blocks two rows at a time: lstm_rows2)
+  auto gates_rows = [&](int64_t b0, int64_t mb, int64_t j0, int64_t w, const T* tile,
+                        int64_t ld) {
+    int64_t i = 0;
+#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
+    if constexpr (G == 4 && std::is_same<T, float>::value)
+      if (w == kW)
+        for (; i + 1 < mb; i += 2)
+          lstm_rows2<SAVE>(io, H, b0 + i, j0, tile + i * ld, tile + (i + 1) * ld);
+#endif
+    for (; i < mb; ++i) gates(b0 + i, j0, w, tile + i * ld);
+  };
   {
     alignas(64) T tile[MB * C];
     const T* hr[MB];
@@ -871,7 +939,7 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
             const int mb = static_cast<int>((bs - b0) / (groups - q));
             for (int i = 0; i < M2; ++i) hr2[i] = io.h_old + (b0 + std::min(i, mb - 1)) * R;
             recurrent_rows_f32<G>(mb, R, panel, C, hr2, tile2, false);
-            for (int i = 0; i < mb; ++i) gates(b0 + i, j0, w, tile2 + i * C);
+            gates_rows(b0, mb, j0, w, tile2, C);
             b0 += mb;
           }
           continue;
@@ -992,7 +1060,7 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
             recurrent_rows_f32<G>(mb, kc, panel + k0 * C, C, hr2, part + b0 * C, k0 > 0);
           }
         }
-        for (int64_t b = 0; b < bs; ++b) gates(b, j0, w, part + b * C);
+        gates_rows(0, bs, j0, w, part, C);
         continue;
       }
 #endif

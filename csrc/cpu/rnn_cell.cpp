@@ -12,8 +12,9 @@
 //             (A = weight rows in place, B = x^T / h^T, transposed once per call into a scratch
 //             with the batch padded to whole vectors), then a pass over the hidden units runs
 //             the gate math and writes h', c' and, in training, the activations (LSTM/GRU
-//             float32 on AVX2: 8 units of one batch row per vector, update_f32<8>, 16 on the
-//             AVX-512 build, update_f32<16>; otherwise
+//             float32 on AVX2: 16 units of one batch row at a time, update_f32<16>, on a zmm
+//             or, on the AVX2 build, a pair of ymm whose chains interleave; then 8, update_f32<8>;
+//             otherwise
 //             vectorised over the batch). Work split: units over the threads, each thread
 //             its units' gate rows and their update (one region). 12 accumulators per
 //             tile: a 4-gate x 2-vector tile per unit had 8, at the FMA latency's bound (figures: RESULTS.md).
@@ -476,10 +477,13 @@ template <>
 inline __m512 join_halves<16>(__m256 lo, __m256 hi) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
 }
+#else
+template <>
+inline F32x16 join_halves<16>(__m256 lo, __m256 hi) { return {lo, hi}; }
 #endif
 
-// LSTM / GRU float32 update of units [j0, j0 + W) for every row (W = 8, or 16 on the AVX-512
-// build: 8-unit halves transposed alike and joined per lane, the gate math on 16 lanes, whose
+// LSTM / GRU float32 update of units [j0, j0 + W) for every row (W = 8, or 16: 8-unit halves
+// transposed alike and joined per lane, the gate math on 16 lanes, a zmm or two ymm, whose
 // vec_math.h functions give the 8-lane results lane by lane): each gate's 8 unit rows x 8
 // batch lanes of the product are transposed in registers, so the gate math runs on W units of
 // one batch row and reads c / h and writes h', c' and the activations as whole vectors. (Per unit
@@ -558,9 +562,7 @@ void update_units(const CellForward<T>& f, int64_t u0, int64_t u1, const T* g, c
 #if defined(FASTDL_CELL_AVX2)
   if constexpr (std::is_same<T, float>::value)
     if (f.p.mode == RnnMode::Lstm || f.p.mode == RnnMode::Gru) {
-#if defined(__AVX512F__)
       for (; j + 16 <= u1; j += 16) update_f32<16>(f, j, g, hn);
-#endif
       for (; j + 8 <= u1; j += 8) update_f32<8>(f, j, g, hn);
     }
 #endif

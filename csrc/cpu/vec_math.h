@@ -19,8 +19,9 @@ namespace fastdl {
 namespace {
 
 // One register of float32 lanes, the operations exp / sigmoid / tanh need: Lanes<8> a ymm (AVX2),
-// Lanes<16> a zmm (AVX-512 build). The functions below are written once over it, so the 16-lane
-// results are the 8-lane ones lane by lane, bit for bit.
+// Lanes<16> a zmm (AVX-512 build) or a pair of ymm (AVX2 build, F32x16 below). The functions
+// below are written once over it, so the 16-lane results are the 8-lane ones lane by lane, bit
+// for bit.
 template <int W> struct Lanes;
 
 template <> struct Lanes<8> {
@@ -88,6 +89,55 @@ template <> struct Lanes<16> {
   }
   FASTDL_VEC_INLINE V select_below(V a, V lim, V lo, V hi) {
     return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, lim, _CMP_LT_OQ), hi, lo);
+  }
+};
+#else
+// 16 lanes as two ymm (AVX2 build): every operation is Lanes<8>'s on each half, so the results
+// are the 8-lane ones lane by lane, bit for bit, as on the AVX-512 build. What it buys is the
+// order: the two halves' instructions interleave, two independent dependency chains where one
+// 8-lane call had one. An LSTM unit's gate math is a ~170-cycle chain (exp's polynomial, a
+// division, then tanh of the new cell state) of ~150 instructions, so the out-of-order window
+// held under two calls at once (figures: RESULTS.md, 2026-12-05 11:05 section).
+struct F32x16 {
+  __m256 lo, hi;
+};
+template <> struct Lanes<16> {
+  using V = F32x16;
+  using Half = Lanes<8>;
+  FASTDL_VEC_INLINE V set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
+  FASTDL_VEC_INLINE V loadu(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  FASTDL_VEC_INLINE void storeu(float* p, V v) {
+    _mm256_storeu_ps(p, v.lo);
+    _mm256_storeu_ps(p + 8, v.hi);
+  }
+#define FASTDL_PAIR_OP1(op) \
+  FASTDL_VEC_INLINE V op(V a) { return {Half::op(a.lo), Half::op(a.hi)}; }
+#define FASTDL_PAIR_OP2(op) \
+  FASTDL_VEC_INLINE V op(V a, V b) { return {Half::op(a.lo, b.lo), Half::op(a.hi, b.hi)}; }
+#define FASTDL_PAIR_OP3(op)                                                                   \
+  FASTDL_VEC_INLINE V op(V a, V b, V c) {                                                     \
+    return {Half::op(a.lo, b.lo, c.lo), Half::op(a.hi, b.hi, c.hi)};                          \
+  }
+  FASTDL_PAIR_OP2(add)
+  FASTDL_PAIR_OP2(sub)
+  FASTDL_PAIR_OP2(mul)
+  FASTDL_PAIR_OP2(div)
+  FASTDL_PAIR_OP2(min)
+  FASTDL_PAIR_OP2(max)
+  FASTDL_PAIR_OP3(fmadd)
+  FASTDL_PAIR_OP3(fnmadd)
+  FASTDL_PAIR_OP2(and_)
+  FASTDL_PAIR_OP2(andnot)
+  FASTDL_PAIR_OP2(or_)
+  FASTDL_PAIR_OP1(floor)
+  FASTDL_PAIR_OP1(pow2)
+  FASTDL_PAIR_OP2(nan_from)
+#undef FASTDL_PAIR_OP1
+#undef FASTDL_PAIR_OP2
+#undef FASTDL_PAIR_OP3
+  FASTDL_VEC_INLINE V select_below(V a, V lim, V lo, V hi) {
+    return {Half::select_below(a.lo, lim.lo, lo.lo, hi.lo),
+            Half::select_below(a.hi, lim.hi, lo.hi, hi.hi)};
   }
 };
 #endif
