@@ -263,10 +263,14 @@ def test_elman_unit_block_pairs(cpu_path, monkeypatch, nonlinearity):
 
 
 def test_lstm_unit_block_pairs(cpu_path, monkeypatch):
-    """The LSTM float32 forward on the AVX-512 build: two whole blocks per pass with the gate math
-    on 16 lanes, rows in balanced groups of up to 8 (8; 8, 8; 7, 8; 6, 6, 6; a last block whole or
-    partial), at 1 and 2 threads (the rows split at 2 threads for batch >= 16)."""
-    _block_cases(monkeypatch, "LSTM", [(16, 8), (32, 16), (40, 15), (20, 18), (72, 32), (24, 23)])
+    """The LSTM float32 forward's gate math on 16 lanes. AVX-512 build: two whole blocks per pass,
+    rows in balanced groups of up to 8 (8; 8, 8; 7, 8; 6, 6, 6; a last block whole or partial).
+    AVX2 build: two rows of a whole block at a time (row groups of 5 and 6: a row left over; 2
+    rows over k slices at hidden 136) and, at batch 1, two whole blocks per product tile (hidden
+    16, 40: two pairs and a single block; 20: a whole and a partial block, single). At 1 and 2
+    threads (the rows split at 2 threads for batch >= 16)."""
+    _block_cases(monkeypatch, "LSTM", [(16, 8), (32, 16), (40, 15), (20, 18), (72, 32), (24, 23),
+                                       (16, 1), (40, 1), (20, 1), (24, 5), (136, 2)])
 
 
 def test_gru_unit_block_pairs(cpu_path, monkeypatch):

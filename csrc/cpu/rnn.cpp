@@ -15,7 +15,10 @@
 //      The AVX-512 build runs the float32 products on zmm: the LSTM's per block
 //      (recurrent_cols_zmm), the GRU's two blocks at a time (recurrent_pair_gru_zmm) and the
 //      Elman's four (recurrent_quad_zmm), and the gate math on 16 units at once where two whole
-//      blocks meet (lstm_units16, gru_units16, elman_units16); the k slices too.
+//      blocks meet (lstm_units16, gru_units16, elman_units16); the k slices too. The AVX2
+//      build's LSTM runs its gate math on two rows of a block at a time (lstm_rows2) and, at
+//      batch 1, its product and gate math on two blocks at a time (recurrent_row_pair_f32,
+//      lstm_units16 on a pair of ymm): one row's block is a dependency chain too short of work.
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
 // register-tiled product (12x16 on zmm in the AVX-512 build) over W_hh packed once per call into
@@ -226,6 +229,28 @@ inline void recurrent_tile2_f32(int64_t R, const float* __restrict pa, const flo
     }
     _mm256_storeu_ps(oa + i * 8, a0[i]);
     _mm256_storeu_ps(ob + i * 8, a1[i]);
+  }
+}
+
+// The LSTM (G = 4) float32 at batch 1: one row x two unit blocks (panels pa, pb, 32 floats per k)
+// = 8 accumulators, k in [0, R); oa / ob: the row's 32 gate values of each block. One block's 1 x
+// 4 tile (recurrent_tile_f32<4, 1>) had 4 chains, half the FMA latency's bound. Each element sums
+// over k in the same order as there, so the results are bitwise equal.
+inline void recurrent_row_pair_f32(int64_t R, const float* __restrict pa,
+                                   const float* __restrict pb, const float* __restrict h,
+                                   float* __restrict oa, float* __restrict ob) {
+  __m256 a[4], b[4];
+  for (int q = 0; q < 4; ++q) a[q] = b[q] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    const __m256 hv = _mm256_broadcast_ss(h + k);
+    for (int q = 0; q < 4; ++q) {
+      a[q] = _mm256_fmadd_ps(hv, _mm256_load_ps(pa + k * 32 + q * 8), a[q]);
+      b[q] = _mm256_fmadd_ps(hv, _mm256_load_ps(pb + k * 32 + q * 8), b[q]);
+    }
+  }
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_ps(oa + q * 8, a[q]);
+    _mm256_storeu_ps(ob + q * 8, b[q]);
   }
 }
 
@@ -923,6 +948,20 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
                 lstm_units16<SAVE>(io, H, b0 + i, j0, tile_a + i * C, tile_b + i * C);
               b0 += mb;
             }
+            ++jb;
+            continue;
+          }
+        }
+#endif
+#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
+        if constexpr (G == 4 && std::is_same<T, float>::value) {
+          if (bs == 1 && jb + 1 < hi && j0 + 2 * kW <= H) {
+            // batch 1: this block and the next, both whole, in one 8-accumulator row tile, then
+            // the gate math on 16 lanes (lstm_units16): one block's product and gate math are
+            // each a dependency chain too short of work to fill the core
+            alignas(64) float tile_a[C], tile_b[C];
+            recurrent_row_pair_f32(R, panel, panel + R * C, io.h_old, tile_a, tile_b);
+            lstm_units16<SAVE>(io, H, 0, j0, tile_a, tile_b);
             ++jb;
             continue;
           }
