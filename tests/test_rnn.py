@@ -276,7 +276,9 @@ def test_lstm_unit_block_pairs(cpu_path, monkeypatch):
 def test_gru_unit_block_pairs(cpu_path, monkeypatch):
     """The GRU float32 forward on the AVX-512 build takes two blocks of 8 units per register tile
     (rows in groups of up to 8), and one block with up to 8 rows where a thread's blocks are odd:
-    a partial second block, a single leftover block, batches of 1-32, 1 and 2 threads."""
+    a partial second block, a single leftover block, batches of 1-32, 1 and 2 threads. The AVX2
+    build runs a whole block's gate math two rows at a time (groups of up to 4 rows: 7 and 9 rows
+    leave one over)."""
     # (20, 7): a pair and a partial single; (28, 9): the pair's second block partial; (45, 32):
     # three pairs, the last partial, row groups of 8; (128, 32), (72, 20): 2 threads' shares
     # (unit split)

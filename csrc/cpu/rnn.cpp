@@ -684,6 +684,49 @@ inline void gru_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, int
   }
 }
 
+#if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
+// gru_units for one whole block, units [j0, j0 + 8), of rows b and b + 1 (tile rows hh0, hh1),
+// float32 on the AVX2 build: the two rows as one Lanes<16> pair, as lstm_rows2; bitwise two
+// gru_units calls.
+template <bool SAVE>
+inline void gru_rows2(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
+                      const float* __restrict hh0, const float* __restrict hh1) {
+  using L = Lanes<16>;
+  using V = L::V;
+  auto load2 = [](const float* r0, const float* r1) {
+    return V{_mm256_loadu_ps(r0), _mm256_loadu_ps(r1)};
+  };
+  auto store2 = [](float* r0, float* r1, V v) {
+    _mm256_storeu_ps(r0, v.lo);
+    _mm256_storeu_ps(r1, v.hi);
+  };
+  auto both = [](const float* p) {
+    const __m256 v = _mm256_loadu_ps(p);
+    return V{v, v};
+  };
+  float* __restrict xa0 = io.xa + b * io.ld_xa + j0;
+  float* __restrict xa1 = xa0 + io.ld_xa;
+  const float* bias = io.bias + j0;
+  const V r = sigmoid_lanes<16>(L::add(L::add(load2(xa0, xa1), both(bias)), load2(hh0, hh1)));
+  const V z = sigmoid_lanes<16>(L::add(L::add(load2(xa0 + H, xa1 + H), both(bias + H)),
+                                       load2(hh0 + kW, hh1 + kW)));
+  const V hn = L::add(load2(hh0 + 2 * kW, hh1 + 2 * kW), both(io.bhn + j0));
+  const V n = tanh_lanes<16>(
+      L::fmadd(r, hn, L::add(load2(xa0 + 2 * H, xa1 + 2 * H), both(bias + 2 * H))));
+  const float* h = io.h_old + b * H + j0;
+  const V h_new = L::fmadd(L::sub(load2(h, h + H), n), z, n);
+  float* ho = io.h_out + b * io.ld_h + j0;
+  store2(ho, ho + io.ld_h, h_new);
+  store2(io.y + b * H + j0, io.y + (b + 1) * H + j0, h_new);
+  if (SAVE) {
+    store2(xa0, xa1, r);
+    store2(xa0 + H, xa1 + H, z);
+    store2(xa0 + 2 * H, xa1 + 2 * H, n);
+    store2(xa0 + 3 * H, xa1 + 3 * H, hn);
+  }
+}
+#endif
+
 #if defined(__AVX512F__)
 // gru_units for 16 units [j0, j0 + 16) of row b, two whole 8-unit blocks whose tile rows are hh_a
 // and hh_b (AVX-512 build, float32): the same arithmetic on 16 lanes, so bitwise two 8-unit calls.
@@ -825,15 +868,19 @@ void fused_blocks(const RnnParams& p, const T* panels, int64_t bs, const StepIo<
     else elman_units<T, SAVE>(io, H, b, j0, w, hh, relu);
   };
   // gates for rows [b0, b0 + mb) of one block, row i's tile row at tile + i * ld (the AVX2
-  // LSTM's whole blocks two rows at a time: lstm_rows2)
+  // LSTM's and GRU's whole blocks two rows at a time: lstm_rows2, gru_rows2)
   auto gates_rows = [&](int64_t b0, int64_t mb, int64_t j0, int64_t w, const T* tile,
                         int64_t ld) {
     int64_t i = 0;
 #if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
-    if constexpr (G == 4 && std::is_same<T, float>::value)
+    if constexpr ((G == 4 || G == 3) && std::is_same<T, float>::value)
       if (w == kW)
-        for (; i + 1 < mb; i += 2)
-          lstm_rows2<SAVE>(io, H, b0 + i, j0, tile + i * ld, tile + (i + 1) * ld);
+        for (; i + 1 < mb; i += 2) {
+          if constexpr (G == 4)
+            lstm_rows2<SAVE>(io, H, b0 + i, j0, tile + i * ld, tile + (i + 1) * ld);
+          else
+            gru_rows2<SAVE>(io, H, b0 + i, j0, tile + i * ld, tile + (i + 1) * ld);
+        }
 #endif
     for (; i < mb; ++i) gates(b0 + i, j0, w, tile + i * ld);
   };
