@@ -213,11 +213,58 @@ def test_cell_bad_weights_raise(name):
     for attr, bad, match in [("bias_hh", rand(2), "bias_hh"),
                              ("weight_hh", rand(G * 6, 7), "weight_hh"),
                              ("weight_hh", rand(G * 6, 6, dtype=torch.float64), "weight_hh"),
+                             ("weight_ih", rand(G * 6, 5), "weight_ih"),
+                             ("weight_ih", rand(G * 5, 4), "weight_ih"),
                              ("bias_ih", torch.empty(G * 6, device="meta"), "bias_ih")]:
         cell = getattr(fastdl.nn, name)(4, 6)
         setattr(cell, attr, torch.nn.Parameter(bad))
-        with pytest.raises(RuntimeError, match=match):
-            cell(x)
+        for grad in (True, False):   # through the autograd Function, and straight to the kernels
+            with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=match):
+                cell(x)
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cell_parameters_replaced_or_parametrized(name):
+    """The cells read their parameters from nn.Module._parameters (one dict look-up per step)
+    only for the classes themselves, and by attribute otherwise, so they see what torch's cell
+    sees: a name moved out of _parameters into a plain attribute (what torch.nn.utils.weight_norm
+    does) and a parameter assigned anew, on the class itself; then a parametrization
+    (torch.nn.utils.parametrize derives a class). Outputs and gradients against torch's cell
+    treated alike."""
+    G = {"RNNCell": 1, "LSTMCell": 4, "GRUCell": 3}[name]
+    ours, theirs = _pair(name, {}, 4, 6, True, torch.float64)
+    x = rand(3, 4, dtype=torch.float64)
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    def check(what, grads):
+        for m in (ours, theirs):
+            m.zero_grad()
+        got, want = _tuple(ours(x)), _tuple(theirs(x))
+        for a, b in zip(got, want):
+            assert_close(a, b, dtype=torch.float64, what=f"{name} {what}: output")
+        sum(t.sum() for t in got).backward()
+        sum(t.sum() for t in want).backward()
+        for get in grads:
+            assert_close(get(ours), get(theirs), dtype=torch.float64,
+                         what=f"{name} {what}: gradient")
+
+    new_w_ih = rand(G * 6, 4, dtype=torch.float64)
+    for m in (ours, theirs):
+        bias = m.bias_ih.detach() * 3
+        del m.bias_ih
+        m.bias_ih = bias
+        m.weight_ih = torch.nn.Parameter(new_w_ih.clone())
+    assert type(ours) is getattr(fastdl.nn, name) and "bias_ih" not in ours._parameters
+    check("bias_ih an attribute, weight_ih a new parameter",
+          [lambda m: m.weight_ih.grad, lambda m: m.weight_hh.grad])
+    for m in (ours, theirs):
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_hh", Double())
+    assert type(ours) is not getattr(fastdl.nn, name)
+    check("weight_hh parametrized", [lambda m: m.weight_ih.grad,
+                                     lambda m: m.parametrizations.weight_hh.original.grad])
 
 
 def test_cell_custom_op_checks_its_operands():

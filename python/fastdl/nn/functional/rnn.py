@@ -102,7 +102,9 @@ class _Cell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
-        h_new, c_new, act = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, True)
+        # (applied by run_cell only, on the states it vouches for)
+        h_new, c_new, act = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, True,
+                                                  states_checked=True)
         ctx.mode = mode
         ctx.save_for_backward(x, h, c, w_ih, w_hh, act, h_new if mode in (TANH, RELU) else None,
                               c_new)
@@ -165,10 +167,11 @@ def _plain(t):
 
 def run_cell(mode, x, h, c, weights, *, has_bias):
     """One step of RNNCell (TANH / RELU), LSTMCell or GRUCell on validated operands: x (B, I),
-    h (B, H), c (B, H) for LSTM else None; weights w_ih, w_hh[, b_ih, b_hh]. Returns h' or
-    (h', c'). The CPU kernels take one step with the weights in place (float32/float64; traced:
-    the custom op fastdl::recurrent_cell over them); anything else (CUDA, half precision, empty
-    sizes) runs as a one-step layer."""
+    h (B, H), c (B, H) for LSTM else None, of one dtype and device, their shapes checked (the
+    cell modules' _cell does: the CPU kernels then check only the weights, states_checked);
+    weights w_ih, w_hh[, b_ih, b_hh]. Returns h' or (h', c'). The CPU kernels take one step with
+    the weights in place (float32/float64; traced: the custom op fastdl::recurrent_cell over
+    them); anything else (CUDA, half precision, empty sizes) runs as a one-step layer."""
     traced = _library.tracing(x)
     if not _ops.cell_cpu_supported(x, weights):
         if not traced:
@@ -192,7 +195,8 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
     b_ih, b_hh = (_plain(weights[2]), _plain(weights[3])) if has_bias else (None, None)
     if _library.needs_autograd(x, h, c, w_ih, w_hh, b_ih, b_hh):
         return _Cell.apply(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
-    h_new, c_new, _ = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, False)
+    h_new, c_new, _ = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, False,
+                                            states_checked=True)
     return (h_new, c_new) if mode == LSTM else h_new
 
 
