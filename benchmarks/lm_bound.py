@@ -2,14 +2,16 @@
 
 fastdl.nn.convert replaces the LM's LSTM and decoder Linear; the rest of its training step
 (embedding, dropout, log_softmax, the NLL loss and their backward, the zeroing of the loss
-gradient, gradient clipping) stays torch's on both sides. This script times three versions of
-one step, interleaved in rounds (median of the rounds):
+gradient, gradient clipping) stays torch's on both sides, and the suite's fastdl side steps
+fastdl.optim.SGD. This script times three versions of one step, interleaved in rounds (median of
+the rounds):
 
-- torch: the unconverted model (what the suite's speedup divides);
+- torch: the unconverted model with torch.optim.SGD (what the suite's speedup divides);
 - free layers: the same model with the LSTM and the Linear replaced by layers that do no
   arithmetic: they return zero-filled outputs and zero-filled gradients of the right shapes
   (the writes fastdl's kernels must also do), so the step keeps every other op and allocation;
-- fastdl: the converted model (the suite's case).
+  stepped by fastdl.optim.SGD, as the fastdl side;
+- fastdl: the converted model with fastdl.optim.SGD (the suite's case).
 
 The bound: torch / (free layers + the replaced layers' FLOPs at the machine's FMA peak). No
 kernel can beat it, because it credits fastdl's layers with no overhead and 100% of the peak.
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 import fastdl
 from fastdl import _zoo
-from fastdl.bench.machine import cpu_limits
+from fastdl import _C
 from fastdl.bench.models import lm_step_flops
 
 
@@ -78,6 +80,11 @@ class FreeLSTM(torch.nn.Module):
         return out, (h, c)
 
 
+def peak_gflops():
+    """The machine's FMA peak on fastdl's thread count (what fastdl-bench's limits report)."""
+    return _C.measure_peak_gflops(5)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20)
@@ -109,7 +116,7 @@ def main(argv=None):
         return run
 
     runs = {"torch": step(ref, torch.optim.SGD(ref.parameters(), lr=20)),
-            "free layers": step(free, torch.optim.SGD(free.parameters(), lr=20)),
+            "free layers": step(free, fastdl.optim.SGD(free.parameters(), lr=20)),
             "fastdl": step(fast, fastdl.optim.SGD(fast.parameters(), lr=20))}
     times = {k: [] for k in runs}
     for run in runs.values():
@@ -121,7 +128,7 @@ def main(argv=None):
             runs[k]()
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    peak = cpu_limits()["peak_GFLOPs"]
+    peak = peak_gflops()
     flops = lm_step_flops(vocab, bptt, bsz)
     arith_ms = flops / (peak * 1e9) * 1e3
     bound = med["torch"] / (med["free layers"] + arith_ms)

@@ -824,8 +824,9 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- recurrent cells, one step on the CPU (csrc/rnn_cell.h) -----------------------------------
   // python/fastdl/ops/rnn.py (cell_cpu_forward / cell_cpu_backward) has checked every operand's
-  // dtype, device, shape and contiguity; pointers are ints, 0 for an absent one (the cells'
-  // per-call cost is part of what they are timed on).
+  // dtype, device and shape, and every operand is contiguous (checked there, or, on the cell
+  // modules' path, made so by run_cell: states_checked); pointers are ints, 0 for an absent one
+  // (the cells' per-call cost is part of what they are timed on).
   m.def("rnn_cell_forward", [](int mode, int dtype, int64_t batch, int64_t input_size,
                                int64_t hidden_size, uintptr_t x, uintptr_t h, uintptr_t c,
                                uintptr_t w_ih, uintptr_t w_hh, uintptr_t b_ih, uintptr_t b_hh,

@@ -523,7 +523,7 @@ def test_lm_bound_free_layers_keep_shapes_and_gradients(monkeypatch, capsys):
         assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
     with pytest.raises(SystemExit):
         mod.main(["--rounds", "0"])
-    monkeypatch.setattr(mod, "cpu_limits", lambda: {"peak_GFLOPs": 100.0})
+    monkeypatch.setattr(mod, "peak_gflops", lambda: 100.0)
     mod.main(["--rounds", "2", "--vocab", "50", "--bptt", "3", "--batch", "2"])
     text = capsys.readouterr().out
     flops = mod.lm_step_flops(50, 3, 2)

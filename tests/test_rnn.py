@@ -267,10 +267,38 @@ def test_lstm_unit_block_pairs(cpu_path, monkeypatch):
     rows in balanced groups of up to 8 (8; 8, 8; 7, 8; 6, 6, 6; a last block whole or partial).
     AVX2 build: two rows of a whole block at a time (row groups of 5 and 6: a row left over; 2
     rows over k slices at hidden 136) and, at batch 1, two whole blocks per product tile (hidden
-    16, 40: two pairs and a single block; 20: a whole and a partial block, single). At 1 and 2
-    threads (the rows split at 2 threads for batch >= 16)."""
+    16: one pair; 40: two pairs and a single block; 20: a pair and a partial block). At 1 and 2
+    threads (the rows split at 2 threads for batch >= 16; batch 1 stays on one thread at these
+    sizes)."""
     _block_cases(monkeypatch, "LSTM", [(16, 8), (32, 16), (40, 15), (20, 18), (72, 32), (24, 23),
                                        (16, 1), (40, 1), (20, 1), (24, 5), (136, 2)])
+
+
+def test_paired_gate_math_is_bitwise_the_single(cpu_path):
+    """The AVX2 build's paired gate math (two rows of a block: lstm_rows2 / gru_rows2; at batch 1
+    two blocks: recurrent_row_pair_f32 and lstm_units16 on a pair of ymm) gives bitwise the
+    single-row results: each row of a batch-5 run (rows paired 2 + 2 + 1) equals that row run
+    alone at batch 1, outputs and final states, inference and training, 1 thread, hidden 40 (two
+    block pairs and a block) and 20 (a pair and a partial block). Every element's products sum
+    over k in the same order in each tile, and the gate math is the same per lane."""
+    before = fastdl.get_num_threads()
+    fastdl.set_num_threads(1)
+    try:
+        for kind in ("LSTM", "GRU"):
+            for H in (40, 20):
+                torch.manual_seed(3)
+                ours, _ = make_pair(kind, 5, H, dtype=torch.float32)
+                x = rand(4, 5, 5, dtype=torch.float32)
+                for grad in (False, True):
+                    with torch.set_grad_enabled(grad):
+                        full = [t.detach() for t in flat(ours(x))]
+                        for b in range(5):
+                            one = [t.detach() for t in flat(ours(x[:, b:b + 1]))]
+                            for i, (u, v) in enumerate(zip(full, one)):
+                                assert torch.equal(u[:, b:b + 1], v), \
+                                    f"{kind} H={H} grad={grad} row {b} tensor {i}"
+    finally:
+        fastdl.set_num_threads(before)
 
 
 def test_gru_unit_block_pairs(cpu_path, monkeypatch):

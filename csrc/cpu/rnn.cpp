@@ -16,9 +16,10 @@
 //      (recurrent_cols_zmm), the GRU's two blocks at a time (recurrent_pair_gru_zmm) and the
 //      Elman's four (recurrent_quad_zmm), and the gate math on 16 units at once where two whole
 //      blocks meet (lstm_units16, gru_units16, elman_units16); the k slices too. The AVX2
-//      build's LSTM runs its gate math on two rows of a block at a time (lstm_rows2) and, at
-//      batch 1, its product and gate math on two blocks at a time (recurrent_row_pair_f32,
-//      lstm_units16 on a pair of ymm): one row's block is a dependency chain too short of work.
+//      build's LSTM and GRU run their gate math on two rows of a block at a time (lstm_rows2,
+//      gru_rows2) and the LSTM, at batch 1, its product and gate math on two blocks at a time
+//      (recurrent_row_pair_f32, lstm_units16 on a pair of ymm): one row's block is a dependency
+//      chain too short of work.
 // Backward (reverse visiting order): per step a fused pass turns the output gradient and the
 // carried state gradients into gate gradients dg (N, G*H), then dh_prev = dg_h @ W_hh by a 6x16
 // register-tiled product (12x16 on zmm in the AVX-512 build) over W_hh packed once per call into
@@ -543,7 +544,7 @@ inline void lstm_units(const StepIo<T>& io, int64_t H, int64_t b, int64_t j0, in
 // Two 8-unit blocks' values (at a and b) as 16 lanes: a in lanes 0-7, b in 8-15 (one zmm on the
 // AVX-512 build, a pair of ymm on the AVX2 build: vec_math.h's Lanes<16>).
 inline Lanes<16>::V join_blocks(const float* a, const float* b) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)  // (as vec_math.h's Lanes<16>)
   return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(b), 1);
 #else
   return {_mm256_loadu_ps(a), _mm256_loadu_ps(b)};

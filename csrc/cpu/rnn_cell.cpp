@@ -472,7 +472,7 @@ template <int W>
 inline typename Lanes<W>::V join_halves(__m256 lo, __m256 hi);
 template <>
 inline __m256 join_halves<8>(__m256 lo, __m256) { return lo; }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)  // (as vec_math.h's Lanes<16>)
 template <>
 inline __m512 join_halves<16>(__m256 lo, __m256 hi) {
   return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);

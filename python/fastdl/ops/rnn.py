@@ -343,7 +343,9 @@ def rnn_layer_backward(grad_output, grad_hn, input, hx, weight_ih, weight_hh, wo
 # Internal entry points of fastdl.nn's cells (nn/functional/rnn.py run_cell) and of the custom op
 # fastdl::recurrent_cell (_library), which reach them without the module's checks when traced or
 # called directly: both functions check every operand (a few attribute compares per call) before
-# the kernels read raw memory. A one-step layer call packs W_hh and projects the input in a
+# the kernels read raw memory; run_cell, for the modules, has checked x, h and c itself and made
+# every operand contiguous, so it has cell_cpu_forward check the weights' dtype, device, layout
+# and shape only (states_checked). A one-step layer call packs W_hh and projects the input in a
 # separate GEMM: at (64, 128, 32) that fixed cost was ~60 us of a ~120 us step.
 
 def cell_cpu_supported(x, weights):
@@ -435,15 +437,16 @@ def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training, *, states_
                            (("input", x, (B, I)), ("weight_ih", w_ih, (GH, I)),
                             ("weight_hh", w_hh, (GH, H)), ("bias_ih", b_ih, (GH,)),
                             ("bias_hh", b_hh, (GH,))), contiguous=False)
-        if (b_ih is None) != (b_hh is None):
-            raise RuntimeError("recurrent_cell: expected both biases or neither")
+        if (c is not None) != (mode == LSTM) or (b_ih is None) != (b_hh is None):
+            raise RuntimeError("recurrent_cell: expected cx exactly for LSTM, and both biases or "
+                               "neither")
     else:
         B, I, H, GH, code = check_cell_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     lstm = mode == LSTM
     if B == 0 or I == 0 or H == 0:
         raise RuntimeError("recurrent_cell: the CPU cell kernels take sizes >= 1 (fastdl "
                            "internal: run_cell sends empty sizes to the layer kernels)")
-    h_new = _empty_like(h)     # h is contiguous (checked): so are these
+    h_new = _empty_like(h)     # h is contiguous (checked, or made so by run_cell): so are these
     c_new = _empty_like(h) if lstm else None
     act = x.new_empty((B, 4 * H)) if training and (lstm or mode == GRU) else None
     _C.rnn_cell_forward(mode, code, B, I, H, x.data_ptr(), h.data_ptr(), _ptr(c),
