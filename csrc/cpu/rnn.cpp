@@ -590,6 +590,16 @@ inline void lstm_units16(const StepIo<float>& io, int64_t H, int64_t b, int64_t 
 #endif
 
 #if defined(FASTDL_RNN_AVX2) && !defined(__AVX512F__)
+// Two batch rows' 8 lanes as one Lanes<16> pair (lstm_rows2, gru_rows2): loaded from, and stored
+// to, row r0's and row r1's addresses.
+inline F32x16 rows2_load(const float* r0, const float* r1) {
+  return {_mm256_loadu_ps(r0), _mm256_loadu_ps(r1)};
+}
+inline void rows2_store(float* r0, float* r1, F32x16 v) {
+  _mm256_storeu_ps(r0, v.lo);
+  _mm256_storeu_ps(r1, v.hi);
+}
+
 // lstm_units for one whole block, units [j0, j0 + 8), of rows b and b + 1 (tile rows hh0, hh1),
 // float32 on the AVX2 build: the two rows' 8 lanes as one Lanes<16> pair, so their gate math's
 // dependency chains interleave as lstm_units16's two blocks do; bitwise two lstm_units calls.
@@ -599,13 +609,6 @@ inline void lstm_rows2(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0
                        const float* __restrict hh0, const float* __restrict hh1) {
   using L = Lanes<16>;
   using V = L::V;
-  auto load2 = [](const float* r0, const float* r1) {
-    return V{_mm256_loadu_ps(r0), _mm256_loadu_ps(r1)};
-  };
-  auto store2 = [](float* r0, float* r1, V v) {
-    _mm256_storeu_ps(r0, v.lo);
-    _mm256_storeu_ps(r1, v.hi);
-  };
   float* __restrict xa0 = io.xa + b * io.ld_xa + j0;
   float* __restrict xa1 = xa0 + io.ld_xa;
   float* __restrict c0 = io.c + b * H + j0;
@@ -613,25 +616,25 @@ inline void lstm_rows2(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0
   V a[4];
   for (int q = 0; q < 4; ++q) {
     const __m256 bq = _mm256_loadu_ps(io.bias + q * H + j0);
-    a[q] = L::add(L::add(load2(xa0 + q * H, xa1 + q * H), load2(hh0 + q * kW, hh1 + q * kW)),
-                  V{bq, bq});
+    const V xq = rows2_load(xa0 + q * H, xa1 + q * H), hq = rows2_load(hh0 + q * kW, hh1 + q * kW);
+    a[q] = L::add(L::add(xq, hq), V{bq, bq});
   }
   const V i = sigmoid_lanes<16>(a[0]), f = sigmoid_lanes<16>(a[1]);
   const V g = tanh_lanes<16>(a[2]), o = sigmoid_lanes<16>(a[3]);
-  const V c_old = load2(c0, c1);
+  const V c_old = rows2_load(c0, c1);
   const V c_new = L::fmadd(f, c_old, L::mul(i, g));
   const V h_new = L::mul(o, tanh_lanes<16>(c_new));
-  store2(c0, c1, c_new);
+  rows2_store(c0, c1, c_new);
   float* ho = io.h_out + b * io.ld_h + j0;
-  store2(ho, ho + io.ld_h, h_new);
-  if (io.y) store2(io.y + b * H + j0, io.y + (b + 1) * H + j0, h_new);
+  rows2_store(ho, ho + io.ld_h, h_new);
+  if (io.y) rows2_store(io.y + b * H + j0, io.y + (b + 1) * H + j0, h_new);
   if (SAVE) {
-    store2(xa0, xa1, i);
-    store2(xa0 + H, xa1 + H, f);
-    store2(xa0 + 2 * H, xa1 + 2 * H, g);
-    store2(xa0 + 3 * H, xa1 + 3 * H, o);
-    store2(io.c_save + b * H + j0, io.c_save + (b + 1) * H + j0, c_new);
-    store2(io.cprev_save + b * H + j0, io.cprev_save + (b + 1) * H + j0, c_old);
+    rows2_store(xa0, xa1, i);
+    rows2_store(xa0 + H, xa1 + H, f);
+    rows2_store(xa0 + 2 * H, xa1 + 2 * H, g);
+    rows2_store(xa0 + 3 * H, xa1 + 3 * H, o);
+    rows2_store(io.c_save + b * H + j0, io.c_save + (b + 1) * H + j0, c_new);
+    rows2_store(io.cprev_save + b * H + j0, io.cprev_save + (b + 1) * H + j0, c_old);
   }
 }
 #endif
@@ -694,13 +697,6 @@ inline void gru_rows2(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
                       const float* __restrict hh0, const float* __restrict hh1) {
   using L = Lanes<16>;
   using V = L::V;
-  auto load2 = [](const float* r0, const float* r1) {
-    return V{_mm256_loadu_ps(r0), _mm256_loadu_ps(r1)};
-  };
-  auto store2 = [](float* r0, float* r1, V v) {
-    _mm256_storeu_ps(r0, v.lo);
-    _mm256_storeu_ps(r1, v.hi);
-  };
   auto both = [](const float* p) {
     const __m256 v = _mm256_loadu_ps(p);
     return V{v, v};
@@ -708,22 +704,23 @@ inline void gru_rows2(const StepIo<float>& io, int64_t H, int64_t b, int64_t j0,
   float* __restrict xa0 = io.xa + b * io.ld_xa + j0;
   float* __restrict xa1 = xa0 + io.ld_xa;
   const float* bias = io.bias + j0;
-  const V r = sigmoid_lanes<16>(L::add(L::add(load2(xa0, xa1), both(bias)), load2(hh0, hh1)));
-  const V z = sigmoid_lanes<16>(L::add(L::add(load2(xa0 + H, xa1 + H), both(bias + H)),
-                                       load2(hh0 + kW, hh1 + kW)));
-  const V hn = L::add(load2(hh0 + 2 * kW, hh1 + 2 * kW), both(io.bhn + j0));
+  const V r =
+      sigmoid_lanes<16>(L::add(L::add(rows2_load(xa0, xa1), both(bias)), rows2_load(hh0, hh1)));
+  const V z = sigmoid_lanes<16>(L::add(L::add(rows2_load(xa0 + H, xa1 + H), both(bias + H)),
+                                       rows2_load(hh0 + kW, hh1 + kW)));
+  const V hn = L::add(rows2_load(hh0 + 2 * kW, hh1 + 2 * kW), both(io.bhn + j0));
   const V n = tanh_lanes<16>(
-      L::fmadd(r, hn, L::add(load2(xa0 + 2 * H, xa1 + 2 * H), both(bias + 2 * H))));
+      L::fmadd(r, hn, L::add(rows2_load(xa0 + 2 * H, xa1 + 2 * H), both(bias + 2 * H))));
   const float* h = io.h_old + b * H + j0;
-  const V h_new = L::fmadd(L::sub(load2(h, h + H), n), z, n);
+  const V h_new = L::fmadd(L::sub(rows2_load(h, h + H), n), z, n);
   float* ho = io.h_out + b * io.ld_h + j0;
-  store2(ho, ho + io.ld_h, h_new);
-  store2(io.y + b * H + j0, io.y + (b + 1) * H + j0, h_new);
+  rows2_store(ho, ho + io.ld_h, h_new);
+  rows2_store(io.y + b * H + j0, io.y + (b + 1) * H + j0, h_new);
   if (SAVE) {
-    store2(xa0, xa1, r);
-    store2(xa0 + H, xa1 + H, z);
-    store2(xa0 + 2 * H, xa1 + 2 * H, n);
-    store2(xa0 + 3 * H, xa1 + 3 * H, hn);
+    rows2_store(xa0, xa1, r);
+    rows2_store(xa0 + H, xa1 + H, z);
+    rows2_store(xa0 + 2 * H, xa1 + 2 * H, n);
+    rows2_store(xa0 + 3 * H, xa1 + 3 * H, hn);
   }
 }
 #endif
