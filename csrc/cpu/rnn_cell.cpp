@@ -253,8 +253,9 @@ void products_part(const Product<T>* jobs, int n, int64_t flops, int64_t t, int6
 // ---- forward ----------------------------------------------------------------------------------
 
 // src (B, n) row-major -> dst (n, Bp): dst[k][b] = src[b][k], zero for b >= B. By 8 x 8 blocks
-// in registers (transpose_copy.h) on the vector builds: the element loop's strided reads were
-// ~6% of an LSTM/GRU cell step, on the calling thread before the threads start.
+// in registers (transpose_copy.h) on the vector builds: an element loop reading a row's stride
+// apart runs on the calling thread before the threads start (perf: RESULTS.md, 2026-12-05 11:05
+// section).
 template <class T>
 void transpose_padded(const T* src, int64_t B, int64_t n, int64_t Bp, T* dst) {
   transpose_copy(src, n, B, n, dst, Bp);

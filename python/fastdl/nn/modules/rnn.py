@@ -271,8 +271,9 @@ class GRU(_RecurrentMixin, nn.GRU):
 
 def _cell_parameters(module):
     """(weight_ih, weight_hh, bias_ih, bias_hh) of a cell module. Read from _parameters for the
-    three classes themselves (~0.1 us against ~3 us for four nn.Module.__getattr__ calls, per
-    step); any subclass, and the classes torch.nn.utils.parametrize derives, by attribute."""
+    three classes themselves (one dict look-up each, where nn.Module.__getattr__ is a Python call
+    per parameter and step: RESULTS.md, 2026-12-05 11:05); any subclass, and the classes
+    torch.nn.utils.parametrize derives, by attribute."""
     if type(module) in _CELL_CLASSES:
         p = module._parameters
         try:   # (a name missing there, e.g. after torch.nn.utils.weight_norm: by attribute)
