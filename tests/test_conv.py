@@ -1968,6 +1968,10 @@ DIRECT_S1_CASES = [
     ((2, 3, 16, 12), (3, 1, 3, 3), dict(stride=1, padding=1, groups=3)),        # OH = 2 blocks
     ((1, 2, 12, 9), (2, 1, 3, 3), dict(stride=1, padding=1, groups=2)),         # OH = 8 + 4
     ((2, 3, 13, 10), (3, 1, 3, 3), dict(stride=1, padding=1, groups=3)),        # OH = 8 + 5
+    # a row's last vector of 5 and 6 lanes (store_part's 4 + 1 and 4 + 2 stores; the widths
+    # above give 1, 2, 3, 4 and 7)
+    ((1, 2, 9, 13), (2, 1, 3, 3), dict(stride=1, padding=1, groups=2)),         # OW = 13
+    ((2, 1, 10, 16), (8, 1, 3, 3), dict(stride=1, padding=0, groups=1)),        # OW = 14
 ]
 
 

@@ -132,9 +132,12 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
     __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 2);
 }
 
-// Stores the first n (<= L) lanes of v: one masked store on the AVX-512 build, else lane by lane
-// (a memcpy here was a libc call per row; AVX2's vmaskmov store measured no faster here and is
-// slow on some AMD cores).
+// Stores the first n (<= L) lanes of v: one masked store on the AVX-512 build; on AVX2 at most
+// three plain stores of its halves' low lanes (4, 2, 1: n's bits); else lane by lane. (A memcpy
+// here was a libc call per row; AVX2's vmaskmov store measured no faster here and is slow on some
+// AMD cores; the lane loop, which GCC compiles to a copy out of the vector spilled to the stack,
+// cost the 26-wide first layer of issue #8 (shape 1) its forward's last vector of every row:
+// RESULTS.md, 2026-12-05 13:59.)
 template <class T>
 inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
   if (n == Vec<T>::L) {
@@ -145,6 +148,29 @@ inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
   const __mmask8 k = static_cast<__mmask8>((1u << n) - 1);  // 0 < n < L
   if constexpr (std::is_same<T, float>::value) _mm256_mask_storeu_ps(dst, k, (__m256)v);
   else _mm256_mask_storeu_pd(dst, k, (__m256d)v);
+#elif defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    __m128 h = _mm256_castps256_ps128((__m256)v);
+    if (n & 4) {
+      _mm_storeu_ps(dst, h);
+      h = _mm256_extractf128_ps((__m256)v, 1);
+      dst += 4;
+    }
+    if (n & 2) {
+      _mm_storel_pi(reinterpret_cast<__m64*>(dst), h);
+      h = _mm_movehl_ps(h, h);
+      dst += 2;
+    }
+    if (n & 1) _mm_store_ss(dst, h);
+  } else {
+    __m128d h = _mm256_castpd256_pd128((__m256d)v);
+    if (n & 2) {
+      _mm_storeu_pd(dst, h);
+      h = _mm256_extractf128_pd((__m256d)v, 1);
+      dst += 2;
+    }
+    if (n & 1) _mm_store_sd(dst, h);
+  }
 #else
   for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
 #endif
