@@ -20,14 +20,15 @@ namespace fastdl {
 // calls made the gate pass the larger part of a step (LSTM 64-128-32-50 forward, one thread:
 // 41 ms with expf/tanhf). float64 and the device keep the library functions.
 // float32 tanh(x) = x P(x^2) / Q(x^2) for |x| <= 9 (tanh(9) rounds to 1 within 3e-8): a
-// rational least-squares fit of tanh(x) / x on [0, 9], relative error 2.2e-8 in exact arithmetic;
-// in float32 within 3.6e-7 (3 ulp of 1) of tanh over [-12, 12] (the fit and the check: RESULTS.md,
-// 2026-12-05 13:59). Shared by the scalar rnn_tanh here and vec_math.h's tanh_lanes (the CPU
-// builds' vector gate math), so the two agree to rounding. Low degree first.
+// rational least-squares fit of tanh(x) / x on [0, 9] by benchmarks/tanh_fit.py, relative error
+// 2e-8 in exact arithmetic; in float32 within 3.2e-7 (2.7 ulp of 1) of tanh over [-12, 12] (that
+// script's check; tests/test_rnn.py test_float32_tanh_accuracy runs the kernels against 4e-7).
+// Shared by the scalar rnn_tanh here and vec_math.h's tanh_lanes (the CPU builds' vector gate
+// math), so the two agree to rounding. Low degree first.
 constexpr float kTanhClamp = 9.0f;
-constexpr float kTanhP[7] = {1.0f, 1.309485563e-01f, 3.115902323e-03f, 1.127353947e-05f,
-                             -2.066775020e-08f, 5.465454910e-11f, -8.899810703e-14f};
-constexpr float kTanhQ[4] = {1.0f, 4.642818731e-01f, 2.454323166e-02f, 2.563223880e-04f};
+constexpr float kTanhP[7] = {1.0f, 1.307535950e-01f, 3.094497358e-03f, 1.106163097e-05f,
+                             -1.989004925e-08f, 5.139890873e-11f, -8.194816035e-14f};
+constexpr float kTanhQ[4] = {1.0f, 4.640867984e-01f, 2.445693880e-02f, 2.532729522e-04f};
 
 FASTDL_HD float rnn_exp(float x) {
 #if defined(__CUDA_ARCH__)
