@@ -14,22 +14,10 @@
 
 namespace fastdl {
 
-// float32 on the host: branch-free exp and tanh (a Cephes-style polynomial for exp, within ~2 ulp of
-// libm, the sigmoid built on it within 4 ulp (measured in review); tanh a rational function
-// within 3.6e-7 absolute, below) that the compiler vectorises inside the gate loops; libm's scalar
+// float32 on the host: branch-free exp and tanh (Cephes-style polynomials: exp within ~2 ulp of
+// libm, the sigmoid built on it within 4 ulp (measured in review); tanh within ~1e-7 absolute) that the compiler vectorises inside the gate loops; libm's scalar
 // calls made the gate pass the larger part of a step (LSTM 64-128-32-50 forward, one thread:
 // 41 ms with expf/tanhf). float64 and the device keep the library functions.
-// float32 tanh(x) = x P(x^2) / Q(x^2) for |x| <= 9 (tanh(9) rounds to 1 within 3e-8): a
-// rational least-squares fit of tanh(x) / x on [0, 9] by benchmarks/tanh_fit.py, relative error
-// 2e-8 in exact arithmetic; in float32 within 3.2e-7 (2.7 ulp of 1) of tanh over [-12, 12] (that
-// script's check; tests/test_rnn.py test_float32_tanh_accuracy runs the kernels against 4e-7).
-// Shared by the scalar rnn_tanh here and vec_math.h's tanh_lanes (the CPU builds' vector gate
-// math), so the two agree to rounding. Low degree first.
-constexpr float kTanhClamp = 9.0f;
-constexpr float kTanhP[7] = {1.0f, 1.307535950e-01f, 3.094497358e-03f, 1.106163097e-05f,
-                             -1.989004925e-08f, 5.139890873e-11f, -8.194816035e-14f};
-constexpr float kTanhQ[4] = {1.0f, 4.640867984e-01f, 2.445693880e-02f, 2.532729522e-04f};
-
 FASTDL_HD float rnn_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
@@ -58,15 +46,17 @@ FASTDL_HD float rnn_tanh(float x) {
 #if defined(__CUDA_ARCH__)
   return tanhf(x);
 #else
-  // x P(x^2) / Q(x^2) (kTanhP, kTanhQ) on x clamped to [-9, 9], clamped to [-1, 1]; NaN stays NaN
-  const float xc = x < -kTanhClamp ? -kTanhClamp : (x > kTanhClamp ? kTanhClamp : x);
-  const float z = xc * xc;
-  float p = kTanhP[6];
-  for (int i = 5; i >= 0; --i) p = p * z + kTanhP[i];
-  float q = kTanhQ[3];
-  for (int i = 2; i >= 0; --i) q = q * z + kTanhQ[i];
-  const float t = xc * p / q;
-  return t > 1.0f ? 1.0f : (t < -1.0f ? -1.0f : t);
+  const float ax = x < 0.0f ? -x : x;
+  const float z = ax * ax;
+  float small = -5.70498872745e-3f;  // |x| < 0.625: odd polynomial (no cancellation near 0)
+  small = small * z + 2.06390887954e-2f;
+  small = small * z - 5.37397155531e-2f;
+  small = small * z + 1.33314422036e-1f;
+  small = small * z - 3.33332819422e-1f;
+  small = small * z * ax + ax;
+  const float big = 1.0f - 2.0f / (rnn_exp(2.0f * ax) + 1.0f);
+  const float t = ax < 0.625f ? small : big;
+  return x < 0.0f ? -t : t;
 #endif
 }
 FASTDL_HD double rnn_tanh(double x) { return tanh(x); }

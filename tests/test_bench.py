@@ -528,30 +528,3 @@ def test_lm_bound_free_layers_keep_shapes_and_gradients(monkeypatch, capsys):
     text = capsys.readouterr().out
     flops = mod.lm_step_flops(50, 3, 2)
     assert f"{flops / 1e9:.2f} GFLOP per step" in text and "bound (free layers" in text
-
-
-def test_tanh_fit_reproduces_the_kernels_coefficients():
-    """benchmarks/tanh_fit.py fits the float32 tanh of the CPU gate math: its fit gives the
-    coefficients csrc/rnn_math.h holds (to the float32 rounding of a coefficient, whatever the
-    LAPACK build), and those, evaluated as the kernels do, stay within 3.3e-7 of tanh."""
-    import importlib.util
-    import re
-    import numpy as np
-    root = os.path.join(os.path.dirname(__file__), "..")
-    spec = importlib.util.spec_from_file_location(
-        "tanh_fit", os.path.join(root, "benchmarks", "tanh_fit.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    with open(os.path.join(root, "csrc", "rnn_math.h")) as f:
-        header = f.read()
-
-    def constants(name):
-        body = re.search(name + r"\[\d+\] = \{([^}]*)\}", header).group(1)
-        return np.array([float(v.strip().rstrip("f")) for v in body.split(",")])
-
-    p, q = constants("kTanhP"), constants("kTanhQ")
-    fp, fq, rel = mod.fit()
-    assert rel < 5e-8
-    np.testing.assert_allclose(p, fp.astype(np.float32), rtol=2e-7)
-    np.testing.assert_allclose(q, fq.astype(np.float32), rtol=2e-7)
-    assert mod.float32_error(p, q) <= 3.3e-7

@@ -1,12 +1,10 @@
 // float32 exp, sigmoid and tanh on 8 lanes and on 16 (a zmm on the AVX-512 build, two ymm on the
-// AVX2 build): the same polynomials, rational tanh and clamping as the scalar rnn_exp / rnn_tanh in
+// AVX2 build): the same Cephes-style polynomials and clamping as the scalar rnn_exp / rnn_tanh in
 // csrc/rnn_math.h (so both CPU paths agree to a few ulp), written with intrinsics because GCC does
 // not if-convert the scalar clamp and left the gate loops scalar. NaN stays NaN. Included by the
 // AVX2 and AVX-512 builds only.
 #pragma once
 #include <immintrin.h>
-
-#include "../rnn_math.h"  // kTanhP, kTanhQ, kTanhClamp
 
 // Forced inline: with plain `inline`, GCC's per-unit inlining budget decided it, and an unrelated
 // change elsewhere in rnn.cpp made exp8 an out-of-line call with its constants reloaded per gate,
@@ -197,22 +195,27 @@ FASTDL_VEC_INLINE typename Lanes<W>::V sigmoid_lanes(typename Lanes<W>::V x) {
   return L::select_below(x, L::set1(-88.7f), L::set1(0.0f), s);
 }
 
-// tanh as rnn_math.h's rnn_tanh(float): x P(x^2) / Q(x^2) on x clamped to [-9, 9], the result
-// clamped to [-1, 1]; NaN stays NaN. 15 operations, 13 of them on one dependency chain, where the
-// polynomial-or-exp form before it ran both branches (38, the exp's chain alone 20 deep); no
-// intermediate can be denormal (Q >= 1), which the exp form needed a cap on |x| for.
 template <int W>
 FASTDL_VEC_INLINE typename Lanes<W>::V tanh_lanes(typename Lanes<W>::V x) {
   using L = Lanes<W>;
-  // min(c, v) and max(c, v) return v when v is NaN
-  const auto xc = L::min(L::set1(kTanhClamp), L::max(L::set1(-kTanhClamp), x));
-  const auto z = L::mul(xc, xc);
-  auto p = L::set1(kTanhP[6]);
-  for (int i = 5; i >= 0; --i) p = L::fmadd(p, z, L::set1(kTanhP[i]));
-  auto q = L::set1(kTanhQ[3]);
-  for (int i = 2; i >= 0; --i) q = L::fmadd(q, z, L::set1(kTanhQ[i]));
-  const auto t = quotient<W>(L::mul(xc, p), q);
-  return L::min(L::set1(1.0f), L::max(L::set1(-1.0f), t));
+  const auto sign = L::set1(-0.0f);
+  const auto ax = L::andnot(sign, x);
+  const auto z = L::mul(ax, ax);
+  auto s = L::set1(-5.70498872745e-3f);
+  s = L::fmadd(s, z, L::set1(2.06390887954e-2f));
+  s = L::fmadd(s, z, L::set1(-5.37397155531e-2f));
+  s = L::fmadd(s, z, L::set1(1.33314422036e-1f));
+  s = L::fmadd(s, z, L::set1(-3.33332819422e-1f));
+  s = L::fmadd(L::mul(s, z), ax, ax);
+  const auto one = L::set1(1.0f);
+  // tanh(|x| >= 9.1) rounds to 1: 2 / (exp(2|x|) + 1) < 2^-25. Capping |x| at 10 gives that same
+  // 1 and keeps exp(2|x|) below 2^126, where the reciprocal (quotient) would be denormal and
+  // slow every operation on it with a microcode assist (saturated gates ran a cell step at half
+  // speed: RESULTS.md 2026-12-05). min(c, v) returns v when v is NaN.
+  const auto axc = L::min(L::set1(10.0f), ax);
+  const auto e = exp_lanes<W>(L::add(axc, axc));
+  const auto big = L::sub(one, quotient<W>(L::set1(2.0f), L::add(e, one)));
+  return L::or_(L::select_below(ax, L::set1(0.625f), s, big), L::and_(x, sign));
 }
 
 }  // namespace
