@@ -57,11 +57,11 @@ if [[ $asan == 1 ]]; then
   # costs are in benchmarks/RESULTS.md (2026-12-03 18:32). The one: the implicit GEMM's
   # one-launch-per-phase fallback past grid.z (65540 blocks of 256 emulated threads, 13 s in the
   # emulation pass, which runs it; the same kernels as every other input-gradient case).
-  # Two more emulated CUDA cases, the slowest under ASan on the AMD Zen 3 VM (68.6 s and 50.9 s
-  # of the pass's 478 s, RESULTS.md 2026-12-05 13:59; CI had reached 1541 s of its 1800): the
-  # depthwise weight gradient's chunked, deterministic sums over 5 x 256 planes, and 65536-group
-  # layers past the implicit GEMM's grid limits (its errors, then the depthwise kernels over
-  # them). Both run in the emulation pass; their kernels' other cases run here.
+  # Two more emulated CUDA cases, the slowest under ASan (a quarter of the pass's test time on the
+  # AMD Zen 3 VM, when CI neared its limit: RESULTS.md, 2026-12-05 13:59): the depthwise weight
+  # gradient's chunked, deterministic sums over 5 x 256 planes, and 65536-group layers past the
+  # implicit GEMM's grid limits (its errors, then the depthwise kernels over them). Both run in
+  # the emulation pass; their kernels' other cases run here.
   for t in test_conv.py::test_gradcheck test_conv.py::test_gradgradcheck \
            "test_bench.py::test_report_from_a_tiny_run" \
            test_conv.py::test_conv2d_cuda_gemm_phases_past_grid_z \

@@ -1505,12 +1505,12 @@ def test_saturated_gates_equal_torch(cpu_path, name):
 def test_float32_tanh_accuracy(cpu_path, name):
     """The CPU gate math's float32 tanh (csrc/rnn_math.h rnn_tanh, vec_math.h tanh_lanes) against
     float64 tanh on every 61st float32 of [2^-3, 12] and on both sides of 0: within 1.2e-7
-    absolute (every float32 there measured 8.1e-8), within 1.2e-7 relative below 2^-3 (5.5e-8),
-    never decreasing, odd bit for bit, never above 1 in magnitude. An Elman layer or cell with
+    absolute, within 1.2e-7 relative below 2^-3, never decreasing, odd bit for bit, never above 1
+    in magnitude (the bounds' margins over the current form, and a faster rational tanh that
+    failed them: RESULTS.md, 2026-12-05 13:59). An Elman layer or cell with
     W_ih = I, W_hh = 0 and no bias is tanh elementwise (finite inputs only: inf * 0 in the
     product would be NaN; test_nonfinite_gates_equal_torch feeds those through the bias).
-    H = 44: the 16- and 8-lane paths and a scalar tail, on every kernel build. (A rational tanh
-    that was 2-4% faster failed the first and third of these: RESULTS.md, 2026-12-05 13:59.)"""
+    H = 44: the 16- and 8-lane paths and a scalar tail, on every kernel build."""
     H = 44
     ours = getattr(fastdl.nn, name)(H, H, bias=False, dtype=torch.float32)
     with torch.no_grad():
