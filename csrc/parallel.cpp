@@ -7,6 +7,12 @@
 #include <mutex>
 #include <thread>
 
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #define FASTDL_HAVE_PTHREAD_ATFORK 1
@@ -15,6 +21,40 @@
 namespace fastdl {
 
 static std::atomic<int> g_num_threads{0};
+
+namespace detail {
+
+static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) &&
+                  std::atomic<uint32_t>::is_always_lock_free,
+              "the futex word is the atomic's own storage");
+
+void TeamBarrier::sleep_while(uint32_t g) {
+  sleepers.fetch_add(1, std::memory_order_seq_cst);
+  while (generation.load(std::memory_order_seq_cst) == g) {
+#if defined(__linux__)
+    // Returns at once if the word no longer holds g (or on a signal): the loop reads it again.
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation), FUTEX_WAIT_PRIVATE, g, nullptr,
+            nullptr, 0);
+#else
+    std::this_thread::yield();
+#endif
+  }
+  sleepers.fetch_sub(1, std::memory_order_seq_cst);
+}
+
+int64_t TeamBarrier::available_cpus() {
+  static const int64_t n = std::max(1, omp_get_num_procs());
+  return n;
+}
+
+void TeamBarrier::wake_all() {
+#if defined(__linux__)
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation), FUTEX_WAKE_PRIVATE, INT32_MAX,
+          nullptr, nullptr, 0);
+#endif
+}
+
+}  // namespace detail
 
 int get_num_threads() {
   int n = g_num_threads.load(std::memory_order_relaxed);

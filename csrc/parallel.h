@@ -8,6 +8,7 @@
 #pragma once
 #include <cstdint>
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <functional>
 #include <omp.h>
@@ -27,16 +28,55 @@ bool region_needs_fresh_thread();  // this thread forked this process after usin
 void run_on_fresh_thread(const std::function<void()>& region);  // rethrows what region throws
 }  // namespace detail
 
-// The threads running one parallel_team call. barrier() waits for all of them; in a team run
-// inline (one thread, or inside another OpenMP region) it returns at once: an OpenMP barrier
-// there would wait for the enclosing region's threads, which never arrive.
+namespace detail {
+// One team's barrier: a count of arrivals and a generation the last arrival advances. A waiter
+// spins on the generation, then sleeps on a futex until it moves. The spin is long (2^18 pauses,
+// ~6.5 ms at ~25 ns each on the Zen 3 VM; libgomp's default is about as long) while the team
+// has no more threads than the process's CPUs: when another busy process takes a core, a thread
+// that sleeps at each step's barrier is woken only at the scheduler's next tick (a batch-1 LSTM
+// forward with two such processes on 2 cores: ~30 ms a call sleeping after 1024 pauses, ~0.45
+// ms spinning). A team larger than the CPUs spins 1024 pauses, so its threads hand their cores
+// to the partner they wait for. The recurrent step loops cross one per step: libgomp's barrier
+// cost ~600 ns a crossing for 2 threads on the 2-core Zen 3 VM, this one ~190 ns, a batch-1
+// LSTM step being ~1.3 us (RESULTS.md, 2026-12-05 16:46).
+struct TeamBarrier {
+  alignas(64) std::atomic<uint32_t> arrived{0};
+  alignas(64) std::atomic<uint32_t> generation{0};  // (a futex word: 32 bits)
+  std::atomic<uint32_t> sleepers{0};
+  int spin_limit;
+  explicit TeamBarrier(int64_t nthr) : spin_limit(nthr > available_cpus() ? 1 << 10 : 1 << 18) {}
+  void wait(int64_t nthr) {
+    const uint32_t g = generation.load(std::memory_order_acquire);
+    if (arrived.fetch_add(1, std::memory_order_acq_rel) == uint32_t(nthr - 1)) {
+      arrived.store(0, std::memory_order_relaxed);
+      // seq_cst store, then the sleepers read: a sleeper either is counted here or reads the
+      // new generation before it sleeps (it counts itself first, then reads).
+      generation.store(g + 1, std::memory_order_seq_cst);
+      if (sleepers.load(std::memory_order_seq_cst) != 0) wake_all();
+      return;
+    }
+    for (int spins = 0; spins < spin_limit; ++spins) {
+      if (generation.load(std::memory_order_acquire) != g) return;
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    sleep_while(g);
+  }
+  void sleep_while(uint32_t g);  // parallel.cpp: until generation != g
+  void wake_all();
+  static int64_t available_cpus();  // omp_get_num_procs() at the first call
+};
+}  // namespace detail
+
+// The threads running one parallel_team call. barrier() waits for all of them (every write
+// before it on any thread is visible after it on all); in a team run inline (one thread, or
+// inside another OpenMP region) it returns at once.
 struct Team {
   int64_t tid, nthr;
-  bool in_region;
+  detail::TeamBarrier* bar;  // null when run inline
   void barrier() const {
-    if (in_region) {
-#pragma omp barrier
-    }
+    if (bar) bar->wait(nthr);
   }
 };
 
@@ -49,15 +89,16 @@ template <class F>
 void parallel_team(int64_t max_threads, const F& f) {
   const int64_t t = std::min<int64_t>(max_threads, get_num_threads());
   if (t <= 1 || omp_in_parallel()) {
-    f(Team{0, 1, false});
+    f(Team{0, 1, nullptr});
     return;
   }
   auto region = [&] {
     std::exception_ptr error;
+    detail::TeamBarrier bar(t);
 #pragma omp parallel num_threads(static_cast<int>(t))
     {
       try {
-        f(Team{int64_t(omp_get_thread_num()), int64_t(omp_get_num_threads()), true});
+        f(Team{int64_t(omp_get_thread_num()), int64_t(omp_get_num_threads()), &bar});
       } catch (...) {
 #pragma omp critical(fastdl_parallel_for_error)
         if (!error) error = std::current_exception();

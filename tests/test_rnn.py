@@ -268,10 +268,50 @@ def test_lstm_unit_block_pairs(cpu_path, monkeypatch):
     AVX2 build: two rows of a whole block at a time (row groups of 5 and 6: a row left over; 2
     rows over k slices at hidden 136) and, at batch 1, two whole blocks per product tile (hidden
     16: one pair; 40: two pairs and a single block; 20: a pair and a partial block). At 1 and 2
-    threads (the rows split at 2 threads for batch >= 16; batch 1 stays on one thread at these
-    sizes)."""
+    threads (the rows split at 2 threads for batch >= 16; at batch 1, hidden 40 splits its 5
+    blocks 3 + 2, so one thread's range ends in a single block; 16 and 20 stay on one thread)."""
     _block_cases(monkeypatch, "LSTM", [(16, 8), (32, 16), (40, 15), (20, 18), (72, 32), (24, 23),
                                        (16, 1), (40, 1), (20, 1), (24, 5), (136, 2)])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_batch1_step_team_threads(cpu_path, kind):
+    """At batch 1 a step of hidden 64-128 is a few thousand flops, and the step loops' thread team
+    (forward: unit blocks; backward: dh columns) crosses a spin barrier (csrc/parallel.h) per
+    step. Outputs, final states and every gradient against torch at 2 threads, and bitwise the
+    same at 1, 2, 3 and 4 threads: each element's sums do not depend on the split, and a team
+    larger than this machine's cores (3, 4 on the 2-core CI machine) waits by sleeping on a
+    futex after a short spin rather than for the scheduler's tick. 30 steps, so a missing or
+    misplaced barrier (a thread reading a state its partner has not finished) shows."""
+    before = fastdl.get_num_threads()
+    try:
+        for H in (64, 128):
+            fastdl.set_num_threads(2)
+            run_case(kind, dict(num_layers=1, bidirectional=False, batch_first=False, bias=True),
+                     30, 1, 16, H, True, torch.float32)
+            torch.manual_seed(5)
+            ours, _ = make_pair(kind, 16, H, dtype=torch.float32)
+            x = torch.randn(30, 1, 16)
+            first = None
+            for threads in (1, 2, 3, 4):
+                fastdl.set_num_threads(threads)
+                with torch.no_grad():
+                    infer = [t.clone() for t in flat(ours(x))]
+                xd = x.clone().requires_grad_()
+                outs = flat(ours(xd))
+                torch.manual_seed(6)
+                sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+                got = infer + [o.detach() for o in outs] + [xd.grad] + \
+                    [p.grad.clone() for p in ours.parameters()]
+                ours.zero_grad()
+                if first is None:
+                    first = got
+                    continue
+                for i, (a, b) in enumerate(zip(first, got)):
+                    assert torch.equal(a, b), f"{kind} H={H}: tensor {i} differs at {threads} " \
+                                              "threads from 1 thread"
+    finally:
+        fastdl.set_num_threads(before)
 
 
 def test_paired_gate_math_is_bitwise_the_single(cpu_path):

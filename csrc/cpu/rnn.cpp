@@ -27,9 +27,9 @@
 // weight gradients are large GEMMs over all N rows: dW_ih = dg^T x, dW_hh = dg_h^T hprev,
 // dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
 // Work split: the forward step splits unit blocks over the threads (the same blocks every step,
-// so each thread's panels stay in its cache; one thread while a step is under ~64K flops per
-// thread, e.g. batch 1, hidden 64), in one thread team per block of steps with a barrier per
-// step (without a projection; with one, a parallel region per step); the dh product splits
+// so each thread's panels stay in its cache), in one thread team per block of steps with a spin
+// barrier per step (without a projection; with one, a parallel region per step: each has a
+// least work per thread, kTeamStepFlops and kRegionStepFlops); the dh product splits
 // 16-column chunks. For batches of >= 8 rows per thread and a W_hh that fits a core's cache,
 // both step loops split rows instead (row_split_threads: no barrier). Big GEMMs are threaded by
 // csrc/cpu/gemm.cpp.
@@ -843,11 +843,20 @@ inline void slice_row_groups(int64_t R, int64_t bs, const float* h_old, const F&
   }
 }
 
-// Unit blocks per thread: a thread only when a block's work is worth a wake-up (~64K flops per
-// thread and step; rows: the step's batch, or the largest one for a team over all steps).
-inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C) {
+// The least work per thread and step worth another thread: a parallel region per step (its start
+// and join ~ a few us) wants ~64K flops each; a team over all steps, whose threads meet at a spin
+// barrier per step (~190 ns for 2 threads on the 2-core Zen 3 VM), ~4K. 4K: on that VM the
+// batch-1 LSTM (32,64,1,200) forward went 0.25 -> 0.18 ms and the Elman (32,64,1,200) 0.17 ->
+// 0.15 ms with a second thread; the LSTM hidden 32 (2K flops per block) neither gained nor lost
+// (RESULTS.md, 2026-12-05 16:46).
+constexpr int64_t kRegionStepFlops = int64_t(1) << 16;
+constexpr int64_t kTeamStepFlops = int64_t(1) << 13;
+
+// Unit blocks per thread: at least min_flops of work per thread and step (rows: the step's
+// batch, or the largest one for a team over all steps).
+inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C, int64_t min_flops) {
   const int64_t flops_per_block = 2 * rows * R * C;
-  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, flops_per_block));
+  return std::max<int64_t>(1, min_flops / std::max<int64_t>(1, flops_per_block));
 }
 
 // One step's blocks [lo, hi) of kW units over rows [0, bs): recurrent product from the packed
@@ -1176,7 +1185,8 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   // parallel_for runs inline inside an enclosing OpenMP region (whose thread numbers may exceed
   // the slots allocated for fastdl's thread count): slot 0 then.
   const bool nested = omp_in_parallel() != 0;
-  parallel_for(blocks, step_block_grain(bs, p.out_size(), C), [&](int64_t lo, int64_t hi) {
+  const int64_t grain = step_block_grain(bs, p.out_size(), C, kRegionStepFlops);
+  parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
     T* part =
         partials + (nested ? 0 : int64_t(omp_get_thread_num())) * part_sets<T>(G) * p.batch * C;
     fused_blocks<T, G, SAVE>(p, panels, bs, io, part, lo, hi);
@@ -1337,7 +1347,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     // and writes only those units' columns of the new state, so a step needs one barrier (the new
     // state whole before any thread reads it), where a parallel region per step paid OpenMP's
     // start and join each step. Nothing in the team's loop throws.
-    const int64_t grain = step_block_grain(B, R, G * kW);
+    const int64_t grain = step_block_grain(B, R, G * kW, kTeamStepFlops);
     const int64_t most = std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
     const int64_t per = (blocks + most - 1) / most;
     // (split by units: none left without a block)
@@ -1651,11 +1661,12 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
   }
 }
 
-// Threads for a product of bs rows: one per ~64K flops of column chunks.
-inline int64_t dh_threads(int64_t bs, int64_t GH, int64_t R) {
+// Threads for a product of bs rows: one per min_flops (kRegionStepFlops, kTeamStepFlops) of
+// column chunks.
+inline int64_t dh_threads(int64_t bs, int64_t GH, int64_t R, int64_t min_flops) {
   const int64_t chunks = (R + kDhCols - 1) / kDhCols;
   const int64_t flops = std::max<int64_t>(1, 2 * bs * GH * kDhCols);  // per chunk
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / flops);
+  const int64_t grain = std::max<int64_t>(1, min_flops / flops);
   return std::min<int64_t>(get_num_threads(), (chunks + grain - 1) / grain);
 }
 
@@ -1663,7 +1674,7 @@ template <class T>
 void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, DhLayout L, T* dh,
                 bool accumulate) {
   const int64_t chunks = (R + kDhCols - 1) / kDhCols;
-  const int64_t t = dh_threads(bs, GH, R);
+  const int64_t t = dh_threads(bs, GH, R, kRegionStepFlops);
   parallel_for(chunks, (chunks + t - 1) / t, [&](int64_t lo, int64_t hi) {
     dh_product_chunks(lo, hi, bs, GH, R, dg, w, L, dh, accumulate);
   });
@@ -1870,7 +1881,7 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   };
   // One team for the whole loop, unless the dh columns (16 per chunk) would leave threads idle
   // that a separate gate pass could use (small H, large batch) or there is a projection.
-  const int64_t team_threads = dh_threads(B, GH, R);
+  const int64_t team_threads = dh_threads(B, GH, R, kTeamStepFlops);
   const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + kUnitsGrain - 1) / kUnitsGrain);
   const int64_t row_threads = proj ? 1 : row_split;
   const std::vector<int64_t> row_len =
