@@ -347,6 +347,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("measure_peak_gflops", &measure_peak_gflops, py::arg("reps"),
         py::call_guard<py::gil_scoped_release>());
 
+  // Tests only: parallel_team's barrier crossed 2 * crossings times (detail::team_barrier_check).
+  m.def("_team_barrier_check", [](int64_t threads, int64_t crossings, int64_t throw_at) {
+    if (threads < 1 || crossings < 0)
+      throw py::value_error("_team_barrier_check: expected threads >= 1 and crossings >= 0");
+    int64_t size = 0, stale = 0;
+    {
+      py::gil_scoped_release nogil;
+      detail::team_barrier_check(threads, crossings, throw_at, &size, &stale);
+    }
+    return py::make_tuple(size, stale);
+  }, py::arg("threads"), py::arg("crossings"), py::arg("throw_at") = -1);
+
   // How the CUDA optimizer kernels cover a tensor list (exposed so CPU tests can check it).
   m.def("_multi_tensor_pack", [](std::vector<int64_t> numel, int max_tensors, int max_blocks,
                                  int64_t chunk) {

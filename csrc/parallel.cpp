@@ -4,8 +4,13 @@
 #include "common.h"
 
 #include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
+#include <vector>
 
 #if defined(__linux__)
 #include <linux/futex.h>
@@ -30,7 +35,10 @@ static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t) &&
 
 void TeamBarrier::sleep_while(uint32_t g) {
   sleepers.fetch_add(1, std::memory_order_seq_cst);
-  while (generation.load(std::memory_order_seq_cst) == g) {
+  // poison() sets the flag before it advances the generation: a thread that read the advanced
+  // generation as g sees the flag; one that read the old g finds the word changed.
+  while (generation.load(std::memory_order_seq_cst) == g &&
+         !poisoned.load(std::memory_order_seq_cst)) {
 #if defined(__linux__)
     // Returns at once if the word no longer holds g (or on a signal): the loop reads it again.
     syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation), FUTEX_WAIT_PRIVATE, g, nullptr,
@@ -42,16 +50,72 @@ void TeamBarrier::sleep_while(uint32_t g) {
   sleepers.fetch_sub(1, std::memory_order_seq_cst);
 }
 
-int64_t TeamBarrier::available_cpus() {
-  static const int64_t n = std::max(1, omp_get_num_procs());
-  return n;
-}
-
 void TeamBarrier::wake_all() {
 #if defined(__linux__)
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(&generation), FUTEX_WAKE_PRIVATE, INT32_MAX,
           nullptr, nullptr, 0);
 #endif
+}
+
+namespace {
+struct SpinSettings {
+  int64_t fixed = -1;  // from the environment; -1: the defaults by team size
+  int64_t cpus = 1;
+  SpinSettings() {
+    cpus = std::max(1, omp_get_num_procs());
+    std::string policy = std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "";
+    for (char& c : policy) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    const char* count = std::getenv("GOMP_SPINCOUNT");
+    if (policy == "passive") {
+      fixed = 0;
+    } else if (count && *count) {
+      std::string v(count);
+      for (char& c : v) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      if (v == "infinite" || v == "infinity") {
+        fixed = INT64_MAX;
+      } else {
+        char* end = nullptr;
+        const long long n = std::strtoll(count, &end, 10);
+        if (end != count && n >= 0) fixed = n;  // (unparsable: the defaults)
+      }
+    } else if (policy == "active") {
+      fixed = INT64_MAX;
+    }
+  }
+};
+}  // namespace
+
+int64_t TeamBarrier::spin_limit_for(int64_t nthr) {
+  static const SpinSettings s;
+  if (s.fixed >= 0) return s.fixed;
+  return nthr > s.cpus ? int64_t(1) << 10 : int64_t(1) << 18;
+}
+
+void team_barrier_check(int64_t threads, int64_t crossings, int64_t throw_at, int64_t* team_size,
+                        int64_t* stale) {
+  std::vector<int64_t> slot(static_cast<size_t>(std::max<int64_t>(1, threads)) * 8, 0);
+  std::vector<int64_t> bad(slot.size(), 0);  // per thread, a cache line apart
+  std::atomic<int64_t> size{1};
+  parallel_team(threads, [&](const Team& team) {
+    if (team.tid == 0) size.store(team.nthr, std::memory_order_relaxed);
+    int64_t* mine = &slot[static_cast<size_t>(team.tid) * 8];
+    for (int64_t k = 0; k < crossings; ++k) {
+      if (k == throw_at && team.tid == team.nthr - 1)
+        throw std::runtime_error("team_barrier_check: thrown at crossing " + std::to_string(k));
+      // one thread per crossing arrives late, so the order of arrivals changes
+      if (k % team.nthr == team.tid)
+        for (volatile int i = 0; i < 200; ++i) {
+        }
+      *mine = k + 1;
+      team.barrier();
+      for (int64_t j = 0; j < team.nthr; ++j)
+        if (slot[static_cast<size_t>(j) * 8] != k + 1) ++bad[static_cast<size_t>(team.tid) * 8];
+      team.barrier();  // nobody writes crossing k + 1 before every thread has read crossing k
+    }
+  });
+  *team_size = size.load();
+  *stale = 0;
+  for (int64_t b : bad) *stale += b;
 }
 
 }  // namespace detail

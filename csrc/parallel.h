@@ -30,23 +30,28 @@ void run_on_fresh_thread(const std::function<void()>& region);  // rethrows what
 
 namespace detail {
 // One team's barrier: a count of arrivals and a generation the last arrival advances. A waiter
-// spins on the generation, then sleeps on a futex until it moves. The spin is long (2^18 pauses,
-// ~6.5 ms at ~25 ns each on the Zen 3 VM; libgomp's default is about as long) while the team
-// has no more threads than the process's CPUs: when another busy process takes a core, a thread
-// that sleeps at each step's barrier is woken only at the scheduler's next tick (a batch-1 LSTM
-// forward with two such processes on 2 cores: ~30 ms a call sleeping after 1024 pauses, ~0.45
-// ms spinning). A team larger than the CPUs spins 1024 pauses, so its threads hand their cores
-// to the partner they wait for. The recurrent step loops cross one per step: libgomp's barrier
-// cost ~600 ns a crossing for 2 threads on the 2-core Zen 3 VM, this one ~190 ns, a batch-1
-// LSTM step being ~1.3 us (RESULTS.md, 2026-12-05 16:46).
+// spins on the generation, then sleeps on a futex until it moves (other systems: yields in a
+// loop). The spin follows libgomp's settings: OMP_WAIT_POLICY=passive none, =active without end,
+// GOMP_SPINCOUNT=n n pauses; by default long (2^18 pauses, ~6.5 ms at ~25 ns each on the Zen 3
+// VM, about libgomp's default) while the team has no more threads than the process's CPUs
+// (omp_get_num_procs: its affinity mask, not a cgroup quota). With another busy process on the
+// cores, a thread that sleeps at each step's barrier is woken only at the scheduler's next tick
+// (batch-1 LSTM forward, two such processes on 2 cores: ~30 ms a call sleeping after 1024
+// pauses, ~0.45 ms spinning). A team larger than the CPUs spins 1024 pauses, then hands its core
+// to the partner it waits for. The recurrent step loops cross one per step: libgomp's barrier
+// cost ~600 ns a crossing for 2 threads on the 2-core Zen 3 VM, this one ~190 ns, a batch-1 LSTM
+// step being ~1.3 us (RESULTS.md, 2026-12-05 16:46 section). poison(): a thread that throws
+// releases the others' barriers, now and later, so the region ends and rethrows.
 struct TeamBarrier {
   alignas(64) std::atomic<uint32_t> arrived{0};
   alignas(64) std::atomic<uint32_t> generation{0};  // (a futex word: 32 bits)
   std::atomic<uint32_t> sleepers{0};
-  int spin_limit;
-  explicit TeamBarrier(int64_t nthr) : spin_limit(nthr > available_cpus() ? 1 << 10 : 1 << 18) {}
+  std::atomic<bool> poisoned{false};
+  int64_t spin_limit;
+  explicit TeamBarrier(int64_t nthr) : spin_limit(spin_limit_for(nthr)) {}
   void wait(int64_t nthr) {
     const uint32_t g = generation.load(std::memory_order_acquire);
+    if (poisoned.load(std::memory_order_acquire)) return;
     if (arrived.fetch_add(1, std::memory_order_acq_rel) == uint32_t(nthr - 1)) {
       arrived.store(0, std::memory_order_relaxed);
       // seq_cst store, then the sleepers read: a sleeper either is counted here or reads the
@@ -55,18 +60,33 @@ struct TeamBarrier {
       if (sleepers.load(std::memory_order_seq_cst) != 0) wake_all();
       return;
     }
-    for (int spins = 0; spins < spin_limit; ++spins) {
+    for (int64_t spins = 0; spins < spin_limit; ++spins) {
       if (generation.load(std::memory_order_acquire) != g) return;
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
+#elif defined(__aarch64__)
+      asm volatile("yield" ::: "memory");
 #endif
     }
     sleep_while(g);
   }
-  void sleep_while(uint32_t g);  // parallel.cpp: until generation != g
+  void poison() {
+    poisoned.store(true, std::memory_order_seq_cst);
+    generation.fetch_add(1, std::memory_order_seq_cst);
+    wake_all();
+  }
+  // parallel.cpp
+  void sleep_while(uint32_t g);  // until generation != g or poisoned
   void wake_all();
-  static int64_t available_cpus();  // omp_get_num_procs() at the first call
+  static int64_t spin_limit_for(int64_t nthr);  // the environment read at the first call
 };
+
+// Tests only (tests/test_parallel.py): a team of up to `threads` crosses 2 * crossings barriers;
+// each thread writes its slot, crosses, checks every slot, crosses. Returns {the team's size,
+// slots found stale}. throw_at >= 0: the team's last thread throws std::runtime_error before its
+// write at that crossing (parallel_team then rethrows it).
+void team_barrier_check(int64_t threads, int64_t crossings, int64_t throw_at, int64_t* team_size,
+                        int64_t* stale);
 }  // namespace detail
 
 // The threads running one parallel_team call. barrier() waits for all of them (every write
@@ -76,7 +96,7 @@ struct Team {
   int64_t tid, nthr;
   detail::TeamBarrier* bar;  // null when run inline
   void barrier() const {
-    if (bar) bar->wait(nthr);
+    if (bar && nthr > 1) bar->wait(nthr);
   }
 };
 
@@ -100,6 +120,7 @@ void parallel_team(int64_t max_threads, const F& f) {
       try {
         f(Team{int64_t(omp_get_thread_num()), int64_t(omp_get_num_threads()), &bar});
       } catch (...) {
+        bar.poison();
 #pragma omp critical(fastdl_parallel_for_error)
         if (!error) error = std::current_exception();
       }

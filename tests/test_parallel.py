@@ -187,3 +187,43 @@ def test_dataloader_workers_run_kernels():
         pytest.fail("the DataLoader hung")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() == "items 8 parent threads 2", r.stdout + r.stderr[-2000:]
+
+
+# ---- parallel_team's barrier (csrc/parallel.h) -----------------------------------------------
+
+_BARRIER = """
+    import fastdl
+    from fastdl import _C
+    for threads in (2, 3, 4):
+        fastdl.set_num_threads(threads)
+        size, stale = _C._team_barrier_check(threads, 3000)
+        print(threads, size, stale)
+        try:
+            _C._team_barrier_check(threads, 50, throw_at=7)
+        except RuntimeError as e:
+            print("raised", "crossing 7" in str(e))
+        else:
+            print("not raised")
+"""
+
+
+@pytest.mark.parametrize("env", [{}, {"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": "passive"},
+                                 {"GOMP_SPINCOUNT": "100"}],
+                         ids=["default", "spincount0", "passive", "spincount100"])
+def test_team_barrier(env):
+    """Teams of 2, 3 and 4 threads (3 and 4 above the CI machine's 2 cores: the short spin, then
+    sleeping) cross 6000 barriers; between two crossings each thread writes its slot, and after
+    each every thread reads all slots: none stale. GOMP_SPINCOUNT=0 and OMP_WAIT_POLICY=passive
+    (honoured as libgomp does) make every waiter sleep on the futex, the path a lost wake-up
+    would hang, so it runs in a subprocess with a timeout. Then a thread that throws mid-loop
+    while the others wait at the barrier: the exception reaches Python and nothing hangs."""
+    try:
+        r = run_py(_BARRIER, timeout=60, **env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the team barrier hung under {env}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split("\n")
+    want = []
+    for threads in (2, 3, 4):
+        want += [f"{threads} {threads} 0", "raised True"]
+    assert lines[:6] == want, r.stdout + r.stderr[-2000:]

@@ -28,8 +28,8 @@
 // dW_hr = dht^T hpre, dx = dg W_ih; biases are column sums of dg.
 // Work split: the forward step splits unit blocks over the threads (the same blocks every step,
 // so each thread's panels stay in its cache), in one thread team per block of steps with a spin
-// barrier per step (without a projection; with one, a parallel region per step: each has a
-// least work per thread, kTeamStepFlops and kRegionStepFlops); the dh product splits
+// barrier per step (without a projection; with one, a parallel region per step; the work per
+// thread each needs: step_team_threads, kRegionStepFlops); the dh product splits
 // 16-column chunks. For batches of >= 8 rows per thread and a W_hh that fits a core's cache,
 // both step loops split rows instead (row_split_threads: no barrier). Big GEMMs are threaded by
 // csrc/cpu/gemm.cpp.
@@ -844,19 +844,32 @@ inline void slice_row_groups(int64_t R, int64_t bs, const float* h_old, const F&
 }
 
 // The least work per thread and step worth another thread: a parallel region per step (its start
-// and join ~ a few us) wants ~64K flops each; a team over all steps, whose threads meet at a spin
-// barrier per step (~190 ns for 2 threads on the 2-core Zen 3 VM), ~4K. 4K: on that VM the
-// batch-1 LSTM (32,64,1,200) forward went 0.25 -> 0.18 ms and the Elman (32,64,1,200) 0.17 ->
-// 0.15 ms with a second thread; the LSTM hidden 32 (2K flops per block) neither gained nor lost
-// (RESULTS.md, 2026-12-05 16:46).
+// and join ~ a few us) wants ~64K flops each. A team over all steps, whose threads meet at a spin
+// barrier per step (~190 ns for 2 threads on the 2-core Zen 3 VM), takes a second thread from 8K
+// each (step_team_threads), more threads only at 64K each (a one-counter barrier's crossing
+// grows with the team, unmeasured beyond 2 threads). On that VM the batch-1 LSTM
+// (32,64,1,200) forward (8 blocks of 4K flops) went 0.25 -> 0.18 ms on a second thread, the
+// Elman (32,128,1,200) 0.52 -> 0.34 ms; at 4K the Elman (32,64,1,200) gained 0.17 -> 0.15 ms
+// and the LSTM hidden 32 nothing, but a tiny step on 2 threads is the first to suffer when
+// another process takes a core (RESULTS.md, 2026-12-05 16:46 section): 8K.
 constexpr int64_t kRegionStepFlops = int64_t(1) << 16;
 constexpr int64_t kTeamStepFlops = int64_t(1) << 13;
 
-// Unit blocks per thread: at least min_flops of work per thread and step (rows: the step's
-// batch, or the largest one for a team over all steps).
-inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C, int64_t min_flops) {
+// Unit blocks per thread of a parallel region per step: kRegionStepFlops each.
+inline int64_t step_block_grain(int64_t rows, int64_t R, int64_t C) {
   const int64_t flops_per_block = 2 * rows * R * C;
-  return std::max<int64_t>(1, min_flops / std::max<int64_t>(1, flops_per_block));
+  return std::max<int64_t>(1, kRegionStepFlops / std::max<int64_t>(1, flops_per_block));
+}
+
+// Threads for a team over all steps splitting `parts` items of `flops_per_part` each: a second
+// thread from kTeamStepFlops each, more from kRegionStepFlops each (above).
+inline int64_t step_team_threads(int64_t parts, int64_t flops_per_part) {
+  auto by = [&](int64_t min_flops) {
+    const int64_t grain = std::max<int64_t>(1, min_flops / std::max<int64_t>(1, flops_per_part));
+    return (parts + grain - 1) / grain;
+  };
+  const int64_t t = std::max(std::min<int64_t>(2, by(kTeamStepFlops)), by(kRegionStepFlops));
+  return std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), t));
 }
 
 // One step's blocks [lo, hi) of kW units over rows [0, bs): recurrent product from the packed
@@ -1185,7 +1198,7 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   // parallel_for runs inline inside an enclosing OpenMP region (whose thread numbers may exceed
   // the slots allocated for fastdl's thread count): slot 0 then.
   const bool nested = omp_in_parallel() != 0;
-  const int64_t grain = step_block_grain(bs, p.out_size(), C, kRegionStepFlops);
+  const int64_t grain = step_block_grain(bs, p.out_size(), C);
   parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
     T* part =
         partials + (nested ? 0 : int64_t(omp_get_thread_num())) * part_sets<T>(G) * p.batch * C;
@@ -1347,8 +1360,7 @@ void forward_typed(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs
     // and writes only those units' columns of the new state, so a step needs one barrier (the new
     // state whole before any thread reads it), where a parallel region per step paid OpenMP's
     // start and join each step. Nothing in the team's loop throws.
-    const int64_t grain = step_block_grain(B, R, G * kW, kTeamStepFlops);
-    const int64_t most = std::min<int64_t>(get_num_threads(), (blocks + grain - 1) / grain);
+    const int64_t most = step_team_threads(blocks, 2 * B * R * G * kW);
     const int64_t per = (blocks + most - 1) / most;
     // (split by units: none left without a block)
     const int64_t team_threads = row_threads > 1 ? row_threads : (blocks + per - 1) / per;
@@ -1661,12 +1673,12 @@ void dh_product_chunks(int64_t lo, int64_t hi, int64_t bs, int64_t GH, int64_t R
   }
 }
 
-// Threads for a product of bs rows: one per min_flops (kRegionStepFlops, kTeamStepFlops) of
-// column chunks.
-inline int64_t dh_threads(int64_t bs, int64_t GH, int64_t R, int64_t min_flops) {
+// Threads for a product of bs rows in a parallel region: one per kRegionStepFlops of column
+// chunks.
+inline int64_t dh_threads(int64_t bs, int64_t GH, int64_t R) {
   const int64_t chunks = (R + kDhCols - 1) / kDhCols;
   const int64_t flops = std::max<int64_t>(1, 2 * bs * GH * kDhCols);  // per chunk
-  const int64_t grain = std::max<int64_t>(1, min_flops / flops);
+  const int64_t grain = std::max<int64_t>(1, kRegionStepFlops / flops);
   return std::min<int64_t>(get_num_threads(), (chunks + grain - 1) / grain);
 }
 
@@ -1674,7 +1686,7 @@ template <class T>
 void dh_product(int64_t bs, int64_t GH, int64_t R, const T* dg, const T* w, DhLayout L, T* dh,
                 bool accumulate) {
   const int64_t chunks = (R + kDhCols - 1) / kDhCols;
-  const int64_t t = dh_threads(bs, GH, R, kRegionStepFlops);
+  const int64_t t = dh_threads(bs, GH, R);
   parallel_for(chunks, (chunks + t - 1) / t, [&](int64_t lo, int64_t hi) {
     dh_product_chunks(lo, hi, bs, GH, R, dg, w, L, dh, accumulate);
   });
@@ -1881,7 +1893,8 @@ void backward_typed(const RnnParams& p, const RnnWeights& w, const RnnBackwardAr
   };
   // One team for the whole loop, unless the dh columns (16 per chunk) would leave threads idle
   // that a separate gate pass could use (small H, large batch) or there is a projection.
-  const int64_t team_threads = dh_threads(B, GH, R, kTeamStepFlops);
+  const int64_t team_threads =
+      step_team_threads((R + kDhCols - 1) / kDhCols, 2 * B * GH * kDhCols);
   const int64_t gate_threads = std::min<int64_t>(get_num_threads(), (B * H + kUnitsGrain - 1) / kUnitsGrain);
   const int64_t row_threads = proj ? 1 : row_split;
   const std::vector<int64_t> row_len =
