@@ -1972,6 +1972,12 @@ DIRECT_S1_CASES = [
     # above give 1, 2, 3, 4 and 7)
     ((1, 2, 9, 13), (2, 1, 3, 3), dict(stride=1, padding=1, groups=2)),         # OW = 13
     ((2, 1, 10, 16), (8, 1, 3, 3), dict(stride=1, padding=0, groups=1)),        # OW = 14
+    # the weight gradient's flat plane copies (cg = 1, 3x3, stride 1, 4+ channels a plane): a
+    # plane of 13 x 9 = 14 vectors + 5 lanes (float32), smaller than a vector (2 and 3 outputs),
+    # a channel multiplier of 4
+    ((2, 1, 9, 13), (6, 1, 3, 3), dict(stride=1, padding=1, groups=1)),         # OW = 13, flat
+    ((1, 2, 3, 4), (8, 1, 3, 3), dict(stride=1, padding=0, groups=2)),          # S = 2
+    ((3, 1, 5, 3), (4, 1, 3, 3), dict(stride=1, padding=0, groups=1)),          # OW = 1, S = 3
 ]
 
 
@@ -2123,6 +2129,41 @@ def test_conv2d_nonfinite_inputs_as_torch(cpu_path, algo, case):
                 assert torch.equal(torch.isinf(got), torch.isinf(want)), (got, want)
                 fin = torch.isfinite(want)
                 assert_close(got[fin], want[fin], reduction=200)
+
+
+@pytest.mark.parametrize("where", ["last row", "row before last", "last column", "first column",
+                                   "last cell"])
+def test_conv2d_direct_flat_weight_grad_nonfinite(cpu_path, where):
+    # The flat weight gradient (one input channel, 3x3, stride 1, 4+ output channels:
+    # kFlatMinChannels in conv_direct_s1.cpp) sums each tap over the plane as one run of vectors,
+    # the plane's last partial vector masked: OW = 9, 6 x 9 = 54 outputs, 6 vectors + 6 lanes
+    # (float32) or 13 + 2 (float64). The masked lanes (outputs 54, 55) read input rows 6 and 7,
+    # columns 0-3, in the taps of kernel rows 0 and 1: "last row", "row before last" and "first
+    # column" put inf / NaN there (an unmasked product would turn those taps NaN); "last column"
+    # and "last cell" check which taps read what.
+    pick = {"last row": (-1, slice(None)), "row before last": (-2, slice(None)),
+            "last column": (slice(None), -1), "first column": (slice(None), 0),
+            "last cell": (-1, -1)}[where]
+    gen = torch.Generator().manual_seed(11)
+    for dtype in DTYPES:
+        for bad in (float("inf"), float("nan")):
+            x = torch.rand((2, 1, 8, 11), generator=gen, dtype=dtype)
+            x[1, 0][pick] = bad
+            w = torch.rand((5, 1, 3, 3), generator=gen, dtype=dtype)
+            gy = torch.rand((2, 5, 6, 9), generator=gen, dtype=dtype)
+            ref = torch.ops.aten.convolution_backward(gy, x, w, [5], [1, 1], [0, 0], [1, 1], False,
+                                                      [0, 0], 1, [False, True, True])
+            before = fastdl.ops.get_conv_algorithm()
+            fastdl.ops.set_conv_algorithm("direct")
+            try:
+                got = fastdl.ops.conv2d_backward(gy, x, w, output_mask=(False, True, True))
+            finally:
+                fastdl.ops.set_conv_algorithm(before)
+            for g, r in ((got[1], ref[1]), (got[2], ref[2])):
+                assert torch.equal(torch.isnan(g), torch.isnan(r)), (where, bad, g, r)
+                assert torch.equal(torch.isinf(g), torch.isinf(r)), (where, bad, g, r)
+                fin = torch.isfinite(r)
+                assert_close(g[fin], r[fin], reduction=200)
 
 
 @pytest.mark.parametrize("algo", ["auto", "direct", "gemm", "implicit", "nhwc"])

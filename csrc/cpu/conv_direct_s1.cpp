@@ -15,7 +15,10 @@
 //   weight gradient  gw[k,cc,i,j] = sum over n, oh, v of gy[n,k,oh,v:v+L] . buf[cc, ...]
 //                    a range of output channels per thread, images outer (no races, fixed order;
 //                    each plane summed in T, vector lanes then planes; the sums over images in
-//                    double); a row's partial last vector masks its products, not only gy
+//                    double); a row's partial last vector masks its products, not only gy;
+//                    3x3 stride 1 with one input channel feeding 4+ output channels: each tap
+//                    one flat dot product over packed shifted copies of the plane, its last
+//                    partial vector masked (plane_wgrad_3x3_flat)
 //                    the bias gradient rides along (its own pass over gy cost 30% of the
 //                    depthwise weight+bias gradient, perf, one thread)
 // Work split: parallel over (image, group[, block of output channels]) / output channels.
@@ -412,6 +415,68 @@ void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, cons
   if (bias) acc[9] += hsum<T>(ab);
 }
 
+// The 3x3 stride-1 weight gradient of a padded plane that feeds several output channels
+// (cg == 1, kg >= kFlatMinChannels): three copies of it, copy j shifted left by j columns, cut to
+// OW columns and packed, f[j][r * OW + c] = buf[r][c + j], then a vector of zeros. Tap (i, j)'s
+// sum is then one flat dot product of the gy plane with f[j] from i * OW on: OH * OW products in
+// whole vectors, the plane's last partial one masked. Over buf, each row ended in a partial
+// vector whose products were masked one by one (multiply, mask, add; its lanes past OW read real
+// input, where 0 * inf would be NaN), and each row paid a loop's set-up: on issue #8's shape 1
+// (rows of 26: 3 vectors + 2 lanes) 104 vector steps a plane become 85, and perf had put ~30% of
+// the pass on the row ends (RESULTS.md, 2026-12-05 16:46 section). The copies, 3 reads and
+// writes of the plane, are repaid over the channels they feed.
+constexpr int64_t kFlatMinChannels = 4;
+
+template <class T>
+int64_t flat_copy_size(const Conv2dParams& p, const PadGeom& g) {
+  return g.rows * p.ow + Vec<T>::L;
+}
+
+template <class T>
+void flat_copies_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, T* f) {
+  const int64_t FS = flat_copy_size<T>(p, g);
+  for (int64_t j = 0; j < 3; ++j) {
+    T* d = f + j * FS;
+    for (int64_t r = 0; r < g.rows; ++r) copy_run(d + r * p.ow, buf + r * g.pitch + j, p.ow);
+    zero_run(d + g.rows * p.ow, Vec<T>::L);
+  }
+}
+
+// plane_wgrad_3x3 (stride 1) over flat_copies_3x3's copies f.
+template <class T>
+void plane_wgrad_3x3_flat(const Conv2dParams& p, const PadGeom& g, const T* f, const T* gy,
+                          bool bias, double* acc) {
+  using V = typename Vec<T>::V;
+  constexpr int64_t L = Vec<T>::L;
+  V a[9];
+  static_for<9>([&](auto e) FASTDL_INLINE { a[e] = V{}; });
+  V ab = V{};
+  const int64_t FS = flat_copy_size<T>(p, g), OW = p.ow, S = p.oh * p.ow;
+  const int64_t nfull = S / L, rest = S - nfull * L;
+  for (int64_t t = 0; t < nfull * L; t += L) {
+    const V gv = Vec<T>::load(gy + t);
+    ab += gv;
+    static_for<3>([&](auto i) FASTDL_INLINE {
+      static_for<3>([&](auto j) FASTDL_INLINE {
+        a[3 * i + j] += gv * Vec<T>::load(f + j * FS + i * OW + t);
+      });
+    });
+  }
+  if (rest) {  // gy's lanes past the plane are not read; the products there are masked
+    const int64_t t = nfull * L;
+    const LaneMask<T> mask(rest);
+    const V gv = load_part(gy + t, rest, mask, false);
+    ab += gv;
+    static_for<3>([&](auto i) FASTDL_INLINE {
+      static_for<3>([&](auto j) FASTDL_INLINE {
+        tap_add<T, true>(a[3 * i + j], gv, f + j * FS + i * OW + t, mask);
+      });
+    });
+  }
+  for (int e = 0; e < 9; ++e) acc[e] += hsum<T>(a[e]);
+  if (bias) acc[9] += hsum<T>(ab);
+}
+
 // Any kernel and cg: one tap at a time over the plane (acc holds cg * kh * kw sums, then the
 // bias's when `bias`).
 template <class T>
@@ -490,8 +555,11 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   // Images outer, this thread's output channels inner: a group's padded planes are built once per
   // image and feed all its channels in the range (per channel, shape 1 padded each x plane 32
   // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
+  const bool flat = k3 && p.sh == 1 && kg >= kFlatMinChannels;
+  const int64_t planes = cg * g.plane();
   parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
-    T* buf = tl_planes.get_as<T>(cg * g.plane());
+    T* buf = tl_planes.get_as<T>(planes + (flat ? 3 * flat_copy_size<T>(p, g) : 0));
+    T* copies = buf + planes;
     zero_frame(p, g, cg, buf);
     std::vector<double> acc(static_cast<size_t>((hi - lo) * (ck + 1)), 0.0);
     for (int64_t n = 0; n < p.n; ++n) {
@@ -500,11 +568,13 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
         const int64_t gi = k / kg;
         if (gi != padded) {
           copy_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+          if (flat) flat_copies_3x3(p, g, buf, copies);
           padded = gi;
         }
         const T* gp = gy + (n * p.k + k) * S;
         double* a = acc.data() + (k - lo) * (ck + 1);
-        if (k3) plane_wgrad_3x3(p, g, buf, gp, gb != nullptr, a);
+        if (flat) plane_wgrad_3x3_flat(p, g, copies, gp, gb != nullptr, a);
+        else if (k3) plane_wgrad_3x3(p, g, buf, gp, gb != nullptr, a);
         else plane_wgrad_any(p, g, cg, buf, gp, gb != nullptr, a);
       }
     }
