@@ -32,16 +32,15 @@ namespace detail {
 // One team's barrier: a count of arrivals and a generation the last arrival advances. A waiter
 // spins on the generation, then sleeps on a futex until it moves (other systems: yields in a
 // loop). The spin follows libgomp's settings: OMP_WAIT_POLICY=passive none, =active without end,
-// GOMP_SPINCOUNT=n n pauses; by default long (2^18 pauses, ~6.5 ms at ~25 ns each on the Zen 3
-// VM, about libgomp's default) while the team has no more threads than the process's CPUs
-// (omp_get_num_procs: its affinity mask, not a cgroup quota). With another busy process on the
-// cores, a thread that sleeps at each step's barrier is woken only at the scheduler's next tick
-// (batch-1 LSTM forward, two such processes on 2 cores: ~30 ms a call sleeping after 1024
-// pauses, ~0.45 ms spinning). A team larger than the CPUs spins 1024 pauses, then hands its core
-// to the partner it waits for. The recurrent step loops cross one per step: libgomp's barrier
-// cost ~600 ns a crossing for 2 threads on the 2-core Zen 3 VM, this one ~190 ns, a batch-1 LSTM
-// step being ~1.3 us (RESULTS.md, 2026-12-05 16:46 section). poison(): a thread that throws
-// releases the others' barriers, now and later, so the region ends and rethrows.
+// GOMP_SPINCOUNT=n n pauses; by default long (2^18 pauses, about libgomp's default) while the
+// team has no more threads than the process's CPUs (omp_get_num_procs: its affinity mask, not a
+// cgroup quota): with another busy process on the cores, a thread that sleeps at each step's
+// barrier is woken only at the scheduler's next tick. A team larger than the CPUs spins 1024
+// pauses, then hands its core to the partner it waits for. The recurrent step loops cross one
+// per step, a few microseconds of work at batch 1, where libgomp's barrier cost about what a
+// second thread saved (measured against this one: RESULTS.md, 2026-12-05 16:46 section).
+// poison(): a thread that throws releases the others' barriers, now and later, so the region
+// ends and rethrows.
 struct TeamBarrier {
   alignas(64) std::atomic<uint32_t> arrived{0};
   alignas(64) std::atomic<uint32_t> generation{0};  // (a futex word: 32 bits)

@@ -419,12 +419,12 @@ void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, cons
 // (cg == 1, kg >= kFlatMinChannels): three copies of it, copy j shifted left by j columns, cut to
 // OW columns and packed, f[j][r * OW + c] = buf[r][c + j], then a vector of zeros. Tap (i, j)'s
 // sum is then one flat dot product of the gy plane with f[j] from i * OW on: OH * OW products in
-// whole vectors, the plane's last partial one masked. Over buf, each row ended in a partial
-// vector whose products were masked one by one (multiply, mask, add; its lanes past OW read real
-// input, where 0 * inf would be NaN), and each row paid a loop's set-up: on issue #8's shape 1
-// (rows of 26: 3 vectors + 2 lanes) 104 vector steps a plane become 85, and perf had put ~30% of
-// the pass on the row ends (RESULTS.md, 2026-12-05 16:46 section). The copies, 3 reads and
-// writes of the plane, are repaid over the channels they feed.
+// whole vectors, the plane's last partial one masked. Over buf, each row ends in a partial
+// vector whose products are masked one by one (multiply, mask, add; its lanes past OW read real
+// input, where 0 * inf would be NaN), and each row pays a loop's set-up: with rows of 26 (issue
+// #8's shape 1: 3 vectors + 2 lanes) that was most of the pass's excess over its FMAs (perf:
+// RESULTS.md, 2026-12-05 16:46 section). The copies, 3 reads and writes of the plane, are repaid
+// over the channels they feed.
 constexpr int64_t kFlatMinChannels = 4;
 
 template <class T>

@@ -844,14 +844,11 @@ inline void slice_row_groups(int64_t R, int64_t bs, const float* h_old, const F&
 }
 
 // The least work per thread and step worth another thread: a parallel region per step (its start
-// and join ~ a few us) wants ~64K flops each. A team over all steps, whose threads meet at a spin
-// barrier per step (~190 ns for 2 threads on the 2-core Zen 3 VM), takes a second thread from 8K
-// each (step_team_threads), more threads only at 64K each (a one-counter barrier's crossing
-// grows with the team, unmeasured beyond 2 threads). On that VM the batch-1 LSTM
-// (32,64,1,200) forward (8 blocks of 4K flops) went 0.25 -> 0.18 ms on a second thread, the
-// Elman (32,128,1,200) 0.52 -> 0.34 ms; at 4K the Elman (32,64,1,200) gained 0.17 -> 0.15 ms
-// and the LSTM hidden 32 nothing, but a tiny step on 2 threads is the first to suffer when
-// another process takes a core (RESULTS.md, 2026-12-05 16:46 section): 8K.
+// and join cost microseconds) wants ~64K flops each. A team over all steps, whose threads meet at
+// parallel.h's spin barrier once a step, takes a second thread from 8K each (step_team_threads;
+// 4K gained little more and leaves the tiniest steps most exposed when another process takes a
+// core), more threads only at 64K each (a one-counter barrier's crossing grows with the team,
+// unmeasured beyond 2 threads). Measurements: RESULTS.md, 2026-12-05 16:46 section.
 constexpr int64_t kRegionStepFlops = int64_t(1) << 16;
 constexpr int64_t kTeamStepFlops = int64_t(1) << 13;
 
@@ -1198,8 +1195,7 @@ void fused_step(const RnnParams& p, const T* panels, int64_t bs, const StepIo<T>
   // parallel_for runs inline inside an enclosing OpenMP region (whose thread numbers may exceed
   // the slots allocated for fastdl's thread count): slot 0 then.
   const bool nested = omp_in_parallel() != 0;
-  const int64_t grain = step_block_grain(bs, p.out_size(), C);
-  parallel_for(blocks, grain, [&](int64_t lo, int64_t hi) {
+  parallel_for(blocks, step_block_grain(bs, p.out_size(), C), [&](int64_t lo, int64_t hi) {
     T* part =
         partials + (nested ? 0 : int64_t(omp_get_thread_num())) * part_sets<T>(G) * p.batch * C;
     fused_blocks<T, G, SAVE>(p, panels, bs, io, part, lo, hi);
