@@ -312,7 +312,8 @@ def test_functions_used_outside_transforms():
     y = fastdl.nn.functional.conv1d(rand(1, 2, 6, requires_grad=True), rand(3, 2, 3))
     assert "_Conv2dFnBackward" in _node_names(y)
     y = fastdl.nn.LSTM(3, 4)(rand(2, 1, 3, requires_grad=True))[0]
-    assert "_LayerBackward" in _node_names(y)
+    # (the general path's Function, or the modules' fast path's once a call cached its key)
+    assert {"_LayerBackward", "_FastLayerBackward"} & set(_node_names(y))
     y = fastdl.nn.GRUCell(3, 4)(rand(2, 3, requires_grad=True))
     assert "_CellBackward" in _node_names(y)        # (the CPU cell kernels)
 

@@ -411,9 +411,9 @@ def test_inference_fast_path(kind, dtype, bias, fast_path_calls):
     ours, _ = make_pair(kind, 6, 11, dtype=dtype, **cfg)
     flat = lambda out: [out[0]] + (list(out[1]) if lstm else [out[1]])   # noqa: E731
 
-    def general(m, x):   # the general path's result for x: explicit zero states
+    def general(m, x):   # the general path's result for x (explicit zero states)
         z = torch.zeros(1, x.shape[1], 11, dtype=dtype)
-        return flat(m(x, (z, z) if lstm else z))
+        return flat(m._forward_general(x, (z, z) if lstm else z))
 
     def same(fast, ref):
         for u, w in zip(fast, ref):
@@ -450,8 +450,113 @@ def test_inference_fast_path(kind, dtype, bias, fast_path_calls):
         with pytest.raises(RuntimeError, match="input_size"):       # the general path's error
             ours(rand(4, 3, 5, dtype=dtype))
     n = len(calls)
-    ours(x.clone().requires_grad_())                                # autograd: general
+    with torch.enable_grad():   # grad mode on, nothing needing a gradient: inference, fast
+        ours.requires_grad_(False)
+        same(flat(ours(x)), general(ours, x))
+        assert len(calls) == n + 1 and not ours(x)[0].requires_grad
+        ours.requires_grad_(True)
+
+
+def _grads(m, x, outs, weights_of):
+    """The gradients (input's, then each parameter's) of sum(out * w) over the outputs that have
+    a weight w (None: that output left out of the loss; "sum": out.sum(), whose backward sends
+    an expanded gradient, stride 0)."""
+    loss = sum(o.sum() if isinstance(w, str) else (o * w).sum()
+               for o, w in zip(outs, weights_of) if w is not None)
+    params = [p for p in m.parameters() if p.requires_grad]
+    wrt = ([x] if x.requires_grad else []) + params
+    return torch.autograd.grad(loss, wrt, allow_unused=True)
+
+
+@pytest.mark.parametrize("kind", ["RNN_TANH", "RNN_RELU", "LSTM", "GRU"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_fast_path(kind, dtype, bias, fast_path_calls):
+    """With a gradient wanted, a call the fast path serves runs _FastLayer: outputs and every
+    gradient (input, each parameter) bitwise equal to the general path's (explicit zero states),
+    whichever outputs the loss uses (unused ones reach its backward as None, which the general
+    path materialises as zeros) and whichever operands need a gradient; a loss's sum() sends an
+    expanded gradient. Equal to torch within the table; double backward refused as the general
+    path's."""
+    calls = fast_path_calls
+    lstm = kind == "LSTM"
+    ours, theirs = make_pair(kind, 5, 7, dtype=dtype, num_layers=1, bias=bias)
+    flat_out = lambda out: [out[0]] + (list(out[1]) if lstm else [out[1]])   # noqa: E731
+    x0 = rand(6, 3, 5, dtype=dtype)
+    with torch.no_grad():
+        ours(x0)                                                # the general path caches the key
+    z = torch.zeros(1, 3, 7, dtype=dtype)
+    zs = (z, z) if lstm else z
+    n_out = 3 if lstm else 2
+    w_all = [rand(6, 3, 7, dtype=dtype), rand(1, 3, 7, dtype=dtype), rand(1, 3, 7, dtype=dtype)]
+    losses = [w_all[:n_out],                                    # every output
+              ["sum"] + [None] * (n_out - 1),                  # y.sum(): expanded, hn/cn None
+              [None] + w_all[1:n_out]]                          # final states only: gy None
+    for x_grad in (True, False):
+        for frozen in (False, True):
+            if frozen and not x_grad:
+                continue
+            ours.requires_grad_(not frozen)
+            for weights_of in losses:
+                x = x0.clone().requires_grad_(x_grad)
+                n = len(calls)
+                fast = flat_out(ours(x))
+                assert len(calls) == n, "the fast path was not taken"
+                g_fast = _grads(ours, x, fast, weights_of)
+                x_ref = x0.clone().requires_grad_(x_grad)
+                ref = flat_out(ours._forward_general(x_ref, zs))
+                g_ref = _grads(ours, x_ref, ref, weights_of)
+                for u, w in zip(fast + list(g_fast), ref + list(g_ref)):
+                    assert u.shape == w.shape and u.stride() == w.stride()
+                    assert torch.equal(u, w), "fast path differs from the general path"
+    ours.requires_grad_(True)
+    # initial states passed, needing a gradient (as an encoder's final state into a decoder)
+    s0 = [rand(1, 3, 7, dtype=dtype) for _ in range(n_out - 1)]
+    x, x_t, x_ref = (x0.clone().requires_grad_() for _ in range(3))
+    s_f, s_t, s_ref = ([t.clone().requires_grad_() for t in s0] for _ in range(3))
+    as_hx = lambda s: tuple(s) if lstm else s[0]   # noqa: E731
+    n = len(calls)
+    out = flat_out(ours(x, as_hx(s_f)))
+    assert len(calls) == n, "the fast path was not taken with states"
+    out_ref = flat_out(ours._forward_general(x_ref, as_hx(s_ref)))
+    out_t = flat_out(theirs(x_t, as_hx(s_t)))
+    grads = []
+    for m, xx, oo, ss in ((ours, x, out, s_f), (ours, x_ref, out_ref, s_ref),
+                          (theirs, x_t, out_t, s_t)):
+        loss = sum((o * w).sum() for o, w in zip(oo, w_all))
+        grads.append(torch.autograd.grad(loss, [xx, *ss, *m.parameters()]))
+    for u, w in zip(out + list(grads[0]), out_ref + list(grads[1])):
+        assert torch.equal(u, w), "fast path with states differs from the general path"
+    for u, w in zip(out + list(grads[0]), out_t + list(grads[2])):
+        assert_close(u, w)
+    # states the fast path does not take (another shape, a non-contiguous one): the general
+    # path, with its error for a wrong shape
+    with pytest.raises(RuntimeError, match="hidden"):
+        ours(x, as_hx([rand(1, 2, 7, dtype=dtype) for _ in s0]))
+    n = len(calls)
+    ours(x, as_hx([rand(1, 3, 14, dtype=dtype)[..., ::2] for _ in s0]))
     assert len(calls) == n + 1
+    y = ours(x)[0]
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_training_fast_path_gradcheck(fast_path_calls):
+    """float64 gradcheck of a module call on the training fast path (input and parameters)."""
+    ours, _ = make_pair("LSTM", 3, 4, dtype=torch.float64, num_layers=1)
+    x = rand(4, 2, 3, dtype=torch.float64).requires_grad_()
+    with torch.no_grad():
+        ours(x)
+    names = [n for n, _ in ours.named_parameters()]
+
+    def f(x, *params):
+        out = torch.func.functional_call(ours, dict(zip(names, params)), (x,))
+        return out[0], out[1][0], out[1][1]
+
+    n = len(fast_path_calls)
+    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert len(fast_path_calls) == n, "gradcheck did not run the fast path"
 
 
 def test_inference_fast_path_under_default_device(fast_path_calls):

@@ -53,9 +53,10 @@ def _check_kind(name, input, weight):
                            f"on {data.device} and parameters on {weight.device}")
 
 
-# ---- inference fast path ------------------------------------------------------------------------
-# A one-layer, one-direction module without projection, called without a state on a plain
-# contiguous time-major CPU tensor with grad mode off (_eager: outside torch.compile / export,
+# ---- fast path (inference and training) -----------------------------------------------------------
+# A one-layer, one-direction module without projection, called on a plain contiguous time-major
+# CPU tensor without a state or with plain contiguous states of shape (1, B, H) of the input's
+# dtype (_fast_states) (_eager: outside torch.compile / export,
 # jit.trace, dispatch modes, torch.func and forward AD; and no torch function mode such as
 # `with torch.device(...)` / set_default_device), whose weights are plain contiguous CPU tensors
 # of the input's dtype, goes straight to the kernel. What the kernel call needs besides the
@@ -67,6 +68,11 @@ def _check_kind(name, input, weight):
 # layout), so results are bitwise the same (tests/test_rnn.py::test_inference_fast_path). The
 # general path's Python (module checks, run_layers, the operands' validation, contiguous copies,
 # stacking) was about a third of a batch-1 LSTM call (benchmarks/RESULTS.md, 2026-12-02 00:50).
+# With grad mode on and a gradient wanted (input or a weight requires it), a hit runs _FastLayer:
+# the same forward kernel with the workspace saved, and a backward that calls the backward
+# kernel with the cached geometry (the general path re-validated every operand there, and
+# materialised zero gradients for unused outputs, which the kernel takes as absent; results
+# tests/test_rnn.py::test_training_fast_path). Measured: RESULTS.md, 2026-12-05 20:05 section.
 _FAST: dict = {}
 _FAST_MAX = 256
 _Tensor, _Parameter = torch.Tensor, nn.Parameter
@@ -78,7 +84,7 @@ _zeros, _empty = torch.zeros, torch.empty
 def _fast_operands(module, input):
     """(key, weights) when this call may take the fast path, else None."""
     if (module.num_layers != 1 or module.bidirectional or module.proj_size or module.batch_first
-            or _grad_enabled() or _function_modes() or not _eager(input) or input.dim() != 3
+            or _function_modes() or not _eager(input) or input.dim() != 3
             or input.numel() == 0):
         return None
     dt = input.dtype
@@ -113,25 +119,114 @@ def _fast_put(key, input, weights):
     _FAST[key] = (geometry, lstm, key[3], device)
 
 
-def _fast_forward(input, weights, geo):
-    """The kernel call of the general path for this input (time-major, zero states), with the
-    weights _fast_operands checked. geometry: (mode, dtype code, T, B, batch_sizes, I, H, P,
-    reverse, has_bias); T and B are this call's."""
+def _fast_states(hx, lstm, input, H):
+    """(h0, c0 or None) when the state hx the user passed may take the fast path: for the LSTM a
+    tuple of two, each a plain contiguous CPU tensor of the input's dtype and shape (1, B, H);
+    else None, and the general path checks it (and raises its errors)."""
+    if lstm:
+        if type(hx) is not tuple or len(hx) != 2:
+            return None
+        states = hx
+    else:
+        states = (hx,)
+    shape = (1, input.shape[1], H)
+    for t in states:
+        if (type(t) is not _Tensor and type(t) is not _Parameter) or t.dtype is not input.dtype \
+                or not t.is_cpu or t.shape != shape or not t.is_contiguous() or t.is_neg() \
+                or t._is_zerotensor():
+            return None
+    return (hx[0], hx[1]) if lstm else (hx, None)
+
+
+def _fast_run(input, h0, c0, weights, geo, training):
+    """The forward kernel call of the general path for this input (time-major) and states h0,
+    c0 (1, B, H) (None: zeros), with the operands _fast_operands / _fast_states checked: (y, hn,
+    cn or None, workspace or None, geometry). geometry: (mode, dtype code, T, B, batch_sizes, I,
+    H, P, reverse, has_bias); T and B are this call's. training: the workspace the backward
+    reads is filled."""
     geometry, lstm, H, device = geo
     T, B = input.shape[0], input.shape[1]
     geometry = geometry[:2] + (T, B) + geometry[4:]
     dt, dev = input.dtype, input.device
-    h0 = _zeros((B, H), dtype=dt, device=dev)
+    if h0 is None:
+        h0 = _zeros((B, H), dtype=dt, device=dev)
+        c0 = h0 if lstm else None
     y = _empty((T, B, H), dtype=dt, device=dev)
     hn = _empty((1, B, H), dtype=dt, device=dev)
     cn = _empty((1, B, H), dtype=dt, device=dev) if lstm else None
+    ws = (_empty((_C.rnn_buffer_sizes(geometry, False)[0],), dtype=dt, device=dev)
+          if training else None)
     w = weights
     bias = (w[2].data_ptr(), w[3].data_ptr()) if len(w) == 4 else (None, None)
-    p0 = h0.data_ptr()
-    _C.rnn_forward(geometry, input.data_ptr(), w[0].data_ptr(), w[1].data_ptr(), *bias, None, p0,
-                   p0 if lstm else None, y.data_ptr(), hn.data_ptr(),
-                   cn.data_ptr() if lstm else None, None, None, device, 0)
-    return (y, (hn, cn)) if lstm else (y, hn)
+    _C.rnn_forward(geometry, input.data_ptr(), w[0].data_ptr(), w[1].data_ptr(), *bias, None,
+                   h0.data_ptr(), c0.data_ptr() if lstm else None, y.data_ptr(), hn.data_ptr(),
+                   cn.data_ptr() if lstm else None, None if ws is None else ws.data_ptr(), None,
+                   device, 0)
+    return y, hn, cn, ws, geometry
+
+
+def _fast_forward(input, h0, c0, weights, geo):
+    """The fast path's result, as the module returns it: inference, or _FastLayer when a
+    gradient is wanted (grad mode on and the input, a state or a weight requiring it)."""
+    if _grad_enabled() and (input.requires_grad or any(w.requires_grad for w in weights) or (
+            h0 is not None and (h0.requires_grad or (c0 is not None and c0.requires_grad)))):
+        out = _FastLayer.apply(geo, input, h0, c0, *weights)
+        return (out[0], (out[1], out[2])) if geo[1] else out
+    y, hn, cn, _, _ = _fast_run(input, h0, c0, weights, geo, False)
+    return (y, (hn, cn)) if geo[1] else (y, hn)
+
+
+def _grad_operand(g):
+    """An incoming gradient as the kernel reads it: None (zero), or dense and contiguous (a
+    loss's sum() sends an expanded one)."""
+    if g is None:
+        return None
+    if g.layout is not torch.strided:
+        g = g.to_dense()
+    return _ops_rnn._contig(g)
+
+
+class _FastLayer(torch.autograd.Function):
+    """The fast path's layer with a gradient: input (T, B, I), states h0, c0 (1, B, H) or None
+    (zeros), weights w_ih, w_hh[, b_ih, b_hh] (checked by _fast_operands / _fast_states against a
+    key the general path validated). Returns y (T, B, H), hn (1, B, H)[, cn (1, B, H)], as _Layer
+    for one direction."""
+
+    @staticmethod
+    def forward(ctx, geo, input, h0, c0, *weights):
+        y, hn, cn, ws, geometry = _fast_run(input, h0, c0, weights, geo, True)
+        ctx.geometry, ctx.device = geometry, geo[3]
+        ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
+        ctx.save_for_backward(input, *weights, ws)   # (the workspace holds the states)
+        return (y, hn, cn) if geo[1] else (y, hn)
+
+    @staticmethod
+    def backward(ctx, gy, ghn, gcn=None):
+        if _grad_enabled():   # as _Layer.backward: the kernels' backward is not differentiable
+            raise RuntimeError("fastdl recurrent layers do not support double backward "
+                               "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
+        saved = ctx.saved_tensors
+        x, weights, ws = saved[0], saved[1:-1], saved[-1]
+        geometry = ctx.geometry
+        lstm = geometry[0] == _f.LSTM
+        B, H = geometry[3], geometry[6]
+        needs = ctx.needs_input_grad   # (geo, input, h0, c0, *weights)
+        dt = x.dtype
+        new = lambda *shape: _empty(shape, dtype=dt)   # noqa: E731 (CPU: _eager)
+        gy, ghn, gcn = _grad_operand(gy), _grad_operand(ghn), _grad_operand(gcn)
+        dx = new(*x.shape) if needs[1] else None
+        dh0 = new(1, B, H)   # (written whether wanted or not)
+        dc0 = new(1, B, H) if lstm else None
+        w_ih, w_hh = weights[0], weights[1]
+        dw = [new(*w.shape) for w in weights] if any(needs[4:]) else [None] * len(weights)
+        db = (dw[2], dw[3]) if len(weights) == 4 else (None, None)
+        scratch = new(_C.rnn_buffer_sizes(geometry, False)[1])
+        p = _ops_rnn._ptr
+        _C.rnn_backward(geometry, x.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), None, p(gy),
+                        p(ghn), p(gcn), ws.data_ptr(), scratch.data_ptr(), p(dx),
+                        dh0.data_ptr(), p(dc0), p(dw[0]), p(dw[1]), p(db[0]), p(db[1]), None,
+                        ctx.device, 0)
+        return (None, dx, dh0 if needs[2] else None, dc0 if needs[3] else None, *dw)
 
 
 class _RecurrentMixin:
@@ -143,11 +238,13 @@ class _RecurrentMixin:
         raise NotImplementedError
 
     def forward(self, input, hx=None):
-        fast = _fast_operands(self, input) if hx is None and type(input) is _Tensor else None
+        fast = _fast_operands(self, input) if type(input) is _Tensor else None
         if fast is not None:
             geo = _FAST.get(fast[0])
             if geo is not None:
-                return _fast_forward(input, fast[1], geo)
+                states = (None, None) if hx is None else _fast_states(hx, geo[1], input, geo[2])
+                if states is not None:
+                    return _fast_forward(input, states[0], states[1], fast[1], geo)
         out = self._forward_general(input, hx)
         if fast is not None:
             _fast_put(fast[0], input, fast[1])
