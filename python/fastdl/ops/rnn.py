@@ -76,6 +76,17 @@ def _contig(x):
     return None if x is None else _tensor.contiguous(_plain(x))
 
 
+def grad_operand(g):
+    """A gradient autograd passes to a backward, as the kernels read it: None (zero), or dense
+    and contiguous (a loss's sum() sends an expanded one). Its shape, dtype and device are the
+    output's: autograd's engine checks every gradient it passes on."""
+    if g is None:
+        return None
+    if g.layout is not sys.modules["torch"].strided:
+        g = g.to_dense()
+    return _contig(g)
+
+
 def _pointers(values):
     """Data pointers for the binding (None stays None); the caller keeps `values` alive."""
     return [None if v is None else _tensor.pointer(v) for v in values]
@@ -456,30 +467,43 @@ def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training, *, states_
     return h_new, c_new, act
 
 
-def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh, needs):
+def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh, needs, *,
+                      from_autograd=False):
     """Gradients of cell_cpu_forward from what it saved: grad_h, grad_c (LSTM) may be None
     (zero). needs: (input, hx, cx, weight_ih, weight_hh, bias) flags. Returns (grad_input,
     grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh), None where not
-    needed. The saved operands are contiguous (as cell_cpu_forward's); the gradients may not be."""
-    if mode not in _GATES:
-        raise ValueError(f"recurrent_cell_backward: unknown mode {mode}")
-    grad_h = None if grad_h is None else _tensor.contiguous(grad_h)
-    grad_c = None if grad_c is None else _tensor.contiguous(grad_c)
-    B, I, H, GH = _cell_shapes(mode, x, h, w_ih)
-    lstm, gated = mode == LSTM, mode in (LSTM, GRU)
-    # what the kernels read: LSTM c, c', act; GRU act; Elman h'
-    if (lstm and (c is None or c_new is None)) or (gated and act is None) or \
-            (not gated and h_new is None):
-        raise RuntimeError("recurrent_cell_backward: expected the forward's saved tensors (cx "
-                           "and c' for LSTM, the activations for LSTM/GRU, h' for RNN)")
-    BH = (B, H)
-    code = _check_cell("recurrent_cell_backward",
-                       (("input", x, (B, I)), ("hx", h, BH), ("cx", c if lstm else None, BH),
-                        ("c_new", c_new if lstm else None, BH),
-                        ("h_new", None if gated else h_new, BH),
-                        ("activations", act if gated else None, (B, 4 * H)),
-                        ("weight_ih", w_ih, (GH, I)), ("weight_hh", w_hh, (GH, H)),
-                        ("grad_h", grad_h, BH), ("grad_c", grad_c if lstm else None, BH)))
+    needed. The saved operands are contiguous (as cell_cpu_forward's); the gradients may not be.
+    from_autograd: the caller is the cells' autograd Function (nn/functional/rnn.py _Cell), whose
+    saved operands cell_cpu_forward checked and autograd's version counters keep unchanged, and
+    whose gradients autograd's engine checked (grad_operand): no check is repeated here (~10
+    operands a step)."""
+    if from_autograd:
+        grad_h, grad_c = grad_operand(grad_h), grad_operand(grad_c)
+        B, I = x.shape
+        H = h.shape[1]
+        GH = w_hh.shape[0]
+        lstm, gated = mode == LSTM, mode in (LSTM, GRU)
+        code = _tensor.FLOAT32 if x.dtype is sys.modules["torch"].float32 else _tensor.FLOAT64
+    else:
+        if mode not in _GATES:
+            raise ValueError(f"recurrent_cell_backward: unknown mode {mode}")
+        grad_h = None if grad_h is None else _tensor.contiguous(grad_h)
+        grad_c = None if grad_c is None else _tensor.contiguous(grad_c)
+        B, I, H, GH = _cell_shapes(mode, x, h, w_ih)
+        lstm, gated = mode == LSTM, mode in (LSTM, GRU)
+        # what the kernels read: LSTM c, c', act; GRU act; Elman h'
+        if (lstm and (c is None or c_new is None)) or (gated and act is None) or \
+                (not gated and h_new is None):
+            raise RuntimeError("recurrent_cell_backward: expected the forward's saved tensors "
+                               "(cx and c' for LSTM, the activations for LSTM/GRU, h' for RNN)")
+        BH = (B, H)
+        code = _check_cell("recurrent_cell_backward",
+                           (("input", x, (B, I)), ("hx", h, BH), ("cx", c if lstm else None, BH),
+                            ("c_new", c_new if lstm else None, BH),
+                            ("h_new", None if gated else h_new, BH),
+                            ("activations", act if gated else None, (B, 4 * H)),
+                            ("weight_ih", w_ih, (GH, I)), ("weight_hh", w_hh, (GH, H)),
+                            ("grad_h", grad_h, BH), ("grad_c", grad_c if lstm else None, BH)))
     outs = (x.new_empty((B, I)) if needs[0] else None,
             x.new_empty((B, H)) if needs[1] else None,
             x.new_empty((B, H)) if needs[2] and lstm else None,

@@ -176,16 +176,6 @@ def _fast_forward(input, h0, c0, weights, geo):
     return (y, (hn, cn)) if geo[1] else (y, hn)
 
 
-def _grad_operand(g):
-    """An incoming gradient as the kernel reads it: None (zero), or dense and contiguous (a
-    loss's sum() sends an expanded one)."""
-    if g is None:
-        return None
-    if g.layout is not torch.strided:
-        g = g.to_dense()
-    return _ops_rnn._contig(g)
-
-
 class _FastLayer(torch.autograd.Function):
     """The fast path's layer with a gradient: input (T, B, I), states h0, c0 (1, B, H) or None
     (zeros), weights w_ih, w_hh[, b_ih, b_hh] (checked by _fast_operands / _fast_states against a
@@ -213,7 +203,8 @@ class _FastLayer(torch.autograd.Function):
         needs = ctx.needs_input_grad   # (geo, input, h0, c0, *weights)
         dt = x.dtype
         new = lambda *shape: _empty(shape, dtype=dt)   # noqa: E731 (CPU: _eager)
-        gy, ghn, gcn = _grad_operand(gy), _grad_operand(ghn), _grad_operand(gcn)
+        dense = _ops_rnn.grad_operand
+        gy, ghn, gcn = dense(gy), dense(ghn), dense(gcn)
         dx = new(*x.shape) if needs[1] else None
         dh0 = new(1, B, H)   # (written whether wanted or not)
         dc0 = new(1, B, H) if lstm else None
