@@ -269,6 +269,41 @@ def test_winograd_wide_and_stacked(cpu_path, dtype):
         fastdl.ops.set_conv_algorithm(before)
 
 
+# Narrow tile rows (conv_winograd.cpp's vector transforms run groups of 8 tiles): widths give a
+# last group of 1-4 tiles (tw % 8) below and above 8 tiles, odd and even output widths (the
+# last tile half outside), odd and even counts of tile rows in an image and odd output heights
+# (no second output row in the last tile row), 2-3 images a chunk, padding 0-2, groups; forward
+# and input gradient (the input gradient of a 3x3 stride-1 layer is a Winograd forward with
+# padding 2 - p). (A version pairing two rows' last groups in one vector ran these; it gained
+# ~1% and was not kept: benchmarks/RESULTS.md, 2026-12-05 20:05 section.)
+WINOGRAD_NARROW_ROWS = [
+    ((3, 2, 5, 3), (3, 2, 3, 3), True, 0, 1),      # 1 x 1 tiles
+    ((3, 3, 7, 6), (4, 3, 3, 3), False, 0, 1),     # tw 2, 3 tile rows
+    ((3, 2, 6, 8), (5, 2, 3, 3), True, 1, 1),      # tw 4, ow 8
+    ((2, 4, 9, 7), (6, 2, 3, 3), True, 1, 2),      # tw 4 (ow 7: half a tile out), oh 9
+    ((3, 3, 10, 20), (4, 3, 3, 3), False, 1, 1),   # tw 10 (tail 2)
+    ((3, 5, 8, 26), (8, 5, 3, 3), True, 0, 1),     # tw 12 (tail 4): the conv suite's shape 2
+    ((2, 2, 11, 23), (3, 2, 3, 3), True, 2, 1),    # tw 12 (ow 25: odd), oh 13
+    ((3, 3, 12, 24), (2, 3, 3, 3), False, 1, 1),   # tw 12, 6 tile rows
+    ((2, 4, 9, 56), (8, 2, 3, 3), True, 1, 2),     # tw 28 (tail 4): shape 3's width
+    ((3, 2, 7, 19), (4, 2, 3, 3), True, 0, 1),     # tw 9 (tail 1), ow 17
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_narrow_rows(cpu_path, dtype):
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("winograd")
+    try:
+        for i, (shape, wshape, bias, pad, g) in enumerate(WINOGRAD_NARROW_ROWS):
+            kw = dict(stride=1, padding=pad, dilation=1, groups=g)
+            assert ops_conv.conv2d_algorithm(torch.zeros(shape), torch.zeros(wshape),
+                                             **kw) == "winograd"
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=300 + i, what="algo=winograd")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 def winograd_s2_configs(seed):
     """4x4 stride-2 geometries (whose forward and input gradient Winograd F(3x3, 2x2) serves over
     stride phases): padding 0-4

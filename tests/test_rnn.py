@@ -403,8 +403,10 @@ def test_inference_fast_path(kind, dtype, bias, fast_path_calls):
     sequence length or batch): outputs and final states bitwise equal to the general path's (run
     with explicit zero states), same shapes, strides and dtype; a second module of the same
     shapes and replaced weights use their own weights; train mode (one layer: no dropout) too.
-    Calls that do not qualify (grad mode, a state passed, a non-contiguous input, a torch.device
-    context) run the general path, and a wrong input size still raises the general path's error."""
+    Calls that do not qualify (a non-contiguous input, a torch.device context) run the general
+    path, and a wrong input size still raises the general path's error; grad mode on with
+    nothing needing a gradient is inference. (Training calls and passed states:
+    test_training_fast_path.)"""
     calls = fast_path_calls
     lstm = kind == "LSTM"
     cfg = dict(num_layers=1, bidirectional=False, batch_first=False, bias=bias)
@@ -495,7 +497,7 @@ def test_training_fast_path(kind, dtype, bias, fast_path_calls):
     for x_grad in (True, False):
         for frozen in (False, True):
             if frozen and not x_grad:
-                continue
+                continue   # (nothing needs a gradient: inference; states only: below)
             ours.requires_grad_(not frozen)
             for weights_of in losses:
                 x = x0.clone().requires_grad_(x_grad)
@@ -529,6 +531,19 @@ def test_training_fast_path(kind, dtype, bias, fast_path_calls):
         assert torch.equal(u, w), "fast path with states differs from the general path"
     for u, w in zip(out + list(grads[0]), out_t + list(grads[2])):
         assert_close(u, w)
+    # only the states need a gradient (input and weights frozen), or only one of them
+    ours.requires_grad_(False)
+    for wanted in range(n_out - 1) if lstm else (0,):
+        s_f, s_ref = ([t.clone().requires_grad_(i == wanted) for i, t in enumerate(s0)]
+                      for _ in range(2))
+        n = len(calls)
+        out = flat_out(ours(x0, as_hx(s_f)))
+        assert len(calls) == n
+        out_ref = flat_out(ours._forward_general(x0, as_hx(s_ref)))
+        g, g_ref = (torch.autograd.grad(sum((o * w).sum() for o, w in zip(oo, w_all)), ss[wanted])
+                    for oo, ss in ((out, s_f), (out_ref, s_ref)))
+        assert torch.equal(g[0], g_ref[0]), f"gradient of state {wanted} alone"
+    ours.requires_grad_(True)
     # states the fast path does not take (another shape, a non-contiguous one): the general
     # path, with its error for a wrong shape
     with pytest.raises(RuntimeError, match="hidden"):
@@ -541,22 +556,82 @@ def test_training_fast_path(kind, dtype, bias, fast_path_calls):
         torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
-def test_training_fast_path_gradcheck(fast_path_calls):
-    """float64 gradcheck of a module call on the training fast path (input and parameters)."""
-    ours, _ = make_pair("LSTM", 3, 4, dtype=torch.float64, num_layers=1)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_training_fast_path_gradcheck(kind, fast_path_calls):
+    """float64 gradcheck of a module call on the training fast path: input, initial states and
+    parameters."""
+    lstm = kind == "LSTM"
+    ours, _ = make_pair(kind, 3, 4, dtype=torch.float64, num_layers=1)
     x = rand(4, 2, 3, dtype=torch.float64).requires_grad_()
+    states = [rand(1, 2, 4, dtype=torch.float64).requires_grad_() for _ in range(2 if lstm else 1)]
     with torch.no_grad():
         ours(x)
     names = [n for n, _ in ours.named_parameters()]
 
-    def f(x, *params):
-        out = torch.func.functional_call(ours, dict(zip(names, params)), (x,))
-        return out[0], out[1][0], out[1][1]
+    def f(x, *rest):
+        hx = tuple(rest[:2]) if lstm else rest[0]
+        params = rest[len(states):]
+        out = torch.func.functional_call(ours, dict(zip(names, params)), (x, hx))
+        return (out[0], *out[1]) if lstm else out
 
     n = len(fast_path_calls)
     params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
-    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradcheck(f, (x, *states, *params))
     assert len(fast_path_calls) == n, "gradcheck did not run the fast path"
+
+
+def _noncontiguous_copy(t):
+    """t's values in a strided (non-contiguous) tensor."""
+    b = torch.empty(t.shape + (2,), dtype=t.dtype)[..., 0]
+    return b.copy_(t)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_fast_path_under_checkpoint_and_saved_tensor_hooks(kind, fast_path_calls):
+    """torch.utils.checkpoint (non-reentrant) recomputes a call and needs it to save what the
+    first run saved: a module's first call (general path, which caches the key) and every later
+    one give torch's gradients. Saved-tensor hooks that hand back strided copies, globally or on
+    the fast path's own node: the same gradients; one that hands back a wrong-sized tensor: a
+    RuntimeError, never a read past it. The cells under a strided-copy hook: the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+    ours, theirs = make_pair(kind, 5, 7, dtype=torch.float32, num_layers=1)
+    x0 = rand(6, 3, 5, dtype=torch.float32)
+
+    def grads(m, run):
+        x = x0.clone().requires_grad_()
+        y = run(m, x)[0]
+        return torch.autograd.grad((y * y).sum(), [x, *m.parameters()])
+
+    want = grads(theirs, lambda m, x: m(x))
+    for _ in range(2):   # the first call caches the key; the second finds it
+        got = grads(ours, lambda m, x: checkpoint(m, x, use_reentrant=False))
+        for u, w in zip(got, want):
+            assert_close(u, w)
+    ref = grads(ours, lambda m, x: m(x))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _noncontiguous_copy):
+        got = grads(ours, lambda m, x: m(x))
+    for u, w in zip(got, ref):
+        assert torch.equal(u, w)
+    x = x0.clone().requires_grad_()
+    y = ours(x)[0]
+    assert type(y.grad_fn).__name__ == "_FastLayerBackward"
+    for saved in y.grad_fn._raw_saved_tensors:
+        saved.register_hooks(lambda t: t, _noncontiguous_copy)
+    got = torch.autograd.grad((y * y).sum(), [x, *ours.parameters()])
+    for u, w in zip(got, ref):
+        assert torch.equal(u, w)
+    y = ours(x)[0]
+    y.grad_fn._raw_saved_tensors[-1].register_hooks(lambda t: t, lambda t: t[:5].clone())
+    with pytest.raises(RuntimeError, match="saved-tensor hook"):
+        torch.autograd.grad(y.sum(), x)
+    cell = getattr(fastdl.nn, kind + "Cell")(5, 7)
+    xc = x0[0].clone().requires_grad_()
+    h_of = lambda out: out[0] if isinstance(out, tuple) else out   # noqa: E731
+    ref = torch.autograd.grad(h_of(cell(xc)).sum(), [xc, *cell.parameters()])
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _noncontiguous_copy):
+        got = torch.autograd.grad(h_of(cell(xc)).sum(), [xc, *cell.parameters()])
+    for u, w in zip(got, ref):
+        assert torch.equal(u, w)
 
 
 def test_inference_fast_path_under_default_device(fast_path_calls):

@@ -264,11 +264,21 @@ def recurrent_layer_backward(mode, grad_output, grad_hn, input, hx, weight_ih, w
                 g[...] = 0
         return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
     scratch = _empty_acc(x, (sc_n,))
-    args = [x] + [_contig(v) for v in (weight_ih, weight_hh, weight_hr, grad_output, grad_hn,
-                                       grad_cn, workspace)]
-    args += [scratch, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr]
-    _C.rnn_backward(geometry, *_pointers(args), device, _tensor.current_stream(device))
+    operands = [x] + [_contig(v) for v in (weight_ih, weight_hh, weight_hr, grad_output, grad_hn,
+                                           grad_cn, workspace)]
+    backward_kernel(geometry, device, *operands, scratch,
+                    (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr))
     return dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+
+
+def backward_kernel(geometry, device, x, w_ih, w_hh, w_hr, grad_output, grad_hn, grad_cn,
+                    workspace, scratch, outs):
+    """The backward kernel call on operands checked against geometry (recurrent_layer_backward,
+    and the modules' fast path with its cached geometry): contiguous arrays/tensors or None;
+    outs = (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr), None where not wanted (dh0 always,
+    dc0 for LSTM)."""
+    args = [x, w_ih, w_hh, w_hr, grad_output, grad_hn, grad_cn, workspace, scratch, *outs]
+    _C.rnn_backward(geometry, *_pointers(args), device, _tensor.current_stream(device))
 
 
 # ---- typed wrappers: sequences -------------------------------------------------------------------
@@ -467,30 +477,48 @@ def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training, *, states_
     return h_new, c_new, act
 
 
+def _saved_as_forward(dtype, operands):
+    """Whether every (tensor or None, shape) of operands is a contiguous CPU tensor of dtype and
+    that shape: what a backward reads by pointer from what its forward saved (a saved-tensor hook
+    may hand back another tensor; torch does not check it)."""
+    for t, shape in operands:
+        if t is not None and (t.dtype is not dtype or t.shape != shape or not t.is_contiguous()
+                              or not t.is_cpu):
+            return False
+    return True
+
+
 def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh, needs, *,
-                      from_autograd=False):
+                      forward_sizes=None):
     """Gradients of cell_cpu_forward from what it saved: grad_h, grad_c (LSTM) may be None
     (zero). needs: (input, hx, cx, weight_ih, weight_hh, bias) flags. Returns (grad_input,
     grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh), None where not
     needed. The saved operands are contiguous (as cell_cpu_forward's); the gradients may not be.
-    from_autograd: the caller is the cells' autograd Function (nn/functional/rnn.py _Cell), whose
-    saved operands cell_cpu_forward checked and autograd's version counters keep unchanged, and
-    whose gradients autograd's engine checked (grad_operand): no check is repeated here (~10
-    operands a step)."""
-    if from_autograd:
-        grad_h, grad_c = grad_operand(grad_h), grad_operand(grad_c)
-        B, I = x.shape
-        H = h.shape[1]
-        GH = w_hh.shape[0]
-        lstm, gated = mode == LSTM, mode in (LSTM, GRU)
-        code = _tensor.FLOAT32 if x.dtype is sys.modules["torch"].float32 else _tensor.FLOAT64
-    else:
+    forward_sizes: (dtype, B, I, H) of the forward when the caller is the cells' autograd
+    Function (nn/functional/rnn.py _Cell), whose gradients autograd's engine checked
+    (grad_operand): the saved operands' checks shrink to dtype, shape and layout against them
+    (~3 us a step less); any other tensor (from a saved-tensor hook) gets the full checks."""
+    lstm, gated = mode == LSTM, mode in (LSTM, GRU)
+    if forward_sizes is not None:
+        dt, B, I, H = forward_sizes
+        GH = _GATES[mode] * H
+        BH = (B, H)
+        if _saved_as_forward(dt, ((x, (B, I)), (h, BH), (c, BH), (c_new, BH), (h_new, BH),
+                                  (act, (B, 4 * H)), (w_ih, (GH, I)), (w_hh, (GH, H)))) and (
+                not lstm or (c is not None and c_new is not None)) and (
+                act is not None if gated else h_new is not None):
+            grad_h, grad_c = grad_operand(grad_h), grad_operand(grad_c)
+            code = _tensor.FLOAT32 if dt is sys.modules["torch"].float32 else _tensor.FLOAT64
+        else:   # (a hook's strided copy is read contiguous; other changes fail the checks)
+            x, h, c, h_new, c_new, act, w_ih, w_hh = (
+                _contig(t) for t in (x, h, c, h_new, c_new, act, w_ih, w_hh))
+            forward_sizes = None
+    if forward_sizes is None:
         if mode not in _GATES:
             raise ValueError(f"recurrent_cell_backward: unknown mode {mode}")
         grad_h = None if grad_h is None else _tensor.contiguous(grad_h)
         grad_c = None if grad_c is None else _tensor.contiguous(grad_c)
         B, I, H, GH = _cell_shapes(mode, x, h, w_ih)
-        lstm, gated = mode == LSTM, mode in (LSTM, GRU)
         # what the kernels read: LSTM c, c', act; GRU act; Elman h'
         if (lstm and (c is None or c_new is None)) or (gated and act is None) or \
                 (not gated and h_new is None):

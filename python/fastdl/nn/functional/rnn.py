@@ -106,6 +106,7 @@ class _Cell(torch.autograd.Function):
         h_new, c_new, act = _ops.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, True,
                                                   states_checked=True)
         ctx.mode = mode
+        ctx.sizes = (x.dtype, x.shape[0], x.shape[1], h.shape[1])
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
         ctx.save_for_backward(x, h, c, w_ih, w_hh, act, h_new if mode in (TANH, RELU) else None,
                               c_new)
@@ -118,7 +119,7 @@ class _Cell(torch.autograd.Function):
         n = ctx.needs_input_grad
         g = _ops.cell_cpu_backward(ctx.mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih,
                                    w_hh, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]),
-                                   from_autograd=True)
+                                   forward_sizes=ctx.sizes)
         return None, g[0], g[1], g[2], g[3], g[4], g[5], g[6]
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ... import _C, _library
+from ... import _C, _library, _tensor
 from ...ops import rnn as _ops_rnn
 from ..functional import rnn as _f
 from ..functional.pool import _eager
@@ -68,7 +68,8 @@ def _check_kind(name, input, weight):
 # layout), so results are bitwise the same (tests/test_rnn.py::test_inference_fast_path). The
 # general path's Python (module checks, run_layers, the operands' validation, contiguous copies,
 # stacking) was about a third of a batch-1 LSTM call (benchmarks/RESULTS.md, 2026-12-02 00:50).
-# With grad mode on and a gradient wanted (input or a weight requires it), a hit runs _FastLayer:
+# With grad mode on and a gradient wanted (input, a state or a weight requires it), outside
+# saved-tensor hooks (_fast_forward), a hit runs _FastLayer:
 # the same forward kernel with the workspace saved, and a backward that calls the backward
 # kernel with the cached geometry (the general path re-validated every operand there, and
 # materialised zero gradients for unused outputs, which the kernel takes as absent; results
@@ -79,6 +80,7 @@ _Tensor, _Parameter = torch.Tensor, nn.Parameter
 _grad_enabled = torch.is_grad_enabled
 _function_modes = torch._C._len_torch_function_stack
 _zeros, _empty = torch.zeros, torch.empty
+_DTYPES = {_tensor.FLOAT32: torch.float32, _tensor.FLOAT64: torch.float64}
 
 
 def _fast_operands(module, input):
@@ -165,15 +167,33 @@ def _fast_run(input, h0, c0, weights, geo, training):
     return y, hn, cn, ws, geometry
 
 
+_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def _fast_forward(input, h0, c0, weights, geo):
-    """The fast path's result, as the module returns it: inference, or _FastLayer when a
-    gradient is wanted (grad mode on and the input, a state or a weight requiring it)."""
-    if _grad_enabled() and (input.requires_grad or any(w.requires_grad for w in weights) or (
-            h0 is not None and (h0.requires_grad or (c0 is not None and c0.requires_grad)))):
+    """The fast path's result, as the module returns it (None: take the general path):
+    inference, or _FastLayer when a gradient is wanted (grad mode on and the input, a state or a
+    weight requiring it), except under saved-tensor hooks (torch.utils.checkpoint, save_on_cpu):
+    a checkpoint's recomputation must save the same tensors as its first run, which may have
+    been the general path's, before this key was cached."""
+    if _library.needs_autograd(input, h0, c0, *weights):
+        if _saved_hooks is None or _saved_hooks(False) is not None:
+            return None
         out = _FastLayer.apply(geo, input, h0, c0, *weights)
         return (out[0], (out[1], out[2])) if geo[1] else out
     y, hn, cn, _, _ = _fast_run(input, h0, c0, weights, geo, False)
     return (y, (hn, cn)) if geo[1] else (y, hn)
+
+
+def _as_saved(t, dtype, shape):
+    """A tensor _FastLayer saved, as its backward reads it: of the forward's dtype and shape and
+    contiguous. A saved-tensor hook registered on the node may hand back another tensor (these
+    are not checked by torch): a strided copy is made contiguous, anything else raises."""
+    if t.dtype is not dtype or t.shape != shape or not t.is_cpu or t.layout is not torch.strided:
+        raise RuntimeError(f"fastdl recurrent layer backward: a saved tensor came back from a "
+                           f"saved-tensor hook as {tuple(t.shape)} {t.dtype} on {t.device}, "
+                           f"expected {tuple(shape)} {dtype} on cpu")
+    return _ops_rnn._contig(t)
 
 
 class _FastLayer(torch.autograd.Function):
@@ -187,7 +207,10 @@ class _FastLayer(torch.autograd.Function):
         y, hn, cn, ws, geometry = _fast_run(input, h0, c0, weights, geo, True)
         ctx.geometry, ctx.device = geometry, geo[3]
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
-        ctx.save_for_backward(input, *weights, ws)   # (the workspace holds the states)
+        # The workspace holds every step's states, h0 and c0 included, so they are not saved
+        # (unlike _Layer's: a state changed in place after this call does not raise here).
+        ctx.save_for_backward(input, *weights, ws)
+        ctx.shapes = [input.shape] + [w.shape for w in weights] + [ws.shape]
         return (y, hn, cn) if geo[1] else (y, hn)
 
     @staticmethod
@@ -195,35 +218,33 @@ class _FastLayer(torch.autograd.Function):
         if _grad_enabled():   # as _Layer.backward: the kernels' backward is not differentiable
             raise RuntimeError("fastdl recurrent layers do not support double backward "
                                "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
-        saved = ctx.saved_tensors
-        x, weights, ws = saved[0], saved[1:-1], saved[-1]
         geometry = ctx.geometry
+        dt = _DTYPES[geometry[1]]
+        saved = [t if t.dtype is dt and t.shape == shape and t.is_contiguous() and t.is_cpu
+                 else _as_saved(t, dt, shape) for t, shape in zip(ctx.saved_tensors, ctx.shapes)]
+        x, weights, ws = saved[0], saved[1:-1], saved[-1]
         lstm = geometry[0] == _f.LSTM
         B, H = geometry[3], geometry[6]
         needs = ctx.needs_input_grad   # (geo, input, h0, c0, *weights)
-        dt = x.dtype
         new = lambda *shape: _empty(shape, dtype=dt)   # noqa: E731 (CPU: _eager)
         dense = _ops_rnn.grad_operand
         gy, ghn, gcn = dense(gy), dense(ghn), dense(gcn)
         dx = new(*x.shape) if needs[1] else None
         dh0 = new(1, B, H)   # (written whether wanted or not)
         dc0 = new(1, B, H) if lstm else None
-        w_ih, w_hh = weights[0], weights[1]
         dw = [new(*w.shape) for w in weights] if any(needs[4:]) else [None] * len(weights)
         db = (dw[2], dw[3]) if len(weights) == 4 else (None, None)
         scratch = new(_C.rnn_buffer_sizes(geometry, False)[1])
-        p = _ops_rnn._ptr
-        _C.rnn_backward(geometry, x.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), None, p(gy),
-                        p(ghn), p(gcn), ws.data_ptr(), scratch.data_ptr(), p(dx),
-                        dh0.data_ptr(), p(dc0), p(dw[0]), p(dw[1]), p(db[0]), p(db[1]), None,
-                        ctx.device, 0)
+        _ops_rnn.backward_kernel(geometry, ctx.device, x, weights[0], weights[1], None, gy, ghn,
+                                 gcn, ws, scratch,
+                                 (dx, dh0, dc0, dw[0], dw[1], db[0], db[1], None))
         return (None, dx, dh0 if needs[2] else None, dc0 if needs[3] else None, *dw)
 
 
 class _RecurrentMixin:
     """forward() shared by RNN, LSTM and GRU: torch's RNNBase.forward structure (unbatched input,
     PackedSequence with sorted/unsorted indices, default zero states, batch_first) around
-    fastdl.nn.functional.rnn.run_layers; plain inference calls take the fast path above."""
+    fastdl.nn.functional.rnn.run_layers; plain one-layer calls take the fast path above."""
 
     def _fastdl_mode(self):
         raise NotImplementedError
@@ -235,7 +256,9 @@ class _RecurrentMixin:
             if geo is not None:
                 states = (None, None) if hx is None else _fast_states(hx, geo[1], input, geo[2])
                 if states is not None:
-                    return _fast_forward(input, states[0], states[1], fast[1], geo)
+                    out = _fast_forward(input, states[0], states[1], fast[1], geo)
+                    if out is not None:
+                        return out
         out = self._forward_general(input, hx)
         if fast is not None:
             _fast_put(fast[0], input, fast[1])
