@@ -256,21 +256,27 @@ def test_winograd_inverse_row_stores_only_its_tiles(cpu_path, tw):
             probe(args["m"], args["tw"], args["ow"], args["row0"], args["row1"])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_winograd_wide_and_stacked(cpu_path, dtype):
+def run_forced_winograd(cases, dtype, seed):
+    """run_conv_case on each (x shape, w shape, bias, padding, groups) of cases, stride 1, with
+    the algorithm forced to winograd (and checked to be the one that runs)."""
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("winograd")
     try:
-        for i, (shape, wshape, bias, pad, g) in enumerate(WINOGRAD_WIDE):
+        for i, (shape, wshape, bias, pad, g) in enumerate(cases):
             kw = dict(stride=1, padding=pad, dilation=1, groups=g)
             assert ops_conv.conv2d_algorithm(torch.zeros(shape), torch.zeros(wshape), **kw) == "winograd"
-            run_conv_case(dtype, shape, wshape, bias, kw, seed=100 + i, what="algo=winograd")
+            run_conv_case(dtype, shape, wshape, bias, kw, seed=seed + i, what="algo=winograd")
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_wide_and_stacked(cpu_path, dtype):
+    run_forced_winograd(WINOGRAD_WIDE, dtype, seed=100)
+
+
 # Narrow tile rows (conv_winograd.cpp's vector transforms run groups of 8 tiles): widths give a
-# last group of 1-4 tiles (tw % 8) below and above 8 tiles, odd and even output widths (the
+# last group of 1-5 tiles (tw % 8) below and above 8 tiles, odd and even output widths (the
 # last tile half outside), odd and even counts of tile rows in an image and odd output heights
 # (no second output row in the last tile row), 2-3 images a chunk, padding 0-2, groups; forward
 # and input gradient (the input gradient of a 3x3 stride-1 layer is a Winograd forward with
@@ -283,7 +289,7 @@ WINOGRAD_NARROW_ROWS = [
     ((2, 4, 9, 7), (6, 2, 3, 3), True, 1, 2),      # tw 4 (ow 7: half a tile out), oh 9
     ((3, 3, 10, 20), (4, 3, 3, 3), False, 1, 1),   # tw 10 (tail 2)
     ((3, 5, 8, 26), (8, 5, 3, 3), True, 0, 1),     # tw 12 (tail 4): the conv suite's shape 2
-    ((2, 2, 11, 23), (3, 2, 3, 3), True, 2, 1),    # tw 12 (ow 25: odd), oh 13
+    ((2, 2, 11, 23), (3, 2, 3, 3), True, 2, 1),    # tw 13 (tail 5; ow 25: odd), oh 13
     ((3, 3, 12, 24), (2, 3, 3, 3), False, 1, 1),   # tw 12, 6 tile rows
     ((2, 4, 9, 56), (8, 2, 3, 3), True, 1, 2),     # tw 28 (tail 4): shape 3's width
     ((3, 2, 7, 19), (4, 2, 3, 3), True, 0, 1),     # tw 9 (tail 1), ow 17
@@ -292,16 +298,7 @@ WINOGRAD_NARROW_ROWS = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_winograd_narrow_rows(cpu_path, dtype):
-    before = fastdl.ops.get_conv_algorithm()
-    fastdl.ops.set_conv_algorithm("winograd")
-    try:
-        for i, (shape, wshape, bias, pad, g) in enumerate(WINOGRAD_NARROW_ROWS):
-            kw = dict(stride=1, padding=pad, dilation=1, groups=g)
-            assert ops_conv.conv2d_algorithm(torch.zeros(shape), torch.zeros(wshape),
-                                             **kw) == "winograd"
-            run_conv_case(dtype, shape, wshape, bias, kw, seed=300 + i, what="algo=winograd")
-    finally:
-        fastdl.ops.set_conv_algorithm(before)
+    run_forced_winograd(WINOGRAD_NARROW_ROWS, dtype, seed=300)
 
 
 def winograd_s2_configs(seed):

@@ -586,14 +586,22 @@ def _noncontiguous_copy(t):
     return b.copy_(t)
 
 
+def _neg_bit_copy(t):
+    """t's values in a tensor with the negative bit set (memory holding -t)."""
+    return torch._neg_view(-t)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_fast_path_under_checkpoint_and_saved_tensor_hooks(kind, fast_path_calls):
     """torch.utils.checkpoint (non-reentrant) recomputes a call and needs it to save what the
     first run saved: a module's first call (general path, which caches the key) and every later
-    one give torch's gradients. Saved-tensor hooks that hand back strided copies, globally or on
-    the fast path's own node: the same gradients; one that hands back a wrong-sized tensor: a
-    RuntimeError, never a read past it. The cells under a strided-copy hook: the same gradients."""
+    one give torch's gradients. Under saved-tensor hooks (a strided copy, save_on_cpu) the
+    general path runs, with the same gradients. Hooks on the fast path's own node that hand back
+    a strided or negative-bit copy: the same gradients; a ZeroTensor: those of a zero tensor (its
+    pointer is null); a wrong-sized tensor: a RuntimeError, never a read past it. The cells under
+    such hooks alike."""
     from torch.utils.checkpoint import checkpoint
+    calls = fast_path_calls
     ours, theirs = make_pair(kind, 5, 7, dtype=torch.float32, num_layers=1)
     x0 = rand(6, 3, 5, dtype=torch.float32)
 
@@ -602,36 +610,61 @@ def test_fast_path_under_checkpoint_and_saved_tensor_hooks(kind, fast_path_calls
         y = run(m, x)[0]
         return torch.autograd.grad((y * y).sum(), [x, *m.parameters()])
 
+    def same(got, ref):
+        for u, w in zip(got, ref):
+            assert torch.equal(u, w)
+
     want = grads(theirs, lambda m, x: m(x))
     for _ in range(2):   # the first call caches the key; the second finds it
         got = grads(ours, lambda m, x: checkpoint(m, x, use_reentrant=False))
         for u, w in zip(got, want):
             assert_close(u, w)
     ref = grads(ours, lambda m, x: m(x))
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _noncontiguous_copy):
-        got = grads(ours, lambda m, x: m(x))
-    for u, w in zip(got, ref):
-        assert torch.equal(u, w)
-    x = x0.clone().requires_grad_()
-    y = ours(x)[0]
-    assert type(y.grad_fn).__name__ == "_FastLayerBackward"
-    for saved in y.grad_fn._raw_saved_tensors:
-        saved.register_hooks(lambda t: t, _noncontiguous_copy)
-    got = torch.autograd.grad((y * y).sum(), [x, *ours.parameters()])
-    for u, w in zip(got, ref):
-        assert torch.equal(u, w)
-    y = ours(x)[0]
-    y.grad_fn._raw_saved_tensors[-1].register_hooks(lambda t: t, lambda t: t[:5].clone())
+    for hooks in (lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t,
+                                                                   _noncontiguous_copy),
+                  torch.autograd.graph.save_on_cpu):
+        n = len(calls)
+        with hooks():
+            same(grads(ours, lambda m, x: m(x)), ref)
+        assert len(calls) == n + 1, "the general path did not run under saved-tensor hooks"
+
+    def node_hooked(unpack, which=None):   # the fast path's node, its saved tensors hooked
+        x = x0.clone().requires_grad_()
+        y = ours(x)[0]
+        assert type(y.grad_fn).__name__ == "_FastLayerBackward"
+        saved = y.grad_fn._raw_saved_tensors
+        for s in saved if which is None else [saved[which]]:
+            s.register_hooks(lambda t: t, unpack)
+        return torch.autograd.grad((y * y).sum(), [x, *ours.parameters()])
+
+    same(node_hooked(_noncontiguous_copy), ref)
+    same(node_hooked(_neg_bit_copy), ref)
+    for i in range(3):   # x, w_ih, w_hh as zeros: a ZeroTensor reads as a zero tensor
+        same(node_hooked(lambda t: torch._efficientzerotensor(t.shape, dtype=t.dtype), i),
+             node_hooked(torch.zeros_like, i))
     with pytest.raises(RuntimeError, match="saved-tensor hook"):
-        torch.autograd.grad(y.sum(), x)
+        node_hooked(lambda t: t[:5].clone(), -1)
+    with pytest.raises(RuntimeError, match="saved-tensor hook"):
+        node_hooked(lambda t: t.double(), 1)
+
     cell = getattr(fastdl.nn, kind + "Cell")(5, 7)
-    xc = x0[0].clone().requires_grad_()
-    h_of = lambda out: out[0] if isinstance(out, tuple) else out   # noqa: E731
-    ref = torch.autograd.grad(h_of(cell(xc)).sum(), [xc, *cell.parameters()])
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, _noncontiguous_copy):
-        got = torch.autograd.grad(h_of(cell(xc)).sum(), [xc, *cell.parameters()])
-    for u, w in zip(got, ref):
-        assert torch.equal(u, w)
+
+    def cell_grads(unpack=None):
+        xc = x0[0].clone().requires_grad_()
+        hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack) if unpack
+                 else contextlib.nullcontext())
+        with hooks:
+            out = cell(xc)
+            h = out[0] if isinstance(out, tuple) else out
+            return torch.autograd.grad(h.sum(), [xc, *cell.parameters()])
+
+    ref = cell_grads()
+    same(cell_grads(_noncontiguous_copy), ref)
+    same(cell_grads(_neg_bit_copy), ref)
+    same(cell_grads(lambda t: torch._efficientzerotensor(t.shape, dtype=t.dtype)),
+         cell_grads(torch.zeros_like))
+    with pytest.raises(RuntimeError, match="recurrent_cell_backward"):
+        cell_grads(lambda t: t[:2].clone() if t.dim() == 2 and t.shape[0] == 3 else t)
 
 
 def test_inference_fast_path_under_default_device(fast_path_calls):

@@ -477,15 +477,14 @@ def cell_cpu_forward(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, training, *, states_
     return h_new, c_new, act
 
 
-def _saved_as_forward(dtype, operands):
-    """Whether every (tensor or None, shape) of operands is a contiguous CPU tensor of dtype and
-    that shape: what a backward reads by pointer from what its forward saved (a saved-tensor hook
-    may hand back another tensor; torch does not check it)."""
-    for t, shape in operands:
-        if t is not None and (t.dtype is not dtype or t.shape != shape or not t.is_contiguous()
-                              or not t.is_cpu):
-            return False
-    return True
+def as_saved(t, dtype, shape) -> bool:
+    """Whether t is what a backward reads by pointer from what its forward saved: a dense,
+    contiguous CPU tensor of dtype and shape, its memory holding its values (no negative bit, not
+    a ZeroTensor, whose pointer is null). A saved-tensor hook may hand back any tensor; torch
+    does not check it."""
+    torch = sys.modules["torch"]
+    return (t.dtype is dtype and t.shape == shape and t.is_cpu and t.layout is torch.strided
+            and t.is_contiguous() and not t.is_neg() and not t._is_zerotensor())
 
 
 def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh, needs, *,
@@ -493,32 +492,41 @@ def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_
     """Gradients of cell_cpu_forward from what it saved: grad_h, grad_c (LSTM) may be None
     (zero). needs: (input, hx, cx, weight_ih, weight_hh, bias) flags. Returns (grad_input,
     grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh), None where not
-    needed. The saved operands are contiguous (as cell_cpu_forward's); the gradients may not be.
-    forward_sizes: (dtype, B, I, H) of the forward when the caller is the cells' autograd
+    needed. The saved operands must be contiguous (as cell_cpu_forward's); the gradients may not
+    be. forward_sizes: (dtype, B, I, H) of the forward when the caller is the cells' autograd
     Function (nn/functional/rnn.py _Cell), whose gradients autograd's engine checked
-    (grad_operand): the saved operands' checks shrink to dtype, shape and layout against them
-    (~3 us a step less); any other tensor (from a saved-tensor hook) gets the full checks."""
+    (grad_operand): each saved operand is then only checked to be as_saved against them. If one
+    is not (a saved-tensor hook handed back another tensor), all are made contiguous and get the
+    full checks, and sizes other than the forward's raise."""
     lstm, gated = mode == LSTM, mode in (LSTM, GRU)
+    checked = False
     if forward_sizes is not None:
         dt, B, I, H = forward_sizes
         GH = _GATES[mode] * H
         BH = (B, H)
-        if _saved_as_forward(dt, ((x, (B, I)), (h, BH), (c, BH), (c_new, BH), (h_new, BH),
-                                  (act, (B, 4 * H)), (w_ih, (GH, I)), (w_hh, (GH, H)))) and (
-                not lstm or (c is not None and c_new is not None)) and (
-                act is not None if gated else h_new is not None):
+        checked = (not lstm or (c is not None and c_new is not None)) and (
+            act is not None if gated else h_new is not None)
+        for t, shape in ((x, (B, I)), (h, BH), (c, BH), (c_new, BH), (h_new, BH),
+                         (act, (B, 4 * H)), (w_ih, (GH, I)), (w_hh, (GH, H))):
+            if t is not None and not as_saved(t, dt, shape):
+                checked = False
+                break
+        if checked:
             grad_h, grad_c = grad_operand(grad_h), grad_operand(grad_c)
             code = _tensor.FLOAT32 if dt is sys.modules["torch"].float32 else _tensor.FLOAT64
-        else:   # (a hook's strided copy is read contiguous; other changes fail the checks)
+        else:   # (a hook's strided or negative-bit copy is read resolved and contiguous)
             x, h, c, h_new, c_new, act, w_ih, w_hh = (
                 _contig(t) for t in (x, h, c, h_new, c_new, act, w_ih, w_hh))
-            forward_sizes = None
-    if forward_sizes is None:
+    if not checked:
         if mode not in _GATES:
             raise ValueError(f"recurrent_cell_backward: unknown mode {mode}")
         grad_h = None if grad_h is None else _tensor.contiguous(grad_h)
         grad_c = None if grad_c is None else _tensor.contiguous(grad_c)
         B, I, H, GH = _cell_shapes(mode, x, h, w_ih)
+        if forward_sizes is not None and (x.dtype, B, I, H) != tuple(forward_sizes):
+            raise RuntimeError(f"recurrent_cell_backward: a saved tensor came back from a "
+                               f"saved-tensor hook with other sizes than the forward's (batch, "
+                               f"input, hidden) {tuple(forward_sizes[1:])} {forward_sizes[0]}")
         # what the kernels read: LSTM c, c', act; GRU act; Elman h'
         if (lstm and (c is None or c_new is None)) or (gated and act is None) or \
                 (not gated and h_new is None):

@@ -177,7 +177,7 @@ def _fast_forward(input, h0, c0, weights, geo):
     a checkpoint's recomputation must save the same tensors as its first run, which may have
     been the general path's, before this key was cached."""
     if _library.needs_autograd(input, h0, c0, *weights):
-        if _saved_hooks is None or _saved_hooks(False) is not None:
+        if _saved_hooks is None or _saved_hooks(True) is not None:
             return None
         out = _FastLayer.apply(geo, input, h0, c0, *weights)
         return (out[0], (out[1], out[2])) if geo[1] else out
@@ -185,14 +185,17 @@ def _fast_forward(input, h0, c0, weights, geo):
     return (y, (hn, cn)) if geo[1] else (y, hn)
 
 
-def _as_saved(t, dtype, shape):
-    """A tensor _FastLayer saved, as its backward reads it: of the forward's dtype and shape and
-    contiguous. A saved-tensor hook registered on the node may hand back another tensor (these
-    are not checked by torch): a strided copy is made contiguous, anything else raises."""
+def _saved(t, dtype, shape):
+    """A tensor _FastLayer saved, as its backward reads it (_ops_rnn.as_saved). A saved-tensor
+    hook registered on the node may hand back another tensor: a strided, negative-bit or zero
+    copy of the right dtype and shape is resolved into a plain contiguous one, anything else
+    raises."""
+    if _ops_rnn.as_saved(t, dtype, shape):
+        return t
     if t.dtype is not dtype or t.shape != shape or not t.is_cpu or t.layout is not torch.strided:
         raise RuntimeError(f"fastdl recurrent layer backward: a saved tensor came back from a "
-                           f"saved-tensor hook as {tuple(t.shape)} {t.dtype} on {t.device}, "
-                           f"expected {tuple(shape)} {dtype} on cpu")
+                           f"saved-tensor hook as {tuple(t.shape)} {t.dtype} {t.layout} on "
+                           f"{t.device}, expected {tuple(shape)} {dtype} {torch.strided} on cpu")
     return _ops_rnn._contig(t)
 
 
@@ -220,8 +223,7 @@ class _FastLayer(torch.autograd.Function):
                                "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
         geometry = ctx.geometry
         dt = _DTYPES[geometry[1]]
-        saved = [t if t.dtype is dt and t.shape == shape and t.is_contiguous() and t.is_cpu
-                 else _as_saved(t, dt, shape) for t, shape in zip(ctx.saved_tensors, ctx.shapes)]
+        saved = [_saved(t, dt, shape) for t, shape in zip(ctx.saved_tensors, ctx.shapes)]
         x, weights, ws = saved[0], saved[1:-1], saved[-1]
         lstm = geometry[0] == _f.LSTM
         B, H = geometry[3], geometry[6]
