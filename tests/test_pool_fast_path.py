@@ -290,3 +290,10 @@ def test_max_backward_with_saved_tensor_hooks():
         with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
             y, _ = F.max_pool2d(x, 2, return_indices=True)
         _same(torch.autograd.grad(y, x, gy), (want,))
+    # indices of another shape (contiguous int64, as the fast backward reads): the general
+    # backward's error, never a read past them
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: t, lambda t: t[:1].contiguous() if t.dtype == torch.int64 else t):
+        y, _ = F.max_pool2d(x, 2, return_indices=True)
+    with pytest.raises(RuntimeError, match="indices"):
+        torch.autograd.grad(y, x, gy)

@@ -167,9 +167,11 @@ class _MaxPoolFn(torch.autograd.Function):
             return _MaxPoolGrad.apply(gy, idx, ctx.in_shape, ctx.window), None, None, None
         geo = ctx.geo
         # the indices as the fast forward made them: a saved_tensors_hooks unpack may return
-        # them in another layout or dtype, which the general backward reads correctly
-        if geo is not None and (ctx.idx is not None or (idx.dtype is _int64 and type(idx) is
-                                                         _Tensor and idx.is_contiguous())):
+        # them in another layout, dtype or shape, which the general backward reads correctly
+        # or rejects
+        if geo is not None and (ctx.idx is not None or (
+                idx.dtype is _int64 and type(idx) is _Tensor and idx.shape == gy.shape
+                and idx.is_contiguous() and not idx._is_zerotensor())):
             g = _fast_grad(gy)
             if g is not None:  # the forward's geometry is the backward's (same Pool2dParams)
                 gx = _new_grad_input(g, geo)
