@@ -69,11 +69,11 @@ def _check_kind(name, input, weight):
 # general path's Python (module checks, run_layers, the operands' validation, contiguous copies,
 # stacking) was about a third of a batch-1 LSTM call (benchmarks/RESULTS.md, 2026-12-02 00:50).
 # With grad mode on and a gradient wanted (input, a state or a weight requires it), outside
-# saved-tensor hooks (_fast_forward), a hit runs _FastLayer:
-# the same forward kernel with the workspace saved, and a backward that calls the backward
-# kernel with the cached geometry (the general path re-validated every operand there, and
-# materialised zero gradients for unused outputs, which the kernel takes as absent; results
-# tests/test_rnn.py::test_training_fast_path). Measured: RESULTS.md, 2026-12-05 20:05 section.
+# saved-tensor hooks (_fast_forward), a hit runs _FastLayer: the same forward kernel with the
+# workspace saved, and a backward that calls the backward kernel with the cached geometry (the
+# general path re-validated every operand there, and materialised zero gradients for unused
+# outputs, which the kernel takes as absent). Tested by tests/test_rnn.py::
+# test_training_fast_path; measured in RESULTS.md, 2026-12-05 20:05 section.
 _FAST: dict = {}
 _FAST_MAX = 256
 _Tensor, _Parameter = torch.Tensor, nn.Parameter
