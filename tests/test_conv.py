@@ -280,8 +280,8 @@ def test_winograd_wide_and_stacked(cpu_path, dtype):
 # last tile half outside), odd and even counts of tile rows in an image and odd output heights
 # (no second output row in the last tile row), 2-3 images a chunk, padding 0-2, groups; forward
 # and input gradient (the input gradient of a 3x3 stride-1 layer is a Winograd forward with
-# padding 2 - p). (A version pairing two rows' last groups in one vector ran these; it gained
-# ~1% and was not kept: benchmarks/RESULTS.md, 2026-12-05 20:05 section.)
+# padding 2 - p). (Written for a version pairing two rows' last groups in one vector, not kept:
+# benchmarks/RESULTS.md, 2026-12-05 20:05 section.)
 WINOGRAD_NARROW_ROWS = [
     ((3, 2, 5, 3), (3, 2, 3, 3), True, 0, 1),      # 1 x 1 tiles
     ((3, 3, 7, 6), (4, 3, 3, 3), False, 0, 1),     # tw 2, 3 tile rows

@@ -210,8 +210,8 @@ void input_row<float>(const float* const rb[4], int64_t tw, float* v, int64_t es
 
 // 8 tiles: unpack + lane permute. A group short of 16 columns stores its first 8 directly when
 // it has them (a row of 24 or 56 columns ends in one such group), the rest through an 8-float
-// tile; its lanes past cols are zeroed before the check (scalar per-lane checks with one
-// serial chain had taken about half of output_row's samples on 64x32x26x26 -> 64).
+// tile; its lanes past cols are zeroed before the check (a scalar per-lane check, one serial
+// chain, was output_row's largest cost: RESULTS.md, 2026-12-05 20:05 section).
 inline void output_group(const float* m, int64_t es, int64_t tj, int64_t cols, __m256 bias,
                          float* const rows[2], __m256& nan_if_bad) {
   const __m256 zero = _mm256_setzero_ps();

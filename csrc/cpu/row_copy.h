@@ -21,10 +21,9 @@ namespace {  // internal linkage: each build (and file) its own copy
 
 // overlapping_tail: on the AVX2 build a run of 8 or more floats ends with one whole vector over
 // its last 8 elements, overlapping the previous one (the same values written twice), instead
-// of a masked store: vmaskmovps to memory is microcoded on AMD Zen (perf of the 3x3 Winograd
-// forward on 64x32x26x26 -> 64: the masked tail of its padded-row copies took ~1/5 of build_v's
-// samples). The AVX-512 build keeps its masked stores (one uop there). Runs of d and src never
-// overlap each other here.
+// of a masked store: vmaskmovps to memory is microcoded on AMD Zen (perf of the Winograd input
+// transform's row copies: RESULTS.md, 2026-12-05 20:05 section). The AVX-512 build keeps its
+// masked stores (one uop there). Runs of d and src never overlap each other here.
 #if defined(__AVX2__)
 inline __m256i tail_mask8(int64_t n) {  // lanes [0, n) set, for 0 <= n <= 8
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
