@@ -728,6 +728,19 @@ PYBIND11_MODULE(_C, m) {
                                                 r1.mutable_data());
   }, py::arg("m").noconvert(), py::arg("tw"), py::arg("ow"), py::arg("row0").noconvert(),
      py::arg("row1").noconvert());
+  // Tests only: conv2d_pad_row_probe_cpu on float32 C-contiguous 1-D numpy arrays, never
+  // converted: d (w = its length, writable) and src (at least e - a long), 0 <= a <= e <= w.
+  m.def("_pad_row_probe", [](py::array_t<float> d, int64_t a, int64_t e, py::array_t<float> src) {
+    const auto c_float = [](const py::array_t<float>& x) {
+      return (x.flags() & py::array::c_style) != 0 && x.ndim() == 1;
+    };
+    if (!c_float(d) || !c_float(src) || !d.writeable())
+      throw py::value_error("_pad_row_probe: expected C-contiguous 1-D float32 arrays, d writable");
+    const int64_t w = d.shape(0);
+    if (!(0 <= a && a <= e && e <= w && src.shape(0) >= e - a))
+      throw py::value_error("_pad_row_probe: expected 0 <= a <= e <= len(d), len(src) >= e - a");
+    conv2d_pad_row_probe_cpu(d.mutable_data(), w, a, e, src.data());
+  }, py::arg("d").noconvert(), py::arg("a"), py::arg("e"), py::arg("src").noconvert());
   // Both gradients of one CPU backward (gx, gw, gb each optional): conv2d_backward_cpu.
   m.def("conv2d_backward_cpu", [](py::handle x, py::handle gy, py::handle w, py::handle gx,
                                   py::handle gw, py::handle gb, const Conv2dParams& prm, int algo) {

@@ -71,6 +71,10 @@ int64_t conv2d_fused_backward_runs_cpu();
 // (each at least min(ow, 2 * tw) floats).
 bool conv2d_winograd_output_row_probe_cpu(const float* m, int64_t es, int64_t tw, int64_t ow,
                                           float* row0, float* row1);
+// Tests only: the running CPU build's zero-padded row copy (pad_row, csrc/cpu/row_copy.h, which
+// the Winograd transforms' row buffers use): d[0, a) = 0, d[a, e) = src[0, e - a), d[e, w) = 0,
+// 0 <= a <= e <= w; touches nothing of d past w nor of src past e - a.
+void conv2d_pad_row_probe_cpu(float* d, int64_t w, int64_t a, int64_t e, const float* src);
 
 // CUDA: float32, float16 and bfloat16 (float32 accumulation), on launch.device, asynchronous on
 // launch.stream (csrc/cuda/conv.cu). Algorithms: Gemm (implicit GEMM) and Direct (depthwise;

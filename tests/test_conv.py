@@ -207,6 +207,33 @@ WINOGRAD_WIDE = [
 ]
 
 
+def test_pad_row_every_split(cpu_path):
+    # The Winograd transforms' zero-padded row copy (row_copy.h pad_row): on the AVX2 build it
+    # writes whole vectors that overlap (a zero vector first, the copy over it) and stores short
+    # copies as one vector of a masked load, so every (width, left pad, copy end) split is checked
+    # here, with guards on both sides of the row and NaN around the source (a lane loaded past
+    # the run would show up in the padding).
+    probe = fastdl._C._pad_row_probe
+    rng = np.random.default_rng(0)
+    for w in range(0, 41):
+        splits = [(a, e) for a in range(w + 1) for e in range(a, w + 1)]
+        if w > 24:
+            splits = [splits[i] for i in rng.choice(len(splits), 150, replace=False)]
+        for a, e in splits:
+            buf = np.full(w + 32, -7.0, np.float32)
+            src_buf = np.full(e - a + 32, np.nan, np.float32)
+            src_buf[16:16 + e - a] = rng.standard_normal(e - a)
+            probe(buf[16:16 + w], a, e, src_buf[16:16 + e - a])
+            want = np.zeros(w, np.float32)
+            want[a:e] = src_buf[16:16 + e - a]
+            np.testing.assert_array_equal(buf[16:16 + w], want, err_msg=f"w={w} a={a} e={e}")
+            assert (buf[:16] == -7.0).all() and (buf[16 + w:] == -7.0).all(), (w, a, e)
+    with pytest.raises(ValueError):
+        probe(np.zeros(8, np.float32), 3, 2, np.zeros(8, np.float32))   # a > e
+    with pytest.raises(ValueError):
+        probe(np.zeros(8, np.float32), 0, 8, np.zeros(7, np.float32))   # src too short
+
+
 @pytest.mark.parametrize("tw", [1, 5, 8, 9, 12, 16, 17, 20, 24, 28, 40, 47])
 def test_winograd_inverse_row_stores_only_its_tiles(cpu_path, tw):
     # A wide tile row is cut into column segments of whole 8-tile groups, each its own task; the

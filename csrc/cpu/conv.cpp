@@ -477,6 +477,7 @@ void conv2d_backward(const Conv2dParams&, const void*, const void*, const void*,
                      void*);
 ConvAlgo conv2d_algorithm(const Conv2dParams&, ConvPass);
 bool winograd_output_row_probe(const float*, int64_t, int64_t, int64_t, float*, float*);
+void pad_row_probe(float*, int64_t, int64_t, int64_t, const float*);
 )
 #endif
 
@@ -532,6 +533,10 @@ ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass) {
 bool conv2d_winograd_output_row_probe_cpu(const float* m, int64_t es, int64_t tw, int64_t ow,
                                           float* row0, float* row1) {
   return FASTDL_CPU_DISPATCH(winograd_output_row_probe, m, es, tw, ow, row0, row1);
+}
+
+void conv2d_pad_row_probe_cpu(float* d, int64_t w, int64_t a, int64_t e, const float* src) {
+  FASTDL_CPU_DISPATCH(pad_row_probe, d, w, a, e, src);
 }
 
 // one counter for every kernel build (defined here, in the portable build's object)

@@ -202,6 +202,9 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
 // columns below min(ow, 2 * tw) (ow >= 2 * tw - 1), bias 0; whether it stored an inf or NaN.
 bool winograd_output_row_probe(const float* m, int64_t es, int64_t tw, int64_t ow, float* row0,
                                float* row1);
+// Tests only (conv2d_pad_row_probe_cpu): row_copy.h's pad_row<float> on d (w floats): d[0, a) = 0,
+// d[a, e) = src[0, e - a), d[e, w) = 0, 0 <= a <= e <= w.
+void pad_row_probe(float* d, int64_t w, int64_t a, int64_t e, const float* src);
 
 // Winograd F(3x3, 2x2) over stride phases: the input gradient (and, below, the forward) of 4x4
 // stride-2 kernels, dilation 1 (conv_transpose2d's forward for them; conv_winograd_s2.cpp).

@@ -6,8 +6,9 @@
 //   per chunk (whole tile rows of the stacked images of one group): V[e] (cg x tiles) =
 //   (B^T d B)[e], then 16 GEMMs M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then the
 //   y tile = A^T M A (+ bias).
-// Transforms run a tile row at a time: its 4 input rows are copied into zero-padded row buffers
-// (no bounds checks after), and the vector float32 path handles groups of 8 tiles of the row per
+// Transforms run a tile row at a time over zero-padded row buffers (no bounds checks after; per
+// channel, the input rows under a chunk's tile rows are copied first, once each: build_v), and
+// the vector float32 path handles groups of 8 tiles of the row per
 // vector, 16 on AVX-512 where more than 8 remain (the 4 tile columns are even/odd lanes of twice
 // as many loaded floats; the inverse interleaves back), writing and reading contiguous vectors of
 // V[e] / M[e]. float64 and the portable build run the same loops one tile at a time.
@@ -335,7 +336,14 @@ Plan make_plan(const Conv2dParams& p) {
   return w;
 }
 
-// V[e][cc][(r - r0) * tcn + tj] for chunk q's tiles.
+// V[e][cc][(r - r0) * tcn + tj] for chunk q's tiles. Per channel, each image's input rows under
+// the chunk's tile rows are copied once into zero-padded rows of rbuf (rows_for(w) rows of rbw;
+// consecutive tile rows share two), then transformed: the transform's loads read rows written a
+// whole plane earlier, not the stores just made (which they straddle: loads at columns 2tj and
+// 2tj + 2 cross the copy's vectors, so an immediate reload waits for those stores to commit).
+// RESULTS.md, 2026-12-05 23:15 section.
+inline int64_t rows_for(const Plan& w) { return (2 * std::min(w.nr, w.th) + 2) * w.rbw; }
+
 template <class T>
 void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T* rbuf, T* v) {
   const int64_t cg = p.c / p.groups, rbw = w.rbw;
@@ -344,23 +352,27 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
   const int64_t a = std::min(rbw, std::max<int64_t>(0, -off));
   const int64_t e = std::max(a, std::min(rbw, p.w - off));
   for (int64_t cc = 0; cc < cg; ++cc)
-    for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
-      const int64_t n = r / w.th, ti = r % w.th;
+    for (int64_t r0 = q.r0; r0 < q.r0 + q.nrc;) {  // the chunk's tile rows of one image
+      const int64_t n = r0 / w.th, t0 = r0 % w.th;
+      const int64_t t1 = std::min(w.th, t0 + (q.r0 + q.nrc - r0));
       const T* xp = x + ((n * p.c + q.g * cg + cc) * p.h) * p.w;
-      const T* rb[4];
-      for (int i = 0; i < 4; ++i) {
-        T* dst = rbuf + i * rbw;
-        rb[i] = dst;
-        const int64_t ih = 2 * ti - p.ph + i;
-        if (ih < 0 || ih >= p.h) {
-          zero_run(dst, rbw);
-          continue;
-        }
-        zero_run(dst, a);
-        if (e > a) copy_run(dst + a, xp + ih * p.w + (a + off), e - a);
-        zero_run(dst + e, rbw - e);
+      for (int64_t k = 0; k < 2 * (t1 - t0) + 2; ++k) {  // input rows 2 t0 - ph + k
+        T* dst = rbuf + k * rbw;
+        const int64_t ih = 2 * t0 - p.ph + k;
+        if (ih < 0 || ih >= p.h) zero_run(dst, rbw);
+        else pad_row(dst, rbw, a, e, e > a ? xp + ih * p.w + (a + off) : nullptr);
       }
-      input_row<T>(rb, q.tcn, v + cc * w.ldq + (r - q.r0) * q.tcn, w.ves);
+      if (cc + 1 < cg) {  // the next channel's rows, while this one's transform runs
+        const int64_t lo = std::max<int64_t>(0, 2 * t0 - p.ph);
+        const int64_t hi = std::min(p.h, 2 * t1 - p.ph + 2);
+        prefetch_rows(xp + p.h * p.w + lo * p.w, (hi - lo) * p.w);
+      }
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const T* rb[4];
+        for (int i = 0; i < 4; ++i) rb[i] = rbuf + (2 * (ti - t0) + i) * rbw;
+        input_row<T>(rb, q.tcn, v + cc * w.ldq + (n * w.th + ti - q.r0) * q.tcn, w.ves);
+      }
+      r0 += t1 - t0;
     }
 }
 
@@ -373,7 +385,7 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
   parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tcw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
     T* v = tl_v.get_as<T>(16 * w.ves);
     T* m = tl_m.get_as<T>(16 * w.mes);
-    T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
+    T* rbuf = tl_rows.get_as<T>(rows_for(w));
     bool bad = false;
     for (int64_t t = lo; t < hi; ++t) {
       const Chunk q(w, t);
@@ -556,7 +568,7 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
     T* part = du.data() + (1 + slot) * 16 * kc;
     T* v = tl_v.get_as<T>(16 * w.ves);
     T* m = tl_m.get_as<T>(16 * w.mes);
-    T* rbuf = tl_rows.get_as<T>(4 * w.rbw);
+    T* rbuf = tl_rows.get_as<T>(rows_for(w));
     for (int64_t t = lo; t < hi; ++t) {
       const Chunk q(w, t);
       const int64_t g = q.g, len = q.len();
@@ -572,8 +584,7 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
             gb[i] = dst;
             const int64_t oh = 2 * ti + i;
             const int64_t e = oh < p.oh ? std::min(gbw, p.ow - 2 * q.tc0) : 0;
-            if (e > 0) copy_run(dst, gp + oh * p.ow, e);
-            zero_run(dst + e, gbw - e);
+            pad_row(dst, gbw, 0, e, e > 0 ? gp + oh * p.ow : nullptr);
           }
           grad_row<T>(gb, q.tcn, m + kk * w.ldq + (r - q.r0) * q.tcn, w.mes);
         }
@@ -600,6 +611,10 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
 bool winograd_output_row_probe(const float* m, int64_t es, int64_t tw, int64_t ow, float* row0,
                                 float* row1) {
   return output_row<float>(m, es, tw, ow, 0.0f, row0, row1);
+}
+
+void pad_row_probe(float* d, int64_t w, int64_t a, int64_t e, const float* src) {
+  pad_row(d, w, a, e, src);
 }
 
 template bool conv_winograd_forward<float>(const Conv2dParams&, const float*, const float*,

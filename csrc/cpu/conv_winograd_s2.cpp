@@ -279,7 +279,12 @@ struct S2Layout {
 };
 
 // V[e][kk][(r - r0) * tcn + tj] for chunk q: gy's 4-row windows, rows 3 ti + start + i, columns
-// from 3 tc0 + start, zero outside gy.
+// from 3 tc0 + start, zero outside gy. Per channel, each image's gy rows under the chunk's tile
+// rows are copied once into zero-padded rows of rbuf (s2_rows(L) of rbw; consecutive windows
+// share a row) before any is transformed, as conv_winograd.cpp's build_v (the transform's
+// loads straddle the copy's stores; reloading them at once waits for the stores to commit).
+inline int64_t s2_rows(const S2Layout& L) { return (3 * std::min(L.w.nr, L.w.th) + 1) * L.w.rbw; }
+
 template <class T>
 void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk& q, T* rbuf, T* v) {
   const Plan& w = L.w;
@@ -288,27 +293,30 @@ void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk&
   const int64_t a = std::min(rbw, std::max<int64_t>(0, -off));
   const int64_t e = std::max(a, std::min(rbw, p.ow - off));
   for (int64_t kk = 0; kk < kg; ++kk)
-    for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
-      const int64_t n = r / w.th, ti = r % w.th;
+    for (int64_t r0 = q.r0; r0 < q.r0 + q.nrc;) {  // the chunk's tile rows of one image
+      const int64_t n = r0 / w.th, t0 = r0 % w.th;
+      const int64_t t1 = std::min(w.th, t0 + (q.r0 + q.nrc - r0));
       const T* gp = gy + ((n * p.k + q.g * kg + kk) * p.oh) * p.ow;
-      const T* rb[4];
-      for (int i = 0; i < 4; ++i) {
-        T* dst = rbuf + i * rbw;
-        rb[i] = dst;
-        const int64_t oh = 3 * ti + L.ay.start + i;
-        if (oh < 0 || oh >= p.oh) {
-          zero_run(dst, rbw);
-          continue;
-        }
-        zero_run(dst, a);
-        if (e > a) copy_run(dst + a, gp + oh * p.ow + (a + off), e - a);
-        zero_run(dst + e, rbw - e);
+      for (int64_t k = 0; k < 3 * (t1 - t0) + 1; ++k) {  // gy rows 3 t0 + start + k
+        T* dst = rbuf + k * rbw;
+        const int64_t oh = 3 * t0 + L.ay.start + k;
+        if (oh < 0 || oh >= p.oh) zero_run(dst, rbw);
+        else pad_row(dst, rbw, a, e, e > a ? gp + oh * p.ow + (a + off) : nullptr);
       }
-      input_row<T>(rb, q.tcn, v + kk * w.ldq + (r - q.r0) * q.tcn, w.ves);
+      if (kk + 1 < kg) {  // the next channel's rows, while this one's transform runs
+        const int64_t lo = std::max<int64_t>(0, 3 * t0 + L.ay.start);
+        const int64_t hi = std::min(p.oh, 3 * t1 + L.ay.start + 1);
+        prefetch_rows(gp + p.oh * p.ow + lo * p.ow, (hi - lo) * p.ow);
+      }
+      for (int64_t ti = t0; ti < t1; ++ti) {
+        const T* rb[4];
+        for (int i = 0; i < 4; ++i) rb[i] = rbuf + (3 * (ti - t0) + i) * rbw;
+        input_row<T>(rb, q.tcn, v + kk * w.ldq + (n * w.th + ti - q.r0) * q.tcn, w.ves);
+      }
+      r0 += t1 - t0;
     }
 }
 
-// The GEMM of each chunk: M[e] (m x len) = op(U[e]_g) (m x k) * V[e] (k x len), op transposing
 // U (stored 4cg x kg per group) for the forward.
 struct GemmShape {
   bool trans_u;
@@ -403,11 +411,11 @@ bool conv_winograd_s2_backward_input(const Conv2dParams& p, const T* gy, const T
   transform_weights(p, L.ay, L.ax, w, u.data(), ues, true);
   // M[e] (4cg x len) = U[e]_g (4cg x kg) * V[e] (kg x len)
   const GemmShape mm{false, 4 * cg, kg};
-  return run_chunks<T>(p, pl, u.data(), ues, mm, 4 * pl.rbw + 6 * L.obw,
+  return run_chunks<T>(p, pl, u.data(), ues, mm, s2_rows(L) + 6 * L.obw,
                        [&](const Chunk& q, T* rbuf, T* v) { build_v(p, L, gy, q, rbuf, v); },
                        [&](const Chunk& q, T* rbuf, const T* m) {
     const int64_t g = q.g, len = q.len();
-    T* obuf = rbuf + 4 * pl.rbw;  // phase rows: [px][r] at obuf + (px * 3 + r) * obw
+    T* obuf = rbuf + s2_rows(L);  // phase rows: [px][r] at obuf + (px * 3 + r) * obw
     bool bad = false;
     // gx columns of this segment: phase px's columns 3 tc0 + off + [0, 3 tcn)
     int64_t base[2], c_lo = p.w, c_hi = 0;
@@ -493,9 +501,7 @@ void build_v_forward(const Conv2dParams& p, const S2ForwardLayout& L, const T* x
             const int64_t off = 3 * q.tc0 - L.ax.b[px];
             const int64_t a = std::min(rbw, std::max<int64_t>(0, -off));
             const int64_t e = std::max(a, std::min(rbw, L.ax.cnt[px] - off));
-            zero_run(dst, a);
-            if (e > a) copy_run(dst + a, split[px] + (a + off), e - a);
-            zero_run(dst + e, rbw - e);
+            pad_row(dst, rbw, a, e, e > a ? split[px] + (a + off) : nullptr);
           }
         }
         for (int px = 0; px < 2; ++px)

@@ -174,6 +174,55 @@ inline void short_row_add(float* g, const float* v, int64_t a, int64_t b) {
 #endif
 #endif
 
+// One zero-padded row: d[0, a) = 0, d[a, e) = src[0, e - a), d[e, w) = 0 (0 <= a <= e <= w).
+// Same result as zero_run + copy_run + zero_run. On the AVX2 build, float32 rows of at least 8
+// use whole-vector stores only: the short ends (a padding of 1-2 columns, a tail of fewer than 8)
+// are covered by a whole zero vector written first, the copy then written over it, and a copy of
+// fewer than 8 by a masked load (zeros outside the run) stored whole over padding. Masked stores
+// (vmaskmovps, microcoded on AMD Zen: 16% of the Winograd input transform's samples on the input
+// gradient of conv shape 2, where every row starts with 2 padding columns; RESULTS.md, 2026-12-05
+// 23:15 section) never run.
+template <class T>
+inline void pad_row(T* d, int64_t w, int64_t a, int64_t e, const T* src) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (w >= 8) {
+      const __m256 z = _mm256_setzero_ps();
+      if (e < w) {
+        if (w - e >= 8) zero_run(d + e, w - e);
+        else _mm256_storeu_ps(d + w - 8, z);  // over [w - 8, e) too: rewritten below
+      }
+      if (a > 0) {
+        if (a >= 8) zero_run(d, a);
+        else _mm256_storeu_ps(d, z);  // over [a, 8) too: rewritten below
+      }
+      const int64_t n = e - a;
+      if (n >= 8) {
+        copy_run(d + a, src, n);
+      } else if (n > 0) {
+        // one whole vector at s (lanes [a - s, e - s) from src, the rest padding zeros)
+        const int64_t s = std::min(a, w - 8);
+        _mm256_storeu_ps(d + s, _mm256_maskload_ps(lane_origin(src, s - a), lanes8(a - s, e - s)));
+      }
+      return;
+    }
+  }
+#endif
+  zero_run(d, a);
+  if (e > a) copy_run(d + a, src, e - a);
+  zero_run(d + e, w - e);
+}
+
+// Prefetches n contiguous elements from p into the cache, a line (64 bytes) at a time: the next
+// channel's input rows of a Winograd input transform, whose hardware prefetch restarts on each
+// plane (perf: the row copies' source loads were ~27% of build_v's samples on conv shape 2's
+// input gradient after the copies stopped stalling; RESULTS.md, 2026-12-05 23:15 section).
+template <class T>
+inline void prefetch_rows(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b);
+}
+
 }  // namespace
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
