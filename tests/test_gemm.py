@@ -140,6 +140,41 @@ def test_gemm_threads_agree(cpu_path, _fresh_seed, dtype):
     np.testing.assert_array_equal(one, three)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [16, 48, 80, 200])
+def test_gemm_edge_rows_match_whole_tiles(cpu_path, _fresh_seed, dtype, n):
+    """Rows past a block's last whole 6-row tile run narrower kernels (gemm.cpp edge_rows: 1-2
+    rows over two panels at once, 3-5 over one) that do each element's FMAs in the whole tile's
+    order: the first m rows of a 36-row product, bitwise, for every m, with alpha, beta and the
+    bias row (the stores) too; n = 48 and 80 leave an odd panel and a partial one, 16 and 200
+    one panel and a partial pair."""
+    from fastdl import _C
+    rng = _rng(_fresh_seed)
+    k = 97
+    a = rng.uniform(-1, 1, (36, k)).astype(dtype)
+    b = rng.uniform(-1, 1, (k, n)).astype(dtype)
+    c0 = rng.uniform(-1, 1, (36, n)).astype(dtype)
+    bias = rng.uniform(-1, 1, n).astype(dtype)
+
+    def run(m):
+        c = c0[:m].copy()
+        _C.gemm(a[:m], b, c, False, False, m, n, k, 0.75, -1.25, k, n, n,
+                0 if dtype == np.float32 else 1, -1, 0, False, bias)
+        return c
+    before = fastdl.get_num_threads()
+    try:
+        fastdl.set_num_threads(1)   # one block: rows 30-35 are a whole tile of the 36
+        full = run(36)
+        for m in list(range(1, 13)) + [31, 32, 33, 34, 35]:
+            np.testing.assert_array_equal(run(m), full[:m], err_msg=f"m={m}")
+    finally:
+        fastdl.set_num_threads(before)
+    ref = 0.75 * (np.asarray(a, np.float64) @ b) - 1.25 * c0 + bias
+    mag = 0.75 * (np.abs(a) @ np.abs(b)) + 1.25 * np.abs(c0) + np.abs(bias)
+    t = tol(torch.float32 if dtype == np.float32 else torch.float64, reduction=k)
+    assert (np.abs(full - ref) <= t["atol"] + t["rtol"] * mag).all()
+
+
 @pytest.mark.parametrize("trans_a,widths", [(False, (100, 200)), (True, (60, 120))])
 def test_gemm_direct_a_matches_packed(cpu_path, _fresh_seed, trans_a, widths):
     """float32 AVX2 reads op(A) in place for a thread's block of C at most 64 columns wide (32

@@ -341,6 +341,64 @@ inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict 
   store_tile<T, NV>(acc, c, ldc, alpha, beta, bias);
 }
 
+// The rows past a block's last whole MR tile (ROWS < MR of the packed, zero-padded panel at a)
+// over PANELS adjacent full-width B micro-panels (b, b + NR * kc, ...): 2 * ROWS * PANELS
+// accumulators, so with few rows the FMAs still have 8 or more independent chains (the 6-row
+// kernel on a 2-row edge ran 6 rows' work; gemm 32 x 64 x 2048, 1 thread, took as long as
+// 36 x 64: RESULTS.md, 2026-12-05 23:15 section). Each element is the same sequence of FMAs as
+// in micro_kernel, so its value is the one a whole tile would give, bit for bit.
+template <class T, int ROWS, int PANELS>
+inline void edge_rows(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc,
+                      T alpha, T beta, const T* bias) {
+  using S = Simd<T>;
+  constexpr int MR = Blocking<T>::MR, NR = Blocking<T>::NR, NV = 2 * PANELS;
+  static_assert(ROWS >= 1 && ROWS < MR && 2 * ROWS * PANELS <= 10, "accumulators fit");
+  typename S::V acc[ROWS][NV];
+  for (int i = 0; i < ROWS; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = S::zero();
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < kc; ++p) {
+    typename S::V bv[NV];
+    for (int q = 0; q < PANELS; ++q) {
+      bv[2 * q] = S::load(b + q * NR * kc + p * NR);
+      bv[2 * q + 1] = S::load(b + q * NR * kc + p * NR + S::L);
+    }
+    for (int i = 0; i < ROWS; ++i) {
+      const typename S::V ai = S::set1(a[p * MR + i]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = S::fmadd(ai, bv[v], acc[i][v]);
+    }
+  }
+  // as store_tile: panel q's columns follow panel q - 1's in C
+  const typename S::V va = S::set1(alpha), vb = S::set1(beta);
+  for (int i = 0; i < ROWS; ++i) {
+    T* ci = c + i * ldc;
+    for (int v = 0; v < NV; ++v) {
+      typename S::V r = beta == T(0) ? S::mul(va, acc[i][v])
+                                     : S::fmadd(va, acc[i][v], S::mul(vb, S::loadu(ci + v * S::L)));
+      if (bias) r = S::add(r, S::loadu(bias + v * S::L));
+      S::storeu(ci + v * S::L, r);
+    }
+  }
+}
+
+// edge_rows for a run-time row count mr in [1, MR): two panels at once for 1-2 rows (when
+// `pair`), one panel otherwise. Returns the panels it covered.
+template <class T>
+inline int edge_rows_any(int mr, bool pair, int64_t kc, const T* a, const T* b, T* c, int64_t ldc,
+                         T alpha, T beta, const T* bias) {
+  switch (mr) {
+    case 1:
+      if (pair) return edge_rows<T, 1, 2>(kc, a, b, c, ldc, alpha, beta, bias), 2;
+      return edge_rows<T, 1, 1>(kc, a, b, c, ldc, alpha, beta, bias), 1;
+    case 2:
+      if (pair) return edge_rows<T, 2, 2>(kc, a, b, c, ldc, alpha, beta, bias), 2;
+      return edge_rows<T, 2, 1>(kc, a, b, c, ldc, alpha, beta, bias), 1;
+    case 3: return edge_rows<T, 3, 1>(kc, a, b, c, ldc, alpha, beta, bias), 1;
+    case 4: return edge_rows<T, 4, 1>(kc, a, b, c, ldc, alpha, beta, bias), 1;
+    default: return edge_rows<T, 5, 1>(kc, a, b, c, ldc, alpha, beta, bias), 1;
+  }
+}
+
 // The float32 tile with op(A) read in place instead of from a packed panel: rows i < mr of op(A)
 // from `a` (op(A)(i, k) at a[i * lda + k], or a[k * lda + i] when TRANS), rows past mr repeating
 // row mr - 1 (read, never stored). Used where C is skinny (gemm_block: kDirectAMaxN), so packing
@@ -506,9 +564,18 @@ void gemm_block(const GemmParams& p, const T* a, const T* b, T* c, int64_t m0, i
         }
 #endif
         pack_a(a, p.lda, p.trans_a, ic, pc, mc, kc, pa);
+#if defined(FASTDL_GEMM_AVX2)
+        // rows past the last whole MR tile: edge_rows over whole panels (after the loop below)
+        const int64_t m_whole = mc / MR * MR;
+        const int mr_rest = static_cast<int>(mc - m_whole);
+        const int64_t n_whole = nc / NR * NR;
+#else
+        const int64_t m_whole = mc, n_whole = 0;
+        const int mr_rest = 0;
+#endif
         for (int64_t jr = 0; jr < nc; jr += NR) {
           const int nr = static_cast<int>(std::min<int64_t>(NR, nc - jr));
-          for (int64_t ir = 0; ir < mc; ir += MR) {
+          for (int64_t ir = 0; ir < (jr < n_whole ? m_whole : mc); ir += MR) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, mc - ir));
             T* cij = c + (ic + ir) * p.ldc + jc + jr;
             const T* bj = bias_k ? bias_k + jc + jr : nullptr;
@@ -518,6 +585,15 @@ void gemm_block(const GemmParams& p, const T* a, const T* b, T* c, int64_t m0, i
               edge_tile<T>(kc, pa + ir * kc, pb + jr * kc, cij, p.ldc, mr, nr, alpha, beta_k, bj);
           }
         }
+#if defined(FASTDL_GEMM_AVX2)
+        if (mr_rest > 0)
+          for (int64_t jr = 0; jr < n_whole;) {
+            const T* bj = bias_k ? bias_k + jc + jr : nullptr;
+            jr += NR * edge_rows_any<T>(mr_rest, jr + 2 * NR <= n_whole, kc, pa + m_whole * kc,
+                                        pb + jr * kc, c + (ic + m_whole) * p.ldc + jc + jr, p.ldc,
+                                        alpha, beta_k, bj);
+          }
+#endif
       }
     }
   }
