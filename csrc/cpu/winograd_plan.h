@@ -83,6 +83,17 @@ inline Plan make_tile_plan(int64_t n, int64_t G, int64_t th, int64_t tw, int64_t
   // Equal chunks: 32 tile rows at 30 per chunk would run as 30 + 2, one thread nearly idle
   // (benchmarks/RESULTS.md, development measurements 2026-12-02).
   w.nr = (w.rows + c - 1) / c;
+  // The threads take equal runs of whole chunks, so the busiest one runs ceil(tasks / nt)
+  // chunks: down to 3/4 of the rows per chunk, the count with the least rows on the busiest
+  // thread (conv shape 2, 768 tile rows: 39 chunks of 20 ran 400 rows on one thread and 380 on
+  // the other; 48 chunks of 16 run 384 each: RESULTS.md, 2026-12-05 23:15 section).
+  if (nt > 1 && w.segs == 1) {
+    auto busiest = [&](int64_t nr) { return (G * ((w.rows + nr - 1) / nr) + nt - 1) / nt * nr; };
+    int64_t best = w.nr;
+    for (int64_t nr = w.nr - 1; nr >= std::max<int64_t>(1, w.nr * 3 / 4); --nr)
+      if (busiest(nr) < busiest(best)) best = nr;
+    w.nr = best;
+  }
   w.chunks = (w.rows + w.nr - 1) / w.nr * w.segs;
   w.ldq = (w.nr * w.tcw + 7 + 7) / 8 * 8;
   w.ves = cin * w.ldq + 16;
