@@ -141,13 +141,16 @@ def test_gemm_threads_agree(cpu_path, _fresh_seed, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n", [16, 48, 80, 200])
-def test_gemm_edge_rows_match_whole_tiles(cpu_path, _fresh_seed, dtype, n):
+@pytest.mark.parametrize("beta", [0.0, -1.25])
+@pytest.mark.parametrize("n", [16, 48, 80, 144, 160, 200])
+def test_gemm_edge_rows_match_whole_tiles(cpu_path, _fresh_seed, dtype, beta, n):
     """Rows past a block's last whole 6-row tile run narrower kernels (gemm.cpp edge_rows: 1-2
     rows over two panels at once, 3-5 over one) that do each element's FMAs in the whole tile's
-    order: the first m rows of a 36-row product, bitwise, for every m, with alpha, beta and the
-    bias row (the stores) too; n = 48 and 80 leave an odd panel and a partial one, 16 and 200
-    one panel and a partial pair."""
+    order: the first m rows of a 36-row product, bitwise, for every m, with alpha, beta (0: C
+    unread) and the bias row (the stores) too. Panels (NR: float32 16 on AVX2, 32 on AVX-512;
+    float64 8 / 16) by n: pairs, a single one and partial ones (144 and 160 on every build;
+    float32 up to 64 columns on AVX2, 128 on AVX-512, reads A in place instead, the same
+    arithmetic)."""
     from fastdl import _C
     rng = _rng(_fresh_seed)
     k = 97
@@ -158,7 +161,7 @@ def test_gemm_edge_rows_match_whole_tiles(cpu_path, _fresh_seed, dtype, n):
 
     def run(m):
         c = c0[:m].copy()
-        _C.gemm(a[:m], b, c, False, False, m, n, k, 0.75, -1.25, k, n, n,
+        _C.gemm(a[:m], b, c, False, False, m, n, k, 0.75, beta, k, n, n,
                 0 if dtype == np.float32 else 1, -1, 0, False, bias)
         return c
     before = fastdl.get_num_threads()
@@ -169,8 +172,8 @@ def test_gemm_edge_rows_match_whole_tiles(cpu_path, _fresh_seed, dtype, n):
             np.testing.assert_array_equal(run(m), full[:m], err_msg=f"m={m}")
     finally:
         fastdl.set_num_threads(before)
-    ref = 0.75 * (np.asarray(a, np.float64) @ b) - 1.25 * c0 + bias
-    mag = 0.75 * (np.abs(a) @ np.abs(b)) + 1.25 * np.abs(c0) + np.abs(bias)
+    ref = 0.75 * (np.asarray(a, np.float64) @ b) + beta * c0 + bias
+    mag = 0.75 * (np.abs(a) @ np.abs(b)) + abs(beta) * np.abs(c0) + np.abs(bias)
     t = tol(torch.float32 if dtype == np.float32 else torch.float64, reduction=k)
     assert (np.abs(full - ref) <= t["atol"] + t["rtol"] * mag).all()
 

@@ -337,10 +337,10 @@ Plan make_plan(const Conv2dParams& p) {
 }
 
 // V[e][cc][(r - r0) * tcn + tj] for chunk q's tiles. Per channel, each image's input rows under
-// the chunk's tile rows are copied once into zero-padded rows of rbuf (rows_for(w) rows of rbw;
-// consecutive tile rows share two), then transformed: the transform's loads read rows written a
-// whole plane earlier, not the stores just made (which they straddle: loads at columns 2tj and
-// 2tj + 2 cross the copy's vectors, so an immediate reload waits for those stores to commit).
+// the chunk's tile rows are copied once into zero-padded rows of rbw in rbuf (rows_for(w)
+// elements; consecutive tile rows share two), then transformed: the transform's loads read rows
+// written a whole plane earlier, not the stores just made (which they straddle: loads at columns
+// 2tj and 2tj + 2 cross the copy's vectors, so an immediate reload waits for those stores).
 // RESULTS.md, 2026-12-05 23:15 section.
 inline int64_t rows_for(const Plan& w) { return (2 * std::min(w.nr, w.th) + 2) * w.rbw; }
 
@@ -362,10 +362,11 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
         if (ih < 0 || ih >= p.h) zero_run(dst, rbw);
         else pad_row(dst, rbw, a, e, e > a ? xp + ih * p.w + (a + off) : nullptr);
       }
-      if (cc + 1 < cg) {  // the next channel's rows, while this one's transform runs
+      // the next channel's rows (this task's columns) while this one's are transformed
+      if (cc + 1 < cg && e > a) {
         const int64_t lo = std::max<int64_t>(0, 2 * t0 - p.ph);
         const int64_t hi = std::min(p.h, 2 * t1 - p.ph + 2);
-        prefetch_rows(xp + p.h * p.w + lo * p.w, (hi - lo) * p.w);
+        for (int64_t ih = lo; ih < hi; ++ih) prefetch_rows(xp + (p.h + ih) * p.w + a + off, e - a);
       }
       for (int64_t ti = t0; ti < t1; ++ti) {
         const T* rb[4];
@@ -410,6 +411,7 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
     if (bad) nonfinite.store(true, std::memory_order_relaxed);
     tl_v.trim(kKeepBytes);
     tl_m.trim(kKeepBytes);
+    tl_rows.trim(kKeepBytes);
   });
   return nonfinite.load();
 }
@@ -595,6 +597,7 @@ void conv_winograd_backward_weight(const Conv2dParams& p, const T* x, const T* g
     }
     tl_v.trim(kKeepBytes);
     tl_m.trim(kKeepBytes);
+    tl_rows.trim(kKeepBytes);
   });
   std::vector<int64_t> order;
   for (int64_t i = 0; i < nt; ++i)

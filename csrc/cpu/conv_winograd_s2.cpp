@@ -280,9 +280,9 @@ struct S2Layout {
 
 // V[e][kk][(r - r0) * tcn + tj] for chunk q: gy's 4-row windows, rows 3 ti + start + i, columns
 // from 3 tc0 + start, zero outside gy. Per channel, each image's gy rows under the chunk's tile
-// rows are copied once into zero-padded rows of rbuf (s2_rows(L) of rbw; consecutive windows
-// share a row) before any is transformed, as conv_winograd.cpp's build_v (the transform's
-// loads straddle the copy's stores; reloading them at once waits for the stores to commit).
+// rows are copied once into zero-padded rows of rbw in rbuf (s2_rows(L) elements; consecutive
+// windows share a row) before any is transformed, as conv_winograd.cpp's build_v (the
+// transform's loads straddle the copy's stores; reloading them at once waits for the stores).
 inline int64_t s2_rows(const S2Layout& L) { return (3 * std::min(L.w.nr, L.w.th) + 1) * L.w.rbw; }
 
 template <class T>
@@ -303,10 +303,12 @@ void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk&
         if (oh < 0 || oh >= p.oh) zero_run(dst, rbw);
         else pad_row(dst, rbw, a, e, e > a ? gp + oh * p.ow + (a + off) : nullptr);
       }
-      if (kk + 1 < kg) {  // the next channel's rows, while this one's transform runs
+      // the next channel's rows (this task's columns) while this one's are transformed
+      if (kk + 1 < kg && e > a) {
         const int64_t lo = std::max<int64_t>(0, 3 * t0 + L.ay.start);
         const int64_t hi = std::min(p.oh, 3 * t1 + L.ay.start + 1);
-        prefetch_rows(gp + p.oh * p.ow + lo * p.ow, (hi - lo) * p.ow);
+        for (int64_t oh = lo; oh < hi; ++oh)
+          prefetch_rows(gp + (p.oh + oh) * p.ow + a + off, e - a);
       }
       for (int64_t ti = t0; ti < t1; ++ti) {
         const T* rb[4];
@@ -317,6 +319,7 @@ void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk&
     }
 }
 
+// The GEMM of each chunk: M[e] (m x len) = op(U[e]_g) (m x k) * V[e] (k x len), op transposing
 // U (stored 4cg x kg per group) for the forward.
 struct GemmShape {
   bool trans_u;

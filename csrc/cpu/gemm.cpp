@@ -24,6 +24,7 @@
 // - a static tm x tn split: work units from an atomic counter measured no better (-5..-9% small);
 // - B is always packed: reading it in place, L2-sized B blocks, packing just before use: no gain.
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -207,6 +208,41 @@ void pack_b(const T* b, int64_t ldb, bool trans, int64_t p0, int64_t j0, int64_t
 
 // ---- micro-kernels: c[MR x NR] = alpha * (a_panel . b_panel) + beta * c (+ bias) (beta == 0: no read)
 
+// Every path stores an element of C the same way, vector or scalar, with its roundings spelled
+// out (fma calls, not left to the compiler's contraction, which fused some paths and not others:
+// a row of a Linear's output could differ in its last bit by its place in the tile):
+//   beta == 0: fma(alpha, t, bias), or alpha * t without a bias (C unread);
+//   otherwise: fma(alpha, t, beta * c), then + bias.
+// t: the tile's product sum; c: C's element before; bias: the bias element or null. (The
+// portable build has no FMA instruction, so nothing fuses there: two roundings, as its libm
+// fma would be a slow software routine.)
+template <class T>
+inline T fused(T a, T b, T c) {
+#if defined(__FMA__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+template <class T>
+inline T store_value(T t, T alpha, T beta, const T* c, const T* bias) {
+  if (beta == T(0)) return bias ? fused(alpha, t, *bias) : alpha * t;
+  const T r = fused(alpha, t, beta * *c);
+  return bias ? r + *bias : r;
+}
+
+// Rows i < mr, columns j < nr of C from tile t (row stride ldt): store_value for each.
+template <class T>
+inline void store_scalar(const T* t, int64_t ldt, T* c, int64_t ldc, int mr, int nr, T alpha,
+                         T beta, const T* bias) {
+  for (int i = 0; i < mr; ++i) {
+    T* ci = c + i * ldc;
+    const T* ti = t + i * ldt;
+    for (int j = 0; j < nr; ++j)
+      ci[j] = store_value(ti[j], alpha, beta, ci + j, bias ? bias + j : nullptr);
+  }
+}
+
 template <class T>
 void micro_kernel_ref(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc,
                       T alpha, T beta, const T* bias) {
@@ -219,16 +255,7 @@ void micro_kernel_ref(int64_t kc, const T* __restrict a, const T* __restrict b, 
       for (int j = 0; j < NR; ++j) acc[i][j] += ai * b[p * NR + j];
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    T* ci = c + i * ldc;
-    if (beta == T(0)) {
-      for (int j = 0; j < NR; ++j) ci[j] = alpha * acc[i][j];
-    } else {
-      for (int j = 0; j < NR; ++j) ci[j] = alpha * acc[i][j] + beta * ci[j];
-    }
-    if (bias)
-      for (int j = 0; j < NR; ++j) ci[j] += bias[j];
-  }
+  store_scalar<T>(&acc[0][0], NR, c, ldc, MR, NR, alpha, beta, bias);
 }
 
 #if defined(FASTDL_GEMM_AVX2)
@@ -286,8 +313,23 @@ template <> struct Simd<double> {
 };
 #endif
 
+// One vector of C: store_value's arithmetic on L lanes (c: C's lanes, bias: the bias's or null).
+template <class T>
+inline void store_vec(typename Simd<T>::V acc, T* c, typename Simd<T>::V va, T beta,
+                      typename Simd<T>::V vb, const T* bias) {
+  using S = Simd<T>;
+  typename S::V r;
+  if (beta == T(0)) {
+    r = bias ? S::fmadd(va, acc, S::loadu(bias)) : S::mul(va, acc);
+  } else {
+    r = S::fmadd(va, acc, S::mul(vb, S::loadu(c)));
+    if (bias) r = S::add(r, S::loadu(bias));
+  }
+  S::storeu(c, r);
+}
+
 // c[i][0:NV*L] = alpha * acc[i] (+ beta * c[i]; beta == 0 never reads C) (+ bias[0:NV*L] when
-// bias is not null), rows i < 6.
+// bias is not null), rows i < 6 (store_vec).
 template <class T, int NV = 2>
 inline void store_tile(const typename Simd<T>::V (&acc)[6][NV], T* c, int64_t ldc, T alpha,
                        T beta, const T* bias) {
@@ -297,12 +339,8 @@ inline void store_tile(const typename Simd<T>::V (&acc)[6][NV], T* c, int64_t ld
   for (int i = 0; i < 6; ++i) {
     T* ci = c + i * ldc;
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) {
-      typename S::V r = beta == T(0) ? S::mul(va, acc[i][v])
-                                     : S::fmadd(va, acc[i][v], S::mul(vb, S::loadu(ci + v * S::L)));
-      if (bias) r = S::add(r, S::loadu(bias + v * S::L));
-      S::storeu(ci + v * S::L, r);
-    }
+    for (int v = 0; v < NV; ++v)
+      store_vec<T>(acc[i][v], ci + v * S::L, va, beta, vb, bias ? bias + v * S::L : nullptr);
   }
 }
 
@@ -370,15 +408,10 @@ inline void edge_rows(int64_t kc, const T* __restrict a, const T* __restrict b, 
   }
   // as store_tile: panel q's columns follow panel q - 1's in C
   const typename S::V va = S::set1(alpha), vb = S::set1(beta);
-  for (int i = 0; i < ROWS; ++i) {
-    T* ci = c + i * ldc;
-    for (int v = 0; v < NV; ++v) {
-      typename S::V r = beta == T(0) ? S::mul(va, acc[i][v])
-                                     : S::fmadd(va, acc[i][v], S::mul(vb, S::loadu(ci + v * S::L)));
-      if (bias) r = S::add(r, S::loadu(bias + v * S::L));
-      S::storeu(ci + v * S::L, r);
-    }
-  }
+  for (int i = 0; i < ROWS; ++i)
+    for (int v = 0; v < NV; ++v)
+      store_vec<T>(acc[i][v], c + i * ldc + v * S::L, va, beta, vb,
+                   bias ? bias + v * S::L : nullptr);
 }
 
 // edge_rows for a run-time row count mr in [1, MR): two panels at once for 1-2 rows (when
@@ -454,16 +487,7 @@ inline void micro_kernel_direct(int64_t kc, const float* a, int64_t lda, int mr,
     S::storeu(tmp[i], acc[i][0]);
     S::storeu(tmp[i] + S::L, acc[i][1]);
   }
-  for (int i = 0; i < mr; ++i) {
-    float* ci = c + i * ldc;
-    if (beta == 0.0f) {
-      for (int j = 0; j < nr; ++j) ci[j] = alpha * tmp[i][j];
-    } else {
-      for (int j = 0; j < nr; ++j) ci[j] = alpha * tmp[i][j] + beta * ci[j];
-    }
-    if (bias)
-      for (int j = 0; j < nr; ++j) ci[j] += bias[j];
-  }
+  store_scalar<float>(&tmp[0][0], NR, c, ldc, mr, nr, alpha, beta, bias);
 }
 #else
 template <class T>
@@ -487,17 +511,7 @@ void edge_tile(int64_t kc, const T* a, const T* b, T* c, int64_t ldc, int mr, in
 #else
   micro_kernel<T>(kc, a, b, tmp, NR, T(1), T(0), nullptr);
 #endif
-  for (int i = 0; i < mr; ++i) {
-    T* ci = c + i * ldc;
-    const T* ti = tmp + i * NR;
-    if (beta == T(0)) {
-      for (int j = 0; j < nr; ++j) ci[j] = alpha * ti[j];
-    } else {
-      for (int j = 0; j < nr; ++j) ci[j] = alpha * ti[j] + beta * ci[j];
-    }
-    if (bias)
-      for (int j = 0; j < nr; ++j) ci[j] += bias[j];
-  }
+  store_scalar<T>(tmp, NR, c, ldc, mr, nr, alpha, beta, bias);
 }
 
 // Splits [0, n) into `parts` nearly equal blocks; returns block `idx`'s bounds, aligned to `step`.

@@ -213,14 +213,16 @@ inline void pad_row(T* d, int64_t w, int64_t a, int64_t e, const T* src) {
   zero_run(d + e, w - e);
 }
 
-// Prefetches n contiguous elements from p into the cache, a line (64 bytes) at a time: the next
-// channel's input rows of a Winograd input transform, whose hardware prefetch restarts on each
-// plane (perf: the row copies' source loads were ~27% of build_v's samples on conv shape 2's
-// input gradient after the copies stopped stalling; RESULTS.md, 2026-12-05 23:15 section).
+// Prefetches n contiguous elements (n > 0) from p into the cache, a line (64 bytes) at a time:
+// the next channel's input rows of a Winograd input transform, whose hardware prefetch restarts
+// on each plane (perf: the row copies' source loads were ~27% of build_v's samples on conv shape
+// 2's input gradient after the copies stopped stalling; RESULTS.md, 2026-12-05 23:15 section).
 template <class T>
 inline void prefetch_rows(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b);
+  const int64_t bytes = n * int64_t(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+  if (bytes > 0) __builtin_prefetch(c + bytes - 1);  // the last line, when p starts mid-line
 }
 
 }  // namespace
