@@ -213,12 +213,12 @@ void pack_b(const T* b, int64_t ldb, bool trans, int64_t p0, int64_t j0, int64_t
 // a row of a Linear's output could differ in its last bit by its place in the tile):
 //   beta == 0: fma(alpha, t, bias), or alpha * t without a bias (C unread);
 //   otherwise: fma(alpha, t, beta * c), then + bias.
-// t: the tile's product sum; c: C's element before; bias: the bias element or null. (The
-// portable build has no FMA instruction, so nothing fuses there: two roundings, as its libm
-// fma would be a slow software routine.)
+// t: the tile's product sum; c: C's element before; bias: the bias element or null. (Where the
+// CPU has no FMA instruction, the x86 portable build, nothing can fuse: two roundings there, as
+// libm's fma would be a slow software routine. Other CPUs' portable builds have one.)
 template <class T>
 inline T fused(T a, T b, T c) {
-#if defined(__FMA__)
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(FP_FAST_FMA)
   return std::fma(a, b, c);
 #else
   return a * b + c;
