@@ -356,18 +356,9 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
       const int64_t n = r0 / w.th, t0 = r0 % w.th;
       const int64_t t1 = std::min(w.th, t0 + (q.r0 + q.nrc - r0));
       const T* xp = x + ((n * p.c + q.g * cg + cc) * p.h) * p.w;
-      for (int64_t k = 0; k < 2 * (t1 - t0) + 2; ++k) {  // input rows 2 t0 - ph + k
-        T* dst = rbuf + k * rbw;
-        const int64_t ih = 2 * t0 - p.ph + k;
-        if (ih < 0 || ih >= p.h) zero_run(dst, rbw);
-        else pad_row(dst, rbw, a, e, e > a ? xp + ih * p.w + (a + off) : nullptr);
-      }
-      // the next channel's rows (this task's columns) while this one's are transformed
-      if (cc + 1 < cg && e > a) {
-        const int64_t lo = std::max<int64_t>(0, 2 * t0 - p.ph);
-        const int64_t hi = std::min(p.h, 2 * t1 - p.ph + 2);
-        for (int64_t ih = lo; ih < hi; ++ih) prefetch_rows(xp + (p.h + ih) * p.w + a + off, e - a);
-      }
+      // input rows 2 t0 - ph + k, k < 2 (t1 - t0) + 2; the next channel's prefetched
+      pad_plane_rows(rbuf, rbw, xp, p.h, p.w, 2 * t0 - p.ph, 2 * (t1 - t0) + 2, a, e, off,
+                     cc + 1 < cg ? xp + p.h * p.w : nullptr);
       for (int64_t ti = t0; ti < t1; ++ti) {
         const T* rb[4];
         for (int i = 0; i < 4; ++i) rb[i] = rbuf + (2 * (ti - t0) + i) * rbw;

@@ -297,19 +297,9 @@ void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk&
       const int64_t n = r0 / w.th, t0 = r0 % w.th;
       const int64_t t1 = std::min(w.th, t0 + (q.r0 + q.nrc - r0));
       const T* gp = gy + ((n * p.k + q.g * kg + kk) * p.oh) * p.ow;
-      for (int64_t k = 0; k < 3 * (t1 - t0) + 1; ++k) {  // gy rows 3 t0 + start + k
-        T* dst = rbuf + k * rbw;
-        const int64_t oh = 3 * t0 + L.ay.start + k;
-        if (oh < 0 || oh >= p.oh) zero_run(dst, rbw);
-        else pad_row(dst, rbw, a, e, e > a ? gp + oh * p.ow + (a + off) : nullptr);
-      }
-      // the next channel's rows (this task's columns) while this one's are transformed
-      if (kk + 1 < kg && e > a) {
-        const int64_t lo = std::max<int64_t>(0, 3 * t0 + L.ay.start);
-        const int64_t hi = std::min(p.oh, 3 * t1 + L.ay.start + 1);
-        for (int64_t oh = lo; oh < hi; ++oh)
-          prefetch_rows(gp + (p.oh + oh) * p.ow + a + off, e - a);
-      }
+      // gy rows 3 t0 + start + k, k < 3 (t1 - t0) + 1; the next channel's prefetched
+      pad_plane_rows(rbuf, rbw, gp, p.oh, p.ow, 3 * t0 + L.ay.start, 3 * (t1 - t0) + 1, a, e, off,
+                     kk + 1 < kg ? gp + p.oh * p.ow : nullptr);
       for (int64_t ti = t0; ti < t1; ++ti) {
         const T* rb[4];
         for (int i = 0; i < 4; ++i) rb[i] = rbuf + (3 * (ti - t0) + i) * rbw;

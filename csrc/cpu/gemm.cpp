@@ -382,9 +382,9 @@ inline void micro_kernel(int64_t kc, const T* __restrict a, const T* __restrict 
 // The rows past a block's last whole MR tile (ROWS < MR of the packed, zero-padded panel at a)
 // over PANELS adjacent full-width B micro-panels (b, b + NR * kc, ...): 2 * ROWS * PANELS
 // accumulators, so with few rows the FMAs still have 8 or more independent chains (the 6-row
-// kernel on a 2-row edge ran 6 rows' work; gemm 32 x 64 x 2048, 1 thread, took as long as
-// 36 x 64: RESULTS.md, 2026-12-05 23:15 section). Each element is the same sequence of FMAs as
-// in micro_kernel, so its value is the one a whole tile would give, bit for bit.
+// kernel on a 2-row edge ran 6 rows' work: RESULTS.md, 2026-12-05 23:15 section). Each element
+// is the same sequence of FMAs as in micro_kernel, so its value is the one a whole tile would
+// give, bit for bit.
 template <class T, int ROWS, int PANELS>
 inline void edge_rows(int64_t kc, const T* __restrict a, const T* __restrict b, T* c, int64_t ldc,
                       T alpha, T beta, const T* bias) {

@@ -179,9 +179,8 @@ inline void short_row_add(float* g, const float* v, int64_t a, int64_t b) {
 // use whole-vector stores only: the short ends (a padding of 1-2 columns, a tail of fewer than 8)
 // are covered by a whole zero vector written first, the copy then written over it, and a copy of
 // fewer than 8 by a masked load (zeros outside the run) stored whole over padding. Masked stores
-// (vmaskmovps, microcoded on AMD Zen: 16% of the Winograd input transform's samples on the input
-// gradient of conv shape 2, where every row starts with 2 padding columns; RESULTS.md, 2026-12-05
-// 23:15 section) never run.
+// (vmaskmovps, microcoded on AMD Zen; perf of the Winograd input transform with 2 padding columns
+// per row: RESULTS.md, 2026-12-05 23:15 section) never run.
 template <class T>
 inline void pad_row(T* d, int64_t w, int64_t a, int64_t e, const T* src) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
@@ -213,16 +212,32 @@ inline void pad_row(T* d, int64_t w, int64_t a, int64_t e, const T* src) {
   zero_run(d + e, w - e);
 }
 
-// Prefetches n contiguous elements (n > 0) from p into the cache, a line (64 bytes) at a time:
-// the next channel's input rows of a Winograd input transform, whose hardware prefetch restarts
-// on each plane (perf: the row copies' source loads were ~27% of build_v's samples on conv shape
-// 2's input gradient after the copies stopped stalling; RESULTS.md, 2026-12-05 23:15 section).
+// Prefetches n contiguous elements (n > 0) from p into the cache, a line (64 bytes) at a time.
 template <class T>
 inline void prefetch_rows(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   const int64_t bytes = n * int64_t(sizeof(T));
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
   if (bytes > 0) __builtin_prefetch(c + bytes - 1);  // the last line, when p starts mid-line
+}
+
+// The Winograd input transforms' row buffers (conv_winograd.cpp, conv_winograd_s2.cpp): rows
+// [r, r + count) of a plane (rows x cols, row-major) into count padded rows of rbw at dst, row k
+// holding plane row r + k's columns [a + off, e + off) at [a, e) and zeros elsewhere (all zeros
+// for rows outside the plane). next: the following plane (or null), whose same rows and columns
+// are prefetched for the next call, while the caller transforms these (the hardware prefetch
+// restarts on each plane; RESULTS.md, 2026-12-05 23:15 section).
+template <class T>
+void pad_plane_rows(T* dst, int64_t rbw, const T* plane, int64_t rows, int64_t cols, int64_t r,
+                    int64_t count, int64_t a, int64_t e, int64_t off, const T* next) {
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t pr = r + k;
+    if (pr < 0 || pr >= rows) zero_run(dst + k * rbw, rbw);
+    else pad_row(dst + k * rbw, rbw, a, e, e > a ? plane + pr * cols + a + off : nullptr);
+  }
+  if (next && e > a)
+    for (int64_t pr = std::max<int64_t>(0, r); pr < std::min(rows, r + count); ++pr)
+      prefetch_rows(next + pr * cols + a + off, e - a);
 }
 
 }  // namespace
