@@ -207,6 +207,27 @@ WINOGRAD_WIDE = [
 ]
 
 
+# The float32 products of the AVX2 build's Winograd forward and input gradient
+# (csrc/cpu/winograd_tiles.h): 6-channel register tiles over 16 tiles, and a last block of 1-5
+# channels run over wider runs of tiles (8 to 64). Output channels per group (the forward's kg,
+# and the input gradient's, which is the forward's input channels) cover every remainder mod 6
+# with and without whole blocks before it; a chunk's tile count mod 16 (its last panel reads
+# the zeroed tail of V) covers 0, 8, and odd counts, with runs past 64 tiles for the 1-channel block.
+WINOGRAD_TILE_BLOCKS = [
+    ((2, 6, 18, 18), (12, 6, 3, 3), True, 1, 1),      # kg 12 / 6: whole blocks only; 162 tiles
+    ((1, 5, 16, 30), (7, 5, 3, 3), False, 1, 1),      # kg 7 / 5: 1 after a block, 5 alone; 120
+    ((3, 8, 9, 9), (9, 8, 3, 3), True, 1, 1),         # kg 9 / 8: 3 / 2 after a block; 75 tiles
+    ((2, 20, 10, 10), (32, 10, 3, 3), True, 0, 2),    # groups, kg 16 / 10: 4 / 4; 32 tiles
+    ((1, 13, 34, 34), (11, 13, 3, 3), False, 1, 1),   # kg 11 / 13: 5 / 1 (a 64-tile run); 289
+    ((4, 32, 8, 12), (64, 32, 3, 3), True, 0, 1),     # kg 64 / 32: 4 / 2, shape 2's counts
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_tile_blocks(cpu_path, dtype):
+    run_forced_winograd(WINOGRAD_TILE_BLOCKS, dtype, seed=500)
+
+
 def test_pad_row_every_split(cpu_path):
     # The Winograd transforms' zero-padded row copy (row_copy.h pad_row): on the AVX2 build it
     # writes whole vectors that overlap (a zero vector first, the copy over it) and stores short
@@ -353,6 +374,12 @@ def winograd_s2_configs(seed):
             ((1, 64, 4, 861), (8, 64, 4, 4), False, dict(stride=2, padding=(1, 3), dilation=1,
                                                          groups=1)),
             ((1, 64, 3, 800), (8, 64, 4, 4), True, dict(stride=2, padding=(2, 0), dilation=1,
+                                                        groups=1))]
+    # the AVX2 build's register tiles (csrc/cpu/winograd_tiles.h, as test_winograd_tile_blocks):
+    # the forward's 7 and 11 output channels (1 and 5 after a 6-row block; the 1-row block's
+    # 64-tile runs over 98 tiles) with the input gradient's 4 x 4 and 4 x 3 phase rows
+    out += [((2, 4, 40, 40), (7, 4, 4, 4), True, dict(stride=2, padding=1, dilation=1, groups=1)),
+            ((1, 3, 34, 34), (11, 3, 4, 4), False, dict(stride=2, padding=1, dilation=1,
                                                         groups=1))]
     return out
 

@@ -4,8 +4,9 @@
 // 16 multiplies per 4 outputs and input channel instead of 36.
 //   weights   U[e] (kg x cg) = (G g G^T)[e] for each of the 16 positions e, once per call
 //   per chunk (whole tile rows of the stacked images of one group): V[e] (cg x tiles) =
-//   (B^T d B)[e], then 16 GEMMs M[e] (kg x tiles) = U[e] * V[e] on fastdl's GEMM, then the
-//   y tile = A^T M A (+ bias).
+//   (B^T d B)[e], then 16 products M[e] (kg x tiles) = U[e] * V[e] (float32 on the AVX2 build:
+//   register tiles over U packed once per call, winograd_tiles.h; otherwise 16 GEMMs on
+//   fastdl's GEMM), then the y tile = A^T M A (+ bias).
 // Transforms run a tile row at a time over zero-padded row buffers (no bounds checks after; per
 // channel, the input rows under a chunk's tile rows are copied first, once each: build_v), and
 // the vector float32 path handles groups of 8 tiles of the row per
@@ -35,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <new>
 #include <vector>
 
@@ -47,6 +49,12 @@
 #include "row_copy.h"
 #include "scratch.h"
 #include "winograd_plan.h"
+#if defined(FASTDL_WINO_AVX2) && !defined(__AVX512F__)
+// float32 products by register tiles over U panels and V in place (winograd_tiles.h) on the AVX2
+// build; the AVX-512 build and float64 keep the GEMM route.
+#define FASTDL_WINO_TILES 1
+#include "winograd_tiles.h"
+#endif
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -333,6 +341,9 @@ Plan make_plan(const Conv2dParams& p) {
   Plan w = make_tile_plan(p.n, p.groups, (p.oh + 1) / 2, (p.ow + 1) / 2, p.c / p.groups,
                           p.k / p.groups);
   w.rbw = 16 * ((w.tcw + 7) / 8) + 2;
+#if defined(FASTDL_WINO_TILES)
+  widen_for_panels(w, p.c / p.groups, p.k / p.groups);
+#endif
   return w;
 }
 
@@ -406,6 +417,54 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
   });
   return nonfinite.load();
 }
+
+#if defined(FASTDL_WINO_TILES)
+// winograd_forward_u's float32 route on the AVX2 build: per chunk, T[e] (kg x tiles) = U[e] V[e]
+// by register tiles over U's panels (packed once per call) and V read in place
+// (winograd_tiles.h), then the output rows from T as from M. Against the GEMM route (which packs
+// U[e] and V[e] in each of a chunk's 16 calls, and runs 6-row tiles on 32 rows' 2-row edge):
+// conv shape 2's forward 5.8 -> 5.4 ms, its input gradient 7.5 -> 6.5 (RESULTS.md, 2026-12-06
+// 02:23 section).
+bool winograd_forward_tiles(const Conv2dParams& p, const float* x, const float* u, const float* b,
+                            float* y) {
+  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
+  const Plan w = make_plan(p);
+  const int64_t ups = packed_u_size(kg, cg);
+  std::vector<float> up(static_cast<size_t>(G * ups));
+  for (int64_t g = 0; g < G; ++g)
+    pack_u_panels(u + g * kg * cg, kc, kg, cg, false, up.data() + g * ups);
+  std::atomic<bool> nonfinite{false};
+  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tcw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
+    float* v = tl_v.get_as<float>(16 * w.ves);
+    float* t = tl_m.get_as<float>(16 * w.mes);
+    float* rbuf = tl_rows.get_as<float>(rows_for(w));
+    bool bad = false;
+    for (int64_t task = lo; task < hi; ++task) {
+      const Chunk q(w, task);
+      const int64_t g = q.g, len = q.len();
+      build_v(p, w, x, q, rbuf, v);
+      zero_panel_tail(v, w.ves, w.ldq, cg, len);
+      chunk_products(up.data() + g * ups, kg, cg, v, w.ves, w.ldq, len, t, w.mes, w.ldq);
+      // y tile = A^T T A
+      for (int64_t kk = 0; kk < kg; ++kk) {
+        const int64_t k = g * kg + kk;
+        const float bv = b ? b[k] : 0.0f;
+        for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
+          const int64_t n = r / w.th, ti = r % w.th;
+          float* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow + 2 * q.tc0;
+          bad |= output_row<float>(t + kk * w.ldq + (r - q.r0) * q.tcn, w.mes, q.tcn,
+                                   p.ow - 2 * q.tc0, bv, yp, 2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
+        }
+      }
+    }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+    tl_v.trim(kKeepBytes);
+    tl_m.trim(kKeepBytes);
+    tl_rows.trim(kKeepBytes);
+  });
+  return nonfinite.load();
+}
+#endif
 
 // ---- weight gradient -------------------------------------------------------------------------
 // The adjoint of the forward: dM = A dy A^T per 2x2 tile of gy (A = [1 0; 1 1; 1 -1; 0 -1]),
@@ -531,6 +590,9 @@ template <class T>
 bool conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   std::vector<T> u(static_cast<size_t>(16 * p.k * (p.c / p.groups)));
   transform_weights(p, w, u.data());
+#if defined(FASTDL_WINO_TILES)
+  if constexpr (std::is_same<T, float>::value) return winograd_forward_tiles(p, x, u.data(), b, y);
+#endif
   return winograd_forward_u(p, x, u.data(), b, y);
 }
 

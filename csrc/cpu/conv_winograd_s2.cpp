@@ -33,6 +33,7 @@
 // s2_sweep, the general sweeps, conv_transpose2d); timed by benchmarks/conv_passes.py and the conv
 // suite's shape 7.
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -44,6 +45,11 @@
 #include "row_copy.h"
 #include "scratch.h"
 #include "winograd_plan.h"
+#if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
+// float32 products by register tiles (winograd_tiles.h) on the AVX2 build, as conv_winograd.cpp
+#define FASTDL_WINO_S2_TILES 1
+#include "winograd_tiles.h"
+#endif
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -275,6 +281,9 @@ struct S2Layout {
         w(make_tile_plan(p.n, p.groups, ay.tiles, ax.tiles, p.k / p.groups, 4 * (p.c / p.groups))) {
     w.rbw = 24 * ((w.tcw + 7) / 8) + 32;
     obw = 24 * ((w.nr * w.tcw + 7) / 8);
+#if defined(FASTDL_WINO_S2_TILES)
+    widen_for_panels(w, p.k / p.groups, 4 * (p.c / p.groups));
+#endif
   }
 };
 
@@ -323,6 +332,15 @@ template <class T, class Build, class Emit>
 bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, GemmShape mm,
                 int64_t rows, const Build& build, const Emit& emit) {
   const int64_t ug = mm.m * mm.k;  // one group's U[e]
+#if defined(FASTDL_WINO_S2_TILES)
+  // float32: U's panels packed once per call, the products by register tiles (winograd_tiles.h)
+  constexpr bool tiles = std::is_same<T, float>::value;
+  const int64_t ups = tiles ? packed_u_size(mm.m, mm.k) : 0;
+  std::vector<float> up(static_cast<size_t>(p.groups * ups));
+  if constexpr (tiles)
+    for (int64_t g = 0; g < p.groups; ++g)
+      pack_u_panels(u + g * ug, ues, mm.m, mm.k, mm.trans_u, up.data() + g * ups);
+#endif
   std::atomic<bool> nonfinite{false};
   parallel_for_catch(p.groups * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * ug),
                      [&](int64_t lo, int64_t hi) {
@@ -333,6 +351,15 @@ bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, 
     for (int64_t t = lo; t < hi; ++t) {
       const Chunk q(pl, t);
       build(q, rbuf, v);
+#if defined(FASTDL_WINO_S2_TILES)
+      if constexpr (tiles) {
+        zero_panel_tail(v, pl.ves, pl.ldq, mm.k, q.len());
+        chunk_products(up.data() + q.g * ups, mm.m, mm.k, v, pl.ves, pl.ldq, q.len(), m, pl.mes,
+                       pl.ldq);
+        bad |= emit(q, rbuf, m);
+        continue;
+      }
+#endif
       for (int e = 0; e < 16; ++e)
         gemm(gemm_params<T>(mm.trans_u, false, mm.m, q.len(), mm.k, mm.trans_u ? mm.m : mm.k,
                             pl.ldq, pl.ldq, 0.0),
@@ -462,6 +489,9 @@ struct S2ForwardLayout {
     w.rbw = 24 * ((w.tcw + 7) / 8) + 32;
     obw = 24 * ((w.nr * w.tcw + 7) / 8);
     half = (p.w + 1) / 2;
+#if defined(FASTDL_WINO_S2_TILES)
+    widen_for_panels(w, 4 * (p.c / p.groups), p.k / p.groups);
+#endif
   }
 };
 

@@ -1,0 +1,144 @@
+// The 16 products of a Winograd chunk without a GEMM call per position (conv_winograd.cpp's
+// F(2x2, 3x3) forward and input gradient, float32 on the AVX2 build).
+// The GEMM route (M[e] = U[e] V[e] on fastdl's engine, then the output transform over M) packed
+// U[e] and V[e] again in every one of a chunk's 16 calls and wrote M, 16 x kg x tiles (786 KB
+// per chunk on conv shape 2: more than Zen 3's 512 KB L2), to read it back in the output
+// transform. Here U is packed once per call into 6-row panels, V[e] is read where the input
+// transform wrote it (16 tiles of a row are one 64-byte run; the chunk's V stays in L2 across
+// blocks), and the products go 6 output channels at a time into a block buffer T[e] (6 x
+// tiles) that the output transform reads while it is still in L2.
+// Register tile: 6 channels x 16 tiles, 12 ymm accumulators, per input channel 2 loads of V and
+// 6 broadcasts of U for 12 FMAs: the shape of the GEMM engine's AVX2 micro-kernel (gemm.cpp),
+// reading V in place with its row stride instead of from a packed panel.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "winograd_plan.h"
+
+namespace fastdl {
+namespace FASTDL_ISA_NS {
+namespace {  // internal linkage: each build (and file) its own copy
+
+constexpr int64_t kPanelRows = 6, kPanelTiles = 16;
+
+inline int64_t panel_blocks(int64_t m) { return (m + kPanelRows - 1) / kPanelRows; }
+
+// U[e] (m x kdim, the e-th at u + e * ues; element (i, j) at u[i * kdim + j], or at u[j * m + i]
+// when trans) -> up[((e * blocks + b) * kdim + j) * 6 + i] = U[e](6b + i, j), zero for rows
+// past m (their products are computed and never read).
+inline void pack_u_panels(const float* u, int64_t ues, int64_t m, int64_t kdim, bool trans,
+                          float* up) {
+  const int64_t blocks = panel_blocks(m);
+  for (int64_t e = 0; e < 16; ++e)
+    for (int64_t b = 0; b < blocks; ++b) {
+      float* dst = up + (e * blocks + b) * kdim * kPanelRows;
+      for (int64_t i = 0; i < kPanelRows; ++i) {
+        const int64_t row = b * kPanelRows + i;
+        const float* ue = u + e * ues;
+        for (int64_t j = 0; j < kdim; ++j)
+          dst[j * kPanelRows + i] = row >= m ? 0.0f : trans ? ue[j * m + row] : ue[row * kdim + j];
+      }
+    }
+}
+
+// Elements of one group's packed panels.
+inline int64_t packed_u_size(int64_t m, int64_t kdim) {
+  return 16 * panel_blocks(m) * kdim * kPanelRows;
+}
+
+// A Winograd plan's V and M rows (ldq) long enough for whole 16-tile panels of a chunk
+// (chunk_products reads V and writes M in them); cin rows of V[e], cout of M[e].
+inline void widen_for_panels(Plan& w, int64_t cin, int64_t cout) {
+  w.ldq = std::max(w.ldq, (w.nr * w.tcw + kPanelTiles - 1) / kPanelTiles * kPanelTiles);
+  w.ves = cin * w.ldq + 16;
+  w.mes = cout * w.ldq + 16;
+}
+
+// c (R x 8NV, row stride ldc) = rows [0, R) of a (a packed panel: kdim x 6) * b (kdim x 8NV,
+// row stride ldb). Each element is one FMA chain over j in order, as in the GEMM engine's kernel.
+template <int R, int NV>
+inline void tile(int64_t kdim, const float* __restrict a, const float* __restrict b, int64_t ldb,
+                 float* __restrict c, int64_t ldc) {
+  // (every loop over R or NV unrolled: GCC otherwise kept acc on the stack, 2x the time)
+  __m256 acc[R][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) acc[i][u] = _mm256_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t j = 0; j < kdim; ++j, a += kPanelRows, b += ldb) {
+    __m256 bv[NV];
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) bv[u] = _mm256_loadu_ps(b + 8 * u);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i);
+#pragma GCC unroll 8
+      for (int u = 0; u < NV; ++u) acc[i][u] = _mm256_fmadd_ps(ai, bv[u], acc[i][u]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(c + i * ldc + 8 * u, acc[i][u]);
+}
+
+// The last block's R < 6 rows over columns [0, cols) (a multiple of 16; nothing past it is read
+// or written): runs of 8NV tiles, so that R * NV >= 8 accumulators keep the two FMA pipes busy
+// (a 6-row tile on 2 rows would run 3x the FMAs), then 16 and 8 tiles for the rest.
+template <int R, int NV>
+inline void short_block(int64_t kdim, const float* a, const float* v, int64_t ldv, int64_t cols,
+                        float* t, int64_t ldt) {
+  int64_t c0 = 0;
+  for (; c0 + 8 * NV <= cols; c0 += 8 * NV) tile<R, NV>(kdim, a, v + c0, ldv, t + c0, ldt);
+  for (; c0 + 16 <= cols; c0 += 16) tile<R, 2>(kdim, a, v + c0, ldv, t + c0, ldt);
+  if (c0 < cols) tile<R, 1>(kdim, a, v + c0, ldv, t + c0, ldt);  // 8 tiles left (24-tile runs)
+}
+
+// The chunk's products for every position e: T[e] (m x cols, row stride ldt, the e-th at
+// t + e * tes) = U[e] (m x kdim, packed panels) * V[e] (kdim x cols, row stride ldv, the e-th at
+// v + e * ves), cols rounded up to 16 (V's columns up to there must be finite: the caller zeroes
+// its tail). Per e and 16-tile panel of V[e] (kdim x 64 bytes, from L2 once, then L1) every
+// whole 6-row block of U[e] (U[e] stays in L1), then the last, short block.
+inline void chunk_products(const float* up, int64_t m, int64_t kdim, const float* v, int64_t ves,
+                           int64_t ldv, int64_t cols, float* t, int64_t tes, int64_t ldt) {
+  const int64_t blocks = panel_blocks(m), whole = m / kPanelRows, rest = m % kPanelRows;
+  const int64_t cols16 = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
+  for (int64_t e = 0; e < 16; ++e) {
+    const float* a = up + e * blocks * kdim * kPanelRows;
+    const float* ve = v + e * ves;
+    float* te = t + e * tes;
+    for (int64_t c0 = 0; c0 < cols16; c0 += kPanelTiles)
+      for (int64_t b = 0; b < whole; ++b)
+        tile<kPanelRows, 2>(kdim, a + b * kdim * kPanelRows, ve + c0, ldv,
+                            te + b * kPanelRows * ldt + c0, ldt);
+    const float* ar = a + whole * kdim * kPanelRows;
+    float* tr = te + whole * kPanelRows * ldt;
+    switch (rest) {
+      case 1: short_block<1, 8>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 2: short_block<2, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 3: short_block<3, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 4: short_block<4, 3>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 5: short_block<5, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      default: break;
+    }
+  }
+}
+
+// Zeroes columns [cols, cols rounded up to 16) of V's 16 x kdim rows, so block_products' last
+// panel reads finite values past the chunk's tiles.
+inline void zero_panel_tail(float* v, int64_t ves, int64_t ldv, int64_t kdim, int64_t cols) {
+  const int64_t end = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
+  if (end == cols) return;
+  for (int64_t e = 0; e < 16; ++e)
+    for (int64_t j = 0; j < kdim; ++j)
+      std::memset(v + e * ves + j * ldv + cols, 0, sizeof(float) * (end - cols));
+}
+
+}  // namespace
+}  // namespace FASTDL_ISA_NS
+}  // namespace fastdl
