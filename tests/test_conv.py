@@ -444,7 +444,7 @@ def test_winograd_s2_automatic_choice(cpu_path):
     # layers with enough tiles and channels (csrc/cpu/conv_winograd_s2.cpp,
     # winograd_s2_preferred): the conv suite's shape 7; never float64, the portable build, small
     # maps, or 3 channels per group; for the forward only on the AVX2 build, on outputs of at
-    # least 1024 pixels over at least 32 channels each way; ungrouped layers within the channel
+    # least 256 pixels over at least 32 channels each way; ungrouped layers within the channel
     # ratios measured only
     def algo(shape, wshape, dtype=torch.float32, pass_="input", **kw):
         return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
@@ -460,7 +460,11 @@ def test_winograd_s2_automatic_choice(cpu_path):
         assert algo((16, 3, 64, 64), (64, 3, 4, 4), padding=1) != "winograd"
         big = ((4, 32, 96, 96), (64, 32, 4, 4))  # 48x48 outputs
         assert (algo(*big, padding=1, pass_="forward") == "winograd") == (cpu_path == "avx2")
-        assert algo(*shape7, padding=1, pass_="forward") != "winograd"  # 28x28 outputs
+        # 28x28 and 16x16 outputs taken, 14x14 not
+        assert (algo(*shape7, padding=1, pass_="forward") == "winograd") == (cpu_path == "avx2")
+        assert (algo((16, 32, 32, 32), (64, 32, 4, 4), padding=1, pass_="forward")
+                == "winograd") == (cpu_path == "avx2")
+        assert algo((16, 64, 28, 28), (64, 64, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo((16, 16, 64, 64), (16, 16, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo(*big, padding=1, pass_="weight") != "winograd"
         # outside the measured: groups, more than twice as many output channels as input
@@ -2431,8 +2435,11 @@ def test_auto_choice_implicit_forward(cpu_path):
     imp = lambda other: "implicit" if cpu_path != "default" else other
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
-    # issue 7 (on the AVX2 build the channels-minor forward takes stride 2 first)
+    # issue 7 (on the AVX2 build the stride-phase Winograd forward first, then the
+    # channels-minor one at 2 images)
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
+        "winograd" if cpu_path == "avx2" else imp("gemm"))
+    assert algo((2, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
         "nhwc" if cpu_path == "avx2" else imp("gemm"))
     assert algo((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == imp("gemm")   # stem
     for pass_ in ("forward", "input"):
@@ -2521,7 +2528,8 @@ def test_auto_choice_nhwc(cpu_path):
     check((8, 512, 7, 7), (512, 512, 3, 3), "w", none, padding=1)   # 7x7 maps, 512 channels
     check((32, 128, 28, 28), (128, 128, 3, 3), "f", both, stride=2, padding=1)
     check((16, 128, 16, 16), (128, 128, 3, 3), "f", both, stride=2, padding=1)   # 8x8 outputs
-    check((16, 32, 56, 56), (64, 32, 4, 4), "f", x2, stride=2, padding=1)   # 28x28 outputs
+    check((16, 32, 56, 56), (64, 32, 4, 4), "f", none, stride=2, padding=1)   # Winograd first
+    check((2, 32, 56, 56), (64, 32, 4, 4), "f", x2, stride=2, padding=1)   # 28x28 outputs
     check((16, 256, 4, 4), (512, 256, 3, 3), "f", none, stride=2, padding=1)   # 2x2 outputs
     check((16, 64, 16, 16), (128, 64, 3, 3), "f", x512, stride=2, padding=2, dilation=2)
     check((16, 64, 24, 24), (128, 64, 3, 3), "f", x512, stride=3, padding=1)

@@ -403,10 +403,14 @@ bool winograd_s2_preferred(const Conv2dParams& p) {
 }
 
 // The forward's automatic choice: float32 on the AVX2 build, ungrouped, at least 32 input and
-// output channels with at most twice as many out as in (ratios 1-2 measured), at least 1024
-// output pixels per image (32x32) and as many tiles as for the input gradient. Its V has 4cg
-// rows per tile (the input gradient's: kg), so its transforms cost more: it tied or
-// lost to the channels-minor and implicit forwards on the smaller maps (section as above).
+// output channels with at most twice as many out as in (ratios 1-2 measured), at least 256
+// output pixels per image (16x16) and as many tiles as for the input gradient, and at least 256
+// (2 images of 28x28 outputs, 200 tiles, tied with the channels-minor kernel). Its V has 4cg
+// rows per tile (the input gradient's: kg), so its transforms cost more. With the GEMM
+// products it tied or lost to the channels-minor and implicit forwards below 32x32 outputs;
+// with the register tiles (winograd_tiles.h) it won on 16x16-28x28 outputs (1.03-1.11x the
+// channels-minor kernel) and lost on 14x14 and 10x10 (0.95x, 0.69x): RESULTS.md, 2026-12-06
+// 02:23 section.
 // Not on the AVX-512 build: of the three layers this rule takes among 13 measured there, it won
 // one, tied one and lost one to that build's implicit forward (RESULTS.md, 2026-12-04 13:05).
 bool winograd_s2_forward_preferred(const Conv2dParams& p) {
@@ -414,7 +418,7 @@ bool winograd_s2_forward_preferred(const Conv2dParams& p) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
   const int64_t tiles = p.n * ((p.oh + 2) / 3) * ((p.ow + 2) / 3);
   return p.dtype == DType::Float32 && p.groups == 1 && cg >= 32 && kg >= 32 && kg <= 2 * cg &&
-         p.oh * p.ow >= 1024 && tiles >= std::max<int64_t>({4 * cg, kg, 64});
+         p.oh * p.ow >= 256 && tiles >= std::max<int64_t>({4 * cg, kg, 256});
 #else
   (void)p;
   return false;
