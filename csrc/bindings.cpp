@@ -703,6 +703,7 @@ PYBIND11_MODULE(_C, m) {
      py::arg("algo"), py::arg("device"), py::arg("stream"), py::arg("workspace") = py::none(),
      py::arg("workspace_bytes") = 0);
   m.def("conv2d_implicit_fallbacks", &conv2d_implicit_fallbacks_cpu);
+  m.def("conv2d_winograd_fallbacks", &conv2d_winograd_fallbacks_cpu);
   m.def("conv2d_fused_backward_runs", &conv2d_fused_backward_runs_cpu);
   // Tests only: conv2d_winograd_output_row_probe_cpu on float32 C-contiguous numpy arrays, never
   // converted (a converted copy would take the writes): m 16 x es with es >= tw + 7, rows 1-D

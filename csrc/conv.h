@@ -62,6 +62,9 @@ ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass);
 // Implicit weight gradients redone on GEMM because their result held an inf/NaN, since start
 // (tests: the implicit result was the one kept).
 int64_t conv2d_implicit_fallbacks_cpu();
+// Winograd forwards and input gradients redone on GEMM because their result held an inf/NaN,
+// since start (tests: the Winograd result was the one kept).
+int64_t conv2d_winograd_fallbacks_cpu();
 // conv2d_backward_cpu calls that ran the one-pass depthwise kernel, since start (tests).
 int64_t conv2d_fused_backward_runs_cpu();
 // Tests only: the running CPU build's float32 Winograd inverse transform of one tile row

@@ -178,7 +178,9 @@ def test_winograd_sweep(cpu_path, dtype):
                     assert got != "winograd", f"{pass_} x={shape} w={wshape} {kw}: {got}"
                 else:
                     assert got == "winograd", f"{pass_} x={shape} w={wshape} {kw}: {got}"
+            fallbacks = fastdl._C.conv2d_winograd_fallbacks()
             run_conv_case(dtype, shape, wshape, bias, kw, seed=i, what="algo=winograd")
+            assert fastdl._C.conv2d_winograd_fallbacks() == fallbacks, (shape, wshape, kw)
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -213,6 +215,8 @@ WINOGRAD_WIDE = [
 # and the input gradient's, which is the forward's input channels) cover every remainder mod 6
 # with and without whole blocks before it; a chunk's tile count mod 16 (its last panel reads
 # the zeroed tail of V) covers 0, 8, and odd counts, with runs past 64 tiles for the 1-channel block.
+# (Chunks depend on the thread count: at 2 threads these cases and the stride-2 sweep reach every
+# branch of short_block, checked by printing its calls.)
 WINOGRAD_TILE_BLOCKS = [
     ((2, 6, 18, 18), (12, 6, 3, 3), True, 1, 1),      # kg 12 / 6: whole blocks only; 162 tiles
     ((1, 5, 16, 30), (7, 5, 3, 3), False, 1, 1),      # kg 7 / 5: 1 after a block, 5 alone; 120
@@ -313,7 +317,11 @@ def run_forced_winograd(cases, dtype, seed):
         for i, (shape, wshape, bias, pad, g) in enumerate(cases):
             kw = dict(stride=1, padding=pad, dilation=1, groups=g)
             assert ops_conv.conv2d_algorithm(torch.zeros(shape), torch.zeros(wshape), **kw) == "winograd"
+            fallbacks = fastdl._C.conv2d_winograd_fallbacks()
             run_conv_case(dtype, shape, wshape, bias, kw, seed=seed + i, what="algo=winograd")
+            # (a Winograd result with an inf/NaN is redone on GEMM: the result checked must be
+            # Winograd's own)
+            assert fastdl._C.conv2d_winograd_fallbacks() == fallbacks, (shape, wshape, pad, g)
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -396,7 +404,9 @@ def test_winograd_s2_sweep(cpu_path, dtype):
                 assert ops_conv.conv2d_algorithm(x, w, pass_=pass_, **kw) == "winograd", \
                     (pass_, shape, kw)
             assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) != "winograd"
+            fallbacks = fastdl._C.conv2d_winograd_fallbacks()
             run_conv_case(dtype, shape, wshape, bias, kw, seed=i, what="algo=winograd (s2)")
+            assert fastdl._C.conv2d_winograd_fallbacks() == fallbacks, (shape, wshape, kw)
     finally:
         fastdl.ops.set_conv_algorithm(before)
 
@@ -2358,11 +2368,17 @@ def test_winograd_nonfinite_and_overflowing_inputs_as_torch(cpu_path):
             if bad == 3e38:
                 x[0, 1, xr, xc + 1] = bad
                 w = w * 1e-38
+            fallbacks = fastdl._C.conv2d_winograd_fallbacks()
             y = fastdl.ops.conv2d(x, w, padding=1)
+            # (an inf/NaN is always redone; an overflow only where the pair of large values
+            # falls on a sum of the transform)
+            redone = fastdl._C.conv2d_winograd_fallbacks() - fallbacks
+            assert redone == 1 or (bad == 3e38 and redone == 0), (bad, shape, redone)
             want = TF.conv2d(x, w, padding=1)
             gy = torch.rand(want.shape, generator=gen) - 0.5
             gy[-1, 2, gr, gc] = bad if bad != 3e38 else 1.0
             gx = fastdl.ops.conv2d_backward(gy, x, w, padding=1, output_mask=(True, False, False))[0]
+            assert fastdl._C.conv2d_winograd_fallbacks() == fallbacks + redone + (bad != 3e38), bad
             gx_want = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], [1, 1], [1, 1],
                                                           False, [0, 0], 1,
                                                           [True, False, False])[0]

@@ -321,7 +321,10 @@ void forward_typed(const Conv2dParams& p, const T* x, const T* w, const T* b, T*
   }
   if (!(wino || (guard && nw > ny)) || !(wino ? wino_bad : any_nonfinite(y, ny))) return;
   if (guard && nw > ny && any_nonfinite(w, nw)) conv_reference_forward(p, x, w, b, y);
-  else if (wino) conv_gemm_forward(p, x, w, b, y);   // inf/NaN in x, or overflowing tile sums
+  else if (wino) {  // inf/NaN in x, or overflowing tile sums
+    conv_winograd_fallback_count().fetch_add(1, std::memory_order_relaxed);
+    conv_gemm_forward(p, x, w, b, y);
+  }
 }
 
 template <class T>
@@ -354,7 +357,10 @@ void backward_input_typed(const Conv2dParams& p, const T* gy, const T* w, T* gx)
   }
   if (!(wino || (guard && nw > nx)) || !(wino ? wino_bad : any_nonfinite(gx, nx))) return;
   if (guard && nw > nx && any_nonfinite(w, nw)) conv_reference_backward_input(p, gy, w, gx);
-  else if (wino) conv_gemm_backward_input(p, gy, w, gx);   // inf/NaN in gy, or overflow
+  else if (wino) {  // inf/NaN in gy, or overflow
+    conv_winograd_fallback_count().fetch_add(1, std::memory_order_relaxed);
+    conv_gemm_backward_input(p, gy, w, gx);
+  }
 }
 
 template <class T>
@@ -546,6 +552,13 @@ std::atomic<int64_t>& conv_implicit_fallback_count() {
 }
 
 int64_t conv2d_implicit_fallbacks_cpu() { return conv_implicit_fallback_count().load(); }
+
+std::atomic<int64_t>& conv_winograd_fallback_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+int64_t conv2d_winograd_fallbacks_cpu() { return conv_winograd_fallback_count().load(); }
 
 std::atomic<int64_t>& conv_fused_backward_count() {
   static std::atomic<int64_t> count{0};

@@ -18,6 +18,9 @@ namespace fastdl {
 
 // Implicit weight gradients redone on GEMM (conv.cpp; conv2d_implicit_fallbacks_cpu reads it).
 std::atomic<int64_t>& conv_implicit_fallback_count();
+// Winograd forwards and input gradients redone on GEMM because their result held an inf/NaN
+// (conv.cpp; conv2d_winograd_fallbacks_cpu reads it).
+std::atomic<int64_t>& conv_winograd_fallback_count();
 // Backward calls that ran the one-pass depthwise kernel (conv.cpp; conv2d_fused_backward_runs_cpu).
 std::atomic<int64_t>& conv_fused_backward_count();
 

@@ -35,6 +35,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 #include <new>
@@ -430,9 +431,8 @@ bool winograd_forward_tiles(const Conv2dParams& p, const float* x, const float* 
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const Plan w = make_plan(p);
   const int64_t ups = packed_u_size(kg, cg);
-  std::vector<float> up(static_cast<size_t>(G * ups));
-  for (int64_t g = 0; g < G; ++g)
-    pack_u_panels(u + g * kg * cg, kc, kg, cg, false, up.data() + g * ups);
+  std::unique_ptr<float[]> up(new float[static_cast<size_t>(G * ups)]);  // (not zero-filled)
+  pack_u_panels(u, G, kg * cg, kc, kg, cg, false, up.get());
   std::atomic<bool> nonfinite{false};
   parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tcw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
     float* v = tl_v.get_as<float>(16 * w.ves);
@@ -444,7 +444,7 @@ bool winograd_forward_tiles(const Conv2dParams& p, const float* x, const float* 
       const int64_t g = q.g, len = q.len();
       build_v(p, w, x, q, rbuf, v);
       zero_panel_tail(v, w.ves, w.ldq, cg, len);
-      chunk_products(up.data() + g * ups, kg, cg, v, w.ves, w.ldq, len, t, w.mes, w.ldq);
+      chunk_products(up.get() + g * ups, kg, cg, v, w.ves, w.ldq, len, t, w.mes, w.ldq);
       // y tile = A^T T A
       for (int64_t kk = 0; kk < kg; ++kk) {
         const int64_t k = g * kg + kk;

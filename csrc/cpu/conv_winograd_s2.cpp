@@ -13,10 +13,11 @@
 // phase: A^T [(G g G^T) . (B^T d B)] A, 16 multiplies for 9 outputs and 4 taps (36 direct).
 // The four phases read the same windows: tile (T, Tj) takes gy rows 3T + b_0 - 1 .. + 3 and
 // gives phase py's rows i = 3T + o_py + r (r < 3, o_py = b_0 - b_py, 0 or -1), so V = B^T d B is
-// built once and the phases are 4 x cg rows of one GEMM per position e:
+// built once and the phases are 4 x cg rows of one product per position e:
 //   U[e] (4cg x kg) = (G g G^T)[e], rows (py*2 + px)*cg + c, once per call
 //   V[e] (kg x tiles) = (B^T d B)[e] over gy's windows (zero outside gy)
-//   M[e] (4cg x tiles) = U[e] V[e] on fastdl's GEMM
+//   M[e] (4cg x tiles) = U[e] V[e] (float32 on the AVX2 build: register tiles over U packed
+//   once per call, winograd_tiles.h; otherwise on fastdl's GEMM)
 //   gx's phase rows = A^T M A, into row buffers, then written whole rows at a time by interleave2.
 // Against the direct (phase) kernel: 16 multiplies per 3x3 phase tile instead of 36 (16/9 =
 // 1.78 per gx element and channel pair instead of 4, 2.25x fewer); tiles of 3 cover a phase of
@@ -33,6 +34,7 @@
 // s2_sweep, the general sweeps, conv_transpose2d); timed by benchmarks/conv_passes.py and the conv
 // suite's shape 7.
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -318,15 +320,16 @@ void build_v(const Conv2dParams& p, const S2Layout& L, const T* gy, const Chunk&
     }
 }
 
-// The GEMM of each chunk: M[e] (m x len) = op(U[e]_g) (m x k) * V[e] (k x len), op transposing
-// U (stored 4cg x kg per group) for the forward.
+// The products of each chunk: M[e] (m x len) = op(U[e]_g) (m x k) * V[e] (k x len), op
+// transposing U (stored 4cg x kg per group) for the forward.
 struct GemmShape {
   bool trans_u;
   int64_t m, k;
 };
 
 // Every chunk of plan pl (groups x chunks tasks) on the thread team, with per-thread V, M and row
-// buffers (rows elements): build(q, rows, v) fills V, the 16 GEMMs make M, emit(q, rows, m)
+// buffers (rows elements): build(q, rows, v) fills V, the 16 products make M (register tiles
+// for float32 on the AVX2 build, GEMMs otherwise), emit(q, rows, m)
 // writes the outputs and returns whether any was inf/NaN. Returns whether any was.
 template <class T, class Build, class Emit>
 bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, GemmShape mm,
@@ -336,10 +339,8 @@ bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, 
   // float32: U's panels packed once per call, the products by register tiles (winograd_tiles.h)
   constexpr bool tiles = std::is_same<T, float>::value;
   const int64_t ups = tiles ? packed_u_size(mm.m, mm.k) : 0;
-  std::vector<float> up(static_cast<size_t>(p.groups * ups));
-  if constexpr (tiles)
-    for (int64_t g = 0; g < p.groups; ++g)
-      pack_u_panels(u + g * ug, ues, mm.m, mm.k, mm.trans_u, up.data() + g * ups);
+  std::unique_ptr<float[]> up(new float[static_cast<size_t>(p.groups * ups)]);  // (not zeroed)
+  if constexpr (tiles) pack_u_panels(u, p.groups, ug, ues, mm.m, mm.k, mm.trans_u, up.get());
 #endif
   std::atomic<bool> nonfinite{false};
   parallel_for_catch(p.groups * pl.chunks, grain_for(pl.nr * pl.tcw * 16 * ug),
@@ -354,7 +355,7 @@ bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, 
 #if defined(FASTDL_WINO_S2_TILES)
       if constexpr (tiles) {
         zero_panel_tail(v, pl.ves, pl.ldq, mm.k, q.len());
-        chunk_products(up.data() + q.g * ups, mm.m, mm.k, v, pl.ves, pl.ldq, q.len(), m, pl.mes,
+        chunk_products(up.get() + q.g * ups, mm.m, mm.k, v, pl.ves, pl.ldq, q.len(), m, pl.mes,
                        pl.ldq);
         bad |= emit(q, rbuf, m);
         continue;

@@ -53,7 +53,9 @@ inline Plan make_tile_plan(int64_t n, int64_t G, int64_t th, int64_t tw, int64_t
   w.tw = tw;
   w.rows = n * w.th;
   // Tile rows per chunk: V and M within the budget, but at least 64 tiles per GEMM where the
-  // channels allow (the engine packs U[e] once per GEMM).
+  // channels allow (the engine packs U[e] once per GEMM; the AVX2 build's float32 register
+  // tiles pack U once per call, but the budget measured best for them too: RESULTS.md,
+  // 2026-12-06 02:23 section).
   const int64_t ch = std::max<int64_t>(1, std::max(cin, cout));
   const int64_t want = std::max<int64_t>(kWinoBudget / (16 * ch), std::min<int64_t>(64, kWinoMax / (16 * ch)));
   const int64_t nt = get_num_threads();

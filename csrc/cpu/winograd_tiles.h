@@ -1,12 +1,13 @@
-// The 16 products of a Winograd chunk without a GEMM call per position (conv_winograd.cpp's
-// F(2x2, 3x3) forward and input gradient, float32 on the AVX2 build).
-// The GEMM route (M[e] = U[e] V[e] on fastdl's engine, then the output transform over M) packed
-// U[e] and V[e] again in every one of a chunk's 16 calls and wrote M, 16 x kg x tiles (786 KB
-// per chunk on conv shape 2: more than Zen 3's 512 KB L2), to read it back in the output
-// transform. Here U is packed once per call into 6-row panels, V[e] is read where the input
-// transform wrote it (16 tiles of a row are one 64-byte run; the chunk's V stays in L2 across
-// blocks), and the products go 6 output channels at a time into a block buffer T[e] (6 x
-// tiles) that the output transform reads while it is still in L2.
+// The 16 products of a Winograd chunk without a GEMM call per position, float32 on the AVX2
+// build: conv_winograd.cpp's F(2x2, 3x3) forward and input gradient, conv_winograd_s2.cpp's
+// F(3x3, 2x2) over stride phases (both passes).
+// The GEMM route (M[e] = U[e] V[e], 16 calls per chunk on fastdl's engine) packed U[e] and V[e]
+// again in every call, and ran its 6-row tiles over the 2-row edge of a 32-row U (the input
+// gradient of conv shape 2) as over 6 rows. Here U is packed once per call into 6-row panels,
+// V[e] is read where the input transform wrote it (16 tiles of a row are one 64-byte run, the
+// panel then stays in L1 across U's blocks), and a last block of 1-5 rows runs over wider
+// column runs. The products fill T[e] (m x tiles), M's layout and size, which the output
+// transform reads as before.
 // Register tile: 6 channels x 16 tiles, 12 ymm accumulators, per input channel 2 loads of V and
 // 6 broadcasts of U for 12 FMAs: the shape of the GEMM engine's AVX2 micro-kernel (gemm.cpp),
 // reading V in place with its row stride instead of from a packed panel.
@@ -29,25 +30,31 @@ inline int64_t panel_blocks(int64_t m) { return (m + kPanelRows - 1) / kPanelRow
 
 // U[e] (m x kdim, the e-th at u + e * ues; element (i, j) at u[i * kdim + j], or at u[j * m + i]
 // when trans) -> up[((e * blocks + b) * kdim + j) * 6 + i] = U[e](6b + i, j), zero for rows
-// past m (their products are computed and never read).
-inline void pack_u_panels(const float* u, int64_t ues, int64_t m, int64_t kdim, bool trans,
-                          float* up) {
-  const int64_t blocks = panel_blocks(m);
-  for (int64_t e = 0; e < 16; ++e)
-    for (int64_t b = 0; b < blocks; ++b) {
-      float* dst = up + (e * blocks + b) * kdim * kPanelRows;
-      for (int64_t i = 0; i < kPanelRows; ++i) {
-        const int64_t row = b * kPanelRows + i;
-        const float* ue = u + e * ues;
-        for (int64_t j = 0; j < kdim; ++j)
-          dst[j * kPanelRows + i] = row >= m ? 0.0f : trans ? ue[j * m + row] : ue[row * kdim + j];
-      }
+// past m (chunk_products runs only the rows below m of the last block). One group; the caller
+// runs the groups and positions e on its threads.
+inline void pack_u_panel(const float* ue, int64_t m, int64_t kdim, bool trans, float* dst) {
+  for (int64_t b = 0; b < panel_blocks(m); ++b, dst += kdim * kPanelRows)
+    for (int64_t i = 0; i < kPanelRows; ++i) {
+      const int64_t row = b * kPanelRows + i;
+      for (int64_t j = 0; j < kdim; ++j)
+        dst[j * kPanelRows + i] = row >= m ? 0.0f : trans ? ue[j * m + row] : ue[row * kdim + j];
     }
 }
 
 // Elements of one group's packed panels.
 inline int64_t packed_u_size(int64_t m, int64_t kdim) {
   return 16 * panel_blocks(m) * kdim * kPanelRows;
+}
+
+// Every group's panels: group g's U[e] at u + g * ug + e * ues, its panels at up + g * ups
+// (ups = packed_u_size(m, kdim)), one task per (group, e) on the thread team.
+inline void pack_u_panels(const float* u, int64_t groups, int64_t ug, int64_t ues, int64_t m,
+                          int64_t kdim, bool trans, float* up) {
+  const int64_t ups = packed_u_size(m, kdim), es = ups / 16;
+  parallel_for_catch(groups * 16, grain_for(es), [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t)
+      pack_u_panel(u + t / 16 * ug + t % 16 * ues, m, kdim, trans, up + t / 16 * ups + t % 16 * es);
+  });
 }
 
 // A Winograd plan's V and M rows (ldq) long enough for whole 16-tile panels of a chunk
@@ -101,8 +108,8 @@ inline void short_block(int64_t kdim, const float* a, const float* v, int64_t ld
 
 // The chunk's products for every position e: T[e] (m x cols, row stride ldt, the e-th at
 // t + e * tes) = U[e] (m x kdim, packed panels) * V[e] (kdim x cols, row stride ldv, the e-th at
-// v + e * ves), cols rounded up to 16 (V's columns up to there must be finite: the caller zeroes
-// its tail). Per e and 16-tile panel of V[e] (kdim x 64 bytes, from L2 once, then L1) every
+// v + e * ves), cols rounded up to 16 (the caller zeroes V's tail, zero_panel_tail; T's columns
+// past cols are written and never stored to the output). Per e and 16-tile panel of V[e] (kdim x 64 bytes, from L2 once, then L1) every
 // whole 6-row block of U[e] (U[e] stays in L1), then the last, short block.
 inline void chunk_products(const float* up, int64_t m, int64_t kdim, const float* v, int64_t ves,
                            int64_t ldv, int64_t cols, float* t, int64_t tes, int64_t ldt) {
@@ -129,8 +136,9 @@ inline void chunk_products(const float* up, int64_t m, int64_t kdim, const float
   }
 }
 
-// Zeroes columns [cols, cols rounded up to 16) of V's 16 x kdim rows, so block_products' last
-// panel reads finite values past the chunk's tiles.
+// Zeroes columns [cols, cols rounded up to 16) of V's 16 x kdim rows, which chunk_products' last
+// panel reads: no result depends on them (each T column is one V column's), but they are then
+// defined values, not whatever the buffer held (a stale NaN or denormal, or memory never written).
 inline void zero_panel_tail(float* v, int64_t ves, int64_t ldv, int64_t kdim, int64_t cols) {
   const int64_t end = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
   if (end == cols) return;
