@@ -424,7 +424,7 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
 // by register tiles over U's panels (packed once per call) and V read in place
 // (winograd_tiles.h), then the output rows from T as from M. Against the GEMM route (which packs
 // U[e] and V[e] in each of a chunk's 16 calls, and runs 6-row tiles on 32 rows' 2-row edge):
-// conv shape 2's forward 5.8 -> 5.4 ms, its input gradient 7.5 -> 6.5 (RESULTS.md, 2026-12-06
+// conv shape 2's forward 5.7 -> 5.3 ms, its input gradient 7.3 -> 6.2 (RESULTS.md, 2026-12-06
 // 02:23 section).
 bool winograd_forward_tiles(const Conv2dParams& p, const float* x, const float* u, const float* b,
                             float* y) {
