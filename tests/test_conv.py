@@ -387,6 +387,10 @@ def winograd_s2_configs(seed):
     # the forward's 7 and 11 output channels (1 and 5 after a 6-row block; the 1-row block's
     # 64-tile runs over 98 tiles) with the input gradient's 4 x 4 and 4 x 3 phase rows
     out += [((2, 4, 40, 40), (7, 4, 4, 4), True, dict(stride=2, padding=1, dilation=1, groups=1)),
+            # the forward's row buffers filled per image segment of a chunk: a tall image whose
+            # 34 tile rows span several chunks (256 rows of V: 64 tiles, 11 tile rows a chunk)
+            ((1, 64, 200, 30), (32, 64, 4, 4), False, dict(stride=2, padding=(1, 2), dilation=1,
+                                                           groups=1)),
             ((1, 3, 34, 34), (11, 3, 4, 4), False, dict(stride=2, padding=1, dilation=1,
                                                         groups=1))]
     return out
@@ -454,8 +458,8 @@ def test_winograd_s2_automatic_choice(cpu_path):
     # layers with enough tiles and channels (csrc/cpu/conv_winograd_s2.cpp,
     # winograd_s2_preferred): the conv suite's shape 7; never float64, the portable build, small
     # maps, or 3 channels per group; for the forward only on the AVX2 build, on outputs of at
-    # least 256 pixels over at least 32 channels each way; ungrouped layers within the channel
-    # ratios measured only
+    # least 144 pixels (12x12) over at least 32 channels each way, with at least 200 tiles and
+    # 2cg; ungrouped layers within the channel ratios measured only
     def algo(shape, wshape, dtype=torch.float32, pass_="input", **kw):
         return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
                                          torch.zeros(wshape, dtype=dtype), pass_=pass_,
@@ -470,11 +474,16 @@ def test_winograd_s2_automatic_choice(cpu_path):
         assert algo((16, 3, 64, 64), (64, 3, 4, 4), padding=1) != "winograd"
         big = ((4, 32, 96, 96), (64, 32, 4, 4))  # 48x48 outputs
         assert (algo(*big, padding=1, pass_="forward") == "winograd") == (cpu_path == "avx2")
-        # 28x28 and 16x16 outputs taken, 14x14 not
-        assert (algo(*shape7, padding=1, pass_="forward") == "winograd") == (cpu_path == "avx2")
-        assert (algo((16, 32, 32, 32), (64, 32, 4, 4), padding=1, pass_="forward")
-                == "winograd") == (cpu_path == "avx2")
-        assert algo((16, 64, 28, 28), (64, 64, 4, 4), padding=1, pass_="forward") != "winograd"
+        # 12x12 to 28x28 outputs taken; not 10x10, nor 100 tiles, nor fewer than 2cg tiles
+        for x_shape, w_shape in (shape7, ((16, 32, 32, 32), (64, 32, 4, 4)),
+                                 ((16, 64, 28, 28), (64, 64, 4, 4)),
+                                 ((32, 64, 24, 24), (128, 64, 4, 4)),
+                                 ((2, 32, 56, 56), (64, 32, 4, 4))):
+            assert (algo(x_shape, w_shape, padding=1, pass_="forward") == "winograd") == (
+                cpu_path == "avx2"), x_shape
+        assert algo((32, 64, 20, 20), (64, 64, 4, 4), padding=1, pass_="forward") != "winograd"
+        assert algo((4, 64, 28, 28), (64, 64, 4, 4), padding=1, pass_="forward") != "winograd"
+        assert algo((16, 256, 28, 28), (256, 256, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo((16, 16, 64, 64), (16, 16, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo(*big, padding=1, pass_="weight") != "winograd"
         # outside the measured: groups, more than twice as many output channels as input
@@ -952,10 +961,10 @@ def test_auto_choice_phase(cpu_path):
     # (the weight gradient: the implicit one on the vector builds, test_auto_choice_implicit)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == (
         "implicit" if cpu_path != "default" else "gemm")
-    # (the forward: the implicit one, 16 taps over 4 phases; on the AVX2 build the channels-
-    # minor one, which takes stride 2 first there)
+    # (the forward: the implicit one, 16 taps over 4 phases; on the AVX2 build the stride-phase
+    # Winograd forward, test_winograd_s2_automatic_choice)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
-        {"avx512": "implicit", "avx2": "nhwc"}.get(cpu_path, "gemm"))
+        {"avx512": "implicit", "avx2": "winograd"}.get(cpu_path, "gemm"))
     # GEMM measured faster: a 7x7 stride-2 stem over 3 channels, a 1x1 stride-2 over 64
     stem = np.zeros((1, 3, 64, 64), np.float32)
     assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
@@ -2452,10 +2461,10 @@ def test_auto_choice_implicit_forward(cpu_path):
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
     # issue 7 (on the AVX2 build the stride-phase Winograd forward first, then the
-    # channels-minor one at 2 images)
+    # channels-minor one on 10x10 outputs)
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
         "winograd" if cpu_path == "avx2" else imp("gemm"))
-    assert algo((2, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
+    assert algo((32, 64, 20, 20), (64, 64, 4, 4), stride=2, padding=1) == (
         "nhwc" if cpu_path == "avx2" else imp("gemm"))
     assert algo((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == imp("gemm")   # stem
     for pass_ in ("forward", "input"):
@@ -2545,7 +2554,7 @@ def test_auto_choice_nhwc(cpu_path):
     check((32, 128, 28, 28), (128, 128, 3, 3), "f", both, stride=2, padding=1)
     check((16, 128, 16, 16), (128, 128, 3, 3), "f", both, stride=2, padding=1)   # 8x8 outputs
     check((16, 32, 56, 56), (64, 32, 4, 4), "f", none, stride=2, padding=1)   # Winograd first
-    check((2, 32, 56, 56), (64, 32, 4, 4), "f", x2, stride=2, padding=1)   # 28x28 outputs
+    check((32, 64, 20, 20), (64, 64, 4, 4), "f", x2, stride=2, padding=1)   # 10x10 outputs
     check((16, 256, 4, 4), (512, 256, 3, 3), "f", none, stride=2, padding=1)   # 2x2 outputs
     check((16, 64, 16, 16), (128, 64, 3, 3), "f", x512, stride=2, padding=2, dilation=2)
     check((16, 64, 24, 24), (128, 64, 3, 3), "f", x512, stride=3, padding=1)

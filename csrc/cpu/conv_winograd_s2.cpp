@@ -404,22 +404,20 @@ bool winograd_s2_preferred(const Conv2dParams& p) {
 }
 
 // The forward's automatic choice: float32 on the AVX2 build, ungrouped, at least 32 input and
-// output channels with at most twice as many out as in (ratios 1-2 measured), at least 256
-// output pixels per image (16x16) and as many tiles as for the input gradient, and at least 256
-// (2 images of 28x28 outputs, 200 tiles, tied with the channels-minor kernel). Its V has 4cg
-// rows per tile (the input gradient's: kg), so its transforms cost more. With the GEMM
-// products it tied or lost to the channels-minor and implicit forwards below 32x32 outputs;
-// with the register tiles (winograd_tiles.h) it won on 16x16-28x28 outputs (1.03-1.11x the
-// channels-minor kernel) and lost on 14x14 and 10x10 (0.95x, 0.69x): RESULTS.md, 2026-12-06
-// 02:23 section.
-// Not on the AVX-512 build: of the three layers this rule takes among 13 measured there, it won
-// one, tied one and lost one to that build's implicit forward (RESULTS.md, 2026-12-04 13:05).
+// output channels with at most twice as many out as in (ratios 1-2 measured), at least 144
+// output pixels per image (12x12), and at least max(2cg, kg, 200) tiles. Measured against the
+// channels-minor kernel with the register-tile products and row buffers filled once per image
+// segment (RESULTS.md, 2026-12-06 02:23 section): 1.07-1.20x its speed on 12x12 to 28x28
+// outputs with 200-800 tiles, a tie at 400 tiles over 256 channels (2cg = 512), 0.85x at 100
+// tiles, 0.72-0.91x on 8x8 and 10x10 outputs (tiles of 3 cover 9 and 12). Not on the AVX-512
+// build: of the three layers an earlier rule took among 13 measured there, it won one, tied one
+// and lost one to that build's implicit forward (RESULTS.md, 2026-12-04 13:05).
 bool winograd_s2_forward_preferred(const Conv2dParams& p) {
 #if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
   const int64_t tiles = p.n * ((p.oh + 2) / 3) * ((p.ow + 2) / 3);
   return p.dtype == DType::Float32 && p.groups == 1 && cg >= 32 && kg >= 32 && kg <= 2 * cg &&
-         p.oh * p.ow >= 256 && tiles >= std::max<int64_t>({4 * cg, kg, 256});
+         p.oh * p.ow >= 144 && tiles >= std::max<int64_t>({2 * cg, kg, 200});
 #else
   (void)p;
   return false;
@@ -501,41 +499,60 @@ struct S2ForwardLayout {
 };
 
 // V[(py*2 + px)*cg + c][(r - r0) * tcn + tj] for chunk q: x's rows 2(3ti - b_py + i) + py (zero
-// outside x), split into column phases, phase px from plane column 3 tc0 - b_px on.
+// outside x), split into column phases, phase px from plane column 3 tc0 - b_px on. Per channel,
+// each image's x rows under the chunk's tile rows are split and padded once (consecutive tile
+// rows share one row per row phase) before any is transformed, and the next channel's rows
+// prefetched, as conv_winograd.cpp's build_v. Phase row k of row phase py, column phase px at
+// rbuf + ((py * s2f_rows(L) + k) * 2 + px) * rbw; one x row's column phases at split.
+inline int64_t s2f_rows(const S2ForwardLayout& L) { return 3 * std::min(L.w.nr, L.w.th) + 1; }
+
 template <class T>
 void build_v_forward(const Conv2dParams& p, const S2ForwardLayout& L, const T* x, const Chunk& q,
                      T* rbuf, T* v) {
   const Plan& w = L.w;
-  const int64_t cg = p.c / p.groups, rbw = w.rbw;
-  T* split[2] = {rbuf + 8 * rbw, rbuf + 8 * rbw + L.half};  // one x row's column phases
+  const int64_t cg = p.c / p.groups, rbw = w.rbw, R = s2f_rows(L);
+  T* split[2] = {rbuf + 4 * R * rbw, rbuf + 4 * R * rbw + L.half};
+  // column phase px: dst[j] = phase column j + off[px], inside for [a, e)
+  int64_t off[2], a[2], e[2];
+  for (int px = 0; px < 2; ++px) {
+    off[px] = 3 * q.tc0 - L.ax.b[px];
+    a[px] = std::min(rbw, std::max<int64_t>(0, -off[px]));
+    e[px] = std::max(a[px], std::min(rbw, L.ax.cnt[px] - off[px]));
+  }
+  const int64_t bmin = std::min(L.ay.b[0], L.ay.b[1]), bmax = std::max(L.ay.b[0], L.ay.b[1]);
   for (int64_t c = 0; c < cg; ++c)
-    for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
-      const int64_t n = r / w.th, ti = r % w.th;
+    for (int64_t r0 = q.r0; r0 < q.r0 + q.nrc;) {  // the chunk's tile rows of one image
+      const int64_t n = r0 / w.th, t0 = r0 % w.th;
+      const int64_t t1 = std::min(w.th, t0 + (q.r0 + q.nrc - r0));
       const T* xp = x + ((n * p.c + q.g * cg + c) * p.h) * p.w;
-      for (int py = 0; py < 2; ++py) {
-        const T* rb[2][4];
-        for (int i = 0; i < 4; ++i) {
-          const int64_t pr = 3 * ti - L.ay.b[py] + i, ih = 2 * pr + py;
-          const bool inside = pr >= 0 && ih < p.h;
-          if (inside) deinterleave2(xp + ih * p.w, p.w, L.half, split[0], split[1]);
-          for (int px = 0; px < 2; ++px) {
-            T* dst = rbuf + (px * 4 + i) * rbw;
-            rb[px][i] = dst;
-            if (!inside) {
-              zero_run(dst, rbw);
-              continue;
-            }
-            // dst[j] = phase column j + off, inside for [a, e)
-            const int64_t off = 3 * q.tc0 - L.ax.b[px];
-            const int64_t a = std::min(rbw, std::max<int64_t>(0, -off));
-            const int64_t e = std::max(a, std::min(rbw, L.ax.cnt[px] - off));
-            pad_row(dst, rbw, a, e, e > a ? split[px] + (a + off) : nullptr);
+      for (int py = 0; py < 2; ++py)
+        for (int64_t k = 0; k < 3 * (t1 - t0) + 1; ++k) {
+          const int64_t pr = 3 * t0 - L.ay.b[py] + k, ih = 2 * pr + py;
+          T* d = rbuf + (py * R + k) * 2 * rbw;
+          if (pr < 0 || ih >= p.h) {
+            zero_run(d, 2 * rbw);
+            continue;
           }
+          deinterleave2(xp + ih * p.w, p.w, L.half, split[0], split[1]);
+          for (int px = 0; px < 2; ++px)
+            pad_row(d + px * rbw, rbw, a[px], e[px],
+                    e[px] > a[px] ? split[px] + (a[px] + off[px]) : nullptr);
         }
-        for (int px = 0; px < 2; ++px)
-          input_row<T>(rb[px], q.tcn, v + ((py * 2 + px) * cg + c) * w.ldq + (r - q.r0) * q.tcn,
-                       w.ves);
+      if (c + 1 < cg) {  // the next channel's x rows [lo, hi): both row phases' windows
+        const int64_t lo = std::max<int64_t>(0, 2 * (3 * t0 - bmax));
+        const int64_t hi = std::min(p.h, 2 * (3 * t1 - bmin) + 2);
+        if (hi > lo) prefetch_rows(xp + p.h * p.w + lo * p.w, (hi - lo) * p.w);
       }
+      for (int64_t ti = t0; ti < t1; ++ti)
+        for (int py = 0; py < 2; ++py)
+          for (int px = 0; px < 2; ++px) {
+            const T* rb[4];
+            for (int i = 0; i < 4; ++i) rb[i] = rbuf + ((py * R + 3 * (ti - t0) + i) * 2 + px) * rbw;
+            input_row<T>(rb, q.tcn,
+                         v + ((py * 2 + px) * cg + c) * w.ldq + (n * w.th + ti - q.r0) * q.tcn,
+                         w.ves);
+          }
+      r0 += t1 - t0;
     }
 }
 
@@ -549,11 +566,12 @@ bool conv_winograd_s2_forward(const Conv2dParams& p, const T* x, const T* w, con
   transform_weights(p, L.ay, L.ax, w, u.data(), ues, false);
   // M[e] (kg x len) = U[e]_g^T (kg x 4cg) * V[e] (4cg x len)
   const GemmShape mm{true, kg, 4 * cg};
-  return run_chunks<T>(p, pl, u.data(), ues, mm, 8 * pl.rbw + 2 * L.half + 3 * L.obw,
+  const int64_t obuf_at = 4 * s2f_rows(L) * pl.rbw + 2 * L.half;  // phase rows, split, obuf
+  return run_chunks<T>(p, pl, u.data(), ues, mm, obuf_at + 3 * L.obw,
                        [&](const Chunk& q, T* rbuf, T* v) { build_v_forward(p, L, x, q, rbuf, v); },
                        [&](const Chunk& q, T* rbuf, const T* m) {
     const int64_t g = q.g, len = q.len();
-    T* obuf = rbuf + 8 * pl.rbw + 2 * L.half;  // output rows r at obuf + r * obw
+    T* obuf = rbuf + obuf_at;  // output rows r at obuf + r * obw
     bool bad = false;
     const int64_t cols = std::min(3 * q.tcn, p.ow - 3 * q.tc0);
     for (int64_t kk = 0; kk < kg; ++kk) {
