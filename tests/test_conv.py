@@ -388,7 +388,8 @@ def winograd_s2_configs(seed):
     # 64-tile runs over 98 tiles) with the input gradient's 4 x 4 and 4 x 3 phase rows
     out += [((2, 4, 40, 40), (7, 4, 4, 4), True, dict(stride=2, padding=1, dilation=1, groups=1)),
             # the forward's row buffers filled per image segment of a chunk: a tall image whose
-            # 34 tile rows span several chunks (256 rows of V: 64 tiles, 11 tile rows a chunk)
+            # 34 tile rows span several chunks (256 rows of V: 64 tiles, 9 tile rows a chunk at
+            # 1, 2 and 4 threads)
             ((1, 64, 200, 30), (32, 64, 4, 4), False, dict(stride=2, padding=(1, 2), dilation=1,
                                                            groups=1)),
             ((1, 3, 34, 34), (11, 3, 4, 4), False, dict(stride=2, padding=1, dilation=1,
@@ -459,7 +460,8 @@ def test_winograd_s2_automatic_choice(cpu_path):
     # winograd_s2_preferred): the conv suite's shape 7; never float64, the portable build, small
     # maps, or 3 channels per group; for the forward only on the AVX2 build, on outputs of at
     # least 144 pixels (12x12) over at least 32 channels each way, with at least 200 tiles and
-    # 2cg; ungrouped layers within the channel ratios measured only
+    # 2cg (100 tiles over 32 channels: the 200 floor alone); ungrouped layers within the channel
+    # ratios measured only
     def algo(shape, wshape, dtype=torch.float32, pass_="input", **kw):
         return ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
                                          torch.zeros(wshape, dtype=dtype), pass_=pass_,
@@ -483,6 +485,7 @@ def test_winograd_s2_automatic_choice(cpu_path):
                 cpu_path == "avx2"), x_shape
         assert algo((32, 64, 20, 20), (64, 64, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo((4, 64, 28, 28), (64, 64, 4, 4), padding=1, pass_="forward") != "winograd"
+        assert algo((4, 32, 28, 28), (64, 32, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo((16, 256, 28, 28), (256, 256, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo((16, 16, 64, 64), (16, 16, 4, 4), padding=1, pass_="forward") != "winograd"
         assert algo(*big, padding=1, pass_="weight") != "winograd"
@@ -2465,7 +2468,7 @@ def test_auto_choice_implicit_forward(cpu_path):
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
         "winograd" if cpu_path == "avx2" else imp("gemm"))
     assert algo((32, 64, 20, 20), (64, 64, 4, 4), stride=2, padding=1) == (
-        "nhwc" if cpu_path == "avx2" else imp("gemm"))
+        "nhwc" if cpu_path != "default" else "gemm")   # (AVX-512: nhwc on maps up to 196 pixels)
     assert algo((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == imp("gemm")   # stem
     for pass_ in ("forward", "input"):
         assert algo((16, 32, 32, 32), (64, 32, 5, 5), pass_, padding=2) == imp("gemm")
@@ -2554,7 +2557,7 @@ def test_auto_choice_nhwc(cpu_path):
     check((32, 128, 28, 28), (128, 128, 3, 3), "f", both, stride=2, padding=1)
     check((16, 128, 16, 16), (128, 128, 3, 3), "f", both, stride=2, padding=1)   # 8x8 outputs
     check((16, 32, 56, 56), (64, 32, 4, 4), "f", none, stride=2, padding=1)   # Winograd first
-    check((32, 64, 20, 20), (64, 64, 4, 4), "f", x2, stride=2, padding=1)   # 10x10 outputs
+    check((32, 64, 20, 20), (64, 64, 4, 4), "f", both, stride=2, padding=1)   # 10x10 outputs
     check((16, 256, 4, 4), (512, 256, 3, 3), "f", none, stride=2, padding=1)   # 2x2 outputs
     check((16, 64, 16, 16), (128, 64, 3, 3), "f", x512, stride=2, padding=2, dilation=2)
     check((16, 64, 24, 24), (128, 64, 3, 3), "f", x512, stride=3, padding=1)

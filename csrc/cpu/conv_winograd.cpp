@@ -380,11 +380,21 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
     }
 }
 
-// Returns whether y holds an inf or NaN.
+// Returns whether y holds an inf or NaN. Float32 on the AVX2 build: the products by register
+// tiles over U's panels (packed once per call) and V read in place (winograd_tiles.h), instead of
+// 16 GEMMs per chunk, each packing U[e] and V[e] again and running 6-row tiles over a 32-row U's
+// 2-row edge (conv shape 2's forward 5.7 -> 5.3 ms, its input gradient 7.3 -> 6.2: RESULTS.md,
+// 2026-12-06 02:23 section).
 template <class T>
 bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
   const Plan w = make_plan(p);
+#if defined(FASTDL_WINO_TILES)
+  constexpr bool tiles = std::is_same<T, float>::value;
+  const int64_t ups = tiles ? packed_u_size(kg, cg) : 0;
+  std::unique_ptr<float[]> up(new float[static_cast<size_t>(G * ups)]);  // (not zero-filled)
+  if constexpr (tiles) pack_u_panels(u, G, kg * cg, kc, kg, cg, false, up.get());
+#endif
   std::atomic<bool> nonfinite{false};
   parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tcw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
     T* v = tl_v.get_as<T>(16 * w.ves);
@@ -396,9 +406,17 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
       const int64_t g = q.g, len = q.len();
       build_v(p, w, x, q, rbuf, v);
       // M[e] (kg x len) = U[e]_g (kg x cg, ld cg) * V[e] (cg x len)
-      for (int e = 0; e < 16; ++e)
-        gemm(gemm_params<T>(false, false, kg, len, cg, cg, w.ldq, w.ldq, 0.0),
-             u + e * kc + g * kg * cg, v + e * w.ves, m + e * w.mes);
+#if defined(FASTDL_WINO_TILES)
+      if constexpr (tiles) {
+        zero_panel_tail(v, w.ves, w.ldq, cg, len);
+        chunk_products(up.get() + g * ups, kg, cg, v, w.ves, w.ldq, len, m, w.mes, w.ldq);
+      } else
+#endif
+      {
+        for (int e = 0; e < 16; ++e)
+          gemm(gemm_params<T>(false, false, kg, len, cg, cg, w.ldq, w.ldq, 0.0),
+               u + e * kc + g * kg * cg, v + e * w.ves, m + e * w.mes);
+      }
       // y tile = A^T M A, A^T = [1 1 1 0; 0 1 -1 -1]
       for (int64_t kk = 0; kk < kg; ++kk) {
         const int64_t k = g * kg + kk;
@@ -418,53 +436,6 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
   });
   return nonfinite.load();
 }
-
-#if defined(FASTDL_WINO_TILES)
-// winograd_forward_u's float32 route on the AVX2 build: per chunk, T[e] (kg x tiles) = U[e] V[e]
-// by register tiles over U's panels (packed once per call) and V read in place
-// (winograd_tiles.h), then the output rows from T as from M. Against the GEMM route (which packs
-// U[e] and V[e] in each of a chunk's 16 calls, and runs 6-row tiles on 32 rows' 2-row edge):
-// conv shape 2's forward 5.7 -> 5.3 ms, its input gradient 7.3 -> 6.2 (RESULTS.md, 2026-12-06
-// 02:23 section).
-bool winograd_forward_tiles(const Conv2dParams& p, const float* x, const float* u, const float* b,
-                            float* y) {
-  const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
-  const Plan w = make_plan(p);
-  const int64_t ups = packed_u_size(kg, cg);
-  std::unique_ptr<float[]> up(new float[static_cast<size_t>(G * ups)]);  // (not zero-filled)
-  pack_u_panels(u, G, kg * cg, kc, kg, cg, false, up.get());
-  std::atomic<bool> nonfinite{false};
-  parallel_for_catch(G * w.chunks, grain_for(w.nr * w.tcw * 16 * kg * cg), [&](int64_t lo, int64_t hi) {
-    float* v = tl_v.get_as<float>(16 * w.ves);
-    float* t = tl_m.get_as<float>(16 * w.mes);
-    float* rbuf = tl_rows.get_as<float>(rows_for(w));
-    bool bad = false;
-    for (int64_t task = lo; task < hi; ++task) {
-      const Chunk q(w, task);
-      const int64_t g = q.g, len = q.len();
-      build_v(p, w, x, q, rbuf, v);
-      zero_panel_tail(v, w.ves, w.ldq, cg, len);
-      chunk_products(up.get() + g * ups, kg, cg, v, w.ves, w.ldq, len, t, w.mes, w.ldq);
-      // y tile = A^T T A
-      for (int64_t kk = 0; kk < kg; ++kk) {
-        const int64_t k = g * kg + kk;
-        const float bv = b ? b[k] : 0.0f;
-        for (int64_t r = q.r0; r < q.r0 + q.nrc; ++r) {
-          const int64_t n = r / w.th, ti = r % w.th;
-          float* yp = y + ((n * p.k + k) * p.oh + 2 * ti) * p.ow + 2 * q.tc0;
-          bad |= output_row<float>(t + kk * w.ldq + (r - q.r0) * q.tcn, w.mes, q.tcn,
-                                   p.ow - 2 * q.tc0, bv, yp, 2 * ti + 1 < p.oh ? yp + p.ow : nullptr);
-        }
-      }
-    }
-    if (bad) nonfinite.store(true, std::memory_order_relaxed);
-    tl_v.trim(kKeepBytes);
-    tl_m.trim(kKeepBytes);
-    tl_rows.trim(kKeepBytes);
-  });
-  return nonfinite.load();
-}
-#endif
 
 // ---- weight gradient -------------------------------------------------------------------------
 // The adjoint of the forward: dM = A dy A^T per 2x2 tile of gy (A = [1 0; 1 1; 1 -1; 0 -1]),
@@ -590,9 +561,6 @@ template <class T>
 bool conv_winograd_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y) {
   std::vector<T> u(static_cast<size_t>(16 * p.k * (p.c / p.groups)));
   transform_weights(p, w, u.data());
-#if defined(FASTDL_WINO_TILES)
-  if constexpr (std::is_same<T, float>::value) return winograd_forward_tiles(p, x, u.data(), b, y);
-#endif
   return winograd_forward_u(p, x, u.data(), b, y);
 }
 

@@ -405,11 +405,11 @@ bool winograd_s2_preferred(const Conv2dParams& p) {
 
 // The forward's automatic choice: float32 on the AVX2 build, ungrouped, at least 32 input and
 // output channels with at most twice as many out as in (ratios 1-2 measured), at least 144
-// output pixels per image (12x12), and at least max(2cg, kg, 200) tiles. Measured against the
+// output pixels per image (12x12), and at least max(2cg, 200) tiles. Measured against the
 // channels-minor kernel with the register-tile products and row buffers filled once per image
 // segment (RESULTS.md, 2026-12-06 02:23 section): 1.07-1.20x its speed on 12x12 to 28x28
-// outputs with 200-800 tiles, a tie at 400 tiles over 256 channels (2cg = 512), 0.85x at 100
-// tiles, 0.72-0.91x on 8x8 and 10x10 outputs (tiles of 3 cover 9 and 12). Not on the AVX-512
+// outputs with 200-800 tiles, a tie at 400 tiles over 256 channels (2cg = 512), 0.83x at 100
+// tiles, 0.70-0.91x on 8x8 and 10x10 outputs (tiles of 3 cover 9 and 12). Not on the AVX-512
 // build: of the three layers an earlier rule took among 13 measured there, it won one, tied one
 // and lost one to that build's implicit forward (RESULTS.md, 2026-12-04 13:05).
 bool winograd_s2_forward_preferred(const Conv2dParams& p) {
@@ -417,7 +417,7 @@ bool winograd_s2_forward_preferred(const Conv2dParams& p) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
   const int64_t tiles = p.n * ((p.oh + 2) / 3) * ((p.ow + 2) / 3);
   return p.dtype == DType::Float32 && p.groups == 1 && cg >= 32 && kg >= 32 && kg <= 2 * cg &&
-         p.oh * p.ow >= 144 && tiles >= std::max<int64_t>({2 * cg, kg, 200});
+         p.oh * p.ow >= 144 && tiles >= std::max<int64_t>(2 * cg, 200);
 #else
   (void)p;
   return false;
