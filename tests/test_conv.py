@@ -570,6 +570,16 @@ def test_winograd_automatic_choice(cpu_path):
         # 3 outputs: the AVX2 build's implicit forward needs 16
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1, pass_="input") == (
             "implicit" if cpu_path == "avx512" else "gemm")
+        # channel ratios up to 8x either way on the AVX2 build (2x / 4x on AVX-512)
+        if cpu_path == "avx2":
+            for x_shape, w_shape in (((16, 128, 28, 28), (16, 128, 3, 3)),
+                                     ((16, 16, 28, 28), (128, 16, 3, 3)),
+                                     ((16, 64, 28, 28), (16, 64, 3, 3))):
+                for pass_ in ("forward", "input"):
+                    assert algo(x_shape, w_shape, padding=1, pass_=pass_) == "winograd", (
+                        x_shape, w_shape, pass_)
+        if cpu_path == "default":
+            assert algo((16, 128, 28, 28), (16, 128, 3, 3), padding=1) == "gemm"
         # channel ratios outside the measured ones (16 -> 256 measured slower both ways)
         assert algo((32, 16, 8, 8), (256, 16, 3, 3), padding=1) == "gemm"
         assert algo((32, 16, 8, 8), (256, 16, 3, 3), padding=1, pass_="input") == "gemm"

@@ -536,7 +536,14 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // Channel ratio: the table holds near-equal counts and a 3-channel first layer; 32x16x8x8 ->
   // 256 ran 1.14x GEMM's time forward and its input gradient (256 -> 16) 2.0x (review r2b-3):
   // the input transform's cost per output grows with cg / kg. Outside the measured ratios, GEMM.
+#if defined(__AVX512F__)
   if (cg > 2 * kg || (kg > 4 * cg && cg > 4)) return false;
+#else
+  // The AVX2 build (its register-tile products): 4-8x more input than output channels ran
+  // 2.0-3.4x faster on Winograd than on the previous choice, forward and input gradient, and 8x
+  // more output than input 1.34-1.37x (RESULTS.md, 2026-12-06 02:23 section); 16x stays out.
+  if (cg > 8 * kg || (kg > 8 * cg && cg > 4)) return false;
+#endif
   // At least 256 tiles in all (AVX2 build): with fewer (a batch of 4 on 8x8 or 12x12 maps)
   // Winograd was slower than GEMM at every channel count measured (benchmarks/RESULTS.md,
   // development measurements 2026-12-02).
