@@ -383,8 +383,7 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
 // Returns whether y holds an inf or NaN. Float32 on the AVX2 build: the products by register
 // tiles over U's panels (packed once per call) and V read in place (winograd_tiles.h), instead of
 // 16 GEMMs per chunk, each packing U[e] and V[e] again and running 6-row tiles over a 32-row U's
-// 2-row edge (conv shape 2's forward 5.7 -> 5.3 ms, its input gradient 7.3 -> 6.2: RESULTS.md,
-// 2026-12-06 02:23 section).
+// 2-row edge (measured: RESULTS.md, 2026-12-06 02:23 section).
 template <class T>
 bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;
@@ -408,7 +407,6 @@ bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* 
       // M[e] (kg x len) = U[e]_g (kg x cg, ld cg) * V[e] (cg x len)
 #if defined(FASTDL_WINO_TILES)
       if constexpr (tiles) {
-        zero_panel_tail(v, w.ves, w.ldq, cg, len);
         chunk_products(up.get() + g * ups, kg, cg, v, w.ves, w.ldq, len, m, w.mes, w.ldq);
       } else
 #endif

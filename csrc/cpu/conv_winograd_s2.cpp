@@ -354,7 +354,6 @@ bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, 
       build(q, rbuf, v);
 #if defined(FASTDL_WINO_S2_TILES)
       if constexpr (tiles) {
-        zero_panel_tail(v, pl.ves, pl.ldq, mm.k, q.len());
         chunk_products(up.get() + q.g * ups, mm.m, mm.k, v, pl.ves, pl.ldq, q.len(), m, pl.mes,
                        pl.ldq);
         bad |= emit(q, rbuf, m);

@@ -16,8 +16,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
+#include "row_copy.h"
 #include "winograd_plan.h"
 
 namespace fastdl {
@@ -106,13 +106,24 @@ inline void short_block(int64_t kdim, const float* a, const float* v, int64_t ld
   if (c0 < cols) tile<R, 1>(kdim, a, v + c0, ldv, t + c0, ldt);  // 8 tiles left (24-tile runs)
 }
 
+// Zeroes columns [cols, cols rounded up to 16) of V's 16 x kdim rows, which chunk_products' last
+// panel reads: no result depends on them (each T column is one V column's), but they are then
+// defined values, not whatever the buffer held (a stale NaN or denormal, or memory never written).
+inline void zero_panel_tail(float* v, int64_t ves, int64_t ldv, int64_t kdim, int64_t cols) {
+  const int64_t end = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
+  if (end == cols) return;
+  for (int64_t e = 0; e < 16; ++e)
+    for (int64_t j = 0; j < kdim; ++j) zero_run(v + e * ves + j * ldv + cols, end - cols);
+}
+
 // The chunk's products for every position e: T[e] (m x cols, row stride ldt, the e-th at
 // t + e * tes) = U[e] (m x kdim, packed panels) * V[e] (kdim x cols, row stride ldv, the e-th at
-// v + e * ves), cols rounded up to 16 (the caller zeroes V's tail, zero_panel_tail; T's columns
-// past cols are written and never stored to the output). Per e and 16-tile panel of V[e] (kdim x 64 bytes, from L2 once, then L1) every
+// v + e * ves), cols rounded up to 16 (V's tail zeroed first, zero_panel_tail; T's columns past
+// cols are written and never stored to the output). Per e and 16-tile panel of V[e] (kdim x 64 bytes, from L2 once, then L1) every
 // whole 6-row block of U[e] (U[e] stays in L1), then the last, short block.
-inline void chunk_products(const float* up, int64_t m, int64_t kdim, const float* v, int64_t ves,
+inline void chunk_products(const float* up, int64_t m, int64_t kdim, float* v, int64_t ves,
                            int64_t ldv, int64_t cols, float* t, int64_t tes, int64_t ldt) {
+  zero_panel_tail(v, ves, ldv, kdim, cols);
   const int64_t blocks = panel_blocks(m), whole = m / kPanelRows, rest = m % kPanelRows;
   const int64_t cols16 = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
   for (int64_t e = 0; e < 16; ++e) {
@@ -134,17 +145,6 @@ inline void chunk_products(const float* up, int64_t m, int64_t kdim, const float
       default: break;
     }
   }
-}
-
-// Zeroes columns [cols, cols rounded up to 16) of V's 16 x kdim rows, which chunk_products' last
-// panel reads: no result depends on them (each T column is one V column's), but they are then
-// defined values, not whatever the buffer held (a stale NaN or denormal, or memory never written).
-inline void zero_panel_tail(float* v, int64_t ves, int64_t ldv, int64_t kdim, int64_t cols) {
-  const int64_t end = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
-  if (end == cols) return;
-  for (int64_t e = 0; e < 16; ++e)
-    for (int64_t j = 0; j < kdim; ++j)
-      std::memset(v + e * ves + j * ldv + cols, 0, sizeof(float) * (end - cols));
 }
 
 }  // namespace
