@@ -553,9 +553,22 @@ def test_winograd_automatic_choice(cpu_path):
         # implicit forward: 18x18 of 16x16 and 32x36 of 30x34 here, not 10x10 of 8x8 above)
         at256_imp = "implicit" if cpu_path == "avx512" else wino
         assert algo((4, 32, 16, 16), (32, 32, 3, 3), padding=1) == at256_imp
-        # 512 tiles (8x8 maps: the channels-minor kernel first on both vector builds)
-        assert algo((32, 64, 8, 8), (64, 64, 3, 3), padding=1) == (
-            "nhwc" if cpu_path != "default" else wino)
+        # 512 tiles on 8x8 maps over 64 channels each way: Winograd ahead of the channels-minor
+        # kernel on the AVX2 build (its register-tile products; either pass, either ratio), not
+        # on AVX-512; with fewer tiles, 32 channels a side, or 4x4 / 7x7 maps, channels-minor
+        for pass_ in ("forward", "input"):
+            for x_shape, w_shape in (((32, 64, 8, 8), (64, 64, 3, 3)),
+                                     ((32, 128, 8, 8), (64, 128, 3, 3)),
+                                     ((32, 64, 8, 8), (128, 64, 3, 3))):
+                assert algo(x_shape, w_shape, padding=1, pass_=pass_) == (
+                    "nhwc" if cpu_path == "avx512" else wino), (x_shape, w_shape, pass_)
+            for x_shape, w_shape in (((24, 128, 8, 8), (128, 128, 3, 3)),   # 384 tiles
+                                     ((32, 32, 8, 8), (64, 32, 3, 3)),      # 32 a side
+                                     ((32, 64, 8, 8), (32, 64, 3, 3)),
+                                     ((32, 64, 7, 7), (64, 64, 3, 3)),      # 7x7 (512 tiles)
+                                     ((128, 64, 4, 4), (64, 64, 3, 3))):    # 4x4 (512 tiles)
+                assert algo(x_shape, w_shape, padding=1, pass_=pass_) == (
+                    "nhwc" if cpu_path != "default" else "gemm"), (x_shape, w_shape, pass_)
         assert algo((32, 64, 12, 12), (64, 64, 3, 3), padding=1) == wino     # 12x12: Winograd
         assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at256_imp  # 510 tiles
         assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at256_imp

@@ -521,8 +521,13 @@ bool winograd_preferred(const Conv2dParams& p, ConvPass pass) {
   // The AVX2 build: the channels-minor kernel (conv_nhwc.cpp) first where it is preferred (maps
   // of at most 8x8 outputs) over at most 128 channels: there it beat Winograd over 16-96
   // channels and tied at 128; over 256 Winograd's forward won (benchmarks/RESULTS.md, section
-  // 2026-12-03 15:16). The AVX-512 build checks Winograd first.
-  if (ch <= 128 && nhwc_preferred(q)) return false;
+  // 2026-12-03 15:16). The AVX-512 build checks Winograd first. Since the register-tile
+  // products, Winograd is first again on 8x8 maps over at least 64 channels each way with at
+  // least 512 tiles: 1.06-1.48x faster there, forward and input gradient; it lost with 256-384
+  // tiles, 32 channels a side, and on 4x4, 6x6 and 7x7 maps at 32 images (RESULTS.md, section
+  // 2026-12-06 05:36).
+  const bool wino_8x8 = q.oh == 8 && q.ow == 8 && std::min(cg, kg) >= 64 && tiles >= 512;
+  if (ch <= 128 && nhwc_preferred(q) && !wino_8x8) return false;
 #else
   // The AVX-512 build: the channels-minor kernel first on maps of at most 8x8 outputs where it is
   // preferred, at every channel count: with batches large enough for Winograd's tile count it
