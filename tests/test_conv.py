@@ -541,8 +541,9 @@ def test_winograd_automatic_choice(cpu_path):
         # by the channels-minor kernels first on the vector builds; 12x12 maps test the minimum)
         assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1) == small
         assert algo((4, 64, 8, 8), (64, 64, 3, 3), padding=1, pass_="input") == small
-        # (36 tiles; the AVX-512 build's channels-minor kernels take 144-pixel maps)
-        at36 = "nhwc" if cpu_path == "avx512" else "gemm"
+        # (36 tiles; the channels-minor kernels take 144-pixel maps on both vector builds: on
+        # AVX2 as a map Winograd declined, nhwc_mid_map_preferred)
+        at36 = "nhwc" if cpu_path != "default" else "gemm"
         assert algo((1, 64, 12, 12), (64, 64, 3, 3), padding=1) == at36
         assert algo((1, 64, 12, 12), (64, 64, 3, 3), padding=1, pass_="input") == at36
         # 256 tiles: enough for Winograd on the AVX2 build, but its maps of at most 8x8 go to the
@@ -577,7 +578,7 @@ def test_winograd_automatic_choice(cpu_path):
         assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == (
             "nhwc" if cpu_path == "avx512" else wino)
         # 2048 tiles; the implicit forward ahead of Winograd at <= 16 channels (AVX-512) or
-        # <= 8 (AVX2)
+        # <= 7 (AVX2)
         assert algo((8, 3, 32, 32), (32, 3, 3, 3), padding=1) == (
             "implicit" if cpu_path != "default" else "gemm")
         # 3 outputs: the AVX2 build's implicit forward needs 16
@@ -2505,16 +2506,21 @@ def test_auto_choice_implicit_forward(cpu_path):
     assert algo((32, 64, 28, 28), (16, 64, 3, 3), "input", padding=1) == (
         "implicit" if avx512 else wino)
     assert algo((32, 64, 28, 28), (8, 64, 3, 3), "input", padding=1) == (
-        "gemm" if cpu_path == "default" else "implicit")
+        "implicit" if avx512 else wino)
+    assert algo((32, 64, 28, 28), (6, 64, 3, 3), "input", padding=1) == imp("gemm")
     # (AVX2: a forward of fewer than 16 outputs stays on GEMM, 8 of them here; so does one over
     # more than 64 channels)
     assert algo((32, 8, 28, 28), (8, 8, 5, 5), padding=2) == ("implicit" if avx512 else "gemm")
-    # (on AVX-512 the channels-minor kernel takes 14x14 maps first)
-    assert algo((4, 256, 14, 14), (256, 256, 3, 3), padding=1) == ("nhwc" if avx512 else "gemm")
+    # (the channels-minor kernel takes 14x14 maps: first on AVX-512, after Winograd declines, 196
+    # tiles here, on AVX2)
+    assert algo((4, 256, 14, 14), (256, 256, 3, 3), padding=1) == (
+        "nhwc" if cpu_path != "default" else "gemm")
     assert algo((16, 128, 28, 28), (64, 128, 5, 5), padding=2) == (
         "implicit" if avx512 else "gemm")
-    # the threshold ahead of Winograd: 8 channels on both vector builds, 12 only on AVX-512
-    assert algo((32, 8, 28, 28), (16, 8, 3, 3), padding=1) == imp("gemm")
+    # the threshold ahead of Winograd: 6 channels on both vector builds, 8 and 12 only on AVX-512
+    assert algo((32, 6, 28, 28), (16, 6, 3, 3), padding=1) == imp("gemm")
+    assert algo((32, 8, 28, 28), (16, 8, 3, 3), padding=1) == (
+        "implicit" if avx512 else wino)
     assert algo((32, 12, 28, 28), (16, 12, 3, 3), padding=1) == (
         "implicit" if avx512 else wino)
     # (the channels-minor forward takes two of them on the AVX-512 build, two on the AVX2 build:
@@ -2570,6 +2576,21 @@ def test_auto_choice_nhwc(cpu_path):
     check((16, 256, 4, 4), (256, 256, 3, 3), "w", x512, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "f", both, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "i", none, padding=1)
+    # AVX2: 3x3 stride-1 maps of 65-784 pixels that Winograd declined (under 256 tiles), 64 or
+    # more channels a side within 2x (nhwc_mid_map_preferred), forward and input gradient
+    for x, w in (((1, 128, 28, 28), (128, 128, 3, 3)), ((4, 64, 14, 14), (64, 64, 3, 3)),
+                 ((10, 128, 10, 10), (128, 128, 3, 3)), ((1, 64, 28, 28), (128, 64, 3, 3))):
+        check(x, w, "fi", both if x[2] <= 14 else x2, padding=1)  # (AVX-512: up to 196 px)
+    # one image of 14x14 over 256 channels: GEMM's small-map case on AVX2 (the input gradient's
+    # on AVX-512 too)
+    check((1, 256, 14, 14), (256, 256, 3, 3), "f", x512, padding=1)
+    check((1, 256, 14, 14), (256, 256, 3, 3), "i", none, padding=1)
+    for x, w, kw in (((1, 32, 28, 28), (32, 32, 3, 3), dict(padding=1)),     # 32 channels
+                     ((1, 64, 28, 28), (256, 64, 3, 3), dict(padding=1)),    # 4x the channels
+                     ((1, 64, 30, 30), (64, 64, 3, 3), dict(padding=1)),     # 900 pixels
+                     ((1, 128, 28, 28), (128, 128, 5, 5), dict(padding=2)),  # 5x5
+                     ((2, 64, 28, 28), (64, 64, 3, 3), dict(padding=1))):    # 392 tiles
+        check(x, w, "fi", none, **kw)
     assert algo((16, 128, 3, 3), (256, 128, 3, 3), "input", padding=1) == "gemm"
     assert algo((16, 256, 4, 4), (256, 256, 3, 3), "input", padding=1) == "gemm"
     # (not measured, or lost: 32 images of 4x4, 64 channels on 3x3 maps)

@@ -180,7 +180,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // where that forward reduces over few channels: there Winograd's transforms cost more than its
   // saved multiplies (AVX-512: measured at 3-16 channels, Winograd won at 32, benchmarks/
   // RESULTS.md, section 2026-12-03 06:52; AVX2: implicit won at 3 and 8, Winograd at 16,
-  // section 2026-12-03 15:16).
+  // section 2026-12-03 15:16; with Winograd's register-tile products, implicit won or tied at 4
+  // and 6, Winograd won at 8 by 1.02-1.28x forward and 1.06-1.17x input gradient, section
+  // 2026-12-06 05:36).
   const bool implicit_fwd =
       pass == ConvPass::Forward ? implicit_forward_preferred(p)
       : pass == ConvPass::BackwardInput
@@ -189,7 +191,7 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
 #if defined(__AVX512F__)
   constexpr int64_t kImplicitFirst = 16;
 #else
-  constexpr int64_t kImplicitFirst = 8;
+  constexpr int64_t kImplicitFirst = 7;  // (7 itself not measured: left as before)
 #endif
   if (implicit_fwd && (pass == ConvPass::Forward ? cg : p.k / p.groups) <= kImplicitFirst)
     return ConvAlgo::Implicit;
@@ -204,10 +206,14 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // the AVX2 build also the forward of stride-2 layers, ahead of
   // the implicit forward. Not the input gradient where GEMM's small-map path wins (maps of at most
   // 16 pixels, batches of at most 256 output pixels, at least 256 channels a side or 128 on maps
-  // under 16 pixels: gemm_small_map_input_preferred).
-  if (pass == ConvPass::Forward ? nhwc_preferred(p)
+  // under 16 pixels: gemm_small_map_input_preferred). On the AVX2 build also 3x3 stride-1 layers
+  // on maps of up to 28x28 that Winograd declined (too few tiles): nhwc_mid_map_preferred.
+  auto nhwc_fwd = [](const Conv2dParams& q) {
+    return nhwc_preferred(q) || nhwc_mid_map_preferred(q);
+  };
+  if (pass == ConvPass::Forward ? nhwc_fwd(p)
       : pass == ConvPass::BackwardInput && p.sh == 1 && p.sw == 1 &&
-          nhwc_preferred(input_grad_as_forward(p)) && !gemm_small_map_input_preferred(p))
+          nhwc_fwd(input_grad_as_forward(p)) && !gemm_small_map_input_preferred(p))
     return ConvAlgo::Nhwc;
   if (pass == ConvPass::BackwardWeight && nhwc_weight_preferred(p)) return ConvAlgo::Nhwc;
   if (pass == ConvPass::BackwardWeight && implicit_preferred(p) &&

@@ -419,6 +419,28 @@ bool nhwc_preferred(const Conv2dParams& p) {
 #endif
 }
 
+bool nhwc_mid_map_preferred(const Conv2dParams& p) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  // The AVX2 build, after Winograd has declined (fewer than 256 tiles: batches of 1-10 on 10x10
+  // to 28x28 maps): 3x3 stride-1 layers of 65 to 784 output pixels per image, where the choice
+  // was GEMM or the implicit forward. Forced against those (2 threads, Zen 3; RESULTS.md,
+  // section 2026-12-06 05:36), over 64-512 channels, 1-10 images: the channels-minor kernel won
+  // 16 of 17 forwards (1.01-1.74x) and 16 of 17 input gradients (1.02-1.39x); it lost both
+  // passes of one image of 14x14 over 256 channels (0.82x / 0.96x: GEMM's small-map case, taken
+  // out as for the input gradient, gemm_small_map_input_preferred). Measured on equal channel
+  // counts of 64 or more only: taken there, within 2x either way.
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
+  const int64_t px = p.oh * p.ow;
+  return p.dtype == DType::Float32 && p.groups == 1 && p.kh == 3 && p.kw == 3 && p.sh == 1 &&
+         p.sw == 1 && p.dh == 1 && p.dw == 1 && cg >= 64 && kg >= 64 && kg <= 2 * cg &&
+         cg <= 2 * kg && (nkb * 16 - kg) * 8 <= nkb * 16 && px > 64 && px <= 784 &&
+         p.n * px >= 128 && !(p.n * px <= 256 && std::min(cg, kg) >= 256);
+#else
+  (void)p;
+  return false;
+#endif
+}
+
 bool nhwc_weight_preferred(const Conv2dParams& p) {
   // The weight gradient, forced against GEMM (figures: benchmarks/RESULTS.md, section
   // 2026-12-03 09:27): stride-1 layers with 8x8 and smaller outputs up to 256 channels each way
