@@ -568,8 +568,14 @@ def test_winograd_automatic_choice(cpu_path):
                                      ((32, 64, 8, 8), (32, 64, 3, 3)),
                                      ((32, 64, 7, 7), (64, 64, 3, 3)),      # 7x7 (512 tiles)
                                      ((128, 64, 4, 4), (64, 64, 3, 3))):    # 4x4 (512 tiles)
-                assert algo(x_shape, w_shape, padding=1, pass_=pass_) == (
-                    "nhwc" if cpu_path != "default" else "gemm"), (x_shape, w_shape, pass_)
+                want = "nhwc" if cpu_path != "default" else "gemm"
+                # (AVX-512: its channels-minor kernel needs 64 outputs in the pass's forward,
+                # so the 32-output ones go to Winograd there, 512 tiles being its floor)
+                outs = w_shape[0] if pass_ == "forward" else w_shape[1]
+                if cpu_path == "avx512" and outs < 64:
+                    want = "winograd"
+                assert algo(x_shape, w_shape, padding=1, pass_=pass_) == want, (
+                    x_shape, w_shape, pass_)
         assert algo((32, 64, 12, 12), (64, 64, 3, 3), padding=1) == wino     # 12x12: Winograd
         assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at256_imp  # 510 tiles
         assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at256_imp
@@ -2482,7 +2488,7 @@ def test_auto_choice_implicit_forward(cpu_path):
     # stride-1 input gradient as a forward over gy: float32 on the AVX-512 and AVX2 builds, at
     # least 3 taps per stride phase, planes at most 35% larger than the output, no 1x1, on AVX2
     # at least 16 output channels; ahead of Winograd where the forward reduces over at most 16
-    # channels (AVX-512) or 8 (AVX2).
+    # channels (AVX-512) or 7 (AVX2).
     avx512 = cpu_path == "avx512"
     imp = lambda other: "implicit" if cpu_path != "default" else other
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
@@ -2502,7 +2508,7 @@ def test_auto_choice_implicit_forward(cpu_path):
     wino = "gemm" if cpu_path == "default" else "winograd"
     assert algo((64, 32, 26, 26), (64, 32, 3, 3)) == wino                             # issue 2
     # the input gradient reduces over the output channels: 16 of them go first too (AVX-512);
-    # 8 on AVX2, where 16 took Winograd
+    # up to 7 on AVX2, where 8 and 16 take Winograd
     assert algo((32, 64, 28, 28), (16, 64, 3, 3), "input", padding=1) == (
         "implicit" if avx512 else wino)
     assert algo((32, 64, 28, 28), (8, 64, 3, 3), "input", padding=1) == (
@@ -2589,8 +2595,12 @@ def test_auto_choice_nhwc(cpu_path):
                      ((1, 64, 28, 28), (256, 64, 3, 3), dict(padding=1)),    # 4x the channels
                      ((1, 64, 30, 30), (64, 64, 3, 3), dict(padding=1)),     # 900 pixels
                      ((1, 128, 28, 28), (128, 128, 5, 5), dict(padding=2)),  # 5x5
-                     ((2, 64, 28, 28), (64, 64, 3, 3), dict(padding=1))):    # 392 tiles
+                     ((2, 64, 28, 28), (64, 64, 3, 3), dict(padding=1)),     # 392 tiles
+                     ((1, 128, 30, 30), (128, 128, 3, 3), {})):              # padding 0
         check(x, w, "fi", none, **kw)
+    # not on AVX2 (AVX-512: its own rule, maps of at most 196 pixels): 9x9, over 512 channels
+    check((4, 128, 9, 9), (128, 128, 3, 3), "fi", x512, padding=1)
+    check((2, 640, 14, 14), (640, 640, 3, 3), "fi", x512, padding=1)
     assert algo((16, 128, 3, 3), (256, 128, 3, 3), "input", padding=1) == "gemm"
     assert algo((16, 256, 4, 4), (256, 256, 3, 3), "input", padding=1) == "gemm"
     # (not measured, or lost: 32 images of 4x4, 64 channels on 3x3 maps)

@@ -180,9 +180,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // where that forward reduces over few channels: there Winograd's transforms cost more than its
   // saved multiplies (AVX-512: measured at 3-16 channels, Winograd won at 32, benchmarks/
   // RESULTS.md, section 2026-12-03 06:52; AVX2: implicit won at 3 and 8, Winograd at 16,
-  // section 2026-12-03 15:16; with Winograd's register-tile products, implicit won or tied at 4
-  // and 6, Winograd won at 8 by 1.02-1.28x forward and 1.06-1.17x input gradient, section
-  // 2026-12-06 05:36).
+  // section 2026-12-03 15:16; with Winograd's register-tile products, implicit won at 4, the two
+  // were within 6% either way at 6 (Winograd 1.06x in both input gradients), Winograd won at 8
+  // by 1.02-1.28x forward and 1.06-1.17x input gradient, section 2026-12-06 05:36).
   const bool implicit_fwd =
       pass == ConvPass::Forward ? implicit_forward_preferred(p)
       : pass == ConvPass::BackwardInput
@@ -207,7 +207,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // the implicit forward. Not the input gradient where GEMM's small-map path wins (maps of at most
   // 16 pixels, batches of at most 256 output pixels, at least 256 channels a side or 128 on maps
   // under 16 pixels: gemm_small_map_input_preferred). On the AVX2 build also 3x3 stride-1 layers
-  // on maps of up to 28x28 that Winograd declined (too few tiles): nhwc_mid_map_preferred.
+  // on maps of 10x10 to 784 pixels that Winograd declined for too few tiles:
+  // nhwc_mid_map_preferred.
   auto nhwc_fwd = [](const Conv2dParams& q) {
     return nhwc_preferred(q) || nhwc_mid_map_preferred(q);
   };

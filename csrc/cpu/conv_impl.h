@@ -131,8 +131,9 @@ void conv_implicit_backward_input(const Conv2dParams& p, const T* gy, const T* w
 // nhwc_preferred: whether the automatic choice takes it for a forward of these params (the
 // measured rule is there).
 bool nhwc_preferred(const Conv2dParams& p);
-// ... and for a forward of these params where Winograd declined, on larger maps (the AVX2 build's
-// 3x3 stride-1 layers of 65-784 output pixels; the measured rule is there).
+// ... and for a forward of these params on larger maps where Winograd declined for too few tiles
+// (the AVX2 build's 3x3 stride-1 layers of 10x10 to 784 output pixels; the measured rule is
+// there).
 bool nhwc_mid_map_preferred(const Conv2dParams& p);
 // ... and for a weight gradient (the same copy of x, gy made pixel-major; conv_nhwc.cpp).
 bool nhwc_weight_preferred(const Conv2dParams& p);

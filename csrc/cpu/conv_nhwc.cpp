@@ -421,20 +421,24 @@ bool nhwc_preferred(const Conv2dParams& p) {
 
 bool nhwc_mid_map_preferred(const Conv2dParams& p) {
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-  // The AVX2 build, after Winograd has declined (fewer than 256 tiles: batches of 1-10 on 10x10
-  // to 28x28 maps): 3x3 stride-1 layers of 65 to 784 output pixels per image, where the choice
-  // was GEMM or the implicit forward. Forced against those (2 threads, Zen 3; RESULTS.md,
+  // The AVX2 build, after Winograd has declined for too few tiles (under 256: batches of 1-10 on
+  // 10x10 to 28x28 maps): 3x3 stride-1 layers, where the choice was GEMM or the implicit
+  // forward. Forced against those (2 threads, Zen 3; RESULTS.md,
   // section 2026-12-06 05:36), over 64-512 channels, 1-10 images: the channels-minor kernel won
   // 16 of 17 forwards (1.01-1.74x) and 16 of 17 input gradients (1.02-1.39x); it lost both
   // passes of one image of 14x14 over 256 channels (0.82x / 0.96x: GEMM's small-map case, taken
-  // out as for the input gradient, gemm_small_map_input_preferred). Measured on equal channel
-  // counts of 64 or more only: taken there, within 2x either way.
+  // out as for the input gradient, gemm_small_map_input_preferred); with 2x more or fewer output
+  // channels (64 <-> 128 on 28x28, 128 <-> 256 on 14x14) it won all 8 passes (1.04-1.39x).
+  // Taken only as measured: padding 1, maps of 10x10 to 784 pixels, 64-512 channels a side
+  // within 2x, and fewer than 256 tiles (Winograd's floor: where it declines for other reasons,
+  // e.g. tiles fewer than the channels, nothing was measured).
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
-  const int64_t px = p.oh * p.ow;
+  const int64_t px = p.oh * p.ow, tiles = p.n * ((p.oh + 1) / 2) * ((p.ow + 1) / 2);
   return p.dtype == DType::Float32 && p.groups == 1 && p.kh == 3 && p.kw == 3 && p.sh == 1 &&
-         p.sw == 1 && p.dh == 1 && p.dw == 1 && cg >= 64 && kg >= 64 && kg <= 2 * cg &&
-         cg <= 2 * kg && (nkb * 16 - kg) * 8 <= nkb * 16 && px > 64 && px <= 784 &&
-         p.n * px >= 128 && !(p.n * px <= 256 && std::min(cg, kg) >= 256);
+         p.sw == 1 && p.dh == 1 && p.dw == 1 && p.ph == 1 && p.pw == 1 && cg >= 64 &&
+         kg >= 64 && std::max(cg, kg) <= 512 && kg <= 2 * cg && cg <= 2 * kg &&
+         (nkb * 16 - kg) * 8 <= nkb * 16 && p.oh >= 10 && p.ow >= 10 && px <= 784 &&
+         tiles < 256 && p.n * px >= 128 && !(p.n * px <= 256 && std::min(cg, kg) >= 256);
 #else
   (void)p;
   return false;
