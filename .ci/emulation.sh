@@ -24,10 +24,9 @@ env=(FASTDL_TEST_SEED="${FASTDL_TEST_SEED:-0}")
 # its id, tests/conftest.py, so the draws do not depend on which worker runs it), with OpenMP's
 # and fastdl's thread teams waiting passively (OMP_WAIT_POLICY=passive: parallel.h's barrier
 # follows it), since each worker's teams already use every CPU and a spinning waiter would hold a
-# core another worker needs. On the 2-vCPU Zen 3 VM (2026-12-06): the ASan pass's tests 393-414 s
-# -> 239 s (2 workers with spinning waits: 633 s), the emulation pass's 226 s -> 152 s. (More
-# workers were not measured: their ASan memory and the emulated grid-limit cases at once.) The
-# barrier's spin paths keep their own test: tests/test_parallel.py sets each variant's policy.
+# core another worker needs (timings, with and without: benchmarks/RESULTS.md, section 2026-12-06
+# 05:36; more workers were not measured). The barrier's spin paths keep their own test:
+# tests/test_parallel.py sets each variant's policy.
 workers=$(nproc)
 ((workers <= 2)) || workers=2
 env+=(OMP_WAIT_POLICY=passive)

@@ -374,6 +374,18 @@ thread_local ScratchBuffer tl_wx, tl_wy, tl_wg, tl_wq;
 
 }  // namespace
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// What the AVX2 build's forward rules below share: float32, ungrouped, at least 9 taps, at least
+// 16 input channels and 32 to 4x as many output channels, 16-wide output-channel panels at most
+// 1/8 empty, at least 128 output pixels in the batch.
+static bool avx2_layer_served(const Conv2dParams& p) {
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
+  return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 16 &&
+         kg >= 32 && kg <= 4 * cg && (nkb * 16 - kg) * 8 <= nkb * 16 &&
+         p.n * p.oh * p.ow >= 128;
+}
+#endif
+
 bool nhwc_preferred(const Conv2dParams& p) {
 #if defined(__AVX512F__)
   // Fitted to forced timings against the automatic choice of the time (GEMM, implicit or
@@ -405,12 +417,9 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // largest measured; a larger map's task holds a whole padded channels-minor image per
   // thread). Not measured, so not taken: groups, fewer than 9 taps, float64, other strides,
   // dilation with stride 2.
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
   const bool stride1 = p.sh == 1 && p.sw == 1;
   const bool stride2 = p.sh == 2 && p.sw == 2 && p.dh == 1 && p.dw == 1;
-  return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 16 &&
-         kg >= 32 && kg <= 4 * cg && (nkb * 16 - kg) * 8 <= nkb * 16 &&
-         p.n * p.oh * p.ow >= 128 &&
+  return avx2_layer_served(p) &&
          (stride1 ? p.oh * p.ow <= 64 : stride2 && p.oh * p.ow >= 16 && p.oh * p.ow <= 784);
 #else
   // the portable build's tile (6 x 8 floats) was not measured
@@ -432,13 +441,12 @@ bool nhwc_mid_map_preferred(const Conv2dParams& p) {
   // Taken only as measured: padding 1, maps of 10x10 to 784 pixels, 64-512 channels a side
   // within 2x, and fewer than 256 tiles (Winograd's floor: where it declines for other reasons,
   // e.g. tiles fewer than the channels, nothing was measured).
-  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 15) / 16;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
   const int64_t px = p.oh * p.ow, tiles = p.n * ((p.oh + 1) / 2) * ((p.ow + 1) / 2);
-  return p.dtype == DType::Float32 && p.groups == 1 && p.kh == 3 && p.kw == 3 && p.sh == 1 &&
-         p.sw == 1 && p.dh == 1 && p.dw == 1 && p.ph == 1 && p.pw == 1 && cg >= 64 &&
-         kg >= 64 && std::max(cg, kg) <= 512 && kg <= 2 * cg && cg <= 2 * kg &&
-         (nkb * 16 - kg) * 8 <= nkb * 16 && p.oh >= 10 && p.ow >= 10 && px <= 784 &&
-         tiles < 256 && p.n * px >= 128 && !(p.n * px <= 256 && std::min(cg, kg) >= 256);
+  return avx2_layer_served(p) && p.kh == 3 && p.kw == 3 && p.sh == 1 && p.sw == 1 &&
+         p.dh == 1 && p.dw == 1 && p.ph == 1 && p.pw == 1 && std::min(cg, kg) >= 64 &&
+         std::max(cg, kg) <= 512 && kg <= 2 * cg && cg <= 2 * kg && p.oh >= 10 && p.ow >= 10 &&
+         px <= 784 && tiles < 256 && !(p.n * px <= 256 && std::min(cg, kg) >= 256);
 #else
   (void)p;
   return false;
