@@ -1559,6 +1559,55 @@ def test_cuda_bad_input(cuda_device, kind):
                    lambda: theirs(x, state(3, R, device="cpu")), match="device")
 
 
+@pytest.mark.parametrize("kind", ["RNN_TANH", "LSTM", "GRU"])
+def test_packed_bad_input(kind):
+    """PackedSequence input: the wrong dtype without a state raises torch's class (RNN/GRU check
+    it, ValueError; torch's LSTM leaves it to its kernel, RuntimeError); a state with more batch
+    rows than the packed batch passes, as torch reorders the rows before checking them."""
+    ours, theirs = make_pair(kind, 4, 6, dtype=torch.float32)
+    lstm = kind.startswith("LSTM")
+    lengths = torch.tensor([5, 2, 4])
+
+    def packed(dtype):
+        return pack_padded_sequence(rand(5, 3, 4).to(dtype), lengths, enforce_sorted=False)
+
+    for dtype in (torch.float64, torch.int64):
+        same_error(lambda: ours(packed(dtype)), lambda: theirs(packed(dtype)))
+    x = packed(torch.float32)
+    h = rand(1, 4, 6)
+    hx = (h, rand(1, 4, 6)) if lstm else h
+    for a, b in zip(flat(ours(x, hx)), flat(theirs(x, hx))):
+        assert_close(a, b, reduction=5, what="packed, 4-row state")
+
+
+def test_lstm_state_forms():
+    """torch's LSTM reads hx by index: a list [h0, c0] works, three states raise RuntimeError, a
+    Tensor raises IndexError (one layer) or RuntimeError; a float64 LSTM promotes a float32 c0
+    (its gradient comes back float32), a float32 LSTM refuses a float64 one."""
+    ours, theirs = make_pair("LSTM", 4, 6, dtype=torch.float64)
+    x = rand(5, 3, 4, dtype=torch.float64)
+    h, c = rand(1, 3, 6, dtype=torch.float64), rand(1, 3, 6, dtype=torch.float64)
+    for a, b in zip(flat(ours(x, [h, c])), flat(theirs(x, [h, c]))):
+        assert_close(a, b, reduction=5, what="hx as a list")
+    same_error(lambda: ours(x, (h, c, c)), lambda: theirs(x, (h, c, c)), match="two")
+    same_error(lambda: ours(x, h), lambda: theirs(x, h))
+    two = rand(2, 3, 6, dtype=torch.float64)
+    same_error(lambda: ours(x, two), lambda: theirs(x, two))
+    c0 = rand(1, 3, 6)
+    c32 = [c0.clone().requires_grad_(True) for _ in range(2)]
+    out_a, out_b = ours(x, (h, c32[0])), theirs(x, (h, c32[1]))
+    for a, b in zip(flat(out_a), flat(out_b)):
+        assert a.dtype == b.dtype == torch.float64
+        assert_close(a, b, reduction=5, what="float32 c0 promoted")
+    out_a[1][1].sum().backward()
+    out_b[1][1].sum().backward()
+    assert c32[0].grad.dtype == torch.float32
+    assert_close(c32[0].grad, c32[1].grad, reduction=5, what="float32 c0's gradient")
+    ours32, theirs32 = make_pair("LSTM", 4, 6, dtype=torch.float32)
+    x32, h32, c64 = rand(5, 3, 4), rand(1, 3, 6), rand(1, 3, 6, dtype=torch.float64)
+    same_error(lambda: ours32(x32, (h32, c64)), lambda: theirs32(x32, (h32, c64)))
+
+
 def test_bad_constructor():
     same_error(lambda: fastdl.nn.LSTM(4, 6, proj_size=6), lambda: torch.nn.LSTM(4, 6, proj_size=6),
                match="proj_size")
@@ -1585,6 +1634,28 @@ def test_cell_bad_input(name):
     same_error(lambda: ours(rand(3, 4, 2)), lambda: theirs(rand(3, 4, 2)), match="1D or 2D")
     same_error(lambda: ours(rand(3, 4, dtype=torch.float64)),
                lambda: theirs(rand(3, 4, dtype=torch.float64)), match="dtype|type")
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cell_state_forms(name):
+    """Batched input with a 1-D state: torch's RuntimeError on a batch mismatch, its IndexError
+    when the state's length equals the batch. LSTMCell: three states raise RuntimeError on
+    batched input (unbatched input uses the first two, as torch), a Tensor raises TypeError."""
+    ours, theirs = getattr(fastdl.nn, name)(4, 3), getattr(torch.nn, name)(4, 3)
+    theirs.load_state_dict(ours.state_dict())
+    lstm = name == "LSTMCell"
+    x = rand(3, 4)
+    for n in (3, 5):   # the state's length equal to the batch (3), then not
+        h1 = rand(n)
+        hx = (rand(3, 3), h1) if lstm else h1
+        same_error(lambda: ours(x, hx), lambda: theirs(x, hx))
+    if lstm:
+        h = (rand(3, 3), rand(3, 3), rand(3, 3))
+        same_error(lambda: ours(x, h), lambda: theirs(x, h), match="two")
+        same_error(lambda: ours(x, h[0]), lambda: theirs(x, h[0]), match="tuple")
+        u = tuple(t[0] for t in h)
+        for a, b in zip(ours(x[0], u), theirs(x[0], u)):
+            assert_close(a, b, reduction=7, what="unbatched, three states")
 
 
 def test_ops_bad_input():

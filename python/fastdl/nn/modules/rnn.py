@@ -266,6 +266,17 @@ class _RecurrentMixin:
             _fast_put(fast[0], input, fast[1])
         return out
 
+    def _check_args(self, input, hx, batch_sizes, lstm):
+        """torch's check_forward_args. torch's LSTM leaves packed input to its kernel, whose
+        errors are RuntimeError where check_input's dtype check raises ValueError."""
+        if batch_sizes is None or not lstm:
+            self.check_forward_args(input, hx, batch_sizes)
+            return
+        try:
+            self.check_forward_args(input, hx, batch_sizes)
+        except ValueError as e:
+            raise RuntimeError(str(e)) from None
+
     def _forward_general(self, input, hx=None):  # noqa: C901 (mirrors torch's branches one for one)
         if _torch_computes(self, input, hx):
             return super().forward(input, hx)
@@ -296,12 +307,15 @@ class _RecurrentMixin:
             zeros = lambda size: torch.zeros(self.num_layers * dirs, max_batch, size,  # noqa: E731
                                              dtype=input.dtype, device=input.device)
             hx = (zeros(real_hidden), zeros(self.hidden_size)) if lstm else zeros(real_hidden)
-            if batch_sizes is None:
-                self.check_forward_args(input, hx, batch_sizes)
+            self._check_args(input, hx, batch_sizes, lstm)
         else:
-            if lstm and not isinstance(hx, tuple):
-                raise TypeError(f"{name}: expected hx to be a tuple (h_0, c_0), got "
-                                f"{type(hx).__name__}")
+            if lstm:
+                # torch indexes whatever hx is (a list works; a Tensor or a 1-tuple raises
+                # IndexError or fails the rank check below) and its kernel refuses more than two
+                if isinstance(hx, (tuple, list)) and len(hx) > 2:
+                    raise RuntimeError(f"{name}: expected hx to hold two hidden states (h_0, "
+                                       f"c_0), got {len(hx)}")
+                hx = (hx[0], hx[1])
             if batch_sizes is None:
                 dims = [t.dim() for t in hx] if lstm else [hx.dim()]
                 want = 3 if is_batched else 2
@@ -315,9 +329,15 @@ class _RecurrentMixin:
                                        f"{dims[0]}-D tensor")
                 if not is_batched:
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if lstm else hx.unsqueeze(1)
-            self.check_forward_args(input, hx, batch_sizes)
-            hx = self.permute_hidden(hx, sorted_indices)
+                self.check_forward_args(input, hx, batch_sizes)
+            else:
+                # packed: torch reorders the states' batch rows first, then checks them
+                hx = self.permute_hidden(hx, sorted_indices)
+                self._check_args(input, hx, batch_sizes, lstm)
         h, c = (hx[0], hx[1]) if lstm else (hx, None)
+        if c is not None and c.dtype != input.dtype and input.dtype == torch.float64 and \
+                c.is_floating_point():
+            c = c.to(input.dtype)   # torch's float64 LSTM promotes a lower-precision cell state
         for t_name, t in (("hx", h), ("cx", c)):
             if t is not None and t.dtype != input.dtype:
                 raise RuntimeError(f"{name}: expected {t_name} with dtype {input.dtype} like the "
@@ -417,6 +437,10 @@ def _cell(module, mode, input, hx, cx):
                              f"{v.dim()}D instead")
     for idx, v in enumerate(states):
         if v.dim() != dim:  # (torch's unbatched LSTMCell crashes on a 2-D state)
+            if dim == 2 and v.shape[0] == input.shape[0]:
+                # torch's cell kernels pass the batch check and then read the 1-D state's size(1)
+                raise IndexError(f"{type(module).__name__}: expected hx[{idx}] with 2 dims like "
+                                 f"the batched input, got 1 (Dimension out of range)")
             raise RuntimeError(f"{type(module).__name__}: expected hx[{idx}] with {dim} dims like "
                                f"the input, got {v.dim()}")
     for v in states:
@@ -465,6 +489,28 @@ def _cell(module, mode, input, hx, cx):
     return out if is_batched else out.squeeze(0)
 
 
+def _lstm_cell_pair(input, hx):
+    """(h_0, c_0) from an LSTMCell state that is not a pair, read as torch.nn.LSTMCell.forward
+    reads it: every element's rank checked (ValueError), then batched input takes only a sequence
+    of exactly two tensors (a Tensor: TypeError; three: RuntimeError, from torch's lstm_cell),
+    while unbatched input uses the first two."""
+    if not isinstance(input, torch.Tensor) or input.dim() not in (1, 2):
+        return hx[0], hx[1]   # (_cell raises the input's error)
+    for idx, v in enumerate(hx):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"LSTMCell: expected hx[{idx}] to be a Tensor, got {type(v).__name__}")
+        if v.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {v.dim()}D instead")
+    if input.dim() == 2:
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"LSTMCell: expected hx to be a tuple of two Tensors (h_0, c_0), got "
+                            f"{type(hx).__name__}")
+        if len(hx) != 2:
+            raise RuntimeError(f"LSTMCell: expected hx to hold two hidden states (h_0, c_0), got "
+                               f"{len(hx)}")
+    return hx[0], hx[1]
+
+
 class RNNCell(nn.RNNCell):
     """torch.nn.RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None,
     dtype=None) on fastdl's kernels.
@@ -494,6 +540,8 @@ class LSTMCell(nn.LSTMCell):
             return super().forward(input, hx)
         if hx is None:
             return _cell(self, _f.LSTM, input, None, None)
+        if type(hx) is not tuple or len(hx) != 2:
+            hx = _lstm_cell_pair(input, hx)
         return _cell(self, _f.LSTM, input, hx[0], hx[1])
 
 
