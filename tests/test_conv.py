@@ -1418,6 +1418,35 @@ def test_channels_last_and_noncontiguous(cpu_path):
     assert ya.stride() == yb.stride()
 
 
+def test_channels_last_with_size_one_dims(cpu_path):
+    """torch reads a tensor with one channel (or one input channel per group) as channels_last
+    when its other strides are: a depthwise weight after module.to(channels_last), a 1-channel
+    channels_last image, a transposed weight with one output channel per group. The output's
+    layout, and the gradients', follow torch's."""
+    def cl(*shape):   # (.contiguous(memory_format=...) keeps a tensor already contiguous both ways)
+        return torch.empty(shape, memory_format=torch.channels_last).copy_(torch.randn(shape))
+
+    cases = [
+        (torch.randn(2, 4, 8, 8), cl(4, 1, 3, 3), 4, False),
+        (cl(2, 1, 8, 8), torch.randn(5, 1, 3, 3), 1, False),
+        (torch.randn(2, 4, 6, 6), cl(4, 1, 3, 3), 4, True),
+        (cl(2, 1, 1, 1), torch.randn(3, 1, 1, 1), 1, False),
+        (torch.randn(2, 1, 1, 1), torch.randn(3, 1, 1, 1), 1, False),
+    ]
+    for x, w, groups, transposed in cases:
+        fa, fb = (F.conv_transpose2d, TF.conv_transpose2d) if transposed else (F.conv2d, TF.conv2d)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        wa, wb = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ya, yb = fa(xa, wa, groups=groups), fb(xb, wb, groups=groups)
+        assert ya.stride() == yb.stride(), (x.shape, w.shape, transposed)
+        assert_close(ya, yb, reduction=9)
+        g = torch.randn_like(yb)
+        ya.backward(g)
+        yb.backward(g)
+        assert_close(xa.grad, xb.grad, reduction=9 * w.shape[0])
+        assert_close(wa.grad, wb.grad, reduction=ya[:, 0].numel())
+
+
 def test_empty_and_unbatched(cpu_path):
     w, b = torch.randn(5, 3, 3, 3), torch.randn(5)
     for shape in [(0, 3, 8, 8), (3, 8, 8)]:

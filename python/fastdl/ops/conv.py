@@ -144,12 +144,21 @@ def _dtype_name(x):
 
 
 def _is_channels_last(x) -> bool:
+    """Whether torch's suggest_memory_format() reads x as channels_last: c10's
+    is_channels_last_strides_2d, where size-1 dimensions do not order the strides (a depthwise
+    weight (K, 1, 3, 3) with strides (9, 1, 3, 1) is channels_last; a contiguous (N, C, 1, 1) is
+    not). torch's convolutions return channels_last when the input or the weight is."""
     if isinstance(x, np.ndarray) or x.ndim != 4:
         return False
-    import torch
-    return (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) or (
-        x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1
-        and x.stride(1) == 1 and x.stride(3) != 1)
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
 
 
 def _empty(x, shape):
