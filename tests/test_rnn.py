@@ -1574,6 +1574,8 @@ def test_packed_bad_input(kind):
     for dtype in (torch.float64, torch.int64):
         same_error(lambda: ours(packed(dtype)), lambda: theirs(packed(dtype)))
     x = packed(torch.float32)
+    flat2 = (rand(3, 6), rand(3, 6)) if lstm else rand(3, 6)   # 2-D states with packed input
+    same_error(lambda: ours(x, flat2), lambda: theirs(x, flat2))
     h = rand(1, 4, 6)
     hx = (h, rand(1, 4, 6)) if lstm else h
     for a, b in zip(flat(ours(x, hx)), flat(theirs(x, hx))):

@@ -272,6 +272,11 @@ class _RecurrentMixin:
         if batch_sizes is None or not lstm:
             self.check_forward_args(input, hx, batch_sizes)
             return
+        for i, t in enumerate(hx):
+            if t.dim() < 3:   # torch's kernel reads the state's size(2)
+                raise IndexError(f"{type(self).__name__}: expected hx[{i}] with 3 dims (layers * "
+                                 f"directions, batch, size) for packed input, got {t.dim()} "
+                                 f"(Dimension out of range)")
         try:
             self.check_forward_args(input, hx, batch_sizes)
         except ValueError as e:
