@@ -1447,6 +1447,21 @@ def test_channels_last_with_size_one_dims(cpu_path):
         assert_close(wa.grad, wb.grad, reduction=ya[:, 0].numel())
 
 
+def test_channels_last_views_keep_torch_layout(cpu_path):
+    """A crop or slice of a channels_last tensor is not dense, but torch still reads it as
+    channels_last (its strides are ordered so) and returns a channels_last output."""
+    base = torch.randn(2, 8, 12, 10).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 8, 3, 3)
+    for x in (base[:, :, 1:9, 2:8], base[:, :, ::2], base[::2]):
+        ya, yb = F.conv2d(x, w, padding=1), TF.conv2d(x, w, padding=1)
+        assert ya.stride() == yb.stride(), x.stride()
+        assert_close(ya, yb, reduction=72)
+    x = base[:, ::2]
+    ya, yb = F.conv_transpose2d(x, w[:4, :4], stride=2), TF.conv_transpose2d(x, w[:4, :4], stride=2)
+    assert ya.stride() == yb.stride()
+    assert_close(ya, yb, reduction=36)
+
+
 def test_empty_and_unbatched(cpu_path):
     w, b = torch.randn(5, 3, 3, 3), torch.randn(5)
     for shape in [(0, 3, 8, 8), (3, 8, 8)]:
