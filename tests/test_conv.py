@@ -1978,6 +1978,42 @@ def test_conv2d_cuda_depthwise_weight_grad_chunks_deterministic(cuda_device):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_conv2d_cuda_gemm_nonfinite_weight_as_reference(cuda_device, bad):
+    """The implicit GEMM (forward, input gradient = conv_transpose2d's forward) gathers zeros
+    beyond the map, so an inf/NaN weight gave NaN there: the results a thread finds non-finite
+    at border positions are summed again over the taps inside the map only, as the reference
+    loops (and torch's oneDNN and input-gradient kernels) do; the same NaN/inf pattern and finite
+    values as the reference loops, at stride 1 and 2 (one GEMM per stride phase)."""
+    gen = torch.Generator().manual_seed(17)
+    for shape, wshape, kw in (((2, 3, 9, 11), (4, 3, 3, 3), dict(padding=1)),
+                              ((1, 4, 10, 9), (6, 2, 3, 5), dict(stride=2, padding=(1, 2),
+                                                                 groups=2)),
+                              ((2, 2, 7, 8), (3, 2, 3, 3), dict())):
+        x = torch.rand(shape, generator=gen)
+        w = torch.rand(wshape, generator=gen)
+        b = torch.rand(wshape[0], generator=gen)
+        gy = torch.rand(TF.conv2d(x, w, **kw).shape, generator=gen)
+        w[1, 0, 1, 1] = bad
+        x, w, b, gy = (t.to(cuda_device) for t in (x, w, b, gy))
+        out = {}
+        before = fastdl.ops.get_conv_algorithm()
+        try:
+            for algo in ("reference", "gemm", "auto"):
+                fastdl.ops.set_conv_algorithm(algo)
+                out[algo] = ((fastdl.ops.conv2d(x, w, b, **kw),)
+                             + fastdl.ops.conv2d_backward(gy, x, w, **kw,
+                                                          output_mask=(True, False, False))[:1])
+        finally:
+            fastdl.ops.set_conv_algorithm(before)
+        for algo in ("gemm", "auto"):
+            for name, got, want in zip(("y", "gx"), out[algo], out["reference"]):
+                assert torch.equal(torch.isnan(got), torch.isnan(want)), (algo, name, kw)
+                assert torch.equal(torch.isinf(got), torch.isinf(want)), (algo, name, kw)
+                fin = torch.isfinite(want)
+                assert_close(got[fin], want[fin], reduction=200, what=f"{algo} {name}")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_conv2d_cuda_depthwise_nonfinite_as_reference(cuda_device, bad):
     """An inf/NaN weight (forward, input gradient) or output gradient or input (weight gradient)
     reaches only the taps inside the planes: the fast path's zero-filled halo would give

@@ -3,7 +3,12 @@
 // One SIMT kernel template for all three passes, a GEMM per group (blockIdx.z = group x split or
 // group x stride phase).
 // Operand elements are gathered from the tensors on the fly (no im2col buffer); out-of-range taps
-// read zero.
+// read zero. An inf/NaN weight times such a zero would give NaN where torch's kernels (and the
+// CPU and direct kernels) skip the tap: a thread that stored an inf/NaN redoes those results at
+// border positions over the taps inside the map (refix), forward and input gradient. (The
+// weight gradient's padded x times an inf/NaN gy in the border band still gives NaN here; the
+// CPU redoes it on its reference loops.) The rolled refix loop left the used tiles' registers
+// and spills as they were, within 20 bytes (ptxas -v, sm_90; not timed: no GPU since).
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
 //   input gradient: one GEMM per stride phase (h mod sh, w mod sw), all phases in one launch
 //                   (blockIdx.z = group x phase): rows = that phase's N*H*W share, cols =
@@ -90,6 +95,31 @@ __device__ __forceinline__ void step(Digits& d, const Radix& r) {
 // red) gather one element as float (zero outside the tensor or past the end); out(g, split, m)
 // and put(out, n, v) write one result.
 
+// sum over c < channels, a < na, b < nb of src[c * src_step + r * cols + q] * wt[c * w_step +
+// a * w_row + b * w_col], r = r0 + dr * a, q = q0 + dq * b, over the (r, q) inside rows x cols
+// only: one result of a GEMM pass again without the taps that fall outside its map (the forward:
+// x and the weight's taps; the input gradient: gy and one phase's taps). Out of line: it runs
+// only for the non-finite results of border positions (the passes' put), and inline it would
+// take registers from the GEMM.
+template <class T>
+__device__ __noinline__ float inside_taps_sum(const T* src, const T* wt, int64_t channels,
+                                              int64_t src_step, int64_t w_step, int rows,
+                                              int cols, int r0, int q0, int na, int nb, int dr,
+                                              int dq, int w_row, int w_col) {
+  float acc = 0.f;
+  for (int64_t c = 0; c < channels; ++c, src += src_step, wt += w_step)
+    for (int a = 0; a < na; ++a) {
+      const int r = r0 + dr * a;
+      if (r < 0 || r >= rows) continue;
+      for (int b = 0; b < nb; ++b) {
+        const int q = q0 + dq * b;
+        if (q < 0 || q >= cols) continue;
+        acc = fmaf(to_f(src[r * cols + q]), to_f(wt[a * w_row + b * w_col]), acc);
+      }
+    }
+  return acc;
+}
+
 template <class T>
 struct ForwardOp {
   Geo p;
@@ -131,6 +161,23 @@ struct ForwardOp {
     return Out{y + (n * p.k + g * p.kg) * plane + s, bias ? bias + g * p.kg : nullptr, plane};
   }
   __device__ void put(const Out& o, int64_t j, float v) const {
+    if (o.bias) v += to_f(o.bias[j]);
+    o.y[j * o.plane] = from_f<T>(v);
+  }
+  // Padded taps contribute nothing (as torch's oneDNN kernels, the CPU kernels and the direct
+  // kernels here): an inf/NaN weight times a padded zero gives NaN, so (called as the input
+  // gradient's refix) a non-finite result at a position with taps on padding is summed again
+  // over its taps inside x only (finite results are unaffected: 0 * finite = 0).
+  __device__ void refix(int64_t g, int split, int64_t m, int64_t j) const {
+    const Out o = out(g, split, m);
+    if (isfinite(to_f(o.y[j * o.plane]))) return;
+    const int64_t plane = p.oh * p.ow, sp = m % plane, n = m / plane;
+    const int ih0 = int((sp / p.ow) * p.sh - p.ph), iw0 = int((sp % p.ow) * p.sw - p.pw);
+    if (ih0 >= 0 && iw0 >= 0 && ih0 + (p.kh - 1) * p.dh < p.h && iw0 + (p.kw - 1) * p.dw < p.w)
+      return;   // no tap on padding: the GEMM's sum is the result
+    float v = inside_taps_sum(x + (n * p.c + g * p.cg) * p.h * p.w, w + (g * p.kg + j) * red_len,
+                              p.cg, p.h * p.w, p.taps, int(p.h), int(p.w), ih0, iw0, int(p.kh),
+                              int(p.kw), int(p.dh), int(p.dw), int(p.kw), 1);
     if (o.bias) v += to_f(o.bias[j]);
     o.y[j * o.plane] = from_f<T>(v);
   }
@@ -190,6 +237,27 @@ struct InputGradOp {  // one phase's GEMM
     return Out{s.gx + (n * s.p.c + g * s.p.cg) * plane + ih * s.p.w + iw, plane};
   }
   __device__ void put(const Out& o, int64_t ci, float v) const {
+    o.gx[ci * o.plane] = from_f<T>(v);
+  }
+  // An inf/NaN weight times a tap's zero beyond gy's border gives NaN, where torch (and the CPU
+  // kernels, and the direct kernels here) skip such taps: the kernel calls this for each result
+  // of a thread that wrote an inf/NaN, after its stores; a non-finite one at a position with taps
+  // beyond gy is summed again over its taps inside gy only (finite results are unaffected: their
+  // taps beyond gy added 0 * finite = 0).
+  __device__ void refix(int64_t g, int split, int64_t m, int64_t ci) const {
+    const Out o = out(g, split, m);
+    if (isfinite(to_f(o.gx[ci * o.plane]))) return;
+    const int64_t vv = m % f.wp, u = (m / f.wp) % f.hp, n = m / (int64_t(f.wp) * f.hp);
+    const int oh0 = f.obh + int(u), ow0 = f.obw + int(vv);
+    if (f.ni == 0 || f.nj == 0 || (oh0 - f.dsi * (f.ni - 1) >= 0 && oh0 < s.p.oh &&
+                                   ow0 - f.dsj * (f.nj - 1) >= 0 && ow0 < s.p.ow))
+      return;   // every tap inside gy: the GEMM's sum is the result
+    const int64_t plane = s.p.oh * s.p.ow;
+    const float v = inside_taps_sum(
+        s.gy + (n * s.p.k + g * s.p.kg) * plane,
+        s.w + (g * s.p.kg * s.p.cg + ci) * s.p.taps + f.i0 * s.p.kw + f.j0, s.p.kg, plane,
+        s.p.cg * s.p.taps, int(s.p.oh), int(s.p.ow), oh0, ow0, f.ni, f.nj, -f.dsi, -f.dsj,
+        f.si * int(s.p.kw), f.sj);
     o.gx[ci * o.plane] = from_f<T>(v);
   }
 };
@@ -260,6 +328,7 @@ struct WeightGradOp {
     if (o.part) o.part[ko * rows] = v;
     else o.gw[ko * rows] = from_f<T>(v);
   }
+  __device__ void refix(int64_t, int, int64_t, int64_t) const {}  // (see below: weight gradient)
 };
 
 // Reads n (2 or 4) consecutive floats of a shared tile, 8- or 16-byte aligned: one LDS.64/128.
@@ -354,6 +423,7 @@ __global__ void __launch_bounds__(kThreads, 2) igemm_kernel(Op whole) {
       buf ^= 1;
     }
   }
+  bool bad = false;  // an inf/NaN among this thread's results
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     const int64_t m = m0 + 4 * tm + 64 * (i / 4) + i % 4;
@@ -362,7 +432,24 @@ __global__ void __launch_bounds__(kThreads, 2) igemm_kernel(Op whole) {
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int64_t n = n0 + RN * tn + 64 * (j / RN) + j % RN;
-      if (n < op.cols) op.put(o, n, acc[i][j]);
+      if (n < op.cols) {
+        bad |= !isfinite(acc[i][j]);
+        op.put(o, n, acc[i][j]);
+      }
+    }
+  }
+  // Rare (an inf/NaN operand): the results redone without the taps beyond the map (refix), once
+  // the accumulators are stored, in one rolled loop, so the GEMM's registers are not taken.
+  if (bad) {
+#pragma unroll 1
+    for (int i = 0; i < TM; ++i) {
+      const int64_t m = m0 + 4 * tm + 64 * (i / 4) + i % 4;
+      if (m >= op.rows) continue;
+#pragma unroll 1
+      for (int j = 0; j < TN; ++j) {
+        const int64_t n = n0 + RN * tn + 64 * (j / RN) + j % RN;
+        if (n < op.cols) op.refix(g, split, m, n);
+      }
     }
   }
 }
