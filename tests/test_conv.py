@@ -1435,6 +1435,9 @@ def test_channels_last_with_size_one_dims(cpu_path):
     ]
     for x, w, groups, transposed in cases:
         fa, fb = (F.conv_transpose2d, TF.conv_transpose2d) if transposed else (F.conv2d, TF.conv2d)
+        # the same shapes in NCHW first: a cached geometry must not decide the layout
+        fa(x.clone(memory_format=torch.contiguous_format),
+           w.clone(memory_format=torch.contiguous_format), groups=groups)
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         wa, wb = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
         ya, yb = fa(xa, wa, groups=groups), fb(xb, wb, groups=groups)
@@ -1983,17 +1986,24 @@ def test_conv2d_cuda_gemm_nonfinite_weight_as_reference(cuda_device, bad):
     beyond the map, so an inf/NaN weight gave NaN there: the results a thread finds non-finite
     at border positions are summed again over the taps inside the map only, as the reference
     loops (and torch's oneDNN and input-gradient kernels) do; the same NaN/inf pattern and finite
-    values as the reference loops, at stride 1 and 2 (one GEMM per stride phase)."""
+    values as the reference loops. The bad taps sit in the kernels' corners, which reach beyond
+    the map in every pass: stride 1 and 2 (one GEMM per stride phase, 1 or 2 taps a phase),
+    groups, dilation, float16."""
     gen = torch.Generator().manual_seed(17)
-    for shape, wshape, kw in (((2, 3, 9, 11), (4, 3, 3, 3), dict(padding=1)),
-                              ((1, 4, 10, 9), (6, 2, 3, 5), dict(stride=2, padding=(1, 2),
-                                                                 groups=2)),
-                              ((2, 2, 7, 8), (3, 2, 3, 3), dict())):
-        x = torch.rand(shape, generator=gen)
-        w = torch.rand(wshape, generator=gen)
-        b = torch.rand(wshape[0], generator=gen)
-        gy = torch.rand(TF.conv2d(x, w, **kw).shape, generator=gen)
-        w[1, 0, 1, 1] = bad
+    for shape, wshape, kw, dtype in (
+            ((2, 3, 9, 11), (4, 3, 3, 3), dict(padding=1), torch.float32),
+            ((1, 4, 10, 9), (6, 2, 3, 5), dict(stride=2, padding=(1, 2), groups=2),
+             torch.float32),
+            ((2, 2, 7, 8), (3, 2, 3, 3), dict(), torch.float32),
+            ((1, 2, 12, 10), (4, 2, 4, 4), dict(stride=2, padding=1), torch.float32),
+            ((2, 4, 11, 9), (4, 2, 3, 3), dict(dilation=2, padding=2, groups=2), torch.float32),
+            ((1, 3, 8, 9), (5, 3, 3, 3), dict(stride=(1, 2), padding=1), torch.float16)):
+        x = torch.rand(shape, generator=gen).to(dtype)
+        w = torch.rand(wshape, generator=gen).to(dtype)
+        b = torch.rand(wshape[0], generator=gen).to(dtype)
+        gy = torch.rand(TF.conv2d(x.float(), w.float(), **kw).shape, generator=gen).to(dtype)
+        w[0, 0, 0, 0] = bad
+        w[-1, -1, -1, -1] = bad
         x, w, b, gy = (t.to(cuda_device) for t in (x, w, b, gy))
         out = {}
         before = fastdl.ops.get_conv_algorithm()
@@ -2011,6 +2021,7 @@ def test_conv2d_cuda_gemm_nonfinite_weight_as_reference(cuda_device, bad):
                 assert torch.equal(torch.isinf(got), torch.isinf(want)), (algo, name, kw)
                 fin = torch.isfinite(want)
                 assert_close(got[fin], want[fin], reduction=200, what=f"{algo} {name}")
+            assert (~torch.isfinite(out["reference"][1])).any()   # the input gradient met one
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])

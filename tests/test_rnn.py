@@ -1593,6 +1593,21 @@ def test_lstm_state_forms():
         assert_close(a, b, reduction=5, what="hx as a list")
     same_error(lambda: ours(x, (h, c, c)), lambda: theirs(x, (h, c, c)), match="two")
     same_error(lambda: ours(x, h), lambda: theirs(x, h))
+    # unbatched input and unsorted packed input rebuild the pair: a third state is dropped;
+    # sorted packed input hands hx to torch's kernel as given (a Tensor: TypeError)
+    xu, hu, cu = x[:, 0], h[:, 0], c[:, 0]
+    for a, b in zip(flat(ours(xu, (hu, cu, cu))), flat(theirs(xu, (hu, cu, cu)))):
+        assert_close(a, b, reduction=5, what="unbatched, three states")
+    lengths = torch.tensor([5, 4, 2])
+    for sort in (True, False):
+        xp = pack_padded_sequence(x, lengths, enforce_sorted=sort)
+        same_error(lambda: ours(xp, h), lambda: theirs(xp, h))
+        same_error(lambda: ours(xp, (h,)), lambda: theirs(xp, (h,)))
+        if sort:
+            same_error(lambda: ours(xp, (h, c, c)), lambda: theirs(xp, (h, c, c)), match="two")
+        else:
+            for a, b in zip(flat(ours(xp, (h, c, c))), flat(theirs(xp, (h, c, c)))):
+                assert_close(a, b, reduction=5, what="unsorted packed, three states")
     two = rand(2, 3, 6, dtype=torch.float64)
     same_error(lambda: ours(x, two), lambda: theirs(x, two))
     c0 = rand(1, 3, 6)
@@ -1651,6 +1666,11 @@ def test_cell_state_forms(name):
         h1 = rand(n)
         hx = (rand(3, 3), h1) if lstm else h1
         same_error(lambda: ours(x, hx), lambda: theirs(x, hx))
+        # torch checks the input's size and the earlier states first (RuntimeError)
+        same_error(lambda: ours(rand(3, 5), hx), lambda: theirs(rand(3, 5), hx))
+        if lstm:
+            for h0 in (rand(2, 3), rand(3, 5)):
+                same_error(lambda: ours(x, (h0, h1)), lambda: theirs(x, (h0, h1)))
     if lstm:
         h = (rand(3, 3), rand(3, 3), rand(3, 3))
         same_error(lambda: ours(x, h), lambda: theirs(x, h), match="two")

@@ -3,12 +3,14 @@
 // One SIMT kernel template for all three passes, a GEMM per group (blockIdx.z = group x split or
 // group x stride phase).
 // Operand elements are gathered from the tensors on the fly (no im2col buffer); out-of-range taps
-// read zero. An inf/NaN weight times such a zero would give NaN where torch's kernels (and the
-// CPU and direct kernels) skip the tap: a thread that stored an inf/NaN redoes those results at
-// border positions over the taps inside the map (refix), forward and input gradient. (The
-// weight gradient's padded x times an inf/NaN gy in the border band still gives NaN here; the
-// CPU redoes it on its reference loops.) The rolled refix loop left the used tiles' registers
-// and spills as they were, within 20 bytes (ptxas -v, sm_90; not timed: no GPU since).
+// read zero. An inf/NaN weight times such a zero would give NaN where fastdl's CPU and direct
+// kernels skip the tap (as torch's oneDNN forward and every torch input gradient do; torch's
+// im2col forward gives NaN): a thread that stored an inf/NaN redoes those results at border
+// positions over the taps inside the map (refix), forward and input gradient. (The weight
+// gradient's padded x times an inf/NaN gy in the border band still gives NaN here; the CPU
+// redoes it on its reference loops.) ptxas -v (sm_90) after the rolled refix loop: the forward's
+// tiles unchanged; the input gradient's 64x128 and 128x64 spill 20 bytes (4 and 12 before), the
+// others none; not timed (no GPU since).
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
 //   input gradient: one GEMM per stride phase (h mod sh, w mod sw), all phases in one launch
 //                   (blockIdx.z = group x phase): rows = that phase's N*H*W share, cols =

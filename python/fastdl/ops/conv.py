@@ -354,8 +354,11 @@ def _geometry_key(fn, input, weight, bias, stride, padding, dilation, groups):
     if None in args:
         return None
     b = (None,) if bias is None else (type(bias), bias.shape, bias.dtype, bias.device)
-    return (fn, type(input), type(weight), input.shape, weight.shape, input.dtype, weight.dtype,
-            input.device, weight.device, _tensor.CPU_DEVICE, b, args)
+    # The strides too: a tensor contiguous both ways (size-1 dimensions) may still read as
+    # channels_last (_is_channels_last), which decides the output's layout.
+    return (fn, type(input), type(weight), input.shape, weight.shape, input.stride(),
+            weight.stride(), input.dtype, weight.dtype, input.device, weight.device,
+            _tensor.CPU_DEVICE, b, args)
 
 
 def conv2d_run(geo, input, weight, bias):

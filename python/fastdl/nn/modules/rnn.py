@@ -316,8 +316,15 @@ class _RecurrentMixin:
         else:
             if lstm:
                 # torch indexes whatever hx is (a list works; a Tensor or a 1-tuple raises
-                # IndexError or fails the rank check below) and its kernel refuses more than two
-                if isinstance(hx, (tuple, list)) and len(hx) > 2:
+                # IndexError or fails the rank check below), except with sorted packed input,
+                # where hx reaches its kernel as given: a Tensor is a TypeError there, and more
+                # than two states a RuntimeError, as for batched input (unbatched input and
+                # unsorted packed input rebuild the pair, dropping a third state)
+                as_given = batch_sizes is not None and sorted_indices is None
+                if as_given and isinstance(hx, torch.Tensor):
+                    raise TypeError(f"{name}: expected hx to be a tuple (h_0, c_0), got Tensor")
+                if isinstance(hx, (tuple, list)) and (len(hx) != 2 if as_given else (
+                        len(hx) > 2 and is_batched and batch_sizes is None)):
                     raise RuntimeError(f"{name}: expected hx to hold two hidden states (h_0, "
                                        f"c_0), got {len(hx)}")
                 hx = (hx[0], hx[1])
@@ -442,8 +449,11 @@ def _cell(module, mode, input, hx, cx):
                              f"{v.dim()}D instead")
     for idx, v in enumerate(states):
         if v.dim() != dim:  # (torch's unbatched LSTMCell crashes on a 2-D state)
-            if dim == 2 and v.shape[0] == input.shape[0]:
-                # torch's cell kernels pass the batch check and then read the 1-D state's size(1)
+            if dim == 2 and v.shape[0] == input.shape[0] and \
+                    input.shape[1] == module.input_size and all(
+                        s.shape == (input.shape[0], module.hidden_size) for s in states[:idx]):
+                # torch's cell kernels check the input's size and each earlier state, then pass
+                # this state's batch check and read its size(1)
                 raise IndexError(f"{type(module).__name__}: expected hx[{idx}] with 2 dims like "
                                  f"the batched input, got 1 (Dimension out of range)")
             raise RuntimeError(f"{type(module).__name__}: expected hx[{idx}] with {dim} dims like "
