@@ -678,3 +678,23 @@ def test_numpy_subclasses(tmp_path):
     TF.max_pool2d(tt, 3, 2, 1).backward(torch.from_numpy(np.array(gy)))
     assert_close(torch.from_numpy(fastdl.ops.max_pool2d_backward(gy, idx, x.shape)), tt.grad,
                  reduction=9, what="max_pool2d_backward")
+
+
+def test_channels_last_views_keep_torch_layout():
+    """A crop or slice of a channels_last tensor is not dense, but torch reads it as
+    channels_last and its pooling outputs keep that layout; values and input gradients as
+    torch's."""
+    base = torch.randn(2, 8, 12, 10).contiguous(memory_format=torch.channels_last)
+    views = (lambda t: t[:, :, 1:9, 2:8], lambda t: t[:, :, ::2], lambda t: t,
+             lambda t: t.contiguous())
+    for view in views:
+        for name, args in (("max_pool2d", (2,)), ("avg_pool2d", (3, 2, 1)),
+                           ("adaptive_avg_pool2d", (3,)), ("adaptive_max_pool2d", (3,))):
+            la, lb = (base.detach().clone().requires_grad_(True) for _ in range(2))
+            ya, yb = getattr(F, name)(view(la), *args), getattr(TF, name)(view(lb), *args)
+            assert ya.stride() == yb.stride(), (name, view(base).stride())
+            assert_close(ya, yb, what=name)
+            g = torch.randn_like(yb)
+            ya.backward(g)
+            yb.backward(g)
+            assert_close(la.grad, lb.grad, reduction=9, what=f"{name} grad")

@@ -8,9 +8,8 @@
 // im2col forward gives NaN): a thread that stored an inf/NaN redoes those results at border
 // positions over the taps inside the map (refix), forward and input gradient. (The weight
 // gradient's padded x times an inf/NaN gy in the border band still gives NaN here; the CPU
-// redoes it on its reference loops.) ptxas -v (sm_90) after the rolled refix loop: the forward's
-// tiles unchanged; the input gradient's 64x128 and 128x64 spill 20 bytes (4 and 12 before), the
-// others none; not timed (no GPU since).
+// redoes it on its reference loops.) The rolled refix loop runs after the stores, so the GEMM
+// keeps its registers (ptxas figures: benchmarks/RESULTS.md, 2026-12-06 08:54; not yet timed).
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
 //   input gradient: one GEMM per stride phase (h mod sh, w mod sw), all phases in one launch
 //                   (blockIdx.z = group x phase): rows = that phase's N*H*W share, cols =
@@ -167,8 +166,8 @@ struct ForwardOp {
     o.y[j * o.plane] = from_f<T>(v);
   }
   // Padded taps contribute nothing (as torch's oneDNN kernels, the CPU kernels and the direct
-  // kernels here): an inf/NaN weight times a padded zero gives NaN, so (called as the input
-  // gradient's refix) a non-finite result at a position with taps on padding is summed again
+  // kernels here): an inf/NaN weight times a padded zero gives NaN, so (called after the stores,
+  // as the input gradient's refix) a non-finite result at a position with taps on padding is summed again
   // over its taps inside x only (finite results are unaffected: 0 * finite = 0).
   __device__ void refix(int64_t g, int split, int64_t m, int64_t j) const {
     const Out o = out(g, split, m);

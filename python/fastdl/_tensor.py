@@ -113,6 +113,25 @@ def is_contiguous(x) -> bool:
     return x.is_contiguous()
 
 
+def suggests_channels_last(x) -> bool:
+    """Whether torch's suggest_memory_format() reads the 4-D torch tensor x as channels_last,
+    which decides the layout of its convolutions' and poolings' outputs: c10's
+    is_channels_last_strides_2d, in which size-1 dimensions do not order the strides (a depthwise
+    weight (K, 1, 3, 3) with strides (9, 1, 3, 1) is channels_last; a contiguous (N, C, 1, 1) is
+    not) and a crop or slice of a channels_last tensor still is."""
+    if x.ndim != 4:
+        return False
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
 def contiguous(x):
     """x itself when C-contiguous, else a contiguous copy made by its own library. ndarray
     subclasses (np.memmap, ...) are numpy arrays here too."""

@@ -144,21 +144,9 @@ def _dtype_name(x):
 
 
 def _is_channels_last(x) -> bool:
-    """Whether torch's suggest_memory_format() reads x as channels_last: c10's
-    is_channels_last_strides_2d, where size-1 dimensions do not order the strides (a depthwise
-    weight (K, 1, 3, 3) with strides (9, 1, 3, 1) is channels_last; a contiguous (N, C, 1, 1) is
-    not). torch's convolutions return channels_last when the input or the weight is."""
-    if isinstance(x, np.ndarray) or x.ndim != 4:
-        return False
-    sizes, strides = x.shape, x.stride()
-    if strides[1] == 0:
-        return False
-    least = 0
-    for d in (1, 3, 2, 0):
-        if sizes[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
-            return False
-        least = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
-    return True
+    """Whether torch reads x as channels_last (_tensor.suggests_channels_last); numpy never is.
+    torch's convolutions return channels_last when the input or the weight is."""
+    return not isinstance(x, np.ndarray) and _tensor.suggests_channels_last(x)
 
 
 def _empty(x, shape):

@@ -323,10 +323,11 @@ _max_apply, _avg_apply = _bare_apply(_MaxPoolFn), _bare_apply(_AvgPoolFn)
 
 
 def _layout_of(input, out):
-    """torch's pooling keeps a channels_last input's layout in its outputs; fastdl's kernels
-    write contiguous NCHW, so such outputs are copied to channels_last (values unchanged)."""
-    if (input.dim() == 4 and not input.is_contiguous()
-            and input.is_contiguous(memory_format=torch.channels_last)):
+    """torch's pooling keeps a channels_last input's layout in its outputs (as torch reads it:
+    dense, or a crop or slice of a channels_last tensor); fastdl's kernels write contiguous NCHW,
+    so such outputs are copied to channels_last (values unchanged). (An input contiguous both
+    ways has outputs that are too: nothing to copy.)"""
+    if input.dim() == 4 and not input.is_contiguous() and _tensor.suggests_channels_last(input):
         cl = torch.channels_last
         return (tuple(t.contiguous(memory_format=cl) for t in out) if isinstance(out, tuple)
                 else out.contiguous(memory_format=cl))
