@@ -2025,6 +2025,51 @@ def test_conv2d_cuda_gemm_nonfinite_weight_as_reference(cuda_device, bad):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_conv2d_cuda_gemm_nonfinite_grad_output_as_reference(cuda_device, bad):
+    """The implicit GEMM's weight gradient gathers x's padding as zeros, so an inf/NaN output
+    gradient at a border position gave NaN for the taps that reach beyond x from there: those
+    results (each split's partial, when the reduction is split) are summed again over the
+    positions whose tap lands inside x, as the reference loops (and torch) skip the others; the
+    same NaN/inf pattern and finite values as the reference loops. Bad values at two corners and
+    one inner position; stride 1 and 2, groups, dilation, a split reduction, float16."""
+    gen = torch.Generator().manual_seed(23)
+    for shape, wshape, kw, dtype, split in (
+            ((2, 3, 9, 11), (4, 3, 3, 3), dict(padding=1), torch.float32, False),
+            ((2, 8, 16, 16), (6, 8, 3, 3), dict(padding=1), torch.float32, True),
+            ((1, 4, 10, 9), (6, 2, 3, 5), dict(stride=2, padding=(1, 2), groups=2),
+             torch.float32, False),
+            ((2, 4, 11, 9), (4, 2, 3, 3), dict(dilation=2, padding=2, groups=2), torch.float32,
+             False),
+            ((1, 3, 8, 9), (5, 3, 3, 3), dict(stride=(1, 2), padding=1), torch.float16, False)):
+        x = torch.rand(shape, generator=gen).to(dtype)
+        w = torch.rand(wshape, generator=gen).to(dtype)
+        gy = torch.rand(TF.conv2d(x.float(), w.float(), **kw).shape, generator=gen).to(dtype)
+        gy[0, 0, 0, 0] = bad
+        gy[-1, -1, -1, -1] = bad
+        gy[0, 1, gy.shape[2] // 2, gy.shape[3] // 2] = bad
+        x, w, gy = (t.to(cuda_device) for t in (x, w, gy))
+        geo = ops_conv.conv2d_prepare(x, w, **kw)
+        assert (fastdl._C.conv2d_workspace(geo.params, ops_conv.ALGORITHMS["gemm"], geo.device)
+                > 0) == split, "the split case must split the reduction, the others not"
+        out = {}
+        before = fastdl.ops.get_conv_algorithm()
+        try:
+            for algo in ("reference", "gemm"):
+                fastdl.ops.set_conv_algorithm(algo)
+                out[algo] = fastdl.ops.conv2d_backward(gy, x, w, **kw,
+                                                       output_mask=(False, True, False))[1]
+        finally:
+            fastdl.ops.set_conv_algorithm(before)
+        got, want = out["gemm"], out["reference"]
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), kw
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), kw
+        fin = torch.isfinite(want)
+        assert fin.any() and not fin.all(), kw   # finite taps and a bad pattern to compare
+        assert_close(got[fin], want[fin], dtype=dtype, reduction=gy[0, 0].numel() * shape[0],
+                     what=f"grad_weight {kw}")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_conv2d_cuda_depthwise_nonfinite_as_reference(cuda_device, bad):
     """An inf/NaN weight (forward, input gradient) or output gradient or input (weight gradient)
     reaches only the taps inside the planes: the fast path's zero-filled halo would give

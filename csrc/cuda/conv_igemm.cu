@@ -6,10 +6,10 @@
 // read zero. An inf/NaN weight times such a zero would give NaN where fastdl's CPU and direct
 // kernels skip the tap (as torch's oneDNN forward and every torch input gradient do; torch's
 // im2col forward gives NaN): a thread that stored an inf/NaN redoes those results at border
-// positions over the taps inside the map (refix), forward and input gradient. (The weight
-// gradient's padded x times an inf/NaN gy in the border band still gives NaN here; the CPU
-// redoes it on its reference loops.) The rolled refix loop runs after the stores, so the GEMM
-// keeps its registers (ptxas figures: benchmarks/RESULTS.md, 2026-12-06 08:54; not yet timed).
+// positions over the taps inside the map (refix); in the weight gradient, an inf/NaN gy times a
+// padded zero of x, the result redone over the output positions whose tap lands inside x. The
+// rolled refix loop runs after the stores, so the GEMM keeps its registers (ptxas figures:
+// benchmarks/RESULTS.md, 2026-12-06 08:54 and 12:14; not yet timed).
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
 //   input gradient: one GEMM per stride phase (h mod sh, w mod sw), all phases in one launch
 //                   (blockIdx.z = group x phase): rows = that phase's N*H*W share, cols =
@@ -118,6 +118,24 @@ __device__ __noinline__ float inside_taps_sum(const T* src, const T* wt, int64_t
         acc = fmaf(to_f(src[r * cols + q]), to_f(wt[a * w_row + b * w_col]), acc);
       }
     }
+  return acc;
+}
+
+// The weight gradient's counterpart: one result (tap offset (di, dj) from the window's corner,
+// input channel plane x, output channel plane gy; both at batch 0) again over reduction chunk
+// [q0, q1) of the positions q = (n, oh, ow), only those whose tap lands inside x. Out of line,
+// as inside_taps_sum.
+template <class T>
+__device__ __noinline__ float inside_positions_sum(const T* x, const T* gy, const Geo& p,
+                                                   int64_t q0, int64_t q1, int di, int dj) {
+  float acc = 0.f;
+  const int64_t plane = p.oh * p.ow;
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t n = q / plane, s = q % plane;
+    const int64_t ih = (s / p.ow) * p.sh + di, iw = (s % p.ow) * p.sw + dj;
+    if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
+    acc = fmaf(to_f(gy[n * p.k * plane + s]), to_f(x[n * p.c * p.h * p.w + ih * p.w + iw]), acc);
+  }
   return acc;
 }
 
@@ -329,7 +347,21 @@ struct WeightGradOp {
     if (o.part) o.part[ko * rows] = v;
     else o.gw[ko * rows] = from_f<T>(v);
   }
-  __device__ void refix(int64_t, int, int64_t, int64_t) const {}  // (see below: weight gradient)
+  // An inf/NaN gy times a zero of x's padding gives NaN where torch (and the CPU kernels, and
+  // the direct kernels here) skip the tap: a non-finite result (a split's partial when split) of
+  // a tap that reaches beyond x from some output position is summed again over this split's
+  // positions whose tap lands inside x (finite results are unaffected, as the other passes').
+  __device__ void refix(int64_t g, int split, int64_t r, int64_t ko) const {
+    const Out o = out(g, split, r);
+    if (isfinite(o.part ? o.part[ko * rows] : to_f(o.gw[ko * rows]))) return;
+    const int64_t ci = r / p.taps, t = r % p.taps;
+    const int di = int((t / p.kw) * p.dh - p.ph), dj = int((t % p.kw) * p.dw - p.pw);
+    if (di >= 0 && dj >= 0 && (p.oh - 1) * p.sh + di < p.h && (p.ow - 1) * p.sw + dj < p.w)
+      return;   // the tap inside x from every position: the GEMM's sum is the result
+    const int64_t q0 = split * chunk, q1 = q0 + chunk < red_len ? q0 + chunk : red_len;
+    put(o, ko, inside_positions_sum(x + (g * p.cg + ci) * p.h * p.w,
+                                    gy + (g * p.kg + ko) * p.oh * p.ow, p, q0, q1, di, dj));
+  }
 };
 
 // Reads n (2 or 4) consecutive floats of a shared tile, 8- or 16-byte aligned: one LDS.64/128.
