@@ -54,7 +54,7 @@ static CpuCapability parse(const char* name) {
 // into two 256-bit halves; measured on an AMD Zen 4 VM (benchmarks/RESULTS.md, 2026-12-06 12:14)
 // the AVX-512 build was 1.01-1.24x as fast on the recurrent suite's rows, 0.90-1.14x on the
 // convolution suite's (shape 7 slower: its stride-2 Winograd forward is an AVX2-build rule),
-// 0.90-1.07x on the pools and about even on Adam: too mixed, with rules fitted on Intel, to
+// 0.90-1.01x on the pools and about even on Adam: too mixed, with rules fitted on Intel, to
 // switch.
 static CpuCapability automatic_choice() {
 #if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))

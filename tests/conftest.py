@@ -3,20 +3,19 @@ import os
 import sys
 import zlib
 
-import numpy as np
-
 import pytest
 
 # The README's test command runs the suite on pytest-xdist workers, one per CPU up to
 # _MAX_WORKERS. Each worker's OpenMP and fastdl thread teams already use every CPU, so their
 # waiting threads sleep rather than spin (a spinning waiter holds a core another worker needs:
 # 633 s against 239 s for CI's ASan pass on 2 CPUs, benchmarks/RESULTS.md, 2026-12-06 05:36).
-# Set before torch loads libgomp, which reads it once; parallel.h's barrier follows it. A
-# variable the user set is kept (tests/test_parallel.py sets each barrier variant's own).
+# Set before numpy or torch can load libgomp, which reads it once; parallel.h's barrier follows
+# it. A variable the user set is kept (tests/test_parallel.py sets each barrier variant's own).
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 _MAX_WORKERS = 4   # 2 measured (the 2-CPU CI machine); more not measured
 
+import numpy as np  # noqa: E402  (after the wait policy: a numpy on libgomp's BLAS loads it)
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -91,6 +90,7 @@ def pytest_runtest_makereport(item, call):
         item._fastdl_call_report = outcome.get_result()
 
 
+@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: unknown (and fine) without it
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per CPU this process may run on, at most _MAX_WORKERS."""
     return max(1, min(len(os.sched_getaffinity(0)), _MAX_WORKERS))

@@ -2031,11 +2031,14 @@ def test_conv2d_cuda_gemm_nonfinite_grad_output_as_reference(cuda_device, bad):
     results (each split's partial, when the reduction is split) are summed again over the
     positions whose tap lands inside x, as the reference loops (and torch) skip the others; the
     same NaN/inf pattern and finite values as the reference loops. Bad values at two corners and
-    one inner position; stride 1 and 2, groups, dilation, a split reduction, float16."""
+    one inner position; stride 1 and 2, groups, dilation, float16, split reductions (with groups,
+    with float16)."""
     gen = torch.Generator().manual_seed(23)
     for shape, wshape, kw, dtype, split in (
             ((2, 3, 9, 11), (4, 3, 3, 3), dict(padding=1), torch.float32, False),
             ((2, 8, 16, 16), (6, 8, 3, 3), dict(padding=1), torch.float32, True),
+            ((2, 8, 16, 16), (6, 4, 3, 3), dict(padding=1, groups=2), torch.float32, True),
+            ((2, 8, 16, 16), (6, 8, 3, 3), dict(padding=2, dilation=2), torch.float16, True),
             ((1, 4, 10, 9), (6, 2, 3, 5), dict(stride=2, padding=(1, 2), groups=2),
              torch.float32, False),
             ((2, 4, 11, 9), (4, 2, 3, 3), dict(dilation=2, padding=2, groups=2), torch.float32,
@@ -2724,9 +2727,9 @@ def test_auto_choice_nhwc(cpu_path):
                  ((10, 128, 10, 10), (128, 128, 3, 3)), ((1, 64, 28, 28), (128, 64, 3, 3))):
         check(x, w, "fi", both if x[2] <= 14 else x2, padding=1)  # (AVX-512: up to 196 px)
     # one image of 14x14 over 256 channels: GEMM on AVX2; on AVX-512 the channels-minor kernel
-    # in both passes (GEMM's small-map input gradient blocks two or more images: one image is
-    # not its case; measured on the AMD Zen 4 VM, 2 threads, median of 30: channels-minor
-    # 1.52-1.54 ms, GEMM 1.47 ms, a tie)
+    # in both passes (GEMM's small-map input gradient serves maps of at most 16 pixels, never
+    # 14x14; measured on the AMD Zen 4 VM, 2 threads, median of 30: channels-minor 1.52-1.54 ms,
+    # GEMM 1.47 ms, a tie)
     check((1, 256, 14, 14), (256, 256, 3, 3), "fi", x512, padding=1)
     for x, w, kw in (((1, 32, 28, 28), (32, 32, 3, 3), dict(padding=1)),     # 32 channels
                      ((1, 64, 28, 28), (256, 64, 3, 3), dict(padding=1)),    # 4x the channels

@@ -121,20 +121,39 @@ __device__ __noinline__ float inside_taps_sum(const T* src, const T* wt, int64_t
   return acc;
 }
 
-// The weight gradient's counterpart: one result (tap offset (di, dj) from the window's corner,
-// input channel plane x, output channel plane gy; both at batch 0) again over reduction chunk
-// [q0, q1) of the positions q = (n, oh, ow), only those whose tap lands inside x. Out of line,
-// as inside_taps_sum.
+// The weight gradient's counterpart: one result (tap offset (di, dj) from the window's corner;
+// x_plane, gy_plane: its input and output channel's planes at batch 0, a batch apart by x_step,
+// gy_step) again over reduction chunk [q0, q1) of the positions q = (n, oh, ow), only those whose
+// tap lands inside x: the rows oh and columns ow in range, one row at a time. Its cost is the
+// chunk's length, scalar (the GEMM shares each load among a tile): for an output gradient that
+// is inf/NaN throughout, every result of a tap that reaches the padding runs this, so the pass
+// then runs as a direct, untiled loop (not timed on a GPU). A NaN sum ends the loop (it stays
+// NaN). Out of line, as inside_taps_sum.
 template <class T>
-__device__ __noinline__ float inside_positions_sum(const T* x, const T* gy, const Geo& p,
-                                                   int64_t q0, int64_t q1, int di, int dj) {
+__device__ __noinline__ float inside_positions_sum(const T* x_plane, const T* gy_plane,
+                                                   int64_t x_step, int64_t gy_step, int64_t q0,
+                                                   int64_t q1, int oh_n, int ow_n, int h, int w,
+                                                   int sh, int sw, int di, int dj) {
+  const int oh_lo = di >= 0 ? 0 : (-di + sh - 1) / sh;
+  const int oh_hi = h - 1 - di < 0 ? 0 : min(oh_n, (h - 1 - di) / sh + 1);
+  const int ow_lo = dj >= 0 ? 0 : (-dj + sw - 1) / sw;
+  const int ow_hi = w - 1 - dj < 0 ? 0 : min(ow_n, (w - 1 - dj) / sw + 1);
+  const int64_t plane = int64_t(oh_n) * ow_n;
+  int64_t n = q0 / plane, q = q0;
+  int oh = int((q0 % plane) / ow_n), ow = int(q0 % ow_n);
   float acc = 0.f;
-  const int64_t plane = p.oh * p.ow;
-  for (int64_t q = q0; q < q1; ++q) {
-    const int64_t n = q / plane, s = q % plane;
-    const int64_t ih = (s / p.ow) * p.sh + di, iw = (s % p.ow) * p.sw + dj;
-    if (ih < 0 || ih >= p.h || iw < 0 || iw >= p.w) continue;
-    acc = fmaf(to_f(gy[n * p.k * plane + s]), to_f(x[n * p.c * p.h * p.w + ih * p.w + iw]), acc);
+  while (q < q1) {
+    const int row_end = int(min(int64_t(ow_n), ow + (q1 - q)));  // this row's part of the chunk
+    if (oh >= oh_lo && oh < oh_hi) {
+      const T* g = gy_plane + n * gy_step + int64_t(oh) * ow_n;
+      const T* xr = x_plane + n * x_step + int64_t(oh * sh + di) * w + dj;
+      for (int c = max(ow, ow_lo), e = min(row_end, ow_hi); c < e; ++c)
+        acc = fmaf(to_f(g[c]), to_f(xr[int64_t(c) * sw]), acc);
+      if (isnan(acc)) return acc;
+    }
+    q += row_end - ow;
+    ow = 0;
+    if (++oh == oh_n) oh = 0, ++n;
   }
   return acc;
 }
@@ -359,8 +378,14 @@ struct WeightGradOp {
     if (di >= 0 && dj >= 0 && (p.oh - 1) * p.sh + di < p.h && (p.ow - 1) * p.sw + dj < p.w)
       return;   // the tap inside x from every position: the GEMM's sum is the result
     const int64_t q0 = split * chunk, q1 = q0 + chunk < red_len ? q0 + chunk : red_len;
+    // Scalars, not the Geo: a reference to the kernel's parameter made ptxas copy it to the stack
+    // (248-536 byte frames, up to 580 bytes of spills); scalars cost 2 registers (64x32, 64x64
+    // tiles) and 16-40 bytes of spill (128x128) over the kernel without a refix
+    // (benchmarks/RESULTS.md, 2026-12-06 12:14).
     put(o, ko, inside_positions_sum(x + (g * p.cg + ci) * p.h * p.w,
-                                    gy + (g * p.kg + ko) * p.oh * p.ow, p, q0, q1, di, dj));
+                                    gy + (g * p.kg + ko) * p.oh * p.ow, p.c * p.h * p.w,
+                                    p.k * p.oh * p.ow, q0, q1, int(p.oh), int(p.ow), int(p.h),
+                                    int(p.w), int(p.sh), int(p.sw), di, dj));
   }
 };
 
