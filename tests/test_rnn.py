@@ -1559,6 +1559,26 @@ def test_cuda_bad_input(cuda_device, kind):
                    lambda: theirs(x, state(3, R, device="cpu")), match="device")
 
 
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"])
+def test_non_tensor_input_raises_torchs_class(name):
+    """A list, numpy array or None as the input: torch's modules and cells raise AttributeError
+    (from input.dim()); fastdl's error is that class and a TypeError, with a message naming the
+    input, and leaves the parameters as they were."""
+    torch.manual_seed(0)
+    theirs = getattr(torch.nn, name)(4, 6)
+    ours = getattr(fastdl.nn, name)(4, 6)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(3, 4) if name.endswith("Cell") else torch.randn(5, 3, 4)
+    for bad in ([x], x.numpy(), None):
+        with pytest.raises(AttributeError):
+            theirs(bad)
+        with pytest.raises(AttributeError, match="expected input to be a Tensor") as err:
+            ours(bad)
+        assert isinstance(err.value, TypeError)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("kind", ["RNN_TANH", "LSTM", "GRU"])
 def test_packed_bad_input(kind):
     """PackedSequence input: the wrong dtype without a state raises torch's class (RNN/GRU check

@@ -43,9 +43,15 @@ def _torch_computes(module, input, *states) -> bool:
     return _library.route(data, *flat, *params) == _library.TORCH
 
 
+class _NotATensorError(TypeError, AttributeError):
+    """An input that is not a Tensor (or PackedSequence): a TypeError with fastdl's message, and an
+    AttributeError, the class torch's recurrent modules and cells raise there (from input.dim()),
+    so code catching either works with both libraries."""
+
+
 def _check_kind(name, input, weight):
     if not isinstance(input, (torch.Tensor, PackedSequence)):
-        raise TypeError(f"{name}: expected input to be a Tensor or PackedSequence, got "
+        raise _NotATensorError(f"{name}: expected input to be a Tensor or PackedSequence, got "
                         f"{type(input).__name__}")
     data = input.data if isinstance(input, PackedSequence) else input
     if data.device != weight.device:
@@ -433,7 +439,7 @@ def _cell(module, mode, input, hx, cx):
     torch's checks and messages (torch.nn.*Cell.forward and ATen's check_rnn_cell_forward_*).
     Written for a per-call cost of a few microseconds: cells are stepped in Python loops."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{type(module).__name__}: expected input to be a Tensor, got "
+        raise _NotATensorError(f"{type(module).__name__}: expected input to be a Tensor, got "
                         f"{type(input).__name__}")
     dim = input.dim()
     if dim != 1 and dim != 2:
