@@ -93,7 +93,8 @@ def pytest_runtest_makereport(item, call):
 @pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: unknown (and fine) without it
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: one worker per CPU this process may run on, at most _MAX_WORKERS."""
-    return max(1, min(len(os.sched_getaffinity(0)), _MAX_WORKERS))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, _MAX_WORKERS))
 
 
 def pytest_report_header(config):

@@ -8,8 +8,8 @@
 // im2col forward gives NaN): a thread that stored an inf/NaN redoes those results at border
 // positions over the taps inside the map (refix); in the weight gradient, an inf/NaN gy times a
 // padded zero of x, the result redone over the output positions whose tap lands inside x. The
-// rolled refix loop runs after the stores, so the GEMM keeps its registers (ptxas figures:
-// benchmarks/RESULTS.md, 2026-12-06 08:54 and 12:14; not yet timed).
+// rolled refix loop runs after the stores, so the GEMM keeps (nearly) its registers (ptxas
+// figures: benchmarks/RESULTS.md, 2026-12-06 08:54 and 12:14; not yet timed).
 //   forward:        rows = N*OH*OW, cols = K/groups, reduction = C/groups*kh*kw; bias fused.
 //   input gradient: one GEMM per stride phase (h mod sh, w mod sw), all phases in one launch
 //                   (blockIdx.z = group x phase): rows = that phase's N*H*W share, cols =

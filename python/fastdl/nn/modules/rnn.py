@@ -52,7 +52,7 @@ class _NotATensorError(TypeError, AttributeError):
 def _check_kind(name, input, weight):
     if not isinstance(input, (torch.Tensor, PackedSequence)):
         raise _NotATensorError(f"{name}: expected input to be a Tensor or PackedSequence, got "
-                        f"{type(input).__name__}")
+                               f"{type(input).__name__}")
     data = input.data if isinstance(input, PackedSequence) else input
     if data.device != weight.device:
         raise RuntimeError(f"{name}: expected input and parameters on the same device, got input "
@@ -440,7 +440,7 @@ def _cell(module, mode, input, hx, cx):
     Written for a per-call cost of a few microseconds: cells are stepped in Python loops."""
     if not isinstance(input, torch.Tensor):
         raise _NotATensorError(f"{type(module).__name__}: expected input to be a Tensor, got "
-                        f"{type(input).__name__}")
+                               f"{type(input).__name__}")
     dim = input.dim()
     if dim != 1 and dim != 2:
         raise ValueError(f"{type(module).__name__}: Expected input to be 1D or 2D, got {dim}D "
