@@ -51,11 +51,9 @@ static CpuCapability parse(const char* name) {
 // The build chosen without FASTDL_CPU_CAPABILITY: AVX-512 on Intel CPUs that run it (two 512-bit
 // FMA pipes; measured faster than the AVX2 build there: benchmarks/RESULTS.md).
 // Elsewhere AVX2 (FASTDL_CPU_CAPABILITY=avx512 runs the other). Zen 4 splits 512-bit operations
-// into two 256-bit halves; measured on an AMD Zen 4 VM (benchmarks/RESULTS.md, 2026-12-06 12:14)
-// the AVX-512 build was 1.01-1.24x as fast on the recurrent suite's rows, 0.90-1.14x on the
-// convolution suite's (shape 7 slower: its stride-2 Winograd forward is an AVX2-build rule),
-// 0.90-1.01x on the pools and about even on Adam: too mixed, with rules fitted on Intel, to
-// switch.
+// into two 256-bit halves; there the AVX-512 build was faster on the recurrent layers but slower
+// on some convolutions and the pools (benchmarks/RESULTS.md, 2026-12-06 12:14): too mixed, with
+// rules fitted on Intel, to switch.
 static CpuCapability automatic_choice() {
 #if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
   if (cpu_supports_avx512() && __builtin_cpu_is("intel")) return CpuCapability::AVX512;

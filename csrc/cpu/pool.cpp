@@ -33,12 +33,11 @@
 //   ~2.5 cycles per output), max backward 4.3 ms, avg 4.0 ms, avg backward 5.8 ms.
 //   global average pooling 64x512x7x7 (8 planes per AVX2 step): 0.055 ms, torch 0.10 ms.
 // The AVX-512 build auto-vectorizes these loops 256 bits wide, as the AVX2 build (no 512-bit code
-// of its own here): 512-bit rows of 56 floats run 3 vectors and a scalar tail of 8, and on the
-// AMD Zen 4 VM that build's max pool k3s2p1 forward took 5.90 ms against the AVX2 build's 2.73
-// (64x64x56x56, 2 threads, interleaved medians); at 256 bits 2.86-3.40 against 2.58-3.18, avg
-// pool even (benchmarks/RESULTS.md, 2026-12-06 12:14). GCC's -mtune for Intel AVX-512 CPUs makes
-// the same choice (this build's generic tuning does not; not timed on Intel). Compilers without
-// this pragma ignore it, with a warning.
+// of its own here): 512 bits wide, rows of 56 floats ran 3 vectors and a scalar tail of 8, and
+// that build's max pool was about half the AVX2 build's speed on a Zen 4 VM (figures:
+// benchmarks/RESULTS.md, 2026-12-06 12:14). GCC's -mtune for Intel AVX-512 CPUs makes the same
+// choice (this build's generic tuning does not; not timed on Intel). Compilers without this
+// pragma ignore it, with a warning.
 #if defined(__AVX512F__)
 #pragma GCC target("prefer-vector-width=256")
 #endif

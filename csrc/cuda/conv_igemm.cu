@@ -204,8 +204,8 @@ struct ForwardOp {
   }
   // Padded taps contribute nothing (as torch's oneDNN kernels, the CPU kernels and the direct
   // kernels here): an inf/NaN weight times a padded zero gives NaN, so (called after the stores,
-  // as the input gradient's refix) a non-finite result at a position with taps on padding is summed again
-  // over its taps inside x only (finite results are unaffected: 0 * finite = 0).
+  // as the input gradient's refix) a non-finite result at a position with taps on padding is
+  // summed again over its taps inside x only (finite results are unaffected: 0 * finite = 0).
   __device__ void refix(int64_t g, int split, int64_t m, int64_t j) const {
     const Out o = out(g, split, m);
     if (isfinite(to_f(o.y[j * o.plane]))) return;
@@ -378,10 +378,8 @@ struct WeightGradOp {
     if (di >= 0 && dj >= 0 && (p.oh - 1) * p.sh + di < p.h && (p.ow - 1) * p.sw + dj < p.w)
       return;   // the tap inside x from every position: the GEMM's sum is the result
     const int64_t q0 = split * chunk, q1 = q0 + chunk < red_len ? q0 + chunk : red_len;
-    // Scalars, not the Geo: a reference to the kernel's parameter made ptxas copy it to the stack
-    // (248-536 byte frames, up to 580 bytes of spills); scalars cost 2 registers (64x32, 64x64
-    // tiles) and 16-40 bytes of spill (128x128) over the kernel without a refix
-    // (benchmarks/RESULTS.md, 2026-12-06 12:14).
+    // Scalars, not the Geo: a reference to the kernel's parameter made ptxas copy it to the
+    // stack, with large spills (ptxas figures: benchmarks/RESULTS.md, 2026-12-06 12:14).
     put(o, ko, inside_positions_sum(x + (g * p.cg + ci) * p.h * p.w,
                                     gy + (g * p.kg + ko) * p.oh * p.ow, p.c * p.h * p.w,
                                     p.k * p.oh * p.ow, q0, q1, int(p.oh), int(p.ow), int(p.h),
