@@ -306,6 +306,15 @@ PYBIND11_MODULE(_C, m) {
   // ---- build and runtime information --------------------------------------------------------
   m.def("version", []() { return std::string(FASTDL_VERSION); });
   m.def("cpu_capability", []() { return std::string(cpu_capability_name()); });
+  // {family: path} for every kernel family (they differ on AMD CPUs with AVX-512).
+  m.def("cpu_capability_by_kernel", []() {
+    py::dict d;
+    for (int i = 0; i < static_cast<int>(KernelFamily::Count); ++i) {
+      const auto f = static_cast<KernelFamily>(i);
+      d[kernel_family_name(f)] = std::string(capability_name(cpu_capability(f)));
+    }
+    return d;
+  });
   m.def("cpu_supports_avx2", &cpu_supports_avx2);
   m.def("cpu_supports_avx512", &cpu_supports_avx512);
   // Whether the AVX2 and AVX-512 kernel builds are compiled in (CMake FASTDL_X86_KERNEL_BUILDS;
@@ -317,6 +326,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("address_sanitizer", []() { return false; });
 #endif
   m.def("set_cpu_capability", [](const std::string& s) { set_cpu_capability(s.c_str()); });
+  m.def("set_cpu_capability_for", [](const std::string& family, const std::string& s) {
+    for (int i = 0; i < static_cast<int>(KernelFamily::Count); ++i)
+      if (family == kernel_family_name(static_cast<KernelFamily>(i)))
+        return set_cpu_capability_for(static_cast<KernelFamily>(i), s.c_str());
+    throw std::invalid_argument("set_cpu_capability_for: no kernel family '" + family + "'");
+  });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);
   m.def("cuda_compiled", &cuda_compiled);

@@ -2,11 +2,13 @@
 //   FASTDL_CPU_CAPABILITY=default  forces the portable build (tests run every path on one machine)
 //   FASTDL_CPU_CAPABILITY=avx2     asks for AVX2+FMA; an error if the CPU or the build lacks it
 //   FASTDL_CPU_CAPABILITY=avx512   asks for AVX-512 (F, VL, BW, DQ) on top of AVX2+FMA; likewise
-// Unset: AVX-512 on Intel CPUs that run it, else AVX2+FMA where present (cpu_features.cpp says
-// why), else the portable build. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
+// Unset: AVX-512 on Intel CPUs that run it; on AMD CPUs that run it, AVX-512 for some kernel
+// families and AVX2 for the others (KernelFamily below; cpu_features.cpp says which and why);
+// else AVX2+FMA where present, else the portable build. A set FASTDL_CPU_CAPABILITY (or
+// set_cpu_capability) applies to every family. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
 // namespace fastdl::FASTDL_ISA_NS; the portable compilation (FASTDL_ISA_DEFAULT) also emits the
 // dispatching entry point, e.g.
-//   void max_pool2d_cpu(const Pool2dParams& p, ...) { FASTDL_CPU_DISPATCH(max_pool2d, p, ...); }
+//   void max_pool2d_cpu(const Pool2dParams& p, ...) { FASTDL_CPU_DISPATCH(Pool, max_pool2d, p, ...); }
 // after declaring the other builds' functions with FASTDL_DECLARE_IN_X86_ISAS(decls).
 #pragma once
 
@@ -14,11 +16,26 @@ namespace fastdl {
 
 enum class CpuCapability : int { Default = 0, AVX2 = 1, AVX512 = 2 };
 
-CpuCapability cpu_capability();            // the path in use
-const char* cpu_capability_name();         // "default", "avx2" or "avx512"
+// The kernels whose build is chosen together: each dispatching entry point names its family.
+// Forward and backward of the recurrent kernels are separate families: what the forward saves
+// (csrc/rnn.h RnnWorkspace, the cells' activations) is laid out alike by every build.
+enum class KernelFamily : int {
+  Conv = 0, Pool, Gemm, RecurrentForward, RecurrentBackward, Optim, Count
+};
+
+CpuCapability cpu_capability();            // the base path: the one most families use
+CpuCapability cpu_capability(KernelFamily f);  // the path family f uses
+const char* cpu_capability_name();         // the base path's: "default", "avx2" or "avx512"
+const char* capability_name(CpuCapability c);
+const char* kernel_family_name(KernelFamily f);  // "conv", "pool", "gemm", "recurrent_forward", ...
 bool cpu_supports_avx2();                  // what the processor offers (AVX2, FMA and F16C)
 bool cpu_supports_avx512();                // AVX2 as above and AVX-512 F, VL, BW, DQ (OS-enabled)
-void set_cpu_capability(const char* name); // used by tests; throws std::invalid_argument
+// Used by tests: every family on one path ("default", "avx2", "avx512"; throws
+// std::invalid_argument), or "auto": back to FASTDL_CPU_CAPABILITY or the automatic choice.
+void set_cpu_capability(const char* name);
+// Used by tests: family f alone on one path (as above; "auto" clears it). A setting for every
+// family (set_cpu_capability or FASTDL_CPU_CAPABILITY) takes precedence.
+void set_cpu_capability_for(KernelFamily f, const char* name);
 
 }  // namespace fastdl
 
@@ -27,16 +44,18 @@ void set_cpu_capability(const char* name); // used by tests; throws std::invalid
 #define FASTDL_DECLARE_IN_X86_ISAS(...) \
   namespace isa_avx2 { __VA_ARGS__ }    \
   namespace isa_avx512 { __VA_ARGS__ }
-#define FASTDL_CPU_DISPATCH(fn, ...)                                        \
-  (::fastdl::cpu_capability() == ::fastdl::CpuCapability::AVX512            \
-       ? ::fastdl::isa_avx512::fn(__VA_ARGS__)                              \
-   : ::fastdl::cpu_capability() == ::fastdl::CpuCapability::AVX2           \
-       ? ::fastdl::isa_avx2::fn(__VA_ARGS__)                                \
+// family: a KernelFamily enumerator's name (Conv, Pool, ...).
+#define FASTDL_CPU_DISPATCH(family, fn, ...)                                                \
+  (::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX512 \
+       ? ::fastdl::isa_avx512::fn(__VA_ARGS__)                                              \
+   : ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX2 \
+       ? ::fastdl::isa_avx2::fn(__VA_ARGS__)                                                \
        : ::fastdl::isa_default::fn(__VA_ARGS__))
 #else
 #define FASTDL_DECLARE_IN_X86_ISAS(...)
 // One build, but FASTDL_CPU_CAPABILITY is still read (and a bad value rejected) as on x86.
-#define FASTDL_CPU_DISPATCH(fn, ...) \
-  ((void)::fastdl::cpu_capability(), ::fastdl::isa_default::fn(__VA_ARGS__))
+#define FASTDL_CPU_DISPATCH(family, fn, ...)                                    \
+  ((void)::fastdl::cpu_capability(::fastdl::KernelFamily::family),             \
+   ::fastdl::isa_default::fn(__VA_ARGS__))
 #endif
 #endif

@@ -124,14 +124,13 @@ _PATHS = (["default"] + (["avx2"] if _C.cpu_supports_avx2() else [])
 
 @pytest.fixture(params=["default", "avx2", "avx512"])
 def cpu_path(request):
-    """Runs a CPU test once per kernel build (portable, AVX2+FMA, AVX-512), restoring the choice
-    after."""
+    """Runs a CPU test once per kernel build (portable, AVX2+FMA, AVX-512), every kernel family
+    on it, then back to the automatic (or FASTDL_CPU_CAPABILITY's) choice per family."""
     if request.param not in _PATHS:
         pytest.skip(f"this CPU or build has no {request.param} path")
-    before = _C.cpu_capability()
     _C.set_cpu_capability(request.param)
     yield request.param
-    _C.set_cpu_capability(before)
+    _C.set_cpu_capability("auto")
 
 
 _BASE_SEED = int(os.environ.get("FASTDL_TEST_SEED", "0"))

@@ -18,9 +18,15 @@ def run_py(code, **env):
                           env={**ENV, **env}, timeout=120)
 
 
-def _expected_automatic_path():
+_FAMILIES = ("conv", "pool", "gemm", "recurrent_forward", "recurrent_backward", "optim")
+# On AMD CPUs with AVX-512: the families measured faster on the AVX-512 build (Zen 4).
+_AMD_AVX512_FAMILIES = {"gemm", "recurrent_forward", "optim"}
+
+
+def _expected_automatic_path(family=None):
     """The CPU path fastdl should pick with FASTDL_CPU_CAPABILITY unset, read from /proc/cpuinfo
-    (not from fastdl's own detection): AVX-512 on Intel, else AVX2+FMA+F16C, else portable.
+    (not from fastdl's own detection): AVX-512 on Intel, else AVX2+FMA+F16C, else portable;
+    family (one of _FAMILIES): on AMD with AVX-512, AVX-512 for _AMD_AVX512_FAMILIES.
     The portable path in a build without the x86 kernel builds (FASTDL_X86_KERNEL_BUILDS=OFF, as
     in CI's emulation pass, or a non-x86 CPU); None where /proc/cpuinfo is missing."""
     if not _C.x86_kernel_builds():
@@ -39,8 +45,10 @@ def _expected_automatic_path():
     if not flags:
         return None
     if {"avx2", "fma", "f16c"} <= flags:
-        if vendor == "GenuineIntel" and {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
-            return "avx512"
+        if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+            if vendor == "GenuineIntel" or (vendor == "AuthenticAMD"
+                                            and family in _AMD_AVX512_FAMILIES):
+                return "avx512"
         return "avx2"
     return "default"
 
@@ -52,6 +60,9 @@ def test_build_info_fields():
         if want is not None:
             assert run_py("import fastdl; print(fastdl.build_info()['cpu_capability'])"
                           ).stdout.strip() == want
+            by_kernel = run_py("import fastdl; print(fastdl.build_info()"
+                               "['cpu_capability_by_kernel'])").stdout.strip()
+            assert by_kernel == str({f: _expected_automatic_path(f) for f in _FAMILIES})
     assert set(info) >= {"version", "cpu_capability", "cuda_compiled", "cuda_architectures",
                          "num_threads", "x86_kernel_builds", "address_sanitizer"}
     assert info["cpu_capability"] in ("default", "avx2", "avx512")
@@ -107,10 +118,38 @@ def test_env_var_forces_cpu_path(path):
         pytest.skip("this CPU or build has no AVX2+FMA path")
     if path == "avx512" and not _C.cpu_supports_avx512():
         pytest.skip("this CPU or build has no AVX-512 path")
-    r = run_py("import fastdl; print(fastdl.build_info()['cpu_capability'])",
+    r = run_py("import fastdl; i = fastdl.build_info(); print(i['cpu_capability'], "
+               "sorted(set(i['cpu_capability_by_kernel'].values())))",
                FASTDL_CPU_CAPABILITY=path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == path
+    assert r.stdout.strip() == f"{path} {[path]}"   # every family on it
+
+
+def test_set_cpu_capability_for_one_family():
+    """One family forced, then 'auto': the others keep their choice, a setting for every family
+    overrides it, and bad names raise ValueError naming what was wrong."""
+    auto = dict(_C.cpu_capability_by_kernel())
+    assert set(auto) == set(_FAMILIES)
+    try:
+        _C.set_cpu_capability_for("recurrent_backward", "default")
+        now = dict(_C.cpu_capability_by_kernel())
+        assert now == {**auto, "recurrent_backward": "default"}
+        if _C.cpu_supports_avx2():
+            _C.set_cpu_capability("avx2")
+            assert set(_C.cpu_capability_by_kernel().values()) == {"avx2"}
+            _C.set_cpu_capability("auto")
+            assert dict(_C.cpu_capability_by_kernel()) == now
+        _C.set_cpu_capability_for("recurrent_backward", "auto")
+        assert dict(_C.cpu_capability_by_kernel()) == auto
+        with pytest.raises(ValueError, match="no kernel family 'lstm'"):
+            _C.set_cpu_capability_for("lstm", "avx2")
+        with pytest.raises(ValueError, match="expected 'default', 'avx2' or 'avx512'"):
+            _C.set_cpu_capability_for("conv", "avx1024")
+        assert dict(_C.cpu_capability_by_kernel()) == auto
+    finally:
+        _C.set_cpu_capability("auto")
+        for f in _FAMILIES:
+            _C.set_cpu_capability_for(f, "auto")
 
 
 def test_env_var_rejects_unknown_path():

@@ -945,7 +945,7 @@ def test_auto_choice():
     assert ops_conv.conv2d_algorithm(x[:, :1], np.zeros((32, 1, 3, 3), np.float32)) == "direct"
     # (2 images of 10x10 outputs: the channels-minor forward on the AVX-512 build)
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 3, 3), np.float32)) == (
-        "nhwc" if fastdl._C.cpu_capability() == "avx512" else "gemm")
+        "nhwc" if fastdl._C.cpu_capability_by_kernel()["conv"] == "avx512" else "gemm")
     assert ops_conv.conv2d_algorithm(x, np.zeros((64, 32, 1, 1), np.float32)) == "gemm"
     # Direct only where each output reduces over one channel: RGB goes to GEMM; the input
     # gradient reduces over a group's output channels, so a one-channel first layer's (32) and a
@@ -957,7 +957,7 @@ def test_auto_choice():
     # stays on GEMM)
     # (the weight gradients of both take the vector builds' implicit kernel, whose rule has no
     # bound on padded planes)
-    avx2 = fastdl._C.cpu_capability() != "default"   # the AVX2 or AVX-512 build
+    avx2 = fastdl._C.cpu_capability_by_kernel()["conv"] != "default"   # AVX2 or AVX-512 build
     weight = "implicit" if avx2 else "gemm"
     x16 = np.zeros((32, 3, 12, 12), np.float32)
     for pass_ in ("forward", "input", "weight"):

@@ -224,6 +224,52 @@ def test_every_feature(cpu_path, kind):
              1, 2, False, torch.float64)
 
 
+_BUILDS = ["default"] + (["avx2"] if fastdl._C.cpu_supports_avx2() else []) + (
+    ["avx512"] if fastdl._C.cpu_supports_avx512() else [])
+
+
+@pytest.mark.parametrize("forward,backward", [("default", "avx2"), ("avx2", "default"),
+                                              ("avx512", "avx2"), ("avx2", "avx512")])
+def test_forward_and_backward_on_different_builds(forward, backward):
+    """The recurrent forward and backward may run on different kernel builds (on AMD CPUs with
+    AVX-512 the forward runs AVX-512, the backward AVX2: cpu_features.cpp): what one build's
+    forward saves, another's backward reads. Layers and cells, float32 at sizes where every
+    build's vector tiles run, against torch."""
+    missing = [b for b in (forward, backward) if b not in _BUILDS]
+    if missing:
+        pytest.skip(f"this CPU or build has no {missing[0]} path")
+    try:
+        fastdl._C.set_cpu_capability_for("recurrent_forward", forward)
+        fastdl._C.set_cpu_capability_for("recurrent_backward", backward)
+        assert fastdl._C.cpu_capability_by_kernel()["recurrent_forward"] == forward
+        for kind in KINDS:
+            run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=False, bias=True),
+                     7, 5, 17, 40, True, torch.float32)
+        for name, kw in CELLS:
+            ours = getattr(fastdl.nn, name)(17, 40, **kw)
+            theirs = getattr(torch.nn, name)(17, 40, **kw)
+            theirs.load_state_dict(ours.state_dict())
+            x = rand(6, 17, dtype=torch.float32, requires_grad=True)
+            h = rand(6, 40, dtype=torch.float32, requires_grad=True)
+            hx = (h, rand(6, 40, dtype=torch.float32, requires_grad=True)) \
+                if name == "LSTMCell" else h
+            a, b = clone_all((x, hx)), clone_all((x, hx))
+            oa, ob = ours(*a), theirs(*b)
+            oa, ob = (oa, ob) if isinstance(oa, tuple) else ((oa,), (ob,))
+            gs = [torch.randn_like(v) for v in ob]
+            torch.autograd.backward(oa, gs)
+            torch.autograd.backward(ob, gs)
+            for u, v in zip(oa, ob):
+                assert_close(u, v, reduction=40, what=f"{name} output")
+            for u, v in zip(list(_leaves(a)) + list(ours.parameters()),
+                            list(_leaves(b)) + list(theirs.parameters())):
+                assert v.grad is not None
+                assert_close(u.grad, v.grad, reduction=80, what=f"{name} grad")
+    finally:
+        fastdl._C.set_cpu_capability_for("recurrent_forward", "auto")
+        fastdl._C.set_cpu_capability_for("recurrent_backward", "auto")
+
+
 def _block_cases(monkeypatch, kind, cases):
     """run_case (training) and an inference forward (the kernels' no-save variant) for each
     (hidden, batch): one layer, float32, at 1 thread and at 2 with the step loops split by unit

@@ -519,38 +519,38 @@ void check_conv2d_params(const Conv2dParams& p) {
 void conv2d_forward_cpu(const Conv2dParams& p, const void* x, const void* w, const void* b,
                         void* y) {
   check_conv2d_params(p);
-  FASTDL_CPU_DISPATCH(conv2d_forward, p, x, w, b, y);
+  FASTDL_CPU_DISPATCH(Conv, conv2d_forward, p, x, w, b, y);
 }
 
 void conv2d_backward_input_cpu(const Conv2dParams& p, const void* gy, const void* w, void* gx) {
   check_conv2d_params(p);
-  FASTDL_CPU_DISPATCH(conv2d_backward_input, p, gy, w, gx);
+  FASTDL_CPU_DISPATCH(Conv, conv2d_backward_input, p, gy, w, gx);
 }
 
 void conv2d_backward_weight_cpu(const Conv2dParams& p, const void* x, const void* gy, void* gw,
                                 void* gb) {
   check_conv2d_params(p);
-  FASTDL_CPU_DISPATCH(conv2d_backward_weight, p, x, gy, gw, gb);
+  FASTDL_CPU_DISPATCH(Conv, conv2d_backward_weight, p, x, gy, gw, gb);
 }
 
 void conv2d_backward_cpu(const Conv2dParams& p, const void* x, const void* gy, const void* w,
                          void* gx, void* gw, void* gb) {
   check_conv2d_params(p);
-  FASTDL_CPU_DISPATCH(conv2d_backward, p, x, gy, w, gx, gw, gb);
+  FASTDL_CPU_DISPATCH(Conv, conv2d_backward, p, x, gy, w, gx, gw, gb);
 }
 
 ConvAlgo conv2d_algorithm_cpu(const Conv2dParams& p, ConvPass pass) {
   check_conv2d_params(p);
-  return FASTDL_CPU_DISPATCH(conv2d_algorithm, p, pass);
+  return FASTDL_CPU_DISPATCH(Conv, conv2d_algorithm, p, pass);
 }
 
 bool conv2d_winograd_output_row_probe_cpu(const float* m, int64_t es, int64_t tw, int64_t ow,
                                           float* row0, float* row1) {
-  return FASTDL_CPU_DISPATCH(winograd_output_row_probe, m, es, tw, ow, row0, row1);
+  return FASTDL_CPU_DISPATCH(Conv, winograd_output_row_probe, m, es, tw, ow, row0, row1);
 }
 
 void conv2d_pad_row_probe_cpu(float* d, int64_t w, int64_t a, int64_t e, const float* src) {
-  FASTDL_CPU_DISPATCH(pad_row_probe, d, w, a, e, src);
+  FASTDL_CPU_DISPATCH(Conv, pad_row_probe, d, w, a, e, src);
 }
 
 // one counter for every kernel build (defined here, in the portable build's object)

@@ -696,7 +696,7 @@ void gemm(const GemmParams&, const void*, const void*, void*);
 )
 #endif
 void gemm_cpu(const GemmParams& p, const void* a, const void* b, void* c) {
-  FASTDL_CPU_DISPATCH(gemm, p, a, b, c);
+  FASTDL_CPU_DISPATCH(Gemm, gemm, p, a, b, c);
 }
 #endif
 

@@ -158,10 +158,10 @@ void adam_step(const AdamParams&, const OptimTensors&);
 void rmsprop_step(const RmspropParams&, const OptimTensors&);
 )
 #endif
-void sgd_step_cpu(const SgdParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(sgd_step, p, t); }
-void adam_step_cpu(const AdamParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(adam_step, p, t); }
+void sgd_step_cpu(const SgdParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(Optim, sgd_step, p, t); }
+void adam_step_cpu(const AdamParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(Optim, adam_step, p, t); }
 void rmsprop_step_cpu(const RmspropParams& p, const OptimTensors& t) {
-  FASTDL_CPU_DISPATCH(rmsprop_step, p, t);
+  FASTDL_CPU_DISPATCH(Optim, rmsprop_step, p, t);
 }
 #endif
 

@@ -825,22 +825,22 @@ void max_unpool2d_backward(const Pool2dParams&, const void*, const int64_t*, voi
 )
 #endif
 void max_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y, void* idx) {
-  FASTDL_CPU_DISPATCH(max_pool2d_forward, p, x, y, idx);
+  FASTDL_CPU_DISPATCH(Pool, max_pool2d_forward, p, x, y, idx);
 }
 void max_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, const void* idx, void* gx) {
-  FASTDL_CPU_DISPATCH(max_pool2d_backward, p, gy, idx, gx);
+  FASTDL_CPU_DISPATCH(Pool, max_pool2d_backward, p, gy, idx, gx);
 }
 void avg_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y) {
-  FASTDL_CPU_DISPATCH(avg_pool2d_forward, p, x, y);
+  FASTDL_CPU_DISPATCH(Pool, avg_pool2d_forward, p, x, y);
 }
 void avg_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, void* gx) {
-  FASTDL_CPU_DISPATCH(avg_pool2d_backward, p, gy, gx);
+  FASTDL_CPU_DISPATCH(Pool, avg_pool2d_backward, p, gy, gx);
 }
 void max_unpool2d_forward_cpu(const Pool2dParams& p, const void* x, const int64_t* idx, void* y) {
-  FASTDL_CPU_DISPATCH(max_unpool2d_forward, p, x, idx, y);
+  FASTDL_CPU_DISPATCH(Pool, max_unpool2d_forward, p, x, idx, y);
 }
 void max_unpool2d_backward_cpu(const Pool2dParams& p, const void* gy, const int64_t* idx, void* gx) {
-  FASTDL_CPU_DISPATCH(max_unpool2d_backward, p, gy, idx, gx);
+  FASTDL_CPU_DISPATCH(Pool, max_unpool2d_backward, p, gy, idx, gx);
 }
 #endif
 

@@ -2021,10 +2021,10 @@ void rnn_backward(const RnnParams&, const RnnWeights&, const RnnBackwardArgs&);
 )
 #endif
 void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
-  FASTDL_CPU_DISPATCH(rnn_forward, p, w, a);
+  FASTDL_CPU_DISPATCH(RecurrentForward, rnn_forward, p, w, a);
 }
 void rnn_backward_cpu(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
-  FASTDL_CPU_DISPATCH(rnn_backward, p, w, a);
+  FASTDL_CPU_DISPATCH(RecurrentBackward, rnn_backward, p, w, a);
 }
 #endif
 

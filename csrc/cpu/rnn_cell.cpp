@@ -801,10 +801,10 @@ void rnn_cell_backward(const RnnCellParams&, const RnnCellBackwardArgs&);
 )
 #endif
 void rnn_cell_forward_cpu(const RnnCellParams& p, const RnnCellForwardArgs& a) {
-  FASTDL_CPU_DISPATCH(rnn_cell_forward, p, a);
+  FASTDL_CPU_DISPATCH(RecurrentForward, rnn_cell_forward, p, a);
 }
 void rnn_cell_backward_cpu(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
-  FASTDL_CPU_DISPATCH(rnn_cell_backward, p, a);
+  FASTDL_CPU_DISPATCH(RecurrentBackward, rnn_cell_backward, p, a);
 }
 #endif
 

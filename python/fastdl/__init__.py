@@ -59,6 +59,9 @@ def set_num_threads(n: int) -> None:
 
 def build_info() -> dict:
     """What this build of fastdl contains and uses: version, CPU path, CUDA and thread count.
+    ``cpu_capability`` is the base CPU kernel build; ``cpu_capability_by_kernel`` the build each
+    kernel family runs ("conv", "pool", "gemm", "recurrent_forward", "recurrent_backward",
+    "optim"), which differ on AMD CPUs with AVX-512 (README, "CPU kernels").
 
     >>> fastdl.build_info()["cuda_compiled"]
     False
@@ -67,6 +70,7 @@ def build_info() -> dict:
     return {
         "version": __version__,
         "cpu_capability": _C.cpu_capability(),
+        "cpu_capability_by_kernel": dict(_C.cpu_capability_by_kernel()),
         "cpu_supports_avx2": bool(_C.cpu_supports_avx2()),
         "cpu_supports_avx512": bool(_C.cpu_supports_avx512()),
         "x86_kernel_builds": bool(_C.x86_kernel_builds()),

@@ -68,8 +68,8 @@ def run(device: str, suites: list, *, quick=False, budget=None, min_reps=7, prog
     torch_threads_during = torch.get_num_threads()
     try:
         print(f"fastdl {fastdl.__version__} ({_commit()}), torch {torch.__version__}, numpy "
-              f"{numpy.__version__}, device {device}, cpu path "
-              f"{fastdl.build_info()['cpu_capability']}, threads fastdl {threads} / torch "
+              f"{numpy.__version__}, device {device}, cpu path {_cpu_paths()}, threads fastdl "
+              f"{threads} / torch "
               f"{torch.get_num_threads()} (was {torch_threads})", flush=True)
         limits = machine.limits(device, quick)
         cases = []
@@ -117,6 +117,20 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _cpu_paths():
+    """The CPU kernel build: one name, or the base and the families on another ("avx2;
+    avx512 for gemm, recurrent_forward, optim")."""
+    import fastdl
+
+    info = fastdl.build_info()
+    base = info["cpu_capability"]
+    other = {}
+    for family, path in info["cpu_capability_by_kernel"].items():
+        if path != base:
+            other.setdefault(path, []).append(family)
+    return "; ".join([base] + [f"{p} for {', '.join(fs)}" for p, fs in other.items()])
 
 
 def main(argv=None) -> int:
