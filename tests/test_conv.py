@@ -2685,6 +2685,51 @@ def test_auto_choice_implicit_forward(cpu_path):
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), "input", stride=2, padding=1) != "implicit"
 
 
+# (x shape, w shape, conv kwargs): the channels-minor forward skips, per class of output pixels,
+# the taps that land in padding (conv_nhwc.cpp TapClasses): 4 and 9 classes on tiny maps, pixels
+# with no tap inside x (padding 3 under a 3x3 kernel: bias alone), dilation, 'same' padding's
+# uneven sides, a non-square kernel, stride 2, and one image (its pixels split between threads).
+NHWC_CLASS_CASES = [
+    ((16, 32, 4, 4), (48, 32, 3, 3), dict(padding=1)),
+    ((3, 16, 2, 2), (24, 16, 3, 3), dict(padding=1)),
+    ((2, 8, 5, 5), (8, 8, 3, 3), dict(padding=3)),
+    ((2, 8, 6, 7), (16, 8, 3, 3), dict(padding=2, dilation=2)),
+    ((2, 8, 6, 6), (16, 8, 4, 4), dict(padding="same")),
+    ((2, 8, 5, 5), (8, 8, 1, 3), dict(padding=(0, 1))),
+    ((1, 16, 9, 9), (32, 16, 3, 3), dict(stride=2, padding=1)),
+    ((1, 24, 7, 7), (40, 24, 3, 3), dict(padding=1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(NHWC_CLASS_CASES)))
+def test_nhwc_skips_padding_taps(cpu_path, case, dtype):
+    """Forced "nhwc": output and both gradients against torch where border pixels have fewer taps
+    inside x than interior ones (the input gradient of stride 1 runs the same forward kernel)."""
+    xs, ws, kw = NHWC_CLASS_CASES[case]
+    g = torch.Generator().manual_seed(case)
+    x = torch.randn(*xs, generator=g, dtype=dtype)
+    w = torch.randn(*ws, generator=g, dtype=dtype)
+    b = torch.randn(ws[0], generator=g, dtype=dtype)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("nhwc")
+    try:
+        assert ops_conv.conv2d_algorithm(x, w, **kw) == "nhwc"
+        xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        ya, yr = F.conv2d(xa, wa, ba, **kw), TF.conv2d(xr, wr, br, **kw)
+        taps = ws[1] * ws[2] * ws[3]
+        assert_close(ya, yr, reduction=taps)
+        gy = torch.randn(yr.shape, generator=g, dtype=dtype)
+        ya.backward(gy)
+        yr.backward(gy)
+        assert_close(xa.grad, xr.grad, reduction=ws[0] * ws[2] * ws[3])
+        assert_close(wa.grad, wr.grad, reduction=xs[0] * yr.shape[2] * yr.shape[3])
+        assert_close(ba.grad, br.grad, reduction=xs[0] * yr.shape[2] * yr.shape[3])
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 def test_auto_choice_nhwc(cpu_path):
     # The channels-minor kernels (conv_nhwc.cpp, nhwc_preferred): float32, ungrouped, 9 taps or
     # more, at least 128 output pixels in the batch, and per build:
@@ -2697,9 +2742,10 @@ def test_auto_choice_nhwc(cpu_path):
     #   to 128 channels), or stride 2 (no dilation) onto 4x4 outputs and more; never the weight
     #   gradient.
     # - the portable build: never.
-    # - never the input gradient that GEMM's small-map path takes (gemm_small_map_input_preferred:
-    #   at most 256 output pixels in the batch on maps of at most 16, at least 256 channels each
-    #   way, or 128 on maps under 16 pixels).
+    # - AVX-512: never the input gradient that GEMM's small-map path takes
+    #   (gemm_small_map_input_preferred: at most 256 output pixels in the batch on maps of at most
+    #   16, at least 256 channels each way, or 128 on maps under 16 pixels); AVX2 takes those
+    #   too, since the kernel skips padding's taps.
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
     names = {"f": "forward", "i": "input", "w": "weight"}
@@ -2717,10 +2763,10 @@ def test_auto_choice_nhwc(cpu_path):
         check(x, w, "fi", both, **kw)
         check(x, w, "w", x512, **kw)
     # the input gradient of 4x4 maps over 256 channels or more, and of smaller maps, goes to
-    # GEMM's small-map path (conv_gemm.cpp, gemm_small_map_input_preferred)
+    # GEMM's small-map path on the AVX-512 build (conv_gemm.cpp, gemm_small_map_input_preferred)
     check((16, 256, 4, 4), (256, 256, 3, 3), "w", x512, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "f", both, padding=1)
-    check((16, 256, 4, 4), (256, 256, 3, 3), "i", none, padding=1)
+    check((16, 256, 4, 4), (256, 256, 3, 3), "i", x2, padding=1)
     # AVX2: 3x3 stride-1 maps of 65-784 pixels that Winograd declined (under 256 tiles), 64 or
     # more channels a side within 2x (nhwc_mid_map_preferred), forward and input gradient
     for x, w in (((1, 128, 28, 28), (128, 128, 3, 3)), ((4, 64, 14, 14), (64, 64, 3, 3)),
@@ -2741,8 +2787,9 @@ def test_auto_choice_nhwc(cpu_path):
     # not on AVX2 (AVX-512: its own rule, maps of at most 196 pixels): 9x9, over 512 channels
     check((4, 128, 9, 9), (128, 128, 3, 3), "fi", x512, padding=1)
     check((2, 640, 14, 14), (640, 640, 3, 3), "fi", x512, padding=1)
-    assert algo((16, 128, 3, 3), (256, 128, 3, 3), "input", padding=1) == "gemm"
-    assert algo((16, 256, 4, 4), (256, 256, 3, 3), "input", padding=1) == "gemm"
+    small_input = "nhwc" if cpu_path == "avx2" else "gemm"
+    assert algo((16, 128, 3, 3), (256, 128, 3, 3), "input", padding=1) == small_input
+    assert algo((16, 256, 4, 4), (256, 256, 3, 3), "input", padding=1) == small_input
     # (not measured, or lost: 32 images of 4x4, 64 channels on 3x3 maps)
     check((32, 256, 4, 4), (256, 256, 3, 3), "fi", both, padding=1)
     check((16, 64, 3, 3), (128, 64, 3, 3), "i", both, padding=1)

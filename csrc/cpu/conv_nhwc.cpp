@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <memory>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -47,7 +48,7 @@ constexpr int MP = 6, NV = 4;
 constexpr int MP = 6, NV = 2;
 #endif
 
-thread_local ScratchBuffer tl_nx, tl_ny, tl_nw, tl_np;
+thread_local ScratchBuffer tl_nx, tl_ny, tl_nw, tl_np, tl_no;
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's xp and pixel-major y hold about this many bytes (L2: every k block rereads them); a
 // block has at least one image, so a large image under the forced algorithm takes more (the
@@ -63,20 +64,22 @@ constexpr int64_t kRowsAtOnce = 16;
 template <class T>
 constexpr int64_t kNKB = NV * IVec<T>::L;  // output channels per weight panel
 
-// y[m * ldy + v * L + l] (+)= sum over t < taps, c < nc of a[m][toff[t] + c] *
+// yr[m][v * L + l] (+)= sum over the taps t = tix[0..ntaps), c < nc of a[m][toff[t] + c] *
 // w[(t * cg + c) * NKB + v * L + l], for m < mp: the tile starts from bias[v * L + l] (0 when null)
-// when `first`, else from y.
+// when `first`, else from yr[m]. The tap list is the taps that land inside x for every pixel of
+// the tile (TapClasses): padding's zeros are not multiplied.
 template <class T, int mp>
-void ntile(const T* const* a, const int64_t* toff, int64_t taps, int64_t cg, int64_t nc,
-           const T* w, const T* bias, bool first, T* y, int64_t ldy) {
+void ntile(const T* const* a, const int64_t* toff, const int64_t* tix, int64_t ntaps, int64_t cg,
+           int64_t nc, const T* w, const T* bias, bool first, T* const* yr) {
   using V = typename IVec<T>::V;
   constexpr int64_t L = IVec<T>::L, NKB = kNKB<T>;
   V acc[mp][NV];
   for (int v = 0; v < NV; ++v) {
     const V init = bias ? IVec<T>::load(bias + v * L) : V{};
-    for (int m = 0; m < mp; ++m) acc[m][v] = first ? init : IVec<T>::load(y + m * ldy + v * L);
+    for (int m = 0; m < mp; ++m) acc[m][v] = first ? init : IVec<T>::load(yr[m] + v * L);
   }
-  for (int64_t t = 0; t < taps; ++t) {
+  for (int64_t tt = 0; tt < ntaps; ++tt) {
+    const int64_t t = tix[tt];
     const T* at[mp];
     for (int m = 0; m < mp; ++m) at[m] = a[m] + toff[t];
     const T* wt = w + t * cg * NKB;
@@ -90,12 +93,12 @@ void ntile(const T* const* a, const int64_t* toff, int64_t taps, int64_t cg, int
     }
   }
   for (int m = 0; m < mp; ++m)
-    for (int v = 0; v < NV; ++v) IVec<T>::store(y + m * ldy + v * L, acc[m][v]);
+    for (int v = 0; v < NV; ++v) IVec<T>::store(yr[m] + v * L, acc[m][v]);
 }
 
 template <class T>
-using NTileFn = void (*)(const T* const*, const int64_t*, int64_t, int64_t, int64_t, const T*,
-                         const T*, bool, T*, int64_t);
+using NTileFn = void (*)(const T* const*, const int64_t*, const int64_t*, int64_t, int64_t,
+                         int64_t, const T*, const T*, bool, T* const*);
 
 // ntiles<T>()[mp - 1][0]: the full tile and every pixel edge.
 template <class T>
@@ -203,6 +206,63 @@ class TapOffsets {
   int64_t* ptr_ = fixed_.data();
 };
 
+// Output pixels grouped by their taps that land inside x, so a register tile multiplies no
+// padding: output row oh's kernel rows [ilo, ihi) are those with oh * sh + i * dh - ph in
+// [0, h), columns likewise; a class is a pair of such row and column ranges, its taps their
+// rectangle (kernel order). Interior pixels have every tap. A 4x4 map padded by 1 under a 3x3
+// kernel has 9 classes of 4 to 9 taps (100 of the 144 tap products per image), a 2x2 map 4
+// classes of 4 taps (16 of 36), an 8x8 map 9 classes (484 of 576). Built once per call, before
+// the threads (it allocates).
+class TapClasses {
+ public:
+  explicit TapClasses(const Conv2dParams& p) {
+    std::vector<int64_t> rlo, rhi, clo, chi;
+    ranges(p.oh, p.sh, p.dh, p.ph, p.h, p.kh, row_, rlo, rhi);
+    ranges(p.ow, p.sw, p.dw, p.pw, p.w, p.kw, col_, clo, chi);
+    ncol_ = static_cast<int64_t>(clo.size());
+    start_.push_back(0);
+    for (size_t r = 0; r < rlo.size(); ++r)
+      for (size_t c = 0; c < clo.size(); ++c) {
+        for (int64_t i = rlo[r]; i < rhi[r]; ++i)
+          for (int64_t j = clo[c]; j < chi[c]; ++j) taps_.push_back(i * p.kw + j);
+        start_.push_back(static_cast<int64_t>(taps_.size()));
+      }
+  }
+  int64_t count() const { return static_cast<int64_t>(start_.size()) - 1; }
+  int64_t of(int64_t oh, int64_t ow) const { return row_[oh] * ncol_ + col_[ow]; }
+  const int64_t* taps(int64_t cls) const { return taps_.data() + start_[cls]; }
+  int64_t ntaps(int64_t cls) const { return start_[cls + 1] - start_[cls]; }
+
+ private:
+  // id[o] = the index of output position o's tap range [lo, hi) among the distinct ranges.
+  static void ranges(int64_t n, int64_t s, int64_t d, int64_t pad, int64_t size, int64_t k,
+                     std::vector<int64_t>& id, std::vector<int64_t>& lo,
+                     std::vector<int64_t>& hi) {
+    for (int64_t o = 0; o < n; ++o) {
+      const int64_t base = o * s - pad;  // tap 0's input position
+      const int64_t a = base >= 0 ? 0 : std::min(k, (-base + d - 1) / d);
+      const int64_t b = base > size - 1 ? a : std::clamp((size - 1 - base) / d + 1, a, k);
+      size_t r = 0;
+      while (r < lo.size() && (lo[r] != a || hi[r] != b)) ++r;
+      if (r == lo.size()) lo.push_back(a), hi.push_back(b);
+      id.push_back(static_cast<int64_t>(r));
+    }
+  }
+  std::vector<int64_t> row_, col_, start_, taps_;
+  int64_t ncol_ = 0;
+};
+
+// ord[0..q_hi - q_lo) = the pixels q - q_lo of [q_lo, q_hi) class by class (each class's in q
+// order), end[cls] = where class cls's run ends in ord (counting sort; count: tc.count() + 1).
+inline void order_by_class(const Conv2dParams& p, const TapClasses& tc, int64_t q_lo,
+                           int64_t q_hi, int64_t* ord, int64_t* end) {
+  const int64_t S = p.oh * p.ow, ncls = tc.count();
+  std::fill(end, end + ncls + 1, int64_t(0));
+  for (int64_t q = q_lo; q < q_hi; ++q) ++end[tc.of(q % S / p.ow, q % p.ow) + 1];
+  for (int64_t c = 0; c < ncls; ++c) end[c + 1] += end[c];  // end[c]: class c's start
+  for (int64_t q = q_lo; q < q_hi; ++q) ord[end[tc.of(q % S / p.ow, q % p.ow)]++] = q - q_lo;
+}
+
 // pix[q - q_lo] = output pixel q's first x element (tap 0, channel 0) in xp, for q in
 // [q_lo, q_hi) of a block's pixels (image-major, then row, column).
 template <class T>
@@ -277,6 +337,8 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
       blocks * G >= nt ? 1 : std::min(tiles_max, (nt + blocks * G - 1) / (blocks * G));
   const TapOffsets offs(p, Wp, cg);
   const int64_t* const toff = offs.get();
+  const TapClasses tc(p);
+  const int64_t ncls = tc.count();
   const auto& fns = ntiles<T>();
   // channels per pass over the task's tiles: the panel's rows for them within kPanelBytes
   const int64_t cb_most = std::max<int64_t>(1, kPanelBytes / (taps * NKB * int64_t(sizeof(T))));
@@ -285,11 +347,13 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
   // (tasks over at most nt threads: a layer under kMinWork per thread stays on one)
   parallel_for_catch(tasks, (tasks + nt - 1) / nt, [&](int64_t lo, int64_t hi) {
     const TrimOnExit trim_x(tl_nx, kKeepBytes), trim_y(tl_ny, kKeepBytes);
-    const TrimOnExit trim_p(tl_np, kKeepBytes);
+    const TrimOnExit trim_p(tl_np, kKeepBytes), trim_o(tl_no, kKeepBytes);
     const int64_t part_q = ((tiles_max + parts - 1) / parts + 1) * MP;  // a part's pixels, at most
     T* xp = tl_nx.get_as<T>(imgs * Hp * Wp * cg);
     T* yp = tl_ny.get_as<T>(part_q * kpad);  // the part's pixels from q_lo
     const T** pix = tl_np.get_as<const T*>(part_q);
+    int64_t* ord = tl_no.get_as<int64_t>(part_q + ncls + 1);  // then the class ends
+    int64_t* cend = ord + part_q;
     int64_t filled = -1;  // the (block, group) now in xp
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bg = task / parts, part = task % parts, g = bg % G, blk = bg / G;
@@ -302,17 +366,23 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
       const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
       const int64_t q_lo = t0 * MP, q_hi = std::min(np, t1 * MP);
       pixel_bases(p, static_cast<const T*>(xp), Hp, Wp, cg, q_lo, q_hi, pix);
+      order_by_class(p, tc, q_lo, q_hi, ord, cend);
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const T* wk = wp + (g * nkb + kb) * taps * cg * NKB;
         const T* bk = bp ? bp + (g * nkb + kb) * NKB : nullptr;
         for (int64_t c0 = 0; c0 < cg; c0 += cb)
-          for (int64_t q0 = q_lo; q0 < q_hi; q0 += MP) {
-            const int mp = static_cast<int>(std::min<int64_t>(MP, q_hi - q0));
-            const T* a[MP];
-            for (int m = 0; m < mp; ++m) a[m] = pix[q0 - q_lo + m] + c0;
-            fns[mp - 1][0](a, toff, taps, cg, std::min(cb, cg - c0), wk + c0 * NKB, bk, c0 == 0,
-                           yp + (q0 - q_lo) * kpad + kb * NKB, kpad);
-          }
+          for (int64_t cls = 0, i0 = 0; cls < ncls; i0 = cend[cls++])
+            for (int64_t i = i0; i < cend[cls]; i += MP) {  // tiles of one class's pixels
+              const int mp = static_cast<int>(std::min<int64_t>(MP, cend[cls] - i));
+              const T* a[MP];
+              T* yr[MP];
+              for (int m = 0; m < mp; ++m) {
+                a[m] = pix[ord[i + m]] + c0;
+                yr[m] = yp + ord[i + m] * kpad + kb * NKB;
+              }
+              fns[mp - 1][0](a, toff, tc.taps(cls), tc.ntaps(cls), cg, std::min(cb, cg - c0),
+                             wk + c0 * NKB, bk, c0 == 0, yr);
+            }
       }
       // y[n0 + i][g * kg + kk][s] = yp[i * S + s - q_lo][kk] for the part's pixels
       for (int64_t q = q_lo; q < q_hi;) {
