@@ -6,6 +6,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 namespace fastdl {
 
 bool cpu_supports_avx2() {
@@ -29,12 +33,14 @@ bool cpu_supports_avx512() {
 #endif
 }
 
-// Settings stored as capability + 1; 0: unset (the zero-initialised state). g_all:
-// set_cpu_capability's, for every family; g_family: one family's (set_cpu_capability_for);
-// g_auto: FASTDL_CPU_CAPABILITY or the automatic choice per family, cached (index Count: the base).
+// Settings stored as capability + 1; 0: unset (the zero-initialised state). Precedence:
+// g_all (set_cpu_capability, every family), then g_family (set_cpu_capability_for, one family),
+// then FASTDL_CPU_CAPABILITY (g_env: read once; 0 unread, 1 unset, else capability + 2), then
+// the automatic choice per family (g_auto, cached; index Count: the base).
 constexpr int kFamilies = static_cast<int>(KernelFamily::Count);
 static std::atomic<int> g_all{0};
 static std::atomic<int> g_family[kFamilies];
+static std::atomic<int> g_env{0};
 static std::atomic<int> g_auto[kFamilies + 1];
 
 static int stored(CpuCapability c) { return static_cast<int>(c) + 1; }
@@ -57,22 +63,35 @@ static CpuCapability parse(const char* name) {
   return CpuCapability::Default;
 }
 
+// The x86 processor family (CPUID leaf 1, base plus extended): 0x19 is AMD Zen 3 and Zen 4.
+static unsigned x86_family() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const unsigned base = (eax >> 8) & 0xf;
+  return base == 0xf ? base + ((eax >> 20) & 0xff) : base;
+#else
+  return 0;
+#endif
+}
+
 // The build chosen without FASTDL_CPU_CAPABILITY (family Count: the base, what
-// cpu_capability() reports):
+// cpu_capability() reports and machine.cpp's stream measurement runs):
 // - Intel CPUs with AVX-512: AVX-512 for every family (two 512-bit FMA pipes; measured faster
 //   than the AVX2 build there: benchmarks/RESULTS.md).
-// - AMD CPUs with AVX-512 (Zen 4 splits 512-bit operations into two 256-bit halves): AVX-512 for
-//   the families where it measured faster on a Zen 4 VM than the AVX2 build (recurrent forward,
-//   the dense GEMM, the optimizers), AVX2 for those where it did not (convolutions, whose
-//   rules were fitted on Intel; the recurrent backward): benchmarks/RESULTS.md, 2026-12-06
-//   15:04. The base stays AVX2. Zen 5's full-width units are not measured.
-// - Elsewhere AVX2 where the CPU has it, else the portable build.
+// - AMD Zen 4 (family 0x19 with AVX-512; it splits 512-bit operations into two 256-bit halves):
+//   AVX-512 for the families where it measured faster on a Zen 4 VM than the AVX2 build (the
+//   recurrent forward, the dense GEMM, the optimizers), AVX2 for the others (convolution, whose
+//   rules were fitted on Intel and which was mixed; pooling, mixed; the recurrent backward,
+//   even to slower): benchmarks/RESULTS.md, 2026-12-06 15:04. The base stays AVX2.
+// - Elsewhere (other AMD CPUs with AVX-512 included: Zen 5's full-width units are not measured)
+//   AVX2 where the CPU has it, else the portable build.
 static CpuCapability automatic_choice(int family) {
   const CpuCapability fallback = cpu_supports_avx2() ? CpuCapability::AVX2 : CpuCapability::Default;
 #if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
   if (cpu_supports_avx512()) {
     if (__builtin_cpu_is("intel")) return CpuCapability::AVX512;
-    if (__builtin_cpu_is("amd")) {
+    if (__builtin_cpu_is("amd") && x86_family() == 0x19) {
       switch (static_cast<KernelFamily>(family)) {
         case KernelFamily::RecurrentForward:
         case KernelFamily::Gemm:
@@ -88,11 +107,26 @@ static CpuCapability automatic_choice(int family) {
   return fallback;
 }
 
-static CpuCapability automatic_or_env(int family) {
-  int v = g_auto[family].load(std::memory_order_relaxed);
+// FASTDL_CPU_CAPABILITY's choice, read once for every family; false where it is unset. A bad
+// value raises at each use (nothing cached).
+static bool env_choice(CpuCapability* c) {
+  int v = g_env.load(std::memory_order_acquire);
   if (v == 0) {
     const char* env = std::getenv("FASTDL_CPU_CAPABILITY");
-    v = stored((env && *env) ? parse(env) : automatic_choice(family));
+    v = (env && *env) ? static_cast<int>(parse(env)) + 2 : 1;
+    g_env.store(v, std::memory_order_release);
+  }
+  if (v == 1) return false;
+  *c = static_cast<CpuCapability>(v - 2);
+  return true;
+}
+
+static CpuCapability automatic_or_env(int family) {
+  CpuCapability c;
+  if (env_choice(&c)) return c;
+  int v = g_auto[family].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = stored(automatic_choice(family));
     g_auto[family].store(v, std::memory_order_relaxed);
   }
   return loaded(v);

@@ -1,11 +1,13 @@
-// Which CPU kernel build runs: chosen once, at first use, from the CPU and FASTDL_CPU_CAPABILITY.
+// Which CPU kernel build runs, per kernel family: chosen at a family's first use from the CPU and
+// FASTDL_CPU_CAPABILITY (read once).
 //   FASTDL_CPU_CAPABILITY=default  forces the portable build (tests run every path on one machine)
 //   FASTDL_CPU_CAPABILITY=avx2     asks for AVX2+FMA; an error if the CPU or the build lacks it
 //   FASTDL_CPU_CAPABILITY=avx512   asks for AVX-512 (F, VL, BW, DQ) on top of AVX2+FMA; likewise
-// Unset: AVX-512 on Intel CPUs that run it; on AMD CPUs that run it, AVX-512 for some kernel
-// families and AVX2 for the others (KernelFamily below; cpu_features.cpp says which and why);
-// else AVX2+FMA where present, else the portable build. A set FASTDL_CPU_CAPABILITY (or
-// set_cpu_capability) applies to every family. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
+// Unset: AVX-512 on Intel CPUs that run it; on AMD Zen 4, AVX-512 for some kernel families and
+// AVX2 for the others (KernelFamily below; cpu_features.cpp says which and why); else AVX2+FMA
+// where present, else the portable build. FASTDL_CPU_CAPABILITY applies to every family.
+// Precedence: set_cpu_capability (every family), set_cpu_capability_for (one), the variable,
+// the automatic choice. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
 // namespace fastdl::FASTDL_ISA_NS; the portable compilation (FASTDL_ISA_DEFAULT) also emits the
 // dispatching entry point, e.g.
 //   void max_pool2d_cpu(const Pool2dParams& p, ...) { FASTDL_CPU_DISPATCH(Pool, max_pool2d, p, ...); }
@@ -23,7 +25,9 @@ enum class KernelFamily : int {
   Conv = 0, Pool, Gemm, RecurrentForward, RecurrentBackward, Optim, Count
 };
 
-CpuCapability cpu_capability();            // the base path: the one most families use
+// The base path: what families with no measured reason to differ use (on every CPU but AMD
+// Zen 4, all of them), and what machine.cpp's stream measurement runs.
+CpuCapability cpu_capability();
 CpuCapability cpu_capability(KernelFamily f);  // the path family f uses
 const char* cpu_capability_name();         // the base path's: "default", "avx2" or "avx512"
 const char* capability_name(CpuCapability c);
@@ -33,8 +37,8 @@ bool cpu_supports_avx512();                // AVX2 as above and AVX-512 F, VL, B
 // Used by tests: every family on one path ("default", "avx2", "avx512"; throws
 // std::invalid_argument), or "auto": back to FASTDL_CPU_CAPABILITY or the automatic choice.
 void set_cpu_capability(const char* name);
-// Used by tests: family f alone on one path (as above; "auto" clears it). A setting for every
-// family (set_cpu_capability or FASTDL_CPU_CAPABILITY) takes precedence.
+// Used by tests: family f alone on one path (as above; "auto" clears it). set_cpu_capability's
+// setting for every family takes precedence; this one over FASTDL_CPU_CAPABILITY.
 void set_cpu_capability_for(KernelFamily f, const char* name);
 
 }  // namespace fastdl

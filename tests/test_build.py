@@ -1,5 +1,6 @@
 """The build and runtime surface: import without a GPU, build_info, CPU path selection, threads,
 and that numpy users never import torch."""
+import ast
 import os
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_build_info_fields():
                           ).stdout.strip() == want
             by_kernel = run_py("import fastdl; print(fastdl.build_info()"
                                "['cpu_capability_by_kernel'])").stdout.strip()
-            assert by_kernel == str({f: _expected_automatic_path(f) for f in _FAMILIES})
+            assert ast.literal_eval(by_kernel) == {f: _expected_automatic_path(f)
+                                                   for f in _FAMILIES}
     assert set(info) >= {"version", "cpu_capability", "cuda_compiled", "cuda_architectures",
                          "num_threads", "x86_kernel_builds", "address_sanitizer"}
     assert info["cpu_capability"] in ("default", "avx2", "avx512")
@@ -123,6 +125,30 @@ def test_env_var_forces_cpu_path(path):
                FASTDL_CPU_CAPABILITY=path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"{path} {[path]}"   # every family on it
+
+
+def test_family_setting_reaches_its_kernels():
+    """The convolution family's build decides its algorithm (2 images of 10x10 outputs over 32 ->
+    64 channels: the channels-minor forward on the AVX-512 build, GEMM on the others), whatever
+    the other families run."""
+    from fastdl.ops import conv as ops_conv
+    if not _C.cpu_supports_avx512():
+        pytest.skip("this CPU or build has no AVX-512 path")
+    x, w = np.zeros((2, 32, 12, 12), np.float32), np.zeros((64, 32, 3, 3), np.float32)
+    try:
+        _C.set_cpu_capability_for("conv", "avx512")
+        for other in _FAMILIES:
+            if other != "conv":
+                _C.set_cpu_capability_for(other, "avx2")
+        assert ops_conv.conv2d_algorithm(x, w) == "nhwc"
+        _C.set_cpu_capability_for("conv", "avx2")
+        for other in _FAMILIES:
+            if other != "conv":
+                _C.set_cpu_capability_for(other, "avx512")
+        assert ops_conv.conv2d_algorithm(x, w) == "gemm"
+    finally:
+        for f in _FAMILIES:
+            _C.set_cpu_capability_for(f, "auto")
 
 
 def test_set_cpu_capability_for_one_family():

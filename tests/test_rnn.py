@@ -241,7 +241,8 @@ def test_forward_and_backward_on_different_builds(forward, backward):
     try:
         fastdl._C.set_cpu_capability_for("recurrent_forward", forward)
         fastdl._C.set_cpu_capability_for("recurrent_backward", backward)
-        assert fastdl._C.cpu_capability_by_kernel()["recurrent_forward"] == forward
+        chosen = fastdl._C.cpu_capability_by_kernel()
+        assert (chosen["recurrent_forward"], chosen["recurrent_backward"]) == (forward, backward)
         for kind in KINDS:
             run_case(kind, dict(num_layers=2, bidirectional=True, batch_first=False, bias=True),
                      7, 5, 17, 40, True, torch.float32)
