@@ -2698,6 +2698,7 @@ NHWC_CLASS_CASES = [
     ((2, 8, 5, 5), (8, 8, 1, 3), dict(padding=(0, 1))),
     ((1, 16, 9, 9), (32, 16, 3, 3), dict(stride=2, padding=1)),
     ((1, 24, 7, 7), (40, 24, 3, 3), dict(padding=1)),
+    ((1, 8, 8, 8), (16, 8, 5, 5), dict(padding=2)),    # 25 classes, 24 of under 6 pixels
 ]
 
 
@@ -2705,29 +2706,36 @@ NHWC_CLASS_CASES = [
 @pytest.mark.parametrize("case", range(len(NHWC_CLASS_CASES)))
 def test_nhwc_skips_padding_taps(cpu_path, case, dtype):
     """Forced "nhwc": output and both gradients against torch where border pixels have fewer taps
-    inside x than interior ones (the input gradient of stride 1 runs the same forward kernel)."""
+    inside x than interior ones (the input gradient of stride 1 runs the same forward kernel), at
+    1 thread and at 3 (a task's pixels split in parts: classes of fewer pixels than a register
+    tile then go to the remainder of every tap)."""
     xs, ws, kw = NHWC_CLASS_CASES[case]
     g = torch.Generator().manual_seed(case)
     x = torch.randn(*xs, generator=g, dtype=dtype)
     w = torch.randn(*ws, generator=g, dtype=dtype)
     b = torch.randn(ws[0], generator=g, dtype=dtype)
-    before = fastdl.ops.get_conv_algorithm()
+    gy = torch.randn(TF.conv2d(x, w, **kw).shape, generator=g, dtype=dtype)
+    before, threads = fastdl.ops.get_conv_algorithm(), fastdl.get_num_threads()
     fastdl.ops.set_conv_algorithm("nhwc")
     try:
         assert ops_conv.conv2d_algorithm(x, w, **kw) == "nhwc"
-        xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
-        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-        ya, yr = F.conv2d(xa, wa, ba, **kw), TF.conv2d(xr, wr, br, **kw)
-        taps = ws[1] * ws[2] * ws[3]
-        assert_close(ya, yr, reduction=taps)
-        gy = torch.randn(yr.shape, generator=g, dtype=dtype)
-        ya.backward(gy)
-        yr.backward(gy)
-        assert_close(xa.grad, xr.grad, reduction=ws[0] * ws[2] * ws[3])
-        assert_close(wa.grad, wr.grad, reduction=xs[0] * yr.shape[2] * yr.shape[3])
-        assert_close(ba.grad, br.grad, reduction=xs[0] * yr.shape[2] * yr.shape[3])
+        if kw.get("stride", 1) == 1:
+            assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "nhwc"
+        for n_threads in (1, 3):
+            fastdl.set_num_threads(n_threads)
+            xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+            xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+            ya, yr = F.conv2d(xa, wa, ba, **kw), TF.conv2d(xr, wr, br, **kw)
+            assert_close(ya, yr, reduction=ws[1] * ws[2] * ws[3])
+            ya.backward(gy)
+            yr.backward(gy)
+            assert_close(xa.grad, xr.grad, reduction=ws[0] * ws[2] * ws[3])
+            pixels = xs[0] * yr.shape[2] * yr.shape[3]
+            assert_close(wa.grad, wr.grad, reduction=pixels)
+            assert_close(ba.grad, br.grad, reduction=pixels)
     finally:
         fastdl.ops.set_conv_algorithm(before)
+        fastdl.set_num_threads(threads)
 
 
 def test_auto_choice_nhwc(cpu_path):

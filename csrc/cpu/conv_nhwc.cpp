@@ -13,13 +13,16 @@
 // padded by 1 computes 36 positions for 16 outputs), only real output pixels are computed, and a
 // tile's pixels may span rows and images: small maps with many channels are what it serves.
 // y is written from a per-task pixel-major buffer by a transposing copy.
-// Non-finite values: xp's zero padding meets every weight as the im2col path's does, so conv.cpp's
-// forward guard (an inf/NaN weight with padding runs the reference loops) applies unchanged; in
-// the weight gradient it meets gy's border band, which conv.cpp's border_nonfinite guard redoes on
-// the reference loops as for GEMM.
+// Register tiles hold pixels of one class of taps that land inside x (TapClasses): padding's
+// zeros are not multiplied, except by the remainder's tiles (pixels of small classes).
+// Non-finite values: those tiles meet xp's zero padding with every weight, as the im2col path
+// does, so conv.cpp's forward guard (an inf/NaN weight with padding runs the reference loops)
+// applies as before; in the weight gradient xp meets gy's border band, which conv.cpp's
+// border_nonfinite guard redoes on the reference loops as for GEMM.
 // Forward threads split tasks (a block of images, a group, a share of the block's pixel tiles);
-// each output element is one task's, summed in a fixed order: the result does not depend on the
-// thread count.
+// each output element is one task's, its products summed in kernel-tap order: the result does
+// not depend on the thread count (up to the sign of an exact zero: a pixel merged into the
+// remainder, which depends on the task's share, also adds padding's zero products).
 // Tested by tests/test_conv.py (forced algorithm "nhwc"); timed by benchmarks/bench_conv.py.
 #include <algorithm>
 #include <array>
@@ -211,8 +214,11 @@ class TapOffsets {
 // [0, h), columns likewise; a class is a pair of such row and column ranges, its taps their
 // rectangle (kernel order). Interior pixels have every tap. A 4x4 map padded by 1 under a 3x3
 // kernel has 9 classes of 4 to 9 taps (100 of the 144 tap products per image), a 2x2 map 4
-// classes of 4 taps (16 of 36), an 8x8 map 9 classes (484 of 576). Built once per call, before
-// the threads (it allocates).
+// classes of 4 taps (16 of 36), an 8x8 map 9 classes (484 of 576). One more class, index
+// count(), has every tap: the remainder, where a task part's classes of fewer pixels than a
+// register tile go (order_by_class), so they fill whole tiles and multiply padding's zeros (one
+// image of 8x8 under a 5x5 kernel: 25 classes, 16 of one pixel, ran 12% slower without it).
+// Built once per call, before the threads (it allocates).
 class TapClasses {
  public:
   explicit TapClasses(const Conv2dParams& p) {
@@ -227,9 +233,13 @@ class TapClasses {
           for (int64_t j = clo[c]; j < chi[c]; ++j) taps_.push_back(i * p.kw + j);
         start_.push_back(static_cast<int64_t>(taps_.size()));
       }
+    for (int64_t t = 0; t < p.kh * p.kw; ++t) taps_.push_back(t);  // the remainder class
+    start_.push_back(static_cast<int64_t>(taps_.size()));
   }
-  int64_t count() const { return static_cast<int64_t>(start_.size()) - 1; }
-  int64_t of(int64_t oh, int64_t ow) const { return row_[oh] * ncol_ + col_[ow]; }
+  // classes by their tap ranges; index count() is the remainder (every tap)
+  int64_t count() const { return static_cast<int64_t>(start_.size()) - 2; }
+  int64_t row(int64_t oh) const { return row_[oh] * ncol_; }  // of(oh, ow) = row(oh) + col(ow)
+  int64_t col(int64_t ow) const { return col_[ow]; }
   const int64_t* taps(int64_t cls) const { return taps_.data() + start_[cls]; }
   int64_t ntaps(int64_t cls) const { return start_[cls + 1] - start_[cls]; }
 
@@ -252,15 +262,40 @@ class TapClasses {
   int64_t ncol_ = 0;
 };
 
+// f(q, cls) for the pixels q of [q_lo, q_hi) (image-major, then row, column), cls their class.
+template <class F>
+inline void for_pixel_classes(const Conv2dParams& p, const TapClasses& tc, int64_t q_lo,
+                              int64_t q_hi, const F& f) {
+  const int64_t S = p.oh * p.ow;
+  int64_t oh = q_lo % S / p.ow, ow = q_lo % p.ow, r = tc.row(oh);
+  for (int64_t q = q_lo; q < q_hi; ++q) {
+    f(q, r + tc.col(ow));
+    if (++ow == p.ow) {
+      ow = 0;
+      oh = oh + 1 == p.oh ? 0 : oh + 1;
+      r = tc.row(oh);
+    }
+  }
+}
+
 // ord[0..q_hi - q_lo) = the pixels q - q_lo of [q_lo, q_hi) class by class (each class's in q
-// order), end[cls] = where class cls's run ends in ord (counting sort; count: tc.count() + 1).
+// order), classes of fewer than MP pixels here merged into the remainder (index ncls =
+// tc.count()); end[cls] = where class cls's run ends in ord, cls <= ncls (a counting sort; cnt:
+// ncls + 1 counts of scratch, end: ncls + 1).
 inline void order_by_class(const Conv2dParams& p, const TapClasses& tc, int64_t q_lo,
-                           int64_t q_hi, int64_t* ord, int64_t* end) {
-  const int64_t S = p.oh * p.ow, ncls = tc.count();
-  std::fill(end, end + ncls + 1, int64_t(0));
-  for (int64_t q = q_lo; q < q_hi; ++q) ++end[tc.of(q % S / p.ow, q % p.ow) + 1];
-  for (int64_t c = 0; c < ncls; ++c) end[c + 1] += end[c];  // end[c]: class c's start
-  for (int64_t q = q_lo; q < q_hi; ++q) ord[end[tc.of(q % S / p.ow, q % p.ow)]++] = q - q_lo;
+                           int64_t q_hi, int64_t* ord, int64_t* cnt, int64_t* end) {
+  const int64_t ncls = tc.count();
+  std::fill(cnt, cnt + ncls + 1, int64_t(0));
+  for_pixel_classes(p, tc, q_lo, q_hi, [&](int64_t, int64_t c) { ++cnt[c]; });
+  for (int64_t c = 0; c < ncls; ++c)
+    if (cnt[c] < MP) cnt[ncls] += cnt[c], cnt[c] = -1;  // -1: merged into the remainder
+  for (int64_t c = 0, at = 0; c <= ncls; ++c) {  // end[c]: class c's start, for now
+    end[c] = at;
+    at += std::max<int64_t>(cnt[c], 0);
+  }
+  for_pixel_classes(p, tc, q_lo, q_hi, [&](int64_t q, int64_t c) {
+    ord[end[cnt[c] < 0 ? ncls : c]++] = q - q_lo;
+  });
 }
 
 // pix[q - q_lo] = output pixel q's first x element (tap 0, channel 0) in xp, for q in
@@ -352,8 +387,9 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
     T* xp = tl_nx.get_as<T>(imgs * Hp * Wp * cg);
     T* yp = tl_ny.get_as<T>(part_q * kpad);  // the part's pixels from q_lo
     const T** pix = tl_np.get_as<const T*>(part_q);
-    int64_t* ord = tl_no.get_as<int64_t>(part_q + ncls + 1);  // then the class ends
-    int64_t* cend = ord + part_q;
+    int64_t* ord = tl_no.get_as<int64_t>(part_q + 2 * (ncls + 1));  // then counts, class ends
+    int64_t* cnt = ord + part_q;
+    int64_t* cend = cnt + ncls + 1;
     int64_t filled = -1;  // the (block, group) now in xp
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t bg = task / parts, part = task % parts, g = bg % G, blk = bg / G;
@@ -366,12 +402,12 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
       const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
       const int64_t q_lo = t0 * MP, q_hi = std::min(np, t1 * MP);
       pixel_bases(p, static_cast<const T*>(xp), Hp, Wp, cg, q_lo, q_hi, pix);
-      order_by_class(p, tc, q_lo, q_hi, ord, cend);
+      order_by_class(p, tc, q_lo, q_hi, ord, cnt, cend);
       for (int64_t kb = 0; kb < nkb; ++kb) {
         const T* wk = wp + (g * nkb + kb) * taps * cg * NKB;
         const T* bk = bp ? bp + (g * nkb + kb) * NKB : nullptr;
         for (int64_t c0 = 0; c0 < cg; c0 += cb)
-          for (int64_t cls = 0, i0 = 0; cls < ncls; i0 = cend[cls++])
+          for (int64_t cls = 0, i0 = 0; cls <= ncls; i0 = cend[cls++])
             for (int64_t i = i0; i < cend[cls]; i += MP) {  // tiles of one class's pixels
               const int mp = static_cast<int>(std::min<int64_t>(MP, cend[cls] - i));
               const T* a[MP];
@@ -505,8 +541,8 @@ bool nhwc_mid_map_preferred(const Conv2dParams& p) {
   // forward. Forced against those (2 threads, Zen 3; RESULTS.md,
   // section 2026-12-06 05:36), over 64-512 channels, 1-10 images: the channels-minor kernel won
   // 16 of 17 forwards (1.01-1.74x) and 16 of 17 input gradients (1.02-1.39x); it lost both
-  // passes of one image of 14x14 over 256 channels (0.82x / 0.96x: GEMM's small-map case, taken
-  // out as for the input gradient, gemm_small_map_input_preferred); with 2x more or fewer output
+  // passes of one image of 14x14 over 256 channels (0.82x / 0.96x against GEMM: taken out below,
+  // at most 256 pixels in the batch over 256 channels or more); with 2x more or fewer output
   // channels (64 <-> 128 on 28x28, 128 <-> 256 on 14x14) it won all 8 passes (1.04-1.39x).
   // Taken only as measured: padding 1, maps of 10x10 to 784 pixels, 64-512 channels a side
   // within 2x, and fewer than 256 tiles (Winograd's floor: where it declines for other reasons,
