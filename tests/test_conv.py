@@ -2699,6 +2699,7 @@ NHWC_CLASS_CASES = [
     ((1, 16, 9, 9), (32, 16, 3, 3), dict(stride=2, padding=1)),
     ((1, 24, 7, 7), (40, 24, 3, 3), dict(padding=1)),
     ((1, 8, 8, 8), (16, 8, 5, 5), dict(padding=2)),    # 25 classes, 24 of under 6 pixels
+    ((2, 8, 2, 2), (8, 8, 3, 3), dict(padding=3, dilation=3)),  # taps no pixel reaches x by
 ]
 
 
@@ -2706,9 +2707,10 @@ NHWC_CLASS_CASES = [
 @pytest.mark.parametrize("case", range(len(NHWC_CLASS_CASES)))
 def test_nhwc_skips_padding_taps(cpu_path, case, dtype):
     """Forced "nhwc": output and both gradients against torch where border pixels have fewer taps
-    inside x than interior ones (the input gradient of stride 1 runs the same forward kernel), at
-    1 thread and at 3 (a task's pixels split in parts: classes of fewer pixels than a register
-    tile then go to the remainder of every tap)."""
+    inside x than interior ones (the input gradient of stride 1 runs the same forward kernel; the
+    weight gradient sums each tap over the pixels it reaches x from), at 1 thread and at 3 (a
+    task's pixels split in parts: classes of fewer pixels than a register tile then go to the
+    remainder of every tap)."""
     xs, ws, kw = NHWC_CLASS_CASES[case]
     g = torch.Generator().manual_seed(case)
     x = torch.randn(*xs, generator=g, dtype=dtype)
@@ -2747,8 +2749,8 @@ def test_auto_choice_nhwc(cpu_path):
     #   and 1024 pixels in the batch.
     # - AVX2: at least 16 input channels and 32 to 4x as many output channels with 16-wide
     #   panels at most 1/8 empty; stride 1 onto maps of at most 8x8 outputs (ahead of Winograd up
-    #   to 128 channels), or stride 2 (no dilation) onto 4x4 outputs and more; never the weight
-    #   gradient.
+    #   to 128 channels), or stride 2 (no dilation) onto 4x4 outputs and more; the weight
+    #   gradient as AVX-512's but on maps of at most 4x4 outputs.
     # - the portable build: never.
     # - AVX-512: never the input gradient that GEMM's small-map path takes
     #   (gemm_small_map_input_preferred: at most 256 output pixels in the batch on maps of at most
@@ -2769,10 +2771,12 @@ def test_auto_choice_nhwc(cpu_path):
                      ((16, 128, 4, 4), (128, 128, 3, 3), dict(padding=1)),
                      ((16, 64, 8, 8), (64, 64, 5, 5), dict(padding=2))):
         check(x, w, "fi", both, **kw)
-        check(x, w, "w", x512, **kw)
+        # (the weight gradient on AVX2: maps of at most 16 pixels, nhwc_weight_preferred)
+        check(x, w, "w", both if x[2] * x[3] <= 16 else x512, **kw)
     # the input gradient of 4x4 maps over 256 channels or more, and of smaller maps, goes to
     # GEMM's small-map path on the AVX-512 build (conv_gemm.cpp, gemm_small_map_input_preferred)
-    check((16, 256, 4, 4), (256, 256, 3, 3), "w", x512, padding=1)
+    check((16, 256, 4, 4), (256, 256, 3, 3), "w", both, padding=1)
+    check((16, 512, 4, 4), (512, 512, 3, 3), "w", none, padding=1)   # over 256 channels
     check((16, 256, 4, 4), (256, 256, 3, 3), "f", both, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "i", x2, padding=1)
     # AVX2: 3x3 stride-1 maps of 65-784 pixels that Winograd declined (under 256 tiles), 64 or

@@ -14,11 +14,12 @@
 // tile's pixels may span rows and images: small maps with many channels are what it serves.
 // y is written from a per-task pixel-major buffer by a transposing copy.
 // Register tiles hold pixels of one class of taps that land inside x (TapClasses): padding's
-// zeros are not multiplied, except by the remainder's tiles (pixels of small classes).
-// Non-finite values: those tiles meet xp's zero padding with every weight, as the im2col path
-// does, so conv.cpp's forward guard (an inf/NaN weight with padding runs the reference loops)
-// applies as before; in the weight gradient xp meets gy's border band, which conv.cpp's
-// border_nonfinite guard redoes on the reference loops as for GEMM.
+// zeros are not multiplied, except by the remainder's tiles (pixels of small classes); the weight
+// gradient sums each tap over the pixels whose tap lands inside x only (tap_pixels).
+// Non-finite values: the remainder's tiles meet xp's zero padding with every weight, as the
+// im2col path does, so conv.cpp's forward guard (an inf/NaN weight with padding runs the
+// reference loops) applies as before; its border_nonfinite guard on the weight gradient (gy's
+// border band against padding) no longer finds anything to redo here, and is kept.
 // Forward threads split tasks (a block of images, a group, a share of the block's pixel tiles);
 // each output element is one task's, its products summed in kernel-tap order: the result does
 // not depend on the thread count (up to the sign of an exact zero: a pixel merged into the
@@ -441,17 +442,18 @@ constexpr int64_t kWChunk = 128;
 // Images per block of the weight gradient: their xp and pixel-major gy within this.
 constexpr int64_t kWBlockBytes = int64_t(4) << 20;
 
-// g[m * ldg + v * L + l] (+)= sum over q < nq of gyt[q * ldk + m] * a[q][off + v * L + l] for
-// m < mk: the tile starts from zero when `first`, else from g.
+// g[m * ldg + v * L + l] (+)= sum over the pixels q = qs[0..nq) of gyt[q * ldk + m] *
+// a[q][off + v * L + l] for m < mk: the tile starts from zero when `first`, else from g.
 template <class T, int mk>
-void wtile(const T* const* a, int64_t off, int64_t nq, const T* gyt, int64_t ldk, bool first,
-           T* g, int64_t ldg) {
+void wtile(const T* const* a, int64_t off, const int32_t* qs, int64_t nq, const T* gyt,
+           int64_t ldk, bool first, T* g, int64_t ldg) {
   using V = typename IVec<T>::V;
   constexpr int64_t L = IVec<T>::L;
   V acc[mk][NV];
   for (int m = 0; m < mk; ++m)
     for (int v = 0; v < NV; ++v) acc[m][v] = first ? V{} : IVec<T>::load(g + m * ldg + v * L);
-  for (int64_t q = 0; q < nq; ++q) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t q = qs[i];
     const T* aq = a[q] + off;
     V xv[NV];
     for (int v = 0; v < NV; ++v) xv[v] = IVec<T>::load(aq + v * L);
@@ -465,8 +467,30 @@ void wtile(const T* const* a, int64_t off, int64_t nq, const T* gyt, int64_t ldk
     for (int v = 0; v < NV; ++v) IVec<T>::store(g + m * ldg + v * L, acc[m][v]);
 }
 
+// qs[0..return) = the pixels q < ni * S (ni images of S = oh * ow outputs) whose tap (i, j) lands
+// inside x, in q order: the weight gradient's sum for that tap skips padding's zeros.
+inline int64_t tap_pixels(const Conv2dParams& p, int64_t ni, int64_t i, int64_t j, int32_t* qs) {
+  auto range = [](int64_t n, int64_t s, int64_t d, int64_t pad, int64_t size, int64_t t,
+                  int64_t* lo, int64_t* hi) {  // outputs o with o * s + t * d - pad in [0, size)
+    const int64_t first = pad - t * d;  // o * s >= first
+    *lo = first <= 0 ? 0 : std::min(n, (first + s - 1) / s);
+    const int64_t last = size - 1 + pad - t * d;  // o * s <= last
+    *hi = last < 0 ? *lo : std::clamp(last / s + 1, *lo, n);
+  };
+  int64_t r0, r1, c0, c1;
+  range(p.oh, p.sh, p.dh, p.ph, p.h, i, &r0, &r1);
+  range(p.ow, p.sw, p.dw, p.pw, p.w, j, &c0, &c1);
+  const int64_t S = p.oh * p.ow;
+  int64_t n = 0;
+  for (int64_t img = 0; img < ni; ++img)
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = c0; c < c1; ++c) qs[n++] = static_cast<int32_t>(img * S + r * p.ow + c);
+  return n;
+}
+
 template <class T>
-using WTileFn = void (*)(const T* const*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t);
+using WTileFn = void (*)(const T* const*, int64_t, const int32_t*, int64_t, const T*, int64_t,
+                         bool, T*, int64_t);
 template <class T>
 struct WTiles {
   using Fn = WTileFn<T>;
@@ -476,7 +500,7 @@ struct WTiles {
   }
 };
 
-thread_local ScratchBuffer tl_wx, tl_wy, tl_wg, tl_wq;
+thread_local ScratchBuffer tl_wx, tl_wy, tl_wg, tl_wq, tl_wt;
 
 }  // namespace
 
@@ -566,9 +590,17 @@ bool nhwc_weight_preferred(const Conv2dParams& p) {
   // rows, 64 channels per pixel, are reread from L2 by every block of 6 output channels); 14x14
   // maps and stride 2 swung around even between runs: not taken.
   // The AVX2 build: GEMM tied or won (16x256x4x4 even, 16x128x8x8 and 16x512x2x2 lost;
-  // section 2026-12-03 15:16): not taken.
+  // section 2026-12-03 15:16) until the kernel summed each tap over the pixels it reaches x from
+  // (tap_pixels: 100 of 144 products on a padded 4x4 map). Forced again on the Zen 4 VM
+  // (RESULTS.md, 2026-12-06 15:04) against the implicit kernel and GEMM: maps of at most 4x4
+  // over up to 256 channels each way won (8-64 images; 1.07-1.40x the better of the two), over
+  // 512 lost or tied (0.56-1.02x), 8x8 lost or tied with the implicit kernel: taken for stride
+  // 1, at most 16 output pixels, 256 channels each way and 1024 pixels in the batch.
 #if defined(__AVX512F__)
   return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 64 &&
+         p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 16 &&
          p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
 #else
   (void)p;
@@ -637,11 +669,16 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   const int64_t xp_len = imgs * Hp * Wp * cg;
   const TrimOnExit trim_x(tl_wx, kKeepBytes), trim_y(tl_wy, kKeepBytes);
   const TrimOnExit trim_g(tl_wg, kKeepBytes), trim_q(tl_wq, kKeepBytes);
+  const TrimOnExit trim_t(tl_wt, kKeepBytes);
   T* const xp = tl_wx.get_as<T>(xp_len + NKB);
   std::fill(xp + xp_len, xp + xp_len + NKB, T(0));  // slack: the last block's dropped columns
   T* const gyt = tl_wy.get_as<T>(imgs * S * kg);
   T* const gwp = tl_wg.get_as<T>(G * taps * kg * cgp);
   const T** const pix = tl_wq.get_as<const T*>(imgs * S);
+  // tq[t * imgs * S ..]: tap t's pixels (tap_pixels), tcount[t] of them; a block's q fit int32
+  const int64_t tq_len = (taps * imgs * S + 1) / 2 * 2;  // (even: tcount 8-byte aligned)
+  int32_t* const tq = tl_wt.get_as<int32_t>(tq_len + 2 * taps);
+  int64_t* const tcount = reinterpret_cast<int64_t*>(tq + tq_len);
   const TapOffsets offs(p, Wp, cg);
   const int64_t* const toff = offs.get();
   const auto& fns = TileTable<WTiles<T>, MK, 1>::get();
@@ -657,6 +694,9 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
         }
       });
       pixel_bases(p, static_cast<const T*>(xp), Hp, Wp, cg, 0, np, pix);
+      // each tap's pixels whose tap lands inside x (tap_pixels), listed once per block
+      for (int64_t t = 0; t < taps; ++t)
+        tcount[t] = tap_pixels(p, ni, t / p.kw, t % p.kw, tq + t * np);
       // tasks (tap, channel block, share of the output channels): the shares bring the tasks to
       // 4 per thread where the taps x blocks are fewer (9 x 1 on 2 threads ran 5 + 4)
       const int64_t nkblk = (kg + MK - 1) / MK;
@@ -670,11 +710,15 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
           const int64_t k_lo = nkblk * kp / kparts * MK;
           const int64_t k_hi = std::min(kg, nkblk * (kp + 1) / kparts * MK);
           T* gt = gwp + ((g * taps + t) * kg) * cgp + cb * NKB;
-          for (int64_t q0 = 0; q0 < np; q0 += kWChunk) {
-            const int64_t nq = std::min(kWChunk, np - q0);
+          const int32_t* qs = tq + t * np;
+          const int64_t nt = tcount[t];
+          if (nt == 0 && n0 == 0)  // no pixel reaches x through this tap (in any block): zero
+            for (int64_t k = k_lo; k < k_hi; ++k) std::fill_n(gt + k * cgp, NKB, T(0));
+          for (int64_t i0 = 0; i0 < nt; i0 += kWChunk) {
+            const int64_t nq = std::min(kWChunk, nt - i0);
             for (int64_t k0 = k_lo; k0 < k_hi; k0 += MK) {
               const int mk = static_cast<int>(std::min<int64_t>(MK, kg - k0));
-              fns[mk - 1][0](pix + q0, off, nq, gyt + q0 * kg + k0, kg, n0 == 0 && q0 == 0,
+              fns[mk - 1][0](pix, off, qs + i0, nq, gyt + k0, kg, n0 == 0 && i0 == 0,
                              gt + k0 * cgp, cgp);
             }
           }
