@@ -2511,6 +2511,7 @@ def test_conv2d_nonfinite_weight_or_grad_as_the_reference_loops(cpu_path, algo):
                 gy = torch.rand(TF.conv2d(x, w.nan_to_num(), **kw).shape, generator=gen,
                                 dtype=dtype) - 0.5
                 gy[0, 0, 0, 0] = bad
+                gy[-1, -1, -1, -1] = bad   # (the bottom-right border band too)
                 wf = w.nan_to_num(posinf=0.5, neginf=-0.5, nan=0.25)
                 # inf/NaN weight: forward and input gradient; inf/NaN gy: weight gradient
                 got = run(algo, x, w, gy, kw)
@@ -2721,6 +2722,7 @@ def test_nhwc_skips_padding_taps(cpu_path, case, dtype):
     fastdl.ops.set_conv_algorithm("nhwc")
     try:
         assert ops_conv.conv2d_algorithm(x, w, **kw) == "nhwc"
+        assert ops_conv.conv2d_algorithm(x, w, pass_="weight", **kw) == "nhwc"
         if kw.get("stride", 1) == 1:
             assert ops_conv.conv2d_algorithm(x, w, pass_="input", **kw) == "nhwc"
         for n_threads in (1, 3):
@@ -2750,7 +2752,7 @@ def test_auto_choice_nhwc(cpu_path):
     # - AVX2: at least 16 input channels and 32 to 4x as many output channels with 16-wide
     #   panels at most 1/8 empty; stride 1 onto maps of at most 8x8 outputs (ahead of Winograd up
     #   to 128 channels), or stride 2 (no dilation) onto 4x4 outputs and more; the weight
-    #   gradient as AVX-512's but on maps of at most 4x4 outputs.
+    #   gradient of padded 3x3 stride-1 layers onto at most 4x4 outputs over 128-256 channels.
     # - the portable build: never.
     # - AVX-512: never the input gradient that GEMM's small-map path takes
     #   (gemm_small_map_input_preferred: at most 256 output pixels in the batch on maps of at most
@@ -2771,12 +2773,19 @@ def test_auto_choice_nhwc(cpu_path):
                      ((16, 128, 4, 4), (128, 128, 3, 3), dict(padding=1)),
                      ((16, 64, 8, 8), (64, 64, 5, 5), dict(padding=2))):
         check(x, w, "fi", both, **kw)
-        # (the weight gradient on AVX2: maps of at most 16 pixels, nhwc_weight_preferred)
-        check(x, w, "w", both if x[2] * x[3] <= 16 else x512, **kw)
+        # (the weight gradient on AVX2: 3x3 onto maps of at most 4x4, nhwc_weight_preferred)
+        check(x, w, "w", both if x[2] <= 4 and w[2] == 3 else x512, **kw)
     # the input gradient of 4x4 maps over 256 channels or more, and of smaller maps, goes to
     # GEMM's small-map path on the AVX-512 build (conv_gemm.cpp, gemm_small_map_input_preferred)
     check((16, 256, 4, 4), (256, 256, 3, 3), "w", both, padding=1)
+    # the AVX2 build's weight rule as measured only: 3x3, padding, stride 1, at most 4x4 outputs,
+    # 128-256 channels each way, at most 1024 pixels
     check((16, 512, 4, 4), (512, 512, 3, 3), "w", none, padding=1)   # over 256 channels
+    check((128, 128, 4, 4), (128, 128, 3, 3), "w", none, padding=1)  # 2048 pixels
+    check((16, 64, 4, 4), (64, 64, 3, 3), "w", x512, padding=1)      # under 128 (AVX-512: 64+)
+    check((16, 128, 6, 6), (128, 128, 3, 3), "w", x512, padding=0)   # no padding
+    check((16, 128, 2, 8), (128, 128, 3, 3), "w", x512, padding=1)   # 2x8, not 4x4
+    check((16, 128, 8, 8), (128, 128, 3, 3), "w", none, stride=2, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "f", both, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "i", x2, padding=1)
     # AVX2: 3x3 stride-1 maps of 65-784 pixels that Winograd declined (under 256 tiles), 64 or

@@ -238,7 +238,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
 // Non-finite values against the zero padding. Padded taps contribute nothing here: a fast path
 // that would multiply padded zeros by an inf/NaN (im2col and the direct kernels' padded planes:
 // a weight in the forward and input gradient, gy in the weight gradient; the phases' bordered
-// gy) gives way to the reference loops, which skip those taps. (torch differs by its internal
+// gy) gives way to the reference loops, which skip those taps. (The channels-minor weight
+// gradient skips them itself; its forward only partly: small classes' remainder tiles.) (torch differs by its internal
 // path: its oneDNN and depthwise kernels skip them too, its im2col and float64 paths give NaN.)
 // Winograd is worse: its transforms mix all 16 products of a tile (and inf - inf in G g G^T),
 // so an inf/NaN weight, input or gradient spoils whole tiles, padding or not, and sums of huge
@@ -405,9 +406,11 @@ void backward_weight_typed(const Conv2dParams& p, const T* x, const T* gy, T* gw
   }
   // An inf/NaN in gw comes from inf/NaN in x or gy; the fast result differs from the reference
   // loops only where such a gy value meets padding (the border band), or anywhere on Winograd.
+  // The channels-minor kernel sums each tap over the pixels it reaches x from only (as the
+  // reference loops): nothing to redo.
   const bool wino = algo == ConvAlgo::Winograd;
-  if ((wino || reads_padding(p)) && any_nonfinite(gw, weight_count(p)) &&
-      (wino || border_nonfinite(p, gy)))
+  if ((wino || (algo != ConvAlgo::Nhwc && reads_padding(p))) &&
+      any_nonfinite(gw, weight_count(p)) && (wino || border_nonfinite(p, gy)))
     conv_reference_backward_weight(p, x, gy, gw);  // (the fused bias gradient is unaffected)
 }
 

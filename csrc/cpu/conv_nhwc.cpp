@@ -18,8 +18,8 @@
 // gradient sums each tap over the pixels whose tap lands inside x only (tap_pixels).
 // Non-finite values: the remainder's tiles meet xp's zero padding with every weight, as the
 // im2col path does, so conv.cpp's forward guard (an inf/NaN weight with padding runs the
-// reference loops) applies as before; its border_nonfinite guard on the weight gradient (gy's
-// border band against padding) no longer finds anything to redo here, and is kept.
+// reference loops) applies as before; the weight gradient never meets padding, so conv.cpp
+// does not redo it (its border_nonfinite guard skips this kernel).
 // Forward threads split tasks (a block of images, a group, a share of the block's pixel tiles);
 // each output element is one task's, its products summed in kernel-tap order: the result does
 // not depend on the thread count (up to the sign of an exact zero: a pixel merged into the
@@ -593,15 +593,19 @@ bool nhwc_weight_preferred(const Conv2dParams& p) {
   // section 2026-12-03 15:16) until the kernel summed each tap over the pixels it reaches x from
   // (tap_pixels: 100 of 144 products on a padded 4x4 map). Forced again on the Zen 4 VM
   // (RESULTS.md, 2026-12-06 15:04) against the implicit kernel and GEMM: maps of at most 4x4
-  // over up to 256 channels each way won (8-64 images; 1.07-1.40x the better of the two), over
-  // 512 lost or tied (0.56-1.02x), 8x8 lost or tied with the implicit kernel: taken for stride
-  // 1, at most 16 output pixels, 256 channels each way and 1024 pixels in the batch.
+  // over 128-256 channels each way won (3x3 padding 1, 8-64 images; 1.07-1.40x the better of the
+  // two), over 512 lost or tied (0.56-1.02x), 8x8 lost or tied with the implicit kernel: taken
+  // only there (3x3, padding of at least 1, stride 1, at most 4x4 outputs, 128-256 channels each
+  // way, at most 1024 pixels in the batch; without padding nothing is skipped, and the old
+  // kernel lost to GEMM).
 #if defined(__AVX512F__)
   return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 64 &&
          p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
 #elif defined(__AVX2__) && defined(__FMA__)
-  return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.oh * p.ow <= 16 &&
-         p.c / p.groups <= 256 && p.k / p.groups <= 256 && p.n * p.oh * p.ow <= 1024;
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups;
+  return nhwc_preferred(p) && p.sh == 1 && p.sw == 1 && p.kh == 3 && p.kw == 3 && p.ph >= 1 &&
+         p.pw >= 1 && p.oh <= 4 && p.ow <= 4 && std::min(cg, kg) >= 128 && cg <= 256 &&
+         kg <= 256 && p.n * p.oh * p.ow <= 1024;
 #else
   (void)p;
   return false;
@@ -649,10 +653,12 @@ void conv_nhwc_backward_input(const Conv2dParams& p, const T* gy, const T* w, T*
 
 // The weight gradient over the same channels-minor copy: per group and block of images, x goes
 // to xp and gy to pixel-major gyt; tasks (tap, block of NKB input channels, share of whole MK
-// blocks of output channels) then sum, kWChunk pixels at a time, MK x NKB tiles of
-// gwp[g][t][k][c] (every output-channel block over each chunk while its rows are in L1); gwp is
+// blocks of output channels) then sum MK x NKB tiles of gwp[g][t][k][c] over the tap's pixels
+// that reach x (tap_pixels, listed once per call for a full block; a partial block reads a
+// prefix), kWChunk of them at a time (every output-channel block over each chunk while its
+// rows are in L1); a tap no pixel reaches x by is zeroed in the first block. gwp is
 // transposed into gw's (k, c, tap) layout at the end. Each gw element is one task's, summed over
-// the pixels in order, and tiles start at multiples of MK whatever the shares: the result does
+// its pixels in order, and tiles start at multiples of MK whatever the shares: the result does
 // not depend on the thread count. Columns c >= cg of the last channel block read the next
 // pixel's channels, the buffer's zeroed slack, or (in a partial last image block) the next image
 // slot, which an earlier block filled (block 0 is always full); those lanes never mix with the
@@ -664,8 +670,11 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   const int64_t ncb = (cg + NKB - 1) / NKB, cgp = ncb * NKB;
   const int64_t Hp = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
   const int64_t Wp = (p.ow - 1) * p.sw + (p.kw - 1) * p.dw + 1;
-  const int64_t per_img = int64_t(sizeof(T)) * (Hp * Wp * cg + S * kg);
+  // (per image: xp, gyt and the taps' pixel lists)
+  const int64_t per_img = int64_t(sizeof(T)) * (Hp * Wp * cg + S * kg) + 4 * taps * S;
   const int64_t imgs = std::max<int64_t>(1, std::min(p.n, kWBlockBytes / per_img));
+  FASTDL_CHECK(imgs * S <= INT32_MAX, "conv2d (channels-minor weight gradient): ", S,
+               " output pixels per image are more than its pixel lists index");
   const int64_t xp_len = imgs * Hp * Wp * cg;
   const TrimOnExit trim_x(tl_wx, kKeepBytes), trim_y(tl_wy, kKeepBytes);
   const TrimOnExit trim_g(tl_wg, kKeepBytes), trim_q(tl_wq, kKeepBytes);
@@ -675,10 +684,13 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
   T* const gyt = tl_wy.get_as<T>(imgs * S * kg);
   T* const gwp = tl_wg.get_as<T>(G * taps * kg * cgp);
   const T** const pix = tl_wq.get_as<const T*>(imgs * S);
-  // tq[t * imgs * S ..]: tap t's pixels (tap_pixels), tcount[t] of them; a block's q fit int32
+  // tq[t * imgs * S ..]: tap t's pixels in a full block (tap_pixels, image-major: a block of ni
+  // images reads the first ni * tcount[t] / imgs), tcount[t] of them
   const int64_t tq_len = (taps * imgs * S + 1) / 2 * 2;  // (even: tcount 8-byte aligned)
   int32_t* const tq = tl_wt.get_as<int32_t>(tq_len + 2 * taps);
   int64_t* const tcount = reinterpret_cast<int64_t*>(tq + tq_len);
+  for (int64_t t = 0; t < taps; ++t)
+    tcount[t] = tap_pixels(p, imgs, t / p.kw, t % p.kw, tq + t * imgs * S);
   const TapOffsets offs(p, Wp, cg);
   const int64_t* const toff = offs.get();
   const auto& fns = TileTable<WTiles<T>, MK, 1>::get();
@@ -694,9 +706,6 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
         }
       });
       pixel_bases(p, static_cast<const T*>(xp), Hp, Wp, cg, 0, np, pix);
-      // each tap's pixels whose tap lands inside x (tap_pixels), listed once per block
-      for (int64_t t = 0; t < taps; ++t)
-        tcount[t] = tap_pixels(p, ni, t / p.kw, t % p.kw, tq + t * np);
       // tasks (tap, channel block, share of the output channels): the shares bring the tasks to
       // 4 per thread where the taps x blocks are fewer (9 x 1 on 2 threads ran 5 + 4)
       const int64_t nkblk = (kg + MK - 1) / MK;
@@ -710,8 +719,8 @@ void conv_nhwc_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T
           const int64_t k_lo = nkblk * kp / kparts * MK;
           const int64_t k_hi = std::min(kg, nkblk * (kp + 1) / kparts * MK);
           T* gt = gwp + ((g * taps + t) * kg) * cgp + cb * NKB;
-          const int32_t* qs = tq + t * np;
-          const int64_t nt = tcount[t];
+          const int32_t* qs = tq + t * imgs * S;
+          const int64_t nt = tcount[t] / imgs * ni;  // (the same count per image)
           if (nt == 0 && n0 == 0)  // no pixel reaches x through this tap (in any block): zero
             for (int64_t k = k_lo; k < k_hi; ++k) std::fill_n(gt + k * cgp, NKB, T(0));
           for (int64_t i0 = 0; i0 < nt; i0 += kWChunk) {
