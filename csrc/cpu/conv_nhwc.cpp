@@ -217,8 +217,9 @@ class TapOffsets {
 // kernel has 9 classes of 4 to 9 taps (100 of the 144 tap products per image), a 2x2 map 4
 // classes of 4 taps (16 of 36), an 8x8 map 9 classes (484 of 576). One more class, index
 // count(), has every tap: the remainder, where a task part's classes of fewer pixels than a
-// register tile go (order_by_class), so they fill whole tiles and multiply padding's zeros (one
-// image of 8x8 under a 5x5 kernel: 25 classes, 16 of one pixel, ran 12% slower without it).
+// register tile go (order_by_class), so they fill whole tiles and multiply padding's zeros
+// (one image of 8x8 under a 5x5 kernel has 25 classes, 16 of one pixel: single-pixel tiles do a
+// third of a full tile's work per weight load).
 // Built once per call, before the threads (it allocates).
 class TapClasses {
  public:
