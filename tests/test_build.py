@@ -27,7 +27,8 @@ _AMD_AVX512_FAMILIES = {"gemm", "recurrent_forward", "optim"}
 def _expected_automatic_path(family=None):
     """The CPU path fastdl should pick with FASTDL_CPU_CAPABILITY unset, read from /proc/cpuinfo
     (not from fastdl's own detection): AVX-512 on Intel, else AVX2+FMA+F16C, else portable;
-    family (one of _FAMILIES): on AMD with AVX-512, AVX-512 for _AMD_AVX512_FAMILIES.
+    family (one of _FAMILIES): on AMD family 25 with AVX-512 (Zen 4), AVX-512 for
+    _AMD_AVX512_FAMILIES.
     The portable path in a build without the x86 kernel builds (FASTDL_X86_KERNEL_BUILDS=OFF, as
     in CI's emulation pass, or a non-x86 CPU); None where /proc/cpuinfo is missing."""
     if not _C.x86_kernel_builds():
@@ -40,15 +41,17 @@ def _expected_automatic_path(family=None):
     except OSError:
         return None
     first = text.split("\n\n")[0]
-    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+    # ("flags\t\t: fpu ...": keys padded with tabs)
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines()
+                                                if ":" in line)}
     flags = set(fields.get("flags", "").split())
-    vendor = fields.get("vendor_id", "").strip()
+    vendor = fields.get("vendor_id", "")
     if not flags:
         return None
     if {"avx2", "fma", "f16c"} <= flags:
         if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
-            if vendor == "GenuineIntel" or (vendor == "AuthenticAMD"
-                                            and family in _AMD_AVX512_FAMILIES):
+            zen4 = vendor == "AuthenticAMD" and fields.get("cpu family") == "25"
+            if vendor == "GenuineIntel" or (zen4 and family in _AMD_AVX512_FAMILIES):
                 return "avx512"
         return "avx2"
     return "default"
