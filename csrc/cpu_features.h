@@ -10,7 +10,9 @@
 // the automatic choice. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
 // namespace fastdl::FASTDL_ISA_NS; the portable compilation (FASTDL_ISA_DEFAULT) also emits the
 // dispatching entry point, e.g.
-//   void max_pool2d_cpu(const Pool2dParams& p, ...) { FASTDL_CPU_DISPATCH(Pool, max_pool2d, p, ...); }
+//   void max_pool2d_cpu(const Pool2dParams& p, ...) {
+//     FASTDL_CPU_DISPATCH(Pool, max_pool2d, p, ...);
+//   }
 // after declaring the other builds' functions with FASTDL_DECLARE_IN_X86_ISAS(decls).
 #pragma once
 

@@ -239,8 +239,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
 // that would multiply padded zeros by an inf/NaN (im2col and the direct kernels' padded planes:
 // a weight in the forward and input gradient, gy in the weight gradient; the phases' bordered
 // gy) gives way to the reference loops, which skip those taps. (The channels-minor weight
-// gradient skips them itself; its forward only partly: small classes' remainder tiles.) (torch differs by its internal
-// path: its oneDNN and depthwise kernels skip them too, its im2col and float64 paths give NaN.)
+// gradient skips them itself; its forward only partly: small classes' remainder tiles.) (torch
+// differs by its internal path: its oneDNN and depthwise kernels skip them too, its im2col and
+// float64 paths give NaN.)
 // Winograd is worse: its transforms mix all 16 products of a tile (and inf - inf in G g G^T),
 // so an inf/NaN weight, input or gradient spoils whole tiles, padding or not, and sums of huge
 // values overflow: its results are checked after the fact and redone on GEMM (or the reference

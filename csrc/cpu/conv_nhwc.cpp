@@ -594,8 +594,8 @@ bool nhwc_weight_preferred(const Conv2dParams& p) {
   // section 2026-12-03 15:16) until the kernel summed each tap over the pixels it reaches x from
   // (tap_pixels: 100 of 144 products on a padded 4x4 map). Forced again on the Zen 4 VM
   // (RESULTS.md, 2026-12-06 15:04) against the implicit kernel and GEMM: maps of at most 4x4
-  // over 128-256 channels each way won (3x3 padding 1, 8-64 images; 1.07-1.40x the better of the
-  // two), over 512 lost or tied (0.56-1.02x), 8x8 lost or tied with the implicit kernel: taken
+  // over 128-256 channels each way won (3x3 padding 1, 8-64 images), over 512 lost or tied, 8x8
+  // lost or tied with the implicit kernel: taken
   // only there (3x3, padding of at least 1, stride 1, at most 4x4 outputs, 128-256 channels each
   // way, at most 1024 pixels in the batch; without padding nothing is skipped, and the old
   // kernel lost to GEMM).
