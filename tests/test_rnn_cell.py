@@ -110,6 +110,45 @@ def test_cell_results_independent_of_thread_count(cpu_path, name, kw, dtype):
 
 
 @pytest.mark.parametrize("name,kw", CELLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_backward_streams_large_weights(cpu_path, name, kw, dtype):
+    """dx and dh over weights larger than a core's L2 (Product::packs: K x ldb x element size above
+    1 MiB, K = G*H): each thread copies a column panel's strip before that panel's row tiles.
+    (17, 320, 256): the LSTM's dx packs (1024 rows of 320 floats: 1.25 MiB) on zmm panels in
+    12-row tiles (10 + 7) on the AVX-512 build, GRU's in float64; (13, 400, 300): the LSTM's and
+    GRU's dx and dh in both dtypes; (9, 600, 580): every cell's, the Elman ones' too, with
+    scalar columns past the last whole vector (580 = 72 x 8 + 4). Against torch on 1 thread, and
+    bitwise equal at 2 and 3."""
+    lstm = name == "LSTMCell"
+    before = fastdl.get_num_threads()
+    try:
+        for B, I, H in [(17, 320, 256), (13, 400, 300), (9, 600, 580)]:
+            ours, theirs = _pair(name, kw, I, H, True, dtype)
+            x = rand(B, I, dtype=dtype, requires_grad=True)
+            h = rand(B, H, dtype=dtype, requires_grad=True)
+            c = rand(B, H, dtype=dtype, requires_grad=True)
+            hx = (h, c) if lstm else h
+            leaves = [x, h] + ([c] if lstm else [])
+            gs = [rand(B, H, dtype=dtype) for _ in range(2 if lstm else 1)]
+            ob = _tuple(theirs(x, hx))
+            gb = torch.autograd.grad(ob, leaves + list(theirs.parameters()), gs)
+            runs = []
+            for n in (1, 2, 3):
+                fastdl.set_num_threads(n)
+                oa = _tuple(ours(x, hx))
+                ga = torch.autograd.grad(oa, leaves + list(ours.parameters()), gs)
+                runs.append([t.detach() for t in oa] + list(ga))
+            what = f"{name} {kw} {B}x{I}->{H} {dtype} {cpu_path}"
+            for u, v in zip(runs[0], list(ob) + list(gb)):
+                assert_close(u, v, reduction=(I + H) * B, what=what)
+            for n, run in zip((2, 3), runs[1:]):
+                for u, v in zip(runs[0], run):
+                    assert torch.equal(u, v), f"{what}: {n} threads differ from 1"
+    finally:
+        fastdl.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name,kw", CELLS)
 def test_cell_kernels_match_layer_kernels(cpu_path, name, kw):
     """The cell kernels against fastdl's layer kernels for one step (a separate implementation:
     packed W_hh panels, the input projection as one GEMM), forward and backward, float64."""

@@ -51,7 +51,7 @@ namespace fastdl {
 namespace FASTDL_ISA_NS {
 namespace {
 
-thread_local ScratchBuffer tl_cell_t, tl_cell_g;
+thread_local ScratchBuffer tl_cell_t, tl_cell_g, tl_cell_strip;
 
 // The products' vector: VB bytes (32: a ymm, two xmm on the portable build; 64: a zmm, on the
 // AVX-512 build only, where the product's vectorised dimension fills it: kWideBytes).
@@ -158,6 +158,15 @@ void tall_rows_upto(int64_t mr, int64_t nv, int64_t K, const T* a, int64_t as_i,
 // vectors spread evenly (5 zmm as 3 + 2, not 4 + 1): 4 zmm had run as 3 + 1, a 4-accumulator
 // tile doing a quarter of the work at its FMA latency's bound. Tall products (below) of more
 // than 4 rows take row tiles of up to 12 x 2 zmm instead.
+// One thread's copy of a column panel of a product's B: K rows of the panel's nv * L columns,
+// contiguous (Product::run fills it on the first of the panel's items the thread runs).
+template <class T>
+struct StripCache {
+  T* buf = nullptr;           // room for K x max_nv * lanes elements of every product that packs
+  const void* job = nullptr;  // the Product and panel it holds
+  int64_t pn = -1;
+};
+
 template <class T>
 struct Product {
   static constexpr int64_t MR = 4;
@@ -188,18 +197,33 @@ struct Product {
   int64_t panels() const { return vec_panels() + (vecs() * lanes() < N ? 1 : 0); }
   int64_t row_tiles() const { return (M + mr() - 1) / mr(); }
   int64_t items() const { return panels() * row_tiles(); }
+  // Where B (K x N, ldb apart) is the larger operand and outgrows a core's L2 (dx, dh of large
+  // cells: B is W_ih / W_hh),
+  // the items run every row tile of one column panel in turn, and a thread copies the panel's
+  // K-row strip contiguous before its first row tile: reading the strip in place, its rows
+  // shared few cache sets when ldb is a large power of two (512 floats: 2 KB apart, so the L1
+  // held 8 rows of a 4096-row strip and a 1 MB L2 a 32 KB slice), and each row tile re-read W
+  // from memory. Else every panel of one row tile in turn, in place (B cache-resident; the copy
+  // cost up to 7% there). Measured: RESULTS.md, 2026-12-06 17:43 section.
+  static constexpr int64_t kStreamBytes = int64_t(1) << 20;
+  bool packs() const {
+    return N > M && K * ldb * int64_t(sizeof(T)) > kStreamBytes && row_tiles() > 1 &&
+           N > max_nv() * lanes();
+  }
+  int64_t strip_elems() const { return packs() ? K * max_nv() * lanes() : 0; }
   int64_t item_flops() const { return 2 * mr() * max_nv() * lanes() * K; }
 
-  void run(int64_t it) const {
-    if (wide()) run_as<kWideBytes>(it);
-    else run_as<kVecBytes>(it);
+  void run(int64_t it, StripCache<T>* cache) const {
+    if (wide()) run_as<kWideBytes>(it, cache);
+    else run_as<kVecBytes>(it, cache);
   }
 
   template <int VB>
-  void run_as(int64_t it) const {
+  void run_as(int64_t it, StripCache<T>* cache) const {
     constexpr int64_t L = PVec<T, VB>::L;
     // row tile rt: rows [i0, i0 + mr), the tiles balanced (32 rows in 12-row tiles: 10, 11, 11)
-    const int64_t pn = it % panels(), rt = it / panels();
+    const int64_t pn = packs() ? it / row_tiles() : it % panels();
+    const int64_t rt = packs() ? it % row_tiles() : it / panels();
     const int64_t i0 = M * rt / row_tiles(), mr = M * (rt + 1) / row_tiles() - i0;
     if (pn >= vec_panels()) {  // the scalar columns
       for (int64_t i = i0; i < i0 + mr; ++i)
@@ -215,14 +239,25 @@ struct Product {
                                       : std::min<int64_t>(3, vecs() - v0);
     const T* ai = a + i0 * as_i;
     const T* bn = b + v0 * L;
+    int64_t ldbn = ldb;
+    if (packs()) {
+      const int64_t w = nv * L;
+      if (cache->job != this || cache->pn != pn) {
+        for (int64_t k = 0; k < K; ++k) std::copy(bn + k * ldb, bn + k * ldb + w, cache->buf + k * w);
+        cache->job = this;
+        cache->pn = pn;
+      }
+      bn = cache->buf;
+      ldbn = w;
+    }
     T* o = out + i0 * ldo + v0 * L;
     if constexpr (VB > kVecBytes) {
       if (tall_tiles()) {
-        tall_rows_upto<T, VB, kTallRows>(mr, nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate);
+        tall_rows_upto<T, VB, kTallRows>(mr, nv, K, ai, as_i, as_k, bn, ldbn, o, ldo, accumulate);
         return;
       }
     }
-    product_rows_upto<T, VB, MR>(mr, nv, K, ai, as_i, as_k, bn, ldb, o, ldo, accumulate);
+    product_rows_upto<T, VB, MR>(mr, nv, K, ai, as_i, as_k, bn, ldbn, o, ldo, accumulate);
   }
 };
 
@@ -238,14 +273,15 @@ int64_t products_flops(const Product<T>* jobs, int n) {
 }
 
 template <class T>
-void products_part(const Product<T>* jobs, int n, int64_t flops, int64_t t, int64_t parts) {
+void products_part(const Product<T>* jobs, int n, int64_t flops, int64_t t, int64_t parts,
+                   StripCache<T>* cache) {
   const int64_t f0 = flops * t / parts, f1 = flops * (t + 1) / parts;
   int64_t before = 0;
   for (int j = 0; j < n; ++j) {
     const int64_t c = std::max<int64_t>(1, jobs[j].item_flops()), m = jobs[j].items();
     const int64_t i0 = std::min(m, std::max<int64_t>(0, (f0 - before + c - 1) / c));
     const int64_t i1 = std::min(m, std::max<int64_t>(0, (f1 - before + c - 1) / c));
-    for (int64_t i = i0; i < i1; ++i) jobs[j].run(i);
+    for (int64_t i = i0; i < i1; ++i) jobs[j].run(i, cache);
     before += m * c;
   }
 }
@@ -763,11 +799,20 @@ void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   // ~16 per element (its sigmoid/tanh) for the calls that want no product.
   const int64_t flops = products_flops(jobs, n);
   const int64_t work = std::max<int64_t>(flops, B * GH * 16);
-  parallel_team(std::max<int64_t>(1, work / 65536), [&](const Team& team) {
+  const int64_t max_threads = std::max<int64_t>(1, work / 65536);
+  // each thread's strip copy (Product::packs), allocated here, before the team
+  int64_t strip = 0;
+  for (int j = 0; j < n; ++j) strip = std::max(strip, jobs[j].strip_elems());
+  strip = (strip + 15) / 16 * 16;  // (whole cache lines per thread)
+  T* strips = strip ? tl_cell_strip.get_as<T>(strip * std::min<int64_t>(max_threads, get_num_threads()))
+                    : nullptr;
+  parallel_team(max_threads, [&](const Team& team) {
     const int64_t t = team.tid, nt = team.nthr;
     gate_gradient_rows<T>(p, a, dgx, dgh, dh_acc, B * t / nt, B * (t + 1) / nt);
     team.barrier();
-    products_part(jobs, n, flops, t, nt);
+    StripCache<T> cache;
+    cache.buf = strips ? strips + t * strip : nullptr;
+    products_part(jobs, n, flops, t, nt, &cache);
     const int64_t c0 = GH * t / nt, c1 = GH * (t + 1) / nt;
     if (db_ih) column_sums(dgx, B, GH, db_ih, c0, c1);
     if (db_hh) {
