@@ -9,6 +9,7 @@
 // Python (python/fastdl/ops/rnn.py, cell_cpu_forward / cell_cpu_backward) checks every operand's
 // dtype, device, shape and contiguity before these read raw memory.
 #pragma once
+#include <atomic>
 
 #include "rnn.h"
 
@@ -52,5 +53,8 @@ inline void check_rnn_cell_params(const RnnCellParams& p) {
 
 void rnn_cell_forward_cpu(const RnnCellParams& p, const RnnCellForwardArgs& a);
 void rnn_cell_backward_cpu(const RnnCellParams& p, const RnnCellBackwardArgs& a);
+// Backward calls (every build) whose dx or dh copied column strips of the weights
+// (csrc/cpu/rnn_cell.cpp, Product::packs): tests check that their shapes reach that path.
+std::atomic<int64_t>& rnn_cell_strip_copy_count();
 
 }  // namespace fastdl

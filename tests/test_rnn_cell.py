@@ -114,15 +114,20 @@ def test_cell_results_independent_of_thread_count(cpu_path, name, kw, dtype):
 def test_cell_backward_streams_large_weights(cpu_path, name, kw, dtype):
     """dx and dh over weights larger than a core's L2 (Product::packs: K x ldb x element size above
     1 MiB, K = G*H): each thread copies a column panel's strip before that panel's row tiles.
-    (17, 320, 256): the LSTM's dx packs (1024 rows of 320 floats: 1.25 MiB) on zmm panels in
-    12-row tiles (10 + 7) on the AVX-512 build, GRU's in float64; (13, 400, 300): the LSTM's and
-    GRU's dx and dh in both dtypes; (9, 600, 580): every cell's, the Elman ones' too, with
-    scalar columns past the last whole vector (580 = 72 x 8 + 4). Against torch on 1 thread, and
-    bitwise equal at 2 and 3."""
+    (17, 320, 256): the LSTM's dx (1024 rows of 320 floats: 1.25 MiB; zmm tiles of 8 + 9 rows on
+    the AVX-512 build) and, in float64 only, its dh (float32: exactly 1 MiB, read in place) and
+    GRU's dx and dh; (13, 400, 300): the LSTM's and GRU's dx and dh in both dtypes, dh with
+    scalar columns in float32 (300 = 37 x 8 + 4); (9, 600, 580): every cell's dh and dx, the
+    Elman cells' too (dx not on the AVX-512 build in float64: one 12-row tile, nothing to
+    reuse). Against torch on 1 thread, and bitwise equal at 2 and 3; fastdl._C.rnn_cell_strip_copies
+    counts the backward calls that copied, once per run where the shape packs."""
     lstm = name == "LSTMCell"
+    packing = {(17, 320, 256): lstm or (name == "GRUCell" and dtype == torch.float64),
+               (13, 400, 300): name != "RNNCell", (9, 600, 580): True}
     before = fastdl.get_num_threads()
     try:
-        for B, I, H in [(17, 320, 256), (13, 400, 300), (9, 600, 580)]:
+        for (B, I, H), packs in packing.items():
+            copies = fastdl._C.rnn_cell_strip_copies()
             ours, theirs = _pair(name, kw, I, H, True, dtype)
             x = rand(B, I, dtype=dtype, requires_grad=True)
             h = rand(B, H, dtype=dtype, requires_grad=True)
@@ -144,6 +149,8 @@ def test_cell_backward_streams_large_weights(cpu_path, name, kw, dtype):
             for n, run in zip((2, 3), runs[1:]):
                 for u, v in zip(runs[0], run):
                     assert torch.equal(u, v), f"{what}: {n} threads differ from 1"
+            copied = fastdl._C.rnn_cell_strip_copies() - copies
+            assert copied == (3 if packs else 0), f"{what}: {copied} backward calls copied strips"
     finally:
         fastdl.set_num_threads(before)
 

@@ -3,7 +3,9 @@
 //
 // Every product here is one register-tiled kernel, tile_fma: out(i, n) += sum_k A(i, k) * B(k, n)
 // with MR rows of A broadcast one scalar at a time and NV vectors of B's row k loaded, so no
-// operand is ever packed (a one-step call cannot amortise packing the 4H x (I + H) weights).
+// operand is packed (a one-step call cannot amortise packing the 4H x (I + H) weights), except
+// the backward's dx / dh over weights above 1 MiB: a thread copies each column strip it
+// multiplies once, contiguous (Product::packs).
 // Vectors are ymm, or zmm on the AVX-512 build where they fill it: the forward for a batch over
 // one ymm, a backward product whose columns are whole zmm (measured: RESULTS.md, 2026-12-03
 // 12:19 section).
@@ -52,6 +54,9 @@ namespace FASTDL_ISA_NS {
 namespace {
 
 thread_local ScratchBuffer tl_cell_t, tl_cell_g, tl_cell_strip;
+// The strip copies (Product::packs) are freed after a call above this (a 4096-unit LSTM's are
+// 2 MB a thread), not kept for the calling thread's life.
+constexpr size_t kKeepStripBytes = size_t(4) << 20;
 
 // The products' vector: VB bytes (32: a ymm, two xmm on the portable build; 64: a zmm, on the
 // AVX-512 build only, where the product's vectorised dimension fills it: kWideBytes).
@@ -150,14 +155,6 @@ void tall_rows_upto(int64_t mr, int64_t nv, int64_t K, const T* a, int64_t as_i,
   else product_tile<T, N, 1, VB>(K, a, as_i, as_k, b, ldb, out, ldo, accumulate);
 }
 
-// One product, as items for the threads: row tiles of up to 4 rows (balanced: 10 rows as 3 + 3 +
-// 4) x a panel of whole vectors, and per row tile one item for the columns past the last whole
-// vector (scalar). Vectors are zmm (AVX-512 build) when they cover N exactly, else ymm: a zmm
-// tile would leave up to a zmm's lanes less one columns to the scalar loop. Panels hold 3 ymm (12
-// accumulators of 16 registers; the last panel the rest) or up to 4 zmm (16 of 32) with the
-// vectors spread evenly (5 zmm as 3 + 2, not 4 + 1): 4 zmm had run as 3 + 1, a 4-accumulator
-// tile doing a quarter of the work at its FMA latency's bound. Tall products (below) of more
-// than 4 rows take row tiles of up to 12 x 2 zmm instead.
 // One thread's copy of a column panel of a product's B: K rows of the panel's nv * L columns,
 // contiguous (Product::run fills it on the first of the panel's items the thread runs).
 template <class T>
@@ -167,6 +164,14 @@ struct StripCache {
   int64_t pn = -1;
 };
 
+// One product, as items for the threads: row tiles of up to 4 rows (balanced: 10 rows as 3 + 3 +
+// 4) x a panel of whole vectors, and per row tile one item for the columns past the last whole
+// vector (scalar). Vectors are zmm (AVX-512 build) when they cover N exactly, else ymm: a zmm
+// tile would leave up to a zmm's lanes less one columns to the scalar loop. Panels hold 3 ymm (12
+// accumulators of 16 registers; the last panel the rest) or up to 4 zmm (16 of 32) with the
+// vectors spread evenly (5 zmm as 3 + 2, not 4 + 1): 4 zmm had run as 3 + 1, a 4-accumulator
+// tile doing a quarter of the work at its FMA latency's bound. Tall products (below) of more
+// than 4 rows take row tiles of up to 12 x 2 zmm instead.
 template <class T>
 struct Product {
   static constexpr int64_t MR = 4;
@@ -197,17 +202,16 @@ struct Product {
   int64_t panels() const { return vec_panels() + (vecs() * lanes() < N ? 1 : 0); }
   int64_t row_tiles() const { return (M + mr() - 1) / mr(); }
   int64_t items() const { return panels() * row_tiles(); }
-  // Where B (K x N, ldb apart) is the larger operand and outgrows a core's L2 (dx, dh of large
-  // cells: B is W_ih / W_hh),
+  // dx and dh (tall: B is W_ih / W_hh) where B is the larger operand and outgrows a core's L2:
   // the items run every row tile of one column panel in turn, and a thread copies the panel's
-  // K-row strip contiguous before its first row tile: reading the strip in place, its rows
-  // shared few cache sets when ldb is a large power of two (512 floats: 2 KB apart, so the L1
-  // held 8 rows of a 4096-row strip and a 1 MB L2 a 32 KB slice), and each row tile re-read W
-  // from memory. Else every panel of one row tile in turn, in place (B cache-resident; the copy
-  // cost up to 7% there). Measured: RESULTS.md, 2026-12-06 17:43 section.
+  // K-row strip contiguous before its first row tile. Read in place, a strip's rows share few
+  // cache sets when ldb is a large power of two (512 floats: 2 KB apart, so 16 lines of the L1
+  // and a 32 KB slice of a 1 MB L2), and each row tile re-read W from memory. Else every panel
+  // of one row tile in turn, in place (B cache-resident: the copy cost up to 7% there; the
+  // weight gradients' B is x or h). Measured: RESULTS.md, 2026-12-06 17:43 section.
   static constexpr int64_t kStreamBytes = int64_t(1) << 20;
   bool packs() const {
-    return N > M && K * ldb * int64_t(sizeof(T)) > kStreamBytes && row_tiles() > 1 &&
+    return tall && N > M && K * ldb * int64_t(sizeof(T)) > kStreamBytes && row_tiles() > 1 &&
            N > max_nv() * lanes();
   }
   int64_t strip_elems() const { return packs() ? K * max_nv() * lanes() : 0; }
@@ -804,9 +808,11 @@ void cell_backward(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   int64_t strip = 0;
   for (int j = 0; j < n; ++j) strip = std::max(strip, jobs[j].strip_elems());
   strip = (strip + 15) / 16 * 16;  // (whole cache lines per thread)
-  T* strips = strip ? tl_cell_strip.get_as<T>(strip * std::min<int64_t>(max_threads, get_num_threads()))
-                    : nullptr;
-  parallel_team(max_threads, [&](const Team& team) {
+  const int64_t team_max = std::min<int64_t>(max_threads, get_num_threads());
+  T* strips = strip ? tl_cell_strip.get_as<T>(strip * team_max) : nullptr;
+  TrimOnExit trim(tl_cell_strip, kKeepStripBytes);
+  if (strip) rnn_cell_strip_copy_count().fetch_add(1, std::memory_order_relaxed);
+  parallel_team(team_max, [&](const Team& team) {
     const int64_t t = team.tid, nt = team.nthr;
     gate_gradient_rows<T>(p, a, dgx, dgh, dh_acc, B * t / nt, B * (t + 1) / nt);
     team.barrier();
@@ -850,6 +856,10 @@ void rnn_cell_forward_cpu(const RnnCellParams& p, const RnnCellForwardArgs& a) {
 }
 void rnn_cell_backward_cpu(const RnnCellParams& p, const RnnCellBackwardArgs& a) {
   FASTDL_CPU_DISPATCH(RecurrentBackward, rnn_cell_backward, p, a);
+}
+std::atomic<int64_t>& rnn_cell_strip_copy_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
 }
 #endif
 
