@@ -334,6 +334,21 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);
+  // Tests only: (count inside a ThreadCountPin, count there after set_num_threads(n), count after
+  // the pin), then the setting restored: a kernel's thread count holds for its whole call.
+  m.def("thread_count_pin_probe", [](int n) {
+    const int setting = get_num_threads();
+    int pinned, during;
+    {
+      ThreadCountPin pin;
+      pinned = get_num_threads();
+      set_num_threads(n);
+      during = get_num_threads();
+    }
+    const int after = get_num_threads();
+    set_num_threads(setting);
+    return py::make_tuple(pinned, during, after);
+  });
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_arch_list", []() { return std::string(FASTDL_CUDA_ARCHS); });
   m.def("cuda_device_count", &cuda_device_count);

@@ -15,6 +15,7 @@
 //   }
 // after declaring the other builds' functions with FASTDL_DECLARE_IN_X86_ISAS(decls).
 #pragma once
+#include "parallel.h"
 
 namespace fastdl {
 
@@ -50,9 +51,11 @@ void set_cpu_capability_for(KernelFamily f, const char* name);
 #define FASTDL_DECLARE_IN_X86_ISAS(...) \
   namespace isa_avx2 { __VA_ARGS__ }    \
   namespace isa_avx512 { __VA_ARGS__ }
-// family: a KernelFamily enumerator's name (Conv, Pool, ...).
+// family: a KernelFamily enumerator's name (Conv, Pool, ...). The call runs under a
+// ThreadCountPin (parallel.h: the pin, a temporary, lives to the end of the full expression).
 #define FASTDL_CPU_DISPATCH(family, fn, ...)                                                \
-  (::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX512 \
+  (::fastdl::ThreadCountPin{},                                                              \
+   ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX512 \
        ? ::fastdl::isa_avx512::fn(__VA_ARGS__)                                              \
    : ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX2 \
        ? ::fastdl::isa_avx2::fn(__VA_ARGS__)                                                \
@@ -61,7 +64,8 @@ void set_cpu_capability_for(KernelFamily f, const char* name);
 #define FASTDL_DECLARE_IN_X86_ISAS(...)
 // One build, but FASTDL_CPU_CAPABILITY is still read (and a bad value rejected) as on x86.
 #define FASTDL_CPU_DISPATCH(family, fn, ...)                                    \
-  ((void)::fastdl::cpu_capability(::fastdl::KernelFamily::family),             \
+  (::fastdl::ThreadCountPin{},                                                  \
+   (void)::fastdl::cpu_capability(::fastdl::KernelFamily::family),             \
    ::fastdl::isa_default::fn(__VA_ARGS__))
 #endif
 #endif

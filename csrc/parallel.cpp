@@ -120,7 +120,15 @@ void team_barrier_check(int64_t threads, int64_t crossings, int64_t throw_at, in
 
 }  // namespace detail
 
+namespace detail {
+int& pinned_threads() {
+  static thread_local int pinned = 0;
+  return pinned;
+}
+}  // namespace detail
+
 int get_num_threads() {
+  if (const int pinned = detail::pinned_threads()) return pinned;
   int n = g_num_threads.load(std::memory_order_relaxed);
   if (n <= 0) {
     n = std::max(1, omp_get_max_threads());

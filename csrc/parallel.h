@@ -15,8 +15,33 @@
 
 namespace fastdl {
 
-int get_num_threads();
+int get_num_threads();  // this thread's pinned count during a kernel call, else the setting
 void set_num_threads(int n);
+
+namespace detail {
+int& pinned_threads();  // this thread's pin (0: none)
+}  // namespace detail
+
+// Holds get_num_threads() on this thread at its value when the pin was made, for the life of the
+// pin (FASTDL_CPU_DISPATCH makes one per kernel call). Kernels size per-thread buffers by the
+// thread count before their teams start, and kernels run without the GIL, so another Python
+// thread's set_num_threads between the two reads would have given a team more threads than the
+// buffers have slots. set_num_threads takes effect from the next call. A nested pin keeps the
+// outer one's count.
+class ThreadCountPin {
+ public:
+  ThreadCountPin() : outer_(detail::pinned_threads() != 0) {
+    if (!outer_) detail::pinned_threads() = get_num_threads();
+  }
+  ~ThreadCountPin() {
+    if (!outer_) detail::pinned_threads() = 0;
+  }
+  ThreadCountPin(const ThreadCountPin&) = delete;
+  ThreadCountPin& operator=(const ThreadCountPin&) = delete;
+
+ private:
+  bool outer_;
+};
 
 // Registers the fork handler (parallel.cpp): a forked child starts at one thread, and regions it
 // opens later run from a fresh thread (GNU OpenMP's pool does not survive fork). Called once at

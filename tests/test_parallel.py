@@ -230,3 +230,25 @@ def test_team_barrier(env):
     for threads in (2, 3, 4):
         want += [f"{threads} {threads} 0", "raised True"]
     assert lines[:6] == want, r.stdout + r.stderr[-2000:]
+
+
+def test_thread_count_holds_for_a_kernel_call():
+    """A kernel call reads fastdl's thread count under a pin (parallel.h ThreadCountPin, made by
+    every CPU dispatch): set_num_threads during the call takes effect from the next call, so
+    buffers sized per thread before a team starts always have a slot for each of its threads."""
+    before = fastdl.get_num_threads()
+    assert fastdl._C.thread_count_pin_probe(before + 2) == (before, before, before + 2)
+    assert fastdl.get_num_threads() == before
+
+
+def test_every_cpu_dispatch_pins_the_thread_count():
+    """Each definition of FASTDL_CPU_DISPATCH (csrc/cpu_features.h), through which every CPU
+    kernel call passes, makes a ThreadCountPin for the call (a race between set_num_threads on
+    another Python thread and a kernel's per-thread buffers is too narrow to catch by running
+    both: a stress loop of 10 cell and LSTM calls against a toggling thread passed without the
+    pin)."""
+    text = (CSRC / "cpu_features.h").read_text()
+    bodies = re.findall(r"#define FASTDL_CPU_DISPATCH\(family, fn, \.\.\.\)((?:.*\\\n)*.*)", text)
+    assert len(bodies) == 2, bodies
+    for body in bodies:
+        assert "::fastdl::ThreadCountPin{}," in body, body
