@@ -334,20 +334,16 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);
-  // Tests only: (count inside a ThreadCountPin, count there after set_num_threads(n), count after
-  // the pin), then the setting restored: a kernel's thread count holds for its whole call.
+  // Tests only: (the count a dispatched CPU call sees at its start, the count there after
+  // set_num_threads(n), the count after the call), then the setting restored: a kernel call's
+  // thread count holds for the whole call.
   m.def("thread_count_pin_probe", [](int n) {
     const int setting = get_num_threads();
-    int pinned, during;
-    {
-      ThreadCountPin pin;
-      pinned = get_num_threads();
-      set_num_threads(n);
-      during = get_num_threads();
-    }
+    int at_start = 0, after_set = 0;
+    thread_count_probe_cpu(n, &at_start, &after_set);
     const int after = get_num_threads();
     set_num_threads(setting);
-    return py::make_tuple(pinned, during, after);
+    return py::make_tuple(at_start, after_set, after);
   });
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_arch_list", []() { return std::string(FASTDL_CUDA_ARCHS); });

@@ -78,6 +78,9 @@ bool conv2d_winograd_output_row_probe_cpu(const float* m, int64_t es, int64_t tw
 // the Winograd transforms' row buffers use): d[0, a) = 0, d[a, e) = src[0, e - a), d[e, w) = 0,
 // 0 <= a <= e <= w; touches nothing of d past w nor of src past e - a.
 void conv2d_pad_row_probe_cpu(float* d, int64_t w, int64_t a, int64_t e, const float* src);
+// Tests only: the thread count a dispatched CPU call sees at its start and after
+// set_num_threads(n) inside it (parallel.h ThreadCountPin; the caller restores the setting).
+void thread_count_probe_cpu(int n, int* at_start, int* after_set);
 
 // CUDA: float32, float16 and bfloat16 (float32 accumulation), on launch.device, asynchronous on
 // launch.stream (csrc/cuda/conv.cu). Algorithms: Gemm (implicit GEMM) and Direct (depthwise;

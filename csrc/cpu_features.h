@@ -54,7 +54,7 @@ void set_cpu_capability_for(KernelFamily f, const char* name);
 // family: a KernelFamily enumerator's name (Conv, Pool, ...). The call runs under a
 // ThreadCountPin (parallel.h: the pin, a temporary, lives to the end of the full expression).
 #define FASTDL_CPU_DISPATCH(family, fn, ...)                                                \
-  (::fastdl::ThreadCountPin{},                                                              \
+  ((void)::fastdl::ThreadCountPin{},                                                              \
    ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX512 \
        ? ::fastdl::isa_avx512::fn(__VA_ARGS__)                                              \
    : ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX2 \
@@ -64,7 +64,7 @@ void set_cpu_capability_for(KernelFamily f, const char* name);
 #define FASTDL_DECLARE_IN_X86_ISAS(...)
 // One build, but FASTDL_CPU_CAPABILITY is still read (and a bad value rejected) as on x86.
 #define FASTDL_CPU_DISPATCH(family, fn, ...)                                    \
-  (::fastdl::ThreadCountPin{},                                                  \
+  ((void)::fastdl::ThreadCountPin{},                                                  \
    (void)::fastdl::cpu_capability(::fastdl::KernelFamily::family),             \
    ::fastdl::isa_default::fn(__VA_ARGS__))
 #endif

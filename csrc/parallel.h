@@ -27,7 +27,8 @@ int& pinned_threads();  // this thread's pin (0: none)
 // thread count before their teams start, and kernels run without the GIL, so another Python
 // thread's set_num_threads between the two reads would have given a team more threads than the
 // buffers have slots. set_num_threads takes effect from the next call. A nested pin keeps the
-// outer one's count.
+// outer one's count. The pin covers the calling thread only: a team's body must not read
+// get_num_threads() (it uses team.nthr).
 class ThreadCountPin {
  public:
   ThreadCountPin() : outer_(detail::pinned_threads() != 0) {

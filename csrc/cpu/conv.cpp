@@ -483,6 +483,15 @@ void conv2d_backward_weight(const Conv2dParams& p, const void* x, const void* gy
 
 ConvAlgo conv2d_algorithm(const Conv2dParams& p, ConvPass pass) { return conv_choose(p, pass); }
 
+// Tests only (_C.thread_count_pin_probe; any family's dispatch would do): the thread count a
+// dispatched call sees when it starts and after set_num_threads(n) inside it (the pin holds the
+// first); the caller restores the setting.
+void thread_count_probe(int n, int* at_start, int* after_set) {
+  *at_start = get_num_threads();
+  set_num_threads(n);
+  *after_set = get_num_threads();
+}
+
 }  // namespace FASTDL_ISA_NS
 
 #if defined(FASTDL_ISA_DEFAULT)
@@ -496,6 +505,7 @@ void conv2d_backward(const Conv2dParams&, const void*, const void*, const void*,
 ConvAlgo conv2d_algorithm(const Conv2dParams&, ConvPass);
 bool winograd_output_row_probe(const float*, int64_t, int64_t, int64_t, float*, float*);
 void pad_row_probe(float*, int64_t, int64_t, int64_t, const float*);
+void thread_count_probe(int, int*, int*);
 )
 #endif
 
@@ -555,6 +565,10 @@ bool conv2d_winograd_output_row_probe_cpu(const float* m, int64_t es, int64_t tw
 
 void conv2d_pad_row_probe_cpu(float* d, int64_t w, int64_t a, int64_t e, const float* src) {
   FASTDL_CPU_DISPATCH(Conv, pad_row_probe, d, w, a, e, src);
+}
+
+void thread_count_probe_cpu(int n, int* at_start, int* after_set) {
+  FASTDL_CPU_DISPATCH(Conv, thread_count_probe, n, at_start, after_set);
 }
 
 // one counter for every kernel build (defined here, in the portable build's object)
