@@ -54,9 +54,10 @@ namespace FASTDL_ISA_NS {
 namespace {
 
 thread_local ScratchBuffer tl_cell_t, tl_cell_g, tl_cell_strip;
-// The strip copies (Product::packs) are freed after a call above this (a 4096-unit LSTM's are
-// 2 MB a thread), not kept for the calling thread's life.
-constexpr size_t kKeepStripBytes = size_t(4) << 20;
+// The strip copies (Product::packs: up to K x 32 elements a thread; a 4096-unit float32 LSTM's
+// are 2 MB a thread, beside 512 MB of weights) are kept for the calling thread's next step up to
+// this, and freed after the call above it (a re-allocation faults its pages in again each step).
+constexpr size_t kKeepStripBytes = size_t(64) << 20;
 
 // The products' vector: VB bytes (32: a ymm, two xmm on the portable build; 64: a zmm, on the
 // AVX-512 build only, where the product's vectorised dimension fills it: kWideBytes).
