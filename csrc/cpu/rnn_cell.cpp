@@ -248,7 +248,8 @@ struct Product {
     if (packs()) {
       const int64_t w = nv * L;
       if (cache->job != this || cache->pn != pn) {
-        for (int64_t k = 0; k < K; ++k) std::copy(bn + k * ldb, bn + k * ldb + w, cache->buf + k * w);
+        for (int64_t k = 0; k < K; ++k)
+          std::copy(bn + k * ldb, bn + k * ldb + w, cache->buf + k * w);
         cache->job = this;
         cache->pn = pn;
       }
