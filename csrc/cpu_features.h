@@ -53,19 +53,19 @@ void set_cpu_capability_for(KernelFamily f, const char* name);
   namespace isa_avx512 { __VA_ARGS__ }
 // family: a KernelFamily enumerator's name (Conv, Pool, ...). The call runs under a
 // ThreadCountPin (parallel.h: the pin, a temporary, lives to the end of the full expression).
-#define FASTDL_CPU_DISPATCH(family, fn, ...)                                                \
-  ((void)::fastdl::ThreadCountPin{},                                                              \
-   ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX512 \
-       ? ::fastdl::isa_avx512::fn(__VA_ARGS__)                                              \
-   : ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX2 \
-       ? ::fastdl::isa_avx2::fn(__VA_ARGS__)                                                \
+#define FASTDL_CPU_DISPATCH(family, fn, ...)                                                     \
+  ((void)::fastdl::ThreadCountPin{},                                                             \
+   ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX512   \
+       ? ::fastdl::isa_avx512::fn(__VA_ARGS__)                                                   \
+   : ::fastdl::cpu_capability(::fastdl::KernelFamily::family) == ::fastdl::CpuCapability::AVX2   \
+       ? ::fastdl::isa_avx2::fn(__VA_ARGS__)                                                     \
        : ::fastdl::isa_default::fn(__VA_ARGS__))
 #else
 #define FASTDL_DECLARE_IN_X86_ISAS(...)
 // One build, but FASTDL_CPU_CAPABILITY is still read (and a bad value rejected) as on x86.
-#define FASTDL_CPU_DISPATCH(family, fn, ...)                                    \
-  ((void)::fastdl::ThreadCountPin{},                                                  \
-   (void)::fastdl::cpu_capability(::fastdl::KernelFamily::family),             \
+#define FASTDL_CPU_DISPATCH(family, fn, ...)                                                     \
+  ((void)::fastdl::ThreadCountPin{},                                                             \
+   (void)::fastdl::cpu_capability(::fastdl::KernelFamily::family),                               \
    ::fastdl::isa_default::fn(__VA_ARGS__))
 #endif
 #endif

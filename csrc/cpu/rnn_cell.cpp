@@ -208,8 +208,8 @@ struct Product {
   // K-row strip contiguous before its first row tile. Read in place, a strip's rows share few
   // cache sets when ldb is a large power of two (512 floats: 2 KB apart, so 16 lines of the L1
   // and a 32 KB slice of a 1 MB L2), and each row tile re-read W from memory. Else every panel
-  // of one row tile in turn, in place (B cache-resident: the copy cost up to 7% there; the
-  // weight gradients' B is x or h). Measured: RESULTS.md, 2026-12-06 17:43 section.
+  // of one row tile in turn, in place (B cache-resident: there the copy cost more than it saved;
+  // the weight gradients' B is x or h). Measured: RESULTS.md, 2026-12-06 17:43 section.
   static constexpr int64_t kStreamBytes = int64_t(1) << 20;
   bool packs() const {
     return tall && N > M && K * ldb * int64_t(sizeof(T)) > kStreamBytes && row_tiles() > 1 &&
