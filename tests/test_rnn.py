@@ -2198,13 +2198,23 @@ def test_half_support_table(monkeypatch):
         "float16 on cpu: fastdl's rnn kernels take float32/float64")
 
 
-def test_cpu_half_unchanged():
-    """CPU float16/bfloat16 stay outside fastdl: the modules raise NotImplementedError (as before),
-    and a converted model falls back to torch for them."""
+def test_cpu_half_modules_and_converted_layers():
+    """CPU float16/bfloat16: fastdl.nn's modules compute them in float32 (tests/test_cpu_half.py
+    checks every module), fastdl.ops does not take them, and a converted model falls back to torch
+    for them (fastdl._support: torch's bfloat16 kernels are the faster ones on CPUs with
+    AVX512-BF16)."""
     for dt in (torch.float16, torch.bfloat16):
         m = fastdl.nn.LSTM(3, 4, dtype=dt)
+        x = rand(2, 1, 3).to(dt)
+        y = m(x)[0]
+        ref = torch.nn.LSTM(3, 4)
+        ref.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+        assert y.dtype == dt   # (one rounding apart: float32 results of two summation orders)
+        torch.testing.assert_close(y.float(), ref(x.float())[0].to(dt).float(), rtol=2 ** -7,
+                                   atol=1e-5)
         with pytest.raises(NotImplementedError, match="supported dtypes on cpu are float32"):
-            m(rand(2, 1, 3).to(dt))
+            ops.lstm_layer_forward(x, *(rand(1, 4).to(dt) for _ in range(2)), m.weight_ih_l0,
+                                   m.weight_hh_l0)
     net = fastdl.nn.convert(torch.nn.Sequential(torch.nn.GRU(3, 4)))[0].half()
     assert isinstance(net[0], fastdl.nn.GRU)
     ref = torch.nn.GRU(3, 4).half()

@@ -14,6 +14,7 @@ import torch
 
 from ... import _library, _tensor
 from ...ops import conv as _ops
+from ._half import HALF as _HALF, cpu_half as _cpu_half, float32 as _float32, to_dtype as _to_dtype
 
 __all__ = ["conv1d", "conv2d", "conv_transpose2d"]
 
@@ -28,6 +29,7 @@ def _needs_grad(*xs) -> bool:
     return _library.needs_autograd(*xs)
 
 
+_NAMES = ("weight", "bias")
 _TORCH, _TRACED, _GRAPH = _library.TORCH, _library.TRACED, _library.GRAPH
 _torch = {name: _library.torch_function(name) for name in __all__}
 
@@ -155,6 +157,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_torch("conv2d", "weight", weight, 2)
     if bias is not None:
         _check_torch("conv2d", "bias", bias, 3)
+    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+        # CPU float16 / bfloat16: computed in float32 (_half)
+        return _to_dtype(conv2d(*_float32(input, weight, bias), stride, padding, dilation, groups),
+                         input.dtype)
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv2d"](input, weight, bias, stride, padding, dilation, groups)
@@ -182,6 +188,10 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     _check_torch("conv_transpose2d", "weight", weight, 2)
     if bias is not None:
         _check_torch("conv_transpose2d", "bias", bias, 3)
+    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+        # CPU float16 / bfloat16: computed in float32 (_half)
+        return _to_dtype(conv_transpose2d(*_float32(input, weight, bias), stride, padding,
+                                          output_padding, groups, dilation), input.dtype)
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv_transpose2d"](input, weight, bias, stride, padding, output_padding,
@@ -215,6 +225,10 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_torch(fn, "weight", weight, 2)
     if bias is not None:
         _check_torch(fn, "bias", bias, 3)
+    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+        # CPU float16 / bfloat16: computed in float32 (_half)
+        return _to_dtype(conv1d(*_float32(input, weight, bias), stride, padding, dilation, groups),
+                         input.dtype)
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv1d"](input, weight, bias, stride, padding, dilation, groups)

@@ -11,6 +11,7 @@ from importlib import import_module
 import torch
 
 from ... import _library, ops
+from ._half import HALF as _HALF, cpu_half as _cpu_half, float32 as _float32, to_dtype as _to_dtype
 
 _ops_linear = import_module("...ops.linear", __package__)   # the module (ops.linear is the function)
 _ops_linear._bind_torch()
@@ -70,6 +71,9 @@ def linear(input, weight, bias=None):
                                 f"{type(x).__name__}")
     if bias is not None and not isinstance(bias, _Tensor):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
+    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+        # CPU float16 / bfloat16: computed in float32 (_half)
+        return _to_dtype(linear(*_float32(input, weight, bias)), input.dtype)
     r = _library.route(input, weight, bias)
     if r == _DIRECT:
         # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread);
@@ -83,5 +87,6 @@ def linear(input, weight, bias=None):
     return _torch_linear(input, weight, bias)  # torch.func transform or forward-AD tangent
 
 
+_NAMES = ("weight", "bias")
 _DIRECT, _GRAPH, _TRACED = _library.DIRECT, _library.GRAPH, _library.TRACED
 _torch_linear = _library.torch_function("linear")

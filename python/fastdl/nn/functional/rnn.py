@@ -10,8 +10,12 @@ import torch
 
 from ... import _library, _tensor
 from ...ops import rnn as _ops
+from ._half import HALF as _HALF, cpu_half as _cpu_half, float32 as _float32, to_dtype as _to_dtype
 
 LSTM, GRU, TANH, RELU = _ops.LSTM, _ops.GRU, _ops.TANH, _ops.RELU
+# what _half.cpu_half names in a mixed-dtype call: the operands after the input
+_CELL_NAMES = ("hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_LAYER_NAMES = ("hx", "cx", "a parameter")
 
 
 def _split(weights, d, per_dir, has_bias, has_proj):
@@ -174,7 +178,11 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
     cell modules' _cell does: the CPU kernels then check only the weights, states_checked);
     weights w_ih, w_hh[, b_ih, b_hh]. Returns h' or (h', c'). The CPU kernels take one step with
     the weights in place (float32/float64; traced: the custom op fastdl::recurrent_cell over
-    them); anything else (CUDA, half precision, empty sizes) runs as a one-step layer."""
+    them); anything else (CUDA, half precision, empty sizes) runs as a one-step layer. CPU
+    float16 / bfloat16 operands run in float32 (_half)."""
+    if x.dtype in _HALF and _cpu_half(x, h, c, *weights, names=_CELL_NAMES):
+        out = run_cell(mode, *_float32(x, h, c), _float32(*weights), has_bias=has_bias)
+        return _to_dtype(out, x.dtype)
     traced = _library.tracing(x)
     if not _ops.cell_cpu_supported(x, weights):
         if not traced:
@@ -239,7 +247,14 @@ def run_layers(mode, x, h, c, flat_weights, *, num_layers, bidirectional, has_bi
                dropout, training, batch_sizes):
     """torch's _VF.lstm / gru / rnn_tanh / rnn_relu on time-major x (T, B, I) or packed data
     (N, I) with batch_sizes: h (L*D, B, R), c (L*D, B, H) or None. Dropout (when training) on the
-    output of every layer but the last. Returns (output, h_n[, c_n])."""
+    output of every layer but the last. Returns (output, h_n[, c_n]). CPU float16 / bfloat16
+    operands run in float32, the states kept in float32 between steps and layers (_half)."""
+    if x.dtype in _HALF and _cpu_half(x, h, c, *flat_weights, names=_LAYER_NAMES):
+        out = run_layers(mode, *_float32(x, h, c), _float32(*flat_weights),
+                         num_layers=num_layers, bidirectional=bidirectional, has_bias=has_bias,
+                         has_proj=has_proj, dropout=dropout, training=training,
+                         batch_sizes=batch_sizes)
+        return _to_dtype(out, x.dtype)
     dirs = 2 if bidirectional else 1
     per_layer = len(flat_weights) // num_layers
     hns, cns = [], []

@@ -15,12 +15,28 @@ import torch
 from torch import nn
 from torch.nn import init
 
+from ..functional import _half
 from ..functional import conv as F
 
 __all__ = ["Conv1d", "Conv2d", "ConvTranspose2d"]
 
 _PADDING_STRINGS = {"same", "valid"}
 _PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
+
+
+def _padded(module, conv, input):
+    """A padding_mode other than 'zeros': torch.nn.functional.pad, then conv with padding 0.
+    CPU float16 / bfloat16 operands pad their float32 copies (functional/_half.py), so the input
+    gradient is rounded once, as in every other fastdl layer, not once per pass."""
+    w, b = module.weight, module.bias
+    half = _half.cpu_half(input, w, b, names=("weight", "bias"))
+    if half:
+        dtype = input.dtype
+        input, w, b = _half.float32(input, w, b)
+    out = conv(torch.nn.functional.pad(input, module._reversed_padding_repeated_twice,
+                                       mode=module.padding_mode),
+               w, b, module.stride, 0, module.dilation, module.groups)
+    return _half.to_dtype(out, dtype) if half else out
 
 
 def _tuple(value, n):
@@ -126,10 +142,7 @@ class Conv2d(_ConvNd, nn.Conv2d):
 
     def forward(self, input):
         if self.padding_mode != "zeros":
-            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
-                                            mode=self.padding_mode)
-            return F.conv2d(input, self.weight, self.bias, self.stride, 0, self.dilation,
-                            self.groups)
+            return _padded(self, F.conv2d, input)
         return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
@@ -149,10 +162,7 @@ class Conv1d(_ConvNd, nn.Conv1d):
 
     def forward(self, input):
         if self.padding_mode != "zeros":
-            input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice,
-                                            mode=self.padding_mode)
-            return F.conv1d(input, self.weight, self.bias, self.stride, 0, self.dilation,
-                            self.groups)
+            return _padded(self, F.conv1d, input)
         return F.conv1d(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
