@@ -311,7 +311,8 @@ def test_converted_layers_are_still_instances_of_torchs_classes():
 
 
 def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_call():
-    # Decided per call, as under patch: autocast, a dtype fastdl lacks after .half(), a pool
+    # Decided per call, as under patch: autocast, a dtype fastdl leaves to torch after
+    # .bfloat16() (CPU bfloat16), a pool
     # judged by a float32 parameter that gets bfloat16 activations.
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(16, 3))
@@ -328,9 +329,9 @@ def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_cal
     # a pool judged by the model's float32 parameters, fed bfloat16 activations
     y = rand(1, 2, 4, 4).to(torch.bfloat16)
     assert torch.equal(fast[1](y), net[1](y))
-    # (a converted copy shares net's Parameters: .half() on it would change net's too)
-    half, h = fastdl.nn.convert(copy.deepcopy(net))[0].half(), copy.deepcopy(net).half()
-    assert torch.equal(half(x.half()), h(x.half()))
+    # (a converted copy shares net's Parameters: .bfloat16() on it would change net's too)
+    half, h = fastdl.nn.convert(copy.deepcopy(net))[0].bfloat16(), copy.deepcopy(net).bfloat16()
+    assert torch.equal(half(x.bfloat16()), h(x.bfloat16()))
     import io
     buf = io.BytesIO()
     torch.save(fast, buf)        # a converted model pickles (its classes are found by name)
@@ -441,12 +442,13 @@ def test_unsupported_options_are_left_alone_with_the_reason():
     class Plain(nn.Linear):
         pass
 
-    model = nn.Sequential(nn.Linear(4, 4).half(), MyConv(3, 3, 1), Plain(2, 2),
+    model = nn.Sequential(nn.Linear(4, 4).bfloat16(), MyConv(3, 3, 1), Plain(2, 2),
                           nn.LazyLinear(3), fastdl.nn.Linear(2, 2), nn.Conv3d(1, 1, 1))
     fast, report = fastdl.nn.convert(model)
     assert report.replaced == []
     reasons = {n: why for n, _, why in report.left}
-    assert reasons["0"] == "float16 on cpu: fastdl's linear kernels take float32/float64"
+    assert reasons["0"] == ("bfloat16 on cpu: fastdl's linear layers take "
+                            "float32/float64/float16")
     assert reasons["1"] == "subclass of torch.nn.Conv2d with its own forward"
     assert reasons["2"].startswith("subclass of torch.nn.Linear (exact types only")
     assert reasons["3"].startswith("subclass of torch.nn.Linear")
@@ -552,7 +554,7 @@ def test_patch_serves_torch_modules_and_functions_once_per_call():
 def test_patch_falls_back_to_torch_where_fastdl_does_not_serve():
     w = rand(4, 3)
     with fastdl.patch() as p:
-        h = F.linear(rand(2, 3).half(), w.half())                  # dtype fastdl lacks on cpu
+        h = F.linear(rand(2, 3).bfloat16(), w.bfloat16())          # left to torch on cpu
         m = F.conv2d(torch.empty(1, 3, 5, 5, device="meta"), torch.empty(2, 3, 3, 3,
                                                                           device="meta"))
         v = F.linear(rand(2, 3), rand(3))                          # 1-D weight: fastdl rejects
@@ -561,9 +563,9 @@ def test_patch_falls_back_to_torch_where_fastdl_does_not_serve():
         with pytest.raises(RuntimeError) as err:                   # torch's own error
             F.linear(rand(2, 3), rand(4, 3, dtype=torch.float64))
     s = p.stats["linear"]
-    assert h.dtype == torch.float16 and m.shape == (1, 2, 3, 3) and a.dtype == torch.bfloat16
+    assert h.dtype == torch.bfloat16 and m.shape == (1, 2, 3, 3) and a.dtype == torch.bfloat16
     assert v.shape == (2,)
-    assert s["torch: float16 on cpu: fastdl's linear kernels take float32/float64"] == 1
+    assert s["torch: bfloat16 on cpu: fastdl's linear layers take float32/float64/float16"] == 1
     assert s["torch: autocast is on for cpu"] == 1
     assert s["torch: arguments of mixed devices or dtypes"] == 1
     assert any(k.startswith("torch: fastdl rejected the call (RuntimeError: linear:") for k in s)
@@ -796,13 +798,13 @@ def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch):
                         {"linear": True, "pool": True, "conv": False, "rnn": False})
     assert _support.why_not("linear", cuda, f32) is None
     assert _support.why_not("pool", "cuda", f32) is None
-    assert _support.why_not("linear", cuda, f64) == ("float64 on cuda: fastdl's linear kernels "
+    assert _support.why_not("linear", cuda, f64) == ("float64 on cuda: fastdl's linear layers "
                                                      "take float32")
     assert _support.why_not("conv", cuda, f32) == "fastdl has no CUDA conv kernels in this build"
     assert _support.why_not("rnn", "mps", f32) == "fastdl has no kernels for mps tensors"
     assert _support.why_not("conv", "cpu", f64) is None
     assert _support.why_not("conv", "cpu", torch.bfloat16) == (
-        "bfloat16 on cpu: fastdl's conv kernels take float32/float64")
+        "bfloat16 on cpu: fastdl's conv layers take float32/float64/float16")
     # the real build: CUDA entries follow fastdl.cuda.is_compiled() (and CUDA_KERNELS for conv)
     monkeypatch.setattr(_support, "_cuda_cache", {})
     served = _support.why_not("linear", cuda, f32) is None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastdl
 import fastdl.nn as fnn
 from fastdl import ops
 from fastdl.nn import functional as F
@@ -219,3 +220,23 @@ def test_half_model_trains_with_torch_optimizer():
         losses.append(loss.item())
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_patch_and_convert_serve_float16_and_leave_bfloat16_to_torch():
+    """fastdl._support: CPU float16 calls run on fastdl (torch's CPU float16 kernels are the slow
+    ones), bfloat16 calls on torch (its AVX512-BF16 kernels are the faster ones)."""
+    x, w = rand(4, 6), rand(3, 6)
+    with fastdl.patch() as p:
+        y16 = torch.nn.functional.linear(x.half(), w.half())
+        yb = torch.nn.functional.linear(x.bfloat16(), w.bfloat16())
+        m = torch.nn.functional.max_pool2d(rand(1, 2, 4, 4).half(), 2)
+    assert p.stats["linear"]["fastdl"] == 1 and p.stats["max_pool2d"] == {"fastdl": 1}
+    assert p.stats["linear"]["torch: bfloat16 on cpu: fastdl's linear layers take "
+                             "float32/float64/float16"] == 1
+    assert y16.dtype == torch.float16 and yb.dtype == torch.bfloat16 and m.dtype == torch.float16
+    _close_after_rounding(y16, x.half().float() @ w.half().float().T, torch.float16, "patched")
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.LSTM(4, 5))
+    _, report = fastdl.nn.convert(model.half())
+    assert len(report.replaced) == 2 and not report.left
+    _, report = fastdl.nn.convert(model.bfloat16())
+    assert not report.replaced and len(report.left) == 2

@@ -2186,23 +2186,25 @@ def test_cuda_half_mixed_dtypes(cuda_device, kind):
 
 def test_half_support_table(monkeypatch):
     """fastdl._support (fastdl.nn.convert's and patch's per-call decision): rnn serves float16 and
-    bfloat16 on CUDA (when this build has CUDA rnn kernels); on the CPU they stay torch's."""
+    bfloat16 on CUDA (when this build has CUDA rnn kernels); on the CPU float16 (fastdl.nn's
+    float32 path) and not bfloat16, which stays torch's."""
     from fastdl import _support
     monkeypatch.setattr(_support, "_cuda_cache", {"rnn": True})
     cuda = torch.device("cuda", 0)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         assert _support.why_not("rnn", cuda, dt) is None
     assert _support.why_not("rnn", cuda, torch.float64) == (
-        "float64 on cuda: fastdl's rnn kernels take float32/float16/bfloat16")
-    assert _support.why_not("rnn", "cpu", torch.float16) == (
-        "float16 on cpu: fastdl's rnn kernels take float32/float64")
+        "float64 on cuda: fastdl's rnn layers take float32/float16/bfloat16")
+    assert _support.why_not("rnn", "cpu", torch.float16) is None
+    assert _support.why_not("rnn", "cpu", torch.bfloat16) == (
+        "bfloat16 on cpu: fastdl's rnn layers take float32/float64/float16")
 
 
 def test_cpu_half_modules_and_converted_layers():
     """CPU float16/bfloat16: fastdl.nn's modules compute them in float32 (tests/test_cpu_half.py
-    checks every module), fastdl.ops does not take them, and a converted model falls back to torch
-    for them (fastdl._support: torch's bfloat16 kernels are the faster ones on CPUs with
-    AVX512-BF16)."""
+    checks every module), fastdl.ops does not take them, and a converted model computes float16 as
+    fastdl.nn does and falls back to torch for bfloat16 (fastdl._support: torch's bfloat16 kernels
+    are the faster ones on CPUs with AVX512-BF16)."""
     for dt in (torch.float16, torch.bfloat16):
         m = fastdl.nn.LSTM(3, 4, dtype=dt)
         x = rand(2, 1, 3).to(dt)
@@ -2215,9 +2217,10 @@ def test_cpu_half_modules_and_converted_layers():
         with pytest.raises(NotImplementedError, match="supported dtypes on cpu are float32"):
             ops.lstm_layer_forward(x, *(rand(1, 4).to(dt) for _ in range(2)), m.weight_ih_l0,
                                    m.weight_hh_l0)
-    net = fastdl.nn.convert(torch.nn.Sequential(torch.nn.GRU(3, 4)))[0].half()
-    assert isinstance(net[0], fastdl.nn.GRU)
-    ref = torch.nn.GRU(3, 4).half()
-    ref.load_state_dict(net[0].state_dict())
-    x = rand(2, 1, 3).half()
-    assert torch.equal(net[0](x)[0], ref(x)[0])
+    for dt, cls in ((torch.bfloat16, torch.nn.GRU), (torch.float16, fastdl.nn.GRU)):
+        net = fastdl.nn.convert(torch.nn.Sequential(torch.nn.GRU(3, 4)))[0].to(dt)
+        assert isinstance(net[0], fastdl.nn.GRU)
+        ref = cls(3, 4).to(dt)       # what computes the converted layer's call
+        ref.load_state_dict(net[0].state_dict())
+        x = rand(5, 2, 3).to(dt)
+        assert torch.equal(net[0](x)[0], ref(x)[0]), dt

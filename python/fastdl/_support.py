@@ -17,14 +17,16 @@ import importlib
 
 import torch
 
-# family -> {device type -> dtypes that device's kernels take}
+# family -> {device type -> dtypes fastdl serves there}. CPU float16 is served by fastdl.nn's
+# float32 path (nn/functional/_half.py: float32 copies on the float32 kernels), 18-62x faster
+# than torch's CPU float16 kernels; CPU bfloat16 stays torch's, whose kernels were 1.2-2x faster
+# than that path on a CPU with AVX512-BF16 (benchmarks/RESULTS.md, "CPU half precision").
+_CPU = (torch.float32, torch.float64, torch.float16)
 _DTYPES = {
-    "linear": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
-    "pool": {"cpu": (torch.float32, torch.float64), "cuda": (torch.float32,)},
-    "conv": {"cpu": (torch.float32, torch.float64),
-             "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-    "rnn": {"cpu": (torch.float32, torch.float64),
-            "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+    "linear": {"cpu": _CPU, "cuda": (torch.float32,)},
+    "pool": {"cpu": _CPU, "cuda": (torch.float32,)},
+    "conv": {"cpu": _CPU, "cuda": (torch.float32, torch.float16, torch.bfloat16)},
+    "rnn": {"cpu": _CPU, "cuda": (torch.float32, torch.float16, torch.bfloat16)},
 }
 # families whose CUDA kernels are announced by their ops module (CUDA_KERNELS = True)
 _ANNOUNCED = {"conv": "fastdl.ops.conv", "rnn": "fastdl.ops.rnn"}
@@ -52,7 +54,7 @@ def why_not(family: str, device, dtype) -> str | None:
         return f"fastdl has no CUDA {family} kernels in this build"
     if dtype not in table[kind]:
         names = "/".join(str(d).replace("torch.", "") for d in table[kind])
-        return (f"{str(dtype).replace('torch.', '')} on {kind}: fastdl's {family} kernels take "
+        return (f"{str(dtype).replace('torch.', '')} on {kind}: fastdl's {family} layers take "
                 f"{names}")
     return None
 
