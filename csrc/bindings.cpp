@@ -13,6 +13,7 @@
 
 #include "common.h"
 #include "conv.h"
+#include "cpu/half_float.h"
 #include "cpu_features.h"
 #include "cuda_runtime_info.h"
 #include "gemm.h"
@@ -315,6 +316,9 @@ PYBIND11_MODULE(_C, m) {
     }
     return d;
   });
+  // Whether the CPU optimizer steps take float16 params (the compiler has _Float16; bfloat16
+  // params always), csrc/cpu/half_float.h.
+  m.def("cpu_optim_float16", []() { return FASTDL_CPU_FLOAT16 != 0; });
   m.def("cpu_supports_avx2", &cpu_supports_avx2);
   m.def("cpu_supports_avx512", &cpu_supports_avx512);
   // Whether the AVX2 and AVX-512 kernel builds are compiled in (CMake FASTDL_X86_KERNEL_BUILDS;

@@ -274,11 +274,11 @@ def test_sparse_grad_raises_and_changes_nothing():
 def test_failing_group_changes_nothing():
     """A later group's bad param stops the whole step before any param moves."""
     good = torch.randn(10, requires_grad=True)
-    bad = torch.randn(3, dtype=torch.float16, requires_grad=True)   # no float16 on CPU
-    good.grad, bad.grad = torch.randn(10), torch.randn(3, dtype=torch.float16)
+    bad = torch.randn(3, dtype=torch.complex64, requires_grad=True)   # no complex params
+    good.grad, bad.grad = torch.randn(10), torch.randn(3, dtype=torch.complex64)
     before = good.detach().clone()
     opt = fo.Adam([{"params": [good]}, {"params": [bad]}], lr=0.1)
-    with pytest.raises(NotImplementedError, match="float16"):
+    with pytest.raises(NotImplementedError, match="complex"):
         opt.step()
     assert torch.equal(good.detach(), before)
 
@@ -413,17 +413,17 @@ def test_ops_bad_input_changes_nothing():
     assert np.array_equal(p, before)
 
 
-# ---- CUDA: half-precision params keep float32 state ---------------------------------------------
+# ---- half-precision params keep float32 state (CUDA, and the CPU) ---------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_params_float32_state(cuda_device, dtype):
-    """Reference: torch's step on float32 copies, rounding the param to `dtype` after each step
-    (what a half param with float32 state computes)."""
-    ps = make_params(dtype, cuda_device)
+def _half_trajectory(name, kw, dtype, device, steps=10):
+    """fastdl's optimizer on `dtype` params against torch's (foreach=False) on float32 copies
+    whose params are rounded to `dtype` after each step (what a half param with float32 state
+    computes); returns (fastdl's optimizer, its params, torch's params, torch's optimizer)."""
+    ps = make_params(dtype, device)
     ref_ps = [p.detach().float().requires_grad_() for p in ps]
-    fast = fo.Adam(ps, lr=0.01)
-    ref = torch.optim.Adam(ref_ps, lr=0.01, foreach=False)
-    for _ in range(10):
+    fast = getattr(fo, name)(ps, **kw)
+    ref = getattr(torch.optim, name)(ref_ps, foreach=False, **kw)
+    for _ in range(steps):
         for p, q in zip(ps, ref_ps):
             g = torch.randn_like(p)
             p.grad, q.grad = g, g.float()
@@ -432,7 +432,69 @@ def test_cuda_half_params_float32_state(cuda_device, dtype):
         with torch.no_grad():
             for q in ref_ps:
                 q.copy_(q.to(dtype).float())
-    fastdl.cuda.synchronize(0)
+    if device != "cpu":
+        fastdl.cuda.synchronize(0)
+    return fast, ps, ref_ps, ref
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_params_float32_state(cpu_path, name, kw, dtype):
+    """CPU float16 / bfloat16 params (csrc/cpu/half_float.h) on every kernel build and every
+    configuration: params as torch's float32 step rounded once per step, state float32 as
+    torch's."""
+    if dtype == torch.float16 and not fastdl._C.cpu_optim_float16():
+        pytest.skip("this build's compiler has no _Float16: CPU float16 params raise")
+    fast, ps, ref_ps, ref = _half_trajectory(name, kw, dtype, "cpu")
+    for p, q in zip(ps, ref_ps):
+        assert p.dtype == dtype
+        assert_close(p.detach(), q.detach().to(dtype), what="param", scale_atol=True)
+        for k, v in ref.state[q].items():
+            if k != "step":
+                assert fast.state[p][k].dtype == torch.float32
+                assert_close(fast.state[p][k], v, dtype=dtype, what=k, scale_atol=True)
+
+
+# (largest finite value, its exponent's ulp / 2, a subnormal) per 16-bit type
+_HALF_EDGES = {torch.bfloat16: (3.3895313892515355e38, 2.0 ** 119, 1e-39),
+               torch.float16: (65504.0, 16.0, 3e-6)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_store_rounds_as_torch(cpu_path, dtype):
+    """The 16-bit stores (csrc/cpu/half_float.h, narrow_block) against torch's float32 -> dtype
+    conversion, bitwise: SGD with lr 1 from p = a with grad b writes round(a - b), a - b one
+    float32 rounding on both sides. a and b random values of nearby exponents (many exact ties),
+    and the edges: the largest finite value plus half an ulp (a tie: rounds to inf) and plus a
+    quarter (stays finite), subnormals, signed zeros, inf - inf and NaN; 4099 elements, so the
+    8-lane conversions and their tails both run."""
+    if dtype == torch.float16 and not fastdl._C.cpu_optim_float16():
+        pytest.skip("this build's compiler has no _Float16: CPU float16 params raise")
+    n = 4087
+    span = 10 if dtype == torch.float16 else 30
+    a = torch.randn(n) * torch.exp2(torch.randint(-span, span, (n,)).float())
+    b = a * torch.rand(n) * torch.exp2(-torch.randint(0, 12, (n,)).float())
+    b = torch.where(torch.rand(n) < 0.5, b, -b)
+    big, half_ulp, sub = _HALF_EDGES[dtype]
+    inf, nan = float("inf"), float("nan")
+    edges = [(big, -half_ulp), (big, -half_ulp / 2), (-big, half_ulp), (sub, -sub),
+             (sub, sub / 3), (0.0, 0.0), (-0.0, 0.0), (inf, inf), (nan, 1.0), (1.0, 2.0 ** -8),
+             (1.0078125, -2.0 ** -8), (-1.0, 2.0 ** -12)]
+    a = torch.cat([a, torch.tensor([e[0] for e in edges])]).to(dtype)
+    b = torch.cat([b, torch.tensor([e[1] for e in edges])]).to(dtype)
+    want = (a.float() - b.float()).to(dtype)
+    p = a.clone()
+    fastdl.ops.sgd_step(p, b, lr=1.0)
+    nan_want, nan_got = want.isnan(), p.isnan()
+    assert torch.equal(nan_got, nan_want)
+    assert torch.equal(p[~nan_got].view(torch.int16), want[~nan_want].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_params_float32_state(cuda_device, dtype):
+    """Reference: torch's step on float32 copies, rounding the param to `dtype` after each step
+    (what a half param with float32 state computes)."""
+    fast, ps, ref_ps, _ = _half_trajectory("Adam", dict(lr=0.01), dtype, cuda_device)
     for p, q in zip(ps, ref_ps):
         assert fast.state[p]["exp_avg"].dtype == torch.float32
         assert_close(p.detach(), q.detach().to(dtype), what="param")

@@ -1,21 +1,61 @@
 // Fused optimizer steps on the CPU: torch.optim.SGD, Adam, AdamW and RMSprop (foreach=False
-// semantics), float32 and float64, over a whole list of tensors in one parallel pass.
+// semantics), float32 and float64, over a whole list of tensors in one parallel pass; float16 and
+// bfloat16 params and grads with float32 state and arithmetic (as the CUDA steps): a thread's
+// range goes by chunks of kStage elements, params and grads widened into float buffers on its
+// stack, the float loop run on them, the params rounded back once (half_float.h).
 // Per element: read param, grad and state once, write param and state once (optim_math.h holds the
 // arithmetic, shared with csrc/cuda/optim.cu). Work split: the tensors are one flat index space cut
 // into one contiguous range per thread (multi_tensor.h); the flags that change the arithmetic are
 // template parameters so each variant's inner loop vectorises without branches.
 // Compiled twice (portable and AVX2+FMA builds); tests/test_optim.py covers both, and
 // benchmarks/bench_optim.py times them against torch.
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../cpu_features.h"
 #include "../optim_math.h"
+#include "half_float.h"
 #include "multi_tensor.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
 
 namespace {
+
+// The params' storage type P -> the state's and arithmetic's type.
+template <class P>
+using math_of = std::conditional_t<std::is_same_v<P, Bf16> || std::is_same_v<P, F16>, float, P>;
+
+constexpr int64_t kStage = 512;  // floats per staged chunk: 2 KB a buffer, two on the stack
+
+// Calls f(p, g, off, n) over [lo, hi) of one tensor's param and grad (off: the first element's
+// index, for the state pointers): float / double in place, in one call; 16-bit params through
+// float copies of each chunk, the params rounded back after f.
+template <class P, class F>
+void over_chunks(void* param, const void* grad, int64_t lo, int64_t hi, const F& f) {
+  P* p = static_cast<P*>(param);
+  const P* g = static_cast<const P*>(grad);
+  if constexpr (std::is_same_v<P, math_of<P>>) {
+    f(p + lo, g + lo, lo, hi - lo);
+  } else {
+    alignas(64) float pb[kStage];
+    alignas(64) float gb[kStage];
+    for (int64_t j = lo; j < hi; j += kStage) {
+      const int64_t n = std::min(kStage, hi - j);
+      widen_block(p + j, pb, n);
+      widen_block(g + j, gb, n);
+      f(pb, gb, j, n);
+      narrow_block(pb, p + j, n);
+    }
+  }
+}
+
+// (state + off, or null for a state this variant does not keep)
+template <class T>
+T* at(void* state, int64_t off) {
+  return state ? static_cast<T*>(state) + off : nullptr;
+}
 
 template <bool L2, bool MOMENTUM, bool NESTEROV, class T>
 void sgd_range(const SgdCoeffs<T>& c, bool first, T* __restrict p, const T* __restrict g,
@@ -29,7 +69,7 @@ void sgd_range(const SgdCoeffs<T>& c, bool first, T* __restrict p, const T* __re
   }
 }
 
-template <class T>
+template <class P, class T = math_of<P>>
 void sgd_typed(const SgdParams& prm, const OptimTensors& t) {
   const SgdCoeffs<T> c = sgd_coeffs<T>(prm);
   with_flag(prm.weight_decay != 0, [&](auto L2) {
@@ -37,9 +77,11 @@ void sgd_typed(const SgdParams& prm, const OptimTensors& t) {
       with_flag(prm.nesterov, [&](auto NEST) {
         for_each_tensor_range(t.count, t.numel, [&](int64_t i, int64_t lo, int64_t hi) {
           const bool first = MOM.value && t.first_step && t.first_step[i];
-          T* buf = MOM.value ? static_cast<T*>(t.state[0][i]) : nullptr;
-          sgd_range<L2.value, MOM.value, NEST.value, T>(
-              c, first, static_cast<T*>(t.param[i]), static_cast<const T*>(t.grad[i]), buf, lo, hi);
+          void* buf = MOM.value ? t.state[0][i] : nullptr;
+          over_chunks<P>(t.param[i], t.grad[i], lo, hi, [&](T* p, const T* g, int64_t off,
+                                                              int64_t n) {
+            sgd_range<L2.value, MOM.value, NEST.value, T>(c, first, p, g, at<T>(buf, off), 0, n);
+          });
         });
       });
     });
@@ -72,7 +114,7 @@ std::vector<C> advance_steps(const OptimTensors& t, const MakeCoeffs& make) {
   return coeffs;
 }
 
-template <class T>
+template <class P, class T = math_of<P>>
 void adam_typed(const AdamParams& prm, const OptimTensors& t) {
   const auto coeffs = advance_steps<AdamCoeffs<T>>(
       t, [&](double step) { return adam_coeffs<T>(prm, step); });
@@ -80,10 +122,12 @@ void adam_typed(const AdamParams& prm, const OptimTensors& t) {
   with_flag(l2, [&](auto L2) {
     with_flag(prm.amsgrad, [&](auto AMS) {
       for_each_tensor_range(t.count, t.numel, [&](int64_t i, int64_t lo, int64_t hi) {
-        T* vmax = AMS.value ? static_cast<T*>(t.state[2][i]) : nullptr;
-        adam_range<L2.value, AMS.value, T>(
-            coeffs[i], static_cast<T*>(t.param[i]), static_cast<const T*>(t.grad[i]),
-            static_cast<T*>(t.state[0][i]), static_cast<T*>(t.state[1][i]), vmax, lo, hi);
+        void* vmax = AMS.value ? t.state[2][i] : nullptr;
+        over_chunks<P>(t.param[i], t.grad[i], lo, hi, [&](T* p, const T* g, int64_t off,
+                                                            int64_t n) {
+          adam_range<L2.value, AMS.value, T>(coeffs[i], p, g, at<T>(t.state[0][i], off),
+                                             at<T>(t.state[1][i], off), at<T>(vmax, off), 0, n);
+        });
       });
     });
   });
@@ -103,7 +147,7 @@ void rmsprop_range(const RmspropCoeffs<T>& c, T* __restrict p, const T* __restri
   }
 }
 
-template <class T>
+template <class P, class T = math_of<P>>
 void rmsprop_typed(const RmspropParams& prm, const OptimTensors& t) {
   const RmspropCoeffs<T> c = rmsprop_coeffs<T>(prm);
   for (int64_t i = 0; i < t.count; ++i) *t.step[i] += 1.0f;  // RMSprop's step has no arithmetic role
@@ -111,41 +155,54 @@ void rmsprop_typed(const RmspropParams& prm, const OptimTensors& t) {
     with_flag(prm.centered, [&](auto CEN) {
       with_flag(prm.momentum > 0, [&](auto MOM) {
         for_each_tensor_range(t.count, t.numel, [&](int64_t i, int64_t lo, int64_t hi) {
-          T* buf = MOM.value ? static_cast<T*>(t.state[1][i]) : nullptr;
-          T* gavg = CEN.value ? static_cast<T*>(t.state[2][i]) : nullptr;
-          rmsprop_range<L2.value, CEN.value, MOM.value, T>(
-              c, static_cast<T*>(t.param[i]), static_cast<const T*>(t.grad[i]),
-              static_cast<T*>(t.state[0][i]), buf, gavg, lo, hi);
+          void* buf = MOM.value ? t.state[1][i] : nullptr;
+          void* gavg = CEN.value ? t.state[2][i] : nullptr;
+          over_chunks<P>(t.param[i], t.grad[i], lo, hi, [&](T* p, const T* g, int64_t off,
+                                                              int64_t n) {
+            rmsprop_range<L2.value, CEN.value, MOM.value, T>(
+                c, p, g, at<T>(t.state[0][i], off), at<T>(buf, off), at<T>(gavg, off), 0, n);
+          });
         });
       });
     });
   });
 }
 
-void check_cpu_dtypes(const OptimTensors& t, const char* name) {
-  FASTDL_CHECK(t.param_dtype == DType::Float32 || t.param_dtype == DType::Float64, name,
-               ": CPU step supports float32 and float64 parameters, got ", dtype_name(t.param_dtype));
-  FASTDL_CHECK(t.state_dtype == t.param_dtype, name, ": CPU state dtype must equal the param dtype");
+// Calls f with a value of the params' storage type (float, double, Bf16, F16), after checking
+// the state's dtype: the params' own, float32 for the 16-bit types.
+template <class F>
+void by_param_dtype(const OptimTensors& t, const char* name, const F& f) {
+  const bool half = t.param_dtype == DType::Float16 || t.param_dtype == DType::BFloat16;
+  FASTDL_CHECK(t.state_dtype == (half ? DType::Float32 : t.param_dtype), name,
+               ": CPU state dtype must be ", half ? "float32" : "the param dtype", " for ",
+               dtype_name(t.param_dtype), " parameters, got ", dtype_name(t.state_dtype));
+  switch (t.param_dtype) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float64: f(double{}); break;
+    case DType::BFloat16: f(Bf16{}); break;
+#if FASTDL_CPU_FLOAT16
+    case DType::Float16: f(F16{}); break;
+#endif
+    default:
+      FASTDL_CHECK(false, name, ": CPU step supports float32, float64, bfloat16",
+                   FASTDL_CPU_FLOAT16 ? " and float16" : "", " parameters, got ",
+                   dtype_name(t.param_dtype));
+  }
 }
 
 }  // namespace
 
 void sgd_step(const SgdParams& p, const OptimTensors& t) {
-  check_cpu_dtypes(t, "sgd");
-  if (t.param_dtype == DType::Float32) sgd_typed<float>(p, t);
-  else sgd_typed<double>(p, t);
+  by_param_dtype(t, "sgd", [&](auto tag) { sgd_typed<decltype(tag)>(p, t); });
 }
 
 void adam_step(const AdamParams& p, const OptimTensors& t) {
-  check_cpu_dtypes(t, p.decoupled_weight_decay ? "adamw" : "adam");
-  if (t.param_dtype == DType::Float32) adam_typed<float>(p, t);
-  else adam_typed<double>(p, t);
+  by_param_dtype(t, p.decoupled_weight_decay ? "adamw" : "adam",
+                 [&](auto tag) { adam_typed<decltype(tag)>(p, t); });
 }
 
 void rmsprop_step(const RmspropParams& p, const OptimTensors& t) {
-  check_cpu_dtypes(t, "rmsprop");
-  if (t.param_dtype == DType::Float32) rmsprop_typed<float>(p, t);
-  else rmsprop_typed<double>(p, t);
+  by_param_dtype(t, "rmsprop", [&](auto tag) { rmsprop_typed<decltype(tag)>(p, t); });
 }
 
 }  // namespace FASTDL_ISA_NS

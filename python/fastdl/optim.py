@@ -10,7 +10,7 @@ between fastdl and torch in both directions.
 
 What differs from torch: every step is fused (``foreach`` and ``fused`` are accepted and ignored);
 ``capturable=True`` and ``differentiable=True`` are not supported; sparse gradients raise
-RuntimeError. On CUDA, float16/bfloat16 params keep their state in float32. ``state['step']`` is a
+RuntimeError. float16/bfloat16 params (CPU and CUDA) keep their state in float32. ``state['step']`` is a
 float32 CPU tensor, as in torch's default (non-fused) step. After a group's first steps its state
 tensors become views of one buffer per state key (see _Plan); they keep their shapes, values and
 state_dict layout, and replacing one in ``opt.state`` works as in torch.
@@ -312,10 +312,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if torch.is_complex(p):
             raise NotImplementedError(f"fastdl.optim.{name}: complex parameters are not supported")
         host = p.device.type == "cpu" and _tensor.CPU_DEVICE < 0  # not routed to CUDA (emulation)
-        if p.dtype not in _CODES or (host and p.dtype in _HALF):
+        if p.dtype not in _CODES or (host and p.dtype is torch.float16
+                                     and not _C.cpu_optim_float16()):
             raise NotImplementedError(
                 f"fastdl.optim.{name}: {p.dtype} parameters on {p.device.type} are not "
-                "supported (float32/float64 on cpu; float32/float16/bfloat16 on cuda)")
+                "supported (float32/float64/bfloat16 on cpu, and float16 where this build's "
+                "compiler had _Float16 or F16C; float32/float16/bfloat16 on cuda)")
         if p.device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"fastdl.optim.{name}: parameters on {p.device} are not supported")
         if p.device.type == "cuda" and not _cuda_compiled():

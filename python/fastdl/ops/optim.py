@@ -3,7 +3,7 @@
 Each call updates a whole list of tensors in one pass over memory (csrc/cpu/optim.cpp,
 csrc/cuda/optim.cu). The arithmetic matches torch.optim's single-tensor (foreach=False) steps.
 Every argument may be one array/tensor or a list of them; all must share kind, device and dtype
-(state float32 for float16/bfloat16 params on CUDA).
+(state float32 for float16/bfloat16 params).
 
 >>> p, g = np.random.rand(10).astype(np.float32), np.random.rand(10).astype(np.float32)
 >>> m, v = np.zeros_like(p), np.zeros_like(p)
@@ -18,7 +18,10 @@ from ._validate import as_list, check_number, check_tensor_lists
 
 __all__ = ["sgd_step", "adam_step", "rmsprop_step"]
 
-_CPU_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT64)
+# CPU float16 / bfloat16 params: float32 state and arithmetic (csrc/cpu/half_float.h); float16
+# where the compiler had _Float16 (_C.cpu_optim_float16)
+_CPU_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT64, _tensor.BFLOAT16) + (
+    (_tensor.FLOAT16,) if _C.cpu_optim_float16() else ())
 _CUDA_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT16, _tensor.BFLOAT16)
 
 
