@@ -13,7 +13,6 @@
 
 #include "common.h"
 #include "conv.h"
-#include "cpu/half_float.h"
 #include "cpu_features.h"
 #include "cuda_runtime_info.h"
 #include "gemm.h"
@@ -316,11 +315,9 @@ PYBIND11_MODULE(_C, m) {
     }
     return d;
   });
-  // Whether the CPU optimizer steps take float16 params (the compiler has _Float16; bfloat16
-  // params always), csrc/cpu/half_float.h.
-  m.def("cpu_optim_float16", []() { return FASTDL_CPU_FLOAT16 != 0; });
   m.def("cpu_supports_avx2", &cpu_supports_avx2);
   m.def("cpu_supports_avx512", &cpu_supports_avx512);
+  m.def("cpu_supports_avx512_bf16", &cpu_supports_avx512_bf16);
   // Whether the AVX2 and AVX-512 kernel builds are compiled in (CMake FASTDL_X86_KERNEL_BUILDS;
   // never on other CPUs), and whether this is an AddressSanitizer build (.ci/asan.sh).
   m.def("x86_kernel_builds", []() { return FASTDL_HAVE_X86_BUILD != 0; });
@@ -404,7 +401,7 @@ PYBIND11_MODULE(_C, m) {
   // and shares instances (python/fastdl/ops/optim.py: building one costs 1-3 us, a cache hit
   // 0.2 us). The tensors: named lists of pointers with one numel per tensor (or a single pointer
   // or int for one tensor); state lists are None when the variant does not use them.
-  // param_dtype / state_dtype: csrc/common.h codes (state float32 for half params on CUDA).
+  // param_dtype / state_dtype: csrc/common.h codes (state float32 for half params).
   py::class_<SgdParams>(m, "SgdParams")
       .def(py::init([](double lr, double momentum, double dampening, double weight_decay,
                        bool nesterov, bool maximize) {

@@ -22,6 +22,14 @@ bool cpu_supports_avx2() {
 #endif
 }
 
+bool cpu_supports_avx512_bf16() {
+#if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
+  return cpu_supports_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool cpu_supports_avx512() {
 #if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
   // libgcc's check includes the OS having enabled the opmask and zmm state (XCR0).

@@ -14,6 +14,14 @@ import fastdl
 from fastdl import _patch, _zoo
 from helpers import assert_close, assert_close_or_better, rand
 
+
+@pytest.fixture
+def bf16_to_torch(monkeypatch):
+    """fastdl._support's table as on a CPU with AVX512-BF16: CPU bfloat16 linear / conv / rnn
+    calls left to torch (elsewhere fastdl serves them), so these tests read the same anywhere."""
+    from fastdl import _support
+    monkeypatch.setattr(_support, "_DTYPES", _support.dtype_table(True))
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Whole models on a shared 2-core machine: two-thread OpenMP regions stall whenever the
@@ -310,7 +318,7 @@ def test_converted_layers_are_still_instances_of_torchs_classes():
         assert issubclass(getattr(fastdl.nn, cls.__name__), cls)
 
 
-def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_call():
+def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_call(bf16_to_torch):
     # Decided per call, as under patch: autocast, a dtype fastdl leaves to torch after
     # .bfloat16() (CPU bfloat16), a pool
     # judged by a float32 parameter that gets bfloat16 activations.
@@ -434,7 +442,7 @@ def test_model_on_cuda_is_converted_where_fastdl_has_cuda_kernels():
             assert r.fwd_ms["torch"] > 0 and r.fwd_ms["fastdl"] > 0
 
 
-def test_unsupported_options_are_left_alone_with_the_reason():
+def test_unsupported_options_are_left_alone_with_the_reason(bf16_to_torch):
     class MyConv(nn.Conv2d):
         def forward(self, x):
             return super().forward(x) * 2
@@ -551,7 +559,7 @@ def test_patch_serves_torch_modules_and_functions_once_per_call():
     assert_close(gx, x.grad, reduction=27)
 
 
-def test_patch_falls_back_to_torch_where_fastdl_does_not_serve():
+def test_patch_falls_back_to_torch_where_fastdl_does_not_serve(bf16_to_torch):
     w = rand(4, 3)
     with fastdl.patch() as p:
         h = F.linear(rand(2, 3).bfloat16(), w.bfloat16())          # left to torch on cpu
@@ -789,7 +797,7 @@ def test_jit_trace_of_converted_and_fastdl_layers_replays_on_new_inputs(grad):
     assert_close(tr_own(x2), want, reduction=18)
 
 
-def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch):
+def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch, bf16_to_torch):
     from fastdl import _support
     cuda, f32, f64 = torch.device("cuda", 0), torch.float32, torch.float64
     # A build with CUDA linear/pool kernels but none for conv/rnn (their families announce CUDA
@@ -805,6 +813,8 @@ def test_the_support_table_answers_per_family_device_and_dtype(monkeypatch):
     assert _support.why_not("conv", "cpu", f64) is None
     assert _support.why_not("conv", "cpu", torch.bfloat16) == (
         "bfloat16 on cpu: fastdl's conv layers take float32/float64/float16")
+    assert _support.why_not("pool", "cpu", torch.bfloat16) is None
+    assert _support.dtype_table(False)["conv"]["cpu"] == (f32, f64, torch.float16, torch.bfloat16)
     # the real build: CUDA entries follow fastdl.cuda.is_compiled() (and CUDA_KERNELS for conv)
     monkeypatch.setattr(_support, "_cuda_cache", {})
     served = _support.why_not("linear", cuda, f32) is None

@@ -443,8 +443,6 @@ def test_cpu_half_params_float32_state(cpu_path, name, kw, dtype):
     """CPU float16 / bfloat16 params (csrc/cpu/half_float.h) on every kernel build and every
     configuration: params as torch's float32 step rounded once per step, state float32 as
     torch's."""
-    if dtype == torch.float16 and not fastdl._C.cpu_optim_float16():
-        pytest.skip("this build's compiler has no _Float16: CPU float16 params raise")
     fast, ps, ref_ps, ref = _half_trajectory(name, kw, dtype, "cpu")
     for p, q in zip(ps, ref_ps):
         assert p.dtype == dtype
@@ -468,8 +466,6 @@ def test_cpu_half_store_rounds_as_torch(cpu_path, dtype):
     and the edges: the largest finite value plus half an ulp (a tie: rounds to inf) and plus a
     quarter (stays finite), subnormals, signed zeros, inf - inf and NaN; 4099 elements, so the
     8-lane conversions and their tails both run."""
-    if dtype == torch.float16 and not fastdl._C.cpu_optim_float16():
-        pytest.skip("this build's compiler has no _Float16: CPU float16 params raise")
     n = 4087
     span = 10 if dtype == torch.float16 else 30
     a = torch.randn(n) * torch.exp2(torch.randint(-span, span, (n,)).float())
@@ -488,6 +484,25 @@ def test_cpu_half_store_rounds_as_torch(cpu_path, dtype):
     nan_want, nan_got = want.isnan(), p.isnan()
     assert torch.equal(nan_got, nan_want)
     assert torch.equal(p[~nan_got].view(torch.int16), want[~nan_want].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_conversions_every_bit_pattern(cpu_path, dtype):
+    """Every 16-bit pattern through the CPU steps' conversions (half_float.h), bitwise: SGD with
+    lr 1 from p = x with grad 0 stores x again (widen, then narrow of an exact value), and from
+    p = 0 with grad x stores 0 + (-1) x as torch computes it in float32 (exact: -x, but +0 for
+    x = +0). NaNs stay NaN (payloads aside)."""
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    nan = every.isnan()
+    p = every.clone()
+    fastdl.ops.sgd_step(p, torch.zeros_like(p), lr=1.0)
+    assert torch.equal(p.isnan(), nan)
+    assert torch.equal(p[~nan].view(torch.int16), every[~nan].view(torch.int16))
+    p = torch.zeros_like(every)
+    fastdl.ops.sgd_step(p, every, lr=1.0)
+    want = (torch.zeros(every.shape) + (-1.0) * every.float()).to(dtype)
+    assert torch.equal(p.isnan(), nan)
+    assert torch.equal(p[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -2187,9 +2187,10 @@ def test_cuda_half_mixed_dtypes(cuda_device, kind):
 def test_half_support_table(monkeypatch):
     """fastdl._support (fastdl.nn.convert's and patch's per-call decision): rnn serves float16 and
     bfloat16 on CUDA (when this build has CUDA rnn kernels); on the CPU float16 (fastdl.nn's
-    float32 path) and not bfloat16, which stays torch's."""
+    float32 path), and bfloat16 except on CPUs with AVX512-BF16 (the table as there here)."""
     from fastdl import _support
     monkeypatch.setattr(_support, "_cuda_cache", {"rnn": True})
+    monkeypatch.setattr(_support, "_DTYPES", _support.dtype_table(True))
     cuda = torch.device("cuda", 0)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         assert _support.why_not("rnn", cuda, dt) is None
@@ -2200,11 +2201,11 @@ def test_half_support_table(monkeypatch):
         "bfloat16 on cpu: fastdl's rnn layers take float32/float64/float16")
 
 
-def test_cpu_half_modules_and_converted_layers():
+def test_cpu_half_modules_and_converted_layers(monkeypatch):
     """CPU float16/bfloat16: fastdl.nn's modules compute them in float32 (tests/test_cpu_half.py
     checks every module), fastdl.ops does not take them, and a converted model computes float16 as
-    fastdl.nn does and falls back to torch for bfloat16 (fastdl._support: torch's bfloat16 kernels
-    are the faster ones on CPUs with AVX512-BF16)."""
+    fastdl.nn does and, on a CPU with AVX512-BF16 (the table as there), falls back to torch for
+    bfloat16 (fastdl._support: torch's bfloat16 kernels are the faster ones there)."""
     for dt in (torch.float16, torch.bfloat16):
         m = fastdl.nn.LSTM(3, 4, dtype=dt)
         x = rand(2, 1, 3).to(dt)
@@ -2217,6 +2218,8 @@ def test_cpu_half_modules_and_converted_layers():
         with pytest.raises(NotImplementedError, match="supported dtypes on cpu are float32"):
             ops.lstm_layer_forward(x, *(rand(1, 4).to(dt) for _ in range(2)), m.weight_ih_l0,
                                    m.weight_hh_l0)
+    from fastdl import _support
+    monkeypatch.setattr(_support, "_DTYPES", _support.dtype_table(True))   # (as with AVX512-BF16)
     for dt, cls in ((torch.bfloat16, torch.nn.GRU), (torch.float16, fastdl.nn.GRU)):
         net = fastdl.nn.convert(torch.nn.Sequential(torch.nn.GRU(3, 4)))[0].to(dt)
         assert isinstance(net[0], fastdl.nn.GRU)

@@ -180,13 +180,10 @@ void by_param_dtype(const OptimTensors& t, const char* name, const F& f) {
     case DType::Float32: f(float{}); break;
     case DType::Float64: f(double{}); break;
     case DType::BFloat16: f(Bf16{}); break;
-#if FASTDL_CPU_FLOAT16
     case DType::Float16: f(F16{}); break;
-#endif
     default:
-      FASTDL_CHECK(false, name, ": CPU step supports float32, float64, bfloat16",
-                   FASTDL_CPU_FLOAT16 ? " and float16" : "", " parameters, got ",
-                   dtype_name(t.param_dtype));
+      FASTDL_CHECK(false, name, ": CPU step supports float32, float64, float16 and bfloat16 "
+                   "parameters, got ", dtype_name(t.param_dtype));
   }
 }
 

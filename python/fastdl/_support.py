@@ -17,17 +17,31 @@ import importlib
 
 import torch
 
-# family -> {device type -> dtypes fastdl serves there}. CPU float16 is served by fastdl.nn's
-# float32 path (nn/functional/_half.py: float32 copies on the float32 kernels), 18-62x faster
-# than torch's CPU float16 kernels; CPU bfloat16 stays torch's, whose kernels were 1.2-2x faster
-# than that path on a CPU with AVX512-BF16 (benchmarks/RESULTS.md, "CPU half precision").
-_CPU = (torch.float32, torch.float64, torch.float16)
-_DTYPES = {
-    "linear": {"cpu": _CPU, "cuda": (torch.float32,)},
-    "pool": {"cpu": _CPU, "cuda": (torch.float32,)},
-    "conv": {"cpu": _CPU, "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-    "rnn": {"cpu": _CPU, "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-}
+from . import _C
+
+
+def dtype_table(bf16_to_torch: bool) -> dict:
+    """family -> {device type -> dtypes fastdl serves there}. CPU float16 and bfloat16 are served
+    by fastdl.nn's float32 path (nn/functional/_half.py: float32 copies on the float32 kernels):
+    torch's CPU float16 kernels ran 17-67x slower than it, and its bfloat16 ones 17-52x slower
+    with oneDNN held to AVX2 (a Zen 3 stand-in) and 2.0-2.7x slower with AVX-512 but no
+    AVX512-BF16. With AVX512-BF16 (bf16_to_torch), torch's bfloat16 dot products ran 1.2-2.0x
+    faster than that path, so linear, conv and rnn leave CPU bfloat16 to torch there; pools
+    (no dot products) are fastdl's either way (2.2-2.7x torch's). benchmarks/RESULTS.md, "CPU
+    half precision"; benchmarks/bench_half.py."""
+    cpu = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    dot = cpu[:3] if bf16_to_torch else cpu
+    half_cuda = (torch.float32, torch.float16, torch.bfloat16)
+    return {
+        "linear": {"cpu": dot, "cuda": (torch.float32,)},
+        "pool": {"cpu": cpu, "cuda": (torch.float32,)},
+        "conv": {"cpu": dot, "cuda": half_cuda},
+        "rnn": {"cpu": dot, "cuda": half_cuda},
+    }
+
+
+_DTYPES = dtype_table(bool(_C.cpu_supports_avx512_bf16()))
+
 # families whose CUDA kernels are announced by their ops module (CUDA_KERNELS = True)
 _ANNOUNCED = {"conv": "fastdl.ops.conv", "rnn": "fastdl.ops.rnn"}
 _cuda_cache: dict = {}
@@ -36,7 +50,6 @@ _cuda_cache: dict = {}
 def _has_cuda(family: str) -> bool:
     hit = _cuda_cache.get(family)
     if hit is None:
-        from . import _C
         hit = bool(_C.cuda_compiled())
         if hit and family in _ANNOUNCED:
             hit = bool(getattr(importlib.import_module(_ANNOUNCED[family]), "CUDA_KERNELS", False))

@@ -311,13 +311,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         name = type(self).__name__
         if torch.is_complex(p):
             raise NotImplementedError(f"fastdl.optim.{name}: complex parameters are not supported")
-        host = p.device.type == "cpu" and _tensor.CPU_DEVICE < 0  # not routed to CUDA (emulation)
-        if p.dtype not in _CODES or (host and p.dtype is torch.float16
-                                     and not _C.cpu_optim_float16()):
+        if p.dtype not in _CODES:
             raise NotImplementedError(
                 f"fastdl.optim.{name}: {p.dtype} parameters on {p.device.type} are not "
-                "supported (float32/float64/bfloat16 on cpu, and float16 where this build's "
-                "compiler had _Float16 or F16C; float32/float16/bfloat16 on cuda)")
+                "supported (float32/float64/float16/bfloat16 on cpu; float32/float16/bfloat16 "
+                "on cuda)")
         if p.device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"fastdl.optim.{name}: parameters on {p.device} are not supported")
         if p.device.type == "cuda" and not _cuda_compiled():

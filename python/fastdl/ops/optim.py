@@ -18,10 +18,8 @@ from ._validate import as_list, check_number, check_tensor_lists
 
 __all__ = ["sgd_step", "adam_step", "rmsprop_step"]
 
-# CPU float16 / bfloat16 params: float32 state and arithmetic (csrc/cpu/half_float.h); float16
-# where the compiler had _Float16 (_C.cpu_optim_float16)
-_CPU_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT64, _tensor.BFLOAT16) + (
-    (_tensor.FLOAT16,) if _C.cpu_optim_float16() else ())
+# CPU float16 / bfloat16 params: float32 state and arithmetic (csrc/cpu/half_float.h)
+_CPU_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT64, _tensor.FLOAT16, _tensor.BFLOAT16)
 _CUDA_DTYPES = (_tensor.FLOAT32, _tensor.FLOAT16, _tensor.BFLOAT16)
 
 
@@ -117,7 +115,7 @@ def _numel(x) -> int:
 
 def _check_dtypes(fn, device, params, lists_same, lists_state):
     """params[0]'s dtype is supported; every other param and every grad has it; every state tensor
-    has the state dtype (float32 for half params on CUDA, else the params'). One launch uses one
+    has the state dtype (float32 for half params, else the params'). One launch uses one
     element size, so a mixed list would be read and written out of bounds."""
     if not params:
         return _tensor.FLOAT32, _tensor.FLOAT32
@@ -301,8 +299,8 @@ def _numels(lst):
 
 
 def launch_sgd(hp, params, grads, bufs, first, numel, code, state_code, device):
-    """hp: _C.SgdParams. state_code: the momentum buffers' dtype code (float32 for half params on
-    CUDA, else the params')."""
+    """hp: _C.SgdParams. state_code: the momentum buffers' dtype code (float32 for half params,
+    else the params')."""
     _C.sgd_step(hp, params, grads, bufs, first, numel, code, state_code, device,
                 _tensor.current_stream(device))
 

@@ -157,13 +157,13 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_torch("conv2d", "weight", weight, 2)
     if bias is not None:
         _check_torch("conv2d", "bias", bias, 3)
+    r = _library.route(input, weight, bias)
+    if r == _TORCH:
+        return _torch["conv2d"](input, weight, bias, stride, padding, dilation, groups)
     if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
         # CPU float16 / bfloat16: computed in float32 (_half)
         return _to_dtype(conv2d(*_float32(input, weight, bias), stride, padding, dilation, groups),
                          input.dtype)
-    r = _library.route(input, weight, bias)
-    if r == _TORCH:
-        return _torch["conv2d"](input, weight, bias, stride, padding, dilation, groups)
     return _conv2d("conv2d", r, input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -188,14 +188,14 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     _check_torch("conv_transpose2d", "weight", weight, 2)
     if bias is not None:
         _check_torch("conv_transpose2d", "bias", bias, 3)
-    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
-        # CPU float16 / bfloat16: computed in float32 (_half)
-        return _to_dtype(conv_transpose2d(*_float32(input, weight, bias), stride, padding,
-                                          output_padding, groups, dilation), input.dtype)
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv_transpose2d"](input, weight, bias, stride, padding, output_padding,
                                           groups, dilation)
+    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+        # CPU float16 / bfloat16: computed in float32 (_half)
+        return _to_dtype(conv_transpose2d(*_float32(input, weight, bias), stride, padding,
+                                          output_padding, groups, dilation), input.dtype)
     if r == _TRACED:
         if isinstance(padding, str):
             raise TypeError("conv_transpose2d: argument 'padding' must be tuple of ints, not str")
@@ -225,13 +225,13 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_torch(fn, "weight", weight, 2)
     if bias is not None:
         _check_torch(fn, "bias", bias, 3)
+    r = _library.route(input, weight, bias)
+    if r == _TORCH:
+        return _torch["conv1d"](input, weight, bias, stride, padding, dilation, groups)
     if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
         # CPU float16 / bfloat16: computed in float32 (_half)
         return _to_dtype(conv1d(*_float32(input, weight, bias), stride, padding, dilation, groups),
                          input.dtype)
-    r = _library.route(input, weight, bias)
-    if r == _TORCH:
-        return _torch["conv1d"](input, weight, bias, stride, padding, dilation, groups)
     if input.dim() not in (2, 3):
         raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to conv1d, but "
                            f"got input of size: {list(input.shape)}")

@@ -60,7 +60,8 @@ def linear(input, weight, bias=None):
     signature. input (..., in_features), weight (out_features, in_features), bias (out_features,).
     Under a torch.func transform (vmap, grad, jacrev, jvp) or with a forward-AD tangent on an
     argument, torch.nn.functional.linear computes the call (fastdl's kernels have no vmap or jvp
-    rules); the result is torch's.
+    rules); the result is torch's. CPU float16 / bfloat16 operands run in float32, the result
+    (and the gradients) rounded to their dtype (fastdl.nn.functional._half).
 
     >>> fastdl.nn.functional.linear(torch.randn(2, 5, 3), torch.randn(4, 3)).shape   # (2, 5, 4)
     """
@@ -71,22 +72,30 @@ def linear(input, weight, bias=None):
                                 f"{type(x).__name__}")
     if bias is not None and not isinstance(bias, _Tensor):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
-    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
-        # CPU float16 / bfloat16: computed in float32 (_half)
-        return _to_dtype(linear(*_float32(input, weight, bias)), input.dtype)
     r = _library.route(input, weight, bias)
     if r == _DIRECT:
         # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread);
         # the common CPU case straight to the kernel, anything else through ops.linear's checks
         out = _fast_cpu_tensors(input, weight, bias)
-        return _linear_general(input, weight, bias) if out is None else out
+        if out is not None:
+            return out
+        if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+            return _half_linear(input, weight, bias)
+        return _linear_general(input, weight, bias)
+    if r == _TORCH:   # torch.func transform or forward-AD tangent
+        return _torch_linear(input, weight, bias)
+    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+        return _half_linear(input, weight, bias)
     if r == _GRAPH:
         return _Linear.apply(input, weight, bias)
-    if r == _TRACED:  # torch.compile / export: the custom op (see fastdl._library)
-        return _library.linear(input, weight, bias)
-    return _torch_linear(input, weight, bias)  # torch.func transform or forward-AD tangent
+    return _library.linear(input, weight, bias)   # TRACED: torch.compile / export's custom op
+
+
+def _half_linear(input, weight, bias):
+    """CPU float16 / bfloat16 operands: computed in float32 (_half)."""
+    return _to_dtype(linear(*_float32(input, weight, bias)), input.dtype)
 
 
 _NAMES = ("weight", "bias")
-_DIRECT, _GRAPH, _TRACED = _library.DIRECT, _library.GRAPH, _library.TRACED
+_DIRECT, _GRAPH, _TORCH = _library.DIRECT, _library.GRAPH, _library.TORCH
 _torch_linear = _library.torch_function("linear")

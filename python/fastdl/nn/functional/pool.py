@@ -22,7 +22,8 @@ __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool
 
 
 _route = _library.route
-_DIRECT, _GRAPH, _TRACED = _library.DIRECT, _library.GRAPH, _library.TRACED
+_DIRECT, _GRAPH, _TRACED, _TORCH = (_library.DIRECT, _library.GRAPH, _library.TRACED,
+                                   _library.TORCH)
 _torch = {name: _library.torch_function(name) for name in __all__}
 
 
@@ -58,10 +59,9 @@ _empty_like = torch.empty_like
 
 def _eager(x) -> bool:
     """Whether x may take the fast path: a plain torch.Tensor (not a subclass such as a
-    FakeTensor), on the CPU and contiguous, not float16 / bfloat16 (computed in float32, _half),
-    outside torch.compile / export, jit.trace, dispatch modes, torch.func transforms and forward
-    AD (all of which the general path handles)."""
-    return (type(x) is _Tensor and x.is_cpu and x.dtype not in _HALF
+    FakeTensor), on the CPU and contiguous, outside torch.compile / export, jit.trace, dispatch
+    modes, torch.func transforms and forward AD (all of which the general path handles)."""
+    return (type(x) is _Tensor and x.is_cpu
             and not (_is_compiling() or _dispatch_modes() or _jit_tracing())
             and _functorch_level() is None and _fwad._current_level < 0
             and _tensor.CPU_DEVICE < 0 and x.is_contiguous() and not x.is_neg()
@@ -83,6 +83,8 @@ def _geometry(key, x):
     element: only those are asked)."""
     geo = _FAST.get(key)
     if geo is None:
+        if x.dtype in _HALF:   # CPU float16 / bfloat16: the general path, in float32 (_half)
+            return None
         geo = _fast_put(key, x)
     return None if geo[4] and x.is_neg() else geo
 
@@ -358,10 +360,10 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         y, idx = _max_fast(input, geo, _int64 if return_indices else None)
         return (y, idx) if return_indices else y
     _check_torch("max_pool2d", input)
-    if input.dtype in _HALF and _cpu_half(input):   # computed in float32 (_half)
+    r = _route(input)
+    if r != _TORCH and input.dtype in _HALF and _cpu_half(input):   # in float32 (_half)
         return _to_dtype(max_pool2d(input.float(), kernel_size, stride, padding, dilation,
                                     ceil_mode, return_indices), input.dtype)
-    r = _route(input)
     if r == _DIRECT:
         return _layout_of(input, ops.max_pool2d(input, kernel_size, stride, padding, dilation,
                                                 ceil_mode, return_indices))
@@ -397,10 +399,10 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
                                                        count_include_pad, divisor_override), geo)
         return _avg_fast(input, geo)
     _check_torch("avg_pool2d", input)
-    if input.dtype in _HALF and _cpu_half(input):   # computed in float32 (_half)
+    r = _route(input)
+    if r != _TORCH and input.dtype in _HALF and _cpu_half(input):   # in float32 (_half)
         return _to_dtype(avg_pool2d(input.float(), kernel_size, stride, padding, ceil_mode,
                                     count_include_pad, divisor_override), input.dtype)
-    r = _route(input)
     if r == _DIRECT:
         return _layout_of(input, ops.avg_pool2d(input, kernel_size, stride, padding, ceil_mode,
                                                 count_include_pad, divisor_override))
@@ -431,10 +433,10 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
         y, idx = _max_fast(input, geo, _int64 if return_indices else None)
         return (y, idx) if return_indices else y
     _check_torch("adaptive_max_pool2d", input)
-    if input.dtype in _HALF and _cpu_half(input):   # computed in float32 (_half)
+    r = _route(input)
+    if r != _TORCH and input.dtype in _HALF and _cpu_half(input):   # in float32 (_half)
         return _to_dtype(adaptive_max_pool2d(input.float(), output_size, return_indices),
                          input.dtype)
-    r = _route(input)
     if r == _DIRECT:
         return _layout_of(input, ops.adaptive_max_pool2d(input, output_size, return_indices))
     if r == _GRAPH:
@@ -461,9 +463,9 @@ def adaptive_avg_pool2d(input, output_size):
             return _avg_apply(_unwrap_if_dead(input), ("adaptive", output_size), geo)
         return _avg_fast(input, geo)
     _check_torch("adaptive_avg_pool2d", input)
-    if input.dtype in _HALF and _cpu_half(input):   # computed in float32 (_half)
-        return _to_dtype(adaptive_avg_pool2d(input.float(), output_size), input.dtype)
     r = _route(input)
+    if r != _TORCH and input.dtype in _HALF and _cpu_half(input):   # in float32 (_half)
+        return _to_dtype(adaptive_avg_pool2d(input.float(), output_size), input.dtype)
     if r == _DIRECT:
         return _layout_of(input, ops.adaptive_avg_pool2d(input, output_size))
     if r == _GRAPH:
@@ -481,10 +483,10 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     >>> x2 = fastdl.nn.functional.max_unpool2d(y, idx, 2)
     """
     _check_torch("max_unpool2d", input)
-    if input.dtype in _HALF and _cpu_half(input):   # computed in float32 (_half)
+    r = _route(input)
+    if r != _TORCH and input.dtype in _HALF and _cpu_half(input):   # in float32 (_half)
         return _to_dtype(max_unpool2d(input.float(), indices, kernel_size, stride, padding,
                                       output_size), input.dtype)
-    r = _route(input)
     window = (kernel_size, stride, padding, output_size)
     if r == _DIRECT:
         return ops.max_unpool2d(input, indices, *window)

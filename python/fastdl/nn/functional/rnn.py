@@ -180,11 +180,12 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
     the weights in place (float32/float64; traced: the custom op fastdl::recurrent_cell over
     them); anything else (CUDA, half precision, empty sizes) runs as a one-step layer. CPU
     float16 / bfloat16 operands run in float32 (_half)."""
-    if x.dtype in _HALF and _cpu_half(x, h, c, *weights, names=_CELL_NAMES):
-        out = run_cell(mode, *_float32(x, h, c), _float32(*weights), has_bias=has_bias)
-        return _to_dtype(out, x.dtype)
     traced = _library.tracing(x)
     if not _ops.cell_cpu_supported(x, weights):
+        if x.dtype in _HALF and _cpu_half(x, h, c, *weights, names=_CELL_NAMES):
+            # (each step casts the weights to float32 copies again)
+            out = run_cell(mode, *_float32(x, h, c), _float32(*weights), has_bias=has_bias)
+            return _to_dtype(out, x.dtype)
         if not traced:
             # The one-step layer kernels straight on the 2-D states, whose final states are the
             # step's outputs (no per-direction select and stack around them).

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import init
 
+from ... import _library
 from ..functional import _half
 from ..functional import conv as F
 
@@ -29,7 +30,8 @@ def _padded(module, conv, input):
     CPU float16 / bfloat16 operands pad their float32 copies (functional/_half.py), so the input
     gradient is rounded once, as in every other fastdl layer, not once per pass."""
     w, b = module.weight, module.bias
-    half = _half.cpu_half(input, w, b, names=("weight", "bias"))
+    half = (_half.cpu_half(input, w, b, names=("weight", "bias"))
+            and _library.route(input, w, b) != _library.TORCH)   # (TORCH: torch's half conv)
     if half:
         dtype = input.dtype
         input, w, b = _half.float32(input, w, b)

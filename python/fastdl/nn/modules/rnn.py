@@ -114,6 +114,8 @@ def _fast_put(key, input, weights):
     passed the checks). Never raises: a failure only leaves the key uncached."""
     mode = key[0]
     lstm = mode == _f.LSTM
+    if key[1] is not torch.float32 and key[1] is not torch.float64:
+        return   # (CPU half precision: the general path, in float32, nn/functional/_half.py)
     try:
         h0 = _zeros((input.shape[1], key[3]), dtype=input.dtype, device=input.device)
         b_ih, b_hh = (weights[2], weights[3]) if len(weights) == 4 else (None, None)

@@ -1,0 +1,121 @@
+"""CPU half precision against torch in one process: fastdl.nn layers (float32 copies on the
+float32 kernels, nn/functional/_half.py) and the optimizer steps (half params, float32 state)
+against torch's own bfloat16 / float16 kernels, with both libraries' float32 for scale. The
+harness behind benchmarks/RESULTS.md's "CPU half precision" tables and fastdl._support's choice
+of which CPU half dtypes fastdl.patch / nn.convert serve.
+
+Layers: forward + backward (.float().sum().backward()), every variant once per round in a fixed
+order, median ms. Optimizers: 14.7M params in 62 tensors (SGD momentum 0.9, Adam), against torch's
+foreach and fused steps (whose state is in the param dtype: fewer bytes than fastdl's float32).
+
+    python benchmarks/bench_half.py                 # layers and optimizers
+    python benchmarks/bench_half.py --only layers --rounds 5
+    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_half.py --only layers   # torch without
+                                                    # AVX-512 / AVX512-BF16 kernels (a Zen 3 stand-in)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+import fastdl
+import fastdl.nn as fnn
+import fastdl.optim as fo
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LAYERS = (
+    ("Conv2d (32,64,56,56) 3x3 p1", lambda m: m.Conv2d(64, 64, 3, padding=1), (32, 64, 56, 56), 3),
+    ("LSTM (64,128,32,50)", lambda m: m.LSTM(64, 128), (50, 32, 64), 7),
+    ("Linear 512x1024 -> 1024", lambda m: m.Linear(1024, 1024), (512, 1024), 9),
+    ("MaxPool2d 3 s2 p1 (16,64,56,56)", lambda m: m.MaxPool2d(3, 2, 1), (16, 64, 56, 56), 9),
+    ("AvgPool2d 2 (16,64,56,56)", lambda m: m.AvgPool2d(2), (16, 64, 56, 56), 9),
+)
+OPT_SHAPES = ([(512, 512, 3, 3)] * 4 + [(256, 256, 3, 3)] * 6 + [(128, 128, 3, 3)] * 8
+              + [(1000, 512)] + [(512,)] * 43)
+
+
+def _name(dt):
+    return str(dt).replace("torch.", "")
+
+
+def bench_layer(title, make, shape, rounds, scale):
+    torch.manual_seed(0)
+    theirs = make(torch.nn)
+    ours = make(fnn)
+    ours.load_state_dict(theirs.state_dict())
+    x0 = torch.randn(*shape)
+    variants = []
+    for dt in DTYPES:
+        variants += [(f"torch {_name(dt)}", copy.deepcopy(theirs).to(dt), dt),
+                     (f"fastdl {_name(dt)}", copy.deepcopy(ours).to(dt), dt)]
+
+    def step(m, dt):
+        x = x0.to(dt).requires_grad_()
+        out = m(x)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+
+    for _, m, dt in variants:
+        step(m, dt)
+    times = {k: [] for k, _, _ in variants}
+    for _ in range(max(1, round(rounds * scale))):
+        for k, m, dt in variants:
+            t0 = time.perf_counter()
+            step(m, dt)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    speed = " / ".join(f"{med[f'torch {_name(dt)}'] / med[f'fastdl {_name(dt)}']:.2f}x"
+                       for dt in DTYPES)
+    print(f"{title}: " + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
+          + f"  | torch / fastdl bf16 / f16 / f32: {speed}", flush=True)
+
+
+def bench_optim(rounds):
+    def params(dt):
+        ps = [torch.randn(s, dtype=dt, requires_grad=True) for s in OPT_SHAPES]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-2
+        return ps
+
+    n = sum(torch.Size(s).numel() for s in OPT_SHAPES)
+    for name, kw in (("SGD", dict(lr=0.01, momentum=0.9)), ("Adam", dict(lr=1e-3))):
+        for dt in DTYPES:
+            opts = {"fastdl": getattr(fo, name)(params(dt), **kw),
+                    "torch foreach": getattr(torch.optim, name)(params(dt), foreach=True, **kw),
+                    "torch fused": getattr(torch.optim, name)(params(dt), fused=True, **kw)}
+            for o in opts.values():
+                o.step()
+            times = {k: [] for k in opts}
+            for _ in range(rounds):
+                for k, o in opts.items():
+                    t0 = time.perf_counter()
+                    o.step()
+                    times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            print(f"{name} {_name(dt)} {n / 1e6:.1f}M params: "
+                  + "  ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+                  + f"  | vs foreach {med['torch foreach'] / med['fastdl']:.2f}x, vs fused "
+                  f"{med['torch fused'] / med['fastdl']:.2f}x", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=("layers", "optim"))
+    ap.add_argument("--rounds", type=int, default=9, help="rounds (conv 1/3 of them, LSTM 7/9)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    fastdl.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, fastdl {fastdl.build_info()}")
+    if args.only != "optim":
+        for title, make, shape, rounds in LAYERS:
+            bench_layer(title, make, shape, args.rounds, rounds / 9)
+    if args.only != "layers":
+        bench_optim(args.rounds)
+
+
+if __name__ == "__main__":
+    main()
