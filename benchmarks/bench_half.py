@@ -10,8 +10,10 @@ foreach and fused steps (whose state is in the param dtype: fewer bytes than fas
 
     python benchmarks/bench_half.py                 # layers and optimizers
     python benchmarks/bench_half.py --only layers --rounds 5
-    ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_half.py --only layers   # torch without
-                                                    # AVX-512 / AVX512-BF16 kernels (a Zen 3 stand-in)
+    # torch (and fastdl) without AVX-512 / AVX512-BF16 kernels, a stand-in for Zen 3:
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FASTDL_CPU_CAPABILITY=avx2 \
+        python benchmarks/bench_half.py --only layers
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE python benchmarks/bench_half.py --only layers  # no BF16
 """
 from __future__ import annotations
 
@@ -48,13 +50,14 @@ def bench_layer(title, make, shape, rounds, scale):
     ours = make(fnn)
     ours.load_state_dict(theirs.state_dict())
     x0 = torch.randn(*shape)
+    xs = {dt: x0.to(dt) for dt in DTYPES}   # (converted once, outside the timed step)
     variants = []
     for dt in DTYPES:
         variants += [(f"torch {_name(dt)}", copy.deepcopy(theirs).to(dt), dt),
                      (f"fastdl {_name(dt)}", copy.deepcopy(ours).to(dt), dt)]
 
     def step(m, dt):
-        x = x0.to(dt).requires_grad_()
+        x = xs[dt].detach().requires_grad_()   # a fresh leaf: no gradient flows back into xs
         out = m(x)
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
 

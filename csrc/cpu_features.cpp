@@ -22,9 +22,11 @@ bool cpu_supports_avx2() {
 #endif
 }
 
+// What the processor offers, whatever this build compiled (the answer is about torch's kernels).
 bool cpu_supports_avx512_bf16() {
-#if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
-  return cpu_supports_avx512() && __builtin_cpu_supports("avx512bf16");
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();   // (libgcc's checks include the OS having enabled the zmm state)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif

@@ -37,8 +37,8 @@ const char* capability_name(CpuCapability c);
 const char* kernel_family_name(KernelFamily f);  // "conv", "pool", "gemm", "recurrent_forward", ...
 bool cpu_supports_avx2();                  // what the processor offers (AVX2, FMA and F16C)
 bool cpu_supports_avx512();                // AVX2 as above and AVX-512 F, VL, BW, DQ (OS-enabled)
-bool cpu_supports_avx512_bf16();           // AVX-512 as above and AVX512-BF16 (bfloat16 dot
-                                           // products: torch's fast CPU bfloat16 kernels)
+bool cpu_supports_avx512_bf16();           // AVX-512 F and AVX512-BF16, whatever this build has
+                                           // (bfloat16 dot products: torch's fast CPU bfloat16)
 // Used by tests: every family on one path ("default", "avx2", "avx512"; throws
 // std::invalid_argument), or "auto": back to FASTDL_CPU_CAPABILITY or the automatic choice.
 void set_cpu_capability(const char* name);

@@ -278,16 +278,15 @@ def test_meta_tensors_raise_everywhere(call):
 
 
 def test_cpu_feature_flags_agree_with_the_os():
-    """cpu_supports_avx512_bf16 (fastdl._support's bfloat16 rule) implies AVX-512, and on Linux
-    agrees with /proc/cpuinfo's avx512_bf16 flag wherever the AVX-512 path is there."""
+    """cpu_supports_avx512_bf16 (fastdl._support's bfloat16 rule, about the processor whatever
+    this build compiled) agrees with /proc/cpuinfo's avx512_bf16 flag on Linux."""
     bf16 = _C.cpu_supports_avx512_bf16()
-    assert not bf16 or _C.cpu_supports_avx512()
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f
                           if line.startswith("flags")), None)
     except OSError:
         flags = None
-    if flags is None or not _C.cpu_supports_avx512():
-        pytest.skip("no /proc/cpuinfo flags, or no AVX-512 path: nothing to compare")
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
     assert bf16 == ("avx512_bf16" in flags)

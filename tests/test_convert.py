@@ -319,9 +319,8 @@ def test_converted_layers_are_still_instances_of_torchs_classes():
 
 
 def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_call(bf16_to_torch):
-    # Decided per call, as under patch: autocast, a dtype fastdl leaves to torch after
-    # .bfloat16() (CPU bfloat16), a pool
-    # judged by a float32 parameter that gets bfloat16 activations.
+    # Decided per call, as under patch: autocast, and a dtype fastdl leaves to torch after
+    # .bfloat16() (CPU bfloat16 linear / conv / rnn, the table as on an AVX512-BF16 CPU).
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(16, 3))
     x = rand(2, 1, 2, 2, 2)
@@ -334,7 +333,8 @@ def test_converted_layers_run_torchs_forward_where_fastdl_does_not_serve_the_cal
     x = rand(2, 2, 4, 4)
     fast, report = fastdl.nn.convert(net)
     assert len(report.replaced) == 3
-    # a pool judged by the model's float32 parameters, fed bfloat16 activations
+    # a pool judged by the model's float32 parameters, fed bfloat16 activations: served (pools
+    # take CPU bfloat16, in float32), the same values (max pooling rounds nothing)
     y = rand(1, 2, 4, 4).to(torch.bfloat16)
     assert torch.equal(fast[1](y), net[1](y))
     # (a converted copy shares net's Parameters: .bfloat16() on it would change net's too)

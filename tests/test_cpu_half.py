@@ -287,3 +287,5 @@ def test_packed_sequence(dtype):
     ya.data.backward(g)
     yb.data.backward(g.float())
     _close_after_rounding(xa.grad, xb.grad, dtype, "input gradient")
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        _close_after_rounding(p.grad, q.grad, dtype, f"{name} gradient")

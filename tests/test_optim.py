@@ -506,6 +506,30 @@ def test_cpu_half_conversions_every_bit_pattern(cpu_path, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_conversions_inexact_values(cpu_path, dtype):
+    """Widening alone: SGD's first momentum step stores buf = g, float32, bitwise torch's
+    .float() of every 16-bit pattern. Narrowing of inexact values across the whole range, the
+    subnormal results and the smallest-normal boundary included: p = 0 with grad g stores
+    round(-lr g), lr in {1/3, 0.7, 1 - 2^-11, 1000}, bitwise as torch computes it in float32 and
+    converts."""
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    nan = every.isnan()
+    buf = torch.empty(every.shape)
+    fastdl.ops.sgd_step(torch.zeros_like(every), every, buf, lr=0.0, momentum=0.9,
+                        first_step=True)
+    assert torch.equal(buf.isnan(), nan)
+    assert torch.equal(buf[~nan].view(torch.int32), every[~nan].float().view(torch.int32))
+    for lr in (1 / 3, 0.7, 1 - 2 ** -11, 1000.0):
+        p = torch.zeros_like(every)
+        fastdl.ops.sgd_step(p, every, lr=lr)
+        neg_lr = torch.tensor(-lr, dtype=torch.float32)
+        want = (torch.zeros(every.shape) + neg_lr * every.float()).to(dtype)
+        assert torch.equal(p.isnan(), want.isnan()), lr
+        ok = ~want.isnan()
+        assert torch.equal(p[ok].view(torch.int16), want[ok].view(torch.int16)), lr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_params_float32_state(cuda_device, dtype):
     """Reference: torch's step on float32 copies, rounding the param to `dtype` after each step
     (what a half param with float32 state computes)."""

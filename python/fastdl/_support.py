@@ -23,12 +23,12 @@ from . import _C
 def dtype_table(bf16_to_torch: bool) -> dict:
     """family -> {device type -> dtypes fastdl serves there}. CPU float16 and bfloat16 are served
     by fastdl.nn's float32 path (nn/functional/_half.py: float32 copies on the float32 kernels):
-    torch's CPU float16 kernels ran 17-67x slower than it, and its bfloat16 ones 17-52x slower
-    with oneDNN held to AVX2 (a Zen 3 stand-in) and 2.0-2.7x slower with AVX-512 but no
-    AVX512-BF16. With AVX512-BF16 (bf16_to_torch), torch's bfloat16 dot products ran 1.2-2.0x
-    faster than that path, so linear, conv and rnn leave CPU bfloat16 to torch there; pools
-    (no dot products) are fastdl's either way (2.2-2.7x torch's). benchmarks/RESULTS.md, "CPU
-    half precision"; benchmarks/bench_half.py."""
+    it ran 21-70x torch's float16 dot-product layers and 1.7-3.7x its half pools, and 2.3-64x
+    torch's bfloat16 layers with torch held below AVX512-BF16 (ONEDNN_MAX_CPU_ISA stand-ins for
+    other CPUs). With AVX512-BF16 (bf16_to_torch), torch's bfloat16 dot products ran 1.1-1.9x
+    faster than that path, so linear, conv and rnn leave CPU bfloat16 to torch there; pools (no
+    dot products) are fastdl's either way. benchmarks/RESULTS.md, "CPU half precision";
+    benchmarks/bench_half.py."""
     cpu = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     dot = cpu[:3] if bf16_to_torch else cpu
     half_cuda = (torch.float32, torch.float16, torch.bfloat16)

@@ -15,9 +15,10 @@ parameter-free layer such as a pool is judged by the model's first parameter or 
 report gives these decisions, made at conversion. Per call, a converted layer asks the same
 table, as fastdl.patch() does, about the tensors it gets (its input and its own parameters;
 autocast and torch.compile tracing included) and runs torch's forward where fastdl does not
-serve the call: under autocast, after .bfloat16() on a CPU with AVX512-BF16 (fastdl._support) or
-a move to a device fastdl lacks, or when a pool gets activations unlike the parameter it was
-judged by, it computes what torch computes.
+serve the call: under autocast, after .bfloat16() of a linear, conv or recurrent layer on a CPU
+with AVX512-BF16 (fastdl._support) or a move to a device fastdl lacks, or when a pool gets
+activations fastdl does not serve (CUDA half precision, say, after float32 parameters), it
+computes what torch computes.
 
 >>> model, report = fastdl.nn.convert(torchvision_like_resnet18())
 >>> print(report)            # one line per layer: replaced, or left alone and why

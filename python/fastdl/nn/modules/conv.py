@@ -30,8 +30,9 @@ def _padded(module, conv, input):
     CPU float16 / bfloat16 operands pad their float32 copies (functional/_half.py), so the input
     gradient is rounded once, as in every other fastdl layer, not once per pass."""
     w, b = module.weight, module.bias
-    half = (_half.cpu_half(input, w, b, names=("weight", "bias"))
-            and _library.route(input, w, b) != _library.TORCH)   # (TORCH: torch's half conv)
+    half = (isinstance(input, torch.Tensor) and input.dtype in _half.HALF
+            and _library.route(input, w, b) != _library.TORCH   # (TORCH: torch's half conv)
+            and _half.cpu_half(input, w, b, names=("weight", "bias")))
     if half:
         dtype = input.dtype
         input, w, b = _half.float32(input, w, b)
