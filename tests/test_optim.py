@@ -413,7 +413,7 @@ def test_ops_bad_input_changes_nothing():
     assert np.array_equal(p, before)
 
 
-# ---- half-precision params keep float32 state (CUDA, and the CPU) ---------------------------------
+# ---- half-precision params keep float32 state (CUDA, and the CPU) ------------------------------
 
 def _half_trajectory(name, kw, dtype, device, steps=10):
     """fastdl's optimizer on `dtype` params against torch's (foreach=False) on float32 copies
