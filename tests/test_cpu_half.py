@@ -3,7 +3,8 @@ in float32 on fastdl's kernels and rounds its outputs (and the gradients it retu
 half dtype. Checked two ways for every module: against torch's float32 module on the same half
 values, rounded (the definition: at most one half-precision rounding apart), and against torch's
 own half-precision module (torch's half tolerance, as the CUDA half tests). Also: dtypes,
-memory format, pooling indices, no-grad calls, mixed-dtype errors, and fastdl.ops staying
+memory format, pooling indices, no-grad calls, packed sequences, mixed-dtype errors, training
+with fastdl.optim, what fastdl.patch / nn.convert serve, and fastdl.ops' layer kernels staying
 float32/float64 on the CPU."""
 import copy
 
@@ -193,8 +194,9 @@ def test_mixed_dtypes_raise_torchs_error_class():
 
 
 def test_ops_stay_float32_float64_on_the_cpu():
-    """fastdl.ops (the kernels' API, numpy or torch) does not convert: half there is still
-    NotImplementedError naming the dtype; the conversion belongs to fastdl.nn."""
+    """fastdl.ops' layer kernels (the kernels' API, numpy or torch) do not convert: half there is
+    still NotImplementedError naming the dtype; the conversion belongs to fastdl.nn. (The
+    optimizer steps do take half params: tests/test_optim.py.)"""
     with pytest.raises(NotImplementedError, match="float16"):
         ops.conv2d(rand(1, 1, 4, 4).half(), rand(1, 1, 3, 3).half())
     with pytest.raises(NotImplementedError, match="float16"):
