@@ -17,7 +17,7 @@ import fastdl.nn as fnn
 import fastdl.optim
 from fastdl import ops
 from fastdl.nn import functional as F
-from helpers import assert_close, rand
+from helpers import assert_close_or_better, rand
 
 HALF = [torch.float16, torch.bfloat16]
 # one rounding to the half type (unit roundoff 2^-11, 2^-8), twice for a value rounded on both
@@ -109,17 +109,21 @@ def test_module_against_torch(name, dtype):
         assert (a is None) == (b is None), f"{name} gradient {i}"
         if a is not None:
             _close_after_rounding(a, b, dtype, f"{name} gradient {i}")
-    # torch's own half-precision module, at torch's half tolerance
+    # torch's own half-precision module, at the table's half tolerance; where torch's half
+    # kernels stray further (they round intermediates: a bfloat16 ReLU RNN's state near 0 flips
+    # its gradient mask, 0.7 off on gradients of 2.8), fastdl must be at least as close to
+    # torch's float64 module on the same values (factor=1)
     theirs_h = copy.deepcopy(theirs).to(dtype)
     outs_h, grads_h, _ = _run(theirs_h, x, gouts)
-    for i, (a, b) in enumerate(zip(outs, outs_h)):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert_close(a.float(), b.float(), dtype=dtype, reduction=reduction,
-                     what=f"{name} output {i} vs torch {dtype}")
-    for i, (a, b) in enumerate(zip(grads, grads_h)):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert_close(a.float(), b.float(), dtype=dtype, reduction=reduction * 4,
-                     what=f"{name} gradient {i} vs torch {dtype}", scale_atol=True)
+    ref64 = copy.deepcopy(theirs).double()
+    ref64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    outs64, grads64, _ = _run(ref64, x.double(), gouts)
+    for kind, ours_, theirs_, ref_ in (("output", outs, outs_h, outs64),
+                                       ("gradient", grads, grads_h, grads64)):
+        for i, (a, b, c) in enumerate(zip(ours_, theirs_, ref_)):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert_close_or_better(a, b, c, dtype=dtype, reduction=reduction, factor=1.0,
+                                   scale_atol=False, what=f"{name} {kind} {i} vs torch {dtype}")
 
 
 @pytest.mark.parametrize("dtype", HALF)

@@ -59,9 +59,9 @@ T* at(void* state, int64_t off) {
 
 template <bool L2, bool MOMENTUM, bool NESTEROV, class T>
 void sgd_range(const SgdCoeffs<T>& c, bool first, T* __restrict p, const T* __restrict g,
-               T* __restrict buf, int64_t lo, int64_t hi) {
+               T* __restrict buf, int64_t n) {
 #pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     T pj = p[j], bj = MOMENTUM && !first ? buf[j] : T(0);
     sgd_update<L2, MOMENTUM, NESTEROV>(pj, g[j], bj, first, c);
     p[j] = pj;
@@ -80,7 +80,7 @@ void sgd_typed(const SgdParams& prm, const OptimTensors& t) {
           void* buf = MOM.value ? t.state[0][i] : nullptr;
           over_chunks<P>(t.param[i], t.grad[i], lo, hi, [&](T* p, const T* g, int64_t off,
                                                               int64_t n) {
-            sgd_range<L2.value, MOM.value, NEST.value, T>(c, first, p, g, at<T>(buf, off), 0, n);
+            sgd_range<L2.value, MOM.value, NEST.value, T>(c, first, p, g, at<T>(buf, off), n);
           });
         });
       });
@@ -90,9 +90,9 @@ void sgd_typed(const SgdParams& prm, const OptimTensors& t) {
 
 template <bool L2, bool AMSGRAD, class T>
 void adam_range(const AdamCoeffs<T>& c, T* __restrict p, const T* __restrict g, T* __restrict m,
-                T* __restrict v, T* __restrict vmax, int64_t lo, int64_t hi) {
+                T* __restrict v, T* __restrict vmax, int64_t n) {
 #pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     T pj = p[j], mj = m[j], vj = v[j], vmj = AMSGRAD ? vmax[j] : T(0);
     adam_update<L2, AMSGRAD>(pj, g[j], mj, vj, vmj, c);
     p[j] = pj;
@@ -126,7 +126,7 @@ void adam_typed(const AdamParams& prm, const OptimTensors& t) {
         over_chunks<P>(t.param[i], t.grad[i], lo, hi, [&](T* p, const T* g, int64_t off,
                                                             int64_t n) {
           adam_range<L2.value, AMS.value, T>(coeffs[i], p, g, at<T>(t.state[0][i], off),
-                                             at<T>(t.state[1][i], off), at<T>(vmax, off), 0, n);
+                                             at<T>(t.state[1][i], off), at<T>(vmax, off), n);
         });
       });
     });
@@ -135,9 +135,9 @@ void adam_typed(const AdamParams& prm, const OptimTensors& t) {
 
 template <bool L2, bool CENTERED, bool MOMENTUM, class T>
 void rmsprop_range(const RmspropCoeffs<T>& c, T* __restrict p, const T* __restrict g,
-                   T* __restrict sq, T* __restrict buf, T* __restrict gavg, int64_t lo, int64_t hi) {
+                   T* __restrict sq, T* __restrict buf, T* __restrict gavg, int64_t n) {
 #pragma omp simd
-  for (int64_t j = lo; j < hi; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     T pj = p[j], sj = sq[j], bj = MOMENTUM ? buf[j] : T(0), aj = CENTERED ? gavg[j] : T(0);
     rmsprop_update<L2, CENTERED, MOMENTUM>(pj, g[j], sj, bj, aj, c);
     p[j] = pj;
@@ -160,7 +160,7 @@ void rmsprop_typed(const RmspropParams& prm, const OptimTensors& t) {
           over_chunks<P>(t.param[i], t.grad[i], lo, hi, [&](T* p, const T* g, int64_t off,
                                                               int64_t n) {
             rmsprop_range<L2.value, CEN.value, MOM.value, T>(
-                c, p, g, at<T>(t.state[0][i], off), at<T>(buf, off), at<T>(gavg, off), 0, n);
+                c, p, g, at<T>(t.state[0][i], off), at<T>(buf, off), at<T>(gavg, off), n);
           });
         });
       });

@@ -4,8 +4,8 @@ copies of them, and its floating outputs are rounded back to that dtype (indices
 torch's own CPU kernels also accumulate half inputs in float32; a recurrent layer here also keeps
 its states in float32 from step to step, rounding only what it returns. The casts are autograd
 ops, so gradients reach the half tensors in their own dtype (computed in float32, rounded once),
-and torch.compile traces them like any op. A call mixing dtypes or devices is not converted: the
-usual checks raise torch's error for it.
+and torch.compile traces them like any op. A call mixing a half input with operands of another
+dtype or device is not converted: cpu_half raises torch's RuntimeError, naming the operand.
 
 >>> if input.dtype in HALF and cpu_half(input, weight, bias):
 ...     return to_dtype(linear(*float32(input, weight, bias)), input.dtype)
