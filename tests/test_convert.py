@@ -574,7 +574,8 @@ def test_patch_falls_back_to_torch_where_fastdl_does_not_serve(bf16_to_torch):
     assert h.dtype == torch.bfloat16 and m.shape == (1, 2, 3, 3) and a.dtype == torch.bfloat16
     assert v.shape == (2,)
     assert s["torch: bfloat16 on cpu: fastdl's linear layers take float32/float64/float16"] == 1
-    assert s["torch: autocast is on for cpu"] == 1
+    assert s["torch: autocast to bfloat16: bfloat16 on cpu: fastdl's linear layers take "
+             "float32/float64/float16"] == 1
     assert s["torch: arguments of mixed devices or dtypes"] == 1
     assert any(k.startswith("torch: fastdl rejected the call (RuntimeError: linear:") for k in s)
     assert p.stats["conv2d"] == {"torch: fastdl has no kernels for meta tensors": 1}

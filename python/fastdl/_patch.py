@@ -3,7 +3,7 @@ max_pool2d, avg_pool2d, adaptive_avg_pool2d, adaptive_max_pool2d and max_unpool2
 
 Each name in torch.nn.functional is replaced by a small router. Per call it asks, cheaply (plain
 dense tensors of one device and dtype that fastdl serves, fastdl._support; not inside torch.compile
-tracing; autocast off), whether fastdl serves the call; if so it runs fastdl.nn.functional's
+tracing; under autocast, a dtype it serves), whether fastdl serves the call; if so it runs fastdl.nn.functional's
 version, else the original torch function. Should fastdl still reject the call (an argument
 combination it lacks; its validation runs before any work), the router calls torch, which then
 either succeeds or raises torch's own error, so a patched call never raises where torch would

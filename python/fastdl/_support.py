@@ -78,8 +78,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def tensor_why_not(family: str, *tensors) -> str | None:
     """why_not for one call, by its tensors (None entries skipped): they must be plain dense
     tensors (not a subclass such as a FakeTensor or DTensor) of one device and dtype that the
-    family serves, outside torch.compile / torch.jit.trace tracing, torch.func transforms and
-    autocast, and none with a forward-AD tangent (context_why_not).
+    family serves, outside torch.compile / torch.jit.trace tracing and torch.func transforms,
+    none with a forward-AD tangent, and under autocast as autocast_why_not says
+    (context_why_not).
     The common case (plain CPU tensors of a served dtype) is decided in a few microseconds
     (about 5 on an idle core); anything else takes the slow, explaining path."""
     first = tensors[0]
@@ -90,9 +91,9 @@ def tensor_why_not(family: str, *tensors) -> str | None:
                               and t.layout is _STRIDED) for t in tensors):
             if (_is_compiling() or _is_tracing() or _functorch_level() is not None
                     or _fwad._current_level >= 0 and has_tangent(tensors) or _autocast("cpu")):
-                return context_why_not("cpu", tensors)
+                return context_why_not("cpu", tensors, family)
             return None
-    return _explain(family, tensors) or context_why_not(first.device.type, tensors)
+    return _explain(family, tensors) or context_why_not(first.device.type, tensors, family)
 
 
 _STRIDED = torch.strided
@@ -132,14 +133,14 @@ def _explain(family, tensors):
     return why_not(family, dev, dt)
 
 
-def context_why_not(device_type: str, tensors=None) -> str | None:
+def context_why_not(device_type: str, tensors=None, family=None) -> str | None:
     """Reasons that hold for any op right now: torch.compile tracing (torch's ops trace, fastdl's
     eager ones would break the graph), torch.jit.trace (the tracer records dispatched ops only, so
     a trace through fastdl's kernels would replay without them), torch.func transforms (grad,
     vmap, jacrev: their wrapped tensors hold no data fastdl's kernels can read), forward-mode AD
     when one of `tensors` (all calls, when None) carries a tangent (fastdl's ops have no jvp:
-    the tangent would be lost; calls without one keep fastdl's kernels) and autocast (torch
-    would compute in a lower precision)."""
+    the tangent would be lost; calls without one keep fastdl's kernels) and autocast, for the
+    op `family` (any op when None) as autocast_why_not says."""
     if torch.compiler.is_compiling():
         return "inside torch.compile tracing"
     if torch.jit.is_tracing():
@@ -149,5 +150,21 @@ def context_why_not(device_type: str, tensors=None) -> str | None:
     if _fwad._current_level >= 0 and (tensors is None or has_tangent(tensors)):
         return "forward-mode AD tangent on an argument (fastdl's ops have no jvp)"
     if torch.is_autocast_enabled(device_type):
-        return f"autocast is on for {device_type}"
+        return autocast_why_not(family, device_type)
     return None
+
+
+def autocast_why_not(family, device_type: str) -> str | None:
+    """Under torch.autocast for device_type: None where fastdl.nn computes the `family` call as
+    torch's autocast would, else why not. Pools are not on autocast's list and run in their
+    input's dtype either way; linear and conv cast their operands to the autocast dtype
+    (fastdl.nn.functional._autocast), served where this table serves that dtype; recurrent
+    layers (and family None: any op) run torch's own forward (fastdl.nn's recurrent modules do
+    too: torch's autocast treats each layer and device differently)."""
+    if family == "pool":
+        return None
+    if family in ("linear", "conv"):
+        dt = torch.get_autocast_dtype(device_type)
+        why = why_not(family, device_type, dt)
+        return None if why is None else f"autocast to {str(dt).replace('torch.', '')}: {why}"
+    return f"autocast is on for {device_type}"

@@ -15,8 +15,9 @@ parameter-free layer such as a pool is judged by the model's first parameter or 
 report gives these decisions, made at conversion. Per call, a converted layer asks the same
 table, as fastdl.patch() does, about the tensors it gets (its input and its own parameters;
 autocast and torch.compile tracing included) and runs torch's forward where fastdl does not
-serve the call: under autocast, after .bfloat16() of a linear, conv or recurrent layer on a CPU
-with AVX512-BF16 (fastdl._support) or a move to a device fastdl lacks, or when a pool gets
+serve the call: after .bfloat16() of a linear, conv or recurrent layer on a CPU with
+AVX512-BF16 (fastdl._support), or under autocast to that dtype; a recurrent layer under
+autocast; a move to a device fastdl lacks, or when a pool gets
 activations fastdl does not serve (CUDA half precision, say, after float32 parameters), it
 computes what torch computes.
 
@@ -103,7 +104,8 @@ def _converted_class(torch_cls, fast_cls, family):
         "forward": forward, "__module__": __name__, "__qualname__": f"Converted{name}",
         "__doc__": f"A torch.nn.{torch_cls.__name__} converted by fastdl.nn.convert: "
                    f"fastdl.nn.{name}'s forward where fastdl serves the call, torch's "
-                   f"otherwise (autocast, a dtype or device fastdl has no kernels for)."})
+                   f"otherwise (a dtype or device fastdl leaves to torch, autocast "
+                   f"included)."})
     forward.__qualname__ = f"Converted{name}.forward"
     globals()[f"Converted{name}"] = cls     # (pickle finds the class by its qualified name)
     return cls

@@ -3,7 +3,8 @@ and autograd, computed by fastdl's convolution kernels through fastdl.ops.conv (
 autograd Functions call the same validated ops functions a numpy user calls). conv1d runs on the
 2-D kernels with a height of 1. Under a torch.func transform (vmap, grad, jacrev, jvp) or with a
 forward-AD tangent on an argument, the torch.nn.functional function of the same name computes the
-call, on the same arguments (fastdl's kernels have no vmap or jvp rules).
+call, on the same arguments (fastdl's kernels have no vmap or jvp rules). Under torch.autocast the
+operands are cast to its dtype first, as torch does (_autocast.py).
 
 >>> import fastdl.nn.functional as F
 >>> y = F.conv2d(torch.randn(8, 3, 32, 32, requires_grad=True), torch.randn(16, 3, 3, 3), padding=1)
@@ -14,6 +15,7 @@ import torch
 
 from ... import _library, _tensor
 from ...ops import conv as _ops
+from ._autocast import any_autocast as _any_autocast, autocast_call as _autocast_call
 from ._half import HALF as _HALF, cpu_half as _cpu_half, float32 as _float32, to_dtype as _to_dtype
 
 __all__ = ["conv1d", "conv2d", "conv_transpose2d"]
@@ -157,6 +159,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_torch("conv2d", "weight", weight, 2)
     if bias is not None:
         _check_torch("conv2d", "bias", bias, 3)
+    if _any_autocast():
+        out = _autocast_call("conv", conv2d, _torch["conv2d"], (input, weight, bias), stride,
+                             padding, dilation, groups)
+        if out is not None:
+            return out
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv2d"](input, weight, bias, stride, padding, dilation, groups)
@@ -188,6 +195,12 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     _check_torch("conv_transpose2d", "weight", weight, 2)
     if bias is not None:
         _check_torch("conv_transpose2d", "bias", bias, 3)
+    if _any_autocast():
+        out = _autocast_call("conv", conv_transpose2d, _torch["conv_transpose2d"],
+                             (input, weight, bias), stride, padding, output_padding, groups,
+                             dilation)
+        if out is not None:
+            return out
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv_transpose2d"](input, weight, bias, stride, padding, output_padding,
@@ -225,6 +238,11 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_torch(fn, "weight", weight, 2)
     if bias is not None:
         _check_torch(fn, "bias", bias, 3)
+    if _any_autocast():
+        out = _autocast_call("conv", conv1d, _torch["conv1d"], (input, weight, bias), stride,
+                             padding, dilation, groups)
+        if out is not None:
+            return out
     r = _library.route(input, weight, bias)
     if r == _TORCH:
         return _torch["conv1d"](input, weight, bias, stride, padding, dilation, groups)

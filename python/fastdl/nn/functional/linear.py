@@ -11,6 +11,7 @@ from importlib import import_module
 import torch
 
 from ... import _library, ops
+from ._autocast import any_autocast as _any_autocast, autocast_call as _autocast_call
 from ._half import HALF as _HALF, cpu_half as _cpu_half, float32 as _float32, to_dtype as _to_dtype
 
 _ops_linear = import_module("...ops.linear", __package__)   # the module (ops.linear is the function)
@@ -61,7 +62,8 @@ def linear(input, weight, bias=None):
     Under a torch.func transform (vmap, grad, jacrev, jvp) or with a forward-AD tangent on an
     argument, torch.nn.functional.linear computes the call (fastdl's kernels have no vmap or jvp
     rules); the result is torch's. CPU float16 / bfloat16 operands run in float32, the result
-    (and the gradients) rounded to their dtype (fastdl.nn.functional._half).
+    (and the gradients) rounded to their dtype (fastdl.nn.functional._half). Under torch.autocast
+    the operands are cast to its dtype first, as torch does (_autocast).
 
     >>> fastdl.nn.functional.linear(torch.randn(2, 5, 3), torch.randn(4, 3)).shape   # (2, 5, 4)
     """
@@ -72,6 +74,10 @@ def linear(input, weight, bias=None):
                                 f"{type(x).__name__}")
     if bias is not None and not isinstance(bias, _Tensor):
         raise TypeError(f"linear(): argument 'bias' must be Tensor, not {type(bias).__name__}")
+    if _any_autocast():
+        out = _autocast_call("linear", linear, _torch_linear, (input, weight, bias))
+        if out is not None:
+            return out
     r = _library.route(input, weight, bias)
     if r == _DIRECT:
         # no graph to record: Function.apply alone costs 12-15 us per call (4x8 -> 8, 1 thread);

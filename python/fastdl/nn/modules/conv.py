@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import init
 
 from ... import _library
-from ..functional import _half
+from ..functional import _autocast, _half
 from ..functional import conv as F
 
 __all__ = ["Conv1d", "Conv2d", "ConvTranspose2d"]
@@ -28,10 +28,12 @@ _PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
 def _padded(module, conv, input):
     """A padding_mode other than 'zeros': torch.nn.functional.pad, then conv with padding 0.
     CPU float16 / bfloat16 operands pad their float32 copies (functional/_half.py), so the input
-    gradient is rounded once, as in every other fastdl layer, not once per pass."""
+    gradient is rounded once, as in every other fastdl layer, not once per pass. Under autocast
+    the pad runs in the input's dtype and conv casts, as torch's modules do."""
     w, b = module.weight, module.bias
     half = (isinstance(input, torch.Tensor) and input.dtype in _half.HALF
             and _library.route(input, w, b) != _library.TORCH   # (TORCH: torch's half conv)
+            and not (_autocast.any_autocast() and _autocast.autocast_on(input))
             and _half.cpu_half(input, w, b, names=("weight", "bias")))
     if half:
         dtype = input.dtype

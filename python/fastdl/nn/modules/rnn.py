@@ -5,9 +5,9 @@ Each class derives from its torch counterpart, so the constructor, parameter nam
 order, initialisation, repr, state_dict layout and torch's own argument checks
 (check_forward_args, permute_hidden) are torch's; forward runs fastdl.ops.recurrent_layer_* through
 fastdl.nn.functional.rnn's autograd instead of torch's _VF kernels. Under a torch.func transform
-(grad, jacrev, jvp, vmap) or with a forward-AD tangent on the input, a state or a parameter,
-forward is torch's own (torch's result; under vmap, torch's error: torch has no batching rule for
-its recurrent ops).
+(grad, jacrev, jvp, vmap), with a forward-AD tangent on the input, a state or a parameter, or
+under torch.autocast for the input's device type, forward is torch's own (torch's result; under
+vmap, torch's error: torch has no batching rule for its recurrent ops).
 
 >>> lstm = fastdl.nn.LSTM(10, 20, num_layers=2, batch_first=True)
 >>> lstm.load_state_dict(torch.nn.LSTM(10, 20, num_layers=2).state_dict())
@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ... import _C, _library, _tensor
 from ...ops import rnn as _ops_rnn
 from ..functional import rnn as _f
+from ..functional._autocast import any_autocast as _any_autocast, autocast_on as _autocast_on
 from ..functional.pool import _eager
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
@@ -28,12 +29,19 @@ __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 def _torch_computes(module, input, *states) -> bool:
     """Whether torch's own forward must compute this call (fastdl._library.route: a torch.func
-    transform, or a forward-AD tangent on input, states or parameters)."""
+    transform, or a forward-AD tangent on input, states or parameters; or torch.autocast on for
+    the input's device type: torch's autocast casts differently per layer and device, see
+    fastdl.nn.functional._autocast)."""
     if _library._functorch_level() is None and _library._fwad._current_level < 0:
-        return False   # route cannot say TORCH: skip gathering the parameters (per cell step)
+        if not _any_autocast():
+            return False   # route cannot say TORCH: skip gathering the parameters (per cell step)
+        data = input.data if isinstance(input, PackedSequence) else input
+        return isinstance(data, torch.Tensor) and _autocast_on(data)
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, torch.Tensor):
         return False   # (fastdl's forward raises the TypeError)
+    if _any_autocast() and _autocast_on(data):
+        return True
     flat = []
     for s in states:
         flat.extend(t for t in (s if isinstance(s, (tuple, list)) else (s,))
@@ -93,7 +101,7 @@ def _fast_operands(module, input):
     """(key, weights) when this call may take the fast path, else None."""
     if (module.num_layers != 1 or module.bidirectional or module.proj_size or module.batch_first
             or _function_modes() or not _eager(input) or input.dim() != 3
-            or input.numel() == 0):
+            or input.numel() == 0 or _any_autocast()):
         return None
     dt = input.dtype
     key = [module._fastdl_mode(), dt, module.input_size, module.hidden_size, input.shape[2]]
