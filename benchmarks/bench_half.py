@@ -5,11 +5,12 @@ harness behind benchmarks/RESULTS.md's "CPU half precision" tables and fastdl._s
 of which CPU half dtypes fastdl.patch / nn.convert serve.
 
 Layers: forward + backward (.float().sum().backward()), every variant once per round in a fixed
-order, median ms. Optimizers: 14.7M params in 62 tensors (SGD momentum 0.9, Adam), against torch's
+order, median ms; under autocast, float32 linear and conv layers in autocast regions. Optimizers: 14.7M params in 62 tensors (SGD momentum 0.9, Adam), against torch's
 foreach and fused steps (whose state is in the param dtype: fewer bytes than fastdl's float32).
 
     python benchmarks/bench_half.py                 # layers and optimizers
     python benchmarks/bench_half.py --only layers --rounds 5
+    python benchmarks/bench_half.py --only autocast  # float32 layers under torch.autocast
     # torch (and fastdl) without AVX-512 / AVX512-BF16 kernels, a stand-in for Zen 3:
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FASTDL_CPU_CAPABILITY=avx2 \
         python benchmarks/bench_half.py --only layers
@@ -76,6 +77,39 @@ def bench_layer(title, make, shape, rounds, scale):
           + f"  | torch / fastdl bf16 / f16 / f32: {speed}", flush=True)
 
 
+def bench_autocast(title, make, shape, rounds, scale):
+    """float32 layers and input under torch.autocast("cpu", dtype) for bfloat16 and float16:
+    torch's layer against fastdl's (which casts as torch does, then computes as for a half
+    layer, nn/functional/_autocast.py); forward + backward, median ms."""
+    torch.manual_seed(0)
+    theirs = make(torch.nn)
+    ours = make(fnn)
+    ours.load_state_dict(theirs.state_dict())
+    x0 = torch.randn(*shape)
+    variants = [(f"{lib} {_name(dt)}", m, dt) for dt in DTYPES[:2]
+                for lib, m in (("torch", theirs), ("fastdl", ours))]
+
+    def step(m, dt):
+        x = x0.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=dt):
+            out = m(x)
+        out.float().sum().backward()
+
+    for _, m, dt in variants:
+        step(m, dt)
+    times = {k: [] for k, _, _ in variants}
+    for _ in range(max(1, round(rounds * scale))):
+        for k, m, dt in variants:
+            t0 = time.perf_counter()
+            step(m, dt)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    speed = " / ".join(f"{med[f'torch {_name(dt)}'] / med[f'fastdl {_name(dt)}']:.2f}x"
+                       for dt in DTYPES[:2])
+    print(f"autocast {title}: " + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
+          + f"  | torch / fastdl bf16 / f16: {speed}", flush=True)
+
+
 def bench_optim(rounds):
     def params(dt):
         ps = [torch.randn(s, dtype=dt, requires_grad=True) for s in OPT_SHAPES]
@@ -106,17 +140,21 @@ def bench_optim(rounds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("layers", "optim"))
+    ap.add_argument("--only", choices=("layers", "autocast", "optim"))
     ap.add_argument("--rounds", type=int, default=9, help="rounds (conv 1/3 of them, LSTM 7/9)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fastdl.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, fastdl {fastdl.build_info()}")
-    if args.only != "optim":
+    if args.only in (None, "layers"):
         for title, make, shape, rounds in LAYERS:
             bench_layer(title, make, shape, args.rounds, rounds / 9)
-    if args.only != "layers":
+    if args.only in (None, "autocast"):
+        for title, make, shape, rounds in LAYERS:
+            if "Conv" in title or "Linear" in title:   # (the layers autocast casts)
+                bench_autocast(title, make, shape, args.rounds, rounds / 9)
+    if args.only in (None, "optim"):
         bench_optim(args.rounds)
 
 

@@ -173,12 +173,17 @@ def test_paths_equal_recurrent(monkeypatch, cls, kwargs):
 
 
 @pytest.mark.parametrize("traced", [False, True])
-def test_recurrent_double_backward_refused_on_both_paths(monkeypatch, traced):
+def test_recurrent_double_backward_on_both_paths(monkeypatch, traced):
+    # create_graph recomputes the layer with torch's ops on either path: second derivatives
+    # (float64 gradgradcheck) through the eager Function and through the custom op's autograd
     _force_path(monkeypatch, traced)
-    lstm = fastdl.nn.LSTM(3, 4)
-    out, _ = lstm(rand(5, 2, 3, requires_grad=True))
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.sum(), lstm.weight_ih_l0, create_graph=True)
+    lstm = fastdl.nn.LSTM(2, 3, num_layers=2, bidirectional=True, dtype=torch.float64)
+    names = [n for n, _ in lstm.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in lstm.parameters()]
+    x = rand(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, *ps: torch.func.functional_call(lstm, dict(zip(names, ps)), (x,))[0],
+        (x, *params))
 
 
 @pytest.mark.parametrize("bias_shape", [(5,), (1, 3), (3, 1)])

@@ -598,9 +598,6 @@ def test_training_fast_path(kind, dtype, bias, fast_path_calls):
     n = len(calls)
     ours(x, as_hx([rand(1, 3, 14, dtype=dtype)[..., ::2] for _ in s0]))
     assert len(calls) == n + 1
-    y = ours(x)[0]
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(y.sum(), x, create_graph=True)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
@@ -1832,20 +1829,152 @@ def test_ops_sequence_length_zero():
                               batch_sizes=torch.zeros(0, dtype=torch.int64))
 
 
-# ---- double backward (review item 3) ---------------------------------------------------------------
+# ---- double backward (backward with create_graph=True) --------------------------------------------
+# fastdl's backward kernels are not differentiable; under create_graph a layer or cell recomputes
+# its forward with torch's recurrent ops and differentiates that (nn/functional/rnn.py,
+# recompute_backward). Checked: second derivatives by float64 gradgradcheck on every path (the
+# general layer, the one-layer fast path, the cells' CPU kernels and the one-step layer they
+# fall back to, the custom ops torch.compile traces), and a gradient penalty equal to torch's.
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_double_backward_raises(kind):
-    """The backward is not itself differentiable: create_graph=True raises instead of returning a
-    gradient without a graph (which a gradient penalty would silently treat as a constant)."""
-    ours, _ = make_pair(kind, 3, 4)
-    x = rand(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(ours(x)[0].sum(), x, create_graph=True)
-    cell = fastdl.nn.GRUCell(3, 4, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(cell(x[0]).sum(), x, create_graph=True)
-    (g,) = torch.autograd.grad(ours(x)[0].sum(), x)                  # first order still works
+DOUBLE_LAYERS = {
+    "LSTM": dict(),
+    "LSTM_2l_bi_proj": dict(num_layers=2, bidirectional=True, proj_size=2),
+    "GRU_batch_first": dict(batch_first=True),
+    "RNN_TANH_nobias": dict(bias=False),
+    "RNN_RELU": dict(),
+}
+
+
+def _double_check(f, inputs):
+    """float64 gradgradcheck of f, and the first-order gradients taken with create_graph (the
+    recomputation) equal to those of fastdl's backward kernels (gradgradcheck alone would accept
+    a recomputation of some other function)."""
+    outs = f(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gos = [torch.randn_like(o) for o in outs]
+    plain = torch.autograd.grad(outs, inputs, gos, retain_graph=True, allow_unused=True)
+    graph = torch.autograd.grad(outs, inputs, gos, create_graph=True, allow_unused=True)
+    for i, (a, b) in enumerate(zip(graph, plain)):
+        assert (a is None) == (b is None), f"input {i}"
+        if a is not None:
+            assert a.requires_grad or not b.requires_grad
+            assert_close(a, b, reduction=64, what=f"create_graph gradient of input {i}")
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def _functional(module, n_states):
+    """(x, *states, *params) -> the module's outputs, with the parameters swapped in."""
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(x, *rest):
+        states, params = rest[:n_states], rest[n_states:]
+        hx = None if not states else (tuple(states) if len(states) == 2 else states[0])
+        out = torch.func.functional_call(module, dict(zip(names, params)), (x, hx))
+        return tuple(t for t in (out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))))
+    return f
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("kind", list(DOUBLE_LAYERS))
+def test_layer_gradgradcheck(kind, fast, fast_path_calls, monkeypatch):
+    from fastdl.nn.modules import rnn as rnn_modules
+    kw = dict(DOUBLE_LAYERS[kind])
+    if fast and set(kw) - {"bias"}:
+        pytest.skip("only one-layer, one-direction, time-major layers without projection take "
+                    "the fast path")
+    if not fast:
+        monkeypatch.setattr(rnn_modules, "_fast_operands", lambda module, input: None)
+    torch.manual_seed(1)
+    cls = kind.split("_")[0]
+    if kind.startswith("RNN_"):
+        kw["nonlinearity"] = kind.split("_")[1].lower()
+    ours = getattr(fastdl.nn, cls)(2, 3, dtype=torch.float64, **kw)
+    D = 2 if ours.bidirectional else 1
+    R = ours.proj_size or 3
+    x = rand(2, 3, 2, dtype=torch.float64, requires_grad=True)   # (T, B, I) or (B, T, I)
+    B = x.shape[0] if ours.batch_first else x.shape[1]
+    states = [rand(ours.num_layers * D, B, R, dtype=torch.float64, requires_grad=True)]
+    if cls == "LSTM":
+        states.append(rand(ours.num_layers * D, B, 3, dtype=torch.float64, requires_grad=True))
+    params = [p.detach().clone().requires_grad_() for p in ours.parameters()]
+    f = _functional(ours, len(states))
+    f(x.detach(), *[s.detach() for s in states], *params)
+    n = len(fast_path_calls)
+    _double_check(f, (x, *states, *params))
+    assert (len(fast_path_calls) == n) == fast   # (fast: the cached key's calls took it)
+
+
+def test_packed_layer_gradgradcheck():
+    torch.manual_seed(2)
+    lstm = fastdl.nn.LSTM(2, 3, dtype=torch.float64)
+    names = [n for n, _ in lstm.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in lstm.parameters()]
+    x = rand(3, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *params):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, [3, 1, 2], enforce_sorted=False)
+        out, (hn, cn) = torch.func.functional_call(lstm, dict(zip(names, params)), (packed,))
+        return out.data, hn, cn
+    _double_check(f, (x, *params))
+
+
+@pytest.mark.parametrize("path", ["cpu_kernels", "one_step_layer", "custom_op"])
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell_tanh", "RNNCell_relu_nobias"])
+def test_cell_gradgradcheck(kind, path, monkeypatch):
+    from fastdl._library import _dispatch_modes as real_modes
+    from fastdl.nn.functional import rnn as f_rnn
+    torch.manual_seed(3)
+    cls, kw = kind.split("_")[0], {}
+    if cls == "RNNCell":
+        kw["nonlinearity"] = kind.split("_")[1]
+        kw["bias"] = not kind.endswith("nobias")
+    cell = getattr(fastdl.nn, cls)(2, 3, dtype=torch.float64, **kw)
+    if path == "one_step_layer":   # what the CPU cell kernels leave (CUDA, half, empty sizes)
+        monkeypatch.setattr(f_rnn._ops, "cell_cpu_supported", lambda x, w: False)
+    if path == "custom_op":        # torch.compile's op, forced in eager mode
+        monkeypatch.setattr(fastdl._library, "_dispatch_modes", lambda: 1)
+    names = [n for n, _ in cell.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+    x = rand(2, 2, dtype=torch.float64, requires_grad=True)
+    h = rand(2, 3, dtype=torch.float64, requires_grad=True)
+    c = rand(2, 3, dtype=torch.float64, requires_grad=True)
+    states = (h, c) if cls == "LSTMCell" else (h,)
+
+    def f(x, *rest):
+        st, ps = rest[:len(states)], rest[len(states):]
+        hx = tuple(st) if cls == "LSTMCell" else st[0]
+        return torch.func.functional_call(cell, dict(zip(names, ps)), (x, hx))
+    _double_check(f, (x, *states, *params))
+    # without a state (zeros): the weights' second derivatives still reach w_ih and the biases
+    _double_check(lambda x, *ps: torch.func.functional_call(cell, dict(zip(names, ps)), (x,)),
+                  (x, *params))
+    monkeypatch.setattr(fastdl._library, "_dispatch_modes", real_modes)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell"])
+def test_gradient_penalty_matches_torch(kind):
+    """A gradient penalty (WGAN-GP style): the input gradient with create_graph, squared and
+    summed, then backward to the parameters; float32, against torch's modules."""
+    torch.manual_seed(4)
+    ours = getattr(fastdl.nn, kind)(5, 7)
+    theirs = getattr(torch.nn, kind)(5, 7)
+    theirs.load_state_dict(ours.state_dict())
+    x = rand(6, 3, 5) if kind != "LSTMCell" else rand(3, 5)
+    results = []
+    for m in (ours, theirs):
+        xx = x.clone().requires_grad_()
+        out = m(xx)
+        y = out[0]
+        (g,) = torch.autograd.grad((y * y).sum(), xx, create_graph=True)
+        assert g.requires_grad
+        (g * g).sum().backward()
+        results.append((g.detach(), [p.grad for p in m.parameters()]))
+    assert_close(results[0][0], results[1][0], reduction=64, what="input gradient")
+    for i, (a, b) in enumerate(zip(results[0][1], results[1][1])):
+        assert_close(a, b, reduction=256, scale_atol=True, what=f"parameter {i} gradient")
+    # first order stays on fastdl's kernels and returns no graph
+    xx = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(ours(xx)[0].sum(), xx)
     assert g.shape == x.shape and not g.requires_grad
 
 

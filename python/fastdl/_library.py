@@ -771,14 +771,24 @@ def _recurrent_setup(ctx, inputs, output):
     ctx.save_for_backward(x, h0, c0, *weights, *output[3])
 
 
+def _list_needs(flag, n):
+    """needs_input_grad of a List[Tensor] argument: a list, or one bool for all n."""
+    return list(flag) if isinstance(flag, (list, tuple)) else [bool(flag)] * n
+
+
 def _recurrent_grad(ctx, gy, ghn, gcn, _gws):
-    if torch.is_grad_enabled():  # as the eager path: the kernels' backward is not differentiable
-        raise RuntimeError("fastdl recurrent layers do not support double backward "
-                           "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
     mode, dirs, has_bias, has_proj, has_c, n_w = ctx.cfg
     saved = ctx.saved_tensors
     x, h0, c0 = saved[:3]
     weights, wss = list(saved[3:3 + n_w]), list(saved[3 + n_w:])
+    if torch.is_grad_enabled():  # create_graph: torch's layer recomputed, as the eager path
+        from .nn.functional import rnn as _f
+        n = ctx.needs_input_grad
+        g = _f.recompute_backward(
+            (n[1], n[2], n[3], *_list_needs(n[4], n_w)),
+            lambda x, h0, c0, *w: _f.torch_layer(mode, None, dirs, has_bias, x, h0, c0, w),
+            (x, h0, c0, *weights), (gy, ghn, gcn if mode == _rnn.LSTM else None))
+        return (None, g[0], g[1], g[2], list(g[3:]), None, None, None, None)
     need_x = ctx.needs_input_grad[1]
     gx, gh0, gc0, gws = recurrent_layer_backward(
         mode, gy, ghn, gcn if mode == _rnn.LSTM else None, x, h0, c0, weights, wss, dirs,
@@ -844,18 +854,25 @@ def _cell_setup(ctx, inputs, output):
     mode, x, h, c, weights, has_bias, _ = inputs
     ctx.cfg = (mode, has_bias)
     rnn = mode in (_rnn.TANH, _rnn.RELU)
+    # (the biases only for a backward with create_graph, which recomputes the step)
     ctx.save_for_backward(x, h, c, weights[0], weights[1],
                           output[2] if mode in (_rnn.LSTM, _rnn.GRU) else None,
-                          output[0] if rnn else None, output[1] if mode == _rnn.LSTM else None)
+                          output[0] if rnn else None, output[1] if mode == _rnn.LSTM else None,
+                          *weights[2:4])
 
 
 def _cell_grad(ctx, grad_h, grad_c, _gact):
-    if torch.is_grad_enabled():  # as the eager path: the kernels' backward is not differentiable
-        raise RuntimeError("fastdl recurrent cells do not support double backward "
-                           "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
-                           "GRUCell do")
     mode, has_bias = ctx.cfg
-    x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
+    x, h, c, w_ih, w_hh, act, h_new, c_new, *biases = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: torch's cell recomputed, as the eager path
+        from .nn.functional import rnn as _f
+        n = ctx.needs_input_grad
+        weights = [w_ih, w_hh, *biases]
+        g = _f.recompute_backward(
+            (n[1], n[2], n[3], *_list_needs(n[4], len(weights))),
+            lambda x, h, c, *w: _f.torch_cell(mode, x, h, c, *w, *(None,) * (4 - len(w))),
+            (x, h, c, *weights), (grad_h, grad_c if mode == _rnn.LSTM else None))
+        return (None, g[0], g[1], g[2], list(g[3:]), None, None)
     if act is not None and act.numel() == 0 and x.numel() > 0:
         raise RuntimeError("fastdl::recurrent_cell ran with training=False, which saves nothing "
                            "for the backward; call it with training=True to differentiate it")

@@ -24,6 +24,57 @@ def _split(weights, d, per_dir, has_bias, has_proj):
     return w[0], w[1], b_ih, b_hh, (w[-1] if has_proj else None)
 
 
+# ---- backward with create_graph=True (double backward) ------------------------------------------
+# fastdl's backward kernels are not differentiable. Under create_graph (grad mode is on in a
+# Function's backward only then) a layer or cell recomputes its forward with torch's own
+# recurrent ops on the saved operands, which are the ones autograd tracked, and differentiates
+# that with create_graph: the gradients it returns are torch's, differentiable to any order in
+# the operands and the upstream gradients (a gradient penalty, MAML). First-order backward stays
+# on fastdl's kernels.
+
+_VF = torch._VF
+_TORCH_LAYERS = {LSTM: _VF.lstm, GRU: _VF.gru, TANH: _VF.rnn_tanh, RELU: _VF.rnn_relu}
+_TORCH_CELLS = {LSTM: _VF.lstm_cell, GRU: _VF.gru_cell, TANH: _VF.rnn_tanh_cell,
+                RELU: _VF.rnn_relu_cell}
+
+
+def torch_layer(mode, batch_sizes, dirs, has_bias, x, h0, c0, weights):
+    """torch's one-layer forward for _Layer's operands: (y, h_n[, c_n]) as _Layer returns."""
+    fn = _TORCH_LAYERS[mode]
+    hx = (h0, c0) if mode == LSTM else h0
+    if batch_sizes is None:
+        return fn(x, hx, list(weights), has_bias, 1, 0.0, True, dirs == 2, False)
+    return fn(x, batch_sizes, hx, list(weights), has_bias, 1, 0.0, True, dirs == 2)
+
+
+def torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """torch's one-step cell: h' or (h', c')."""
+    if mode == LSTM:
+        return _VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    return _TORCH_CELLS[mode](x, h, w_ih, w_hh, b_ih, b_hh)
+
+
+def recompute_backward(needs, forward, operands, grad_outputs):
+    """Gradients of forward(*operands) (a tensor or a tuple) for the operands whose `needs` is
+    True (None for the others), with the graph kept (create_graph): forward is recomputed with
+    grad mode on; an output's missing upstream gradient counts as zeros."""
+    with torch.enable_grad():
+        outs = forward(*operands)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
+    wanted = [i for i, t in enumerate(operands) if t is not None and needs[i]]
+    result = [None] * len(operands)
+    if pairs and wanted:
+        grads = torch.autograd.grad([o for o, _ in pairs], [operands[i] for i in wanted],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, grads):
+            result[i] = torch.zeros_like(operands[i]) if g is None else g
+    for i in wanted:
+        if result[i] is None:
+            result[i] = torch.zeros_like(operands[i])
+    return result
+
+
 class _Layer(torch.autograd.Function):
     """One layer, D directions. x (T, B, I) or packed (N, I); h0 (D, B, R); c0 (D, B, H) or None.
     weights: per direction w_ih, w_hh[, b_ih, b_hh][, w_hr] (torch's _flat_weights order).
@@ -52,12 +103,16 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, ghn, gcn=None):
-        # The kernels' backward is not differentiable: refuse create_graph (grad mode is on only
-        # then) rather than return gradients without a graph that a penalty would treat as
-        # constants.
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastdl recurrent layers do not support double backward "
-                               "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
+        if torch.is_grad_enabled():   # create_graph: torch's ops, recomputed (above)
+            mode, batch_sizes, dirs, has_bias, _, _ = ctx.cfg
+            saved = ctx.saved_tensors
+            x, h0, c0, weights = saved[0], saved[1], saved[2], saved[3:len(saved) - dirs]
+            grads = recompute_backward(
+                ctx.needs_input_grad[5:],
+                lambda x, h0, c0, *w: torch_layer(mode, batch_sizes, dirs, has_bias, x, h0, c0,
+                                                  w),
+                (x, h0, c0, *weights), (gy, ghn, gcn))
+            return (None, None, None, None, None, *grads)
         return _Layer._backward(ctx, gy, ghn, gcn)
 
     @staticmethod
@@ -91,13 +146,13 @@ class _Layer(torch.autograd.Function):
         return (None, None, None, None, None, gx, gh0, gc0, *gws)
 
 
-def _refuse_double_backward():
-    """The cells' kernels' backward is not differentiable: refuse create_graph (grad mode is on
-    only then), as _Layer.backward does."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("fastdl recurrent cells do not support double backward "
-                           "(backward with create_graph=True); torch.nn.RNNCell/LSTMCell/"
-                           "GRUCell do")
+def _cell_recompute(needs, mode, x, h, c, weights, grad_h, grad_c):
+    """A cell Function's backward under create_graph: torch's cell, recomputed (above). needs:
+    needs_input_grad of x, h, c and the weights (w_ih, w_hh[, b_ih, b_hh]). Returns the
+    gradients of x, h, c, w_ih, w_hh, b_ih, b_hh (None where not needed or absent)."""
+    pad = 4 - len(weights)
+    return recompute_backward(tuple(needs) + (False,) * pad, lambda *a: torch_cell(mode, *a),
+                              (x, h, c, *weights, *(None,) * pad), (grad_h, grad_c))
 
 
 class _Cell(torch.autograd.Function):
@@ -112,14 +167,17 @@ class _Cell(torch.autograd.Function):
         ctx.mode = mode
         ctx.sizes = (x.dtype, x.shape[0], x.shape[1], h.shape[1])
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
+        # (the biases only for a backward with create_graph, which recomputes the step)
         ctx.save_for_backward(x, h, c, w_ih, w_hh, act, h_new if mode in (TANH, RELU) else None,
-                              c_new)
+                              c_new, b_ih, b_hh)
         return (h_new, c_new) if mode == LSTM else h_new
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
-        _refuse_double_backward()
-        x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, act, h_new, c_new, b_ih, b_hh = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (None, *_cell_recompute(ctx.needs_input_grad[1:], ctx.mode, x, h, c,
+                                           (w_ih, w_hh, b_ih, b_hh), grad_h, grad_c))
         n = ctx.needs_input_grad
         g = _ops.cell_cpu_backward(ctx.mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih,
                                    w_hh, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]),
@@ -146,14 +204,17 @@ class _StepCell(torch.autograd.Function):
     def forward(ctx, mode, has_bias, x, h, c, *weights):
         h_new, c_new, ws = _one_step(mode, has_bias, x, h, c, weights, training=True)
         ctx.cfg = (mode, has_bias)
-        ctx.save_for_backward(x, h, c, weights[0], weights[1], ws)
+        ctx.save_for_backward(x, h, c, weights[0], weights[1], ws, *weights[2:])
         return (h_new, c_new) if mode == LSTM else h_new
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
-        _refuse_double_backward()
         mode, has_bias = ctx.cfg
-        x, h, c, w_ih, w_hh, ws = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, ws, *biases = ctx.saved_tensors
+        if torch.is_grad_enabled():   # (needs_input_grad: mode, has_bias, x, h, c, *weights)
+            grads = _cell_recompute(ctx.needs_input_grad[2:], mode, x, h, c,
+                                    (w_ih, w_hh, *biases), grad_h, grad_c)
+            return (None, None, *grads[:5 + len(biases)])
         n = ctx.needs_input_grad
         g = _ops.recurrent_layer_backward(
             mode, None, grad_h, x.unsqueeze(0), h, w_ih, w_hh, ws,

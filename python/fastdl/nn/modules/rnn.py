@@ -226,20 +226,32 @@ class _FastLayer(torch.autograd.Function):
         y, hn, cn, ws, geometry = _fast_run(input, h0, c0, weights, geo, True)
         ctx.geometry, ctx.device = geometry, geo[3]
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
-        # The workspace holds every step's states, h0 and c0 included, so they are not saved
-        # (unlike _Layer's: a state changed in place after this call does not raise here).
-        ctx.save_for_backward(input, *weights, ws)
+        # The workspace holds every step's states, h0 and c0 included; they are saved too (as
+        # _Layer's are) for a backward with create_graph, which recomputes the layer.
+        ctx.save_for_backward(input, *weights, ws, *(t for t in (h0, c0) if t is not None))
         ctx.shapes = [input.shape] + [w.shape for w in weights] + [ws.shape]
         return (y, hn, cn) if geo[1] else (y, hn)
 
     @staticmethod
     def backward(ctx, gy, ghn, gcn=None):
-        if _grad_enabled():   # as _Layer.backward: the kernels' backward is not differentiable
-            raise RuntimeError("fastdl recurrent layers do not support double backward "
-                               "(backward with create_graph=True); torch.nn.RNN/LSTM/GRU do")
         geometry = ctx.geometry
+        if _grad_enabled():   # create_graph: torch's layer recomputed, as _Layer.backward does
+            saved = ctx.saved_tensors
+            n = len(ctx.shapes)
+            x, weights, states = saved[0], saved[1:n - 1], saved[n:]
+            lstm = geometry[0] == _f.LSTM
+            if states:
+                h, c = states[0], (states[1] if lstm else None)
+            else:   # (no states given: zeros)
+                h = x.new_zeros(1, x.shape[1], geometry[6])
+                c = h if lstm else None
+            return (None, *_f.recompute_backward(
+                ctx.needs_input_grad[1:],
+                lambda x, h, c, *w: _f.torch_layer(geometry[0], None, 1, len(w) == 4, x, h, c, w),
+                (x, h, c, *weights), (gy, ghn, gcn)))
         dt = _DTYPES[geometry[1]]
-        saved = [_saved(t, dt, shape) for t, shape in zip(ctx.saved_tensors, ctx.shapes)]
+        n = len(ctx.shapes)
+        saved = [_saved(t, dt, shape) for t, shape in zip(ctx.saved_tensors[:n], ctx.shapes)]
         x, weights, ws = saved[0], saved[1:-1], saved[-1]
         lstm = geometry[0] == _f.LSTM
         B, H = geometry[3], geometry[6]
