@@ -115,6 +115,37 @@ def test_layer_under_autocast(name, dtype):
                                    what=f"{name} {what}")
 
 
+@pytest.mark.parametrize("dtype", HALF)
+def test_autocast_on_the_cuda_path(cuda_device, dtype):
+    # conv casts to the autocast dtype and runs fastdl's CUDA half kernels; CUDA linear takes
+    # float32 only, so torch computes it (under emulation: host tensors through the CUDA path,
+    # under autocast for their device type, the CPU)
+    torch.manual_seed(8)
+    conv_t = torch.nn.Conv2d(3, 4, 3, padding=1)
+    conv_f = fnn.Conv2d(3, 4, 3, padding=1)
+    conv_f.load_state_dict(conv_t.state_dict())
+    lin_t = torch.nn.Linear(12, 5)
+    lin_f = fnn.Linear(12, 5)
+    lin_f.load_state_dict(lin_t.state_dict())
+    for m in (conv_t, conv_f, lin_t, lin_f):
+        m.to(cuda_device)
+    x = rand(2, 3, 8, 8).to(cuda_device)
+    v = rand(4, 12).to(cuda_device)
+    dev = x.device.type
+    with torch.autocast(dev, dtype=dtype):
+        y, y_t = conv_f(x), conv_t(x)
+        z, z_t = lin_f(v), lin_t(v)
+    assert y.dtype == y_t.dtype == dtype and z.dtype == z_t.dtype == dtype
+    assert torch.equal(z, z_t)
+    with torch.no_grad():
+        y64 = torch.nn.functional.conv2d(x.to(dtype).double(), conv_t.weight.to(dtype).double(),
+                                         conv_t.bias.to(dtype).double(), padding=1)
+    try:
+        torch.testing.assert_close(y.float(), y_t.float(), **tol(dtype, 27))
+    except AssertionError:   # (torch's own half kernels may round intermediates)
+        assert_close_or_better(y, y_t, y64, dtype=dtype, reduction=27, factor=1, what="conv")
+
+
 def test_functional_autocast_casts_as_torch():
     x, w, b = rand(3, 5), rand(4, 5), rand(4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -136,6 +167,12 @@ def test_functional_autocast_casts_as_torch():
         with torch.autocast("cpu", enabled=False):
             inner = F.linear(x, w, b)
     assert inner.dtype == torch.float32 and torch.equal(inner, F.linear(x, w, b))
+    # a device type autocast does not know (meta): no cast, the call as outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for fn in (F.linear, torch.nn.functional.linear):
+            with pytest.raises(Exception) as err:
+                fn(torch.empty(2, 3, device="meta"), torch.empty(4, 3, device="meta")).cpu()
+            assert "autocast" not in str(err.value)
     # autocast on another device type leaves CPU calls alone
     with torch.autocast("cuda", dtype=torch.float16, enabled=False), \
             torch.autocast("cpu", enabled=False):

@@ -36,7 +36,7 @@ def autocast_call(family, fn, torch_fn, tensors, *rest):
     fastdl._support), torch_fn(*tensors, *rest) computes the call, autocast still on."""
     x = tensors[0]
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not _enabled(dev):
         return None
     dtype = torch.get_autocast_dtype(dev)
     kind = "cuda" if _tensor.CPU_DEVICE >= 0 else dev   # (emulation: host tensors are CUDA's)
@@ -51,4 +51,12 @@ def autocast_call(family, fn, torch_fn, tensors, *rest):
 
 def autocast_on(x) -> bool:
     """Whether autocast is on for x's device type (call after any_autocast())."""
-    return torch.is_autocast_enabled(x.device.type)
+    return _enabled(x.device.type)
+
+
+def _enabled(dev: str) -> bool:
+    # (a device type autocast does not know, such as meta, makes is_autocast_enabled raise)
+    return _available(dev) and torch.is_autocast_enabled(dev)
+
+
+_available = torch._C._is_autocast_available
