@@ -91,8 +91,8 @@ def test_layer_under_autocast(name, dtype):
         for p in ref.parameters():
             p.copy_(p.to(dtype).float())
     if getattr(ref, "padding_mode", "zeros") != "zeros":
-        # the pad is not on autocast's list: it runs in float32 and the convolution's gradient
-        # reaches it rounded, so border elements sum rounded contributions (torch's order too)
+        # the pad runs in float32 (its input is float32) and the convolution's gradient reaches
+        # it rounded, so border elements sum rounded contributions (torch's order too)
         ref = _RoundedPadConv(ref, dtype)
     y32, grads32 = _run(ref, x.to(dtype).float(), gout.float())
     pairs = [("output", y, y32)] + [(f"gradient {i}", a, b)
@@ -173,10 +173,18 @@ def test_functional_autocast_casts_as_torch():
             with pytest.raises(Exception) as err:
                 fn(torch.empty(2, 3, device="meta"), torch.empty(4, 3, device="meta")).cpu()
             assert "autocast" not in str(err.value)
-    # autocast on another device type leaves CPU calls alone
-    with torch.autocast("cuda", dtype=torch.float16, enabled=False), \
-            torch.autocast("cpu", enabled=False):
-        assert F.linear(x, w, b).dtype == torch.float32
+    # autocast on another device type (set directly: CUDA autocast cannot be entered without a
+    # GPU) leaves CPU calls alone
+    xc, wc = rand(1, 2, 5, 5), rand(3, 2, 3, 3)
+    want = F.linear(x, w, b), F.conv2d(xc, wc)
+    before = torch.is_autocast_enabled("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        assert torch._C._is_any_autocast_enabled()
+        got = F.linear(x, w, b), F.conv2d(xc, wc)
+    finally:
+        torch.set_autocast_enabled("cuda", before)
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_half_module_under_another_autocast_dtype():
@@ -192,15 +200,21 @@ def test_half_module_under_another_autocast_dtype():
         torch.testing.assert_close(y, y_t, **tol(torch.float16, reduction))
 
 
-def test_pools_keep_their_dtype_under_autocast():
-    x = rand(2, 3, 8, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pools_under_autocast_as_torch(dtype):
+    # max/avg/adaptive pools: on none of autocast's lists, input dtype in, input dtype out;
+    # max_unpool2d: on the CPU's float32 list (a half input comes back float32)
+    x = rand(2, 3, 8, 8).to(dtype)
+    tf = torch.nn.functional
+    _, idx = tf.max_pool2d(x, 2, return_indices=True)
+    calls = [("max_pool2d", (x, 2)), ("avg_pool2d", (x, 2)), ("adaptive_avg_pool2d", (x, 3)),
+             ("adaptive_max_pool2d", (x, 3)), ("max_unpool2d", (x[..., :4, :4], idx, 2))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        for fn in ("max_pool2d", "avg_pool2d"):
-            ours, theirs = getattr(F, fn)(x, 2), getattr(torch.nn.functional, fn)(x, 2)
-            assert ours.dtype == theirs.dtype == torch.float32
-            torch.testing.assert_close(ours, theirs, **tol(torch.float32, 4))
-        h = x.bfloat16()
-        assert torch.equal(F.max_pool2d(h, 2), torch.nn.functional.max_pool2d(h, 2))
+        for fn, args in calls:
+            ours, theirs = getattr(F, fn)(*args), getattr(tf, fn)(*args)
+            assert ours.dtype == theirs.dtype, fn
+            torch.testing.assert_close(ours.float(), theirs.float(), **tol(theirs.dtype, 9),
+                                       msg=lambda m, fn=fn: f"{fn}: {m}")
 
 
 RECURRENT = {
@@ -267,6 +281,30 @@ def serve_bf16(monkeypatch):
     monkeypatch.setattr(_support, "_DTYPES", _support.dtype_table(False))
 
 
+def test_patch_and_convert_serve_a_whole_autocast_model(serve_bf16):
+    # after the first layer the activations are bfloat16 while the weights stay float32: still
+    # served (autocast casts them all), and torch's result to the half tolerance
+    torch.manual_seed(9)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(36, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 5))
+    x = rand(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+        with fastdl.patch() as p:
+            got = model(x)
+        fast, report = fastdl.nn.convert(model)
+        conv_out = fast(x)
+    assert len(report.replaced) == 4
+    for y in (got, conv_out):
+        assert y.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), want.float(), **tol(torch.bfloat16, 108))
+    assert p.stats["linear"] == {"fastdl": 2} and p.stats["conv2d"] == {"fastdl": 1}
+    assert p.stats["max_pool2d"] == {"fastdl": 1}
+    from fastdl import _support
+    assert _support.tensor_why_not("linear", rand(2, 3).bfloat16(), rand(4, 3)) is not None
+
+
 def test_patch_serves_autocast_calls(serve_bf16):
     torch.manual_seed(4)
     x, w = rand(2, 3, 6, 6), rand(4, 3, 3, 3)
@@ -293,8 +331,10 @@ def test_patch_and_convert_leave_autocast_to_torch_where_not_served(monkeypatch)
     x, w = rand(2, 3), rand(4, 3)
     with fastdl.patch() as p, torch.autocast("cpu", dtype=torch.bfloat16):
         y = torch.nn.functional.linear(x, w)
-        z = torch.nn.functional.max_pool2d(rand(1, 2, 4, 4), 2)
-    assert y.dtype == torch.bfloat16 and z.dtype == torch.float32
+        z, idx = torch.nn.functional.max_pool2d(rand(1, 2, 4, 4), 2, return_indices=True)
+        u = torch.nn.functional.max_unpool2d(z.bfloat16(), idx, 2)
+    assert y.dtype == torch.bfloat16 and z.dtype == torch.float32 and u.dtype == torch.float32
+    assert p.stats["max_unpool2d"] == {"torch: autocast is on for cpu": 1}
     assert p.stats["linear"] == {"torch: autocast to bfloat16: bfloat16 on cpu: fastdl's linear "
                                  "layers take float32/float64/float16": 1}
     assert p.stats["max_pool2d"] == {"fastdl": 1}

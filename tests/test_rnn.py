@@ -1857,8 +1857,8 @@ def _double_check(f, inputs):
     for i, (a, b) in enumerate(zip(graph, plain)):
         assert (a is None) == (b is None), f"input {i}"
         if a is not None:
-            assert a.requires_grad or not b.requires_grad
             assert_close(a, b, reduction=64, what=f"create_graph gradient of input {i}")
+    assert any(a is not None and a.requires_grad for a in graph), "no graph kept"
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
@@ -1949,6 +1949,66 @@ def test_cell_gradgradcheck(kind, path, monkeypatch):
     _double_check(lambda x, *ps: torch.func.functional_call(cell, dict(zip(names, ps)), (x,)),
                   (x, *params))
     monkeypatch.setattr(fastdl._library, "_dispatch_modes", real_modes)
+
+
+def test_double_backward_aliased_operands():
+    """One tensor in two slots (both states, tied weights, the input as the state): each slot's
+    share of the gradient, summed by autograd, as torch's and fastdl's first-order backward."""
+    torch.manual_seed(6)
+    d = torch.float64
+
+    def check(fast_call, torch_call, leaf):
+        for call in (fast_call, torch_call):
+            out = call()
+            (g_cg,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
+            (g,) = torch.autograd.grad(call().sum(), leaf)
+            assert_close(g_cg, g, reduction=16, what=call.__name__)
+        (g_t,) = torch.autograd.grad(torch_call().sum(), leaf)
+        assert_close(g_cg, g_t, reduction=16, what="against torch")
+
+    for kind in ("LSTMCell", "RNNCell"):
+        ours = getattr(fastdl.nn, kind)(4, 4, dtype=d)
+        theirs = getattr(torch.nn, kind)(4, 4, dtype=d)
+        theirs.load_state_dict(ours.state_dict())
+        x = rand(3, 4, dtype=d)
+        s = rand(3, 4, dtype=d, requires_grad=True)
+        hx = (lambda: (s, s)) if kind == "LSTMCell" else (lambda: s)
+        check(lambda: ours(x, hx())[0] if kind == "LSTMCell" else ours(s, s),
+              lambda: theirs(x, hx())[0] if kind == "LSTMCell" else theirs(s, s), s)
+    lstm, lstm_t = make_pair("LSTM", 4, 4)           # one layer: the fast path
+    x = rand(5, 2, 4, dtype=d)
+    s = rand(1, 2, 4, dtype=d, requires_grad=True)
+    lstm(x, (s.detach(), s.detach()))
+    check(lambda: lstm(x, (s, s))[0], lambda: lstm_t(x, (s, s))[0], s)
+    gru, gru_t = make_pair("GRU", 4, 4, num_layers=2)   # tied weights: the general path
+    w = rand(12, 4, dtype=d, requires_grad=True)
+
+    def tied(m):
+        params = dict(m.named_parameters())
+        params["weight_hh_l0"] = params["weight_ih_l0"] = w
+        return torch.func.functional_call(m, params, (x,))[0]
+    check(lambda: tied(gru), lambda: tied(gru_t), w)
+
+
+def test_cell_bias_changed_in_place_before_backward():
+    """As torch's cells (whose backward never reads a bias): an in-place change to a bias between
+    forward and backward is allowed; a backward with create_graph, which recomputes the step
+    with the bias, raises autograd's in-place error."""
+    for make in (lambda m: m.LSTMCell(3, 4), lambda m: m.GRUCell(3, 4)):
+        for m in (make(fastdl.nn), make(torch.nn)):
+            x = rand(2, 3, requires_grad=True)
+            y = m(x)
+            with torch.no_grad():
+                m.bias_ih.add_(1)
+            (y[0] if isinstance(y, tuple) else y).sum().backward()
+        y = make(fastdl.nn)
+        x = rand(2, 3, requires_grad=True)
+        out = y(x)
+        with torch.no_grad():
+            y.bias_hh.add_(1)
+        with pytest.raises(RuntimeError, match="inplace"):
+            torch.autograd.grad((out[0] if isinstance(out, tuple) else out).sum(), x,
+                                create_graph=True)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell"])

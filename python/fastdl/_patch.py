@@ -78,7 +78,7 @@ _ROUTES = {
     "avg_pool2d": ("pool", _input),
     "adaptive_avg_pool2d": ("pool", _input),
     "adaptive_max_pool2d": ("pool", _input),
-    "max_unpool2d": ("pool", _input),
+    "max_unpool2d": ("unpool", _input),
 }
 NAMES = tuple(_ROUTES)
 

@@ -35,6 +35,7 @@ def dtype_table(bf16_to_torch: bool) -> dict:
     return {
         "linear": {"cpu": dot, "cuda": (torch.float32,)},
         "pool": {"cpu": cpu, "cuda": (torch.float32,)},
+        "unpool": {"cpu": cpu, "cuda": (torch.float32,)},   # max_unpool2d (autocast: torch's)
         "conv": {"cpu": dot, "cuda": half_cuda},
         "rnn": {"cpu": dot, "cuda": half_cuda},
     }
@@ -121,16 +122,31 @@ def _explain(family, tensors):
     if type(first) not in _PLAIN:
         return f"{type(first).__name__} input (not a plain torch.Tensor)"
     dev, dt = first.device, first.dtype
+    # under autocast, linear's and conv's floating operands (float64 excepted) are all cast to
+    # the autocast dtype (a float32 weight meets the previous layer's bfloat16 activations):
+    # mixed there is fine, and the autocast dtype is judged (context_why_not)
+    cast = family in _CAST and _autocast_on(dev.type) and _castable(first)
     for t in tensors:
         if t is None:
             continue
         if type(t) not in _PLAIN:
             return f"{type(t).__name__} argument (not a plain torch.Tensor)"
-        if t.device != dev or t.dtype != dt:
+        if t.device != dev or t.dtype != dt and not (cast and _castable(t)):
             return "arguments of mixed devices or dtypes"
         if t.layout is not torch.strided:
             return f"{t.layout} argument (fastdl needs dense tensors)"
-    return why_not(family, dev, dt)
+    return None if cast else why_not(family, dev, dt)
+
+
+_CAST = ("linear", "conv")   # the families torch's autocast casts (its lower-precision list)
+
+
+def _castable(t) -> bool:
+    return t.is_floating_point() and t.dtype is not torch.float64
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch._C._is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def context_why_not(device_type: str, tensors=None, family=None) -> str | None:
@@ -149,21 +165,25 @@ def context_why_not(device_type: str, tensors=None, family=None) -> str | None:
         return "inside a torch.func transform (grad, vmap, jacrev, ...)"
     if _fwad._current_level >= 0 and (tensors is None or has_tangent(tensors)):
         return "forward-mode AD tangent on an argument (fastdl's ops have no jvp)"
-    if torch.is_autocast_enabled(device_type):
-        return autocast_why_not(family, device_type)
+    if _autocast_on(device_type):
+        return autocast_why_not(family, device_type, tensors)
     return None
 
 
-def autocast_why_not(family, device_type: str) -> str | None:
+def autocast_why_not(family, device_type: str, tensors=None) -> str | None:
     """Under torch.autocast for device_type: None where fastdl.nn computes the `family` call as
-    torch's autocast would, else why not. Pools are not on autocast's list and run in their
-    input's dtype either way; linear and conv cast their operands to the autocast dtype
-    (fastdl.nn.functional._autocast), served where this table serves that dtype; recurrent
-    layers (and family None: any op) run torch's own forward (fastdl.nn's recurrent modules do
-    too: torch's autocast treats each layer and device differently)."""
+    torch's autocast would, else why not. max_pool2d, avg_pool2d and the adaptive pools are on
+    none of autocast's lists and run in their input's dtype either way; linear and conv cast
+    their floating operands (float64 excepted; none of `tensors` castable: nothing is cast) to
+    the autocast dtype (fastdl.nn.functional._autocast), served where this table serves that
+    dtype. The rest (and family None: any op) is torch's: max_unpool2d ("unpool": on the CPU's
+    float32 list) and the recurrent layers (torch's autocast treats each layer and device
+    differently), which fastdl.nn also hands to torch under autocast."""
     if family == "pool":
         return None
-    if family in ("linear", "conv"):
+    if family in _CAST:
+        if tensors is not None and not any(t is not None and _castable(t) for t in tensors):
+            return None
         dt = torch.get_autocast_dtype(device_type)
         why = why_not(family, device_type, dt)
         return None if why is None else f"autocast to {str(dt).replace('torch.', '')}: {why}"

@@ -45,7 +45,7 @@ _LAYERS = {
     torch.nn.AvgPool2d: ("AvgPool2d", "pool"),
     torch.nn.AdaptiveMaxPool2d: ("AdaptiveMaxPool2d", "pool"),
     torch.nn.AdaptiveAvgPool2d: ("AdaptiveAvgPool2d", "pool"),
-    torch.nn.MaxUnpool2d: ("MaxUnpool2d", "pool"),
+    torch.nn.MaxUnpool2d: ("MaxUnpool2d", "unpool"),
     torch.nn.RNN: ("RNN", "rnn"),
     torch.nn.LSTM: ("LSTM", "rnn"),
     torch.nn.GRU: ("GRU", "rnn"),

@@ -15,6 +15,7 @@ import torch
 from ... import _C, _library, _tensor
 from ... import ops
 from ...ops import pool as _ops_pool
+from ._autocast import any_autocast as _any_autocast, autocast_on as _autocast_on
 from ._half import HALF as _HALF, cpu_half as _cpu_half, to_dtype as _to_dtype
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
@@ -483,6 +484,9 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
     >>> x2 = fastdl.nn.functional.max_unpool2d(y, idx, 2)
     """
     _check_torch("max_unpool2d", input)
+    if _any_autocast() and _autocast_on(input):
+        # on the CPU's autocast float32 list (a half input comes back float32): torch's own
+        return _torch["max_unpool2d"](input, indices, kernel_size, stride, padding, output_size)
     r = _route(input)
     if r != _TORCH and input.dtype in _HALF and _cpu_half(input):   # in float32 (_half)
         return _to_dtype(max_unpool2d(input.float(), indices, kernel_size, stride, padding,

@@ -6,6 +6,8 @@ fastdl.nn.RNN / LSTM / GRU and the cells (the equivalent of torch's _VF.lstm / _
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ... import _library, _tensor
@@ -57,18 +59,26 @@ def torch_cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh):
 def recompute_backward(needs, forward, operands, grad_outputs):
     """Gradients of forward(*operands) (a tensor or a tuple) for the operands whose `needs` is
     True (None for the others), with the graph kept (create_graph): forward is recomputed with
-    grad mode on; an output's missing upstream gradient counts as zeros."""
-    with torch.enable_grad():
-        outs = forward(*operands)
+    grad mode on and autocast off (the Functions' forwards ran in their operands' dtype); an
+    output's missing upstream gradient counts as zeros. Each operand enters the recomputation
+    through its own alias (a view), so a tensor passed in two slots (states (s, s), tied weights)
+    gets each slot's share of the gradient, as autograd gives each input of a Function, not the
+    total twice."""
+    dev = next(t for t in operands if t is not None).device.type
+    off = (torch.autocast(dev, enabled=False) if torch._C._is_autocast_available(dev)
+           else contextlib.nullcontext())
+    with torch.enable_grad(), off:
+        aliases = [None if t is None else t.view_as(t) for t in operands]
+        outs = forward(*aliases)
     outs = outs if isinstance(outs, tuple) else (outs,)
     pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
     wanted = [i for i, t in enumerate(operands) if t is not None and needs[i]]
     result = [None] * len(operands)
     if pairs and wanted:
-        grads = torch.autograd.grad([o for o, _ in pairs], [operands[i] for i in wanted],
+        grads = torch.autograd.grad([o for o, _ in pairs], [aliases[i] for i in wanted],
                                     [g for _, g in pairs], create_graph=True, allow_unused=True)
         for i, g in zip(wanted, grads):
-            result[i] = torch.zeros_like(operands[i]) if g is None else g
+            result[i] = g
     for i in wanted:
         if result[i] is None:
             result[i] = torch.zeros_like(operands[i])
@@ -146,6 +156,26 @@ class _Layer(torch.autograd.Function):
         return (None, None, None, None, None, gx, gh0, gc0, *gws)
 
 
+def keep_biases(ctx, biases):
+    """Keeps a cell's biases on ctx for a backward with create_graph (the only one that reads
+    them) without save_for_backward, whose version check would make an in-place change to a bias
+    between forward and an ordinary backward raise, where torch's cells (which never read a bias
+    in their backward) do not."""
+    ctx.biases = tuple(biases)
+    ctx.bias_versions = tuple(b._version for b in biases if b is not None)
+
+
+def kept_biases(ctx):
+    """ctx.biases, checked as saved tensors are: raises torch's error for an in-place change."""
+    now = tuple(b._version for b in ctx.biases if b is not None)
+    if now != ctx.bias_versions:
+        raise RuntimeError("one of the variables needed for gradient computation has been "
+                           "modified by an inplace operation: a recurrent cell's bias is at "
+                           f"version {now}; expected version {ctx.bias_versions} instead (a "
+                           "backward with create_graph=True recomputes the step with it)")
+    return ctx.biases
+
+
 def _cell_recompute(needs, mode, x, h, c, weights, grad_h, grad_c):
     """A cell Function's backward under create_graph: torch's cell, recomputed (above). needs:
     needs_input_grad of x, h, c and the weights (w_ih, w_hh[, b_ih, b_hh]). Returns the
@@ -167,17 +197,17 @@ class _Cell(torch.autograd.Function):
         ctx.mode = mode
         ctx.sizes = (x.dtype, x.shape[0], x.shape[1], h.shape[1])
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
-        # (the biases only for a backward with create_graph, which recomputes the step)
         ctx.save_for_backward(x, h, c, w_ih, w_hh, act, h_new if mode in (TANH, RELU) else None,
-                              c_new, b_ih, b_hh)
+                              c_new)
+        keep_biases(ctx, (b_ih, b_hh))
         return (h_new, c_new) if mode == LSTM else h_new
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
-        x, h, c, w_ih, w_hh, act, h_new, c_new, b_ih, b_hh = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
         if torch.is_grad_enabled():
             return (None, *_cell_recompute(ctx.needs_input_grad[1:], ctx.mode, x, h, c,
-                                           (w_ih, w_hh, b_ih, b_hh), grad_h, grad_c))
+                                           (w_ih, w_hh, *kept_biases(ctx)), grad_h, grad_c))
         n = ctx.needs_input_grad
         g = _ops.cell_cpu_backward(ctx.mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih,
                                    w_hh, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]),
@@ -204,14 +234,16 @@ class _StepCell(torch.autograd.Function):
     def forward(ctx, mode, has_bias, x, h, c, *weights):
         h_new, c_new, ws = _one_step(mode, has_bias, x, h, c, weights, training=True)
         ctx.cfg = (mode, has_bias)
-        ctx.save_for_backward(x, h, c, weights[0], weights[1], ws, *weights[2:])
+        ctx.save_for_backward(x, h, c, weights[0], weights[1], ws)
+        keep_biases(ctx, weights[2:])
         return (h_new, c_new) if mode == LSTM else h_new
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
         mode, has_bias = ctx.cfg
-        x, h, c, w_ih, w_hh, ws, *biases = ctx.saved_tensors
+        x, h, c, w_ih, w_hh, ws = ctx.saved_tensors
         if torch.is_grad_enabled():   # (needs_input_grad: mode, has_bias, x, h, c, *weights)
+            biases = kept_biases(ctx)
             grads = _cell_recompute(ctx.needs_input_grad[2:], mode, x, h, c,
                                     (w_ih, w_hh, *biases), grad_h, grad_c)
             return (None, None, *grads[:5 + len(biases)])

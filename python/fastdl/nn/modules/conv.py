@@ -29,7 +29,8 @@ def _padded(module, conv, input):
     """A padding_mode other than 'zeros': torch.nn.functional.pad, then conv with padding 0.
     CPU float16 / bfloat16 operands pad their float32 copies (functional/_half.py), so the input
     gradient is rounded once, as in every other fastdl layer, not once per pass. Under autocast
-    the pad runs in the input's dtype and conv casts, as torch's modules do."""
+    torch.nn.functional.pad runs as torch's autocast has it (reflect / replicate pads are on the
+    CPU's float32 list) and conv casts, as in torch's modules."""
     w, b = module.weight, module.bias
     half = (isinstance(input, torch.Tensor) and input.dtype in _half.HALF
             and _library.route(input, w, b) != _library.TORCH   # (TORCH: torch's half conv)
