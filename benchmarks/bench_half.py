@@ -45,11 +45,37 @@ def _name(dt):
     return str(dt).replace("torch.", "")
 
 
-def bench_layer(title, make, shape, rounds, scale):
+def _pair(make):
     torch.manual_seed(0)
     theirs = make(torch.nn)
     ours = make(fnn)
     ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def _report(title, variants, step, dtypes, rounds):
+    """Warms every (name, module, dtype) variant up, then times step(module, dtype) once per
+    variant per round in a fixed order; prints the median ms of each and torch / fastdl per
+    dtype."""
+    for _, m, dt in variants:
+        step(m, dt)
+    times = {k: [] for k, _, _ in variants}
+    for _ in range(rounds):
+        for k, m, dt in variants:
+            t0 = time.perf_counter()
+            step(m, dt)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    speed = " / ".join(f"{med[f'torch {_name(dt)}'] / med[f'fastdl {_name(dt)}']:.2f}x"
+                       for dt in dtypes)
+    print(f"{title}: " + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
+          + f"  | torch / fastdl {' / '.join(_name(dt) for dt in dtypes)}: {speed}", flush=True)
+
+
+def bench_layer(title, make, shape, rounds, scale):
+    """Each library's layer converted to bfloat16, float16 and float32 (.to(dtype)), input in
+    that dtype; forward + backward."""
+    ours, theirs = _pair(make)
     x0 = torch.randn(*shape)
     xs = {dt: x0.to(dt) for dt in DTYPES}   # (converted once, outside the timed step)
     variants = []
@@ -62,29 +88,14 @@ def bench_layer(title, make, shape, rounds, scale):
         out = m(x)
         (out[0] if isinstance(out, tuple) else out).float().sum().backward()
 
-    for _, m, dt in variants:
-        step(m, dt)
-    times = {k: [] for k, _, _ in variants}
-    for _ in range(max(1, round(rounds * scale))):
-        for k, m, dt in variants:
-            t0 = time.perf_counter()
-            step(m, dt)
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    speed = " / ".join(f"{med[f'torch {_name(dt)}'] / med[f'fastdl {_name(dt)}']:.2f}x"
-                       for dt in DTYPES)
-    print(f"{title}: " + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
-          + f"  | torch / fastdl bf16 / f16 / f32: {speed}", flush=True)
+    _report(title, variants, step, DTYPES, max(1, round(rounds * scale)))
 
 
 def bench_autocast(title, make, shape, rounds, scale):
     """float32 layers and input under torch.autocast("cpu", dtype) for bfloat16 and float16:
     torch's layer against fastdl's (which casts as torch does, then computes as for a half
-    layer, nn/functional/_autocast.py); forward + backward, median ms."""
-    torch.manual_seed(0)
-    theirs = make(torch.nn)
-    ours = make(fnn)
-    ours.load_state_dict(theirs.state_dict())
+    layer, nn/functional/_autocast.py); forward + backward."""
+    ours, theirs = _pair(make)
     x0 = torch.randn(*shape)
     variants = [(f"{lib} {_name(dt)}", m, dt) for dt in DTYPES[:2]
                 for lib, m in (("torch", theirs), ("fastdl", ours))]
@@ -95,19 +106,7 @@ def bench_autocast(title, make, shape, rounds, scale):
             out = m(x)
         out.float().sum().backward()
 
-    for _, m, dt in variants:
-        step(m, dt)
-    times = {k: [] for k, _, _ in variants}
-    for _ in range(max(1, round(rounds * scale))):
-        for k, m, dt in variants:
-            t0 = time.perf_counter()
-            step(m, dt)
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    speed = " / ".join(f"{med[f'torch {_name(dt)}'] / med[f'fastdl {_name(dt)}']:.2f}x"
-                       for dt in DTYPES[:2])
-    print(f"autocast {title}: " + "  ".join(f"{k} {v:.2f}" for k, v in med.items())
-          + f"  | torch / fastdl bf16 / f16: {speed}", flush=True)
+    _report(f"autocast {title}", variants, step, DTYPES[:2], max(1, round(rounds * scale)))
 
 
 def bench_optim(rounds):

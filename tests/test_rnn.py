@@ -1958,13 +1958,11 @@ def test_double_backward_aliased_operands():
     d = torch.float64
 
     def check(fast_call, torch_call, leaf):
-        for call in (fast_call, torch_call):
-            out = call()
-            (g_cg,) = torch.autograd.grad(out.sum(), leaf, create_graph=True)
-            (g,) = torch.autograd.grad(call().sum(), leaf)
-            assert_close(g_cg, g, reduction=16, what=call.__name__)
+        (g_cg,) = torch.autograd.grad(fast_call().sum(), leaf, create_graph=True)
+        (g,) = torch.autograd.grad(fast_call().sum(), leaf)
         (g_t,) = torch.autograd.grad(torch_call().sum(), leaf)
-        assert_close(g_cg, g_t, reduction=16, what="against torch")
+        assert_close(g_cg, g, reduction=16, what="create_graph against first order")
+        assert_close(g_cg, g_t, reduction=16, what="create_graph against torch")
 
     for kind in ("LSTMCell", "RNNCell"):
         ours = getattr(fastdl.nn, kind)(4, 4, dtype=d)
@@ -1990,11 +1988,25 @@ def test_double_backward_aliased_operands():
     check(lambda: tied(gru), lambda: tied(gru_t), w)
 
 
-def test_cell_bias_changed_in_place_before_backward():
+@pytest.mark.parametrize("path", ["cpu_kernels", "one_step_layer"])
+def test_cell_bias_changed_in_place_before_backward(path, monkeypatch):
     """As torch's cells (whose backward never reads a bias): an in-place change to a bias between
     forward and backward is allowed; a backward with create_graph, which recomputes the step
-    with the bias, raises autograd's in-place error."""
+    with the bias, raises autograd's in-place error. An inference-mode bias is taken, as by
+    torch (it has no version to check)."""
+    from fastdl.nn.functional import rnn as f_rnn
+    if path == "one_step_layer":
+        monkeypatch.setattr(f_rnn._ops, "cell_cpu_supported", lambda x, w: False)
     for make in (lambda m: m.LSTMCell(3, 4), lambda m: m.GRUCell(3, 4)):
+        with torch.inference_mode():
+            b = rand(16 if make(torch.nn).__class__.__name__ == "LSTMCell" else 12)
+        for m in (make(fastdl.nn), make(torch.nn)):
+            params = dict(m.named_parameters())
+            params["bias_ih"] = b
+            x = rand(2, 3, requires_grad=True)
+            y = torch.func.functional_call(m, params, (x,))
+            (y[0] if isinstance(y, tuple) else y).sum().backward()
+            assert x.grad is not None
         for m in (make(fastdl.nn), make(torch.nn)):
             x = rand(2, 3, requires_grad=True)
             y = m(x)
@@ -2013,6 +2025,29 @@ def test_cell_bias_changed_in_place_before_backward():
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell"])
 def test_gradient_penalty_matches_torch(kind):
+    _gradient_penalty_matches_torch(kind)
+
+
+def test_gradient_penalty_with_backward_under_autocast():
+    """The recomputation runs with autocast off, as the layer's forward ran: a create_graph
+    backward inside an autocast region gives torch's module's input gradient (whose forward
+    also ran outside it; the backward's own ops follow the region in both)."""
+    torch.manual_seed(5)
+    ours = fastdl.nn.LSTM(3, 4)
+    theirs = torch.nn.LSTM(3, 4)
+    theirs.load_state_dict(ours.state_dict())
+    x = rand(5, 2, 3)
+    grads = []
+    for m in (ours, theirs):
+        xx = x.clone().requires_grad_()
+        y = m(xx)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (g,) = torch.autograd.grad((y * y).sum(), xx, create_graph=True)
+        grads.append(g.detach())
+    assert_close(grads[0], grads[1], reduction=16, what="create_graph gradient under autocast")
+
+
+def _gradient_penalty_matches_torch(kind):
     """A gradient penalty (WGAN-GP style): the input gradient with create_graph, squared and
     summed, then backward to the parameters; float32, against torch's modules."""
     torch.manual_seed(4)

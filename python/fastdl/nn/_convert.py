@@ -16,8 +16,8 @@ report gives these decisions, made at conversion. Per call, a converted layer as
 table, as fastdl.patch() does, about the tensors it gets (its input and its own parameters;
 autocast and torch.compile tracing included) and runs torch's forward where fastdl does not
 serve the call: after .bfloat16() of a linear, conv or recurrent layer on a CPU with
-AVX512-BF16 (fastdl._support), or under autocast to that dtype; a recurrent layer under
-autocast; a move to a device fastdl lacks, or when a pool gets
+AVX512-BF16 (fastdl._support), or under autocast to that dtype; a recurrent layer or
+MaxUnpool2d under autocast; a move to a device fastdl lacks, or when a pool gets
 activations fastdl does not serve (CUDA half precision, say, after float32 parameters), it
 computes what torch computes.
 

@@ -6,8 +6,9 @@ in float32 on the half values, the result rounded once, _half.py; on CUDA: its h
 The casts are autograd ops, so float32 parameters receive float32 gradients, as under torch.
 One difference: torch casts a leaf parameter once per autocast region and reuses the copy, so a
 layer called N times in a region sums its N weight gradients in the half dtype; fastdl casts at
-every call, so they are summed in float32 (more exact: a Linear(32, 32) called 64 times, weight
-gradient against float64, 0.05 off where torch's is 0.47 off, bfloat16).
+every call, so they are summed in float32 (more exact: a Linear(32, 32) called 64 times on one
+(8, 32) input under bfloat16 autocast, weight gradients up to 559: 0.94 off the exact sum of its
+bfloat16 terms, torch's 19.3 off).
 max_pool2d, avg_pool2d and the adaptive pools are on none of autocast's lists and run in their
 input's dtype with or without autocast. max_unpool2d is on the CPU's float32 list, and recurrent
 layers and cells differ by layer and device (on the CPU in torch 2.13: LSTM, RNN and RNNCell in

@@ -162,12 +162,18 @@ def keep_biases(ctx, biases):
     between forward and an ordinary backward raise, where torch's cells (which never read a bias
     in their backward) do not."""
     ctx.biases = tuple(biases)
-    ctx.bias_versions = tuple(b._version for b in biases if b is not None)
+    ctx.bias_versions = _versions(biases)
+
+
+def _versions(tensors):
+    # (an inference tensor has no version counter, and cannot be changed in place outside
+    # inference mode)
+    return tuple(t._version for t in tensors if t is not None and not t.is_inference())
 
 
 def kept_biases(ctx):
     """ctx.biases, checked as saved tensors are: raises torch's error for an in-place change."""
-    now = tuple(b._version for b in ctx.biases if b is not None)
+    now = _versions(ctx.biases)
     if now != ctx.bias_versions:
         raise RuntimeError("one of the variables needed for gradient computation has been "
                            "modified by an inplace operation: a recurrent cell's bias is at "
