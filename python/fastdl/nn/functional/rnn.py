@@ -85,6 +85,26 @@ def recompute_backward(needs, forward, operands, grad_outputs):
     return result
 
 
+def _bias_slots(n_weights, dirs, has_bias):
+    """Positions of b_ih, b_hh in _Layer's weights (per direction: w_ih, w_hh[, b_ih, b_hh][,
+    w_hr])."""
+    if not has_bias:
+        return set()
+    per_dir = n_weights // dirs
+    return {d * per_dir + k for d in range(dirs) for k in (2, 3)}
+
+
+def _with_biases(others, biases, dirs, has_bias):
+    """_Layer's weights again from the saved non-bias weights and the kept biases."""
+    if not has_bias:
+        return list(others)
+    out, per_dir_others, b = [], len(others) // dirs, iter(biases)
+    for d in range(dirs):
+        w = others[d * per_dir_others:(d + 1) * per_dir_others]
+        out += [w[0], w[1], next(b), next(b), *w[2:]]
+    return out
+
+
 class _Layer(torch.autograd.Function):
     """One layer, D directions. x (T, B, I) or packed (N, I); h0 (D, B, R); c0 (D, B, H) or None.
     weights: per direction w_ih, w_hh[, b_ih, b_hh][, w_hr] (torch's _flat_weights order).
@@ -104,7 +124,13 @@ class _Layer(torch.autograd.Function):
             cns.append(cn)
             wss.append(ws)
         ctx.cfg = (mode, batch_sizes, dirs, has_bias, has_proj, c0 is not None)
-        ctx.save_for_backward(x, h0, c0, *weights, *wss)
+        # the biases are not read by the backward kernels: kept for a create_graph backward
+        # only, outside save_for_backward (keep_biases, as the cells: torch's layers let a bias
+        # change in place before backward)
+        biased = _bias_slots(len(weights), dirs, has_bias)
+        ctx.save_for_backward(x, h0, c0, *(w for i, w in enumerate(weights) if i not in biased),
+                              *wss)
+        keep_biases(ctx, [weights[i] for i in sorted(biased)])
         y = ys[0] if dirs == 1 else torch.cat(ys, -1)
         hn = torch.stack(hns)
         if mode == LSTM:
@@ -116,7 +142,8 @@ class _Layer(torch.autograd.Function):
         if torch.is_grad_enabled():   # create_graph: torch's ops, recomputed (above)
             mode, batch_sizes, dirs, has_bias, _, _ = ctx.cfg
             saved = ctx.saved_tensors
-            x, h0, c0, weights = saved[0], saved[1], saved[2], saved[3:len(saved) - dirs]
+            x, h0, c0 = saved[0], saved[1], saved[2]
+            weights = _with_biases(saved[3:len(saved) - dirs], kept_biases(ctx), dirs, has_bias)
             grads = recompute_backward(
                 ctx.needs_input_grad[5:],
                 lambda x, h0, c0, *w: torch_layer(mode, batch_sizes, dirs, has_bias, x, h0, c0,
@@ -131,7 +158,8 @@ class _Layer(torch.autograd.Function):
         saved = ctx.saved_tensors
         x, h0, c0 = saved[:3]
         rest = saved[3:]
-        weights, wss = rest[:len(rest) - dirs], rest[len(rest) - dirs:]
+        wss = rest[len(rest) - dirs:]
+        weights = _with_biases(rest[:len(rest) - dirs], ctx.biases, dirs, has_bias)
         per_dir = len(weights) // dirs
         need_x = ctx.needs_input_grad[5]
         R = h0.shape[-1]

@@ -227,9 +227,13 @@ class _FastLayer(torch.autograd.Function):
         ctx.geometry, ctx.device = geometry, geo[3]
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
         # The workspace holds every step's states, h0 and c0 included; they are saved too (as
-        # _Layer's are) for a backward with create_graph, which recomputes the layer.
-        ctx.save_for_backward(input, *weights, ws, *(t for t in (h0, c0) if t is not None))
-        ctx.shapes = [input.shape] + [w.shape for w in weights] + [ws.shape]
+        # _Layer's are) for a backward with create_graph, which recomputes the layer. The
+        # biases, which the backward kernel does not read, are kept for that outside
+        # save_for_backward, as _Layer's (nn/functional/rnn.py keep_biases).
+        ctx.save_for_backward(input, weights[0], weights[1], ws,
+                              *(t for t in (h0, c0) if t is not None))
+        ctx.shapes = [input.shape, weights[0].shape, weights[1].shape, ws.shape]
+        _f.keep_biases(ctx, weights[2:])
         return (y, hn, cn) if geo[1] else (y, hn)
 
     @staticmethod
@@ -237,8 +241,7 @@ class _FastLayer(torch.autograd.Function):
         geometry = ctx.geometry
         if _grad_enabled():   # create_graph: torch's layer recomputed, as _Layer.backward does
             saved = ctx.saved_tensors
-            n = len(ctx.shapes)
-            x, weights, states = saved[0], saved[1:n - 1], saved[n:]
+            x, weights, states = saved[0], (saved[1], saved[2], *_f.kept_biases(ctx)), saved[4:]
             lstm = geometry[0] == _f.LSTM
             if states:
                 h, c = states[0], (states[1] if lstm else None)
@@ -252,7 +255,7 @@ class _FastLayer(torch.autograd.Function):
         dt = _DTYPES[geometry[1]]
         n = len(ctx.shapes)
         saved = [_saved(t, dt, shape) for t, shape in zip(ctx.saved_tensors[:n], ctx.shapes)]
-        x, weights, ws = saved[0], saved[1:-1], saved[-1]
+        x, w_ih, w_hh, ws = saved
         lstm = geometry[0] == _f.LSTM
         B, H = geometry[3], geometry[6]
         needs = ctx.needs_input_grad   # (geo, input, h0, c0, *weights)
@@ -262,10 +265,11 @@ class _FastLayer(torch.autograd.Function):
         dx = new(*x.shape) if needs[1] else None
         dh0 = new(1, B, H)   # (written whether wanted or not)
         dc0 = new(1, B, H) if lstm else None
-        dw = [new(*w.shape) for w in weights] if any(needs[4:]) else [None] * len(weights)
-        db = (dw[2], dw[3]) if len(weights) == 4 else (None, None)
+        shapes = [w_ih.shape, w_hh.shape] + [b.shape for b in ctx.biases]
+        dw = [new(*s) for s in shapes] if any(needs[4:]) else [None] * len(shapes)
+        db = (dw[2], dw[3]) if len(shapes) == 4 else (None, None)
         scratch = new(_C.rnn_buffer_sizes(geometry, False)[1])
-        _ops_rnn.backward_kernel(geometry, ctx.device, x, weights[0], weights[1], None, gy, ghn,
+        _ops_rnn.backward_kernel(geometry, ctx.device, x, w_ih, w_hh, None, gy, ghn,
                                  gcn, ws, scratch,
                                  (dx, dh0, dc0, dw[0], dw[1], db[0], db[1], None))
         return (None, dx, dh0 if needs[2] else None, dc0 if needs[3] else None, *dw)
