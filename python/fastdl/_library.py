@@ -854,20 +854,22 @@ def _cell_setup(ctx, inputs, output):
     mode, x, h, c, weights, has_bias, _ = inputs
     ctx.cfg = (mode, has_bias)
     rnn = mode in (_rnn.TANH, _rnn.RELU)
-    ctx.save_for_backward(x, h, c, weights[0], weights[1],
-                          output[2] if mode in (_rnn.LSTM, _rnn.GRU) else None,
-                          output[0] if rnn else None, output[1] if mode == _rnn.LSTM else None)
     from .nn.functional import rnn as _f
-    _f.keep_biases(ctx, weights[2:4])
+    _f.save_with_biases(ctx, (x, h, c, weights[0], weights[1],
+                              output[2] if mode in (_rnn.LSTM, _rnn.GRU) else None,
+                              output[0] if rnn else None,
+                              output[1] if mode == _rnn.LSTM else None), weights[2:4])
 
 
 def _cell_grad(ctx, grad_h, grad_c, _gact):
+    from .nn.functional import rnn as _f
     mode, has_bias = ctx.cfg
-    x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph: torch's cell recomputed, as the eager path
-        from .nn.functional import rnn as _f
+    graph = torch.is_grad_enabled()
+    saved, biases = _f.unpack_saved(ctx, graph)
+    x, h, c, w_ih, w_hh, act, h_new, c_new = saved
+    if graph:  # create_graph: torch's cell recomputed, as the eager path
         n = ctx.needs_input_grad
-        weights = [w_ih, w_hh, *_f.kept_biases(ctx)]
+        weights = [w_ih, w_hh, *biases]
         g = _f.recompute_backward(
             (n[1], n[2], n[3], *_list_needs(n[4], len(weights))),
             lambda x, h, c, *w: _f.torch_cell(mode, x, h, c, *w, *(None,) * (4 - len(w))),

@@ -125,12 +125,10 @@ class _Layer(torch.autograd.Function):
             wss.append(ws)
         ctx.cfg = (mode, batch_sizes, dirs, has_bias, has_proj, c0 is not None)
         # the biases are not read by the backward kernels: kept for a create_graph backward
-        # only, outside save_for_backward (keep_biases, as the cells: torch's layers let a bias
-        # change in place before backward)
+        # only (save_with_biases)
         biased = _bias_slots(len(weights), dirs, has_bias)
-        ctx.save_for_backward(x, h0, c0, *(w for i, w in enumerate(weights) if i not in biased),
-                              *wss)
-        keep_biases(ctx, [weights[i] for i in sorted(biased)])
+        save_with_biases(ctx, (x, h0, c0, *(w for i, w in enumerate(weights) if i not in biased),
+                               *wss), [weights[i] for i in sorted(biased)])
         y = ys[0] if dirs == 1 else torch.cat(ys, -1)
         hn = torch.stack(hns)
         if mode == LSTM:
@@ -141,9 +139,9 @@ class _Layer(torch.autograd.Function):
     def backward(ctx, gy, ghn, gcn=None):
         if torch.is_grad_enabled():   # create_graph: torch's ops, recomputed (above)
             mode, batch_sizes, dirs, has_bias, _, _ = ctx.cfg
-            saved = ctx.saved_tensors
+            saved, biases = unpack_saved(ctx, True)
             x, h0, c0 = saved[0], saved[1], saved[2]
-            weights = _with_biases(saved[3:len(saved) - dirs], kept_biases(ctx), dirs, has_bias)
+            weights = _with_biases(saved[3:len(saved) - dirs], biases, dirs, has_bias)
             grads = recompute_backward(
                 ctx.needs_input_grad[5:],
                 lambda x, h0, c0, *w: torch_layer(mode, batch_sizes, dirs, has_bias, x, h0, c0,
@@ -155,11 +153,11 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, gy, ghn, gcn):
         mode, batch_sizes, dirs, has_bias, has_proj, has_c = ctx.cfg
-        saved = ctx.saved_tensors
+        saved, biases = unpack_saved(ctx, False)
         x, h0, c0 = saved[:3]
         rest = saved[3:]
         wss = rest[len(rest) - dirs:]
-        weights = _with_biases(rest[:len(rest) - dirs], ctx.biases, dirs, has_bias)
+        weights = _with_biases(rest[:len(rest) - dirs], biases, dirs, has_bias)
         per_dir = len(weights) // dirs
         need_x = ctx.needs_input_grad[5]
         R = h0.shape[-1]
@@ -184,30 +182,48 @@ class _Layer(torch.autograd.Function):
         return (None, None, None, None, None, gx, gh0, gc0, *gws)
 
 
-def keep_biases(ctx, biases):
-    """Keeps a cell's biases on ctx for a backward with create_graph (the only one that reads
-    them) without save_for_backward, whose version check would make an in-place change to a bias
-    between forward and an ordinary backward raise, where torch's cells (which never read a bias
-    in their backward) do not."""
-    ctx.biases = tuple(biases)
-    ctx.bias_versions = _versions(biases)
+def save_with_biases(ctx, tensors, biases):
+    """ctx.save_for_backward(*tensors), and the biases (None entries allowed) kept for a backward
+    with create_graph, the only one that reads them: outside save_for_backward, whose version
+    check would make an in-place change to a bias between forward and an ordinary backward raise
+    where torch's RNN / GRU layers and cells do not (checked by unpack_saved instead, on the
+    create_graph path). Under saved-tensor hooks (torch.utils.checkpoint, save_on_cpu) the
+    biases are saved with the rest: checkpoint recomputes them (a kept bias would be the first
+    run's), and hooks turn autograd's version check off anyway."""
+    ctx.n_saved = len(tensors)
+    if _saved_hooks is not None and _saved_hooks(True) is not None:
+        ctx.biases = None
+        ctx.save_for_backward(*tensors, *biases)
+    else:
+        ctx.save_for_backward(*tensors)
+        ctx.biases = tuple(biases)
+        ctx.bias_versions = _versions(biases)
+
+
+_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def unpack_saved(ctx, check):
+    """(the tensors save_with_biases saved, the biases); check=True (the create_graph path)
+    raises autograd's in-place error for a kept bias changed since the forward."""
+    saved = ctx.saved_tensors
+    if ctx.biases is None:
+        return saved[:ctx.n_saved], saved[ctx.n_saved:]
+    if check:
+        now = _versions(ctx.biases)
+        if now != ctx.bias_versions:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: a recurrent layer's or cell's bias is at version {now}; "
+                f"expected version {ctx.bias_versions} instead (a backward with "
+                "create_graph=True recomputes the forward with it)")
+    return saved, ctx.biases
 
 
 def _versions(tensors):
     # (an inference tensor has no version counter, and cannot be changed in place outside
     # inference mode)
     return tuple(t._version for t in tensors if t is not None and not t.is_inference())
-
-
-def kept_biases(ctx):
-    """ctx.biases, checked as saved tensors are: raises torch's error for an in-place change."""
-    now = _versions(ctx.biases)
-    if now != ctx.bias_versions:
-        raise RuntimeError("one of the variables needed for gradient computation has been "
-                           "modified by an inplace operation: a recurrent cell's bias is at "
-                           f"version {now}; expected version {ctx.bias_versions} instead (a "
-                           "backward with create_graph=True recomputes the step with it)")
-    return ctx.biases
 
 
 def _cell_recompute(needs, mode, x, h, c, weights, grad_h, grad_c):
@@ -231,17 +247,18 @@ class _Cell(torch.autograd.Function):
         ctx.mode = mode
         ctx.sizes = (x.dtype, x.shape[0], x.shape[1], h.shape[1])
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
-        ctx.save_for_backward(x, h, c, w_ih, w_hh, act, h_new if mode in (TANH, RELU) else None,
-                              c_new)
-        keep_biases(ctx, (b_ih, b_hh))
+        save_with_biases(ctx, (x, h, c, w_ih, w_hh, act,
+                               h_new if mode in (TANH, RELU) else None, c_new), (b_ih, b_hh))
         return (h_new, c_new) if mode == LSTM else h_new
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
-        x, h, c, w_ih, w_hh, act, h_new, c_new = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        graph = torch.is_grad_enabled()
+        saved, biases = unpack_saved(ctx, graph)
+        x, h, c, w_ih, w_hh, act, h_new, c_new = saved
+        if graph:
             return (None, *_cell_recompute(ctx.needs_input_grad[1:], ctx.mode, x, h, c,
-                                           (w_ih, w_hh, *kept_biases(ctx)), grad_h, grad_c))
+                                           (w_ih, w_hh, *biases), grad_h, grad_c))
         n = ctx.needs_input_grad
         g = _ops.cell_cpu_backward(ctx.mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih,
                                    w_hh, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]),
@@ -268,16 +285,16 @@ class _StepCell(torch.autograd.Function):
     def forward(ctx, mode, has_bias, x, h, c, *weights):
         h_new, c_new, ws = _one_step(mode, has_bias, x, h, c, weights, training=True)
         ctx.cfg = (mode, has_bias)
-        ctx.save_for_backward(x, h, c, weights[0], weights[1], ws)
-        keep_biases(ctx, weights[2:])
+        save_with_biases(ctx, (x, h, c, weights[0], weights[1], ws), weights[2:])
         return (h_new, c_new) if mode == LSTM else h_new
 
     @staticmethod
     def backward(ctx, grad_h, grad_c=None):
         mode, has_bias = ctx.cfg
-        x, h, c, w_ih, w_hh, ws = ctx.saved_tensors
-        if torch.is_grad_enabled():   # (needs_input_grad: mode, has_bias, x, h, c, *weights)
-            biases = kept_biases(ctx)
+        graph = torch.is_grad_enabled()
+        saved, biases = unpack_saved(ctx, graph)
+        x, h, c, w_ih, w_hh, ws = saved
+        if graph:   # (needs_input_grad: mode, has_bias, x, h, c, *weights)
             grads = _cell_recompute(ctx.needs_input_grad[2:], mode, x, h, c,
                                     (w_ih, w_hh, *biases), grad_h, grad_c)
             return (None, None, *grads[:5 + len(biases)])

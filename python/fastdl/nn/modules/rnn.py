@@ -228,20 +228,21 @@ class _FastLayer(torch.autograd.Function):
         ctx.set_materialize_grads(False)   # an unused output's gradient: None, read as zero
         # The workspace holds every step's states, h0 and c0 included; they are saved too (as
         # _Layer's are) for a backward with create_graph, which recomputes the layer. The
-        # biases, which the backward kernel does not read, are kept for that outside
-        # save_for_backward, as _Layer's (nn/functional/rnn.py keep_biases).
-        ctx.save_for_backward(input, weights[0], weights[1], ws,
-                              *(t for t in (h0, c0) if t is not None))
+        # biases, which the backward kernel does not read, are kept for that as _Layer's
+        # (nn/functional/rnn.py save_with_biases).
+        _f.save_with_biases(ctx, (input, weights[0], weights[1], ws,
+                                  *(t for t in (h0, c0) if t is not None)), weights[2:])
         ctx.shapes = [input.shape, weights[0].shape, weights[1].shape, ws.shape]
-        _f.keep_biases(ctx, weights[2:])
+        ctx.bias_shapes = [w.shape for w in weights[2:]]
         return (y, hn, cn) if geo[1] else (y, hn)
 
     @staticmethod
     def backward(ctx, gy, ghn, gcn=None):
         geometry = ctx.geometry
-        if _grad_enabled():   # create_graph: torch's layer recomputed, as _Layer.backward does
-            saved = ctx.saved_tensors
-            x, weights, states = saved[0], (saved[1], saved[2], *_f.kept_biases(ctx)), saved[4:]
+        graph = _grad_enabled()
+        saved, biases = _f.unpack_saved(ctx, graph)
+        if graph:   # create_graph: torch's layer recomputed, as _Layer.backward does
+            x, weights, states = saved[0], (saved[1], saved[2], *biases), saved[4:]
             lstm = geometry[0] == _f.LSTM
             if states:
                 h, c = states[0], (states[1] if lstm else None)
@@ -253,8 +254,7 @@ class _FastLayer(torch.autograd.Function):
                 lambda x, h, c, *w: _f.torch_layer(geometry[0], None, 1, len(w) == 4, x, h, c, w),
                 (x, h, c, *weights), (gy, ghn, gcn)))
         dt = _DTYPES[geometry[1]]
-        n = len(ctx.shapes)
-        saved = [_saved(t, dt, shape) for t, shape in zip(ctx.saved_tensors[:n], ctx.shapes)]
+        saved = [_saved(t, dt, shape) for t, shape in zip(saved[:4], ctx.shapes)]
         x, w_ih, w_hh, ws = saved
         lstm = geometry[0] == _f.LSTM
         B, H = geometry[3], geometry[6]
@@ -265,7 +265,7 @@ class _FastLayer(torch.autograd.Function):
         dx = new(*x.shape) if needs[1] else None
         dh0 = new(1, B, H)   # (written whether wanted or not)
         dc0 = new(1, B, H) if lstm else None
-        shapes = [w_ih.shape, w_hh.shape] + [b.shape for b in ctx.biases]
+        shapes = [w_ih.shape, w_hh.shape] + ctx.bias_shapes
         dw = [new(*s) for s in shapes] if any(needs[4:]) else [None] * len(shapes)
         db = (dw[2], dw[3]) if len(shapes) == 4 else (None, None)
         scratch = new(_C.rnn_buffer_sizes(geometry, False)[1])
