@@ -11,6 +11,7 @@ foreach and fused steps (whose state is in the param dtype: fewer bytes than fas
     python benchmarks/bench_half.py                 # layers and optimizers
     python benchmarks/bench_half.py --only layers --rounds 5
     python benchmarks/bench_half.py --only autocast  # float32 layers under torch.autocast
+    python benchmarks/bench_half.py --only model     # ResNet-18 step under autocast, converted
     # torch (and fastdl) without AVX-512 / AVX512-BF16 kernels, a stand-in for Zen 3:
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FASTDL_CPU_CAPABILITY=avx2 \
         python benchmarks/bench_half.py --only layers
@@ -109,6 +110,35 @@ def bench_autocast(title, make, shape, rounds, scale):
     _report(f"autocast {title}", variants, step, DTYPES[:2], max(1, round(rounds * scale)))
 
 
+def bench_model_autocast(rounds):
+    """A ResNet-18 train step (fastdl._zoo, batch 16, 3x64x64, SGD momentum 0.9) under
+    torch.autocast("cpu", dtype) for bfloat16 and float16, and float32 without autocast: torch's
+    model against fastdl.nn.convert's copy (which serves per call by fastdl._support's table),
+    median ms."""
+    from fastdl import _zoo
+    torch.manual_seed(0)
+    ref = _zoo.resnet18(num_classes=10)
+    fast = fastdl.nn.convert(copy.deepcopy(ref))[0]
+    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    variants = []
+    for dt in DTYPES:
+        for lib, m in (("torch", ref), ("fastdl", fast)):
+            m = copy.deepcopy(m)
+            variants.append((f"{lib} {_name(dt)}", (m, torch.optim.SGD(m.parameters(), lr=0.01,
+                                                                      momentum=0.9)), dt))
+
+    def step(model_opt, dt):
+        m, opt = model_opt
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=dt, enabled=dt is not torch.float32):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+
+    _report("autocast ResNet-18 train step b16 64x64 (float32: no autocast)", variants, step,
+            DTYPES, rounds)
+
+
 def bench_optim(rounds):
     def params(dt):
         ps = [torch.randn(s, dtype=dt, requires_grad=True) for s in OPT_SHAPES]
@@ -139,7 +169,10 @@ def bench_optim(rounds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("layers", "autocast", "optim"))
+    ap.add_argument("--only", choices=("layers", "autocast", "model", "optim"))
+    ap.add_argument("--serve-bf16", action="store_true",
+                    help="fastdl._support's table as on a CPU without AVX512-BF16 (convert "
+                         "serves CPU bfloat16 linear / conv; with the AVX2 stand-in above)")
     ap.add_argument("--rounds", type=int, default=9, help="rounds (conv 1/3 of them, LSTM 7/9)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -153,6 +186,11 @@ def main():
         for title, make, shape, rounds in LAYERS:
             if "Conv" in title or "Linear" in title:   # (the layers autocast casts)
                 bench_autocast(title, make, shape, args.rounds, rounds / 9)
+    if args.serve_bf16:
+        from fastdl import _support
+        _support._DTYPES = _support.dtype_table(False)
+    if args.only in (None, "model"):
+        bench_model_autocast(max(3, args.rounds * 2 // 3))
     if args.only in (None, "optim"):
         bench_optim(args.rounds)
 
