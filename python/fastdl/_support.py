@@ -125,27 +125,30 @@ def _explain(family, tensors):
     # under autocast, linear's and conv's floating operands (float64 excepted) are all cast to
     # the autocast dtype (a float32 weight meets the previous layer's bfloat16 activations):
     # mixed there is fine, and the autocast dtype is judged (context_why_not)
-    cast = family in _CAST and _autocast_on(dev.type) and _castable(first)
+    cast = family in AUTOCAST_CASTS and autocast_enabled(dev.type) and autocast_castable(first)
     for t in tensors:
         if t is None:
             continue
         if type(t) not in _PLAIN:
             return f"{type(t).__name__} argument (not a plain torch.Tensor)"
-        if t.device != dev or t.dtype != dt and not (cast and _castable(t)):
+        if t.device != dev or t.dtype != dt and not (cast and autocast_castable(t)):
             return "arguments of mixed devices or dtypes"
         if t.layout is not torch.strided:
             return f"{t.layout} argument (fastdl needs dense tensors)"
     return None if cast else why_not(family, dev, dt)
 
 
-_CAST = ("linear", "conv")   # the families torch's autocast casts (its lower-precision list)
+AUTOCAST_CASTS = ("linear", "conv")   # the families on torch's autocast lower-precision list
 
 
-def _castable(t) -> bool:
+def autocast_castable(t) -> bool:
+    """Whether torch's autocast casts tensor t (on its device type): floating, not float64."""
     return t.is_floating_point() and t.dtype is not torch.float64
 
 
-def _autocast_on(device_type: str) -> bool:
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device type autocast does not know
+    (meta, for which torch's call raises)."""
     return torch._C._is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
@@ -165,7 +168,7 @@ def context_why_not(device_type: str, tensors=None, family=None) -> str | None:
         return "inside a torch.func transform (grad, vmap, jacrev, ...)"
     if _fwad._current_level >= 0 and (tensors is None or has_tangent(tensors)):
         return "forward-mode AD tangent on an argument (fastdl's ops have no jvp)"
-    if _autocast_on(device_type):
+    if autocast_enabled(device_type):
         return autocast_why_not(family, device_type, tensors)
     return None
 
@@ -181,8 +184,9 @@ def autocast_why_not(family, device_type: str, tensors=None) -> str | None:
     differently), which fastdl.nn also hands to torch under autocast."""
     if family == "pool":
         return None
-    if family in _CAST:
-        if tensors is not None and not any(t is not None and _castable(t) for t in tensors):
+    if family in AUTOCAST_CASTS:
+        if tensors is not None and not any(t is not None and autocast_castable(t)
+                                           for t in tensors):
             return None
         dt = torch.get_autocast_dtype(device_type)
         why = why_not(family, device_type, dt)

@@ -27,7 +27,6 @@ import torch
 from ... import _support, _tensor
 
 _Tensor = torch.Tensor
-_FLOAT64 = torch.float64
 any_autocast = torch._C._is_any_autocast_enabled   # one C call: the hot paths' test
 
 
@@ -42,14 +41,14 @@ def autocast_call(family, fn, torch_fn, tensors, *rest):
     fastdl._support), torch_fn(*tensors, *rest) computes the call, autocast still on."""
     x = tensors[0]
     dev = x.device.type
-    if not _enabled(dev):
+    if not _support.autocast_enabled(dev):
         return None
     dtype = torch.get_autocast_dtype(dev)
     kind = "cuda" if _tensor.CPU_DEVICE >= 0 else dev   # (emulation: host tensors are CUDA's)
     if kind != "cpu" and dtype not in _support._DTYPES[family].get(kind, ()):
         return torch_fn(*tensors, *rest)
-    cast = tuple(t.to(dtype) if (isinstance(t, _Tensor) and t.is_floating_point()
-                                 and t.dtype is not _FLOAT64 and t.device.type == dev) else t
+    cast = tuple(t.to(dtype) if (isinstance(t, _Tensor) and t.device.type == dev
+                                 and _support.autocast_castable(t)) else t
                  for t in tensors)
     with torch.autocast(dev, enabled=False):
         return fn(*cast, *rest)
@@ -57,12 +56,4 @@ def autocast_call(family, fn, torch_fn, tensors, *rest):
 
 def autocast_on(x) -> bool:
     """Whether autocast is on for x's device type (call after any_autocast())."""
-    return _enabled(x.device.type)
-
-
-def _enabled(dev: str) -> bool:
-    # (a device type autocast does not know, such as meta, makes is_autocast_enabled raise)
-    return _available(dev) and torch.is_autocast_enabled(dev)
-
-
-_available = torch._C._is_autocast_available
+    return _support.autocast_enabled(x.device.type)

@@ -150,27 +150,36 @@ class _ConvTranspose2dFn(torch.autograd.Function):
         return _backward(ctx, gy, _ops._FORWARD)
 
 
+def _front(name, fn, input, weight, bias, *rest):
+    """What conv1d, conv2d and conv_transpose2d (fn, torch.nn.functional's `name`) do first, on
+    their tensors and the rest of their arguments in signature order: check the tensors' types;
+    under autocast, cast and call fn again (_autocast); under a torch.func transform or with a
+    forward-AD tangent, torch's op (route TORCH); CPU float16 / bfloat16, fn on float32 copies
+    (_half). Returns (output, None) when one of those computed the call, else (None, route)."""
+    _check_torch(name, "input", input, 1)
+    _check_torch(name, "weight", weight, 2)
+    if bias is not None:
+        _check_torch(name, "bias", bias, 3)
+    if _any_autocast():
+        out = _autocast_call("conv", fn, _torch[name], (input, weight, bias), *rest)
+        if out is not None:
+            return out, None
+    r = _library.route(input, weight, bias)
+    if r == _TORCH:
+        return _torch[name](input, weight, bias, *rest), None
+    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
+        return _to_dtype(fn(*_float32(input, weight, bias), *rest), input.dtype), None
+    return None, r
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv2d: same signature, padding int/tuple/'same'/'valid', autograd.
 
     >>> y = F.conv2d(x, w, b, stride=1, padding="same", groups=4)
     """
-    _check_torch("conv2d", "input", input, 1)
-    _check_torch("conv2d", "weight", weight, 2)
-    if bias is not None:
-        _check_torch("conv2d", "bias", bias, 3)
-    if _any_autocast():
-        out = _autocast_call("conv", conv2d, _torch["conv2d"], (input, weight, bias), stride,
-                             padding, dilation, groups)
-        if out is not None:
-            return out
-    r = _library.route(input, weight, bias)
-    if r == _TORCH:
-        return _torch["conv2d"](input, weight, bias, stride, padding, dilation, groups)
-    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
-        # CPU float16 / bfloat16: computed in float32 (_half)
-        return _to_dtype(conv2d(*_float32(input, weight, bias), stride, padding, dilation, groups),
-                         input.dtype)
+    out, r = _front("conv2d", conv2d, input, weight, bias, stride, padding, dilation, groups)
+    if r is None:
+        return out
     return _conv2d("conv2d", r, input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -191,24 +200,10 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
 
     >>> y = F.conv_transpose2d(x, w, stride=2, padding=1)
     """
-    _check_torch("conv_transpose2d", "input", input, 1)
-    _check_torch("conv_transpose2d", "weight", weight, 2)
-    if bias is not None:
-        _check_torch("conv_transpose2d", "bias", bias, 3)
-    if _any_autocast():
-        out = _autocast_call("conv", conv_transpose2d, _torch["conv_transpose2d"],
-                             (input, weight, bias), stride, padding, output_padding, groups,
-                             dilation)
-        if out is not None:
-            return out
-    r = _library.route(input, weight, bias)
-    if r == _TORCH:
-        return _torch["conv_transpose2d"](input, weight, bias, stride, padding, output_padding,
-                                          groups, dilation)
-    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
-        # CPU float16 / bfloat16: computed in float32 (_half)
-        return _to_dtype(conv_transpose2d(*_float32(input, weight, bias), stride, padding,
-                                          output_padding, groups, dilation), input.dtype)
+    out, r = _front("conv_transpose2d", conv_transpose2d, input, weight, bias, stride, padding,
+                    output_padding, groups, dilation)
+    if r is None:
+        return out
     if r == _TRACED:
         if isinstance(padding, str):
             raise TypeError("conv_transpose2d: argument 'padding' must be tuple of ints, not str")
@@ -234,22 +229,9 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     >>> y = F.conv1d(torch.randn(4, 8, 100), torch.randn(16, 8, 5), padding="same")
     """
     fn = "conv1d"
-    _check_torch(fn, "input", input, 1)
-    _check_torch(fn, "weight", weight, 2)
-    if bias is not None:
-        _check_torch(fn, "bias", bias, 3)
-    if _any_autocast():
-        out = _autocast_call("conv", conv1d, _torch["conv1d"], (input, weight, bias), stride,
-                             padding, dilation, groups)
-        if out is not None:
-            return out
-    r = _library.route(input, weight, bias)
-    if r == _TORCH:
-        return _torch["conv1d"](input, weight, bias, stride, padding, dilation, groups)
-    if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
-        # CPU float16 / bfloat16: computed in float32 (_half)
-        return _to_dtype(conv1d(*_float32(input, weight, bias), stride, padding, dilation, groups),
-                         input.dtype)
+    out, r = _front(fn, conv1d, input, weight, bias, stride, padding, dilation, groups)
+    if r is None:
+        return out
     if input.dim() not in (2, 3):
         raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to conv1d, but "
                            f"got input of size: {list(input.shape)}")

@@ -73,15 +73,13 @@ def recompute_backward(needs, forward, operands, grad_outputs):
     outs = outs if isinstance(outs, tuple) else (outs,)
     pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
     wanted = [i for i, t in enumerate(operands) if t is not None and needs[i]]
-    result = [None] * len(operands)
+    grads = [None] * len(wanted)
     if pairs and wanted:
         grads = torch.autograd.grad([o for o, _ in pairs], [aliases[i] for i in wanted],
                                     [g for _, g in pairs], create_graph=True, allow_unused=True)
-        for i, g in zip(wanted, grads):
-            result[i] = g
-    for i in wanted:
-        if result[i] is None:
-            result[i] = torch.zeros_like(operands[i])
+    result = [None] * len(operands)
+    for i, g in zip(wanted, grads):
+        result[i] = torch.zeros_like(operands[i]) if g is None else g
     return result
 
 
@@ -191,13 +189,19 @@ def save_with_biases(ctx, tensors, biases):
     biases are saved with the rest: checkpoint recomputes them (a kept bias would be the first
     run's), and hooks turn autograd's version check off anyway."""
     ctx.n_saved = len(tensors)
-    if _saved_hooks is not None and _saved_hooks(True) is not None:
+    if saved_hooks_active():
         ctx.biases = None
         ctx.save_for_backward(*tensors, *biases)
     else:
         ctx.save_for_backward(*tensors)
         ctx.biases = tuple(biases)
         ctx.bias_versions = _versions(biases)
+
+
+def saved_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (torch.utils.checkpoint, save_on_cpu; True when this
+    torch cannot tell)."""
+    return _saved_hooks is None or _saved_hooks(True) is not None
 
 
 _saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)

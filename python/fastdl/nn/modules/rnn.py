@@ -183,9 +183,6 @@ def _fast_run(input, h0, c0, weights, geo, training):
     return y, hn, cn, ws, geometry
 
 
-_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-
-
 def _fast_forward(input, h0, c0, weights, geo):
     """The fast path's result, as the module returns it (None: take the general path):
     inference, or _FastLayer when a gradient is wanted (grad mode on and the input, a state or a
@@ -193,7 +190,7 @@ def _fast_forward(input, h0, c0, weights, geo):
     a checkpoint's recomputation must save the same tensors as its first run, which may have
     been the general path's, before this key was cached."""
     if _library.needs_autograd(input, h0, c0, *weights):
-        if _saved_hooks is None or _saved_hooks(True) is not None:
+        if _f.saved_hooks_active():
             return None
         out = _FastLayer.apply(geo, input, h0, c0, *weights)
         return (out[0], (out[1], out[2])) if geo[1] else out
