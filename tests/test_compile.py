@@ -315,13 +315,14 @@ class LstmLM(torch.nn.Module):
         return TF.log_softmax(self.decoder(out), dim=-1), h, c
 
 
-def _forward_backward(model, inp, seed, run=None):
+def _forward_backward(model, inp, seed, run=None, flatten=None):
     """Output(s) and parameter gradients of one forward+backward of `run` (default: model itself,
-    else its compiled form) from RNG state `seed`."""
+    else its compiled form) from RNG state `seed`; flatten: the output's tensors (default: the
+    output, or the tuple's items)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     out = (model if run is None else run)(inp)
-    outs = out if isinstance(out, tuple) else (out,)
+    outs = flatten(out) if flatten else out if isinstance(out, tuple) else (out,)
     loss = sum((o * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in outs)
     loss.backward()
     return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -413,6 +414,33 @@ def test_compile_lstm_lm_inductor():
     with torch._dynamo.config.patch(allow_rnn=True), \
             torch._inductor.config.patch(fallback_random=True):
         _check_compiled(model, torch.randint(0, 50, (7, 3)), "inductor", reduction=50)
+
+
+def test_compile_recurrent_modules_one_after_another_without_allow_rnn():
+    # The default config (no allow_rnn): dynamo refuses the modules, so their inner functions
+    # (run_layers, run_layer, run_cell) are compiled as frames of their own, and a second module
+    # with another mode, direction count or layer count made those ints dynamic (automatic
+    # dynamic): the custom op's fake then got a symbolic mode and the compile failed. Each
+    # module must match eager, in the order a model with an encoder and a decoder meets them.
+    torch._dynamo.reset()
+    cases = [(fastdl.nn.LSTM, dict()), (fastdl.nn.GRU, dict()), (fastdl.nn.RNN, dict()),
+             (fastdl.nn.RNN, dict(nonlinearity="relu")), (fastdl.nn.LSTM, dict(bidirectional=True)),
+             (fastdl.nn.GRU, dict(num_layers=2, bidirectional=True)),
+             (fastdl.nn.LSTM, dict(num_layers=3))]
+    cases += [(fastdl.nn.LSTMCell, {}), (fastdl.nn.GRUCell, {}), (fastdl.nn.RNNCell, {})]
+    for cls, kw in cases:
+        m = cls(4, 6, **kw)
+        x = rand(5, 3, 4) if "Cell" not in cls.__name__ else rand(3, 4)
+        flat = lambda out: torch.utils._pytree.tree_leaves(out)  # noqa: E731 (LSTM: (y, (h, c)))
+        eager_out, eager_grads = _forward_backward(m, x, seed=1, flatten=flat)
+        out, grads = _forward_backward(m, x, seed=1, run=torch.compile(m, backend="aot_eager"),
+                                       flatten=flat)
+        what = f"{cls.__name__}({kw})"
+        assert len(out) == len(eager_out) > 0
+        for a, b in zip(out, eager_out):
+            assert torch.equal(a, b), f"{what}: compiled output differs from eager"
+        for n, g in eager_grads.items():
+            assert torch.equal(grads[n], g), f"{what}: compiled gradient of {n} differs from eager"
 
 
 @pytest.mark.parametrize("strict", [False, True])  # non-strict (make_fx) and strict (dynamo)

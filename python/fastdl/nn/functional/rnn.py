@@ -15,6 +15,21 @@ from ...ops import rnn as _ops
 from ._half import HALF as _HALF, cpu_half as _cpu_half, float32 as _float32, to_dtype as _to_dtype
 
 LSTM, GRU, TANH, RELU = _ops.LSTM, _ops.GRU, _ops.TANH, _ops.RELU
+_MODES = (TANH, RELU, LSTM, GRU)
+
+
+def _constant(value, choices):
+    """value as the Python int among choices that equals it. torch.compile can hand the
+    functions below a symbolic int for mode, the directions or the layer count: when a graph
+    break puts them in a frame of their own (a recurrent module, which dynamo refuses without
+    torch._dynamo.config.allow_rnn) and a second module calls them with another value, dynamo
+    makes that argument dynamic. They choose code, not sizes, so each comparison here
+    specialises it (a guard), and the custom ops' fake implementations get plain ints (a
+    symbolic mode failed there as an unhashable dict key). Only traced calls use it."""
+    for c in choices:
+        if value == c:
+            return c
+    return value
 # what _half.cpu_half names in a mixed-dtype call: the operands after the input
 _CELL_NAMES = ("hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _LAYER_NAMES = ("hx", "cx", "a parameter")
@@ -348,7 +363,8 @@ def run_cell(mode, x, h, c, weights, *, has_bias):
     if traced:   # torch.compile / export: the custom op over the same kernels (_library)
         training = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h, c, *weights))
-        out = _library.recurrent_cell(mode, x, h, c, list(weights), has_bias, training)
+        out = _library.recurrent_cell(_constant(mode, _MODES), x, h, c, list(weights), has_bias,
+                                      training)
         return (out[0], out[1]) if mode == LSTM else out[0]
     x, h, c = _plain(x), _plain(h), _plain(c)
     w_ih, w_hh = _plain(weights[0]), _plain(weights[1])
@@ -371,8 +387,8 @@ def run_layer(mode, x, h0, c0, weights, *, dirs, has_bias, has_proj, batch_sizes
     if batch_sizes is None and _library.tracing(x):
         training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in (x, h0, c0, *weights))
-        out = _library.recurrent_layer(mode, x, h0, c0, list(weights), dirs, has_bias, has_proj,
-                                       training)
+        out = _library.recurrent_layer(_constant(mode, _MODES), x, h0, c0, list(weights),
+                                       _constant(dirs, (1, 2)), has_bias, has_proj, training)
         return (out[0], out[1], out[2]) if mode == LSTM else (out[0], out[1])
     if _library.needs_autograd(x, h0, c0, *weights):
         return _Layer.apply(mode, batch_sizes, dirs, has_bias, has_proj, x, h0, c0, *weights)
