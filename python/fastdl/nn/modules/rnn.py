@@ -29,14 +29,17 @@ __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 def _torch_computes(module, input, *states) -> bool:
     """Whether torch's own forward must compute this call (fastdl._library.route: a torch.func
-    transform, or a forward-AD tangent on input, states or parameters; or torch.autocast on for
-    the input's device type: torch's autocast casts differently per layer and device, see
-    fastdl.nn.functional._autocast)."""
+    transform, a forward-AD tangent on input, states or parameters, or a meta input; or
+    torch.autocast on for the input's device type: torch's autocast casts differently per layer
+    and device, see fastdl.nn.functional._autocast)."""
     if _library._functorch_level() is None and _library._fwad._current_level < 0:
-        if not _any_autocast():
-            return False   # route cannot say TORCH: skip gathering the parameters (per cell step)
         data = input.data if isinstance(input, PackedSequence) else input
-        return isinstance(data, torch.Tensor) and _autocast_on(data)
+        if not isinstance(data, torch.Tensor):
+            return False   # (fastdl's forward raises the TypeError)
+        if data.is_meta:
+            return True    # torch's forward gives the shapes (route says TORCH for meta too)
+        # route cannot say TORCH now: skip gathering the parameters (per cell step)
+        return _any_autocast() and _autocast_on(data)
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, torch.Tensor):
         return False   # (fastdl's forward raises the TypeError)
