@@ -274,13 +274,50 @@ def test_sparse_grad_raises_and_changes_nothing():
 def test_failing_group_changes_nothing():
     """A later group's bad param stops the whole step before any param moves."""
     good = torch.randn(10, requires_grad=True)
-    bad = torch.randn(3, dtype=torch.complex64, requires_grad=True)   # no complex params
-    good.grad, bad.grad = torch.randn(10), torch.randn(3, dtype=torch.complex64)
+    bad = torch.zeros(3, dtype=torch.complex32, requires_grad=True)   # no complex32 kernels
+    good.grad, bad.grad = torch.randn(10), torch.zeros(3, dtype=torch.complex32)
     before = good.detach().clone()
     opt = fo.Adam([{"params": [good]}, {"params": [bad]}], lr=0.1)
-    with pytest.raises(NotImplementedError, match="complex"):
+    with pytest.raises(NotImplementedError, match="complex32"):
         opt.step()
     assert torch.equal(good.detach(), before)
+
+
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_params_step_as_torch(device, name, kw, dtype):
+    """Complex params step as torch's do (on their real views), their state complex like torch's:
+    one group mixing complex and real params, one of complex params only (its steps after the
+    first take the planned path)."""
+    if device == "cuda" and dtype == torch.complex128:
+        pytest.skip("CUDA optimizer steps take float32, float16 and bfloat16 params")
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    shapes = [(7, 13), (), (1031,)]
+    ps = [torch.randn(s, dtype=d, device=device, requires_grad=True)
+          for s in shapes for d in (dtype, real)] + \
+        [torch.randn(s, dtype=dtype, device=device, requires_grad=True) for s in shapes]
+    ref_ps = clone_params(ps)
+    half = 2 * len(shapes)
+    fast = getattr(fo, name)([{"params": ps[:half]}, {"params": ps[half:]}], **kw)
+    ref = getattr(torch.optim, name)([{"params": ref_ps[:half]}, {"params": ref_ps[half:]}],
+                                     foreach=False, **kw)
+    for _ in range(6):
+        set_grads(ps, ref_ps)
+        fast.step()
+        ref.step()
+    as_real = lambda t: torch.view_as_real(t) if t.is_complex() else t  # noqa: E731
+    for i, (a, b) in enumerate(zip(ps, ref_ps)):
+        assert a.dtype == b.dtype
+        assert_close(as_real(a.detach()), as_real(b.detach()), what=f"param {i}", scale_atol=True)
+        sa, sb = fast.state[a], ref.state[b]
+        assert set(sa) == set(sb)
+        for k in sb:
+            if k == "step":
+                assert float(sa[k]) == float(sb[k])
+                continue
+            assert sa[k].dtype == sb[k].dtype, f"param {i} state[{k}] dtype"
+            assert_close(as_real(sa[k]), as_real(sb[k]), what=f"param {i} state[{k}]",
+                         scale_atol=True)
 
 
 def test_mismatched_state_raises_instead_of_corrupting():

@@ -29,6 +29,10 @@ __all__ = ["SGD", "Adam", "AdamW", "RMSprop"]
 _CODES = {torch.float32: _tensor.FLOAT32, torch.float64: _tensor.FLOAT64,
           torch.float16: _tensor.FLOAT16, torch.bfloat16: _tensor.BFLOAT16}
 _HALF = (torch.float16, torch.bfloat16)
+# Complex parameters step as their real views, as torch's optimizers do (torch.view_as_real on
+# param, grad and state before the update): a complex tensor of n elements is 2n reals to the
+# kernels. Its state stays complex, as torch's.
+_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 _NO_STATE = {}  # read-only stand-in for optimizers that keep no per-param state
@@ -282,8 +286,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 step_t = self._normalize_step(state) if has_step else None
                 verified[id(p)] = (p, state, sts, n, dtype, dev, step_t)
             b = buckets.get((dev, dtype))
-            if b is None:
-                b = buckets[(dev, dtype)] = _Bucket(dev, dtype, nkeys)
+            if b is None:   # (complex params: a bucket of their own, whose plan's flat state
+                # buffers hold one dtype; the kernels see its real dtype)
+                b = buckets[(dev, dtype)] = _Bucket(dev, _COMPLEX.get(dtype, dtype), nkeys)
             if added is not None:
                 self._created.append((b, state, added))
             if not g.is_contiguous():
@@ -300,7 +305,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             b.grads.append(g.data_ptr())
             for lst, x in zip(b.states, sts):
                 lst.append(x.data_ptr())
-            b.numel.append(n)
+            b.numel.append(2 * n if dtype in _COMPLEX else n)
             b.first.append(first)
             if has_step:
                 b.steps.append(state["step"].data_ptr())
@@ -309,9 +314,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _verify(self, p, keys, sts):
         """Full checks of one param and its state tensors (see _gather for when they run)."""
         name = type(self).__name__
-        if torch.is_complex(p):
-            raise NotImplementedError(f"fastdl.optim.{name}: complex parameters are not supported")
-        if p.dtype not in _CODES:
+        if torch.is_complex(p) and p.dtype not in _COMPLEX:
+            raise NotImplementedError(f"fastdl.optim.{name}: {p.dtype} parameters are not "
+                                      "supported (complex64 and complex128 are)")
+        if _COMPLEX.get(p.dtype, p.dtype) not in _CODES:
             raise NotImplementedError(
                 f"fastdl.optim.{name}: {p.dtype} parameters on {p.device.type} are not "
                 "supported (float32/float64/float16/bfloat16 on cpu; float32/float16/bfloat16 "
