@@ -31,6 +31,8 @@ LAYERS = {   # name: (constructor on torch.nn or fastdl.nn, input shape, reducti
     "Conv1d": (lambda m: m.Conv1d(4, 6, 5, padding="same"), (3, 4, 17), 20),
     "ConvTranspose2d": (lambda m: m.ConvTranspose2d(6, 4, 4, stride=2, padding=1), (2, 6, 7, 7),
                         24),
+    "ConvTranspose1d": (lambda m: m.ConvTranspose1d(6, 4, 3, stride=2, output_padding=1),
+                        (2, 6, 9), 12),
 }
 
 

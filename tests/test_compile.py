@@ -125,11 +125,14 @@ def test_paths_equal_max_unpool2d(device, monkeypatch, output_size):
                                                             output_padding=1)),
     (FF.conv_transpose2d, (4, 5, 5), (4, 2, 2, 3), dict(groups=2, dilation=2)),
     (FF.conv1d, (2, 4, 13), (6, 4, 3), dict(stride=2, padding=2)),
+    (FF.conv_transpose1d, (2, 4, 7), (4, 3, 3), dict(stride=3, padding=1, output_padding=2)),
+    (FF.conv_transpose1d, (4, 6), (4, 2, 2), dict(groups=2, dilation=2)),   # unbatched
     (FF.conv2d, (2, 6, 9, 8), (6, 1, 3, 3), dict(padding=1, groups=6)),  # depthwise: one pass
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_paths_equal_conv(monkeypatch, fn, x, w, kwargs, bias):
-    out_ch = w[1] * kwargs.get("groups", 1) if fn is FF.conv_transpose2d else w[0]
+    transposed = fn in (FF.conv_transpose1d, FF.conv_transpose2d)
+    out_ch = w[1] * kwargs.get("groups", 1) if transposed else w[0]
     ins = [rand(*x, dtype=torch.float64), rand(*w, dtype=torch.float64)]
     ins += [rand(out_ch, dtype=torch.float64)] if bias else []
     _same(fn, ins, monkeypatch, **kwargs)

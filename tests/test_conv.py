@@ -1,4 +1,4 @@
-"""Convolution (conv2d, conv1d, conv_transpose2d; fastdl.ops, fastdl.nn.functional, fastdl.nn)
+"""Convolution (conv2d, conv1d, conv_transpose2d, conv_transpose1d; fastdl.ops, fastdl.nn.functional, fastdl.nn)
 against torch: a seeded random sweep of geometries under every algorithm and both CPU builds,
 outputs and every gradient; gradcheck; numpy in/out; every element written; channels_last and
 unbatched inputs; padding modes; state_dict round trips; exception parity."""
@@ -1624,6 +1624,19 @@ def test_conv_transpose2d_output_size():
         ours(x, output_size=(16, 16))
 
 
+def test_conv_transpose1d_output_size():
+    ours, theirs = fnn.ConvTranspose1d(4, 3, 3, stride=3), torch.nn.ConvTranspose1d(4, 3, 3, stride=3)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 6)
+    for size in [(18,), [20], [2, 3, 19]]:
+        assert_close(ours(x, output_size=size), theirs(x, output_size=size), reduction=4 * 3)
+    assert_close(ours(x[0], output_size=[19]), theirs(x[0], output_size=[19]), reduction=4 * 3)
+    for xx, size in ((x, [21]), (x, [2, 19]), (x[0], [1, 3, 19])):
+        for m in (ours, theirs):
+            with pytest.raises(ValueError):
+                m(xx, output_size=size)
+
+
 def _x():
     return torch.randn(2, 4, 8, 8)
 
@@ -1655,6 +1668,16 @@ BAD = [  # (name, word the message must contain, call taking either F module)
     ("conv1d zero stride", "conv1d", lambda F: F.conv1d(torch.randn(2, 4, 8), torch.randn(6, 4, 3), stride=0)),
     ("conv1d channel mismatch", "conv1d", lambda F: F.conv1d(torch.randn(2, 4, 8), torch.randn(6, 3, 3))),
     ("transpose padding string", "padding", lambda F: F.conv_transpose2d(_x(), torch.randn(4, 3, 3, 3), padding="same")),
+    ("transpose1d ndim", "conv_transpose1d", lambda F: F.conv_transpose1d(_x(), torch.randn(4, 3, 3))),
+    ("transpose1d weight ndim", "weight", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3, 3))),
+    ("transpose1d padding string", "padding", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), padding="same")),
+    ("transpose1d output_padding", "output padding", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), stride=2, output_padding=2)),
+    ("transpose1d groups", "groups", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), groups=3)),
+    ("transpose1d channel mismatch", "weight", lambda F: F.conv_transpose1d(torch.randn(2, 5, 8), torch.randn(4, 3, 3))),
+    ("transpose1d zero stride", "stride", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), stride=0)),
+    ("transpose1d negative padding", "padding", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), padding=-1)),
+    ("transpose1d stride length", "stride", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), stride=(1, 1))),
+    ("transpose1d dtype", "weight", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8).double(), torch.randn(4, 3, 3))),
 ]
 
 
@@ -1793,7 +1816,8 @@ def test_conv2d_cuda_weight_grad_deterministic(cuda_device):
 @pytest.mark.parametrize("cls,args,kw,xshape", [
     ("Conv2d", (4, 6, 3), dict(stride=2, padding=1), (2, 4, 9, 7)),
     ("Conv1d", (3, 4, 5), dict(padding="same", dilation=2), (2, 3, 11)),
-    ("ConvTranspose2d", (4, 3, 4), dict(stride=2, padding=1), (2, 4, 5, 6))])
+    ("ConvTranspose2d", (4, 3, 4), dict(stride=2, padding=1), (2, 4, 5, 6)),
+    ("ConvTranspose1d", (4, 3, 4), dict(stride=2, padding=1, output_padding=1), (2, 4, 9))])
 def test_conv_modules_cuda(cuda_device, cls, args, kw, xshape):
     """fastdl.nn modules on CUDA with torch's weights: outputs and every gradient."""
     ref = getattr(torch.nn, cls)(*args, **kw).to(cuda_device)

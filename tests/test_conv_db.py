@@ -1,7 +1,8 @@
 """PyTorch's own test databases for convolution run against fastdl: every OpInfo sample input of
-nn.functional.conv1d / conv2d / conv_transpose2d (outputs and every gradient), every OpInfo error
-input (same exception class), and every ModuleInfo constructor/forward input of nn.Conv1d, Conv2d
-and ConvTranspose2d (repr, outputs and gradients with torch's parameters loaded)."""
+nn.functional.conv1d / conv2d / conv_transpose1d / conv_transpose2d (outputs and every gradient),
+every OpInfo error input (same exception class), and every ModuleInfo constructor/forward input of
+nn.Conv1d, Conv2d, ConvTranspose1d and ConvTranspose2d (repr, outputs and gradients with torch's
+parameters loaded)."""
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from helpers import assert_close, assert_close_or_better
 pytest.importorskip("expecttest", reason="torch.testing._internal needs the expecttest package")
 
 OPS = {"nn.functional.conv1d": F.conv1d, "nn.functional.conv2d": F.conv2d,
+       "nn.functional.conv_transpose1d": F.conv_transpose1d,
        "nn.functional.conv_transpose2d": F.conv_transpose2d}
 DTYPES = [torch.float32, torch.float64]
 
@@ -63,7 +65,7 @@ def test_torch_op_db_samples(cpu_path, name, dtype):
         ya = OPS[name](ca[0], *rebuild(ca), **kwargs)
         yb = op.op(cb[0], *rebuild(cb), **kwargs)
         y64 = op.op(c64[0], *rebuild(c64), **kwargs)
-        reds = _reductions(name.endswith("transpose2d"), cb[0], args[0], yb)
+        reds = _reductions("transpose" in name, cb[0], args[0], yb)
         assert ya.shape == yb.shape, what
 
         def compare(a, b, ref, red, label):
@@ -104,7 +106,7 @@ def test_torch_op_db_errors(name):
     assert n > 0
 
 
-@pytest.mark.parametrize("cls", ["Conv1d", "Conv2d", "ConvTranspose2d"])
+@pytest.mark.parametrize("cls", ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_module_db(cls, dtype):
     from torch.testing._internal.common_modules import module_db
@@ -128,7 +130,7 @@ def test_torch_module_db(cls, dtype):
         ya = ours(xa, *mi.forward_input.args[1:], **mi.forward_input.kwargs)
         yb = theirs(xb, *mi.forward_input.args[1:], **mi.forward_input.kwargs)
         what = f"{cls}{c.args}{c.kwargs} on {tuple(x.shape)}"
-        reds = _reductions(cls == "ConvTranspose2d", xb, theirs.weight, yb)
+        reds = _reductions(cls.startswith("ConvTranspose"), xb, theirs.weight, yb)
         assert_close(ya, yb, reduction=reds[0], what=what)
         g = torch.randn_like(yb)
         ya.backward(g)

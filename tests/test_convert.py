@@ -266,6 +266,7 @@ LAYERS = [
     (lambda: nn.Conv2d(3, 4, (3, 1), padding="same", padding_mode="circular"),
      lambda: (rand(1, 3, 6, 5),)),
     (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1), lambda: (rand(2, 3, 5, 4),)),
+    (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, dilation=2, groups=1), lambda: (rand(2, 3, 7),)),
     (lambda: nn.MaxPool2d(3, 2, 1, ceil_mode=True), lambda: (rand(2, 3, 9, 8),)),
     (lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False), lambda: (rand(2, 3, 9, 8),)),
     (lambda: nn.AdaptiveMaxPool2d((3, None)), lambda: (rand(2, 3, 9, 8),)),
@@ -308,13 +309,13 @@ def test_conv_transpose_output_size_and_max_unpool_after_conversion():
 def test_converted_layers_are_still_instances_of_torchs_classes():
     # isinstance-based code (init loops, fuse_conv_bn_eval, FSDP wrap policies) keeps seeing them
     model = nn.Sequential(nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1),
-                          nn.Linear(2, 2), nn.MaxPool2d(2), nn.LSTM(2, 2), nn.GRUCell(2, 2))
+                          nn.ConvTranspose1d(2, 2, 1), nn.Linear(2, 2), nn.MaxPool2d(2), nn.LSTM(2, 2), nn.GRUCell(2, 2))
     fast, report = fastdl.nn.convert(model)
     assert len(report.replaced) == len(model)
     for ours, theirs in zip(fast, model):
         assert type(ours).__module__.startswith("fastdl.") and isinstance(ours, type(theirs))
     assert hasattr(fast[1], "_conv_forward")
-    for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d):
+    for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d):
         assert issubclass(getattr(fastdl.nn, cls.__name__), cls)
 
 

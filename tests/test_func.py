@@ -74,6 +74,8 @@ FAMILIES = {
                                                   dilation=2), (1, 4, 7, 5)),
     "conv_transpose2d": (lambda lib: lib.ConvTranspose2d(3, 2, 3, stride=2, padding=1,
                                                          output_padding=1), (2, 3, 4, 5)),
+    "conv_transpose1d": (lambda lib: lib.ConvTranspose1d(3, 2, 3, stride=2, padding=1,
+                                                         output_padding=1), (2, 3, 6)),
     "max_pool2d": (lambda lib: _conv_then(lib, lib.MaxPool2d(3, stride=2, padding=1,
                                                              ceil_mode=True)), (2, 2, 7, 9)),
     "avg_pool2d": (lambda lib: _conv_then(lib, lib.AvgPool2d(3, stride=2, padding=1,

@@ -16,6 +16,7 @@ MODULES = {
     "Conv2d": ((3, 4, 3), dict(padding=1, stride=2), (2, 3, 9, 8)),
     "Conv2d reflect": ((3, 4, 3), dict(padding=1, padding_mode="reflect"), (2, 3, 8, 8)),
     "ConvTranspose2d": ((3, 4, 3), dict(stride=2, output_padding=1), (2, 3, 5, 6)),
+    "ConvTranspose1d": ((3, 4, 3), dict(stride=2, dilation=2), (2, 3, 5)),
     "MaxPool2d": ((2,), dict(return_indices=True), (2, 3, 8, 7)),
     "AvgPool2d": ((3, 2), dict(ceil_mode=True), (2, 3, 8, 8)),
     "AdaptiveAvgPool2d": ((3,), {}, (2, 3, 8, 8)),

@@ -1,5 +1,6 @@
-"""fastdl.patch(): route torch.nn.functional's linear, conv1d, conv2d, conv_transpose2d,
-max_pool2d, avg_pool2d, adaptive_avg_pool2d, adaptive_max_pool2d and max_unpool2d to fastdl.
+"""fastdl.patch(): route torch.nn.functional's linear, conv1d, conv2d, conv_transpose1d,
+conv_transpose2d, max_pool2d, avg_pool2d, adaptive_avg_pool2d, adaptive_max_pool2d and
+max_unpool2d to fastdl.
 
 Each name in torch.nn.functional is replaced by a small router. Per call it asks, cheaply (plain
 dense tensors of one device and dtype that fastdl serves, fastdl._support; not inside torch.compile
@@ -73,6 +74,7 @@ _ROUTES = {
     "linear": ("linear", _input_weight_bias),
     "conv1d": ("conv", _input_weight_bias),
     "conv2d": ("conv", _input_weight_bias),
+    "conv_transpose1d": ("conv", _input_weight_bias),
     "conv_transpose2d": ("conv", _input_weight_bias),
     "max_pool2d": ("pool", _input),
     "avg_pool2d": ("pool", _input),
@@ -235,8 +237,8 @@ class Patch:
 
 
 def patch(strict: bool = False) -> Patch:
-    """Routes torch.nn.functional's linear, conv1d/conv2d/conv_transpose2d and 2-D pooling
-    functions to fastdl (torch where fastdl does not serve a call); a context manager, or a plain
+    """Routes torch.nn.functional's linear, conv1d/conv2d/conv_transpose1d/conv_transpose2d and
+    2-D pooling functions to fastdl (torch where fastdl does not serve a call); a context manager, or a plain
     call whose handle's undo() restores torch's exact objects. strict=True raises fastdl's error
     where it would have fallen back after fastdl rejected a call (while any strict patch is
     active: nested patches share one set of routes). No torch counterpart.

@@ -40,6 +40,7 @@ _LAYERS = {
     torch.nn.Linear: ("Linear", "linear"),
     torch.nn.Conv1d: ("Conv1d", "conv"),
     torch.nn.Conv2d: ("Conv2d", "conv"),
+    torch.nn.ConvTranspose1d: ("ConvTranspose1d", "conv"),
     torch.nn.ConvTranspose2d: ("ConvTranspose2d", "conv"),
     torch.nn.MaxPool2d: ("MaxPool2d", "pool"),
     torch.nn.AvgPool2d: ("AvgPool2d", "pool"),
@@ -170,7 +171,7 @@ def _subclass_reason(module):
 
 
 def convert(model: torch.nn.Module, inplace: bool = False):
-    """Replaces every torch layer fastdl implements (Linear, Conv1d/2d, ConvTranspose2d, the 2-D
+    """Replaces every torch layer fastdl implements (Linear, Conv1d/2d, ConvTranspose1d/2d, the 2-D
     pools, RNN/LSTM/GRU and their cells) with fastdl's, sharing its Parameter objects, buffers,
     hooks, mode, device and dtype; leaves every other layer alone. inplace=False converts a copy
     of the module tree whose Parameters and buffers are the original's own objects: the original

@@ -510,9 +510,9 @@ def _add_bias(y, b):
 
 
 def conv_transpose2d_prepare(input, weight, bias=None, stride=1, padding=0, output_padding=0,
-                             groups=1, dilation=1):
-    return _transpose_geometry("conv_transpose2d", input, weight, bias, stride, padding,
-                               output_padding, groups, dilation)
+                             groups=1, dilation=1, *, fn="conv_transpose2d"):
+    return _transpose_geometry(fn, input, weight, bias, stride, padding, output_padding, groups,
+                               dilation)
 
 
 def conv_transpose2d_run(geo, input, weight, bias):

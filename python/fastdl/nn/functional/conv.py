@@ -1,7 +1,7 @@
-"""torch.nn.functional's convolutions (conv1d, conv2d, conv_transpose2d) with torch's signatures
-and autograd, computed by fastdl's convolution kernels through fastdl.ops.conv (one path: the
-autograd Functions call the same validated ops functions a numpy user calls). conv1d runs on the
-2-D kernels with a height of 1. Under a torch.func transform (vmap, grad, jacrev, jvp) or with a
+"""torch.nn.functional's convolutions (conv1d, conv2d, conv_transpose1d, conv_transpose2d) with
+torch's signatures and autograd, computed by fastdl's convolution kernels through fastdl.ops.conv
+(one path: the autograd Functions call the same validated ops functions a numpy user calls).
+conv1d and conv_transpose1d run on the 2-D kernels with a height of 1. Under a torch.func transform (vmap, grad, jacrev, jvp) or with a
 forward-AD tangent on an argument, the torch.nn.functional function of the same name computes the
 call, on the same arguments (fastdl's kernels have no vmap or jvp rules). Under torch.autocast the
 operands are cast to its dtype first, as torch does (_autocast.py).
@@ -18,7 +18,7 @@ from ...ops import conv as _ops
 from ._autocast import any_autocast as _any_autocast, autocast_call as _autocast_call
 from ._half import HALF as _HALF, cpu_half as _cpu_half, float32 as _float32, to_dtype as _to_dtype
 
-__all__ = ["conv1d", "conv2d", "conv_transpose2d"]
+__all__ = ["conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"]
 
 
 def _check_torch(fn, name, x, pos):
@@ -204,14 +204,20 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
                     output_padding, groups, dilation)
     if r is None:
         return out
+    return _conv_transpose2d("conv_transpose2d", r, input, weight, bias, stride, padding,
+                             output_padding, groups, dilation)
+
+
+def _conv_transpose2d(fn, r, input, weight, bias, stride, padding, output_padding, groups,
+                      dilation):
+    """conv_transpose2d by route r (not TORCH); fn names the caller in errors."""
+    if isinstance(padding, str):
+        raise TypeError(f"{fn}(): argument 'padding' must be tuple of ints, not str")
     if r == _TRACED:
-        if isinstance(padding, str):
-            raise TypeError("conv_transpose2d: argument 'padding' must be tuple of ints, not str")
-        s, p, _, op, d = _library.conv_args("conv_transpose2d", stride, padding, dilation,
-                                            output_padding)
+        s, p, _, op, d = _library.conv_args(fn, stride, padding, dilation, output_padding)
         return _library.convolution(input, weight, bias, True, s, p, "", op, d, groups)
     geo = _ops.conv_transpose2d_prepare(input, weight, bias, stride, padding, output_padding,
-                                        groups, dilation)
+                                        groups, dilation, fn=fn)
     if r == _GRAPH:
         return _ConvTranspose2dFn.apply(input, weight, bias, geo)
     return _ops.conv_transpose2d_run(geo, input, weight, bias)
@@ -243,4 +249,31 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     p2 = p if isinstance(p, str) else (0, p)
     y = _conv2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d),
                 groups)
+    return y.squeeze(-2)
+
+
+def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """torch.nn.functional.conv_transpose1d on (N, C, L) or (C, L), run as conv_transpose2d with a
+    height of 1 (the input-gradient kernels of conv1d).
+
+    >>> y = F.conv_transpose1d(torch.randn(4, 16, 50), torch.randn(16, 8, 4), stride=2, padding=1)
+    """
+    fn = "conv_transpose1d"
+    out, r = _front(fn, conv_transpose1d, input, weight, bias, stride, padding, output_padding,
+                    groups, dilation)
+    if r is None:
+        return out
+    if input.dim() not in (2, 3):
+        raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to "
+                           f"conv_transpose1d, but got input of size: {list(input.shape)}")
+    if weight.dim() != 3:
+        raise RuntimeError(f"{fn}: expected weight with 3 dims (in_channels, "
+                           f"out_channels/groups, kW), got shape {tuple(weight.shape)}")
+    if isinstance(padding, str):
+        raise TypeError(f"{fn}(): argument 'padding' must be tuple of ints, not str")
+    s, p = _single(fn, "stride", stride), _single(fn, "padding", padding)
+    op, d = _single(fn, "output_padding", output_padding), _single(fn, "dilation", dilation)
+    y = _conv_transpose2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), (0, p),
+                          (0, op), groups, (1, d))
     return y.squeeze(-2)

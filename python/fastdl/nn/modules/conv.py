@@ -1,4 +1,4 @@
-"""torch.nn.Conv1d, Conv2d and ConvTranspose2d backed by fastdl's convolution kernels: torch's
+"""torch.nn.Conv1d, Conv2d, ConvTranspose1d and ConvTranspose2d backed by fastdl's convolution kernels: torch's
 constructors and argument checks, initialisation, attribute and parameter names (weight, bias),
 repr and state_dict layout, so state dicts load across the two libraries both ways.
 padding_mode 'reflect'/'replicate'/'circular' pads with torch.nn.functional.pad, then convolves
@@ -19,7 +19,7 @@ from ... import _library
 from ..functional import _autocast, _half
 from ..functional import conv as F
 
-__all__ = ["Conv1d", "Conv2d", "ConvTranspose2d"]
+__all__ = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d"]
 
 _PADDING_STRINGS = {"same", "valid"}
 _PADDING_MODES = {"zeros", "reflect", "replicate", "circular"}
@@ -173,7 +173,33 @@ class Conv1d(_ConvNd, nn.Conv1d):
                         self.groups)
 
 
-class ConvTranspose2d(_ConvNd, nn.ConvTranspose2d):
+class _Transposed:
+    """output_size -> output_padding for the transposed modules, as torch's _output_padding: the
+    last `dims` sizes of output_size must lie in [lo, lo + stride - 1] per dim."""
+
+    def _output_padding_of(self, input, output_size):  # (torch's _output_padding differs)
+        if output_size is None:
+            return self.output_padding
+        dims = len(self.kernel_size)
+        size = list(output_size)
+        if len(size) not in (dims, input.dim()):  # the spatial sizes, or the whole output shape
+            raise ValueError(f"{type(self).__name__}: for {input.dim()}D input, output_size must "
+                             f"have {dims} or {input.dim()} elements (got {len(size)})")
+        size = size[-dims:]
+        out = []
+        for d in range(dims):
+            n = input.size(d + input.dim() - dims)
+            lo = ((n - 1) * self.stride[d] - 2 * self.padding[d]
+                  + self.dilation[d] * (self.kernel_size[d] - 1) + 1)
+            hi = lo + self.stride[d] - 1
+            if not lo <= size[d] <= hi:
+                raise ValueError(f"requested an output size of {size}, but valid sizes range from "
+                                 f"{lo} to {hi} (for an input of {list(input.shape[-dims:])})")
+            out.append(size[d] - lo)
+        return tuple(out)
+
+
+class ConvTranspose2d(_Transposed, _ConvNd, nn.ConvTranspose2d):
     """torch.nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride=1, padding=0,
     output_padding=0, groups=1, bias=True, dilation=1, padding_mode='zeros', device=None,
     dtype=None); forward(input, output_size=None) as torch's.
@@ -191,27 +217,32 @@ class ConvTranspose2d(_ConvNd, nn.ConvTranspose2d):
         super().__init__(2, in_channels, out_channels, kernel_size, stride, padding, dilation,
                          True, output_padding, groups, bias, padding_mode, device, dtype)
 
-    def _output_padding_of(self, input, output_size):  # (torch's _output_padding differs)
-        if output_size is None:
-            return self.output_padding
-        size = list(output_size)
-        if len(size) not in (2, input.dim()):  # (H, W), or the whole output shape
-            raise ValueError(f"ConvTranspose2d: for {input.dim()}D input, output_size must have "
-                             f"2 or {input.dim()} elements (got {len(size)})")
-        size = size[-2:]
-        out = []
-        for d in range(2):
-            n = input.size(d + input.dim() - 2)
-            lo = ((n - 1) * self.stride[d] - 2 * self.padding[d]
-                  + self.dilation[d] * (self.kernel_size[d] - 1) + 1)
-            hi = lo + self.stride[d] - 1
-            if not lo <= size[d] <= hi:
-                raise ValueError(f"requested an output size of {size}, but valid sizes range from "
-                                 f"{lo} to {hi} (for an input of {list(input.shape[-2:])})")
-            out.append(size[d] - lo)
-        return tuple(out)
-
     def forward(self, input, output_size=None):
         op = self._output_padding_of(input, output_size)
         return F.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, op,
+                                  self.groups, self.dilation)
+
+
+class ConvTranspose1d(_Transposed, _ConvNd, nn.ConvTranspose1d):
+    """torch.nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=1, padding=0,
+    output_padding=0, groups=1, bias=True, dilation=1, padding_mode='zeros', device=None,
+    dtype=None); forward(input, output_size=None) as torch's. Runs on the 2-D kernels with a
+    height of 1.
+
+    >>> up = fastdl.nn.ConvTranspose1d(32, 16, 4, stride=2, padding=1)
+    >>> up(torch.randn(8, 32, 100)).shape     # (8, 16, 200)
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                 device=None, dtype=None):
+        if padding_mode != "zeros":
+            raise ValueError(f'Only "zeros" padding mode is supported for '
+                             f"{self.__class__.__name__}")
+        super().__init__(1, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         True, output_padding, groups, bias, padding_mode, device, dtype)
+
+    def forward(self, input, output_size=None):
+        op = self._output_padding_of(input, output_size)
+        return F.conv_transpose1d(input, self.weight, self.bias, self.stride, self.padding, op,
                                   self.groups, self.dilation)
