@@ -312,7 +312,8 @@ def smoke_rnn_cell_backward():
     _close_all(ops.rnn_cell_backward(gh, x, h0, w[0], w[1], ws, nonlinearity="relu"), grads)
 
 
-_SHAPES = {"linear": (6, 7), "conv1d": (2, 3, 11)}   # input shapes; default (2, 3, 9, 11)
+# input shapes; default (2, 3, 9, 11)
+_SHAPES = {"linear": (6, 7), "conv1d": (2, 3, 11), "conv_transpose1d": (2, 3, 11)}
 
 
 def _functional(name, *args, **kw):
@@ -332,8 +333,9 @@ def smoke_functional_max_unpool2d():
     close(F.max_unpool2d(y, idx, 2), TF.max_unpool2d(y, idx, 2))
 
 
-_MODULE_INPUTS = {"Linear": (6, 7), "Conv1d": (2, 3, 11), "RNN": (4, 2, 3), "LSTM": (4, 2, 3),
-                  "GRU": (4, 2, 3), "RNNCell": (2, 3), "LSTMCell": (2, 3), "GRUCell": (2, 3)}
+_MODULE_INPUTS = {"Linear": (6, 7), "Conv1d": (2, 3, 11), "ConvTranspose1d": (2, 3, 11),
+                  "RNN": (4, 2, 3), "LSTM": (4, 2, 3), "GRU": (4, 2, 3), "RNNCell": (2, 3),
+                  "LSTMCell": (2, 3), "GRUCell": (2, 3)}
 
 
 def _flat(out):
@@ -387,6 +389,8 @@ SMOKE.update({
                                         stride=2, padding=1),
     "nn.functional.conv_transpose2d": _functional("conv_transpose2d", torch.randn(3, 4, 3, 3),
                                                   torch.randn(4), stride=2, padding=1),
+    "nn.functional.conv_transpose1d": _functional("conv_transpose1d", torch.randn(3, 4, 3),
+                                                  torch.randn(4), stride=2, padding=1),
     "nn.Linear": _module("Linear", 7, 5),
     "nn.MaxPool2d": _module("MaxPool2d", 3, 2, 1),
     "nn.AvgPool2d": _module("AvgPool2d", 3, 2, 1),
@@ -396,6 +400,7 @@ SMOKE.update({
     "nn.Conv1d": _module("Conv1d", 3, 4, 3, padding=1),
     "nn.Conv2d": _module("Conv2d", 3, 4, 3, stride=2, padding=1),
     "nn.ConvTranspose2d": _module("ConvTranspose2d", 3, 4, 3, stride=2, padding=1),
+    "nn.ConvTranspose1d": _module("ConvTranspose1d", 3, 4, 3, stride=2, padding=1),
     "nn.RNN": _module("RNN", 3, 5, 2),
     "nn.LSTM": _module("LSTM", 3, 5, bidirectional=True),
     "nn.GRU": _module("GRU", 3, 5),

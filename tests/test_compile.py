@@ -446,6 +446,28 @@ def test_compile_recurrent_modules_one_after_another_without_allow_rnn():
             assert torch.equal(grads[n], g), f"{what}: compiled gradient of {n} differs from eager"
 
 
+_SCRIPT_CASES = {"Linear": (3, 2), "Conv1d": (3, 4, 3), "Conv2d": (3, 4, 3),
+                 "ConvTranspose1d": (3, 4, 3), "ConvTranspose2d": (3, 4, 3), "MaxPool2d": (2,),
+                 "AvgPool2d": (2,), "AdaptiveMaxPool2d": (2,), "AdaptiveAvgPool2d": (2,),
+                 "MaxUnpool2d": (2,), "RNN": (3, 4), "LSTM": (3, 4), "GRU": (3, 4),
+                 "RNNCell": (3, 4), "LSTMCell": (3, 4), "GRUCell": (3, 4)}
+
+
+def test_script_cases_cover_every_module():
+    assert set(_SCRIPT_CASES) == set(fastdl.nn.modules.__all__)
+
+
+@pytest.mark.parametrize("name", list(_SCRIPT_CASES))
+def test_jit_script_raises_naming_the_module(name):
+    # TorchScript cannot compile fastdl's Python forwards: a RuntimeError that names the module
+    # and what works instead, raised before anything in the user's model is touched
+    layer = getattr(fastdl.nn, name)(*_SCRIPT_CASES[name])
+    model = torch.nn.Sequential(torch.nn.Identity(), layer)
+    with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile fastdl.nn.{name}:"):
+        torch.jit.script(model)
+    assert model[1] is layer
+
+
 @pytest.mark.parametrize("strict", [False, True])  # non-strict (make_fx) and strict (dynamo)
 def test_export_mnist_net(strict):
     _check_export(MnistNet(), rand(2, 1, 28, 28), strict)

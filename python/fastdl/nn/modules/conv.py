@@ -18,6 +18,7 @@ from torch.nn import init
 from ... import _library
 from ..functional import _autocast, _half
 from ..functional import conv as F
+from ._script import NotScriptable
 
 __all__ = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d"]
 
@@ -51,7 +52,7 @@ def _tuple(value, n):
     return (value,) * n
 
 
-class _ConvNd(nn.Module):
+class _ConvNd(NotScriptable, nn.Module):
     """Shared constructor, parameters and repr of the convolution modules (torch's _ConvNd).
     Each module also subclasses its torch class (isinstance(m, torch.nn.Conv2d) holds, and
     torch's methods such as _conv_forward are there); this constructor sets every attribute

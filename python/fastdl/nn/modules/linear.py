@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from ..functional.linear import linear
+from ._script import NotScriptable
 
 __all__ = ["Linear"]
 
 
-class Linear(nn.Linear):
+class Linear(NotScriptable, nn.Linear):
     """y = x @ weight.T + bias, like torch.nn.Linear(in_features, out_features, bias=True,
     device=None, dtype=None): weight (out_features, in_features), bias (out_features,). A
     subclass of torch.nn.Linear (its constructor, initialisation, repr and state_dict), so

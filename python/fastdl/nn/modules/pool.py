@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
+from ._script import NotScriptable
 
 __all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d", "MaxUnpool2d"]
 
 
-class MaxPool2d(torch.nn.MaxPool2d):
+class MaxPool2d(NotScriptable, torch.nn.MaxPool2d):
     """torch.nn.MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
     ceil_mode=False) computed by fastdl.
 
@@ -26,7 +27,7 @@ class MaxPool2d(torch.nn.MaxPool2d):
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
 
 
-class AvgPool2d(torch.nn.AvgPool2d):
+class AvgPool2d(NotScriptable, torch.nn.AvgPool2d):
     """torch.nn.AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode=False,
     count_include_pad=True, divisor_override=None) computed by fastdl.
 
@@ -38,7 +39,7 @@ class AvgPool2d(torch.nn.AvgPool2d):
                             self.count_include_pad, self.divisor_override)
 
 
-class AdaptiveMaxPool2d(torch.nn.AdaptiveMaxPool2d):
+class AdaptiveMaxPool2d(NotScriptable, torch.nn.AdaptiveMaxPool2d):
     """torch.nn.AdaptiveMaxPool2d(output_size, return_indices=False) computed by fastdl.
 
     >>> y = fastdl.nn.AdaptiveMaxPool2d((5, None))(x)
@@ -48,7 +49,7 @@ class AdaptiveMaxPool2d(torch.nn.AdaptiveMaxPool2d):
         return F.adaptive_max_pool2d(input, self.output_size, self.return_indices)
 
 
-class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
+class AdaptiveAvgPool2d(NotScriptable, torch.nn.AdaptiveAvgPool2d):
     """torch.nn.AdaptiveAvgPool2d(output_size) computed by fastdl.
 
     >>> y = fastdl.nn.AdaptiveAvgPool2d(1)(x)        # global average pooling
@@ -58,7 +59,7 @@ class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
         return F.adaptive_avg_pool2d(input, self.output_size)
 
 
-class MaxUnpool2d(torch.nn.MaxUnpool2d):
+class MaxUnpool2d(NotScriptable, torch.nn.MaxUnpool2d):
     """torch.nn.MaxUnpool2d(kernel_size, stride=None, padding=0) computed by fastdl.
 
     >>> x2 = fastdl.nn.MaxUnpool2d(2)(y, idx)

@@ -23,6 +23,7 @@ from ...ops import rnn as _ops_rnn
 from ..functional import rnn as _f
 from ..functional._autocast import any_autocast as _any_autocast, autocast_on as _autocast_on
 from ..functional.pool import _eager
+from ._script import NotScriptable
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -275,7 +276,7 @@ class _FastLayer(torch.autograd.Function):
         return (None, dx, dh0 if needs[2] else None, dc0 if needs[3] else None, *dw)
 
 
-class _RecurrentMixin:
+class _RecurrentMixin(NotScriptable):
     """forward() shared by RNN, LSTM and GRU: torch's RNNBase.forward structure (unbatched input,
     PackedSequence with sorted/unsorted indices, default zero states, batch_first) around
     fastdl.nn.functional.rnn.run_layers; plain one-layer calls take the fast path above."""
@@ -558,7 +559,7 @@ def _lstm_cell_pair(input, hx):
     return hx[0], hx[1]
 
 
-class RNNCell(nn.RNNCell):
+class RNNCell(NotScriptable, nn.RNNCell):
     """torch.nn.RNNCell(input_size, hidden_size, bias=True, nonlinearity='tanh', device=None,
     dtype=None) on fastdl's kernels.
 
@@ -574,7 +575,7 @@ class RNNCell(nn.RNNCell):
         return _cell(self, _f.TANH if self.nonlinearity == "tanh" else _f.RELU, input, hx, None)
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(NotScriptable, nn.LSTMCell):
     """torch.nn.LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None) on fastdl's
     kernels.
 
@@ -592,7 +593,7 @@ class LSTMCell(nn.LSTMCell):
         return _cell(self, _f.LSTM, input, hx[0], hx[1])
 
 
-class GRUCell(nn.GRUCell):
+class GRUCell(NotScriptable, nn.GRUCell):
     """torch.nn.GRUCell(input_size, hidden_size, bias=True, device=None, dtype=None) on fastdl's
     kernels.
 
