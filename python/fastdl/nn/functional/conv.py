@@ -229,6 +229,16 @@ def _single(fn, name, value):
     return _ops._pair(fn, name, value, dims=1)[0]
 
 
+def _check_1d(fn, input, weight, weight_dims):
+    """The ranks a 1-D convolution takes, before it runs as a 2-D one of height 1."""
+    if input.dim() not in (2, 3):
+        raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to {fn}, but "
+                           f"got input of size: {list(input.shape)}")
+    if weight.dim() != 3:
+        raise RuntimeError(f"{fn}: expected weight with 3 dims ({weight_dims}), got shape "
+                           f"{tuple(weight.shape)}")
+
+
 def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv1d on (N, C, L) or (C, L), run as conv2d with a height of 1.
 
@@ -238,12 +248,7 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     out, r = _front(fn, conv1d, input, weight, bias, stride, padding, dilation, groups)
     if r is None:
         return out
-    if input.dim() not in (2, 3):
-        raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to conv1d, but "
-                           f"got input of size: {list(input.shape)}")
-    if weight.dim() != 3:
-        raise RuntimeError(f"{fn}: expected weight with 3 dims (out_channels, "
-                           f"in_channels/groups, kW), got shape {tuple(weight.shape)}")
+    _check_1d(fn, input, weight, "out_channels, in_channels/groups, kW")
     s, d = _single(fn, "stride", stride), _single(fn, "dilation", dilation)
     p = _single(fn, "padding", padding)
     p2 = p if isinstance(p, str) else (0, p)
@@ -264,12 +269,7 @@ def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_paddi
                     groups, dilation)
     if r is None:
         return out
-    if input.dim() not in (2, 3):
-        raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to "
-                           f"conv_transpose1d, but got input of size: {list(input.shape)}")
-    if weight.dim() != 3:
-        raise RuntimeError(f"{fn}: expected weight with 3 dims (in_channels, "
-                           f"out_channels/groups, kW), got shape {tuple(weight.shape)}")
+    _check_1d(fn, input, weight, "in_channels, out_channels/groups, kW")
     if isinstance(padding, str):
         raise TypeError(f"{fn}(): argument 'padding' must be tuple of ints, not str")
     s, p = _single(fn, "stride", stride), _single(fn, "padding", padding)

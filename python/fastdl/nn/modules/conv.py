@@ -175,13 +175,32 @@ class Conv1d(_ConvNd, nn.Conv1d):
 
 
 class _Transposed:
-    """output_size -> output_padding for the transposed modules, as torch's _output_padding: the
-    last `dims` sizes of output_size must lie in [lo, lo + stride - 1] per dim."""
+    """Constructor, forward(input, output_size=None) and torch's output_size rule for the
+    transposed modules; each sets _dims and _conv (its functional form)."""
+
+    _dims = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
+                 device=None, dtype=None):
+        if padding_mode != "zeros":
+            raise ValueError(f'Only "zeros" padding mode is supported for '
+                             f"{self.__class__.__name__}")
+        super().__init__(self._dims, in_channels, out_channels, kernel_size, stride, padding,
+                         dilation, True, output_padding, groups, bias, padding_mode, device,
+                         dtype)
+
+    def forward(self, input, output_size=None):
+        op = self._output_padding_of(input, output_size)
+        return type(self)._conv(input, self.weight, self.bias, self.stride, self.padding, op,
+                                self.groups, self.dilation)
 
     def _output_padding_of(self, input, output_size):  # (torch's _output_padding differs)
+        """output_size -> output_padding, as torch's _output_padding: the last _dims sizes of
+        output_size must lie in [lo, lo + stride - 1] per dim."""
         if output_size is None:
             return self.output_padding
-        dims = len(self.kernel_size)
+        dims = self._dims
         size = list(output_size)
         if len(size) not in (dims, input.dim()):  # the spatial sizes, or the whole output shape
             raise ValueError(f"{type(self).__name__}: for {input.dim()}D input, output_size must "
@@ -209,19 +228,7 @@ class ConvTranspose2d(_Transposed, _ConvNd, nn.ConvTranspose2d):
     >>> up(torch.randn(16, 64, 28, 28)).shape     # (16, 32, 56, 56)
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 device=None, dtype=None):
-        if padding_mode != "zeros":
-            raise ValueError(f'Only "zeros" padding mode is supported for '
-                             f"{self.__class__.__name__}")
-        super().__init__(2, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         True, output_padding, groups, bias, padding_mode, device, dtype)
-
-    def forward(self, input, output_size=None):
-        op = self._output_padding_of(input, output_size)
-        return F.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, op,
-                                  self.groups, self.dilation)
+    _dims, _conv = 2, F.conv_transpose2d
 
 
 class ConvTranspose1d(_Transposed, _ConvNd, nn.ConvTranspose1d):
@@ -234,16 +241,4 @@ class ConvTranspose1d(_Transposed, _ConvNd, nn.ConvTranspose1d):
     >>> up(torch.randn(8, 32, 100)).shape     # (8, 16, 200)
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 output_padding=0, groups=1, bias=True, dilation=1, padding_mode="zeros",
-                 device=None, dtype=None):
-        if padding_mode != "zeros":
-            raise ValueError(f'Only "zeros" padding mode is supported for '
-                             f"{self.__class__.__name__}")
-        super().__init__(1, in_channels, out_channels, kernel_size, stride, padding, dilation,
-                         True, output_padding, groups, bias, padding_mode, device, dtype)
-
-    def forward(self, input, output_size=None):
-        op = self._output_padding_of(input, output_size)
-        return F.conv_transpose1d(input, self.weight, self.bias, self.stride, self.padding, op,
-                                  self.groups, self.dilation)
+    _dims, _conv = 1, F.conv_transpose1d
