@@ -405,14 +405,38 @@ def test_mode_buffers_state_dict_and_dtype_kept():
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in sd.items())
 
 
-def test_model_on_another_device_is_left_alone_with_the_reason():
-    model = _zoo.MnistNet().to("meta")
+def test_model_on_another_device_is_left_alone_with_the_reason(monkeypatch):
+    # (no other device than meta exists on a CPU-only torch: the device table stands in)
+    from fastdl import _support
+    model = _zoo.MnistNet()
+    monkeypatch.setattr(_support, "_DTYPES", {k: {d: t for d, t in v.items() if d != "cpu"}
+                                              for k, v in _support._DTYPES.items()})
     fast, report = fastdl.nn.convert(model)
     assert report.replaced == []
     reasons = {n: why for n, _, why in report.left}
-    assert reasons["conv1"] == "fastdl has no kernels for meta tensors"
-    assert reasons["fc1"] == "fastdl has no kernels for meta tensors"
-    assert "conv1" in str(report) and "meta" in str(report)
+    assert reasons["conv1"] == "fastdl has no kernels for cpu tensors"
+    assert reasons["fc1"] == "fastdl has no kernels for cpu tensors"
+    assert "conv1" in str(report) and "cpu" in str(report)
+
+
+def test_meta_model_converts_for_deferred_initialisation():
+    # build on meta, convert, run on meta (torch's forward gives the shapes), then to_empty()
+    # and load weights: fastdl's layers compute, as torch's model does
+    with torch.device("meta"):
+        model = _zoo.MnistNet()
+    fast, report = fastdl.nn.convert(model)
+    assert [why for _, _, why in report.left] == ["fastdl has no Dropout"] * 2
+    assert {n for n, _, _ in report.replaced} >= {"conv1", "conv2", "fc1", "fc2"}
+    y = fast(torch.empty(2, 1, 28, 28, device="meta"))
+    assert y.is_meta and y.shape == (2, 10)
+    ref = _zoo.MnistNet().eval()
+    fast = fast.to_empty(device="cpu").eval()
+    fast.load_state_dict(ref.state_dict())
+    x = rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert_close(fast(x), ref(x), reduction=9216)
+    for name, _, _ in report.replaced:
+        assert type(fast.get_submodule(name)).__module__ == "fastdl.nn._convert", name
 
 
 @pytest.mark.cuda   # so benchmarks/gpu_check.sh's -m cuda stage runs it on a GPU

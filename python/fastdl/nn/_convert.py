@@ -142,18 +142,27 @@ def _model_place(model):
     return torch.device("cpu"), torch.get_default_dtype()
 
 
+def _where_why_not(family, dev, dt):
+    """_support.why_not, except that a layer on the meta device is converted: a model built there
+    for deferred initialisation gets fastdl's layers once to_empty() moves it (each call decides
+    per call: meta calls run torch's forward, which gives the shapes)."""
+    if dev.type == "meta":
+        return None
+    return _support.why_not(family, dev, dt)
+
+
 def _why_not(module, family, default_place):
     """None when fastdl serves this (exact-type) layer where it lives, else why not."""
     params = [p for p in module.parameters(recurse=False)]
     if not params:
         dev, dt = default_place
-        return _support.why_not(family, dev, dt)
+        return _where_why_not(family, dev, dt)
     dev, dt = params[0].device, params[0].dtype
     if any(p.device != dev or p.dtype != dt for p in params):
         return "parameters on mixed devices or dtypes"
     if any(type(p) is not torch.nn.Parameter for p in params):
         return "a parameter is a tensor subclass (not a plain torch.nn.Parameter)"
-    why = _support.why_not(family, dev, dt)
+    why = _where_why_not(family, dev, dt)
     if why and dev.type == "cuda" and "no CUDA" in why:
         return f"{type(module).__name__} on {dev}: {why}"
     return why
