@@ -1676,6 +1676,9 @@ BAD = [  # (name, word the message must contain, call taking either F module)
     ("transpose1d channel mismatch", "weight", lambda F: F.conv_transpose1d(torch.randn(2, 5, 8), torch.randn(4, 3, 3))),
     ("transpose1d zero stride", "stride", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), stride=0)),
     ("transpose1d negative padding", "padding", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), padding=-1)),
+    ("transpose1d padding string and ndim", "padding", lambda F: F.conv_transpose1d(_x(), torch.randn(4, 3, 3), padding="same")),
+    ("transpose1d float stride and ndim", "stride", lambda F: F.conv_transpose1d(_x(), torch.randn(4, 3, 3), stride=2.0)),
+    ("conv1d float stride and ndim", "stride", lambda F: F.conv1d(_x(), torch.randn(4, 4, 3), stride=2.0)),
     ("transpose1d stride length", "stride", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), stride=(1, 1))),
     ("transpose1d dtype", "weight", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8).double(), torch.randn(4, 3, 3))),
 ]

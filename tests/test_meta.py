@@ -2,7 +2,9 @@
 through every fastdl.nn module: as torch's own modules, each gives the output torch's would
 (shape, dtype, device, every output of a tuple) and a backward that reaches the input and every
 parameter, computed by torch's meta kernels (fastdl's kernels cannot read meta memory; they
-raised RuntimeError before). Mixed meta / CPU operands raise as torch does."""
+raised RuntimeError before). A meta input with CPU parameters goes to torch's op too, which
+raises. (A CPU input with a meta weight or bias raises RuntimeError in fastdl's checks; torch's
+convolutions return a CPU tensor there.)"""
 import pytest
 import torch
 
@@ -65,7 +67,7 @@ def test_functions_on_meta_as_torch():
         assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device)
 
 
-def test_meta_input_with_cpu_parameters_raises_as_torch():
+def test_meta_input_with_cpu_parameters_goes_to_torch_and_raises():
     x = torch.empty(2, 3, device="meta")
     for ours, theirs in [(fnn.Linear(3, 4), torch.nn.Linear(3, 4)),
                          (fnn.LSTMCell(3, 4), torch.nn.LSTMCell(3, 4))]:

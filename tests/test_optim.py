@@ -320,6 +320,47 @@ def test_complex_params_step_as_torch(device, name, kw, dtype):
                          scale_atol=True)
 
 
+@pytest.mark.parametrize("name,kw", CONFIGS, ids=IDS)
+def test_complex_conjugated_grads_are_resolved(name, kw):
+    """Autograd leaves a conjugate view as the grad of a complex param reached through p.conj();
+    its memory holds the unconjugated values. Each step (the first, checked, and the planned ones
+    after) must use the resolved gradient: torch's SGD does, its Adam / RMSprop raise."""
+    torch.manual_seed(5)
+    p = torch.randn(7, 5, dtype=torch.complex64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    fast = getattr(fo, name)([p], **kw)
+    ref = getattr(torch.optim, name)([q], foreach=False, **kw)
+    for i in range(5):
+        p.grad = None
+        if i < 2:   # plain grads first: the group's plan is recorded, then must notice the flag
+            p.grad = torch.randn(7, 5, dtype=torch.complex64)
+        else:
+            (p.conj() * torch.randn(7, 5, dtype=torch.complex64)).real.sum().backward()
+            assert p.grad.is_conj()
+        q.grad = p.grad.resolve_conj().clone()
+        fast.step()
+        ref.step()
+    assert_close(torch.view_as_real(p.detach()), torch.view_as_real(q.detach()), what=name,
+                 scale_atol=True)
+
+
+def test_conjugate_param_or_state_raises():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64).conj())
+    p.grad = torch.randn(3, dtype=torch.complex64)
+    if p.is_conj():
+        with pytest.raises(RuntimeError, match="conjugate"):
+            fo.SGD([p], lr=0.1).step()
+    q = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    q.grad = torch.randn(3, dtype=torch.complex64)
+    opt = fo.Adam([q])
+    opt.step()
+    opt.state[q]["exp_avg"] = opt.state[q]["exp_avg"].conj()
+    before = q.detach().clone()
+    with pytest.raises(RuntimeError, match="conjugate"):
+        opt.step()
+    assert torch.equal(q.detach(), before)
+
+
 def test_mismatched_state_raises_instead_of_corrupting():
     p = torch.randn(6, requires_grad=True)
     p.grad = torch.randn(6)

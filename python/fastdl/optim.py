@@ -112,7 +112,7 @@ class _Plan:
     training loop: 240 us per gather re-reading every pointer, 110 us with owned buffers."""
     __slots__ = ("group", "params_obj", "n", "keys", "state_obj", "params", "states", "tensors",
                  "steps", "param_ptrs", "numel", "dev", "dtype", "has_step", "flats",
-                 "flat_ptrs", "state_ptrs", "step_ptrs", "first")
+                 "flat_ptrs", "state_ptrs", "step_ptrs", "first", "complex")
 
     @classmethod
     def record(cls, group, keys, state_all, buckets, has_step):
@@ -145,6 +145,7 @@ class _Plan:
         plan.flat_ptrs = [f.data_ptr() for f in plan.flats]
         plan.param_ptrs = list(b.params)
         plan.numel, plan.dev, plan.dtype = list(b.numel), b.device, b.dtype
+        plan.complex = params[0].is_complex()   # (a bucket holds one param dtype)
         plan.first = [0] * len(params)   # a planned step is never a first step
         return plan
 
@@ -161,6 +162,8 @@ class _Plan:
             if False in [g.is_contiguous() for g in grads] or \
                     [p.data_ptr() for p in self.params] != self.param_ptrs:
                 return None
+            if self.complex and True in [g.is_conj() or g.is_neg() for g in grads]:
+                return None   # (the checked path resolves them)
             for k, ts in zip(keys, self.tensors):
                 if not all(map(operator.is_, [st[k] for st in self.states], ts)):
                     return None
@@ -291,11 +294,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 b = buckets[(dev, dtype)] = _Bucket(dev, _COMPLEX.get(dtype, dtype), nkeys)
             if added is not None:
                 self._created.append((b, state, added))
-            if not g.is_contiguous():
+            if not g.is_contiguous() or g.is_conj() or g.is_neg():
                 if g.is_sparse:
                     raise RuntimeError(f"fastdl.optim.{type(self).__name__} does not support "
                                        "sparse gradients")
-                g = g.contiguous()
+                # (a conjugate or negative view's memory holds the values before the flag:
+                # autograd leaves such a grad on a complex param reached through p.conj())
+                g = g.resolve_conj().resolve_neg().contiguous()
                 b.keep.append(g)
             if not p.is_contiguous():   # state is contiguous (_verify): only p needs a copy
                 pc = p.contiguous()
@@ -317,6 +322,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if torch.is_complex(p) and p.dtype not in _COMPLEX:
             raise NotImplementedError(f"fastdl.optim.{name}: {p.dtype} parameters are not "
                                       "supported (complex64 and complex128 are)")
+        if p.is_conj() or p.is_neg():
+            raise RuntimeError(f"fastdl.optim.{name}: a parameter of shape {tuple(p.shape)} is a "
+                               "conjugate or negative view (its memory does not hold its values); "
+                               "resolve_conj() / resolve_neg() it first")
         if _COMPLEX.get(p.dtype, p.dtype) not in _CODES:
             raise NotImplementedError(
                 f"fastdl.optim.{name}: {p.dtype} parameters on {p.device.type} are not "
@@ -330,13 +339,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         want = self._state_dtype(p)
         for k, x in zip(keys, sts):
             if not isinstance(x, torch.Tensor) or x.shape != p.shape or x.device != p.device \
-                    or x.dtype != want or not x.is_contiguous() or x.is_sparse:
+                    or x.dtype != want or not x.is_contiguous() or x.is_sparse or x.is_conj() \
+                    or x.is_neg():
                 got = (f"a tensor of shape {tuple(x.shape)} ({x.dtype}, {x.device})"
                        if isinstance(x, torch.Tensor) else type(x).__name__)
                 raise RuntimeError(
                     f"fastdl.optim.{name}: expected state['{k}'] of a parameter of shape "
                     f"{tuple(p.shape)} to be a contiguous {want} tensor of that shape on "
-                    f"{p.device}, got {got}")
+                    f"{p.device} (not a conjugate or negative view), got {got}")
 
     def _missing_state(self, p, group, state, key):
         raise RuntimeError(f"fastdl.optim.{type(self).__name__}: state['{key}'] is missing for a "

@@ -248,9 +248,9 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     out, r = _front(fn, conv1d, input, weight, bias, stride, padding, dilation, groups)
     if r is None:
         return out
-    _check_1d(fn, input, weight, "out_channels, in_channels/groups, kW")
     s, d = _single(fn, "stride", stride), _single(fn, "dilation", dilation)
     p = _single(fn, "padding", padding)
+    _check_1d(fn, input, weight, "out_channels, in_channels/groups, kW")   # (after the types)
     p2 = p if isinstance(p, str) else (0, p)
     y = _conv2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d),
                 groups)
@@ -269,11 +269,11 @@ def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_paddi
                     groups, dilation)
     if r is None:
         return out
-    _check_1d(fn, input, weight, "in_channels, out_channels/groups, kW")
     if isinstance(padding, str):
         raise TypeError(f"{fn}(): argument 'padding' must be tuple of ints, not str")
     s, p = _single(fn, "stride", stride), _single(fn, "padding", padding)
     op, d = _single(fn, "output_padding", output_padding), _single(fn, "dilation", dilation)
+    _check_1d(fn, input, weight, "in_channels, out_channels/groups, kW")   # (after the types)
     y = _conv_transpose2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), (0, p),
                           (0, op), groups, (1, d))
     return y.squeeze(-2)

@@ -20,7 +20,8 @@ _MODES = (TANH, RELU, LSTM, GRU)
 
 def _constant(value, choices):
     """value as the Python int among choices that equals it. torch.compile can hand the
-    functions below a symbolic int for mode, the directions or the layer count: when a graph
+    functions below a symbolic int for mode or the directions (the layer count too, which
+    range() specialises by itself): when a graph
     break puts them in a frame of their own (a recurrent module, which dynamo refuses without
     torch._dynamo.config.allow_rnn) and a second module calls them with another value, dynamo
     makes that argument dynamic. They choose code, not sizes, so each comparison here
