@@ -1679,6 +1679,10 @@ BAD = [  # (name, word the message must contain, call taking either F module)
     ("transpose1d padding string and ndim", "padding", lambda F: F.conv_transpose1d(_x(), torch.randn(4, 3, 3), padding="same")),
     ("transpose1d float stride and ndim", "stride", lambda F: F.conv_transpose1d(_x(), torch.randn(4, 3, 3), stride=2.0)),
     ("conv1d float stride and ndim", "stride", lambda F: F.conv1d(_x(), torch.randn(4, 4, 3), stride=2.0)),
+    ("conv1d float groups and ndim", "groups", lambda F: F.conv1d(_x(), torch.randn(4, 4, 3), groups=1.5)),
+    ("conv1d str stride and ndim", "stride", lambda F: F.conv1d(_x(), torch.randn(4, 4, 3), stride="2")),
+    ("transpose1d float groups and ndim", "groups", lambda F: F.conv_transpose1d(_x(), torch.randn(4, 3, 3), groups=1.5)),
+    ("transpose1d str dilation and ndim", "dilation", lambda F: F.conv_transpose1d(_x(), torch.randn(4, 3, 3), dilation="1")),
     ("transpose1d stride length", "stride", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8), torch.randn(4, 3, 3), stride=(1, 1))),
     ("transpose1d dtype", "weight", lambda F: F.conv_transpose1d(torch.randn(2, 4, 8).double(), torch.randn(4, 3, 3))),
 ]

@@ -4,6 +4,8 @@ and patched outputs and every gradient equal torch's, three fastdl.optim steps e
 torch.optim steps, check reports every replaced layer; plus tied weights, other devices,
 unsupported options, hooks, patch's undo, nesting, fallbacks and recursion guard."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -433,10 +435,22 @@ def test_meta_model_converts_for_deferred_initialisation():
     fast = fast.to_empty(device="cpu").eval()
     fast.load_state_dict(ref.state_dict())
     x = rand(2, 1, 28, 28)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), reduction=9216)
+    ran = []   # the forwards that ran: fastdl.nn's (fastdl/nn/modules) or torch's
+    sys.setprofile(lambda frame, event, arg: ran.append(frame.f_code.co_filename) if (
+        event == "call" and frame.f_code.co_name == "forward") else None)
+    try:
+        with torch.no_grad():
+            y = fast(x)
+    finally:
+        sys.setprofile(None)
+    assert_close(y, ref(x), reduction=9216)
+    ours = [f for f in ran if os.path.join("fastdl", "nn", "modules") in f]
+    assert len(ours) == 4, ran   # conv1, conv2, fc1, fc2 (the pools are F.max_pool2d calls)
     for name, _, _ in report.replaced:
         assert type(fast.get_submodule(name)).__module__ == "fastdl.nn._convert", name
+    with torch.device("meta"):   # a dtype fastdl has no kernels for stays torch's, with why
+        _, report = fastdl.nn.convert(nn.Linear(2, 2, dtype=torch.complex64))
+    assert report.replaced == [] and "judged as on the cpu" in report.left[0][2]
 
 
 @pytest.mark.cuda   # so benchmarks/gpu_check.sh's -m cuda stage runs it on a GPU

@@ -4,7 +4,7 @@ through every fastdl.nn module: as torch's own modules, each gives the output to
 parameter, computed by torch's meta kernels (fastdl's kernels cannot read meta memory; they
 raised RuntimeError before). A meta input with CPU parameters goes to torch's op too, which
 raises. (A CPU input with a meta weight or bias raises RuntimeError in fastdl's checks; torch's
-convolutions return a CPU tensor there.)"""
+linear and convolutions return a CPU tensor there.)"""
 import pytest
 import torch
 

@@ -361,6 +361,82 @@ def test_conjugate_param_or_state_raises():
     assert torch.equal(q.detach(), before)
 
 
+@pytest.mark.parametrize("name,kw", CONFIGS[::3], ids=IDS[::3])
+def test_negative_view_grad_of_a_real_param_on_the_planned_path(name, kw):
+    """Autograd leaves a contiguous negative view (memory holding -grad) as the grad of a real
+    param reached through torch.complex(0, p).conj(); it must be resolved on planned steps too."""
+    def neg_grad(t):
+        w = torch.full(t.shape, 1.0 + 2.0j, dtype=torch.complex64)
+        (torch.complex(torch.zeros_like(t), t).conj() * w).real.sum().backward()
+    p = torch.ones(1, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    fast, ref = getattr(fo, name)([p], **kw), getattr(torch.optim, name)([q], **kw)
+    for i in range(4):
+        p.grad = q.grad = None
+        if i < 2:   # plain grads: the plan is recorded
+            p.grad, q.grad = torch.full((1,), 0.5), torch.full((1,), 0.5)
+        else:
+            neg_grad(p)
+            neg_grad(q)
+            assert p.grad.is_neg() and p.grad.is_contiguous()
+        fast.step()
+        ref.step()
+    assert_close(p.detach(), q.detach(), what=name, scale_atol=True)
+
+
+@pytest.mark.parametrize("how", ["clear", "empty dict", "del"])
+def test_planned_step_notices_a_replaced_state_dict(how):
+    torch.manual_seed(2)
+    p = torch.randn(4, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    fast, ref = fo.Adam([p], lr=0.1), torch.optim.Adam([q], lr=0.1)
+    for i in range(5):
+        g = torch.randn(4)
+        p.grad, q.grad = g, g.clone()
+        if i == 3:
+            for o, t in ((fast, p), (ref, q)):
+                if how == "clear":
+                    o.state.clear()
+                elif how == "empty dict":
+                    o.state[t] = {}
+                else:
+                    del o.state[t]
+        fast.step()
+        ref.step()
+    assert float(fast.state[p]["step"]) == float(ref.state[q]["step"]) == 2
+    assert_close(p.detach(), q.detach(), what=how, scale_atol=True)
+
+
+def test_failed_first_step_leaves_no_state():
+    """A param refused after its state was created (a conjugate view) leaves no state behind:
+    SGD's momentum buffer is torch.empty memory until its first step fills it."""
+    c = torch.nn.Parameter(torch.randn(64, dtype=torch.complex64).conj())
+    g = torch.randn(64, dtype=torch.complex64)
+    c.grad = g.clone()
+    opt = fo.SGD([c], lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match="conjugate"):
+        opt.step()
+    assert "momentum_buffer" not in opt.state[c]
+    c.data = c.data.resolve_conj()
+    ref = torch.nn.Parameter(c.detach().clone())
+    ref.grad = g.clone()
+    opt.step()
+    torch.optim.SGD([ref], lr=0.1, momentum=0.9).step()
+    assert_close(torch.view_as_real(c.detach()), torch.view_as_real(ref.detach()), what="sgd")
+
+
+def test_param_turned_conjugate_after_its_first_steps_raises():
+    p = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    opt = fo.Adam([p])
+    for _ in range(2):
+        p.grad = torch.randn(3, dtype=torch.complex64)
+        opt.step()
+    p.data = p.data.conj()   # same memory, the flag set
+    p.grad = torch.randn(3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="conjugate"):
+        opt.step()
+
+
 def test_mismatched_state_raises_instead_of_corrupting():
     p = torch.randn(6, requires_grad=True)
     p.grad = torch.randn(6)

@@ -159,11 +159,17 @@ class _Plan:
         try:
             grads = [p.grad for p in self.params]
             gptrs = [g.data_ptr() for g in grads]        # AttributeError: a grad is None
-            if False in [g.is_contiguous() for g in grads] or \
+            # (a negative or conjugate view's memory holds the values before the flag: the checked
+            # path resolves such a grad and refuses such a param)
+            if False in [g.is_contiguous() and not g.is_neg() for g in grads] or \
                     [p.data_ptr() for p in self.params] != self.param_ptrs:
                 return None
-            if self.complex and True in [g.is_conj() or g.is_neg() for g in grads]:
-                return None   # (the checked path resolves them)
+            if self.complex and True in [g.is_conj() or p.is_conj()
+                                         for g, p in zip(grads, self.params)]:
+                return None
+            if self.states and not all(map(operator.is_, [state_all.get(p) for p in self.params],
+                                           self.states)):
+                return None   # (a state dict replaced or cleared: the checked path starts anew)
             for k, ts in zip(keys, self.tensors):
                 if not all(map(operator.is_, [st[k] for st in self.states], ts)):
                     return None
@@ -268,7 +274,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             v = verified.get(id(p))
             ok = (v is not None and v[0] is p and v[1] is state and v[3] == n and v[4] is dtype
                   and v[5] == dev and len(v[2]) == nkeys
-                  and (not has_step or state.get("step") is v[6]))
+                  and (not has_step or state.get("step") is v[6])
+                  and not p.is_conj() and not p.is_neg())
             if ok:
                 sts = v[2]
                 for k, x in zip(keys, sts):
@@ -282,6 +289,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     before = set(state)
                     self._init_state(p, group, state)
                     added = [k for k in state if k not in before]
+                    # recorded now, so a check below that raises undoes it too (step())
+                    self._created.append((None, state, added))
                     first = 1
                 sts = tuple(state[k] if k in state else self._missing_state(p, group, state, k)
                             for k in keys)
@@ -293,7 +302,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 # buffers hold one dtype; the kernels see its real dtype)
                 b = buckets[(dev, dtype)] = _Bucket(dev, _COMPLEX.get(dtype, dtype), nkeys)
             if added is not None:
-                self._created.append((b, state, added))
+                self._created[-1] = (b, state, added)
             if not g.is_contiguous() or g.is_conj() or g.is_neg():
                 if g.is_sparse:
                     raise RuntimeError(f"fastdl.optim.{type(self).__name__} does not support "

@@ -143,11 +143,13 @@ def _model_place(model):
 
 
 def _where_why_not(family, dev, dt):
-    """_support.why_not, except that a layer on the meta device is converted: a model built there
-    for deferred initialisation gets fastdl's layers once to_empty() moves it (each call decides
-    per call: meta calls run torch's forward, which gives the shapes)."""
+    """_support.why_not, except that a layer on the meta device is judged by its dtype on the CPU:
+    a model built there for deferred initialisation gets fastdl's layers, which compute once
+    to_empty() moves them to a device and dtype fastdl serves (each call decides: meta calls, and
+    calls fastdl does not serve, run torch's forward)."""
     if dev.type == "meta":
-        return None
+        why = _support.why_not(family, torch.device("cpu"), dt)
+        return None if why is None else f"{why} (a meta layer is judged as on the cpu)"
     return _support.why_not(family, dev, dt)
 
 

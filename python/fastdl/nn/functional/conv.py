@@ -11,6 +11,8 @@ operands are cast to its dtype first, as torch does (_autocast.py).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ... import _library, _tensor
@@ -224,13 +226,18 @@ def _conv_transpose2d(fn, r, input, weight, bias, stride, padding, output_paddin
 
 
 def _single(fn, name, value):
-    if isinstance(value, str):
+    if isinstance(value, str) and name == "padding":   # ('same' / 'valid'; anything else raises)
         return value
     return _ops._pair(fn, name, value, dims=1)[0]
 
 
-def _check_1d(fn, input, weight, weight_dims):
-    """The ranks a 1-D convolution takes, before it runs as a 2-D one of height 1."""
+def _check_1d(fn, input, weight, weight_dims, groups):
+    """A 1-D convolution's groups type and ranks (after its other arguments' types, as torch's
+    argument parser), before it runs as a 2-D one of height 1."""
+    try:
+        operator.index(groups)
+    except TypeError:
+        raise TypeError(f"{fn}: groups must be an int, got {type(groups).__name__}") from None
     if input.dim() not in (2, 3):
         raise RuntimeError(f"{fn}: expected 2D (unbatched) or 3D (batched) input to {fn}, but "
                            f"got input of size: {list(input.shape)}")
@@ -250,7 +257,7 @@ def conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return out
     s, d = _single(fn, "stride", stride), _single(fn, "dilation", dilation)
     p = _single(fn, "padding", padding)
-    _check_1d(fn, input, weight, "out_channels, in_channels/groups, kW")   # (after the types)
+    _check_1d(fn, input, weight, "out_channels, in_channels/groups, kW", groups)
     p2 = p if isinstance(p, str) else (0, p)
     y = _conv2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), p2, (1, d),
                 groups)
@@ -273,7 +280,7 @@ def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_paddi
         raise TypeError(f"{fn}(): argument 'padding' must be tuple of ints, not str")
     s, p = _single(fn, "stride", stride), _single(fn, "padding", padding)
     op, d = _single(fn, "output_padding", output_padding), _single(fn, "dilation", dilation)
-    _check_1d(fn, input, weight, "in_channels, out_channels/groups, kW")   # (after the types)
+    _check_1d(fn, input, weight, "in_channels, out_channels/groups, kW", groups)
     y = _conv_transpose2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), (0, p),
                           (0, op), groups, (1, d))
     return y.squeeze(-2)
