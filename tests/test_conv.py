@@ -1,4 +1,4 @@
-"""Convolution (conv2d, conv1d, conv_transpose2d, conv_transpose1d; fastdl.ops, fastdl.nn.functional, fastdl.nn)
+"""Convolution (conv2d, conv1d, conv_transpose2d / 1d; fastdl.ops, fastdl.nn.functional, fastdl.nn)
 against torch: a seeded random sweep of geometries under every algorithm and both CPU builds,
 outputs and every gradient; gradcheck; numpy in/out; every element written; channels_last and
 unbatched inputs; padding modes; state_dict round trips; exception parity."""

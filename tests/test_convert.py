@@ -311,7 +311,8 @@ def test_conv_transpose_output_size_and_max_unpool_after_conversion():
 def test_converted_layers_are_still_instances_of_torchs_classes():
     # isinstance-based code (init loops, fuse_conv_bn_eval, FSDP wrap policies) keeps seeing them
     model = nn.Sequential(nn.Conv1d(2, 2, 1), nn.Conv2d(2, 2, 1), nn.ConvTranspose2d(2, 2, 1),
-                          nn.ConvTranspose1d(2, 2, 1), nn.Linear(2, 2), nn.MaxPool2d(2), nn.LSTM(2, 2), nn.GRUCell(2, 2))
+                          nn.ConvTranspose1d(2, 2, 1), nn.Linear(2, 2), nn.MaxPool2d(2),
+                          nn.LSTM(2, 2), nn.GRUCell(2, 2))
     fast, report = fastdl.nn.convert(model)
     assert len(report.replaced) == len(model)
     for ours, theirs in zip(fast, model):

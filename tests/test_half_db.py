@@ -17,7 +17,8 @@ HALF = [torch.float16, torch.bfloat16]
 # results one rounding apart, with room for the two float32 results to round to neighbours
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 OPS = ["nn.functional.linear", "nn.functional.conv1d", "nn.functional.conv2d",
-       "nn.functional.conv_transpose1d", "nn.functional.conv_transpose2d", "nn.functional.max_pool2d", "nn.functional.avg_pool2d",
+       "nn.functional.conv_transpose1d", "nn.functional.conv_transpose2d",
+       "nn.functional.max_pool2d", "nn.functional.avg_pool2d",
        "nn.functional.adaptive_max_pool2d", "nn.functional.adaptive_avg_pool2d",
        "nn.functional.max_unpool2d"]
 
@@ -96,8 +97,8 @@ def test_op_db_samples_in_half(name, dtype):
     assert n > 0
 
 
-MODULES = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell",
-           "GRUCell"]
+MODULES = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "RNN", "LSTM", "GRU",
+           "RNNCell", "LSTMCell", "GRUCell"]
 
 
 def _tensors(x):

@@ -238,8 +238,8 @@ class Patch:
 
 def patch(strict: bool = False) -> Patch:
     """Routes torch.nn.functional's linear, conv1d/conv2d/conv_transpose1d/conv_transpose2d and
-    2-D pooling functions to fastdl (torch where fastdl does not serve a call); a context manager, or a plain
-    call whose handle's undo() restores torch's exact objects. strict=True raises fastdl's error
+    2-D pooling functions to fastdl (torch where fastdl does not serve a call); a context
+    manager, or a plain call whose handle's undo() restores torch's exact objects. strict=True raises fastdl's error
     where it would have fallen back after fastdl rejected a call (while any strict patch is
     active: nested patches share one set of routes). No torch counterpart.
 

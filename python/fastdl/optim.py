@@ -36,6 +36,8 @@ _COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 _NO_STATE = {}  # read-only stand-in for optimizers that keep no per-param state
+# (unbound, for map() over a list of grads: ~20% less per tensor than a comprehension's calls)
+_is_contiguous, _is_neg = torch.Tensor.is_contiguous, torch.Tensor.is_neg
 
 
 def _cuda_compiled() -> bool:
@@ -161,22 +163,23 @@ class _Plan:
             gptrs = [g.data_ptr() for g in grads]        # AttributeError: a grad is None
             # (a negative or conjugate view's memory holds the values before the flag: the checked
             # path resolves such a grad and refuses such a param)
-            if False in [g.is_contiguous() and not g.is_neg() for g in grads] or \
+            if False in map(_is_contiguous, grads) or True in map(_is_neg, grads) or \
                     [p.data_ptr() for p in self.params] != self.param_ptrs:
                 return None
             if self.complex and True in [g.is_conj() or p.is_conj()
                                          for g, p in zip(grads, self.params)]:
                 return None
-            if self.states and not all(map(operator.is_, [state_all.get(p) for p in self.params],
-                                           self.states)):
-                return None   # (a state dict replaced or cleared: the checked path starts anew)
+            # the state dicts as they are now (one replaced or cleared holds other tensors, or
+            # none: the checked path starts it anew)
+            states = list(map(state_all.get, self.params)) if self.states else []
             for k, ts in zip(keys, self.tensors):
-                if not all(map(operator.is_, [st[k] for st in self.states], ts)):
+                if not all(map(operator.is_, [st[k] for st in states], ts)):
                     return None
-            if self.has_step and not all(map(operator.is_, [st["step"] for st in self.states],
+            if self.has_step and not all(map(operator.is_, [st["step"] for st in states],
                                              self.steps)):
                 return None
-        except (AttributeError, KeyError, RuntimeError):   # None or sparse grad, missing state
+        except (AttributeError, KeyError, RuntimeError, TypeError):   # None or sparse grad,
+            # missing state (TypeError: no state dict for a param, None)
             return None
         b = _Bucket(self.dev, self.dtype, len(keys))
         b.params, b.grads, b.numel = self.param_ptrs, gptrs, self.numel

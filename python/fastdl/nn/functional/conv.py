@@ -1,9 +1,9 @@
 """torch.nn.functional's convolutions (conv1d, conv2d, conv_transpose1d, conv_transpose2d) with
 torch's signatures and autograd, computed by fastdl's convolution kernels through fastdl.ops.conv
 (one path: the autograd Functions call the same validated ops functions a numpy user calls).
-conv1d and conv_transpose1d run on the 2-D kernels with a height of 1. Under a torch.func transform (vmap, grad, jacrev, jvp) or with a
-forward-AD tangent on an argument, the torch.nn.functional function of the same name computes the
-call, on the same arguments (fastdl's kernels have no vmap or jvp rules). Under torch.autocast the
+conv1d and conv_transpose1d run on the 2-D kernels with a height of 1. Under a torch.func
+transform (vmap, grad, jacrev, jvp) or with a forward-AD tangent on an argument, the
+torch.nn.functional function of the same name computes the call, on the same arguments (fastdl's kernels have no vmap or jvp rules). Under torch.autocast the
 operands are cast to its dtype first, as torch does (_autocast.py).
 
 >>> import fastdl.nn.functional as F
@@ -276,9 +276,8 @@ def conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_paddi
                     groups, dilation)
     if r is None:
         return out
-    if isinstance(padding, str):
-        raise TypeError(f"{fn}(): argument 'padding' must be tuple of ints, not str")
-    s, p = _single(fn, "stride", stride), _single(fn, "padding", padding)
+    s = _single(fn, "stride", stride)
+    p = _ops._pair(fn, "padding", padding, dims=1)[0]   # (no 'same' / 'valid' here: TypeError)
     op, d = _single(fn, "output_padding", output_padding), _single(fn, "dilation", dilation)
     _check_1d(fn, input, weight, "in_channels, out_channels/groups, kW", groups)
     y = _conv_transpose2d(fn, r, input.unsqueeze(-2), weight.unsqueeze(-2), bias, (1, s), (0, p),

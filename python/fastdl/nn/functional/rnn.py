@@ -21,16 +21,18 @@ _MODES = (TANH, RELU, LSTM, GRU)
 def _constant(value, choices):
     """value as the Python int among choices that equals it. torch.compile can hand the
     functions below a symbolic int for mode or the directions (the layer count too, which
-    range() specialises by itself): when a graph
-    break puts them in a frame of their own (a recurrent module, which dynamo refuses without
-    torch._dynamo.config.allow_rnn) and a second module calls them with another value, dynamo
-    makes that argument dynamic. They choose code, not sizes, so each comparison here
-    specialises it (a guard), and the custom ops' fake implementations get plain ints (a
-    symbolic mode failed there as an unhashable dict key). Only traced calls use it."""
+    range() specialises by itself): when a graph break puts them in a frame of their own (a
+    recurrent module, which dynamo refuses without torch._dynamo.config.allow_rnn) and a second
+    module calls them with another value, dynamo makes that argument dynamic. They choose code,
+    not sizes, so each comparison here specialises it (a guard), and the custom ops' fake
+    implementations get plain ints (a symbolic mode failed there as an unhashable dict key).
+    Only traced calls use it."""
     for c in choices:
         if value == c:
             return c
     return value
+
+
 # what _half.cpu_half names in a mixed-dtype call: the operands after the input
 _CELL_NAMES = ("hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _LAYER_NAMES = ("hx", "cx", "a parameter")

@@ -6,6 +6,6 @@ from .pool import (AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, MaxPool2d,  
                    MaxUnpool2d)
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: F401
 
-__all__ = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Linear", "MaxPool2d", "AvgPool2d",
-           "AdaptiveMaxPool2d", "AdaptiveAvgPool2d", "MaxUnpool2d", "RNN", "LSTM", "GRU", "RNNCell",
+__all__ = ["Conv1d", "Conv2d", "ConvTranspose1d", "ConvTranspose2d", "Linear", "MaxPool2d",
+           "AvgPool2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d", "MaxUnpool2d", "RNN", "LSTM", "GRU", "RNNCell",
            "LSTMCell", "GRUCell"]

@@ -1,5 +1,5 @@
-"""torch.nn.Conv1d, Conv2d, ConvTranspose1d and ConvTranspose2d backed by fastdl's convolution kernels: torch's
-constructors and argument checks, initialisation, attribute and parameter names (weight, bias),
+"""torch.nn.Conv1d, Conv2d, ConvTranspose1d and ConvTranspose2d backed by fastdl's convolution
+kernels: torch's constructors and argument checks, initialisation, attribute and parameter names (weight, bias),
 repr and state_dict layout, so state dicts load across the two libraries both ways.
 padding_mode 'reflect'/'replicate'/'circular' pads with torch.nn.functional.pad, then convolves
 with padding 0, as torch's modules do.
