@@ -473,6 +473,45 @@ PYBIND11_MODULE(_C, m) {
       py::arg("first_step"), py::arg("numel"), py::arg("param_dtype"), py::arg("state_dtype"),
       py::arg("device"), py::arg("stream"));
   m.def(
+      "sgd_sparse_step",
+      [](double alpha, uintptr_t param, uintptr_t values, uintptr_t index, int64_t nnz,
+         int64_t rows, int64_t row_len, int dtype, int device, uintptr_t stream) {
+        FASTDL_CHECK(nnz >= 0 && rows >= 0 && row_len >= 0, "fastdl internal: negative size");
+        FASTDL_CHECK(nnz == 0 || row_len == 0 || (param && values && index),
+                     "fastdl: sparse step over a tensor with no data (null pointer)");
+        SparseRows s;
+        s.param = reinterpret_cast<void*>(param);
+        s.values = reinterpret_cast<const void*>(values);
+        s.index = reinterpret_cast<const int64_t*>(index);
+        s.nnz = nnz;
+        s.rows = rows;
+        s.row_len = row_len;
+        s.dtype = dtype_of(dtype);
+        run_pool(device, stream, [&] { sparse_rows_add_cpu(alpha, s); }, [&](const CudaLaunch& l) {
+#ifdef FASTDL_WITH_CUDA
+          sparse_rows_add_cuda(alpha, s, l);
+#else
+          (void)l;
+#endif
+        });
+      },
+      "row[index[i]] += alpha * values[i] for each entry i of a sparse gradient, in order "
+      "(fastdl.optim.SGD's step on sparse gradients; the caller checks the indices)",
+      py::arg("alpha"), py::arg("param"), py::arg("values"), py::arg("index"), py::arg("nnz"),
+      py::arg("rows"), py::arg("row_len"), py::arg("dtype"), py::arg("device"),
+      py::arg("stream"));
+  m.def(
+      "sparse_index_check",
+      [](uintptr_t index, int64_t nnz, int64_t rows) -> int64_t {
+        const int64_t* ix = reinterpret_cast<const int64_t*>(index);
+        FASTDL_CHECK(nnz == 0 || ix, "fastdl: index tensor with no data (null pointer)");
+        for (int64_t i = 0; i < nnz; ++i)
+          if (ix[i] < 0 || ix[i] >= rows) return i;
+        return -1;
+      },
+      "The first entry of nnz int64 host-memory indices outside [0, rows), or -1",
+      py::arg("index"), py::arg("nnz"), py::arg("rows"));
+  m.def(
       "adam_step",
       [](const AdamParams& hp, py::handle params, py::handle grads, py::handle exp_avgs,
          py::handle exp_avg_sqs, py::handle max_exp_avg_sqs, py::handle steps, py::handle numel,

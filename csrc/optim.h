@@ -43,13 +43,31 @@ struct RmspropParams {
   bool centered = false, maximize = false;
 };
 
+// torch.optim.SGD without momentum or weight decay on a sparse (COO) gradient: torch's
+// param.add_(grad, alpha=-lr), which moves only the rows the gradient names. param is `rows` rows
+// of `row_len` contiguous elements; gradient entry i adds alpha * values[i * row_len ...] to row
+// index[i]. Entries are applied in their order (an uncoalesced gradient's repeated rows accumulate
+// one after another, as torch's CPU add does), so the result does not depend on the thread count.
+// Every index is checked to lie in [0, rows) before any row moves (a bad one raises, nothing
+// changed); the CUDA kernel also skips any index outside it.
+struct SparseRows {
+  void* param = nullptr;
+  const void* values = nullptr;
+  const int64_t* index = nullptr;
+  int64_t nnz = 0, rows = 0, row_len = 0;
+  DType dtype = DType::Float32;   // param and values; float16/bfloat16 rows in float32 arithmetic
+};
+
 void sgd_step_cpu(const SgdParams& p, const OptimTensors& t);
 void adam_step_cpu(const AdamParams& p, const OptimTensors& t);
 void rmsprop_step_cpu(const RmspropParams& p, const OptimTensors& t);
+void sparse_rows_add_cpu(double alpha, const SparseRows& s);
 
 // CUDA: tensors live on launch.device; asynchronous on launch.stream (steps stay in host memory).
 void sgd_step_cuda(const SgdParams& p, const OptimTensors& t, const CudaLaunch& launch);
 void adam_step_cuda(const AdamParams& p, const OptimTensors& t, const CudaLaunch& launch);
 void rmsprop_step_cuda(const RmspropParams& p, const OptimTensors& t, const CudaLaunch& launch);
+// The indices are in device memory: checked by the caller (fastdl.optim), guarded by the kernel.
+void sparse_rows_add_cuda(double alpha, const SparseRows& s, const CudaLaunch& launch);
 
 }  // namespace fastdl

@@ -54,8 +54,8 @@ class EmulatedCuda(str):
 # Test files whose emulated 'cuda' cases must launch at least one kernel: a front end that quietly
 # takes a CPU shortcut for routed tensors would otherwise pass them on the CPU kernels. A case
 # that checks an error raised before any launch says so with @pytest.mark.no_launch.
-_LAUNCHING_FILES = {"test_optim.py", "test_pool.py", "test_gemm.py", "test_cuda_first_run.py",
-                    "test_rnn.py", "test_conv.py"}
+_LAUNCHING_FILES = {"test_optim.py", "test_optim_sparse.py", "test_pool.py", "test_gemm.py",
+                    "test_cuda_first_run.py", "test_rnn.py", "test_conv.py"}
 
 
 def _cuda_case(request):

@@ -260,17 +260,6 @@ def test_params_not_iterable_like_torch():
             mod.Adam(torch.randn(3, requires_grad=True))
 
 
-def test_sparse_grad_raises_and_changes_nothing():
-    p = torch.randn(4, requires_grad=True)
-    before = p.detach().clone()
-    p.grad = torch.randn(4).to_sparse()
-    with pytest.raises(RuntimeError, match="sparse"):
-        fo.Adam([p]).step()
-    with pytest.raises(RuntimeError, match="sparse"):
-        fo.SGD([p], lr=0.1).step()
-    assert torch.equal(p.detach(), before)
-
-
 def test_failing_group_changes_nothing():
     """A later group's bad param stops the whole step before any param moves."""
     good = torch.randn(10, requires_grad=True)

@@ -187,7 +187,70 @@ void by_param_dtype(const OptimTensors& t, const char* name, const F& f) {
   }
 }
 
+// Rows' columns [c0, c1) of every entry of s, in entry order: row[index[i]] += a * values[i].
+// Indices outside [0, rows) are skipped (fastdl.optim raised before calling; a guard, not a path).
+template <class P, class T = math_of<P>>
+void sparse_rows_columns(const SparseRows& s, T a, int64_t c0, int64_t c1) {
+  P* p = static_cast<P*>(s.param);
+  const P* v = static_cast<const P*>(s.values);
+  for (int64_t i = 0; i < s.nnz; ++i) {
+    const int64_t r = s.index[i];
+    if (r < 0 || r >= s.rows) continue;
+    P* __restrict row = p + r * s.row_len;
+    const P* __restrict vals = v + i * s.row_len;
+    if constexpr (std::is_same_v<P, T>) {
+#pragma omp simd
+      for (int64_t j = c0; j < c1; ++j) row[j] = row[j] + a * vals[j];
+    } else {   // torch's 16-bit sparse add: the product rounded to P, then the sum (a is a P)
+      alignas(64) float rb[kStage];
+      alignas(64) float vb[kStage];
+      alignas(64) P tb[kStage];
+      for (int64_t j = c0; j < c1; j += kStage) {
+        const int64_t n = std::min(kStage, c1 - j);
+        widen_block(vals + j, vb, n);
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) vb[k] = a * vb[k];
+        narrow_block(vb, tb, n);
+        widen_block(tb, vb, n);
+        widen_block(row + j, rb, n);
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k) rb[k] = rb[k] + vb[k];
+        narrow_block(rb, row + j, n);
+      }
+    }
+  }
+}
+
+// Threads split the columns, each walking every entry in order: no two threads touch one element,
+// and each element sees the entries in the same order whatever the thread count.
+template <class P>
+void sparse_rows_typed(double alpha, const SparseRows& s) {
+  using T = math_of<P>;
+  T a = static_cast<T>(alpha);
+  if constexpr (!std::is_same_v<P, T>) {   // (torch casts alpha to the param's dtype)
+    P a16;
+    narrow_block(&a, &a16, 1);
+    widen_block(&a16, &a, 1);
+  }
+  const int64_t grain = std::max<int64_t>(64, kElementwiseGrain / std::max<int64_t>(s.nnz, 1));
+  parallel_for(s.row_len, grain, [&](int64_t c0, int64_t c1) {
+    sparse_rows_columns<P>(s, a, c0, c1);
+  });
+}
+
 }  // namespace
+
+void sparse_rows_add(double alpha, const SparseRows& s) {
+  switch (s.dtype) {
+    case DType::Float32: sparse_rows_typed<float>(alpha, s); break;
+    case DType::Float64: sparse_rows_typed<double>(alpha, s); break;
+    case DType::Float16: sparse_rows_typed<F16>(alpha, s); break;
+    case DType::BFloat16: sparse_rows_typed<Bf16>(alpha, s); break;
+    default:
+      FASTDL_CHECK(false, "sgd (sparse gradient): CPU step supports float32, float64, float16 and "
+                   "bfloat16 parameters, got ", dtype_name(s.dtype));
+  }
+}
 
 void sgd_step(const SgdParams& p, const OptimTensors& t) {
   by_param_dtype(t, "sgd", [&](auto tag) { sgd_typed<decltype(tag)>(p, t); });
@@ -210,12 +273,16 @@ FASTDL_DECLARE_IN_X86_ISAS(
 void sgd_step(const SgdParams&, const OptimTensors&);
 void adam_step(const AdamParams&, const OptimTensors&);
 void rmsprop_step(const RmspropParams&, const OptimTensors&);
+void sparse_rows_add(double, const SparseRows&);
 )
 #endif
 void sgd_step_cpu(const SgdParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(Optim, sgd_step, p, t); }
 void adam_step_cpu(const AdamParams& p, const OptimTensors& t) { FASTDL_CPU_DISPATCH(Optim, adam_step, p, t); }
 void rmsprop_step_cpu(const RmspropParams& p, const OptimTensors& t) {
   FASTDL_CPU_DISPATCH(Optim, rmsprop_step, p, t);
+}
+void sparse_rows_add_cpu(double alpha, const SparseRows& s) {
+  FASTDL_CPU_DISPATCH(Optim, sparse_rows_add, alpha, s);
 }
 #endif
 

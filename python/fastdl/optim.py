@@ -9,14 +9,17 @@ between fastdl and torch in both directions.
 >>> loss.backward(); opt.step(); opt.zero_grad()
 
 What differs from torch: every step is fused (``foreach`` and ``fused`` are accepted and ignored);
-``capturable=True`` and ``differentiable=True`` are not supported; sparse gradients raise
-RuntimeError. float16/bfloat16 params (CPU and CUDA) keep their state in float32. ``state['step']`` is a
+``capturable=True`` and ``differentiable=True`` are not supported. Sparse (COO) gradients, e.g.
+``nn.Embedding(sparse=True)``'s, step in SGD, as in torch (momentum buffers dense: see
+SGD._sparse_grad); the other optimizers raise RuntimeError for them, as torch's do.
+float16/bfloat16 params (CPU and CUDA) keep their state in float32. ``state['step']`` is a
 float32 CPU tensor, as in torch's default (non-fused) step. After a group's first steps its state
 tensors become views of one buffer per state key (see _Plan); they keep their shapes, values and
 state_dict layout, and replacing one in ``opt.state`` works as in torch.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -61,7 +64,7 @@ def _check_unsupported(name, capturable, differentiable):
 class _Bucket:
     """The tensors of one group that share a device and dtype: one kernel launch."""
     __slots__ = ("params", "grads", "states", "steps", "numel", "first", "device", "dtype", "code",
-                 "state_code", "writeback", "keep")
+                 "state_code", "writeback", "keep", "sparse")
 
     def __init__(self, device, dtype, n_states):
         self.params, self.grads, self.steps, self.numel, self.first = [], [], [], [], []
@@ -72,6 +75,7 @@ class _Bucket:
         self.state_code = _tensor.FLOAT32 if dtype in _HALF else self.code
         self.writeback = []  # (param, contiguous copy) for non-contiguous params
         self.keep = []       # temporaries whose pointers the launch uses
+        self.sparse = []     # SGD's sparse-gradient rows: _sparse_entry's tuples
 
 
 def _flat_views(ts):
@@ -306,18 +310,23 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 b = buckets[(dev, dtype)] = _Bucket(dev, _COMPLEX.get(dtype, dtype), nkeys)
             if added is not None:
                 self._created[-1] = (b, state, added)
+            sparse = None
             if not g.is_contiguous() or g.is_conj() or g.is_neg():
-                if g.is_sparse:
-                    raise RuntimeError(f"fastdl.optim.{type(self).__name__} does not support "
-                                       "sparse gradients")
-                # (a conjugate or negative view's memory holds the values before the flag:
-                # autograd leaves such a grad on a complex param reached through p.conj())
-                g = g.resolve_conj().resolve_neg().contiguous()
-                b.keep.append(g)
+                if g.layout is not torch.strided:
+                    # (SGD: a dense grad for its momentum step, or rows to add in place)
+                    g, sparse = self._sparse_grad(group, p, g)
+                else:
+                    # (a conjugate or negative view's memory holds the values before the flag:
+                    # autograd leaves such a grad on a complex param reached through p.conj())
+                    g = g.resolve_conj().resolve_neg().contiguous()
+                b.keep.append(g if sparse is None else sparse)
             if not p.is_contiguous():   # state is contiguous (_verify): only p needs a copy
                 pc = p.contiguous()
                 b.writeback.append((p, pc))
                 p = pc
+            if sparse is not None:
+                b.sparse.append(_sparse_entry(p, sparse))
+                continue
             b.params.append(p.data_ptr())
             b.grads.append(g.data_ptr())
             for lst, x in zip(b.states, sts):
@@ -331,6 +340,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _verify(self, p, keys, sts):
         """Full checks of one param and its state tensors (see _gather for when they run)."""
         name = type(self).__name__
+        if p.layout is not torch.strided:
+            raise RuntimeError(f"fastdl.optim.{name}: parameters of layout {p.layout} are not "
+                               "supported (dense ones are; torch.optim steps such a parameter)")
         if torch.is_complex(p) and p.dtype not in _COMPLEX:
             raise NotImplementedError(f"fastdl.optim.{name}: {p.dtype} parameters are not "
                                       "supported (complex64 and complex128 are)")
@@ -359,6 +371,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"fastdl.optim.{name}: expected state['{k}'] of a parameter of shape "
                     f"{tuple(p.shape)} to be a contiguous {want} tensor of that shape on "
                     f"{p.device} (not a conjugate or negative view), got {got}")
+
+    def _sparse_grad(self, group, p, g):
+        """(dense grad, None) to step on, or (None, _sparse_rows' tuple) for rows to add in place.
+        Only SGD takes sparse gradients; torch's other optimizers raise too."""
+        name = type(self).__name__
+        hint = ", please consider SparseAdam instead" if isinstance(self, Adam) else ""
+        raise RuntimeError(f"fastdl.optim.{name} does not support sparse gradients{hint}")
 
     def _missing_state(self, p, group, state, key):
         raise RuntimeError(f"fastdl.optim.{type(self).__name__}: state['{key}'] is missing for a "
@@ -429,12 +448,68 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     if k == "step":
                         state[k] = torch.tensor(_scalar(v), dtype=torch.float32)
                     elif isinstance(v, torch.Tensor):
+                        if v.layout is not torch.strided:
+                            # torch's SGD keeps a sparse momentum buffer for sparse grads;
+                            # fastdl's is dense, with the same values
+                            v = v.to_dense()
                         if v.shape != p.shape:
                             raise ValueError(f"fastdl.optim.{name}.load_state_dict: state['{k}'] "
                                              f"has shape {tuple(v.shape)}, but its parameter has "
                                              f"shape {tuple(p.shape)}")
                         state[k] = v.to(device=p.device, dtype=self._state_dtype(p),
                                         memory_format=torch.contiguous_format)
+
+
+def _sparse_rows(p, g):
+    """What _C.sgd_sparse_step reads from g, a torch.sparse_coo gradient of p's shape: (values,
+    row ids, rows, row_len). p is seen as rows x row_len (its sparse dims by its dense dims); each
+    entry's row is its indices' linear offset over the sparse dims. Every index is checked against
+    p's sizes here, before any param moves (torch checks sparse indices only when asked to:
+    torch.sparse.check_sparse_tensor_invariants). One sparse dim (nn.Embedding's) is the common
+    case, written for a per-step cost of a few microseconds."""
+    k = g.sparse_dim()
+    ind, vals = g._indices(), g._values()
+    nnz = vals.shape[0]
+    shape = p.shape
+    rows, row_len = math.prod(shape[:k]), math.prod(shape[k:])
+    if k == 1:
+        ids = ind[0]
+        if not ids.is_contiguous():
+            ids = ids.contiguous()
+        if nnz and ids.is_cpu:
+            bad = _C.sparse_index_check(ids.data_ptr(), nnz, rows) >= 0
+        elif nnz:
+            bad = ids.min().item() < 0 or ids.max().item() >= rows   # (two syncs: CUDA)
+        else:
+            bad = False
+    elif k == 0:
+        ids = torch.zeros(nnz, dtype=torch.int64, device=g.device)
+        bad = False
+    else:
+        sizes = torch.tensor(shape[:k], device=ind.device).unsqueeze(1)
+        bad = nnz > 0 and bool(((ind < 0) | (ind >= sizes)).any())
+        strides = torch.tensor([math.prod(shape[d + 1:k]) for d in range(k)],
+                               device=ind.device).unsqueeze(1)
+        ids = (ind * strides).sum(0)
+    if bad:
+        raise RuntimeError(f"fastdl.optim.SGD: a sparse gradient of shape {tuple(g.shape)} has "
+                           f"indices outside its sizes (per sparse dim, min "
+                           f"{ind.amin(1).tolist()}, max {ind.amax(1).tolist()})")
+    if vals.is_neg():
+        vals = vals.resolve_neg()
+    if vals.is_complex():   # (complex params step on their real views, as the dense ones)
+        vals = torch.view_as_real(vals.resolve_conj())
+        row_len *= 2
+    if not vals.is_contiguous():
+        vals = vals.contiguous()
+    return vals, ids, rows, row_len
+
+
+def _sparse_entry(p, sparse):
+    """_C.sgd_sparse_step's pointer and size arguments for p (contiguous) and _sparse_rows'
+    tuple."""
+    vals, ids, rows, row_len = sparse
+    return p.data_ptr(), vals.data_ptr(), ids.data_ptr(), ids.numel(), rows, row_len
 
 
 def _zeros_state(p, dtype):
@@ -481,14 +556,43 @@ class SGD(_FusedOptimizer):
         state["momentum_buffer"] = torch.empty(p.shape, dtype=self._state_dtype(p),
                                                device=p.device)
 
+    def _sparse_grad(self, group, p, g):
+        """torch's SGD on a sparse (COO) gradient, e.g. nn.Embedding(sparse=True)'s. Without
+        momentum, param.add_(grad, alpha=-lr) moves only the gradient's rows: here one kernel adds
+        them in place, in the gradient's entry order. With momentum the step is the dense one on
+        g.to_dense(): torch's buffer is then a sparse tensor holding the same values (its entries
+        grow by the gradient's every step), fastdl's a dense one. weight_decay raises, as in torch
+        (grad.add(param) is sparse + dense there)."""
+        if g.layout is not torch.sparse_coo:
+            raise RuntimeError(f"fastdl.optim.SGD: sparse gradients are taken as torch.sparse_coo, "
+                               f"got a {g.layout} gradient")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise RuntimeError(f"fastdl.optim.SGD: a sparse gradient of shape {tuple(g.shape)} "
+                               f"({g.dtype}, {g.device}) for a parameter of shape "
+                               f"{tuple(p.shape)} ({p.dtype}, {p.device})")
+        if group["weight_decay"] != 0:
+            raise RuntimeError("fastdl.optim.SGD: weight_decay with sparse gradients is not "
+                               "supported (torch.optim.SGD raises there too: add(sparse, dense))")
+        if group["momentum"] != 0:
+            return g.to_dense(), None
+        return None, _sparse_rows(p, g)
+
     def _launch(self, group, b):
-        hp = _kernels.hparams(_C.SgdParams, lr=_scalar(group["lr"]),
-                              momentum=float(group["momentum"]),
-                              dampening=float(group["dampening"]),
-                              weight_decay=float(group["weight_decay"]),
-                              nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]))
-        _kernels.launch_sgd(hp, b.params, b.grads, b.states[0] if b.states else None, b.first,
-                            b.numel, b.code, b.state_code, b.device)
+        lr = _scalar(group["lr"])
+        if b.params:
+            hp = _kernels.hparams(_C.SgdParams, lr=lr, momentum=float(group["momentum"]),
+                                  dampening=float(group["dampening"]),
+                                  weight_decay=float(group["weight_decay"]),
+                                  nesterov=bool(group["nesterov"]),
+                                  maximize=bool(group["maximize"]))
+            _kernels.launch_sgd(hp, b.params, b.grads, b.states[0] if b.states else None,
+                                b.first, b.numel, b.code, b.state_code, b.device)
+        if b.sparse:
+            # torch: grad = -grad under maximize, then param.add_(grad, alpha=-lr)
+            alpha = lr if group["maximize"] else -lr
+            stream = _tensor.current_stream(b.device)
+            for entry in b.sparse:
+                _C.sgd_sparse_step(alpha, *entry, b.code, b.device, stream)
 
 
 class Adam(_FusedOptimizer):
