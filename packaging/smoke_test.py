@@ -313,7 +313,9 @@ def smoke_rnn_cell_backward():
 
 
 # input shapes; default (2, 3, 9, 11)
-_SHAPES = {"linear": (6, 7), "conv1d": (2, 3, 11), "conv_transpose1d": (2, 3, 11)}
+_SHAPES = {"linear": (6, 7), "conv1d": (2, 3, 11), "conv_transpose1d": (2, 3, 11),
+           "max_pool1d": (2, 3, 11), "avg_pool1d": (2, 3, 11), "adaptive_max_pool1d": (2, 3, 11),
+           "adaptive_avg_pool1d": (2, 3, 11)}
 
 
 def _functional(name, *args, **kw):
@@ -333,7 +335,14 @@ def smoke_functional_max_unpool2d():
     close(F.max_unpool2d(y, idx, 2), TF.max_unpool2d(y, idx, 2))
 
 
+def smoke_functional_max_unpool1d():
+    y, idx = TF.max_pool1d(rand(2, 3, 10), 2, return_indices=True)
+    close(F.max_unpool1d(y, idx, 2), TF.max_unpool1d(y, idx, 2))
+
+
 _MODULE_INPUTS = {"Linear": (6, 7), "Conv1d": (2, 3, 11), "ConvTranspose1d": (2, 3, 11),
+                  "MaxPool1d": (2, 3, 11), "AvgPool1d": (2, 3, 11), "AdaptiveMaxPool1d": (2, 3, 11),
+                  "AdaptiveAvgPool1d": (2, 3, 11),
                   "RNN": (4, 2, 3), "LSTM": (4, 2, 3), "GRU": (4, 2, 3), "RNNCell": (2, 3),
                   "LSTMCell": (2, 3), "GRUCell": (2, 3)}
 
@@ -354,6 +363,9 @@ def _module(name, *args, **kw):
         x = rand(*_MODULE_INPUTS.get(name, (2, 3, 9, 11)))
         if name == "MaxUnpool2d":
             x, idx = TF.max_pool2d(rand(2, 3, 8, 10), 2, return_indices=True)
+            close(mod(x, idx), ref(x, idx))
+        elif name == "MaxUnpool1d":
+            x, idx = TF.max_pool1d(rand(2, 3, 10), 2, return_indices=True)
             close(mod(x, idx), ref(x, idx))
         else:
             _close_all(_flat(mod(x)), _flat(ref(x)))
@@ -384,6 +396,11 @@ SMOKE.update({
     "nn.functional.adaptive_max_pool2d": _functional("adaptive_max_pool2d", (4, 5)),
     "nn.functional.adaptive_avg_pool2d": _functional("adaptive_avg_pool2d", (4, 5)),
     "nn.functional.max_unpool2d": smoke_functional_max_unpool2d,
+    "nn.functional.max_pool1d": _functional("max_pool1d", 3, stride=2, padding=1),
+    "nn.functional.avg_pool1d": _functional("avg_pool1d", 3, stride=2, padding=1),
+    "nn.functional.adaptive_max_pool1d": _functional("adaptive_max_pool1d", 4),
+    "nn.functional.adaptive_avg_pool1d": _functional("adaptive_avg_pool1d", 4),
+    "nn.functional.max_unpool1d": smoke_functional_max_unpool1d,
     "nn.functional.conv1d": _functional("conv1d", torch.randn(4, 3, 3), torch.randn(4), padding=1),
     "nn.functional.conv2d": _functional("conv2d", torch.randn(4, 3, 3, 3), torch.randn(4),
                                         stride=2, padding=1),
@@ -397,6 +414,11 @@ SMOKE.update({
     "nn.AdaptiveMaxPool2d": _module("AdaptiveMaxPool2d", (4, 5)),
     "nn.AdaptiveAvgPool2d": _module("AdaptiveAvgPool2d", (4, 5)),
     "nn.MaxUnpool2d": _module("MaxUnpool2d", 2),
+    "nn.MaxPool1d": _module("MaxPool1d", 3, 2, 1),
+    "nn.AvgPool1d": _module("AvgPool1d", 3, 2, 1),
+    "nn.AdaptiveMaxPool1d": _module("AdaptiveMaxPool1d", 4),
+    "nn.AdaptiveAvgPool1d": _module("AdaptiveAvgPool1d", 4),
+    "nn.MaxUnpool1d": _module("MaxUnpool1d", 2),
     "nn.Conv1d": _module("Conv1d", 3, 4, 3, padding=1),
     "nn.Conv2d": _module("Conv2d", 3, 4, 3, stride=2, padding=1),
     "nn.ConvTranspose2d": _module("ConvTranspose2d", 3, 4, 3, stride=2, padding=1),

@@ -209,8 +209,12 @@ def test_pools_under_autocast_as_torch(dtype):
     x = rand(2, 3, 8, 8).to(dtype)
     tf = torch.nn.functional
     _, idx = tf.max_pool2d(x, 2, return_indices=True)
+    x1 = x[:, :, 0]
+    _, idx1 = tf.max_pool1d(x1, 2, return_indices=True)
     calls = [("max_pool2d", (x, 2)), ("avg_pool2d", (x, 2)), ("adaptive_avg_pool2d", (x, 3)),
-             ("adaptive_max_pool2d", (x, 3)), ("max_unpool2d", (x[..., :4, :4], idx, 2))]
+             ("adaptive_max_pool2d", (x, 3)), ("max_unpool2d", (x[..., :4, :4], idx, 2)),
+             ("max_pool1d", (x1, 2)), ("avg_pool1d", (x1, 2)), ("adaptive_avg_pool1d", (x1, 3)),
+             ("adaptive_max_pool1d", (x1, 3)), ("max_unpool1d", (x1[..., :4], idx1, 2))]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for fn, args in calls:
             ours, theirs = getattr(F, fn)(*args), getattr(tf, fn)(*args)

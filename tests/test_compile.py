@@ -104,9 +104,15 @@ def test_paths_equal_linear(device, monkeypatch, shape, bias):
     (FF.adaptive_max_pool2d, dict(output_size=(5, None), return_indices=True)),
     (FF.adaptive_max_pool2d, dict(output_size=3)),
     (FF.adaptive_avg_pool2d, dict(output_size=(4, 3))),
+    (FF.max_pool1d, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    (FF.max_pool1d, dict(kernel_size=2, dilation=2, return_indices=True)),
+    (FF.avg_pool1d, dict(kernel_size=3, stride=2, padding=1, count_include_pad=False)),
+    (FF.adaptive_max_pool1d, dict(output_size=4, return_indices=True)),
+    (FF.adaptive_avg_pool1d, dict(output_size=(5,))),
 ])
 def test_paths_equal_pool(device, monkeypatch, fn, kwargs):
-    _same(fn, [rand(2, 3, 11, 9, device=device)], monkeypatch, **kwargs)
+    shape = (2, 3, 11) if fn.__name__.endswith("1d") else (2, 3, 11, 9)
+    _same(fn, [rand(*shape, device=device)], monkeypatch, **kwargs)
 
 
 @pytest.mark.parametrize("output_size", [None, (10, 9)])
@@ -449,7 +455,9 @@ def test_compile_recurrent_modules_one_after_another_without_allow_rnn():
 _SCRIPT_CASES = {"Linear": (3, 2), "Conv1d": (3, 4, 3), "Conv2d": (3, 4, 3),
                  "ConvTranspose1d": (3, 4, 3), "ConvTranspose2d": (3, 4, 3), "MaxPool2d": (2,),
                  "AvgPool2d": (2,), "AdaptiveMaxPool2d": (2,), "AdaptiveAvgPool2d": (2,),
-                 "MaxUnpool2d": (2,), "RNN": (3, 4), "LSTM": (3, 4), "GRU": (3, 4),
+                 "MaxUnpool2d": (2,), "MaxPool1d": (2,), "AvgPool1d": (2,),
+                 "AdaptiveMaxPool1d": (2,), "AdaptiveAvgPool1d": (2,), "MaxUnpool1d": (2,),
+                 "RNN": (3, 4), "LSTM": (3, 4), "GRU": (3, 4),
                  "RNNCell": (3, 4), "LSTMCell": (3, 4), "GRUCell": (3, 4)}
 
 

@@ -64,6 +64,10 @@ def _conv_then(lib, layer):
     return tnn.Sequential(lib.Conv2d(2, 3, 3, padding=1), layer)
 
 
+def _conv1d_then(lib, layer):
+    return tnn.Sequential(lib.Conv1d(2, 3, 3, padding=1), layer)
+
+
 # family -> (layer from a namespace (torch.nn or fastdl.nn), one sample's input shape)
 FAMILIES = {
     "linear": (lambda lib: lib.Linear(5, 3), (2, 5)),
@@ -86,6 +90,11 @@ FAMILIES = {
     "adaptive_avg_pool2d": (lambda lib: _conv_then(lib, lib.AdaptiveAvgPool2d((2, 3))),
                             (2, 2, 7, 9)),
     "max_unpool2d": (lambda lib: _conv_then(lib, _PoolUnpool(lib)), (2, 2, 6, 8)),
+    "max_pool1d": (lambda lib: _conv1d_then(lib, lib.MaxPool1d(3, stride=2, padding=1)),
+                   (2, 2, 9)),
+    "avg_pool1d": (lambda lib: _conv1d_then(lib, lib.AvgPool1d(2, ceil_mode=True)), (2, 2, 9)),
+    "adaptive_max_pool1d": (lambda lib: _conv1d_then(lib, lib.AdaptiveMaxPool1d(4)), (2, 2, 9)),
+    "adaptive_avg_pool1d": (lambda lib: _conv1d_then(lib, lib.AdaptiveAvgPool1d(3)), (2, 2, 9)),
     "rnn_tanh": (lambda lib: lib.RNN(3, 4, num_layers=2), (5, 2, 3)),
     "rnn_relu_bidir": (lambda lib: lib.RNN(3, 4, nonlinearity="relu", bidirectional=True),
                        (5, 2, 3)),

@@ -20,7 +20,9 @@ OPS = ["nn.functional.linear", "nn.functional.conv1d", "nn.functional.conv2d",
        "nn.functional.conv_transpose1d", "nn.functional.conv_transpose2d",
        "nn.functional.max_pool2d", "nn.functional.avg_pool2d",
        "nn.functional.adaptive_max_pool2d", "nn.functional.adaptive_avg_pool2d",
-       "nn.functional.max_unpool2d"]
+       "nn.functional.max_unpool2d", "nn.functional.max_pool1d", "nn.functional.avg_pool1d",
+       "nn.functional.adaptive_max_pool1d", "nn.functional.adaptive_avg_pool1d",
+       "nn.functional.max_unpool1d"]
 
 
 def _opinfo(name):

@@ -495,6 +495,8 @@ def test_modules(where):
 
 X = torch.randn(2, 3, 8, 8)
 Y, I = TF.max_pool2d(X, 2, return_indices=True)
+X1 = torch.randn(2, 3, 10)
+Y1, I1 = TF.max_pool1d(X1, 2, return_indices=True)
 BAD_CALLS = [
     ("max_pool2d", (X, 3), dict(padding=2)),
     ("avg_pool2d", (X, 3), dict(padding=2)),
@@ -540,6 +542,42 @@ BAD_CALLS = [
     ("max_pool2d", (X, True), {}),  # operator.index takes bools; torch does not
     ("avg_pool2d", (X, 2), dict(stride=True)),
     ("max_pool2d", (X, (True, 2)), {}),
+    # the 1-D forms (run on the 2-D kernels): their own checks first
+    ("max_pool1d", (torch.randn(2, 3, 4, 10), 2), {}),
+    ("max_pool1d", (torch.randn(10), 2), {}),
+    ("max_pool1d", (X1, 0), {}),
+    ("max_pool1d", (X1, (2, 2)), {}),
+    ("max_pool1d", (X1, 2.0), {}),
+    ("max_pool1d", (X1, True), {}),
+    ("max_pool1d", (X1, 2), dict(stride=0)),
+    ("max_pool1d", (X1, 2), dict(padding=2)),
+    ("max_pool1d", (X1, 2), dict(padding=-1)),
+    ("max_pool1d", (X1, 2), dict(dilation=0)),
+    ("max_pool1d", (X1, 20), {}),
+    ("max_pool1d", (torch.randn(2, 0, 10), 2), {}),
+    ("max_pool1d", ([1.0, 2.0], 2), {}),
+    ("avg_pool1d", (torch.randn(2, 3, 4, 10), 2), {}),
+    ("avg_pool1d", (X1, 0), {}),
+    ("avg_pool1d", (X1, (2, 2)), {}),
+    ("avg_pool1d", (X1, 2.0), {}),
+    ("avg_pool1d", (X1, 2), dict(stride=0)),
+    ("avg_pool1d", (X1, 2), dict(padding=2)),
+    ("avg_pool1d", (X1, 20), {}),
+    ("avg_pool1d", (torch.randn(2, 0, 10), 2), {}),
+    ("adaptive_avg_pool1d", (torch.randn(2, 3, 4, 10), 2), {}),
+    ("adaptive_avg_pool1d", (X1, (1, 2)), {}),
+    ("adaptive_avg_pool1d", (X1, -1), {}),
+    ("adaptive_avg_pool1d", (X1, None), {}),
+    ("adaptive_avg_pool1d", (torch.randn(2, 3, 0), 2), {}),
+    ("adaptive_max_pool1d", (torch.randn(2, 3, 4, 10), 2), {}),
+    ("adaptive_max_pool1d", (X1, (1, 2)), {}),
+    ("adaptive_max_pool1d", (X1, None), {}),
+    ("adaptive_max_pool1d", (torch.randn(2, 3, 0), 2), {}),
+    ("max_unpool1d", (Y1, I1 + 100, 2), {}),
+    ("max_unpool1d", (Y1, I1.int(), 2), {}),
+    ("max_unpool1d", (Y1, I1[:, :, :2], 2), {}),
+    ("max_unpool1d", (Y1, I1, 2), dict(output_size=(5,))),
+    ("max_unpool1d", (Y1, I1, 2), dict(output_size=(2, 10))),
 ]
 
 
@@ -584,7 +622,9 @@ def test_large_outputs(cpu_path):
 
 OPDB_NAMES = ["nn.functional.max_pool2d", "nn.functional.avg_pool2d",
               "nn.functional.adaptive_max_pool2d", "nn.functional.adaptive_avg_pool2d",
-              "nn.functional.max_unpool2d"]
+              "nn.functional.max_unpool2d", "nn.functional.max_pool1d", "nn.functional.avg_pool1d",
+              "nn.functional.adaptive_max_pool1d", "nn.functional.adaptive_avg_pool1d",
+              "nn.functional.max_unpool1d"]
 
 
 def _opinfo(name):
@@ -638,7 +678,9 @@ def test_torch_op_db_errors(name):
             f"{type(exc.value).__name__}: {exc.value}")
 
 
-@pytest.mark.parametrize("cls", ["MaxPool2d", "AvgPool2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d"])
+@pytest.mark.parametrize("cls", ["MaxPool2d", "AvgPool2d", "AdaptiveMaxPool2d", "AdaptiveAvgPool2d",
+                                 "MaxPool1d", "AvgPool1d", "AdaptiveMaxPool1d",
+                                 "AdaptiveAvgPool1d"])
 def test_torch_module_db(cls):
     """torch's ModuleInfo constructor/forward inputs: same outputs, indices and input grads."""
     pytest.importorskip("expecttest")
@@ -699,3 +741,119 @@ def test_channels_last_views_keep_torch_layout():
             ya.backward(g)
             yb.backward(g)
             assert_close(la.grad, lb.grad, reduction=9, what=f"{name} grad")
+
+
+# ---- 1-D pools (the 2-D kernels over planes of height 1) -------------------------------------------
+
+POOL1D = [
+    ("max_pool1d", dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True,
+                        return_indices=True)),
+    ("max_pool1d", dict(kernel_size=(4,), stride=[3])),
+    ("avg_pool1d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+                        count_include_pad=False)),
+    ("avg_pool1d", dict(kernel_size=4)),
+    ("adaptive_max_pool1d", dict(output_size=5, return_indices=True)),
+    ("adaptive_avg_pool1d", dict(output_size=(6,))),
+]
+
+
+_POOL1D_CASES = [(n, kw, shape) for n, kw in POOL1D for shape in [(3, 4, 23), (4, 23)]] + [
+    (n, kw, (2, 3, 1)) for n, kw in POOL1D if n.startswith("adaptive")]   # (length 1)
+
+
+@pytest.mark.parametrize("name,kwargs,shape", _POOL1D_CASES,
+                         ids=[f"{n}-{i}-{s}" for i, (n, _, s) in enumerate(_POOL1D_CASES)])
+def test_pool1d_like_torch(where, name, kwargs, shape):
+    """Outputs, indices (positions along L) and gradients equal torch's, batched and unbatched,
+    and for the adaptive pools a length-1 input; output dtypes and shapes as torch's."""
+    x = rand(*shape, device=where)
+    check_op(getattr(F, name), getattr(TF, name), [x], reduction=23, **kwargs)
+    got, want = getattr(F, name)(x.detach(), **kwargs), getattr(TF, name)(x.detach(), **kwargs)
+    for a, b in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+
+
+def test_pool1d_strided_input_like_torch(where):
+    """(N, L, C) activations transposed to (N, C, L), as text models pass them: a non-contiguous
+    input; values, indices and gradients as torch's."""
+    x = rand(3, 30, 8, device=where).transpose(1, 2)
+    for name, kwargs in POOL1D:
+        check_op(getattr(F, name), getattr(TF, name), [x], reduction=30, **kwargs)
+
+
+@pytest.mark.parametrize("output_size", [None, (21,), (2, 4, 22)])
+def test_max_unpool1d_like_torch(where, output_size):
+    x = rand(2, 4, 21, device=where)
+    y, idx = TF.max_pool1d(x, 3, stride=2, padding=1, return_indices=True)
+    check_op(lambda a: F.max_unpool1d(a, idx, 3, 2, 1, output_size),
+             lambda a: TF.max_unpool1d(a, idx, 3, 2, 1, output_size), [y])
+    yu, iu = y[0], idx[0]   # unbatched
+    check_op(lambda a: F.max_unpool1d(a, iu, 3, 2, 1), lambda a: TF.max_unpool1d(a, iu, 3, 2, 1),
+             [yu])
+
+
+@pytest.mark.parametrize("cls,args", [("MaxPool1d", (3, 2, 1)), ("AvgPool1d", (2,)),
+                                      ("AdaptiveMaxPool1d", (4,)), ("AdaptiveAvgPool1d", (4,))])
+def test_pool1d_modules_convert_and_patch(cls, args):
+    """The modules are torch's classes (repr, isinstance) computing on fastdl; nn.convert swaps
+    torch's for them and fastdl.patch serves torch's own modules' F calls."""
+    x = rand(2, 3, 17)
+    ours, theirs = getattr(fnn, cls)(*args), getattr(torch.nn, cls)(*args)
+    assert repr(ours) == repr(theirs) and isinstance(ours, getattr(torch.nn, cls))
+    check_op(ours, theirs, [x], reduction=17)
+    model, report = fnn.convert(torch.nn.Sequential(getattr(torch.nn, cls)(*args)))
+    assert isinstance(model[0], getattr(fnn, cls)) and report.replaced, report
+    name = {"MaxPool1d": "max_pool1d", "AvgPool1d": "avg_pool1d",
+            "AdaptiveMaxPool1d": "adaptive_max_pool1d",
+            "AdaptiveAvgPool1d": "adaptive_avg_pool1d"}[cls]
+    with fastdl.patch() as p:
+        y = theirs(x)
+    assert p.stats[name] == {"fastdl": 1}
+    assert_close(y, getattr(torch.nn, cls)(*args)(x), reduction=17)
+
+
+WIDE_MAX = [  # windows wide against their row of outputs: scanned per output (csrc/cpu/pool.cpp)
+    ("max_pool2d", (2, 3, 3, 70), dict(kernel_size=(2, 40), stride=(1, 20), padding=(0, 20))),
+    ("max_pool2d", (2, 3, 2, 87), dict(kernel_size=(1, 20), stride=(1, 10), dilation=(1, 3))),
+    ("max_pool2d", (3, 4, 64), dict(kernel_size=(4, 64))),
+    ("max_pool1d", (2, 3, 90), dict(kernel_size=90)),
+    ("max_pool1d", (2, 3, 91), dict(kernel_size=33, stride=29, padding=16, ceil_mode=True)),
+    ("adaptive_max_pool2d", (2, 3, 5, 80), dict(output_size=(2, 1))),
+    ("adaptive_max_pool2d", (2, 3, 3, 70), dict(output_size=(3, 3))),
+    ("adaptive_max_pool1d", (2, 3, 100), dict(output_size=2)),
+]
+
+
+def _bits_equal(a, b):
+    """Equal values bit for bit (the sign of a zero included), NaN where torch has NaN."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if not torch.equal(a.isnan(), b.isnan()):
+        return False
+    ints = torch.int32 if a.dtype == torch.float32 else torch.int64
+    keep = ~b.isnan()
+    return torch.equal(a[keep].view(ints), b[keep].view(ints))
+
+
+@pytest.mark.parametrize("name,shape,kwargs", WIDE_MAX,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(WIDE_MAX)])
+@pytest.mark.parametrize("mode", ["ties", "nan", "signed zeros"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_max_windows_bitwise(cpu_path, name, shape, kwargs, mode, dtype):
+    """Wide windows over ties, NaN/-inf and zeros of both signs: values (bit for bit: the first
+    of -0.0 / +0.0 is kept, as torch's) and indices (first maximum, last NaN) equal torch's."""
+    gen = torch.Generator().manual_seed(7)
+    if mode == "signed zeros":
+        x = torch.where(torch.rand(shape, generator=gen) < 0.5, torch.zeros(shape),
+                        -torch.zeros(shape)).to(dtype)
+        x[..., ::7] = -1.0
+    else:
+        x = make_input(shape, dtype, "cpu", mode, gen)
+    fn = getattr(F, name)
+    for idx in (False, True):
+        ours = fn(x, **kwargs, return_indices=idx)
+        theirs = getattr(TF, name)(x, **kwargs, return_indices=idx)
+        if idx:
+            assert torch.equal(ours[1], theirs[1]), "indices"
+            ours, theirs = ours[0], theirs[0]
+        assert _bits_equal(ours, theirs), f"values (return_indices={idx})"

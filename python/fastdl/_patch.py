@@ -1,6 +1,6 @@
 """fastdl.patch(): route torch.nn.functional's linear, conv1d, conv2d, conv_transpose1d,
-conv_transpose2d, max_pool2d, avg_pool2d, adaptive_avg_pool2d, adaptive_max_pool2d and
-max_unpool2d to fastdl.
+conv_transpose2d, the 1-D and 2-D max, average and adaptive pools and max_unpool1d/2d to
+fastdl.
 
 Each name in torch.nn.functional is replaced by a small router. Per call it asks, cheaply (plain
 dense tensors of one device and dtype that fastdl serves, fastdl._support; not inside torch.compile
@@ -81,6 +81,11 @@ _ROUTES = {
     "adaptive_avg_pool2d": ("pool", _input),
     "adaptive_max_pool2d": ("pool", _input),
     "max_unpool2d": ("unpool", _input),
+    "max_pool1d": ("pool", _input),
+    "avg_pool1d": ("pool", _input),
+    "adaptive_avg_pool1d": ("pool", _input),
+    "adaptive_max_pool1d": ("pool", _input),
+    "max_unpool1d": ("unpool", _input),
 }
 NAMES = tuple(_ROUTES)
 

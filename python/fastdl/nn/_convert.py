@@ -47,6 +47,11 @@ _LAYERS = {
     torch.nn.AdaptiveMaxPool2d: ("AdaptiveMaxPool2d", "pool"),
     torch.nn.AdaptiveAvgPool2d: ("AdaptiveAvgPool2d", "pool"),
     torch.nn.MaxUnpool2d: ("MaxUnpool2d", "unpool"),
+    torch.nn.MaxPool1d: ("MaxPool1d", "pool"),
+    torch.nn.AvgPool1d: ("AvgPool1d", "pool"),
+    torch.nn.AdaptiveMaxPool1d: ("AdaptiveMaxPool1d", "pool"),
+    torch.nn.AdaptiveAvgPool1d: ("AdaptiveAvgPool1d", "pool"),
+    torch.nn.MaxUnpool1d: ("MaxUnpool1d", "unpool"),
     torch.nn.RNN: ("RNN", "rnn"),
     torch.nn.LSTM: ("LSTM", "rnn"),
     torch.nn.GRU: ("GRU", "rnn"),
@@ -182,8 +187,8 @@ def _subclass_reason(module):
 
 
 def convert(model: torch.nn.Module, inplace: bool = False):
-    """Replaces every torch layer fastdl implements (Linear, Conv1d/2d, ConvTranspose1d/2d, the 2-D
-    pools, RNN/LSTM/GRU and their cells) with fastdl's, sharing its Parameter objects, buffers,
+    """Replaces every torch layer fastdl implements (Linear, Conv1d/2d, ConvTranspose1d/2d, the 1-D
+    and 2-D pools, RNN/LSTM/GRU and their cells) with fastdl's, sharing its Parameter objects, buffers,
     hooks, mode, device and dtype; leaves every other layer alone. inplace=False converts a copy
     of the module tree whose Parameters and buffers are the original's own objects: the original
     model keeps its torch layers, and an optimizer built on either model trains both (.half() or

@@ -10,6 +10,8 @@ arguments take an eager fast path to the same kernels with the geometry fastdl.o
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ... import _C, _library, _tensor
@@ -19,7 +21,8 @@ from ._autocast import any_autocast as _any_autocast, autocast_on as _autocast_o
 from ._half import HALF as _HALF, cpu_half as _cpu_half, to_dtype as _to_dtype
 
 __all__ = ["max_pool2d", "avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool2d",
-           "max_unpool2d"]
+           "max_unpool2d", "max_pool1d", "avg_pool1d", "adaptive_max_pool1d", "adaptive_avg_pool1d",
+           "max_unpool1d"]
 
 
 _route = _library.route
@@ -501,3 +504,157 @@ def max_unpool2d(input, indices, kernel_size, stride=None, padding=0, output_siz
         return _library.max_unpool2d(input, indices, k, s, p,
                                      None if output_size is None else list(output_size))
     return _torch["max_unpool2d"](input, indices, kernel_size, stride, padding, output_size)
+
+
+# ---- 1-D pooling: the 2-D kernels over planes of height 1 -----------------------------------------
+# (N, C, L) or (C, L) input runs as (N, C, 1, L) or (C, 1, L): a 2-D window of height 1 gives the
+# same outputs, gradients and indices (an index into a 1 x L plane is the position along L). The
+# 1-D arguments are checked first, with torch's exception classes; what the 2-D path raises after
+# that carries the 1-D function's name in front of its own message.
+
+def _one(fn, name, value, position):
+    """An int from an int or a one-element tuple/list, as torch's 1-D pooling reads its window
+    arguments (None, or an empty sequence for stride: the caller's default)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 1:
+            raise RuntimeError(f"{fn}() {name} must be an int, list of ints or tuple of ints of "
+                               f"size 1 but got size {len(value)}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be tuple of "
+                            f"ints, not {type(value).__name__}") from None
+    return value
+
+
+def _stride_one(fn, stride, kernel, position):
+    if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
+        return kernel
+    return _one(fn, "stride", stride, position)
+
+
+def _check_1d_input(fn, input):
+    _check_torch(fn, input)
+    if input.dim() not in (2, 3):
+        raise RuntimeError(f"{fn}: Expected 2D or 3D (batch mode) tensor with optional 0 dim "
+                           f"batch size for input, but got: {list(input.shape)}")
+
+
+def _as_1d(fn, call, *args):
+    """call(*args) on the 2-D path, its outputs squeezed back to 1-D; its argument errors renamed
+    to fn (the 1-D checks ran first, so these are rare: a dtype, a device, an empty plane)."""
+    try:
+        out = call(*args)
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as e:
+        if type(e) in (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError):
+            raise type(e)(f"{fn} (run as its 2-D form on a plane of height 1): {e}") from None
+        raise
+    if isinstance(out, tuple):
+        return tuple(t.squeeze(-2) for t in out)
+    return out.squeeze(-2)
+
+
+def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """torch.nn.functional.max_pool1d on (N, C, L) or (C, L): same outputs, indices (positions
+    along L) and gradients.
+
+    >>> y, idx = fastdl.nn.functional.max_pool1d(torch.randn(8, 16, 100), 3, stride=2,
+    ...                                          return_indices=True)
+    """
+    fn = "max_pool1d"
+    _check_1d_input(fn, input)
+    if _route(input) == _TORCH:
+        return _torch[fn](input, kernel_size, stride, padding, dilation, ceil_mode,
+                          return_indices)
+    k = _one(fn, "kernel_size", kernel_size, 2)
+    s = _stride_one(fn, stride, k, 3)
+    p, d = _one(fn, "padding", padding, 4), _one(fn, "dilation", dilation, 5)
+    return _as_1d(fn, max_pool2d, input.unsqueeze(-2), (1, k), (1, s), (0, p), (1, d),
+                  ceil_mode, return_indices)
+
+
+def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True):
+    """torch.nn.functional.avg_pool1d on (N, C, L) or (C, L): same outputs and gradients.
+
+    >>> y = fastdl.nn.functional.avg_pool1d(torch.randn(8, 16, 100), 4)
+    """
+    fn = "avg_pool1d"
+    _check_1d_input(fn, input)
+    if _route(input) == _TORCH:
+        return _torch[fn](input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    k = _one(fn, "kernel_size", kernel_size, 2)
+    s = _stride_one(fn, stride, k, 3)
+    p = _one(fn, "padding", padding, 4)
+    return _as_1d(fn, avg_pool2d, input.unsqueeze(-2), (1, k), (1, s), (0, p), ceil_mode,
+                  count_include_pad)
+
+
+def _output_1d(fn, output_size):
+    if output_size is None:
+        raise TypeError(f"{fn}(): argument 'output_size' (position 2) must be tuple of ints, not "
+                        f"NoneType")
+    if isinstance(output_size, (tuple, list)) and len(output_size) != 1:
+        raise RuntimeError(f"{fn}() argument 'output_size' should contain one int (got "
+                           f"{len(output_size)})")
+    return _one(fn, "output_size", output_size, 2)
+
+
+def adaptive_max_pool1d(input, output_size, return_indices=False):
+    """torch.nn.functional.adaptive_max_pool1d on (N, C, L) or (C, L).
+
+    >>> y = fastdl.nn.functional.adaptive_max_pool1d(torch.randn(8, 16, 100), 1)
+    """
+    fn = "adaptive_max_pool1d"
+    _check_1d_input(fn, input)
+    if _route(input) == _TORCH:
+        return _torch[fn](input, output_size, return_indices)
+    return _as_1d(fn, adaptive_max_pool2d, input.unsqueeze(-2), (1, _output_1d(fn, output_size)),
+                  return_indices)
+
+
+def adaptive_avg_pool1d(input, output_size):
+    """torch.nn.functional.adaptive_avg_pool1d on (N, C, L) or (C, L).
+
+    >>> y = fastdl.nn.functional.adaptive_avg_pool1d(torch.randn(8, 16, 100), 1)
+    """
+    fn = "adaptive_avg_pool1d"
+    _check_1d_input(fn, input)
+    if _route(input) == _TORCH:
+        return _torch[fn](input, output_size)
+    return _as_1d(fn, adaptive_avg_pool2d, input.unsqueeze(-2), (1, _output_1d(fn, output_size)))
+
+
+def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_size=None):
+    """torch.nn.functional.max_unpool1d: (N, C, L) or (C, L) values written at indices (positions
+    along the unpooled length), zeros elsewhere.
+
+    >>> y, idx = fastdl.nn.functional.max_pool1d(x, 2, return_indices=True)
+    >>> x2 = fastdl.nn.functional.max_unpool1d(y, idx, 2)
+    """
+    fn = "max_unpool1d"
+    _check_torch(fn, input)
+    if _route(input) == _TORCH or (_any_autocast() and _autocast_on(input)):
+        return _torch[fn](input, indices, kernel_size, stride, padding, output_size)
+    k = _one(fn, "kernel_size", kernel_size, 3)
+    s = _stride_one(fn, stride, k, 4)
+    p = _one(fn, "padding", padding, 5)
+    size = None
+    if output_size is not None:   # torch's _unpool_output_size: (L,) or with the leading dims
+        size = list(output_size)
+        if len(size) == 3:
+            size = size[2:]
+        if len(size) != 1:
+            raise ValueError(f"{fn}: output_size should be a sequence containing 1 or 3 "
+                             f"elements, but it has a length of '{len(size)}'")
+        size = (1, size[0])
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{fn}(): argument 'indices' must be Tensor, not "
+                        f"{type(indices).__name__}")
+    return _as_1d(fn, max_unpool2d, input.unsqueeze(-2), indices.unsqueeze(-2), (1, k), (1, s),
+                  (0, p), size)
