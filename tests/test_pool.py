@@ -857,3 +857,24 @@ def test_wide_max_windows_bitwise(cpu_path, name, shape, kwargs, mode, dtype):
             assert torch.equal(ours[1], theirs[1]), "indices"
             ours, theirs = ours[0], theirs[0]
         assert _bits_equal(ours, theirs), f"values (return_indices={idx})"
+
+
+WIDE_AVG = [  # sums over windows wide against their row of outputs: one vector sum per output
+    ("avg_pool2d", (2, 3, 3, 70), dict(kernel_size=(2, 40), stride=(1, 20), padding=(0, 20),
+                                       count_include_pad=False)),
+    ("avg_pool2d", (2, 3, 2, 70), dict(kernel_size=(1, 40), stride=(1, 25), padding=(0, 20),
+                                       ceil_mode=True, divisor_override=7)),
+    ("avg_pool1d", (2, 3, 91), dict(kernel_size=33, stride=29, padding=16, ceil_mode=True,
+                                    count_include_pad=False)),
+    ("avg_pool1d", (2, 3, 500), dict(kernel_size=500)),
+    ("adaptive_avg_pool2d", (2, 3, 5, 80), dict(output_size=(2, 3))),
+    ("adaptive_avg_pool1d", (2, 3, 100), dict(output_size=3)),
+]
+
+
+@pytest.mark.parametrize("name,shape,kwargs", WIDE_AVG,
+                         ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(WIDE_AVG)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_avg_windows_like_torch(cpu_path, name, shape, kwargs, dtype):
+    x = rand(*shape, dtype=dtype)
+    check_op(getattr(F, name), getattr(TF, name), [x], reduction=shape[-1], **kwargs)
