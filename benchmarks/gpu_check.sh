@@ -188,13 +188,14 @@ small=(-m "cuda and not gpu_only" -k "$skip and not test_conv2d_sweep"
 small_memcheck=(-m "cuda and not gpu_only"
                 -k "$skip and (not test_conv2d_sweep or test_conv2d_sweep[default-gemm-cuda-0])"
                 --deselect "tests/test_pool.py::test_max_unpool2d_invalid_index[cuda]" tests)
-# racecheck/synccheck: shared-memory hazards and barriers of the tiled conv kernels and of the
-# persistent recurrent kernels (one small layer per kind: test_cuda_persistent_small).
+# racecheck/synccheck: shared-memory hazards and barriers of the tiled conv kernels, of the
+# persistent recurrent kernels (one small layer per kind: test_cuda_persistent_small) and of the
+# sparse-gradient SGD kernel's staged indices (test_cuda_half_rows: several batches per block).
 shared_tests="half or deterministic or long_reductions or two_column_tiles or every_tile"
 shared_tests+=" or depthwise_fast_path"
 conv_shared=(-m "cuda and not gpu_only"
-             -k "(conv and cuda and ($shared_tests)) or test_cuda_persistent_small"
-             tests/test_conv.py tests/test_rnn.py)
+             -k "(conv and cuda and ($shared_tests)) or test_cuda_persistent_small or test_cuda_half_rows"
+             tests/test_conv.py tests/test_rnn.py tests/test_optim_sparse.py)
 # pytest_stage_sanitized TOOL LIMIT [pytest args...]: findings in this process's kernels (torch's
 # included) fail the run (--error-exitcode); each report is kept in the log. API errors are not
 # reported: on the H200 image the CUDA Python bindings' cuGetProcAddress probes return

@@ -213,6 +213,10 @@ def test_refusals_change_nothing():
         with pytest.raises(RuntimeError, match="sparse"):
             getattr(fo, name)([d, p]).step()
         assert torch.equal(p.detach(), before[0]) and torch.equal(d.detach(), before[1])
+        alone = getattr(fo, name)([p])   # no state entry left behind, as torch's
+        with pytest.raises(RuntimeError, match="sparse"):
+            alone.step()
+        assert alone.state_dict()["state"] == {}
 
 
 @pytest.mark.parametrize("first", ["torch", "fastdl"])

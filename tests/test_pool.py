@@ -578,6 +578,10 @@ BAD_CALLS = [
     ("max_unpool1d", (Y1, I1[:, :, :2], 2), {}),
     ("max_unpool1d", (Y1, I1, 2), dict(output_size=(5,))),
     ("max_unpool1d", (Y1, I1, 2), dict(output_size=(2, 10))),
+    ("max_pool1d", (X1, 3), dict(ceil_mode=None)),
+    ("max_pool1d", (X1, 3), dict(ceil_mode=1)),
+    ("avg_pool1d", (X1, 3), dict(ceil_mode="yes")),
+    ("avg_pool1d", (X1, 3), dict(count_include_pad=None)),
 ]
 
 
@@ -878,3 +882,22 @@ WIDE_AVG = [  # sums over windows wide against their row of outputs: one vector 
 def test_wide_avg_windows_like_torch(cpu_path, name, shape, kwargs, dtype):
     x = rand(*shape, dtype=dtype)
     check_op(getattr(F, name), getattr(TF, name), [x], reduction=shape[-1], **kwargs)
+
+
+def test_pool1d_edge_cases_like_torch():
+    """An unbatched input with no channels (torch's adaptive max pools treat its first dim as a
+    batch: empty outputs, also for the 2-D form), the output layout of max_pool1d on a
+    transposed input (torch's own 1-D kernel returns it contiguous when there is nothing to
+    record, the 2-D layout otherwise), and indices that are not a tensor."""
+    for x in (torch.randn(0, 10), torch.randn(0, 1, 10)):
+        fn, tfn = (F.adaptive_max_pool1d, TF.adaptive_max_pool1d) if x.dim() == 2 else (
+            F.adaptive_max_pool2d, TF.adaptive_max_pool2d)
+        ours, theirs = fn(x, 1, True), tfn(x, 1, True)
+        assert ours[0].shape == theirs[0].shape and ours[1].shape == theirs[1].shape
+    x = torch.randn(2, 9, 6).transpose(1, 2)
+    assert F.max_pool1d(x, 2).stride() == TF.max_pool1d(x, 2).stride()
+    xg = x.detach().clone().requires_grad_()
+    assert F.max_pool1d(xg, 2).stride() == TF.max_pool1d(xg, 2).stride()
+    for lib in (F, TF):
+        with pytest.raises(AttributeError):
+            lib.max_unpool1d(torch.randn(2, 3, 4), None, 2)

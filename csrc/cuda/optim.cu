@@ -235,14 +235,19 @@ void sgd_step_cuda(const SgdParams& prm, const OptimTensors& t, const CudaLaunch
 // SparseRows (optim.h): block (x, y) updates columns [x * kSparseThreads, ...) of the rows r with
 // r % gridDim.y == y, walking every entry in order with the indices staged in shared memory, so
 // each element sees its entries in the same order as the CPU kernel and no atomics are needed
-// (bitwise reproducible). An entry costs every block of its column range one shared-memory read.
+// (bitwise reproducible). The price: every block reads every entry's row index (one shared-memory
+// read and a 32-bit remainder per thread and entry), gridDim.x * gridDim.y * 256 * nnz such steps
+// against nnz * row_len updates, so the grid stays small (about 256 blocks, no more row parts
+// than rows). Not timed on a GPU yet (RESULTS.md); a host-side bucketing of entries by row part
+// would remove the redundant reads if it shows.
 constexpr int kSparseThreads = 256;
+constexpr int64_t kSparseBlocks = 256;
 
 template <class P>
 __global__ void __launch_bounds__(kSparseThreads) sparse_rows_kernel(SparseRows s, float alpha) {
   FASTDL_SHARED(16, int64_t, rows, [kSparseThreads]);
   const int64_t col = int64_t(blockIdx.x) * kSparseThreads + threadIdx.x;
-  const int64_t parts = gridDim.y, part = blockIdx.y;
+  const uint32_t parts = gridDim.y, part = blockIdx.y;   // (rows < 2^32: checked by the host)
   P* p = static_cast<P*>(s.param);
   const P* v = static_cast<const P*>(s.values);
   const float a = to_f(from_f<P>(alpha));   // (torch casts alpha to the param's dtype)
@@ -254,7 +259,7 @@ __global__ void __launch_bounds__(kSparseThreads) sparse_rows_kernel(SparseRows 
     if (col >= s.row_len) continue;
     for (int64_t k = 0; k < m; ++k) {
       const int64_t r = rows[k];
-      if (r < 0 || r >= s.rows || r % parts != part) continue;
+      if (r < 0 || r >= s.rows || static_cast<uint32_t>(r) % parts != part) continue;
       P& x = p[r * s.row_len + col];
       // as the CPU kernel: for 16-bit P the product is rounded to P before the sum
       x = from_f<P>(to_f(x) + to_f(from_f<P>(a * to_f(v[(base + k) * s.row_len + col]))));
@@ -263,15 +268,17 @@ __global__ void __launch_bounds__(kSparseThreads) sparse_rows_kernel(SparseRows 
 }
 
 void sparse_rows_add_cuda(double alpha, const SparseRows& s, const CudaLaunch& launch) {
-  if (s.nnz == 0 || s.row_len == 0) return;
+  if (s.nnz == 0 || s.row_len == 0 || s.rows == 0) return;
   CudaDeviceGuard guard(launch.device);
   FASTDL_CUDA_CHECK(cudaGetLastError());  // a fault left by earlier work: raise before any update
   const int64_t gx = (s.row_len + kSparseThreads - 1) / kSparseThreads;
   FASTDL_CHECK(gx <= 0x7fffffff, "sgd (sparse gradient): rows of ", s.row_len,
                " elements are too long for one launch");
-  // about 1024 blocks in all, at most one row part per entry (grid y is at most 65535)
-  int64_t gy = std::max<int64_t>(1, 1024 / gx);
-  gy = std::min<int64_t>(std::min<int64_t>(gy, s.nnz), 65535);
+  FASTDL_CHECK(s.rows <= 0xffffffffLL, "sgd (sparse gradient): ", s.rows,
+               " rows are more than the CUDA kernel indexes");
+  // about kSparseBlocks blocks in all; no more row parts than entries or rows (grid y <= 65535)
+  int64_t gy = std::max<int64_t>(1, kSparseBlocks / gx);
+  gy = std::min<int64_t>(std::min<int64_t>(std::min<int64_t>(gy, s.nnz), s.rows), 65535);
   const dim3 grid(static_cast<unsigned int>(gx), static_cast<unsigned int>(gy));
   by_param_dtype(s.dtype, "sgd (sparse gradient)", [&](auto tag) {
     using P = decltype(tag);

@@ -272,6 +272,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
+            sparse = fresh = None   # fresh: a grad made here, kept alive for the launch
+            if g.layout is not torch.strided:
+                # (SGD: a dense grad for its momentum step, or rows to add in place; first, so
+                # a refusal leaves no state entry behind, as torch's optimizers)
+                g, sparse = self._sparse_grad(group, p, g)
+                fresh = g if sparse is None else sparse
             # torch's SGD without momentum keeps no state at all: don't create empty entries.
             state = state_all[p] if keep_state else _NO_STATE
             n = p.numel()
@@ -310,16 +316,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 b = buckets[(dev, dtype)] = _Bucket(dev, _COMPLEX.get(dtype, dtype), nkeys)
             if added is not None:
                 self._created[-1] = (b, state, added)
-            sparse = None
-            if not g.is_contiguous() or g.is_conj() or g.is_neg():
-                if g.layout is not torch.strided:
-                    # (SGD: a dense grad for its momentum step, or rows to add in place)
-                    g, sparse = self._sparse_grad(group, p, g)
-                else:
-                    # (a conjugate or negative view's memory holds the values before the flag:
-                    # autograd leaves such a grad on a complex param reached through p.conj())
-                    g = g.resolve_conj().resolve_neg().contiguous()
-                b.keep.append(g if sparse is None else sparse)
+            if sparse is None and (not g.is_contiguous() or g.is_conj() or g.is_neg()):
+                # (a conjugate or negative view's memory holds the values before the flag:
+                # autograd leaves such a grad on a complex param reached through p.conj())
+                g = fresh = g.resolve_conj().resolve_neg().contiguous()
+            if fresh is not None:
+                b.keep.append(fresh)
             if not p.is_contiguous():   # state is contiguous (_verify): only p needs a copy
                 pc = p.contiguous()
                 b.writeback.append((p, pc))
@@ -559,10 +561,15 @@ class SGD(_FusedOptimizer):
     def _sparse_grad(self, group, p, g):
         """torch's SGD on a sparse (COO) gradient, e.g. nn.Embedding(sparse=True)'s. Without
         momentum, param.add_(grad, alpha=-lr) moves only the gradient's rows: here one kernel adds
-        them in place, in the gradient's entry order. With momentum the step is the dense one on
-        g.to_dense(): torch's buffer is then a sparse tensor holding the same values (its entries
-        grow by the gradient's every step), fastdl's a dense one. weight_decay raises, as in torch
-        (grad.add(param) is sparse + dense there)."""
+        them in place, in the gradient's entry order, as torch's CPU add (measured bitwise equal
+        with the AVX2 and AVX-512 kernel builds, which fuse the multiply-add; the portable build
+        rounds the product first; CUDA follows the CPU's order and rounding). Complex params add
+        on their real views, where torch multiplies by -lr + 0j: an infinite component does not
+        turn the other into NaN. With momentum the step is the dense one on g.to_dense(), whose repeated
+        rows are summed before the update: torch's buffer is a sparse tensor of the same values
+        up to that rounding (its entries grow by each step's gradient and are added one by one),
+        fastdl's a dense one. weight_decay raises, as in torch (grad.add(param) is sparse +
+        dense there)."""
         if g.layout is not torch.sparse_coo:
             raise RuntimeError(f"fastdl.optim.SGD: sparse gradients are taken as torch.sparse_coo, "
                                f"got a {g.layout} gradient")

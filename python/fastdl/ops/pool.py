@@ -70,6 +70,10 @@ def _check_input(fn, x, *, ndim_error=RuntimeError, allow_empty_channels=False,
         if any(d == 0 for d in dims):
             raise RuntimeError(f"{fn}: expected 3D or 4D input with non-zero C, H and W (an empty "
                                f"batch is allowed), got shape {shape}")
+    elif empty_check == "after_first":   # torch's adaptive max: dims 1.. (a 3-D input's C too)
+        if any(d == 0 for d in shape[1:]):
+            raise RuntimeError(f"{fn}: expected input to have non-zero size for its dims after "
+                               f"the first, got shape {shape}")
     elif empty_check == "hw":
         if shape[-1] == 0 or shape[-2] == 0:
             raise RuntimeError(f"{fn}: expected input to have non-zero H and W, got shape {shape}")
@@ -613,7 +617,7 @@ def _adaptive_geometry(fn, input, output_size):
         # torch.nn.functional checks this first, in Python, with ValueError
         raise ValueError(f"{fn}: input dimension should be at least {len(output_size) + 1}, got "
                          f"input of shape {tuple(input.shape)} for output_size {output_size}")
-    x, code, device = _check_input(fn, input, empty_check="hw" if "avg" in fn else "all")
+    x, code, device = _check_input(fn, input, empty_check="hw" if "avg" in fn else "after_first")
     oh, ow = _adaptive_size(fn, x, output_size)
     shape = tuple(x.shape)
     return _cache_put(key, (shape[:-2] + (oh, ow),

@@ -531,6 +531,20 @@ def _one(fn, name, value, position):
     return value
 
 
+def _flag(fn, name, value, position=None):
+    """torch's bool arguments: True or False only (1, None or a string raise TypeError)."""
+    if value is not True and value is not False:
+        where = "" if position is None else f" (position {position})"
+        raise TypeError(f"{fn}(): argument '{name}'{where} must be bool, not "
+                        f"{type(value).__name__}")
+    return value
+
+
+class _NotATensorError(TypeError, AttributeError):
+    """indices that are not a Tensor: torch's max_unpool1d raises AttributeError there (from
+    indices.unsqueeze); a TypeError by fastdl's convention. Either except clause catches it."""
+
+
 def _stride_one(fn, stride, kernel, position):
     if stride is None or (isinstance(stride, (tuple, list)) and len(stride) == 0):
         return kernel
@@ -574,8 +588,14 @@ def max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     k = _one(fn, "kernel_size", kernel_size, 2)
     s = _stride_one(fn, stride, k, 3)
     p, d = _one(fn, "padding", padding, 4), _one(fn, "dilation", dilation, 5)
-    return _as_1d(fn, max_pool2d, input.unsqueeze(-2), (1, k), (1, s), (0, p), (1, d),
-                  ceil_mode, return_indices)
+    _flag(fn, "ceil_mode", ceil_mode, 6)
+    out = _as_1d(fn, max_pool2d, input.unsqueeze(-2), (1, k), (1, s), (0, p), (1, d),
+                 ceil_mode, return_indices)
+    if not return_indices and not (input.requires_grad and _grad_enabled()):
+        # torch's own 1-D kernel (no indices, nothing to record) returns a contiguous tensor;
+        # the 2-D path keeps a transposed (N, L, C)-strided input's layout
+        return out if out.is_contiguous() else out.contiguous()
+    return out
 
 
 def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
@@ -591,6 +611,8 @@ def avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
     k = _one(fn, "kernel_size", kernel_size, 2)
     s = _stride_one(fn, stride, k, 3)
     p = _one(fn, "padding", padding, 4)
+    _flag(fn, "ceil_mode", ceil_mode)
+    _flag(fn, "count_include_pad", count_include_pad)
     return _as_1d(fn, avg_pool2d, input.unsqueeze(-2), (1, k), (1, s), (0, p), ceil_mode,
                   count_include_pad)
 
@@ -654,7 +676,7 @@ def max_unpool1d(input, indices, kernel_size, stride=None, padding=0, output_siz
                              f"elements, but it has a length of '{len(size)}'")
         size = (1, size[0])
     if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"{fn}(): argument 'indices' must be Tensor, not "
-                        f"{type(indices).__name__}")
+        raise _NotATensorError(f"{fn}(): argument 'indices' must be Tensor, not "
+                               f"{type(indices).__name__}")
     return _as_1d(fn, max_unpool2d, input.unsqueeze(-2), indices.unsqueeze(-2), (1, k), (1, s),
                   (0, p), size)
