@@ -73,4 +73,19 @@ def cases(device="cpu", quick=False):
                     _fwd_bwd(lambda t: F.adaptive_avg_pool2d(t, 1), xsg, gys),
                     {"torch": _fwd_bwd(lambda t: TF.adaptive_avg_pool2d(t, 1), xsg, gys)},
                     bytes=4 * (2 * n_in + 2 * n_out), device=device))
+    # 1-D: max-over-time pooling of a text CNN's feature maps (32 sequences, 256 channels, 500
+    # steps -> 1), a window much wider than its output row (csrc/cpu/pool.cpp's per-output scan)
+    xt = torch.randn(32, 256, 500, generator=g).to(device)
+    xtg = xt.clone().requires_grad_()
+    gyt = torch.randn(32, 256, 1, generator=g).to(device)
+    n_in, n_out = xt.numel(), 32 * 256
+    shape = "32x256x500"
+    out.append(Case("pool", f"1-D max over time fwd {shape}",
+                    lambda: F.adaptive_max_pool1d(xt, 1),
+                    {"torch": lambda: TF.adaptive_max_pool1d(xt, 1)},
+                    bytes=4 * (n_in + n_out), device=device))
+    out.append(Case("pool", f"1-D max over time fwd+bwd {shape}",
+                    _fwd_bwd(lambda t: F.adaptive_max_pool1d(t, 1), xtg, gyt),
+                    {"torch": _fwd_bwd(lambda t: TF.adaptive_max_pool1d(t, 1), xtg, gyt)},
+                    bytes=4 * (2 * n_in + 2 * n_out), device=device))
     return out
