@@ -17,9 +17,8 @@
 //   Windows of 16 or more taps and at least 4x wider than their row of outputs (global or
 //   max-over-time pooling of 1-D sequences, adaptive pools of long rows) skip the tap loop: each
 //   output is one vectorised reduction over its window in the row buffer (max_scan; a vector sum
-//   for avg). 32 x 256 x 500 float32, 2 threads, Zen 4 VM: max_pool1d(x, 500) 8-10 -> 1.1-1.6 ms
-//   (torch 6-8), avg_pool1d(x, 50) 4.5 -> 0.7 ms (torch 1.3), adaptive_max_pool1d(x, 1)
-//   2.1-3.1 -> 0.4-0.5 ms (torch 1.5); benchmarks/RESULTS.md, 2026-12-07 05:11.
+//   for avg). Figures: benchmarks/RESULTS.md, "1-D pools; max and average
+//   pooling over wide windows".
 // Backward: max scatters gy through the saved indices (int64, or int32 when fastdl.nn keeps them
 // internally) into a zeroed plane in L1; avg spreads gy/divisor over each window with the same
 // phase trick, then writes (first window over a row) or adds (overlapping windows) the row into
@@ -200,9 +199,9 @@ inline void max_vertical(const T* __restrict xp, int64_t W, const AxisTaps& rows
 // with IDX; without, the first maximum / last NaN in position order, as the tap loop keeps): a
 // vectorised max and NaN test over the window, then a second pass for the winning index (the
 // smallest among equal maxima, the largest among NaNs); the winner's own value where its bits are
-// not the maximum's (so a -0.0 met before +0.0 stays -0.0). Windows much wider than their row of outputs were bound by one
-// compare-and-select chain per element in the tap loop (global max pooling of 32 x 256 planes of
-// 1 x 500: 2.1 ms, torch 1.5; RESULTS.md). Writes the value and, with IDX, the index.
+// not the maximum's (so a -0.0 met before +0.0 stays -0.0). In the tap loop, windows much wider
+// than their row of outputs were bound by one compare-and-select chain per element (RESULTS.md).
+// Writes the value and, with IDX, the index.
 template <class T, bool IDX, bool UNIT>   // UNIT: step 1 (contiguous loads)
 inline void max_scan_impl(const T* __restrict vm, const int32_t* __restrict vi, int64_t b0,
                           int64_t step_, int64_t n, T& out, int32_t& out_i) {
@@ -217,9 +216,9 @@ inline void max_scan_impl(const T* __restrict vm, const int32_t* __restrict vi, 
     mx = v > mx ? v : mx;
   }
   // A nonzero maximum has one bit pattern: it is the winner's value, with no search for the
-  // winner's position (a scalar scan, half the window on average: ~0.4 ms of a 1.45 ms training
-  // forward of 32 x 256 x 500 max-over-time pooling). A zero maximum may be -0.0 or +0.0, and a
-  // NaN carries its payload: those read the winner itself.
+  // winner's position (a scalar scan over half the window on average, most of the scan's time:
+  // RESULTS.md). A zero maximum may be -0.0 or +0.0, and a NaN carries its payload: those read
+  // the winner itself.
   const bool exact = !nan && mx != T(0);
   int64_t pos = -1;
   if (!IDX) {

@@ -571,8 +571,8 @@ class SGD(_FusedOptimizer):
         fastdl's a dense one. weight_decay raises, as in torch (grad.add(param) is sparse +
         dense there)."""
         if g.layout is not torch.sparse_coo:
-            raise RuntimeError(f"fastdl.optim.SGD: sparse gradients are taken as torch.sparse_coo, "
-                               f"got a {g.layout} gradient")
+            raise RuntimeError(f"fastdl.optim.SGD: sparse gradients are taken as "
+                               f"torch.sparse_coo, got a {g.layout} gradient")
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
             raise RuntimeError(f"fastdl.optim.SGD: a sparse gradient of shape {tuple(g.shape)} "
                                f"({g.dtype}, {g.device}) for a parameter of shape "

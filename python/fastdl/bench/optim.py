@@ -107,7 +107,7 @@ def sparse_cases(device="cpu"):
 
     # One param for both sides (neither keeps state): random rows of a 100 MB tensor cost TLB
     # misses that depend on whether the allocation got huge pages, which two separate tensors
-    # need not share (measured: 0.59x in one suite run, parity in isolation).
+    # need not share (RESULTS.md, sparse gradients).
     p = torch.randn(rows, dim, generator=g).to(device).requires_grad_()
     p.grad = grad
     fast = fo.SGD([p], lr=1e-3)
