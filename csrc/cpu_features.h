@@ -3,9 +3,10 @@
 //   FASTDL_CPU_CAPABILITY=default  forces the portable build (tests run every path on one machine)
 //   FASTDL_CPU_CAPABILITY=avx2     asks for AVX2+FMA; an error if the CPU or the build lacks it
 //   FASTDL_CPU_CAPABILITY=avx512   asks for AVX-512 (F, VL, BW, DQ) on top of AVX2+FMA; likewise
-// Unset: AVX-512 on Intel CPUs that run it; on AMD Zen 4, AVX-512 for some kernel families and
-// AVX2 for the others (KernelFamily below; cpu_features.cpp says which and why); else AVX2+FMA
-// where present, else the portable build. FASTDL_CPU_CAPABILITY applies to every family.
+// Unset: AVX-512 on Intel CPUs that run it; on AMD Zen 5 with full-width 512-bit units, AVX-512
+// for every kernel family but pooling; on AMD Zen 4 and the mobile Zen 5 parts, AVX-512 for some
+// families and AVX2 for the others (KernelFamily below; cpu_features.cpp says which and why);
+// else AVX2+FMA where present, else the portable build. FASTDL_CPU_CAPABILITY applies to every family.
 // Precedence: set_cpu_capability (every family), set_cpu_capability_for (one), the variable,
 // the automatic choice. Kernel files (csrc/cpu/*.cpp) are compiled once per ISA inside
 // namespace fastdl::FASTDL_ISA_NS; the portable compilation (FASTDL_ISA_DEFAULT) also emits the
@@ -29,7 +30,7 @@ enum class KernelFamily : int {
 };
 
 // The base path: what families with no measured reason to differ use (on every CPU but AMD
-// Zen 4, all of them), and what machine.cpp's stream measurement runs.
+// Zen 4 and Zen 5, all of them), and what machine.cpp's stream measurement runs.
 CpuCapability cpu_capability();
 CpuCapability cpu_capability(KernelFamily f);  // the path family f uses
 const char* cpu_capability_name();         // the base path's: "default", "avx2" or "avx512"

@@ -20,15 +20,22 @@ def run_py(code, **env):
 
 
 _FAMILIES = ("conv", "pool", "gemm", "recurrent_forward", "recurrent_backward", "optim")
-# On AMD Zen 4 (family 25 with AVX-512): the families measured faster on the AVX-512 build.
+# On AMD Zen 4 (family 25 with AVX-512) and mobile Zen 5 (family 26, 256-bit units): the families
+# measured faster on the AVX-512 build on Zen 4.
 _AMD_AVX512_FAMILIES = {"gemm", "recurrent_forward", "optim"}
+
+
+def _zen5_full_width(model: int) -> bool:
+    """AMD family 26 (Zen 5) models with 512-bit units: server, desktop, Strix Halo."""
+    return model <= 0x1F or 0x40 <= model <= 0x4F or 0x70 <= model <= 0x7F
 
 
 def _expected_automatic_path(family=None):
     """The CPU path fastdl should pick with FASTDL_CPU_CAPABILITY unset, read from /proc/cpuinfo
     (not from fastdl's own detection): AVX-512 on Intel, else AVX2+FMA+F16C, else portable;
-    family (one of _FAMILIES): on AMD family 25 with AVX-512 (Zen 4), AVX-512 for
-    _AMD_AVX512_FAMILIES.
+    family (one of _FAMILIES): on AMD family 26 (Zen 5) full-width models, AVX-512 for every
+    family but pool, the base (family None) included; on AMD family 25 with AVX-512 (Zen 4) and
+    the other family 26 models, AVX-512 for _AMD_AVX512_FAMILIES.
     The portable path in a build without the x86 kernel builds (FASTDL_X86_KERNEL_BUILDS=OFF, as
     in CI's emulation pass, or a non-x86 CPU); None where /proc/cpuinfo is missing."""
     if not _C.x86_kernel_builds():
@@ -50,8 +57,12 @@ def _expected_automatic_path(family=None):
         return None
     if {"avx2", "fma", "f16c"} <= flags:
         if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
-            zen4 = vendor == "AuthenticAMD" and fields.get("cpu family") == "25"
-            if vendor == "GenuineIntel" or (zen4 and family in _AMD_AVX512_FAMILIES):
+            amd_family = fields.get("cpu family") if vendor == "AuthenticAMD" else None
+            model = int(fields.get("model", "0"))
+            if amd_family == "26" and _zen5_full_width(model):
+                return "avx2" if family == "pool" else "avx512"
+            if vendor == "GenuineIntel" or (amd_family in ("25", "26")
+                                            and family in _AMD_AVX512_FAMILIES):
                 return "avx512"
         return "avx2"
     return "default"
