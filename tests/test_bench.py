@@ -528,3 +528,27 @@ def test_lm_bound_free_layers_keep_shapes_and_gradients(monkeypatch, capsys):
     text = capsys.readouterr().out
     flops = mod.lm_step_flops(50, 3, 2)
     assert f"{flops / 1e9:.2f} GFLOP per step" in text and "bound (free layers" in text
+
+
+@pytest.mark.skipif(not (fastdl._C.cpu_supports_avx2() and fastdl._C.cpu_supports_avx512()),
+                    reason="needs a CPU and build with both the AVX2 and the AVX-512 kernels")
+def test_cpu_build_ab_times_both_builds(capsys):
+    """benchmarks/cpu_build_ab.py (the A/B behind the kernel build per family): bad arguments
+    stop before anything runs; a run prints one row per case and leaves the automatic choice."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cpu_build_ab.py")
+    spec = importlib.util.spec_from_file_location("cpu_build_ab", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for argv in (["nosuite"], ["gemm", "--budget", "0"], ["rnn", "--only", "rnn"]):
+        with pytest.raises(SystemExit):
+            mod.main(argv)
+        assert "avx512/avx2" not in capsys.readouterr().out
+    auto = dict(fastdl._C.cpu_capability_by_kernel())
+    mod.main(["gemm", "--filter", "square 256", "--budget", "0.05"])
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 1 and rows[0].startswith("gemm  square 256 ") and "avx512/avx2" in rows[0]
+    mod.main(["rnn", "--filter", "RNN (64,128,32,50) fwd", "--budget", "0.05",
+              "--only", "recurrent_backward"])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2   # fwd and fwd+bwd
+    assert dict(fastdl._C.cpu_capability_by_kernel()) == auto
