@@ -552,3 +552,19 @@ def test_cpu_build_ab_times_both_builds(capsys):
               "--only", "recurrent_backward"])
     assert len(capsys.readouterr().out.strip().splitlines()) == 2   # fwd and fwd+bwd
     assert dict(fastdl._C.cpu_capability_by_kernel()) == auto
+
+
+def test_building_the_suites_cases_warns_nothing():
+    """fastdl-bench's output is a table: building every CPU suite's cases (the sparse optimizer
+    row's gradient included: torch warns once per process where a sparse tensor's invariant
+    check is left unset) raises no warning, in a fresh process."""
+    import subprocess
+    import sys
+    code = ("import warnings\nwarnings.simplefilter('error')\n"
+            "from fastdl.bench import conv, gemm, optim, pool, rnn\n"
+            "for m in (conv, gemm, pool, rnn): m.cases('cpu', quick=True)\n"
+            "optim.cases('cpu', quick=True); optim.sparse_cases('cpu')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Pooling (max, avg, adaptive, unpool) against torch: outputs, indices and gradients over a seeded
 sweep of geometries, inputs with ties and NaN, gradcheck, numpy in/out, every element written,
 exception parity. CPU tests run under both kernel builds (cpu_path); CUDA via the device fixture."""
+import math
 import random
 import subprocess
 import sys
@@ -826,6 +827,11 @@ WIDE_MAX = [  # windows wide against their row of outputs: scanned per output (c
     ("adaptive_max_pool2d", (2, 3, 5, 80), dict(output_size=(2, 1))),
     ("adaptive_max_pool2d", (2, 3, 3, 70), dict(output_size=(3, 3))),
     ("adaptive_max_pool1d", (2, 3, 100), dict(output_size=2)),
+    # with indices, windows over one row read x itself (max_row_first): a 2-D window whose
+    # padding leaves one row inside beside two-row windows in the same call; adaptive rows of one
+    ("max_pool2d", (2, 3, 3, 70), dict(kernel_size=(2, 40), stride=(2, 20), padding=(1, 20))),
+    ("adaptive_max_pool2d", (2, 3, 3, 80), dict(output_size=(3, 2))),
+    ("max_pool1d", (2, 3, 80), dict(kernel_size=24, stride=20, dilation=2, padding=10)),
 ]
 
 
@@ -841,13 +847,17 @@ def _bits_equal(a, b):
 
 @pytest.mark.parametrize("name,shape,kwargs", WIDE_MAX,
                          ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(WIDE_MAX)])
-@pytest.mark.parametrize("mode", ["ties", "nan", "signed zeros"])
+@pytest.mark.parametrize("mode", ["ties", "nan", "signed zeros", "all -inf"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_wide_max_windows_bitwise(cpu_path, name, shape, kwargs, mode, dtype):
-    """Wide windows over ties, NaN/-inf and zeros of both signs: values (bit for bit: the first
-    of -0.0 / +0.0 is kept, as torch's) and indices (first maximum, last NaN) equal torch's."""
+    """Wide windows over ties, NaN/-inf, zeros of both signs and windows of -inf only: values
+    (bit for bit: the first of -0.0 / +0.0 is kept, as torch's) and indices (first maximum, last
+    NaN; a window of -inf: its first tap inside x) equal torch's."""
     gen = torch.Generator().manual_seed(7)
-    if mode == "signed zeros":
+    if mode == "all -inf":   # -inf but for a few finite values in the last plane
+        x = torch.full(shape, -math.inf, dtype=dtype)
+        x.view(-1)[-5:] = torch.rand(5, generator=gen).to(dtype)
+    elif mode == "signed zeros":
         x = torch.where(torch.rand(shape, generator=gen) < 0.5, torch.zeros(shape),
                         -torch.zeros(shape)).to(dtype)
         x[..., ::7] = -1.0

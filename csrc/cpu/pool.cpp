@@ -17,8 +17,10 @@
 //   Windows of 16 or more taps and at least 4x wider than their row of outputs (global or
 //   max-over-time pooling of 1-D sequences, adaptive pools of long rows) skip the tap loop: each
 //   output is one vectorised reduction over its window in the row buffer (max_scan; a vector sum
-//   for avg). Figures: benchmarks/RESULTS.md, "1-D pools; max and average
-//   pooling over wide windows".
+//   for avg); with indices, a window over one row of x (1-D pooling) is scanned in x itself, its
+//   winner's tap found by a blocked search (max_row_first), no index buffer. Figures:
+//   benchmarks/RESULTS.md, "1-D pools; max and average pooling over wide windows", and
+//   2026-12-07 08:19 ("the indexed max-over-time forward").
 // Backward: max scatters gy through the saved indices (int64, or int32 when fastdl.nn keeps them
 // internally) into a zeroed plane in L1; avg spreads gy/divisor over each window with the same
 // phase trick, then writes (first window over a row) or adds (overlapping windows) the row into
@@ -273,6 +275,61 @@ inline void max_scan(const T* vm, const int32_t* vi, int64_t b0, int64_t step, i
   else max_scan_impl<T, IDX, false>(vm, vi, b0, step, n, out, out_i);
 }
 
+// The winner of a window on one input row (a 1-D window, or a 2-D one with a single row inside
+// the input) and its column: taps xr[lo], xr[lo + d], ... below hi (lo < hi, every tap inside the
+// row), in torch's order (the first maximum; the last NaN). A vectorised max and NaN test, then
+// the winner's tap searched in blocks of kFirstBlock taps, each block one vectorised test before
+// its scalar search. With indices, max_scan's route (an index buffer filled beside the row
+// buffer, then reduced over the window) had made the indexed forward of a 500-tap window 2.6x
+// the unindexed one (RESULTS.md, 2026-12-07 08:19).
+constexpr int64_t kFirstBlock = 32;
+
+template <class T, bool UNIT>   // UNIT: d == 1
+inline int64_t max_row_first_impl(const T* __restrict xr, int64_t lo, int64_t hi, int64_t d_,
+                                  T& out) {
+  const int64_t d = UNIT ? 1 : d_;
+  const T* __restrict w = xr + lo;
+  const int64_t n = (hi - lo + d - 1) / d;
+  T mx = -std::numeric_limits<T>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t k = 0; k < n; ++k) {
+    const T v = w[k * d];
+    nan |= v != v;
+    mx = v > mx ? v : mx;
+  }
+  int64_t pos = -1;
+  if (!nan) {   // the first tap equal to the maximum (-0.0 == +0.0: the first zero, as torch)
+    for (int64_t k0 = 0; pos < 0; k0 += kFirstBlock) {
+      const int64_t k1 = std::min(n, k0 + kFirstBlock);
+      int hit = 0;
+#pragma omp simd reduction(| : hit)
+      for (int64_t k = k0; k < k1; ++k) hit |= w[k * d] == mx;
+      if (hit)
+        for (int64_t k = k0; pos < 0; ++k)
+          if (w[k * d] == mx) pos = k;
+    }
+  } else {      // the last NaN
+    for (int64_t k1 = n; pos < 0; k1 -= kFirstBlock) {
+      const int64_t k0 = std::max<int64_t>(0, k1 - kFirstBlock);
+      int hit = 0;
+#pragma omp simd reduction(| : hit)
+      for (int64_t k = k0; k < k1; ++k) hit |= w[k * d] != w[k * d];
+      if (hit)
+        for (int64_t k = k1 - 1; pos < 0; --k)
+          if (w[k * d] != w[k * d]) pos = k;
+    }
+  }
+  out = w[pos * d];
+  return lo + pos * d;
+}
+
+template <class T>
+inline int64_t max_row_first(const T* xr, int64_t lo, int64_t hi, int64_t d, T& out) {
+  return d == 1 ? max_row_first_impl<T, true>(xr, lo, hi, 1, out)
+                : max_row_first_impl<T, false>(xr, lo, hi, d, out);
+}
+
 // Windows at least this many taps wide, and at least this many times wider than their row of
 // outputs, are scanned per output (max_scan) instead of tap by tap across the row.
 constexpr int64_t kScanMinTaps = 16;
@@ -284,10 +341,11 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, I* yidx) {
   const int64_t W = p.in_w, OW = p.out_w, L = ph.phase_len, S = ph.stride;
   const int64_t taps = p.kw;
   const bool scan = taps >= kScanMinTaps && taps >= 4 * OW;
-  std::vector<int64_t> col_lo(OW), empty_cols;
+  std::vector<int64_t> col_lo(OW), col_hi(OW), empty_cols;
   for (int64_t ow = 0; ow < OW; ++ow) {
     const AxisTaps c = cols_of(p, ow);
     col_lo[ow] = c.lo;
+    col_hi[ow] = c.hi;
     if (c.lo >= c.hi) empty_cols.push_back(ow);
   }
   parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
@@ -312,8 +370,16 @@ void max_forward_regular(const Pool2dParams& p, const T* x, T* y, I* yidx) {
           }
           continue;
         }
-        max_vertical<T, IDX>(xp, W, rows, vm, vi);
-        if (scan) {   // output ow's taps: buffer positions ow*S + k*dw (sentinels in the padding)
+        // with indices, a window of one row is scanned in x itself (max_row_first)
+        const bool row_scan = IDX && scan && rows.lo + rows.step >= rows.hi;
+        if (!row_scan) max_vertical<T, IDX>(xp, W, rows, vm, vi);
+        if (row_scan) {
+          const T* xr = xp + rows.lo * W;
+          for (int64_t ow = 0; ow < OW; ++ow)
+            if (col_lo[ow] < col_hi[ow])
+              ir[ow] = static_cast<I>(rows.lo * W +
+                                      max_row_first(xr, col_lo[ow], col_hi[ow], p.dw, yr[ow]));
+        } else if (scan) {   // output ow's taps: buffer positions ow*S + k*dw (padding: sentinels)
           for (int64_t ow = 0; ow < OW; ++ow) {
             int32_t mi = 0;
             max_scan<T, IDX>(bm.data(), IDX ? bi.data() : nullptr, ow * S, p.dw, taps, yr[ow],
@@ -402,9 +468,11 @@ void max_forward_adaptive(const Pool2dParams& p, const T* x, T* y, I* yidx) {
   const TaskSplit ts = split_rows(p);
   const int64_t W = p.in_w, OW = p.out_w;
   std::vector<int64_t> ws(OW), we(OW);
+  bool all_scan = true;   // every window scanned (max_scan / max_row_first)
   for (int64_t ow = 0; ow < OW; ++ow) {
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
+    all_scan = all_scan && we[ow] - ws[ow] >= kScanMinTaps;
   }
   parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
     std::vector<T> vm(W);
@@ -415,7 +483,15 @@ void max_forward_adaptive(const Pool2dParams& p, const T* x, T* y, I* yidx) {
       const int64_t oh1 = std::min(p.out_h, (blk + 1) * ts.rows_per_block);
       for (int64_t oh = blk * ts.rows_per_block; oh < oh1; ++oh) {
         const int64_t o = (plane * p.out_h + oh) * OW;
-        max_vertical<T, IDX>(xp, W, rows_of(p, oh), vm.data(), IDX ? vi.data() : nullptr);
+        const AxisTaps rows = rows_of(p, oh);
+        if (IDX && all_scan && rows.lo + 1 >= rows.hi) {   // one row, every window wide
+          const T* xr = xp + rows.lo * W;
+          for (int64_t ow = 0; ow < OW; ++ow)
+            yidx[o + ow] = static_cast<I>(rows.lo * W + max_row_first(xr, ws[ow], we[ow], 1,
+                                                                      y[o + ow]));
+          continue;
+        }
+        max_vertical<T, IDX>(xp, W, rows, vm.data(), IDX ? vi.data() : nullptr);
         for (int64_t ow = 0; ow < OW; ++ow) {
           if (we[ow] - ws[ow] >= kScanMinTaps) {
             int32_t mi = 0;
@@ -622,9 +698,11 @@ void avg_forward_adaptive(const Pool2dParams& p, const T* x, T* y) {
   }
   const TaskSplit ts = split_rows(p);
   std::vector<int64_t> ws(OW), we(OW);
+  bool all_scan = true;   // every window scanned (max_scan / max_row_first)
   for (int64_t ow = 0; ow < OW; ++ow) {
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
+    all_scan = all_scan && we[ow] - ws[ow] >= kScanMinTaps;
   }
   parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
     std::vector<T> vs(W);
@@ -746,9 +824,11 @@ template <class T>
 void avg_backward_adaptive(const Pool2dParams& p, const T* gy, T* gx) {
   const int64_t W = p.in_w, OW = p.out_w, in_plane = p.in_h * W;
   std::vector<int64_t> ws(OW), we(OW);
+  bool all_scan = true;   // every window scanned (max_scan / max_row_first)
   for (int64_t ow = 0; ow < OW; ++ow) {
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
+    all_scan = all_scan && we[ow] - ws[ow] >= kScanMinTaps;
   }
   parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
     T* const out = gx;

@@ -103,7 +103,8 @@ def sparse_cases(device="cpu"):
     rows, dim, nnz = 100000, 256, 2000
     g = torch.Generator(device="cpu").manual_seed(0)
     grad = torch.sparse_coo_tensor(torch.randint(0, rows, (1, nnz), generator=g),
-                                   torch.randn(nnz, dim, generator=g), (rows, dim)).to(device)
+                                   torch.randn(nnz, dim, generator=g), (rows, dim),
+                                   check_invariants=True).to(device)   # (unset: torch warns)
 
     # One param for both sides (neither keeps state): random rows of a 100 MB tensor cost TLB
     # misses that depend on whether the allocation got huge pages, which two separate tensors
