@@ -9,6 +9,7 @@
 
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -332,6 +333,24 @@ PYBIND11_MODULE(_C, m) {
       if (family == kernel_family_name(static_cast<KernelFamily>(i)))
         return set_cpu_capability_for(static_cast<KernelFamily>(i), s.c_str());
     throw std::invalid_argument("set_cpu_capability_for: no kernel family '" + family + "'");
+  });
+  // Tests only: CPUID leaf 1's eax decoded to (family, model), and the automatic build table
+  // (cpu_features.cpp) for a CPU with AVX-512 of vendor "intel" / "amd" / other, for a kernel
+  // family or "base", with AVX2 as its fallback.
+  m.def("decode_cpuid_family_model", [](uint32_t eax) {
+    unsigned family = 0, model = 0;
+    decode_family_model(eax, &family, &model);
+    return std::make_pair(family, model);
+  });
+  m.def("avx512_cpu_choice", [](const std::string& vendor, unsigned cpu_family, unsigned model,
+                                const std::string& family) {
+    int f = -1;
+    for (int i = 0; i < static_cast<int>(KernelFamily::Count); ++i)
+      if (family == kernel_family_name(static_cast<KernelFamily>(i))) f = i;
+    if (family == "base") f = static_cast<int>(KernelFamily::Count);
+    if (f < 0) throw std::invalid_argument("avx512_cpu_choice: no kernel family '" + family + "'");
+    return std::string(capability_name(avx512_cpu_choice(
+        vendor == "intel", vendor == "amd", cpu_family, model, f, CpuCapability::AVX2)));
   });
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);

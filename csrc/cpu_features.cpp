@@ -73,64 +73,65 @@ static CpuCapability parse(const char* name) {
   return CpuCapability::Default;
 }
 
-// The x86 processor family and model (CPUID leaf 1, base plus extended): family 0x19 is AMD Zen 3
-// and Zen 4, 0x1a Zen 5.
-static void x86_family_model(unsigned* family, unsigned* model) {
-  *family = *model = 0;
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return;
+void decode_family_model(unsigned eax, unsigned* family, unsigned* model) {
   const unsigned base = (eax >> 8) & 0xf;
   *family = base == 0xf ? base + ((eax >> 20) & 0xff) : base;
   *model = (eax >> 4) & 0xf;
   if (base == 0xf || base == 0x6) *model |= ((eax >> 16) & 0xf) << 4;
-#endif
 }
 
-// The build chosen without FASTDL_CPU_CAPABILITY (family Count: the base, what
-// cpu_capability() reports and machine.cpp's stream measurement runs):
-// - Intel CPUs with AVX-512: AVX-512 for every family (two 512-bit FMA pipes; measured faster
-//   than the AVX2 build there: benchmarks/RESULTS.md).
-// - AMD Zen 5 with full-width 512-bit units (family 0x1a: the server parts, models 0x00-0x1f, the
-//   desktop ones, 0x40-0x4f, and Strix Halo, 0x70-0x7f): AVX-512 for every family but pooling,
-//   the base included. Measured on an EPYC VM (model 0x02), 2026-12-07 08:30 (RESULTS.md): the
-//   AVX-512 build 1.4-1.85x faster on the dense GEMM, 1.1-1.9x on the recurrent forward,
-//   1.06-1.42x on the recurrent backward alone, 1.0-1.8x on the conv suite's layers (depthwise
-//   0.93x forward / 1.06x forward+backward), 1.0-1.08x on the optimizers; pooling 0.77-1.06x
-//   (inference max pooling slower) stays AVX2.
-// - AMD Zen 4 (family 0x19 with AVX-512; it splits 512-bit operations into two 256-bit halves),
-//   and the other Zen 5 models (the mobile ones, which AMD built with 256-bit units like Zen
-//   4's; not measured here): AVX-512 for the families where it measured faster on a Zen 4 VM than
-//   the AVX2 build (the recurrent forward, the dense GEMM, the optimizers), AVX2 for the others
-//   (convolution, whose rules were fitted on Intel and which was mixed; pooling, mixed; the
-//   recurrent backward, even to slower): benchmarks/RESULTS.md, 2026-12-06 15:04. The base stays
+// The build chosen without FASTDL_CPU_CAPABILITY on a CPU with AVX-512 (family Count: the base,
+// what cpu_capability() reports and machine.cpp's stream measurement runs):
+// - Intel: AVX-512 for every family (two 512-bit FMA pipes; measured faster than the AVX2 build
+//   there: benchmarks/RESULTS.md).
+// - AMD Zen 5 with full-width 512-bit units (family 0x1a models 0x00-0x1f: server; 0x40-0x4f:
+//   desktop and Fire Range; 0x70-0x7f: Strix Halo): AVX-512 for every family but pooling, the
+//   base included. Measured on an EPYC VM (model 0x02), RESULTS.md 2026-12-07 08:19: the AVX-512
+//   build 1.4-1.85x as fast on the dense GEMM, 0.94-1.86x on the recurrent forward (below 1 only
+//   at batch 1), 1.06-1.42x on the recurrent backward alone, 0.93-1.8x on the conv suite's
+//   layers (below 1 only the depthwise forward; its forward+backward 1.06x), 0.99-1.08x on the
+//   optimizers; pooling 0.77-1.06x (inference max pooling slower) stays AVX2.
+// - AMD Zen 4 (family 0x19; it splits 512-bit operations into two 256-bit halves) and the mobile
+//   Zen 5 parts (family 0x1a models 0x20-0x2f: Strix Point; 0x60-0x6f: Krackan; 256-bit units
+//   like Zen 4's, not measured here): AVX-512 for the families where it measured faster on a Zen
+//   4 VM than the AVX2 build (the recurrent forward, the dense GEMM, the optimizers), AVX2 for
+//   the others (convolution, whose rules were fitted on Intel and which was mixed; pooling,
+//   mixed; the recurrent backward, even to slower): RESULTS.md, 2026-12-06 15:04. The base stays
 //   AVX2.
-// - Elsewhere (other AMD CPUs with AVX-512 included) AVX2 where the CPU has it, else the
-//   portable build.
+// - Other AMD models (Zen 6 among family 0x1a's, unmeasured), other vendors: `fallback`.
+CpuCapability avx512_cpu_choice(bool intel, bool amd, unsigned cpu_family, unsigned model,
+                                int family, CpuCapability fallback) {
+  if (intel) return CpuCapability::AVX512;
+  if (!amd) return fallback;
+  const bool zen5 = cpu_family == 0x1a;
+  const bool full_width = zen5 && (model <= 0x1f || (model >= 0x40 && model <= 0x4f) ||
+                                   (model >= 0x70 && model <= 0x7f));
+  if (full_width)
+    return static_cast<KernelFamily>(family) == KernelFamily::Pool ? fallback
+                                                                    : CpuCapability::AVX512;
+  const bool split = cpu_family == 0x19 || (zen5 && ((model >= 0x20 && model <= 0x2f) ||
+                                                     (model >= 0x60 && model <= 0x6f)));
+  if (!split) return fallback;
+  switch (static_cast<KernelFamily>(family)) {
+    case KernelFamily::RecurrentForward:
+    case KernelFamily::Gemm:
+    case KernelFamily::Optim:
+      return CpuCapability::AVX512;
+    default:
+      return fallback;
+  }
+}
+
+// The CPU's choice (avx512_cpu_choice where it runs AVX-512 and this build has it), else AVX2
+// where the CPU has it, else the portable build.
 static CpuCapability automatic_choice(int family) {
   const CpuCapability fallback = cpu_supports_avx2() ? CpuCapability::AVX2 : CpuCapability::Default;
 #if FASTDL_HAVE_X86_BUILD && (defined(__x86_64__) || defined(__i386__))
   if (cpu_supports_avx512()) {
-    if (__builtin_cpu_is("intel")) return CpuCapability::AVX512;
-    unsigned cpu_family = 0, model = 0;
-    x86_family_model(&cpu_family, &model);
-    const bool amd = __builtin_cpu_is("amd");
-    const bool zen5_full_width = amd && cpu_family == 0x1a &&
-                                 (model <= 0x1f || (model >= 0x40 && model <= 0x4f) ||
-                                  (model >= 0x70 && model <= 0x7f));
-    if (zen5_full_width)
-      return static_cast<KernelFamily>(family) == KernelFamily::Pool ? fallback
-                                                                      : CpuCapability::AVX512;
-    if (amd && (cpu_family == 0x19 || cpu_family == 0x1a)) {
-      switch (static_cast<KernelFamily>(family)) {
-        case KernelFamily::RecurrentForward:
-        case KernelFamily::Gemm:
-        case KernelFamily::Optim:
-          return CpuCapability::AVX512;
-        default:
-          return fallback;
-      }
-    }
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0, cpu_family = 0, model = 0;
+    if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) decode_family_model(eax, &cpu_family, &model);
+    return avx512_cpu_choice(__builtin_cpu_is("intel"), __builtin_cpu_is("amd"), cpu_family,
+                             model, family, fallback);
   }
 #endif
   (void)family;

@@ -40,6 +40,13 @@ bool cpu_supports_avx2();                  // what the processor offers (AVX2, F
 bool cpu_supports_avx512();                // AVX2 as above and AVX-512 F, VL, BW, DQ (OS-enabled)
 bool cpu_supports_avx512_bf16();           // AVX-512 F and AVX512-BF16, whatever this build has
                                            // (bfloat16 dot products: torch's fast CPU bfloat16)
+// CPUID leaf 1's eax as family and model, base plus extended (as Linux's /proc/cpuinfo reads it).
+void decode_family_model(unsigned eax, unsigned* family, unsigned* model);
+// The automatic build for kernel family `family` (KernelFamily, or Count for the base) on a CPU
+// that runs AVX-512, from its vendor, x86 family and model; `fallback` where nothing was
+// measured (cpu_features.cpp says what was). Exposed for tests of the table.
+CpuCapability avx512_cpu_choice(bool intel, bool amd, unsigned cpu_family, unsigned model,
+                                int family, CpuCapability fallback);
 // Used by tests: every family on one path ("default", "avx2", "avx512"; throws
 // std::invalid_argument), or "auto": back to FASTDL_CPU_CAPABILITY or the automatic choice.
 void set_cpu_capability(const char* name);

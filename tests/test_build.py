@@ -30,12 +30,17 @@ def _zen5_full_width(model: int) -> bool:
     return model <= 0x1F or 0x40 <= model <= 0x4F or 0x70 <= model <= 0x7F
 
 
+def _zen5_mobile(model: int) -> bool:
+    """AMD family 26 (Zen 5) models with 256-bit units: Strix Point, Krackan."""
+    return 0x20 <= model <= 0x2F or 0x60 <= model <= 0x6F
+
+
 def _expected_automatic_path(family=None):
     """The CPU path fastdl should pick with FASTDL_CPU_CAPABILITY unset, read from /proc/cpuinfo
     (not from fastdl's own detection): AVX-512 on Intel, else AVX2+FMA+F16C, else portable;
     family (one of _FAMILIES): on AMD family 26 (Zen 5) full-width models, AVX-512 for every
     family but pool, the base (family None) included; on AMD family 25 with AVX-512 (Zen 4) and
-    the other family 26 models, AVX-512 for _AMD_AVX512_FAMILIES.
+    the mobile family 26 models, AVX-512 for _AMD_AVX512_FAMILIES; other AMD models AVX2.
     The portable path in a build without the x86 kernel builds (FASTDL_X86_KERNEL_BUILDS=OFF, as
     in CI's emulation pass, or a non-x86 CPU); None where /proc/cpuinfo is missing."""
     if not _C.x86_kernel_builds():
@@ -61,8 +66,8 @@ def _expected_automatic_path(family=None):
             model = int(fields.get("model", "0"))
             if amd_family == "26" and _zen5_full_width(model):
                 return "avx2" if family == "pool" else "avx512"
-            if vendor == "GenuineIntel" or (amd_family in ("25", "26")
-                                            and family in _AMD_AVX512_FAMILIES):
+            split = amd_family == "25" or (amd_family == "26" and _zen5_mobile(model))
+            if vendor == "GenuineIntel" or (split and family in _AMD_AVX512_FAMILIES):
                 return "avx512"
         return "avx2"
     return "default"
@@ -302,3 +307,38 @@ def test_cpu_feature_flags_agree_with_the_os():
     if flags is None:
         pytest.skip("no /proc/cpuinfo flags to compare with")
     assert bf16 == ("avx512_bf16" in flags)
+
+
+def test_cpuid_family_model_decoding():
+    """CPUID leaf 1's eax as Linux's /proc/cpuinfo reads it: base family, plus the extended
+    family when the base is 0xf; base model, plus the extended model for families 6 and 0xf."""
+    cases = {0x00B00F21: (0x1A, 0x02),   # EPYC 9005 (Zen 5, Turin): this project's Zen 5 VM
+             0x00A10F11: (0x19, 0x11),   # EPYC 9004 (Zen 4, Genoa)
+             0x00A00F11: (0x19, 0x01),   # EPYC 7003 (Zen 3, Milan)
+             0x00B20F40: (0x1A, 0x24),   # Ryzen AI 300 (Zen 5, Strix Point)
+             0x00B40F40: (0x1A, 0x44),   # Ryzen 9000 (Zen 5, Granite Ridge)
+             0x000806F8: (0x06, 0x8F),   # Xeon 4th gen (Sapphire Rapids)
+             0x00000F41: (0x0F, 0x04)}   # a family-0xf part with no extended fields
+    for eax, want in cases.items():
+        assert _C.decode_cpuid_family_model(eax) == want, hex(eax)
+
+
+def test_avx512_build_table():
+    """The automatic build per kernel family on CPUs that run AVX-512 (cpu_features.cpp): Intel
+    everywhere; full-width Zen 5 everywhere but pooling; Zen 4 and mobile Zen 5 only the GEMM,
+    the recurrent forward and the optimizers; unmeasured AMD models (Zen 6) the AVX2 fallback."""
+    fams = _FAMILIES + ("base",)
+    def table(vendor, cpu_family, model):
+        return {f: _C.avx512_cpu_choice(vendor, cpu_family, model, f) for f in fams}
+    everywhere = {f: "avx512" for f in fams}
+    split = {f: "avx512" if f in _AMD_AVX512_FAMILIES else "avx2" for f in fams}
+    assert table("intel", 6, 0x8F) == everywhere
+    for model in (0x02, 0x11, 0x44, 0x70):       # Turin, Turin dense, Granite Ridge, Strix Halo
+        assert table("amd", 0x1A, model) == {**everywhere, "pool": "avx2"}, hex(model)
+    for family, model in ((0x19, 0x11), (0x19, 0x61), (0x1A, 0x24), (0x1A, 0x60)):
+        assert table("amd", family, model) == split, (hex(family), hex(model))
+    for family, model in ((0x1A, 0x50), (0x1A, 0x90), (0x17, 0x31)):   # Zen 6, Zen 2
+        assert set(table("amd", family, model).values()) == {"avx2"}, (hex(family), hex(model))
+    assert set(table("other", 0x1A, 0x02).values()) == {"avx2"}
+    with pytest.raises(ValueError, match="no kernel family"):
+        _C.avx512_cpu_choice("amd", 0x1A, 0x02, "convolution")

@@ -863,6 +863,12 @@ def test_wide_max_windows_bitwise(cpu_path, name, shape, kwargs, mode, dtype):
         x[..., ::7] = -1.0
     else:
         x = make_input(shape, dtype, "cpu", mode, gen)
+    _wide_max_like_torch(name, x, kwargs)
+
+
+def _wide_max_like_torch(name, x, kwargs):
+    """Values (bit for bit) and indices as torch's, without and with indices; then with x
+    requiring grad (fastdl keeps int32 indices internally there) the values and x's gradient."""
     fn = getattr(F, name)
     for idx in (False, True):
         ours = fn(x, **kwargs, return_indices=idx)
@@ -871,6 +877,38 @@ def test_wide_max_windows_bitwise(cpu_path, name, shape, kwargs, mode, dtype):
             assert torch.equal(ours[1], theirs[1]), "indices"
             ours, theirs = ours[0], theirs[0]
         assert _bits_equal(ours, theirs), f"values (return_indices={idx})"
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = fn(xa, **kwargs), getattr(TF, name)(xb, **kwargs)
+    assert _bits_equal(ya, yb), "values (x requires grad)"
+    gy = torch.randn(ya.shape, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert torch.equal(xa.grad, xb.grad), "gradient"
+
+
+# Windows over one row placed so that the blocked search of max_row_first (32 taps a block)
+# must go past its first block: (name, shape, kwargs, where the window's planted value goes)
+ONE_ROW_SEARCH = [
+    # the only NaN at tap 5 of 90: the backward search crosses two blocks without a hit
+    ("max_pool1d", (2, 3, 90), dict(kernel_size=90), "nan@5"),
+    # dilation 2, 40 taps: the single maximum at tap 37 (column 74), in the second block
+    ("max_pool1d", (2, 3, 80), dict(kernel_size=40, dilation=2), "max@74"),
+    # vertical dilation and padding leaving one row of each 2-row window inside x (rows -1, 1
+    # and 0, 2 of H = 2)
+    ("max_pool2d", (2, 3, 2, 60), dict(kernel_size=(2, 40), dilation=(2, 1), stride=(1, 20),
+                                       padding=(1, 0)), "max@50"),
+]
+
+
+@pytest.mark.parametrize("name,shape,kwargs,plant", ONE_ROW_SEARCH,
+                         ids=[f"{n}-{p}" for n, _, _, p in ONE_ROW_SEARCH])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_row_windows_search_past_a_block(cpu_path, name, shape, kwargs, plant, dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.rand(shape, generator=gen) - 2).to(dtype)   # all in [-2, -1)
+    what, col = plant.split("@")
+    x[..., int(col)] = math.nan if what == "nan" else 5.0
+    _wide_max_like_torch(name, x, kwargs)
 
 
 WIDE_AVG = [  # sums over windows wide against their row of outputs: one vector sum per output

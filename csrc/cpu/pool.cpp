@@ -298,9 +298,12 @@ inline int64_t max_row_first_impl(const T* __restrict xr, int64_t lo, int64_t hi
     nan |= v != v;
     mx = v > mx ? v : mx;
   }
+  // (Both searches stop at the window's end: a compiler whose max reduction starts below -inf's
+  // bits, at the lowest finite value, would find no tap equal to an all -inf window's maximum;
+  // tap 0 is then torch's winner.)
   int64_t pos = -1;
   if (!nan) {   // the first tap equal to the maximum (-0.0 == +0.0: the first zero, as torch)
-    for (int64_t k0 = 0; pos < 0; k0 += kFirstBlock) {
+    for (int64_t k0 = 0; k0 < n && pos < 0; k0 += kFirstBlock) {
       const int64_t k1 = std::min(n, k0 + kFirstBlock);
       int hit = 0;
 #pragma omp simd reduction(| : hit)
@@ -310,7 +313,7 @@ inline int64_t max_row_first_impl(const T* __restrict xr, int64_t lo, int64_t hi
           if (w[k * d] == mx) pos = k;
     }
   } else {      // the last NaN
-    for (int64_t k1 = n; pos < 0; k1 -= kFirstBlock) {
+    for (int64_t k1 = n; k1 > 0 && pos < 0; k1 -= kFirstBlock) {
       const int64_t k0 = std::max<int64_t>(0, k1 - kFirstBlock);
       int hit = 0;
 #pragma omp simd reduction(| : hit)
@@ -320,6 +323,7 @@ inline int64_t max_row_first_impl(const T* __restrict xr, int64_t lo, int64_t hi
           if (w[k * d] != w[k * d]) pos = k;
     }
   }
+  if (pos < 0) pos = 0;
   out = w[pos * d];
   return lo + pos * d;
 }
@@ -698,11 +702,9 @@ void avg_forward_adaptive(const Pool2dParams& p, const T* x, T* y) {
   }
   const TaskSplit ts = split_rows(p);
   std::vector<int64_t> ws(OW), we(OW);
-  bool all_scan = true;   // every window scanned (max_scan / max_row_first)
   for (int64_t ow = 0; ow < OW; ++ow) {
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
-    all_scan = all_scan && we[ow] - ws[ow] >= kScanMinTaps;
   }
   parallel_chunks(p.planes * ts.blocks, ts.chunk, [&](int64_t t0, int64_t t1) {
     std::vector<T> vs(W);
@@ -824,11 +826,9 @@ template <class T>
 void avg_backward_adaptive(const Pool2dParams& p, const T* gy, T* gx) {
   const int64_t W = p.in_w, OW = p.out_w, in_plane = p.in_h * W;
   std::vector<int64_t> ws(OW), we(OW);
-  bool all_scan = true;   // every window scanned (max_scan / max_row_first)
   for (int64_t ow = 0; ow < OW; ++ow) {
     ws[ow] = adaptive_start(ow, W, OW);
     we[ow] = adaptive_end(ow, W, OW);
-    all_scan = all_scan && we[ow] - ws[ow] >= kScanMinTaps;
   }
   parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {
     T* const out = gx;
