@@ -603,10 +603,10 @@ def test_exception_parity(name, args, kwargs):
 
 
 def test_unsupported_dtype_is_not_implemented():
-    # torch pools integers on the CPU; fastdl says plainly that it does not. (Half precision:
-    # fastdl.nn computes it in float32, tests/test_cpu_half.py; fastdl.ops does not take it.)
+    # fastdl.ops pools float32 / float64 only (fastdl.nn.functional sends integers to torch's op:
+    # tests/test_non_float_inputs.py; half precision it computes in float32: test_cpu_half.py)
     with pytest.raises(NotImplementedError, match="float32 or float64"):
-        F.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
+        fastdl.ops.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
     with pytest.raises(NotImplementedError, match="float32 or float64"):
         fastdl.ops.avg_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.float16), 2)
 

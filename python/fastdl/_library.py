@@ -96,7 +96,9 @@ def route(x, *rest) -> int:
     TRACED as tracing(x), tested first: torch.compile and torch.export trace through
     functorch's interpreters (but TORCH there under a user's transform: _traced_route). Else
     TORCH for a meta input (torch's op gives the output's shape and dtype, as torch's modules
-    do on meta tensors; fastdl's kernels cannot read them), and when a torch.func transform is
+    do on meta tensors; fastdl's kernels cannot read them), for an input that is not floating
+    point (integer, bool, complex: no fastdl kernel; torch pools and convolves integers on the
+    CPU), and when a torch.func transform is
     active (grad, vmap,
     jacrev, jvp, ...: their wrapped tensors have no storage fastdl's kernels can read, and
     fastdl's Functions have no vmap or jvp rules) or, inside forward_ad.dual_level(), when a
@@ -117,7 +119,9 @@ def route(x, *rest) -> int:
         return _traced_route()
     if type(x) is not Tensor and type(x) is not _Parameter:
         return _traced_route()
-    if _functorch_level() is not None or x.is_meta:   # (meta: torch's op gives the shapes)
+    # (meta: torch's op gives the shapes; integer, bool and complex x: fastdl has no kernel, so
+    # torch's op computes it, or raises, as it would without fastdl)
+    if _functorch_level() is not None or x.is_meta or not x.is_floating_point():
         return TORCH
     if _fwad._current_level >= 0 and (has_tangent((x,)) or has_tangent(rest)):
         return TORCH

@@ -87,7 +87,9 @@ def _geometry(key, x):
     element: only those are asked)."""
     geo = _FAST.get(key)
     if geo is None:
-        if x.dtype in _HALF:   # CPU float16 / bfloat16: the general path, in float32 (_half)
+        # CPU float16 / bfloat16: the general path, in float32 (_half); integer, bool, complex:
+        # the general path's route, torch's op
+        if x.dtype in _HALF or not x.is_floating_point():
             return None
         geo = _fast_put(key, x)
     return None if geo[4] and x.is_neg() else geo
