@@ -116,3 +116,14 @@ def test_ops_refuse_non_float():
         ops.max_pool2d(torch.ones(1, 1, 4, 4, dtype=torch.int64), 2)
     with pytest.raises(NotImplementedError, match="supported dtypes"):
         ops.linear(torch.ones(2, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64))
+
+
+def test_compiled_non_float_inputs_as_torch():
+    """Under torch.compile (and so torch.export) the route is the same: torch's op is traced
+    where the input is not floating point (fastdl's custom ops would run its kernels)."""
+    x = _x((1, 2, 6, 6), torch.int64)
+    w = _x((2, 2, 3, 3), torch.int64)
+    fn = torch.compile(lambda t, k: F.max_pool2d(F.conv2d(t, k), 2) + F.avg_pool2d(t, 3),
+                       backend="aot_eager")
+    want = TF.max_pool2d(TF.conv2d(x, w), 2) + TF.avg_pool2d(x, 3)
+    assert torch.equal(fn(x, w), want)

@@ -116,6 +116,9 @@ def route(x, *rest) -> int:
     # tracing(x), inlined (a Python call costs ~0.07 us, as much as the rest of the test);
     # first: AOTAutograd (compile, export) traces under functorch's interpreters
     if _is_compiling() or _dispatch_modes() or _jit_tracing():
+        # (torch's op for a non-float input there too: the custom ops run fastdl's kernels)
+        if isinstance(x, Tensor) and not x.is_floating_point():
+            return TORCH
         return _traced_route()
     if type(x) is not Tensor and type(x) is not _Parameter:
         return _traced_route()
