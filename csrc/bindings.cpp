@@ -319,6 +319,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_supports_avx2", &cpu_supports_avx2);
   m.def("cpu_supports_avx512", &cpu_supports_avx512);
   m.def("cpu_supports_avx512_bf16", &cpu_supports_avx512_bf16);
+  m.def("cpu_is_intel", &cpu_is_intel);
   // Whether the AVX2 and AVX-512 kernel builds are compiled in (CMake FASTDL_X86_KERNEL_BUILDS;
   // never on other CPUs), and whether this is an AddressSanitizer build (.ci/asan.sh).
   m.def("x86_kernel_builds", []() { return FASTDL_HAVE_X86_BUILD != 0; });

@@ -22,6 +22,15 @@ bool cpu_supports_avx2() {
 #endif
 }
 
+bool cpu_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
 // What the processor offers, whatever this build compiled (the answer is about torch's kernels).
 bool cpu_supports_avx512_bf16() {
 #if defined(__x86_64__) || defined(__i386__)

@@ -38,6 +38,7 @@ const char* capability_name(CpuCapability c);
 const char* kernel_family_name(KernelFamily f);  // "conv", "pool", "gemm", "recurrent_forward", ...
 bool cpu_supports_avx2();                  // what the processor offers (AVX2, FMA and F16C)
 bool cpu_supports_avx512();                // AVX2 as above and AVX-512 F, VL, BW, DQ (OS-enabled)
+bool cpu_is_intel();                       // the vendor (for rules fitted on one vendor's cores)
 bool cpu_supports_avx512_bf16();           // AVX-512 F and AVX512-BF16, whatever this build has
                                            // (bfloat16 dot products: torch's fast CPU bfloat16)
 // CPUID leaf 1's eax as family and model, base plus extended (as Linux's /proc/cpuinfo reads it).

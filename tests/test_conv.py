@@ -2787,7 +2787,8 @@ def test_auto_choice_nhwc(cpu_path):
     # - the portable build: never.
     # - AVX-512: never the input gradient that GEMM's small-map path takes
     #   (gemm_small_map_input_preferred: at most 256 output pixels in the batch on maps of at most
-    #   16, at least 256 channels each way, or 128 on maps under 16 pixels); AVX2 takes those
+    #   16, at least 256 channels each way, or 128 on maps under 16 pixels; on CPUs other than
+    #   Intel's only where those pixels are at most a quarter of the channels); AVX2 takes those
     #   too, since the kernel skips padding's taps.
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
@@ -2818,7 +2819,12 @@ def test_auto_choice_nhwc(cpu_path):
     check((16, 128, 2, 8), (128, 128, 3, 3), "w", x512, padding=1)   # 2x8, not 4x4
     check((16, 128, 8, 8), (128, 128, 3, 3), "w", none, stride=2, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "f", both, padding=1)
-    check((16, 256, 4, 4), (256, 256, 3, 3), "i", x2, padding=1)
+    # the input gradient: on the AVX-512 build GEMM's small-map path where it serves, on Intel
+    # CPUs; on others (AMD) only where the batch's output pixels are at most a quarter of the
+    # channels (gemm_small_map_input_preferred)
+    intel = fastdl._C.cpu_is_intel()
+    check((16, 256, 4, 4), (256, 256, 3, 3), "i", x2 if intel else both, padding=1)
+    check((8, 512, 4, 4), (512, 512, 3, 3), "i", x2, padding=1)
     # AVX2: 3x3 stride-1 maps of 65-784 pixels that Winograd declined (under 256 tiles), 64 or
     # more channels a side within 2x (nhwc_mid_map_preferred), forward and input gradient
     for x, w in (((1, 128, 28, 28), (128, 128, 3, 3)), ((4, 64, 14, 14), (64, 64, 3, 3)),
@@ -2839,7 +2845,9 @@ def test_auto_choice_nhwc(cpu_path):
     # not on AVX2 (AVX-512: its own rule, maps of at most 196 pixels): 9x9, over 512 channels
     check((4, 128, 9, 9), (128, 128, 3, 3), "fi", x512, padding=1)
     check((2, 640, 14, 14), (640, 640, 3, 3), "fi", x512, padding=1)
-    small_input = "nhwc" if cpu_path == "avx2" else "gemm"
+    # (AVX-512 on AMD: GEMM's small-map path only at output pixels <= channels / 4)
+    small_input = ("nhwc" if cpu_path == "avx2" or (cpu_path == "avx512" and
+                                                    not fastdl._C.cpu_is_intel()) else "gemm")
     assert algo((16, 128, 3, 3), (256, 128, 3, 3), "input", padding=1) == small_input
     assert algo((16, 256, 4, 4), (256, 256, 3, 3), "input", padding=1) == small_input
     # (not measured, or lost: 32 images of 4x4, 64 channels on 3x3 maps)
