@@ -586,3 +586,40 @@ def test_building_the_suites_cases_warns_nothing():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_settle_pause_is_followed_by_untimed_calls_for_wake_s():
+    """Case.settle_s: after each pause the callable runs untimed for harness.WAKE_S (a libgomp
+    team's first calls after a pause can wait out the OpenMP spin, ~4 ms), then `block` timed
+    calls; one untimed call left that stall inside the timings."""
+    import time
+
+    turns = {"fastdl": [], "torch": []}
+
+    def busy(name):
+        def fn():
+            turns[name][-1] += 1
+            end = time.perf_counter() + 0.001
+            while time.perf_counter() < end:
+                pass
+        return fn
+
+    case = harness.Case("x", "x", busy("fastdl"), {"torch": busy("torch")}, settle_s=0.001,
+                        block=2)
+    real_sleep = time.sleep
+
+    def sleep(s):   # a settle pause opens a turn
+        for name in turns:
+            turns[name].append(0)
+        real_sleep(s)
+    harness.time.sleep, saved = sleep, harness.time.sleep
+    try:
+        for name in turns:
+            turns[name].append(0)
+        times = harness._measure(case, min_reps=3, max_reps=3, budget_s=0.0)
+    finally:
+        harness.time.sleep = saved
+    assert [len(v) for v in times.values()] == [6, 6]   # 3 rounds of 2 timed calls
+    # each turn after a pause: >= WAKE_S of 1 ms calls untimed, then the 2 timed ones
+    per_turn = [c for c in turns["fastdl"][1:] if c]
+    assert len(per_turn) >= 3 and min(per_turn) >= harness.WAKE_S / 0.001 * 0.5 + 2, per_turn

@@ -45,9 +45,12 @@ class Case:
     working_set: float | None = None
     # Opt-in for libraries whose worker threads spin after a call (OpenBLAS spins up to 2^28
     # cycles, ~70 ms, which on a 2-core machine steals the cores from whatever runs next): before
-    # each callable's turn the harness sleeps settle_s and makes one untimed call, then times
-    # `block` consecutive calls. Each library is then timed in its own steady state, still
-    # interleaved round by round. Default: plain round-robin, one call per turn.
+    # each callable's turn the harness sleeps settle_s and makes untimed calls for WAKE_S (at
+    # least one), then times `block` consecutive calls. Each library is then timed in its own
+    # steady state, still interleaved round by round. (One untimed call was not enough: after
+    # the pause, a libgomp team's first calls can wait out the OpenMP spin, ~4 ms on a Zen 5
+    # VM, with both threads on one core, torch's parallel ops and fastdl's alike: RESULTS.md,
+    # 2026-12-07 08:19.) Default: plain round-robin, one call per turn.
     settle_s: float = 0.0
     block: int = 1
     results: dict = field(default_factory=dict)  # filled by run_cases: name -> [seconds...]
@@ -75,6 +78,11 @@ def _timer(device: str):
     return time_once
 
 
+# Untimed calls after a settle pause (Case.settle_s): long enough for a stalled OpenMP team
+# (~4 ms) to be running again.
+WAKE_S = 0.02
+
+
 def _measure(case: Case, min_reps: int, max_reps: int, budget_s: float) -> dict:
     fns = {"fastdl": case.fastdl, **case.baselines}
     time_once = _timer(case.device)
@@ -83,14 +91,17 @@ def _measure(case: Case, min_reps: int, max_reps: int, budget_s: float) -> dict:
         fn()
     t_round = sum(time_once(fn) for fn in fns.values())
     calls = case.block + (1 if case.settle_s > 0 else 0)
-    t_rep = t_round * calls + case.settle_s * len(fns)
+    t_rep = t_round * calls + (case.settle_s + WAKE_S if case.settle_s > 0 else 0) * len(fns)
     reps = int(min(max_reps, max(min_reps, budget_s / max(t_rep, 1e-9))))
     times = {n: [] for n in fns}
     for _ in range(reps):
         for n, fn in fns.items():
             if case.settle_s > 0:
                 time.sleep(case.settle_s)
+                woken = time.perf_counter() + WAKE_S
                 fn()
+                while time.perf_counter() < woken:
+                    fn()
             for _ in range(case.block):
                 times[n].append(time_once(fn))
     return times
