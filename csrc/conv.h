@@ -99,4 +99,15 @@ void conv2d_backward_weight_cuda(const Conv2dParams& p, const void* x, const voi
                                  const CudaLaunch& launch);
 ConvAlgo conv2d_algorithm_cuda(const Conv2dParams& p, ConvPass pass);
 
+// The size test of the AVX-512 build's GEMM small-map input gradient (cpu/conv_gemm.cpp,
+// gemm_small_map_input_preferred, which says what was measured): a batch of at most 256 output
+// pixels, at least 256 channels each way (the smaller side: ch) or 128 on maps under 16 pixels,
+// and on CPUs other than Intel's (measured on AMD Zen 4 and Zen 5) at most ch / 4 pixels. A
+// pure function of its arguments, so tests check both vendors' arms on any machine.
+inline bool small_map_input_gemm_sizes(int64_t pixels, int64_t map_pixels, int64_t ch,
+                                       bool intel) {
+  return pixels <= 256 && (ch >= 256 || (map_pixels < 16 && ch >= 128)) &&
+         (intel || 4 * pixels <= ch);
+}
+
 }  // namespace fastdl

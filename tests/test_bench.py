@@ -588,38 +588,37 @@ def test_building_the_suites_cases_warns_nothing():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_settle_pause_is_followed_by_untimed_calls_for_wake_s():
+def test_settle_pause_is_followed_by_untimed_calls_for_wake_s(monkeypatch):
     """Case.settle_s: after each pause the callable runs untimed for harness.WAKE_S (a libgomp
     team's first calls after a pause can wait out the OpenMP spin, ~4 ms), then `block` timed
-    calls; one untimed call left that stall inside the timings."""
+    calls: the first timed call of each turn starts at least WAKE_S after its pause ended (one
+    untimed call had left that stall inside the timings). Clock-based, so load cannot fail it."""
     import time
+    import types
 
-    turns = {"fastdl": [], "torch": []}
+    log = []   # ("pause", end time) and ("call", name, start time), in order
 
-    def busy(name):
-        def fn():
-            turns[name][-1] += 1
-            end = time.perf_counter() + 0.001
-            while time.perf_counter() < end:
-                pass
-        return fn
+    def sleep(s):
+        time.sleep(s)
+        log.append(("pause", time.perf_counter()))
 
-    case = harness.Case("x", "x", busy("fastdl"), {"torch": busy("torch")}, settle_s=0.001,
-                        block=2)
-    real_sleep = time.sleep
+    def fn(name):
+        return lambda: log.append(("call", name, time.perf_counter()))
 
-    def sleep(s):   # a settle pause opens a turn
-        for name in turns:
-            turns[name].append(0)
-        real_sleep(s)
-    harness.time.sleep, saved = sleep, harness.time.sleep
-    try:
-        for name in turns:
-            turns[name].append(0)
-        times = harness._measure(case, min_reps=3, max_reps=3, budget_s=0.0)
-    finally:
-        harness.time.sleep = saved
+    # (harness.time is the time module: patch the harness's reference, not the module)
+    monkeypatch.setattr(harness, "time", types.SimpleNamespace(
+        sleep=sleep, perf_counter=time.perf_counter))
+    case = harness.Case("x", "x", fn("fastdl"), {"torch": fn("torch")}, settle_s=0.001, block=2)
+    times = harness._measure(case, min_reps=3, max_reps=3, budget_s=0.0)
     assert [len(v) for v in times.values()] == [6, 6]   # 3 rounds of 2 timed calls
-    # each turn after a pause: >= WAKE_S of 1 ms calls untimed, then the 2 timed ones
-    per_turn = [c for c in turns["fastdl"][1:] if c]
-    assert len(per_turn) >= 3 and min(per_turn) >= harness.WAKE_S / 0.001 * 0.5 + 2, per_turn
+    turns, current = [], None
+    for entry in log:
+        if entry[0] == "pause":
+            current = [entry[1], []]
+            turns.append(current)
+        elif current is not None:
+            current[1].append(entry[2])
+    assert len(turns) == 6   # one pause per callable per round
+    for pause_end, starts in turns:
+        # the last `block` calls are the timed ones; before them, >= WAKE_S of untimed calls
+        assert len(starts) >= 3 and starts[-2] - pause_end >= harness.WAKE_S, (pause_end, starts)

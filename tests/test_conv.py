@@ -2819,6 +2819,14 @@ def test_auto_choice_nhwc(cpu_path):
     check((16, 128, 2, 8), (128, 128, 3, 3), "w", x512, padding=1)   # 2x8, not 4x4
     check((16, 128, 8, 8), (128, 128, 3, 3), "w", none, stride=2, padding=1)
     check((16, 256, 4, 4), (256, 256, 3, 3), "f", both, padding=1)
+    # the size test itself, both vendors' arms (on any machine)
+    sizes = fastdl._C.small_map_input_gemm_sizes
+    for intel in (True, False):
+        assert sizes(16 * 16, 16, 256, intel) == intel            # 16 images of 4x4, 256 ch
+        assert sizes(8 * 16, 16, 512, intel) and sizes(4 * 16, 16, 256, intel)
+        assert sizes(16 * 9, 9, 128, intel) == intel              # 3x3 maps, 128 channels
+        assert not sizes(32 * 16, 16, 256, intel)                 # 512 pixels
+        assert not sizes(16 * 16, 16, 128, intel)                 # 4x4 maps, 128 channels
     # the input gradient: on the AVX-512 build GEMM's small-map path where it serves, on Intel
     # CPUs; on others (AMD) only where the batch's output pixels are at most a quarter of the
     # channels (gemm_small_map_input_preferred)

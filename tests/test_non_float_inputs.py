@@ -44,25 +44,25 @@ CALLS = {
     "adaptive_avg_pool2d": lambda f, dt: f.adaptive_avg_pool2d(_x((2, 3, 6, 6), dt), 2),
     "max_pool1d": lambda f, dt: f.max_pool1d(_x((2, 3, 8), dt), 2),
     "avg_pool1d": lambda f, dt: f.avg_pool1d(_x((2, 3, 8), dt), 2),
+    "adaptive_max_pool1d": lambda f, dt: f.adaptive_max_pool1d(_x((2, 3, 8), dt), 3),
+    "adaptive_avg_pool1d": lambda f, dt: f.adaptive_avg_pool1d(_x((2, 3, 8), dt), 3),
+    "max_unpool1d": lambda f, dt: f.max_unpool1d(_x((1, 1, 2), dt), torch.tensor([[[0, 3]]]), 2),
     "max_unpool2d": lambda f, dt: f.max_unpool2d(_x((1, 1, 2, 2), dt),
                                                  torch.tensor([[[[0, 3], [8, 11]]]]), 2),
     "conv2d mixed": lambda f, dt: f.conv2d(_x((1, 2, 4, 4), dt), torch.ones(3, 2, 3, 3)),
-    # the recurrent layers and cells (float parameters): torch raises for the input's dtype
-    "LSTM": lambda f, dt: _module(f, "LSTM", 3, 4)(_x((2, 1, 3), dt))[0],
-    "GRUCell": lambda f, dt: _module(f, "GRUCell", 3, 4)(_x((2, 3), dt)),
+    # the recurrent layers and cells: complex parameters for a complex input (torch computes),
+    # else float ones (torch raises for the input's dtype)
+    "LSTM": lambda f, dt: _module(f, "LSTM", dt, 3, 4)(_x((2, 1, 3), dt))[0],
+    "GRUCell": lambda f, dt: _module(f, "GRUCell", dt, 3, 4)(_x((2, 3), dt)),
 }
 
 
-# fastdl's cells check their input's dtype themselves ("GRUCell: expected input with dtype
-# torch.float32 like the parameters, got torch.int64"; torch's: "mat1 and mat2 must have the same
-# dtype, but got Long and Float"), both RuntimeError
-OWN_MESSAGE = {"GRUCell"}
-
-
-def _module(f, kind, *args):
-    """torch.nn's or fastdl.nn's layer (by the functional module f), with the same parameters."""
+def _module(f, kind, dt, *args):
+    """torch.nn's or fastdl.nn's layer (by the functional module f), with the same parameters:
+    complex for a complex dt, else float32."""
     torch.manual_seed(0)
-    return getattr(torch.nn if f is TF else fnn, kind)(*args)
+    return getattr(torch.nn if f is TF else fnn, kind)(
+        *args, dtype=dt if dt.is_complex else torch.float32)
 
 
 def _outcome(fn):
@@ -80,10 +80,7 @@ def test_functional_non_float_inputs_as_torch(name, dtype):
     theirs = _outcome(lambda: CALLS[name](TF, dtype))
     ours = _outcome(lambda: CALLS[name](F, dtype))
     if isinstance(theirs[0], type):            # torch raised: the same class and message
-        if name in OWN_MESSAGE:   # (the same class; fastdl's message names the argument)
-            assert ours[0] is theirs[0] and "input" in ours[1], ours
-        else:
-            assert ours == theirs
+        assert ours == theirs
         return
     assert len(ours) == len(theirs) and not isinstance(ours[0], type), ours
     for a, b in zip(ours, theirs):
@@ -118,12 +115,45 @@ def test_ops_refuse_non_float():
         ops.linear(torch.ones(2, 3, dtype=torch.int64), torch.ones(4, 3, dtype=torch.int64))
 
 
-def test_compiled_non_float_inputs_as_torch():
-    """Under torch.compile (and so torch.export) the route is the same: torch's op is traced
-    where the input is not floating point (fastdl's custom ops would run its kernels)."""
+def _net(t, k):
+    return F.max_pool2d(F.conv2d(t, k), 2) + F.avg_pool2d(t, 3)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_traced_non_float_inputs_as_torch():
+    """Under torch.compile (one graph: fastdl's code traced, not skipped), torch.jit.trace and a
+    dispatch mode the route is the same: torch's op where the input is not floating point
+    (fastdl's custom ops would run its kernels and raise)."""
     x = _x((1, 2, 6, 6), torch.int64)
     w = _x((2, 2, 3, 3), torch.int64)
-    fn = torch.compile(lambda t, k: F.max_pool2d(F.conv2d(t, k), 2) + F.avg_pool2d(t, 3),
-                       backend="aot_eager")
     want = TF.max_pool2d(TF.conv2d(x, w), 2) + TF.avg_pool2d(x, 3)
-    assert torch.equal(fn(x, w), want)
+    assert torch.equal(torch.compile(_net, backend="aot_eager", fullgraph=True)(x, w), want)
+    assert torch.equal(torch.jit.trace(_net, (x, w))(x, w), want)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    with PassThrough():
+        assert torch.equal(_net(x, w), want)
+
+
+class _MyTensor(torch.Tensor):
+    """A plain Tensor subclass (route's non-Tensor branch)."""
+
+
+def test_subclass_and_complex_gradients_as_torch():
+    """A Tensor subclass of an integer dtype, and complex inputs that require grad (backward
+    through torch's op), as torch computes them."""
+    x, w = _x((1, 2, 6, 6), torch.int64), _x((2, 2, 3, 3), torch.int64)
+    ours = F.conv2d(x.as_subclass(_MyTensor), w)
+    assert torch.equal(ours.as_subclass(torch.Tensor), TF.conv2d(x, w))
+    z, k = _x((1, 2, 5, 5), torch.complex64), _x((3, 2, 3, 3), torch.complex64)
+    grads = []
+    for f in (F, TF):
+        za, ka = z.clone().requires_grad_(), k.clone().requires_grad_()
+        y = f.conv2d(za, ka, padding=1)
+        y.abs().sum().backward()
+        grads.append((y.detach(), za.grad, ka.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -206,7 +206,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // the AVX2 build also the forward of stride-2 layers, ahead of the implicit forward. On the
   // AVX-512 build not the input gradient where GEMM's small-map path wins (maps of at most 16
   // pixels, batches of at most 256 output pixels, at least 256 channels a side or 128 on maps
-  // under 16 pixels: gemm_small_map_input_preferred). On the AVX2 build also 3x3 stride-1
+  // under 16 pixels, and off Intel CPUs at most a quarter of the channels:
+  // gemm_small_map_input_preferred). On the AVX2 build also 3x3 stride-1
   // layers on maps of 10x10 to 784 pixels that Winograd declined for too few tiles:
   // nhwc_mid_map_preferred.
   auto nhwc_fwd = [](const Conv2dParams& q) {

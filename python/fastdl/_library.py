@@ -83,7 +83,8 @@ def needs_autograd(*xs) -> bool:
 
 
 # How one call of a fastdl.nn.functional function runs (route()):
-TORCH = 0    # torch's own op computes it (a torch.func transform, or a forward-AD tangent)
+TORCH = 0    # torch's own op computes it (a torch.func transform, a forward-AD tangent, a meta
+             # input, an input that is not floating point)
 TRACED = 1   # the custom op below (torch.compile / export / jit.trace, dispatch modes, fakes)
 GRAPH = 2    # fastdl's torch.autograd.Function (a gradient is needed)
 DIRECT = 3   # fastdl.ops straight away (nothing to record)
@@ -115,12 +116,12 @@ def route(x, *rest) -> int:
     """
     # tracing(x), inlined (a Python call costs ~0.07 us, as much as the rest of the test);
     # first: AOTAutograd (compile, export) traces under functorch's interpreters
-    if _is_compiling() or _dispatch_modes() or _jit_tracing():
-        # (torch's op for a non-float input there too: the custom ops run fastdl's kernels)
+    if (_is_compiling() or _dispatch_modes() or _jit_tracing()
+            or (type(x) is not Tensor and type(x) is not _Parameter)):
+        # (torch's op for a non-float input there too, a Tensor subclass's included: the custom
+        # ops run fastdl's kernels)
         if isinstance(x, Tensor) and not x.is_floating_point():
             return TORCH
-        return _traced_route()
-    if type(x) is not Tensor and type(x) is not _Parameter:
         return _traced_route()
     # (meta: torch's op gives the shapes; integer, bool and complex x: fastdl has no kernel, so
     # torch's op computes it, or raises, as it would without fastdl)

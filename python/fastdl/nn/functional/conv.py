@@ -155,9 +155,10 @@ class _ConvTranspose2dFn(torch.autograd.Function):
 def _front(name, fn, input, weight, bias, *rest):
     """What conv1d, conv2d and conv_transpose2d (fn, torch.nn.functional's `name`) do first, on
     their tensors and the rest of their arguments in signature order: check the tensors' types;
-    under autocast, cast and call fn again (_autocast); under a torch.func transform or with a
-    forward-AD tangent, torch's op (route TORCH); CPU float16 / bfloat16, fn on float32 copies
-    (_half). Returns (output, None) when one of those computed the call, else (None, route)."""
+    under autocast, cast and call fn again (_autocast); under a torch.func transform, with a
+    forward-AD tangent, or on a meta or non-float input, torch's op (route TORCH); CPU float16 /
+    bfloat16, fn on float32 copies (_half). Returns (output, None) when one of those computed
+    the call, else (None, route)."""
     _check_torch(name, "input", input, 1)
     _check_torch(name, "weight", weight, 2)
     if bias is not None:

@@ -88,7 +88,7 @@ def linear(input, weight, bias=None):
         if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
             return _half_linear(input, weight, bias)
         return _linear_general(input, weight, bias)
-    if r == _TORCH:   # torch.func transform or forward-AD tangent
+    if r == _TORCH:   # torch.func transform, forward-AD tangent, meta or non-float input
         return _torch_linear(input, weight, bias)
     if input.dtype in _HALF and _cpu_half(input, weight, bias, names=_NAMES):
         return _half_linear(input, weight, bias)

@@ -30,15 +30,18 @@ __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
 def _torch_computes(module, input, *states) -> bool:
     """Whether torch's own forward must compute this call (fastdl._library.route: a torch.func
-    transform, a forward-AD tangent on input, states or parameters, or a meta input; or
+    transform, a forward-AD tangent on input, states or parameters, a meta input, or an input
+    that is not floating point; or
     torch.autocast on for the input's device type: torch's autocast casts differently per layer
     and device, see fastdl.nn.functional._autocast)."""
     if _library._functorch_level() is None and _library._fwad._current_level < 0:
         data = input.data if isinstance(input, PackedSequence) else input
         if not isinstance(data, torch.Tensor):
             return False   # (fastdl's forward raises the TypeError)
-        if data.is_meta:
-            return True    # torch's forward gives the shapes (route says TORCH for meta too)
+        if data.is_meta or not data.is_floating_point():
+            # torch's forward gives the shapes; integer, bool, complex: torch's forward computes
+            # or raises (route says TORCH for both too)
+            return True
         # route cannot say TORCH now: skip gathering the parameters (per cell step)
         return _any_autocast() and _autocast_on(data)
     data = input.data if isinstance(input, PackedSequence) else input
