@@ -197,6 +197,23 @@ inline void max_vertical(const T* __restrict xp, int64_t W, const AxisTaps& rows
   }
 }
 
+// The maximum of w[k * step], k < n, NaN aside, and in `nan` whether any of them is NaN: one
+// vectorised reduction (the wide-window scans' first pass).
+template <class T, bool UNIT>   // UNIT: step 1 (contiguous loads)
+inline T max_and_nan(const T* __restrict w, int64_t step_, int64_t n, int& nan) {
+  const int64_t step = UNIT ? 1 : step_;
+  T mx = -std::numeric_limits<T>::infinity();
+  int any = 0;
+#pragma omp simd reduction(max : mx) reduction(| : any)
+  for (int64_t k = 0; k < n; ++k) {
+    const T v = w[k * step];
+    any |= v != v;
+    mx = v > mx ? v : mx;
+  }
+  nan = any;
+  return mx;
+}
+
 // The winner over buffer positions b0 + k*step, k < n (n >= 1), of the row buffer vm (indices vi
 // with IDX; without, the first maximum / last NaN in position order, as the tap loop keeps): a
 // vectorised max and NaN test over the window, then a second pass for the winning index (the
@@ -209,14 +226,8 @@ inline void max_scan_impl(const T* __restrict vm, const int32_t* __restrict vi, 
                           int64_t step_, int64_t n, T& out, int32_t& out_i) {
   const int64_t step = UNIT ? 1 : step_;
   const T* __restrict w = vm + b0;
-  T mx = -std::numeric_limits<T>::infinity();
   int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-  for (int64_t k = 0; k < n; ++k) {
-    const T v = w[k * step];
-    nan |= v != v;
-    mx = v > mx ? v : mx;
-  }
+  const T mx = max_and_nan<T, UNIT>(w, step, n, nan);
   // A nonzero maximum has one bit pattern: it is the winner's value, with no search for the
   // winner's position (a scalar scan over half the window on average, most of the scan's time:
   // RESULTS.md). A zero maximum may be -0.0 or +0.0, and a NaN carries its payload: those read
@@ -290,14 +301,8 @@ inline int64_t max_row_first_impl(const T* __restrict xr, int64_t lo, int64_t hi
   const int64_t d = UNIT ? 1 : d_;
   const T* __restrict w = xr + lo;
   const int64_t n = (hi - lo + d - 1) / d;
-  T mx = -std::numeric_limits<T>::infinity();
   int nan = 0;
-#pragma omp simd reduction(max : mx) reduction(| : nan)
-  for (int64_t k = 0; k < n; ++k) {
-    const T v = w[k * d];
-    nan |= v != v;
-    mx = v > mx ? v : mx;
-  }
+  const T mx = max_and_nan<T, UNIT>(w, d, n, nan);
   // (Both searches stop at the window's end: a compiler whose max reduction starts below -inf's
   // bits, at the lowest finite value, would find no tap equal to an all -inf window's maximum;
   // tap 0 is then torch's winner.)
