@@ -57,8 +57,19 @@ inline void zero_run(T* d, int64_t n) {
 template <class T>
 inline void copy_run(T* d, const T* src, int64_t n) {
 #if defined(__AVX512F__)
+  // Runs of 32 or more: ymm as on the AVX2 build, the tail a whole vector over the run's last 8
+  // elements; shorter runs: zmm and a masked zmm tail. On a Zen 5 VM (RESULTS.md, 2026-12-07
+  // 08:19) the zmm loop made the depthwise passes ~1.4x slower than ymm (their padded-plane
+  // copies of 56-wide rows streaming from memory: 3 zmm and a masked tail, each unaligned zmm
+  // store split over two cache lines; forward 1.43-1.58 -> 1.01-1.07 ms), while on the 26-wide
+  // rows of conv shape 2 ymm read 3-7% slower in every pass.
   if constexpr (std::is_same<T, float>::value) {
     int64_t k = 0;
+    if (n >= 32) {
+      for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_loadu_ps(src + k));
+      if (k < n) _mm256_storeu_ps(d + n - 8, _mm256_loadu_ps(src + n - 8));   // (overlapping_tail)
+      return;
+    }
     for (; k + 16 <= n; k += 16) _mm512_storeu_ps(d + k, _mm512_loadu_ps(src + k));
     if (k < n) {
       const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1);
