@@ -95,11 +95,10 @@ void decode_family_model(unsigned eax, unsigned* family, unsigned* model) {
 //   there: benchmarks/RESULTS.md).
 // - AMD Zen 5 with full-width 512-bit units (family 0x1a models 0x00-0x1f: server; 0x40-0x4f:
 //   desktop and Fire Range; 0x70-0x7f: Strix Halo): AVX-512 for every family but pooling, the
-//   base included. Measured on an EPYC VM (model 0x02), RESULTS.md 2026-12-07 08:19: the AVX-512
-//   build 1.4-1.85x as fast on the dense GEMM, 0.94-1.86x on the recurrent forward (below 1 only
-//   at batch 1), 1.06-1.42x on the recurrent backward alone, 0.93-1.8x on the conv suite's
-//   layers (below 1 only the depthwise forward; its forward+backward 1.06x), 0.99-1.08x on the
-//   optimizers; pooling 0.77-1.06x (inference max pooling slower) stays AVX2.
+//   base included: on an EPYC Zen 5 VM (model 0x02) the AVX-512 build was faster on the GEMM,
+//   both recurrent directions, convolution and the optimizers (slower only at batch 1 and on the
+//   depthwise forward), while its inference max pooling was slower (RESULTS.md, 2026-12-07
+//   08:19, which has the figures).
 // - AMD Zen 4 (family 0x19; it splits 512-bit operations into two 256-bit halves) and the mobile
 //   Zen 5 parts (family 0x1a models 0x20-0x2f: Strix Point; 0x60-0x6f: Krackan; 256-bit units
 //   like Zen 4's, not measured here): AVX-512 for the families where it measured faster on a Zen
@@ -139,8 +138,8 @@ static CpuCapability automatic_choice(int family) {
   if (cpu_supports_avx512()) {
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0, cpu_family = 0, model = 0;
     if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) decode_family_model(eax, &cpu_family, &model);
-    return avx512_cpu_choice(__builtin_cpu_is("intel"), __builtin_cpu_is("amd"), cpu_family,
-                             model, family, fallback);
+    return avx512_cpu_choice(cpu_is_intel(), __builtin_cpu_is("amd"), cpu_family, model, family,
+                             fallback);
   }
 #endif
   (void)family;

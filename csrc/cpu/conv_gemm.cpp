@@ -625,12 +625,9 @@ bool gemm_small_map_input_preferred(const Conv2dParams& p) {
   // every shape this rule covered (8-32 images of 4x4 over 256, 8 and 16 over 512, 16 of 3x3 over
   // 128 -> 256 and 256): not taken there. The AVX-512 build keeps the rule fitted on Intel (not
   // measured there since) on Intel CPUs. On other vendors' (measured: AMD Zen 5, where the
-  // AVX-512 build runs convolution by default; RESULTS.md, 2026-12-07 08:19), of the 7 layers
-  // the rule covered that were measured, the channels-minor kernel won 5 (0.69-0.88x GEMM's
-  // time: 8 and 16 images of 4x4 over 256 channels, 16 of 4x4 over 512, 16 of 3x3 over 128 ->
-  // 256 and 256) and GEMM 2, where the output pixels are at most a quarter of the channels (8
-  // images of 4x4 over 512: 0.80x nhwc's time; 4 of 4x4 over 256: 0.90x), as on Zen 4 (8 of 4x4
-  // over 512, its one loss of 7); there it is taken only at that size
+  // AVX-512 build runs convolution by default), the channels-minor kernel won 5 of the 7 covered
+  // layers measured and GEMM only the 2 whose output pixels were at most a quarter of the
+  // channels, as on Zen 4 (RESULTS.md, 2026-12-07 08:19): there GEMM is taken only at that size
   // (small_map_input_gemm_sizes, conv.h).
 #if defined(__AVX512F__)
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups;

@@ -291,8 +291,8 @@ inline void max_scan(const T* vm, const int32_t* vi, int64_t b0, int64_t step, i
 // row), in torch's order (the first maximum; the last NaN). A vectorised max and NaN test, then
 // the winner's tap searched in blocks of kFirstBlock taps, each block one vectorised test before
 // its scalar search. With indices, max_scan's route (an index buffer filled beside the row
-// buffer, then reduced over the window) had made the indexed forward of a 500-tap window 2.6x
-// the unindexed one (RESULTS.md, 2026-12-07 08:19).
+// buffer, then reduced over the window) had made the indexed forward several times the
+// unindexed one (RESULTS.md, 2026-12-07 08:19).
 constexpr int64_t kFirstBlock = 32;
 
 template <class T, bool UNIT>   // UNIT: d == 1

@@ -58,11 +58,10 @@ template <class T>
 inline void copy_run(T* d, const T* src, int64_t n) {
 #if defined(__AVX512F__)
   // Runs of 32 or more: ymm as on the AVX2 build, the tail a whole vector over the run's last 8
-  // elements; shorter runs: zmm and a masked zmm tail. On a Zen 5 VM (RESULTS.md, 2026-12-07
-  // 08:19) the zmm loop made the depthwise passes ~1.4x slower than ymm (their padded-plane
-  // copies of 56-wide rows streaming from memory: 3 zmm and a masked tail, each unaligned zmm
-  // store split over two cache lines; forward 1.43-1.58 -> 1.01-1.07 ms), while on the 26-wide
-  // rows of conv shape 2 ymm read 3-7% slower in every pass.
+  // elements; shorter runs: zmm and a masked zmm tail. On a Zen 5 VM the zmm loop made the
+  // depthwise passes ~1.4x slower (their padded-plane copies of 56-wide rows streaming from
+  // memory, each unaligned zmm store split over two cache lines), while ymm was slower on the
+  // 26-wide rows of conv shape 2 (RESULTS.md, 2026-12-07 08:19).
   if constexpr (std::is_same<T, float>::value) {
     int64_t k = 0;
     if (n >= 32) {

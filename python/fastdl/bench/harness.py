@@ -48,9 +48,9 @@ class Case:
     # each callable's turn the harness sleeps settle_s and makes untimed calls for WAKE_S (at
     # least one), then times `block` consecutive calls. Each library is then timed in its own
     # steady state, still interleaved round by round. (One untimed call was not enough: after
-    # the pause, a libgomp team's first calls can wait out the OpenMP spin, ~4 ms on a Zen 5
-    # VM, with both threads on one core, torch's parallel ops and fastdl's alike: RESULTS.md,
-    # 2026-12-07 08:19.) Default: plain round-robin, one call per turn.
+    # the pause, a libgomp team's first calls can wait out the OpenMP spin with both threads on
+    # one core, torch's parallel ops and fastdl's alike: RESULTS.md, 2026-12-07 08:19.)
+    # Default: plain round-robin, one call per turn.
     settle_s: float = 0.0
     block: int = 1
     results: dict = field(default_factory=dict)  # filled by run_cases: name -> [seconds...]
