@@ -356,6 +356,7 @@ PYBIND11_MODULE(_C, m) {
   // Tests only: the size test of the AVX-512 build's GEMM small-map input gradient, either
   // vendor's arm (conv.h).
   m.def("small_map_input_gemm_sizes", &small_map_input_gemm_sizes);
+  m.def("nhwc_avx512_map_sizes", &nhwc_avx512_map_sizes);
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads);
   // Tests only: (the count a dispatched CPU call sees at its start, the count there after

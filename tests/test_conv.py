@@ -43,6 +43,12 @@ def where(device, cpu_path, algo):
     return device
 
 
+def nhwc_large_maps(cpu_path):
+    """Whether the AVX-512 build's channels-minor forward takes maps of 15x15 to 64x64 outputs
+    here: on CPUs other than Intel's (csrc/conv.h, nhwc_avx512_map_sizes)."""
+    return cpu_path == "avx512" and not fastdl._C.cpu_is_intel()
+
+
 def sweep_dtypes(device):
     """float64 has no CUDA kernels (the issue asks for float32 and half types there)."""
     return [torch.float32] if device == "cuda" else DTYPES
@@ -521,18 +527,20 @@ def test_winograd_automatic_choice(cpu_path):
         # (Winograd's weight gradient only when forced; the vector builds take the implicit one)
         assert algo(*resnet, padding=1, pass_="weight") == imp
         assert algo(*resnet, dtype=torch.float64, padding=1) == "gemm"
-        # stride 2: the AVX2 build's channels-minor forward from 4x4 outputs up (28x28 here;
-        # the AVX-512 build's only onto 14x14 and smaller)
-        assert algo(*resnet, padding=1, stride=2) == ("nhwc" if cpu_path == "avx2" else "gemm")
+        # stride 2: the AVX2 build's channels-minor forward from 4x4 outputs up (28x28 here);
+        # the AVX-512 build's onto 14x14 and smaller on Intel CPUs, up to 64x64 on others
+        assert algo(*resnet, padding=1, stride=2) == (
+            "nhwc" if cpu_path == "avx2" or nhwc_large_maps(cpu_path) else "gemm")
         assert algo((16, 64, 16, 16), (128, 64, 3, 3), padding=1, stride=2) == (
             "nhwc" if cpu_path != "default" else "gemm")
         if cpu_path == "avx2":  # 2x2 outputs: not on AVX2
             assert algo((16, 256, 4, 4), (512, 256, 3, 3), padding=1, stride=2) == "gemm"
         # (dilated stride 2, and stride 3: the AVX2 rule's stride-2 branch takes neither, and
-        # both give 361-784 output pixels, over the AVX-512 build's 196)
+        # both give 361-784 output pixels, over the AVX-512 build's 196 on Intel CPUs; off
+        # Intel the AVX-512 build's channels-minor forward, measured 1.46x and 2.1x GEMM's speed)
         for other in (dict(stride=2, padding=2, dilation=2), dict(stride=3, padding=1)):
-            assert algo(*resnet, **other) == "gemm", other
-        assert algo(*resnet, padding=1, dilation=2) == imp
+            assert algo(*resnet, **other) == ("nhwc" if nhwc_large_maps(cpu_path) else "gemm"), other
+        assert algo(*resnet, padding=1, dilation=2) == ("nhwc" if nhwc_large_maps(cpu_path) else imp)
         # (not Winograd: the AVX-512 and AVX2 builds run these small maps on the channels-minor
         # forward)
         small = "nhwc" if cpu_path != "default" else "gemm"
@@ -577,8 +585,10 @@ def test_winograd_automatic_choice(cpu_path):
                 assert algo(x_shape, w_shape, padding=1, pass_=pass_) == want, (
                     x_shape, w_shape, pass_)
         assert algo((32, 64, 12, 12), (64, 64, 3, 3), padding=1) == wino     # 12x12: Winograd
-        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at256_imp  # 510 tiles
-        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at256_imp
+        # 510 tiles (off Intel the AVX-512 build's channels-minor kernel takes its 30x34 maps)
+        at510 = "nhwc" if nhwc_large_maps(cpu_path) else at256_imp
+        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1) == at510
+        assert algo((2, 64, 30, 34), (64, 64, 3, 3), padding=1, pass_="input") == at510
         assert algo((2, 64, 32, 32), (64, 64, 3, 3), padding=1, pass_="input") == wino  # 512
         # 512 tiles over 256 channels: Winograd on the AVX2 build, channels-minor on AVX-512
         assert algo((32, 256, 8, 8), (256, 256, 3, 3), padding=1) == (
@@ -994,10 +1004,12 @@ def test_auto_choice_phase(cpu_path):
     # (the weight gradient: the implicit one on the vector builds, test_auto_choice_implicit)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="weight") == (
         "implicit" if cpu_path != "default" else "gemm")
-    # (the forward: the implicit one, 16 taps over 4 phases; on the AVX2 build the stride-phase
-    # Winograd forward, test_winograd_s2_automatic_choice)
+    # (the forward: the implicit one, 16 taps over 4 phases, or on the AVX-512 build off Intel
+    # CPUs the channels-minor one (28x28 outputs); on the AVX2 build the stride-phase Winograd
+    # forward, test_winograd_s2_automatic_choice)
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
-        {"avx512": "implicit", "avx2": "winograd"}.get(cpu_path, "gemm"))
+        {"avx512": "nhwc" if nhwc_large_maps(cpu_path) else "implicit",
+         "avx2": "winograd"}.get(cpu_path, "gemm"))
     # GEMM measured faster: a 7x7 stride-2 stem over 3 channels, a 1x1 stride-2 over 64
     stem = np.zeros((1, 3, 64, 64), np.float32)
     assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
@@ -2665,14 +2677,18 @@ def test_auto_choice_implicit_forward(cpu_path):
     algo = lambda x, w, pass_="forward", **kw: ops_conv.conv2d_algorithm(
         np.zeros(x, np.float32), np.zeros(w, np.float32), pass_=pass_, **kw)
     # issue 7 (on the AVX2 build the stride-phase Winograd forward first, then the
-    # channels-minor one on 10x10 outputs)
+    # channels-minor one on 10x10 outputs; on the AVX-512 build off Intel CPUs the channels-minor
+    # one on its 28x28 outputs)
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
-        "winograd" if cpu_path == "avx2" else imp("gemm"))
+        "winograd" if cpu_path == "avx2" else "nhwc" if nhwc_large_maps(cpu_path) else imp("gemm"))
     assert algo((32, 64, 20, 20), (64, 64, 4, 4), stride=2, padding=1) == (
         "nhwc" if cpu_path != "default" else "gemm")   # (AVX-512: nhwc on maps up to 196 pixels)
     assert algo((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == imp("gemm")   # stem
-    for pass_ in ("forward", "input"):
-        assert algo((16, 32, 32, 32), (64, 32, 5, 5), pass_, padding=2) == imp("gemm")
+    # (the forward of 32 -> 64 channels on 32x32 outputs: channels-minor on the AVX-512 build off
+    # Intel CPUs; the input gradient, as a forward onto 32 channels, too few for its panels)
+    assert algo((16, 32, 32, 32), (64, 32, 5, 5), "forward", padding=2) == (
+        "nhwc" if nhwc_large_maps(cpu_path) else imp("gemm"))
+    assert algo((16, 32, 32, 32), (64, 32, 5, 5), "input", padding=2) == imp("gemm")
     # 3 input channels: ahead of Winograd; 32: Winograd first (where it is preferred)
     assert algo((16, 3, 64, 64), (32, 3, 3, 3), padding=1) == imp(
         "gemm" if cpu_path == "default" else "winograd")
@@ -2692,8 +2708,8 @@ def test_auto_choice_implicit_forward(cpu_path):
     # tiles here, on AVX2)
     assert algo((4, 256, 14, 14), (256, 256, 3, 3), padding=1) == (
         "nhwc" if cpu_path != "default" else "gemm")
-    assert algo((16, 128, 28, 28), (64, 128, 5, 5), padding=2) == (
-        "implicit" if avx512 else "gemm")
+    assert algo((16, 128, 28, 28), (64, 128, 5, 5), padding=2) == (   # (off Intel: 28x28 nhwc)
+        ("nhwc" if nhwc_large_maps(cpu_path) else "implicit") if avx512 else "gemm")
     # the threshold ahead of Winograd: 6 channels on both vector builds, 8 and 12 only on AVX-512
     assert algo((32, 6, 28, 28), (16, 6, 3, 3), padding=1) == imp("gemm")
     assert algo((32, 8, 28, 28), (16, 8, 3, 3), padding=1) == (
@@ -2776,7 +2792,8 @@ def test_nhwc_skips_padding_taps(cpu_path, case, dtype):
 def test_auto_choice_nhwc(cpu_path):
     # The channels-minor kernels (conv_nhwc.cpp, nhwc_preferred): float32, ungrouped, 9 taps or
     # more, at least 128 output pixels in the batch, and per build:
-    # - AVX-512: maps of at most 196 output pixels, at least 32 input and 64 output channels with
+    # - AVX-512: maps of at most 196 output pixels on Intel CPUs, 4096 (64x64) on others (AMD
+    #   Zen 5: nhwc_avx512_map_sizes), at least 32 input and 64 output channels with
     #   64-wide panels at most 1/8 empty; after Winograd. The weight gradient
     #   (nhwc_weight_preferred) besides: stride 1, at most 8x8 outputs, 256 channels each way
     #   and 1024 pixels in the batch.
@@ -2801,6 +2818,7 @@ def test_auto_choice_nhwc(cpu_path):
             assert (got == "nhwc") == (cpu_path in builds), (x, w, kw, pass_, got)
 
     both, x512, x2, none = ("avx512", "avx2"), ("avx512",), ("avx2",), ()
+    big512 = x512 if nhwc_large_maps(cpu_path) else ()  # AVX-512 off Intel: up to 64x64 outputs
     for x, w, kw in (((16, 128, 8, 8), (128, 128, 3, 3), dict(padding=1)),
                      ((16, 128, 4, 4), (128, 128, 3, 3), dict(padding=1)),
                      ((16, 64, 8, 8), (64, 64, 5, 5), dict(padding=2))):
@@ -2837,19 +2855,32 @@ def test_auto_choice_nhwc(cpu_path):
     # more channels a side within 2x (nhwc_mid_map_preferred), forward and input gradient
     for x, w in (((1, 128, 28, 28), (128, 128, 3, 3)), ((4, 64, 14, 14), (64, 64, 3, 3)),
                  ((10, 128, 10, 10), (128, 128, 3, 3)), ((1, 64, 28, 28), (128, 64, 3, 3))):
-        check(x, w, "fi", both if x[2] <= 14 else x2, padding=1)  # (AVX-512: up to 196 px)
+        check(x, w, "fi", both if x[2] <= 14 else x2 + big512, padding=1)
     # one image of 14x14 over 256 channels: GEMM on AVX2; on AVX-512 the channels-minor kernel
     # in both passes (GEMM's small-map input gradient serves maps of at most 16 pixels, never
     # 14x14; measured on the AMD Zen 4 VM, 2 threads, median of 30: channels-minor 1.52-1.54 ms,
     # GEMM 1.47 ms, a tie)
     check((1, 256, 14, 14), (256, 256, 3, 3), "fi", x512, padding=1)
-    for x, w, kw in (((1, 32, 28, 28), (32, 32, 3, 3), dict(padding=1)),     # 32 channels
-                     ((1, 64, 28, 28), (256, 64, 3, 3), dict(padding=1)),    # 4x the channels
-                     ((1, 64, 30, 30), (64, 64, 3, 3), dict(padding=1)),     # 900 pixels
+    # not on AVX2; on AVX-512 off Intel (maps up to 64x64) except where the panels or the input
+    # channels rule it out
+    check((1, 32, 28, 28), (32, 32, 3, 3), "fi", none, padding=1)       # 32 output channels
+    check((1, 64, 28, 28), (256, 64, 3, 3), "f", big512, padding=1)     # 4x the channels
+    check((1, 64, 28, 28), (256, 64, 3, 3), "i", big512, padding=1)     # (256 -> 64 as forward)
+    for x, w, kw in (((1, 64, 30, 30), (64, 64, 3, 3), dict(padding=1)),     # 900 pixels
                      ((1, 128, 28, 28), (128, 128, 5, 5), dict(padding=2)),  # 5x5
                      ((2, 64, 28, 28), (64, 64, 3, 3), dict(padding=1)),     # 392 tiles
                      ((1, 128, 30, 30), (128, 128, 3, 3), {})):              # padding 0
-        check(x, w, "fi", none, **kw)
+        check(x, w, "fi", big512, **kw)
+    # the AVX-512 map bound off Intel: 64x64 outputs in, 65x64 out (and 112x112, where it lost)
+    check((4, 64, 128, 128), (64, 64, 3, 3), "f", big512, stride=2, padding=1)
+    check((4, 64, 130, 128), (64, 64, 3, 3), "f", none, stride=2, padding=1)
+    check((4, 64, 64, 64), (64, 64, 5, 5), "fi", big512, padding=2)
+    check((2, 64, 224, 224), (64, 64, 3, 3), "f", none, stride=2, padding=1)
+    # the size test itself, both vendors' arms (on any machine)
+    map_sizes = fastdl._C.nhwc_avx512_map_sizes
+    for intel in (True, False):
+        assert map_sizes(14 * 14, intel) and not map_sizes(64 * 64 + 1, intel)
+        assert map_sizes(15 * 15, intel) == map_sizes(64 * 64, intel) == (not intel)
     # not on AVX2 (AVX-512: its own rule, maps of at most 196 pixels): 9x9, over 512 channels
     check((4, 128, 9, 9), (128, 128, 3, 3), "fi", x512, padding=1)
     check((2, 640, 14, 14), (640, 640, 3, 3), "fi", x512, padding=1)
@@ -2865,12 +2896,12 @@ def test_auto_choice_nhwc(cpu_path):
     check((8, 512, 7, 7), (512, 512, 3, 3), "w", none, padding=1)   # 7x7 maps, 512 channels
     check((32, 128, 28, 28), (128, 128, 3, 3), "f", both, stride=2, padding=1)
     check((16, 128, 16, 16), (128, 128, 3, 3), "f", both, stride=2, padding=1)   # 8x8 outputs
-    check((16, 32, 56, 56), (64, 32, 4, 4), "f", none, stride=2, padding=1)   # Winograd first
+    check((16, 32, 56, 56), (64, 32, 4, 4), "f", big512, stride=2, padding=1)  # AVX2: Winograd
     check((32, 64, 20, 20), (64, 64, 4, 4), "f", both, stride=2, padding=1)   # 10x10 outputs
     check((16, 256, 4, 4), (512, 256, 3, 3), "f", none, stride=2, padding=1)   # 2x2 outputs
     check((16, 64, 16, 16), (128, 64, 3, 3), "f", x512, stride=2, padding=2, dilation=2)
     check((16, 64, 24, 24), (128, 64, 3, 3), "f", x512, stride=3, padding=1)
-    check((16, 64, 64, 64), (128, 64, 3, 3), "f", none, stride=2, padding=1)   # 32x32 outputs
+    check((16, 64, 64, 64), (128, 64, 3, 3), "f", big512, stride=2, padding=1)  # 32x32 outputs
     check((2, 16, 16, 16), (32, 16, 3, 3), "f", x2, stride=2, padding=1)   # SERVED's case
     check((16, 64, 8, 8), (40, 64, 3, 3), "f", none, padding=1)   # panels 40 / 48 (16-wide)
     # the input gradient of a strided layer is no forward
@@ -2889,7 +2920,7 @@ def test_auto_choice_nhwc(cpu_path):
             ((16, 128, 8, 8), (128, 128, 2, 2), {}, "fiw", none),                # 4 taps
             ((16, 128, 8, 8), (128, 64, 3, 3), dict(padding=1, groups=2), "fiw", none),  # groups
             ((16, 64, 16, 16), (128, 64, 3, 3), dict(padding=1), "w", none),     # 16x16
-            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "f", x2),  # 256 px
+            ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "f", x2 + big512),
             ((16, 64, 32, 32), (128, 64, 3, 3), dict(stride=2, padding=1), "w", none),
             ((8, 128, 10, 10), (128, 128, 3, 3), dict(padding=1), "w", none),    # 100 pixels
             ((17, 128, 8, 8), (128, 128, 3, 3), dict(padding=1), "w", none)):    # 1088 pixels
@@ -2958,7 +2989,8 @@ IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
 # padding); groups whose tasks outnumber the blocks; 8x8 and 4x4 maps as ResNet-18's (pixel tiles
 # across images); 260 channels of 7x7 in several passes on every build, both ways; 126x126 maps
 # (the weight gradient's image blocks of kWBlockBytes: 2 + 1 images in float32, 1 + 1 + 1 in
-# float64, later blocks summed onto the first's partial sums, a partial last block).
+# float64, later blocks summed onto the first's partial sums, a partial last block); strided
+# layers onto 64x64 and 16x16 outputs.
 NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((2, 130, 9, 9), (70, 130, 7, 7), dict(padding=3)),
             ((2, 6, 12, 12), (8, 6, 9, 9), dict(padding=4)),
@@ -2968,7 +3000,10 @@ NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((3, 96, 4, 4), (64, 96, 3, 3), dict(padding=1)),
             ((4, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1)),
             ((1, 260, 5, 5), (260, 260, 7, 7), dict(padding=3)),
-            ((3, 16, 126, 126), (16, 16, 3, 3), dict(padding=1))]
+            ((3, 16, 126, 126), (16, 16, 3, 3), dict(padding=1)),
+            # the automatic choice's larger strided maps off Intel (64x64 and 16x16 outputs)
+            ((2, 32, 128, 128), (64, 32, 3, 3), dict(stride=2, padding=1)),
+            ((2, 40, 50, 50), (64, 40, 5, 5), dict(stride=3, padding=2))]
 FWD_CASES = [("implicit", c) for c in IMPLICIT_FWD] + [("nhwc", c) for c in IMPLICIT_FWD + NHWC_FWD]
 
 

@@ -34,6 +34,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../cpu_features.h"
 #include "conv_planes.h"
 #include "scratch.h"
 #include "transpose_copy.h"
@@ -527,12 +528,22 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // weight of 512 x 4608 packed per call), fewer than 64 output channels per group (a 64-wide
   // panel left half empty), 1x1 (GEMM reads x in place); larger maps measured even with GEMM.
   // Not measured, so not taken: kernels of fewer than 9 taps, fewer than 32 input channels per
-  // group, groups, maps above 14x14 (196 pixels), and panels more than 1/8 empty (80 or 96
-  // output channels: only a half-empty one was measured, and lost).
+  // group, groups, and panels more than 1/8 empty (80 or 96 output channels: only a half-empty
+  // one was measured, and lost).
+  // Map size: on Intel CPUs at most 14x14 (196 pixels), as fitted there. On AMD Zen 5 the kernel
+  // won forward against the automatic choice of the time (GEMM or the implicit forward; 2
+  // threads, best of 9-15 rotated rounds; RESULTS.md, section 2026-12-07 11:18) on every layer
+  // measured with 15x15 to 64x64 outputs: stride 2, 3x3-5x5, 32-256 input channels, 1.06-1.58x
+  // (shape 5 at 32x32 inputs 1.33x, conv shape 7's input gradient, 16x32x56x56 -> 64 k4 s2,
+  // 1.12x); stride 1 5x5 / 7x7 / dilated 3x3 over 64-512 channels, 1.05-1.82x (GEMM had run
+  // 16x128x20x20 -> 128 5x5 1.6x slower than torch); 3x3 layers Winograd declines (1-2 images)
+  // 0.99-1.36x; stride-1 input gradients likewise 1.01-1.68x. On 112x112 outputs it tied or lost
+  // (0.92x, 0.99x): maps of at most 64x64 there (nhwc_avx512_map_sizes, conv.h).
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 63) / 64;
+  static const bool intel = cpu_is_intel();
   return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 32 &&
          kg >= 64 && (nkb * 64 - kg) * 8 <= nkb * 64 && p.n * p.oh * p.ow >= 128 &&
-         p.oh * p.ow <= 196;
+         nhwc_avx512_map_sizes(p.oh * p.ow, intel);
 #elif defined(__AVX2__) && defined(__FMA__)
   // The AVX2 build (6 x 16 tile, 16-wide panels), fitted on the 2-core Zen 3 VM to forced
   // timings against the automatic choice of the time (Winograd or GEMM; 2 threads, same
