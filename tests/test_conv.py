@@ -2302,6 +2302,11 @@ DIRECT_S1_CASES = [
     ((2, 1, 9, 13), (6, 1, 3, 3), dict(stride=1, padding=1, groups=1)),         # OW = 13, flat
     ((1, 2, 3, 4), (8, 1, 3, 3), dict(stride=1, padding=0, groups=2)),          # S = 2
     ((3, 1, 5, 3), (4, 1, 3, 3), dict(stride=1, padding=0, groups=1)),          # OW = 1, S = 3
+    # the AVX-512 build's flat zmm kernels (conv_flat_3x3.h): 13 channels (forward 8 + 5, weight
+    # gradient 6 pairs + 1), 231 outputs = 14 vectors + 7 lanes; a 32x32 plane (the forward on
+    # the one-plane kernel there, flat_zmm_forward_serves), channel multiplier 4
+    ((2, 1, 11, 21), (13, 1, 3, 3), dict(stride=1, padding=1, groups=1)),
+    ((2, 2, 32, 32), (8, 1, 3, 3), dict(stride=1, padding=1, groups=2)),
 ]
 
 
@@ -2461,7 +2466,8 @@ def test_conv2d_direct_flat_weight_grad_nonfinite(cpu_path, where):
     # The flat weight gradient (one input channel, 3x3, stride 1, 4+ output channels:
     # kFlatMinChannels in conv_direct_s1.cpp) sums each tap over the plane as one run of vectors,
     # the plane's last partial vector masked: OW = 9, 6 x 9 = 54 outputs, 6 vectors + 6 lanes
-    # (float32) or 13 + 2 (float64). The masked lanes (outputs 54, 55) read input rows 6 and 7,
+    # (float32; on the AVX-512 build 3 zmm vectors + 6 lanes, conv_flat_3x3.h, its 5 channels as
+    # two pairs and one) or 13 + 2 (float64). The masked lanes (outputs 54, 55) read input rows 6 and 7,
     # columns 0-3, in the taps of kernel rows 0 and 1: "last row", "row before last" and "first
     # column" put inf / NaN there (an unmasked product would turn those taps NaN); "last column"
     # and "last cell" check which taps read what.

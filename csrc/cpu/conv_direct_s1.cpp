@@ -51,6 +51,9 @@
 #include "row_copy.h"
 #include "scratch.h"
 #include "vec_ext.h"
+#if defined(__AVX512F__)
+#include "conv_flat_3x3.h"
+#endif
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -426,10 +429,12 @@ void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, cons
 // RESULTS.md, 2026-12-05 16:46 section). The copies, 3 reads and writes of the plane, are repaid
 // over the channels they feed.
 constexpr int64_t kFlatMinChannels = 4;
+// Zeros after each copy: a 16-lane vector's reach (conv_flat_3x3.h reads whole zmm vectors).
+constexpr int64_t kFlatTail = 16;
 
 template <class T>
 int64_t flat_copy_size(const Conv2dParams& p, const PadGeom& g) {
-  return g.rows * p.ow + Vec<T>::L;
+  return g.rows * p.ow + kFlatTail;
 }
 
 template <class T>
@@ -438,8 +443,34 @@ void flat_copies_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, T* f
   for (int64_t j = 0; j < 3; ++j) {
     T* d = f + j * FS;
     for (int64_t r = 0; r < g.rows; ++r) copy_run(d + r * p.ow, buf + r * g.pitch + j, p.ow);
-    zero_run(d + g.rows * p.ow, Vec<T>::L);
+    zero_run(d + g.rows * p.ow, kFlatTail);
   }
+}
+
+// The AVX-512 build's flat kernels (conv_flat_3x3.h): float32, one input channel per group, 3x3,
+// stride 1, dilation 1, and at least kFlatMinChannels output channels per group.
+template <class T>
+bool flat_zmm_serves(const Conv2dParams& p) {
+#if defined(__AVX512F__)
+  return std::is_same<T, float>::value && p.c == p.groups && p.kh == 3 && p.kw == 3 &&
+         p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1 && p.k / p.groups >= kFlatMinChannels;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+// The forward besides: not where each output plane is a multiple of 4 KiB (1024 floats: 32x32,
+// 64x64, 32x64, 128x128 maps). There it writes its 8-32 output planes at once at addresses equal
+// modulo 4 KiB, the same L1 set, and ran 1.35-1.65x slower than the one-plane ymm kernel on
+// Zen 5 (8x1x32x32 -> 32: 0.028 -> 0.040 ms; 8x1x64x64 -> 32: 0.088 -> 0.14; 16x8x64x64 -> 64
+// g8: 0.37 -> 0.43); elsewhere it won 1.2-1.9x (64x1x28x28 -> 32: 0.157 -> 0.084; 16x16 to 60x60
+// maps, 8-32 channels per group; 1x1x224x224 -> 32 even). The weight gradient reads its gy planes
+// two at a time and won on every map measured, those included (1.6-2.1x). RESULTS.md, section
+// 2026-12-07 11:18.
+template <class T>
+bool flat_zmm_forward_serves(const Conv2dParams& p) {
+  return flat_zmm_serves<T>(p) && p.oh * p.ow % 1024 != 0;
 }
 
 // plane_wgrad_3x3 (stride 1) over flat_copies_3x3's copies f.
@@ -528,12 +559,25 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   const int64_t nt = get_num_threads();
   const int64_t kb = ng >= nt ? 1 : std::min<int64_t>(kg, (nt + ng - 1) / ng);
   const int64_t kper = (kg + kb - 1) / kb;
+  const bool flat = flat_zmm_forward_serves<T>(p);
+  const int64_t planes = cg * g.plane();
   parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
-    T* buf = tl_planes.get_as<T>(cg * g.plane());
+    T* buf = tl_planes.get_as<T>(planes + (flat ? 3 * flat_copy_size<T>(p, g) : 0));
     zero_frame(p, g, cg, buf);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / kb / G, gi = t / kb % G, blk = t % kb;
       copy_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
+#if defined(__AVX512F__)
+      if constexpr (std::is_same<T, float>::value) {
+        if (flat) {
+          const int64_t k0 = gi * kg + blk * kper, kn = std::min(kg, (blk + 1) * kper) - blk * kper;
+          flat_copies_3x3(p, g, buf, buf + planes);
+          flat_fwd_3x3(buf + planes, flat_copy_size<T>(p, g), p.ow, S, w + k0 * 9,
+                       b ? b + k0 : nullptr, kn, y + (n * p.k + k0) * S);
+          continue;
+        }
+      }
+#endif
       for (int64_t kk = blk * kper; kk < std::min(kg, (blk + 1) * kper); ++kk) {
         const int64_t k = gi * kg + kk;
         const T bv = b ? b[k] : T(0);
@@ -556,6 +600,7 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   // image and feed all its channels in the range (per channel, shape 1 padded each x plane 32
   // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
   const bool flat = k3 && p.sh == 1 && kg >= kFlatMinChannels;
+  const bool flat_zmm = flat_zmm_serves<T>(p);  // (conv_flat_3x3.h: 2 channels per pass)
   const int64_t planes = cg * g.plane();
   parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(planes + (flat ? 3 * flat_copy_size<T>(p, g) : 0));
@@ -573,6 +618,17 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
         }
         const T* gp = gy + (n * p.k + k) * S;
         double* a = acc.data() + (k - lo) * (ck + 1);
+#if defined(__AVX512F__)
+        if constexpr (std::is_same<T, float>::value) {
+          if (flat_zmm) {  // this group's channels of the range at once
+            const int64_t kn = std::min(hi, (gi + 1) * kg) - k;
+            flat_wgrad_3x3(copies, flat_copy_size<T>(p, g), p.ow, S, gp, kn, gb != nullptr, a,
+                           ck + 1);
+            k += kn - 1;
+            continue;
+          }
+        }
+#endif
         if (flat) plane_wgrad_3x3_flat(p, g, copies, gp, gb != nullptr, a);
         else if (k3) plane_wgrad_3x3(p, g, buf, gp, gb != nullptr, a);
         else plane_wgrad_any(p, g, cg, buf, gp, gb != nullptr, a);
