@@ -113,10 +113,12 @@ inline bool small_map_input_gemm_sizes(int64_t pixels, int64_t map_pixels, int64
 // The map-size bound of the AVX-512 build's channels-minor forward (cpu/conv_nhwc.cpp,
 // nhwc_preferred, which says what was measured): at most 196 output pixels (14x14) on Intel CPUs,
 // as fitted there; on others (measured: AMD Zen 5, the only non-Intel CPU whose convolution runs
-// on the AVX-512 build by default) at most 4096 (64x64). A pure function of its arguments, so
-// tests check both vendors' arms on any machine.
-inline bool nhwc_avx512_map_sizes(int64_t map_pixels, bool intel) {
-  return map_pixels <= (intel ? 196 : 4096);
+// on the AVX-512 build by default) also up to 4096 (64x64) where one image's padded
+// channels-minor copy and pixel-major output (image_bytes) are at most 6 MiB. A pure function of
+// its arguments, so tests check both vendors' arms on any machine.
+inline bool nhwc_avx512_map_sizes(int64_t map_pixels, int64_t image_bytes, bool intel) {
+  return map_pixels <= 196 ||
+         (!intel && map_pixels <= 4096 && image_bytes <= (int64_t(6) << 20));
 }
 
 }  // namespace fastdl

@@ -2307,7 +2307,48 @@ DIRECT_S1_CASES = [
     # the one-plane kernel there, flat_zmm_forward_serves), channel multiplier 4
     ((2, 1, 11, 21), (13, 1, 3, 3), dict(stride=1, padding=1, groups=1)),
     ((2, 2, 32, 32), (8, 1, 3, 3), dict(stride=1, padding=1, groups=2)),
+    # the input gradient as a forward over gy of 4 channels per group into 1 (the flat forward
+    # there on AVX-512: one gy channel per group, 4 outputs)
+    ((2, 8, 11, 21), (2, 4, 3, 3), dict(stride=1, padding=1, groups=2)),
 ]
+
+
+@pytest.mark.parametrize("shape, wshape, groups", [
+    ((3, 3, 20, 20), (12, 1, 3, 3), 3),     # weight-gradient channel ranges ending mid-group
+    ((1, 1, 13, 17), (15, 1, 3, 3), 1),     # one image: forward blocks of 15, 8 + 7, 5, 4 + 3
+    ((1, 2, 9, 23), (14, 1, 3, 3), 2),      # 7 a group: forward remainders of 7, 4 + 3
+    ((5, 1, 11, 21), (13, 1, 3, 3), 1)])    # forward 8 + 5 at every thread count up to 5
+def test_direct_one_channel_3x3_thread_splits(cpu_path, shape, wshape, groups):
+    # The one-input-channel 3x3 kernels (on AVX-512 the flat zmm ones, conv_flat_3x3.h) at 1-4
+    # threads: forward, weight and bias gradients as torch's, and bitwise the same at every
+    # thread count (each output plane and each channel's sums belong to one task).
+    gen = torch.Generator().manual_seed(wshape[0])
+    x, w = torch.randn(shape, generator=gen), torch.randn(wshape, generator=gen)
+    b = torch.randn(wshape[0], generator=gen)
+    kw = dict(padding=1, groups=groups)
+    gy = torch.randn(TF.conv2d(x, w, **kw).shape, generator=gen)
+    ref = torch.ops.aten.convolution_backward(gy, x, w, [wshape[0]], [1, 1], [1, 1], [1, 1], False,
+                                              [0, 0], groups, [False, True, True])
+    before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("direct")
+    try:
+        res = []
+        for t in (1, 2, 3, 4):
+            fastdl.set_num_threads(t)
+            y = fastdl.ops.conv2d(x, w, b, **kw)
+            _, gw, gb = fastdl.ops.conv2d_backward(gy, x, w, output_mask=(False, True, True), **kw)
+            res.append((y, gw, gb))
+    finally:
+        fastdl.set_num_threads(before)
+        fastdl.ops.set_conv_algorithm(algo)
+    y, gw, gb = res[0]
+    assert_close(y, TF.conv2d(x, w, b, **kw), reduction=9)
+    pixels = gy.shape[0] * gy.shape[2] * gy.shape[3]
+    assert_close(gw, ref[1], reduction=pixels)
+    assert_close(gb, ref[2], reduction=pixels)
+    for r in res[1:]:
+        for u, v in zip(r, res[0]):
+            assert torch.equal(u, v)
 
 
 def test_conv2d_direct_padding_frame_after_other_geometry(cpu_path):
@@ -2467,8 +2508,9 @@ def test_conv2d_direct_flat_weight_grad_nonfinite(cpu_path, where):
     # kFlatMinChannels in conv_direct_s1.cpp) sums each tap over the plane as one run of vectors,
     # the plane's last partial vector masked: OW = 9, 6 x 9 = 54 outputs, 6 vectors + 6 lanes
     # (float32; on the AVX-512 build 3 zmm vectors + 6 lanes, conv_flat_3x3.h, its 5 channels as
-    # two pairs and one) or 13 + 2 (float64). The masked lanes (outputs 54, 55) read input rows 6 and 7,
-    # columns 0-3, in the taps of kernel rows 0 and 1: "last row", "row before last" and "first
+    # two pairs and one) or 13 + 2 (float64). The masked lanes (outputs 54, 55 with ymm vectors:
+    # input rows 6 and 7, columns 0-3; 54-63 with zmm: rows 6 and 7 and the copies' zero tail)
+    # are read in the taps of kernel rows 0 and 1: "last row", "row before last" and "first
     # column" put inf / NaN there (an unmasked product would turn those taps NaN); "last column"
     # and "last cell" check which taps read what.
     pick = {"last row": (-1, slice(None)), "row before last": (-2, slice(None)),
@@ -2688,7 +2730,7 @@ def test_auto_choice_implicit_forward(cpu_path):
     assert algo((16, 32, 56, 56), (64, 32, 4, 4), stride=2, padding=1) == (
         "winograd" if cpu_path == "avx2" else "nhwc" if nhwc_large_maps(cpu_path) else imp("gemm"))
     assert algo((32, 64, 20, 20), (64, 64, 4, 4), stride=2, padding=1) == (
-        "nhwc" if cpu_path != "default" else "gemm")   # (AVX-512: nhwc on maps up to 196 pixels)
+        "nhwc" if cpu_path != "default" else "gemm")   # (10x10 outputs: every vector build)
     assert algo((8, 3, 224, 224), (64, 3, 7, 7), stride=2, padding=3) == imp("gemm")   # stem
     # (the forward of 32 -> 64 channels on 32x32 outputs: channels-minor on the AVX-512 build off
     # Intel CPUs; the input gradient, as a forward onto 32 channels, too few for its panels)
@@ -2798,8 +2840,9 @@ def test_nhwc_skips_padding_taps(cpu_path, case, dtype):
 def test_auto_choice_nhwc(cpu_path):
     # The channels-minor kernels (conv_nhwc.cpp, nhwc_preferred): float32, ungrouped, 9 taps or
     # more, at least 128 output pixels in the batch, and per build:
-    # - AVX-512: maps of at most 196 output pixels on Intel CPUs, 4096 (64x64) on others (AMD
-    #   Zen 5: nhwc_avx512_map_sizes), at least 32 input and 64 output channels with
+    # - AVX-512: maps of at most 196 output pixels on Intel CPUs; on others (AMD Zen 5) up to
+    #   4096 (64x64) with an image's padded copy and output of at most 6 MiB
+    #   (nhwc_avx512_map_sizes), at least 32 input and 64 output channels with
     #   64-wide panels at most 1/8 empty; after Winograd. The weight gradient
     #   (nhwc_weight_preferred) besides: stride 1, at most 8x8 outputs, 256 channels each way
     #   and 1024 pixels in the batch.
@@ -2883,11 +2926,16 @@ def test_auto_choice_nhwc(cpu_path):
     check((4, 64, 64, 64), (64, 64, 5, 5), "fi", big512, padding=2)
     check((2, 64, 224, 224), (64, 64, 3, 3), "f", none, stride=2, padding=1)
     # the size test itself, both vendors' arms (on any machine)
+    # (an image of 194x194 over 256 channels, 39 MB: each thread would fill its own copy)
+    check((1, 256, 192, 192), (64, 256, 3, 3), "f", none, stride=3)
     map_sizes = fastdl._C.nhwc_avx512_map_sizes
+    mib = 1 << 20
     for intel in (True, False):
-        assert map_sizes(14 * 14, intel) and not map_sizes(64 * 64 + 1, intel)
-        assert map_sizes(15 * 15, intel) == map_sizes(64 * 64, intel) == (not intel)
-    # not on AVX2 (AVX-512: its own rule, maps of at most 196 pixels): 9x9, over 512 channels
+        assert map_sizes(14 * 14, 40 * mib, intel) and not map_sizes(64 * 64 + 1, mib, intel)
+        assert map_sizes(15 * 15, mib, intel) == map_sizes(64 * 64, 6 * mib, intel) == (not intel)
+        assert not map_sizes(15 * 15, 6 * mib + 1, intel)
+    # not on AVX2 (AVX-512: its own rule, maps of at most 196 pixels on Intel CPUs): 9x9, over
+    # 512 channels
     check((4, 128, 9, 9), (128, 128, 3, 3), "fi", x512, padding=1)
     check((2, 640, 14, 14), (640, 640, 3, 3), "fi", x512, padding=1)
     # (AVX-512 on AMD: GEMM's small-map path only at output pixels <= channels / 4)
@@ -2996,7 +3044,7 @@ IMPLICIT_FWD = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),
 # across images); 260 channels of 7x7 in several passes on every build, both ways; 126x126 maps
 # (the weight gradient's image blocks of kWBlockBytes: 2 + 1 images in float32, 1 + 1 + 1 in
 # float64, later blocks summed onto the first's partial sums, a partial last block); strided
-# layers onto 64x64 and 16x16 outputs.
+# layers onto 64x64 and 17x17 outputs.
 NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((2, 130, 9, 9), (70, 130, 7, 7), dict(padding=3)),
             ((2, 6, 12, 12), (8, 6, 9, 9), dict(padding=4)),
@@ -3007,7 +3055,7 @@ NHWC_FWD = [((1, 64, 8, 8), (64, 64, 3, 3), dict(padding=1)),
             ((4, 32, 9, 9), (64, 32, 3, 3), dict(stride=2, padding=1)),
             ((1, 260, 5, 5), (260, 260, 7, 7), dict(padding=3)),
             ((3, 16, 126, 126), (16, 16, 3, 3), dict(padding=1)),
-            # the automatic choice's larger strided maps off Intel (64x64 and 16x16 outputs)
+            # the automatic choice's larger strided maps off Intel (64x64 and 17x17 outputs)
             ((2, 32, 128, 128), (64, 32, 3, 3), dict(stride=2, padding=1)),
             ((2, 40, 50, 50), (64, 40, 5, 5), dict(stride=3, padding=2))]
 FWD_CASES = [("implicit", c) for c in IMPLICIT_FWD] + [("nhwc", c) for c in IMPLICIT_FWD + NHWC_FWD]

@@ -8,8 +8,10 @@
 // (conv_phase.cpp, the input gradient of strided convolutions), Implicit (conv_implicit.cpp, the
 // weight gradient, chosen by implicit_preferred there; conv_implicit_forward.cpp, the forward and
 // the stride-1 input gradient, chosen by implicit_forward_preferred there), Nhwc (conv_nhwc.cpp,
-// the forward, stride-1 input gradient and weight gradient of small maps, and on the AVX2 build
-// the forward of stride-2 layers, chosen by nhwc_preferred and nhwc_weight_preferred there).
+// the forward, stride-1 input gradient and weight gradient of small maps, the forward and
+// stride-1 input gradient of maps up to 64x64 on the AVX-512 build off Intel CPUs, and on the
+// AVX2 build the forward of stride-2 layers, chosen by nhwc_preferred and nhwc_weight_preferred
+// there).
 // Reference: one task per output plane (forward), input plane (input gradient) or output channel
 // (weight gradient), double accumulators.
 // Tested by tests/test_conv.py (every algorithm, both CPU paths); timed by benchmarks/bench_conv.py.

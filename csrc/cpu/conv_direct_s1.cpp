@@ -461,13 +461,13 @@ bool flat_zmm_serves(const Conv2dParams& p) {
 }
 
 // The forward besides: not where each output plane is a multiple of 4 KiB (1024 floats: 32x32,
-// 64x64, 32x64, 128x128 maps). There it writes its 8-32 output planes at once at addresses equal
-// modulo 4 KiB, the same L1 set, and ran 1.35-1.65x slower than the one-plane ymm kernel on
-// Zen 5 (8x1x32x32 -> 32: 0.028 -> 0.040 ms; 8x1x64x64 -> 32: 0.088 -> 0.14; 16x8x64x64 -> 64
-// g8: 0.37 -> 0.43); elsewhere it won 1.2-1.9x (64x1x28x28 -> 32: 0.157 -> 0.084; 16x16 to 60x60
-// maps, 8-32 channels per group; 1x1x224x224 -> 32 even). The weight gradient reads its gy planes
-// two at a time and won on every map measured, those included (1.6-2.1x). RESULTS.md, section
-// 2026-12-07 11:18.
+// 64x64, 32x64, 128x128 maps, and 224x224). There it writes its 8-32 output planes at once at
+// addresses equal modulo 4 KiB, the same L1 set, and ran 1.16-1.65x slower than the one-plane
+// ymm kernel on Zen 5 (8x1x32x32 -> 32: 0.028 -> 0.040 ms; 8x1x64x64 -> 32: 0.088 -> 0.14;
+// 16x8x64x64 -> 64 g8: 0.37 -> 0.43); elsewhere it won 1.1-1.9x (64x1x28x28 -> 32: 0.157 ->
+// 0.084; 16x16 to 60x60 maps, 8-32 channels per group) and tied on 63x63 maps with 8 (0.98x).
+// The weight gradient reads its gy planes two at a time and won on every map measured, those
+// included (1.6-2.1x). RESULTS.md, section 2026-12-07 11:18.
 template <class T>
 bool flat_zmm_forward_serves(const Conv2dParams& p) {
   return flat_zmm_serves<T>(p) && p.oh * p.ow % 1024 != 0;
@@ -559,13 +559,16 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   const int64_t nt = get_num_threads();
   const int64_t kb = ng >= nt ? 1 : std::min<int64_t>(kg, (nt + ng - 1) / ng);
   const int64_t kper = (kg + kb - 1) / kb;
-  const bool flat = flat_zmm_forward_serves<T>(p);
+  // (the flat copies cost three plane copies per block: not for blocks of fewer channels than
+  // the weight gradient's kFlatMinChannels, which split batch-1 calls over many threads give)
+  const bool flat = flat_zmm_forward_serves<T>(p) && kper >= kFlatMinChannels;
   const int64_t planes = cg * g.plane();
   parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(planes + (flat ? 3 * flat_copy_size<T>(p, g) : 0));
     zero_frame(p, g, cg, buf);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = t / kb / G, gi = t / kb % G, blk = t % kb;
+      if (blk * kper >= kg) continue;  // an empty block (kg not a multiple of the block size)
       copy_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
 #if defined(__AVX512F__)
       if constexpr (std::is_same<T, float>::value) {
