@@ -1118,7 +1118,12 @@ def test_implicit_weight_grad_thread_counts(cpu_path, shape, wshape, kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,groups,padding", [((3, 8, 13, 21), 8, 1), ((2, 5, 9, 6), 5, 0),
                                                   ((1, 4, 3, 40), 4, 2), ((4, 7, 8), 4, 3),
-                                                  ((2, 6, 11, 9), 6, (3, 1))])
+                                                  ((2, 6, 11, 9), 6, (3, 1)),
+                                                  # blocks of kFusedBlockBytes of gy planes:
+                                                  # 8 (float32) or 4 (float64) 64x64 planes, and
+                                                  # 18 or 9 of 40x44 with a partial last block
+                                                  ((2, 24, 64, 64), 24, 1),
+                                                  ((2, 20, 40, 44), 20, 1)])
 def test_depthwise_backward_in_one_pass(cpu_path, dtype, shape, groups, padding):
     # Depthwise 3x3 stride 1: conv2d_backward with both gradients asked runs one pass over gy
     # (conv_direct_s1_backward_both, counted); each result is bitwise the separate pass's, and

@@ -8,7 +8,7 @@
 // every output vector reads whole unaligned vectors at fixed offsets: no edge cases, no bound
 // checks per tap. The buffer's padding frame is zeroed once per task range and each plane copies
 // only its input cells (the geometry is fixed for the call). The fused depthwise backward
-// prefetches its next planes above 8 MB of input.
+// runs a block of channels' tap sums, then their input gradient over the same gy planes.
 //   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
 //                    one task per (image, group): the buffer feeds all kg output planes
 //                    (per (image, group, block of planes) when fewer than the threads)
@@ -126,16 +126,6 @@ void copy_planes(const Conv2dParams& p, const PadGeom& g, const T* xg, int64_t c
     for (int64_t r = in.r0; r < in.r1; ++r)
       copy_run(b + r * g.pitch, xp + (r - p.ph) * p.w, in.len);
   }
-}
-
-// x's size above which the fused backward prefetches its next planes (see there).
-constexpr int64_t kPrefetchBytes = int64_t(8) << 20;
-
-// Asks for the cache lines of [p, p + bytes) (prefetcht1: L2 on Intel; the level is a hint).
-inline void prefetch_l2(const void* p, int64_t bytes) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-  for (uintptr_t l = a & ~uintptr_t(63); l < a + uintptr_t(bytes); l += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(l), 0, 2);
 }
 
 // Stores the first n (<= L) lanes of v: one masked store on the AVX-512 build; on AVX2 at most
@@ -651,44 +641,48 @@ bool direct_s1_both_serves(const Conv2dParams& p) {
          p.sw == 1 && p.dh == 1 && p.dw == 1;
 }
 
-// Per output channel (the thread's range), images in order as the weight-gradient pass: the x
-// plane padded for the tap sums, then the gy plane, already read by them, padded for the flipped
-// forward that writes gx (conv_direct_backward_input's kernel, same weights flipped).
+// A thread's range of output channels (= input channels: depthwise), images outer, the range's
+// channels in blocks of about kFusedBlockBytes of gy: first each plane's tap sums (x padded), then
+// the flipped forward that writes gx over the same gy planes, still in L2 (padded;
+// conv_direct_backward_input's kernel, same weights flipped). Each channel's sums run over the
+// images in order. Measured on the Zen 5 VM (median ms of 30 calls, 3 runs; RESULTS.md,
+// 2026-12-07 11:18): the earlier order, channels outer and images inner (each step's planes an
+// image away, prefetched whole), ran conv shape 6's backward 3.49-3.51 against 2.54-2.56 for the
+// two separate passes; images outer with one channel at a time, 3.2-3.8; with blocks of 128 KiB
+// of gy, 2.35-2.39 (separate 2.41-2.61 in the same runs), and no slower than the separate
+// passes on 5 other depthwise layers (4-64 images, 14x14 to 112x112, 32-256 channels).
+constexpr int64_t kFusedBlockBytes = int64_t(128) << 10;
+
 template <class T>
 void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy, const T* w,
                                   T* gx, T* gw, T* gb) {
   const Conv2dParams q = input_grad_as_forward(p);
   const PadGeom gw_geo = PadGeom::of<T>(p), gx_geo = PadGeom::of<T>(q);
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
-  const bool prefetch = p.n * p.c * HW * int64_t(sizeof(T)) > kPrefetchBytes;
   parallel_for_catch(p.k, grain_for(p.n * (S + HW) * 9), [&](int64_t lo, int64_t hi) {
     T* bx = tl_planes.get_as<T>(gw_geo.plane() + gx_geo.plane());
     T* bg = bx + gw_geo.plane();
     zero_frame(p, gw_geo, 1, bx);
     zero_frame(q, gx_geo, 1, bg);
     std::vector<double> acc(static_cast<size_t>((hi - lo) * 10), 0.0);
-    for (int64_t k = lo; k < hi; ++k) {
-      T wf[9];  // the kernel rotated by 180 degrees (flip_weights for one channel)
-      for (int e = 0; e < 9; ++e) wf[e] = w[k * 9 + 8 - e];
-      double* a = acc.data() + (k - lo) * 10;
-      for (int64_t n = 0; n < p.n; ++n) {
-        const T* gp = gy + (n * p.k + k) * S;
-        // The next step's planes lie an image (C planes) away, where no hardware stream reaches:
-        // prefetched whole while this step computes, when the tensors are too large to stay in
-        // cache between passes (RESULTS.md, 2026-12-05 05:30: 32x64x56x56 -19%; at 4 images,
-        // cache-resident, the prefetches cost +10%).
-        if (prefetch) {
-          const int64_t n1 = n + 1 < p.n ? n + 1 : 0, k1 = n + 1 < p.n ? k : k + 1;
-          if (k1 < hi) {
-            prefetch_l2(x + (n1 * p.c + k1) * HW, HW * int64_t(sizeof(T)));
-            prefetch_l2(gy + (n1 * p.k + k1) * S, S * int64_t(sizeof(T)));
-          }
+    std::vector<T> wf(static_cast<size_t>((hi - lo) * 9));  // kernels rotated by 180 degrees
+    for (int64_t k = lo; k < hi; ++k)
+      for (int e = 0; e < 9; ++e) wf[(k - lo) * 9 + e] = w[k * 9 + 8 - e];
+    const int64_t B = std::max<int64_t>(1, kFusedBlockBytes / (S * int64_t(sizeof(T))));
+    for (int64_t n = 0; n < p.n; ++n)
+      for (int64_t k0 = lo; k0 < hi; k0 += B) {
+        const int64_t k1 = std::min(hi, k0 + B);
+        for (int64_t k = k0; k < k1; ++k) {
+          copy_planes(p, gw_geo, x + (n * p.c + k) * HW, 1, bx);
+          plane_wgrad_3x3(p, gw_geo, bx, gy + (n * p.k + k) * S, gb != nullptr, acc.data() + (k - lo) * 10);
         }
-        copy_planes(p, gw_geo, x + (n * p.c + k) * HW, 1, bx);
-        plane_wgrad_3x3(p, gw_geo, bx, gp, gb != nullptr, a);
-        copy_planes(q, gx_geo, gp, 1, bg);
-        plane_fwd_3x3(q, gx_geo, bg, wf, T(0), gx + (n * p.c + k) * HW);
+        for (int64_t k = k0; k < k1; ++k) {
+          copy_planes(q, gx_geo, gy + (n * p.k + k) * S, 1, bg);
+          plane_fwd_3x3(q, gx_geo, bg, wf.data() + (k - lo) * 9, T(0), gx + (n * p.c + k) * HW);
+        }
       }
+    for (int64_t k = lo; k < hi; ++k) {
+      const double* a = acc.data() + (k - lo) * 10;
       for (int e = 0; e < 9; ++e) gw[k * 9 + e] = static_cast<T>(a[e]);
       if (gb) gb[k] = static_cast<T>(a[9]);
     }
