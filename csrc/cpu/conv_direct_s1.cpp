@@ -39,7 +39,6 @@
 // Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves; the
 // direct_stride1 cases aim at this file; both CPU paths); timed by benchmarks/bench_conv.py.
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -593,7 +592,7 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   // image and feed all its channels in the range (per channel, shape 1 padded each x plane 32
   // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
   const bool flat = k3 && p.sh == 1 && kg >= kFlatMinChannels;
-  const bool flat_zmm = flat_zmm_serves<T>(p);  // (conv_flat_3x3.h: 2 channels per pass)
+  [[maybe_unused]] const bool flat_zmm = flat_zmm_serves<T>(p);  // (conv_flat_3x3.h: AVX-512)
   const int64_t planes = cg * g.plane();
   parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(planes + (flat ? 3 * flat_copy_size<T>(p, g) : 0));
@@ -636,23 +635,35 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   });
 }
 
+// The fused backward's channels per block (below): about kFusedBlockBytes of x and gy planes.
+// Measured on the Zen 5 VM (median ms of 30 calls, 3 runs; RESULTS.md, 2026-12-07 11:18), conv
+// shape 6's backward: channels outer and images inner (the earlier order: each step's planes an
+// image away, prefetched whole) 3.49-3.51 against 2.54-2.56 for the two separate passes; images
+// outer with the thread's channels inner one at a time, 3.17-3.37; in blocks of 10 channels
+// (128 KiB of gy, 256 KiB with x), 2.35-2.39, and 2.31-2.50 at 20 channels to the whole range
+// (separate passes 2.4-3.0 in those runs); 10 channels a block was no slower than the separate
+// passes on 5 other depthwise layers (4-64 images, 14x14 to 112x112, 32-256 channels). A block
+// of one channel (planes of 128 KiB and more: 182x182 float32) is the measured-slow order:
+// such layers run the two passes (direct_s1_both_serves).
+constexpr int64_t kFusedBlockBytes = int64_t(256) << 10;
+
+static int64_t fused_block_channels(const Conv2dParams& p) {
+  const int64_t bytes = (p.oh * p.ow + p.h * p.w) * (p.dtype == DType::Float32 ? 4 : 8);
+  return bytes > 0 ? kFusedBlockBytes / bytes : 0;
+}
+
 bool direct_s1_both_serves(const Conv2dParams& p) {
   return p.groups == p.c && p.groups == p.k && p.kh == 3 && p.kw == 3 && p.sh == 1 &&
-         p.sw == 1 && p.dh == 1 && p.dw == 1;
+         p.sw == 1 && p.dh == 1 && p.dw == 1 && p.oh > 0 && p.ow > 0 &&
+         fused_block_channels(p) >= 2;
 }
 
 // A thread's range of output channels (= input channels: depthwise), images outer, the range's
-// channels in blocks of about kFusedBlockBytes of gy: first each plane's tap sums (x padded), then
-// the flipped forward that writes gx over the same gy planes, still in L2 (padded;
+// channels in blocks (fused_block_channels): first each plane's tap sums (x padded), then the
+// flipped forward that writes gx over the same gy planes, still in L2 (padded;
 // conv_direct_backward_input's kernel, same weights flipped). Each channel's sums run over the
-// images in order. Measured on the Zen 5 VM (median ms of 30 calls, 3 runs; RESULTS.md,
-// 2026-12-07 11:18): the earlier order, channels outer and images inner (each step's planes an
-// image away, prefetched whole), ran conv shape 6's backward 3.49-3.51 against 2.54-2.56 for the
-// two separate passes; images outer with one channel at a time, 3.2-3.8; with blocks of 128 KiB
-// of gy, 2.35-2.39 (separate 2.41-2.61 in the same runs), and no slower than the separate
-// passes on 5 other depthwise layers (4-64 images, 14x14 to 112x112, 32-256 channels).
-constexpr int64_t kFusedBlockBytes = int64_t(128) << 10;
-
+// images in order, as in the separate weight-gradient pass: the results are bitwise its and
+// the separate input gradient's, at any thread count.
 template <class T>
 void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy, const T* w,
                                   T* gx, T* gw, T* gb) {
@@ -668,13 +679,14 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
     std::vector<T> wf(static_cast<size_t>((hi - lo) * 9));  // kernels rotated by 180 degrees
     for (int64_t k = lo; k < hi; ++k)
       for (int e = 0; e < 9; ++e) wf[(k - lo) * 9 + e] = w[k * 9 + 8 - e];
-    const int64_t B = std::max<int64_t>(1, kFusedBlockBytes / (S * int64_t(sizeof(T))));
+    const int64_t B = std::max<int64_t>(1, fused_block_channels(p));
     for (int64_t n = 0; n < p.n; ++n)
       for (int64_t k0 = lo; k0 < hi; k0 += B) {
         const int64_t k1 = std::min(hi, k0 + B);
         for (int64_t k = k0; k < k1; ++k) {
           copy_planes(p, gw_geo, x + (n * p.c + k) * HW, 1, bx);
-          plane_wgrad_3x3(p, gw_geo, bx, gy + (n * p.k + k) * S, gb != nullptr, acc.data() + (k - lo) * 10);
+          plane_wgrad_3x3(p, gw_geo, bx, gy + (n * p.k + k) * S, gb != nullptr,
+                          acc.data() + (k - lo) * 10);
         }
         for (int64_t k = k0; k < k1; ++k) {
           copy_planes(q, gx_geo, gy + (n * p.k + k) * S, 1, bg);
