@@ -1605,6 +1605,22 @@ def test_threads_agree(cpu_path):
 
 
 
+def direct_at_thread_counts(call, counts=(1, 2, 3, 4)):
+    """call() under the forced "direct" algorithm at each thread count, the caller's thread
+    count and algorithm restored after; the results in order."""
+    before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("direct")
+    try:
+        res = []
+        for t in counts:
+            fastdl.set_num_threads(t)
+            res.append(call())
+        return res
+    finally:
+        fastdl.set_num_threads(before)
+        fastdl.ops.set_conv_algorithm(algo)
+
+
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_direct_forward_split_over_output_channels(cpu_path, k):
     # With fewer (image, group) pairs than threads the direct forward splits each pair's output
@@ -1613,16 +1629,7 @@ def test_direct_forward_split_over_output_channels(cpu_path, k):
     gen = torch.Generator().manual_seed(k)
     x, w = torch.randn(1, 1, 19, 23, generator=gen), torch.randn(k, 1, 3, 3, generator=gen)
     b = torch.randn(k, generator=gen)
-    before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
-    fastdl.ops.set_conv_algorithm("direct")
-    try:
-        res = []
-        for t in (1, 2, 3, 4):
-            fastdl.set_num_threads(t)
-            res.append(fastdl.ops.conv2d(x, w, b, padding=1))
-    finally:
-        fastdl.set_num_threads(before)
-        fastdl.ops.set_conv_algorithm(algo)
+    res = direct_at_thread_counts(lambda: fastdl.ops.conv2d(x, w, b, padding=1))
     assert_close(res[0], TF.conv2d(x, w, b, padding=1), reduction=9)
     for r in res[1:]:
         assert torch.equal(r, res[0])
@@ -2395,18 +2402,9 @@ def test_direct_one_channel_3x3_thread_splits(cpu_path, shape, wshape, groups):
     gy = torch.randn(TF.conv2d(x, w, **kw).shape, generator=gen)
     ref = torch.ops.aten.convolution_backward(gy, x, w, [wshape[0]], [1, 1], [1, 1], [1, 1], False,
                                               [0, 0], groups, [False, True, True])
-    before, algo = fastdl.get_num_threads(), fastdl.ops.get_conv_algorithm()
-    fastdl.ops.set_conv_algorithm("direct")
-    try:
-        res = []
-        for t in (1, 2, 3, 4):
-            fastdl.set_num_threads(t)
-            y = fastdl.ops.conv2d(x, w, b, **kw)
-            _, gw, gb = fastdl.ops.conv2d_backward(gy, x, w, output_mask=(False, True, True), **kw)
-            res.append((y, gw, gb))
-    finally:
-        fastdl.set_num_threads(before)
-        fastdl.ops.set_conv_algorithm(algo)
+    res = direct_at_thread_counts(lambda: (
+        fastdl.ops.conv2d(x, w, b, **kw),
+        *fastdl.ops.conv2d_backward(gy, x, w, output_mask=(False, True, True), **kw)[1:]))
     y, gw, gb = res[0]
     assert_close(y, TF.conv2d(x, w, b, **kw), reduction=9)
     pixels = gy.shape[0] * gy.shape[2] * gy.shape[3]
