@@ -49,6 +49,7 @@
 #include "conv_impl.h"
 #include "row_copy.h"
 #include "scratch.h"
+#include "static_for.h"
 #include "vec_ext.h"
 #if defined(__AVX512F__)
 #include "conv_flat_3x3.h"
@@ -169,20 +170,6 @@ inline void store_part(T* dst, typename Vec<T>::V v, int64_t n) {
 #else
   for (int64_t l = 0; l < n; ++l) dst[l] = v[l];
 #endif
-}
-
-// f(std::integral_constant<int, I>()) for I = 0 .. N-1, unrolled at compile time: the indices into
-// a kernel's accumulator array are constants from the start, so GCC keeps the array in registers
-// (loops with `#pragma GCC unroll` left it on the stack, and so did these helpers until the
-// lambdas were forced inline).
-#define FASTDL_INLINE __attribute__((always_inline))
-template <int... I, class F>
-FASTDL_INLINE inline void static_for_seq(std::integer_sequence<int, I...>, F&& f) {
-  (f(std::integral_constant<int, I>()), ...);
-}
-template <int N, class F>
-FASTDL_INLINE inline void static_for(F&& f) {
-  static_for_seq(std::make_integer_sequence<int, N>(), f);
 }
 
 // R output rows of one output vector from plane buffer rows c .. c + (R + 1) P: input row ri feeds
@@ -451,12 +438,10 @@ bool flat_zmm_serves(const Conv2dParams& p) {
 
 // The forward besides: not where each output plane is a multiple of 4 KiB (1024 floats: 32x32,
 // 64x64, 32x64, 128x128 maps, and 224x224). There it writes its 8-32 output planes at once at
-// addresses equal modulo 4 KiB, the same L1 set, and ran 1.16-1.65x slower than the one-plane
-// ymm kernel on Zen 5 (8x1x32x32 -> 32: 0.028 -> 0.040 ms; 8x1x64x64 -> 32: 0.088 -> 0.14;
-// 16x8x64x64 -> 64 g8: 0.37 -> 0.43); elsewhere it won 1.1-1.9x (64x1x28x28 -> 32: 0.157 ->
-// 0.084; 16x16 to 60x60 maps, 8-32 channels per group) and tied on 63x63 maps with 8 (0.98x).
-// The weight gradient reads its gy planes two at a time and won on every map measured, those
-// included (1.6-2.1x). RESULTS.md, section 2026-12-07 11:18.
+// addresses equal modulo 4 KiB, the same L1 set, and measured slower than the one-plane ymm
+// kernel on Zen 5; elsewhere (16x16 to 60x60 maps) faster, or even. The weight gradient reads
+// its gy planes two at a time and was faster on every map measured, those included (RESULTS.md,
+// 2026-12-07 11:18).
 template <class T>
 bool flat_zmm_forward_serves(const Conv2dParams& p) {
   return flat_zmm_serves<T>(p) && p.oh * p.ow % 1024 != 0;
@@ -635,16 +620,14 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   });
 }
 
-// The fused backward's channels per block (below): about kFusedBlockBytes of x and gy planes.
-// Measured on the Zen 5 VM (median ms of 30 calls, 3 runs; RESULTS.md, 2026-12-07 11:18), conv
-// shape 6's backward: channels outer and images inner (the earlier order: each step's planes an
-// image away, prefetched whole) 3.49-3.51 against 2.54-2.56 for the two separate passes; images
-// outer with the thread's channels inner one at a time, 3.17-3.37; in blocks of 10 channels
-// (128 KiB of gy, 256 KiB with x), 2.35-2.39, and 2.31-2.50 at 20 channels to the whole range
-// (separate passes 2.4-3.0 in those runs); 10 channels a block was no slower than the separate
-// passes on 5 other depthwise layers (4-64 images, 14x14 to 112x112, 32-256 channels). A block
-// of one channel (planes of 128 KiB and more: 182x182 float32) is the measured-slow order:
-// such layers run the two passes (direct_s1_both_serves).
+// The fused backward's channels per block (below): about kFusedBlockBytes of x and gy planes, so
+// a block's gy planes are still in L2 when its input gradient rereads them. On the Zen 5 VM the
+// earlier order (channels outer, images inner: each step's planes an image away) and images
+// outer one channel at a time both ran conv shape 6's backward slower than the two separate
+// passes; blocks of 10 channels (shape 6 here) and more were faster, and no slower than the
+// separate passes on 5 other depthwise layers (RESULTS.md, 2026-12-07 11:18). A block of one
+// channel (planes of 128 KiB and more: 182x182 float32) is that slow order: such layers run the
+// two passes (direct_s1_both_serves).
 constexpr int64_t kFusedBlockBytes = int64_t(256) << 10;
 
 static int64_t fused_block_channels(const Conv2dParams& p) {
@@ -719,4 +702,3 @@ template void conv_direct_s1_backward_weight<double>(const Conv2dParams&, const 
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
 
-#undef FASTDL_INLINE

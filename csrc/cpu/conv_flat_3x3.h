@@ -13,9 +13,9 @@
 //   weight gradient  per pair of output channels, 18 tap accumulators (and 2 of the bias):
 //                    per 16 outputs 2 gy vectors and 9 tap loads for 18 FMAs, where the
 //                    single-channel ymm kernel (plane_wgrad_3x3_flat) loaded 10 vectors per 9
-// The ymm kernels' outer products (weights in registers, one output channel per pass over the
-// plane) on zmm lost on Zen 5 (RESULTS.md, 2026-12-07 08:19: shape 1 forward 0.147 -> 0.170 ms);
-// these reuse each loaded tap over all output channels instead.
+// The ymm kernels' form (weights in registers, one output channel per pass over the plane) on
+// zmm lost on Zen 5; these reuse each loaded tap over all output channels instead (figures:
+// RESULTS.md, 2026-12-07 08:19 and 11:18).
 // Products past the plane's end (the last vector's lanes >= S) read the copies' zero tail or
 // real input rows below the plane; the forward does not store them, the weight gradient masks the
 // FMAs themselves (0 * inf there would be NaN in a tap that never reads it).
@@ -23,9 +23,8 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <utility>
 
-#define FASTDL_FLAT_INLINE __attribute__((always_inline))
+#include "static_for.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -33,22 +32,10 @@ namespace {
 
 constexpr int64_t kFlatLanes = 16;
 
-// f(std::integral_constant<int, I>()) for I = 0 .. N-1, unrolled at compile time (constant
-// indices keep the accumulator arrays in registers; conv_direct_s1.cpp's static_for).
-template <int... I, class F>
-__attribute__((always_inline)) inline void flat_unroll_seq(std::integer_sequence<int, I...>,
-                                                           F&& f) {
-  (f(std::integral_constant<int, I>()), ...);
-}
-template <int N, class F>
-__attribute__((always_inline)) inline void flat_unroll(F&& f) {
-  flat_unroll_seq(std::make_integer_sequence<int, N>(), f);
-}
-
 // A vector loaded once into a register: without the empty asm GCC folded the load into each
-// FMA that uses it as a memory operand (the weight gradient's taps: loaded once per channel,
-// 20 loads per 18 FMAs instead of 11; perf annotate).
-__attribute__((always_inline)) inline __m512 flat_load(const float* p) {
+// FMA that uses it as a memory operand (the weight gradient's taps loaded once per channel:
+// 20 loads per 18 FMAs instead of 11).
+FASTDL_INLINE inline __m512 flat_load(const float* p) {
   __m512 v = _mm512_loadu_ps(p);
   asm("" : "+v"(v));
   return v;
@@ -57,17 +44,19 @@ __attribute__((always_inline)) inline __m512 flat_load(const float* p) {
 // C output channels (C <= 8) of one 16-output block: y[c * ys] (lanes under m) = b[c] +
 // sum_e w[c * 9 + e] * tv[e].
 template <int C>
-__attribute__((always_inline)) inline void flat_fwd_channels(const __m512* tv, const float* w,
+FASTDL_INLINE inline void flat_fwd_channels(const __m512* tv, const float* w,
                                                              const float* b, __mmask16 m,
                                                              float* y, int64_t ys) {
   __m512 acc[C];
-  flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE { acc[c] = b ? _mm512_set1_ps(b[c]) : _mm512_setzero_ps(); });
-  flat_unroll<9>([&](auto e) FASTDL_FLAT_INLINE {
-    flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE {
+  static_for<C>([&](auto c) FASTDL_INLINE {
+    acc[c] = b ? _mm512_set1_ps(b[c]) : _mm512_setzero_ps();
+  });
+  static_for<9>([&](auto e) FASTDL_INLINE {
+    static_for<C>([&](auto c) FASTDL_INLINE {
       acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w[c * 9 + e]), tv[e], acc[c]);
     });
   });
-  flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE { _mm512_mask_storeu_ps(y + c * ys, m, acc[c]); });
+  static_for<C>([&](auto c) FASTDL_INLINE { _mm512_mask_storeu_ps(y + c * ys, m, acc[c]); });
 }
 
 // Output channels [0, kn) of one image: y[k * S + q] = b[k] + sum_{i,j} w[k * 9 + 3i + j] *
@@ -78,8 +67,10 @@ inline void flat_fwd_3x3(const float* f, int64_t fs, int64_t ow, int64_t S, cons
     const int64_t n = S - q < kFlatLanes ? S - q : kFlatLanes;
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     __m512 tv[9];
-    flat_unroll<3>([&](auto i) FASTDL_FLAT_INLINE {
-      flat_unroll<3>([&](auto j) FASTDL_FLAT_INLINE { tv[3 * i + j] = _mm512_loadu_ps(f + j * fs + i * ow + q); });
+    static_for<3>([&](auto i) FASTDL_INLINE {
+      static_for<3>([&](auto j) FASTDL_INLINE {
+        tv[3 * i + j] = _mm512_loadu_ps(f + j * fs + i * ow + q);
+      });
     });
     int64_t k = 0;
     for (; k + 8 <= kn; k += 8)
@@ -104,21 +95,23 @@ template <int C>
 inline void flat_wgrad_channels(const float* f, int64_t fs, int64_t ow, int64_t S,
                                 const float* gy, bool bias, double* acc, int64_t lda) {
   __m512 a[C][9], ab[C];
-  flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE {
+  static_for<C>([&](auto c) FASTDL_INLINE {
     ab[c] = _mm512_setzero_ps();
-    flat_unroll<9>([&](auto e) FASTDL_FLAT_INLINE { a[c][e] = _mm512_setzero_ps(); });
+    static_for<9>([&](auto e) FASTDL_INLINE { a[c][e] = _mm512_setzero_ps(); });
   });
   const int64_t nfull = S / kFlatLanes * kFlatLanes;
   for (int64_t q = 0; q < nfull; q += kFlatLanes) {
     __m512 gv[C];
-    flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE {
+    static_for<C>([&](auto c) FASTDL_INLINE {
       gv[c] = _mm512_loadu_ps(gy + c * S + q);
       ab[c] = _mm512_add_ps(ab[c], gv[c]);
     });
-    flat_unroll<3>([&](auto i) FASTDL_FLAT_INLINE {
-      flat_unroll<3>([&](auto j) FASTDL_FLAT_INLINE {
+    static_for<3>([&](auto i) FASTDL_INLINE {
+      static_for<3>([&](auto j) FASTDL_INLINE {
         const __m512 t = flat_load(f + j * fs + i * ow + q);
-        flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE { a[c][3 * i + j] = _mm512_fmadd_ps(gv[c], t, a[c][3 * i + j]); });
+        static_for<C>([&](auto c) FASTDL_INLINE {
+          a[c][3 * i + j] = _mm512_fmadd_ps(gv[c], t, a[c][3 * i + j]);
+        });
       });
     });
   }
@@ -126,21 +119,23 @@ inline void flat_wgrad_channels(const float* f, int64_t fs, int64_t ow, int64_t 
     const int64_t q = nfull;
     const __mmask16 m = static_cast<__mmask16>((1u << (S - q)) - 1);
     __m512 gv[C];
-    flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE {
+    static_for<C>([&](auto c) FASTDL_INLINE {
       gv[c] = _mm512_maskz_loadu_ps(m, gy + c * S + q);
       ab[c] = _mm512_add_ps(ab[c], gv[c]);
     });
-    flat_unroll<3>([&](auto i) FASTDL_FLAT_INLINE {
-      flat_unroll<3>([&](auto j) FASTDL_FLAT_INLINE {
+    static_for<3>([&](auto i) FASTDL_INLINE {
+      static_for<3>([&](auto j) FASTDL_INLINE {
         const __m512 t = flat_load(f + j * fs + i * ow + q);
-        flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE {
+        static_for<C>([&](auto c) FASTDL_INLINE {
           a[c][3 * i + j] = _mm512_mask3_fmadd_ps(gv[c], t, a[c][3 * i + j], m);
         });
       });
     });
   }
-  flat_unroll<C>([&](auto c) FASTDL_FLAT_INLINE {
-    flat_unroll<9>([&](auto e) FASTDL_FLAT_INLINE { acc[c * lda + e] += double(_mm512_reduce_add_ps(a[c][e])); });
+  static_for<C>([&](auto c) FASTDL_INLINE {
+    static_for<9>([&](auto e) FASTDL_INLINE {
+      acc[c * lda + e] += double(_mm512_reduce_add_ps(a[c][e]));
+    });
     if (bias) acc[c * lda + 9] += double(_mm512_reduce_add_ps(ab[c]));
   });
 }
@@ -157,5 +152,3 @@ inline void flat_wgrad_3x3(const float* f, int64_t fs, int64_t ow, int64_t S, co
 }  // namespace
 }  // namespace FASTDL_ISA_NS
 }  // namespace fastdl
-
-#undef FASTDL_FLAT_INLINE

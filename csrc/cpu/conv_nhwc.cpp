@@ -346,6 +346,16 @@ void fill_nhwc(const Conv2dParams& p, const T* x, int64_t g, int64_t n0, int64_t
   }
 }
 
+// One image's bytes in the forward's task buffers: its padded channels-minor copy (Hp x Wp pixels
+// of cg channels) and its pixel-major output (OH x OW pixels of whole panels of channels).
+template <class T>
+int64_t nhwc_image_bytes(const Conv2dParams& p) {
+  const int64_t cg = p.c / p.groups, kg = p.k / p.groups, NKB = kNKB<T>;
+  const int64_t Hp = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
+  const int64_t Wp = (p.ow - 1) * p.sw + (p.kw - 1) * p.dw + 1;
+  return int64_t(sizeof(T)) * (Hp * Wp * cg + p.oh * p.ow * ((kg + NKB - 1) / NKB * NKB));
+}
+
 // The forward of p over x with packed panels wp and bias panels bp (G * nkb * NKB, or null).
 template <class T>
 void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T* y) {
@@ -361,7 +371,7 @@ void nhwc_forward(const Conv2dParams& p, const T* x, const T* wp, const T* bp, T
   const int64_t work = p.n * S * p.k * cg * taps;
   const int64_t nt = omp_in_parallel() ? 1
                      : std::max<int64_t>(1, std::min<int64_t>(get_num_threads(), work / kMinWork));
-  const int64_t per_img = int64_t(sizeof(T)) * (Hp * Wp * cg + S * kpad);
+  const int64_t per_img = nhwc_image_bytes<T>(p);
   int64_t imgs = std::max<int64_t>(1, std::min(p.n, kTaskBytes / per_img));
   int64_t blocks = (p.n + imgs - 1) / imgs;
   {  // the fewest blocks at least as many whose tasks (x G) are a multiple of the threads
@@ -531,28 +541,20 @@ bool nhwc_preferred(const Conv2dParams& p) {
   // Not measured, so not taken: kernels of fewer than 9 taps, fewer than 32 input channels per
   // group, groups, and panels more than 1/8 empty (80 or 96 output channels: only a half-empty
   // one was measured, and lost).
-  // Map size: on Intel CPUs at most 14x14 (196 pixels), as fitted there. On AMD Zen 5 (2
-  // threads, best of 9-15 rotated rounds; RESULTS.md, section 2026-12-07 11:18) the kernel's
-  // forward against the automatic choice of the time (GEMM or the implicit forward), on layers
-  // with 15x15 to 64x64 outputs: stride 2, 3x3 to 5x5 kernels over 32-256 input channels,
-  // 1.06-1.58x (conv shape 5's layer at 32x32 inputs 1.33x; conv shape 7's input gradient,
-  // 16x32x56x56 -> 64 k4 s2, 1.12x; dilated 3x3 stride 2, 1.46x GEMM's speed); stride 3, 2.1x
-  // GEMM's speed; stride 1 5x5 / 7x7 / dilated 3x3 over 64-512 channels, 1.05-1.82x (GEMM had
-  // run 16x128x20x20 -> 128 5x5 1.6x slower than torch); 3x3 layers that Winograd declines (1-2
-  // images) 0.99-1.36x; stride-1 input gradients likewise 1.01-1.68x. On 112x112 outputs it tied
-  // or lost (0.92x, 0.99x). Taken there (nhwc_avx512_map_sizes, conv.h): maps of at most 64x64
-  // whose padded channels-minor image and pixel-major output (per_img in nhwc_forward: each
-  // task, and with fewer tasks than threads each thread's part, fills a whole one) are at most
-  // 6 MiB, the largest measured being 5.3 MiB (4x256x64x64 -> 256 s2, 4x64x128x128 -> 64 s2).
-  // Forcing the AVX-512 build on another CPU that is not Intel's applies the same bound.
+  // Map size: on Intel CPUs at most 14x14 (196 pixels), as fitted there. On AMD Zen 5 the
+  // kernel's forward and stride-1 input gradient beat the automatic choice of the time (GEMM or
+  // the implicit forward) on layers with 15x15 to 64x64 outputs (strides 1-3, 3x3 to 7x7 and
+  // dilated kernels, 32-512 channels; one even), and tied or lost on 112x112 (RESULTS.md,
+  // 2026-12-07 11:18). Taken there (nhwc_avx512_map_sizes, conv.h): maps of at most 64x64
+  // whose padded channels-minor image and pixel-major output (nhwc_image_bytes: each task, and
+  // with fewer tasks than threads each thread's part, fills a whole one) are at most 6 MiB, about
+  // the largest measured. Forcing the AVX-512 build on another CPU that is not Intel's applies
+  // the same bound.
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, nkb = (kg + 63) / 64;
-  const int64_t hp = (p.oh - 1) * p.sh + (p.kh - 1) * p.dh + 1;
-  const int64_t wp = (p.ow - 1) * p.sw + (p.kw - 1) * p.dw + 1;
-  const int64_t image_bytes = 4 * (hp * wp * cg + p.oh * p.ow * nkb * 64);
   static const bool intel = cpu_is_intel();
   return p.dtype == DType::Float32 && p.groups == 1 && p.kh * p.kw >= 9 && cg >= 32 &&
          kg >= 64 && (nkb * 64 - kg) * 8 <= nkb * 64 && p.n * p.oh * p.ow >= 128 &&
-         nhwc_avx512_map_sizes(p.oh * p.ow, image_bytes, intel);
+         nhwc_avx512_map_sizes(p.oh * p.ow, nhwc_image_bytes<float>(p), intel);
 #elif defined(__AVX2__) && defined(__FMA__)
   // The AVX2 build (6 x 16 tile, 16-wide panels), fitted on the 2-core Zen 3 VM to forced
   // timings against the automatic choice of the time (Winograd or GEMM; 2 threads, same
