@@ -23,6 +23,7 @@
 
 #include "../cpu_features.h"
 #include "conv_impl.h"
+#include "memory.h"
 
 namespace fastdl {
 namespace FASTDL_ISA_NS {
@@ -533,14 +534,22 @@ void check_conv2d_params(const Conv2dParams& p) {
                "conv2d: unknown algorithm ", static_cast<int>(p.algo));
 }
 
+// The bytes of an output or input-gradient tensor, for advise_huge_pages (memory.h): the
+// callers (fastdl.ops.conv) allocate both.
+static size_t tensor_bytes(const Conv2dParams& p, int64_t channels, int64_t h, int64_t w) {
+  return static_cast<size_t>(p.n * channels * h * w) * (p.dtype == DType::Float32 ? 4 : 8);
+}
+
 void conv2d_forward_cpu(const Conv2dParams& p, const void* x, const void* w, const void* b,
                         void* y) {
   check_conv2d_params(p);
+  advise_huge_pages(y, tensor_bytes(p, p.k, p.oh, p.ow));
   FASTDL_CPU_DISPATCH(Conv, conv2d_forward, p, x, w, b, y);
 }
 
 void conv2d_backward_input_cpu(const Conv2dParams& p, const void* gy, const void* w, void* gx) {
   check_conv2d_params(p);
+  advise_huge_pages(gx, tensor_bytes(p, p.c, p.h, p.w));
   FASTDL_CPU_DISPATCH(Conv, conv2d_backward_input, p, gy, w, gx);
 }
 
@@ -553,6 +562,7 @@ void conv2d_backward_weight_cpu(const Conv2dParams& p, const void* x, const void
 void conv2d_backward_cpu(const Conv2dParams& p, const void* x, const void* gy, const void* w,
                          void* gx, void* gw, void* gb) {
   check_conv2d_params(p);
+  advise_huge_pages(gx, tensor_bytes(p, p.c, p.h, p.w));
   FASTDL_CPU_DISPATCH(Conv, conv2d_backward, p, x, gy, w, gx, gw, gb);
 }
 
