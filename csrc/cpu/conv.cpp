@@ -537,7 +537,7 @@ void check_conv2d_params(const Conv2dParams& p) {
 // The bytes of an output or input-gradient tensor, for advise_huge_pages (memory.h): the
 // callers (fastdl.ops.conv) allocate both.
 static size_t tensor_bytes(const Conv2dParams& p, int64_t channels, int64_t h, int64_t w) {
-  return static_cast<size_t>(p.n * channels * h * w) * (p.dtype == DType::Float32 ? 4 : 8);
+  return size_t(p.n) * size_t(channels) * size_t(h) * size_t(w) * dtype_size(p.dtype);
 }
 
 void conv2d_forward_cpu(const Conv2dParams& p, const void* x, const void* w, const void* b,

@@ -3,34 +3,37 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+
+#include "../common.h"
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace fastdl {
 
-// Whether advise_huge_pages gives its advice: on unless FASTDL_HUGE_PAGES=0 (read once). Off
-// is for machines whose memory is fragmented enough that the kernel's direct compaction for a 2 MB
-// page stalls the faulting call (a 51 MB first touch once took 93 ms on a Zen 3 VM,
-// benchmarks/RESULTS.md 2026-12-02).
+// Whether advise_huge_pages gives its advice: FASTDL_HUGE_PAGES, read at each advised call (an
+// output of 32 MB or more, beside which getenv costs nothing): unset, empty or "1" yes; "0" no;
+// anything else raises (as FASTDL_RNN_ROW_SPLIT). "0" is for machines whose memory is fragmented
+// enough that the kernel's direct compaction for a 2 MB page stalls the faulting call (RESULTS.md,
+// 2026-12-02 05:30), and for allocators that reuse large blocks (jemalloc, tcmalloc,
+// MALLOC_MMAP_MAX_=0), where the advice would stay on heap memory.
 inline bool huge_page_advice_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("FASTDL_HUGE_PAGES");
-    return !(e != nullptr && e[0] == '0' && e[1] == '\0');
-  }();
-  return on;
+  const char* v = std::getenv("FASTDL_HUGE_PAGES");
+  if (v == nullptr || v[0] == '\0' || (v[0] == '1' && v[1] == '\0')) return true;
+  FASTDL_CHECK(v[0] == '0' && v[1] == '\0', "FASTDL_HUGE_PAGES: expected 0 or 1, got '", v, "'");
+  return false;
 }
 
 // Asks Linux to back a large output that the kernel is about to overwrite completely with
-// transparent huge pages (THP in "madvise" mode, the common default). Outputs of 32 MB and more
-// are fresh mmap()s from glibc's malloc (its mmap threshold never rises above 32 MB), so every call
-// would otherwise fault in 4 KB pages one at a time: measured on 2-core Zen3 (VM), first-touching a
-// fresh 51 MB torch.empty costs 16-50 ms with 4 KB pages and 10 ms after this advice, against
-// 0.7 ms for writing mapped memory. Smaller outputs are not advised: they come from the heap,
-// where the advice made conv outputs of 25.7 MB 2.6-3x slower to write on a Zen 5 VM (RESULTS.md
-// 2026-12-07 14:13). Only advice: it changes no data, errors are ignored, and it lapses when the
-// allocation is unmapped. The convolution entries give it only outputs fastdl allocated; the
-// pools' also advise an out= buffer of the caller's.
+// transparent huge pages (THP in "madvise" mode, the common default). With glibc's malloc at its
+// defaults, outputs of 32 MB and more are fresh mmap()s (its mmap threshold never rises above
+// 32 MB), so every call would otherwise fault in 4 KB pages one at a time: measured on 2-core Zen3
+// (VM), first-touching a fresh 51 MB torch.empty costs 16-50 ms with 4 KB pages and 10 ms after
+// this advice, against 0.7 ms for writing mapped memory. Smaller outputs are not advised: glibc
+// serves them from its heap, where the advice made conv outputs slower (RESULTS.md, 2026-12-07
+// 14:13). Only advice: it changes no data, errors are ignored, and it lapses when the allocation
+// is unmapped. The convolution entries give it only outputs fastdl allocated; the pools' also
+// advise an out= buffer of the caller's.
 inline void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kMinBytes = size_t(32) << 20, kHuge = size_t(2) << 20;
