@@ -1760,25 +1760,10 @@ void gru_back_units(const BackIo<T>& io, int64_t H, int64_t b, int64_t u0, int64
   int64_t j = u0;
 #if defined(FASTDL_RNN_AVX2)
   if constexpr (std::is_same<T, float>::value) {  // gru_unit_backward on 8 units
-    const __m256 one = _mm256_set1_ps(1.0f);
     for (; j + 8 <= u1; j += 8) {
-      const __m256 r = _mm256_loadu_ps(ar + j), z = _mm256_loadu_ps(ar + H + j);
-      const __m256 n = _mm256_loadu_ps(ar + 2 * H + j), hgn = _mm256_loadu_ps(ar + 3 * H + j);
       __m256 dh = _mm256_loadu_ps(dhi + j);
       if (dy) dh = _mm256_add_ps(dh, _mm256_loadu_ps(dy + j));
-      const __m256 dn = _mm256_mul_ps(_mm256_mul_ps(dh, _mm256_sub_ps(one, z)),
-                                      _mm256_fnmadd_ps(n, n, one));
-      const __m256 dr = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dn, hgn), r), _mm256_sub_ps(one, r));
-      const __m256 dz = _mm256_mul_ps(
-          _mm256_mul_ps(_mm256_mul_ps(dh, _mm256_sub_ps(_mm256_loadu_ps(h + j), n)), z),
-          _mm256_sub_ps(one, z));
-      _mm256_storeu_ps(gx + j, dr);
-      _mm256_storeu_ps(gx + H + j, dz);
-      _mm256_storeu_ps(gx + 2 * H + j, dn);
-      _mm256_storeu_ps(gh + j, dr);
-      _mm256_storeu_ps(gh + H + j, dz);
-      _mm256_storeu_ps(gh + 2 * H + j, _mm256_mul_ps(dn, r));
-      _mm256_storeu_ps(direct + j, _mm256_mul_ps(dh, z));
+      gru_backward8(ar + j, H, h + j, dh, gx + j, gh + j, direct + j);
     }
   }
 #endif

@@ -6,6 +6,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cstdint>
+
 // Forced inline: with plain `inline`, GCC's per-unit inlining budget decided it, and an unrelated
 // change elsewhere in rnn.cpp made exp8 an out-of-line call with its constants reloaded per gate,
 // costing the GRU forward ~1.6x (benchmarks/RESULTS.md, development measurements 2026-12-01 23:10).
@@ -252,6 +254,30 @@ FASTDL_VEC_INLINE void transpose8x8(__m256 r[8]) {
   r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
   r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// gru_unit_backward (rnn_math.h) on 8 units, for the layer's backward (rnn.cpp) and the cell's
+// (rnn_cell.cpp): a = the activations r, z, n, W_hn h + b_hn at a, a + H, ...; h the previous
+// state; dh the step's hidden gradient. Writes the input side's gate gradients (r, z, n at gx,
+// gx + H, gx + 2H), the hidden side's (r, z, and n times r at gh, ...) and the direct term dh z.
+FASTDL_VEC_INLINE void gru_backward8(const float* a, int64_t H, const float* h, __m256 dh,
+                                     float* gx, float* gh, float* direct) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 r = _mm256_loadu_ps(a), z = _mm256_loadu_ps(a + H);
+  const __m256 n = _mm256_loadu_ps(a + 2 * H), hgn = _mm256_loadu_ps(a + 3 * H);
+  const __m256 dn = _mm256_mul_ps(_mm256_mul_ps(dh, _mm256_sub_ps(one, z)),
+                                  _mm256_fnmadd_ps(n, n, one));
+  const __m256 dr = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dn, hgn), r), _mm256_sub_ps(one, r));
+  const __m256 dz = _mm256_mul_ps(
+      _mm256_mul_ps(_mm256_mul_ps(dh, _mm256_sub_ps(_mm256_loadu_ps(h), n)), z),
+      _mm256_sub_ps(one, z));
+  _mm256_storeu_ps(gx, dr);
+  _mm256_storeu_ps(gx + H, dz);
+  _mm256_storeu_ps(gx + 2 * H, dn);
+  _mm256_storeu_ps(gh, dr);
+  _mm256_storeu_ps(gh + H, dz);
+  _mm256_storeu_ps(gh + 2 * H, _mm256_mul_ps(dn, r));
+  _mm256_storeu_ps(direct, _mm256_mul_ps(dh, z));
 }
 
 }  // namespace fastdl
