@@ -686,24 +686,26 @@ void cell_forward(const RnnCellParams& p, const RnnCellForwardArgs& a) {
 // ---- backward ---------------------------------------------------------------------------------
 
 #if defined(FASTDL_CELL_AVX2)
-// lstm_unit_backward (rnn_math.h) on 8 units: a = the activations i, f, g, o at a, a + H, ...;
-// dh / dc null = zero; dg: the 4 gate gradients at dg, dg + H, ...; dc_prev null = not wanted.
-inline void lstm_backward8(const float* a, int64_t H, const float* c_prev, const float* c_new,
-                           const float* dh, const float* dc, float* dg, float* dc_prev) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 i = _mm256_loadu_ps(a), f = _mm256_loadu_ps(a + H);
-  const __m256 g = _mm256_loadu_ps(a + 2 * H), o = _mm256_loadu_ps(a + 3 * H);
-  const __m256 dhv = dh ? _mm256_loadu_ps(dh) : _mm256_setzero_ps();
-  const __m256 dcv = dc ? _mm256_loadu_ps(dc) : _mm256_setzero_ps();
-  const __m256 tc = tanh8(_mm256_loadu_ps(c_new));
-  const __m256 dct = _mm256_fmadd_ps(_mm256_mul_ps(dhv, o), _mm256_fnmadd_ps(tc, tc, one), dcv);
-  _mm256_storeu_ps(dg + 3 * H, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dhv, tc), o),
-                                             _mm256_sub_ps(one, o)));
-  _mm256_storeu_ps(dg, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, g), i), _mm256_sub_ps(one, i)));
-  _mm256_storeu_ps(dg + H, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(dct, _mm256_loadu_ps(c_prev)), f),
-                                         _mm256_sub_ps(one, f)));
-  _mm256_storeu_ps(dg + 2 * H, _mm256_mul_ps(_mm256_mul_ps(dct, i), _mm256_fnmadd_ps(g, g, one)));
-  if (dc_prev) _mm256_storeu_ps(dc_prev, _mm256_mul_ps(dct, f));
+// lstm_unit_backward (rnn_math.h) on W = 8 or 16 units (one ymm; a zmm on the AVX-512 build, a
+// ymm pair on the AVX2 build: the same operations lane by lane, so both widths give the same
+// bits): a = the activations i, f, g, o at a, a + H, ...; dh / dc null = zero; dg: the 4 gate
+// gradients at dg, dg + H, ...; dc_prev null = not wanted.
+template <int W>
+inline void lstm_backward_lanes(const float* a, int64_t H, const float* c_prev,
+                                const float* c_new, const float* dh, const float* dc, float* dg,
+                                float* dc_prev) {
+  using L = Lanes<W>;
+  const auto one = L::set1(1.0f), zero = L::set1(0.0f);
+  const auto i = L::loadu(a), f = L::loadu(a + H), g = L::loadu(a + 2 * H), o = L::loadu(a + 3 * H);
+  const auto dhv = dh ? L::loadu(dh) : zero;
+  const auto dcv = dc ? L::loadu(dc) : zero;
+  const auto tc = tanh_lanes<W>(L::loadu(c_new));
+  const auto dct = L::fmadd(L::mul(dhv, o), L::fnmadd(tc, tc, one), dcv);
+  L::storeu(dg + 3 * H, L::mul(L::mul(L::mul(dhv, tc), o), L::sub(one, o)));
+  L::storeu(dg, L::mul(L::mul(L::mul(dct, g), i), L::sub(one, i)));
+  L::storeu(dg + H, L::mul(L::mul(L::mul(dct, L::loadu(c_prev)), f), L::sub(one, f)));
+  L::storeu(dg + 2 * H, L::mul(L::mul(dct, i), L::fnmadd(g, g, one)));
+  if (dc_prev) L::storeu(dc_prev, L::mul(dct, f));
 }
 #endif
 
@@ -730,11 +732,18 @@ void gate_gradient_rows(const RnnCellParams& p, const RnnCellBackwardArgs& a, T*
 #if defined(FASTDL_CELL_AVX2)
     if constexpr (std::is_same<T, float>::value) {
       // 8 units at a time (LSTM: the scalar tanh of c' was most of the cell's gate pass)
-      if (p.mode == RnnMode::Lstm)
-        for (; j + 8 <= H; j += 8) lstm_backward8(act + b * 4 * H + j, H, c + b * H + j,
-                                                  cn + b * H + j, dhn ? dhn + b * H + j : nullptr,
-                                                  dcn ? dcn + b * H + j : nullptr, gx + j,
-                                                  dc ? dc + b * H + j : nullptr);
+      if (p.mode == RnnMode::Lstm) {
+        const auto units = [&](auto w) {
+          constexpr int W = decltype(w)::value;
+          for (; j + W <= H; j += W)
+            lstm_backward_lanes<W>(act + b * 4 * H + j, H, c + b * H + j, cn + b * H + j,
+                                   dhn ? dhn + b * H + j : nullptr,
+                                   dcn ? dcn + b * H + j : nullptr, gx + j,
+                                   dc ? dc + b * H + j : nullptr);
+        };
+        units(std::integral_constant<int, 16>{});
+        units(std::integral_constant<int, 8>{});
+      }
       // (GRU: the scalar loop was ~17% of GRUCell's backward kernel, perf)
       if (p.mode == RnnMode::Gru)
         for (; j + 8 <= H; j += 8)
