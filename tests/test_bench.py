@@ -622,3 +622,29 @@ def test_settle_pause_is_followed_by_untimed_calls_for_wake_s(monkeypatch):
     for pause_end, starts in turns:
         # the last `block` calls are the timed ones; before them, >= WAKE_S of untimed calls
         assert len(starts) >= 3 and starts[-2] - pause_end >= harness.WAKE_S, (pause_end, starts)
+
+
+@pytest.mark.skipif(harness._resource is None, reason="needs getrusage (the resource module)")
+def test_page_faults_per_call_recorded_and_listed():
+    # A callable that maps and touches 8 MiB of fresh anonymous memory per call takes ~2048 minor
+    # faults a call; the other side none. The row carries both medians and the table lists it.
+    import mmap
+
+    def fresh():
+        m = mmap.mmap(-1, 8 << 20)
+        for off in range(0, 8 << 20, mmap.PAGESIZE):
+            m[off] = 1
+        m.close()
+
+    c = harness.Case("x", "faulting", fresh, {"torch": lambda: None})
+    harness.run_cases([c], min_reps=5, max_reps=5, budget_s=0.0, progress=False)
+    assert [len(v) for v in c.faults.values()] == [len(v) for v in c.results.values()]
+    row = harness.summarize(c, {})
+    faults = row["faults_per_call"]
+    assert faults["fastdl"] >= (8 << 20) // mmap.PAGESIZE * 0.9, faults
+    assert faults["torch"] < harness.FAULTS_NOTED, faults
+    text = harness.format_table([row], {})
+    assert "page faults per timed call" in text and "x/faulting fastdl" in text, text
+    quiet = harness.Case("x", "quiet", lambda: None, {"torch": lambda: None})
+    harness.run_cases([quiet], min_reps=5, max_reps=5, budget_s=0.0, progress=False)
+    assert "page faults" not in harness.format_table([harness.summarize(quiet, {})], {})

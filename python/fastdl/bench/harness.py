@@ -22,6 +22,9 @@ from typing import Callable
 from . import machine
 
 SPREAD_LIMIT = 0.25
+# Rows whose median call on some side took at least this many minor page faults (1 MiB of 4 KiB
+# first touches) get them listed under the table.
+FAULTS_NOTED = 256
 # Fewest timings per side whose quartiles mean something: a case with fewer (--min-reps 2 or 3 on
 # a tight budget) has no measured spread and is marked unreliable, never shown as steady.
 MIN_SPREAD_SAMPLES = 4
@@ -54,6 +57,9 @@ class Case:
     settle_s: float = 0.0
     block: int = 1
     results: dict = field(default_factory=dict)  # filled by run_cases: name -> [seconds...]
+    # minor page faults of the process during each timed call, name -> [count...] (run_cases;
+    # empty where the OS has no getrusage)
+    faults: dict = field(default_factory=dict)
     remeasured: bool = False
 
 
@@ -78,6 +84,24 @@ def _timer(device: str):
     return time_once
 
 
+try:
+    import resource as _resource
+except ImportError:   # (not on Windows)
+    _resource = None
+
+
+def _minor_faults() -> int:
+    """The process's minor page faults so far (0 without getrusage): each first touch of memory
+    the OS has just mapped, such as a large block glibc maps afresh for every call."""
+    return _resource.getrusage(_resource.RUSAGE_SELF).ru_minflt if _resource else 0
+
+
+class Timings(dict):
+    """name -> [seconds per timed call], with .faults: name -> [minor page faults per timed call]
+    (counted outside the timed region)."""
+    faults: dict
+
+
 # Untimed calls after a settle pause (Case.settle_s): long enough for a stalled OpenMP team
 # (~4 ms) to be running again.
 WAKE_S = 0.02
@@ -93,7 +117,8 @@ def _measure(case: Case, min_reps: int, max_reps: int, budget_s: float) -> dict:
     calls = case.block + (1 if case.settle_s > 0 else 0)
     t_rep = t_round * calls + (case.settle_s + WAKE_S if case.settle_s > 0 else 0) * len(fns)
     reps = int(min(max_reps, max(min_reps, budget_s / max(t_rep, 1e-9))))
-    times = {n: [] for n in fns}
+    times = Timings((n, []) for n in fns)
+    times.faults = {n: [] for n in fns}
     for _ in range(reps):
         for n, fn in fns.items():
             if case.settle_s > 0:
@@ -103,7 +128,9 @@ def _measure(case: Case, min_reps: int, max_reps: int, budget_s: float) -> dict:
                 while time.perf_counter() < woken:
                     fn()
             for _ in range(case.block):
+                f0 = _minor_faults()
                 times[n].append(time_once(fn))
+                times.faults[n].append(_minor_faults() - f0)
     return times
 
 
@@ -131,6 +158,7 @@ def run_cases(cases: list, *, min_reps: int = 7, max_reps: int = 200, budget_s: 
                 case.remeasured = True
                 if max_spread(again) < max_spread(case.results):
                     case.results = again
+            case.faults = getattr(case.results, "faults", {})
             bar.update(1)
     return cases
 
@@ -161,6 +189,8 @@ def summarize(case: Case, limits: dict) -> dict:
            "spread": max_spread(case.results), "remeasured": case.remeasured,
            "reps": len(case.results["fastdl"]), "speedup": {}, "torch_ms": {}, "note": case.note}
     row["too_few_timings"] = too_few_timings(case.results)
+    if case.faults:
+        row["faults_per_call"] = {n: median(v) for n, v in case.faults.items() if v}
     row["unreliable"] = row["spread"] > SPREAD_LIMIT or row["too_few_timings"]
     sides = {"fastdl": t}
     for name in case.baselines:
@@ -252,6 +282,14 @@ def format_table(rows: list, limits: dict) -> str:
     if any(r.get("flops_equivalent") for r in rows):
         notes.append("*: GF/s of direct-convolution FLOPs (the work on paper); Winograd passes do "
                       "2.25x fewer multiplies, so above 100% of the FMA peak is possible there")
+    faulting = [r for r in rows
+                if max(r.get("faults_per_call", {}).values(), default=0) >= FAULTS_NOTED]
+    if faulting:
+        notes.append("page faults per timed call (median; first touches of memory the OS mapped "
+                     "afresh, often most of a large-output row's time: README, 'Large outputs'): "
+                     + "; ".join(f"{r['suite']}/{r['case']} " + ", ".join(
+                         f"{n} {v:.0f}" for n, v in r["faults_per_call"].items())
+                                 for r in faulting))
     errs = [f"{r['suite']}/{r['case']} ({', '.join(r['limit_error'])})" for r in rows
             if r.get("limit_error")]
     if errs:
