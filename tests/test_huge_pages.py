@@ -1,5 +1,6 @@
 """The huge-page advice on large outputs that fastdl allocates (csrc/cpu/memory.h advise_huge_pages):
-convolution outputs and input gradients and pooling outputs of 32 MiB or more get
+convolution outputs and input gradients, pooling outputs and recurrent layers' training
+workspaces of 32 MiB or more get
 madvise(MADV_HUGEPAGE) on exactly the 2 MiB-aligned interior of their memory (Linux's VmFlags "hg"
 on that mapping), smaller ones get none, and FASTDL_HUGE_PAGES=0 turns the advice off. Each case
 runs in a fresh interpreter with glibc's malloc at its defaults (none of the allocator or THP
@@ -71,14 +72,25 @@ def case(scale, dtype):
     p = ops.max_pool2d(torch.randn(1, 9, 2 * s(1024), s(1024)), (2, 1))   # pooling output
     del x, xb
     return [advised(t) for t in (y, gx, gx2, yt)] + ([advised(p)] if dtype == torch.float32 else [])
+def rnn_case(steps):
+    # An LSTM layer's training workspace: ~7 KiB a (step, batch row) at hidden 256 (csrc/rnn.h)
+    from fastdl.nn.functional import rnn as F
+    from fastdl.ops import rnn as R
+    B, I, H = 64, 32, 256
+    _, _, _, ws = R.recurrent_layer_forward(
+        F.LSTM, torch.randn(steps, B, I), torch.zeros(B, H), torch.randn(4 * H, I),
+        torch.randn(4 * H, H), None, None, cx=torch.zeros(B, H), training=True)
+    return [advised(ws)]
 out = []
 for scale, dtype in ((0.5, torch.float32), (1, torch.float32), (0.75, torch.float64)):
     out += case(scale, dtype)
+out += rnn_case(30) + rnn_case(90)   # 13 and 39 MiB
 print(" ".join(out))
 """
 # Half-size float32 (all under 32 MiB), full-size float32, and float64 at 0.75 (over 32 MiB
 # only at 8 bytes an element): the smallest first, before any advised memory exists.
-_EXPECTED_ON = ["0"] * 5 + ["1"] * 5 + ["1"] * 4
+# Then an LSTM layer's workspace of 13 and of 39 MiB.
+_EXPECTED_ON = ["0"] * 5 + ["1"] * 5 + ["1"] * 4 + ["0", "1"]
 
 _CLEAN = ("THP_MEM_ALLOC_ENABLE", "GLIBC_TUNABLES", "LD_PRELOAD")
 

@@ -2005,10 +2005,17 @@ void rnn_forward(const RnnParams&, const RnnWeights&, const RnnForwardArgs&);
 void rnn_backward(const RnnParams&, const RnnWeights&, const RnnBackwardArgs&);
 )
 #endif
+// The training forward's workspace and the backward's scratch (python/fastdl/ops/rnn.py allocates
+// both for the call, in the tensors' own dtype on the CPU) get the huge-page advice (memory.h):
+// a long sequence's reach tens of MB.
 void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
+  if (a.workspace) advise_huge_pages(a.workspace,
+                                      size_t(rnn_workspace_layout(p).total) * dtype_size(p.dtype));
   FASTDL_CPU_DISPATCH(RecurrentForward, rnn_forward, p, w, a);
 }
 void rnn_backward_cpu(const RnnParams& p, const RnnWeights& w, const RnnBackwardArgs& a) {
+  if (a.scratch)
+    advise_huge_pages(a.scratch, size_t(rnn_scratch_layout(p).total) * dtype_size(p.dtype));
   FASTDL_CPU_DISPATCH(RecurrentBackward, rnn_backward, p, w, a);
 }
 #endif
