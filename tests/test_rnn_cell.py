@@ -12,6 +12,7 @@ import torch
 
 import fastdl
 from fastdl.nn.functional import rnn as F
+from fastdl.ops import rnn as ops_rnn
 from helpers import assert_close, rand
 
 CELLS = [("RNNCell", dict(nonlinearity="tanh")), ("RNNCell", dict(nonlinearity="relu")),
@@ -180,22 +181,89 @@ def test_cell_kernels_match_layer_kernels(cpu_path, name, kw):
 
 
 @pytest.mark.parametrize("name,kw", CELLS)
-def test_cell_only_needed_gradients(cpu_path, name, kw):
-    """Frozen weights, an input without grad, or only h' used (LSTM c' unused: grad_c is None):
-    the gradients that are asked for still match torch."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H", [10, 23, 40])
+def test_cell_only_needed_gradients(cpu_path, name, kw, dtype, H):
+    """Frozen weights, an input without grad, a cell state without grad (LSTM: dc not wanted), and
+    a loss on h' only (LSTM c' unused: grad_c is None) or, for LSTM, on c' only (grad_h None):
+    the gradients that are asked for still match torch. Hidden sizes of 10, 23 and 40 units run
+    the float32 gate gradients' 16- and 8-unit vectors and the scalar tail with those pointers
+    null."""
     lstm = name == "LSTMCell"
-    ours, theirs = _pair(name, kw, 6, 10, True, torch.float64)
+    ours, theirs = _pair(name, kw, 6, H, True, dtype)
     for p in list(ours.parameters())[::2] + list(theirs.parameters())[::2]:
         p.requires_grad_(False)                                 # weight_ih and bias_ih frozen
-    x = rand(5, 6, dtype=torch.float64)
-    h = rand(5, 10, dtype=torch.float64, requires_grad=True)
-    hx = (h, rand(5, 10, dtype=torch.float64)) if lstm else h
-    oa, ob = _tuple(ours(x, hx))[0], _tuple(theirs(x, hx))[0]    # h' only
+    x = rand(5, 6, dtype=dtype)
+    h = rand(5, H, dtype=dtype, requires_grad=True)
+    hx = (h, rand(5, H, dtype=dtype)) if lstm else h
     wa = [p for p in ours.parameters() if p.requires_grad]
     wb = [p for p in theirs.parameters() if p.requires_grad]
-    for u, v in zip(torch.autograd.grad(oa.sum(), [h] + wa),
-                    torch.autograd.grad(ob.sum(), [h] + wb)):
-        assert_close(u, v, reduction=50, what=f"{name} partial gradients")
+    for k in (0, 1) if lstm else (0,):
+        oa, ob = _tuple(ours(x, hx))[k], _tuple(theirs(x, hx))[k]    # h' only, or c' only
+        for u, v in zip(torch.autograd.grad(oa.sum(), [h] + wa),
+                        torch.autograd.grad(ob.sum(), [h] + wb)):
+            assert_close(u, v, reduction=5 * (6 + H), what=f"{name} partial gradients ({k})")
+
+
+def _cell_step(mode, B, I, H, dtype=torch.float32):
+    """A CPU cell kernel forward in training mode: (x, h, c, h', c', act, w_ih, w_hh)."""
+    G = {F.LSTM: 4, F.GRU: 3}[mode]
+    x, h = rand(B, I, dtype=dtype), rand(B, H, dtype=dtype)
+    c = rand(B, H, dtype=dtype) if mode == F.LSTM else None
+    w_ih, w_hh = rand(G * H, I, dtype=dtype), rand(G * H, H, dtype=dtype)
+    hn, cn, act = ops_rnn.cell_cpu_forward(mode, x, h, c, w_ih, w_hh, rand(G * H, dtype=dtype),
+                                           rand(G * H, dtype=dtype), True)
+    return x, h, c, hn, cn, act, w_ih, w_hh
+
+
+@pytest.mark.parametrize("mode", [F.LSTM, F.GRU])
+@pytest.mark.parametrize("H", [23, 40])
+def test_cell_backward_absent_gradient_is_zero(cpu_path, mode, H):
+    """The backward kernel with grad_h (or LSTM's grad_c) absent gives exactly what zeros give:
+    the gate gradients' vector paths read no null pointer and treat it as zero."""
+    x, h, c, hn, cn, act, w_ih, w_hh = _cell_step(mode, 5, 7, H)
+    lstm = mode == F.LSTM
+    needs = (True, True, lstm, True, True, True)
+    cases = [(None, rand(5, H)), (rand(5, H), None)] if lstm else [(None, None)]
+    for gh, gc in cases:
+        absent = ops_rnn.cell_cpu_backward(mode, gh, gc, x, h, c, hn, cn, act, w_ih, w_hh, needs)
+        zero = ops_rnn.cell_cpu_backward(
+            mode, torch.zeros(5, H) if gh is None else gh,
+            (torch.zeros(5, H) if gc is None else gc) if lstm else None,
+            x, h, c, hn, cn, act, w_ih, w_hh, needs)
+        for a, z in zip(absent, zero):
+            assert (a is None) == (z is None) and (a is None or torch.equal(a, z))
+
+
+@pytest.mark.parametrize("mode,H,shift", [(F.LSTM, 24, 8), (F.GRU, 12, 4)])
+def test_cell_gate_gradients_same_bits_across_unit_groups(cpu_path, mode, H, shift):
+    """One unit's gate gradients do not depend on which group computes it (LSTM: 16-unit vector,
+    8-unit vector; GRU: 8-unit vector, scalar tail): units rolled by `shift` give the rolled bits.
+    Batch 1, so the bias gradients are the gate gradient rows themselves; LSTM's cx gradient is
+    dc times f."""
+    G = {F.LSTM: 4, F.GRU: 3}[mode]
+    lstm = mode == F.LSTM
+    x, h, c, hn, cn, act, w_ih, w_hh = _cell_step(mode, 1, 5, H)
+    gh = rand(1, H)
+    gc = rand(1, H) if lstm else None
+    needs = (False, False, lstm, False, False, True)
+
+    def roll_units(t, blocks):
+        return None if t is None else t.reshape(blocks, H).roll(shift, 1).reshape(t.shape)
+
+    def run(x_, h_, c_, hn_, cn_, act_, gh_, gc_):
+        g = ops_rnn.cell_cpu_backward(mode, gh_, gc_, x_, h_, c_, hn_, cn_, act_, w_ih, w_hh,
+                                      needs)
+        return [t for t in g if t is not None]
+
+    base = run(x, h, c, hn, cn, act, gh, gc)
+    # the kernels read act, c, c', h (GRU's z term) and the gradients unit by unit; the weights
+    # only in the products, which these needs leave out
+    rolled = run(x, roll_units(h, 1), roll_units(c, 1), roll_units(hn, 1), roll_units(cn, 1),
+                 roll_units(act, 4), roll_units(gh, 1), roll_units(gc, 1))
+    for b, r in zip(base, rolled):
+        blocks = G if b.numel() == G * H else 1
+        assert torch.equal(roll_units(b, blocks), r)
 
 
 @pytest.mark.parametrize("name,kw", CELLS)

@@ -20,8 +20,9 @@
 //             vectorised over the batch). Work split: units over the threads, each thread
 //             its units' gate rows and their update (one region). 12 accumulators per
 //             tile: a 4-gate x 2-vector tile per unit had 8, at the FMA latency's bound (figures: RESULTS.md).
-//   backward: a fused pass turns dh', dc' into the gate gradients dG (B, G*H) (rnn_math.h; the
-//             LSTM's on 8 units at a time on AVX2: its scalar tanh(c') dominated), then
+//   backward: a fused pass turns dh', dc' into the gate gradients dG (B, G*H) (rnn_math.h; on
+//             the vector builds the LSTM's on 16 then 8 units at a time, its scalar tanh(c')
+//             having dominated, and the GRU's on 8, gru_backward8; then the scalar tail), then
 //             dx = dG W_ih, dh = dG_h W_hh (A = dG's rows, B = the weights' rows; on zmm
 //             panels and batch > 4, tiles of up to 12 rows x 2 zmm, Product::tall), and
 //             dW_ih = dG^T x, dW_hh = dG_h^T h (A = dG's columns, B = x / h rows); biases are
@@ -731,7 +732,8 @@ void gate_gradient_rows(const RnnCellParams& p, const RnnCellBackwardArgs& a, T*
     int64_t j = 0;
 #if defined(FASTDL_CELL_AVX2)
     if constexpr (std::is_same<T, float>::value) {
-      // 8 units at a time (LSTM: the scalar tanh of c' was most of the cell's gate pass)
+      // vectors of units, then the scalar loop for the rest (LSTM: the scalar tanh of c' was most
+      // of the cell's gate pass; GRU's scalar loop was a large share of its backward: RESULTS.md)
       if (p.mode == RnnMode::Lstm) {
         const auto units = [&](auto w) {
           constexpr int W = decltype(w)::value;
@@ -744,7 +746,6 @@ void gate_gradient_rows(const RnnCellParams& p, const RnnCellBackwardArgs& a, T*
         units(std::integral_constant<int, 16>{});
         units(std::integral_constant<int, 8>{});
       }
-      // (GRU: the scalar loop was ~17% of GRUCell's backward kernel, perf)
       if (p.mode == RnnMode::Gru)
         for (; j + 8 <= H; j += 8)
           gru_backward8(act + b * 4 * H + j, H, hp + b * H + j,

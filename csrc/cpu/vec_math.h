@@ -1,7 +1,8 @@
 // float32 exp, sigmoid and tanh on 8 lanes and on 16 (a zmm on the AVX-512 build, two ymm on the
 // AVX2 build): the same Cephes-style polynomials and clamping as the scalar rnn_exp / rnn_tanh in
 // csrc/rnn_math.h (so both CPU paths agree to a few ulp), written with intrinsics because GCC does
-// not if-convert the scalar clamp and left the gate loops scalar. NaN stays NaN. Included by the
+// not if-convert the scalar clamp and left the gate loops scalar. NaN stays NaN. Also the GRU gate
+// gradients on 8 lanes (gru_backward8), shared by the layer and cell backwards. Included by the
 // AVX2 and AVX-512 builds only.
 #pragma once
 #include <immintrin.h>
