@@ -32,8 +32,9 @@ inline bool huge_page_advice_enabled() {
 // this advice, against 0.7 ms for writing mapped memory. Smaller outputs are not advised: glibc
 // serves them from its heap, where the advice made conv outputs slower (RESULTS.md, 2026-12-07
 // 14:13). Only advice: it changes no data, errors are ignored, and it lapses when the allocation
-// is unmapped. The convolution entries give it only outputs fastdl allocated; the pools' also
-// advise an out= buffer of the caller's.
+// is unmapped. The convolution entries (outputs, input gradients) and the recurrent layers'
+// (training workspace, backward scratch) give it only buffers fastdl allocated for the call; the
+// pools' also advise an out= buffer of the caller's.
 inline void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kMinBytes = size_t(32) << 20, kHuge = size_t(2) << 20;

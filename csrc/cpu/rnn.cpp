@@ -2005,9 +2005,11 @@ void rnn_forward(const RnnParams&, const RnnWeights&, const RnnForwardArgs&);
 void rnn_backward(const RnnParams&, const RnnWeights&, const RnnBackwardArgs&);
 )
 #endif
-// The training forward's workspace and the backward's scratch (python/fastdl/ops/rnn.py allocates
-// both for the call, in the tensors' own dtype on the CPU) get the huge-page advice (memory.h):
-// a long sequence's reach tens of MB.
+// The training forward's workspace and the backward's scratch get the huge-page advice
+// (memory.h): a long sequence's reach tens of MB. Both are allocated for the call, in the
+// tensors' own dtype on the CPU, by python/fastdl/ops/rnn.py and the modules' fast path
+// (nn/modules/rnn.py _fast_run, _FastLayer.backward); the backward's workspace (the forward's)
+// is not advised again.
 void rnn_forward_cpu(const RnnParams& p, const RnnWeights& w, const RnnForwardArgs& a) {
   if (a.workspace) advise_huge_pages(a.workspace,
                                       size_t(rnn_workspace_layout(p).total) * dtype_size(p.dtype));

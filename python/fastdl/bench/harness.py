@@ -118,7 +118,7 @@ def _measure(case: Case, min_reps: int, max_reps: int, budget_s: float) -> dict:
     t_rep = t_round * calls + (case.settle_s + WAKE_S if case.settle_s > 0 else 0) * len(fns)
     reps = int(min(max_reps, max(min_reps, budget_s / max(t_rep, 1e-9))))
     times = Timings((n, []) for n in fns)
-    times.faults = {n: [] for n in fns}
+    times.faults = {n: [] for n in fns} if _resource else {}
     for _ in range(reps):
         for n, fn in fns.items():
             if case.settle_s > 0:
@@ -130,7 +130,8 @@ def _measure(case: Case, min_reps: int, max_reps: int, budget_s: float) -> dict:
             for _ in range(case.block):
                 f0 = _minor_faults()
                 times[n].append(time_once(fn))
-                times.faults[n].append(_minor_faults() - f0)
+                if times.faults:
+                    times.faults[n].append(_minor_faults() - f0)
     return times
 
 
@@ -189,8 +190,9 @@ def summarize(case: Case, limits: dict) -> dict:
            "spread": max_spread(case.results), "remeasured": case.remeasured,
            "reps": len(case.results["fastdl"]), "speedup": {}, "torch_ms": {}, "note": case.note}
     row["too_few_timings"] = too_few_timings(case.results)
-    if case.faults:
-        row["faults_per_call"] = {n: median(v) for n, v in case.faults.items() if v}
+    faults = case.faults or getattr(case.results, "faults", {})
+    if faults:
+        row["faults_per_call"] = {n: median(v) for n, v in faults.items() if v}
     row["unreliable"] = row["spread"] > SPREAD_LIMIT or row["too_few_timings"]
     sides = {"fastdl": t}
     for name in case.baselines:
@@ -286,7 +288,8 @@ def format_table(rows: list, limits: dict) -> str:
                 if max(r.get("faults_per_call", {}).values(), default=0) >= FAULTS_NOTED]
     if faulting:
         notes.append("page faults per timed call (median; first touches of memory the OS mapped "
-                     "afresh, often most of a large-output row's time: README, 'Large outputs'): "
+                     "afresh, often most of a large-output row's time: README, 'Large outputs'; "
+                     "a fault onto a 2 MiB huge page counts once): "
                      + "; ".join(f"{r['suite']}/{r['case']} " + ", ".join(
                          f"{n} {v:.0f}" for n, v in r["faults_per_call"].items())
                                  for r in faulting))
