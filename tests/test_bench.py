@@ -640,7 +640,7 @@ def test_page_faults_per_call_recorded_and_listed():
 
     c = harness.Case("x", "faulting", fresh, {"torch": lambda: None})
     harness.run_cases([c], min_reps=5, max_reps=5, budget_s=0.0, progress=False)
-    assert [len(v) for v in c.faults.values()] == [len(v) for v in c.results.values()]
+    assert [len(v) for v in c.results.faults.values()] == [len(v) for v in c.results.values()]
     row = harness.summarize(c, {})
     faults = row["faults_per_call"]
     assert faults["fastdl"] >= (8 << 20) // mmap.PAGESIZE * 0.9, faults

@@ -631,7 +631,7 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
 constexpr int64_t kFusedBlockBytes = int64_t(256) << 10;
 
 static int64_t fused_block_channels(const Conv2dParams& p) {
-  const int64_t bytes = (p.oh * p.ow + p.h * p.w) * (p.dtype == DType::Float32 ? 4 : 8);
+  const int64_t bytes = (p.oh * p.ow + p.h * p.w) * int64_t(dtype_size(p.dtype));
   return bytes > 0 ? kFusedBlockBytes / bytes : 0;
 }
 

@@ -27,12 +27,11 @@ inline bool huge_page_advice_enabled() {
 // Asks Linux to back a large output that the kernel is about to overwrite completely with
 // transparent huge pages (THP in "madvise" mode, the common default). With glibc's malloc at its
 // defaults, outputs of 32 MB and more are fresh mmap()s (its mmap threshold never rises above
-// 32 MB), so every call would otherwise fault in 4 KB pages one at a time: measured on 2-core Zen3
-// (VM), first-touching a fresh 51 MB torch.empty costs 16-50 ms with 4 KB pages and 10 ms after
-// this advice, against 0.7 ms for writing mapped memory. Smaller outputs are not advised: glibc
-// serves them from its heap, where the advice made conv outputs slower (RESULTS.md, 2026-12-07
-// 14:13). Only advice: it changes no data, errors are ignored, and it lapses when the allocation
-// is unmapped. The convolution entries (outputs, input gradients) and the recurrent layers'
+// 32 MB), so every call would otherwise fault in 4 KB pages one at a time, which cost several
+// times the writing itself (RESULTS.md, 2026-12-07 14:13). Smaller outputs are not advised:
+// glibc serves them from its heap, where the advice made conv outputs slower (same section).
+// Only advice: it changes no data, errors are ignored, and it lapses when the allocation is
+// unmapped. The convolution entries (outputs, input gradients) and the recurrent layers'
 // (training workspace, backward scratch) give it only buffers fastdl allocated for the call; the
 // pools' also advise an out= buffer of the caller's.
 inline void advise_huge_pages(void* p, size_t bytes) {

@@ -56,10 +56,8 @@ class Case:
     # Default: plain round-robin, one call per turn.
     settle_s: float = 0.0
     block: int = 1
-    results: dict = field(default_factory=dict)  # filled by run_cases: name -> [seconds...]
-    # minor page faults of the process during each timed call, name -> [count...] (run_cases;
-    # empty where the OS has no getrusage)
-    faults: dict = field(default_factory=dict)
+    # filled by run_cases: name -> [seconds...]; a Timings (below) also carries the page faults
+    results: dict = field(default_factory=dict)
     remeasured: bool = False
 
 
@@ -118,7 +116,7 @@ def _measure(case: Case, min_reps: int, max_reps: int, budget_s: float) -> dict:
     t_rep = t_round * calls + (case.settle_s + WAKE_S if case.settle_s > 0 else 0) * len(fns)
     reps = int(min(max_reps, max(min_reps, budget_s / max(t_rep, 1e-9))))
     times = Timings((n, []) for n in fns)
-    times.faults = {n: [] for n in fns} if _resource else {}
+    times.faults = {n: [] for n in fns} if _resource else {}   # (empty without getrusage)
     for _ in range(reps):
         for n, fn in fns.items():
             if case.settle_s > 0:
@@ -159,7 +157,6 @@ def run_cases(cases: list, *, min_reps: int = 7, max_reps: int = 200, budget_s: 
                 case.remeasured = True
                 if max_spread(again) < max_spread(case.results):
                     case.results = again
-            case.faults = getattr(case.results, "faults", {})
             bar.update(1)
     return cases
 
@@ -190,7 +187,7 @@ def summarize(case: Case, limits: dict) -> dict:
            "spread": max_spread(case.results), "remeasured": case.remeasured,
            "reps": len(case.results["fastdl"]), "speedup": {}, "torch_ms": {}, "note": case.note}
     row["too_few_timings"] = too_few_timings(case.results)
-    faults = case.faults or getattr(case.results, "faults", {})
+    faults = getattr(case.results, "faults", {})
     if faults:
         row["faults_per_call"] = {n: median(v) for n, v in faults.items() if v}
     row["unreliable"] = row["spread"] > SPREAD_LIMIT or row["too_few_timings"]
