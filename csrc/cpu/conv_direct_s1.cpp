@@ -39,6 +39,7 @@
 // Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves; the
 // direct_stride1 cases aim at this file; both CPU paths); timed by benchmarks/bench_conv.py.
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -257,6 +258,137 @@ void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const 
       store_part(yr + v * L, a + b, std::min(L, p.ow - v * L));
     }
   }
+}
+
+#if defined(__AVX512F__)
+// ---- float32 3x3 planes read in place (AVX-512) ------------------------------------------------
+// The depthwise forward and input gradient without the padded copy: each tap is a masked zmm
+// load straight from the source plane, lanes outside it (the padding, a row's ends) loading as
+// zero, rows outside it skipped. The copy had run as its own phase per plane before the compute
+// (the source streaming from memory, then the FMAs and y's stores), and the two added up rather
+// than overlapping (RESULTS.md, 2026-12-03 sections); in place, one loop reads the source and
+// writes y. What the masks load as zero the copy held as zero, so a weight meets the same
+// values; rows outside are skipped (w * 0 is not added), which only matters for an inf or NaN
+// weight, and conv.cpp sends those calls to the reference loops whenever padding is read.
+
+// Lanes [lo, hi) of 16 (none when hi <= lo).
+inline __mmask16 lane_range(int64_t lo, int64_t hi) {
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, 16);
+  if (hi <= lo) return 0;
+  return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+
+// Output rows [0, R) of a block at one 16-lane vector: y0[r * ow + l] = bias + the sum over taps
+// (i, j) of w[i*3 + j] * src[ih0 + r + i][iw0 + l + j], with m[j] the lanes whose column
+// iw0 + l + j lies in the plane (and l in the output row), ms the output row's lanes. Input row
+// ri feeds output rows ri - 2 .. ri (as rows_3x3): 3 (R + 2) loads for 9 R FMAs.
+template <int R, bool Inside>
+FASTDL_INLINE inline void rows_3x3_inplace(const __m512* w, const float* src, int64_t rows,
+                                           int64_t cols, int64_t ih0, int64_t iw0,
+                                           const __mmask16* m, __mmask16 ms, float bias,
+                                           int64_t ow, float* y0) {
+  __m512 acc[R], mv[3];
+  static_for<R>([&](auto r) FASTDL_INLINE { acc[r] = _mm512_set1_ps(bias); });
+  if constexpr (Inside)
+    static_for<3>([&](auto j) FASTDL_INLINE { mv[j] = _mm512_castsi512_ps(_mm512_movm_epi32(m[j])); });
+  static_for<R + 2>([&](auto ri) FASTDL_INLINE {
+    const int64_t ih = ih0 + ri;
+    if (ih < 0 || ih >= rows) return;  // a row of padding: nothing to add
+    // (the address of column iw0 + j, which may lie before the row)
+    const float* row = reinterpret_cast<const float*>(
+        reinterpret_cast<uintptr_t>(src) + uintptr_t((ih * cols + iw0) * int64_t(sizeof(float))));
+    static_for<3>([&](auto j) FASTDL_INLINE {
+      // Inside: the whole vector lies in the source tensor, so a plain load, its lanes outside
+      // the row then cleared by an AND with the mask as a vector (mv); a masked load cost ~3x
+      // as much on the Zen 5 VM (a standalone loop over shape 6's planes: 10.6 against 3.1 ms),
+      // and GCC folds a maskz_mov of a load back into one.
+      const __m512 xv = Inside ? _mm512_and_ps(mv[j], _mm512_loadu_ps(row + j))
+                               : _mm512_maskz_loadu_ps(m[j], row + j);
+      if constexpr (ri < R) acc[ri] = _mm512_fmadd_ps(w[j], xv, acc[ri]);
+      if constexpr (ri >= 1 && ri - 1 < R) acc[ri - 1] = _mm512_fmadd_ps(w[3 + j], xv, acc[ri - 1]);
+      if constexpr (ri >= 2) acc[ri - 2] = _mm512_fmadd_ps(w[6 + j], xv, acc[ri - 2]);
+    });
+  });
+  // (a masked store only for a row's partial last vector: like the loads, masked stores cost
+  // more than plain ones here)
+  if (ms == 0xFFFF)
+    static_for<R>([&](auto r) FASTDL_INLINE { _mm512_storeu_ps(y0 + r * ow, acc[r]); });
+  else
+    static_for<R>([&](auto r) FASTDL_INLINE { _mm512_mask_storeu_ps(y0 + r * ow, ms, acc[r]); });
+}
+
+// Output rows [oh0, oh0 + R) of a plane, every vector. [lo, hi): the source tensor's memory.
+template <int R>
+void block_3x3_inplace(const __m512* w, const float* src, int64_t rows, int64_t cols, int64_t ph,
+                       int64_t pw, float bias, int64_t oh0, int64_t ow, float* y, uintptr_t lo,
+                       uintptr_t hi) {
+  const int64_t ih0 = oh0 - ph;
+  const int64_t r0 = std::max<int64_t>(ih0, 0), r1 = std::min<int64_t>(ih0 + R + 2, rows);
+  for (int64_t v = 0; v * 16 < ow; ++v) {
+    const int64_t ow0 = v * 16, iw0 = ow0 - pw;
+    const __mmask16 ms = lane_range(0, ow - ow0);
+    const __mmask16 m[3] = {static_cast<__mmask16>(ms & lane_range(-iw0, cols - iw0)),
+                            static_cast<__mmask16>(ms & lane_range(-iw0 - 1, cols - iw0 - 1)),
+                            static_cast<__mmask16>(ms & lane_range(-iw0 - 2, cols - iw0 - 2))};
+    // the block's loads span [first, last) bytes from src (rows r0 .. r1 - 1, columns from iw0)
+    const intptr_t first = (r0 * cols + iw0) * intptr_t(sizeof(float));
+    const intptr_t last = ((r1 - 1) * cols + iw0 + 2 + 16) * intptr_t(sizeof(float));
+    const uintptr_t s = reinterpret_cast<uintptr_t>(src);
+    float* yb = y + oh0 * ow + ow0;
+    if (r1 <= r0 || (first >= 0 ? s + uintptr_t(first) >= lo : s - lo >= uintptr_t(-first)) &&
+                        s + uintptr_t(last) <= hi)
+      rows_3x3_inplace<R, true>(w, src, rows, cols, ih0, iw0, m, ms, bias, ow, yb);
+    else
+      rows_3x3_inplace<R, false>(w, src, rows, cols, ih0, iw0, m, ms, bias, ow, yb);
+  }
+}
+
+// One output plane (oh x ow) of the stride-1, dilation-1 3x3 correlation of src (rows x cols,
+// contiguous, inside the tensor [lo, hi)) with the 9 weights w, padded by ph rows and pw columns
+// (either may be negative: the flipped forward of an input gradient whose layer padded by more
+// than 2).
+void plane_3x3_inplace(const float* src, int64_t rows, int64_t cols, int64_t ph, int64_t pw,
+                       const float* w, float bias, float* y, int64_t oh, int64_t ow,
+                       const float* lo, const float* hi) {
+  __m512 wv[9];
+  for (int e = 0; e < 9; ++e) wv[e] = _mm512_set1_ps(w[e]);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(lo), z = reinterpret_cast<uintptr_t>(hi);
+  constexpr int R = kRows3x3;
+  int64_t r = 0;
+  for (; r + R <= oh; r += R)
+    block_3x3_inplace<R>(wv, src, rows, cols, ph, pw, bias, r, ow, y, a, z);
+  switch (oh - r) {
+#define FASTDL_TAIL(n) \
+    case n: block_3x3_inplace<n>(wv, src, rows, cols, ph, pw, bias, r, ow, y, a, z); break;
+    FASTDL_TAIL(1) FASTDL_TAIL(2) FASTDL_TAIL(3) FASTDL_TAIL(4) FASTDL_TAIL(5) FASTDL_TAIL(6)
+    FASTDL_TAIL(7)
+#undef FASTDL_TAIL
+    default: break;
+  }
+}
+#endif
+
+// Whether plane_3x3_inplace runs a call's forward planes (and so the separate input gradient's,
+// the flipped forward over gy): float32 on the AVX-512 build, one input channel per group, 3x3,
+// stride 1 and dilation 1, output rows of at least 28 (mostly whole 16-lane vectors). Against
+// the padded copy (2 threads, depthwise p1 forward, three alternating runs per build, ms; RESULTS.md,
+// 2026-12-07 16:57): 112-wide maps 0.50-0.52 -> 0.34-0.39, 80 0.65-0.98 -> 0.49-0.50, 32
+// 0.49-0.66 -> 0.45-0.55, 28 (32x128x28x28) 0.93-1.08 -> 0.78-0.80, 40-56 even (shape 6 1.49-1.80
+// -> 1.46-1.60); rows of 10-24 slower (16: 0.56-0.59 -> 0.51-0.88; 14: 1.59-2.08 -> 1.59-2.71),
+// their vectors mostly partial.
+template <class T>
+constexpr bool inplace_3x3_built() {
+#if defined(__AVX512F__)
+  return std::is_same<T, float>::value;
+#else
+  return false;
+#endif
+}
+template <class T>
+bool inplace_3x3_serves(const Conv2dParams& p) {
+  return inplace_3x3_built<T>() && p.c == p.groups && p.kh == 3 && p.kw == 3 && p.sh == 1 &&
+         p.sw == 1 && p.dh == 1 && p.dw == 1 && p.ow >= 28;
 }
 
 // One output plane, any kernel and cg: runtime loops over channels and taps per output vector.
@@ -537,7 +669,24 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   // the weight gradient's kFlatMinChannels, which split batch-1 calls over many threads give)
   const bool flat = flat_zmm_forward_serves<T>(p) && kper >= kFlatMinChannels;
   const int64_t planes = cg * g.plane();
+  const bool inplace = !flat && inplace_3x3_serves<T>(p);
   parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
+#if defined(__AVX512F__)
+    if constexpr (inplace_3x3_built<T>()) {
+      if (inplace) {
+        for (int64_t t = lo; t < hi; ++t) {
+          const int64_t n = t / kb / G, gi = t / kb % G, blk = t % kb;
+          const float* xp = x + (n * p.c + gi) * p.h * p.w;
+          for (int64_t kk = blk * kper; kk < std::min(kg, (blk + 1) * kper); ++kk) {
+            const int64_t k = gi * kg + kk;
+            plane_3x3_inplace(xp, p.h, p.w, p.ph, p.pw, w + k * 9, b ? b[k] : 0.0f,
+                              y + (n * p.k + k) * S, p.oh, p.ow, x, x + p.n * p.c * p.h * p.w);
+          }
+        }
+        return;
+      }
+    }
+#endif
     T* buf = tl_planes.get_as<T>(planes + (flat ? 3 * flat_copy_size<T>(p, g) : 0));
     zero_frame(p, g, cg, buf);
     for (int64_t t = lo; t < hi; ++t) {
