@@ -526,63 +526,6 @@ void plane_wgrad_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, cons
   if (bias) acc[9] += hsum<T>(ab);
 }
 
-#if defined(__AVX512F__)
-// plane_wgrad_3x3 with x read in place (where plane_3x3_inplace serves the forward, the same
-// rule: inplace_3x3_serves): per 16-lane vector of gy, tap (i, j) adds gy times x's row
-// oh - ph + i from column ow0 - pw + j; lanes outside x's row or past gy's row are zero in both
-// factors (AND masks as the forward's, masked loads where a vector would leave its tensor), and
-// rows of padding are skipped. Vectors outer, rows inner (the masks once per vector). The
-// separate weight pass and the fused backward both take it, so they stay bitwise equal.
-void plane_wgrad_3x3_inplace(const float* x, int64_t rows, int64_t cols, int64_t ph, int64_t pw,
-                             const float* gy, int64_t oh, int64_t ow, bool bias, double* acc,
-                             const float* xlo, const float* xhi, const float* glo,
-                             const float* ghi) {
-  __m512 a[9], ab = _mm512_setzero_ps();
-  for (int e = 0; e < 9; ++e) a[e] = _mm512_setzero_ps();
-  const uintptr_t xa = reinterpret_cast<uintptr_t>(xlo), xz = reinterpret_cast<uintptr_t>(xhi);
-  const uintptr_t ga = reinterpret_cast<uintptr_t>(glo), gz = reinterpret_cast<uintptr_t>(ghi);
-  const uintptr_t xs = reinterpret_cast<uintptr_t>(x);
-  for (int64_t v = 0; v * 16 < ow; ++v) {
-    const int64_t ow0 = v * 16, iw0 = ow0 - pw;
-    const __mmask16 ms = lane_range(0, ow - ow0);
-    const __mmask16 m[3] = {static_cast<__mmask16>(ms & lane_range(-iw0, cols - iw0)),
-                            static_cast<__mmask16>(ms & lane_range(-iw0 - 1, cols - iw0 - 1)),
-                            static_cast<__mmask16>(ms & lane_range(-iw0 - 2, cols - iw0 - 2))};
-    __m512 mv[3];
-    for (int j = 0; j < 3; ++j) mv[j] = _mm512_castsi512_ps(_mm512_movm_epi32(m[j]));
-    const __m512 msv = _mm512_castsi512_ps(_mm512_movm_epi32(ms));
-    for (int64_t r = 0; r < oh; ++r) {
-      const float* gp = gy + r * ow + ow0;
-      const uintptr_t gpa = reinterpret_cast<uintptr_t>(gp);
-      const __m512 gv = ms == 0xFFFF ? _mm512_loadu_ps(gp)
-                        : gpa + 64 <= gz ? _mm512_and_ps(msv, _mm512_loadu_ps(gp))
-                                         : _mm512_maskz_loadu_ps(ms, gp);
-      ab = _mm512_add_ps(ab, gv);
-      // x rows r - ph + i, i in [i0, i1), all in the plane
-      const int64_t i0 = std::max<int64_t>(0, ph - r), i1 = std::min<int64_t>(3, rows + ph - r);
-      if (i1 <= i0) continue;
-      const intptr_t first = ((r - ph + i0) * cols + iw0) * intptr_t(sizeof(float));
-      const intptr_t last = ((r - ph + i1 - 1) * cols + iw0 + 2 + 16) * intptr_t(sizeof(float));
-      const bool inside = (first >= 0 ? xs + uintptr_t(first) >= xa : xs - xa >= uintptr_t(-first)) &&
-                          xs + uintptr_t(last) <= xz;
-      // (i and j compile-time, so the accumulators stay in registers)
-      static_for<3>([&](auto i) FASTDL_INLINE {
-        if (i < i0 || i >= i1) return;
-        const float* row = reinterpret_cast<const float*>(
-            xs + uintptr_t(((r - ph + i) * cols + iw0) * int64_t(sizeof(float))));
-        static_for<3>([&](auto j) FASTDL_INLINE {
-          const __m512 xv = inside ? _mm512_and_ps(mv[j], _mm512_loadu_ps(row + j))
-                                   : _mm512_maskz_loadu_ps(m[j], row + j);
-          a[3 * i + j] = _mm512_fmadd_ps(gv, xv, a[3 * i + j]);
-        });
-      });
-    }
-  }
-  for (int e = 0; e < 9; ++e) acc[e] += double(_mm512_reduce_add_ps(a[e]));
-  if (bias) acc[9] += double(_mm512_reduce_add_ps(ab));
-}
-#endif
-
 // The 3x3 stride-1 weight gradient of a padded plane that feeds several output channels
 // (cg == 1, kg >= kFlatMinChannels): three copies of it, copy j shifted left by j columns, cut to
 // OW columns and packed, f[j][r * OW + c] = buf[r][c + j], then a vector of zeros. Tap (i, j)'s
@@ -784,7 +727,6 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
   // times: shape 1 weight+bias gradient 1.7 -> 0.9 ms, shape 6 6.4 -> 5.2 ms, one thread).
   const bool flat = k3 && p.sh == 1 && kg >= kFlatMinChannels;
   [[maybe_unused]] const bool flat_zmm = flat_zmm_serves<T>(p);  // (conv_flat_3x3.h: AVX-512)
-  const bool inplace = inplace_3x3_serves<T>(p);  // (x read in place: plane_wgrad_3x3_inplace)
   const int64_t planes = cg * g.plane();
   parallel_for_catch(p.k, grain_for(p.n * S * ck), [&](int64_t lo, int64_t hi) {
     T* buf = tl_planes.get_as<T>(planes + (flat ? 3 * flat_copy_size<T>(p, g) : 0));
@@ -795,7 +737,7 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
       int64_t padded = -1;  // the group whose planes buf holds
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t gi = k / kg;
-        if (gi != padded && !(inplace && !flat)) {
+        if (gi != padded) {
           copy_planes(p, g, x + (n * p.c + gi * cg) * p.h * p.w, cg, buf);
           if (flat) flat_copies_3x3(p, g, buf, copies);
           padded = gi;
@@ -809,16 +751,6 @@ void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* 
             flat_wgrad_3x3(copies, flat_copy_size<T>(p, g), p.ow, S, gp, kn, gb != nullptr, a,
                            ck + 1);
             k += kn - 1;
-            continue;
-          }
-        }
-#endif
-#if defined(__AVX512F__)
-        if constexpr (inplace_3x3_built<T>()) {
-          if (inplace && !flat) {
-            const float* xp = x + (n * p.c + gi) * p.h * p.w;
-            plane_wgrad_3x3_inplace(xp, p.h, p.w, p.ph, p.pw, gp, p.oh, p.ow, gb != nullptr, a, x,
-                                    x + p.n * p.c * p.h * p.w, gy, gy + p.n * p.k * S);
             continue;
           }
         }
@@ -870,7 +802,7 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
   const Conv2dParams q = input_grad_as_forward(p);
   const PadGeom gw_geo = PadGeom::of<T>(p), gx_geo = PadGeom::of<T>(q);
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
-  const bool gx_inplace = inplace_3x3_serves<T>(q), gw_inplace = inplace_3x3_serves<T>(p);
+  const bool gx_inplace = inplace_3x3_serves<T>(q);
   parallel_for_catch(p.k, grain_for(p.n * (S + HW) * 9), [&](int64_t lo, int64_t hi) {
     T* bx = tl_planes.get_as<T>(gw_geo.plane() + gx_geo.plane());
     T* bg = bx + gw_geo.plane();
@@ -885,17 +817,6 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
       for (int64_t k0 = lo; k0 < hi; k0 += B) {
         const int64_t k1 = std::min(hi, k0 + B);
         for (int64_t k = k0; k < k1; ++k) {
-#if defined(__AVX512F__)
-          if constexpr (inplace_3x3_built<T>()) {
-            if (gw_inplace) {  // (as the separate weight pass)
-              plane_wgrad_3x3_inplace(x + (n * p.c + k) * HW, p.h, p.w, p.ph, p.pw,
-                                      gy + (n * p.k + k) * S, p.oh, p.ow, gb != nullptr,
-                                      acc.data() + (k - lo) * 10, x, x + p.n * p.c * HW, gy,
-                                      gy + p.n * p.k * S);
-              continue;
-            }
-          }
-#endif
           copy_planes(p, gw_geo, x + (n * p.c + k) * HW, 1, bx);
           plane_wgrad_3x3(p, gw_geo, bx, gy + (n * p.k + k) * S, gb != nullptr,
                           acc.data() + (k - lo) * 10);
