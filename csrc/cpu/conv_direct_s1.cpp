@@ -792,8 +792,8 @@ bool direct_s1_both_serves(const Conv2dParams& p) {
 
 // A thread's range of output channels (= input channels: depthwise), images outer, the range's
 // channels in blocks (fused_block_channels): first each plane's tap sums (x padded), then the
-// flipped forward that writes gx over the same gy planes, still in L2 (padded, or read in place
-// where plane_3x3_inplace serves; conv_direct_backward_input's kernel, same weights flipped). Each channel's sums run over the
+// flipped forward that writes gx over the same gy planes, still in L2 (padded;
+// conv_direct_backward_input's kernel, same weights flipped). Each channel's sums run over the
 // images in order, as in the separate weight-gradient pass: the results are bitwise its and
 // the separate input gradient's, at any thread count.
 template <class T>
@@ -802,7 +802,6 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
   const Conv2dParams q = input_grad_as_forward(p);
   const PadGeom gw_geo = PadGeom::of<T>(p), gx_geo = PadGeom::of<T>(q);
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
-  const bool gx_inplace = inplace_3x3_serves<T>(q);
   parallel_for_catch(p.k, grain_for(p.n * (S + HW) * 9), [&](int64_t lo, int64_t hi) {
     T* bx = tl_planes.get_as<T>(gw_geo.plane() + gx_geo.plane());
     T* bg = bx + gw_geo.plane();
@@ -822,16 +821,6 @@ void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy
                           acc.data() + (k - lo) * 10);
         }
         for (int64_t k = k0; k < k1; ++k) {
-#if defined(__AVX512F__)
-          if constexpr (inplace_3x3_built<T>()) {
-            if (gx_inplace) {  // (as the separate input gradient: conv_direct_forward over gy)
-              plane_3x3_inplace(gy + (n * p.k + k) * S, p.oh, p.ow, q.ph, q.pw,
-                                wf.data() + (k - lo) * 9, 0.0f, gx + (n * p.c + k) * HW, q.oh,
-                                q.ow, gy, gy + p.n * p.k * S);
-              continue;
-            }
-          }
-#endif
           copy_planes(q, gx_geo, gy + (n * p.k + k) * S, 1, bg);
           plane_fwd_3x3(q, gx_geo, bg, wf.data() + (k - lo) * 9, T(0), gx + (n * p.c + k) * HW);
         }
