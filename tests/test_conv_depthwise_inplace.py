@@ -1,7 +1,8 @@
 """The AVX-512 build's float32 depthwise 3x3 stride-1 forward that reads its source planes in
 place (csrc/cpu/conv_direct_s1.cpp, plane_3x3_inplace: output rows of 28 and more), which also
 runs the separate input gradient (the flipped forward over gy, padded 2 - p, so negative for
-p = 3). Its loads read whole vectors where they lie inside the source tensor and mask them at the
+p = 3). The fused depthwise backward (both gradients, padded copies) must give that input
+gradient bit for bit. Its loads read whole vectors where they lie inside the source tensor and mask them at the
 tensor's two ends: the guard-page test puts a source right against unmapped pages."""
 import os
 import subprocess
@@ -58,6 +59,24 @@ def test_inplace_forward_and_input_grad_match_torch(avx512, case, bias):
         gy.double(), x.double(), wt.double(), None, [1, 1], [p, p], [1, 1], False, [0, 0], c,
         [True, False, False])[0]
     assert_close(gx, gx_ref.float(), reduction=9 * mult, what=f"grad_input {case}")
+    # the weight and bias gradients at these widths; all three at once run the fused depthwise
+    # backward (multiplier 1), whose input gradient must equal the in-place one bit for bit
+    _, gw, gb = fastdl.ops.conv2d_backward(gy, x, wt, padding=p, groups=c,
+                                           output_mask=(False, True, bias))
+    ref = torch.ops.aten.convolution_backward(
+        gy.double(), x.double(), wt.double(), [c * mult], [1, 1], [p, p], [1, 1], False, [0, 0],
+        c, [False, True, True])
+    per_channel = n * gy.shape[2] * gy.shape[3]
+    assert_close(gw, ref[1].float(), reduction=per_channel, what=f"grad_weight {case}")
+    if bias:
+        assert_close(gb, ref[2].float(), reduction=per_channel, what=f"grad_bias {case}")
+    else:
+        assert gb is None
+    both = fastdl.ops.conv2d_backward(gy, x, wt, padding=p, groups=c,
+                                      output_mask=(True, True, bias))
+    assert torch.equal(both[0], gx) and torch.equal(both[1], gw)
+    if bias:
+        assert torch.equal(both[2], gb)
 
 
 def test_inplace_rows_outside_the_input_leave_no_stale_values(avx512):
@@ -115,6 +134,17 @@ _GUARD_SCRIPT = textwrap.dedent("""
                 torch.from_numpy(gy.copy()), torch.from_numpy(x.copy()), torch.from_numpy(w),
                 None, [1, 1], [p, p], [1, 1], False, [0, 0], c, [True, False, False])[0]
             assert np.allclose(gx, gx_ref.numpy(), rtol=1e-5, atol=1e-5), (shape, p, at_end)
+            # both gradients: the fused depthwise backward (2+ channels on 2 threads, padded
+            # copies), its input gradient bitwise the separate in-place pass's
+            fastdl.set_num_threads(2)
+            runs = _C.conv2d_fused_backward_runs()
+            gx2, gw2, _ = fastdl.ops.conv2d_backward(gy, x, w, padding=p, groups=c)
+            assert _C.conv2d_fused_backward_runs() == runs + (c >= 2), (shape, c)
+            assert np.array_equal(gx2, gx), (shape, p, at_end)
+            gw_ref = torch.ops.aten.convolution_backward(
+                torch.from_numpy(gy.copy()), torch.from_numpy(x.copy()), torch.from_numpy(w),
+                None, [1, 1], [p, p], [1, 1], False, [0, 0], c, [False, True, False])[1]
+            assert np.allclose(gw2, gw_ref.numpy(), rtol=1e-4, atol=1e-4), (shape, p, at_end)
     print("ok")
 """)
 
