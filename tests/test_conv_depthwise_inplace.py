@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(not _C.cpu_supports_avx512(),
                                 reason="this CPU or build has no AVX-512 path (the kernel's build)")
 
 # (batch, channels, multiplier, height, width, padding): widths at, around and above the 28 where
-# the kernel takes over, heights below and around its 8-row blocks, padding 0-3.
+# the kernel takes over, heights below and around its 8-row blocks, padding 0-3; multipliers 2-3
+# (several output planes per input plane) keep the padded copy and must agree all the same.
 CASES = [
     (1, 1, 1, 1, 28, 1), (2, 3, 1, 2, 29, 1), (1, 2, 2, 3, 31, 0), (3, 2, 1, 8, 32, 1),
     (1, 4, 1, 9, 33, 2), (2, 1, 3, 17, 47, 1), (2, 3, 1, 10, 56, 3), (1, 2, 1, 7, 63, 0),

@@ -370,13 +370,16 @@ void plane_3x3_inplace(const float* src, int64_t rows, int64_t cols, int64_t ph,
 #endif
 
 // Whether plane_3x3_inplace runs a call's forward planes (and so the separate input gradient's,
-// the flipped forward over gy): float32 on the AVX-512 build, one input channel per group, 3x3,
-// stride 1 and dilation 1, output rows of at least 28 (mostly whole 16-lane vectors). Against
-// the padded copy (2 threads, depthwise p1 forward, three alternating runs per build, ms; RESULTS.md,
-// 2026-12-07 16:57): 112-wide maps 0.50-0.52 -> 0.34-0.39, 80 0.65-0.98 -> 0.49-0.50, 32
-// 0.49-0.66 -> 0.45-0.55, 28 (32x128x28x28) 0.93-1.08 -> 0.78-0.80, 40-56 even (shape 6 1.49-1.80
-// -> 1.46-1.60); rows of 10-24 slower (16: 0.56-0.59 -> 0.51-0.88; 14: 1.59-2.08 -> 1.59-2.71),
-// their vectors mostly partial.
+// the flipped forward over gy): float32 on the AVX-512 build, depthwise (one input and one output
+// channel per group: where several output planes read one input plane, the padded copy is
+// repaid over them, and in place measured slower, 16x1x64x64 -> 32 0.24-0.36 -> 0.41-0.52 ms,
+// 4x1x224x224 -> 32 0.82-0.95 -> 0.99-1.15), 3x3, stride 1 and dilation 1, output rows of at
+// least 28 (mostly whole 16-lane vectors). Against the padded copy (2 threads, depthwise p1
+// forward, alternating processes, ms; RESULTS.md, 2026-12-07 16:57 section): 8x32x112x112
+// 0.58-0.82 -> 0.52-0.54, 8x32x80x80 0.23-0.30 -> 0.20-0.25, 16x64x32x32 0.14-0.15 -> 0.13-0.14,
+// 32x128x28x28 0.79-1.08 -> 0.58-0.82, 40-56 wide even (conv shape 6, 32x64x56x56: 1.49-1.80
+// against 1.46-1.72); rows of 10-24 slower (16: 0.56-0.59 -> 0.51-0.88), their vectors mostly
+// partial.
 template <class T>
 constexpr bool inplace_3x3_built() {
 #if defined(__AVX512F__)
@@ -387,8 +390,8 @@ constexpr bool inplace_3x3_built() {
 }
 template <class T>
 bool inplace_3x3_serves(const Conv2dParams& p) {
-  return inplace_3x3_built<T>() && p.c == p.groups && p.kh == 3 && p.kw == 3 && p.sh == 1 &&
-         p.sw == 1 && p.dh == 1 && p.dw == 1 && p.ow >= 28;
+  return inplace_3x3_built<T>() && p.c == p.groups && p.k == p.groups && p.kh == 3 &&
+         p.kw == 3 && p.sh == 1 && p.sw == 1 && p.dh == 1 && p.dw == 1 && p.ow >= 28;
 }
 
 // One output plane, any kernel and cg: runtime loops over channels and taps per output vector.
