@@ -795,6 +795,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("conv2d_implicit_fallbacks", &conv2d_implicit_fallbacks_cpu);
   m.def("conv2d_winograd_fallbacks", &conv2d_winograd_fallbacks_cpu);
   m.def("conv2d_fused_backward_runs", &conv2d_fused_backward_runs_cpu);
+  m.def("conv2d_inplace_forward_runs", &conv2d_inplace_forward_runs_cpu);
   m.def("rnn_cell_strip_copies", [] { return rnn_cell_strip_copy_count().load(); });
   // Tests only: conv2d_winograd_output_row_probe_cpu on float32 C-contiguous numpy arrays, never
   // converted (a converted copy would take the writes): m 16 x es with es >= tw + 7, rows 1-D

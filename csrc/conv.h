@@ -67,6 +67,9 @@ int64_t conv2d_implicit_fallbacks_cpu();
 int64_t conv2d_winograd_fallbacks_cpu();
 // conv2d_backward_cpu calls that ran the one-pass depthwise kernel, since start (tests).
 int64_t conv2d_fused_backward_runs_cpu();
+// Direct forwards (and input gradients, the flipped forward) whose depthwise 3x3 planes were read
+// in place rather than through padded copies, since start (tests).
+int64_t conv2d_inplace_forward_runs_cpu();
 // Tests only: the running CPU build's float32 Winograd inverse transform of one tile row
 // (winograd_output_row_probe, csrc/cpu/conv_impl.h): tiles it stores past tw or ow would be
 // another task's columns in a segmented row. Reads m[e * es + t] for e < 16 and t < es, which

@@ -605,6 +605,13 @@ std::atomic<int64_t>& conv_fused_backward_count() {
 }
 
 int64_t conv2d_fused_backward_runs_cpu() { return conv_fused_backward_count().load(); }
+
+std::atomic<int64_t>& conv_inplace_forward_count() {
+  static std::atomic<int64_t> count{0};
+  return count;
+}
+
+int64_t conv2d_inplace_forward_runs_cpu() { return conv_inplace_forward_count().load(); }
 #endif
 
 }  // namespace fastdl

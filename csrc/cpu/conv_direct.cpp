@@ -67,7 +67,7 @@ void conv_direct_forward(const Conv2dParams& p, const T* x, const T* w, const T*
 template <class T>
 void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw;
-  if (p.sh == 1 && p.sw == 1) {  // the padded-plane forward (conv_direct_s1.cpp) over gy
+  if (p.sh == 1 && p.sw == 1) {  // the stride-1 forward (conv_direct_s1.cpp) over gy
     std::vector<T> wf(static_cast<size_t>(p.c * kg * taps));
     flip_weights(p, w, wf.data());
     conv_direct_forward(input_grad_as_forward(p), gy, wf.data(), static_cast<const T*>(nullptr),

@@ -9,6 +9,9 @@
 // checks per tap. The buffer's padding frame is zeroed once per task range and each plane copies
 // only its input cells (the geometry is fixed for the call). The fused depthwise backward
 // runs a block of channels' tap sums, then their input gradient over the same gy planes.
+// Depthwise 3x3 float32 forwards (and separate input gradients) on the AVX-512 build with output
+// rows of 28 or more read their planes in place instead, masking the padding per vector
+// (plane_3x3_inplace, inplace_3x3_serves).
 //   forward          y[n,k,oh, v:v+L] = b + sum w[k,cc,i,j] * buf[cc, oh*sh + i*dh, v + j*dw]
 //                    one task per (image, group): the buffer feeds all kg output planes
 //                    (per (image, group, block of planes) when fewer than the threads)
@@ -23,12 +26,13 @@
 //                    depthwise weight+bias gradient, perf, one thread)
 // Work split: parallel over (image, group[, block of output channels]) / output channels.
 // Padding: the buffer's zeros are multiplied like any input, so a tap over padding computes w*0
-// (forward, input gradient) and gy*0 (weight gradient): NaN at the border for an inf or NaN weight
-// or gy. For the forward and weight gradient this is what torch's float64 path (im2col) and
-// fastdl's GEMM path do; torch's float32 path skips padded taps in the weight gradient and the
-// depthwise forward (its groups=1 forward gives NaN too; README, convolution). The input gradient must not differ (torch drops them in both
-// dtypes), so conv.cpp runs non-finite weights there through the reference loops. Non-finite x
-// behave as torch's (test_conv.py test_conv2d_nonfinite_inputs_as_torch).
+// (forward, input gradient; the in-place kernel: w*0 for columns, rows of padding skipped) and
+// gy*0 (weight gradient): NaN at the border for an inf or NaN weight or gy. For the forward and
+// weight gradient this is what torch's float64 path (im2col) and fastdl's GEMM path do; torch's
+// float32 path skips padded taps in the weight gradient and the depthwise forward (its groups=1
+// forward gives NaN too; README, convolution). The input gradient must not differ (torch drops
+// them in both dtypes), so conv.cpp runs non-finite weights there through the reference loops.
+// Non-finite x behave as torch's (test_conv.py test_conv2d_nonfinite_inputs_as_torch).
 // Measured (1 thread each side, median, CPU time of the calling thread, 2-core Zen under load
 // from other jobs; issue #8 shapes 6 = 32x64x56x56 depthwise 3x3 p1, 1 = 64x1x28x28 -> 32 3x3),
 // the row kernels before -> this file: shape 6 forward 11.1-12.3 -> 5.2-5.7 ms, input gradient
@@ -37,7 +41,9 @@
 // measurement is at the choice. The depthwise forward is now bound by memory (perf: the cycles
 // sit on the instruction after the y stores and on the padding copy's x loads).
 // Tested by tests/test_conv.py (forced algorithm "direct", every shape it serves; the
-// direct_stride1 cases aim at this file; both CPU paths); timed by benchmarks/bench_conv.py.
+// direct_stride1 cases aim at this file; both CPU paths) and tests/test_conv_depthwise_inplace.py
+// (the in-place kernel: a sweep, guard pages at the source's ends, non-finite values); timed by
+// benchmarks/bench_conv.py.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -268,8 +274,12 @@ void plane_fwd_3x3(const Conv2dParams& p, const PadGeom& g, const T* buf, const 
 // (the source streaming from memory, then the FMAs and y's stores), and the two added up rather
 // than overlapping (RESULTS.md, 2026-12-03 sections); in place, one loop reads the source and
 // writes y. What the masks load as zero the copy held as zero, so a weight meets the same
-// values; rows outside are skipped (w * 0 is not added), which only matters for an inf or NaN
-// weight, and conv.cpp sends those calls to the reference loops whenever padding is read.
+// values; rows outside are skipped (w * 0 is not added). That only shows for an inf or NaN
+// weight, which conv.cpp sends to the reference loops whenever padding is read, and in the sign
+// of a zero (a -0 bias, or -0 after underflow, stays -0 where adding w * +0 made it +0): the
+// padded kernel's results are equal value for value, so the fused backward's input gradient
+// (padded) and the separate in-place pass agree element by element (test_conv.py, the tests of
+// the one-pass backward), given the same multiply-add contraction in both.
 
 // Lanes [lo, hi) of 16 (none when hi <= lo).
 inline __mmask16 lane_range(int64_t lo, int64_t hi) {
@@ -291,7 +301,9 @@ FASTDL_INLINE inline void rows_3x3_inplace(const __m512* w, const float* src, in
   __m512 acc[R], mv[3];
   static_for<R>([&](auto r) FASTDL_INLINE { acc[r] = _mm512_set1_ps(bias); });
   if constexpr (Inside)
-    static_for<3>([&](auto j) FASTDL_INLINE { mv[j] = _mm512_castsi512_ps(_mm512_movm_epi32(m[j])); });
+    static_for<3>([&](auto j) FASTDL_INLINE {
+      mv[j] = _mm512_castsi512_ps(_mm512_movm_epi32(m[j]));
+    });
   static_for<R + 2>([&](auto ri) FASTDL_INLINE {
     const int64_t ih = ih0 + ri;
     if (ih < 0 || ih >= rows) return;  // a row of padding: nothing to add
@@ -306,7 +318,8 @@ FASTDL_INLINE inline void rows_3x3_inplace(const __m512* w, const float* src, in
       const __m512 xv = Inside ? _mm512_and_ps(mv[j], _mm512_loadu_ps(row + j))
                                : _mm512_maskz_loadu_ps(m[j], row + j);
       if constexpr (ri < R) acc[ri] = _mm512_fmadd_ps(w[j], xv, acc[ri]);
-      if constexpr (ri >= 1 && ri - 1 < R) acc[ri - 1] = _mm512_fmadd_ps(w[3 + j], xv, acc[ri - 1]);
+      if constexpr (ri >= 1 && ri - 1 < R)
+        acc[ri - 1] = _mm512_fmadd_ps(w[3 + j], xv, acc[ri - 1]);
       if constexpr (ri >= 2) acc[ri - 2] = _mm512_fmadd_ps(w[6 + j], xv, acc[ri - 2]);
     });
   });
@@ -336,8 +349,11 @@ void block_3x3_inplace(const __m512* w, const float* src, int64_t rows, int64_t 
     const intptr_t last = ((r1 - 1) * cols + iw0 + 2 + 16) * intptr_t(sizeof(float));
     const uintptr_t s = reinterpret_cast<uintptr_t>(src);
     float* yb = y + oh0 * ow + ow0;
-    if (r1 <= r0 || (first >= 0 ? s + uintptr_t(first) >= lo : s - lo >= uintptr_t(-first)) &&
-                        s + uintptr_t(last) <= hi)
+    // (src lies in [lo, hi); no row loaded: nothing to check)
+    const bool starts_inside =
+        first >= 0 ? s + uintptr_t(first) >= lo : s - lo >= uintptr_t(-first);
+    const bool inside = r1 <= r0 || (starts_inside && s + uintptr_t(last) <= hi);
+    if (inside)
       rows_3x3_inplace<R, true>(w, src, rows, cols, ih0, iw0, m, ms, bias, ow, yb);
     else
       rows_3x3_inplace<R, false>(w, src, rows, cols, ih0, iw0, m, ms, bias, ow, yb);
@@ -374,12 +390,12 @@ void plane_3x3_inplace(const float* src, int64_t rows, int64_t cols, int64_t ph,
 // channel per group: where several output planes read one input plane, the padded copy is
 // repaid over them, and in place measured slower, 16x1x64x64 -> 32 0.24-0.36 -> 0.41-0.52 ms,
 // 4x1x224x224 -> 32 0.82-0.95 -> 0.99-1.15), 3x3, stride 1 and dilation 1, output rows of at
-// least 28 (mostly whole 16-lane vectors). Against the padded copy (2 threads, depthwise p1
-// forward, alternating processes, ms; RESULTS.md, 2026-12-07 16:57 section): 8x32x112x112
-// 0.58-0.82 -> 0.52-0.54, 8x32x80x80 0.23-0.30 -> 0.20-0.25, 16x64x32x32 0.14-0.15 -> 0.13-0.14,
-// 32x128x28x28 0.79-1.08 -> 0.58-0.82, 40-56 wide even (conv shape 6, 32x64x56x56: 1.49-1.80
-// against 1.46-1.72); rows of 10-24 slower (16: 0.56-0.59 -> 0.51-0.88), their vectors mostly
-// partial.
+// least 28 (half their vectors partial at 28-31, most whole above). Against the padded copy
+// (2 threads, depthwise p1 forward, alternating processes, ms; RESULTS.md, 2026-12-07 16:57
+// section): 8x32x112x112 0.58-0.82 -> 0.52-0.54, 8x32x80x80 0.23-0.30 -> 0.20-0.25, 16x64x32x32
+// 0.14-0.15 -> 0.13-0.14, 32x128x28x28 0.79-1.08 -> 0.58-0.82, 40-56 wide even (conv shape 6,
+// 32x64x56x56: 1.49-1.80 against 1.46-1.72); rows of 10-24 slower (16: 0.56-0.59 -> 0.51-0.88),
+// their vectors mostly partial.
 template <class T>
 constexpr bool inplace_3x3_built() {
 #if defined(__AVX512F__)
@@ -672,7 +688,8 @@ void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const
   // the weight gradient's kFlatMinChannels, which split batch-1 calls over many threads give)
   const bool flat = flat_zmm_forward_serves<T>(p) && kper >= kFlatMinChannels;
   const int64_t planes = cg * g.plane();
-  const bool inplace = !flat && inplace_3x3_serves<T>(p);
+  [[maybe_unused]] const bool inplace = !flat && inplace_3x3_serves<T>(p);
+  if (inplace) conv_inplace_forward_count().fetch_add(1, std::memory_order_relaxed);
   parallel_for_catch(ng * kb, grain_for(S * kper * cg * taps), [&](int64_t lo, int64_t hi) {
 #if defined(__AVX512F__)
     if constexpr (inplace_3x3_built<T>()) {
@@ -795,8 +812,10 @@ bool direct_s1_both_serves(const Conv2dParams& p) {
 
 // A thread's range of output channels (= input channels: depthwise), images outer, the range's
 // channels in blocks (fused_block_channels): first each plane's tap sums (x padded), then the
-// flipped forward that writes gx over the same gy planes, still in L2 (padded;
-// conv_direct_backward_input's kernel, same weights flipped). Each channel's sums run over the
+// flipped forward that writes gx over the same gy planes, still in L2 (padded: plane_fwd_3x3,
+// same weights flipped; where the separate pass reads gy in place, equal to it value for value:
+// plane_3x3_inplace's note. Reading gy in place here too ran conv shape 6's backward 1.2x
+// slower: RESULTS.md, 2026-12-07 16:57). Each channel's sums run over the
 // images in order, as in the separate weight-gradient pass: the results are bitwise its and
 // the separate input gradient's, at any thread count.
 template <class T>

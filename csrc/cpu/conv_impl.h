@@ -23,6 +23,9 @@ std::atomic<int64_t>& conv_implicit_fallback_count();
 std::atomic<int64_t>& conv_winograd_fallback_count();
 // Backward calls that ran the one-pass depthwise kernel (conv.cpp; conv2d_fused_backward_runs_cpu).
 std::atomic<int64_t>& conv_fused_backward_count();
+// Direct forwards (the input gradient's included) that read their source planes in place
+// (conv_direct_s1.cpp's plane_3x3_inplace; conv2d_inplace_forward_runs_cpu).
+std::atomic<int64_t>& conv_inplace_forward_count();
 
 namespace FASTDL_ISA_NS {
 
@@ -151,14 +154,16 @@ void conv_direct_backward_input(const Conv2dParams& p, const T* gy, const T* w, 
 // gb: the bias gradient, computed alongside when not null (only with stride 1 along W).
 template <class T>
 void conv_direct_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb);
-// Stride 1 along W (conv_direct_s1.cpp): padded-plane kernels that conv_direct_* hand over to.
+// Stride 1 along W (conv_direct_s1.cpp): padded-plane kernels that conv_direct_* hand over to
+// (depthwise 3x3 float32 forwards with rows of 28+ read their planes in place on AVX-512).
 template <class T>
 void conv_direct_s1_forward(const Conv2dParams& p, const T* x, const T* w, const T* b, T* y);
 template <class T>
 void conv_direct_s1_backward_weight(const Conv2dParams& p, const T* x, const T* gy, T* gw, T* gb);
 // Depthwise (one input and one output channel per group) 3x3, stride 1, dilation 1: the input
 // gradient and the weight (and bias, when gb is not null) gradient in one pass over gy, each
-// bitwise equal to its own pass's kernel.
+// equal to its own pass's result (bitwise, but for the sign of a zero where the separate input
+// gradient reads gy in place: conv_direct_s1.cpp).
 bool direct_s1_both_serves(const Conv2dParams& p);
 template <class T>
 void conv_direct_s1_backward_both(const Conv2dParams& p, const T* x, const T* gy, const T* w,
