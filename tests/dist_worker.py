@@ -165,6 +165,11 @@ def main(argv):
         results = {"ddp": scenario_ddp(rank, world, outdir),
                    "dcp": scenario_dcp(rank, world, outdir)}
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+        # Both ranks past their last collective before either tears gloo down: once, under
+        # AddressSanitizer in CI with the suite's other worker busy, rank 1 aborted in the
+        # teardown ("terminate called without an active exception", exit -6) after rank 0 had
+        # finished; a known class of gloo shutdown races (synchronising first is the usual cure).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
