@@ -488,7 +488,7 @@ def as_saved(t, dtype, shape) -> bool:
 
 
 def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_hh, needs, *,
-                      forward_sizes=None, saved_as_is=False):
+                      forward_sizes=None):
     """Gradients of cell_cpu_forward from what it saved: grad_h, grad_c (LSTM) may be None
     (zero). needs: (input, hx, cx, weight_ih, weight_hh, bias) flags. Returns (grad_input,
     grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias_ih, grad_bias_hh), None where not
@@ -497,10 +497,7 @@ def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_
     Function (nn/functional/rnn.py _Cell), whose gradients autograd's engine checked
     (grad_operand): each saved operand is then only checked to be as_saved against them. If one
     is not (a saved-tensor hook handed back another tensor), all are made contiguous and get the
-    full checks, and sizes other than the forward's raise. saved_as_is: the caller saved them
-    with no saved-tensor hooks active, so autograd hands back the very tensors the forward made
-    (any in-place change since would have raised on unpacking): the per-operand checks are
-    skipped (~3 us a step of a ~150 us LSTMCell/GRUCell training step)."""
+    full checks, and sizes other than the forward's raise."""
     lstm, gated = mode == LSTM, mode in (LSTM, GRU)
     checked = False
     if forward_sizes is not None:
@@ -509,12 +506,11 @@ def cell_cpu_backward(mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih, w_
         BH = (B, H)
         checked = (not lstm or (c is not None and c_new is not None)) and (
             act is not None if gated else h_new is not None)
-        if checked and not saved_as_is:
-            for t, shape in ((x, (B, I)), (h, BH), (c, BH), (c_new, BH), (h_new, BH),
-                             (act, (B, 4 * H)), (w_ih, (GH, I)), (w_hh, (GH, H))):
-                if t is not None and not as_saved(t, dt, shape):
-                    checked = False
-                    break
+        for t, shape in ((x, (B, I)), (h, BH), (c, BH), (c_new, BH), (h_new, BH),
+                         (act, (B, 4 * H)), (w_ih, (GH, I)), (w_hh, (GH, H))):
+            if t is not None and not as_saved(t, dt, shape):
+                checked = False
+                break
         if checked:
             grad_h, grad_c = grad_operand(grad_h), grad_operand(grad_c)
             code = _tensor.FLOAT32 if dt is sys.modules["torch"].float32 else _tensor.FLOAT64

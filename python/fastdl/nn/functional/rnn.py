@@ -284,8 +284,7 @@ class _Cell(torch.autograd.Function):
         n = ctx.needs_input_grad
         g = _ops.cell_cpu_backward(ctx.mode, grad_h, grad_c, x, h, c, h_new, c_new, act, w_ih,
                                    w_hh, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]),
-                                   forward_sizes=ctx.sizes,
-                                   saved_as_is=ctx.biases is not None)   # (no hooks: see there)
+                                   forward_sizes=ctx.sizes)
         return None, g[0], g[1], g[2], g[3], g[4], g[5], g[6]
 
 
