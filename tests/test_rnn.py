@@ -643,7 +643,7 @@ def test_fast_path_under_checkpoint_and_saved_tensor_hooks(kind, fast_path_calls
     general path runs, with the same gradients. Hooks on the fast path's own node that hand back
     a strided or negative-bit copy: the same gradients; a ZeroTensor: those of a zero tensor (its
     pointer is null); a wrong-sized tensor: a RuntimeError, never a read past it. The cells under
-    such hooks alike."""
+    such hooks alike, and under hooks on their own node registered after the forward."""
     from torch.utils.checkpoint import checkpoint
     calls = fast_path_calls
     ours, theirs = make_pair(kind, 5, 7, dtype=torch.float32, num_layers=1)
@@ -709,6 +709,24 @@ def test_fast_path_under_checkpoint_and_saved_tensor_hooks(kind, fast_path_calls
          cell_grads(torch.zeros_like))
     with pytest.raises(RuntimeError, match="recurrent_cell_backward"):
         cell_grads(lambda t: t[:2].clone() if t.dim() == 2 and t.shape[0] == 3 else t)
+
+    def cell_node_hooked(unpack):   # hooks on the cell's own node, registered after its forward
+        xc = x0[0].clone().requires_grad_()
+        out = cell(xc)
+        h = out[0] if isinstance(out, tuple) else out
+        assert type(h.grad_fn).__name__ == "_CellBackward"
+        for s in h.grad_fn._raw_saved_tensors:
+            try:
+                s.register_hooks(lambda t: t, unpack)
+            except RuntimeError:   # (a None entry: nothing saved there)
+                pass
+        return torch.autograd.grad(h.sum(), [xc, *cell.parameters()])
+
+    # (no hooks were active at the forward, yet the tensors come back changed: each is checked)
+    same(cell_node_hooked(_noncontiguous_copy), ref)
+    same(cell_node_hooked(_neg_bit_copy), ref)
+    with pytest.raises(RuntimeError, match="recurrent_cell_backward"):
+        cell_node_hooked(lambda t: t[:2].clone() if t.dim() == 2 and t.shape[0] == 3 else t)
 
 
 def test_inference_fast_path_under_default_device(fast_path_calls):
