@@ -312,9 +312,9 @@ FASTDL_INLINE inline void rows_3x3_inplace(const __m512* w, const float* src, in
         reinterpret_cast<uintptr_t>(src) + uintptr_t((ih * cols + iw0) * int64_t(sizeof(float))));
     static_for<3>([&](auto j) FASTDL_INLINE {
       // Inside: the whole vector lies in the source tensor, so a plain load, its lanes outside
-      // the row then cleared by an AND with the mask as a vector (mv); a masked load cost ~3x
-      // as much on the Zen 5 VM (a standalone loop over shape 6's planes: 10.6 against 3.1 ms),
-      // and GCC folds a maskz_mov of a load back into one.
+      // the row then cleared by an AND with the mask as a vector (mv): a masked load cost ~3x
+      // as much on the Zen 5 VM (RESULTS.md, 2026-12-07 16:57), and GCC folds a maskz_mov of a
+      // load back into one.
       const __m512 xv = Inside ? _mm512_and_ps(mv[j], _mm512_loadu_ps(row + j))
                                : _mm512_maskz_loadu_ps(m[j], row + j);
       if constexpr (ri < R) acc[ri] = _mm512_fmadd_ps(w[j], xv, acc[ri]);
@@ -388,14 +388,10 @@ void plane_3x3_inplace(const float* src, int64_t rows, int64_t cols, int64_t ph,
 // Whether plane_3x3_inplace runs a call's forward planes (and so the separate input gradient's,
 // the flipped forward over gy): float32 on the AVX-512 build, depthwise (one input and one output
 // channel per group: where several output planes read one input plane, the padded copy is
-// repaid over them, and in place measured slower, 16x1x64x64 -> 32 0.24-0.36 -> 0.41-0.52 ms,
-// 4x1x224x224 -> 32 0.82-0.95 -> 0.99-1.15), 3x3, stride 1 and dilation 1, output rows of at
-// least 28 (half their vectors partial at 28-31, most whole above). Against the padded copy
-// (2 threads, depthwise p1 forward, alternating processes, ms; RESULTS.md, 2026-12-07 16:57
-// section): 8x32x112x112 0.58-0.82 -> 0.52-0.54, 8x32x80x80 0.23-0.30 -> 0.20-0.25, 16x64x32x32
-// 0.14-0.15 -> 0.13-0.14, 32x128x28x28 0.79-1.08 -> 0.58-0.82, 40-56 wide even (conv shape 6,
-// 32x64x56x56: 1.49-1.80 against 1.46-1.72); rows of 10-24 slower (16: 0.56-0.59 -> 0.51-0.88),
-// their vectors mostly partial.
+// repaid over them and in place measured slower), 3x3, stride 1 and dilation 1, output rows of
+// at least 28 (narrower rows, their vectors mostly partial, measured slower in place; 40-56
+// wide rows, conv shape 6 among them, even; wider and 28-32 faster). Figures: RESULTS.md,
+// 2026-12-07 16:57 section.
 template <class T>
 constexpr bool inplace_3x3_built() {
 #if defined(__AVX512F__)
