@@ -265,7 +265,7 @@ def test_pad_row_every_split(cpu_path):
         probe(np.zeros(8, np.float32), 0, 8, np.zeros(7, np.float32))   # src too short
 
 
-@pytest.mark.parametrize("tw", [1, 5, 8, 9, 12, 16, 17, 20, 24, 28, 40, 47])
+@pytest.mark.parametrize("tw", [1, 5, 8, 9, 12, 14, 16, 17, 20, 24, 28, 40, 47])
 def test_winograd_inverse_row_stores_only_its_tiles(cpu_path, tw):
     # A wide tile row is cut into column segments of whole 8-tile groups, each its own task; the
     # AVX-512 transforms run groups of 16 where more than 8 tiles remain, and a group's stores

@@ -270,6 +270,22 @@ inline void output_group(const float* m, int64_t es, int64_t tj, int64_t cols, _
 }
 
 #if defined(__AVX512F__)
+// v's lanes under k (a prefix of 0-16 lanes) to p: a whole 8-lane half by a plain ymm store, only
+// the rest under the mask (masked zmm stores cost Zen 5 more than plain ones: RESULTS.md,
+// 2026-12-07 16:57 section; a 24-wide output row, conv shapes 2 and 3, ends in 8 such lanes).
+inline void store_part(float* p, __mmask16 k, __m512 v) {
+  if (k == 0xFFFF) {
+    _mm512_storeu_ps(p, v);
+    return;
+  }
+  if ((k & 0xFF) == 0xFF) {
+    _mm256_storeu_ps(p, _mm512_castps512_ps256(v));
+    k = __mmask16(k & 0xFF00);
+    if (k == 0) return;
+  }
+  _mm512_mask_storeu_ps(p, k, v);
+}
+
 // 16 tiles: two-source permutes; a group short of 32 columns is stored under masks.
 inline void output_group(const float* m, int64_t es, int64_t tj, int64_t cols, __m512 bias,
                          float* const rows[2], __m512& nan_if_bad) {
@@ -300,8 +316,9 @@ inline void output_group(const float* m, int64_t es, int64_t tj, int64_t cols, _
         _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
     const __m512 y0 = _mm512_permutex2var_ps(o0, ilo, o1);
     const __m512 y1 = _mm512_permutex2var_ps(o0, ihi, o1);
-    _mm512_mask_storeu_ps(rows[i] + c0, k0, y0);
-    _mm512_mask_storeu_ps(rows[i] + c0 + 16, k1, y1);
+    if (cols >= 16) _mm512_storeu_ps(rows[i] + c0, y0);
+    else store_part(rows[i] + c0, k0, y0);
+    store_part(rows[i] + c0 + 16, k1, y1);
     nan_if_bad = _mm512_mask3_fmadd_ps(y0, zero, nan_if_bad, k0);
     nan_if_bad = _mm512_mask3_fmadd_ps(y1, zero, nan_if_bad, k1);
   }
