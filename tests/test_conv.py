@@ -726,6 +726,26 @@ def test_phase_padding_and_bands(cpu_path, shape, wshape, kw):
         fastdl.ops.set_conv_algorithm(before)
 
 
+@pytest.mark.parametrize("cg", [7, 8, 9, 10, 11, 12, 13, 19, 21, 23, 24, 26])
+def test_phase_panel_heights(cpu_path, cg):
+    # The phase tile's channel panels (kRows = 6 on the AVX2 build, 12 on the AVX-512 one) end in
+    # a last panel of an even number of rows: 8, 10 and 12 occur only on the AVX-512 build, over
+    # more input channels a group than test_phase_sweep's 1-5. Every pass against torch.
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("phase")
+    try:
+        for i, (shape, wshape, kw) in enumerate([
+                ((2, cg, 13, 11), (5, cg, 3, 3), dict(stride=2, padding=1, groups=1)),
+                ((1, 2 * cg, 10, 9), (4, cg, 5, 4), dict(stride=(3, 2), padding=(2, 1),
+                                                       groups=2))]):
+            assert ops_conv.conv2d_algorithm(torch.zeros(shape), torch.zeros(wshape),
+                                             pass_="input", **kw) == "phase"
+            run_conv_case(torch.float32, shape, wshape, i == 0, kw, seed=cg + i,
+                          what=f"algo=phase cg={cg}")
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("chunk", range(2))
 def test_phase_sweep(cpu_path, dtype, chunk):
@@ -987,9 +1007,10 @@ def test_auto_choice():
 
 def test_auto_choice_phase(cpu_path):
     # The strided input gradient takes the phase path where col2im overlaps a lot or the GEMM's
-    # rows are few (conv_phase.cpp, phase_preferred), in float32 on the AVX2 build only (the
-    # portable build and float64 measured slower than GEMM); GEMM elsewhere and on small planes;
-    # forward and weight gradient never.
+    # rows are few on the AVX2 build, over at least 6 channels a group on the AVX-512 build
+    # (conv_phase.cpp, phase_preferred), in float32 on those builds only (the portable build and
+    # float64 measured slower than GEMM); GEMM elsewhere and on small planes; forward and weight
+    # gradient never.
     phase = "phase" if cpu_path != "default" else "gemm"
     x = np.zeros((2, 32, 56, 56), np.float32)
     k4 = np.zeros((64, 32, 4, 4), np.float32)  # issue shape 7 (as the convolution)
@@ -1010,17 +1031,21 @@ def test_auto_choice_phase(cpu_path):
     assert ops_conv.conv2d_algorithm(x, k4, stride=2, padding=1, pass_="forward") == (
         {"avx512": "nhwc" if nhwc_large_maps(cpu_path) else "implicit",
          "avx2": "winograd"}.get(cpu_path, "gemm"))
-    # GEMM measured faster: a 7x7 stride-2 stem over 3 channels, a 1x1 stride-2 over 64
+    # GEMM measured faster: a 7x7 stride-2 stem over 3 channels (every build); on the AVX2 build
+    # a 1x1 stride-2 over 64 and issue shape 5, which the AVX-512 build's zmm tile won (1.07x,
+    # 1.30x), while it leaves layers of under 6 channels a group to GEMM
+    avx512 = cpu_path == "avx512"
     stem = np.zeros((1, 3, 64, 64), np.float32)
     assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
                                      padding=3, pass_="input") == "gemm"
     assert ops_conv.conv2d_algorithm(x[:, :, :28, :28].repeat(2, 1), np.zeros((128, 64, 1, 1),
-                                     np.float32), stride=2, pass_="input") == "gemm"
+                                     np.float32), stride=2, pass_="input") == (
+        "phase" if avx512 else "gemm")
     assert ops_conv.conv2d_algorithm(x[:, :3], k4[:, :3, :3, :3], stride=2,
-                                     pass_="input") == phase
+                                     pass_="input") == ("gemm" if avx512 else phase)
     x128 = np.zeros((2, 128, 28, 28), np.float32)  # issue shape 5
     assert ops_conv.conv2d_algorithm(x128, np.zeros((128, 128, 3, 3), np.float32), stride=2,
-                                     padding=1, pass_="input") == "gemm"
+                                     padding=1, pass_="input") == ("phase" if avx512 else "gemm")
     assert ops_conv.conv2d_algorithm(x[:, :, :8, :8], k5, stride=2, padding=2,
                                      pass_="input") == "gemm"  # 4x4 pixels per phase
     assert ops_conv.conv2d_algorithm(x, k5, stride=2, padding=2, dilation=2,

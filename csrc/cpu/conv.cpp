@@ -234,7 +234,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // 2026-12-01 20:05): GEMM now wins shape 7's k4 s2, shape 5, 1x1 s2 and the 7x7 stem; phase
   // keeps k5 s2 over 64 channels and 3-channel k3 s2.
   // (float32 on the AVX2 build only: the portable build ran shape 7's input gradient 8x slower
-  // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1)
+  // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1. The AVX-512
+  // build's zmm tile has its own rule, at phase_preferred: at least 6 channels a group.)
   if (phase && phase_preferred(p)) return ConvAlgo::Phase;
   return ConvAlgo::Gemm;
 }

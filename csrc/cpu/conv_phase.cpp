@@ -86,9 +86,15 @@ bool phase_serves(const Conv2dParams& p) {
 
 // The automatic choice among shapes phase serves (the rule and its reasons at conv_choose, conv.cpp):
 // float32 on the AVX2 build, at least 64 pixels per phase, and col2im overlapping much or the
-// GEMM's rows few.
+// GEMM's rows few; on the AVX-512 build at least 64 pixels per phase and 6 channels a group.
 bool phase_preferred(const Conv2dParams& p) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+  // The zmm tile (12 channels x 32 pixels) beat GEMM+col2im on 11 of 12 strided layers at 2
+  // threads on a Zen 5 VM, 1.03-1.60x (conv shape 5 1.30x; 1x1 s2 1.03-1.07x); it lost the 7x7
+  // stem over 3 channels (0.69x: one 4-row panel), which cg >= 6 leaves to GEMM (RESULTS.md,
+  // 2026-12-07 20:05 section).
+  return p.dtype == DType::Float32 && (p.h / p.sh) * (p.w / p.sw) >= 64 && p.c / p.groups >= 6;
+#elif defined(__AVX2__) && defined(__FMA__)
   const int64_t cg = p.c / p.groups;
   return p.dtype == DType::Float32 && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
          ((p.kh * p.kw >= 5 * p.sh * p.sw && cg >= 6) || cg * p.kh * p.kw <= 32);
@@ -98,43 +104,55 @@ bool phase_preferred(const Conv2dParams& p) {
 #endif
 }
 
-// Register tile: kRows input channels x 2 vectors of pixels, 12 accumulators (AVX2: ymm); the
-// last panel of a group's channels has 2, 4 or 6 rows (cg = 32: 5 panels of 6 and one of 2, not
-// 36 rows computed for 32).
+// Register tile: kRows input channels x 2 vectors of pixels: 6 x 2 ymm on the AVX2 build (12
+// accumulators), 12 x 2 zmm on the AVX-512 one (24 of its 32 registers; the 6 x 2 ymm tile ran
+// conv shape 5's input gradient in 9.6-9.9 ms there, 6 x 2 zmm 5.8-6.1, 12 x 2 zmm 5.2-5.4).
+// The last panel of a group's channels has an even number of rows up to kRows (cg = 32 on
+// AVX2: 5 panels of 6 and one of 2, not 36 rows computed for 32). Blocking the reduction by 128
+// rows, to keep a pixel tile's gy rows in L1 across the panels, measured no faster (5.23-5.38
+// against 5.23-5.24 ms).
+#if defined(__AVX512F__)
+constexpr int kRows = 12;
+template <class T>
+using PVec = Vec<T, 64>;
+#else
 constexpr int kRows = 6;
+template <class T>
+using PVec = Vec<T>;
+#endif
 
 // out[r][0, 2L) = sum over k < K of ap[k*kRows + r] * b[offs[k] + (0, 2L)], r < kRows: one tile of
 // the phase GEMM, the gy operand read in place from the padded planes (no packing).
 template <class T, int R>
 inline void phase_tile(const T* ap, const T* b, const int64_t* offs, int64_t K, T* out,
                        int64_t ldo) {
-  using V = typename Vec<T>::V;
-  constexpr int64_t L = Vec<T>::L;
+  using V = typename PVec<T>::V;
+  constexpr int64_t L = PVec<T>::L;
   V c[R][2];
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int r = 0; r < R; ++r) c[r][0] = c[r][1] = V{};
   for (int64_t k = 0; k < K; ++k) {
     const T* bk = b + offs[k];
-    const V b0 = Vec<T>::load(bk), b1 = Vec<T>::load(bk + L);
+    const V b0 = PVec<T>::load(bk), b1 = PVec<T>::load(bk + L);
     const T* a = ap + k * R;
-#pragma GCC unroll 6
+#pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
       c[r][0] += a[r] * b0;
       c[r][1] += a[r] * b1;
     }
   }
-#pragma GCC unroll 6
+#pragma GCC unroll 12
   for (int r = 0; r < R; ++r) {
-    Vec<T>::store(out + r * ldo, c[r][0]);
-    Vec<T>::store(out + r * ldo + L, c[r][1]);
+    PVec<T>::store(out + r * ldo, c[r][0]);
+    PVec<T>::store(out + r * ldo + L, c[r][1]);
   }
 }
 
 template <class T>
 void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T* gx) {
-  constexpr int64_t NT = 2 * Vec<T>::L;  // pixels per tile
+  constexpr int64_t NT = 2 * PVec<T>::L;  // pixels per tile
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, taps = p.kh * p.kw;
-  // channels rounded up to whole panels: the last one's rows rl (2, 4 or 6)
+  // channels rounded up to whole panels: the last one's rows rl (even, at most kRows)
   const int64_t rl = cg % kRows == 0 ? kRows : (cg % kRows + 1) / 2 * 2, full = (cg - 1) / kRows;
   const int64_t cgr = full * kRows + rl;
   const int64_t S = p.oh * p.ow, HW = p.h * p.w;
@@ -246,6 +264,11 @@ void conv_phase_backward_input(const Conv2dParams& p, const T* gy, const T* w, T
             switch (std::min<int64_t>(kRows, cgr - q)) {
               case 2: phase_tile<T, 2>(ap, B + t0, ko, K, oq, ldo); break;
               case 4: phase_tile<T, 4>(ap, B + t0, ko, K, oq, ldo); break;
+#if defined(__AVX512F__)
+              case 6: phase_tile<T, 6>(ap, B + t0, ko, K, oq, ldo); break;
+              case 8: phase_tile<T, 8>(ap, B + t0, ko, K, oq, ldo); break;
+              case 10: phase_tile<T, 10>(ap, B + t0, ko, K, oq, ldo); break;
+#endif
               default: phase_tile<T, kRows>(ap, B + t0, ko, K, oq, ldo);
             }
           }
