@@ -142,10 +142,16 @@ void fill_x(const Conv2dParams& p, const Geo& geo, const T* xg, int64_t cg, int6
     }
     for (int64_t i = 0; i < imgs; ++i) {
       const T* xp = xg + (i * p.c + cc) * HW;
+      // the plane read next (the next image's, or the next channel's first image's), whose rows
+      // are prefetched as these are read: each plane starts a new stream for the hardware
+      // prefetcher (its first rows' loads were a measured share of the fill; RESULTS.md,
+      // 2026-12-07 20:05 section)
+      const T* next = i + 1 < imgs ? xp + p.c * HW : cc + 1 < cg ? xg + (cc + 1) * HW : nullptr;
       // padded rows in order (row phase a, plane row `row`): the input is read front to back
       for (int64_t pr = oh0 * p.sh; pr < (oh0 + rows) * p.sh; ++pr) {
         const int64_t a = pr % p.sh, row = pr / p.sh - oh0, ih = pr - p.ph;
         const bool inside = ih >= 0 && ih < p.h;
+        if (next && inside) prefetch_rows(next + ih * p.w, p.w);
         if (sw == 2 && inside) {  // both column phases in one vectorised pass over the row
           T* d0 = xph + ((a * 2) * cg + cc) * geo.xt + i * geo.xi + row * P;
           T* d1 = d0 + cg * geo.xt;
