@@ -230,6 +230,8 @@ WINOGRAD_TILE_BLOCKS = [
     ((2, 20, 10, 10), (32, 10, 3, 3), True, 0, 2),    # groups, kg 16 / 10: 4 / 4; 32 tiles
     ((1, 13, 34, 34), (11, 13, 3, 3), False, 1, 1),   # kg 11 / 13: 5 / 1 (a 64-tile run); 289
     ((4, 32, 8, 12), (64, 32, 3, 3), True, 0, 1),     # kg 64 / 32: 4 / 2, shape 2's counts
+    # (the AVX-512 build's 12-row panels: the counts above leave 0, 1, 4-11 rows; these 3 and 2)
+    ((2, 14, 12, 12), (15, 14, 3, 3), True, 1, 1),    # kg 15 / 14: 3 / 2 after a block
 ]
 
 

@@ -4,9 +4,9 @@
 // 16 multiplies per 4 outputs and input channel instead of 36.
 //   weights   U[e] (kg x cg) = (G g G^T)[e] for each of the 16 positions e, once per call
 //   per chunk (whole tile rows of the stacked images of one group): V[e] (cg x tiles) =
-//   (B^T d B)[e], then 16 products M[e] (kg x tiles) = U[e] * V[e] (float32 on the AVX2 build:
-//   register tiles over U packed once per call, winograd_tiles.h; otherwise 16 GEMMs on
-//   fastdl's GEMM), then the y tile = A^T M A (+ bias).
+//   (B^T d B)[e], then 16 products M[e] (kg x tiles) = U[e] * V[e] (float32 on the AVX2 and
+//   AVX-512 builds: register tiles over U packed once per call, winograd_tiles.h; otherwise 16
+//   GEMMs on fastdl's GEMM), then the y tile = A^T M A (+ bias).
 // Transforms run a tile row at a time over zero-padded row buffers (no bounds checks after; per
 // channel, the input rows under a chunk's tile rows are copied first, once each: build_v), and
 // the vector float32 path handles groups of 8 tiles of the row per
@@ -50,9 +50,9 @@
 #include "row_copy.h"
 #include "scratch.h"
 #include "winograd_plan.h"
-#if defined(FASTDL_WINO_AVX2) && !defined(__AVX512F__)
+#if defined(FASTDL_WINO_AVX2)
 // float32 products by register tiles over U panels and V in place (winograd_tiles.h) on the AVX2
-// build; the AVX-512 build and float64 keep the GEMM route.
+// and AVX-512 builds; float64 and the portable build keep the GEMM route.
 #define FASTDL_WINO_TILES 1
 #include "winograd_tiles.h"
 #endif
@@ -397,7 +397,7 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
     }
 }
 
-// Returns whether y holds an inf or NaN. Float32 on the AVX2 build: the products by register
+// Returns whether y holds an inf or NaN. Float32 on the AVX2 and AVX-512 builds: the products by register
 // tiles over U's panels (packed once per call) and V read in place (winograd_tiles.h), instead of
 // 16 GEMMs per chunk, each packing U[e] and V[e] again and running 6-row tiles over a 32-row U's
 // 2-row edge (measured: RESULTS.md, 2026-12-06 02:23 section).

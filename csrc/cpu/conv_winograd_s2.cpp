@@ -16,8 +16,8 @@
 // built once and the phases are 4 x cg rows of one product per position e:
 //   U[e] (4cg x kg) = (G g G^T)[e], rows (py*2 + px)*cg + c, once per call
 //   V[e] (kg x tiles) = (B^T d B)[e] over gy's windows (zero outside gy)
-//   M[e] (4cg x tiles) = U[e] V[e] (float32 on the AVX2 build: register tiles over U packed
-//   once per call, winograd_tiles.h; otherwise on fastdl's GEMM)
+//   M[e] (4cg x tiles) = U[e] V[e] (float32 on the AVX2 and AVX-512 builds: register tiles over
+//   U packed once per call, winograd_tiles.h; otherwise on fastdl's GEMM)
 //   gx's phase rows = A^T M A, into row buffers, then written whole rows at a time by interleave2.
 // Against the direct (phase) kernel: 16 multiplies per 3x3 phase tile instead of 36 (16/9 =
 // 1.78 per gx element and channel pair instead of 4, 2.25x fewer); tiles of 3 cover a phase of
@@ -47,8 +47,9 @@
 #include "row_copy.h"
 #include "scratch.h"
 #include "winograd_plan.h"
-#if defined(FASTDL_WINO_S2_AVX2) && !defined(__AVX512F__)
-// float32 products by register tiles (winograd_tiles.h) on the AVX2 build, as conv_winograd.cpp
+#if defined(FASTDL_WINO_S2_AVX2)
+// float32 products by register tiles (winograd_tiles.h) on the AVX2 and AVX-512 builds, as
+// conv_winograd.cpp
 #define FASTDL_WINO_S2_TILES 1
 #include "winograd_tiles.h"
 #endif
@@ -329,7 +330,7 @@ struct GemmShape {
 
 // Every chunk of plan pl (groups x chunks tasks) on the thread team, with per-thread V, M and row
 // buffers (rows elements): build(q, rows, v) fills V, the 16 products make M (register tiles
-// for float32 on the AVX2 build, GEMMs otherwise), emit(q, rows, m)
+// for float32 on the AVX2 and AVX-512 builds, GEMMs otherwise), emit(q, rows, m)
 // writes the outputs and returns whether any was inf/NaN. Returns whether any was.
 template <class T, class Build, class Emit>
 bool run_chunks(const Conv2dParams& p, const Plan& pl, const T* u, int64_t ues, GemmShape mm,

@@ -1,6 +1,6 @@
-// The 16 products of a Winograd chunk without a GEMM call per position, float32 on the AVX2
-// build: conv_winograd.cpp's F(2x2, 3x3) forward and input gradient, conv_winograd_s2.cpp's
-// F(3x3, 2x2) over stride phases (both passes).
+// The 16 products of a Winograd chunk without a GEMM call per position, float32 on the AVX2 and
+// AVX-512 builds: conv_winograd.cpp's F(2x2, 3x3) forward and input gradient,
+// conv_winograd_s2.cpp's F(3x3, 2x2) over stride phases (both passes).
 // The GEMM route (M[e] = U[e] V[e], 16 calls per chunk on fastdl's engine) packed U[e] and V[e]
 // again in every call, and ran its 6-row tiles over the 2-row edge of a 32-row U (the input
 // gradient of conv shape 2) as over 6 rows. Here U is packed once per call into 6-row panels,
@@ -10,7 +10,11 @@
 // transform reads as before.
 // Register tile: 6 channels x 16 tiles, 12 ymm accumulators, per input channel 2 loads of V and
 // 6 broadcasts of U for 12 FMAs: the shape of the GEMM engine's AVX2 micro-kernel (gemm.cpp),
-// reading V in place with its row stride instead of from a packed panel.
+// reading V in place with its row stride instead of from a packed panel. On the AVX-512 build 12
+// channels x 32 tiles (2 zmm), 24 accumulators; panels of 32 tiles, last blocks of 1-11 rows.
+// There the GEMM route's gemm_block spent ~38% of its samples outside its FMAs and broadcasts
+// (perf, conv shape 2's forward); with the tiles conv shape 2's forward went 2.22-2.42 ->
+// 1.94-2.13 ms and shape 3's 11.2-11.3 -> 9.7-10.3 (RESULTS.md, 2026-12-07 20:05 section).
 #pragma once
 #include <immintrin.h>
 
@@ -24,7 +28,27 @@ namespace fastdl {
 namespace FASTDL_ISA_NS {
 namespace {  // internal linkage: each build (and file) its own copy
 
+#if defined(__AVX512F__)
+// 12 channels x 32 tiles: 24 of the 32 zmm registers as accumulators, per input channel 2 loads
+// of V and 12 broadcasts for 24 FMAs
+constexpr int64_t kPanelRows = 12, kPanelTiles = 32;
+using TileVec = __m512;
+constexpr int kTileLanes = 16;
+inline TileVec tile_zero() { return _mm512_setzero_ps(); }
+inline TileVec tile_load(const float* p) { return _mm512_loadu_ps(p); }
+inline void tile_store(float* p, TileVec v) { _mm512_storeu_ps(p, v); }
+inline TileVec tile_broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline TileVec tile_fma(TileVec a, TileVec b, TileVec c) { return _mm512_fmadd_ps(a, b, c); }
+#else
 constexpr int64_t kPanelRows = 6, kPanelTiles = 16;
+using TileVec = __m256;
+constexpr int kTileLanes = 8;
+inline TileVec tile_zero() { return _mm256_setzero_ps(); }
+inline TileVec tile_load(const float* p) { return _mm256_loadu_ps(p); }
+inline void tile_store(float* p, TileVec v) { _mm256_storeu_ps(p, v); }
+inline TileVec tile_broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline TileVec tile_fma(TileVec a, TileVec b, TileVec c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
 
 inline int64_t panel_blocks(int64_t m) { return (m + kPanelRows - 1) / kPanelRows; }
 
@@ -65,45 +89,48 @@ inline void widen_for_panels(Plan& w, int64_t cin, int64_t cout) {
   w.mes = cout * w.ldq + 16;
 }
 
-// c (R x 8NV, row stride ldc) = rows [0, R) of a (a packed panel: kdim x 6) * b (kdim x 8NV,
-// row stride ldb). Each element is one FMA chain over j in order, as in the GEMM engine's kernel.
+// c (R x W*NV, row stride ldc; W = kTileLanes) = rows [0, R) of a (a packed panel: kdim x
+// kPanelRows) * b (kdim x W*NV, row stride ldb). Each element is one FMA chain over j in order, as
+// in the GEMM engine's kernel.
 template <int R, int NV>
 inline void tile(int64_t kdim, const float* __restrict a, const float* __restrict b, int64_t ldb,
                  float* __restrict c, int64_t ldc) {
   // (every loop over R or NV unrolled: GCC otherwise kept acc on the stack, 2x the time)
-  __m256 acc[R][NV];
-#pragma GCC unroll 8
+  TileVec acc[R][NV];
+#pragma GCC unroll 12
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) acc[i][u] = _mm256_setzero_ps();
+    for (int u = 0; u < NV; ++u) acc[i][u] = tile_zero();
 #pragma GCC unroll 2
   for (int64_t j = 0; j < kdim; ++j, a += kPanelRows, b += ldb) {
-    __m256 bv[NV];
+    TileVec bv[NV];
 #pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) bv[u] = _mm256_loadu_ps(b + 8 * u);
-#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) bv[u] = tile_load(b + kTileLanes * u);
+#pragma GCC unroll 12
     for (int i = 0; i < R; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i);
+      const TileVec ai = tile_broadcast(a + i);
 #pragma GCC unroll 8
-      for (int u = 0; u < NV; ++u) acc[i][u] = _mm256_fmadd_ps(ai, bv[u], acc[i][u]);
+      for (int u = 0; u < NV; ++u) acc[i][u] = tile_fma(ai, bv[u], acc[i][u]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
   for (int i = 0; i < R; ++i)
 #pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(c + i * ldc + 8 * u, acc[i][u]);
+    for (int u = 0; u < NV; ++u) tile_store(c + i * ldc + kTileLanes * u, acc[i][u]);
 }
 
-// The last block's R < 6 rows over columns [0, cols) (a multiple of 16; nothing past it is read
-// or written): runs of 8NV tiles, so that R * NV >= 8 accumulators keep the two FMA pipes busy
-// (a 6-row tile on 2 rows would run 3x the FMAs), then 16 and 8 tiles for the rest.
+// The last block's R < kPanelRows rows over columns [0, cols) (a multiple of kPanelTiles;
+// nothing past it is read or written): runs of W*NV tiles, so that R * NV accumulators keep the
+// two FMA pipes busy (a full-height tile on 2 rows would run 3x the FMAs), then 2W and W tiles
+// for the rest.
 template <int R, int NV>
 inline void short_block(int64_t kdim, const float* a, const float* v, int64_t ldv, int64_t cols,
                         float* t, int64_t ldt) {
+  constexpr int64_t W = kTileLanes;
   int64_t c0 = 0;
-  for (; c0 + 8 * NV <= cols; c0 += 8 * NV) tile<R, NV>(kdim, a, v + c0, ldv, t + c0, ldt);
-  for (; c0 + 16 <= cols; c0 += 16) tile<R, 2>(kdim, a, v + c0, ldv, t + c0, ldt);
-  if (c0 < cols) tile<R, 1>(kdim, a, v + c0, ldv, t + c0, ldt);  // 8 tiles left (24-tile runs)
+  for (; c0 + W * NV <= cols; c0 += W * NV) tile<R, NV>(kdim, a, v + c0, ldv, t + c0, ldt);
+  for (; c0 + 2 * W <= cols; c0 += 2 * W) tile<R, 2>(kdim, a, v + c0, ldv, t + c0, ldt);
+  if (c0 < cols) tile<R, 1>(kdim, a, v + c0, ldv, t + c0, ldt);  // W tiles left
 }
 
 // Zeroes columns [cols, cols rounded up to 16) of V's 16 x kdim rows, which chunk_products' last
@@ -137,11 +164,25 @@ inline void chunk_products(const float* up, int64_t m, int64_t kdim, float* v, i
     const float* ar = a + whole * kdim * kPanelRows;
     float* tr = te + whole * kPanelRows * ldt;
     switch (rest) {
+#if defined(__AVX512F__)
+      case 1: short_block<1, 8>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 2: short_block<2, 8>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 3: short_block<3, 6>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 4: short_block<4, 6>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 5: short_block<5, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 6: short_block<6, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 7: short_block<7, 3>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 8: short_block<8, 3>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 9: short_block<9, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 10: short_block<10, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 11: short_block<11, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+#else
       case 1: short_block<1, 8>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
       case 2: short_block<2, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
       case 3: short_block<3, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
       case 4: short_block<4, 3>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
       case 5: short_block<5, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+#endif
       default: break;
     }
   }
