@@ -215,14 +215,16 @@ WINOGRAD_WIDE = [
 ]
 
 
-# The float32 products of the AVX2 build's Winograd forward and input gradient
-# (csrc/cpu/winograd_tiles.h): 6-channel register tiles over 16 tiles, and a last block of 1-5
-# channels run over wider runs of tiles (8 to 64). Output channels per group (the forward's kg,
-# and the input gradient's, which is the forward's input channels) cover every remainder mod 6
-# with and without whole blocks before it; a chunk's tile count mod 16 (its last panel reads
-# the zeroed tail of V) covers 0, 8, and odd counts, with runs past 64 tiles for the 1-channel block.
+# The float32 products of the Winograd forward and input gradient (csrc/cpu/winograd_tiles.h):
+# on the AVX2 build 6-channel register tiles over 16 tiles and a last block of 1-5 channels, on
+# the AVX-512 build 12-channel tiles over 32 tiles and a last block of 1-11 channels, run over
+# wider runs of tiles. Output channels per group (the forward's kg, and the input gradient's,
+# which is the forward's input channels) cover every remainder mod 6 and mod 12 with and without
+# whole blocks before it; a chunk's tile count mod 16 (its last panel reads the zeroed tail of V)
+# covers 0, 8, and odd counts, with runs past 64 tiles for the 1-channel block.
 # (Chunks depend on the thread count: at 2 threads these cases and the stride-2 sweep reach every
-# branch of short_block, checked by printing its calls.)
+# branch of short_block, checked by printing its calls: on AVX2 in the 2026-12-06 02:23 session,
+# on AVX-512 every remainder 0-11 in the 2026-12-07 20:05 one.)
 WINOGRAD_TILE_BLOCKS = [
     ((2, 6, 18, 18), (12, 6, 3, 3), True, 1, 1),      # kg 12 / 6: whole blocks only; 162 tiles
     ((1, 5, 16, 30), (7, 5, 3, 3), False, 1, 1),      # kg 7 / 5: 1 after a block, 5 alone; 120
@@ -391,8 +393,8 @@ def winograd_s2_configs(seed):
                                                          groups=1)),
             ((1, 64, 3, 800), (8, 64, 4, 4), True, dict(stride=2, padding=(2, 0), dilation=1,
                                                         groups=1))]
-    # the AVX2 build's register tiles (csrc/cpu/winograd_tiles.h, as test_winograd_tile_blocks):
-    # the forward's 7 and 11 output channels (1 and 5 after a 6-row block; the 1-row block's
+    # the register tiles (csrc/cpu/winograd_tiles.h, as test_winograd_tile_blocks): on the AVX2
+    # build the forward's 7 and 11 output channels (1 and 5 after a 6-row block; the 1-row block's
     # 64-tile runs over 98 tiles) with the input gradient's 4 x 4 and 4 x 3 phase rows
     out += [((2, 4, 40, 40), (7, 4, 4, 4), True, dict(stride=2, padding=1, dilation=1, groups=1)),
             # the forward's row buffers filled per image segment of a chunk: a tall image whose
@@ -728,21 +730,25 @@ def test_phase_padding_and_bands(cpu_path, shape, wshape, kw):
         fastdl.ops.set_conv_algorithm(before)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cg", [7, 8, 9, 10, 11, 12, 13, 19, 21, 23, 24, 26])
-def test_phase_panel_heights(cpu_path, cg):
+def test_phase_panel_heights(cpu_path, cg, dtype):
     # The phase tile's channel panels (kRows = 6 on the AVX2 build, 12 on the AVX-512 one) end in
     # a last panel of an even number of rows: 8, 10 and 12 occur only on the AVX-512 build, over
-    # more input channels a group than test_phase_sweep's 1-5. Every pass against torch.
+    # more input channels a group than test_phase_sweep's 1-5. Every pass against torch, with
+    # stride 2 along W (both column phases of a row phase together) and 3 (one phase a task).
     before = fastdl.ops.get_conv_algorithm()
     fastdl.ops.set_conv_algorithm("phase")
     try:
         for i, (shape, wshape, kw) in enumerate([
                 ((2, cg, 13, 11), (5, cg, 3, 3), dict(stride=2, padding=1, groups=1)),
                 ((1, 2 * cg, 10, 9), (4, cg, 5, 4), dict(stride=(3, 2), padding=(2, 1),
-                                                       groups=2))]):
-            assert ops_conv.conv2d_algorithm(torch.zeros(shape), torch.zeros(wshape),
-                                             pass_="input", **kw) == "phase"
-            run_conv_case(torch.float32, shape, wshape, i == 0, kw, seed=cg + i,
+                                                       groups=2)),
+                ((1, cg, 12, 14), (3, cg, 4, 3), dict(stride=(2, 3), padding=(1, 1), groups=1))]):
+            assert ops_conv.conv2d_algorithm(torch.zeros(shape, dtype=dtype),
+                                             torch.zeros(wshape, dtype=dtype), pass_="input",
+                                             **kw) == "phase"
+            run_conv_case(dtype, shape, wshape, i == 0, kw, seed=cg + i,
                           what=f"algo=phase cg={cg}")
     finally:
         fastdl.ops.set_conv_algorithm(before)
@@ -1035,7 +1041,7 @@ def test_auto_choice_phase(cpu_path):
          "avx2": "winograd"}.get(cpu_path, "gemm"))
     # GEMM measured faster: a 7x7 stride-2 stem over 3 channels (every build); on the AVX2 build
     # a 1x1 stride-2 over 64 and issue shape 5, which the AVX-512 build's zmm tile won (1.07x,
-    # 1.30x), while it leaves layers of under 6 channels a group to GEMM
+    # 1.30x); both builds take 3 channels under a 3x3 kernel (27 GEMM rows)
     avx512 = cpu_path == "avx512"
     stem = np.zeros((1, 3, 64, 64), np.float32)
     assert ops_conv.conv2d_algorithm(stem, np.zeros((64, 3, 7, 7), np.float32), stride=2,
@@ -1044,7 +1050,17 @@ def test_auto_choice_phase(cpu_path):
                                      np.float32), stride=2, pass_="input") == (
         "phase" if avx512 else "gemm")
     assert ops_conv.conv2d_algorithm(x[:, :3], k4[:, :3, :3, :3], stride=2,
-                                     pass_="input") == ("gemm" if avx512 else phase)
+                                     pass_="input") == phase
+    # the AVX-512 rule's edges: 5 channels a group under a 3x3 kernel (45 GEMM rows) to GEMM, 6 to
+    # phase; 64 pixels per phase taken, 56 not (the AVX2 rule: 3x3 over 5 or 6 channels has
+    # cg*kh*kw > 32, GEMM)
+    x5, x6 = np.zeros((2, 5, 16, 16), np.float32), np.zeros((2, 6, 16, 16), np.float32)
+    k33 = np.zeros((8, 6, 3, 3), np.float32)
+    assert ops_conv.conv2d_algorithm(x5, k33[:, :5], stride=2, padding=1, pass_="input") == "gemm"
+    assert ops_conv.conv2d_algorithm(x6, k33, stride=2, padding=1, pass_="input") == (
+        "phase" if avx512 else "gemm")
+    assert ops_conv.conv2d_algorithm(np.zeros((2, 6, 16, 15), np.float32), k33, stride=2,
+                                     padding=1, pass_="input") == "gemm"   # 8 x 7 per phase
     x128 = np.zeros((2, 128, 28, 28), np.float32)  # issue shape 5
     assert ops_conv.conv2d_algorithm(x128, np.zeros((128, 128, 3, 3), np.float32), stride=2,
                                      padding=1, pass_="input") == ("phase" if avx512 else "gemm")

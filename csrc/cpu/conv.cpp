@@ -226,16 +226,18 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
     return ConvAlgo::Implicit;
   if (implicit_fwd) return ConvAlgo::Implicit;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
-  // loses: col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw) and a group has
+  // loses. The AVX2 build's rule (phase_preferred): col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw) and a group has
   // at least 6 input channels (the phase tile's rows; 3 left half of it idle), or the GEMM's rows
   // cg*kh*kw are few (<= 32); not on small planes (under 64 pixels per phase, where GEMM spans
   // several images). The rule was fitted to GEMM / phase timings of ten strided shapes after
   // col2im moved onto stride-phase planes (benchmarks/RESULTS.md, "development measurements",
   // 2026-12-01 20:05): GEMM now wins shape 7's k4 s2, shape 5, 1x1 s2 and the 7x7 stem; phase
   // keeps k5 s2 over 64 channels and 3-channel k3 s2.
-  // (float32 on the AVX2 build only: the portable build ran shape 7's input gradient 8x slower
-  // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1. The AVX-512
-  // build's zmm tile has its own rule, at phase_preferred: at least 6 channels a group.)
+  // (float32 only, and not on the portable build: it ran shape 7's input gradient 8x slower
+  // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1.) The AVX-512
+  // build's 12 x 2 zmm tile has its own rule there, fitted on a Zen 5 VM (2026-12-07 20:05):
+  // at least 64 pixels per phase, and 6 channels a group or cg*kh*kw <= 32, where it beat
+  // GEMM+col2im on shape 5, 1x1 s2 and the rest of the 21 layers measured but the 7x7 stem.
   if (phase && phase_preferred(p)) return ConvAlgo::Phase;
   return ConvAlgo::Gemm;
 }

@@ -146,7 +146,7 @@ bool output_row(const T* m, int64_t es, int64_t tw, int64_t ow, T bv, T* row0, T
 }
 
 // Tiles per vector of the float32 transforms (the scalar ones run any count): groups of 8 on
-// AVX2; on AVX-512 groups of 16, as its GEMM's lanes, where more than 8 tiles of the row remain,
+// AVX2; on AVX-512 groups of 16 (a zmm) where more than 8 tiles of the row remain,
 // and of 8 at a row's end (measured against 8-tile groups alone and 16-tile groups alone:
 // benchmarks/RESULTS.md, 2026-12-04 13:05). Groups start at multiples of 8 tiles and a 16-tile
 // group only where more than 8 remain, so every group ends by the row's tile count rounded up to
@@ -397,10 +397,11 @@ void build_v(const Conv2dParams& p, const Plan& w, const T* x, const Chunk& q, T
     }
 }
 
-// Returns whether y holds an inf or NaN. Float32 on the AVX2 and AVX-512 builds: the products by register
-// tiles over U's panels (packed once per call) and V read in place (winograd_tiles.h), instead of
-// 16 GEMMs per chunk, each packing U[e] and V[e] again and running 6-row tiles over a 32-row U's
-// 2-row edge (measured: RESULTS.md, 2026-12-06 02:23 section).
+// Returns whether y holds an inf or NaN. Float32 on the AVX2 and AVX-512 builds: the products by
+// register tiles over U's panels (packed once per call) and V read in place (winograd_tiles.h),
+// instead of 16 GEMMs per chunk, each packing U[e] and V[e] again and running 6-row tiles over a
+// 32-row U's 2-row edge (measured: RESULTS.md, 2026-12-06 02:23 section on AVX2, 2026-12-07
+// 20:05 on AVX-512).
 template <class T>
 bool winograd_forward_u(const Conv2dParams& p, const T* x, const T* u, const T* b, T* y) {
   const int64_t G = p.groups, cg = p.c / G, kg = p.k / G, kc = p.k * cg;

@@ -3,11 +3,11 @@
 // conv_winograd_s2.cpp's F(3x3, 2x2) over stride phases (both passes).
 // The GEMM route (M[e] = U[e] V[e], 16 calls per chunk on fastdl's engine) packed U[e] and V[e]
 // again in every call, and ran its 6-row tiles over the 2-row edge of a 32-row U (the input
-// gradient of conv shape 2) as over 6 rows. Here U is packed once per call into 6-row panels,
-// V[e] is read where the input transform wrote it (16 tiles of a row are one 64-byte run, the
-// panel then stays in L1 across U's blocks), and a last block of 1-5 rows runs over wider
-// column runs. The products fill T[e] (m x tiles), M's layout and size, which the output
-// transform reads as before.
+// gradient of conv shape 2) as over 6 rows. Here U is packed once per call into panels of
+// kPanelRows rows, V[e] is read where the input transform wrote it (a panel's kPanelTiles tiles
+// of a row are one 64- or 128-byte run, the panel then stays in L1 across U's blocks), and a last
+// block of 1 to kPanelRows - 1 rows runs over wider column runs. The products fill T[e] (m x
+// tiles), M's layout and size, which the output transform reads as before.
 // Register tile: 6 channels x 16 tiles, 12 ymm accumulators, per input channel 2 loads of V and
 // 6 broadcasts of U for 12 FMAs: the shape of the GEMM engine's AVX2 micro-kernel (gemm.cpp),
 // reading V in place with its row stride instead of from a packed panel. On the AVX-512 build 12
@@ -53,7 +53,7 @@ inline TileVec tile_fma(TileVec a, TileVec b, TileVec c) { return _mm256_fmadd_p
 inline int64_t panel_blocks(int64_t m) { return (m + kPanelRows - 1) / kPanelRows; }
 
 // U[e] (m x kdim, the e-th at u + e * ues; element (i, j) at u[i * kdim + j], or at u[j * m + i]
-// when trans) -> up[((e * blocks + b) * kdim + j) * 6 + i] = U[e](6b + i, j), zero for rows
+// when trans) -> up[((e * blocks + b) * kdim + j) * R + i] = U[e](R b + i, j) (R = kPanelRows), zero for rows
 // past m (chunk_products runs only the rows below m of the last block). One group; the caller
 // runs the groups and positions e on its threads.
 inline void pack_u_panel(const float* ue, int64_t m, int64_t kdim, bool trans, float* dst) {
@@ -81,7 +81,7 @@ inline void pack_u_panels(const float* u, int64_t groups, int64_t ug, int64_t ue
   });
 }
 
-// A Winograd plan's V and M rows (ldq) long enough for whole 16-tile panels of a chunk
+// A Winograd plan's V and M rows (ldq) long enough for whole panels (kPanelTiles) of a chunk
 // (chunk_products reads V and writes M in them); cin rows of V[e], cout of M[e].
 inline void widen_for_panels(Plan& w, int64_t cin, int64_t cout) {
   w.ldq = std::max(w.ldq, (w.nr * w.tcw + kPanelTiles - 1) / kPanelTiles * kPanelTiles);
@@ -121,7 +121,8 @@ inline void tile(int64_t kdim, const float* __restrict a, const float* __restric
 
 // The last block's R < kPanelRows rows over columns [0, cols) (a multiple of kPanelTiles;
 // nothing past it is read or written): runs of W*NV tiles, so that R * NV accumulators keep the
-// two FMA pipes busy (a full-height tile on 2 rows would run 3x the FMAs), then 2W and W tiles
+// two FMA pipes busy (a full-height tile on 2 rows would run 3x the FMAs on AVX2, 6x on
+// AVX-512), then 2W and W tiles
 // for the rest.
 template <int R, int NV>
 inline void short_block(int64_t kdim, const float* a, const float* v, int64_t ldv, int64_t cols,
@@ -133,7 +134,7 @@ inline void short_block(int64_t kdim, const float* a, const float* v, int64_t ld
   if (c0 < cols) tile<R, 1>(kdim, a, v + c0, ldv, t + c0, ldt);  // W tiles left
 }
 
-// Zeroes columns [cols, cols rounded up to 16) of V's 16 x kdim rows, which chunk_products' last
+// Zeroes columns [cols, cols rounded up to kPanelTiles) of V's 16 x kdim rows, which chunk_products' last
 // panel reads: no result depends on them (each T column is one V column's), but they are then
 // defined values, not whatever the buffer held (a stale NaN or denormal, or memory never written).
 inline void zero_panel_tail(float* v, int64_t ves, int64_t ldv, int64_t kdim, int64_t cols) {
@@ -145,19 +146,20 @@ inline void zero_panel_tail(float* v, int64_t ves, int64_t ldv, int64_t kdim, in
 
 // The chunk's products for every position e: T[e] (m x cols, row stride ldt, the e-th at
 // t + e * tes) = U[e] (m x kdim, packed panels) * V[e] (kdim x cols, row stride ldv, the e-th at
-// v + e * ves), cols rounded up to 16 (V's tail zeroed first, zero_panel_tail; T's columns past
-// cols are written and never stored to the output). Per e and 16-tile panel of V[e] (kdim x 64 bytes, from L2 once, then L1) every
-// whole 6-row block of U[e] (U[e] stays in L1), then the last, short block.
+// v + e * ves), cols rounded up to kPanelTiles (V's tail zeroed first, zero_panel_tail; T's
+// columns past cols are written and never stored to the output). Per e and panel of V[e] (kdim x
+// kPanelTiles tiles, from L2 once, then L1) every whole block of U[e] (U[e] stays in L1), then
+// the last, short block.
 inline void chunk_products(const float* up, int64_t m, int64_t kdim, float* v, int64_t ves,
                            int64_t ldv, int64_t cols, float* t, int64_t tes, int64_t ldt) {
   zero_panel_tail(v, ves, ldv, kdim, cols);
   const int64_t blocks = panel_blocks(m), whole = m / kPanelRows, rest = m % kPanelRows;
-  const int64_t cols16 = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
+  const int64_t cols_p = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;  // whole panels
   for (int64_t e = 0; e < 16; ++e) {
     const float* a = up + e * blocks * kdim * kPanelRows;
     const float* ve = v + e * ves;
     float* te = t + e * tes;
-    for (int64_t c0 = 0; c0 < cols16; c0 += kPanelTiles)
+    for (int64_t c0 = 0; c0 < cols_p; c0 += kPanelTiles)
       for (int64_t b = 0; b < whole; ++b)
         tile<kPanelRows, 2>(kdim, a + b * kdim * kPanelRows, ve + c0, ldv,
                             te + b * kPanelRows * ldt + c0, ldt);
@@ -165,23 +167,23 @@ inline void chunk_products(const float* up, int64_t m, int64_t kdim, float* v, i
     float* tr = te + whole * kPanelRows * ldt;
     switch (rest) {
 #if defined(__AVX512F__)
-      case 1: short_block<1, 8>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 2: short_block<2, 8>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 3: short_block<3, 6>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 4: short_block<4, 6>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 5: short_block<5, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 6: short_block<6, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 7: short_block<7, 3>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 8: short_block<8, 3>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 9: short_block<9, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 10: short_block<10, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 11: short_block<11, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 1: short_block<1, 8>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 2: short_block<2, 8>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 3: short_block<3, 6>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 4: short_block<4, 6>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 5: short_block<5, 4>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 6: short_block<6, 4>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 7: short_block<7, 3>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 8: short_block<8, 3>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 9: short_block<9, 2>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 10: short_block<10, 2>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 11: short_block<11, 2>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
 #else
-      case 1: short_block<1, 8>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 2: short_block<2, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 3: short_block<3, 4>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 4: short_block<4, 3>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
-      case 5: short_block<5, 2>(kdim, ar, ve, ldv, cols16, tr, ldt); break;
+      case 1: short_block<1, 8>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 2: short_block<2, 4>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 3: short_block<3, 4>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 4: short_block<4, 3>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
+      case 5: short_block<5, 2>(kdim, ar, ve, ldv, cols_p, tr, ldt); break;
 #endif
       default: break;
     }
