@@ -219,9 +219,10 @@ WINOGRAD_WIDE = [
 # on the AVX2 build 6-channel register tiles over 16 tiles and a last block of 1-5 channels, on
 # the AVX-512 build 12-channel tiles over 32 tiles and a last block of 1-11 channels, run over
 # wider runs of tiles. Output channels per group (the forward's kg, and the input gradient's,
-# which is the forward's input channels) cover every remainder mod 6 and mod 12 with and without
-# whole blocks before it; a chunk's tile count mod 16 (its last panel reads the zeroed tail of V)
-# covers 0, 8, and odd counts, with runs past 64 tiles for the 1-channel block.
+# which is the forward's input channels) cover every remainder mod 6 and mod 12, some with and
+# some without whole blocks before them; a chunk's tile count mod 16 (the AVX2 build's panel; its
+# last panel reads the zeroed tail of V) covers 0, 8, and odd counts, with runs past 64 tiles for
+# the 1-channel block.
 # (Chunks depend on the thread count: at 2 threads these cases and the stride-2 sweep reach every
 # branch of short_block, checked by printing its calls: on AVX2 in the 2026-12-06 02:23 session,
 # on AVX-512 every remainder 0-11 in the 2026-12-07 20:05 one.)
@@ -1015,7 +1016,8 @@ def test_auto_choice():
 
 def test_auto_choice_phase(cpu_path):
     # The strided input gradient takes the phase path where col2im overlaps a lot or the GEMM's
-    # rows are few on the AVX2 build, over at least 6 channels a group on the AVX-512 build
+    # rows are few on the AVX2 build, over at least 6 channels a group or at most 32 GEMM rows on
+    # the AVX-512 build
     # (conv_phase.cpp, phase_preferred), in float32 on those builds only (the portable build and
     # float64 measured slower than GEMM); GEMM elsewhere and on small planes; forward and weight
     # gradient never.

@@ -226,7 +226,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
     return ConvAlgo::Implicit;
   if (implicit_fwd) return ConvAlgo::Implicit;
   // Phase (conv_phase.cpp) for the input gradient of a strided convolution where GEMM+col2im
-  // loses. The AVX2 build's rule (phase_preferred): col2im adds at least 5 columns into each gx element (kh*kw >= 5*sh*sw) and a group has
+  // loses. The AVX2 build's rule (phase_preferred): col2im adds at least 5 columns into each gx
+  // element (kh*kw >= 5*sh*sw) and a group has
   // at least 6 input channels (the phase tile's rows; 3 left half of it idle), or the GEMM's rows
   // cg*kh*kw are few (<= 32); not on small planes (under 64 pixels per phase, where GEMM spans
   // several images). The rule was fitted to GEMM / phase timings of ten strided shapes after
@@ -236,8 +237,9 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // (float32 only, and not on the portable build: it ran shape 7's input gradient 8x slower
   // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1.) The AVX-512
   // build's 12 x 2 zmm tile has its own rule there, fitted on a Zen 5 VM (2026-12-07 20:05):
-  // at least 64 pixels per phase, and 6 channels a group or cg*kh*kw <= 32, where it beat
-  // GEMM+col2im on shape 5, 1x1 s2 and the rest of the 21 layers measured but the 7x7 stem.
+  // at least 64 pixels per phase, and 6 channels a group or cg*kh*kw <= 32. Of 21 layers
+  // measured it beat GEMM+col2im on all but the 7x7 stem; the rule leaves to GEMM the stem, a
+  // 5-channel 3x3 (1.08x) and two 14x14 layers (49 pixels per phase; 1.03x, 1.06x).
   if (phase && phase_preferred(p)) return ConvAlgo::Phase;
   return ConvAlgo::Gemm;
 }

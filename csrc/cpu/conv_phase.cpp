@@ -11,10 +11,11 @@
 // plane read in place at offset kk*plane - u*Wp - v from the phase's pixel: the phase's pixels are
 // taken on the padded grid, (rows - 1)*Wp + Mw of them, the Wp - Mw extra per row computed and
 // dropped. An implicit-GEMM register tile (kRows channels x 2 vectors: 6 x 2 ymm on the AVX2
-// build, 12 x 2 zmm on the AVX-512 one) reads B there without packing. C then goes to gx's strided positions of the phase (with stride 2 along W,
-// both column phases of a row phase are computed together and gx's rows written whole by
-// interleave2); phases cover gx exactly once (a phase no tap reaches, kernel < stride, is written
-// with zeros): no col2im, no overlap, no zero-fill.
+// build, 12 x 2 zmm on the AVX-512 one) reads B there without packing. C then goes to gx's
+// strided positions of the phase (with stride 2 along W, both column phases of a row phase are
+// computed together and gx's rows written whole by interleave2); phases cover gx exactly once (a
+// phase no tap reaches, kernel < stride, is written with zeros): no col2im, no overlap, no
+// zero-fill.
 // Layout: weights repacked per call into kRows-row panels per (group, phase),
 // A_ab[cc][(u*Tb + v)*kg + kk].
 // Workspace per thread: one (image, group)'s padded gy (kg planes of (OH + ~ceil(kh/sh)) x
@@ -91,10 +92,12 @@ bool phase_serves(const Conv2dParams& p) {
 bool phase_preferred(const Conv2dParams& p) {
 #if defined(__AVX512F__)
   // The zmm tile (12 channels x 32 pixels) beat GEMM+col2im on 20 of 21 strided layers at 2
-  // threads on a Zen 5 VM, 1.03-1.60x (conv shape 5 1.30x; 1x1 s2 1.03-1.07x; stride 3, kernel
-  // under the stride, 3 channels under a 3x3 kernel 1.26-1.37x); it lost the 7x7 stem over 3
-  // channels (0.69x: one 4-row panel over long rows of B), which the few-channel clause leaves
-  // to GEMM (RESULTS.md, 2026-12-07 20:05 section; not measured on Intel CPUs).
+  // threads on a Zen 5 VM, 1.03-1.60x (conv shape 5 1.30x; 1x1 s2 1.03-1.07x; stride 3
+  // 1.11-1.24x; a kernel under the stride 1.14x; 3 channels under a 3x3 kernel 1.26-1.37x); it
+  // lost the 7x7 stem over 3 channels (0.69x: one 4-row panel over long rows of B), which the
+  // few-channel clause leaves to GEMM. The 64-pixel floor is the AVX2 rule's, not re-fitted: two
+  // 14x14 layers under it (49 pixels per phase) stay on GEMM though phase won them 1.03-1.06x
+  // (RESULTS.md, 2026-12-07 20:05 section; not measured on Intel CPUs).
   const int64_t cg = p.c / p.groups;
   return p.dtype == DType::Float32 && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
          (cg >= 6 || cg * p.kh * p.kw <= 32);

@@ -53,9 +53,9 @@ inline TileVec tile_fma(TileVec a, TileVec b, TileVec c) { return _mm256_fmadd_p
 inline int64_t panel_blocks(int64_t m) { return (m + kPanelRows - 1) / kPanelRows; }
 
 // U[e] (m x kdim, the e-th at u + e * ues; element (i, j) at u[i * kdim + j], or at u[j * m + i]
-// when trans) -> up[((e * blocks + b) * kdim + j) * R + i] = U[e](R b + i, j) (R = kPanelRows), zero for rows
-// past m (chunk_products runs only the rows below m of the last block). One group; the caller
-// runs the groups and positions e on its threads.
+// when trans) -> up[((e * blocks + b) * kdim + j) * R + i] = U[e](R b + i, j) (R = kPanelRows),
+// zero for rows past m (chunk_products runs only the rows below m of the last block). One group;
+// the caller runs the groups and positions e on its threads.
 inline void pack_u_panel(const float* ue, int64_t m, int64_t kdim, bool trans, float* dst) {
   for (int64_t b = 0; b < panel_blocks(m); ++b, dst += kdim * kPanelRows)
     for (int64_t i = 0; i < kPanelRows; ++i) {
@@ -134,9 +134,10 @@ inline void short_block(int64_t kdim, const float* a, const float* v, int64_t ld
   if (c0 < cols) tile<R, 1>(kdim, a, v + c0, ldv, t + c0, ldt);  // W tiles left
 }
 
-// Zeroes columns [cols, cols rounded up to kPanelTiles) of V's 16 x kdim rows, which chunk_products' last
-// panel reads: no result depends on them (each T column is one V column's), but they are then
-// defined values, not whatever the buffer held (a stale NaN or denormal, or memory never written).
+// Zeroes columns [cols, cols rounded up to kPanelTiles) of V's 16 x kdim rows, which
+// chunk_products' last panel reads: no result depends on them (each T column is one V column's),
+// but they are then defined values, not whatever the buffer held (a stale NaN or denormal, or
+// memory never written).
 inline void zero_panel_tail(float* v, int64_t ves, int64_t ldv, int64_t kdim, int64_t cols) {
   const int64_t end = (cols + kPanelTiles - 1) / kPanelTiles * kPanelTiles;
   if (end == cols) return;
