@@ -185,14 +185,17 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // RESULTS.md, section 2026-12-03 06:52; AVX2: implicit won at 3 and 8, Winograd at 16,
   // section 2026-12-03 15:16; with Winograd's register-tile products, implicit won at 4, the two
   // were within 6% either way at 6 (Winograd 1.06x in both input gradients), Winograd won at 8
-  // by 1.02-1.28x forward and 1.06-1.17x input gradient, section 2026-12-06 05:36).
+  // by 1.02-1.28x forward and 1.06-1.17x input gradient, section 2026-12-06 05:36; AVX-512 with
+  // the same register tiles, three alternating rounds per layer: implicit won at 4 channels
+  // (Winograd 0.89-0.97x), Winograd won at 6 (1.07-1.10x), 8 (1.05-1.23x), 12 (1.22-1.35x) and
+  // 16 (1.24-1.51x), section 2026-12-07 20:05; 5 not measured).
   const bool implicit_fwd =
       pass == ConvPass::Forward ? implicit_forward_preferred(p)
       : pass == ConvPass::BackwardInput
           ? p.sh == 1 && p.sw == 1 && implicit_forward_preferred(input_grad_as_forward(p))
           : false;
 #if defined(__AVX512F__)
-  constexpr int64_t kImplicitFirst = 16;
+  constexpr int64_t kImplicitFirst = 5;
 #else
   constexpr int64_t kImplicitFirst = 7;  // (7 itself not measured: left as before)
 #endif
