@@ -186,9 +186,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // section 2026-12-03 15:16; with Winograd's register-tile products, implicit won at 4, the two
   // were within 6% either way at 6 (Winograd 1.06x in both input gradients), Winograd won at 8
   // by 1.02-1.28x forward and 1.06-1.17x input gradient, section 2026-12-06 05:36; AVX-512 with
-  // the same register tiles, three alternating rounds per layer: implicit won at 4 channels
-  // (Winograd 0.89-0.97x), Winograd won at 6 (1.07-1.10x), 8 (1.05-1.23x), 12 (1.22-1.35x) and
-  // 16 (1.24-1.51x), section 2026-12-07 20:05; 5 not measured).
+  // the same register tiles: implicit won at 4 channels, Winograd at 6 to 16, section
+  // 2026-12-07 20:05; 5 not measured).
   const bool implicit_fwd =
       pass == ConvPass::Forward ? implicit_forward_preferred(p)
       : pass == ConvPass::BackwardInput
@@ -239,10 +238,8 @@ ConvAlgo conv_choose(const Conv2dParams& p, ConvPass pass) {
   // keeps k5 s2 over 64 channels and 3-channel k3 s2.
   // (float32 only, and not on the portable build: it ran shape 7's input gradient 8x slower
   // than GEMM, 113.7 / 13.5 ms, and float64 on AVX2 1.2x slower; review r3-1.) The AVX-512
-  // build's 12 x 2 zmm tile has its own rule there, fitted on a Zen 5 VM (2026-12-07 20:05):
-  // at least 64 pixels per phase, and 6 channels a group or cg*kh*kw <= 32. Of 21 layers
-  // measured it beat GEMM+col2im on all but the 7x7 stem; the rule leaves to GEMM the stem, a
-  // 5-channel 3x3 (1.08x) and two 14x14 layers (49 pixels per phase; 1.03x, 1.06x).
+  // build's 12 x 2 zmm tile has its own rule there (phase_preferred): at least 64 pixels per
+  // phase, and 6 channels a group or cg*kh*kw <= 32.
   if (phase && phase_preferred(p)) return ConvAlgo::Phase;
   return ConvAlgo::Gemm;
 }

@@ -91,13 +91,10 @@ bool phase_serves(const Conv2dParams& p) {
 // group or few GEMM rows.
 bool phase_preferred(const Conv2dParams& p) {
 #if defined(__AVX512F__)
-  // The zmm tile (12 channels x 32 pixels) beat GEMM+col2im on 20 of 21 strided layers at 2
-  // threads on a Zen 5 VM, 1.03-1.60x (conv shape 5 1.30x; 1x1 s2 1.03-1.07x; stride 3
-  // 1.11-1.24x; a kernel under the stride 1.14x; 3 channels under a 3x3 kernel 1.26-1.37x); it
-  // lost the 7x7 stem over 3 channels (0.69x: one 4-row panel over long rows of B), which the
-  // few-channel clause leaves to GEMM. The 64-pixel floor is the AVX2 rule's, not re-fitted: two
-  // 14x14 layers under it (49 pixels per phase) stay on GEMM though phase won them 1.03-1.06x
-  // (RESULTS.md, 2026-12-07 20:05 section; not measured on Intel CPUs).
+  // Fitted on a Zen 5 VM, not on Intel CPUs (RESULTS.md, 2026-12-07 20:05 section): the zmm
+  // tile beat GEMM+col2im on every strided layer measured but a 7x7 stem over 3 channels (one
+  // 4-row panel over long rows of B), which the few-channel clause leaves to GEMM. The 64-pixel
+  // floor is the AVX2 rule's, not re-fitted.
   const int64_t cg = p.c / p.groups;
   return p.dtype == DType::Float32 && (p.h / p.sh) * (p.w / p.sw) >= 64 &&
          (cg >= 6 || cg * p.kh * p.kw <= 32);
@@ -112,12 +109,10 @@ bool phase_preferred(const Conv2dParams& p) {
 }
 
 // Register tile: kRows input channels x 2 vectors of pixels: 6 x 2 ymm on the AVX2 build (12
-// accumulators), 12 x 2 zmm on the AVX-512 one (24 of its 32 registers; the 6 x 2 ymm tile ran
-// conv shape 5's input gradient in 9.6-9.9 ms there, 6 x 2 zmm 5.8-6.1, 12 x 2 zmm 5.2-5.4).
-// The last panel of a group's channels has an even number of rows up to kRows (cg = 32 on
-// AVX2: 5 panels of 6 and one of 2, not 36 rows computed for 32). Blocking the reduction by 128
-// rows, to keep a pixel tile's gy rows in L1 across the panels, measured no faster (5.23-5.38
-// against 5.23-5.24 ms).
+// accumulators), 12 x 2 zmm on the AVX-512 one (24 of its 32 registers; 6 x 2 ymm, or zmm, ran
+// slower there, and blocking the reduction to keep gy in L1 gained nothing: RESULTS.md,
+// 2026-12-07 20:05 section). The last panel of a group's channels has an even number of rows up
+// to kRows (cg = 32 on AVX2: 5 panels of 6 and one of 2, not 36 rows computed for 32).
 #if defined(__AVX512F__)
 constexpr int kRows = 12;
 template <class T>

@@ -11,10 +11,8 @@
 // Register tile: 6 channels x 16 tiles, 12 ymm accumulators, per input channel 2 loads of V and
 // 6 broadcasts of U for 12 FMAs: the shape of the GEMM engine's AVX2 micro-kernel (gemm.cpp),
 // reading V in place with its row stride instead of from a packed panel. On the AVX-512 build 12
-// channels x 32 tiles (2 zmm), 24 accumulators; panels of 32 tiles, last blocks of 1-11 rows.
-// There the GEMM route's gemm_block spent ~38% of its samples outside its FMAs and broadcasts
-// (perf, conv shape 2's forward); with the tiles conv shape 2's forward went 2.22-2.42 ->
-// 1.94-2.13 ms and shape 3's 11.2-11.3 -> 9.7-10.3 (RESULTS.md, 2026-12-07 20:05 section).
+// channels x 32 tiles (2 zmm), 24 accumulators; panels of 32 tiles, last blocks of 1-11 rows
+// (there the GEMM route spent much of its time repacking: RESULTS.md, 2026-12-07 20:05 section).
 #pragma once
 #include <immintrin.h>
 
