@@ -1095,7 +1095,15 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
             ((1, 8, 1000, 500), (8, 8, 3, 3), dict(stride=2, padding=1, dilation=(2, 1))),
             ((2, 32, 28, 28), (64, 32, 3, 3), dict(padding=1)),                   # auto's shape
             ((2, 6, 20, 18), (8, 3, 7, 7), dict(padding=3, groups=2)),            # 7x7 groups
-            ((2, 20, 40, 40), (24, 20, 4, 4), dict(stride=2, padding=1))]         # k4 s2 blocks
+            ((2, 20, 40, 40), (24, 20, 4, 4), dict(stride=2, padding=1)),         # k4 s2 blocks
+            # stride 2 along W: x's rows split into two column phases of P columns (float32 on
+            # AVX-512: 16 at a time from masked loads, conv_planes.h's deinterleave_row_x16):
+            # P = 40 (three steps, the last partial), an odd width, padding 0, padding past the
+            # kernel, and padding past a whole vector (the first load all masked off)
+            ((2, 3, 9, 77), (5, 3, 3, 3), dict(stride=2, padding=1)),
+            ((2, 4, 7, 32), (3, 4, 2, 2), dict(stride=2)),
+            ((2, 3, 6, 33), (4, 3, 3, 5), dict(stride=2, padding=(1, 4))),
+            ((1, 2, 5, 20), (3, 2, 3, 3), dict(stride=(1, 2), padding=(0, 19)))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
