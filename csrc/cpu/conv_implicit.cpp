@@ -41,7 +41,7 @@ namespace FASTDL_ISA_NS {
 
 namespace {
 
-thread_local ScratchBuffer tl_xph, tl_gyp;
+thread_local ScratchBuffer tl_xph, tl_gyp, tl_acc;
 // (kKeepBytes >= kTaskBytes: a thread keeps its buffers between calls of the shapes it serves)
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
@@ -97,11 +97,12 @@ struct TaskRows {
   int64_t imgs, nrows, xi, pitch, ow;
 };
 
-// part[l * ldp + c] += sum over the task's pixels u of gyt[u][l] * xs[c][q(u)] for l < kv
-// (kv <= mv * L), c < nr.
+// acc[c * KB + l] += sum over the task's pixels u of gyt[u][l] * xs[c][q(u)] for l < mv * L,
+// c < nr: the k-block's sums tap-major, so a tile adds its accumulators with whole vectors (into
+// gw's layout, a scalar add a weight at a stride of cg * kh * kw, they were 7% of the tile's
+// samples on shape 5: perf, RESULTS.md 2026-12-07 22:42).
 template <class T, int mv, int nr>
-void outer_tile(const T* gyt, const T* const* xs, const TaskRows& tr, T* part, int64_t ldp,
-                int64_t kv) {
+void outer_tile(const T* gyt, const T* const* xs, const TaskRows& tr, T* acc_out) {
   using V = typename IVec<T>::V;
   constexpr int64_t L = IVec<T>::L, KB = kKBlock<T>;
   V acc[mv][nr];
@@ -122,15 +123,15 @@ void outer_tile(const T* gyt, const T* const* xs, const TaskRows& tr, T* part, i
         }
       }
     }
-  T lanes[mv * L];
-  for (int c = 0; c < nr; ++c) {
-    for (int v = 0; v < mv; ++v) IVec<T>::store(lanes + v * L, acc[v][c]);
-    for (int64_t l = 0; l < kv; ++l) part[l * ldp + c] += lanes[l];
-  }
+  for (int c = 0; c < nr; ++c)
+    for (int v = 0; v < mv; ++v) {
+      T* o = acc_out + c * KB + v * L;
+      IVec<T>::store(o, IVec<T>::load(o) + acc[v][c]);
+    }
 }
 
 template <class T>
-using OuterFn = void (*)(const T*, const T* const*, const TaskRows&, T*, int64_t, int64_t);
+using OuterFn = void (*)(const T*, const T* const*, const TaskRows&, T*);
 // outer_tiles<T>()[mv - 1][nr - 1]: mv vectors of output channels x nr taps (the full tile and
 // every edge)
 template <class T>
@@ -159,10 +160,12 @@ int64_t plane_block(const Conv2dParams& p, const Geo& geo) {
 }
 
 // One task's tiles: a block of channels' planes at a time, every k-block x every tap of the
-// block over the task's pixels. offb: room for cb * taps offsets.
+// block over the task's pixels, into acc_g, the group's sums tap-major by k-block:
+// acc_g[(kb * cg * kh * kw + e) * KB + l] for output channel kb * KB + l and tap e. offb: room for
+// cb * taps offsets.
 template <class T>
 void task_outer(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg, int64_t imgs,
-                int64_t oh0, int64_t nrows, int64_t cb, int64_t* offb, T* xph, T* gyt, T* part_g) {
+                int64_t oh0, int64_t nrows, int64_t cb, int64_t* offb, T* xph, T* gyt, T* acc_g) {
   constexpr int64_t L = IVec<T>::L, KB = kKBlock<T>;
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw, ckk = cg * taps;
   const int64_t U = imgs * nrows * p.ow, HW = p.h * p.w;
@@ -180,7 +183,7 @@ void task_outer(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg
       for (int64_t e0 = 0; e0 < en; e0 += kTapsPerTile) {
         const int nr = static_cast<int>(std::min<int64_t>(kTapsPerTile, en - e0));
         for (int c = 0; c < nr; ++c) xs[c] = xph + offb[e0 + c];
-        fns[mv - 1][nr - 1](gyt + k0 * U, xs, tr, part_g + k0 * ckk + c0 * taps + e0, ckk, kv);
+        fns[mv - 1][nr - 1](gyt + k0 * U, xs, tr, acc_g + (k0 * ckk + (c0 * taps + e0) * KB));
       }
     }
   }
@@ -226,9 +229,13 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
   const int64_t xph_size = geo.phases * cb * geo.xt;
   const int64_t gy_size =
       (kg + kKBlock<T> - 1) / kKBlock<T> * kKBlock<T> * geo.imgs * geo.rows * p.ow;
+  constexpr int64_t KB = kKBlock<T>;
+  const int64_t nkb = (kg + KB - 1) / KB, acc_group = nkb * KB * ckk;  // task_outer's acc_g
   sum_over_threads(nt, items, G * kg * ckk, gw, [&](T* part, int64_t lo, int64_t hi) {
     T* xph = tl_xph.get_as<T>(xph_size);
     T* gyp = tl_gyp.get_as<T>(gy_size);
+    T* acc = tl_acc.get_as<T>(G * acc_group);
+    std::fill(acc, acc + G * acc_group, T(0));
     std::vector<int64_t> offb(static_cast<size_t>(cb * taps));
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t ib = t / (G * rblocks), g = t / rblocks % G, rb = t % rblocks;
@@ -237,10 +244,16 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
       const T* xg = x + (n0 * p.c + g * cg) * p.h * p.w;
       const T* gyg = gy + (n0 * p.k + g * kg) * p.oh * p.ow;
       task_outer(p, geo, xg, gyg, imgs, oh0, nrows, cb, offb.data(), xph, gyp,
-                 part + g * kg * ckk);
+                 acc + g * acc_group);
     }
+    // the sums into gw's layout (part is this thread's zeroed partial: a copy does)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t kb = 0; kb < nkb; ++kb)
+        transpose_copy(acc + g * acc_group + kb * KB * ckk, KB, ckk,
+                       std::min(KB, kg - kb * KB), part + (g * kg + kb * KB) * ckk, ckk);
     tl_xph.trim(kKeepBytes);
     tl_gyp.trim(kKeepBytes);
+    tl_acc.trim(kKeepBytes);
   });
 }
 
