@@ -19,7 +19,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "../cpu_features.h"
 #include "conv_impl.h"
@@ -118,23 +122,62 @@ void conv_reference_backward_weight(const Conv2dParams& p, const T* x, const T* 
 
 namespace {
 
-// gb[k] = sum over n, oh, ow of gy (double accumulators per channel).
+// The sum of n values in double: four independent vector accumulators (one chain of adds, the
+// loop before, ran a cache-resident float32 plane at ~2 values a cycle). float32 on AVX-512 and
+// AVX2 by intrinsics (GCC split the generic version's 8-lane conversion into halves through the
+// stack).
+template <class T>
+double plane_sum(const T* g, int64_t n) {
+  int64_t s = 0;
+  double r = 0.0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    for (; s + 32 <= n; s += 32) {
+      a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm256_loadu_ps(g + s)));
+      a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_loadu_ps(g + s + 8)));
+      a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm256_loadu_ps(g + s + 16)));
+      a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_loadu_ps(g + s + 24)));
+    }
+    r = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    for (; s + 16 <= n; s += 16) {
+      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm_loadu_ps(g + s)));
+      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm_loadu_ps(g + s + 4)));
+      a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm_loadu_ps(g + s + 8)));
+      a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm_loadu_ps(g + s + 12)));
+    }
+    alignas(32) double l[4];
+    _mm256_store_pd(l, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+    r = (l[0] + l[1]) + (l[2] + l[3]);
+  }
+#endif
+  double a[4] = {0.0, 0.0, 0.0, 0.0};  // the rest, and float64 / the portable build
+  for (; s + 4 <= n; s += 4)
+    for (int l = 0; l < 4; ++l) a[l] += double(g[s + l]);
+  for (; s < n; ++s) a[0] += double(g[s]);
+  return r + ((a[0] + a[1]) + (a[2] + a[3]));
+}
+
+// gb[k] = sum over n, oh, ow of gy: each (n, k) plane summed in double by the threads over
+// contiguous ranges of gy (one stream each: a thread a channel, jumping between its planes
+// image by image, read a 51 MB gy at ~34 GB/s), then the planes' sums added in image order (the
+// result does not depend on the thread count).
 template <class T>
 void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
-  const int64_t plane = p.oh * p.ow;
-  parallel_for_catch(p.k, grain_for(p.n * plane), [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      double acc = 0.0;
-      for (int64_t n = 0; n < p.n; ++n) {
-        const T* g = gy + (n * p.k + k) * plane;
-        double part = 0.0;
-#pragma omp simd reduction(+ : part)
-        for (int64_t s = 0; s < plane; ++s) part += double(g[s]);
-        acc += part;
-      }
-      gb[k] = static_cast<T>(acc);
-    }
+  const int64_t plane = p.oh * p.ow, planes = p.n * p.k;
+  std::vector<double> sums(static_cast<size_t>(planes));
+  parallel_for_catch(planes, grain_for(plane), [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) sums[q] = plane_sum(gy + q * plane, plane);
   });
+  for (int64_t k = 0; k < p.k; ++k) {
+    double acc = 0.0;
+    for (int64_t n = 0; n < p.n; ++n) acc += sums[n * p.k + k];
+    gb[k] = static_cast<T>(acc);
+  }
 }
 
 // The automatic choice, and the forced algorithm where it serves the shape.
