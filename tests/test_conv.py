@@ -1099,11 +1099,16 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
             # stride 2 along W: x's rows split into two column phases of P columns (float32 on
             # AVX-512: 16 at a time from masked loads, conv_planes.h's deinterleave_row_x16):
             # P = 40 (three steps, the last partial), an odd width, padding 0, padding past the
-            # kernel, and padding past a whole vector (the first load all masked off)
-            ((2, 3, 9, 77), (5, 3, 3, 3), dict(stride=2, padding=1)),
-            ((2, 4, 7, 32), (3, 4, 2, 2), dict(stride=2)),
-            ((2, 3, 6, 33), (4, 3, 3, 5), dict(stride=2, padding=(1, 4))),
-            ((1, 2, 5, 20), (3, 2, 3, 3), dict(stride=(1, 2), padding=(0, 19)))]
+            # kernel, and padding past a whole vector (the first load all masked off); each with
+            # work for two threads (131072 multiply-adds and more)
+            ((6, 3, 9, 77), (5, 3, 3, 3), dict(stride=2, padding=1)),
+            ((10, 8, 9, 32), (8, 8, 2, 2), dict(stride=2)),
+            ((12, 3, 6, 33), (4, 3, 3, 5), dict(stride=2, padding=(1, 6))),
+            ((30, 2, 5, 20), (3, 2, 3, 3), dict(stride=(1, 2), padding=(0, 19))),
+            # the tap-major sums: 40 output channels a group (a partial last k-block on either
+            # vector build), 2 groups, one image a task (34 x 34 padded planes), so a thread's
+            # tasks return to a group (its sums added into the partial a second time)
+            ((4, 8, 32, 32), (80, 4, 3, 3), dict(padding=1, groups=2))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -1134,6 +1139,31 @@ def test_implicit_weight_grad(cpu_path, case, dtype):
     finally:
         fastdl.ops.set_conv_algorithm(before)
         fastdl.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(24, 5, 9, 9), (2048, 7, 3, 3), (2, 4, 40, 40)])
+def test_bias_grad_thread_counts(cpu_path, dtype, shape):
+    """The bias gradient (conv.cpp bias_grad), 64 output channels, on planes of 49 values (a
+    ragged tail after the vector steps), of 1 (planes under 32 take the per-channel loop) and of
+    1444, each with enough planes for two threads' shares: against the sum in float64, and the
+    same bits at 1 and 2 threads (each plane summed alone, the sums added in image order)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.empty(shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    w = torch.empty((64, shape[1], 3, 3), dtype=dtype).uniform_(-1, 1, generator=gen)
+    gy = torch.empty(TF.conv2d(x, w).shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+    want = gy.double().sum(dim=(0, 2, 3)).to(dtype)
+    threads = fastdl.get_num_threads()
+    got = {}
+    try:
+        for nt in (1, 2):
+            fastdl.set_num_threads(nt)
+            got[nt] = fastdl.ops.conv2d_backward(gy, x, w, output_mask=(False, False, True))[2]
+    finally:
+        fastdl.set_num_threads(threads)
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(got[1], want, rtol=tol, atol=tol)
+    assert torch.equal(got[1], got[2])
 
 
 @pytest.mark.parametrize("shape,wshape,kw", [

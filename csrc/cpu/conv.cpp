@@ -123,61 +123,81 @@ void conv_reference_backward_weight(const Conv2dParams& p, const T* x, const T* 
 namespace {
 
 // The sum of n values in double: four independent vector accumulators (one chain of adds, the
-// loop before, ran a cache-resident float32 plane at ~2 values a cycle). float32 on AVX-512 and
-// AVX2 by intrinsics (GCC split the generic version's 8-lane conversion into halves through the
-// stack).
+// loop before, ran a cache-resident float32 plane at ~2 values a cycle). By intrinsics on the
+// AVX-512 and AVX2 builds (GCC split the generic vector version's 8-lane float conversion into
+// halves through the stack), the rest one value at a time.
 template <class T>
 double plane_sum(const T* g, int64_t n) {
   int64_t s = 0;
   double r = 0.0;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value) {
+  auto load8 = [](const T* q) {
+    if constexpr (std::is_same<T, float>::value) return _mm512_cvtps_pd(_mm256_loadu_ps(q));
+    else return _mm512_loadu_pd(q);
+  };
+  if (n >= 32) {
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     for (; s + 32 <= n; s += 32) {
-      a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm256_loadu_ps(g + s)));
-      a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_loadu_ps(g + s + 8)));
-      a2 = _mm512_add_pd(a2, _mm512_cvtps_pd(_mm256_loadu_ps(g + s + 16)));
-      a3 = _mm512_add_pd(a3, _mm512_cvtps_pd(_mm256_loadu_ps(g + s + 24)));
+      a0 = _mm512_add_pd(a0, load8(g + s));
+      a1 = _mm512_add_pd(a1, load8(g + s + 8));
+      a2 = _mm512_add_pd(a2, load8(g + s + 16));
+      a3 = _mm512_add_pd(a3, load8(g + s + 24));
     }
     r = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a0, a1), _mm512_add_pd(a2, a3)));
   }
 #elif defined(__AVX2__)
-  if constexpr (std::is_same<T, float>::value) {
+  auto load4 = [](const T* q) {
+    if constexpr (std::is_same<T, float>::value) return _mm256_cvtps_pd(_mm_loadu_ps(q));
+    else return _mm256_loadu_pd(q);
+  };
+  if (n >= 16) {
     __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     for (; s + 16 <= n; s += 16) {
-      a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm_loadu_ps(g + s)));
-      a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm_loadu_ps(g + s + 4)));
-      a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm_loadu_ps(g + s + 8)));
-      a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm_loadu_ps(g + s + 12)));
+      a0 = _mm256_add_pd(a0, load4(g + s));
+      a1 = _mm256_add_pd(a1, load4(g + s + 4));
+      a2 = _mm256_add_pd(a2, load4(g + s + 8));
+      a3 = _mm256_add_pd(a3, load4(g + s + 12));
     }
     alignas(32) double l[4];
     _mm256_store_pd(l, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
     r = (l[0] + l[1]) + (l[2] + l[3]);
   }
 #endif
-  double a[4] = {0.0, 0.0, 0.0, 0.0};  // the rest, and float64 / the portable build
+  double a[4] = {0.0, 0.0, 0.0, 0.0};  // the rest (all of it on the portable build)
   for (; s + 4 <= n; s += 4)
     for (int l = 0; l < 4; ++l) a[l] += double(g[s + l]);
   for (; s < n; ++s) a[0] += double(g[s]);
   return r + ((a[0] + a[1]) + (a[2] + a[3]));
 }
 
-// gb[k] = sum over n, oh, ow of gy: each (n, k) plane summed in double by the threads over
-// contiguous ranges of gy (one stream each: a thread a channel, jumping between its planes
-// image by image, read a 51 MB gy at ~34 GB/s), then the planes' sums added in image order (the
-// result does not depend on the thread count).
+// gb[k] = sum over n, oh, ow of gy, each (n, k) plane summed in double (plane_sum) and the
+// planes' sums added in image order: the result does not depend on the thread count. Planes of
+// kMinPlane values or more: the threads take contiguous ranges of planes (one stream each; a
+// thread a range of channels, jumping between its planes image by image, read a 51 MB gy at
+// ~34 GB/s), into one double per plane (at most a sixteenth of gy's float32 bytes). Smaller
+// planes (1x1 maps: that buffer would be twice gy): a thread a range of channels, as before.
 template <class T>
 void bias_grad(const Conv2dParams& p, const T* gy, T* gb) {
+  constexpr int64_t kMinPlane = 32;
   const int64_t plane = p.oh * p.ow, planes = p.n * p.k;
+  if (plane < kMinPlane) {
+    parallel_for_catch(p.k, grain_for(p.n * plane), [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        double acc = 0.0;
+        for (int64_t n = 0; n < p.n; ++n) acc += plane_sum(gy + (n * p.k + k) * plane, plane);
+        gb[k] = static_cast<T>(acc);
+      }
+    });
+    return;
+  }
   std::vector<double> sums(static_cast<size_t>(planes));
   parallel_for_catch(planes, grain_for(plane), [&](int64_t lo, int64_t hi) {
     for (int64_t q = lo; q < hi; ++q) sums[q] = plane_sum(gy + q * plane, plane);
   });
-  for (int64_t k = 0; k < p.k; ++k) {
-    double acc = 0.0;
-    for (int64_t n = 0; n < p.n; ++n) acc += sums[n * p.k + k];
-    gb[k] = static_cast<T>(acc);
-  }
+  std::vector<double> acc(static_cast<size_t>(p.k), 0.0);
+  for (int64_t n = 0; n < p.n; ++n)  // (image order per channel; contiguous reads)
+    for (int64_t k = 0; k < p.k; ++k) acc[k] += sums[n * p.k + k];
+  for (int64_t k = 0; k < p.k; ++k) gb[k] = static_cast<T>(acc[k]);
 }
 
 // The automatic choice, and the forced algorithm where it serves the shape.

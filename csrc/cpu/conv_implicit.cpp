@@ -26,7 +26,9 @@
 // then applies).
 // Work split and determinism: as the GEMM path, one partial sum of gw's size per thread over a
 // contiguous range of tasks, added in thread order (the result depends on the thread count, not
-// on timing).
+// on timing). Within a thread the tiles add into one group's sums kept tap-major (a tile's
+// accumulators are whole vectors there), which go into the thread's partial when its tasks move
+// to another group and at the end (each weight's sum still in task order).
 // Tested by tests/test_conv.py (forced algorithm "implicit"); timed by benchmarks/bench_conv.py.
 #include <algorithm>
 #include <numeric>
@@ -42,7 +44,9 @@ namespace FASTDL_ISA_NS {
 namespace {
 
 thread_local ScratchBuffer tl_xph, tl_gyp, tl_acc;
-// (kKeepBytes >= kTaskBytes: a thread keeps its buffers between calls of the shapes it serves)
+// (kKeepBytes >= kTaskBytes: a thread keeps its plane buffers between calls of the shapes it
+// serves; its tap-major sums, one group's weights rounded up to whole k-blocks, only up to this
+// size: 256 -> 256 channels at 5x5 need 6.5 MB, allocated again each call)
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
 // blocks to fit, or small images are stacked until their q range reaches kTaskQ. (The outer
@@ -50,7 +54,7 @@ constexpr size_t kKeepBytes = size_t(4) << 20;
 // needs; its timings were taken with these tasks.)
 constexpr int64_t kTaskBytes = int64_t(4) << 20;
 // q values per task wanted (small images are stacked up to it): a tile adds its accumulators
-// into the partial sums once per task, yet more, smaller tasks ran faster on the AVX2 build
+// into the thread's sums once per task, yet more, smaller tasks ran faster on the AVX2 build
 // (benchmarks/RESULTS.md, 2026-12-03 22:00) and on the AVX-512 build (2026-12-04 13:05). The
 // portable build keeps the earlier 4096 (not measured).
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -230,12 +234,32 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
   const int64_t gy_size =
       (kg + kKBlock<T> - 1) / kKBlock<T> * kKBlock<T> * geo.imgs * geo.rows * p.ow;
   constexpr int64_t KB = kKBlock<T>;
-  const int64_t nkb = (kg + KB - 1) / KB, acc_group = nkb * KB * ckk;  // task_outer's acc_g
+  const int64_t nkb = (kg + KB - 1) / KB, acc_size = nkb * KB * ckk;  // task_outer's acc_g
   sum_over_threads(nt, items, G * kg * ckk, gw, [&](T* part, int64_t lo, int64_t hi) {
+    const TrimOnExit trim_x(tl_xph, kKeepBytes), trim_g(tl_gyp, kKeepBytes);
+    const TrimOnExit trim_a(tl_acc, kKeepBytes);
     T* xph = tl_xph.get_as<T>(xph_size);
     T* gyp = tl_gyp.get_as<T>(gy_size);
-    T* acc = tl_acc.get_as<T>(G * acc_group);
-    std::fill(acc, acc + G * acc_group, T(0));
+    // one group's sums, tap-major (task_outer), added into gw's layout in part when the tasks
+    // move to another group and at the end: part starts zeroed and takes each group's first
+    // flush as a copy (one group, the common case: a single vectorised transpose per thread)
+    T* acc = tl_acc.get_as<T>(acc_size);
+    std::vector<char> flushed(static_cast<size_t>(G), 0);
+    int64_t cur = -1;  // the group whose sums acc holds
+    auto flush = [&]() {
+      T* pg = part + cur * kg * ckk;
+      for (int64_t kb = 0; kb < nkb; ++kb) {
+        const T* a = acc + kb * KB * ckk;
+        const int64_t kv = std::min(KB, kg - kb * KB);
+        if (!flushed[cur]) {
+          transpose_copy(a, KB, ckk, kv, pg + kb * KB * ckk, ckk);
+        } else {  // (grouped layers whose tasks return to a group: cycle over image blocks)
+          for (int64_t l = 0; l < kv; ++l)
+            for (int64_t e = 0; e < ckk; ++e) pg[(kb * KB + l) * ckk + e] += a[e * KB + l];
+        }
+      }
+      flushed[cur] = 1;
+    };
     std::vector<int64_t> offb(static_cast<size_t>(cb * taps));
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t ib = t / (G * rblocks), g = t / rblocks % G, rb = t % rblocks;
@@ -243,17 +267,14 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
       const int64_t oh0 = rb * geo.rows, nrows = std::min(geo.rows, p.oh - oh0);
       const T* xg = x + (n0 * p.c + g * cg) * p.h * p.w;
       const T* gyg = gy + (n0 * p.k + g * kg) * p.oh * p.ow;
-      task_outer(p, geo, xg, gyg, imgs, oh0, nrows, cb, offb.data(), xph, gyp,
-                 acc + g * acc_group);
+      if (g != cur) {
+        if (cur >= 0) flush();
+        std::fill(acc, acc + acc_size, T(0));
+        cur = g;
+      }
+      task_outer(p, geo, xg, gyg, imgs, oh0, nrows, cb, offb.data(), xph, gyp, acc);
     }
-    // the sums into gw's layout (part is this thread's zeroed partial: a copy does)
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t kb = 0; kb < nkb; ++kb)
-        transpose_copy(acc + g * acc_group + kb * KB * ckk, KB, ckk,
-                       std::min(KB, kg - kb * KB), part + (g * kg + kb * KB) * ckk, ckk);
-    tl_xph.trim(kKeepBytes);
-    tl_gyp.trim(kKeepBytes);
-    tl_acc.trim(kKeepBytes);
+    if (cur >= 0) flush();
   });
 }
 

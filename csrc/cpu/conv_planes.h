@@ -118,10 +118,11 @@ inline void deinterleave_row_x16(const float* row, int64_t W, int64_t pw, int64_
   for (int64_t j0 = 0; j0 < P; j0 += 16) {
     const int64_t s = 2 * j0 - pw;  // the row column of the first vector's lane 0
     // (masked-off lanes are not accessed: the address is formed without the row's bounds)
-    const float* base = reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(row) +
-                                                       static_cast<uintptr_t>(s * 4));
-    const __m512 a = _mm512_maskz_loadu_ps(lane_range(-s, W - s), base);
-    const __m512 b = _mm512_maskz_loadu_ps(lane_range(-s - 16, W - s - 16), base + 16);
+    const uintptr_t base = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(s * 4);
+    const __m512 a =
+        _mm512_maskz_loadu_ps(lane_range(-s, W - s), reinterpret_cast<const float*>(base));
+    const __m512 b = _mm512_maskz_loadu_ps(lane_range(-s - 16, W - s - 16),
+                                           reinterpret_cast<const float*>(base + 64));
     const __mmask16 out = lane_range(0, P - j0);
     _mm512_mask_storeu_ps(d0 + j0, out, _mm512_permutex2var_ps(a, even, b));
     _mm512_mask_storeu_ps(d1 + j0, out, _mm512_permutex2var_ps(a, odd, b));
