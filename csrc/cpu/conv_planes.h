@@ -130,6 +130,47 @@ inline void deinterleave_row_x16(const float* row, int64_t W, int64_t pw, int64_
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// Columns [s, s + 8) of a row of W floats, 0 outside [0, W): a plain load inside the row, else
+// a masked one (masked-off lanes are not accessed; the address is formed as an integer).
+inline __m256 row_cols8(const float* row, int64_t s, int64_t W) {
+  if (s >= 0 && s + 8 <= W) return _mm256_loadu_ps(row + s);
+  const int64_t lo = std::clamp<int64_t>(-s, 0, 8), hi = std::clamp<int64_t>(W - s, lo, 8);
+  const __m256i m = _mm256_andnot_si256(tail_mask8(lo), tail_mask8(hi));
+  return _mm256_maskload_ps(
+      reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(row) +
+                                     static_cast<uintptr_t>(s * 4)),
+      m);
+}
+
+// deinterleave_row for float32 on the AVX2 build: 8 columns of both phases per step from two
+// loads (row_cols8) split by two in-lane shuffles and a cross-lane permute each; the last
+// partial step of a row of 8 or more columns is an overlapping whole step (the same values
+// stored twice: masked stores are microcoded on AMD Zen, row_copy.h), shorter rows store under
+// a mask. As deinterleave_row_x16 on AVX-512.
+inline void deinterleave_row_x8(const float* row, int64_t W, int64_t pw, int64_t P,
+                                float* __restrict d0, float* __restrict d1) {
+  for (int64_t j = 0; j < P; j += 8) {
+    const int64_t j0 = j + 8 <= P || P < 8 ? j : P - 8;
+    const int64_t s = 2 * j0 - pw;  // the row column of the first vector's lane 0
+    const __m256 a = row_cols8(row, s, W), b = row_cols8(row, s + 8, W);
+    // (a0 a2 b0 b2 | a4 a6 b4 b6) -> (a0 a2 a4 a6 b0 b2 b4 b6), and the odd columns alike
+    const __m256 e = _mm256_castpd_ps(
+        _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+    const __m256 o = _mm256_castpd_ps(
+        _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+    if (j0 + 8 <= P) {
+      _mm256_storeu_ps(d0 + j0, e);
+      _mm256_storeu_ps(d1 + j0, o);
+    } else {
+      const __m256i m = tail_mask8(P - j0);
+      _mm256_maskstore_ps(d0 + j0, m, e);
+      _mm256_maskstore_ps(d1 + j0, m, o);
+    }
+  }
+}
+#endif
+
 // d0[jj] = row[2 jj - pw], d1[jj] = row[2 jj + 1 - pw] for jj < P, where the column lies in
 // [0, W) (jj in [lo[b], hi[b]) for phase b), 0 elsewhere.
 template <class T>
@@ -140,6 +181,13 @@ void deinterleave_row(const T* row, int64_t W, int64_t pw, int64_t P, const int6
     (void)lo;
     (void)hi;
     deinterleave_row_x16(row, W, pw, P, d0, d1);
+    return;
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    (void)lo;
+    (void)hi;
+    deinterleave_row_x8(row, W, pw, P, d0, d1);
     return;
   }
 #endif
