@@ -176,18 +176,15 @@ inline void deinterleave_row_x8(const float* row, int64_t W, int64_t pw, int64_t
 template <class T>
 void deinterleave_row(const T* row, int64_t W, int64_t pw, int64_t P, const int64_t* lo,
                       const int64_t* hi, T* __restrict d0, T* __restrict d1) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    (void)lo;
+    (void)hi;
 #if defined(__AVX512F__)
-  if constexpr (std::is_same<T, float>::value) {
-    (void)lo;
-    (void)hi;
     deinterleave_row_x16(row, W, pw, P, d0, d1);
-    return;
-  }
-#elif defined(__AVX2__)
-  if constexpr (std::is_same<T, float>::value) {
-    (void)lo;
-    (void)hi;
+#else
     deinterleave_row_x8(row, W, pw, P, d0, d1);
+#endif
     return;
   }
 #endif
