@@ -28,7 +28,8 @@
 // contiguous range of tasks, added in thread order (the result depends on the thread count, not
 // on timing). Within a thread the tiles add into one group's sums kept tap-major (a tile's
 // accumulators are whole vectors there), which go into the thread's partial when its tasks move
-// to another group and at the end (each weight's sum still in task order).
+// to another group and at the end (each weight's sum in task order within a run of one group's
+// tasks; runs of a group a thread returns to are added after).
 // Tested by tests/test_conv.py (forced algorithm "implicit"); timed by benchmarks/bench_conv.py.
 #include <algorithm>
 #include <numeric>
@@ -242,7 +243,7 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
     T* gyp = tl_gyp.get_as<T>(gy_size);
     // one group's sums, tap-major (task_outer), added into gw's layout in part when the tasks
     // move to another group and at the end: part starts zeroed and takes each group's first
-    // flush as a copy (one group, the common case: a single vectorised transpose per thread)
+    // flush as a copy (one group, the common case: one transpose per k-block and thread)
     T* acc = tl_acc.get_as<T>(acc_size);
     std::vector<char> flushed(static_cast<size_t>(G), 0);
     int64_t cur = -1;  // the group whose sums acc holds
