@@ -44,16 +44,23 @@ inline void transpose_block8(const float* a, int64_t lda, int64_t rows, int64_t 
 #endif
 
 // b[j * ldb + i] = a[i * lda + j] for i < rows, j < cols (a and b do not overlap). Rows go in
-// blocks of 8 outermost, so with a = planes each block reads 8 planes front to back.
+// blocks of 8 outermost, so with a = planes each block reads 8 planes front to back. A last
+// partial block of rows or of columns, where there are 8 or more, is a whole block overlapping
+// the one before (the same values written twice) with plain loads and stores: the masked loads
+// of a column tail were ~16% of the transposes' samples in conv shape 5's channels-minor forward
+// (28-wide rows: one block in four; perf, RESULTS.md 2026-12-07 22:42).
 template <class T>
 void transpose_copy(const T* a, int64_t lda, int64_t rows, int64_t cols, T* b, int64_t ldb) {
 #if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value) {
-    for (int64_t i = 0; i < rows; i += 8) {
+    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+      const int64_t i = i0 + 8 > rows && rows >= 8 ? rows - 8 : i0;
       const int64_t ni = rows - i < 8 ? rows - i : 8;
-      for (int64_t j = 0; j < cols; j += 8)
+      for (int64_t j0 = 0; j0 < cols; j0 += 8) {
+        const int64_t j = j0 + 8 > cols && cols >= 8 ? cols - 8 : j0;
         transpose_block8(a + i * lda + j, lda, ni, cols - j < 8 ? cols - j : 8, b + j * ldb + i,
                          ldb);
+      }
     }
     return;
   }
