@@ -122,10 +122,10 @@ void conv_reference_backward_weight(const Conv2dParams& p, const T* x, const T* 
 
 namespace {
 
-// The sum of n values in double: four independent vector accumulators (one chain of adds, the
-// loop before, ran a cache-resident float32 plane at ~2 values a cycle). By intrinsics on the
-// AVX-512 and AVX2 builds (GCC split the generic vector version's 8-lane float conversion into
-// halves through the stack), the rest one value at a time.
+// The sum of n values in double: four independent vector accumulators (the loop before, one
+// chain of adds, ran slower than cache-resident planes arrive). By intrinsics on the AVX-512 and
+// AVX2 builds (GCC split a vector-extension version's 8-lane float conversion into halves
+// through the stack; RESULTS.md, 2026-12-07 22:42), the rest one value at a time.
 template <class T>
 double plane_sum(const T* g, int64_t n) {
   int64_t s = 0;
@@ -173,8 +173,9 @@ double plane_sum(const T* g, int64_t n) {
 // gb[k] = sum over n, oh, ow of gy, each (n, k) plane summed in double (plane_sum) and the
 // planes' sums added in image order: the result does not depend on the thread count. Planes of
 // kMinPlane values or more: the threads take contiguous ranges of planes, into one double per
-// plane (at most a sixteenth of gy's float32 bytes). (The split it replaced, a range of channels
-// per thread reading its planes image by image, read a 51 MB gy at only ~34 GB/s.) Smaller planes
+// plane (at most a sixteenth of gy's float32 bytes); the split it replaced, a range of channels
+// per thread reading its planes image by image, read a large gy well under the machine's memory
+// bandwidth (RESULTS.md, 2026-12-07 22:42). Smaller planes
 // (1x1 maps, where that buffer would be twice gy): a range of channels per thread, its images
 // outermost so gy is read front to back.
 template <class T>

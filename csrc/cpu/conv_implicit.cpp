@@ -47,7 +47,8 @@ namespace {
 thread_local ScratchBuffer tl_xph, tl_gyp, tl_acc;
 // (kKeepBytes >= kTaskBytes: a thread keeps its plane buffers between calls of the shapes it
 // serves; its tap-major sums, one group's weights rounded up to whole k-blocks, only up to this
-// size: 256 -> 256 channels at 5x5 need 6.5 MB, allocated again each call)
+// size: the largest layers the rule takes, 256 -> 256 channels at 5x5 and up, allocate theirs
+// again each call)
 constexpr size_t kKeepBytes = size_t(4) << 20;
 // A task's planes (x phases + gy) hold about this many bytes: an image's output rows are cut into
 // blocks to fit, or small images are stacked until their q range reaches kTaskQ. (The outer
@@ -104,8 +105,8 @@ struct TaskRows {
 
 // acc[c * KB + l] += sum over the task's pixels u of gyt[u][l] * xs[c][q(u)] for l < mv * L,
 // c < nr: the k-block's sums tap-major, so a tile adds its accumulators with whole vectors (into
-// gw's layout, a scalar add a weight at a stride of cg * kh * kw, they were 7% of the tile's
-// samples on shape 5: perf, RESULTS.md 2026-12-07 22:42).
+// gw's layout it took a scalar add a weight at a stride of cg * kh * kw, a measured share of the
+// tile's time: RESULTS.md, 2026-12-07 22:42).
 template <class T, int mv, int nr>
 void outer_tile(const T* gyt, const T* const* xs, const TaskRows& tr, T* acc_out) {
   using V = typename IVec<T>::V;

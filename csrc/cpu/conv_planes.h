@@ -100,30 +100,25 @@ Geo make_geo(const Conv2dParams& p, int64_t task_bytes, int64_t task_q) {
 }
 
 #if defined(__AVX512F__)
-// Lanes [lo, hi) of a 16-lane mask, lo and hi clamped to [0, 16].
-inline __mmask16 lane_range(int64_t lo, int64_t hi) {
-  lo = std::clamp<int64_t>(lo, 0, 16);
-  hi = std::clamp<int64_t>(hi, lo, 16);
-  return static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+// row_copy.h's lanes16 for any lo and hi: lanes [lo, hi) of 16, clamped.
+inline __mmask16 lanes16_clamped(int64_t lo, int64_t hi) {
+  return lanes16(std::clamp<int64_t>(lo, 0, 16), std::clamp<int64_t>(hi, 0, 16));
 }
 
 // deinterleave_row for float32 on AVX-512: 16 columns of both phases per step, from two loads of
-// the row masked to [0, W) (zeros for the padding, and no access outside the row) and two
-// permutes. A stride-2 layer's phase rows are short (shape 5: 15 columns), where the generic
-// loop below spent most of its time in its edge and zero-run code.
+// the row masked to [0, W) (zeros for the padding, and no access outside the row: lane_origin)
+// and two permutes. A stride-2 layer's phase rows are short (shape 5: 15 columns), where the
+// generic loop below spent most of its time in its edge and zero-run code.
 inline void deinterleave_row_x16(const float* row, int64_t W, int64_t pw, int64_t P,
                                  float* __restrict d0, float* __restrict d1) {
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   for (int64_t j0 = 0; j0 < P; j0 += 16) {
     const int64_t s = 2 * j0 - pw;  // the row column of the first vector's lane 0
-    // (masked-off lanes are not accessed: the address is formed without the row's bounds)
-    const uintptr_t base = reinterpret_cast<uintptr_t>(row) + static_cast<uintptr_t>(s * 4);
-    const __m512 a =
-        _mm512_maskz_loadu_ps(lane_range(-s, W - s), reinterpret_cast<const float*>(base));
-    const __m512 b = _mm512_maskz_loadu_ps(lane_range(-s - 16, W - s - 16),
-                                           reinterpret_cast<const float*>(base + 64));
-    const __mmask16 out = lane_range(0, P - j0);
+    const __m512 a = _mm512_maskz_loadu_ps(lanes16_clamped(-s, W - s), lane_origin(row, s));
+    const __m512 b =
+        _mm512_maskz_loadu_ps(lanes16_clamped(-s - 16, W - s - 16), lane_origin(row, s + 16));
+    const __mmask16 out = lanes16_clamped(0, P - j0);
     _mm512_mask_storeu_ps(d0 + j0, out, _mm512_permutex2var_ps(a, even, b));
     _mm512_mask_storeu_ps(d1 + j0, out, _mm512_permutex2var_ps(a, odd, b));
   }
@@ -132,15 +127,10 @@ inline void deinterleave_row_x16(const float* row, int64_t W, int64_t pw, int64_
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // Columns [s, s + 8) of a row of W floats, 0 outside [0, W): a plain load inside the row, else
-// a masked one (masked-off lanes are not accessed; the address is formed as an integer).
+// a masked one (row_copy.h's lanes8 and lane_origin: masked-off lanes are not accessed).
 inline __m256 row_cols8(const float* row, int64_t s, int64_t W) {
   if (s >= 0 && s + 8 <= W) return _mm256_loadu_ps(row + s);
-  const int64_t lo = std::clamp<int64_t>(-s, 0, 8), hi = std::clamp<int64_t>(W - s, lo, 8);
-  const __m256i m = _mm256_andnot_si256(tail_mask8(lo), tail_mask8(hi));
-  return _mm256_maskload_ps(
-      reinterpret_cast<const float*>(reinterpret_cast<uintptr_t>(row) +
-                                     static_cast<uintptr_t>(s * 4)),
-      m);
+  return _mm256_maskload_ps(lane_origin(row, s), lanes8(-s, W - s));
 }
 
 // deinterleave_row for float32 on the AVX2 build: 8 columns of both phases per step from two

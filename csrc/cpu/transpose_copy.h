@@ -47,8 +47,8 @@ inline void transpose_block8(const float* a, int64_t lda, int64_t rows, int64_t 
 // blocks of 8 outermost, so with a = planes each block reads 8 planes front to back. A last
 // partial block of rows or of columns, where there are 8 or more, is a whole block overlapping
 // the one before (the same values written twice) with plain loads and stores: the masked loads
-// of a column tail were ~16% of the transposes' samples in conv shape 5's channels-minor forward
-// (28-wide rows: one block in four; perf, RESULTS.md 2026-12-07 22:42).
+// of a column tail were a measured share of the transposes in conv shape 5's channels-minor
+// forward (28-wide rows: one block in four; RESULTS.md, 2026-12-07 22:42).
 template <class T>
 void transpose_copy(const T* a, int64_t lda, int64_t rows, int64_t cols, T* b, int64_t ldb) {
 #if defined(__AVX2__)
