@@ -205,6 +205,43 @@ def test_max_unpool2d_invalid_index(where):
         F.max_unpool2d(y, idx + 100, 2)
 
 
+@pytest.mark.parametrize("dims,shape,kwargs,leaves", [
+    (1, (2, 3, 1), dict(kernel_size=2, stride=1, padding=1, dilation=2), True),
+    (2, (2, 3, 1, 35), dict(kernel_size=2, stride=(2, 4), padding=(1, 1), dilation=(2, 2)), True),
+    (2, (2, 2, 13, 2), dict(kernel_size=2, padding=(0, 1), ceil_mode=True, dilation=(1, 3)), True),
+    (2, (2, 2, 2, 48), dict(kernel_size=2, padding=1, ceil_mode=True, dilation=3), True),
+    (2, (1, 2, 5, 1), dict(kernel_size=2, stride=1, padding=1, dilation=2), False),
+])
+def test_max_pool_windows_without_a_valid_tap(where, dims, shape, kwargs, leaves):
+    """Padding and dilation can leave a window no tap inside the input: its output is -inf at
+    torch's index for it, which can lie outside the plane (leaves) or on an element outside the
+    window. An index outside the plane sends the gradient nowhere (the CPU backward raised
+    'invalid max index'; torch's CPU backward writes past the plane, into the next plane or the
+    heap, so the expected gradient is built from the indices); one inside gets it, as torch's."""
+    fn, tfn = (F.max_pool1d, TF.max_pool1d) if dims == 1 else (F.max_pool2d, TF.max_pool2d)
+    for dtype in dtypes_for(where):
+        x = rand(*shape, dtype=dtype, device=where)
+        y_t, i_t = tfn(x, return_indices=True, **kwargs)   # (torch's forward is sound)
+        a = x.clone().requires_grad_()
+        y, idx = fn(a, return_indices=True, **kwargs)
+        assert torch.equal(y, y_t) and torch.equal(idx, i_t)
+        assert bool((y == float("-inf")).all())
+        plane = math.prod(shape[2:])
+        assert bool((idx >= plane).any()) == leaves
+        gy = torch.randn(y.shape, dtype=dtype, device=where)
+        y.backward(gy)
+        inside = idx < plane
+        planes = math.prod(shape[:2])
+        want = torch.zeros(planes, plane, dtype=dtype, device=where).scatter_add_(
+            1, torch.where(inside, idx, 0).reshape(planes, -1),
+            torch.where(inside, gy, 0).reshape(planes, -1))
+        assert torch.equal(a.grad.reshape(want.shape), want)
+        if not leaves:
+            b = x.clone().requires_grad_()
+            tfn(b, **kwargs).backward(gy)
+            assert torch.equal(a.grad, b.grad)
+
+
 def test_gradcheck(cpu_path):
     d = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 2, 7, 6, **d)
