@@ -120,6 +120,23 @@ def test_gemm_empty_k(cpu_path, k):
     assert ops.matmul(np.ones((2, 3)), np.ones((3, 0))).shape == (2, 0)
 
 
+@pytest.mark.parametrize("m,n,k", [(0, 5, 3), (4, 0, 3), (0, 0, 2), (0, 5, 0), (4, 0, 0)])
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_gemm_empty_c(cpu_path, m, n, k, kind):
+    """An empty c (m or n zero) is a no-op that returns c: it was refused as 'overlaps a/b' (torch:
+    empty tensors share the null address) or as not row-major (numpy reports strides (0, 0))."""
+    mk = (lambda *s: np.ones(s, np.float32)) if kind == "numpy" else (lambda *s: torch.ones(s))
+    for ta in (False, True):
+        for tb in (False, True):
+            a = mk(k, m) if ta else mk(m, k)
+            b = mk(n, k) if tb else mk(k, n)
+            c = mk(m, n)
+            assert ops.gemm(a, b, c, alpha=2.0, beta=0.5, trans_a=ta, trans_b=tb) is c
+            assert tuple(ops.gemm(a, b, trans_a=ta, trans_b=tb).shape) == (m, n)
+    with pytest.raises(RuntimeError, match="expected c of shape"):
+        ops.gemm(mk(m, k), mk(k, n), mk(m + 1, n))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_gemm_threads_agree(cpu_path, _fresh_seed, dtype):
     """Every thread split computes each element with the same k order: bitwise equal results."""

@@ -211,6 +211,8 @@ def gemm(a, b, c=None, *, alpha=1.0, beta=0.0, trans_a=False, trans_b=False):
         if torch.is_grad_enabled():
             raise RuntimeError(f"{fn}: c is a leaf tensor that requires grad and is updated in "
                                "place; call gemm under torch.no_grad()")
+    if m == 0 or n == 0:  # nothing to write (and an empty c's strides and address mean nothing:
+        return c          # numpy reports (0, 0), torch a null pointer shared with empty a or b)
     for name, x in (("a", a), ("b", b)):
         if _overlaps(c, x):
             raise ValueError(f"{fn}: c overlaps {name} in memory; the output must not alias an "
