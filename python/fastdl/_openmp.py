@@ -28,10 +28,10 @@ _RENAMED_FILE = re.compile(r"libgomp-[0-9A-Za-z]+\.so(\.\d+)*")
 
 
 def _mapped() -> set:
-    """File names of the libgomp copies mapped into this process."""
+    """Paths of the libgomp copies mapped into this process."""
     try:
         with open("/proc/self/maps") as f:
-            return {os.path.basename(line.split()[-1]) for line in f if "libgomp" in line}
+            return {line.split()[-1] for line in f if "libgomp" in line}
     except OSError:
         return set()
 
@@ -47,10 +47,16 @@ def load() -> None:
     if _handle is not None or not os.name == "posix":
         return
     mapped = _mapped()
-    if any(_SONAME_FILE.fullmatch(name) for name in mapped):
+    if any(_SONAME_FILE.fullmatch(os.path.basename(path)) for path in mapped):
         return
     lib_dirs = _torch_lib_dirs()
-    renamed = sorted(n for n in mapped if _RENAMED_FILE.fullmatch(n))
+    # torch's renamed copy, already loaded; another package's private copy (scikit-learn's wheel
+    # vendors libgomp-<hash>.so.1, loaded when sklearn is imported first) serves that package
+    # only and is no concern of fastdl and torch's shared pool
+    torch_dirs = {os.path.realpath(d) for d in lib_dirs}
+    renamed = sorted(os.path.basename(path) for path in mapped
+                     if _RENAMED_FILE.fullmatch(os.path.basename(path))
+                     and os.path.realpath(os.path.dirname(path)) in torch_dirs)
     for d in lib_dirs:
         path = os.path.join(d, "libgomp.so.1")
         if os.path.exists(path):
