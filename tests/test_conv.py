@@ -1112,7 +1112,14 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
             # build and dtype), 2 groups; on the vector builds one image a task (34 x 34 padded
             # planes), so a thread's tasks return to a group (its sums added into the partial a
             # second time)
-            ((4, 8, 32, 32), (84, 4, 3, 3), dict(padding=1, groups=2))]
+            ((4, 8, 32, 32), (84, 4, 3, 3), dict(padding=1, groups=2)),
+            # stride 1 without padding: x's planes read in place (conv_planes.h
+            # x_planes_in_place): images stacked in a task (p.c * H * W apart), row blocks of one
+            # large image with dilation, blocks of 4 of 24 channels, groups and a 5x3 kernel
+            ((9, 6, 12, 10), (5, 6, 3, 3), {}),
+            ((1, 8, 600, 300), (4, 8, 3, 3), dict(dilation=2)),
+            ((2, 24, 64, 64), (8, 24, 3, 3), {}),
+            ((3, 40, 20, 21), (16, 20, 5, 3), dict(groups=2, dilation=(1, 2)))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

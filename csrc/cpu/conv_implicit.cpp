@@ -4,7 +4,9 @@
 //                     gy[n, k, oh, ow] * x[n, cc, oh*sh + i*dh - pad_h, ow*sw + j*dw - pad_w]
 // A task is a block of images (small planes, stacked) or a block of output rows of one image,
 // for one group. Its x planes are copied into zero-padded stride-phase planes of pitch P (phase
-// (a, b) holds padded rows a, a + sh, ... and columns b, b + sw, ...). With the output pixels
+// (a, b) holds padded rows a, a + sh, ... and columns b, b + sw, ...); with stride 1 and no padding
+// x's planes are those planes already and are read in place (faster: RESULTS.md, 2026-12-08
+// 01:36). With the output pixels
 // flattened to q = image * xi + oh * P + ow, every column of the GEMM's B (one tap (cc, i, j))
 // is a phase plane read from a fixed offset:
 //   gw[k][e] += sum over q of gy[k][q] * xph[e's plane][q + e's offset].
@@ -176,19 +178,29 @@ void task_outer(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw, ckk = cg * taps;
   const int64_t U = imgs * nrows * p.ow, HW = p.h * p.w;
   fill_gyt(p, gyg, kg, imgs, oh0, nrows, gyt);
-  const TaskRows tr{imgs, nrows, geo.xi, geo.pitch, p.ow};
+  // Stride 1 without padding: x's own planes are the phase planes (pitch W, the task's rows
+  // + reach inside the image), read in place, images p.c * HW apart and channels HW.
+  const bool in_place = x_planes_in_place(p);
+  Geo g_in = geo;
+  if (in_place) {
+    g_in.xi = p.c * HW;
+    g_in.xt = HW;
+  }
+  const TaskRows tr{imgs, nrows, g_in.xi, geo.pitch, p.ow};
   const auto& fns = outer_tiles<T>();
   const T* xs[kTapsPerTile];
   for (int64_t c0 = 0; c0 < cg; c0 += cb) {
     const int64_t cn = std::min(cb, cg - c0), en = cn * taps;
-    fill_x(p, geo, xg + c0 * HW, cn, imgs, oh0, xph);
-    tap_offsets(p, geo, cn, offb);  // the block's planes hold cn channels
+    const T* xb = xph;
+    if (in_place) xb = xg + c0 * HW + oh0 * p.w;
+    else fill_x(p, geo, xg + c0 * HW, cn, imgs, oh0, xph);
+    tap_offsets(p, g_in, cn, offb);  // the block's planes hold cn channels
     for (int64_t k0 = 0; k0 < kg; k0 += KB) {
       const int64_t kv = std::min(KB, kg - k0);
       const int mv = kv > L ? 2 : 1;
       for (int64_t e0 = 0; e0 < en; e0 += kTapsPerTile) {
         const int nr = static_cast<int>(std::min<int64_t>(kTapsPerTile, en - e0));
-        for (int c = 0; c < nr; ++c) xs[c] = xph + offb[e0 + c];
+        for (int c = 0; c < nr; ++c) xs[c] = xb + offb[e0 + c];
         fns[mv - 1][nr - 1](gyt + k0 * U, xs, tr, acc_g + (k0 * ckk + (c0 * taps + e0) * KB));
       }
     }
@@ -232,7 +244,7 @@ void conv_implicit_backward_weight(const Conv2dParams& p, const T* x, const T* g
   int nt = static_cast<int>(std::min<int64_t>({int64_t(get_num_threads()), items, by_work}));
   if (omp_in_parallel()) nt = 1;
   const int64_t cb = plane_block<T>(p, geo);
-  const int64_t xph_size = geo.phases * cb * geo.xt;
+  const int64_t xph_size = x_planes_in_place(p) ? 0 : geo.phases * cb * geo.xt;  // (task_outer)
   const int64_t gy_size =
       (kg + kKBlock<T> - 1) / kKBlock<T> * kKBlock<T> * geo.imgs * geo.rows * p.ow;
   constexpr int64_t KB = kKBlock<T>;
