@@ -31,6 +31,9 @@ struct Pool2dParams {
 // idx == nullptr (forward without autograd).
 void max_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y, void* idx);
 // gx (shape of the input, fully written) = sum of gy scattered through idx. Both max poolings.
+// An index outside the input plane throws std::runtime_error ("Found an invalid max index"),
+// except where the window is known (not adaptive) and has no valid tap: torch's index for such a
+// window can lie outside the plane, and its gradient reaches no input.
 void max_pool2d_backward_cpu(const Pool2dParams& p, const void* gy, const void* idx, void* gx);
 // avg_pool2d / adaptive_avg_pool2d.
 void avg_pool2d_forward_cpu(const Pool2dParams& p, const void* x, void* y);

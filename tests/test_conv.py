@@ -1123,6 +1123,39 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["same 2x2", "same 2x1 dilated", "transposed output_padding"])
+def test_implicit_weight_grad_unpadded_geometries_that_are_not_in_place(cpu_path, kind, dtype):
+    """Stride 1 and padding 0 whose windows still leave the image: 'same' with an even kernel
+    (padding after the input only: ph = pw = 0, output = input size) and conv_transpose2d's
+    weight pass with dilation and output_padding (an output smaller than the image allows). x's
+    planes cannot be read in place there (a review found the first read past x and the second
+    read rows at the wrong pitch): they take the filled phase planes."""
+    gen = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.empty(s, dtype=dtype).uniform_(-1, 1, generator=gen)
+    if kind == "transposed output_padding":
+        x, w = r(2, 4, 9, 11), r(4, 3, 3, 3)
+        fa = lambda a, b: F.conv_transpose2d(a, b, dilation=2, output_padding=1)
+        fb = lambda a, b: TF.conv_transpose2d(a, b, dilation=2, output_padding=1)
+    else:
+        x = r(2, 4, 9, 11)
+        w = r(3, 4, 2, 2) if kind == "same 2x2" else r(3, 4, 2, 1)
+        d = 1 if kind == "same 2x2" else 3
+        fa = lambda a, b: F.conv2d(a, b, padding="same", dilation=d)
+        fb = lambda a, b: TF.conv2d(a, b, padding="same", dilation=d)
+    before = fastdl.ops.get_conv_algorithm()
+    fastdl.ops.set_conv_algorithm("implicit")
+    try:
+        wa, wb = w.clone().requires_grad_(), w.clone().requires_grad_()
+        ya, yb = fa(x, wa), fb(x, wb)
+        gy = torch.empty(yb.shape, dtype=dtype).uniform_(-1, 1, generator=gen)
+        ya.backward(gy)
+        yb.backward(gy)
+    finally:
+        fastdl.ops.set_conv_algorithm(before)
+    assert_close(wa.grad, wb.grad, reduction=gy.numel() // gy.shape[1], what=kind)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(IMPLICIT)))
 def test_implicit_weight_grad(cpu_path, case, dtype):
     shape, wshape, kw = IMPLICIT[case]

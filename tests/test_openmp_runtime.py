@@ -112,3 +112,22 @@ def test_another_packages_renamed_libgomp_is_not_blamed_on_torch(tmp_path):
     out = run_py(f"import ctypes; ctypes.CDLL({str(vendored)!r})\n" + WARN + f"print({MAPS})")
     assert out[0] == "[]", out
     assert "torch/lib/libgomp.so.1" in out[1], out
+
+
+def test_a_renamed_libgomp_in_torch_libs_is_warned_about(tmp_path):
+    """auditwheel-repaired torch wheels (aarch64) keep their renamed runtime in torch.libs/ beside
+    torch/: that copy, loaded first, is torch's, and two pools run."""
+    import ctypes
+    (tmp_path / "torch" / "lib").mkdir(parents=True)
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    libs = tmp_path / "torch.libs"
+    libs.mkdir()
+    real = ctypes.CDLL("libgomp.so.1")
+    src = next(l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l)
+    del real
+    renamed = libs / "libgomp-947d5fa1.so.1.0.0"
+    renamed.write_bytes(open(src, "rb").read())
+    subprocess.run(["patchelf", "--set-soname", renamed.name, str(renamed)], check=False,
+                   capture_output=True)
+    out = _run_with(tmp_path, f"import ctypes; ctypes.CDLL({str(renamed)!r})\n" + WARN)
+    assert "libgomp-947d5fa1.so.1.0.0" in out[0] and "second thread pool" in out[0], out

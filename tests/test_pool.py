@@ -240,6 +240,33 @@ def test_max_pool_windows_without_a_valid_tap(where, dims, shape, kwargs, leaves
             b = x.clone().requires_grad_()
             tfn(b, **kwargs).backward(gy)
             assert torch.equal(a.grad, b.grad)
+        # the module path without return_indices saves int32 indices on the CPU: the same rule
+        c = x.clone().requires_grad_()
+        fn(c, **kwargs).backward(gy)
+        assert torch.equal(c.grad, a.grad)
+
+
+def test_max_pool2d_backward_out_of_plane_indices_still_raise():
+    """Only a window with no valid tap excuses an index outside the plane: a corrupt index in a
+    window that has taps raises, and so does every out-of-plane index when fastdl.ops'
+    max_pool2d_backward is not given the window (it cannot tell the two apart)."""
+    x = rand(1, 1, 2, 2)
+    y, idx = fastdl.ops.max_pool2d(x, 2, 1, 1, return_indices=True)
+    gy = torch.ones_like(y)
+    bad = idx.clone()
+    bad[..., 2, 2] = 1000   # a window with taps (the input's last element)
+    for args in ((2, 1, 1), ()):
+        with pytest.raises(RuntimeError, match="invalid max index"):
+            fastdl.ops.max_pool2d_backward(gy, bad, x.shape, *args)
+    # torch's own index for a window without a valid tap, outside the plane
+    x = rand(2, 3, 1, 1)
+    kw = dict(kernel_size=(1, 2), padding=(0, 1), dilation=(1, 2))
+    y, idx = fastdl.ops.max_pool2d(x, **kw, return_indices=True)
+    assert bool((idx >= 1).all())
+    got = fastdl.ops.max_pool2d_backward(torch.ones_like(y), idx, x.shape, **kw)
+    assert torch.equal(got, torch.zeros_like(x))
+    with pytest.raises(RuntimeError, match="invalid max index"):
+        fastdl.ops.max_pool2d_backward(torch.ones_like(y), idx, x.shape)
 
 
 def test_gradcheck(cpu_path):

@@ -4,9 +4,9 @@
 //                     gy[n, k, oh, ow] * x[n, cc, oh*sh + i*dh - pad_h, ow*sw + j*dw - pad_w]
 // A task is a block of images (small planes, stacked) or a block of output rows of one image,
 // for one group. Its x planes are copied into zero-padded stride-phase planes of pitch P (phase
-// (a, b) holds padded rows a, a + sh, ... and columns b, b + sw, ...); with stride 1 and no padding
-// x's planes are those planes already and are read in place (faster: RESULTS.md, 2026-12-08
-// 01:36). With the output pixels
+// (a, b) holds padded rows a, a + sh, ... and columns b, b + sw, ...); with stride 1, no padding
+// and every window inside the image, x's planes serve as those planes and are read in place
+// (conv_planes.h x_planes_in_place; faster: RESULTS.md, 2026-12-08 01:36). With the output pixels
 // flattened to q = image * xi + oh * P + ow, every column of the GEMM's B (one tap (cc, i, j))
 // is a phase plane read from a fixed offset:
 //   gw[k][e] += sum over q of gy[k][q] * xph[e's plane][q + e's offset].
@@ -178,15 +178,16 @@ void task_outer(const Conv2dParams& p, const Geo& geo, const T* xg, const T* gyg
   const int64_t cg = p.c / p.groups, kg = p.k / p.groups, taps = p.kh * p.kw, ckk = cg * taps;
   const int64_t U = imgs * nrows * p.ow, HW = p.h * p.w;
   fill_gyt(p, gyg, kg, imgs, oh0, nrows, gyt);
-  // Stride 1 without padding: x's own planes are the phase planes (pitch W, the task's rows
-  // + reach inside the image), read in place, images p.c * HW apart and channels HW.
+  // Stride 1 without padding, windows inside the image: x's own planes are the phase planes,
+  // read in place (rows W apart, images p.c * HW, channels HW).
   const bool in_place = x_planes_in_place(p);
   Geo g_in = geo;
   if (in_place) {
+    g_in.pitch = p.w;
     g_in.xi = p.c * HW;
     g_in.xt = HW;
   }
-  const TaskRows tr{imgs, nrows, g_in.xi, geo.pitch, p.ow};
+  const TaskRows tr{imgs, nrows, g_in.xi, g_in.pitch, p.ow};
   const auto& fns = outer_tiles<T>();
   const T* xs[kTapsPerTile];
   for (int64_t c0 = 0; c0 < cg; c0 += cb) {

@@ -284,12 +284,6 @@ struct TileTable {
 // Offsets of every tap (cc, i, j), in the order of the weight's (cc, kh, kw) index, into a task's
 // x phase planes (xph + off[e] + q is tap e's input for output q), for planes filled with cg
 // channels (fill_x's cg: a group's, or a block of them).
-// Whether x's planes serve as the phase planes unchanged (stride 1, no padding: pitch W, and a
-// task's rows plus the taps' reach lie inside the image), so a kernel can read x in place.
-inline bool x_planes_in_place(const Conv2dParams& p) {
-  return p.sh == 1 && p.sw == 1 && p.ph == 0 && p.pw == 0;
-}
-
 inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t cg, int64_t* off) {
   for (int64_t cc = 0; cc < cg; ++cc)
     for (int64_t i = 0; i < p.kh; ++i)
@@ -301,6 +295,16 @@ inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t cg, int64
 }
 inline void tap_offsets(const Conv2dParams& p, const Geo& geo, int64_t* off) {
   tap_offsets(p, geo, p.c / p.groups, off);
+}
+
+// Whether a kernel can read x's planes in place as its phase planes, rows W apart: stride 1, no
+// padding, and every output's window inside the image (oh + (kh - 1) * dh <= H, the same along
+// W). The output size comes from the caller, so padding 0 alone does not give that: 'same' with
+// an even kernel pads only after the input (ph = 0 but oh = H), and conv_transpose2d's weight
+// pass with output_padding has an output smaller than the image's windows allow.
+inline bool x_planes_in_place(const Conv2dParams& p) {
+  return p.sh == 1 && p.sw == 1 && p.ph == 0 && p.pw == 0 &&
+         p.oh + (p.kh - 1) * p.dh <= p.h && p.ow + (p.kw - 1) * p.dw <= p.w;
 }
 
 }  // namespace

@@ -755,21 +755,15 @@ struct BadIndex {
 // A window with no valid tap (padding and dilation can make one) holds -inf at torch's index for
 // it, r.lo * in_w + c.lo, which can lie outside the plane: its gradient reaches no input (torch's
 // CPU backward writes it past the plane; the CUDA kernels drop it, as here). Any other index
-// outside the plane is an error.
+// outside the plane is an error, and every one is where the window is not known: adaptive
+// pooling, and fastdl.ops.max_pool2d_backward called without it (its geometry says adaptive).
 template <class T, class I>
 void max_backward_typed(const Pool2dParams& p, const T* gy, const I* idx, T* gx) {
   const int64_t in_plane = p.in_h * p.in_w, out_plane = p.out_h * p.out_w;
-  std::vector<char> empty_row(p.adaptive ? 0 : p.out_h), empty_col(p.adaptive ? 0 : p.out_w);
-  for (int64_t oh = 0; oh < int64_t(empty_row.size()); ++oh) {
-    const AxisTaps r = rows_of(p, oh);
-    empty_row[oh] = r.lo >= r.hi;
-  }
-  for (int64_t ow = 0; ow < int64_t(empty_col.size()); ++ow) {
-    const AxisTaps c = cols_of(p, ow);
-    empty_col[ow] = c.lo >= c.hi;
-  }
   const auto empty_window = [&](int64_t o) {
-    return !p.adaptive && (empty_row[o / p.out_w] || empty_col[o % p.out_w]);
+    if (p.adaptive) return false;
+    const AxisTaps r = rows_of(p, o / p.out_w), c = cols_of(p, o % p.out_w);
+    return r.lo >= r.hi || c.lo >= c.hi;
   };
   BadIndex bad;
   parallel_chunks(p.planes, chunk_for(in_plane), [&](int64_t t0, int64_t t1) {

@@ -37,9 +37,10 @@ def _mapped() -> set:
 
 
 def _torch_lib_dirs() -> list:
+    """torch/lib, and torch.libs beside it (where auditwheel puts a repaired wheel's libraries)."""
     spec = importlib.util.find_spec("torch")
-    return [os.path.join(loc, "lib") for loc in (spec.submodule_search_locations or [])] \
-        if spec else []
+    return [os.path.join(loc, sub) for loc in (spec.submodule_search_locations or [])
+            for sub in ("lib", os.path.join(os.pardir, "torch.libs"))] if spec else []
 
 
 def load() -> None:

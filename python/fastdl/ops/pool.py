@@ -459,7 +459,10 @@ def _max_backward_geometry(fn, g, indices, input_shape, window_args, adaptive):
         raise TypeError(f"{fn}: on CUDA pass the forward's kernel_size (and its stride, padding, "
                         "dilation and ceil_mode): the CUDA kernel needs the window geometry")
     index32 = _dtype_name(idx.dtype) == "int32"
-    return shape, _geometry(shape, oh, ow, window, code, adaptive=adaptive, index32=index32), device
+    # (without the window, the kernel is told adaptive: it then takes no out-of-plane index for a
+    # window without a valid tap, which it cannot tell from a corrupt one)
+    return shape, _geometry(shape, oh, ow, window, code, adaptive=adaptive or window_args is None,
+                            index32=index32), device
 
 
 def _max_backward(fn, grad_output, indices, input_shape, window_args, adaptive, out):
