@@ -45,20 +45,26 @@ def test_prefers_torchs_libgomp_over_the_systems_when_fastdl_comes_first():
     assert "torch/lib/libgomp.so.1" in maps and maps.count("libgomp") == 1, maps
 
 
-def _fake_torch_with_renamed_libgomp(tmp_path):
-    """A package `torch` whose lib/ holds only a renamed copy (libgomp-<hash>.so.1, own soname),
-    as torch wheels before libgomp.so.1 was shipped under its name did."""
+def _renamed_libgomp(directory, name):
+    """A copy of the system's libgomp at directory/name with its own soname (name), as the
+    renamed private copies of older torch wheels and of other packages' wheels are."""
     import ctypes
-    lib = tmp_path / "torch" / "lib"
-    lib.mkdir(parents=True)
-    (tmp_path / "torch" / "__init__.py").write_text("")
+    directory.mkdir(parents=True, exist_ok=True)
     real = ctypes.CDLL("libgomp.so.1")
     src = next(l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l)
     del real
-    renamed = lib / "libgomp-a34b3233.so.1"
+    renamed = directory / name
     renamed.write_bytes(open(src, "rb").read())
     subprocess.run(["patchelf", "--set-soname", renamed.name, str(renamed)], check=False,
                    capture_output=True)
+    return renamed
+
+
+def _fake_torch_with_renamed_libgomp(tmp_path):
+    """A package `torch` whose lib/ holds only a renamed copy (libgomp-<hash>.so.1, own soname),
+    as torch wheels before libgomp.so.1 was shipped under its name did."""
+    renamed = _renamed_libgomp(tmp_path / "torch" / "lib", "libgomp-a34b3233.so.1")
+    (tmp_path / "torch" / "__init__.py").write_text("")
     return renamed
 
 
@@ -99,16 +105,7 @@ def test_another_packages_renamed_libgomp_is_not_blamed_on_torch(tmp_path):
     """scikit-learn's wheel vendors libgomp-<hash>.so.1: imported before fastdl it is in the
     process, and fastdl warned that torch ships a renamed runtime. It serves that package alone;
     fastdl and torch still share torch's libgomp.so.1, so there is nothing to warn about."""
-    import ctypes
-    lib = tmp_path / "other_pkg.libs"
-    lib.mkdir()
-    real = ctypes.CDLL("libgomp.so.1")
-    src = next(l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l)
-    del real
-    vendored = lib / "libgomp-e985bcbb.so.1.0.0"
-    vendored.write_bytes(open(src, "rb").read())
-    subprocess.run(["patchelf", "--set-soname", vendored.name, str(vendored)], check=False,
-                   capture_output=True)
+    vendored = _renamed_libgomp(tmp_path / "other_pkg.libs", "libgomp-e985bcbb.so.1.0.0")
     out = run_py(f"import ctypes; ctypes.CDLL({str(vendored)!r})\n" + WARN + f"print({MAPS})")
     assert out[0] == "[]", out
     assert "torch/lib/libgomp.so.1" in out[1], out
@@ -117,17 +114,8 @@ def test_another_packages_renamed_libgomp_is_not_blamed_on_torch(tmp_path):
 def test_a_renamed_libgomp_in_torch_libs_is_warned_about(tmp_path):
     """auditwheel-repaired torch wheels (aarch64) keep their renamed runtime in torch.libs/ beside
     torch/: that copy, loaded first, is torch's, and two pools run."""
-    import ctypes
     (tmp_path / "torch" / "lib").mkdir(parents=True)
     (tmp_path / "torch" / "__init__.py").write_text("")
-    libs = tmp_path / "torch.libs"
-    libs.mkdir()
-    real = ctypes.CDLL("libgomp.so.1")
-    src = next(l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l)
-    del real
-    renamed = libs / "libgomp-947d5fa1.so.1.0.0"
-    renamed.write_bytes(open(src, "rb").read())
-    subprocess.run(["patchelf", "--set-soname", renamed.name, str(renamed)], check=False,
-                   capture_output=True)
+    renamed = _renamed_libgomp(tmp_path / "torch.libs", "libgomp-947d5fa1.so.1.0.0")
     out = _run_with(tmp_path, f"import ctypes; ctypes.CDLL({str(renamed)!r})\n" + WARN)
     assert "libgomp-947d5fa1.so.1.0.0" in out[0] and "second thread pool" in out[0], out
