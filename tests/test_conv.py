@@ -1125,11 +1125,12 @@ IMPLICIT = [((13, 5, 9, 7), (7, 5, 3, 3), dict(padding=1)),                     
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["same 2x2", "same 2x1 dilated", "transposed output_padding"])
 def test_implicit_weight_grad_unpadded_geometries_that_are_not_in_place(cpu_path, kind, dtype):
-    """Stride 1 and padding 0 whose windows still leave the image: 'same' with an even kernel
-    (padding after the input only: ph = pw = 0, output = input size) and conv_transpose2d's
-    weight pass with dilation and output_padding (an output smaller than the image allows). x's
-    planes cannot be read in place there (a review found the first read past x and the second
-    read rows at the wrong pitch): they take the filled phase planes."""
+    """Stride 1 and padding 0 whose windows still leave the image: 'same' with a 2x2 kernel
+    (its one row and column of padding after the input only: ph = pw = 0, output = input size)
+    and conv_transpose2d's weight pass with dilation and output_padding (an output smaller than
+    the image allows). x's planes cannot be read in place there (a review found the first read
+    past x and the second read rows at the wrong pitch): they take the filled phase planes. A
+    dilated 2x1 'same' (1 row of padding before, 2 after) is the uneven padding next to them."""
     gen = torch.Generator().manual_seed(7)
     r = lambda *s: torch.empty(s, dtype=dtype).uniform_(-1, 1, generator=gen)
     if kind == "transposed output_padding":
